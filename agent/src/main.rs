@@ -1,0 +1,191 @@
+//! `skiff-agent`: flag parsing and wiring; the work is in the library.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use skiff_agent::proxy::{self, NodeView, ProxyConfig, Source, dataplane::DEFAULT_PIN_DIR};
+
+#[derive(Parser)]
+#[command(name = "skiff-agent", version, about = "Skiff node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Proxy,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent's roles until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Inspect or remove the service proxy's kernel state.
+    Proxy {
+        #[command(subcommand)]
+        command: ProxyCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Roles to run.
+    #[arg(long, value_delimiter = ',', default_value = "proxy")]
+    roles: Vec<Role>,
+    /// Read Services and EndpointSlices from manifests in this directory
+    /// instead of an apiserver.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the apiserver (default: $KUBECONFIG, ~/.kube/config,
+    /// in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// cgroup v2 directory whose processes get service translation.
+    #[arg(long, default_value = "/sys/fs/cgroup/unified")]
+    cgroup: PathBuf,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    bpffs: PathBuf,
+    /// This node's name (for internalTrafficPolicy: Local).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Address on which NodePorts are served to local clients (repeatable;
+    /// default: every non-loopback address in the agent's network namespace).
+    #[arg(long = "nodeport-address")]
+    nodeport_addresses: Vec<IpAddr>,
+    /// How often the manifest directory is checked, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_ms: u64,
+}
+
+#[derive(Subcommand)]
+enum ProxyCommand {
+    /// Print the programmed frontends and backends from the pinned maps.
+    List {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        bpffs: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the programs and remove the pinned maps.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        bpffs: PathBuf,
+    },
+}
+
+fn node_name(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    })
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    if !args.roles.contains(&Role::Proxy) {
+        bail!("no role to run: --roles must include proxy");
+    }
+    if let Some(k) = &args.kubeconfig {
+        // SAFETY: set before any other thread reads the environment.
+        unsafe { std::env::set_var("KUBECONFIG", k) };
+    }
+    let source = match args.manifests {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--manifests {}: not a directory", dir.display());
+            }
+            Source::Manifests(dir)
+        }
+        None => Source::Kube,
+    };
+    let nodeport_addresses = if args.nodeport_addresses.is_empty() {
+        proxy::local_addresses()
+    } else {
+        args.nodeport_addresses
+    };
+    let cfg = ProxyConfig {
+        pin_dir: args.bpffs,
+        cgroup: args.cgroup,
+        node: NodeView {
+            node_name: node_name(args.node_name),
+            nodeport_addresses,
+        },
+        source,
+        poll: Duration::from_millis(args.poll_ms),
+    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot handle SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    proxy::run(cfg, rx).await.context("proxy")
+}
+
+fn list(bpffs: PathBuf, json: bool) -> Result<()> {
+    let frontends = proxy::list(&bpffs).context("reading the pinned maps")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&frontends)?);
+        return Ok(());
+    }
+    println!("{:<32} {:>5} {:>9}  BACKENDS", "FRONTEND", "ID", "AFFINITY");
+    for f in frontends {
+        let affinity = if f.affinity_timeout > 0 {
+            format!("{}s", f.affinity_timeout)
+        } else {
+            "-".to_string()
+        };
+        let backends = if f.backends.is_empty() {
+            "(none: refused)".to_string()
+        } else {
+            f.backends.join(", ")
+        };
+        println!(
+            "{:<32} {:>5} {:>9}  {}",
+            f.frontend, f.id, affinity, backends
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(run(args)),
+        Command::Proxy { command } => match command {
+            ProxyCommand::List { bpffs, json } => list(bpffs, json),
+            ProxyCommand::Uninstall { bpffs } => {
+                proxy::dataplane::uninstall(&bpffs).context("uninstalling")
+            }
+        },
+    }
+}

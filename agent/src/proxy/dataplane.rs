@@ -1,0 +1,587 @@
+//! The kernel side of the proxy as the agent drives it: loads the programs,
+//! pins maps and links under a bpffs directory, adopts them after a restart,
+//! and applies frontends to the maps incrementally.
+//!
+//! Pinned layout (default `/sys/fs/bpf/skiff/`): `maps/<NAME>` for each map
+//! and `links/<program>` for each cgroup link. A link pinned there stays
+//! attached when the agent exits, so established and new connections keep
+//! working; the next agent reopens the maps, rebuilds what is programmed
+//! from them, and writes only the differences.
+//!
+//! Update order for one frontend (a reader never sees a half-written
+//! service): new backends, then the slots of the generation that is not
+//! live, then the `SERVICES` entry that flips the generation, then removal
+//! of backends that left. The kernel's hash-map update of one element is
+//! atomic; see `BPF_F_NO_PREALLOC` in the programs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use skiff_ebpf_common::{Backend, ServiceKey, ServiceValue, SlotKey, maps as names};
+use tracing::{debug, info};
+
+use super::model::{Frontend, ServiceError, frontend_string};
+
+/// The compiled kernel programs (built by build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff"));
+
+/// Program names in the object, in attach order.
+pub const PROGRAMS: [&str; 8] = [
+    "skiff_connect4",
+    "skiff_connect6",
+    "skiff_sendmsg4",
+    "skiff_sendmsg6",
+    "skiff_recvmsg4",
+    "skiff_recvmsg6",
+    "skiff_getpeername4",
+    "skiff_getpeername6",
+];
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/skiff";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not on a bpffs and mounting one there failed: {source}")]
+    Bpffs { path: PathBuf, source: nix::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: ProgramError,
+    },
+    #[error("link of {program}: {source}")]
+    Link {
+        program: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning link of {program} at {path}: {source}")]
+    PinLink {
+        program: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("map {map} is missing from the object")]
+    MissingMap { map: &'static str },
+    #[error("no pinned maps under {path}: is the proxy installed there?")]
+    NotInstalled { path: PathBuf },
+    #[error("the frontend table is full ({0} ids in use)")]
+    IdsExhausted(u32),
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataplaneError + '_ {
+    move |source| DataplaneError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One programmed frontend as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Programmed {
+    pub value: ServiceValue,
+    /// Backend ids in slot order, with what they point to.
+    pub backends: Vec<(u32, Backend)>,
+    /// Slots written in each generation (for removing stale ones).
+    gen_len: [u16; 2],
+}
+
+/// What the tables hold, as `Tables::read` rebuilds it.
+pub struct Contents {
+    pub programmed: BTreeMap<ServiceKey, Programmed>,
+    /// Slot and backend entries no frontend refers to (left by an
+    /// interrupted update).
+    pub stale_slots: Vec<SlotKey>,
+    pub stale_backends: Vec<u32>,
+}
+
+/// The three service tables.
+pub struct Tables {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+}
+
+impl Tables {
+    fn from_maps(take: &mut dyn FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        Ok(Self {
+            services: HashMap::try_from(take(names::SERVICES)?)
+                .map_err(map_err(names::SERVICES))?,
+            slots: HashMap::try_from(take(names::SLOTS)?).map_err(map_err(names::SLOTS))?,
+            backends: HashMap::try_from(take(names::BACKENDS)?)
+                .map_err(map_err(names::BACKENDS))?,
+        })
+    }
+
+    /// Opens the maps pinned under `pin_dir` (for `proxy list`).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        let maps = pin_dir.join("maps");
+        if !maps.join(names::SERVICES).exists() {
+            return Err(DataplaneError::NotInstalled { path: maps });
+        }
+        Self::from_maps(&mut |name| {
+            let data = MapData::from_pin(maps.join(name)).map_err(map_err(name))?;
+            Ok(Map::HashMap(data))
+        })
+    }
+
+    /// Everything programmed, rebuilt from the maps.
+    pub fn read(&self) -> Result<Contents> {
+        let mut backends = StdHashMap::new();
+        for entry in self.backends.iter() {
+            let (id, b) = entry.map_err(map_err(names::BACKENDS))?;
+            backends.insert(id, b);
+        }
+        let mut slots: StdHashMap<(u32, u16), BTreeMap<u16, u32>> = StdHashMap::new();
+        for entry in self.slots.iter() {
+            let (k, id) = entry.map_err(map_err(names::SLOTS))?;
+            slots
+                .entry((k.service, k.generation))
+                .or_default()
+                .insert(k.slot, id);
+        }
+        let mut out = BTreeMap::new();
+        let mut used_backends = BTreeSet::new();
+        let mut used_slots = BTreeSet::new();
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(map_err(names::SERVICES))?;
+            let mut gen_len = [0u16; 2];
+            for g in 0..2u16 {
+                if let Some(s) = slots.get(&(value.id, g)) {
+                    gen_len[g as usize] = s.keys().next_back().map_or(0, |m| m + 1);
+                    used_slots.insert((value.id, g));
+                }
+            }
+            let live = slots.get(&(value.id, value.generation as u16));
+            let mut list = Vec::new();
+            for slot in 0..value.count {
+                let id = live.and_then(|s| s.get(&(slot as u16))).copied();
+                if let Some(b) = id.and_then(|id| backends.get(&id).map(|b| (id, *b))) {
+                    used_backends.insert(b.0);
+                    list.push(b);
+                }
+            }
+            out.insert(
+                key,
+                Programmed {
+                    value,
+                    backends: list,
+                    gen_len,
+                },
+            );
+        }
+        let mut stale_slots = Vec::new();
+        for ((service, generation), s) in &slots {
+            if !used_slots.contains(&(*service, *generation)) {
+                stale_slots.extend(s.keys().map(|slot| SlotKey {
+                    service: *service,
+                    generation: *generation,
+                    slot: *slot,
+                }));
+            }
+        }
+        let stale_backends = backends
+            .keys()
+            .filter(|id| !used_backends.contains(id))
+            .copied()
+            .collect();
+        Ok(Contents {
+            programmed: out,
+            stale_slots,
+            stale_backends,
+        })
+    }
+}
+
+/// The loaded (or adopted) dataplane and what it holds.
+pub struct Dataplane {
+    tables: Tables,
+    programmed: BTreeMap<ServiceKey, Programmed>,
+    /// Frontends of each service, and the reverse.
+    owned: StdHashMap<String, BTreeSet<ServiceKey>>,
+    owner: StdHashMap<ServiceKey, String>,
+    next_service_id: u32,
+    next_backend_id: u32,
+}
+
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    // The pin directory must live on a bpffs; mount one at /sys/fs/bpf if
+    // the machine has none (fresh containers and VMs often do not).
+    let root = Path::new("/sys/fs/bpf");
+    let on_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    if pin_dir.starts_with(root) && !on_bpffs(root) {
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| DataplaneError::Bpffs {
+            path: root.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    /// Loads the programs and attaches them to `cgroup`, or adopts what is
+    /// already pinned under `pin_dir`. Maps are created on first start and
+    /// reused afterwards; links pinned by an earlier agent are kept as they
+    /// are (they already run the programs on those same maps).
+    pub fn install(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        let mut ebpf: Ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)?;
+
+        let cgroup_file = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        for program in PROGRAMS {
+            let link_path = links_dir.join(program);
+            if link_path.exists() && PinnedLink::from_pin(&link_path).is_ok() {
+                debug!(program, "adopting pinned link");
+                continue;
+            }
+            let perr = |source| DataplaneError::Program { program, source };
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(program)
+                .ok_or(DataplaneError::Program {
+                    program,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(perr)?;
+            prog.load().map_err(perr)?;
+            // Through bpf_link_create, where "Single" means no flags: cgroup
+            // links always coexist with other programs on the cgroup.
+            let id = prog
+                .attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(perr)?;
+            let link = prog.take_link(id).map_err(perr)?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|source| DataplaneError::Link { program, source })?;
+            // A stale pin (its link gone) is replaced.
+            let _ = fs::remove_file(&link_path);
+            fd.pin(&link_path)
+                .map_err(|source| DataplaneError::PinLink {
+                    program,
+                    path: link_path.clone(),
+                    source,
+                })?;
+            info!(program, cgroup = %cgroup.display(), "attached");
+        }
+
+        let tables = Tables::from_maps(&mut |name| {
+            ebpf.take_map(name)
+                .ok_or(DataplaneError::MissingMap { map: name })
+        })?;
+        Self::adopt(tables)
+    }
+
+    fn adopt(mut tables: Tables) -> Result<Self> {
+        let Contents {
+            programmed,
+            stale_slots,
+            stale_backends,
+        } = tables.read()?;
+        for k in &stale_slots {
+            let _ = tables.slots.remove(k);
+        }
+        for id in &stale_backends {
+            let _ = tables.backends.remove(id);
+        }
+        let next_service_id = programmed
+            .values()
+            .map(|p| p.value.id)
+            .max()
+            .map_or(1, |m| m + 1);
+        let next_backend_id = programmed
+            .values()
+            .flat_map(|p| p.backends.iter().map(|(id, _)| *id))
+            .max()
+            .map_or(1, |m| m + 1);
+        info!(
+            frontends = programmed.len(),
+            stale_slots = stale_slots.len(),
+            stale_backends = stale_backends.len(),
+            "adopted maps"
+        );
+        Ok(Self {
+            tables,
+            programmed,
+            owned: StdHashMap::new(),
+            owner: StdHashMap::new(),
+            next_service_id,
+            next_backend_id,
+        })
+    }
+
+    pub fn programmed(&self) -> &BTreeMap<ServiceKey, Programmed> {
+        &self.programmed
+    }
+
+    fn alloc_backend_id(&mut self) -> Result<u32> {
+        let id = self.next_backend_id;
+        self.next_backend_id = id.checked_add(1).ok_or(DataplaneError::IdsExhausted(id))?;
+        Ok(id)
+    }
+
+    /// Makes the maps hold `f`. Returns whether anything was written.
+    pub fn upsert(&mut self, f: &Frontend) -> Result<bool> {
+        let old = self.programmed.get(&f.key).cloned();
+        if let Some(p) = &old
+            && p.value.affinity_timeout == f.affinity_timeout
+            && p.value.count as usize == p.backends.len()
+            && p.backends.iter().map(|(_, b)| b).eq(f.backends.iter())
+        {
+            return Ok(false);
+        }
+        let (id, generation, mut gen_len, old_backends) = match &old {
+            Some(p) => (
+                p.value.id,
+                p.value.generation ^ 1,
+                p.gen_len,
+                p.backends.clone(),
+            ),
+            None => {
+                let id = self.next_service_id;
+                self.next_service_id = id.checked_add(1).ok_or(DataplaneError::IdsExhausted(id))?;
+                (id, 0, [0, 0], Vec::new())
+            }
+        };
+        let kept: StdHashMap<Backend, u32> = old_backends.iter().map(|(id, b)| (*b, *id)).collect();
+
+        // 1. backends that are new to this frontend
+        let mut list = Vec::with_capacity(f.backends.len());
+        for b in &f.backends {
+            let bid = match kept.get(b) {
+                Some(bid) => *bid,
+                None => {
+                    let bid = self.alloc_backend_id()?;
+                    self.tables
+                        .backends
+                        .insert(bid, *b, 0)
+                        .map_err(map_err(names::BACKENDS))?;
+                    bid
+                }
+            };
+            list.push((bid, *b));
+        }
+        // 2. the slots of the generation that is not live
+        for (slot, (bid, _)) in list.iter().enumerate() {
+            let k = SlotKey {
+                service: id,
+                generation: generation as u16,
+                slot: slot as u16,
+            };
+            self.tables
+                .slots
+                .insert(k, *bid, 0)
+                .map_err(map_err(names::SLOTS))?;
+        }
+        let g = generation as usize;
+        for slot in list.len() as u16..gen_len[g] {
+            let _ = self.tables.slots.remove(&SlotKey {
+                service: id,
+                generation: generation as u16,
+                slot,
+            });
+        }
+        gen_len[g] = list.len() as u16;
+        // 3. the flip
+        let value = ServiceValue {
+            id,
+            count: list.len() as u32,
+            generation,
+            affinity_timeout: f.affinity_timeout,
+        };
+        self.tables
+            .services
+            .insert(f.key, value, 0)
+            .map_err(map_err(names::SERVICES))?;
+        // 4. backends that left
+        let now: BTreeSet<u32> = list.iter().map(|(bid, _)| *bid).collect();
+        for (bid, _) in &old_backends {
+            if !now.contains(bid) {
+                let _ = self.tables.backends.remove(bid);
+            }
+        }
+        debug!(frontend = %frontend_string(&f.key), backends = list.len(), "programmed");
+        self.programmed.insert(
+            f.key,
+            Programmed {
+                value,
+                backends: list,
+                gen_len,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Removes a frontend: the entry clients look up first, then what it
+    /// pointed to.
+    pub fn remove(&mut self, key: &ServiceKey) -> Result<bool> {
+        let Some(p) = self.programmed.remove(key) else {
+            return Ok(false);
+        };
+        match self.tables.services.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(names::SERVICES)(e)),
+        }
+        for generation in 0..2u16 {
+            for slot in 0..p.gen_len[generation as usize] {
+                let _ = self.tables.slots.remove(&SlotKey {
+                    service: p.value.id,
+                    generation,
+                    slot,
+                });
+            }
+        }
+        for (bid, _) in &p.backends {
+            let _ = self.tables.backends.remove(bid);
+        }
+        if let Some(owner) = self.owner.remove(key)
+            && let Some(set) = self.owned.get_mut(&owner)
+        {
+            set.remove(key);
+        }
+        debug!(frontend = %frontend_string(key), "removed");
+        Ok(true)
+    }
+
+    /// Programs one service's frontends and removes those it no longer has.
+    /// A frontend that another service already owns is refused. Returns the
+    /// number of frontends written or removed.
+    pub fn sync_service(
+        &mut self,
+        service: &str,
+        frontends: &[Frontend],
+    ) -> Result<(usize, Vec<ServiceError>)> {
+        let mut changed = 0;
+        let mut errors = Vec::new();
+        let wanted: BTreeSet<ServiceKey> = frontends.iter().map(|f| f.key).collect();
+        let previous = self.owned.get(service).cloned().unwrap_or_default();
+        for key in previous.difference(&wanted) {
+            if self.remove(key)? {
+                changed += 1;
+            }
+        }
+        let mut mine = BTreeSet::new();
+        for f in frontends {
+            if let Some(other) = self.owner.get(&f.key)
+                && other != service
+            {
+                errors.push(ServiceError::FrontendTaken {
+                    service: service.to_string(),
+                    frontend: frontend_string(&f.key),
+                    owner: other.clone(),
+                });
+                continue;
+            }
+            if self.upsert(f)? {
+                changed += 1;
+            }
+            self.owner.insert(f.key, service.to_string());
+            mine.insert(f.key);
+        }
+        if mine.is_empty() {
+            self.owned.remove(service);
+        } else {
+            self.owned.insert(service.to_string(), mine);
+        }
+        Ok((changed, errors))
+    }
+
+    /// Makes the maps hold exactly `desired`: frontends of services not in
+    /// it (including ones adopted from an earlier agent) are removed, the
+    /// rest written where they differ.
+    pub fn sync_all(
+        &mut self,
+        desired: &BTreeMap<String, Vec<Frontend>>,
+    ) -> Result<(usize, Vec<ServiceError>)> {
+        let wanted: BTreeSet<ServiceKey> = desired.values().flatten().map(|f| f.key).collect();
+        let mut changed = 0;
+        let gone: Vec<ServiceKey> = self
+            .programmed
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in &gone {
+            if self.remove(key)? {
+                changed += 1;
+            }
+        }
+        let stale_owners: Vec<String> = self
+            .owned
+            .keys()
+            .filter(|s| !desired.contains_key(*s))
+            .cloned()
+            .collect();
+        for s in stale_owners {
+            self.owned.remove(&s);
+        }
+        let mut errors = Vec::new();
+        for (service, frontends) in desired {
+            let (n, e) = self.sync_service(service, frontends)?;
+            changed += n;
+            errors.extend(e);
+        }
+        Ok((changed, errors))
+    }
+}
+
+/// Detaches the programs (by unpinning their links) and removes the pinned
+/// maps: the inverse of `install`.
+pub fn uninstall(pin_dir: &Path) -> Result<()> {
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io_err(&dir))?.path();
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        fs::remove_dir(&dir).map_err(io_err(&dir))?;
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(pin_dir)(e)),
+    }
+}

@@ -1,0 +1,144 @@
+//! Kubernetes source: Services and EndpointSlices watched on any
+//! Kubernetes-compatible apiserver (kubeconfig or in-cluster config) with
+//! kube-rs watchers, kept in a `Catalog`, reconciled per changed service.
+//!
+//! Shape (watch -> store -> reconcile): each event updates the catalog and
+//! marks its service dirty; the loop then recomputes the dirty services from
+//! the catalog, so a lost or repeated event cannot leave a service wrong. A
+//! relist (watch restart) replaces the whole store and reconciles all.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use super::model::{Catalog, service_key, slice_owner};
+
+enum Change {
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+}
+
+/// What the reconcile loop must do after a batch of events.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    pub all: bool,
+    pub services: BTreeSet<String>,
+}
+
+/// The catalog as the watchers keep it, with relist buffers.
+#[derive(Default)]
+pub struct Store {
+    pub catalog: Catalog,
+    services_ready: bool,
+    slices_ready: bool,
+    relist_services: Option<BTreeMap<String, Service>>,
+    relist_slices: Option<Catalog>,
+}
+
+impl Store {
+    pub fn ready(&self) -> bool {
+        self.services_ready && self.slices_ready
+    }
+
+    fn apply(&mut self, change: Change, dirty: &mut Dirty) {
+        match change {
+            Change::Service(ev) => match *ev {
+                watcher::Event::Apply(s) => {
+                    dirty.services.insert(service_key(&s));
+                    self.catalog.insert_service(s);
+                }
+                watcher::Event::Delete(s) => {
+                    let k = service_key(&s);
+                    self.catalog.services.remove(&k);
+                    dirty.services.insert(k);
+                }
+                watcher::Event::Init => self.relist_services = Some(BTreeMap::new()),
+                watcher::Event::InitApply(s) => {
+                    if let Some(m) = &mut self.relist_services {
+                        m.insert(service_key(&s), s);
+                    }
+                }
+                watcher::Event::InitDone => {
+                    if let Some(m) = self.relist_services.take() {
+                        self.catalog.services = m;
+                    }
+                    self.services_ready = true;
+                    dirty.all = true;
+                }
+            },
+            Change::Slice(ev) => match *ev {
+                watcher::Event::Apply(s) => {
+                    if let Some(owner) = slice_owner(&s) {
+                        dirty.services.insert(owner);
+                    }
+                    self.catalog.insert_slice(s);
+                }
+                watcher::Event::Delete(s) => {
+                    if let Some(owner) = slice_owner(&s) {
+                        let name = s.metadata.name.clone().unwrap_or_default();
+                        if let Some(m) = self.catalog.slices.get_mut(&owner) {
+                            m.remove(&name);
+                        }
+                        dirty.services.insert(owner);
+                    }
+                }
+                watcher::Event::Init => self.relist_slices = Some(Catalog::default()),
+                watcher::Event::InitApply(s) => {
+                    if let Some(c) = &mut self.relist_slices {
+                        c.insert_slice(s);
+                    }
+                }
+                watcher::Event::InitDone => {
+                    if let Some(c) = self.relist_slices.take() {
+                        self.catalog.slices = c.slices;
+                    }
+                    self.slices_ready = true;
+                    dirty.all = true;
+                }
+            },
+        }
+    }
+}
+
+/// Watches the apiserver and calls `reconcile` with the store and what
+/// changed, after each batch of events once both lists are complete.
+pub async fn run(
+    client: Client,
+    mut reconcile: impl FnMut(&Store, Dirty),
+) -> Result<(), watcher::Error> {
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|ev| Change::Service(Box::new(ev))))
+    .boxed();
+    let slices = watcher(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|ev| Change::Slice(Box::new(ev))))
+    .boxed();
+    let mut events = stream::select(services, slices).ready_chunks(1024);
+    let mut store = Store::default();
+    let mut pending = Dirty::default();
+    info!("watching services and endpointslices");
+    while let Some(batch) = events.next().await {
+        for ev in batch {
+            match ev {
+                Ok(change) => store.apply(change, &mut pending),
+                Err(e) => warn!(error = %e, "watch error; retrying"),
+            }
+        }
+        if store.ready() {
+            reconcile(&store, std::mem::take(&mut pending));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! Socket-level service load balancing (cgroup sock_addr programs).
+//!
+//! `connect4/6` and `sendmsg4/6` rewrite a destination that is a service
+//! frontend (ClusterIP, external IP, node address + NodePort) to one of its
+//! backends before the kernel routes anything, so east-west traffic carries
+//! no per-packet NAT. `recvmsg4/6` and `getpeername4/6` undo the rewrite in
+//! what the application sees, so UDP replies and the peer name show the
+//! frontend. The maps are described in `skiff-ebpf-common`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap},
+    programs::SockAddrContext,
+};
+use skiff_ebpf_common::{
+    AffinityKey, AffinityValue, Backend, FAMILY_V4, FAMILY_V6, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue,
+    SCOPE_CLIENT, SCOPE_SOCKET, ServiceKey, ServiceValue, SlotKey,
+};
+
+/// Without preallocation a replaced or deleted element is freed after an RCU
+/// grace period, so a program that looked it up keeps reading the value it
+/// found; preallocated hash maps recycle elements at once and a reader could
+/// see another entry's bytes. Every update the agent makes relies on this.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Allowed / rejected, as cgroup sock_addr programs answer.
+const SYS_PROCEED: i32 = 1;
+const SYS_REJECT: i32 = 0;
+
+const ECONNREFUSED: i32 = 111;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[map(name = "SERVICES")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map(name = "SLOTS")]
+static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "BACKENDS")]
+static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "AFFINITY")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
+
+#[map(name = "REVNAT")]
+static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNAT, 0);
+
+/// Which hook is running: connected sockets (connect) and unconnected UDP
+/// datagrams (sendmsg) pick backends differently.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Connect,
+    Sendmsg,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn skiff_connect4(ctx: SockAddrContext) -> i32 {
+    verdict(try_forward(&ctx, FAMILY_V4, Hook::Connect))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn skiff_connect6(ctx: SockAddrContext) -> i32 {
+    verdict(try_forward(&ctx, FAMILY_V6, Hook::Connect))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn skiff_sendmsg4(ctx: SockAddrContext) -> i32 {
+    verdict(try_forward(&ctx, FAMILY_V4, Hook::Sendmsg))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn skiff_sendmsg6(ctx: SockAddrContext) -> i32 {
+    verdict(try_forward(&ctx, FAMILY_V6, Hook::Sendmsg))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn skiff_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, FAMILY_V4);
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn skiff_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, FAMILY_V6);
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn skiff_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, FAMILY_V4);
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn skiff_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, FAMILY_V6);
+    SYS_PROCEED
+}
+
+/// A rejected connect or sendmsg fails with ECONNREFUSED, as kube-proxy's
+/// REJECT rule makes it, instead of the EPERM a plain reject gives.
+fn verdict(result: Result<i32, i32>) -> i32 {
+    match result {
+        Ok(v) => v,
+        Err(errno) => {
+            // SAFETY: bpf_set_retval is allowed in connect and sendmsg hooks.
+            unsafe { bpf_set_retval(-errno) };
+            SYS_REJECT
+        }
+    }
+}
+
+#[inline(always)]
+fn read_addr(sa: *mut bpf_sock_addr, family: u8) -> [u32; 4] {
+    // SAFETY: the kernel hands a valid context; user_ip6 must be read one
+    // 32-bit word at a time (the verifier rejects wider context loads).
+    unsafe {
+        if family == FAMILY_V4 {
+            [(*sa).user_ip4, 0, 0, 0]
+        } else {
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ]
+        }
+    }
+}
+
+#[inline(always)]
+fn write_addr(sa: *mut bpf_sock_addr, family: u8, addr: &[u32; 4], port: u16) {
+    // SAFETY: these hooks may write user_ip4/user_ip6 and user_port.
+    unsafe {
+        if family == FAMILY_V4 {
+            (*sa).user_ip4 = addr[0];
+        } else {
+            (*sa).user_ip6[0] = addr[0];
+            (*sa).user_ip6[1] = addr[1];
+            (*sa).user_ip6[2] = addr[2];
+            (*sa).user_ip6[3] = addr[3];
+        }
+        (*sa).user_port = u32::from(port);
+    }
+}
+
+#[inline(always)]
+fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context pointer from the kernel.
+    let (protocol, port) = unsafe { ((*sa).protocol, (*sa).user_port) };
+    let proto = match protocol {
+        6 => PROTO_TCP,
+        17 => PROTO_UDP,
+        _ => return Ok(SYS_PROCEED),
+    };
+    let addr = read_addr(sa, family);
+    let key = ServiceKey {
+        addr,
+        port: port as u16,
+        proto,
+        family,
+    };
+    // SAFETY: the value is copied out at once; see BPF_F_NO_PREALLOC.
+    let svc = match unsafe { SERVICES.get(&key) } {
+        Some(v) => *v,
+        None => return Ok(SYS_PROCEED),
+    };
+    if svc.count == 0 {
+        return Err(ECONNREFUSED);
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let backend = choose(ctx, &svc, hook, cookie)?;
+    write_addr(sa, family, &backend.addr, backend.port);
+
+    // Remember the frontend for recvmsg/getpeername on this socket. Sendmsg
+    // runs per datagram: write only when the entry is missing.
+    let rkey = RevNatKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        family,
+        pad: [0; 5],
+    };
+    if hook == Hook::Connect || REVNAT.get_ptr(&rkey).is_none() {
+        let rval = RevNatValue {
+            addr,
+            port: port as u16,
+            pad: [0; 6],
+        };
+        let _ = REVNAT.insert(&rkey, &rval, 0);
+    }
+    Ok(SYS_PROCEED)
+}
+
+/// Picks the backend for this connection or datagram.
+#[inline(always)]
+fn choose(
+    ctx: &SockAddrContext,
+    svc: &ServiceValue,
+    hook: Hook,
+    socket_cookie: u64,
+) -> Result<Backend, i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A ClientIP-affine service keeps a client on its backend while the
+    // client keeps using it within the timeout; an unconnected UDP socket
+    // keeps its datagrams on one backend, as conntrack does for kube-proxy.
+    let sticky = if svc.affinity_timeout > 0 {
+        Some(AffinityKey {
+            cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            service: svc.id,
+            scope: SCOPE_CLIENT,
+        })
+    } else if hook == Hook::Sendmsg {
+        Some(AffinityKey {
+            cookie: socket_cookie,
+            service: svc.id,
+            scope: SCOPE_SOCKET,
+        })
+    } else {
+        None
+    };
+    if let Some(akey) = &sticky
+        && let Some(prev) = AFFINITY.get_ptr(akey)
+    {
+        // SAFETY: LRU entries are copied out at once.
+        let prev = unsafe { *prev };
+        let fresh = svc.affinity_timeout == 0
+            || now.wrapping_sub(prev.last_used_ns) <= u64::from(svc.affinity_timeout) * NS_PER_SEC;
+        if fresh && let Some(b) = unsafe { BACKENDS.get(&prev.backend) } {
+            let b = *b;
+            if svc.affinity_timeout > 0 {
+                let v = AffinityValue {
+                    backend: prev.backend,
+                    pad: 0,
+                    last_used_ns: now,
+                };
+                let _ = AFFINITY.insert(akey, &v, 0);
+            }
+            return Ok(b);
+        }
+    }
+
+    let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let skey = SlotKey {
+        service: svc.id,
+        generation: svc.generation as u16,
+        slot: slot as u16,
+    };
+    // A miss means the agent is between two updates of this service; refuse
+    // rather than let the connection go to the frontend address.
+    let backend_id = match unsafe { SLOTS.get(&skey) } {
+        Some(id) => *id,
+        None => return Err(ECONNREFUSED),
+    };
+    let backend = match unsafe { BACKENDS.get(&backend_id) } {
+        Some(b) => *b,
+        None => return Err(ECONNREFUSED),
+    };
+    if let Some(akey) = &sticky {
+        let v = AffinityValue {
+            backend: backend_id,
+            pad: 0,
+            last_used_ns: now,
+        };
+        let _ = AFFINITY.insert(akey, &v, 0);
+    }
+    Ok(backend)
+}
+
+/// recvmsg / getpeername: show the frontend instead of the backend.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, family: u8) {
+    let sa = ctx.sock_addr;
+    let addr = read_addr(sa, family);
+    // SAFETY: valid context pointer from the kernel.
+    let port = unsafe { (*sa).user_port } as u16;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = RevNatKey {
+        cookie,
+        addr,
+        port,
+        family,
+        pad: [0; 5],
+    };
+    if let Some(v) = REVNAT.get_ptr(&key) {
+        // SAFETY: copied out at once.
+        let v = unsafe { *v };
+        write_addr(sa, family, &v.addr, v.port);
+    }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

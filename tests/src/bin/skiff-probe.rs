@@ -1,0 +1,260 @@
+//! `skiff-probe`: the servers and clients the tests, the demo and the
+//! benchmarks run inside their namespaces.
+//!
+//! Servers answer each request line with their name, so a client can tell
+//! which backend it reached. Clients print one JSON object on stdout.
+//!
+//! ```text
+//! skiff-probe serve-tcp ADDR NAME        skiff-probe serve-udp ADDR NAME
+//! skiff-probe tcp ADDR COUNT             skiff-probe udp ADDR COUNT
+//! skiff-probe session ADDR               (one connection; a request per stdin line)
+//! skiff-probe load ADDR[,ADDR...] CONNS THREADS
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn arg<'a>(args: &'a [String], i: usize, what: &str) -> Result<&'a str> {
+    args.get(i)
+        .map(String::as_str)
+        .with_context(|| format!("missing argument {i}: {what}"))
+}
+
+fn addr(s: &str) -> Result<SocketAddr> {
+    s.parse().with_context(|| format!("{s:?} is not ADDR:PORT"))
+}
+
+fn serve_tcp(listen: SocketAddr, name: &str) -> Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        let reply = format!("{name}\n");
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            // One reply per request line, until the client closes.
+            while let Ok(1) = c.read(&mut byte) {
+                if byte[0] == b'\n' {
+                    if c.write_all(reply.as_bytes()).is_err() {
+                        break;
+                    }
+                    line.clear();
+                } else {
+                    line.push(byte[0]);
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn serve_udp(listen: SocketAddr, name: &str) -> Result<()> {
+    let s = UdpSocket::bind(listen).with_context(|| format!("bind {listen}"))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let (_, from) = s.recv_from(&mut buf)?;
+        let _ = s.send_to(name.as_bytes(), from);
+    }
+}
+
+#[derive(Default, Serialize)]
+struct Tally {
+    answers: BTreeMap<String, u32>,
+    errors: BTreeMap<String, u32>,
+    /// Addresses the answers came from (TCP: getpeername; UDP: recvfrom).
+    peers: BTreeMap<String, u32>,
+}
+
+impl Tally {
+    fn error(&mut self, e: &std::io::Error) {
+        *self.errors.entry(format!("{:?}", e.kind())).or_default() += 1;
+    }
+}
+
+fn tcp_once(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let mut c = TcpStream::connect_timeout(&to, TIMEOUT)?;
+    c.set_read_timeout(Some(TIMEOUT))?;
+    let peer = c.peer_addr()?;
+    c.write_all(b"q\n")?;
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line)?;
+    Ok((line.trim().to_string(), peer))
+}
+
+fn tcp(to: SocketAddr, count: u32) -> Result<()> {
+    let mut t = Tally::default();
+    for _ in 0..count {
+        match tcp_once(to) {
+            Ok((name, peer)) => {
+                *t.answers.entry(name).or_default() += 1;
+                *t.peers.entry(peer.to_string()).or_default() += 1;
+            }
+            Err(e) => t.error(&e),
+        }
+    }
+    println!("{}", serde_json::to_string(&t)?);
+    Ok(())
+}
+
+fn udp(to: SocketAddr, count: u32) -> Result<()> {
+    let mut t = Tally::default();
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    for _ in 0..count {
+        // A new socket each time: a socket keeps its backend.
+        let r = (|| -> std::io::Result<(String, SocketAddr)> {
+            let s = UdpSocket::bind(bind)?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            s.send_to(b"q", to)?;
+            let mut buf = [0u8; 2048];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+        })();
+        match r {
+            Ok((name, from)) => {
+                *t.answers.entry(name).or_default() += 1;
+                *t.peers.entry(from.to_string()).or_default() += 1;
+            }
+            Err(e) => t.error(&e),
+        }
+    }
+    println!("{}", serde_json::to_string(&t)?);
+    Ok(())
+}
+
+/// One connection kept open; each stdin line is a request whose answer (or
+/// error) is printed on its own line.
+fn session(to: SocketAddr) -> Result<()> {
+    let c = TcpStream::connect_timeout(&to, TIMEOUT).with_context(|| format!("connect {to}"))?;
+    c.set_read_timeout(Some(TIMEOUT))?;
+    let mut reader = BufReader::new(c.try_clone()?);
+    let mut writer = c;
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let answer = writer
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| {
+                let mut a = String::new();
+                reader.read_line(&mut a).map(|_| a)
+            });
+        match answer {
+            Ok(a) if !a.is_empty() => writeln!(out, "{}", a.trim())?,
+            Ok(_) => writeln!(out, "error: closed")?,
+            Err(e) => writeln!(out, "error: {:?}", e.kind())?,
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Load {
+    connections: u64,
+    errors: u64,
+    seconds: f64,
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Bounded load: CONNS connections in all, spread over THREADS threads,
+/// each a connect + one request/response + close, cycling over the targets.
+fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
+    if targets.is_empty() || threads == 0 {
+        bail!("load needs at least one target and one thread");
+    }
+    let per = conns / threads;
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let targets = targets.to_vec();
+            std::thread::spawn(move || {
+                let mut lat = Vec::with_capacity(per as usize);
+                let mut errors = 0u64;
+                for i in 0..per {
+                    let to = targets[((t * per + i) as usize) % targets.len()];
+                    let s = Instant::now();
+                    match tcp_once(to) {
+                        Ok(_) => lat.push(s.elapsed().as_secs_f64() * 1e6),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (lat, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+        all.extend(lat);
+        errors += e;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if all.is_empty() {
+            0.0
+        } else {
+            all[((all.len() - 1) as f64 * p) as usize]
+        }
+    };
+    let l = Load {
+        connections: all.len() as u64,
+        errors,
+        seconds,
+        rate: all.len() as f64 / seconds,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    };
+    println!("{}", serde_json::to_string(&l)?);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = arg(&args, 0, "command")?;
+    match cmd {
+        "serve-tcp" => serve_tcp(addr(arg(&args, 1, "ADDR")?)?, arg(&args, 2, "NAME")?),
+        "serve-udp" => serve_udp(addr(arg(&args, 1, "ADDR")?)?, arg(&args, 2, "NAME")?),
+        "tcp" => tcp(
+            addr(arg(&args, 1, "ADDR")?)?,
+            arg(&args, 2, "COUNT")?.parse()?,
+        ),
+        "udp" => udp(
+            addr(arg(&args, 1, "ADDR")?)?,
+            arg(&args, 2, "COUNT")?.parse()?,
+        ),
+        "session" => session(addr(arg(&args, 1, "ADDR")?)?),
+        "load" => {
+            let targets = arg(&args, 1, "ADDR[,ADDR...]")?
+                .split(',')
+                .map(addr)
+                .collect::<Result<Vec<_>>>()?;
+            load(
+                &targets,
+                arg(&args, 2, "CONNS")?.parse()?,
+                arg(&args, 3, "THREADS")?.parse()?,
+            )
+        }
+        other => bail!("unknown command {other:?}"),
+    }
+}

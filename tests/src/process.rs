@@ -1,0 +1,195 @@
+//! Processes started inside a network namespace and (optionally) a cgroup,
+//! killed on drop.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::{Cgroup, Netns};
+
+/// A command to start in a namespace and cgroup.
+pub struct Spawn {
+    cmd: Command,
+    netns: Option<File>,
+    cgroup_procs: Option<File>,
+    log: Option<PathBuf>,
+}
+
+/// A running process; SIGKILLed and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: Option<PathBuf>,
+}
+
+impl Spawn {
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        Self {
+            cmd: Command::new(program),
+            netns: None,
+            cgroup_procs: None,
+            log: None,
+        }
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.cmd.env(k, v);
+        self
+    }
+
+    pub fn netns(mut self, ns: &Netns) -> Self {
+        let f = File::open(ns.path()).unwrap_or_else(|e| panic!("open {}: {e}", ns.path()));
+        self.netns = Some(f);
+        self
+    }
+
+    pub fn cgroup(mut self, cg: &Cgroup) -> Self {
+        let p = cg.path.join("cgroup.procs");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+        self.cgroup_procs = Some(f);
+        self
+    }
+
+    /// Sends stdout and stderr to `path` (read it with `Proc::log_text`).
+    pub fn log_to(mut self, path: &Path) -> Self {
+        self.log = Some(path.to_path_buf());
+        self
+    }
+
+    fn prepare(&mut self) {
+        let netns = self.netns.as_ref().map(|f| f.as_raw_fd());
+        let procs = self.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe system calls (setns, write) on fds opened
+        // before the fork.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                if let Some(fd) = procs {
+                    // cgroup v2: writing "0" moves the writing process.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(fd) = netns
+                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Starts the process with piped stdin/stdout unless logging to a file.
+    pub fn start(mut self) -> Proc {
+        self.prepare();
+        if let Some(log) = &self.log {
+            let f = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+            let f2 = f.try_clone().unwrap_or_else(|e| panic!("dup log: {e}"));
+            self.cmd.stdout(f).stderr(f2).stdin(Stdio::null());
+        } else {
+            self.cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+        }
+        let child = self
+            .cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.cmd.get_program()));
+        Proc {
+            child,
+            log: self.log,
+        }
+    }
+
+    /// Runs to completion and returns stdout, or a message with its exit
+    /// status and output.
+    pub fn try_output(mut self) -> Result<String, String> {
+        self.prepare();
+        let out = self
+            .cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("run {:?}: {e}", self.cmd.get_program()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{:?} failed ({}): {}{}",
+                self.cmd,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs to completion and returns stdout; panics on failure.
+    pub fn output(self) -> String {
+        self.try_output().unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Sends a line on stdin and reads one line of stdout.
+    pub fn ask(&mut self, line: &str) -> String {
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        writeln!(stdin, "{line}").unwrap_or_else(|e| panic!("write to child: {e}"));
+        stdin.flush().unwrap_or_else(|e| panic!("flush: {e}"));
+        let stdout = self.child.stdout.as_mut().expect("piped stdout");
+        // One byte at a time: a BufReader would keep bytes past the line.
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            use std::io::Read as _;
+            match stdout.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break,
+                Ok(1) => buf.push(byte[0]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub fn terminate(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,602 @@
+//! The eBPF service proxy end to end: the real `skiff-agent` in static
+//! (manifest) mode inside a network namespace the test creates, its programs
+//! attached to a cgroup the test creates, real TCP and UDP servers as
+//! backends, and clients run in that namespace and cgroup.
+//!
+//! Addresses: node 10.200.0.1, backends 10.200.0.11-13 (and fd00:200::11),
+//! all on one interface; ClusterIPs in 10.96.0.0/16 exist nowhere, so a
+//! connection that is not translated fails (no route) instead of leaving.
+//! Needs root.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin, wait_for};
+
+const NODE_IP: &str = "10.200.0.1";
+const B: [&str; 3] = ["10.200.0.11", "10.200.0.12", "10.200.0.13"];
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One node: namespace, client cgroup, pins, manifests, agent, servers.
+/// Field order is drop order: processes first, then pins (detaching the
+/// programs), cgroup, namespace, directories.
+struct Node {
+    agent: Option<Proc>,
+    servers: Vec<Proc>,
+    pins: PinDir,
+    cg: Cgroup,
+    ns: Netns,
+    manifests: TempDir,
+    logs: TempDir,
+    restarts: u32,
+}
+
+impl Node {
+    fn new() -> Self {
+        let ns = Netns::new();
+        ns.add_local_link("skd0", &[&format!("{NODE_IP}/24")]);
+        for b in B {
+            ns.ip(&["addr", "add", &format!("{b}/32"), "dev", "skd0"]);
+        }
+        ns.ip(&["addr", "add", "fd00:200::1/64", "dev", "skd0", "nodad"]);
+        ns.ip(&["addr", "add", "fd00:200::11/128", "dev", "skd0", "nodad"]);
+        Self {
+            agent: None,
+            servers: Vec::new(),
+            pins: PinDir::new(),
+            cg: Cgroup::new(),
+            ns,
+            manifests: TempDir::new(),
+            logs: TempDir::new(),
+            restarts: 0,
+        }
+    }
+
+    /// TCP server on ADDR:8080 and UDP server on ADDR:5353 answering `name`.
+    fn backend(&mut self, ip: &str, name: &str) {
+        let fmt = |port: u16| {
+            if ip.contains(':') {
+                format!("[{ip}]:{port}")
+            } else {
+                format!("{ip}:{port}")
+            }
+        };
+        for (kind, port) in [("serve-tcp", 8080), ("serve-udp", 5353)] {
+            let mut p = Spawn::new(bin("skiff-probe"))
+                .args([kind, &fmt(port), name])
+                .netns(&self.ns)
+                .start();
+            let ready = p.ask("");
+            assert_eq!(ready, "ready", "{kind} {ip} did not start");
+            self.servers.push(p);
+        }
+    }
+
+    fn write(&self, file: &str, yaml: &str) {
+        // Write then rename, so the agent never reads half a file.
+        let tmp = self.manifests.path.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap_or_else(|e| panic!("write {file}: {e}"));
+        std::fs::rename(&tmp, self.manifests.path.join(file))
+            .unwrap_or_else(|e| panic!("rename {file}: {e}"));
+    }
+
+    fn start_agent(&mut self) {
+        self.restarts += 1;
+        let log = self.logs.path.join(format!("agent-{}.log", self.restarts));
+        let p = Spawn::new(bin("skiff-agent"))
+            .args(["run", "--manifests"])
+            .args([&self.manifests.path])
+            .args(["--cgroup"])
+            .args([&self.cg.path])
+            .args(["--bpffs"])
+            .args([&self.pins.path])
+            .args([
+                "--node-name",
+                "node-a",
+                "--nodeport-address",
+                NODE_IP,
+                "--poll-ms",
+                "50",
+            ])
+            .netns(&self.ns)
+            .log_to(&log)
+            .start();
+        self.agent = Some(p);
+    }
+
+    fn agent_log(&self) -> String {
+        self.agent.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+
+    /// `skiff-agent proxy list --json`: frontend -> backends.
+    fn list(&self) -> BTreeMap<String, Vec<String>> {
+        self.try_list().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As `list`, or the error while the agent has not installed yet.
+    fn try_list(&self) -> Result<BTreeMap<String, Vec<String>>, String> {
+        let out = Spawn::new(bin("skiff-agent"))
+            .args(["proxy", "list", "--json", "--bpffs"])
+            .args([&self.pins.path])
+            .try_output()?;
+        let v: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| {
+                let backends = f["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|b| b.as_str().map(String::from))
+                    .collect();
+                (
+                    f["frontend"].as_str().unwrap_or_default().to_string(),
+                    backends,
+                )
+            })
+            .collect::<BTreeMap<_, _>>())
+        .map_err(|e: String| e)
+    }
+
+    /// Waits until `frontend` has exactly `backends` (order-insensitive).
+    fn wait_programmed(&self, frontend: &str, backends: &[&str]) {
+        let mut want: Vec<String> = backends.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        wait_for(&format!("{frontend} -> {want:?}"), TIMEOUT, || {
+            let mut got = self.try_list().ok()?.get(frontend).cloned()?;
+            got.sort();
+            (got == want).then_some(())
+        });
+    }
+
+    /// Runs a probe client in the namespace and the translated cgroup.
+    fn client(&self, args: &[&str]) -> Value {
+        let out = Spawn::new(bin("skiff-probe"))
+            .args(args)
+            .netns(&self.ns)
+            .cgroup(&self.cg)
+            .output();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn tcp(&self, to: &str, n: u32) -> Value {
+        self.client(&["tcp", to, &n.to_string()])
+    }
+
+    fn udp(&self, to: &str, n: u32) -> Value {
+        self.client(&["udp", to, &n.to_string()])
+    }
+}
+
+fn counts(v: &Value, field: &str) -> BTreeMap<String, u64> {
+    v[field]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+        .collect()
+}
+
+fn service(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n{spec}\n"
+    )
+}
+
+/// An EndpointSlice for service `svc` with ports tcp 8080 ("http") and udp
+/// 5353 ("dns"); each endpoint is (ip, conditions-yaml, node).
+fn slice(svc: &str, family: &str, endpoints: &[(&str, &str, &str)]) -> String {
+    let mut eps = String::new();
+    for (ip, cond, node) in endpoints {
+        eps.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions: {{{cond}}}\n"
+        ));
+    }
+    if endpoints.is_empty() {
+        eps.push_str("[]\n");
+    }
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-{family}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: {family}\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints:\n{eps}"
+    )
+}
+
+const WEB_PORTS: &str =
+    "  ports:\n  - {name: http, port: 80, protocol: TCP}\n  - {name: dns, port: 53, protocol: UDP}";
+
+fn three_backends(node: &mut Node) {
+    for (i, b) in B.iter().enumerate() {
+        node.backend(b, &format!("b{}", i + 1));
+    }
+}
+
+fn ready(ip: &str) -> (&str, &'static str, &'static str) {
+    (ip, "ready: true", "node-a")
+}
+
+fn web_node(extra_spec: &str) -> Node {
+    let mut node = Node::new();
+    three_backends(&mut node);
+    node.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service(
+                "web",
+                &format!("  clusterIP: 10.96.0.10\n{extra_spec}{WEB_PORTS}")
+            ),
+            slice("web", "IPv4", &[ready(B[0]), ready(B[1]), ready(B[2])])
+        ),
+    );
+    node.start_agent();
+    node.wait_programmed(
+        "10.96.0.10:80/TCP",
+        &["10.200.0.11:8080", "10.200.0.12:8080", "10.200.0.13:8080"],
+    );
+    node
+}
+
+#[test]
+fn tcp_cluster_ip_spreads_over_three_backends() {
+    let node = web_node("");
+    let r = node.tcp("10.96.0.10:80", 60);
+    let answers = counts(&r, "answers");
+    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(
+        answers.keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{r}"
+    );
+    assert_eq!(answers.values().sum::<u64>(), 60);
+    // getpeername shows the service, not the backend.
+    assert_eq!(
+        counts(&r, "peers").keys().collect::<Vec<_>>(),
+        ["10.96.0.10:80"],
+        "{r}"
+    );
+}
+
+#[test]
+fn udp_cluster_ip_spreads_and_reply_comes_from_vip() {
+    let node = web_node("");
+    node.wait_programmed(
+        "10.96.0.10:53/UDP",
+        &["10.200.0.11:5353", "10.200.0.12:5353", "10.200.0.13:5353"],
+    );
+    let r = node.udp("10.96.0.10:53", 60);
+    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(
+        counts(&r, "answers").keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{r}"
+    );
+    assert_eq!(
+        counts(&r, "peers").keys().collect::<Vec<_>>(),
+        ["10.96.0.10:53"],
+        "replies must appear to come from the VIP: {r}"
+    );
+}
+
+#[test]
+fn endpoint_removal_and_readiness_changes_apply_to_new_connections() {
+    let node = web_node("");
+    // b3 removed, b2 not ready: only b1 takes new connections.
+    node.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", &format!("  clusterIP: 10.96.0.10\n{WEB_PORTS}")),
+            slice(
+                "web",
+                "IPv4",
+                &[ready(B[0]), (B[1], "ready: false", "node-a")]
+            )
+        ),
+    );
+    node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
+    let r = node.tcp("10.96.0.10:80", 30);
+    assert_eq!(
+        counts(&r, "answers"),
+        BTreeMap::from([("b1".into(), 30)]),
+        "{r}"
+    );
+
+    // No ready endpoint left: the serving, terminating one takes them.
+    node.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", &format!("  clusterIP: 10.96.0.10\n{WEB_PORTS}")),
+            slice(
+                "web",
+                "IPv4",
+                &[
+                    (
+                        B[1],
+                        "ready: false, serving: true, terminating: true",
+                        "node-a"
+                    ),
+                    (
+                        B[2],
+                        "ready: false, serving: false, terminating: true",
+                        "node-a"
+                    ),
+                ]
+            )
+        ),
+    );
+    node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.12:8080"]);
+    let r = node.tcp("10.96.0.10:80", 20);
+    assert_eq!(
+        counts(&r, "answers"),
+        BTreeMap::from([("b2".into(), 20)]),
+        "{r}"
+    );
+}
+
+#[test]
+fn service_without_endpoints_refuses_connections() {
+    let mut node = Node::new();
+    node.write(
+        "empty.yaml",
+        &service("empty", &format!("  clusterIP: 10.96.0.20\n{WEB_PORTS}")),
+    );
+    node.start_agent();
+    node.wait_programmed("10.96.0.20:80/TCP", &[]);
+    let r = node.tcp("10.96.0.20:80", 5);
+    assert_eq!(
+        counts(&r, "errors"),
+        BTreeMap::from([("ConnectionRefused".into(), 5)]),
+        "{r}"
+    );
+    let r = node.udp("10.96.0.20:53", 3);
+    assert_eq!(
+        counts(&r, "errors"),
+        BTreeMap::from([("ConnectionRefused".into(), 3)]),
+        "{r}"
+    );
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend() {
+    let node = web_node(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+    );
+    let first = node.tcp("10.96.0.10:80", 30);
+    let answers = counts(&first, "answers");
+    assert_eq!(
+        answers.len(),
+        1,
+        "all connections of one client go to one backend: {first}"
+    );
+    // A later client process in the same client (namespace) stays there.
+    let again = node.tcp("10.96.0.10:80", 10);
+    assert_eq!(
+        counts(&again, "answers").keys().collect::<Vec<_>>(),
+        answers.keys().collect::<Vec<_>>()
+    );
+    let listed = node.list();
+    assert!(listed.contains_key("10.96.0.10:80/TCP"));
+}
+
+#[test]
+fn node_port_serves_local_clients() {
+    let mut node = Node::new();
+    three_backends(&mut node);
+    node.write(
+        "np.yaml",
+        &format!(
+            "{}---\n{}",
+            service(
+                "np",
+                "  type: NodePort\n  clusterIP: 10.96.0.30\n  ports:\n  - {name: http, port: 80, nodePort: 30080}"
+            ),
+            slice("np", "IPv4", &[ready(B[0]), ready(B[1]), ready(B[2])])
+        ),
+    );
+    node.start_agent();
+    node.wait_programmed(
+        "10.200.0.1:30080/TCP",
+        &["10.200.0.11:8080", "10.200.0.12:8080", "10.200.0.13:8080"],
+    );
+    let r = node.tcp("10.200.0.1:30080", 45);
+    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(counts(&r, "answers").len(), 3, "{r}");
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
+    let mut node = Node::new();
+    three_backends(&mut node);
+    node.write(
+        "local.yaml",
+        &format!(
+            "{}---\n{}",
+            service(
+                "local",
+                &format!("  clusterIP: 10.96.0.40\n  internalTrafficPolicy: Local\n{WEB_PORTS}")
+            ),
+            slice(
+                "local",
+                "IPv4",
+                &[
+                    (B[0], "ready: true", "node-b"),
+                    (B[1], "ready: true", "node-a"),
+                    (B[2], "ready: true", "node-b"),
+                ]
+            )
+        ),
+    );
+    node.start_agent();
+    node.wait_programmed("10.96.0.40:80/TCP", &["10.200.0.12:8080"]);
+    let r = node.tcp("10.96.0.40:80", 20);
+    assert_eq!(
+        counts(&r, "answers"),
+        BTreeMap::from([("b2".into(), 20)]),
+        "{r}"
+    );
+}
+
+#[test]
+fn ipv6_cluster_ip_is_translated() {
+    let mut node = Node::new();
+    node.backend("fd00:200::11", "v6");
+    node.write(
+        "v6.yaml",
+        &format!(
+            "{}---\n{}",
+            service(
+                "v6",
+                &format!("  clusterIP: fd00:96::10\n  ipFamilies: [IPv6]\n{WEB_PORTS}")
+            ),
+            slice("v6", "IPv6", &[ready("fd00:200::11")])
+        ),
+    );
+    node.start_agent();
+    node.wait_programmed("[fd00:96::10]:80/TCP", &["[fd00:200::11]:8080"]);
+    let r = node.tcp("[fd00:96::10]:80", 5);
+    assert_eq!(
+        counts(&r, "answers"),
+        BTreeMap::from([("v6".into(), 5)]),
+        "{r}"
+    );
+    assert_eq!(
+        counts(&r, "peers").keys().collect::<Vec<_>>(),
+        ["[fd00:96::10]:80"],
+        "{r}"
+    );
+    let r = node.udp("[fd00:96::10]:53", 3);
+    assert_eq!(
+        counts(&r, "peers").keys().collect::<Vec<_>>(),
+        ["[fd00:96::10]:53"],
+        "{r}"
+    );
+}
+
+#[test]
+fn connections_survive_agent_stop_and_restart_without_flush() {
+    let mut node = web_node("");
+    let before = node.list();
+
+    let mut session = Spawn::new(bin("skiff-probe"))
+        .args(["session", "10.96.0.10:80"])
+        .netns(&node.ns)
+        .cgroup(&node.cg)
+        .start();
+    let first = session.ask("one");
+    assert!(first.starts_with('b'), "session answer: {first}");
+
+    // Killed without warning: links and maps stay pinned.
+    if let Some(mut agent) = node.agent.take() {
+        let _ = agent.child.kill();
+        let _ = agent.child.wait();
+    }
+    assert_eq!(
+        session.ask("two"),
+        first,
+        "established connection while the agent is down"
+    );
+    let r = node.tcp("10.96.0.10:80", 15);
+    assert_eq!(
+        counts(&r, "errors"),
+        BTreeMap::new(),
+        "new connections while down: {r}"
+    );
+    assert_eq!(counts(&r, "answers").len(), 3, "{r}");
+
+    node.start_agent();
+    wait_for("the restarted agent to reconcile", TIMEOUT, || {
+        node.agent_log().contains("programmed").then_some(())
+    });
+    let log = node.agent_log();
+    assert!(log.contains("adopted maps"), "{log}");
+    assert!(log.contains("frontends=2"), "adopted both frontends: {log}");
+    assert!(
+        log.contains("changed=0"),
+        "nothing rewritten on restart: {log}"
+    );
+    assert_eq!(node.list(), before);
+    assert_eq!(
+        session.ask("three"),
+        first,
+        "established connection after restart"
+    );
+
+    // The new agent applies changes as usual.
+    node.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", &format!("  clusterIP: 10.96.0.10\n{WEB_PORTS}")),
+            slice("web", "IPv4", &[ready(B[0])])
+        ),
+    );
+    node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
+    let r = node.tcp("10.96.0.10:80", 10);
+    assert_eq!(
+        counts(&r, "answers"),
+        BTreeMap::from([("b1".into(), 10)]),
+        "{r}"
+    );
+}
+
+#[test]
+fn malformed_manifests_and_services_are_reported_and_skipped() {
+    let mut node = Node::new();
+    three_backends(&mut node);
+    node.write(
+        "good.yaml",
+        &format!(
+            "{}---\n{}",
+            service("good", &format!("  clusterIP: 10.96.0.50\n{WEB_PORTS}")),
+            slice("good", "IPv4", &[ready(B[0])])
+        ),
+    );
+    node.write(
+        "badport.yaml",
+        &service(
+            "badport",
+            "  clusterIP: 10.96.0.51\n  ports: [{port: 70000}]",
+        ),
+    );
+    node.write(
+        "badip.yaml",
+        &service("badip", "  clusterIP: 10.96.0.999\n  ports: [{port: 80}]"),
+    );
+    node.write(
+        "dup.yaml",
+        &service(
+            "dup",
+            "  clusterIP: 10.96.0.52\n  ports: [{name: a, port: 80}, {name: b, port: 80}]",
+        ),
+    );
+    node.write("broken.yaml", "kind: Service\nmetadata: [unclosed\n");
+    node.start_agent();
+    node.wait_programmed("10.96.0.50:80/TCP", &["10.200.0.11:8080"]);
+
+    let listed = node.list();
+    assert_eq!(
+        listed.keys().collect::<Vec<_>>(),
+        ["10.96.0.50:53/UDP", "10.96.0.50:80/TCP"],
+        "only the good service is programmed"
+    );
+    let log = node.agent_log();
+    for needle in [
+        "default/badport: spec.ports[0].port must be between 1 and 65535, got 70000",
+        "default/badip: spec.clusterIP is not a valid IP address: \"10.96.0.999\"",
+        "default/dup: duplicate port 80/TCP",
+        "broken.yaml",
+    ] {
+        assert!(log.contains(needle), "log should report {needle:?}:\n{log}");
+    }
+    let r = node.tcp("10.96.0.50:80", 5);
+    assert_eq!(
+        counts(&r, "answers"),
+        BTreeMap::from([("b1".into(), 5)]),
+        "{r}"
+    );
+    // The invalid ones are not reachable through anything the proxy made.
+    let r = node.tcp("10.96.0.52:80", 1);
+    assert_eq!(counts(&r, "answers"), BTreeMap::new(), "{r}");
+}

@@ -1,0 +1,225 @@
+//! `cargo xtask`: setup, eBPF build, local bring-up, tests, benchmarks.
+//!
+//! `setup` installs, idempotently, everything a fresh machine lacks; every
+//! other command runs it first, so `cargo xtask test` works on a new
+//! machine by itself.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install apt packages, nightly rust-src, bpf-linker (LLVM 22), protoc.
+    Setup,
+    /// Build the kernel programs (through the agent's build script).
+    BuildEbpf,
+    /// Bring the service proxy up in a demo namespace and show it balancing
+    /// connections; stays up until Ctrl-C unless --once.
+    Up {
+        #[arg(long)]
+        once: bool,
+    },
+    /// fmt, clippy, and every test, privileged ones included (run as root).
+    Test,
+    /// Benchmarks (not tests): `proxy`.
+    Bench {
+        /// Which benchmark.
+        what: String,
+        /// Extra arguments for the benchmark (after --).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages the build, the tests and the benchmarks use.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "protobuf-compiler",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "iperf3",
+    "wrk",
+    "etcd-server",
+    "etcd-client",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "fonts-dejavu-core",
+];
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|_| PathBuf::from("/root/.cargo"));
+    home.join("bin").join(name)
+}
+
+fn apt_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing))?;
+    }
+
+    let have_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if !have_src {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // bpf-linker must link against the LLVM that nightly's rustc uses (22);
+    // without LLVM_PREFIX its build finds /usr's libraries and fails.
+    if !succeeds(Command::new(cargo_bin("bpf-linker")).arg("--version")) {
+        run(Command::new("cargo")
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env(
+                "PATH",
+                format!(
+                    "{LLVM_PREFIX}/bin:{}",
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                "0.13.0",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ]))?;
+    }
+    eprintln!("setup: everything is installed");
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    build(false)?;
+    // Privileged tests share the machine's bpffs and cgroup tree; each makes
+    // its own names, so they may run in parallel.
+    run(cargo().args(["test", "--no-fail-fast"]))
+}
+
+fn lab(args: &[&str]) -> Result<()> {
+    build(true)?;
+    run(Command::new(root().join("target/release/skiff-lab"))
+        .current_dir(root())
+        .args(args))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => {
+            setup()?;
+            run(cargo().args(["build", "-p", "skiff-agent"]))
+        }
+        Cmd::Up { once } => {
+            setup()?;
+            if once {
+                lab(&["demo", "--once"])
+            } else {
+                lab(&["demo"])
+            }
+        }
+        Cmd::Test => test(),
+        Cmd::Bench { what, args } => {
+            setup()?;
+            match what.as_str() {
+                "proxy" => {
+                    let mut a = vec!["bench-proxy"];
+                    a.extend(args.iter().map(String::as_str));
+                    lab(&a)
+                }
+                other => bail!("unknown benchmark {other:?}: try `proxy`"),
+            }
+        }
+    }
+}
