@@ -12,17 +12,18 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
     },
-    macros::{cgroup_sock_addr, map},
+    macros::{btf_map, cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
 };
 use skiff_ebpf_common::{
     AffinityKey, AffinityValue, Backend, FAMILY_V4, FAMILY_V6, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue,
+    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, PeerValue, RevNatKey, RevNatValue,
     SCOPE_CLIENT, SCOPE_SOCKET, ServiceKey, ServiceValue, SlotKey,
 };
 
@@ -53,7 +54,14 @@ static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
 #[map(name = "REVNAT")]
-static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNAT, 0);
+static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNAT, 2);
+
+/// Per-socket record of a translated connect, for getpeername and for
+/// recvmsg on connected UDP sockets. Socket storage costs one allocation
+/// that the kernel frees with the socket; an LRU entry per connection was
+/// measurably slower on the connect path.
+#[btf_map(name = "PEERS")]
+static PEERS: SkStorage<PeerValue> = SkStorage::new();
 
 /// Which hook is running: connected sockets (connect) and unconnected UDP
 /// datagrams (sendmsg) pick backends differently.
@@ -179,26 +187,49 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
     if svc.count == 0 {
         return Err(ECONNREFUSED);
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Only unconnected UDP needs the socket's cookie (its sticky backend and
+    // reverse entries); connected sockets keep their record in PEERS.
+    let cookie = if hook == Hook::Sendmsg {
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+    } else {
+        0
+    };
     let backend = choose(ctx, &svc, hook, cookie)?;
     write_addr(sa, family, &backend.addr, backend.port);
 
-    // Remember the frontend for recvmsg/getpeername on this socket. Sendmsg
-    // runs per datagram: write only when the entry is missing.
-    let rkey = RevNatKey {
-        cookie,
-        addr: backend.addr,
-        port: backend.port,
-        family,
-        pad: [0; 5],
-    };
-    if hook == Hook::Connect || REVNAT.get_ptr(&rkey).is_none() {
-        let rval = RevNatValue {
-            addr,
-            port: port as u16,
-            pad: [0; 6],
+    if hook == Hook::Connect {
+        // Remember the frontend for getpeername and connected recvmsg.
+        let mut peer = PeerValue {
+            frontend: addr,
+            backend: backend.addr,
+            frontend_port: port as u16,
+            backend_port: backend.port,
+            pad: 0,
         };
-        let _ = REVNAT.insert(&rkey, &rval, 0);
+        // SAFETY: the context's socket is valid for the program's run.
+        let slot = unsafe { PEERS.get_or_insert_ptr_mut(ctx, Some(&mut peer)) };
+        if !slot.is_null() {
+            // A socket connected again (UDP may) overwrites its record.
+            unsafe { *slot = peer };
+        }
+    } else {
+        // Unconnected UDP: one reverse entry per (socket, backend), written
+        // only when missing since sendmsg runs per datagram.
+        let rkey = RevNatKey {
+            cookie,
+            addr: backend.addr,
+            port: backend.port,
+            family,
+            pad: [0; 5],
+        };
+        if REVNAT.get_ptr(&rkey).is_none() {
+            let rval = RevNatValue {
+                addr,
+                port: port as u16,
+                pad: [0; 6],
+            };
+            let _ = REVNAT.insert(&rkey, &rval, 0);
+        }
     }
     Ok(SYS_PROCEED)
 }
@@ -285,6 +316,16 @@ fn reverse(ctx: &SockAddrContext, family: u8) {
     let addr = read_addr(sa, family);
     // SAFETY: valid context pointer from the kernel.
     let port = unsafe { (*sa).user_port } as u16;
+    // SAFETY: the context's socket is valid for the program's run.
+    let peer = unsafe { PEERS.get_ptr_mut(ctx) };
+    if !peer.is_null() {
+        // SAFETY: non-null storage of this socket; copied out at once.
+        let p = unsafe { *peer };
+        if p.backend == addr && p.backend_port == port {
+            write_addr(sa, family, &p.frontend, p.frontend_port);
+            return;
+        }
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = RevNatKey {
         cookie,

@@ -99,7 +99,8 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
-/// Reverse translation for one socket: the backend it was sent to.
+/// Reverse translation for an unconnected UDP socket: one entry per backend
+/// it sent datagrams to (LRU; connected sockets use `PeerValue` instead).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RevNatKey {
@@ -119,6 +120,20 @@ pub struct RevNatValue {
     pub pad: [u8; 6],
 }
 
+/// What a connected socket (TCP, or UDP after connect) was sent to, kept in
+/// the socket's own storage: freed with the socket, no table to fill.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerValue {
+    /// The frontend the application dialled.
+    pub frontend: [u32; 4],
+    /// The backend it was sent to.
+    pub backend: [u32; 4],
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    pub pad: u32,
+}
+
 /// Map names, shared so that the agent opens exactly what the programs
 /// declare (and pins them under these names).
 pub mod maps {
@@ -127,6 +142,7 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const AFFINITY: &str = "AFFINITY";
     pub const REVNAT: &str = "REVNAT";
+    pub const PEERS: &str = "PEERS";
 }
 
 #[cfg(feature = "user")]
@@ -142,4 +158,5 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for PeerValue {}
 }

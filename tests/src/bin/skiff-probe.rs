@@ -31,28 +31,42 @@ fn addr(s: &str) -> Result<SocketAddr> {
     s.parse().with_context(|| format!("{s:?} is not ADDR:PORT"))
 }
 
+/// Acceptor threads per TCP server. Each serves its connection inline, so
+/// no thread is spawned per connection (spawning would cost more than the
+/// dataplane being measured) and bursts to one backend do not queue.
+const ACCEPTORS: usize = 8;
+
+fn serve_conn(mut c: TcpStream, reply: &[u8]) {
+    let mut byte = [0u8; 1];
+    // One reply per request line, until the client closes.
+    while let Ok(1) = c.read(&mut byte) {
+        if byte[0] == b'\n' && c.write_all(reply).is_err() {
+            break;
+        }
+    }
+}
+
 fn serve_tcp(listen: SocketAddr, name: &str) -> Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("ready");
     std::io::stdout().flush()?;
-    for conn in l.incoming() {
-        let Ok(mut c) = conn else { continue };
-        let reply = format!("{name}\n");
-        std::thread::spawn(move || {
-            let mut line = Vec::new();
-            let mut byte = [0u8; 1];
-            // One reply per request line, until the client closes.
-            while let Ok(1) = c.read(&mut byte) {
-                if byte[0] == b'\n' {
-                    if c.write_all(reply.as_bytes()).is_err() {
-                        break;
-                    }
-                    line.clear();
-                } else {
-                    line.push(byte[0]);
+    let reply = format!("{name}\n").into_bytes();
+    let workers: Vec<_> = (0..ACCEPTORS)
+        .map(|_| {
+            let l = l.try_clone();
+            let reply = reply.clone();
+            std::thread::spawn(move || {
+                let Ok(l) = l else { return };
+                // An accept error (the peer gave up) ends no more than
+                // that connection.
+                for c in l.incoming().flatten() {
+                    serve_conn(c, &reply);
                 }
-            }
-        });
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
     }
     Ok(())
 }
@@ -82,14 +96,20 @@ impl Tally {
     }
 }
 
-fn tcp_once(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+/// Connect, one request and its answer, close.
+fn request(to: SocketAddr) -> std::io::Result<(String, TcpStream)> {
     let mut c = TcpStream::connect_timeout(&to, TIMEOUT)?;
     c.set_read_timeout(Some(TIMEOUT))?;
-    let peer = c.peer_addr()?;
     c.write_all(b"q\n")?;
     let mut line = String::new();
     BufReader::new(&c).read_line(&mut line)?;
-    Ok((line.trim().to_string(), peer))
+    Ok((line.trim().to_string(), c))
+}
+
+/// As `request`, also returning the peer name the application sees.
+fn tcp_once(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let (answer, c) = request(to)?;
+    Ok((answer, c.peer_addr()?))
 }
 
 fn tcp(to: SocketAddr, count: u32) -> Result<()> {
@@ -190,7 +210,7 @@ fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
                 for i in 0..per {
                     let to = targets[((t * per + i) as usize) % targets.len()];
                     let s = Instant::now();
-                    match tcp_once(to) {
+                    match request(to) {
                         Ok(_) => lat.push(s.elapsed().as_secs_f64() * 1e6),
                         Err(_) => errors += 1,
                     }

@@ -1,0 +1,561 @@
+//! `cargo xtask bench proxy`: Skiff's socket-level load balancer side by
+//! side with kube-proxy's iptables and nftables layouts and with the limit
+//! (connecting to the backend's own address), at several service counts.
+//!
+//! Each measurement gets a fresh client/server namespace pair and cgroup,
+//! modes are interleaved per round, and the table reports medians and
+//! ratios to the limit (../shared/BENCHMARKING.md).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use skiff_agent::proxy::model::{encode_ip, encode_port};
+use skiff_agent::proxy::{Dataplane, Frontend};
+use skiff_ebpf_common::{Backend, PROTO_TCP, ServiceKey};
+use skiff_tests::netns::veth;
+use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin};
+
+use crate::plot;
+use crate::rules::{self, BenchService};
+
+const CLIENT_IP: &str = "10.201.0.1";
+const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 201, 0, 2), Ipv4Addr::new(10, 201, 0, 3)];
+const BACKEND_PORT: u16 = 8080;
+const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 1]);
+/// How many distinct services the client cycles through in one run, spread
+/// evenly over the table (so iptables' linear scan costs its average).
+const TARGETS: usize = 64;
+/// Repetitions of "add one service" per measurement.
+const ADD_ONE_REPS: usize = 20;
+
+#[derive(Clone, Debug)]
+pub struct Args {
+    pub sizes: Vec<usize>,
+    pub rounds: usize,
+    pub conns: u64,
+    pub steady_conns: u64,
+    pub steady_sizes: Vec<usize>,
+    pub threads: u64,
+    pub out: PathBuf,
+    pub modes: Vec<Mode>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Direct,
+    Skiff,
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Skiff, Mode::Iptables, Mode::Nftables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Skiff => "skiff",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .with_context(|| format!("unknown mode {s:?} (direct, skiff, iptables, nftables)"))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Fewer connections than the ephemeral port range.
+    Fresh,
+    /// Enough connections to wrap the port range.
+    Steady,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Sample {
+    pub services: usize,
+    pub mode: Mode,
+    pub state: State,
+    pub round: usize,
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub connections: u64,
+    pub errors: u64,
+    /// Loading all services from cold (not for direct).
+    pub program_ms: Option<f64>,
+    /// Median time to add one more service at this size.
+    pub add_one_us: Option<f64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Load {
+    connections: u64,
+    errors: u64,
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(VIP_BASE + i as u32)
+}
+
+fn bench_services(n: usize) -> Vec<BenchService> {
+    (0..n)
+        .map(|i| BenchService {
+            vip: vip(i),
+            port: 80,
+            endpoints: BACKENDS.iter().map(|b| (*b, BACKEND_PORT)).collect(),
+        })
+        .collect()
+}
+
+fn frontend(s: &BenchService) -> Frontend {
+    let (family, addr) = encode_ip(s.vip.into());
+    let mut backends: Vec<Backend> = s
+        .endpoints
+        .iter()
+        .map(|(ip, port)| {
+            let (family, addr) = encode_ip((*ip).into());
+            Backend {
+                addr,
+                port: encode_port(*port),
+                family,
+                pad: 0,
+            }
+        })
+        .collect();
+    backends.sort();
+    Frontend {
+        key: ServiceKey {
+            addr,
+            port: encode_port(s.port),
+            proto: PROTO_TCP,
+            family,
+        },
+        affinity_timeout: 0,
+        backends,
+    }
+}
+
+fn targets(mode: Mode, n: usize) -> Vec<SocketAddr> {
+    if mode == Mode::Direct {
+        return BACKENDS
+            .iter()
+            .map(|b| SocketAddr::from((*b, BACKEND_PORT)))
+            .collect();
+    }
+    let k = TARGETS.min(n);
+    let mut idx: Vec<usize> = (0..k).map(|j| j * n / k + (n / k) / 2).collect();
+    idx.dedup();
+    idx.into_iter()
+        .map(|i| SocketAddr::from((vip(i.min(n - 1)), 80)))
+        .collect()
+}
+
+/// A client namespace and a server namespace joined by a veth, two backend
+/// servers, and the client's cgroup. Dropped after each measurement.
+struct Topology {
+    /// Held for their `Drop`: the backend servers and their namespace.
+    _servers: Vec<Proc>,
+    cg: Cgroup,
+    client: Netns,
+    _server: Netns,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let client = Netns::new();
+        let server = Netns::new();
+        veth(
+            &client,
+            "skc0",
+            &format!("{CLIENT_IP}/24"),
+            &server,
+            "sks0",
+            &format!("{}/24", BACKENDS[0]),
+        );
+        server.ip(&["addr", "add", &format!("{}/24", BACKENDS[1]), "dev", "sks0"]);
+        // Service addresses route to the server side inside the client
+        // namespace only: the iptables and nftables modes need a route for
+        // the original destination before DNAT.
+        client.ip(&[
+            "route",
+            "add",
+            "10.96.0.0/12",
+            "via",
+            &BACKENDS[0].to_string(),
+        ]);
+        let servers = BACKENDS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let mut p = Spawn::new(bin("skiff-probe"))
+                    .args([
+                        "serve-tcp",
+                        &format!("{b}:{BACKEND_PORT}"),
+                        &format!("backend-{i}"),
+                    ])
+                    .netns(&server)
+                    .start();
+                let ready = p.ask("");
+                assert_eq!(ready, "ready", "backend server did not start");
+                p
+            })
+            .collect();
+        Self {
+            _servers: servers,
+            cg: Cgroup::new(),
+            client,
+            _server: server,
+        }
+    }
+
+    fn load(&self, targets: &[SocketAddr], conns: u64, threads: u64) -> Result<Load> {
+        let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        let out = Spawn::new(bin("skiff-probe"))
+            .args([
+                "load".to_string(),
+                list.join(","),
+                conns.to_string(),
+                threads.to_string(),
+            ])
+            .netns(&self.client)
+            .cgroup(&self.cg)
+            .try_output()
+            .map_err(anyhow::Error::msg)?;
+        serde_json::from_str(&out).with_context(|| format!("load output {out:?}"))
+    }
+}
+
+fn run_in(ns: &Netns, program: &str, args: &[&str], input: Option<&Path>) -> Result<f64> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, program]).args(args);
+    if let Some(p) = input {
+        cmd.stdin(std::fs::File::open(p).with_context(|| format!("open {}", p.display()))?);
+    }
+    let started = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {program}"))?;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(ms)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Programs `mode` for `n` services in the topology; returns what must stay
+/// alive during the traffic run, the cold programming time and the median
+/// time to add one service.
+fn program(
+    mode: Mode,
+    n: usize,
+    topo: &Topology,
+    scratch: &Path,
+) -> Result<(Option<(Dataplane, PinDir)>, Option<f64>, Option<f64>)> {
+    let services = bench_services(n);
+    let extra: Vec<BenchService> = (0..ADD_ONE_REPS)
+        .map(|j| BenchService {
+            vip: vip(n + 1000 + j),
+            port: 80,
+            endpoints: BACKENDS.iter().map(|b| (*b, BACKEND_PORT)).collect(),
+        })
+        .collect();
+    match mode {
+        Mode::Direct => Ok((None, None, None)),
+        Mode::Skiff => {
+            let pins = PinDir::new();
+            let mut dp = Dataplane::install(&pins.path, &topo.cg.path)?;
+            let desired: BTreeMap<String, Vec<Frontend>> = services
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("bench/svc-{i}"), vec![frontend(s)]))
+                .collect();
+            let started = Instant::now();
+            dp.sync_all(&desired)?;
+            let program_ms = started.elapsed().as_secs_f64() * 1e3;
+            let mut adds = Vec::new();
+            for (j, s) in extra.iter().enumerate() {
+                let f = frontend(s);
+                let started = Instant::now();
+                dp.sync_service(&format!("bench/extra-{j}"), &[f])?;
+                adds.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+            for j in 0..extra.len() {
+                dp.sync_service(&format!("bench/extra-{j}"), &[])?;
+            }
+            Ok((Some((dp, pins)), Some(program_ms), median(adds)))
+        }
+        Mode::Iptables => {
+            let file = scratch.join("iptables.rules");
+            std::fs::write(&file, rules::iptables_restore(&services))?;
+            let program_ms = run_in(&topo.client, "iptables-restore", &[], Some(&file))?;
+            let mut adds = Vec::new();
+            for (j, s) in extra.iter().enumerate().take(5) {
+                let f = scratch.join("iptables-add.rules");
+                std::fs::write(&f, rules::iptables_add_one(n + j, s))?;
+                adds.push(
+                    run_in(&topo.client, "iptables-restore", &["--noflush"], Some(&f))? * 1e3,
+                );
+            }
+            // Take the added services out again so every mode serves n.
+            std::fs::write(&file, rules::iptables_restore(&services))?;
+            run_in(&topo.client, "iptables-restore", &[], Some(&file))?;
+            Ok((None, Some(program_ms), median(adds)))
+        }
+        Mode::Nftables => {
+            let file = scratch.join("kube-proxy.nft");
+            std::fs::write(&file, rules::nft_script(&services))?;
+            let program_ms = run_in(&topo.client, "nft", &["-f", &file.to_string_lossy()], None)?;
+            let mut adds = Vec::new();
+            for (j, s) in extra.iter().enumerate().take(5) {
+                let f = scratch.join("nft-add.nft");
+                std::fs::write(&f, rules::nft_add_one(n + j, s))?;
+                adds.push(run_in(&topo.client, "nft", &["-f", &f.to_string_lossy()], None)? * 1e3);
+            }
+            Ok((None, Some(program_ms), median(adds)))
+        }
+    }
+}
+
+fn measure(
+    mode: Mode,
+    n: usize,
+    state: State,
+    round: usize,
+    conns: u64,
+    args: &Args,
+) -> Result<Sample> {
+    let scratch = TempDir::new();
+    let topo = Topology::new();
+    let (keep, program_ms, add_one_us) = program(mode, n, &topo, &scratch.path)?;
+    let load = topo.load(&targets(mode, n), conns, args.threads)?;
+    drop(keep);
+    drop(topo);
+    let s = Sample {
+        services: n,
+        mode,
+        state,
+        round,
+        rate: load.rate,
+        p50_us: load.p50_us,
+        p99_us: load.p99_us,
+        connections: load.connections,
+        errors: load.errors,
+        program_ms,
+        add_one_us,
+    };
+    eprintln!(
+        "  {:>6} services  {:<8} {:<6} round {}: {:>8.0} conn/s  p50 {:>6.0} us  p99 {:>6.0} us  errors {}{}",
+        n,
+        mode.name(),
+        format!("{state:?}").to_lowercase(),
+        round,
+        s.rate,
+        s.p50_us,
+        s.p99_us,
+        s.errors,
+        s.program_ms
+            .map(|p| format!("  programmed in {p:.1} ms"))
+            .unwrap_or_default()
+    );
+    Ok(s)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub services: usize,
+    pub mode: Mode,
+    pub state: State,
+    pub rate: f64,
+    pub rate_min: f64,
+    pub rate_max: f64,
+    pub ratio_to_direct: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub program_ms: Option<f64>,
+    pub add_one_us: Option<f64>,
+    pub errors: u64,
+}
+
+fn summarize(samples: &[Sample]) -> Vec<Summary> {
+    let mut groups: BTreeMap<(State, usize, Mode), Vec<&Sample>> = BTreeMap::new();
+    for s in samples {
+        groups
+            .entry((s.state, s.services, s.mode))
+            .or_default()
+            .push(s);
+    }
+    let rate_of = |g: &[&Sample]| median(g.iter().map(|s| s.rate).collect()).unwrap_or(0.0);
+    let mut out = Vec::new();
+    for ((state, n, mode), g) in &groups {
+        let direct = groups
+            .get(&(*state, *n, Mode::Direct))
+            .map(|d| rate_of(d))
+            .unwrap_or(f64::NAN);
+        let rate = rate_of(g);
+        out.push(Summary {
+            services: *n,
+            mode: *mode,
+            state: *state,
+            rate,
+            rate_min: g.iter().map(|s| s.rate).fold(f64::INFINITY, f64::min),
+            rate_max: g.iter().map(|s| s.rate).fold(0.0, f64::max),
+            ratio_to_direct: rate / direct,
+            p50_us: median(g.iter().map(|s| s.p50_us).collect()).unwrap_or(0.0),
+            p99_us: median(g.iter().map(|s| s.p99_us).collect()).unwrap_or(0.0),
+            program_ms: median(g.iter().filter_map(|s| s.program_ms).collect()),
+            add_one_us: median(g.iter().filter_map(|s| s.add_one_us).collect()),
+            errors: g.iter().map(|s| s.errors).sum(),
+        });
+    }
+    out
+}
+
+fn fmt_opt(v: Option<f64>, scale: f64, unit: &str) -> String {
+    match v {
+        Some(v) => {
+            let x = v * scale;
+            if x >= 100.0 {
+                format!("{x:.0} {unit}")
+            } else if x >= 1.0 {
+                format!("{x:.1} {unit}")
+            } else {
+                format!("{x:.3} {unit}")
+            }
+        }
+        None => "-".to_string(),
+    }
+}
+
+pub fn print_table(summary: &[Summary]) {
+    println!();
+    println!(
+        "{:<7} {:>8} {:<9} {:>9} {:>15} {:>8} {:>8} {:>8} {:>12} {:>12} {:>6}",
+        "state",
+        "services",
+        "mode",
+        "conn/s",
+        "min..max",
+        "ratio",
+        "p50 us",
+        "p99 us",
+        "program",
+        "add one",
+        "errors"
+    );
+    for s in summary {
+        println!(
+            "{:<7} {:>8} {:<9} {:>9.0} {:>15} {:>8.3} {:>8.0} {:>8.0} {:>12} {:>12} {:>6}",
+            format!("{:?}", s.state).to_lowercase(),
+            s.services,
+            s.mode.name(),
+            s.rate,
+            format!("{:.0}..{:.0}", s.rate_min, s.rate_max),
+            s.ratio_to_direct,
+            s.p50_us,
+            s.p99_us,
+            fmt_opt(s.program_ms, 1.0, "ms"),
+            fmt_opt(s.add_one_us, 1.0, "us"),
+            s.errors
+        );
+    }
+    println!(
+        "ratio = connection rate / direct connection rate to the backend (the limit), same size and state"
+    );
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn kernel() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "bench proxy: sizes {:?}, {} rounds, {} connections per fresh run, {} per steady run (sizes {:?}), {} client threads, {cores} cores",
+        args.sizes, args.rounds, args.conns, args.steady_conns, args.steady_sizes, args.threads
+    );
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for round in 0..args.rounds {
+        for &n in &args.sizes {
+            for &mode in &args.modes {
+                samples.push(measure(mode, n, State::Fresh, round, args.conns, args)?);
+            }
+        }
+    }
+    if args.steady_conns > 0 {
+        for &n in &args.steady_sizes {
+            for &mode in &args.modes {
+                samples.push(measure(mode, n, State::Steady, 0, args.steady_conns, args)?);
+            }
+        }
+    }
+    let summary = summarize(&samples);
+    print_table(&summary);
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("mkdir {}", args.out.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let json_path = args.out.join(format!("proxy-{stamp}.json"));
+    let doc = serde_json::json!({
+        "benchmark": "proxy",
+        "commit": git_commit(),
+        "kernel": kernel(),
+        "cores": cores,
+        "seconds": started.elapsed().as_secs_f64(),
+        "args": {
+            "sizes": args.sizes, "rounds": args.rounds, "conns": args.conns,
+            "steady_conns": args.steady_conns, "steady_sizes": args.steady_sizes,
+            "threads": args.threads,
+        },
+        "summary": summary,
+        "samples": samples,
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("write {}", json_path.display()))?;
+    std::fs::write(
+        args.out.join("proxy-latest.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+    let png = args.out.join("proxy.png");
+    plot::proxy(&summary, &png)?;
+    println!("wrote {} and {}", json_path.display(), png.display());
+    Ok(())
+}

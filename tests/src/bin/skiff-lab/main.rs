@@ -1,0 +1,78 @@
+//! `skiff-lab`: the demo (`cargo xtask up`) and the benchmarks
+//! (`cargo xtask bench ...`). Needs root; everything runs in namespaces it
+//! creates.
+
+mod bench;
+mod demo;
+mod plot;
+mod rules;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "usage: skiff-lab demo [--once]
+       skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
+                             [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
+                             [--modes direct,skiff,iptables,nftables] [--out target/bench]";
+
+fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|_| anyhow::anyhow!("{what}: {x:?} is not a number"))
+        })
+        .collect()
+}
+
+fn bench_args(argv: &[String]) -> Result<bench::Args> {
+    let mut a = bench::Args {
+        sizes: vec![1, 1_000, 10_000, 50_000],
+        rounds: 3,
+        conns: 8_000,
+        steady_conns: 40_000,
+        steady_sizes: vec![1, 10_000],
+        threads: 2,
+        out: PathBuf::from("target/bench"),
+        modes: bench::Mode::ALL.to_vec(),
+    };
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--sizes" => a.sizes = list(value, "--sizes")?,
+            "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--conns" => a.conns = value.parse().context("--conns")?,
+            "--steady-conns" => a.steady_conns = value.parse().context("--steady-conns")?,
+            "--steady-sizes" => a.steady_sizes = list(value, "--steady-sizes")?,
+            "--threads" => a.threads = value.parse().context("--threads")?,
+            "--out" => a.out = PathBuf::from(value),
+            "--modes" => {
+                a.modes = value
+                    .split(',')
+                    .map(bench::Mode::parse)
+                    .collect::<Result<_>>()?;
+                if !a.modes.contains(&bench::Mode::Direct) {
+                    a.modes.insert(0, bench::Mode::Direct);
+                }
+            }
+            other => bail!("unknown flag {other:?}\n{USAGE}"),
+        }
+    }
+    if a.sizes.contains(&0) {
+        bail!("--sizes: every size must be at least 1");
+    }
+    Ok(a)
+}
+
+fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match argv.first().map(String::as_str) {
+        Some("demo") => demo::run(argv.iter().any(|a| a == "--once")),
+        Some("bench-proxy") => bench::run(&bench_args(&argv[1..])?),
+        _ => bail!("{USAGE}"),
+    }
+}

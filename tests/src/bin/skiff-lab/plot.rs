@@ -1,0 +1,138 @@
+//! PNG plots of benchmark summaries (plotters, bitmap backend).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::bench::{Mode, State, Summary};
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+fn register_font() -> Result<()> {
+    let bytes = std::fs::read(FONT).with_context(|| {
+        format!("{FONT} (package fonts-dejavu-core; cargo xtask setup installs it)")
+    })?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow!("{FONT} is not a usable font"))
+}
+
+fn color(m: Mode) -> RGBColor {
+    match m {
+        Mode::Direct => BLACK,
+        Mode::Skiff => RGBColor(0, 114, 178),
+        Mode::Iptables => RGBColor(213, 94, 0),
+        Mode::Nftables => RGBColor(0, 158, 115),
+    }
+}
+
+/// Left: fresh-state connection rate against the number of services.
+/// Right: time to program all services from cold.
+pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
+    register_font()?;
+    let fresh: Vec<&Summary> = summary.iter().filter(|s| s.state == State::Fresh).collect();
+    let max_n = fresh.iter().map(|s| s.services).max().unwrap_or(1).max(10) as f64;
+    let max_rate = fresh.iter().map(|s| s.rate).fold(1.0, f64::max) * 1.1;
+    let prog: Vec<&&Summary> = fresh.iter().filter(|s| s.program_ms.is_some()).collect();
+    let max_prog = prog.iter().filter_map(|s| s.program_ms).fold(1.0, f64::max) * 2.0;
+    let min_prog = prog
+        .iter()
+        .filter_map(|s| s.program_ms)
+        .fold(f64::INFINITY, f64::min)
+        .clamp(0.001, 1.0)
+        / 2.0;
+
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(700);
+
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            "TCP connect + request/response (fresh state)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0.5f64..max_n * 2.0).log_scale(), 0f64..max_rate)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("services (2 endpoints each)")
+        .y_desc("connections / s")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    for mode in Mode::ALL {
+        let pts: Vec<(f64, f64)> = fresh
+            .iter()
+            .filter(|s| s.mode == mode)
+            .map(|s| (s.services as f64, s.rate))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let c = color(mode);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(mode.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerLeft)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+
+    let mut chart = ChartBuilder::on(&right)
+        .caption("programming all services from cold", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (0.5f64..max_n * 2.0).log_scale(),
+            (min_prog..max_prog).log_scale(),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("services")
+        .y_desc("milliseconds")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    for mode in [Mode::Skiff, Mode::Iptables, Mode::Nftables] {
+        let pts: Vec<(f64, f64)> = prog
+            .iter()
+            .filter(|s| s.mode == mode)
+            .filter_map(|s| s.program_ms.map(|p| (s.services as f64, p)))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let c = color(mode);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(mode.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
