@@ -267,15 +267,31 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-/// Programs `mode` for `n` services in the topology; returns what must stay
-/// alive during the traffic run, the cold programming time and the median
-/// time to add one service.
-fn program(
-    mode: Mode,
-    n: usize,
-    topo: &Topology,
-    scratch: &Path,
-) -> Result<(Option<(Dataplane, PinDir)>, Option<f64>, Option<f64>)> {
+/// What programming one mode left: Skiff's dataplane (alive during the
+/// traffic run), the cold programming time and the median time to add one
+/// service.
+struct Programmed {
+    _skiff: Option<(Dataplane, PinDir)>,
+    program_ms: Option<f64>,
+    add_one_us: Option<f64>,
+}
+
+impl Programmed {
+    fn new(
+        skiff: Option<(Dataplane, PinDir)>,
+        program_ms: Option<f64>,
+        add_one_us: Option<f64>,
+    ) -> Self {
+        Self {
+            _skiff: skiff,
+            program_ms,
+            add_one_us,
+        }
+    }
+}
+
+/// Programs `mode` for `n` services in the topology.
+fn program(mode: Mode, n: usize, topo: &Topology, scratch: &Path) -> Result<Programmed> {
     let services = bench_services(n);
     let extra: Vec<BenchService> = (0..ADD_ONE_REPS)
         .map(|j| BenchService {
@@ -285,7 +301,7 @@ fn program(
         })
         .collect();
     match mode {
-        Mode::Direct => Ok((None, None, None)),
+        Mode::Direct => Ok(Programmed::new(None, None, None)),
         Mode::Skiff => {
             let pins = PinDir::new();
             let mut dp = Dataplane::install(&pins.path, &topo.cg.path)?;
@@ -307,7 +323,11 @@ fn program(
             for j in 0..extra.len() {
                 dp.sync_service(&format!("bench/extra-{j}"), &[])?;
             }
-            Ok((Some((dp, pins)), Some(program_ms), median(adds)))
+            Ok(Programmed::new(
+                Some((dp, pins)),
+                Some(program_ms),
+                median(adds),
+            ))
         }
         Mode::Iptables => {
             let file = scratch.join("iptables.rules");
@@ -324,7 +344,7 @@ fn program(
             // Take the added services out again so every mode serves n.
             std::fs::write(&file, rules::iptables_restore(&services))?;
             run_in(&topo.client, "iptables-restore", &[], Some(&file))?;
-            Ok((None, Some(program_ms), median(adds)))
+            Ok(Programmed::new(None, Some(program_ms), median(adds)))
         }
         Mode::Nftables => {
             let file = scratch.join("kube-proxy.nft");
@@ -336,7 +356,7 @@ fn program(
                 std::fs::write(&f, rules::nft_add_one(n + j, s))?;
                 adds.push(run_in(&topo.client, "nft", &["-f", &f.to_string_lossy()], None)? * 1e3);
             }
-            Ok((None, Some(program_ms), median(adds)))
+            Ok(Programmed::new(None, Some(program_ms), median(adds)))
         }
     }
 }
@@ -351,9 +371,15 @@ fn measure(
 ) -> Result<Sample> {
     let scratch = TempDir::new();
     let topo = Topology::new();
-    let (keep, program_ms, add_one_us) = program(mode, n, &topo, &scratch.path)?;
+    let programmed = program(mode, n, &topo, &scratch.path)?;
     let load = topo.load(&targets(mode, n), conns, args.threads)?;
-    drop(keep);
+    let Programmed {
+        program_ms,
+        add_one_us,
+        ..
+    } = programmed;
+    // The programs detach (pins removed) before the cgroup and namespaces go.
+    drop(programmed);
     drop(topo);
     let s = Sample {
         services: n,
