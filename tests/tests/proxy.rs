@@ -600,3 +600,32 @@ fn malformed_manifests_and_services_are_reported_and_skipped() {
     let r = node.tcp("10.96.0.52:80", 1);
     assert_eq!(counts(&r, "answers"), BTreeMap::new(), "{r}");
 }
+
+#[test]
+fn backend_changes_under_load_never_refuse_or_misroute() {
+    let node = web_node("");
+    let svc = service("web", &format!("  clusterIP: 10.96.0.10\n{WEB_PORTS}"));
+    let sets = [
+        slice("web", "IPv4", &[ready(B[0]), ready(B[1])]),
+        slice("web", "IPv4", &[ready(B[1]), ready(B[2])]),
+    ];
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for i in 0..30 {
+                node.write("web.yaml", &format!("{svc}---\n{}", sets[i % 2]));
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        let r = node.tcp("10.96.0.10:80", 3000);
+        let _ = writer.join();
+        assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
+        let answers = counts(&r, "answers");
+        assert_eq!(answers.values().sum::<u64>(), 3000, "{r}");
+        assert!(
+            answers
+                .keys()
+                .all(|k| ["b1", "b2", "b3"].contains(&k.as_str())),
+            "{r}"
+        );
+    });
+}

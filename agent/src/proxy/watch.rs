@@ -142,3 +142,101 @@ pub async fn run(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(name: &str) -> Service {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns"},
+                                      "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}}))
+        .expect("service")
+    }
+
+    fn eps(name: &str, owner: &str) -> EndpointSlice {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns",
+                                                   "labels": {"kubernetes.io/service-name": owner}},
+                                      "addressType": "IPv4", "endpoints": []}))
+        .expect("slice")
+    }
+
+    fn apply(store: &mut Store, changes: Vec<Change>) -> Dirty {
+        let mut d = Dirty::default();
+        for c in changes {
+            store.apply(c, &mut d);
+        }
+        d
+    }
+
+    fn s(ev: watcher::Event<Service>) -> Change {
+        Change::Service(Box::new(ev))
+    }
+
+    fn e(ev: watcher::Event<EndpointSlice>) -> Change {
+        Change::Slice(Box::new(ev))
+    }
+
+    #[test]
+    fn ready_only_after_both_lists_and_relist_replaces_the_store() {
+        let mut store = Store::default();
+        let d = apply(
+            &mut store,
+            vec![
+                s(watcher::Event::Init),
+                s(watcher::Event::InitApply(svc("a"))),
+                s(watcher::Event::InitApply(svc("b"))),
+                s(watcher::Event::InitDone),
+            ],
+        );
+        assert!(d.all);
+        assert!(!store.ready(), "slices not listed yet");
+        apply(
+            &mut store,
+            vec![
+                e(watcher::Event::Init),
+                e(watcher::Event::InitApply(eps("a-1", "a"))),
+                e(watcher::Event::InitDone),
+            ],
+        );
+        assert!(store.ready());
+        assert_eq!(store.catalog.services.len(), 2);
+
+        // A relist that no longer has "b" drops it (its delete event was
+        // missed while the watch was down).
+        apply(
+            &mut store,
+            vec![
+                s(watcher::Event::Init),
+                s(watcher::Event::InitApply(svc("a"))),
+                s(watcher::Event::InitDone),
+            ],
+        );
+        assert_eq!(store.catalog.services.keys().collect::<Vec<_>>(), ["ns/a"]);
+    }
+
+    #[test]
+    fn events_mark_their_service_dirty() {
+        let mut store = Store::default();
+        let d = apply(
+            &mut store,
+            vec![
+                s(watcher::Event::Apply(svc("a"))),
+                e(watcher::Event::Apply(eps("b-1", "b"))),
+            ],
+        );
+        assert_eq!(d.services.iter().collect::<Vec<_>>(), ["ns/a", "ns/b"]);
+        let d = apply(&mut store, vec![e(watcher::Event::Delete(eps("b-1", "b")))]);
+        assert_eq!(d.services.iter().collect::<Vec<_>>(), ["ns/b"]);
+        assert!(
+            store
+                .catalog
+                .slices
+                .get("ns/b")
+                .is_some_and(|m| m.is_empty())
+        );
+        let d = apply(&mut store, vec![s(watcher::Event::Delete(svc("a")))]);
+        assert!(!store.catalog.services.contains_key("ns/a"));
+        assert!(d.services.contains("ns/a"));
+    }
+}

@@ -14,7 +14,8 @@ use anyhow::{Context, Result, bail};
 const USAGE: &str = "usage: skiff-lab demo [--once]
        skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
                              [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
-                             [--modes direct,skiff,iptables,nftables] [--out target/bench]";
+                             [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
+                             [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -36,6 +37,7 @@ fn bench_args(argv: &[String]) -> Result<bench::Args> {
         threads: 2,
         out: PathBuf::from("target/bench"),
         modes: bench::Mode::ALL.to_vec(),
+        nft_max: 10_000,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -50,6 +52,7 @@ fn bench_args(argv: &[String]) -> Result<bench::Args> {
             "--steady-sizes" => a.steady_sizes = list(value, "--steady-sizes")?,
             "--threads" => a.threads = value.parse().context("--threads")?,
             "--out" => a.out = PathBuf::from(value),
+            "--nft-max" => a.nft_max = value.parse().context("--nft-max")?,
             "--modes" => {
                 a.modes = value
                     .split(',')
