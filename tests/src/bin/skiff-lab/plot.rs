@@ -28,6 +28,41 @@ fn color(m: Mode) -> RGBColor {
     }
 }
 
+/// One line with points per mode, and the legend.
+fn draw_modes<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    series: &[(Mode, Vec<(f64, f64)>)],
+    legend: SeriesLabelPosition,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (mode, pts) in series {
+        if pts.is_empty() {
+            continue;
+        }
+        let c = color(*mode);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(mode.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(legend)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
 /// Left: fresh-state connection rate against the number of services.
 /// Right: time to program all services from cold.
 pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
@@ -64,32 +99,18 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
         .y_desc("connections / s")
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    for mode in Mode::ALL {
-        let pts: Vec<(f64, f64)> = fresh
-            .iter()
-            .filter(|s| s.mode == mode)
-            .map(|s| (s.services as f64, s.rate))
-            .collect();
-        if pts.is_empty() {
-            continue;
-        }
-        let c = color(mode);
-        chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(mode.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
-            .map_err(|e| anyhow!("{e}"))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerLeft)
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let series: Vec<(Mode, Vec<(f64, f64)>)> = Mode::ALL
+        .into_iter()
+        .map(|mode| {
+            let pts = fresh
+                .iter()
+                .filter(|s| s.mode == mode)
+                .map(|s| (s.services as f64, s.rate))
+                .collect();
+            (mode, pts)
+        })
+        .collect();
+    draw_modes(&mut chart, &series, SeriesLabelPosition::LowerLeft)?;
 
     let mut chart = ChartBuilder::on(&right)
         .caption("programming all services from cold", ("sans-serif", 20))
@@ -107,32 +128,18 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
         .y_desc("milliseconds")
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    for mode in [Mode::Skiff, Mode::Iptables, Mode::Nftables] {
-        let pts: Vec<(f64, f64)> = prog
-            .iter()
-            .filter(|s| s.mode == mode)
-            .filter_map(|s| s.program_ms.map(|p| (s.services as f64, p)))
-            .collect();
-        if pts.is_empty() {
-            continue;
-        }
-        let c = color(mode);
-        chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(mode.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
-            .map_err(|e| anyhow!("{e}"))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let series: Vec<(Mode, Vec<(f64, f64)>)> = [Mode::Skiff, Mode::Iptables, Mode::Nftables]
+        .into_iter()
+        .map(|mode| {
+            let pts = prog
+                .iter()
+                .filter(|s| s.mode == mode)
+                .filter_map(|s| s.program_ms.map(|p| (s.services as f64, p)))
+                .collect();
+            (mode, pts)
+        })
+        .collect();
+    draw_modes(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
