@@ -19,6 +19,16 @@ fn register_font() -> Result<()> {
         .map_err(|_| anyhow!("{FONT} is not a usable font"))
 }
 
+fn label(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 fn color(m: Mode) -> RGBColor {
     match m {
         Mode::Direct => BLACK,
@@ -97,6 +107,9 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
         .configure_mesh()
         .x_desc("services (2 endpoints each)")
         .y_desc("connections / s")
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     let series: Vec<(Mode, Vec<(f64, f64)>)> = Mode::ALL
@@ -126,6 +139,9 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
         .configure_mesh()
         .x_desc("services")
         .y_desc("milliseconds")
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     let series: Vec<(Mode, Vec<(f64, f64)>)> = [Mode::Skiff, Mode::Iptables, Mode::Nftables]
