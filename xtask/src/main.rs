@@ -183,7 +183,46 @@ fn test() -> Result<()> {
     build(false)?;
     // Privileged tests share the machine's bpffs and cgroup tree; each makes
     // its own names, so they may run in parallel.
-    run(cargo().args(["test", "--no-fail-fast"]))
+    run_tests(cargo().args(["test", "--no-fail-fast"]))
+}
+
+/// Runs cargo test, passing its output through, and ends with one line
+/// adding up every test binary's result (cargo's own last line is that of
+/// the last doc-test binary, often "0 passed").
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::BufRead as _;
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(['.', ';']) {
+                    let mut words = part.split_whitespace();
+                    if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                        let n: u64 = n.parse().unwrap_or(0);
+                        match what {
+                            "passed" => passed += n,
+                            "failed" => failed += n,
+                            "ignored" => ignored += n,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }
 
 fn lab(args: &[&str]) -> Result<()> {
