@@ -375,6 +375,39 @@ fn program(mode: Mode, n: usize, topo: &Topology, scratch: &Path) -> Result<Prog
     }
 }
 
+/// Idle fraction of all CPUs over `window`, from /proc/stat.
+fn idle_fraction(window: std::time::Duration) -> Option<f64> {
+    let read = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu = stat.lines().next()?;
+        let v: Vec<u64> = cpu
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((idle, v.iter().sum()))
+    };
+    let (i0, t0) = read()?;
+    std::thread::sleep(window);
+    let (i1, t1) = read()?;
+    let dt = t1.saturating_sub(t0);
+    (dt > 0).then(|| i1.saturating_sub(i0) as f64 / dt as f64)
+}
+
+/// Waits until the machine is quiet again: deleting a namespace (and the
+/// tens of thousands of rules in it) finishes in kernel workers after the
+/// namespace is gone, and would otherwise slow the next measurement.
+fn settle() {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match idle_fraction(std::time::Duration::from_millis(300)) {
+            Some(idle) if idle < 0.9 => continue,
+            _ => return,
+        }
+    }
+}
+
 fn measure(
     mode: Mode,
     n: usize,
@@ -383,6 +416,7 @@ fn measure(
     conns: u64,
     args: &Args,
 ) -> Result<Sample> {
+    settle();
     let scratch = TempDir::new();
     let topo = Topology::new();
     let programmed = program(mode, n, &topo, &scratch.path)?;
@@ -554,7 +588,12 @@ pub fn run(args: &Args) -> Result<()> {
     let mut samples = Vec::new();
     for round in 0..args.rounds {
         for &n in &args.sizes {
-            for mode in args.modes_at(n) {
+            // Rotate the order each round so that no mode always runs
+            // first (or right after the slowest teardown).
+            let mut modes: Vec<Mode> = args.modes_at(n).collect();
+            let len = modes.len().max(1);
+            modes.rotate_left(round % len);
+            for mode in modes {
                 samples.push(measure(mode, n, State::Fresh, round, args.conns, args)?);
             }
         }
