@@ -629,3 +629,38 @@ fn backend_changes_under_load_never_refuse_or_misroute() {
         );
     });
 }
+
+#[test]
+fn cluster_ip_moving_to_another_service_is_programmed_for_it() {
+    let mut node = Node::new();
+    three_backends(&mut node);
+    let spec = |ip: &str| format!("  clusterIP: {ip}\n{WEB_PORTS}");
+    node.write(
+        "zeta.yaml",
+        &format!(
+            "{}---\n{}",
+            service("zeta", &spec("10.96.0.60")),
+            slice("zeta", "IPv4", &[ready(B[0])])
+        ),
+    );
+    node.start_agent();
+    node.wait_programmed("10.96.0.60:80/TCP", &["10.200.0.11:8080"]);
+    // In one change, zeta moves to .61 and alpha (sorted first) takes .60.
+    node.write(
+        "zeta.yaml",
+        &format!(
+            "{}---\n{}---\n{}---\n{}",
+            service("zeta", &spec("10.96.0.61")),
+            slice("zeta", "IPv4", &[ready(B[0])]),
+            service("alpha", &spec("10.96.0.60")),
+            slice("alpha", "IPv4", &[ready(B[1])])
+        ),
+    );
+    node.wait_programmed("10.96.0.60:80/TCP", &["10.200.0.12:8080"]);
+    node.wait_programmed("10.96.0.61:80/TCP", &["10.200.0.11:8080"]);
+    assert!(
+        !node.agent_log().contains("already used"),
+        "{}",
+        node.agent_log()
+    );
+}

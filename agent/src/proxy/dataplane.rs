@@ -531,8 +531,32 @@ impl Dataplane {
         &mut self,
         desired: &BTreeMap<String, Vec<Frontend>>,
     ) -> Result<(usize, Vec<ServiceError>)> {
-        let wanted: BTreeSet<ServiceKey> = desired.values().flatten().map(|f| f.key).collect();
         let mut changed = 0;
+        // First every service gives up what it no longer wants, so that a
+        // frontend moving from one service to another is free when the new
+        // owner's turn comes, whatever the order.
+        let owned: Vec<(String, BTreeSet<ServiceKey>)> = self
+            .owned
+            .iter()
+            .map(|(s, k)| (s.clone(), k.clone()))
+            .collect();
+        for (service, keys) in owned {
+            let still: BTreeSet<ServiceKey> = desired
+                .get(&service)
+                .map(|fs| fs.iter().map(|f| f.key).collect())
+                .unwrap_or_default();
+            for key in keys.difference(&still) {
+                if self.remove(key)? {
+                    changed += 1;
+                }
+            }
+            if still.is_empty() {
+                self.owned.remove(&service);
+            }
+        }
+        // Then frontends nobody owns and nobody wants (adopted from an
+        // earlier agent) go.
+        let wanted: BTreeSet<ServiceKey> = desired.values().flatten().map(|f| f.key).collect();
         let gone: Vec<ServiceKey> = self
             .programmed
             .keys()
@@ -543,15 +567,6 @@ impl Dataplane {
             if self.remove(key)? {
                 changed += 1;
             }
-        }
-        let stale_owners: Vec<String> = self
-            .owned
-            .keys()
-            .filter(|s| !desired.contains_key(*s))
-            .cloned()
-            .collect();
-        for s in stale_owners {
-            self.owned.remove(&s);
         }
         let mut errors = Vec::new();
         for (service, frontends) in desired {

@@ -165,12 +165,20 @@ fn frontend(s: &BenchService) -> Frontend {
     }
 }
 
-fn targets(mode: Mode, n: usize) -> Vec<SocketAddr> {
+/// What the client dials. Fresh state: 64 services spread over the table.
+/// Steady state: the one service in the middle of the table, so that every
+/// mode's connections share one destination's port range (the VIP for
+/// iptables/nftables, whose DNAT happens after the port is chosen; the
+/// backends for Skiff and direct), as one client talking to one service.
+fn targets(mode: Mode, n: usize, state: State) -> Vec<SocketAddr> {
     if mode == Mode::Direct {
         return BACKENDS
             .iter()
             .map(|b| SocketAddr::from((*b, BACKEND_PORT)))
             .collect();
+    }
+    if state == State::Steady {
+        return vec![SocketAddr::from((vip(n / 2), 80))];
     }
     let k = TARGETS.min(n);
     let mut idx: Vec<usize> = (0..k).map(|j| j * n / k + (n / k) / 2).collect();
@@ -420,7 +428,7 @@ fn measure(
     let scratch = TempDir::new();
     let topo = Topology::new();
     let programmed = program(mode, n, &topo, &scratch.path)?;
-    let load = topo.load(&targets(mode, n), conns, args.threads)?;
+    let load = topo.load(&targets(mode, n, state), conns, args.threads)?;
     let Programmed {
         program_ms,
         add_one_us,
