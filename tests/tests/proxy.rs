@@ -179,6 +179,16 @@ fn counts(v: &Value, field: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Every connection answered by backend `name`, none failed.
+fn assert_only(r: &Value, name: &str, n: u64) {
+    assert_eq!(counts(r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(
+        counts(r, "answers"),
+        BTreeMap::from([(name.to_string(), n)]),
+        "{r}"
+    );
+}
+
 fn service(name: &str, spec: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n{spec}\n"
@@ -295,12 +305,7 @@ fn endpoint_removal_and_readiness_changes_apply_to_new_connections() {
         ),
     );
     node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
-    let r = node.tcp("10.96.0.10:80", 30);
-    assert_eq!(
-        counts(&r, "answers"),
-        BTreeMap::from([("b1".into(), 30)]),
-        "{r}"
-    );
+    assert_only(&node.tcp("10.96.0.10:80", 30), "b1", 30);
 
     // No ready endpoint left: the serving, terminating one takes them.
     node.write(
@@ -327,12 +332,7 @@ fn endpoint_removal_and_readiness_changes_apply_to_new_connections() {
         ),
     );
     node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.12:8080"]);
-    let r = node.tcp("10.96.0.10:80", 20);
-    assert_eq!(
-        counts(&r, "answers"),
-        BTreeMap::from([("b2".into(), 20)]),
-        "{r}"
-    );
+    assert_only(&node.tcp("10.96.0.10:80", 20), "b2", 20);
 }
 
 #[test]
@@ -430,12 +430,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
     );
     node.start_agent();
     node.wait_programmed("10.96.0.40:80/TCP", &["10.200.0.12:8080"]);
-    let r = node.tcp("10.96.0.40:80", 20);
-    assert_eq!(
-        counts(&r, "answers"),
-        BTreeMap::from([("b2".into(), 20)]),
-        "{r}"
-    );
+    assert_only(&node.tcp("10.96.0.40:80", 20), "b2", 20);
 }
 
 #[test]
@@ -456,11 +451,7 @@ fn ipv6_cluster_ip_is_translated() {
     node.start_agent();
     node.wait_programmed("[fd00:96::10]:80/TCP", &["[fd00:200::11]:8080"]);
     let r = node.tcp("[fd00:96::10]:80", 5);
-    assert_eq!(
-        counts(&r, "answers"),
-        BTreeMap::from([("v6".into(), 5)]),
-        "{r}"
-    );
+    assert_only(&r, "v6", 5);
     assert_eq!(
         counts(&r, "peers").keys().collect::<Vec<_>>(),
         ["[fd00:96::10]:80"],
@@ -533,12 +524,7 @@ fn connections_survive_agent_stop_and_restart_without_flush() {
         ),
     );
     node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
-    let r = node.tcp("10.96.0.10:80", 10);
-    assert_eq!(
-        counts(&r, "answers"),
-        BTreeMap::from([("b1".into(), 10)]),
-        "{r}"
-    );
+    assert_only(&node.tcp("10.96.0.10:80", 10), "b1", 10);
 }
 
 #[test]
@@ -590,12 +576,7 @@ fn malformed_manifests_and_services_are_reported_and_skipped() {
     ] {
         assert!(log.contains(needle), "log should report {needle:?}:\n{log}");
     }
-    let r = node.tcp("10.96.0.50:80", 5);
-    assert_eq!(
-        counts(&r, "answers"),
-        BTreeMap::from([("b1".into(), 5)]),
-        "{r}"
-    );
+    assert_only(&node.tcp("10.96.0.50:80", 5), "b1", 5);
     // The invalid ones are not reachable through anything the proxy made.
     let r = node.tcp("10.96.0.52:80", 1);
     assert_eq!(counts(&r, "answers"), BTreeMap::new(), "{r}");
