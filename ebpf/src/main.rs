@@ -24,7 +24,7 @@ use aya_ebpf::{
 use skiff_ebpf_common::{
     AffinityKey, AffinityValue, Backend, FAMILY_V4, FAMILY_V6, MAX_AFFINITY, MAX_BACKENDS,
     MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, PeerValue, RevNatKey, RevNatValue,
-    SCOPE_CLIENT, SCOPE_SOCKET, ServiceKey, ServiceValue, SlotKey,
+    SCOPE_CLIENT, SCOPE_SOCKET, ServiceKey, ServiceValue, SlotKey, SlotValue,
 };
 
 /// Without preallocation a replaced or deleted element is freed after an RCU
@@ -45,7 +45,7 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 #[map(name = "SLOTS")]
-static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+static SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "BACKENDS")]
 static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
@@ -290,17 +290,14 @@ fn choose(
     };
     // A miss means the agent is between two updates of this service; refuse
     // rather than let the connection go to the frontend address.
-    let backend_id = match unsafe { SLOTS.get(&skey) } {
-        Some(id) => *id,
+    let picked = match unsafe { SLOTS.get(&skey) } {
+        Some(v) => *v,
         None => return Err(ECONNREFUSED),
     };
-    let backend = match unsafe { BACKENDS.get(&backend_id) } {
-        Some(b) => *b,
-        None => return Err(ECONNREFUSED),
-    };
+    let backend = picked.backend;
     if let Some(akey) = &sticky {
         let v = AffinityValue {
-            backend: backend_id,
+            backend: picked.id,
             pad: 0,
             last_used_ns: now,
         };

@@ -22,7 +22,7 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use skiff_ebpf_common::{Backend, ServiceKey, ServiceValue, SlotKey, maps as names};
+use skiff_ebpf_common::{Backend, ServiceKey, ServiceValue, SlotKey, SlotValue, maps as names};
 use tracing::{debug, info};
 
 use super::model::{Frontend, ServiceError, frontend_string};
@@ -118,7 +118,7 @@ pub struct Contents {
 /// The three service tables.
 pub struct Tables {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    slots: HashMap<MapData, SlotKey, u32>,
+    slots: HashMap<MapData, SlotKey, SlotValue>,
     backends: HashMap<MapData, u32, Backend>,
 }
 
@@ -152,13 +152,13 @@ impl Tables {
             let (id, b) = entry.map_err(map_err(names::BACKENDS))?;
             backends.insert(id, b);
         }
-        let mut slots: StdHashMap<(u32, u16), BTreeMap<u16, u32>> = StdHashMap::new();
+        let mut slots: StdHashMap<(u32, u16), BTreeMap<u16, SlotValue>> = StdHashMap::new();
         for entry in self.slots.iter() {
-            let (k, id) = entry.map_err(map_err(names::SLOTS))?;
+            let (k, v) = entry.map_err(map_err(names::SLOTS))?;
             slots
                 .entry((k.service, k.generation))
                 .or_default()
-                .insert(k.slot, id);
+                .insert(k.slot, v);
         }
         let mut out = BTreeMap::new();
         let mut used_backends = BTreeSet::new();
@@ -175,10 +175,12 @@ impl Tables {
             let live = slots.get(&(value.id, value.generation as u16));
             let mut list = Vec::new();
             for slot in 0..value.count {
-                let id = live.and_then(|s| s.get(&(slot as u16))).copied();
-                if let Some(b) = id.and_then(|id| backends.get(&id).map(|b| (id, *b))) {
-                    used_backends.insert(b.0);
-                    list.push(b);
+                let v = live.and_then(|s| s.get(&(slot as u16))).copied();
+                // A slot counts only with its BACKENDS entry (written first,
+                // removed last), so the two tables agree after an adopt.
+                if let Some(v) = v.filter(|v| backends.get(&v.id) == Some(&v.backend)) {
+                    used_backends.insert(v.id);
+                    list.push((v.id, v.backend));
                 }
             }
             out.insert(
@@ -400,15 +402,19 @@ impl Dataplane {
             list.push((bid, *b));
         }
         // 2. the slots of the generation that is not live
-        for (slot, (bid, _)) in list.iter().enumerate() {
+        for (slot, (bid, backend)) in list.iter().enumerate() {
             let k = SlotKey {
                 service: id,
                 generation: generation as u16,
                 slot: slot as u16,
             };
+            let v = SlotValue {
+                backend: *backend,
+                id: *bid,
+            };
             self.tables
                 .slots
-                .insert(k, *bid, 0)
+                .insert(k, v, 0)
                 .map_err(map_err(names::SLOTS))?;
         }
         let g = generation as usize;

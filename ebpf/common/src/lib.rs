@@ -4,8 +4,9 @@
 //!
 //! Layout of the service tables (one lookup chain per connect/sendmsg):
 //! `SERVICES[ServiceKey] -> ServiceValue { id, count, generation }`, then
-//! `SLOTS[SlotKey { id, generation, slot }] -> backend id`, then
-//! `BACKENDS[id] -> Backend`. The agent writes a service's new slots under the
+//! `SLOTS[SlotKey { id, generation, slot }] -> SlotValue { backend, id }`.
+//! `BACKENDS[id] -> Backend` holds the live backends, for validating
+//! affinity entries (which remember a backend id). The agent writes a service's new slots under the
 //! generation that is not live, then flips the generation in one `SERVICES`
 //! update, so a program sees either the old or the new backend set, never a mix.
 #![no_std]
@@ -68,6 +69,15 @@ pub struct SlotKey {
     pub service: u32,
     pub generation: u16,
     pub slot: u16,
+}
+
+/// A slot: the backend itself (so the connect path needs no third lookup)
+/// and its id (for affinity entries, which `BACKENDS` validates).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotValue {
+    pub backend: Backend,
+    pub id: u32,
 }
 
 /// A backend (endpoint address and target port), network byte order.
@@ -153,6 +163,7 @@ mod user {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for SlotValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
