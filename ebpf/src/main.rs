@@ -242,7 +242,6 @@ fn choose(
     hook: Hook,
     socket_cookie: u64,
 ) -> Result<Backend, i32> {
-    let now = unsafe { bpf_ktime_get_ns() };
     // A ClientIP-affine service keeps a client on its backend while the
     // client keeps using it within the timeout; an unconnected UDP socket
     // keeps its datagrams on one backend, as conntrack does for kube-proxy.
@@ -260,6 +259,12 @@ fn choose(
         })
     } else {
         None
+    };
+    // Only sticky entries need the time; plain connects skip the helper.
+    let now = if sticky.is_some() {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
     };
     if let Some(akey) = &sticky
         && let Some(prev) = AFFINITY.get_ptr(akey)
