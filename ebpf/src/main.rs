@@ -54,7 +54,7 @@ static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
 #[map(name = "REVNAT")]
-static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNAT, 2);
+static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNAT, 0);
 
 /// Per-socket record of a translated connect, for getpeername and for
 /// recvmsg on connected UDP sockets. Socket storage costs one allocation
@@ -199,18 +199,21 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
 
     if hook == Hook::Connect {
         // Remember the frontend for getpeername and connected recvmsg.
-        let mut peer = PeerValue {
-            frontend: addr,
-            backend: backend.addr,
-            frontend_port: port as u16,
-            backend_port: backend.port,
-            pad: 0,
-        };
+        // Created zeroed if missing, then written: a socket connected
+        // again (UDP may) overwrites its record.
         // SAFETY: the context's socket is valid for the program's run.
-        let slot = unsafe { PEERS.get_or_insert_ptr_mut(ctx, Some(&mut peer)) };
+        let slot = unsafe { PEERS.get_or_insert_ptr_mut(ctx, None) };
         if !slot.is_null() {
-            // A socket connected again (UDP may) overwrites its record.
-            unsafe { *slot = peer };
+            // SAFETY: non-null storage of this socket.
+            unsafe {
+                *slot = PeerValue {
+                    frontend: addr,
+                    backend: backend.addr,
+                    frontend_port: port as u16,
+                    backend_port: backend.port,
+                    pad: 0,
+                }
+            };
         }
     } else {
         // Unconnected UDP: one reverse entry per (socket, backend), written

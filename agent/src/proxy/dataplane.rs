@@ -541,25 +541,23 @@ impl Dataplane {
         // First every service gives up what it no longer wants, so that a
         // frontend moving from one service to another is free when the new
         // owner's turn comes, whatever the order.
-        let owned: Vec<(String, BTreeSet<ServiceKey>)> = self
+        let dropped: Vec<ServiceKey> = self
             .owned
             .iter()
-            .map(|(s, k)| (s.clone(), k.clone()))
+            .flat_map(|(service, keys)| {
+                let still = desired.get(service);
+                keys.iter()
+                    .filter(move |k| !still.is_some_and(|fs| fs.iter().any(|f| f.key == **k)))
+                    .copied()
+            })
             .collect();
-        for (service, keys) in owned {
-            let still: BTreeSet<ServiceKey> = desired
-                .get(&service)
-                .map(|fs| fs.iter().map(|f| f.key).collect())
-                .unwrap_or_default();
-            for key in keys.difference(&still) {
-                if self.remove(key)? {
-                    changed += 1;
-                }
-            }
-            if still.is_empty() {
-                self.owned.remove(&service);
+        for key in &dropped {
+            // `remove` also takes the key out of its owner's set.
+            if self.remove(key)? {
+                changed += 1;
             }
         }
+        self.owned.retain(|_, keys| !keys.is_empty());
         // Then frontends nobody owns and nobody wants (adopted from an
         // earlier agent) go.
         let wanted: BTreeSet<ServiceKey> = desired.values().flatten().map(|f| f.key).collect();

@@ -6,9 +6,10 @@
 //! `SERVICES[ServiceKey] -> ServiceValue { id, count, generation }`, then
 //! `SLOTS[SlotKey { id, generation, slot }] -> SlotValue { backend, id }`.
 //! `BACKENDS[id] -> Backend` holds the live backends, for validating
-//! affinity entries (which remember a backend id). The agent writes a service's new slots under the
-//! generation that is not live, then flips the generation in one `SERVICES`
-//! update, so a program sees either the old or the new backend set, never a mix.
+//! affinity entries (which remember a backend id). The agent writes a
+//! service's new slots under the generation that is not live, then flips the
+//! generation in one `SERVICES` update, so a program sees either the old or
+//! the new backend set, never a mix.
 #![no_std]
 
 /// Address family markers in keys (not the kernel's AF_* values, which differ
@@ -152,7 +153,6 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const AFFINITY: &str = "AFFINITY";
     pub const REVNAT: &str = "REVNAT";
-    pub const PEERS: &str = "PEERS";
 }
 
 #[cfg(feature = "user")]

@@ -517,20 +517,8 @@ fn summarize(samples: &[Sample]) -> Vec<Summary> {
     out
 }
 
-fn fmt_opt(v: Option<f64>, scale: f64, unit: &str) -> String {
-    match v {
-        Some(v) => {
-            let x = v * scale;
-            if x >= 100.0 {
-                format!("{x:.0} {unit}")
-            } else if x >= 1.0 {
-                format!("{x:.1} {unit}")
-            } else {
-                format!("{x:.3} {unit}")
-            }
-        }
-        None => "-".to_string(),
-    }
+fn fmt_opt(v: Option<f64>, unit: &str) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{} {unit}", plot::label(v)))
 }
 
 pub fn print_table(summary: &[Summary]) {
@@ -560,8 +548,8 @@ pub fn print_table(summary: &[Summary]) {
             s.ratio_to_direct,
             s.p50_us,
             s.p99_us,
-            fmt_opt(s.program_ms, 1.0, "ms"),
-            fmt_opt(s.add_one_us, 1.0, "us"),
+            fmt_opt(s.program_ms, "ms"),
+            fmt_opt(s.add_one_us, "us"),
             s.errors
         );
     }

@@ -19,7 +19,8 @@ fn register_font() -> Result<()> {
         .map_err(|_| anyhow!("{FONT} is not a usable font"))
 }
 
-fn label(v: f64) -> String {
+/// A number with as many decimals as its size needs (axes and tables).
+pub fn label(v: f64) -> String {
     if v >= 10.0 {
         format!("{v:.0}")
     } else if v >= 1.0 {
