@@ -1,2 +1,22 @@
-//! Skiff's control plane. Not built yet: its issue fills this crate with
-//! the `skiff-control` binary.
+//! Skiff's control plane: a Kubernetes-compatible apiserver stored in etcd,
+//! a scheduler and the controllers, all in one process (`skiff-control`).
+//!
+//! The apiserver speaks the upstream wire format (k8s-openapi types, JSON)
+//! so that kubectl, kube-rs and the Python client work unchanged; the
+//! scheduler and controllers are ordinary kube-rs clients of it.
+
+pub mod alloc;
+pub mod api;
+pub mod client;
+pub mod controllers;
+pub mod etcd;
+pub mod patch;
+pub mod pki;
+pub mod resources;
+pub mod scheduler;
+pub mod selector;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod table;
+pub mod validate;

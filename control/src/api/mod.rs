@@ -1,0 +1,463 @@
+//! The apiserver: HTTPS with bearer tokens, the upstream URL layout, and
+//! the verbs of every served resource.
+//!
+//! `mod.rs` owns transport and routing; `objects` the life of an object
+//! (create, update, patch, delete and their subresources); `watch` list and
+//! watch streams; `discovery` the documents clients read before anything
+//! else.
+
+mod discovery;
+mod objects;
+mod watch;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::alloc::Cidr;
+use crate::resources::{self, Resource};
+use crate::status::ApiError;
+use crate::store::Store;
+use crate::validate::Limits;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// What the apiserver needs besides its store.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub service_cidr: Cidr,
+    pub node_ports: (u16, u16),
+    /// Bearer token → user name.
+    pub tokens: HashMap<String, String>,
+    /// The address clients are told to use (discovery's serverAddress).
+    pub advertise: SocketAddr,
+}
+
+pub struct Api {
+    store: Store,
+    cfg: ApiConfig,
+}
+
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+fn full(code: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()).boxed());
+    *resp.status_mut() = code;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+pub(crate) fn json_response(code: u16, v: &Value) -> Response<Body> {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+    full(
+        code,
+        "application/json",
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+}
+
+pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(e.code, &e.to_status())
+}
+
+/// Percent-decoded query parameters.
+pub(crate) fn query(uri: &http::Uri) -> HashMap<String, String> {
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = |b: u8| (b as char).to_digit(16);
+                    match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                        (Some(h), Some(l)) => {
+                            out.push((h * 16 + l) as u8);
+                            i += 2;
+                        }
+                        _ => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+/// The parsed target of a resource request.
+pub(crate) struct Target {
+    pub resource: &'static Resource,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+}
+
+fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
+    let path = rest.join("/");
+    let not_found = || ApiError::path_not_found(&path);
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, tail @ ..] if !tail.is_empty() => (Some(ns.to_string()), tail),
+        _ => (None, rest),
+    };
+    let (plural, name, sub) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(name.to_string()), None),
+        [plural, name, sub] => (*plural, Some(name.to_string()), Some(sub.to_string())),
+        _ => return Err(not_found()),
+    };
+    let resource = resources::find(group, version, plural).ok_or_else(not_found)?;
+    if resource.namespaced != namespace.is_some() && (name.is_some() || !resource.namespaced) {
+        return Err(not_found());
+    }
+    Ok(Target {
+        resource,
+        namespace,
+        name,
+        sub,
+    })
+}
+
+impl Api {
+    pub fn new(store: Store, cfg: ApiConfig) -> Arc<Self> {
+        Arc::new(Self { store, cfg })
+    }
+
+    /// Creates `obj` unless an object of that name exists (bootstrap).
+    pub async fn ensure(
+        &self,
+        r: &'static Resource,
+        ns: Option<&str>,
+        obj: Value,
+    ) -> Result<(), ApiError> {
+        match self.create(r, ns, obj, objects::Write::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn first_service_ip(&self) -> String {
+        self.cfg.service_cidr.first().to_string()
+    }
+
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            node_ports: self.cfg.node_ports,
+        }
+    }
+
+    fn authenticate(&self, req: &Request<Incoming>) -> Option<&str> {
+        let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+        let token = value.strip_prefix("Bearer ")?.trim();
+        self.cfg.tokens.get(token).map(String::as_str)
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        if matches!(segs.first(), Some(&("healthz" | "livez" | "readyz"))) {
+            return full(StatusCode::OK, "text/plain", "ok");
+        }
+        let Some(user) = self.authenticate(&req).map(String::from) else {
+            debug!(%method, %path, "unauthenticated request refused");
+            return error_response(&ApiError::unauthorized());
+        };
+        let resp = match self.route(req, &segs).await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.code >= 500 {
+                    warn!(%method, %path, error = %e, "request failed");
+                }
+                error_response(&e)
+            }
+        };
+        debug!(%user, %method, %path, code = resp.status().as_u16(), "request");
+        resp
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        segs: &[&str],
+    ) -> Result<Response<Body>, ApiError> {
+        let get = req.method() == Method::GET;
+        match segs {
+            [] if get => Ok(json_response(200, &discovery::root_paths())),
+            ["version"] if get => Ok(json_response(200, &discovery::version())),
+            ["api"] if get => Ok(json_response(
+                200,
+                &discovery::api_versions(self.cfg.advertise),
+            )),
+            ["apis"] if get => Ok(json_response(200, &discovery::group_list())),
+            ["api", "v1"] if get => Ok(json_response(200, &discovery::resource_list("", "v1"))),
+            ["apis", g] if get => discovery::group(g).map(|v| json_response(200, &v)),
+            ["apis", g, v] if get => {
+                if resources::in_version(g, v).next().is_none() {
+                    return Err(ApiError::path_not_found(&segs.join("/")));
+                }
+                Ok(json_response(200, &discovery::resource_list(g, v)))
+            }
+            ["openapi", "v3"] if get => Ok(json_response(200, &discovery::openapi_v3_root())),
+            ["openapi", "v3", rest @ ..] if get => {
+                discovery::openapi_v3(rest).map(|v| json_response(200, &v))
+            }
+            ["api", "v1", rest @ ..] => {
+                let t = parse_target("", "v1", rest)?;
+                self.resource_request(req, t).await
+            }
+            ["apis", g, v, rest @ ..] => {
+                let t = parse_target(g, v, rest)?;
+                self.resource_request(req, t).await
+            }
+            _ => Err(ApiError::path_not_found(&segs.join("/"))),
+        }
+    }
+
+    async fn resource_request(
+        &self,
+        req: Request<Incoming>,
+        t: Target,
+    ) -> Result<Response<Body>, ApiError> {
+        let q = query(req.uri());
+        let accept = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let as_table = accept.contains("as=Table");
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_string();
+        let method = req.method().clone();
+        let w = objects::Write {
+            dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
+            strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),
+        };
+        let body = read_body(req).await?;
+        let r = t.resource;
+        let ns = t.namespace.as_deref();
+        match (&method, t.name.as_deref(), t.sub.as_deref()) {
+            (&Method::GET, None, None) => {
+                let watching = q.get("watch").is_some_and(|v| v == "true" || v == "1");
+                if watching {
+                    self.watch(r, ns, &q, as_table).await
+                } else {
+                    self.list(r, ns, &q, as_table).await
+                }
+            }
+            (&Method::GET, Some(name), sub) => {
+                let obj = self.get_sub(r, ns, name, sub).await?;
+                if as_table && sub.is_none() {
+                    let meta = serde_json::json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or_default()});
+                    return Ok(json_response(
+                        200,
+                        &crate::table::table(
+                            r,
+                            &[obj],
+                            meta,
+                            crate::table::Include::parse(
+                                q.get("includeObject").map(String::as_str),
+                            ),
+                        ),
+                    ));
+                }
+                Ok(json_response(200, &obj))
+            }
+            (&Method::POST, None, None) => {
+                let obj = parse_json(&body)?;
+                let created = self.create(r, ns, obj, w).await?;
+                Ok(json_response(201, &created))
+            }
+            (&Method::POST, Some(name), Some("binding")) if r.is("", "pods") => {
+                let obj = parse_json(&body)?;
+                let status = self.bind(ns.unwrap_or_default(), name, &obj).await?;
+                Ok(json_response(201, &status))
+            }
+            (&Method::POST, Some(name), Some("eviction")) if r.is("", "pods") => {
+                let out = self.delete(r, ns, name, &Value::Null, &q).await?;
+                Ok(json_response(201, &out))
+            }
+            (&Method::PUT, Some(name), sub) => {
+                let obj = parse_json(&body)?;
+                let updated = self.update(r, ns, name, sub, obj, w).await?;
+                Ok(json_response(200, &updated))
+            }
+            (&Method::PATCH, Some(name), sub) => {
+                let patch = parse_json(&body)?;
+                let patched = self
+                    .patch(r, ns, name, sub, &content_type, &patch, w)
+                    .await?;
+                Ok(json_response(200, &patched))
+            }
+            (&Method::DELETE, Some(name), None) => {
+                let opts = if body.is_empty() {
+                    Value::Null
+                } else {
+                    parse_json(&body)?
+                };
+                let out = self.delete(r, ns, name, &opts, &q).await?;
+                Ok(json_response(200, &out))
+            }
+            (&Method::DELETE, None, None) => {
+                let opts = if body.is_empty() {
+                    Value::Null
+                } else {
+                    parse_json(&body)?
+                };
+                let out = self.delete_collection(r, ns, &opts, &q).await?;
+                Ok(json_response(200, &out))
+            }
+            _ => Err(ApiError::method_not_allowed(method.as_str())),
+        }
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    serde_json::from_slice(body)
+        .or_else(|_| serde_yaml::from_slice::<Value>(body))
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    limited
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))
+}
+
+/// Serves `api` over TLS on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, api: Arc<Api>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    info!(addr = ?listener.local_addr().ok(), "apiserver listening");
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let api = api.clone();
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+/// The rustls server configuration for the serving certificate.
+pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("serving certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("serving key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let uri: http::Uri = "/api/v1/pods?labelSelector=app%3Dweb%2Ctier+in+(a)&watch=true&x"
+            .parse()
+            .expect("uri");
+        let q = query(&uri);
+        assert_eq!(q["labelSelector"], "app=web,tier in (a)");
+        assert_eq!(q["watch"], "true");
+        assert_eq!(q["x"], "");
+    }
+
+    #[test]
+    fn targets() {
+        let t = parse_target(
+            "",
+            "v1",
+            &["namespaces", "default", "pods", "web", "status"],
+        )
+        .expect("pod status");
+        assert_eq!(
+            (
+                t.resource.plural,
+                t.namespace.as_deref(),
+                t.name.as_deref(),
+                t.sub.as_deref()
+            ),
+            ("pods", Some("default"), Some("web"), Some("status"))
+        );
+        let t = parse_target("", "v1", &["namespaces", "default"]).expect("namespace");
+        assert_eq!(
+            (t.resource.plural, t.name.as_deref()),
+            ("namespaces", Some("default"))
+        );
+        let t = parse_target("", "v1", &["pods"]).expect("all pods");
+        assert!(t.namespace.is_none());
+        assert!(
+            parse_target("", "v1", &["pods", "web"]).is_err(),
+            "namespaced get needs a namespace"
+        );
+        assert!(parse_target("", "v1", &["namespaces", "x", "nodes"]).is_err());
+        assert!(parse_target("", "v1", &["bogus"]).is_err());
+    }
+}

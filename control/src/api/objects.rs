@@ -1,0 +1,1127 @@
+//! The life of one object: create (with generateName and allocation),
+//! get, update and patch (optimistic concurrency, status/scale
+//! subresources, immutable fields), binding, and deletion (grace periods,
+//! finalizers, propagation policy; the garbage collector does the cascade).
+
+use jiff::Timestamp;
+use serde_json::{Map, Value, json};
+
+use super::Api;
+use crate::alloc::{self, Cidr};
+use crate::resources::{self, Resource};
+use crate::status::{self, ApiError, Cause};
+use crate::store::{Guard, Item, Side, StoreError};
+use crate::validate;
+
+/// How a write is to be made (`?dryRun=All`, `?fieldValidation=Strict`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Write {
+    pub dry_run: bool,
+    pub strict: bool,
+}
+
+pub(crate) fn now() -> String {
+    Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn random_suffix(n: usize) -> String {
+    // The upstream alphabet: no vowels (no words), no look-alike characters.
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut buf = vec![0u8; n];
+    let _ = getrandom::fill(&mut buf);
+    buf.iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect()
+}
+
+fn uid() -> String {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"] = json!({});
+    }
+    match obj.get_mut("metadata") {
+        Some(Value::Object(m)) => m,
+        _ => unreachable!("metadata was just made an object"),
+    }
+}
+
+fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
+    obj.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// The stored bytes: the object without its resourceVersion.
+pub(crate) fn encode(obj: &Value) -> Vec<u8> {
+    let mut o = obj.clone();
+    if let Some(Value::Object(m)) = o.get_mut("metadata") {
+        m.remove("resourceVersion");
+    }
+    serde_json::to_vec(&o).unwrap_or_default()
+}
+
+/// A stored object as clients see it.
+pub(crate) fn decode_item(item: &Item) -> Result<Value, ApiError> {
+    let mut v: Value = serde_json::from_slice(&item.value)
+        .map_err(|e| ApiError::internal(format!("stored object {} is corrupt: {e}", item.key)))?;
+    meta_mut(&mut v).insert(
+        "resourceVersion".into(),
+        json!(item.mod_revision.to_string()),
+    );
+    Ok(v)
+}
+
+pub(crate) fn with_rv(mut v: Value, rev: i64) -> Value {
+    meta_mut(&mut v).insert("resourceVersion".into(), json!(rev.to_string()));
+    v
+}
+
+pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::Exists { .. } => ApiError::already_exists(r.group, r.plural, name),
+        StoreError::NotFound { .. } => ApiError::not_found(r.group, r.plural, name),
+        StoreError::Conflict { .. } => ApiError::conflict(r.group, r.plural, name),
+        StoreError::Compacted {
+            requested,
+            compacted,
+        } => ApiError::gone(format!(
+            "too old resource version: {requested} ({compacted})"
+        )),
+        StoreError::Etcd(e) => ApiError::unavailable(format!("storage: {e}")),
+    }
+}
+
+/// Fields of the incoming object that its type does not know, as
+/// `a.b[2].c` paths (for `fieldValidation=Strict`).
+fn unknown_fields(input: &Value, decoded: &Value, at: &str, out: &mut Vec<String>) {
+    match (input, decoded) {
+        (Value::Object(i), Value::Object(d)) => {
+            for (k, v) in i {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                match d.get(k) {
+                    None if !v.is_null() => out.push(path),
+                    Some(dv) => unknown_fields(v, dv, &path, out),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(d)) => {
+            for (n, (iv, dv)) in i.iter().zip(d).enumerate() {
+                unknown_fields(iv, dv, &format!("{at}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn decode_checked(r: &Resource, obj: &Value, strict: bool) -> Result<Value, ApiError> {
+    let decoded = validate::decode(r, obj)?;
+    if strict {
+        let mut unknown = Vec::new();
+        unknown_fields(obj, &decoded, "", &mut unknown);
+        if !unknown.is_empty() {
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|f| format!("unknown field \"{f}\""))
+                .collect();
+            return Err(ApiError::bad_request(format!(
+                "strict decoding error: {}",
+                list.join(", ")
+            )));
+        }
+    }
+    Ok(decoded)
+}
+
+fn check_kind(r: &Resource, obj: &mut Value) -> Result<(), ApiError> {
+    let kind = str_at(obj, "/kind");
+    let api_version = str_at(obj, "/apiVersion");
+    if (!kind.is_empty() && kind != r.kind)
+        || (!api_version.is_empty() && api_version != r.api_version())
+    {
+        return Err(ApiError::bad_request(format!(
+            "the object is a {api_version}, Kind={kind}, but this endpoint serves {}, Kind={}",
+            r.api_version(),
+            r.kind
+        )));
+    }
+    obj["kind"] = json!(r.kind);
+    obj["apiVersion"] = json!(r.api_version());
+    Ok(())
+}
+
+/// The ClusterIP and NodePorts a Service holds, as allocation keys.
+fn held_keys(svc: &Value, cidr: Cidr) -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Ok(ip) = str_at(svc, "/spec/clusterIP").parse::<std::net::Ipv4Addr>()
+        && cidr.contains_usable(ip)
+    {
+        keys.push(alloc::ip_key(&ip.to_string()));
+    }
+    for p in svc
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
+            keys.push(alloc::port_key(np));
+        }
+    }
+    keys
+}
+
+fn wants_node_ports(svc: &Value) -> bool {
+    matches!(str_at(svc, "/spec/type"), "NodePort" | "LoadBalancer")
+}
+
+fn scale_of(obj: &Value) -> Value {
+    let selector = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"), "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {"replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": selector},
+    })
+}
+
+impl Api {
+    fn key(r: &Resource, ns: Option<&str>, name: &str) -> String {
+        r.key(ns, name)
+    }
+
+    pub(crate) async fn read(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<(Value, i64), ApiError> {
+        let item = self
+            .store
+            .get(&Self::key(r, ns, name))
+            .await
+            .map_err(|e| store_err(r, name, e))?
+            .ok_or_else(|| ApiError::not_found(r.group, r.plural, name))?;
+        Ok((decode_item(&item)?, item.mod_revision))
+    }
+
+    pub(crate) async fn get_sub(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        sub: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let (obj, _) = self.read(r, ns, name).await?;
+        match sub {
+            None | Some("status") if sub.is_none() || r.status => Ok(obj),
+            Some("scale") if r.scale => Ok(scale_of(&obj)),
+            Some("log") if r.is("", "pods") => Err(ApiError::bad_request(format!(
+                "container logs of pod \"{name}\" are served by its node's kubelet, which has not reported any"
+            ))),
+            _ => Err(ApiError::path_not_found(&format!(
+                "{}/{name}/{}",
+                r.plural,
+                sub.unwrap_or_default()
+            ))),
+        }
+    }
+
+    async fn namespace_usable(&self, ns: &str) -> Result<(), ApiError> {
+        let nsr = resources::find("", "v1", "namespaces")
+            .ok_or_else(|| ApiError::internal("no namespaces resource"))?;
+        match self.read(nsr, None, ns).await {
+            Ok((obj, _)) if obj.pointer("/metadata/deletionTimestamp").is_some() => {
+                Err(ApiError::forbidden(
+                    "",
+                    "namespaces",
+                    ns,
+                    &format!(
+                        "unable to create new content in namespace {ns} because it is being terminated"
+                    ),
+                ))
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 404 => Err(ApiError::not_found("", "namespaces", ns)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Allocation for a Service being created or changed: the guards and
+    /// sides of the write, with `svc` filled in.
+    async fn allocate(
+        &self,
+        svc: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<(Vec<Guard>, Vec<Side>), ApiError> {
+        let cidr = self.cfg.service_cidr;
+        let services = core("services")?;
+        let name = str_at(svc, "/metadata/name").to_string();
+        let owner = format!("{}/{name}", str_at(svc, "/metadata/namespace"));
+        let invalid = |c: Cause| ApiError::invalid("", "Service", &name, vec![c]);
+        let (mut guards, mut sides) = (Vec::new(), Vec::new());
+        let held_before = old.map(|o| held_keys(o, cidr)).unwrap_or_default();
+        let ty = str_at(svc, "/spec/type").to_string();
+        if ty == "ExternalName" {
+            svc["spec"]["clusterIP"] = json!(null);
+        }
+        let wanted = str_at(svc, "/spec/clusterIP").to_string();
+        if let Some(old) = old {
+            let before = str_at(old, "/spec/clusterIP");
+            if wanted.is_empty() && !before.is_empty() && ty != "ExternalName" {
+                svc["spec"]["clusterIP"] = json!(before);
+                svc["spec"]["clusterIPs"] = old
+                    .pointer("/spec/clusterIPs")
+                    .cloned()
+                    .unwrap_or(json!([before]));
+            } else if !before.is_empty() && wanted != before && ty != "ExternalName" {
+                return Err(invalid(Cause::invalid(
+                    "spec.clusterIPs[0]",
+                    &wanted,
+                    "may not change once set",
+                )));
+            }
+        }
+        let ip_now = str_at(svc, "/spec/clusterIP").to_string();
+        if ty != "ExternalName" && ip_now != "None" {
+            let ip = if ip_now.is_empty() {
+                alloc::free_ip(&self.store, cidr, &[])
+                    .await
+                    .map_err(|e| store_err(services, &name, e))?
+                    .ok_or_else(|| ApiError::internal(format!("no ClusterIP left in {cidr}")))?
+            } else {
+                let ip: std::net::Ipv4Addr = ip_now.parse().map_err(|_| {
+                    invalid(Cause::invalid(
+                        "spec.clusterIPs[0]",
+                        &ip_now,
+                        "must be a valid IPv4 address",
+                    ))
+                })?;
+                if !cidr.contains_usable(ip) {
+                    return Err(invalid(Cause::invalid(
+                        "spec.clusterIPs[0]",
+                        &ip_now,
+                        &format!(
+                            "provided IP is not in the valid range. The range of valid IPs is {cidr}"
+                        ),
+                    )));
+                }
+                ip
+            };
+            let key = alloc::ip_key(&ip.to_string());
+            if !held_before.contains(&key) {
+                guards.push(Guard::Absent(key.clone()));
+                sides.push(Side::Put(key, owner.clone().into_bytes()));
+            }
+            svc["spec"]["clusterIP"] = json!(ip.to_string());
+            svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
+            svc["spec"]["ipFamilies"] = json!(["IPv4"]);
+            svc["spec"]["ipFamilyPolicy"] = json!("SingleStack");
+        } else if ip_now == "None" {
+            svc["spec"]["clusterIPs"] = json!(["None"]);
+        }
+        let mut chosen: Vec<i64> = Vec::new();
+        let old_ports: Vec<Value> = old
+            .and_then(|o| o.pointer("/spec/ports").and_then(Value::as_array).cloned())
+            .unwrap_or_default();
+        let node_ports = wants_node_ports(svc);
+        if let Some(Value::Array(ports)) = svc.pointer_mut("/spec/ports") {
+            for (i, p) in ports.iter_mut().enumerate() {
+                if !node_ports {
+                    if let Some(m) = p.as_object_mut() {
+                        m.remove("nodePort");
+                    }
+                    continue;
+                }
+                let np = match p.get("nodePort").and_then(Value::as_i64) {
+                    Some(np) => np,
+                    None => {
+                        let kept = old_ports
+                            .iter()
+                            .find(|o| {
+                                o.get("port") == p.get("port")
+                                    && o.get("protocol") == p.get("protocol")
+                            })
+                            .and_then(|o| o.get("nodePort").and_then(Value::as_i64))
+                            .filter(|np| !chosen.contains(np));
+                        match kept {
+                            Some(np) => np,
+                            None => alloc::free_port(&self.store, self.cfg.node_ports, &chosen)
+                                .await
+                                .map_err(|e| store_err(services, &name, e))?
+                                .ok_or_else(|| {
+                                    ApiError::internal("no NodePort left in the range")
+                                })?,
+                        }
+                    }
+                };
+                if chosen.contains(&np) {
+                    return Err(invalid(Cause::duplicate(
+                        format!("spec.ports[{i}].nodePort"),
+                        np,
+                    )));
+                }
+                chosen.push(np);
+                p["nodePort"] = json!(np);
+                let key = alloc::port_key(np);
+                if !held_before.contains(&key) {
+                    guards.push(Guard::Absent(key.clone()));
+                    sides.push(Side::Put(key, owner.clone().into_bytes()));
+                }
+            }
+        }
+        let held_after = held_keys(svc, cidr);
+        for k in held_before {
+            if !held_after.contains(&k) {
+                sides.push(Side::Delete(k));
+            }
+        }
+        Ok((guards, sides))
+    }
+
+    fn allocation_error(svc: &Value, key: &str) -> ApiError {
+        let name = str_at(svc, "/metadata/name");
+        let cause = if let Some(ip) = key.strip_prefix(alloc::IP_PREFIX) {
+            Cause::invalid("spec.clusterIPs", ip, "provided IP is already allocated")
+        } else {
+            let port = key.strip_prefix(alloc::PORT_PREFIX).unwrap_or_default();
+            Cause::invalid(
+                "spec.ports[].nodePort",
+                port,
+                "provided port is already allocated",
+            )
+        };
+        ApiError::invalid("", "Service", name, vec![cause])
+    }
+
+    pub(crate) async fn create(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        mut obj: Value,
+        w: Write,
+    ) -> Result<Value, ApiError> {
+        let obj = &mut obj;
+        let (dry_run, strict) = (w.dry_run, w.strict);
+        if !obj.is_object() {
+            return Err(ApiError::bad_request("the object is not a JSON object"));
+        }
+        check_kind(r, obj)?;
+        let meta = meta_mut(obj);
+        if r.namespaced {
+            let ns = ns.unwrap_or_default();
+            match meta.get("namespace").and_then(Value::as_str) {
+                Some(given) if !given.is_empty() && given != ns => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                _ => {
+                    meta.insert("namespace".into(), json!(ns));
+                }
+            }
+        } else {
+            meta.remove("namespace");
+        }
+        for f in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "managedFields",
+            "selfLink",
+        ] {
+            meta.remove(f);
+        }
+        meta.insert("uid".into(), json!(uid()));
+        meta.insert("creationTimestamp".into(), json!(now()));
+        if r.generation {
+            meta.insert("generation".into(), json!(1));
+        }
+        let generate = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+            .then(|| {
+                meta.get("generateName")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
+            .flatten();
+        if r.namespaced {
+            self.namespace_usable(ns.unwrap_or_default()).await?;
+        }
+        if matches!(
+            r.kind,
+            "Pod" | "Service" | "Deployment" | "ReplicaSet" | "DaemonSet"
+        ) {
+            obj["status"] = json!({});
+        }
+        let mut decoded = decode_checked(r, obj, strict)?;
+        validate::default(r, &mut decoded);
+        for attempt in 0..8 {
+            let mut obj = decoded.clone();
+            if let Some(prefix) = &generate {
+                meta_mut(&mut obj).insert(
+                    "name".into(),
+                    json!(format!("{prefix}{}", random_suffix(5))),
+                );
+            }
+            validate::validate(r, &obj, self.limits())?;
+            let name = str_at(&obj, "/metadata/name").to_string();
+            let (guards, sides) = if r.is("", "services") {
+                self.allocate(&mut obj, None).await?
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            if dry_run {
+                return Ok(obj);
+            }
+            let key = Self::key(r, ns, &name);
+            match self.store.create(&key, encode(&obj), &guards, &sides).await {
+                Ok(rev) => return Ok(with_rv(obj, rev)),
+                Err(StoreError::Exists { key: taken }) if taken == key => {
+                    if generate.is_none() || attempt == 7 {
+                        return Err(ApiError::already_exists(r.group, r.plural, &name));
+                    }
+                }
+                Err(StoreError::Exists { key: taken }) => {
+                    let pinned = sides
+                        .iter()
+                        .any(|s| matches!(s, Side::Put(k, _) if *k == taken))
+                        && (taken.starts_with(alloc::IP_PREFIX)
+                            && !str_at(&decoded, "/spec/clusterIP").is_empty()
+                            || taken.starts_with(alloc::PORT_PREFIX)
+                                && decoded.pointer("/spec/ports").is_some_and(|p| {
+                                    p.to_string().contains(&format!(
+                                        "\"nodePort\":{}",
+                                        taken.trim_start_matches(alloc::PORT_PREFIX)
+                                    ))
+                                }));
+                    if pinned || attempt == 7 {
+                        return Err(Self::allocation_error(&obj, &taken));
+                    }
+                }
+                Err(e) => return Err(store_err(r, &name, e)),
+            }
+        }
+        Err(ApiError::internal("create retries exhausted"))
+    }
+
+    /// The object to store when `incoming` replaces `cur` through `sub`.
+    async fn prepare_update(
+        &self,
+        r: &Resource,
+        cur: &Value,
+        incoming: Value,
+        sub: Option<&str>,
+        strict: bool,
+    ) -> Result<(Value, Vec<Guard>, Vec<Side>), ApiError> {
+        let name = str_at(cur, "/metadata/name").to_string();
+        let mut new = match sub {
+            None => {
+                let mut new = incoming;
+                if !new.is_object() {
+                    return Err(ApiError::bad_request("the object is not a JSON object"));
+                }
+                check_kind(r, &mut new)?;
+                let given = str_at(&new, "/metadata/name");
+                if !given.is_empty() && given != name {
+                    return Err(ApiError::bad_request(format!(
+                        "the name of the object ({given}) does not match the name on the URL ({name})"
+                    )));
+                }
+                if r.status {
+                    match cur.get("status") {
+                        Some(s) => new["status"] = s.clone(),
+                        None => {
+                            if let Some(m) = new.as_object_mut() {
+                                m.remove("status");
+                            }
+                        }
+                    }
+                }
+                new
+            }
+            Some("status") if r.status => {
+                let mut new = cur.clone();
+                new["status"] = incoming.get("status").cloned().unwrap_or(json!({}));
+                new
+            }
+            Some("scale") if r.scale => {
+                let replicas = incoming
+                    .pointer("/spec/replicas")
+                    .and_then(Value::as_i64)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "autoscaling",
+                            "Scale",
+                            &name,
+                            vec![Cause::required("spec.replicas")],
+                        )
+                    })?;
+                if replicas < 0 {
+                    return Err(ApiError::invalid(
+                        "autoscaling",
+                        "Scale",
+                        &name,
+                        vec![Cause::invalid(
+                            "spec.replicas",
+                            replicas,
+                            "must be greater than or equal to 0",
+                        )],
+                    ));
+                }
+                let mut new = cur.clone();
+                new["spec"]["replicas"] = json!(replicas);
+                new
+            }
+            Some(other) => {
+                return Err(ApiError::path_not_found(&format!(
+                    "{}/{name}/{other}",
+                    r.plural
+                )));
+            }
+        };
+        {
+            let cur_meta = cur
+                .get("metadata")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let meta = meta_mut(&mut new);
+            for f in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
+                match cur_meta.get(f) {
+                    Some(v) => meta.insert(f.into(), v.clone()),
+                    None => meta.remove(f),
+                };
+            }
+            meta.remove("managedFields");
+        }
+        let mut new = decode_checked(r, &new, strict)?;
+        validate::default(r, &mut new);
+        if r.generation && new.get("spec") != cur.get("spec") {
+            let g = cur
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                + 1;
+            meta_mut(&mut new).insert("generation".into(), json!(g));
+        }
+        validate::validate(r, &new, self.limits())?;
+        if r.group == "apps"
+            && matches!(r.kind, "Deployment" | "ReplicaSet" | "DaemonSet")
+            && new.pointer("/spec/selector") != cur.pointer("/spec/selector")
+        {
+            let shown = new
+                .pointer("/spec/selector")
+                .map(Value::to_string)
+                .unwrap_or_default();
+            return Err(ApiError::invalid(
+                r.group,
+                r.kind,
+                &name,
+                vec![Cause::invalid("spec.selector", shown, "field is immutable")],
+            ));
+        }
+        if r.is("", "pods") {
+            let strip = |v: &Value| {
+                let mut s = v.get("spec").cloned().unwrap_or(json!({}));
+                for list in ["containers", "initContainers"] {
+                    if let Some(Value::Array(cs)) = s.get_mut(list) {
+                        for c in cs {
+                            if let Some(m) = c.as_object_mut() {
+                                m.remove("image");
+                            }
+                        }
+                    }
+                }
+                if let Some(m) = s.as_object_mut() {
+                    m.remove("activeDeadlineSeconds");
+                    m.remove("tolerations");
+                }
+                s
+            };
+            if strip(&new) != strip(cur) {
+                return Err(ApiError::invalid(
+                    "",
+                    "Pod",
+                    &name,
+                    vec![Cause::forbidden(
+                        "spec",
+                        "pod updates may not change fields other than `spec.containers[*].image`, `spec.initContainers[*].image`, `spec.activeDeadlineSeconds` or `spec.tolerations` (only additions to existing tolerations)",
+                    )],
+                ));
+            }
+        }
+        let (guards, sides) = if r.is("", "services") {
+            self.allocate(&mut new, Some(cur)).await?
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok((new, guards, sides))
+    }
+
+    /// Writes `new` over the object at `rev`; completes a pending deletion
+    /// when the last finalizer went away.
+    async fn write(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        rev: i64,
+        new: Value,
+        guards: &[Guard],
+        sides: &[Side],
+    ) -> Result<Value, StoreError> {
+        let name = str_at(&new, "/metadata/name").to_string();
+        let key = Self::key(r, ns, &name);
+        let finalizers_left = new
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
+        if deleting && !finalizers_left && !r.is("", "pods") {
+            let mut release: Vec<Side> = sides.to_vec();
+            if r.is("", "services") {
+                release.extend(
+                    held_keys(&new, self.cfg.service_cidr)
+                        .into_iter()
+                        .map(Side::Delete),
+                );
+            }
+            let del = self.store.delete(&key, rev, &release).await?;
+            return Ok(with_rv(new, del));
+        }
+        let out = self
+            .store
+            .update(&key, rev, encode(&new), guards, sides)
+            .await?;
+        Ok(with_rv(new, out))
+    }
+
+    pub(crate) async fn update(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        sub: Option<&str>,
+        body: Value,
+        w: Write,
+    ) -> Result<Value, ApiError> {
+        let pinned = body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(String::from);
+        for _ in 0..8 {
+            let (cur, rev) = self.read(r, ns, name).await?;
+            if let Some(p) = &pinned
+                && *p != rev.to_string()
+            {
+                return Err(ApiError::conflict(r.group, r.plural, name));
+            }
+            let (new, guards, sides) = self
+                .prepare_update(r, &cur, body.clone(), sub, w.strict)
+                .await?;
+            if w.dry_run {
+                return Ok(new);
+            }
+            match self.write(r, ns, rev, new, &guards, &sides).await {
+                Ok(v) if sub == Some("scale") => return Ok(scale_of(&v)),
+                Ok(v) => return Ok(v),
+                Err(StoreError::Conflict { .. }) if pinned.is_none() => continue,
+                Err(StoreError::Exists { key }) => return Err(Self::allocation_error(&cur, &key)),
+                Err(e) => return Err(store_err(r, name, e)),
+            }
+        }
+        Err(ApiError::conflict(r.group, r.plural, name))
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, the request's parts"
+    )]
+    pub(crate) async fn patch(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        sub: Option<&str>,
+        content_type: &str,
+        patch: &Value,
+        w: Write,
+    ) -> Result<Value, ApiError> {
+        let media = content_type.split(';').next().unwrap_or_default().trim();
+        for _ in 0..8 {
+            let (cur, rev) = self.read(r, ns, name).await?;
+            let view = if sub == Some("scale") && r.scale {
+                scale_of(&cur)
+            } else {
+                cur.clone()
+            };
+            let patched = match media {
+                "application/json-patch+json" => crate::patch::json_patch(&view, patch),
+                "application/merge-patch+json" => crate::patch::merge_patch(&view, patch),
+                "application/strategic-merge-patch+json" => {
+                    crate::patch::strategic_merge(&view, patch)
+                }
+                other => return Err(ApiError::unsupported_media(other)),
+            }
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let pinned = patched
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .map(String::from);
+            if pinned.as_deref().is_some_and(|p| p != rev.to_string()) {
+                return Err(ApiError::conflict(r.group, r.plural, name));
+            }
+            let (new, guards, sides) = self.prepare_update(r, &cur, patched, sub, w.strict).await?;
+            if w.dry_run {
+                return Ok(new);
+            }
+            match self.write(r, ns, rev, new, &guards, &sides).await {
+                Ok(v) if sub == Some("scale") => return Ok(scale_of(&v)),
+                Ok(v) => return Ok(v),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(StoreError::Exists { key }) => return Err(Self::allocation_error(&cur, &key)),
+                Err(e) => return Err(store_err(r, name, e)),
+            }
+        }
+        Err(ApiError::conflict(r.group, r.plural, name))
+    }
+
+    pub(crate) async fn bind(
+        &self,
+        ns: &str,
+        name: &str,
+        binding: &Value,
+    ) -> Result<Value, ApiError> {
+        let pods = core("pods")?;
+        let node = str_at(binding, "/target/name").to_string();
+        if node.is_empty() {
+            return Err(ApiError::invalid(
+                "",
+                "Binding",
+                name,
+                vec![Cause::required("target.name")],
+            ));
+        }
+        for _ in 0..8 {
+            let (mut pod, rev) = self.read(pods, Some(ns), name).await?;
+            let current = str_at(&pod, "/spec/nodeName");
+            if !current.is_empty() {
+                return Err(ApiError::conflict("", "pods/binding", name).saying(format!(
+                        "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{current}\""
+                    )));
+            }
+            if pod.pointer("/metadata/deletionTimestamp").is_some() {
+                return Err(ApiError::conflict("", "pods/binding", name));
+            }
+            pod["spec"]["nodeName"] = json!(node);
+            set_condition(&mut pod, "PodScheduled", "True", "", "");
+            match self.write(pods, Some(ns), rev, pod, &[], &[]).await {
+                Ok(_) => {
+                    return Ok(
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                    );
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(store_err(pods, name, e)),
+            }
+        }
+        Err(ApiError::conflict("", "pods/binding", name))
+    }
+
+    pub(crate) async fn delete(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        opts: &Value,
+        q: &std::collections::HashMap<String, String>,
+    ) -> Result<Value, ApiError> {
+        let policy = q
+            .get("propagationPolicy")
+            .map(String::as_str)
+            .or_else(|| opts.get("propagationPolicy").and_then(Value::as_str))
+            .unwrap_or("Background")
+            .to_string();
+        if !matches!(policy.as_str(), "Background" | "Foreground" | "Orphan") {
+            return Err(ApiError::invalid(
+                "",
+                "DeleteOptions",
+                "",
+                vec![Cause::unsupported(
+                    "propagationPolicy",
+                    &policy,
+                    &["Background", "Foreground", "Orphan"],
+                )],
+            ));
+        }
+        let grace = q
+            .get("gracePeriodSeconds")
+            .and_then(|g| g.parse::<i64>().ok())
+            .or_else(|| opts.get("gracePeriodSeconds").and_then(Value::as_i64));
+        let dry_run = q.get("dryRun").is_some_and(|v| v == "All");
+        for _ in 0..8 {
+            let (mut obj, rev) = self.read(r, ns, name).await?;
+            let uid = str_at(&obj, "/metadata/uid").to_string();
+            if let Some(want) = opts.pointer("/preconditions/uid").and_then(Value::as_str)
+                && want != uid
+            {
+                return Err(ApiError {
+                    message: format!(
+                        "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
+                    ),
+                    ..ApiError::conflict(r.group, r.plural, name)
+                });
+            }
+            if let Some(want) = opts
+                .pointer("/preconditions/resourceVersion")
+                .and_then(Value::as_str)
+                && want != rev.to_string()
+            {
+                return Err(ApiError {
+                    message: format!(
+                        "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {rev}"
+                    ),
+                    ..ApiError::conflict(r.group, r.plural, name)
+                });
+            }
+            let already = obj.pointer("/metadata/deletionTimestamp").is_some();
+            let mut finalizers: Vec<Value> = obj
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let gc_finalizer = match policy.as_str() {
+                "Orphan" => Some("orphan"),
+                "Foreground" => Some("foregroundDeletion"),
+                _ => None,
+            };
+            if let Some(f) = gc_finalizer
+                && !already
+                && !finalizers.contains(&json!(f))
+            {
+                finalizers.push(json!(f));
+            }
+            let pod_grace = if r.is("", "pods") {
+                let bound = !str_at(&obj, "/spec/nodeName").is_empty();
+                let done = matches!(str_at(&obj, "/status/phase"), "Succeeded" | "Failed");
+                let g = grace.unwrap_or_else(|| {
+                    obj.pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(30)
+                });
+                (bound && !done && g > 0).then_some(g)
+            } else {
+                None
+            };
+            let is_namespace = r.is("", "namespaces");
+            let keep = !finalizers.is_empty() || pod_grace.is_some() || is_namespace;
+            if keep {
+                let shorter = pod_grace.is_some_and(|g| {
+                    obj.pointer("/metadata/deletionGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                        .is_none_or(|old| g < old)
+                });
+                if already && !shorter {
+                    return Ok(obj);
+                }
+                let m = meta_mut(&mut obj);
+                let at = match pod_grace {
+                    Some(g) => Timestamp::now()
+                        .checked_add(jiff::SignedDuration::from_secs(g))
+                        .unwrap_or_else(|_| Timestamp::now()),
+                    None => Timestamp::now(),
+                };
+                m.insert(
+                    "deletionTimestamp".into(),
+                    json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+                );
+                m.insert(
+                    "deletionGracePeriodSeconds".into(),
+                    json!(pod_grace.unwrap_or(0)),
+                );
+                if !finalizers.is_empty() {
+                    m.insert("finalizers".into(), Value::Array(finalizers));
+                }
+                if is_namespace {
+                    obj["status"]["phase"] = json!("Terminating");
+                }
+                if dry_run {
+                    return Ok(obj);
+                }
+                let key = Self::key(r, ns, name);
+                match self.store.update(&key, rev, encode(&obj), &[], &[]).await {
+                    Ok(new_rev) => {
+                        if is_namespace {
+                            tokio::spawn(purge_namespace(
+                                self.store.clone(),
+                                name.to_string(),
+                                self.cfg.service_cidr,
+                            ));
+                        }
+                        return Ok(with_rv(obj, new_rev));
+                    }
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(store_err(r, name, e)),
+                }
+            }
+            if dry_run {
+                return Ok(status::success(r.group, r.plural, name, &uid));
+            }
+            let sides: Vec<Side> = if r.is("", "services") {
+                held_keys(&obj, self.cfg.service_cidr)
+                    .into_iter()
+                    .map(Side::Delete)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            match self
+                .store
+                .delete(&Self::key(r, ns, name), rev, &sides)
+                .await
+            {
+                Ok(_) => return Ok(status::success(r.group, r.plural, name, &uid)),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(store_err(r, name, e)),
+            }
+        }
+        Err(ApiError::conflict(r.group, r.plural, name))
+    }
+
+    pub(crate) async fn delete_collection(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        opts: &Value,
+        q: &std::collections::HashMap<String, String>,
+    ) -> Result<Value, ApiError> {
+        let items = self.list_objects(r, ns, q).await?.0;
+        let mut deleted = Vec::new();
+        for obj in items {
+            let name = str_at(&obj, "/metadata/name").to_string();
+            let obj_ns = obj
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .map(String::from);
+            match self
+                .delete(r, obj_ns.as_deref().or(ns), &name, opts, q)
+                .await
+            {
+                Ok(_) => deleted.push(obj),
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(
+            json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": {}, "items": deleted}),
+        )
+    }
+}
+
+fn core(plural: &str) -> Result<&'static Resource, ApiError> {
+    resources::find("", "v1", plural)
+        .ok_or_else(|| ApiError::internal(format!("{plural} are not served")))
+}
+
+/// Sets one condition in `status.conditions`, keeping the transition time
+/// when the status did not change.
+pub(crate) fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: &str, message: &str) {
+    if !obj.get("status").is_some_and(Value::is_object) {
+        obj["status"] = json!({});
+    }
+    let conds = obj["status"].as_object_mut().and_then(|s| {
+        s.entry("conditions").or_insert(json!([]));
+        s.get_mut("conditions").and_then(Value::as_array_mut)
+    });
+    let Some(conds) = conds else { return };
+    let mut cond =
+        json!({"type": ty, "status": status, "lastTransitionTime": now(), "lastProbeTime": null});
+    if !reason.is_empty() {
+        cond["reason"] = json!(reason);
+        cond["message"] = json!(message);
+    }
+    match conds.iter_mut().find(|c| c["type"] == ty) {
+        Some(c) => {
+            if c["status"] == status {
+                cond["lastTransitionTime"] = c["lastTransitionTime"].clone();
+            }
+            *c = cond;
+        }
+        None => conds.push(cond),
+    }
+}
+
+/// Removes everything in a terminating namespace, then the namespace.
+async fn purge_namespace(store: crate::store::Store, ns: String, cidr: Cidr) {
+    for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+        let Ok((items, _)) = store.list(&r.prefix(Some(&ns)), None).await else {
+            continue;
+        };
+        for item in items {
+            let sides: Vec<Side> = match (
+                r.is("", "services"),
+                serde_json::from_slice::<Value>(&item.value),
+            ) {
+                (true, Ok(svc)) => held_keys(&svc, cidr)
+                    .into_iter()
+                    .map(Side::Delete)
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if let Err(e) = store.delete(&item.key, item.mod_revision, &sides).await {
+                tracing::debug!(key = %item.key, error = %e, "namespace purge: delete failed");
+            }
+        }
+    }
+    let key = format!("/registry/namespaces/{ns}");
+    if let Ok(Some(item)) = store.get(&key).await
+        && let Err(e) = store.delete(&key, item.mod_revision, &[]).await
+    {
+        tracing::warn!(namespace = %ns, error = %e, "namespace purge: could not remove the namespace");
+    }
+    tracing::info!(namespace = %ns, "namespace deleted");
+}

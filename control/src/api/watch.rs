@@ -1,0 +1,319 @@
+//! Lists and watches.
+//!
+//! A list is one etcd range read; its `resourceVersion` is the revision it
+//! was read at, so a watch from there starts right after it. A watch is one
+//! etcd watch on the resource's prefix, with the previous value of every
+//! change so that selectors see an object leave (`DELETED`) or enter
+//! (`ADDED`) the selection as the upstream apiserver reports it. A watch
+//! from a compacted revision ends with an `ERROR` event carrying
+//! 410 Expired, which clients answer by listing again.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderValue, Response, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use serde_json::{Value, json};
+
+use super::objects::{decode_item, store_err, with_rv};
+use super::{Api, Body, json_response};
+use crate::resources::Resource;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::status::ApiError;
+use crate::store::{Change, StoreError};
+use crate::table::{self, Include};
+
+/// Fields a field selector may name, besides metadata.name/namespace.
+fn selectable(r: &Resource) -> &'static [&'static str] {
+    match (r.group, r.plural) {
+        ("", "pods") => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        ],
+        ("", "nodes") => &["spec.unschedulable"],
+        ("", "namespaces") => &["status.phase"],
+        ("", "secrets") => &["type"],
+        ("", "events") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        ("apps", "replicasets") => &["status.replicas"],
+        _ => &[],
+    }
+}
+
+struct Filter {
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    fn parse(r: &Resource, q: &HashMap<String, String>) -> Result<Self, ApiError> {
+        let labels = LabelSelector::parse(
+            q.get("labelSelector")
+                .map(String::as_str)
+                .unwrap_or_default(),
+        )
+        .map_err(|e| ApiError::bad_request(format!("labelSelector: {e}")))?;
+        let fields = FieldSelector::parse(
+            q.get("fieldSelector")
+                .map(String::as_str)
+                .unwrap_or_default(),
+            selectable(r),
+        )
+        .map_err(|e| ApiError::bad_request(format!("fieldSelector: {e}")))?;
+        Ok(Self { labels, fields })
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches_object(obj) && self.fields.matches(obj)
+    }
+}
+
+fn list_kind(r: &Resource) -> String {
+    format!("{}List", r.kind)
+}
+
+impl Api {
+    pub(crate) async fn list_objects(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        q: &HashMap<String, String>,
+    ) -> Result<(Vec<Value>, i64), ApiError> {
+        let filter = Filter::parse(r, q)?;
+        let exact = q.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
+        let revision = match q.get("resourceVersion") {
+            Some(rv) if exact => Some(rv.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!("resourceVersion {rv:?} is not a number"))
+            })?),
+            _ => None,
+        };
+        let (items, rev) = self
+            .store
+            .list(&r.prefix(ns), revision)
+            .await
+            .map_err(|e| store_err(r, "", e))?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in &items {
+            let obj = decode_item(item)?;
+            if filter.matches(&obj) {
+                out.push(obj);
+            }
+        }
+        Ok((out, rev))
+    }
+
+    pub(crate) async fn list(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        q: &HashMap<String, String>,
+        as_table: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let (items, rev) = self.list_objects(r, ns, q).await?;
+        let meta = json!({"resourceVersion": rev.to_string()});
+        if as_table {
+            let include = Include::parse(q.get("includeObject").map(String::as_str));
+            return Ok(json_response(200, &table::table(r, &items, meta, include)));
+        }
+        Ok(json_response(
+            200,
+            &json!({"kind": list_kind(r), "apiVersion": r.api_version(), "metadata": meta, "items": items}),
+        ))
+    }
+
+    pub(crate) async fn watch(
+        &self,
+        r: &'static Resource,
+        ns: Option<&str>,
+        q: &HashMap<String, String>,
+        as_table: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let filter = Filter::parse(r, q)?;
+        let timeout = q
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(1800);
+        let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+        let initial_events = q.get("sendInitialEvents").is_some_and(|v| v == "true");
+        let include = Include::parse(q.get("includeObject").map(String::as_str));
+        let rv = q
+            .get("resourceVersion")
+            .map(String::as_str)
+            .unwrap_or_default();
+        // Unset or "0" means: the current state as ADDED events, then changes.
+        let (start, initial) = if rv.is_empty() || rv == "0" || initial_events {
+            let (items, rev) = self.list_objects(r, ns, q).await?;
+            (rev, items)
+        } else {
+            let rev = rv.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!("resourceVersion {rv:?} is not a number"))
+            })?;
+            (rev, Vec::new())
+        };
+        let period = if bookmarks {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(3600)
+        };
+        let changes = self
+            .store
+            .watch(&r.prefix(ns), start, tokio::time::interval(period))
+            .await
+            .map_err(|e| store_err(r, "", e))?;
+
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let mut encoder = Encoder {
+            r,
+            as_table,
+            include,
+            first: true,
+        };
+        tokio::spawn(async move {
+            let deadline = tokio::time::sleep(Duration::from_secs(timeout));
+            tokio::pin!(deadline);
+            tokio::pin!(changes);
+            for obj in initial {
+                if tx.send(encoder.event("ADDED", &obj)).await.is_err() {
+                    return;
+                }
+            }
+            if initial_events {
+                let mark = json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": start.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}});
+                if tx.send(line("BOOKMARK", &mark)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let change = tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = tx.closed() => return,
+                    c = changes.next() => c,
+                };
+                let out = match change {
+                    None => return,
+                    Some(Err(StoreError::Compacted {
+                        requested,
+                        compacted,
+                    })) => {
+                        let status = ApiError::gone(format!(
+                            "too old resource version: {requested} ({compacted})"
+                        ))
+                        .to_status();
+                        let _ = tx.send(line("ERROR", &status)).await;
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        let status = ApiError::internal(format!("watch: {e}")).to_status();
+                        let _ = tx.send(line("ERROR", &status)).await;
+                        return;
+                    }
+                    Some(Ok(Change::Progress { revision })) if bookmarks => {
+                        let mark = json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": revision.to_string()}});
+                        Some(line("BOOKMARK", &mark))
+                    }
+                    Some(Ok(Change::Progress { .. })) => None,
+                    Some(Ok(Change::Put { item, prev })) => {
+                        let Ok(now) = decode_item(&item) else {
+                            continue;
+                        };
+                        let was = prev
+                            .as_ref()
+                            .and_then(|p| decode_item(p).ok())
+                            .is_some_and(|p| filter.matches(&p));
+                        match (was, filter.matches(&now)) {
+                            (_, true) if prev.is_none() || !was => {
+                                Some(encoder.event("ADDED", &now))
+                            }
+                            (true, true) => Some(encoder.event("MODIFIED", &now)),
+                            (true, false) => Some(encoder.event("DELETED", &now)),
+                            _ => None,
+                        }
+                    }
+                    Some(Ok(Change::Delete { last, revision })) => {
+                        let Ok(obj) = decode_item(&last) else {
+                            continue;
+                        };
+                        filter
+                            .matches(&obj)
+                            .then(|| encoder.event("DELETED", &with_rv(obj, revision)))
+                    }
+                };
+                if let Some(bytes) = out
+                    && tx.send(bytes).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(resp)
+    }
+}
+
+fn line(ty: &str, obj: &Value) -> Bytes {
+    let mut v = serde_json::to_vec(&json!({"type": ty, "object": obj})).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// Turns objects into watch event lines, as Tables when the client asked.
+struct Encoder {
+    r: &'static Resource,
+    as_table: bool,
+    include: Include,
+    first: bool,
+}
+
+impl Encoder {
+    fn event(&mut self, ty: &str, obj: &Value) -> Bytes {
+        if !self.as_table {
+            return line(ty, obj);
+        }
+        let rv = obj
+            .pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or_default();
+        let mut t = table::table(
+            self.r,
+            std::slice::from_ref(obj),
+            json!({"resourceVersion": rv}),
+            self.include,
+        );
+        // As upstream: column definitions travel with the first event only.
+        if !std::mem::replace(&mut self.first, false) {
+            t["columnDefinitions"] = json!([]);
+        }
+        line(ty, &t)
+    }
+}

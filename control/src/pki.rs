@@ -1,0 +1,154 @@
+//! The apiserver's trust material: a CA made on first start and kept in the
+//! data directory, a serving certificate signed by it at every start, the
+//! bearer tokens the apiserver accepts, and the admin kubeconfig.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("random: {0}")]
+    Random(String),
+}
+
+pub struct Pki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub admin_token: String,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
+    move |source| PkiError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, mode 0600.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    f.write_all(data).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", path))
+}
+
+pub fn random_hex(bytes: usize) -> Result<String, PkiError> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).map_err(|e| PkiError::Random(e.to_string()))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn ca_params() -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "skiff-ca");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+/// Loads (or on first start creates) the CA and admin token in `dir`, and
+/// signs a fresh serving certificate for `sans`.
+pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<Pki, PkiError> {
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let key = if ca_key.exists() && ca_crt.exists() {
+        let pem = std::fs::read_to_string(&ca_key).map_err(io("read", &ca_key))?;
+        KeyPair::from_pem(&pem)?
+    } else {
+        let key = KeyPair::generate()?;
+        let cert = ca_params()?.self_signed(&key)?;
+        write_private(&ca_key, key.serialize_pem().as_bytes())?;
+        write_private(&ca_crt, cert.pem().as_bytes())?;
+        key
+    };
+    let ca_pem = std::fs::read_to_string(&ca_crt).map_err(io("read", &ca_crt))?;
+    let issuer = Issuer::new(ca_params()?, key);
+
+    let mut params = CertificateParams::new(sans.to_vec())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "skiff-apiserver");
+    let serving_key = KeyPair::generate()?;
+    let cert = params.signed_by(&serving_key, &issuer)?;
+
+    let token_path = dir.join("admin.token");
+    let admin_token = match std::fs::read_to_string(&token_path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let t = random_hex(32)?;
+            write_private(&token_path, t.as_bytes())?;
+            t
+        }
+    };
+    Ok(Pki {
+        ca_pem,
+        cert_pem: cert.pem(),
+        key_pem: serving_key.serialize_pem(),
+        admin_token,
+    })
+}
+
+/// The names a client may dial the apiserver by.
+pub fn default_sans(extra: &[String], service_ip: Option<IpAddr>, listen: IpAddr) -> Vec<String> {
+    let mut sans: Vec<String> = [
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(ip) = service_ip {
+        sans.push(ip.to_string());
+    }
+    if !listen.is_unspecified() {
+        sans.push(listen.to_string());
+    }
+    for e in extra {
+        if !sans.contains(e) {
+            sans.push(e.clone());
+        }
+    }
+    sans
+}
+
+/// An admin kubeconfig for `server` that trusts the CA and sends the token.
+pub fn kubeconfig(server: &str, ca_pem: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\ncontexts:\n- name: skiff-admin\n  context:\n    cluster: skiff\n    user: admin\n    namespace: default\ncurrent-context: skiff-admin\nusers:\n- name: admin\n  user:\n    token: {token}\npreferences: {{}}\n",
+        ca = STANDARD.encode(ca_pem.as_bytes())
+    )
+}

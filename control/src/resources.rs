@@ -1,0 +1,134 @@
+//! The resources the apiserver serves: names, scope, subresources, and the
+//! etcd key layout `/registry/<resource>/<namespace>/<name>`.
+
+/// One served resource.
+#[derive(Debug)]
+pub struct Resource {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    /// Has a `status` subresource: the main resource ignores status changes
+    /// and `/status` changes nothing else.
+    pub status: bool,
+    /// Has a `scale` subresource (autoscaling/v1 Scale).
+    pub scale: bool,
+    /// Spec changes bump `metadata.generation`.
+    pub generation: bool,
+    pub categories: &'static [&'static str],
+}
+
+impl Resource {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The etcd prefix holding every object of this resource, or of one
+    /// namespace of it.
+    pub fn prefix(&self, namespace: Option<&str>) -> String {
+        match namespace.filter(|_| self.namespaced) {
+            Some(ns) => format!("/registry/{}/{ns}/", self.plural),
+            None => format!("/registry/{}/", self.plural),
+        }
+    }
+
+    pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
+        format!("{}{}", self.prefix(namespace), name)
+    }
+
+    pub fn is(&self, group: &str, plural: &str) -> bool {
+        self.group == group && self.plural == plural
+    }
+}
+
+const ALL: &[&str] = &["all"];
+
+macro_rules! resource {
+    ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr, $short:expr, status: $status:expr, scale: $scale:expr, generation: $gen:expr, categories: $cat:expr) => {
+        Resource {
+            group: $group,
+            version: $version,
+            kind: $kind,
+            plural: $plural,
+            singular: $singular,
+            namespaced: $ns,
+            short_names: $short,
+            status: $status,
+            scale: $scale,
+            generation: $gen,
+            categories: $cat,
+        }
+    };
+}
+
+pub static RESOURCES: &[Resource] = &[
+    resource!("", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], status: true, scale: false, generation: false, categories: &[]),
+    resource!("", "v1", "Pod", "pods", "pod", true, &["po"], status: true, scale: false, generation: true, categories: ALL),
+    resource!("", "v1", "Service", "services", "service", true, &["svc"], status: true, scale: false, generation: false, categories: ALL),
+    resource!("", "v1", "Endpoints", "endpoints", "endpoints", true, &["ep"], status: false, scale: false, generation: false, categories: &[]),
+    resource!("", "v1", "Node", "nodes", "node", false, &["no"], status: true, scale: false, generation: false, categories: &[]),
+    resource!("", "v1", "ConfigMap", "configmaps", "configmap", true, &["cm"], status: false, scale: false, generation: false, categories: &[]),
+    resource!("", "v1", "Secret", "secrets", "secret", true, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("", "v1", "Event", "events", "event", true, &["ev"], status: false, scale: false, generation: false, categories: &[]),
+    resource!("", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", true, &["sa"], status: false, scale: false, generation: false, categories: &[]),
+    resource!("coordination.k8s.io", "v1", "Lease", "leases", "lease", true, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", true, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("apps", "v1", "ReplicaSet", "replicasets", "replicaset", true, &["rs"], status: true, scale: true, generation: true, categories: ALL),
+    resource!("apps", "v1", "Deployment", "deployments", "deployment", true, &["deploy"], status: true, scale: true, generation: true, categories: ALL),
+    resource!("apps", "v1", "DaemonSet", "daemonsets", "daemonset", true, &["ds"], status: true, scale: false, generation: true, categories: ALL),
+    resource!("apps", "v1", "ControllerRevision", "controllerrevisions", "controllerrevision", true, &[], status: false, scale: false, generation: false, categories: &[]),
+];
+
+/// The groups in discovery order (core first, as upstream lists them).
+pub fn groups() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for r in RESOURCES {
+        if !r.group.is_empty() && !out.contains(&r.group) {
+            out.push(r.group);
+        }
+    }
+    out
+}
+
+pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.kind == kind && r.api_version() == api_version)
+}
+
+pub fn in_version(group: &str, version: &str) -> impl Iterator<Item = &'static Resource> {
+    let (g, v) = (group.to_string(), version.to_string());
+    RESOURCES
+        .iter()
+        .filter(move |r| r.group == g && r.version == v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_registry_layout() {
+        let pods = find("", "v1", "pods").expect("pods");
+        assert_eq!(
+            pods.key(Some("default"), "web-1"),
+            "/registry/pods/default/web-1"
+        );
+        assert_eq!(pods.prefix(None), "/registry/pods/");
+        let nodes = find("", "v1", "nodes").expect("nodes");
+        assert_eq!(nodes.key(Some("ignored"), "n1"), "/registry/nodes/n1");
+    }
+}

@@ -1,0 +1,176 @@
+//! Bringing the control plane up: etcd (given or local), trust material,
+//! the apiserver, the bootstrap objects, then the scheduler and the
+//! controllers as clients of that apiserver.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tracing::info;
+
+use crate::alloc::Cidr;
+use crate::api::{self, Api, ApiConfig};
+use crate::etcd::LocalEtcd;
+use crate::pki;
+use crate::resources;
+use crate::store::Store;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    Apiserver,
+    Scheduler,
+    Controllers,
+}
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub data_dir: PathBuf,
+    /// etcd endpoints; empty means: start a local etcd.
+    pub etcd: Vec<String>,
+    pub etcd_binary: String,
+    pub listen: SocketAddr,
+    /// Where the scheduler and controllers reach the apiserver (when the
+    /// apiserver is not in this process) — a kubeconfig.
+    pub kubeconfig: Option<PathBuf>,
+    pub components: Vec<Component>,
+    pub service_cidr: Cidr,
+    pub node_ports: (u16, u16),
+    pub tls_sans: Vec<String>,
+    /// Node lifecycle: how long a node's Lease may go unrenewed.
+    pub node_grace: std::time::Duration,
+    /// Node lifecycle: how long pods stay on a NotReady node.
+    pub eviction_timeout: std::time::Duration,
+}
+
+pub fn admin_kubeconfig_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("admin.kubeconfig")
+}
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(cfg: ControlConfig) -> Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let mut local_etcd = None;
+    let endpoints = if cfg.etcd.is_empty() {
+        let etcd = LocalEtcd::start(&cfg.etcd_binary, &cfg.data_dir)
+            .await
+            .context("starting the local etcd")?;
+        info!(url = %etcd.url, pid = ?etcd.pid(), "local etcd started");
+        let url = etcd.url.clone();
+        local_etcd = Some(etcd);
+        vec![url]
+    } else {
+        cfg.etcd.clone()
+    };
+
+    let mut tasks = Vec::new();
+    let kubeconfig = if cfg.components.contains(&Component::Apiserver) {
+        let store = Store::connect(&endpoints)
+            .await
+            .context("connecting to etcd")?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let bound = listener.local_addr().context("reading the bound address")?;
+        let advertise = if bound.ip().is_unspecified() {
+            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), bound.port())
+        } else {
+            bound
+        };
+        let sans = pki::default_sans(
+            &cfg.tls_sans,
+            Some(IpAddr::V4(cfg.service_cidr.first())),
+            advertise.ip(),
+        );
+        let pki = pki::load_or_create(&cfg.data_dir.join("pki"), &sans)
+            .context("preparing the CA and serving certificate")?;
+        let tls = api::tls_config(&pki.cert_pem, &pki.key_pem).map_err(anyhow::Error::msg)?;
+        let tokens = HashMap::from([(pki.admin_token.clone(), "admin".to_string())]);
+        let api = Api::new(
+            store,
+            ApiConfig {
+                service_cidr: cfg.service_cidr,
+                node_ports: cfg.node_ports,
+                tokens,
+                advertise,
+            },
+        );
+        bootstrap(&api, advertise)
+            .await
+            .context("creating the bootstrap objects")?;
+        let path = admin_kubeconfig_path(&cfg.data_dir);
+        let server = format!("https://{advertise}");
+        pki::write_private(
+            &path,
+            pki::kubeconfig(&server, &pki.ca_pem, &pki.admin_token).as_bytes(),
+        )?;
+        tasks.push(tokio::spawn(api::serve(listener, tls, api)));
+        info!(%server, kubeconfig = %path.display(), ms = started.elapsed().as_millis() as u64, "apiserver ready");
+        path
+    } else {
+        cfg.kubeconfig
+            .clone()
+            .context("--kubeconfig is needed when the apiserver runs elsewhere")?
+    };
+
+    if cfg.components.iter().any(|c| *c != Component::Apiserver) {
+        let client = crate::client::from_kubeconfig(&kubeconfig).await?;
+        if cfg.components.contains(&Component::Scheduler) {
+            tasks.push(tokio::spawn(crate::scheduler::run(client.clone())));
+        }
+        if cfg.components.contains(&Component::Controllers) {
+            let settings = crate::controllers::Settings {
+                node_grace: cfg.node_grace,
+                eviction_timeout: cfg.eviction_timeout,
+            };
+            for t in crate::controllers::spawn_all(client.clone(), settings) {
+                tasks.push(t);
+            }
+        }
+    }
+    info!(ms = started.elapsed().as_millis() as u64, components = ?cfg.components, "control plane up");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("stopping");
+    for t in tasks {
+        t.abort();
+    }
+    if let Some(etcd) = local_etcd {
+        etcd.stop().await;
+    }
+    Ok(())
+}
+
+/// The namespaces every cluster has and the `kubernetes` Service.
+async fn bootstrap(api: &Arc<Api>, advertise: SocketAddr) -> Result<()> {
+    let ns = resources::find("", "v1", "namespaces").context("namespaces")?;
+    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        api.ensure(ns, None, obj).await?;
+    }
+    let svc = resources::find("", "v1", "services").context("services")?;
+    let kubernetes = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+        "spec": {"clusterIP": api.first_service_ip(), "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": advertise.port()}]}
+    });
+    api.ensure(svc, Some("default"), kubernetes).await?;
+    let ep = resources::find("", "v1", "endpoints").context("endpoints")?;
+    let endpoints = json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "kubernetes", "namespace": "default"},
+        "subsets": [{"addresses": [{"ip": advertise.ip().to_string()}], "ports": [{"name": "https", "port": advertise.port(), "protocol": "TCP"}]}]
+    });
+    api.ensure(ep, Some("default"), endpoints).await?;
+    Ok(())
+}

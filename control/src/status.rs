@@ -1,0 +1,296 @@
+//! API errors and their one mapping to Kubernetes `Status` objects.
+//!
+//! Every failure a client can see goes through [`ApiError`], so the HTTP code,
+//! the `reason` and the `details` (kind, name, causes naming fields) are
+//! decided in one place, the way the upstream apiserver's `errors` package
+//! does it.
+
+use serde_json::{Value, json};
+
+/// One invalid field, reported in `details.causes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cause {
+    pub field: String,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cause {
+    pub fn required(field: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: "FieldValueRequired",
+            message: "Required value".into(),
+        }
+    }
+
+    pub fn invalid(field: impl Into<String>, value: impl std::fmt::Display, why: &str) -> Self {
+        Self {
+            field: field.into(),
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: \"{value}\": {why}"),
+        }
+    }
+
+    pub fn unsupported(field: impl Into<String>, value: &str, allowed: &[&str]) -> Self {
+        let allowed: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+        Self {
+            field: field.into(),
+            reason: "FieldValueNotSupported",
+            message: format!(
+                "Unsupported value: \"{value}\": supported values: {}",
+                allowed.join(", ")
+            ),
+        }
+    }
+
+    pub fn duplicate(field: impl Into<String>, value: impl std::fmt::Display) -> Self {
+        Self {
+            field: field.into(),
+            reason: "FieldValueDuplicate",
+            message: format!("Duplicate value: \"{value}\""),
+        }
+    }
+
+    pub fn forbidden(field: impl Into<String>, why: &str) -> Self {
+        Self {
+            field: field.into(),
+            reason: "FieldValueForbidden",
+            message: format!("Forbidden: {why}"),
+        }
+    }
+}
+
+/// What a `Status` says about the object concerned.
+#[derive(Debug, Default)]
+pub struct Details {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub group: Option<String>,
+    pub causes: Vec<Cause>,
+}
+
+/// An error answered to the client as a `Status`.
+#[derive(Debug, thiserror::Error)]
+#[error("{code} {reason}: {message}")]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub details: Box<Details>,
+}
+
+impl ApiError {
+    fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            details: Box::default(),
+        }
+    }
+
+    fn about(mut self, group: &str, plural: &str, name: &str) -> Self {
+        self.details.kind = Some(plural.to_string());
+        self.details.name = Some(name.to_string());
+        self.details.group = Some(group.to_string());
+        self
+    }
+
+    /// The same error with another message.
+    pub fn saying(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
+    pub fn causes(&self) -> &[Cause] {
+        &self.details.causes
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(401, "Unauthorized", "Unauthorized")
+    }
+
+    pub fn forbidden(group: &str, plural: &str, name: &str, why: &str) -> Self {
+        let what = qualified(group, plural);
+        Self::new(
+            403,
+            "Forbidden",
+            format!("{what} \"{name}\" is forbidden: {why}"),
+        )
+        .about(group, plural, name)
+    }
+
+    pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
+        let what = qualified(group, plural);
+        Self::new(404, "NotFound", format!("{what} \"{name}\" not found"))
+            .about(group, plural, name)
+    }
+
+    pub fn path_not_found(path: &str) -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str) -> Self {
+        Self::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method ({method}) on the requested resource"),
+        )
+    }
+
+    pub fn already_exists(group: &str, plural: &str, name: &str) -> Self {
+        let what = qualified(group, plural);
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{what} \"{name}\" already exists"),
+        )
+        .about(group, plural, name)
+    }
+
+    pub fn conflict(group: &str, plural: &str, name: &str) -> Self {
+        let what = qualified(group, plural);
+        Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {what} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+            ),
+        )
+        .about(group, plural, name)
+    }
+
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(410, "Expired", message)
+    }
+
+    pub fn unsupported_media(content_type: &str) -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type})"
+            ),
+        )
+    }
+
+    /// 422 with causes; `kind` is the object's Kind (Deployment, Pod, ...).
+    pub fn invalid(group: &str, kind: &str, name: &str, causes: Vec<Cause>) -> Self {
+        let list: Vec<String> = causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect();
+        let message = match list.len() {
+            1 => format!("{kind} \"{name}\" is invalid: {}", list[0]),
+            _ => format!("{kind} \"{name}\" is invalid: [{}]", list.join(", ")),
+        };
+        let mut e = Self::new(422, "Invalid", message).about(group, kind, name);
+        e.details.causes = causes;
+        e
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "InternalError", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "ServiceUnavailable", message)
+    }
+
+    pub fn to_status(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        let d = &self.details;
+        if d.kind.is_some() || !d.causes.is_empty() {
+            let causes: Vec<Value> = d
+                .causes
+                .iter()
+                .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
+                .collect();
+            let mut details = json!({});
+            if let Some(name) = &d.name {
+                details["name"] = json!(name);
+            }
+            if let Some(group) = d.group.as_deref().filter(|g| !g.is_empty()) {
+                details["group"] = json!(group);
+            }
+            if let Some(kind) = &d.kind {
+                details["kind"] = json!(kind);
+            }
+            if !causes.is_empty() {
+                details["causes"] = Value::Array(causes);
+            }
+            status["details"] = details;
+        }
+        status
+    }
+}
+
+fn qualified(group: &str, plural: &str) -> String {
+    if group.is_empty() {
+        plural.to_string()
+    } else {
+        format!("{plural}.{group}")
+    }
+}
+
+/// The `Status` of a successful delete, as the upstream apiserver answers
+/// when the object is gone at once.
+pub fn success(group: &str, plural: &str, name: &str, uid: &str) -> Value {
+    let mut details = json!({"name": name, "kind": plural, "uid": uid});
+    if !group.is_empty() {
+        details["group"] = json!(group);
+    }
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_names_the_field() {
+        let e = ApiError::invalid(
+            "apps",
+            "Deployment",
+            "web",
+            vec![Cause::invalid(
+                "spec.replicas",
+                -1,
+                "must be greater than or equal to 0",
+            )],
+        );
+        let s = e.to_status();
+        assert_eq!(s["code"], 422);
+        assert_eq!(s["details"]["causes"][0]["field"], "spec.replicas");
+        assert!(
+            s["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Deployment \"web\" is invalid: spec.replicas")),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn not_found_qualifies_group() {
+        let s = ApiError::not_found("apps", "deployments", "x").to_status();
+        assert_eq!(s["message"], "deployments.apps \"x\" not found");
+        assert_eq!(s["details"]["group"], "apps");
+    }
+}

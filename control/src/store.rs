@@ -1,0 +1,347 @@
+//! Object storage in etcd.
+//!
+//! Objects are stored as JSON under `/registry/<resource>/<ns>/<name>`
+//! without their `resourceVersion`: the version a client sees is the key's
+//! etcd `mod_revision`, and a list's version is the store revision it was
+//! read at, so list-then-watch from that revision misses nothing. Every
+//! write is one etcd transaction guarded by the revision the caller read,
+//! which is how stale updates become 409s and how a ClusterIP or NodePort
+//! is claimed in the same step as the Service that holds it.
+
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use futures::Stream;
+
+/// One stored object as read.
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("key {key} already exists")]
+    Exists { key: String },
+    #[error("key {key} not found")]
+    NotFound { key: String },
+    #[error("key {key} changed since revision {expected}")]
+    Conflict { key: String, expected: i64 },
+    #[error("revision {requested} has been compacted (oldest available {compacted})")]
+    Compacted { requested: i64, compacted: i64 },
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// A guard on another key, checked in the same transaction as a write.
+#[derive(Clone, Debug)]
+pub enum Guard {
+    /// The key must not exist (a claim on an allocated value).
+    Absent(String),
+}
+
+/// A change to another key made in the same transaction as a write.
+#[derive(Clone, Debug)]
+pub enum Side {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// A change seen by a watch.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Created (`prev` empty) or updated (`prev` is the object before).
+    Put { item: Item, prev: Option<Item> },
+    /// Deleted at `revision`; `last` is the object as it was before.
+    Delete { last: Item, revision: i64 },
+    /// Every change up to `revision` has been delivered.
+    Progress { revision: i64 },
+}
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+}
+
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("compacted")
+}
+
+impl Store {
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        let client = Client::connect(endpoints, None).await?;
+        Ok(Self { client })
+    }
+
+    fn kv(&self) -> KvClient {
+        self.client.kv_client()
+    }
+
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        let resp = self
+            .kv()
+            .get(
+                "/registry/",
+                Some(GetOptions::new().with_count_only().with_prefix()),
+            )
+            .await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Item>, StoreError> {
+        let resp = self.kv().get(key, None).await?;
+        Ok(resp.kvs().first().map(|kv| Item {
+            key: key.to_string(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }))
+    }
+
+    /// Everything under `prefix`, read at `revision` (latest when `None`),
+    /// and the revision the read saw.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        revision: Option<i64>,
+    ) -> Result<(Vec<Item>, i64), StoreError> {
+        let mut opts = GetOptions::new().with_prefix();
+        if let Some(rev) = revision {
+            opts = opts.with_revision(rev);
+        }
+        let resp = match self.kv().get(prefix, Some(opts)).await {
+            Ok(r) => r,
+            Err(e) if is_compacted(&e) => {
+                return Err(StoreError::Compacted {
+                    requested: revision.unwrap_or(0),
+                    compacted: 0,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let items = resp
+            .kvs()
+            .iter()
+            .map(|kv| Item {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect();
+        Ok((items, revision.unwrap_or(rev)))
+    }
+
+    /// Keys only, for the allocators.
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let resp = self
+            .kv()
+            .get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect())
+    }
+
+    /// Creates `key`; fails with `Exists` if it (or a guarded key) is there.
+    pub async fn create(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        guards: &[Guard],
+        sides: &[Side],
+    ) -> Result<i64, StoreError> {
+        let mut when = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
+        when.extend(guard_compares(guards));
+        let mut ops = vec![TxnOp::put(key, value, None)];
+        ops.extend(side_ops(sides));
+        let resp = self.kv().txn(Txn::new().when(when).and_then(ops)).await?;
+        if !resp.succeeded() {
+            let which = self.first_existing(key, guards).await?;
+            return Err(StoreError::Exists { key: which });
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn first_existing(&self, key: &str, guards: &[Guard]) -> Result<String, StoreError> {
+        if self.get(key).await?.is_some() {
+            return Ok(key.to_string());
+        }
+        for Guard::Absent(k) in guards {
+            if self.get(k).await?.is_some() {
+                return Ok(k.clone());
+            }
+        }
+        Ok(key.to_string())
+    }
+
+    /// Replaces `key` if it is still at `expected` (its mod revision).
+    pub async fn update(
+        &self,
+        key: &str,
+        expected: i64,
+        value: Vec<u8>,
+        guards: &[Guard],
+        sides: &[Side],
+    ) -> Result<i64, StoreError> {
+        let mut when = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
+        when.extend(guard_compares(guards));
+        let mut ops = vec![TxnOp::put(key, value, None)];
+        ops.extend(side_ops(sides));
+        let resp = self.kv().txn(Txn::new().when(when).and_then(ops)).await?;
+        if !resp.succeeded() {
+            return match self.get(key).await? {
+                None => Err(StoreError::NotFound { key: key.into() }),
+                Some(cur) if cur.mod_revision != expected => Err(StoreError::Conflict {
+                    key: key.into(),
+                    expected,
+                }),
+                Some(_) => Err(StoreError::Exists {
+                    key: self.first_existing("", guards).await?,
+                }),
+            };
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Deletes `key` if it is still at `expected`; returns the revision of
+    /// the delete.
+    pub async fn delete(
+        &self,
+        key: &str,
+        expected: i64,
+        sides: &[Side],
+    ) -> Result<i64, StoreError> {
+        let when = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
+        let mut ops = vec![TxnOp::delete(key, None)];
+        ops.extend(side_ops(sides));
+        let resp = self.kv().txn(Txn::new().when(when).and_then(ops)).await?;
+        if !resp.succeeded() {
+            return match self.get(key).await? {
+                None => Err(StoreError::NotFound { key: key.into() }),
+                Some(_) => Err(StoreError::Conflict {
+                    key: key.into(),
+                    expected,
+                }),
+            };
+        }
+        let deleted = resp.op_responses().iter().any(|r| match r {
+            TxnOpResponse::Delete(d) => d.deleted() > 0,
+            _ => false,
+        });
+        if !deleted {
+            return Err(StoreError::NotFound { key: key.into() });
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        self.kv().compact(revision, None).await?;
+        Ok(())
+    }
+
+    /// Changes under `prefix` after `after` (exclusive), in revision order,
+    /// with a `Progress` marker whenever `progress` ticks. Ends with
+    /// `Compacted` when `after` is older than etcd keeps.
+    pub async fn watch(
+        &self,
+        prefix: &str,
+        after: i64,
+        mut progress: tokio::time::Interval,
+    ) -> Result<impl Stream<Item = Result<Change, StoreError>> + use<>, StoreError> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(after + 1);
+        let mut stream = self.client.watch_client().watch(prefix, Some(opts)).await?;
+        Ok(async_stream_like(move |tx| async move {
+            progress.reset();
+            loop {
+                tokio::select! {
+                    _ = progress.tick() => {
+                        if let Err(e) = stream.request_progress().await {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                    msg = stream.message() => {
+                        let resp = match msg {
+                            Ok(Some(r)) => r,
+                            Ok(None) => return,
+                            Err(e) => { let _ = tx.send(Err(e.into())).await; return; }
+                        };
+                        if resp.compact_revision() > 0 || (resp.canceled() && resp.cancel_reason().contains("compact")) {
+                            let _ = tx.send(Err(StoreError::Compacted { requested: after, compacted: resp.compact_revision() })).await;
+                            return;
+                        }
+                        if resp.canceled() {
+                            let _ = tx.send(Err(StoreError::Etcd(etcd_client::Error::WatchError(resp.cancel_reason().to_string())))).await;
+                            return;
+                        }
+                        let header_rev = resp.header().map_or(0, |h| h.revision());
+                        if resp.events().is_empty() && !resp.created() {
+                            if tx.send(Ok(Change::Progress { revision: header_rev })).await.is_err() { return; }
+                            continue;
+                        }
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            let key = String::from_utf8_lossy(kv.key()).into_owned();
+                            let change = match ev.event_type() {
+                                EventType::Put => Change::Put {
+                                    prev: ev.prev_kv().filter(|_| kv.create_revision() != kv.mod_revision()).map(|p| Item {
+                                        key: key.clone(), value: p.value().to_vec(), mod_revision: p.mod_revision(),
+                                    }),
+                                    item: Item { key, value: kv.value().to_vec(), mod_revision: kv.mod_revision() },
+                                },
+                                EventType::Delete => {
+                                    let Some(prev) = ev.prev_kv() else { continue };
+                                    Change::Delete {
+                                        last: Item { key, value: prev.value().to_vec(), mod_revision: prev.mod_revision() },
+                                        revision: kv.mod_revision(),
+                                    }
+                                }
+                            };
+                            if tx.send(Ok(change)).await.is_err() { return; }
+                        }
+                    }
+                }
+            }
+        }))
+    }
+}
+
+/// A stream fed by a task: the task ends when the receiver is dropped.
+fn async_stream_like<T, F, Fut>(body: F) -> impl Stream<Item = T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(body(tx));
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn guard_compares(guards: &[Guard]) -> Vec<Compare> {
+    guards
+        .iter()
+        .map(|Guard::Absent(k)| Compare::create_revision(k.as_str(), CompareOp::Equal, 0))
+        .collect()
+}
+
+fn side_ops(sides: &[Side]) -> Vec<TxnOp> {
+    sides
+        .iter()
+        .map(|s| match s {
+            Side::Put(k, v) => TxnOp::put(k.as_str(), v.clone(), None),
+            Side::Delete(k) => TxnOp::delete(k.as_str(), None),
+        })
+        .collect()
+}

@@ -1,0 +1,545 @@
+//! `meta.k8s.io/v1` Table responses, which is what `kubectl get` asks for
+//! (`Accept: application/json;as=Table;v=v1;g=meta.k8s.io`): the columns and
+//! cells follow the upstream printers, wide-only columns have priority 1.
+
+use jiff::Timestamp;
+use serde_json::{Value, json};
+
+use crate::resources::Resource;
+
+/// Which object each row carries (`?includeObject=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Include {
+    None,
+    Metadata,
+    Object,
+}
+
+impl Include {
+    pub fn parse(s: Option<&str>) -> Self {
+        match s {
+            Some("None") => Self::None,
+            Some("Object") => Self::Object,
+            _ => Self::Metadata,
+        }
+    }
+}
+
+fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
+    let name = ("Name", "string", 0);
+    let age = ("Age", "string", 0);
+    match (r.group, r.plural) {
+        ("", "pods") => vec![
+            name,
+            ("Ready", "string", 0),
+            ("Status", "string", 0),
+            ("Restarts", "string", 0),
+            age,
+            ("IP", "string", 1),
+            ("Node", "string", 1),
+            ("Nominated Node", "string", 1),
+            ("Readiness Gates", "string", 1),
+        ],
+        ("", "services") => vec![
+            name,
+            ("Type", "string", 0),
+            ("Cluster-IP", "string", 0),
+            ("External-IP", "string", 0),
+            ("Port(s)", "string", 0),
+            age,
+            ("Selector", "string", 1),
+        ],
+        ("", "nodes") => vec![
+            name,
+            ("Status", "string", 0),
+            ("Roles", "string", 0),
+            age,
+            ("Version", "string", 0),
+            ("Internal-IP", "string", 1),
+        ],
+        ("", "namespaces") => vec![name, ("Status", "string", 0), age],
+        ("", "endpoints") => vec![name, ("Endpoints", "string", 0), age],
+        ("", "configmaps") => vec![name, ("Data", "integer", 0), age],
+        ("", "secrets") => vec![name, ("Type", "string", 0), ("Data", "integer", 0), age],
+        ("", "events") => vec![
+            ("Last Seen", "string", 0),
+            ("Type", "string", 0),
+            ("Reason", "string", 0),
+            ("Object", "string", 0),
+            ("Message", "string", 0),
+        ],
+        ("apps", "deployments") => vec![
+            name,
+            ("Ready", "string", 0),
+            ("Up-to-date", "integer", 0),
+            ("Available", "integer", 0),
+            age,
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
+        ("apps", "replicasets") => vec![
+            name,
+            ("Desired", "integer", 0),
+            ("Current", "integer", 0),
+            ("Ready", "integer", 0),
+            age,
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
+        ("apps", "daemonsets") => vec![
+            name,
+            ("Desired", "integer", 0),
+            ("Current", "integer", 0),
+            ("Ready", "integer", 0),
+            ("Up-to-date", "integer", 0),
+            ("Available", "integer", 0),
+            ("Node Selector", "string", 0),
+            age,
+        ],
+        ("discovery.k8s.io", "endpointslices") => vec![
+            name,
+            ("AddressType", "string", 0),
+            ("Ports", "string", 0),
+            ("Endpoints", "string", 0),
+            age,
+        ],
+        ("coordination.k8s.io", "leases") => vec![name, ("Holder", "string", 0), age],
+        _ => vec![name, age],
+    }
+}
+
+/// kubectl's short durations: `45s`, `3m20s`, `5h`, `2d3h`, `400d`.
+pub fn human_duration(secs: i64) -> String {
+    if secs < -1 {
+        return "<invalid>".into();
+    }
+    let s = secs.max(0);
+    let (m, h, d) = (s / 60, s / 3600, s / 86400);
+    match () {
+        _ if s < 120 => format!("{s}s"),
+        _ if m < 10 => match s % 60 {
+            0 => format!("{m}m"),
+            r => format!("{m}m{r}s"),
+        },
+        _ if m < 180 => format!("{m}m"),
+        _ if h < 8 => match m % 60 {
+            0 => format!("{h}h"),
+            r => format!("{h}h{r}m"),
+        },
+        _ if h < 48 => format!("{h}h"),
+        _ if h < 24 * 8 => match h % 24 {
+            0 => format!("{d}d"),
+            r => format!("{d}d{r}h"),
+        },
+        _ if d < 365 * 2 => format!("{d}d"),
+        _ if d < 365 * 8 => format!("{}y{}d", d / 365, d % 365),
+        _ => format!("{}y", d / 365),
+    }
+}
+
+fn age(obj: &Value, field: &str) -> String {
+    let Some(ts) = obj
+        .pointer(field)
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<Timestamp>().ok())
+    else {
+        return "<unknown>".into();
+    };
+    human_duration(Timestamp::now().as_second() - ts.as_second())
+}
+
+fn s<'a>(obj: &'a Value, pointer: &str) -> &'a str {
+    obj.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+fn n(obj: &Value, pointer: &str) -> i64 {
+    obj.pointer(pointer).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn or_none(v: String) -> String {
+    if v.is_empty() { "<none>".into() } else { v }
+}
+
+fn selector_string(sel: Option<&Value>) -> String {
+    let labels = sel
+        .and_then(|s| s.get("matchLabels").or(Some(s)))
+        .and_then(Value::as_object);
+    let parts: Vec<String> = labels
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| v.as_str().map(|v| format!("{k}={v}")))
+        .collect();
+    or_none(parts.join(","))
+}
+
+fn containers_and_images(obj: &Value) -> (String, String) {
+    let cs = obj
+        .pointer("/spec/template/spec/containers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = cs.iter().map(|c| s(c, "/name")).collect();
+    let images: Vec<&str> = cs.iter().map(|c| s(c, "/image")).collect();
+    (names.join(","), images.join(","))
+}
+
+fn pod_status(pod: &Value) -> String {
+    if pod.pointer("/metadata/deletionTimestamp").is_some() {
+        return "Terminating".into();
+    }
+    let mut reason = s(pod, "/status/reason").to_string();
+    if reason.is_empty() {
+        reason = s(pod, "/status/phase").to_string();
+    }
+    for cs in pod
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let waiting = s(cs, "/state/waiting/reason");
+        let terminated = s(cs, "/state/terminated/reason");
+        if !waiting.is_empty() {
+            reason = waiting.to_string();
+        } else if !terminated.is_empty() {
+            reason = terminated.to_string();
+        }
+    }
+    reason
+}
+
+fn pod_cells(pod: &Value) -> Vec<Value> {
+    let total = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let statuses = pod
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let ready = statuses.iter().filter(|c| c["ready"] == true).count();
+    let restarts: i64 = statuses.iter().map(|c| n(c, "/restartCount")).sum();
+    vec![
+        json!(format!("{ready}/{total}")),
+        json!(pod_status(pod)),
+        json!(restarts.to_string()),
+        json!(age(pod, "/metadata/creationTimestamp")),
+        json!(or_none(s(pod, "/status/podIP").to_string())),
+        json!(or_none(s(pod, "/spec/nodeName").to_string())),
+        json!(or_none(s(pod, "/status/nominatedNodeName").to_string())),
+        json!("<none>"),
+    ]
+}
+
+fn service_ports(svc: &Value) -> String {
+    let ports: Vec<String> = svc
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+            match p.get("nodePort").and_then(Value::as_i64) {
+                Some(np) => format!("{}:{np}/{proto}", n(p, "/port")),
+                None => format!("{}/{proto}", n(p, "/port")),
+            }
+        })
+        .collect();
+    or_none(ports.join(","))
+}
+
+fn node_status(node: &Value) -> String {
+    let ready = node
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Ready")
+        .map(|c| s(c, "/status").to_string());
+    let mut out = match ready.as_deref() {
+        Some("True") => "Ready".to_string(),
+        Some(_) => "NotReady".to_string(),
+        None => "Unknown".to_string(),
+    };
+    if node.pointer("/spec/unschedulable") == Some(&Value::Bool(true)) {
+        out.push_str(",SchedulingDisabled");
+    }
+    out
+}
+
+fn cells(r: &Resource, o: &Value) -> Vec<Value> {
+    let name = json!(s(o, "/metadata/name"));
+    let created = json!(age(o, "/metadata/creationTimestamp"));
+    let mut row = match (r.group, r.plural) {
+        ("", "pods") => pod_cells(o),
+        ("", "services") => {
+            let mut external: Vec<String> = o
+                .pointer("/spec/externalIPs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            external.extend(
+                o.pointer("/status/loadBalancer/ingress")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.get("ip").and_then(Value::as_str).map(String::from)),
+            );
+            let ext = match (external.is_empty(), s(o, "/spec/type")) {
+                (true, "LoadBalancer") => "<pending>".to_string(),
+                (true, "ExternalName") => s(o, "/spec/externalName").to_string(),
+                (true, _) => "<none>".to_string(),
+                (false, _) => external.join(","),
+            };
+            vec![
+                json!(s(o, "/spec/type")),
+                json!(or_none(s(o, "/spec/clusterIP").into())),
+                json!(ext),
+                json!(service_ports(o)),
+                created.clone(),
+                json!(selector_string(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("", "nodes") => {
+            let roles: Vec<&str> = o
+                .pointer("/metadata/labels")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, _)| k.strip_prefix("node-role.kubernetes.io/"))
+                .collect();
+            let internal = o
+                .pointer("/status/addresses")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .find(|a| a["type"] == "InternalIP")
+                .map(|a| s(a, "/address").to_string())
+                .unwrap_or_default();
+            vec![
+                json!(node_status(o)),
+                json!(or_none(roles.join(","))),
+                created.clone(),
+                json!(s(o, "/status/nodeInfo/kubeletVersion")),
+                json!(or_none(internal)),
+            ]
+        }
+        ("", "namespaces") => vec![json!(s(o, "/status/phase")), created.clone()],
+        ("", "endpoints") => {
+            let mut eps = Vec::new();
+            for subset in o
+                .pointer("/subsets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                for a in subset
+                    .get("addresses")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    for p in subset
+                        .get("ports")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        eps.push(format!("{}:{}", s(a, "/ip"), n(p, "/port")));
+                    }
+                }
+            }
+            vec![json!(or_none(eps.join(","))), created.clone()]
+        }
+        ("", "configmaps") => {
+            let data = o
+                .get("data")
+                .and_then(Value::as_object)
+                .map_or(0, |m| m.len())
+                + o.get("binaryData")
+                    .and_then(Value::as_object)
+                    .map_or(0, |m| m.len());
+            vec![json!(data), created.clone()]
+        }
+        ("", "secrets") => vec![
+            json!(s(o, "/type")),
+            json!(
+                o.get("data")
+                    .and_then(Value::as_object)
+                    .map_or(0, |m| m.len())
+            ),
+            created.clone(),
+        ],
+        ("", "events") => {
+            let seen = if o.pointer("/lastTimestamp").is_some() {
+                age(o, "/lastTimestamp")
+            } else {
+                age(o, "/eventTime")
+            };
+            let object = format!(
+                "{}/{}",
+                s(o, "/involvedObject/kind").to_lowercase(),
+                s(o, "/involvedObject/name")
+            );
+            return vec![
+                json!(seen),
+                json!(s(o, "/type")),
+                json!(s(o, "/reason")),
+                json!(object),
+                json!(s(o, "/message")),
+            ];
+        }
+        ("apps", "deployments") => {
+            let (c, i) = containers_and_images(o);
+            vec![
+                json!(format!(
+                    "{}/{}",
+                    n(o, "/status/readyReplicas"),
+                    n(o, "/spec/replicas")
+                )),
+                json!(n(o, "/status/updatedReplicas")),
+                json!(n(o, "/status/availableReplicas")),
+                created.clone(),
+                json!(c),
+                json!(i),
+                json!(selector_string(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("apps", "replicasets") => {
+            let (c, i) = containers_and_images(o);
+            vec![
+                json!(n(o, "/spec/replicas")),
+                json!(n(o, "/status/replicas")),
+                json!(n(o, "/status/readyReplicas")),
+                created.clone(),
+                json!(c),
+                json!(i),
+                json!(selector_string(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("apps", "daemonsets") => vec![
+            json!(n(o, "/status/desiredNumberScheduled")),
+            json!(n(o, "/status/currentNumberScheduled")),
+            json!(n(o, "/status/numberReady")),
+            json!(n(o, "/status/updatedNumberScheduled")),
+            json!(n(o, "/status/numberAvailable")),
+            json!(selector_string(
+                o.pointer("/spec/template/spec/nodeSelector")
+            )),
+            created.clone(),
+        ],
+        ("discovery.k8s.io", "endpointslices") => {
+            let ports: Vec<String> = o
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| n(p, "/port").to_string())
+                .collect();
+            let addrs: Vec<&str> = o
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .flat_map(|e| {
+                    e.get("addresses")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                })
+                .collect();
+            vec![
+                json!(s(o, "/addressType")),
+                json!(or_none(ports.join(","))),
+                json!(or_none(addrs.join(","))),
+                created.clone(),
+            ]
+        }
+        ("coordination.k8s.io", "leases") => {
+            vec![json!(s(o, "/spec/holderIdentity")), created.clone()]
+        }
+        _ => vec![created.clone()],
+    };
+    row.insert(0, name);
+    row
+}
+
+fn row_object(o: &Value, include: Include) -> Option<Value> {
+    match include {
+        Include::None => None,
+        Include::Object => Some(o.clone()),
+        Include::Metadata => Some(json!({
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": o.get("metadata").cloned().unwrap_or(json!({})),
+        })),
+    }
+}
+
+/// One object or a list's items as a Table.
+pub fn table(r: &Resource, items: &[Value], list_meta: Value, include: Include) -> Value {
+    let defs: Vec<Value> = columns(r)
+        .into_iter()
+        .map(|(name, ty, priority)| {
+            let format = if name == "Name" { "name" } else { "" };
+            json!({"name": name, "type": ty, "format": format, "description": "", "priority": priority})
+        })
+        .collect();
+    let rows: Vec<Value> = items
+        .iter()
+        .map(|o| {
+            let mut row = json!({"cells": cells(r, o)});
+            if let Some(obj) = row_object(o, include) {
+                row["object"] = obj;
+            }
+            row
+        })
+        .collect();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": list_meta,
+        "columnDefinitions": defs,
+        "rows": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::find;
+
+    #[test]
+    fn durations_like_kubectl() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(200), "3m20s");
+        assert_eq!(human_duration(3 * 3600), "3h");
+        assert_eq!(human_duration(50 * 3600), "2d2h");
+        assert_eq!(human_duration(400 * 86400), "400d");
+    }
+
+    #[test]
+    fn pod_rows() {
+        let pods = find("", "v1", "pods").expect("pods");
+        let pod = json!({"metadata": {"name": "web-1", "creationTimestamp": "2020-01-01T00:00:00Z"},
+            "spec": {"containers": [{"name": "a"}], "nodeName": "n1"},
+            "status": {"phase": "Running", "podIP": "10.244.1.5", "containerStatuses": [{"ready": true, "restartCount": 2}]}});
+        let t = table(pods, &[pod], json!({}), Include::Metadata);
+        assert_eq!(t["columnDefinitions"].as_array().map(Vec::len), Some(9));
+        let cells = &t["rows"][0]["cells"];
+        assert_eq!(cells[0], "web-1");
+        assert_eq!(cells[1], "1/1");
+        assert_eq!(cells[2], "Running");
+        assert_eq!(cells[3], "2");
+        assert_eq!(cells[6], "n1");
+        assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
+    }
+}

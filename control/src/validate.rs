@@ -1,0 +1,633 @@
+//! Decoding, defaulting and validation of incoming objects.
+//!
+//! An object is first decoded into its upstream k8s-openapi type (a type
+//! error is a 400 naming the field path) and re-encoded, which drops unknown
+//! fields as the upstream apiserver does. Then the defaults the upstream
+//! types document are filled in, and the semantic rules are checked; every
+//! violation becomes a cause of one 422, named by its field path.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use k8s_openapi::api::{
+    apps::v1 as apps, coordination::v1 as coordination, core::v1 as core,
+    discovery::v1 as discovery,
+};
+use serde_json::{Map, Value, json};
+
+use crate::resources::Resource;
+use crate::status::{ApiError, Cause};
+
+fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
+    v: &Value,
+) -> Result<Value, ApiError> {
+    let typed: T = serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad_request(format!("error decoding object: {path}: {}", e.inner()))
+    })?;
+    serde_json::to_value(typed).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Decodes `v` as the resource's upstream type and encodes it again.
+pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
+    match (r.group, r.kind) {
+        ("", "Namespace") => roundtrip::<core::Namespace>(v),
+        ("", "Pod") => roundtrip::<core::Pod>(v),
+        ("", "Service") => roundtrip::<core::Service>(v),
+        ("", "Endpoints") => roundtrip::<core::Endpoints>(v),
+        ("", "Node") => roundtrip::<core::Node>(v),
+        ("", "ConfigMap") => roundtrip::<core::ConfigMap>(v),
+        ("", "Secret") => roundtrip::<core::Secret>(v),
+        ("", "Event") => roundtrip::<core::Event>(v),
+        ("", "ServiceAccount") => roundtrip::<core::ServiceAccount>(v),
+        ("coordination.k8s.io", "Lease") => roundtrip::<coordination::Lease>(v),
+        ("discovery.k8s.io", "EndpointSlice") => roundtrip::<discovery::EndpointSlice>(v),
+        ("apps", "ReplicaSet") => roundtrip::<apps::ReplicaSet>(v),
+        ("apps", "Deployment") => roundtrip::<apps::Deployment>(v),
+        ("apps", "DaemonSet") => roundtrip::<apps::DaemonSet>(v),
+        ("apps", "ControllerRevision") => roundtrip::<apps::ControllerRevision>(v),
+        _ => Ok(v.clone()),
+    }
+}
+
+fn set_default(obj: &mut Value, field: &str, value: Value) {
+    if let Some(m) = obj.as_object_mut() {
+        m.entry(field).or_insert(value);
+    }
+}
+
+fn obj_mut<'a>(v: &'a mut Value, field: &str) -> &'a mut Value {
+    if !v.get(field).is_some_and(Value::is_object) {
+        v[field] = json!({});
+    }
+    &mut v[field]
+}
+
+/// Fills in the defaults of the upstream types.
+pub fn default(r: &Resource, v: &mut Value) {
+    match (r.group, r.kind) {
+        ("", "Pod") => {
+            default_pod_spec(obj_mut(v, "spec"));
+            let status = obj_mut(v, "status");
+            set_default(status, "phase", json!("Pending"));
+        }
+        ("", "Service") => default_service(obj_mut(v, "spec")),
+        ("", "Namespace") => {
+            set_default(obj_mut(v, "spec"), "finalizers", json!(["kubernetes"]));
+            set_default(obj_mut(v, "status"), "phase", json!("Active"));
+        }
+        ("", "Secret") => set_default(v, "type", json!("Opaque")),
+        ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet")) => {
+            let spec = obj_mut(v, "spec");
+            if kind != "DaemonSet" {
+                set_default(spec, "replicas", json!(1));
+            }
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            if kind == "Deployment" {
+                set_default(spec, "progressDeadlineSeconds", json!(600));
+                let strategy = obj_mut(spec, "strategy");
+                set_default(strategy, "type", json!("RollingUpdate"));
+                if strategy["type"] == "RollingUpdate" {
+                    let ru = obj_mut(strategy, "rollingUpdate");
+                    set_default(ru, "maxSurge", json!("25%"));
+                    set_default(ru, "maxUnavailable", json!("25%"));
+                }
+            }
+            if kind == "DaemonSet" {
+                let strategy = obj_mut(spec, "updateStrategy");
+                set_default(strategy, "type", json!("RollingUpdate"));
+                if strategy["type"] == "RollingUpdate" {
+                    let ru = obj_mut(strategy, "rollingUpdate");
+                    set_default(ru, "maxUnavailable", json!(1));
+                    set_default(ru, "maxSurge", json!(0));
+                }
+            }
+            let template = obj_mut(spec, "template");
+            default_pod_spec(obj_mut(template, "spec"));
+        }
+        _ => {}
+    }
+}
+
+fn default_pod_spec(spec: &mut Value) {
+    set_default(spec, "restartPolicy", json!("Always"));
+    set_default(spec, "dnsPolicy", json!("ClusterFirst"));
+    set_default(spec, "schedulerName", json!("default-scheduler"));
+    set_default(spec, "terminationGracePeriodSeconds", json!(30));
+    set_default(spec, "securityContext", json!({}));
+    for list in ["containers", "initContainers"] {
+        let Some(Value::Array(cs)) = spec.get_mut(list) else {
+            continue;
+        };
+        for c in cs {
+            let image = c.get("image").and_then(Value::as_str).unwrap_or_default();
+            let tagless = !image.rsplit('/').next().unwrap_or_default().contains(':');
+            let policy = if image.ends_with(":latest") || (tagless && !image.contains('@')) {
+                "Always"
+            } else {
+                "IfNotPresent"
+            };
+            set_default(c, "imagePullPolicy", json!(policy));
+            set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
+            set_default(c, "terminationMessagePolicy", json!("File"));
+            set_default(c, "resources", json!({}));
+            if let Some(Value::Array(ports)) = c.get_mut("ports") {
+                for p in ports {
+                    set_default(p, "protocol", json!("TCP"));
+                }
+            }
+        }
+    }
+}
+
+fn default_service(spec: &mut Value) {
+    set_default(spec, "type", json!("ClusterIP"));
+    set_default(spec, "sessionAffinity", json!("None"));
+    if spec["sessionAffinity"] == "ClientIP" {
+        let cfg = obj_mut(spec, "sessionAffinityConfig");
+        let ip = obj_mut(cfg, "clientIP");
+        set_default(ip, "timeoutSeconds", json!(10800));
+    }
+    if spec["type"] != "ExternalName" {
+        set_default(spec, "internalTrafficPolicy", json!("Cluster"));
+    }
+    if matches!(spec["type"].as_str(), Some("NodePort" | "LoadBalancer")) {
+        set_default(spec, "externalTrafficPolicy", json!("Cluster"));
+    }
+    if let Some(Value::Array(ports)) = spec.get_mut("ports") {
+        for p in ports {
+            set_default(p, "protocol", json!("TCP"));
+            if let Some(port) = p.get("port").cloned() {
+                set_default(p, "targetPort", port);
+            }
+        }
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Label keys are `[prefix/]name`, values up to 63 of `[A-Za-z0-9._-]`
+/// starting and ending alphanumeric.
+fn is_label_value(s: &str) -> bool {
+    s.is_empty()
+        || (s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+            && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric))
+}
+
+fn is_label_key(k: &str) -> bool {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    prefix.is_none_or(is_dns_subdomain) && !name.is_empty() && is_label_value(name)
+}
+
+struct Check {
+    causes: Vec<Cause>,
+}
+
+impl Check {
+    fn push(&mut self, c: Cause) {
+        self.causes.push(c);
+    }
+
+    fn labels(&mut self, field: &str, labels: Option<&Map<String, Value>>) {
+        for (k, v) in labels.into_iter().flatten() {
+            if !is_label_key(k) {
+                self.push(Cause::invalid(field, k, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+            }
+            if !v.as_str().is_some_and(is_label_value) {
+                self.push(Cause::invalid(format!("{field}[{k}]"), v.as_str().unwrap_or_default(), "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+            }
+        }
+    }
+
+    fn port(&mut self, field: &str, v: Option<&Value>, required: bool) {
+        match v.and_then(Value::as_i64) {
+            None if required => self.push(Cause::required(field)),
+            None => {}
+            Some(p) if !(1..=65535).contains(&p) => {
+                self.push(Cause::invalid(
+                    field,
+                    p,
+                    "must be between 1 and 65535, inclusive",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn pod_spec(&mut self, at: &str, spec: &Value) {
+        let containers = spec.get("containers").and_then(Value::as_array);
+        if containers.is_none_or(Vec::is_empty) {
+            self.push(Cause::required(format!("{at}.containers")));
+        }
+        let mut names = HashSet::new();
+        for (list, cs) in [
+            ("containers", containers),
+            (
+                "initContainers",
+                spec.get("initContainers").and_then(Value::as_array),
+            ),
+        ] {
+            for (i, c) in cs.into_iter().flatten().enumerate() {
+                let f = format!("{at}.{list}[{i}]");
+                match c.get("name").and_then(Value::as_str) {
+                    None | Some("") => self.push(Cause::required(format!("{f}.name"))),
+                    Some(n) if !is_dns_label(n) => self.push(Cause::invalid(format!("{f}.name"), n, "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-'")),
+                    Some(n) if !names.insert(n.to_string()) => self.push(Cause::duplicate(format!("{f}.name"), n)),
+                    Some(_) => {}
+                }
+                if c.get("image")
+                    .and_then(Value::as_str)
+                    .is_none_or(|s| s.trim().is_empty())
+                {
+                    self.push(Cause::required(format!("{f}.image")));
+                }
+                for (j, p) in c
+                    .get("ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    self.port(
+                        &format!("{f}.ports[{j}].containerPort"),
+                        p.get("containerPort"),
+                        true,
+                    );
+                    self.port(
+                        &format!("{f}.ports[{j}].hostPort"),
+                        p.get("hostPort"),
+                        false,
+                    );
+                    self.protocol(&format!("{f}.ports[{j}].protocol"), p.get("protocol"));
+                }
+            }
+        }
+        if let Some(p) = spec.get("restartPolicy").and_then(Value::as_str)
+            && !matches!(p, "Always" | "OnFailure" | "Never")
+        {
+            self.push(Cause::unsupported(
+                format!("{at}.restartPolicy"),
+                p,
+                &["Always", "OnFailure", "Never"],
+            ));
+        }
+    }
+
+    fn protocol(&mut self, field: &str, v: Option<&Value>) {
+        if let Some(p) = v.and_then(Value::as_str)
+            && !matches!(p, "TCP" | "UDP" | "SCTP")
+        {
+            self.push(Cause::unsupported(field, p, &["SCTP", "TCP", "UDP"]));
+        }
+    }
+
+    fn service(&mut self, spec: &Value, node_ports: (u16, u16)) {
+        let ty = spec
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP");
+        if !matches!(
+            ty,
+            "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+        ) {
+            self.push(Cause::unsupported(
+                "spec.type",
+                ty,
+                &["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"],
+            ));
+        }
+        let headless = spec.get("clusterIP").and_then(Value::as_str) == Some("None");
+        let ports = spec.get("ports").and_then(Value::as_array);
+        if ty != "ExternalName" && !headless && ports.is_none_or(Vec::is_empty) {
+            self.push(Cause::required("spec.ports"));
+        }
+        let ports = ports.map(Vec::as_slice).unwrap_or_default();
+        let (mut names, mut seen) = (HashSet::new(), HashSet::new());
+        for (i, p) in ports.iter().enumerate() {
+            let f = format!("spec.ports[{i}]");
+            self.port(&format!("{f}.port"), p.get("port"), true);
+            self.protocol(&format!("{f}.protocol"), p.get("protocol"));
+            let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
+            if ports.len() > 1 && name.is_empty() {
+                self.push(Cause::required(format!("{f}.name")));
+            }
+            if !name.is_empty() && !names.insert(name.to_string()) {
+                self.push(Cause::duplicate(format!("{f}.name"), name));
+            }
+            let key = (
+                p.get("port").and_then(Value::as_i64),
+                p.get("protocol")
+                    .and_then(Value::as_str)
+                    .unwrap_or("TCP")
+                    .to_string(),
+            );
+            if key.0.is_some() && !seen.insert(key.clone()) {
+                self.push(Cause::duplicate(
+                    f.clone(),
+                    format!("{}/{}", key.0.unwrap_or_default(), key.1),
+                ));
+            }
+            if let Some(tp) = p.get("targetPort").filter(|tp| Some(*tp) != p.get("port")) {
+                match tp {
+                    Value::Number(n) => self.port(&format!("{f}.targetPort"), Some(&json!(n)), false),
+                    Value::String(s) if !is_dns_label(s) || s.len() > 15 => self.push(Cause::invalid(format!("{f}.targetPort"), s, "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)")),
+                    _ => {}
+                }
+            }
+            if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
+                if ty == "ClusterIP" {
+                    self.push(Cause::forbidden(
+                        format!("{f}.nodePort"),
+                        "may not be used when `type` is 'ClusterIP'",
+                    ));
+                } else if !(i64::from(node_ports.0)..=i64::from(node_ports.1)).contains(&np) {
+                    self.push(Cause::invalid(format!("{f}.nodePort"), np, &format!("provided port is not in the valid range. The range of valid ports is {}-{}", node_ports.0, node_ports.1)));
+                }
+            }
+        }
+        if let Some(ip) = spec.get("clusterIP").and_then(Value::as_str)
+            && !ip.is_empty()
+            && ip != "None"
+            && ip.parse::<IpAddr>().is_err()
+        {
+            self.push(Cause::invalid(
+                "spec.clusterIP",
+                ip,
+                "must be empty, 'None', or a valid IP address",
+            ));
+        }
+        for (i, ip) in spec
+            .get("externalIPs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if ip.as_str().is_none_or(|s| s.parse::<IpAddr>().is_err()) {
+                self.push(Cause::invalid(
+                    format!("spec.externalIPs[{i}]"),
+                    ip.as_str().unwrap_or_default(),
+                    "must be a valid IP address",
+                ));
+            }
+        }
+        if let Some(t) = spec
+            .pointer("/sessionAffinityConfig/clientIP/timeoutSeconds")
+            .and_then(Value::as_i64)
+            && !(1..=86400).contains(&t)
+        {
+            self.push(Cause::invalid(
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                t,
+                "must be greater than 0 and less than 86400",
+            ));
+        }
+    }
+
+    fn workload(&mut self, kind: &str, spec: &Value) {
+        if let Some(n) = spec.get("replicas").and_then(Value::as_i64)
+            && n < 0
+        {
+            self.push(Cause::invalid(
+                "spec.replicas",
+                n,
+                "must be greater than or equal to 0",
+            ));
+        }
+        let selector = spec.get("selector");
+        let match_labels = selector
+            .and_then(|s| s.get("matchLabels"))
+            .and_then(Value::as_object);
+        let exprs = selector
+            .and_then(|s| s.get("matchExpressions"))
+            .and_then(Value::as_array);
+        if match_labels.is_none_or(Map::is_empty) && exprs.is_none_or(Vec::is_empty) {
+            self.push(Cause::required("spec.selector"));
+        }
+        let template_labels = spec
+            .pointer("/template/metadata/labels")
+            .and_then(Value::as_object);
+        self.labels("spec.template.metadata.labels", template_labels);
+        if let Some(ml) = match_labels {
+            let ok = ml
+                .iter()
+                .all(|(k, v)| template_labels.and_then(|t| t.get(k)) == Some(v));
+            if !ok {
+                let shown: Vec<String> = template_labels
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}:{}", v.as_str().unwrap_or_default()))
+                    .collect();
+                self.push(Cause::invalid(
+                    "spec.template.metadata.labels",
+                    format!("map[{}]", shown.join(" ")),
+                    "`selector` does not match template `labels`",
+                ));
+            }
+        }
+        match spec.get("template").and_then(|t| t.get("spec")) {
+            Some(pod) => self.pod_spec("spec.template.spec", pod),
+            None => self.push(Cause::required("spec.template.spec")),
+        }
+        if kind == "Deployment"
+            && spec
+                .pointer("/template/spec/restartPolicy")
+                .and_then(Value::as_str)
+                .is_some_and(|p| p != "Always")
+        {
+            self.push(Cause::unsupported(
+                "spec.template.spec.restartPolicy",
+                spec.pointer("/template/spec/restartPolicy")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+                &["Always"],
+            ));
+        }
+    }
+}
+
+/// Settings validation depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub node_ports: (u16, u16),
+}
+
+/// Checks an object that is about to be stored.
+pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError> {
+    let mut c = Check { causes: Vec::new() };
+    let meta = v.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let label_named = matches!(r.kind, "Namespace" | "Service");
+    if name.is_empty() {
+        c.push(Cause::required("metadata.name"));
+    } else if label_named && !is_dns_label(name) {
+        c.push(Cause::invalid("metadata.name", name, "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"));
+    } else if !label_named && !is_dns_subdomain(name) {
+        c.push(Cause::invalid("metadata.name", name, "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"));
+    }
+    c.labels(
+        "metadata.labels",
+        meta.and_then(|m| m.get("labels"))
+            .and_then(Value::as_object),
+    );
+    let spec = v.get("spec").cloned().unwrap_or(Value::Null);
+    match (r.group, r.kind) {
+        ("", "Pod") => c.pod_spec("spec", &spec),
+        ("", "Service") => c.service(&spec, limits.node_ports),
+        ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet")) => c.workload(kind, &spec),
+        ("", "ConfigMap" | "Secret") => {
+            for field in ["data", "binaryData", "stringData"] {
+                for k in v
+                    .get(field)
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k)
+                {
+                    let ok = !k.is_empty()
+                        && k.len() <= 253
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                    if !ok {
+                        c.push(Cause::invalid(format!("{field}[{k}]"), k, "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
+                    }
+                }
+            }
+        }
+        ("discovery.k8s.io", "EndpointSlice") => {
+            let at = v
+                .get("addressType")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !matches!(at, "IPv4" | "IPv6" | "FQDN") {
+                c.push(Cause::unsupported(
+                    "addressType",
+                    at,
+                    &["IPv4", "IPv6", "FQDN"],
+                ));
+            }
+            for (i, e) in v
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                if e.get("addresses")
+                    .and_then(Value::as_array)
+                    .is_none_or(Vec::is_empty)
+                {
+                    c.push(Cause::required(format!("endpoints[{i}].addresses")));
+                }
+            }
+        }
+        _ => {}
+    }
+    if c.causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(r.group, r.kind, name, c.causes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::find;
+
+    const LIMITS: Limits = Limits {
+        node_ports: (30000, 32767),
+    };
+
+    fn fields(r: Result<(), ApiError>) -> Vec<String> {
+        r.err()
+            .map(|e| e.causes().iter().map(|c| c.field.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn deployment_rules_name_fields() {
+        let d = find("apps", "v1", "deployments").expect("deployments");
+        let bad = json!({"metadata": {"name": "web"}, "spec": {"replicas": -1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "other"}}, "spec": {"containers": [{"name": "app"}]}}}});
+        assert_eq!(
+            fields(validate(d, &bad, LIMITS)),
+            [
+                "spec.replicas",
+                "spec.template.metadata.labels",
+                "spec.template.spec.containers[0].image"
+            ]
+        );
+    }
+
+    #[test]
+    fn service_rules() {
+        let s = find("", "v1", "services").expect("services");
+        let mut bad = json!({"metadata": {"name": "Bad_Name"}, "spec": {"clusterIP": "10.96.0.999",
+            "ports": [{"name": "a", "port": 70000}, {"name": "a", "port": 80, "nodePort": 31000}]}});
+        default(s, &mut bad);
+        assert_eq!(
+            fields(validate(s, &bad, LIMITS)),
+            [
+                "metadata.name",
+                "spec.ports[0].port",
+                "spec.ports[1].name",
+                "spec.ports[1].nodePort",
+                "spec.clusterIP"
+            ]
+        );
+        let mut good = json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}});
+        default(s, &mut good);
+        assert!(validate(s, &good, LIMITS).is_ok());
+        assert_eq!(good["spec"]["ports"][0]["targetPort"], 80);
+        assert_eq!(good["spec"]["type"], "ClusterIP");
+    }
+
+    #[test]
+    fn decode_names_the_bad_field() {
+        let d = find("apps", "v1", "deployments").expect("deployments");
+        let err = decode(
+            d,
+            &json!({"metadata": {"name": "x"}, "spec": {"replicas": "three"}}),
+        )
+        .err()
+        .map(|e| e.message)
+        .unwrap_or_default();
+        assert!(err.contains("spec.replicas"), "{err}");
+    }
+
+    #[test]
+    fn pod_defaults() {
+        let p = find("", "v1", "pods").expect("pods");
+        let mut pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "busybox"}, {"name": "d", "image": "reg:5000/busybox:1.36"}]}});
+        default(p, &mut pod);
+        assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "Always");
+        assert_eq!(
+            pod["spec"]["containers"][1]["imagePullPolicy"],
+            "IfNotPresent"
+        );
+        assert_eq!(pod["status"]["phase"], "Pending");
+        assert!(validate(p, &pod, LIMITS).is_ok());
+    }
+}
