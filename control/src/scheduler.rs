@@ -1,3 +1,615 @@
-//! The scheduler.
+//! The scheduler: binds each pending pod (no `spec.nodeName`, scheduler
+//! `default-scheduler`) to the best feasible node through `pods/binding`.
+//!
+//! Filters: node unschedulable, taints vs tolerations, nodeSelector,
+//! required node affinity, resource requests vs allocatable, host ports.
+//! Scores: least allocated (CPU and memory), and spreading pods of the same
+//! controller across nodes. A pod that fits nowhere gets
+//! `PodScheduled=False/Unschedulable` and a `FailedScheduling` event, and is
+//! tried again on every change of nodes or pods. A bound pod is assumed on
+//! its node until the pod store shows the binding, so one pass never
+//! over-commits a node.
 
-pub async fn run(_client: kube::Client) {}
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Binding, Event, Node, NodeSelectorRequirement, ObjectReference, Pod, Taint, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use futures::StreamExt;
+
+use crate::controllers::{controller_of, is_active, name_of, next_pass, ns_of, ready, reflect};
+
+pub const SCHEDULER_NAME: &str = "default-scheduler";
+
+/// A Kubernetes quantity in base units (`100m` → 0.1, `1Gi` → 2^30).
+pub fn parse_quantity(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        _ => return None,
+    };
+    Some(n * mult)
+}
+
+/// A pod's requests: CPU in millicores, memory in bytes (limits stand in
+/// for missing requests; init containers count by their maximum).
+pub fn requests(pod: &Pod) -> (i64, i64) {
+    let Some(spec) = pod.spec.as_ref() else {
+        return (0, 0);
+    };
+    let of = |c: &k8s_openapi::api::core::v1::Container, res: &str| -> f64 {
+        let r = c.resources.as_ref();
+        let q = r
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|m| m.get(res))
+            .or_else(|| r.and_then(|r| r.limits.as_ref()).and_then(|m| m.get(res)));
+        q.and_then(|q| parse_quantity(&q.0)).unwrap_or(0.0)
+    };
+    let sum = |res: &str| spec.containers.iter().map(|c| of(c, res)).sum::<f64>();
+    let init_max = |res: &str| {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .map(|c| of(c, res))
+            .fold(0.0, f64::max)
+    };
+    let cpu = sum("cpu").max(init_max("cpu"));
+    let mem = sum("memory").max(init_max("memory"));
+    ((cpu * 1000.0).round() as i64, mem.round() as i64)
+}
+
+fn tolerates(t: &Toleration, taint: &Taint) -> bool {
+    if t.effect
+        .as_deref()
+        .is_some_and(|e| !e.is_empty() && e != taint.effect)
+    {
+        return false;
+    }
+    match t.operator.as_deref().unwrap_or("Equal") {
+        "Exists" => t
+            .key
+            .as_deref()
+            .is_none_or(|k| k.is_empty() || k == taint.key),
+        _ => {
+            t.key.as_deref() == Some(taint.key.as_str())
+                && t.value.as_deref().unwrap_or_default()
+                    == taint.value.as_deref().unwrap_or_default()
+        }
+    }
+}
+
+/// The first NoSchedule/NoExecute taint of `node` that no toleration covers.
+pub fn untolerated_taint<'a>(tolerations: &[Toleration], node: &'a Node) -> Option<&'a Taint> {
+    node.spec
+        .as_ref()?
+        .taints
+        .as_ref()?
+        .iter()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .find(|taint| !tolerations.iter().any(|t| tolerates(t, taint)))
+}
+
+pub fn selector_matches(pod: &Pod, node: &Node) -> bool {
+    let Some(sel) = pod.spec.as_ref().and_then(|s| s.node_selector.as_ref()) else {
+        return true;
+    };
+    let labels = node.metadata.labels.as_ref();
+    sel.iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
+    let values = r.values.as_deref().unwrap_or_default();
+    match r.operator.as_str() {
+        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => value.is_none_or(|v| values.iter().all(|x| x != v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(v), Some(bound)) = (
+                value.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|b| b.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if r.operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            }
+        }
+        _ => false,
+    }
+}
+
+/// `requiredDuringSchedulingIgnoredDuringExecution`: any term matches when
+/// all its expressions and fields do.
+pub fn affinity_matches(pod: &Pod, node: &Node) -> bool {
+    let Some(required) = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+    else {
+        return true;
+    };
+    let labels = node.metadata.labels.as_ref();
+    required.node_selector_terms.iter().any(|term| {
+        term.match_expressions
+            .iter()
+            .flatten()
+            .all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key)).map(String::as_str)))
+            && term.match_fields.iter().flatten().all(|r| {
+                let v = (r.key == "metadata.name").then(|| name_of(&node.metadata));
+                requirement_matches(r, v)
+            })
+    })
+}
+
+fn host_ports(pod: &Pod) -> Vec<(String, i32)> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            p.host_port
+                .filter(|h| *h > 0)
+                .map(|h| (p.protocol.clone().unwrap_or_else(|| "TCP".into()), h))
+        })
+        .collect()
+}
+
+/// One node as the scheduler accounts it.
+pub struct NodeInfo {
+    pub node: Arc<Node>,
+    cpu: i64,
+    mem: i64,
+    pods: i64,
+    used_cpu: i64,
+    used_mem: i64,
+    used_pods: i64,
+    ports: HashSet<(String, i32)>,
+    owners: HashMap<String, i64>,
+}
+
+impl NodeInfo {
+    pub fn new(node: Arc<Node>) -> Self {
+        let status = node.status.as_ref();
+        let get = |res: &str| {
+            status
+                .and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()))
+                .and_then(|m| m.get(res))
+                .and_then(|q| parse_quantity(&q.0))
+        };
+        Self {
+            cpu: get("cpu").map_or(i64::MAX, |c| (c * 1000.0) as i64),
+            mem: get("memory").map_or(i64::MAX, |m| m as i64),
+            pods: get("pods").map_or(110, |p| p as i64),
+            node,
+            used_cpu: 0,
+            used_mem: 0,
+            used_pods: 0,
+            ports: HashSet::new(),
+            owners: HashMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, pod: &Pod) {
+        let (c, m) = requests(pod);
+        self.used_cpu += c;
+        self.used_mem += m;
+        self.used_pods += 1;
+        self.ports.extend(host_ports(pod));
+        if let Some(o) = controller_of(&pod.metadata) {
+            *self.owners.entry(o.uid.clone()).or_default() += 1;
+        }
+    }
+
+    /// Why `pod` cannot go here, as upstream words it.
+    pub fn filter(&self, pod: &Pod) -> Result<(), String> {
+        let spec = pod.spec.as_ref();
+        let tolerations = spec.and_then(|s| s.tolerations.clone()).unwrap_or_default();
+        if self.node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+            let taint = Taint {
+                key: "node.kubernetes.io/unschedulable".into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            };
+            if !tolerations.iter().any(|t| tolerates(t, &taint)) {
+                return Err("node(s) were unschedulable".into());
+            }
+        }
+        if let Some(t) = untolerated_taint(&tolerations, &self.node) {
+            return Err(format!(
+                "node(s) had untolerated taint {{{}: {}}}",
+                t.key,
+                t.value.as_deref().unwrap_or_default()
+            ));
+        }
+        if !selector_matches(pod, &self.node) || !affinity_matches(pod, &self.node) {
+            return Err("node(s) didn't match Pod's node affinity/selector".into());
+        }
+        if self.used_pods + 1 > self.pods {
+            return Err("Too many pods".into());
+        }
+        let (c, m) = requests(pod);
+        if c > 0 && self.used_cpu.saturating_add(c) > self.cpu {
+            return Err("Insufficient cpu".into());
+        }
+        if m > 0 && self.used_mem.saturating_add(m) > self.mem {
+            return Err("Insufficient memory".into());
+        }
+        if host_ports(pod).iter().any(|p| self.ports.contains(p)) {
+            return Err("node(s) didn't have free ports for the requested pod ports".into());
+        }
+        Ok(())
+    }
+
+    /// Higher is better: free CPU and memory after placing `pod`, minus a
+    /// penalty per pod of the same controller already here.
+    pub fn score(&self, pod: &Pod) -> i64 {
+        let (c, m) = requests(pod);
+        let free = |used: i64, cap: i64| -> i64 {
+            if cap == i64::MAX || cap == 0 {
+                return 100;
+            }
+            ((cap - used).max(0) as f64 * 100.0 / cap as f64) as i64
+        };
+        let least_allocated =
+            (free(self.used_cpu + c, self.cpu) + free(self.used_mem + m, self.mem)) / 2;
+        let same_owner = controller_of(&pod.metadata)
+            .and_then(|o| self.owners.get(&o.uid))
+            .copied()
+            .unwrap_or(0);
+        let pod_load = free(self.used_pods + 1, self.pods);
+        least_allocated + pod_load / 4 - same_owner * 10
+    }
+}
+
+/// The best node for `pod`, or the message of why none fits.
+pub fn place(pod: &Pod, nodes: &[NodeInfo]) -> Result<usize, String> {
+    let mut best: Option<(i64, usize)> = None;
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        match n.filter(pod) {
+            Ok(()) => {
+                let s = n.score(pod);
+                if best.is_none_or(|(b, _)| s > b) {
+                    best = Some((s, i));
+                }
+            }
+            Err(r) => *reasons.entry(r).or_default() += 1,
+        }
+    }
+    match best {
+        Some((_, i)) => Ok(i),
+        None => {
+            let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+            let detail = if parts.is_empty() {
+                String::new()
+            } else {
+                format!(" {}.", parts.join(", "))
+            };
+            Err(format!("0/{} nodes are available:{detail}", nodes.len()))
+        }
+    }
+}
+
+fn pending(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    spec.is_some_and(|s| s.node_name.as_deref().is_none_or(str::is_empty))
+        && spec
+            .and_then(|s| s.scheduler_name.as_deref())
+            .is_none_or(|n| n == SCHEDULER_NAME)
+        && is_active(pod)
+}
+
+pub async fn run(client: Client) {
+    let notify = Arc::new(Notify::new());
+    let (nodes, _a) = reflect(Api::<Node>::all(client.clone()), notify.clone());
+    let (pods, _b) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
+    ready(&nodes).await;
+    ready(&pods).await;
+    info!("scheduler started");
+    let mut assumed: HashMap<String, usize> = HashMap::new();
+    let mut reported: HashMap<String, String> = HashMap::new();
+    loop {
+        next_pass("scheduler", &notify, Duration::from_secs(5)).await;
+        let all_nodes = nodes.state();
+        let mut infos: Vec<NodeInfo> = all_nodes.iter().cloned().map(NodeInfo::new).collect();
+        let index: HashMap<&str, usize> = infos
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (name_of(&n.node.metadata), i))
+            .collect();
+        let index: HashMap<String, usize> =
+            index.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let all_pods = pods.state();
+        let mut queue = Vec::new();
+        let mut live: HashSet<String> = HashSet::new();
+        for p in &all_pods {
+            let uid = p.metadata.uid.clone().unwrap_or_default();
+            live.insert(uid.clone());
+            let bound = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .filter(|n| !n.is_empty());
+            match bound {
+                Some(n) if is_active(p) => {
+                    assumed.remove(&uid);
+                    if let Some(i) = index.get(n) {
+                        infos[*i].add(p);
+                    }
+                }
+                Some(_) => {
+                    assumed.remove(&uid);
+                }
+                None if pending(p) => match assumed.get(&uid) {
+                    Some(i) if *i < infos.len() => infos[*i].add(p),
+                    _ => queue.push(p.clone()),
+                },
+                None => {}
+            }
+        }
+        assumed.retain(|uid, _| live.contains(uid));
+        reported.retain(|uid, _| live.contains(uid));
+        queue.sort_by_key(|p| {
+            (
+                std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)),
+                p.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(0, |t| t.0.as_second()),
+            )
+        });
+        let mut binds = Vec::new();
+        let mut failures = Vec::new();
+        for pod in queue {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            match place(&pod, &infos) {
+                Ok(i) => {
+                    infos[i].add(&pod);
+                    assumed.insert(uid.clone(), i);
+                    reported.remove(&uid);
+                    binds.push((pod, name_of(&infos[i].node.metadata).to_string(), uid));
+                }
+                Err(msg) => {
+                    if reported.get(&uid) != Some(&msg) {
+                        reported.insert(uid, msg.clone());
+                        failures.push((pod, msg));
+                    }
+                }
+            }
+        }
+        let n = binds.len();
+        let failed: Vec<String> = futures::stream::iter(binds)
+            .map(|(pod, node, uid)| {
+                let client = client.clone();
+                async move { (!bind(&client, &pod, &node).await).then_some(uid) }
+            })
+            .buffer_unordered(64)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        if !failed.is_empty() {
+            // Forget what failed to bind and let the next pass see the
+            // store's truth.
+            for uid in failed {
+                assumed.remove(&uid);
+            }
+            notify.notify_one();
+        }
+        if n > 0 {
+            debug!(bound = n, "scheduled");
+        }
+        for (pod, msg) in failures {
+            report_unschedulable(&client, &pod, &msg).await;
+        }
+    }
+}
+
+async fn bind(client: &Client, pod: &Pod, node: &str) -> bool {
+    let (name, ns) = (name_of(&pod.metadata), ns_of(&pod.metadata));
+    let binding = Binding {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        target: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(node.into()),
+            ..Default::default()
+        },
+    };
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    match api
+        .create_subresource::<Binding, serde_json::Value>(
+            "binding",
+            name,
+            &PostParams::default(),
+            &binding,
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(pod = %format!("{ns}/{name}"), node, error = %e, "binding failed");
+            false
+        }
+    }
+}
+
+async fn report_unschedulable(client: &Client, pod: &Pod, msg: &str) {
+    let (name, ns) = (name_of(&pod.metadata), ns_of(&pod.metadata));
+    info!(pod = %format!("{ns}/{name}"), reason = msg, "unschedulable");
+    let now = jiff::Timestamp::now();
+    let cond = json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": msg, "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(), "lastProbeTime": null});
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    if let Err(e) = api
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"status": {"conditions": [cond]}})),
+        )
+        .await
+    {
+        warn!(pod = %name, error = %e, "recording the Unschedulable condition failed");
+    }
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            uid: pod.metadata.uid.clone(),
+            ..Default::default()
+        },
+        reason: Some("FailedScheduling".into()),
+        message: Some(msg.into()),
+        type_: Some("Warning".into()),
+        count: Some(1),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        reporting_component: Some(SCHEDULER_NAME.into()),
+        reporting_instance: Some(SCHEDULER_NAME.into()),
+        action: Some("Scheduling".into()),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some(SCHEDULER_NAME.into()),
+            host: None,
+        }),
+        ..Default::default()
+    };
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    if let Err(e) = events.create(&PostParams::default(), &event).await {
+        warn!(pod = %name, error = %e, "recording the FailedScheduling event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(v: serde_json::Value) -> NodeInfo {
+        NodeInfo::new(Arc::new(serde_json::from_value(v).expect("node")))
+    }
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).expect("pod")
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("100m"), Some(0.1));
+        assert_eq!(parse_quantity("2"), Some(2.0));
+        assert_eq!(parse_quantity("1Gi"), Some(1073741824.0));
+        assert_eq!(parse_quantity("1e3"), Some(1000.0));
+        assert_eq!(parse_quantity("5Q"), None);
+    }
+
+    #[test]
+    fn filters_explain_themselves() {
+        let nodes = vec![
+            node(
+                serde_json::json!({"metadata": {"name": "small"}, "status": {"allocatable": {"cpu": "1", "memory": "1Gi", "pods": "10"}}}),
+            ),
+            node(
+                serde_json::json!({"metadata": {"name": "tainted"}, "spec": {"taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]}, "status": {"allocatable": {"cpu": "8", "memory": "8Gi"}}}),
+            ),
+            node(serde_json::json!({"metadata": {"name": "off"}, "spec": {"unschedulable": true}})),
+        ];
+        let big = pod(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "2"}}}]}}),
+        );
+        assert_eq!(
+            place(&big, &nodes),
+            Err("0/3 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint {dedicated: db}, 1 node(s) were unschedulable.".into())
+        );
+        let tolerant = pod(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "db", "effect": "NoSchedule"}],
+            "containers": [{"name": "c", "resources": {"requests": {"cpu": "2"}}}]}}),
+        );
+        assert_eq!(place(&tolerant, &nodes), Ok(1));
+        let picky = pod(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"nodeSelector": {"disk": "ssd"}, "containers": [{"name": "c"}]}}),
+        );
+        assert!(place(&picky, &nodes).is_err());
+    }
+
+    #[test]
+    fn affinity_and_spreading() {
+        let mut a = node(serde_json::json!({"metadata": {"name": "a", "labels": {"zone": "1"}}}));
+        let b = node(serde_json::json!({"metadata": {"name": "b", "labels": {"zone": "2"}}}));
+        let owned = |n: &str| {
+            pod(
+                serde_json::json!({"metadata": {"name": n, "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "u", "controller": true}]}, "spec": {"containers": [{"name": "c"}]}}),
+            )
+        };
+        a.add(&owned("x"));
+        let nodes = vec![a, b];
+        assert_eq!(
+            place(&owned("y"), &nodes),
+            Ok(1),
+            "spread away from the sibling"
+        );
+        let pinned = pod(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["1"]}]}]}}}}}),
+        );
+        assert_eq!(place(&pinned, &nodes), Ok(0));
+        let by_name = pod(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["b"]}]}]}}}}}),
+        );
+        assert_eq!(place(&by_name, &nodes), Ok(1));
+    }
+
+    #[test]
+    fn host_ports_conflict() {
+        let mut a = node(serde_json::json!({"metadata": {"name": "a"}}));
+        let web = pod(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 8080}]}]}}),
+        );
+        a.add(&web);
+        assert!(place(&web, &[a]).is_err());
+    }
+}

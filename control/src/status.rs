@@ -173,12 +173,13 @@ impl ApiError {
         Self::new(410, "Expired", message)
     }
 
-    pub fn unsupported_media(content_type: &str) -> Self {
+    /// 415; `accepted` lists the media types this verb takes.
+    pub fn unsupported_media(content_type: &str, accepted: &str) -> Self {
         Self::new(
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type})"
+                "the body of the request was in an unknown format ({content_type}) - accepted media types include: {accepted}"
             ),
         )
     }

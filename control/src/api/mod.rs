@@ -10,6 +10,8 @@ mod discovery;
 mod objects;
 mod watch;
 
+pub(crate) use objects::now as now_string;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -257,6 +259,16 @@ impl Api {
             .unwrap_or("application/json")
             .to_string();
         let method = req.method().clone();
+        // Bodies are JSON (or YAML); a protobuf body is refused with 415,
+        // which makes client-go send the request again as JSON.
+        if matches!(method, Method::POST | Method::PUT)
+            && content_type.starts_with("application/vnd.kubernetes.protobuf")
+        {
+            return Err(ApiError::unsupported_media(
+                &content_type,
+                "application/json, application/yaml",
+            ));
+        }
         let w = objects::Write {
             dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
             strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),

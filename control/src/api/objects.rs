@@ -720,7 +720,12 @@ impl Api {
             .and_then(Value::as_array)
             .is_some_and(|f| !f.is_empty());
         let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
-        if deleting && !finalizers_left && !r.is("", "pods") {
+        let graceful = new
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            > 0;
+        if deleting && !finalizers_left && !(r.is("", "pods") && graceful) {
             let mut release: Vec<Side> = sides.to_vec();
             if r.is("", "services") {
                 release.extend(
@@ -805,7 +810,7 @@ impl Api {
                 "application/strategic-merge-patch+json" => {
                     crate::patch::strategic_merge(&view, patch)
                 }
-                other => return Err(ApiError::unsupported_media(other)),
+                other => return Err(ApiError::unsupported_media(other, "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json")),
             }
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
             let pinned = patched

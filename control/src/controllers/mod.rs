@@ -1,9 +1,32 @@
-//! The controllers: each is watch → store → reconcile against the
-//! apiserver through kube-rs.
+//! The controllers. Each follows kube-rs's shape: watchers feed reflector
+//! stores, and a reconcile pass reads the stores and makes the API match
+//! the desired state. Passes are idempotent and run whenever a watched
+//! kind changes (bursts coalesced) and on a resync period, so a missed or
+//! failed step is retried, never assumed done.
 
+pub mod daemonset;
+pub mod deployment;
+pub mod endpointslice;
+pub mod gc;
+pub mod nodelifecycle;
+pub mod replicaset;
+pub mod serviceaccount;
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tracing::{debug, warn};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
@@ -11,6 +34,116 @@ pub struct Settings {
     pub eviction_timeout: Duration,
 }
 
-pub fn spawn_all(_client: kube::Client, _settings: Settings) -> Vec<JoinHandle<()>> {
-    Vec::new()
+/// Starts every controller.
+pub fn spawn_all(client: Client, settings: Settings) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(replicaset::run(client.clone())),
+        tokio::spawn(deployment::run(client.clone())),
+        tokio::spawn(daemonset::run(client.clone())),
+        tokio::spawn(endpointslice::run(client.clone())),
+        tokio::spawn(gc::run(client.clone())),
+        tokio::spawn(nodelifecycle::run(client.clone(), settings)),
+        tokio::spawn(serviceaccount::run(client)),
+    ]
+}
+
+/// A reflector store of `api`'s objects; `notify` fires on every change.
+pub(crate) fn reflect<K>(api: Api<K>, notify: Arc<Notify>) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let task = tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer);
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => notify.notify_one(),
+                Err(e) => {
+                    warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch failed; retrying")
+                }
+            }
+        }
+    });
+    (reader, task)
+}
+
+/// Waits for the next pass: a change (bursts coalesced) or `resync`.
+pub(crate) async fn next_pass(name: &'static str, notify: &Notify, resync: Duration) {
+    tokio::select! {
+        _ = notify.notified() => {}
+        _ = tokio::time::sleep(resync) => {}
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    debug!(controller = name, "pass");
+}
+
+/// Waits until each store has its first list.
+pub(crate) async fn ready<K>(store: &Store<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let _ = store.wait_until_ready().await;
+}
+
+/// The owner reference with `controller: true`.
+pub(crate) fn controller_of(meta: &ObjectMeta) -> Option<&OwnerReference> {
+    meta.owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+}
+
+pub(crate) fn owner_ref<K: Resource<DynamicType = ()>>(owner: &K) -> Option<OwnerReference> {
+    let meta = owner.meta();
+    Some(OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: meta.name.clone()?,
+        uid: meta.uid.clone()?,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
+/// Not terminating and not finished.
+pub(crate) fn is_active(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && !matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+}
+
+pub(crate) fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub(crate) fn name_of(meta: &ObjectMeta) -> &str {
+    meta.name.as_deref().unwrap_or_default()
+}
+
+pub(crate) fn ns_of(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or_default()
+}
+
+/// Runs `ops` with at most `width` in flight and counts the failures
+/// (each is logged by the caller's closure).
+pub(crate) async fn in_parallel<I, Fut>(width: usize, ops: I) -> usize
+where
+    I: IntoIterator<Item = Fut>,
+    Fut: std::future::Future<Output = bool>,
+{
+    futures::stream::iter(ops)
+        .buffer_unordered(width)
+        .filter(|ok| std::future::ready(!*ok))
+        .count()
+        .await
 }

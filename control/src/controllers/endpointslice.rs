@@ -1,0 +1,269 @@
+//! EndpointSlice: for every Service with a selector, one IPv4 slice named
+//! after the Service, listing the selected pods that have an address, with
+//! the ready / serving / terminating conditions the service proxy reads.
+//! Slices are owned by their Service, so the garbage collector removes
+//! them with it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::PostParams;
+use kube::{Api, Client, Resource};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::{is_ready, name_of, next_pass, ns_of, ready, reflect};
+
+pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+pub const MANAGER: &str = "endpointslice-controller.skiff.dev";
+
+fn port_of(pod: &Pod, target: &IntOrString) -> Option<i32> {
+    match target {
+        IntOrString::Int(n) => Some(*n),
+        IntOrString::String(name) => pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .map(|p| p.container_port),
+    }
+}
+
+/// The slice `svc` should have, given the pods of its namespace.
+pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Option<EndpointSlice> {
+    let spec = svc.spec.as_ref()?;
+    let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let (name, ns) = (name_of(&svc.metadata), ns_of(&svc.metadata));
+    let publish_unready = spec.publish_not_ready_addresses == Some(true);
+    let mut selected: Vec<&Arc<Pod>> = pods
+        .iter()
+        .filter(|p| ns_of(&p.metadata) == ns)
+        .filter(|p| {
+            let labels = p.metadata.labels.as_ref();
+            selector
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        })
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .is_some_and(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+        })
+        .collect();
+    selected.sort_by(|a, b| name_of(&a.metadata).cmp(name_of(&b.metadata)));
+    let endpoints: Vec<Endpoint> = selected
+        .iter()
+        .map(|p| {
+            let terminating = p.metadata.deletion_timestamp.is_some();
+            let serving = is_ready(p) || publish_unready;
+            Endpoint {
+                addresses: vec![
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.clone())
+                        .unwrap_or_default(),
+                ],
+                conditions: Some(EndpointConditions {
+                    ready: Some(serving && !terminating),
+                    serving: Some(serving),
+                    terminating: Some(terminating),
+                }),
+                node_name: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
+                    kind: Some("Pod".into()),
+                    namespace: Some(ns.into()),
+                    name: p.metadata.name.clone(),
+                    uid: p.metadata.uid.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let first = selected.first();
+    let ports: Vec<EndpointPort> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|sp| {
+            let target = sp.target_port.clone().unwrap_or(IntOrString::Int(sp.port));
+            EndpointPort {
+                name: Some(sp.name.clone().unwrap_or_default()),
+                port: first.and_then(|p| port_of(p, &target)).or(match target {
+                    IntOrString::Int(n) => Some(n),
+                    IntOrString::String(_) => None,
+                }),
+                protocol: Some(sp.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                app_protocol: sp.app_protocol.clone(),
+            }
+        })
+        .collect();
+    let labels = BTreeMap::from([
+        (SERVICE_NAME.to_string(), name.to_string()),
+        (MANAGED_BY.to_string(), MANAGER.to_string()),
+    ]);
+    Some(EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(ns.to_string()),
+            labels: Some(labels),
+            owner_references: super::owner_ref(svc).map(|mut o| {
+                o.block_owner_deletion = Some(true);
+                vec![o]
+            }),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(endpoints),
+        ports: Some(ports),
+    })
+}
+
+fn same(a: &EndpointSlice, b: &EndpointSlice) -> bool {
+    a.endpoints == b.endpoints
+        && a.ports == b.ports
+        && a.metadata.labels == b.metadata.labels
+        && a.metadata.owner_references == b.metadata.owner_references
+}
+
+pub async fn run(client: Client) {
+    let notify = Arc::new(Notify::new());
+    let (svcs, _a) = reflect(Api::<Service>::all(client.clone()), notify.clone());
+    let (pods, _b) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
+    let (slices, _c) = reflect(Api::<EndpointSlice>::all(client.clone()), notify.clone());
+    ready(&svcs).await;
+    ready(&pods).await;
+    ready(&slices).await;
+    loop {
+        next_pass("endpointslice", &notify, Duration::from_secs(30)).await;
+        let all_pods = pods.state();
+        for svc in svcs.state() {
+            let Some(want) = desired(&svc, &all_pods) else {
+                continue;
+            };
+            let (name, ns) = (name_of(&svc.metadata), ns_of(&svc.metadata));
+            let existing = slices
+                .get(&kube::runtime::reflector::ObjectRef::<EndpointSlice>::new(name).within(ns));
+            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+            let result = match existing {
+                Some(cur) if same(&cur, &want) => continue,
+                Some(cur) => {
+                    let mut next = want.clone();
+                    next.metadata.resource_version = cur.meta().resource_version.clone();
+                    api.replace(name, &PostParams::default(), &next)
+                        .await
+                        .map(|_| "updated")
+                }
+                None => api
+                    .create(&PostParams::default(), &want)
+                    .await
+                    .map(|_| "created"),
+            };
+            match result {
+                Ok(what) => {
+                    info!(service = %format!("{ns}/{name}"), endpoints = want.endpoints.as_ref().map_or(0, Vec::len), "endpointslice {what}")
+                }
+                Err(e) => {
+                    warn!(service = %format!("{ns}/{name}"), error = %e, "endpointslice write failed")
+                }
+            }
+        }
+        // A Service that lost its selector keeps no managed slice.
+        for s in slices.state() {
+            let managed = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MANAGED_BY))
+                .is_some_and(|m| m == MANAGER);
+            let svc_name = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME))
+                .cloned()
+                .unwrap_or_default();
+            let ns = ns_of(&s.metadata);
+            let svc = svcs
+                .get(&kube::runtime::reflector::ObjectRef::<Service>::new(&svc_name).within(ns));
+            let orphaned = svc.is_some_and(|svc| desired(&svc, &[]).is_none());
+            if managed && orphaned {
+                let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+                let _ = api.delete(name_of(&s.metadata), &Default::default()).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn conditions_follow_pod_readiness_and_deletion() {
+        let svc: Service = serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "d", "uid": "u1"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}))
+        .expect("service");
+        let pod = |name: &str, ready: bool, deleting: bool| -> Arc<Pod> {
+            let mut p = json!({"metadata": {"name": name, "namespace": "d", "labels": {"app": "web"}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
+                "status": {"phase": "Running", "podIP": format!("10.244.0.{}", name.len()),
+                    "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}});
+            if deleting {
+                p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            Arc::new(serde_json::from_value(p).expect("pod"))
+        };
+        let pods = vec![
+            pod("a", true, false),
+            pod("bb", false, false),
+            pod("ccc", true, true),
+        ];
+        let s = desired(&svc, &pods).expect("slice");
+        let conds: Vec<(bool, bool, bool)> = s
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|e| {
+                let c = e.conditions.clone().unwrap_or_default();
+                (
+                    c.ready.unwrap_or_default(),
+                    c.serving.unwrap_or_default(),
+                    c.terminating.unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            conds,
+            [
+                (true, true, false),
+                (false, false, false),
+                (false, true, true)
+            ]
+        );
+        assert_eq!(
+            s.ports.as_ref().and_then(|p| p[0].port),
+            Some(8080),
+            "named targetPort resolved"
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! Node lifecycle: a node whose Lease (in `kube-node-lease`) has not been
+//! renewed within the grace period gets `Ready=Unknown`, the
+//! `node.kubernetes.io/unreachable` NoSchedule and NoExecute taints, and
+//! its pods marked not ready; once the eviction timeout has passed (or a
+//! pod's own `tolerationSeconds` for that taint), its pods are deleted so
+//! their controllers replace them elsewhere. A node whose Lease is renewed
+//! again loses the taints.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::{Settings, name_of, next_pass, ns_of, ready, reflect};
+
+pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+
+/// The last sign of life: the Lease's renewTime, else the Ready
+/// condition's heartbeat, else the node's creation.
+fn last_seen(node: &Node, lease: Option<&Lease>) -> Option<Timestamp> {
+    let renew = lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.renew_time.as_ref())
+        .map(|t| t.0);
+    let heartbeat = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_heartbeat_time.as_ref())
+        .map(|t| t.0);
+    let created = node.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    [renew, heartbeat, created].into_iter().flatten().max()
+}
+
+fn ready_status(node: &Node) -> Option<String> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status.clone())
+}
+
+fn unreachable_since(node: &Node) -> Option<Timestamp> {
+    node.spec
+        .as_ref()?
+        .taints
+        .as_ref()?
+        .iter()
+        .find(|t| t.key == UNREACHABLE && t.effect == "NoExecute")
+        .map(|t| t.time_added.as_ref().map_or_else(Timestamp::now, |x| x.0))
+}
+
+/// How long `pod` stays on an unreachable node: its own toleration of the
+/// taint, or `default`. `None` means it tolerates it forever.
+fn tolerated_for(pod: &Pod, default: Duration) -> Option<Duration> {
+    let tolerations = pod.spec.as_ref().and_then(|s| s.tolerations.as_ref());
+    for t in tolerations.into_iter().flatten() {
+        let key_ok = t.key.as_deref().is_none_or(|k| k == UNREACHABLE)
+            && (t.key.is_some() || t.operator.as_deref() == Some("Exists"));
+        let effect_ok = t.effect.as_deref().is_none_or(|e| e == "NoExecute");
+        if key_ok && effect_ok {
+            return t
+                .toleration_seconds
+                .map(|s| Duration::from_secs(s.max(0) as u64));
+        }
+    }
+    Some(default)
+}
+
+fn stamp(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+pub async fn run(client: Client, settings: Settings) {
+    let notify = Arc::new(Notify::new());
+    let (nodes, _a) = reflect(Api::<Node>::all(client.clone()), notify.clone());
+    let (leases, _b) = reflect(
+        Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
+        notify.clone(),
+    );
+    let (pods, _c) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
+    ready(&nodes).await;
+    ready(&leases).await;
+    ready(&pods).await;
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let tick = Duration::from_secs(1)
+        .min(settings.node_grace / 4)
+        .max(Duration::from_millis(200));
+    loop {
+        next_pass("node-lifecycle", &notify, tick).await;
+        let now = Timestamp::now();
+        let all_pods = pods.state();
+        for node in nodes.state() {
+            let name = name_of(&node.metadata).to_string();
+            let lease = leases.get(&ObjectRef::new(&name).within("kube-node-lease"));
+            let Some(seen) = last_seen(&node, lease.as_deref()) else {
+                continue;
+            };
+            let silent =
+                now.duration_since(seen).unsigned_abs() > settings.node_grace && now > seen;
+            let tainted = unreachable_since(&node);
+            let on_node: Vec<&Arc<Pod>> = all_pods
+                .iter()
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                })
+                .collect();
+            if silent && ready_status(&node).as_deref() != Some("Unknown") {
+                info!(node = %name, "node stopped renewing its lease: NotReady");
+                let cond = json!({"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown", "message": "Kubelet stopped posting node status.", "lastTransitionTime": stamp(now), "lastHeartbeatTime": stamp(seen)});
+                if let Err(e) = nodes_api
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Strategic(json!({"status": {"conditions": [cond]}})),
+                    )
+                    .await
+                {
+                    warn!(node = %name, error = %e, "marking the node NotReady failed");
+                }
+                for p in &on_node {
+                    let api: Api<Pod> = Api::namespaced(client.clone(), ns_of(&p.metadata));
+                    let cond = json!({"type": "Ready", "status": "False", "reason": "NodeNotReady", "lastTransitionTime": stamp(now)});
+                    let _ = api
+                        .patch_status(
+                            name_of(&p.metadata),
+                            &PatchParams::default(),
+                            &Patch::Strategic(json!({"status": {"conditions": [cond]}})),
+                        )
+                        .await;
+                }
+            }
+            if silent && tainted.is_none() {
+                let mut taints: Vec<Taint> = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default();
+                for effect in ["NoSchedule", "NoExecute"] {
+                    taints.push(Taint {
+                        key: UNREACHABLE.into(),
+                        effect: effect.into(),
+                        time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+                        value: None,
+                    });
+                }
+                if let Err(e) = nodes_api
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"taints": taints}})),
+                    )
+                    .await
+                {
+                    warn!(node = %name, error = %e, "tainting the node failed");
+                }
+            }
+            if !silent && tainted.is_some() {
+                let taints: Vec<Taint> = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| t.key != UNREACHABLE)
+                    .collect();
+                info!(node = %name, "node renewing its lease again: taints removed");
+                let _ = nodes_api
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"taints": taints}})),
+                    )
+                    .await;
+            }
+            let Some(since) = tainted.filter(|_| silent) else {
+                continue;
+            };
+            let down_for = now.duration_since(since).unsigned_abs();
+            for p in on_node
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                let Some(limit) = tolerated_for(p, settings.eviction_timeout) else {
+                    continue;
+                };
+                if down_for >= limit {
+                    let api: Api<Pod> = Api::namespaced(client.clone(), ns_of(&p.metadata));
+                    match api
+                        .delete(name_of(&p.metadata), &DeleteParams::default())
+                        .await
+                    {
+                        Ok(_) => {
+                            info!(node = %name, pod = %format!("{}/{}", ns_of(&p.metadata), name_of(&p.metadata)), "evicted")
+                        }
+                        Err(e) => warn!(pod = %name_of(&p.metadata), error = %e, "eviction failed"),
+                    }
+                }
+            }
+        }
+    }
+}

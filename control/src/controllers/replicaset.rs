@@ -1,0 +1,236 @@
+//! ReplicaSet: keeps `spec.replicas` active pods made from the template,
+//! owned by the ReplicaSet, and reports counts in its status.
+//!
+//! Creations and deletions not yet seen by the pod store are remembered
+//! (upstream calls these expectations) so that a pass never acts twice on
+//! the same shortfall.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::{
+    controller_of, in_parallel, is_active, is_ready, name_of, next_pass, ns_of, owner_ref, ready,
+    reflect,
+};
+
+/// Pod creations and deletions made but not yet seen in the pod store,
+/// per owner, with a deadline after which they are no longer waited for.
+#[derive(Default)]
+pub(crate) struct Expectations(HashMap<String, (Vec<(String, bool)>, Instant)>);
+
+impl Expectations {
+    /// Whether the store reflects every change made for this owner.
+    pub(crate) fn satisfied(&mut self, uid: &str, owned: &[Arc<Pod>]) -> bool {
+        let Some((pending, until)) = self.0.get(uid) else {
+            return true;
+        };
+        let seen = pending.iter().all(|(name, created)| {
+            let pod = owned
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(name.as_str()));
+            if *created {
+                pod.is_some()
+            } else {
+                pod.is_none_or(|p| !is_active(p))
+            }
+        });
+        if seen || Instant::now() >= *until {
+            self.0.remove(uid);
+            return true;
+        }
+        false
+    }
+
+    fn note(&mut self, uid: &str, name: String, created: bool) {
+        let e = self
+            .0
+            .entry(uid.to_string())
+            .or_insert_with(|| (Vec::new(), Instant::now()));
+        e.0.push((name, created));
+        e.1 = Instant::now() + Duration::from_secs(10);
+    }
+
+    pub(crate) fn created(&mut self, uid: &str, name: String) {
+        self.note(uid, name, true);
+    }
+
+    pub(crate) fn deleted(&mut self, uid: &str, name: String) {
+        self.note(uid, name, false);
+    }
+}
+
+/// The pods each controller owns, by owner uid.
+pub(crate) fn pods_by_owner(pods: &[Arc<Pod>]) -> HashMap<String, Vec<Arc<Pod>>> {
+    let mut out: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    for p in pods {
+        if let Some(o) = controller_of(&p.metadata) {
+            out.entry(o.uid.clone()).or_default().push(p.clone());
+        }
+    }
+    out
+}
+
+/// Which pods go first when scaling down: unscheduled, then pending, then
+/// not ready, then the youngest.
+pub(crate) fn deletion_order(pods: &mut [Arc<Pod>]) {
+    pods.sort_by_key(|p| {
+        let scheduled = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        let created = p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second());
+        (scheduled, running, is_ready(p), std::cmp::Reverse(created))
+    });
+}
+
+/// A pod made from `template`, owned through `owner`.
+pub(crate) fn pod_from_template(
+    template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    ns: &str,
+    node: Option<&str>,
+) -> Pod {
+    let meta = template.metadata.clone().unwrap_or_default();
+    let mut spec = template.spec.clone().unwrap_or_default();
+    if let Some(n) = node {
+        spec.node_name = Some(n.to_string());
+    }
+    Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", owner.name)),
+            namespace: Some(ns.to_string()),
+            labels: meta.labels,
+            annotations: meta.annotations,
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+pub async fn run(client: Client) {
+    let notify = Arc::new(Notify::new());
+    let (rss, _a) = reflect(Api::<ReplicaSet>::all(client.clone()), notify.clone());
+    let (pods, _b) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
+    ready(&rss).await;
+    ready(&pods).await;
+    let mut expectations = Expectations::default();
+    loop {
+        next_pass("replicaset", &notify, Duration::from_secs(10)).await;
+        let by_owner = pods_by_owner(&pods.state());
+        for rs in rss.state() {
+            let owned = by_owner
+                .get(rs.metadata.uid.as_deref().unwrap_or_default())
+                .cloned()
+                .unwrap_or_default();
+            reconcile(&client, &rs, owned, &mut expectations).await;
+        }
+    }
+}
+
+async fn reconcile(client: &Client, rs: &ReplicaSet, owned: Vec<Arc<Pod>>, exp: &mut Expectations) {
+    let (name, ns) = (name_of(&rs.metadata), ns_of(&rs.metadata));
+    let uid = rs.metadata.uid.clone().unwrap_or_default();
+    let mut active: Vec<Arc<Pod>> = owned.iter().filter(|p| is_active(p)).cloned().collect();
+    let want = rs.spec.replicas.unwrap_or(1).max(0) as usize;
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    if rs.metadata.deletion_timestamp.is_none() && exp.satisfied(&uid, &owned) {
+        if active.len() < want {
+            let (Some(template), Some(owner)) = (rs.spec.template.as_ref(), owner_ref(rs)) else {
+                return;
+            };
+            let missing = want - active.len();
+            let pod = pod_from_template(template, owner, ns, None);
+            let created: Vec<Option<String>> = futures::stream::iter(0..missing)
+                .map(|_| {
+                    let (api, pod) = (pods_api.clone(), pod.clone());
+                    async move {
+                        match api.create(&PostParams::default(), &pod).await {
+                            Ok(p) => p.metadata.name,
+                            Err(e) => {
+                                warn!(replicaset = %name, error = %e, "creating a pod failed");
+                                None
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            let made = created.iter().flatten().count();
+            for n in created.into_iter().flatten() {
+                exp.created(&uid, n);
+            }
+            info!(replicaset = %format!("{ns}/{name}"), created = made, "scaled up");
+        } else if active.len() > want {
+            deletion_order(&mut active);
+            let extra: Vec<Arc<Pod>> = active.drain(..active.len() - want).collect();
+            for p in &extra {
+                exp.deleted(&uid, p.metadata.name.clone().unwrap_or_default());
+            }
+            let n = extra.len();
+            in_parallel(
+                16,
+                extra.into_iter().map(|p| {
+                    let api = pods_api.clone();
+                    async move {
+                        let pname = p.metadata.name.clone().unwrap_or_default();
+                        match api.delete(&pname, &DeleteParams::default()).await {
+                            Ok(_) => true,
+                            Err(kube::Error::Api(e)) if e.code == 404 => true,
+                            Err(e) => {
+                                warn!(pod = %pname, error = %e, "deleting a pod failed");
+                                false
+                            }
+                        }
+                    }
+                }),
+            )
+            .await;
+            info!(replicaset = %format!("{ns}/{name}"), deleted = n, "scaled down");
+        }
+    }
+    let all_active: Vec<&Arc<Pod>> = owned.iter().filter(|p| is_active(p)).collect();
+    let ready_n = all_active.iter().filter(|p| is_ready(p)).count();
+    let status = json!({
+        "replicas": all_active.len(),
+        "fullyLabeledReplicas": all_active.len(),
+        "readyReplicas": ready_n,
+        "availableReplicas": ready_n,
+        "observedGeneration": rs.metadata.generation,
+    });
+    let cur = rs.status.as_ref();
+    let same = cur.is_some_and(|s| {
+        s.replicas as usize == all_active.len()
+            && s.ready_replicas.unwrap_or(0) as usize == ready_n
+            && s.available_replicas.unwrap_or(0) as usize == ready_n
+            && s.observed_generation == rs.metadata.generation
+    });
+    if !same {
+        let api: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
+        if let Err(e) = api
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            warn!(replicaset = %name, error = %e, "status update failed");
+        }
+    }
+}

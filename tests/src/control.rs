@@ -1,0 +1,274 @@
+//! A control plane for tests: a real etcd on loopback ports of its own and
+//! `skiff-control` against it, both killed on drop, plus the real
+//! `kubectl` pointed at it through the admin kubeconfig.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{Proc, Spawn, TempDir, bin, wait_for};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// A single-member etcd in a temp dir.
+pub struct Etcd {
+    pub url: String,
+    pub proc: Proc,
+    _dir: TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
+        let dir = TempDir::new();
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let proc = Spawn::new("etcd")
+            .args([
+                "--name=test".to_string(),
+                format!("--data-dir={}", dir.path.join("data").display()),
+                format!("--listen-client-urls={url}"),
+                format!("--advertise-client-urls={url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=test={peer_url}"),
+                "--log-level=warn".to_string(),
+            ])
+            .log_to(&dir.path.join("etcd.log"))
+            .start();
+        let etcd = Self {
+            url,
+            proc,
+            _dir: dir,
+        };
+        wait_for("etcd to answer", Duration::from_secs(20), || {
+            etcd.ctl(&["endpoint", "health"]).ok()
+        });
+        etcd
+    }
+
+    /// Runs `etcdctl` against this etcd.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        Spawn::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url])
+            .args(args)
+            .try_output()
+    }
+
+    /// The current store revision.
+    pub fn revision(&self) -> i64 {
+        let out = self
+            .ctl(&["endpoint", "status", "-w", "json"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        v[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no revision in {out}"))
+    }
+}
+
+/// `skiff-control` with all components against its own etcd.
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub etcd: Etcd,
+    pub dir: TempDir,
+    pub kubeconfig: PathBuf,
+    pub server: String,
+}
+
+impl ControlPlane {
+    /// Starts etcd and `skiff-control` with `extra` flags and waits until
+    /// kubectl gets an answer.
+    pub fn start(extra: &[&str]) -> Self {
+        let etcd = Etcd::start();
+        let dir = TempDir::new();
+        let port = free_port();
+        let proc = Spawn::new(bin("skiff-control"))
+            .args([
+                "--data-dir",
+                &dir.path.display().to_string(),
+                "--etcd",
+                &etcd.url,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info,skiff_control=debug")
+            .log_to(&dir.path.join("control.log"))
+            .start();
+        let kubeconfig = dir.path.join("admin.kubeconfig");
+        let cp = Self {
+            proc,
+            etcd,
+            kubeconfig,
+            server: format!("https://127.0.0.1:{port}"),
+            dir,
+        };
+        wait_for(
+            "the apiserver to answer kubectl",
+            Duration::from_secs(30),
+            || cp.kubectl(&["get", "namespaces"]).ok(),
+        );
+        cp
+    }
+
+    /// Runs the real kubectl with the admin kubeconfig.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String, String> {
+        Spawn::new("kubectl")
+            .env("KUBECONFIG", &self.kubeconfig.display().to_string())
+            .args(["--request-timeout=20s"])
+            .args(args)
+            .try_output()
+    }
+
+    /// kubectl that must succeed.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        self.kubectl(args)
+            .unwrap_or_else(|e| panic!("{e}\n--- control plane log ---\n{}", self.log_tail()))
+    }
+
+    /// `kubectl apply -f -` with `yaml` on stdin.
+    pub fn apply(&self, yaml: &str) -> Result<String, String> {
+        let file = self.dir.path.join(format!("{}.yaml", crate::unique("m")));
+        std::fs::write(&file, yaml).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        self.kubectl(&["apply", "-f", &file.display().to_string()])
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.path.join("pki/admin.token"))
+            .unwrap_or_else(|e| panic!("admin token: {e}"))
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path.join("pki/ca.crt")
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = self.proc.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// A `jsonpath` read of one object.
+    pub fn jsonpath(&self, what: &[&str], path: &str) -> String {
+        let mut args: Vec<&str> = vec!["get"];
+        args.extend(what);
+        let jp = format!("jsonpath={path}");
+        args.extend(["-o", &jp]);
+        self.kubectl(&args).unwrap_or_default()
+    }
+
+    /// A node object (no agent behind it) with room for `cpu` cores.
+    pub fn add_node(&self, name: &str, labels: &str, cpu: &str) {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/hostname: {name}{labels}}}\nstatus:\n  capacity: {{cpu: \"{cpu}\", memory: 8Gi, pods: \"110\"}}\n  allocatable: {{cpu: \"{cpu}\", memory: 8Gi, pods: \"110\"}}\n  conditions:\n  - {{type: Ready, status: \"True\", reason: KubeletReady, message: ready}}\n  addresses:\n  - {{type: InternalIP, address: 127.0.0.1}}\n"
+        );
+        self.apply(&yaml)
+            .unwrap_or_else(|e| panic!("node {name}: {e}"));
+    }
+}
+
+/// Plays the node side of the API for node objects that have no agent:
+/// pods bound to them are reported Running and Ready with an address, and
+/// terminating pods are removed, through the same API calls a kubelet
+/// makes (`pods/status`, delete with grace 0). Stops on drop.
+pub struct HollowNodes {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HollowNodes {
+    pub fn start(cp: &ControlPlane, nodes: &[&str]) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kubeconfig, nodes): (PathBuf, Vec<String>) = (
+            cp.kubeconfig.clone(),
+            nodes.iter().map(|s| s.to_string()).collect(),
+        );
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let kubectl = |args: &[&str]| {
+                Spawn::new("kubectl")
+                    .env("KUBECONFIG", &kubeconfig.display().to_string())
+                    .args(args)
+                    .try_output()
+            };
+            let mut next_ip = 2u32;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(out) = kubectl(&["get", "pods", "-A", "-o", "json"]) else {
+                    continue;
+                };
+                let Ok(list) = serde_json::from_str::<serde_json::Value>(&out) else {
+                    continue;
+                };
+                for pod in list["items"].as_array().into_iter().flatten() {
+                    let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
+                    let Some(idx) = nodes.iter().position(|n| n == node) else {
+                        continue;
+                    };
+                    let (name, ns) = (
+                        pod["metadata"]["name"].as_str().unwrap_or_default(),
+                        pod["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    );
+                    if pod["metadata"]["deletionTimestamp"].is_string() {
+                        let _ = kubectl(&[
+                            "delete",
+                            "pod",
+                            name,
+                            "-n",
+                            ns,
+                            "--grace-period=0",
+                            "--force",
+                            "--wait=false",
+                        ]);
+                        continue;
+                    }
+                    let ready = pod["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                    if pod["status"]["phase"] == "Running" && ready {
+                        continue;
+                    }
+                    let ip = format!("10.244.{}.{}", idx + 1, next_ip % 250 + 2);
+                    next_ip += 1;
+                    let status = serde_json::json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
+                        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}, {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "True"}],
+                        "containerStatuses": pod["spec"]["containers"].as_array().into_iter().flatten().map(|c| serde_json::json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": true, "restartCount": 0, "started": true, "state": {"running": {}}})).collect::<Vec<_>>()}});
+                    let _ = kubectl(&[
+                        "patch",
+                        "pod",
+                        name,
+                        "-n",
+                        ns,
+                        "--subresource=status",
+                        "--type=merge",
+                        "-p",
+                        &status.to_string(),
+                    ]);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HollowNodes {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

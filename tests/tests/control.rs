@@ -1,0 +1,663 @@
+//! The control plane driven by the real kubectl (and the Python client),
+//! against a real etcd each test starts. Nodes are API objects only; where a
+//! scenario needs pods to run, `HollowNodes` reports them running through
+//! the API the way a kubelet would.
+
+use std::time::Duration;
+
+use skiff_tests::control::{ControlPlane, HollowNodes};
+use skiff_tests::{Spawn, wait_for};
+
+const APP: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: app
+        image: busybox:1.36
+        ports:
+        - {name: http, containerPort: 8080}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+"#;
+
+fn lines_with(out: &str, needle: &str) -> usize {
+    out.lines().filter(|l| l.contains(needle)).count()
+}
+
+fn images(cp: &ControlPlane) -> Vec<String> {
+    let out = cp.jsonpath(&["pods", "-l", "app=web"], "{range .items[*]}{.spec.containers[0].image}{\" \"}{.metadata.deletionTimestamp}{\"\\n\"}{end}");
+    out.lines()
+        .filter(|l| l.split_whitespace().count() == 1)
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn deployment_lifecycle_with_kubectl() {
+    let cp = ControlPlane::start(&["--node-monitor-grace-seconds", "3600"]);
+    for n in ["node-a", "node-b", "node-c"] {
+        cp.add_node(n, "", "4");
+    }
+    let _nodes = HollowNodes::start(&cp, &["node-a", "node-b", "node-c"]);
+
+    let out = cp.apply(APP).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.contains("deployment.apps/web created") && out.contains("service/web created"),
+        "{out}"
+    );
+    let out = cp.apply(APP).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.contains("deployment.apps/web unchanged"),
+        "re-apply changes nothing: {out}"
+    );
+
+    let status = cp.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let table = cp.kubectl_ok(&["get", "deployment", "web"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.split_whitespace().take(4).eq(["web", "3/3", "3", "3"])),
+        "{table}"
+    );
+    let wide = cp.kubectl_ok(&["get", "pods", "-o", "wide"]);
+    assert!(
+        wide.lines()
+            .next()
+            .is_some_and(|h| h.contains("STATUS") && h.contains("NODE")),
+        "{wide}"
+    );
+    assert_eq!(lines_with(&wide, "Running"), 3, "{wide}");
+    let nodes: std::collections::BTreeSet<String> = cp
+        .jsonpath(&["pods", "-l", "app=web"], "{.items[*].spec.nodeName}")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        nodes.len(),
+        3,
+        "the scheduler spreads one deployment's pods: {nodes:?}"
+    );
+
+    let described = cp.kubectl_ok(&["describe", "deployment", "web"]);
+    assert!(
+        described.contains("3 desired | 3 updated | 3 total | 3 available"),
+        "{described}"
+    );
+    let svc = cp.kubectl_ok(&["get", "svc", "web", "-o", "json"]);
+    let svc: serde_json::Value = serde_json::from_str(&svc).unwrap_or_else(|e| panic!("{e}"));
+    let ip = svc["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ip.starts_with("10.") && ip != "10.96.0.1",
+        "ClusterIP from the service CIDR: {ip}"
+    );
+    let node_port = svc["spec"]["ports"][0]["nodePort"].as_i64().unwrap_or(0);
+    assert!((30000..=32767).contains(&node_port), "{svc}");
+    wait_for(
+        "the endpointslice to list 3 ready pods",
+        Duration::from_secs(20),
+        || {
+            let ready = cp.jsonpath(
+                &["endpointslice", "web"],
+                "{.endpoints[*].conditions.ready}",
+            );
+            (ready.split_whitespace().filter(|r| *r == "true").count() == 3).then_some(())
+        },
+    );
+    assert_eq!(
+        cp.jsonpath(&["endpointslice", "web"], "{.ports[0].port}"),
+        "8080",
+        "named targetPort resolved"
+    );
+
+    cp.kubectl_ok(&["scale", "deployment", "web", "--replicas=5"]);
+    cp.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert_eq!(lines_with(&cp.kubectl_ok(&["get", "pods"]), "Running"), 5);
+
+    cp.kubectl_ok(&["set", "image", "deployment/web", "app=busybox:1.37"]);
+    let status = cp.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    wait_for(
+        "every pod on the new image",
+        Duration::from_secs(30),
+        || {
+            let imgs = images(&cp);
+            (imgs.len() == 5 && imgs.iter().all(|i| i == "busybox:1.37")).then_some(())
+        },
+    );
+    let history = cp.kubectl_ok(&["rollout", "history", "deployment/web"]);
+    assert!(
+        history.lines().any(|l| l.trim_start().starts_with('1'))
+            && history.lines().any(|l| l.trim_start().starts_with('2')),
+        "{history}"
+    );
+
+    cp.kubectl_ok(&["rollout", "undo", "deployment/web"]);
+    cp.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=90s"]);
+    assert_eq!(
+        cp.jsonpath(
+            &["deployment", "web"],
+            "{.spec.template.spec.containers[0].image}"
+        ),
+        "busybox:1.36"
+    );
+    assert_eq!(
+        cp.jsonpath(
+            &["deployment", "web"],
+            "{.metadata.annotations.deployment\\.kubernetes\\.io/revision}"
+        ),
+        "3"
+    );
+    wait_for(
+        "every pod back on the old image",
+        Duration::from_secs(30),
+        || {
+            let imgs = images(&cp);
+            (imgs.len() == 5 && imgs.iter().all(|i| i == "busybox:1.36")).then_some(())
+        },
+    );
+
+    cp.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"labels":{"tier":"front"}}}"#,
+    ]);
+    assert_eq!(
+        cp.jsonpath(&["deployment", "web"], "{.metadata.labels.tier}"),
+        "front"
+    );
+    cp.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/replicas","value":2}]"#,
+    ]);
+    cp.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+
+    let out = cp.kubectl_ok(&["delete", "deployment", "web"]);
+    assert!(out.contains("deployment.apps \"web\" deleted"), "{out}");
+    wait_for(
+        "the cascade to remove replicasets and pods",
+        Duration::from_secs(30),
+        || {
+            let rs = cp.kubectl_ok(&["get", "rs", "-o", "name"]);
+            let pods = cp.kubectl_ok(&["get", "pods", "-o", "name"]);
+            (rs.trim().is_empty() && pods.trim().is_empty()).then_some(())
+        },
+    );
+    cp.kubectl_ok(&["delete", "service", "web"]);
+    // The ClusterIP is free again: a new Service may ask for it.
+    let again = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: again}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n"
+    );
+    cp.apply(&again)
+        .unwrap_or_else(|e| panic!("reusing {ip}: {e}"));
+    let taken = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: clash}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n"
+    );
+    let err = cp.apply(&taken).err().unwrap_or_default();
+    assert!(err.contains("provided IP is already allocated"), "{err}");
+}
+
+#[test]
+fn get_watch_sees_changes() {
+    let cp = ControlPlane::start(&[]);
+    let out = cp.dir.path.join("watch.out");
+    let mut watch = Spawn::new("kubectl")
+        .env("KUBECONFIG", &cp.kubeconfig.display().to_string())
+        .args(["get", "configmaps", "-w", "--output-watch-events"])
+        .log_to(&out)
+        .start();
+    wait_for("kubectl to start watching", Duration::from_secs(10), || {
+        watch.log_text().contains("NAME").then_some(()).or_else(|| {
+            // An empty namespace prints nothing until the first event.
+            std::thread::sleep(Duration::from_millis(500));
+            Some(())
+        })
+    });
+    cp.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: live}\ndata: {a: \"1\"}\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    cp.kubectl_ok(&["patch", "configmap", "live", "-p", r#"{"data":{"a":"2"}}"#]);
+    cp.kubectl_ok(&["delete", "configmap", "live"]);
+    let text = wait_for(
+        "ADDED, MODIFIED and DELETED in the watch",
+        Duration::from_secs(15),
+        || {
+            let t = watch.log_text();
+            ["ADDED", "MODIFIED", "DELETED"]
+                .iter()
+                .all(|e| t.lines().any(|l| l.contains(e) && l.contains("live")))
+                .then_some(t)
+        },
+    );
+    let header = text.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("EVENT") && header.contains("NAME") && header.contains("DATA"),
+        "table columns in the watch: {text}"
+    );
+    watch.terminate();
+}
+
+#[test]
+fn stale_update_is_a_conflict_and_invalid_objects_name_the_field() {
+    let cp = ControlPlane::start(&[]);
+    cp.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {a: \"1\"}\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let old = cp.kubectl_ok(&["get", "configmap", "cfg", "-o", "json"]);
+    cp.kubectl_ok(&["patch", "configmap", "cfg", "-p", r#"{"data":{"a":"2"}}"#]);
+    let stale = cp.dir.path.join("stale.json");
+    std::fs::write(&stale, old.replace("\"a\": \"1\"", "\"a\": \"3\""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = cp
+        .kubectl(&["replace", "-f", &stale.display().to_string()])
+        .err()
+        .unwrap_or_default();
+    assert!(
+        err.contains("the object has been modified"),
+        "409 on a stale resourceVersion: {err}"
+    );
+    assert_eq!(
+        cp.jsonpath(&["configmap", "cfg"], "{.data.a}"),
+        "2",
+        "the stale write changed nothing"
+    );
+
+    let deployment = APP.split("---").next().unwrap_or_default();
+    let bad_replicas = deployment.replace("replicas: 3", "replicas: -1");
+    let err = cp.apply(&bad_replicas).err().unwrap_or_default();
+    assert!(
+        err.contains("spec.replicas: Invalid value: \"-1\""),
+        "{err}"
+    );
+    let service = APP.split("---").nth(1).unwrap_or_default();
+    let bad_port = service.replace("port: 80,", "port: 70000,");
+    let err = cp.apply(&bad_port).err().unwrap_or_default();
+    assert!(
+        err.contains("spec.ports[0].port: Invalid value: \"70000\""),
+        "{err}"
+    );
+    let no_image =
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: c}]\n";
+    let err = cp.apply(no_image).err().unwrap_or_default();
+    assert!(
+        err.contains("spec.containers[0].image: Required value"),
+        "{err}"
+    );
+    let mismatch = deployment.replace(
+        "labels: {app: web}\n    spec:",
+        "labels: {app: other}\n    spec:",
+    );
+    let err = cp.apply(&mismatch).err().unwrap_or_default();
+    assert!(
+        err.contains("spec.template.metadata.labels")
+            && err.contains("`selector` does not match template `labels`"),
+        "{err}"
+    );
+    let unknown = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: b}\nbogus: 1\n";
+    let err = cp.apply(unknown).err().unwrap_or_default();
+    assert!(
+        err.contains("unknown field \"bogus\""),
+        "strict field validation: {err}"
+    );
+    let out = cp.kubectl_ok(&["get", "deploy,pods,cm", "-o", "name"]);
+    assert_eq!(out.trim(), "configmap/cfg", "nothing invalid was stored");
+}
+
+#[test]
+fn requests_without_a_valid_token_get_401() {
+    let cp = ControlPlane::start(&[]);
+    let anon = Spawn::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            &cp.ca_file().display().to_string(),
+            &format!("{}/api/v1/namespaces", cp.server),
+        ])
+        .output();
+    assert_eq!(anon, "401");
+    let body = Spawn::new("curl")
+        .args([
+            "-s",
+            "--cacert",
+            &cp.ca_file().display().to_string(),
+            "-H",
+            "Authorization: Bearer wrong",
+            &format!("{}/api/v1/pods", cp.server),
+        ])
+        .output();
+    let status: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(
+        (status["kind"].as_str(), status["code"].as_i64()),
+        (Some("Status"), Some(401)),
+        "{body}"
+    );
+    let err = cp
+        .kubectl(&["--token=wrong", "get", "pods"])
+        .err()
+        .unwrap_or_default();
+    assert!(
+        err.contains("Unauthorized") || err.contains("must be logged in"),
+        "{err}"
+    );
+    let ok = Spawn::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            &cp.ca_file().display().to_string(),
+            "-H",
+            &format!("Authorization: Bearer {}", cp.token().trim()),
+            &format!("{}/api/v1/namespaces", cp.server),
+        ])
+        .output();
+    assert_eq!(
+        ok, "200",
+        "the CA-verified TLS connection with the admin token works"
+    );
+}
+
+#[test]
+fn scheduler_filters_and_retries_unschedulable_pods() {
+    let cp = ControlPlane::start(&["--node-monitor-grace-seconds", "3600"]);
+    cp.add_node("small", "", "1");
+    cp.add_node("big", ", disk: hdd", "8");
+    cp.kubectl_ok(&["taint", "node", "big", "dedicated=db:NoSchedule"]);
+    let pod = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n{extra}  containers:\n  - name: c\n    image: busybox:1.36\n    resources: {{requests: {{cpu: \"2\"}}}}\n"
+        )
+    };
+    cp.apply(&pod("needs-cpu", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let reason = wait_for(
+        "the Unschedulable condition",
+        Duration::from_secs(15),
+        || {
+            let c = cp.jsonpath(
+                &["pod", "needs-cpu"],
+                "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+            );
+            (!c.is_empty()).then_some(c)
+        },
+    );
+    assert!(
+        reason.contains("0/2 nodes are available")
+            && reason.contains("1 Insufficient cpu")
+            && reason.contains("untolerated taint {dedicated: db}"),
+        "{reason}"
+    );
+    let events = cp.kubectl_ok(&["get", "events"]);
+    assert!(
+        events.contains("FailedScheduling") && events.contains("pod/needs-cpu"),
+        "{events}"
+    );
+    // The cluster changes: the pod is tried again and lands.
+    cp.kubectl_ok(&["taint", "node", "big", "dedicated-"]);
+    wait_for(
+        "the pod to be bound to big",
+        Duration::from_secs(15),
+        || (cp.jsonpath(&["pod", "needs-cpu"], "{.spec.nodeName}") == "big").then_some(()),
+    );
+
+    cp.apply(&pod("wants-ssd", "  nodeSelector: {disk: ssd}\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        cp.jsonpath(&["pod", "wants-ssd"], "{.spec.nodeName}"),
+        "",
+        "no node matches the selector"
+    );
+    cp.kubectl_ok(&["label", "node", "big", "disk=ssd", "--overwrite"]);
+    wait_for(
+        "the selector pod to land on big",
+        Duration::from_secs(15),
+        || (cp.jsonpath(&["pod", "wants-ssd"], "{.spec.nodeName}") == "big").then_some(()),
+    );
+    let hostport = "apiVersion: v1\nkind: Pod\nmetadata: {name: NAME}\nspec:\n  nodeSelector: {kubernetes.io/hostname: big}\n  containers:\n  - {name: c, image: busybox:1.36, ports: [{containerPort: 80, hostPort: 8080}]}\n";
+    cp.apply(&hostport.replace("NAME", "hp-1"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    cp.apply(&hostport.replace("NAME", "hp-2"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for("hp-1 bound", Duration::from_secs(15), || {
+        (!cp.jsonpath(&["pod", "hp-1"], "{.spec.nodeName}").is_empty()).then_some(())
+    });
+    let msg = wait_for("hp-2 unschedulable", Duration::from_secs(15), || {
+        let c = cp.jsonpath(
+            &["pod", "hp-2"],
+            "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+        );
+        (!c.is_empty()).then_some(c)
+    });
+    assert!(msg.contains("didn't have free ports"), "{msg}");
+}
+
+#[test]
+fn silent_node_goes_notready_and_its_pods_are_evicted() {
+    let cp = ControlPlane::start(&[
+        "--node-monitor-grace-seconds",
+        "3",
+        "--pod-eviction-timeout-seconds",
+        "2",
+    ]);
+    cp.add_node("alive", "", "4");
+    cp.add_node("silent", "", "4");
+    let _nodes = HollowNodes::start(&cp, &["alive", "silent"]);
+    let renew = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = renew.clone();
+    let kubeconfig = cp.kubeconfig.clone();
+    // The live node's heartbeat: its Lease renewed every second.
+    let heartbeat = std::thread::spawn(move || {
+        while flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let now = Spawn::new("date")
+                .args(["-u", "+%Y-%m-%dT%H:%M:%S.000000Z"])
+                .output();
+            let lease = format!(
+                "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {{name: alive, namespace: kube-node-lease}}\nspec: {{holderIdentity: alive, leaseDurationSeconds: 40, renewTime: \"{}\"}}\n",
+                now.trim()
+            );
+            let f = std::env::temp_dir().join(format!("lease-{}.yaml", std::process::id()));
+            let _ = std::fs::write(&f, lease);
+            let _ = Spawn::new("kubectl")
+                .env("KUBECONFIG", &kubeconfig.display().to_string())
+                .args(["apply", "-f", &f.display().to_string()])
+                .try_output();
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let two = APP.replace("replicas: 3", "replicas: 2");
+    cp.apply(&two).unwrap_or_else(|e| panic!("{e}"));
+    wait_for("both pods running", Duration::from_secs(30), || {
+        (lines_with(&cp.kubectl_ok(&["get", "pods"]), "Running") == 2).then_some(())
+    });
+    wait_for(
+        "the silent node to go NotReady",
+        Duration::from_secs(20),
+        || {
+            let nodes = cp.kubectl_ok(&["get", "nodes"]);
+            (nodes
+                .lines()
+                .any(|l| l.starts_with("silent") && l.contains("NotReady"))
+                && nodes
+                    .lines()
+                    .any(|l| l.starts_with("alive") && l.contains(" Ready")))
+            .then_some(())
+        },
+    );
+    let taints = cp.jsonpath(&["node", "silent"], "{.spec.taints[*].key}");
+    assert!(
+        taints.contains("node.kubernetes.io/unreachable"),
+        "{taints}"
+    );
+    wait_for(
+        "every pod to end up on the live node",
+        Duration::from_secs(40),
+        || {
+            let nodes = cp.jsonpath(
+                &[
+                    "pods",
+                    "-l",
+                    "app=web",
+                    "--field-selector=status.phase=Running",
+                ],
+                "{.items[*].spec.nodeName}",
+            );
+            let all: Vec<&str> = nodes.split_whitespace().collect();
+            (all.len() == 2 && all.iter().all(|n| *n == "alive")).then_some(())
+        },
+    );
+    renew.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = heartbeat.join();
+}
+
+#[test]
+fn daemonset_runs_one_pod_per_eligible_node() {
+    let cp = ControlPlane::start(&["--node-monitor-grace-seconds", "3600"]);
+    for n in ["d1", "d2", "d3"] {
+        cp.add_node(n, "", "4");
+    }
+    cp.kubectl_ok(&["taint", "node", "d3", "gpu=yes:NoSchedule"]);
+    let ds = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      containers: [{name: a, image: busybox:1.36}]\n";
+    cp.apply(ds).unwrap_or_else(|e| panic!("{e}"));
+    wait_for(
+        "daemon pods on d1 and d2 only",
+        Duration::from_secs(20),
+        || {
+            let mut nodes: Vec<String> = cp
+                .jsonpath(&["pods", "-l", "app=agent"], "{.items[*].spec.nodeName}")
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            nodes.sort();
+            (nodes == ["d1", "d2"]).then_some(())
+        },
+    );
+    cp.add_node("d4", "", "4");
+    wait_for(
+        "a daemon pod on the new node",
+        Duration::from_secs(20),
+        || {
+            cp.jsonpath(&["pods", "-l", "app=agent"], "{.items[*].spec.nodeName}")
+                .contains("d4")
+                .then_some(())
+        },
+    );
+    let desired = wait_for("the daemonset status", Duration::from_secs(20), || {
+        let d = cp.jsonpath(&["ds", "agent"], "{.status.desiredNumberScheduled}");
+        (d == "3").then_some(d)
+    });
+    assert_eq!(desired, "3");
+}
+
+#[test]
+fn python_client_lists_watches_and_recovers_from_410() {
+    let cp = ControlPlane::start(&[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/client_check.py");
+    // Compaction happens from outside, as an operator's etcd maintenance would.
+    let etcd_url = cp.etcd.url.clone();
+    let out = Spawn::new("python3")
+        .args([script, &cp.kubeconfig.display().to_string(), &etcd_url])
+        .try_output()
+        .unwrap_or_else(|e| panic!("{e}\n--- control plane log ---\n{}", cp.log_tail()));
+    assert!(out.contains("ok: all checks passed"), "{out}");
+}
+
+#[test]
+fn one_command_control_plane_manages_its_own_etcd() {
+    let dir = skiff_tests::TempDir::new();
+    let port = skiff_tests::control::free_port();
+    let mut cp = Spawn::new(skiff_tests::bin("skiff-control"))
+        .args([
+            "--data-dir",
+            &dir.path.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .log_to(&dir.path.join("control.log"))
+        .start();
+    let kubeconfig = dir.path.join("admin.kubeconfig");
+    let kubectl = |args: &[&str]| {
+        Spawn::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig.display().to_string())
+            .args(args)
+            .try_output()
+    };
+    let out = wait_for(
+        "kubectl against the one-command control plane",
+        Duration::from_secs(30),
+        || kubectl(&["get", "namespaces"]).ok(),
+    );
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(out.contains(ns), "{out}");
+    }
+    let sa = wait_for(
+        "the default serviceaccount",
+        Duration::from_secs(15),
+        || kubectl(&["get", "sa", "default"]).ok(),
+    );
+    assert!(sa.contains("default"), "{sa}");
+    let etcd_pid = wait_for("the local etcd process", Duration::from_secs(5), || {
+        let ps = Spawn::new("pgrep")
+            .args([
+                "-f",
+                &format!("etcd --name=skiff --data-dir={}/etcd", dir.path.display()),
+            ])
+            .try_output()
+            .ok()?;
+        ps.split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<i32>().ok())
+    });
+    cp.terminate();
+    wait_for(
+        "the local etcd to stop with the control plane",
+        Duration::from_secs(10),
+        || (!std::path::Path::new(&format!("/proc/{etcd_pid}")).exists()).then_some(()),
+    );
+}
