@@ -1,12 +1,14 @@
 //! A control plane for tests: a real etcd on loopback ports of its own and
 //! `skiff-control` against it, both killed on drop, plus the real
-//! `kubectl` pointed at it through the admin kubeconfig.
+//! `kubectl` pointed at it through the admin kubeconfig. Either on the host's
+//! loopback or inside a test's network namespace (so that an agent in that
+//! namespace reaches it), never anywhere else.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{Proc, Spawn, TempDir, bin, wait_for};
+use crate::{Netns, Proc, Spawn, TempDir, bin, wait_for};
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -19,11 +21,17 @@ pub fn free_port() -> u16 {
 pub struct Etcd {
     pub url: String,
     pub proc: Proc,
+    netns: Option<String>,
     _dir: TempDir,
 }
 
 impl Etcd {
     pub fn start() -> Self {
+        Self::start_in(None)
+    }
+
+    pub fn start_in(netns: Option<&Netns>) -> Self {
+        let netns = netns.map(Netns::path);
         let dir = TempDir::new();
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
@@ -39,11 +47,13 @@ impl Etcd {
                 format!("--initial-cluster=test={peer_url}"),
                 "--log-level=warn".to_string(),
             ])
+            .netns_path(netns.as_deref())
             .log_to(&dir.path.join("etcd.log"))
             .start();
         let etcd = Self {
             url,
             proc,
+            netns,
             _dir: dir,
         };
         wait_for("etcd to answer", Duration::from_secs(20), || {
@@ -55,6 +65,7 @@ impl Etcd {
     /// Runs `etcdctl` against this etcd.
     pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
         Spawn::new("etcdctl")
+            .netns_path(self.netns.as_deref())
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.url])
             .args(args)
@@ -81,13 +92,20 @@ pub struct ControlPlane {
     pub dir: TempDir,
     pub kubeconfig: PathBuf,
     pub server: String,
+    netns: Option<String>,
 }
 
 impl ControlPlane {
     /// Starts etcd and `skiff-control` with `extra` flags and waits until
     /// kubectl gets an answer.
     pub fn start(extra: &[&str]) -> Self {
-        let etcd = Etcd::start();
+        Self::start_in(None, extra)
+    }
+
+    /// As `start`, with etcd, the control plane and kubectl in `netns`.
+    pub fn start_in(netns: Option<&Netns>, extra: &[&str]) -> Self {
+        let etcd = Etcd::start_in(netns);
+        let netns = netns.map(Netns::path);
         let dir = TempDir::new();
         let port = free_port();
         let proc = Spawn::new(bin("skiff-control"))
@@ -100,6 +118,7 @@ impl ControlPlane {
                 &format!("127.0.0.1:{port}"),
             ])
             .args(extra)
+            .netns_path(netns.as_deref())
             .env("RUST_LOG", "info,skiff_control=debug")
             .log_to(&dir.path.join("control.log"))
             .start();
@@ -110,6 +129,7 @@ impl ControlPlane {
             kubeconfig,
             server: format!("https://127.0.0.1:{port}"),
             dir,
+            netns,
         };
         wait_for(
             "the apiserver to answer kubectl",
@@ -122,6 +142,7 @@ impl ControlPlane {
     /// Runs the real kubectl with the admin kubeconfig.
     pub fn kubectl(&self, args: &[&str]) -> Result<String, String> {
         Spawn::new("kubectl")
+            .netns_path(self.netns.as_deref())
             .env("KUBECONFIG", &self.kubeconfig.display().to_string())
             .args(["--request-timeout=20s"])
             .args(args)
@@ -191,10 +212,12 @@ impl HollowNodes {
             cp.kubeconfig.clone(),
             nodes.iter().map(|s| s.to_string()).collect(),
         );
+        let netns = cp.netns.clone();
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let kubectl = |args: &[&str]| {
                 Spawn::new("kubectl")
+                    .netns_path(netns.as_deref())
                     .env("KUBECONFIG", &kubeconfig.display().to_string())
                     .args(args)
                     .try_output()

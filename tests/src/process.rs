@@ -49,9 +49,16 @@ impl Spawn {
         self
     }
 
-    pub fn netns(mut self, ns: &Netns) -> Self {
-        let f = File::open(ns.path()).unwrap_or_else(|e| panic!("open {}: {e}", ns.path()));
-        self.netns = Some(f);
+    pub fn netns(self, ns: &Netns) -> Self {
+        self.netns_path(Some(&ns.path()))
+    }
+
+    /// Runs in the namespace at `path` (a bind mount under /run/netns), if any.
+    pub fn netns_path(mut self, path: Option<&str>) -> Self {
+        if let Some(path) = path {
+            let f = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            self.netns = Some(f);
+        }
         self
     }
 

@@ -105,6 +105,24 @@ impl Node {
         self.agent = Some(p);
     }
 
+    /// The agent reading Services and EndpointSlices from an apiserver.
+    fn start_agent_kube(&mut self, kubeconfig: &std::path::Path) {
+        self.restarts += 1;
+        let log = self.logs.path.join(format!("agent-{}.log", self.restarts));
+        let p = Spawn::new(bin("skiff-agent"))
+            .args(["run", "--kubeconfig"])
+            .args([kubeconfig])
+            .args(["--cgroup"])
+            .args([&self.cg.path])
+            .args(["--bpffs"])
+            .args([&self.pins.path])
+            .args(["--node-name", "node-a", "--nodeport-address", NODE_IP])
+            .netns(&self.ns)
+            .log_to(&log)
+            .start();
+        self.agent = Some(p);
+    }
+
     fn agent_log(&self) -> String {
         self.agent.as_ref().map(Proc::log_text).unwrap_or_default()
     }
@@ -644,4 +662,80 @@ fn cluster_ip_moving_to_another_service_is_programmed_for_it() {
         "{}",
         node.agent_log()
     );
+}
+
+/// The whole control loop on one node: kubectl → skiff-control (apiserver,
+/// EndpointSlice controller) → the agent's kube-rs watch → the BPF maps →
+/// a client's connection to the ClusterIP. The control plane runs in the
+/// node's namespace; the pods' containers are the probe servers, reported
+/// running at their addresses through `pods/status` as a kubelet would.
+#[test]
+fn proxy_follows_services_and_pods_through_the_apiserver() {
+    use skiff_tests::control::ControlPlane;
+    let mut node = Node::new();
+    three_backends(&mut node);
+    let cp = ControlPlane::start_in(Some(&node.ns), &["--node-monitor-grace-seconds", "3600"]);
+    cp.add_node("node-a", "", "4");
+    for (i, ip) in B.iter().enumerate() {
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: b{n}, labels: {{app: web}}}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: app\n    image: skiff-probe\n    ports: [{{name: http, containerPort: 8080}}, {{name: dns, containerPort: 5353, protocol: UDP}}]\n",
+            n = i + 1
+        );
+        cp.apply(&pod).unwrap_or_else(|e| panic!("{e}"));
+        let status = format!(
+            r#"{{"status":{{"phase":"Running","podIP":"{ip}","conditions":[{{"type":"Ready","status":"True"}}]}}}}"#
+        );
+        cp.kubectl_ok(&[
+            "patch",
+            "pod",
+            &format!("b{}", i + 1),
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ]);
+    }
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n  - {name: dns, port: 53, protocol: UDP, targetPort: dns}\n";
+    cp.apply(svc).unwrap_or_else(|e| panic!("{e}"));
+    node.start_agent_kube(&cp.kubeconfig);
+    node.wait_programmed(
+        "10.96.0.10:80/TCP",
+        &["10.200.0.11:8080", "10.200.0.12:8080", "10.200.0.13:8080"],
+    );
+    node.wait_programmed(
+        "10.96.0.10:53/UDP",
+        &["10.200.0.11:5353", "10.200.0.12:5353", "10.200.0.13:5353"],
+    );
+    let r = node.tcp("10.96.0.10:80", 60);
+    assert_eq!(
+        counts(&r, "errors"),
+        BTreeMap::new(),
+        "{r}\n{}",
+        node.agent_log()
+    );
+    assert_eq!(
+        counts(&r, "answers").keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{r}"
+    );
+
+    // b2 turns unready, b3 is deleted (terminating while its grace runs).
+    cp.kubectl_ok(&[
+        "patch",
+        "pod",
+        "b2",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#,
+    ]);
+    cp.kubectl_ok(&["delete", "pod", "b3", "--wait=false"]);
+    node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
+    assert_only(&node.tcp("10.96.0.10:80", 20), "b1", 20);
+
+    // The service goes: so does its frontend.
+    cp.kubectl_ok(&["delete", "service", "web"]);
+    wait_for("the frontend to be removed", TIMEOUT, || {
+        (!node.try_list().ok()?.contains_key("10.96.0.10:80/TCP")).then_some(())
+    });
 }

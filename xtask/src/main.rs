@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install apt packages, nightly rust-src, bpf-linker (LLVM 22), protoc.
+    /// Install apt packages, nightly rust-src, bpf-linker (LLVM 22), protoc,
+    /// the Python Kubernetes client.
     Setup,
     /// Build the kernel programs (through the agent's build script).
     BuildEbpf,
@@ -59,7 +60,12 @@ const APT_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "busybox-static",
     "fonts-dejavu-core",
+    "curl",
+    "python3-pip",
 ];
+
+/// The Python client the control-plane tests drive the apiserver with.
+const PYTHON_CLIENT: &str = "kubernetes==37.0.2";
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -162,6 +168,28 @@ fn setup() -> Result<()> {
                 "--features",
                 "llvm-22",
             ]))?;
+    }
+    if !succeeds(Command::new("python3").args(["-c", "import kubernetes"])) {
+        let pip = [
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            PYTHON_CLIENT,
+        ];
+        // Debian's own python3 refuses pip installs unless told otherwise.
+        if run(Command::new("python3").args(pip)).is_err() {
+            run(Command::new("python3")
+                .args(pip)
+                .arg("--break-system-packages"))?;
+        }
+    }
+    // kubectl is on every machine of this kind; say so plainly if not.
+    if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
+        bail!(
+            "kubectl is missing: the control-plane tests drive the apiserver with the real kubectl"
+        );
     }
     eprintln!("setup: everything is installed");
     Ok(())
