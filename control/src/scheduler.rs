@@ -239,20 +239,18 @@ impl NodeInfo {
     }
 
     /// Why `pod` cannot go here, as upstream words it.
-    pub fn filter(&self, pod: &Pod) -> Result<(), String> {
-        let spec = pod.spec.as_ref();
-        let tolerations = spec.and_then(|s| s.tolerations.clone()).unwrap_or_default();
+    pub fn filter(&self, pod: &Pod, needs: &Needs) -> Result<(), String> {
         if self.node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
             let taint = Taint {
                 key: "node.kubernetes.io/unschedulable".into(),
                 effect: "NoSchedule".into(),
                 ..Default::default()
             };
-            if !tolerations.iter().any(|t| tolerates(t, &taint)) {
+            if !needs.tolerations.iter().any(|t| tolerates(t, &taint)) {
                 return Err("node(s) were unschedulable".into());
             }
         }
-        if let Some(t) = untolerated_taint(&tolerations, &self.node) {
+        if let Some(t) = untolerated_taint(&needs.tolerations, &self.node) {
             return Err(format!(
                 "node(s) had untolerated taint {{{}: {}}}",
                 t.key,
@@ -265,33 +263,34 @@ impl NodeInfo {
         if self.used_pods + 1 > self.pods {
             return Err("Too many pods".into());
         }
-        let (c, m) = requests(pod);
-        if c > 0 && self.used_cpu.saturating_add(c) > self.cpu {
+        if needs.cpu > 0 && self.used_cpu.saturating_add(needs.cpu) > self.cpu {
             return Err("Insufficient cpu".into());
         }
-        if m > 0 && self.used_mem.saturating_add(m) > self.mem {
+        if needs.mem > 0 && self.used_mem.saturating_add(needs.mem) > self.mem {
             return Err("Insufficient memory".into());
         }
-        if host_ports(pod).iter().any(|p| self.ports.contains(p)) {
+        if needs.ports.iter().any(|p| self.ports.contains(p)) {
             return Err("node(s) didn't have free ports for the requested pod ports".into());
         }
         Ok(())
     }
 
-    /// Higher is better: free CPU and memory after placing `pod`, minus a
+    /// Higher is better: free CPU and memory after placing the pod, minus a
     /// penalty per pod of the same controller already here.
-    pub fn score(&self, pod: &Pod) -> i64 {
-        let (c, m) = requests(pod);
+    pub fn score(&self, needs: &Needs) -> i64 {
         let free = |used: i64, cap: i64| -> i64 {
             if cap == i64::MAX || cap == 0 {
                 return 100;
             }
             ((cap - used).max(0) as f64 * 100.0 / cap as f64) as i64
         };
-        let least_allocated =
-            (free(self.used_cpu + c, self.cpu) + free(self.used_mem + m, self.mem)) / 2;
-        let same_owner = controller_of(&pod.metadata)
-            .and_then(|o| self.owners.get(&o.uid))
+        let least_allocated = (free(self.used_cpu + needs.cpu, self.cpu)
+            + free(self.used_mem + needs.mem, self.mem))
+            / 2;
+        let same_owner = needs
+            .owner
+            .as_ref()
+            .and_then(|o| self.owners.get(o))
             .copied()
             .unwrap_or(0);
         let pod_load = free(self.used_pods + 1, self.pods);
@@ -299,16 +298,63 @@ impl NodeInfo {
     }
 }
 
-/// The best node for `pod`, or the message of why none fits.
-pub fn place(pod: &Pod, nodes: &[NodeInfo]) -> Result<usize, String> {
+/// What a pod asks of a node, read once per scheduling attempt.
+pub struct Needs {
+    cpu: i64,
+    mem: i64,
+    ports: Vec<(String, i32)>,
+    tolerations: Vec<Toleration>,
+    owner: Option<String>,
+}
+
+impl Needs {
+    pub fn of(pod: &Pod) -> Self {
+        let (cpu, mem) = requests(pod);
+        Self {
+            cpu,
+            mem,
+            ports: host_ports(pod),
+            tolerations: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.tolerations.clone())
+                .unwrap_or_default(),
+            owner: controller_of(&pod.metadata).map(|o| o.uid.clone()),
+        }
+    }
+}
+
+/// How many feasible nodes to find before choosing: all of a small
+/// cluster, then a shrinking share (upstream's percentageOfNodesToScore:
+/// 50% minus 1% per 125 nodes, at least 5%, at least 100 nodes).
+pub fn enough(nodes: usize) -> usize {
+    if nodes <= 100 {
+        return nodes;
+    }
+    let pct = (50usize.saturating_sub(nodes / 125)).max(5);
+    (nodes * pct / 100).max(100)
+}
+
+/// The best node for `pod` among the first `enough` feasible ones met
+/// from `start` on (the start rotates so that every node gets its turn),
+/// or the message of why none fits.
+pub fn place(pod: &Pod, nodes: &[NodeInfo], start: usize) -> Result<usize, String> {
+    let needs = Needs::of(pod);
+    let want = enough(nodes.len());
     let mut best: Option<(i64, usize)> = None;
+    let mut feasible = 0;
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        match n.filter(pod) {
+    for k in 0..nodes.len() {
+        let i = (start + k) % nodes.len();
+        match nodes[i].filter(pod, &needs) {
             Ok(()) => {
-                let s = n.score(pod);
+                let s = nodes[i].score(&needs);
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, i));
+                }
+                feasible += 1;
+                if feasible >= want {
+                    break;
                 }
             }
             Err(r) => *reasons.entry(r).or_default() += 1,
@@ -346,6 +392,7 @@ pub async fn run(client: Client) {
     info!("scheduler started");
     let mut assumed: HashMap<String, usize> = HashMap::new();
     let mut reported: HashMap<String, String> = HashMap::new();
+    let mut start = 0usize;
     loop {
         next_pass("scheduler", &notify, Duration::from_secs(5)).await;
         let all_nodes = nodes.state();
@@ -400,7 +447,8 @@ pub async fn run(client: Client) {
         let mut failures = Vec::new();
         for pod in queue {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
-            match place(&pod, &infos) {
+            start = start.wrapping_add(1);
+            match place(&pod, &infos, start % infos.len().max(1)) {
                 Ok(i) => {
                     infos[i].add(&pod);
                     assumed.insert(uid.clone(), i);
@@ -563,18 +611,18 @@ mod tests {
             serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "2"}}}]}}),
         );
         assert_eq!(
-            place(&big, &nodes),
+            place(&big, &nodes, 0),
             Err("0/3 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint {dedicated: db}, 1 node(s) were unschedulable.".into())
         );
         let tolerant = pod(
             serde_json::json!({"metadata": {"name": "p"}, "spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "db", "effect": "NoSchedule"}],
             "containers": [{"name": "c", "resources": {"requests": {"cpu": "2"}}}]}}),
         );
-        assert_eq!(place(&tolerant, &nodes), Ok(1));
+        assert_eq!(place(&tolerant, &nodes, 0), Ok(1));
         let picky = pod(
             serde_json::json!({"metadata": {"name": "p"}, "spec": {"nodeSelector": {"disk": "ssd"}, "containers": [{"name": "c"}]}}),
         );
-        assert!(place(&picky, &nodes).is_err());
+        assert!(place(&picky, &nodes, 0).is_err());
     }
 
     #[test]
@@ -589,18 +637,26 @@ mod tests {
         a.add(&owned("x"));
         let nodes = vec![a, b];
         assert_eq!(
-            place(&owned("y"), &nodes),
+            place(&owned("y"), &nodes, 0),
             Ok(1),
             "spread away from the sibling"
         );
         let pinned = pod(
             serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["1"]}]}]}}}}}),
         );
-        assert_eq!(place(&pinned, &nodes), Ok(0));
+        assert_eq!(place(&pinned, &nodes, 0), Ok(0));
         let by_name = pod(
             serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["b"]}]}]}}}}}),
         );
-        assert_eq!(place(&by_name, &nodes), Ok(1));
+        assert_eq!(place(&by_name, &nodes, 0), Ok(1));
+    }
+
+    #[test]
+    fn feasible_nodes_to_find() {
+        assert_eq!(enough(3), 3);
+        assert_eq!(enough(1000), 420);
+        assert_eq!(enough(5000), 500);
+        assert_eq!(enough(100_000), 5000);
     }
 
     #[test]
@@ -610,6 +666,6 @@ mod tests {
             serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 8080}]}]}}),
         );
         a.add(&web);
-        assert!(place(&web, &[a]).is_err());
+        assert!(place(&web, &[a], 0).is_err());
     }
 }

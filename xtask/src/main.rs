@@ -285,7 +285,12 @@ fn main() -> Result<()> {
                     a.extend(args.iter().map(String::as_str));
                     lab(&a)
                 }
-                other => bail!("unknown benchmark {other:?}: try `proxy`"),
+                "control" => {
+                    let mut a = vec!["bench-control"];
+                    a.extend(args.iter().map(String::as_str));
+                    lab(&a)
+                }
+                other => bail!("unknown benchmark {other:?}: try `proxy` or `control`"),
             }
         }
     }

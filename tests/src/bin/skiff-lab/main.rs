@@ -3,6 +3,7 @@
 //! creates.
 
 mod bench;
+mod control_bench;
 mod demo;
 mod plot;
 mod rules;
@@ -15,7 +16,9 @@ const USAGE: &str = "usage: skiff-lab demo [--once]
        skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
                              [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
                              [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
-                             [--out target/bench]";
+                             [--out target/bench]
+       skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
+                               [--samples 300] [--rounds 3] [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -71,11 +74,42 @@ fn bench_args(argv: &[String]) -> Result<bench::Args> {
     Ok(a)
 }
 
+fn control_args(argv: &[String]) -> Result<control_bench::Args> {
+    let mut a = control_bench::Args {
+        nodes: vec![1_000, 5_000],
+        sched_pods: 3_000,
+        pods: vec![1_000, 10_000],
+        samples: 300,
+        rounds: 3,
+        out: PathBuf::from("target/bench"),
+    };
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--nodes" => a.nodes = list(value, "--nodes")?,
+            "--sched-pods" => a.sched_pods = value.parse().context("--sched-pods")?,
+            "--pods" => a.pods = list(value, "--pods")?,
+            "--samples" => a.samples = value.parse().context("--samples")?,
+            "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--out" => a.out = PathBuf::from(value),
+            other => bail!("unknown flag {other:?}\n{USAGE}"),
+        }
+    }
+    if a.samples == 0 || a.rounds == 0 {
+        bail!("--samples and --rounds must be at least 1");
+    }
+    Ok(a)
+}
+
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     match argv.first().map(String::as_str) {
         Some("demo") => demo::run(argv.iter().any(|a| a == "--once")),
         Some("bench-proxy") => bench::run(&bench_args(&argv[1..])?),
+        Some("bench-control") => control_bench::run(&control_args(&argv[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

@@ -160,3 +160,128 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
+
+/// Lines with points and a legend, one colour per named series.
+fn draw_named<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    series: &[(&str, RGBColor, Vec<(f64, f64)>)],
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (name, c, pts) in series {
+        let c = *c;
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Left: scheduler throughput against the number of nodes. Right: p50
+/// latencies against the number of pods, beside etcd's.
+pub fn control(doc: &serde_json::Value, path: &Path) -> Result<()> {
+    register_font()?;
+    let get = |v: &serde_json::Value, p: &str| {
+        v.pointer(p)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0)
+    };
+    let sched: Vec<(f64, f64)> = doc["scheduler"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| (get(s, "/nodes"), get(s, "/pods_per_s")))
+        .collect();
+    let lat = doc["latency"].as_array().cloned().unwrap_or_default();
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(700);
+
+    let max_nodes = sched.iter().map(|p| p.0).fold(10.0, f64::max) * 2.0;
+    let max_rate = sched.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(&left)
+        .caption("scheduler throughput", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((50f64..max_nodes).log_scale(), 0f64..max_rate)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("nodes")
+        .y_desc("pods bound / s")
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    draw_named(
+        &mut chart,
+        &[("skiff-control", RGBColor(0, 114, 178), sched)],
+    )?;
+
+    let pts = |field: &str| -> Vec<(f64, f64)> {
+        lat.iter()
+            .map(|l| {
+                (
+                    get(l, "/pods"),
+                    get(l, &format!("/{field}/p50_ms")).max(0.01),
+                )
+            })
+            .collect()
+    };
+    let series = [
+        ("create", RGBColor(0, 114, 178), pts("create")),
+        ("watch event", RGBColor(0, 158, 115), pts("watch")),
+        ("list all", RGBColor(213, 94, 0), pts("list")),
+        ("etcd put (limit)", BLACK, pts("etcd_put")),
+        (
+            "etcd range (limit)",
+            RGBColor(120, 120, 120),
+            pts("etcd_range"),
+        ),
+    ];
+    let max_pods = lat.iter().map(|l| get(l, "/pods")).fold(10.0, f64::max) * 2.0;
+    let max_ms = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 3.0;
+    let mut chart = ChartBuilder::on(&right)
+        .caption("API latency (p50)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (100f64..max_pods).log_scale(),
+            (0.01f64..max_ms).log_scale(),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("pods stored")
+        .y_desc("milliseconds")
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    draw_named(&mut chart, &series)?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
