@@ -61,9 +61,37 @@ pub enum Change {
     Progress { revision: i64 },
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefix_end_is_the_next_key() {
+        assert_eq!(
+            super::prefix_end(b"/registry/pods/"),
+            b"/registry/pods0".to_vec()
+        );
+        assert_eq!(super::prefix_end(b"a\xff"), b"b".to_vec());
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+}
+
+/// Keys per range request: well under gRPC's 4 MiB message limit for
+/// objects of a few KiB.
+const PAGE: i64 = 500;
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 fn is_compacted(e: &etcd_client::Error) -> bool {
@@ -101,37 +129,49 @@ impl Store {
     }
 
     /// Everything under `prefix`, read at `revision` (latest when `None`),
-    /// and the revision the read saw.
+    /// and the revision the read saw. Read in pages, all at the revision of
+    /// the first, so a large list is still one consistent snapshot.
     pub async fn list(
         &self,
         prefix: &str,
         revision: Option<i64>,
     ) -> Result<(Vec<Item>, i64), StoreError> {
-        let mut opts = GetOptions::new().with_prefix();
-        if let Some(rev) = revision {
-            opts = opts.with_revision(rev);
-        }
-        let resp = match self.kv().get(prefix, Some(opts)).await {
-            Ok(r) => r,
-            Err(e) if is_compacted(&e) => {
-                return Err(StoreError::Compacted {
-                    requested: revision.unwrap_or(0),
-                    compacted: 0,
-                });
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut at = revision;
+        let mut items = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if let Some(rev) = at {
+                opts = opts.with_revision(rev);
             }
-            Err(e) => return Err(e.into()),
-        };
-        let rev = resp.header().map_or(0, |h| h.revision());
-        let items = resp
-            .kvs()
-            .iter()
-            .map(|kv| Item {
+            let resp = match self.kv().get(from.clone(), Some(opts)).await {
+                Ok(r) => r,
+                Err(e) if is_compacted(&e) => {
+                    return Err(StoreError::Compacted {
+                        requested: at.unwrap_or(0),
+                        compacted: 0,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if at.is_none() {
+                at = Some(resp.header().map_or(0, |h| h.revision()));
+            }
+            items.extend(resp.kvs().iter().map(|kv| Item {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 value: kv.value().to_vec(),
                 mod_revision: kv.mod_revision(),
-            })
-            .collect();
-        Ok((items, revision.unwrap_or(rev)))
+            }));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok((items, at.unwrap_or(0)))
     }
 
     /// Keys only, for the allocators.

@@ -87,6 +87,15 @@ for ev in w.stream(v1.list_namespaced_config_map, NS, resource_version=fresh.met
         w.stop()
 assert seen == [("DELETED", "py-2")], seen
 
+# A list bigger than one storage page (500 keys) is one consistent list.
+for i in range(620):
+    meta = client.V1ObjectMeta(name=f"bulk-{i}", labels={"bulk": "yes"})
+    v1.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=meta, data={"i": str(i)}))
+bulk = v1.list_namespaced_config_map(NS, label_selector="bulk=yes")
+assert len(bulk.items) == 620 and len({c.metadata.name for c in bulk.items}) == 620, len(bulk.items)
+v1.delete_collection_namespaced_config_map(NS, label_selector="bulk=yes")
+assert v1.list_namespaced_config_map(NS, label_selector="bulk=yes").items == []
+
 apps = client.AppsV1Api()
 assert any(r.name == "deployments" for r in apps.get_api_resources().resources)
 print("ok: all checks passed")

@@ -167,6 +167,20 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("admin token: {e}"))
     }
 
+    /// curl against the apiserver, trusting its CA, with `token` if given
+    /// (`Err` carries the output of a failed run, such as a timed-out stream).
+    pub fn curl(&self, token: Option<&str>, args: &[&str]) -> Result<String, String> {
+        let mut c = Spawn::new("curl").netns_path(self.netns.as_deref()).args([
+            "-s",
+            "--cacert",
+            &self.ca_file().display().to_string(),
+        ]);
+        if let Some(t) = token {
+            c = c.args(["-H", &format!("Authorization: Bearer {}", t.trim())]);
+        }
+        c.args(args).try_output()
+    }
+
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path.join("pki/ca.crt")
     }

@@ -239,25 +239,20 @@ fn deployment_lifecycle_with_kubectl() {
 }
 
 #[test]
-fn get_watch_sees_changes() {
+fn get_pods_watch_sees_changes() {
     let cp = ControlPlane::start(&[]);
     let out = cp.dir.path.join("watch.out");
     let mut watch = Spawn::new("kubectl")
         .env("KUBECONFIG", &cp.kubeconfig.display().to_string())
-        .args(["get", "configmaps", "-w", "--output-watch-events"])
+        .args(["get", "pods", "-w", "--output-watch-events"])
         .log_to(&out)
         .start();
-    wait_for("kubectl to start watching", Duration::from_secs(10), || {
-        watch.log_text().contains("NAME").then_some(()).or_else(|| {
-            // An empty namespace prints nothing until the first event.
-            std::thread::sleep(Duration::from_millis(500));
-            Some(())
-        })
-    });
-    cp.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: live}\ndata: {a: \"1\"}\n")
-        .unwrap_or_else(|e| panic!("{e}"));
-    cp.kubectl_ok(&["patch", "configmap", "live", "-p", r#"{"data":{"a":"2"}}"#]);
-    cp.kubectl_ok(&["delete", "configmap", "live"]);
+    // kubectl lists first; give it that moment before the first change.
+    std::thread::sleep(Duration::from_millis(800));
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: live, labels: {v: \"1\"}}\nspec:\n  containers: [{name: c, image: busybox:1.36}]\n";
+    cp.apply(pod).unwrap_or_else(|e| panic!("{e}"));
+    cp.kubectl_ok(&["label", "pod", "live", "v=2", "--overwrite"]);
+    cp.kubectl_ok(&["delete", "pod", "live"]);
     let text = wait_for(
         "ADDED, MODIFIED and DELETED in the watch",
         Duration::from_secs(15),
@@ -271,10 +266,133 @@ fn get_watch_sees_changes() {
     );
     let header = text.lines().next().unwrap_or_default();
     assert!(
-        header.contains("EVENT") && header.contains("NAME") && header.contains("DATA"),
+        ["EVENT", "NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+            .iter()
+            .all(|c| header.contains(c)),
         "table columns in the watch: {text}"
     );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("ADDED") && l.contains("0/1") && l.contains("Pending")),
+        "{text}"
+    );
     watch.terminate();
+}
+
+#[test]
+fn raw_api_bookmarks_deletecollection_and_field_selectors() {
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token();
+    let curl = |args: &[&str]| {
+        cp.curl(Some(&token), args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    for (name, tier) in [("a", "web"), ("b", "web"), ("c", "db")] {
+        cp.apply(&format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, labels: {{tier: {tier}}}}}\ndata: {{k: v}}\n")).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let list = curl(&[&format!(
+        "{}/api/v1/namespaces/default/configmaps?fieldSelector=metadata.name%3Db",
+        cp.server
+    )]);
+    let list: serde_json::Value =
+        serde_json::from_str(&list).unwrap_or_else(|e| panic!("{e}: {list}"));
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list["kind"], "ConfigMapList");
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let bad = curl(&[&format!(
+        "{}/api/v1/pods?fieldSelector=spec.bogus%3D1",
+        cp.server
+    )]);
+    assert!(
+        bad.contains("\"code\":400") && bad.contains("spec.bogus"),
+        "{bad}"
+    );
+
+    // A watch asked for bookmarks gets them while nothing changes.
+    // curl ends the stream at --max-time (exit 28); what it read is the test.
+    let url = format!(
+        "{}/api/v1/namespaces/default/configmaps?watch=true&allowWatchBookmarks=true&resourceVersion={rv}",
+        cp.server
+    );
+    let stream = cp
+        .curl(Some(&token), &["--max-time", "8", &url])
+        .unwrap_or_else(|e| e);
+    let bookmark = stream
+        .lines()
+        .find(|l| l.contains("\"BOOKMARK\""))
+        .unwrap_or_else(|| panic!("no bookmark in {stream}"));
+    let json_at = bookmark.find("{\"").unwrap_or(0);
+    let mark: serde_json::Value =
+        serde_json::from_str(&bookmark[json_at..]).unwrap_or_else(|e| panic!("{e}: {bookmark}"));
+    let at: i64 = mark["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    assert!(at >= rv.parse::<i64>().unwrap_or(i64::MAX), "{mark}");
+
+    let out = curl(&[
+        "-X",
+        "DELETE",
+        &format!(
+            "{}/api/v1/namespaces/default/configmaps?labelSelector=tier%3Dweb",
+            cp.server
+        ),
+    ]);
+    assert!(out.contains("\"kind\":\"ConfigMapList\""), "{out}");
+    let left = cp.kubectl_ok(&["get", "cm", "-o", "name", "-l", "tier"]);
+    assert_eq!(
+        left.trim(),
+        "configmap/c",
+        "deletecollection honoured the selector"
+    );
+}
+
+#[test]
+fn foreground_and_orphan_cascades() {
+    let cp = ControlPlane::start(&["--node-monitor-grace-seconds", "3600"]);
+    cp.add_node("n1", "", "8");
+    let _nodes = HollowNodes::start(&cp, &["n1"]);
+    let deployment = APP.split("---").next().unwrap_or_default();
+    cp.apply(deployment).unwrap_or_else(|e| panic!("{e}"));
+    cp.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    cp.kubectl_ok(&["delete", "deployment", "web", "--cascade=orphan"]);
+    let rs = wait_for("the replicaset orphaned", Duration::from_secs(20), || {
+        let owners = cp.jsonpath(
+            &["rs", "-l", "app=web"],
+            "{.items[*].metadata.ownerReferences}",
+        );
+        let names = cp.jsonpath(&["rs", "-l", "app=web"], "{.items[*].metadata.name}");
+        (owners.is_empty()
+            && !names.is_empty()
+            && cp.kubectl(&["get", "deployment", "web"]).is_err())
+        .then_some(names)
+    });
+    assert_eq!(
+        lines_with(&cp.kubectl_ok(&["get", "pods"]), "Running"),
+        3,
+        "orphaned pods keep running"
+    );
+    let out = cp.kubectl_ok(&[
+        "delete",
+        "rs",
+        rs.trim(),
+        "--cascade=foreground",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    assert!(out.contains("deleted"), "{out}");
+    assert!(
+        cp.kubectl(&["get", "rs", rs.trim()]).is_err(),
+        "the owner went only after its dependents"
+    );
+    assert_eq!(
+        cp.kubectl_ok(&["get", "pods", "-o", "name"]).trim(),
+        "",
+        "no pod left"
+    );
 }
 
 #[test]
@@ -345,29 +463,15 @@ fn stale_update_is_a_conflict_and_invalid_objects_name_the_field() {
 #[test]
 fn requests_without_a_valid_token_get_401() {
     let cp = ControlPlane::start(&[]);
-    let anon = Spawn::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--cacert",
-            &cp.ca_file().display().to_string(),
-            &format!("{}/api/v1/namespaces", cp.server),
-        ])
-        .output();
-    assert_eq!(anon, "401");
-    let body = Spawn::new("curl")
-        .args([
-            "-s",
-            "--cacert",
-            &cp.ca_file().display().to_string(),
-            "-H",
-            "Authorization: Bearer wrong",
-            &format!("{}/api/v1/pods", cp.server),
-        ])
-        .output();
+    let code = |token: Option<&str>| {
+        let url = format!("{}/api/v1/namespaces", cp.server);
+        cp.curl(token, &["-o", "/dev/null", "-w", "%{http_code}", &url])
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    assert_eq!(code(None), "401");
+    let body = cp
+        .curl(Some("wrong"), &[&format!("{}/api/v1/pods", cp.server)])
+        .unwrap_or_else(|e| panic!("{e}"));
     let status: serde_json::Value =
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_eq!(
@@ -383,22 +487,9 @@ fn requests_without_a_valid_token_get_401() {
         err.contains("Unauthorized") || err.contains("must be logged in"),
         "{err}"
     );
-    let ok = Spawn::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--cacert",
-            &cp.ca_file().display().to_string(),
-            "-H",
-            &format!("Authorization: Bearer {}", cp.token().trim()),
-            &format!("{}/api/v1/namespaces", cp.server),
-        ])
-        .output();
     assert_eq!(
-        ok, "200",
+        code(Some(&cp.token())),
+        "200",
         "the CA-verified TLS connection with the admin token works"
     );
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -241,15 +241,6 @@ async fn reconcile(
     .any(|k| cur.get(*k).cloned().unwrap_or(json!(0)) != status[*k]);
     if changed {
         let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
-        if let Err(e) = api
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await
-        {
-            warn!(daemonset = %name, error = %e, "status update failed");
-        }
+        super::write_status(&api, name, status).await;
     }
 }

@@ -134,6 +134,22 @@ pub(crate) fn ns_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or_default()
 }
 
+/// Merges `status` into the object's status subresource; a failure is
+/// logged and left to the next pass.
+pub(crate) async fn write_status<K>(api: &Api<K>, name: &str, status: serde_json::Value)
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    let patch = kube::api::Patch::Merge(serde_json::json!({ "status": status }));
+    if let Err(e) = api
+        .patch_status(name, &kube::api::PatchParams::default(), &patch)
+        .await
+    {
+        warn!(kind = %K::kind(&K::DynamicType::default()), name, error = %e, "status update failed");
+    }
+}
+
 /// Runs `ops` with at most `width` in flight and counts the failures
 /// (each is logged by the caller's closure).
 pub(crate) async fn in_parallel<I, Fut>(width: usize, ops: I) -> usize

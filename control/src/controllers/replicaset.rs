@@ -13,7 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -222,15 +222,6 @@ async fn reconcile(client: &Client, rs: &ReplicaSet, owned: Vec<Arc<Pod>>, exp: 
     });
     if !same {
         let api: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
-        if let Err(e) = api
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await
-        {
-            warn!(replicaset = %name, error = %e, "status update failed");
-        }
+        super::write_status(&api, name, status).await;
     }
 }

@@ -50,28 +50,12 @@ where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
-    for (mode, pts) in series {
-        if pts.is_empty() {
-            continue;
-        }
-        let c = color(*mode);
-        chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(mode.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
-            .map_err(|e| anyhow!("{e}"))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(legend)
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
-    Ok(())
+    let named: Vec<Series<'_>> = series
+        .iter()
+        .filter(|(_, pts)| !pts.is_empty())
+        .map(|(mode, pts)| (mode.name(), color(*mode), pts.clone()))
+        .collect();
+    draw_named(chart, &named, legend)
 }
 
 /// Left: fresh-state connection rate against the number of services.
@@ -161,10 +145,14 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A named, coloured line of points.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 /// Lines with points and a legend, one colour per named series.
 fn draw_named<'a, DB, X, Y>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
-    series: &[(&str, RGBColor, Vec<(f64, f64)>)],
+    series: &[Series<'_>],
+    legend: SeriesLabelPosition,
 ) -> Result<()>
 where
     DB: DrawingBackend + 'a,
@@ -186,7 +174,7 @@ where
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend)
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     Ok(())
@@ -233,6 +221,7 @@ pub fn control(doc: &serde_json::Value, path: &Path) -> Result<()> {
     draw_named(
         &mut chart,
         &[("skiff-control", RGBColor(0, 114, 178), sched)],
+        SeriesLabelPosition::UpperLeft,
     )?;
 
     let pts = |field: &str| -> Vec<(f64, f64)> {
@@ -281,7 +270,7 @@ pub fn control(doc: &serde_json::Value, path: &Path) -> Result<()> {
         .y_label_formatter(&|v| label(*v))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    draw_named(&mut chart, &series)?;
+    draw_named(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
