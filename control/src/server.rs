@@ -172,5 +172,18 @@ async fn bootstrap(api: &Arc<Api>, advertise: SocketAddr) -> Result<()> {
         "subsets": [{"addresses": [{"ip": advertise.ip().to_string()}], "ports": [{"name": "https", "port": advertise.port(), "protocol": "TCP"}]}]
     });
     api.ensure(ep, Some("default"), endpoints).await?;
+    // The slice too, so that service proxies (which read EndpointSlices)
+    // route the `kubernetes` ClusterIP to the apiserver.
+    let es =
+        resources::find("discovery.k8s.io", "v1", "endpointslices").context("endpointslices")?;
+    let family = if advertise.is_ipv4() { "IPv4" } else { "IPv6" };
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes", "endpointslice.kubernetes.io/managed-by": "skiff-control"}},
+        "addressType": family,
+        "endpoints": [{"addresses": [advertise.ip().to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}}],
+        "ports": [{"name": "https", "port": advertise.port(), "protocol": "TCP"}]
+    });
+    api.ensure(es, Some("default"), slice).await?;
     Ok(())
 }

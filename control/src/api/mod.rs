@@ -69,6 +69,12 @@ pub(crate) fn json_response(code: u16, v: &Value) -> Response<Body> {
     )
 }
 
+/// A JSON body already serialised.
+pub(crate) fn bytes_response(code: u16, body: Vec<u8>) -> Response<Body> {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+    full(code, "application/json", body)
+}
+
 pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.code, &e.to_status())
 }

@@ -86,6 +86,26 @@ pub(crate) fn decode_item(item: &Item) -> Result<Value, ApiError> {
     Ok(v)
 }
 
+/// The stored bytes as clients see them, without parsing: the
+/// `resourceVersion` spliced in right after `"metadata":{`. Stored objects
+/// are serde_json output of upstream types, whose top-level `metadata`
+/// comes before any nested one (`spec.template.metadata`) and whose
+/// strings cannot hold an unescaped quote, so the first match is the
+/// object's own metadata. `None` when it is not there.
+pub(crate) fn raw_with_rv(raw: &[u8], rev: i64) -> Option<Vec<u8>> {
+    const NEEDLE: &[u8] = b"\"metadata\":{";
+    let at = raw.windows(NEEDLE.len()).position(|w| w == NEEDLE)? + NEEDLE.len();
+    let rv = format!("\"resourceVersion\":\"{rev}\"");
+    let mut out = Vec::with_capacity(raw.len() + rv.len() + 1);
+    out.extend_from_slice(&raw[..at]);
+    out.extend_from_slice(rv.as_bytes());
+    if raw.get(at) != Some(&b'}') {
+        out.push(b',');
+    }
+    out.extend_from_slice(&raw[at..]);
+    Some(out)
+}
+
 pub(crate) fn with_rv(mut v: Value, rev: i64) -> Value {
     meta_mut(&mut v).insert("resourceVersion".into(), json!(rev.to_string()));
     v
@@ -1129,4 +1149,23 @@ async fn purge_namespace(store: crate::store::Store, ns: String, cidr: Cidr) {
         tracing::warn!(namespace = %ns, error = %e, "namespace purge: could not remove the namespace");
     }
     tracing::info!(namespace = %ns, "namespace deleted");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_matches_parse() {
+        for raw in [
+            &br#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"},"spec":{"template":{"metadata":{}}}}"#[..],
+            &br#"{"kind":"Namespace","metadata":{}}"#[..],
+        ] {
+            let spliced = raw_with_rv(raw, 42).expect("has metadata");
+            let parsed: Value = serde_json::from_slice(&spliced).expect("valid JSON");
+            let expected = with_rv(serde_json::from_slice(raw).expect("valid"), 42);
+            assert_eq!(parsed, expected);
+        }
+        assert!(raw_with_rv(br#"{"kind":"X"}"#, 1).is_none());
+    }
 }

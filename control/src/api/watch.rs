@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use serde_json::{Value, json};
 
-use super::objects::{decode_item, store_err, with_rv};
+use super::objects::{decode_item, raw_with_rv, store_err, with_rv};
 use super::{Api, Body, json_response};
 use crate::resources::Resource;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -87,6 +87,21 @@ impl Filter {
     fn matches(&self, obj: &Value) -> bool {
         self.labels.matches_object(obj) && self.fields.matches(obj)
     }
+
+    fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+}
+
+/// `{"type":TYPE,"object":OBJECT}` and a newline, from the object's bytes.
+fn raw_line(ty: &str, object: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(object.len() + 32);
+    v.extend_from_slice(b"{\"type\":\"");
+    v.extend_from_slice(ty.as_bytes());
+    v.extend_from_slice(b"\",\"object\":");
+    v.extend_from_slice(object);
+    v.extend_from_slice(b"}\n");
+    Bytes::from(v)
 }
 
 fn list_kind(r: &Resource) -> String {
@@ -130,6 +145,12 @@ impl Api {
         q: &HashMap<String, String>,
         as_table: bool,
     ) -> Result<Response<Body>, ApiError> {
+        if !as_table
+            && Filter::parse(r, q)?.is_empty()
+            && q.get("resourceVersionMatch").is_none_or(|m| m != "Exact")
+        {
+            return self.list_raw(r, ns).await;
+        }
         let (items, rev) = self.list_objects(r, ns, q).await?;
         let meta = json!({"resourceVersion": rev.to_string()});
         if as_table {
@@ -140,6 +161,37 @@ impl Api {
             200,
             &json!({"kind": list_kind(r), "apiVersion": r.api_version(), "metadata": meta, "items": items}),
         ))
+    }
+
+    /// A list without selectors, built from the stored bytes.
+    async fn list_raw(&self, r: &Resource, ns: Option<&str>) -> Result<Response<Body>, ApiError> {
+        let (items, rev) = self
+            .store
+            .list(&r.prefix(ns), None)
+            .await
+            .map_err(|e| store_err(r, "", e))?;
+        let head = format!(
+            "{{\"kind\":\"{}\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{rev}\"}},\"items\":[",
+            list_kind(r),
+            r.api_version()
+        );
+        let mut out = Vec::with_capacity(
+            head.len() + items.iter().map(|i| i.value.len() + 32).sum::<usize>() + 2,
+        );
+        out.extend_from_slice(head.as_bytes());
+        for (n, item) in items.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            match raw_with_rv(&item.value, item.mod_revision) {
+                Some(bytes) => out.extend_from_slice(&bytes),
+                None => out.extend_from_slice(
+                    &serde_json::to_vec(&decode_item(item)?).unwrap_or_default(),
+                ),
+            }
+        }
+        out.extend_from_slice(b"]}");
+        Ok(super::bytes_response(200, out))
     }
 
     pub(crate) async fn watch(
@@ -183,6 +235,8 @@ impl Api {
             .await
             .map_err(|e| store_err(r, "", e))?;
 
+        // No selector and no table: events go out as stored, unparsed.
+        let raw = filter.is_empty() && !as_table;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
         let mut encoder = Encoder {
             r,
@@ -234,6 +288,13 @@ impl Api {
                         Some(line("BOOKMARK", &mark))
                     }
                     Some(Ok(Change::Progress { .. })) => None,
+                    Some(Ok(Change::Put { item, prev })) if raw => {
+                        let ty = if prev.is_none() { "ADDED" } else { "MODIFIED" };
+                        raw_with_rv(&item.value, item.mod_revision).map(|b| raw_line(ty, &b))
+                    }
+                    Some(Ok(Change::Delete { last, revision })) if raw => {
+                        raw_with_rv(&last.value, revision).map(|b| raw_line("DELETED", &b))
+                    }
                     Some(Ok(Change::Put { item, prev })) => {
                         let Ok(now) = decode_item(&item) else {
                             continue;

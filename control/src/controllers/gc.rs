@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{next_pass, ready, reflect};
+use super::{next_pass_after, ready, reflect};
 
 const FOREGROUND: &str = "foregroundDeletion";
 const ORPHAN: &str = "orphan";
@@ -139,7 +139,14 @@ pub async fn run(client: Client) {
     ready(&slices).await;
     ready(&revs).await;
     loop {
-        next_pass("garbage-collector", &notify, Duration::from_secs(15)).await;
+        // Collection can wait a moment: one pass reads every object.
+        next_pass_after(
+            "garbage-collector",
+            &notify,
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+        )
+        .await;
         let mut all = Vec::new();
         all.extend(entries(&pods));
         all.extend(entries(&rss));

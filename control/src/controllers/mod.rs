@@ -73,11 +73,22 @@ where
 
 /// Waits for the next pass: a change (bursts coalesced) or `resync`.
 pub(crate) async fn next_pass(name: &'static str, notify: &Notify, resync: Duration) {
+    next_pass_after(name, notify, resync, Duration::from_millis(5)).await;
+}
+
+/// As `next_pass`, gathering changes for `coalesce` before the pass: for
+/// controllers whose pass reads everything and need not be immediate.
+pub(crate) async fn next_pass_after(
+    name: &'static str,
+    notify: &Notify,
+    resync: Duration,
+    coalesce: Duration,
+) {
     tokio::select! {
         _ = notify.notified() => {}
         _ = tokio::time::sleep(resync) => {}
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    tokio::time::sleep(coalesce).await;
     debug!(controller = name, "pass");
 }
 

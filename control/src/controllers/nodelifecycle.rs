@@ -85,11 +85,14 @@ fn stamp(t: Timestamp) -> String {
 pub async fn run(client: Client, settings: Settings) {
     let notify = Arc::new(Notify::new());
     let (nodes, _a) = reflect(Api::<Node>::all(client.clone()), notify.clone());
+    // Pod and Lease changes alone never need a pass before the next tick:
+    // silence is measured in time, not in events.
+    let quiet = Arc::new(Notify::new());
     let (leases, _b) = reflect(
         Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
-        notify.clone(),
+        quiet.clone(),
     );
-    let (pods, _c) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
+    let (pods, _c) = reflect(Api::<Pod>::all(client.clone()), quiet.clone());
     ready(&nodes).await;
     ready(&leases).await;
     ready(&pods).await;
@@ -100,7 +103,13 @@ pub async fn run(client: Client, settings: Settings) {
     loop {
         next_pass("node-lifecycle", &notify, tick).await;
         let now = Timestamp::now();
-        let all_pods = pods.state();
+        let mut by_node: std::collections::HashMap<String, Vec<Arc<Pod>>> =
+            std::collections::HashMap::new();
+        for p in pods.state() {
+            if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                by_node.entry(n).or_default().push(p);
+            }
+        }
         for node in nodes.state() {
             let name = name_of(&node.metadata).to_string();
             let lease = leases.get(&ObjectRef::new(&name).within("kube-node-lease"));
@@ -110,12 +119,7 @@ pub async fn run(client: Client, settings: Settings) {
             let silent =
                 now.duration_since(seen).unsigned_abs() > settings.node_grace && now > seen;
             let tainted = unreachable_since(&node);
-            let on_node: Vec<&Arc<Pod>> = all_pods
-                .iter()
-                .filter(|p| {
-                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
-                })
-                .collect();
+            let on_node: Vec<&Arc<Pod>> = by_node.get(&name).into_iter().flatten().collect();
             if silent && ready_status(&node).as_deref() != Some("Unknown") {
                 info!(node = %name, "node stopped renewing its lease: NotReady");
                 let cond = json!({"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown", "message": "Kubelet stopped posting node status.", "lastTransitionTime": stamp(now), "lastHeartbeatTime": stamp(seen)});

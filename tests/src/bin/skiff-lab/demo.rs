@@ -1,34 +1,47 @@
-//! `cargo xtask up`: the service proxy doing its job in a namespace it
-//! makes. Three backend servers, one Service with a ClusterIP and a
-//! NodePort, the real agent reading manifests, a client in the translated
-//! cgroup; then one endpoint turns unready and the traffic moves.
+//! `cargo xtask up`: Skiff doing its job in a network namespace it makes.
+//! The control plane (etcd, skiff-control) runs there; `kubectl apply`
+//! creates a Deployment and a NodePort Service; the scheduler places the
+//! pods on the node; the agent follows the Service and its EndpointSlice
+//! into the BPF maps; a client in the translated cgroup reaches the pods
+//! through the ClusterIP and the NodePort; then one pod turns unready and
+//! the traffic moves off it.
+//!
+//! There is no kubelet yet: the demo plays the node side for the pods,
+//! starting a probe server for each and reporting it running and ready at
+//! its address through `pods/status`, as a kubelet would.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use skiff_tests::control::ControlPlane;
 use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin, wait_for};
 
-const BACKENDS: [&str; 3] = ["10.202.0.11", "10.202.0.12", "10.202.0.13"];
+const NODE_IP: &str = "10.202.0.1";
+const POD_IPS: [&str; 3] = ["10.202.0.11", "10.202.0.12", "10.202.0.13"];
 
-fn manifests(ready: [bool; 3]) -> String {
-    let mut eps = String::new();
-    for (ip, r) in BACKENDS.iter().zip(ready) {
-        eps.push_str(&format!(
-            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {r}}}\n"
-        ));
-    }
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {{name: http, port: 80, nodePort: 30080}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\nendpoints:\n{eps}"
-    )
-}
-
-fn write(dir: &TempDir, text: &str) -> Result<()> {
-    let tmp = dir.path.join(".web.yaml.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, dir.path.join("web.yaml"))?;
-    Ok(())
-}
+const APP: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: skiff-probe
+        ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]
+";
 
 fn list(pins: &PinDir) -> Result<String> {
     Spawn::new(bin("skiff-agent"))
@@ -57,76 +70,178 @@ fn traffic(ns: &Netns, cg: &Cgroup, to: &str, n: u32) -> Result<BTreeMap<String,
         .collect())
 }
 
-pub fn run(once: bool) -> Result<()> {
-    let ns = Netns::new();
-    ns.add_local_link("skd0", &["10.202.0.1/24"]);
-    let mut servers: Vec<Proc> = Vec::new();
-    for (i, b) in BACKENDS.iter().enumerate() {
-        ns.ip(&["addr", "add", &format!("{b}/32"), "dev", "skd0"]);
+fn kubectl(cp: &ControlPlane, args: &[&str]) -> Result<String> {
+    cp.kubectl(args).map_err(anyhow::Error::msg)
+}
+
+fn show(cp: &ControlPlane, args: &[&str]) -> Result<()> {
+    println!(
+        "\n$ kubectl {}\n{}",
+        args.join(" "),
+        kubectl(cp, args)?.trim_end()
+    );
+    Ok(())
+}
+
+/// Runs each scheduled pod: a probe server at its address, reported
+/// Running and Ready.
+fn run_pods(cp: &ControlPlane, ns: &Netns) -> Result<(Vec<Proc>, Vec<String>)> {
+    let names = wait_for(
+        "the scheduler to place 3 pods",
+        Duration::from_secs(30),
+        || {
+            let out = cp
+                .kubectl(&[
+                    "get",
+                    "pods",
+                    "-l",
+                    "app=web",
+                    "--field-selector=spec.nodeName=demo-node",
+                    "-o",
+                    "name",
+                ])
+                .ok()?;
+            let names: Vec<String> = out
+                .lines()
+                .map(|l| l.trim_start_matches("pod/").to_string())
+                .collect();
+            (names.len() == 3).then_some(names)
+        },
+    );
+    let mut servers = Vec::new();
+    for (name, ip) in names.iter().zip(POD_IPS) {
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "skd0"]);
         let mut p = Spawn::new(bin("skiff-probe"))
-            .args(["serve-tcp", &format!("{b}:8080"), &format!("pod-{}", i + 1)])
-            .netns(&ns)
+            .args(["serve-tcp", &format!("{ip}:8080"), name])
+            .netns(ns)
             .start();
         if p.ask("") != "ready" {
-            bail!("backend {b} did not start");
+            bail!("the server of pod {name} did not start");
         }
         servers.push(p);
+        let status = format!(
+            r#"{{"status":{{"phase":"Running","podIP":"{ip}","hostIP":"{NODE_IP}","conditions":[{{"type":"Ready","status":"True"}}],"containerStatuses":[{{"name":"web","image":"skiff-probe","imageID":"","ready":true,"restartCount":0,"started":true,"state":{{"running":{{}}}}}}]}}}}"#
+        );
+        kubectl(
+            cp,
+            &[
+                "patch",
+                "pod",
+                name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &status,
+            ],
+        )?;
     }
+    Ok((servers, names))
+}
+
+pub fn run(once: bool) -> Result<()> {
+    let ns = Netns::new();
+    ns.add_local_link("skd0", &[&format!("{NODE_IP}/24")]);
     let cg = Cgroup::new();
     let pins = PinDir::new();
-    let dir = TempDir::new();
     let logs = TempDir::new();
-    write(&dir, &manifests([true, true, true]))?;
-
     println!(
-        "network namespace {} (10.202.0.0/24), client cgroup {}",
+        "network namespace {} ({NODE_IP}/24), client cgroup {}",
         ns.name,
         cg.path.display()
     );
+
+    let cp = ControlPlane::start_in(Some(&ns), &["--node-monitor-grace-seconds", "3600"]);
+    println!(
+        "control plane up: etcd {} and skiff-control {}",
+        cp.etcd.url, cp.server
+    );
+    cp.add_node("demo-node", "", "4");
+    let app = logs.path.join("app.yaml");
+    std::fs::write(&app, APP)?;
+    println!(
+        "\n$ kubectl apply -f app.yaml\n{}",
+        kubectl(&cp, &["apply", "-f", &app.display().to_string()])?.trim_end()
+    );
+    let (servers, names) = run_pods(&cp, &ns)?;
+
     let agent = Spawn::new(bin("skiff-agent"))
-        .args(["run", "--manifests"])
-        .args([&dir.path])
+        .args(["run", "--kubeconfig"])
+        .args([&cp.kubeconfig])
         .args(["--cgroup"])
         .args([&cg.path])
         .args(["--bpffs"])
         .args([&pins.path])
-        .args(["--nodeport-address", "10.202.0.1", "--poll-ms", "100"])
+        .args(["--node-name", "demo-node", "--nodeport-address", NODE_IP])
         .netns(&ns)
         .log_to(&logs.path.join("agent.log"))
         .start();
     wait_for(
         "the agent to program the service",
+        Duration::from_secs(30),
+        || {
+            list(&pins)
+                .ok()
+                .filter(|l| POD_IPS.iter().all(|ip| l.contains(&format!("{ip}:8080"))))
+        },
+    );
+    kubectl(
+        &cp,
+        &["rollout", "status", "deployment/web", "--timeout=30s"],
+    )?;
+    show(
+        &cp,
+        &["get", "deployment,pods,service,endpointslice", "-o", "wide"],
+    )?;
+    println!("\n$ skiff-agent proxy list\n{}", list(&pins)?.trim_end());
+
+    let vip = kubectl(
+        &cp,
+        &["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    )?;
+    println!(
+        "\n60 connections to the ClusterIP {vip}:80 -> {:?}",
+        traffic(&ns, &cg, &format!("{vip}:80"), 60)?
+    );
+    println!(
+        "60 connections to the NodePort {NODE_IP}:30080 -> {:?}",
+        traffic(&ns, &cg, &format!("{NODE_IP}:30080"), 60)?
+    );
+
+    let (pod, ip) = (&names[2], POD_IPS[2]);
+    println!("\npod {pod} ({ip}) becomes not ready...");
+    kubectl(
+        &cp,
+        &[
+            "patch",
+            "pod",
+            pod,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#,
+        ],
+    )?;
+    wait_for(
+        "the agent to drop the unready pod",
         Duration::from_secs(15),
-        || list(&pins).ok().filter(|l| l.contains("10.202.0.13:8080")),
-    );
-    println!("\n$ skiff-agent proxy list\n{}", list(&pins)?);
-
-    println!(
-        "60 connections to the ClusterIP 10.96.0.10:80 -> {:?}",
-        traffic(&ns, &cg, "10.96.0.10:80", 60)?
+        || {
+            list(&pins)
+                .ok()
+                .filter(|l| !l.contains(&format!("{ip}:8080")))
+        },
     );
     println!(
-        "60 connections to the NodePort 10.202.0.1:30080 -> {:?}",
-        traffic(&ns, &cg, "10.202.0.1:30080", 60)?
+        "60 connections to the ClusterIP {vip}:80 -> {:?}",
+        traffic(&ns, &cg, &format!("{vip}:80"), 60)?
     );
-
-    println!("\npod-3 becomes not ready...");
-    write(&dir, &manifests([true, true, false]))?;
-    wait_for("the agent to drop pod-3", Duration::from_secs(15), || {
-        list(&pins).ok().filter(|l| !l.contains("10.202.0.13:8080"))
-    });
-    println!(
-        "60 connections to the ClusterIP 10.96.0.10:80 -> {:?}",
-        traffic(&ns, &cg, "10.96.0.10:80", 60)?
-    );
-    println!("\nagent log:\n{}", agent.log_text());
 
     if !once {
         println!(
-            "Skiff is up. Try: ip netns exec {} sh -c 'echo $$ > {}/cgroup.procs; exec {} tcp 10.96.0.10:80 10'",
-            ns.name,
-            cg.path.display(),
-            bin("skiff-probe").display()
+            "\nSkiff is up. Try:\n  ip netns exec {ns} kubectl --kubeconfig {kc} get pods -o wide\n  ip netns exec {ns} sh -c 'echo $$ > {cg}/cgroup.procs; exec {probe} tcp {vip}:80 10'",
+            ns = ns.name,
+            kc = cp.kubeconfig.display(),
+            cg = cg.path.display(),
+            probe = bin("skiff-probe").display()
         );
         println!("Press Ctrl-C to tear it down.");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -142,6 +257,7 @@ pub fn run(once: bool) -> Result<()> {
     }
     drop(agent);
     drop(servers);
+    drop(cp);
     println!("torn down");
     Ok(())
 }
