@@ -397,13 +397,11 @@ pub async fn run(client: Client) {
         next_pass("scheduler", &notify, Duration::from_secs(5)).await;
         let all_nodes = nodes.state();
         let mut infos: Vec<NodeInfo> = all_nodes.iter().cloned().map(NodeInfo::new).collect();
-        let index: HashMap<&str, usize> = infos
+        let index: HashMap<String, usize> = infos
             .iter()
             .enumerate()
-            .map(|(i, n)| (name_of(&n.node.metadata), i))
+            .map(|(i, n)| (name_of(&n.node.metadata).to_string(), i))
             .collect();
-        let index: HashMap<String, usize> =
-            index.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let all_pods = pods.state();
         let mut queue = Vec::new();
         let mut live: HashSet<String> = HashSet::new();

@@ -210,16 +210,24 @@ impl Store {
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
+    /// Which key made a create fail: the key itself, else a guarded one.
     async fn first_existing(&self, key: &str, guards: &[Guard]) -> Result<String, StoreError> {
         if self.get(key).await?.is_some() {
             return Ok(key.to_string());
         }
+        Ok(self
+            .first_guard_taken(guards)
+            .await?
+            .unwrap_or_else(|| key.to_string()))
+    }
+
+    async fn first_guard_taken(&self, guards: &[Guard]) -> Result<Option<String>, StoreError> {
         for Guard::Absent(k) in guards {
             if self.get(k).await?.is_some() {
-                return Ok(k.clone());
+                return Ok(Some(k.clone()));
             }
         }
-        Ok(key.to_string())
+        Ok(None)
     }
 
     /// Replaces `key` if it is still at `expected` (its mod revision).
@@ -243,8 +251,9 @@ impl Store {
                     key: key.into(),
                     expected,
                 }),
+                // The object is as read, so a guarded key is what failed.
                 Some(_) => Err(StoreError::Exists {
-                    key: self.first_existing("", guards).await?,
+                    key: self.first_guard_taken(guards).await?.unwrap_or_default(),
                 }),
             };
         }

@@ -267,7 +267,8 @@ impl Api {
     ) -> Result<Value, ApiError> {
         let (obj, _) = self.read(r, ns, name).await?;
         match sub {
-            None | Some("status") if sub.is_none() || r.status => Ok(obj),
+            None => Ok(obj),
+            Some("status") if r.status => Ok(obj),
             Some("scale") if r.scale => Ok(scale_of(&obj)),
             Some("log") if r.is("", "pods") => Err(ApiError::bad_request(format!(
                 "container logs of pod \"{name}\" are served by its node's kubelet, which has not reported any"
@@ -511,6 +512,8 @@ impl Api {
         }
         let mut decoded = decode_checked(r, obj, strict)?;
         validate::default(r, &mut decoded);
+        // The ClusterIP and NodePorts the client named itself.
+        let requested = held_keys(&decoded, self.cfg.service_cidr);
         for attempt in 0..8 {
             let mut obj = decoded.clone();
             if let Some(prefix) = &generate {
@@ -538,19 +541,9 @@ impl Api {
                     }
                 }
                 Err(StoreError::Exists { key: taken }) => {
-                    let pinned = sides
-                        .iter()
-                        .any(|s| matches!(s, Side::Put(k, _) if *k == taken))
-                        && (taken.starts_with(alloc::IP_PREFIX)
-                            && !str_at(&decoded, "/spec/clusterIP").is_empty()
-                            || taken.starts_with(alloc::PORT_PREFIX)
-                                && decoded.pointer("/spec/ports").is_some_and(|p| {
-                                    p.to_string().contains(&format!(
-                                        "\"nodePort\":{}",
-                                        taken.trim_start_matches(alloc::PORT_PREFIX)
-                                    ))
-                                }));
-                    if pinned || attempt == 7 {
+                    // A value the client asked for is taken: say so. One we
+                    // picked was taken since: pick again.
+                    if requested.contains(&taken) || attempt == 7 {
                         return Err(Self::allocation_error(&obj, &taken));
                     }
                 }
@@ -773,33 +766,8 @@ impl Api {
         body: Value,
         w: Write,
     ) -> Result<Value, ApiError> {
-        let pinned = body
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(String::from);
-        for _ in 0..8 {
-            let (cur, rev) = self.read(r, ns, name).await?;
-            if let Some(p) = &pinned
-                && *p != rev.to_string()
-            {
-                return Err(ApiError::conflict(r.group, r.plural, name));
-            }
-            let (new, guards, sides) = self
-                .prepare_update(r, &cur, body.clone(), sub, w.strict)
-                .await?;
-            if w.dry_run {
-                return Ok(new);
-            }
-            match self.write(r, ns, rev, new, &guards, &sides).await {
-                Ok(v) if sub == Some("scale") => return Ok(scale_of(&v)),
-                Ok(v) => return Ok(v),
-                Err(StoreError::Conflict { .. }) if pinned.is_none() => continue,
-                Err(StoreError::Exists { key }) => return Err(Self::allocation_error(&cur, &key)),
-                Err(e) => return Err(store_err(r, name, e)),
-            }
-        }
-        Err(ApiError::conflict(r.group, r.plural, name))
+        self.replace_with(r, ns, name, sub, w, |_, _| Ok(body.clone()))
+            .await
     }
 
     #[expect(
@@ -817,14 +785,14 @@ impl Api {
         w: Write,
     ) -> Result<Value, ApiError> {
         let media = content_type.split(';').next().unwrap_or_default().trim();
-        for _ in 0..8 {
-            let (cur, rev) = self.read(r, ns, name).await?;
+        self.replace_with(r, ns, name, sub, w, |cur, _| {
+            // A scale patch applies to the Scale view of the object.
             let view = if sub == Some("scale") && r.scale {
-                scale_of(&cur)
+                scale_of(cur)
             } else {
                 cur.clone()
             };
-            let patched = match media {
+            match media {
                 "application/json-patch+json" => crate::patch::json_patch(&view, patch),
                 "application/merge-patch+json" => crate::patch::merge_patch(&view, patch),
                 "application/strategic-merge-patch+json" => {
@@ -832,21 +800,42 @@ impl Api {
                 }
                 other => return Err(ApiError::unsupported_media(other, "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json")),
             }
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            let pinned = patched
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+        })
+        .await
+    }
+
+    /// Read, compute the incoming object from the current one, prepare and
+    /// write guarded by the revision read; again on a concurrent write. An
+    /// incoming `resourceVersion` pins the revision: a mismatch is a 409.
+    async fn replace_with(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        sub: Option<&str>,
+        w: Write,
+        incoming: impl Fn(&Value, i64) -> Result<Value, ApiError>,
+    ) -> Result<Value, ApiError> {
+        for _ in 0..8 {
+            let (cur, rev) = self.read(r, ns, name).await?;
+            let next = incoming(&cur, rev)?;
+            let pinned = next
                 .pointer("/metadata/resourceVersion")
                 .and_then(Value::as_str)
-                .map(String::from);
-            if pinned.as_deref().is_some_and(|p| p != rev.to_string()) {
+                .filter(|s| !s.is_empty());
+            if pinned.is_some_and(|p| p != rev.to_string()) {
                 return Err(ApiError::conflict(r.group, r.plural, name));
             }
-            let (new, guards, sides) = self.prepare_update(r, &cur, patched, sub, w.strict).await?;
+            let (new, guards, sides) = self.prepare_update(r, &cur, next, sub, w.strict).await?;
             if w.dry_run {
                 return Ok(new);
             }
             match self.write(r, ns, rev, new, &guards, &sides).await {
                 Ok(v) if sub == Some("scale") => return Ok(scale_of(&v)),
                 Ok(v) => return Ok(v),
+                // Raced with another writer: read again (a pinned version
+                // then fails the check above).
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(StoreError::Exists { key }) => return Err(Self::allocation_error(&cur, &key)),
                 Err(e) => return Err(store_err(r, name, e)),

@@ -87,13 +87,13 @@ async fn reconcile(
         .get_or_insert_with(Default::default)
         .insert(HASH_LABEL.into(), hash.clone());
 
+    let probe = Pod {
+        spec: template.spec.clone(),
+        ..Default::default()
+    };
     let eligible: Vec<&str> = nodes
         .iter()
         .filter(|n| {
-            let probe = Pod {
-                spec: template.spec.clone(),
-                ..Default::default()
-            };
             selector_matches(&probe, n)
                 && affinity_matches(&probe, n)
                 && untolerated_taint(&tolerations, n).is_none()

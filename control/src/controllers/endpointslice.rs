@@ -154,9 +154,21 @@ pub async fn run(client: Client) {
     ready(&slices).await;
     loop {
         next_pass("endpointslice", &notify, Duration::from_secs(30)).await;
-        let all_pods = pods.state();
+        // Pods by namespace, once per pass: a Service selects only its own.
+        let mut by_ns: std::collections::HashMap<String, Vec<Arc<Pod>>> =
+            std::collections::HashMap::new();
+        for p in pods.state() {
+            by_ns
+                .entry(ns_of(&p.metadata).to_string())
+                .or_default()
+                .push(p);
+        }
         for svc in svcs.state() {
-            let Some(want) = desired(&svc, &all_pods) else {
+            let in_ns = by_ns
+                .get(ns_of(&svc.metadata))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let Some(want) = desired(&svc, in_ns) else {
                 continue;
             };
             let (name, ns) = (name_of(&svc.metadata), ns_of(&svc.metadata));

@@ -30,6 +30,21 @@ fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
         .collect()
 }
 
+/// Calls `set` for each `--flag value` pair of `argv`; `set` answers
+/// whether it knew the flag.
+fn each_flag(argv: &[String], mut set: impl FnMut(&str, &str) -> Result<bool>) -> Result<()> {
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        if !set(flag, value)? {
+            bail!("unknown flag {flag:?}\n{USAGE}");
+        }
+    }
+    Ok(())
+}
+
 fn bench_args(argv: &[String]) -> Result<bench::Args> {
     let mut a = bench::Args {
         sizes: vec![1, 1_000, 10_000, 50_000],
@@ -42,12 +57,8 @@ fn bench_args(argv: &[String]) -> Result<bench::Args> {
         modes: bench::Mode::ALL.to_vec(),
         nft_max: 10_000,
     };
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
+    each_flag(argv, |flag, value| {
+        match flag {
             "--sizes" => a.sizes = list(value, "--sizes")?,
             "--rounds" => a.rounds = value.parse().context("--rounds")?,
             "--conns" => a.conns = value.parse().context("--conns")?,
@@ -65,9 +76,10 @@ fn bench_args(argv: &[String]) -> Result<bench::Args> {
                     a.modes.insert(0, bench::Mode::Direct);
                 }
             }
-            other => bail!("unknown flag {other:?}\n{USAGE}"),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if a.sizes.contains(&0) {
         bail!("--sizes: every size must be at least 1");
     }
@@ -83,21 +95,18 @@ fn control_args(argv: &[String]) -> Result<control_bench::Args> {
         rounds: 3,
         out: PathBuf::from("target/bench"),
     };
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
+    each_flag(argv, |flag, value| {
+        match flag {
             "--nodes" => a.nodes = list(value, "--nodes")?,
             "--sched-pods" => a.sched_pods = value.parse().context("--sched-pods")?,
             "--pods" => a.pods = list(value, "--pods")?,
             "--samples" => a.samples = value.parse().context("--samples")?,
             "--rounds" => a.rounds = value.parse().context("--rounds")?,
             "--out" => a.out = PathBuf::from(value),
-            other => bail!("unknown flag {other:?}\n{USAGE}"),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if a.samples == 0 || a.rounds == 0 {
         bail!("--samples and --rounds must be at least 1");
     }
