@@ -1,2 +1,9 @@
-//! Skiff's CNI 1.1 plugin. Not built yet: its issue (pod network) fills this
-//! crate with the `skiff-cni` binary.
+//! `skiff-cni`: a CNI 1.1 plugin that wires containers into the node's
+//! subnet (bridge + veth + IPAM). [`spec`] holds the protocol, [`ipam`] the
+//! address records, [`plugin`] the commands, [`subnet_env`] the file the
+//! overlay hands the node's subnet over in.
+
+pub mod ipam;
+pub mod plugin;
+pub mod spec;
+pub mod subnet_env;

@@ -1,0 +1,342 @@
+//! The commands: what ADD, DEL, CHECK, GC and STATUS do to the node.
+//!
+//! ADD wires one container: the node bridge (gateway = first address of the
+//! node's subnet), a veth whose container end is created straight inside
+//! the container's namespace as CNI_IFNAME, an address from [`ipam`], and a
+//! route through the gateway. Every step that fails undoes the ones before
+//! it, so a refused ADD changes nothing.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde_json::Value;
+use skiff_netlink::{Netlink, Route};
+
+use crate::ipam::Store;
+use crate::spec::{
+    Attachment, CniError, CniResult, Code, Command, Env, Interface, IpConfig, NetConf, Result,
+    RouteConfig,
+};
+use crate::subnet_env::SubnetEnv;
+
+/// The host end of an attachment's veth: derived from the attachment so
+/// that DEL and GC find it without state (FNV-1a, 44 bits in hex).
+pub fn host_veth_name(a: &Attachment) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in a.container_id.bytes().chain([0]).chain(a.ifname.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("skv{:011x}", h >> 20)
+}
+
+const HOST_VETH_PREFIX: &str = "skv";
+
+/// The node's subnet, MTU and cluster network: from the configuration's
+/// `subnet` or the overlay's subnet file.
+fn node_subnet(conf: &NetConf) -> Result<SubnetEnv> {
+    let mut env = match &conf.subnet {
+        Some(s) => {
+            let subnet: Ipv4Network = s.parse().map_err(|e| {
+                CniError::new(
+                    Code::InvalidConfig,
+                    format!("subnet {s:?} is not an IPv4 CIDR"),
+                )
+                .with_details(e)
+            })?;
+            if subnet.prefix() > 30 {
+                return Err(CniError::new(
+                    Code::InvalidConfig,
+                    format!("subnet {s}: a prefix longer than /30 leaves no address for pods"),
+                ));
+            }
+            SubnetEnv::for_subnet(subnet, subnet, 1500, false)
+        }
+        None => match SubnetEnv::read(conf.subnet_file.as_ref()) {
+            Ok(e) => e,
+            Err(crate::subnet_env::SubnetEnvError::Read { source, path })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                // The overlay writes it once the node's lease is taken; a
+                // pod started before that should be retried, not failed.
+                return Err(CniError::new(
+                    Code::TryAgainLater,
+                    format!("{path} does not exist yet: the node's subnet is not leased"),
+                ));
+            }
+            Err(e) => return Err(CniError::new(Code::InvalidConfig, e.to_string())),
+        },
+    };
+    if let Some(m) = conf.mtu {
+        env.mtu = m;
+    }
+    Ok(env)
+}
+
+fn mac_string(mac: Option<[u8; 6]>) -> String {
+    mac.map(|m| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    })
+    .unwrap_or_default()
+}
+
+fn open_netns(path: &str) -> Result<File> {
+    File::open(path).map_err(|e| {
+        CniError::new(
+            Code::UnknownContainer,
+            format!("network namespace {path} cannot be opened"),
+        )
+        .with_details(e)
+    })
+}
+
+pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
+    if env.command == Command::Version {
+        return Ok(Some(crate::spec::version_reply(stdin)));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let attachment = Attachment {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    };
+    match env.command {
+        Command::Add => add(env, &conf, &attachment).await.map(Some),
+        Command::Del => del(env, &conf, &attachment).await.map(|()| None),
+        Command::Check => check(env, &conf, &attachment).await.map(|()| None),
+        Command::Gc => gc(&conf).await.map(|()| None),
+        Command::Status => status(&conf).map(|()| None),
+        Command::Version => Ok(None),
+    }
+}
+
+async fn add(env: &Env, conf: &NetConf, a: &Attachment) -> Result<Value> {
+    let subnet = node_subnet(conf)?;
+    let netns_path = env.netns.as_deref().unwrap_or_default();
+    let netns = open_netns(netns_path)?;
+    let host = Netlink::open()?;
+    let pod = Netlink::open_in(netns_path)?;
+    if pod.link(&env.ifname).await?.is_some() {
+        return Err(CniError::new(
+            Code::InterfaceExists,
+            format!("{} already exists in {netns_path}", env.ifname),
+        ));
+    }
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    let ip = store.allocate(a, subnet.subnet_network())?;
+    match wire(env, conf, a, &subnet, ip, &host, &pod, &netns).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let _ = host.delete_link_named(&host_veth_name(a)).await;
+            let _ = store.release(a);
+            Err(e)
+        }
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one ADD's whole context, used once"
+)]
+async fn wire(
+    env: &Env,
+    conf: &NetConf,
+    a: &Attachment,
+    subnet: &SubnetEnv,
+    ip: Ipv4Addr,
+    host: &Netlink,
+    pod: &Netlink,
+    netns: &File,
+) -> Result<Value> {
+    let gw = subnet.gateway();
+    let prefix = subnet.subnet.prefix();
+    let bridge = host.ensure_bridge(&conf.bridge, subnet.mtu).await?;
+    if let Err(e) = host.ensure_address(bridge.index, gw, prefix).await
+        && !e.is_exists()
+    {
+        return Err(e.into());
+    }
+    let veth = host_veth_name(a);
+    // A leftover from an ADD killed half-way for this same attachment.
+    host.delete_link_named(&veth).await?;
+    host.create_veth(&veth, &env.ifname, netns, subnet.mtu, Some(bridge.index))
+        .await?;
+    let inner = pod.need_link(&env.ifname).await?;
+    pod.add_address(inner.index, ip, prefix).await?;
+    pod.set_up(inner.index).await?;
+    let (dst, dst_prefix) = if conf.is_default_gateway {
+        (Ipv4Addr::UNSPECIFIED, 0)
+    } else {
+        (subnet.network.network(), subnet.network.prefix())
+    };
+    pod.add_route(&Route {
+        dst,
+        prefix: dst_prefix,
+        gateway: Some(gw),
+        oif: Some(inner.index),
+        onlink: false,
+        protocol: 4, // RTPROT_STATIC, as `ip route add` marks it
+    })
+    .await?;
+    let host_link = host.need_link(&veth).await?;
+
+    let mut result: CniResult = match &conf.prev_result {
+        Some(prev) => serde_json::from_value(prev.clone()).map_err(|e| {
+            CniError::new(Code::Decode, "prevResult is not a CNI result").with_details(e)
+        })?,
+        None => CniResult::default(),
+    };
+    result.cni_version = conf.cni_version.clone();
+    let base = result.interfaces.len();
+    result.interfaces.push(Interface {
+        name: conf.bridge.clone(),
+        mac: mac_string(bridge.mac),
+        ..Default::default()
+    });
+    result.interfaces.push(Interface {
+        name: veth,
+        mac: mac_string(host_link.mac),
+        ..Default::default()
+    });
+    result.interfaces.push(Interface {
+        name: env.ifname.clone(),
+        mac: mac_string(inner.mac),
+        sandbox: env.netns.clone().unwrap_or_default(),
+        mtu: conf.cni_version.starts_with("1.").then_some(subnet.mtu),
+    });
+    result.ips.push(IpConfig {
+        version: conf.result_has_ip_version().then(|| "4".to_string()),
+        address: format!("{ip}/{prefix}"),
+        gateway: Some(gw.to_string()),
+        interface: Some(base + 2),
+    });
+    result.routes.push(RouteConfig {
+        dst: format!("{dst}/{dst_prefix}"),
+        gw: Some(gw.to_string()),
+    });
+    serde_json::to_value(&result)
+        .map_err(|e| CniError::new(Code::Io, "encoding the result").with_details(e))
+}
+
+/// Spec: "Plugins should generally complete a DEL action without error even
+/// if some resources are missing", including the namespace.
+async fn del(env: &Env, conf: &NetConf, a: &Attachment) -> Result<()> {
+    let host = Netlink::open()?;
+    host.delete_link_named(&host_veth_name(a)).await?;
+    if let Some(path) = env.netns.as_deref()
+        && File::open(path).is_ok()
+        && let Ok(pod) = Netlink::open_in(path)
+    {
+        pod.delete_link_named(&env.ifname).await?;
+    }
+    Store::open(&conf.data_dir, &conf.name)?.release(a)
+}
+
+async fn check(env: &Env, conf: &NetConf, a: &Attachment) -> Result<()> {
+    let failed = |what: String| CniError::new(Code::CheckFailed, what);
+    let subnet = node_subnet(conf)?;
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    let ip = store.lookup(a)?.ok_or_else(|| {
+        failed(format!(
+            "no address is allocated to {} {}",
+            a.container_id, a.ifname
+        ))
+    })?;
+    if let Some(prev) = &conf.prev_result {
+        let listed = prev["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str())
+            .any(|s| s.split('/').next() == Some(ip.to_string().as_str()));
+        if !listed {
+            return Err(failed(format!("prevResult does not list {ip}")));
+        }
+    }
+    let netns_path = env.netns.as_deref().unwrap_or_default();
+    open_netns(netns_path)?;
+    let pod = Netlink::open_in(netns_path)?;
+    let inner = pod
+        .link(&env.ifname)
+        .await?
+        .ok_or_else(|| failed(format!("{} is missing from {netns_path}", env.ifname)))?;
+    if !pod
+        .addresses(inner.index)
+        .await?
+        .contains(&(ip, subnet.subnet.prefix()))
+    {
+        return Err(failed(format!("{} does not hold {ip}", env.ifname)));
+    }
+    let gw = subnet.gateway();
+    if !pod
+        .routes(None)
+        .await?
+        .iter()
+        .any(|r| r.gateway == Some(gw))
+    {
+        return Err(failed(format!("no route through {gw} in {netns_path}")));
+    }
+    let host = Netlink::open()?;
+    let veth = host_veth_name(a);
+    let bridge = host
+        .link(&conf.bridge)
+        .await?
+        .ok_or_else(|| failed(format!("bridge {} is missing", conf.bridge)))?;
+    match host.link(&veth).await? {
+        Some(l) if l.controller == Some(bridge.index) && l.up => Ok(()),
+        Some(_) => Err(failed(format!("{veth} is not up on {}", conf.bridge))),
+        None => Err(failed(format!("{veth} is missing"))),
+    }
+}
+
+/// Spec (GC): release everything not in `cni.dev/valid-attachments`, going
+/// on past errors.
+async fn gc(conf: &NetConf) -> Result<()> {
+    let valid: HashSet<Attachment> = conf
+        .valid_attachments
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    let ipam_result = store.gc(&valid);
+    // Host veths of attachments that are gone (ADDs killed after creating
+    // them): ours by name, on our bridge.
+    let host = Netlink::open()?;
+    let keep: HashSet<String> = valid.iter().map(host_veth_name).collect();
+    let mut link_err = None;
+    if let Some(bridge) = host.link(&conf.bridge).await? {
+        for l in host.links().await? {
+            if l.controller == Some(bridge.index)
+                && l.name.starts_with(HOST_VETH_PREFIX)
+                && !keep.contains(&l.name)
+                && let Err(e) = host.delete_link(l.index).await
+                && !e.is_not_found()
+            {
+                link_err.get_or_insert(e);
+            }
+        }
+    }
+    ipam_result?;
+    match link_err {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// Spec (STATUS): succeed when an ADD would; else code 50.
+fn status(conf: &NetConf) -> Result<()> {
+    let subnet = node_subnet(conf).map_err(|e| CniError::new(Code::NotAvailable, e.msg))?;
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    if !store.has_free(subnet.subnet_network())? {
+        return Err(CniError::new(
+            Code::NotAvailable,
+            format!("no IP addresses available in {}", subnet.subnet_network()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Neighbour (ARP) and bridge FDB entries, as a VXLAN overlay programs them:
+//! the peer's gateway address resolves to its VTEP MAC, and that MAC is
+//! sent to the peer's underlay address.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+
+use crate::{Netlink, Result, request};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Neighbour {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FdbEntry {
+    pub mac: [u8; 6],
+    pub dst: Ipv4Addr,
+}
+
+fn mac_of(attrs: &[NeighbourAttribute]) -> Option<[u8; 6]> {
+    attrs.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(l);
+            Some(m)
+        }
+        _ => None,
+    })
+}
+
+fn dst_of(attrs: &[NeighbourAttribute]) -> Option<Ipv4Addr> {
+    attrs.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => Some(*d),
+        _ => None,
+    })
+}
+
+impl Netlink {
+    /// A permanent neighbour entry `ip → mac` on the link.
+    pub async fn replace_neighbour(&self, index: u32, n: &Neighbour) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(n.ip))
+            .link_layer_address(&n.mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(request(format!(
+                "replace neighbour {} on link {index}",
+                n.ip
+            )))
+    }
+
+    pub async fn delete_neighbour(&self, index: u32, n: &Neighbour) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = index;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                n.ip,
+            )));
+        self.handle
+            .neighbours()
+            .del(m)
+            .execute()
+            .await
+            .map_err(request(format!(
+                "delete neighbour {} on link {index}",
+                n.ip
+            )))
+    }
+
+    /// The link's permanent IPv4 neighbour entries.
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(request("dump neighbours"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+            .filter_map(|m| {
+                Some(Neighbour {
+                    ip: dst_of(&m.attributes)?,
+                    mac: mac_of(&m.attributes)?,
+                })
+            })
+            .collect())
+    }
+
+    /// An FDB entry on the VXLAN device: frames for `mac` go to `dst`.
+    pub async fn replace_fdb(&self, index: u32, e: &FdbEntry) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &e.mac)
+            .destination(IpAddr::V4(e.dst))
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(request(format!("replace fdb {:02x?} → {}", e.mac, e.dst)))
+    }
+
+    pub async fn delete_fdb(&self, index: u32, e: &FdbEntry) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = index;
+        m.header.flags = NeighbourFlags::Own;
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(e.mac.to_vec()));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                e.dst,
+            )));
+        self.handle
+            .neighbours()
+            .del(m)
+            .execute()
+            .await
+            .map_err(request(format!("delete fdb {:02x?} → {}", e.mac, e.dst)))
+    }
+
+    /// The FDB entries with a remote destination on the link.
+    pub async fn fdb(&self, index: u32) -> Result<Vec<FdbEntry>> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(request("dump fdb"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.ifindex == index)
+            .filter_map(|m| {
+                Some(FdbEntry {
+                    mac: mac_of(&m.attributes)?,
+                    dst: dst_of(&m.attributes)?,
+                })
+            })
+            .collect())
+    }
+}
