@@ -1,11 +1,12 @@
 //! `skiff-agent`: flag parsing and wiring; the work is in the library.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use skiff_agent::overlay::{self, OverlayConfig};
 use skiff_agent::proxy::{self, NodeView, ProxyConfig, Source, dataplane::DEFAULT_PIN_DIR};
 
 #[derive(Parser)]
@@ -18,6 +19,7 @@ struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Role {
     Proxy,
+    Overlay,
 }
 
 #[derive(Subcommand)]
@@ -29,6 +31,67 @@ enum Command {
         #[command(subcommand)]
         command: ProxyCommand,
     },
+    /// Leave the overlay.
+    Overlay {
+        #[command(subcommand)]
+        command: OverlayCommand,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct OverlayArgs {
+    /// etcd endpoints holding the network config and the leases.
+    #[arg(
+        long = "etcd",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+    /// etcd prefix of the network config and leases (Flannel's).
+    #[arg(long = "etcd-prefix", default_value = overlay::network::DEFAULT_PREFIX)]
+    prefix: String,
+    /// Underlay interface (default: the first up interface with an IPv4
+    /// address).
+    #[arg(long)]
+    iface: Option<String>,
+    /// Address other nodes reach this one at (default: the interface's).
+    #[arg(long)]
+    public_ip: Option<Ipv4Addr>,
+    /// Where the node's subnet is written for the CNI plugin.
+    #[arg(long, default_value = overlay::DEFAULT_SUBNET_FILE)]
+    subnet_file: PathBuf,
+    /// Lease TTL in seconds (Flannel's is 24 h); renewed at a third of it.
+    #[arg(long, default_value_t = 86_400)]
+    lease_ttl: u64,
+    /// Masquerade pod traffic that leaves the cluster network.
+    #[arg(long)]
+    ip_masq: bool,
+    /// How often the kernel's routes, neighbours and FDB are re-checked,
+    /// in seconds.
+    #[arg(long, default_value_t = 60)]
+    resync_seconds: u64,
+}
+
+impl OverlayArgs {
+    fn config(&self) -> OverlayConfig {
+        OverlayConfig {
+            etcd: self.etcd.clone(),
+            prefix: self.prefix.clone(),
+            iface: self.iface.clone(),
+            public_ip: self.public_ip,
+            subnet_file: self.subnet_file.clone(),
+            lease_ttl: Duration::from_secs(self.lease_ttl.max(3)),
+            ip_masq: self.ip_masq,
+            resync: Duration::from_secs(self.resync_seconds.max(1)),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum OverlayCommand {
+    /// Give this node's subnet back now (peers drop their routes to it) and
+    /// remove the VTEP, routes, masquerade rules and subnet file.
+    Leave(OverlayArgs),
 }
 
 #[derive(clap::Args)]
@@ -60,6 +123,8 @@ struct RunArgs {
     /// How often the manifest directory is checked, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
+    #[command(flatten)]
+    overlay: OverlayArgs,
 }
 
 #[derive(Subcommand)]
@@ -89,37 +154,13 @@ fn node_name(given: Option<String>) -> String {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    if !args.roles.contains(&Role::Proxy) {
-        bail!("no role to run: --roles must include proxy");
+    if args.roles.is_empty() {
+        bail!("no role to run: --roles takes proxy, overlay or both");
     }
     if let Some(k) = &args.kubeconfig {
         // SAFETY: set before any other thread reads the environment.
         unsafe { std::env::set_var("KUBECONFIG", k) };
     }
-    let source = match args.manifests {
-        Some(dir) => {
-            if !dir.is_dir() {
-                bail!("--manifests {}: not a directory", dir.display());
-            }
-            Source::Manifests(dir)
-        }
-        None => Source::Kube,
-    };
-    let nodeport_addresses = if args.nodeport_addresses.is_empty() {
-        proxy::local_addresses()
-    } else {
-        args.nodeport_addresses
-    };
-    let cfg = ProxyConfig {
-        pin_dir: args.bpffs,
-        cgroup: args.cgroup,
-        node: NodeView {
-            node_name: node_name(args.node_name),
-            nodeport_addresses,
-        },
-        source,
-        poll: Duration::from_millis(args.poll_ms),
-    };
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term =
@@ -136,6 +177,51 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         let _ = tx.send(true);
     });
+    let overlay_role = async {
+        if !args.roles.contains(&Role::Overlay) {
+            return Ok(());
+        }
+        let mut stop = rx.clone();
+        overlay::run(args.overlay.config(), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+        .context("overlay")
+    };
+    let proxy_role = async {
+        if !args.roles.contains(&Role::Proxy) {
+            return Ok(());
+        }
+        run_proxy(&args, rx.clone()).await
+    };
+    tokio::try_join!(overlay_role, proxy_role).map(|_| ())
+}
+
+async fn run_proxy(args: &RunArgs, rx: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+    let source = match args.manifests.clone() {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--manifests {}: not a directory", dir.display());
+            }
+            Source::Manifests(dir)
+        }
+        None => Source::Kube,
+    };
+    let nodeport_addresses = if args.nodeport_addresses.is_empty() {
+        proxy::local_addresses()
+    } else {
+        args.nodeport_addresses.clone()
+    };
+    let cfg = ProxyConfig {
+        pin_dir: args.bpffs.clone(),
+        cgroup: args.cgroup.clone(),
+        node: NodeView {
+            node_name: node_name(args.node_name.clone()),
+            nodeport_addresses,
+        },
+        source,
+        poll: Duration::from_millis(args.poll_ms),
+    };
     proxy::run(cfg, rx).await.context("proxy")
 }
 
@@ -187,5 +273,21 @@ fn main() -> Result<()> {
                 proxy::dataplane::uninstall(&bpffs).context("uninstalling")
             }
         },
+        Command::Overlay {
+            command: OverlayCommand::Leave(args),
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(async {
+                match overlay::leave(&args.config())
+                    .await
+                    .context("leaving the overlay")?
+                {
+                    Some(s) => println!("released {s}"),
+                    None => println!("no lease to release"),
+                }
+                Ok(())
+            }),
     }
 }

@@ -38,6 +38,10 @@ fn mac_of(attrs: &[NeighbourAttribute]) -> Option<[u8; 6]> {
 fn dst_of(attrs: &[NeighbourAttribute]) -> Option<Ipv4Addr> {
     attrs.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => Some(*d),
+        // Bridge-family (FDB) messages carry the address undecoded.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+            Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        }
         _ => None,
     })
 }

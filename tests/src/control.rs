@@ -31,10 +31,16 @@ impl Etcd {
     }
 
     pub fn start_in(netns: Option<&Netns>) -> Self {
+        Self::start_on(netns, "127.0.0.1")
+    }
+
+    /// Listening for clients on `ip` (an address the namespace holds, so
+    /// that other test namespaces on its network reach it).
+    pub fn start_on(netns: Option<&Netns>, ip: &str) -> Self {
         let netns = netns.map(Netns::path);
         let dir = TempDir::new();
         let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
+        let url = format!("http://{ip}:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let proc = Spawn::new("etcd")
             .args([

@@ -7,8 +7,10 @@
 //! run in parallel. Nothing here routes out of the namespaces it creates.
 
 pub mod cgroup;
+pub mod cni;
 pub mod control;
 pub mod netns;
+pub mod overlay;
 pub mod process;
 
 pub use cgroup::Cgroup;

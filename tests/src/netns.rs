@@ -4,6 +4,7 @@ use std::process::Command;
 
 use crate::unique;
 
+#[derive(Debug)]
 pub struct Netns {
     pub name: String,
 }

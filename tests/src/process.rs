@@ -146,6 +146,45 @@ impl Spawn {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs to completion feeding `input` on stdin; returns the whole
+    /// output whatever the exit status.
+    pub fn run_with_input(mut self, input: &[u8]) -> std::process::Output {
+        use std::io::Write as _;
+        self.prepare();
+        let mut child = self
+            .cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.cmd.get_program()));
+        if let Some(mut stdin) = child.stdin.take() {
+            // A plugin that exits without reading (bad env) closes the pipe.
+            let _ = stdin.write_all(input);
+        }
+        child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("wait {:?}: {e}", self.cmd.get_program()))
+    }
+
+    /// Starts the process like `start`, stdin fed from `input` and stdout
+    /// piped, for callers that want to kill it midway.
+    pub fn start_with_input(mut self, input: &[u8]) -> Proc {
+        use std::io::Write as _;
+        self.prepare();
+        let mut child = self
+            .cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.cmd.get_program()));
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(input);
+        }
+        Proc { child, log: None }
+    }
+
     /// Runs to completion and returns stdout; panics on failure.
     pub fn output(self) -> String {
         self.try_output().unwrap_or_else(|e| panic!("{e}"))
@@ -182,6 +221,24 @@ impl Proc {
             }
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and waits.
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process; its exit code (None if killed by a signal)
+    /// and what it wrote on a piped stdout.
+    pub fn finish(&mut self) -> (Option<i32>, String) {
+        use std::io::Read as _;
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            let _ = s.read_to_string(&mut out);
+        }
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        (code, out)
     }
 
     /// Stops the process with SIGTERM and waits for it.

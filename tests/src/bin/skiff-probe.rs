@@ -2,7 +2,8 @@
 //! benchmarks run inside their namespaces.
 //!
 //! Servers answer each request line with their name, so a client can tell
-//! which backend it reached. Clients print one JSON object on stdout.
+//! which backend it reached (or, named `%peer`, with the client's address).
+//! Clients print one JSON object on stdout.
 //!
 //! ```text
 //! skiff-probe serve-tcp ADDR NAME        skiff-probe serve-udp ADDR NAME
@@ -36,7 +37,23 @@ fn addr(s: &str) -> Result<SocketAddr> {
 /// dataplane being measured) and bursts to one backend do not queue.
 const ACCEPTORS: usize = 8;
 
+/// The name `%peer` answers with the client's address as the server sees
+/// it (to check for NAT on the way).
+const PEER: &str = "%peer";
+
 fn serve_conn(mut c: TcpStream, reply: &[u8]) {
+    let peer;
+    let reply = if reply == format!("{PEER}\n").as_bytes() {
+        peer = format!(
+            "{}\n",
+            c.peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default()
+        );
+        peer.as_bytes()
+    } else {
+        reply
+    };
     let mut byte = [0u8; 1];
     // One reply per request line, until the client closes.
     while let Ok(1) = c.read(&mut byte) {
@@ -78,7 +95,12 @@ fn serve_udp(listen: SocketAddr, name: &str) -> Result<()> {
     let mut buf = [0u8; 2048];
     loop {
         let (_, from) = s.recv_from(&mut buf)?;
-        let _ = s.send_to(name.as_bytes(), from);
+        let reply = if name == PEER {
+            from.ip().to_string()
+        } else {
+            name.to_string()
+        };
+        let _ = s.send_to(reply.as_bytes(), from);
     }
 }
 

@@ -1,0 +1,403 @@
+//! The overlay: this node's slice of the cluster network, leased in etcd in
+//! Flannel's format, and routes to every other node's slice over `vxlan` or
+//! `host-gw`.
+//!
+//! Start: read `<prefix>/config`, set up the VTEP (vxlan), take or reuse the
+//! lease, reconcile every route, neighbour and FDB entry we own against all
+//! leases (so entries of peers that left while we were down go), then write
+//! subnet.env: the CNI plugin may wire pods from then on. Run: follow the
+//! watch (with previous values) entry by entry, renew the lease at a third
+//! of its TTL, re-take it if it was lost, and re-check the kernel every
+//! resync period. Stop: keep the lease and the routes, so a restart changes
+//! nothing; `leave` gives the lease back.
+
+pub mod backend;
+pub mod lease;
+pub mod masq;
+pub mod network;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+use skiff_cni::subnet_env::SubnetEnv;
+use skiff_netlink::{Link, Netlink, SKIFF_ROUTE_PROTOCOL, VxlanSpec};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use backend::Dataplane;
+use lease::{Event, Held, Lease, LeaseError, Registry};
+use network::{BackendType, LeaseAttrs, NetworkConfig, VXLAN_OVERHEAD, VxlanData, format_mac};
+
+pub const DEFAULT_SUBNET_FILE: &str = "/run/skiff/subnet.env";
+
+#[derive(Clone, Debug)]
+pub struct OverlayConfig {
+    pub etcd: Vec<String>,
+    pub prefix: String,
+    /// The underlay interface (default: the first up, non-loopback
+    /// interface with an IPv4 address).
+    pub iface: Option<String>,
+    /// The address peers reach this node at (default: the interface's
+    /// first IPv4 address).
+    pub public_ip: Option<Ipv4Addr>,
+    pub subnet_file: PathBuf,
+    pub lease_ttl: Duration,
+    pub ip_masq: bool,
+    pub resync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Netlink(#[from] skiff_netlink::Error),
+    #[error(transparent)]
+    Masq(#[from] masq::MasqError),
+    #[error("underlay: {0}")]
+    Underlay(String),
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The VTEP's name: Flannel's, so its tooling and docs apply.
+pub fn vtep_name(vni: u32) -> String {
+    format!("flannel.{vni}")
+}
+
+async fn underlay(nl: &Netlink, cfg: &OverlayConfig) -> Result<(Link, Ipv4Addr), OverlayError> {
+    let link = match &cfg.iface {
+        Some(name) => nl
+            .link(name)
+            .await?
+            .ok_or_else(|| OverlayError::Underlay(format!("--iface {name}: no such interface")))?,
+        None => {
+            let mut found = None;
+            for l in nl.links().await? {
+                if l.name == "lo" || !l.up || l.name.starts_with("flannel.") {
+                    continue;
+                }
+                if !nl.addresses(l.index).await?.is_empty() {
+                    found = Some(l);
+                    break;
+                }
+            }
+            found.ok_or_else(|| {
+                OverlayError::Underlay("no up interface with an IPv4 address: pass --iface".into())
+            })?
+        }
+    };
+    let ip = match cfg.public_ip {
+        Some(ip) => ip,
+        None => nl
+            .addresses(link.index)
+            .await?
+            .first()
+            .map(|a| a.0)
+            .ok_or_else(|| OverlayError::Underlay(format!("{} has no IPv4 address", link.name)))?,
+    };
+    Ok((link, ip))
+}
+
+async fn wait_for_config(reg: &Registry, prefix: &str) -> Result<NetworkConfig, OverlayError> {
+    let mut warned = false;
+    loop {
+        match reg.config().await {
+            Ok(c) => return Ok(c),
+            Err(LeaseError::NoConfig { key }) => {
+                if !warned {
+                    warn!(%key, %prefix, "waiting for the network config");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn enable_forwarding() -> Result<(), OverlayError> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    std::fs::write(path, "1").map_err(|source| OverlayError::File {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Everything the running overlay holds.
+struct Node {
+    reg: Arc<Registry>,
+    cfg: OverlayConfig,
+    net: NetworkConfig,
+    attrs: LeaseAttrs,
+    dp: Dataplane,
+    held: Held,
+    leases: BTreeMap<Ipv4Network, Lease>,
+    mtu: u32,
+}
+
+impl Node {
+    async fn relist(&mut self) -> Result<i64, OverlayError> {
+        let (all, rev) = self.reg.list().await?;
+        self.leases = all.into_iter().map(|(k, (l, _, _))| (k, l)).collect();
+        let changed = self.dp.resync(self.leases.values()).await?;
+        info!(
+            leases = self.leases.len(),
+            added = changed.added,
+            removed = changed.removed,
+            revision = rev,
+            "routes reconciled"
+        );
+        Ok(rev)
+    }
+
+    fn write_subnet_env(&self) -> Result<(), OverlayError> {
+        let env = SubnetEnv::for_subnet(
+            self.net.network,
+            self.held.subnet,
+            self.mtu,
+            self.cfg.ip_masq,
+        );
+        env.write(&self.cfg.subnet_file)
+            .map_err(|source| OverlayError::File {
+                path: self.cfg.subnet_file.display().to_string(),
+                source,
+            })
+    }
+
+    /// Takes a lease again after ours expired or was deleted, preferring
+    /// the same subnet.
+    async fn reacquire(&mut self) -> Result<(), OverlayError> {
+        let before = self.held.subnet;
+        self.held = self
+            .reg
+            .acquire(
+                &self.net,
+                &self.attrs,
+                Some(before),
+                self.cfg.lease_ttl.as_secs() as i64,
+            )
+            .await?;
+        if self.held.subnet != before {
+            warn!(old = %before, new = %self.held.subnet, "lease lost and a different subnet taken: pods must be re-created");
+            self.dp.own = self.held.subnet;
+            self.write_subnet_env()?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, ev: Event) -> Result<bool, OverlayError> {
+        match ev {
+            Event::Put(l) => {
+                if l.subnet == self.held.subnet && l.attrs.public_ip != self.attrs.public_ip {
+                    error!(subnet = %l.subnet, other = %l.attrs.public_ip, "our subnet was written by another node");
+                }
+                let new = self.dp.entries_for(&l);
+                if let Some(old) = self.leases.get(&l.subnet) {
+                    let old = self.dp.entries_for(old);
+                    if old != new {
+                        self.dp.remove(&old).await?;
+                    }
+                }
+                self.dp.install(&new).await?;
+                self.leases.insert(l.subnet, l);
+            }
+            Event::Delete(s) => {
+                if let Some(old) = self.leases.remove(&s) {
+                    self.dp.remove(&self.dp.entries_for(&old)).await?;
+                    info!(subnet = %s, "lease gone; routes removed");
+                }
+                if s == self.held.subnet {
+                    warn!(subnet = %s, "our own lease was removed; taking it again");
+                    self.reacquire().await?;
+                }
+            }
+            Event::Resync => return Ok(true),
+        }
+        Ok(false)
+    }
+}
+
+fn start_watch(reg: &Arc<Registry>, after: i64) -> mpsc::Receiver<Vec<Event>> {
+    let (tx, rx) = mpsc::channel(64);
+    let reg = Arc::clone(reg);
+    tokio::spawn(async move {
+        let tx2 = tx.clone();
+        if let Err(e) = reg.watch(after, tx).await {
+            warn!(error = %e, "lease watch ended");
+            let _ = tx2.send(vec![Event::Resync]).await;
+        }
+    });
+    rx
+}
+
+/// Runs the overlay until `shutdown` completes.
+pub async fn run(
+    cfg: OverlayConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), OverlayError> {
+    tokio::pin!(shutdown);
+    let reg = Arc::new(Registry::connect(&cfg.etcd, &cfg.prefix).await?);
+    let net = tokio::select! {
+        c = wait_for_config(&reg, &cfg.prefix) => c?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let nl = Netlink::open()?;
+    let (under, public_ip) = underlay(&nl, &cfg).await?;
+    let (mtu, route_dev, backend_data) = match net.backend {
+        BackendType::Vxlan => {
+            let mtu = under.mtu.saturating_sub(VXLAN_OVERHEAD);
+            let vtep = nl
+                .ensure_vxlan(&VxlanSpec {
+                    name: vtep_name(net.vni),
+                    vni: net.vni,
+                    local: public_ip,
+                    underlay_index: under.index,
+                    port: net.port,
+                    mtu,
+                })
+                .await?;
+            let mac = vtep
+                .mac
+                .ok_or_else(|| OverlayError::Underlay(format!("{} has no MAC", vtep.name)))?;
+            let data = serde_json::to_value(VxlanData {
+                vni: net.vni,
+                vtep_mac: format_mac(&mac),
+            })
+            .ok();
+            (mtu, vtep.index, data)
+        }
+        BackendType::HostGw => (under.mtu, under.index, None),
+    };
+    let attrs = LeaseAttrs {
+        public_ip,
+        public_ipv6: None,
+        backend_type: net.backend.as_str().into(),
+        backend_data,
+    };
+    let previous = SubnetEnv::read(&cfg.subnet_file)
+        .ok()
+        .map(|e| e.subnet_network());
+    let held = reg
+        .acquire(&net, &attrs, previous, cfg.lease_ttl.as_secs() as i64)
+        .await?;
+    if net.backend == BackendType::Vxlan {
+        nl.ensure_address(route_dev, held.subnet.network(), 32)
+            .await?;
+    }
+    enable_forwarding()?;
+    let mut node = Node {
+        reg: Arc::clone(&reg),
+        dp: Dataplane {
+            nl: nl.clone(),
+            backend: net.backend,
+            route_dev,
+            own: held.subnet,
+        },
+        cfg,
+        net,
+        attrs,
+        held,
+        leases: BTreeMap::new(),
+        mtu,
+    };
+    let rev = node.relist().await?;
+    if node.cfg.ip_masq {
+        masq::install(node.net.network)?;
+    } else {
+        let _ = masq::remove();
+    }
+    node.write_subnet_env()?;
+    info!(subnet = %node.held.subnet, public_ip = %public_ip, backend = node.net.backend.as_str(), mtu, file = %node.cfg.subnet_file.display(), "overlay ready");
+
+    let mut events = start_watch(&reg, rev);
+    let renew_every = (node.cfg.lease_ttl / 3).max(Duration::from_secs(1));
+    let mut renew = tokio::time::interval(renew_every);
+    renew.tick().await;
+    let mut resync = tokio::time::interval(node.cfg.resync);
+    resync.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!(subnet = %node.held.subnet, "overlay stopping; the lease and routes stay for the restart");
+                return Ok(());
+            }
+            batch = events.recv() => {
+                let mut relist = batch.is_none();
+                for ev in batch.into_iter().flatten() {
+                    relist |= node.apply(ev).await?;
+                }
+                if relist {
+                    let rev = node.relist().await?;
+                    events = start_watch(&reg, rev);
+                }
+            }
+            _ = renew.tick() => {
+                match node.reg.renew(&node.held).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!(subnet = %node.held.subnet, "lease expired; taking it again");
+                        node.reacquire().await?;
+                    }
+                    Err(e) => warn!(error = %e, "renewing the lease failed; retrying"),
+                }
+            }
+            _ = resync.tick() => {
+                let changed = node.dp.resync(node.leases.values()).await?;
+                if changed != backend::Changed::default() {
+                    info!(added = changed.added, removed = changed.removed, "resync repaired routes");
+                }
+            }
+        }
+    }
+}
+
+/// Gives this node's subnet back and removes what the overlay installed
+/// here: the VTEP (with its neighbour and FDB entries), our routes, the
+/// masquerade table and subnet.env.
+pub async fn leave(cfg: &OverlayConfig) -> Result<Option<Ipv4Network>, OverlayError> {
+    let reg = Registry::connect(&cfg.etcd, &cfg.prefix).await?;
+    let nl = Netlink::open()?;
+    let mut released = None;
+    let subnet = match SubnetEnv::read(&cfg.subnet_file) {
+        Ok(e) => Some(e.subnet_network()),
+        Err(_) => {
+            let (_, ip) = underlay(&nl, cfg).await?;
+            let (all, _) = reg.list().await?;
+            all.into_values()
+                .find(|(l, _, _)| l.attrs.public_ip == ip)
+                .map(|(l, _, _)| l.subnet)
+        }
+    };
+    if let Some(s) = subnet
+        && reg.release(&s).await?
+    {
+        info!(subnet = %s, "lease released");
+        released = Some(s);
+    }
+    if let Ok(net) = reg.config().await {
+        nl.delete_link_named(&vtep_name(net.vni)).await?;
+    }
+    for r in nl.routes(Some(SKIFF_ROUTE_PROTOCOL)).await? {
+        let _ = nl.delete_route(&r).await;
+    }
+    let _ = masq::remove();
+    match std::fs::remove_file(&cfg.subnet_file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(OverlayError::File {
+                path: cfg.subnet_file.display().to_string(),
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    Ok(released)
+}

@@ -1,0 +1,327 @@
+//! The overlay across three nodes (namespaces on one underlay bridge) with
+//! a real etcd: pods wired by skiff-cni reach each other by pod IP over
+//! vxlan and host-gw, leases survive restarts, and a lease that goes away
+//! takes its routes with it on every node.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use skiff_tests::overlay::{Cluster, Node, Pod, UNDERLAY_GW};
+use skiff_tests::{Proc, Spawn, bin, wait_for};
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#;
+
+/// TCP and UDP servers in the pod, on its pod IP, answering with the
+/// client's address as they see it.
+fn serve(pod: &Pod) -> Vec<Proc> {
+    ["serve-tcp", "serve-udp"]
+        .iter()
+        .map(|kind| {
+            let mut p = Spawn::new(bin("skiff-probe"))
+                .args([kind.to_string(), format!("{}:7000", pod.ip), "%peer".into()])
+                .netns(&pod.ns)
+                .start();
+            assert_eq!(p.ask(""), "ready", "{kind} in {}", pod.ip);
+            p
+        })
+        .collect()
+}
+
+/// From `from`, `count` TCP connections and UDP exchanges to `to_ip`;
+/// returns the source addresses the server saw.
+fn exchange(from: &Pod, to_ip: &str, count: u32) -> Vec<String> {
+    let mut seen = Vec::new();
+    for kind in ["tcp", "udp"] {
+        let out = Spawn::new(bin("skiff-probe"))
+            .args([kind, &format!("{to_ip}:7000"), &count.to_string()])
+            .netns(&from.ns)
+            .output();
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let answers = v["answers"].as_object().cloned().unwrap_or_default();
+        let total: u64 = answers.values().filter_map(Value::as_u64).sum();
+        assert_eq!(total, count as u64, "{kind} {} → {to_ip}: {out}", from.ip);
+        seen.extend(answers.keys().cloned());
+    }
+    seen
+}
+
+fn assert_full_mesh(c: &Cluster, pods: &[Pod]) {
+    let _servers: Vec<Proc> = pods.iter().flat_map(serve).collect();
+    for (i, a) in pods.iter().enumerate() {
+        for (j, b) in pods.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let seen = exchange(a, &b.ip, 5);
+            // No NAT between pods: the server sees the client pod's IP.
+            assert!(
+                seen.iter().all(|s| s == &a.ip),
+                "node{i} → node{j}: server saw {seen:?}, not {}\n{}",
+                a.ip,
+                c.nodes[i].routes()
+            );
+        }
+    }
+}
+
+fn has_route(n: &Node, subnet: &str) -> bool {
+    n.routes().lines().any(|l| l.starts_with(subnet))
+}
+
+/// Waits until every node routes to every other node's subnet: a node that
+/// started first learns of later ones through its watch.
+fn converge(c: &Cluster, subnets: &[String]) {
+    for (i, n) in c.nodes.iter().enumerate() {
+        wait_for(
+            &format!("node {i} to route to every other subnet"),
+            Duration::from_secs(10),
+            || {
+                subnets
+                    .iter()
+                    .enumerate()
+                    .all(|(j, s)| i == j || has_route(n, s))
+                    .then_some(())
+            },
+        );
+    }
+}
+
+fn distinct_subnets(c: &Cluster) -> Vec<String> {
+    let subnets: Vec<String> = c.nodes.iter().map(Node::subnet).collect();
+    let mut d = subnets.clone();
+    d.sort();
+    d.dedup();
+    assert_eq!(d.len(), c.nodes.len(), "subnets {subnets:?}");
+    subnets
+}
+
+#[test]
+fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
+    let mut c = Cluster::new(3, VXLAN);
+    c.start_all(&[]);
+    let subnets = distinct_subnets(&c);
+    assert_eq!(c.lease_keys().len(), 3, "{:?}", c.lease_keys());
+    converge(&c, &subnets);
+    for (i, n) in c.nodes.iter().enumerate() {
+        let env = std::fs::read_to_string(&n.subnet_file).unwrap_or_default();
+        assert!(env.contains("FLANNEL_NETWORK=10.244.0.0/16"), "{env}");
+        // veth underlay MTU 1500 − 50 bytes of VXLAN.
+        assert!(env.contains("FLANNEL_MTU=1450"), "{env}");
+        let vtep = n.ns.exec(&["ip", "-d", "link", "show", "flannel.1"]);
+        assert!(
+            vtep.contains("mtu 1450")
+                && vtep.contains("vxlan id 1")
+                && vtep.contains("dstport 8472")
+                && vtep.contains("nolearning"),
+            "{vtep}"
+        );
+        let routes = n.routes();
+        for (j, s) in subnets.iter().enumerate() {
+            if i != j {
+                let gw = s.trim_end_matches("/24");
+                assert!(
+                    routes.contains(&format!("{s} via {gw} dev flannel.1")),
+                    "node{i} lacks {s}:\n{routes}"
+                );
+            }
+        }
+        let entries = n.vtep_entries();
+        for j in 0..3 {
+            if i != j {
+                assert!(
+                    entries.contains(&format!("dst {}", skiff_tests::overlay::node_ip(j))),
+                    "node{i} fdb:\n{entries}"
+                );
+            }
+        }
+    }
+    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    let mtu = pods[0].ns.exec(&["ip", "link", "show", "eth0"]);
+    assert!(
+        mtu.contains("mtu 1450"),
+        "pod MTU must fit the tunnel: {mtu}"
+    );
+    assert_full_mesh(&c, &pods);
+}
+
+#[test]
+fn pods_on_three_nodes_exchange_tcp_and_udp_over_host_gw() {
+    let mut c = Cluster::new(3, HOST_GW);
+    c.start_all(&[]);
+    let subnets = distinct_subnets(&c);
+    converge(&c, &subnets);
+    for (i, n) in c.nodes.iter().enumerate() {
+        let env = std::fs::read_to_string(&n.subnet_file).unwrap_or_default();
+        assert!(env.contains("FLANNEL_MTU=1500"), "{env}");
+        let routes = n.routes();
+        for (j, s) in subnets.iter().enumerate() {
+            if i != j {
+                let via = format!("{s} via {} dev eth0", skiff_tests::overlay::node_ip(j));
+                assert!(routes.contains(&via), "node{i} lacks `{via}`:\n{routes}");
+            }
+        }
+        assert!(
+            !n.ns.exec(&["ip", "link"]).contains("flannel.1"),
+            "host-gw makes no VTEP"
+        );
+    }
+    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    assert_full_mesh(&c, &pods);
+}
+
+#[test]
+fn a_restarted_node_keeps_its_subnet_and_drops_routes_it_missed() {
+    let mut c = Cluster::new(3, VXLAN);
+    c.start_all(&[]);
+    let subnets = distinct_subnets(&c);
+    converge(&c, &subnets);
+    let pods: Vec<Pod> = c.nodes.iter().take(2).map(Node::add_pod).collect();
+
+    // Node 0 goes down; while it is down node 2 leaves the cluster.
+    c.nodes[0].stop_agent();
+    c.nodes[2].stop_agent();
+    let out = Spawn::new(bin("skiff-agent"))
+        .args([
+            "overlay",
+            "leave",
+            "--etcd",
+            &c.etcd.url,
+            "--iface",
+            "eth0",
+            "--subnet-file",
+        ])
+        .args([&c.nodes[2].subnet_file])
+        .netns(&c.nodes[2].ns)
+        .output();
+    assert!(out.contains(&format!("released {}", subnets[2])), "{out}");
+    assert!(
+        !c.nodes[2].ns.exec(&["ip", "link"]).contains("flannel.1"),
+        "leave removes the VTEP"
+    );
+    wait_for(
+        "node 1 to drop the departed node's route",
+        Duration::from_secs(10),
+        || (!has_route(&c.nodes[1], &subnets[2])).then_some(()),
+    );
+    // Node 0 missed that: it still routes to the departed node.
+    assert!(has_route(&c.nodes[0], &subnets[2]));
+    // Traffic between the remaining pods does not depend on node 0's agent.
+    let _s = serve(&pods[1]);
+    exchange(&pods[0], &pods[1].ip, 3);
+
+    c.nodes[0].start_agent(&[]);
+    assert_eq!(
+        c.nodes[0].wait_ready(),
+        subnets[0],
+        "a restart keeps the subnet"
+    );
+    let log = c.nodes[0].agent_log();
+    assert!(log.contains("reused=true"), "{log}");
+    assert!(
+        !has_route(&c.nodes[0], &subnets[2]),
+        "stale route survived the restart:\n{}",
+        c.nodes[0].routes()
+    );
+    assert!(
+        !c.nodes[0].vtep_entries().contains("172.31.0.3"),
+        "{}\n{}",
+        c.nodes[0].vtep_entries(),
+        c.nodes[0].agent_log()
+    );
+    assert!(has_route(&c.nodes[0], &subnets[1]));
+    exchange(&pods[0], &pods[1].ip, 3);
+    assert_eq!(c.lease_keys().len(), 2);
+}
+
+#[test]
+fn a_deleted_or_expired_lease_disappears_from_every_node() {
+    let mut c = Cluster::new(3, VXLAN);
+    c.start_all(&["--lease-ttl", "4"]);
+    let subnets = distinct_subnets(&c);
+    converge(&c, &subnets);
+    let key = |s: &str| format!("/coreos.com/network/subnets/{}", s.replace('/', "-"));
+
+    // Node 1 dies without a word: its lease runs out after the TTL, and
+    // the others drop its route, neighbour and FDB entries.
+    c.nodes[1].kill_agent();
+    for i in [0, 2] {
+        wait_for(
+            &format!("node {i} to drop node 1's subnet"),
+            Duration::from_secs(15),
+            || {
+                (!has_route(&c.nodes[i], &subnets[1])
+                    && !c.nodes[i].vtep_entries().contains("172.31.0.2"))
+                .then_some(())
+            },
+        );
+    }
+    assert!(!c.lease_keys().contains(&key(&subnets[1])));
+    // Renewal keeps the others alive well past their TTL.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(c.lease_keys().len(), 2, "{:?}", c.lease_keys());
+
+    // A lease deleted by hand from under a running node: the others drop
+    // it, and its owner takes the same subnet back.
+    let before = c.etcd.revision();
+    c.etcd
+        .ctl(&["del", &key(&subnets[2])])
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(
+        "node 2 to take its lease back",
+        Duration::from_secs(10),
+        || {
+            c.nodes[2]
+                .agent_log()
+                .contains("our own lease was removed")
+                .then_some(())
+        },
+    );
+    wait_for(
+        "node 0 to route to node 2 again",
+        Duration::from_secs(10),
+        || has_route(&c.nodes[0], &subnets[2]).then_some(()),
+    );
+    assert!(c.etcd.revision() > before);
+    assert_eq!(c.nodes[2].subnet(), subnets[2]);
+    let log = c.nodes[0].agent_log();
+    assert!(
+        log.contains(&format!("lease gone; routes removed subnet={}", subnets[2])),
+        "{log}"
+    );
+}
+
+#[test]
+fn ip_masq_hides_pods_behind_their_node_outside_the_cluster_network() {
+    let mut c = Cluster::new(2, VXLAN);
+    c.start_all(&["--ip-masq"]);
+    converge(&c, &c.nodes.iter().map(Node::subnet).collect::<Vec<_>>());
+    let env = std::fs::read_to_string(&c.nodes[0].subnet_file).unwrap_or_default();
+    assert!(env.contains("FLANNEL_IPMASQ=true"), "{env}");
+    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    // A host outside the cluster network: the underlay itself.
+    let mut outside = Spawn::new(bin("skiff-probe"))
+        .args(["serve-tcp", &format!("{UNDERLAY_GW}:7001"), "%peer"])
+        .netns(&c.underlay)
+        .start();
+    assert_eq!(outside.ask(""), "ready");
+    let out = Spawn::new(bin("skiff-probe"))
+        .args(["tcp", &format!("{UNDERLAY_GW}:7001"), "3"])
+        .netns(&pods[0].ns)
+        .output();
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        v["answers"][&c.nodes[0].ip], 3,
+        "leaving the cluster network: {out}"
+    );
+    // Inside the cluster network the pod keeps its address.
+    let _s = serve(&pods[1]);
+    assert_eq!(
+        exchange(&pods[0], &pods[1].ip, 3),
+        vec![pods[0].ip.clone(); 2]
+    );
+    let rules = c.nodes[0]
+        .ns
+        .exec(&["nft", "list", "table", "ip", "skiff-overlay"]);
+    assert!(rules.contains("masquerade"), "{rules}");
+}
