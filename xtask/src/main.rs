@@ -49,6 +49,7 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "protobuf-compiler",
     "iproute2",
+    "procps",
     "iptables",
     "nftables",
     "iperf3",
