@@ -32,7 +32,7 @@ enum Cmd {
     },
     /// fmt, clippy, and every test, privileged ones included (run as root).
     Test,
-    /// Benchmarks (not tests): `proxy`.
+    /// Benchmarks (not tests): `proxy`, `control`, `net`.
     Bench {
         /// Which benchmark.
         what: String,
@@ -291,7 +291,12 @@ fn main() -> Result<()> {
                     a.extend(args.iter().map(String::as_str));
                     lab(&a)
                 }
-                other => bail!("unknown benchmark {other:?}: try `proxy` or `control`"),
+                "net" => {
+                    let mut a = vec!["bench-net"];
+                    a.extend(args.iter().map(String::as_str));
+                    lab(&a)
+                }
+                other => bail!("unknown benchmark {other:?}: try `proxy`, `control` or `net`"),
             }
         }
     }

@@ -5,6 +5,7 @@
 mod bench;
 mod control_bench;
 mod demo;
+mod net_bench;
 mod plot;
 mod rules;
 
@@ -18,7 +19,9 @@ const USAGE: &str = "usage: skiff-lab demo [--once]
                              [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
                              [--out target/bench]
        skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
-                               [--samples 300] [--rounds 3] [--out target/bench]";
+                               [--samples 300] [--rounds 3] [--out target/bench]
+       skiff-lab bench-net [--rounds 3] [--seconds 5] [--cni-calls 100] [--leases 100,1000]
+                           [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -113,12 +116,38 @@ fn control_args(argv: &[String]) -> Result<control_bench::Args> {
     Ok(a)
 }
 
+fn net_args(argv: &[String]) -> Result<net_bench::Args> {
+    let mut a = net_bench::Args {
+        rounds: 3,
+        seconds: 5,
+        cni_calls: 100,
+        leases: vec![100, 1_000],
+        out: PathBuf::from("target/bench"),
+    };
+    each_flag(argv, |flag, value| {
+        match flag {
+            "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--seconds" => a.seconds = value.parse().context("--seconds")?,
+            "--cni-calls" => a.cni_calls = value.parse().context("--cni-calls")?,
+            "--leases" => a.leases = list(value, "--leases")?,
+            "--out" => a.out = PathBuf::from(value),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    if a.rounds == 0 || a.seconds == 0 || a.cni_calls == 0 {
+        bail!("--rounds, --seconds and --cni-calls must be at least 1");
+    }
+    Ok(a)
+}
+
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     match argv.first().map(String::as_str) {
         Some("demo") => demo::run(argv.iter().any(|a| a == "--once")),
         Some("bench-proxy") => bench::run(&bench_args(&argv[1..])?),
         Some("bench-control") => control_bench::run(&control_args(&argv[1..])?),
+        Some("bench-net") => net_bench::run(&net_args(&argv[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

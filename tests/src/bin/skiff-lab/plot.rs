@@ -274,3 +274,156 @@ pub fn control(doc: &serde_json::Value, path: &Path) -> Result<()> {
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
+
+/// Left: throughput per round for each path. Middle: CNI ADD latency by
+/// percentile, ours and the reference plugins'. Right: time until a node
+/// routes to every lease, against the number of leases.
+pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (1500, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let panels = root.split_evenly((1, 3));
+    let blue = RGBColor(0, 114, 178);
+    let orange = RGBColor(213, 94, 0);
+    let green = RGBColor(0, 158, 115);
+    let nums = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_f64)
+            .collect()
+    };
+
+    let samples = &doc["throughput"]["samples"];
+    let per_round = |k: &str| -> Vec<(f64, f64)> {
+        nums(&samples[k])
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| ((i + 1) as f64, g))
+            .collect()
+    };
+    let tp = [
+        ("node ↔ node (limit)", BLACK, per_round("node")),
+        ("pod ↔ pod host-gw", green, per_round("host-gw")),
+        ("pod ↔ pod vxlan", blue, per_round("vxlan")),
+    ];
+    let rounds = tp.iter().map(|s| s.2.len()).max().unwrap_or(1) as f64;
+    let max_g = tp
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.3;
+    let mut chart = ChartBuilder::on(&panels[0])
+        .caption("TCP throughput (iperf3)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.5f64..rounds + 0.5, 0f64..max_g)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("Gbit/s")
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    draw_named(&mut chart, &tp, SeriesLabelPosition::LowerRight)?;
+
+    let cdf = |k: &str| -> Vec<(f64, f64)> {
+        let v = nums(&doc["cni"][k]["add_samples"]);
+        let n = v.len().max(2) as f64 - 1.0;
+        v.into_iter()
+            .enumerate()
+            .map(|(i, ms)| (i as f64 * 100.0 / n, ms))
+            .collect()
+    };
+    let lat = [
+        ("skiff-cni ADD", blue, cdf("skiff-cni")),
+        (
+            "bridge + host-local ADD",
+            orange,
+            cdf("bridge + host-local"),
+        ),
+    ];
+    let max_ms = lat
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.2;
+    let mut chart = ChartBuilder::on(&panels[1])
+        .caption("CNI ADD latency", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..100f64, 0f64..max_ms)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("milliseconds")
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    draw_named(&mut chart, &lat, SeriesLabelPosition::UpperLeft)?;
+
+    let conv = doc["convergence"].as_array().cloned().unwrap_or_default();
+    let pts = |p: &str| -> Vec<(f64, f64)> {
+        conv.iter()
+            .map(|c| {
+                (
+                    c["leases"].as_f64().unwrap_or(1.0),
+                    c.pointer(p)
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(0.0)
+                        .max(0.1),
+                )
+            })
+            .collect()
+    };
+    let series = [
+        (
+            "all routes, from the first write",
+            blue,
+            pts("/total_ms/p50"),
+        ),
+        ("etcd writes alone", BLACK, pts("/write_ms/p50")),
+        (
+            "after the last write",
+            green,
+            pts("/after_last_write_ms/p50"),
+        ),
+    ];
+    let max_n = conv
+        .iter()
+        .filter_map(|c| c["leases"].as_f64())
+        .fold(10.0, f64::max)
+        * 2.0;
+    let max_ms = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 3.0;
+    let mut chart = ChartBuilder::on(&panels[2])
+        .caption("lease convergence (one node)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((50f64..max_n).log_scale(), (0.1f64..max_ms).log_scale())
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("leases")
+        .y_desc("milliseconds")
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    draw_named(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}

@@ -1,0 +1,500 @@
+//! `cargo xtask bench net`: the pod network side by side with its
+//! baselines, in one run.
+//!
+//! - Throughput (iperf3, TCP): pod to pod across two nodes over vxlan and
+//!   over host-gw, and node to node on the underlay (the limit). Modes are
+//!   interleaved per round; every measurement gets fresh pods.
+//! - CNI latency: ADD and DEL of `skiff-cni` and of the reference plugins
+//!   (`bridge` with `host-local`) doing the same job (bridge, veth, address,
+//!   default route), each in a fresh node namespace, rounds interleaved.
+//! - Convergence: N leases written to etcd by simulated nodes; the time
+//!   until one real node has a route to every one of them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use skiff_tests::overlay::{Cluster, Node, Pod};
+use skiff_tests::{Netns, Spawn, TempDir, bin, unique};
+
+pub struct Args {
+    pub rounds: usize,
+    pub seconds: u32,
+    pub cni_calls: usize,
+    pub leases: Vec<usize>,
+    pub out: PathBuf,
+}
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","Backend":{"Type":"host-gw"}}"#;
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    json!({"p50": pct(&v, 0.5), "p99": pct(&v, 0.99), "min": v.first(), "max": v.last(), "n": v.len()})
+}
+
+/// One iperf3 run from `client` to `server_ip` in `server`; Gbit/s.
+fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Result<f64> {
+    let log = TempDir::new();
+    // Its output goes to a file: iperf3 does not flush a pipe, so there is
+    // no banner to wait for; the client retries until the server listens.
+    let _server = Spawn::new("iperf3")
+        .args(["-s", "-1", "-B", server_ip, "-p", "5201"])
+        .netns(server)
+        .log_to(&log.path.join("iperf3.log"))
+        .start();
+    let mut last = Err(anyhow::anyhow!("iperf3 did not run"));
+    for _ in 0..20 {
+        let out = Spawn::new("iperf3")
+            .args([
+                "-c",
+                server_ip,
+                "-p",
+                "5201",
+                "-t",
+                &seconds.to_string(),
+                "-J",
+            ])
+            .netns(client)
+            .try_output();
+        match out {
+            Ok(text) => {
+                let v: Value = serde_json::from_str(&text).context("iperf3 -J output")?;
+                let bps = v["end"]["sum_received"]["bits_per_second"]
+                    .as_f64()
+                    .context("iperf3: no end.sum_received")?;
+                return Ok(bps / 1e9);
+            }
+            Err(e) => {
+                last = Err(anyhow::anyhow!(e));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    last
+}
+
+fn throughput(args: &Args) -> Result<Value> {
+    eprintln!("throughput: two-node clusters (vxlan, host-gw)");
+    let mut vx = Cluster::new(2, VXLAN);
+    vx.start_all(&[]);
+    let mut hg = Cluster::new(2, HOST_GW);
+    hg.start_all(&[]);
+    wait_routes(&vx.nodes[0], 1)?;
+    wait_routes(&hg.nodes[0], 1)?;
+    let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for round in 0..args.rounds {
+        for mode in ["node", "host-gw", "vxlan"] {
+            let g = match mode {
+                "node" => iperf(
+                    &hg.nodes[1].ns,
+                    &hg.nodes[0].ns,
+                    &hg.nodes[1].ip,
+                    args.seconds,
+                )?,
+                _ => {
+                    let c = if mode == "vxlan" { &vx } else { &hg };
+                    let (a, b): (Pod, Pod) = (c.nodes[0].add_pod(), c.nodes[1].add_pod());
+                    let g = iperf(&b.ns, &a.ns, &b.ip, args.seconds)?;
+                    for (n, p) in [(&c.nodes[0], &a), (&c.nodes[1], &b)] {
+                        let _ = n.cni("DEL", &p.ns, &p.id);
+                    }
+                    g
+                }
+            };
+            eprintln!("  round {} {mode:>8}: {g:.2} Gbit/s", round + 1);
+            results.entry(mode).or_default().push(g);
+        }
+    }
+    let med = |m: &str| summary(results.get(m).cloned().unwrap_or_default());
+    Ok(
+        json!({"node": med("node"), "host_gw": med("host-gw"), "vxlan": med("vxlan"), "samples": results}),
+    )
+}
+
+fn wait_routes(node: &Node, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count_routes(&node.ns.path())? < n {
+        if Instant::now() > deadline {
+            bail!("node {} never had {n} overlay routes", node.ip);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn count_routes(netns: &str) -> Result<usize> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let nl = skiff_netlink::Netlink::open_in(netns)?;
+        Ok(nl
+            .routes(Some(skiff_netlink::SKIFF_ROUTE_PROTOCOL))
+            .await?
+            .len())
+    })
+}
+
+/// One plugin under test: how to configure it for a node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plugin {
+    Skiff,
+    Reference,
+}
+
+impl Plugin {
+    fn name(self) -> &'static str {
+        match self {
+            Plugin::Skiff => "skiff-cni",
+            Plugin::Reference => "bridge + host-local",
+        }
+    }
+
+    fn conf(self, dir: &std::path::Path) -> Value {
+        match self {
+            Plugin::Skiff => json!({
+                "cniVersion": "1.0.0", "name": "bench", "type": "skiff-cni",
+                "subnet": "10.88.0.0/16", "bridge": "cni0", "dataDir": dir.join("skiff"),
+            }),
+            Plugin::Reference => json!({
+                "cniVersion": "1.0.0", "name": "bench", "type": "bridge",
+                "bridge": "cni0", "isGateway": true, "isDefaultGateway": true,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]], "dataDir": dir.join("host-local")},
+            }),
+        }
+    }
+
+    fn binary(self) -> PathBuf {
+        match self {
+            Plugin::Skiff => bin("skiff-cni"),
+            Plugin::Reference => PathBuf::from("/usr/lib/cni/bridge"),
+        }
+    }
+}
+
+/// `calls` ADDs then as many DELs on a fresh node; milliseconds each.
+fn cni_round(plugin: Plugin, calls: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let node = Netns::new();
+    let dir = TempDir::new();
+    let pods: Vec<Netns> = (0..calls).map(|_| Netns::new()).collect();
+    let conf = plugin.conf(&dir.path).to_string();
+    let call = |cmd: &str, id: &str, pod: &Netns| -> Result<f64> {
+        let t = Instant::now();
+        let out = Spawn::new(plugin.binary())
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", &pod.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .netns(&node)
+            .run_with_input(conf.as_bytes());
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if !out.status.success() {
+            bail!(
+                "{} {cmd}: {}{}",
+                plugin.name(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(ms)
+    };
+    let ids: Vec<String> = (0..calls).map(|_| unique("c")).collect();
+    let mut add = Vec::with_capacity(calls);
+    for (id, pod) in ids.iter().zip(&pods) {
+        add.push(call("ADD", id, pod)?);
+    }
+    let mut del = Vec::with_capacity(calls);
+    for (id, pod) in ids.iter().zip(&pods) {
+        del.push(call("DEL", id, pod)?);
+    }
+    Ok((add, del))
+}
+
+fn cni_latency(args: &Args) -> Result<Value> {
+    let mut add: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut del: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for round in 0..args.rounds {
+        for p in [Plugin::Skiff, Plugin::Reference] {
+            let (a, d) = cni_round(p, args.cni_calls)?;
+            eprintln!(
+                "  round {} {:>20}: ADD p50 {:.2} ms, DEL p50 {:.2} ms",
+                round + 1,
+                p.name(),
+                pct(&sorted(&a), 0.5),
+                pct(&sorted(&d), 0.5)
+            );
+            add.entry(p.name()).or_default().extend(a);
+            del.entry(p.name()).or_default().extend(d);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for p in [Plugin::Skiff, Plugin::Reference] {
+        out.insert(
+            p.name().into(),
+            json!({
+                "add": summary(add.get(p.name()).cloned().unwrap_or_default()),
+                "del": summary(del.get(p.name()).cloned().unwrap_or_default()),
+                "add_samples": sorted(add.get(p.name()).map(Vec::as_slice).unwrap_or_default()),
+            }),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// Writes `n` leases as `n` simulated nodes would (a lease grant and a
+/// create-if-absent transaction each), 32 in flight.
+async fn write_leases(
+    client: &etcd_client::Client,
+    own: &str,
+    n: usize,
+    ttl: i64,
+) -> Result<Vec<i64>> {
+    use futures::StreamExt;
+    let own = own.to_string();
+    let results: Vec<Result<i64>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let mut c = client.clone();
+            let own = own.clone();
+            async move {
+                // Subnets 10.1.0.0/24 upwards, skipping the real node's.
+                let mut k = i + 256;
+                let mut subnet = format!("10.{}.{}.0", k / 256, k % 256);
+                if format!("{subnet}/24") == own {
+                    k += 60_000;
+                    subnet = format!("10.{}.{}.0", k / 256, k % 256);
+                }
+                let id = c.lease_grant(ttl, None).await?.id();
+                let value = json!({
+                    "PublicIP": format!("172.30.{}.{}", i / 250, i % 250 + 1),
+                    "PublicIPv6": null,
+                    "BackendType": "vxlan",
+                    "BackendData": {"VNI": 1, "VtepMAC": format!("0e:00:00:{:02x}:{:02x}:{:02x}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)},
+                });
+                let key = format!("/coreos.com/network/subnets/{subnet}-24");
+                let txn = etcd_client::Txn::new()
+                    .when(vec![etcd_client::Compare::create_revision(
+                        key.as_str(),
+                        etcd_client::CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then(vec![etcd_client::TxnOp::put(
+                        key.as_str(),
+                        value.to_string(),
+                        Some(etcd_client::PutOptions::new().with_lease(id)),
+                    )]);
+                let r = c.txn(txn).await?;
+                if !r.succeeded() {
+                    bail!("{key} was taken");
+                }
+                Ok(id)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+fn convergence(args: &Args) -> Result<Value> {
+    let config = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+    let mut c = Cluster::new(1, config);
+    c.start_all(&[]);
+    // etcd listens on the underlay, which only exists inside the test's
+    // namespaces: the simulated nodes' client runs on a thread that has
+    // entered the underlay namespace, never from the host's.
+    let underlay = c.underlay.path();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _inside = skiff_netlink::NetnsGuard::enter(&underlay)?;
+            simulate_nodes(args, &c)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the convergence thread panicked"))?
+    })
+}
+
+fn simulate_nodes(args: &Args, c: &Cluster) -> Result<Value> {
+    let own = c.nodes[0].subnet();
+    let netns = c.nodes[0].ns.path();
+    let url = c.etcd.url.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(etcd_client::Client::connect([url.as_str()], None))?;
+    let mut out = Vec::new();
+    for &n in &args.leases {
+        let mut total = Vec::new();
+        let mut after_write = Vec::new();
+        let mut writing = Vec::new();
+        for _ in 0..args.rounds {
+            let t0 = Instant::now();
+            let ids = rt.block_on(write_leases(&client, &own, n, 600))?;
+            let written = t0.elapsed();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while count_routes(&netns)? < n {
+                if Instant::now() > deadline {
+                    bail!("{n} leases: the node never had all routes");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let all = t0.elapsed();
+            total.push(all.as_secs_f64() * 1000.0);
+            after_write.push(all.saturating_sub(written).as_secs_f64() * 1000.0);
+            writing.push(written.as_secs_f64() * 1000.0);
+            // Take them away again (revoking deletes the keys) and wait
+            // for the node to be back to no routes.
+            rt.block_on(async {
+                let mut c = client.clone();
+                for id in ids {
+                    c.lease_revoke(id).await?;
+                }
+                Ok::<_, etcd_client::Error>(())
+            })?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while count_routes(&netns)? > 0 {
+                if Instant::now() > deadline {
+                    bail!("{n} leases revoked: the node kept routes");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let med = |v: &[f64]| pct(&sorted(v), 0.5);
+        eprintln!(
+            "  {n:>5} leases: all routes {:.0} ms after the first write ({:.0} ms to write them, {:.0} ms after the last)",
+            med(&total),
+            med(&writing),
+            med(&after_write)
+        );
+        out.push(json!({
+            "leases": n,
+            "total_ms": summary(total),
+            "write_ms": summary(writing),
+            "after_last_write_ms": summary(after_write),
+        }));
+    }
+    Ok(Value::Array(out))
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "bench net: {} rounds, iperf3 {} s, {} CNI calls per round, leases {:?}, {cores} cores",
+        args.rounds, args.seconds, args.cni_calls, args.leases
+    );
+    let tp = throughput(args)?;
+    eprintln!("CNI latency");
+    let cni = cni_latency(args)?;
+    eprintln!("convergence");
+    let conv = convergence(args)?;
+
+    let g = |p: &str| tp.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+    let node = g("/node/p50");
+    println!(
+        "\nTCP throughput, iperf3 -t {} (median of {} rounds, Gbit/s)",
+        args.seconds, args.rounds
+    );
+    println!("| path | Gbit/s | min | max | ÷ node-to-node |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, key) in [
+        ("node ↔ node (limit)", "node"),
+        ("pod ↔ pod, host-gw", "host_gw"),
+        ("pod ↔ pod, vxlan", "vxlan"),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.3} |",
+            g(&format!("/{key}/p50")),
+            g(&format!("/{key}/min")),
+            g(&format!("/{key}/max")),
+            g(&format!("/{key}/p50")) / node.max(1e-9)
+        );
+    }
+    let vx_ratio = g("/vxlan/p50") / g("/host_gw/p50").max(1e-9);
+    println!("vxlan ÷ host-gw = {vx_ratio:.3} (target ≥ 0.9)");
+
+    let c = |p: &str| cni.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+    println!(
+        "\nCNI latency ({} calls × {} rounds each, ms)",
+        args.cni_calls, args.rounds
+    );
+    println!("| plugin | ADD p50 | ADD p99 | DEL p50 | DEL p99 |");
+    println!("| --- | --- | --- | --- | --- |");
+    for p in ["skiff-cni", "bridge + host-local"] {
+        let k = format!("/{p}");
+        println!(
+            "| {p} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            c(&format!("{k}/add/p50")),
+            c(&format!("{k}/add/p99")),
+            c(&format!("{k}/del/p50")),
+            c(&format!("{k}/del/p99"))
+        );
+    }
+    let add_ratio = c("/skiff-cni/add/p99") / c("/bridge + host-local/add/p99").max(1e-9);
+    let del_ratio = c("/skiff-cni/del/p99") / c("/bridge + host-local/del/p99").max(1e-9);
+    println!(
+        "skiff-cni ÷ reference: ADD p99 {add_ratio:.3} (target ≤ 0.5), DEL p99 {del_ratio:.3}"
+    );
+
+    println!(
+        "\nconvergence (one real node, vxlan; median of {} rounds)",
+        args.rounds
+    );
+    println!(
+        "| leases | all routes installed after the first write | writing them took | after the last write |"
+    );
+    println!("| --- | --- | --- | --- |");
+    for r in conv.as_array().into_iter().flatten() {
+        let f = |p: &str| r.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+        println!(
+            "| {} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            r["leases"],
+            f("/total_ms/p50"),
+            f("/write_ms/p50"),
+            f("/after_last_write_ms/p50")
+        );
+    }
+
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let doc = json!({
+        "benchmark": "net",
+        "commit": crate::bench::git_commit(),
+        "kernel": crate::bench::kernel(),
+        "cores": cores,
+        "seconds": started.elapsed().as_secs_f64(),
+        "args": {"rounds": args.rounds, "iperf_seconds": args.seconds, "cni_calls": args.cni_calls, "leases": args.leases},
+        "throughput": tp,
+        "cni": cni,
+        "convergence": conv,
+        "ratios": {"vxlan_over_host_gw": vx_ratio, "skiff_add_p99_over_reference": add_ratio, "skiff_del_p99_over_reference": del_ratio},
+    });
+    let path = args.out.join(format!("net-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    std::fs::write(
+        args.out.join("net-latest.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+    let png = args.out.join("net.png");
+    crate::plot::net(&doc, &png)?;
+    println!("wrote {} and {}", path.display(), png.display());
+    Ok(())
+}
