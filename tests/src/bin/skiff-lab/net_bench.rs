@@ -69,10 +69,15 @@ fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Resul
         match out {
             Ok(text) => {
                 let v: Value = serde_json::from_str(&text).context("iperf3 -J output")?;
-                let bps = v["end"]["sum_received"]["bits_per_second"]
-                    .as_f64()
-                    .context("iperf3: no end.sum_received")?;
-                return Ok(bps / 1e9);
+                match v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                    Some(bps) => return Ok(bps / 1e9),
+                    // Connected before the server was ready, or to a
+                    // server still finishing: try again.
+                    None => {
+                        last = Err(anyhow::anyhow!("iperf3: {}", v["error"]));
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
             }
             Err(e) => {
                 last = Err(anyhow::anyhow!(e));
