@@ -214,6 +214,9 @@ async fn wire(
         gateway: Some(gw.to_string()),
         interface: Some(base + 2),
     });
+    if let Some(dns) = &conf.dns {
+        result.dns = dns.clone();
+    }
     result.routes.push(RouteConfig {
         dst: format!("{dst}/{dst_prefix}"),
         gw: Some(gw.to_string()),

@@ -206,6 +206,8 @@ pub struct NetConf {
     #[serde(default = "yes")]
     pub is_default_gateway: bool,
     pub prev_result: Option<Value>,
+    /// Passed through to the result, as the reference bridge plugin does.
+    pub dns: Option<Dns>,
     #[serde(rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
 }

@@ -118,24 +118,6 @@ impl Netlink {
             .ok_or_else(|| Error::NoLink(name.to_string()))
     }
 
-    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
-        let mut s = self.handle.link().get().match_index(index).execute();
-        match s.try_next().await {
-            Ok(m) => Ok(m.map(parse)),
-            Err(source) => {
-                let e = Error::Request {
-                    what: format!("get link {index}"),
-                    source,
-                };
-                if matches!(e.errno(), Some(libc::ENODEV)) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
-    }
-
     /// Every link in the namespace.
     pub async fn links(&self) -> Result<Vec<Link>> {
         let msgs: Vec<LinkMessage> = self

@@ -488,11 +488,12 @@ fn negotiates_versions_and_reports_status() {
         let pod = Netns::new();
         let path = pod.path();
         let id = unique("v");
-        let r = node
-            .call("ADD", &id, &path)
-            .exec(&plugin, &node.conf(version));
+        let mut conf = node.conf(version);
+        conf["dns"] = json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]});
+        let r = node.call("ADD", &id, &path).exec(&plugin, &conf);
         assert!(r.ok, "{version}: {}", r.stdout);
         let res = r.json();
+        assert_eq!(res["dns"]["nameservers"], json!(["10.96.0.10"]), "{res}");
         assert_eq!(res["cniVersion"], version);
         assert_eq!(
             res["ips"][0].get("version").is_some(),

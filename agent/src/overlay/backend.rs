@@ -45,53 +45,59 @@ pub struct Changed {
     pub removed: usize,
 }
 
+/// What a lease becomes on a node of `backend` whose routes leave through
+/// `route_dev` and which owns `own`.
+pub fn entries(backend: BackendType, route_dev: u32, own: Ipv4Network, lease: &Lease) -> Entries {
+    if lease.subnet == own {
+        return Entries::default();
+    }
+    if lease.attrs.backend_type != backend.as_str() {
+        warn!(subnet = %lease.subnet, theirs = %lease.attrs.backend_type, ours = backend.as_str(), "lease of another backend; not routed");
+        return Entries::default();
+    }
+    let dst = lease.subnet.network();
+    match backend {
+        BackendType::Vxlan => {
+            let Some(mac) = lease.attrs.vtep_mac() else {
+                warn!(subnet = %lease.subnet, "vxlan lease without a VtepMAC; not routed");
+                return Entries::default();
+            };
+            Entries {
+                route: Some(Route {
+                    dst,
+                    prefix: lease.subnet.prefix(),
+                    gateway: Some(dst),
+                    oif: Some(route_dev),
+                    onlink: true,
+                    protocol: SKIFF_ROUTE_PROTOCOL,
+                }),
+                neighbour: Some(Neighbour { ip: dst, mac }),
+                fdb: Some(FdbEntry {
+                    mac,
+                    dst: lease.attrs.public_ip,
+                }),
+            }
+        }
+        BackendType::HostGw => Entries {
+            route: Some(Route {
+                dst,
+                prefix: lease.subnet.prefix(),
+                gateway: Some(lease.attrs.public_ip),
+                oif: Some(route_dev),
+                onlink: false,
+                protocol: SKIFF_ROUTE_PROTOCOL,
+            }),
+            neighbour: None,
+            fdb: None,
+        },
+    }
+}
+
 impl Dataplane {
     /// The entries for `lease` here: none for our own subnet or a lease of
     /// another backend.
     pub fn entries_for(&self, lease: &Lease) -> Entries {
-        if lease.subnet == self.own {
-            return Entries::default();
-        }
-        if lease.attrs.backend_type != self.backend.as_str() {
-            warn!(subnet = %lease.subnet, theirs = %lease.attrs.backend_type, ours = self.backend.as_str(), "lease of another backend; not routed");
-            return Entries::default();
-        }
-        let dst = lease.subnet.network();
-        match self.backend {
-            BackendType::Vxlan => {
-                let Some(mac) = lease.attrs.vtep_mac() else {
-                    warn!(subnet = %lease.subnet, "vxlan lease without a VtepMAC; not routed");
-                    return Entries::default();
-                };
-                Entries {
-                    route: Some(Route {
-                        dst,
-                        prefix: lease.subnet.prefix(),
-                        gateway: Some(dst),
-                        oif: Some(self.route_dev),
-                        onlink: true,
-                        protocol: SKIFF_ROUTE_PROTOCOL,
-                    }),
-                    neighbour: Some(Neighbour { ip: dst, mac }),
-                    fdb: Some(FdbEntry {
-                        mac,
-                        dst: lease.attrs.public_ip,
-                    }),
-                }
-            }
-            BackendType::HostGw => Entries {
-                route: Some(Route {
-                    dst,
-                    prefix: lease.subnet.prefix(),
-                    gateway: Some(lease.attrs.public_ip),
-                    oif: Some(self.route_dev),
-                    onlink: false,
-                    protocol: SKIFF_ROUTE_PROTOCOL,
-                }),
-                neighbour: None,
-                fdb: None,
-            },
-        }
+        entries(self.backend, self.route_dev, self.own, lease)
     }
 
     /// Installs the entries: FDB, then neighbour, then route, so that a
@@ -213,5 +219,102 @@ impl Dataplane {
             Err(e) if !e.is_not_found() => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::network::LeaseAttrs;
+
+    fn lease(subnet: &str, ip: &str, kind: &str, mac: Option<&str>) -> Lease {
+        Lease {
+            subnet: subnet.parse().unwrap(),
+            attrs: LeaseAttrs {
+                public_ip: ip.parse().unwrap(),
+                public_ipv6: None,
+                backend_type: kind.into(),
+                backend_data: mac.map(|m| serde_json::json!({"VNI": 1, "VtepMAC": m})),
+            },
+        }
+    }
+
+    #[test]
+    fn a_vxlan_lease_is_a_route_a_neighbour_and_an_fdb_entry() {
+        let own = "10.244.1.0/24".parse().unwrap();
+        let l = lease(
+            "10.244.5.0/24",
+            "192.168.0.5",
+            "vxlan",
+            Some("0e:00:00:00:00:05"),
+        );
+        let e = entries(BackendType::Vxlan, 7, own, &l);
+        let gw = "10.244.5.0".parse().unwrap();
+        let r = e.route.unwrap();
+        assert_eq!(
+            (r.dst, r.prefix, r.gateway, r.oif, r.onlink),
+            (gw, 24, Some(gw), Some(7), true)
+        );
+        assert_eq!(r.protocol, SKIFF_ROUTE_PROTOCOL);
+        assert_eq!(
+            e.neighbour.unwrap(),
+            Neighbour {
+                ip: gw,
+                mac: [0x0e, 0, 0, 0, 0, 5]
+            }
+        );
+        assert_eq!(
+            e.fdb.unwrap().dst,
+            "192.168.0.5".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        // Our own lease, a lease without a VTEP MAC and one of another
+        // backend route nowhere.
+        assert_eq!(
+            entries(
+                BackendType::Vxlan,
+                7,
+                own,
+                &lease(
+                    "10.244.1.0/24",
+                    "192.168.0.1",
+                    "vxlan",
+                    Some("0e:00:00:00:00:01")
+                )
+            ),
+            Entries::default()
+        );
+        assert_eq!(
+            entries(
+                BackendType::Vxlan,
+                7,
+                own,
+                &lease("10.244.6.0/24", "192.168.0.6", "vxlan", None)
+            ),
+            Entries::default()
+        );
+        assert_eq!(
+            entries(
+                BackendType::Vxlan,
+                7,
+                own,
+                &lease("10.244.6.0/24", "192.168.0.6", "host-gw", None)
+            ),
+            Entries::default()
+        );
+    }
+
+    #[test]
+    fn a_host_gw_lease_is_a_route_via_the_peer() {
+        let own = "10.245.1.0/24".parse().unwrap();
+        let e = entries(
+            BackendType::HostGw,
+            2,
+            own,
+            &lease("10.245.3.0/24", "172.31.0.3", "host-gw", None),
+        );
+        let r = e.route.unwrap();
+        assert_eq!(r.gateway, Some("172.31.0.3".parse().unwrap()));
+        assert!(!r.onlink);
+        assert!(e.neighbour.is_none() && e.fdb.is_none());
     }
 }
