@@ -24,8 +24,9 @@ enum Cmd {
     Setup,
     /// Build the kernel programs (through the agent's build script).
     BuildEbpf,
-    /// Bring the service proxy up in a demo namespace and show it balancing
-    /// connections; stays up until Ctrl-C unless --once.
+    /// Bring Skiff up in demo namespaces: the control plane and the service
+    /// proxy balancing connections, then two nodes on the overlay with pods
+    /// talking by pod IP; stays up until Ctrl-C unless --once.
     Up {
         #[arg(long)]
         once: bool,

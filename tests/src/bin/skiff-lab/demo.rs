@@ -9,12 +9,17 @@
 //! There is no kubelet yet: the demo plays the node side for the pods,
 //! starting a probe server for each and reporting it running and ready at
 //! its address through `pods/status`, as a kubelet would.
+//!
+//! Then the pod network: two more nodes join a vxlan overlay through their
+//! agents' leases in etcd, skiff-cni wires a pod on each, and the pods talk
+//! by pod IP across the tunnel.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use skiff_tests::control::ControlPlane;
+use skiff_tests::overlay::{Cluster, Pod};
 use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin, wait_for};
 
 const NODE_IP: &str = "10.202.0.1";
@@ -138,6 +143,48 @@ fn run_pods(cp: &ControlPlane, ns: &Netns) -> Result<(Vec<Proc>, Vec<String>)> {
     Ok((servers, names))
 }
 
+/// Two nodes on a vxlan overlay, a pod on each, one talking to the other.
+fn pod_network() -> Result<(Cluster, Vec<Pod>, Vec<Proc>)> {
+    println!("\npod network: two nodes join a vxlan overlay (leases in etcd)");
+    let mut c = Cluster::new(
+        2,
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    );
+    c.start_all(&[]);
+    println!("$ etcdctl get --prefix --keys-only /coreos.com/network/subnets/");
+    for k in c.lease_keys() {
+        println!("{k}");
+    }
+    let peer = c.nodes[1].subnet();
+    wait_for("node 0 to route to node 1", Duration::from_secs(10), || {
+        c.nodes[0].routes().contains(&peer).then_some(())
+    });
+    println!("node 0 $ ip route\n{}", c.nodes[0].routes().trim_end());
+    let pods: Vec<Pod> = c.nodes.iter().map(|n| n.add_pod()).collect();
+    println!(
+        "skiff-cni ADD: pod {} on node 0, pod {} on node 1",
+        pods[0].ip, pods[1].ip
+    );
+    let mut server = Spawn::new(bin("skiff-probe"))
+        .args(["serve-tcp", &format!("{}:7000", pods[1].ip), "%peer"])
+        .netns(&pods[1].ns)
+        .start();
+    if server.ask("") != "ready" {
+        bail!("the pod's server did not start");
+    }
+    let out = Spawn::new(bin("skiff-probe"))
+        .args(["tcp", &format!("{}:7000", pods[1].ip), "5"])
+        .netns(&pods[0].ns)
+        .try_output()
+        .map_err(anyhow::Error::msg)?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("skiff-probe output")?;
+    println!(
+        "5 connections pod {} -> pod {}:7000 over vxlan; the server saw them come from {} (no NAT)",
+        pods[0].ip, pods[1].ip, v["answers"]
+    );
+    Ok((c, pods, vec![server]))
+}
+
 pub fn run(once: bool) -> Result<()> {
     let ns = Netns::new();
     ns.add_local_link("skd0", &[&format!("{NODE_IP}/24")]);
@@ -235,6 +282,8 @@ pub fn run(once: bool) -> Result<()> {
         traffic(&ns, &cg, &format!("{vip}:80"), 60)?
     );
 
+    let (net, _net_pods, _net_servers) = pod_network()?;
+
     if !once {
         println!(
             "\nSkiff is up. Try:\n  ip netns exec {ns} kubectl --kubeconfig {kc} get pods -o wide\n  ip netns exec {ns} sh -c 'echo $$ > {cg}/cgroup.procs; exec {probe} tcp {vip}:80 10'",
@@ -258,6 +307,7 @@ pub fn run(once: bool) -> Result<()> {
     drop(agent);
     drop(servers);
     drop(cp);
+    drop(net);
     println!("torn down");
     Ok(())
 }
