@@ -22,7 +22,8 @@ pub struct Etcd {
     pub url: String,
     pub proc: Proc,
     netns: Option<String>,
-    _dir: TempDir,
+    args: Vec<String>,
+    dir: TempDir,
 }
 
 impl Etcd {
@@ -42,30 +43,51 @@ impl Etcd {
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://{ip}:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let proc = Spawn::new("etcd")
-            .args([
-                "--name=test".to_string(),
-                format!("--data-dir={}", dir.path.join("data").display()),
-                format!("--listen-client-urls={url}"),
-                format!("--advertise-client-urls={url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=test={peer_url}"),
-                "--log-level=warn".to_string(),
-            ])
-            .netns_path(netns.as_deref())
-            .log_to(&dir.path.join("etcd.log"))
-            .start();
+        let args = vec![
+            "--name=test".to_string(),
+            format!("--data-dir={}", dir.path.join("data").display()),
+            format!("--listen-client-urls={url}"),
+            format!("--advertise-client-urls={url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=test={peer_url}"),
+            "--log-level=warn".to_string(),
+        ];
+        let proc = Self::spawn(&args, netns.as_deref(), &dir);
         let etcd = Self {
             url,
             proc,
             netns,
-            _dir: dir,
+            args,
+            dir,
         };
-        wait_for("etcd to answer", Duration::from_secs(20), || {
-            etcd.ctl(&["endpoint", "health"]).ok()
-        });
+        etcd.wait_healthy();
         etcd
+    }
+
+    fn spawn(args: &[String], netns: Option<&str>, dir: &TempDir) -> Proc {
+        Spawn::new("etcd")
+            .args(args)
+            .netns_path(netns)
+            .log_to(&dir.path.join("etcd.log"))
+            .start()
+    }
+
+    fn wait_healthy(&self) {
+        wait_for("etcd to answer", Duration::from_secs(20), || {
+            self.ctl(&["endpoint", "health"]).ok()
+        });
+    }
+
+    /// Kills etcd (SIGKILL, as a crash would).
+    pub fn kill(&mut self) {
+        self.proc.kill_now();
+    }
+
+    /// Starts etcd again on the same data and address, after `kill`.
+    pub fn restart(&mut self) {
+        self.proc = Self::spawn(&self.args, self.netns.as_deref(), &self.dir);
+        self.wait_healthy();
     }
 
     /// Runs `etcdctl` against this etcd.

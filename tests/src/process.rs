@@ -223,6 +223,11 @@ impl Proc {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process with SIGKILL (no chance to clean up) and waits.
     pub fn kill_now(&mut self) {
         let _ = self.child.kill();

@@ -325,3 +325,42 @@ fn ip_masq_hides_pods_behind_their_node_outside_the_cluster_network() {
         .exec(&["nft", "list", "table", "ip", "skiff-overlay"]);
     assert!(rules.contains("masquerade"), "{rules}");
 }
+
+#[test]
+fn nodes_ride_out_an_etcd_outage_and_catch_up_after_it() {
+    let mut c = Cluster::new(2, VXLAN);
+    c.start_all(&["--lease-ttl", "30"]);
+    let subnets = distinct_subnets(&c);
+    converge(&c, &subnets);
+    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    let _s = serve(&pods[1]);
+
+    c.etcd.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    // The agents keep running and the routes stay: pods still talk.
+    for n in &mut c.nodes {
+        let alive = n.agent.as_mut().map(|a| a.is_running()).unwrap_or(false);
+        assert!(
+            alive,
+            "agent on {} exited without etcd:\n{}",
+            n.ip,
+            n.agent_log()
+        );
+    }
+    exchange(&pods[0], &pods[1].ip, 3);
+
+    c.etcd.restart();
+    // A node that joins after the outage is seen by both.
+    let late = r#"{"PublicIP":"172.31.0.77","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:77"}}"#;
+    c.etcd
+        .ctl(&["put", "/coreos.com/network/subnets/10.244.77.0-24", late])
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (i, n) in c.nodes.iter().enumerate() {
+        wait_for(
+            &format!("node {i} to route to the late node"),
+            Duration::from_secs(20),
+            || has_route(n, "10.244.77.0/24").then_some(()),
+        );
+    }
+    exchange(&pods[0], &pods[1].ip, 3);
+}

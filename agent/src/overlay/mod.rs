@@ -333,27 +333,57 @@ pub async fn run(
             batch = events.recv() => {
                 let mut relist = batch.is_none();
                 for ev in batch.into_iter().flatten() {
-                    relist |= node.apply(ev).await?;
+                    match node.apply(ev).await {
+                        Ok(r) => relist |= r,
+                        Err(e) => {
+                            warn!(error = %e, "applying a lease change failed; listing again");
+                            relist = true;
+                        }
+                    }
                 }
-                if relist {
-                    let rev = node.relist().await?;
-                    events = start_watch(&reg, rev);
+                // etcd may be away for a while: keep the kernel as it is
+                // and retry, rather than exit and take routes' upkeep down.
+                while relist {
+                    match node.relist().await {
+                        Ok(rev) => {
+                            events = start_watch(&reg, rev);
+                            relist = false;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "listing leases failed; retrying in 1 s");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = &mut shutdown => return Ok(()),
+                            }
+                        }
+                    }
                 }
             }
             _ = renew.tick() => {
-                match node.reg.renew(&node.held).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        warn!(subnet = %node.held.subnet, "lease expired; taking it again");
-                        node.reacquire().await?;
+                // The key can go while its etcd lease lives on (deleted by
+                // hand): check both.
+                let lost = match node.reg.renew(&node.held).await {
+                    Ok(true) => !node.reg.still_ours(&node.held, node.attrs.public_ip).await.unwrap_or(true),
+                    Ok(false) => true,
+                    Err(e) => {
+                        warn!(error = %e, "renewing the lease failed; retrying");
+                        false
                     }
-                    Err(e) => warn!(error = %e, "renewing the lease failed; retrying"),
+                };
+                if lost {
+                    warn!(subnet = %node.held.subnet, "lease lost; taking it again");
+                    if let Err(e) = node.reacquire().await {
+                        warn!(error = %e, "taking the lease again failed; retrying at the next renewal");
+                    }
                 }
             }
             _ = resync.tick() => {
-                let changed = node.dp.resync(node.leases.values()).await?;
-                if changed != backend::Changed::default() {
-                    info!(added = changed.added, removed = changed.removed, "resync repaired routes");
+                match node.dp.resync(node.leases.values()).await {
+                    Ok(changed) if changed != backend::Changed::default() => {
+                        info!(added = changed.added, removed = changed.removed, "resync repaired routes");
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "resync failed"),
                 }
             }
         }
