@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -78,25 +79,15 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let (left, right) = root.split_horizontally(700);
 
-    let mut chart = ChartBuilder::on(&left)
-        .caption(
-            "TCP connect + request/response (fresh state)",
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d((0.5f64..max_n * 2.0).log_scale(), 0f64..max_rate)
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("services (2 endpoints each)")
-        .y_desc("connections / s")
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| label(*v))
-        .y_label_formatter(&|v| label(*v))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut chart = panel(
+        &left,
+        "TCP connect + request/response (fresh state)",
+        (
+            (0.5f64..max_n * 2.0).log_scale(),
+            "services (2 endpoints each)",
+        ),
+        (0f64..max_rate, "connections / s"),
+    )?;
     let series: Vec<(Mode, Vec<(f64, f64)>)> = Mode::ALL
         .into_iter()
         .map(|mode| {
@@ -110,25 +101,12 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
         .collect();
     draw_modes(&mut chart, &series, SeriesLabelPosition::LowerLeft)?;
 
-    let mut chart = ChartBuilder::on(&right)
-        .caption("programming all services from cold", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            (0.5f64..max_n * 2.0).log_scale(),
-            (min_prog..max_prog).log_scale(),
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("services")
-        .y_desc("milliseconds")
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| label(*v))
-        .y_label_formatter(&|v| label(*v))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut chart = panel(
+        &right,
+        "programming all services from cold",
+        ((0.5f64..max_n * 2.0).log_scale(), "services"),
+        ((min_prog..max_prog).log_scale(), "milliseconds"),
+    )?;
     let series: Vec<(Mode, Vec<(f64, f64)>)> = [Mode::Skiff, Mode::Iptables, Mode::Nftables]
         .into_iter()
         .map(|mode| {
@@ -146,6 +124,42 @@ pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
 }
 
 /// A named, coloured line of points.
+type Panel<'a, DB, X, Y> = ChartContext<'a, DB, Cartesian2d<X, Y>>;
+
+/// One chart on `area`: a caption, f64 axes (linear or log) with their
+/// descriptions, and the mesh drawn the same way for every plot.
+fn panel<'a, DB, XR, YR>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+    (x, x_desc): (XR, &str),
+    (y, y_desc): (YR, &str),
+) -> Result<Panel<'a, DB, XR::CoordDescType, YR::CoordDescType>>
+where
+    DB: DrawingBackend + 'a,
+    XR: AsRangedCoord<Value = f64>,
+    YR: AsRangedCoord<Value = f64>,
+    XR::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    YR::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x, y)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(chart)
+}
+
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
 /// Lines with points and a legend, one colour per named series.
@@ -202,22 +216,12 @@ pub fn control(doc: &serde_json::Value, path: &Path) -> Result<()> {
 
     let max_nodes = sched.iter().map(|p| p.0).fold(10.0, f64::max) * 2.0;
     let max_rate = sched.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
-    let mut chart = ChartBuilder::on(&left)
-        .caption("scheduler throughput", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d((50f64..max_nodes).log_scale(), 0f64..max_rate)
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("nodes")
-        .y_desc("pods bound / s")
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| label(*v))
-        .y_label_formatter(&|v| label(*v))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut chart = panel(
+        &left,
+        "scheduler throughput",
+        ((50f64..max_nodes).log_scale(), "nodes"),
+        (0f64..max_rate, "pods bound / s"),
+    )?;
     draw_named(
         &mut chart,
         &[("skiff-control", RGBColor(0, 114, 178), sched)],
@@ -251,25 +255,12 @@ pub fn control(doc: &serde_json::Value, path: &Path) -> Result<()> {
         .flat_map(|s| s.2.iter().map(|p| p.1))
         .fold(1.0, f64::max)
         * 3.0;
-    let mut chart = ChartBuilder::on(&right)
-        .caption("API latency (p50)", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            (100f64..max_pods).log_scale(),
-            (0.01f64..max_ms).log_scale(),
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("pods stored")
-        .y_desc("milliseconds")
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| label(*v))
-        .y_label_formatter(&|v| label(*v))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut chart = panel(
+        &right,
+        "API latency (p50)",
+        ((100f64..max_pods).log_scale(), "pods stored"),
+        ((0.01f64..max_ms).log_scale(), "milliseconds"),
+    )?;
     draw_named(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
@@ -313,22 +304,12 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
         .flat_map(|s| s.2.iter().map(|p| p.1))
         .fold(1.0, f64::max)
         * 1.3;
-    let mut chart = ChartBuilder::on(&panels[0])
-        .caption("TCP throughput (iperf3)", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.5f64..rounds + 0.5, 0f64..max_g)
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("round")
-        .y_desc("Gbit/s")
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| label(*v))
-        .y_label_formatter(&|v| label(*v))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut chart = panel(
+        &panels[0],
+        "TCP throughput (iperf3)",
+        (0.5f64..rounds + 0.5, "round"),
+        (0f64..max_g, "Gbit/s"),
+    )?;
     draw_named(&mut chart, &tp, SeriesLabelPosition::LowerRight)?;
 
     let cdf = |k: &str| -> Vec<(f64, f64)> {
@@ -352,22 +333,12 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
         .flat_map(|s| s.2.iter().map(|p| p.1))
         .fold(1.0, f64::max)
         * 1.2;
-    let mut chart = ChartBuilder::on(&panels[1])
-        .caption("CNI ADD latency", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..100f64, 0f64..max_ms)
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("percentile")
-        .y_desc("milliseconds")
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| label(*v))
-        .y_label_formatter(&|v| label(*v))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut chart = panel(
+        &panels[1],
+        "CNI ADD latency",
+        (0f64..100f64, "percentile"),
+        (0f64..max_ms, "milliseconds"),
+    )?;
     draw_named(&mut chart, &lat, SeriesLabelPosition::UpperLeft)?;
 
     let conv = doc["convergence"].as_array().cloned().unwrap_or_default();
@@ -407,22 +378,12 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
         .flat_map(|s| s.2.iter().map(|p| p.1))
         .fold(1.0, f64::max)
         * 3.0;
-    let mut chart = ChartBuilder::on(&panels[2])
-        .caption("lease convergence (one node)", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d((50f64..max_n).log_scale(), (0.1f64..max_ms).log_scale())
-        .map_err(|e| anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("leases")
-        .y_desc("milliseconds")
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| label(*v))
-        .y_label_formatter(&|v| label(*v))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut chart = panel(
+        &panels[2],
+        "lease convergence (one node)",
+        ((50f64..max_n).log_scale(), "leases"),
+        ((0.1f64..max_ms).log_scale(), "milliseconds"),
+    )?;
     draw_named(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
