@@ -64,38 +64,24 @@ impl Netlink {
     }
 
     pub async fn delete_neighbour(&self, index: u32, n: &Neighbour) -> Result<()> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Inet;
-        m.header.ifindex = index;
-        m.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                n.ip,
-            )));
-        self.handle
-            .neighbours()
-            .del(m)
-            .execute()
+        let m = entry(
+            AddressFamily::Inet,
+            index,
+            NeighbourFlags::empty(),
+            None,
+            n.ip,
+        );
+        self.delete(m, format!("delete neighbour {} on link {index}", n.ip))
             .await
-            .map_err(request(format!(
-                "delete neighbour {} on link {index}",
-                n.ip
-            )))
     }
 
     /// The link's permanent IPv4 neighbour entries.
     pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>> {
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(request("dump neighbours"))?;
-        Ok(msgs
+        Ok(self
+            .dump(AddressFamily::Inet, index)
+            .await?
             .into_iter()
-            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+            .filter(|m| m.header.state == NeighbourState::Permanent)
             .filter_map(|m| {
                 Some(Neighbour {
                     ip: dst_of(&m.attributes)?,
@@ -120,38 +106,23 @@ impl Netlink {
     }
 
     pub async fn delete_fdb(&self, index: u32, e: &FdbEntry) -> Result<()> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Bridge;
-        m.header.ifindex = index;
-        m.header.flags = NeighbourFlags::Own;
-        m.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(e.mac.to_vec()));
-        m.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                e.dst,
-            )));
-        self.handle
-            .neighbours()
-            .del(m)
-            .execute()
+        let m = entry(
+            AddressFamily::Bridge,
+            index,
+            NeighbourFlags::Own,
+            Some(e.mac),
+            e.dst,
+        );
+        self.delete(m, format!("delete fdb {:02x?} → {}", e.mac, e.dst))
             .await
-            .map_err(request(format!("delete fdb {:02x?} → {}", e.mac, e.dst)))
     }
 
     /// The FDB entries with a remote destination on the link.
     pub async fn fdb(&self, index: u32) -> Result<Vec<FdbEntry>> {
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(request("dump fdb"))?;
-        Ok(msgs
+        Ok(self
+            .dump(AddressFamily::Bridge, index)
+            .await?
             .into_iter()
-            .filter(|m| m.header.ifindex == index)
             .filter_map(|m| {
                 Some(FdbEntry {
                     mac: mac_of(&m.attributes)?,
@@ -160,4 +131,51 @@ impl Netlink {
             })
             .collect())
     }
+
+    async fn delete(&self, m: NeighbourMessage, what: String) -> Result<()> {
+        self.handle
+            .neighbours()
+            .del(m)
+            .execute()
+            .await
+            .map_err(request(what))
+    }
+
+    /// Every entry of `family` (Inet: ARP; Bridge: FDB) on the link.
+    async fn dump(&self, family: AddressFamily, index: u32) -> Result<Vec<NeighbourMessage>> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(request(format!("dump {family:?} neighbours")))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.ifindex == index)
+            .collect())
+    }
+}
+
+/// A neighbour message naming one entry, for deletion.
+fn entry(
+    family: AddressFamily,
+    index: u32,
+    flags: NeighbourFlags,
+    mac: Option<[u8; 6]>,
+    dst: Ipv4Addr,
+) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = family;
+    m.header.ifindex = index;
+    m.header.flags = flags;
+    if let Some(mac) = mac {
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    }
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+    m
 }

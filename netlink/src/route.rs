@@ -129,23 +129,22 @@ impl Netlink {
 
     /// Installs the route, replacing one to the same destination.
     pub async fn replace_route(&self, r: &Route) -> Result<()> {
-        self.handle
-            .route()
-            .add(message(r))
-            .replace()
-            .execute()
-            .await
-            .map_err(request(format!("replace route {}/{}", r.dst, r.prefix)))
+        self.install_route(r, true).await
     }
 
     /// Adds the route (fails if one to the same destination exists).
     pub async fn add_route(&self, r: &Route) -> Result<()> {
-        self.handle
-            .route()
-            .add(message(r))
-            .execute()
+        self.install_route(r, false).await
+    }
+
+    async fn install_route(&self, r: &Route, replace: bool) -> Result<()> {
+        let mut req = self.handle.route().add(message(r));
+        if replace {
+            req = req.replace();
+        }
+        req.execute()
             .await
-            .map_err(request(format!("add route {}/{}", r.dst, r.prefix)))
+            .map_err(request(format!("install route {}/{}", r.dst, r.prefix)))
     }
 
     pub async fn delete_route(&self, r: &Route) -> Result<()> {

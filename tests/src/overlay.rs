@@ -171,21 +171,13 @@ impl Node {
         self.subnet()
     }
 
-    /// The subnet in the node's subnet file, in network form.
+    /// The subnet in the node's subnet file, in network form
+    /// (`10.244.3.0/24`), read the way the CNI plugin reads it.
     pub fn subnet(&self) -> String {
-        let text = std::fs::read_to_string(&self.subnet_file)
-            .unwrap_or_else(|e| panic!("{}: {e}", self.subnet_file.display()));
-        let sub = text
-            .lines()
-            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-            .unwrap_or_else(|| panic!("no FLANNEL_SUBNET in {text}"));
-        let (ip, len) = sub.split_once('/').unwrap_or((sub, "24"));
-        let mut octets: Vec<&str> = ip.split('.').collect();
-        // .1 → .0 (the subnets here are /24 or larger)
-        if let Some(last) = octets.last_mut() {
-            *last = "0";
-        }
-        format!("{}/{len}", octets.join("."))
+        skiff_cni::subnet_env::SubnetEnv::read(&self.subnet_file)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .subnet_network()
+            .to_string()
     }
 
     /// `ip route` in the node.

@@ -146,42 +146,37 @@ impl Spawn {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Runs to completion feeding `input` on stdin; returns the whole
-    /// output whatever the exit status.
-    pub fn run_with_input(mut self, input: &[u8]) -> std::process::Output {
+    /// Spawns with `input` written to stdin (then closed) and stdout piped.
+    fn spawn_fed(&mut self, input: &[u8], stderr: Stdio) -> std::process::Child {
         use std::io::Write as _;
         self.prepare();
         let mut child = self
             .cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.cmd.get_program()));
         if let Some(mut stdin) = child.stdin.take() {
-            // A plugin that exits without reading (bad env) closes the pipe.
+            // A program that exits without reading (a plugin refusing its
+            // environment) closes the pipe: not an error here.
             let _ = stdin.write_all(input);
         }
         child
+    }
+
+    /// Runs to completion feeding `input` on stdin; returns the whole
+    /// output whatever the exit status.
+    pub fn run_with_input(mut self, input: &[u8]) -> std::process::Output {
+        self.spawn_fed(input, Stdio::piped())
             .wait_with_output()
             .unwrap_or_else(|e| panic!("wait {:?}: {e}", self.cmd.get_program()))
     }
 
-    /// Starts the process like `start`, stdin fed from `input` and stdout
-    /// piped, for callers that want to kill it midway.
+    /// Starts the process fed `input`, stdout piped, for callers that want
+    /// to kill it midway.
     pub fn start_with_input(mut self, input: &[u8]) -> Proc {
-        use std::io::Write as _;
-        self.prepare();
-        let mut child = self
-            .cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", self.cmd.get_program()));
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(input);
-        }
+        let child = self.spawn_fed(input, Stdio::null());
         Proc { child, log: None }
     }
 

@@ -117,18 +117,14 @@ impl Dataplane {
 
     /// Removes the entries (route first); what is already gone is fine.
     pub async fn remove(&self, e: &Entries) -> Result<(), skiff_netlink::Error> {
-        let ok = |r: Result<(), skiff_netlink::Error>| match r {
-            Err(e) if !e.is_not_found() => Err(e),
-            _ => Ok(()),
-        };
         if let Some(r) = &e.route {
-            ok(self.nl.delete_route(r).await)?;
+            ignore_gone(self.nl.delete_route(r).await)?;
         }
         if let Some(n) = &e.neighbour {
-            ok(self.nl.delete_neighbour(self.route_dev, n).await)?;
+            ignore_gone(self.nl.delete_neighbour(self.route_dev, n).await)?;
         }
         if let Some(f) = &e.fdb {
-            ok(self.nl.delete_fdb(self.route_dev, f).await)?;
+            ignore_gone(self.nl.delete_fdb(self.route_dev, f).await)?;
         }
         Ok(())
     }
@@ -169,19 +165,19 @@ impl Dataplane {
         for r in &have_routes {
             if !want_routes.contains_key(&(r.dst, r.prefix)) {
                 debug!(dst = %r.dst, prefix = r.prefix, "removing stale route");
-                self.ignore_gone(self.nl.delete_route(r).await)?;
+                ignore_gone(self.nl.delete_route(r).await)?;
                 changed.removed += 1;
             }
         }
         for n in &have_neigh {
             if want_neigh.get(&n.ip) != Some(n) {
-                self.ignore_gone(self.nl.delete_neighbour(self.route_dev, n).await)?;
+                ignore_gone(self.nl.delete_neighbour(self.route_dev, n).await)?;
                 changed.removed += 1;
             }
         }
         for f in &have_fdb {
             if !want_fdb.contains(f) {
-                self.ignore_gone(self.nl.delete_fdb(self.route_dev, f).await)?;
+                ignore_gone(self.nl.delete_fdb(self.route_dev, f).await)?;
                 changed.removed += 1;
             }
         }
@@ -213,12 +209,13 @@ impl Dataplane {
         }
         Ok(changed)
     }
+}
 
-    fn ignore_gone(&self, r: Result<(), skiff_netlink::Error>) -> Result<(), skiff_netlink::Error> {
-        match r {
-            Err(e) if !e.is_not_found() => Err(e),
-            _ => Ok(()),
-        }
+/// A deletion of something already gone is what was wanted.
+fn ignore_gone(r: Result<(), skiff_netlink::Error>) -> Result<(), skiff_netlink::Error> {
+    match r {
+        Err(e) if !e.is_not_found() => Err(e),
+        _ => Ok(()),
     }
 }
 

@@ -568,6 +568,24 @@ pub(crate) fn git_commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Writes a run's document as `<out>/<name>-<unix time>.json` and
+/// `<out>/<name>-latest.json`; returns the first path.
+pub(crate) fn write_results(
+    out: &std::path::Path,
+    name: &str,
+    doc: &serde_json::Value,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("mkdir {}", out.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let text = serde_json::to_string_pretty(doc)?;
+    let path = out.join(format!("{name}-{stamp}.json"));
+    std::fs::write(&path, &text).with_context(|| format!("write {}", path.display()))?;
+    std::fs::write(out.join(format!("{name}-latest.json")), &text)?;
+    Ok(path)
+}
+
 pub(crate) fn kernel() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -610,11 +628,6 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("mkdir {}", args.out.display()))?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let json_path = args.out.join(format!("proxy-{stamp}.json"));
     let doc = serde_json::json!({
         "benchmark": "proxy",
         "commit": git_commit(),
@@ -629,12 +642,7 @@ pub fn run(args: &Args) -> Result<()> {
         "summary": summary,
         "samples": samples,
     });
-    std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)
-        .with_context(|| format!("write {}", json_path.display()))?;
-    std::fs::write(
-        args.out.join("proxy-latest.json"),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
+    let json_path = write_results(&args.out, "proxy", &doc)?;
     let png = args.out.join("proxy.png");
     plot::proxy(&summary, &png)?;
     println!("wrote {} and {}", json_path.display(), png.display());

@@ -508,10 +508,6 @@ async fn run_async(args: &Args) -> Result<()> {
         cold["idle_rss_with_etcd_mib"].as_f64().unwrap_or(0.0)
     );
 
-    std::fs::create_dir_all(&args.out)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let doc = json!({
         "benchmark": "control",
         "commit": crate::bench::git_commit(),
@@ -521,12 +517,7 @@ async fn run_async(args: &Args) -> Result<()> {
         "args": {"nodes": args.nodes, "sched_pods": args.sched_pods, "pods": args.pods, "samples": args.samples, "rounds": args.rounds},
         "scheduler": sched, "latency": lat, "start": cold,
     });
-    let path = args.out.join(format!("control-{stamp}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
-    std::fs::write(
-        args.out.join("control-latest.json"),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
+    let path = crate::bench::write_results(&args.out, "control", &doc)?;
     let png = args.out.join("control.png");
     crate::plot::control(&doc, &png)?;
     println!("wrote {} and {}", path.display(), png.display());

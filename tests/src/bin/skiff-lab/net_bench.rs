@@ -94,8 +94,13 @@ fn throughput(args: &Args) -> Result<Value> {
     vx.start_all(&[]);
     let mut hg = Cluster::new(2, HOST_GW);
     hg.start_all(&[]);
-    wait_routes(&vx.nodes[0], 1)?;
-    wait_routes(&hg.nodes[0], 1)?;
+    for c in [&vx, &hg] {
+        Routes::of(&c.nodes[0])?.wait_until(
+            "a route to the other node",
+            Duration::from_millis(20),
+            |n| n >= 1,
+        )?;
+    }
     let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
         for mode in ["node", "host-gw", "vxlan"] {
@@ -126,28 +131,40 @@ fn throughput(args: &Args) -> Result<Value> {
     )
 }
 
-fn wait_routes(node: &Node, n: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while count_routes(&node.ns.path())? < n {
-        if Instant::now() > deadline {
-            bail!("node {} never had {n} overlay routes", node.ip);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+/// Counts a node's overlay routes over one netlink socket opened in its
+/// namespace, so that polling costs one dump and nothing else.
+struct Routes {
+    rt: tokio::runtime::Runtime,
+    nl: skiff_netlink::Netlink,
 }
 
-fn count_routes(netns: &str) -> Result<usize> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let nl = skiff_netlink::Netlink::open_in(netns)?;
-        Ok(nl
-            .routes(Some(skiff_netlink::SKIFF_ROUTE_PROTOCOL))
-            .await?
-            .len())
-    })
+impl Routes {
+    fn of(node: &Node) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let nl = rt.block_on(async { skiff_netlink::Netlink::open_in(&node.ns.path()) })?;
+        Ok(Self { rt, nl })
+    }
+
+    fn count(&self) -> Result<usize> {
+        let routes = self
+            .rt
+            .block_on(self.nl.routes(Some(skiff_netlink::SKIFF_ROUTE_PROTOCOL)))?;
+        Ok(routes.len())
+    }
+
+    /// Polls every `every` until `done(count)`, for at most a minute.
+    fn wait_until(&self, what: &str, every: Duration, done: impl Fn(usize) -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(self.count()?) {
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}");
+            }
+            std::thread::sleep(every);
+        }
+        Ok(())
+    }
 }
 
 /// One plugin under test: how to configure it for a node.
@@ -337,7 +354,7 @@ fn convergence(args: &Args) -> Result<Value> {
 
 fn simulate_nodes(args: &Args, c: &Cluster) -> Result<Value> {
     let own = c.nodes[0].subnet();
-    let netns = c.nodes[0].ns.path();
+    let routes = Routes::of(&c.nodes[0])?;
     let url = c.etcd.url.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -352,13 +369,11 @@ fn simulate_nodes(args: &Args, c: &Cluster) -> Result<Value> {
             let t0 = Instant::now();
             let ids = rt.block_on(write_leases(&client, &own, n, 600))?;
             let written = t0.elapsed();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while count_routes(&netns)? < n {
-                if Instant::now() > deadline {
-                    bail!("{n} leases: the node never had all routes");
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            routes.wait_until(
+                &format!("routes to {n} leases"),
+                Duration::from_millis(2),
+                |have| have >= n,
+            )?;
             let all = t0.elapsed();
             total.push(all.as_secs_f64() * 1000.0);
             after_write.push(all.saturating_sub(written).as_secs_f64() * 1000.0);
@@ -372,13 +387,11 @@ fn simulate_nodes(args: &Args, c: &Cluster) -> Result<Value> {
                 }
                 Ok::<_, etcd_client::Error>(())
             })?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while count_routes(&netns)? > 0 {
-                if Instant::now() > deadline {
-                    bail!("{n} leases revoked: the node kept routes");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            routes.wait_until(
+                "the revoked leases' routes to go",
+                Duration::from_millis(10),
+                |have| have == 0,
+            )?;
         }
         let med = |v: &[f64]| pct(&sorted(v), 0.5);
         eprintln!(
@@ -476,10 +489,6 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
 
-    std::fs::create_dir_all(&args.out)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let doc = json!({
         "benchmark": "net",
         "commit": crate::bench::git_commit(),
@@ -492,12 +501,7 @@ pub fn run(args: &Args) -> Result<()> {
         "convergence": conv,
         "ratios": {"vxlan_over_host_gw": vx_ratio, "skiff_add_p99_over_reference": add_ratio, "skiff_del_p99_over_reference": del_ratio},
     });
-    let path = args.out.join(format!("net-{stamp}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
-    std::fs::write(
-        args.out.join("net-latest.json"),
-        serde_json::to_string_pretty(&doc)?,
-    )?;
+    let path = crate::bench::write_results(&args.out, "net", &doc)?;
     let png = args.out.join("net.png");
     crate::plot::net(&doc, &png)?;
     println!("wrote {} and {}", path.display(), png.display());
