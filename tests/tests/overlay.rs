@@ -281,7 +281,11 @@ fn a_deleted_or_expired_lease_disappears_from_every_node() {
         Duration::from_secs(10),
         || has_route(&c.nodes[0], &subnets[2]).then_some(()),
     );
-    assert!(c.lease_keys().contains(&key(&subnets[2])), "{:?}", c.lease_keys());
+    assert!(
+        c.lease_keys().contains(&key(&subnets[2])),
+        "{:?}",
+        c.lease_keys()
+    );
     assert_eq!(c.nodes[2].subnet(), subnets[2]);
     let log = c.nodes[0].agent_log();
     assert!(
