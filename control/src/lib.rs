@@ -1,8 +1,9 @@
 //! Skiff's control plane: a Kubernetes-compatible apiserver stored in etcd,
 //! a scheduler and the controllers, all in one process (`skiff-control`).
 //!
-//! The apiserver speaks the upstream wire format (k8s-openapi types, JSON)
-//! so that kubectl, kube-rs and the Python client work unchanged; the
+//! The apiserver speaks the upstream wire format (k8s-openapi types, JSON;
+//! protobuf request bodies are read too) so that kubectl, kube-rs and the
+//! Python client work unchanged; the
 //! scheduler and controllers are ordinary kube-rs clients of it.
 
 pub mod alloc;
@@ -12,6 +13,7 @@ pub mod controllers;
 pub mod etcd;
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 pub mod resources;
 pub mod scheduler;
 pub mod selector;

@@ -56,6 +56,18 @@ fn set_default(obj: &mut Value, field: &str, value: Value) {
     }
 }
 
+/// Removes `field` when it holds Go's zero value. Non-pointer fields in the
+/// upstream Go types (a container's hostPort, a service port's nodePort)
+/// treat 0 as unset, and client-go's protobuf always writes them, so 0
+/// must mean "not given", not "port 0".
+fn drop_go_zero(obj: &mut Value, field: &str) {
+    if let Some(m) = obj.as_object_mut()
+        && m.get(field).is_some_and(|v| v == 0 || v == "")
+    {
+        m.remove(field);
+    }
+}
+
 fn obj_mut<'a>(v: &'a mut Value, field: &str) -> &'a mut Value {
     if !v.get(field).is_some_and(Value::is_object) {
         v[field] = json!({});
@@ -133,6 +145,7 @@ fn default_pod_spec(spec: &mut Value) {
             set_default(c, "resources", json!({}));
             if let Some(Value::Array(ports)) = c.get_mut("ports") {
                 for p in ports {
+                    drop_go_zero(p, "hostPort");
                     set_default(p, "protocol", json!("TCP"));
                 }
             }
@@ -143,6 +156,7 @@ fn default_pod_spec(spec: &mut Value) {
 fn default_service(spec: &mut Value) {
     set_default(spec, "type", json!("ClusterIP"));
     set_default(spec, "sessionAffinity", json!("None"));
+    drop_go_zero(spec, "healthCheckNodePort");
     if spec["sessionAffinity"] == "ClientIP" {
         let cfg = obj_mut(spec, "sessionAffinityConfig");
         let ip = obj_mut(cfg, "clientIP");
@@ -156,6 +170,8 @@ fn default_service(spec: &mut Value) {
     }
     if let Some(Value::Array(ports)) = spec.get_mut("ports") {
         for p in ports {
+            drop_go_zero(p, "nodePort");
+            drop_go_zero(p, "targetPort");
             set_default(p, "protocol", json!("TCP"));
             if let Some(port) = p.get("port").cloned() {
                 set_default(p, "targetPort", port);

@@ -279,6 +279,178 @@ fn get_pods_watch_sees_changes() {
     watch.terminate();
 }
 
+/// `kubectl create <kind>` and `kubectl drain` use client-go's typed
+/// clients, which send protobuf bodies: the objects must arrive whole,
+/// with Go's unset fields (hostPort 0, nodePort 0, empty timestamps) read
+/// as unset and pointer zeros (replicas 0) kept.
+#[test]
+fn imperative_kubectl_create_and_drain() {
+    let cp = ControlPlane::start(&["--node-monitor-grace-seconds", "3600"]);
+    cp.add_node("node-a", "", "4");
+    cp.add_node("node-b", "", "4");
+    let _nodes = HollowNodes::start(&cp, &["node-a", "node-b"]);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = cp.kubectl_ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+
+    cp.kubectl_ok(&["create", "namespace", "shop"]);
+    assert_eq!(
+        cp.jsonpath(&["namespace", "shop"], "{.status.phase}"),
+        "Active"
+    );
+    let shop = |args: &[&str]| {
+        let mut a = vec!["-n", "shop"];
+        a.extend(args);
+        cp.kubectl_ok(&a)
+    };
+    shop(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox:1.36",
+        "--replicas=4",
+        "--port=8080",
+    ]);
+    shop(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let d = json(&["-n", "shop", "get", "deployment", "web", "-o", "json"]);
+    assert_eq!(d["spec"]["replicas"], 4);
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        (c["name"].as_str(), c["image"].as_str()),
+        (Some("busybox"), Some("busybox:1.36"))
+    );
+    assert_eq!(
+        c["ports"],
+        serde_json::json!([{"containerPort": 8080, "protocol": "TCP"}]),
+        "hostPort 0 means no host port"
+    );
+    assert!(
+        d["spec"]["template"]["metadata"]["creationTimestamp"].is_null(),
+        "{d}"
+    );
+    assert_eq!(lines_with(&shop(&["get", "pods"]), "Running"), 4);
+
+    shop(&[
+        "create",
+        "deployment",
+        "idle",
+        "--image=busybox:1.36",
+        "--replicas=0",
+    ]);
+    assert_eq!(
+        cp.jsonpath(&["-n", "shop", "deployment", "idle"], "{.spec.replicas}"),
+        "0"
+    );
+
+    shop(&[
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=greeting=hello",
+        "--from-literal=empty=",
+    ]);
+    let cm = json(&["-n", "shop", "get", "configmap", "cfg", "-o", "json"]);
+    assert_eq!(
+        cm["data"],
+        serde_json::json!({"greeting": "hello", "empty": ""})
+    );
+
+    shop(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=password=s3cr3t!",
+    ]);
+    let password = shop(&[
+        "get",
+        "secret",
+        "creds",
+        "-o",
+        "go-template={{index .data \"password\" | base64decode}}",
+    ]);
+    assert_eq!(password, "s3cr3t!");
+    assert_eq!(
+        cp.jsonpath(&["-n", "shop", "secret", "creds"], "{.type}"),
+        "Opaque"
+    );
+
+    shop(&["create", "service", "clusterip", "web", "--tcp=80:8080"]);
+    let svc = json(&["-n", "shop", "get", "service", "web", "-o", "json"]);
+    let ip = svc["spec"]["clusterIP"].as_str().unwrap_or_default();
+    assert!(ip.starts_with("10."), "a ClusterIP is allocated: {svc}");
+    assert_eq!(
+        svc["spec"]["ports"],
+        serde_json::json!([{"name": "80-8080", "port": 80, "targetPort": 8080, "protocol": "TCP"}]),
+        "no nodePort on a ClusterIP service"
+    );
+    shop(&["create", "service", "nodeport", "web-np", "--tcp=80:8080"]);
+    let np: u32 = cp
+        .jsonpath(
+            &["-n", "shop", "service", "web-np"],
+            "{.spec.ports[0].nodePort}",
+        )
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        (30000..=32767).contains(&np),
+        "nodePort 0 means allocate one: {np}"
+    );
+    shop(&["create", "serviceaccount", "robot"]);
+    shop(&["get", "serviceaccount", "robot"]);
+
+    // drain: cordon, then an Eviction (protobuf) per pod; the Deployment
+    // puts the evicted pods back on the other node.
+    let out = cp.kubectl_ok(&["drain", "node-a", "--timeout=60s"]);
+    assert!(out.contains("node/node-a drained"), "{out}");
+    assert_eq!(
+        cp.jsonpath(&["node", "node-a"], "{.spec.unschedulable}"),
+        "true"
+    );
+    shop(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    wait_for("every web pod on node-b", Duration::from_secs(30), || {
+        let nodes = cp.jsonpath(
+            &["-n", "shop", "pods", "-l", "app=web"],
+            "{range .items[*]}{.spec.nodeName}{\" \"}{.status.phase}{\"\\n\"}{end}",
+        );
+        (nodes.lines().count() == 4 && nodes.lines().all(|l| l == "node-b Running")).then_some(())
+    });
+
+    // A protobuf body that is cut short is a 400 Status, and nothing is made.
+    let mut body = b"k8s\0\x0a\x0e\x0a\x02v1\x12\x09ConfigMap\x12\x40".to_vec();
+    body.extend_from_slice(b"\x0a\x05\x0a\x03bad");
+    let file = cp.dir.path.join("cut.pb");
+    std::fs::write(&file, &body).unwrap_or_else(|e| panic!("{e}"));
+    let out = cp
+        .curl(
+            Some(&cp.token()),
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/vnd.kubernetes.protobuf",
+                "--data-binary",
+                &format!("@{}", file.display()),
+                "-w",
+                "\n%{http_code}",
+                &format!("{}/api/v1/namespaces/shop/configmaps", cp.server),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (status, code) = out.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(code, "400", "{out}");
+    assert!(
+        status.contains("\"kind\":\"Status\"") && status.contains("protobuf"),
+        "{status}"
+    );
+    assert!(
+        cp.kubectl(&["-n", "shop", "get", "configmap", "bad"])
+            .is_err()
+    );
+}
+
 #[test]
 fn raw_api_bookmarks_deletecollection_and_field_selectors() {
     let cp = ControlPlane::start(&[]);

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod protobuf_schema;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -40,6 +42,17 @@ enum Cmd {
         /// Extra arguments for the benchmark (after --).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Write control/src/protobuf/schema.txt (Kubernetes protobuf field
+    /// numbers) from the k8s-pb and k8s-openapi sources in cargo's registry.
+    GenProtobufSchema {
+        /// k8s-pb's `src` directory (default: the newest in cargo's registry).
+        #[arg(long)]
+        k8s_pb: Option<PathBuf>,
+        /// k8s-openapi's `src/v1_NN` directory (default: the newest version
+        /// in the registry's k8s-openapi 0.29).
+        #[arg(long)]
+        k8s_openapi: Option<PathBuf>,
     },
 }
 
@@ -279,6 +292,10 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Test => test(),
+        Cmd::GenProtobufSchema {
+            k8s_pb,
+            k8s_openapi,
+        } => protobuf_schema::generate(&root(), k8s_pb, k8s_openapi),
         Cmd::Bench { what, args } => {
             setup()?;
             match what.as_str() {

@@ -265,21 +265,12 @@ impl Api {
             .unwrap_or("application/json")
             .to_string();
         let method = req.method().clone();
-        // Bodies are JSON (or YAML); a protobuf body is refused with 415,
-        // which makes client-go send the request again as JSON.
-        if matches!(method, Method::POST | Method::PUT)
-            && content_type.starts_with("application/vnd.kubernetes.protobuf")
-        {
-            return Err(ApiError::unsupported_media(
-                &content_type,
-                "application/json, application/yaml",
-            ));
-        }
         let w = objects::Write {
             dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
             strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),
         };
         let body = read_body(req).await?;
+        let parse = |body: &[u8]| parse_body(&content_type, body);
         let r = t.resource;
         let ns = t.namespace.as_deref();
         match (&method, t.name.as_deref(), t.sub.as_deref()) {
@@ -310,21 +301,32 @@ impl Api {
                 Ok(json_response(200, &obj))
             }
             (&Method::POST, None, None) => {
-                let obj = parse_json(&body)?;
+                let obj = parse(&body)?;
                 let created = self.create(r, ns, obj, w).await?;
                 Ok(json_response(201, &created))
             }
             (&Method::POST, Some(name), Some("binding")) if r.is("", "pods") => {
-                let obj = parse_json(&body)?;
+                let obj = parse(&body)?;
                 let status = self.bind(ns.unwrap_or_default(), name, &obj).await?;
                 Ok(json_response(201, &status))
             }
             (&Method::POST, Some(name), Some("eviction")) if r.is("", "pods") => {
-                let out = self.delete(r, ns, name, &Value::Null, &q).await?;
+                // An Eviction carries the DeleteOptions (`kubectl drain
+                // --grace-period`) for the pod's deletion.
+                let eviction = if body.is_empty() {
+                    Value::Null
+                } else {
+                    parse(&body)?
+                };
+                let opts = eviction
+                    .get("deleteOptions")
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let out = self.delete(r, ns, name, &opts, &q).await?;
                 Ok(json_response(201, &out))
             }
             (&Method::PUT, Some(name), sub) => {
-                let obj = parse_json(&body)?;
+                let obj = parse(&body)?;
                 let updated = self.update(r, ns, name, sub, obj, w).await?;
                 Ok(json_response(200, &updated))
             }
@@ -339,7 +341,7 @@ impl Api {
                 let opts = if body.is_empty() {
                     Value::Null
                 } else {
-                    parse_json(&body)?
+                    parse(&body)?
                 };
                 let out = self.delete(r, ns, name, &opts, &q).await?;
                 Ok(json_response(200, &out))
@@ -348,7 +350,7 @@ impl Api {
                 let opts = if body.is_empty() {
                     Value::Null
                 } else {
-                    parse_json(&body)?
+                    parse(&body)?
                 };
                 let out = self.delete_collection(r, ns, &opts, &q).await?;
                 Ok(json_response(200, &out))
@@ -356,6 +358,15 @@ impl Api {
             _ => Err(ApiError::method_not_allowed(method.as_str())),
         }
     }
+}
+
+/// A create, update or delete body: JSON, YAML, or client-go's protobuf.
+fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    if !content_type.starts_with("application/vnd.kubernetes.protobuf") {
+        return parse_json(body);
+    }
+    crate::protobuf::decode(body)
+        .map_err(|e| ApiError::bad_request(format!("the protobuf request body: {e}")))
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
