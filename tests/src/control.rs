@@ -304,8 +304,13 @@ impl HollowNodes {
                     }
                     let ip = format!("10.244.{}.{}", idx + 1, next_ip % 250 + 2);
                     next_ip += 1;
-                    let status = serde_json::json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
-                        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"}, {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "True"}],
+                    // As a kubelet does, conditions carry the time they turned.
+                    let now = k8s_openapi::jiff::Timestamp::now()
+                        .strftime("%Y-%m-%dT%H:%M:%SZ")
+                        .to_string();
+                    let cond = |ty: &str| serde_json::json!({"type": ty, "status": "True", "lastTransitionTime": now});
+                    let status = serde_json::json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1", "startTime": now,
+                        "conditions": [cond("PodScheduled"), cond("Initialized"), cond("ContainersReady"), cond("Ready")],
                         "containerStatuses": pod["spec"]["containers"].as_array().into_iter().flatten().map(|c| serde_json::json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": true, "restartCount": 0, "started": true, "state": {"running": {}}})).collect::<Vec<_>>()}});
                     let _ = kubectl(&[
                         "patch",

@@ -451,6 +451,90 @@ fn imperative_kubectl_create_and_drain() {
     );
 }
 
+/// minReadySeconds holds pods out of availableReplicas until they have
+/// been Ready that long; progressDeadlineSeconds turns a rollout that makes
+/// no progress into a failed one that `kubectl rollout status` reports,
+/// and a fixed template makes it progress again.
+#[test]
+fn min_ready_seconds_and_progress_deadline() {
+    let cp = ControlPlane::start(&["--node-monitor-grace-seconds", "3600"]);
+    cp.add_node("node-a", "", "4");
+    let _nodes = HollowNodes::start(&cp, &["node-a"]);
+    let deployment = |name: &str, extra: &str, pod_extra: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}}}\nspec:\n  replicas: 2\n{extra}  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n{pod_extra}      containers: [{{name: c, image: busybox:1.36}}]\n"
+        )
+    };
+    let counts = |name: &str| {
+        cp.jsonpath(
+            &["deployment", name],
+            "{.status.readyReplicas}/{.status.availableReplicas}",
+        )
+    };
+
+    cp.apply(&deployment("slow", "  minReadySeconds: 6\n", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for("both slow pods Ready", Duration::from_secs(20), || {
+        counts("slow").starts_with("2/").then_some(())
+    });
+    let early = counts("slow");
+    assert!(
+        early == "2/0" || early == "2/",
+        "Ready pods are not available before minReadySeconds: {early}"
+    );
+    assert_eq!(
+        cp.jsonpath(
+            &["rs", "-l", "app=slow"],
+            "{.items[0].status.availableReplicas}"
+        ),
+        "0"
+    );
+    // Available once they have been Ready for 6 s (the controllers look
+    // again when that time comes, not only at their resync).
+    wait_for("slow pods available", Duration::from_secs(20), || {
+        (counts("slow") == "2/2").then_some(())
+    });
+    cp.kubectl_ok(&["rollout", "status", "deployment/slow", "--timeout=10s"]);
+
+    // Pods that fit nowhere: no progress, so the deadline passes.
+    cp.apply(&deployment(
+        "stuck",
+        "  progressDeadlineSeconds: 3\n",
+        "      nodeSelector: {disk: none}\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let reason = wait_for("ProgressDeadlineExceeded", Duration::from_secs(30), || {
+        let r = cp.jsonpath(
+            &["deployment", "stuck"],
+            "{.status.conditions[?(@.type==\"Progressing\")].status} {.status.conditions[?(@.type==\"Progressing\")].reason}",
+        );
+        (r == "False ProgressDeadlineExceeded").then_some(r)
+    });
+    assert_eq!(reason, "False ProgressDeadlineExceeded");
+    let err = cp
+        .kubectl(&["rollout", "status", "deployment/stuck", "--timeout=20s"])
+        .expect_err("a timed-out rollout fails");
+    assert!(err.contains("exceeded its progress deadline"), "{err}");
+
+    // A template that fits makes a new ReplicaSet, which progresses.
+    cp.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "stuck",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]"#,
+    ]);
+    cp.kubectl_ok(&["rollout", "status", "deployment/stuck", "--timeout=30s"]);
+    assert_eq!(
+        cp.jsonpath(
+            &["deployment", "stuck"],
+            "{.status.conditions[?(@.type==\"Progressing\")].reason}"
+        ),
+        "NewReplicaSetAvailable"
+    );
+}
+
 #[test]
 fn raw_api_bookmarks_deletecollection_and_field_selectors() {
     let cp = ControlPlane::start(&[]);

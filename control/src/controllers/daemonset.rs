@@ -19,7 +19,9 @@ use tracing::{info, warn};
 
 use super::deployment::template_hash;
 use super::replicaset::{pod_from_template, pods_by_owner};
-use super::{is_active, is_ready, name_of, next_pass, ns_of, owner_ref, ready, reflect};
+use super::{
+    Wake, availability, is_active, is_ready, name_of, next_pass, ns_of, owner_ref, ready, reflect,
+};
 use crate::scheduler::{affinity_matches, selector_matches, untolerated_taint};
 
 const HASH_LABEL: &str = "controller-revision-hash";
@@ -50,6 +52,7 @@ pub async fn run(client: Client) {
     ready(&nodes).await;
     ready(&pods).await;
     let mut exp = super::replicaset::Expectations::default();
+    let mut wake = Wake::default();
     loop {
         next_pass("daemonset", &notify, Duration::from_secs(15)).await;
         let by_owner = pods_by_owner(&pods.state());
@@ -59,7 +62,9 @@ pub async fn run(client: Client) {
                 .get(ds.metadata.uid.as_deref().unwrap_or_default())
                 .cloned()
                 .unwrap_or_default();
-            reconcile(&client, &ds, &all_nodes, owned, &mut exp).await;
+            if let Some(left) = reconcile(&client, &ds, &all_nodes, owned, &mut exp).await {
+                wake.after(&notify, left);
+            }
         }
     }
 }
@@ -70,7 +75,7 @@ async fn reconcile(
     nodes: &[Arc<Node>],
     owned: Vec<Arc<Pod>>,
     exp: &mut super::replicaset::Expectations,
-) {
+) -> Option<Duration> {
     let (name, ns) = (name_of(&ds.metadata), ns_of(&ds.metadata));
     let uid = ds.metadata.uid.clone().unwrap_or_default();
     let spec = &ds.spec;
@@ -217,14 +222,33 @@ async fn reconcile(
         .iter()
         .filter(|p| p.metadata.labels.as_ref().and_then(|l| l.get(HASH_LABEL)) == Some(&hash))
         .count();
+    let min_ready = spec.min_ready_seconds.unwrap_or(0);
+    let now = jiff::Timestamp::now();
+    let mut recheck: Option<Duration> = None;
+    let available_n = eligible
+        .iter()
+        .filter(|n| {
+            on_node.get(*n).is_some_and(|ps| {
+                ps.iter().any(|p| match availability(p, min_ready, now) {
+                    (true, _) => true,
+                    (false, left) => {
+                        if let Some(l) = left {
+                            recheck = Some(recheck.map_or(l, |r: Duration| r.min(l)));
+                        }
+                        false
+                    }
+                })
+            })
+        })
+        .count();
     let misscheduled = on_node.keys().filter(|n| !eligible.contains(n)).count();
     let status = json!({
         "desiredNumberScheduled": eligible.len(),
         "currentNumberScheduled": scheduled,
         "numberMisscheduled": misscheduled,
         "numberReady": ready_n,
-        "numberAvailable": ready_n,
-        "numberUnavailable": eligible.len() - ready_n.min(eligible.len()),
+        "numberAvailable": available_n,
+        "numberUnavailable": eligible.len() - available_n.min(eligible.len()),
         "updatedNumberScheduled": updated,
         "observedGeneration": ds.metadata.generation,
     });
@@ -234,6 +258,7 @@ async fn reconcile(
         "currentNumberScheduled",
         "numberMisscheduled",
         "numberReady",
+        "numberAvailable",
         "updatedNumberScheduled",
         "observedGeneration",
     ]
@@ -243,4 +268,5 @@ async fn reconcile(
         let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
         super::write_status(&api, name, status).await;
     }
+    recheck
 }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{controller_of, name_of, next_pass, ns_of, owner_ref, ready, reflect};
+use super::{Wake, controller_of, name_of, next_pass, ns_of, owner_ref, ready, reflect};
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 pub const HASH_LABEL: &str = "pod-template-hash";
@@ -135,6 +135,7 @@ pub async fn run(client: Client) {
     let (rss, _b) = reflect(Api::<ReplicaSet>::all(client.clone()), notify.clone());
     ready(&deps).await;
     ready(&rss).await;
+    let mut wake = Wake::default();
     loop {
         next_pass("deployment", &notify, Duration::from_secs(10)).await;
         let all_rs = rss.state();
@@ -146,8 +147,12 @@ pub async fn run(client: Client) {
                 .map(|rs| (**rs).clone())
                 .collect();
             owned.sort_by_key(revision);
-            if let Err(e) = reconcile(&client, &d, owned).await {
-                warn!(deployment = %name_of(&d.metadata), error = %e, "reconcile failed");
+            match reconcile(&client, &d, owned).await {
+                Ok(Some(left)) => wake.after(&notify, left),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(deployment = %name_of(&d.metadata), error = %e, "reconcile failed");
+                }
             }
         }
     }
@@ -170,13 +175,15 @@ async fn scale(
     Ok(())
 }
 
+/// One pass over a Deployment; returns when to look again for a pending
+/// progress deadline.
 async fn reconcile(
     client: &Client,
     d: &Deployment,
     mut owned: Vec<ReplicaSet>,
-) -> Result<(), kube::Error> {
+) -> Result<Option<Duration>, kube::Error> {
     if d.metadata.deletion_timestamp.is_some() {
-        return Ok(());
+        return Ok(None);
     }
     let (name, ns) = (name_of(&d.metadata), ns_of(&d.metadata));
     let spec = &d.spec;
@@ -263,7 +270,7 @@ async fn reconcile(
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e),
         }
-        return Ok(());
+        return Ok(None);
     };
     let new = owned.remove(new_idx);
     let new_rev = revision(&new);
@@ -277,7 +284,19 @@ async fn reconcile(
                 &Patch::Merge(patch),
             )
             .await?;
-        return Ok(());
+        return Ok(None);
+    }
+    if new.spec.min_ready_seconds != spec.min_ready_seconds {
+        // minReadySeconds is not part of the template; the new ReplicaSet
+        // follows the Deployment's.
+        let patch = json!({"spec": {"minReadySeconds": spec.min_ready_seconds}});
+        rs_api
+            .patch(
+                name_of(&new.metadata),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await?;
     }
     let old = owned;
     if spec.paused != Some(true) {
@@ -356,7 +375,7 @@ async fn update_status(
     replicas: i32,
     unavailable: i32,
     new_rev: i64,
-) -> Result<(), kube::Error> {
+) -> Result<Option<Duration>, kube::Error> {
     let (name, ns) = (name_of(&d.metadata), ns_of(&d.metadata));
     let all = || old.iter().chain(std::iter::once(new));
     let total: i32 = all().map(|rs| status_of(rs).0).sum();
@@ -396,17 +415,19 @@ async fn update_status(
             "Deployment does not have minimum availability.",
         )
     };
-    let (p_reason, p_msg) = if complete {
-        (
-            "NewReplicaSetAvailable",
-            format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
-        )
-    } else {
-        (
-            "ReplicaSetUpdated",
-            format!("ReplicaSet \"{rs_name}\" is progressing."),
-        )
-    };
+    let old_total: i32 = old.iter().map(|rs| status_of(rs).0).sum();
+    let progressing = progressing(
+        d,
+        &rs_name,
+        Counts {
+            updated,
+            ready: ready_n,
+            available: avail,
+            old: old_total,
+        },
+        complete,
+        jiff::Timestamp::now(),
+    );
     let status = json!({
         "observedGeneration": d.metadata.generation,
         "replicas": total,
@@ -416,7 +437,7 @@ async fn update_status(
         "unavailableReplicas": (replicas - avail).max(0),
         "conditions": [
             {"type": "Available", "status": a_status, "reason": a_reason, "message": a_msg, "lastUpdateTime": now, "lastTransitionTime": keep_time("Available", a_status)},
-            {"type": "Progressing", "status": "True", "reason": p_reason, "message": p_msg, "lastUpdateTime": now, "lastTransitionTime": keep_time("Progressing", "True")},
+            {"type": "Progressing", "status": progressing.status, "reason": progressing.reason, "message": progressing.message, "lastUpdateTime": progressing.last_update, "lastTransitionTime": keep_time("Progressing", progressing.status)},
         ]
     });
     let cur = d.status.as_ref();
@@ -429,8 +450,9 @@ async fn update_status(
             && s.conditions.as_ref().is_some_and(|cs| {
                 cs.iter().any(|c| {
                     c.type_.as_deref() == Some("Progressing")
-                        && c.reason.as_deref() == Some(p_reason)
-                        && c.message.as_deref() == Some(p_msg.as_str())
+                        && c.status.as_deref() == Some(progressing.status)
+                        && c.reason.as_deref() == Some(progressing.reason)
+                        && c.message.as_deref() == Some(progressing.message.as_str())
                 }) && cs.iter().any(|c| {
                     c.type_.as_deref() == Some("Available") && c.status.as_deref() == Some(a_status)
                 })
@@ -456,7 +478,129 @@ async fn update_status(
         )
         .await?;
     }
-    Ok(())
+    Ok(progressing.deadline_in)
+}
+
+/// The counts a rollout's progress is judged by.
+#[derive(Clone, Copy)]
+struct Counts {
+    updated: i32,
+    ready: i32,
+    available: i32,
+    /// Pods of the old ReplicaSets.
+    old: i32,
+}
+
+/// The Progressing condition to write.
+struct Progressing {
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+    last_update: String,
+    /// Time left before progressDeadlineSeconds runs out, if it is running.
+    deadline_in: Option<Duration>,
+}
+
+/// Upstream's rules for the Progressing condition: a paused Deployment is
+/// Unknown; a finished rollout is True (NewReplicaSetAvailable); any
+/// progress (more updated, ready or available pods, fewer old ones, a new
+/// ReplicaSet, a new spec) is True (ReplicaSetUpdated) and restarts the
+/// clock; no progress for progressDeadlineSeconds since the last is False
+/// (ProgressDeadlineExceeded), which `kubectl rollout status` reports as a
+/// failed rollout.
+fn progressing(
+    d: &Deployment,
+    rs_name: &str,
+    now_counts: Counts,
+    complete: bool,
+    now: jiff::Timestamp,
+) -> Progressing {
+    let stamp = |t: jiff::Timestamp| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let status = d.status.as_ref();
+    let prev = status.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_.as_deref() == Some("Progressing"))
+    });
+    let prev_reason = prev.and_then(|c| c.reason.as_deref()).unwrap_or_default();
+    let prev_update = prev.and_then(|c| c.last_update_time.as_ref()).map(|t| t.0);
+    let moved = |last_update: String| Progressing {
+        status: "True",
+        reason: "ReplicaSetUpdated",
+        message: format!("ReplicaSet \"{rs_name}\" is progressing."),
+        last_update,
+        deadline_in: None,
+    };
+    if d.spec.paused == Some(true) {
+        return Progressing {
+            status: "Unknown",
+            reason: "DeploymentPaused",
+            message: "Deployment is paused".into(),
+            last_update: stamp(now),
+            deadline_in: None,
+        };
+    }
+    if complete {
+        return Progressing {
+            status: "True",
+            reason: "NewReplicaSetAvailable",
+            message: format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
+            last_update: prev_update
+                .filter(|_| prev_reason == "NewReplicaSetAvailable")
+                .map_or_else(|| stamp(now), stamp),
+            deadline_in: None,
+        };
+    }
+    let s = status.cloned().unwrap_or_default();
+    let prev_old = s.replicas.unwrap_or(0) - s.updated_replicas.unwrap_or(0);
+    let progressed = prev.is_none()
+        || prev_reason == "DeploymentPaused"
+        || prev_reason == "NewReplicaSetAvailable"
+        || !prev
+            .and_then(|c| c.message.as_deref())
+            .is_some_and(|m| m.contains(&format!("\"{rs_name}\"")))
+        || s.observed_generation != d.metadata.generation
+        || now_counts.updated > s.updated_replicas.unwrap_or(0)
+        || now_counts.ready > s.ready_replicas.unwrap_or(0)
+        || now_counts.available > s.available_replicas.unwrap_or(0)
+        || now_counts.old < prev_old;
+    let deadline = d
+        .spec
+        .progress_deadline_seconds
+        .filter(|s| *s > 0 && *s < i32::MAX);
+    if progressed {
+        let mut p = moved(stamp(now));
+        p.deadline_in = deadline.map(|s| Duration::from_secs(s.unsigned_abs().into()));
+        return p;
+    }
+    if prev_reason == "ProgressDeadlineExceeded" {
+        return Progressing {
+            status: "False",
+            reason: "ProgressDeadlineExceeded",
+            message: format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
+            last_update: prev_update.map_or_else(|| stamp(now), stamp),
+            deadline_in: None,
+        };
+    }
+    let since = prev_update.unwrap_or(now);
+    match deadline {
+        Some(secs) => {
+            let due = since + jiff::SignedDuration::from_secs(i64::from(secs));
+            if due <= now {
+                Progressing {
+                    status: "False",
+                    reason: "ProgressDeadlineExceeded",
+                    message: format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
+                    last_update: stamp(now),
+                    deadline_in: None,
+                }
+            } else {
+                let mut p = moved(stamp(since));
+                p.deadline_in = Some(now.duration_until(due).unsigned_abs());
+                p
+            }
+        }
+        None => moved(stamp(since)),
+    }
 }
 
 #[cfg(test)]
@@ -476,6 +620,44 @@ mod tests {
             resolve(Some(&IntOrString::Int(1)), Some(&IntOrString::Int(5)), 2),
             (1, 2)
         );
+    }
+
+    #[test]
+    fn progress_deadline() {
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "d", "generation": 2},
+            "spec": {"selector": {}, "template": {}, "progressDeadlineSeconds": 60},
+            "status": {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0,
+                "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+                    "message": "ReplicaSet \"d-1\" is progressing.", "lastUpdateTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .expect("deployment");
+        let same = Counts {
+            updated: 2,
+            ready: 0,
+            available: 0,
+            old: 0,
+        };
+        let at = |s: &str| s.parse::<jiff::Timestamp>().expect("time");
+        let p = progressing(&d, "d-1", same, false, at("2026-01-01T00:00:45Z"));
+        assert_eq!((p.status, p.reason), ("True", "ReplicaSetUpdated"));
+        assert_eq!(
+            p.last_update, "2026-01-01T00:00:00Z",
+            "no progress keeps the clock"
+        );
+        assert_eq!(p.deadline_in, Some(Duration::from_secs(15)));
+        let p = progressing(&d, "d-1", same, false, at("2026-01-01T00:01:01Z"));
+        assert_eq!((p.status, p.reason), ("False", "ProgressDeadlineExceeded"));
+        // A pod turning ready is progress: the clock restarts.
+        let more = Counts { ready: 1, ..same };
+        let p = progressing(&d, "d-1", more, false, at("2026-01-01T00:01:01Z"));
+        assert_eq!(
+            (p.status, p.last_update.as_str()),
+            ("True", "2026-01-01T00:01:01Z")
+        );
+        // A new ReplicaSet is progress too.
+        let p = progressing(&d, "d-2", same, false, at("2026-01-01T00:01:01Z"));
+        assert_eq!(p.status, "True");
     }
 
     #[test]

@@ -137,6 +137,64 @@ pub(crate) fn is_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Upstream's "available": Ready for at least `min_ready_seconds`. When
+/// the pod is Ready but not yet for long enough, the time left is given,
+/// so the controller can look again then.
+pub(crate) fn availability(
+    pod: &Pod,
+    min_ready_seconds: i32,
+    now: jiff::Timestamp,
+) -> (bool, Option<Duration>) {
+    if !is_ready(pod) {
+        return (false, None);
+    }
+    if min_ready_seconds <= 0 {
+        return (true, None);
+    }
+    let since = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0);
+    // Like upstream, a Ready condition with no transition time never
+    // counts as available for a non-zero minReadySeconds.
+    let Some(since) = since else {
+        return (false, None);
+    };
+    let due = since + jiff::SignedDuration::from_secs(i64::from(min_ready_seconds));
+    if due <= now {
+        (true, None)
+    } else {
+        let left = now.duration_until(due).unsigned_abs();
+        (false, Some(left))
+    }
+}
+
+/// Wakes a controller's pass at the earliest instant any reconcile asked
+/// for (a pod becoming available, a progress deadline).
+#[derive(Default)]
+pub(crate) struct Wake(Option<tokio::time::Instant>);
+
+impl Wake {
+    /// Arranges for `notify` to fire after `after`, unless an earlier wake
+    /// is already pending.
+    pub(crate) fn after(&mut self, notify: &Arc<Notify>, after: Duration) {
+        let at = tokio::time::Instant::now() + after + Duration::from_millis(20);
+        let now = tokio::time::Instant::now();
+        if self.0.is_some_and(|w| w > now && w <= at) {
+            return;
+        }
+        self.0 = Some(at);
+        let notify = notify.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            notify.notify_one();
+        });
+    }
+}
+
 pub(crate) fn name_of(meta: &ObjectMeta) -> &str {
     meta.name.as_deref().unwrap_or_default()
 }

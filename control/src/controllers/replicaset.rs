@@ -20,8 +20,8 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::{
-    controller_of, in_parallel, is_active, is_ready, name_of, next_pass, ns_of, owner_ref, ready,
-    reflect,
+    Wake, availability, controller_of, in_parallel, is_active, is_ready, name_of, next_pass, ns_of,
+    owner_ref, ready, reflect,
 };
 
 /// Pod creations and deletions made but not yet seen in the pod store,
@@ -129,6 +129,7 @@ pub async fn run(client: Client) {
     ready(&rss).await;
     ready(&pods).await;
     let mut expectations = Expectations::default();
+    let mut wake = Wake::default();
     loop {
         next_pass("replicaset", &notify, Duration::from_secs(10)).await;
         let by_owner = pods_by_owner(&pods.state());
@@ -137,12 +138,21 @@ pub async fn run(client: Client) {
                 .get(rs.metadata.uid.as_deref().unwrap_or_default())
                 .cloned()
                 .unwrap_or_default();
-            reconcile(&client, &rs, owned, &mut expectations).await;
+            if let Some(left) = reconcile(&client, &rs, owned, &mut expectations).await {
+                wake.after(&notify, left);
+            }
         }
     }
 }
 
-async fn reconcile(client: &Client, rs: &ReplicaSet, owned: Vec<Arc<Pod>>, exp: &mut Expectations) {
+/// One pass over a ReplicaSet; returns when to look again if a pod is
+/// Ready but not yet available (minReadySeconds).
+async fn reconcile(
+    client: &Client,
+    rs: &ReplicaSet,
+    owned: Vec<Arc<Pod>>,
+    exp: &mut Expectations,
+) -> Option<Duration> {
     let (name, ns) = (name_of(&rs.metadata), ns_of(&rs.metadata));
     let uid = rs.metadata.uid.clone().unwrap_or_default();
     let mut active: Vec<Arc<Pod>> = owned.iter().filter(|p| is_active(p)).cloned().collect();
@@ -151,7 +161,7 @@ async fn reconcile(client: &Client, rs: &ReplicaSet, owned: Vec<Arc<Pod>>, exp: 
     if rs.metadata.deletion_timestamp.is_none() && exp.satisfied(&uid, &owned) {
         if active.len() < want {
             let (Some(template), Some(owner)) = (rs.spec.template.as_ref(), owner_ref(rs)) else {
-                return;
+                return None;
             };
             let missing = want - active.len();
             let pod = pod_from_template(template, owner, ns, None);
@@ -206,22 +216,34 @@ async fn reconcile(client: &Client, rs: &ReplicaSet, owned: Vec<Arc<Pod>>, exp: 
     }
     let all_active: Vec<&Arc<Pod>> = owned.iter().filter(|p| is_active(p)).collect();
     let ready_n = all_active.iter().filter(|p| is_ready(p)).count();
+    let min_ready = rs.spec.min_ready_seconds.unwrap_or(0);
+    let now = jiff::Timestamp::now();
+    let mut available = 0;
+    let mut recheck: Option<Duration> = None;
+    for p in &all_active {
+        match availability(p, min_ready, now) {
+            (true, _) => available += 1,
+            (false, Some(left)) => recheck = Some(recheck.map_or(left, |r| r.min(left))),
+            (false, None) => {}
+        }
+    }
     let status = json!({
         "replicas": all_active.len(),
         "fullyLabeledReplicas": all_active.len(),
         "readyReplicas": ready_n,
-        "availableReplicas": ready_n,
+        "availableReplicas": available,
         "observedGeneration": rs.metadata.generation,
     });
     let cur = rs.status.as_ref();
     let same = cur.is_some_and(|s| {
         s.replicas as usize == all_active.len()
             && s.ready_replicas.unwrap_or(0) as usize == ready_n
-            && s.available_replicas.unwrap_or(0) as usize == ready_n
+            && s.available_replicas.unwrap_or(0) as usize == available
             && s.observed_generation == rs.metadata.generation
     });
     if !same {
         let api: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
         super::write_status(&api, name, status).await;
     }
+    recheck
 }
