@@ -418,7 +418,7 @@ async fn update_status(
     let old_total: i32 = old.iter().map(|rs| status_of(rs).0).sum();
     let progressing = progressing(
         d,
-        &rs_name,
+        rs_name,
         Counts {
             updated,
             ready: ready_n,
