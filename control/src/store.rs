@@ -22,6 +22,18 @@ pub struct Item {
     pub mod_revision: i64,
 }
 
+/// One range read of [`Store::page`].
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<Item>,
+    /// The revision the page was read at.
+    pub revision: i64,
+    /// The key to read the next page from, if there are more.
+    pub next: Option<Vec<u8>>,
+    /// Keys in the whole range from `from` (this page's included).
+    pub count: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("key {key} already exists")]
@@ -83,7 +95,7 @@ pub struct Store {
 const PAGE: i64 = 500;
 
 /// The first key after every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -141,37 +153,64 @@ impl Store {
         let mut at = revision;
         let mut items = Vec::new();
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if let Some(rev) = at {
-                opts = opts.with_revision(rev);
-            }
-            let resp = match self.kv().get(from.clone(), Some(opts)).await {
-                Ok(r) => r,
-                Err(e) if is_compacted(&e) => {
-                    return Err(StoreError::Compacted {
-                        requested: at.unwrap_or(0),
-                        compacted: 0,
-                    });
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if at.is_none() {
-                at = Some(resp.header().map_or(0, |h| h.revision()));
-            }
-            items.extend(resp.kvs().iter().map(|kv| Item {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-                mod_revision: kv.mod_revision(),
-            }));
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
+            let page = self.page(&from, &end, at, PAGE).await?;
+            at = Some(page.revision);
+            items.extend(page.items);
+            match page.next {
+                Some(next) => from = next,
+                None => break,
             }
         }
         Ok((items, at.unwrap_or(0)))
+    }
+
+    /// Up to `limit` keys in `[from, end)` at `revision` (latest when
+    /// `None`): one etcd range read.
+    pub async fn page(
+        &self,
+        from: &[u8],
+        end: &[u8],
+        revision: Option<i64>,
+        limit: i64,
+    ) -> Result<Page, StoreError> {
+        let mut opts = GetOptions::new().with_range(end.to_vec()).with_limit(limit);
+        if let Some(rev) = revision {
+            opts = opts.with_revision(rev);
+        }
+        let resp = match self.kv().get(from.to_vec(), Some(opts)).await {
+            Ok(r) => r,
+            Err(e) if is_compacted(&e) => {
+                return Err(StoreError::Compacted {
+                    requested: revision.unwrap_or(0),
+                    compacted: 0,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let revision = revision.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision()));
+        let items: Vec<Item> = resp
+            .kvs()
+            .iter()
+            .map(|kv| Item {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect();
+        let next = match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                let mut k = last.key().to_vec();
+                k.push(0);
+                Some(k)
+            }
+            _ => None,
+        };
+        Ok(Page {
+            items,
+            revision,
+            next,
+            count: resp.count(),
+        })
     }
 
     /// Keys only, for the allocators.

@@ -104,6 +104,36 @@ fn raw_line(ty: &str, object: &[u8]) -> Bytes {
     Bytes::from(v)
 }
 
+/// The continue token: base64 of `{"v","rv","start"}`, where `start` is
+/// the key to go on from, relative to the list's prefix (so a token only
+/// ever reads inside the list it came from).
+fn encode_continue(rev: i64, start: &str) -> String {
+    use base64::Engine;
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rev, "start": start});
+    base64::engine::general_purpose::URL_SAFE.encode(token.to_string())
+}
+
+fn decode_continue(token: &str) -> Result<(i64, String), ApiError> {
+    use base64::Engine;
+    let bad = |why: &str| ApiError::bad_request(format!("continue key is not valid: {why}"));
+    let raw = base64::engine::general_purpose::URL_SAFE
+        .decode(token)
+        .map_err(|_| bad("not base64"))?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad("not JSON"))?;
+    if v["v"] != "meta.k8s.io/v1" {
+        return Err(bad("unknown version"));
+    }
+    let rev = v["rv"]
+        .as_i64()
+        .filter(|r| *r > 0)
+        .ok_or_else(|| bad("no resource version"))?;
+    let start = v["start"].as_str().ok_or_else(|| bad("no start key"))?;
+    if start.starts_with('/') || start.split('/').any(|s| s == "..") {
+        return Err(bad("start key leaves the list"));
+    }
+    Ok((rev, start.to_string()))
+}
+
 fn list_kind(r: &Resource) -> String {
     format!("{}List", r.kind)
 }
@@ -145,6 +175,16 @@ impl Api {
         q: &HashMap<String, String>,
         as_table: bool,
     ) -> Result<Response<Body>, ApiError> {
+        let limit = match q.get("limit").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(l) => Some(l.parse::<usize>().map_err(|_| {
+                ApiError::bad_request(format!("limit {l:?} is not a non-negative integer"))
+            })?),
+        };
+        let cont = q.get("continue").filter(|c| !c.is_empty());
+        if limit.is_some() || cont.is_some() {
+            return self.list_chunk(r, ns, q, as_table, limit, cont).await;
+        }
         if !as_table
             && Filter::parse(r, q)?.is_empty()
             && q.get("resourceVersionMatch").is_none_or(|m| m != "Exact")
@@ -153,6 +193,105 @@ impl Api {
         }
         let (items, rev) = self.list_objects(r, ns, q).await?;
         let meta = json!({"resourceVersion": rev.to_string()});
+        if as_table {
+            let include = Include::parse(q.get("includeObject").map(String::as_str));
+            return Ok(json_response(200, &table::table(r, &items, meta, include)));
+        }
+        Ok(json_response(
+            200,
+            &json!({"kind": list_kind(r), "apiVersion": r.api_version(), "metadata": meta, "items": items}),
+        ))
+    }
+
+    /// One chunk of a list (`limit`, `continue`): at most `limit` matching
+    /// objects, read at the revision of the first chunk, with a continue
+    /// token for the rest and, without selectors, how many remain.
+    async fn list_chunk(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        q: &HashMap<String, String>,
+        as_table: bool,
+        limit: Option<usize>,
+        cont: Option<&String>,
+    ) -> Result<Response<Body>, ApiError> {
+        let filter = Filter::parse(r, q)?;
+        let prefix = r.prefix(ns);
+        let (start, mut at) = match cont {
+            Some(token) => {
+                if q.get("resourceVersion").is_some_and(|v| !v.is_empty()) {
+                    return Err(ApiError::bad_request(
+                        "specifying resource version is not allowed when using continue",
+                    ));
+                }
+                let (rev, rest) = decode_continue(token)?;
+                (format!("{prefix}{rest}").into_bytes(), Some(rev))
+            }
+            None => {
+                let exact = q.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
+                let rev = match q.get("resourceVersion") {
+                    Some(rv) if exact => Some(rv.parse::<i64>().map_err(|_| {
+                        ApiError::bad_request(format!("resourceVersion {rv:?} is not a number"))
+                    })?),
+                    _ => None,
+                };
+                (prefix.clone().into_bytes(), rev)
+            }
+        };
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let want = limit.unwrap_or(usize::MAX);
+        let mut from = start;
+        let mut items = Vec::new();
+        let mut total_from_start: Option<i64> = None;
+        // The key after the last object returned, when more may follow.
+        let mut resume: Option<String> = None;
+        'pages: loop {
+            let ask = if filter.is_empty() {
+                (want - items.len()).clamp(1, 500)
+            } else {
+                500
+            };
+            let page = self
+                .store
+                .page(&from, &end, at, ask as i64)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Compacted { .. } if cont.is_some() => ApiError::gone(
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    ),
+                    e => store_err(r, "", e),
+                })?;
+            at = Some(page.revision);
+            total_from_start.get_or_insert(page.count);
+            let n = page.items.len();
+            for (i, item) in page.items.iter().enumerate() {
+                let obj = decode_item(item)?;
+                if filter.matches(&obj) {
+                    items.push(obj);
+                }
+                if items.len() == want {
+                    if i + 1 < n || page.next.is_some() {
+                        resume = Some(format!("{}\0", item.key));
+                    }
+                    break 'pages;
+                }
+            }
+            match page.next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        let rev = at.unwrap_or(0);
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if let Some(key) = resume {
+            let rest = key.strip_prefix(&prefix).unwrap_or(&key);
+            meta["continue"] = json!(encode_continue(rev, rest));
+            if filter.is_empty()
+                && let Some(total) = total_from_start
+            {
+                meta["remainingItemCount"] = json!((total - items.len() as i64).max(0));
+            }
+        }
         if as_table {
             let include = Include::parse(q.get("includeObject").map(String::as_str));
             return Ok(json_response(200, &table::table(r, &items, meta, include)));
