@@ -29,6 +29,10 @@ pub struct Pki {
     pub cert_pem: String,
     pub key_pem: String,
     pub admin_token: String,
+    /// The client certificate the apiserver shows kubelets (container
+    /// logs), signed by the CA like upstream's kubelet-client certificate.
+    pub kubelet_client_cert_pem: String,
+    pub kubelet_client_key_pem: String,
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
@@ -100,6 +104,17 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<Pki, PkiError> {
     let serving_key = KeyPair::generate()?;
     let cert = params.signed_by(&serving_key, &issuer)?;
 
+    let mut client = CertificateParams::new(Vec::<String>::new())?;
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "skiff-apiserver-kubelet-client");
+    client
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
+    client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_key = KeyPair::generate()?;
+    let client_cert = client.signed_by(&client_key, &issuer)?;
+
     let token_path = dir.join("admin.token");
     let admin_token = match std::fs::read_to_string(&token_path) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
@@ -114,6 +129,8 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<Pki, PkiError> {
         cert_pem: cert.pem(),
         key_pem: serving_key.serialize_pem(),
         admin_token,
+        kubelet_client_cert_pem: client_cert.pem(),
+        kubelet_client_key_pem: client_key.serialize_pem(),
     })
 }
 

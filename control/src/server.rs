@@ -98,6 +98,10 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                 node_ports: cfg.node_ports,
                 tokens,
                 advertise,
+                kubelet_tls: Some(
+                    api::kubelet_tls(&pki.kubelet_client_cert_pem, &pki.kubelet_client_key_pem)
+                        .map_err(anyhow::Error::msg)?,
+                ),
             },
         );
         bootstrap(&api, advertise)

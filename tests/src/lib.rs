@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod cni;
 pub mod control;
+pub mod kubelet;
 pub mod netns;
 pub mod overlay;
 pub mod process;

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use skiff_tests::control::{ControlPlane, HollowNodes};
+use skiff_tests::kubelet::HollowKubelet;
 use skiff_tests::{Spawn, wait_for};
 
 const APP: &str = r#"
@@ -632,6 +633,107 @@ fn lists_come_in_chunks() {
         (gone["code"].as_i64(), gone["reason"].as_str()),
         (Some(410), Some("Expired")),
         "{gone}"
+    );
+}
+
+/// `kubectl logs` goes through the apiserver's `pods/log`, which proxies
+/// to the kubelet of the pod's node over TLS with its kubelet-client
+/// certificate, passes the options on and streams the answer back.
+#[test]
+fn kubectl_logs_through_the_node_kubelet() {
+    let cp = ControlPlane::start(&["--node-monitor-grace-seconds", "3600"]);
+    cp.add_node("node-a", "", "4");
+    let _nodes = HollowNodes::start(&cp, &["node-a"]);
+    let _kubelet = HollowKubelet::start(&cp, "node-a");
+    cp.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: one}\nspec:\n  containers: [{name: app, image: busybox:1.36}]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    cp.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: two}\nspec:\n  containers: [{name: web, image: busybox:1.36}, {name: side, image: busybox:1.36}]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for("both pods running", Duration::from_secs(20), || {
+        (lines_with(&cp.kubectl_ok(&["get", "pods"]), "Running") == 2).then_some(())
+    });
+
+    let out = cp.kubectl_ok(&["logs", "one"]);
+    assert_eq!(out.lines().count(), 5, "{out}");
+    assert_eq!(out.lines().next(), Some("line 1 from one/app"));
+    assert_eq!(
+        cp.kubectl_ok(&["logs", "one", "--tail=2"])
+            .lines()
+            .collect::<Vec<_>>(),
+        ["line 4 from one/app", "line 5 from one/app"]
+    );
+    let stamped = cp.kubectl_ok(&["logs", "one", "--tail=1", "--timestamps"]);
+    assert!(
+        stamped.starts_with("2026-01-01T00:00:05Z line 5"),
+        "{stamped}"
+    );
+    assert_eq!(
+        cp.kubectl_ok(&["logs", "two", "-c", "side", "--tail=1"])
+            .trim(),
+        "line 5 from two/side"
+    );
+    // kubectl picks the first container itself; the API asks for a name.
+    assert_eq!(
+        cp.kubectl_ok(&["logs", "two", "--tail=1"]).trim(),
+        "line 5 from two/web"
+    );
+    let url = format!("{}/api/v1/namespaces/default/pods/two/log", cp.server);
+    let raw = cp
+        .curl(Some(&cp.token()), &["-w", "\n%{http_code}", &url])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        raw.ends_with("\n400")
+            && raw.contains(
+                "a container name must be specified for pod two, choose one of: [web side]"
+            ),
+        "{raw}"
+    );
+    let err = cp
+        .kubectl(&["logs", "one", "-c", "nope"])
+        .expect_err("no such container");
+    assert!(
+        err.contains("container nope is not valid for pod one"),
+        "{err}"
+    );
+
+    // -f streams: lines written after the request arrive while it is open.
+    let mut follow = Spawn::new("kubectl")
+        .env("KUBECONFIG", &cp.kubeconfig.display().to_string())
+        .args(["logs", "-f", "one"])
+        .log_to(&cp.dir.path.join("follow.log"))
+        .start();
+    let seen = wait_for("followed lines", Duration::from_secs(15), || {
+        let text = follow.log_text();
+        text.contains("line 8 from one/app").then_some(text)
+    });
+    follow.kill_now();
+    assert!(
+        seen.contains("line 1 from one/app") && seen.contains("line 7 from one/app"),
+        "{seen}"
+    );
+
+    // A pod not yet on a node has no logs to give.
+    cp.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: nowhere}\nspec:\n  nodeSelector: {disk: none}\n  containers: [{name: c, image: busybox:1.36}]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = cp.kubectl(&["logs", "nowhere"]).expect_err("unscheduled");
+    assert!(
+        err.contains("pod nowhere does not have a host assigned"),
+        "{err}"
+    );
+
+    // Without the apiserver's client certificate the kubelet refuses.
+    let direct = Spawn::new("curl")
+        .args([
+            "-sk",
+            &format!(
+                "https://127.0.0.1:{}/containerLogs/default/one/app",
+                _kubelet.port
+            ),
+        ])
+        .try_output();
+    assert!(
+        direct.is_err() || !direct.as_deref().unwrap_or_default().contains("line 1"),
+        "{direct:?}"
     );
 }
 

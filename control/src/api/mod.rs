@@ -7,9 +7,11 @@
 //! else.
 
 mod discovery;
+mod logs;
 mod objects;
 mod watch;
 
+pub use logs::kubelet_tls;
 pub(crate) use objects::now as now_string;
 
 use std::collections::HashMap;
@@ -43,6 +45,8 @@ pub struct ApiConfig {
     pub tokens: HashMap<String, String>,
     /// The address clients are told to use (discovery's serverAddress).
     pub advertise: SocketAddr,
+    /// TLS (with the kubelet-client certificate) for `pods/log`.
+    pub kubelet_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 pub struct Api {
@@ -281,6 +285,9 @@ impl Api {
                 } else {
                     self.list(r, ns, &q, as_table).await
                 }
+            }
+            (&Method::GET, Some(name), Some("log")) if r.is("", "pods") => {
+                self.pod_log(ns.unwrap_or_default(), name, &q).await
             }
             (&Method::GET, Some(name), sub) => {
                 let obj = self.get_sub(r, ns, name, sub).await?;

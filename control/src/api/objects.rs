@@ -270,9 +270,6 @@ impl Api {
             None => Ok(obj),
             Some("status") if r.status => Ok(obj),
             Some("scale") if r.scale => Ok(scale_of(&obj)),
-            Some("log") if r.is("", "pods") => Err(ApiError::bad_request(format!(
-                "container logs of pod \"{name}\" are served by its node's kubelet, which has not reported any"
-            ))),
             _ => Err(ApiError::path_not_found(&format!(
                 "{}/{name}/{}",
                 r.plural,
