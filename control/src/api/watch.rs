@@ -134,6 +134,36 @@ fn decode_continue(token: &str) -> Result<(i64, String), ApiError> {
     Ok((rev, start.to_string()))
 }
 
+/// The revision `resourceVersionMatch=Exact` asks a list to be read at.
+fn exact_revision(q: &HashMap<String, String>) -> Result<Option<i64>, ApiError> {
+    let exact = q.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
+    match q.get("resourceVersion") {
+        Some(rv) if exact => rv
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("resourceVersion {rv:?} is not a number"))),
+        _ => Ok(None),
+    }
+}
+
+/// A list of `items` as a `<Kind>List`, or as a Table for `kubectl get`.
+fn list_response(
+    r: &Resource,
+    q: &HashMap<String, String>,
+    items: &[Value],
+    meta: Value,
+    as_table: bool,
+) -> Response<Body> {
+    if as_table {
+        let include = Include::parse(q.get("includeObject").map(String::as_str));
+        return json_response(200, &table::table(r, items, meta, include));
+    }
+    json_response(
+        200,
+        &json!({"kind": list_kind(r), "apiVersion": r.api_version(), "metadata": meta, "items": items}),
+    )
+}
+
 fn list_kind(r: &Resource) -> String {
     format!("{}List", r.kind)
 }
@@ -146,13 +176,7 @@ impl Api {
         q: &HashMap<String, String>,
     ) -> Result<(Vec<Value>, i64), ApiError> {
         let filter = Filter::parse(r, q)?;
-        let exact = q.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
-        let revision = match q.get("resourceVersion") {
-            Some(rv) if exact => Some(rv.parse::<i64>().map_err(|_| {
-                ApiError::bad_request(format!("resourceVersion {rv:?} is not a number"))
-            })?),
-            _ => None,
-        };
+        let revision = exact_revision(q)?;
         let (items, rev) = self
             .store
             .list(&r.prefix(ns), revision)
@@ -193,14 +217,7 @@ impl Api {
         }
         let (items, rev) = self.list_objects(r, ns, q).await?;
         let meta = json!({"resourceVersion": rev.to_string()});
-        if as_table {
-            let include = Include::parse(q.get("includeObject").map(String::as_str));
-            return Ok(json_response(200, &table::table(r, &items, meta, include)));
-        }
-        Ok(json_response(
-            200,
-            &json!({"kind": list_kind(r), "apiVersion": r.api_version(), "metadata": meta, "items": items}),
-        ))
+        Ok(list_response(r, q, &items, meta, as_table))
     }
 
     /// One chunk of a list (`limit`, `continue`): at most `limit` matching
@@ -227,16 +244,7 @@ impl Api {
                 let (rev, rest) = decode_continue(token)?;
                 (format!("{prefix}{rest}").into_bytes(), Some(rev))
             }
-            None => {
-                let exact = q.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
-                let rev = match q.get("resourceVersion") {
-                    Some(rv) if exact => Some(rv.parse::<i64>().map_err(|_| {
-                        ApiError::bad_request(format!("resourceVersion {rv:?} is not a number"))
-                    })?),
-                    _ => None,
-                };
-                (prefix.clone().into_bytes(), rev)
-            }
+            None => (prefix.clone().into_bytes(), exact_revision(q)?),
         };
         let end = crate::store::prefix_end(prefix.as_bytes());
         let want = limit.unwrap_or(usize::MAX);
@@ -292,14 +300,7 @@ impl Api {
                 meta["remainingItemCount"] = json!((total - items.len() as i64).max(0));
             }
         }
-        if as_table {
-            let include = Include::parse(q.get("includeObject").map(String::as_str));
-            return Ok(json_response(200, &table::table(r, &items, meta, include)));
-        }
-        Ok(json_response(
-            200,
-            &json!({"kind": list_kind(r), "apiVersion": r.api_version(), "metadata": meta, "items": items}),
-        ))
+        Ok(list_response(r, q, &items, meta, as_table))
     }
 
     /// A list without selectors, built from the stored bytes.

@@ -158,6 +158,20 @@ pub async fn run(client: Client) {
     }
 }
 
+async fn merge_patch(
+    api: &Api<ReplicaSet>,
+    rs: &ReplicaSet,
+    patch: Value,
+) -> Result<(), kube::Error> {
+    api.patch(
+        name_of(&rs.metadata),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await
+    .map(drop)
+}
+
 async fn scale(
     api: &Api<ReplicaSet>,
     rs: &ReplicaSet,
@@ -277,26 +291,14 @@ async fn reconcile(
     if new_rev < max_rev {
         // Rolled back to an older template: it becomes the newest revision.
         let patch = json!({"metadata": {"annotations": {REVISION: (max_rev + 1).to_string()}}});
-        rs_api
-            .patch(
-                name_of(&new.metadata),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await?;
+        merge_patch(&rs_api, &new, patch).await?;
         return Ok(None);
     }
     if new.spec.min_ready_seconds != spec.min_ready_seconds {
         // minReadySeconds is not part of the template; the new ReplicaSet
         // follows the Deployment's.
         let patch = json!({"spec": {"minReadySeconds": spec.min_ready_seconds}});
-        rs_api
-            .patch(
-                name_of(&new.metadata),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await?;
+        merge_patch(&rs_api, &new, patch).await?;
     }
     let old = owned;
     if spec.paused != Some(true) {

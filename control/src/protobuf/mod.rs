@@ -225,7 +225,7 @@ fn decode_message(
                     }
                 } else {
                     let v = value(schema, &f.ty, wire, &mut r).map_err(|e| err(e.to_string()))?;
-                    items.push(v.unwrap_or(Value::Null));
+                    items.push(v.unwrap_or_else(|| empty(&f.ty)));
                 }
             }
             Card::Map => {
@@ -247,17 +247,21 @@ fn decode_message(
                     .entry(f.json.clone())
                     .or_insert_with(|| Value::Object(Map::new()));
                 if let Value::Object(m) = entry {
-                    // An empty string value is still a value in a map.
-                    let v = val.unwrap_or_else(|| match f.ty.as_str() {
-                        "string" | "bytes" => Value::String(String::new()),
-                        _ => Value::Null,
-                    });
-                    m.insert(key, v);
+                    m.insert(key, val.unwrap_or_else(|| empty(&f.ty)));
                 }
             }
         }
     }
     Ok(())
+}
+
+/// What a list element or map value that `value` left out stands for: an
+/// empty string is still an element (`args: [""]`) or a value.
+fn empty(ty: &str) -> Value {
+    match ty {
+        "string" | "bytes" => Value::String(String::new()),
+        _ => Value::Null,
+    }
 }
 
 fn scalar_varint(ty: &str, v: u64) -> Value {

@@ -181,12 +181,13 @@ fn secrets_keep_bytes_as_base64_and_embedded_structs_inline() {
     let mut probe = W::default();
     probe.msg(1, &handler).int(2, 5);
     let mut container = W::default();
-    container.str(1, "c").msg(11, &probe);
+    container.str(1, "c").str(4, "").str(4, "-x").msg(11, &probe);
     let mut spec = W::default();
     spec.msg(2, &container);
     let mut pod = W::default();
     pod.msg(1, &meta("p")).msg(2, &spec);
     let got = decode(&envelope("v1", "Pod", &pod)).expect("pod");
+    assert_eq!(got["spec"]["containers"][0]["args"], json!(["", "-x"]));
     assert_eq!(
         got["spec"]["containers"][0]["readinessProbe"],
         json!({"tcpSocket": {"port": 80}, "initialDelaySeconds": 5})
