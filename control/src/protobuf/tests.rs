@@ -181,7 +181,11 @@ fn secrets_keep_bytes_as_base64_and_embedded_structs_inline() {
     let mut probe = W::default();
     probe.msg(1, &handler).int(2, 5);
     let mut container = W::default();
-    container.str(1, "c").str(4, "").str(4, "-x").msg(11, &probe);
+    container
+        .str(1, "c")
+        .str(4, "")
+        .str(4, "-x")
+        .msg(11, &probe);
     let mut spec = W::default();
     spec.msg(2, &container);
     let mut pod = W::default();
