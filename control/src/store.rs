@@ -12,7 +12,13 @@ use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
 };
-use futures::Stream;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::broadcast;
 
 /// One stored object as read.
 #[derive(Clone, Debug)]
@@ -88,6 +94,49 @@ mod tests {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    /// One shared etcd watch per resource (see [`Hub`]).
+    hubs: Arc<tokio::sync::Mutex<HashMap<String, Arc<Hub>>>>,
+}
+
+/// Changes a hub keeps for watches that start a little in the past (a
+/// list's revision, a reconnect).
+const HUB_BUFFER: usize = 2048;
+
+/// How often a hub asks etcd for progress, which becomes bookmarks.
+const HUB_PROGRESS: Duration = Duration::from_secs(5);
+
+/// One etcd watch on a resource (`/registry/<resource>/`) shared by every
+/// API watch of it, with the last changes kept in memory: a watch from a
+/// revision they cover is replayed from them and then fed live, so N
+/// watchers cost etcd one watch instead of N. A watch from further back
+/// gets an etcd watch of its own (and its 410 when compacted).
+struct Hub {
+    state: std::sync::Mutex<HubState>,
+}
+
+struct HubState {
+    /// Watches from `after >= floor` can be served.
+    floor: i64,
+    buffer: VecDeque<(i64, Arc<Change>)>,
+    tx: broadcast::Sender<Arc<Change>>,
+    alive: bool,
+}
+
+impl Change {
+    fn revision(&self) -> i64 {
+        match self {
+            Change::Put { item, .. } => item.mod_revision,
+            Change::Delete { revision, .. } | Change::Progress { revision } => *revision,
+        }
+    }
+}
+
+/// The resource root a watch prefix belongs to: `/registry/pods/` for
+/// `/registry/pods/default/`.
+fn hub_root(prefix: &str) -> Option<String> {
+    let rest = prefix.strip_prefix("/registry/")?;
+    let resource = rest.split('/').next().filter(|r| !r.is_empty())?;
+    Some(format!("/registry/{resource}/"))
 }
 
 /// Keys per range request: well under gRPC's 4 MiB message limit for
@@ -113,7 +162,10 @@ fn is_compacted(e: &etcd_client::Error) -> bool {
 impl Store {
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
         let client = Client::connect(endpoints, None).await?;
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            hubs: Arc::default(),
+        })
     }
 
     fn kv(&self) -> KvClient {
@@ -336,14 +388,75 @@ impl Store {
     }
 
     /// Changes under `prefix` after `after` (exclusive), in revision order,
-    /// with a `Progress` marker whenever `progress` ticks. Ends with
-    /// `Compacted` when `after` is older than etcd keeps.
+    /// with `Progress` markers (every `progress` tick, or every few seconds
+    /// from a shared hub). Fails with `Compacted` when `after` is older
+    /// than etcd keeps. The stream may end early (its hub went away or it
+    /// fell behind); the client then watches again from where it was.
     pub async fn watch(
         &self,
         prefix: &str,
         after: i64,
+        progress: tokio::time::Interval,
+    ) -> Result<ChangeStream, StoreError> {
+        self.check_not_compacted(prefix, after).await?;
+        if let Some(root) = hub_root(prefix) {
+            let hub = self.hub(&root).await?;
+            if let Some(s) = hub.subscribe(prefix, after) {
+                return Ok(s);
+            }
+        }
+        Ok(Box::pin(self.etcd_watch(prefix, after, progress).await?))
+    }
+
+    /// `Compacted` when etcd no longer has the revisions after `after`.
+    async fn check_not_compacted(&self, prefix: &str, after: i64) -> Result<(), StoreError> {
+        let opts = GetOptions::new()
+            .with_revision(after + 1)
+            .with_limit(1)
+            .with_keys_only();
+        match self.kv().get(prefix, Some(opts)).await {
+            Err(e) if is_compacted(&e) => Err(StoreError::Compacted {
+                requested: after,
+                compacted: 0,
+            }),
+            // A revision not written yet (a watch from now) is fine.
+            _ => Ok(()),
+        }
+    }
+
+    /// The hub of `root`, started on first use or after the last one ended.
+    async fn hub(&self, root: &str) -> Result<Arc<Hub>, StoreError> {
+        let mut hubs = self.hubs.lock().await;
+        if let Some(h) = hubs.get(root)
+            && h.alive()
+        {
+            return Ok(h.clone());
+        }
+        let floor = self.revision().await?;
+        let changes = self
+            .etcd_watch(root, floor, tokio::time::interval(HUB_PROGRESS))
+            .await?;
+        let (tx, _) = broadcast::channel(HUB_BUFFER);
+        let hub = Arc::new(Hub {
+            state: std::sync::Mutex::new(HubState {
+                floor,
+                buffer: VecDeque::with_capacity(64),
+                tx,
+                alive: true,
+            }),
+        });
+        tokio::spawn(hub.clone().feed(Box::pin(changes), root.to_string()));
+        hubs.insert(root.to_string(), hub.clone());
+        Ok(hub)
+    }
+
+    /// An etcd watch of this caller's own.
+    async fn etcd_watch(
+        &self,
+        prefix: &str,
+        after: i64,
         mut progress: tokio::time::Interval,
-    ) -> Result<impl Stream<Item = Result<Change, StoreError>> + use<>, StoreError> {
+    ) -> Result<impl Stream<Item = Result<Change, StoreError>> + Send + use<>, StoreError> {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_prev_key()
@@ -402,6 +515,89 @@ impl Store {
                 }
             }
         }))
+    }
+}
+
+/// The changes of one watch.
+pub type ChangeStream = Pin<Box<dyn Stream<Item = Result<Change, StoreError>> + Send>>;
+
+impl Hub {
+    fn alive(&self) -> bool {
+        self.state.lock().is_ok_and(|s| s.alive)
+    }
+
+    /// Moves the etcd watch's changes into the buffer and out to every
+    /// subscriber, until the watch fails; then the hub is dead and its
+    /// subscribers' streams end.
+    async fn feed(self: Arc<Self>, mut changes: ChangeStream, root: String) {
+        while let Some(c) = changes.next().await {
+            let Ok(c) = c else {
+                break;
+            };
+            let Ok(mut st) = self.state.lock() else {
+                break;
+            };
+            let c = Arc::new(c);
+            if !matches!(*c, Change::Progress { .. }) {
+                if st.buffer.len() >= HUB_BUFFER
+                    && let Some((rev, _)) = st.buffer.pop_front()
+                {
+                    st.floor = rev;
+                }
+                st.buffer.push_back((c.revision(), c.clone()));
+            }
+            // No subscriber is not an error.
+            let _ = st.tx.send(c);
+        }
+        tracing::debug!(root, "shared watch ended");
+        if let Ok(mut st) = self.state.lock() {
+            st.alive = false;
+            st.buffer.clear();
+            // Dropping the sender ends every subscriber.
+            let (tx, _) = broadcast::channel(1);
+            st.tx = tx;
+        }
+    }
+
+    /// The changes under `prefix` after `after`, if this hub covers them.
+    fn subscribe(&self, prefix: &str, after: i64) -> Option<ChangeStream> {
+        let (replay, rx) = {
+            let st = self.state.lock().ok()?;
+            if !st.alive || after < st.floor {
+                return None;
+            }
+            // Subscribed and copied under one lock: nothing is missed
+            // between the buffer and the live feed, and nothing is seen twice.
+            let rx = st.tx.subscribe();
+            let replay: Vec<Arc<Change>> = st
+                .buffer
+                .iter()
+                .filter(|(rev, _)| *rev > after)
+                .map(|(_, c)| c.clone())
+                .collect();
+            (replay, rx)
+        };
+        let prefix = prefix.to_string();
+        let mine = move |c: &Change| match c {
+            Change::Put { item, .. } => item.key.starts_with(&prefix),
+            Change::Delete { last, .. } => last.key.starts_with(&prefix),
+            Change::Progress { revision } => *revision >= after,
+        };
+        // A subscriber that falls behind (Lagged) or outlives its hub
+        // (Closed) ends, and its client watches again from where it was.
+        let live =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.ok().map(|c| (c, rx)) },
+            );
+        let stream = futures::stream::iter(replay)
+            .chain(live)
+            .filter(move |c| {
+                std::future::ready(c.revision() > after || matches!(**c, Change::Progress { .. }))
+            })
+            .filter(move |c| std::future::ready(mine(c)))
+            .map(|c| Ok((*c).clone()));
+        Some(Box::pin(stream))
     }
 }
 

@@ -737,6 +737,86 @@ fn kubectl_logs_through_the_node_kubelet() {
     );
 }
 
+/// Watches of one resource share one etcd watch: more watchers add no
+/// etcd watchers, every one of them sees each change, and a watch from a
+/// recent revision is replayed from memory.
+#[test]
+fn watches_share_one_etcd_watch() {
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token();
+    let etcd_watchers = || -> i64 {
+        let out = Spawn::new("curl")
+            .args(["-s", &format!("{}/metrics", cp.etcd.url)])
+            .try_output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        out.lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as i64)
+            .unwrap_or_else(|| panic!("no watcher count in etcd's metrics"))
+    };
+    let url = format!(
+        "{}/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=30",
+        cp.server
+    );
+    let watch = |n: usize| {
+        let log = cp.dir.path.join(format!("watch-{n}.log"));
+        let p = Spawn::new("curl")
+            .args([
+                "-sN",
+                "--cacert",
+                &cp.ca_file().display().to_string(),
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                &url,
+            ])
+            .log_to(&log)
+            .start();
+        (p, log)
+    };
+    let mut watches = vec![watch(0)];
+    std::thread::sleep(Duration::from_secs(1));
+    let one = etcd_watchers();
+    watches.extend((1..8).map(watch));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        etcd_watchers(),
+        one,
+        "seven more API watches, no more etcd watchers"
+    );
+
+    let before = cp.etcd.revision();
+    cp.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shared}\ndata: {k: v}\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (_, log) in &watches {
+        wait_for(
+            "every watcher to see the change",
+            Duration::from_secs(10),
+            || {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                (text.contains("\"type\":\"ADDED\"") && text.contains("\"name\":\"shared\""))
+                    .then_some(())
+            },
+        );
+    }
+    for (p, _) in &mut watches {
+        p.kill_now();
+    }
+    let replay = cp
+        .curl(
+            Some(&token),
+            &[&format!(
+                "{}/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=1&resourceVersion={before}",
+                cp.server
+            )],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        replay.contains("\"type\":\"ADDED\"") && replay.contains("\"name\":\"shared\""),
+        "{replay}"
+    );
+}
+
 #[test]
 fn raw_api_bookmarks_deletecollection_and_field_selectors() {
     let cp = ControlPlane::start(&[]);
