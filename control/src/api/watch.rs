@@ -1,12 +1,14 @@
 //! Lists and watches.
 //!
-//! A list is one etcd range read; its `resourceVersion` is the revision it
-//! was read at, so a watch from there starts right after it. A watch is one
-//! etcd watch on the resource's prefix, with the previous value of every
-//! change so that selectors see an object leave (`DELETED`) or enter
-//! (`ADDED`) the selection as the upstream apiserver reports it. A watch
-//! from a compacted revision ends with an `ERROR` event carrying
-//! 410 Expired, which clients answer by listing again.
+//! A list is one etcd range read (or, with `limit`, a few, at one
+//! revision); its `resourceVersion` is the revision it was read at, so a
+//! watch from there starts right after it. Watches read the store's change
+//! stream for the resource's prefix (one etcd watch shared by all of them,
+//! see `store::Hub`), with the previous value of every change so that
+//! selectors see an object leave (`DELETED`) or enter (`ADDED`) the
+//! selection as the upstream apiserver reports it. A watch from a
+//! compacted revision ends with an `ERROR` event carrying 410 Expired,
+//! which clients answer by listing again.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
