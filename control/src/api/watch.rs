@@ -136,6 +136,36 @@ fn decode_continue(token: &str) -> Result<(i64, String), ApiError> {
     Ok((rev, start.to_string()))
 }
 
+/// A `<Kind>List` of stored objects, built from their bytes.
+fn raw_list(
+    r: &Resource,
+    items: &[crate::store::Item],
+    meta: &Value,
+) -> Result<Response<Body>, ApiError> {
+    let head = format!(
+        "{{\"kind\":\"{}\",\"apiVersion\":\"{}\",\"metadata\":{meta},\"items\":[",
+        list_kind(r),
+        r.api_version()
+    );
+    let mut out = Vec::with_capacity(
+        head.len() + items.iter().map(|i| i.value.len() + 32).sum::<usize>() + 2,
+    );
+    out.extend_from_slice(head.as_bytes());
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        match raw_with_rv(&item.value, item.mod_revision) {
+            Some(bytes) => out.extend_from_slice(&bytes),
+            None => {
+                out.extend_from_slice(&serde_json::to_vec(&decode_item(item)?).unwrap_or_default())
+            }
+        }
+    }
+    out.extend_from_slice(b"]}");
+    Ok(super::bytes_response(200, out))
+}
+
 /// The revision `resourceVersionMatch=Exact` asks a list to be read at.
 fn exact_revision(q: &HashMap<String, String>) -> Result<Option<i64>, ApiError> {
     let exact = q.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
@@ -250,14 +280,17 @@ impl Api {
         };
         let end = crate::store::prefix_end(prefix.as_bytes());
         let want = limit.unwrap_or(usize::MAX);
+        // No selector and no table: the stored bytes go out unparsed.
+        let raw = filter.is_empty() && !as_table;
         let mut from = start;
         let mut items = Vec::new();
+        let mut stored = Vec::new();
         let mut total_from_start: Option<i64> = None;
         // The key after the last object returned, when more may follow.
         let mut resume: Option<String> = None;
         'pages: loop {
             let ask = if filter.is_empty() {
-                (want - items.len()).clamp(1, 500)
+                (want - items.len() - stored.len()).clamp(1, 500)
             } else {
                 500
             };
@@ -274,15 +307,22 @@ impl Api {
             at = Some(page.revision);
             total_from_start.get_or_insert(page.count);
             let n = page.items.len();
-            for (i, item) in page.items.iter().enumerate() {
-                let obj = decode_item(item)?;
-                if filter.matches(&obj) {
-                    items.push(obj);
-                }
-                if items.len() == want {
-                    if i + 1 < n || page.next.is_some() {
-                        resume = Some(format!("{}\0", item.key));
+            for (i, item) in page.items.into_iter().enumerate() {
+                let key = if i + 1 < n || page.next.is_some() {
+                    Some(format!("{}\0", item.key))
+                } else {
+                    None
+                };
+                if raw {
+                    stored.push(item);
+                } else {
+                    let obj = decode_item(&item)?;
+                    if filter.matches(&obj) {
+                        items.push(obj);
                     }
+                }
+                if items.len() + stored.len() == want {
+                    resume = key;
                     break 'pages;
                 }
             }
@@ -299,8 +339,12 @@ impl Api {
             if filter.is_empty()
                 && let Some(total) = total_from_start
             {
-                meta["remainingItemCount"] = json!((total - items.len() as i64).max(0));
+                meta["remainingItemCount"] =
+                    json!((total - (items.len() + stored.len()) as i64).max(0));
             }
+        }
+        if raw {
+            return raw_list(r, &stored, &meta);
         }
         Ok(list_response(r, q, &items, meta, as_table))
     }
@@ -312,28 +356,7 @@ impl Api {
             .list(&r.prefix(ns), None)
             .await
             .map_err(|e| store_err(r, "", e))?;
-        let head = format!(
-            "{{\"kind\":\"{}\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{rev}\"}},\"items\":[",
-            list_kind(r),
-            r.api_version()
-        );
-        let mut out = Vec::with_capacity(
-            head.len() + items.iter().map(|i| i.value.len() + 32).sum::<usize>() + 2,
-        );
-        out.extend_from_slice(head.as_bytes());
-        for (n, item) in items.iter().enumerate() {
-            if n > 0 {
-                out.push(b',');
-            }
-            match raw_with_rv(&item.value, item.mod_revision) {
-                Some(bytes) => out.extend_from_slice(&bytes),
-                None => out.extend_from_slice(
-                    &serde_json::to_vec(&decode_item(item)?).unwrap_or_default(),
-                ),
-            }
-        }
-        out.extend_from_slice(b"]}");
-        Ok(super::bytes_response(200, out))
+        raw_list(r, &items, &json!({"resourceVersion": rev.to_string()}))
     }
 
     pub(crate) async fn watch(
