@@ -85,13 +85,7 @@ impl ServerCertVerifier for AnyKubeletCert {
 
 /// The TLS client configuration for talking to kubelets.
 pub fn kubelet_tls(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::PrivateKeyDer;
-    use rustls::pki_types::pem::PemObject;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("kubelet client certificate: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("kubelet client key: {e}"))?;
+    let (certs, key) = super::cert_and_key(cert_pem, key_pem, "kubelet client")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

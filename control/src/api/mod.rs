@@ -431,14 +431,31 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, api: A
 }
 
 /// The rustls server configuration for the serving certificate.
-pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+/// A PEM certificate chain and its key, for rustls; `what` names them in
+/// errors.
+pub(crate) fn cert_and_key(
+    cert_pem: &str,
+    key_pem: &str,
+    what: &str,
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("serving certificate: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} certificate: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("serving key: {e}"))?;
+        .map_err(|e| format!("{what} key: {e}"))?;
+    Ok((certs, key))
+}
+
+pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    let (certs, key) = cert_and_key(cert_pem, key_pem, "serving")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -552,19 +552,32 @@ fn progressing(
             deadline_in: None,
         };
     }
-    let s = status.cloned().unwrap_or_default();
-    let prev_old = s.replicas.unwrap_or(0) - s.updated_replicas.unwrap_or(0);
+    // The counts at the last status write.
+    let was = status.map_or(
+        Counts {
+            updated: 0,
+            ready: 0,
+            available: 0,
+            old: 0,
+        },
+        |s| Counts {
+            updated: s.updated_replicas.unwrap_or(0),
+            ready: s.ready_replicas.unwrap_or(0),
+            available: s.available_replicas.unwrap_or(0),
+            old: s.replicas.unwrap_or(0) - s.updated_replicas.unwrap_or(0),
+        },
+    );
     let progressed = prev.is_none()
         || prev_reason == "DeploymentPaused"
         || prev_reason == "NewReplicaSetAvailable"
         || !prev
             .and_then(|c| c.message.as_deref())
             .is_some_and(|m| m.contains(&format!("\"{rs_name}\"")))
-        || s.observed_generation != d.metadata.generation
-        || now_counts.updated > s.updated_replicas.unwrap_or(0)
-        || now_counts.ready > s.ready_replicas.unwrap_or(0)
-        || now_counts.available > s.available_replicas.unwrap_or(0)
-        || now_counts.old < prev_old;
+        || status.and_then(|s| s.observed_generation) != d.metadata.generation
+        || now_counts.updated > was.updated
+        || now_counts.ready > was.ready
+        || now_counts.available > was.available
+        || now_counts.old < was.old;
     let deadline = d
         .spec
         .progress_deadline_seconds
