@@ -5,7 +5,7 @@
 //! decided in one place, the way the upstream apiserver's `errors` package
 //! does it.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// One invalid field, reported in `details.causes`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,39 +220,114 @@ impl ApiError {
         Self::new(503, "ServiceUnavailable", message)
     }
 
-    pub fn to_status(&self) -> Value {
-        let mut status = json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.message,
-            "reason": self.reason,
-            "code": self.code,
-        });
+    pub fn to_status(&self) -> Status {
         let d = &self.details;
-        if d.kind.is_some() || !d.causes.is_empty() {
-            let causes: Vec<Value> = d
+        let details = (d.kind.is_some() || !d.causes.is_empty()).then(|| StatusDetails {
+            name: d.name.clone(),
+            group: d.group.clone().filter(|g| !g.is_empty()),
+            kind: d.kind.clone(),
+            uid: None,
+            causes: d
                 .causes
                 .iter()
-                .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
-                .collect();
-            let mut details = json!({});
-            if let Some(name) = &d.name {
-                details["name"] = json!(name);
-            }
-            if let Some(group) = d.group.as_deref().filter(|g| !g.is_empty()) {
-                details["group"] = json!(group);
-            }
-            if let Some(kind) = &d.kind {
-                details["kind"] = json!(kind);
-            }
-            if !causes.is_empty() {
-                details["causes"] = Value::Array(causes);
-            }
-            status["details"] = details;
+                .map(|c| StatusCause {
+                    reason: c.reason,
+                    message: c.message.clone(),
+                    field: c.field.clone(),
+                })
+                .collect(),
+        });
+        Status {
+            status: "Failure",
+            message: Some(self.message.clone()),
+            reason: Some(self.reason),
+            details,
+            code: Some(self.code),
+            ..Status::default()
         }
-        status
+    }
+}
+
+/// A `Status` object, its fields in the order upstream's encoder writes
+/// them (Go's struct order: kind, apiVersion, metadata, status, message,
+/// reason, details, code), so that clients comparing bodies as text (the
+/// Python client's own e2e suite does) see what a real apiserver sends.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    kind: &'static str,
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    metadata: serde_json::Map<String, Value>,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<StatusDetails>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<u16>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            kind: "Status",
+            api_version: "v1",
+            metadata: serde_json::Map::new(),
+            status: "Success",
+            message: None,
+            reason: None,
+            details: None,
+            code: None,
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct StatusDetails {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    causes: Vec<StatusCause>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct StatusCause {
+    reason: &'static str,
+    message: String,
+    field: String,
+}
+
+impl Status {
+    /// The body as upstream writes it: JSON in field order, then a newline.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec(self).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    /// The same as a JSON value (its key order is lost).
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// `Success` with an HTTP code (201 for a binding or an eviction).
+    pub fn success_with_code(code: u16) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::default()
+        }
+    }
+
+    pub fn code(&self) -> u16 {
+        self.code.unwrap_or(200)
     }
 }
 
@@ -265,13 +340,19 @@ fn qualified(group: &str, plural: &str) -> String {
 }
 
 /// The `Status` of a successful delete, as the upstream apiserver answers
-/// when the object is gone at once.
-pub fn success(group: &str, plural: &str, name: &str, uid: &str) -> Value {
-    let mut details = json!({"name": name, "kind": plural, "uid": uid});
-    if !group.is_empty() {
-        details["group"] = json!(group);
+/// when the object is gone at once and its kind does not return the
+/// deleted object (`details.kind` is the resource, as upstream sets it).
+pub fn success(group: &str, plural: &str, name: &str, uid: &str) -> Status {
+    Status {
+        details: Some(StatusDetails {
+            name: Some(name.to_string()),
+            group: (!group.is_empty()).then(|| group.to_string()),
+            kind: Some(plural.to_string()),
+            uid: Some(uid.to_string()),
+            causes: Vec::new(),
+        }),
+        ..Status::default()
     }
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details})
 }
 
 #[cfg(test)]
@@ -290,7 +371,7 @@ mod tests {
                 "must be greater than or equal to 0",
             )],
         );
-        let s = e.to_status();
+        let s = e.to_status().to_value();
         assert_eq!(s["code"], 422);
         assert_eq!(s["details"]["causes"][0]["field"], "spec.replicas");
         assert!(
@@ -303,8 +384,26 @@ mod tests {
 
     #[test]
     fn not_found_qualifies_group() {
-        let s = ApiError::not_found("apps", "deployments", "x").to_status();
+        let s = ApiError::not_found("apps", "deployments", "x")
+            .to_status()
+            .to_value();
         assert_eq!(s["message"], "deployments.apps \"x\" not found");
         assert_eq!(s["details"]["group"], "apps");
+    }
+
+    #[test]
+    fn status_fields_come_in_upstream_order() {
+        let body = ApiError::not_found("apps", "deployments", "x")
+            .to_status()
+            .to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Failure\",\"message\":\"deployments.apps \\\"x\\\" not found\",\"reason\":\"NotFound\",\"details\":{\"name\":\"x\",\"group\":\"apps\",\"kind\":\"deployments\"},\"code\":404}\n"
+        );
+        let ok = success("", "configmaps", "a", "u-1").to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&ok),
+            "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Success\",\"details\":{\"name\":\"a\",\"kind\":\"configmaps\",\"uid\":\"u-1\"}}\n"
+        );
     }
 }

@@ -1287,3 +1287,135 @@ fn one_command_control_plane_manages_its_own_etcd() {
         || (!std::path::Path::new(&format!("/proc/{etcd_pid}")).exists()).then_some(()),
     );
 }
+
+/// Pids of processes running etcd on `data_dir` (exact argument match).
+fn etcds_on(data_dir: &std::path::Path) -> Vec<i32> {
+    let arg = format!("--data-dir={}", data_dir.display());
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let zombie = stat
+                        .rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+                    !zombie
+                        && std::fs::read(format!("/proc/{pid}/cmdline"))
+                            .map(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+                            .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn control_plane_killed_with_sigkill_comes_back_with_its_data() {
+    let dir = skiff_tests::TempDir::new();
+    let data_dir = dir.path.join("etcd");
+    let port = skiff_tests::control::free_port();
+    let start = |log: &str| {
+        Spawn::new(skiff_tests::bin("skiff-control"))
+            .args([
+                "--data-dir",
+                &dir.path.display().to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .log_to(&dir.path.join(log))
+            .start()
+    };
+    let kubeconfig = dir.path.join("admin.kubeconfig");
+    let kubectl = |args: &[&str]| {
+        Spawn::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig.display().to_string())
+            .args(["--request-timeout=5s"])
+            .args(args)
+            .try_output()
+    };
+    let mut cp = start("control-1.log");
+    wait_for("the apiserver", Duration::from_secs(30), || {
+        kubectl(&["get", "namespaces"]).ok()
+    });
+    let out = kubectl(&["create", "configmap", "a", "--from-literal=a=1"]);
+    assert!(out.is_ok(), "{out:?}");
+    assert_eq!(etcds_on(&data_dir).len(), 1, "one local etcd runs");
+
+    // A crash: no chance to stop etcd. It must go with its parent.
+    cp.kill_now();
+    wait_for(
+        "the local etcd to die with its SIGKILLed parent",
+        Duration::from_secs(15),
+        || etcds_on(&data_dir).is_empty().then_some(()),
+    );
+
+    let _cp = start("control-2.log");
+    let value = wait_for(
+        "the configmap after the restart",
+        Duration::from_secs(30),
+        || kubectl(&["get", "configmap", "a", "-o", "jsonpath={.data.a}"]).ok(),
+    );
+    assert_eq!(value, "1");
+    assert_eq!(etcds_on(&data_dir).len(), 1, "still one local etcd");
+}
+
+#[test]
+fn control_plane_replaces_an_etcd_left_on_its_data_dir() {
+    let dir = skiff_tests::TempDir::new();
+    let data_dir = dir.path.join("etcd");
+    let port = skiff_tests::control::free_port();
+    // An etcd that outlived an older control plane, holding the data dir's
+    // lock (started here by hand: the current build's children die with it).
+    let (client, peer) = (
+        skiff_tests::control::free_port(),
+        skiff_tests::control::free_port(),
+    );
+    let mut orphan = Spawn::new("etcd")
+        .args([
+            "--name=skiff".to_string(),
+            format!("--data-dir={}", data_dir.display()),
+            format!("--listen-client-urls=http://127.0.0.1:{client}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+            format!("--initial-cluster=skiff=http://127.0.0.1:{peer}"),
+        ])
+        .log_to(&dir.path.join("orphan.log"))
+        .start();
+    wait_for("the orphan etcd to serve", Duration::from_secs(30), || {
+        Spawn::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &format!("http://127.0.0.1:{client}"),
+                "endpoint",
+                "health",
+            ])
+            .try_output()
+            .ok()
+    });
+    let _cp = Spawn::new(skiff_tests::bin("skiff-control"))
+        .args([
+            "--data-dir",
+            &dir.path.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .log_to(&dir.path.join("control.log"))
+        .start();
+    let kubeconfig = dir.path.join("admin.kubeconfig");
+    wait_for("the apiserver", Duration::from_secs(40), || {
+        Spawn::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig.display().to_string())
+            .args(["--request-timeout=5s", "get", "namespaces"])
+            .try_output()
+            .ok()
+    });
+    wait_for("the orphan to be stopped", Duration::from_secs(5), || {
+        (!orphan.is_running()).then_some(())
+    });
+    assert_eq!(etcds_on(&data_dir).len(), 1, "one etcd on the data dir");
+}

@@ -62,6 +62,9 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "protobuf-compiler",
+    // The well-known .proto files (google/protobuf/*.proto) that
+    // etcd-client's and containerd-client's prost builds import.
+    "libprotobuf-dev",
     "iproute2",
     "procps",
     "iptables",

@@ -80,7 +80,12 @@ pub(crate) fn bytes_response(code: u16, body: Vec<u8>) -> Response<Body> {
 }
 
 pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
-    json_response(e.code, &e.to_status())
+    bytes_response(e.code, e.to_status().to_bytes())
+}
+
+/// A `Status` body, in upstream's field order.
+pub(crate) fn status_response(s: &crate::status::Status) -> Response<Body> {
+    bytes_response(s.code(), s.to_bytes())
 }
 
 /// Percent-decoded query parameters.
@@ -329,8 +334,10 @@ impl Api {
                     .get("deleteOptions")
                     .cloned()
                     .unwrap_or(Value::Null);
-                let out = self.delete(r, ns, name, &opts, &q).await?;
-                Ok(json_response(201, &out))
+                self.delete(r, ns, name, &opts, &q).await?;
+                Ok(status_response(&crate::status::Status::success_with_code(
+                    201,
+                )))
             }
             (&Method::PUT, Some(name), sub) => {
                 let obj = parse(&body)?;
@@ -350,8 +357,10 @@ impl Api {
                 } else {
                     parse(&body)?
                 };
-                let out = self.delete(r, ns, name, &opts, &q).await?;
-                Ok(json_response(200, &out))
+                Ok(match self.delete(r, ns, name, &opts, &q).await? {
+                    objects::Deleted::Object(obj) => json_response(200, &obj),
+                    objects::Deleted::Status(s) => status_response(&s),
+                })
             }
             (&Method::DELETE, None, None) => {
                 let opts = if body.is_empty() {

@@ -872,9 +872,7 @@ impl Api {
             set_condition(&mut pod, "PodScheduled", "True", "", "");
             match self.write(pods, Some(ns), rev, pod, &[], &[]).await {
                 Ok(_) => {
-                    return Ok(
-                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
-                    );
+                    return Ok(status::Status::success_with_code(201).to_value());
                 }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(store_err(pods, name, e)),
@@ -883,6 +881,10 @@ impl Api {
         Err(ApiError::conflict("", "pods/binding", name))
     }
 
+    /// Deletes one object. What comes back follows upstream's registries:
+    /// the object itself while its deletion is pending (grace period,
+    /// finalizers, a namespace being emptied) and always for pods and
+    /// services (`ReturnDeletedObject`); a `Status` for the rest.
     pub(crate) async fn delete(
         &self,
         r: &Resource,
@@ -890,7 +892,7 @@ impl Api {
         name: &str,
         opts: &Value,
         q: &std::collections::HashMap<String, String>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Deleted, ApiError> {
         let policy = q
             .get("propagationPolicy")
             .map(String::as_str)
@@ -977,7 +979,7 @@ impl Api {
                         .is_none_or(|old| g < old)
                 });
                 if already && !shorter {
-                    return Ok(obj);
+                    return Ok(Deleted::Object(obj));
                 }
                 let m = meta_mut(&mut obj);
                 let at = match pod_grace {
@@ -1001,7 +1003,7 @@ impl Api {
                     obj["status"]["phase"] = json!("Terminating");
                 }
                 if dry_run {
-                    return Ok(obj);
+                    return Ok(Deleted::Object(obj));
                 }
                 let key = Self::key(r, ns, name);
                 match self.store.update(&key, rev, encode(&obj), &[], &[]).await {
@@ -1013,14 +1015,22 @@ impl Api {
                                 self.cfg.service_cidr,
                             ));
                         }
-                        return Ok(with_rv(obj, new_rev));
+                        return Ok(Deleted::Object(with_rv(obj, new_rev)));
                     }
                     Err(StoreError::Conflict { .. }) => continue,
                     Err(e) => return Err(store_err(r, name, e)),
                 }
             }
+            let returns_object = r.is("", "pods") || r.is("", "services");
+            let gone = |obj: Value| {
+                if returns_object {
+                    Deleted::Object(obj)
+                } else {
+                    Deleted::Status(Box::new(status::success(r.group, r.plural, name, &uid)))
+                }
+            };
             if dry_run {
-                return Ok(status::success(r.group, r.plural, name, &uid));
+                return Ok(gone(obj));
             }
             let sides: Vec<Side> = if r.is("", "services") {
                 held_keys(&obj, self.cfg.service_cidr)
@@ -1035,7 +1045,7 @@ impl Api {
                 .delete(&Self::key(r, ns, name), rev, &sides)
                 .await
             {
-                Ok(_) => return Ok(status::success(r.group, r.plural, name, &uid)),
+                Ok(_) => return Ok(gone(obj)),
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(store_err(r, name, e)),
             }
@@ -1071,6 +1081,13 @@ impl Api {
             json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": {}, "items": deleted}),
         )
     }
+}
+
+/// What a delete answers: the object, or a `Status` when it is gone and
+/// its kind does not return it.
+pub(crate) enum Deleted {
+    Object(Value),
+    Status(Box<status::Status>),
 }
 
 fn core(plural: &str) -> Result<&'static Resource, ApiError> {

@@ -507,8 +507,14 @@ impl Api {
     }
 }
 
-fn line(ty: &str, obj: &Value) -> Bytes {
-    let mut v = serde_json::to_vec(&json!({"type": ty, "object": obj})).unwrap_or_default();
+fn line(ty: &str, obj: &impl serde::Serialize) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Event<'a, T> {
+        #[serde(rename = "type")]
+        ty: &'a str,
+        object: &'a T,
+    }
+    let mut v = serde_json::to_vec(&Event { ty, object: obj }).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
 }
