@@ -1,10 +1,15 @@
-//! Skiff's node agent. Each role is a module that runs alone or beside the
-//! others (`skiff-agent run --roles ...`):
+//! Skiff's node agent: one process per node whose roles share one shape
+//! ([`role`]: a config, an error type, `run(ctx, shutdown)`) and run side
+//! by side under one supervisor (`skiff-agent run --roles ...`):
+//! - `kubelet`: the pods bound to this node, on containerd, wired by the
+//!   node's CNI conflist; the Node object and its heartbeats.
 //! - `proxy`: Services and EndpointSlices into the eBPF socket load balancer.
 //! - `overlay`: the node's subnet lease in etcd and routes to every other
 //!   node's subnet (Flannel-compatible, vxlan or host-gw).
 //!
-//! The kubelet role comes with its own issue.
+//! Roles never import each other: the kubelet reaches the overlay only
+//! through `subnet.env`, read by the CNI plugin it runs.
 
 pub mod overlay;
 pub mod proxy;
+pub mod role;

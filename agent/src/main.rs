@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use std::sync::Arc;
+
 use skiff_agent::overlay::{self, OverlayConfig};
 use skiff_agent::proxy::{self, NodeView, ProxyConfig, Source, dataplane::DEFAULT_PIN_DIR};
+use skiff_agent::role::{Backoff, NodeContext, supervise};
 
 #[derive(Parser)]
 #[command(name = "skiff-agent", version, about = "Skiff node agent")]
@@ -153,51 +156,63 @@ fn node_name(given: Option<String>) -> String {
     })
 }
 
+/// The apiserver client the roles share: from `--kubeconfig`, else the
+/// usual lookup ($KUBECONFIG, ~/.kube/config, in-cluster). None when no
+/// role needs one.
+async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
+    let needs = args.roles.contains(&Role::Proxy) && args.manifests.is_none();
+    if !needs {
+        return Ok(None);
+    }
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding an apiserver (pass --kubeconfig)")?,
+    };
+    Ok(Some(
+        kube::Client::try_from(config).context("building the apiserver client")?,
+    ))
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     if args.roles.is_empty() {
         bail!("no role to run: --roles takes proxy, overlay or both");
     }
-    if let Some(k) = &args.kubeconfig {
-        // SAFETY: set before any other thread reads the environment.
-        unsafe { std::env::set_var("KUBECONFIG", k) };
-    }
+    let ctx = NodeContext {
+        node_name: node_name(args.node_name.clone()),
+        client: client(&args).await?,
+    };
     let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot handle SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        let _ = tx.send(true);
-    });
-    let overlay_role = async {
-        if !args.roles.contains(&Role::Overlay) {
-            return Ok(());
-        }
-        let mut stop = rx.clone();
-        overlay::run(args.overlay.config(), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
-        .context("overlay")
-    };
-    let proxy_role = async {
-        if !args.roles.contains(&Role::Proxy) {
-            return Ok(());
-        }
-        run_proxy(&args, rx.clone()).await
-    };
-    tokio::try_join!(overlay_role, proxy_role).map(|_| ())
+    let mut roles = tokio::task::JoinSet::new();
+    let backoff = Backoff::default();
+    if args.roles.contains(&Role::Overlay) {
+        let overlay = Arc::new(args.overlay.config());
+        roles.spawn(supervise(overlay, ctx.clone(), rx.clone(), backoff));
+    }
+    if args.roles.contains(&Role::Proxy) {
+        let proxy = Arc::new(proxy_config(&args, &ctx)?);
+        roles.spawn(supervise(proxy, ctx.clone(), rx.clone(), backoff));
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("handling SIGTERM")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
+    let _ = tx.send(true);
+    while roles.join_next().await.is_some() {}
+    Ok(())
 }
 
-async fn run_proxy(args: &RunArgs, rx: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+fn proxy_config(args: &RunArgs, ctx: &NodeContext) -> Result<ProxyConfig> {
     let source = match args.manifests.clone() {
         Some(dir) => {
             if !dir.is_dir() {
@@ -212,17 +227,16 @@ async fn run_proxy(args: &RunArgs, rx: tokio::sync::watch::Receiver<bool>) -> Re
     } else {
         args.nodeport_addresses.clone()
     };
-    let cfg = ProxyConfig {
+    Ok(ProxyConfig {
         pin_dir: args.bpffs.clone(),
         cgroup: args.cgroup.clone(),
         node: NodeView {
-            node_name: node_name(args.node_name.clone()),
+            node_name: ctx.node_name.clone(),
             nodeport_addresses,
         },
         source,
         poll: Duration::from_millis(args.poll_ms),
-    };
-    proxy::run(cfg, rx).await.context("proxy")
+    })
 }
 
 fn list(bpffs: PathBuf, json: bool) -> Result<()> {
@@ -262,7 +276,9 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+        // Multi-threaded: a role's blocking kernel work (block_in_place)
+        // must leave a worker for the others.
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("starting the runtime")?

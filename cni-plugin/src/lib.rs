@@ -6,4 +6,6 @@
 pub mod ipam;
 pub mod plugin;
 pub mod spec;
-pub mod subnet_env;
+/// The overlay's subnet.env, read on every call (its codec lives in the
+/// library the overlay shares).
+pub use skiff_cni_lib::subnet_env;

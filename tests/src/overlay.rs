@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::cni::{Call, Reply};
+use crate::cni::{Call, Reply, ip_of};
 use crate::control::Etcd;
 use crate::netns::ip;
 use crate::{Netns, Proc, Spawn, TempDir, bin, unique, wait_for};
@@ -174,7 +174,7 @@ impl Node {
     /// The subnet in the node's subnet file, in network form
     /// (`10.244.3.0/24`), read the way the CNI plugin reads it.
     pub fn subnet(&self) -> String {
-        skiff_cni::subnet_env::SubnetEnv::read(&self.subnet_file)
+        skiff_cni_lib::subnet_env::SubnetEnv::read(&self.subnet_file)
             .unwrap_or_else(|e| panic!("{e}"))
             .subnet_network()
             .to_string()
@@ -235,7 +235,7 @@ impl Node {
         let r = self.cni("ADD", &ns, &id);
         assert!(r.ok, "ADD on {}: {} {}", self.ip, r.stdout, r.stderr);
         Pod {
-            ip: r.ip(),
+            ip: ip_of(&r),
             result: r.json(),
             ns,
             id,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use skiff_tests::cni::{Call, Conflist, Reply};
+use skiff_tests::cni::{Call, Conflist, Reply, ip_of};
 use skiff_tests::netns::veth;
 use skiff_tests::{Netns, Spawn, TempDir, bin, unique, wait_for};
 
@@ -151,7 +151,7 @@ fn two_hundred_concurrent_adds_get_distinct_addresses() {
     let mut ips = HashSet::new();
     for (r, p) in replies.iter().zip(&pods) {
         assert!(r.ok, "{} {}", r.stdout, r.stderr);
-        let ip = r.ip();
+        let ip = ip_of(r);
         assert!(
             pod_addr(p).contains(&format!("{ip}/24")),
             "{ip}: {}",
@@ -246,7 +246,7 @@ fn adds_killed_midway_then_gc_leave_nothing_for_containers_that_do_not_exist() {
             .allocations()
             .iter()
             .filter(|(_, o)| o != "after-gc")
-            .any(|(ip, _)| ip == &r.ip())
+            .any(|(ip, _)| ip == &ip_of(&r))
     );
 }
 
@@ -421,7 +421,7 @@ fn del_is_idempotent_and_check_sees_what_changed() {
     assert!(check.ok, "CHECK right after ADD: {}", check.stdout);
 
     // Someone removes the pod's address: CHECK says so.
-    let ip = add.ip();
+    let ip = ip_of(&add);
     pod.ip(&["addr", "del", &format!("{ip}/24"), "dev", "eth0"]);
     let check = node.call("CHECK", "c1", &path).exec(&plugin, &conf);
     assert_eq!(check.code(), Some(102), "{}", check.stdout);
@@ -572,9 +572,9 @@ fn chains_with_the_reference_portmap_and_loopback_plugins() {
         netns: &path,
         ifname: "eth0",
     };
-    let result = list
-        .add(&call)
-        .unwrap_or_else(|r| panic!("chained ADD: {} {}", r.stdout, r.stderr));
+    let result = call
+        .add(&list)
+        .unwrap_or_else(|e| panic!("chained ADD: {e}"));
     let ip = result["ips"][0]["address"]
         .as_str()
         .unwrap_or_default()
@@ -590,8 +590,8 @@ fn chains_with_the_reference_portmap_and_loopback_plugins() {
     // CHECK of our plugin with the chain's result (portmap 1.1.1's own
     // CHECK fails on hosts without ip6tables NAT chains, whoever ran first).
     let ours = Conflist::new("testnet", "1.0.0", list.plugins[..1].to_vec());
-    ours.check(&call, &result)
-        .unwrap_or_else(|r| panic!("CHECK: {} {}", r.stdout, r.stderr));
+    call.check(&ours, &result)
+        .unwrap_or_else(|e| panic!("CHECK: {e}"));
 
     let mut server = Spawn::new(bin("skiff-probe"))
         .args(["serve-tcp", &format!("{ip}:80"), "pod"])
@@ -608,8 +608,8 @@ fn chains_with_the_reference_portmap_and_loopback_plugins() {
         "hostPort 8080 → pod:80 through portmap: {out}"
     );
 
-    list.del(&call, Some(&result))
-        .unwrap_or_else(|r| panic!("chained DEL: {} {}", r.stdout, r.stderr));
+    call.del(&list, Some(&result))
+        .unwrap_or_else(|e| panic!("chained DEL: {e}"));
     assert!(node.allocations().is_empty());
     let out = Spawn::new(bin("skiff-probe"))
         .args(["tcp", "172.30.9.1:8080", "1"])

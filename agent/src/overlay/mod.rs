@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
-use skiff_cni::subnet_env::SubnetEnv;
+use skiff_cni_lib::subnet_env::SubnetEnv;
 use skiff_netlink::{Link, Netlink, SKIFF_ROUTE_PROTOCOL, VxlanSpec};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -237,6 +237,22 @@ fn start_watch(reg: &Arc<Registry>, after: i64) -> mpsc::Receiver<Vec<Event>> {
         }
     });
     rx
+}
+
+impl crate::role::Role for OverlayConfig {
+    type Error = OverlayError;
+
+    fn name(&self) -> &'static str {
+        "overlay"
+    }
+
+    async fn run(
+        &self,
+        _ctx: crate::role::NodeContext,
+        mut shutdown: crate::role::Shutdown,
+    ) -> Result<(), OverlayError> {
+        run(self.clone(), crate::role::stopped(&mut shutdown)).await
+    }
 }
 
 /// Runs the overlay until `shutdown` completes.

@@ -52,6 +52,8 @@ pub enum ProxyError {
     Kube(#[from] kube::Error),
     #[error("watching the apiserver: {0}")]
     Watch(#[from] kube::runtime::watcher::Error),
+    #[error(transparent)]
+    NoClient(#[from] crate::role::NoClient),
 }
 
 fn report(errors: &[ServiceError]) {
@@ -60,10 +62,37 @@ fn report(errors: &[ServiceError]) {
     }
 }
 
+impl crate::role::Role for ProxyConfig {
+    type Error = ProxyError;
+
+    fn name(&self) -> &'static str {
+        "proxy"
+    }
+
+    async fn run(
+        &self,
+        ctx: crate::role::NodeContext,
+        shutdown: crate::role::Shutdown,
+    ) -> Result<(), ProxyError> {
+        let client = match self.source {
+            Source::Kube => Some(ctx.client("proxy")?),
+            Source::Manifests(_) => None,
+        };
+        run(self.clone(), client, shutdown).await
+    }
+}
+
 /// Runs the proxy until `shutdown` turns true. The programs stay attached
-/// after it returns (their links are pinned).
-pub async fn run(cfg: ProxyConfig, mut shutdown: signal::Receiver<bool>) -> Result<(), ProxyError> {
-    let mut dp = Dataplane::install(&cfg.pin_dir, &cfg.cgroup)?;
+/// after it returns (their links are pinned). Map writes are blocking
+/// kernel work: they run in `block_in_place`, so the other roles' tasks
+/// move to another worker meanwhile (a multi-threaded runtime is needed).
+pub async fn run(
+    cfg: ProxyConfig,
+    client: Option<kube::Client>,
+    mut shutdown: signal::Receiver<bool>,
+) -> Result<(), ProxyError> {
+    use tokio::task::block_in_place;
+    let mut dp = block_in_place(|| Dataplane::install(&cfg.pin_dir, &cfg.cgroup))?;
     match &cfg.source {
         Source::Manifests(dir) => {
             let mut last = None;
@@ -77,7 +106,7 @@ pub async fn run(cfg: ProxyConfig, mut shutdown: signal::Receiver<bool>) -> Resu
                     }
                     let (desired, bad) = catalog.desired(&cfg.node);
                     report(&bad);
-                    let (changed, taken) = dp.sync_all(&desired)?;
+                    let (changed, taken) = block_in_place(|| dp.sync_all(&desired))?;
                     report(&taken);
                     info!(
                         services = desired.len(),
@@ -96,17 +125,19 @@ pub async fn run(cfg: ProxyConfig, mut shutdown: signal::Receiver<bool>) -> Resu
             }
         }
         Source::Kube => {
-            let client = kube::Client::try_default().await?;
+            let client = client.ok_or(crate::role::NoClient { role: "proxy" })?;
             let node = cfg.node.clone();
             let reconcile = |store: &watch::Store, dirty: watch::Dirty| {
                 let started = Instant::now();
-                let result = if dirty.all {
-                    let (desired, bad) = store.catalog.desired(&node);
-                    report(&bad);
-                    dp.sync_all(&desired)
-                } else {
-                    sync_dirty(&mut dp, &store.catalog, &node, &dirty.services)
-                };
+                let result = block_in_place(|| {
+                    if dirty.all {
+                        let (desired, bad) = store.catalog.desired(&node);
+                        report(&bad);
+                        dp.sync_all(&desired)
+                    } else {
+                        sync_dirty(&mut dp, &store.catalog, &node, &dirty.services)
+                    }
+                });
                 match result {
                     Ok((changed, errors)) => {
                         report(&errors);
