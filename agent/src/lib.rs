@@ -10,6 +10,7 @@
 //! Roles never import each other: the kubelet reaches the overlay only
 //! through `subnet.env`, read by the CNI plugin it runs.
 
+pub mod kubelet;
 pub mod overlay;
 pub mod proxy;
 pub mod role;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
+use skiff_agent::kubelet::KubeletConfig;
 use skiff_agent::overlay::{self, OverlayConfig};
 use skiff_agent::proxy::{self, NodeView, ProxyConfig, Source, dataplane::DEFAULT_PIN_DIR};
 use skiff_agent::role::{Backoff, NodeContext, supervise};
@@ -21,6 +22,7 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Role {
+    Kubelet,
     Proxy,
     Overlay,
 }
@@ -28,7 +30,7 @@ enum Role {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent's roles until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect or remove the service proxy's kernel state.
     Proxy {
         #[command(subcommand)]
@@ -100,7 +102,7 @@ enum OverlayCommand {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Roles to run.
-    #[arg(long, value_delimiter = ',', default_value = "proxy")]
+    #[arg(long, value_delimiter = ',', default_value = "kubelet,proxy,overlay")]
     roles: Vec<Role>,
     /// Read Services and EndpointSlices from manifests in this directory
     /// instead of an apiserver.
@@ -128,6 +130,52 @@ struct RunArgs {
     poll_ms: u64,
     #[command(flatten)]
     overlay: OverlayArgs,
+    #[command(flatten)]
+    kubelet: KubeletArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct KubeletArgs {
+    /// containerd's socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd: PathBuf,
+    /// containerd namespace of the node's pods.
+    #[arg(long, default_value = "k8s.io")]
+    containerd_namespace: String,
+    /// Pod state: pinned namespaces, CNI results.
+    #[arg(long, default_value = "/var/lib/skiff/kubelet")]
+    root_dir: PathBuf,
+    /// Container logs (`<ns>_<pod>_<uid>/<container>/<restart>.log`).
+    #[arg(long, default_value = "/var/log/pods")]
+    pod_log_dir: PathBuf,
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where CNI plugins are (repeatable).
+    #[arg(long = "cni-bin-dir", default_value = "/opt/cni/bin")]
+    cni_bin_dirs: Vec<PathBuf>,
+    /// cgroup parent of the pods (cgroupfs path).
+    #[arg(long, default_value = "/skiff")]
+    cgroup_parent: String,
+    /// A registry reached over plain HTTP (`host:port`, repeatable).
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// The node's address (default: its first non-loopback IPv4 address).
+    #[arg(long)]
+    node_ip: Option<IpAddr>,
+    /// `key=value` labels for the Node (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    node_labels: Vec<String>,
+    #[arg(long, default_value_t = 110)]
+    max_pods: u32,
+    /// The kubelet's HTTPS port.
+    #[arg(long, default_value_t = 10250)]
+    kubelet_port: u16,
+    /// Seconds between renewals of the node's Lease.
+    #[arg(long, default_value_t = 10)]
+    node_lease_renew_seconds: u64,
+    /// Seconds the node's status is written at the least this often.
+    #[arg(long, default_value_t = 300)]
+    node_status_report_seconds: u64,
 }
 
 #[derive(Subcommand)]
@@ -160,7 +208,8 @@ fn node_name(given: Option<String>) -> String {
 /// usual lookup ($KUBECONFIG, ~/.kube/config, in-cluster). None when no
 /// role needs one.
 async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
-    let needs = args.roles.contains(&Role::Proxy) && args.manifests.is_none();
+    let needs = args.roles.contains(&Role::Kubelet)
+        || (args.roles.contains(&Role::Proxy) && args.manifests.is_none());
     if !needs {
         return Ok(None);
     }
@@ -183,7 +232,7 @@ async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
 
 async fn run(args: RunArgs) -> Result<()> {
     if args.roles.is_empty() {
-        bail!("no role to run: --roles takes proxy, overlay or both");
+        bail!("no role to run: --roles takes kubelet, proxy, overlay");
     }
     let ctx = NodeContext {
         node_name: node_name(args.node_name.clone()),
@@ -195,6 +244,10 @@ async fn run(args: RunArgs) -> Result<()> {
     if args.roles.contains(&Role::Overlay) {
         let overlay = Arc::new(args.overlay.config());
         roles.spawn(supervise(overlay, ctx.clone(), rx.clone(), backoff));
+    }
+    if args.roles.contains(&Role::Kubelet) {
+        let kubelet = Arc::new(kubelet_config(&args, &ctx)?);
+        roles.spawn(supervise(kubelet, ctx.clone(), rx.clone(), backoff));
     }
     if args.roles.contains(&Role::Proxy) {
         let proxy = Arc::new(proxy_config(&args, &ctx)?);
@@ -210,6 +263,43 @@ async fn run(args: RunArgs) -> Result<()> {
     let _ = tx.send(true);
     while roles.join_next().await.is_some() {}
     Ok(())
+}
+
+fn kubelet_config(args: &RunArgs, ctx: &NodeContext) -> Result<KubeletConfig> {
+    let k = &args.kubelet;
+    let node_ip = match k.node_ip {
+        Some(ip) => ip,
+        None => proxy::local_addresses()
+            .into_iter()
+            .find(IpAddr::is_ipv4)
+            .context("no IPv4 address for the node: pass --node-ip")?,
+    };
+    let mut node_labels = std::collections::BTreeMap::new();
+    for l in &k.node_labels {
+        let Some((key, value)) = l.split_once('=') else {
+            bail!("--node-labels {l:?}: expected key=value");
+        };
+        node_labels.insert(key.to_string(), value.to_string());
+    }
+    Ok(KubeletConfig {
+        node_name: ctx.node_name.clone(),
+        node_ip,
+        node_labels,
+        containerd: k.containerd.clone(),
+        namespace: k.containerd_namespace.clone(),
+        root_dir: k.root_dir.clone(),
+        log_dir: k.pod_log_dir.clone(),
+        cni_conf_dir: k.cni_conf_dir.clone(),
+        cni_bin_dirs: k.cni_bin_dirs.clone(),
+        cgroup_parent: k.cgroup_parent.clone(),
+        insecure_registries: k.insecure_registries.clone(),
+        max_pods: k.max_pods,
+        port: k.kubelet_port,
+        lease_renew: Duration::from_secs(k.node_lease_renew_seconds.max(1)),
+        lease_duration: Duration::from_secs(40),
+        status_report: Duration::from_secs(k.node_status_report_seconds.max(1)),
+        subnet_file: args.overlay.subnet_file.clone(),
+    })
 }
 
 fn proxy_config(args: &RunArgs, ctx: &NodeContext) -> Result<ProxyConfig> {
@@ -282,7 +372,7 @@ fn main() -> Result<()> {
             .enable_all()
             .build()
             .context("starting the runtime")?
-            .block_on(run(args)),
+            .block_on(run(*args)),
         Command::Proxy { command } => match command {
             ProxyCommand::List { bpffs, json } => list(bpffs, json),
             ProxyCommand::Uninstall { bpffs } => {

@@ -11,6 +11,7 @@ pub mod cni;
 pub mod control;
 pub mod kubelet;
 pub mod netns;
+pub mod node;
 pub mod overlay;
 pub mod process;
 
@@ -129,4 +130,23 @@ pub fn wait_for<T>(
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// Pids of running processes whose command line holds `arg` exactly.
+pub fn pids_with_arg(arg: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| *pid != me)
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+                        .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -44,6 +44,11 @@ impl Spawn {
         self
     }
 
+    pub fn arg_path(mut self, p: &Path) -> Self {
+        self.cmd.arg(p);
+        self
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.cmd.env(k, v);
         self

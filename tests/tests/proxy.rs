@@ -85,7 +85,7 @@ impl Node {
         self.restarts += 1;
         let log = self.logs.path.join(format!("agent-{}.log", self.restarts));
         let p = Spawn::new(bin("skiff-agent"))
-            .args(["run", "--manifests"])
+            .args(["run", "--roles", "proxy", "--manifests"])
             .args([&self.manifests.path])
             .args(["--cgroup"])
             .args([&self.cg.path])
@@ -110,7 +110,7 @@ impl Node {
         self.restarts += 1;
         let log = self.logs.path.join(format!("agent-{}.log", self.restarts));
         let p = Spawn::new(bin("skiff-agent"))
-            .args(["run", "--kubeconfig"])
+            .args(["run", "--roles", "proxy", "--kubeconfig"])
             .args([kubeconfig])
             .args(["--cgroup"])
             .args([&self.cg.path])

@@ -76,6 +76,10 @@ const APT_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "containernetworking-plugins",
+    // The registry the kubelet tests pull their images from, and the
+    // second OCI runtime the kubelet benchmark measures against runc.
+    "docker-registry",
+    "crun",
     "busybox-static",
     "fonts-dejavu-core",
     "curl",

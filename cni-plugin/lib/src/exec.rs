@@ -374,6 +374,11 @@ impl Conflist {
     /// GC (CNI 1.1) with the attachments still valid, as
     /// `cni.dev/valid-attachments`; goes on past errors.
     pub fn gc(&self, rt: &Runtime, valid: &[(String, String)]) -> Result<(), ExecError> {
+        // GC exists from CNI 1.1 on; a runtime sends it only to lists of
+        // that version (reference plugins of 1.1.1 reject it otherwise).
+        if !version_at_least(&self.cni_version, (1, 1)) {
+            return Ok(());
+        }
         let list: Vec<Value> = valid
             .iter()
             .map(|(id, ifname)| json!({"containerID": id, "ifname": ifname}))
@@ -393,6 +398,11 @@ impl Conflist {
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+fn version_at_least(v: &str, want: (u32, u32)) -> bool {
+    let mut p = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+    (p.next().unwrap_or(0), p.next().unwrap_or(0)) >= want
 }
 
 #[cfg(test)]

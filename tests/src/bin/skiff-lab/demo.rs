@@ -212,7 +212,7 @@ pub fn run(once: bool) -> Result<()> {
     let (servers, names) = run_pods(&cp, &ns)?;
 
     let agent = Spawn::new(bin("skiff-agent"))
-        .args(["run", "--kubeconfig"])
+        .args(["run", "--roles", "proxy", "--kubeconfig"])
         .args([&cp.kubeconfig])
         .args(["--cgroup"])
         .args([&cg.path])

@@ -1,0 +1,535 @@
+//! The kubelet's one door to containerd: its native gRPC API (containerd
+//! 1.6, through `containerd-client`), every call in the kubelet's own
+//! containerd namespace. Content, snapshots, the diff service and images
+//! for pulls (1.6 has no transfer service); containers and tasks for
+//! running; the event stream for exits.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use containerd_client::services::v1 as api;
+use containerd_client::services::v1::snapshots as snap;
+use containerd_client::tonic::{self, Request, Status};
+use containerd_client::types::{Descriptor, Mount};
+use futures::Stream;
+use tonic::transport::Channel;
+
+pub const SNAPSHOTTER: &str = "overlayfs";
+pub const RUNTIME: &str = "io.containerd.runc.v2";
+const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    #[error("connecting to containerd at {socket}: {source}")]
+    Connect {
+        socket: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("containerd {op} {what}: {status}")]
+    Call {
+        op: &'static str,
+        what: String,
+        status: Box<Status>,
+    },
+}
+
+impl ContainerdError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Call { status, .. } if status.code() == tonic::Code::NotFound)
+    }
+
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, Self::Call { status, .. } if status.code() == tonic::Code::AlreadyExists)
+    }
+}
+
+type Result<T> = std::result::Result<T, ContainerdError>;
+
+fn call(op: &'static str, what: impl Into<String>) -> impl FnOnce(Status) -> ContainerdError {
+    let what = what.into();
+    move |status| ContainerdError::Call {
+        op,
+        what,
+        status: Box::new(status),
+    }
+}
+
+/// A client bound to one containerd namespace.
+#[derive(Clone)]
+pub struct Containerd {
+    channel: Channel,
+    namespace: String,
+}
+
+/// A container's task as containerd reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    Running { pid: u32 },
+    Stopped { exit_status: u32 },
+    Other,
+}
+
+/// A task exit from the event stream.
+#[derive(Clone, Debug)]
+pub struct Exit {
+    pub container_id: String,
+    pub exit_status: u32,
+    pub exited_at: Option<prost_types::Timestamp>,
+}
+
+impl Containerd {
+    pub async fn connect(socket: &Path, namespace: &str) -> Result<Self> {
+        let channel = containerd_client::connect(socket).await.map_err(|source| {
+            ContainerdError::Connect {
+                socket: socket.display().to_string(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            channel,
+            namespace: namespace.to_string(),
+        })
+    }
+
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Ok(ns) = self.namespace.parse() {
+            r.metadata_mut().insert("containerd-namespace", ns);
+        }
+        r
+    }
+
+    /// containerd's version (for `nodeInfo.containerRuntimeVersion`).
+    pub async fn version(&self) -> Result<String> {
+        let v = api::version_client::VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map_err(call("version", ""))?;
+        Ok(v.into_inner().version)
+    }
+
+    // ---- content ----
+
+    /// Whether the content store holds `digest`.
+    pub async fn has_content(&self, digest: &str) -> Result<bool> {
+        let r = api::content_client::ContentClient::new(self.channel.clone())
+            .info(self.req(api::InfoRequest {
+                digest: digest.into(),
+            }))
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(call("content info", digest)(s)),
+        }
+    }
+
+    /// Writes one blob from `chunks`, committed under its expected digest
+    /// with `labels` (the garbage collector's references).
+    pub async fn write_content<S>(
+        &self,
+        desc: &Descriptor,
+        chunks: S,
+        labels: HashMap<String, String>,
+    ) -> Result<()>
+    where
+        S: Stream<Item = std::result::Result<bytes::Bytes, String>> + Send + 'static,
+    {
+        use futures::StreamExt as _;
+        let reference = format!("skiff-pull-{}", desc.digest);
+        let (total, expected) = (desc.size, desc.digest.clone());
+        let requests = async_stream(reference, total, expected, chunks, labels);
+        let mut responses = match api::content_client::ContentClient::new(self.channel.clone())
+            .write(self.req(requests))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            // Another pull wrote it first.
+            Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+            Err(s) => return Err(call("content write", &desc.digest)(s)),
+        };
+        while let Some(r) = responses.next().await {
+            match r {
+                Ok(_) => {}
+                // Committing content that exists is a success.
+                Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+                Err(s) => return Err(call("content write", &desc.digest)(s)),
+            }
+        }
+        Ok(())
+    }
+
+    // ---- snapshots ----
+
+    pub async fn snapshot_exists(&self, key: &str) -> Result<bool> {
+        let r = snap::snapshots_client::SnapshotsClient::new(self.channel.clone())
+            .stat(self.req(snap::StatSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            }))
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(call("snapshot stat", key)(s)),
+        }
+    }
+
+    /// An active snapshot `key` on `parent`; its mounts.
+    pub async fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let r = snap::snapshots_client::SnapshotsClient::new(self.channel.clone())
+            .prepare(self.req(snap::PrepareSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels,
+            }))
+            .await
+            .map_err(call("snapshot prepare", key))?;
+        Ok(r.into_inner().mounts)
+    }
+
+    /// The mounts of an existing active snapshot.
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let r = snap::snapshots_client::SnapshotsClient::new(self.channel.clone())
+            .mounts(self.req(snap::MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            }))
+            .await
+            .map_err(call("snapshot mounts", key))?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn commit(&self, name: &str, key: &str) -> Result<()> {
+        snap::snapshots_client::SnapshotsClient::new(self.channel.clone())
+            .commit(self.req(snap::CommitSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                name: name.into(),
+                key: key.into(),
+                ..Default::default()
+            }))
+            .await
+            .map_err(call("snapshot commit", name))?;
+        Ok(())
+    }
+
+    pub async fn remove_snapshot(&self, key: &str) -> Result<()> {
+        let r = snap::snapshots_client::SnapshotsClient::new(self.channel.clone())
+            .remove(self.req(snap::RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            }))
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(call("snapshot remove", key)(s)),
+        }
+    }
+
+    /// Unpacks a layer from the content store onto `mounts`.
+    pub async fn apply(&self, layer: &Descriptor, mounts: Vec<Mount>) -> Result<()> {
+        api::diff_client::DiffClient::new(self.channel.clone())
+            .apply(self.req(api::ApplyRequest {
+                diff: Some(layer.clone()),
+                mounts,
+                ..Default::default()
+            }))
+            .await
+            .map_err(call("diff apply", &layer.digest))?;
+        Ok(())
+    }
+
+    // ---- images ----
+
+    pub async fn image(&self, name: &str) -> Result<Option<api::Image>> {
+        let r = api::images_client::ImagesClient::new(self.channel.clone())
+            .get(self.req(api::GetImageRequest { name: name.into() }))
+            .await;
+        match r {
+            Ok(r) => Ok(r.into_inner().image),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(call("image get", name)(s)),
+        }
+    }
+
+    /// Records (or moves) the image `name` to `target`.
+    pub async fn put_image(&self, name: &str, target: Descriptor) -> Result<()> {
+        let image = api::Image {
+            name: name.into(),
+            target: Some(target),
+            ..Default::default()
+        };
+        let mut images = api::images_client::ImagesClient::new(self.channel.clone());
+        match images
+            .create(self.req(api::CreateImageRequest {
+                image: Some(image.clone()),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                images
+                    .update(self.req(api::UpdateImageRequest {
+                        image: Some(image),
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(call("image update", name))?;
+                Ok(())
+            }
+            Err(s) => Err(call("image create", name)(s)),
+        }
+    }
+
+    /// Reads a whole blob (manifests and configs: small).
+    pub async fn read_content(&self, digest: &str) -> Result<Vec<u8>> {
+        use futures::StreamExt as _;
+        let mut s = api::content_client::ContentClient::new(self.channel.clone())
+            .read(self.req(api::ReadContentRequest {
+                digest: digest.into(),
+                ..Default::default()
+            }))
+            .await
+            .map_err(call("content read", digest))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = s.next().await {
+            out.extend(chunk.map_err(call("content read", digest))?.data);
+        }
+        Ok(out)
+    }
+
+    // ---- containers and tasks ----
+
+    pub async fn create_container(
+        &self,
+        id: &str,
+        image: &str,
+        spec: &serde_json::Value,
+        labels: HashMap<String, String>,
+    ) -> Result<()> {
+        let container = api::Container {
+            id: id.into(),
+            image: image.into(),
+            labels,
+            runtime: Some(api::container::Runtime {
+                name: RUNTIME.into(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE.into(),
+                value: serde_json::to_vec(spec).unwrap_or_default(),
+            }),
+            snapshotter: SNAPSHOTTER.into(),
+            snapshot_key: id.into(),
+            ..Default::default()
+        };
+        api::containers_client::ContainersClient::new(self.channel.clone())
+            .create(self.req(api::CreateContainerRequest {
+                container: Some(container),
+            }))
+            .await
+            .map_err(call("container create", id))?;
+        Ok(())
+    }
+
+    /// Containers whose labels match `filter` (containerd's filter syntax).
+    pub async fn containers(&self, filter: &str) -> Result<Vec<api::Container>> {
+        let r = api::containers_client::ContainersClient::new(self.channel.clone())
+            .list(self.req(api::ListContainersRequest {
+                filters: vec![filter.into()],
+            }))
+            .await
+            .map_err(call("container list", filter))?;
+        Ok(r.into_inner().containers)
+    }
+
+    pub async fn delete_container(&self, id: &str) -> Result<()> {
+        let r = api::containers_client::ContainersClient::new(self.channel.clone())
+            .delete(self.req(api::DeleteContainerRequest { id: id.into() }))
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(call("container delete", id)(s)),
+        }
+    }
+
+    /// Creates and starts the container's task with stdout and stderr
+    /// going to `log` (a `binary://` or `file://` URI the shim opens).
+    pub async fn start_task(&self, id: &str, rootfs: Vec<Mount>, log: &str) -> Result<u32> {
+        let mut tasks = api::tasks_client::TasksClient::new(self.channel.clone());
+        tasks
+            .create(self.req(api::CreateTaskRequest {
+                container_id: id.into(),
+                rootfs,
+                stdout: log.into(),
+                stderr: log.into(),
+                ..Default::default()
+            }))
+            .await
+            .map_err(call("task create", id))?;
+        let started = tasks
+            .start(self.req(api::StartRequest {
+                container_id: id.into(),
+                ..Default::default()
+            }))
+            .await
+            .map_err(call("task start", id))?;
+        Ok(started.into_inner().pid)
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Option<TaskState>> {
+        let r = api::tasks_client::TasksClient::new(self.channel.clone())
+            .get(self.req(api::GetRequest {
+                container_id: id.into(),
+                ..Default::default()
+            }))
+            .await;
+        let p = match r {
+            Ok(r) => r.into_inner().process,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(call("task get", id)(s)),
+        };
+        Ok(p.map(|p| {
+            // containerd.v1.types.Status: 2 running, 3 created, 4 stopped.
+            match p.status {
+                2 => TaskState::Running { pid: p.pid },
+                3 | 4 => TaskState::Stopped {
+                    exit_status: p.exit_status,
+                },
+                _ => TaskState::Other,
+            }
+        }))
+    }
+
+    pub async fn kill(&self, id: &str, signal: u32) -> Result<()> {
+        let r = api::tasks_client::TasksClient::new(self.channel.clone())
+            .kill(self.req(api::KillRequest {
+                container_id: id.into(),
+                signal,
+                all: true,
+                ..Default::default()
+            }))
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                Ok(())
+            }
+            Err(s) => Err(call("task kill", id)(s)),
+        }
+    }
+
+    /// Deletes a stopped task (after a kill, once it exited).
+    pub async fn delete_task(&self, id: &str) -> Result<()> {
+        let r = api::tasks_client::TasksClient::new(self.channel.clone())
+            .delete(self.req(api::DeleteTaskRequest {
+                container_id: id.into(),
+            }))
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(call("task delete", id)(s)),
+        }
+    }
+
+    /// Task exits in this namespace, as they happen.
+    pub async fn exits(&self) -> Result<impl Stream<Item = Exit> + use<>> {
+        use futures::StreamExt as _;
+        use prost::Message as _;
+        let filter = format!("namespace=={},topic==\"/tasks/exit\"", self.namespace);
+        let s = api::events_client::EventsClient::new(self.channel.clone())
+            .subscribe(api::SubscribeRequest {
+                filters: vec![filter],
+            })
+            .await
+            .map_err(call("events subscribe", "/tasks/exit"))?
+            .into_inner();
+        Ok(s.take_while(|r| std::future::ready(r.is_ok()))
+            .filter_map(|env| {
+                std::future::ready(env.ok().and_then(|env| {
+                    let any = env.event?;
+                    let exit =
+                        containerd_client::events::TaskExit::decode(any.value.as_slice()).ok()?;
+                    // An exec's exit has its own id; the container's is its pid 1.
+                    (exit.id == exit.container_id || exit.id.is_empty()).then_some(Exit {
+                        container_id: exit.container_id,
+                        exit_status: exit.exit_status,
+                        exited_at: exit.exited_at,
+                    })
+                }))
+            }))
+    }
+}
+
+/// The request stream of one content write: the data in chunks, the
+/// last chunk carrying the commit with the total and the expected digest
+/// (containerd writes a commit's data before committing).
+fn async_stream<S>(
+    reference: String,
+    total: i64,
+    expected: String,
+    chunks: S,
+    labels: HashMap<String, String>,
+) -> impl Stream<Item = api::WriteContentRequest> + Send + 'static
+where
+    S: Stream<Item = std::result::Result<bytes::Bytes, String>> + Send + 'static,
+{
+    use futures::StreamExt as _;
+    // WriteAction: 0 stat, 1 write, 2 commit. One chunk is held back so
+    // that the last one goes out with the commit.
+    let marked = chunks
+        .take_while(|c| std::future::ready(c.is_ok()))
+        .filter_map(|c| std::future::ready(c.ok()))
+        .map(Some)
+        .chain(futures::stream::once(async { None }));
+    marked
+        .scan(
+            (None::<bytes::Bytes>, 0i64),
+            move |(held, offset), next: Option<bytes::Bytes>| {
+                let out = match (held.take(), &next) {
+                    (Some(chunk), Some(_)) => {
+                        let req = api::WriteContentRequest {
+                            action: 1,
+                            r#ref: reference.clone(),
+                            total,
+                            offset: *offset,
+                            data: chunk.to_vec(),
+                            ..Default::default()
+                        };
+                        *offset += chunk.len() as i64;
+                        Some(req)
+                    }
+                    (last, None) => Some(api::WriteContentRequest {
+                        action: 2,
+                        r#ref: reference.clone(),
+                        total,
+                        offset: *offset,
+                        data: last.map(|c| c.to_vec()).unwrap_or_default(),
+                        expected: expected.clone(),
+                        labels: labels.clone(),
+                    }),
+                    (None, Some(_)) => None,
+                };
+                *held = next;
+                std::future::ready(Some(out))
+            },
+        )
+        .filter_map(std::future::ready)
+}

@@ -1,0 +1,305 @@
+//! The kubelet role: the pods bound to this node (`spec.nodeName`), run on
+//! containerd's native API in the kubelet's own containerd namespace, each
+//! in a sandbox wired by the node's CNI conflist; the Node object, its
+//! heartbeat Lease and status.
+//!
+//! A watch of this node's pods feeds one worker per pod ([`pod`]); task
+//! exits come from containerd's event stream and are routed to the pod's
+//! worker by the container id (which starts with the pod's uid). At start
+//! the kubelet adopts what runs and removes what belongs to pods that are
+//! gone (containers, sandboxes, CNI attachments through CNI GC).
+
+pub mod containerd;
+pub mod image;
+pub mod node;
+pub mod pod;
+pub mod quantity;
+pub mod sandbox;
+pub mod spec;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::watcher;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::role::{NodeContext, Role, Shutdown, stopped};
+use containerd::{Containerd, ContainerdError};
+use skiff_cni_lib::exec::Runtime;
+
+#[derive(Clone, Debug)]
+pub struct KubeletConfig {
+    pub node_name: String,
+    pub node_ip: IpAddr,
+    pub node_labels: BTreeMap<String, String>,
+    /// containerd's socket.
+    pub containerd: PathBuf,
+    /// The containerd namespace the kubelet's containers live in.
+    pub namespace: String,
+    /// Pod state (pinned namespaces, CNI results): `<root>/pods/<uid>`.
+    pub root_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// cgroup parent of every pod (cgroupfs path, as runc takes it).
+    pub cgroup_parent: String,
+    /// Registries reached over plain HTTP (`host:port`).
+    pub insecure_registries: Vec<String>,
+    pub max_pods: u32,
+    /// The kubelet's HTTPS port (daemonEndpoints.kubeletEndpoint).
+    pub port: u16,
+    pub lease_renew: Duration,
+    pub lease_duration: Duration,
+    pub status_report: Duration,
+    /// The overlay's subnet.env, read for the Node's podCIDR.
+    pub subnet_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeletError {
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    #[error(transparent)]
+    NoClient(#[from] crate::role::NoClient),
+    #[error("node registration: {0}")]
+    Node(#[source] kube::Error),
+    #[error("watching this node's pods: {0}")]
+    Watch(#[from] watcher::Error),
+    #[error("{path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Handle {
+    updates: watch::Sender<Option<Pod>>,
+    exits: mpsc::Sender<containerd::Exit>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Role for KubeletConfig {
+    type Error = KubeletError;
+
+    fn name(&self) -> &'static str {
+        "kubelet"
+    }
+
+    async fn run(&self, ctx: NodeContext, shutdown: Shutdown) -> Result<(), KubeletError> {
+        let client = ctx.client("kubelet")?;
+        run(self.clone(), client, shutdown).await
+    }
+}
+
+fn pod_cidr(cfg: &KubeletConfig) -> Option<String> {
+    skiff_cni_lib::subnet_env::SubnetEnv::read(&cfg.subnet_file)
+        .ok()
+        .map(|s| s.subnet_network().to_string())
+}
+
+pub async fn run(
+    cfg: KubeletConfig,
+    client: kube::Client,
+    mut shutdown: Shutdown,
+) -> Result<(), KubeletError> {
+    let pods_dir = cfg.root_dir.join("pods");
+    for d in [&pods_dir, &cfg.log_dir] {
+        std::fs::create_dir_all(d).map_err(|source| KubeletError::Dir {
+            path: d.clone(),
+            source,
+        })?;
+    }
+    let cd = Containerd::connect(&cfg.containerd, &cfg.namespace).await?;
+    let version = cd.version().await?;
+    info!(containerd = %version, node = %cfg.node_name, "kubelet starting");
+    let node_task = {
+        let (client, cfg, version, sd) = (
+            client.clone(),
+            cfg.clone(),
+            version.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let cidr = pod_cidr(&cfg);
+            if let Err(e) = node::run(client, &cfg, &version, cidr, sd).await {
+                warn!(error = %e, "node registration failed");
+            }
+        })
+    };
+    let shared = Arc::new(pod::Shared {
+        cd: cd.clone(),
+        puller: image::Puller::new(&cfg.insecure_registries),
+        cni: sandbox::Cni {
+            conf_dir: cfg.cni_conf_dir.clone(),
+            runtime: Runtime::new(cfg.cni_bin_dirs.clone()),
+        },
+        client: client.clone(),
+        pods_dir: pods_dir.clone(),
+        log_dir: cfg.log_dir.clone(),
+        cgroup_parent: cfg.cgroup_parent.clone(),
+        node_ip: cfg.node_ip.to_string(),
+    });
+    // containerd answers a subscription only with its first event, so the
+    // stream is read on a task of its own, resubscribing if it ends.
+    let (exit_tx, mut exits) = mpsc::channel::<containerd::Exit>(256);
+    let exit_task = {
+        let cd = cd.clone();
+        tokio::spawn(async move {
+            loop {
+                match cd.exits().await {
+                    Ok(s) => {
+                        let mut s = Box::pin(s);
+                        while let Some(e) = s.next().await {
+                            if exit_tx.send(e).await.is_err() {
+                                return;
+                            }
+                        }
+                        warn!("containerd's event stream ended; resubscribing");
+                    }
+                    Err(e) => warn!(error = %e, "subscribing to containerd's exits failed"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let api: Api<Pod> = Api::all(client);
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
+    let mut events = Box::pin(watcher(api, wc));
+    let mut workers: HashMap<String, Handle> = HashMap::new();
+    let mut listing: Option<HashSet<String>> = None;
+    let result = loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break Ok(()),
+            Some(e) = exits.recv() => {
+                if let Some(h) = workers.get(pod::uid_of(&e.container_id)) {
+                    let _ = h.exits.send(e).await;
+                }
+            },
+            ev = events.next() => match ev {
+                None => break Ok(()),
+                Some(Err(e)) => warn!(error = %e, "pod watch error; retrying"),
+                Some(Ok(watcher::Event::Init)) => listing = Some(HashSet::new()),
+                Some(Ok(watcher::Event::InitApply(p))) => {
+                    if let (Some(l), Some(uid)) = (listing.as_mut(), p.metadata.uid.clone()) {
+                        l.insert(uid);
+                    }
+                    apply(&shared, &mut workers, p);
+                }
+                Some(Ok(watcher::Event::InitDone)) => {
+                    if let Some(valid) = listing.take() {
+                        for (uid, h) in workers.iter() {
+                            if !valid.contains(uid) {
+                                let _ = h.updates.send(None);
+                            }
+                        }
+                        cleanup_orphans(&shared, &valid).await;
+                    }
+                }
+                Some(Ok(watcher::Event::Apply(p))) => apply(&shared, &mut workers, p),
+                Some(Ok(watcher::Event::Delete(p))) => {
+                    if let Some(h) = p.metadata.uid.as_ref().and_then(|u| workers.get(u)) {
+                        let _ = h.updates.send(None);
+                    }
+                }
+            },
+        }
+        workers.retain(|_, h| !h.task.is_finished());
+    };
+    // The containers keep running: a restarted kubelet adopts them.
+    for (_, h) in workers.drain() {
+        h.task.abort();
+    }
+    node_task.abort();
+    exit_task.abort();
+    result
+}
+
+fn apply(shared: &Arc<pod::Shared>, workers: &mut HashMap<String, Handle>, p: Pod) {
+    let Some(uid) = p.metadata.uid.clone() else {
+        return;
+    };
+    if let Some(h) = workers.get(&uid)
+        && !h.task.is_finished()
+    {
+        let _ = h.updates.send(Some(p));
+        return;
+    }
+    let (tx, rx) = watch::channel(Some(p.clone()));
+    let (etx, erx) = mpsc::channel(16);
+    let worker = pod::Worker::new(shared.clone(), p);
+    let task = tokio::spawn(worker.run(rx, erx));
+    workers.insert(
+        uid,
+        Handle {
+            updates: tx,
+            exits: etx,
+            task,
+        },
+    );
+}
+
+/// Removes what belongs to pods that no longer exist: their containers,
+/// sandboxes and CNI attachments.
+async fn cleanup_orphans(shared: &Arc<pod::Shared>, valid: &HashSet<String>) {
+    let cd = &shared.cd;
+    if let Ok(list) = cd.containers("").await {
+        for c in list {
+            let uid = c
+                .labels
+                .get(pod::LABEL_POD_UID)
+                .cloned()
+                .unwrap_or_default();
+            if valid.contains(&uid) {
+                continue;
+            }
+            info!(container = %c.id, "removing a container of a deleted pod");
+            let _ = cd.kill(&c.id, 9).await;
+            for _ in 0..50 {
+                if !matches!(
+                    cd.task(&c.id).await,
+                    Ok(Some(containerd::TaskState::Running { .. }))
+                ) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = cd.delete_task(&c.id).await;
+            let _ = cd.delete_container(&c.id).await;
+            let _ = cd.remove_snapshot(&c.id).await;
+        }
+    }
+    let (cni, dir, valid) = (shared.cni.clone(), shared.pods_dir.clone(), valid.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let uid = e.file_name().to_string_lossy().into_owned();
+                if valid.contains(&uid) {
+                    continue;
+                }
+                let pod = sandbox::PodRef {
+                    namespace: "",
+                    name: "",
+                    uid: &uid,
+                };
+                if let Err(err) = cni.del(&e.path(), &pod) {
+                    warn!(pod_uid = %uid, error = %err, "CNI DEL of a deleted pod failed");
+                }
+                sandbox::remove_namespaces(&e.path());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let valid: Vec<String> = valid.into_iter().collect();
+        if let Err(err) = cni.gc(&valid) {
+            warn!(error = %err, "CNI GC failed");
+        }
+    })
+    .await;
+}

@@ -1,0 +1,848 @@
+//! One worker per pod bound to this node: it makes the sandbox, pulls
+//! images, runs the containers on containerd under the restart policy with
+//! back-off, follows their exits (from containerd's event stream, routed
+//! here), writes the pod's status, and on deletion stops the containers
+//! within the grace period, tears the sandbox down and removes the pod.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use super::containerd::{Containerd, Exit, TaskState};
+use super::image::{ImageError, ImageInfo, Puller};
+use super::sandbox::{self, Cni, PodRef};
+use super::spec::{self, SpecInput};
+
+/// What the worker shares with the kubelet.
+pub struct Shared {
+    pub cd: Containerd,
+    pub puller: Puller,
+    pub cni: Cni,
+    pub client: kube::Client,
+    pub pods_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub cgroup_parent: String,
+    pub node_ip: String,
+}
+
+pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
+pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
+pub const LABEL_POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub const LABEL_CONTAINER: &str = "io.kubernetes.container.name";
+pub const LABEL_ATTEMPT: &str = "io.kubernetes.container.restartCount";
+
+const BACKOFF_FIRST: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+const BACKOFF_RESET: Duration = Duration::from_secs(600);
+
+/// The containerd id of a container's `attempt`-th run.
+pub fn container_id(uid: &str, name: &str, attempt: u32) -> String {
+    format!("{uid}-{name}-{attempt}")
+}
+
+/// The pod uid a containerd id belongs to.
+pub fn uid_of(container_id: &str) -> &str {
+    container_id.get(..36).unwrap_or(container_id)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Run {
+    Waiting {
+        reason: String,
+        message: String,
+    },
+    Running {
+        id: String,
+        started: String,
+    },
+    Terminated {
+        id: String,
+        exit: i32,
+        reason: String,
+        started: String,
+        finished: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Ctr {
+    run: Run,
+    last: Option<Run>,
+    restarts: u32,
+    image_id: String,
+    /// Not before this instant may it start again; the delay it was.
+    backoff: Option<(Instant, Duration)>,
+    started_at: Option<Instant>,
+}
+
+impl Ctr {
+    fn new() -> Self {
+        Self {
+            run: Run::Waiting {
+                reason: "ContainerCreating".into(),
+                message: String::new(),
+            },
+            last: None,
+            restarts: 0,
+            image_id: String::new(),
+            backoff: None,
+            started_at: None,
+        }
+    }
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+fn stamp(ts: Option<&prost_types::Timestamp>) -> String {
+    ts.and_then(|t| k8s_openapi::jiff::Timestamp::new(t.seconds, t.nanos).ok())
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(now)
+}
+
+pub struct Worker {
+    shared: Arc<Shared>,
+    uid: String,
+    pod: Pod,
+    ctrs: BTreeMap<String, Ctr>,
+    ip: Option<String>,
+    sandbox_error: Option<String>,
+    last_status: Option<Value>,
+    started: String,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, pod: Pod) -> Self {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        Self {
+            shared,
+            uid,
+            pod,
+            ctrs: BTreeMap::new(),
+            ip: None,
+            sandbox_error: None,
+            last_status: None,
+            started: now(),
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.shared.pods_dir.join(&self.uid)
+    }
+
+    fn name(&self) -> &str {
+        self.pod.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    fn namespace(&self) -> &str {
+        self.pod.metadata.namespace.as_deref().unwrap_or("default")
+    }
+
+    fn containers(&self) -> Vec<Container> {
+        self.pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.clone())
+            .unwrap_or_default()
+    }
+
+    fn restart_policy(&self) -> String {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into())
+    }
+
+    /// Runs the pod until it is deleted (from the API or `updates` closes).
+    pub async fn run(
+        mut self,
+        mut updates: watch::Receiver<Option<Pod>>,
+        mut exits: mpsc::Receiver<Exit>,
+    ) {
+        self.adopt().await;
+        loop {
+            let deleting = self.pod.metadata.deletion_timestamp.is_some();
+            if deleting || updates.borrow().is_none() {
+                self.terminate(&mut exits).await;
+                return;
+            }
+            self.sync().await;
+            self.report().await;
+            let wake = self
+                .ctrs
+                .values()
+                .filter_map(|c| c.backoff.map(|(t, _)| t))
+                .filter(|t| *t > Instant::now())
+                .min()
+                .map(|t| t - Instant::now())
+                .unwrap_or(Duration::from_secs(if self.sandbox_error.is_some() {
+                    2
+                } else {
+                    60
+                }));
+            tokio::select! {
+                changed = updates.changed() => {
+                    if changed.is_err() {
+                        let _ = updates; // closed: the kubelet stops
+                        return;
+                    }
+                    if let Some(p) = updates.borrow().clone() {
+                        self.pod = p;
+                    }
+                }
+                Some(exit) = exits.recv() => self.exited(exit),
+                _ = tokio::time::sleep(wake) => {}
+            }
+        }
+    }
+
+    /// Picks up the containers a previous kubelet run left.
+    async fn adopt(&mut self) {
+        if let Some(r) = Cni::saved_result(&self.dir()) {
+            self.ip = skiff_cni_lib::exec::first_ip(&r);
+        }
+        let filter = format!("labels.\"{LABEL_POD_UID}\"=={}", self.uid);
+        let Ok(list) = self.shared.cd.containers(&filter).await else {
+            return;
+        };
+        for c in list {
+            let name = c.labels.get(LABEL_CONTAINER).cloned().unwrap_or_default();
+            let attempt: u32 = c
+                .labels
+                .get(LABEL_ATTEMPT)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0);
+            let entry = self.ctrs.entry(name).or_insert_with(Ctr::new);
+            if attempt < entry.restarts {
+                continue;
+            }
+            entry.restarts = attempt;
+            entry.run = match self.shared.cd.task(&c.id).await {
+                Ok(Some(TaskState::Running { .. })) => {
+                    entry.started_at = Some(Instant::now());
+                    Run::Running {
+                        id: c.id.clone(),
+                        started: now(),
+                    }
+                }
+                Ok(Some(TaskState::Stopped { exit_status })) => Run::Terminated {
+                    id: c.id.clone(),
+                    exit: exit_status as i32,
+                    reason: if exit_status == 0 {
+                        "Completed"
+                    } else {
+                        "Error"
+                    }
+                    .into(),
+                    started: now(),
+                    finished: now(),
+                },
+                _ => Run::Terminated {
+                    id: c.id.clone(),
+                    exit: 255,
+                    reason: "Unknown".into(),
+                    started: now(),
+                    finished: now(),
+                },
+            };
+        }
+        if !self.ctrs.is_empty() {
+            info!(pod = %self.name(), containers = self.ctrs.len(), "adopted running pod");
+        }
+    }
+
+    fn exited(&mut self, exit: Exit) {
+        for c in self.ctrs.values_mut() {
+            if let Run::Running { id, started } = &c.run
+                && *id == exit.container_id
+            {
+                let code = exit.exit_status as i32;
+                c.run = Run::Terminated {
+                    id: id.clone(),
+                    exit: code,
+                    reason: if code == 0 { "Completed" } else { "Error" }.into(),
+                    started: started.clone(),
+                    finished: stamp(exit.exited_at.as_ref()),
+                };
+            }
+        }
+    }
+
+    async fn sync(&mut self) {
+        if self.ip.is_none() && !self.ensure_sandbox().await {
+            return;
+        }
+        let policy = self.restart_policy();
+        for c in self.containers() {
+            let state = self
+                .ctrs
+                .entry(c.name.clone())
+                .or_insert_with(Ctr::new)
+                .clone();
+            let start = match &state.run {
+                Run::Running { .. } => false,
+                Run::Waiting { .. } => state.backoff.is_none_or(|(t, _)| Instant::now() >= t),
+                Run::Terminated { exit, .. } => match policy.as_str() {
+                    "Never" => false,
+                    "OnFailure" => *exit != 0,
+                    _ => true,
+                },
+            };
+            if !start {
+                continue;
+            }
+            if let Run::Terminated { .. } = state.run {
+                self.schedule_restart(&c.name).await;
+                continue;
+            }
+            self.start(&c).await;
+        }
+    }
+
+    /// A terminated container waits out its back-off before it runs again.
+    async fn schedule_restart(&mut self, name: &str) {
+        let Some(c) = self.ctrs.get_mut(name) else {
+            return;
+        };
+        let ran_long = c.started_at.is_some_and(|t| t.elapsed() >= BACKOFF_RESET);
+        let delay = match c.backoff {
+            Some((_, d)) if !ran_long => (d * 2).min(BACKOFF_MAX),
+            _ => BACKOFF_FIRST,
+        };
+        let old = std::mem::replace(
+            &mut c.run,
+            Run::Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: format!(
+                    "back-off {}s restarting failed container={name} pod={}_{}({})",
+                    delay.as_secs(),
+                    self.pod.metadata.name.as_deref().unwrap_or_default(),
+                    self.pod.metadata.namespace.as_deref().unwrap_or_default(),
+                    self.uid
+                ),
+            },
+        );
+        if let Run::Terminated { id, .. } = &old {
+            let id = id.clone();
+            let _ = self.shared.cd.delete_task(&id).await;
+            let _ = self.shared.cd.delete_container(&id).await;
+            let _ = self.shared.cd.remove_snapshot(&id).await;
+        }
+        c.last = Some(old);
+        c.restarts += 1;
+        c.backoff = Some((Instant::now() + delay, delay));
+    }
+
+    async fn ensure_sandbox(&mut self) -> bool {
+        let dir = self.dir();
+        let hostname = self.name().to_string();
+        let ports: Vec<Value> = self
+            .containers()
+            .iter()
+            .flat_map(|c| c.ports.clone().unwrap_or_default())
+            .filter(|p| p.host_port.is_some_and(|h| h > 0))
+            .map(|p| {
+                json!({"hostPort": p.host_port, "containerPort": p.container_port,
+                "protocol": p.protocol.unwrap_or_else(|| "TCP".into()).to_lowercase()})
+            })
+            .collect();
+        let (cni, uid, ns, name) = (
+            self.shared.cni.clone(),
+            self.uid.clone(),
+            self.namespace().to_string(),
+            self.name().to_string(),
+        );
+        let r = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            sandbox::create_namespaces(&dir, &hostname).map_err(|e| e.to_string())?;
+            let pod = PodRef {
+                namespace: &ns,
+                name: &name,
+                uid: &uid,
+            };
+            cni.add(&dir, &pod, ports).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match r {
+            Ok(result) => {
+                self.ip = skiff_cni_lib::exec::first_ip(&result);
+                self.sandbox_error = None;
+                info!(pod = %self.name(), ip = ?self.ip, "sandbox ready");
+                true
+            }
+            Err(e) => {
+                warn!(pod = %self.name(), error = %e, "sandbox failed");
+                self.event(
+                    "Warning",
+                    "FailedCreatePodSandBox",
+                    &format!("Failed to create pod sandbox: {e}"),
+                )
+                .await;
+                self.sandbox_error = Some(e);
+                false
+            }
+        }
+    }
+
+    async fn image(&mut self, c: &Container) -> Result<ImageInfo, (String, String)> {
+        let image = c.image.clone().unwrap_or_default();
+        let policy = c.image_pull_policy.clone().unwrap_or_else(|| {
+            let tagged_latest = image
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| !last.contains(':') || last.ends_with(":latest"));
+            if tagged_latest && !image.contains('@') {
+                "Always"
+            } else {
+                "IfNotPresent"
+            }
+            .into()
+        });
+        let local = match self.shared.puller.local(&self.shared.cd, &image).await {
+            Ok(l) => l,
+            Err(ImageError::InvalidName { why, .. }) => {
+                return Err((
+                    "InvalidImageName".into(),
+                    format!("Failed to apply default image tag {image:?}: {why}"),
+                ));
+            }
+            Err(e) => return Err(("ErrImagePull".into(), e.to_string())),
+        };
+        match (policy.as_str(), local) {
+            ("Never", Some(l)) | ("IfNotPresent", Some(l)) => Ok(l),
+            ("Never", None) => Err((
+                "ErrImageNeverPull".into(),
+                format!("Container image {image:?} is not present with pull policy of Never"),
+            )),
+            _ => {
+                self.event("Normal", "Pulling", &format!("Pulling image {image:?}"))
+                    .await;
+                match self.shared.puller.pull(&self.shared.cd, &image).await {
+                    Ok(i) => {
+                        self.event(
+                            "Normal",
+                            "Pulled",
+                            &format!("Successfully pulled image {image:?}"),
+                        )
+                        .await;
+                        Ok(i)
+                    }
+                    Err(e) => Err(("ErrImagePull".into(), e.to_string())),
+                }
+            }
+        }
+    }
+
+    async fn start(&mut self, c: &Container) {
+        let img = match self.image(c).await {
+            Ok(i) => i,
+            Err((reason, message)) => {
+                warn!(pod = %self.name(), container = %c.name, %reason, %message, "image not available");
+                let st = self.ctrs.entry(c.name.clone()).or_insert_with(Ctr::new);
+                // A failed pull backs off: ErrImagePull, then ImagePullBackOff.
+                let delay = match st.backoff {
+                    Some((_, d)) => (d * 2).min(BACKOFF_MAX),
+                    None => BACKOFF_FIRST,
+                };
+                let reason = if matches!(&st.run, Run::Waiting { reason: r, .. } if r == "ErrImagePull" || r == "ImagePullBackOff")
+                    && reason == "ErrImagePull"
+                {
+                    "ImagePullBackOff".to_string()
+                } else {
+                    reason
+                };
+                st.run = Run::Waiting {
+                    reason: reason.clone(),
+                    message: message.clone(),
+                };
+                st.backoff = Some((Instant::now() + delay, delay));
+                self.event(
+                    "Warning",
+                    if reason == "InvalidImageName" {
+                        "InspectFailed"
+                    } else {
+                        "Failed"
+                    },
+                    &message,
+                )
+                .await;
+                return;
+            }
+        };
+        let attempt = self.ctrs.get(&c.name).map(|s| s.restarts).unwrap_or(0);
+        let id = container_id(&self.uid, &c.name, attempt);
+        let mut env: Vec<(String, String)> = img.config["Env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                e.as_str()?
+                    .split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        for e in c.env.iter().flatten() {
+            let v = spec::expand(e.value.as_deref().unwrap_or_default(), &env);
+            env.retain(|(k, _)| *k != e.name);
+            env.push((e.name.clone(), v));
+        }
+        let ns = sandbox::namespaces(&self.dir());
+        let cgroups = format!("{}/pod{}/{}", self.shared.cgroup_parent, self.uid, id);
+        let spec = spec::runtime_spec(&SpecInput {
+            pod: &self.pod,
+            container: c,
+            image_config: &img.config,
+            env: &env,
+            namespaces: &ns,
+            hostname: self.name(),
+            cgroups_path: &cgroups,
+            mounts: &[],
+        });
+        let labels = [
+            (LABEL_POD_UID, self.uid.clone()),
+            (LABEL_POD_NAME, self.name().to_string()),
+            (LABEL_POD_NAMESPACE, self.namespace().to_string()),
+            (LABEL_CONTAINER, c.name.clone()),
+            (LABEL_ATTEMPT, attempt.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let log_dir = self
+            .shared
+            .log_dir
+            .join(format!("{}_{}_{}", self.namespace(), self.name(), self.uid))
+            .join(&c.name);
+        let _ = std::fs::create_dir_all(&log_dir);
+        let log = format!(
+            "file://{}",
+            log_dir.join(format!("{attempt}.log")).display()
+        );
+        let cd = &self.shared.cd;
+        let started = async {
+            let mounts = match cd.prepare(&id, &img.top_layer, Default::default()).await {
+                Ok(m) => m,
+                Err(e) if e.is_already_exists() => cd.mounts(&id).await?,
+                Err(e) => return Err(e),
+            };
+            match cd.create_container(&id, &img.name, &spec, labels).await {
+                Ok(()) => {}
+                Err(e) if e.is_already_exists() => {}
+                Err(e) => return Err(e),
+            }
+            cd.start_task(&id, mounts, &log).await
+        }
+        .await;
+        let st = self.ctrs.entry(c.name.clone()).or_insert_with(Ctr::new);
+        st.image_id = img.id.clone();
+        match started {
+            Ok(pid) => {
+                st.run = Run::Running {
+                    id: id.clone(),
+                    started: now(),
+                };
+                st.started_at = Some(Instant::now());
+                info!(pod = %self.pod.metadata.name.as_deref().unwrap_or_default(), container = %c.name, pid, "container started");
+                self.event(
+                    "Normal",
+                    "Started",
+                    &format!("Started container {}", c.name),
+                )
+                .await;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = cd.delete_task(&id).await;
+                let _ = cd.delete_container(&id).await;
+                let _ = cd.remove_snapshot(&id).await;
+                st.last = Some(Run::Terminated {
+                    id: id.clone(),
+                    exit: 128,
+                    reason: "StartError".into(),
+                    started: now(),
+                    finished: now(),
+                });
+                let delay = match st.backoff {
+                    Some((_, d)) => (d * 2).min(BACKOFF_MAX),
+                    None => BACKOFF_FIRST,
+                };
+                st.restarts += 1;
+                st.backoff = Some((Instant::now() + delay, delay));
+                st.run = Run::Waiting {
+                    reason: "RunContainerError".into(),
+                    message: msg.clone(),
+                };
+                self.event("Warning", "Failed", &format!("Error: {msg}"))
+                    .await;
+            }
+        }
+    }
+
+    /// Graceful stop: SIGTERM, the grace period, SIGKILL; then the
+    /// sandbox goes and the pod object is removed.
+    async fn terminate(&mut self, exits: &mut mpsc::Receiver<Exit>) {
+        let grace = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| {
+                self.pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
+            .unwrap_or(30)
+            .max(0) as u64;
+        let running: Vec<String> = self
+            .ctrs
+            .values()
+            .filter_map(|c| match &c.run {
+                Run::Running { id, .. } => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        let cd = self.shared.cd.clone();
+        for id in &running {
+            let _ = cd.kill(id, if grace == 0 { 9 } else { 15 }).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(grace);
+        let mut alive: Vec<String> = running.clone();
+        while !alive.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                for id in &alive {
+                    let _ = cd.kill(id, 9).await;
+                }
+                // SIGKILL cannot be refused; give the shim a moment.
+                let until = Instant::now() + Duration::from_secs(5);
+                while !alive.is_empty() && Instant::now() < until {
+                    if let Ok(Some(e)) =
+                        tokio::time::timeout(Duration::from_millis(200), exits.recv()).await
+                    {
+                        alive.retain(|a| *a != e.container_id);
+                    }
+                    let mut still = Vec::new();
+                    for id in &alive {
+                        if matches!(cd.task(id).await, Ok(Some(TaskState::Running { .. }))) {
+                            still.push(id.clone());
+                        }
+                    }
+                    alive = still;
+                }
+                break;
+            }
+            match tokio::time::timeout(left, exits.recv()).await {
+                Ok(Some(e)) => {
+                    alive.retain(|a| *a != e.container_id);
+                    self.exited(e);
+                }
+                Ok(None) => break,
+                Err(_) => {}
+            }
+        }
+        self.remove_containers().await;
+        let (cni, dir, uid, ns, name) = (
+            self.shared.cni.clone(),
+            self.dir(),
+            self.uid.clone(),
+            self.namespace().to_string(),
+            self.name().to_string(),
+        );
+        let torn = tokio::task::spawn_blocking(move || {
+            let pod = PodRef {
+                namespace: &ns,
+                name: &name,
+                uid: &uid,
+            };
+            let r = cni.del(&dir, &pod);
+            sandbox::remove_namespaces(&dir);
+            if r.is_ok() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            r
+        })
+        .await;
+        if let Ok(Err(e)) = &torn {
+            warn!(pod = %self.name(), error = %e, "CNI DEL failed; GC will retry");
+        }
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), self.namespace());
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(self.uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(self.name(), &dp).await {
+            Ok(_) => info!(pod = %self.name(), "pod removed"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => warn!(pod = %self.name(), error = %e, "removing the pod object failed"),
+        }
+    }
+
+    async fn remove_containers(&self) {
+        let filter = format!("labels.\"{LABEL_POD_UID}\"=={}", self.uid);
+        let cd = &self.shared.cd;
+        if let Ok(list) = cd.containers(&filter).await {
+            for c in list {
+                let _ = cd.kill(&c.id, 9).await;
+                let _ = cd.delete_task(&c.id).await;
+                let _ = cd.delete_container(&c.id).await;
+                let _ = cd.remove_snapshot(&c.id).await;
+            }
+        }
+    }
+
+    fn status(&self) -> Value {
+        let containers = self.containers();
+        let policy = self.restart_policy();
+        let mut statuses = Vec::new();
+        let mut all_ready = !containers.is_empty();
+        let (mut running, mut succeeded, mut failed, mut waiting) = (0, 0, 0, 0);
+        for c in &containers {
+            let st = self.ctrs.get(&c.name).cloned().unwrap_or_else(Ctr::new);
+            let state = |r: &Run| match r {
+                Run::Waiting { reason, message } => {
+                    let mut w = json!({"reason": reason});
+                    if !message.is_empty() {
+                        w["message"] = json!(message);
+                    }
+                    json!({"waiting": w})
+                }
+                Run::Running { started, .. } => json!({"running": {"startedAt": started}}),
+                Run::Terminated {
+                    id,
+                    exit,
+                    reason,
+                    started,
+                    finished,
+                } => json!({"terminated": {
+                    "exitCode": exit, "reason": reason, "startedAt": started, "finishedAt": finished,
+                    "containerID": format!("containerd://{id}")}}),
+            };
+            let ready = matches!(st.run, Run::Running { .. });
+            all_ready &= ready;
+            match &st.run {
+                Run::Running { .. } => running += 1,
+                Run::Terminated { exit: 0, .. } => succeeded += 1,
+                Run::Terminated { .. } => failed += 1,
+                Run::Waiting { .. } => waiting += 1,
+            }
+            let mut s = json!({"name": c.name, "image": c.image, "imageID": st.image_id,
+                "ready": ready, "started": ready, "restartCount": st.restarts, "state": state(&st.run)});
+            match &st.run {
+                Run::Running { id, .. } | Run::Terminated { id, .. } => {
+                    s["containerID"] = json!(format!("containerd://{id}"));
+                }
+                Run::Waiting { .. } => {}
+            }
+            if let Some(last) = &st.last {
+                s["lastState"] = state(last);
+            } else {
+                s["lastState"] = json!({});
+            }
+            statuses.push(s);
+        }
+        let n = containers.len();
+        let phase = if self.ip.is_none() {
+            "Pending"
+        } else if n > 0 && succeeded == n && policy != "Always" {
+            "Succeeded"
+        } else if n > 0 && failed + succeeded == n && failed > 0 && policy == "Never" {
+            "Failed"
+        } else if running > 0
+            || (waiting < n && policy == "Always")
+            || self.ctrs.values().any(|c| c.restarts > 0)
+        {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let prev = |ty: &str, status: &str| {
+            self.last_status
+                .as_ref()
+                .and_then(|s| s["conditions"].as_array())
+                .and_then(|cs| cs.iter().find(|c| c["type"] == ty && c["status"] == status))
+                .and_then(|c| c["lastTransitionTime"].as_str().map(String::from))
+                .unwrap_or_else(now)
+        };
+        let cond = |ty: &str, ok: bool, reason: &str| {
+            let status = if ok { "True" } else { "False" };
+            let mut c =
+                json!({"type": ty, "status": status, "lastTransitionTime": prev(ty, status)});
+            if !ok && !reason.is_empty() {
+                c["reason"] = json!(reason);
+            }
+            c
+        };
+        let mut status = json!({
+            "phase": phase,
+            "hostIP": self.shared.node_ip,
+            "hostIPs": [{"ip": self.shared.node_ip}],
+            "startTime": self.started,
+            "conditions": [
+                cond("PodReadyToStartContainers", self.ip.is_some(), ""),
+                cond("Initialized", true, ""),
+                cond("ContainersReady", all_ready, "ContainersNotReady"),
+                cond("Ready", all_ready, "ContainersNotReady"),
+                cond("PodScheduled", true, ""),
+            ],
+            "containerStatuses": statuses,
+            "qosClass": "BestEffort",
+        });
+        if let Some(ip) = &self.ip {
+            status["podIP"] = json!(ip);
+            status["podIPs"] = json!([{"ip": ip}]);
+        }
+        status
+    }
+
+    /// Writes the status when it changed.
+    async fn report(&mut self) {
+        let st = self.status();
+        if self.last_status.as_ref() == Some(&st) {
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), self.namespace());
+        match api
+            .patch_status(
+                self.name(),
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": st})),
+            )
+            .await
+        {
+            Ok(_) => self.last_status = Some(st),
+            Err(e) => warn!(pod = %self.name(), error = %e, "status update failed"),
+        }
+    }
+
+    async fn event(&self, ty: &str, reason: &str, message: &str) {
+        use k8s_openapi::api::core::v1::Event;
+        let api: Api<Event> = Api::namespaced(self.shared.client.clone(), self.namespace());
+        let ev = json!({"apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": format!("{}.", self.name()), "namespace": self.namespace()},
+            "involvedObject": {"kind": "Pod", "name": self.name(), "namespace": self.namespace(), "uid": self.uid, "apiVersion": "v1"},
+            "type": ty, "reason": reason, "message": message,
+            "source": {"component": "kubelet", "host": self.shared.node_ip},
+            "firstTimestamp": now(), "lastTimestamp": now(), "count": 1});
+        if let Ok(ev) = serde_json::from_value::<Event>(ev)
+            && let Err(e) = api.create(&Default::default(), &ev).await
+        {
+            warn!(error = %e, "event not recorded");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Real nodes for kubelet tests: a network namespace holding its own
+//! containerd (own root, state and socket), a local OCI registry with
+//! images built from what the machine has (busybox-static), the node's CNI
+//! conflist (`skiff-cni`), and `skiff-agent` running the kubelet role.
+//! Everything is removed on drop: the agent, the containers and their
+//! shims, containerd, the mounts under the node's directory.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+use serde_json::json;
+use sha2::Digest as _;
+use skiff_cni_lib::subnet_env::SubnetEnv;
+
+use crate::control::free_port;
+use crate::{Netns, Proc, Spawn, TempDir, bin, bin_dir, wait_for};
+
+/// Debian's docker-registry on loopback inside `ns`.
+pub struct Registry {
+    pub addr: String,
+    _proc: Proc,
+    _dir: TempDir,
+}
+
+impl Registry {
+    pub fn start_in(ns: &Netns) -> Self {
+        let dir = TempDir::new();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path.join("data").display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("registry config: {e}"));
+        let proc = Spawn::new("docker-registry")
+            .args(["serve", &config.display().to_string()])
+            .netns(ns)
+            .log_to(&dir.path.join("registry.log"))
+            .start();
+        let url = format!("http://{addr}/v2/");
+        wait_for("the registry to answer", Duration::from_secs(20), || {
+            Spawn::new("curl")
+                .args(["-sf", &url])
+                .netns(ns)
+                .try_output()
+                .ok()
+        });
+        Self {
+            addr,
+            _proc: proc,
+            _dir: dir,
+        }
+    }
+
+    /// Builds the busybox image (every applet linked in /bin, `sh` as its
+    /// command) and pushes it as `<registry>/<repo>`.
+    pub fn push_busybox(&self, ns: &Netns, repo: &str) -> String {
+        let work = TempDir::new();
+        let root = work.path.join("rootfs");
+        for d in ["bin", "tmp", "etc", "proc", "sys", "dev", "root", "var/www"] {
+            std::fs::create_dir_all(root.join(d)).unwrap_or_else(|e| panic!("mkdir {d}: {e}"));
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .unwrap_or_else(|e| panic!("copy busybox (busybox-static): {e}"));
+        let applets = Spawn::new("/bin/busybox").args(["--list"]).output();
+        for a in applets.lines().filter(|a| !a.is_empty() && *a != "busybox") {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
+        }
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        )
+        .unwrap_or_else(|e| panic!("passwd: {e}"));
+        std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")
+            .unwrap_or_else(|e| panic!("group: {e}"));
+        let tar = work.path.join("layer.tar");
+        Spawn::new("tar")
+            .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
+            .arg_path(&tar)
+            .args(["-C", &root.display().to_string(), "."])
+            .output();
+        let raw = std::fs::read(&tar).unwrap_or_else(|e| panic!("read layer: {e}"));
+        let diff_id = format!("sha256:{}", hex(&sha2::Sha256::digest(&raw)));
+        Spawn::new("gzip")
+            .args(["-n", "-f"])
+            .arg_path(&tar)
+            .output();
+        let gz = std::fs::read(work.path.join("layer.tar.gz"))
+            .unwrap_or_else(|e| panic!("read gz: {e}"));
+        let config = json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        });
+        let reference = format!("{}/{repo}", self.addr);
+        let r = reference.clone();
+        let nspath = ns.path();
+        std::thread::spawn(move || {
+            let _guard = skiff_netlink::NetnsGuard::enter(&nspath)
+                .unwrap_or_else(|e| panic!("enter {nspath}: {e}"));
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("runtime: {e}"));
+            rt.block_on(async {
+                use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+                let client = oci_client::Client::new(ClientConfig {
+                    protocol: ClientProtocol::Http,
+                    ..Default::default()
+                });
+                let reference: oci_client::Reference =
+                    r.parse().unwrap_or_else(|e| panic!("{r}: {e}"));
+                let layer = ImageLayer::new(
+                    gz,
+                    oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
+                    None,
+                );
+                let config = Config::new(
+                    config.to_string().into_bytes(),
+                    oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_string(),
+                    None,
+                );
+                client
+                    .push(
+                        &reference,
+                        &[layer],
+                        config,
+                        &oci_client::secrets::RegistryAuth::Anonymous,
+                        None,
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("push {r}: {e}"));
+            });
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("pushing {reference} failed"));
+        reference
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A containerd of its own, in `ns`.
+pub struct Containerd {
+    pub socket: PathBuf,
+    pub proc: Proc,
+    dir: PathBuf,
+}
+
+impl Containerd {
+    pub fn start_in(ns: &Netns, dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                sock = socket.display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("containerd config: {e}"));
+        let proc = Spawn::new("containerd")
+            .args(["--config", &config.display().to_string()])
+            .netns(ns)
+            .log_to(&dir.join("containerd.log"))
+            .start();
+        let cd = Self {
+            socket,
+            proc,
+            dir: dir.to_path_buf(),
+        };
+        wait_for("containerd to answer", Duration::from_secs(20), || {
+            cd.ctr(&["version"]).ok()
+        });
+        cd
+    }
+
+    /// `ctr` against this containerd, in the kubelet's namespace.
+    pub fn ctr(&self, args: &[&str]) -> Result<String, String> {
+        Spawn::new("ctr")
+            .args([
+                "--address",
+                &self.socket.display().to_string(),
+                "--namespace",
+                "k8s.io",
+            ])
+            .args(args)
+            .try_output()
+    }
+
+    /// Ids of the containers it holds.
+    pub fn containers(&self) -> Vec<String> {
+        self.ctr(&["containers", "list", "-q"])
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Kills and removes every task and container, then containerd.
+    fn stop(&mut self) {
+        for id in self.containers() {
+            let _ = self.ctr(&["tasks", "kill", "--all", "--signal", "SIGKILL", &id]);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for id in self.containers() {
+            let _ = self.ctr(&["tasks", "delete", "--force", &id]);
+            let _ = self.ctr(&["containers", "delete", &id]);
+        }
+        self.proc.terminate();
+        // Shims of this containerd that outlived their tasks.
+        let sock = self.socket.display().to_string();
+        for pid in crate::pids_with_arg(&sock) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        unmount_under(&self.dir);
+    }
+}
+
+/// Unmounts everything mounted below `dir` (deepest first).
+pub fn unmount_under(dir: &Path) {
+    let prefix = dir.display().to_string();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
+        .filter(|m| m.starts_with(&prefix))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// One node: containerd, the CNI conflist on a hand-written subnet.env,
+/// and `skiff-agent --roles kubelet` against `kubeconfig`.
+pub struct KubeletNode {
+    pub name: String,
+    pub agent: Option<Proc>,
+    pub containerd: Containerd,
+    pub dir: TempDir,
+    pub ip: String,
+    args: Vec<String>,
+    netns: String,
+}
+
+impl KubeletNode {
+    /// `subnet`: this node's pod subnet (`10.244.1.0/24`); `registry`: a
+    /// plain-HTTP registry the kubelet may pull from.
+    pub fn start(ns: &Netns, ip: &str, subnet: &str, kubeconfig: &Path, registry: &str) -> Self {
+        let dir = TempDir::new();
+        let name = crate::unique("node");
+        let net: Ipv4Network = "10.244.0.0/16".parse().unwrap_or_else(|e| panic!("{e}"));
+        let sub: Ipv4Network = subnet.parse().unwrap_or_else(|e| panic!("{subnet}: {e}"));
+        let subnet_file = dir.path.join("subnet.env");
+        SubnetEnv::for_subnet(net, sub, 1500, false)
+            .write(&subnet_file)
+            .unwrap_or_else(|e| panic!("subnet.env: {e}"));
+        let conf_dir = dir.path.join("net.d");
+        std::fs::create_dir_all(&conf_dir).unwrap_or_else(|e| panic!("{e}"));
+        let bridge = format!("cni{}", &name[name.len().saturating_sub(6)..]);
+        let conflist = json!({"cniVersion": "1.0.0", "name": "skiff", "plugins": [
+            {"type": "skiff-cni", "bridge": bridge, "subnetFile": subnet_file, "dataDir": dir.path.join("cni")},
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ]});
+        std::fs::write(conf_dir.join("10-skiff.conflist"), conflist.to_string())
+            .unwrap_or_else(|e| panic!("conflist: {e}"));
+        let containerd = Containerd::start_in(ns, &dir.path.join("containerd"));
+        let args: Vec<String> = [
+            "run",
+            "--roles",
+            "kubelet",
+            "--node-name",
+            &name,
+            "--node-ip",
+            ip,
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "--containerd",
+            &containerd.socket.display().to_string(),
+            "--root-dir",
+            &dir.path.join("kubelet").display().to_string(),
+            "--pod-log-dir",
+            &dir.path.join("logs").display().to_string(),
+            "--cni-conf-dir",
+            &conf_dir.display().to_string(),
+            "--cni-bin-dir",
+            &bin_dir().display().to_string(),
+            "--cni-bin-dir",
+            "/usr/lib/cni",
+            "--cgroup-parent",
+            &format!("/skiff-test/{name}"),
+            "--insecure-registry",
+            registry,
+            "--subnet-file",
+            &subnet_file.display().to_string(),
+            "--node-lease-renew-seconds",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut node = Self {
+            name,
+            agent: None,
+            containerd,
+            dir,
+            ip: ip.to_string(),
+            args,
+            netns: ns.path(),
+        };
+        node.start_agent();
+        node
+    }
+
+    /// Starts (or restarts) the agent.
+    pub fn start_agent(&mut self) {
+        let n = std::fs::read_dir(&self.dir.path)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        self.agent = Some(
+            Spawn::new(bin("skiff-agent"))
+                .args(&self.args)
+                .netns_path(Some(&self.netns))
+                .env("RUST_LOG", "info,skiff_agent=debug")
+                .log_to(&self.dir.path.join(format!("agent-{n}.log")))
+                .start(),
+        );
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+}
+
+impl Drop for KubeletNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.agent_log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- agent log of {} (last 80 lines) ---\n{}",
+                self.name,
+                lines[lines.len().saturating_sub(80)..].join("\n")
+            );
+            let logs = Spawn::new("sh")
+                .args([
+                    "-c",
+                    &format!(
+                        "for f in $(find {} -name '*.log'); do echo \"== $f\"; tail -20 $f; done",
+                        self.dir.path.join("logs").display()
+                    ),
+                ])
+                .try_output()
+                .unwrap_or_default();
+            eprintln!("--- container logs ---\n{logs}");
+        }
+        if let Some(mut a) = self.agent.take() {
+            a.kill_now();
+        }
+        self.containerd.stop();
+        unmount_under(&self.dir.path);
+        // runc's cgroups of this node, in every v1 hierarchy.
+        if let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in ctrls.flatten() {
+                let p = c.path().join("skiff-test").join(&self.name);
+                remove_cgroup_tree(&p);
+            }
+        }
+    }
+}
+
+fn remove_cgroup_tree(p: &Path) {
+    if let Ok(children) = std::fs::read_dir(p) {
+        for c in children.flatten() {
+            if c.path().is_dir() {
+                remove_cgroup_tree(&c.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(p);
+}

@@ -1,0 +1,168 @@
+//! The kubelet role on a real node: containerd and runc, images pulled
+//! from a registry the test starts, pods wired by skiff-cni, driven by
+//! the real kubectl through skiff-control. Everything lives in a network
+//! namespace the test makes; the pods are dialled only from there.
+
+use std::time::Duration;
+
+use skiff_tests::control::ControlPlane;
+use skiff_tests::node::{KubeletNode, Registry};
+use skiff_tests::{Netns, Spawn, wait_for};
+
+fn deployment(image: &str) -> String {
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: httpd
+        image: {image}
+        command: ["sh", "-c", "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"]
+        ports:
+        - containerPort: 80
+"#
+    )
+}
+
+/// `name podIP phase` of every pod with `app=web`.
+fn web_pods(cp: &ControlPlane) -> Vec<(String, String, String)> {
+    cp.jsonpath(
+        &["pods", "-l", "app=web"],
+        "{range .items[*]}{.metadata.name} {.status.podIP} {.status.phase}{\"\\n\"}{end}",
+    )
+    .lines()
+    .filter_map(|l| {
+        let mut p = l.split_whitespace();
+        Some((p.next()?.into(), p.next()?.into(), p.next()?.into()))
+    })
+    .collect()
+}
+
+#[test]
+fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
+    let ns = Netns::new();
+    ns.add_local_link("eth0", &["172.31.7.2/24"]);
+    let cp = ControlPlane::start_in(Some(&ns), &[]);
+    let registry = Registry::start_in(&ns);
+    let image = registry.push_busybox(&ns, "busybox:1.36");
+    let node = KubeletNode::start(
+        &ns,
+        "172.31.7.2",
+        "10.244.1.0/24",
+        &cp.kubeconfig,
+        &registry.addr,
+    );
+
+    let ready = wait_for(
+        "the node to register Ready",
+        Duration::from_secs(30),
+        || {
+            let s = cp.jsonpath(
+            &["node", &node.name],
+            "{.status.conditions[?(@.type==\"Ready\")].status} {.status.nodeInfo.containerRuntimeVersion} {.spec.podCIDR}",
+        );
+            s.starts_with("True").then_some(s)
+        },
+    );
+    assert!(ready.contains("containerd://1.6"), "{ready}");
+    assert!(ready.ends_with("10.244.1.0/24"), "{ready}");
+    let lease = cp.jsonpath(
+        &["lease", "-n", "kube-node-lease", &node.name],
+        "{.spec.holderIdentity}",
+    );
+    assert_eq!(lease, node.name);
+
+    cp.apply(&deployment(&image))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pods = wait_for("two pods Running with IPs", Duration::from_secs(90), || {
+        let pods = web_pods(&cp);
+        (pods.len() == 2
+            && pods
+                .iter()
+                .all(|(_, ip, phase)| phase == "Running" && ip.starts_with("10.244.1.")))
+        .then_some(pods)
+    });
+    for (name, ip, _) in &pods {
+        let body = wait_for(
+            "httpd to answer on the pod IP",
+            Duration::from_secs(20),
+            || {
+                Spawn::new("curl")
+                    .args(["-sf", "--max-time", "2", &format!("http://{ip}/")])
+                    .netns(&ns)
+                    .try_output()
+                    .ok()
+            },
+        );
+        assert_eq!(
+            body.trim(),
+            format!("hello from {name}"),
+            "the pod's hostname is its name"
+        );
+        let st = cp.jsonpath(
+            &["pod", name],
+            "{.status.hostIP} {.status.containerStatuses[0].ready} {.status.containerStatuses[0].containerID} {.status.containerStatuses[0].imageID}",
+        );
+        let f: Vec<&str> = st.split_whitespace().collect();
+        assert_eq!(f.first(), Some(&"172.31.7.2"), "{st}");
+        assert_eq!(f.get(1), Some(&"true"), "{st}");
+        assert!(
+            f.get(2).is_some_and(|c| c.starts_with("containerd://")),
+            "{st}"
+        );
+        assert!(
+            f.get(3).is_some_and(|c| c.contains("busybox@sha256:")),
+            "{st}"
+        );
+    }
+    assert_eq!(
+        node.containerd.containers().len(),
+        2,
+        "one container per pod"
+    );
+
+    // Deleting the Deployment stops the containers within their grace
+    // period and leaves nothing on the node.
+    cp.kubectl_ok(&["delete", "deployment", "web", "--wait=false"]);
+    wait_for("the pods to go", Duration::from_secs(60), || {
+        web_pods(&cp).is_empty().then_some(())
+    });
+    wait_for(
+        "containerd to hold no container",
+        Duration::from_secs(10),
+        || node.containerd.containers().is_empty().then_some(()),
+    );
+    let pods_dir = node.dir.path.join("kubelet/pods");
+    let left: Vec<_> = std::fs::read_dir(&pods_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "sandboxes left: {left:?}\n{}",
+        node.agent_log()
+    );
+    // skiff-cni's address records (files named by the address) are gone.
+    let allocated: Vec<String> = std::fs::read_dir(node.dir.path.join("cni/skiff"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        allocated.is_empty(),
+        "addresses left allocated: {allocated:?}"
+    );
+}
