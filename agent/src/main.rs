@@ -148,6 +148,14 @@ struct KubeletArgs {
     /// Container logs (`<ns>_<pod>_<uid>/<container>/<restart>.log`).
     #[arg(long, default_value = "/var/log/pods")]
     pod_log_dir: PathBuf,
+    /// The log driver containerd's shim runs (default: skiff-log beside
+    /// this binary).
+    #[arg(long)]
+    log_driver: Option<PathBuf>,
+    /// CA whose client certificates may read logs on the kubelet's port
+    /// (the cluster CA; without it the port is not served).
+    #[arg(long)]
+    client_ca_file: Option<PathBuf>,
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
     /// Where CNI plugins are (repeatable).
@@ -289,6 +297,13 @@ fn kubelet_config(args: &RunArgs, ctx: &NodeContext) -> Result<KubeletConfig> {
         namespace: k.containerd_namespace.clone(),
         root_dir: k.root_dir.clone(),
         log_dir: k.pod_log_dir.clone(),
+        log_driver: match &k.log_driver {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .context("finding skiff-log beside skiff-agent")?
+                .with_file_name("skiff-log"),
+        },
+        client_ca: k.client_ca_file.clone(),
         cni_conf_dir: k.cni_conf_dir.clone(),
         cni_bin_dirs: k.cni_bin_dirs.clone(),
         cgroup_parent: k.cgroup_parent.clone(),

@@ -261,7 +261,14 @@ pub struct KubeletNode {
 impl KubeletNode {
     /// `subnet`: this node's pod subnet (`10.244.1.0/24`); `registry`: a
     /// plain-HTTP registry the kubelet may pull from.
-    pub fn start(ns: &Netns, ip: &str, subnet: &str, kubeconfig: &Path, registry: &str) -> Self {
+    pub fn start(
+        ns: &Netns,
+        ip: &str,
+        subnet: &str,
+        cp: &crate::control::ControlPlane,
+        registry: &str,
+    ) -> Self {
+        let kubeconfig = &cp.kubeconfig;
         let dir = TempDir::new();
         let name = crate::unique("node");
         let net: Ipv4Network = "10.244.0.0/16".parse().unwrap_or_else(|e| panic!("{e}"));
@@ -310,6 +317,10 @@ impl KubeletNode {
             &subnet_file.display().to_string(),
             "--node-lease-renew-seconds",
             "2",
+            "--client-ca-file",
+            &cp.ca_file().display().to_string(),
+            "--kubelet-port",
+            &free_port().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())

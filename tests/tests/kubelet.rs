@@ -56,13 +56,7 @@ fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
     let cp = ControlPlane::start_in(Some(&ns), &[]);
     let registry = Registry::start_in(&ns);
     let image = registry.push_busybox(&ns, "busybox:1.36");
-    let node = KubeletNode::start(
-        &ns,
-        "172.31.7.2",
-        "10.244.1.0/24",
-        &cp.kubeconfig,
-        &registry.addr,
-    );
+    let node = KubeletNode::start(&ns, "172.31.7.2", "10.244.1.0/24", &cp, &registry.addr);
 
     let ready = wait_for(
         "the node to register Ready",
@@ -165,4 +159,148 @@ fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
         allocated.is_empty(),
         "addresses left allocated: {allocated:?}"
     );
+}
+
+/// One node with its control plane and registry, for the tests below.
+struct Cluster {
+    node: KubeletNode,
+    image: String,
+    cp: ControlPlane,
+    _registry: Registry,
+    ns: Netns,
+}
+
+fn cluster(ip: &str, subnet: &str) -> Cluster {
+    let ns = Netns::new();
+    ns.add_local_link("eth0", &[&format!("{ip}/24")]);
+    let cp = ControlPlane::start_in(Some(&ns), &[]);
+    let registry = Registry::start_in(&ns);
+    let image = registry.push_busybox(&ns, "busybox:1.36");
+    let node = KubeletNode::start(&ns, ip, subnet, &cp, &registry.addr);
+    wait_for("the node to be Ready", Duration::from_secs(30), || {
+        let s = cp.jsonpath(
+            &["node", &node.name],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        );
+        (s == "True").then_some(())
+    });
+    Cluster {
+        node,
+        image,
+        cp,
+        _registry: registry,
+        ns,
+    }
+}
+
+fn pod(name: &str, image: &str, restart: &str, script: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: {restart}\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", {script:?}]\n"
+    )
+}
+
+#[test]
+fn crash_loops_back_off_logs_follow_and_run_to_completion_pods_end() {
+    let c = cluster("172.31.8.2", "10.244.2.0/24");
+    let cp = &c.cp;
+    // A container that logs, then fails: restarted with growing delays.
+    cp.apply(&pod(
+        "crasher",
+        &c.image,
+        "Always",
+        "echo run at $(date +%s%N); echo to stderr >&2; sleep 1; exit 3",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    // A container that runs to completion, and one that fails, never restarted.
+    cp.apply(&pod("done", &c.image, "Never", "echo finished; exit 0"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    cp.apply(&pod("failed", &c.image, "Never", "exit 7"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A long runner whose log is followed.
+    cp.apply(&pod(
+        "ticker",
+        &c.image,
+        "Always",
+        "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.3; done",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let phase = |p: &str| cp.jsonpath(&["pod", p], "{.status.phase}");
+    wait_for("done to succeed", Duration::from_secs(60), || {
+        (phase("done") == "Succeeded").then_some(())
+    });
+    wait_for("failed to fail", Duration::from_secs(60), || {
+        (phase("failed") == "Failed").then_some(())
+    });
+    let code = cp.jsonpath(
+        &["pod", "failed"],
+        "{.status.containerStatuses[0].state.terminated.exitCode}",
+    );
+    assert_eq!(code, "7");
+    assert_eq!(cp.kubectl_ok(&["logs", "done"]), "finished\n");
+
+    // Back-off: 10 s after the first exit, then 20 s; the status says
+    // CrashLoopBackOff in between, with the last exit in lastState.
+    let waiting = wait_for("CrashLoopBackOff", Duration::from_secs(60), || {
+        let s = cp.jsonpath(&["pod", "crasher"], "{.status.containerStatuses[0].state.waiting.reason} {.status.containerStatuses[0].lastState.terminated.exitCode} {.status.containerStatuses[0].restartCount}");
+        s.starts_with("CrashLoopBackOff").then_some(s)
+    });
+    assert!(waiting.starts_with("CrashLoopBackOff 3 1"), "{waiting}");
+    let second = wait_for("the second restart", Duration::from_secs(60), || {
+        let n = cp.jsonpath(
+            &["pod", "crasher"],
+            "{.status.containerStatuses[0].restartCount}",
+        );
+        (n == "2").then(std::time::Instant::now)
+    });
+    let msg = cp.jsonpath(
+        &["pod", "crasher"],
+        "{.status.containerStatuses[0].state.waiting.message}",
+    );
+    assert!(msg.contains("back-off 20s"), "the delay doubles: {msg}");
+    let _ = second;
+    // The current run's log and the previous one's.
+    let current = wait_for("the current run's log", Duration::from_secs(30), || {
+        cp.kubectl(&["logs", "crasher"])
+            .ok()
+            .filter(|l| l.contains("run at"))
+    });
+    let previous = cp.kubectl_ok(&["logs", "crasher", "--previous"]);
+    assert!(
+        previous.contains("run at") && previous.contains("to stderr"),
+        "{previous}"
+    );
+    assert_ne!(current, previous, "--previous is another run");
+
+    // Follow: lines written after the request arrive on the stream.
+    let out = Spawn::new("timeout")
+        .args([
+            "3",
+            "kubectl",
+            "--kubeconfig",
+            &cp.kubeconfig.display().to_string(),
+            "logs",
+            "-f",
+            "--tail=1",
+            "ticker",
+        ])
+        .netns(&c.ns)
+        .run_with_input(b"");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ticks: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(
+        ticks.len() >= 5,
+        "following for 3 s at 0.3 s a line: {text}"
+    );
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order, none lost: {ticks:?}"
+    );
+    let stamped = cp.kubectl_ok(&["logs", "ticker", "--tail=2", "--timestamps"]);
+    assert_eq!(stamped.lines().count(), 2, "{stamped}");
+    assert!(stamped.lines().all(|l| l.contains("Z tick ")), "{stamped}");
+    let _ = &c.node;
 }

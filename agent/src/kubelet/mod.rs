@@ -11,10 +11,12 @@
 
 pub mod containerd;
 pub mod image;
+pub mod logs;
 pub mod node;
 pub mod pod;
 pub mod quantity;
 pub mod sandbox;
+pub mod server;
 pub mod spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -46,6 +48,11 @@ pub struct KubeletConfig {
     /// Pod state (pinned namespaces, CNI results): `<root>/pods/<uid>`.
     pub root_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// The `skiff-log` binary (CRI-format logs, run by containerd's shim).
+    pub log_driver: PathBuf,
+    /// The cluster CA: only clients it signed (the apiserver) may read
+    /// logs from the kubelet's port.
+    pub client_ca: Option<PathBuf>,
     pub cni_conf_dir: PathBuf,
     pub cni_bin_dirs: Vec<PathBuf>,
     /// cgroup parent of every pod (cgroupfs path, as runc takes it).
@@ -134,6 +141,15 @@ pub async fn run(
             }
         })
     };
+    let server_task = cfg.client_ca.clone().map(|ca| {
+        let addr = std::net::SocketAddr::new(cfg.node_ip, cfg.port);
+        tokio::spawn(server::run(
+            addr,
+            ca,
+            cfg.node_name.clone(),
+            cfg.log_dir.clone(),
+        ))
+    });
     let shared = Arc::new(pod::Shared {
         cd: cd.clone(),
         puller: image::Puller::new(&cfg.insecure_registries),
@@ -144,6 +160,7 @@ pub async fn run(
         client: client.clone(),
         pods_dir: pods_dir.clone(),
         log_dir: cfg.log_dir.clone(),
+        log_driver: cfg.log_driver.clone(),
         cgroup_parent: cfg.cgroup_parent.clone(),
         node_ip: cfg.node_ip.to_string(),
     });
@@ -219,6 +236,9 @@ pub async fn run(
     }
     node_task.abort();
     exit_task.abort();
+    if let Some(t) = server_task {
+        t.abort();
+    }
     result
 }
 

@@ -28,6 +28,8 @@ pub struct Shared {
     pub client: kube::Client,
     pub pods_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// The `skiff-log` binary containerd's shim runs for each container.
+    pub log_driver: PathBuf,
     pub cgroup_parent: String,
     pub node_ip: String,
 }
@@ -520,15 +522,17 @@ impl Worker {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let log_dir = self
-            .shared
-            .log_dir
-            .join(format!("{}_{}_{}", self.namespace(), self.name(), self.uid))
-            .join(&c.name);
+        let log_dir = super::logs::pod_dir(
+            &self.shared.log_dir,
+            self.namespace(),
+            self.name(),
+            &self.uid,
+        )
+        .join(&c.name);
         let _ = std::fs::create_dir_all(&log_dir);
-        let log = format!(
-            "file://{}",
-            log_dir.join(format!("{attempt}.log")).display()
+        let log = super::logs::uri(
+            &self.shared.log_driver,
+            &log_dir.join(format!("{attempt}.log")),
         );
         let cd = &self.shared.cd;
         let started = async {

@@ -1,0 +1,173 @@
+//! Container logs in the CRI format (`<RFC 3339 nano time> <stream> <F|P>
+//! <text>`, one line each, P for a line cut at 16 KiB), under
+//! `<log dir>/<ns>_<pod>_<uid>/<container>/<restart>.log`.
+//!
+//! Writing: containerd's shim starts `skiff-log` (a `binary://` log URI)
+//! with the container's stdout and stderr on fds 3 and 4; it lives as long
+//! as the container, so logs keep flowing while the kubelet restarts.
+//! Reading: [`read`] turns a file back into what `kubectl logs` shows,
+//! with `tailLines`, `timestamps`, `sinceSeconds` and `limitBytes`.
+
+use std::io::{BufRead as _, Write as _};
+use std::path::{Path, PathBuf};
+
+/// Lines longer than this are cut into partial (P) lines, as upstream's
+/// CRI runtimes do.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// The directory of one pod's logs.
+pub fn pod_dir(log_dir: &Path, namespace: &str, name: &str, uid: &str) -> PathBuf {
+    log_dir.join(format!("{namespace}_{name}_{uid}"))
+}
+
+/// The log URI handed to containerd for one container run.
+pub fn uri(driver: &Path, file: &Path) -> String {
+    // containerd passes each query key (then its value) as arguments.
+    format!("binary://{}?{}", driver.display(), file.display())
+}
+
+/// Formats one record.
+pub fn record(out: &mut Vec<u8>, time: &str, stream: &str, text: &[u8], complete: bool) {
+    out.extend_from_slice(time.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(stream.as_bytes());
+    out.extend_from_slice(if complete { b" F " } else { b" P " });
+    out.extend_from_slice(text);
+    out.push(b'\n');
+}
+
+pub fn now_nano() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        .to_string()
+}
+
+/// Copies `input` into `file` as CRI records of `stream` until EOF.
+pub fn copy_stream(
+    input: impl std::io::Read,
+    stream: &str,
+    file: &std::sync::Mutex<std::fs::File>,
+) -> std::io::Result<()> {
+    let mut reader = std::io::BufReader::with_capacity(MAX_LINE, input);
+    let mut line = Vec::with_capacity(1024);
+    loop {
+        line.clear();
+        let n = std::io::Read::take(&mut reader, MAX_LINE as u64).read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let complete = line.last() == Some(&b'\n');
+        if complete {
+            line.pop();
+        }
+        let mut rec = Vec::with_capacity(line.len() + 48);
+        record(&mut rec, &now_nano(), stream, &line, complete);
+        let mut f = file
+            .lock()
+            .map_err(|_| std::io::Error::other("log file lock poisoned"))?;
+        f.write_all(&rec)?;
+    }
+}
+
+/// What `kubectl logs` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct ReadOptions {
+    pub tail_lines: Option<usize>,
+    pub timestamps: bool,
+    /// Only records at or after this time (RFC 3339).
+    pub since: Option<String>,
+    pub limit_bytes: Option<usize>,
+}
+
+/// One parsed record: time, stream, complete, text.
+pub fn parse(line: &str) -> Option<(&str, &str, bool, &str)> {
+    let mut p = line.splitn(4, ' ');
+    let time = p.next()?;
+    let stream = p.next()?;
+    let tag = p.next()?;
+    let text = p.next().unwrap_or("");
+    Some((time, stream, tag.starts_with('F'), text))
+}
+
+/// The text of CRI records as `kubectl logs` shows it.
+pub fn render(content: &str, opts: &ReadOptions) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut partial = String::new();
+    for l in content.lines() {
+        let Some((time, _stream, complete, text)) = parse(l) else {
+            continue;
+        };
+        if opts.since.as_deref().is_some_and(|s| time < s) {
+            continue;
+        }
+        partial.push_str(text);
+        if complete {
+            let text = std::mem::take(&mut partial);
+            lines.push(if opts.timestamps {
+                format!("{time} {text}\n")
+            } else {
+                format!("{text}\n")
+            });
+        }
+    }
+    let start = opts
+        .tail_lines
+        .map(|n| lines.len().saturating_sub(n))
+        .unwrap_or(0);
+    let mut out: String = lines[start..].concat();
+    if let Some(limit) = opts.limit_bytes
+        && out.len() > limit
+    {
+        let mut cut = limit;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_with_partial_lines_and_tails() {
+        let mut buf = Vec::new();
+        record(&mut buf, "2026-01-01T00:00:00.1Z", "stdout", b"one", true);
+        record(&mut buf, "2026-01-01T00:00:01.1Z", "stderr", b"tw", false);
+        record(&mut buf, "2026-01-01T00:00:01.2Z", "stderr", b"o", true);
+        record(&mut buf, "2026-01-01T00:00:02.1Z", "stdout", b"three", true);
+        let text = String::from_utf8(buf).expect("utf8");
+        assert_eq!(render(&text, &ReadOptions::default()), "one\ntwo\nthree\n");
+        let tail = ReadOptions {
+            tail_lines: Some(2),
+            timestamps: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            render(&text, &tail),
+            "2026-01-01T00:00:01.2Z two\n2026-01-01T00:00:02.1Z three\n"
+        );
+        let since = ReadOptions {
+            since: Some("2026-01-01T00:00:02Z".into()),
+            ..Default::default()
+        };
+        assert_eq!(render(&text, &since), "three\n");
+    }
+
+    #[test]
+    fn long_lines_are_cut_into_partials() {
+        let long = vec![b'x'; MAX_LINE + 10];
+        let mut input = long.clone();
+        input.push(b'\n');
+        let dir = std::env::temp_dir().join(format!("skiff-log-test-{}", std::process::id()));
+        let f = std::sync::Mutex::new(std::fs::File::create(&dir).expect("file"));
+        copy_stream(&input[..], "stdout", &f).expect("copy");
+        let text = std::fs::read_to_string(&dir).expect("read");
+        let _ = std::fs::remove_file(&dir);
+        let tags: Vec<bool> = text.lines().filter_map(|l| parse(l).map(|p| p.2)).collect();
+        assert_eq!(tags, vec![false, true]);
+        assert_eq!(render(&text, &ReadOptions::default()).len(), long.len() + 1);
+    }
+}
