@@ -91,13 +91,19 @@ pub fn parse(line: &str) -> Option<(&str, &str, bool, &str)> {
 
 /// The text of CRI records as `kubectl logs` shows it.
 pub fn render(content: &str, opts: &ReadOptions) -> String {
+    use k8s_openapi::jiff::Timestamp;
+    let since: Option<Timestamp> = opts.since.as_deref().and_then(|s| s.parse().ok());
     let mut lines: Vec<String> = Vec::new();
     let mut partial = String::new();
     for l in content.lines() {
         let Some((time, _stream, complete, text)) = parse(l) else {
             continue;
         };
-        if opts.since.as_deref().is_some_and(|s| time < s) {
+        // Times differ in their number of fractional digits: compare them
+        // as times, not text.
+        if let Some(s) = since
+            && time.parse::<Timestamp>().is_ok_and(|t| t < s)
+        {
             continue;
         }
         partial.push_str(text);
