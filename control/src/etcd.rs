@@ -245,6 +245,11 @@ mod tests {
             .spawn()
             .expect("sh");
         let other = data_dir_arg(&dir.join("other"));
+        // Until it has exec'd, the child's command line is still ours.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while processes_with_arg(&arg).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(processes_with_arg(&arg), vec![orphan.id() as i32]);
         assert!(processes_with_arg(&other).is_empty());
         replace_leftovers(&dir).await.expect("replaced");

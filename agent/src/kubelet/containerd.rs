@@ -449,6 +449,68 @@ impl Containerd {
         }
     }
 
+    /// Runs `process` (an OCI process spec) in the container's task and
+    /// waits for its exit status, no longer than `timeout`. No I/O.
+    pub async fn exec_wait(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+        timeout: std::time::Duration,
+    ) -> Result<Option<u32>> {
+        let mut tasks = api::tasks_client::TasksClient::new(self.channel.clone());
+        tasks
+            .exec(self.req(api::ExecProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                spec: Some(prost_types::Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                    value: serde_json::to_vec(process).unwrap_or_default(),
+                }),
+                ..Default::default()
+            }))
+            .await
+            .map_err(call("exec", id))?;
+        let started = tasks
+            .start(self.req(api::StartRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await
+            .map_err(call("exec start", id));
+        let waited = match started {
+            Ok(_) => {
+                let wait = tasks.wait(self.req(api::WaitRequest {
+                    container_id: id.into(),
+                    exec_id: exec_id.into(),
+                }));
+                match tokio::time::timeout(timeout, wait).await {
+                    Ok(Ok(r)) => Ok(Some(r.into_inner().exit_status)),
+                    Ok(Err(s)) => Err(call("exec wait", id)(s)),
+                    Err(_) => {
+                        let _ = tasks
+                            .kill(self.req(api::KillRequest {
+                                container_id: id.into(),
+                                exec_id: exec_id.into(),
+                                signal: 9,
+                                all: false,
+                            }))
+                            .await;
+                        Ok(None)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let _ = tasks
+            .delete_process(self.req(api::DeleteProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await;
+        waited
+    }
+
     /// Task exits in this namespace, as they happen.
     pub async fn exits(&self) -> Result<impl Stream<Item = Exit> + use<>> {
         use futures::StreamExt as _;

@@ -166,8 +166,20 @@ impl Puller {
     }
 
     /// Pulls `image` into containerd and unpacks it.
-    pub async fn pull(&self, cd: &Containerd, image: &str) -> Result<ImageInfo, ImageError> {
+    /// Pulls `image` (`always`: even when an earlier pull of the same
+    /// reference is unpacked, to pick up a moved tag).
+    pub async fn pull(
+        &self,
+        cd: &Containerd,
+        image: &str,
+        always: bool,
+    ) -> Result<ImageInfo, ImageError> {
         let _one_at_a_time = self.serial.lock().await;
+        // A pull that waited behind another of the same image uses its
+        // result; Always resolves again (layers it has are not fetched).
+        if !always && let Some(info) = self.local(cd, image).await? {
+            return Ok(info);
+        }
         self.pull_now(cd, image).await
     }
 

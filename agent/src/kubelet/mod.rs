@@ -13,6 +13,7 @@ pub mod containerd;
 pub mod image;
 pub mod logs;
 pub mod node;
+pub mod probe;
 pub mod pod;
 pub mod quantity;
 pub mod sandbox;

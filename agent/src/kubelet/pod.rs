@@ -82,6 +82,8 @@ struct Ctr {
     /// Not before this instant may it start again; the delay it was.
     backoff: Option<(Instant, Duration)>,
     started_at: Option<Instant>,
+    /// The probes of the current run.
+    probes: Option<super::probe::Tracker>,
 }
 
 impl Ctr {
@@ -96,8 +98,17 @@ impl Ctr {
             image_id: String::new(),
             backoff: None,
             started_at: None,
+            probes: None,
         }
     }
+}
+
+/// A cheap unique-enough number for exec ids.
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
 }
 
 fn now() -> String {
@@ -185,6 +196,7 @@ impl Worker {
                 .ctrs
                 .values()
                 .filter_map(|c| c.backoff.map(|(t, _)| t))
+                .chain(self.ctrs.values().filter_map(|c| c.probes.as_ref()?.next()))
                 .filter(|t| *t > Instant::now())
                 .min()
                 .map(|t| t - Instant::now())
@@ -225,7 +237,7 @@ impl Worker {
                 .get(LABEL_ATTEMPT)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(0);
-            let entry = self.ctrs.entry(name).or_insert_with(Ctr::new);
+            let entry = self.ctrs.entry(name.clone()).or_insert_with(Ctr::new);
             if attempt < entry.restarts {
                 continue;
             }
@@ -233,6 +245,9 @@ impl Worker {
             entry.run = match self.shared.cd.task(&c.id).await {
                 Ok(Some(TaskState::Running { .. })) => {
                     entry.started_at = Some(Instant::now());
+                    if let Some(spec) = self.pod.spec.as_ref().and_then(|s| s.containers.iter().find(|x| x.name == name)) {
+                        entry.probes = Some(super::probe::Tracker::new(spec, Instant::now()));
+                    }
                     Run::Running {
                         id: c.id.clone(),
                         started: now(),
@@ -277,6 +292,7 @@ impl Worker {
                     started: started.clone(),
                     finished: stamp(exit.exited_at.as_ref()),
                 };
+                c.probes = None;
             }
         }
     }
@@ -309,6 +325,65 @@ impl Worker {
                 continue;
             }
             self.start(&c).await;
+        }
+        self.run_probes().await;
+    }
+
+    /// Runs the probes that are due; a failed liveness or startup probe
+    /// kills the container, and the restart policy takes it from there.
+    async fn run_probes(&mut self) {
+        use super::probe::{self, Kind, Outcome};
+        let Some(ip) = self.ip.clone() else { return };
+        let now = Instant::now();
+        for c in self.containers() {
+            let Some(st) = self.ctrs.get(&c.name) else { continue };
+            let (Run::Running { id, .. }, Some(tracker)) = (&st.run, &st.probes) else {
+                continue;
+            };
+            let id = id.clone();
+            for kind in tracker.due(now) {
+                let Some(p) = probe::of(&c, kind).cloned() else { continue };
+                let outcome = match probe::check_network(&c, &p, &ip).await {
+                    Some(o) => o,
+                    None => self.exec_probe(&id, &p).await,
+                };
+                let name = match kind {
+                    Kind::Startup => "Startup",
+                    Kind::Liveness => "Liveness",
+                    Kind::Readiness => "Readiness",
+                };
+                if let Outcome::Failure(why) = &outcome {
+                    self.event("Warning", "Unhealthy", &format!("{name} probe failed: {why}")).await;
+                }
+                let Some(tracker) = self.ctrs.get_mut(&c.name).and_then(|s| s.probes.as_mut()) else {
+                    break;
+                };
+                if tracker.record(kind, &p, &outcome, Instant::now()) {
+                    info!(pod = %self.pod.metadata.name.as_deref().unwrap_or_default(), container = %c.name, probe = name, "probe failed: killing the container");
+                    self.event("Normal", "Killing", &format!("Container {} failed {} probe, will be restarted", c.name, name.to_lowercase())).await;
+                    let _ = self.shared.cd.kill(&id, 9).await;
+                    if let Some(st) = self.ctrs.get_mut(&c.name) {
+                        st.probes = None;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn exec_probe(&self, id: &str, p: &k8s_openapi::api::core::v1::Probe) -> super::probe::Outcome {
+        use super::probe::Outcome;
+        let Some(cmd) = p.exec.as_ref().and_then(|e| e.command.clone()) else {
+            return Outcome::Failure("the probe has no handler".into());
+        };
+        let process = json!({"args": cmd, "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]});
+        let exec_id = format!("probe-{}", std::process::id() ^ rand_u32());
+        match self.shared.cd.exec_wait(id, &exec_id, &process, super::probe::timeout(p)).await {
+            Ok(Some(0)) => Outcome::Success,
+            Ok(Some(code)) => Outcome::Failure(format!("command {cmd:?} exited with {code}")),
+            Ok(None) => Outcome::Failure(format!("command {cmd:?} timed out")),
+            Err(e) => Outcome::Failure(e.to_string()),
         }
     }
 
@@ -431,7 +506,7 @@ impl Worker {
             _ => {
                 self.event("Normal", "Pulling", &format!("Pulling image {image:?}"))
                     .await;
-                match self.shared.puller.pull(&self.shared.cd, &image).await {
+                match self.shared.puller.pull(&self.shared.cd, &image, policy == "Always").await {
                     Ok(i) => {
                         self.event(
                             "Normal",
@@ -715,7 +790,7 @@ impl Worker {
         let policy = self.restart_policy();
         let mut statuses = Vec::new();
         let mut all_ready = !containers.is_empty();
-        let (mut running, mut succeeded, mut failed, mut waiting) = (0, 0, 0, 0);
+        let (mut running_n, mut succeeded, mut failed, mut waiting) = (0, 0, 0, 0);
         for c in &containers {
             let st = self.ctrs.get(&c.name).cloned().unwrap_or_else(Ctr::new);
             let state = |r: &Run| match r {
@@ -737,16 +812,18 @@ impl Worker {
                     "exitCode": exit, "reason": reason, "startedAt": started, "finishedAt": finished,
                     "containerID": format!("containerd://{id}")}}),
             };
-            let ready = matches!(st.run, Run::Running { .. });
+            let running = matches!(st.run, Run::Running { .. });
+            let ready = running && st.probes.as_ref().is_none_or(|p| p.ready());
+            let started = running && st.probes.as_ref().is_none_or(|p| p.started());
             all_ready &= ready;
             match &st.run {
-                Run::Running { .. } => running += 1,
+                Run::Running { .. } => running_n += 1,
                 Run::Terminated { exit: 0, .. } => succeeded += 1,
                 Run::Terminated { .. } => failed += 1,
                 Run::Waiting { .. } => waiting += 1,
             }
             let mut s = json!({"name": c.name, "image": c.image, "imageID": st.image_id,
-                "ready": ready, "started": ready, "restartCount": st.restarts, "state": state(&st.run)});
+                "ready": ready, "started": started, "restartCount": st.restarts, "state": state(&st.run)});
             match &st.run {
                 Run::Running { id, .. } | Run::Terminated { id, .. } => {
                     s["containerID"] = json!(format!("containerd://{id}"));
@@ -767,7 +844,7 @@ impl Worker {
             "Succeeded"
         } else if n > 0 && failed + succeeded == n && failed > 0 && policy == "Never" {
             "Failed"
-        } else if running > 0
+        } else if running_n > 0
             || (waiting < n && policy == "Always")
             || self.ctrs.values().any(|c| c.restarts > 0)
         {
