@@ -150,3 +150,15 @@ pub fn pids_with_arg(arg: &str) -> Vec<i32> {
         })
         .unwrap_or_default()
 }
+
+/// Polls `f` until it holds or `timeout` passes; whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    f()
+}

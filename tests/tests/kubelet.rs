@@ -304,3 +304,183 @@ fn crash_loops_back_off_logs_follow_and_run_to_completion_pods_end() {
     assert!(stamped.lines().all(|l| l.contains("Z tick ")), "{stamped}");
     let _ = &c.node;
 }
+
+#[test]
+fn probes_restart_the_unhealthy_and_readiness_moves_the_endpoints() {
+    let c = cluster("172.31.9.2", "10.244.3.0/24");
+    let cp = &c.cp;
+    // Ready while /www/ready.html exists: there for 5 s, gone for 6 s,
+    // then back for good.
+    let flapper = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: flapper
+  labels: {{app: flap}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: {image}
+    command: ["sh", "-c", "mkdir -p /www && echo ok > /www/ready.html && httpd -p 80 -h /www && sleep 5 && rm /www/ready.html && sleep 6 && echo ok > /www/ready.html && sleep 3600"]
+    ports: [{{name: http, containerPort: 80}}]
+    readinessProbe:
+      httpGet: {{path: /ready.html, port: http}}
+      periodSeconds: 1
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: flap
+spec:
+  selector: {{app: flap}}
+  ports: [{{port: 80, targetPort: http}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: dying
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "touch /tmp/alive; sleep 3; rm /tmp/alive; sleep 3600"]
+    livenessProbe:
+      exec: {{command: ["test", "-f", "/tmp/alive"]}}
+      periodSeconds: 1
+      failureThreshold: 2
+"#,
+        image = c.image
+    );
+    cp.apply(&flapper).unwrap_or_else(|e| panic!("{e}"));
+    let ready = |p: &str| {
+        cp.jsonpath(
+            &["pod", p],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        )
+    };
+    let slice_ready = || {
+        cp.jsonpath(
+            &["endpointslices", "-l", "kubernetes.io/service-name=flap"],
+            "{.items[*].endpoints[*].conditions.ready}",
+        )
+    };
+    wait_for("flapper Ready", Duration::from_secs(60), || {
+        (ready("flapper") == "True").then_some(())
+    });
+    wait_for(
+        "flapper in the EndpointSlice as ready",
+        Duration::from_secs(20),
+        || (slice_ready() == "true").then_some(()),
+    );
+    let went = skiff_tests::wait_until(Duration::from_secs(20), || ready("flapper") == "False");
+    assert!(
+        went,
+        "flapper stayed Ready: {}\n{}",
+        cp.kubectl_ok(&["get", "events", "-o", "jsonpath={.items[*].message}"]),
+        cp.kubectl_ok(&["logs", "flapper"])
+    );
+    wait_for(
+        "flapper out of the ready endpoints",
+        Duration::from_secs(20),
+        || (slice_ready() == "false").then_some(()),
+    );
+    wait_for("flapper Ready again", Duration::from_secs(20), || {
+        (ready("flapper") == "True").then_some(())
+    });
+    wait_for(
+        "flapper back in the ready endpoints",
+        Duration::from_secs(20),
+        || (slice_ready() == "true").then_some(()),
+    );
+    let restarts = cp.jsonpath(
+        &["pod", "flapper"],
+        "{.status.containerStatuses[0].restartCount}",
+    );
+    assert_eq!(restarts, "0", "readiness never restarts a container");
+
+    // The liveness probe fails after 3 s: the container is killed and
+    // restarted, and the kill is on record.
+    wait_for(
+        "the unhealthy container restarted",
+        Duration::from_secs(40),
+        || {
+            let n = cp.jsonpath(
+                &["pod", "dying"],
+                "{.status.containerStatuses[0].restartCount}",
+            );
+            (n == "1").then_some(())
+        },
+    );
+    let events = cp.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=dying",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    assert!(events.contains("Liveness probe failed"), "{events}");
+    let _ = &c.node;
+}
+
+#[test]
+fn a_restarted_kubelet_adopts_running_pods_and_cleans_up_deleted_ones() {
+    let mut c = cluster("172.31.10.2", "10.244.4.0/24");
+    let cp = &c.cp;
+    for name in ["keep", "gone"] {
+        cp.apply(&pod(
+            name,
+            &c.image,
+            "Always",
+            "echo started $(date +%s%N); exec sleep 3600",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let running = |p: &str| {
+        cp.jsonpath(
+            &["pod", p],
+            "{.status.phase} {.status.containerStatuses[0].containerID}",
+        )
+    };
+    let keep_before = wait_for("both pods Running", Duration::from_secs(60), || {
+        let k = running("keep");
+        (k.starts_with("Running containerd://") && running("gone").starts_with("Running"))
+            .then_some(k)
+    });
+    // The kubelet dies without warning; a pod is deleted meanwhile.
+    if let Some(mut a) = c.node.agent.take() {
+        a.kill_now();
+    }
+    cp.kubectl_ok(&["delete", "pod", "gone", "--wait=false"]);
+    c.node.start_agent();
+    wait_for(
+        "the deleted pod to be gone",
+        Duration::from_secs(40),
+        || cp.kubectl(&["get", "pod", "gone"]).is_err().then_some(()),
+    );
+    wait_for(
+        "containerd to keep one container",
+        Duration::from_secs(20),
+        || (c.node.containerd.containers().len() == 1).then_some(()),
+    );
+    assert_eq!(
+        running("keep"),
+        keep_before,
+        "the running container was adopted, not restarted"
+    );
+    let restarts = cp.jsonpath(
+        &["pod", "keep"],
+        "{.status.containerStatuses[0].restartCount}",
+    );
+    assert_eq!(restarts, "0");
+    let sandboxes = std::fs::read_dir(c.node.dir.path.join("kubelet/pods"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(sandboxes, 1, "the deleted pod's sandbox is gone");
+    let log = cp.kubectl_ok(&["logs", "keep"]);
+    assert_eq!(log.lines().count(), 1, "one run: {log}");
+}

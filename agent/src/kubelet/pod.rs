@@ -245,7 +245,12 @@ impl Worker {
             entry.run = match self.shared.cd.task(&c.id).await {
                 Ok(Some(TaskState::Running { .. })) => {
                     entry.started_at = Some(Instant::now());
-                    if let Some(spec) = self.pod.spec.as_ref().and_then(|s| s.containers.iter().find(|x| x.name == name)) {
+                    if let Some(spec) = self
+                        .pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.containers.iter().find(|x| x.name == name))
+                    {
                         entry.probes = Some(super::probe::Tracker::new(spec, Instant::now()));
                     }
                     Run::Running {
@@ -336,13 +341,17 @@ impl Worker {
         let Some(ip) = self.ip.clone() else { return };
         let now = Instant::now();
         for c in self.containers() {
-            let Some(st) = self.ctrs.get(&c.name) else { continue };
+            let Some(st) = self.ctrs.get(&c.name) else {
+                continue;
+            };
             let (Run::Running { id, .. }, Some(tracker)) = (&st.run, &st.probes) else {
                 continue;
             };
             let id = id.clone();
             for kind in tracker.due(now) {
-                let Some(p) = probe::of(&c, kind).cloned() else { continue };
+                let Some(p) = probe::of(&c, kind).cloned() else {
+                    continue;
+                };
                 let outcome = match probe::check_network(&c, &p, &ip).await {
                     Some(o) => o,
                     None => self.exec_probe(&id, &p).await,
@@ -353,14 +362,29 @@ impl Worker {
                     Kind::Readiness => "Readiness",
                 };
                 if let Outcome::Failure(why) = &outcome {
-                    self.event("Warning", "Unhealthy", &format!("{name} probe failed: {why}")).await;
+                    self.event(
+                        "Warning",
+                        "Unhealthy",
+                        &format!("{name} probe failed: {why}"),
+                    )
+                    .await;
                 }
-                let Some(tracker) = self.ctrs.get_mut(&c.name).and_then(|s| s.probes.as_mut()) else {
+                let Some(tracker) = self.ctrs.get_mut(&c.name).and_then(|s| s.probes.as_mut())
+                else {
                     break;
                 };
                 if tracker.record(kind, &p, &outcome, Instant::now()) {
                     info!(pod = %self.pod.metadata.name.as_deref().unwrap_or_default(), container = %c.name, probe = name, "probe failed: killing the container");
-                    self.event("Normal", "Killing", &format!("Container {} failed {} probe, will be restarted", c.name, name.to_lowercase())).await;
+                    self.event(
+                        "Normal",
+                        "Killing",
+                        &format!(
+                            "Container {} failed {} probe, will be restarted",
+                            c.name,
+                            name.to_lowercase()
+                        ),
+                    )
+                    .await;
                     let _ = self.shared.cd.kill(&id, 9).await;
                     if let Some(st) = self.ctrs.get_mut(&c.name) {
                         st.probes = None;
@@ -371,7 +395,11 @@ impl Worker {
         }
     }
 
-    async fn exec_probe(&self, id: &str, p: &k8s_openapi::api::core::v1::Probe) -> super::probe::Outcome {
+    async fn exec_probe(
+        &self,
+        id: &str,
+        p: &k8s_openapi::api::core::v1::Probe,
+    ) -> super::probe::Outcome {
         use super::probe::Outcome;
         let Some(cmd) = p.exec.as_ref().and_then(|e| e.command.clone()) else {
             return Outcome::Failure("the probe has no handler".into());
@@ -379,7 +407,12 @@ impl Worker {
         let process = json!({"args": cmd, "cwd": "/", "user": {"uid": 0, "gid": 0},
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]});
         let exec_id = format!("probe-{}", std::process::id() ^ rand_u32());
-        match self.shared.cd.exec_wait(id, &exec_id, &process, super::probe::timeout(p)).await {
+        match self
+            .shared
+            .cd
+            .exec_wait(id, &exec_id, &process, super::probe::timeout(p))
+            .await
+        {
             Ok(Some(0)) => Outcome::Success,
             Ok(Some(code)) => Outcome::Failure(format!("command {cmd:?} exited with {code}")),
             Ok(None) => Outcome::Failure(format!("command {cmd:?} timed out")),
@@ -506,7 +539,12 @@ impl Worker {
             _ => {
                 self.event("Normal", "Pulling", &format!("Pulling image {image:?}"))
                     .await;
-                match self.shared.puller.pull(&self.shared.cd, &image, policy == "Always").await {
+                match self
+                    .shared
+                    .puller
+                    .pull(&self.shared.cd, &image, policy == "Always")
+                    .await
+                {
                     Ok(i) => {
                         self.event(
                             "Normal",
@@ -633,6 +671,7 @@ impl Worker {
                     started: now(),
                 };
                 st.started_at = Some(Instant::now());
+                st.probes = Some(super::probe::Tracker::new(c, Instant::now()));
                 info!(pod = %self.pod.metadata.name.as_deref().unwrap_or_default(), container = %c.name, pid, "container started");
                 self.event(
                     "Normal",

@@ -195,7 +195,9 @@ pub async fn check_network(c: &Container, probe: &Probe, pod_ip: &str) -> Option
         return Some(
             match tokio::time::timeout(limit, http_get(&host, port, &path, &headers)).await {
                 Ok(Ok(code)) if (200..400).contains(&code) => Outcome::Success,
-                Ok(Ok(code)) => Outcome::Failure(format!("HTTP probe failed with statuscode: {code}")),
+                Ok(Ok(code)) => {
+                    Outcome::Failure(format!("HTTP probe failed with statuscode: {code}"))
+                }
                 Ok(Err(e)) => Outcome::Failure(format!("Get \"http://{host}:{port}{path}\": {e}")),
                 Err(_) => Outcome::Failure(format!(
                     "Get \"http://{host}:{port}{path}\": context deadline exceeded"
@@ -209,7 +211,8 @@ pub async fn check_network(c: &Container, probe: &Probe, pod_ip: &str) -> Option
         };
         let host = t.host.clone().unwrap_or_else(|| pod_ip.to_string());
         return Some(
-            match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host.as_str(), port))).await
+            match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host.as_str(), port)))
+                .await
             {
                 Ok(Ok(_)) => Outcome::Success,
                 Ok(Err(e)) => Outcome::Failure(format!("dial tcp {host}:{port}: {e}")),
@@ -222,10 +225,17 @@ pub async fn check_network(c: &Container, probe: &Probe, pod_ip: &str) -> Option
 
 /// A minimal HTTP/1.1 GET whose only product is the status code, as the
 /// kubelet's prober reads it.
-async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
+async fn http_get(
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+) -> std::io::Result<u16> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect((host, port)).await?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\nConnection: close\r\n");
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\nConnection: close\r\n"
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -282,7 +292,10 @@ mod tests {
         assert!(!t.ready());
         assert!(!t.record(Kind::Liveness, &live, &fail, t0));
         assert!(!t.record(Kind::Liveness, &live, &fail, t0));
-        assert!(t.record(Kind::Liveness, &live, &fail, t0), "third failure kills");
+        assert!(
+            t.record(Kind::Liveness, &live, &fail, t0),
+            "third failure kills"
+        );
     }
 
     #[test]
@@ -297,7 +310,10 @@ mod tests {
         assert_eq!(t.due(now), vec![Kind::Startup]);
         assert!(!t.started() && !t.ready());
         t.record(Kind::Startup, &probe(2, 1), &Outcome::Success, now);
-        assert!(t.started() && t.ready(), "no readiness probe: ready once started");
+        assert!(
+            t.started() && t.ready(),
+            "no readiness probe: ready once started"
+        );
         assert_eq!(t.due(now), vec![Kind::Liveness]);
     }
 }
