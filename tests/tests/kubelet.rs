@@ -484,3 +484,123 @@ fn a_restarted_kubelet_adopts_running_pods_and_cleans_up_deleted_ones() {
     let log = cp.kubectl_ok(&["logs", "keep"]);
     assert_eq!(log.lines().count(), 1, "one run: {log}");
 }
+
+#[test]
+fn config_maps_and_secrets_reach_env_and_volumes_and_updates_show_up() {
+    let c = cluster("172.31.11.2", "10.244.5.0/24");
+    let cp = &c.cp;
+    cp.kubectl_ok(&[
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=color=blue",
+        "--from-literal=size=9",
+    ]);
+    cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=password=s3cret",
+    ]);
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reader
+  labels: {{tier: web}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "echo COLOR=$COLOR PASS=$PASS NAME=$MY_NAME CFG_size=$CFG_size; while true; do cat /cfg/color; echo; sleep 0.5; done"]
+    env:
+    - {{name: COLOR, valueFrom: {{configMapKeyRef: {{name: settings, key: color}}}}}}
+    - {{name: PASS, valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}}}
+    - {{name: MY_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+    envFrom:
+    - {{prefix: CFG_, configMapRef: {{name: settings}}}}
+    volumeMounts:
+    - {{name: cfg, mountPath: /cfg}}
+    - {{name: sec, mountPath: /sec}}
+    - {{name: info, mountPath: /info}}
+    - {{name: scratch, mountPath: /scratch}}
+  volumes:
+  - {{name: cfg, configMap: {{name: settings}}}}
+  - {{name: sec, secret: {{secretName: creds}}}}
+  - {{name: info, downwardAPI: {{items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}]}}}}
+  - {{name: scratch, emptyDir: {{medium: Memory}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: missing
+spec:
+  containers:
+  - name: main
+    image: {image}
+    command: ["sleep", "3600"]
+    env:
+    - {{name: X, valueFrom: {{configMapKeyRef: {{name: settings, key: nope}}}}}}
+"#,
+        image = c.image
+    );
+    cp.apply(&yaml).unwrap_or_else(|e| panic!("{e}"));
+    let first = wait_for("the reader's first lines", Duration::from_secs(60), || {
+        cp.kubectl(&["logs", "reader"])
+            .ok()
+            .filter(|l| l.lines().count() >= 2)
+    });
+    assert_eq!(
+        first.lines().next(),
+        Some("COLOR=blue PASS=s3cret NAME=reader CFG_size=9"),
+        "{first}"
+    );
+    assert!(first.lines().nth(1).is_some_and(|l| l == "blue"), "{first}");
+    let pod_dir = std::fs::read_dir(c.node.dir.path.join("kubelet/pods"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("volumes/sec").exists())
+        .unwrap_or_else(|| panic!("no pod dir with volumes"));
+    let secret = std::fs::read_to_string(pod_dir.join("volumes/sec/password")).unwrap_or_default();
+    assert_eq!(secret, "s3cret");
+    let labels = std::fs::read_to_string(pod_dir.join("volumes/info/labels")).unwrap_or_default();
+    assert_eq!(labels, "tier=\"web\"\n");
+
+    // An update reaches the volume (through the ..data swap), not the env.
+    cp.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "settings",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"color":"green"}}"#,
+    ]);
+    wait_for(
+        "the new color in the volume",
+        Duration::from_secs(30),
+        || {
+            cp.kubectl(&["logs", "reader", "--tail=1"])
+                .ok()
+                .filter(|l| l.trim() == "green")
+        },
+    );
+    // A missing key is the upstream reason, with the key named.
+    let waiting = wait_for(
+        "CreateContainerConfigError",
+        Duration::from_secs(30),
+        || {
+            let s = cp.jsonpath(&["pod", "missing"], "{.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}");
+            s.starts_with("CreateContainerConfigError").then_some(s)
+        },
+    );
+    assert!(
+        waiting.contains("couldn't find key nope in ConfigMap default/settings"),
+        "{waiting}"
+    );
+    let _ = &c.node;
+}

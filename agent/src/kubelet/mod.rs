@@ -19,6 +19,7 @@ pub mod quantity;
 pub mod sandbox;
 pub mod server;
 pub mod spec;
+pub mod volumes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;

@@ -43,6 +43,8 @@ pub const LABEL_ATTEMPT: &str = "io.kubernetes.container.restartCount";
 const BACKOFF_FIRST: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
+/// How often volumes written from the API are compared with it.
+const VOLUME_RESYNC: Duration = Duration::from_secs(5);
 
 /// The containerd id of a container's `attempt`-th run.
 pub fn container_id(uid: &str, name: &str, attempt: u32) -> String {
@@ -132,6 +134,7 @@ pub struct Worker {
     sandbox_error: Option<String>,
     last_status: Option<Value>,
     started: String,
+    volumes_synced: Option<Instant>,
 }
 
 impl Worker {
@@ -146,6 +149,7 @@ impl Worker {
             sandbox_error: None,
             last_status: None,
             started: now(),
+            volumes_synced: None,
         }
     }
 
@@ -204,7 +208,8 @@ impl Worker {
                     2
                 } else {
                     60
-                }));
+                }))
+                .min(VOLUME_RESYNC);
             tokio::select! {
                 changed = updates.changed() => {
                     if changed.is_err() {
@@ -332,6 +337,35 @@ impl Worker {
             self.start(&c).await;
         }
         self.run_probes().await;
+        self.refresh_volumes().await;
+    }
+
+    /// Keeps configMap, secret, downwardAPI and projected volumes in step
+    /// with the API (atomically, see `volumes`), every few seconds.
+    async fn refresh_volumes(&mut self) {
+        if self
+            .volumes_synced
+            .is_some_and(|t| t.elapsed() < VOLUME_RESYNC)
+        {
+            return;
+        }
+        if !self
+            .ctrs
+            .values()
+            .any(|c| matches!(c.run, Run::Running { .. }))
+        {
+            return;
+        }
+        self.volumes_synced = Some(Instant::now());
+        let src = super::volumes::Sources {
+            client: &self.shared.client,
+            namespace: self.namespace(),
+        };
+        match super::volumes::prepare(&src, &self.pod, &self.dir()).await {
+            Ok(true) => info!(pod = %self.name(), "volumes updated"),
+            Ok(false) => {}
+            Err(e) => warn!(pod = %self.name(), error = %e, "refreshing volumes"),
+        }
     }
 
     /// Runs the probes that are due; a failed liveness or startup probe
@@ -598,7 +632,7 @@ impl Worker {
         };
         let attempt = self.ctrs.get(&c.name).map(|s| s.restarts).unwrap_or(0);
         let id = container_id(&self.uid, &c.name, attempt);
-        let mut env: Vec<(String, String)> = img.config["Env"]
+        let image_env: Vec<(String, String)> = img.config["Env"]
             .as_array()
             .into_iter()
             .flatten()
@@ -608,11 +642,36 @@ impl Worker {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect();
-        for e in c.env.iter().flatten() {
-            let v = spec::expand(e.value.as_deref().unwrap_or_default(), &env);
-            env.retain(|(k, _)| *k != e.name);
-            env.push((e.name.clone(), v));
+        let configured = async {
+            let src = super::volumes::Sources {
+                client: &self.shared.client,
+                namespace: self.namespace(),
+            };
+            super::volumes::prepare(&src, &self.pod, &self.dir()).await?;
+            let env = super::volumes::environment(&src, &self.pod, c, image_env).await?;
+            let mounts = super::volumes::mounts(&self.pod, c, &self.dir())?;
+            Ok::<_, super::volumes::ConfigError>((env, mounts))
         }
+        .await;
+        let (env, bind_mounts) = match configured {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(pod = %self.name(), container = %c.name, error = %e, "container config");
+                let st = self.ctrs.entry(c.name.clone()).or_insert_with(Ctr::new);
+                let delay = match st.backoff {
+                    Some((_, d)) => (d * 2).min(BACKOFF_MAX),
+                    None => BACKOFF_FIRST,
+                };
+                st.backoff = Some((Instant::now() + delay, delay));
+                st.run = Run::Waiting {
+                    reason: "CreateContainerConfigError".into(),
+                    message: e.to_string(),
+                };
+                self.event("Warning", "Failed", &format!("Error: {e}"))
+                    .await;
+                return;
+            }
+        };
         let ns = sandbox::namespaces(&self.dir());
         let cgroups = format!("{}/pod{}/{}", self.shared.cgroup_parent, self.uid, id);
         let spec = spec::runtime_spec(&SpecInput {
@@ -623,7 +682,7 @@ impl Worker {
             namespaces: &ns,
             hostname: self.name(),
             cgroups_path: &cgroups,
-            mounts: &[],
+            mounts: &bind_mounts,
         });
         let labels = [
             (LABEL_POD_UID, self.uid.clone()),
@@ -786,6 +845,7 @@ impl Worker {
             };
             let r = cni.del(&dir, &pod);
             sandbox::remove_namespaces(&dir);
+            super::volumes::release(&dir);
             if r.is_ok() {
                 let _ = std::fs::remove_dir_all(&dir);
             }
