@@ -225,7 +225,40 @@ fn crash_loops_back_off_logs_follow_and_run_to_completion_pods_end() {
     ))
     .unwrap_or_else(|e| panic!("{e}"));
 
+    // Init containers run first, in order, sharing the pod's volumes; a
+    // failing one under Never fails the pod before any app container.
+    let inits = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: initialized
+spec:
+  restartPolicy: Never
+  initContainers:
+  - {{name: one, image: {image}, command: ["sh", "-c", "echo one >> /work/order"], volumeMounts: [{{name: w, mountPath: /work}}]}}
+  - {{name: two, image: {image}, command: ["sh", "-c", "echo two >> /work/order"], volumeMounts: [{{name: w, mountPath: /work}}]}}
+  containers:
+  - {{name: main, image: {image}, command: ["sh", "-c", "cat /work/order"], volumeMounts: [{{name: w, mountPath: /work}}]}}
+  volumes: [{{name: w, emptyDir: {{}}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: init-fails
+spec:
+  restartPolicy: Never
+  initContainers:
+  - {{name: bad, image: {image}, command: ["sh", "-c", "exit 2"]}}
+  containers:
+  - {{name: main, image: {image}, command: ["sh", "-c", "echo should not run"]}}
+"#,
+        image = c.image
+    );
+    cp.apply(&inits).unwrap_or_else(|e| panic!("{e}"));
+
     let phase = |p: &str| cp.jsonpath(&["pod", p], "{.status.phase}");
+
     wait_for("done to succeed", Duration::from_secs(60), || {
         (phase("done") == "Succeeded").then_some(())
     });
@@ -238,6 +271,19 @@ fn crash_loops_back_off_logs_follow_and_run_to_completion_pods_end() {
     );
     assert_eq!(code, "7");
     assert_eq!(cp.kubectl_ok(&["logs", "done"]), "finished\n");
+    wait_for("initialized to succeed", Duration::from_secs(60), || {
+        (phase("initialized") == "Succeeded").then_some(())
+    });
+    assert_eq!(cp.kubectl_ok(&["logs", "initialized"]), "one\ntwo\n");
+    assert_eq!(cp.kubectl_ok(&["logs", "initialized", "-c", "two"]), "");
+    wait_for("init-fails to fail", Duration::from_secs(60), || {
+        (phase("init-fails") == "Failed").then_some(())
+    });
+    let main_state = cp.jsonpath(&["pod", "init-fails"], "{.status.containerStatuses[0].state.waiting.reason} {.status.initContainerStatuses[0].state.terminated.exitCode}");
+    assert_eq!(
+        main_state, "ContainerCreating 2",
+        "the app container never ran"
+    );
 
     // Back-off: 10 s after the first exit, then 20 s; the status says
     // CrashLoopBackOff in between, with the last exit in lastState.

@@ -312,6 +312,9 @@ impl Worker {
             return;
         }
         let policy = self.restart_policy();
+        if !self.init_step(&policy).await {
+            return;
+        }
         for c in self.containers() {
             let state = self
                 .ctrs
@@ -452,6 +455,64 @@ impl Worker {
             Ok(None) => Outcome::Failure(format!("command {cmd:?} timed out")),
             Err(e) => Outcome::Failure(e.to_string()),
         }
+    }
+
+    fn init_containers(&self) -> Vec<Container> {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether every init container ran to success.
+    fn init_done(&self) -> bool {
+        self.init_containers().iter().all(|c| {
+            self.ctrs
+                .get(&c.name)
+                .is_some_and(|s| matches!(s.run, Run::Terminated { exit: 0, .. }))
+        })
+    }
+
+    /// Whether an init container failed for good (restartPolicy Never).
+    fn init_failed(&self) -> bool {
+        self.restart_policy() == "Never"
+            && self.init_containers().iter().any(|c| {
+                self.ctrs
+                    .get(&c.name)
+                    .is_some_and(|s| matches!(s.run, Run::Terminated { exit, .. } if exit != 0))
+            })
+    }
+
+    /// Runs the init containers one after another; true once all have
+    /// succeeded. A failed one is retried with back-off (the pod's
+    /// restartPolicy, Always counting as OnFailure), or fails the pod under
+    /// Never.
+    async fn init_step(&mut self, policy: &str) -> bool {
+        for c in self.init_containers() {
+            let st = self
+                .ctrs
+                .entry(c.name.clone())
+                .or_insert_with(Ctr::new)
+                .clone();
+            match &st.run {
+                Run::Terminated { exit: 0, .. } => continue,
+                Run::Running { .. } => return false,
+                Run::Waiting { .. } => {
+                    if st.backoff.is_none_or(|(t, _)| Instant::now() >= t) {
+                        self.start(&c).await;
+                    }
+                    return false;
+                }
+                Run::Terminated { .. } => {
+                    if policy != "Never" {
+                        self.schedule_restart(&c.name).await;
+                    }
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// A terminated container waits out its back-off before it runs again.
@@ -892,28 +953,7 @@ impl Worker {
         let (mut running_n, mut succeeded, mut failed, mut waiting) = (0, 0, 0, 0);
         for c in &containers {
             let st = self.ctrs.get(&c.name).cloned().unwrap_or_else(Ctr::new);
-            let state = |r: &Run| match r {
-                Run::Waiting { reason, message } => {
-                    let mut w = json!({"reason": reason});
-                    if !message.is_empty() {
-                        w["message"] = json!(message);
-                    }
-                    json!({"waiting": w})
-                }
-                Run::Running { started, .. } => json!({"running": {"startedAt": started}}),
-                Run::Terminated {
-                    id,
-                    exit,
-                    reason,
-                    started,
-                    finished,
-                } => json!({"terminated": {
-                    "exitCode": exit, "reason": reason, "startedAt": started, "finishedAt": finished,
-                    "containerID": format!("containerd://{id}")}}),
-            };
-            let running = matches!(st.run, Run::Running { .. });
-            let ready = running && st.probes.as_ref().is_none_or(|p| p.ready());
-            let started = running && st.probes.as_ref().is_none_or(|p| p.started());
+            let (s, ready) = self.container_status(c);
             all_ready &= ready;
             match &st.run {
                 Run::Running { .. } => running_n += 1,
@@ -921,23 +961,18 @@ impl Worker {
                 Run::Terminated { .. } => failed += 1,
                 Run::Waiting { .. } => waiting += 1,
             }
-            let mut s = json!({"name": c.name, "image": c.image, "imageID": st.image_id,
-                "ready": ready, "started": started, "restartCount": st.restarts, "state": state(&st.run)});
-            match &st.run {
-                Run::Running { id, .. } | Run::Terminated { id, .. } => {
-                    s["containerID"] = json!(format!("containerd://{id}"));
-                }
-                Run::Waiting { .. } => {}
-            }
-            if let Some(last) = &st.last {
-                s["lastState"] = state(last);
-            } else {
-                s["lastState"] = json!({});
-            }
             statuses.push(s);
         }
+        let init_statuses: Vec<Value> = self
+            .init_containers()
+            .iter()
+            .map(|c| self.container_status(c).0)
+            .collect();
+        let (init_done, init_failed) = (self.init_done(), self.init_failed());
         let n = containers.len();
-        let phase = if self.ip.is_none() {
+        let phase = if init_failed {
+            "Failed"
+        } else if self.ip.is_none() || !init_done {
             "Pending"
         } else if n > 0 && succeeded == n && policy != "Always" {
             "Succeeded"
@@ -975,7 +1010,7 @@ impl Worker {
             "startTime": self.started,
             "conditions": [
                 cond("PodReadyToStartContainers", self.ip.is_some(), ""),
-                cond("Initialized", true, ""),
+                cond("Initialized", init_done, "ContainersNotInitialized"),
                 cond("ContainersReady", all_ready, "ContainersNotReady"),
                 cond("Ready", all_ready, "ContainersNotReady"),
                 cond("PodScheduled", true, ""),
@@ -983,11 +1018,51 @@ impl Worker {
             "containerStatuses": statuses,
             "qosClass": "BestEffort",
         });
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = Value::Array(init_statuses);
+        }
         if let Some(ip) = &self.ip {
             status["podIP"] = json!(ip);
             status["podIPs"] = json!([{"ip": ip}]);
         }
         status
+    }
+
+    /// One container's status and whether it is ready.
+    fn container_status(&self, c: &Container) -> (Value, bool) {
+        let st = self.ctrs.get(&c.name).cloned().unwrap_or_else(Ctr::new);
+        let state = |r: &Run| match r {
+            Run::Waiting { reason, message } => {
+                let mut w = json!({"reason": reason});
+                if !message.is_empty() {
+                    w["message"] = json!(message);
+                }
+                json!({"waiting": w})
+            }
+            Run::Running { started, .. } => json!({"running": {"startedAt": started}}),
+            Run::Terminated {
+                id,
+                exit,
+                reason,
+                started,
+                finished,
+            } => json!({"terminated": {
+                "exitCode": exit, "reason": reason, "startedAt": started, "finishedAt": finished,
+                "containerID": format!("containerd://{id}")}}),
+        };
+        let running = matches!(st.run, Run::Running { .. });
+        let ready = running && st.probes.as_ref().is_none_or(|p| p.ready());
+        let started = running && st.probes.as_ref().is_none_or(|p| p.started());
+        let mut s = json!({"name": c.name, "image": c.image, "imageID": st.image_id,
+            "ready": ready, "started": started, "restartCount": st.restarts, "state": state(&st.run)});
+        match &st.run {
+            Run::Running { id, .. } | Run::Terminated { id, .. } => {
+                s["containerID"] = json!(format!("containerd://{id}"));
+            }
+            Run::Waiting { .. } => {}
+        }
+        s["lastState"] = st.last.as_ref().map(state).unwrap_or_else(|| json!({}));
+        (s, ready)
     }
 
     /// Writes the status when it changed.
