@@ -132,15 +132,23 @@ pub fn wait_for<T>(
     }
 }
 
-/// Pids of running processes whose command line holds `arg` exactly.
+/// Pids of live (not zombie) processes, other than this one, whose command
+/// line holds `arg` exactly.
 pub fn pids_with_arg(arg: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
+    let live = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    };
     std::fs::read_dir("/proc")
         .map(|entries| {
             entries
                 .flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|pid| *pid != me)
+                .filter(|pid| *pid != me && live(pid))
                 .filter(|pid| {
                     std::fs::read(format!("/proc/{pid}/cmdline"))
                         .map(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))

@@ -1290,26 +1290,7 @@ fn one_command_control_plane_manages_its_own_etcd() {
 
 /// Pids of processes running etcd on `data_dir` (exact argument match).
 fn etcds_on(data_dir: &std::path::Path) -> Vec<i32> {
-    let arg = format!("--data-dir={}", data_dir.display());
-    std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|pid| {
-                    let stat =
-                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                    let zombie = stat
-                        .rsplit_once(')')
-                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-                    !zombie
-                        && std::fs::read(format!("/proc/{pid}/cmdline"))
-                            .map(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
-                            .unwrap_or(false)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    skiff_tests::pids_with_arg(&format!("--data-dir={}", data_dir.display()))
 }
 
 #[test]

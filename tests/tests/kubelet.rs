@@ -650,3 +650,136 @@ spec:
     );
     let _ = &c.node;
 }
+
+#[test]
+fn termination_honours_prestop_and_grace_and_bad_input_gets_its_reason() {
+    let c = cluster("172.31.12.2", "10.244.6.0/24");
+    let cp = &c.cp;
+    let shared = c.node.dir.path.join("shared");
+    std::fs::create_dir_all(&shared).unwrap_or_else(|e| panic!("{e}"));
+    let registry = c.image.split('/').next().unwrap_or_default().to_string();
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: graceful
+spec:
+  terminationGracePeriodSeconds: 10
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "trap 'echo term >> /shared/order; exit 0' TERM; while true; do sleep 0.2; done"]
+    lifecycle:
+      preStop:
+        exec: {{command: ["sh", "-c", "echo prestop >> /shared/order"]}}
+    volumeMounts: [{{name: shared, mountPath: /shared}}]
+  volumes: [{{name: shared, hostPath: {{path: {shared}}}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: stubborn
+spec:
+  terminationGracePeriodSeconds: 3
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: no-image
+spec:
+  containers:
+  - {{name: main, image: "{registry}/does-not-exist:1"}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: bad-name
+spec:
+  containers:
+  - {{name: main, image: "Not A Reference"}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: no-command
+spec:
+  containers:
+  - {{name: main, image: {image}, command: ["/no/such/binary"]}}
+"#,
+        image = c.image,
+        shared = shared.display()
+    );
+    cp.apply(&yaml).unwrap_or_else(|e| panic!("{e}"));
+    let reason = |p: &str| {
+        cp.jsonpath(
+            &["pod", p],
+            "{.status.containerStatuses[0].state.waiting.reason}|{.status.containerStatuses[0].state.waiting.message}",
+        )
+    };
+    let pull = wait_for("ImagePullBackOff", Duration::from_secs(60), || {
+        Some(reason("no-image")).filter(|r| r.starts_with("ImagePullBackOff"))
+    });
+    assert!(
+        pull.contains("does-not-exist"),
+        "the message names the image: {pull}"
+    );
+    let invalid = wait_for("InvalidImageName", Duration::from_secs(30), || {
+        Some(reason("bad-name")).filter(|r| r.starts_with("InvalidImageName"))
+    });
+    assert!(invalid.contains("Not A Reference"), "{invalid}");
+    let run = wait_for("RunContainerError", Duration::from_secs(30), || {
+        Some(reason("no-command")).filter(|r| r.starts_with("RunContainerError"))
+    });
+    assert!(run.contains("/no/such/binary"), "{run}");
+    let warnings = cp.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "type=Warning",
+        "-o",
+        "jsonpath={.items[*].involvedObject.name}",
+    ]);
+    for p in ["no-image", "bad-name", "no-command"] {
+        assert!(warnings.contains(p), "a Warning event for {p}: {warnings}");
+    }
+
+    for p in ["graceful", "stubborn"] {
+        wait_for("Running", Duration::from_secs(60), || {
+            (cp.jsonpath(&["pod", p], "{.status.phase}") == "Running").then_some(())
+        });
+    }
+    // preStop, then SIGTERM, which the container handles at once.
+    let started = std::time::Instant::now();
+    cp.kubectl_ok(&["delete", "pod", "graceful", "--wait=true", "--timeout=30s"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "it exited on SIGTERM: {:?}",
+        started.elapsed()
+    );
+    let order = std::fs::read_to_string(shared.join("order")).unwrap_or_default();
+    assert_eq!(order, "prestop\nterm\n");
+    // A container that ignores SIGTERM is killed when the grace period ends.
+    let started = std::time::Instant::now();
+    cp.kubectl_ok(&["delete", "pod", "stubborn", "--wait=true", "--timeout=30s"]);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(12),
+        "grace 3 s, took {took:?}"
+    );
+    // Grace 0: gone at once.
+    cp.kubectl_ok(&[
+        "delete",
+        "pod",
+        "no-command",
+        "--grace-period=0",
+        "--force",
+        "--wait=true",
+        "--timeout=30s",
+    ]);
+    let _ = &c.node;
+}

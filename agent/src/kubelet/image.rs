@@ -47,6 +47,21 @@ pub struct ImageInfo {
     pub config: Value,
 }
 
+impl ImageInfo {
+    fn new(reference: &Reference, digest: &str, top_layer: String, config: &Value) -> Self {
+        Self {
+            name: reference.whole(),
+            id: format!(
+                "{}/{}@{digest}",
+                reference.registry(),
+                reference.repository()
+            ),
+            top_layer,
+            config: config["config"].clone(),
+        }
+    }
+}
+
 /// Normalises a reference the way the kubelet and docker do
 /// (`busybox` → `docker.io/library/busybox:latest`).
 pub fn parse_reference(image: &str) -> Result<Reference, ImageError> {
@@ -152,17 +167,7 @@ impl Puller {
                 status: Box::new(containerd_client::tonic::Status::not_found("not unpacked")),
             }));
         }
-        Ok(ImageInfo {
-            name: reference.whole(),
-            id: format!(
-                "{}/{}@{}",
-                reference.registry(),
-                reference.repository(),
-                target.digest
-            ),
-            top_layer: top,
-            config: config["config"].clone(),
-        })
+        Ok(ImageInfo::new(reference, &target.digest, top, &config))
     }
 
     /// Pulls `image` into containerd and unpacks it.
@@ -310,17 +315,12 @@ impl Puller {
             manifest_desc
         };
         cd.put_image(&reference.whole(), target.clone()).await?;
-        Ok(ImageInfo {
-            name: reference.whole(),
-            id: format!(
-                "{}/{}@{}",
-                reference.registry(),
-                reference.repository(),
-                target.digest
-            ),
+        Ok(ImageInfo::new(
+            &reference,
+            &target.digest,
             top_layer,
-            config: config["config"].clone(),
-        })
+            &config,
+        ))
     }
 
     /// Applies each layer onto a snapshot named by its chain ID, skipping

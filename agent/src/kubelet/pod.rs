@@ -852,10 +852,34 @@ impl Worker {
             })
             .collect();
         let cd = self.shared.cd.clone();
+        let deadline = Instant::now() + Duration::from_secs(grace);
+        // preStop hooks run first, inside the grace period (upstream's
+        // order), each container's in parallel with the others'.
+        if grace > 0 {
+            let hooks = self.containers().into_iter().filter_map(|c| {
+                let hook = c.lifecycle.as_ref()?.pre_stop.clone()?;
+                let id = match &self.ctrs.get(&c.name)?.run {
+                    Run::Running { id, .. } => id.clone(),
+                    _ => return None,
+                };
+                Some((c, hook, id))
+            });
+            let ip = self.ip.clone().unwrap_or_default();
+            let runs = hooks.map(|(c, hook, id)| {
+                let (cd, ip) = (cd.clone(), ip.clone());
+                async move {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let outcome = super::probe::run_hook(&cd, &id, &c, &hook, &ip, left).await;
+                    if let super::probe::Outcome::Failure(why) = outcome {
+                        warn!(container = %c.name, %why, "preStop hook failed");
+                    }
+                }
+            });
+            let _ = tokio::time::timeout_at(deadline.into(), futures::future::join_all(runs)).await;
+        }
         for id in &running {
             let _ = cd.kill(id, if grace == 0 { 9 } else { 15 }).await;
         }
-        let deadline = Instant::now() + Duration::from_secs(grace);
         let mut alive: Vec<String> = running.clone();
         while !alive.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -223,6 +223,39 @@ pub async fn check_network(c: &Container, probe: &Probe, pod_ip: &str) -> Option
     None
 }
 
+/// Runs a lifecycle hook (exec through containerd, or httpGet against
+/// the pod) within `limit`.
+pub async fn run_hook(
+    cd: &super::containerd::Containerd,
+    id: &str,
+    c: &Container,
+    hook: &k8s_openapi::api::core::v1::LifecycleHandler,
+    pod_ip: &str,
+    limit: Duration,
+) -> Outcome {
+    if let Some(cmd) = hook.exec.as_ref().and_then(|e| e.command.clone()) {
+        let process = serde_json::json!({"args": cmd, "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]});
+        return match cd.exec_wait(id, "prestop", &process, limit).await {
+            Ok(Some(0)) => Outcome::Success,
+            Ok(Some(code)) => Outcome::Failure(format!("command {cmd:?} exited with {code}")),
+            Ok(None) => Outcome::Failure(format!("command {cmd:?} ran past the grace period")),
+            Err(e) => Outcome::Failure(e.to_string()),
+        };
+    }
+    if let Some(h) = &hook.http_get {
+        let probe = Probe {
+            http_get: Some(h.clone()),
+            timeout_seconds: Some(limit.as_secs().max(1) as i32),
+            ..Default::default()
+        };
+        return check_network(c, &probe, pod_ip)
+            .await
+            .unwrap_or(Outcome::Failure("no handler".into()));
+    }
+    Outcome::Failure("the hook has no handler".into())
+}
+
 /// A minimal HTTP/1.1 GET whose only product is the status code, as the
 /// kubelet's prober reads it.
 async fn http_get(
