@@ -153,6 +153,7 @@ pub struct Containerd {
     pub socket: PathBuf,
     pub proc: Proc,
     dir: PathBuf,
+    netns: String,
 }
 
 impl Containerd {
@@ -170,20 +171,39 @@ impl Containerd {
             ),
         )
         .unwrap_or_else(|e| panic!("containerd config: {e}"));
-        let proc = Spawn::new("containerd")
-            .args(["--config", &config.display().to_string()])
-            .netns(ns)
-            .log_to(&dir.join("containerd.log"))
-            .start();
-        let cd = Self {
+        let mut cd = Self {
             socket,
-            proc,
+            proc: Self::spawn(&ns.path(), dir),
             dir: dir.to_path_buf(),
+            netns: ns.path(),
         };
-        wait_for("containerd to answer", Duration::from_secs(20), || {
-            cd.ctr(&["version"]).ok()
-        });
+        cd.wait_ready();
         cd
+    }
+
+    fn spawn(netns: &str, dir: &Path) -> Proc {
+        Spawn::new("containerd")
+            .args([
+                "--config",
+                &dir.join("containerd.toml").display().to_string(),
+            ])
+            .netns_path(Some(netns))
+            .log_to(&dir.join("containerd.log"))
+            .start()
+    }
+
+    fn wait_ready(&mut self) {
+        wait_for("containerd to answer", Duration::from_secs(20), || {
+            self.ctr(&["version"]).ok()
+        });
+    }
+
+    /// Kills containerd (SIGKILL, as a crash would) and starts it again;
+    /// the shims and their containers live on.
+    pub fn crash_and_restart(&mut self) {
+        self.proc.kill_now();
+        self.proc = Self::spawn(&self.netns, &self.dir);
+        self.wait_ready();
     }
 
     /// `ctr` against this containerd, in the kubelet's namespace.

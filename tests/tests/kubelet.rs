@@ -783,3 +783,56 @@ spec:
     ]);
     let _ = &c.node;
 }
+
+#[test]
+fn pods_survive_a_containerd_restart_and_exits_are_still_seen() {
+    let mut c = cluster("172.31.13.2", "10.244.7.0/24");
+    c.cp.apply(&pod(
+        "steady",
+        &c.image,
+        "Always",
+        "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let id = wait_for("steady Running", Duration::from_secs(60), || {
+        let s = c.cp.jsonpath(
+            &["pod", "steady"],
+            "{.status.phase} {.status.containerStatuses[0].containerID}",
+        );
+        s.strip_prefix("Running ").map(String::from)
+    });
+    c.node.containerd.crash_and_restart();
+    let cp = &c.cp;
+    // The container ran on through the restart.
+    let ticks_before = cp.kubectl_ok(&["logs", "steady"]).lines().count();
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks_after = cp.kubectl_ok(&["logs", "steady"]).lines().count();
+    assert!(
+        ticks_after > ticks_before,
+        "still logging: {ticks_before} then {ticks_after}"
+    );
+    // New pods run, and their exits reach the status: the kubelet
+    // resubscribed to containerd's events.
+    cp.apply(&pod("late", &c.image, "Never", "sleep 1; exit 4"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(
+        "late to fail with its exit code",
+        Duration::from_secs(60),
+        || {
+            let s = cp.jsonpath(
+                &["pod", "late"],
+                "{.status.phase} {.status.containerStatuses[0].state.terminated.exitCode}",
+            );
+            (s == "Failed 4").then_some(())
+        },
+    );
+    let s = cp.jsonpath(
+        &["pod", "steady"],
+        "{.status.containerStatuses[0].containerID} {.status.containerStatuses[0].restartCount}",
+    );
+    assert_eq!(
+        s,
+        format!("{id} 0"),
+        "the running container was not restarted"
+    );
+}

@@ -1,8 +1,9 @@
 //! `skiff-log`: the log driver containerd's shim runs for each container
 //! (a `binary://` log URI). Its first argument is the log file; the
 //! container's stdout and stderr arrive on fds 3 and 4, and closing fd 5
-//! tells the shim it is ready. It writes CRI-format records until both
-//! streams end, which is when the container's process exits.
+//! tells the shim it is ready. The second argument is the size at which
+//! the file rotates. It writes CRI-format records until both streams end,
+//! which is when the container's process exits.
 
 use std::os::fd::FromRawFd as _;
 use std::sync::{Arc, Mutex};
@@ -15,14 +16,14 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     };
     let path = std::path::PathBuf::from(path);
+    let max_size = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(logs::MAX_SIZE);
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let file = match std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-    {
+    let file = match logs::Rotating::open(&path, max_size) {
         Ok(f) => Arc::new(Mutex::new(f)),
         Err(e) => {
             eprintln!("skiff-log: {}: {e}", path.display());

@@ -20,10 +20,91 @@ pub fn pod_dir(log_dir: &Path, namespace: &str, name: &str, uid: &str) -> PathBu
     log_dir.join(format!("{namespace}_{name}_{uid}"))
 }
 
-/// The log URI handed to containerd for one container run.
-pub fn uri(driver: &Path, file: &Path) -> String {
-    // containerd passes each query key (then its value) as arguments.
-    format!("binary://{}?{}", driver.display(), file.display())
+/// Upstream's defaults: `containerLogMaxSize` 10 MiB, `containerLogMaxFiles` 5.
+pub const MAX_SIZE: u64 = 10 << 20;
+pub const MAX_FILES: usize = 5;
+
+/// The log URI handed to containerd for one container run: the file, and
+/// the size at which it is rotated.
+pub fn uri(driver: &Path, file: &Path, max_size: u64) -> String {
+    // containerd passes each query key, then its value, as arguments.
+    format!(
+        "binary://{}?{}={max_size}",
+        driver.display(),
+        file.display()
+    )
+}
+
+/// A log file that rotates by size: past `max_size` it is renamed to
+/// `<file>.<n>` (the newest rotation has the highest n) and a fresh one is
+/// opened; only the newest `MAX_FILES - 1` rotations are kept.
+pub struct Rotating {
+    path: PathBuf,
+    file: std::fs::File,
+    written: u64,
+    max_size: u64,
+}
+
+impl Rotating {
+    pub fn open(path: &Path, max_size: u64) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let written = file.metadata()?.len();
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            written,
+            max_size: max_size.max(4096),
+        })
+    }
+
+    fn rotations(&self) -> Vec<(u64, PathBuf)> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        let k = n.strip_prefix(&name)?.strip_prefix('.')?.parse().ok()?;
+                        Some((k, e.path()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    pub fn write_record(&mut self, rec: &[u8]) -> std::io::Result<()> {
+        if self.written > 0 && self.written + rec.len() as u64 > self.max_size {
+            let rotations = self.rotations();
+            let next = rotations.last().map(|(n, _)| n + 1).unwrap_or(1);
+            let mut rotated = self.path.clone().into_os_string();
+            rotated.push(format!(".{next}"));
+            std::fs::rename(&self.path, &rotated)?;
+            self.file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.written = 0;
+            let keep = MAX_FILES.saturating_sub(1);
+            let mut all = rotations;
+            all.push((next, PathBuf::from(rotated)));
+            for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        self.file.write_all(rec)?;
+        self.written += rec.len() as u64;
+        Ok(())
+    }
 }
 
 /// Formats one record.
@@ -46,7 +127,7 @@ pub fn now_nano() -> String {
 pub fn copy_stream(
     input: impl std::io::Read,
     stream: &str,
-    file: &std::sync::Mutex<std::fs::File>,
+    file: &std::sync::Mutex<Rotating>,
 ) -> std::io::Result<()> {
     let mut reader = std::io::BufReader::with_capacity(MAX_LINE, input);
     let mut line = Vec::with_capacity(1024);
@@ -65,7 +146,7 @@ pub fn copy_stream(
         let mut f = file
             .lock()
             .map_err(|_| std::io::Error::other("log file lock poisoned"))?;
-        f.write_all(&rec)?;
+        f.write_record(&rec)?;
     }
 }
 
@@ -168,12 +249,38 @@ mod tests {
         let mut input = long.clone();
         input.push(b'\n');
         let dir = std::env::temp_dir().join(format!("skiff-log-test-{}", std::process::id()));
-        let f = std::sync::Mutex::new(std::fs::File::create(&dir).expect("file"));
+        let _ = std::fs::remove_file(&dir);
+        let f = std::sync::Mutex::new(Rotating::open(&dir, MAX_SIZE).expect("file"));
         copy_stream(&input[..], "stdout", &f).expect("copy");
         let text = std::fs::read_to_string(&dir).expect("read");
         let _ = std::fs::remove_file(&dir);
         let tags: Vec<bool> = text.lines().filter_map(|l| parse(l).map(|p| p.2)).collect();
         assert_eq!(tags, vec![false, true]);
         assert_eq!(render(&text, &ReadOptions::default()).len(), long.len() + 1);
+    }
+
+    #[test]
+    fn files_rotate_by_size_and_old_rotations_go() {
+        let dir = std::env::temp_dir().join(format!("skiff-rot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("0.log");
+        let mut r = Rotating::open(&path, 4096).expect("open");
+        let rec = vec![b'x'; 1000];
+        for _ in 0..40 {
+            r.write_record(&rec).expect("write");
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        // 40 KB in files of at most 4 KB: the current one and the newest
+        // four rotations stay.
+        assert_eq!(names.len(), MAX_FILES, "{names:?}");
+        assert!(names.contains(&"0.log".to_string()));
+        assert!(std::fs::metadata(&path).expect("current").len() <= 4096);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

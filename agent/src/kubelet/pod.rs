@@ -766,6 +766,7 @@ impl Worker {
         let log = super::logs::uri(
             &self.shared.log_driver,
             &log_dir.join(format!("{attempt}.log")),
+            super::logs::MAX_SIZE,
         );
         let cd = &self.shared.cd;
         let started = async {
