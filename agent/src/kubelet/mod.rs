@@ -9,6 +9,7 @@
 //! the kubelet adopts what runs and removes what belongs to pods that are
 //! gone (containers, sandboxes, CNI attachments through CNI GC).
 
+pub mod config;
 pub mod containerd;
 pub mod image;
 pub mod logs;
@@ -21,8 +22,7 @@ pub mod server;
 pub mod spec;
 pub mod volumes;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,41 +35,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::role::{NodeContext, Role, Shutdown, stopped};
+pub use config::KubeletConfig;
 use containerd::{Containerd, ContainerdError};
 use skiff_cni_lib::exec::Runtime;
-
-#[derive(Clone, Debug)]
-pub struct KubeletConfig {
-    pub node_name: String,
-    pub node_ip: IpAddr,
-    pub node_labels: BTreeMap<String, String>,
-    /// containerd's socket.
-    pub containerd: PathBuf,
-    /// The containerd namespace the kubelet's containers live in.
-    pub namespace: String,
-    /// Pod state (pinned namespaces, CNI results): `<root>/pods/<uid>`.
-    pub root_dir: PathBuf,
-    pub log_dir: PathBuf,
-    /// The `skiff-log` binary (CRI-format logs, run by containerd's shim).
-    pub log_driver: PathBuf,
-    /// The cluster CA: only clients it signed (the apiserver) may read
-    /// logs from the kubelet's port.
-    pub client_ca: Option<PathBuf>,
-    pub cni_conf_dir: PathBuf,
-    pub cni_bin_dirs: Vec<PathBuf>,
-    /// cgroup parent of every pod (cgroupfs path, as runc takes it).
-    pub cgroup_parent: String,
-    /// Registries reached over plain HTTP (`host:port`).
-    pub insecure_registries: Vec<String>,
-    pub max_pods: u32,
-    /// The kubelet's HTTPS port (daemonEndpoints.kubeletEndpoint).
-    pub port: u16,
-    pub lease_renew: Duration,
-    pub lease_duration: Duration,
-    pub status_report: Duration,
-    /// The overlay's subnet.env, read for the Node's podCIDR.
-    pub subnet_file: PathBuf,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeletError {

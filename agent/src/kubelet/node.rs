@@ -12,7 +12,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::KubeletConfig;
+use super::config::KubeletConfig;
 
 fn now() -> String {
     k8s_openapi::jiff::Timestamp::now()
