@@ -511,6 +511,24 @@ impl Containerd {
         waited
     }
 
+    /// Removes a container whole: SIGKILL to a task still running (waiting
+    /// up to 5 s for it to stop), then the task, the container and its
+    /// rootfs snapshot. Each step tolerates what is already gone.
+    pub async fn remove(&self, id: &str) {
+        if matches!(self.task(id).await, Ok(Some(TaskState::Running { .. }))) {
+            let _ = self.kill(id, 9).await;
+            for _ in 0..50 {
+                if !matches!(self.task(id).await, Ok(Some(TaskState::Running { .. }))) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        let _ = self.delete_task(id).await;
+        let _ = self.delete_container(id).await;
+        let _ = self.remove_snapshot(id).await;
+    }
+
     /// Task exits in this namespace, as they happen.
     pub async fn exits(&self) -> Result<impl Stream<Item = Exit> + use<>> {
         use futures::StreamExt as _;

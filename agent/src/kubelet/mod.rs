@@ -132,6 +132,7 @@ pub async fn run(
         log_dir: cfg.log_dir.clone(),
         log_driver: cfg.log_driver.clone(),
         cgroup_parent: cfg.cgroup_parent.clone(),
+        node_name: cfg.node_name.clone(),
         node_ip: cfg.node_ip.to_string(),
     });
     // containerd answers a subscription only with its first event, so the
@@ -251,19 +252,7 @@ async fn cleanup_orphans(shared: &Arc<pod::Shared>, valid: &HashSet<String>) {
                 continue;
             }
             info!(container = %c.id, "removing a container of a deleted pod");
-            let _ = cd.kill(&c.id, 9).await;
-            for _ in 0..50 {
-                if !matches!(
-                    cd.task(&c.id).await,
-                    Ok(Some(containerd::TaskState::Running { .. }))
-                ) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let _ = cd.delete_task(&c.id).await;
-            let _ = cd.delete_container(&c.id).await;
-            let _ = cd.remove_snapshot(&c.id).await;
+            cd.remove(&c.id).await;
         }
     }
     let (cni, dir, valid) = (shared.cni.clone(), shared.pods_dir.clone(), valid.clone());

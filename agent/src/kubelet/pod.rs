@@ -31,6 +31,7 @@ pub struct Shared {
     /// The `skiff-log` binary containerd's shim runs for each container.
     pub log_driver: PathBuf,
     pub cgroup_parent: String,
+    pub node_name: String,
     pub node_ip: String,
 }
 
@@ -89,6 +90,18 @@ struct Ctr {
 }
 
 impl Ctr {
+    /// The next delay before this container may start again (10 s
+    /// doubling to 300 s; back to 10 s after a long clean run), noted in
+    /// `backoff`.
+    fn back_off(&mut self, ran_long: bool) -> Duration {
+        let delay = match self.backoff {
+            Some((_, d)) if !ran_long => (d * 2).min(BACKOFF_MAX),
+            _ => BACKOFF_FIRST,
+        };
+        self.backoff = Some((Instant::now() + delay, delay));
+        delay
+    }
+
     fn new() -> Self {
         Self {
             run: Run::Waiting {
@@ -105,12 +118,52 @@ impl Ctr {
     }
 }
 
-/// A cheap unique-enough number for exec ids.
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish() as u32
+/// The pod's QoS class (upstream's rules): Guaranteed when every
+/// container has cpu and memory limits equal to its requests, BestEffort
+/// when no container asks for anything, Burstable otherwise.
+pub fn qos_class(pod: &Pod) -> &'static str {
+    let containers: Vec<&Container> = pod
+        .spec
+        .iter()
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
+        .collect();
+    let get = |c: &Container, limits: bool, r: &str| {
+        c.resources
+            .as_ref()
+            .and_then(|x| {
+                if limits {
+                    x.limits.as_ref()
+                } else {
+                    x.requests.as_ref()
+                }
+            })
+            .and_then(|m| m.get(r))
+            .map(|q| q.0.clone())
+    };
+    let any = containers.iter().any(|c| {
+        ["cpu", "memory"]
+            .iter()
+            .any(|r| get(c, true, r).is_some() || get(c, false, r).is_some())
+    });
+    if !any {
+        return "BestEffort";
+    }
+    let guaranteed = containers.iter().all(|c| {
+        ["cpu", "memory"].iter().all(|r| {
+            // Requests default to limits.
+            let limit = get(c, true, r);
+            limit.is_some() && get(c, false, r).is_none_or(|q| Some(q) == limit)
+        })
+    });
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
 }
 
 fn now() -> String {
@@ -209,7 +262,11 @@ impl Worker {
                 } else {
                     60
                 }))
-                .min(VOLUME_RESYNC);
+                .min(if self.has_api_volumes() {
+                    VOLUME_RESYNC
+                } else {
+                    Duration::MAX
+                });
             tokio::select! {
                 changed = updates.changed() => {
                     if changed.is_err() {
@@ -236,6 +293,9 @@ impl Worker {
             return;
         };
         for c in list {
+            // The run's start as containerd recorded it, so that a
+            // restarted kubelet reports the same startedAt.
+            let created = stamp(c.created_at.as_ref());
             let name = c.labels.get(LABEL_CONTAINER).cloned().unwrap_or_default();
             let attempt: u32 = c
                 .labels
@@ -260,7 +320,7 @@ impl Worker {
                     }
                     Run::Running {
                         id: c.id.clone(),
-                        started: now(),
+                        started: created,
                     }
                 }
                 Ok(Some(TaskState::Stopped { exit_status })) => Run::Terminated {
@@ -272,14 +332,14 @@ impl Worker {
                         "Error"
                     }
                     .into(),
-                    started: now(),
+                    started: created,
                     finished: now(),
                 },
                 _ => Run::Terminated {
                     id: c.id.clone(),
                     exit: 255,
                     reason: "Unknown".into(),
-                    started: now(),
+                    started: created,
                     finished: now(),
                 },
             };
@@ -343,6 +403,19 @@ impl Worker {
         self.refresh_volumes().await;
     }
 
+    fn has_api_volumes(&self) -> bool {
+        self.pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .any(|v| {
+                v.config_map.is_some()
+                    || v.secret.is_some()
+                    || v.downward_api.is_some()
+                    || v.projected.is_some()
+            })
+    }
+
     /// Keeps configMap, secret, downwardAPI and projected volumes in step
     /// with the API (atomically, see `volumes`), every few seconds.
     async fn refresh_volumes(&mut self) {
@@ -352,10 +425,11 @@ impl Worker {
         {
             return;
         }
-        if !self
-            .ctrs
-            .values()
-            .any(|c| matches!(c.run, Run::Running { .. }))
+        if !self.has_api_volumes()
+            || !self
+                .ctrs
+                .values()
+                .any(|c| matches!(c.run, Run::Running { .. }))
         {
             return;
         }
@@ -389,9 +463,13 @@ impl Worker {
                 let Some(p) = probe::of(&c, kind).cloned() else {
                     continue;
                 };
-                let outcome = match probe::check_network(&c, &p, &ip).await {
-                    Some(o) => o,
-                    None => self.exec_probe(&id, &p).await,
+                let outcome = match (probe::check_network(&c, &p, &ip).await, &p.exec) {
+                    (Some(o), _) => o,
+                    (None, Some(e)) => {
+                        let cmd = e.command.clone().unwrap_or_default();
+                        probe::run_exec(&self.shared.cd, &id, &cmd, probe::timeout(&p)).await
+                    }
+                    (None, None) => Outcome::Failure("the probe has no handler".into()),
                 };
                 let name = match kind {
                     Kind::Startup => "Startup",
@@ -429,31 +507,6 @@ impl Worker {
                     break;
                 }
             }
-        }
-    }
-
-    async fn exec_probe(
-        &self,
-        id: &str,
-        p: &k8s_openapi::api::core::v1::Probe,
-    ) -> super::probe::Outcome {
-        use super::probe::Outcome;
-        let Some(cmd) = p.exec.as_ref().and_then(|e| e.command.clone()) else {
-            return Outcome::Failure("the probe has no handler".into());
-        };
-        let process = json!({"args": cmd, "cwd": "/", "user": {"uid": 0, "gid": 0},
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]});
-        let exec_id = format!("probe-{}", std::process::id() ^ rand_u32());
-        match self
-            .shared
-            .cd
-            .exec_wait(id, &exec_id, &process, super::probe::timeout(p))
-            .await
-        {
-            Ok(Some(0)) => Outcome::Success,
-            Ok(Some(code)) => Outcome::Failure(format!("command {cmd:?} exited with {code}")),
-            Ok(None) => Outcome::Failure(format!("command {cmd:?} timed out")),
-            Err(e) => Outcome::Failure(e.to_string()),
         }
     }
 
@@ -521,10 +574,7 @@ impl Worker {
             return;
         };
         let ran_long = c.started_at.is_some_and(|t| t.elapsed() >= BACKOFF_RESET);
-        let delay = match c.backoff {
-            Some((_, d)) if !ran_long => (d * 2).min(BACKOFF_MAX),
-            _ => BACKOFF_FIRST,
-        };
+        let delay = c.back_off(ran_long);
         let old = std::mem::replace(
             &mut c.run,
             Run::Waiting {
@@ -539,14 +589,10 @@ impl Worker {
             },
         );
         if let Run::Terminated { id, .. } = &old {
-            let id = id.clone();
-            let _ = self.shared.cd.delete_task(&id).await;
-            let _ = self.shared.cd.delete_container(&id).await;
-            let _ = self.shared.cd.remove_snapshot(&id).await;
+            self.shared.cd.remove(id).await;
         }
         c.last = Some(old);
         c.restarts += 1;
-        c.backoff = Some((Instant::now() + delay, delay));
     }
 
     async fn ensure_sandbox(&mut self) -> bool {
@@ -662,10 +708,6 @@ impl Worker {
                 warn!(pod = %self.name(), container = %c.name, %reason, %message, "image not available");
                 let st = self.ctrs.entry(c.name.clone()).or_insert_with(Ctr::new);
                 // A failed pull backs off: ErrImagePull, then ImagePullBackOff.
-                let delay = match st.backoff {
-                    Some((_, d)) => (d * 2).min(BACKOFF_MAX),
-                    None => BACKOFF_FIRST,
-                };
                 let reason = if matches!(&st.run, Run::Waiting { reason: r, .. } if r == "ErrImagePull" || r == "ImagePullBackOff")
                     && reason == "ErrImagePull"
                 {
@@ -677,7 +719,7 @@ impl Worker {
                     reason: reason.clone(),
                     message: message.clone(),
                 };
-                st.backoff = Some((Instant::now() + delay, delay));
+                st.back_off(false);
                 self.event(
                     "Warning",
                     if reason == "InvalidImageName" {
@@ -719,11 +761,7 @@ impl Worker {
             Err(e) => {
                 warn!(pod = %self.name(), container = %c.name, error = %e, "container config");
                 let st = self.ctrs.entry(c.name.clone()).or_insert_with(Ctr::new);
-                let delay = match st.backoff {
-                    Some((_, d)) => (d * 2).min(BACKOFF_MAX),
-                    None => BACKOFF_FIRST,
-                };
-                st.backoff = Some((Instant::now() + delay, delay));
+                st.back_off(false);
                 st.run = Run::Waiting {
                     reason: "CreateContainerConfigError".into(),
                     message: e.to_string(),
@@ -803,9 +841,7 @@ impl Worker {
             }
             Err(e) => {
                 let msg = e.to_string();
-                let _ = cd.delete_task(&id).await;
-                let _ = cd.delete_container(&id).await;
-                let _ = cd.remove_snapshot(&id).await;
+                cd.remove(&id).await;
                 st.last = Some(Run::Terminated {
                     id: id.clone(),
                     exit: 128,
@@ -813,12 +849,8 @@ impl Worker {
                     started: now(),
                     finished: now(),
                 });
-                let delay = match st.backoff {
-                    Some((_, d)) => (d * 2).min(BACKOFF_MAX),
-                    None => BACKOFF_FIRST,
-                };
                 st.restarts += 1;
-                st.backoff = Some((Instant::now() + delay, delay));
+                st.back_off(false);
                 st.run = Run::Waiting {
                     reason: "RunContainerError".into(),
                     message: msg.clone(),
@@ -881,38 +913,16 @@ impl Worker {
         for id in &running {
             let _ = cd.kill(id, if grace == 0 { 9 } else { 15 }).await;
         }
+        // Exits as they come, until all are gone or the grace period ends;
+        // what still runs then is SIGKILLed by `remove_containers`.
         let mut alive: Vec<String> = running.clone();
         while !alive.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                for id in &alive {
-                    let _ = cd.kill(id, 9).await;
-                }
-                // SIGKILL cannot be refused; give the shim a moment.
-                let until = Instant::now() + Duration::from_secs(5);
-                while !alive.is_empty() && Instant::now() < until {
-                    if let Ok(Some(e)) =
-                        tokio::time::timeout(Duration::from_millis(200), exits.recv()).await
-                    {
-                        alive.retain(|a| *a != e.container_id);
-                    }
-                    let mut still = Vec::new();
-                    for id in &alive {
-                        if matches!(cd.task(id).await, Ok(Some(TaskState::Running { .. }))) {
-                            still.push(id.clone());
-                        }
-                    }
-                    alive = still;
-                }
-                break;
-            }
-            match tokio::time::timeout(left, exits.recv()).await {
+            match tokio::time::timeout_at(deadline.into(), exits.recv()).await {
                 Ok(Some(e)) => {
                     alive.retain(|a| *a != e.container_id);
                     self.exited(e);
                 }
-                Ok(None) => break,
-                Err(_) => {}
+                Ok(None) | Err(_) => break,
             }
         }
         self.remove_containers().await;
@@ -939,7 +949,7 @@ impl Worker {
         })
         .await;
         if let Ok(Err(e)) = &torn {
-            warn!(pod = %self.name(), error = %e, "CNI DEL failed; GC will retry");
+            warn!(pod = %self.name(), error = %e, "CNI DEL failed; the sandbox is kept for the next kubelet start to retry");
         }
         let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), self.namespace());
         let dp = DeleteParams {
@@ -962,10 +972,7 @@ impl Worker {
         let cd = &self.shared.cd;
         if let Ok(list) = cd.containers(&filter).await {
             for c in list {
-                let _ = cd.kill(&c.id, 9).await;
-                let _ = cd.delete_task(&c.id).await;
-                let _ = cd.delete_container(&c.id).await;
-                let _ = cd.remove_snapshot(&c.id).await;
+                cd.remove(&c.id).await;
             }
         }
     }
@@ -1041,7 +1048,7 @@ impl Worker {
                 cond("PodScheduled", true, ""),
             ],
             "containerStatuses": statuses,
-            "qosClass": "BestEffort",
+            "qosClass": qos_class(&self.pod),
         });
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = Value::Array(init_statuses);
@@ -1117,12 +1124,70 @@ impl Worker {
             "metadata": {"generateName": format!("{}.", self.name()), "namespace": self.namespace()},
             "involvedObject": {"kind": "Pod", "name": self.name(), "namespace": self.namespace(), "uid": self.uid, "apiVersion": "v1"},
             "type": ty, "reason": reason, "message": message,
-            "source": {"component": "kubelet", "host": self.shared.node_ip},
+            "source": {"component": "kubelet", "host": self.shared.node_name},
             "firstTimestamp": now(), "lastTimestamp": now(), "count": 1});
         if let Ok(ev) = serde_json::from_value::<Event>(ev)
             && let Err(e) = api.create(&Default::default(), &ev).await
         {
             warn!(error = %e, "event not recorded");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodSpec, ResourceRequirements};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    /// Quantities by resource name.
+    type Amounts<'a> = &'a [(&'a str, &'a str)];
+
+    /// A pod whose containers have these (requests, limits).
+    fn pod(resources: Vec<Option<(Amounts, Amounts)>>) -> Pod {
+        let map = |kv: &[(&str, &str)]| {
+            (!kv.is_empty()).then(|| {
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+                    .collect()
+            })
+        };
+        Pod {
+            spec: Some(PodSpec {
+                containers: resources
+                    .into_iter()
+                    .map(|r| Container {
+                        resources: r.map(|(req, lim)| ResourceRequirements {
+                            requests: map(req),
+                            limits: map(lim),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn qos_classes_follow_requests_and_limits() {
+        assert_eq!(qos_class(&pod(vec![None])), "BestEffort");
+        let both = [("cpu", "1"), ("memory", "1Gi")];
+        assert_eq!(qos_class(&pod(vec![Some((&both, &both))])), "Guaranteed");
+        assert_eq!(
+            qos_class(&pod(vec![Some((&[], &both))])),
+            "Guaranteed",
+            "requests default to limits"
+        );
+        assert_eq!(
+            qos_class(&pod(vec![Some((&[("cpu", "1")], &[]))])),
+            "Burstable"
+        );
+        assert_eq!(
+            qos_class(&pod(vec![Some((&both, &both)), None])),
+            "Burstable"
+        );
     }
 }

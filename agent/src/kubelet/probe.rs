@@ -223,6 +223,29 @@ pub async fn check_network(c: &Container, probe: &Probe, pod_ip: &str) -> Option
     None
 }
 
+/// Runs `cmd` in the container (as root, without I/O) and judges its
+/// exit status, for exec probes and hooks.
+pub async fn run_exec(
+    cd: &super::containerd::Containerd,
+    id: &str,
+    cmd: &[String],
+    limit: Duration,
+) -> Outcome {
+    static EXECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let exec_id = format!(
+        "skiff-exec-{}",
+        EXECS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let process = serde_json::json!({"args": cmd, "cwd": "/", "user": {"uid": 0, "gid": 0},
+        "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]});
+    match cd.exec_wait(id, &exec_id, &process, limit).await {
+        Ok(Some(0)) => Outcome::Success,
+        Ok(Some(code)) => Outcome::Failure(format!("command {cmd:?} exited with {code}")),
+        Ok(None) => Outcome::Failure(format!("command {cmd:?} timed out after {limit:?}")),
+        Err(e) => Outcome::Failure(e.to_string()),
+    }
+}
+
 /// Runs a lifecycle hook (exec through containerd, or httpGet against
 /// the pod) within `limit`.
 pub async fn run_hook(
@@ -234,14 +257,7 @@ pub async fn run_hook(
     limit: Duration,
 ) -> Outcome {
     if let Some(cmd) = hook.exec.as_ref().and_then(|e| e.command.clone()) {
-        let process = serde_json::json!({"args": cmd, "cwd": "/", "user": {"uid": 0, "gid": 0},
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]});
-        return match cd.exec_wait(id, "prestop", &process, limit).await {
-            Ok(Some(0)) => Outcome::Success,
-            Ok(Some(code)) => Outcome::Failure(format!("command {cmd:?} exited with {code}")),
-            Ok(None) => Outcome::Failure(format!("command {cmd:?} ran past the grace period")),
-            Err(e) => Outcome::Failure(e.to_string()),
-        };
+        return run_exec(cd, id, &cmd, limit).await;
     }
     if let Some(h) = &hook.http_get {
         let probe = Probe {
