@@ -1234,19 +1234,24 @@ fn python_client_lists_watches_and_recovers_from_410() {
     assert!(out.contains("ok: all checks passed"), "{out}");
 }
 
+/// `skiff-control` with its own local etcd in `dir`, on a loopback port.
+fn one_command_control_plane(dir: &std::path::Path, port: u16, log: &str) -> skiff_tests::Proc {
+    Spawn::new(skiff_tests::bin("skiff-control"))
+        .args([
+            "--data-dir",
+            &dir.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .log_to(&dir.join(log))
+        .start()
+}
+
 #[test]
 fn one_command_control_plane_manages_its_own_etcd() {
     let dir = skiff_tests::TempDir::new();
     let port = skiff_tests::control::free_port();
-    let mut cp = Spawn::new(skiff_tests::bin("skiff-control"))
-        .args([
-            "--data-dir",
-            &dir.path.display().to_string(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .log_to(&dir.path.join("control.log"))
-        .start();
+    let mut cp = one_command_control_plane(&dir.path, port, "control.log");
     let kubeconfig = dir.path.join("admin.kubeconfig");
     let kubectl = |args: &[&str]| {
         Spawn::new("kubectl")
@@ -1298,17 +1303,7 @@ fn control_plane_killed_with_sigkill_comes_back_with_its_data() {
     let dir = skiff_tests::TempDir::new();
     let data_dir = dir.path.join("etcd");
     let port = skiff_tests::control::free_port();
-    let start = |log: &str| {
-        Spawn::new(skiff_tests::bin("skiff-control"))
-            .args([
-                "--data-dir",
-                &dir.path.display().to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .log_to(&dir.path.join(log))
-            .start()
-    };
+    let start = |log: &str| one_command_control_plane(&dir.path, port, log);
     let kubeconfig = dir.path.join("admin.kubeconfig");
     let kubectl = |args: &[&str]| {
         Spawn::new("kubectl")
@@ -1378,15 +1373,7 @@ fn control_plane_replaces_an_etcd_left_on_its_data_dir() {
             .try_output()
             .ok()
     });
-    let _cp = Spawn::new(skiff_tests::bin("skiff-control"))
-        .args([
-            "--data-dir",
-            &dir.path.display().to_string(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .log_to(&dir.path.join("control.log"))
-        .start();
+    let _cp = one_command_control_plane(&dir.path, port, "control.log");
     let kubeconfig = dir.path.join("admin.kubeconfig");
     wait_for("the apiserver", Duration::from_secs(40), || {
         Spawn::new("kubectl")

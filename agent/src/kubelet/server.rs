@@ -215,15 +215,22 @@ async fn handle(req: Request<Incoming>, log_dir: &Path) -> Response<Body> {
         }
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let Ok(content) = tokio::fs::read_to_string(&file).await else {
+            // Only what was appended since the last look is read; a file
+            // shorter than what was sent has been rotated and is read anew.
+            let Ok(len) = tokio::fs::metadata(&file).await.map(|m| m.len() as usize) else {
                 return;
             };
-            if content.len() > offset {
+            if len < offset {
+                offset = 0;
+            }
+            if len > offset {
+                let Ok(fresh) = read_from(&file, offset).await else {
+                    return;
+                };
                 // Only whole records; a half-written one waits.
-                let end = content[offset..].rfind('\n').map(|i| offset + i + 1);
-                if let Some(end) = end {
-                    let out = logs::render(&content[offset..end], &follow_opts);
-                    offset = end;
+                if let Some(i) = fresh.rfind('\n') {
+                    let out = logs::render(&fresh[..=i], &follow_opts);
+                    offset += i + 1;
                     if !out.is_empty() && tx.send(Ok(Frame::data(Bytes::from(out)))).await.is_err()
                     {
                         return;
@@ -246,6 +253,16 @@ async fn handle(req: Request<Incoming>, log_dir: &Path) -> Response<Body> {
         http::HeaderValue::from_static("text/plain"),
     );
     r
+}
+
+/// The text of `file` from byte `offset` on.
+async fn read_from(file: &Path, offset: usize) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let mut f = tokio::fs::File::open(file).await?;
+    f.seek(std::io::SeekFrom::Start(offset as u64)).await?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 fn tokio_stream_from<T: Send + 'static>(
