@@ -142,6 +142,10 @@ struct KubeletArgs {
     /// containerd namespace of the node's pods.
     #[arg(long, default_value = "k8s.io")]
     containerd_namespace: String,
+    /// The OCI runtime binary the runc shim runs for pods: `runc` (the
+    /// default) or `crun`, or a path.
+    #[arg(long)]
+    runtime_binary: Option<String>,
     /// Pod state: pinned namespaces, CNI results.
     #[arg(long, default_value = "/var/lib/skiff/kubelet")]
     root_dir: PathBuf,
@@ -295,6 +299,7 @@ fn kubelet_config(args: &RunArgs, ctx: &NodeContext) -> Result<KubeletConfig> {
         node_labels,
         containerd: k.containerd.clone(),
         namespace: k.containerd_namespace.clone(),
+        runtime_binary: k.runtime_binary.clone(),
         root_dir: k.root_dir.clone(),
         log_dir: k.pod_log_dir.clone(),
         log_driver: match &k.log_driver {

@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod cni;
 pub mod control;
+pub mod images;
 pub mod kubelet;
 pub mod netns;
 pub mod node;

@@ -1,6 +1,6 @@
 //! Real nodes for kubelet tests: a network namespace holding its own
 //! containerd (own root, state and socket), a local OCI registry with
-//! images built from what the machine has (busybox-static), the node's CNI
+//! the workspace's images (`images`: busybox, skiff-probe), the node's CNI
 //! conflist (`skiff-cni`), and `skiff-agent` running the kubelet role.
 //! Everything is removed on drop: the agent, the containers and their
 //! shims, containerd, the mounts under the node's directory.
@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 use serde_json::json;
-use sha2::Digest as _;
 use skiff_cni_lib::subnet_env::SubnetEnv;
 
 use crate::control::free_port;
@@ -57,46 +56,10 @@ impl Registry {
         }
     }
 
-    /// Builds the busybox image (every applet linked in /bin, `sh` as its
-    /// command) and pushes it as `<registry>/<repo>`.
-    pub fn push_busybox(&self, ns: &Netns, repo: &str) -> String {
-        let work = TempDir::new();
-        let root = work.path.join("rootfs");
-        for d in ["bin", "tmp", "etc", "proc", "sys", "dev", "root", "var/www"] {
-            std::fs::create_dir_all(root.join(d)).unwrap_or_else(|e| panic!("mkdir {d}: {e}"));
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-            .unwrap_or_else(|e| panic!("copy busybox (busybox-static): {e}"));
-        let applets = Spawn::new("/bin/busybox").args(["--list"]).output();
-        for a in applets.lines().filter(|a| !a.is_empty() && *a != "busybox") {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-        }
-        std::fs::write(
-            root.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-        )
-        .unwrap_or_else(|e| panic!("passwd: {e}"));
-        std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")
-            .unwrap_or_else(|e| panic!("group: {e}"));
-        let tar = work.path.join("layer.tar");
-        Spawn::new("tar")
-            .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
-            .arg_path(&tar)
-            .args(["-C", &root.display().to_string(), "."])
-            .output();
-        let raw = std::fs::read(&tar).unwrap_or_else(|e| panic!("read layer: {e}"));
-        let diff_id = format!("sha256:{}", hex(&sha2::Sha256::digest(&raw)));
-        Spawn::new("gzip")
-            .args(["-n", "-f"])
-            .arg_path(&tar)
-            .output();
-        let gz = std::fs::read(work.path.join("layer.tar.gz"))
-            .unwrap_or_else(|e| panic!("read gz: {e}"));
-        let config = json!({
-            "architecture": "amd64", "os": "linux",
-            "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        });
+    /// Pushes the workspace's image `name` (see `images`) as
+    /// `<registry>/<repo>` and returns that reference.
+    pub fn push(&self, ns: &Netns, name: &str, repo: &str) -> String {
+        let image = crate::images::get(name).unwrap_or_else(|e| panic!("image {name}: {e}"));
         let reference = format!("{}/{repo}", self.addr);
         let r = reference.clone();
         let nspath = ns.path();
@@ -117,12 +80,12 @@ impl Registry {
                 let reference: oci_client::Reference =
                     r.parse().unwrap_or_else(|e| panic!("{r}: {e}"));
                 let layer = ImageLayer::new(
-                    gz,
+                    image.layer_gz,
                     oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
                     None,
                 );
                 let config = Config::new(
-                    config.to_string().into_bytes(),
+                    image.config.to_string().into_bytes(),
                     oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_string(),
                     None,
                 );
@@ -142,10 +105,6 @@ impl Registry {
         .unwrap_or_else(|_| panic!("pushing {reference} failed"));
         reference
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A containerd of its own, in `ns`.
@@ -274,6 +233,8 @@ pub struct KubeletNode {
     pub containerd: Containerd,
     pub dir: TempDir,
     pub ip: String,
+    /// Flags added to the agent's at its next (re)start.
+    pub extra_args: Vec<String>,
     args: Vec<String>,
     netns: String,
 }
@@ -351,6 +312,7 @@ impl KubeletNode {
             containerd,
             dir,
             ip: ip.to_string(),
+            extra_args: Vec::new(),
             args,
             netns: ns.path(),
         };
@@ -366,6 +328,7 @@ impl KubeletNode {
         self.agent = Some(
             Spawn::new(bin("skiff-agent"))
                 .args(&self.args)
+                .args(&self.extra_args)
                 .netns_path(Some(&self.netns))
                 .env("RUST_LOG", "info,skiff_agent=debug")
                 .log_to(&self.dir.path.join(format!("agent-{n}.log")))

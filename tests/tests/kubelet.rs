@@ -55,7 +55,7 @@ fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
     ns.add_local_link("eth0", &["172.31.7.2/24"]);
     let cp = ControlPlane::start_in(Some(&ns), &[]);
     let registry = Registry::start_in(&ns);
-    let image = registry.push_busybox(&ns, "busybox:1.36");
+    let image = registry.push(&ns, "busybox", "busybox:1.36");
     let node = KubeletNode::start(&ns, "172.31.7.2", "10.244.1.0/24", &cp, &registry.addr);
 
     let ready = wait_for(
@@ -126,6 +126,39 @@ fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
         "one container per pod"
     );
 
+    // The project's own probe server, from the image built of it (its
+    // args after the image's entrypoint), answers with the name it got.
+    let probe = registry.push(&ns, "skiff-probe", "skiff-probe:dev");
+    cp.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: probe\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: probe\n    image: {probe}\n    args: [serve-tcp, \"0.0.0.0:8080\", probe-pod]\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ip = wait_for("the probe pod to run", Duration::from_secs(60), || {
+        let s = cp.jsonpath(&["pod", "probe"], "{.status.phase} {.status.podIP}");
+        s.strip_prefix("Running ")
+            .filter(|ip| !ip.is_empty())
+            .map(String::from)
+    });
+    let answers = wait_for(
+        "the probe server to answer",
+        Duration::from_secs(20),
+        || {
+            let out = Spawn::new(skiff_tests::bin("skiff-probe"))
+                .args(["tcp", &format!("{ip}:8080"), "3"])
+                .netns(&ns)
+                .try_output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (v["answers"]["probe-pod"] == 3).then_some(v)
+        },
+    );
+    assert_eq!(
+        answers["answers"].as_object().map(|a| a.len()),
+        Some(1),
+        "{answers}"
+    );
+    cp.kubectl_ok(&["delete", "pod", "probe", "--wait=false"]);
+
     // Deleting the Deployment stops the containers within their grace
     // period and leaves nothing on the node.
     cp.kubectl_ok(&["delete", "deployment", "web", "--wait=false"]);
@@ -175,7 +208,7 @@ fn cluster(ip: &str, subnet: &str) -> Cluster {
     ns.add_local_link("eth0", &[&format!("{ip}/24")]);
     let cp = ControlPlane::start_in(Some(&ns), &[]);
     let registry = Registry::start_in(&ns);
-    let image = registry.push_busybox(&ns, "busybox:1.36");
+    let image = registry.push(&ns, "busybox", "busybox:1.36");
     let node = KubeletNode::start(&ns, ip, subnet, &cp, &registry.addr);
     wait_for("the node to be Ready", Duration::from_secs(30), || {
         let s = cp.jsonpath(

@@ -35,7 +35,11 @@ enum Cmd {
     },
     /// fmt, clippy, and every test, privileged ones included (run as root).
     Test,
-    /// Benchmarks (not tests): `proxy`, `control`, `net`.
+    /// Build the OCI images pods run in tests, the demo and benchmarks
+    /// (busybox, skiff-probe) into target/images; the test harness pushes
+    /// them to its registry (and builds any that are missing or stale).
+    Images,
+    /// Benchmarks (not tests): `proxy`, `control`, `net`, `kubelet`.
     Bench {
         /// Which benchmark.
         what: String,
@@ -299,6 +303,10 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Test => test(),
+        Cmd::Images => {
+            setup()?;
+            lab(&["images"])
+        }
         Cmd::GenProtobufSchema {
             k8s_pb,
             k8s_openapi,
@@ -321,7 +329,14 @@ fn main() -> Result<()> {
                     a.extend(args.iter().map(String::as_str));
                     lab(&a)
                 }
-                other => bail!("unknown benchmark {other:?}: try `proxy`, `control` or `net`"),
+                "kubelet" => {
+                    let mut a = vec!["bench-kubelet"];
+                    a.extend(args.iter().map(String::as_str));
+                    lab(&a)
+                }
+                other => {
+                    bail!("unknown benchmark {other:?}: try `proxy`, `control`, `net` or `kubelet`")
+                }
             }
         }
     }

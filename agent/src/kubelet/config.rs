@@ -15,6 +15,9 @@ pub struct KubeletConfig {
     pub containerd: PathBuf,
     /// The containerd namespace the kubelet's containers live in.
     pub namespace: String,
+    /// The OCI runtime binary containerd's runc shim runs (`runc`,
+    /// `crun`); `None` for the shim's default, runc.
+    pub runtime_binary: Option<String>,
     /// Pod state (pinned namespaces, CNI results): `<root>/pods/<uid>`.
     pub root_dir: PathBuf,
     pub log_dir: PathBuf,

@@ -60,6 +60,17 @@ fn call(op: &'static str, what: impl Into<String>) -> impl FnOnce(Status) -> Con
 pub struct Containerd {
     channel: Channel,
     namespace: String,
+    /// The runc shim's options for new containers: which OCI runtime
+    /// binary it runs (runc or crun); `None` keeps the shim's default.
+    runtime_options: Option<prost_types::Any>,
+}
+
+/// The runc v2 shim's options message (`containerd.runc.v1.Options`),
+/// only the field the kubelet sets.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    #[prost(string, tag = "6")]
+    binary_name: String,
 }
 
 /// A container's task as containerd reports it.
@@ -79,16 +90,29 @@ pub struct Exit {
 }
 
 impl Containerd {
-    pub async fn connect(socket: &Path, namespace: &str) -> Result<Self> {
+    /// `runtime_binary`: the OCI runtime the shim runs (`runc`, `crun`, or
+    /// a path); `None` for the shim's default (runc).
+    pub async fn connect(
+        socket: &Path,
+        namespace: &str,
+        runtime_binary: Option<&str>,
+    ) -> Result<Self> {
         let channel = containerd_client::connect(socket).await.map_err(|source| {
             ContainerdError::Connect {
                 socket: socket.display().to_string(),
                 source,
             }
         })?;
+        let runtime_options = runtime_binary.map(|b| prost_types::Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: prost::Message::encode_to_vec(&RuncOptions {
+                binary_name: b.to_string(),
+            }),
+        });
         Ok(Self {
             channel,
             namespace: namespace.to_string(),
+            runtime_options,
         })
     }
 
@@ -323,7 +347,7 @@ impl Containerd {
             labels,
             runtime: Some(api::container::Runtime {
                 name: RUNTIME.into(),
-                options: None,
+                options: self.runtime_options.clone(),
             }),
             spec: Some(prost_types::Any {
                 type_url: SPEC_TYPE.into(),
@@ -374,6 +398,7 @@ impl Containerd {
                 rootfs,
                 stdout: log.into(),
                 stderr: log.into(),
+                options: self.runtime_options.clone(),
                 ..Default::default()
             }))
             .await

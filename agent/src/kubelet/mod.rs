@@ -94,7 +94,12 @@ pub async fn run(
             source,
         })?;
     }
-    let cd = Containerd::connect(&cfg.containerd, &cfg.namespace).await?;
+    let cd = Containerd::connect(
+        &cfg.containerd,
+        &cfg.namespace,
+        cfg.runtime_binary.as_deref(),
+    )
+    .await?;
     let version = cd.version().await?;
     info!(containerd = %version, node = %cfg.node_name, "kubelet starting");
     let node_task = {

@@ -26,6 +26,8 @@ use skiff_tests::TempDir;
 use skiff_tests::control::{Etcd, free_port};
 use tokio::sync::Mutex;
 
+use crate::stats::pct;
+
 pub struct Args {
     pub nodes: Vec<usize>,
     pub sched_pods: usize,
@@ -64,7 +66,7 @@ fn control_bin() -> PathBuf {
     skiff_tests::bin("skiff-control")
 }
 
-async fn client(kubeconfig: &Path) -> Result<kube::Client> {
+pub(crate) async fn client(kubeconfig: &Path) -> Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
     Ok(kube::Client::try_from(cfg)?)
@@ -120,7 +122,7 @@ async fn start(
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -129,14 +131,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn stats(mut v: Vec<f64>) -> Value {

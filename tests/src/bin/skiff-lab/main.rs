@@ -5,15 +5,18 @@
 mod bench;
 mod control_bench;
 mod demo;
+mod kubelet_bench;
 mod net_bench;
 mod plot;
 mod rules;
+mod stats;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
 const USAGE: &str = "usage: skiff-lab demo [--once]
+       skiff-lab images
        skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
                              [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
                              [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
@@ -21,7 +24,10 @@ const USAGE: &str = "usage: skiff-lab demo [--once]
        skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
                                [--samples 300] [--rounds 3] [--out target/bench]
        skiff-lab bench-net [--rounds 3] [--seconds 5] [--cni-calls 100] [--leases 100,1000]
-                           [--out target/bench]";
+                           [--out target/bench]
+       skiff-lab bench-kubelet [--singles 50] [--batch 30] [--batches 2] [--exits 30]
+                               [--idle-pods 100] [--idle-seconds 30] [--rounds 2]
+                               [--runtimes runc,crun] [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -141,13 +147,74 @@ fn net_args(argv: &[String]) -> Result<net_bench::Args> {
     Ok(a)
 }
 
+fn kubelet_args(argv: &[String]) -> Result<kubelet_bench::Args> {
+    let mut a = kubelet_bench::Args {
+        singles: 50,
+        batch: 30,
+        batches: 2,
+        exits: 30,
+        idle_pods: 100,
+        idle_seconds: 30,
+        rounds: 2,
+        runtimes: vec!["runc".into(), "crun".into()],
+        out: PathBuf::from("target/bench"),
+    };
+    each_flag(argv, |flag, value| {
+        match flag {
+            "--singles" => a.singles = value.parse().context("--singles")?,
+            "--batch" => a.batch = value.parse().context("--batch")?,
+            "--batches" => a.batches = value.parse().context("--batches")?,
+            "--exits" => a.exits = value.parse().context("--exits")?,
+            "--idle-pods" => a.idle_pods = value.parse().context("--idle-pods")?,
+            "--idle-seconds" => a.idle_seconds = value.parse().context("--idle-seconds")?,
+            "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--runtimes" => a.runtimes = value.split(',').map(String::from).collect(),
+            "--out" => a.out = PathBuf::from(value),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    if a.rounds == 0 || a.batch == 0 || a.idle_seconds == 0 {
+        bail!("--rounds, --batch and --idle-seconds must be at least 1");
+    }
+    if let Some(r) = a
+        .runtimes
+        .iter()
+        .find(|r| !matches!(r.as_str(), "runc" | "crun"))
+    {
+        bail!("--runtimes: {r:?} is not runc or crun");
+    }
+    if a.runtimes.is_empty() {
+        bail!("--runtimes: name at least one of runc, crun");
+    }
+    Ok(a)
+}
+
+/// Builds every image into target/images and says what it built.
+fn images() -> Result<()> {
+    let dir = skiff_tests::images::dir();
+    for name in skiff_tests::images::NAMES {
+        let out = dir.join(name);
+        skiff_tests::images::build(name, &out).map_err(|e| anyhow::anyhow!("image {name}: {e}"))?;
+        let size = std::fs::metadata(out.join("layer.tar.gz")).map_or(0, |m| m.len());
+        println!(
+            "image {name}: {} ({:.1} MiB gzipped)",
+            out.display(),
+            size as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     match argv.first().map(String::as_str) {
         Some("demo") => demo::run(argv.iter().any(|a| a == "--once")),
+        Some("images") => images(),
         Some("bench-proxy") => bench::run(&bench_args(&argv[1..])?),
         Some("bench-control") => control_bench::run(&control_args(&argv[1..])?),
         Some("bench-net") => net_bench::run(&net_args(&argv[1..])?),
+        Some("bench-kubelet") => kubelet_bench::run(&kubelet_args(&argv[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

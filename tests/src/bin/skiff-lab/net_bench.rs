@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 use skiff_tests::overlay::{Cluster, Node, Pod};
 use skiff_tests::{Netns, Spawn, TempDir, bin, unique};
 
+use crate::stats::{pct, summary};
+
 pub struct Args {
     pub rounds: usize,
     pub seconds: u32,
@@ -29,18 +31,6 @@ pub struct Args {
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","Backend":{"Type":"host-gw"}}"#;
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
-
-fn summary(mut v: Vec<f64>) -> Value {
-    v.sort_by(f64::total_cmp);
-    json!({"p50": pct(&v, 0.5), "p99": pct(&v, 0.99), "min": v.first(), "max": v.last(), "n": v.len()})
-}
 
 /// One iperf3 run from `client` to `server_ip` in `server`; Gbit/s.
 fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Result<f64> {

@@ -388,3 +388,97 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
+
+/// Left: single pod start, per percentile. Middle: the same for pods in
+/// batches. Right: container exit to containerd's event and to the API.
+pub fn kubelet(doc: &serde_json::Value, path: &Path) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (1500, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let panels = root.split_evenly((1, 3));
+    let palette = [
+        (RGBColor(0, 114, 178), RGBColor(86, 180, 233)),
+        (RGBColor(213, 94, 0), RGBColor(230, 159, 0)),
+    ];
+    // Percentile curve of one sample array.
+    let curve = |v: &serde_json::Value| -> Vec<(f64, f64)> {
+        let v: Vec<f64> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_f64)
+            .collect();
+        let n = v.len().max(2) as f64 - 1.0;
+        v.into_iter()
+            .enumerate()
+            .map(|(i, ms)| (i as f64 * 100.0 / n, ms))
+            .collect()
+    };
+    let runtimes: Vec<String> = doc["args"]["runtimes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str().map(String::from))
+        .collect();
+    let names: Vec<(String, String)> = runtimes
+        .iter()
+        .map(|rt| (format!("kubelet Ready, {rt}"), format!("ctr run, {rt}")))
+        .collect();
+    for (i, (case, title)) in [
+        ("single", "pod start, one at a time"),
+        ("batch", "pod start, in a batch"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut series: Vec<Series<'_>> = Vec::new();
+        for (j, rt) in runtimes.iter().enumerate() {
+            let (dark, light) = palette[j % palette.len()];
+            let s = &doc["start"][rt][case]["samples"];
+            series.push((&names[j].0, dark, curve(&s["skiff_ready"])));
+            series.push((&names[j].1, light, curve(&s["ctr"])));
+        }
+        let max_ms = series
+            .iter()
+            .flat_map(|s| s.2.iter().map(|p| p.1))
+            .fold(1.0, f64::max)
+            * 1.2;
+        let mut chart = panel(
+            &panels[i],
+            title,
+            (0f64..100f64, "percentile"),
+            (0f64..max_ms, "milliseconds"),
+        )?;
+        draw_named(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
+    }
+    let exit_names: Vec<(String, String)> = runtimes
+        .iter()
+        .map(|rt| {
+            (
+                format!("pod status in the API, {rt}"),
+                format!("containerd event, {rt}"),
+            )
+        })
+        .collect();
+    let mut series: Vec<Series<'_>> = Vec::new();
+    for (j, rt) in runtimes.iter().enumerate() {
+        let (dark, light) = palette[j % palette.len()];
+        let s = &doc["exit"][rt]["samples"];
+        series.push((&exit_names[j].0, dark, curve(&s["api"])));
+        series.push((&exit_names[j].1, light, curve(&s["containerd_event"])));
+    }
+    let max_ms = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.2;
+    let mut chart = panel(
+        &panels[2],
+        "container exit → status",
+        (0f64..100f64, "percentile"),
+        (0f64..max_ms, "milliseconds"),
+    )?;
+    draw_named(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
