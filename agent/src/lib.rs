@@ -11,6 +11,7 @@
 //! through `subnet.env`, read by the CNI plugin it runs.
 
 pub mod kubelet;
+pub mod memory;
 pub mod overlay;
 pub mod proxy;
 pub mod role;

@@ -385,6 +385,7 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    skiff_agent::memory::limit_arenas();
     match cli.command {
         // Multi-threaded: a role's blocking kernel work (block_in_place)
         // must leave a worker for the others.

@@ -742,6 +742,15 @@ metadata:
 spec:
   containers:
   - {{name: main, image: {image}, command: ["/no/such/binary"]}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: no-command-never
+spec:
+  restartPolicy: Never
+  containers:
+  - {{name: main, image: {image}, command: ["/no/such/binary"]}}
 "#,
         image = c.image,
         shared = shared.display()
@@ -768,6 +777,18 @@ spec:
         Some(reason("no-command")).filter(|r| r.starts_with("RunContainerError"))
     });
     assert!(run.contains("/no/such/binary"), "{run}");
+    // Under restartPolicy Never a container that cannot start is not
+    // retried: it ends as exit 128 and the pod fails.
+    wait_for("no-command-never Failed", Duration::from_secs(30), || {
+        (cp.jsonpath(&["pod", "no-command-never"], "{.status.phase}") == "Failed").then_some(())
+    });
+    assert_eq!(
+        cp.jsonpath(
+            &["pod", "no-command-never"],
+            "{.status.containerStatuses[0].state.terminated.reason}/{.status.containerStatuses[0].state.terminated.exitCode}/{.status.containerStatuses[0].restartCount}"
+        ),
+        "StartError/128/0"
+    );
     let warnings = cp.kubectl_ok(&[
         "get",
         "events",
@@ -776,7 +797,7 @@ spec:
         "-o",
         "jsonpath={.items[*].involvedObject.name}",
     ]);
-    for p in ["no-image", "bad-name", "no-command"] {
+    for p in ["no-image", "bad-name", "no-command", "no-command-never"] {
         assert!(warnings.contains(p), "a Warning event for {p}: {warnings}");
     }
 

@@ -63,7 +63,15 @@ pub struct Containerd {
     /// The runc shim's options for new containers: which OCI runtime
     /// binary it runs (runc or crun); `None` keeps the shim's default.
     runtime_options: Option<prost_types::Any>,
+    /// The lease every call of this handle runs under (see [`Containerd::leased`]).
+    lease: Option<String>,
 }
+
+/// How long a lease outlives a kubelet that crashed before releasing it.
+const LEASE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Distinguishes the leases of one process.
+static LEASES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The runc v2 shim's options message (`containerd.runc.v1.Options`),
 /// only the field the kubelet sets.
@@ -113,6 +121,7 @@ impl Containerd {
             channel,
             namespace: namespace.to_string(),
             runtime_options,
+            lease: None,
         })
     }
 
@@ -121,7 +130,51 @@ impl Containerd {
         if let Ok(ns) = self.namespace.parse() {
             r.metadata_mut().insert("containerd-namespace", ns);
         }
+        if let Some(Ok(lease)) = self.lease.as_ref().map(|l| l.parse()) {
+            r.metadata_mut().insert("containerd-lease", lease);
+        }
         r
+    }
+
+    /// A handle whose calls run under a new lease, so that containerd's
+    /// garbage collector keeps what they make (content, snapshots) until
+    /// something references it: without one, a collection that runs
+    /// between preparing a snapshot and creating the container that uses
+    /// it (any removal schedules one) deletes the snapshot, and the task
+    /// fails to mount its rootfs. Give it back with [`Containerd::release`]
+    /// once the work is referenced; a crashed kubelet's lease expires.
+    pub async fn leased(&self, purpose: &str) -> Result<Self> {
+        let n = LEASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("skiff-{purpose}-{}-{n}", std::process::id());
+        let expire = k8s_openapi::jiff::Timestamp::now()
+            .checked_add(LEASE_EXPIRY)
+            .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());
+        let labels = HashMap::from([("containerd.io/gc.expire".to_string(), expire.to_string())]);
+        api::leases_client::LeasesClient::new(self.channel.clone())
+            .create(self.req(api::CreateRequest {
+                id: id.clone(),
+                labels,
+            }))
+            .await
+            .map_err(call("lease create", id.clone()))?;
+        Ok(Self {
+            lease: Some(id),
+            ..self.clone()
+        })
+    }
+
+    /// Ends this handle's lease; what it made stays if it is referenced.
+    pub async fn release(&self) {
+        let Some(id) = &self.lease else { return };
+        let r = api::leases_client::LeasesClient::new(self.channel.clone())
+            .delete(self.req(api::DeleteRequest {
+                id: id.clone(),
+                sync: false,
+            }))
+            .await;
+        if let Err(s) = r {
+            tracing::warn!(lease = %id, error = %s, "releasing a containerd lease failed; it expires on its own");
+        }
     }
 
     /// containerd's version (for `nodeInfo.containerRuntimeVersion`).

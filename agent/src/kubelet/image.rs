@@ -170,8 +170,7 @@ impl Puller {
         Ok(ImageInfo::new(reference, &target.digest, top, &config))
     }
 
-    /// Pulls `image` into containerd and unpacks it.
-    /// Pulls `image` (`always`: even when an earlier pull of the same
+    /// Pulls `image` into containerd and unpacks it (`always`: even when an earlier pull of the same
     /// reference is unpacked, to pick up a moved tag).
     pub async fn pull(
         &self,
@@ -185,7 +184,12 @@ impl Puller {
         if !always && let Some(info) = self.local(cd, image).await? {
             return Ok(info);
         }
-        self.pull_now(cd, image).await
+        // Under a lease: until the image record references them, the
+        // content and snapshots written are the garbage collector's.
+        let leased = cd.leased("pull").await?;
+        let pulled = self.pull_now(&leased, image).await;
+        leased.release().await;
+        pulled
     }
 
     async fn pull_now(&self, cd: &Containerd, image: &str) -> Result<ImageInfo, ImageError> {

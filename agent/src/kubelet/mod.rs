@@ -168,15 +168,24 @@ pub async fn run(
     let mut events = Box::pin(watcher(api, wc));
     let mut workers: HashMap<String, Handle> = HashMap::new();
     let mut listing: Option<HashSet<String>> = None;
+    // After a burst of pod events, once things have settled, the heap's
+    // free pages go back to the kernel (an idle node keeps a small RSS).
+    let mut settle = tokio::time::interval(Duration::from_secs(30));
+    let mut changed = true;
     let result = loop {
         tokio::select! {
             _ = stopped(&mut shutdown) => break Ok(()),
+            _ = settle.tick() => {
+                if std::mem::take(&mut changed) {
+                    crate::memory::release_free();
+                }
+            },
             Some(e) = exits.recv() => {
                 if let Some(h) = workers.get(pod::uid_of(&e.container_id)) {
                     let _ = h.exits.send(e).await;
                 }
             },
-            ev = events.next() => match ev {
+            ev = events.next() => match ev.inspect(|_| changed = true) {
                 None => break Ok(()),
                 Some(Err(e)) => warn!(error = %e, "pod watch error; retrying"),
                 Some(Ok(watcher::Event::Init)) => listing = Some(HashSet::new()),

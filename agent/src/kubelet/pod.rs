@@ -806,21 +806,27 @@ impl Worker {
             &log_dir.join(format!("{attempt}.log")),
             super::logs::MAX_SIZE,
         );
-        let cd = &self.shared.cd;
         let started = async {
-            let mounts = match cd.prepare(&id, &img.top_layer, Default::default()).await {
-                Ok(m) => m,
-                Err(e) if e.is_already_exists() => cd.mounts(&id).await?,
-                Err(e) => return Err(e),
-            };
-            match cd.create_container(&id, &img.name, &spec, labels).await {
-                Ok(()) => {}
-                Err(e) if e.is_already_exists() => {}
-                Err(e) => return Err(e),
+            // The snapshot is leased until the container references it.
+            let cd = self.shared.cd.leased("container").await?;
+            let created = async {
+                let mounts = match cd.prepare(&id, &img.top_layer, Default::default()).await {
+                    Ok(m) => m,
+                    Err(e) if e.is_already_exists() => cd.mounts(&id).await?,
+                    Err(e) => return Err(e),
+                };
+                match cd.create_container(&id, &img.name, &spec, labels).await {
+                    Ok(()) => Ok(mounts),
+                    Err(e) if e.is_already_exists() => Ok(mounts),
+                    Err(e) => Err(e),
+                }
             }
-            cd.start_task(&id, mounts, &log).await
+            .await;
+            cd.release().await;
+            self.shared.cd.start_task(&id, created?, &log).await
         }
         .await;
+        let never = self.restart_policy() == "Never";
         let st = self.ctrs.entry(c.name.clone()).or_insert_with(Ctr::new);
         st.image_id = img.id.clone();
         match started {
@@ -841,20 +847,27 @@ impl Worker {
             }
             Err(e) => {
                 let msg = e.to_string();
-                cd.remove(&id).await;
-                st.last = Some(Run::Terminated {
+                self.shared.cd.remove(&id).await;
+                let failed = Run::Terminated {
                     id: id.clone(),
                     exit: 128,
                     reason: "StartError".into(),
                     started: now(),
                     finished: now(),
-                });
-                st.restarts += 1;
-                st.back_off(false);
-                st.run = Run::Waiting {
-                    reason: "RunContainerError".into(),
-                    message: msg.clone(),
                 };
+                if never {
+                    // Never restarts, not even a container that failed to
+                    // start: it ends as exit 128 and the pod fails.
+                    st.run = failed;
+                } else {
+                    st.last = Some(failed);
+                    st.restarts += 1;
+                    st.back_off(false);
+                    st.run = Run::Waiting {
+                        reason: "RunContainerError".into(),
+                        message: msg.clone(),
+                    };
+                }
                 self.event("Warning", "Failed", &format!("Error: {msg}"))
                     .await;
             }

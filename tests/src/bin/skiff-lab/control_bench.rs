@@ -122,7 +122,7 @@ async fn start(
     }
 }
 
-pub(crate) fn rss_kib(pid: u32) -> u64 {
+fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -669,6 +669,20 @@ impl Bench<'_> {
         for name in &names {
             let running = self.watch.wait(name, |s| s.running)?;
             let ready = self.watch.wait(name, |s| s.ready)?;
+            if ready - running > Duration::from_secs(1) {
+                // Running but not ready for long: a failed start retried
+                // after its back-off. Say why, for whoever reads the run.
+                let p = self.rt.block_on(self.pods.get(name))?;
+                let last = p
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .and_then(|cs| cs.into_iter().next())
+                    .and_then(|c| c.last_state);
+                eprintln!(
+                    "pod {name}: Ready {:.0} ms after Running; last state {last:?}",
+                    ms(ready - running)
+                );
+            }
             out.push((ms(running - t0), ms(ready - t0)));
         }
         Ok((out, names))
@@ -823,8 +837,22 @@ fn idle_usage(pid: i32, seconds: u64) -> Value {
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(seconds));
     let cpu = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
-    let rss = crate::control_bench::rss_kib(pid as u32) as f64 / 1024.0;
-    json!({"rss_mib": rss, "cpu_pct": cpu})
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    json!({
+        "rss_mib": field("VmRSS:"),
+        "rss_anon_mib": field("RssAnon:"),
+        "rss_file_mib": field("RssFile:"),
+        "threads": field("Threads:") * 1024.0,
+        "cpu_pct": cpu,
+    })
 }
 
 #[derive(Default)]
@@ -1100,14 +1128,20 @@ fn report(args: &Args, s: &Samples, idle: &[Value], cores: usize, started: Insta
         "\nkubelet (skiff-agent --roles kubelet) idle over {} s",
         args.idle_seconds
     );
-    println!("| pods | RSS MiB | CPU % of a core |");
-    println!("| --- | --- | --- |");
+    println!(
+        "| pods | RSS MiB | of it anonymous | of it file-backed | threads | CPU % of a core |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
     for u in idle {
+        let f = |k: &str| u[k].as_f64().unwrap_or(0.0);
         println!(
-            "| {} | {:.1} | {:.2} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} |",
             u["pods"],
-            u["rss_mib"].as_f64().unwrap_or(0.0),
-            u["cpu_pct"].as_f64().unwrap_or(0.0)
+            f("rss_mib"),
+            f("rss_anon_mib"),
+            f("rss_file_mib"),
+            f("threads"),
+            f("cpu_pct")
         );
     }
     println!("targets at 100 pods: < 40 MiB, < 1 %");
