@@ -20,8 +20,8 @@ use skiff_ebpf_common::{Backend, PROTO_TCP, ServiceKey};
 use skiff_tests::netns::veth;
 use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin};
 
-use crate::plot;
-use crate::rules::{self, BenchService};
+use super::rules::{self, BenchService};
+use super::{git_commit, kernel, plot, write_results};
 
 const CLIENT_IP: &str = "10.201.0.1";
 const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 201, 0, 2), Ipv4Addr::new(10, 201, 0, 3)];
@@ -556,40 +556,6 @@ pub fn print_table(summary: &[Summary]) {
     println!(
         "ratio = connection rate / direct connection rate to the backend (the limit), same size and state"
     );
-}
-
-pub(crate) fn git_commit() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// Writes a run's document as `<out>/<name>-<unix time>.json` and
-/// `<out>/<name>-latest.json`; returns the first path.
-pub(crate) fn write_results(
-    out: &std::path::Path,
-    name: &str,
-    doc: &serde_json::Value,
-) -> Result<PathBuf> {
-    std::fs::create_dir_all(out).with_context(|| format!("mkdir {}", out.display()))?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let text = serde_json::to_string_pretty(doc)?;
-    let path = out.join(format!("{name}-{stamp}.json"));
-    std::fs::write(&path, &text).with_context(|| format!("write {}", path.display()))?;
-    std::fs::write(out.join(format!("{name}-latest.json")), &text)?;
-    Ok(path)
-}
-
-pub(crate) fn kernel() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 pub fn run(args: &Args) -> Result<()> {

@@ -26,7 +26,7 @@ use skiff_tests::TempDir;
 use skiff_tests::control::{Etcd, free_port};
 use tokio::sync::Mutex;
 
-use crate::stats::pct;
+use super::stats::pct;
 
 pub struct Args {
     pub nodes: Vec<usize>,
@@ -504,16 +504,16 @@ async fn run_async(args: &Args) -> Result<()> {
 
     let doc = json!({
         "benchmark": "control",
-        "commit": crate::bench::git_commit(),
-        "kernel": crate::bench::kernel(),
+        "commit": super::git_commit(),
+        "kernel": super::kernel(),
         "cores": cores,
         "seconds": started.elapsed().as_secs_f64(),
         "args": {"nodes": args.nodes, "sched_pods": args.sched_pods, "pods": args.pods, "samples": args.samples, "rounds": args.rounds},
         "scheduler": sched, "latency": lat, "start": cold,
     });
-    let path = crate::bench::write_results(&args.out, "control", &doc)?;
+    let path = super::write_results(&args.out, "control", &doc)?;
     let png = args.out.join("control.png");
-    crate::plot::control(&doc, &png)?;
+    super::plot::control(&doc, &png)?;
     println!("wrote {} and {}", path.display(), png.display());
     Ok(())
 }

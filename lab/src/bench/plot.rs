@@ -7,7 +7,7 @@ use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::bench::{Mode, State, Summary};
+use super::proxy::{Mode, State, Summary};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -194,6 +194,48 @@ where
     Ok(())
 }
 
+/// The numbers of a JSON array (others skipped).
+fn nums(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_f64)
+        .collect()
+}
+
+/// Sorted samples as a percentile curve: (percentile, value).
+fn percentiles(sorted: Vec<f64>) -> Vec<(f64, f64)> {
+    let n = sorted.len().max(2) as f64 - 1.0;
+    sorted
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (i as f64 * 100.0 / n, v))
+        .collect()
+}
+
+/// The largest value any series reaches (at least 1).
+fn max_y(series: &[Series<'_>]) -> f64 {
+    series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+}
+
+/// Latency by percentile: one line per series, milliseconds from zero.
+fn percentile_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    series: &[Series<'_>],
+) -> Result<()> {
+    let mut chart = panel(
+        area,
+        title,
+        (0f64..100f64, "percentile"),
+        (0f64..max_y(series) * 1.2, "milliseconds"),
+    )?;
+    draw_named(&mut chart, series, SeriesLabelPosition::UpperLeft)
+}
+
 /// Left: scheduler throughput against the number of nodes. Right: p50
 /// latencies against the number of pods, beside etcd's.
 pub fn control(doc: &serde_json::Value, path: &Path) -> Result<()> {
@@ -250,11 +292,7 @@ pub fn control(doc: &serde_json::Value, path: &Path) -> Result<()> {
         ),
     ];
     let max_pods = lat.iter().map(|l| get(l, "/pods")).fold(10.0, f64::max) * 2.0;
-    let max_ms = series
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 3.0;
+    let max_ms = max_y(&series) * 3.0;
     let mut chart = panel(
         &right,
         "API latency (p50)",
@@ -277,14 +315,6 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
     let blue = RGBColor(0, 114, 178);
     let orange = RGBColor(213, 94, 0);
     let green = RGBColor(0, 158, 115);
-    let nums = |v: &serde_json::Value| -> Vec<f64> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(serde_json::Value::as_f64)
-            .collect()
-    };
-
     let samples = &doc["throughput"]["samples"];
     let per_round = |k: &str| -> Vec<(f64, f64)> {
         nums(&samples[k])
@@ -299,11 +329,7 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
         ("pod ↔ pod vxlan", blue, per_round("vxlan")),
     ];
     let rounds = tp.iter().map(|s| s.2.len()).max().unwrap_or(1) as f64;
-    let max_g = tp
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 1.3;
+    let max_g = max_y(&tp) * 1.3;
     let mut chart = panel(
         &panels[0],
         "TCP throughput (iperf3)",
@@ -312,14 +338,7 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
     )?;
     draw_named(&mut chart, &tp, SeriesLabelPosition::LowerRight)?;
 
-    let cdf = |k: &str| -> Vec<(f64, f64)> {
-        let v = nums(&doc["cni"][k]["add_samples"]);
-        let n = v.len().max(2) as f64 - 1.0;
-        v.into_iter()
-            .enumerate()
-            .map(|(i, ms)| (i as f64 * 100.0 / n, ms))
-            .collect()
-    };
+    let cdf = |k: &str| percentiles(nums(&doc["cni"][k]["add_samples"]));
     let lat = [
         ("skiff-cni ADD", blue, cdf("skiff-cni")),
         (
@@ -328,18 +347,7 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
             cdf("bridge + host-local"),
         ),
     ];
-    let max_ms = lat
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 1.2;
-    let mut chart = panel(
-        &panels[1],
-        "CNI ADD latency",
-        (0f64..100f64, "percentile"),
-        (0f64..max_ms, "milliseconds"),
-    )?;
-    draw_named(&mut chart, &lat, SeriesLabelPosition::UpperLeft)?;
+    percentile_panel(&panels[1], "CNI ADD latency", &lat)?;
 
     let conv = doc["convergence"].as_array().cloned().unwrap_or_default();
     let pts = |p: &str| -> Vec<(f64, f64)> {
@@ -373,11 +381,7 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
         .filter_map(|c| c["leases"].as_f64())
         .fold(10.0, f64::max)
         * 2.0;
-    let max_ms = series
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 3.0;
+    let max_ms = max_y(&series) * 3.0;
     let mut chart = panel(
         &panels[2],
         "lease convergence (one node)",
@@ -400,20 +404,7 @@ pub fn kubelet(doc: &serde_json::Value, path: &Path) -> Result<()> {
         (RGBColor(0, 114, 178), RGBColor(86, 180, 233)),
         (RGBColor(213, 94, 0), RGBColor(230, 159, 0)),
     ];
-    // Percentile curve of one sample array.
-    let curve = |v: &serde_json::Value| -> Vec<(f64, f64)> {
-        let v: Vec<f64> = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(serde_json::Value::as_f64)
-            .collect();
-        let n = v.len().max(2) as f64 - 1.0;
-        v.into_iter()
-            .enumerate()
-            .map(|(i, ms)| (i as f64 * 100.0 / n, ms))
-            .collect()
-    };
+    let curve = |v: &serde_json::Value| percentiles(nums(v));
     let runtimes: Vec<String> = doc["args"]["runtimes"]
         .as_array()
         .into_iter()
@@ -438,18 +429,7 @@ pub fn kubelet(doc: &serde_json::Value, path: &Path) -> Result<()> {
             series.push((&names[j].0, dark, curve(&s["skiff_ready"])));
             series.push((&names[j].1, light, curve(&s["ctr"])));
         }
-        let max_ms = series
-            .iter()
-            .flat_map(|s| s.2.iter().map(|p| p.1))
-            .fold(1.0, f64::max)
-            * 1.2;
-        let mut chart = panel(
-            &panels[i],
-            title,
-            (0f64..100f64, "percentile"),
-            (0f64..max_ms, "milliseconds"),
-        )?;
-        draw_named(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
+        percentile_panel(&panels[i], title, &series)?;
     }
     let exit_names: Vec<(String, String)> = runtimes
         .iter()
@@ -467,18 +447,7 @@ pub fn kubelet(doc: &serde_json::Value, path: &Path) -> Result<()> {
         series.push((&exit_names[j].0, dark, curve(&s["api"])));
         series.push((&exit_names[j].1, light, curve(&s["containerd_event"])));
     }
-    let max_ms = series
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 1.2;
-    let mut chart = panel(
-        &panels[2],
-        "container exit → status",
-        (0f64..100f64, "percentile"),
-        (0f64..max_ms, "milliseconds"),
-    )?;
-    draw_named(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
+    percentile_panel(&panels[2], "container exit → status", &series)?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use skiff_tests::overlay::{Cluster, Node, Pod};
 use skiff_tests::{Netns, Spawn, TempDir, bin, unique};
 
-use crate::stats::{pct, summary};
+use super::stats::{pct, summary};
 
 pub struct Args {
     pub rounds: usize,
@@ -481,8 +481,8 @@ pub fn run(args: &Args) -> Result<()> {
 
     let doc = json!({
         "benchmark": "net",
-        "commit": crate::bench::git_commit(),
-        "kernel": crate::bench::kernel(),
+        "commit": super::git_commit(),
+        "kernel": super::kernel(),
         "cores": cores,
         "seconds": started.elapsed().as_secs_f64(),
         "args": {"rounds": args.rounds, "iperf_seconds": args.seconds, "cni_calls": args.cni_calls, "leases": args.leases},
@@ -491,9 +491,9 @@ pub fn run(args: &Args) -> Result<()> {
         "convergence": conv,
         "ratios": {"vxlan_over_host_gw": vx_ratio, "skiff_add_p99_over_reference": add_ratio, "skiff_del_p99_over_reference": del_ratio},
     });
-    let path = crate::bench::write_results(&args.out, "net", &doc)?;
+    let path = super::write_results(&args.out, "net", &doc)?;
     let png = args.out.join("net.png");
-    crate::plot::net(&doc, &png)?;
+    super::plot::net(&doc, &png)?;
     println!("wrote {} and {}", path.display(), png.display());
     Ok(())
 }

@@ -35,7 +35,7 @@ use skiff_tests::control::ControlPlane;
 use skiff_tests::node::{KubeletNode, Registry};
 use skiff_tests::{Netns, Proc, Spawn, TempDir, bin_dir};
 
-use crate::stats::{pct, summary};
+use super::stats::{pct, summary};
 
 pub struct Args {
     /// Pods started one at a time, per mode and runtime (over all rounds).
@@ -105,7 +105,7 @@ impl PodWatch {
     }
 
     async fn run(&self, kubeconfig: &Path) -> Result<()> {
-        let client = crate::control_bench::client(kubeconfig).await?;
+        let client = super::control::client(kubeconfig).await?;
         let pods: Api<Pod> = Api::namespaced(client, NS);
         let mut version = "0".to_string();
         while !self.stop.load(Ordering::Relaxed) {
@@ -993,7 +993,7 @@ pub fn run(args: &Args) -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let client = rt.block_on(crate::control_bench::client(&kubeconfig))?;
+            let client = rt.block_on(super::control::client(&kubeconfig))?;
             let nss: Api<Namespace> = Api::all(client.clone());
             rt.block_on(nss.create(
                 &PostParams::default(),
@@ -1160,8 +1160,8 @@ fn report(args: &Args, s: &Samples, idle: &[Value], cores: usize, started: Insta
 
     let doc = json!({
         "benchmark": "kubelet",
-        "commit": crate::bench::git_commit(),
-        "kernel": crate::bench::kernel(),
+        "commit": super::git_commit(),
+        "kernel": super::kernel(),
         "cores": cores,
         "seconds": started.elapsed().as_secs_f64(),
         "args": {
@@ -1174,9 +1174,9 @@ fn report(args: &Args, s: &Samples, idle: &[Value], cores: usize, started: Insta
         "idle": idle,
         "ratios": ratios,
     });
-    let path = crate::bench::write_results(&args.out, "kubelet", &doc)?;
+    let path = super::write_results(&args.out, "kubelet", &doc)?;
     let png = args.out.join("kubelet.png");
-    crate::plot::kubelet(&doc, &png)?;
+    super::plot::kubelet(&doc, &png)?;
     println!("wrote {} and {}", path.display(), png.display());
     Ok(())
 }

@@ -3,13 +3,9 @@
 //! creates.
 
 mod bench;
-mod control_bench;
 mod demo;
-mod kubelet_bench;
-mod net_bench;
-mod plot;
-mod rules;
-mod stats;
+
+use bench::{control, kubelet, net, proxy};
 
 use std::path::PathBuf;
 
@@ -54,8 +50,8 @@ fn each_flag(argv: &[String], mut set: impl FnMut(&str, &str) -> Result<bool>) -
     Ok(())
 }
 
-fn bench_args(argv: &[String]) -> Result<bench::Args> {
-    let mut a = bench::Args {
+fn bench_args(argv: &[String]) -> Result<proxy::Args> {
+    let mut a = proxy::Args {
         sizes: vec![1, 1_000, 10_000, 50_000],
         rounds: 3,
         conns: 8_000,
@@ -63,7 +59,7 @@ fn bench_args(argv: &[String]) -> Result<bench::Args> {
         steady_sizes: vec![1, 10_000],
         threads: 2,
         out: PathBuf::from("target/bench"),
-        modes: bench::Mode::ALL.to_vec(),
+        modes: proxy::Mode::ALL.to_vec(),
         nft_max: 10_000,
     };
     each_flag(argv, |flag, value| {
@@ -79,10 +75,10 @@ fn bench_args(argv: &[String]) -> Result<bench::Args> {
             "--modes" => {
                 a.modes = value
                     .split(',')
-                    .map(bench::Mode::parse)
+                    .map(proxy::Mode::parse)
                     .collect::<Result<_>>()?;
-                if !a.modes.contains(&bench::Mode::Direct) {
-                    a.modes.insert(0, bench::Mode::Direct);
+                if !a.modes.contains(&proxy::Mode::Direct) {
+                    a.modes.insert(0, proxy::Mode::Direct);
                 }
             }
             _ => return Ok(false),
@@ -95,8 +91,8 @@ fn bench_args(argv: &[String]) -> Result<bench::Args> {
     Ok(a)
 }
 
-fn control_args(argv: &[String]) -> Result<control_bench::Args> {
-    let mut a = control_bench::Args {
+fn control_args(argv: &[String]) -> Result<control::Args> {
+    let mut a = control::Args {
         nodes: vec![1_000, 5_000],
         sched_pods: 3_000,
         pods: vec![1_000, 10_000],
@@ -122,8 +118,8 @@ fn control_args(argv: &[String]) -> Result<control_bench::Args> {
     Ok(a)
 }
 
-fn net_args(argv: &[String]) -> Result<net_bench::Args> {
-    let mut a = net_bench::Args {
+fn net_args(argv: &[String]) -> Result<net::Args> {
+    let mut a = net::Args {
         rounds: 3,
         seconds: 5,
         cni_calls: 100,
@@ -147,8 +143,8 @@ fn net_args(argv: &[String]) -> Result<net_bench::Args> {
     Ok(a)
 }
 
-fn kubelet_args(argv: &[String]) -> Result<kubelet_bench::Args> {
-    let mut a = kubelet_bench::Args {
+fn kubelet_args(argv: &[String]) -> Result<kubelet::Args> {
+    let mut a = kubelet::Args {
         singles: 50,
         batch: 30,
         batches: 2,
@@ -211,10 +207,10 @@ fn main() -> Result<()> {
     match argv.first().map(String::as_str) {
         Some("demo") => demo::run(argv.iter().any(|a| a == "--once")),
         Some("images") => images(),
-        Some("bench-proxy") => bench::run(&bench_args(&argv[1..])?),
-        Some("bench-control") => control_bench::run(&control_args(&argv[1..])?),
-        Some("bench-net") => net_bench::run(&net_args(&argv[1..])?),
-        Some("bench-kubelet") => kubelet_bench::run(&kubelet_args(&argv[1..])?),
+        Some("bench-proxy") => proxy::run(&bench_args(&argv[1..])?),
+        Some("bench-control") => control::run(&control_args(&argv[1..])?),
+        Some("bench-net") => net::run(&net_args(&argv[1..])?),
+        Some("bench-kubelet") => kubelet::run(&kubelet_args(&argv[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

@@ -1,0 +1,50 @@
+//! The benchmarks (`cargo xtask bench <name>`): each measures Skiff beside
+//! the baseline its issue names, in the same run, and writes a table, a
+//! JSON document and a plot.
+
+pub mod control;
+pub mod kubelet;
+pub mod net;
+pub mod plot;
+pub mod proxy;
+mod rules;
+pub mod stats;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+pub fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Writes a run's document as `<out>/<name>-<unix time>.json` and
+/// `<out>/<name>-latest.json`; returns the first path.
+pub fn write_results(
+    out: &std::path::Path,
+    name: &str,
+    doc: &serde_json::Value,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("mkdir {}", out.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let text = serde_json::to_string_pretty(doc)?;
+    let path = out.join(format!("{name}-{stamp}.json"));
+    std::fs::write(&path, &text).with_context(|| format!("write {}", path.display()))?;
+    std::fs::write(out.join(format!("{name}-latest.json")), &text)?;
+    Ok(path)
+}
+
+pub fn kernel() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
