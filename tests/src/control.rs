@@ -132,7 +132,17 @@ impl ControlPlane {
 
     /// As `start`, with etcd, the control plane and kubectl in `netns`.
     pub fn start_in(netns: Option<&Netns>, extra: &[&str]) -> Self {
-        let etcd = Etcd::start_in(netns);
+        Self::launch(Etcd::start_in(netns), netns, "127.0.0.1", extra)
+    }
+
+    /// In `netns`, on `etcd`, listening on every address of the namespace
+    /// (so that other namespaces on its network reach it); kubectl here
+    /// still goes through loopback.
+    pub fn start_on(netns: &Netns, etcd: Etcd, extra: &[&str]) -> Self {
+        Self::launch(etcd, Some(netns), "0.0.0.0", extra)
+    }
+
+    fn launch(etcd: Etcd, netns: Option<&Netns>, host: &str, extra: &[&str]) -> Self {
         let netns = netns.map(Netns::path);
         let dir = TempDir::new();
         let port = free_port();
@@ -143,7 +153,7 @@ impl ControlPlane {
                 "--etcd",
                 &etcd.url,
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                &format!("{host}:{port}"),
             ])
             .args(extra)
             .netns_path(netns.as_deref())
@@ -207,6 +217,21 @@ impl ControlPlane {
             c = c.args(["-H", &format!("Authorization: Bearer {}", t.trim())]);
         }
         c.args(args).try_output()
+    }
+
+    /// The port the apiserver listens on.
+    pub fn port(&self) -> &str {
+        self.server.rsplit(':').next().unwrap_or_default()
+    }
+
+    /// A copy of the admin kubeconfig that reaches the apiserver at `ip`.
+    pub fn kubeconfig_for(&self, ip: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.kubeconfig)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.kubeconfig.display()));
+        let path = self.dir.path.join(format!("{ip}.kubeconfig"));
+        let text = text.replace(&self.server, &format!("https://{ip}:{}", self.port()));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        path
     }
 
     pub fn ca_file(&self) -> PathBuf {

@@ -7,6 +7,7 @@
 //! run in parallel. Nothing here routes out of the namespaces it creates.
 
 pub mod cgroup;
+pub mod cluster;
 pub mod cni;
 pub mod control;
 pub mod images;

@@ -24,9 +24,15 @@ pub struct Registry {
 
 impl Registry {
     pub fn start_in(ns: &Netns) -> Self {
+        Self::start_on(ns, "127.0.0.1")
+    }
+
+    /// Listening on `host`, an address of `ns` (so that other namespaces on
+    /// its network pull from it).
+    pub fn start_on(ns: &Netns, host: &str) -> Self {
         let dir = TempDir::new();
         let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("{host}:{port}");
         let config = dir.path.join("config.yml");
         std::fs::write(
             &config,
@@ -225,8 +231,8 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
-/// One node: containerd, the CNI conflist on a hand-written subnet.env,
-/// and `skiff-agent --roles kubelet` against `kubeconfig`.
+/// One node: containerd, the node's CNI conflist, and `skiff-agent` with
+/// the kubelet role (alone, on a hand-written subnet.env) or every role.
 pub struct KubeletNode {
     pub name: String,
     pub agent: Option<Proc>,
@@ -235,8 +241,29 @@ pub struct KubeletNode {
     pub ip: String,
     /// Flags added to the agent's at its next (re)start.
     pub extra_args: Vec<String>,
+    /// The proxy role's bpffs pins, when it runs.
+    pub pins: Option<crate::PinDir>,
     args: Vec<String>,
     netns: String,
+}
+
+/// How a node reaches the rest of its cluster.
+pub struct NodeSetup<'a> {
+    pub ip: &'a str,
+    pub kubeconfig: &'a Path,
+    pub ca_file: &'a Path,
+    /// A plain-HTTP registry the kubelet may pull from.
+    pub registry: &'a str,
+    pub network: NodeNetwork<'a>,
+}
+
+pub enum NodeNetwork<'a> {
+    /// The kubelet role alone, on a hand-written subnet.env for this pod
+    /// subnet (`10.244.1.0/24`).
+    Fixed(&'a str),
+    /// Every role: the overlay leases the node's subnet in this etcd (vxlan
+    /// over `eth0`) and the proxy translates Services for the node's pods.
+    Overlay { etcd: &'a str },
 }
 
 impl KubeletNode {
@@ -249,15 +276,29 @@ impl KubeletNode {
         cp: &crate::control::ControlPlane,
         registry: &str,
     ) -> Self {
-        let kubeconfig = &cp.kubeconfig;
+        Self::start_with(
+            ns,
+            &NodeSetup {
+                ip,
+                kubeconfig: &cp.kubeconfig,
+                ca_file: &cp.ca_file(),
+                registry,
+                network: NodeNetwork::Fixed(subnet),
+            },
+        )
+    }
+
+    pub fn start_with(ns: &Netns, setup: &NodeSetup<'_>) -> Self {
         let dir = TempDir::new();
         let name = crate::unique("node");
-        let net: Ipv4Network = "10.244.0.0/16".parse().unwrap_or_else(|e| panic!("{e}"));
-        let sub: Ipv4Network = subnet.parse().unwrap_or_else(|e| panic!("{subnet}: {e}"));
         let subnet_file = dir.path.join("subnet.env");
-        SubnetEnv::for_subnet(net, sub, 1500, false)
-            .write(&subnet_file)
-            .unwrap_or_else(|e| panic!("subnet.env: {e}"));
+        if let NodeNetwork::Fixed(subnet) = setup.network {
+            let net: Ipv4Network = "10.244.0.0/16".parse().unwrap_or_else(|e| panic!("{e}"));
+            let sub: Ipv4Network = subnet.parse().unwrap_or_else(|e| panic!("{subnet}: {e}"));
+            SubnetEnv::for_subnet(net, sub, 1500, false)
+                .write(&subnet_file)
+                .unwrap_or_else(|e| panic!("subnet.env: {e}"));
+        }
         let conf_dir = dir.path.join("net.d");
         std::fs::create_dir_all(&conf_dir).unwrap_or_else(|e| panic!("{e}"));
         let bridge = format!("cni{}", &name[name.len().saturating_sub(6)..]);
@@ -268,16 +309,21 @@ impl KubeletNode {
         std::fs::write(conf_dir.join("10-skiff.conflist"), conflist.to_string())
             .unwrap_or_else(|e| panic!("conflist: {e}"));
         let containerd = Containerd::start_in(ns, &dir.path.join("containerd"));
-        let args: Vec<String> = [
+        let cgroup_parent = format!("/skiff-test/{name}");
+        let roles = match setup.network {
+            NodeNetwork::Fixed(_) => "kubelet",
+            NodeNetwork::Overlay { .. } => "kubelet,proxy,overlay",
+        };
+        let mut args: Vec<String> = [
             "run",
             "--roles",
-            "kubelet",
+            roles,
             "--node-name",
             &name,
             "--node-ip",
-            ip,
+            setup.ip,
             "--kubeconfig",
-            &kubeconfig.display().to_string(),
+            &setup.kubeconfig.display().to_string(),
             "--containerd",
             &containerd.socket.display().to_string(),
             "--root-dir",
@@ -291,28 +337,52 @@ impl KubeletNode {
             "--cni-bin-dir",
             "/usr/lib/cni",
             "--cgroup-parent",
-            &format!("/skiff-test/{name}"),
+            &cgroup_parent,
             "--insecure-registry",
-            registry,
+            setup.registry,
             "--subnet-file",
             &subnet_file.display().to_string(),
             "--node-lease-renew-seconds",
             "2",
             "--client-ca-file",
-            &cp.ca_file().display().to_string(),
+            &setup.ca_file.display().to_string(),
             "--kubelet-port",
             &free_port().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut pins = None;
+        if let NodeNetwork::Overlay { etcd } = setup.network {
+            // The proxy translates the connections of this node's pods:
+            // runc puts them below the cgroup parent in the v2 hierarchy too.
+            let cgroup = Path::new(crate::cgroup::CGROUP2_ROOT).join(&cgroup_parent[1..]);
+            std::fs::create_dir_all(&cgroup)
+                .unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+            let p = crate::PinDir::new();
+            args.extend(
+                [
+                    "--etcd",
+                    etcd,
+                    "--iface",
+                    "eth0",
+                    "--cgroup",
+                    &cgroup.display().to_string(),
+                    "--bpffs",
+                    &p.path.display().to_string(),
+                ]
+                .map(String::from),
+            );
+            pins = Some(p);
+        }
         let mut node = Self {
             name,
             agent: None,
             containerd,
             dir,
-            ip: ip.to_string(),
+            ip: setup.ip.to_string(),
             extra_args: Vec::new(),
+            pins,
             args,
             netns: ns.path(),
         };
@@ -367,6 +437,8 @@ impl Drop for KubeletNode {
             a.kill_now();
         }
         self.containerd.stop();
+        // Unpinning detaches the proxy's programs from the node's cgroup.
+        self.pins.take();
         unmount_under(&self.dir.path);
         // runc's cgroups of this node, in every v1 hierarchy.
         if let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") {

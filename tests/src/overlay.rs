@@ -47,18 +47,15 @@ pub struct Pod {
     pub result: Value,
 }
 
-impl Cluster {
-    /// `n` nodes on one underlay bridge and an etcd holding `network` as
-    /// the Flannel network config. Agents are not started.
-    pub fn new(n: usize, network: &str) -> Self {
-        let underlay = Netns::new();
-        underlay.ip(&["link", "add", "br0", "type", "bridge"]);
-        underlay.ip(&["addr", "add", &format!("{UNDERLAY_GW}/24"), "dev", "br0"]);
-        underlay.ip(&["link", "set", "br0", "up"]);
-        let etcd = Etcd::start_on(Some(&underlay), UNDERLAY_GW);
-        let dir = TempDir::new();
-        let mut nodes = Vec::new();
-        for i in 0..n {
+/// The underlay: a namespace holding bridge `br0` at [`UNDERLAY_GW`], and
+/// `n` node namespaces, each with `eth0` on the bridge at [`node_ip`].
+pub fn underlay(n: usize) -> (Netns, Vec<(Netns, String)>) {
+    let underlay = Netns::new();
+    underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+    underlay.ip(&["addr", "add", &format!("{UNDERLAY_GW}/24"), "dev", "br0"]);
+    underlay.ip(&["link", "set", "br0", "up"]);
+    let nodes = (0..n)
+        .map(|i| {
             let ns = Netns::new();
             let port = format!("u{i}");
             ip(&[
@@ -79,7 +76,23 @@ impl Cluster {
             let addr = node_ip(i);
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
             ns.ip(&["link", "set", "eth0", "up"]);
-            nodes.push(Node {
+            (ns, addr)
+        })
+        .collect();
+    (underlay, nodes)
+}
+
+impl Cluster {
+    /// `n` nodes on one underlay bridge and an etcd holding `network` as
+    /// the Flannel network config. Agents are not started.
+    pub fn new(n: usize, network: &str) -> Self {
+        let (underlay, node_ns) = underlay(n);
+        let etcd = Etcd::start_on(Some(&underlay), UNDERLAY_GW);
+        let dir = TempDir::new();
+        let nodes = node_ns
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ns, addr))| Node {
                 subnet_file: dir.path.join(format!("node{i}-subnet.env")),
                 cni_dir: dir.path.join(format!("node{i}-cni")),
                 log: dir.path.join(format!("node{i}")),
@@ -89,8 +102,8 @@ impl Cluster {
                 agent_args: Vec::new(),
                 starts: 0,
                 etcd_url: etcd.url.clone(),
-            });
-        }
+            })
+            .collect();
         let c = Self {
             nodes,
             etcd,

@@ -76,12 +76,6 @@ impl Role for KubeletConfig {
     }
 }
 
-fn pod_cidr(cfg: &KubeletConfig) -> Option<String> {
-    skiff_cni_lib::subnet_env::SubnetEnv::read(&cfg.subnet_file)
-        .ok()
-        .map(|s| s.subnet_network().to_string())
-}
-
 pub async fn run(
     cfg: KubeletConfig,
     client: kube::Client,
@@ -110,8 +104,7 @@ pub async fn run(
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            let cidr = pod_cidr(&cfg);
-            if let Err(e) = node::run(client, &cfg, &version, cidr, sd).await {
+            if let Err(e) = node::run(client, &cfg, &version, sd).await {
                 warn!(error = %e, "node registration failed");
             }
         })

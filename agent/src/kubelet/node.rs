@@ -171,15 +171,23 @@ fn changed(a: &Value, b: &Value) -> bool {
     strip(a) != strip(b)
 }
 
+/// The node's pod subnet, once the overlay has written subnet.env.
+fn pod_cidr(cfg: &KubeletConfig) -> Option<String> {
+    skiff_cni_lib::subnet_env::SubnetEnv::read(&cfg.subnet_file)
+        .ok()
+        .map(|s| s.subnet_network().to_string())
+}
+
 /// Registers the node, then keeps its Lease and status fresh until
-/// shutdown.
+/// shutdown. The pod CIDR goes into the spec as soon as subnet.env has
+/// it (the overlay may lease the subnet after the kubelet starts).
 pub async fn run(
     client: kube::Client,
     cfg: &KubeletConfig,
     runtime_version: &str,
-    pod_cidr: Option<String>,
     mut shutdown: crate::role::Shutdown,
 ) -> Result<(), kube::Error> {
+    let mut pod_cidr_set = false;
     let nodes: Api<Node> = Api::all(client.clone());
     let name = cfg.node_name.as_str();
     let mut labels = BTreeMap::from([
@@ -188,12 +196,19 @@ pub async fn run(
         ("kubernetes.io/arch".to_string(), "amd64".to_string()),
     ]);
     labels.extend(cfg.node_labels.clone());
-    if nodes.get_opt(name).await?.is_none() {
+    if let Some(existing) = nodes.get_opt(name).await? {
+        pod_cidr_set = existing.spec.is_some_and(|s| s.pod_cidr.is_some());
+        let patch = json!({"metadata": {"labels": labels}});
+        nodes
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    } else {
         let mut node = json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": labels}, "spec": {}});
-        if let Some(cidr) = &pod_cidr {
+        if let Some(cidr) = pod_cidr(cfg) {
             node["spec"]["podCIDR"] = json!(cidr);
             node["spec"]["podCIDRs"] = json!([cidr]);
+            pod_cidr_set = true;
         }
         let node: Node = serde_json::from_value(node).map_err(kube::Error::SerdeError)?;
         match nodes.create(&PostParams::default(), &node).await {
@@ -201,15 +216,23 @@ pub async fn run(
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e),
         }
-    } else {
-        let patch = json!({"metadata": {"labels": labels}});
-        nodes
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
     }
     let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
     let mut last_status: Option<(Value, Instant)> = None;
     loop {
+        if !pod_cidr_set && let Some(cidr) = pod_cidr(cfg) {
+            let patch = json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}});
+            match nodes
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    info!(node = name, pod_cidr = %cidr, "pod CIDR set");
+                    pod_cidr_set = true;
+                }
+                Err(e) => warn!(error = %e, "setting the node's pod CIDR failed"),
+            }
+        }
         let st = status(cfg, runtime_version, last_status.as_ref().map(|(v, _)| v));
         let due = last_status
             .as_ref()
