@@ -4,12 +4,60 @@
 //! running every role (kubelet, proxy, overlay on vxlan). The host reaches
 //! none of it; kubectl runs inside the underlay namespace.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::control::{ControlPlane, Etcd};
 use crate::node::{KubeletNode, NodeNetwork, NodeSetup, Registry};
 use crate::overlay::{UNDERLAY_GW, underlay};
 use crate::{Netns, wait_for};
+
+/// A Deployment `web` of `replicas` busybox httpd pods that answer "hello
+/// from <pod name>" on port 80 (ready once they do), and its ClusterIP
+/// Service `web` on port 80.
+pub fn web_app(image: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: httpd
+        image: {image}
+        command: ["sh", "-c", "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"]
+        ports:
+        - containerPort: 80
+        readinessProbe:
+          httpGet: {{path: /, port: 80}}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector: {{app: web}}
+  ports:
+  - {{port: 80, targetPort: 80}}
+"#
+    )
+}
+
+/// A pod as `kubectl get` shows it.
+#[derive(Clone, Debug)]
+pub struct PodAt {
+    pub ip: String,
+    pub node: String,
+}
 
 /// The Flannel network config the overlay reads.
 pub const NETWORK: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -88,10 +136,60 @@ impl Cluster {
         &self.node_ns[i]
     }
 
-    /// `kubectl exec` in `pod` (default namespace).
-    pub fn exec(&self, pod: &str, cmd: &[&str]) -> Result<String, String> {
-        let mut args = vec!["exec", pod, "--"];
-        args.extend(cmd);
-        self.cp.kubectl(&args)
+    /// Waits until `n` pods match `selector` and are Ready; by name.
+    pub fn ready_pods(&self, selector: &str, n: usize) -> BTreeMap<String, PodAt> {
+        wait_for(
+            &format!("{n} pods {selector} Ready"),
+            Duration::from_secs(120),
+            || {
+                let out = self.cp.jsonpath(
+                    &["pods", "-l", selector],
+                    r#"{range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
+                );
+                let pods: BTreeMap<String, PodAt> = out
+                    .lines()
+                    .filter_map(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        (f.len() == 4 && f[3] == "True").then(|| {
+                            let at = PodAt {
+                                ip: f[1].to_string(),
+                                node: f[2].to_string(),
+                            };
+                            (f[0].to_string(), at)
+                        })
+                    })
+                    .collect();
+                (pods.len() == n).then_some(pods)
+            },
+        )
+    }
+
+    /// The node that runs the fewest of `pods`.
+    pub fn quietest_node(&self, pods: &BTreeMap<String, PodAt>) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .min_by_key(|n| pods.values().filter(|p| &p.node == n).count())
+            .unwrap_or_default()
+    }
+
+    /// Runs `script` (busybox sh) in a pod `name` on `node` until it ends;
+    /// its log.
+    pub fn run_script(&self, name: &str, node: &str, script: &str) -> String {
+        self.cp
+            .apply(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", {script:?}]\n",
+                image = self.busybox
+            ))
+            .unwrap_or_else(|e| panic!("{e}"));
+        wait_for(
+            &format!("pod {name} to finish"),
+            Duration::from_secs(120),
+            || {
+                let phase = self.cp.jsonpath(&["pod", name], "{.status.phase}");
+                (phase == "Succeeded" || phase == "Failed")
+                    .then(|| self.cp.kubectl(&["logs", name]).unwrap_or_default())
+            },
+        )
     }
 }

@@ -26,9 +26,10 @@ enum Cmd {
     Setup,
     /// Build the kernel programs (through the agent's build script).
     BuildEbpf,
-    /// Bring Skiff up in demo namespaces: the control plane and the service
-    /// proxy balancing connections, then two nodes on the overlay with pods
-    /// talking by pod IP; stays up until Ctrl-C unless --once.
+    /// Bring up a three-node Skiff cluster in namespaces it makes, run a
+    /// Deployment and a Service on it and show a client pod reaching them by
+    /// ClusterIP and pod IP across nodes; stays up for the host's kubectl
+    /// until Ctrl-C unless --once.
     Up {
         #[arg(long)]
         once: bool,
