@@ -5,11 +5,12 @@
 //! none of it; kubectl runs inside the underlay namespace.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::control::{ControlPlane, Etcd};
 use crate::node::{KubeletNode, NodeNetwork, NodeSetup, Registry};
-use crate::overlay::{UNDERLAY_GW, underlay};
+use crate::overlay::{UNDERLAY_GW, attach, underlay};
 use crate::{Netns, wait_for};
 
 /// A Deployment `web` of `replicas` busybox httpd pods that answer "hello
@@ -73,6 +74,8 @@ pub struct Cluster {
     pub probe: String,
     pub node_ns: Vec<Netns>,
     pub underlay: Netns,
+    etcd_url: String,
+    node_kubeconfig: PathBuf,
 }
 
 impl Cluster {
@@ -87,48 +90,67 @@ impl Cluster {
         let registry = Registry::start_on(&underlay, UNDERLAY_GW);
         let busybox = registry.push(&underlay, "busybox", "busybox:1.36");
         let probe = registry.push(&underlay, "skiff-probe", "skiff-probe:1");
-        let kubeconfig = cp.kubeconfig_for(UNDERLAY_GW);
-        let ca_file = cp.ca_file();
-        let (node_ns, ips): (Vec<Netns>, Vec<String>) = nodes.into_iter().unzip();
-        let nodes = node_ns
-            .iter()
-            .zip(&ips)
-            .map(|(ns, ip)| {
-                KubeletNode::start_with(
-                    ns,
-                    &NodeSetup {
-                        ip,
-                        kubeconfig: &kubeconfig,
-                        ca_file: &ca_file,
-                        registry: &registry.addr,
-                        network: NodeNetwork::Overlay { etcd: &etcd_url },
-                    },
-                )
-            })
-            .collect();
-        let c = Self {
-            nodes,
+        let node_kubeconfig = cp.kubeconfig_for(UNDERLAY_GW);
+        let mut c = Self {
+            nodes: Vec::new(),
             cp,
             registry,
             busybox,
             probe,
-            node_ns,
+            node_ns: Vec::new(),
             underlay,
+            etcd_url,
+            node_kubeconfig,
         };
-        for node in &c.nodes {
-            wait_for(
-                &format!("node {} Ready with a pod CIDR", node.name),
-                Duration::from_secs(60),
-                || {
-                    let s = c.cp.jsonpath(
-                        &["node", &node.name],
-                        "{.status.conditions[?(@.type==\"Ready\")].status} {.spec.podCIDR}",
-                    );
-                    s.starts_with("True 10.244.").then_some(())
-                },
-            );
+        for (ns, ip) in nodes {
+            c.start_node(ns, &ip);
+        }
+        for i in 0..n {
+            c.wait_node_ready(i);
         }
         c
+    }
+
+    fn start_node(&mut self, ns: Netns, ip: &str) {
+        let node = KubeletNode::start_with(
+            &ns,
+            &NodeSetup {
+                ip,
+                kubeconfig: &self.node_kubeconfig,
+                ca_file: &self.cp.ca_file(),
+                registry: &self.registry.addr,
+                network: NodeNetwork::Overlay {
+                    etcd: &self.etcd_url,
+                },
+            },
+        );
+        self.nodes.push(node);
+        self.node_ns.push(ns);
+    }
+
+    fn wait_node_ready(&self, i: usize) {
+        let name = &self.nodes[i].name;
+        wait_for(
+            &format!("node {name} Ready with a pod CIDR"),
+            Duration::from_secs(60),
+            || {
+                let s = self.cp.jsonpath(
+                    &["node", name],
+                    "{.status.conditions[?(@.type==\"Ready\")].status} {.spec.podCIDR}",
+                );
+                s.starts_with("True 10.244.").then_some(())
+            },
+        );
+    }
+
+    /// A further node joins the underlay and the cluster; its index once
+    /// it is Ready.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let (ns, ip) = attach(&self.underlay, i);
+        self.start_node(ns, &ip);
+        self.wait_node_ready(i);
+        i
     }
 
     /// The namespace of node `i`.

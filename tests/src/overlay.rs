@@ -54,32 +54,34 @@ pub fn underlay(n: usize) -> (Netns, Vec<(Netns, String)>) {
     underlay.ip(&["link", "add", "br0", "type", "bridge"]);
     underlay.ip(&["addr", "add", &format!("{UNDERLAY_GW}/24"), "dev", "br0"]);
     underlay.ip(&["link", "set", "br0", "up"]);
-    let nodes = (0..n)
-        .map(|i| {
-            let ns = Netns::new();
-            let port = format!("u{i}");
-            ip(&[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                &ns.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                &underlay.name,
-            ]);
-            underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
-            let addr = node_ip(i);
-            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
-            ns.ip(&["link", "set", "eth0", "up"]);
-            (ns, addr)
-        })
-        .collect();
+    let nodes = (0..n).map(|i| attach(&underlay, i)).collect();
     (underlay, nodes)
+}
+
+/// Node `i`'s namespace, with `eth0` on the underlay's bridge at
+/// [`node_ip`]`(i)`.
+pub fn attach(underlay: &Netns, i: usize) -> (Netns, String) {
+    let ns = Netns::new();
+    let port = format!("u{i}");
+    ip(&[
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        &ns.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &port,
+        "netns",
+        &underlay.name,
+    ]);
+    underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
+    let addr = node_ip(i);
+    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    (ns, addr)
 }
 
 impl Cluster {

@@ -3,6 +3,7 @@
 //! after `kubectl apply`.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use skiff_tests::cluster::{Cluster, web_app};
 
@@ -73,4 +74,339 @@ fn pods_spread_over_three_nodes_answer_by_cluster_ip_and_pod_ip_across_the_overl
         "15 connections to the ClusterIP reach more than one pod: {through_service:?}"
     );
     assert_eq!(log.lines().filter(|l| l.starts_with("pod ")).count(), 3);
+}
+
+#[test]
+fn a_rolling_update_under_load_fails_no_request() {
+    let c = Cluster::start(3);
+    let next = c.registry.push(&c.underlay, "busybox", "busybox:next");
+    c.cp.apply(&web_app(&c.busybox, 6).replace(
+        "      terminationGracePeriodSeconds: 2\n",
+        "      terminationGracePeriodSeconds: 10\n",
+    ).replace(
+        "        readinessProbe:\n",
+        "        lifecycle:\n          preStop:\n            exec: {command: [\"sleep\", \"3\"]}\n        readinessProbe:\n",
+    ).replace(
+        "  replicas: 6\n",
+        "  replicas: 6\n  strategy:\n    type: RollingUpdate\n    rollingUpdate: {maxSurge: 1, maxUnavailable: 0}\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let old = c.ready_pods("app=web", 6);
+    let cluster_ip = c.cp.jsonpath(&["service", "web"], "{.spec.clusterIP}");
+    // A new connection per request, for as long as the client runs.
+    let client_node = c.quietest_node(&old);
+    c.cp.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: load\nspec:\n  nodeName: {client_node}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", \"while true; do t=$(date +%T); out=$(timeout 5 wget -qO- http://{cluster_ip}/ 2>&1); rc=$?; echo \\\"r $out\\\"; [ $rc = 0 ] || echo \\\"failed at $t: exit $rc\\\"; sleep 0.05; done\"]\n",
+        image = c.busybox
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    skiff_tests::wait_for("the load to flow", Duration::from_secs(60), || {
+        let log = c.cp.kubectl(&["logs", "load"]).unwrap_or_default();
+        (log.lines().filter(|l| l.starts_with("r hello")).count() >= 10).then_some(())
+    });
+    c.cp.kubectl_ok(&["set", "image", "deployment/web", &format!("httpd={next}")]);
+    c.cp.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=180s"]);
+    let new = c.ready_pods("app=web", 6);
+    assert!(
+        new.keys().all(|n| !old.contains_key(n)),
+        "every pod replaced: {old:?} -> {new:?}"
+    );
+    for name in new.keys() {
+        assert_eq!(
+            c.cp.jsonpath(&["pod", name], "{.spec.containers[0].image}"),
+            next
+        );
+    }
+    // Requests keep flowing to the new pods after the roll.
+    let seen_new = |log: &str| {
+        log.lines()
+            .filter_map(|l| l.strip_prefix("r hello from "))
+            .filter(|n| new.contains_key(*n))
+            .count()
+    };
+    let log = skiff_tests::wait_for(
+        "requests to reach new pods",
+        Duration::from_secs(30),
+        || {
+            let log = c.cp.kubectl(&["logs", "load"]).unwrap_or_default();
+            (seen_new(&log) >= 10).then_some(log)
+        },
+    );
+    let answers: Vec<&str> = log.lines().filter_map(|l| l.strip_prefix("r ")).collect();
+    let failed: Vec<&&str> = answers
+        .iter()
+        .filter(|a| {
+            a.strip_prefix("hello from ")
+                .is_none_or(|n| !old.contains_key(n) && !new.contains_key(n))
+        })
+        .collect();
+    let when: Vec<&str> = log.lines().filter(|l| l.starts_with("failed at")).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during the roll: {:?} {when:?}\n{}",
+        failed.len(),
+        answers.len(),
+        &failed[..failed.len().min(10)],
+        c.cp.kubectl(&[
+            "get",
+            "events",
+            "--sort-by=.lastTimestamp",
+            "-o",
+            "custom-columns=T:.lastTimestamp,OBJ:.involvedObject.name,R:.reason,M:.message"
+        ])
+        .unwrap_or_default()
+    );
+    assert!(
+        answers.len() > 50,
+        "the load ran through the roll: {}",
+        answers.len()
+    );
+}
+
+/// `node -> (pod, image, ready)` of the DaemonSet's pods that are not
+/// terminating.
+fn daemon_pods(c: &Cluster) -> std::collections::BTreeMap<String, (String, String, bool)> {
+    let out = c.cp.jsonpath(
+        &["pods", "-l", "app=everywhere"],
+        r#"{range .items[*]}{.spec.nodeName} {.metadata.name} {.spec.containers[0].image} {.status.conditions[?(@.type=="Ready")].status} {.metadata.deletionTimestamp}{"\n"}{end}"#,
+    );
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4).then(|| {
+                (
+                    f[0].to_string(),
+                    (f[1].to_string(), f[2].to_string(), f[3] == "True"),
+                )
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_daemonset_runs_on_every_node_follows_a_new_one_and_rolls_one_node_at_a_time() {
+    let mut c = Cluster::start(3);
+    let next = c.registry.push(&c.underlay, "busybox", "busybox:next");
+    c.cp.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: everywhere
+spec:
+  selector:
+    matchLabels: {{app: everywhere}}
+  updateStrategy:
+    type: RollingUpdate
+    rollingUpdate: {{maxUnavailable: 1}}
+  template:
+    metadata:
+      labels: {{app: everywhere}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: {image}
+        command: ["sh", "-c", "sleep 3600"]
+"#,
+        image = c.busybox
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let nodes =
+        |c: &Cluster| -> BTreeSet<String> { c.nodes.iter().map(|n| n.name.clone()).collect() };
+    let all_ready = |c: &Cluster, image: &str| {
+        let pods = daemon_pods(c);
+        (pods.keys().cloned().collect::<BTreeSet<_>>() == nodes(c)
+            && pods.values().all(|(_, i, r)| *r && i == image))
+        .then_some(pods)
+    };
+    skiff_tests::wait_for(
+        "a ready pod on each of 3 nodes",
+        Duration::from_secs(90),
+        || all_ready(&c, &c.busybox),
+    );
+
+    let i = c.add_node();
+    let newcomer = c.nodes[i].name.clone();
+    let pods = skiff_tests::wait_for("a pod on the new node", Duration::from_secs(90), || {
+        all_ready(&c, &c.busybox)
+    });
+    assert!(pods.contains_key(&newcomer), "{pods:?}");
+
+    c.cp.kubectl_ok(&[
+        "set",
+        "image",
+        "daemonset/everywhere",
+        &format!("main={next}"),
+    ]);
+    let mut fewest = usize::MAX;
+    let started = std::time::Instant::now();
+    loop {
+        let pods = daemon_pods(&c);
+        fewest = fewest.min(pods.values().filter(|(_, _, r)| *r).count());
+        if pods.len() == 4 && pods.values().all(|(_, i, r)| *r && *i == next) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the roll did not finish: {pods:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        fewest >= 3,
+        "maxUnavailable 1: at most one node at a time without a ready pod (saw {fewest} of 4)"
+    );
+}
+
+#[test]
+fn tcp_and_udp_cross_nodes_by_pod_ip_cluster_ip_and_node_port_with_the_source_ip_kept() {
+    let c = Cluster::start(3);
+    let server_node = c.nodes[0].name.clone();
+    c.cp.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: echo
+  labels: {{app: echo}}
+spec:
+  nodeName: {server_node}
+  containers:
+  - {{name: tcp, image: {probe}, args: [serve-tcp, "0.0.0.0:7000", "%peer"]}}
+  - {{name: udp, image: {probe}, args: [serve-udp, "0.0.0.0:7001", "%peer"]}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  type: NodePort
+  selector: {{app: echo}}
+  ports:
+  - {{name: tcp, port: 7000, protocol: TCP, nodePort: 30700}}
+  - {{name: udp, port: 7001, protocol: UDP, nodePort: 30701}}
+"#,
+        probe = c.probe
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let echo = c.ready_pods("app=echo", 1);
+    let echo_ip = echo
+        .values()
+        .next()
+        .map(|p| p.ip.clone())
+        .unwrap_or_default();
+    let cluster_ip = c.cp.jsonpath(&["service", "echo"], "{.spec.clusterIP}");
+
+    // From a pod on every node, the server's node included.
+    for (i, node) in c.nodes.iter().enumerate() {
+        let name = format!("client-{i}");
+        let checks = [
+            ("tcp-pod-ip", "tcp", format!("{echo_ip}:7000")),
+            ("tcp-cluster-ip", "tcp", format!("{cluster_ip}:7000")),
+            ("udp-pod-ip", "udp", format!("{echo_ip}:7001")),
+            ("udp-cluster-ip", "udp", format!("{cluster_ip}:7001")),
+            ("tcp-node-port", "tcp", format!("{}:30700", node.ip)),
+        ];
+        let containers: String = checks
+            .iter()
+            .map(|(n, proto, to)| {
+                format!(
+                    "  - {{name: {n}, image: {}, args: [{proto}, \"{to}\", \"3\"]}}\n",
+                    c.probe
+                )
+            })
+            .collect();
+        c.cp.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {}\n  restartPolicy: Never\n  containers:\n{containers}",
+            node.name
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let phase = skiff_tests::wait_for(
+            &format!("{name} to finish"),
+            Duration::from_secs(90),
+            || {
+                let p = c.cp.jsonpath(&["pod", &name], "{.status.phase}");
+                (p == "Succeeded" || p == "Failed").then_some(p)
+            },
+        );
+        let client_ip = c.cp.jsonpath(&["pod", &name], "{.status.podIP}");
+        for (check, _, to) in &checks {
+            let out = c.cp.kubectl_ok(&["logs", &name, "-c", check]);
+            let v: serde_json::Value = serde_json::from_str(out.trim())
+                .unwrap_or_else(|e| panic!("{check} from {name}: {e}: {out}"));
+            assert_eq!(
+                v["answers"],
+                serde_json::json!({ client_ip.clone(): 3 }),
+                "{check} {to} from {name} on {} ({phase}): every answer, with the pod's own address as the source: {out}",
+                node.name
+            );
+        }
+    }
+}
+
+#[test]
+fn drain_evicts_with_the_grace_period_and_the_pods_come_back_elsewhere() {
+    let c = Cluster::start(3);
+    let shared = skiff_tests::TempDir::new();
+    c.cp.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: slow
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {{app: slow}}
+  template:
+    metadata:
+      labels: {{app: slow}}
+    spec:
+      terminationGracePeriodSeconds: 20
+      containers:
+      - name: main
+        image: {image}
+        command: ["sh", "-c", "trap 'echo term >> /shared/$(hostname); sleep 3; echo done >> /shared/$(hostname); exit 0' TERM; while true; do sleep 0.2; done"]
+        volumeMounts: [{{name: shared, mountPath: /shared}}]
+      volumes: [{{name: shared, hostPath: {{path: {shared}}}}}]
+"#,
+        image = c.busybox,
+        shared = shared.path.display()
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let before = c.ready_pods("app=slow", 3);
+    let target = before
+        .values()
+        .map(|p| p.node.clone())
+        .next()
+        .unwrap_or_default();
+    let evicted: Vec<&String> = before
+        .iter()
+        .filter(|(_, p)| p.node == target)
+        .map(|(n, _)| n)
+        .collect();
+    let started = std::time::Instant::now();
+    c.cp.kubectl_ok(&["drain", &target, "--ignore-daemonsets", "--timeout=90s"]);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "drain waits for the pods to stop: {took:?}"
+    );
+    assert_eq!(
+        c.cp.jsonpath(&["node", &target], "{.spec.unschedulable}"),
+        "true",
+        "drain cordons the node"
+    );
+    for name in &evicted {
+        let log = std::fs::read_to_string(shared.path.join(name)).unwrap_or_default();
+        assert_eq!(log, "term\ndone\n", "{name} had its grace period");
+    }
+    let after = c.ready_pods("app=slow", 3);
+    assert!(
+        after.values().all(|p| p.node != target),
+        "the replacements run elsewhere: {after:?}"
+    );
+    c.cp.kubectl_ok(&["uncordon", &target]);
+    assert_eq!(
+        c.cp.jsonpath(&["node", &target], "{.spec.unschedulable}"),
+        ""
+    );
 }
