@@ -5,35 +5,10 @@
 
 use std::time::Duration;
 
+use skiff_tests::cluster::web_app;
 use skiff_tests::control::ControlPlane;
 use skiff_tests::node::{KubeletNode, Registry};
 use skiff_tests::{Netns, Spawn, wait_for};
-
-fn deployment(image: &str) -> String {
-    format!(
-        r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  replicas: 2
-  selector:
-    matchLabels: {{app: web}}
-  template:
-    metadata:
-      labels: {{app: web}}
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-      - name: httpd
-        image: {image}
-        command: ["sh", "-c", "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"]
-        ports:
-        - containerPort: 80
-"#
-    )
-}
 
 /// `name podIP phase` of every pod with `app=web`.
 fn web_pods(cp: &ControlPlane) -> Vec<(String, String, String)> {
@@ -77,7 +52,7 @@ fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
     );
     assert_eq!(lease, node.name);
 
-    cp.apply(&deployment(&image))
+    cp.apply(&web_app(&image, 2))
         .unwrap_or_else(|e| panic!("{e}"));
     let pods = wait_for("two pods Running with IPs", Duration::from_secs(90), || {
         let pods = web_pods(&cp);
