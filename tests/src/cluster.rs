@@ -81,12 +81,19 @@ pub struct Cluster {
 impl Cluster {
     /// `n` nodes, each Ready with its subnet leased, and the images pushed.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, &[])
+    }
+
+    /// As `start`, with `control` flags for `skiff-control`.
+    pub fn start_with(n: usize, control: &[&str]) -> Self {
         let (underlay, nodes) = underlay(n);
         let etcd = Etcd::start_on(Some(&underlay), UNDERLAY_GW);
         etcd.ctl(&["put", "/coreos.com/network/config", NETWORK])
             .unwrap_or_else(|e| panic!("{e}"));
         let etcd_url = etcd.url.clone();
-        let cp = ControlPlane::start_on(&underlay, etcd, &["--tls-san", UNDERLAY_GW]);
+        let mut flags = vec!["--tls-san", UNDERLAY_GW];
+        flags.extend(control);
+        let cp = ControlPlane::start_on(&underlay, etcd, &flags);
         let registry = Registry::start_on(&underlay, UNDERLAY_GW);
         let busybox = registry.push(&underlay, "busybox", "busybox:1.36");
         let probe = registry.push(&underlay, "skiff-probe", "skiff-probe:1");

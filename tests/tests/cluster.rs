@@ -410,3 +410,105 @@ spec:
         ""
     );
 }
+
+#[test]
+fn a_lost_node_has_its_pods_replaced_and_comes_back_clean() {
+    let mut c = Cluster::start_with(
+        3,
+        &[
+            "--node-monitor-grace-seconds",
+            "8",
+            "--pod-eviction-timeout-seconds",
+            "2",
+        ],
+    );
+    c.cp.apply(&web_app(&c.busybox, 3))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pods = c.ready_pods("app=web", 3);
+    // The lost node runs a web pod; the client runs elsewhere.
+    let lost = c
+        .nodes
+        .iter()
+        .position(|n| pods.values().any(|p| p.node == n.name))
+        .unwrap_or_else(|| panic!("no node runs a web pod: {pods:?}"));
+    let lost_name = c.nodes[lost].name.clone();
+    let client_node = c
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| *n != lost_name)
+        .unwrap_or_default();
+    let cluster_ip = c.cp.jsonpath(&["service", "web"], "{.spec.clusterIP}");
+
+    // The node dies: its agent and containerd are killed and its link cut
+    // (its containers live on, unreachable).
+    let killed = std::time::Instant::now();
+    if let Some(mut a) = c.nodes[lost].agent.take() {
+        a.kill_now();
+    }
+    c.nodes[lost].containerd.proc.kill_now();
+    c.ns(lost).ip(&["link", "set", "eth0", "down"]);
+
+    skiff_tests::wait_for("the node NotReady", Duration::from_secs(60), || {
+        let s = c.cp.jsonpath(
+            &["node", &lost_name],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        );
+        (s == "Unknown" || s == "False").then_some(())
+    });
+    let not_ready = killed.elapsed();
+    // Three ready web pods again, none on the lost node.
+    let replaced = skiff_tests::wait_for("replacements elsewhere", Duration::from_secs(90), || {
+        let pods = c.ready_pods("app=web", 3);
+        pods.values().all(|p| p.node != lost_name).then_some(pods)
+    });
+    let script = format!(
+        "for i in $(seq 1 12); do echo \"svc $(timeout 5 wget -qO- http://{cluster_ip}/ 2>&1)\"; done"
+    );
+    let log = c.run_script("after-loss", &client_node, &script);
+    let answers: Vec<&str> = log.lines().filter_map(|l| l.strip_prefix("svc ")).collect();
+    assert_eq!(answers.len(), 12, "{log}");
+    for a in &answers {
+        let name = a
+            .strip_prefix("hello from ")
+            .unwrap_or_else(|| panic!("the Service serves again: {a:?}\n{log}"));
+        assert!(
+            replaced.contains_key(name),
+            "{name} is a live pod: {replaced:?}"
+        );
+    }
+    eprintln!(
+        "node loss: NotReady after {:.1} s, the Service fully served again after {:.1} s",
+        not_ready.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
+
+    // The node comes back: link, containerd, agent. Its stale containers
+    // go and it is Ready again.
+    c.ns(lost).ip(&["link", "set", "eth0", "up"]);
+    c.nodes[lost].containerd.crash_and_restart();
+    c.nodes[lost].start_agent();
+    skiff_tests::wait_for("the node Ready again", Duration::from_secs(60), || {
+        let s = c.cp.jsonpath(
+            &["node", &lost_name],
+            "{.status.conditions[?(@.type==\"Ready\")].status} {.spec.taints}",
+        );
+        (s.starts_with("True") && !s.contains("unreachable")).then_some(())
+    });
+    skiff_tests::wait_for(
+        "the lost node's old pods and containers gone",
+        Duration::from_secs(60),
+        || {
+            let left = c.cp.jsonpath(
+                &[
+                    "pods",
+                    "-A",
+                    "--field-selector",
+                    &format!("spec.nodeName={lost_name}"),
+                ],
+                "{.items[*].metadata.name}",
+            );
+            (left.is_empty() && c.nodes[lost].containerd.containers().is_empty()).then_some(())
+        },
+    );
+}
