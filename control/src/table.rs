@@ -56,6 +56,10 @@ fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
             age,
             ("Version", "string", 0),
             ("Internal-IP", "string", 1),
+            ("External-IP", "string", 1),
+            ("OS-Image", "string", 1),
+            ("Kernel-Version", "string", 1),
+            ("Container-Runtime", "string", 1),
         ],
         ("", "namespaces") => vec![name, ("Status", "string", 0), age],
         ("", "endpoints") => vec![name, ("Endpoints", "string", 0), age],
@@ -162,6 +166,15 @@ fn n(obj: &Value, pointer: &str) -> i64 {
 
 fn or_none(v: String) -> String {
     if v.is_empty() { "<none>".into() } else { v }
+}
+
+/// kubectl's placeholder for a node field the kubelet did not report.
+fn or_unknown(v: &str) -> String {
+    if v.is_empty() {
+        "<unknown>".into()
+    } else {
+        v.to_string()
+    }
 }
 
 fn selector_string(sel: Option<&Value>) -> String {
@@ -315,20 +328,26 @@ fn cells(r: &Resource, o: &Value) -> Vec<Value> {
                 .flatten()
                 .filter_map(|(k, _)| k.strip_prefix("node-role.kubernetes.io/"))
                 .collect();
-            let internal = o
-                .pointer("/status/addresses")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .find(|a| a["type"] == "InternalIP")
-                .map(|a| s(a, "/address").to_string())
-                .unwrap_or_default();
+            let address = |kind: &str| {
+                o.pointer("/status/addresses")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .find(|a| a["type"] == kind)
+                    .map(|a| s(a, "/address").to_string())
+                    .unwrap_or_default()
+            };
+            let info = |field: &str| json!(or_unknown(s(o, &format!("/status/nodeInfo/{field}"))));
             vec![
                 json!(node_status(o)),
                 json!(or_none(roles.join(","))),
                 created.clone(),
                 json!(s(o, "/status/nodeInfo/kubeletVersion")),
-                json!(or_none(internal)),
+                json!(or_none(address("InternalIP"))),
+                json!(or_none(address("ExternalIP"))),
+                info("osImage"),
+                info("kernelVersion"),
+                info("containerRuntimeVersion"),
             ]
         }
         ("", "namespaces") => vec![json!(s(o, "/status/phase")), created.clone()],

@@ -23,6 +23,26 @@ fn pods_spread_over_three_nodes_answer_by_cluster_ip_and_pod_ip_across_the_overl
         used.len() >= 2,
         "the scheduler spreads the replicas: {pods:?}"
     );
+    // `get nodes -o wide` shows each node's address, OS and runtime.
+    let wide = c.cp.kubectl_ok(&["get", "nodes", "-o", "wide"]);
+    for h in [
+        "INTERNAL-IP",
+        "OS-IMAGE",
+        "KERNEL-VERSION",
+        "CONTAINER-RUNTIME",
+    ] {
+        assert!(wide.contains(h), "{h} in {wide}");
+    }
+    for n in &c.nodes {
+        let row = wide
+            .lines()
+            .find(|l| l.starts_with(&n.name))
+            .unwrap_or_else(|| panic!("{} in {wide}", n.name));
+        assert!(
+            row.contains(&n.ip) && row.contains("containerd://1.6"),
+            "{row}"
+        );
+    }
     // Every node's subnet is its own.
     let cidrs: BTreeSet<String> = nodes
         .iter()
