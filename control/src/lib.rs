@@ -11,6 +11,7 @@ pub mod api;
 pub mod client;
 pub mod controllers;
 pub mod etcd;
+pub mod fit;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;

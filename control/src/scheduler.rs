@@ -14,9 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{
-    Binding, Event, Node, NodeSelectorRequirement, ObjectReference, Pod, Taint, Toleration,
-};
+use k8s_openapi::api::core::v1::{Binding, Event, Node, ObjectReference, Pod, Taint, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -27,6 +25,7 @@ use tracing::{debug, info, warn};
 use futures::StreamExt;
 
 use crate::controllers::{controller_of, is_active, name_of, next_pass, ns_of, ready, reflect};
+use crate::fit::{affinity_matches, selector_matches, tolerates, untolerated_taint};
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
 
@@ -85,98 +84,6 @@ pub fn requests(pod: &Pod) -> (i64, i64) {
     let cpu = sum("cpu").max(init_max("cpu"));
     let mem = sum("memory").max(init_max("memory"));
     ((cpu * 1000.0).round() as i64, mem.round() as i64)
-}
-
-fn tolerates(t: &Toleration, taint: &Taint) -> bool {
-    if t.effect
-        .as_deref()
-        .is_some_and(|e| !e.is_empty() && e != taint.effect)
-    {
-        return false;
-    }
-    match t.operator.as_deref().unwrap_or("Equal") {
-        "Exists" => t
-            .key
-            .as_deref()
-            .is_none_or(|k| k.is_empty() || k == taint.key),
-        _ => {
-            t.key.as_deref() == Some(taint.key.as_str())
-                && t.value.as_deref().unwrap_or_default()
-                    == taint.value.as_deref().unwrap_or_default()
-        }
-    }
-}
-
-/// The first NoSchedule/NoExecute taint of `node` that no toleration covers.
-pub fn untolerated_taint<'a>(tolerations: &[Toleration], node: &'a Node) -> Option<&'a Taint> {
-    node.spec
-        .as_ref()?
-        .taints
-        .as_ref()?
-        .iter()
-        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
-        .find(|taint| !tolerations.iter().any(|t| tolerates(t, taint)))
-}
-
-pub fn selector_matches(pod: &Pod, node: &Node) -> bool {
-    let Some(sel) = pod.spec.as_ref().and_then(|s| s.node_selector.as_ref()) else {
-        return true;
-    };
-    let labels = node.metadata.labels.as_ref();
-    sel.iter()
-        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-}
-
-fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
-    let values = r.values.as_deref().unwrap_or_default();
-    match r.operator.as_str() {
-        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
-        "NotIn" => value.is_none_or(|v| values.iter().all(|x| x != v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (
-                value.and_then(|v| v.parse::<i64>().ok()),
-                values.first().and_then(|b| b.parse::<i64>().ok()),
-            ) else {
-                return false;
-            };
-            if r.operator == "Gt" {
-                v > bound
-            } else {
-                v < bound
-            }
-        }
-        _ => false,
-    }
-}
-
-/// `requiredDuringSchedulingIgnoredDuringExecution`: any term matches when
-/// all its expressions and fields do.
-pub fn affinity_matches(pod: &Pod, node: &Node) -> bool {
-    let Some(required) = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.affinity.as_ref())
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| {
-            a.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        })
-    else {
-        return true;
-    };
-    let labels = node.metadata.labels.as_ref();
-    required.node_selector_terms.iter().any(|term| {
-        term.match_expressions
-            .iter()
-            .flatten()
-            .all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key)).map(String::as_str)))
-            && term.match_fields.iter().flatten().all(|r| {
-                let v = (r.key == "metadata.name").then(|| name_of(&node.metadata));
-                requirement_matches(r, v)
-            })
-    })
 }
 
 fn host_ports(pod: &Pod) -> Vec<(String, i32)> {

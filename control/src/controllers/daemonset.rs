@@ -22,7 +22,7 @@ use super::replicaset::{pod_from_template, pods_by_owner};
 use super::{
     Wake, availability, is_active, is_ready, name_of, next_pass, ns_of, owner_ref, ready, reflect,
 };
-use crate::scheduler::{affinity_matches, selector_matches, untolerated_taint};
+use crate::fit::{affinity_matches, selector_matches, untolerated_taint};
 
 const HASH_LABEL: &str = "controller-revision-hash";
 

@@ -7,11 +7,9 @@ use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::proxy::{Mode, State, Summary};
-
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-fn register_font() -> Result<()> {
+pub(super) fn register_font() -> Result<()> {
     let bytes = std::fs::read(FONT).with_context(|| {
         format!("{FONT} (package fonts-dejavu-core; cargo xtask setup installs it)")
     })?;
@@ -31,104 +29,12 @@ pub fn label(v: f64) -> String {
     }
 }
 
-fn color(m: Mode) -> RGBColor {
-    match m {
-        Mode::Direct => BLACK,
-        Mode::Skiff => RGBColor(0, 114, 178),
-        Mode::Iptables => RGBColor(213, 94, 0),
-        Mode::Nftables => RGBColor(0, 158, 115),
-    }
-}
-
-/// One line with points per mode, and the legend.
-fn draw_modes<'a, DB, X, Y>(
-    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
-    series: &[(Mode, Vec<(f64, f64)>)],
-    legend: SeriesLabelPosition,
-) -> Result<()>
-where
-    DB: DrawingBackend + 'a,
-    X: Ranged<ValueType = f64>,
-    Y: Ranged<ValueType = f64>,
-{
-    let named: Vec<Series<'_>> = series
-        .iter()
-        .filter(|(_, pts)| !pts.is_empty())
-        .map(|(mode, pts)| (mode.name(), color(*mode), pts.clone()))
-        .collect();
-    draw_named(chart, &named, legend)
-}
-
-/// Left: fresh-state connection rate against the number of services.
-/// Right: time to program all services from cold.
-pub fn proxy(summary: &[Summary], path: &Path) -> Result<()> {
-    register_font()?;
-    let fresh: Vec<&Summary> = summary.iter().filter(|s| s.state == State::Fresh).collect();
-    let max_n = fresh.iter().map(|s| s.services).max().unwrap_or(1).max(10) as f64;
-    let max_rate = fresh.iter().map(|s| s.rate).fold(1.0, f64::max) * 1.1;
-    let prog: Vec<&&Summary> = fresh.iter().filter(|s| s.program_ms.is_some()).collect();
-    let max_prog = prog.iter().filter_map(|s| s.program_ms).fold(1.0, f64::max) * 2.0;
-    let min_prog = prog
-        .iter()
-        .filter_map(|s| s.program_ms)
-        .fold(f64::INFINITY, f64::min)
-        .clamp(0.001, 1.0)
-        / 2.0;
-
-    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let (left, right) = root.split_horizontally(700);
-
-    let mut chart = panel(
-        &left,
-        "TCP connect + request/response (fresh state)",
-        (
-            (0.5f64..max_n * 2.0).log_scale(),
-            "services (2 endpoints each)",
-        ),
-        (0f64..max_rate, "connections / s"),
-    )?;
-    let series: Vec<(Mode, Vec<(f64, f64)>)> = Mode::ALL
-        .into_iter()
-        .map(|mode| {
-            let pts = fresh
-                .iter()
-                .filter(|s| s.mode == mode)
-                .map(|s| (s.services as f64, s.rate))
-                .collect();
-            (mode, pts)
-        })
-        .collect();
-    draw_modes(&mut chart, &series, SeriesLabelPosition::LowerLeft)?;
-
-    let mut chart = panel(
-        &right,
-        "programming all services from cold",
-        ((0.5f64..max_n * 2.0).log_scale(), "services"),
-        ((min_prog..max_prog).log_scale(), "milliseconds"),
-    )?;
-    let series: Vec<(Mode, Vec<(f64, f64)>)> = [Mode::Skiff, Mode::Iptables, Mode::Nftables]
-        .into_iter()
-        .map(|mode| {
-            let pts = prog
-                .iter()
-                .filter(|s| s.mode == mode)
-                .filter_map(|s| s.program_ms.map(|p| (s.services as f64, p)))
-                .collect();
-            (mode, pts)
-        })
-        .collect();
-    draw_modes(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
-    root.present().map_err(|e| anyhow!("{e}"))?;
-    Ok(())
-}
-
 /// A named, coloured line of points.
-type Panel<'a, DB, X, Y> = ChartContext<'a, DB, Cartesian2d<X, Y>>;
+pub(super) type Panel<'a, DB, X, Y> = ChartContext<'a, DB, Cartesian2d<X, Y>>;
 
 /// One chart on `area`: a caption, f64 axes (linear or log) with their
 /// descriptions, and the mesh drawn the same way for every plot.
-fn panel<'a, DB, XR, YR>(
+pub(super) fn panel<'a, DB, XR, YR>(
     area: &'a DrawingArea<DB, plotters::coord::Shift>,
     caption: &str,
     (x, x_desc): (XR, &str),
@@ -160,10 +66,10 @@ where
     Ok(chart)
 }
 
-type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+pub(super) type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
 /// Lines with points and a legend, one colour per named series.
-fn draw_named<'a, DB, X, Y>(
+pub(super) fn draw_named<'a, DB, X, Y>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
     series: &[Series<'_>],
     legend: SeriesLabelPosition,

@@ -21,7 +21,10 @@ use skiff_tests::netns::veth;
 use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin};
 
 use super::rules::{self, BenchService};
-use super::{git_commit, kernel, plot, write_results};
+use plotters::prelude::*;
+
+use super::plot::{self, Series, draw_named, panel, register_font};
+use super::{git_commit, kernel, write_results};
 
 const CLIENT_IP: &str = "10.201.0.1";
 const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 201, 0, 2), Ipv4Addr::new(10, 201, 0, 3)];
@@ -610,7 +613,101 @@ pub fn run(args: &Args) -> Result<()> {
     });
     let json_path = write_results(&args.out, "proxy", &doc)?;
     let png = args.out.join("proxy.png");
-    plot::proxy(&summary, &png)?;
+    plot_results(&summary, &png)?;
     println!("wrote {} and {}", json_path.display(), png.display());
+    Ok(())
+}
+
+// ---- the plot ----
+
+fn color(m: Mode) -> RGBColor {
+    match m {
+        Mode::Direct => BLACK,
+        Mode::Skiff => RGBColor(0, 114, 178),
+        Mode::Iptables => RGBColor(213, 94, 0),
+        Mode::Nftables => RGBColor(0, 158, 115),
+    }
+}
+
+/// One line with points per mode, and the legend.
+fn draw_modes<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    series: &[(Mode, Vec<(f64, f64)>)],
+    legend: SeriesLabelPosition,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let named: Vec<Series<'_>> = series
+        .iter()
+        .filter(|(_, pts)| !pts.is_empty())
+        .map(|(mode, pts)| (mode.name(), color(*mode), pts.clone()))
+        .collect();
+    draw_named(chart, &named, legend)
+}
+
+/// Left: fresh-state connection rate against the number of services.
+/// Right: time to program all services from cold.
+fn plot_results(summary: &[Summary], path: &Path) -> Result<()> {
+    register_font()?;
+    let fresh: Vec<&Summary> = summary.iter().filter(|s| s.state == State::Fresh).collect();
+    let max_n = fresh.iter().map(|s| s.services).max().unwrap_or(1).max(10) as f64;
+    let max_rate = fresh.iter().map(|s| s.rate).fold(1.0, f64::max) * 1.1;
+    let prog: Vec<&&Summary> = fresh.iter().filter(|s| s.program_ms.is_some()).collect();
+    let max_prog = prog.iter().filter_map(|s| s.program_ms).fold(1.0, f64::max) * 2.0;
+    let min_prog = prog
+        .iter()
+        .filter_map(|s| s.program_ms)
+        .fold(f64::INFINITY, f64::min)
+        .clamp(0.001, 1.0)
+        / 2.0;
+
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(700);
+
+    let mut chart = panel(
+        &left,
+        "TCP connect + request/response (fresh state)",
+        (
+            (0.5f64..max_n * 2.0).log_scale(),
+            "services (2 endpoints each)",
+        ),
+        (0f64..max_rate, "connections / s"),
+    )?;
+    let series: Vec<(Mode, Vec<(f64, f64)>)> = Mode::ALL
+        .into_iter()
+        .map(|mode| {
+            let pts = fresh
+                .iter()
+                .filter(|s| s.mode == mode)
+                .map(|s| (s.services as f64, s.rate))
+                .collect();
+            (mode, pts)
+        })
+        .collect();
+    draw_modes(&mut chart, &series, SeriesLabelPosition::LowerLeft)?;
+
+    let mut chart = panel(
+        &right,
+        "programming all services from cold",
+        ((0.5f64..max_n * 2.0).log_scale(), "services"),
+        ((min_prog..max_prog).log_scale(), "milliseconds"),
+    )?;
+    let series: Vec<(Mode, Vec<(f64, f64)>)> = [Mode::Skiff, Mode::Iptables, Mode::Nftables]
+        .into_iter()
+        .map(|mode| {
+            let pts = prog
+                .iter()
+                .filter(|s| s.mode == mode)
+                .filter_map(|s| s.program_ms.map(|p| (s.services as f64, p)))
+                .collect();
+            (mode, pts)
+        })
+        .collect();
+    draw_modes(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
