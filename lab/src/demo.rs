@@ -8,9 +8,7 @@
 //! up for the host's kubectl, through a loopback port that is forwarded
 //! into the underlay namespace (the host dials nothing else), until Ctrl-C.
 
-use std::io::Write as _;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 
 use anyhow::{Context, Result};
 use skiff_tests::cluster::{Cluster, PodAt, web_app};
@@ -53,15 +51,6 @@ fn forward(netns: String, target: SocketAddr) -> Result<u16> {
         }
     });
     Ok(port)
-}
-
-/// A kubeconfig for the host: the admin one, through the forwarded port.
-fn host_kubeconfig(cp: &ControlPlane, port: u16, path: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(&cp.kubeconfig)?;
-    let text = text.replace(&cp.server, &format!("https://127.0.0.1:{port}"));
-    let mut f = std::fs::File::create(path).with_context(|| path.display().to_string())?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 pub fn run(once: bool) -> Result<()> {
@@ -123,7 +112,7 @@ pub fn run(once: bool) -> Result<()> {
             format!("127.0.0.1:{}", c.cp.port()).parse()?,
         )?;
         let kubeconfig = std::env::current_dir()?.join("target/skiff-up.kubeconfig");
-        host_kubeconfig(&c.cp, port, &kubeconfig)?;
+        c.cp.write_kubeconfig(&format!("https://127.0.0.1:{port}"), &kubeconfig);
         let kc = kubeconfig.display();
         println!(
             "\nSkiff is up. From this shell:\n  export KUBECONFIG={kc}\n  kubectl get nodes -o wide\n  kubectl get pods -A -o wide\n  kubectl logs client\n(the apiserver is reached through 127.0.0.1:{port}, forwarded into the cluster's namespace)"

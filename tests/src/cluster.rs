@@ -202,15 +202,21 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Runs `script` (busybox sh) in a pod `name` on `node` until it ends;
-    /// its log.
-    pub fn run_script(&self, name: &str, node: &str, script: &str) -> String {
+    /// Starts `script` (busybox sh) in a pod `name` on `node`
+    /// (restartPolicy Never, grace 1 s).
+    pub fn start_script(&self, name: &str, node: &str, script: &str) {
         self.cp
             .apply(&format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", {script:?}]\n",
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", {script:?}]\n",
                 image = self.busybox
             ))
             .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Runs `script` as [`Cluster::start_script`] does, until it ends; its
+    /// log.
+    pub fn run_script(&self, name: &str, node: &str, script: &str) -> String {
+        self.start_script(name, node, script);
         wait_for(
             &format!("pod {name} to finish"),
             Duration::from_secs(120),

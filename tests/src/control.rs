@@ -226,12 +226,18 @@ impl ControlPlane {
 
     /// A copy of the admin kubeconfig that reaches the apiserver at `ip`.
     pub fn kubeconfig_for(&self, ip: &str) -> PathBuf {
+        let path = self.dir.path.join(format!("{ip}.kubeconfig"));
+        self.write_kubeconfig(&format!("https://{ip}:{}", self.port()), &path);
+        path
+    }
+
+    /// Writes the admin kubeconfig to `path`, with `server` as the
+    /// apiserver's URL (for a forwarded or other address).
+    pub fn write_kubeconfig(&self, server: &str, path: &std::path::Path) {
         let text = std::fs::read_to_string(&self.kubeconfig)
             .unwrap_or_else(|e| panic!("{}: {e}", self.kubeconfig.display()));
-        let path = self.dir.path.join(format!("{ip}.kubeconfig"));
-        let text = text.replace(&self.server, &format!("https://{ip}:{}", self.port()));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        path
+        std::fs::write(path, text.replace(&self.server, server))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 
     pub fn ca_file(&self) -> PathBuf {

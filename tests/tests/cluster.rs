@@ -115,11 +115,14 @@ fn a_rolling_update_under_load_fails_no_request() {
     let cluster_ip = c.cp.jsonpath(&["service", "web"], "{.spec.clusterIP}");
     // A new connection per request, for as long as the client runs.
     let client_node = c.quietest_node(&old);
-    c.cp.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: load\nspec:\n  nodeName: {client_node}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", \"while true; do t=$(date +%T); out=$(timeout 5 wget -qO- http://{cluster_ip}/ 2>&1); rc=$?; echo \\\"r $out\\\"; [ $rc = 0 ] || echo \\\"failed at $t: exit $rc\\\"; sleep 0.05; done\"]\n",
-        image = c.busybox
-    ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    c.start_script(
+        "load",
+        &client_node,
+        &format!(
+            "while true; do t=$(date +%T); out=$(timeout 5 wget -qO- http://{cluster_ip}/ 2>&1); rc=$?; \
+             echo \"r $out\"; [ $rc = 0 ] || echo \"failed at $t: exit $rc\"; sleep 0.05; done"
+        ),
+    );
     skiff_tests::wait_for("the load to flow", Duration::from_secs(60), || {
         let log = c.cp.kubectl(&["logs", "load"]).unwrap_or_default();
         (log.lines().filter(|l| l.starts_with("r hello")).count() >= 10).then_some(())
