@@ -7,9 +7,13 @@
 //! - `overlay`: the node's subnet lease in etcd and routes to every other
 //!   node's subnet (Flannel-compatible, vxlan or host-gw).
 //!
+//! Before the roles run, `skiff-agent join` ([`join`]) turns a bootstrap
+//! token into the node's own credential.
+//!
 //! Roles never import each other: the kubelet reaches the overlay only
 //! through `subnet.env`, read by the CNI plugin it runs.
 
+pub mod join;
 pub mod kubelet;
 pub mod memory;
 pub mod overlay;

@@ -31,6 +31,9 @@ enum Role {
 enum Command {
     /// Run the agent's roles until SIGINT/SIGTERM.
     Run(Box<RunArgs>),
+    /// Join a cluster with a bootstrap token (obtaining the node's own
+    /// client certificate), then run as `run` does.
+    Join(Box<JoinArgs>),
     /// Inspect or remove the service proxy's kernel state.
     Proxy {
         #[command(subcommand)]
@@ -98,6 +101,28 @@ enum OverlayCommand {
     /// remove the VTEP, routes, masquerade rules and subnet file.
     Leave(OverlayArgs),
 }
+
+#[derive(clap::Args)]
+struct JoinArgs {
+    /// The apiserver (`https://host:port`).
+    #[arg(long)]
+    server: String,
+    /// A bootstrap token (`skiff-control token create`).
+    #[arg(long, env = "SKIFF_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The cluster CA's public-key hash, `sha256:<hex>`: the CA is trusted
+    /// only if it matches.
+    #[arg(long)]
+    ca_cert_hash: String,
+    /// Seconds to wait for the certificate to be issued.
+    #[arg(long, default_value_t = 300)]
+    join_timeout_seconds: u64,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Where `join` writes the node's kubeconfig unless `--kubeconfig` says.
+const NODE_KUBECONFIG: &str = "/var/lib/skiff/node/kubeconfig";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -277,6 +302,30 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+async fn join(args: JoinArgs) -> Result<()> {
+    let mut run_args = args.run;
+    let kubeconfig = run_args
+        .kubeconfig
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(NODE_KUBECONFIG));
+    let cfg = skiff_agent::join::JoinConfig {
+        server: args.server,
+        token: args.token,
+        ca_cert_hash: args.ca_cert_hash,
+        node_name: node_name(run_args.node_name.clone()),
+        kubeconfig: kubeconfig.clone(),
+        timeout: Duration::from_secs(args.join_timeout_seconds.max(1)),
+    };
+    skiff_agent::join::join(&cfg)
+        .await
+        .context("joining the cluster")?;
+    run_args.kubeconfig = Some(kubeconfig.clone());
+    if run_args.kubelet.client_ca_file.is_none() {
+        run_args.kubelet.client_ca_file = Some(kubeconfig.with_file_name("ca.crt"));
+    }
+    run(run_args).await
+}
+
 fn kubelet_config(args: &RunArgs, ctx: &NodeContext) -> Result<KubeletConfig> {
     let k = &args.kubelet;
     let node_ip = match k.node_ip {
@@ -394,6 +443,11 @@ fn main() -> Result<()> {
             .build()
             .context("starting the runtime")?
             .block_on(run(*args)),
+        Command::Join(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(join(*args)),
         Command::Proxy { command } => match command {
             ProxyCommand::List { bpffs, json } => list(bpffs, json),
             ProxyCommand::Uninstall { bpffs } => {

@@ -8,6 +8,7 @@
 
 pub mod alloc;
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod controllers;
 pub mod etcd;
@@ -22,4 +23,5 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod table;
+pub mod tokens;
 pub mod validate;

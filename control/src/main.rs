@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
-use clap::{Parser, ValueEnum};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
 use skiff_control::alloc::Cidr;
 use skiff_control::server::{self, Component, ControlConfig};
 
@@ -20,9 +20,73 @@ enum ComponentArg {
 #[command(
     name = "skiff-control",
     version,
-    about = "Skiff control plane: apiserver, scheduler, controllers"
+    about = "Skiff control plane: apiserver, scheduler, controllers",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bootstrap tokens, for nodes to join with (`skiff-agent join`).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The control plane's state directory (its admin kubeconfig is used).
+    #[arg(long, default_value = "/var/lib/skiff/control")]
+    data_dir: PathBuf,
+    /// An admin kubeconfig to use instead of the data directory's.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn kubeconfig(&self) -> PathBuf {
+        self.kubeconfig
+            .clone()
+            .unwrap_or_else(|| server::admin_kubeconfig_path(&self.data_dir))
+    }
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it.
+    Create {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// How long the token is valid (24h, 30m, 90s); 0: forever.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print the whole `skiff-agent join` command.
+        #[arg(long)]
+        print_join_command: bool,
+    },
+    /// List the tokens.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a token (by id or whole token): nodes can no longer join with it.
+    Delete {
+        #[command(flatten)]
+        admin: AdminArgs,
+        token: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
     /// State directory: CA, tokens, admin kubeconfig, local etcd data.
     #[arg(long, default_value = "/var/lib/skiff/control")]
     data_dir: PathBuf,
@@ -35,6 +99,11 @@ struct Cli {
     /// HTTPS listen address of the apiserver.
     #[arg(long, default_value = "127.0.0.1:6443")]
     listen: SocketAddr,
+    /// The address other hosts and pods reach the apiserver at (default:
+    /// the listen address, or this host's first IPv4 address when
+    /// listening on all).
+    #[arg(long)]
+    advertise_address: Option<std::net::IpAddr>,
     /// Components to run in this process.
     #[arg(
         long,
@@ -74,6 +143,70 @@ fn port_range(s: &str) -> Result<(u16, u16)> {
     Ok((a, b))
 }
 
+async fn token(command: TokenCommand) -> Result<()> {
+    use skiff_control::tokens;
+    match command {
+        TokenCommand::Create {
+            admin,
+            ttl,
+            description,
+            print_join_command,
+        } => {
+            let ttl = tokens::parse_ttl(&ttl)?;
+            let path = admin.kubeconfig();
+            let client = skiff_control::client::from_kubeconfig(&path).await?;
+            let token = tokens::create(client, ttl, &description).await?;
+            if print_join_command {
+                let kc = kube::config::Kubeconfig::read_from(&path)?;
+                let cluster = kc
+                    .clusters
+                    .first()
+                    .and_then(|c| c.cluster.as_ref())
+                    .with_context(|| format!("{}: no cluster", path.display()))?;
+                let server = cluster.server.clone().unwrap_or_default();
+                let ca = cluster
+                    .certificate_authority_data
+                    .as_deref()
+                    .with_context(|| {
+                        format!("{}: no certificate-authority-data", path.display())
+                    })?;
+                use base64::Engine as _;
+                let ca = base64::engine::general_purpose::STANDARD.decode(ca)?;
+                let hash = skiff_control::pki::ca_cert_hash(&String::from_utf8_lossy(&ca))?;
+                println!(
+                    "skiff-agent join --server {server} --token {token} --ca-cert-hash {hash}"
+                );
+            } else {
+                println!("{token}");
+            }
+        }
+        TokenCommand::List { admin } => {
+            let client = skiff_control::client::from_kubeconfig(&admin.kubeconfig()).await?;
+            println!("{:<8} {:<22} DESCRIPTION", "TOKEN ID", "EXPIRES");
+            for t in tokens::list(client).await? {
+                let expires = t
+                    .expires
+                    .map(|at| {
+                        jiff::Timestamp::try_from(at)
+                            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+                            .unwrap_or_default()
+                    })
+                    .unwrap_or_else(|| "<forever>".into());
+                println!("{:<8} {:<22} {}", t.id, expires, t.description);
+            }
+        }
+        TokenCommand::Delete { admin, token } => {
+            let client = skiff_control::client::from_kubeconfig(&admin.kubeconfig()).await?;
+            tokens::delete(client, &token).await?;
+            println!(
+                "bootstrap token {:?} deleted",
+                token.split('.').next().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -84,6 +217,10 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(Command::Token { command }) = cli.command {
+        return token(command).await;
+    }
+    let cli = cli.run;
     let service_cidr: Cidr = cli
         .service_cidr
         .parse()
@@ -102,6 +239,7 @@ async fn main() -> Result<()> {
         etcd: cli.etcd,
         etcd_binary: cli.etcd_binary,
         listen: cli.listen,
+        advertise: cli.advertise_address,
         kubeconfig: cli.kubeconfig,
         components,
         service_cidr,

@@ -22,6 +22,8 @@ pub enum PkiError {
     Cert(#[from] rcgen::Error),
     #[error("random: {0}")]
     Random(String),
+    #[error("key: {0}")]
+    Key(String),
 }
 
 pub struct Pki {
@@ -162,10 +164,32 @@ pub fn default_sans(extra: &[String], service_ip: Option<IpAddr>, listen: IpAddr
     sans
 }
 
+/// A kubeconfig naming only the cluster (`kube-public/cluster-info`).
+pub fn cluster_kubeconfig(server: &str, ca_pem: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: \"\"\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\ncontexts: null\ncurrent-context: \"\"\nusers: null\npreferences: {{}}\n",
+        ca = STANDARD.encode(ca_pem.as_bytes())
+    )
+}
+
 /// An admin kubeconfig for `server` that trusts the CA and sends the token.
 pub fn kubeconfig(server: &str, ca_pem: &str, token: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\ncontexts:\n- name: skiff-admin\n  context:\n    cluster: skiff\n    user: admin\n    namespace: default\ncurrent-context: skiff-admin\nusers:\n- name: admin\n  user:\n    token: {token}\npreferences: {{}}\n",
         ca = STANDARD.encode(ca_pem.as_bytes())
     )
+}
+
+/// kubeadm's `--discovery-token-ca-cert-hash` of a CA: `sha256:` and the
+/// hex SHA-256 of its SubjectPublicKeyInfo.
+pub fn ca_cert_hash(ca_pem: &str) -> Result<String, PkiError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| PkiError::Key(format!("the CA certificate: {e}")))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| PkiError::Key(format!("the CA certificate: {e}")))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("sha256:{hex}"))
 }

@@ -46,6 +46,12 @@ impl Resource {
     pub fn is(&self, group: &str, plural: &str) -> bool {
         self.group == group && self.plural == plural
     }
+
+    /// A review (access, rules, token, whoami): created and answered, never
+    /// stored.
+    pub fn review(&self) -> bool {
+        matches!(self.group, "authorization.k8s.io" | "authentication.k8s.io")
+    }
 }
 
 const ALL: &[&str] = &["all"];
@@ -84,6 +90,17 @@ pub static RESOURCES: &[Resource] = &[
     resource!("apps", "v1", "Deployment", "deployments", "deployment", true, &["deploy"], status: true, scale: true, generation: true, categories: ALL),
     resource!("apps", "v1", "DaemonSet", "daemonsets", "daemonset", true, &["ds"], status: true, scale: false, generation: true, categories: ALL),
     resource!("apps", "v1", "ControllerRevision", "controllerrevisions", "controllerrevision", true, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", "clusterrolebinding", false, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", "rolebinding", true, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("certificates.k8s.io", "v1", "CertificateSigningRequest", "certificatesigningrequests", "certificatesigningrequest", false, &["csr"], status: true, scale: false, generation: false, categories: &[]),
+    resource!("authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews", "selfsubjectaccessreview", false, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("authorization.k8s.io", "v1", "SelfSubjectRulesReview", "selfsubjectrulesreviews", "selfsubjectrulesreview", false, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", "subjectaccessreview", false, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("authorization.k8s.io", "v1", "LocalSubjectAccessReview", "localsubjectaccessreviews", "localsubjectaccessreview", true, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", "tokenreview", false, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("authentication.k8s.io", "v1", "SelfSubjectReview", "selfsubjectreviews", "selfsubjectreview", false, &[], status: false, scale: false, generation: false, categories: &[]),
 ];
 
 /// The groups in discovery order (core first, as upstream lists them).

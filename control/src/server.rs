@@ -9,11 +9,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde_json::json;
+use serde_json::{Value, json};
 use tracing::info;
 
 use crate::alloc::Cidr;
-use crate::api::{self, Api, ApiConfig};
+use crate::api::{self, Access, Api, ApiConfig};
+use crate::auth::authn::Authenticator;
+use crate::auth::rbac::Rbac;
+use crate::auth::serviceaccount::Tokens;
+use crate::auth::{self, Authorizer, User};
 use crate::etcd::LocalEtcd;
 use crate::pki;
 use crate::resources;
@@ -33,6 +37,9 @@ pub struct ControlConfig {
     pub etcd: Vec<String>,
     pub etcd_binary: String,
     pub listen: SocketAddr,
+    /// The address the apiserver is advertised at (the `kubernetes`
+    /// Service's endpoint); default: see [`advertise_ip`].
+    pub advertise: Option<IpAddr>,
     /// Where the scheduler and controllers reach the apiserver (when the
     /// apiserver is not in this process) — a kubeconfig.
     pub kubeconfig: Option<PathBuf>,
@@ -77,11 +84,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         let bound = listener.local_addr().context("reading the bound address")?;
-        let advertise = if bound.ip().is_unspecified() {
-            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), bound.port())
-        } else {
-            bound
-        };
+        let advertise = SocketAddr::new(advertise_ip(cfg.advertise, bound.ip()), bound.port());
         let sans = pki::default_sans(
             &cfg.tls_sans,
             Some(IpAddr::V4(cfg.service_cidr.first())),
@@ -89,26 +92,46 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         );
         let pki = pki::load_or_create(&cfg.data_dir.join("pki"), &sans)
             .context("preparing the CA and serving certificate")?;
-        let tls = api::tls_config(&pki.cert_pem, &pki.key_pem).map_err(anyhow::Error::msg)?;
-        let tokens = HashMap::from([(pki.admin_token.clone(), "admin".to_string())]);
+        let rbac = Rbac::start(store.clone())
+            .await
+            .context("reading the RBAC policy")?;
+        let admin = User::authenticated("admin", vec![auth::MASTERS.to_string()]);
+        let tokens = Arc::new(
+            Tokens::load_or_create(&cfg.data_dir.join("pki").join("sa.key"))
+                .context("preparing the service-account signing key")?,
+        );
+        let authn = Authenticator::new(
+            HashMap::from([(pki.admin_token.clone(), admin)]),
+            store.clone(),
+            &pki.ca_pem,
+            Some(tokens.clone()),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let tls = api::tls_config(&pki.cert_pem, &pki.key_pem, authn.tls_verifier())
+            .map_err(anyhow::Error::msg)?;
+        let authz = Authorizer::new(store.clone(), rbac);
         let api = Api::new(
             store,
             ApiConfig {
                 service_cidr: cfg.service_cidr,
                 node_ports: cfg.node_ports,
-                tokens,
                 advertise,
                 kubelet_tls: Some(
                     api::kubelet_tls(&pki.kubelet_client_cert_pem, &pki.kubelet_client_key_pem)
                         .map_err(anyhow::Error::msg)?,
                 ),
             },
+            Access {
+                authn,
+                authz,
+                tokens,
+            },
         );
-        bootstrap(&api, advertise)
+        let server = format!("https://{advertise}");
+        bootstrap(&api, advertise, &server, &pki.ca_pem)
             .await
             .context("creating the bootstrap objects")?;
         let path = admin_kubeconfig_path(&cfg.data_dir);
-        let server = format!("https://{advertise}");
         pki::write_private(
             &path,
             pki::kubeconfig(&server, &pki.ca_pem, &pki.admin_token).as_bytes(),
@@ -131,6 +154,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             let settings = crate::controllers::Settings {
                 node_grace: cfg.node_grace,
                 eviction_timeout: cfg.eviction_timeout,
+                signer: signer(&cfg.data_dir),
             };
             for t in crate::controllers::spawn_all(client.clone(), settings) {
                 tasks.push(t);
@@ -155,13 +179,81 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
     Ok(())
 }
 
-/// The namespaces every cluster has and the `kubernetes` Service.
-async fn bootstrap(api: &Arc<Api>, advertise: SocketAddr) -> Result<()> {
+/// The CA in the data directory, for the certificate signer; None when
+/// this process has no CA key (controllers run apart from the apiserver
+/// without the CA).
+fn signer(data_dir: &std::path::Path) -> Option<Arc<crate::controllers::certificates::Signer>> {
+    let pki = data_dir.join("pki");
+    let ca_cert_pem = std::fs::read_to_string(pki.join("ca.crt")).ok()?;
+    let ca_key_pem = std::fs::read_to_string(pki.join("ca.key")).ok()?;
+    Some(Arc::new(crate::controllers::certificates::Signer {
+        ca_cert_pem,
+        ca_key_pem,
+        lifetime: std::time::Duration::from_secs(365 * 24 * 3600),
+    }))
+}
+
+/// The address other hosts and pods reach the apiserver at: the one given,
+/// else the listen address, else (listening on every address) the first
+/// non-loopback IPv4 address of this host, else loopback.
+fn advertise_ip(given: Option<IpAddr>, bound: IpAddr) -> IpAddr {
+    if let Some(ip) = given {
+        return ip;
+    }
+    if !bound.is_unspecified() {
+        return bound;
+    }
+    nix::ifaddrs::getifaddrs()
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())))
+        .find(|ip| !ip.is_loopback())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+/// Creates `obj` (of its kind) unless it exists.
+async fn ensure_object(api: &Arc<Api>, obj: Value) -> Result<()> {
+    let api_version = obj["apiVersion"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    let r = resources::by_kind(api_version, kind).with_context(|| format!("no {kind}"))?;
+    let ns = obj
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .map(String::from);
+    api.ensure(r, ns.as_deref(), obj.clone()).await?;
+    Ok(())
+}
+
+/// The namespaces every cluster has, the default RBAC policy, the public
+/// `cluster-info` a joining node starts from, and the `kubernetes` Service.
+async fn bootstrap(
+    api: &Arc<Api>,
+    advertise: SocketAddr,
+    server: &str,
+    ca_pem: &str,
+) -> Result<()> {
     let ns = resources::find("", "v1", "namespaces").context("namespaces")?;
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
         api.ensure(ns, None, obj).await?;
     }
+    for obj in auth::policy::cluster_objects()
+        .into_iter()
+        .chain(auth::policy::cluster_info_access())
+    {
+        ensure_object(api, obj).await?;
+    }
+    let cluster_info = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "cluster-info", "namespace": "kube-public"},
+        "data": {"kubeconfig": pki::cluster_kubeconfig(server, ca_pem)},
+    });
+    // Kept current: the server address may change between starts.
+    let cm = resources::find("", "v1", "configmaps").context("configmaps")?;
+    api.put(cm, Some("kube-public"), "cluster-info", cluster_info)
+        .await?;
     let svc = resources::find("", "v1", "services").context("services")?;
     let kubernetes = json!({
         "apiVersion": "v1", "kind": "Service",

@@ -117,12 +117,17 @@ impl ApiError {
 
     pub fn forbidden(group: &str, plural: &str, name: &str, why: &str) -> Self {
         let what = qualified(group, plural);
-        Self::new(
-            403,
-            "Forbidden",
-            format!("{what} \"{name}\" is forbidden: {why}"),
-        )
-        .about(group, plural, name)
+        let message = if name.is_empty() {
+            format!("{what} is forbidden: {why}")
+        } else {
+            format!("{what} \"{name}\" is forbidden: {why}")
+        };
+        Self::new(403, "Forbidden", message).about(group, plural, name)
+    }
+
+    /// A 403 for a path that is not a resource (`/api`, `/healthz`).
+    pub fn forbidden_path(why: &str) -> Self {
+        Self::new(403, "Forbidden", format!("forbidden: {why}"))
     }
 
     pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
@@ -223,7 +228,7 @@ impl ApiError {
     pub fn to_status(&self) -> Status {
         let d = &self.details;
         let details = (d.kind.is_some() || !d.causes.is_empty()).then(|| StatusDetails {
-            name: d.name.clone(),
+            name: d.name.clone().filter(|n| !n.is_empty()),
             group: d.group.clone().filter(|g| !g.is_empty()),
             kind: d.kind.clone(),
             uid: None,

@@ -110,6 +110,25 @@ fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
             age,
         ],
         ("coordination.k8s.io", "leases") => vec![name, ("Holder", "string", 0), age],
+        ("certificates.k8s.io", "certificatesigningrequests") => vec![
+            name,
+            age,
+            ("SignerName", "string", 0),
+            ("Requestor", "string", 0),
+            ("RequestedDuration", "string", 0),
+            ("Condition", "string", 0),
+        ],
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => vec![
+            name,
+            ("Role", "string", 0),
+            age,
+            ("Users", "string", 1),
+            ("Groups", "string", 1),
+            ("ServiceAccounts", "string", 1),
+        ],
+        ("rbac.authorization.k8s.io", "roles" | "clusterroles") => {
+            vec![name, ("Created At", "date", 0)]
+        }
         _ => vec![name, age],
     }
 }
@@ -484,6 +503,71 @@ fn cells(r: &Resource, o: &Value) -> Vec<Value> {
         }
         ("coordination.k8s.io", "leases") => {
             vec![json!(s(o, "/spec/holderIdentity")), created.clone()]
+        }
+        ("certificates.k8s.io", "certificatesigningrequests") => {
+            let conditions: Vec<&str> = o
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|c| s(c, "/status") == "True")
+                .map(|c| s(c, "/type"))
+                .collect();
+            let mut condition = if conditions.is_empty() {
+                "Pending".to_string()
+            } else {
+                conditions.join(",")
+            };
+            if o.pointer("/status/certificate")
+                .and_then(Value::as_str)
+                .is_some_and(|c| !c.is_empty())
+            {
+                condition.push_str(",Issued");
+            }
+            let duration = o
+                .pointer("/spec/expirationSeconds")
+                .and_then(Value::as_i64)
+                .map(human_duration)
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                created.clone(),
+                json!(s(o, "/spec/signerName")),
+                json!(s(o, "/spec/username")),
+                json!(duration),
+                json!(condition),
+            ]
+        }
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
+            let of = |kind: &str| -> String {
+                o.get("subjects")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|x| s(x, "/kind") == kind)
+                    .map(|x| {
+                        if kind == "ServiceAccount" {
+                            format!("{}/{}", s(x, "/namespace"), s(x, "/name"))
+                        } else {
+                            s(x, "/name").to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            vec![
+                json!(format!(
+                    "{}/{}",
+                    s(o, "/roleRef/kind"),
+                    s(o, "/roleRef/name")
+                )),
+                created.clone(),
+                json!(of("User")),
+                json!(of("Group")),
+                json!(of("ServiceAccount")),
+            ]
+        }
+        ("rbac.authorization.k8s.io", "roles" | "clusterroles") => {
+            vec![json!(s(o, "/metadata/creationTimestamp"))]
         }
         _ => vec![created.clone()],
     };

@@ -10,8 +10,8 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::{
-    apps::v1 as apps, coordination::v1 as coordination, core::v1 as core,
-    discovery::v1 as discovery,
+    apps::v1 as apps, certificates::v1 as certificates, coordination::v1 as coordination,
+    core::v1 as core, discovery::v1 as discovery, rbac::v1 as rbac,
 };
 use serde_json::{Map, Value, json};
 
@@ -46,6 +46,15 @@ pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
         ("apps", "Deployment") => roundtrip::<apps::Deployment>(v),
         ("apps", "DaemonSet") => roundtrip::<apps::DaemonSet>(v),
         ("apps", "ControllerRevision") => roundtrip::<apps::ControllerRevision>(v),
+        ("rbac.authorization.k8s.io", "ClusterRole") => roundtrip::<rbac::ClusterRole>(v),
+        ("rbac.authorization.k8s.io", "ClusterRoleBinding") => {
+            roundtrip::<rbac::ClusterRoleBinding>(v)
+        }
+        ("rbac.authorization.k8s.io", "Role") => roundtrip::<rbac::Role>(v),
+        ("rbac.authorization.k8s.io", "RoleBinding") => roundtrip::<rbac::RoleBinding>(v),
+        ("certificates.k8s.io", "CertificateSigningRequest") => {
+            roundtrip::<certificates::CertificateSigningRequest>(v)
+        }
         _ => Ok(v.clone()),
     }
 }
@@ -479,6 +488,117 @@ impl Check {
     }
 }
 
+impl Check {
+    fn rules(&mut self, kind: &str, v: &Value) {
+        let rules = v.get("rules").and_then(Value::as_array);
+        for (i, r) in rules.into_iter().flatten().enumerate() {
+            let at = format!("rules[{i}]");
+            let non_empty = |k: &str| {
+                r.get(k)
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty())
+            };
+            if !non_empty("verbs") {
+                self.push(Cause::required(format!("{at}.verbs")));
+            }
+            let urls = non_empty("nonResourceURLs");
+            if urls && kind == "Role" {
+                self.push(Cause::invalid(
+                    format!("{at}.nonResourceURLs"),
+                    "[...]",
+                    "namespaced rules cannot apply to non-resource URLs",
+                ));
+            }
+            if urls && (non_empty("resources") || non_empty("apiGroups")) {
+                self.push(Cause::invalid(
+                    format!("{at}.nonResourceURLs"),
+                    "[...]",
+                    "rules cannot apply to both regular resources and non-resource URLs",
+                ));
+            }
+            if !urls && !non_empty("resources") {
+                self.push(Cause::required(format!("{at}.resources")));
+            }
+            if !urls && r.get("apiGroups").and_then(Value::as_array).is_none() {
+                self.push(Cause::required(format!("{at}.apiGroups")));
+            }
+        }
+    }
+
+    fn binding(&mut self, kind: &str, v: &Value) {
+        let role_kind = v
+            .pointer("/roleRef/kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let allowed: &[&str] = if kind == "RoleBinding" {
+            &["Role", "ClusterRole"]
+        } else {
+            &["ClusterRole"]
+        };
+        if !allowed.contains(&role_kind) {
+            self.push(Cause::unsupported("roleRef.kind", role_kind, allowed));
+        }
+        if v.pointer("/roleRef/name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            self.push(Cause::required("roleRef.name"));
+        }
+        let subjects = v.get("subjects").and_then(Value::as_array);
+        for (i, sub) in subjects.into_iter().flatten().enumerate() {
+            let at = format!("subjects[{i}]");
+            let str_of = |k: &str| sub.get(k).and_then(Value::as_str).unwrap_or_default();
+            let sk = str_of("kind");
+            if !["User", "Group", "ServiceAccount"].contains(&sk) {
+                self.push(Cause::unsupported(
+                    format!("{at}.kind"),
+                    sk,
+                    &["User", "Group", "ServiceAccount"],
+                ));
+            }
+            if str_of("name").is_empty() {
+                self.push(Cause::required(format!("{at}.name")));
+            }
+            if sk == "ServiceAccount"
+                && kind == "ClusterRoleBinding"
+                && str_of("namespace").is_empty()
+            {
+                self.push(Cause::required(format!("{at}.namespace")));
+            }
+        }
+    }
+
+    fn csr(&mut self, spec: &Value) {
+        let request = spec
+            .get("request")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if request.is_empty() {
+            self.push(Cause::required("spec.request"));
+        } else if crate::auth::csr::parse_request(request).is_err() {
+            self.push(Cause::invalid(
+                "spec.request",
+                "<request>",
+                "must be a PEM-encoded PKCS#10 certificate signing request",
+            ));
+        }
+        if spec
+            .get("signerName")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            self.push(Cause::required("spec.signerName"));
+        }
+        if spec
+            .get("usages")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            self.push(Cause::required("spec.usages"));
+        }
+    }
+}
+
 /// Settings validation depends on.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -494,8 +614,18 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
         .and_then(Value::as_str)
         .unwrap_or_default();
     let label_named = matches!(r.kind, "Namespace" | "Service");
+    // RBAC names are path segments (`system:node-bootstrapper`).
+    let path_named = r.group == "rbac.authorization.k8s.io";
     if name.is_empty() {
         c.push(Cause::required("metadata.name"));
+    } else if path_named {
+        if name == "." || name == ".." || name.contains(['/', '%']) {
+            c.push(Cause::invalid(
+                "metadata.name",
+                name,
+                "may not be '.' or '..' and may not contain '/' or '%'",
+            ));
+        }
     } else if label_named && !is_dns_label(name) {
         c.push(Cause::invalid("metadata.name", name, "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"));
     } else if !label_named && !is_dns_subdomain(name) {
@@ -530,6 +660,11 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
                 }
             }
         }
+        ("rbac.authorization.k8s.io", kind @ ("Role" | "ClusterRole")) => c.rules(kind, v),
+        ("rbac.authorization.k8s.io", kind @ ("RoleBinding" | "ClusterRoleBinding")) => {
+            c.binding(kind, v)
+        }
+        ("certificates.k8s.io", "CertificateSigningRequest") => c.csr(&spec),
         ("discovery.k8s.io", "EndpointSlice") => {
             let at = v
                 .get("addressType")

@@ -5,7 +5,6 @@
 //! none of it; kubectl runs inside the underlay namespace.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::control::{ControlPlane, Etcd};
@@ -75,7 +74,8 @@ pub struct Cluster {
     pub node_ns: Vec<Netns>,
     pub underlay: Netns,
     etcd_url: String,
-    node_kubeconfig: PathBuf,
+    /// `skiff-agent join` flags for the nodes.
+    node_join: Vec<String>,
 }
 
 impl Cluster {
@@ -91,13 +91,13 @@ impl Cluster {
         etcd.ctl(&["put", "/coreos.com/network/config", NETWORK])
             .unwrap_or_else(|e| panic!("{e}"));
         let etcd_url = etcd.url.clone();
-        let mut flags = vec!["--tls-san", UNDERLAY_GW];
+        let mut flags = vec!["--tls-san", UNDERLAY_GW, "--advertise-address", UNDERLAY_GW];
         flags.extend(control);
         let cp = ControlPlane::start_on(&underlay, etcd, &flags);
         let registry = Registry::start_on(&underlay, UNDERLAY_GW);
         let busybox = registry.push(&underlay, "busybox", "busybox:1.36");
         let probe = registry.push(&underlay, "skiff-probe", "skiff-probe:1");
-        let node_kubeconfig = cp.kubeconfig_for(UNDERLAY_GW);
+        let node_join = cp.join_args(&format!("https://{UNDERLAY_GW}:{}", cp.port()));
         let mut c = Self {
             nodes: Vec::new(),
             cp,
@@ -107,7 +107,7 @@ impl Cluster {
             node_ns: Vec::new(),
             underlay,
             etcd_url,
-            node_kubeconfig,
+            node_join,
         };
         for (ns, ip) in nodes {
             c.start_node(ns, &ip);
@@ -123,8 +123,7 @@ impl Cluster {
             &ns,
             &NodeSetup {
                 ip,
-                kubeconfig: &self.node_kubeconfig,
-                ca_file: &self.cp.ca_file(),
+                join: &self.node_join,
                 registry: &self.registry.addr,
                 network: NodeNetwork::Overlay {
                     etcd: &self.etcd_url,

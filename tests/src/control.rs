@@ -114,6 +114,12 @@ impl Etcd {
 }
 
 /// `skiff-control` with all components against its own etcd.
+/// How a user proves who it is.
+pub enum Credential<'a> {
+    Token(&'a str),
+    Cert { cert: &'a str, key: &'a str },
+}
+
 pub struct ControlPlane {
     pub proc: Proc,
     pub etcd: Etcd,
@@ -121,6 +127,7 @@ pub struct ControlPlane {
     pub kubeconfig: PathBuf,
     pub server: String,
     netns: Option<String>,
+    join_token: std::sync::OnceLock<String>,
 }
 
 impl ControlPlane {
@@ -161,20 +168,73 @@ impl ControlPlane {
             .log_to(&dir.path.join("control.log"))
             .start();
         let kubeconfig = dir.path.join("admin.kubeconfig");
-        let cp = Self {
+        let mut cp = Self {
             proc,
             etcd,
             kubeconfig,
             server: format!("https://127.0.0.1:{port}"),
             dir,
             netns,
+            join_token: std::sync::OnceLock::new(),
         };
         wait_for(
             "the apiserver to answer kubectl",
             Duration::from_secs(30),
             || cp.kubectl(&["get", "namespaces"]).ok(),
         );
+        // The admin kubeconfig names the advertised address.
+        let text = std::fs::read_to_string(&cp.kubeconfig).unwrap_or_default();
+        if let Some(server) = text.lines().find_map(|l| l.trim().strip_prefix("server: ")) {
+            cp.server = server.trim().to_string();
+        }
         cp
+    }
+
+    /// Runs `skiff-control` with `args` (a subcommand) where the control
+    /// plane runs.
+    pub fn control(&self, args: &[&str]) -> Result<String, String> {
+        Spawn::new(bin("skiff-control"))
+            .netns_path(self.netns.as_deref())
+            .args(args)
+            .try_output()
+    }
+
+    /// `skiff-agent join` flags for a node that reaches the apiserver at
+    /// `server`: a bootstrap token (one per control plane, made on first
+    /// use) and the CA's hash.
+    pub fn join_args(&self, server: &str) -> Vec<String> {
+        let line = self.join_token.get_or_init(|| {
+            let data_dir = self.dir.path.display().to_string();
+            self.control(&[
+                "token",
+                "create",
+                "--data-dir",
+                &data_dir,
+                "--ttl",
+                "2h",
+                "--description",
+                "test nodes",
+                "--print-join-command",
+            ])
+            .unwrap_or_else(|e| panic!("token create: {e}"))
+        });
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |flag: &str| {
+            words
+                .iter()
+                .position(|w| *w == flag)
+                .and_then(|i| words.get(i + 1))
+                .unwrap_or_else(|| panic!("{flag} missing in {line:?}"))
+                .to_string()
+        };
+        vec![
+            "--server".into(),
+            server.into(),
+            "--token".into(),
+            after("--token"),
+            "--ca-cert-hash".into(),
+            after("--ca-cert-hash"),
+        ]
     }
 
     /// Runs the real kubectl with the admin kubeconfig.
@@ -217,6 +277,44 @@ impl ControlPlane {
             c = c.args(["-H", &format!("Authorization: Bearer {}", t.trim())]);
         }
         c.args(args).try_output()
+    }
+
+    /// A kubeconfig for another user of this apiserver, by bearer token or
+    /// client certificate (PEM).
+    pub fn kubeconfig_as(&self, name: &str, cred: Credential<'_>) -> PathBuf {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let ca = std::fs::read_to_string(self.ca_file()).unwrap_or_else(|e| panic!("CA: {e}"));
+        let user = match cred {
+            Credential::Token(t) => format!("    token: {t}\n"),
+            Credential::Cert { cert, key } => format!(
+                "    client-certificate-data: {}\n    client-key-data: {}\n",
+                b64(cert),
+                b64(key)
+            ),
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n    namespace: default\ncurrent-context: c\nusers:\n- name: u\n  user:\n{user}",
+            self.server,
+            b64(&ca)
+        );
+        let path = self.dir.path.join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        path
+    }
+
+    /// The real kubectl with another kubeconfig.
+    pub fn kubectl_with(
+        &self,
+        kubeconfig: &std::path::Path,
+        args: &[&str],
+    ) -> Result<String, String> {
+        Spawn::new("kubectl")
+            .netns_path(self.netns.as_deref())
+            .env("KUBECONFIG", &kubeconfig.display().to_string())
+            .args(["--request-timeout=20s"])
+            .args(args)
+            .try_output()
     }
 
     /// The port the apiserver listens on.

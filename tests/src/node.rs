@@ -250,8 +250,8 @@ pub struct KubeletNode {
 /// How a node reaches the rest of its cluster.
 pub struct NodeSetup<'a> {
     pub ip: &'a str,
-    pub kubeconfig: &'a Path,
-    pub ca_file: &'a Path,
+    /// `skiff-agent join` flags: server, bootstrap token, CA hash.
+    pub join: &'a [String],
     /// A plain-HTTP registry the kubelet may pull from.
     pub registry: &'a str,
     pub network: NodeNetwork<'a>,
@@ -280,8 +280,7 @@ impl KubeletNode {
             ns,
             &NodeSetup {
                 ip,
-                kubeconfig: &cp.kubeconfig,
-                ca_file: &cp.ca_file(),
+                join: &cp.join_args(&cp.server),
                 registry,
                 network: NodeNetwork::Fixed(subnet),
             },
@@ -314,44 +313,44 @@ impl KubeletNode {
             NodeNetwork::Fixed(_) => "kubelet",
             NodeNetwork::Overlay { .. } => "kubelet,proxy,overlay",
         };
-        let mut args: Vec<String> = [
-            "run",
-            "--roles",
-            roles,
-            "--node-name",
-            &name,
-            "--node-ip",
-            setup.ip,
-            "--kubeconfig",
-            &setup.kubeconfig.display().to_string(),
-            "--containerd",
-            &containerd.socket.display().to_string(),
-            "--root-dir",
-            &dir.path.join("kubelet").display().to_string(),
-            "--pod-log-dir",
-            &dir.path.join("logs").display().to_string(),
-            "--cni-conf-dir",
-            &conf_dir.display().to_string(),
-            "--cni-bin-dir",
-            &bin_dir().display().to_string(),
-            "--cni-bin-dir",
-            "/usr/lib/cni",
-            "--cgroup-parent",
-            &cgroup_parent,
-            "--insecure-registry",
-            setup.registry,
-            "--subnet-file",
-            &subnet_file.display().to_string(),
-            "--node-lease-renew-seconds",
-            "2",
-            "--client-ca-file",
-            &setup.ca_file.display().to_string(),
-            "--kubelet-port",
-            &free_port().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = vec!["join".to_string()];
+        args.extend(setup.join.iter().cloned());
+        args.extend(
+            [
+                "--roles",
+                roles,
+                "--node-name",
+                &name,
+                "--node-ip",
+                setup.ip,
+                "--kubeconfig",
+                &dir.path.join("node/kubeconfig").display().to_string(),
+                "--containerd",
+                &containerd.socket.display().to_string(),
+                "--root-dir",
+                &dir.path.join("kubelet").display().to_string(),
+                "--pod-log-dir",
+                &dir.path.join("logs").display().to_string(),
+                "--cni-conf-dir",
+                &conf_dir.display().to_string(),
+                "--cni-bin-dir",
+                &bin_dir().display().to_string(),
+                "--cni-bin-dir",
+                "/usr/lib/cni",
+                "--cgroup-parent",
+                &cgroup_parent,
+                "--insecure-registry",
+                setup.registry,
+                "--subnet-file",
+                &subnet_file.display().to_string(),
+                "--node-lease-renew-seconds",
+                "2",
+                "--kubelet-port",
+                &free_port().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         let mut pins = None;
         if let NodeNetwork::Overlay { etcd } = setup.network {
             // The proxy translates the connections of this node's pods:

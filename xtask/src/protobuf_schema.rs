@@ -47,6 +47,18 @@ const ROOTS: &[&str] = &[
     "api.apps.v1.ControllerRevision",
     "api.policy.v1.Eviction",
     "api.autoscaling.v1.Scale",
+    "api.rbac.v1.Role",
+    "api.rbac.v1.ClusterRole",
+    "api.rbac.v1.RoleBinding",
+    "api.rbac.v1.ClusterRoleBinding",
+    "api.certificates.v1.CertificateSigningRequest",
+    "api.authorization.v1.SelfSubjectAccessReview",
+    "api.authorization.v1.SelfSubjectRulesReview",
+    "api.authorization.v1.SubjectAccessReview",
+    "api.authorization.v1.LocalSubjectAccessReview",
+    "api.authentication.v1.TokenRequest",
+    "api.authentication.v1.TokenReview",
+    "api.authentication.v1.SelfSubjectReview",
     "apimachinery.pkg.apis.meta.v1.DeleteOptions",
 ];
 

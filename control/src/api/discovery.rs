@@ -95,7 +95,7 @@ pub fn resource_list(group: &str, version: &str) -> Value {
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": VERBS,
+            "verbs": if r.review() { &["create"][..] } else { VERBS },
         });
         if !r.short_names.is_empty() {
             entry["shortNames"] = json!(r.short_names);
@@ -112,6 +112,15 @@ pub fn resource_list(group: &str, version: &str) -> Value {
             s["group"] = json!("autoscaling");
             s["version"] = json!("v1");
             list.push(s);
+        }
+        if r.is("", "serviceaccounts") {
+            let mut t = sub(r, "token", "TokenRequest", &["create"]);
+            t["group"] = json!("authentication.k8s.io");
+            t["version"] = json!("v1");
+            list.push(t);
+        }
+        if r.is("certificates.k8s.io", "certificatesigningrequests") {
+            list.push(sub(r, "approval", r.kind, &["get", "patch", "update"]));
         }
         if r.is("", "pods") {
             list.push(sub(r, "binding", "Binding", &["create"]));

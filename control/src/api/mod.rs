@@ -6,6 +6,7 @@
 //! watch streams; `discovery` the documents clients read before anything
 //! else.
 
+mod access;
 mod discovery;
 mod logs;
 mod objects;
@@ -29,6 +30,9 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::alloc::Cidr;
+use crate::auth::authn::Authenticator;
+use crate::auth::serviceaccount::Tokens;
+use crate::auth::{self, Attributes, Authorizer, Decision, ResourceAttributes, User};
 use crate::resources::{self, Resource};
 use crate::status::ApiError;
 use crate::store::Store;
@@ -41,17 +45,23 @@ pub type Body = BoxBody<Bytes, Infallible>;
 pub struct ApiConfig {
     pub service_cidr: Cidr,
     pub node_ports: (u16, u16),
-    /// Bearer token → user name.
-    pub tokens: HashMap<String, String>,
     /// The address clients are told to use (discovery's serverAddress).
     pub advertise: SocketAddr,
     /// TLS (with the kubelet-client certificate) for `pods/log`.
     pub kubelet_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// Who may do what, and the ServiceAccount token signer.
+pub struct Access {
+    pub authn: Authenticator,
+    pub authz: Authorizer,
+    pub tokens: Arc<Tokens>,
+}
+
 pub struct Api {
     store: Store,
     cfg: ApiConfig,
+    access: Access,
 }
 
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -158,8 +168,8 @@ fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, Api
 }
 
 impl Api {
-    pub fn new(store: Store, cfg: ApiConfig) -> Arc<Self> {
-        Arc::new(Self { store, cfg })
+    pub fn new(store: Store, cfg: ApiConfig, access: Access) -> Arc<Self> {
+        Arc::new(Self { store, cfg, access })
     }
 
     /// Creates `obj` unless an object of that name exists (bootstrap).
@@ -176,6 +186,28 @@ impl Api {
         }
     }
 
+    /// Creates `obj`, or replaces the object of that name (bootstrap
+    /// objects the apiserver keeps current).
+    pub async fn put(
+        &self,
+        r: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        obj: Value,
+    ) -> Result<(), ApiError> {
+        match self
+            .create(r, ns, obj.clone(), objects::Write::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 409 => self
+                .update(r, ns, name, None, obj, objects::Write::default())
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn first_service_ip(&self) -> String {
         self.cfg.service_cidr.first().to_string()
     }
@@ -186,24 +218,99 @@ impl Api {
         }
     }
 
-    fn authenticate(&self, req: &Request<Incoming>) -> Option<&str> {
-        let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-        let token = value.strip_prefix("Bearer ")?.trim();
-        self.cfg.tokens.get(token).map(String::as_str)
+    /// The requester: a valid client certificate, else a bearer token,
+    /// else anonymous. A credential that is given but not valid is a 401.
+    async fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        cert: Option<&Result<User, String>>,
+    ) -> Result<User, ApiError> {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match (cert, bearer) {
+            (Some(Ok(user)), _) => Ok(user.clone()),
+            (_, Some(token)) => self.access.authn.token_user(token).await.map_err(|e| {
+                debug!(error = %e, "bearer token refused");
+                ApiError::unauthorized()
+            }),
+            (Some(Err(e)), None) => {
+                debug!(error = %e, "client certificate refused");
+                Err(ApiError::unauthorized())
+            }
+            (None, None) => Ok(User::anonymous()),
+        }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    /// `user`, or whom it impersonates (`kubectl --as`), if it may.
+    async fn impersonate(&self, req: &Request<Incoming>, user: User) -> Result<User, ApiError> {
+        let values = |h: &str| -> Vec<String> {
+            req.headers()
+                .get_all(h)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(String::from)
+                .collect()
+        };
+        let Some(name) = values("Impersonate-User").into_iter().next() else {
+            return Ok(user);
+        };
+        let groups = values("Impersonate-Group");
+        let mut checks = Vec::new();
+        match auth::serviceaccount::parse_user(&name) {
+            Some((ns, sa)) => checks.push(("serviceaccounts", ns.to_string(), sa.to_string())),
+            None => checks.push(("users", String::new(), name.clone())),
+        }
+        for g in &groups {
+            checks.push(("groups", String::new(), g.clone()));
+        }
+        for (resource, namespace, target) in checks {
+            let attrs = Attributes::Resource(ResourceAttributes {
+                verb: "impersonate".into(),
+                resource: resource.into(),
+                namespace,
+                name: target,
+                ..Default::default()
+            });
+            if let Decision::Deny(why) = self.access.authz.authorize(&user, &attrs, None).await {
+                return Err(auth::forbidden(&user, &attrs, &why));
+            }
+        }
+        let mut as_user = match auth::serviceaccount::parse_user(&name) {
+            Some((ns, sa)) if groups.is_empty() => {
+                auth::serviceaccount::service_account_user(ns, sa)
+            }
+            _ => User::authenticated(name.clone(), groups),
+        };
+        if name == auth::ANONYMOUS {
+            as_user.groups.retain(|g| g != auth::AUTHENTICATED);
+        }
+        Ok(as_user)
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        cert: Option<&Result<User, String>>,
+    ) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         if matches!(segs.first(), Some(&("healthz" | "livez" | "readyz"))) {
             return full(StatusCode::OK, "text/plain", "ok");
         }
-        let Some(user) = self.authenticate(&req).map(String::from) else {
-            debug!(%method, %path, "unauthenticated request refused");
-            return error_response(&ApiError::unauthorized());
+        let user = match self.authenticate(&req, cert).await {
+            Ok(u) => u,
+            Err(e) => return error_response(&e),
         };
-        let resp = match self.route(req, &segs).await {
+        let user = match self.impersonate(&req, user).await {
+            Ok(u) => u,
+            Err(e) => return error_response(&e),
+        };
+        let resp = match self.route(req, &segs, &user).await {
             Ok(r) => r,
             Err(e) => {
                 if e.code >= 500 {
@@ -212,16 +319,38 @@ impl Api {
                 error_response(&e)
             }
         };
-        debug!(%user, %method, %path, code = resp.status().as_u16(), "request");
+        debug!(user = %user.name, %method, %path, code = resp.status().as_u16(), "request");
         resp
+    }
+
+    /// 403 unless `user` may do `attrs`.
+    pub(crate) async fn authorize(
+        &self,
+        user: &User,
+        attrs: &Attributes,
+        body: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        match self.access.authz.authorize(user, attrs, body).await {
+            Decision::Allow => Ok(()),
+            Decision::Deny(why) => Err(auth::forbidden(user, attrs, &why)),
+        }
     }
 
     async fn route(
         &self,
         req: Request<Incoming>,
         segs: &[&str],
+        user: &User,
     ) -> Result<Response<Body>, ApiError> {
         let get = req.method() == Method::GET;
+        let resource_path = matches!(segs, ["api", "v1", _, ..] | ["apis", _, _, _, ..]);
+        if !resource_path {
+            let attrs = Attributes::NonResource {
+                verb: req.method().as_str().to_ascii_lowercase(),
+                path: req.uri().path().to_string(),
+            };
+            self.authorize(user, &attrs, None).await?;
+        }
         match segs {
             [] if get => Ok(json_response(200, &discovery::root_paths())),
             ["version"] if get => Ok(json_response(200, &discovery::version())),
@@ -244,11 +373,11 @@ impl Api {
             }
             ["api", "v1", rest @ ..] => {
                 let t = parse_target("", "v1", rest)?;
-                self.resource_request(req, t).await
+                self.resource_request(req, t, user).await
             }
             ["apis", g, v, rest @ ..] => {
                 let t = parse_target(g, v, rest)?;
-                self.resource_request(req, t).await
+                self.resource_request(req, t, user).await
             }
             _ => Err(ApiError::path_not_found(&segs.join("/"))),
         }
@@ -258,6 +387,7 @@ impl Api {
         &self,
         req: Request<Incoming>,
         t: Target,
+        user: &User,
     ) -> Result<Response<Body>, ApiError> {
         let q = query(req.uri());
         let accept = req
@@ -282,9 +412,29 @@ impl Api {
         let parse = |body: &[u8]| parse_body(&content_type, body);
         let r = t.resource;
         let ns = t.namespace.as_deref();
+        let watching = q.get("watch").is_some_and(|v| v == "true" || v == "1");
+        let attrs = Attributes::Resource(ResourceAttributes {
+            verb: auth::verb(&method, t.name.is_some(), watching).to_string(),
+            group: r.group.to_string(),
+            resource: r.plural.to_string(),
+            subresource: t.sub.clone().unwrap_or_default(),
+            namespace: t.namespace.clone().unwrap_or_default(),
+            name: t.name.clone().unwrap_or_default(),
+        });
+        let posted = if method == Method::POST && !body.is_empty() {
+            parse(&body).ok()
+        } else {
+            None
+        };
+        self.authorize(user, &attrs, posted.as_ref()).await?;
+        if let Some(resp) = self
+            .access_request(&t, &method, posted.as_ref(), user, w)
+            .await?
+        {
+            return Ok(resp);
+        }
         match (&method, t.name.as_deref(), t.sub.as_deref()) {
             (&Method::GET, None, None) => {
-                let watching = q.get("watch").is_some_and(|v| v == "true" || v == "1");
                 if watching {
                     self.watch(r, ns, &q, as_table).await
                 } else {
@@ -427,9 +577,19 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, api: A
                     return;
                 }
             };
+            let cert: Option<Arc<Result<User, String>>> =
+                stream.get_ref().1.peer_certificates().map(|chain| {
+                    Arc::new(
+                        api.access
+                            .authn
+                            .certificate_user(chain)
+                            .map_err(|e| e.to_string()),
+                    )
+                });
             let svc = hyper::service::service_fn(move |req| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(api.handle(req).await) }
+                let cert = cert.clone();
+                async move { Ok::<_, Infallible>(api.handle(req, cert.as_deref()).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
@@ -439,7 +599,6 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, api: A
     }
 }
 
-/// The rustls server configuration for the serving certificate.
 /// A PEM certificate chain and its key, for rustls; `what` names them in
 /// errors.
 pub(crate) fn cert_and_key(
@@ -463,13 +622,19 @@ pub(crate) fn cert_and_key(
     Ok((certs, key))
 }
 
-pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+/// The serving configuration: the serving certificate, and client
+/// certificates asked for (judged by `access`'s authenticator).
+pub fn tls_config(
+    cert_pem: &str,
+    key_pem: &str,
+    client_certs: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let (certs, key) = cert_and_key(cert_pem, key_pem, "serving")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_certs)
         .with_single_cert(certs, key)
         .map_err(|e| e.to_string())?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -269,6 +269,9 @@ impl Api {
         match sub {
             None => Ok(obj),
             Some("status") if r.status => Ok(obj),
+            Some("approval") if r.is("certificates.k8s.io", "certificatesigningrequests") => {
+                Ok(obj)
+            }
             Some("scale") if r.scale => Ok(scale_of(&obj)),
             _ => Err(ApiError::path_not_found(&format!(
                 "{}/{name}/{}",
@@ -588,6 +591,15 @@ impl Api {
             Some("status") if r.status => {
                 let mut new = cur.clone();
                 new["status"] = incoming.get("status").cloned().unwrap_or(json!({}));
+                new
+            }
+            Some("approval") if r.is("certificates.k8s.io", "certificatesigningrequests") => {
+                // Approval changes the conditions and nothing else.
+                let mut new = cur.clone();
+                new["status"]["conditions"] = incoming
+                    .pointer("/status/conditions")
+                    .cloned()
+                    .unwrap_or(json!([]));
                 new
             }
             Some("scale") if r.scale => {

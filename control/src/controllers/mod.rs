@@ -4,6 +4,7 @@
 //! kind changes (bursts coalesced) and on a resync period, so a missed or
 //! failed step is retried, never assumed done.
 
+pub mod certificates;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
@@ -28,22 +29,27 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     pub node_grace: Duration,
     pub eviction_timeout: Duration,
+    /// The cluster CA: signs approved client certificates, and its
+    /// certificate is published in every namespace (`kube-root-ca.crt`).
+    pub signer: Option<Arc<certificates::Signer>>,
 }
 
 /// Starts every controller.
 pub fn spawn_all(client: Client, settings: Settings) -> Vec<JoinHandle<()>> {
+    let ca_pem = settings.signer.as_ref().map(|s| s.ca_cert_pem.clone());
     vec![
+        tokio::spawn(certificates::run(client.clone(), settings.signer.clone())),
         tokio::spawn(replicaset::run(client.clone())),
         tokio::spawn(deployment::run(client.clone())),
         tokio::spawn(daemonset::run(client.clone())),
         tokio::spawn(endpointslice::run(client.clone())),
         tokio::spawn(gc::run(client.clone())),
-        tokio::spawn(nodelifecycle::run(client.clone(), settings)),
-        tokio::spawn(serviceaccount::run(client)),
+        tokio::spawn(nodelifecycle::run(client.clone(), settings.clone())),
+        tokio::spawn(serviceaccount::run(client, ca_pem)),
     ]
 }
 
@@ -53,11 +59,35 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
+    reflect_with(api, watcher::Config::default(), notify)
+}
+
+/// As [`reflect`], for the objects called `name` only (in every namespace).
+pub(crate) fn reflect_named<K>(
+    api: Api<K>,
+    name: &str,
+    notify: Arc<Notify>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    reflect_with(api, config, notify)
+}
+
+fn reflect_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
     let (reader, writer) = reflector::store();
     let task = tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer);
+        let stream = watcher(api, config).default_backoff().reflect(writer);
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             match ev {

@@ -111,7 +111,9 @@ fn package(api_version: &str) -> String {
     let short = match group {
         "" => "core",
         "meta.k8s.io" => return format!("apimachinery.pkg.apis.meta.{version}"),
-        g => g.strip_suffix(".k8s.io").unwrap_or(g),
+        // The package is the group's first label: `rbac` for
+        // rbac.authorization.k8s.io, `coordination` for coordination.k8s.io.
+        g => g.split('.').next().unwrap_or(g),
     };
     format!("api.{short}.{version}")
 }

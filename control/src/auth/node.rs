@@ -1,0 +1,290 @@
+//! The Node authorizer with NodeRestriction's limits: what a node's
+//! credential (`system:node:<name>` in `system:nodes`) may do.
+//!
+//! A node reads what its kubelet, service proxy and overlay read: nodes,
+//! pods, services, endpoints and slices, and the ConfigMaps, Secrets and
+//! ServiceAccounts of pods bound to it. It writes only its own Node and
+//! Lease, the status of pods bound to it (and their final deletion),
+//! Events, its certificate requests, and tokens for pods bound to it.
+
+use serde_json::Value;
+
+use super::{Decision, ResourceAttributes};
+use crate::resources;
+use crate::store::Store;
+
+const READ: &[&str] = &["get", "list", "watch"];
+
+fn deny(reason: impl Into<String>) -> Decision {
+    Decision::Deny(reason.into())
+}
+
+/// A stored object, or None.
+async fn stored(
+    store: &Store,
+    group: &str,
+    plural: &str,
+    ns: &str,
+    name: &str,
+) -> Result<Option<Value>, String> {
+    let r = resources::find(group, "v1", plural).ok_or_else(|| format!("no {plural}"))?;
+    let ns = (!ns.is_empty()).then_some(ns);
+    let item = store
+        .get(&r.key(ns, name))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(item.and_then(|i| serde_json::from_slice(&i.value).ok()))
+}
+
+fn bound_to(pod: &Value, node: &str) -> bool {
+    pod.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node)
+}
+
+/// Whether `pod` uses the ConfigMap, Secret or ServiceAccount `name`.
+fn references(pod: &Value, plural: &str, name: &str) -> bool {
+    let spec = &pod["spec"];
+    if plural == "serviceaccounts" {
+        let sa = spec
+            .get("serviceAccountName")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        return sa == name;
+    }
+    let (volume_key, env_key, from_key) = match plural {
+        "configmaps" => ("configMap", "configMapKeyRef", "configMapRef"),
+        "secrets" => ("secret", "secretKeyRef", "secretRef"),
+        _ => return false,
+    };
+    let name_field = if plural == "secrets" {
+        "secretName"
+    } else {
+        "name"
+    };
+    let named = |v: Option<&Value>, field: &str| {
+        v.and_then(|x| x.get(field)).and_then(Value::as_str) == Some(name)
+    };
+    let volumes = spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    for v in volumes {
+        if named(v.get(volume_key), name_field) {
+            return true;
+        }
+        let sources = v
+            .pointer("/projected/sources")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten();
+        for s in sources {
+            if named(s.get(volume_key), "name") {
+                return true;
+            }
+        }
+    }
+    if plural == "secrets"
+        && spec
+            .get("imagePullSecrets")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|s| named(Some(s), "name"))
+    {
+        return true;
+    }
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec.get(*k).and_then(Value::as_array).into_iter().flatten())
+        .any(|c| {
+            let env = c.get("env").and_then(Value::as_array).into_iter().flatten();
+            let from = c
+                .get("envFrom")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten();
+            env.into_iter()
+                .any(|e| named(e.pointer("/valueFrom").and_then(|f| f.get(env_key)), "name"))
+                || from.into_iter().any(|f| named(f.get(from_key), "name"))
+        })
+}
+
+/// Whether some pod bound to `node` in `ns` references `plural/name`.
+async fn used_by_a_pod_on(
+    store: &Store,
+    node: &str,
+    ns: &str,
+    plural: &str,
+    name: &str,
+) -> Result<bool, String> {
+    let pods = resources::find("", "v1", "pods").ok_or("no pods")?;
+    let (items, _) = store
+        .list(&pods.prefix(Some(ns)), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(items.iter().any(|i| {
+        serde_json::from_slice::<Value>(&i.value)
+            .is_ok_and(|p| bound_to(&p, node) && references(&p, plural, name))
+    }))
+}
+
+/// The decision for node `node`. `body` is the request's object for a
+/// create (its name, a TokenRequest's bound pod).
+pub async fn authorize(
+    store: &Store,
+    node: &str,
+    a: &ResourceAttributes,
+    body: Option<&Value>,
+) -> Decision {
+    match decide(store, node, a, body).await {
+        Ok(d) => d,
+        Err(e) => deny(format!("the node authorizer could not decide: {e}")),
+    }
+}
+
+async fn decide(
+    store: &Store,
+    node: &str,
+    a: &ResourceAttributes,
+    body: Option<&Value>,
+) -> Result<Decision, String> {
+    let verb = a.verb.as_str();
+    let reading = READ.contains(&verb);
+    let own = |name: &str| name == node;
+    let body_name = body
+        .and_then(|b| b.pointer("/metadata/name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let sub = a.subresource.as_str();
+    Ok(match (a.group.as_str(), a.resource.as_str()) {
+        ("", "nodes") if reading => Decision::Allow,
+        ("", "nodes") => {
+            let target = if verb == "create" { body_name } else { &a.name };
+            if !matches!(sub, "" | "status") {
+                deny(format!("a node may not use nodes/{sub}"))
+            } else if verb == "deletecollection" || !own(target) {
+                deny(format!("node {node:?} may only modify its own Node"))
+            } else {
+                Decision::Allow
+            }
+        }
+        ("", "pods") if reading && matches!(sub, "" | "status") => Decision::Allow,
+        ("", "pods") if matches!(verb, "update" | "patch") && sub == "status" => {
+            match stored(store, "", "pods", &a.namespace, &a.name).await? {
+                Some(p) if bound_to(&p, node) => Decision::Allow,
+                Some(_) => deny(format!(
+                    "node {node:?} may only change the status of pods bound to it"
+                )),
+                None => Decision::Allow, // the update answers 404
+            }
+        }
+        ("", "pods") if verb == "delete" && sub.is_empty() => {
+            match stored(store, "", "pods", &a.namespace, &a.name).await? {
+                Some(p) if bound_to(&p, node) => Decision::Allow,
+                Some(_) => deny(format!("node {node:?} may only delete pods bound to it")),
+                None => Decision::Allow,
+            }
+        }
+        ("", "pods") => deny(format!(
+            "a node may read pods and write the status of its own, not {verb} {}",
+            a.resource_path()
+        )),
+        ("", "services" | "endpoints") | ("discovery.k8s.io", "endpointslices")
+            if reading && sub.is_empty() =>
+        {
+            Decision::Allow
+        }
+        ("", plural @ ("configmaps" | "secrets" | "serviceaccounts"))
+            if verb == "get" && sub.is_empty() =>
+        {
+            if used_by_a_pod_on(store, node, &a.namespace, plural, &a.name).await? {
+                Decision::Allow
+            } else {
+                deny(format!(
+                    "no relationship found between node {node:?} and this object"
+                ))
+            }
+        }
+        ("", "serviceaccounts") if verb == "create" && sub == "token" => {
+            let pod = body
+                .and_then(|b| b.pointer("/spec/boundObjectRef"))
+                .filter(|r| r.get("kind").and_then(Value::as_str) == Some("Pod"))
+                .and_then(|r| r.get("name"))
+                .and_then(Value::as_str);
+            let Some(pod) = pod else {
+                return Ok(deny("a node may only request tokens bound to a pod"));
+            };
+            match stored(store, "", "pods", &a.namespace, pod).await? {
+                Some(p) if bound_to(&p, node) && references(&p, "serviceaccounts", &a.name) => {
+                    Decision::Allow
+                }
+                _ => deny(format!(
+                    "pod {pod:?} is not bound to node {node:?} or does not use this serviceaccount"
+                )),
+            }
+        }
+        ("coordination.k8s.io", "leases") => {
+            let target = if verb == "create" { body_name } else { &a.name };
+            if a.namespace == "kube-node-lease"
+                && own(target)
+                && sub.is_empty()
+                && matches!(verb, "get" | "create" | "update" | "patch" | "delete")
+            {
+                Decision::Allow
+            } else {
+                deny(format!(
+                    "node {node:?} may only use its own Lease in kube-node-lease"
+                ))
+            }
+        }
+        ("" | "events.k8s.io", "events")
+            if matches!(verb, "create" | "update" | "patch") && sub.is_empty() =>
+        {
+            Decision::Allow
+        }
+        ("certificates.k8s.io", "certificatesigningrequests")
+            if matches!(verb, "create" | "get" | "list" | "watch") && sub.is_empty() =>
+        {
+            Decision::Allow
+        }
+        _ => deny(""),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pods_reference_their_config() {
+        let pod = json!({"spec": {
+            "serviceAccountName": "builder",
+            "volumes": [
+                {"name": "a", "configMap": {"name": "cm1"}},
+                {"name": "b", "secret": {"secretName": "s1"}},
+                {"name": "c", "projected": {"sources": [{"configMap": {"name": "kube-root-ca.crt"}}]}},
+            ],
+            "containers": [{"name": "x", "env": [{"name": "E", "valueFrom": {"secretKeyRef": {"name": "s2", "key": "k"}}}],
+                            "envFrom": [{"configMapRef": {"name": "cm2"}}]}],
+        }});
+        for (plural, name) in [
+            ("configmaps", "cm1"),
+            ("configmaps", "cm2"),
+            ("configmaps", "kube-root-ca.crt"),
+            ("secrets", "s1"),
+            ("secrets", "s2"),
+            ("serviceaccounts", "builder"),
+        ] {
+            assert!(references(&pod, plural, name), "{plural}/{name}");
+        }
+        assert!(!references(&pod, "secrets", "cm1"));
+        assert!(!references(&pod, "serviceaccounts", "default"));
+        assert!(references(
+            &json!({"spec": {}}),
+            "serviceaccounts",
+            "default"
+        ));
+    }
+}
