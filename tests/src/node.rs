@@ -365,6 +365,9 @@ impl KubeletNode {
                     etcd,
                     "--iface",
                     "eth0",
+                    // As Flannel is deployed: pod traffic that leaves the
+                    // pod network (to the apiserver's host) is masqueraded.
+                    "--ip-masq",
                     "--cgroup",
                     &cgroup.display().to_string(),
                     "--bpffs",

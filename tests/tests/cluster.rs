@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use skiff_tests::cluster::{Cluster, web_app};
+use skiff_tests::wait_for;
 
 #[test]
 fn pods_spread_over_three_nodes_answer_by_cluster_ip_and_pod_ip_across_the_overlay() {
@@ -533,5 +534,105 @@ fn a_lost_node_has_its_pods_replaced_and_comes_back_clean() {
             );
             (left.is_empty() && c.nodes[lost].containerd.containers().is_empty()).then_some(())
         },
+    );
+}
+
+/// A pod's own credential: the ServiceAccount volume (token, CA,
+/// namespace) and the `KUBERNETES_SERVICE_*` variables give a kube-rs
+/// client in the pod in-cluster config; it reaches the apiserver through
+/// the `kubernetes` ClusterIP and may do what RBAC grants its account.
+#[test]
+fn a_pod_talks_to_the_apiserver_as_its_service_account() {
+    let c = Cluster::start(2);
+    let node = c.nodes[1].name.clone();
+    c.cp.kubectl_ok(&["create", "namespace", "apps"]);
+    c.cp.kubectl_ok(&["create", "serviceaccount", "lister", "-n", "apps"]);
+    c.cp.kubectl_ok(&[
+        "create",
+        "role",
+        "pod-reader",
+        "--verb=get,list",
+        "--resource=pods",
+        "-n",
+        "apps",
+    ]);
+    c.cp.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "lister-reads",
+        "--role=pod-reader",
+        "--serviceaccount=apps:lister",
+        "-n",
+        "apps",
+    ]);
+    let pod = |name: &str, sa: &str, command: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: apps}}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: {command}\n",
+            image = c.probe
+        )
+    };
+    let finished = |name: &str| {
+        wait_for(
+            &format!("pod {name} to finish"),
+            Duration::from_secs(120),
+            || {
+                let phase =
+                    c.cp.jsonpath(&["pod", name, "-n", "apps"], "{.status.phase}");
+                (phase == "Succeeded" || phase == "Failed").then_some(phase)
+            },
+        )
+    };
+    c.cp.apply(&pod("whoami", "lister", "[/skiff-probe, in-cluster]"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let phase = finished("whoami");
+    let log =
+        c.cp.kubectl(&["logs", "whoami", "-n", "apps"])
+            .unwrap_or_default();
+    assert_eq!(phase, "Succeeded", "{log}");
+    let out: serde_json::Value =
+        serde_json::from_str(log.trim()).unwrap_or_else(|e| panic!("{e}: {log}"));
+    assert_eq!(out["user"], "system:serviceaccount:apps:lister", "{out}");
+    assert_eq!(out["namespace"], "apps");
+    assert!(
+        out["pods"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|n| n == "whoami")),
+        "{out}"
+    );
+    // The volume the apiserver added and the kubelet filled.
+    let mounts = c.cp.jsonpath(
+        &["pod", "whoami", "-n", "apps"],
+        "{.spec.containers[0].volumeMounts[0].mountPath}",
+    );
+    assert_eq!(mounts, "/var/run/secrets/kubernetes.io/serviceaccount");
+
+    // The default account may not list pods: the pod sees the 403.
+    c.cp.apply(&pod("nobody", "default", "[/skiff-probe, in-cluster]"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(finished("nobody"), "Failed");
+    let log =
+        c.cp.kubectl(&["logs", "nobody", "-n", "apps"])
+            .unwrap_or_default();
+    assert!(
+        log.contains("listing pods") && log.contains("forbidden"),
+        "{log}"
+    );
+
+    // automountServiceAccountToken: false leaves the pod without one.
+    c.cp.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: plain, namespace: apps}}\nspec:\n  nodeName: {node}\n  automountServiceAccountToken: false\n  containers:\n  - {{name: main, image: {}, command: [sleep, '1']}}\n",
+        c.busybox
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let volumes =
+        c.cp.jsonpath(&["pod", "plain", "-n", "apps"], "{.spec.volumes}");
+    assert_eq!(volumes, "", "no volume was added");
+    let err =
+        c.cp.apply(&pod("ghost", "missing", "[sleep, '1']"))
+            .err()
+            .unwrap_or_default();
+    assert!(
+        err.contains("serviceaccount \"missing\" not found"),
+        "{err}"
     );
 }

@@ -132,6 +132,7 @@ pub async fn run(
         cgroup_parent: cfg.cgroup_parent.clone(),
         node_name: cfg.node_name.clone(),
         node_ip: cfg.node_ip.to_string(),
+        tokens: Default::default(),
     });
     // containerd answers a subscription only with its first event, so the
     // stream is read on a task of its own, resubscribing if it ends.

@@ -33,6 +33,8 @@ pub struct Shared {
     pub cgroup_parent: String,
     pub node_name: String,
     pub node_ip: String,
+    /// Tokens for the pods' projected ServiceAccount volumes.
+    pub tokens: super::volumes::TokenCache,
 }
 
 pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
@@ -403,6 +405,15 @@ impl Worker {
         self.refresh_volumes().await;
     }
 
+    /// Where the pod's volumes and environment are read from.
+    fn sources(&self) -> super::volumes::Sources<'_> {
+        super::volumes::Sources {
+            client: &self.shared.client,
+            namespace: self.namespace(),
+            tokens: &self.shared.tokens,
+        }
+    }
+
     fn has_api_volumes(&self) -> bool {
         self.pod
             .spec
@@ -434,11 +445,7 @@ impl Worker {
             return;
         }
         self.volumes_synced = Some(Instant::now());
-        let src = super::volumes::Sources {
-            client: &self.shared.client,
-            namespace: self.namespace(),
-        };
-        match super::volumes::prepare(&src, &self.pod, &self.dir()).await {
+        match super::volumes::prepare(&self.sources(), &self.pod, &self.dir()).await {
             Ok(true) => info!(pod = %self.name(), "volumes updated"),
             Ok(false) => {}
             Err(e) => warn!(pod = %self.name(), error = %e, "refreshing volumes"),
@@ -746,10 +753,7 @@ impl Worker {
             })
             .collect();
         let configured = async {
-            let src = super::volumes::Sources {
-                client: &self.shared.client,
-                namespace: self.namespace(),
-            };
+            let src = self.sources();
             super::volumes::prepare(&src, &self.pod, &self.dir()).await?;
             let env = super::volumes::environment(&src, &self.pod, c, image_env).await?;
             let mounts = super::volumes::mounts(&self.pod, c, &self.dir())?;
@@ -946,6 +950,7 @@ impl Worker {
             self.namespace().to_string(),
             self.name().to_string(),
         );
+        self.shared.tokens.forget_pod(&uid);
         let torn = tokio::task::spawn_blocking(move || {
             let pod = PodRef {
                 namespace: &ns,

@@ -25,9 +25,154 @@ pub struct ConfigError(pub String);
 pub struct Sources<'a> {
     pub client: &'a kube::Client,
     pub namespace: &'a str,
+    pub tokens: &'a TokenCache,
+}
+
+/// ServiceAccount tokens the kubelet holds for its pods' projected
+/// volumes: one per (pod, account, audience, lifetime), asked for again
+/// once 80 % of its life has passed, as upstream's token manager does.
+#[derive(Default)]
+pub struct TokenCache(std::sync::Mutex<BTreeMap<TokenKey, CachedToken>>);
+
+type TokenKey = (String, String, String, i64);
+
+struct CachedToken {
+    token: String,
+    refresh_at: std::time::Instant,
+    expires_at: std::time::Instant,
+}
+
+/// Asked for every volume resync: a token this much older than its refresh
+/// time is never used.
+const TOKEN_REFRESH_SHARE: f64 = 0.8;
+
+impl TokenCache {
+    fn get(&self, key: &TokenKey) -> Option<String> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key)
+            .filter(|c| std::time::Instant::now() < c.refresh_at)
+            .map(|c| c.token.clone())
+    }
+
+    fn put(&self, key: TokenKey, token: String, lifetime: std::time::Duration) {
+        let now = std::time::Instant::now();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, c| c.expires_at > now);
+        map.insert(
+            key,
+            CachedToken {
+                token,
+                refresh_at: now + lifetime.mul_f64(TOKEN_REFRESH_SHARE),
+                expires_at: now + lifetime,
+            },
+        );
+    }
+
+    /// Forgets the tokens of a pod that is gone.
+    pub fn forget_pod(&self, uid: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|k, _| k.0 != uid);
+    }
 }
 
 impl Sources<'_> {
+    /// The `KUBERNETES_SERVICE_*` and `KUBERNETES_PORT*` variables every
+    /// container gets, from the `kubernetes` Service (in-cluster clients
+    /// find the apiserver by them); none if it cannot be read.
+    async fn apiserver_env(&self) -> Vec<(String, String)> {
+        use k8s_openapi::api::core::v1::Service;
+        let api: Api<Service> = Api::namespaced(self.client.clone(), "default");
+        let svc = match api.get("kubernetes").await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "no kubernetes Service for the containers' environment");
+                return Vec::new();
+            }
+        };
+        let spec = svc.spec.unwrap_or_default();
+        let Some(ip) = spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None") else {
+            return Vec::new();
+        };
+        let port = spec
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("https"))
+            .or_else(|| spec.ports.iter().flatten().next())
+            .map(|p| p.port)
+            .unwrap_or(443);
+        let url = format!("tcp://{ip}:{port}");
+        vec![
+            ("KUBERNETES_SERVICE_HOST".into(), ip.clone()),
+            ("KUBERNETES_SERVICE_PORT".into(), port.to_string()),
+            ("KUBERNETES_SERVICE_PORT_HTTPS".into(), port.to_string()),
+            ("KUBERNETES_PORT".into(), url.clone()),
+            (format!("KUBERNETES_PORT_{port}_TCP"), url),
+            (format!("KUBERNETES_PORT_{port}_TCP_PROTO"), "tcp".into()),
+            (format!("KUBERNETES_PORT_{port}_TCP_PORT"), port.to_string()),
+            (format!("KUBERNETES_PORT_{port}_TCP_ADDR"), ip),
+        ]
+    }
+
+    /// A token of the pod's ServiceAccount bound to the pod (TokenRequest).
+    async fn service_account_token(
+        &self,
+        pod: &Pod,
+        audience: Option<&str>,
+        seconds: i64,
+    ) -> Result<String, ConfigError> {
+        use k8s_openapi::api::authentication::v1::{
+            BoundObjectReference, TokenRequest, TokenRequestSpec,
+        };
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let key = (
+            uid.clone(),
+            sa.clone(),
+            audience.unwrap_or_default().to_string(),
+            seconds,
+        );
+        if let Some(t) = self.tokens.get(&key) {
+            return Ok(t);
+        }
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: audience.map(|a| vec![a.to_string()]),
+                expiration_seconds: Some(seconds),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: Some(uid),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), self.namespace);
+        let issued: TokenRequest = api
+            .create_subresource("token", &sa, &Default::default(), &request)
+            .await
+            .map_err(|e| {
+                ConfigError(format!("requesting a token for serviceaccount {sa:?}: {e}"))
+            })?;
+        let token = issued.status.and_then(|s| s.token).unwrap_or_default();
+        if token.is_empty() {
+            return Err(ConfigError(format!(
+                "the token request for serviceaccount {sa:?} returned no token"
+            )));
+        }
+        let lifetime = std::time::Duration::from_secs(seconds.max(1) as u64);
+        self.tokens.put(key, token.clone(), lifetime);
+        Ok(token)
+    }
+
     async fn config_map(&self, name: &str) -> Result<Option<ConfigMap>, ConfigError> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
         api.get_opt(name)
@@ -189,6 +334,9 @@ pub async fn environment(
         env.retain(|(name, _)| *name != k);
         env.push((k, v));
     };
+    for (k, v) in src.apiserver_env().await {
+        set(&mut env, k, v);
+    }
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let data = if let Some(r) = &from.config_map_ref {
@@ -374,6 +522,16 @@ pub async fn files(src: &Sources<'_>, pod: &Pod, v: &Volume) -> Result<Option<Fi
                     d.items.as_deref().unwrap_or_default(),
                     default,
                 )?);
+            }
+            if let Some(t) = &s.service_account_token {
+                let token = src
+                    .service_account_token(
+                        pod,
+                        t.audience.as_deref().filter(|a| !a.is_empty()),
+                        t.expiration_seconds.unwrap_or(3600),
+                    )
+                    .await?;
+                out.insert(t.path.clone(), (token.into_bytes(), default));
             }
         }
         return Ok(Some(out));

@@ -80,7 +80,112 @@ fn rules_json(rules: &[crate::auth::rbac::Rule]) -> (Vec<Value>, Vec<Value>) {
     (resource, non_resource)
 }
 
+/// Where the ServiceAccount volume is mounted in every container.
+pub const SA_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The token lifetime of the admitted volume (upstream's 3607 s: an hour
+/// and a little, so that kubelets refresh it well before it ends).
+const SA_TOKEN_SECONDS: i64 = 3607;
+
 impl Api {
+    /// ServiceAccount admission for a new pod: the account defaults to
+    /// `default`, a named account must exist, and unless automounting is
+    /// off (on the pod or its account) every container gets the
+    /// `kube-api-access-*` projected volume: a bound token, the cluster CA
+    /// (`kube-root-ca.crt`) and the namespace, at the standard path.
+    pub(super) async fn admit_service_account(
+        &self,
+        ns: &str,
+        pod: &mut Value,
+    ) -> Result<(), ApiError> {
+        let spec = &mut pod["spec"];
+        if !spec.is_object() {
+            return Ok(());
+        }
+        let name = [spec.get("serviceAccountName"), spec.get("serviceAccount")]
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .find(|s| !s.is_empty())
+            .unwrap_or("default")
+            .to_string();
+        spec["serviceAccountName"] = json!(name);
+        spec["serviceAccount"] = json!(name);
+        let sa_res = resources::find("", "v1", "serviceaccounts")
+            .ok_or_else(|| ApiError::internal("no serviceaccounts resource"))?;
+        let sa = match self.read(sa_res, Some(ns), &name).await {
+            Ok((sa, _)) => Some(sa),
+            // `default` appears with its namespace; the kubelet waits for it.
+            Err(e) if e.code == 404 && name == "default" => None,
+            Err(e) if e.code == 404 => {
+                let pod_name = str_at(pod, "/metadata/name");
+                return Err(ApiError::forbidden(
+                    "",
+                    "pods",
+                    pod_name,
+                    &format!(
+                        "error looking up service account {ns}/{name}: serviceaccount \"{name}\" not found"
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let spec = &mut pod["spec"];
+        let automount = spec
+            .get("automountServiceAccountToken")
+            .and_then(Value::as_bool)
+            .or_else(|| {
+                sa.as_ref()
+                    .and_then(|s| s.get("automountServiceAccountToken"))
+                    .and_then(Value::as_bool)
+            })
+            .unwrap_or(true);
+        if !automount {
+            return Ok(());
+        }
+        let mounted = |c: &Value| {
+            c.get("volumeMounts")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|m| str_at(m, "/mountPath") == SA_MOUNT)
+        };
+        let volume = format!("kube-api-access-{}", super::objects::random_suffix(5));
+        let mut used = false;
+        for list in ["initContainers", "containers"] {
+            for c in spec
+                .get_mut(list)
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if !c.is_object() || mounted(c) {
+                    continue;
+                }
+                if !c.get("volumeMounts").is_some_and(Value::is_array) {
+                    c["volumeMounts"] = json!([]);
+                }
+                if let Some(mounts) = c["volumeMounts"].as_array_mut() {
+                    mounts.push(json!({"name": volume, "readOnly": true, "mountPath": SA_MOUNT}));
+                    used = true;
+                }
+            }
+        }
+        if !used {
+            return Ok(());
+        }
+        if !spec.get("volumes").is_some_and(Value::is_array) {
+            spec["volumes"] = json!([]);
+        }
+        if let Some(vols) = spec["volumes"].as_array_mut() {
+            vols.push(json!({"name": volume, "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": SA_TOKEN_SECONDS, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+            ]}}));
+        }
+        Ok(())
+    }
+
     /// Answers the requests this module owns; None for every other.
     pub(super) async fn access_request(
         &self,

@@ -24,7 +24,7 @@ pub(crate) fn now() -> String {
     Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-fn random_suffix(n: usize) -> String {
+pub(crate) fn random_suffix(n: usize) -> String {
     // The upstream alphabet: no vowels (no words), no look-alike characters.
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut buf = vec![0u8; n];
@@ -509,6 +509,10 @@ impl Api {
             "Pod" | "Service" | "Deployment" | "ReplicaSet" | "DaemonSet"
         ) {
             obj["status"] = json!({});
+        }
+        if r.is("", "pods") {
+            self.admit_service_account(ns.unwrap_or_default(), obj)
+                .await?;
         }
         let mut decoded = decode_checked(r, obj, strict)?;
         validate::default(r, &mut decoded);

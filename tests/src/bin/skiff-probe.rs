@@ -10,6 +10,7 @@
 //! skiff-probe tcp ADDR COUNT             skiff-probe udp ADDR COUNT
 //! skiff-probe session ADDR               (one connection; a request per stdin line)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
+//! skiff-probe in-cluster                 (kube-rs from inside a pod: who am I, my namespace's pods)
 //! ```
 
 use std::collections::BTreeMap;
@@ -271,6 +272,52 @@ fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
     Ok(())
 }
 
+/// What a pod's kube-rs client sees with in-cluster config (the
+/// ServiceAccount volume and the `KUBERNETES_SERVICE_*` variables).
+#[derive(Serialize)]
+struct InCluster {
+    user: String,
+    namespace: String,
+    pods: Vec<String>,
+}
+
+fn in_cluster() -> Result<()> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    use k8s_openapi::api::core::v1::Pod;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let config = kube::Config::incluster().context("in-cluster config")?;
+        let namespace = config.default_namespace.clone();
+        let client = kube::Client::try_from(config)?;
+        let review: SelfSubjectReview = kube::Api::all(client.clone())
+            .create(&Default::default(), &SelfSubjectReview::default())
+            .await
+            .context("whoami")?;
+        let user = review
+            .status
+            .and_then(|s| s.user_info)
+            .and_then(|u| u.username)
+            .unwrap_or_default();
+        let pods = kube::Api::<Pod>::namespaced(client, &namespace)
+            .list(&Default::default())
+            .await
+            .context("listing pods")?
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        let out = InCluster {
+            user,
+            namespace,
+            pods,
+        };
+        println!("{}", serde_json::to_string(&out)?);
+        Ok(())
+    })
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = arg(&args, 0, "command")?;
@@ -297,6 +344,7 @@ fn main() -> Result<()> {
                 arg(&args, 3, "THREADS")?.parse()?,
             )
         }
+        "in-cluster" => in_cluster(),
         other => bail!("unknown command {other:?}"),
     }
 }
