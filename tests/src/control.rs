@@ -247,6 +247,17 @@ impl ControlPlane {
             .try_output()
     }
 
+    /// kubectl with `input` on stdin: its whole result (exit status,
+    /// stdout, stderr), for commands whose failure is the point.
+    pub fn kubectl_run(&self, args: &[&str], input: &[u8]) -> std::process::Output {
+        Spawn::new("kubectl")
+            .netns_path(self.netns.as_deref())
+            .env("KUBECONFIG", &self.kubeconfig.display().to_string())
+            .args(["--request-timeout=20s"])
+            .args(args)
+            .run_with_input(input)
+    }
+
     /// kubectl that must succeed.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         self.kubectl(args)

@@ -636,3 +636,137 @@ fn a_pod_talks_to_the_apiserver_as_its_service_account() {
         "{err}"
     );
 }
+
+/// The verbs a user reaches for on a running pod: `exec` (streams, stdin,
+/// a terminal, the exit code passed through) and `cp` (tar through exec),
+/// through the apiserver to the pod's kubelet over WebSockets.
+#[test]
+fn exec_and_cp_reach_a_running_pod() {
+    let c = Cluster::start(2);
+    let node = c.nodes[1].name.clone();
+    c.cp.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: shell}}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {}, command: [sleep, '3600'], env: [{{name: GREETING, value: hello}}]}}\n",
+        c.busybox
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_for("pod shell Running", Duration::from_secs(120), || {
+        (c.cp.jsonpath(&["pod", "shell"], "{.status.phase}") == "Running").then_some(())
+    });
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    // Output streams apart, the container's environment, the exit code.
+    let out = c.cp.kubectl_run(
+        &[
+            "exec",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo out $GREETING; echo err >&2; exit 3",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out hello\n");
+    // kubectl adds its own line after the command's stderr.
+    assert_eq!(
+        text(&out.stderr),
+        "err\ncommand terminated with exit code 3\n"
+    );
+    let ok = c.cp.kubectl_run(&["exec", "shell", "--", "true"], b"");
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+
+    // stdin, to its end.
+    let upper = c.cp.kubectl_run(
+        &["exec", "-i", "shell", "--", "tr", "a-z", "A-Z"],
+        b"hello\nworld\n",
+    );
+    assert_eq!(
+        text(&upper.stdout),
+        "HELLO\nWORLD\n",
+        "{}",
+        text(&upper.stderr)
+    );
+
+    // A terminal: kubectl under `script` has one to offer.
+    let kubeconfig = c.cp.kubeconfig.display().to_string();
+    let tty = skiff_tests::Spawn::new("script")
+        .netns_path(Some(&c.underlay.path()))
+        .env("KUBECONFIG", &kubeconfig)
+        .args([
+            "-qec",
+            "kubectl exec -it shell -- sh -c 'tty; echo term=$TERM; exit 4'",
+            "/dev/null",
+        ])
+        .run_with_input(b"");
+    let shown = text(&tty.stdout);
+    assert!(
+        shown.contains("/dev/pts/") && shown.contains("term=xterm"),
+        "{shown} {}",
+        text(&tty.stderr)
+    );
+    assert_eq!(tty.status.code(), Some(4), "{shown}");
+
+    // cp both ways.
+    let local = c.cp.dir.path.join("note.txt");
+    std::fs::write(&local, "from the host side\n").unwrap_or_else(|e| panic!("{e}"));
+    c.cp.kubectl_ok(&["cp", &local.display().to_string(), "shell:/tmp/note.txt"]);
+    let read =
+        c.cp.kubectl_ok(&["exec", "shell", "--", "cat", "/tmp/note.txt"]);
+    assert_eq!(read, "from the host side\n");
+    c.cp.kubectl_ok(&[
+        "exec",
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        "echo made inside > /tmp/back.txt",
+    ]);
+    let back = c.cp.dir.path.join("back.txt");
+    c.cp.kubectl_ok(&["cp", "shell:/tmp/back.txt", &back.display().to_string()]);
+    assert_eq!(
+        std::fs::read_to_string(&back).unwrap_or_default(),
+        "made inside\n"
+    );
+
+    // Bad input is named.
+    let err =
+        c.cp.kubectl(&["exec", "shell", "-c", "nope", "--", "true"])
+            .err()
+            .unwrap_or_default();
+    assert!(
+        err.contains("container nope is not valid for pod shell"),
+        "{err}"
+    );
+    let err =
+        c.cp.kubectl(&["exec", "shell", "--", "/no/such/binary"])
+            .err()
+            .unwrap_or_default();
+    assert!(
+        err.contains("no such file") || err.contains("not found"),
+        "{err}"
+    );
+    // exec is `create pods/exec`: the view role may not.
+    c.cp.kubectl_ok(&["create", "serviceaccount", "viewer"]);
+    c.cp.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "viewer-views",
+        "--clusterrole=view",
+        "--serviceaccount=default:viewer",
+    ]);
+    let err =
+        c.cp.kubectl(&[
+            "exec",
+            "shell",
+            "--as=system:serviceaccount:default:viewer",
+            "--",
+            "true",
+        ])
+        .err()
+        .unwrap_or_default();
+    assert!(
+        err.contains("cannot create resource \"pods/exec\""),
+        "{err}"
+    );
+}

@@ -89,6 +89,16 @@ pub enum TaskState {
     Other,
 }
 
+/// The stdio of an exec process: FIFO paths ("" for a stream not used)
+/// and whether it has a terminal.
+#[derive(Clone, Debug, Default)]
+pub struct ExecIo {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
 /// A task exit from the event stream.
 #[derive(Clone, Debug)]
 pub struct Exit {
@@ -587,6 +597,102 @@ impl Containerd {
             }))
             .await;
         waited
+    }
+
+    /// Creates and starts an exec process in the container's task with
+    /// its stdio on the FIFOs in `io` (paths the shim opens; empty: none).
+    pub async fn exec_start(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+        io: &ExecIo,
+    ) -> Result<()> {
+        let mut tasks = api::tasks_client::TasksClient::new(self.channel.clone());
+        tasks
+            .exec(self.req(api::ExecProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                stdin: io.stdin.clone(),
+                stdout: io.stdout.clone(),
+                stderr: io.stderr.clone(),
+                terminal: io.terminal,
+                spec: Some(prost_types::Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                    value: serde_json::to_vec(process).unwrap_or_default(),
+                }),
+            }))
+            .await
+            .map_err(call("exec", id))?;
+        if let Err(e) = tasks
+            .start(self.req(api::StartRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await
+        {
+            self.exec_delete(id, exec_id).await;
+            return Err(call("exec start", id)(e));
+        }
+        Ok(())
+    }
+
+    /// Waits for an exec process to exit: its status.
+    pub async fn exec_wait_exit(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let r = api::tasks_client::TasksClient::new(self.channel.clone())
+            .wait(self.req(api::WaitRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await
+            .map_err(call("exec wait", id))?;
+        Ok(r.into_inner().exit_status)
+    }
+
+    /// Resizes an exec process's terminal.
+    pub async fn exec_resize(&self, id: &str, exec_id: &str, width: u32, height: u32) {
+        let _ = api::tasks_client::TasksClient::new(self.channel.clone())
+            .resize_pty(self.req(api::ResizePtyRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                width,
+                height,
+            }))
+            .await;
+    }
+
+    /// Closes an exec process's stdin (the client is done sending).
+    pub async fn exec_close_stdin(&self, id: &str, exec_id: &str) {
+        let _ = api::tasks_client::TasksClient::new(self.channel.clone())
+            .close_io(self.req(api::CloseIoRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                stdin: true,
+            }))
+            .await;
+    }
+
+    /// Kills (if it still runs) and removes an exec process.
+    pub async fn exec_delete(&self, id: &str, exec_id: &str) {
+        let mut tasks = api::tasks_client::TasksClient::new(self.channel.clone());
+        let _ = tasks
+            .delete_process(self.req(api::DeleteProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            }))
+            .await;
+    }
+
+    /// Signals an exec process.
+    pub async fn exec_kill(&self, id: &str, exec_id: &str, signal: u32) {
+        let _ = api::tasks_client::TasksClient::new(self.channel.clone())
+            .kill(self.req(api::KillRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                signal,
+                all: false,
+            }))
+            .await;
     }
 
     /// Removes a container whole: SIGKILL to a task still running (waiting

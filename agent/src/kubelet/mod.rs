@@ -20,6 +20,7 @@ pub mod quantity;
 pub mod sandbox;
 pub mod server;
 pub mod spec;
+pub mod stream;
 pub mod volumes;
 
 use std::collections::{HashMap, HashSet};
@@ -111,11 +112,16 @@ pub async fn run(
     };
     let server_task = cfg.client_ca.clone().map(|ca| {
         let addr = std::net::SocketAddr::new(cfg.node_ip, cfg.port);
+        let streaming = Arc::new(stream::Streaming {
+            cd: cd.clone(),
+            fifo_dir: cfg.root_dir.join("exec"),
+        });
         tokio::spawn(server::run(
             addr,
             ca,
             cfg.node_name.clone(),
             cfg.log_dir.clone(),
+            streaming,
         ))
     });
     let shared = Arc::new(pod::Shared {

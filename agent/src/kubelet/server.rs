@@ -1,6 +1,6 @@
-//! The kubelet's HTTPS port (10250 by default): `/healthz` and
+//! The kubelet's HTTPS port (10250 by default): `/healthz`,
 //! `/containerLogs/<ns>/<pod>/<container>`, which the apiserver proxies
-//! `kubectl logs` to. Only clients whose certificate the cluster CA signed
+//! `kubectl logs` to, and `/exec/<ns>/<pod>/<container>` (see `stream`). Only clients whose certificate the cluster CA signed
 //! get in (the apiserver's kubelet-client certificate); the serving
 //! certificate is made at start, as upstream's kubelet makes one when none
 //! is given.
@@ -22,6 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{debug, info, warn};
 
 use super::logs::{self, ReadOptions};
+use super::stream::Streaming;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -79,6 +80,7 @@ pub async fn serve(
     ca: &Path,
     node_name: &str,
     log_dir: PathBuf,
+    streaming: Arc<Streaming>,
 ) -> Result<(), ServerError> {
     let config = tls(ca, vec![addr.ip().to_string(), node_name.to_string()])?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -92,7 +94,7 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (acceptor, log_dir) = (acceptor.clone(), log_dir.clone());
+        let (acceptor, log_dir, streaming) = (acceptor.clone(), log_dir.clone(), streaming.clone());
         tokio::spawn(async move {
             let stream = match acceptor.accept(tcp).await {
                 Ok(s) => s,
@@ -102,11 +104,11 @@ pub async fn serve(
                 }
             };
             let svc = hyper::service::service_fn(move |req| {
-                let log_dir = log_dir.clone();
-                async move { Ok::<_, Infallible>(handle(req, &log_dir).await) }
+                let (log_dir, streaming) = (log_dir.clone(), streaming.clone());
+                async move { Ok::<_, Infallible>(handle(req, &log_dir, streaming).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }
@@ -135,10 +137,25 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .collect()
 }
 
-async fn handle(req: Request<Incoming>, log_dir: &Path) -> Response<Body> {
+async fn handle(
+    req: Request<Incoming>,
+    log_dir: &Path,
+    streaming: Arc<Streaming>,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
         return text(StatusCode::OK, "ok");
+    }
+    if let Some(rest) = path.strip_prefix("/exec/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [ns, pod, container] = parts[..] else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "expected /exec/<namespace>/<pod>/<container>",
+            );
+        };
+        let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+        return streaming.exec(req, &ns, &pod, &container).await;
     }
     let Some(rest) = path.strip_prefix("/containerLogs/") else {
         return text(StatusCode::NOT_FOUND, "404 page not found\n");
@@ -311,8 +328,14 @@ fn restarts(dir: &Path) -> Vec<(u32, PathBuf)> {
 }
 
 /// Runs the server for the role, logging why it stopped.
-pub async fn run(addr: SocketAddr, ca: PathBuf, node_name: String, log_dir: PathBuf) {
-    if let Err(e) = serve(addr, &ca, &node_name, log_dir).await {
+pub async fn run(
+    addr: SocketAddr,
+    ca: PathBuf,
+    node_name: String,
+    log_dir: PathBuf,
+    streaming: Arc<Streaming>,
+) {
+    if let Err(e) = serve(addr, &ca, &node_name, log_dir, streaming).await {
         warn!(error = %e, "the kubelet port is not served");
     }
 }

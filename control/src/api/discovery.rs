@@ -125,6 +125,7 @@ pub fn resource_list(group: &str, version: &str) -> Value {
         if r.is("", "pods") {
             list.push(sub(r, "binding", "Binding", &["create"]));
             list.push(sub(r, "log", "Pod", &["get"]));
+            list.push(sub(r, "exec", "PodExecOptions", &["create", "get"]));
             let mut e = sub(r, "eviction", "Eviction", &["create"]);
             e["group"] = json!("policy");
             e["version"] = json!("v1");

@@ -97,9 +97,9 @@ pub fn kubelet_tls(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ClientCo
     Ok(Arc::new(cfg))
 }
 
-/// The container a log request is for: the one named, or the pod's only
-/// container.
-fn container<'a>(
+/// The container a log or exec request is for: the one named, or the
+/// pod's only container.
+pub(super) fn container<'a>(
     pod: &'a Value,
     pod_name: &str,
     asked: Option<&'a str>,
@@ -201,19 +201,21 @@ fn log_query(q: &HashMap<String, String>, pod_name: &str) -> Result<String, ApiE
     })
 }
 
+/// Where a pod's kubelet is, and how to talk to it.
+pub(super) struct KubeletOf {
+    pub pod: Value,
+    pub host: String,
+    pub port: u16,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
 impl Api {
-    pub(crate) async fn pod_log(
-        &self,
-        ns: &str,
-        name: &str,
-        q: &HashMap<String, String>,
-    ) -> Result<Response<Body>, ApiError> {
+    /// The pod `ns/name` and the kubelet of its node.
+    pub(super) async fn kubelet_of(&self, ns: &str, name: &str) -> Result<KubeletOf, ApiError> {
         let pods = resources::find("", "v1", "pods").ok_or_else(|| ApiError::internal("pods"))?;
         let nodes =
             resources::find("", "v1", "nodes").ok_or_else(|| ApiError::internal("nodes"))?;
         let (pod, _) = self.read(pods, Some(ns), name).await?;
-        let container = container(&pod, name, q.get("container").map(String::as_str))?;
-        let query = log_query(q, name)?;
         let node = pod
             .pointer("/spec/nodeName")
             .and_then(Value::as_str)
@@ -233,38 +235,66 @@ impl Api {
             .kubelet_tls
             .clone()
             .ok_or_else(|| ApiError::internal("no kubelet client certificate configured"))?;
+        Ok(KubeletOf {
+            pod,
+            host,
+            port,
+            tls,
+        })
+    }
+
+    pub(crate) async fn pod_log(
+        &self,
+        ns: &str,
+        name: &str,
+        q: &HashMap<String, String>,
+    ) -> Result<Response<Body>, ApiError> {
+        let k = self.kubelet_of(ns, name).await?;
+        let container = container(&k.pod, name, q.get("container").map(String::as_str))?;
+        let query = log_query(q, name)?;
         let path = format!("/containerLogs/{ns}/{name}/{container}{query}");
-        fetch(tls, &host, port, &path).await
+        fetch(&k, &path).await
     }
 }
 
-/// GETs `path` from the kubelet at `host:port` and streams the answer.
-async fn fetch(
-    tls: Arc<rustls::ClientConfig>,
-    host: &str,
-    port: u16,
-    path: &str,
-) -> Result<Response<Body>, ApiError> {
-    let authority = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
+impl KubeletOf {
+    pub(super) fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// A TLS connection to the kubelet; errors name `what` (the request).
+    pub(super) async fn dial(
+        &self,
+        what: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ApiError> {
+        let authority = self.authority();
+        let fail = |e: &dyn std::fmt::Display| ApiError::internal(format!("{what}: {e}"));
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&authority),
+        )
+        .await
+        .map_err(|_| fail(&"dial timed out"))?
+        .map_err(|e| fail(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let server_name = ServerName::try_from(self.host.clone()).map_err(|e| fail(&e))?;
+        tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| fail(&e))
+    }
+}
+
+/// GETs `path` from the kubelet and streams the answer.
+async fn fetch(k: &KubeletOf, path: &str) -> Result<Response<Body>, ApiError> {
+    let authority = k.authority();
     let url = format!("https://{authority}{path}");
     let fail = |e: &dyn std::fmt::Display| ApiError::internal(format!("Get \"{url}\": {e}"));
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&authority),
-    )
-    .await
-    .map_err(|_| fail(&"dial timed out"))?
-    .map_err(|e| fail(&e))?;
-    let _ = tcp.set_nodelay(true);
-    let server_name = ServerName::try_from(host.to_string()).map_err(|e| fail(&e))?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| fail(&e))?;
+    let stream = k.dial(&format!("Get \"{url}\"")).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| fail(&e))?;

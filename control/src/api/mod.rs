@@ -10,6 +10,7 @@ mod access;
 mod discovery;
 mod logs;
 mod objects;
+mod stream;
 mod watch;
 
 pub use logs::kubelet_tls;
@@ -404,6 +405,25 @@ impl Api {
             .unwrap_or("application/json")
             .to_string();
         let method = req.method().clone();
+        if let (true, Some(name), Some(sub @ "exec")) = (
+            t.resource.is("", "pods"),
+            t.name.as_deref(),
+            t.sub.as_deref(),
+        ) {
+            // Upgrades are authorized as `create`, whatever the method
+            // (WebSockets use GET), as upstream does.
+            let attrs = Attributes::Resource(ResourceAttributes {
+                verb: "create".into(),
+                resource: "pods".into(),
+                subresource: sub.into(),
+                namespace: t.namespace.clone().unwrap_or_default(),
+                name: name.into(),
+                ..Default::default()
+            });
+            self.authorize(user, &attrs, None).await?;
+            let ns = t.namespace.clone().unwrap_or_default();
+            return self.pod_stream(req, &ns, name, sub).await;
+        }
         let w = objects::Write {
             dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
             strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),
@@ -592,7 +612,10 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, api: A
                 async move { Ok::<_, Infallible>(api.handle(req, cert.as_deref()).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await
+            {
                 debug!(%peer, error = %e, "connection ended");
             }
         });
