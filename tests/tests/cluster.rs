@@ -641,7 +641,7 @@ fn a_pod_talks_to_the_apiserver_as_its_service_account() {
 /// a terminal, the exit code passed through) and `cp` (tar through exec),
 /// through the apiserver to the pod's kubelet over WebSockets.
 #[test]
-fn exec_and_cp_reach_a_running_pod() {
+fn exec_attach_and_cp_reach_a_running_pod() {
     let c = Cluster::start(2);
     let node = c.nodes[1].name.clone();
     c.cp.apply(&format!(
@@ -727,6 +727,33 @@ fn exec_and_cp_reach_a_running_pod() {
     assert_eq!(
         std::fs::read_to_string(&back).unwrap_or_default(),
         "made inside\n"
+    );
+
+    // attach follows the main process's output until it ends.
+    c.cp.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: ticker}}\nspec:\n  nodeName: {node}\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {}, command: [sh, -c, 'sleep 3; for i in 1 2 3; do echo tick $i; sleep 0.3; done; echo bye >&2']}}\n",
+        c.busybox
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_for("pod ticker Running", Duration::from_secs(120), || {
+        (c.cp.jsonpath(&["pod", "ticker"], "{.status.phase}") == "Running").then_some(())
+    });
+    let attached = c.cp.kubectl_run(&["attach", "ticker"], b"");
+    assert_eq!(
+        attached.status.code(),
+        Some(0),
+        "{}",
+        text(&attached.stderr)
+    );
+    assert!(
+        text(&attached.stdout).contains("tick 1\ntick 2\ntick 3\n"),
+        "{}",
+        text(&attached.stdout)
+    );
+    assert!(
+        text(&attached.stderr).contains("bye"),
+        "{}",
+        text(&attached.stderr)
     );
 
     // Bad input is named.

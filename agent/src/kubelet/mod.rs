@@ -115,6 +115,7 @@ pub async fn run(
         let streaming = Arc::new(stream::Streaming {
             cd: cd.clone(),
             fifo_dir: cfg.root_dir.join("exec"),
+            log_dir: cfg.log_dir.clone(),
         });
         tokio::spawn(server::run(
             addr,

@@ -1,6 +1,6 @@
 //! The kubelet's HTTPS port (10250 by default): `/healthz`,
 //! `/containerLogs/<ns>/<pod>/<container>`, which the apiserver proxies
-//! `kubectl logs` to, and `/exec/<ns>/<pod>/<container>` (see `stream`). Only clients whose certificate the cluster CA signed
+//! `kubectl logs` to, and `/exec/...` and `/attach/...` (see `stream`). Only clients whose certificate the cluster CA signed
 //! get in (the apiserver's kubelet-client certificate); the serving
 //! certificate is made at start, as upstream's kubelet makes one when none
 //! is given.
@@ -157,6 +157,17 @@ async fn handle(
         let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
         return streaming.exec(req, &ns, &pod, &container).await;
     }
+    if let Some(rest) = path.strip_prefix("/attach/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [ns, pod, container] = parts[..] else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "expected /attach/<namespace>/<pod>/<container>",
+            );
+        };
+        let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+        return streaming.attach(req, &ns, &pod, &container).await;
+    }
     let Some(rest) = path.strip_prefix("/containerLogs/") else {
         return text(StatusCode::NOT_FOUND, "404 page not found\n");
     };
@@ -273,7 +284,7 @@ async fn handle(
 }
 
 /// The text of `file` from byte `offset` on.
-async fn read_from(file: &Path, offset: usize) -> std::io::Result<String> {
+pub(super) async fn read_from(file: &Path, offset: usize) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
     let mut f = tokio::fs::File::open(file).await?;
     f.seek(std::io::SeekFrom::Start(offset as u64)).await?;
@@ -289,7 +300,12 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 /// The log directory of a container of the newest pod of that name.
-fn container_dir(log_dir: &Path, ns: &str, pod: &str, container: &str) -> Option<PathBuf> {
+pub(super) fn container_dir(
+    log_dir: &Path,
+    ns: &str,
+    pod: &str,
+    container: &str,
+) -> Option<PathBuf> {
     let prefix = format!("{ns}_{pod}_");
     let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(log_dir)
         .ok()?
@@ -311,7 +327,7 @@ fn container_dir(log_dir: &Path, ns: &str, pod: &str, container: &str) -> Option
 }
 
 /// `<restart>.log` files of a container, oldest first.
-fn restarts(dir: &Path) -> Vec<(u32, PathBuf)> {
+pub(super) fn restarts(dir: &Path) -> Vec<(u32, PathBuf)> {
     let mut runs: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()

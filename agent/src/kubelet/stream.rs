@@ -1,5 +1,5 @@
-//! `kubectl exec` on the kubelet's port: `/exec/<ns>/<pod>/<container>`
-//! over a WebSocket speaking the channel protocol kubectl ≥ 1.30 uses
+//! `kubectl exec` and `kubectl attach` on the kubelet's port:
+//! `/exec/<ns>/<pod>/<container>` and `/attach/...` over a WebSocket speaking the channel protocol kubectl ≥ 1.30 uses
 //! (`v5.channel.k8s.io`, or `v4.channel.k8s.io`), reached through the
 //! apiserver's `pods/exec`.
 //!
@@ -8,7 +8,9 @@
 //! "Height"}`); in v5, 255 `[0]` says the client closed stdin. The command
 //! runs as a containerd exec process with the container's own process
 //! settings (user, environment, working directory), its stdio on FIFOs
-//! this module reads and writes.
+//! this module reads and writes. Attach follows what the container's main
+//! process writes (its log, as it is written) until the process ends; the
+//! main process has no stdin to attach to.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +44,8 @@ pub struct Streaming {
     pub cd: Containerd,
     /// Where exec FIFOs are made.
     pub fifo_dir: PathBuf,
+    /// The pods' container logs (what attach follows).
+    pub log_dir: PathBuf,
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
@@ -161,28 +165,9 @@ impl Streaming {
                 "you must specify at least 1 command",
             );
         }
-        let key = req
-            .headers()
-            .get("sec-websocket-key")
-            .map(|k| k.as_bytes().to_vec());
-        let offered: Vec<String> = req
-            .headers()
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-            .collect();
-        let Some(key) = key else {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "exec needs a WebSocket upgrade (v5.channel.k8s.io or v4.channel.k8s.io); SPDY is not served",
-            );
-        };
-        let Some(protocol) = PROTOCOLS.iter().find(|p| offered.iter().any(|o| o == *p)) else {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("none of the offered subprotocols {offered:?} is served: {PROTOCOLS:?}"),
-            );
+        let (resp, v5) = match handshake(&req) {
+            Ok(r) => r,
+            Err(refused) => return text(StatusCode::BAD_REQUEST, refused),
         };
         let Some((id, process)) = self.find(ns, pod, container).await else {
             return text(
@@ -190,16 +175,6 @@ impl Streaming {
                 format!("container {container:?} of pod {ns}/{pod} is not running on this node"),
             );
         };
-        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
-        let v5 = *protocol == PROTOCOLS[0];
-        let mut resp = text(StatusCode::SWITCHING_PROTOCOLS, "");
-        let h = resp.headers_mut();
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Ok(v) = HeaderValue::from_str(&accept) {
-            h.insert("sec-websocket-accept", v);
-        }
-        h.insert("sec-websocket-protocol", HeaderValue::from_static(protocol));
         let label = format!("{ns}/{pod}/{container}");
         tokio::spawn(async move {
             let upgraded = match hyper::upgrade::on(req).await {
@@ -218,6 +193,120 @@ impl Streaming {
             self.session(ws, &id, process, opts, v5, &label).await;
         });
         resp
+    }
+
+    /// `GET /attach/<ns>/<pod>/<container>`, upgraded to a WebSocket.
+    pub async fn attach(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        ns: &str,
+        pod: &str,
+        container: &str,
+    ) -> Response<Body> {
+        let opts = exec_options(req.uri().query().unwrap_or_default());
+        let (resp, _v5) = match handshake(&req) {
+            Ok(r) => r,
+            Err(refused) => return text(StatusCode::BAD_REQUEST, refused),
+        };
+        let Some((id, _)) = self.find(ns, pod, container).await else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("container {container:?} of pod {ns}/{pod} is not running on this node"),
+            );
+        };
+        let Some(dir) = super::server::container_dir(&self.log_dir, ns, pod, container) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("container {container:?} of pod {ns}/{pod} has no output to attach to"),
+            );
+        };
+        info!(container = %format!("{ns}/{pod}/{container}"), "attach");
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => {
+                    debug!(error = %e, "attach upgrade failed");
+                    return;
+                }
+            };
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                None,
+            )
+            .await;
+            self.follow(ws, &id, &dir, opts).await;
+        });
+        resp
+    }
+
+    /// Sends what the container writes from now on, until it ends or the
+    /// client leaves.
+    async fn follow<S>(
+        &self,
+        ws: tokio_tungstenite::WebSocketStream<S>,
+        id: &str,
+        dir: &Path,
+        opts: ExecOptions,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sink, mut incoming) = ws.split();
+        let newest = |dir: &Path| super::server::restarts(dir).last().map(|(_, f)| f.clone());
+        let Some(file) = newest(dir) else {
+            close(&mut sink).await;
+            return;
+        };
+        let mut offset = std::fs::metadata(&file)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut ticks = 0u32;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    ticks += 1;
+                    // Checked before reading, so the last lines are sent.
+                    let running = !ticks.is_multiple_of(5) || matches!(
+                        self.cd.task(id).await,
+                        Ok(Some(super::containerd::TaskState::Running { .. }))
+                    );
+                    if let Ok(fresh) = super::server::read_from(&file, offset).await
+                        && let Some(i) = fresh.rfind('\n')
+                    {
+                        offset += i + 1;
+                        for line in fresh[..=i].lines() {
+                            let Some((_, stream, full, text)) = super::logs::parse(line) else {
+                                continue;
+                            };
+                            let channel = if stream == "stderr" && !opts.tty { STDERR } else { STDOUT };
+                            if (channel == STDOUT && !opts.stdout && !opts.tty)
+                                || (channel == STDERR && !opts.stderr)
+                            {
+                                continue;
+                            }
+                            let mut data = text.as_bytes().to_vec();
+                            if full {
+                                data.push(b'\n');
+                            }
+                            if send(&mut sink, channel, &data).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if !running {
+                        let status = json!({"metadata": {}, "status": "Success"});
+                        let _ = send(&mut sink, ERROR, status.to_string().as_bytes()).await;
+                        close(&mut sink).await;
+                        return;
+                    }
+                }
+                msg = incoming.next() => match msg {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
     }
 
     async fn session<S>(
@@ -369,6 +458,43 @@ where
     };
     let _ = sink.send(Message::Close(Some(frame))).await;
     let _ = sink.close().await;
+}
+
+/// Checks a streaming request's WebSocket upgrade: the 101 to answer with
+/// and whether v5 was chosen, or the refusal.
+fn handshake(req: &Request<Incoming>) -> Result<(Response<Body>, bool), String> {
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| k.as_bytes().to_vec());
+    let offered: Vec<String> = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+        .collect();
+    let Some(key) = key else {
+        return Err(
+            "a WebSocket upgrade is needed (v5.channel.k8s.io or v4.channel.k8s.io); SPDY is not served"
+                .into(),
+        );
+    };
+    let Some(protocol) = PROTOCOLS.iter().find(|p| offered.iter().any(|o| o == *p)) else {
+        return Err(format!(
+            "none of the offered subprotocols {offered:?} is served: {PROTOCOLS:?}"
+        ));
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+    let mut resp = text(StatusCode::SWITCHING_PROTOCOLS, "");
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    h.insert("sec-websocket-protocol", HeaderValue::from_static(protocol));
+    Ok((resp, *protocol == PROTOCOLS[0]))
 }
 
 async fn send<S>(sink: &mut S, channel: u8, data: &[u8]) -> Result<(), ()>

@@ -405,7 +405,7 @@ impl Api {
             .unwrap_or("application/json")
             .to_string();
         let method = req.method().clone();
-        if let (true, Some(name), Some(sub @ "exec")) = (
+        if let (true, Some(name), Some(sub @ ("exec" | "attach"))) = (
             t.resource.is("", "pods"),
             t.name.as_deref(),
             t.sub.as_deref(),

@@ -1,4 +1,4 @@
-//! `pods/exec`: the apiserver relays the client's upgrade (a WebSocket
+//! `pods/exec` and `pods/attach`: the apiserver relays the client's upgrade (a WebSocket
 //! speaking `v5.channel.k8s.io`) to the kubelet of the pod's node, as
 //! upstream proxies it. The request goes to the kubelet as it came (its
 //! upgrade headers and query, the command and streams); once the kubelet
