@@ -638,10 +638,11 @@ fn a_pod_talks_to_the_apiserver_as_its_service_account() {
 }
 
 /// The verbs a user reaches for on a running pod: `exec` (streams, stdin,
-/// a terminal, the exit code passed through) and `cp` (tar through exec),
-/// through the apiserver to the pod's kubelet over WebSockets.
+/// a terminal, the exit code passed through), `attach`, `cp` (tar through
+/// exec) and `port-forward` (to a port bound to the pod's loopback),
+/// through the apiserver to the pod's kubelet.
 #[test]
-fn exec_attach_and_cp_reach_a_running_pod() {
+fn exec_attach_cp_and_port_forward_reach_a_running_pod() {
     let c = Cluster::start(2);
     let node = c.nodes[1].name.clone();
     c.cp.apply(&format!(
@@ -755,6 +756,81 @@ fn exec_attach_and_cp_reach_a_running_pod() {
         "{}",
         text(&attached.stderr)
     );
+
+    // port-forward, to a port the pod serves on its loopback only.
+    c.cp.kubectl_ok(&[
+        "exec",
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo forwarded > /www/index.html && (httpd -p 127.0.0.1:8080 -h /www &)",
+    ]);
+    let mut forward = skiff_tests::Spawn::new("kubectl")
+        .netns_path(Some(&c.underlay.path()))
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["port-forward", "pod/shell", "18080:8080", "18081:8081"])
+        .log_to(&c.cp.dir.path.join("port-forward.log"))
+        .start();
+    wait_for("port-forward listening", Duration::from_secs(20), || {
+        forward
+            .log_text()
+            .contains("Forwarding from 127.0.0.1:18081")
+            .then_some(())
+    });
+    let curl = |port: &str| {
+        skiff_tests::Spawn::new("curl")
+            .netns_path(Some(&c.underlay.path()))
+            .args([
+                "-s",
+                "--max-time",
+                "10",
+                &format!("http://127.0.0.1:{port}/index.html"),
+            ])
+            .try_output()
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            curl("18080").unwrap_or_else(|e| panic!("{e}\n{}", forward.log_text())),
+            "forwarded\n"
+        );
+    }
+    // Nothing listens on 8081 in the pod: the connection fails, kubectl says why.
+    assert!(curl("18081").is_err());
+    wait_for(
+        "the forwarding error reported",
+        Duration::from_secs(10),
+        || {
+            forward
+                .log_text()
+                .contains("error forwarding port 8081")
+                .then_some(())
+        },
+    );
+    // (kubectl itself gives up on a forwarding error: "lost connection".)
+    forward.kill_now();
+    // The same over plain SPDY, kubectl's fallback.
+    let mut spdy = skiff_tests::Spawn::new("kubectl")
+        .netns_path(Some(&c.underlay.path()))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")
+        .args(["port-forward", "pod/shell", "18082:8080"])
+        .log_to(&c.cp.dir.path.join("port-forward-spdy.log"))
+        .start();
+    wait_for(
+        "port-forward over SPDY listening",
+        Duration::from_secs(20),
+        || {
+            spdy.log_text()
+                .contains("Forwarding from 127.0.0.1:18082")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        curl("18082").unwrap_or_else(|e| panic!("{e}\n{}", spdy.log_text())),
+        "forwarded\n"
+    );
+    spdy.kill_now();
 
     // Bad input is named.
     let err =

@@ -15,10 +15,12 @@ pub mod image;
 pub mod logs;
 pub mod node;
 pub mod pod;
+pub mod portforward;
 pub mod probe;
 pub mod quantity;
 pub mod sandbox;
 pub mod server;
+pub mod spdy;
 pub mod spec;
 pub mod stream;
 pub mod volumes;
@@ -116,6 +118,7 @@ pub async fn run(
             cd: cd.clone(),
             fifo_dir: cfg.root_dir.join("exec"),
             log_dir: cfg.log_dir.clone(),
+            pods_dir: pods_dir.clone(),
         });
         tokio::spawn(server::run(
             addr,

@@ -1,6 +1,7 @@
 //! The kubelet's HTTPS port (10250 by default): `/healthz`,
 //! `/containerLogs/<ns>/<pod>/<container>`, which the apiserver proxies
-//! `kubectl logs` to, and `/exec/...` and `/attach/...` (see `stream`). Only clients whose certificate the cluster CA signed
+//! `kubectl logs` to, `/exec/...` and `/attach/...` (see `stream`) and
+//! `/portForward/<ns>/<pod>` (see `portforward`). Only clients whose certificate the cluster CA signed
 //! get in (the apiserver's kubelet-client certificate); the serving
 //! certificate is made at start, as upstream's kubelet makes one when none
 //! is given.
@@ -156,6 +157,17 @@ async fn handle(
         };
         let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
         return streaming.exec(req, &ns, &pod, &container).await;
+    }
+    if let Some(rest) = path.strip_prefix("/portForward/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [ns, pod] = parts[..] else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "expected /portForward/<namespace>/<pod>",
+            );
+        };
+        let (ns, pod) = (ns.to_string(), pod.to_string());
+        return streaming.port_forward(req, &ns, &pod).await;
     }
     if let Some(rest) = path.strip_prefix("/attach/") {
         let parts: Vec<&str> = rest.split('/').collect();

@@ -46,6 +46,8 @@ pub struct Streaming {
     pub fifo_dir: PathBuf,
     /// The pods' container logs (what attach follows).
     pub log_dir: PathBuf,
+    /// The pods' directories (their network namespaces, for port-forward).
+    pub pods_dir: PathBuf,
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;

@@ -127,6 +127,12 @@ pub fn resource_list(group: &str, version: &str) -> Value {
             list.push(sub(r, "log", "Pod", &["get"]));
             list.push(sub(r, "exec", "PodExecOptions", &["create", "get"]));
             list.push(sub(r, "attach", "PodAttachOptions", &["create", "get"]));
+            list.push(sub(
+                r,
+                "portforward",
+                "PodPortForwardOptions",
+                &["create", "get"],
+            ));
             let mut e = sub(r, "eviction", "Eviction", &["create"]);
             e["group"] = json!("policy");
             e["version"] = json!("v1");

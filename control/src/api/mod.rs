@@ -405,7 +405,7 @@ impl Api {
             .unwrap_or("application/json")
             .to_string();
         let method = req.method().clone();
-        if let (true, Some(name), Some(sub @ ("exec" | "attach"))) = (
+        if let (true, Some(name), Some(sub @ ("exec" | "attach" | "portforward"))) = (
             t.resource.is("", "pods"),
             t.name.as_deref(),
             t.sub.as_deref(),
@@ -422,7 +422,12 @@ impl Api {
             });
             self.authorize(user, &attrs, None).await?;
             let ns = t.namespace.clone().unwrap_or_default();
-            return self.pod_stream(req, &ns, name, sub).await;
+            let kubelet_sub = if sub == "portforward" {
+                "portForward"
+            } else {
+                sub
+            };
+            return self.pod_stream(req, &ns, name, kubelet_sub).await;
         }
         let w = objects::Write {
             dry_run: q.get("dryRun").is_some_and(|v| v == "All"),

@@ -1,6 +1,7 @@
-//! `pods/exec` and `pods/attach`: the apiserver relays the client's upgrade (a WebSocket
-//! speaking `v5.channel.k8s.io`) to the kubelet of the pod's node, as
-//! upstream proxies it. The request goes to the kubelet as it came (its
+//! `pods/exec`, `pods/attach` and `pods/portforward`: the apiserver
+//! relays the client's upgrade (a WebSocket speaking `v5.channel.k8s.io`,
+//! or SPDY for port forwarding, tunnelled in a WebSocket or not) to the
+//! kubelet of the pod's node, as upstream proxies it. The request goes to the kubelet as it came (its
 //! upgrade headers and query, the command and streams); once the kubelet
 //! has switched protocols, the two connections are joined byte for byte,
 //! so the protocol is the kubelet's business.
@@ -80,7 +81,7 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<Head, S
 
 impl Api {
     /// Relays `req` (already authorized) to the kubelet at
-    /// `/<kubelet_sub>/<ns>/<pod>/<container>`.
+    /// `/<kubelet_sub>/<ns>/<pod>[/<container>]`.
     pub(super) async fn pod_stream(
         &self,
         mut req: Request<Incoming>,
@@ -90,12 +91,17 @@ impl Api {
     ) -> Result<Response<Body>, ApiError> {
         let q = super::query(req.uri());
         let k = self.kubelet_of(ns, name).await?;
-        let container =
-            super::logs::container(&k.pod, name, q.get("container").map(String::as_str))?
-                .to_string();
+        // exec and attach name a container; port forwarding is the pod's.
+        let target = if kubelet_sub == "portForward" {
+            format!("/{kubelet_sub}/{ns}/{name}")
+        } else {
+            let container =
+                super::logs::container(&k.pod, name, q.get("container").map(String::as_str))?;
+            format!("/{kubelet_sub}/{ns}/{name}/{container}")
+        };
         if !req.headers().contains_key(header::UPGRADE) {
             return Err(ApiError::bad_request(format!(
-                "{kubelet_sub} needs a connection upgrade (a WebSocket with v5.channel.k8s.io)"
+                "{kubelet_sub} needs a connection upgrade (a WebSocket, or SPDY/3.1 to port-forward)"
             )));
         }
         let query = req
@@ -103,7 +109,7 @@ impl Api {
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let path = format!("/{kubelet_sub}/{ns}/{name}/{container}{query}");
+        let path = format!("{target}{query}");
         let mut head = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\n",
             k.authority()
