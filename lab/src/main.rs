@@ -5,7 +5,7 @@
 mod bench;
 mod demo;
 
-use bench::{control, kubelet, net, proxy};
+use bench::{cluster, control, kubelet, net, proxy};
 
 use std::path::PathBuf;
 
@@ -23,7 +23,8 @@ const USAGE: &str = "usage: skiff-lab demo [--once]
                            [--out target/bench]
        skiff-lab bench-kubelet [--singles 50] [--batch 30] [--batches 2] [--exits 30]
                                [--idle-pods 100] [--idle-seconds 30] [--rounds 2]
-                               [--runtimes runc,crun] [--out target/bench]";
+                               [--runtimes runc,crun] [--out target/bench]
+       skiff-lab bench-cluster [--replicas 100] [--pods-per-node 30] [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -186,6 +187,27 @@ fn kubelet_args(argv: &[String]) -> Result<kubelet::Args> {
     Ok(a)
 }
 
+fn cluster_args(argv: &[String]) -> Result<cluster::Args> {
+    let mut a = cluster::Args {
+        replicas: 100,
+        pods_per_node: 30,
+        out: PathBuf::from("target/bench"),
+    };
+    each_flag(argv, |flag, value| {
+        match flag {
+            "--replicas" => a.replicas = value.parse().context("--replicas")?,
+            "--pods-per-node" => a.pods_per_node = value.parse().context("--pods-per-node")?,
+            "--out" => a.out = PathBuf::from(value),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    if a.replicas == 0 || a.pods_per_node == 0 {
+        bail!("--replicas and --pods-per-node must be at least 1");
+    }
+    Ok(a)
+}
+
 /// Builds every image into target/images and says what it built.
 fn images() -> Result<()> {
     let dir = skiff_tests::images::dir();
@@ -211,6 +233,7 @@ fn main() -> Result<()> {
         Some("bench-control") => control::run(&control_args(&argv[1..])?),
         Some("bench-net") => net::run(&net_args(&argv[1..])?),
         Some("bench-kubelet") => kubelet::run(&kubelet_args(&argv[1..])?),
+        Some("bench-cluster") => cluster::run(&cluster_args(&argv[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

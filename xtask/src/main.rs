@@ -335,8 +335,15 @@ fn main() -> Result<()> {
                     a.extend(args.iter().map(String::as_str));
                     lab(&a)
                 }
+                "cluster" => {
+                    let mut a = vec!["bench-cluster"];
+                    a.extend(args.iter().map(String::as_str));
+                    lab(&a)
+                }
                 other => {
-                    bail!("unknown benchmark {other:?}: try `proxy`, `control`, `net` or `kubelet`")
+                    bail!(
+                        "unknown benchmark {other:?}: try `proxy`, `control`, `net`, `kubelet` or `cluster`"
+                    )
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! the baseline its issue names, in the same run, and writes a table, a
 //! JSON document and a plot.
 
+pub mod cluster;
 pub mod control;
 pub mod kubelet;
 pub mod net;
