@@ -214,6 +214,55 @@ pub fn render(content: &str, opts: &ReadOptions) -> String {
     out
 }
 
+/// The text of `file` from byte `offset` on.
+pub async fn read_from(file: &Path, offset: usize) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let mut f = tokio::fs::File::open(file).await?;
+    f.seek(std::io::SeekFrom::Start(offset as u64)).await?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The log directory of a container of the newest pod of that name.
+pub fn container_dir(log_dir: &Path, ns: &str, pod: &str, container: &str) -> Option<PathBuf> {
+    let prefix = format!("{ns}_{pod}_");
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(log_dir)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix(&prefix)
+                .is_some_and(|uid| !uid.contains('_'))
+        })
+        .filter_map(|e| {
+            let d = e.path().join(container);
+            let t = std::fs::metadata(&d).and_then(|m| m.modified()).ok()?;
+            Some((t, d))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, d)| d)
+}
+
+/// `<restart>.log` files of a container, oldest first.
+pub fn restarts(dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut runs: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let n = name.strip_suffix(".log")?.parse().ok()?;
+                    Some((n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    runs.sort();
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

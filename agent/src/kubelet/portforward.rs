@@ -27,19 +27,10 @@ use tracing::{debug, info};
 
 use super::pod::{LABEL_POD_NAME, LABEL_POD_NAMESPACE, LABEL_POD_UID};
 use super::spdy::{self, Codec, Frame};
-use super::stream::Streaming;
+use super::stream::{Body, Streaming, text};
 
 const TUNNELED: &str = "SPDY/3.1+portforward.k8s.io";
 const PROTOCOL: &str = "portforward.k8s.io";
-
-type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
-
-fn text(code: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    use http_body_util::BodyExt as _;
-    let mut r = Response::new(http_body_util::Full::new(bytes::Bytes::from(msg.into())).boxed());
-    *r.status_mut() = code;
-    r
-}
 
 /// How the client asked to upgrade.
 enum Upgrade {

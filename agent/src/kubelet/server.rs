@@ -147,38 +147,27 @@ async fn handle(
     if path == "/healthz" {
         return text(StatusCode::OK, "ok");
     }
-    if let Some(rest) = path.strip_prefix("/exec/") {
-        let parts: Vec<&str> = rest.split('/').collect();
-        let [ns, pod, container] = parts[..] else {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs[..] {
+        ["exec", ns, pod, container] => {
+            let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+            return streaming.exec(req, &ns, &pod, &container).await;
+        }
+        ["attach", ns, pod, container] => {
+            let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+            return streaming.attach(req, &ns, &pod, &container).await;
+        }
+        ["portForward", ns, pod] => {
+            let (ns, pod) = (ns.to_string(), pod.to_string());
+            return streaming.port_forward(req, &ns, &pod).await;
+        }
+        ["exec" | "attach" | "portForward", ..] => {
             return text(
                 StatusCode::BAD_REQUEST,
-                "expected /exec/<namespace>/<pod>/<container>",
+                "expected /exec|attach/<namespace>/<pod>/<container> or /portForward/<namespace>/<pod>",
             );
-        };
-        let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
-        return streaming.exec(req, &ns, &pod, &container).await;
-    }
-    if let Some(rest) = path.strip_prefix("/portForward/") {
-        let parts: Vec<&str> = rest.split('/').collect();
-        let [ns, pod] = parts[..] else {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "expected /portForward/<namespace>/<pod>",
-            );
-        };
-        let (ns, pod) = (ns.to_string(), pod.to_string());
-        return streaming.port_forward(req, &ns, &pod).await;
-    }
-    if let Some(rest) = path.strip_prefix("/attach/") {
-        let parts: Vec<&str> = rest.split('/').collect();
-        let [ns, pod, container] = parts[..] else {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "expected /attach/<namespace>/<pod>/<container>",
-            );
-        };
-        let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
-        return streaming.attach(req, &ns, &pod, &container).await;
+        }
+        _ => {}
     }
     let Some(rest) = path.strip_prefix("/containerLogs/") else {
         return text(StatusCode::NOT_FOUND, "404 page not found\n");
@@ -207,13 +196,13 @@ async fn handle(
         }),
         limit_bytes: q.get("limitBytes").and_then(|v| v.parse().ok()),
     };
-    let Some(dir) = container_dir(log_dir, ns, pod, container) else {
+    let Some(dir) = logs::container_dir(log_dir, ns, pod, container) else {
         return text(
             StatusCode::NOT_FOUND,
             format!("container {container:?} in pod {pod:?} is not available"),
         );
     };
-    let runs = restarts(&dir);
+    let runs = logs::restarts(&dir);
     let file = if on("previous") {
         match runs.len() {
             n if n >= 2 => runs[n - 2].1.clone(),
@@ -264,7 +253,7 @@ async fn handle(
                 offset = 0;
             }
             if len > offset {
-                let Ok(fresh) = read_from(&file, offset).await else {
+                let Ok(fresh) = logs::read_from(&file, offset).await else {
                     return;
                 };
                 // Only whole records; a half-written one waits.
@@ -277,7 +266,7 @@ async fn handle(
                     }
                 }
             }
-            if restarts(file.parent().unwrap_or(Path::new("/")))
+            if logs::restarts(file.parent().unwrap_or(Path::new("/")))
                 .last()
                 .map(|(n, _)| *n)
                 != Some(newest)
@@ -295,64 +284,10 @@ async fn handle(
     r
 }
 
-/// The text of `file` from byte `offset` on.
-pub(super) async fn read_from(file: &Path, offset: usize) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
-    let mut f = tokio::fs::File::open(file).await?;
-    f.seek(std::io::SeekFrom::Start(offset as u64)).await?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf).await?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// The log directory of a container of the newest pod of that name.
-pub(super) fn container_dir(
-    log_dir: &Path,
-    ns: &str,
-    pod: &str,
-    container: &str,
-) -> Option<PathBuf> {
-    let prefix = format!("{ns}_{pod}_");
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(log_dir)
-        .ok()?
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_prefix(&prefix)
-                .is_some_and(|uid| !uid.contains('_'))
-        })
-        .filter_map(|e| {
-            let d = e.path().join(container);
-            let t = std::fs::metadata(&d).and_then(|m| m.modified()).ok()?;
-            Some((t, d))
-        })
-        .collect();
-    found.sort();
-    found.pop().map(|(_, d)| d)
-}
-
-/// `<restart>.log` files of a container, oldest first.
-pub(super) fn restarts(dir: &Path) -> Vec<(u32, PathBuf)> {
-    let mut runs: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let n = name.strip_suffix(".log")?.parse().ok()?;
-                    Some((n, e.path()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    runs.sort();
-    runs
 }
 
 /// Runs the server for the role, logging why it stopped.

@@ -50,9 +50,9 @@ pub struct Streaming {
     pub pods_dir: PathBuf,
 }
 
-type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+pub(super) type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
-fn text(code: StatusCode, msg: impl Into<String>) -> Response<Body> {
+pub(super) fn text(code: StatusCode, msg: impl Into<String>) -> Response<Body> {
     use http_body_util::BodyExt as _;
     let mut r = Response::new(http_body_util::Full::new(Bytes::from(msg.into())).boxed());
     *r.status_mut() = code;
@@ -179,20 +179,9 @@ impl Streaming {
         };
         let label = format!("{ns}/{pod}/{container}");
         tokio::spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => {
-                    debug!(error = %e, "exec upgrade failed");
-                    return;
-                }
-            };
-            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                None,
-            )
-            .await;
-            self.session(ws, &id, process, opts, v5, &label).await;
+            if let Some(ws) = websocket(req, "exec").await {
+                self.session(ws, &id, process, opts, v5, &label).await;
+            }
         });
         resp
     }
@@ -216,7 +205,7 @@ impl Streaming {
                 format!("container {container:?} of pod {ns}/{pod} is not running on this node"),
             );
         };
-        let Some(dir) = super::server::container_dir(&self.log_dir, ns, pod, container) else {
+        let Some(dir) = super::logs::container_dir(&self.log_dir, ns, pod, container) else {
             return text(
                 StatusCode::NOT_FOUND,
                 format!("container {container:?} of pod {ns}/{pod} has no output to attach to"),
@@ -224,20 +213,9 @@ impl Streaming {
         };
         info!(container = %format!("{ns}/{pod}/{container}"), "attach");
         tokio::spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => {
-                    debug!(error = %e, "attach upgrade failed");
-                    return;
-                }
-            };
-            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                None,
-            )
-            .await;
-            self.follow(ws, &id, &dir, opts).await;
+            if let Some(ws) = websocket(req, "attach").await {
+                self.follow(ws, &id, &dir, opts).await;
+            }
         });
         resp
     }
@@ -254,7 +232,7 @@ impl Streaming {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (mut sink, mut incoming) = ws.split();
-        let newest = |dir: &Path| super::server::restarts(dir).last().map(|(_, f)| f.clone());
+        let newest = |dir: &Path| super::logs::restarts(dir).last().map(|(_, f)| f.clone());
         let Some(file) = newest(dir) else {
             close(&mut sink).await;
             return;
@@ -273,7 +251,7 @@ impl Streaming {
                         self.cd.task(id).await,
                         Ok(Some(super::containerd::TaskState::Running { .. }))
                     );
-                    if let Ok(fresh) = super::server::read_from(&file, offset).await
+                    if let Ok(fresh) = super::logs::read_from(&file, offset).await
                         && let Some(i) = fresh.rfind('\n')
                     {
                         offset += i + 1;
@@ -460,6 +438,28 @@ where
     };
     let _ = sink.send(Message::Close(Some(frame))).await;
     let _ = sink.close().await;
+}
+
+/// The connection of an upgraded request as a server-side WebSocket, once
+/// the 101 has gone out; None (logged) when the upgrade failed.
+pub(super) async fn websocket(
+    req: Request<Incoming>,
+    what: &str,
+) -> Option<tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>> {
+    match hyper::upgrade::on(req).await {
+        Ok(u) => Some(
+            tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(u),
+                Role::Server,
+                None,
+            )
+            .await,
+        ),
+        Err(e) => {
+            debug!(error = %e, "{what} upgrade failed");
+            None
+        }
+    }
 }
 
 /// Checks a streaming request's WebSocket upgrade: the 101 to answer with

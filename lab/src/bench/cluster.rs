@@ -35,14 +35,7 @@ pub struct Args {
 
 /// RSS of a process in MiB (0 when it is gone).
 fn rss_mib(pid: i32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+    super::rss_kib(pid.max(0) as u32) as f64 / 1024.0
 }
 
 /// The pids of the runc shims serving the containerd at `socket`.

@@ -122,17 +122,6 @@ async fn start(
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn stats(mut v: Vec<f64>) -> Value {
     v.sort_by(f64::total_cmp);
     json!({"p50_ms": pct(&v, 0.5), "p99_ms": pct(&v, 0.99), "min_ms": v.first(), "max_ms": v.last(), "n": v.len()})
@@ -378,8 +367,8 @@ async fn cold_start(etcd: &Etcd, rounds: usize) -> Result<Value> {
         let (cp, t, _) = start(Some(&etcd.url), "apiserver,scheduler,controllers", &[]).await?;
         with_etcd.push(ms(t));
         tokio::time::sleep(Duration::from_secs(3)).await;
-        rss.push(rss_kib(cp.child.id()) as f64 / 1024.0);
-        rss_etcd.push(rss_kib(etcd.proc.child.id()) as f64 / 1024.0);
+        rss.push(super::rss_kib(cp.child.id()) as f64 / 1024.0);
+        rss_etcd.push(super::rss_kib(etcd.proc.child.id()) as f64 / 1024.0);
         drop(cp);
         let (cp, t, _) = start(None, "apiserver,scheduler,controllers", &[]).await?;
         local.push(ms(t));

@@ -49,3 +49,15 @@ pub fn kernel() -> String {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default()
 }
+
+/// A process's resident set in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
