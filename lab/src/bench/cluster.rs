@@ -5,11 +5,13 @@
 //! - A Deployment of `--replicas` busybox-httpd pods (readiness probe,
 //!   behind a Service): from `kubectl apply` until every replica is
 //!   Available.
-//! - Rolling it to a new image with 25 % surge and no unavailability while
+//! - Rolling it to a new image with 25 % surge and no unavailability (and
+//!   a preStop sleep, as a zero-downtime Deployment has) while
 //!   a client pod on one node sends requests through the ClusterIP, a new
 //!   connection each: the time the roll takes, and the requests that
 //!   failed (the target is none).
 //! - Per-node footprint: RSS of skiff-agent, containerd and the runc shims
+//!   (and the shims' PSS, their shared pages divided among them)
 //!   with no pods and with `--pods-per-node` pods on each node; the control
 //!   plane's RSS (skiff-control, etcd) beside it.
 //! - Node loss: a node's agent and containerd killed and its link cut,
@@ -38,6 +40,19 @@ fn rss_mib(pid: i32) -> f64 {
     super::rss_kib(pid.max(0) as u32) as f64 / 1024.0
 }
 
+/// PSS of a process in MiB: its pages, shared ones divided among their
+/// users (the shims share one binary).
+fn pss_mib(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 /// The pids of the runc shims serving the containerd at `socket`.
 fn shims(socket: &str) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -64,11 +79,13 @@ fn footprint(c: &Cluster) -> Value {
             let containerd = rss_mib(n.containerd.proc.pid());
             let socket = n.containerd.socket.display().to_string();
             let shim_pids = shims(&socket);
-            let shims_mib: f64 = shim_pids.iter().map(|p| rss_mib(*p)).sum();
+            let shims_mib: f64 = 0.0 + shim_pids.iter().map(|p| rss_mib(*p)).sum::<f64>();
+            let shims_pss: f64 = 0.0 + shim_pids.iter().map(|p| pss_mib(*p)).sum::<f64>();
             json!({
                 "node": n.name, "agent_mib": agent, "containerd_mib": containerd,
-                "shims": shim_pids.len(), "shims_mib": shims_mib,
+                "shims": shim_pids.len(), "shims_mib": shims_mib, "shims_pss_mib": shims_pss,
                 "total_mib": agent + containerd + shims_mib,
+                "total_pss_mib": agent + containerd + shims_pss,
             })
         })
         .collect();
@@ -137,13 +154,25 @@ pub fn run(args: &Args) -> Result<()> {
     let idle = footprint(&c);
 
     // 100 replicas Available.
-    let app = web_app(&c.busybox, args.replicas).replace(
-        &format!("  replicas: {}\n", args.replicas),
-        &format!(
-            "  replicas: {}\n  strategy:\n    type: RollingUpdate\n    rollingUpdate: {{maxSurge: 25%, maxUnavailable: 0}}\n",
-            args.replicas
-        ),
-    );
+    // As users deploy for zero-downtime rolls (and as the rolling-update
+    // test does): a preStop sleep covers the time the endpoints take to
+    // drop a terminating pod.
+    let app = web_app(&c.busybox, args.replicas)
+        .replace(
+            &format!("  replicas: {}\n", args.replicas),
+            &format!(
+                "  replicas: {}\n  strategy:\n    type: RollingUpdate\n    rollingUpdate: {{maxSurge: 25%, maxUnavailable: 0}}\n",
+                args.replicas
+            ),
+        )
+        .replace(
+            "      terminationGracePeriodSeconds: 2\n",
+            "      terminationGracePeriodSeconds: 10\n",
+        )
+        .replace(
+            "        readinessProbe:\n",
+            "        lifecycle:\n          preStop:\n            exec: {command: [\"sleep\", \"3\"]}\n        readinessProbe:\n",
+        );
     let t = Instant::now();
     c.cp.apply(&app).map_err(anyhow::Error::msg)?;
     let available = until_available(&c, args.replicas, t, Duration::from_secs(600))?;
@@ -265,11 +294,13 @@ pub fn run(args: &Args) -> Result<()> {
         (&format!("{} pods", args.pods_per_node)[..], &busy),
     ] {
         println!(
-            "| per node, {label}: agent / containerd / shims / total | {:.1} / {:.1} / {:.1} / {:.1} MiB | agent < 50 MiB |",
+            "| per node, {label}: agent / containerd / shims RSS (PSS) / total RSS (with shims' PSS) | {:.1} / {:.1} / {:.1} ({:.1}) / {:.1} ({:.1}) MiB | agent < 50 MiB |",
             mean(f, "agent_mib"),
             mean(f, "containerd_mib"),
             mean(f, "shims_mib"),
-            mean(f, "total_mib")
+            mean(f, "shims_pss_mib"),
+            mean(f, "total_mib"),
+            mean(f, "total_pss_mib")
         );
     }
     println!(
