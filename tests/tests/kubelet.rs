@@ -79,10 +79,14 @@ fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
             format!("hello from {name}"),
             "the pod's hostname is its name"
         );
-        let st = cp.jsonpath(
-            &["pod", name],
-            "{.status.hostIP} {.status.containerStatuses[0].ready} {.status.containerStatuses[0].containerID} {.status.containerStatuses[0].imageID}",
-        );
+        // httpd may answer a moment before its readiness probe has passed.
+        let st = wait_for("the pod Ready", Duration::from_secs(20), || {
+            let st = cp.jsonpath(
+                &["pod", name],
+                "{.status.hostIP} {.status.containerStatuses[0].ready} {.status.containerStatuses[0].containerID} {.status.containerStatuses[0].imageID}",
+            );
+            (st.split_whitespace().nth(1) == Some("true")).then_some(st)
+        });
         let f: Vec<&str> = st.split_whitespace().collect();
         assert_eq!(f.first(), Some(&"172.31.7.2"), "{st}");
         assert_eq!(f.get(1), Some(&"true"), "{st}");
@@ -133,6 +137,38 @@ fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
         "{answers}"
     );
     cp.kubectl_ok(&["delete", "pod", "probe", "--wait=false"]);
+
+    // hostNetwork: the node's network, no CNI; the pod's IP is the node's.
+    cp.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: on-host\nspec:\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: probe\n    image: {probe}\n    args: [serve-tcp, \"0.0.0.0:8089\", on-host]\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ip = wait_for(
+        "the hostNetwork pod to run",
+        Duration::from_secs(60),
+        || {
+            let s = cp.jsonpath(&["pod", "on-host"], "{.status.phase} {.status.podIP}");
+            s.strip_prefix("Running ")
+                .filter(|ip| !ip.is_empty())
+                .map(String::from)
+        },
+    );
+    assert_eq!(ip, "172.31.7.2", "a hostNetwork pod has the node's IP");
+    let answers = wait_for(
+        "the hostNetwork server to answer on the node's address",
+        Duration::from_secs(20),
+        || {
+            let out = Spawn::new(skiff_tests::bin("skiff-probe"))
+                .args(["tcp", "172.31.7.2:8089", "2"])
+                .netns(&ns)
+                .try_output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (v["answers"]["on-host"] == 2).then_some(v)
+        },
+    );
+    assert_eq!(answers["answers"]["on-host"], 2, "{answers}");
+    cp.kubectl_ok(&["delete", "pod", "on-host", "--wait=false"]);
 
     // Deleting the Deployment stops the containers within their grace
     // period and leaves nothing on the node.

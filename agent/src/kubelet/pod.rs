@@ -287,7 +287,13 @@ impl Worker {
 
     /// Picks up the containers a previous kubelet run left.
     async fn adopt(&mut self) {
-        if let Some(r) = Cni::saved_result(&self.dir()) {
+        if self.host_network() {
+            // The sandbox is there once its namespaces are.
+            let ns = sandbox::namespaces(&self.dir());
+            if std::path::Path::new(&ns.ipc).exists() {
+                self.ip = Some(self.shared.node_ip.clone());
+            }
+        } else if let Some(r) = Cni::saved_result(&self.dir()) {
             self.ip = skiff_cni_lib::exec::first_ip(&r);
         }
         let filter = format!("labels.\"{LABEL_POD_UID}\"=={}", self.uid);
@@ -602,8 +608,18 @@ impl Worker {
         c.restarts += 1;
     }
 
+    /// The pod uses the node's network (no CNI; its IP is the node's).
+    fn host_network(&self) -> bool {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+    }
+
     async fn ensure_sandbox(&mut self) -> bool {
         let dir = self.dir();
+        let host_network = self.host_network();
         let hostname = self.name().to_string();
         let ports: Vec<Value> = self
             .containers()
@@ -624,18 +640,26 @@ impl Worker {
         let r = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             sandbox::create_namespaces(&dir, &hostname).map_err(|e| e.to_string())?;
+            if host_network {
+                return Ok(None);
+            }
             let pod = PodRef {
                 namespace: &ns,
                 name: &name,
                 uid: &uid,
             };
-            cni.add(&dir, &pod, ports).map_err(|e| e.to_string())
+            cni.add(&dir, &pod, ports)
+                .map(Some)
+                .map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
         match r {
             Ok(result) => {
-                self.ip = skiff_cni_lib::exec::first_ip(&result);
+                self.ip = match result {
+                    Some(result) => skiff_cni_lib::exec::first_ip(&result),
+                    None => Some(self.shared.node_ip.clone()),
+                };
                 self.sandbox_error = None;
                 info!(pod = %self.name(), ip = ?self.ip, "sandbox ready");
                 true
@@ -951,13 +975,18 @@ impl Worker {
             self.name().to_string(),
         );
         self.shared.tokens.forget_pod(&uid);
+        let host_network = self.host_network();
         let torn = tokio::task::spawn_blocking(move || {
             let pod = PodRef {
                 namespace: &ns,
                 name: &name,
                 uid: &uid,
             };
-            let r = cni.del(&dir, &pod);
+            let r = if host_network {
+                Ok(())
+            } else {
+                cni.del(&dir, &pod)
+            };
             sandbox::remove_namespaces(&dir);
             super::volumes::release(&dir);
             if r.is_ok() {

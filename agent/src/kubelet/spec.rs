@@ -213,14 +213,31 @@ pub fn runtime_spec(i: &SpecInput) -> Value {
         let shares = (milli * 1024 / 1000).max(2);
         resources["cpu"]["shares"] = json!(shares);
     }
-    let mut linux = json!({
-        "namespaces": [
+    // hostNetwork: the node's network and hostname (the runtime's own
+    // namespaces), the pod's IPC.
+    let host_network = i
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
+    let namespaces = if host_network {
+        json!([
+            {"type": "pid"},
+            {"type": "mount"},
+            {"type": "ipc", "path": i.namespaces.ipc},
+        ])
+    } else {
+        json!([
             {"type": "pid"},
             {"type": "mount"},
             {"type": "network", "path": i.namespaces.net},
             {"type": "ipc", "path": i.namespaces.ipc},
             {"type": "uts", "path": i.namespaces.uts},
-        ],
+        ])
+    };
+    let mut linux = json!({
+        "namespaces": namespaces,
         "cgroupsPath": i.cgroups_path,
         "resources": resources,
     });
@@ -245,7 +262,7 @@ pub fn runtime_spec(i: &SpecInput) -> Value {
             "/proc/sysrq-trigger"
         ]);
     }
-    json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -260,7 +277,12 @@ pub fn runtime_spec(i: &SpecInput) -> Value {
         "hostname": i.hostname,
         "mounts": mounts,
         "linux": linux,
-    })
+    });
+    if host_network && let Some(m) = spec.as_object_mut() {
+        // A hostname needs a UTS namespace of the container's own.
+        m.remove("hostname");
+    }
+    spec
 }
 
 fn all_caps() -> Vec<String> {
@@ -382,5 +404,33 @@ mod tests {
                 .to_string()
                 .contains("\"path\":\"/n\"")
         );
+        assert_eq!(s["hostname"], "p");
+
+        // hostNetwork: no network or UTS namespace of the pod's, no hostname.
+        let host = Pod {
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                host_network: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = runtime_spec(&SpecInput {
+            pod: &host,
+            container: &c,
+            image_config: &json!({}),
+            env: &[],
+            namespaces: &ns,
+            hostname: "p",
+            cgroups_path: "/skiff/x",
+            mounts: &[],
+        });
+        let kinds: Vec<&str> = s["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["type"].as_str())
+            .collect();
+        assert_eq!(kinds, ["pid", "mount", "ipc"]);
+        assert!(s.get("hostname").is_none());
     }
 }
