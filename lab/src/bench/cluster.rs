@@ -258,6 +258,28 @@ pub fn run(args: &Args) -> Result<()> {
         not_ready.as_secs_f64(),
         recovered.as_secs_f64()
     );
+    // The node comes back, so that its containers (alive all along, out of
+    // reach) are removed before the cluster goes.
+    c.ns(lost).ip(&["link", "set", "eth0", "up"]);
+    c.nodes[lost].containerd.crash_and_restart();
+    c.nodes[lost].start_agent();
+    let _ =
+        c.cp.kubectl(&["delete", "deployment", "web", "--wait=false"]);
+    let cleared = {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if c.nodes.iter().all(|n| n.containerd.containers().is_empty()) {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    if !cleared {
+        eprintln!("warning: containers were still on the nodes at teardown");
+    }
 
     let doc = json!({
         "benchmark": "cluster",
