@@ -15,7 +15,6 @@ use tracing::info;
 use crate::alloc::Cidr;
 use crate::api::{self, Access, Api, ApiConfig};
 use crate::auth::authn::Authenticator;
-use crate::auth::rbac::Rbac;
 use crate::auth::serviceaccount::Tokens;
 use crate::auth::{self, Authorizer, User};
 use crate::etcd::LocalEtcd;
@@ -92,9 +91,9 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         );
         let pki = pki::load_or_create(&cfg.data_dir.join("pki"), &sans)
             .context("preparing the CA and serving certificate")?;
-        let rbac = Rbac::start(store.clone())
+        let authz = Authorizer::start(store.clone())
             .await
-            .context("reading the RBAC policy")?;
+            .context("reading the RBAC policy and the pods' bindings")?;
         let admin = User::authenticated("admin", vec![auth::MASTERS.to_string()]);
         let tokens = Arc::new(
             Tokens::load_or_create(&cfg.data_dir.join("pki").join("sa.key"))
@@ -109,7 +108,6 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
         let tls = api::tls_config(&pki.cert_pem, &pki.key_pem, authn.tls_verifier())
             .map_err(anyhow::Error::msg)?;
-        let authz = Authorizer::new(store.clone(), rbac);
         let api = Api::new(
             store,
             ApiConfig {

@@ -58,13 +58,7 @@ impl Streaming {
         ns: &str,
         pod: &str,
     ) -> Response<Body> {
-        let offered: Vec<String> = req
-            .headers()
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-            .collect();
+        let offered = super::stream::offered_protocols(&req);
         let upgrade = match (
             req.headers().get("sec-websocket-key"),
             req.headers()

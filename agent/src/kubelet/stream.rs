@@ -172,10 +172,7 @@ impl Streaming {
             Err(refused) => return text(StatusCode::BAD_REQUEST, refused),
         };
         let Some((id, process)) = self.find(ns, pod, container).await else {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!("container {container:?} of pod {ns}/{pod} is not running on this node"),
-            );
+            return not_running(ns, pod, container);
         };
         let label = format!("{ns}/{pod}/{container}");
         tokio::spawn(async move {
@@ -200,10 +197,7 @@ impl Streaming {
             Err(refused) => return text(StatusCode::BAD_REQUEST, refused),
         };
         let Some((id, _)) = self.find(ns, pod, container).await else {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!("container {container:?} of pod {ns}/{pod} is not running on this node"),
-            );
+            return not_running(ns, pod, container);
         };
         let Some(dir) = super::logs::container_dir(&self.log_dir, ns, pod, container) else {
             return text(
@@ -462,6 +456,23 @@ pub(super) async fn websocket(
     }
 }
 
+fn not_running(ns: &str, pod: &str, container: &str) -> Response<Body> {
+    text(
+        StatusCode::NOT_FOUND,
+        format!("container {container:?} of pod {ns}/{pod} is not running on this node"),
+    )
+}
+
+/// The WebSocket subprotocols a request offers.
+pub(super) fn offered_protocols(req: &Request<Incoming>) -> Vec<String> {
+    req.headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+        .collect()
+}
+
 /// Checks a streaming request's WebSocket upgrade: the 101 to answer with
 /// and whether v5 was chosen, or the refusal.
 fn handshake(req: &Request<Incoming>) -> Result<(Response<Body>, bool), String> {
@@ -469,13 +480,7 @@ fn handshake(req: &Request<Incoming>) -> Result<(Response<Body>, bool), String> 
         .headers()
         .get("sec-websocket-key")
         .map(|k| k.as_bytes().to_vec());
-    let offered: Vec<String> = req
-        .headers()
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-        .collect();
+    let offered = offered_protocols(req);
     let Some(key) = key else {
         return Err(
             "a WebSocket upgrade is needed (v5.channel.k8s.io or v4.channel.k8s.io); SPDY is not served"

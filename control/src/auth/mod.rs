@@ -11,6 +11,7 @@
 pub mod authn;
 pub mod bootstrap;
 pub mod csr;
+pub mod mirror;
 pub mod node;
 pub mod policy;
 pub mod rbac;
@@ -155,11 +156,16 @@ pub enum Decision {
 pub struct Authorizer {
     store: Store,
     rbac: Arc<rbac::Rbac>,
+    pods: Arc<node::PodIndex>,
 }
 
 impl Authorizer {
-    pub fn new(store: Store, rbac: Arc<rbac::Rbac>) -> Self {
-        Self { store, rbac }
+    /// Reads the RBAC policy and the pods' bindings, and follows them.
+    pub async fn start(store: Store) -> Result<Self, crate::store::StoreError> {
+        let rbac = rbac::Rbac::start(store.clone()).await?;
+        let pods = Arc::new(node::PodIndex::default());
+        mirror::start(store.clone(), "/registry/pods/", pods.clone()).await?;
+        Ok(Self { store, rbac, pods })
     }
 
     /// `body` is the object of a create, which the Node authorizer reads.
@@ -174,7 +180,7 @@ impl Authorizer {
         }
         let mut reason = String::new();
         if let (Some(node), Attributes::Resource(a)) = (user.node_name(), attrs) {
-            match node::authorize(&self.store, node, a, body).await {
+            match node::authorize(&self.store, &self.pods, node, a, body).await {
                 Decision::Allow => return Decision::Allow,
                 Decision::Deny(r) => reason = r,
             }

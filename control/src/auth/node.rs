@@ -40,104 +40,129 @@ fn bound_to(pod: &Value, node: &str) -> bool {
     pod.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node)
 }
 
-/// Whether `pod` uses the ConfigMap, Secret or ServiceAccount `name`.
-fn references(pod: &Value, plural: &str, name: &str) -> bool {
+/// The ConfigMaps, Secrets and the ServiceAccount a pod uses, as
+/// (resource, name).
+fn referenced(pod: &Value) -> Vec<(&'static str, String)> {
     let spec = &pod["spec"];
-    if plural == "serviceaccounts" {
-        let sa = spec
-            .get("serviceAccountName")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .unwrap_or("default");
-        return sa == name;
+    let mut out = Vec::new();
+    let sa = spec
+        .get("serviceAccountName")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    out.push(("serviceaccounts", sa.to_string()));
+    let mut add = |plural: &'static str, v: Option<&Value>, field: &str| {
+        if let Some(n) = v.and_then(|x| x.get(field)).and_then(Value::as_str) {
+            out.push((plural, n.to_string()));
+        }
+    };
+    let list = |v: Option<&Value>| -> Vec<Value> {
+        v.and_then(Value::as_array).cloned().unwrap_or_default()
+    };
+    for v in list(spec.get("volumes")) {
+        add("configmaps", v.get("configMap"), "name");
+        add("secrets", v.get("secret"), "secretName");
+        for src in list(v.pointer("/projected/sources")) {
+            add("configmaps", src.get("configMap"), "name");
+            add("secrets", src.get("secret"), "name");
+        }
     }
-    let (volume_key, env_key, from_key) = match plural {
-        "configmaps" => ("configMap", "configMapKeyRef", "configMapRef"),
-        "secrets" => ("secret", "secretKeyRef", "secretRef"),
-        _ => return false,
-    };
-    let name_field = if plural == "secrets" {
-        "secretName"
-    } else {
-        "name"
-    };
-    let named = |v: Option<&Value>, field: &str| {
-        v.and_then(|x| x.get(field)).and_then(Value::as_str) == Some(name)
-    };
-    let volumes = spec
-        .get("volumes")
-        .and_then(Value::as_array)
+    for s in list(spec.get("imagePullSecrets")) {
+        add("secrets", Some(&s), "name");
+    }
+    for c in list(spec.get("initContainers"))
         .into_iter()
-        .flatten();
-    for v in volumes {
-        if named(v.get(volume_key), name_field) {
-            return true;
-        }
-        let sources = v
-            .pointer("/projected/sources")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten();
-        for s in sources {
-            if named(s.get(volume_key), "name") {
-                return true;
-            }
-        }
-    }
-    if plural == "secrets"
-        && spec
-            .get("imagePullSecrets")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .any(|s| named(Some(s), "name"))
+        .chain(list(spec.get("containers")))
     {
-        return true;
+        for e in list(c.get("env")) {
+            let from = e.get("valueFrom");
+            add(
+                "configmaps",
+                from.and_then(|f| f.get("configMapKeyRef")),
+                "name",
+            );
+            add("secrets", from.and_then(|f| f.get("secretKeyRef")), "name");
+        }
+        for f in list(c.get("envFrom")) {
+            add("configmaps", f.get("configMapRef"), "name");
+            add("secrets", f.get("secretRef"), "name");
+        }
     }
-    ["initContainers", "containers"]
-        .iter()
-        .flat_map(|k| spec.get(*k).and_then(Value::as_array).into_iter().flatten())
-        .any(|c| {
-            let env = c.get("env").and_then(Value::as_array).into_iter().flatten();
-            let from = c
-                .get("envFrom")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten();
-            env.into_iter()
-                .any(|e| named(e.pointer("/valueFrom").and_then(|f| f.get(env_key)), "name"))
-                || from.into_iter().any(|f| named(f.get(from_key), "name"))
-        })
+    out
 }
 
-/// Whether some pod bound to `node` in `ns` references `plural/name`.
-async fn used_by_a_pod_on(
-    store: &Store,
-    node: &str,
-    ns: &str,
-    plural: &str,
-    name: &str,
-) -> Result<bool, String> {
-    let pods = resources::find("", "v1", "pods").ok_or("no pods")?;
-    let (items, _) = store
-        .list(&pods.prefix(Some(ns)), None)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(items.iter().any(|i| {
-        serde_json::from_slice::<Value>(&i.value)
-            .is_ok_and(|p| bound_to(&p, node) && references(&p, plural, name))
-    }))
+/// Whether `pod` uses the ConfigMap, Secret or ServiceAccount `name`.
+fn references(pod: &Value, plural: &str, name: &str) -> bool {
+    referenced(pod)
+        .iter()
+        .any(|(p, n)| *p == plural && n == name)
+}
+
+/// Which node each pod is bound to and what it uses, kept in memory from
+/// etcd ([`super::mirror`]): the Node authorizer's graph, read on every
+/// ConfigMap or Secret a kubelet fetches (each volume resync).
+#[derive(Default)]
+pub struct PodIndex(std::sync::RwLock<std::collections::HashMap<(String, String), Bound>>);
+
+struct Bound {
+    node: String,
+    uses: Vec<(&'static str, String)>,
+}
+
+impl super::mirror::View for PodIndex {
+    fn reset(&self) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn apply(&self, pod: &Value, present: bool) {
+        let s = |p: &str| {
+            pod.pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let key = (s("/metadata/namespace"), s("/metadata/name"));
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let node = s("/spec/nodeName");
+        if present && !node.is_empty() {
+            map.insert(
+                key,
+                Bound {
+                    node,
+                    uses: referenced(pod),
+                },
+            );
+        } else {
+            map.remove(&key);
+        }
+    }
+}
+
+impl PodIndex {
+    /// Whether some pod bound to `node` in `ns` uses `plural/name`.
+    fn used_on(&self, node: &str, ns: &str, plural: &str, name: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|((pod_ns, _), b)| {
+                pod_ns == ns
+                    && b.node == node
+                    && b.uses.iter().any(|(p, n)| *p == plural && n == name)
+            })
+    }
 }
 
 /// The decision for node `node`. `body` is the request's object for a
 /// create (its name, a TokenRequest's bound pod).
 pub async fn authorize(
     store: &Store,
+    pods: &PodIndex,
     node: &str,
     a: &ResourceAttributes,
     body: Option<&Value>,
 ) -> Decision {
-    match decide(store, node, a, body).await {
+    match decide(store, pods, node, a, body).await {
         Ok(d) => d,
         Err(e) => deny(format!("the node authorizer could not decide: {e}")),
     }
@@ -145,6 +170,7 @@ pub async fn authorize(
 
 async fn decide(
     store: &Store,
+    pods: &PodIndex,
     node: &str,
     a: &ResourceAttributes,
     body: Option<&Value>,
@@ -198,7 +224,7 @@ async fn decide(
         ("", plural @ ("configmaps" | "secrets" | "serviceaccounts"))
             if verb == "get" && sub.is_empty() =>
         {
-            if used_by_a_pod_on(store, node, &a.namespace, plural, &a.name).await? {
+            if pods.used_on(node, &a.namespace, plural, &a.name) {
                 Decision::Allow
             } else {
                 deny(format!(

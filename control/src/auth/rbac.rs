@@ -1,7 +1,7 @@
 //! RBAC (rbac.authorization.k8s.io/v1): Roles and ClusterRoles grant rules,
 //! RoleBindings and ClusterRoleBindings give them to users, groups and
-//! ServiceAccounts. The four kinds are kept in memory, read from etcd at
-//! start and followed by watches, so a decision costs no storage read.
+//! ServiceAccounts. The four kinds are kept in memory ([`super::mirror`]),
+//! so a decision costs no storage read.
 //!
 //! A ClusterRole with an `aggregationRule` also grants the rules of every
 //! ClusterRole its selectors match (one level deep), as upstream's
@@ -9,15 +9,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::Value;
-use tracing::{debug, warn};
 
 use super::{Attributes, SA_PREFIX, User};
 use crate::selector::LabelSelector;
-use crate::store::{Change, Store};
+use crate::store::Store;
 
 /// One rule of a Role or ClusterRole.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -321,6 +318,32 @@ fn str_of(v: &Value, key: &str) -> String {
         .to_string()
 }
 
+/// One of the four kinds, as a mirrored view of the policy.
+struct KindView {
+    rbac: Arc<Rbac>,
+    kind: Kind,
+}
+
+impl super::mirror::View for KindView {
+    fn reset(&self) {
+        let mut p = self.rbac.policy.write().unwrap_or_else(|e| e.into_inner());
+        match self.kind {
+            Kind::ClusterRole => p.cluster_roles.clear(),
+            Kind::Role => p.roles.clear(),
+            Kind::ClusterRoleBinding => p.cluster_bindings.clear(),
+            Kind::RoleBinding => p.bindings.clear(),
+        }
+    }
+
+    fn apply(&self, obj: &Value, present: bool) {
+        self.rbac
+            .policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(self.kind, obj, present);
+    }
+}
+
 /// The policy, kept current from etcd.
 pub struct Rbac {
     policy: RwLock<Policy>,
@@ -333,67 +356,13 @@ impl Rbac {
             policy: RwLock::new(Policy::default()),
         });
         for kind in Kind::ALL {
-            let rev = rbac.load(&store, kind).await?;
-            tokio::spawn(rbac.clone().follow(store.clone(), kind, rev));
+            let view = Arc::new(KindView {
+                rbac: rbac.clone(),
+                kind,
+            });
+            super::mirror::start(store.clone(), kind.prefix(), view).await?;
         }
         Ok(rbac)
-    }
-
-    /// Replaces `kind` in the policy with what etcd holds: the revision read.
-    async fn load(&self, store: &Store, kind: Kind) -> Result<i64, crate::store::StoreError> {
-        let (items, rev) = store.list(kind.prefix(), None).await?;
-        let objs: Vec<Value> = items
-            .iter()
-            .filter_map(|i| serde_json::from_slice(&i.value).ok())
-            .collect();
-        let mut p = self.policy.write().unwrap_or_else(|e| e.into_inner());
-        match kind {
-            Kind::ClusterRole => p.cluster_roles.clear(),
-            Kind::Role => p.roles.clear(),
-            Kind::ClusterRoleBinding => p.cluster_bindings.clear(),
-            Kind::RoleBinding => p.bindings.clear(),
-        }
-        for o in &objs {
-            p.apply(kind, o, true);
-        }
-        Ok(rev)
-    }
-
-    async fn follow(self: Arc<Self>, store: Store, kind: Kind, mut rev: i64) {
-        loop {
-            let progress = tokio::time::interval(Duration::from_secs(5));
-            match store.watch(kind.prefix(), rev, progress).await {
-                Ok(mut changes) => {
-                    while let Some(change) = changes.next().await {
-                        let Ok(change) = change else { break };
-                        let (obj, present, at) = match &change {
-                            Change::Put { item, .. } => (&item.value, true, item.mod_revision),
-                            Change::Delete { last, revision } => (&last.value, false, *revision),
-                            Change::Progress { revision } => {
-                                rev = rev.max(*revision);
-                                continue;
-                            }
-                        };
-                        if let Ok(v) = serde_json::from_slice::<Value>(obj) {
-                            self.policy
-                                .write()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .apply(kind, &v, present);
-                        }
-                        rev = at;
-                    }
-                    debug!(prefix = kind.prefix(), "rbac watch ended; watching again");
-                }
-                Err(e) => {
-                    warn!(prefix = kind.prefix(), error = %e, "rbac watch failed; reloading");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    match self.load(&store, kind).await {
-                        Ok(r) => rev = r,
-                        Err(e) => warn!(error = %e, "rbac reload failed"),
-                    }
-                }
-            }
-        }
     }
 
     pub fn allows(&self, user: &User, attrs: &Attributes) -> bool {
