@@ -39,6 +39,9 @@ enum Command {
         #[command(subcommand)]
         command: ProxyCommand,
     },
+    /// Copy the CNI plugin and its conflist onto the host (the DaemonSet's
+    /// init step).
+    InstallCni(InstallCniArgs),
     /// Leave the overlay.
     Overlay {
         #[command(subcommand)]
@@ -78,6 +81,13 @@ struct OverlayArgs {
     /// in seconds.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
+    /// Take the node's subnet from its Node's podCIDR and find peers on
+    /// Nodes (Flannel's --kube-subnet-mgr) instead of leasing in etcd.
+    #[arg(long)]
+    kube_subnet_mgr: bool,
+    /// The network config file in --kube-subnet-mgr mode.
+    #[arg(long, default_value = overlay::kube::DEFAULT_NET_CONFIG)]
+    net_config_path: PathBuf,
 }
 
 impl OverlayArgs {
@@ -91,6 +101,7 @@ impl OverlayArgs {
             lease_ttl: Duration::from_secs(self.lease_ttl.max(3)),
             ip_masq: self.ip_masq,
             resync: Duration::from_secs(self.resync_seconds.max(1)),
+            kube_subnet_mgr: self.kube_subnet_mgr.then(|| self.net_config_path.clone()),
         }
     }
 }
@@ -100,6 +111,25 @@ enum OverlayCommand {
     /// Give this node's subnet back now (peers drop their routes to it) and
     /// remove the VTEP, routes, masquerade rules and subnet file.
     Leave(OverlayArgs),
+}
+
+#[derive(clap::Args)]
+struct InstallCniArgs {
+    /// The plugin binary to install.
+    #[arg(long, default_value = "/opt/skiff/bin/skiff-cni")]
+    plugin: PathBuf,
+    /// The conflist to install.
+    #[arg(long, default_value = "/etc/skiff/cni-conf.json")]
+    conflist: PathBuf,
+    /// The host's CNI plugin directory (as mounted).
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// The host's CNI config directory (as mounted).
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// The conflist's file name there.
+    #[arg(long, default_value = "10-skiff.conflist")]
+    conf_name: String,
 }
 
 #[derive(clap::Args)]
@@ -246,7 +276,8 @@ fn node_name(given: Option<String>) -> String {
 /// role needs one.
 async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
     let needs = args.roles.contains(&Role::Kubelet)
-        || (args.roles.contains(&Role::Proxy) && args.manifests.is_none());
+        || (args.roles.contains(&Role::Proxy) && args.manifests.is_none())
+        || (args.roles.contains(&Role::Overlay) && args.overlay.kube_subnet_mgr);
     if !needs {
         return Ok(None);
     }
@@ -454,6 +485,17 @@ fn main() -> Result<()> {
                 proxy::dataplane::uninstall(&bpffs).context("uninstalling")
             }
         },
+        Command::InstallCni(a) => {
+            let (bin, conf) = skiff_agent::install_cni::install(
+                &a.plugin,
+                &a.bin_dir,
+                &a.conflist,
+                &a.conf_dir,
+                &a.conf_name,
+            )?;
+            println!("installed {} and {}", bin.display(), conf.display());
+            Ok(())
+        }
         Command::Overlay {
             command: OverlayCommand::Leave(args),
         } => tokio::runtime::Builder::new_current_thread()

@@ -130,6 +130,16 @@ struct RunArgs {
     /// Seconds pods stay on a NotReady node before they are evicted.
     #[arg(long, default_value_t = 300)]
     pod_eviction_timeout_seconds: u64,
+    /// Give every Node a podCIDR from `--cluster-cidr` (for an overlay in
+    /// Kubernetes subnet-manager mode, as kubeadm's `--pod-network-cidr`).
+    #[arg(long)]
+    allocate_node_cidrs: bool,
+    /// The pod network Node podCIDRs are carved from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: String,
+    /// Prefix length of each Node's podCIDR.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size: u8,
 }
 
 fn port_range(s: &str) -> Result<(u16, u16)> {
@@ -225,6 +235,17 @@ async fn main() -> Result<()> {
         .service_cidr
         .parse()
         .map_err(|e| anyhow::anyhow!("--service-cidr {e}"))?;
+    let node_cidrs = if cli.allocate_node_cidrs {
+        Some(
+            skiff_control::controllers::nodeipam::NodeCidrs::new(
+                &cli.cluster_cidr,
+                cli.node_cidr_mask_size,
+            )
+            .map_err(anyhow::Error::msg)?,
+        )
+    } else {
+        None
+    };
     let components = cli
         .components
         .iter()
@@ -247,6 +268,7 @@ async fn main() -> Result<()> {
         tls_sans: cli.tls_sans,
         node_grace: Duration::from_secs(cli.node_monitor_grace_seconds),
         eviction_timeout: Duration::from_secs(cli.pod_eviction_timeout_seconds),
+        node_cidrs,
     })
     .await
 }

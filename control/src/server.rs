@@ -50,6 +50,8 @@ pub struct ControlConfig {
     pub node_grace: std::time::Duration,
     /// Node lifecycle: how long pods stay on a NotReady node.
     pub eviction_timeout: std::time::Duration,
+    /// Node IPAM's pod network (`--allocate-node-cidrs`), if on.
+    pub node_cidrs: Option<crate::controllers::nodeipam::NodeCidrs>,
 }
 
 pub fn admin_kubeconfig_path(data_dir: &std::path::Path) -> PathBuf {
@@ -152,6 +154,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             let settings = crate::controllers::Settings {
                 node_grace: cfg.node_grace,
                 eviction_timeout: cfg.eviction_timeout,
+                node_cidrs: cfg.node_cidrs,
                 signer: signer(&cfg.data_dir),
             };
             for t in crate::controllers::spawn_all(client.clone(), settings) {

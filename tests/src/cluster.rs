@@ -76,6 +76,8 @@ pub struct Cluster {
     etcd_url: String,
     /// `skiff-agent join` flags for the nodes.
     node_join: Vec<String>,
+    /// Nodes run the kubelet alone; the network is installed onto them.
+    bare: bool,
 }
 
 impl Cluster {
@@ -86,6 +88,40 @@ impl Cluster {
 
     /// As `start`, with `control` flags for `skiff-control`.
     pub fn start_with(n: usize, control: &[&str]) -> Self {
+        Self::start_nodes(n, control, false)
+    }
+
+    /// `n` nodes running the kubelet role alone, each in
+    /// [`crate::node::NodeMounts`], and a control plane that gives Nodes
+    /// their podCIDRs: pods get a network only once it is installed
+    /// (`deploy/skiff-node.yaml`, see [`Cluster::node_manifest`]).
+    pub fn start_bare(n: usize) -> Self {
+        Self::start_nodes(
+            n,
+            &["--allocate-node-cidrs", "--cluster-cidr", "10.244.0.0/16"],
+            true,
+        )
+    }
+
+    /// `deploy/skiff-node.yaml` as this cluster applies it: `image` for the
+    /// agent and the apiserver's address on the underlay.
+    pub fn node_manifest(&self, image: &str) -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/skiff-node.yaml");
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let (image_was, host_was, port_was) = (
+            "localhost:5000/skiff-node:0.1.0",
+            "apiserver-host: \"127.0.0.1\"",
+            "apiserver-port: \"6443\"",
+        );
+        for s in [image_was, host_was, port_was] {
+            assert!(text.contains(s), "{path} no longer says {s}");
+        }
+        text.replace(image_was, image)
+            .replace(host_was, &format!("apiserver-host: \"{UNDERLAY_GW}\""))
+            .replace(port_was, &format!("apiserver-port: \"{}\"", self.cp.port()))
+    }
+
+    fn start_nodes(n: usize, control: &[&str], bare: bool) -> Self {
         let (underlay, nodes) = underlay(n);
         let etcd = Etcd::start_on(Some(&underlay), UNDERLAY_GW);
         etcd.ctl(&["put", "/coreos.com/network/config", NETWORK])
@@ -108,6 +144,7 @@ impl Cluster {
             underlay,
             etcd_url,
             node_join,
+            bare,
         };
         for (ns, ip) in nodes {
             c.start_node(ns, &ip);
@@ -125,8 +162,12 @@ impl Cluster {
                 ip,
                 join: &self.node_join,
                 registry: &self.registry.addr,
-                network: NodeNetwork::Overlay {
-                    etcd: &self.etcd_url,
+                network: if self.bare {
+                    NodeNetwork::Installed
+                } else {
+                    NodeNetwork::Overlay {
+                        etcd: &self.etcd_url,
+                    }
                 },
             },
         );

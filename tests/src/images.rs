@@ -4,6 +4,9 @@
 //!   nc, nslookup, sh: app, client and debug tool); command `sh`.
 //! - `skiff-probe`: the workspace's probe server and client, with the
 //!   shared libraries it loads; entrypoint `/skiff-probe`.
+//! - `skiff-node`: what `deploy/skiff-node.yaml` runs: `skiff-agent`
+//!   (entrypoint), `skiff-cni` in `/opt/skiff/bin` for its install step,
+//!   and `nft` (the overlay's masquerade rules), with their libraries.
 //!
 //! Each is one gzipped layer and a config, built once into
 //! `target/images/<name>/` (`cargo xtask images`, which `cargo xtask test`
@@ -19,7 +22,7 @@ use sha2::Digest as _;
 use crate::{Spawn, TempDir, bin_dir};
 
 /// The images there are.
-pub const NAMES: [&str; 2] = ["busybox", "skiff-probe"];
+pub const NAMES: [&str; 3] = ["busybox", "skiff-probe", "skiff-node"];
 
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -44,12 +47,14 @@ static BUILDING: Mutex<()> = Mutex::new(());
 /// what it is made of, else built (and stored) now.
 pub fn get(name: &str) -> Result<Image, String> {
     let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-    let source = source_of(name)?;
+    let sources = sources_of(name)?;
     let out = dir().join(name);
     let (layer, config) = (out.join("layer.tar.gz"), out.join("config.json"));
     let fresh = |p: &Path| {
         let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        matches!((m(p), m(&source)), (Some(a), Some(b)) if a >= b)
+        sources
+            .iter()
+            .all(|s| matches!((m(p), m(s)), (Some(a), Some(b)) if a >= b))
     };
     if !(fresh(&layer) && fresh(&config)) {
         build(name, &out)?;
@@ -60,10 +65,16 @@ pub fn get(name: &str) -> Result<Image, String> {
     Ok(Image { layer_gz, config })
 }
 
-fn source_of(name: &str) -> Result<PathBuf, String> {
+/// The files image `name` is made of (the first is its main binary).
+fn sources_of(name: &str) -> Result<Vec<PathBuf>, String> {
     match name {
-        "busybox" => Ok(PathBuf::from("/bin/busybox")),
-        "skiff-probe" => Ok(bin_dir().join("skiff-probe")),
+        "busybox" => Ok(vec![PathBuf::from("/bin/busybox")]),
+        "skiff-probe" => Ok(vec![bin_dir().join("skiff-probe")]),
+        "skiff-node" => Ok(vec![
+            bin_dir().join("skiff-agent"),
+            bin_dir().join("skiff-cni"),
+            PathBuf::from("/usr/sbin/nft"),
+        ]),
         other => Err(format!("no image {other:?} (there are {NAMES:?})")),
     }
 }
@@ -84,7 +95,8 @@ pub fn build(name: &str, out: &Path) -> Result<(), String> {
     .map_err(|e| format!("passwd: {e}"))?;
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")
         .map_err(|e| format!("group: {e}"))?;
-    let source = source_of(name)?;
+    let sources = sources_of(name)?;
+    let source = sources[0].clone();
     let copy = |from: &Path, to: &Path| {
         if let Some(d) = to.parent() {
             mkdir(d)?;
@@ -104,6 +116,26 @@ pub fn build(name: &str, out: &Path) -> Result<(), String> {
                 let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
             }
             json!({"Env": [PATH_ENV], "Cmd": ["sh"]})
+        }
+        "skiff-node" => {
+            let places = ["usr/local/bin", "opt/skiff/bin", "usr/sbin"];
+            for (from, dir) in sources.iter().zip(places) {
+                let file = from.file_name().unwrap_or(from.as_os_str());
+                let to = root.join(dir).join(file);
+                copy(from, &to).map_err(|e| {
+                    format!("{e} (run `cargo build --bins`; nft is package nftables)")
+                })?;
+                // A debug build's agent is mostly debug info (360 MB of it).
+                Spawn::new("strip")
+                    .args(["--strip-debug"])
+                    .arg_path(&to)
+                    .try_output()?;
+                for lib in shared_libraries(from)? {
+                    copy(&lib, &root.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
+                }
+            }
+            mkdir(&root.join("run"))?;
+            json!({"Env": [PATH_ENV], "Entrypoint": ["/usr/local/bin/skiff-agent"]})
         }
         _ => {
             copy(&source, &root.join("skiff-probe"))

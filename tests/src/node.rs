@@ -1,6 +1,6 @@
 //! Real nodes for kubelet tests: a network namespace holding its own
 //! containerd (own root, state and socket), a local OCI registry with
-//! the workspace's images (`images`: busybox, skiff-probe), the node's CNI
+//! the workspace's images (`images`: busybox, skiff-probe, skiff-node), the node's CNI
 //! conflist (`skiff-cni`), and `skiff-agent` running the kubelet role.
 //! Everything is removed on drop: the agent, the containers and their
 //! shims, containerd, the mounts under the node's directory.
@@ -65,7 +65,22 @@ impl Registry {
     /// Pushes the workspace's image `name` (see `images`) as
     /// `<registry>/<repo>` and returns that reference.
     pub fn push(&self, ns: &Netns, name: &str, repo: &str) -> String {
-        let image = crate::images::get(name).unwrap_or_else(|e| panic!("image {name}: {e}"));
+        self.push_labelled(ns, name, repo, None)
+    }
+
+    /// As `push`, with a label added to the image's config: the same files
+    /// as another image (and so the same layer), yet another image.
+    pub fn push_labelled(
+        &self,
+        ns: &Netns,
+        name: &str,
+        repo: &str,
+        label: Option<(&str, &str)>,
+    ) -> String {
+        let mut image = crate::images::get(name).unwrap_or_else(|e| panic!("image {name}: {e}"));
+        if let Some((k, v)) = label {
+            image.config["config"]["Labels"][k] = json!(v);
+        }
         let reference = format!("{}/{repo}", self.addr);
         let r = reference.clone();
         let nspath = ns.path();
@@ -119,10 +134,16 @@ pub struct Containerd {
     pub proc: Proc,
     dir: PathBuf,
     netns: String,
+    mntns: Option<PathBuf>,
 }
 
 impl Containerd {
     pub fn start_in(ns: &Netns, dir: &Path) -> Self {
+        Self::start_with_mounts(ns, dir, None)
+    }
+
+    /// As `start_in`, in the mount namespace at `mntns` when given.
+    pub fn start_with_mounts(ns: &Netns, dir: &Path, mntns: Option<PathBuf>) -> Self {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let socket = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");
@@ -138,21 +159,23 @@ impl Containerd {
         .unwrap_or_else(|e| panic!("containerd config: {e}"));
         let mut cd = Self {
             socket,
-            proc: Self::spawn(&ns.path(), dir),
+            proc: Self::spawn(&ns.path(), mntns.as_deref(), dir),
             dir: dir.to_path_buf(),
             netns: ns.path(),
+            mntns,
         };
         cd.wait_ready();
         cd
     }
 
-    fn spawn(netns: &str, dir: &Path) -> Proc {
+    fn spawn(netns: &str, mntns: Option<&Path>, dir: &Path) -> Proc {
         Spawn::new("containerd")
             .args([
                 "--config",
                 &dir.join("containerd.toml").display().to_string(),
             ])
             .netns_path(Some(netns))
+            .mntns_path(mntns)
             .log_to(&dir.join("containerd.log"))
             .start()
     }
@@ -167,7 +190,7 @@ impl Containerd {
     /// the shims and their containers live on.
     pub fn crash_and_restart(&mut self) {
         self.proc.kill_now();
-        self.proc = Self::spawn(&self.netns, &self.dir);
+        self.proc = Self::spawn(&self.netns, self.mntns.as_deref(), &self.dir);
         self.wait_ready();
     }
 
@@ -231,6 +254,64 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
+/// The host paths `deploy/skiff-node.yaml` names, made the node's own: a
+/// mount namespace (held by a sleeping process) where the node's
+/// containerd, its shims and its kubelet run, with the node's directories
+/// bound over `/opt/cni/bin`, `/etc/cni/net.d`, `/run/skiff` and
+/// `/var/lib/skiff`, a bpffs of its own on `/sys/fs/bpf`, and the node's
+/// cgroup as the cgroup v2 root. Everything mounted there goes with the
+/// namespace's last process.
+pub struct NodeMounts {
+    holder: Proc,
+}
+
+/// The host paths a node gets its own copy of, and their directory names
+/// under the node's directory.
+const NODE_PATHS: [(&str, &str); 4] = [
+    ("/opt/cni/bin", "opt-cni-bin"),
+    ("/etc/cni/net.d", "etc-cni-net.d"),
+    ("/run/skiff", "run-skiff"),
+    ("/var/lib/skiff", "var-lib-skiff"),
+];
+
+impl NodeMounts {
+    /// `dir`: the node's directory; `cgroup`: its cgroup v2 directory.
+    pub fn new(dir: &Path, cgroup: &Path) -> Self {
+        let mut script = String::from("set -e\n");
+        for (host, own) in NODE_PATHS {
+            let own = dir.join("host").join(own);
+            for d in [Path::new(host), &own] {
+                std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+            }
+            script.push_str(&format!("mount --bind '{}' '{host}'\n", own.display()));
+        }
+        let ready = dir.join("host/mounted");
+        script.push_str(&format!(
+            "mount -t bpf bpf /sys/fs/bpf\nmount --bind '{cg}' {root}\ntouch '{ready}'\nexec sleep infinity\n",
+            cg = cgroup.display(),
+            root = crate::cgroup::CGROUP2_ROOT,
+            ready = ready.display(),
+        ));
+        let holder = Spawn::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .log_to(&dir.join("mounts.log"))
+            .start();
+        let mut m = Self { holder };
+        wait_for("the node's mounts", Duration::from_secs(10), || {
+            if !m.holder.is_running() {
+                panic!("node mounts: {}", m.holder.log_text());
+            }
+            ready.exists().then_some(())
+        });
+        m
+    }
+
+    /// `/proc/<pid>/ns/mnt` of the namespace.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/mnt", self.holder.pid()))
+    }
+}
+
 /// One node: containerd, the node's CNI conflist, and `skiff-agent` with
 /// the kubelet role (alone, on a hand-written subnet.env) or every role.
 pub struct KubeletNode {
@@ -245,6 +326,8 @@ pub struct KubeletNode {
     pub pins: Option<crate::PinDir>,
     args: Vec<String>,
     netns: String,
+    /// Dropped after the agent and containerd (fields drop after `drop`).
+    mounts: Option<NodeMounts>,
 }
 
 /// How a node reaches the rest of its cluster.
@@ -264,6 +347,11 @@ pub enum NodeNetwork<'a> {
     /// Every role: the overlay leases the node's subnet in this etcd (vxlan
     /// over `eth0`) and the proxy translates Services for the node's pods.
     Overlay { etcd: &'a str },
+    /// The kubelet role alone, in [`NodeMounts`]: the network is
+    /// installed onto the node as `deploy/skiff-node.yaml` does it (the
+    /// CNI plugin and conflist under the standard paths, subnet.env in
+    /// /run/skiff), the subnet being the Node's podCIDR.
+    Installed,
 }
 
 impl KubeletNode {
@@ -298,19 +386,37 @@ impl KubeletNode {
                 .write(&subnet_file)
                 .unwrap_or_else(|e| panic!("subnet.env: {e}"));
         }
-        let conf_dir = dir.path.join("net.d");
-        std::fs::create_dir_all(&conf_dir).unwrap_or_else(|e| panic!("{e}"));
-        let bridge = format!("cni{}", &name[name.len().saturating_sub(6)..]);
-        let conflist = json!({"cniVersion": "1.0.0", "name": "skiff", "plugins": [
-            {"type": "skiff-cni", "bridge": bridge, "subnetFile": subnet_file, "dataDir": dir.path.join("cni")},
-            {"type": "portmap", "capabilities": {"portMappings": true}},
-        ]});
-        std::fs::write(conf_dir.join("10-skiff.conflist"), conflist.to_string())
-            .unwrap_or_else(|e| panic!("conflist: {e}"));
-        let containerd = Containerd::start_in(ns, &dir.path.join("containerd"));
         let cgroup_parent = format!("/skiff-test/{name}");
+        let installed = matches!(setup.network, NodeNetwork::Installed);
+        let (conf_dir, cni_bin, subnet_file, mounts) = if installed {
+            let cgroup = Path::new(crate::cgroup::CGROUP2_ROOT).join(&cgroup_parent[1..]);
+            std::fs::create_dir_all(&cgroup)
+                .unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+            let m = NodeMounts::new(&dir.path, &cgroup);
+            let p = PathBuf::from;
+            (
+                p("/etc/cni/net.d"),
+                p("/opt/cni/bin"),
+                p("/run/skiff/subnet.env"),
+                Some(m),
+            )
+        } else {
+            let conf_dir = dir.path.join("net.d");
+            std::fs::create_dir_all(&conf_dir).unwrap_or_else(|e| panic!("{e}"));
+            let bridge = format!("cni{}", &name[name.len().saturating_sub(6)..]);
+            let conflist = json!({"cniVersion": "1.0.0", "name": "skiff", "plugins": [
+                {"type": "skiff-cni", "bridge": bridge, "subnetFile": subnet_file, "dataDir": dir.path.join("cni")},
+                {"type": "portmap", "capabilities": {"portMappings": true}},
+            ]});
+            std::fs::write(conf_dir.join("10-skiff.conflist"), conflist.to_string())
+                .unwrap_or_else(|e| panic!("conflist: {e}"));
+            (conf_dir, bin_dir(), subnet_file, None)
+        };
+        let mntns = mounts.as_ref().map(NodeMounts::path);
+        let containerd =
+            Containerd::start_with_mounts(ns, &dir.path.join("containerd"), mntns.clone());
         let roles = match setup.network {
-            NodeNetwork::Fixed(_) => "kubelet",
+            NodeNetwork::Fixed(_) | NodeNetwork::Installed => "kubelet",
             NodeNetwork::Overlay { .. } => "kubelet,proxy,overlay",
         };
         let mut args: Vec<String> = vec!["join".to_string()];
@@ -334,7 +440,7 @@ impl KubeletNode {
                 "--cni-conf-dir",
                 &conf_dir.display().to_string(),
                 "--cni-bin-dir",
-                &bin_dir().display().to_string(),
+                &cni_bin.display().to_string(),
                 "--cni-bin-dir",
                 "/usr/lib/cni",
                 "--cgroup-parent",
@@ -387,6 +493,7 @@ impl KubeletNode {
             pins,
             args,
             netns: ns.path(),
+            mounts,
         };
         node.start_agent();
         node
@@ -402,6 +509,7 @@ impl KubeletNode {
                 .args(&self.args)
                 .args(&self.extra_args)
                 .netns_path(Some(&self.netns))
+                .mntns_path(self.mounts.as_ref().map(NodeMounts::path).as_deref())
                 .env("RUST_LOG", "info,skiff_agent=debug")
                 .log_to(&self.dir.path.join(format!("agent-{n}.log")))
                 .start(),

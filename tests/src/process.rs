@@ -15,6 +15,7 @@ use crate::{Cgroup, Netns};
 pub struct Spawn {
     cmd: Command,
     netns: Option<File>,
+    mntns: Option<File>,
     cgroup_procs: Option<File>,
     log: Option<PathBuf>,
 }
@@ -30,6 +31,7 @@ impl Spawn {
         Self {
             cmd: Command::new(program),
             netns: None,
+            mntns: None,
             cgroup_procs: None,
             log: None,
         }
@@ -67,6 +69,15 @@ impl Spawn {
         self
     }
 
+    /// Runs in the mount namespace at `path` (`/proc/<pid>/ns/mnt`), if any.
+    pub fn mntns_path(mut self, path: Option<&Path>) -> Self {
+        if let Some(path) = path {
+            let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            self.mntns = Some(f);
+        }
+        self
+    }
+
     pub fn cgroup(mut self, cg: &Cgroup) -> Self {
         let p = cg.path.join("cgroup.procs");
         let f = std::fs::OpenOptions::new()
@@ -85,6 +96,7 @@ impl Spawn {
 
     fn prepare(&mut self) {
         let netns = self.netns.as_ref().map(|f| f.as_raw_fd());
+        let mntns = self.mntns.as_ref().map(|f| f.as_raw_fd());
         let procs = self.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe system calls (setns, write) on fds opened
@@ -99,6 +111,11 @@ impl Spawn {
                 }
                 if let Some(fd) = netns
                     && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = mntns
+                    && libc::setns(fd, libc::CLONE_NEWNS) != 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }

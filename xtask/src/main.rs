@@ -37,7 +37,7 @@ enum Cmd {
     /// fmt, clippy, and every test, privileged ones included (run as root).
     Test,
     /// Build the OCI images pods run in tests, the demo and benchmarks
-    /// (busybox, skiff-probe) into target/images; the test harness pushes
+    /// (busybox, skiff-probe, skiff-node) into target/images; the test harness pushes
     /// them to its registry (and builds any that are missing or stale).
     Images,
     /// Benchmarks (not tests): `proxy`, `control`, `net`, `kubelet`.
@@ -86,6 +86,8 @@ const APT_PACKAGES: &[&str] = &[
     "docker-registry",
     "crun",
     "busybox-static",
+    // strip: the skiff-node image carries the agent without debug info.
+    "binutils",
     "fonts-dejavu-core",
     "curl",
     "python3-pip",

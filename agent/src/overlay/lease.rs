@@ -25,6 +25,25 @@ pub enum LeaseError {
         "{key} is missing: write the network config first (e.g. etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}')"
     )]
     NoConfig { key: String },
+    #[error(
+        "{path} is missing: mount the network config there (e.g. {{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}) or pass --net-config-path"
+    )]
+    NoConfigFile { path: String },
+    #[error("{path}: {source}")]
+    ConfigFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("apiserver: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(
+        "the Node's podCIDR {subnet} is outside the network {network}: give the control plane's --cluster-cidr and the network config the same range"
+    )]
+    Outside {
+        subnet: Ipv4Network,
+        network: Ipv4Network,
+    },
     #[error(transparent)]
     Config(#[from] NetworkError),
     #[error("every subnet of {network} is leased")]

@@ -12,6 +12,7 @@
 //! nothing; `leave` gives the lease back.
 
 pub mod backend;
+pub mod kube;
 pub mod lease;
 pub mod masq;
 pub mod network;
@@ -48,6 +49,103 @@ pub struct OverlayConfig {
     pub lease_ttl: Duration,
     pub ip_masq: bool,
     pub resync: Duration,
+    /// Kubernetes subnet-manager mode: the subnet is the Node's podCIDR,
+    /// peers are found on Nodes, and the network config is this file
+    /// (`etcd` and `prefix` are then unused).
+    pub kube_subnet_mgr: Option<PathBuf>,
+}
+
+/// Where subnets are leased and peers found. One per overlay run, behind
+/// an `Arc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    /// Flannel's etcd layout.
+    Etcd(Registry),
+    /// Nodes' podCIDRs and annotations.
+    Kube(kube::KubeSubnets),
+}
+
+/// The point a list was read at, where its watch starts.
+enum Since {
+    Revision(i64),
+    ResourceVersion(String),
+}
+
+impl Source {
+    async fn open(
+        cfg: &OverlayConfig,
+        ctx: &crate::role::NodeContext,
+    ) -> Result<Self, OverlayError> {
+        Ok(match &cfg.kube_subnet_mgr {
+            Some(path) => {
+                let client = ctx.client("overlay")?;
+                Source::Kube(kube::KubeSubnets::new(client, &ctx.node_name, path))
+            }
+            None => Source::Etcd(Registry::connect(&cfg.etcd, &cfg.prefix).await?),
+        })
+    }
+
+    fn describe(&self, cfg: &OverlayConfig) -> String {
+        match self {
+            Source::Etcd(_) => format!("{}/config in etcd", cfg.prefix),
+            Source::Kube(k) => k.config_path().display().to_string(),
+        }
+    }
+
+    async fn config(&self) -> Result<NetworkConfig, LeaseError> {
+        match self {
+            Source::Etcd(r) => r.config().await,
+            Source::Kube(k) => k.config().await,
+        }
+    }
+
+    async fn list(&self) -> Result<(BTreeMap<Ipv4Network, Lease>, Since), LeaseError> {
+        match self {
+            Source::Etcd(r) => {
+                let (all, rev) = r.list().await?;
+                let leases = all.into_iter().map(|(k, (l, _, _))| (k, l)).collect();
+                Ok((leases, Since::Revision(rev)))
+            }
+            Source::Kube(k) => {
+                let (leases, rv) = k.list().await?;
+                Ok((leases, Since::ResourceVersion(rv)))
+            }
+        }
+    }
+
+    async fn watch(&self, since: Since, tx: mpsc::Sender<Vec<Event>>) -> Result<(), LeaseError> {
+        match (self, since) {
+            (Source::Etcd(r), Since::Revision(rev)) => r.watch(rev, tx).await,
+            (Source::Kube(k), Since::ResourceVersion(rv)) => k.watch(rv, tx).await,
+            _ => Err(LeaseError::WatchEnded("a list of another source".into())),
+        }
+    }
+
+    async fn acquire(
+        &self,
+        net: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Network>,
+        ttl: Duration,
+    ) -> Result<Held, LeaseError> {
+        match self {
+            Source::Etcd(r) => r.acquire(net, attrs, previous, ttl.as_secs() as i64).await,
+            Source::Kube(k) => k.acquire(net, attrs).await,
+        }
+    }
+
+    /// Keeps the lease; `false` when it was lost.
+    async fn renew(&self, held: &Held, attrs: &LeaseAttrs) -> Result<bool, LeaseError> {
+        match self {
+            // The key can go while its etcd lease lives on (deleted by
+            // hand): check both.
+            Source::Etcd(r) => {
+                Ok(r.renew(held).await?
+                    && r.still_ours(held, attrs.public_ip).await.unwrap_or(true))
+            }
+            Source::Kube(k) => k.still_ours(held, attrs).await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +156,8 @@ pub enum OverlayError {
     Netlink(#[from] skiff_netlink::Error),
     #[error(transparent)]
     Masq(#[from] masq::MasqError),
+    #[error(transparent)]
+    NoClient(#[from] crate::role::NoClient),
     #[error("underlay: {0}")]
     Underlay(String),
     #[error("{path}: {source}")]
@@ -107,14 +207,14 @@ async fn underlay(nl: &Netlink, cfg: &OverlayConfig) -> Result<(Link, Ipv4Addr),
     Ok((link, ip))
 }
 
-async fn wait_for_config(reg: &Registry, prefix: &str) -> Result<NetworkConfig, OverlayError> {
+async fn wait_for_config(reg: &Source, cfg: &OverlayConfig) -> Result<NetworkConfig, OverlayError> {
     let mut warned = false;
     loop {
         match reg.config().await {
             Ok(c) => return Ok(c),
-            Err(LeaseError::NoConfig { key }) => {
+            Err(e @ (LeaseError::NoConfig { .. } | LeaseError::NoConfigFile { .. })) => {
                 if !warned {
-                    warn!(%key, %prefix, "waiting for the network config");
+                    warn!(config = %reg.describe(cfg), error = %e, "waiting for the network config");
                     warned = true;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -134,7 +234,7 @@ fn enable_forwarding() -> Result<(), OverlayError> {
 
 /// Everything the running overlay holds.
 struct Node {
-    reg: Arc<Registry>,
+    reg: Arc<Source>,
     cfg: OverlayConfig,
     net: NetworkConfig,
     attrs: LeaseAttrs,
@@ -145,18 +245,17 @@ struct Node {
 }
 
 impl Node {
-    async fn relist(&mut self) -> Result<i64, OverlayError> {
-        let (all, rev) = self.reg.list().await?;
-        self.leases = all.into_iter().map(|(k, (l, _, _))| (k, l)).collect();
+    async fn relist(&mut self) -> Result<Since, OverlayError> {
+        let (all, since) = self.reg.list().await?;
+        self.leases = all;
         let changed = self.dp.resync(self.leases.values()).await?;
         info!(
             leases = self.leases.len(),
             added = changed.added,
             removed = changed.removed,
-            revision = rev,
             "routes reconciled"
         );
-        Ok(rev)
+        Ok(since)
     }
 
     fn write_subnet_env(&self) -> Result<(), OverlayError> {
@@ -179,12 +278,7 @@ impl Node {
         let before = self.held.subnet;
         self.held = self
             .reg
-            .acquire(
-                &self.net,
-                &self.attrs,
-                Some(before),
-                self.cfg.lease_ttl.as_secs() as i64,
-            )
+            .acquire(&self.net, &self.attrs, Some(before), self.cfg.lease_ttl)
             .await?;
         if self.held.subnet != before {
             warn!(old = %before, new = %self.held.subnet, "lease lost and a different subnet taken: pods must be re-created");
@@ -226,12 +320,12 @@ impl Node {
     }
 }
 
-fn start_watch(reg: &Arc<Registry>, after: i64) -> mpsc::Receiver<Vec<Event>> {
+fn start_watch(reg: &Arc<Source>, since: Since) -> mpsc::Receiver<Vec<Event>> {
     let (tx, rx) = mpsc::channel(64);
     let reg = Arc::clone(reg);
     tokio::spawn(async move {
         let tx2 = tx.clone();
-        if let Err(e) = reg.watch(after, tx).await {
+        if let Err(e) = reg.watch(since, tx).await {
             warn!(error = %e, "lease watch ended");
             let _ = tx2.send(vec![Event::Resync]).await;
         }
@@ -248,25 +342,37 @@ impl crate::role::Role for OverlayConfig {
 
     async fn run(
         &self,
-        _ctx: crate::role::NodeContext,
+        ctx: crate::role::NodeContext,
         mut shutdown: crate::role::Shutdown,
     ) -> Result<(), OverlayError> {
-        run(self.clone(), crate::role::stopped(&mut shutdown)).await
+        run(self.clone(), &ctx, crate::role::stopped(&mut shutdown)).await
     }
 }
 
 /// Runs the overlay until `shutdown` completes.
 pub async fn run(
-    cfg: OverlayConfig,
+    mut cfg: OverlayConfig,
+    ctx: &crate::role::NodeContext,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), OverlayError> {
     tokio::pin!(shutdown);
-    let reg = Arc::new(Registry::connect(&cfg.etcd, &cfg.prefix).await?);
+    let reg = Arc::new(Source::open(&cfg, ctx).await?);
     let net = tokio::select! {
-        c = wait_for_config(&reg, &cfg.prefix) => c?,
+        c = wait_for_config(&reg, &cfg) => c?,
         _ = &mut shutdown => return Ok(()),
     };
     let nl = Netlink::open()?;
+    if let Source::Kube(k) = &*reg
+        && cfg.iface.is_none()
+        && cfg.public_ip.is_none()
+    {
+        // Peers reach the node at the address the kubelet reports.
+        cfg.public_ip = k.internal_ip().await?;
+        cfg.iface = match cfg.public_ip {
+            Some(ip) => interface_with(&nl, ip).await?,
+            None => None,
+        };
+    }
     let (under, public_ip) = underlay(&nl, &cfg).await?;
     let (mtu, route_dev, backend_data) = match net.backend {
         BackendType::Vxlan => {
@@ -302,9 +408,7 @@ pub async fn run(
     let previous = SubnetEnv::read(&cfg.subnet_file)
         .ok()
         .map(|e| e.subnet_network());
-    let held = reg
-        .acquire(&net, &attrs, previous, cfg.lease_ttl.as_secs() as i64)
-        .await?;
+    let held = reg.acquire(&net, &attrs, previous, cfg.lease_ttl).await?;
     if net.backend == BackendType::Vxlan {
         nl.ensure_address(route_dev, held.subnet.network(), 32)
             .await?;
@@ -325,7 +429,7 @@ pub async fn run(
         leases: BTreeMap::new(),
         mtu,
     };
-    let rev = node.relist().await?;
+    let since = node.relist().await?;
     if node.cfg.ip_masq {
         masq::install(node.net.network)?;
     } else {
@@ -334,7 +438,7 @@ pub async fn run(
     node.write_subnet_env()?;
     info!(subnet = %node.held.subnet, public_ip = %public_ip, backend = node.net.backend.as_str(), mtu, file = %node.cfg.subnet_file.display(), "overlay ready");
 
-    let mut events = start_watch(&reg, rev);
+    let mut events = start_watch(&reg, since);
     let renew_every = (node.cfg.lease_ttl / 3).max(Duration::from_secs(1));
     let mut renew = tokio::time::interval(renew_every);
     renew.tick().await;
@@ -361,8 +465,8 @@ pub async fn run(
                 // and retry, rather than exit and take routes' upkeep down.
                 while relist {
                     match node.relist().await {
-                        Ok(rev) => {
-                            events = start_watch(&reg, rev);
+                        Ok(since) => {
+                            events = start_watch(&reg, since);
                             relist = false;
                         }
                         Err(e) => {
@@ -376,11 +480,8 @@ pub async fn run(
                 }
             }
             _ = renew.tick() => {
-                // The key can go while its etcd lease lives on (deleted by
-                // hand): check both.
-                let lost = match node.reg.renew(&node.held).await {
-                    Ok(true) => !node.reg.still_ours(&node.held, node.attrs.public_ip).await.unwrap_or(true),
-                    Ok(false) => true,
+                let lost = match node.reg.renew(&node.held, &node.attrs).await {
+                    Ok(kept) => !kept,
                     Err(e) => {
                         warn!(error = %e, "renewing the lease failed; retrying");
                         false
@@ -406,30 +507,48 @@ pub async fn run(
     }
 }
 
+/// The interface holding `ip`, if any.
+async fn interface_with(nl: &Netlink, ip: Ipv4Addr) -> Result<Option<String>, OverlayError> {
+    for l in nl.links().await? {
+        if nl.addresses(l.index).await?.iter().any(|a| a.0 == ip) {
+            return Ok(Some(l.name));
+        }
+    }
+    Ok(None)
+}
+
 /// Gives this node's subnet back and removes what the overlay installed
 /// here: the VTEP (with its neighbour and FDB entries), our routes, the
 /// masquerade table and subnet.env.
 pub async fn leave(cfg: &OverlayConfig) -> Result<Option<Ipv4Network>, OverlayError> {
-    let reg = Registry::connect(&cfg.etcd, &cfg.prefix).await?;
     let nl = Netlink::open()?;
     let mut released = None;
-    let subnet = match SubnetEnv::read(&cfg.subnet_file) {
-        Ok(e) => Some(e.subnet_network()),
-        Err(_) => {
-            let (_, ip) = underlay(&nl, cfg).await?;
-            let (all, _) = reg.list().await?;
-            all.into_values()
-                .find(|(l, _, _)| l.attrs.public_ip == ip)
-                .map(|(l, _, _)| l.subnet)
+    let net = if let Some(path) = &cfg.kube_subnet_mgr {
+        // The subnet is the Node's podCIDR: it stays with the Node.
+        std::fs::read(path)
+            .ok()
+            .and_then(|t| NetworkConfig::parse(&t).ok())
+    } else {
+        let reg = Registry::connect(&cfg.etcd, &cfg.prefix).await?;
+        let subnet = match SubnetEnv::read(&cfg.subnet_file) {
+            Ok(e) => Some(e.subnet_network()),
+            Err(_) => {
+                let (_, ip) = underlay(&nl, cfg).await?;
+                let (all, _) = reg.list().await?;
+                all.into_values()
+                    .find(|(l, _, _)| l.attrs.public_ip == ip)
+                    .map(|(l, _, _)| l.subnet)
+            }
+        };
+        if let Some(s) = subnet
+            && reg.release(&s).await?
+        {
+            info!(subnet = %s, "lease released");
+            released = Some(s);
         }
+        reg.config().await.ok()
     };
-    if let Some(s) = subnet
-        && reg.release(&s).await?
-    {
-        info!(subnet = %s, "lease released");
-        released = Some(s);
-    }
-    if let Ok(net) = reg.config().await {
+    if let Some(net) = net {
         nl.delete_link_named(&vtep_name(net.vni)).await?;
     }
     for r in nl.routes(Some(SKIFF_ROUTE_PROTOCOL)).await? {

@@ -593,8 +593,21 @@ impl Api {
                 new
             }
             Some("status") if r.status => {
+                // As upstream's built-in status strategies: the spec stays,
+                // labels and annotations may change with the status (the
+                // overlay publishes its VTEP on its Node this way).
                 let mut new = cur.clone();
                 new["status"] = incoming.get("status").cloned().unwrap_or(json!({}));
+                for field in ["labels", "annotations"] {
+                    match incoming.pointer(&format!("/metadata/{field}")) {
+                        Some(v) if !v.is_null() => new["metadata"][field] = v.clone(),
+                        _ => {
+                            if let Some(m) = new["metadata"].as_object_mut() {
+                                m.remove(field);
+                            }
+                        }
+                    }
+                }
                 new
             }
             Some("approval") if r.is("certificates.k8s.io", "certificatesigningrequests") => {

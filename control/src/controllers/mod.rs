@@ -9,6 +9,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
 pub mod gc;
+pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod serviceaccount;
@@ -36,12 +37,18 @@ pub struct Settings {
     /// The cluster CA: signs approved client certificates, and its
     /// certificate is published in every namespace (`kube-root-ca.crt`).
     pub signer: Option<Arc<certificates::Signer>>,
+    /// Node IPAM: the pod network whose ranges Nodes get as podCIDR.
+    pub node_cidrs: Option<nodeipam::NodeCidrs>,
 }
 
 /// Starts every controller.
 pub fn spawn_all(client: Client, settings: Settings) -> Vec<JoinHandle<()>> {
     let ca_pem = settings.signer.as_ref().map(|s| s.ca_cert_pem.clone());
-    vec![
+    let mut tasks = Vec::new();
+    if let Some(cidrs) = settings.node_cidrs {
+        tasks.push(tokio::spawn(nodeipam::run(client.clone(), cidrs)));
+    }
+    tasks.extend([
         tokio::spawn(certificates::run(client.clone(), settings.signer.clone())),
         tokio::spawn(replicaset::run(client.clone())),
         tokio::spawn(deployment::run(client.clone())),
@@ -50,7 +57,8 @@ pub fn spawn_all(client: Client, settings: Settings) -> Vec<JoinHandle<()>> {
         tokio::spawn(gc::run(client.clone())),
         tokio::spawn(nodelifecycle::run(client.clone(), settings.clone())),
         tokio::spawn(serviceaccount::run(client, ca_pem)),
-    ]
+    ]);
+    tasks
 }
 
 /// A reflector store of `api`'s objects; `notify` fires on every change.
