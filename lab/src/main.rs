@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 
 const USAGE: &str = "usage: skiff-lab demo [--once]
-       skiff-lab images
+       skiff-lab images [--push REGISTRY] [--plain-http]
        skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
                              [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
                              [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
@@ -208,8 +208,26 @@ fn cluster_args(argv: &[String]) -> Result<cluster::Args> {
     Ok(a)
 }
 
-/// Builds every image into target/images and says what it built.
-fn images() -> Result<()> {
+/// Builds every image into target/images and says what it built; with
+/// `--push REGISTRY`, pushes each as `REGISTRY/<name>:<version>` too.
+fn images(argv: &[String]) -> Result<()> {
+    let mut push: Option<String> = None;
+    let mut plain_http = false;
+    let mut rest = Vec::new();
+    for a in argv {
+        if a == "--plain-http" {
+            plain_http = true;
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    each_flag(&rest, |flag, value| {
+        match flag {
+            "--push" => push = Some(value.trim_end_matches('/').to_string()),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
     let dir = skiff_tests::images::dir();
     for name in skiff_tests::images::NAMES {
         let out = dir.join(name);
@@ -220,6 +238,12 @@ fn images() -> Result<()> {
             out.display(),
             size as f64 / (1 << 20) as f64
         );
+        if let Some(registry) = &push {
+            let reference = format!("{registry}/{name}:{}", env!("CARGO_PKG_VERSION"));
+            let image = skiff_tests::images::get(name).map_err(anyhow::Error::msg)?;
+            skiff_tests::images::push(image, &reference, plain_http).map_err(anyhow::Error::msg)?;
+            println!("pushed {reference}");
+        }
     }
     Ok(())
 }
@@ -228,7 +252,7 @@ fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     match argv.first().map(String::as_str) {
         Some("demo") => demo::run(argv.iter().any(|a| a == "--once")),
-        Some("images") => images(),
+        Some("images") => images(&argv[1..]),
         Some("bench-proxy") => proxy::run(&bench_args(&argv[1..])?),
         Some("bench-control") => control::run(&control_args(&argv[1..])?),
         Some("bench-net") => net::run(&net_args(&argv[1..])?),

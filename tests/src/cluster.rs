@@ -175,19 +175,43 @@ impl Cluster {
         self.node_ns.push(ns);
     }
 
+    /// Waits until node `i` is Ready with a pod CIDR; a bare node, until
+    /// it has a pod CIDR and is NotReady for want of a pod network only.
     fn wait_node_ready(&self, i: usize) {
         let name = &self.nodes[i].name;
+        let want = if self.bare {
+            "False 10.244."
+        } else {
+            "True 10.244."
+        };
         wait_for(
-            &format!("node {name} Ready with a pod CIDR"),
+            &format!("node {name} {want}"),
             Duration::from_secs(60),
             || {
                 let s = self.cp.jsonpath(
                     &["node", name],
                     "{.status.conditions[?(@.type==\"Ready\")].status} {.spec.podCIDR}",
                 );
-                s.starts_with("True 10.244.").then_some(())
+                s.starts_with(want).then_some(())
             },
         );
+    }
+
+    /// Waits until every node is Ready.
+    pub fn wait_all_ready(&self) {
+        for n in &self.nodes {
+            wait_for(
+                &format!("node {} Ready", n.name),
+                Duration::from_secs(60),
+                || {
+                    let s = self.cp.jsonpath(
+                        &["node", &n.name],
+                        "{.status.conditions[?(@.type==\"Ready\")].status}",
+                    );
+                    (s == "True").then_some(())
+                },
+            );
+        }
     }
 
     /// A further node joins the underlay and the cluster; its index once

@@ -185,6 +185,50 @@ pub fn build(name: &str, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Pushes `image` as `reference` (`host[:port]/repo:tag`), over plain
+/// HTTP when `plain_http`, anonymously. Blocks (a runtime of its own).
+pub fn push(image: Image, reference: &str, plain_http: bool) -> Result<(), String> {
+    use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let parsed: oci_client::Reference =
+        reference.parse().map_err(|e| format!("{reference}: {e}"))?;
+    rt.block_on(async {
+        let client = oci_client::Client::new(ClientConfig {
+            protocol: if plain_http {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            ..Default::default()
+        });
+        let layer = ImageLayer::new(
+            image.layer_gz,
+            oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
+            None,
+        );
+        let config = Config::new(
+            image.config.to_string().into_bytes(),
+            oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_string(),
+            None,
+        );
+        client
+            .push(
+                &parsed,
+                &[layer],
+                config,
+                &oci_client::secrets::RegistryAuth::Anonymous,
+                None,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("push {reference}: {e}"))
+    })
+}
+
 /// The shared libraries `binary` loads, the dynamic loader included
 /// (`ldd`'s answer).
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, String> {

@@ -87,40 +87,7 @@ impl Registry {
         std::thread::spawn(move || {
             let _guard = skiff_netlink::NetnsGuard::enter(&nspath)
                 .unwrap_or_else(|e| panic!("enter {nspath}: {e}"));
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("runtime: {e}"));
-            rt.block_on(async {
-                use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
-                let client = oci_client::Client::new(ClientConfig {
-                    protocol: ClientProtocol::Http,
-                    ..Default::default()
-                });
-                let reference: oci_client::Reference =
-                    r.parse().unwrap_or_else(|e| panic!("{r}: {e}"));
-                let layer = ImageLayer::new(
-                    image.layer_gz,
-                    oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
-                    None,
-                );
-                let config = Config::new(
-                    image.config.to_string().into_bytes(),
-                    oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_string(),
-                    None,
-                );
-                client
-                    .push(
-                        &reference,
-                        &[layer],
-                        config,
-                        &oci_client::secrets::RegistryAuth::Anonymous,
-                        None,
-                    )
-                    .await
-                    .unwrap_or_else(|e| panic!("push {r}: {e}"));
-            });
+            crate::images::push(image, &r, true).unwrap_or_else(|e| panic!("{e}"));
         })
         .join()
         .unwrap_or_else(|_| panic!("pushing {reference} failed"));

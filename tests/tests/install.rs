@@ -39,14 +39,42 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
  {
     let c = Cluster::start_bare(2);
     let image = c.registry.push(&c.underlay, "skiff-node", "skiff-node:1");
-    // Nodes without the network: no CNI config yet.
+    // Nodes without a pod network: NotReady and saying why, tainted so
+    // nothing but what tolerates it (the DaemonSet) lands there.
     for n in &c.nodes {
         let conf = n.dir.path.join("host/etc-cni-net.d/10-skiff.conflist");
         assert!(!conf.exists(), "{} before the install", conf.display());
+        let why = c.cp.jsonpath(
+            &["node", &n.name],
+            r#"{.status.conditions[?(@.type=="Ready")].message}"#,
+        );
+        assert!(why.contains("NetworkReady=false"), "{why}");
+        wait_for(
+            &format!("{} tainted not-ready", n.name),
+            Duration::from_secs(20),
+            || {
+                let taints = c.cp.jsonpath(&["node", &n.name], "{.spec.taints[*].key}");
+                taints
+                    .contains("node.kubernetes.io/not-ready")
+                    .then_some(())
+            },
+        );
     }
     c.cp.apply(&c.node_manifest(&image))
         .unwrap_or_else(|e| panic!("{e}"));
     wait_agents(&c, &image);
+    // With the conflist and plugin in place the nodes are Ready.
+    c.wait_all_ready();
+    for n in &c.nodes {
+        wait_for(
+            &format!("{} untainted", n.name),
+            Duration::from_secs(20),
+            || {
+                let taints = c.cp.jsonpath(&["node", &n.name], "{.spec.taints[*].key}");
+                (!taints.contains("not-ready")).then_some(())
+            },
+        );
+    }
 
     // The init step put the plugin and the conflist on every node, and the
     // overlay published each node's VTEP on its Node.
@@ -71,6 +99,31 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
         .iter()
         .map(|n| c.cp.jsonpath(&["node", &n.name], "{.spec.podCIDR}"))
         .collect();
+    // Its ServiceAccount may do what the roles need and nothing more.
+    let can = |args: &[&str]| {
+        let mut all = vec![
+            "auth",
+            "can-i",
+            "--as=system:serviceaccount:kube-system:skiff-node",
+        ];
+        all.extend(args);
+        // can-i exits 1 for "no".
+        let out = c.cp.kubectl_run(&all, b"");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for (args, want) in [
+        (&["watch", "services"][..], "yes"),
+        (&["list", "endpointslices.discovery.k8s.io"], "yes"),
+        (&["watch", "nodes"], "yes"),
+        (&["patch", "nodes", "--subresource=status"], "yes"),
+        (&["patch", "nodes"], "no"),
+        (&["delete", "nodes"], "no"),
+        (&["list", "pods"], "no"),
+        (&["get", "secrets", "-n", "kube-system"], "no"),
+        (&["create", "services"], "no"),
+    ] {
+        assert_eq!(can(args), want, "can-i {args:?}");
+    }
 
     // Pods on both nodes, a client on the first: by ClusterIP and by the
     // other node's pod IP.

@@ -39,7 +39,15 @@ enum Cmd {
     /// Build the OCI images pods run in tests, the demo and benchmarks
     /// (busybox, skiff-probe, skiff-node) into target/images; the test harness pushes
     /// them to its registry (and builds any that are missing or stale).
-    Images,
+    Images {
+        /// Also push each as `<REGISTRY>/<name>:<version>` (anonymous; for
+        /// deploy/skiff-node.yaml on a cluster of your own).
+        #[arg(long)]
+        push: Option<String>,
+        /// The registry speaks plain HTTP.
+        #[arg(long)]
+        plain_http: bool,
+    },
     /// Benchmarks (not tests): `proxy`, `control`, `net`, `kubelet`.
     Bench {
         /// Which benchmark.
@@ -306,9 +314,16 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Test => test(),
-        Cmd::Images => {
+        Cmd::Images { push, plain_http } => {
             setup()?;
-            lab(&["images"])
+            let mut args = vec!["images".to_string()];
+            if let Some(r) = push {
+                args.extend(["--push".to_string(), r]);
+            }
+            if plain_http {
+                args.push("--plain-http".into());
+            }
+            lab(&args.iter().map(String::as_str).collect::<Vec<_>>())
         }
         Cmd::GenProtobufSchema {
             k8s_pb,

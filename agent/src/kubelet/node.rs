@@ -128,12 +128,24 @@ pub fn status(cfg: &KubeletConfig, runtime_version: &str, previous: Option<&Valu
             cond(ty, "False", ok_reason, "kubelet has sufficient resources");
         }
     }
-    cond(
-        "Ready",
-        "True",
-        "KubeletReady",
-        "kubelet is posting ready status",
-    );
+    match network_ready(cfg) {
+        Ok(()) => cond(
+            "Ready",
+            "True",
+            "KubeletReady",
+            "kubelet is posting ready status",
+        ),
+        // Upstream's words: a node without a pod network is NotReady
+        // (and tainted not-ready) until a CNI config is installed.
+        Err(why) => cond(
+            "Ready",
+            "False",
+            "KubeletNotReady",
+            &format!(
+                "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:{why}"
+            ),
+        ),
+    }
     json!({
         "capacity": cap,
         "allocatable": cap,
@@ -152,6 +164,20 @@ pub fn status(cfg: &KubeletConfig, runtime_version: &str, previous: Option<&Valu
             "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
         },
     })
+}
+
+/// Whether pods can get a network here: a CNI config loads from the conf
+/// dir and every plugin it chains is found in the bin dirs.
+pub fn network_ready(cfg: &KubeletConfig) -> Result<(), String> {
+    let list = skiff_cni_lib::exec::Conflist::load_dir(&cfg.cni_conf_dir)
+        .map_err(|e| format!("cni config uninitialized: {e}"))?;
+    let rt = skiff_cni_lib::exec::Runtime::new(cfg.cni_bin_dirs.clone());
+    for p in &list.plugins {
+        let kind = p["type"].as_str().unwrap_or_default();
+        rt.plugin_path(kind)
+            .map_err(|e| format!("network {:?}: {e}", list.name))?;
+    }
+    Ok(())
 }
 
 /// Whether two statuses differ beyond heartbeat times.

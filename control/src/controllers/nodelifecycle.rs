@@ -4,7 +4,9 @@
 //! its pods marked not ready; once the eviction timeout has passed (or a
 //! pod's own `tolerationSeconds` for that taint), its pods are deleted so
 //! their controllers replace them elsewhere. A node whose Lease is renewed
-//! again loses the taints.
+//! again loses the taints. A node that reports `Ready=False` (a kubelet
+//! without a pod network, say) gets `node.kubernetes.io/not-ready`
+//! NoSchedule until it is Ready, as upstream taints nodes by condition.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,34 @@ use tracing::{info, warn};
 use super::{Settings, name_of, next_pass, ns_of, ready, reflect};
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
+
+/// The node's taints with the not-ready NoSchedule taint added (`on`) or
+/// removed; None when that changes nothing.
+fn with_not_ready(node: &Node, on: bool, now: Timestamp) -> Option<Vec<Taint>> {
+    let taints: Vec<Taint> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    let has = taints
+        .iter()
+        .any(|t| t.key == NOT_READY && t.effect == "NoSchedule");
+    match (on, has) {
+        (true, false) => {
+            let mut t = taints;
+            t.push(Taint {
+                key: NOT_READY.into(),
+                effect: "NoSchedule".into(),
+                time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+                value: None,
+            });
+            Some(t)
+        }
+        (false, true) => Some(taints.into_iter().filter(|t| t.key != NOT_READY).collect()),
+        _ => None,
+    }
+}
 
 /// The last sign of life: the Lease's renewTime, else the Ready
 /// condition's heartbeat, else the node's creation.
@@ -76,6 +106,17 @@ fn tolerated_for(pod: &Pod, default: Duration) -> Option<Duration> {
         }
     }
     Some(default)
+}
+
+/// Replaces the node's taints; a failure is logged (the next pass retries).
+async fn set_taints(api: &Api<Node>, name: &str, taints: Vec<Taint>, doing: &str) {
+    let patch = json!({"spec": {"taints": taints}});
+    if let Err(e) = api
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        warn!(node = %name, error = %e, "{doing} failed");
+    }
 }
 
 fn stamp(t: Timestamp) -> String {
@@ -159,16 +200,7 @@ pub async fn run(client: Client, settings: Settings) {
                         value: None,
                     });
                 }
-                if let Err(e) = nodes_api
-                    .patch(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"spec": {"taints": taints}})),
-                    )
-                    .await
-                {
-                    warn!(node = %name, error = %e, "tainting the node failed");
-                }
+                set_taints(&nodes_api, &name, taints, "tainting the node").await;
             }
             if !silent && tainted.is_some() {
                 let taints: Vec<Taint> = node
@@ -180,13 +212,16 @@ pub async fn run(client: Client, settings: Settings) {
                     .filter(|t| t.key != UNREACHABLE)
                     .collect();
                 info!(node = %name, "node renewing its lease again: taints removed");
-                let _ = nodes_api
-                    .patch(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"spec": {"taints": taints}})),
-                    )
-                    .await;
+                set_taints(&nodes_api, &name, taints, "removing the taints").await;
+            }
+            // The unreachable taint's changes land first (the node object
+            // read this pass is stale after them).
+            if !silent && tainted.is_none() {
+                let not_ready = ready_status(&node).as_deref() == Some("False");
+                if let Some(taints) = with_not_ready(&node, not_ready, now) {
+                    info!(node = %name, not_ready, "not-ready taint {}", if not_ready { "added" } else { "removed" });
+                    set_taints(&nodes_api, &name, taints, "updating the not-ready taint").await;
+                }
             }
             let Some(since) = tainted.filter(|_| silent) else {
                 continue;
@@ -213,5 +248,39 @@ pub async fn run(client: Client, settings: Settings) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(ready: &str, taints: serde_json::Value) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": taints},
+            "status": {"conditions": [{"type": "Ready", "status": ready}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_not_ready_taint_follows_readiness_and_keeps_the_others() {
+        let now = Timestamp::now();
+        let other = json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]);
+        let added = with_not_ready(&node("False", other.clone()), true, now).unwrap();
+        assert_eq!(added.len(), 2);
+        assert!(
+            added
+                .iter()
+                .any(|t| t.key == NOT_READY && t.effect == "NoSchedule")
+        );
+        let tainted = node("True", serde_json::to_value(&added).unwrap());
+        let removed = with_not_ready(&tainted, false, now).unwrap();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].key, "dedicated");
+        // Nothing to change either way.
+        assert!(with_not_ready(&node("True", other), false, now).is_none());
+        assert!(with_not_ready(&tainted, true, now).is_none());
     }
 }
