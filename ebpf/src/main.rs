@@ -6,6 +6,10 @@
 //! no per-packet NAT. `recvmsg4/6` and `getpeername4/6` undo the rewrite in
 //! what the application sees, so UDP replies and the peer name show the
 //! frontend. The maps are described in `skiff-ebpf-common`.
+//!
+//! An AF_INET6 socket may name an IPv4 service as `::ffff:10.96.0.10`
+//! (Go, Java and Python dual-stack clients do): the v6 hooks look such an
+//! address up in the IPv4 entries and answer in the same mapped form.
 #![no_std]
 #![no_main]
 
@@ -146,6 +150,31 @@ fn read_addr(sa: *mut bpf_sock_addr, family: u8) -> [u32; 4] {
     }
 }
 
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as
+/// `user_ip6` holds it (network byte order).
+const MAPPED: u32 = 0xffff_u32.to_be();
+
+/// The address and family the maps key `raw` by, and whether it was an
+/// IPv4-mapped IPv6 address.
+#[inline(always)]
+fn key_of(raw: [u32; 4], family: u8) -> ([u32; 4], u8, bool) {
+    if family == FAMILY_V6 && raw[0] == 0 && raw[1] == 0 && raw[2] == MAPPED {
+        ([raw[3], 0, 0, 0], FAMILY_V4, true)
+    } else {
+        (raw, family, false)
+    }
+}
+
+/// `addr` (as the maps hold it) in the form the socket speaks.
+#[inline(always)]
+fn in_form(addr: &[u32; 4], mapped: bool) -> [u32; 4] {
+    if mapped {
+        [0, 0, MAPPED, addr[0]]
+    } else {
+        *addr
+    }
+}
+
 #[inline(always)]
 fn write_addr(sa: *mut bpf_sock_addr, family: u8, addr: &[u32; 4], port: u16) {
     // SAFETY: these hooks may write user_ip4/user_ip6 and user_port.
@@ -172,12 +201,12 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
         17 => PROTO_UDP,
         _ => return Ok(SYS_PROCEED),
     };
-    let addr = read_addr(sa, family);
+    let (addr, key_family, mapped) = key_of(read_addr(sa, family), family);
     let key = ServiceKey {
         addr,
         port: port as u16,
         proto,
-        family,
+        family: key_family,
     };
     // SAFETY: the value is copied out at once; see BPF_F_NO_PREALLOC.
     let svc = match unsafe { SERVICES.get(&key) } {
@@ -195,7 +224,7 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
         0
     };
     let backend = choose(ctx, &svc, hook, cookie)?;
-    write_addr(sa, family, &backend.addr, backend.port);
+    write_addr(sa, family, &in_form(&backend.addr, mapped), backend.port);
 
     if hook == Hook::Connect {
         // Remember the frontend for getpeername and connected recvmsg.
@@ -222,7 +251,7 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
             cookie,
             addr: backend.addr,
             port: backend.port,
-            family,
+            family: key_family,
             pad: [0; 5],
         };
         if REVNAT.get_ptr(&rkey).is_none() {
@@ -318,7 +347,7 @@ fn choose(
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext, family: u8) {
     let sa = ctx.sock_addr;
-    let addr = read_addr(sa, family);
+    let (addr, key_family, mapped) = key_of(read_addr(sa, family), family);
     // SAFETY: valid context pointer from the kernel.
     let port = unsafe { (*sa).user_port } as u16;
     // SAFETY: the context's socket is valid for the program's run.
@@ -327,7 +356,7 @@ fn reverse(ctx: &SockAddrContext, family: u8) {
         // SAFETY: non-null storage of this socket; copied out at once.
         let p = unsafe { *peer };
         if p.backend == addr && p.backend_port == port {
-            write_addr(sa, family, &p.frontend, p.frontend_port);
+            write_addr(sa, family, &in_form(&p.frontend, mapped), p.frontend_port);
             return;
         }
     }
@@ -336,13 +365,13 @@ fn reverse(ctx: &SockAddrContext, family: u8) {
         cookie,
         addr,
         port,
-        family,
+        family: key_family,
         pad: [0; 5],
     };
     if let Some(v) = REVNAT.get_ptr(&key) {
         // SAFETY: copied out at once.
         let v = unsafe { *v };
-        write_addr(sa, family, &v.addr, v.port);
+        write_addr(sa, family, &in_form(&v.addr, mapped), v.port);
     }
 }
 

@@ -307,6 +307,41 @@ fn udp_cluster_ip_spreads_and_reply_comes_from_vip() {
 }
 
 #[test]
+fn ipv4_mapped_ipv6_destinations_reach_ipv4_services() {
+    // Dual-stack clients (Go, Java, Python) connect AF_INET6 sockets to
+    // `::ffff:<ClusterIP>`.
+    let node = web_node("");
+    node.wait_programmed(
+        "10.96.0.10:53/UDP",
+        &["10.200.0.11:5353", "10.200.0.12:5353", "10.200.0.13:5353"],
+    );
+    let r = node.tcp("[::ffff:10.96.0.10]:80", 60);
+    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(
+        counts(&r, "answers").keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{r}"
+    );
+    assert_eq!(
+        counts(&r, "peers").keys().collect::<Vec<_>>(),
+        ["[::ffff:10.96.0.10]:80"],
+        "getpeername answers in the form the socket asked: {r}"
+    );
+    let r = node.udp("[::ffff:10.96.0.10]:53", 30);
+    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(
+        counts(&r, "answers").keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{r}"
+    );
+    assert_eq!(
+        counts(&r, "peers").keys().collect::<Vec<_>>(),
+        ["[::ffff:10.96.0.10]:53"],
+        "replies come from the mapped VIP: {r}"
+    );
+}
+
+#[test]
 fn endpoint_removal_and_readiness_changes_apply_to_new_connections() {
     let node = web_node("");
     // b3 removed, b2 not ready: only b1 takes new connections.
