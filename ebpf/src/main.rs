@@ -27,8 +27,8 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{
     AffinityKey, AffinityValue, Backend, FAMILY_V4, FAMILY_V6, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, PeerValue, RevNatKey, RevNatValue,
-    SCOPE_CLIENT, SCOPE_SOCKET, ServiceKey, ServiceValue, SlotKey, SlotValue,
+    MAX_DOOMED, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, PeerValue, RevNatKey,
+    RevNatValue, SCOPE_CLIENT, SCOPE_SOCKET, ServiceKey, ServiceValue, SlotKey, SlotValue,
 };
 
 /// Without preallocation a replaced or deleted element is freed after an RCU
@@ -59,6 +59,13 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX
 
 #[map(name = "REVNAT")]
 static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNAT, 0);
+
+/// Connected sockets to terminate, by their `PEERS` record: the agent
+/// fills it when backends leave and runs its socket iterator (loaded from
+/// user space: it calls the `bpf_sock_destroy` kfunc) over the pods'
+/// network namespaces. No program here reads it.
+#[map(name = "DOOMED")]
+static DOOMED: HashMap<PeerValue, u8> = HashMap::pinned(MAX_DOOMED, BPF_F_NO_PREALLOC);
 
 /// Per-socket record of a translated connect, for getpeername and for
 /// recvmsg on connected UDP sockets. Socket storage costs one allocation

@@ -341,6 +341,137 @@ fn ipv4_mapped_ipv6_destinations_reach_ipv4_services() {
     );
 }
 
+/// `(ms since the epoch, answer or "error: ...")` per line of a
+/// `udp-follow` client's log.
+fn follow_lines(p: &Proc) -> Vec<(u128, String)> {
+    p.log_text()
+        .lines()
+        .filter_map(|l| {
+            let (t, rest) = l.split_once(' ')?;
+            Some((t.parse().ok()?, rest.to_string()))
+        })
+        .collect()
+}
+
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+#[test]
+fn a_connected_udp_client_is_moved_off_a_backend_that_leaves_and_nothing_else_is_touched() {
+    let node = web_node("");
+    // A second Service whose only backend is every backend of `web`: its
+    // sockets to them must survive `web` losing one.
+    let all = [ready(B[0]), ready(B[1]), ready(B[2])];
+    node.write(
+        "other.yaml",
+        &format!(
+            "{}---
+{}",
+            service(
+                "other",
+                &format!(
+                    "  clusterIP: 10.96.0.20
+{WEB_PORTS}"
+                )
+            ),
+            slice("other", "IPv4", &all)
+        ),
+    );
+    node.wait_programmed(
+        "10.96.0.20:53/UDP",
+        &["10.200.0.11:5353", "10.200.0.12:5353", "10.200.0.13:5353"],
+    );
+    let follow = |to: &str, in_cgroup: bool, name: &str| {
+        let mut s = Spawn::new(bin("skiff-probe"))
+            .args(["udp-follow", to, "8"])
+            .netns(&node.ns)
+            .log_to(&node.logs.path.join(format!("{name}.log")));
+        if in_cgroup {
+            s = s.cgroup(&node.cg);
+        }
+        s.start()
+    };
+    let mut client = follow("10.96.0.10:53", true, "client");
+    let mut other = follow("10.96.0.20:53", true, "other");
+    // Which backend each got.
+    let first = |p: &Proc| {
+        wait_for("a first answer", TIMEOUT, || {
+            follow_lines(p)
+                .into_iter()
+                .find(|(_, a)| a.starts_with('b'))
+                .map(|(_, a)| a)
+        })
+    };
+    let gone = first(&client);
+    let other_backend = first(&other);
+    let gone_ip = B[gone[1..].parse::<usize>().unwrap_or(1) - 1];
+    // A process outside the cgroup talking to that backend directly.
+    let mut outside = follow(&format!("{gone_ip}:5353"), false, "outside");
+    first(&outside);
+
+    // `gone` leaves `web` (its server keeps running, as a terminating pod's
+    // may).
+    let left: Vec<_> = all.iter().copied().filter(|e| e.0 != gone_ip).collect();
+    node.write(
+        "web.yaml",
+        &format!(
+            "{}---
+{}",
+            service(
+                "web",
+                &format!(
+                    "  clusterIP: 10.96.0.10
+{WEB_PORTS}"
+                )
+            ),
+            slice("web", "IPv4", &left)
+        ),
+    );
+    let kept: Vec<String> = left.iter().map(|e| format!("{}:5353", e.0)).collect();
+    let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
+    node.wait_programmed("10.96.0.10:53/UDP", &kept);
+    let programmed_at = epoch_ms();
+    for p in [&mut client, &mut other, &mut outside] {
+        p.finish();
+    }
+
+    let lines = follow_lines(&client);
+    let after: Vec<&(u128, String)> = lines.iter().filter(|(t, _)| *t > programmed_at).collect();
+    let moved = after
+        .iter()
+        .find(|(_, a)| a.starts_with('b') && *a != gone)
+        .unwrap_or_else(|| panic!("the client never left {gone}: {lines:?}"));
+    // Ended: a read says ECONNABORTED, a write EDESTADDRREQ (89).
+    assert!(
+        after
+            .iter()
+            .any(|(_, a)| a.contains("ConnectionAborted") || a.ends_with("errno 89")),
+        "the application saw its socket end: {lines:?}"
+    );
+    let last: Vec<&String> = lines.iter().rev().take(10).map(|(_, a)| a).collect();
+    assert!(
+        last.iter().all(|a| a.starts_with('b') && **a != gone),
+        "it stays on live backends: {last:?}"
+    );
+    eprintln!(
+        "moved from {gone} to {} {} ms after the slice was programmed",
+        moved.1,
+        moved.0.saturating_sub(programmed_at)
+    );
+    // The other Service's socket and the process outside the cgroup kept
+    // their backends without an error.
+    for (p, backend) in [(&other, &other_backend), (&outside, &gone)] {
+        let lines = follow_lines(p);
+        assert!(
+            lines.iter().all(|(_, a)| a == backend),
+            "{backend} throughout: {lines:?}"
+        );
+    }
+}
+
 #[test]
 fn endpoint_removal_and_readiness_changes_apply_to_new_connections() {
     let node = web_node("");

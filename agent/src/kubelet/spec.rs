@@ -221,21 +221,25 @@ pub fn runtime_spec(i: &SpecInput) -> Value {
         .as_ref()
         .and_then(|s| s.host_network)
         .unwrap_or(false);
-    let namespaces = if host_network {
-        json!([
-            {"type": "pid"},
-            {"type": "mount"},
-            {"type": "ipc", "path": i.namespaces.ipc},
-        ])
-    } else {
-        json!([
-            {"type": "pid"},
-            {"type": "mount"},
-            {"type": "network", "path": i.namespaces.net},
-            {"type": "ipc", "path": i.namespaces.ipc},
-            {"type": "uts", "path": i.namespaces.uts},
-        ])
-    };
+    // hostPID: the node's PID namespace (the runtime's own).
+    let host_pid = i
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_pid)
+        .unwrap_or(false);
+    let mut namespaces = Vec::new();
+    if !host_pid {
+        namespaces.push(json!({"type": "pid"}));
+    }
+    namespaces.push(json!({"type": "mount"}));
+    if !host_network {
+        namespaces.push(json!({"type": "network", "path": i.namespaces.net}));
+    }
+    namespaces.push(json!({"type": "ipc", "path": i.namespaces.ipc}));
+    if !host_network {
+        namespaces.push(json!({"type": "uts", "path": i.namespaces.uts}));
+    }
     let mut linux = json!({
         "namespaces": namespaces,
         "cgroupsPath": i.cgroups_path,
@@ -467,5 +471,28 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["pid", "mount", "ipc"]);
         assert!(s.get("hostname").is_none());
+
+        // hostPID as well: the node's PID namespace too.
+        let mut both = host.clone();
+        if let Some(spec) = both.spec.as_mut() {
+            spec.host_pid = Some(true);
+        }
+        let s = runtime_spec(&SpecInput {
+            pod: &both,
+            container: &c,
+            image_config: &json!({}),
+            env: &[],
+            namespaces: &ns,
+            hostname: "p",
+            cgroups_path: "/skiff/x",
+            mounts: &[],
+        });
+        let kinds: Vec<&str> = s["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["type"].as_str())
+            .collect();
+        assert_eq!(kinds, ["mount", "ipc"]);
     }
 }

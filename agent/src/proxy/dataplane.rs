@@ -22,8 +22,10 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use skiff_ebpf_common::{Backend, ServiceKey, ServiceValue, SlotKey, SlotValue, maps as names};
-use tracing::{debug, info};
+use skiff_ebpf_common::{
+    Backend, PROTO_UDP, PeerValue, ServiceKey, ServiceValue, SlotKey, SlotValue, maps as names,
+};
+use tracing::{debug, info, warn};
 
 use super::model::{Frontend, ServiceError, frontend_string};
 
@@ -224,6 +226,22 @@ pub struct Dataplane {
     owner: StdHashMap<ServiceKey, String>,
     next_service_id: u32,
     next_backend_id: u32,
+    /// Ends connected UDP sockets whose backend left (None where the
+    /// kernel cannot: before 6.5).
+    terminator: Option<super::terminate::Terminator>,
+    /// (frontend, backend) pairs that left since the last sync finished.
+    left: Vec<PeerValue>,
+}
+
+/// The `PEERS` record a connected socket to `backend` through `key` has.
+fn peer_of(key: &ServiceKey, backend: &Backend) -> PeerValue {
+    PeerValue {
+        frontend: key.addr,
+        backend: backend.addr,
+        frontend_port: key.port,
+        backend_port: backend.port,
+        pad: 0,
+    }
 }
 
 fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
@@ -309,7 +327,15 @@ impl Dataplane {
             ebpf.take_map(name)
                 .ok_or(DataplaneError::MissingMap { map: name })
         })?;
-        Self::adopt(tables)
+        let mut dp = Self::adopt(tables)?;
+        dp.terminator = match super::terminate::Terminator::load(pin_dir, cgroup) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(error = %e, "no socket termination: connected UDP clients keep a backend that left");
+                None
+            }
+        };
+        Ok(dp)
     }
 
     fn adopt(mut tables: Tables) -> Result<Self> {
@@ -347,7 +373,19 @@ impl Dataplane {
             owner: StdHashMap::new(),
             next_service_id,
             next_backend_id,
+            terminator: None,
+            left: Vec::new(),
         })
+    }
+
+    /// Ends the connected UDP sockets sent to backends that left.
+    fn terminate_left(&mut self) {
+        let left = std::mem::take(&mut self.left);
+        if let Some(t) = &mut self.terminator
+            && let Err(e) = t.terminate(&left)
+        {
+            warn!(error = %e, pairs = left.len(), "terminating sockets to gone backends failed");
+        }
     }
 
     pub fn programmed(&self) -> &BTreeMap<ServiceKey, Programmed> {
@@ -439,9 +477,12 @@ impl Dataplane {
             .map_err(map_err(names::SERVICES))?;
         // 4. backends that left
         let now: BTreeSet<u32> = list.iter().map(|(bid, _)| *bid).collect();
-        for (bid, _) in &old_backends {
+        for (bid, b) in &old_backends {
             if !now.contains(bid) {
                 let _ = self.tables.backends.remove(bid);
+                if f.key.proto == PROTO_UDP {
+                    self.left.push(peer_of(&f.key, b));
+                }
             }
         }
         debug!(frontend = %frontend_string(&f.key), backends = list.len(), "programmed");
@@ -475,8 +516,11 @@ impl Dataplane {
                 });
             }
         }
-        for (bid, _) in &p.backends {
+        for (bid, b) in &p.backends {
             let _ = self.tables.backends.remove(bid);
+            if key.proto == PROTO_UDP {
+                self.left.push(peer_of(key, b));
+            }
         }
         if let Some(owner) = self.owner.remove(key)
             && let Some(set) = self.owned.get_mut(&owner)
@@ -491,6 +535,16 @@ impl Dataplane {
     /// A frontend that another service already owns is refused. Returns the
     /// number of frontends written or removed.
     pub fn sync_service(
+        &mut self,
+        service: &str,
+        frontends: &[Frontend],
+    ) -> Result<(usize, Vec<ServiceError>)> {
+        let r = self.sync_one(service, frontends);
+        self.terminate_left();
+        r
+    }
+
+    fn sync_one(
         &mut self,
         service: &str,
         frontends: &[Frontend],
@@ -574,10 +628,11 @@ impl Dataplane {
         }
         let mut errors = Vec::new();
         for (service, frontends) in desired {
-            let (n, e) = self.sync_service(service, frontends)?;
+            let (n, e) = self.sync_one(service, frontends)?;
             changed += n;
             errors.extend(e);
         }
+        self.terminate_left();
         Ok((changed, errors))
     }
 }

@@ -9,6 +9,7 @@
 pub mod dataplane;
 pub mod manifests;
 pub mod model;
+pub mod terminate;
 pub mod watch;
 
 use std::collections::BTreeMap;

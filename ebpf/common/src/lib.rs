@@ -33,6 +33,9 @@ pub const MAX_SLOTS: u32 = 1_048_576;
 pub const MAX_BACKENDS: u32 = 524_288;
 pub const MAX_AFFINITY: u32 = 131_072;
 pub const MAX_REVNAT: u32 = 262_144;
+/// Connections marked for termination at once (socket termination runs
+/// per change, with the backends that just left).
+pub const MAX_DOOMED: u32 = 16_384;
 
 /// Largest number of backends one service can have (slot numbers are u16).
 pub const MAX_SLOTS_PER_SERVICE: u32 = 65_535;
@@ -153,6 +156,9 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const AFFINITY: &str = "AFFINITY";
     pub const REVNAT: &str = "REVNAT";
+    /// `PeerValue -> u8`: connected sockets whose (frontend, backend) pair
+    /// is in it are destroyed by the socket iterator (the backend left).
+    pub const DOOMED: &str = "DOOMED";
 }
 
 #[cfg(feature = "user")]

@@ -179,6 +179,58 @@ fn udp(to: SocketAddr, count: u32) -> Result<()> {
     Ok(())
 }
 
+/// A connected UDP client, as a resolver's or a game's: one socket, a
+/// request every 100 ms for `seconds`, a new socket only when the kernel
+/// ends this one. Prints `<ms since the epoch> <answer>` or `<ms> error:
+/// <kind> errno <n>` per request.
+fn udp_follow(to: SocketAddr, seconds: u64) -> Result<()> {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(seconds);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    };
+    let mut sock: Option<UdpSocket> = None;
+    let mut out = std::io::stdout().lock();
+    while std::time::Instant::now() < end {
+        let s = match &sock {
+            Some(s) => s,
+            None => {
+                let s = UdpSocket::bind(bind)?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                s.connect(to)?;
+                sock.insert(s)
+            }
+        };
+        let r = s.send(b"q").and_then(|_| {
+            let mut buf = [0u8; 2048];
+            s.recv(&mut buf)
+                .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        });
+        match r {
+            Ok(a) => writeln!(out, "{} {}", now_ms(), a.trim())?,
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(0);
+                writeln!(out, "{} error: {:?} errno {errno}", now_ms(), e.kind())?;
+                // Ended by the kernel (socket termination): reads fail with
+                // ECONNABORTED, and the socket is no longer connected, so
+                // writes fail with EDESTADDRREQ. Connect again.
+                if matches!(errno, libc::ECONNABORTED | libc::EDESTADDRREQ) {
+                    sock = None;
+                }
+            }
+        }
+        out.flush()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// One connection kept open; each stdin line is a request whose answer (or
 /// error) is printed on its own line.
 fn session(to: SocketAddr) -> Result<()> {
@@ -333,6 +385,10 @@ fn main() -> Result<()> {
             arg(&args, 2, "COUNT")?.parse()?,
         ),
         "session" => session(addr(arg(&args, 1, "ADDR")?)?),
+        "udp-follow" => udp_follow(
+            addr(arg(&args, 1, "ADDR")?)?,
+            arg(&args, 2, "SECONDS")?.parse()?,
+        ),
         "load" => {
             let targets = arg(&args, 1, "ADDR[,ADDR...]")?
                 .split(',')
