@@ -637,6 +637,25 @@ impl Dataplane {
     }
 }
 
+/// Time spent in each attached program and its run count, while the
+/// kernel counts (`kernel.bpf_stats_enabled` = 1): what each connect,
+/// sendmsg or recvmsg costs in the programs.
+pub fn program_stats(pin_dir: &Path) -> Vec<(&'static str, std::time::Duration, u64)> {
+    let mut out = Vec::new();
+    for program in PROGRAMS {
+        let Ok(id) = super::terminate::link_program_id(&pin_dir.join("links").join(program)) else {
+            continue;
+        };
+        if let Some(p) = aya::programs::loaded_programs()
+            .flatten()
+            .find(|p| p.id() == id)
+        {
+            out.push((program, p.run_time(), p.run_count()));
+        }
+    }
+    out
+}
+
 /// Detaches the programs (by unpinning their links) and removes the pinned
 /// maps: the inverse of `install`.
 pub fn uninstall(pin_dir: &Path) -> Result<()> {

@@ -151,10 +151,8 @@ pub struct Terminator {
     cgroup: PathBuf,
 }
 
-/// The map called `name` that the program behind the pinned link `link`
-/// uses: the live PEERS (a restarted agent adopts links whose programs
-/// hold the map their first agent created).
-fn map_of_link(link: &Path, name: &str) -> Result<aya::maps::MapFd> {
+/// The id of the program running behind the pinned link `link`.
+pub fn link_program_id(link: &Path) -> Result<u32> {
     let path = std::ffi::CString::new(link.as_os_str().as_encoded_bytes())
         .map_err(|e| sys(link.display().to_string())(std::io::Error::other(e)))?;
     let mut attr = [0u8; 16];
@@ -178,7 +176,14 @@ fn map_of_link(link: &Path, name: &str) -> Result<aya::maps::MapFd> {
     if r < 0 {
         return Err(sys("link info")(std::io::Error::last_os_error()));
     }
-    let prog_id = u32::from_ne_bytes([info[8], info[9], info[10], info[11]]);
+    Ok(u32::from_ne_bytes([info[8], info[9], info[10], info[11]]))
+}
+
+/// The map called `name` that the program behind the pinned link `link`
+/// uses: the live PEERS (a restarted agent adopts links whose programs
+/// hold the map their first agent created).
+fn map_of_link(link: &Path, name: &str) -> Result<aya::maps::MapFd> {
+    let prog_id = link_program_id(link)?;
     let not_found = || TerminateError::NoPeers {
         link: link.display().to_string(),
     };

@@ -419,6 +419,62 @@ fn settle() {
     }
 }
 
+/// What the programs cost per call at `n` services, counted by the kernel
+/// (`kernel.bpf_stats_enabled`) in a load of its own: counting adds a
+/// clock read per call, so it never runs during a rate measurement.
+#[derive(Debug, Serialize)]
+pub struct ProgramCost {
+    pub services: usize,
+    pub program: &'static str,
+    pub runs: u64,
+    pub ns_per_run: f64,
+    /// The load's connection rate with counting on (for scale).
+    pub rate: f64,
+}
+
+fn program_cost(n: usize, conns: u64, args: &Args) -> Result<Vec<ProgramCost>> {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    settle();
+    let scratch = TempDir::new();
+    let topo = Topology::new();
+    let programmed = program(Mode::Skiff, n, &topo, &scratch.path)?;
+    let pins = programmed
+        ._skiff
+        .as_ref()
+        .map(|(_, p)| p.path.clone())
+        .context("skiff mode has pins")?;
+    let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
+    std::fs::write(STATS, "1").with_context(|| format!("enable {STATS}"))?;
+    let before = skiff_agent::proxy::dataplane::program_stats(&pins);
+    let load = topo.load(&targets(Mode::Skiff, n, State::Fresh), conns, args.threads);
+    let after = skiff_agent::proxy::dataplane::program_stats(&pins);
+    let _ = std::fs::write(STATS, was.trim());
+    let load = load?;
+    drop(programmed);
+    drop(topo);
+    let mut out = Vec::new();
+    for (name, t1, c1) in after {
+        let (t0, c0) = before
+            .iter()
+            .find(|(b, _, _)| *b == name)
+            .map_or((std::time::Duration::ZERO, 0), |(_, t, c)| (*t, *c));
+        let runs = c1.saturating_sub(c0);
+        if runs == 0 {
+            continue;
+        }
+        let ns = t1.saturating_sub(t0).as_nanos() as f64 / runs as f64;
+        eprintln!("  {n:>6} services  {name}: {ns:.0} ns per run ({runs} runs)");
+        out.push(ProgramCost {
+            services: n,
+            program: name,
+            runs,
+            ns_per_run: ns,
+            rate: load.rate,
+        });
+    }
+    Ok(out)
+}
+
 fn measure(
     mode: Mode,
     n: usize,
@@ -588,8 +644,27 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
+    let mut costs = Vec::new();
+    if args.modes.contains(&Mode::Skiff) {
+        for &n in &args.sizes {
+            costs.extend(program_cost(n, args.conns, args)?);
+        }
+    }
     let summary = summarize(&samples);
     print_table(&summary);
+    if !costs.is_empty() {
+        println!("\nprogram cost (kernel.bpf_stats_enabled, a load of its own)");
+        println!(
+            "{:>8} {:<20} {:>10} {:>10}",
+            "services", "program", "ns/run", "runs"
+        );
+        for c in &costs {
+            println!(
+                "{:>8} {:<20} {:>10.0} {:>10}",
+                c.services, c.program, c.ns_per_run, c.runs
+            );
+        }
+    }
     if args.modes.contains(&Mode::Nftables) && args.sizes.iter().any(|n| *n > args.nft_max) {
         println!(
             "nftables not loaded above {} services (--nft-max): nft's load time grows quadratically here",
@@ -610,6 +685,7 @@ pub fn run(args: &Args) -> Result<()> {
         },
         "summary": summary,
         "samples": samples,
+        "program_cost": costs,
     });
     let json_path = write_results(&args.out, "proxy", &doc)?;
     let png = args.out.join("proxy.png");
