@@ -6,18 +6,21 @@
 //! same transaction that deletes or changes the Service, so a value is
 //! never handed out twice and never outlives its Service.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::store::{Store, StoreError};
 
 pub const IP_PREFIX: &str = "/registry/ranges/serviceips/";
 pub const PORT_PREFIX: &str = "/registry/ranges/servicenodeports/";
 
-/// An IPv4 CIDR such as `10.96.0.0/12`.
+/// A service CIDR: IPv4 (`10.96.0.0/12`, prefix 8..=30) or IPv6
+/// (`fd00:96::/108`, prefix 108..=124, at most 2^20 addresses as upstream
+/// allows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
-    pub base: Ipv4Addr,
+    base: u128,
     pub len: u8,
+    pub v6: bool,
 }
 
 impl std::str::FromStr for Cidr {
@@ -25,45 +28,100 @@ impl std::str::FromStr for Cidr {
     fn from_str(s: &str) -> Result<Self, String> {
         let (ip, len) = s
             .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected a.b.c.d/len"))?;
-        let ip: Ipv4Addr = ip.parse().map_err(|e| format!("{s:?}: {e}"))?;
+            .ok_or_else(|| format!("{s:?}: expected address/length"))?;
+        let ip: IpAddr = ip.parse().map_err(|e| format!("{s:?}: {e}"))?;
         let len: u8 = len.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        if !(8..=30).contains(&len) {
-            return Err(format!("{s:?}: prefix length must be 8..=30"));
+        let (bits, range) = match ip {
+            IpAddr::V4(_) => (32u32, 8..=30),
+            IpAddr::V6(_) => (128u32, 108..=124),
+        };
+        if !range.contains(&len) {
+            return Err(format!(
+                "{s:?}: prefix length must be {}..={}",
+                range.start(),
+                range.end()
+            ));
         }
-        let mask = u32::MAX << (32 - len);
+        let raw = match ip {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let mask = (u128::MAX >> (128 - bits)) & !((1u128 << (bits - u32::from(len))) - 1);
         Ok(Self {
-            base: Ipv4Addr::from(u32::from(ip) & mask),
+            base: raw & mask,
             len,
+            v6: ip.is_ipv6(),
         })
     }
 }
 
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.base, self.len)
+        write!(f, "{}/{}", self.nth(0), self.len)
     }
 }
 
 impl Cidr {
-    fn size(&self) -> u32 {
-        1u32 << (32 - self.len)
+    fn bits(&self) -> u32 {
+        if self.v6 { 128 } else { 32 }
     }
 
-    /// The usable addresses: not the network or broadcast address.
-    pub fn contains_usable(&self, ip: Ipv4Addr) -> bool {
-        let off = u32::from(ip).wrapping_sub(u32::from(self.base));
-        off > 0 && off < self.size() - 1
+    fn size(&self) -> u128 {
+        1u128 << (self.bits() - u32::from(self.len))
+    }
+
+    /// `IPv4` or `IPv6`, as `spec.ipFamilies` names them.
+    pub fn family(&self) -> &'static str {
+        if self.v6 { "IPv6" } else { "IPv4" }
+    }
+
+    fn offset(&self, ip: IpAddr) -> Option<u128> {
+        let raw = match (ip, self.v6) {
+            (IpAddr::V4(a), false) => u128::from(u32::from(a)),
+            (IpAddr::V6(a), true) => u128::from(a),
+            _ => return None,
+        };
+        raw.checked_sub(self.base).filter(|o| *o < self.size())
+    }
+
+    /// The usable addresses: not the network or (IPv4) broadcast address.
+    pub fn contains_usable(&self, ip: IpAddr) -> bool {
+        self.offset(ip)
+            .is_some_and(|off| off > 0 && off < self.size() - 1)
     }
 
     /// The first usable address, which belongs to the `kubernetes` Service.
-    pub fn first(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.base) + 1)
+    pub fn first(&self) -> IpAddr {
+        self.nth(1)
     }
 
-    fn nth(&self, off: u32) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.base) + off)
+    fn nth(&self, off: u128) -> IpAddr {
+        let raw = self.base + off;
+        if self.v6 {
+            IpAddr::V6(Ipv6Addr::from(raw))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(raw as u32))
+        }
     }
+}
+
+/// `--service-cidr`: one CIDR, or two of different families.
+pub fn parse_service_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
+    let cidrs = s
+        .split(',')
+        .map(|c| c.trim().parse::<Cidr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    match cidrs.as_slice() {
+        [_] => Ok(cidrs),
+        [a, b] if a.v6 != b.v6 => Ok(cidrs),
+        [_, _] => Err(format!("{s:?}: two CIDRs must be of different families")),
+        _ => Err(format!("{s:?}: one CIDR, or two (one IPv4, one IPv6)")),
+    }
+}
+
+/// The family an address belongs to, as `spec.ipFamilies` names it.
+pub fn family_of(ip: IpAddr) -> &'static str {
+    if ip.is_ipv6() { "IPv6" } else { "IPv4" }
 }
 
 pub fn ip_key(ip: &str) -> String {
@@ -87,7 +145,7 @@ pub async fn free_ip(
     store: &Store,
     cidr: Cidr,
     skip: &[String],
-) -> Result<Option<Ipv4Addr>, StoreError> {
+) -> Result<Option<IpAddr>, StoreError> {
     let taken: std::collections::HashSet<String> = store
         .keys(IP_PREFIX)
         .await?
@@ -96,7 +154,7 @@ pub async fn free_ip(
         .chain(skip.iter().cloned())
         .collect();
     let usable = cidr.size() - 2;
-    let start = random_u32() % usable;
+    let start = u128::from(random_u32()) % usable;
     for i in 0..usable {
         // Offset 1 (the first address) is left to the `kubernetes` Service.
         let off = 2 + (start + i) % (usable - 1);
@@ -139,11 +197,25 @@ mod tests {
     fn cidr_bounds() {
         let c: Cidr = "10.96.0.7/12".parse().expect("parses");
         assert_eq!(c.to_string(), "10.96.0.0/12");
-        assert_eq!(c.first(), Ipv4Addr::new(10, 96, 0, 1));
-        assert!(c.contains_usable(Ipv4Addr::new(10, 111, 255, 254)));
-        assert!(!c.contains_usable(Ipv4Addr::new(10, 111, 255, 255)));
-        assert!(!c.contains_usable(Ipv4Addr::new(10, 96, 0, 0)));
-        assert!(!c.contains_usable(Ipv4Addr::new(10, 112, 0, 1)));
+        let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+        assert_eq!(c.first(), v4(10, 96, 0, 1));
+        assert!(c.contains_usable(v4(10, 111, 255, 254)));
+        assert!(!c.contains_usable(v4(10, 111, 255, 255)));
+        assert!(!c.contains_usable(v4(10, 96, 0, 0)));
+        assert!(!c.contains_usable(v4(10, 112, 0, 1)));
         assert!("10.0.0.0".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn ipv6_cidr_bounds() {
+        let c: Cidr = "fd00:96::7/108".parse().expect("parses");
+        assert_eq!(c.to_string(), "fd00:96::/108");
+        assert_eq!((c.family(), c.size()), ("IPv6", 1 << 20));
+        assert_eq!(c.first(), "fd00:96::1".parse::<IpAddr>().unwrap());
+        assert!(c.contains_usable("fd00:96::f:fffe".parse().unwrap()));
+        assert!(!c.contains_usable("fd00:96::10:0".parse().unwrap()));
+        // Never an address of the other family.
+        assert!(!c.contains_usable("10.96.0.1".parse().unwrap()));
+        assert!("fd00:96::/64".parse::<Cidr>().is_err(), "too big");
     }
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use skiff_control::alloc::Cidr;
 use skiff_control::server::{self, Component, ControlConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -115,7 +114,8 @@ struct RunArgs {
     /// runs in another process.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// ClusterIP range.
+    /// ClusterIP range; two, one per family, comma separated, for
+    /// dual-stack Services (the first is the primary family).
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: String,
     /// NodePort range, inclusive.
@@ -231,9 +231,7 @@ async fn main() -> Result<()> {
         return token(command).await;
     }
     let cli = cli.run;
-    let service_cidr: Cidr = cli
-        .service_cidr
-        .parse()
+    let service_cidrs = skiff_control::alloc::parse_service_cidrs(&cli.service_cidr)
         .map_err(|e| anyhow::anyhow!("--service-cidr {e}"))?;
     let node_cidrs = if cli.allocate_node_cidrs {
         Some(
@@ -263,7 +261,7 @@ async fn main() -> Result<()> {
         advertise: cli.advertise_address,
         kubeconfig: cli.kubeconfig,
         components,
-        service_cidr,
+        service_cidrs,
         node_ports: port_range(&cli.node_port_range)?,
         tls_sans: cli.tls_sans,
         node_grace: Duration::from_secs(cli.node_monitor_grace_seconds),

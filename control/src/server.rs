@@ -43,7 +43,8 @@ pub struct ControlConfig {
     /// apiserver is not in this process) — a kubeconfig.
     pub kubeconfig: Option<PathBuf>,
     pub components: Vec<Component>,
-    pub service_cidr: Cidr,
+    /// One or two (one per family; the first is the primary).
+    pub service_cidrs: Vec<Cidr>,
     pub node_ports: (u16, u16),
     pub tls_sans: Vec<String>,
     /// Node lifecycle: how long a node's Lease may go unrenewed.
@@ -88,7 +89,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         let advertise = SocketAddr::new(advertise_ip(cfg.advertise, bound.ip()), bound.port());
         let sans = pki::default_sans(
             &cfg.tls_sans,
-            Some(IpAddr::V4(cfg.service_cidr.first())),
+            cfg.service_cidrs.first().map(Cidr::first),
             advertise.ip(),
         );
         let pki = pki::load_or_create(&cfg.data_dir.join("pki"), &sans)
@@ -113,7 +114,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         let api = Api::new(
             store,
             ApiConfig {
-                service_cidr: cfg.service_cidr,
+                service_cidrs: cfg.service_cidrs.clone(),
                 node_ports: cfg.node_ports,
                 advertise,
                 kubelet_tls: Some(

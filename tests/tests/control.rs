@@ -1362,3 +1362,135 @@ fn control_plane_replaces_an_etcd_left_on_its_data_dir() {
     });
     assert_eq!(etcds_on(&data_dir).len(), 1, "one etcd on the data dir");
 }
+
+#[test]
+fn dual_stack_services_get_an_address_of_each_family_they_ask_for() {
+    let cp = ControlPlane::start(&["--service-cidr", "10.96.0.0/12,fd00:96::/108"]);
+    let svc = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{extra}  ports: [{{port: 80}}]\n"
+        )
+    };
+    let families = |name: &str| {
+        cp.jsonpath(
+            &["service", name],
+            "{.spec.ipFamilyPolicy} {.spec.ipFamilies[*]}",
+        )
+    };
+    let ips = |name: &str| -> Vec<std::net::IpAddr> {
+        cp.jsonpath(&["service", name], "{.spec.clusterIPs[*]}")
+            .split_whitespace()
+            .map(|s| s.parse().unwrap_or_else(|e| panic!("{s}: {e}")))
+            .collect()
+    };
+    let v4_range = |ip: &std::net::IpAddr| matches!(ip, std::net::IpAddr::V4(a) if (a.octets()[0], a.octets()[1] & 0xf0) == (10, 96));
+    let v6_range = |ip: &std::net::IpAddr| ip.to_string().starts_with("fd00:96::");
+
+    // By default a Service is single-stack, of the primary family.
+    cp.apply(&svc("plain", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(families("plain"), "SingleStack IPv4");
+    let plain = ips("plain");
+    assert!(plain.len() == 1 && v4_range(&plain[0]), "{plain:?}");
+
+    // PreferDualStack: one of each, the primary first.
+    cp.apply(&svc("both", "  ipFamilyPolicy: PreferDualStack\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(families("both"), "PreferDualStack IPv4 IPv6");
+    let both = ips("both");
+    assert!(
+        both.len() == 2 && v4_range(&both[0]) && v6_range(&both[1]),
+        "{both:?}"
+    );
+    assert_eq!(
+        cp.jsonpath(&["service", "both"], "{.spec.clusterIP}"),
+        both[0].to_string()
+    );
+
+    // IPv6 alone, and IPv6 first.
+    cp.apply(&svc("six", "  ipFamilies: [IPv6]\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(families("six"), "SingleStack IPv6");
+    assert!(ips("six").iter().all(v6_range), "{:?}", ips("six"));
+    cp.apply(&svc(
+        "six-first",
+        "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIPs: [\"fd00:96::20\"]\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let six_first = ips("six-first");
+    assert_eq!(six_first[0].to_string(), "fd00:96::20");
+    assert!(
+        six_first.len() == 2 && v4_range(&six_first[1]),
+        "{six_first:?}"
+    );
+
+    // Moving a Service to dual-stack keeps its address and adds the other.
+    cp.kubectl_ok(&[
+        "patch",
+        "service",
+        "plain",
+        "-p",
+        r#"{"spec":{"ipFamilyPolicy":"PreferDualStack"}}"#,
+    ]);
+    let upgraded = ips("plain");
+    assert!(
+        upgraded.len() == 2 && upgraded[0] == plain[0] && v6_range(&upgraded[1]),
+        "{plain:?} -> {upgraded:?}"
+    );
+
+    // What cannot be is refused, naming the field; nothing is allocated.
+    for (extra, field) in [
+        (
+            "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [\"fd00:96::30\", \"10.96.0.30\"]\n",
+            "spec.clusterIPs[0]",
+        ),
+        (
+            "  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: SingleStack\n",
+            "spec.ipFamilyPolicy",
+        ),
+        (
+            "  ipFamilies: [IPv4, IPv4]\n  ipFamilyPolicy: PreferDualStack\n",
+            "spec.ipFamilies[1]",
+        ),
+        ("  ipFamilies: [IPv5]\n", "spec.ipFamilies[0]"),
+        ("  clusterIPs: [\"fd00:97::1\"]\n", "spec.clusterIPs[0]"),
+    ] {
+        let err = cp.apply(&svc("bad", extra)).err().unwrap_or_default();
+        assert!(err.contains(field), "{field} named in: {err}");
+    }
+    assert!(cp.kubectl(&["get", "service", "bad"]).is_err());
+    // The explicit addresses of a deleted Service are free again.
+    cp.kubectl_ok(&["delete", "service", "six-first"]);
+    cp.apply(&svc(
+        "again",
+        "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIPs: [\"fd00:96::20\"]\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // A single-stack cluster refuses what it cannot give.
+    let single = ControlPlane::start(&[]);
+    let err = single
+        .apply(&svc("req", "  ipFamilyPolicy: RequireDualStack\n"))
+        .err()
+        .unwrap_or_default();
+    assert!(
+        err.contains("spec.ipFamilyPolicy") && err.contains("not configured for dual-stack"),
+        "{err}"
+    );
+    let err = single
+        .apply(&svc("only-six", "  ipFamilies: [IPv6]\n"))
+        .err()
+        .unwrap_or_default();
+    assert!(err.contains("spec.ipFamilies[0]"), "{err}");
+    // PreferDualStack there is single-stack.
+    single
+        .apply(&svc("pref", "  ipFamilyPolicy: PreferDualStack\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        single.jsonpath(
+            &["service", "pref"],
+            "{.spec.ipFamilyPolicy} {.spec.ipFamilies[*]}"
+        ),
+        "PreferDualStack IPv4"
+    );
+}

@@ -44,7 +44,8 @@ pub type Body = BoxBody<Bytes, Infallible>;
 /// What the apiserver needs besides its store.
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
-    pub service_cidr: Cidr,
+    /// The service CIDRs: the primary family first, at most one per family.
+    pub service_cidrs: Vec<Cidr>,
     pub node_ports: (u16, u16),
     /// The address clients are told to use (discovery's serverAddress).
     pub advertise: SocketAddr,
@@ -210,7 +211,11 @@ impl Api {
     }
 
     pub fn first_service_ip(&self) -> String {
-        self.cfg.service_cidr.first().to_string()
+        self.cfg
+            .service_cidrs
+            .first()
+            .map(|c| c.first().to_string())
+            .unwrap_or_default()
     }
 
     pub(crate) fn limits(&self) -> Limits {

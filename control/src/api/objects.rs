@@ -189,13 +189,147 @@ fn check_kind(r: &Resource, obj: &mut Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The ClusterIP and NodePorts a Service holds, as allocation keys.
-fn held_keys(svc: &Value, cidr: Cidr) -> Vec<String> {
+const IP_FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
+const POLICIES: [&str; 3] = ["SingleStack", "PreferDualStack", "RequireDualStack"];
+
+/// A Service's `ipFamilyPolicy` and `ipFamilies`, by upstream's rules: the
+/// families asked for (else those of the ClusterIPs asked for, else the
+/// cluster's primary), a second one added for the dual-stack policies when
+/// the cluster has it, refused when a family is not configured here or the
+/// policy cannot hold what was asked.
+fn ip_families(
+    svc: &Value,
+    ips: &[String],
+    cidrs: &[Cidr],
+) -> Result<(String, Vec<&'static str>), Cause> {
+    let configured: Vec<&'static str> = cidrs.iter().map(Cidr::family).collect();
+    let given: Vec<String> = svc
+        .pointer("/spec/ipFamilies")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut families: Vec<&'static str> = Vec::new();
+    for (i, f) in given.iter().enumerate() {
+        let field = format!("spec.ipFamilies[{i}]");
+        let Some(known) = IP_FAMILIES.iter().find(|k| **k == f) else {
+            return Err(Cause::unsupported(field, f, &IP_FAMILIES));
+        };
+        if families.contains(known) {
+            return Err(Cause::duplicate(field, f));
+        }
+        if !configured.contains(known) {
+            return Err(Cause::invalid(field, f, "not configured on this cluster"));
+        }
+        families.push(known);
+    }
+    let mut ip_families = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        if ip == "None" || ip.is_empty() {
+            continue;
+        }
+        let ip: std::net::IpAddr = ip.parse().map_err(|_| {
+            Cause::invalid(
+                format!("spec.clusterIPs[{i}]"),
+                ip,
+                "must be a valid IP address",
+            )
+        })?;
+        ip_families.push(alloc::family_of(ip));
+    }
+    if ips.len() > 2 || given.len() > 2 {
+        let field = if ips.len() > 2 {
+            "spec.clusterIPs"
+        } else {
+            "spec.ipFamilies"
+        };
+        return Err(Cause::invalid(
+            field,
+            ips.len().max(given.len()),
+            "may hold at most 2 entries",
+        ));
+    }
+    let policy = match svc.pointer("/spec/ipFamilyPolicy").and_then(Value::as_str) {
+        Some(p) if !p.is_empty() => {
+            if !POLICIES.contains(&p) {
+                return Err(Cause::unsupported("spec.ipFamilyPolicy", p, &POLICIES));
+            }
+            p.to_string()
+        }
+        _ if families.len() == 2 || ips.len() == 2 => "RequireDualStack".to_string(),
+        _ => "SingleStack".to_string(),
+    };
+    if families.is_empty() {
+        families = if ip_families.is_empty() {
+            vec![configured[0]]
+        } else {
+            ip_families.clone()
+        };
+    }
+    if policy == "SingleStack" && (families.len() > 1 || ips.len() > 1) {
+        return Err(Cause::invalid(
+            "spec.ipFamilyPolicy",
+            &policy,
+            "must be RequireDualStack or PreferDualStack when multiple ipFamilies are specified",
+        ));
+    }
+    if policy != "SingleStack" && families.len() == 1 {
+        match configured.iter().find(|c| **c != families[0]) {
+            Some(other) => families.push(other),
+            None if policy == "RequireDualStack" => {
+                return Err(Cause::invalid(
+                    "spec.ipFamilyPolicy",
+                    &policy,
+                    "this cluster is not configured for dual-stack services",
+                ));
+            }
+            None => {}
+        }
+    }
+    for (i, f) in ip_families.iter().enumerate() {
+        if families.get(i) != Some(f) {
+            let want = families.get(i).copied().unwrap_or("no");
+            return Err(Cause::invalid(
+                format!("spec.clusterIPs[{i}]"),
+                &ips[i],
+                &format!("expected an {want} value as indicated by `ipFamilies[{i}]`"),
+            ));
+        }
+    }
+    Ok((policy, families))
+}
+
+/// A Service's ClusterIPs as written: `spec.clusterIPs`, else
+/// `spec.clusterIP` alone.
+fn cluster_ips(svc: &Value) -> Vec<String> {
+    let listed: Vec<String> = svc
+        .pointer("/spec/clusterIPs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    let one = str_at(svc, "/spec/clusterIP");
+    if one.is_empty() {
+        Vec::new()
+    } else {
+        vec![one.to_string()]
+    }
+}
+
+/// The ClusterIPs and NodePorts a Service holds, as allocation keys.
+fn held_keys(svc: &Value, cidrs: &[Cidr]) -> Vec<String> {
     let mut keys = Vec::new();
-    if let Ok(ip) = str_at(svc, "/spec/clusterIP").parse::<std::net::Ipv4Addr>()
-        && cidr.contains_usable(ip)
-    {
-        keys.push(alloc::ip_key(&ip.to_string()));
+    for ip in cluster_ips(svc) {
+        if let Ok(ip) = ip.parse::<std::net::IpAddr>()
+            && cidrs.iter().any(|c| c.contains_usable(ip))
+        {
+            keys.push(alloc::ip_key(&ip.to_string()));
+        }
     }
     for p in svc
         .pointer("/spec/ports")
@@ -308,71 +442,96 @@ impl Api {
         svc: &mut Value,
         old: Option<&Value>,
     ) -> Result<(Vec<Guard>, Vec<Side>), ApiError> {
-        let cidr = self.cfg.service_cidr;
+        let cidrs = self.cfg.service_cidrs.clone();
         let services = core("services")?;
         let name = str_at(svc, "/metadata/name").to_string();
         let owner = format!("{}/{name}", str_at(svc, "/metadata/namespace"));
         let invalid = |c: Cause| ApiError::invalid("", "Service", &name, vec![c]);
         let (mut guards, mut sides) = (Vec::new(), Vec::new());
-        let held_before = old.map(|o| held_keys(o, cidr)).unwrap_or_default();
+        let held_before = old.map(|o| held_keys(o, &cidrs)).unwrap_or_default();
         let ty = str_at(svc, "/spec/type").to_string();
         if ty == "ExternalName" {
-            svc["spec"]["clusterIP"] = json!(null);
-        }
-        let wanted = str_at(svc, "/spec/clusterIP").to_string();
-        if let Some(old) = old {
-            let before = str_at(old, "/spec/clusterIP");
-            if wanted.is_empty() && !before.is_empty() && ty != "ExternalName" {
-                svc["spec"]["clusterIP"] = json!(before);
-                svc["spec"]["clusterIPs"] = old
-                    .pointer("/spec/clusterIPs")
-                    .cloned()
-                    .unwrap_or(json!([before]));
-            } else if !before.is_empty() && wanted != before && ty != "ExternalName" {
+            if let Some(spec) = svc.get_mut("spec").and_then(Value::as_object_mut) {
+                for f in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
+                    spec.remove(f);
+                }
+            }
+        } else {
+            let one = str_at(svc, "/spec/clusterIP").to_string();
+            let mut wanted = cluster_ips(svc);
+            if !one.is_empty() && wanted.first().is_some_and(|w| *w != one) {
                 return Err(invalid(Cause::invalid(
                     "spec.clusterIPs[0]",
-                    &wanted,
-                    "may not change once set",
+                    &wanted[0],
+                    "must match spec.clusterIP",
                 )));
             }
-        }
-        let ip_now = str_at(svc, "/spec/clusterIP").to_string();
-        if ty != "ExternalName" && ip_now != "None" {
-            let ip = if ip_now.is_empty() {
-                alloc::free_ip(&self.store, cidr, &[])
-                    .await
-                    .map_err(|e| store_err(services, &name, e))?
-                    .ok_or_else(|| ApiError::internal(format!("no ClusterIP left in {cidr}")))?
-            } else {
-                let ip: std::net::Ipv4Addr = ip_now.parse().map_err(|_| {
-                    invalid(Cause::invalid(
-                        "spec.clusterIPs[0]",
-                        &ip_now,
-                        "must be a valid IPv4 address",
-                    ))
-                })?;
-                if !cidr.contains_usable(ip) {
+            if let Some(old) = old {
+                let before = cluster_ips(old);
+                if wanted.is_empty() {
+                    // Kept as they were; a downgrade to SingleStack keeps
+                    // the primary only.
+                    wanted = before;
+                    if str_at(svc, "/spec/ipFamilyPolicy") == "SingleStack" {
+                        wanted.truncate(1);
+                    }
+                } else if before.first().is_some_and(|b| Some(b) != wanted.first()) {
                     return Err(invalid(Cause::invalid(
                         "spec.clusterIPs[0]",
-                        &ip_now,
-                        &format!(
-                            "provided IP is not in the valid range. The range of valid IPs is {cidr}"
-                        ),
+                        &wanted[0],
+                        "may not change once set",
                     )));
                 }
-                ip
-            };
-            let key = alloc::ip_key(&ip.to_string());
-            if !held_before.contains(&key) {
-                guards.push(Guard::Absent(key.clone()));
-                sides.push(Side::Put(key, owner.clone().into_bytes()));
             }
-            svc["spec"]["clusterIP"] = json!(ip.to_string());
-            svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
-            svc["spec"]["ipFamilies"] = json!(["IPv4"]);
-            svc["spec"]["ipFamilyPolicy"] = json!("SingleStack");
-        } else if ip_now == "None" {
-            svc["spec"]["clusterIPs"] = json!(["None"]);
+            let (policy, families) = ip_families(svc, &wanted, &cidrs).map_err(invalid)?;
+            if wanted.first().is_some_and(|w| w == "None") {
+                svc["spec"]["clusterIP"] = json!("None");
+                svc["spec"]["clusterIPs"] = json!(["None"]);
+            } else {
+                let mut ips: Vec<String> = Vec::new();
+                for (i, family) in families.iter().enumerate() {
+                    let Some(cidr) = cidrs.iter().find(|c| c.family() == *family) else {
+                        continue;
+                    };
+                    let ip = match wanted.get(i).filter(|w| !w.is_empty()) {
+                        Some(w) => {
+                            let ip: std::net::IpAddr = w.parse().map_err(|_| {
+                                invalid(Cause::invalid(
+                                    format!("spec.clusterIPs[{i}]"),
+                                    w,
+                                    "must be a valid IP address",
+                                ))
+                            })?;
+                            if !cidr.contains_usable(ip) {
+                                return Err(invalid(Cause::invalid(
+                                    format!("spec.clusterIPs[{i}]"),
+                                    w,
+                                    &format!(
+                                        "provided IP is not in the valid range. The range of valid IPs is {cidr}"
+                                    ),
+                                )));
+                            }
+                            ip
+                        }
+                        None => alloc::free_ip(&self.store, *cidr, &ips)
+                            .await
+                            .map_err(|e| store_err(services, &name, e))?
+                            .ok_or_else(|| {
+                                ApiError::internal(format!("no ClusterIP left in {cidr}"))
+                            })?,
+                    };
+                    let key = alloc::ip_key(&ip.to_string());
+                    if !held_before.contains(&key) {
+                        guards.push(Guard::Absent(key.clone()));
+                        sides.push(Side::Put(key, owner.clone().into_bytes()));
+                    }
+                    ips.push(ip.to_string());
+                }
+                svc["spec"]["clusterIP"] = json!(ips.first());
+                svc["spec"]["clusterIPs"] = json!(ips);
+            }
+            svc["spec"]["ipFamilies"] = json!(families);
+            svc["spec"]["ipFamilyPolicy"] = json!(policy);
         }
         let mut chosen: Vec<i64> = Vec::new();
         let old_ports: Vec<Value> = old
@@ -424,7 +583,7 @@ impl Api {
                 }
             }
         }
-        let held_after = held_keys(svc, cidr);
+        let held_after = held_keys(svc, &cidrs);
         for k in held_before {
             if !held_after.contains(&k) {
                 sides.push(Side::Delete(k));
@@ -517,7 +676,7 @@ impl Api {
         let mut decoded = decode_checked(r, obj, strict)?;
         validate::default(r, &mut decoded);
         // The ClusterIP and NodePorts the client named itself.
-        let requested = held_keys(&decoded, self.cfg.service_cidr);
+        let requested = held_keys(&decoded, &self.cfg.service_cidrs);
         for attempt in 0..8 {
             let mut obj = decoded.clone();
             if let Some(prefix) = &generate {
@@ -768,7 +927,7 @@ impl Api {
             let mut release: Vec<Side> = sides.to_vec();
             if r.is("", "services") {
                 release.extend(
-                    held_keys(&new, self.cfg.service_cidr)
+                    held_keys(&new, &self.cfg.service_cidrs)
                         .into_iter()
                         .map(Side::Delete),
                 );
@@ -1041,7 +1200,7 @@ impl Api {
                             tokio::spawn(purge_namespace(
                                 self.store.clone(),
                                 name.to_string(),
-                                self.cfg.service_cidr,
+                                self.cfg.service_cidrs.clone(),
                             ));
                         }
                         return Ok(Deleted::Object(with_rv(obj, new_rev)));
@@ -1062,7 +1221,7 @@ impl Api {
                 return Ok(gone(obj));
             }
             let sides: Vec<Side> = if r.is("", "services") {
-                held_keys(&obj, self.cfg.service_cidr)
+                held_keys(&obj, &self.cfg.service_cidrs)
                     .into_iter()
                     .map(Side::Delete)
                     .collect()
@@ -1153,7 +1312,7 @@ pub(crate) fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: &st
 }
 
 /// Removes everything in a terminating namespace, then the namespace.
-async fn purge_namespace(store: crate::store::Store, ns: String, cidr: Cidr) {
+async fn purge_namespace(store: crate::store::Store, ns: String, cidrs: Vec<Cidr>) {
     for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
         let Ok((items, _)) = store.list(&r.prefix(Some(&ns)), None).await else {
             continue;
@@ -1163,7 +1322,7 @@ async fn purge_namespace(store: crate::store::Store, ns: String, cidr: Cidr) {
                 r.is("", "services"),
                 serde_json::from_slice::<Value>(&item.value),
             ) {
-                (true, Ok(svc)) => held_keys(&svc, cidr)
+                (true, Ok(svc)) => held_keys(&svc, &cidrs)
                     .into_iter()
                     .map(Side::Delete)
                     .collect(),
