@@ -905,3 +905,58 @@ fn proxy_follows_services_and_pods_through_the_apiserver() {
         (!node.try_list().ok()?.contains_key("10.96.0.10:80/TCP")).then_some(())
     });
 }
+
+#[test]
+fn a_dual_stack_service_from_the_apiserver_is_served_on_both_families() {
+    use skiff_tests::control::ControlPlane;
+    let mut node = Node::new();
+    // One pod with an address of each family.
+    node.backend(B[0], "b1");
+    node.backend("fd00:200::11", "b1");
+    let cp = ControlPlane::start_in(
+        Some(&node.ns),
+        &[
+            "--node-monitor-grace-seconds",
+            "3600",
+            "--service-cidr",
+            "10.96.0.0/12,fd00:96::/108",
+        ],
+    );
+    cp.add_node("node-a", "", "4");
+    cp.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: b1, labels: {app: web}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: app\n    image: skiff-probe\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    cp.kubectl_ok(&[
+        "patch",
+        "pod",
+        "b1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"status":{{"phase":"Running","podIP":"{}","podIPs":[{{"ip":"{}"}},{{"ip":"fd00:200::11"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}}}"#,
+            B[0], B[0]
+        ),
+    ]);
+    cp.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ipFamilyPolicy: RequireDualStack\n  clusterIPs: [\"10.96.0.10\", \"fd00:96::10\"]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A slice per family, as the controller makes them.
+    let families = wait_for("two EndpointSlices", TIMEOUT, || {
+        let out = cp.jsonpath(
+            &["endpointslices", "-l", "kubernetes.io/service-name=web"],
+            "{range .items[*]}{.addressType}={.endpoints[*].addresses[*]} {end}",
+        );
+        (out.split_whitespace().count() == 2).then_some(out)
+    });
+    assert!(
+        families.contains("IPv4=10.200.0.11") && families.contains("IPv6=fd00:200::11"),
+        "{families}"
+    );
+    node.start_agent_kube(&cp.kubeconfig);
+    node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
+    node.wait_programmed("[fd00:96::10]:80/TCP", &["[fd00:200::11]:8080"]);
+    for (vip, n) in [("10.96.0.10:80", 5), ("[fd00:96::10]:80", 5)] {
+        let r = node.tcp(vip, n);
+        assert_only(&r, "b1", u64::from(n));
+        assert_eq!(counts(&r, "peers").keys().collect::<Vec<_>>(), [vip], "{r}");
+    }
+}

@@ -1,8 +1,10 @@
-//! EndpointSlice: for every Service with a selector, one IPv4 slice named
-//! after the Service, listing the selected pods that have an address, with
-//! the ready / serving / terminating conditions the service proxy reads.
-//! Slices are owned by their Service, so the garbage collector removes
-//! them with it.
+//! EndpointSlice: for every Service with a selector, one slice per family
+//! in its `ipFamilies` (the first named after the Service, a second
+//! `<name>-ipv6` or `<name>-ipv4`), listing the selected pods that have an
+//! address of that family, with the ready / serving / terminating
+//! conditions the service proxy reads. Slices are owned by their Service,
+//! so the garbage collector removes them with it; a family the Service no
+//! longer has loses its slice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,8 +39,54 @@ fn port_of(pod: &Pod, target: &IntOrString) -> Option<i32> {
     }
 }
 
-/// The slice `svc` should have, given the pods of its namespace.
-pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Option<EndpointSlice> {
+/// `pod`'s address of `family` (`IPv4`/`IPv6`): from `status.podIPs`, else
+/// `status.podIP`.
+fn address_of(pod: &Pod, family: &str) -> Option<String> {
+    let st = pod.status.as_ref()?;
+    let fits = |ip: &str| match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => family == "IPv4",
+        Ok(std::net::IpAddr::V6(_)) => family == "IPv6",
+        Err(_) => false,
+    };
+    st.pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(st.pod_ip.as_deref())
+        .find(|ip| fits(ip))
+        .map(String::from)
+}
+
+/// The slices `svc` should have, one per family, given the pods of its
+/// namespace (none without a selector).
+pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Vec<EndpointSlice> {
+    let families: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ip_families.clone())
+        .filter(|f| !f.is_empty())
+        .unwrap_or_else(|| vec!["IPv4".into()]);
+    families
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| {
+            let name = name_of(&svc.metadata);
+            let slice_name = if i == 0 {
+                name.to_string()
+            } else {
+                format!("{name}-{}", f.to_lowercase())
+            };
+            desired_of(svc, pods, f, &slice_name)
+        })
+        .collect()
+}
+
+fn desired_of(
+    svc: &Service,
+    pods: &[Arc<Pod>],
+    family: &str,
+    slice_name: &str,
+) -> Option<EndpointSlice> {
     let spec = svc.spec.as_ref()?;
     let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -61,12 +109,7 @@ pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Option<EndpointSlice> {
                 Some("Succeeded" | "Failed")
             )
         })
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.pod_ip.as_deref())
-                .is_some_and(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
-        })
+        .filter(|p| address_of(p, family).is_some())
         .collect();
     selected.sort_by(|a, b| name_of(&a.metadata).cmp(name_of(&b.metadata)));
     let endpoints: Vec<Endpoint> = selected
@@ -75,12 +118,7 @@ pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Option<EndpointSlice> {
             let terminating = p.metadata.deletion_timestamp.is_some();
             let serving = is_ready(p) || publish_unready;
             Endpoint {
-                addresses: vec![
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.pod_ip.clone())
-                        .unwrap_or_default(),
-                ],
+                addresses: vec![address_of(p, family).unwrap_or_default()],
                 conditions: Some(EndpointConditions {
                     ready: Some(serving && !terminating),
                     serving: Some(serving),
@@ -122,7 +160,7 @@ pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Option<EndpointSlice> {
     ]);
     Some(EndpointSlice {
         metadata: ObjectMeta {
-            name: Some(name.to_string()),
+            name: Some(slice_name.to_string()),
             namespace: Some(ns.to_string()),
             labels: Some(labels),
             owner_references: super::owner_ref(svc).map(|mut o| {
@@ -131,7 +169,7 @@ pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Option<EndpointSlice> {
             }),
             ..Default::default()
         },
-        address_type: "IPv4".into(),
+        address_type: family.into(),
         endpoints: Some(endpoints),
         ports: Some(ports),
     })
@@ -168,37 +206,39 @@ pub async fn run(client: Client) {
                 .get(ns_of(&svc.metadata))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let Some(want) = desired(&svc, in_ns) else {
-                continue;
-            };
-            let (name, ns) = (name_of(&svc.metadata), ns_of(&svc.metadata));
-            let existing = slices
-                .get(&kube::runtime::reflector::ObjectRef::<EndpointSlice>::new(name).within(ns));
+            let ns = ns_of(&svc.metadata);
             let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-            let result = match existing {
-                Some(cur) if same(&cur, &want) => continue,
-                Some(cur) => {
-                    let mut next = want.clone();
-                    next.metadata.resource_version = cur.meta().resource_version.clone();
-                    api.replace(name, &PostParams::default(), &next)
+            for want in desired(&svc, in_ns) {
+                let name = name_of(&want.metadata).to_string();
+                let existing = slices.get(
+                    &kube::runtime::reflector::ObjectRef::<EndpointSlice>::new(&name).within(ns),
+                );
+                let result = match existing {
+                    Some(cur) if same(&cur, &want) => continue,
+                    Some(cur) => {
+                        let mut next = want.clone();
+                        next.metadata.resource_version = cur.meta().resource_version.clone();
+                        api.replace(&name, &PostParams::default(), &next)
+                            .await
+                            .map(|_| "updated")
+                    }
+                    None => api
+                        .create(&PostParams::default(), &want)
                         .await
-                        .map(|_| "updated")
-                }
-                None => api
-                    .create(&PostParams::default(), &want)
-                    .await
-                    .map(|_| "created"),
-            };
-            match result {
-                Ok(what) => {
-                    info!(service = %format!("{ns}/{name}"), endpoints = want.endpoints.as_ref().map_or(0, Vec::len), "endpointslice {what}")
-                }
-                Err(e) => {
-                    warn!(service = %format!("{ns}/{name}"), error = %e, "endpointslice write failed")
+                        .map(|_| "created"),
+                };
+                match result {
+                    Ok(what) => {
+                        info!(slice = %format!("{ns}/{name}"), family = %want.address_type, endpoints = want.endpoints.as_ref().map_or(0, Vec::len), "endpointslice {what}")
+                    }
+                    Err(e) => {
+                        warn!(slice = %format!("{ns}/{name}"), error = %e, "endpointslice write failed")
+                    }
                 }
             }
         }
-        // A Service that lost its selector keeps no managed slice.
+        // A Service that lost its selector, or a family, keeps no managed
+        // slice for it.
         for s in slices.state() {
             let managed = s
                 .metadata
@@ -216,7 +256,11 @@ pub async fn run(client: Client) {
             let ns = ns_of(&s.metadata);
             let svc = svcs
                 .get(&kube::runtime::reflector::ObjectRef::<Service>::new(&svc_name).within(ns));
-            let orphaned = svc.is_some_and(|svc| desired(&svc, &[]).is_none());
+            let orphaned = svc.is_some_and(|svc| {
+                !desired(&svc, &[])
+                    .iter()
+                    .any(|d| d.metadata.name == s.metadata.name)
+            });
             if managed && orphaned {
                 let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
                 let _ = api.delete(name_of(&s.metadata), &Default::default()).await;
@@ -250,7 +294,7 @@ mod tests {
             pod("bb", false, false),
             pod("ccc", true, true),
         ];
-        let s = desired(&svc, &pods).expect("slice");
+        let s = desired(&svc, &pods).pop().expect("slice");
         let conds: Vec<(bool, bool, bool)> = s
             .endpoints
             .iter()
@@ -276,6 +320,56 @@ mod tests {
             s.ports.as_ref().and_then(|p| p[0].port),
             Some(8080),
             "named targetPort resolved"
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_service_gets_a_slice_per_family_with_the_pods_addresses_of_it() {
+        let svc: Service = serde_json::from_value(
+            json!({"metadata": {"name": "web", "namespace": "d", "uid": "u1"},
+            "spec": {"selector": {"app": "web"}, "ipFamilies": ["IPv6", "IPv4"],
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+        )
+        .expect("service");
+        let pod = |name: &str, ips: &[&str]| -> Arc<Pod> {
+            let ips: Vec<serde_json::Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+            Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": name, "namespace": "d", "labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "c"}]},
+                    "status": {"phase": "Running", "podIP": ips.first().map(|i| i["ip"].clone()), "podIPs": ips,
+                        "conditions": [{"type": "Ready", "status": "True"}]}}))
+                .expect("pod"),
+            )
+        };
+        let pods = vec![
+            pod("dual", &["10.244.0.5", "fd00:244::5"]),
+            pod("v4only", &["10.244.0.6"]),
+        ];
+        let slices = desired(&svc, &pods);
+        let summary: Vec<(String, String, Vec<String>)> = slices
+            .iter()
+            .map(|s| {
+                (
+                    name_of(&s.metadata).to_string(),
+                    s.address_type.clone(),
+                    s.endpoints
+                        .iter()
+                        .flatten()
+                        .flat_map(|e| e.addresses.clone())
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("web".into(), "IPv6".into(), vec!["fd00:244::5".into()]),
+                (
+                    "web-ipv4".into(),
+                    "IPv4".into(),
+                    vec!["10.244.0.5".into(), "10.244.0.6".into()]
+                ),
+            ]
         );
     }
 }
