@@ -229,8 +229,12 @@ async fn wire(
 /// if some resources are missing", including the namespace.
 async fn del(env: &Env, conf: &NetConf, a: &Attachment) -> Result<()> {
     let host = Netlink::open()?;
-    host.delete_link_named(&host_veth_name(a)).await?;
-    if let Some(path) = env.netns.as_deref()
+    // Deleting the host end takes the pod end with it: the pod's namespace
+    // is entered only when the host end was already gone (an ADD that
+    // stopped half way, or a retried DEL).
+    let deleted = host.delete_link_named(&host_veth_name(a)).await?;
+    if !deleted
+        && let Some(path) = env.netns.as_deref()
         && File::open(path).is_ok()
         && let Ok(pod) = Netlink::open_in(path)
     {

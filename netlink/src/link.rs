@@ -258,14 +258,22 @@ impl Netlink {
     }
 
     /// Deletes the link named `name`; `Ok(false)` when there was none.
+    /// One request: the kernel looks the name up itself.
     pub async fn delete_link_named(&self, name: &str) -> Result<bool> {
-        match self.link(name).await? {
-            Some(l) => match self.delete_link(l.index).await {
-                Ok(()) => Ok(true),
-                Err(e) if e.is_not_found() => Ok(false),
-                Err(e) => Err(e),
-            },
-            None => Ok(false),
+        let mut req = self.handle.link().del(0);
+        req.message_mut()
+            .attributes
+            .push(netlink_packet_route::link::LinkAttribute::IfName(
+                name.to_string(),
+            ));
+        match req
+            .execute()
+            .await
+            .map_err(request(format!("delete link {name}")))
+        {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }
