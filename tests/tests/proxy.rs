@@ -197,6 +197,18 @@ fn counts(v: &Value, field: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Every request answered, by all three backends, and the peer the
+/// application saw was `peer` (the frontend) each time.
+fn assert_spread(r: &Value, peer: &str) {
+    assert_eq!(counts(r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(
+        counts(r, "answers").keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{r}"
+    );
+    assert_eq!(counts(r, "peers").keys().collect::<Vec<_>>(), [peer], "{r}");
+}
+
 /// Every connection answered by backend `name`, none failed.
 fn assert_only(r: &Value, name: &str, n: u64) {
     assert_eq!(counts(r, "errors"), BTreeMap::new(), "{r}");
@@ -292,18 +304,8 @@ fn udp_cluster_ip_spreads_and_reply_comes_from_vip() {
         "10.96.0.10:53/UDP",
         &["10.200.0.11:5353", "10.200.0.12:5353", "10.200.0.13:5353"],
     );
-    let r = node.udp("10.96.0.10:53", 60);
-    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
-    assert_eq!(
-        counts(&r, "answers").keys().collect::<Vec<_>>(),
-        ["b1", "b2", "b3"],
-        "{r}"
-    );
-    assert_eq!(
-        counts(&r, "peers").keys().collect::<Vec<_>>(),
-        ["10.96.0.10:53"],
-        "replies must appear to come from the VIP: {r}"
-    );
+    // Replies must appear to come from the VIP.
+    assert_spread(&node.udp("10.96.0.10:53", 60), "10.96.0.10:53");
 }
 
 #[test]
@@ -315,29 +317,14 @@ fn ipv4_mapped_ipv6_destinations_reach_ipv4_services() {
         "10.96.0.10:53/UDP",
         &["10.200.0.11:5353", "10.200.0.12:5353", "10.200.0.13:5353"],
     );
-    let r = node.tcp("[::ffff:10.96.0.10]:80", 60);
-    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
-    assert_eq!(
-        counts(&r, "answers").keys().collect::<Vec<_>>(),
-        ["b1", "b2", "b3"],
-        "{r}"
+    // getpeername and recvfrom answer in the form the socket asked.
+    assert_spread(
+        &node.tcp("[::ffff:10.96.0.10]:80", 60),
+        "[::ffff:10.96.0.10]:80",
     );
-    assert_eq!(
-        counts(&r, "peers").keys().collect::<Vec<_>>(),
-        ["[::ffff:10.96.0.10]:80"],
-        "getpeername answers in the form the socket asked: {r}"
-    );
-    let r = node.udp("[::ffff:10.96.0.10]:53", 30);
-    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
-    assert_eq!(
-        counts(&r, "answers").keys().collect::<Vec<_>>(),
-        ["b1", "b2", "b3"],
-        "{r}"
-    );
-    assert_eq!(
-        counts(&r, "peers").keys().collect::<Vec<_>>(),
-        ["[::ffff:10.96.0.10]:53"],
-        "replies come from the mapped VIP: {r}"
+    assert_spread(
+        &node.udp("[::ffff:10.96.0.10]:53", 30),
+        "[::ffff:10.96.0.10]:53",
     );
 }
 

@@ -453,23 +453,28 @@ mod tests {
             }),
             ..Default::default()
         };
-        let s = runtime_spec(&SpecInput {
-            pod: &host,
-            container: &c,
-            image_config: &json!({}),
-            env: &[],
-            namespaces: &ns,
-            hostname: "p",
-            cgroups_path: "/skiff/x",
-            mounts: &[],
-        });
-        let kinds: Vec<&str> = s["linux"]["namespaces"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| n["type"].as_str())
-            .collect();
-        assert_eq!(kinds, ["pid", "mount", "ipc"]);
+        let spec_of = |pod: &Pod| {
+            runtime_spec(&SpecInput {
+                pod,
+                container: &c,
+                image_config: &json!({}),
+                env: &[],
+                namespaces: &ns,
+                hostname: "p",
+                cgroups_path: "/skiff/x",
+                mounts: &[],
+            })
+        };
+        let kinds = |s: &serde_json::Value| -> Vec<String> {
+            s["linux"]["namespaces"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n["type"].as_str().map(String::from))
+                .collect()
+        };
+        let s = spec_of(&host);
+        assert_eq!(kinds(&s), ["pid", "mount", "ipc"]);
         assert!(s.get("hostname").is_none());
 
         // hostPID as well: the node's PID namespace too.
@@ -477,22 +482,6 @@ mod tests {
         if let Some(spec) = both.spec.as_mut() {
             spec.host_pid = Some(true);
         }
-        let s = runtime_spec(&SpecInput {
-            pod: &both,
-            container: &c,
-            image_config: &json!({}),
-            env: &[],
-            namespaces: &ns,
-            hostname: "p",
-            cgroups_path: "/skiff/x",
-            mounts: &[],
-        });
-        let kinds: Vec<&str> = s["linux"]["namespaces"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| n["type"].as_str())
-            .collect();
-        assert_eq!(kinds, ["mount", "ipc"]);
+        assert_eq!(kinds(&spec_of(&both)), ["mount", "ipc"]);
     }
 }
