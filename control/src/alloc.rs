@@ -57,7 +57,7 @@ impl std::str::FromStr for Cidr {
 
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.nth(0), self.len)
+        write!(f, "{}/{}", self.network(), self.len)
     }
 }
 
@@ -88,6 +88,11 @@ impl Cidr {
     pub fn contains_usable(&self, ip: IpAddr) -> bool {
         self.offset(ip)
             .is_some_and(|off| off > 0 && off < self.size() - 1)
+    }
+
+    /// The network address.
+    pub fn network(&self) -> IpAddr {
+        self.nth(0)
     }
 
     /// The first usable address, which belongs to the `kubernetes` Service.
@@ -139,31 +144,26 @@ fn random_u32() -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// A free address, scanning from a random start; `taken` is what the store
-/// holds now (the create transaction rechecks).
-pub async fn free_ip(
-    store: &Store,
-    cidr: Cidr,
-    skip: &[String],
-) -> Result<Option<IpAddr>, StoreError> {
-    let taken: std::collections::HashSet<String> = store
+/// The addresses allocated now, of every family (the create transaction
+/// rechecks each one it takes).
+pub async fn taken_ips(store: &Store) -> Result<std::collections::HashSet<String>, StoreError> {
+    Ok(store
         .keys(IP_PREFIX)
         .await?
         .into_iter()
         .filter_map(|k| k.strip_prefix(IP_PREFIX).map(String::from))
-        .chain(skip.iter().cloned())
-        .collect();
+        .collect())
+}
+
+/// A free address of `cidr` not in `taken`, scanning from a random start.
+pub fn free_ip(cidr: Cidr, taken: &std::collections::HashSet<String>) -> Option<IpAddr> {
     let usable = cidr.size() - 2;
     let start = u128::from(random_u32()) % usable;
-    for i in 0..usable {
+    (0..usable).find_map(|i| {
         // Offset 1 (the first address) is left to the `kubernetes` Service.
-        let off = 2 + (start + i) % (usable - 1);
-        let ip = cidr.nth(off);
-        if !taken.contains(&ip.to_string()) {
-            return Ok(Some(ip));
-        }
-    }
-    Ok(None)
+        let ip = cidr.nth(2 + (start + i) % (usable - 1));
+        (!taken.contains(&ip.to_string())).then_some(ip)
+    })
 }
 
 pub async fn free_port(

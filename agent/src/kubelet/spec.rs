@@ -215,19 +215,10 @@ pub fn runtime_spec(i: &SpecInput) -> Value {
     }
     // hostNetwork: the node's network and hostname (the runtime's own
     // namespaces), the pod's IPC.
-    let host_network = i
-        .pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false);
     // hostPID: the node's PID namespace (the runtime's own).
-    let host_pid = i
-        .pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_pid)
-        .unwrap_or(false);
+    let pod_spec = i.pod.spec.as_ref();
+    let host_network = pod_spec.and_then(|s| s.host_network).unwrap_or(false);
+    let host_pid = pod_spec.and_then(|s| s.host_pid).unwrap_or(false);
     let mut namespaces = Vec::new();
     if !host_pid {
         namespaces.push(json!({"type": "pid"}));

@@ -33,6 +33,13 @@ pub const ANNOTATION_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-
 /// Where the network config is read from unless `--net-config-path` says.
 pub const DEFAULT_NET_CONFIG: &str = "/etc/skiff/net-conf.json";
 
+/// Where a Node watch picks up: the resourceVersion of the list it
+/// follows, and each Node's subnet as that list had it.
+pub struct WatchFrom {
+    rv: String,
+    known: BTreeMap<String, Ipv4Network>,
+}
+
 pub struct KubeSubnets {
     nodes: Api<Node>,
     node_name: String,
@@ -42,7 +49,7 @@ pub struct KubeSubnets {
 /// A Node's lease: its podCIDR and the annotations its overlay wrote.
 /// None while either is missing (the node has no overlay yet).
 pub fn lease_of(node: &Node) -> Option<Lease> {
-    let subnet: Ipv4Network = node.spec.as_ref()?.pod_cidr.as_deref()?.parse().ok()?;
+    let subnet = pod_cidr(node)?;
     let notes = node.metadata.annotations.as_ref()?;
     let public_ip: Ipv4Addr = notes.get(ANNOTATION_PUBLIC_IP)?.parse().ok()?;
     let backend_type = notes.get(ANNOTATION_BACKEND_TYPE)?.clone();
@@ -51,7 +58,7 @@ pub fn lease_of(node: &Node) -> Option<Lease> {
         .and_then(|d| serde_json::from_str(d).ok())
         .filter(|d: &serde_json::Value| !d.is_null());
     Some(Lease {
-        subnet: Ipv4Network::new(subnet.network(), subnet.prefix()).ok()?,
+        subnet,
         attrs: LeaseAttrs {
             public_ip,
             public_ipv6: None,
@@ -183,17 +190,21 @@ impl KubeSubnets {
         Ok(true)
     }
 
-    /// Every Node's lease and the resourceVersion of the list.
-    pub async fn list(&self) -> Result<(BTreeMap<Ipv4Network, Lease>, String), LeaseError> {
+    /// Every Node's lease, and where a watch picks up from: the list's
+    /// resourceVersion and each Node's subnet (so that a Node whose
+    /// podCIDR later changes takes its old subnet's routes with it).
+    pub async fn list(&self) -> Result<(BTreeMap<Ipv4Network, Lease>, WatchFrom), LeaseError> {
         let list = self.nodes.list(&ListParams::default()).await?;
         let rv = list.metadata.resource_version.clone().unwrap_or_default();
-        let leases = list
-            .items
-            .iter()
-            .filter_map(lease_of)
-            .map(|l| (l.subnet, l))
-            .collect();
-        Ok((leases, rv))
+        let mut leases = BTreeMap::new();
+        let mut known = BTreeMap::new();
+        for n in &list.items {
+            if let Some(l) = lease_of(n) {
+                known.insert(n.metadata.name.clone().unwrap_or_default(), l.subnet);
+                leases.insert(l.subnet, l);
+            }
+        }
+        Ok((leases, WatchFrom { rv, known }))
     }
 
     /// Watches Nodes from `rv`, sending lease events until the receiver
@@ -201,11 +212,10 @@ impl KubeSubnets {
     /// deleted, takes its subnet with it.
     pub async fn watch(
         &self,
-        mut rv: String,
+        from: WatchFrom,
         tx: mpsc::Sender<Vec<Event>>,
     ) -> Result<(), LeaseError> {
-        // Each Node's subnet as last seen, for the Nodes that change.
-        let mut known: BTreeMap<String, Ipv4Network> = BTreeMap::new();
+        let WatchFrom { mut rv, mut known } = from;
         loop {
             let params = WatchParams::default().timeout(290);
             let mut stream = self.nodes.watch(&params, &rv).await?.boxed();

@@ -68,7 +68,7 @@ enum Source {
 /// The point a list was read at, where its watch starts.
 enum Since {
     Revision(i64),
-    ResourceVersion(String),
+    Nodes(kube::WatchFrom),
 }
 
 impl Source {
@@ -107,8 +107,8 @@ impl Source {
                 Ok((leases, Since::Revision(rev)))
             }
             Source::Kube(k) => {
-                let (leases, rv) = k.list().await?;
-                Ok((leases, Since::ResourceVersion(rv)))
+                let (leases, from) = k.list().await?;
+                Ok((leases, Since::Nodes(from)))
             }
         }
     }
@@ -116,7 +116,7 @@ impl Source {
     async fn watch(&self, since: Since, tx: mpsc::Sender<Vec<Event>>) -> Result<(), LeaseError> {
         match (self, since) {
             (Source::Etcd(r), Since::Revision(rev)) => r.watch(rev, tx).await,
-            (Source::Kube(k), Since::ResourceVersion(rv)) => k.watch(rv, tx).await,
+            (Source::Kube(k), Since::Nodes(from)) => k.watch(from, tx).await,
             _ => Err(LeaseError::WatchEnded("a list of another source".into())),
         }
     }
@@ -291,6 +291,11 @@ impl Node {
     async fn apply(&mut self, ev: Event) -> Result<bool, OverlayError> {
         match ev {
             Event::Put(l) => {
+                // The same lease again (a Node's status heartbeat in kube
+                // mode): the kernel already holds it; the resync repairs.
+                if self.leases.get(&l.subnet) == Some(&l) {
+                    return Ok(false);
+                }
                 if l.subnet == self.held.subnet && l.attrs.public_ip != self.attrs.public_ip {
                     error!(subnet = %l.subnet, other = %l.attrs.public_ip, "our subnet was written by another node");
                 }

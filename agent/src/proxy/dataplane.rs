@@ -641,19 +641,18 @@ impl Dataplane {
 /// kernel counts (`kernel.bpf_stats_enabled` = 1): what each connect,
 /// sendmsg or recvmsg costs in the programs.
 pub fn program_stats(pin_dir: &Path) -> Vec<(&'static str, std::time::Duration, u64)> {
-    let mut out = Vec::new();
-    for program in PROGRAMS {
-        let Ok(id) = super::terminate::link_program_id(&pin_dir.join("links").join(program)) else {
-            continue;
-        };
-        if let Some(p) = aya::programs::loaded_programs()
-            .flatten()
-            .find(|p| p.id() == id)
-        {
-            out.push((program, p.run_time(), p.run_count()));
-        }
-    }
-    out
+    let ids: StdHashMap<u32, &'static str> = PROGRAMS
+        .iter()
+        .filter_map(|program| {
+            let link = pin_dir.join("links").join(program);
+            Some((super::terminate::link_program_id(&link).ok()?, *program))
+        })
+        .collect();
+    // One pass over the loaded programs.
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter_map(|p| Some((*ids.get(&p.id())?, p.run_time(), p.run_count())))
+        .collect()
 }
 
 /// Detaches the programs (by unpinning their links) and removes the pinned

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, MapInfo};
 use aya::{Btf, BtfError};
-use skiff_ebpf_common::{PeerValue, maps as names};
+use skiff_ebpf_common::{MAX_DOOMED, PeerValue, maps as names};
 use tracing::{debug, info};
 
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +198,7 @@ fn map_of_link(link: &Path, name: &str) -> Result<aya::maps::MapFd> {
         };
         if m.name_as_str() == Some(name) {
             return m.fd().map_err(|source| TerminateError::Map {
-                map: names::DOOMED,
+                map: "PEERS",
                 source,
             });
         }
@@ -219,14 +219,13 @@ impl Terminator {
             map: names::DOOMED,
             source,
         };
-        let doomed_fd = MapData::from_pin(&doomed_path).map_err(map_err)?;
+        let doomed_data = MapData::from_pin(&doomed_path).map_err(map_err)?;
         let insns = program(
             peers.as_fd().as_raw_fd(),
-            doomed_fd.fd().as_fd().as_raw_fd(),
+            doomed_data.fd().as_fd().as_raw_fd(),
             destroy,
         );
         let license = c"GPL";
-        let mut log = vec![0u8; 64 * 1024];
         let load = |log: &mut [u8], level: u32| {
             let mut attr = [0u8; 144];
             put32(&mut attr, 0, BPF_PROG_TYPE_TRACING);
@@ -244,24 +243,25 @@ impl Terminator {
             put32(&mut attr, 108, iter_udp);
             bpf(BPF_PROG_LOAD, &mut attr)
         };
-        let prog = match load(&mut log, 0) {
+        let prog = match load(&mut [], 0) {
             Ok(p) => p,
-            Err(_) => load(&mut log, 1).map_err(|source| {
-                let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-                TerminateError::Refused {
-                    source,
-                    log: String::from_utf8_lossy(&log[..end]).into_owned(),
-                }
-            })?,
+            // Again with the verifier's log, to say why.
+            Err(_) => {
+                let mut log = vec![0u8; 64 * 1024];
+                load(&mut log, 1).map_err(|source| {
+                    let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+                    TerminateError::Refused {
+                        source,
+                        log: String::from_utf8_lossy(&log[..end]).into_owned(),
+                    }
+                })?
+            }
         };
         let mut attr = [0u8; 32];
         put32(&mut attr, 0, prog.as_raw_fd() as u32);
         put32(&mut attr, 8, BPF_TRACE_ITER);
         let link = bpf(BPF_LINK_CREATE, &mut attr).map_err(sys("attach the socket iterator"))?;
-        let doomed = HashMap::try_from(Map::HashMap(
-            MapData::from_pin(&doomed_path).map_err(map_err)?,
-        ))
-        .map_err(map_err)?;
+        let doomed = HashMap::try_from(Map::HashMap(doomed_data)).map_err(map_err)?;
         info!("socket termination ready (bpf_sock_destroy)");
         Ok(Self {
             link,
@@ -277,18 +277,23 @@ impl Terminator {
         if pairs.is_empty() {
             return Ok(0);
         }
-        let map_err = |source| TerminateError::Map {
-            map: names::DOOMED,
-            source,
-        };
-        for p in pairs {
-            self.doomed.insert(p, 1, 0).map_err(map_err)?;
+        let mut walked = 0;
+        // At most what DOOMED holds at once; what was armed is always
+        // disarmed, so no entry outlives its walk.
+        for chunk in pairs.chunks(MAX_DOOMED as usize) {
+            let armed = chunk
+                .iter()
+                .try_for_each(|p| self.doomed.insert(p, 1, 0))
+                .map_err(|source| TerminateError::Map {
+                    map: names::DOOMED,
+                    source,
+                });
+            let result = armed.and_then(|()| self.walk());
+            for p in chunk {
+                let _ = self.doomed.remove(p);
+            }
+            walked = result?;
         }
-        let walked = self.walk();
-        for p in pairs {
-            let _ = self.doomed.remove(p);
-        }
-        let walked = walked?;
         debug!(
             pairs = pairs.len(),
             namespaces = walked,

@@ -57,43 +57,51 @@ fn address_of(pod: &Pod, family: &str) -> Option<String> {
         .map(String::from)
 }
 
-/// The slices `svc` should have, one per family, given the pods of its
-/// namespace (none without a selector).
-pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Vec<EndpointSlice> {
-    let families: Vec<String> = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ip_families.clone())
+/// The slices `svc` has, by name and family: one per family of its
+/// `ipFamilies` (the first named after it); none without a selector.
+pub fn slice_names(svc: &Service) -> Vec<(String, String)> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    if spec.selector.as_ref().is_none_or(|s| s.is_empty())
+        || spec.type_.as_deref() == Some("ExternalName")
+    {
+        return Vec::new();
+    }
+    let name = name_of(&svc.metadata);
+    let families = spec
+        .ip_families
+        .clone()
         .filter(|f| !f.is_empty())
         .unwrap_or_else(|| vec!["IPv4".into()]);
     families
-        .iter()
+        .into_iter()
         .enumerate()
-        .filter_map(|(i, f)| {
-            let name = name_of(&svc.metadata);
-            let slice_name = if i == 0 {
+        .map(|(i, f)| {
+            let slice = if i == 0 {
                 name.to_string()
             } else {
                 format!("{name}-{}", f.to_lowercase())
             };
-            desired_of(svc, pods, f, &slice_name)
+            (slice, f)
         })
         .collect()
 }
 
-fn desired_of(
-    svc: &Service,
-    pods: &[Arc<Pod>],
-    family: &str,
-    slice_name: &str,
-) -> Option<EndpointSlice> {
-    let spec = svc.spec.as_ref()?;
-    let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return None;
-    }
-    let (name, ns) = (name_of(&svc.metadata), ns_of(&svc.metadata));
-    let publish_unready = spec.publish_not_ready_addresses == Some(true);
+/// The slices `svc` should have, given the pods of its namespace: the pods
+/// are selected once, then each family's slice lists those with an
+/// address of it.
+pub fn desired(svc: &Service, pods: &[Arc<Pod>]) -> Vec<EndpointSlice> {
+    let names = slice_names(svc);
+    let Some((spec, selector)) = svc
+        .spec
+        .as_ref()
+        .and_then(|s| Some((s, s.selector.as_ref()?)))
+        .filter(|_| !names.is_empty())
+    else {
+        return Vec::new();
+    };
+    let ns = ns_of(&svc.metadata);
     let mut selected: Vec<&Arc<Pod>> = pods
         .iter()
         .filter(|p| ns_of(&p.metadata) == ns)
@@ -109,16 +117,34 @@ fn desired_of(
                 Some("Succeeded" | "Failed")
             )
         })
-        .filter(|p| address_of(p, family).is_some())
         .collect();
     selected.sort_by(|a, b| name_of(&a.metadata).cmp(name_of(&b.metadata)));
-    let endpoints: Vec<Endpoint> = selected
+    names
         .iter()
-        .map(|p| {
+        .map(|(slice, family)| slice_of(svc, spec, &selected, family, slice))
+        .collect()
+}
+
+fn slice_of(
+    svc: &Service,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    selected: &[&Arc<Pod>],
+    family: &str,
+    slice_name: &str,
+) -> EndpointSlice {
+    let (name, ns) = (name_of(&svc.metadata), ns_of(&svc.metadata));
+    let publish_unready = spec.publish_not_ready_addresses == Some(true);
+    let with_address: Vec<(&Arc<Pod>, String)> = selected
+        .iter()
+        .filter_map(|p| Some((*p, address_of(p, family)?)))
+        .collect();
+    let endpoints: Vec<Endpoint> = with_address
+        .iter()
+        .map(|(p, address)| {
             let terminating = p.metadata.deletion_timestamp.is_some();
             let serving = is_ready(p) || publish_unready;
             Endpoint {
-                addresses: vec![address_of(p, family).unwrap_or_default()],
+                addresses: vec![address.clone()],
                 conditions: Some(EndpointConditions {
                     ready: Some(serving && !terminating),
                     serving: Some(serving),
@@ -136,7 +162,7 @@ fn desired_of(
             }
         })
         .collect();
-    let first = selected.first();
+    let first = with_address.first().map(|(p, _)| p);
     let ports: Vec<EndpointPort> = spec
         .ports
         .iter()
@@ -158,7 +184,7 @@ fn desired_of(
         (SERVICE_NAME.to_string(), name.to_string()),
         (MANAGED_BY.to_string(), MANAGER.to_string()),
     ]);
-    Some(EndpointSlice {
+    EndpointSlice {
         metadata: ObjectMeta {
             name: Some(slice_name.to_string()),
             namespace: Some(ns.to_string()),
@@ -172,7 +198,7 @@ fn desired_of(
         address_type: family.into(),
         endpoints: Some(endpoints),
         ports: Some(ports),
-    })
+    }
 }
 
 fn same(a: &EndpointSlice, b: &EndpointSlice) -> bool {
@@ -257,9 +283,9 @@ pub async fn run(client: Client) {
             let svc = svcs
                 .get(&kube::runtime::reflector::ObjectRef::<Service>::new(&svc_name).within(ns));
             let orphaned = svc.is_some_and(|svc| {
-                !desired(&svc, &[])
+                !slice_names(&svc)
                     .iter()
-                    .any(|d| d.metadata.name == s.metadata.name)
+                    .any(|(n, _)| Some(n) == s.metadata.name.as_ref())
             });
             if managed && orphaned {
                 let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);

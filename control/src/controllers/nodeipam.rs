@@ -9,7 +9,7 @@
 //! set, as upstream forbids.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::{name_of, next_pass, ready, reflect};
+use crate::alloc::Cidr;
 
 /// The cluster's pod network and the size of each node's slice of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,29 +32,21 @@ pub struct NodeCidrs {
 }
 
 impl NodeCidrs {
-    /// `cluster` as `a.b.c.d/len`; `node_prefix` must be longer than its
-    /// prefix and at most 30.
+    /// `cluster` as `a.b.c.d/len` (IPv4: the overlay is); `node_prefix`
+    /// must be longer than its prefix and at most 30.
     pub fn new(cluster: &str, node_prefix: u8) -> Result<Self, String> {
-        let (ip, len) = cluster
-            .split_once('/')
-            .ok_or_else(|| format!("--cluster-cidr {cluster:?}: expected a.b.c.d/len"))?;
-        let ip: Ipv4Addr = ip
-            .parse()
-            .map_err(|e| format!("--cluster-cidr {cluster:?}: {e}"))?;
-        let prefix: u8 = len
-            .parse()
-            .map_err(|e| format!("--cluster-cidr {cluster:?}: {e}"))?;
-        if !(1..=30).contains(&prefix) {
+        let cidr: Cidr = cluster.parse().map_err(|e| format!("--cluster-cidr {e}"))?;
+        let IpAddr::V4(network) = cidr.network() else {
             return Err(format!(
-                "--cluster-cidr {cluster:?}: the prefix length must be 1..=30"
+                "--cluster-cidr {cluster:?}: must be IPv4 (the overlay is)"
             ));
-        }
+        };
+        let prefix = cidr.len;
         if node_prefix <= prefix || node_prefix > 30 {
             return Err(format!(
                 "--node-cidr-mask-size {node_prefix}: must be longer than the cluster CIDR's /{prefix} and at most 30"
             ));
         }
-        let network = Ipv4Addr::from(u32::from(ip) & mask(prefix));
         Ok(Self {
             network,
             prefix,
