@@ -183,6 +183,15 @@ struct RunArgs {
     /// How often the manifest directory is checked, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
+    /// Interface on which NodePorts, externalIPs and LoadBalancer IPs are
+    /// served to other hosts (repeatable; default: every interface with a
+    /// global IPv4 address that is not a bridge, rescanned as they come).
+    #[arg(long = "external-interface")]
+    external_interfaces: Vec<String>,
+    /// Slots in each Service's Maglev table for external traffic (a prime;
+    /// the same on every node).
+    #[arg(long, default_value_t = skiff_ebpf_common::DEFAULT_MAGLEV_SIZE)]
+    maglev_table_size: u32,
     #[command(flatten)]
     overlay: OverlayArgs,
     #[command(flatten)]
@@ -426,6 +435,10 @@ fn proxy_config(args: &RunArgs, ctx: &NodeContext) -> Result<ProxyConfig> {
         },
         source,
         poll: Duration::from_millis(args.poll_ms),
+        external: proxy::ExternalConfig {
+            interfaces: args.external_interfaces.clone(),
+            maglev_size: args.maglev_table_size,
+        },
     })
 }
 

@@ -398,6 +398,20 @@ impl Check {
                 "must be empty, 'None', or a valid IP address",
             ));
         }
+        // Where the Service needs none, the allocation drops it (as
+        // upstream drops type-dependent fields on an update).
+        if let Some(hc) = spec.get("healthCheckNodePort").and_then(Value::as_i64)
+            && !(i64::from(node_ports.0)..=i64::from(node_ports.1)).contains(&hc)
+        {
+            self.push(Cause::invalid(
+                "spec.healthCheckNodePort",
+                hc,
+                &format!(
+                    "provided port is not in the valid range. The range of valid ports is {}-{}",
+                    node_ports.0, node_ports.1
+                ),
+            ));
+        }
         for (i, ip) in spec
             .get("externalIPs")
             .and_then(Value::as_array)

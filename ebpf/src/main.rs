@@ -1,4 +1,5 @@
-//! Socket-level service load balancing (cgroup sock_addr programs).
+//! Socket-level service load balancing (cgroup sock_addr programs), and
+//! the TC programs for traffic from other hosts (`nodeport`).
 //!
 //! `connect4/6` and `sendmsg4/6` rewrite a destination that is a service
 //! frontend (ClusterIP, external IP, node address + NodePort) to one of its
@@ -35,7 +36,9 @@ use skiff_ebpf_common::{
 /// grace period, so a program that looked it up keeps reading the value it
 /// found; preallocated hash maps recycle elements at once and a reader could
 /// see another entry's bytes. Every update the agent makes relies on this.
-const BPF_F_NO_PREALLOC: u32 = 1;
+pub(crate) const BPF_F_NO_PREALLOC: u32 = 1;
+
+mod nodeport;
 
 /// Allowed / rejected, as cgroup sock_addr programs answer.
 const SYS_PROCEED: i32 = 1;

@@ -1494,3 +1494,55 @@ fn dual_stack_services_get_an_address_of_each_family_they_ask_for() {
         "PreferDualStack IPv4"
     );
 }
+
+#[test]
+fn a_local_load_balancer_gets_a_health_check_node_port_it_gives_back_when_it_no_longer_needs_it() {
+    let cp = ControlPlane::start(&[]);
+    let lb = |policy: &str, hc: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: lb}}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: {policy}\n{hc}  ports: [{{port: 80}}]\n"
+        )
+    };
+    cp.apply(&lb("Local", "")).unwrap_or_else(|e| panic!("{e}"));
+    let hc = cp.jsonpath(&["service", "lb"], "{.spec.healthCheckNodePort}");
+    let port: u16 = hc.parse().unwrap_or_else(|e| panic!("{hc:?}: {e}"));
+    let node_port = cp.jsonpath(&["service", "lb"], "{.spec.ports[0].nodePort}");
+    assert!((30000..=32767).contains(&port), "{port}");
+    assert_ne!(
+        hc, node_port,
+        "the health check port is a NodePort of its own"
+    );
+
+    // Taken: another Service cannot have it as a NodePort.
+    let taken = cp.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: other}}\nspec:\n  type: NodePort\n  ports: [{{port: 80, nodePort: {port}}}]\n"
+    ));
+    let err = taken.expect_err("the port is held");
+    assert!(
+        err.contains("nodePort") && err.contains("already allocated"),
+        "{err}"
+    );
+
+    // Cluster policy: no health check port, and it is free again.
+    cp.kubectl_ok(&[
+        "patch",
+        "service",
+        "lb",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#,
+    ]);
+    assert_eq!(
+        cp.jsonpath(&["service", "lb"], "{.spec.healthCheckNodePort}"),
+        ""
+    );
+    cp.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: other}}\nspec:\n  type: NodePort\n  ports: [{{port: 80, nodePort: {port}}}]\n"
+    ))
+    .unwrap_or_else(|e| panic!("the released port is free: {e}"));
+
+    // Out of range is refused, naming the field.
+    let err = cp
+        .apply(&lb("Local", "  healthCheckNodePort: 80\n"))
+        .expect_err("out of range");
+    assert!(err.contains("spec.healthCheckNodePort"), "{err}");
+}

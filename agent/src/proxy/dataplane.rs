@@ -30,7 +30,17 @@ use tracing::{debug, info, warn};
 use super::model::{Frontend, ServiceError, frontend_string};
 
 /// The compiled kernel programs (built by build.rs).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff"));
+pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff"));
+
+/// The loader both paths load the object with: every map pinned under
+/// `maps_dir` by its name (the BTF-defined Maglev map by an explicit path),
+/// so that the two share them and a later agent finds them.
+pub(super) fn loader(maps_dir: &Path) -> EbpfLoader<'static> {
+    let mut l = EbpfLoader::new();
+    l.default_map_pin_directory(maps_dir)
+        .map_pin_path(names::MAGLEV, maps_dir.join(names::MAGLEV));
+    l
+}
 
 /// Program names in the object, in attach order.
 pub const PROGRAMS: [&str; 8] = [
@@ -282,9 +292,7 @@ impl Dataplane {
         for d in [&maps_dir, &links_dir] {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        let mut ebpf: Ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .load(OBJECT)?;
+        let mut ebpf: Ebpf = loader(&maps_dir).load(OBJECT)?;
 
         let cgroup_file = fs::File::open(cgroup).map_err(io_err(cgroup))?;
         for program in PROGRAMS {

@@ -1,20 +1,26 @@
 //! The service proxy: Services + EndpointSlices into the pinned BPF maps of
-//! the socket-level load balancer in `ebpf/`, replacing kube-proxy.
+//! the socket-level load balancer in `ebpf/` (local clients) and of its TC
+//! path (clients on other hosts), replacing kube-proxy.
 //!
-//! `model` turns objects into frontends (pure), `dataplane` owns the kernel
-//! objects and writes differences, `manifests` and `watch` are the two
-//! sources. `run` wires a source to the dataplane; `list` prints what the
-//! pinned maps hold.
+//! `model` turns objects into a plan per Service (pure), `dataplane` owns
+//! the socket path's kernel objects and `external` the TC path's, each
+//! writing differences; `health` serves healthCheckNodePorts; `manifests`
+//! and `watch` are the two sources. `run` wires a source to them; `list`
+//! prints what the pinned maps hold.
 
 pub mod dataplane;
+pub mod external;
+pub mod health;
+pub mod maglev;
 pub mod manifests;
 pub mod model;
 pub mod terminate;
 pub mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -22,7 +28,8 @@ use tokio::sync::watch as signal;
 use tracing::{error, info, warn};
 
 pub use dataplane::{Dataplane, DataplaneError, Tables};
-pub use model::{Catalog, Frontend, NodeView, ServiceError};
+pub use external::{External, ExternalConfig, ExternalError};
+pub use model::{Catalog, Frontend, NodeView, ServiceError, ServicePlan};
 
 /// Where the proxy reads Services and EndpointSlices from.
 #[derive(Clone, Debug)]
@@ -41,12 +48,19 @@ pub struct ProxyConfig {
     pub source: Source,
     /// How often the manifest directory is checked for changes.
     pub poll: Duration,
+    /// The TC path for traffic from other hosts.
+    pub external: ExternalConfig,
 }
+
+/// How often interfaces are rescanned for the TC path.
+const RESCAN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    External(#[from] ExternalError),
     #[error(transparent)]
     Manifests(#[from] manifests::ManifestError),
     #[error("connecting to the apiserver: {0}")]
@@ -93,7 +107,34 @@ pub async fn run(
     mut shutdown: signal::Receiver<bool>,
 ) -> Result<(), ProxyError> {
     use tokio::task::block_in_place;
-    let mut dp = block_in_place(|| Dataplane::install(&cfg.pin_dir, &cfg.cgroup))?;
+    let dp = block_in_place(|| Dataplane::install(&cfg.pin_dir, &cfg.cgroup))?;
+    let auto = external::auto_interfaces().await;
+    let ext = block_in_place(|| External::install(&cfg.pin_dir, cfg.external.clone(), &auto))?;
+    let mut paths = Paths {
+        dp,
+        ext: Arc::new(Mutex::new(ext)),
+        health: health::HealthServers::default(),
+        plans: BTreeMap::new(),
+    };
+    let ext = paths.ext.clone();
+    let external_cfg = cfg.external.clone();
+    let rescan = async move {
+        loop {
+            tokio::time::sleep(RESCAN).await;
+            if !external_cfg.interfaces.is_empty() {
+                continue;
+            }
+            let auto = external::auto_interfaces().await;
+            let r = block_in_place(|| match ext.lock() {
+                Ok(mut e) => e.attach_interfaces(&auto),
+                Err(_) => Ok(0),
+            });
+            if let Err(e) = r {
+                warn!(error = %e, "attaching the TC programs failed");
+            }
+        }
+    };
+    tokio::pin!(rescan);
     match &cfg.source {
         Source::Manifests(dir) => {
             let mut last = None;
@@ -107,11 +148,11 @@ pub async fn run(
                     }
                     let (desired, bad) = catalog.desired(&cfg.node);
                     report(&bad);
-                    let (changed, taken) = block_in_place(|| dp.sync_all(&desired))?;
+                    let (changed, taken) = block_in_place(|| paths.sync_all(desired))?;
                     report(&taken);
                     info!(
-                        services = desired.len(),
-                        frontends = dp.programmed().len(),
+                        services = paths.plans.len(),
+                        frontends = paths.dp.programmed().len(),
                         changed,
                         skipped = bad.len() + taken.len(),
                         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -121,6 +162,7 @@ pub async fn run(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(cfg.poll) => {}
+                    _ = &mut rescan => {}
                     _ = shutdown.changed() => break,
                 }
             }
@@ -134,9 +176,9 @@ pub async fn run(
                     if dirty.all {
                         let (desired, bad) = store.catalog.desired(&node);
                         report(&bad);
-                        dp.sync_all(&desired)
+                        paths.sync_all(desired)
                     } else {
-                        sync_dirty(&mut dp, &store.catalog, &node, &dirty.services)
+                        paths.sync_dirty(&store.catalog, &node, &dirty.services)
                     }
                 });
                 match result {
@@ -145,7 +187,7 @@ pub async fn run(
                         if changed > 0 {
                             info!(
                                 changed,
-                                frontends = dp.programmed().len(),
+                                frontends = paths.dp.programmed().len(),
                                 elapsed_us = started.elapsed().as_micros() as u64,
                                 "programmed"
                             );
@@ -156,6 +198,7 @@ pub async fn run(
             };
             tokio::select! {
                 r = watch::run(client, reconcile) => r?,
+                _ = &mut rescan => {}
                 _ = shutdown.changed() => {}
             }
         }
@@ -164,26 +207,77 @@ pub async fn run(
     Ok(())
 }
 
-/// Reprograms the named services from the catalog. A service that became
-/// invalid loses its frontends (kube-proxy drops such a service too).
-fn sync_dirty(
-    dp: &mut Dataplane,
-    catalog: &Catalog,
-    node: &NodeView,
-    services: &std::collections::BTreeSet<String>,
-) -> Result<(usize, Vec<ServiceError>), DataplaneError> {
-    let mut changed = 0;
-    let mut errors = Vec::new();
-    for name in services {
-        let frontends = catalog.frontends_of(name, node).unwrap_or_else(|e| {
-            errors.push(e);
-            Vec::new()
-        });
-        let (n, e) = dp.sync_service(name, &frontends)?;
-        changed += n;
-        errors.extend(e);
+/// Both paths, the health check servers, and the plans they hold.
+struct Paths {
+    dp: Dataplane,
+    ext: Arc<Mutex<External>>,
+    health: health::HealthServers,
+    plans: BTreeMap<String, ServicePlan>,
+}
+
+impl Paths {
+    fn sync_all(
+        &mut self,
+        desired: BTreeMap<String, ServicePlan>,
+    ) -> Result<(usize, Vec<ServiceError>), ProxyError> {
+        let socket: BTreeMap<String, Vec<Frontend>> = desired
+            .iter()
+            .map(|(k, p)| (k.clone(), p.socket.clone()))
+            .collect();
+        let (mut changed, errors) = self.dp.sync_all(&socket)?;
+        let external: BTreeMap<String, Vec<model::ExternalSet>> = desired
+            .iter()
+            .map(|(k, p)| (k.clone(), p.external.clone()))
+            .collect();
+        if let Ok(mut ext) = self.ext.lock() {
+            changed += ext.sync_all(&external)?;
+        }
+        self.plans = desired;
+        self.serve_health();
+        Ok((changed, errors))
     }
-    Ok((changed, errors))
+
+    /// Reprograms the named services from the catalog. A service that
+    /// became invalid loses its frontends (kube-proxy drops such a service
+    /// too).
+    fn sync_dirty(
+        &mut self,
+        catalog: &Catalog,
+        node: &NodeView,
+        services: &BTreeSet<String>,
+    ) -> Result<(usize, Vec<ServiceError>), ProxyError> {
+        let mut changed = 0;
+        let mut errors = Vec::new();
+        for name in services {
+            let plan = catalog.plan_of(name, node).unwrap_or_else(|e| {
+                errors.push(e);
+                ServicePlan::default()
+            });
+            let (n, e) = self.dp.sync_service(name, &plan.socket)?;
+            changed += n;
+            errors.extend(e);
+            if let Ok(mut ext) = self.ext.lock() {
+                changed += ext.sync_service(name, &plan.external)?;
+            }
+            if plan == ServicePlan::default() {
+                self.plans.remove(name);
+            } else {
+                self.plans.insert(name.clone(), plan);
+            }
+        }
+        self.serve_health();
+        Ok((changed, errors))
+    }
+
+    fn serve_health(&mut self) {
+        let wanted = self
+            .plans
+            .values()
+            .filter_map(|p| p.health.clone())
+            .map(|h| (h.port, h))
+            .collect();
+        self.health.set(wanted);
+    }
 }
 
 /// One frontend as `proxy list` prints it.

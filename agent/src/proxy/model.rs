@@ -13,7 +13,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use skiff_ebpf_common::{
-    Backend, FAMILY_V4, FAMILY_V6, MAX_SLOTS_PER_SERVICE, PROTO_TCP, PROTO_UDP, ServiceKey,
+    BACKEND_LOCAL, Backend, EXT_AFFINITY, EXT_LOCAL, ExtBackend, FAMILY_V4, FAMILY_V6,
+    MAX_SLOTS_PER_SERVICE, PROTO_TCP, PROTO_UDP, ServiceKey,
 };
 use tracing::warn;
 
@@ -32,6 +33,40 @@ pub struct Frontend {
     pub affinity_timeout: u32,
     /// Sorted, without duplicates.
     pub backends: Vec<Backend>,
+}
+
+/// One backend set of the TC path (a service port in one family): the
+/// frontends traffic from other hosts arrives at, and where it may go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalSet {
+    /// `namespace/name:port/PROTO/family`, stable while the port exists.
+    pub name: String,
+    pub frontends: Vec<ServiceKey>,
+    /// Sorted, without duplicates; `BACKEND_LOCAL` marks this node's.
+    pub backends: Vec<ExtBackend>,
+    /// `EXT_*` bits.
+    pub flags: u32,
+}
+
+/// What `healthCheckNodePort` answers for a Service with
+/// `externalTrafficPolicy: Local`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints on this node.
+    pub local_endpoints: usize,
+}
+
+/// Everything one Service asks of this node's dataplane.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePlan {
+    /// Frontends of the socket path (local clients).
+    pub socket: Vec<Frontend>,
+    /// Backend sets of the TC path (clients on other hosts).
+    pub external: Vec<ExternalSet>,
+    pub health: Option<Health>,
 }
 
 /// How this node sees the cluster.
@@ -205,7 +240,8 @@ struct Readiness {
     serving_terminating: bool,
 }
 
-/// The backends of one service port, in one address family.
+/// The backends of one service port, in one address family, each with
+/// whether it runs on this node.
 fn backends_for(
     service: &str,
     port: &ServicePort,
@@ -213,10 +249,10 @@ fn backends_for(
     local_only: bool,
     slices: &[&EndpointSlice],
     node: &NodeView,
-) -> Vec<Backend> {
+) -> Vec<(Backend, bool)> {
     let want_type = if family == FAMILY_V4 { "IPv4" } else { "IPv6" };
-    let mut ready = BTreeSet::new();
-    let mut fallback = BTreeSet::new();
+    let mut ready = BTreeMap::new();
+    let mut fallback = BTreeMap::new();
     for slice in slices {
         if slice.address_type != want_type {
             continue;
@@ -238,7 +274,8 @@ fn backends_for(
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
-            if local_only && ep.node_name.as_deref() != Some(node.node_name.as_str()) {
+            let local = ep.node_name.as_deref() == Some(node.node_name.as_str());
+            if local_only && !local {
                 continue;
             }
             let Some(first) = ep.addresses.first() else {
@@ -267,9 +304,9 @@ fn backends_for(
                 pad: 0,
             };
             if state.ready {
-                ready.insert(b);
+                ready.insert(b, local);
             } else if state.serving_terminating {
-                fallback.insert(b);
+                fallback.insert(b, local);
             }
         }
     }
@@ -277,19 +314,29 @@ fn backends_for(
     chosen.into_iter().collect()
 }
 
-/// All frontends of one Service, or why it cannot be programmed. A Service
-/// without a cluster IP (headless) or of type ExternalName has none.
+/// The socket-path frontends of one Service (see [`service_plan`]).
 pub fn service_frontends(
     svc: &Service,
     slices: &[&EndpointSlice],
     node: &NodeView,
 ) -> Result<Vec<Frontend>, ServiceError> {
+    service_plan(svc, slices, node).map(|p| p.socket)
+}
+
+/// All one Service asks of this node, or why it cannot be programmed. A
+/// Service without a cluster IP (headless) or of type ExternalName has
+/// nothing.
+pub fn service_plan(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeView,
+) -> Result<ServicePlan, ServiceError> {
     let name = service_key(svc);
     let Some(spec) = svc.spec.as_ref() else {
-        return Ok(Vec::new());
+        return Ok(ServicePlan::default());
     };
     if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(Vec::new());
+        return Ok(ServicePlan::default());
     }
 
     // Addresses, each with the field it came from (for error messages).
@@ -312,6 +359,8 @@ pub fn service_frontends(
         }
         vips.push(parse_ip(&name, field, ip)?);
     }
+    // Addresses past this index are reached from other hosts too.
+    let first_external = vips.len();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         vips.push(parse_ip(&name, &format!("spec.externalIPs[{i}]"), ip)?);
     }
@@ -349,9 +398,19 @@ pub fn service_frontends(
         0
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let mut ext_flags = 0;
+    if external_local {
+        ext_flags |= EXT_LOCAL;
+    }
+    if affinity_timeout > 0 {
+        ext_flags |= EXT_AFFINITY;
+    }
 
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
+    let mut external = Vec::new();
+    let mut local_endpoints = BTreeSet::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let p = check_port(&name, &format!("spec.ports[{i}].port"), port.port)?;
         let proto_name = port.protocol.clone().unwrap_or_else(|| "TCP".to_string());
@@ -376,15 +435,51 @@ pub fn service_frontends(
         if let Some(np) = node_port {
             frontends.extend(node.nodeport_addresses.iter().map(|ip| (*ip, np)));
         }
-        for (ip, fport) in frontends {
+        for (j, (ip, fport)) in frontends.into_iter().enumerate() {
             let (family, addr) = encode_ip(ip);
-            let backends = backends_for(&name, port, family, local_only, slices, node);
             let key = ServiceKey {
                 addr,
                 port: encode_port(fport),
                 proto,
                 family,
             };
+            if j >= first_external {
+                let set_name = format!("{name}:{p}/{proto_name}/{family}");
+                match external
+                    .iter_mut()
+                    .find(|s: &&mut ExternalSet| s.name == set_name)
+                {
+                    Some(set) => set.frontends.push(key),
+                    None => {
+                        let backends: Vec<ExtBackend> =
+                            backends_for(&name, port, family, external_local, slices, node)
+                                .into_iter()
+                                .map(|(b, local)| {
+                                    if local {
+                                        local_endpoints.insert(b.addr);
+                                    }
+                                    ExtBackend {
+                                        addr: b.addr,
+                                        port: b.port,
+                                        family: b.family,
+                                        flags: if local { BACKEND_LOCAL } else { 0 },
+                                    }
+                                })
+                                .collect();
+                        external.push(ExternalSet {
+                            name: set_name,
+                            frontends: vec![key],
+                            backends,
+                            flags: ext_flags,
+                        });
+                    }
+                }
+            }
+            let backends: Vec<Backend> =
+                backends_for(&name, port, family, local_only, slices, node)
+                    .into_iter()
+                    .map(|(b, _)| b)
+                    .collect();
             if backends.len() > MAX_SLOTS_PER_SERVICE as usize {
                 return Err(ServiceError::TooManyBackends {
                     service: name,
@@ -400,7 +495,23 @@ pub fn service_frontends(
             });
         }
     }
-    Ok(out)
+    let health = match spec.health_check_node_port {
+        Some(hc) if external_local => {
+            let (namespace, svc_name) = name.split_once('/').unwrap_or(("default", &name));
+            Some(Health {
+                port: check_port(&name, "spec.healthCheckNodePort", hc)?,
+                namespace: namespace.to_string(),
+                name: svc_name.to_string(),
+                local_endpoints: local_endpoints.len(),
+            })
+        }
+        _ => None,
+    };
+    Ok(ServicePlan {
+        socket: out,
+        external,
+        health,
+    })
 }
 
 /// Services and EndpointSlices by name, as read from any source.
@@ -425,29 +536,25 @@ impl Catalog {
         }
     }
 
-    pub fn frontends_of(
-        &self,
-        service: &str,
-        node: &NodeView,
-    ) -> Result<Vec<Frontend>, ServiceError> {
+    pub fn plan_of(&self, service: &str, node: &NodeView) -> Result<ServicePlan, ServiceError> {
         let Some(svc) = self.services.get(service) else {
-            return Ok(Vec::new());
+            return Ok(ServicePlan::default());
         };
         let slices: Vec<&EndpointSlice> = self
             .slices
             .get(service)
             .map(|m| m.values().collect())
             .unwrap_or_default();
-        service_frontends(svc, &slices, node)
+        service_plan(svc, &slices, node)
     }
 
-    /// Every service's frontends; services in error are left out and
-    /// their errors returned beside.
-    pub fn desired(&self, node: &NodeView) -> (BTreeMap<String, Vec<Frontend>>, Vec<ServiceError>) {
+    /// Every service's plan; services in error are left out and their
+    /// errors returned beside.
+    pub fn desired(&self, node: &NodeView) -> (BTreeMap<String, ServicePlan>, Vec<ServiceError>) {
         let mut ok = BTreeMap::new();
         let mut errors = Vec::new();
         for name in self.services.keys() {
-            match self.frontends_of(name, node) {
+            match self.plan_of(name, node) {
                 Ok(f) => {
                     ok.insert(name.clone(), f);
                 }
@@ -562,6 +669,43 @@ mod tests {
             ]
         );
         assert!(f.iter().all(|f| addrs(f) == ["10.0.0.1:8080"]));
+    }
+
+    #[test]
+    fn external_sets_hold_node_ports_and_external_ips_and_mark_local_backends() {
+        let s = web_slice(json!([
+            {"addresses": ["10.0.0.1"], "nodeName": "n1"},
+            {"addresses": ["10.0.0.2"], "nodeName": "n2"},
+        ]));
+        let mut v = json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalIPs": ["198.51.100.7"],
+                     "healthCheckNodePort": 32000,
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}
+        });
+        let plan = service_plan(&svc(v.clone()), &[&s], &node()).expect("ok");
+        assert_eq!(plan.external.len(), 1);
+        let set = &plan.external[0];
+        assert_eq!(set.name, "default/web:80/TCP/4");
+        let names: Vec<String> = set.frontends.iter().map(frontend_string).collect();
+        assert_eq!(names, ["198.51.100.7:80/TCP", "192.0.2.1:30080/TCP"]);
+        let flags: Vec<u8> = set.backends.iter().map(|b| b.flags).collect();
+        assert_eq!(flags, [BACKEND_LOCAL, 0]);
+        assert_eq!(set.flags, 0);
+        assert_eq!(
+            plan.health, None,
+            "a health check port only under eTP Local"
+        );
+
+        v["spec"]["externalTrafficPolicy"] = json!("Local");
+        let plan = service_plan(&svc(v), &[&s], &node()).expect("ok");
+        let set = &plan.external[0];
+        assert_eq!(set.flags, EXT_LOCAL);
+        assert_eq!(set.backends.len(), 1, "local endpoints only");
+        // Local clients still reach every endpoint.
+        assert_eq!(plan.socket[2].backends.len(), 2);
+        let h = plan.health.expect("health check");
+        assert_eq!((h.port, h.local_endpoints), (32000, 1));
     }
 
     #[test]

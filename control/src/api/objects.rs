@@ -341,7 +341,20 @@ fn held_keys(svc: &Value, cidrs: &[Cidr]) -> Vec<String> {
             keys.push(alloc::port_key(np));
         }
     }
+    if let Some(hc) = svc
+        .pointer("/spec/healthCheckNodePort")
+        .and_then(Value::as_i64)
+    {
+        keys.push(alloc::port_key(hc));
+    }
     keys
+}
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local` gets a
+/// healthCheckNodePort, as upstream gives it.
+fn wants_health_check_port(svc: &Value) -> bool {
+    str_at(svc, "/spec/type") == "LoadBalancer"
+        && str_at(svc, "/spec/externalTrafficPolicy") == "Local"
 }
 
 fn wants_node_ports(svc: &Value) -> bool {
@@ -592,6 +605,39 @@ impl Api {
                     sides.push(Side::Put(key, owner.clone().into_bytes()));
                 }
             }
+        }
+        if wants_health_check_port(svc) {
+            let hc = match svc
+                .pointer("/spec/healthCheckNodePort")
+                .and_then(Value::as_i64)
+            {
+                Some(hc) => hc,
+                None => {
+                    let kept = old
+                        .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
+                        .and_then(Value::as_i64)
+                        .filter(|hc| !chosen.contains(hc));
+                    match kept {
+                        Some(hc) => hc,
+                        None => alloc::free_port(&self.store, self.cfg.node_ports, &chosen)
+                            .await
+                            .map_err(|e| store_err(services, &name, e))?
+                            .ok_or_else(|| ApiError::internal("no NodePort left in the range"))?,
+                    }
+                }
+            };
+            if chosen.contains(&hc) {
+                return Err(invalid(Cause::duplicate("spec.healthCheckNodePort", hc)));
+            }
+            chosen.push(hc);
+            svc["spec"]["healthCheckNodePort"] = json!(hc);
+            let key = alloc::port_key(hc);
+            if !held_before.contains(&key) {
+                guards.push(Guard::Absent(key.clone()));
+                sides.push(Side::Put(key, owner.clone().into_bytes()));
+            }
+        } else if let Some(m) = svc.pointer_mut("/spec").and_then(Value::as_object_mut) {
+            m.remove("healthCheckNodePort");
         }
         let held_after = held_keys(svc, &cidrs);
         for k in held_before {

@@ -40,6 +40,66 @@ pub const MAX_DOOMED: u32 = 16_384;
 /// Largest number of backends one service can have (slot numbers are u16).
 pub const MAX_SLOTS_PER_SERVICE: u32 = 65_535;
 
+/// Frontends served to traffic from other hosts (TC path), and the Maglev
+/// tables behind them (one per backend set, shared by its frontends).
+pub const MAX_EXTERNAL: u32 = 262_144;
+pub const MAX_MAGLEV_TABLES: u32 = 65_536;
+pub const MAX_EXT_BACKENDS: u32 = 524_288;
+/// Tracked flows of the TC path (each has a forward and a reverse entry).
+pub const MAX_FLOWS: u32 = 262_144;
+/// Maglev table size unless configured: a prime, so that every backend's
+/// permutation visits every slot.
+pub const DEFAULT_MAGLEV_SIZE: u32 = 16_381;
+/// Inner Maglev arrays may differ in size from the template (they are
+/// created at the configured size) and are written through mmap.
+pub const MAGLEV_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// `ExternalValue::flags`: externalTrafficPolicy Local (local backends only,
+/// the client's address kept).
+pub const EXT_LOCAL: u32 = 1;
+/// `ExternalValue::flags`: ClientIP session affinity (the Maglev hash is
+/// of the client's address alone).
+pub const EXT_AFFINITY: u32 = 2;
+
+/// `ExtBackend::flags`: the endpoint runs on this node (reached through the
+/// stack, no SNAT); otherwise the flow is SNATed and redirected.
+pub const BACKEND_LOCAL: u8 = 1;
+
+/// `FlowValue::flags` / `RevFlowValue::flags`: a FIN or RST was seen.
+pub const FLOW_CLOSING: u32 = 1;
+
+/// Seed of the Maglev flow hash and table permutations, the same on every
+/// node so that any node picks the same backend for a flow.
+pub const MAGLEV_SEED: u32 = 0x5a1f_f00d;
+
+/// The hash the TC program maps a flow to a Maglev slot with: of the
+/// client's address, port, the frontend port and protocol (not the node
+/// address, which differs between the nodes a flow may arrive at), or of
+/// the client's address alone under ClientIP affinity. Values as they sit
+/// in the packet (network byte order).
+#[inline(always)]
+pub fn flow_hash(saddr: u32, sport: u16, dport: u16, proto: u8, affinity: bool) -> u32 {
+    let mut h = mix(saddr ^ MAGLEV_SEED);
+    if !affinity {
+        h = mix(h ^ ((u32::from(sport) << 16) | u32::from(dport)));
+        h = mix(h ^ u32::from(proto));
+    }
+    h
+}
+
+/// murmur3's 32-bit finaliser.
+#[inline(always)]
+pub fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
 /// A frontend: the address a client dials. IPv4 addresses use `addr[0]` and
 /// leave the rest zero. Address and port are in network byte order, exactly
 /// as the kernel hands them to a sock_addr program.
@@ -148,6 +208,84 @@ pub struct PeerValue {
     pub pad: u32,
 }
 
+/// A frontend served to traffic from other hosts: NodePort (per node
+/// address), externalIPs and LoadBalancer ingress IPs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExternalValue {
+    /// Key of its Maglev table in `MAGLEV`.
+    pub table: u32,
+    /// Size of that table; 0 means no backend (packets are dropped).
+    pub size: u32,
+    /// `EXT_*` bits.
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// A backend as the TC path reaches it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExtBackend {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+    /// `BACKEND_*` bits.
+    pub flags: u8,
+}
+
+/// A flow as the TC path tracks it: the packet's addresses and ports as
+/// they sit in the header (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: u16,
+}
+
+/// Forward state of a flow (client to frontend): where it goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend: [u32; 4],
+    /// Source address after SNAT (remote backends), else zero.
+    pub snat: [u32; 4],
+    /// Next hop towards the backend (remote backends).
+    pub nexthop: [u32; 4],
+    pub backend_port: u16,
+    pub snat_port: u16,
+    /// Interface towards the backend; 0 for a local backend (the stack
+    /// delivers it).
+    pub ifindex: u32,
+    pub last_ns: u64,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// Reverse state of a flow, keyed by the reply's (backend -> client or
+/// SNAT address) tuple: what the reply is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevFlowValue {
+    pub frontend: [u32; 4],
+    pub client: [u32; 4],
+    /// Next hop towards the client (SNATed flows, whose replies are
+    /// redirected).
+    pub nexthop: [u32; 4],
+    pub frontend_port: u16,
+    pub client_port: u16,
+    /// Interface towards the client for SNATed flows; 0 for a local
+    /// backend (the reply is rewritten on egress).
+    pub ifindex: u32,
+    pub last_ns: u64,
+    pub flags: u32,
+    pub pad: u32,
+}
+
 /// Map names, shared so that the agent opens exactly what the programs
 /// declare (and pins them under these names).
 pub mod maps {
@@ -159,6 +297,16 @@ pub mod maps {
     /// `PeerValue -> u8`: connected sockets whose (frontend, backend) pair
     /// is in it are destroyed by the socket iterator (the backend left).
     pub const DOOMED: &str = "DOOMED";
+    /// `ServiceKey -> ExternalValue`: frontends of the TC path.
+    pub const EXTERNAL: &str = "EXTERNAL";
+    /// `u32 -> inner array of backend ids`: Maglev tables.
+    pub const MAGLEV: &str = "MAGLEV";
+    /// `u32 -> ExtBackend`: the backends Maglev tables name.
+    pub const EXT_BACKENDS: &str = "EXT_BACKENDS";
+    /// `FlowKey -> FlowValue`: tracked flows, forward.
+    pub const FLOWS: &str = "FLOWS";
+    /// `FlowKey -> RevFlowValue`: tracked flows, reverse.
+    pub const REV_FLOWS: &str = "REV_FLOWS";
 }
 
 #[cfg(feature = "user")]
@@ -176,4 +324,9 @@ mod user {
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for PeerValue {}
+    unsafe impl aya::Pod for ExternalValue {}
+    unsafe impl aya::Pod for ExtBackend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for RevFlowValue {}
 }

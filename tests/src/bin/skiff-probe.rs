@@ -6,11 +6,13 @@
 //! Clients print one JSON object on stdout.
 //!
 //! ```text
-//! skiff-probe serve-tcp ADDR NAME        skiff-probe serve-udp ADDR NAME
+//! skiff-probe serve-tcp ADDR NAME [ACCEPTORS]   skiff-probe serve-udp ADDR NAME
 //! skiff-probe tcp ADDR COUNT             skiff-probe udp ADDR COUNT
 //! skiff-probe session ADDR               (one connection; a request per stdin line)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
 //! skiff-probe in-cluster                 (kube-rs from inside a pod: who am I, my namespace's pods)
+//! skiff-probe flows FIRST_PORT COUNT     (COUNT connections from fixed source ports; per stdin
+//!                                         line `open ADDR` or `ask`, the answer of each)
 //! ```
 
 use std::collections::BTreeMap;
@@ -64,12 +66,14 @@ fn serve_conn(mut c: TcpStream, reply: &[u8]) {
     }
 }
 
-fn serve_tcp(listen: SocketAddr, name: &str) -> Result<()> {
+/// `acceptors` connections are served at once (each held until its
+/// client closes); more wait in the backlog.
+fn serve_tcp(listen: SocketAddr, name: &str, acceptors: usize) -> Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("ready");
     std::io::stdout().flush()?;
     let reply = format!("{name}\n").into_bytes();
-    let workers: Vec<_> = (0..ACCEPTORS)
+    let workers: Vec<_> = (0..acceptors)
         .map(|_| {
             let l = l.try_clone();
             let reply = reply.clone();
@@ -370,11 +374,91 @@ fn in_cluster() -> Result<()> {
     })
 }
 
+/// Connections from source ports FIRST_PORT.. that live across commands:
+/// `open ADDR` (re)connects them all (the old ones reset, so their ports
+/// are free at once) and asks each once; `ask` asks each again. Each
+/// command prints `{"names": [...]}`, one per connection in port order,
+/// `error:<kind>` where it failed.
+fn flows(first_port: u16, count: u16) -> Result<()> {
+    let mut conns: Vec<Option<TcpStream>> = Vec::new();
+    let ask = |c: &mut Option<TcpStream>| -> String {
+        let r = (|| -> std::io::Result<String> {
+            let s = c
+                .as_mut()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))?;
+            s.write_all(b"q\n")?;
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            loop {
+                match s.read(&mut byte)? {
+                    0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    _ if byte[0] == b'\n' => break,
+                    _ => line.push(byte[0]),
+                }
+            }
+            Ok(String::from_utf8_lossy(&line).into_owned())
+        })();
+        r.unwrap_or_else(|e| {
+            // Reset, so that the port is free for the next `open`.
+            if let Some(s) = c.take() {
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            }
+            format!("error:{:?}", e.kind())
+        })
+    };
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("open") => {
+                let to = addr(words.next().context("open ADDR")?)?;
+                for c in conns.drain(..).flatten() {
+                    let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                }
+                for i in 0..count {
+                    let port = first_port + i;
+                    let c = (|| -> std::io::Result<TcpStream> {
+                        let s = socket2::Socket::new(
+                            socket2::Domain::for_address(to),
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
+                        s.set_reuse_address(true)?;
+                        let bind: SocketAddr = if to.is_ipv4() {
+                            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+                        } else {
+                            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+                        };
+                        s.bind(&bind.into())?;
+                        s.connect_timeout(&to.into(), TIMEOUT)?;
+                        s.set_read_timeout(Some(TIMEOUT))?;
+                        Ok(s.into())
+                    })();
+                    conns.push(c.ok());
+                }
+            }
+            Some("ask") => {}
+            other => bail!("unknown flows command {other:?}"),
+        }
+        let names: Vec<String> = conns.iter_mut().map(ask).collect();
+        println!("{}", serde_json::json!({ "names": names }));
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = arg(&args, 0, "command")?;
     match cmd {
-        "serve-tcp" => serve_tcp(addr(arg(&args, 1, "ADDR")?)?, arg(&args, 2, "NAME")?),
+        "serve-tcp" => serve_tcp(
+            addr(arg(&args, 1, "ADDR")?)?,
+            arg(&args, 2, "NAME")?,
+            match args.get(3) {
+                Some(n) => n.parse().context("ACCEPTORS")?,
+                None => ACCEPTORS,
+            },
+        ),
         "serve-udp" => serve_udp(addr(arg(&args, 1, "ADDR")?)?, arg(&args, 2, "NAME")?),
         "tcp" => tcp(
             addr(arg(&args, 1, "ADDR")?)?,
@@ -401,6 +485,10 @@ fn main() -> Result<()> {
             )
         }
         "in-cluster" => in_cluster(),
+        "flows" => flows(
+            arg(&args, 1, "FIRST_PORT")?.parse()?,
+            arg(&args, 2, "COUNT")?.parse()?,
+        ),
         other => bail!("unknown command {other:?}"),
     }
 }

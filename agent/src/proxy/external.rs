@@ -1,0 +1,621 @@
+//! The TC path as the agent drives it: attaches `skiff_ingress` and
+//! `skiff_egress` (tcx links, pinned) to the node's interfaces, and writes
+//! the external backend sets into `EXTERNAL`, `EXT_BACKENDS` and one Maglev
+//! table each in `MAGLEV`.
+//!
+//! Pinned layout, beside the socket path's: `maps/EXTERNAL`,
+//! `maps/EXT_BACKENDS`, `maps/MAGLEV`, `maps/FLOWS`, `maps/REV_FLOWS`, and
+//! `links/tc-ingress-<ifindex>` / `links/tc-egress-<ifindex>`. Tracked flows
+//! and the links outlive the agent; the next one swaps its own programs
+//! into the same links (atomically) and rewrites every table from the
+//! cluster's state before dropping what nobody uses, so established and
+//! new external flows keep flowing across a restart.
+//!
+//! Update order for a set (a reader never sees a half-written set): new
+//! backend ids, then a new Maglev table swapped in whole, then the
+//! frontends, then removal of the backend ids that left.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
+use std::fs;
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, HashOfMaps, MapData, MapError};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfError};
+use skiff_ebpf_common::{ExtBackend, ExternalValue, MAGLEV_INNER_FLAGS, ServiceKey, maps as names};
+use tracing::{debug, info, warn};
+
+use super::maglev;
+use super::model::{ExternalSet, frontend_string};
+
+/// The TC programs in the object: (name, hook, pin prefix).
+const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("skiff_ingress", TcAttachType::Ingress, "tc-ingress-"),
+    ("skiff_egress", TcAttachType::Egress, "tc-egress-"),
+];
+
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: ProgramError,
+    },
+    #[error("{program} on {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("link of {program} on {interface}: {what}")]
+    Link {
+        program: &'static str,
+        interface: String,
+        what: String,
+    },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("map {map} is missing from the object")]
+    MissingMap { map: &'static str },
+    #[error("writing a Maglev table through mmap: {0}")]
+    Mmap(std::io::Error),
+    #[error("--maglev-table-size {0}: must be a prime between 2 and 1048573")]
+    TableSize(u32),
+    #[error("the {what} ids are exhausted")]
+    IdsExhausted { what: &'static str },
+}
+
+type Result<T, E = ExternalError> = std::result::Result<T, E>;
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> ExternalError {
+    move |source| ExternalError::Map { map, source }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExternalError + '_ {
+    move |source| ExternalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How the TC path is set up on this node.
+#[derive(Clone, Debug)]
+pub struct ExternalConfig {
+    /// Interfaces to serve on; empty means every interface with a global
+    /// IPv4 address that is not a bridge (rescanned, so that an overlay
+    /// device made later is picked up).
+    pub interfaces: Vec<String>,
+    /// Slots per Maglev table (prime).
+    pub maglev_size: u32,
+}
+
+/// One set as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    table: u32,
+    frontends: Vec<ServiceKey>,
+    backends: Vec<ExtBackend>,
+    flags: u32,
+}
+
+/// What an earlier agent left, dropped after the first full sync unless
+/// used again.
+#[derive(Default)]
+struct Adopted {
+    frontends: Vec<ServiceKey>,
+    tables: Vec<u32>,
+}
+
+pub struct External {
+    ebpf: Ebpf,
+    cfg: ExternalConfig,
+    links_dir: PathBuf,
+    frontends: HashMap<MapData, ServiceKey, ExternalValue>,
+    backends: HashMap<MapData, u32, ExtBackend>,
+    maglev: HashOfMaps<MapData, u32, MapData>,
+    /// By set name.
+    sets: BTreeMap<String, Programmed>,
+    /// Set names of each service.
+    sets_of: StdHashMap<String, BTreeSet<String>>,
+    /// The set each frontend belongs to.
+    owner: StdHashMap<ServiceKey, String>,
+    /// Backend ids and how many sets use each.
+    backend_ids: StdHashMap<ExtBackend, (u32, usize)>,
+    next_table: u32,
+    next_backend: u32,
+    adopted: Option<Adopted>,
+    /// Interfaces (by index) whose links this agent has set up.
+    attached: BTreeMap<u32, String>,
+}
+
+impl External {
+    /// Loads the TC programs (the maps are the pinned ones under
+    /// `pin_dir/maps`, shared with the socket path's object) and attaches
+    /// them.
+    /// `auto` is what [`auto_interfaces`] found, used unless the config
+    /// names interfaces.
+    pub fn install(pin_dir: &Path, cfg: ExternalConfig, auto: &[String]) -> Result<Self> {
+        if !(2..=1_048_573).contains(&cfg.maglev_size) || !maglev::is_prime(cfg.maglev_size) {
+            return Err(ExternalError::TableSize(cfg.maglev_size));
+        }
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        let mut ebpf = super::dataplane::loader(&maps_dir).load(super::dataplane::OBJECT)?;
+        for (program, _, _) in PROGRAMS {
+            let perr = |source| ExternalError::Program { program, source };
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .ok_or(ExternalError::Program {
+                    program,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(perr)?;
+            prog.load().map_err(perr)?;
+        }
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(ExternalError::MissingMap { map: name })
+        };
+        let frontends: HashMap<MapData, ServiceKey, ExternalValue> =
+            HashMap::try_from(take(names::EXTERNAL)?).map_err(map_err(names::EXTERNAL))?;
+        let backends: HashMap<MapData, u32, ExtBackend> =
+            HashMap::try_from(take(names::EXT_BACKENDS)?).map_err(map_err(names::EXT_BACKENDS))?;
+        let maglev: HashOfMaps<MapData, u32, MapData> =
+            HashOfMaps::try_from(take(names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
+
+        let mut adopted = Adopted::default();
+        let mut next_table = 1;
+        for key in maglev.keys() {
+            let key = key.map_err(map_err(names::MAGLEV))?;
+            adopted.tables.push(key);
+            next_table = next_table.max(key + 1);
+        }
+        for entry in frontends.iter() {
+            let (key, _) = entry.map_err(map_err(names::EXTERNAL))?;
+            adopted.frontends.push(key);
+        }
+        let mut backend_ids = StdHashMap::new();
+        let mut next_backend = 1;
+        for entry in backends.iter() {
+            let (id, b) = entry.map_err(map_err(names::EXT_BACKENDS))?;
+            backend_ids.insert(b, (id, 0));
+            next_backend = next_backend.max(id + 1);
+        }
+        info!(
+            frontends = adopted.frontends.len(),
+            tables = adopted.tables.len(),
+            backends = backend_ids.len(),
+            "adopted the external tables"
+        );
+        let mut ext = Self {
+            ebpf,
+            cfg,
+            links_dir,
+            frontends,
+            backends,
+            maglev,
+            sets: BTreeMap::new(),
+            sets_of: StdHashMap::new(),
+            owner: StdHashMap::new(),
+            backend_ids,
+            next_table,
+            next_backend,
+            adopted: Some(adopted),
+            attached: BTreeMap::new(),
+        };
+        ext.attach_interfaces(auto)?;
+        Ok(ext)
+    }
+
+    /// Interfaces to serve on, by index.
+    fn wanted(&self, auto: &[String]) -> BTreeMap<u32, String> {
+        let names: Vec<String> = if self.cfg.interfaces.is_empty() {
+            auto.to_vec()
+        } else {
+            self.cfg.interfaces.clone()
+        };
+        names
+            .into_iter()
+            .filter_map(|n| {
+                let index = nix::net::if_::if_nametoindex(n.as_str()).ok()?;
+                Some((index, n))
+            })
+            .collect()
+    }
+
+    /// Attaches the programs to interfaces that lack them and drops the
+    /// links of interfaces that are gone. Returns how many were attached.
+    pub fn attach_interfaces(&mut self, auto: &[String]) -> Result<usize> {
+        let wanted = self.wanted(auto);
+        let mut attached = 0;
+        for (index, name) in &wanted {
+            if self.attached.get(index) == Some(name) {
+                continue;
+            }
+            for (program, hook, prefix) in PROGRAMS {
+                let pin = self.links_dir.join(format!("{prefix}{index}"));
+                self.attach(program, hook, name, &pin)?;
+            }
+            info!(interface = %name, ifindex = index, "serving external traffic");
+            self.attached.insert(*index, name.clone());
+            attached += 1;
+        }
+        // Links of interfaces that are no longer wanted (or were deleted:
+        // the kernel detached those already) go.
+        let entries = fs::read_dir(&self.links_dir).map_err(io_err(&self.links_dir))?;
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(index) = PROGRAMS
+                .iter()
+                .find_map(|(_, _, prefix)| file.strip_prefix(prefix))
+                .and_then(|i| i.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !wanted.contains_key(&index) {
+                debug!(link = %file, "dropping the link of a gone interface");
+                let _ = fs::remove_file(entry.path());
+                self.attached.remove(&index);
+            }
+        }
+        Ok(attached)
+    }
+
+    /// Puts `program` on `interface`: into the link pinned at `pin` if an
+    /// earlier agent left one (replacing its program atomically), else
+    /// through a new tcx link, pinned there.
+    fn attach(
+        &mut self,
+        program: &'static str,
+        hook: TcAttachType,
+        interface: &str,
+        pin: &Path,
+    ) -> Result<()> {
+        let link_err = |what: String| ExternalError::Link {
+            program,
+            interface: interface.to_string(),
+            what,
+        };
+        let attach_err = |source| ExternalError::Attach {
+            program,
+            interface: interface.to_string(),
+            source,
+        };
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(ExternalError::Program {
+                program,
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| ExternalError::Program { program, source })?;
+        let existing = PinnedLink::from_pin(pin)
+            .ok()
+            .map(FdLink::from)
+            .and_then(|fd| SchedClassifierLink::try_from(fd).ok());
+        let id = match existing {
+            Some(link) => {
+                debug!(
+                    program,
+                    interface, "replacing the program in the pinned link"
+                );
+                prog.attach_to_link(link).map_err(attach_err)?
+            }
+            None => {
+                let _ = fs::remove_file(pin);
+                prog.attach_with_options(
+                    interface,
+                    hook,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(attach_err)?
+            }
+        };
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd: FdLink = link.try_into().map_err(|e| link_err(format!("{e}")))?;
+        if !pin.exists() {
+            fd.pin(pin).map_err(|e| link_err(format!("pinning: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn alloc_table(&mut self) -> Result<u32> {
+        let id = self.next_table;
+        self.next_table = id
+            .checked_add(1)
+            .ok_or(ExternalError::IdsExhausted { what: "table" })?;
+        Ok(id)
+    }
+
+    /// The id of `b`, written to `EXT_BACKENDS` if new, with one more user.
+    fn acquire(&mut self, b: &ExtBackend) -> Result<u32> {
+        if let Some((id, users)) = self.backend_ids.get_mut(b) {
+            *users += 1;
+            return Ok(*id);
+        }
+        let id = self.next_backend;
+        self.next_backend = id
+            .checked_add(1)
+            .ok_or(ExternalError::IdsExhausted { what: "backend" })?;
+        self.backends
+            .insert(id, *b, 0)
+            .map_err(map_err(names::EXT_BACKENDS))?;
+        self.backend_ids.insert(*b, (id, 1));
+        Ok(id)
+    }
+
+    /// One user less for `b`; its id goes with the last.
+    fn release(&mut self, b: &ExtBackend) {
+        if let Some((id, users)) = self.backend_ids.get_mut(b) {
+            *users = users.saturating_sub(1);
+            if *users == 0 {
+                let id = *id;
+                let _ = self.backends.remove(&id);
+                self.backend_ids.remove(b);
+            }
+        }
+    }
+
+    /// A new Maglev table of backend ids, filled through mmap.
+    fn build_table(&self, ids: &[u32], backends: &[ExtBackend]) -> Result<MapData> {
+        let slots = maglev::table(backends, self.cfg.maglev_size);
+        let entries: Vec<u32> = slots.iter().map(|i| ids[*i as usize]).collect();
+        let obj = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            4,
+            self.cfg.maglev_size,
+            MAGLEV_INNER_FLAGS,
+        );
+        let data = MapData::create(obj, "skiff_maglev", None).map_err(map_err(names::MAGLEV))?;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as usize;
+        // Array elements sit 8 bytes apart whatever the value size: each
+        // u32 id fills the first half of its own u64.
+        let words: Vec<u64> = entries
+            .iter()
+            .map(|id| {
+                let mut w = [0u8; 8];
+                w[..4].copy_from_slice(&id.to_ne_bytes());
+                u64::from_ne_bytes(w)
+            })
+            .collect();
+        let len = (words.len() * 8).next_multiple_of(page);
+        // SAFETY: a shared mapping of the array's own memory, of its size
+        // rounded up to pages (what the kernel maps for mmapable arrays),
+        // written and unmapped before anything else sees the map.
+        unsafe {
+            let ptr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            );
+            if ptr == libc::MAP_FAILED {
+                return Err(ExternalError::Mmap(std::io::Error::last_os_error()));
+            }
+            std::ptr::copy_nonoverlapping(words.as_ptr(), ptr.cast::<u64>(), words.len());
+            libc::munmap(ptr, len);
+        }
+        Ok(data)
+    }
+
+    /// Makes the maps hold `set`. Returns whether anything was written.
+    fn write_set(&mut self, set: &ExternalSet) -> Result<bool> {
+        let old = self.sets.get(&set.name).cloned();
+        if let Some(o) = &old
+            && o.frontends == set.frontends
+            && o.backends == set.backends
+            && o.flags == set.flags
+        {
+            return Ok(false);
+        }
+        // 1. backend ids
+        let mut ids = Vec::with_capacity(set.backends.len());
+        for b in &set.backends {
+            ids.push(self.acquire(b)?);
+        }
+        // 2. the table, swapped in whole
+        let table = match &old {
+            Some(o) => o.table,
+            None => self.alloc_table()?,
+        };
+        let rebuilt = old.as_ref().is_none_or(|o| o.backends != set.backends);
+        if rebuilt {
+            if set.backends.is_empty() {
+                let _ = self.maglev.remove(&table);
+            } else {
+                let data = self.build_table(&ids, &set.backends)?;
+                self.maglev
+                    .insert(table, &data, 0)
+                    .map_err(map_err(names::MAGLEV))?;
+            }
+        }
+        // 3. the frontends
+        let value = ExternalValue {
+            table,
+            size: if set.backends.is_empty() {
+                0
+            } else {
+                self.cfg.maglev_size
+            },
+            flags: set.flags,
+            pad: 0,
+        };
+        let mut mine = Vec::new();
+        for key in &set.frontends {
+            if let Some(other) = self.owner.get(key)
+                && other != &set.name
+            {
+                warn!(frontend = %frontend_string(key), set = %set.name, owner = %other, "external frontend already served for another service");
+                continue;
+            }
+            self.frontends
+                .insert(key, value, 0)
+                .map_err(map_err(names::EXTERNAL))?;
+            self.owner.insert(*key, set.name.clone());
+            mine.push(*key);
+        }
+        if let Some(o) = &old {
+            for key in o.frontends.iter().filter(|k| !mine.contains(k)) {
+                if self.owner.get(key) == Some(&set.name) {
+                    let _ = self.frontends.remove(key);
+                    self.owner.remove(key);
+                }
+            }
+            // 4. the old backend ids
+            for b in &o.backends {
+                self.release(b);
+            }
+        }
+        debug!(set = %set.name, frontends = mine.len(), backends = set.backends.len(), "external set programmed");
+        self.sets.insert(
+            set.name.clone(),
+            Programmed {
+                table,
+                frontends: mine,
+                backends: set.backends.clone(),
+                flags: set.flags,
+            },
+        );
+        Ok(true)
+    }
+
+    fn remove_set(&mut self, name: &str) {
+        let Some(p) = self.sets.remove(name) else {
+            return;
+        };
+        for key in &p.frontends {
+            if self.owner.get(key).map(String::as_str) == Some(name) {
+                let _ = self.frontends.remove(key);
+                self.owner.remove(key);
+            }
+        }
+        let _ = self.maglev.remove(&p.table);
+        for b in &p.backends {
+            self.release(b);
+        }
+        debug!(set = name, "external set removed");
+    }
+
+    /// Programs one service's sets and removes those it no longer has.
+    /// Returns the number of sets written or removed.
+    pub fn sync_service(&mut self, service: &str, sets: &[ExternalSet]) -> Result<usize> {
+        let mut changed = 0;
+        let wanted: BTreeSet<String> = sets.iter().map(|s| s.name.clone()).collect();
+        let previous = self.sets_of.remove(service).unwrap_or_default();
+        for name in previous.difference(&wanted) {
+            self.remove_set(name);
+            changed += 1;
+        }
+        for set in sets {
+            if self.write_set(set)? {
+                changed += 1;
+            }
+        }
+        if !wanted.is_empty() {
+            self.sets_of.insert(service.to_string(), wanted);
+        }
+        Ok(changed)
+    }
+
+    /// Makes the maps hold exactly `desired` (sets by service), and drops
+    /// what an earlier agent left that nobody wants.
+    pub fn sync_all(&mut self, desired: &BTreeMap<String, Vec<ExternalSet>>) -> Result<usize> {
+        let mut changed = 0;
+        let gone: Vec<String> = self
+            .sets_of
+            .keys()
+            .filter(|s| !desired.contains_key(*s))
+            .cloned()
+            .collect();
+        for service in gone {
+            changed += self.sync_service(&service, &[])?;
+        }
+        for (service, sets) in desired {
+            changed += self.sync_service(service, sets)?;
+        }
+        if let Some(adopted) = self.adopted.take() {
+            let in_use: BTreeSet<u32> = self.sets.values().map(|p| p.table).collect();
+            for key in adopted.frontends {
+                if !self.owner.contains_key(&key) {
+                    let _ = self.frontends.remove(&key);
+                    changed += 1;
+                }
+            }
+            for table in adopted.tables {
+                if !in_use.contains(&table) {
+                    let _ = self.maglev.remove(&table);
+                }
+            }
+            let unused: Vec<ExtBackend> = self
+                .backend_ids
+                .iter()
+                .filter(|(_, (_, users))| *users == 0)
+                .map(|(b, _)| *b)
+                .collect();
+            for b in unused {
+                if let Some((id, _)) = self.backend_ids.remove(&b) {
+                    let _ = self.backends.remove(&id);
+                }
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// Every interface with a global IPv4 address that is not loopback and
+/// not a bridge (pods sit behind the bridge; their traffic to frontends is
+/// translated at the socket).
+pub async fn auto_interfaces() -> Vec<String> {
+    let bridges: BTreeSet<String> = match skiff_netlink::Netlink::open() {
+        Ok(nl) => nl
+            .links()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l.kind.as_deref() == Some("bridge"))
+            .map(|l| l.name)
+            .collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot list links for the TC path");
+            return Vec::new();
+        }
+    };
+    let mut out = BTreeSet::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    for a in addrs {
+        let Some(v4) = a.address.as_ref().and_then(|sa| sa.as_sockaddr_in()) else {
+            continue;
+        };
+        let ip = v4.ip();
+        if ip.is_loopback() || ip.is_link_local() || bridges.contains(&a.interface_name) {
+            continue;
+        }
+        out.insert(a.interface_name);
+    }
+    out.into_iter().collect()
+}

@@ -1,0 +1,299 @@
+//! Traffic from outside the cluster (the TC path): a client namespace on
+//! the underlay, not a node, reaches NodePorts on every node, whether the
+//! backend runs on that node or another, over TCP and UDP; under
+//! `externalTrafficPolicy: Local` the backend sees the client's address
+//! and a node without endpoints answers its health check with 503; Maglev
+//! keeps flows where they are when a backend leaves and an agent restarts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use skiff_tests::cluster::Cluster;
+use skiff_tests::overlay::attach;
+use skiff_tests::{Netns, Spawn, bin, wait_for};
+
+/// Pods `name` on `node` answering on TCP 7000 and UDP 7001: with their
+/// own name, or with the client's address as they see it (`%peer`); up to
+/// 64 TCP connections held open at once.
+fn server(name: &str, node: &str, labels: &str, reply: &str, probe: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels: {{{labels}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: tcp, image: {probe}, args: [serve-tcp, "0.0.0.0:7000", "{reply}", "64"]}}
+  - {{name: udp, image: {probe}, args: [serve-udp, "0.0.0.0:7001", "{reply}"]}}
+---
+"#
+    )
+}
+
+/// A client namespace outside the cluster, on the underlay.
+fn outside(c: &Cluster) -> (Netns, String) {
+    attach(&c.underlay, 9)
+}
+
+fn probe(ns: &Netns, args: &[&str]) -> Value {
+    let p = bin("skiff-probe");
+    let mut cmd = vec![p.to_str().unwrap_or_default()];
+    cmd.extend_from_slice(args);
+    let out = ns.exec(&cmd);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+fn map(v: &Value) -> BTreeMap<String, u64> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn http_get(ns: &Netns, url: &str) -> (u16, String) {
+    let out = ns.exec(&["curl", "-s", "-m", "3", "-w", "\n%{http_code}", url]);
+    let (body, code) = out.rsplit_once('\n').unwrap_or((&out, "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn node_ports_serve_clients_outside_the_cluster_and_local_policy_keeps_their_address() {
+    let c = Cluster::start(2);
+    let n0 = c.nodes[0].name.clone();
+    let (ip0, ip1) = (c.nodes[0].ip.clone(), c.nodes[1].ip.clone());
+    let mut manifests = server("echo", &n0, "app: echo", "%peer", &c.probe);
+    manifests.push_str(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports:
+  - {name: tcp, port: 7000, protocol: TCP, nodePort: 30700}
+  - {name: udp, port: 7001, protocol: UDP, nodePort: 30701}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: local
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: echo}
+  ports:
+  - {name: tcp, port: 7000, protocol: TCP, nodePort: 30710}
+"#,
+    );
+    c.cp.apply(&manifests).unwrap_or_else(|e| panic!("{e}"));
+    c.ready_pods("app=echo", 1);
+    let (client, client_ip) = outside(&c);
+
+    // The backend runs on node 0: through node 0 it is reached through
+    // the stack and sees the client; through node 1 the flow is SNATed to
+    // node 1 and crosses the overlay. Either way the answers come back
+    // from the address the client dialled.
+    for (via, ip) in [("node 0", &ip0), ("node 1", &ip1)] {
+        let tcp = wait_for(
+            &format!("TCP NodePort via {via}"),
+            Duration::from_secs(30),
+            || {
+                let v = probe(&client, &["tcp", &format!("{ip}:30700"), "3"]);
+                (map(&v["answers"]).values().sum::<u64>() == 3).then_some(v)
+            },
+        );
+        let peers = map(&tcp["answers"]);
+        if via == "node 0" {
+            assert_eq!(
+                peers,
+                BTreeMap::from([(client_ip.clone(), 3)]),
+                "a local backend sees the client's address: {tcp}"
+            );
+        } else {
+            assert!(
+                !peers.contains_key(&client_ip),
+                "a flow to another node is SNATed: {tcp}"
+            );
+        }
+        assert_eq!(
+            map(&tcp["peers"]),
+            BTreeMap::from([(format!("{ip}:30700"), 3)]),
+            "via {via}: {tcp}"
+        );
+        let udp = probe(&client, &["udp", &format!("{ip}:30701"), "3"]);
+        assert_eq!(
+            map(&udp["answers"]).values().sum::<u64>(),
+            3,
+            "UDP NodePort via {via}: {udp}"
+        );
+        assert_eq!(
+            map(&udp["peers"]),
+            BTreeMap::from([(format!("{ip}:30701"), 3)]),
+            "UDP replies come from the NodePort via {via}: {udp}"
+        );
+    }
+
+    // externalTrafficPolicy: Local: node 0 serves with the client's
+    // address kept; node 1 has no endpoint, does not serve, and says so
+    // on the health check port.
+    let hc =
+        c.cp.jsonpath(&["service", "local"], "{.spec.healthCheckNodePort}");
+    assert!(
+        hc.parse::<u16>()
+            .is_ok_and(|p| (30000..=32767).contains(&p)),
+        "a LoadBalancer Service with externalTrafficPolicy Local gets a healthCheckNodePort: {hc:?}"
+    );
+    let local = wait_for("eTP Local via node 0", Duration::from_secs(30), || {
+        let v = probe(&client, &["tcp", &format!("{ip0}:30710"), "3"]);
+        (map(&v["answers"]).values().sum::<u64>() == 3).then_some(v)
+    });
+    assert_eq!(
+        map(&local["answers"]),
+        BTreeMap::from([(client_ip.clone(), 3)]),
+        "{local}"
+    );
+    let none = probe(&client, &["tcp", &format!("{ip1}:30710"), "2"]);
+    assert!(
+        map(&none["answers"]).is_empty(),
+        "a node without local endpoints does not serve: {none}"
+    );
+    let (code, body) = http_get(&client, &format!("http://{ip0}:{hc}/healthz"));
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["localEndpoints"], 1, "{body}");
+    assert_eq!(v["service"]["name"], "local", "{body}");
+    let (code, body) = http_get(&client, &format!("http://{ip1}:{hc}/healthz"));
+    assert_eq!(code, 503, "{body}");
+}
+
+/// The backend names `names` holds, as answered by a `flows` command.
+fn names(line: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    v["names"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| n.as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Ready endpoints of Service `m`.
+fn slice_addresses(c: &Cluster) -> usize {
+    c.cp.jsonpath(
+        &["endpointslices", "-l", "kubernetes.io/service-name=m"],
+        "{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]} {end}",
+    )
+    .split_whitespace()
+    .count()
+}
+
+#[test]
+fn maglev_keeps_flows_when_a_backend_leaves_and_across_an_agent_restart() {
+    const FLOWS: u16 = 200;
+    let mut c = Cluster::start(2);
+    let (n0, n1) = (c.nodes[0].name.clone(), c.nodes[1].name.clone());
+    let (ip0, ip1) = (c.nodes[0].ip.clone(), c.nodes[1].ip.clone());
+    // Ten backends, five on each node.
+    let mut manifests = String::new();
+    for i in 0..10 {
+        let node = if i % 2 == 0 { &n0 } else { &n1 };
+        manifests.push_str(&server(
+            &format!("m{i}"),
+            node,
+            "app: m",
+            &format!("m{i}"),
+            &c.probe,
+        ));
+    }
+    manifests.push_str(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: m
+spec:
+  type: NodePort
+  selector: {app: m}
+  ports:
+  - {name: tcp, port: 7000, protocol: TCP, nodePort: 30720}
+"#,
+    );
+    c.cp.apply(&manifests).unwrap_or_else(|e| panic!("{e}"));
+    c.ready_pods("app=m", 10);
+    wait_for("ten endpoints", Duration::from_secs(30), || {
+        (slice_addresses(&c) == 10).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (client, _) = outside(&c);
+    let mut flows = Spawn::new(bin("skiff-probe"))
+        .args(["flows", "40000", &FLOWS.to_string()])
+        .netns(&client)
+        .start();
+    let to1 = format!("open {ip1}:30720");
+    let before = names(&flows.ask(&to1));
+    assert!(
+        before.iter().all(|n| n.starts_with('m')),
+        "every flow answered: {before:?}"
+    );
+    let spread: BTreeMap<&String, usize> = before.iter().fold(BTreeMap::new(), |mut m, n| {
+        *m.entry(n).or_default() += 1;
+        m
+    });
+    assert_eq!(spread.len(), 10, "flows spread over all ten: {spread:?}");
+
+    // Any node picks the same backend for a flow.
+    let via0 = names(&flows.ask(&format!("open {ip0}:30720")));
+    assert_eq!(via0, before, "node 0 and node 1 choose alike");
+    let before = names(&flows.ask(&to1));
+
+    // The agent on node 1 restarts while the flows stay open.
+    c.nodes[1].start_agent();
+    let kept = names(&flows.ask("ask"));
+    assert_eq!(kept, before, "established flows survive an agent restart");
+
+    // m3 (on node 1) leaves: the other nine keep their established flows.
+    c.cp.kubectl_ok(&["delete", "pod", "m3", "--wait=false"]);
+    wait_for(
+        "m3 out of the EndpointSlice",
+        Duration::from_secs(30),
+        || (slice_addresses(&c) == 9).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let kept = names(&flows.ask("ask"));
+    for (i, (b, k)) in before.iter().zip(&kept).enumerate() {
+        if b != "m3" {
+            assert_eq!(k, b, "flow {i} on a backend that stayed keeps it");
+        }
+    }
+    // New flows from the same ports: those of m3 move, about a tenth in
+    // all, and few others do.
+    let after = names(&flows.ask(&to1));
+    assert!(
+        after.iter().all(|n| n.starts_with('m') && n != "m3"),
+        "{after:?}"
+    );
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    let moved_others = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| *b != "m3" && b != a)
+        .count();
+    eprintln!("{moved} of {FLOWS} new flows moved, {moved_others} of them not from m3");
+    assert!(
+        (5..=40).contains(&moved),
+        "about a tenth of {FLOWS} new flows move, {moved} did"
+    );
+    assert!(
+        moved_others <= 10,
+        "{moved_others} new flows of staying backends moved"
+    );
+}
