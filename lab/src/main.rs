@@ -5,7 +5,7 @@
 mod bench;
 mod demo;
 
-use bench::{cluster, control, kubelet, net, proxy};
+use bench::{cluster, control, kubelet, net, nodeport, proxy};
 
 use std::path::PathBuf;
 
@@ -24,7 +24,11 @@ const USAGE: &str = "usage: skiff-lab demo [--once]
        skiff-lab bench-kubelet [--singles 50] [--batch 30] [--batches 2] [--exits 30]
                                [--idle-pods 100] [--idle-seconds 30] [--rounds 2]
                                [--runtimes runc,crun] [--out target/bench]
-       skiff-lab bench-cluster [--replicas 100] [--pods-per-node 30] [--out target/bench]";
+       skiff-lab bench-cluster [--replicas 100] [--pods-per-node 30] [--out target/bench]
+       skiff-lab bench-nodeport [--sizes 1,1000,10000] [--rounds 2] [--conns 8000]
+                                [--requests 40000] [--threads 2]
+                                [--cases remote,local,local-policy] [--maglev-size 16381]
+                                [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -144,6 +148,45 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
     Ok(a)
 }
 
+fn nodeport_args(argv: &[String]) -> Result<nodeport::Args> {
+    let mut a = nodeport::Args {
+        sizes: vec![1, 1_000, 10_000],
+        rounds: 2,
+        conns: 8_000,
+        requests: 40_000,
+        threads: 2,
+        cases: nodeport::Case::ALL.to_vec(),
+        maglev_size: skiff_ebpf_common::DEFAULT_MAGLEV_SIZE,
+        out: PathBuf::from("target/bench"),
+    };
+    each_flag(argv, |flag, value| {
+        match flag {
+            "--sizes" => a.sizes = list(value, "--sizes")?,
+            "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--conns" => a.conns = value.parse().context("--conns")?,
+            "--requests" => a.requests = value.parse().context("--requests")?,
+            "--threads" => a.threads = value.parse().context("--threads")?,
+            "--cases" => {
+                a.cases = value
+                    .split(',')
+                    .map(|c| nodeport::Case::parse(c.trim()))
+                    .collect::<Result<_>>()?
+            }
+            "--maglev-size" => a.maglev_size = value.parse().context("--maglev-size")?,
+            "--out" => a.out = PathBuf::from(value),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    if a.rounds == 0 || a.conns == 0 || a.requests == 0 || a.threads == 0 {
+        bail!("--rounds, --conns, --requests and --threads must be at least 1");
+    }
+    if a.sizes.is_empty() || a.sizes.contains(&0) || a.sizes.iter().any(|n| *n > 40_000) {
+        bail!("--sizes: between 1 and 40000 services (NodePorts 20000 and up)");
+    }
+    Ok(a)
+}
+
 fn kubelet_args(argv: &[String]) -> Result<kubelet::Args> {
     let mut a = kubelet::Args {
         singles: 50,
@@ -258,6 +301,7 @@ fn main() -> Result<()> {
         Some("bench-net") => net::run(&net_args(&argv[1..])?),
         Some("bench-kubelet") => kubelet::run(&kubelet_args(&argv[1..])?),
         Some("bench-cluster") => cluster::run(&cluster_args(&argv[1..])?),
+        Some("bench-nodeport") => nodeport::run(&nodeport_args(&argv[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

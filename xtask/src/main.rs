@@ -48,7 +48,8 @@ enum Cmd {
         #[arg(long)]
         plain_http: bool,
     },
-    /// Benchmarks (not tests): `proxy`, `control`, `net`, `kubelet`.
+    /// Benchmarks (not tests): `proxy`, `control`, `net`, `kubelet`,
+    /// `cluster`, `nodeport`.
     Bench {
         /// Which benchmark.
         what: String,
@@ -331,38 +332,18 @@ fn main() -> Result<()> {
         } => protobuf_schema::generate(&root(), k8s_pb, k8s_openapi),
         Cmd::Bench { what, args } => {
             setup()?;
-            match what.as_str() {
-                "proxy" => {
-                    let mut a = vec!["bench-proxy"];
-                    a.extend(args.iter().map(String::as_str));
-                    lab(&a)
-                }
-                "control" => {
-                    let mut a = vec!["bench-control"];
-                    a.extend(args.iter().map(String::as_str));
-                    lab(&a)
-                }
-                "net" => {
-                    let mut a = vec!["bench-net"];
-                    a.extend(args.iter().map(String::as_str));
-                    lab(&a)
-                }
-                "kubelet" => {
-                    let mut a = vec!["bench-kubelet"];
-                    a.extend(args.iter().map(String::as_str));
-                    lab(&a)
-                }
-                "cluster" => {
-                    let mut a = vec!["bench-cluster"];
-                    a.extend(args.iter().map(String::as_str));
-                    lab(&a)
-                }
-                other => {
-                    bail!(
-                        "unknown benchmark {other:?}: try `proxy`, `control`, `net`, `kubelet` or `cluster`"
-                    )
-                }
+            const BENCHES: [&str; 6] =
+                ["proxy", "control", "net", "kubelet", "cluster", "nodeport"];
+            if !BENCHES.contains(&what.as_str()) {
+                bail!(
+                    "unknown benchmark {what:?}: try one of {}",
+                    BENCHES.join(", ")
+                );
             }
+            let name = format!("bench-{what}");
+            let mut a = vec![name.as_str()];
+            a.extend(args.iter().map(String::as_str));
+            lab(&a)
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod control;
 pub mod kubelet;
 pub mod net;
+pub mod nodeport;
 pub mod plot;
 pub mod proxy;
 mod rules;

@@ -117,13 +117,14 @@ pub struct Sample {
     pub add_one_us: Option<f64>,
 }
 
+/// What `skiff-probe load` and `keepalive` print.
 #[derive(serde::Deserialize)]
-struct Load {
-    connections: u64,
-    errors: u64,
-    rate: f64,
-    p50_us: f64,
-    p99_us: f64,
+pub(super) struct Load {
+    pub connections: u64,
+    pub errors: u64,
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
 }
 
 fn vip(i: usize) -> Ipv4Addr {
@@ -250,23 +251,49 @@ impl Topology {
     }
 
     fn load(&self, targets: &[SocketAddr], conns: u64, threads: u64) -> Result<Load> {
-        let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
-        let out = Spawn::new(bin("skiff-probe"))
-            .args([
-                "load".to_string(),
-                list.join(","),
-                conns.to_string(),
-                threads.to_string(),
-            ])
-            .netns(&self.client)
-            .cgroup(&self.cg)
-            .try_output()
-            .map_err(anyhow::Error::msg)?;
-        serde_json::from_str(&out).with_context(|| format!("load output {out:?}"))
+        probe_load(
+            "load",
+            &self.client,
+            Some(&self.cg),
+            targets,
+            conns,
+            threads,
+        )
     }
 }
 
-fn run_in(ns: &Netns, program: &str, args: &[&str], input: Option<&Path>) -> Result<f64> {
+/// Runs `skiff-probe <kind>` (`load` or `keepalive`) in `ns` (and `cg`)
+/// against `targets`, `count` connections or requests over `threads`.
+pub(super) fn probe_load(
+    kind: &str,
+    ns: &Netns,
+    cg: Option<&Cgroup>,
+    targets: &[SocketAddr],
+    count: u64,
+    threads: u64,
+) -> Result<Load> {
+    let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+    let mut spawn = Spawn::new(bin("skiff-probe"))
+        .args([
+            kind.to_string(),
+            list.join(","),
+            count.to_string(),
+            threads.to_string(),
+        ])
+        .netns(ns);
+    if let Some(cg) = cg {
+        spawn = spawn.cgroup(cg);
+    }
+    let out = spawn.try_output().map_err(anyhow::Error::msg)?;
+    serde_json::from_str(&out).with_context(|| format!("{kind} output {out:?}"))
+}
+
+pub(super) fn run_in(
+    ns: &Netns,
+    program: &str,
+    args: &[&str],
+    input: Option<&Path>,
+) -> Result<f64> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name, program]).args(args);
     if let Some(p) = input {
@@ -284,7 +311,7 @@ fn run_in(ns: &Netns, program: &str, args: &[&str], input: Option<&Path>) -> Res
     Ok(ms)
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(super) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -409,7 +436,7 @@ fn idle_fraction(window: std::time::Duration) -> Option<f64> {
 /// Waits until the machine is quiet again: deleting a namespace (and the
 /// tens of thousands of rules in it) finishes in kernel workers after the
 /// namespace is gone, and would otherwise slow the next measurement.
-fn settle() {
+pub(super) fn settle() {
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
     while Instant::now() < deadline {
         match idle_fraction(std::time::Duration::from_millis(300)) {
@@ -696,7 +723,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 // ---- the plot ----
 
-fn color(m: Mode) -> RGBColor {
+pub(super) fn color(m: Mode) -> RGBColor {
     match m {
         Mode::Direct => BLACK,
         Mode::Skiff => RGBColor(0, 114, 178),

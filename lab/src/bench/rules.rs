@@ -60,6 +60,30 @@ fn iptables_chains(out: &mut String, i: usize, s: &BenchService) {
 
 /// The whole nat table as kube-proxy's iptables mode writes it.
 pub fn iptables_restore(services: &[BenchService]) -> String {
+    iptables_nat(services, None)
+}
+
+/// NodePorts of the benchmark's services: service `i` has `ports[i]`;
+/// under externalTrafficPolicy Cluster (`masquerade`) the client's address
+/// is masqueraded, under Local it is kept.
+pub struct NodePorts<'a> {
+    pub ports: &'a [u16],
+    pub masquerade: bool,
+}
+
+/// As [`iptables_restore`], with each service also a NodePort:
+/// `KUBE-NODEPORTS` (reached from the end of `KUBE-SERVICES` for local
+/// destinations) jumps per port to `KUBE-EXT-*`, which marks for
+/// masquerade and goes on to the service's chain.
+pub fn iptables_nodeports(services: &[BenchService], node_ports: &NodePorts<'_>) -> String {
+    iptables_nat(services, Some(node_ports))
+}
+
+fn ext_chain(i: usize) -> String {
+    format!("KUBE-EXT-{i:016X}")
+}
+
+fn iptables_nat(services: &[BenchService], node_ports: Option<&NodePorts<'_>>) -> String {
     let mut out = String::with_capacity(services.len() * 600);
     out.push_str(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
@@ -67,6 +91,9 @@ pub fn iptables_restore(services: &[BenchService]) -> String {
     out.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
     for (i, s) in services.iter().enumerate() {
         iptables_chains(&mut out, i, s);
+        if node_ports.is_some() {
+            let _ = writeln!(out, ":{} - [0:0]", ext_chain(i));
+        }
     }
     out.push_str(
         "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
@@ -83,6 +110,22 @@ pub fn iptables_restore(services: &[BenchService]) -> String {
         iptables_service(&mut out, i, s);
     }
     out.push_str("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+    if let Some(np) = node_ports {
+        for (i, port) in np.ports.iter().enumerate().take(services.len()) {
+            let ext = ext_chain(i);
+            let _ = writeln!(
+                out,
+                "-A KUBE-NODEPORTS -p tcp -m comment --comment \"bench/svc-{i}:http\" -m tcp --dport {port} -j {ext}"
+            );
+            if np.masquerade {
+                let _ = writeln!(
+                    out,
+                    "-A {ext} -m comment --comment \"masquerade traffic for bench/svc-{i}:http external destinations\" -j KUBE-MARK-MASQ"
+                );
+            }
+            let _ = writeln!(out, "-A {ext} -j {}", svc_chain(i));
+        }
+    }
     out.push_str("COMMIT\n");
     out
 }

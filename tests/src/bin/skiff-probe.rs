@@ -10,6 +10,7 @@
 //! skiff-probe tcp ADDR COUNT             skiff-probe udp ADDR COUNT
 //! skiff-probe session ADDR               (one connection; a request per stdin line)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
+//! skiff-probe keepalive ADDR[,ADDR...] REQUESTS THREADS  (one kept-alive connection per thread)
 //! skiff-probe in-cluster                 (kube-rs from inside a pod: who am I, my namespace's pods)
 //! skiff-probe flows FIRST_PORT COUNT     (COUNT connections from fixed source ports; per stdin
 //!                                         line `open ADDR` or `ask`, the answer of each)
@@ -272,6 +273,28 @@ struct Load {
     p99_us: f64,
 }
 
+/// Prints a load's figures from its latencies (µs).
+fn print_load(mut all: Vec<f64>, errors: u64, seconds: f64) -> Result<()> {
+    all.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if all.is_empty() {
+            0.0
+        } else {
+            all[((all.len() - 1) as f64 * p) as usize]
+        }
+    };
+    let l = Load {
+        connections: all.len() as u64,
+        errors,
+        seconds,
+        rate: all.len() as f64 / seconds,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    };
+    println!("{}", serde_json::to_string(&l)?);
+    Ok(())
+}
+
 /// Bounded load: CONNS connections in all, spread over THREADS threads,
 /// each a connect + one request/response + close, cycling over the targets.
 fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
@@ -307,25 +330,55 @@ fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
         all.extend(lat);
         errors += e;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    all.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        if all.is_empty() {
-            0.0
-        } else {
-            all[((all.len() - 1) as f64 * p) as usize]
-        }
-    };
-    let l = Load {
-        connections: all.len() as u64,
-        errors,
-        seconds,
-        rate: all.len() as f64 / seconds,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-    };
-    println!("{}", serde_json::to_string(&l)?);
-    Ok(())
+    print_load(all, errors, started.elapsed().as_secs_f64())
+}
+
+/// Requests on kept-alive connections: each thread opens one connection
+/// (to the targets in turn) and sends its share of `requests` on it, one at
+/// a time. Prints the same figures as `load`, per request.
+fn keepalive(targets: &[SocketAddr], requests: u64, threads: u64) -> Result<()> {
+    if targets.is_empty() || threads == 0 {
+        bail!("keepalive needs at least one target and one thread");
+    }
+    let per = requests / threads;
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let to = targets[t as usize % targets.len()];
+            std::thread::spawn(move || -> (Vec<f64>, u64) {
+                let mut lat = Vec::with_capacity(per as usize);
+                let Ok((_, c)) = request(to) else {
+                    return (lat, per);
+                };
+                let mut reader = BufReader::new(&c);
+                let mut writer = &c;
+                let mut errors = 0;
+                let mut line = String::new();
+                for _ in 0..per {
+                    let s = Instant::now();
+                    line.clear();
+                    match writer
+                        .write_all(b"q\n")
+                        .and_then(|()| reader.read_line(&mut line))
+                    {
+                        Ok(n) if n > 0 => lat.push(s.elapsed().as_secs_f64() * 1e6),
+                        _ => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (lat, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("keepalive thread panicked"))?;
+        all.extend(lat);
+        errors += e;
+    }
+    print_load(all, errors, started.elapsed().as_secs_f64())
 }
 
 /// What a pod's kube-rs client sees with in-cluster config (the
@@ -481,6 +534,17 @@ fn main() -> Result<()> {
             load(
                 &targets,
                 arg(&args, 2, "CONNS")?.parse()?,
+                arg(&args, 3, "THREADS")?.parse()?,
+            )
+        }
+        "keepalive" => {
+            let targets = arg(&args, 1, "ADDR[,ADDR...]")?
+                .split(',')
+                .map(addr)
+                .collect::<Result<Vec<_>>>()?;
+            keepalive(
+                &targets,
+                arg(&args, 2, "REQUESTS")?.parse()?,
                 arg(&args, 3, "THREADS")?.parse()?,
             )
         }

@@ -1,0 +1,564 @@
+//! `cargo xtask bench nodeport`: a client outside the cluster hitting
+//! NodePorts on node A, served by Skiff's TC path, by kube-proxy's iptables
+//! NodePort layout (DNAT + masquerade) and, for the limit, by plain routing
+//! to the backend's own address, in the same run.
+//!
+//! Topology (fresh for every measurement): client -- node A -- node B,
+//! with two backend addresses in a pod namespace behind each node. Three
+//! cases: `remote` (backends on node B: Skiff SNATs and redirects, iptables
+//! masquerades), `local` (backends on node A) and `local-policy`
+//! (`externalTrafficPolicy: Local`: node A's backends, the client's address
+//! kept). Each measurement reports new connections per second with their
+//! p99 (connect + request + close) and requests per second on kept-alive
+//! connections.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use plotters::prelude::*;
+use serde::Serialize;
+use skiff_agent::proxy::model::{ExternalSet, encode_ip, encode_port};
+use skiff_agent::proxy::{External, ExternalConfig};
+use skiff_ebpf_common::{BACKEND_LOCAL, EXT_LOCAL, ExtBackend, PROTO_TCP, ServiceKey};
+use skiff_tests::netns::veth;
+use skiff_tests::{Netns, PinDir, Proc, Spawn, TempDir, bin};
+
+use super::plot::{Series, draw_named, panel, register_font};
+use super::proxy::{Load, Mode, color, median, probe_load, run_in, settle};
+use super::rules::{self, BenchService, NodePorts};
+use super::{git_commit, kernel, write_results};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 100);
+const NODE_A: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
+const NODE_A_INNER: Ipv4Addr = Ipv4Addr::new(172, 30, 1, 1);
+const NODE_B_INNER: Ipv4Addr = Ipv4Addr::new(172, 30, 1, 2);
+const PODS_A: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)];
+const PODS_B: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 244, 2, 2), Ipv4Addr::new(10, 244, 2, 3)];
+const BACKEND_PORT: u16 = 8080;
+/// Service `i` has NodePort `NODE_PORT_BASE + i` (a range wider than the
+/// default one, for 10 000 services).
+const NODE_PORT_BASE: u16 = 20_000;
+const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 1]);
+/// NodePorts the client cycles through, spread evenly over the table.
+const TARGETS: usize = 64;
+
+pub const MODES: [Mode; 3] = [Mode::Direct, Mode::Skiff, Mode::Iptables];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Case {
+    Remote,
+    Local,
+    LocalPolicy,
+}
+
+impl Case {
+    pub const ALL: [Case; 3] = [Case::Remote, Case::Local, Case::LocalPolicy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::Remote => "remote",
+            Case::Local => "local",
+            Case::LocalPolicy => "local-policy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .with_context(|| format!("unknown case {s:?} (remote, local, local-policy)"))
+    }
+
+    fn backends(self) -> [Ipv4Addr; 2] {
+        match self {
+            Case::Remote => PODS_B,
+            Case::Local | Case::LocalPolicy => PODS_A,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Args {
+    pub sizes: Vec<usize>,
+    pub rounds: usize,
+    pub conns: u64,
+    pub requests: u64,
+    pub threads: u64,
+    pub cases: Vec<Case>,
+    pub maglev_size: u32,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Sample {
+    pub case: Case,
+    pub services: usize,
+    pub mode: Mode,
+    pub round: usize,
+    pub conn_rate: f64,
+    pub conn_p99_us: f64,
+    pub req_rate: f64,
+    pub req_p99_us: f64,
+    pub errors: u64,
+    pub program_ms: Option<f64>,
+}
+
+/// Client, node A, node B and a pod namespace behind each node, routed;
+/// servers on every pod address. Dropped after each measurement.
+struct Topology {
+    _servers: Vec<Proc>,
+    client: Netns,
+    a: Netns,
+    _b: Netns,
+    _pods: [Netns; 2],
+}
+
+impl Topology {
+    fn new() -> Result<Self> {
+        let (client, a, b) = (Netns::new(), Netns::new(), Netns::new());
+        let (pod_a, pod_b) = (Netns::new(), Netns::new());
+        veth(
+            &client,
+            "eth0",
+            &format!("{CLIENT}/24"),
+            &a,
+            "ext0",
+            &format!("{NODE_A}/24"),
+        );
+        veth(
+            &a,
+            "ab0",
+            &format!("{NODE_A_INNER}/24"),
+            &b,
+            "ba0",
+            &format!("{NODE_B_INNER}/24"),
+        );
+        veth(
+            &pod_a,
+            "eth0",
+            &format!("{}/24", PODS_A[0]),
+            &a,
+            "pod0",
+            "10.244.1.1/24",
+        );
+        veth(
+            &pod_b,
+            "eth0",
+            &format!("{}/24", PODS_B[0]),
+            &b,
+            "pod0",
+            "10.244.2.1/24",
+        );
+        pod_a.ip(&["addr", "add", &format!("{}/24", PODS_A[1]), "dev", "eth0"]);
+        pod_b.ip(&["addr", "add", &format!("{}/24", PODS_B[1]), "dev", "eth0"]);
+        pod_a.ip(&["route", "add", "default", "via", "10.244.1.1"]);
+        pod_b.ip(&["route", "add", "default", "via", "10.244.2.1"]);
+        // The limit dials the pods through node A.
+        client.ip(&["route", "add", "10.244.0.0/16", "via", &NODE_A.to_string()]);
+        a.ip(&[
+            "route",
+            "add",
+            "10.244.2.0/24",
+            "via",
+            &NODE_B_INNER.to_string(),
+        ]);
+        b.ip(&[
+            "route",
+            "add",
+            "172.30.0.0/24",
+            "via",
+            &NODE_A_INNER.to_string(),
+        ]);
+        for ns in [&a, &b] {
+            ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        }
+        let mut servers = Vec::new();
+        for (ns, ips) in [(&pod_a, PODS_A), (&pod_b, PODS_B)] {
+            for ip in ips {
+                let mut p = Spawn::new(bin("skiff-probe"))
+                    .args([
+                        "serve-tcp",
+                        &format!("{ip}:{BACKEND_PORT}"),
+                        &ip.to_string(),
+                    ])
+                    .netns(ns)
+                    .start();
+                if p.ask("") != "ready" {
+                    bail!("the backend server on {ip} did not start");
+                }
+                servers.push(p);
+            }
+        }
+        Ok(Self {
+            _servers: servers,
+            client,
+            a,
+            _b: b,
+            _pods: [pod_a, pod_b],
+        })
+    }
+}
+
+fn node_port(i: usize) -> u16 {
+    NODE_PORT_BASE + i as u16
+}
+
+fn targets(mode: Mode, case: Case, n: usize) -> Vec<SocketAddr> {
+    if mode == Mode::Direct {
+        return case
+            .backends()
+            .iter()
+            .map(|b| SocketAddr::from((*b, BACKEND_PORT)))
+            .collect();
+    }
+    let k = TARGETS.min(n);
+    let mut idx: Vec<usize> = (0..k).map(|j| j * n / k + (n / k) / 2).collect();
+    idx.dedup();
+    idx.into_iter()
+        .map(|i| SocketAddr::from((NODE_A, node_port(i.min(n - 1)))))
+        .collect()
+}
+
+/// Skiff's TC path on node A, alive while it is held.
+struct Programmed {
+    _skiff: Option<(External, PinDir)>,
+    program_ms: Option<f64>,
+}
+
+fn external_sets(case: Case, n: usize) -> BTreeMap<String, Vec<ExternalSet>> {
+    let local = case != Case::Remote;
+    let mut backends: Vec<ExtBackend> = case
+        .backends()
+        .iter()
+        .map(|ip| {
+            let (family, addr) = encode_ip((*ip).into());
+            ExtBackend {
+                addr,
+                port: encode_port(BACKEND_PORT),
+                family,
+                flags: if local { BACKEND_LOCAL } else { 0 },
+            }
+        })
+        .collect();
+    backends.sort();
+    let (family, addr) = encode_ip(NODE_A.into());
+    (0..n)
+        .map(|i| {
+            let service = format!("bench/svc-{i}");
+            let set = ExternalSet {
+                name: format!("{service}:80/TCP/4"),
+                frontends: vec![ServiceKey {
+                    addr,
+                    port: encode_port(node_port(i)),
+                    proto: PROTO_TCP,
+                    family,
+                }],
+                backends: backends.clone(),
+                flags: if case == Case::LocalPolicy {
+                    EXT_LOCAL
+                } else {
+                    0
+                },
+            };
+            (service, vec![set])
+        })
+        .collect()
+}
+
+fn program(
+    mode: Mode,
+    case: Case,
+    n: usize,
+    topo: &Topology,
+    scratch: &Path,
+    args: &Args,
+) -> Result<Programmed> {
+    match mode {
+        Mode::Direct | Mode::Nftables => Ok(Programmed {
+            _skiff: None,
+            program_ms: None,
+        }),
+        Mode::Skiff => {
+            let pins = PinDir::new();
+            // The programs attach to node A's interfaces by name: look
+            // them up from inside its namespace.
+            let _inside = skiff_netlink::NetnsGuard::enter(&topo.a.path())
+                .context("entering node A's namespace")?;
+            let cfg = ExternalConfig {
+                interfaces: vec!["ext0".into(), "ab0".into()],
+                maglev_size: args.maglev_size,
+            };
+            let mut ext = External::install(&pins.path, cfg, &[])?;
+            let desired = external_sets(case, n);
+            let started = Instant::now();
+            ext.sync_all(&desired)?;
+            let program_ms = started.elapsed().as_secs_f64() * 1e3;
+            Ok(Programmed {
+                _skiff: Some((ext, pins)),
+                program_ms: Some(program_ms),
+            })
+        }
+        Mode::Iptables => {
+            let services: Vec<BenchService> = (0..n)
+                .map(|i| BenchService {
+                    vip: Ipv4Addr::from(VIP_BASE + i as u32),
+                    port: 80,
+                    endpoints: case.backends().iter().map(|b| (*b, BACKEND_PORT)).collect(),
+                })
+                .collect();
+            let ports: Vec<u16> = (0..n).map(node_port).collect();
+            let node_ports = NodePorts {
+                ports: &ports,
+                masquerade: case != Case::LocalPolicy,
+            };
+            let file = scratch.join("iptables.rules");
+            std::fs::write(&file, rules::iptables_nodeports(&services, &node_ports))?;
+            let program_ms = run_in(&topo.a, "iptables-restore", &[], Some(&file))?;
+            Ok(Programmed {
+                _skiff: None,
+                program_ms: Some(program_ms),
+            })
+        }
+    }
+}
+
+fn measure(mode: Mode, case: Case, n: usize, round: usize, args: &Args) -> Result<Sample> {
+    settle();
+    let scratch = TempDir::new();
+    let topo = Topology::new()?;
+    let programmed = program(mode, case, n, &topo, &scratch.path, args)?;
+    let to = targets(mode, case, n);
+    let conns: Load = probe_load("load", &topo.client, None, &to, args.conns, args.threads)?;
+    let reqs: Load = probe_load(
+        "keepalive",
+        &topo.client,
+        None,
+        &to,
+        args.requests,
+        args.threads,
+    )?;
+    let program_ms = programmed.program_ms;
+    drop(programmed);
+    drop(topo);
+    let s = Sample {
+        case,
+        services: n,
+        mode,
+        round,
+        conn_rate: conns.rate,
+        conn_p99_us: conns.p99_us,
+        req_rate: reqs.rate,
+        req_p99_us: reqs.p99_us,
+        errors: conns.errors + reqs.errors,
+        program_ms,
+    };
+    eprintln!(
+        "  {:<12} {:>6} services  {:<8} round {}: {:>7.0} conn/s  p99 {:>6.0} us  {:>7.0} req/s  p99 {:>5.0} us  errors {}{}  ({} of {} connections)",
+        case.name(),
+        n,
+        mode.name(),
+        round,
+        s.conn_rate,
+        s.conn_p99_us,
+        s.req_rate,
+        s.req_p99_us,
+        s.errors,
+        program_ms
+            .map(|p| format!("  programmed in {p:.1} ms"))
+            .unwrap_or_default(),
+        conns.connections,
+        args.conns
+    );
+    Ok(s)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub case: Case,
+    pub services: usize,
+    pub mode: Mode,
+    pub conn_rate: f64,
+    pub conn_min: f64,
+    pub conn_max: f64,
+    pub conn_p99_us: f64,
+    pub req_rate: f64,
+    pub req_p99_us: f64,
+    /// Connection rate ÷ the direct rate (same case and size).
+    pub conn_to_direct: f64,
+    /// Requests per second ÷ the direct rate.
+    pub req_to_direct: f64,
+    /// Connection rate ÷ iptables' (same case and size).
+    pub conn_to_iptables: f64,
+    pub program_ms: Option<f64>,
+    pub errors: u64,
+}
+
+fn summarize(samples: &[Sample]) -> Vec<Summary> {
+    let mut groups: BTreeMap<(Case, usize, Mode), Vec<&Sample>> = BTreeMap::new();
+    for s in samples {
+        groups
+            .entry((s.case, s.services, s.mode))
+            .or_default()
+            .push(s);
+    }
+    let med = |g: &[&Sample], f: fn(&Sample) -> f64| {
+        median(g.iter().map(|s| f(s)).collect()).unwrap_or(f64::NAN)
+    };
+    let of = |case, n, mode, f: fn(&Sample) -> f64| {
+        groups.get(&(case, n, mode)).map_or(f64::NAN, |g| med(g, f))
+    };
+    groups
+        .iter()
+        .map(|((case, n, mode), g)| {
+            let conn = med(g, |s| s.conn_rate);
+            let req = med(g, |s| s.req_rate);
+            Summary {
+                case: *case,
+                services: *n,
+                mode: *mode,
+                conn_rate: conn,
+                conn_min: g.iter().map(|s| s.conn_rate).fold(f64::INFINITY, f64::min),
+                conn_max: g.iter().map(|s| s.conn_rate).fold(0.0, f64::max),
+                conn_p99_us: med(g, |s| s.conn_p99_us),
+                req_rate: req,
+                req_p99_us: med(g, |s| s.req_p99_us),
+                conn_to_direct: conn / of(*case, *n, Mode::Direct, |s| s.conn_rate),
+                req_to_direct: req / of(*case, *n, Mode::Direct, |s| s.req_rate),
+                conn_to_iptables: conn / of(*case, *n, Mode::Iptables, |s| s.conn_rate),
+                program_ms: median(g.iter().filter_map(|s| s.program_ms).collect()),
+                errors: g.iter().map(|s| s.errors).sum(),
+            }
+        })
+        .collect()
+}
+
+fn print_table(summary: &[Summary]) {
+    println!();
+    println!(
+        "{:<12} {:>8} {:<9} {:>8} {:>13} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
+        "case",
+        "services",
+        "mode",
+        "conn/s",
+        "min..max",
+        "p99 us",
+        "÷direct",
+        "÷iptab",
+        "req/s",
+        "p99 us",
+        "÷direct",
+        "program",
+        "errors"
+    );
+    for s in summary {
+        println!(
+            "{:<12} {:>8} {:<9} {:>8.0} {:>13} {:>8.0} {:>8.3} {:>8.3} {:>8.0} {:>8.0} {:>8.3} {:>10} {:>6}",
+            s.case.name(),
+            s.services,
+            s.mode.name(),
+            s.conn_rate,
+            format!("{:.0}..{:.0}", s.conn_min, s.conn_max),
+            s.conn_p99_us,
+            s.conn_to_direct,
+            s.conn_to_iptables,
+            s.req_rate,
+            s.req_p99_us,
+            s.req_to_direct,
+            s.program_ms
+                .map_or_else(|| "-".to_string(), |p| format!("{p:.1} ms")),
+            s.errors
+        );
+    }
+    println!(
+        "conn/s: connect + request + close from a client outside the cluster to NodePorts on node A; req/s: requests on kept-alive connections; ÷direct: against dialling the backend's own address through node A; ÷iptab: against kube-proxy's iptables NodePort layout"
+    );
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "bench nodeport: sizes {:?}, cases {:?}, {} rounds, {} connections and {} requests per run, {} client threads, Maglev table {}, {cores} cores",
+        args.sizes,
+        args.cases.iter().map(|c| c.name()).collect::<Vec<_>>(),
+        args.rounds,
+        args.conns,
+        args.requests,
+        args.threads,
+        args.maglev_size
+    );
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for round in 0..args.rounds {
+        for &case in &args.cases {
+            for &n in &args.sizes {
+                let mut modes = MODES.to_vec();
+                modes.rotate_left(round % MODES.len());
+                for mode in modes {
+                    samples.push(measure(mode, case, n, round, args)?);
+                }
+            }
+        }
+    }
+    let summary = summarize(&samples);
+    print_table(&summary);
+    let doc = serde_json::json!({
+        "benchmark": "nodeport",
+        "commit": git_commit(),
+        "kernel": kernel(),
+        "cores": cores,
+        "seconds": started.elapsed().as_secs_f64(),
+        "args": {
+            "sizes": args.sizes, "rounds": args.rounds, "conns": args.conns,
+            "requests": args.requests, "threads": args.threads,
+            "cases": args.cases, "maglev_size": args.maglev_size,
+        },
+        "summary": summary,
+        "samples": samples,
+    });
+    let json_path = write_results(&args.out, "nodeport", &doc)?;
+    let png = args.out.join("nodeport.png");
+    plot_results(&summary, &png)?;
+    println!("wrote {} and {}", json_path.display(), png.display());
+    Ok(())
+}
+
+/// One panel per case: connection rate against the number of services.
+fn plot_results(summary: &[Summary], path: &Path) -> Result<()> {
+    register_font()?;
+    let max_n = summary
+        .iter()
+        .map(|s| s.services)
+        .max()
+        .unwrap_or(1)
+        .max(10) as f64;
+    let max_rate = summary.iter().map(|s| s.conn_rate).fold(1.0, f64::max) * 1.1;
+    let root = BitMapBackend::new(path, (1500, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let areas = root.split_evenly((1, Case::ALL.len()));
+    for (area, case) in areas.iter().zip(Case::ALL) {
+        let mut chart = panel(
+            area,
+            &format!("NodePort, {} backends", case.name()),
+            ((0.5f64..max_n * 2.0).log_scale(), "services"),
+            (0f64..max_rate, "connections / s"),
+        )?;
+        let series: Vec<Series<'_>> = MODES
+            .iter()
+            .map(|mode| {
+                let pts = summary
+                    .iter()
+                    .filter(|s| s.case == case && s.mode == *mode)
+                    .map(|s| (s.services as f64, s.conn_rate))
+                    .collect();
+                (mode.name(), color(*mode), pts)
+            })
+            .collect();
+        draw_named(&mut chart, &series, SeriesLabelPosition::LowerLeft)?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
