@@ -16,6 +16,10 @@
 //! Under `externalTrafficPolicy: Local` the table holds local backends only
 //! and no flow is SNATed: the backend sees the client's address.
 //!
+//! ICMP errors about a tracked flow (port unreachable, fragmentation
+//! needed, time exceeded) are translated too: the packet they quote and
+//! their own addresses, so that the client's socket gets them.
+//!
 //! IPv4 only for now; fragments after the first are not translated.
 
 use aya_ebpf::{
@@ -24,7 +28,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashOfMaps},
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{btf_map, classifier, map},
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use skiff_ebpf_common::{
@@ -54,6 +58,17 @@ static MAGLEV: HashOfMaps<
     { MAX_MAGLEV_TABLES as usize },
 > = HashOfMaps::new();
 
+/// Room for a new flow's two entries, built here and inserted from here:
+/// too big for the stack beside the callers' frames.
+#[repr(C)]
+struct NewEntries {
+    flow: FlowValue,
+    rev: RevFlowValue,
+}
+
+#[map(name = "NEW_ENTRIES")]
+static NEW_ENTRIES: PerCpuArray<NewEntries> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(MAX_FLOWS, 0);
 
@@ -74,6 +89,11 @@ const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
 const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+const PROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -147,10 +167,21 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let proto: u8 = ctx.load(IP + 9).ok()?;
+    let l4 = IP + ihl;
+    if proto == PROTO_ICMP {
+        return Some(Packet {
+            proto,
+            tcp_flags: 0,
+            saddr: ctx.load(IP_SADDR).ok()?,
+            daddr: ctx.load(IP_DADDR).ok()?,
+            sport: 0,
+            dport: 0,
+            l4,
+        });
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    let l4 = IP + ihl;
     let tcp_flags = if proto == PROTO_TCP {
         ctx.load::<u8>(l4 + 13).ok()?
     } else {
@@ -175,18 +206,21 @@ fn l4_flags(p: &Packet) -> u64 {
     }
 }
 
-/// Rewrites the source (`src`) or destination address, with both checksums.
+/// Rewrites the source (`src`) or destination address, with both checksums
+/// (ICMP's covers no pseudo-header).
 #[inline(always)]
 fn set_addr(ctx: &TcContext, p: &Packet, src: bool, old: u32, new: u32) -> Result<(), i64> {
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(
-        p.csum_off(),
-        u64::from(old),
-        u64::from(new),
-        BPF_F_PSEUDO_HDR | l4_flags(p) | 4,
-    )?;
+    if p.proto != PROTO_ICMP {
+        ctx.l4_csum_replace(
+            p.csum_off(),
+            u64::from(old),
+            u64::from(new),
+            BPF_F_PSEUDO_HDR | l4_flags(p) | 4,
+        )?;
+    }
     ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4)?;
     let off = if src { IP_SADDR } else { IP_DADDR };
     ctx.store(off, &new, 0)
@@ -250,7 +284,7 @@ fn redirect(ctx: &TcContext, ifindex: u32, nexthop: u32) -> i32 {
 
 /// The route the kernel would take to `dst`: (interface, next hop, source
 /// address it would use).
-#[inline(always)]
+#[inline(never)]
 fn route(ctx: &TcContext, p: &Packet, dst: u32) -> Option<(u32, u32, u32)> {
     // SAFETY: plain integers; all-zero is a valid request to fill in.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
@@ -302,6 +336,9 @@ pub fn skiff_ingress(ctx: TcContext) -> i32 {
     let Some(p) = parse(&ctx) else {
         return TC_ACT_OK;
     };
+    if p.proto == PROTO_ICMP {
+        return icmp_of_snat(&ctx, &p).unwrap_or(TC_ACT_OK);
+    }
     let key = ServiceKey {
         addr: v4(p.daddr),
         port: p.dport,
@@ -311,16 +348,31 @@ pub fn skiff_ingress(ctx: TcContext) -> i32 {
     // SAFETY: copied out at once (BPF_F_NO_PREALLOC).
     if let Some(svc) = unsafe { EXTERNAL.get(&key) } {
         let svc = *svc;
-        return forward(&ctx, &p, &svc).unwrap_or(TC_ACT_SHOT);
+        // The flow's entries are made here, not inside `forward`, so that
+        // the two frames are never on the stack together.
+        return match forward(&ctx, &p) {
+            NEW_FLOW if svc.size > 0 && new_flow(&ctx, &p, &svc) => match forward(&ctx, &p) {
+                NEW_FLOW => TC_ACT_SHOT,
+                verdict => verdict,
+            },
+            NEW_FLOW => TC_ACT_SHOT,
+            verdict => verdict,
+        };
     }
-    reply_of_snat(&ctx, &p).unwrap_or(TC_ACT_OK)
+    reply_of_snat(&ctx, &p)
 }
+
+/// `forward`'s answer when the packet starts a flow.
+const NEW_FLOW: i32 = i32::MIN;
 
 #[classifier]
 pub fn skiff_egress(ctx: TcContext) -> i32 {
     let Some(p) = parse(&ctx) else {
         return TC_ACT_OK;
     };
+    if p.proto == PROTO_ICMP {
+        return icmp_of_local(&ctx, &p).unwrap_or(TC_ACT_OK);
+    }
     let rkey = flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let Some(r) = REV_FLOWS.get_ptr_mut(&rkey) else {
         return TC_ACT_OK;
@@ -356,9 +408,15 @@ fn touch_rev(rv: &mut RevFlowValue, p: &Packet) {
 }
 
 /// A reply of a SNATed flow (backend -> node): back to the client, from
-/// the frontend.
+/// the frontend. Anything else passes.
+// Out of line: its stack frame is not added to the others'.
+#[inline(never)]
+fn reply_of_snat(ctx: &TcContext, p: &Packet) -> i32 {
+    snat_reply(ctx, p).unwrap_or(TC_ACT_OK)
+}
+
 #[inline(always)]
-fn reply_of_snat(ctx: &TcContext, p: &Packet) -> Option<i32> {
+fn snat_reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
     let rkey = flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let r = REV_FLOWS.get_ptr_mut(&rkey)?;
     // SAFETY: see skiff_egress.
@@ -376,39 +434,41 @@ fn reply_of_snat(ctx: &TcContext, p: &Packet) -> Option<i32> {
 }
 
 /// A packet to an external frontend: its flow's backend, or a new flow.
+// Out of line: its stack frame is not added to the others'.
+#[inline(never)]
+fn forward(ctx: &TcContext, p: &Packet) -> i32 {
+    forward_known(ctx, p).unwrap_or(TC_ACT_SHOT)
+}
+
 #[inline(always)]
-fn forward(ctx: &TcContext, p: &Packet, svc: &ExternalValue) -> Option<i32> {
+fn forward_known(ctx: &TcContext, p: &Packet) -> Option<i32> {
     let fkey = flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let t = now();
-    let flow = match FLOWS.get_ptr_mut(&fkey) {
+    let f = match FLOWS.get_ptr_mut(&fkey) {
         // A new connection on a tuple whose last one closed starts over.
-        Some(f) if !(p.opening() && unsafe { (*f).flags } & FLOW_CLOSING != 0) => {
-            // SAFETY: see skiff_egress.
-            let fv = unsafe { &mut *f };
-            if p.closing() {
-                fv.flags |= FLOW_CLOSING;
-                fv.last_ns = t;
-                mark_rev_closing(p, fv);
-            } else if t.wrapping_sub(fv.last_ns) > REFRESH_NS {
-                fv.last_ns = t;
-            }
-            *fv
-        }
-        _ => {
-            if svc.size == 0 {
-                return Some(TC_ACT_SHOT);
-            }
-            new_flow(ctx, p, svc, &fkey, t)?
-        }
+        Some(f) if !(p.opening() && unsafe { (*f).flags } & FLOW_CLOSING != 0) => f,
+        _ => return Some(NEW_FLOW),
     };
-    set_addr(ctx, p, false, p.daddr, flow.backend[0]).ok()?;
-    set_port(ctx, p, false, p.dport, flow.backend_port).ok()?;
-    if flow.ifindex == 0 {
+    // SAFETY: see skiff_egress.
+    let fv = unsafe { &mut *f };
+    if p.closing() {
+        fv.flags |= FLOW_CLOSING;
+        fv.last_ns = t;
+        mark_rev_closing(p, fv);
+    } else if t.wrapping_sub(fv.last_ns) > REFRESH_NS {
+        fv.last_ns = t;
+    }
+    // Fields read one at a time (no copy of the whole value on the stack).
+    let (backend, backend_port, ifindex) = (fv.backend[0], fv.backend_port, fv.ifindex);
+    let (snat, snat_port, nexthop) = (fv.snat[0], fv.snat_port, fv.nexthop[0]);
+    set_addr(ctx, p, false, p.daddr, backend).ok()?;
+    set_port(ctx, p, false, p.dport, backend_port).ok()?;
+    if ifindex == 0 {
         return Some(TC_ACT_OK);
     }
-    set_addr(ctx, p, true, p.saddr, flow.snat[0]).ok()?;
-    set_port(ctx, p, true, p.sport, flow.snat_port).ok()?;
-    Some(redirect(ctx, flow.ifindex, flow.nexthop[0]))
+    set_addr(ctx, p, true, p.saddr, snat).ok()?;
+    set_port(ctx, p, true, p.sport, snat_port).ok()?;
+    Some(redirect(ctx, ifindex, nexthop))
 }
 
 #[inline(always)]
@@ -430,14 +490,13 @@ fn mark_rev_closing(p: &Packet, fv: &FlowValue) {
 
 /// Picks the flow's backend from the Maglev table and records both
 /// directions.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, p: &Packet, svc: &ExternalValue) -> bool {
+    new_flow_entries(ctx, p, svc, now()).is_some()
+}
+
 #[inline(always)]
-fn new_flow(
-    ctx: &TcContext,
-    p: &Packet,
-    svc: &ExternalValue,
-    fkey: &FlowKey,
-    t: u64,
-) -> Option<FlowValue> {
+fn new_flow_entries(ctx: &TcContext, p: &Packet, svc: &ExternalValue, t: u64) -> Option<()> {
     let h = flow_hash(
         p.saddr,
         p.sport,
@@ -445,14 +504,18 @@ fn new_flow(
         p.proto,
         svc.flags & EXT_AFFINITY != 0,
     );
-    let slot = h % svc.size;
+    let slot = h.checked_rem(svc.size)?;
     // SAFETY: inner arrays are never written while a program reads them
     // (the agent swaps in a new table).
     let id = unsafe { *MAGLEV.get_value(&svc.table, &slot)? };
     // SAFETY: copied out at once.
     let b = unsafe { *EXT_BACKENDS.get(&id)? };
 
-    let mut flow = FlowValue {
+    let e = NEW_ENTRIES.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot (programs run with migration disabled and
+    // TC programs do not nest on one CPU).
+    let e = unsafe { &mut *e };
+    e.flow = FlowValue {
         backend: b.addr,
         snat: [0; 4],
         nexthop: [0; 4],
@@ -463,7 +526,7 @@ fn new_flow(
         flags: 0,
         pad: 0,
     };
-    let mut rev = RevFlowValue {
+    e.rev = RevFlowValue {
         frontend: v4(p.daddr),
         client: v4(p.saddr),
         nexthop: [0; 4],
@@ -480,24 +543,29 @@ fn new_flow(
     } else {
         let (out_if, nexthop, src) = route(ctx, p, b.addr[0])?;
         let (back_if, back_nh, _) = route(ctx, p, p.saddr)?;
-        let (rkey, port) = snat_tuple(p, &b, src, t)?;
-        flow.snat = v4(src);
-        flow.snat_port = port;
-        flow.ifindex = out_if;
-        flow.nexthop = v4(nexthop);
-        rev.ifindex = back_if;
-        rev.nexthop = v4(back_nh);
-        rkey
+        let port = snat_port(p, &b, src, t);
+        if port == 0 {
+            return None;
+        }
+        let port = port as u16;
+        e.flow.snat = v4(src);
+        e.flow.snat_port = port;
+        e.flow.ifindex = out_if;
+        e.flow.nexthop = v4(nexthop);
+        e.rev.ifindex = back_if;
+        e.rev.nexthop = v4(back_nh);
+        flow_key(b.addr[0], src, b.port, port, p.proto)
     };
-    REV_FLOWS.insert(&rkey, &rev, 0).ok()?;
-    FLOWS.insert(fkey, &flow, 0).ok()?;
-    Some(flow)
+    REV_FLOWS.insert(&rkey, &e.rev, 0).ok()?;
+    let fkey = flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    FLOWS.insert(&fkey, &e.flow, 0).ok()?;
+    Some(())
 }
 
-/// A free (backend, SNAT address, port) tuple: the client's own port if it
-/// is, else one from the SNAT range.
-#[inline(always)]
-fn snat_tuple(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> Option<(FlowKey, u16)> {
+/// A port that makes (backend, SNAT address, port) a free tuple: the
+/// client's own if it is, else one from the SNAT range; 0 when none is.
+#[inline(never)]
+fn snat_port(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> u32 {
     let start = flow_hash(p.saddr, p.sport, b.port, p.proto, false) % SNAT_PORT_SPAN;
     let mut i = 0;
     while i <= SNAT_TRIES {
@@ -520,7 +588,7 @@ fn snat_tuple(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> Option<(FlowKey, 
         }
         let rkey = flow_key(b.addr[0], src, b.port, port, p.proto);
         match REV_FLOWS.get_ptr(&rkey) {
-            None => return Some((rkey, port)),
+            None => return u32::from(port),
             Some(r) => {
                 // SAFETY: copied out at once.
                 let r = unsafe { *r };
@@ -532,10 +600,141 @@ fn snat_tuple(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> Option<(FlowKey, 
                     idle > REUSE_IDLE_TCP_NS
                 };
                 if same_client || free {
-                    return Some((rkey, port));
+                    return u32::from(port);
                 }
             }
         }
     }
-    None
+    0
+}
+
+/// The packet an ICMP error quotes (its first bytes, as the sender got it).
+struct Quoted {
+    /// Offset of the quoted IP header.
+    ip: usize,
+    /// Offset of its L4 header.
+    l4: usize,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// The flow an ICMP error at `icmp` is about, if it is an error about TCP
+/// or UDP.
+#[inline(always)]
+fn quoted(ctx: &TcContext, icmp: usize) -> Option<Quoted> {
+    let ty: u8 = ctx.load(icmp).ok()?;
+    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETERPROB {
+        return None;
+    }
+    let ip = icmp + 8;
+    let vihl: u8 = ctx.load(ip).ok()?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let proto: u8 = ctx.load(ip + 9).ok()?;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let l4 = ip + ihl;
+    Some(Quoted {
+        ip,
+        l4,
+        proto,
+        saddr: ctx.load(ip + 12).ok()?,
+        daddr: ctx.load(ip + 16).ok()?,
+        sport: ctx.load(l4).ok()?,
+        dport: ctx.load(l4 + 2).ok()?,
+    })
+}
+
+/// Rewrites an address of the quoted packet: its IP checksum, and the
+/// ICMP checksum over both changes. (The quoted L4 checksum is left: the
+/// receiving stack does not check it.)
+#[inline(always)]
+fn set_quoted_addr(
+    ctx: &TcContext,
+    icmp: usize,
+    q: &Quoted,
+    src: bool,
+    old: u32,
+    new: u32,
+) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    let csum = q.ip + 10;
+    let old_sum: u16 = ctx.load(csum)?;
+    ctx.l3_csum_replace(csum, u64::from(old), u64::from(new), 4)?;
+    let new_sum: u16 = ctx.load(csum)?;
+    ctx.store(q.ip + if src { 12 } else { 16 }, &new, 0)?;
+    ctx.l4_csum_replace(icmp + 2, u64::from(old), u64::from(new), 4)?;
+    ctx.l4_csum_replace(icmp + 2, u64::from(old_sum), u64::from(new_sum), 2)
+}
+
+#[inline(always)]
+fn set_quoted_port(
+    ctx: &TcContext,
+    icmp: usize,
+    q: &Quoted,
+    src: bool,
+    old: u16,
+    new: u16,
+) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.store(q.l4 + if src { 0 } else { 2 }, &new, 0)?;
+    ctx.l4_csum_replace(icmp + 2, u64::from(old), u64::from(new), 2)
+}
+
+/// The reverse entry of the flow a quoted packet (as the backend side saw
+/// it) belongs to.
+#[inline(always)]
+fn flow_of_quoted(q: &Quoted) -> Option<RevFlowValue> {
+    let rkey = flow_key(q.daddr, q.saddr, q.dport, q.sport, q.proto);
+    // SAFETY: copied out at once.
+    REV_FLOWS.get_ptr(&rkey).map(|r| unsafe { *r })
+}
+
+/// Egress: an ICMP error about a flow to a local backend (the quoted packet
+/// went client -> backend) leaves as one about client -> frontend, from
+/// the frontend if the backend sent it.
+// Out of line: its stack frame is not added to the others'.
+#[inline(never)]
+fn icmp_of_local(ctx: &TcContext, p: &Packet) -> Option<i32> {
+    let q = quoted(ctx, p.l4)?;
+    let rv = flow_of_quoted(&q)?;
+    if rv.ifindex != 0 {
+        return None;
+    }
+    set_quoted_addr(ctx, p.l4, &q, false, q.daddr, rv.frontend[0]).ok()?;
+    set_quoted_port(ctx, p.l4, &q, false, q.dport, rv.frontend_port).ok()?;
+    if p.saddr == q.daddr {
+        set_addr(ctx, p, true, p.saddr, rv.frontend[0]).ok()?;
+    }
+    Some(TC_ACT_OK)
+}
+
+/// Ingress: an ICMP error about a SNATed flow (the quoted packet went
+/// node -> backend) goes to the client as one about client -> frontend,
+/// from the frontend.
+// Out of line: its stack frame is not added to the others'.
+#[inline(never)]
+fn icmp_of_snat(ctx: &TcContext, p: &Packet) -> Option<i32> {
+    let q = quoted(ctx, p.l4)?;
+    let rv = flow_of_quoted(&q)?;
+    if rv.ifindex == 0 {
+        return None;
+    }
+    set_quoted_addr(ctx, p.l4, &q, true, q.saddr, rv.client[0]).ok()?;
+    set_quoted_port(ctx, p.l4, &q, true, q.sport, rv.client_port).ok()?;
+    set_quoted_addr(ctx, p.l4, &q, false, q.daddr, rv.frontend[0]).ok()?;
+    set_quoted_port(ctx, p.l4, &q, false, q.dport, rv.frontend_port).ok()?;
+    set_addr(ctx, p, true, p.saddr, rv.frontend[0]).ok()?;
+    set_addr(ctx, p, false, p.daddr, rv.client[0]).ok()?;
+    Some(redirect(ctx, rv.ifindex, rv.nexthop[0]))
 }

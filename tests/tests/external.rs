@@ -1,6 +1,7 @@
 //! Traffic from outside the cluster (the TC path): a client namespace on
 //! the underlay, not a node, reaches NodePorts on every node, whether the
-//! backend runs on that node or another, over TCP and UDP; under
+//! backend runs on that node or another, over TCP and UDP, ICMP errors
+//! included; under
 //! `externalTrafficPolicy: Local` the backend sees the client's address
 //! and a node without endpoints answers its health check with 503; Maglev
 //! keeps flows where they are when a backend leaves and an agent restarts.
@@ -80,6 +81,7 @@ spec:
   ports:
   - {name: tcp, port: 7000, protocol: TCP, nodePort: 30700}
   - {name: udp, port: 7001, protocol: UDP, nodePort: 30701}
+  - {name: closed, port: 7002, protocol: UDP, targetPort: 7999, nodePort: 30702}
 ---
 apiVersion: v1
 kind: Service
@@ -138,6 +140,20 @@ spec:
             map(&udp["peers"]),
             BTreeMap::from([(format!("{ip}:30701"), 3)]),
             "UDP replies come from the NodePort via {via}: {udp}"
+        );
+        // Nothing listens behind port 30702: the backend's ICMP port
+        // unreachable, translated back, reaches the client's connected
+        // socket as ECONNREFUSED.
+        let p = bin("skiff-probe");
+        let out = client.exec(&[
+            p.to_str().unwrap_or_default(),
+            "udp-follow",
+            &format!("{ip}:30702"),
+            "1",
+        ]);
+        assert!(
+            out.lines().any(|l| l.ends_with("errno 111")),
+            "ICMP errors of a flow via {via} reach the client: {out}"
         );
     }
 
@@ -255,10 +271,23 @@ spec:
     assert_eq!(via0, before, "node 0 and node 1 choose alike");
     let before = names(&flows.ask(&to1));
 
-    // The agent on node 1 restarts while the flows stay open.
+    // The agent on node 1 restarts while the flows stay open and new
+    // connections keep coming.
+    let mut load = Spawn::new(bin("skiff-probe"))
+        .args(["load", &format!("{ip1}:30720"), "10000", "1"])
+        .netns(&client)
+        .start();
+    std::thread::sleep(Duration::from_millis(300));
     c.nodes[1].start_agent();
     let kept = names(&flows.ask("ask"));
     assert_eq!(kept, before, "established flows survive an agent restart");
+    let (_, out) = load.finish();
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        (v["connections"].as_u64(), v["errors"].as_u64()),
+        (Some(10000), Some(0)),
+        "new connections through the restart: {out}"
+    );
 
     // m3 (on node 1) leaves: the other nine keep their established flows.
     c.cp.kubectl_ok(&["delete", "pod", "m3", "--wait=false"]);
@@ -267,7 +296,13 @@ spec:
         Duration::from_secs(30),
         || (slice_addresses(&c) == 9).then_some(()),
     );
-    std::thread::sleep(Duration::from_secs(2));
+    // ... and out of node 1's table: new connections all answered, none
+    // by m3.
+    wait_for("m3 out of node 1's table", Duration::from_secs(60), || {
+        let v = probe(&client, &["tcp", &format!("{ip1}:30720"), "60"]);
+        let answers = map(&v["answers"]);
+        (answers.values().sum::<u64>() == 60 && !answers.contains_key("m3")).then_some(())
+    });
     let kept = names(&flows.ask("ask"));
     for (i, (b, k)) in before.iter().zip(&kept).enumerate() {
         if b != "m3" {
