@@ -101,6 +101,10 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
+/// skb mark bit of packets `skiff_ingress` translated and redirected (the
+/// mark does not leave the node: it is scrubbed when the packet crosses
+/// into another namespace or onto the wire).
+const TRANSLATED_MARK: u32 = 0x0010_0000;
 /// `last_ns` is refreshed at most this often (a write per packet would
 /// bounce the entry's cache line between CPUs).
 const REFRESH_NS: u64 = NS_PER_SEC;
@@ -260,13 +264,17 @@ fn decrement_ttl(ctx: &TcContext) -> Result<bool, i64> {
 }
 
 /// Sends the (rewritten) packet out of `ifindex` towards `nexthop`, the
-/// kernel's neighbour table filling in the link-layer addresses.
+/// kernel's neighbour table filling in the link-layer addresses. The
+/// packet is marked so that the egress program lets it pass unread.
 #[inline(always)]
 fn redirect(ctx: &TcContext, ifindex: u32, nexthop: u32) -> i32 {
     match decrement_ttl(ctx) {
         Ok(true) => {}
         _ => return TC_ACT_SHOT,
     }
+    // SAFETY: the context is an skb; mark is readable.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | TRANSLATED_MARK);
     let mut nh = bpf_redir_neigh {
         nh_family: u32::from(AF_INET),
         __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: nexthop },
@@ -367,6 +375,10 @@ const NEW_FLOW: i32 = i32::MIN;
 
 #[classifier]
 pub fn skiff_egress(ctx: TcContext) -> i32 {
+    // SAFETY: the context is an skb; mark is readable.
+    if unsafe { (*ctx.skb.skb).mark } & TRANSLATED_MARK != 0 {
+        return TC_ACT_OK;
+    }
     let Some(p) = parse(&ctx) else {
         return TC_ACT_OK;
     };

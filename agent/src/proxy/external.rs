@@ -110,6 +110,53 @@ struct Programmed {
     flags: u32,
 }
 
+/// A set between its two halves (see `External::stage`).
+struct Staged {
+    set: ExternalSet,
+    table: u32,
+    old: Option<Programmed>,
+}
+
+const BPF_MAP_UPDATE_BATCH: u32 = 26;
+const BPF_MAP_DELETE_BATCH: u32 = 27;
+
+/// One BPF_MAP_UPDATE_BATCH (with `values`) or BPF_MAP_DELETE_BATCH of
+/// u32 keys and values on the map `fd`.
+fn batch(
+    cmd: u32,
+    fd: std::os::fd::RawFd,
+    keys: &[u32],
+    values: Option<&[u32]>,
+) -> std::io::Result<()> {
+    // union bpf_attr's batch member: in_batch, out_batch, keys, values
+    // (u64 each), count, map_fd (u32 each), elem_flags, flags (u64 each).
+    let mut attr = [0u8; 56];
+    attr[16..24].copy_from_slice(&(keys.as_ptr() as u64).to_ne_bytes());
+    if let Some(v) = values {
+        if v.len() != keys.len() {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        attr[24..32].copy_from_slice(&(v.as_ptr() as u64).to_ne_bytes());
+    }
+    attr[32..36].copy_from_slice(&(keys.len() as u32).to_ne_bytes());
+    attr[36..40].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: `attr` is a live buffer of the length given; the kernel
+    // reads `count` keys (and values) from the slices it points to, which
+    // outlive the call, and writes back only `count`.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let done = u32::from_ne_bytes([attr[32], attr[33], attr[34], attr[35]]);
+    if done as usize != keys.len() {
+        return Err(std::io::Error::other(format!(
+            "batch did {done} of {}",
+            keys.len()
+        )));
+    }
+    Ok(())
+}
+
 /// What an earlier agent left, dropped after the first full sync unless
 /// used again.
 #[derive(Default)]
@@ -125,6 +172,11 @@ pub struct External {
     frontends: HashMap<MapData, ServiceKey, ExternalValue>,
     backends: HashMap<MapData, u32, ExtBackend>,
     maglev: HashOfMaps<MapData, u32, MapData>,
+    /// The same map, for batch updates (aya has none).
+    maglev_raw: MapData,
+    /// Tables built and not yet in `MAGLEV`, and tables to drop from it.
+    new_tables: Vec<(u32, MapData)>,
+    dropped_tables: Vec<u32>,
     /// By set name.
     sets: BTreeMap<String, Programmed>,
     /// Set names of each service.
@@ -157,16 +209,9 @@ impl External {
         }
         let mut ebpf = super::dataplane::loader(&maps_dir).load(super::dataplane::OBJECT)?;
         for (program, _, _) in PROGRAMS {
-            let perr = |source| ExternalError::Program { program, source };
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .ok_or(ExternalError::Program {
-                    program,
-                    source: ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(perr)?;
-            prog.load().map_err(perr)?;
+            classifier(&mut ebpf, program)?
+                .load()
+                .map_err(|source| ExternalError::Program { program, source })?;
         }
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
@@ -178,6 +223,8 @@ impl External {
             HashMap::try_from(take(names::EXT_BACKENDS)?).map_err(map_err(names::EXT_BACKENDS))?;
         let maglev: HashOfMaps<MapData, u32, MapData> =
             HashOfMaps::try_from(take(names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
+        let maglev_raw =
+            MapData::from_pin(maps_dir.join(names::MAGLEV)).map_err(map_err(names::MAGLEV))?;
 
         let mut adopted = Adopted::default();
         let mut next_table = 1;
@@ -210,6 +257,9 @@ impl External {
             frontends,
             backends,
             maglev,
+            maglev_raw,
+            new_tables: Vec::new(),
+            dropped_tables: Vec::new(),
             sets: BTreeMap::new(),
             sets_of: StdHashMap::new(),
             owner: StdHashMap::new(),
@@ -297,15 +347,7 @@ impl External {
             interface: interface.to_string(),
             source,
         };
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(ExternalError::Program {
-                program,
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| ExternalError::Program { program, source })?;
+        let prog = classifier(&mut self.ebpf, program)?;
         let existing = PinnedLink::from_pin(pin)
             .ok()
             .map(FdLink::from)
@@ -421,38 +463,44 @@ impl External {
         Ok(data)
     }
 
-    /// Makes the maps hold `set`. Returns whether anything was written.
-    fn write_set(&mut self, set: &ExternalSet) -> Result<bool> {
+    /// First half of writing `set`: its backend ids, and its table built
+    /// and queued for `MAGLEV`. None when the maps already hold it.
+    fn stage(&mut self, set: &ExternalSet) -> Result<Option<Staged>> {
         let old = self.sets.get(&set.name).cloned();
         if let Some(o) = &old
             && o.frontends == set.frontends
             && o.backends == set.backends
             && o.flags == set.flags
         {
-            return Ok(false);
+            return Ok(None);
         }
-        // 1. backend ids
         let mut ids = Vec::with_capacity(set.backends.len());
         for b in &set.backends {
             ids.push(self.acquire(b)?);
         }
-        // 2. the table, swapped in whole
         let table = match &old {
             Some(o) => o.table,
             None => self.alloc_table()?,
         };
-        let rebuilt = old.as_ref().is_none_or(|o| o.backends != set.backends);
-        if rebuilt {
+        if old.as_ref().is_none_or(|o| o.backends != set.backends) {
             if set.backends.is_empty() {
-                let _ = self.maglev.remove(&table);
+                self.dropped_tables.push(table);
             } else {
                 let data = self.build_table(&ids, &set.backends)?;
-                self.maglev
-                    .insert(table, &data, 0)
-                    .map_err(map_err(names::MAGLEV))?;
+                self.new_tables.push((table, data));
             }
         }
-        // 3. the frontends
+        Ok(Some(Staged {
+            set: set.clone(),
+            table,
+            old,
+        }))
+    }
+
+    /// Second half, once its table is in `MAGLEV`: the frontends, then the
+    /// backend ids that left.
+    fn commit(&mut self, st: Staged) -> Result<()> {
+        let Staged { set, table, old } = st;
         let value = ExternalValue {
             table,
             size: if set.backends.is_empty() {
@@ -484,24 +532,24 @@ impl External {
                     self.owner.remove(key);
                 }
             }
-            // 4. the old backend ids
             for b in &o.backends {
                 self.release(b);
             }
         }
         debug!(set = %set.name, frontends = mine.len(), backends = set.backends.len(), "external set programmed");
         self.sets.insert(
-            set.name.clone(),
+            set.name,
             Programmed {
                 table,
                 frontends: mine,
-                backends: set.backends.clone(),
+                backends: set.backends,
                 flags: set.flags,
             },
         );
-        Ok(true)
+        Ok(())
     }
 
+    /// Takes a set's frontends out; its table goes with the next flush.
     fn remove_set(&mut self, name: &str) {
         let Some(p) = self.sets.remove(name) else {
             return;
@@ -512,50 +560,103 @@ impl External {
                 self.owner.remove(key);
             }
         }
-        let _ = self.maglev.remove(&p.table);
+        self.dropped_tables.push(p.table);
         for b in &p.backends {
             self.release(b);
         }
         debug!(set = name, "external set removed");
     }
 
+    /// Puts the queued tables into `MAGLEV`, in one batch: each write to a
+    /// map of maps waits for an RCU grace period (milliseconds), once per
+    /// call.
+    fn flush_new_tables(&mut self) -> Result<()> {
+        let tables = std::mem::take(&mut self.new_tables);
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<u32> = tables.iter().map(|(k, _)| *k).collect();
+        let fds: Vec<u32> = tables
+            .iter()
+            .map(|(_, d)| d.fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        if let Err(e) = batch(BPF_MAP_UPDATE_BATCH, self.maglev_fd(), &keys, Some(&fds)) {
+            debug!(error = %e, "no batch update; one table at a time");
+            for (key, data) in &tables {
+                self.maglev
+                    .insert(key, data, 0)
+                    .map_err(map_err(names::MAGLEV))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the tables nobody points to any more, in one batch.
+    fn flush_dropped_tables(&mut self) {
+        let keys = std::mem::take(&mut self.dropped_tables);
+        if keys.is_empty() {
+            return;
+        }
+        if batch(BPF_MAP_DELETE_BATCH, self.maglev_fd(), &keys, None).is_err() {
+            for key in &keys {
+                let _ = self.maglev.remove(key);
+            }
+        }
+    }
+
+    fn maglev_fd(&self) -> std::os::fd::RawFd {
+        self.maglev_raw.fd().as_fd().as_raw_fd()
+    }
+
+    /// Writes `sets` of the named services (replacing what they had) in
+    /// three passes: tables, then frontends, then what left.
+    fn write(&mut self, services: &[(&str, &[ExternalSet])]) -> Result<usize> {
+        let mut changed = 0;
+        let mut staged = Vec::new();
+        for (service, sets) in services {
+            let wanted: BTreeSet<String> = sets.iter().map(|s| s.name.clone()).collect();
+            let previous = self.sets_of.remove(*service).unwrap_or_default();
+            for name in previous.difference(&wanted) {
+                self.remove_set(name);
+                changed += 1;
+            }
+            for set in *sets {
+                if let Some(st) = self.stage(set)? {
+                    staged.push(st);
+                }
+            }
+            if !wanted.is_empty() {
+                self.sets_of.insert(service.to_string(), wanted);
+            }
+        }
+        self.flush_new_tables()?;
+        changed += staged.len();
+        for st in staged {
+            self.commit(st)?;
+        }
+        self.flush_dropped_tables();
+        Ok(changed)
+    }
+
     /// Programs one service's sets and removes those it no longer has.
     /// Returns the number of sets written or removed.
     pub fn sync_service(&mut self, service: &str, sets: &[ExternalSet]) -> Result<usize> {
-        let mut changed = 0;
-        let wanted: BTreeSet<String> = sets.iter().map(|s| s.name.clone()).collect();
-        let previous = self.sets_of.remove(service).unwrap_or_default();
-        for name in previous.difference(&wanted) {
-            self.remove_set(name);
-            changed += 1;
-        }
-        for set in sets {
-            if self.write_set(set)? {
-                changed += 1;
-            }
-        }
-        if !wanted.is_empty() {
-            self.sets_of.insert(service.to_string(), wanted);
-        }
-        Ok(changed)
+        self.write(&[(service, sets)])
     }
 
     /// Makes the maps hold exactly `desired` (sets by service), and drops
     /// what an earlier agent left that nobody wants.
     pub fn sync_all(&mut self, desired: &BTreeMap<String, Vec<ExternalSet>>) -> Result<usize> {
-        let mut changed = 0;
         let gone: Vec<String> = self
             .sets_of
             .keys()
             .filter(|s| !desired.contains_key(*s))
             .cloned()
             .collect();
-        for service in gone {
-            changed += self.sync_service(&service, &[])?;
-        }
-        for (service, sets) in desired {
-            changed += self.sync_service(service, sets)?;
-        }
+        let mut all: Vec<(&str, &[ExternalSet])> =
+            gone.iter().map(|s| (s.as_str(), &[][..])).collect();
+        all.extend(desired.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        let mut changed = self.write(&all)?;
         if let Some(adopted) = self.adopted.take() {
             let in_use: BTreeSet<u32> = self.sets.values().map(|p| p.table).collect();
             for key in adopted.frontends {
@@ -564,11 +665,9 @@ impl External {
                     changed += 1;
                 }
             }
-            for table in adopted.tables {
-                if !in_use.contains(&table) {
-                    let _ = self.maglev.remove(&table);
-                }
-            }
+            self.dropped_tables
+                .extend(adopted.tables.into_iter().filter(|t| !in_use.contains(t)));
+            self.flush_dropped_tables();
             let unused: Vec<ExtBackend> = self
                 .backend_ids
                 .iter()
@@ -583,6 +682,17 @@ impl External {
         }
         Ok(changed)
     }
+}
+
+/// The TC program `program` of the object.
+fn classifier<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(program)
+        .ok_or(ExternalError::Program {
+            program,
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| ExternalError::Program { program, source })
 }
 
 /// Every interface with a global IPv4 address that is not loopback and

@@ -45,6 +45,30 @@ pub fn write_results(
     Ok(path)
 }
 
+/// Writes a run's document (with the commit, kernel, cores and duration
+/// added) as JSON, draws its plot as `<out>/<name>.png` and says where.
+pub fn publish(
+    out: &std::path::Path,
+    name: &str,
+    started: std::time::Instant,
+    mut doc: serde_json::Value,
+    plot: impl FnOnce(&std::path::Path) -> Result<()>,
+) -> Result<()> {
+    if let Some(m) = doc.as_object_mut() {
+        m.insert("benchmark".into(), name.into());
+        m.insert("commit".into(), git_commit().into());
+        m.insert("kernel".into(), kernel().into());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        m.insert("cores".into(), cores.into());
+        m.insert("seconds".into(), started.elapsed().as_secs_f64().into());
+    }
+    let json_path = write_results(out, name, &doc)?;
+    let png = out.join(format!("{name}.png"));
+    plot(&png)?;
+    println!("wrote {} and {}", json_path.display(), png.display());
+    Ok(())
+}
+
 pub fn kernel() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())

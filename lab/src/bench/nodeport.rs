@@ -29,7 +29,6 @@ use skiff_tests::{Netns, PinDir, Proc, Spawn, TempDir, bin};
 use super::plot::{Series, draw_named, panel, register_font};
 use super::proxy::{Load, Mode, color, median, probe_load, run_in, settle};
 use super::rules::{self, BenchService, NodePorts};
-use super::{git_commit, kernel, write_results};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 100);
 const NODE_A: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
@@ -506,11 +505,6 @@ pub fn run(args: &Args) -> Result<()> {
     let summary = summarize(&samples);
     print_table(&summary);
     let doc = serde_json::json!({
-        "benchmark": "nodeport",
-        "commit": git_commit(),
-        "kernel": kernel(),
-        "cores": cores,
-        "seconds": started.elapsed().as_secs_f64(),
         "args": {
             "sizes": args.sizes, "rounds": args.rounds, "conns": args.conns,
             "requests": args.requests, "threads": args.threads,
@@ -519,11 +513,9 @@ pub fn run(args: &Args) -> Result<()> {
         "summary": summary,
         "samples": samples,
     });
-    let json_path = write_results(&args.out, "nodeport", &doc)?;
-    let png = args.out.join("nodeport.png");
-    plot_results(&summary, &png)?;
-    println!("wrote {} and {}", json_path.display(), png.display());
-    Ok(())
+    super::publish(&args.out, "nodeport", started, doc, |png| {
+        plot_results(&summary, png)
+    })
 }
 
 /// One panel per case: connection rate against the number of services.

@@ -24,7 +24,6 @@ use super::rules::{self, BenchService};
 use plotters::prelude::*;
 
 use super::plot::{self, Series, draw_named, panel, register_font};
-use super::{git_commit, kernel, write_results};
 
 const CLIENT_IP: &str = "10.201.0.1";
 const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 201, 0, 2), Ipv4Addr::new(10, 201, 0, 3)];
@@ -700,11 +699,6 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     let doc = serde_json::json!({
-        "benchmark": "proxy",
-        "commit": git_commit(),
-        "kernel": kernel(),
-        "cores": cores,
-        "seconds": started.elapsed().as_secs_f64(),
         "args": {
             "sizes": args.sizes, "rounds": args.rounds, "conns": args.conns,
             "steady_conns": args.steady_conns, "steady_sizes": args.steady_sizes,
@@ -714,11 +708,9 @@ pub fn run(args: &Args) -> Result<()> {
         "samples": samples,
         "program_cost": costs,
     });
-    let json_path = write_results(&args.out, "proxy", &doc)?;
-    let png = args.out.join("proxy.png");
-    plot_results(&summary, &png)?;
-    println!("wrote {} and {}", json_path.display(), png.display());
-    Ok(())
+    super::publish(&args.out, "proxy", started, doc, |png| {
+        plot_results(&summary, png)
+    })
 }
 
 // ---- the plot ----

@@ -273,8 +273,22 @@ struct Load {
     p99_us: f64,
 }
 
-/// Prints a load's figures from its latencies (µs).
-fn print_load(mut all: Vec<f64>, errors: u64, seconds: f64) -> Result<()> {
+/// Waits for the load's threads, each with its latencies (µs) and error
+/// count, and prints the figures.
+fn print_load(
+    handles: Vec<std::thread::JoinHandle<(Vec<f64>, u64)>>,
+    started: Instant,
+) -> Result<()> {
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (lat, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
+        all.extend(lat);
+        errors += e;
+    }
+    let seconds = started.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         if all.is_empty() {
@@ -321,16 +335,7 @@ fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for h in handles {
-        let (lat, e) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
-        all.extend(lat);
-        errors += e;
-    }
-    print_load(all, errors, started.elapsed().as_secs_f64())
+    print_load(handles, started)
 }
 
 /// Requests on kept-alive connections: each thread opens one connection
@@ -369,16 +374,7 @@ fn keepalive(targets: &[SocketAddr], requests: u64, threads: u64) -> Result<()> 
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for h in handles {
-        let (lat, e) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("keepalive thread panicked"))?;
-        all.extend(lat);
-        errors += e;
-    }
-    print_load(all, errors, started.elapsed().as_secs_f64())
+    print_load(handles, started)
 }
 
 /// What a pod's kube-rs client sees with in-cluster config (the
