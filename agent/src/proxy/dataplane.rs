@@ -93,15 +93,31 @@ pub enum DataplaneError {
     NotInstalled { path: PathBuf },
     #[error("the frontend table is full ({0} ids in use)")]
     IdsExhausted(u32),
+    #[error("{program} on {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("link of {program} on {interface}: {what}")]
+    TcLink {
+        program: &'static str,
+        interface: String,
+        what: String,
+    },
+    #[error("writing a Maglev table through mmap: {0}")]
+    Mmap(std::io::Error),
+    #[error("--maglev-table-size {0}: must be a prime between 2 and 1048573")]
+    TableSize(u32),
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+pub(super) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataplaneError + '_ {
+pub(super) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataplaneError + '_ {
     move |source| DataplaneError::Io {
         path: path.to_path_buf(),
         source,

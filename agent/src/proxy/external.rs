@@ -20,14 +20,15 @@ use std::fs;
 use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, HashOfMaps, MapData, MapError};
+use aya::Ebpf;
+use aya::maps::{HashMap, HashOfMaps, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
-use aya::{Ebpf, EbpfError};
 use skiff_ebpf_common::{ExtBackend, ExternalValue, MAGLEV_INNER_FLAGS, ServiceKey, maps as names};
 use tracing::{debug, info, warn};
 
+use super::dataplane::{DataplaneError, io_err, map_err};
 use super::maglev;
 use super::model::{ExternalSet, frontend_string};
 
@@ -39,56 +40,7 @@ const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
 
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ExternalError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] EbpfError),
-    #[error("program {program}: {source}")]
-    Program {
-        program: &'static str,
-        source: ProgramError,
-    },
-    #[error("{program} on {interface}: {source}")]
-    Attach {
-        program: &'static str,
-        interface: String,
-        source: ProgramError,
-    },
-    #[error("link of {program} on {interface}: {what}")]
-    Link {
-        program: &'static str,
-        interface: String,
-        what: String,
-    },
-    #[error("map {map}: {source}")]
-    Map { map: &'static str, source: MapError },
-    #[error("map {map} is missing from the object")]
-    MissingMap { map: &'static str },
-    #[error("writing a Maglev table through mmap: {0}")]
-    Mmap(std::io::Error),
-    #[error("--maglev-table-size {0}: must be a prime between 2 and 1048573")]
-    TableSize(u32),
-    #[error("the {what} ids are exhausted")]
-    IdsExhausted { what: &'static str },
-}
-
-type Result<T, E = ExternalError> = std::result::Result<T, E>;
-
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> ExternalError {
-    move |source| ExternalError::Map { map, source }
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExternalError + '_ {
-    move |source| ExternalError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
 /// How the TC path is set up on this node.
 #[derive(Clone, Debug)]
@@ -200,7 +152,7 @@ impl External {
     /// names interfaces.
     pub fn install(pin_dir: &Path, cfg: ExternalConfig, auto: &[String]) -> Result<Self> {
         if !(2..=1_048_573).contains(&cfg.maglev_size) || !maglev::is_prime(cfg.maglev_size) {
-            return Err(ExternalError::TableSize(cfg.maglev_size));
+            return Err(DataplaneError::TableSize(cfg.maglev_size));
         }
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
@@ -211,11 +163,11 @@ impl External {
         for (program, _, _) in PROGRAMS {
             classifier(&mut ebpf, program)?
                 .load()
-                .map_err(|source| ExternalError::Program { program, source })?;
+                .map_err(|source| DataplaneError::Program { program, source })?;
         }
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
-                .ok_or(ExternalError::MissingMap { map: name })
+                .ok_or(DataplaneError::MissingMap { map: name })
         };
         let frontends: HashMap<MapData, ServiceKey, ExternalValue> =
             HashMap::try_from(take(names::EXTERNAL)?).map_err(map_err(names::EXTERNAL))?;
@@ -337,12 +289,12 @@ impl External {
         interface: &str,
         pin: &Path,
     ) -> Result<()> {
-        let link_err = |what: String| ExternalError::Link {
+        let link_err = |what: String| DataplaneError::TcLink {
             program,
             interface: interface.to_string(),
             what,
         };
-        let attach_err = |source| ExternalError::Attach {
+        let attach_err = |source| DataplaneError::Attach {
             program,
             interface: interface.to_string(),
             source,
@@ -380,9 +332,7 @@ impl External {
 
     fn alloc_table(&mut self) -> Result<u32> {
         let id = self.next_table;
-        self.next_table = id
-            .checked_add(1)
-            .ok_or(ExternalError::IdsExhausted { what: "table" })?;
+        self.next_table = id.checked_add(1).ok_or(DataplaneError::IdsExhausted(id))?;
         Ok(id)
     }
 
@@ -393,9 +343,7 @@ impl External {
             return Ok(*id);
         }
         let id = self.next_backend;
-        self.next_backend = id
-            .checked_add(1)
-            .ok_or(ExternalError::IdsExhausted { what: "backend" })?;
+        self.next_backend = id.checked_add(1).ok_or(DataplaneError::IdsExhausted(id))?;
         self.backends
             .insert(id, *b, 0)
             .map_err(map_err(names::EXT_BACKENDS))?;
@@ -455,7 +403,7 @@ impl External {
                 0,
             );
             if ptr == libc::MAP_FAILED {
-                return Err(ExternalError::Mmap(std::io::Error::last_os_error()));
+                return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
             }
             std::ptr::copy_nonoverlapping(words.as_ptr(), ptr.cast::<u64>(), words.len());
             libc::munmap(ptr, len);
@@ -687,12 +635,12 @@ impl External {
 /// The TC program `program` of the object.
 fn classifier<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut SchedClassifier> {
     ebpf.program_mut(program)
-        .ok_or(ExternalError::Program {
+        .ok_or(DataplaneError::Program {
             program,
             source: ProgramError::UnexpectedProgramType,
         })?
         .try_into()
-        .map_err(|source| ExternalError::Program { program, source })
+        .map_err(|source| DataplaneError::Program { program, source })
 }
 
 /// Every interface with a global IPv4 address that is not loopback and

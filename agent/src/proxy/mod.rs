@@ -28,7 +28,7 @@ use tokio::sync::watch as signal;
 use tracing::{error, info, warn};
 
 pub use dataplane::{Dataplane, DataplaneError, Tables};
-pub use external::{External, ExternalConfig, ExternalError};
+pub use external::{External, ExternalConfig};
 pub use model::{Catalog, Frontend, NodeView, ServiceError, ServicePlan};
 
 /// Where the proxy reads Services and EndpointSlices from.
@@ -59,8 +59,6 @@ const RESCAN: Duration = Duration::from_secs(2);
 pub enum ProxyError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    #[error(transparent)]
-    External(#[from] ExternalError),
     #[error(transparent)]
     Manifests(#[from] manifests::ManifestError),
     #[error("connecting to the apiserver: {0}")]
