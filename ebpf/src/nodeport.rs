@@ -14,7 +14,10 @@
 //! and are rewritten by `skiff_egress` as they leave.
 //!
 //! Under `externalTrafficPolicy: Local` the table holds local backends only
-//! and no flow is SNATed: the backend sees the client's address.
+//! and no flow is SNATed: the backend sees the client's address. When one
+//! client port reaches one backend through two frontends at once, the
+//! second flow's port is remapped (the address kept), as conntrack does, so
+//! that the backend never sees one tuple for two connections.
 //!
 //! ICMP errors about a tracked flow (port unreachable, fragmentation
 //! needed, time exceeded) are translated too: the packet they quote and
@@ -397,9 +400,11 @@ pub fn skiff_egress(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     touch_rev(rv, &p);
-    let (frontend, frontend_port) = (rv.frontend[0], rv.frontend_port);
+    let (frontend, frontend_port, client_port) = (rv.frontend[0], rv.frontend_port, rv.client_port);
+    // The client's port comes back too where the flow's was remapped.
     let ok = set_addr(&ctx, &p, true, p.saddr, frontend).is_ok()
-        && set_port(&ctx, &p, true, p.sport, frontend_port).is_ok();
+        && set_port(&ctx, &p, true, p.sport, frontend_port).is_ok()
+        && set_port(&ctx, &p, false, p.dport, client_port).is_ok();
     if ok { TC_ACT_OK } else { TC_ACT_SHOT }
 }
 
@@ -476,6 +481,9 @@ fn forward_known(ctx: &TcContext, p: &Packet) -> Option<i32> {
     set_addr(ctx, p, false, p.daddr, backend).ok()?;
     set_port(ctx, p, false, p.dport, backend_port).ok()?;
     if ifindex == 0 {
+        if snat_port != 0 {
+            set_port(ctx, p, true, p.sport, snat_port).ok()?;
+        }
         return Some(TC_ACT_OK);
     }
     set_addr(ctx, p, true, p.saddr, snat).ok()?;
@@ -486,7 +494,13 @@ fn forward_known(ctx: &TcContext, p: &Packet) -> Option<i32> {
 #[inline(always)]
 fn mark_rev_closing(p: &Packet, fv: &FlowValue) {
     let (daddr, dport) = if fv.ifindex == 0 {
-        (p.saddr, p.sport)
+        // Local: the client's address, and its port unless remapped.
+        let port = if fv.snat_port != 0 {
+            fv.snat_port
+        } else {
+            p.sport
+        };
+        (p.saddr, port)
     } else {
         (fv.snat[0], fv.snat_port)
     };
@@ -551,7 +565,20 @@ fn new_flow_entries(ctx: &TcContext, p: &Packet, svc: &ExternalValue, t: u64) ->
     };
     let local = b.flags & BACKEND_LOCAL != 0 || svc.flags & EXT_LOCAL != 0;
     let rkey = if local {
-        flow_key(b.addr[0], p.saddr, b.port, p.sport, p.proto)
+        // The backend sees the client's own tuple. If another flow of this
+        // client already holds it (the same client port to another
+        // frontend of this backend, still open or closing), only the port
+        // is changed, as conntrack does; the client's address stays.
+        let port = snat_port(p, &b, p.saddr, t);
+        if port == 0 {
+            return None;
+        }
+        let port = port as u16;
+        if port != p.sport {
+            e.flow.snat = v4(p.saddr);
+            e.flow.snat_port = port;
+        }
+        flow_key(b.addr[0], p.saddr, b.port, port, p.proto)
     } else {
         let (out_if, nexthop, src) = route(ctx, p, b.addr[0])?;
         let (back_if, back_nh, _) = route(ctx, p, p.saddr)?;
@@ -574,8 +601,9 @@ fn new_flow_entries(ctx: &TcContext, p: &Packet, svc: &ExternalValue, t: u64) ->
     Some(())
 }
 
-/// A port that makes (backend, SNAT address, port) a free tuple: the
-/// client's own if it is, else one from the SNAT range; 0 when none is.
+/// A port that makes (backend, `src`, port) a free tuple: the client's own
+/// if it is, else one from the SNAT range; 0 when none is. `src` is the
+/// SNAT address, or the client's own for flows that keep it.
 #[inline(never)]
 fn snat_port(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> u32 {
     let start = flow_hash(p.saddr, p.sport, b.port, p.proto, false) % SNAT_PORT_SPAN;
@@ -604,14 +632,19 @@ fn snat_port(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> u32 {
             Some(r) => {
                 // SAFETY: copied out at once.
                 let r = unsafe { *r };
-                let same_client = r.client[0] == p.saddr && r.client_port == p.sport;
+                // This very flow starting over (a new connection on its
+                // tuple) takes its own entry back.
+                let same_flow = r.client[0] == p.saddr
+                    && r.client_port == p.sport
+                    && r.frontend[0] == p.daddr
+                    && r.frontend_port == p.dport;
                 let idle = t.wrapping_sub(r.last_ns);
                 let free = if p.proto == PROTO_UDP || r.flags & FLOW_CLOSING != 0 {
                     idle > REUSE_CLOSED_NS
                 } else {
                     idle > REUSE_IDLE_TCP_NS
                 };
-                if same_client || free {
+                if same_flow || free {
                     return u32::from(port);
                 }
             }
@@ -725,6 +758,7 @@ fn icmp_of_local(ctx: &TcContext, p: &Packet) -> Option<i32> {
     }
     set_quoted_addr(ctx, p.l4, &q, false, q.daddr, rv.frontend[0]).ok()?;
     set_quoted_port(ctx, p.l4, &q, false, q.dport, rv.frontend_port).ok()?;
+    set_quoted_port(ctx, p.l4, &q, true, q.sport, rv.client_port).ok()?;
     if p.saddr == q.daddr {
         set_addr(ctx, p, true, p.saddr, rv.frontend[0]).ok()?;
     }

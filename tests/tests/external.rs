@@ -82,6 +82,7 @@ spec:
   - {name: tcp, port: 7000, protocol: TCP, nodePort: 30700}
   - {name: udp, port: 7001, protocol: UDP, nodePort: 30701}
   - {name: closed, port: 7002, protocol: UDP, targetPort: 7999, nodePort: 30702}
+  - {name: again, port: 7003, protocol: TCP, targetPort: 7000, nodePort: 30703}
 ---
 apiVersion: v1
 kind: Service
@@ -156,6 +157,30 @@ spec:
             "ICMP errors of a flow via {via} reach the client: {out}"
         );
     }
+
+    // One client port to two NodePorts of the same local backend at once:
+    // the backend would see one tuple for both, so the second flow's port
+    // is remapped (its address kept) and both connections work.
+    let mut first = Spawn::new(bin("skiff-probe"))
+        .args(["flows", "45000", "1"])
+        .netns(&client)
+        .start();
+    let mut second = Spawn::new(bin("skiff-probe"))
+        .args(["flows", "45000", "1"])
+        .netns(&client)
+        .start();
+    let a = names(&first.ask(&format!("open {ip0}:30700")));
+    let b = names(&second.ask(&format!("open {ip0}:30703")));
+    let a_again = names(&first.ask("ask"));
+    assert_eq!(
+        (a, b, a_again),
+        (
+            vec![client_ip.clone()],
+            vec![client_ip.clone()],
+            vec![client_ip.clone()]
+        ),
+        "both flows from port 45000 are served, with the client's address"
+    );
 
     // externalTrafficPolicy: Local: node 0 serves with the client's
     // address kept; node 1 has no endpoint, does not serve, and says so

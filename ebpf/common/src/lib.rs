@@ -252,7 +252,9 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
     pub backend: [u32; 4],
-    /// Source address after SNAT (remote backends), else zero.
+    /// Source address after SNAT (remote backends); for a local backend,
+    /// the client's own when its port had to be remapped (`snat_port`
+    /// then non-zero), else zero.
     pub snat: [u32; 4],
     /// Next hop towards the backend (remote backends).
     pub nexthop: [u32; 4],
