@@ -632,6 +632,27 @@ impl External {
     }
 }
 
+impl External {
+    /// Time spent in the two TC programs and their run counts, while the
+    /// kernel counts (`kernel.bpf_stats_enabled` = 1): what a packet costs
+    /// in them.
+    pub fn program_stats(&self) -> Vec<(&'static str, std::time::Duration, u64)> {
+        let mut ids: StdHashMap<u32, &'static str> = StdHashMap::new();
+        for index in self.attached.keys() {
+            for (program, _, prefix) in PROGRAMS {
+                let link = self.links_dir.join(format!("{prefix}{index}"));
+                if let Ok(id) = super::terminate::link_program_id(&link) {
+                    ids.insert(id, program);
+                }
+            }
+        }
+        aya::programs::loaded_programs()
+            .flatten()
+            .filter_map(|p| Some((*ids.get(&p.id())?, p.run_time(), p.run_count())))
+            .collect()
+    }
+}
+
 /// The TC program `program` of the object.
 fn classifier<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut SchedClassifier> {
     ebpf.program_mut(program)

@@ -375,6 +375,73 @@ fn measure(mode: Mode, case: Case, n: usize, round: usize, args: &Args) -> Resul
     Ok(s)
 }
 
+/// What the TC programs cost per run at `services`, counted by the kernel
+/// (`kernel.bpf_stats_enabled`) in a load of its own: counting adds a
+/// clock read per run, so it never runs during a rate measurement.
+#[derive(Debug, Serialize)]
+pub struct ProgramCost {
+    pub case: Case,
+    pub services: usize,
+    pub program: &'static str,
+    pub runs: u64,
+    pub ns_per_run: f64,
+}
+
+fn program_cost(case: Case, n: usize, args: &Args) -> Result<Vec<ProgramCost>> {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    settle();
+    let scratch = TempDir::new();
+    let topo = Topology::new()?;
+    let programmed = program(Mode::Skiff, case, n, &topo, &scratch.path, args)?;
+    let ext = programmed
+        ._skiff
+        .as_ref()
+        .map(|(e, _)| e)
+        .context("skiff mode has its TC path")?;
+    let to = targets(Mode::Skiff, case, n);
+    let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
+    std::fs::write(STATS, "1").with_context(|| format!("enable {STATS}"))?;
+    let before = ext.program_stats();
+    let load =
+        probe_load("load", &topo.client, None, &to, args.conns, args.threads).and_then(|_| {
+            probe_load(
+                "keepalive",
+                &topo.client,
+                None,
+                &to,
+                args.requests,
+                args.threads,
+            )
+        });
+    let after = ext.program_stats();
+    let _ = std::fs::write(STATS, was.trim());
+    load?;
+    let mut out = Vec::new();
+    for (program, t1, c1) in after {
+        let (t0, c0) = before
+            .iter()
+            .find(|(b, _, _)| *b == program)
+            .map_or((std::time::Duration::ZERO, 0), |(_, t, c)| (*t, *c));
+        let runs = c1.saturating_sub(c0);
+        if runs == 0 {
+            continue;
+        }
+        let ns = t1.saturating_sub(t0).as_nanos() as f64 / runs as f64;
+        eprintln!(
+            "  {:<12} {n:>6} services  {program}: {ns:.0} ns per run ({runs} runs)",
+            case.name()
+        );
+        out.push(ProgramCost {
+            case,
+            services: n,
+            program,
+            runs,
+            ns_per_run: ns,
+        });
+    }
+    Ok(out)
+}
+
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub case: Case,
@@ -502,8 +569,31 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
+    let mut costs = Vec::new();
+    for &case in &args.cases {
+        for &n in &args.sizes {
+            costs.extend(program_cost(case, n, args)?);
+        }
+    }
     let summary = summarize(&samples);
     print_table(&summary);
+    println!(
+        "\nTC program cost (kernel.bpf_stats_enabled, a load of its own: connections, then kept-alive requests)"
+    );
+    println!(
+        "{:<12} {:>8} {:<14} {:>10} {:>10}",
+        "case", "services", "program", "ns/run", "runs"
+    );
+    for c in &costs {
+        println!(
+            "{:<12} {:>8} {:<14} {:>10.0} {:>10}",
+            c.case.name(),
+            c.services,
+            c.program,
+            c.ns_per_run,
+            c.runs
+        );
+    }
     let doc = serde_json::json!({
         "args": {
             "sizes": args.sizes, "rounds": args.rounds, "conns": args.conns,
@@ -512,6 +602,7 @@ pub fn run(args: &Args) -> Result<()> {
         },
         "summary": summary,
         "samples": samples,
+        "program_cost": costs,
     });
     super::publish(&args.out, "nodeport", started, doc, |png| {
         plot_results(&summary, png)
