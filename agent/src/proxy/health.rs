@@ -51,6 +51,13 @@ pub fn answer(h: &Health) -> (StatusCode, String) {
 }
 
 impl HealthServers {
+    /// Whether every port asked for has a running server (a port that
+    /// could not be bound is tried again on the next `set`).
+    pub fn serves_all(&self) -> bool {
+        let wanted = self.state.lock().map_or(0, |s| s.len());
+        wanted == self.listeners.len() && self.listeners.values().all(|t| !t.is_finished())
+    }
+
     /// Serves exactly `wanted` (by port): new ports get a server, gone
     /// ones lose theirs, the rest answer from the new state at once. A
     /// port that cannot be bound is tried again on the next call.

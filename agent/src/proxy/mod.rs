@@ -112,16 +112,17 @@ pub async fn run(
         dp,
         ext: Arc::new(Mutex::new(ext)),
         health: health::HealthServers::default(),
-        plans: BTreeMap::new(),
+        health_of: BTreeMap::new(),
     };
     let ext = paths.ext.clone();
-    let external_cfg = cfg.external.clone();
+    let fixed_interfaces = !cfg.external.interfaces.is_empty();
     let rescan = async move {
+        if fixed_interfaces {
+            // Named interfaces are attached once, at install.
+            return std::future::pending().await;
+        }
         loop {
             tokio::time::sleep(RESCAN).await;
-            if !external_cfg.interfaces.is_empty() {
-                continue;
-            }
             let auto = external::auto_interfaces().await;
             let r = block_in_place(|| match ext.lock() {
                 Ok(mut e) => e.attach_interfaces(&auto),
@@ -146,10 +147,11 @@ pub async fn run(
                     }
                     let (desired, bad) = catalog.desired(&cfg.node);
                     report(&bad);
+                    let services = desired.len();
                     let (changed, taken) = block_in_place(|| paths.sync_all(desired))?;
                     report(&taken);
                     info!(
-                        services = paths.plans.len(),
+                        services,
                         frontends = paths.dp.programmed().len(),
                         changed,
                         skipped = bad.len() + taken.len(),
@@ -205,12 +207,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Both paths, the health check servers, and the plans they hold.
+/// Both paths, and the health check servers with what each Service's
+/// answers.
 struct Paths {
     dp: Dataplane,
     ext: Arc<Mutex<External>>,
     health: health::HealthServers,
-    plans: BTreeMap<String, ServicePlan>,
+    health_of: BTreeMap<String, model::Health>,
 }
 
 impl Paths {
@@ -218,20 +221,24 @@ impl Paths {
         &mut self,
         desired: BTreeMap<String, ServicePlan>,
     ) -> Result<(usize, Vec<ServiceError>), ProxyError> {
-        let socket: BTreeMap<String, Vec<Frontend>> = desired
-            .iter()
-            .map(|(k, p)| (k.clone(), p.socket.clone()))
-            .collect();
+        let mut socket = BTreeMap::new();
+        let mut external = BTreeMap::new();
+        let mut health_of = BTreeMap::new();
+        for (name, plan) in desired {
+            if let Some(h) = plan.health {
+                health_of.insert(name.clone(), h);
+            }
+            external.insert(name.clone(), plan.external);
+            socket.insert(name, plan.socket);
+        }
         let (mut changed, errors) = self.dp.sync_all(&socket)?;
-        let external: BTreeMap<String, Vec<model::ExternalSet>> = desired
-            .iter()
-            .map(|(k, p)| (k.clone(), p.external.clone()))
-            .collect();
         if let Ok(mut ext) = self.ext.lock() {
             changed += ext.sync_all(&external)?;
         }
-        self.plans = desired;
-        self.serve_health();
+        if health_of != self.health_of || !self.health.serves_all() {
+            self.health_of = health_of;
+            self.serve_health();
+        }
         Ok((changed, errors))
     }
 
@@ -246,6 +253,7 @@ impl Paths {
     ) -> Result<(usize, Vec<ServiceError>), ProxyError> {
         let mut changed = 0;
         let mut errors = Vec::new();
+        let mut health_changed = false;
         for name in services {
             let plan = catalog.plan_of(name, node).unwrap_or_else(|e| {
                 errors.push(e);
@@ -257,22 +265,23 @@ impl Paths {
             if let Ok(mut ext) = self.ext.lock() {
                 changed += ext.sync_service(name, &plan.external)?;
             }
-            if plan == ServicePlan::default() {
-                self.plans.remove(name);
-            } else {
-                self.plans.insert(name.clone(), plan);
-            }
+            let old = match plan.health {
+                Some(h) => self.health_of.insert(name.clone(), h),
+                None => self.health_of.remove(name),
+            };
+            health_changed |= old.as_ref() != self.health_of.get(name);
         }
-        self.serve_health();
+        if health_changed || !self.health.serves_all() {
+            self.serve_health();
+        }
         Ok((changed, errors))
     }
 
     fn serve_health(&mut self) {
         let wanted = self
-            .plans
+            .health_of
             .values()
-            .filter_map(|p| p.health.clone())
-            .map(|h| (h.port, h))
+            .map(|h| (h.port, h.clone()))
             .collect();
         self.health.set(wanted);
     }

@@ -448,6 +448,34 @@ impl Api {
         }
     }
 
+    /// A NodePort for one field of a Service: the `given` one, else the one
+    /// it held before (`kept`, unless this request took it already), else
+    /// the lowest free one. `Err(port)` inside when `given` repeats one
+    /// this request took.
+    async fn claim_port(
+        &self,
+        given: Option<i64>,
+        kept: Option<i64>,
+        chosen: &mut Vec<i64>,
+        name: &str,
+    ) -> Result<Result<i64, i64>, ApiError> {
+        let port = match given.or(kept.filter(|k| !chosen.contains(k))) {
+            Some(p) => p,
+            None => {
+                let services = core("services")?;
+                alloc::free_port(&self.store, self.cfg.node_ports, chosen)
+                    .await
+                    .map_err(|e| store_err(services, name, e))?
+                    .ok_or_else(|| ApiError::internal("no NodePort left in the range"))?
+            }
+        };
+        if chosen.contains(&port) {
+            return Ok(Err(port));
+        }
+        chosen.push(port);
+        Ok(Ok(port))
+    }
+
     /// Allocation for a Service being created or changed: the guards and
     /// sides of the write, with `svc` filled in.
     async fn allocate(
@@ -561,6 +589,14 @@ impl Api {
             .and_then(|o| o.pointer("/spec/ports").and_then(Value::as_array).cloned())
             .unwrap_or_default();
         let node_ports = wants_node_ports(svc);
+        // A port the Service did not hold before is claimed in the write.
+        let hold = |port: i64, guards: &mut Vec<Guard>, sides: &mut Vec<Side>| {
+            let key = alloc::port_key(port);
+            if !held_before.contains(&key) {
+                guards.push(Guard::Absent(key.clone()));
+                sides.push(Side::Put(key, owner.clone().into_bytes()));
+            }
+        };
         if let Some(Value::Array(ports)) = svc.pointer_mut("/spec/ports") {
             for (i, p) in ports.iter_mut().enumerate() {
                 if !node_ports {
@@ -569,73 +605,36 @@ impl Api {
                     }
                     continue;
                 }
-                let np = match p.get("nodePort").and_then(Value::as_i64) {
-                    Some(np) => np,
-                    None => {
-                        let kept = old_ports
-                            .iter()
-                            .find(|o| {
-                                o.get("port") == p.get("port")
-                                    && o.get("protocol") == p.get("protocol")
-                            })
-                            .and_then(|o| o.get("nodePort").and_then(Value::as_i64))
-                            .filter(|np| !chosen.contains(np));
-                        match kept {
-                            Some(np) => np,
-                            None => alloc::free_port(&self.store, self.cfg.node_ports, &chosen)
-                                .await
-                                .map_err(|e| store_err(services, &name, e))?
-                                .ok_or_else(|| {
-                                    ApiError::internal("no NodePort left in the range")
-                                })?,
-                        }
-                    }
-                };
-                if chosen.contains(&np) {
-                    return Err(invalid(Cause::duplicate(
-                        format!("spec.ports[{i}].nodePort"),
-                        np,
-                    )));
-                }
-                chosen.push(np);
+                let kept = old_ports
+                    .iter()
+                    .find(|o| {
+                        o.get("port") == p.get("port") && o.get("protocol") == p.get("protocol")
+                    })
+                    .and_then(|o| o.get("nodePort").and_then(Value::as_i64));
+                let given = p.get("nodePort").and_then(Value::as_i64);
+                let np = self
+                    .claim_port(given, kept, &mut chosen, &name)
+                    .await?
+                    .map_err(|np| {
+                        invalid(Cause::duplicate(format!("spec.ports[{i}].nodePort"), np))
+                    })?;
                 p["nodePort"] = json!(np);
-                let key = alloc::port_key(np);
-                if !held_before.contains(&key) {
-                    guards.push(Guard::Absent(key.clone()));
-                    sides.push(Side::Put(key, owner.clone().into_bytes()));
-                }
+                hold(np, &mut guards, &mut sides);
             }
         }
         if wants_health_check_port(svc) {
-            let hc = match svc
+            let given = svc
                 .pointer("/spec/healthCheckNodePort")
-                .and_then(Value::as_i64)
-            {
-                Some(hc) => hc,
-                None => {
-                    let kept = old
-                        .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
-                        .and_then(Value::as_i64)
-                        .filter(|hc| !chosen.contains(hc));
-                    match kept {
-                        Some(hc) => hc,
-                        None => alloc::free_port(&self.store, self.cfg.node_ports, &chosen)
-                            .await
-                            .map_err(|e| store_err(services, &name, e))?
-                            .ok_or_else(|| ApiError::internal("no NodePort left in the range"))?,
-                    }
-                }
-            };
-            if chosen.contains(&hc) {
-                return Err(invalid(Cause::duplicate("spec.healthCheckNodePort", hc)));
-            }
-            chosen.push(hc);
+                .and_then(Value::as_i64);
+            let kept = old
+                .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
+                .and_then(Value::as_i64);
+            let hc = self
+                .claim_port(given, kept, &mut chosen, &name)
+                .await?
+                .map_err(|hc| invalid(Cause::duplicate("spec.healthCheckNodePort", hc)))?;
             svc["spec"]["healthCheckNodePort"] = json!(hc);
-            let key = alloc::port_key(hc);
-            if !held_before.contains(&key) {
-                guards.push(Guard::Absent(key.clone()));
-                sides.push(Side::Put(key, owner.clone().into_bytes()));
-            }
+            hold(hc, &mut guards, &mut sides);
         } else if let Some(m) = svc.pointer_mut("/spec").and_then(Value::as_object_mut) {
             m.remove("healthCheckNodePort");
         }
