@@ -5,7 +5,7 @@
 mod bench;
 mod demo;
 
-use bench::{cluster, control, kubelet, net, nodeport, proxy};
+use bench::{cluster, control, knobs, kubelet, net, nodeport, proxy};
 
 use std::path::PathBuf;
 
@@ -20,7 +20,9 @@ const USAGE: &str = "usage: skiff-lab demo [--once]
        skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
                                [--samples 300] [--rounds 3] [--out target/bench]
        skiff-lab bench-net [--rounds 3] [--seconds 5] [--cni-calls 100] [--leases 100,1000]
-                           [--out target/bench]
+                           [--knobs veth-gro,underlay-gro,udp-gro-forwarding,no-tunnel-offload,
+                                    no-bridge-netfilter,notrack|none]
+                           [--parts throughput,cni,convergence] [--out target/bench]
        skiff-lab bench-kubelet [--singles 50] [--batch 30] [--batches 2] [--exits 30]
                                [--idle-pods 100] [--idle-seconds 30] [--rounds 2]
                                [--runtimes runc,crun] [--out target/bench]
@@ -129,6 +131,10 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
         seconds: 5,
         cni_calls: 100,
         leases: vec![100, 1_000],
+        knobs: knobs::Knob::ALL.to_vec(),
+        parts: ["throughput", "cni", "convergence"]
+            .map(String::from)
+            .to_vec(),
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
@@ -137,6 +143,23 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
             "--seconds" => a.seconds = value.parse().context("--seconds")?,
             "--cni-calls" => a.cni_calls = value.parse().context("--cni-calls")?,
             "--leases" => a.leases = list(value, "--leases")?,
+            "--knobs" => {
+                a.knobs = value
+                    .split(',')
+                    .filter(|k| !k.is_empty() && *k != "none")
+                    .map(knobs::Knob::parse)
+                    .collect::<Result<_>>()?
+            }
+            "--parts" => {
+                a.parts = value.split(',').map(String::from).collect();
+                if let Some(p) = a
+                    .parts
+                    .iter()
+                    .find(|p| !["throughput", "cni", "convergence"].contains(&p.as_str()))
+                {
+                    bail!("--parts: unknown part {p:?} (throughput, cni, convergence)");
+                }
+            }
             "--out" => a.out = PathBuf::from(value),
             _ => return Ok(false),
         }

@@ -97,6 +97,8 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     // strip: the skiff-node image carries the agent without debug info.
     "binutils",
+    // ethtool: `bench net` turns offloads on and off per knob.
+    "ethtool",
     "fonts-dejavu-core",
     "curl",
     "python3-pip",

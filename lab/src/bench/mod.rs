@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod control;
+pub mod knobs;
 pub mod kubelet;
 pub mod net;
 pub mod nodeport;

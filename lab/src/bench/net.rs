@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use skiff_tests::overlay::{Cluster, Node, Pod};
 use skiff_tests::{Netns, Spawn, TempDir, bin, unique};
 
+use super::knobs::Knob;
 use super::stats::{pct, summary};
 
 pub struct Args {
@@ -26,6 +27,10 @@ pub struct Args {
     pub seconds: u32,
     pub cni_calls: usize,
     pub leases: Vec<usize>,
+    /// The vxlan knobs to measure, each alone on top of what ships.
+    pub knobs: Vec<Knob>,
+    /// Which parts to run: throughput, cni, convergence.
+    pub parts: Vec<String>,
     pub out: PathBuf,
 }
 
@@ -91,10 +96,16 @@ fn throughput(args: &Args) -> Result<Value> {
             |n| n >= 1,
         )?;
     }
-    let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut modes: Vec<String> = ["node", "host-gw", "vxlan"].map(String::from).to_vec();
+    modes.extend(args.knobs.iter().map(|k| format!("vxlan+{}", k.name())));
+    let mut results: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
-        for mode in ["node", "host-gw", "vxlan"] {
-            let g = match mode {
+        for mode in &modes {
+            let knob = match mode.strip_prefix("vxlan+") {
+                Some(k) => Some(Knob::parse(k)?),
+                None => None,
+            };
+            let g = match mode.as_str() {
                 "node" => iperf(
                     &hg.nodes[1].ns,
                     &hg.nodes[0].ns,
@@ -102,23 +113,39 @@ fn throughput(args: &Args) -> Result<Value> {
                     args.seconds,
                 )?,
                 _ => {
-                    let c = if mode == "vxlan" { &vx } else { &hg };
+                    let c = if mode == "host-gw" { &hg } else { &vx };
+                    if let Some(k) = knob {
+                        for n in &c.nodes {
+                            k.node(n, true)?;
+                        }
+                    }
                     let (a, b): (Pod, Pod) = (c.nodes[0].add_pod(), c.nodes[1].add_pod());
-                    let g = iperf(&b.ns, &a.ns, &b.ip, args.seconds)?;
+                    if let Some(k) = knob {
+                        k.pod(&c.nodes[0], &a, true)?;
+                        k.pod(&c.nodes[1], &b, true)?;
+                    }
+                    let g = iperf(&b.ns, &a.ns, &b.ip, args.seconds);
                     for (n, p) in [(&c.nodes[0], &a), (&c.nodes[1], &b)] {
                         let _ = n.cni("DEL", &p.ns, &p.id);
                     }
-                    g
+                    if let Some(k) = knob {
+                        for n in &c.nodes {
+                            k.node(n, false)?;
+                        }
+                    }
+                    g?
                 }
             };
-            eprintln!("  round {} {mode:>8}: {g:.2} Gbit/s", round + 1);
-            results.entry(mode).or_default().push(g);
+            eprintln!("  round {} {mode:>28}: {g:.2} Gbit/s", round + 1);
+            results.entry(mode.clone()).or_default().push(g);
         }
     }
-    let med = |m: &str| summary(results.get(m).cloned().unwrap_or_default());
-    Ok(
-        json!({"node": med("node"), "host_gw": med("host-gw"), "vxlan": med("vxlan"), "samples": results}),
-    )
+    let mut doc = serde_json::Map::new();
+    for (mode, samples) in &results {
+        doc.insert(mode.replace('-', "_"), summary(samples.clone()));
+    }
+    doc.insert("samples".into(), json!(results));
+    Ok(Value::Object(doc))
 }
 
 /// Counts a node's overlay routes over one netlink socket opened in its
@@ -404,15 +431,73 @@ pub fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
-        "bench net: {} rounds, iperf3 {} s, {} CNI calls per round, leases {:?}, {cores} cores",
-        args.rounds, args.seconds, args.cni_calls, args.leases
+        "bench net: {} rounds, iperf3 {} s, {} CNI calls per round, leases {:?}, knobs {:?}, parts {:?}, {cores} cores",
+        args.rounds,
+        args.seconds,
+        args.cni_calls,
+        args.leases,
+        args.knobs.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        args.parts
     );
-    let tp = throughput(args)?;
-    eprintln!("CNI latency");
-    let cni = cni_latency(args)?;
-    eprintln!("convergence");
-    let conv = convergence(args)?;
+    let part = |p: &str| args.parts.iter().any(|x| x == p);
+    let mut ratios = serde_json::Map::new();
+    let tp = if part("throughput") {
+        let tp = throughput(args)?;
+        ratios.insert(
+            "vxlan_over_host_gw".into(),
+            json!(print_throughput(args, &tp)),
+        );
+        tp
+    } else {
+        json!({})
+    };
+    let cni = if part("cni") {
+        eprintln!("CNI latency");
+        let cni = cni_latency(args)?;
+        let (add, del) = print_cni(args, &cni);
+        ratios.insert("skiff_add_p99_over_reference".into(), json!(add));
+        ratios.insert("skiff_del_p99_over_reference".into(), json!(del));
+        cni
+    } else {
+        json!({})
+    };
+    let conv = if part("convergence") {
+        eprintln!("convergence");
+        let conv = convergence(args)?;
+        print_convergence(args, &conv);
+        conv
+    } else {
+        json!([])
+    };
 
+    let doc = json!({
+        "benchmark": "net",
+        "commit": super::git_commit(),
+        "kernel": super::kernel(),
+        "cores": cores,
+        "seconds": started.elapsed().as_secs_f64(),
+        "args": {
+            "rounds": args.rounds,
+            "iperf_seconds": args.seconds,
+            "cni_calls": args.cni_calls,
+            "leases": args.leases,
+            "knobs": args.knobs.iter().map(|k| k.name()).collect::<Vec<_>>(),
+            "parts": args.parts,
+        },
+        "throughput": tp,
+        "cni": cni,
+        "convergence": conv,
+        "ratios": ratios,
+    });
+    let path = super::write_results(&args.out, "net", &doc)?;
+    let png = args.out.join("net.png");
+    super::plot::net(&doc, &png)?;
+    println!("wrote {} and {}", path.display(), png.display());
+    Ok(())
+}
+
+/// The throughput table and the knob table; returns vxlan ÷ host-gw.
+fn print_throughput(args: &Args, tp: &Value) -> f64 {
     let g = |p: &str| tp.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
     let node = g("/node/p50");
     println!(
@@ -436,7 +521,28 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let vx_ratio = g("/vxlan/p50") / g("/host_gw/p50").max(1e-9);
     println!("vxlan ÷ host-gw = {vx_ratio:.3} (target ≥ 0.9)");
+    if !args.knobs.is_empty() {
+        println!("\nvxlan knobs, each alone on top of what ships (median Gbit/s)");
+        println!("| knob | Gbit/s | min | max | ÷ vxlan | ÷ host-gw |");
+        println!("| --- | --- | --- | --- | --- | --- |");
+        for k in &args.knobs {
+            let key = format!("/vxlan+{}", k.name().replace('-', "_"));
+            let p50 = g(&format!("{key}/p50"));
+            println!(
+                "| {} | {p50:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
+                k.name(),
+                g(&format!("{key}/min")),
+                g(&format!("{key}/max")),
+                p50 / g("/vxlan/p50").max(1e-9),
+                p50 / g("/host_gw/p50").max(1e-9),
+            );
+        }
+    }
+    vx_ratio
+}
 
+/// The CNI latency table; returns skiff-cni ÷ reference for ADD and DEL p99.
+fn print_cni(args: &Args, cni: &Value) -> (f64, f64) {
     let c = |p: &str| cni.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
     println!(
         "\nCNI latency ({} calls × {} rounds each, ms)",
@@ -459,7 +565,10 @@ pub fn run(args: &Args) -> Result<()> {
     println!(
         "skiff-cni ÷ reference: ADD p99 {add_ratio:.3} (target ≤ 0.5), DEL p99 {del_ratio:.3}"
     );
+    (add_ratio, del_ratio)
+}
 
+fn print_convergence(args: &Args, conv: &Value) {
     println!(
         "\nconvergence (one real node, vxlan; median of {} rounds)",
         args.rounds
@@ -478,22 +587,4 @@ pub fn run(args: &Args) -> Result<()> {
             f("/after_last_write_ms/p50")
         );
     }
-
-    let doc = json!({
-        "benchmark": "net",
-        "commit": super::git_commit(),
-        "kernel": super::kernel(),
-        "cores": cores,
-        "seconds": started.elapsed().as_secs_f64(),
-        "args": {"rounds": args.rounds, "iperf_seconds": args.seconds, "cni_calls": args.cni_calls, "leases": args.leases},
-        "throughput": tp,
-        "cni": cni,
-        "convergence": conv,
-        "ratios": {"vxlan_over_host_gw": vx_ratio, "skiff_add_p99_over_reference": add_ratio, "skiff_del_p99_over_reference": del_ratio},
-    });
-    let path = super::write_results(&args.out, "net", &doc)?;
-    let png = args.out.join("net.png");
-    super::plot::net(&doc, &png)?;
-    println!("wrote {} and {}", path.display(), png.display());
-    Ok(())
 }
