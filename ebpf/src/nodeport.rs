@@ -38,7 +38,7 @@ use skiff_ebpf_common::{
     BACKEND_LOCAL, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, ExtBackend, ExternalValue,
     FAMILY_V4, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS,
     MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey,
-    flow_hash,
+    csum, flow_hash,
 };
 
 use crate::BPF_F_NO_PREALLOC;
@@ -155,13 +155,28 @@ impl Packet {
     }
 }
 
+/// A header field at `off`: read in place when it is in the linear part of
+/// the packet (the common case), else through the helper (headers a
+/// driver left in fragments). Fields of at least two bytes: for one byte
+/// the compiler turns the bounds check into a form the verifier does not
+/// take as one, so single bytes are read as part of their 16-bit word.
+#[inline(always)]
+fn at<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + core::mem::size_of::<T>() <= end {
+        // SAFETY: bounds checked against data_end just above.
+        return Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
+    ctx.load(off).ok()
+}
+
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype: u16 = ctx.load(12).ok()?;
+    let ethertype: u16 = at(ctx, 12)?;
     if ethertype != ETH_P_IP.to_be() {
         return None;
     }
-    let vihl: u8 = ctx.load(IP).ok()?;
+    let vihl = at::<u16>(ctx, IP)?.to_ne_bytes()[0];
     if vihl >> 4 != 4 {
         return None;
     }
@@ -169,18 +184,20 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     if ihl < 20 {
         return None;
     }
-    let frag: u16 = ctx.load(IP + 6).ok()?;
+    let frag: u16 = at(ctx, IP + 6)?;
     if u16::from_be(frag) & 0x1fff != 0 {
         return None;
     }
-    let proto: u8 = ctx.load(IP + 9).ok()?;
+    let proto = at::<u16>(ctx, IP + 8)?.to_ne_bytes()[1];
     let l4 = IP + ihl;
+    let saddr = at(ctx, IP_SADDR)?;
+    let daddr = at(ctx, IP_DADDR)?;
     if proto == PROTO_ICMP {
         return Some(Packet {
             proto,
             tcp_flags: 0,
-            saddr: ctx.load(IP_SADDR).ok()?,
-            daddr: ctx.load(IP_DADDR).ok()?,
+            saddr,
+            daddr,
             sport: 0,
             dport: 0,
             l4,
@@ -190,19 +207,102 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let tcp_flags = if proto == PROTO_TCP {
-        ctx.load::<u8>(l4 + 13).ok()?
+        at::<u16>(ctx, l4 + 12)?.to_ne_bytes()[1]
     } else {
         0
     };
     Some(Packet {
         proto,
         tcp_flags,
-        saddr: ctx.load(IP_SADDR).ok()?,
-        daddr: ctx.load(IP_DADDR).ok()?,
-        sport: ctx.load(l4).ok()?,
-        dport: ctx.load(l4 + 2).ok()?,
+        saddr,
+        daddr,
+        sport: at(ctx, l4)?,
+        dport: at(ctx, l4 + 2)?,
         l4,
     })
+}
+
+/// What a translated packet's addresses and ports become.
+#[derive(Clone, Copy)]
+struct Tuple {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// Rewrites the packet's addresses and ports to `to` (and takes one hop off
+/// its TTL when `hop`): the fields and the IP checksum are written in
+/// place; the L4 checksum is updated by the kernel (it knows whether the
+/// packet's checksum is complete or partial), once for the addresses and
+/// once for the ports. False when the packet cannot be translated (or has
+/// no hop left).
+#[inline(always)]
+fn translate(ctx: &TcContext, p: &Packet, to: &Tuple, hop: bool) -> bool {
+    let mut addrs = 0u32;
+    if to.saddr != p.saddr {
+        addrs = csum::add(addrs, csum::diff(p.saddr, to.saddr));
+    }
+    if to.daddr != p.daddr {
+        addrs = csum::add(addrs, csum::diff(p.daddr, to.daddr));
+    }
+    let mut ports = 0u32;
+    if to.sport != p.sport {
+        ports = csum::add(ports, csum::diff(u32::from(p.sport), u32::from(to.sport)));
+    }
+    if to.dport != p.dport {
+        ports = csum::add(ports, csum::diff(u32::from(p.dport), u32::from(to.dport)));
+    }
+    let need = p.l4 + 4;
+    if ctx.data() + need > ctx.data_end() && ctx.pull_data(need as u32).is_err() {
+        return false;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + IP + 20 > end || start + p.l4 + 4 > end {
+        return false;
+    }
+    let ip = start + IP;
+    let l4 = start + p.l4;
+    // SAFETY: both headers are bounds checked against data_end above.
+    unsafe {
+        let mut ip_diff = addrs;
+        if hop {
+            // TTL and protocol as one 16-bit word, as the checksum sees it.
+            let word = (ip + 8) as *mut u16;
+            let old = core::ptr::read_unaligned(word);
+            let mut bytes = old.to_ne_bytes();
+            if bytes[0] <= 1 {
+                return false;
+            }
+            bytes[0] -= 1;
+            let new = u16::from_ne_bytes(bytes);
+            ip_diff = csum::add(ip_diff, csum::diff(u32::from(old), u32::from(new)));
+            core::ptr::write_unaligned(word, new);
+        }
+        core::ptr::write_unaligned((ip + 12) as *mut u32, to.saddr);
+        core::ptr::write_unaligned((ip + 16) as *mut u32, to.daddr);
+        let csum = (ip + 10) as *mut u16;
+        core::ptr::write_unaligned(csum, csum::apply(core::ptr::read_unaligned(csum), ip_diff));
+        core::ptr::write_unaligned(l4 as *mut u16, to.sport);
+        core::ptr::write_unaligned((l4 + 2) as *mut u16, to.dport);
+    }
+    if p.proto == PROTO_ICMP {
+        return true;
+    }
+    let addrs_ok = to.saddr == p.saddr && to.daddr == p.daddr
+        || ctx
+            .l4_csum_replace(
+                p.csum_off(),
+                0,
+                u64::from(addrs),
+                BPF_F_PSEUDO_HDR | l4_flags(p),
+            )
+            .is_ok();
+    let ports_ok = to.sport == p.sport && to.dport == p.dport
+        || ctx
+            .l4_csum_replace(p.csum_off(), 0, u64::from(ports), l4_flags(p))
+            .is_ok();
+    addrs_ok && ports_ok
 }
 
 fn l4_flags(p: &Packet) -> u64 {
@@ -233,22 +333,6 @@ fn set_addr(ctx: &TcContext, p: &Packet, src: bool, old: u32, new: u32) -> Resul
     ctx.store(off, &new, 0)
 }
 
-/// Rewrites the source or destination port, with the L4 checksum.
-#[inline(always)]
-fn set_port(ctx: &TcContext, p: &Packet, src: bool, old: u16, new: u16) -> Result<(), i64> {
-    if old == new {
-        return Ok(());
-    }
-    ctx.l4_csum_replace(
-        p.csum_off(),
-        u64::from(old),
-        u64::from(new),
-        l4_flags(p) | 2,
-    )?;
-    let off = if src { p.l4 } else { p.l4 + 2 };
-    ctx.store(off, &new, 0)
-}
-
 /// Forwarding: one hop less. False when the packet has none left.
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext) -> Result<bool, i64> {
@@ -266,15 +350,12 @@ fn decrement_ttl(ctx: &TcContext) -> Result<bool, i64> {
     Ok(true)
 }
 
-/// Sends the (rewritten) packet out of `ifindex` towards `nexthop`, the
-/// kernel's neighbour table filling in the link-layer addresses. The
-/// packet is marked so that the egress program lets it pass unread.
+/// Sends the (rewritten, TTL already decremented) packet out of `ifindex`
+/// towards `nexthop`, the kernel's neighbour table filling in the
+/// link-layer addresses. The packet is marked so that the egress program
+/// lets it pass unread.
 #[inline(always)]
 fn redirect(ctx: &TcContext, ifindex: u32, nexthop: u32) -> i32 {
-    match decrement_ttl(ctx) {
-        Ok(true) => {}
-        _ => return TC_ACT_SHOT,
-    }
     // SAFETY: the context is an skb; mark is readable.
     let mark = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark | TRANSLATED_MARK);
@@ -402,10 +483,17 @@ pub fn skiff_egress(ctx: TcContext) -> i32 {
     touch_rev(rv, &p);
     let (frontend, frontend_port, client_port) = (rv.frontend[0], rv.frontend_port, rv.client_port);
     // The client's port comes back too where the flow's was remapped.
-    let ok = set_addr(&ctx, &p, true, p.saddr, frontend).is_ok()
-        && set_port(&ctx, &p, true, p.sport, frontend_port).is_ok()
-        && set_port(&ctx, &p, false, p.dport, client_port).is_ok();
-    if ok { TC_ACT_OK } else { TC_ACT_SHOT }
+    let to = Tuple {
+        saddr: frontend,
+        daddr: p.daddr,
+        sport: frontend_port,
+        dport: client_port,
+    };
+    if translate(&ctx, &p, &to, false) {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
 }
 
 fn now() -> u64 {
@@ -442,12 +530,17 @@ fn snat_reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
         return None;
     }
     touch_rev(rv, p);
-    let rv = *rv;
-    set_addr(ctx, p, true, p.saddr, rv.frontend[0]).ok()?;
-    set_port(ctx, p, true, p.sport, rv.frontend_port).ok()?;
-    set_addr(ctx, p, false, p.daddr, rv.client[0]).ok()?;
-    set_port(ctx, p, false, p.dport, rv.client_port).ok()?;
-    Some(redirect(ctx, rv.ifindex, rv.nexthop[0]))
+    let to = Tuple {
+        saddr: rv.frontend[0],
+        daddr: rv.client[0],
+        sport: rv.frontend_port,
+        dport: rv.client_port,
+    };
+    let (ifindex, nexthop) = (rv.ifindex, rv.nexthop[0]);
+    if !translate(ctx, p, &to, true) {
+        return Some(TC_ACT_SHOT);
+    }
+    Some(redirect(ctx, ifindex, nexthop))
 }
 
 /// A packet to an external frontend: its flow's backend, or a new flow.
@@ -478,16 +571,22 @@ fn forward_known(ctx: &TcContext, p: &Packet) -> Option<i32> {
     // Fields read one at a time (no copy of the whole value on the stack).
     let (backend, backend_port, ifindex) = (fv.backend[0], fv.backend_port, fv.ifindex);
     let (snat, snat_port, nexthop) = (fv.snat[0], fv.snat_port, fv.nexthop[0]);
-    set_addr(ctx, p, false, p.daddr, backend).ok()?;
-    set_port(ctx, p, false, p.dport, backend_port).ok()?;
-    if ifindex == 0 {
-        if snat_port != 0 {
-            set_port(ctx, p, true, p.sport, snat_port).ok()?;
-        }
-        return Some(TC_ACT_OK);
+    let mut to = Tuple {
+        saddr: p.saddr,
+        daddr: backend,
+        sport: p.sport,
+        dport: backend_port,
+    };
+    if snat_port != 0 {
+        to.sport = snat_port;
     }
-    set_addr(ctx, p, true, p.saddr, snat).ok()?;
-    set_port(ctx, p, true, p.sport, snat_port).ok()?;
+    if ifindex == 0 {
+        return translate(ctx, p, &to, false).then_some(TC_ACT_OK);
+    }
+    to.saddr = snat;
+    if !translate(ctx, p, &to, true) {
+        return None;
+    }
     Some(redirect(ctx, ifindex, nexthop))
 }
 
@@ -782,5 +881,8 @@ fn icmp_of_snat(ctx: &TcContext, p: &Packet) -> Option<i32> {
     set_quoted_port(ctx, p.l4, &q, false, q.dport, rv.frontend_port).ok()?;
     set_addr(ctx, p, true, p.saddr, rv.frontend[0]).ok()?;
     set_addr(ctx, p, false, p.daddr, rv.client[0]).ok()?;
+    if !decrement_ttl(ctx).ok()? {
+        return Some(TC_ACT_SHOT);
+    }
     Some(redirect(ctx, rv.ifindex, rv.nexthop[0]))
 }
