@@ -513,6 +513,10 @@ fn measure(
     let scratch = TempDir::new();
     let topo = Topology::new();
     let programmed = program(mode, n, &topo, &scratch.path)?;
+    // The work programming leaves behind (the previous run's maps freed in
+    // the background, RCU callbacks, kernel workers) finishes before the
+    // load, so that it is not counted against the mode that programmed.
+    settle();
     let load = topo.load(&targets(mode, n, state), conns, args.threads)?;
     let Programmed {
         program_ms,
@@ -560,7 +564,11 @@ pub struct Summary {
     pub rate: f64,
     pub rate_min: f64,
     pub rate_max: f64,
+    /// Median over rounds of this mode's rate ÷ direct's in the same round
+    /// (pairs taken a few seconds apart, so drift of the machine cancels).
     pub ratio_to_direct: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub program_ms: Option<f64>,
@@ -579,19 +587,25 @@ fn summarize(samples: &[Sample]) -> Vec<Summary> {
     let rate_of = |g: &[&Sample]| median(g.iter().map(|s| s.rate).collect()).unwrap_or(0.0);
     let mut out = Vec::new();
     for ((state, n, mode), g) in &groups {
-        let direct = groups
-            .get(&(*state, *n, Mode::Direct))
-            .map(|d| rate_of(d))
-            .unwrap_or(f64::NAN);
+        let direct = groups.get(&(*state, *n, Mode::Direct));
+        let paired: Vec<f64> = g
+            .iter()
+            .filter_map(|s| {
+                let d = direct?.iter().find(|d| d.round == s.round)?;
+                (d.rate > 0.0).then(|| s.rate / d.rate)
+            })
+            .collect();
         let rate = rate_of(g);
         out.push(Summary {
+            ratio_to_direct: median(paired.clone()).unwrap_or(f64::NAN),
+            ratio_min: paired.iter().copied().fold(f64::INFINITY, f64::min),
+            ratio_max: paired.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             services: *n,
             mode: *mode,
             state: *state,
             rate,
             rate_min: g.iter().map(|s| s.rate).fold(f64::INFINITY, f64::min),
             rate_max: g.iter().map(|s| s.rate).fold(0.0, f64::max),
-            ratio_to_direct: rate / direct,
             p50_us: median(g.iter().map(|s| s.p50_us).collect()).unwrap_or(0.0),
             p99_us: median(g.iter().map(|s| s.p99_us).collect()).unwrap_or(0.0),
             program_ms: median(g.iter().filter_map(|s| s.program_ms).collect()),
@@ -609,13 +623,14 @@ fn fmt_opt(v: Option<f64>, unit: &str) -> String {
 pub fn print_table(summary: &[Summary]) {
     println!();
     println!(
-        "{:<7} {:>8} {:<9} {:>9} {:>15} {:>8} {:>8} {:>8} {:>12} {:>12} {:>6}",
+        "{:<7} {:>8} {:<9} {:>9} {:>15} {:>8} {:>13} {:>8} {:>8} {:>12} {:>12} {:>6}",
         "state",
         "services",
         "mode",
         "conn/s",
         "min..max",
         "ratio",
+        "ratio min..max",
         "p50 us",
         "p99 us",
         "program",
@@ -624,13 +639,14 @@ pub fn print_table(summary: &[Summary]) {
     );
     for s in summary {
         println!(
-            "{:<7} {:>8} {:<9} {:>9.0} {:>15} {:>8.3} {:>8.0} {:>8.0} {:>12} {:>12} {:>6}",
+            "{:<7} {:>8} {:<9} {:>9.0} {:>15} {:>8.3} {:>13} {:>8.0} {:>8.0} {:>12} {:>12} {:>6}",
             format!("{:?}", s.state).to_lowercase(),
             s.services,
             s.mode.name(),
             s.rate,
             format!("{:.0}..{:.0}", s.rate_min, s.rate_max),
             s.ratio_to_direct,
+            format!("{:.3}..{:.3}", s.ratio_min, s.ratio_max),
             s.p50_us,
             s.p99_us,
             fmt_opt(s.program_ms, "ms"),
@@ -639,7 +655,7 @@ pub fn print_table(summary: &[Summary]) {
         );
     }
     println!(
-        "ratio = connection rate / direct connection rate to the backend (the limit), same size and state"
+        "ratio = median over rounds of the connection rate / direct's (the limit: the backend's own address) in the same round, size and state"
     );
 }
 
@@ -664,9 +680,21 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     if args.steady_conns > 0 {
-        for &n in &args.steady_sizes {
-            for mode in args.modes_at(n) {
-                samples.push(measure(mode, n, State::Steady, 0, args.steady_conns, args)?);
+        for round in 0..args.rounds {
+            for &n in &args.steady_sizes {
+                let mut modes: Vec<Mode> = args.modes_at(n).collect();
+                let len = modes.len().max(1);
+                modes.rotate_left(round % len);
+                for mode in modes {
+                    samples.push(measure(
+                        mode,
+                        n,
+                        State::Steady,
+                        round,
+                        args.steady_conns,
+                        args,
+                    )?);
+                }
             }
         }
     }
