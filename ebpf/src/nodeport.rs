@@ -29,16 +29,18 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh},
     btf_maps::{Array, HashOfMaps},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+    },
     macros::{btf_map, classifier, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use skiff_ebpf_common::{
-    BACKEND_LOCAL, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, ExtBackend, ExternalValue,
-    FAMILY_V4, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS,
-    MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey,
-    csum, flow_hash,
+    BACKEND_LOCAL, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
+    ExternalValue, FAMILY_V4, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_INNER_FLAGS,
+    MAX_EXT_BACKENDS, MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP,
+    RevFlowValue, ServiceKey, csum, flow_hash,
 };
 
 use crate::BPF_F_NO_PREALLOC;
@@ -95,6 +97,10 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
 const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const BPF_ADJ_ROOM_MAC: u32 = 1;
+/// An ICMP error's own headers (IP without options, ICMP).
+const ICMP_HEADERS: usize = 28;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
@@ -447,6 +453,7 @@ pub fn skiff_ingress(ctx: TcContext) -> i32 {
                 NEW_FLOW => TC_ACT_SHOT,
                 verdict => verdict,
             },
+            NEW_FLOW if svc.size == 0 && svc.flags & EXT_REJECT != 0 => reject(&ctx, &p),
             NEW_FLOW => TC_ACT_SHOT,
             verdict => verdict,
         };
@@ -885,4 +892,111 @@ fn icmp_of_snat(ctx: &TcContext, p: &Packet) -> Option<i32> {
         return Some(TC_ACT_SHOT);
     }
     Some(redirect(ctx, rv.ifindex, rv.nexthop[0]))
+}
+
+/// A packet to a frontend whose Service has no endpoints at all, answered
+/// as kube-proxy's REJECT answers it: ICMP port unreachable from the
+/// frontend, sent back out of the interface the packet came in on. (Not
+/// rate limited, unlike the kernel's own ICMP errors.)
+// Out of line: its stack frame is not added to the others'.
+#[inline(never)]
+fn reject(ctx: &TcContext, p: &Packet) -> i32 {
+    if port_unreachable(ctx, p).is_some() {
+        // SAFETY: the context is an skb; ifindex is readable.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        // SAFETY: the context is an skb; mark is readable.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(mark | TRANSLATED_MARK);
+        // SAFETY: plain helper call on this packet.
+        unsafe { bpf_redirect(ifindex, 0) as i32 }
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+/// Turns the packet into its own ICMP port unreachable: cut to its IP
+/// header and the start of its L4 header, room made for the new headers in
+/// front, addresses and link-layer addresses swapped.
+#[inline(always)]
+fn port_unreachable(ctx: &TcContext, p: &Packet) -> Option<()> {
+    // Headers with options are not quoted here (the packet is dropped).
+    if p.l4 != IP + 20 {
+        return None;
+    }
+    // TCP quotes its 20-byte header: a packet the stack sent with its
+    // checksum still to fill in (over a veth) cannot be cut inside it.
+    if p.proto == PROTO_TCP {
+        build_unreachable::<{ 20 + 20 }>(ctx, p)
+    } else {
+        build_unreachable::<{ 20 + 8 }>(ctx, p)
+    }
+}
+
+#[inline(always)]
+fn build_unreachable<const QUOTE: usize>(ctx: &TcContext, p: &Packet) -> Option<()> {
+    // SAFETY: plain helper call on this packet.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (IP + QUOTE) as u32, 0) } != 0 {
+        return None;
+    }
+    ctx.adjust_room(ICMP_HEADERS as i32, BPF_ADJ_ROOM_MAC, 0)
+        .ok()?;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + IP + ICMP_HEADERS + QUOTE > end {
+        return None;
+    }
+    // SAFETY: the whole reply is bounds checked against data_end above.
+    unsafe {
+        let eth = start as *mut [u8; 6];
+        let dst = core::ptr::read_unaligned(eth);
+        let src = core::ptr::read_unaligned(eth.add(1));
+        core::ptr::write_unaligned(eth, src);
+        core::ptr::write_unaligned(eth.add(1), dst);
+        let ip = (start + IP) as *mut u8;
+        let header: [u8; 12] = [
+            0x45,
+            0,
+            0,
+            (ICMP_HEADERS + QUOTE) as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            PROTO_ICMP,
+            0,
+            0,
+        ];
+        core::ptr::write_unaligned(ip as *mut [u8; 12], header);
+        core::ptr::write_unaligned(ip.add(12) as *mut u32, p.daddr);
+        core::ptr::write_unaligned(ip.add(16) as *mut u32, p.saddr);
+        let icmp = ip.add(20);
+        core::ptr::write_unaligned(
+            icmp as *mut [u8; 8],
+            [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
+        );
+        let ip_sum = fold_sum(ip as *const u16, 10);
+        core::ptr::write_unaligned(ip.add(10) as *mut u16, ip_sum);
+        let icmp_sum = fold_sum(icmp as *const u16, (8 + QUOTE) / 2);
+        core::ptr::write_unaligned(icmp.add(2) as *mut u16, icmp_sum);
+    }
+    Some(())
+}
+
+/// The Internet checksum of `words` 16-bit words at `at` (whose own
+/// checksum field is zero).
+///
+/// # Safety
+/// `at` must point at `words` readable 16-bit words.
+#[inline(always)]
+unsafe fn fold_sum(at: *const u16, words: usize) -> u16 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < words {
+        // SAFETY: within the caller's bounds.
+        s += u32::from(unsafe { core::ptr::read_unaligned(at.add(i)) });
+        i += 1;
+    }
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
 }

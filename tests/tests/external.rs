@@ -3,7 +3,8 @@
 //! backend runs on that node or another, over TCP and UDP, ICMP errors
 //! included; under
 //! `externalTrafficPolicy: Local` the backend sees the client's address
-//! and a node without endpoints answers its health check with 503; Maglev
+//! and a node without endpoints answers its health check with 503 (and
+//! drops), while a Service without any endpoint is refused; Maglev
 //! keeps flows where they are when a backend leaves and an agent restarts.
 
 use std::collections::BTreeMap;
@@ -94,6 +95,17 @@ spec:
   selector: {app: echo}
   ports:
   - {name: tcp, port: 7000, protocol: TCP, nodePort: 30710}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: empty
+spec:
+  type: NodePort
+  selector: {app: nobody}
+  ports:
+  - {name: tcp, port: 7000, protocol: TCP, nodePort: 30730}
+  - {name: udp, port: 7001, protocol: UDP, nodePort: 30731}
 "#,
     );
     c.cp.apply(&manifests).unwrap_or_else(|e| panic!("{e}"));
@@ -206,6 +218,32 @@ spec:
         map(&none["answers"]).is_empty(),
         "a node without local endpoints does not serve: {none}"
     );
+    assert!(
+        !map(&none["errors"]).contains_key("ConnectionRefused"),
+        "... it drops, as kube-proxy does (the Service has endpoints elsewhere): {none}"
+    );
+
+    // A Service without any endpoint is refused, as kube-proxy's REJECT
+    // refuses it: ICMP port unreachable from the NodePort, on every node.
+    for (via, ip) in [("node 0", &ip0), ("node 1", &ip1)] {
+        let tcp = probe(&client, &["tcp", &format!("{ip}:30730"), "2"]);
+        assert_eq!(
+            map(&tcp["errors"]),
+            BTreeMap::from([("ConnectionRefused".to_string(), 2)]),
+            "TCP to a NodePort without endpoints via {via}: {tcp}"
+        );
+        let p = bin("skiff-probe");
+        let out = client.exec(&[
+            p.to_str().unwrap_or_default(),
+            "udp-follow",
+            &format!("{ip}:30731"),
+            "1",
+        ]);
+        assert!(
+            out.lines().any(|l| l.ends_with("errno 111")),
+            "UDP to a NodePort without endpoints via {via} is refused: {out}"
+        );
+    }
     let (code, body) = http_get(&client, &format!("http://{ip0}:{hc}/healthz"));
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));

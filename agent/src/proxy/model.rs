@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use skiff_ebpf_common::{
-    BACKEND_LOCAL, Backend, EXT_AFFINITY, EXT_LOCAL, ExtBackend, FAMILY_V4, FAMILY_V6,
+    BACKEND_LOCAL, Backend, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend, FAMILY_V4, FAMILY_V6,
     MAX_SLOTS_PER_SERVICE, PROTO_TCP, PROTO_UDP, ServiceKey,
 };
 use tracing::warn;
@@ -466,11 +466,19 @@ pub fn service_plan(
                                     }
                                 })
                                 .collect();
+                        // No endpoints at all (not only none on this
+                        // node): refused, as kube-proxy REJECTs.
+                        let none_anywhere = backends.is_empty()
+                            && backends_for(&name, port, family, false, slices, node).is_empty();
                         external.push(ExternalSet {
                             name: set_name,
                             frontends: vec![key],
                             backends,
-                            flags: ext_flags,
+                            flags: if none_anywhere {
+                                ext_flags | EXT_REJECT
+                            } else {
+                                ext_flags
+                            },
                         });
                     }
                 }
@@ -698,7 +706,7 @@ mod tests {
         );
 
         v["spec"]["externalTrafficPolicy"] = json!("Local");
-        let plan = service_plan(&svc(v), &[&s], &node()).expect("ok");
+        let plan = service_plan(&svc(v.clone()), &[&s], &node()).expect("ok");
         let set = &plan.external[0];
         assert_eq!(set.flags, EXT_LOCAL);
         assert_eq!(set.backends.len(), 1, "local endpoints only");
@@ -706,6 +714,17 @@ mod tests {
         assert_eq!(plan.socket[2].backends.len(), 2);
         let h = plan.health.expect("health check");
         assert_eq!((h.port, h.local_endpoints), (32000, 1));
+
+        // No endpoint on this node: dropped (EXT_LOCAL alone); none at
+        // all: refused (EXT_REJECT), as kube-proxy does.
+        let elsewhere = web_slice(json!([{"addresses": ["10.0.0.2"], "nodeName": "n2"}]));
+        let plan = service_plan(&svc(v.clone()), &[&elsewhere], &node()).expect("ok");
+        assert_eq!(plan.external[0].flags, EXT_LOCAL);
+        let plan = service_plan(&svc(v.clone()), &[], &node()).expect("ok");
+        assert_eq!(plan.external[0].flags, EXT_LOCAL | EXT_REJECT);
+        v["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        let plan = service_plan(&svc(v), &[], &node()).expect("ok");
+        assert_eq!(plan.external[0].flags, EXT_REJECT);
     }
 
     #[test]

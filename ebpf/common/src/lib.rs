@@ -62,6 +62,11 @@ pub const EXT_LOCAL: u32 = 1;
 /// `ExternalValue::flags`: ClientIP session affinity (the Maglev hash is
 /// of the client's address alone).
 pub const EXT_AFFINITY: u32 = 2;
+/// `ExternalValue::flags`: the Service has no endpoints at all, so a
+/// packet to it is answered with ICMP port unreachable (kube-proxy's
+/// REJECT) rather than dropped (which a table without local endpoints
+/// under `externalTrafficPolicy: Local` is).
+pub const EXT_REJECT: u32 = 4;
 
 /// `ExtBackend::flags`: the endpoint runs on this node (reached through the
 /// stack, no SNAT); otherwise the flow is SNATed and redirected.
