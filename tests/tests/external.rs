@@ -49,6 +49,13 @@ fn probe(ns: &Netns, args: &[&str]) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
+/// A connected UDP client asking `to` every 100 ms for a second: a line
+/// per request, errors ending with their errno.
+fn udp_follow(ns: &Netns, to: &str) -> String {
+    let p = bin("skiff-probe");
+    ns.exec(&[p.to_str().unwrap_or_default(), "udp-follow", to, "1"])
+}
+
 fn map(v: &Value) -> BTreeMap<String, u64> {
     v.as_object()
         .map(|m| {
@@ -157,13 +164,7 @@ spec:
         // Nothing listens behind port 30702: the backend's ICMP port
         // unreachable, translated back, reaches the client's connected
         // socket as ECONNREFUSED.
-        let p = bin("skiff-probe");
-        let out = client.exec(&[
-            p.to_str().unwrap_or_default(),
-            "udp-follow",
-            &format!("{ip}:30702"),
-            "1",
-        ]);
+        let out = udp_follow(&client, &format!("{ip}:30702"));
         assert!(
             out.lines().any(|l| l.ends_with("errno 111")),
             "ICMP errors of a flow via {via} reach the client: {out}"
@@ -232,13 +233,7 @@ spec:
             BTreeMap::from([("ConnectionRefused".to_string(), 2)]),
             "TCP to a NodePort without endpoints via {via}: {tcp}"
         );
-        let p = bin("skiff-probe");
-        let out = client.exec(&[
-            p.to_str().unwrap_or_default(),
-            "udp-follow",
-            &format!("{ip}:30731"),
-            "1",
-        ]);
+        let out = udp_follow(&client, &format!("{ip}:30731"));
         assert!(
             out.lines().any(|l| l.ends_with("errno 111")),
             "UDP to a NodePort without endpoints via {via} is refused: {out}"

@@ -667,33 +667,20 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let started = Instant::now();
     let mut samples = Vec::new();
-    for round in 0..args.rounds {
-        for &n in &args.sizes {
-            // Rotate the order each round so that no mode always runs
-            // first (or right after the slowest teardown).
-            let mut modes: Vec<Mode> = args.modes_at(n).collect();
-            let len = modes.len().max(1);
-            modes.rotate_left(round % len);
-            for mode in modes {
-                samples.push(measure(mode, n, State::Fresh, round, args.conns, args)?);
-            }
-        }
-    }
+    let mut states = vec![(State::Fresh, &args.sizes, args.conns)];
     if args.steady_conns > 0 {
+        states.push((State::Steady, &args.steady_sizes, args.steady_conns));
+    }
+    for (state, sizes, conns) in states {
         for round in 0..args.rounds {
-            for &n in &args.steady_sizes {
+            for &n in sizes {
+                // Rotate the order each round so that no mode always runs
+                // first (or right after the slowest teardown).
                 let mut modes: Vec<Mode> = args.modes_at(n).collect();
                 let len = modes.len().max(1);
                 modes.rotate_left(round % len);
                 for mode in modes {
-                    samples.push(measure(
-                        mode,
-                        n,
-                        State::Steady,
-                        round,
-                        args.steady_conns,
-                        args,
-                    )?);
+                    samples.push(measure(mode, n, state, round, conns, args)?);
                 }
             }
         }
