@@ -83,7 +83,6 @@ static REV_FLOWS: LruHashMap<FlowKey, RevFlowValue> = LruHashMap::pinned(MAX_FLO
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IP: usize = ETH_HLEN;
-const IP_CSUM: usize = IP + 10;
 const IP_SADDR: usize = IP + 12;
 const IP_DADDR: usize = IP + 16;
 const AF_INET: u8 = 2;
@@ -241,8 +240,9 @@ struct Tuple {
 /// its TTL when `hop`): the fields and the IP checksum are written in
 /// place; the L4 checksum is updated by the kernel (it knows whether the
 /// packet's checksum is complete or partial), once for the addresses and
-/// once for the ports. False when the packet cannot be translated (or has
-/// no hop left).
+/// once for the ports. An ICMP packet has no ports and its checksum covers
+/// no pseudo-header: only its addresses change. False when the packet
+/// cannot be translated (or has no hop left).
 #[inline(always)]
 fn translate(ctx: &TcContext, p: &Packet, to: &Tuple, hop: bool) -> bool {
     let mut addrs = 0u32;
@@ -289,11 +289,11 @@ fn translate(ctx: &TcContext, p: &Packet, to: &Tuple, hop: bool) -> bool {
         core::ptr::write_unaligned((ip + 16) as *mut u32, to.daddr);
         let csum = (ip + 10) as *mut u16;
         core::ptr::write_unaligned(csum, csum::apply(core::ptr::read_unaligned(csum), ip_diff));
+        if p.proto == PROTO_ICMP {
+            return true;
+        }
         core::ptr::write_unaligned(l4 as *mut u16, to.sport);
         core::ptr::write_unaligned((l4 + 2) as *mut u16, to.dport);
-    }
-    if p.proto == PROTO_ICMP {
-        return true;
     }
     let addrs_ok = to.saddr == p.saddr && to.daddr == p.daddr
         || ctx
@@ -319,41 +319,13 @@ fn l4_flags(p: &Packet) -> u64 {
     }
 }
 
-/// Rewrites the source (`src`) or destination address, with both checksums
-/// (ICMP's covers no pseudo-header).
+/// Marks a packet this program sent on, so that the egress program lets it
+/// pass unread.
 #[inline(always)]
-fn set_addr(ctx: &TcContext, p: &Packet, src: bool, old: u32, new: u32) -> Result<(), i64> {
-    if old == new {
-        return Ok(());
-    }
-    if p.proto != PROTO_ICMP {
-        ctx.l4_csum_replace(
-            p.csum_off(),
-            u64::from(old),
-            u64::from(new),
-            BPF_F_PSEUDO_HDR | l4_flags(p) | 4,
-        )?;
-    }
-    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4)?;
-    let off = if src { IP_SADDR } else { IP_DADDR };
-    ctx.store(off, &new, 0)
-}
-
-/// Forwarding: one hop less. False when the packet has none left.
-#[inline(always)]
-fn decrement_ttl(ctx: &TcContext) -> Result<bool, i64> {
-    // TTL and protocol as one 16-bit word, as it sits in the header.
-    let word: u16 = ctx.load(IP + 8)?;
-    let ttl = word.to_ne_bytes()[0];
-    if ttl <= 1 {
-        return Ok(false);
-    }
-    let mut bytes = word.to_ne_bytes();
-    bytes[0] = ttl - 1;
-    let new = u16::from_ne_bytes(bytes);
-    ctx.l3_csum_replace(IP_CSUM, u64::from(word), u64::from(new), 2)?;
-    ctx.store(IP + 8, &bytes[0], 0)?;
-    Ok(true)
+fn mark_translated(ctx: &TcContext) {
+    // SAFETY: the context is an skb; mark is readable.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | TRANSLATED_MARK);
 }
 
 /// Sends the (rewritten, TTL already decremented) packet out of `ifindex`
@@ -362,9 +334,7 @@ fn decrement_ttl(ctx: &TcContext) -> Result<bool, i64> {
 /// lets it pass unread.
 #[inline(always)]
 fn redirect(ctx: &TcContext, ifindex: u32, nexthop: u32) -> i32 {
-    // SAFETY: the context is an skb; mark is readable.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark(mark | TRANSLATED_MARK);
+    mark_translated(ctx);
     let mut nh = bpf_redir_neigh {
         nh_family: u32::from(AF_INET),
         __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: nexthop },
@@ -866,7 +836,15 @@ fn icmp_of_local(ctx: &TcContext, p: &Packet) -> Option<i32> {
     set_quoted_port(ctx, p.l4, &q, false, q.dport, rv.frontend_port).ok()?;
     set_quoted_port(ctx, p.l4, &q, true, q.sport, rv.client_port).ok()?;
     if p.saddr == q.daddr {
-        set_addr(ctx, p, true, p.saddr, rv.frontend[0]).ok()?;
+        let to = Tuple {
+            saddr: rv.frontend[0],
+            daddr: p.daddr,
+            sport: 0,
+            dport: 0,
+        };
+        if !translate(ctx, p, &to, false) {
+            return Some(TC_ACT_SHOT);
+        }
     }
     Some(TC_ACT_OK)
 }
@@ -886,9 +864,13 @@ fn icmp_of_snat(ctx: &TcContext, p: &Packet) -> Option<i32> {
     set_quoted_port(ctx, p.l4, &q, true, q.sport, rv.client_port).ok()?;
     set_quoted_addr(ctx, p.l4, &q, false, q.daddr, rv.frontend[0]).ok()?;
     set_quoted_port(ctx, p.l4, &q, false, q.dport, rv.frontend_port).ok()?;
-    set_addr(ctx, p, true, p.saddr, rv.frontend[0]).ok()?;
-    set_addr(ctx, p, false, p.daddr, rv.client[0]).ok()?;
-    if !decrement_ttl(ctx).ok()? {
+    let to = Tuple {
+        saddr: rv.frontend[0],
+        daddr: rv.client[0],
+        sport: 0,
+        dport: 0,
+    };
+    if !translate(ctx, p, &to, true) {
         return Some(TC_ACT_SHOT);
     }
     Some(redirect(ctx, rv.ifindex, rv.nexthop[0]))
@@ -904,9 +886,7 @@ fn reject(ctx: &TcContext, p: &Packet) -> i32 {
     if port_unreachable(ctx, p).is_some() {
         // SAFETY: the context is an skb; ifindex is readable.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        // SAFETY: the context is an skb; mark is readable.
-        let mark = unsafe { (*ctx.skb.skb).mark };
-        ctx.set_mark(mark | TRANSLATED_MARK);
+        mark_translated(ctx);
         // SAFETY: plain helper call on this packet.
         unsafe { bpf_redirect(ifindex, 0) as i32 }
     } else {
@@ -996,7 +976,5 @@ unsafe fn fold_sum(at: *const u16, words: usize) -> u16 {
         s += u32::from(unsafe { core::ptr::read_unaligned(at.add(i)) });
         i += 1;
     }
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
+    csum::fold(s)
 }

@@ -358,7 +358,12 @@ pub mod csum {
     /// A 16-bit header checksum after a change whose difference is `diff`.
     #[inline(always)]
     pub fn apply(sum: u16, diff: u32) -> u16 {
-        let mut s = add(diff, !u32::from(sum));
+        fold(add(diff, !u32::from(sum)))
+    }
+
+    /// The 16-bit checksum of a 32-bit ones' complement sum.
+    #[inline(always)]
+    pub fn fold(mut s: u32) -> u16 {
         s = (s & 0xffff) + (s >> 16);
         s = (s & 0xffff) + (s >> 16);
         !(s as u16)
