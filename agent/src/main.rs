@@ -88,6 +88,14 @@ struct OverlayArgs {
     /// The network config file in --kube-subnet-mgr mode.
     #[arg(long, default_value = overlay::kube::DEFAULT_NET_CONFIG)]
     net_config_path: PathBuf,
+    /// vxlan: wrap and unwrap pod traffic in TC eBPF, skipping the node's
+    /// IP stack and the kernel's tunnel (`false`: the kernel's VTEP alone,
+    /// as Flannel).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fast_path: bool,
+    /// The pods' bridge (the CNI config's `bridge`).
+    #[arg(long, default_value = "cni0")]
+    bridge: String,
 }
 
 impl OverlayArgs {
@@ -102,6 +110,8 @@ impl OverlayArgs {
             ip_masq: self.ip_masq,
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             kube_subnet_mgr: self.kube_subnet_mgr.then(|| self.net_config_path.clone()),
+            fast_path: self.fast_path,
+            bridge: self.bridge.clone(),
         }
     }
 }

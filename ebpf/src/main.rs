@@ -39,6 +39,7 @@ use skiff_ebpf_common::{
 pub(crate) const BPF_F_NO_PREALLOC: u32 = 1;
 
 mod nodeport;
+mod packet;
 
 /// Allowed / rejected, as cgroup sock_addr programs answer.
 const SYS_PROCEED: i32 = 1;

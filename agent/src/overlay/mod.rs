@@ -12,6 +12,7 @@
 //! nothing; `leave` gives the lease back.
 
 pub mod backend;
+pub mod fastpath;
 pub mod kube;
 pub mod lease;
 pub mod masq;
@@ -53,6 +54,12 @@ pub struct OverlayConfig {
     /// peers are found on Nodes, and the network config is this file
     /// (`etcd` and `prefix` are then unused).
     pub kube_subnet_mgr: Option<PathBuf>,
+    /// vxlan: wrap and unwrap pod traffic in TC (`fastpath`), the
+    /// kernel's VTEP carrying only what the programs pass on.
+    pub fast_path: bool,
+    /// The pods' bridge, as the CNI config names it (the fast path's
+    /// encap program goes on it).
+    pub bridge: String,
 }
 
 /// Where subnets are leased and peers found. One per overlay run, behind
@@ -242,6 +249,7 @@ struct Node {
     held: Held,
     leases: BTreeMap<Ipv4Network, Lease>,
     mtu: u32,
+    fast: Option<fastpath::FastPath>,
 }
 
 impl Node {
@@ -249,6 +257,7 @@ impl Node {
         let (all, since) = self.reg.list().await?;
         self.leases = all;
         let changed = self.dp.resync(self.leases.values()).await?;
+        self.sync_fast_path();
         info!(
             leases = self.leases.len(),
             added = changed.added,
@@ -256,6 +265,17 @@ impl Node {
             "routes reconciled"
         );
         Ok(since)
+    }
+
+    /// The fast path's peers as the leases say (a failure is repaired at
+    /// the next resync; the kernel's path is right meanwhile).
+    fn sync_fast_path(&mut self) {
+        if let Some(f) = self.fast.as_mut() {
+            let all = self.leases.values().map(|l| self.dp.entries_for(l));
+            if let Err(e) = f.sync(all) {
+                warn!(error = %e, "overlay fast path: syncing peers failed");
+            }
+        }
     }
 
     fn write_subnet_env(&self) -> Result<(), OverlayError> {
@@ -283,6 +303,11 @@ impl Node {
         if self.held.subnet != before {
             warn!(old = %before, new = %self.held.subnet, "lease lost and a different subnet taken: pods must be re-created");
             self.dp.own = self.held.subnet;
+            if let Some(f) = self.fast.as_mut()
+                && let Err(e) = f.set_subnet(self.held.subnet)
+            {
+                warn!(error = %e, "overlay fast path: the new subnet was not written");
+            }
             self.write_subnet_env()?;
         }
         Ok(())
@@ -307,11 +332,21 @@ impl Node {
                     }
                 }
                 self.dp.install(&new).await?;
+                if let Some(f) = self.fast.as_mut()
+                    && let Err(e) = f.put(l.subnet, &new)
+                {
+                    warn!(subnet = %l.subnet, error = %e, "overlay fast path: writing a peer failed");
+                }
                 self.leases.insert(l.subnet, l);
             }
             Event::Delete(s) => {
                 if let Some(old) = self.leases.remove(&s) {
                     self.dp.remove(&self.dp.entries_for(&old)).await?;
+                    if let Some(f) = self.fast.as_mut()
+                        && let Err(e) = f.remove(s)
+                    {
+                        warn!(subnet = %s, error = %e, "overlay fast path: removing a peer failed");
+                    }
                     info!(subnet = %s, "lease gone; routes removed");
                 }
                 if s == self.held.subnet {
@@ -379,7 +414,7 @@ pub async fn run(
         };
     }
     let (under, public_ip) = underlay(&nl, &cfg).await?;
-    let (mtu, route_dev, backend_data) = match net.backend {
+    let (mtu, route_dev, backend_data, vtep_mac) = match net.backend {
         BackendType::Vxlan => {
             let mtu = under.mtu.saturating_sub(VXLAN_OVERHEAD);
             let vtep = nl
@@ -400,9 +435,9 @@ pub async fn run(
                 vtep_mac: format_mac(&mac),
             })
             .ok();
-            (mtu, vtep.index, data)
+            (mtu, vtep.index, data, Some(mac))
         }
-        BackendType::HostGw => (under.mtu, under.index, None),
+        BackendType::HostGw => (under.mtu, under.index, None, None),
     };
     let attrs = LeaseAttrs {
         public_ip,
@@ -419,6 +454,19 @@ pub async fn run(
             .await?;
     }
     enable_forwarding()?;
+    let fast = match vtep_mac {
+        Some(vtep_mac) if cfg.fast_path => fastpath::try_start(&fastpath::Local {
+            public_ip,
+            subnet: held.subnet,
+            underlay: under.name.clone(),
+            underlay_index: under.index,
+            vni: net.vni,
+            port: net.port,
+            vtep_mac,
+            bridge: cfg.bridge.clone(),
+        }),
+        _ => None,
+    };
     let mut node = Node {
         reg: Arc::clone(&reg),
         dp: Dataplane {
@@ -433,6 +481,7 @@ pub async fn run(
         held,
         leases: BTreeMap::new(),
         mtu,
+        fast,
     };
     let since = node.relist().await?;
     if node.cfg.ip_masq {
@@ -449,6 +498,10 @@ pub async fn run(
     renew.tick().await;
     let mut resync = tokio::time::interval(node.cfg.resync);
     resync.tick().await;
+    // The CNI plugin makes the bridge with the first pod: look for it
+    // often (one ioctl) so that the first pod's traffic takes the fast path
+    // within moments.
+    let mut bridge = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = &mut shutdown => {
@@ -499,7 +552,15 @@ pub async fn run(
                     }
                 }
             }
+            _ = bridge.tick(), if node.fast.is_some() => {
+                if let Some(f) = node.fast.as_mut()
+                    && let Err(e) = f.ensure_bridge()
+                {
+                    warn!(error = %e, "overlay fast path: attaching to the bridge failed");
+                }
+            }
             _ = resync.tick() => {
+                node.sync_fast_path();
                 match node.dp.resync(node.leases.values()).await {
                     Ok(changed) if changed != backend::Changed::default() => {
                         info!(added = changed.added, removed = changed.removed, "resync repaired routes");

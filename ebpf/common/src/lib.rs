@@ -293,6 +293,50 @@ pub struct RevFlowValue {
     pub pad: u32,
 }
 
+/// Peer subnets the overlay's fast path knows (one per node).
+pub const MAX_OVERLAY_PEERS: u32 = 65_536;
+
+/// The overlay's fast path (`skiff-overlay`): where a peer node's pods
+/// are, keyed in an LPM trie by the peer's subnet (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverlayPeer {
+    /// The peer's underlay address (network byte order).
+    pub node_ip: u32,
+    /// The peer's VTEP MAC: the destination of the frame inside.
+    pub vtep_mac: [u8; 6],
+    pub pad: u16,
+}
+
+/// This node as the overlay's fast path sees it (slot 0 of
+/// `OVERLAY_LOCAL`). Addresses, port and VNI word are in network byte
+/// order; a zero `node_ip` means "not set up": every packet takes the
+/// kernel's path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlayLocal {
+    pub node_ip: u32,
+    pub subnet: u32,
+    pub subnet_mask: u32,
+    /// Where encapsulated packets leave.
+    pub underlay_ifindex: u32,
+    /// The pods' bridge: decapsulated packets go out of it (0 until the
+    /// bridge exists).
+    pub bridge_ifindex: u32,
+    /// The VXLAN header's second word: the VNI shifted past its reserved
+    /// byte.
+    pub vni_word: u32,
+    pub port: u16,
+    pub vtep_mac: [u8; 6],
+}
+
+impl OverlayLocal {
+    /// The VXLAN header's second word for `vni`.
+    pub fn vni_word(vni: u32) -> u32 {
+        (vni << 8).to_be()
+    }
+}
+
 /// Map names, shared so that the agent opens exactly what the programs
 /// declare (and pins them under these names).
 pub mod maps {
@@ -314,6 +358,10 @@ pub mod maps {
     pub const FLOWS: &str = "FLOWS";
     /// `FlowKey -> RevFlowValue`: tracked flows, reverse.
     pub const REV_FLOWS: &str = "REV_FLOWS";
+    /// `LPM(subnet) -> OverlayPeer`: peers of the overlay's fast path.
+    pub const OVERLAY_PEERS: &str = "OVERLAY_PEERS";
+    /// `0 -> OverlayLocal`: this node, for the overlay's fast path.
+    pub const OVERLAY_LOCAL: &str = "OVERLAY_LOCAL";
 }
 
 #[cfg(feature = "user")]
@@ -336,6 +384,8 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for RevFlowValue {}
+    unsafe impl aya::Pod for OverlayPeer {}
+    unsafe impl aya::Pod for OverlayLocal {}
 }
 
 /// Ones' complement checksum arithmetic for rewriting header fields in

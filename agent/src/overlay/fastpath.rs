@@ -1,0 +1,285 @@
+//! The overlay's fast path (vxlan): the `skiff-overlay` programs wrap and
+//! unwrap pod traffic in TC (see `ebpf/src/overlay.rs`), next to the
+//! kernel's VTEP, whose routes, neighbours and FDB entries stay as they
+//! are and carry whatever the programs pass on.
+//!
+//! Here: `OVERLAY_LOCAL` describes this node, `OVERLAY_PEERS` holds one
+//! entry per peer lease (the same leases, through the same
+//! [`backend::entries`](super::backend::entries), that make the kernel's
+//! entries), the decap program goes first on the underlay interface and
+//! the encap program on the pods' bridge once the CNI plugin has made it.
+//!
+//! The links are held by this process, not pinned: when the agent stops
+//! or dies they go with it, and the kernel's path carries the traffic
+//! until the next agent attaches again. Nothing is left behind to go stale.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, MapData, MapError};
+use aya::programs::tc::{SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use ipnetwork::Ipv4Network;
+use skiff_ebpf_common::{OverlayLocal, OverlayPeer, maps as names};
+use tracing::{info, warn};
+
+use super::backend::Entries;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-overlay"));
+
+const ENCAP: &str = "skiff_vxlan_encap";
+const DECAP: &str = "skiff_vxlan_decap";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    #[error("loading the overlay's programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the overlay's object has no {0}")]
+    Missing(&'static str),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {program} to {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> FastPathError {
+    move |source| FastPathError::Map { map, source }
+}
+
+/// What the fast path needs to know of this node.
+#[derive(Clone, Debug)]
+pub struct Local {
+    pub public_ip: Ipv4Addr,
+    pub subnet: Ipv4Network,
+    pub underlay: String,
+    pub underlay_index: u32,
+    pub vni: u32,
+    pub port: u16,
+    pub vtep_mac: [u8; 6],
+    /// The pods' bridge, as the CNI config names it.
+    pub bridge: String,
+}
+
+pub struct FastPath {
+    ebpf: Ebpf,
+    local_map: Array<MapData, OverlayLocal>,
+    peers: LpmTrie<MapData, u32, OverlayPeer>,
+    local: OverlayLocal,
+    bridge: String,
+    /// The bridge's index and the encap link on it.
+    bridge_link: Option<(u32, SchedClassifierLinkId)>,
+    /// What `peers` holds, by (network address, prefix).
+    held: BTreeMap<(Ipv4Addr, u8), OverlayPeer>,
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut SchedClassifier, FastPathError> {
+    ebpf.program_mut(program)
+        .ok_or(FastPathError::Missing(program))?
+        .try_into()
+        .map_err(|source| FastPathError::Program { program, source })
+}
+
+/// The peer entry a lease's kernel entries stand for (none for our own
+/// lease, one of another backend, or one without a VTEP MAC).
+fn peer_of(e: &Entries) -> Option<((Ipv4Addr, u8), OverlayPeer)> {
+    let (route, fdb) = (e.route.as_ref()?, e.fdb.as_ref()?);
+    Some((
+        (route.dst, route.prefix),
+        OverlayPeer {
+            node_ip: u32::from_ne_bytes(fdb.dst.octets()),
+            vtep_mac: fdb.mac,
+            pad: 0,
+        },
+    ))
+}
+
+fn key((addr, prefix): (Ipv4Addr, u8)) -> Key<u32> {
+    Key::new(u32::from(prefix), u32::from_ne_bytes(addr.octets()))
+}
+
+fn subnet_words(subnet: Ipv4Network) -> (u32, u32) {
+    (
+        u32::from_ne_bytes(subnet.network().octets()),
+        u32::from_ne_bytes(subnet.mask().octets()),
+    )
+}
+
+impl FastPath {
+    /// Loads the programs, describes this node to them and puts the decap
+    /// program first on the underlay interface. The encap program follows
+    /// once the bridge exists ([`FastPath::ensure_bridge`]).
+    pub fn start(l: &Local) -> Result<Self, FastPathError> {
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        for program in [ENCAP, DECAP] {
+            classifier(&mut ebpf, program)?
+                .load()
+                .map_err(|source| FastPathError::Program { program, source })?;
+        }
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(FastPathError::Missing(name));
+        let local_map =
+            Array::try_from(take(names::OVERLAY_LOCAL)?).map_err(map_err(names::OVERLAY_LOCAL))?;
+        let peers = LpmTrie::try_from(take(names::OVERLAY_PEERS)?)
+            .map_err(map_err(names::OVERLAY_PEERS))?;
+        let (subnet, subnet_mask) = subnet_words(l.subnet);
+        let local = OverlayLocal {
+            node_ip: u32::from_ne_bytes(l.public_ip.octets()),
+            subnet,
+            subnet_mask,
+            underlay_ifindex: l.underlay_index,
+            bridge_ifindex: 0,
+            vni_word: OverlayLocal::vni_word(l.vni),
+            port: l.port.to_be(),
+            vtep_mac: l.vtep_mac,
+        };
+        let mut fp = Self {
+            ebpf,
+            local_map,
+            peers,
+            local,
+            bridge: l.bridge.clone(),
+            bridge_link: None,
+            held: BTreeMap::new(),
+        };
+        fp.write_local()?;
+        classifier(&mut fp.ebpf, DECAP)?
+            .attach_with_options(
+                &l.underlay,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(|source| FastPathError::Attach {
+                program: DECAP,
+                interface: l.underlay.clone(),
+                source,
+            })?;
+        fp.ensure_bridge()?;
+        info!(underlay = %l.underlay, bridge = %fp.bridge, "overlay fast path loaded");
+        Ok(fp)
+    }
+
+    fn write_local(&mut self) -> Result<(), FastPathError> {
+        self.local_map
+            .set(0, self.local, 0)
+            .map_err(map_err(names::OVERLAY_LOCAL))
+    }
+
+    /// Attaches the encap program to the bridge when it appears (or was
+    /// made again) and tells the decap program where it is.
+    pub fn ensure_bridge(&mut self) -> Result<(), FastPathError> {
+        let now = nix::net::if_::if_nametoindex(self.bridge.as_str()).ok();
+        if now == self.bridge_link.as_ref().map(|(i, _)| *i) {
+            return Ok(());
+        }
+        if let Some((_, link)) = self.bridge_link.take() {
+            // Gone with its bridge already, most likely.
+            let _ = classifier(&mut self.ebpf, ENCAP)?.detach(link);
+        }
+        if let Some(index) = now {
+            let link = classifier(&mut self.ebpf, ENCAP)?
+                .attach_with_options(
+                    &self.bridge,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|source| FastPathError::Attach {
+                    program: ENCAP,
+                    interface: self.bridge.clone(),
+                    source,
+                })?;
+            self.bridge_link = Some((index, link));
+            info!(bridge = %self.bridge, ifindex = index, "overlay fast path on the bridge");
+        }
+        self.local.bridge_ifindex = now.unwrap_or(0);
+        self.write_local()
+    }
+
+    /// Our subnet changed (the lease was lost and another taken).
+    pub fn set_subnet(&mut self, subnet: Ipv4Network) -> Result<(), FastPathError> {
+        (self.local.subnet, self.local.subnet_mask) = subnet_words(subnet);
+        self.write_local()
+    }
+
+    /// A peer's lease came or changed: `subnet` now stands for `e`.
+    pub fn put(&mut self, subnet: Ipv4Network, e: &Entries) -> Result<(), FastPathError> {
+        match peer_of(e) {
+            Some((k, peer)) => self.insert(k, peer),
+            None => self.remove(subnet),
+        }
+    }
+
+    fn insert(&mut self, k: (Ipv4Addr, u8), peer: OverlayPeer) -> Result<(), FastPathError> {
+        if self.held.get(&k) != Some(&peer) {
+            self.peers
+                .insert(&key(k), peer, 0)
+                .map_err(map_err(names::OVERLAY_PEERS))?;
+            self.held.insert(k, peer);
+        }
+        Ok(())
+    }
+
+    /// A peer's lease went.
+    pub fn remove(&mut self, subnet: Ipv4Network) -> Result<(), FastPathError> {
+        let k = (subnet.network(), subnet.prefix());
+        if self.held.contains_key(&k) {
+            match self.peers.remove(&key(k)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {
+                    self.held.remove(&k);
+                }
+                Err(e) => return Err(map_err(names::OVERLAY_PEERS)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the peers exactly those of `all` (each lease's entries).
+    pub fn sync(&mut self, all: impl Iterator<Item = Entries>) -> Result<(), FastPathError> {
+        let want: BTreeMap<_, _> = all.filter_map(|e| peer_of(&e)).collect();
+        let gone: Vec<_> = self
+            .held
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for (addr, prefix) in gone {
+            if let Ok(net) = Ipv4Network::new(addr, prefix) {
+                self.remove(net)?;
+            }
+        }
+        for (k, peer) in want {
+            self.insert(k, peer)?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the fast path, or says why the kernel's path alone carries the
+/// traffic.
+pub fn try_start(l: &Local) -> Option<FastPath> {
+    match FastPath::start(l) {
+        Ok(fp) => Some(fp),
+        Err(e) => {
+            warn!(error = %e, "overlay fast path unavailable; the kernel's VXLAN carries all traffic");
+            None
+        }
+    }
+}

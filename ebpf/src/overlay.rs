@@ -1,0 +1,334 @@
+//! The overlay's fast path: VXLAN in TC, in Flannel's wire format (the
+//! kernel's VXLAN: UDP port, VNI, and the inner frame addressed from VTEP
+//! MAC to VTEP MAC), so a node with it and a node without talk as before.
+//!
+//! `skiff_vxlan_encap` runs on the pods' bridge, for packets pods send to
+//! the bridge to be routed. One to a peer's subnet is wrapped here (outer
+//! Ethernet, IP, UDP, VXLAN, inner Ethernet) and handed to the underlay
+//! interface with the next hop's MAC filled in, instead of going through
+//! the node's IP stack, the VTEP and the kernel's UDP tunnel.
+//!
+//! `skiff_vxlan_decap` runs on the underlay interface, before anything
+//! else there. A VXLAN packet for this node's VTEP whose inner destination
+//! is a pod routed out of the bridge is unwrapped here and sent out of the
+//! bridge towards the pod, instead of through the tunnel's socket, the VTEP
+//! and the node's IP stack.
+//!
+//! Anything else (and anything these programs cannot do: no known peer, a
+//! last hop, a destination on the node itself) goes on unchanged to the
+//! kernel's path, which Flannel's routes, neighbours and FDB entries keep
+//! working; both programs return "next" so that programs after them in
+//! the interface's chain still see what they pass. The inner TTL loses one
+//! hop at each end, as the two routers the kernel's path goes through take
+//! one each.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{bpf_fib_lookup as FibParams, bpf_redir_neigh},
+    helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, map},
+    maps::{Array, LpmTrie, lpm_trie::Key},
+    programs::TcContext,
+};
+use skiff_ebpf_common::{MAX_OVERLAY_PEERS, OverlayLocal, OverlayPeer, csum};
+
+mod packet;
+
+use packet::at;
+
+#[map(name = "OVERLAY_PEERS")]
+static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
+
+#[map(name = "OVERLAY_LOCAL")]
+static LOCAL: Array<OverlayLocal> = Array::with_max_entries(1, 0);
+
+/// tcx: on to the next program (the kernel's path when none is left).
+const TC_NEXT: i32 = -1;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const VXLAN_HLEN: usize = 8;
+/// Outer IP, UDP, VXLAN and the inner Ethernet header: what wrapping adds
+/// after the outer Ethernet header.
+const ENCAP_LEN: usize = IP_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+/// The outer IP header, right after the outer Ethernet header.
+const OUTER: usize = ETH_HLEN;
+const UDP: usize = OUTER + IP_HLEN;
+const VXLAN: usize = UDP + UDP_HLEN;
+const INNER_ETH: usize = VXLAN + VXLAN_HLEN;
+const INNER: usize = INNER_ETH + ETH_HLEN;
+
+const PROTO_UDP: u8 = 17;
+const AF_INET: u8 = 2;
+/// VXLAN flags: the VNI is valid.
+const VXLAN_I: u8 = 0x08;
+/// Source ports of the outer UDP header, spread by the inner flow's hash
+/// (the kernel's VXLAN takes the ephemeral range).
+const SPORT_MIN: u32 = 32_768;
+const SPORT_SPAN: u32 = 61_000 - SPORT_MIN;
+const OUTER_TTL: u8 = 64;
+const IP_DF: u16 = 0x4000;
+
+const BPF_ADJ_ROOM_MAC: u32 = 1;
+const BPF_F_ADJ_ROOM_FIXED_GSO: u64 = 1 << 0;
+const BPF_F_ADJ_ROOM_ENCAP_L3_IPV4: u64 = 1 << 1;
+const BPF_F_ADJ_ROOM_ENCAP_L4_UDP: u64 = 1 << 4;
+const BPF_F_ADJ_ROOM_ENCAP_L2_ETH: u64 = 1 << 6;
+const BPF_ADJ_ROOM_ENCAP_L2_SHIFT: u64 = 56;
+/// The pod's MTU already leaves room for the headers: segments keep their
+/// size, and the kernel learns where the inner headers start.
+const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+    | ((ETH_HLEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+#[classifier]
+pub fn skiff_vxlan_encap(ctx: TcContext) -> i32 {
+    encap(&ctx).unwrap_or(TC_NEXT)
+}
+
+#[classifier]
+pub fn skiff_vxlan_decap(ctx: TcContext) -> i32 {
+    decap(&ctx).unwrap_or(TC_NEXT)
+}
+
+/// This node, when set up.
+#[inline(always)]
+fn local() -> Option<OverlayLocal> {
+    let l = *LOCAL.get(0)?;
+    (l.node_ip != 0).then_some(l)
+}
+
+/// Takes one hop off the IPv4 header at `ip` (checksum too). False when
+/// the packet has none left: the kernel's path answers it.
+///
+/// # Safety
+/// `ip + 12` must be within the packet's checked bounds.
+#[inline(always)]
+unsafe fn hop(ip: usize) -> bool {
+    // TTL and protocol as one 16-bit word, as the checksum sees it.
+    let word = (ip + 8) as *mut u16;
+    // SAFETY: the caller checked the bounds.
+    unsafe {
+        let old = core::ptr::read_unaligned(word);
+        let mut bytes = old.to_ne_bytes();
+        if bytes[0] <= 1 {
+            return false;
+        }
+        bytes[0] -= 1;
+        let new = u16::from_ne_bytes(bytes);
+        core::ptr::write_unaligned(word, new);
+        let sum = (ip + 10) as *mut u16;
+        let diff = csum::diff(u32::from(old), u32::from(new));
+        core::ptr::write_unaligned(sum, csum::apply(core::ptr::read_unaligned(sum), diff));
+    }
+    true
+}
+
+#[inline(always)]
+fn encap(ctx: &TcContext) -> Option<i32> {
+    let ethertype: u16 = at(ctx, 12)?;
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
+    }
+    let daddr: u32 = at(ctx, ETH_HLEN + 16)?;
+    let peer = *PEERS.get(Key::new(32, daddr))?;
+    let me = local()?;
+    let ttl_proto: u16 = at(ctx, ETH_HLEN + 8)?;
+    if ttl_proto.to_ne_bytes()[0] <= 1 {
+        return None;
+    }
+    let tos = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes()[1];
+    // The outer header carries the inner ECN field (congestion marked
+    // inside stays capable outside), as the kernel's tunnels do.
+    let ecn = match tos & 3 {
+        3 => 2,
+        e => e,
+    };
+    let inner_len = ctx.len() as usize - ETH_HLEN;
+    // SAFETY: the context is an skb.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let sport = (SPORT_MIN + ((u64::from(hash) * u64::from(SPORT_SPAN)) >> 32) as u32) as u16;
+
+    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .ok()?;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + INNER + IP_HLEN > end {
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+    }
+    let total = (ENCAP_LEN + inner_len) as u16;
+    let udp_len = total - IP_HLEN as u16;
+    // SAFETY: every write below is within INNER + IP_HLEN, checked above.
+    unsafe {
+        if !hop(start + INNER) {
+            return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+        }
+        let w16 = |off: usize, v: u16| core::ptr::write_unaligned((start + off) as *mut u16, v);
+        let w32 = |off: usize, v: u32| core::ptr::write_unaligned((start + off) as *mut u32, v);
+        // Outer IP.
+        let words: [u16; 10] = [
+            u16::from_ne_bytes([0x45, ecn]),
+            total.to_be(),
+            0,
+            IP_DF.to_be(),
+            u16::from_ne_bytes([OUTER_TTL, PROTO_UDP]),
+            0,
+            (me.node_ip & 0xffff) as u16,
+            (me.node_ip >> 16) as u16,
+            (peer.node_ip & 0xffff) as u16,
+            (peer.node_ip >> 16) as u16,
+        ];
+        let mut sum = 0u32;
+        let mut i = 0;
+        while i < words.len() {
+            w16(OUTER + 2 * i, words[i]);
+            sum += u32::from(words[i]);
+            i += 1;
+        }
+        w16(OUTER + 10, csum::fold(sum));
+        // UDP, without a checksum (VXLAN over IPv4 may leave it out; the
+        // inner packet carries its own).
+        w16(UDP, sport.to_be());
+        w16(UDP + 2, me.port);
+        w16(UDP + 4, udp_len.to_be());
+        w16(UDP + 6, 0);
+        // VXLAN.
+        w32(VXLAN, u32::from_ne_bytes([VXLAN_I, 0, 0, 0]));
+        w32(VXLAN + 4, me.vni_word);
+        // The inner frame: from our VTEP to the peer's.
+        let m = peer.vtep_mac;
+        w16(INNER_ETH, u16::from_ne_bytes([m[0], m[1]]));
+        w32(INNER_ETH + 2, u32::from_ne_bytes([m[2], m[3], m[4], m[5]]));
+        let m = me.vtep_mac;
+        w16(INNER_ETH + 6, u16::from_ne_bytes([m[0], m[1]]));
+        w32(INNER_ETH + 8, u32::from_ne_bytes([m[2], m[3], m[4], m[5]]));
+        w16(INNER_ETH + 12, ETH_P_IP.to_be());
+    }
+    // The kernel routes the outer destination and fills in the next hop's
+    // MAC (resolving it if need be).
+    // SAFETY: plain helper call on this packet; no parameters.
+    Some(unsafe { bpf_redirect_neigh(me.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+}
+
+#[inline(always)]
+fn decap(ctx: &TcContext) -> Option<i32> {
+    let ethertype: u16 = at(ctx, 12)?;
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
+    }
+    let me = local()?;
+    // IPv4 without options, not a fragment, UDP to our port and address.
+    let vihl = at::<u16>(ctx, OUTER)?.to_ne_bytes()[0];
+    let frag: u16 = at(ctx, OUTER + 6)?;
+    let proto = at::<u16>(ctx, OUTER + 8)?.to_ne_bytes()[1];
+    if vihl != 0x45 || u16::from_be(frag) & 0x3fff != 0 || proto != PROTO_UDP {
+        return None;
+    }
+    if at::<u32>(ctx, OUTER + 16)? != me.node_ip || at::<u16>(ctx, UDP + 2)? != me.port {
+        return None;
+    }
+    let flags: u32 = at(ctx, VXLAN)?;
+    if flags.to_ne_bytes()[0] & VXLAN_I == 0 || at::<u32>(ctx, VXLAN + 4)? != me.vni_word {
+        return None;
+    }
+    // A frame for our VTEP, of IPv4, to a pod of ours.
+    let m = me.vtep_mac;
+    if at::<u16>(ctx, INNER_ETH)? != u16::from_ne_bytes([m[0], m[1]])
+        || at::<u32>(ctx, INNER_ETH + 2)? != u32::from_ne_bytes([m[2], m[3], m[4], m[5]])
+        || at::<u16>(ctx, INNER_ETH + 12)? != ETH_P_IP.to_be()
+    {
+        return None;
+    }
+    let saddr: u32 = at(ctx, INNER + 12)?;
+    let daddr: u32 = at(ctx, INNER + 16)?;
+    if daddr & me.subnet_mask != me.subnet || me.bridge_ifindex == 0 {
+        return None;
+    }
+    let ttl_proto: u16 = at(ctx, INNER + 8)?;
+    if ttl_proto.to_ne_bytes()[0] <= 1 {
+        return None;
+    }
+    // Where the node would send it: out of the bridge, or not ours to
+    // shortcut (the node's own addresses, routes elsewhere).
+    // SAFETY: an all-zero bpf_fib_lookup is valid.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = ttl_proto.to_ne_bytes()[1];
+    // SAFETY: the context is an skb; ifindex is readable.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    fib.__bindgen_anon_3.ipv4_src = saddr;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: fib lives for the call; the size is its own.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+        || fib.ifindex != me.bridge_ifindex
+    {
+        return None;
+    }
+    ctx.adjust_room(
+        -(ENCAP_LEN as i32),
+        BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO,
+    )
+    .ok()?;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + IP_HLEN > end {
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+    }
+    // SAFETY: within ETH_HLEN + IP_HLEN, checked above.
+    unsafe {
+        if !hop(start + ETH_HLEN) {
+            return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+        }
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        // The kernel resolves the pod's MAC and sends it on.
+        let mut nh = bpf_redir_neigh {
+            nh_family: u32::from(AF_INET),
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: daddr },
+        };
+        // SAFETY: nh lives for the call; the size is its own.
+        return Some(unsafe {
+            bpf_redirect_neigh(
+                fib.ifindex,
+                &mut nh,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        } as i32);
+    }
+    // SAFETY: within ETH_HLEN, checked above; dmac and smac are 6 bytes.
+    unsafe {
+        let d = fib.dmac;
+        let s = fib.smac;
+        core::ptr::write_unaligned(start as *mut [u8; 6], d);
+        core::ptr::write_unaligned((start + 6) as *mut [u8; 6], s);
+    }
+    // SAFETY: plain helper call on this packet.
+    Some(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
