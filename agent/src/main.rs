@@ -96,6 +96,10 @@ struct OverlayArgs {
     /// The pods' bridge (the CNI config's `bridge`).
     #[arg(long, default_value = "cni0")]
     bridge: String,
+    /// Where skiff-cni records the node's pods: its config's
+    /// `<dataDir>/<name>`.
+    #[arg(long, default_value = "/var/lib/skiff/cni/skiff")]
+    cni_records: PathBuf,
 }
 
 impl OverlayArgs {
@@ -112,6 +116,7 @@ impl OverlayArgs {
             kube_subnet_mgr: self.kube_subnet_mgr.then(|| self.net_config_path.clone()),
             fast_path: self.fast_path,
             bridge: self.bridge.clone(),
+            cni_records: self.cni_records.clone(),
         }
     }
 }

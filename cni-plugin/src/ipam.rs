@@ -36,14 +36,11 @@ const ATTACHMENT_PREFIX: &str = "att-";
 const HINT: &str = "last_reserved_ip";
 
 fn record(a: &Attachment, ip: Ipv4Addr) -> String {
-    format!("{}\n{}\n{}\n", a.container_id, a.ifname, ip)
+    skiff_cni_lib::attachments::record(&a.container_id, &a.ifname, ip)
 }
 
 fn parse_record(text: &str) -> Option<(Attachment, Ipv4Addr)> {
-    let mut l = text.lines();
-    let container_id = l.next()?.to_string();
-    let ifname = l.next()?.to_string();
-    let ip = l.next()?.parse().ok()?;
+    let (container_id, ifname, ip) = skiff_cni_lib::attachments::parse_record(text)?;
     Some((
         Attachment {
             container_id,

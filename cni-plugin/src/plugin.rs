@@ -21,15 +21,9 @@ use crate::spec::{
 };
 use crate::subnet_env::SubnetEnv;
 
-/// The host end of an attachment's veth: derived from the attachment so
-/// that DEL and GC find it without state (FNV-1a, 44 bits in hex).
+/// The host end of an attachment's veth.
 pub fn host_veth_name(a: &Attachment) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in a.container_id.bytes().chain([0]).chain(a.ifname.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("skv{:011x}", h >> 20)
+    skiff_cni_lib::attachments::host_veth_name(&a.container_id, &a.ifname)
 }
 
 const HOST_VETH_PREFIX: &str = "skv";

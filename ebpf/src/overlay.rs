@@ -10,9 +10,13 @@
 //!
 //! `skiff_vxlan_decap` runs on the underlay interface, before anything
 //! else there. A VXLAN packet for this node's VTEP whose inner destination
-//! is a pod routed out of the bridge is unwrapped here and sent out of the
-//! bridge towards the pod, instead of through the tunnel's socket, the VTEP
-//! and the node's IP stack.
+//! is one of this node's pods (`OVERLAY_PODS`: address to host-side veth,
+//! from the CNI plugin's records) is unwrapped here and put straight into
+//! the pod's namespace (`bpf_redirect_peer`), instead of going through the
+//! tunnel's socket, the VTEP, the node's IP stack and the bridge. Being
+//! delivered rather than sent, a GRO aggregate stays whole: sent out of the
+//! bridge it would be cut into segments again, as the kernel marks
+//! unwrapped aggregates for checking and the veth does not take those.
 //!
 //! Anything else (and anything these programs cannot do: no known peer, a
 //! last hop, a destination on the node itself) goes on unchanged to the
@@ -25,14 +29,13 @@
 #![no_main]
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{bpf_fib_lookup as FibParams, bpf_redir_neigh},
-    helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    bindings::TC_ACT_SHOT,
+    helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
-    maps::{Array, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     programs::TcContext,
 };
-use skiff_ebpf_common::{MAX_OVERLAY_PEERS, OverlayLocal, OverlayPeer, csum};
+use skiff_ebpf_common::{MAX_OVERLAY_PEERS, MAX_OVERLAY_PODS, OverlayLocal, OverlayPeer, csum};
 
 mod packet;
 
@@ -40,6 +43,11 @@ use packet::at;
 
 #[map(name = "OVERLAY_PEERS")]
 static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
+
+/// Pods of this node (address, network byte order) to the host end of
+/// their veth.
+#[map(name = "OVERLAY_PODS")]
+static PODS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_OVERLAY_PODS, 0);
 
 #[map(name = "OVERLAY_LOCAL")]
 static LOCAL: Array<OverlayLocal> = Array::with_max_entries(1, 0);
@@ -63,7 +71,6 @@ const INNER_ETH: usize = VXLAN + VXLAN_HLEN;
 const INNER: usize = INNER_ETH + ETH_HLEN;
 
 const PROTO_UDP: u8 = 17;
-const AF_INET: u8 = 2;
 /// VXLAN flags: the VNI is valid.
 const VXLAN_I: u8 = 0x08;
 /// Source ports of the outer UDP header, spread by the inner flow's hash
@@ -87,8 +94,11 @@ const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
     | ((ETH_HLEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
 
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+/// Unwrapping: segments keep their size, and the tunnel's GSO type goes
+/// with its headers (BPF_F_ADJ_ROOM_DECAP_L4_UDP; kernels without it
+/// refuse the flag, and the call is made again without).
+const DECAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L4_UDP;
+const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 
 #[classifier]
 pub fn skiff_vxlan_encap(ctx: TcContext) -> i32 {
@@ -162,14 +172,14 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         .ok()?;
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + INNER + IP_HLEN > end {
-        return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+        return Some(TC_ACT_SHOT);
     }
     let total = (ENCAP_LEN + inner_len) as u16;
     let udp_len = total - IP_HLEN as u16;
     // SAFETY: every write below is within INNER + IP_HLEN, checked above.
     unsafe {
         if !hop(start + INNER) {
-            return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+            return Some(TC_ACT_SHOT);
         }
         let w16 = |off: usize, v: u16| core::ptr::write_unaligned((start + off) as *mut u16, v);
         let w32 = |off: usize, v: u32| core::ptr::write_unaligned((start + off) as *mut u32, v);
@@ -247,80 +257,42 @@ fn decap(ctx: &TcContext) -> Option<i32> {
     {
         return None;
     }
-    let saddr: u32 = at(ctx, INNER + 12)?;
     let daddr: u32 = at(ctx, INNER + 16)?;
-    if daddr & me.subnet_mask != me.subnet || me.bridge_ifindex == 0 {
+    if daddr & me.subnet_mask != me.subnet {
         return None;
     }
+    // SAFETY: copied out at once.
+    let host_veth = unsafe { *PODS.get(&daddr)? };
     let ttl_proto: u16 = at(ctx, INNER + 8)?;
     if ttl_proto.to_ne_bytes()[0] <= 1 {
         return None;
     }
-    // Where the node would send it: out of the bridge, or not ours to
-    // shortcut (the node's own addresses, routes elsewhere).
-    // SAFETY: an all-zero bpf_fib_lookup is valid.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ttl_proto.to_ne_bytes()[1];
-    // SAFETY: the context is an skb; ifindex is readable.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.__bindgen_anon_3.ipv4_src = saddr;
-    fib.__bindgen_anon_4.ipv4_dst = daddr;
-    // SAFETY: fib lives for the call; the size is its own.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-        || fib.ifindex != me.bridge_ifindex
+    // A GRO aggregate stays one packet: the tunnel's GSO state goes with
+    // the headers where the kernel can clear it, and the pod's stack
+    // takes it whole either way (it is delivered, not sent).
+    if ctx
+        .adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
+        .is_err()
     {
-        return None;
+        ctx.adjust_room(
+            -(ENCAP_LEN as i32),
+            BPF_ADJ_ROOM_MAC,
+            BPF_F_ADJ_ROOM_FIXED_GSO,
+        )
+        .ok()?;
     }
-    ctx.adjust_room(
-        -(ENCAP_LEN as i32),
-        BPF_ADJ_ROOM_MAC,
-        BPF_F_ADJ_ROOM_FIXED_GSO,
-    )
-    .ok()?;
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + ETH_HLEN + IP_HLEN > end {
-        return Some(aya_ebpf::bindings::TC_ACT_SHOT);
+        return Some(TC_ACT_SHOT);
     }
     // SAFETY: within ETH_HLEN + IP_HLEN, checked above.
-    unsafe {
-        if !hop(start + ETH_HLEN) {
-            return Some(aya_ebpf::bindings::TC_ACT_SHOT);
-        }
+    if !unsafe { hop(start + ETH_HLEN) } {
+        return Some(TC_ACT_SHOT);
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        // The kernel resolves the pod's MAC and sends it on.
-        let mut nh = bpf_redir_neigh {
-            nh_family: u32::from(AF_INET),
-            __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: daddr },
-        };
-        // SAFETY: nh lives for the call; the size is its own.
-        return Some(unsafe {
-            bpf_redirect_neigh(
-                fib.ifindex,
-                &mut nh,
-                core::mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32);
-    }
-    // SAFETY: within ETH_HLEN, checked above; dmac and smac are 6 bytes.
-    unsafe {
-        let d = fib.dmac;
-        let s = fib.smac;
-        core::ptr::write_unaligned(start as *mut [u8; 6], d);
-        core::ptr::write_unaligned((start + 6) as *mut [u8; 6], s);
-    }
+    // Straight into the pod's namespace, as if its veth had received it:
+    // no bridge, no transmit path.
     // SAFETY: plain helper call on this packet.
-    Some(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
+    Some(unsafe { bpf_redirect_peer(host_veth, 0) } as i32)
 }
 
 #[unsafe(link_section = "license")]

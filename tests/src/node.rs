@@ -370,7 +370,7 @@ impl KubeletNode {
         } else {
             let conf_dir = dir.path.join("net.d");
             std::fs::create_dir_all(&conf_dir).unwrap_or_else(|e| panic!("{e}"));
-            let bridge = format!("cni{}", &name[name.len().saturating_sub(6)..]);
+            let bridge = bridge_name(&name);
             let conflist = json!({"cniVersion": "1.0.0", "name": "skiff", "plugins": [
                 {"type": "skiff-cni", "bridge": bridge, "subnetFile": subnet_file, "dataDir": dir.path.join("cni")},
                 {"type": "portmap", "capabilities": {"portMappings": true}},
@@ -445,6 +445,12 @@ impl KubeletNode {
                     &cgroup.display().to_string(),
                     "--bpffs",
                     &p.path.display().to_string(),
+                    // The overlay's fast path goes on this node's bridge
+                    // and delivers to the pods its plugin recorded.
+                    "--bridge",
+                    &bridge_name(&name),
+                    "--cni-records",
+                    &dir.path.join("cni/skiff").display().to_string(),
                 ]
                 .map(String::from),
             );
@@ -536,4 +542,9 @@ fn remove_cgroup_tree(p: &Path) {
         }
     }
     let _ = std::fs::remove_dir(p);
+}
+
+/// The pods' bridge the harness configures for node `name`.
+fn bridge_name(name: &str) -> String {
+    format!("cni{}", &name[name.len().saturating_sub(6)..])
 }

@@ -162,6 +162,8 @@ impl Node {
             ])
             .args(["--subnet-file"])
             .args([&self.subnet_file])
+            .args(["--cni-records"])
+            .args([self.cni_dir.join("skiff")])
             .args(extra)
             .env("RUST_LOG", "info")
             .netns(&self.ns)

@@ -6,8 +6,9 @@
 //! Here: `OVERLAY_LOCAL` describes this node, `OVERLAY_PEERS` holds one
 //! entry per peer lease (the same leases, through the same
 //! [`backend::entries`](super::backend::entries), that make the kernel's
-//! entries), the decap program goes first on the underlay interface and
-//! the encap program on the pods' bridge once the CNI plugin has made it.
+//! entries), `OVERLAY_PODS` this node's pods as the CNI plugin recorded
+//! them, the decap program goes first on the underlay interface and the
+//! encap program on the pods' bridge once the CNI plugin has made it.
 //!
 //! The links are held by this process, not pinned: when the agent stops
 //! or dies they go with it, and the kernel's path carries the traffic
@@ -15,10 +16,12 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use ipnetwork::Ipv4Network;
@@ -75,18 +78,30 @@ pub struct Local {
     pub vtep_mac: [u8; 6],
     /// The pods' bridge, as the CNI config names it.
     pub bridge: String,
+    /// Where `skiff-cni` records this node's pods (`<dataDir>/<network>`).
+    pub cni_records: PathBuf,
 }
+
+/// Pods are read again this often even when their records did not change
+/// (a veth is made after its address is recorded).
+const PODS_RECHECK: Duration = Duration::from_secs(2);
 
 pub struct FastPath {
     ebpf: Ebpf,
     local_map: Array<MapData, OverlayLocal>,
     peers: LpmTrie<MapData, u32, OverlayPeer>,
+    pods: HashMap<MapData, u32, u32>,
     local: OverlayLocal,
     bridge: String,
     /// The bridge's index and the encap link on it.
     bridge_link: Option<(u32, SchedClassifierLinkId)>,
     /// What `peers` holds, by (network address, prefix).
     held: BTreeMap<(Ipv4Addr, u8), OverlayPeer>,
+    cni_records: PathBuf,
+    /// What `pods` holds: address to host veth (ifindex), as in the map.
+    pods_held: BTreeMap<u32, u32>,
+    /// The records' directory as last read (modified time) and when.
+    pods_read: Option<(Option<SystemTime>, Instant)>,
 }
 
 fn classifier<'a>(
@@ -140,13 +155,14 @@ impl FastPath {
             Array::try_from(take(names::OVERLAY_LOCAL)?).map_err(map_err(names::OVERLAY_LOCAL))?;
         let peers = LpmTrie::try_from(take(names::OVERLAY_PEERS)?)
             .map_err(map_err(names::OVERLAY_PEERS))?;
+        let pods =
+            HashMap::try_from(take(names::OVERLAY_PODS)?).map_err(map_err(names::OVERLAY_PODS))?;
         let (subnet, subnet_mask) = subnet_words(l.subnet);
         let local = OverlayLocal {
             node_ip: u32::from_ne_bytes(l.public_ip.octets()),
             subnet,
             subnet_mask,
             underlay_ifindex: l.underlay_index,
-            bridge_ifindex: 0,
             vni_word: OverlayLocal::vni_word(l.vni),
             port: l.port.to_be(),
             vtep_mac: l.vtep_mac,
@@ -155,10 +171,14 @@ impl FastPath {
             ebpf,
             local_map,
             peers,
+            pods,
             local,
             bridge: l.bridge.clone(),
             bridge_link: None,
             held: BTreeMap::new(),
+            cni_records: l.cni_records.clone(),
+            pods_held: BTreeMap::new(),
+            pods_read: None,
         };
         fp.write_local()?;
         classifier(&mut fp.ebpf, DECAP)?
@@ -184,7 +204,7 @@ impl FastPath {
     }
 
     /// Attaches the encap program to the bridge when it appears (or was
-    /// made again) and tells the decap program where it is.
+    /// made again).
     pub fn ensure_bridge(&mut self) -> Result<(), FastPathError> {
         let now = nix::net::if_::if_nametoindex(self.bridge.as_str()).ok();
         if now == self.bridge_link.as_ref().map(|(i, _)| *i) {
@@ -209,8 +229,55 @@ impl FastPath {
             self.bridge_link = Some((index, link));
             info!(bridge = %self.bridge, ifindex = index, "overlay fast path on the bridge");
         }
-        self.local.bridge_ifindex = now.unwrap_or(0);
-        self.write_local()
+        Ok(())
+    }
+
+    /// This node's pods as `skiff-cni` recorded them, each with the index
+    /// of its host-side veth, into `OVERLAY_PODS`: read when the records
+    /// changed and every [`PODS_RECHECK`] (a pod whose veth is not there
+    /// yet, or any more, is left to the kernel's path).
+    pub fn sync_pods(&mut self) -> Result<(), FastPathError> {
+        let modified = std::fs::metadata(&self.cni_records)
+            .and_then(|m| m.modified())
+            .ok();
+        if let Some((seen, at)) = self.pods_read
+            && seen == modified
+            && at.elapsed() < PODS_RECHECK
+        {
+            return Ok(());
+        }
+        self.pods_read = Some((modified, Instant::now()));
+        let want: BTreeMap<u32, u32> = skiff_cni_lib::attachments::host_veths(&self.cni_records)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(ip, veth)| {
+                let index = nix::net::if_::if_nametoindex(veth.as_str()).ok()?;
+                Some((u32::from_ne_bytes(ip.octets()), index))
+            })
+            .collect();
+        let gone: Vec<u32> = self
+            .pods_held
+            .keys()
+            .filter(|ip| !want.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            match self.pods.remove(&ip) {
+                Ok(()) | Err(MapError::KeyNotFound) => {
+                    self.pods_held.remove(&ip);
+                }
+                Err(e) => return Err(map_err(names::OVERLAY_PODS)(e)),
+            }
+        }
+        for (ip, index) in want {
+            if self.pods_held.get(&ip) != Some(&index) {
+                self.pods
+                    .insert(ip, index, 0)
+                    .map_err(map_err(names::OVERLAY_PODS))?;
+                self.pods_held.insert(ip, index);
+            }
+        }
+        Ok(())
     }
 
     /// Our subnet changed (the lease was lost and another taken).

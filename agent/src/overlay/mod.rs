@@ -60,6 +60,9 @@ pub struct OverlayConfig {
     /// The pods' bridge, as the CNI config names it (the fast path's
     /// encap program goes on it).
     pub bridge: String,
+    /// Where the CNI plugin records the node's pods (`<dataDir>/<network>`
+    /// of its config): the fast path delivers to them by their veths.
+    pub cni_records: PathBuf,
 }
 
 /// Where subnets are leased and peers found. One per overlay run, behind
@@ -464,6 +467,7 @@ pub async fn run(
             port: net.port,
             vtep_mac,
             bridge: cfg.bridge.clone(),
+            cni_records: cfg.cni_records.clone(),
         }),
         _ => None,
     };
@@ -498,10 +502,10 @@ pub async fn run(
     renew.tick().await;
     let mut resync = tokio::time::interval(node.cfg.resync);
     resync.tick().await;
-    // The CNI plugin makes the bridge with the first pod: look for it
-    // often (one ioctl) so that the first pod's traffic takes the fast path
-    // within moments.
-    let mut bridge = tokio::time::interval(Duration::from_millis(250));
+    // The CNI plugin makes the bridge with the first pod, and records
+    // every pod: look often (an ioctl and a stat) so that a new pod's
+    // traffic takes the fast path within moments.
+    let mut pods = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = &mut shutdown => {
@@ -552,11 +556,14 @@ pub async fn run(
                     }
                 }
             }
-            _ = bridge.tick(), if node.fast.is_some() => {
-                if let Some(f) = node.fast.as_mut()
-                    && let Err(e) = f.ensure_bridge()
-                {
-                    warn!(error = %e, "overlay fast path: attaching to the bridge failed");
+            _ = pods.tick(), if node.fast.is_some() => {
+                if let Some(f) = node.fast.as_mut() {
+                    if let Err(e) = f.ensure_bridge() {
+                        warn!(error = %e, "overlay fast path: attaching to the bridge failed");
+                    }
+                    if let Err(e) = f.sync_pods() {
+                        warn!(error = %e, "overlay fast path: writing pods failed");
+                    }
                 }
             }
             _ = resync.tick() => {

@@ -295,6 +295,8 @@ pub struct RevFlowValue {
 
 /// Peer subnets the overlay's fast path knows (one per node).
 pub const MAX_OVERLAY_PEERS: u32 = 65_536;
+/// Pods of this node the overlay's fast path delivers to.
+pub const MAX_OVERLAY_PODS: u32 = 4_096;
 
 /// The overlay's fast path (`skiff-overlay`): where a peer node's pods
 /// are, keyed in an LPM trie by the peer's subnet (network byte order).
@@ -320,9 +322,6 @@ pub struct OverlayLocal {
     pub subnet_mask: u32,
     /// Where encapsulated packets leave.
     pub underlay_ifindex: u32,
-    /// The pods' bridge: decapsulated packets go out of it (0 until the
-    /// bridge exists).
-    pub bridge_ifindex: u32,
     /// The VXLAN header's second word: the VNI shifted past its reserved
     /// byte.
     pub vni_word: u32,
@@ -360,6 +359,9 @@ pub mod maps {
     pub const REV_FLOWS: &str = "REV_FLOWS";
     /// `LPM(subnet) -> OverlayPeer`: peers of the overlay's fast path.
     pub const OVERLAY_PEERS: &str = "OVERLAY_PEERS";
+    /// `u32 -> u32`: this node's pods (address) to their host-side veth
+    /// (ifindex), for the overlay's fast path.
+    pub const OVERLAY_PODS: &str = "OVERLAY_PODS";
     /// `0 -> OverlayLocal`: this node, for the overlay's fast path.
     pub const OVERLAY_LOCAL: &str = "OVERLAY_LOCAL";
 }

@@ -233,6 +233,11 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
         ("node ↔ node (limit)", BLACK, per_round("node")),
         ("pod ↔ pod host-gw", green, per_round("host-gw")),
         ("pod ↔ pod vxlan", blue, per_round("vxlan")),
+        (
+            "pod ↔ pod vxlan, kernel only",
+            orange,
+            per_round("vxlan-kernel"),
+        ),
     ];
     let rounds = tp.iter().map(|s| s.2.len()).max().unwrap_or(1) as f64;
     let max_g = max_y(&tp) * 1.3;
