@@ -132,9 +132,7 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
         cni_calls: 100,
         leases: vec![100, 1_000],
         knobs: knobs::Knob::ALL.to_vec(),
-        parts: ["throughput", "cni", "convergence"]
-            .map(String::from)
-            .to_vec(),
+        parts: net::PARTS.map(String::from).to_vec(),
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
@@ -152,12 +150,8 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
             }
             "--parts" => {
                 a.parts = value.split(',').map(String::from).collect();
-                if let Some(p) = a
-                    .parts
-                    .iter()
-                    .find(|p| !["throughput", "cni", "convergence"].contains(&p.as_str()))
-                {
-                    bail!("--parts: unknown part {p:?} (throughput, cni, convergence)");
+                if let Some(p) = a.parts.iter().find(|p| !net::PARTS.contains(&p.as_str())) {
+                    bail!("--parts: unknown part {p:?} ({})", net::PARTS.join(", "));
                 }
             }
             "--out" => a.out = PathBuf::from(value),

@@ -672,7 +672,14 @@ pub fn program_stats(pin_dir: &Path) -> Vec<(&'static str, std::time::Duration, 
             Some((super::terminate::link_program_id(&link).ok()?, *program))
         })
         .collect();
-    // One pass over the loaded programs.
+    stats_of(&ids)
+}
+
+/// Run time and count (kernel.bpf_stats_enabled) of the programs with
+/// these ids, by name: one pass over the loaded programs.
+pub(super) fn stats_of(
+    ids: &StdHashMap<u32, &'static str>,
+) -> Vec<(&'static str, std::time::Duration, u64)> {
     aya::programs::loaded_programs()
         .flatten()
         .filter_map(|p| Some((*ids.get(&p.id())?, p.run_time(), p.run_count())))

@@ -646,10 +646,7 @@ impl External {
                 }
             }
         }
-        aya::programs::loaded_programs()
-            .flatten()
-            .filter_map(|p| Some((*ids.get(&p.id())?, p.run_time(), p.run_count())))
-            .collect()
+        super::dataplane::stats_of(&ids)
     }
 }
 

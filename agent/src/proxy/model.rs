@@ -468,8 +468,12 @@ pub fn service_plan(
                                 .collect();
                         // No endpoints at all (not only none on this
                         // node): refused, as kube-proxy REJECTs.
+                        // (Only under the Local policy can the set be empty
+                        // while other nodes have endpoints.)
                         let none_anywhere = backends.is_empty()
-                            && backends_for(&name, port, family, false, slices, node).is_empty();
+                            && (!external_local
+                                || backends_for(&name, port, family, false, slices, node)
+                                    .is_empty());
                         external.push(ExternalSet {
                             name: set_name,
                             frontends: vec![key],

@@ -29,10 +29,13 @@ pub struct Args {
     pub leases: Vec<usize>,
     /// The vxlan knobs to measure, each alone on top of what ships.
     pub knobs: Vec<Knob>,
-    /// Which parts to run: throughput, cni, convergence.
+    /// Which of [`PARTS`] to run.
     pub parts: Vec<String>,
     pub out: PathBuf,
 }
+
+/// The parts of the benchmark, each run on its own with `--parts`.
+pub const PARTS: [&str; 3] = ["throughput", "cni", "convergence"];
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","Backend":{"Type":"host-gw"}}"#;

@@ -331,15 +331,7 @@ fn measure(mode: Mode, case: Case, n: usize, round: usize, args: &Args) -> Resul
     let topo = Topology::new()?;
     let programmed = program(mode, case, n, &topo, &scratch.path, args)?;
     let to = targets(mode, case, n);
-    let conns: Load = probe_load("load", &topo.client, None, &to, args.conns, args.threads)?;
-    let reqs: Load = probe_load(
-        "keepalive",
-        &topo.client,
-        None,
-        &to,
-        args.requests,
-        args.threads,
-    )?;
+    let (conns, reqs) = both_loads(&topo, &to, args)?;
     let program_ms = programmed.program_ms;
     drop(programmed);
     drop(topo);
@@ -387,8 +379,22 @@ pub struct ProgramCost {
     pub ns_per_run: f64,
 }
 
+/// New connections to `to` (`args.conns` of them), then requests on kept
+/// connections (`args.requests`), from the client namespace.
+fn both_loads(topo: &Topology, to: &[SocketAddr], args: &Args) -> Result<(Load, Load)> {
+    let conns = probe_load("load", &topo.client, None, to, args.conns, args.threads)?;
+    let reqs = probe_load(
+        "keepalive",
+        &topo.client,
+        None,
+        to,
+        args.requests,
+        args.threads,
+    )?;
+    Ok((conns, reqs))
+}
+
 fn program_cost(case: Case, n: usize, args: &Args) -> Result<Vec<ProgramCost>> {
-    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
     settle();
     let scratch = TempDir::new();
     let topo = Topology::new()?;
@@ -399,47 +405,27 @@ fn program_cost(case: Case, n: usize, args: &Args) -> Result<Vec<ProgramCost>> {
         .map(|(e, _)| e)
         .context("skiff mode has its TC path")?;
     let to = targets(Mode::Skiff, case, n);
-    let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
-    std::fs::write(STATS, "1").with_context(|| format!("enable {STATS}"))?;
-    let before = ext.program_stats();
-    let load =
-        probe_load("load", &topo.client, None, &to, args.conns, args.threads).and_then(|_| {
-            probe_load(
-                "keepalive",
-                &topo.client,
-                None,
-                &to,
-                args.requests,
-                args.threads,
-            )
-        });
-    let after = ext.program_stats();
-    let _ = std::fs::write(STATS, was.trim());
-    load?;
-    let mut out = Vec::new();
-    for (program, t1, c1) in after {
-        let (t0, c0) = before
-            .iter()
-            .find(|(b, _, _)| *b == program)
-            .map_or((std::time::Duration::ZERO, 0), |(_, t, c)| (*t, *c));
-        let runs = c1.saturating_sub(c0);
-        if runs == 0 {
-            continue;
-        }
-        let ns = t1.saturating_sub(t0).as_nanos() as f64 / runs as f64;
-        eprintln!(
-            "  {:<12} {n:>6} services  {program}: {ns:.0} ns per run ({runs} runs)",
-            case.name()
-        );
-        out.push(ProgramCost {
-            case,
-            services: n,
-            program,
-            runs,
-            ns_per_run: ns,
-        });
-    }
-    Ok(out)
+    let (_, costs) =
+        super::stats::bpf_cost(|| ext.program_stats(), || both_loads(&topo, &to, args))?;
+    Ok(costs
+        .into_iter()
+        .map(|c| {
+            eprintln!(
+                "  {:<12} {n:>6} services  {}: {:.0} ns per run ({} runs)",
+                case.name(),
+                c.program,
+                c.ns_per_run,
+                c.runs
+            );
+            ProgramCost {
+                case,
+                services: n,
+                program: c.program,
+                runs: c.runs,
+                ns_per_run: c.ns_per_run,
+            }
+        })
+        .collect())
 }
 
 #[derive(Debug, Serialize)]

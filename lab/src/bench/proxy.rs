@@ -459,7 +459,6 @@ pub struct ProgramCost {
 }
 
 fn program_cost(n: usize, conns: u64, args: &Args) -> Result<Vec<ProgramCost>> {
-    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
     settle();
     let scratch = TempDir::new();
     let topo = Topology::new();
@@ -469,36 +468,28 @@ fn program_cost(n: usize, conns: u64, args: &Args) -> Result<Vec<ProgramCost>> {
         .as_ref()
         .map(|(_, p)| p.path.clone())
         .context("skiff mode has pins")?;
-    let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
-    std::fs::write(STATS, "1").with_context(|| format!("enable {STATS}"))?;
-    let before = skiff_agent::proxy::dataplane::program_stats(&pins);
-    let load = topo.load(&targets(Mode::Skiff, n, State::Fresh), conns, args.threads);
-    let after = skiff_agent::proxy::dataplane::program_stats(&pins);
-    let _ = std::fs::write(STATS, was.trim());
-    let load = load?;
+    let (load, costs) = super::stats::bpf_cost(
+        || skiff_agent::proxy::dataplane::program_stats(&pins),
+        || topo.load(&targets(Mode::Skiff, n, State::Fresh), conns, args.threads),
+    )?;
     drop(programmed);
     drop(topo);
-    let mut out = Vec::new();
-    for (name, t1, c1) in after {
-        let (t0, c0) = before
-            .iter()
-            .find(|(b, _, _)| *b == name)
-            .map_or((std::time::Duration::ZERO, 0), |(_, t, c)| (*t, *c));
-        let runs = c1.saturating_sub(c0);
-        if runs == 0 {
-            continue;
-        }
-        let ns = t1.saturating_sub(t0).as_nanos() as f64 / runs as f64;
-        eprintln!("  {n:>6} services  {name}: {ns:.0} ns per run ({runs} runs)");
-        out.push(ProgramCost {
-            services: n,
-            program: name,
-            runs,
-            ns_per_run: ns,
-            rate: load.rate,
-        });
-    }
-    Ok(out)
+    Ok(costs
+        .into_iter()
+        .map(|c| {
+            eprintln!(
+                "  {n:>6} services  {}: {:.0} ns per run ({} runs)",
+                c.program, c.ns_per_run, c.runs
+            );
+            ProgramCost {
+                services: n,
+                program: c.program,
+                runs: c.runs,
+                ns_per_run: c.ns_per_run,
+                rate: load.rate,
+            }
+        })
+        .collect())
 }
 
 fn measure(

@@ -16,3 +16,45 @@ pub fn summary(mut v: Vec<f64>) -> Value {
     v.sort_by(f64::total_cmp);
     json!({"p50": pct(&v, 0.5), "p99": pct(&v, 0.99), "min": v.first(), "max": v.last(), "n": v.len()})
 }
+
+/// A program's cost over one load: how often it ran and its mean run time.
+pub struct BpfCost {
+    pub program: &'static str,
+    pub runs: u64,
+    pub ns_per_run: f64,
+}
+
+/// Runs `load` with `kernel.bpf_stats_enabled` on (restored after) and
+/// returns its result with the cost of each program that ran meanwhile;
+/// `stats` reads (program, total run time, run count) as the agent reports
+/// them.
+pub fn bpf_cost<T>(
+    stats: impl Fn() -> Vec<(&'static str, std::time::Duration, u64)>,
+    load: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Vec<BpfCost>)> {
+    use anyhow::Context as _;
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
+    std::fs::write(STATS, "1").with_context(|| format!("enable {STATS}"))?;
+    let before = stats();
+    let result = load();
+    let after = stats();
+    let _ = std::fs::write(STATS, was.trim());
+    let result = result?;
+    let costs = after
+        .into_iter()
+        .filter_map(|(program, t1, c1)| {
+            let (t0, c0) = before
+                .iter()
+                .find(|(b, _, _)| *b == program)
+                .map_or((std::time::Duration::ZERO, 0), |(_, t, c)| (*t, *c));
+            let runs = c1.saturating_sub(c0);
+            (runs > 0).then(|| BpfCost {
+                program,
+                runs,
+                ns_per_run: t1.saturating_sub(t0).as_nanos() as f64 / runs as f64,
+            })
+        })
+        .collect();
+    Ok((result, costs))
+}
