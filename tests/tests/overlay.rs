@@ -170,15 +170,7 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     );
     // The fast path takes the bridge once the first pod made it.
     for n in &c.nodes[..2] {
-        wait_for(
-            "the fast path on the bridge",
-            Duration::from_secs(5),
-            || {
-                n.agent_log()
-                    .contains("overlay fast path on the bridge")
-                    .then_some(())
-            },
-        );
+        fast_path_on_bridge(n);
     }
     let before: Vec<u64> = c.nodes.iter().map(vtep_packets).collect();
     assert_full_mesh(&c, &pods);
@@ -195,6 +187,61 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
         through[2] >= 40 && through[0] <= 2 && through[1] <= 2,
         "VTEP packets during the exchanges, per node: {through:?}"
     );
+}
+
+/// Waits until node `n`'s agent (its latest start) has put the fast path
+/// on the bridge.
+fn fast_path_on_bridge(n: &Node) {
+    wait_for(
+        "the fast path on the bridge",
+        Duration::from_secs(5),
+        || {
+            n.agent_log()
+                .contains("overlay fast path on the bridge")
+                .then_some(())
+        },
+    );
+}
+
+/// The fast path lives with the agent: killed, the kernel's VTEP carries
+/// the pods' traffic on; restarted, the agent takes it back.
+#[test]
+fn the_kernel_vtep_carries_on_while_the_agent_is_down_and_the_fast_path_comes_back() {
+    let mut c = Cluster::new(2, VXLAN);
+    c.start_all(&[]);
+    let subnets = distinct_subnets(&c);
+    converge(&c, &subnets);
+    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    let _servers: Vec<Proc> = pods.iter().flat_map(serve).collect();
+    for n in &c.nodes {
+        fast_path_on_bridge(n);
+    }
+    // Both ways; returns (node 0's VTEP packets, node 1's) meanwhile.
+    let both_ways = |c: &Cluster| {
+        let before: Vec<u64> = c.nodes.iter().map(vtep_packets).collect();
+        exchange(&pods[0], &pods[1].ip, 5);
+        exchange(&pods[1], &pods[0].ip, 5);
+        let after: Vec<u64> = c.nodes.iter().map(vtep_packets).collect();
+        (after[0] - before[0], after[1] - before[1])
+    };
+    let (n0, n1) = both_ways(&c);
+    assert!(
+        n0 <= 2 && n1 <= 2,
+        "fast path on both: VTEP packets {n0}, {n1}"
+    );
+
+    c.nodes[0].kill_agent();
+    let (n0, n1) = both_ways(&c);
+    assert!(
+        n0 >= 20 && n1 <= 2,
+        "agent 0 dead: its VTEP carries its side ({n0}), node 1's fast path the other ({n1})"
+    );
+
+    c.nodes[0].start_agent(&[]);
+    c.nodes[0].wait_ready();
+    fast_path_on_bridge(&c.nodes[0]);
+    let (n0, n1) = both_ways(&c);
+    assert!(n0 <= 2 && n1 <= 2, "agent 0 back: VTEP packets {n0}, {n1}");
 }
 
 #[test]
