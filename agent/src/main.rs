@@ -88,9 +88,9 @@ struct OverlayArgs {
     /// The network config file in --kube-subnet-mgr mode.
     #[arg(long, default_value = overlay::kube::DEFAULT_NET_CONFIG)]
     net_config_path: PathBuf,
-    /// vxlan: wrap and unwrap pod traffic in TC eBPF, skipping the node's
-    /// IP stack and the kernel's tunnel (`false`: the kernel's VTEP alone,
-    /// as Flannel).
+    /// Carry pod traffic between nodes in TC eBPF (vxlan wrapped and
+    /// unwrapped, host-gw routed), skipping the node's IP stack and the
+    /// kernel's tunnel (`false`: the kernel alone, as Flannel).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fast_path: bool,
     /// The pods' bridge (the CNI config's `bridge`).

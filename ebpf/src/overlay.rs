@@ -29,13 +29,15 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
+    bindings::{TC_ACT_SHOT, bpf_redir_neigh},
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     programs::TcContext,
 };
-use skiff_ebpf_common::{MAX_OVERLAY_PEERS, MAX_OVERLAY_PODS, OverlayLocal, OverlayPeer, csum};
+use skiff_ebpf_common::{
+    MAX_OVERLAY_PEERS, MAX_OVERLAY_PODS, OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, csum,
+};
 
 mod packet;
 
@@ -71,6 +73,7 @@ const INNER_ETH: usize = VXLAN + VXLAN_HLEN;
 const INNER: usize = INNER_ETH + ETH_HLEN;
 
 const PROTO_UDP: u8 = 17;
+const AF_INET: u8 = 2;
 /// VXLAN flags: the VNI is valid.
 const VXLAN_I: u8 = 0x08;
 /// Source ports of the outer UDP header, spread by the inner flow's hash
@@ -156,6 +159,18 @@ fn encap(ctx: &TcContext) -> Option<i32> {
     if ttl_proto.to_ne_bytes()[0] <= 1 {
         return None;
     }
+    if me.flags & OVERLAY_HOST_GW != 0 {
+        // host-gw: routed as it is, to the peer on the underlay.
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + ETH_HLEN + IP_HLEN > end {
+            return None;
+        }
+        // SAFETY: within ETH_HLEN + IP_HLEN, checked above.
+        if !unsafe { hop(start + ETH_HLEN) } {
+            return Some(TC_ACT_SHOT);
+        }
+        return Some(to_underlay(me.underlay_ifindex, peer.node_ip));
+    }
     let tos = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes()[1];
     // The outer header carries the inner ECN field (congestion marked
     // inside stays capable outside), as the kernel's tunnels do.
@@ -228,6 +243,47 @@ fn encap(ctx: &TcContext) -> Option<i32> {
     Some(unsafe { bpf_redirect_neigh(me.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }
 
+/// Out of the underlay to `nexthop` (on its segment, as host-gw's routes
+/// require), its MAC filled in by the kernel.
+#[inline(always)]
+fn to_underlay(ifindex: u32, nexthop: u32) -> i32 {
+    let mut nh = bpf_redir_neigh {
+        nh_family: u32::from(AF_INET),
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: nexthop },
+    };
+    // SAFETY: nh lives for the call; the size is its own.
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
+}
+
+/// host-gw: a packet routed to one of our pods goes straight into its
+/// namespace.
+#[inline(always)]
+fn deliver_routed(ctx: &TcContext, me: &OverlayLocal) -> Option<i32> {
+    let daddr: u32 = at(ctx, ETH_HLEN + 16)?;
+    if daddr & me.subnet_mask != me.subnet {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let host_veth = unsafe { *PODS.get(&daddr)? };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + IP_HLEN > end {
+        return None;
+    }
+    // SAFETY: within ETH_HLEN + IP_HLEN, checked above.
+    if !unsafe { hop(start + ETH_HLEN) } {
+        return None;
+    }
+    // SAFETY: plain helper call on this packet.
+    Some(unsafe { bpf_redirect_peer(host_veth, 0) } as i32)
+}
+
 #[inline(always)]
 fn decap(ctx: &TcContext) -> Option<i32> {
     let ethertype: u16 = at(ctx, 12)?;
@@ -235,6 +291,9 @@ fn decap(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     let me = local()?;
+    if me.flags & OVERLAY_HOST_GW != 0 {
+        return deliver_routed(ctx, &me);
+    }
     // IPv4 without options, not a fragment, UDP to our port and address.
     let vihl = at::<u16>(ctx, OUTER)?.to_ne_bytes()[0];
     let frag: u16 = at(ctx, OUTER + 6)?;

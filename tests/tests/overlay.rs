@@ -247,7 +247,17 @@ fn the_kernel_vtep_carries_on_while_the_agent_is_down_and_the_fast_path_comes_ba
 #[test]
 fn pods_on_three_nodes_exchange_tcp_and_udp_over_host_gw() {
     let mut c = Cluster::new(3, HOST_GW);
-    c.start_all(&[]);
+    // As over vxlan: node 2 routes in the kernel only.
+    for (i, n) in c.nodes.iter_mut().enumerate() {
+        n.start_agent(if i == 2 {
+            &["--fast-path", "false"]
+        } else {
+            &[]
+        });
+    }
+    for n in &c.nodes {
+        n.wait_ready();
+    }
     let subnets = distinct_subnets(&c);
     converge(&c, &subnets);
     for (i, n) in c.nodes.iter().enumerate() {
@@ -266,7 +276,36 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_host_gw() {
         );
     }
     let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    for n in &c.nodes[..2] {
+        fast_path_on_bridge(n);
+    }
+    let before: Vec<u64> = c.nodes.iter().map(forwarded).collect();
     assert_full_mesh(&c, &pods);
+    let through: Vec<u64> = c
+        .nodes
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| forwarded(n) - b)
+        .collect();
+    // The kernel forwarded node 2's share; the fast path nodes' pods were
+    // reached, and reached out, without the node's IP forwarding.
+    assert!(
+        through[2] >= 40 && through[0] <= 2 && through[1] <= 2,
+        "datagrams the nodes' IP stacks forwarded during the exchanges: {through:?}"
+    );
+}
+
+/// Datagrams the node's IP stack has forwarded (`Ip: ForwDatagrams`).
+fn forwarded(n: &Node) -> u64 {
+    let snmp = n.ns.exec(&["cat", "/proc/net/snmp"]);
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap_or(""), ip.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == "ForwDatagrams")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no ForwDatagrams in {snmp}"))
 }
 
 #[test]

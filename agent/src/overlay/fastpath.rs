@@ -1,7 +1,7 @@
-//! The overlay's fast path (vxlan): the `skiff-overlay` programs wrap and
-//! unwrap pod traffic in TC (see `ebpf/src/overlay.rs`), next to the
-//! kernel's VTEP, whose routes, neighbours and FDB entries stay as they
-//! are and carry whatever the programs pass on.
+//! The overlay's fast path: the `skiff-overlay` programs wrap and unwrap
+//! pod traffic in TC (vxlan) or route it (host-gw) (see
+//! `ebpf/src/overlay.rs`), next to the kernel's VTEP and routes, which stay
+//! as they are and carry whatever the programs pass on.
 //!
 //! Here: `OVERLAY_LOCAL` describes this node, `OVERLAY_PEERS` holds one
 //! entry per peer lease (the same leases, through the same
@@ -25,7 +25,7 @@ use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use ipnetwork::Ipv4Network;
-use skiff_ebpf_common::{OverlayLocal, OverlayPeer, maps as names};
+use skiff_ebpf_common::{OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, maps as names};
 use tracing::{info, warn};
 
 use super::backend::Entries;
@@ -69,6 +69,8 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> FastPathError {
 /// What the fast path needs to know of this node.
 #[derive(Clone, Debug)]
 pub struct Local {
+    /// host-gw: packets are routed as they are; else wrapped in VXLAN.
+    pub host_gw: bool,
     pub public_ip: Ipv4Addr,
     pub subnet: Ipv4Network,
     pub underlay: String,
@@ -117,12 +119,18 @@ fn classifier<'a>(
 /// The peer entry a lease's kernel entries stand for (none for our own
 /// lease, one of another backend, or one without a VTEP MAC).
 fn peer_of(e: &Entries) -> Option<((Ipv4Addr, u8), OverlayPeer)> {
-    let (route, fdb) = (e.route.as_ref()?, e.fdb.as_ref()?);
+    let route = e.route.as_ref()?;
+    // vxlan: the peer's address and VTEP MAC are in the FDB entry; host-gw:
+    // the route's gateway is the peer.
+    let (node_ip, vtep_mac) = match &e.fdb {
+        Some(f) => (f.dst, f.mac),
+        None => (route.gateway?, [0; 6]),
+    };
     Some((
         (route.dst, route.prefix),
         OverlayPeer {
-            node_ip: u32::from_ne_bytes(fdb.dst.octets()),
-            vtep_mac: fdb.mac,
+            node_ip: u32::from_ne_bytes(node_ip.octets()),
+            vtep_mac,
             pad: 0,
         },
     ))
@@ -164,6 +172,7 @@ impl FastPath {
             subnet_mask,
             underlay_ifindex: l.underlay_index,
             vni_word: OverlayLocal::vni_word(l.vni),
+            flags: if l.host_gw { OVERLAY_HOST_GW } else { 0 },
             port: l.port.to_be(),
             vtep_mac: l.vtep_mac,
         };

@@ -54,8 +54,9 @@ pub struct OverlayConfig {
     /// peers are found on Nodes, and the network config is this file
     /// (`etcd` and `prefix` are then unused).
     pub kube_subnet_mgr: Option<PathBuf>,
-    /// vxlan: wrap and unwrap pod traffic in TC (`fastpath`), the
-    /// kernel's VTEP carrying only what the programs pass on.
+    /// Carry pod traffic between nodes in TC (`fastpath`: vxlan wrapped
+    /// and unwrapped, host-gw routed), the kernel's VTEP and routes
+    /// carrying only what the programs pass on.
     pub fast_path: bool,
     /// The pods' bridge, as the CNI config names it (the fast path's
     /// encap program goes on it).
@@ -457,19 +458,21 @@ pub async fn run(
             .await?;
     }
     enable_forwarding()?;
-    let fast = match vtep_mac {
-        Some(vtep_mac) if cfg.fast_path => fastpath::try_start(&fastpath::Local {
+    let fast = if cfg.fast_path {
+        fastpath::try_start(&fastpath::Local {
+            host_gw: net.backend == BackendType::HostGw,
             public_ip,
             subnet: held.subnet,
             underlay: under.name.clone(),
             underlay_index: under.index,
             vni: net.vni,
             port: net.port,
-            vtep_mac,
+            vtep_mac: vtep_mac.unwrap_or_default(),
             bridge: cfg.bridge.clone(),
             cni_records: cfg.cni_records.clone(),
-        }),
-        _ => None,
+        })
+    } else {
+        None
     };
     let mut node = Node {
         reg: Arc::clone(&reg),

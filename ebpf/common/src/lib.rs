@@ -325,9 +325,14 @@ pub struct OverlayLocal {
     /// The VXLAN header's second word: the VNI shifted past its reserved
     /// byte.
     pub vni_word: u32,
+    /// `OVERLAY_HOST_GW`: packets are routed as they are, not wrapped.
+    pub flags: u32,
     pub port: u16,
     pub vtep_mac: [u8; 6],
 }
+
+/// `OverlayLocal::flags`: the host-gw backend.
+pub const OVERLAY_HOST_GW: u32 = 1;
 
 impl OverlayLocal {
     /// The VXLAN header's second word for `vni`.

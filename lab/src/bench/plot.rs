@@ -232,6 +232,11 @@ pub fn net(doc: &serde_json::Value, path: &Path) -> Result<()> {
     let tp = [
         ("node ↔ node (limit)", BLACK, per_round("node")),
         ("pod ↔ pod host-gw", green, per_round("host-gw")),
+        (
+            "pod ↔ pod host-gw, kernel only",
+            RED,
+            per_round("host-gw-kernel"),
+        ),
         ("pod ↔ pod vxlan", blue, per_round("vxlan")),
         (
             "pod ↔ pod vxlan, kernel only",
