@@ -553,7 +553,8 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The throughput table and the knob table; returns vxlan ÷ host-gw.
+/// The throughput tables and the knob table; returns vxlan ÷ host-gw
+/// (median of the rounds' own ratios).
 fn print_throughput(args: &Args, tp: &Value) -> f64 {
     let g = |p: &str| tp.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
     let node = g("/node/p50");
@@ -584,15 +585,57 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
             g(&format!("/{key}/p50")) / node.max(1e-9)
         );
     }
-    let vx_ratio = g("/vxlan/p50") / g("/host_gw/p50").max(1e-9);
-    let r = |a: &str, b: &str| g(&format!("/{a}/p50")) / g(&format!("/{b}/p50")).max(1e-9);
-    println!(
-        "vxlan ÷ host-gw = {vx_ratio:.3} as shipped (target ≥ 0.9), {:.3} kernel only; vxlan ÷ kernel-only host-gw = {:.3}; fast path ÷ kernel only: vxlan {:.3}, host-gw {:.3}",
-        r("vxlan_kernel", "host_gw_kernel"),
-        r("vxlan", "host_gw_kernel"),
-        r("vxlan", "vxlan_kernel"),
-        r("host_gw", "host_gw_kernel"),
-    );
+    // Each round's own pair (the machine drifts between rounds): median,
+    // min and max of the per-round ratios.
+    let paired = |a: &str, b: &str| -> (f64, f64, f64) {
+        let xs = |k: &str| -> Vec<f64> {
+            tp["samples"][k]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default()
+        };
+        let ratios: Vec<f64> = xs(a)
+            .iter()
+            .zip(xs(b))
+            .map(|(x, y)| x / y.max(1e-9))
+            .collect();
+        let s = sorted(&ratios);
+        (
+            pct(&s, 0.5),
+            s.first().copied().unwrap_or(0.0),
+            s.last().copied().unwrap_or(0.0),
+        )
+    };
+    println!("\nratios, per round (median, min – max)");
+    println!("| ratio | median | min – max |");
+    println!("| --- | ---: | ---: |");
+    for (name, a, b) in [
+        (
+            "vxlan ÷ host-gw, as shipped (target ≥ 0.9)",
+            "vxlan",
+            "host-gw",
+        ),
+        (
+            "vxlan ÷ host-gw, kernel only",
+            "vxlan-kernel",
+            "host-gw-kernel",
+        ),
+        (
+            "vxlan as shipped ÷ host-gw kernel only",
+            "vxlan",
+            "host-gw-kernel",
+        ),
+        ("fast path ÷ kernel only, vxlan", "vxlan", "vxlan-kernel"),
+        (
+            "fast path ÷ kernel only, host-gw",
+            "host-gw",
+            "host-gw-kernel",
+        ),
+    ] {
+        let (m, lo, hi) = paired(a, b);
+        println!("| {name} | {m:.3} | {lo:.3} – {hi:.3} |");
+    }
+    let vx_ratio = paired("vxlan", "host-gw").0;
     if !args.knobs.is_empty() {
         println!("\nvxlan knobs, each alone on top of what ships (median Gbit/s)");
         println!("| knob | Gbit/s | min | max | ÷ vxlan | ÷ host-gw |");
