@@ -40,6 +40,7 @@ pub(crate) const BPF_F_NO_PREALLOC: u32 = 1;
 
 mod nodeport;
 mod packet;
+mod runtime;
 
 /// Allowed / rejected, as cgroup sock_addr programs answer.
 const SYS_PROCEED: i32 = 1;
@@ -384,14 +385,4 @@ fn reverse(ctx: &SockAddrContext, family: u8) {
         let v = unsafe { *v };
         write_addr(sa, family, &in_form(&v.addr, mapped), v.port);
     }
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }

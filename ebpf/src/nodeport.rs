@@ -27,11 +27,9 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams},
     btf_maps::{Array, HashOfMaps},
-    helpers::{
-        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
-    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
     macros::{btf_map, classifier, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -321,19 +319,7 @@ fn mark_translated(ctx: &TcContext) {
 #[inline(always)]
 fn redirect(ctx: &TcContext, ifindex: u32, nexthop: u32) -> i32 {
     mark_translated(ctx);
-    let mut nh = bpf_redir_neigh {
-        nh_family: u32::from(AF_INET),
-        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: nexthop },
-    };
-    // SAFETY: nh lives for the call; the size is its own.
-    unsafe {
-        bpf_redirect_neigh(
-            ifindex,
-            &mut nh,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
-            0,
-        ) as i32
-    }
+    crate::packet::redirect_neigh(ifindex, nexthop)
 }
 
 /// The route the kernel would take to `dst`: (interface, next hop, source

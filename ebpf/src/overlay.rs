@@ -29,7 +29,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, bpf_redir_neigh},
+    bindings::TC_ACT_SHOT,
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
@@ -40,8 +40,9 @@ use skiff_ebpf_common::{
 };
 
 mod packet;
+mod runtime;
 
-use packet::at;
+use packet::{at, redirect_neigh};
 
 #[map(name = "OVERLAY_PEERS")]
 static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
@@ -73,7 +74,6 @@ const INNER_ETH: usize = VXLAN + VXLAN_HLEN;
 const INNER: usize = INNER_ETH + ETH_HLEN;
 
 const PROTO_UDP: u8 = 17;
-const AF_INET: u8 = 2;
 /// VXLAN flags: the VNI is valid.
 const VXLAN_I: u8 = 0x08;
 /// Source ports of the outer UDP header, spread by the inner flow's hash
@@ -169,7 +169,8 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         if !unsafe { hop(start + ETH_HLEN) } {
             return Some(TC_ACT_SHOT);
         }
-        return Some(to_underlay(me.underlay_ifindex, peer.node_ip));
+        // (on its segment, as host-gw's routes require).
+        return Some(redirect_neigh(me.underlay_ifindex, peer.node_ip));
     }
     let tos = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes()[1];
     // The outer header carries the inner ECN field (congestion marked
@@ -241,25 +242,6 @@ fn encap(ctx: &TcContext) -> Option<i32> {
     // MAC (resolving it if need be).
     // SAFETY: plain helper call on this packet; no parameters.
     Some(unsafe { bpf_redirect_neigh(me.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
-}
-
-/// Out of the underlay to `nexthop` (on its segment, as host-gw's routes
-/// require), its MAC filled in by the kernel.
-#[inline(always)]
-fn to_underlay(ifindex: u32, nexthop: u32) -> i32 {
-    let mut nh = bpf_redir_neigh {
-        nh_family: u32::from(AF_INET),
-        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: nexthop },
-    };
-    // SAFETY: nh lives for the call; the size is its own.
-    unsafe {
-        bpf_redirect_neigh(
-            ifindex,
-            &mut nh,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
-            0,
-        ) as i32
-    }
 }
 
 /// host-gw: a packet routed to one of our pods goes straight into its
@@ -352,14 +334,4 @@ fn decap(ctx: &TcContext) -> Option<i32> {
     // no bridge, no transmit path.
     // SAFETY: plain helper call on this packet.
     Some(unsafe { bpf_redirect_peer(host_veth, 0) } as i32)
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }

@@ -1,6 +1,6 @@
-//! Packet access shared by the TC programs.
+//! Packet access and redirects shared by the TC programs.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::bpf_redir_neigh, helpers::bpf_redirect_neigh, programs::TcContext};
 
 /// A header field at `off`: read in place when it is in the linear part of
 /// the packet (the common case), else through the helper (headers a
@@ -15,4 +15,25 @@ pub fn at<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
         return Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
     }
     ctx.load(off).ok()
+}
+
+/// Sends the packet out of `ifindex` to the IPv4 next hop `nexthop`
+/// (network byte order), its MAC filled in (and resolved if need be) by
+/// the kernel: TC_ACT_REDIRECT, or TC_ACT_SHOT when it cannot.
+#[inline(always)]
+pub fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
+    const AF_INET: u32 = 2;
+    let mut nh = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: nexthop },
+    };
+    // SAFETY: nh lives for the call; the size is its own.
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
 }

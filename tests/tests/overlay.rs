@@ -96,6 +96,17 @@ fn distinct_subnets(c: &Cluster) -> Vec<String> {
     subnets
 }
 
+/// How much `counter` moved on each node while `f` ran.
+fn counted(c: &Cluster, counter: fn(&Node) -> u64, f: impl FnOnce()) -> Vec<u64> {
+    let before: Vec<u64> = c.nodes.iter().map(counter).collect();
+    f();
+    c.nodes
+        .iter()
+        .zip(before)
+        .map(|(n, b)| counter(n) - b)
+        .collect()
+}
+
 /// Packets the node's VTEP (the kernel's VXLAN device) sent and received.
 fn vtep_packets(n: &Node) -> u64 {
     ["tx_packets", "rx_packets"]
@@ -172,14 +183,7 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     for n in &c.nodes[..2] {
         fast_path_on_bridge(n);
     }
-    let before: Vec<u64> = c.nodes.iter().map(vtep_packets).collect();
-    assert_full_mesh(&c, &pods);
-    let through: Vec<u64> = c
-        .nodes
-        .iter()
-        .zip(&before)
-        .map(|(n, b)| vtep_packets(n) - b)
-        .collect();
+    let through = counted(&c, vtep_packets, || assert_full_mesh(&c, &pods));
     // Node 2 sent and received its share (5 TCP connections and 5 UDP
     // exchanges each way with each peer); the others' VTEPs stayed idle
     // (a stray packet of the node's own is allowed for).
@@ -218,11 +222,11 @@ fn the_kernel_vtep_carries_on_while_the_agent_is_down_and_the_fast_path_comes_ba
     }
     // Both ways; returns (node 0's VTEP packets, node 1's) meanwhile.
     let both_ways = |c: &Cluster| {
-        let before: Vec<u64> = c.nodes.iter().map(vtep_packets).collect();
-        exchange(&pods[0], &pods[1].ip, 5);
-        exchange(&pods[1], &pods[0].ip, 5);
-        let after: Vec<u64> = c.nodes.iter().map(vtep_packets).collect();
-        (after[0] - before[0], after[1] - before[1])
+        let n = counted(c, vtep_packets, || {
+            exchange(&pods[0], &pods[1].ip, 5);
+            exchange(&pods[1], &pods[0].ip, 5);
+        });
+        (n[0], n[1])
     };
     let (n0, n1) = both_ways(&c);
     assert!(
@@ -279,14 +283,7 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_host_gw() {
     for n in &c.nodes[..2] {
         fast_path_on_bridge(n);
     }
-    let before: Vec<u64> = c.nodes.iter().map(forwarded).collect();
-    assert_full_mesh(&c, &pods);
-    let through: Vec<u64> = c
-        .nodes
-        .iter()
-        .zip(&before)
-        .map(|(n, b)| forwarded(n) - b)
-        .collect();
+    let through = counted(&c, forwarded, || assert_full_mesh(&c, &pods));
     // The kernel forwarded node 2's share; the fast path nodes' pods were
     // reached, and reached out, without the node's IP forwarding.
     assert!(
