@@ -257,17 +257,10 @@ fn translate(ctx: &TcContext, p: &Packet, to: &Tuple, hop: bool) -> bool {
     unsafe {
         let mut ip_diff = addrs;
         if hop {
-            // TTL and protocol as one 16-bit word, as the checksum sees it.
-            let word = (ip + 8) as *mut u16;
-            let old = core::ptr::read_unaligned(word);
-            let mut bytes = old.to_ne_bytes();
-            if bytes[0] <= 1 {
-                return false;
+            match crate::packet::take_hop(ip) {
+                Some(d) => ip_diff = csum::add(ip_diff, d),
+                None => return false,
             }
-            bytes[0] -= 1;
-            let new = u16::from_ne_bytes(bytes);
-            ip_diff = csum::add(ip_diff, csum::diff(u32::from(old), u32::from(new)));
-            core::ptr::write_unaligned(word, new);
         }
         core::ptr::write_unaligned((ip + 12) as *mut u32, to.saddr);
         core::ptr::write_unaligned((ip + 16) as *mut u32, to.daddr);

@@ -42,7 +42,7 @@ use skiff_ebpf_common::{
 mod packet;
 mod runtime;
 
-use packet::{at, redirect_neigh};
+use packet::{at, redirect_neigh, take_hop};
 
 #[map(name = "OVERLAY_PEERS")]
 static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
@@ -127,20 +127,12 @@ fn local() -> Option<OverlayLocal> {
 /// `ip + 12` must be within the packet's checked bounds.
 #[inline(always)]
 unsafe fn hop(ip: usize) -> bool {
-    // TTL and protocol as one 16-bit word, as the checksum sees it.
-    let word = (ip + 8) as *mut u16;
-    // SAFETY: the caller checked the bounds.
+    // SAFETY: the caller checked the bounds (the checksum's too).
     unsafe {
-        let old = core::ptr::read_unaligned(word);
-        let mut bytes = old.to_ne_bytes();
-        if bytes[0] <= 1 {
+        let Some(diff) = take_hop(ip) else {
             return false;
-        }
-        bytes[0] -= 1;
-        let new = u16::from_ne_bytes(bytes);
-        core::ptr::write_unaligned(word, new);
+        };
         let sum = (ip + 10) as *mut u16;
-        let diff = csum::diff(u32::from(old), u32::from(new));
         core::ptr::write_unaligned(sum, csum::apply(core::ptr::read_unaligned(sum), diff));
     }
     true

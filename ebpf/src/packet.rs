@@ -37,3 +37,31 @@ pub fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
         ) as i32
     }
 }
+
+/// Takes one hop off the TTL of the IPv4 header at `ip`, in place, and
+/// returns the difference its checksum must take in (the caller applies
+/// it, alone or with others); None, and nothing written, when the packet
+/// has no hop left.
+///
+/// # Safety
+/// `ip + 10` must be within the packet's checked bounds.
+#[inline(always)]
+pub unsafe fn take_hop(ip: usize) -> Option<u32> {
+    // TTL and protocol as one 16-bit word, as the checksum sees it.
+    let word = (ip + 8) as *mut u16;
+    // SAFETY: the caller checked the bounds.
+    unsafe {
+        let old = core::ptr::read_unaligned(word);
+        let mut bytes = old.to_ne_bytes();
+        if bytes[0] <= 1 {
+            return None;
+        }
+        bytes[0] -= 1;
+        let new = u16::from_ne_bytes(bytes);
+        core::ptr::write_unaligned(word, new);
+        Some(skiff_ebpf_common::csum::diff(
+            u32::from(old),
+            u32::from(new),
+        ))
+    }
+}

@@ -96,6 +96,33 @@ fn distinct_subnets(c: &Cluster) -> Vec<String> {
     subnets
 }
 
+/// Starts nodes 0 and 1 with the fast path (the default) and node 2
+/// without, as a Flannel node would run; waits until all are ready.
+fn start_mixed(c: &mut Cluster) {
+    for (i, n) in c.nodes.iter_mut().enumerate() {
+        let extra: &[&str] = if i == 2 {
+            &["--fast-path", "false"]
+        } else {
+            &[]
+        };
+        n.start_agent(extra);
+    }
+    for n in &c.nodes {
+        n.wait_ready();
+    }
+}
+
+/// Over a full mesh of a mixed cluster: the kernel-only node 2 counted its
+/// share (5 TCP connections and 5 UDP exchanges each way with each peer)
+/// while the fast path nodes' counters stayed still (a stray packet of the
+/// node's own is allowed for).
+fn assert_kernel_node_alone(through: &[u64], what: &str) {
+    assert!(
+        through[2] >= 40 && through[0] <= 2 && through[1] <= 2,
+        "{what} during the exchanges, per node: {through:?}"
+    );
+}
+
 /// How much `counter` moved on each node while `f` ran.
 fn counted(c: &Cluster, counter: fn(&Node) -> u64, f: impl FnOnce()) -> Vec<u64> {
     let before: Vec<u64> = c.nodes.iter().map(counter).collect();
@@ -127,16 +154,7 @@ fn vtep_packets(n: &Node) -> u64 {
 #[test]
 fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     let mut c = Cluster::new(3, VXLAN);
-    for (i, n) in c.nodes.iter_mut().enumerate() {
-        n.start_agent(if i == 2 {
-            &["--fast-path", "false"]
-        } else {
-            &[]
-        });
-    }
-    for n in &c.nodes {
-        n.wait_ready();
-    }
+    start_mixed(&mut c);
     let subnets = distinct_subnets(&c);
     assert_eq!(c.lease_keys().len(), 3, "{:?}", c.lease_keys());
     converge(&c, &subnets);
@@ -184,13 +202,7 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
         fast_path_on_bridge(n);
     }
     let through = counted(&c, vtep_packets, || assert_full_mesh(&c, &pods));
-    // Node 2 sent and received its share (5 TCP connections and 5 UDP
-    // exchanges each way with each peer); the others' VTEPs stayed idle
-    // (a stray packet of the node's own is allowed for).
-    assert!(
-        through[2] >= 40 && through[0] <= 2 && through[1] <= 2,
-        "VTEP packets during the exchanges, per node: {through:?}"
-    );
+    assert_kernel_node_alone(&through, "VTEP packets");
 }
 
 /// Waits until node `n`'s agent (its latest start) has put the fast path
@@ -251,17 +263,7 @@ fn the_kernel_vtep_carries_on_while_the_agent_is_down_and_the_fast_path_comes_ba
 #[test]
 fn pods_on_three_nodes_exchange_tcp_and_udp_over_host_gw() {
     let mut c = Cluster::new(3, HOST_GW);
-    // As over vxlan: node 2 routes in the kernel only.
-    for (i, n) in c.nodes.iter_mut().enumerate() {
-        n.start_agent(if i == 2 {
-            &["--fast-path", "false"]
-        } else {
-            &[]
-        });
-    }
-    for n in &c.nodes {
-        n.wait_ready();
-    }
+    start_mixed(&mut c);
     let subnets = distinct_subnets(&c);
     converge(&c, &subnets);
     for (i, n) in c.nodes.iter().enumerate() {
@@ -284,12 +286,9 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_host_gw() {
         fast_path_on_bridge(n);
     }
     let through = counted(&c, forwarded, || assert_full_mesh(&c, &pods));
-    // The kernel forwarded node 2's share; the fast path nodes' pods were
-    // reached, and reached out, without the node's IP forwarding.
-    assert!(
-        through[2] >= 40 && through[0] <= 2 && through[1] <= 2,
-        "datagrams the nodes' IP stacks forwarded during the exchanges: {through:?}"
-    );
+    // The fast path nodes' pods were reached, and reached out, without
+    // the node's IP forwarding.
+    assert_kernel_node_alone(&through, "datagrams the IP stack forwarded");
 }
 
 /// Datagrams the node's IP stack has forwarded (`Ip: ForwDatagrams`).
