@@ -42,7 +42,7 @@ use skiff_ebpf_common::{
 };
 
 use crate::BPF_F_NO_PREALLOC;
-use crate::packet::at;
+use crate::packet::{at, fold_sum};
 
 #[map(name = "EXTERNAL")]
 static EXTERNAL: HashMap<ServiceKey, ExternalValue> =
@@ -925,21 +925,4 @@ fn build_unreachable<const QUOTE: usize>(ctx: &TcContext, p: &Packet) -> Option<
         core::ptr::write_unaligned(icmp.add(2) as *mut u16, icmp_sum);
     }
     Some(())
-}
-
-/// The Internet checksum of `words` 16-bit words at `at` (whose own
-/// checksum field is zero).
-///
-/// # Safety
-/// `at` must point at `words` readable 16-bit words.
-#[inline(always)]
-unsafe fn fold_sum(at: *const u16, words: usize) -> u16 {
-    let mut s = 0u32;
-    let mut i = 0;
-    while i < words {
-        // SAFETY: within the caller's bounds.
-        s += u32::from(unsafe { core::ptr::read_unaligned(at.add(i)) });
-        i += 1;
-    }
-    csum::fold(s)
 }

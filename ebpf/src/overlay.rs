@@ -42,7 +42,7 @@ use skiff_ebpf_common::{
 mod packet;
 mod runtime;
 
-use packet::{at, redirect_neigh, take_hop};
+use packet::{at, fold_sum, redirect_neigh, take_hop};
 
 #[map(name = "OVERLAY_PEERS")]
 static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
@@ -147,22 +147,22 @@ fn encap(ctx: &TcContext) -> Option<i32> {
     let daddr: u32 = at(ctx, ETH_HLEN + 16)?;
     let peer = *PEERS.get(Key::new(32, daddr))?;
     let me = local()?;
+    if me.flags & OVERLAY_HOST_GW != 0 {
+        // host-gw: routed as it is, to the peer on the underlay (on its
+        // segment, as host-gw's routes require). A last hop is left to
+        // the kernel's path, which answers it.
+        let (start, end) = (ctx.data(), ctx.data_end());
+        // SAFETY: within ETH_HLEN + IP_HLEN, checked first.
+        if start + ETH_HLEN + IP_HLEN > end || !unsafe { hop(start + ETH_HLEN) } {
+            return None;
+        }
+        return Some(redirect_neigh(me.underlay_ifindex, peer.node_ip));
+    }
+    // Checked before anything is written: the kernel's path answers a
+    // last hop.
     let ttl_proto: u16 = at(ctx, ETH_HLEN + 8)?;
     if ttl_proto.to_ne_bytes()[0] <= 1 {
         return None;
-    }
-    if me.flags & OVERLAY_HOST_GW != 0 {
-        // host-gw: routed as it is, to the peer on the underlay.
-        let (start, end) = (ctx.data(), ctx.data_end());
-        if start + ETH_HLEN + IP_HLEN > end {
-            return None;
-        }
-        // SAFETY: within ETH_HLEN + IP_HLEN, checked above.
-        if !unsafe { hop(start + ETH_HLEN) } {
-            return Some(TC_ACT_SHOT);
-        }
-        // (on its segment, as host-gw's routes require).
-        return Some(redirect_neigh(me.underlay_ifindex, peer.node_ip));
     }
     let tos = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes()[1];
     // The outer header carries the inner ECN field (congestion marked
@@ -191,27 +191,21 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         }
         let w16 = |off: usize, v: u16| core::ptr::write_unaligned((start + off) as *mut u16, v);
         let w32 = |off: usize, v: u32| core::ptr::write_unaligned((start + off) as *mut u32, v);
-        // Outer IP.
-        let words: [u16; 10] = [
-            u16::from_ne_bytes([0x45, ecn]),
-            total.to_be(),
-            0,
-            IP_DF.to_be(),
-            u16::from_ne_bytes([OUTER_TTL, PROTO_UDP]),
-            0,
-            (me.node_ip & 0xffff) as u16,
-            (me.node_ip >> 16) as u16,
-            (peer.node_ip & 0xffff) as u16,
-            (peer.node_ip >> 16) as u16,
-        ];
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < words.len() {
-            w16(OUTER + 2 * i, words[i]);
-            sum += u32::from(words[i]);
-            i += 1;
-        }
-        w16(OUTER + 10, csum::fold(sum));
+        let mac =
+            |off: usize, m: [u8; 6]| core::ptr::write_unaligned((start + off) as *mut [u8; 6], m);
+        // Outer IP, its checksum over what was written.
+        w16(OUTER, u16::from_ne_bytes([0x45, ecn]));
+        w16(OUTER + 2, total.to_be());
+        w16(OUTER + 4, 0);
+        w16(OUTER + 6, IP_DF.to_be());
+        w16(OUTER + 8, u16::from_ne_bytes([OUTER_TTL, PROTO_UDP]));
+        w16(OUTER + 10, 0);
+        w32(OUTER + 12, me.node_ip);
+        w32(OUTER + 16, peer.node_ip);
+        w16(
+            OUTER + 10,
+            fold_sum((start + OUTER) as *const u16, IP_HLEN / 2),
+        );
         // UDP, without a checksum (VXLAN over IPv4 may leave it out; the
         // inner packet carries its own).
         w16(UDP, sport.to_be());
@@ -222,12 +216,8 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         w32(VXLAN, u32::from_ne_bytes([VXLAN_I, 0, 0, 0]));
         w32(VXLAN + 4, me.vni_word);
         // The inner frame: from our VTEP to the peer's.
-        let m = peer.vtep_mac;
-        w16(INNER_ETH, u16::from_ne_bytes([m[0], m[1]]));
-        w32(INNER_ETH + 2, u32::from_ne_bytes([m[2], m[3], m[4], m[5]]));
-        let m = me.vtep_mac;
-        w16(INNER_ETH + 6, u16::from_ne_bytes([m[0], m[1]]));
-        w32(INNER_ETH + 8, u32::from_ne_bytes([m[2], m[3], m[4], m[5]]));
+        mac(INNER_ETH, peer.vtep_mac);
+        mac(INNER_ETH + 6, me.vtep_mac);
         w16(INNER_ETH + 12, ETH_P_IP.to_be());
     }
     // The kernel routes the outer destination and fills in the next hop's
@@ -283,9 +273,7 @@ fn decap(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     // A frame for our VTEP, of IPv4, to a pod of ours.
-    let m = me.vtep_mac;
-    if at::<u16>(ctx, INNER_ETH)? != u16::from_ne_bytes([m[0], m[1]])
-        || at::<u32>(ctx, INNER_ETH + 2)? != u32::from_ne_bytes([m[2], m[3], m[4], m[5]])
+    if at::<[u8; 6]>(ctx, INNER_ETH)? != me.vtep_mac
         || at::<u16>(ctx, INNER_ETH + 12)? != ETH_P_IP.to_be()
     {
         return None;

@@ -65,3 +65,20 @@ pub unsafe fn take_hop(ip: usize) -> Option<u32> {
         ))
     }
 }
+
+/// The Internet checksum of `words` 16-bit words at `at` (whose own
+/// checksum field is zero).
+///
+/// # Safety
+/// `at` must point at `words` readable 16-bit words.
+#[inline(always)]
+pub unsafe fn fold_sum(at: *const u16, words: usize) -> u16 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < words {
+        // SAFETY: within the caller's bounds.
+        s += u32::from(unsafe { core::ptr::read_unaligned(at.add(i)) });
+        i += 1;
+    }
+    skiff_ebpf_common::csum::fold(s)
+}

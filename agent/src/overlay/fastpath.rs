@@ -98,12 +98,77 @@ pub struct FastPath {
     /// The bridge's index and the encap link on it.
     bridge_link: Option<(u32, SchedClassifierLinkId)>,
     /// What `peers` holds, by (network address, prefix).
-    held: BTreeMap<(Ipv4Addr, u8), OverlayPeer>,
+    held: Mirror<(Ipv4Addr, u8), OverlayPeer>,
     cni_records: PathBuf,
-    /// What `pods` holds: address to host veth (ifindex), as in the map.
-    pods_held: BTreeMap<u32, u32>,
+    /// What `pods` holds: address to host veth (ifindex).
+    pods_held: Mirror<u32, u32>,
     /// The records' directory as last read (modified time) and when.
     pods_read: Option<(Option<SystemTime>, Instant)>,
+}
+
+/// What this process wrote into one BPF map, so that a sync writes only
+/// what changed (and the map is never read back). `write(k, Some(v))`
+/// puts an entry in the map, `write(k, None)` deletes it.
+struct Mirror<K, V>(BTreeMap<K, V>);
+
+impl<K: Ord + Copy, V: PartialEq + Copy> Mirror<K, V> {
+    fn new() -> Self {
+        Self(BTreeMap::new())
+    }
+
+    /// `k` holds `v` (written unless it already does), or nothing (deleted
+    /// if it was written; already gone is fine).
+    fn set(
+        &mut self,
+        k: K,
+        v: Option<V>,
+        write: &mut impl FnMut(K, Option<V>) -> Result<(), MapError>,
+    ) -> Result<(), MapError> {
+        if self.0.get(&k) == v.as_ref() {
+            return Ok(());
+        }
+        match (write(k, v), v) {
+            (Ok(()), Some(v)) => {
+                self.0.insert(k, v);
+            }
+            (Ok(()) | Err(MapError::KeyNotFound), None) => {
+                self.0.remove(&k);
+            }
+            (Err(e), _) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Exactly `want`: what is not in it deleted, the rest set.
+    fn sync(
+        &mut self,
+        want: BTreeMap<K, V>,
+        mut write: impl FnMut(K, Option<V>) -> Result<(), MapError>,
+    ) -> Result<(), MapError> {
+        let gone: Vec<K> = self
+            .0
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in gone {
+            self.set(k, None, &mut write)?;
+        }
+        for (k, v) in want {
+            self.set(k, Some(v), &mut write)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `OVERLAY_PEERS` for a [`Mirror`].
+fn peers_writer(
+    peers: &mut LpmTrie<MapData, u32, OverlayPeer>,
+) -> impl FnMut((Ipv4Addr, u8), Option<OverlayPeer>) -> Result<(), MapError> + '_ {
+    move |k, v| match v {
+        Some(peer) => peers.insert(&key(k), peer, 0),
+        None => peers.remove(&key(k)),
+    }
 }
 
 fn classifier<'a>(
@@ -184,9 +249,9 @@ impl FastPath {
             local,
             bridge: l.bridge.clone(),
             bridge_link: None,
-            held: BTreeMap::new(),
+            held: Mirror::new(),
             cni_records: l.cni_records.clone(),
-            pods_held: BTreeMap::new(),
+            pods_held: Mirror::new(),
             pods_read: None,
         };
         fp.write_local()?;
@@ -264,29 +329,13 @@ impl FastPath {
                 Some((u32::from_ne_bytes(ip.octets()), index))
             })
             .collect();
-        let gone: Vec<u32> = self
-            .pods_held
-            .keys()
-            .filter(|ip| !want.contains_key(ip))
-            .copied()
-            .collect();
-        for ip in gone {
-            match self.pods.remove(&ip) {
-                Ok(()) | Err(MapError::KeyNotFound) => {
-                    self.pods_held.remove(&ip);
-                }
-                Err(e) => return Err(map_err(names::OVERLAY_PODS)(e)),
-            }
-        }
-        for (ip, index) in want {
-            if self.pods_held.get(&ip) != Some(&index) {
-                self.pods
-                    .insert(ip, index, 0)
-                    .map_err(map_err(names::OVERLAY_PODS))?;
-                self.pods_held.insert(ip, index);
-            }
-        }
-        Ok(())
+        let pods = &mut self.pods;
+        self.pods_held
+            .sync(want, |ip, index| match index {
+                Some(index) => pods.insert(ip, index, 0),
+                None => pods.remove(&ip),
+            })
+            .map_err(map_err(names::OVERLAY_PODS))
     }
 
     /// Our subnet changed (the lease was lost and another taken).
@@ -297,54 +346,29 @@ impl FastPath {
 
     /// A peer's lease came or changed: `subnet` now stands for `e`.
     pub fn put(&mut self, subnet: Ipv4Network, e: &Entries) -> Result<(), FastPathError> {
-        match peer_of(e) {
-            Some((k, peer)) => self.insert(k, peer),
-            None => self.remove(subnet),
-        }
-    }
-
-    fn insert(&mut self, k: (Ipv4Addr, u8), peer: OverlayPeer) -> Result<(), FastPathError> {
-        if self.held.get(&k) != Some(&peer) {
-            self.peers
-                .insert(&key(k), peer, 0)
-                .map_err(map_err(names::OVERLAY_PEERS))?;
-            self.held.insert(k, peer);
-        }
-        Ok(())
+        let (k, peer) = match peer_of(e) {
+            Some((k, peer)) => (k, Some(peer)),
+            None => ((subnet.network(), subnet.prefix()), None),
+        };
+        self.held
+            .set(k, peer, &mut peers_writer(&mut self.peers))
+            .map_err(map_err(names::OVERLAY_PEERS))
     }
 
     /// A peer's lease went.
     pub fn remove(&mut self, subnet: Ipv4Network) -> Result<(), FastPathError> {
         let k = (subnet.network(), subnet.prefix());
-        if self.held.contains_key(&k) {
-            match self.peers.remove(&key(k)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {
-                    self.held.remove(&k);
-                }
-                Err(e) => return Err(map_err(names::OVERLAY_PEERS)(e)),
-            }
-        }
-        Ok(())
+        self.held
+            .set(k, None, &mut peers_writer(&mut self.peers))
+            .map_err(map_err(names::OVERLAY_PEERS))
     }
 
     /// Makes the peers exactly those of `all` (each lease's entries).
     pub fn sync(&mut self, all: impl Iterator<Item = Entries>) -> Result<(), FastPathError> {
-        let want: BTreeMap<_, _> = all.filter_map(|e| peer_of(&e)).collect();
-        let gone: Vec<_> = self
-            .held
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
-            .collect();
-        for (addr, prefix) in gone {
-            if let Ok(net) = Ipv4Network::new(addr, prefix) {
-                self.remove(net)?;
-            }
-        }
-        for (k, peer) in want {
-            self.insert(k, peer)?;
-        }
-        Ok(())
+        let want = all.filter_map(|e| peer_of(&e)).collect();
+        self.held
+            .sync(want, peers_writer(&mut self.peers))
+            .map_err(map_err(names::OVERLAY_PEERS))
     }
 }
 
@@ -357,5 +381,38 @@ pub fn try_start(l: &Local) -> Option<FastPath> {
             warn!(error = %e, "overlay fast path unavailable; the kernel's VXLAN carries all traffic");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mirror_writes_only_what_changed_and_takes_gone_entries_as_deleted() {
+        let mut m: Mirror<u32, u32> = Mirror::new();
+        let mut writes = Vec::new();
+        let mut write = |k, v| {
+            writes.push((k, v));
+            Ok(())
+        };
+        m.sync(BTreeMap::from([(1, 10), (2, 20)]), &mut write)
+            .unwrap();
+        // The same again writes nothing; a change writes one entry and
+        // deletes the one that left.
+        m.sync(BTreeMap::from([(1, 10), (2, 20)]), &mut write)
+            .unwrap();
+        m.sync(BTreeMap::from([(1, 11)]), &mut write).unwrap();
+        assert_eq!(
+            writes,
+            vec![(1, Some(10)), (2, Some(20)), (2, None), (1, Some(11))]
+        );
+        // A deletion of what the map lost already is done; a failed write
+        // leaves the mirror as it was, so the next sync tries again.
+        m.set(1, None, &mut |_, _| Err(MapError::KeyNotFound))
+            .unwrap();
+        assert!(m.0.is_empty());
+        let failed = m.set(3, Some(30), &mut |_, _| Err(MapError::KeyNotFound));
+        assert!(failed.is_err() && m.0.is_empty());
     }
 }
