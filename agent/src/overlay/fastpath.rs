@@ -181,6 +181,27 @@ fn classifier<'a>(
         .map_err(|source| FastPathError::Program { program, source })
 }
 
+/// Puts `program` on `interface`'s TC ingress (a tcx link at `order`,
+/// held by this process).
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    interface: &str,
+    order: LinkOrder,
+) -> Result<SchedClassifierLinkId, FastPathError> {
+    classifier(ebpf, program)?
+        .attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(order),
+        )
+        .map_err(|source| FastPathError::Attach {
+            program,
+            interface: interface.to_string(),
+            source,
+        })
+}
+
 /// The peer entry a lease's kernel entries stand for (none for our own
 /// lease, one of another backend, or one without a VTEP MAC).
 fn peer_of(e: &Entries) -> Option<((Ipv4Addr, u8), OverlayPeer)> {
@@ -255,17 +276,7 @@ impl FastPath {
             pods_read: None,
         };
         fp.write_local()?;
-        classifier(&mut fp.ebpf, DECAP)?
-            .attach_with_options(
-                &l.underlay,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .map_err(|source| FastPathError::Attach {
-                program: DECAP,
-                interface: l.underlay.clone(),
-                source,
-            })?;
+        attach(&mut fp.ebpf, DECAP, &l.underlay, LinkOrder::first())?;
         fp.ensure_bridge()?;
         info!(underlay = %l.underlay, bridge = %fp.bridge, "overlay fast path loaded");
         Ok(fp)
@@ -289,17 +300,7 @@ impl FastPath {
             let _ = classifier(&mut self.ebpf, ENCAP)?.detach(link);
         }
         if let Some(index) = now {
-            let link = classifier(&mut self.ebpf, ENCAP)?
-                .attach_with_options(
-                    &self.bridge,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|source| FastPathError::Attach {
-                    program: ENCAP,
-                    interface: self.bridge.clone(),
-                    source,
-                })?;
+            let link = attach(&mut self.ebpf, ENCAP, &self.bridge, LinkOrder::default())?;
             self.bridge_link = Some((index, link));
             info!(bridge = %self.bridge, ifindex = index, "overlay fast path on the bridge");
         }
