@@ -12,14 +12,17 @@
 //! Unlike host-local, whose records survive a crash with no way back, every
 //! record here names its owner, so GC with the runtime's list of live
 //! attachments frees exactly what leaked.
+//!
+//! A dual-stack attachment holds one address of each family, each with its
+//! own attachment link and its own "last handed out" hint.
 
 use std::collections::HashSet;
 use std::fs;
 use std::io::ErrorKind;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
 use crate::spec::{Attachment, CniError, Code, Result};
 
@@ -32,14 +35,22 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> CniError {
 }
 
 const TMP_PREFIX: &str = ".tmp-";
+/// The attachment links: IPv4 (the name they had before dual stack) and
+/// IPv6. The prefixes differ before the container ID starts, so no ID makes
+/// one look like the other.
 const ATTACHMENT_PREFIX: &str = "att-";
+const ATTACHMENT6_PREFIX: &str = "att6-";
 const HINT: &str = "last_reserved_ip";
+const HINT6: &str = "last_reserved_ip6";
+/// Addresses past the taken ones an allocation tries before it gives up:
+/// room for as many concurrent ADDs claiming the same ones.
+const CONCURRENT_SLACK: u128 = 1024;
 
-fn record(a: &Attachment, ip: Ipv4Addr) -> String {
+fn record(a: &Attachment, ip: IpAddr) -> String {
     skiff_cni_lib::attachments::record(&a.container_id, &a.ifname, ip)
 }
 
-fn parse_record(text: &str) -> Option<(Attachment, Ipv4Addr)> {
+fn parse_record(text: &str) -> Option<(Attachment, IpAddr)> {
     let (container_id, ifname, ip) = skiff_cni_lib::attachments::parse_record(text)?;
     Some((
         Attachment {
@@ -51,11 +62,69 @@ fn parse_record(text: &str) -> Option<(Attachment, Ipv4Addr)> {
 }
 
 /// Addresses ADD may hand out: the subnet without its network address, the
-/// gateway (first address) and the broadcast address.
-pub fn pool(subnet: Ipv4Network) -> impl Iterator<Item = Ipv4Addr> {
-    let base = u32::from(subnet.network());
-    let size = 1u64 << (32 - subnet.prefix() as u32);
-    (2..size.saturating_sub(1)).map(move |i| Ipv4Addr::from(base + i as u32))
+/// gateway (first address) and the last address (IPv4's broadcast; left
+/// out of IPv6 subnets too, for symmetry). Indexed, not listed: an IPv6
+/// /64 has 2^64 of them.
+#[derive(Clone, Copy, Debug)]
+pub struct Pool {
+    base: u128,
+    v6: bool,
+    len: u128,
+}
+
+impl Pool {
+    pub fn new(subnet: IpNetwork) -> Self {
+        let (base, bits) = match subnet {
+            IpNetwork::V4(n) => (u32::from(n.network()) as u128, 32),
+            IpNetwork::V6(n) => (u128::from(n.network()), 128),
+        };
+        let host_bits = bits - subnet.prefix() as u32;
+        let size = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << host_bits
+        };
+        Self {
+            base,
+            v6: subnet.is_ipv6(),
+            len: size.saturating_sub(3),
+        }
+    }
+
+    pub fn len(&self) -> u128 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn at(&self, i: u128) -> IpAddr {
+        let n = self.base + 2 + i;
+        if self.v6 {
+            IpAddr::V6(n.into())
+        } else {
+            IpAddr::V4((n as u32).into())
+        }
+    }
+
+    /// The index of `ip` in the pool, if it is in it.
+    pub fn index(&self, ip: IpAddr) -> Option<u128> {
+        let n = match ip {
+            IpAddr::V4(a) if !self.v6 => u32::from(a) as u128,
+            IpAddr::V6(a) if self.v6 => u128::from(a),
+            _ => return None,
+        };
+        n.checked_sub(self.base + 2).filter(|&i| i < self.len)
+    }
+
+    fn describe(&self) -> String {
+        if self.is_empty() {
+            "an empty range".into()
+        } else {
+            format!("{}-{}", self.at(0), self.at(self.len - 1))
+        }
+    }
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -70,26 +139,32 @@ impl Store {
         Ok(Self { dir })
     }
 
-    fn attachment_path(&self, a: &Attachment) -> PathBuf {
-        self.dir.join(format!(
-            "{ATTACHMENT_PREFIX}{}-{}",
-            a.container_id, a.ifname
-        ))
+    fn attachment_path(&self, a: &Attachment, v6: bool) -> PathBuf {
+        let prefix = if v6 {
+            ATTACHMENT6_PREFIX
+        } else {
+            ATTACHMENT_PREFIX
+        };
+        self.dir
+            .join(format!("{prefix}{}-{}", a.container_id, a.ifname))
     }
 
-    /// The address the attachment holds.
-    pub fn lookup(&self, a: &Attachment) -> Result<Option<Ipv4Addr>> {
-        match fs::read_to_string(self.attachment_path(a)) {
-            Ok(t) => Ok(parse_record(&t).filter(|(o, _)| o == a).map(|(_, ip)| ip)),
+    /// The address of the family (`v6`) the attachment holds.
+    pub fn lookup(&self, a: &Attachment, v6: bool) -> Result<Option<IpAddr>> {
+        match fs::read_to_string(self.attachment_path(a, v6)) {
+            Ok(t) => Ok(parse_record(&t)
+                .filter(|(o, ip)| o == a && ip.is_ipv6() == v6)
+                .map(|(_, ip)| ip)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io("reading an allocation".into())(e)),
         }
     }
 
     /// Claims a free address of `subnet` for the attachment (or returns the
-    /// one it already holds).
-    pub fn allocate(&self, a: &Attachment, subnet: Ipv4Network) -> Result<Ipv4Addr> {
-        if let Some(ip) = self.lookup(a)? {
+    /// one of that family it already holds).
+    pub fn allocate(&self, a: &Attachment, subnet: IpNetwork) -> Result<IpAddr> {
+        let v6 = subnet.is_ipv6();
+        if let Some(ip) = self.lookup(a, v6)? {
             return Ok(ip);
         }
         let taken: HashSet<String> = fs::read_dir(&self.dir)
@@ -97,21 +172,19 @@ impl Store {
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
-        let hint: Option<Ipv4Addr> = fs::read_to_string(self.dir.join(HINT))
+        let hint: Option<IpAddr> = fs::read_to_string(self.dir.join(if v6 { HINT6 } else { HINT }))
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        let all: Vec<Ipv4Addr> = pool(subnet).collect();
+        let pool = Pool::new(subnet);
         // Start after the last address handed out, as host-local does, so a
         // freed address is not reused at once.
-        let start = hint
-            .and_then(|h| all.iter().position(|&ip| ip == h))
-            .map_or(0, |p| p + 1);
+        let start = hint.and_then(|h| pool.index(h)).map_or(0, |p| p + 1);
         let tmp = self.dir.join(format!(
             "{TMP_PREFIX}{}-{}",
             std::process::id(),
             a.container_id
         ));
-        let result = self.claim(a, &all, start, &taken, &tmp);
+        let result = self.claim(a, pool, start, &taken, &tmp);
         let _ = fs::remove_file(&tmp);
         result
     }
@@ -119,32 +192,41 @@ impl Store {
     fn claim(
         &self,
         a: &Attachment,
-        all: &[Ipv4Addr],
-        start: usize,
+        pool: Pool,
+        start: u128,
         taken: &HashSet<String>,
         tmp: &Path,
-    ) -> Result<Ipv4Addr> {
-        let n = all.len();
-        for i in 0..n {
-            let ip = all[(start + i) % n];
+    ) -> Result<IpAddr> {
+        let n = pool.len();
+        let v6 = matches!(pool.at(0), IpAddr::V6(_));
+        // Every address tried is either taken (listed before, or claimed by
+        // a concurrent ADD since) or ours: past the taken ones plus one, a
+        // big pool is not walked to its end.
+        let tries = n.min(taken.len() as u128 + 1 + CONCURRENT_SLACK);
+        let mut tried = 0u128;
+        let mut i = 0u128;
+        while i < n && tried < tries {
+            let ip = pool.at((start % n.max(1) + i) % n);
+            i += 1;
             let name = ip.to_string();
             if taken.contains(&name) {
                 continue;
             }
+            tried += 1;
             fs::write(tmp, record(a, ip)).map_err(io(format!("writing {}", tmp.display())))?;
             match fs::hard_link(tmp, self.dir.join(&name)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io(format!("claiming {ip}"))(e)),
             }
-            let att = self.attachment_path(a);
+            let att = self.attachment_path(a, v6);
             match fs::hard_link(tmp, &att) {
                 Ok(()) => {}
                 // Only a concurrent ADD of the same attachment gets here;
                 // give our claim back and keep the first.
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     let _ = fs::remove_file(self.dir.join(&name));
-                    return self.lookup(a)?.ok_or_else(|| {
+                    return self.lookup(a, v6)?.ok_or_else(|| {
                         CniError::new(Code::Io, "a concurrent ADD of the same attachment failed")
                     });
                 }
@@ -153,46 +235,52 @@ impl Store {
                     return Err(io(format!("recording {ip}"))(e));
                 }
             }
-            let _ = fs::write(self.dir.join(HINT), name);
+            let _ = fs::write(self.dir.join(if v6 { HINT6 } else { HINT }), name);
             return Ok(ip);
         }
         Err(CniError::new(
             Code::AddressesExhausted,
-            format!(
-                "no IP addresses available in {subnet}",
-                subnet = subnet_of(all)
-            ),
+            format!("no IP addresses available in {}", pool.describe()),
         ))
     }
 
-    /// Frees what the attachment holds; nothing held is not an error.
+    /// Frees what the attachment holds, of both families; nothing held is
+    /// not an error.
     pub fn release(&self, a: &Attachment) -> Result<()> {
-        let att = self.attachment_path(a);
-        let ip = match fs::read_to_string(&att) {
-            Ok(t) => parse_record(&t).map(|(_, ip)| ip),
-            Err(e) if e.kind() == ErrorKind::NotFound => None,
-            Err(e) => return Err(io("reading an allocation".into())(e)),
-        };
-        match ip {
-            Some(ip) => self.remove_if_owned(ip, a)?,
-            // A caller killed between the two links leaves only the
-            // address's record: find it by owner.
-            None => {
-                for (ip, owner) in self.records()? {
-                    if &owner == a {
-                        self.remove_if_owned(ip, a)?;
-                    }
-                }
+        let mut held = Vec::new();
+        for v6 in [false, true] {
+            match fs::read_to_string(self.attachment_path(a, v6)) {
+                Ok(t) => held.extend(parse_record(&t).map(|(_, ip)| ip)),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io("reading an allocation".into())(e)),
             }
         }
-        match fs::remove_file(&att) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(format!("removing {}", att.display()))(e)),
+        if held.is_empty() {
+            // A caller killed between the two links leaves only the
+            // address's record: find it by owner. (GC frees the rarer half
+            // of a dual-stack ADD killed there.)
+            held.extend(
+                self.records()?
+                    .into_iter()
+                    .filter(|(_, owner)| owner == a)
+                    .map(|(ip, _)| ip),
+            );
         }
+        for ip in held {
+            self.remove_if_owned(ip, a)?;
+        }
+        for v6 in [false, true] {
+            let att = self.attachment_path(a, v6);
+            match fs::remove_file(&att) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("removing {}", att.display()))(e)),
+            }
+        }
+        Ok(())
     }
 
-    fn remove_if_owned(&self, ip: Ipv4Addr, a: &Attachment) -> Result<()> {
+    fn remove_if_owned(&self, ip: IpAddr, a: &Attachment) -> Result<()> {
         let path = self.dir.join(ip.to_string());
         match fs::read_to_string(&path) {
             Ok(t) if parse_record(&t).is_some_and(|(o, _)| &o == a) => fs::remove_file(&path)
@@ -211,14 +299,14 @@ impl Store {
     }
 
     /// Every recorded address and its owner.
-    pub fn records(&self) -> Result<Vec<(Ipv4Addr, Attachment)>> {
+    pub fn records(&self) -> Result<Vec<(IpAddr, Attachment)>> {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.dir)
             .map_err(io(format!("listing {}", self.dir.display())))?
             .flatten()
         {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.parse::<Ipv4Addr>().is_err() {
+            if name.parse::<IpAddr>().is_err() {
                 continue;
             }
             if let Ok(t) = fs::read_to_string(e.path())
@@ -246,7 +334,10 @@ impl Store {
             let stale = if let Some(rest) = name.strip_prefix(TMP_PREFIX) {
                 let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
                 pid.is_none_or(|p| !pid_alive(p))
-            } else if name.parse::<Ipv4Addr>().is_ok() || name.starts_with(ATTACHMENT_PREFIX) {
+            } else if name.parse::<IpAddr>().is_ok()
+                || name.starts_with(ATTACHMENT_PREFIX)
+                || name.starts_with(ATTACHMENT6_PREFIX)
+            {
                 match fs::read_to_string(&path)
                     .ok()
                     .as_deref()
@@ -254,7 +345,7 @@ impl Store {
                 {
                     Some((owner, _)) if valid.contains(&owner) => false,
                     Some((owner, _)) => {
-                        if name.parse::<Ipv4Addr>().is_ok() {
+                        if name.parse::<IpAddr>().is_ok() && !freed.contains(&owner) {
                             freed.push(owner);
                         }
                         true
@@ -278,22 +369,20 @@ impl Store {
         }
     }
 
-    /// Whether any address is left (for STATUS).
-    pub fn has_free(&self, subnet: Ipv4Network) -> Result<bool> {
-        let used = self.records()?.len();
-        Ok(pool(subnet).count() > used)
+    /// Whether any address of `subnet`'s family is left (for STATUS).
+    pub fn has_free(&self, subnet: IpNetwork) -> Result<bool> {
+        let pool = Pool::new(subnet);
+        let used = self
+            .records()?
+            .into_iter()
+            .filter(|(ip, _)| pool.index(*ip).is_some())
+            .count();
+        Ok(pool.len() > used as u128)
     }
 
     #[cfg(test)]
     fn path(&self) -> &Path {
         &self.dir
-    }
-}
-
-fn subnet_of(all: &[Ipv4Addr]) -> String {
-    match (all.first(), all.last()) {
-        (Some(a), Some(b)) => format!("{a}-{b}"),
-        _ => "an empty range".into(),
     }
 }
 
@@ -321,16 +410,55 @@ mod tests {
 
     #[test]
     fn pool_leaves_out_network_gateway_and_broadcast() {
-        let p: Vec<_> = pool("10.0.0.0/29".parse().unwrap()).collect();
-        assert_eq!(p.first(), Some(&Ipv4Addr::new(10, 0, 0, 2)));
-        assert_eq!(p.last(), Some(&Ipv4Addr::new(10, 0, 0, 6)));
+        let p = Pool::new("10.0.0.0/29".parse().unwrap());
         assert_eq!(p.len(), 5);
+        assert_eq!(p.at(0).to_string(), "10.0.0.2");
+        assert_eq!(p.at(4).to_string(), "10.0.0.6");
+        assert_eq!(p.index("10.0.0.6".parse().unwrap()), Some(4));
+        assert_eq!(p.index("10.0.0.7".parse().unwrap()), None);
+        assert_eq!(p.index("fd00::2".parse().unwrap()), None);
+        let p6 = Pool::new("fd00:10:244:3::/64".parse().unwrap());
+        assert_eq!(p6.len(), (1u128 << 64) - 3);
+        assert_eq!(p6.at(0).to_string(), "fd00:10:244:3::2");
+        assert_eq!(
+            p6.at(p6.len() - 1).to_string(),
+            "fd00:10:244:3:ffff:ffff:ffff:fffe"
+        );
+        assert_eq!(p6.index("fd00:10:244:3::9".parse().unwrap()), Some(7));
+    }
+
+    #[test]
+    fn a_dual_stack_attachment_holds_one_address_of_each_family() {
+        let (s, dir) = store();
+        let v4: IpNetwork = "10.0.0.0/29".parse().unwrap();
+        let v6: IpNetwork = "fd00:1::/64".parse().unwrap();
+        let a4 = s.allocate(&att("c0"), v4).unwrap();
+        let a6 = s.allocate(&att("c0"), v6).unwrap();
+        assert_eq!(a4.to_string(), "10.0.0.2");
+        assert_eq!(a6.to_string(), "fd00:1::2");
+        assert_eq!(s.allocate(&att("c0"), v6).unwrap(), a6, "kept on a retry");
+        assert_eq!(s.lookup(&att("c0"), false).unwrap(), Some(a4));
+        assert_eq!(s.lookup(&att("c0"), true).unwrap(), Some(a6));
+        // Each family goes on from its own last address.
+        assert_eq!(s.allocate(&att("c1"), v6).unwrap().to_string(), "fd00:1::3");
+        assert_eq!(s.allocate(&att("c1"), v4).unwrap().to_string(), "10.0.0.3");
+        assert!(s.has_free(v6).unwrap());
+        s.release(&att("c0")).unwrap();
+        assert_eq!(s.lookup(&att("c0"), true).unwrap(), None);
+        assert_eq!(s.lookup(&att("c0"), false).unwrap(), None);
+        let left: Vec<_> = s.records().unwrap().into_iter().map(|(_, a)| a).collect();
+        assert_eq!(left, vec![att("c1"), att("c1")]);
+        // GC frees both of a gone attachment's addresses, and names it once.
+        let freed = s.gc(&HashSet::new()).unwrap();
+        assert_eq!(freed, vec![att("c1")]);
+        assert!(s.records().unwrap().is_empty());
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
     fn allocate_release_exhaust_and_gc() {
         let (s, dir) = store();
-        let net: Ipv4Network = "10.0.0.0/29".parse().unwrap();
+        let net: IpNetwork = "10.0.0.0/29".parse().unwrap();
         let ips: Vec<_> = (0..5)
             .map(|i| s.allocate(&att(&format!("c{i}")), net).unwrap())
             .collect();
@@ -340,7 +468,7 @@ mod tests {
         assert_eq!(s.allocate(&att("c0"), net).unwrap(), ips[0]);
         let e = s.allocate(&att("c9"), net).unwrap_err();
         assert_eq!(e.code, Code::AddressesExhausted);
-        assert!(s.lookup(&att("c9")).unwrap().is_none());
+        assert!(s.lookup(&att("c9"), false).unwrap().is_none());
         s.release(&att("c1")).unwrap();
         s.release(&att("c1")).unwrap();
         assert_eq!(s.allocate(&att("c9"), net).unwrap(), ips[1]);

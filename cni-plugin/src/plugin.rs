@@ -4,13 +4,15 @@
 //! node's subnet), a veth whose container end is created straight inside
 //! the container's namespace as CNI_IFNAME, an address from [`ipam`], and a
 //! route through the gateway. Every step that fails undoes the ones before
-//! it, so a refused ADD changes nothing.
+//! it, so a refused ADD changes nothing. A dual-stack node (an IPv6 subnet in
+//! the subnet file or the configuration) gives each pod an IPv6 address and
+//! route as well, through the bridge's IPv6 gateway.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde_json::Value;
 use skiff_netlink::{Netlink, Route};
 
@@ -46,7 +48,34 @@ fn node_subnet(conf: &NetConf) -> Result<SubnetEnv> {
                     format!("subnet {s}: a prefix longer than /30 leaves no address for pods"),
                 ));
             }
-            SubnetEnv::for_subnet(subnet, subnet, 1500, false)
+            let env = SubnetEnv::for_subnet(subnet, subnet, 1500, false);
+            match &conf.ipv6_subnet {
+                None => env,
+                Some(s6) => {
+                    let v6: Ipv6Network = s6.parse().map_err(|e| {
+                        CniError::new(
+                            Code::InvalidConfig,
+                            format!("ipv6Subnet {s6:?} is not an IPv6 CIDR"),
+                        )
+                        .with_details(e)
+                    })?;
+                    if v6.prefix() > 126 {
+                        return Err(CniError::new(
+                            Code::InvalidConfig,
+                            format!(
+                                "ipv6Subnet {s6}: a prefix longer than /126 leaves no address for pods"
+                            ),
+                        ));
+                    }
+                    env.with_ipv6(v6, v6)
+                }
+            }
+        }
+        None if conf.ipv6_subnet.is_some() => {
+            return Err(CniError::new(
+                Code::InvalidConfig,
+                "ipv6Subnet is given without subnet: give both, or neither and the subnet file",
+            ));
         }
         None => match SubnetEnv::read(conf.subnet_file.as_ref()) {
             Ok(e) => e,
@@ -121,8 +150,15 @@ async fn add(env: &Env, conf: &NetConf, a: &Attachment) -> Result<Value> {
         ));
     }
     let store = Store::open(&conf.data_dir, &conf.name)?;
-    let ip = store.allocate(a, subnet.subnet_network())?;
-    match wire(env, conf, a, &subnet, ip, &host, &pod, &netns).await {
+    let ips = allocate(&store, a, &subnet);
+    let ips = match ips {
+        Ok(ips) => ips,
+        Err(e) => {
+            let _ = store.release(a);
+            return Err(e);
+        }
+    };
+    match wire(env, conf, a, &subnet, ips, &host, &pod, &netns).await {
         Ok(r) => Ok(r),
         Err(e) => {
             let _ = host.delete_link_named(&host_veth_name(a)).await;
@@ -130,6 +166,27 @@ async fn add(env: &Env, conf: &NetConf, a: &Attachment) -> Result<Value> {
             Err(e)
         }
     }
+}
+
+/// The pod's addresses: IPv4, and IPv6 on a dual-stack node.
+struct PodIps {
+    v4: Ipv4Addr,
+    v6: Option<Ipv6Addr>,
+}
+
+fn allocate(store: &Store, a: &Attachment, subnet: &SubnetEnv) -> Result<PodIps> {
+    let v4 = match store.allocate(a, IpNetwork::V4(subnet.subnet_network()))? {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => unreachable!("an IPv4 pool hands out IPv4 addresses"),
+    };
+    let v6 = match subnet.ipv6_subnet() {
+        Some((_, net6)) => match store.allocate(a, IpNetwork::V6(net6))? {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => unreachable!("an IPv6 pool hands out IPv6 addresses"),
+        },
+        None => None,
+    };
+    Ok(PodIps { v4, v6 })
 }
 
 #[expect(
@@ -141,15 +198,23 @@ async fn wire(
     conf: &NetConf,
     a: &Attachment,
     subnet: &SubnetEnv,
-    ip: Ipv4Addr,
+    ips: PodIps,
     host: &Netlink,
     pod: &Netlink,
     netns: &File,
 ) -> Result<Value> {
+    let ip = ips.v4;
     let gw = subnet.gateway();
     let prefix = subnet.subnet.prefix();
+    let v6 = ips.v6.zip(subnet.ipv6_subnet());
     let bridge = host.ensure_bridge(&conf.bridge, subnet.mtu).await?;
     if let Err(e) = host.ensure_address(bridge.index, gw, prefix).await
+        && !e.is_exists()
+    {
+        return Err(e.into());
+    }
+    if let Some((_, (gw6, net6))) = v6
+        && let Err(e) = host.ensure_address(bridge.index, gw6, net6.prefix()).await
         && !e.is_exists()
     {
         return Err(e.into());
@@ -161,6 +226,9 @@ async fn wire(
         .await?;
     let inner = pod.need_link(&env.ifname).await?;
     pod.add_address(inner.index, ip, prefix).await?;
+    if let Some((ip6, (_, net6))) = v6 {
+        pod.add_address(inner.index, ip6, net6.prefix()).await?;
+    }
     pod.set_up(inner.index).await?;
     let (dst, dst_prefix) = if conf.is_default_gateway {
         (Ipv4Addr::UNSPECIFIED, 0)
@@ -176,6 +244,25 @@ async fn wire(
         protocol: 4, // RTPROT_STATIC, as `ip route add` marks it
     })
     .await?;
+    let route6 = match v6 {
+        Some((_, (gw6, _))) => {
+            let (dst6, dst6_prefix) = match subnet.ipv6 {
+                Some((net, _)) if !conf.is_default_gateway => (net.network(), net.prefix()),
+                _ => (Ipv6Addr::UNSPECIFIED, 0),
+            };
+            pod.add_route(&Route {
+                dst: dst6,
+                prefix: dst6_prefix,
+                gateway: Some(gw6),
+                oif: Some(inner.index),
+                onlink: false,
+                protocol: 4,
+            })
+            .await?;
+            Some((dst6, dst6_prefix, gw6))
+        }
+        None => None,
+    };
     let host_link = host.need_link(&veth).await?;
 
     let mut result: CniResult = match &conf.prev_result {
@@ -208,6 +295,14 @@ async fn wire(
         gateway: Some(gw.to_string()),
         interface: Some(base + 2),
     });
+    if let Some((ip6, (gw6, net6))) = v6 {
+        result.ips.push(IpConfig {
+            version: conf.result_has_ip_version().then(|| "6".to_string()),
+            address: format!("{ip6}/{}", net6.prefix()),
+            gateway: Some(gw6.to_string()),
+            interface: Some(base + 2),
+        });
+    }
     if let Some(dns) = &conf.dns {
         result.dns = dns.clone();
     }
@@ -215,6 +310,12 @@ async fn wire(
         dst: format!("{dst}/{dst_prefix}"),
         gw: Some(gw.to_string()),
     });
+    if let Some((dst6, dst6_prefix, gw6)) = route6 {
+        result.routes.push(RouteConfig {
+            dst: format!("{dst6}/{dst6_prefix}"),
+            gw: Some(gw6.to_string()),
+        });
+    }
     serde_json::to_value(&result)
         .map_err(|e| CniError::new(Code::Io, "encoding the result").with_details(e))
 }
@@ -241,21 +342,33 @@ async fn check(env: &Env, conf: &NetConf, a: &Attachment) -> Result<()> {
     let failed = |what: String| CniError::new(Code::CheckFailed, what);
     let subnet = node_subnet(conf)?;
     let store = Store::open(&conf.data_dir, &conf.name)?;
-    let ip = store.lookup(a)?.ok_or_else(|| {
-        failed(format!(
-            "no address is allocated to {} {}",
-            a.container_id, a.ifname
-        ))
-    })?;
+    let mut want: Vec<(IpAddr, u8)> = Vec::new();
+    for (v6, prefix) in [
+        (false, Some(subnet.subnet.prefix())),
+        (true, subnet.ipv6_subnet().map(|(_, n)| n.prefix())),
+    ] {
+        let Some(prefix) = prefix else { continue };
+        let ip = store.lookup(a, v6)?.ok_or_else(|| {
+            failed(format!(
+                "no IPv{} address is allocated to {} {}",
+                if v6 { 6 } else { 4 },
+                a.container_id,
+                a.ifname
+            ))
+        })?;
+        want.push((ip, prefix));
+    }
     if let Some(prev) = &conf.prev_result {
-        let listed = prev["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["address"].as_str())
-            .any(|s| s.split('/').next() == Some(ip.to_string().as_str()));
-        if !listed {
-            return Err(failed(format!("prevResult does not list {ip}")));
+        for (ip, _) in &want {
+            let listed = prev["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["address"].as_str())
+                .any(|s| s.split('/').next() == Some(ip.to_string().as_str()));
+            if !listed {
+                return Err(failed(format!("prevResult does not list {ip}")));
+            }
         }
     }
     let netns_path = env.netns.as_deref().unwrap_or_default();
@@ -265,11 +378,8 @@ async fn check(env: &Env, conf: &NetConf, a: &Attachment) -> Result<()> {
         .link(&env.ifname)
         .await?
         .ok_or_else(|| failed(format!("{} is missing from {netns_path}", env.ifname)))?;
-    if !pod
-        .addresses(inner.index)
-        .await?
-        .contains(&(ip, subnet.subnet.prefix()))
-    {
+    let held = pod.all_addresses(inner.index).await?;
+    if let Some((ip, _)) = want.iter().find(|w| !held.contains(w)) {
         return Err(failed(format!("{} does not hold {ip}", env.ifname)));
     }
     let gw = subnet.gateway();
@@ -280,6 +390,15 @@ async fn check(env: &Env, conf: &NetConf, a: &Attachment) -> Result<()> {
         .any(|r| r.gateway == Some(gw))
     {
         return Err(failed(format!("no route through {gw} in {netns_path}")));
+    }
+    if let Some((gw6, _)) = subnet.ipv6_subnet()
+        && !pod
+            .routes6(None)
+            .await?
+            .iter()
+            .any(|r| r.gateway == Some(gw6))
+    {
+        return Err(failed(format!("no route through {gw6} in {netns_path}")));
     }
     let host = Netlink::open()?;
     let veth = host_veth_name(a);
@@ -333,11 +452,17 @@ async fn gc(conf: &NetConf) -> Result<()> {
 fn status(conf: &NetConf) -> Result<()> {
     let subnet = node_subnet(conf).map_err(|e| CniError::new(Code::NotAvailable, e.msg))?;
     let store = Store::open(&conf.data_dir, &conf.name)?;
-    if !store.has_free(subnet.subnet_network())? {
-        return Err(CniError::new(
-            Code::NotAvailable,
-            format!("no IP addresses available in {}", subnet.subnet_network()),
-        ));
+    let pools = [
+        Some(IpNetwork::V4(subnet.subnet_network())),
+        subnet.ipv6_subnet().map(|(_, n)| IpNetwork::V6(n)),
+    ];
+    for net in pools.into_iter().flatten() {
+        if !store.has_free(net)? {
+            return Err(CniError::new(
+                Code::NotAvailable,
+                format!("no IP addresses available in {net}"),
+            ));
+        }
     }
     Ok(())
 }

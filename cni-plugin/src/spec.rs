@@ -199,6 +199,9 @@ pub struct NetConf {
     pub data_dir: String,
     /// The node's subnet (`10.244.3.0/24`), instead of the subnet file.
     pub subnet: Option<String>,
+    /// With `subnet`: the node's IPv6 subnet (`fd00:10:244:3::/64`), for
+    /// dual-stack pods. (From the subnet file, FLANNEL_IPV6_SUBNET.)
+    pub ipv6_subnet: Option<String>,
     /// Overrides the MTU from the subnet file.
     pub mtu: Option<u32>,
     /// A default route through the gateway (else a route to the cluster

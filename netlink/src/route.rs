@@ -1,10 +1,10 @@
-//! IPv4 addresses and routes.
+//! Addresses and routes, IPv4 and IPv6.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
@@ -12,12 +12,13 @@ use rtnetlink::RouteMessageBuilder;
 
 use crate::{Netlink, Result, request};
 
-/// An IPv4 route in the main table.
+/// A route in the main table, of one family: `Route` (IPv4) or
+/// `Route<Ipv6Addr>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Route {
-    pub dst: Ipv4Addr,
+pub struct Route<A = Ipv4Addr> {
+    pub dst: A,
     pub prefix: u8,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<A>,
     pub oif: Option<u32>,
     /// The gateway is on the link even though no address says so (VXLAN
     /// routes point at the peer's subnet address through the VTEP).
@@ -25,31 +26,51 @@ pub struct Route {
     pub protocol: u8,
 }
 
-fn protocol(p: u8) -> RouteProtocol {
-    RouteProtocol::from(p)
+/// An address family a [`Route`] can be of.
+pub trait Family: Copy + std::fmt::Display + Sized {
+    const FAMILY: AddressFamily;
+    const UNSPECIFIED: Self;
+    fn message(r: &Route<Self>) -> RouteMessage;
+    fn of(a: RouteAddress) -> Option<Self>;
 }
 
-fn message(r: &Route) -> RouteMessage {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(r.dst, r.prefix)
-        .protocol(protocol(r.protocol))
-        .table_id(RouteHeader::RT_TABLE_MAIN as u32);
-    if let Some(g) = r.gateway {
-        b = b.gateway(g);
-    } else {
-        b = b.scope(RouteScope::Link);
-    }
-    if let Some(o) = r.oif {
-        b = b.output_interface(o);
-    }
-    if r.onlink {
-        b = b.onlink();
-    }
-    b.build()
+macro_rules! family {
+    ($t:ty, $af:ident, $variant:ident) => {
+        impl Family for $t {
+            const FAMILY: AddressFamily = AddressFamily::$af;
+            const UNSPECIFIED: Self = <$t>::UNSPECIFIED;
+            fn message(r: &Route<Self>) -> RouteMessage {
+                let mut b = RouteMessageBuilder::<$t>::new()
+                    .destination_prefix(r.dst, r.prefix)
+                    .protocol(RouteProtocol::from(r.protocol))
+                    .table_id(RouteHeader::RT_TABLE_MAIN as u32);
+                if let Some(g) = r.gateway {
+                    b = b.gateway(g);
+                } else {
+                    b = b.scope(RouteScope::Link);
+                }
+                if let Some(o) = r.oif {
+                    b = b.output_interface(o);
+                }
+                if r.onlink {
+                    b = b.onlink();
+                }
+                b.build()
+            }
+            fn of(a: RouteAddress) -> Option<Self> {
+                match a {
+                    RouteAddress::$variant(x) => Some(x),
+                    _ => None,
+                }
+            }
+        }
+    };
 }
+family!(Ipv4Addr, Inet, Inet);
+family!(Ipv6Addr, Inet6, Inet6);
 
-fn parse(m: RouteMessage) -> Option<Route> {
-    if m.header.address_family != AddressFamily::Inet {
+fn parse<A: Family>(m: RouteMessage) -> Option<Route<A>> {
+    if m.header.address_family != A::FAMILY {
         return None;
     }
     let table = m
@@ -64,7 +85,7 @@ fn parse(m: RouteMessage) -> Option<Route> {
         return None;
     }
     let mut r = Route {
-        dst: Ipv4Addr::UNSPECIFIED,
+        dst: A::UNSPECIFIED,
         prefix: m.header.destination_prefix_length,
         gateway: None,
         oif: None,
@@ -73,8 +94,8 @@ fn parse(m: RouteMessage) -> Option<Route> {
     };
     for a in m.attributes {
         match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = d,
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(g),
+            RouteAttribute::Destination(d) => r.dst = A::of(d).unwrap_or(r.dst),
+            RouteAttribute::Gateway(g) => r.gateway = A::of(g),
             RouteAttribute::Oif(o) => r.oif = Some(o),
             _ => {}
         }
@@ -84,27 +105,50 @@ fn parse(m: RouteMessage) -> Option<Route> {
 
 impl Netlink {
     /// Adds `addr/prefix` to the link unless it is already there.
-    pub async fn ensure_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
-        if self.addresses(index).await?.contains(&(addr, prefix)) {
+    pub async fn ensure_address(
+        &self,
+        index: u32,
+        addr: impl Into<IpAddr>,
+        prefix: u8,
+    ) -> Result<()> {
+        let addr = addr.into();
+        if self.all_addresses(index).await?.contains(&(addr, prefix)) {
             return Ok(());
         }
         self.add_address(index, addr, prefix).await
     }
 
-    /// Adds `addr/prefix` to the link (fails if it is there).
-    pub async fn add_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
-        self.handle
-            .address()
-            .add(index, IpAddr::V4(addr), prefix)
-            .execute()
-            .await
-            .map_err(request(format!(
-                "add address {addr}/{prefix} to link {index}"
-            )))
+    /// Adds `addr/prefix` to the link (fails if it is there). An IPv6
+    /// address is usable at once: no duplicate address detection, whose
+    /// second or more of "tentative" would fail the first connects.
+    pub async fn add_address(&self, index: u32, addr: impl Into<IpAddr>, prefix: u8) -> Result<()> {
+        let addr = addr.into();
+        let mut req = self.handle.address().add(index, addr, prefix);
+        if addr.is_ipv6() {
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute().await.map_err(request(format!(
+            "add address {addr}/{prefix} to link {index}"
+        )))
     }
 
     /// The link's IPv4 addresses.
     pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+        Ok(self
+            .all_addresses(index)
+            .await?
+            .into_iter()
+            .filter_map(|(a, p)| match a {
+                IpAddr::V4(v4) => Some((v4, p)),
+                IpAddr::V6(_) => None,
+            })
+            .collect())
+    }
+
+    /// The link's addresses of both families.
+    pub async fn all_addresses(&self, index: u32) -> Result<Vec<(IpAddr, u8)>> {
         let msgs: Vec<_> = self
             .handle
             .address()
@@ -120,7 +164,7 @@ impl Netlink {
             .filter_map(|m| {
                 let prefix = m.header.prefix_len;
                 m.attributes.into_iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V4(v4)) => Some((v4, prefix)),
+                    AddressAttribute::Address(ip) => Some((ip, prefix)),
                     _ => None,
                 })
             })
@@ -128,17 +172,17 @@ impl Netlink {
     }
 
     /// Installs the route, replacing one to the same destination.
-    pub async fn replace_route(&self, r: &Route) -> Result<()> {
+    pub async fn replace_route<A: Family>(&self, r: &Route<A>) -> Result<()> {
         self.install_route(r, true).await
     }
 
     /// Adds the route (fails if one to the same destination exists).
-    pub async fn add_route(&self, r: &Route) -> Result<()> {
+    pub async fn add_route<A: Family>(&self, r: &Route<A>) -> Result<()> {
         self.install_route(r, false).await
     }
 
-    async fn install_route(&self, r: &Route, replace: bool) -> Result<()> {
-        let mut req = self.handle.route().add(message(r));
+    async fn install_route<A: Family>(&self, r: &Route<A>, replace: bool) -> Result<()> {
+        let mut req = self.handle.route().add(A::message(r));
         if replace {
             req = req.replace();
         }
@@ -147,10 +191,10 @@ impl Netlink {
             .map_err(request(format!("install route {}/{}", r.dst, r.prefix)))
     }
 
-    pub async fn delete_route(&self, r: &Route) -> Result<()> {
+    pub async fn delete_route<A: Family>(&self, r: &Route<A>) -> Result<()> {
         self.handle
             .route()
-            .del(message(r))
+            .del(A::message(r))
             .execute()
             .await
             .map_err(request(format!("delete route {}/{}", r.dst, r.prefix)))
@@ -158,7 +202,17 @@ impl Netlink {
 
     /// IPv4 routes of the main table; only those with `protocol` when given.
     pub async fn routes(&self, protocol: Option<u8>) -> Result<Vec<Route>> {
-        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        self.routes_of(protocol).await
+    }
+
+    /// IPv6 routes of the main table, as [`Netlink::routes`].
+    pub async fn routes6(&self, protocol: Option<u8>) -> Result<Vec<Route<Ipv6Addr>>> {
+        self.routes_of(protocol).await
+    }
+
+    async fn routes_of<A: Family>(&self, protocol: Option<u8>) -> Result<Vec<Route<A>>> {
+        let mut filter = RouteMessageBuilder::<IpAddr>::new().build();
+        filter.header.address_family = A::FAMILY;
         let msgs: Vec<_> = self
             .handle
             .route()

@@ -85,7 +85,7 @@ impl Node {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.parse::<std::net::Ipv4Addr>().ok()?;
+                name.parse::<std::net::IpAddr>().ok()?;
                 let text = std::fs::read_to_string(e.path()).ok()?;
                 Some((name, text.lines().next()?.to_string()))
             })
@@ -123,6 +123,132 @@ impl Node {
             .filter(|l| l.starts_with("skv"))
             .count()
     }
+}
+
+/// The address of `family` ("4" or "6") in a result's `ips`.
+fn result_ip(r: &Value, family: &str) -> String {
+    r["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .find(|a| a.contains(':') == (family == "6"))
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no IPv{family} address in {r}"))
+        .to_string()
+}
+
+#[test]
+fn a_dual_stack_node_gives_pods_an_address_of_each_family_that_they_reach_each_other_on() {
+    let node = Node::new("10.77.5.0/24");
+    let mut env = std::fs::read_to_string(node.subnet_file()).unwrap_or_default();
+    env += "FLANNEL_IPV6_NETWORK=fd00:77::/56\nFLANNEL_IPV6_SUBNET=fd00:77:0:5::1/64\n";
+    std::fs::write(node.subnet_file(), env).unwrap_or_else(|e| panic!("{e}"));
+    let pods = [Netns::new(), Netns::new()];
+    let plugin = bin("skiff-cni");
+    let adds: Vec<Reply> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| node.run("ADD", &format!("d{i}"), p))
+        .collect();
+    for a in &adds {
+        assert!(a.ok, "{}", a.stdout);
+    }
+    let res = adds[0].json();
+    assert_eq!(res["ips"].as_array().map(Vec::len), Some(2), "{res}");
+    let (a6, b6) = (result_ip(&res, "6"), result_ip(&adds[1].json(), "6"));
+    assert!(a6.starts_with("fd00:77:0:5::") && a6 != b6, "{a6} {b6}");
+    assert!(
+        res["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["gateway"] == "fd00:77:0:5::1" && i["interface"] == 2),
+        "{res}"
+    );
+    assert!(
+        res["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["dst"] == "::/0" && r["gw"] == "fd00:77:0:5::1"),
+        "{res}"
+    );
+    let shown = pods[0].exec(&[
+        "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global",
+    ]);
+    assert!(shown.contains(&format!("{a6}/64")), "{shown}");
+    assert!(!shown.contains("tentative"), "usable at once: {shown}");
+    assert!(
+        node.ns
+            .exec(&["ip", "-6", "-o", "addr", "show", "dev", "cni0"])
+            .contains("fd00:77:0:5::1/64"),
+        "the bridge holds the IPv6 gateway"
+    );
+    assert_eq!(node.allocations().len(), 4, "{:?}", node.allocations());
+
+    // Pod to pod over IPv6 through the bridge, and pod to its gateway.
+    let mut server = Spawn::new(bin("skiff-probe"))
+        .args(["serve-tcp", &format!("[{b6}]:80"), "%peer"])
+        .netns(&pods[1])
+        .start();
+    assert_eq!(server.ask(""), "ready");
+    let out = Spawn::new(bin("skiff-probe"))
+        .args(["tcp", &format!("[{b6}]:80"), "3"])
+        .netns(&pods[0])
+        .output();
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        v["answers"][&a6], 3,
+        "the peer is the pod's own IPv6 address: {out}"
+    );
+    let mut gw_server = Spawn::new(bin("skiff-probe"))
+        .args(["serve-tcp", "[fd00:77:0:5::1]:81", "node"])
+        .netns(&node.ns)
+        .start();
+    assert_eq!(gw_server.ask(""), "ready");
+    let out = Spawn::new(bin("skiff-probe"))
+        .args(["tcp", "[fd00:77:0:5::1]:81", "2"])
+        .netns(&pods[1])
+        .output();
+    assert!(out.contains("\"node\":2"), "{out}");
+
+    // CHECK sees both addresses; without the IPv6 one it says which.
+    let path = pods[0].path();
+    let mut conf = node.conf("1.1.0");
+    conf["prevResult"] = res.clone();
+    let check = node.call("CHECK", "d0", &path).exec(&plugin, &conf);
+    assert!(check.ok, "{}", check.stdout);
+    pods[0].ip(&["addr", "del", &format!("{a6}/64"), "dev", "eth0"]);
+    let check = node.call("CHECK", "d0", &path).exec(&plugin, &conf);
+    assert_eq!(check.code(), Some(102), "{}", check.stdout);
+    assert!(check.stdout.contains(&a6), "{}", check.stdout);
+
+    for (i, p) in pods.iter().enumerate() {
+        let del = node.run("DEL", &format!("d{i}"), p);
+        assert!(del.ok, "{}", del.stdout);
+    }
+    assert!(node.allocations().is_empty(), "{:?}", node.allocations());
+
+    // Bad dual-stack configuration is refused by name.
+    let pod = Netns::new();
+    let pod_path = pod.path();
+    for (extra, field) in [
+        (
+            json!({"subnet": "10.77.6.0/24", "ipv6Subnet": "10.77.7.0/24"}),
+            "ipv6Subnet",
+        ),
+        (json!({"ipv6Subnet": "fd00:78::/64"}), "subnet"),
+    ] {
+        let mut conf = node.conf("1.1.0");
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            conf[k] = v.clone();
+        }
+        let r = node.call("ADD", "bad", &pod_path).exec(&plugin, &conf);
+        assert_eq!(r.code(), Some(7), "{extra}: {}", r.stdout);
+        assert!(r.stdout.contains(field), "{extra}: {}", r.stdout);
+    }
+    assert!(node.allocations().is_empty());
 }
 
 fn pod_addr(pod: &Netns) -> String {

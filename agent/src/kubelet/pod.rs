@@ -186,6 +186,9 @@ pub struct Worker {
     pod: Pod,
     ctrs: BTreeMap<String, Ctr>,
     ip: Option<String>,
+    /// Every address of the pod (`podIPs`): `ip` first, then a dual-stack
+    /// pod's address of the other family.
+    ips: Vec<String>,
     sandbox_error: Option<String>,
     last_status: Option<Value>,
     started: String,
@@ -201,6 +204,7 @@ impl Worker {
             pod,
             ctrs: BTreeMap::new(),
             ip: None,
+            ips: Vec::new(),
             sandbox_error: None,
             last_status: None,
             started: now(),
@@ -294,7 +298,8 @@ impl Worker {
                 self.ip = Some(self.shared.node_ip.clone());
             }
         } else if let Some(r) = Cni::saved_result(&self.dir()) {
-            self.ip = skiff_cni_lib::exec::first_ip(&r);
+            self.ips = skiff_cni_lib::exec::all_ips(&r);
+            self.ip = self.ips.first().cloned();
         }
         let filter = format!("labels.\"{LABEL_POD_UID}\"=={}", self.uid);
         let Ok(list) = self.shared.cd.containers(&filter).await else {
@@ -656,10 +661,11 @@ impl Worker {
         .unwrap_or_else(|e| Err(e.to_string()));
         match r {
             Ok(result) => {
-                self.ip = match result {
-                    Some(result) => skiff_cni_lib::exec::first_ip(&result),
-                    None => Some(self.shared.node_ip.clone()),
+                self.ips = match result {
+                    Some(result) => skiff_cni_lib::exec::all_ips(&result),
+                    None => vec![self.shared.node_ip.clone()],
                 };
+                self.ip = self.ips.first().cloned();
                 self.sandbox_error = None;
                 info!(pod = %self.name(), ip = ?self.ip, "sandbox ready");
                 true
@@ -1102,7 +1108,12 @@ impl Worker {
         }
         if let Some(ip) = &self.ip {
             status["podIP"] = json!(ip);
-            status["podIPs"] = json!([{"ip": ip}]);
+            let ips: Vec<&String> = if self.ips.is_empty() {
+                vec![ip]
+            } else {
+                self.ips.iter().collect()
+            };
+            status["podIPs"] = ips.iter().map(|ip| json!({"ip": ip})).collect();
         }
         status
     }

@@ -1,10 +1,10 @@
 //! How `skiff-cni` records what it wired, shared with the agent (whose
 //! overlay fast path delivers to pods by their host-side veth): one file
-//! per address in `<dataDir>/<network>/`, named by the address, holding the
-//! container ID, the interface name and the address; the host end of the
-//! veth is named from the first two.
+//! per address (of either family) in `<dataDir>/<network>/`, named by the
+//! address, holding the container ID, the interface name and the address;
+//! the host end of the veth is named from the first two.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 
 /// The host end of an attachment's veth: derived from the attachment so
@@ -19,12 +19,12 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
 }
 
 /// An address record's text.
-pub fn record(container_id: &str, ifname: &str, ip: Ipv4Addr) -> String {
+pub fn record(container_id: &str, ifname: &str, ip: IpAddr) -> String {
     format!("{container_id}\n{ifname}\n{ip}\n")
 }
 
 /// (container ID, interface name, address) of a record's text.
-pub fn parse_record(text: &str) -> Option<(String, String, Ipv4Addr)> {
+pub fn parse_record(text: &str) -> Option<(String, String, IpAddr)> {
     let mut l = text.lines();
     let container_id = l.next()?.to_string();
     let ifname = l.next()?.to_string();
@@ -34,11 +34,11 @@ pub fn parse_record(text: &str) -> Option<(String, String, Ipv4Addr)> {
 
 /// Every recorded address in `dir` (`<dataDir>/<network>`) with the name
 /// of its host-side veth.
-pub fn host_veths(dir: &Path) -> std::io::Result<Vec<(Ipv4Addr, String)>> {
+pub fn host_veths(dir: &Path) -> std::io::Result<Vec<(IpAddr, String)>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name();
-        if name.to_string_lossy().parse::<Ipv4Addr>().is_err() {
+        if name.to_string_lossy().parse::<IpAddr>().is_err() {
             continue;
         }
         if let Ok(t) = std::fs::read_to_string(e.path())
@@ -56,9 +56,11 @@ mod tests {
 
     #[test]
     fn a_record_reads_back_and_names_its_veth() {
-        let ip: Ipv4Addr = "10.244.1.7".parse().unwrap();
-        let text = record("abc", "eth0", ip);
-        assert_eq!(parse_record(&text), Some(("abc".into(), "eth0".into(), ip)));
+        for ip in ["10.244.1.7", "fd00:10:244:1::7"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let text = record("abc", "eth0", ip);
+            assert_eq!(parse_record(&text), Some(("abc".into(), "eth0".into(), ip)));
+        }
         let name = host_veth_name("abc", "eth0");
         // A valid interface name, stable, and apart for another interface.
         assert!(name.starts_with("skv") && name.len() <= 15, "{name}");

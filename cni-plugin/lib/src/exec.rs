@@ -78,8 +78,19 @@ impl Reply {
 
 /// The first address of a result, without its prefix.
 pub fn first_ip(result: &Value) -> Option<String> {
-    let a = result["ips"][0]["address"].as_str()?;
-    Some(a.split('/').next().unwrap_or_default().to_string())
+    all_ips(result).into_iter().next()
+}
+
+/// Every address of a result's `ips`, without prefix lengths, in its order
+/// (a dual-stack pod's IPv4 and IPv6 addresses: the pod's `podIPs`).
+pub fn all_ips(result: &Value) -> Vec<String> {
+    result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .map(|a| a.split('/').next().unwrap_or_default().to_string())
+        .collect()
 }
 
 /// Where plugins are found and where they run.

@@ -3,10 +3,10 @@
 //! CNI plugin, which reads it on every call. Flannel's format, so tools that
 //! read Flannel's file read ours.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
@@ -17,6 +17,10 @@ pub struct SubnetEnv {
     pub subnet: Ipv4Network,
     pub mtu: u32,
     pub ipmasq: bool,
+    /// Dual stack: the cluster's IPv6 network and the node's IPv6 subnet,
+    /// gateway as address (FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET, as
+    /// Flannel writes them).
+    pub ipv6: Option<(Ipv6Network, Ipv6Network)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,16 @@ impl SubnetEnv {
         Ipv4Network::new(self.subnet.network(), self.subnet.prefix()).unwrap_or(self.subnet)
     }
 
+    /// The IPv6 subnet's gateway and the subnet itself, when dual stack.
+    pub fn ipv6_subnet(&self) -> Option<(Ipv6Addr, Ipv6Network)> {
+        self.ipv6.map(|(_, s)| {
+            (
+                s.ip(),
+                Ipv6Network::new(s.network(), s.prefix()).unwrap_or(s),
+            )
+        })
+    }
+
     /// A subnet.env for a node owning `subnet` (its network address form).
     pub fn for_subnet(network: Ipv4Network, subnet: Ipv4Network, mtu: u32, ipmasq: bool) -> Self {
         let first = Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(1));
@@ -50,14 +64,29 @@ impl SubnetEnv {
             subnet: Ipv4Network::new(first, subnet.prefix()).unwrap_or(subnet),
             mtu,
             ipmasq,
+            ipv6: None,
         }
     }
 
+    /// Adds the node's IPv6 subnet (its network address form) of `network`.
+    pub fn with_ipv6(mut self, network: Ipv6Network, subnet: Ipv6Network) -> Self {
+        let first = Ipv6Addr::from(u128::from(subnet.network()).wrapping_add(1));
+        self.ipv6 = Some((
+            network,
+            Ipv6Network::new(first, subnet.prefix()).unwrap_or(subnet),
+        ));
+        self
+    }
+
     pub fn render(&self) -> String {
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-            self.network, self.subnet, self.mtu, self.ipmasq
-        )
+        let mut s = format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\n",
+            self.network, self.subnet
+        );
+        if let Some((net, sub)) = self.ipv6 {
+            s += &format!("FLANNEL_IPV6_NETWORK={net}\nFLANNEL_IPV6_SUBNET={sub}\n");
+        }
+        s + &format!("FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n", self.mtu, self.ipmasq)
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Self, SubnetEnvError> {
@@ -76,8 +105,26 @@ impl SubnetEnv {
             let v = get(key)?;
             v.parse().map_err(|e| invalid(format!("{key}={v}: {e}")))
         };
+        let net6 = |key: &str| -> Result<Option<Ipv6Network>, SubnetEnvError> {
+            match get(key) {
+                Ok(v) => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|e| invalid(format!("{key}={v}: {e}"))),
+                Err(_) => Ok(None),
+            }
+        };
         let network = net("FLANNEL_NETWORK")?;
         let subnet = net("FLANNEL_SUBNET")?;
+        let ipv6 = match (net6("FLANNEL_IPV6_NETWORK")?, net6("FLANNEL_IPV6_SUBNET")?) {
+            (Some(n), Some(s)) => Some((n, s)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET go together".into(),
+                ));
+            }
+        };
         let mtu_s = get("FLANNEL_MTU")?;
         let mtu = mtu_s
             .parse()
@@ -88,6 +135,7 @@ impl SubnetEnv {
             subnet,
             mtu,
             ipmasq,
+            ipv6,
         })
     }
 
@@ -131,5 +179,34 @@ mod tests {
         assert_eq!(s.gateway(), Ipv4Addr::new(10, 244, 3, 1));
         assert_eq!(s.subnet_network().to_string(), "10.244.3.0/24");
         assert!(SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\n", "x").is_err());
+        assert_eq!(s.ipv6_subnet(), None);
+    }
+
+    #[test]
+    fn carries_the_ipv6_subnet_under_flannels_names() {
+        let s = SubnetEnv::for_subnet(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.3.0/24".parse().unwrap(),
+            1450,
+            false,
+        )
+        .with_ipv6(
+            "fd00:10:244::/56".parse().unwrap(),
+            "fd00:10:244:3::/64".parse().unwrap(),
+        );
+        let text = s.render();
+        assert!(
+            text.contains(
+                "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(SubnetEnv::parse(&text, "x").unwrap(), s);
+        let (gw, subnet) = s.ipv6_subnet().unwrap();
+        assert_eq!(gw.to_string(), "fd00:10:244:3::1");
+        assert_eq!(subnet.to_string(), "fd00:10:244:3::/64");
+        let half = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPV6_SUBNET=fd00::1/64\n";
+        let e = SubnetEnv::parse(half, "x").unwrap_err().to_string();
+        assert!(e.contains("FLANNEL_IPV6_NETWORK"), "{e}");
     }
 }
