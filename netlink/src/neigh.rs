@@ -1,4 +1,4 @@
-//! Neighbour (ARP) and bridge FDB entries, as a VXLAN overlay programs them:
+//! Neighbour (ARP, NDP) and bridge FDB entries, as a VXLAN overlay programs them:
 //! the peer's gateway address resolves to its VTEP MAC, and that MAC is
 //! sent to the peer's underlay address.
 
@@ -12,9 +12,10 @@ use netlink_packet_route::neighbour::{
 
 use crate::{Netlink, Result, request};
 
+/// A neighbour entry of either family (ARP or NDP).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Neighbour {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub mac: [u8; 6],
 }
 
@@ -51,7 +52,7 @@ impl Netlink {
     pub async fn replace_neighbour(&self, index: u32, n: &Neighbour) -> Result<()> {
         self.handle
             .neighbours()
-            .add(index, IpAddr::V4(n.ip))
+            .add(index, n.ip)
             .link_layer_address(&n.mac)
             .state(NeighbourState::Permanent)
             .replace()
@@ -64,27 +65,35 @@ impl Netlink {
     }
 
     pub async fn delete_neighbour(&self, index: u32, n: &Neighbour) -> Result<()> {
-        let m = entry(
-            AddressFamily::Inet,
-            index,
-            NeighbourFlags::empty(),
-            None,
-            n.ip,
-        );
+        let family = if n.ip.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let m = entry(family, index, NeighbourFlags::empty(), None, n.ip);
         self.delete(m, format!("delete neighbour {} on link {index}", n.ip))
             .await
     }
 
-    /// The link's permanent IPv4 neighbour entries.
+    /// The link's permanent neighbour entries, IPv4 and IPv6.
     pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>> {
-        Ok(self
-            .dump(AddressFamily::Inet, index)
-            .await?
+        let mut all = self.dump(AddressFamily::Inet, index).await?;
+        all.extend(self.dump(AddressFamily::Inet6, index).await?);
+        Ok(all
             .into_iter()
             .filter(|m| m.header.state == NeighbourState::Permanent)
             .filter_map(|m| {
+                let ip = m.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => {
+                        Some(IpAddr::V4(*d))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => {
+                        Some(IpAddr::V6(*d))
+                    }
+                    _ => None,
+                })?;
                 Some(Neighbour {
-                    ip: dst_of(&m.attributes)?,
+                    ip,
                     mac: mac_of(&m.attributes)?,
                 })
             })
@@ -111,7 +120,7 @@ impl Netlink {
             index,
             NeighbourFlags::Own,
             Some(e.mac),
-            e.dst,
+            IpAddr::V4(e.dst),
         );
         self.delete(m, format!("delete fdb {:02x?} → {}", e.mac, e.dst))
             .await
@@ -165,7 +174,7 @@ fn entry(
     index: u32,
     flags: NeighbourFlags,
     mac: Option<[u8; 6]>,
-    dst: Ipv4Addr,
+    dst: IpAddr,
 ) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = family;
@@ -176,6 +185,9 @@ fn entry(
             .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     }
     m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        .push(NeighbourAttribute::Destination(match dst {
+            IpAddr::V4(d) => NeighbourAddress::Inet(d),
+            IpAddr::V6(d) => NeighbourAddress::Inet6(d),
+        }));
     m
 }

@@ -11,6 +11,7 @@ use skiff_tests::{Proc, Spawn, bin, wait_for};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#;
+const DUAL: &str = r#"{"Network":"10.246.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:246::/56","Backend":{"Type":"vxlan"}}"#;
 
 /// TCP and UDP servers in the pod, on its pod IP, answering with the
 /// client's address as they see it.
@@ -203,6 +204,106 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     }
     let through = counted(&c, vtep_packets, || assert_full_mesh(&c, &pods));
     assert_kernel_node_alone(&through, "VTEP packets");
+}
+
+/// The IPv6 address in a pod's ADD result.
+fn pod_ipv6(pod: &Pod) -> String {
+    pod.result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .find(|a| a.contains(':'))
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no IPv6 address in {}", pod.result))
+        .to_string()
+}
+
+/// A dual-stack network: each node's IPv6 subnet is the one paired with its
+/// IPv4 lease, peers route it through the same VTEP, and pods on two nodes
+/// talk over IPv6 (TCP and UDP, both ways, no NAT) at once as well as IPv4.
+#[test]
+fn dual_stack_pods_on_two_nodes_talk_over_ipv6_through_the_vtep() {
+    let mut c = Cluster::new(2, DUAL);
+    c.start_all(&[]);
+    let subnets = distinct_subnets(&c);
+    converge(&c, &subnets);
+    // 10.246.X.0/24 pairs with fd00:10:246:X::/64 (X in hex).
+    let six: Vec<String> = subnets
+        .iter()
+        .map(|s| {
+            let x: u32 = s
+                .split('.')
+                .nth(2)
+                .and_then(|o| o.parse().ok())
+                .unwrap_or(0);
+            format!("fd00:10:246:{x:x}::")
+        })
+        .collect();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let env = std::fs::read_to_string(&n.subnet_file).unwrap_or_default();
+        assert!(
+            env.contains("FLANNEL_IPV6_NETWORK=fd00:10:246::/56")
+                && env.contains(&format!("FLANNEL_IPV6_SUBNET={}1/64", six[i])),
+            "node{i}: {env}"
+        );
+        let other = six[1 - i].clone();
+        wait_for("the peer's IPv6 route", Duration::from_secs(10), || {
+            let routes = n.ns.exec(&["ip", "-6", "route"]);
+            routes
+                .contains(&format!("{other}/64 via {other} dev flannel.1"))
+                .then_some(())
+        });
+        let neigh =
+            n.ns.exec(&["ip", "-6", "neigh", "show", "dev", "flannel.1"]);
+        assert!(
+            neigh.contains(&format!("{other} lladdr")),
+            "node{i}: {neigh}"
+        );
+    }
+    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    let v6: Vec<String> = pods.iter().map(pod_ipv6).collect();
+    for (p, prefix) in v6.iter().zip(&six) {
+        assert!(p.starts_with(prefix.as_str()), "{p} not in {prefix}/64");
+    }
+    let _servers: Vec<Proc> = pods
+        .iter()
+        .zip(&v6)
+        .flat_map(|(pod, ip)| {
+            ["serve-tcp", "serve-udp"].map(|kind| {
+                let mut p = Spawn::new(bin("skiff-probe"))
+                    .args([kind.to_string(), format!("[{ip}]:7000"), "%peer".into()])
+                    .netns(&pod.ns)
+                    .start();
+                assert_eq!(p.ask(""), "ready", "{kind} on {ip}");
+                p
+            })
+        })
+        .collect();
+    // A new pod's first IPv6 exchange across nodes stalls for about two
+    // seconds (not yet explained; see the issue's note): wait until one
+    // gets through, then every one must.
+    wait_for("the first IPv6 exchange", Duration::from_secs(15), || {
+        let out = Spawn::new(bin("skiff-probe"))
+            .args(["tcp", &format!("[{}]:7000", v6[1]), "1"])
+            .netns(&pods[0].ns)
+            .output();
+        out.contains(&format!("\"{}\":1", v6[0])).then_some(())
+    });
+    for (from, to) in [(0, 1), (1, 0)] {
+        for kind in ["tcp", "udp"] {
+            let out = Spawn::new(bin("skiff-probe"))
+                .args([kind, &format!("[{}]:7000", v6[to]), "5"])
+                .netns(&pods[from].ns)
+                .output();
+            let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            assert_eq!(
+                v["answers"][&v6[from]], 5,
+                "{kind} node{from} → node{to} over IPv6, the source kept: {out}"
+            );
+        }
+    }
+    assert_full_mesh(&c, &pods);
 }
 
 /// Waits until node `n`'s agent (its latest start) has put the fast path

@@ -7,19 +7,24 @@
 //!   neighbour `10.244.5.0 lladdr M dev flannel.1 permanent`,
 //!   fdb `M dev flannel.1 dst P`.
 //! host-gw: route `10.244.5.0/24 via P dev <underlay>`.
+//! Dual stack (vxlan): the peer's IPv6 subnet fd00:10:244:5::/64 (paired with
+//! its IPv4 lease) the same way through the same VTEP,
+//!   route `fd00:10:244:5::/64 via fd00:10:244:5:: dev flannel.1 onlink`,
+//!   neighbour `fd00:10:244:5:: lladdr M dev flannel.1 permanent`.
 //!
 //! Routes carry [`SKIFF_ROUTE_PROTOCOL`]; neighbour and FDB entries live on
 //! the VTEP, which is ours alone. So a full resync can remove whatever no
 //! lease explains, which is how a restart catches up on deletions it missed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv6Addr};
 
 use ipnetwork::Ipv4Network;
 use skiff_netlink::{FdbEntry, Neighbour, Netlink, Route, SKIFF_ROUTE_PROTOCOL};
 use tracing::{debug, warn};
 
 use super::lease::Lease;
-use super::network::BackendType;
+use super::network::{BackendType, NetworkConfig};
 
 /// The kernel entries one lease stands for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -27,6 +32,9 @@ pub struct Entries {
     pub route: Option<Route>,
     pub neighbour: Option<Neighbour>,
     pub fdb: Option<FdbEntry>,
+    /// Dual stack: the route and neighbour of the peer's IPv6 subnet.
+    pub route6: Option<Route<Ipv6Addr>>,
+    pub neighbour6: Option<Neighbour>,
 }
 
 #[derive(Clone)]
@@ -36,6 +44,9 @@ pub struct Dataplane {
     /// The VTEP (vxlan) or the underlay device (host-gw) routes go out of.
     pub route_dev: u32,
     pub own: Ipv4Network,
+    /// The network configuration when it is dual stack: it pairs each
+    /// lease with its IPv6 subnet.
+    pub dual_stack: Option<NetworkConfig>,
 }
 
 /// Counts of what a resync changed.
@@ -71,11 +82,15 @@ pub fn entries(backend: BackendType, route_dev: u32, own: Ipv4Network, lease: &L
                     onlink: true,
                     protocol: SKIFF_ROUTE_PROTOCOL,
                 }),
-                neighbour: Some(Neighbour { ip: dst, mac }),
+                neighbour: Some(Neighbour {
+                    ip: dst.into(),
+                    mac,
+                }),
                 fdb: Some(FdbEntry {
                     mac,
                     dst: lease.attrs.public_ip,
                 }),
+                ..Entries::default()
             }
         }
         BackendType::HostGw => Entries {
@@ -87,17 +102,46 @@ pub fn entries(backend: BackendType, route_dev: u32, own: Ipv4Network, lease: &L
                 onlink: false,
                 protocol: SKIFF_ROUTE_PROTOCOL,
             }),
-            neighbour: None,
-            fdb: None,
+            ..Entries::default()
         },
     }
+}
+
+/// [`entries`] with the IPv6 subnet paired with the lease (vxlan, dual
+/// stack): through the same VTEP, to the same MAC.
+pub fn entries_dual(
+    net: &NetworkConfig,
+    route_dev: u32,
+    own: Ipv4Network,
+    lease: &Lease,
+) -> Entries {
+    let mut e = entries(net.backend, route_dev, own, lease);
+    if let (Some(n), Some(peer6)) = (&e.neighbour, net.ipv6_subnet_of(lease.subnet)) {
+        let gw6 = peer6.network();
+        e.route6 = Some(Route {
+            dst: gw6,
+            prefix: peer6.prefix(),
+            gateway: Some(gw6),
+            oif: Some(route_dev),
+            onlink: true,
+            protocol: SKIFF_ROUTE_PROTOCOL,
+        });
+        e.neighbour6 = Some(Neighbour {
+            ip: IpAddr::V6(gw6),
+            mac: n.mac,
+        });
+    }
+    e
 }
 
 impl Dataplane {
     /// The entries for `lease` here: none for our own subnet or a lease of
     /// another backend.
     pub fn entries_for(&self, lease: &Lease) -> Entries {
-        entries(self.backend, self.route_dev, self.own, lease)
+        match &self.dual_stack {
+            Some(net) => entries_dual(net, self.route_dev, self.own, lease),
+            None => entries(self.backend, self.route_dev, self.own, lease),
+        }
     }
 
     /// Installs the entries: FDB, then neighbour, then route, so that a
@@ -106,10 +150,13 @@ impl Dataplane {
         if let Some(f) = &e.fdb {
             self.nl.replace_fdb(self.route_dev, f).await?;
         }
-        if let Some(n) = &e.neighbour {
+        for n in e.neighbour.iter().chain(&e.neighbour6) {
             self.nl.replace_neighbour(self.route_dev, n).await?;
         }
         if let Some(r) = &e.route {
+            self.nl.replace_route(r).await?;
+        }
+        if let Some(r) = &e.route6 {
             self.nl.replace_route(r).await?;
         }
         Ok(())
@@ -120,7 +167,10 @@ impl Dataplane {
         if let Some(r) = &e.route {
             ignore_gone(self.nl.delete_route(r).await)?;
         }
-        if let Some(n) = &e.neighbour {
+        if let Some(r) = &e.route6 {
+            ignore_gone(self.nl.delete_route(r).await)?;
+        }
+        for n in e.neighbour.iter().chain(&e.neighbour6) {
             ignore_gone(self.nl.delete_neighbour(self.route_dev, n).await)?;
         }
         if let Some(f) = &e.fdb {
@@ -137,14 +187,18 @@ impl Dataplane {
         leases: impl Iterator<Item = &'a Lease>,
     ) -> Result<Changed, skiff_netlink::Error> {
         let mut want_routes: BTreeMap<(std::net::Ipv4Addr, u8), Route> = BTreeMap::new();
-        let mut want_neigh: HashMap<std::net::Ipv4Addr, Neighbour> = HashMap::new();
+        let mut want_routes6: BTreeMap<(Ipv6Addr, u8), Route<Ipv6Addr>> = BTreeMap::new();
+        let mut want_neigh: HashMap<IpAddr, Neighbour> = HashMap::new();
         let mut want_fdb: HashSet<FdbEntry> = HashSet::new();
         for l in leases {
             let e = self.entries_for(l);
             if let Some(r) = e.route {
                 want_routes.insert((r.dst, r.prefix), r);
             }
-            if let Some(n) = e.neighbour {
+            if let Some(r) = e.route6 {
+                want_routes6.insert((r.dst, r.prefix), r);
+            }
+            for n in e.neighbour.into_iter().chain(e.neighbour6) {
                 want_neigh.insert(n.ip, n);
             }
             if let Some(f) = e.fdb {
@@ -153,6 +207,7 @@ impl Dataplane {
         }
         let mut changed = Changed::default();
         let have_routes = self.nl.routes(Some(SKIFF_ROUTE_PROTOCOL)).await?;
+        let have_routes6 = self.nl.routes6(Some(SKIFF_ROUTE_PROTOCOL)).await?;
         let (have_neigh, have_fdb) = if self.backend == BackendType::Vxlan {
             (
                 self.nl.neighbours(self.route_dev).await?,
@@ -164,6 +219,13 @@ impl Dataplane {
         // Removals first: a stale route must not outlive its lease.
         for r in &have_routes {
             if !want_routes.contains_key(&(r.dst, r.prefix)) {
+                debug!(dst = %r.dst, prefix = r.prefix, "removing stale route");
+                ignore_gone(self.nl.delete_route(r).await)?;
+                changed.removed += 1;
+            }
+        }
+        for r in &have_routes6 {
+            if !want_routes6.contains_key(&(r.dst, r.prefix)) {
                 debug!(dst = %r.dst, prefix = r.prefix, "removing stale route");
                 ignore_gone(self.nl.delete_route(r).await)?;
                 changed.removed += 1;
@@ -202,6 +264,16 @@ impl Dataplane {
                     // host-gw needs the peer on our L2 segment; say which
                     // lease cannot be routed and go on with the others.
                     warn!(dst = %r.dst, gateway = ?r.gateway, error = %e, "cannot install route");
+                    continue;
+                }
+                changed.added += 1;
+            }
+        }
+        let have_routes6: HashSet<Route<Ipv6Addr>> = have_routes6.into_iter().collect();
+        for r in want_routes6.values() {
+            if !have_routes6.contains(r) {
+                if let Err(e) = self.nl.replace_route(r).await {
+                    warn!(dst = %r.dst, error = %e, "cannot install route");
                     continue;
                 }
                 changed.added += 1;
@@ -256,10 +328,28 @@ mod tests {
         assert_eq!(
             e.neighbour.unwrap(),
             Neighbour {
-                ip: gw,
+                ip: std::net::IpAddr::V4(gw),
                 mac: [0x0e, 0, 0, 0, 0, 5]
             }
         );
+        assert!(e.route6.is_none() && e.neighbour6.is_none());
+        // Dual stack: the paired IPv6 subnet through the same VTEP MAC.
+        let net = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let d = entries_dual(&net, 7, own, &l);
+        let r6 = d.route6.unwrap();
+        assert_eq!(r6.dst.to_string(), "fd00:10:244:5::");
+        assert_eq!((r6.prefix, r6.gateway, r6.onlink), (64, Some(r6.dst), true));
+        assert_eq!(
+            d.neighbour6,
+            Some(Neighbour {
+                ip: r6.dst.into(),
+                mac: [0x0e, 0, 0, 0, 0, 5]
+            })
+        );
+        assert_eq!(d.route, Some(r), "the IPv4 entries stay as they were");
         assert_eq!(
             e.fdb.unwrap().dst,
             "192.168.0.5".parse::<std::net::Ipv4Addr>().unwrap()

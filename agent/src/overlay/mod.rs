@@ -171,6 +171,8 @@ pub enum OverlayError {
     NoClient(#[from] crate::role::NoClient),
     #[error("underlay: {0}")]
     Underlay(String),
+    #[error("network config: {0}")]
+    Unsupported(&'static str),
     #[error("{path}: {source}")]
     File {
         path: String,
@@ -235,12 +237,18 @@ async fn wait_for_config(reg: &Source, cfg: &OverlayConfig) -> Result<NetworkCon
     }
 }
 
-fn enable_forwarding() -> Result<(), OverlayError> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    std::fs::write(path, "1").map_err(|source| OverlayError::File {
-        path: path.into(),
-        source,
-    })
+fn enable_forwarding(ipv6: bool) -> Result<(), OverlayError> {
+    let mut paths = vec!["/proc/sys/net/ipv4/ip_forward"];
+    if ipv6 {
+        paths.push("/proc/sys/net/ipv6/conf/all/forwarding");
+    }
+    for path in paths {
+        std::fs::write(path, "1").map_err(|source| OverlayError::File {
+            path: path.into(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Everything the running overlay holds.
@@ -283,12 +291,16 @@ impl Node {
     }
 
     fn write_subnet_env(&self) -> Result<(), OverlayError> {
-        let env = SubnetEnv::for_subnet(
+        let mut env = SubnetEnv::for_subnet(
             self.net.network,
             self.held.subnet,
             self.mtu,
             self.cfg.ip_masq,
         );
+        if let (Some(six), Some(own6)) = (self.net.ipv6, self.net.ipv6_subnet_of(self.held.subnet))
+        {
+            env = env.with_ipv6(six.network, own6);
+        }
         env.write(&self.cfg.subnet_file)
             .map_err(|source| OverlayError::File {
                 path: self.cfg.subnet_file.display().to_string(),
@@ -405,6 +417,11 @@ pub async fn run(
         c = wait_for_config(&reg, &cfg) => c?,
         _ = &mut shutdown => return Ok(()),
     };
+    if net.ipv6.is_some() && matches!(&*reg, Source::Kube(_)) {
+        return Err(OverlayError::Unsupported(
+            "EnableIPv6 works with etcd leases only: in --kube-subnet-mgr mode the IPv6 subnet would have to be the Node's second podCIDR, which is not done yet",
+        ));
+    }
     let nl = Netlink::open()?;
     if let Source::Kube(k) = &*reg
         && cfg.iface.is_none()
@@ -456,8 +473,11 @@ pub async fn run(
     if net.backend == BackendType::Vxlan {
         nl.ensure_address(route_dev, held.subnet.network(), 32)
             .await?;
+        if let Some(own6) = net.ipv6_subnet_of(held.subnet) {
+            nl.ensure_address(route_dev, own6.network(), 128).await?;
+        }
     }
-    enable_forwarding()?;
+    enable_forwarding(net.ipv6.is_some())?;
     let fast = if cfg.fast_path {
         fastpath::try_start(&fastpath::Local {
             host_gw: net.backend == BackendType::HostGw,
@@ -481,6 +501,7 @@ pub async fn run(
             backend: net.backend,
             route_dev,
             own: held.subnet,
+            dual_stack: net.ipv6.is_some().then(|| net.clone()),
         },
         cfg,
         net,

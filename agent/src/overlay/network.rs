@@ -2,9 +2,9 @@
 //! (`<prefix>/subnets/10.244.3.0-24`), and the subnet arithmetic between
 //! them. Pure: no etcd, no kernel.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
 /// Flannel's default etcd prefix.
@@ -57,6 +57,23 @@ struct RawConfig {
     subnet_min: Option<String>,
     subnet_max: Option<String>,
     backend: Option<RawBackend>,
+    #[serde(rename = "EnableIPv6")]
+    enable_ipv6: Option<bool>,
+    #[serde(rename = "IPv6Network")]
+    ipv6_network: Option<String>,
+    #[serde(rename = "IPv6SubnetLen")]
+    ipv6_subnet_len: Option<u8>,
+}
+
+/// Dual stack: the cluster's IPv6 network and the length of each node's
+/// IPv6 subnet. A node's IPv6 subnet follows from its IPv4 lease (the n-th
+/// IPv4 subnet of `Network` pairs with the n-th IPv6 subnet of
+/// `IPv6Network`), so a lease stays one key and every node knows every
+/// peer's IPv6 subnet from the leases it already reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Config {
+    pub network: Ipv6Network,
+    pub subnet_len: u8,
 }
 
 /// The network configuration, validated.
@@ -69,6 +86,7 @@ pub struct NetworkConfig {
     pub backend: BackendType,
     pub vni: u32,
     pub port: u16,
+    pub ipv6: Option<Ipv6Config>,
 }
 
 impl NetworkConfig {
@@ -144,6 +162,48 @@ impl NetworkConfig {
         if vni == 0 || vni >= 1 << 24 {
             return Err(invalid("Backend.VNI", format!("{vni} is outside 1..2^24")));
         }
+        let ipv6 = if raw.enable_ipv6.unwrap_or(false) {
+            let net6: Ipv6Network = raw
+                .ipv6_network
+                .ok_or_else(|| invalid("IPv6Network", "missing while EnableIPv6 is true".into()))?
+                .parse()
+                .map_err(|e| invalid("IPv6Network", format!("{e}")))?;
+            let net6 = Ipv6Network::new(net6.network(), net6.prefix())
+                .map_err(|e| invalid("IPv6Network", e.to_string()))?;
+            let len6 = raw.ipv6_subnet_len.unwrap_or(64);
+            if len6 <= net6.prefix() || len6 > 126 {
+                return Err(invalid(
+                    "IPv6SubnetLen",
+                    format!(
+                        "{len6} must be longer than the IPv6 network's /{} and at most 126",
+                        net6.prefix()
+                    ),
+                ));
+            }
+            // Every IPv4 subnet needs its IPv6 partner.
+            if (len6 - net6.prefix()) < (subnet_len - network.prefix()) {
+                return Err(invalid(
+                    "IPv6SubnetLen",
+                    format!(
+                        "{net6} holds 2^{} subnets of /{len6}, fewer than the 2^{} /{subnet_len} subnets of {network}",
+                        len6 - net6.prefix(),
+                        subnet_len - network.prefix()
+                    ),
+                ));
+            }
+            if kind != BackendType::Vxlan {
+                return Err(invalid(
+                    "EnableIPv6",
+                    "IPv6 pod networks need the vxlan backend (host-gw would need IPv6 underlay routes)".into(),
+                ));
+            }
+            Some(Ipv6Config {
+                network: net6,
+                subnet_len: len6,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             network,
             subnet_len,
@@ -152,7 +212,21 @@ impl NetworkConfig {
             backend: kind,
             vni,
             port: backend.port.unwrap_or(DEFAULT_VXLAN_PORT),
+            ipv6,
         })
+    }
+
+    /// The IPv6 subnet paired with the IPv4 subnet `v4`, when dual stack.
+    pub fn ipv6_subnet_of(&self, v4: Ipv4Network) -> Option<Ipv6Network> {
+        let v6 = self.ipv6?;
+        if !self.network.contains(v4.network()) {
+            return None;
+        }
+        let index = (u32::from(v4.network()) - u32::from(self.network.network()))
+            >> (32 - self.subnet_len as u32);
+        let base = u128::from(v6.network.network());
+        let addr = base + ((index as u128) << (128 - v6.subnet_len as u32));
+        Ipv6Network::new(Ipv6Addr::from(addr), v6.subnet_len).ok()
     }
 
     /// Every subnet a node may lease, in order.
@@ -255,6 +329,37 @@ mod tests {
         assert_eq!(hg.subnets().count(), 4);
         assert!(hg.owns(&"10.1.16.0/20".parse().unwrap()));
         assert!(!hg.owns(&"10.2.0.0/20".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv6_subnets_pair_with_the_ipv4_leases() {
+        let c = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let six = |s: &str| c.ipv6_subnet_of(s.parse().unwrap()).map(|n| n.to_string());
+        assert_eq!(six("10.244.3.0/24").as_deref(), Some("fd00:10:244:3::/64"));
+        assert_eq!(
+            six("10.244.255.0/24").as_deref(),
+            Some("fd00:10:244:ff::/64")
+        );
+        assert_eq!(six("10.245.3.0/24"), None);
+        let v4only = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        assert_eq!(
+            v4only.ipv6_subnet_of("10.244.3.0/24".parse().unwrap()),
+            None
+        );
+        let err = |s: &str| NetworkConfig::parse(s.as_bytes()).unwrap_err().to_string();
+        assert!(err(r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#).contains("IPv6Network"));
+        assert!(
+            err(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/60"}"#)
+                .contains("IPv6SubnetLen"),
+            "a /60 has 16 /64s for 256 /24s"
+        );
+        assert!(
+            err(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#)
+                .contains("EnableIPv6")
+        );
     }
 
     #[test]
