@@ -30,6 +30,10 @@ pub fn host_veth_name(a: &Attachment) -> String {
 
 const HOST_VETH_PREFIX: &str = "skv";
 
+/// The bridge's second link-local address on dual-stack nodes (one router
+/// per bridge, so one address does for every node).
+const BRIDGE_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
 /// The node's subnet, MTU and cluster network: from the configuration's
 /// `subnet` or the overlay's subnet file.
 fn node_subnet(conf: &NetConf) -> Result<SubnetEnv> {
@@ -213,11 +217,19 @@ async fn wire(
     {
         return Err(e.into());
     }
-    if let Some((_, (gw6, net6))) = v6
-        && let Err(e) = host.ensure_address(bridge.index, gw6, net6.prefix()).await
-        && !e.is_exists()
-    {
-        return Err(e.into());
+    if let Some((_, (gw6, net6))) = v6 {
+        // The gateway, and a link-local address that is valid at once: the
+        // node's neighbour solicitations towards pods (for traffic it
+        // forwards, such as from other nodes) must come from a link-local
+        // address, and the bridge's own one spends its first seconds in
+        // duplicate address detection, dropping those pods' first packets.
+        for (addr, len) in [(gw6, net6.prefix()), (BRIDGE_LINK_LOCAL, 64)] {
+            if let Err(e) = host.ensure_address(bridge.index, addr, len).await
+                && !e.is_exists()
+            {
+                return Err(e.into());
+            }
+        }
     }
     let veth = host_veth_name(a);
     // A leftover from an ADD killed half-way for this same attachment.

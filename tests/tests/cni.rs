@@ -179,11 +179,20 @@ fn a_dual_stack_node_gives_pods_an_address_of_each_family_that_they_reach_each_o
     ]);
     assert!(shown.contains(&format!("{a6}/64")), "{shown}");
     assert!(!shown.contains("tentative"), "usable at once: {shown}");
+    let bridge6 = node
+        .ns
+        .exec(&["ip", "-6", "-o", "addr", "show", "dev", "cni0"]);
     assert!(
-        node.ns
-            .exec(&["ip", "-6", "-o", "addr", "show", "dev", "cni0"])
-            .contains("fd00:77:0:5::1/64"),
-        "the bridge holds the IPv6 gateway"
+        bridge6.contains("fd00:77:0:5::1/64"),
+        "the bridge holds the IPv6 gateway: {bridge6}"
+    );
+    // and a link-local address usable at once, for the node's neighbour
+    // solicitations towards pods (overlay.rs shows why).
+    assert!(
+        bridge6
+            .lines()
+            .any(|l| l.contains("fe80::1/64") && !l.contains("tentative")),
+        "{bridge6}"
     );
     assert_eq!(node.allocations().len(), 4, "{:?}", node.allocations());
 
