@@ -59,8 +59,13 @@ pub struct PodAt {
     pub node: String,
 }
 
-/// The Flannel network config the overlay reads.
-pub const NETWORK: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+/// The Flannel network config the overlay reads: dual stack, so pods have
+/// an address of each family.
+pub const NETWORK: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan"}}"#;
+
+/// ClusterIP ranges, one per family (IPv4 primary): Services are IPv4
+/// unless they ask for both.
+pub const SERVICE_CIDRS: &str = "10.96.0.0/12,fd00:10:96::/108";
 
 pub struct Cluster {
     // Dropped first: the agents and containerds go before what they use.
@@ -128,6 +133,9 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e}"));
         let etcd_url = etcd.url.clone();
         let mut flags = vec!["--tls-san", UNDERLAY_GW, "--advertise-address", UNDERLAY_GW];
+        if !control.contains(&"--service-cidr") {
+            flags.extend(["--service-cidr", SERVICE_CIDRS]);
+        }
         flags.extend(control);
         let cp = ControlPlane::start_on(&underlay, etcd, &flags);
         let registry = Registry::start_on(&underlay, UNDERLAY_GW);

@@ -283,7 +283,8 @@ spec:
 }
 
 #[test]
-fn tcp_and_udp_cross_nodes_by_pod_ip_cluster_ip_and_node_port_with_the_source_ip_kept() {
+fn tcp_and_udp_cross_nodes_by_pod_ip_cluster_ip_and_node_port_with_the_source_ip_kept_over_both_families()
+ {
     let c = Cluster::start(3);
     let server_node = c.nodes[0].name.clone();
     c.cp.apply(&format!(
@@ -295,8 +296,8 @@ metadata:
 spec:
   nodeName: {server_node}
   containers:
-  - {{name: tcp, image: {probe}, args: [serve-tcp, "0.0.0.0:7000", "%peer"]}}
-  - {{name: udp, image: {probe}, args: [serve-udp, "0.0.0.0:7001", "%peer"]}}
+  - {{name: tcp, image: {probe}, args: [serve-tcp, "[::]:7000", "%peer"]}}
+  - {{name: udp, image: {probe}, args: [serve-udp, "[::]:7001", "%peer"]}}
 ---
 apiVersion: v1
 kind: Service
@@ -304,6 +305,7 @@ metadata:
   name: echo
 spec:
   type: NodePort
+  ipFamilyPolicy: PreferDualStack
   selector: {{app: echo}}
   ports:
   - {{name: tcp, port: 7000, protocol: TCP, nodePort: 30700}}
@@ -319,6 +321,19 @@ spec:
         .map(|p| p.ip.clone())
         .unwrap_or_default();
     let cluster_ip = c.cp.jsonpath(&["service", "echo"], "{.spec.clusterIP}");
+    // Dual stack: the pod's and the Service's second address are IPv6.
+    let echo_name = echo.keys().next().cloned().unwrap_or_default();
+    let echo_ip6 =
+        c.cp.jsonpath(&["pod", &echo_name], "{.status.podIPs[1].ip}");
+    let cluster_ip6 = c.cp.jsonpath(&["service", "echo"], "{.spec.clusterIPs[1]}");
+    assert!(
+        echo_ip6.starts_with("fd00:10:244:"),
+        "pod IPv6 {echo_ip6:?}"
+    );
+    assert!(
+        cluster_ip6.starts_with("fd00:10:96::"),
+        "ClusterIP IPv6 {cluster_ip6:?}"
+    );
 
     // From a pod on every node, the server's node included.
     for (i, node) in c.nodes.iter().enumerate() {
@@ -329,6 +344,10 @@ spec:
             ("udp-pod-ip", "udp", format!("{echo_ip}:7001")),
             ("udp-cluster-ip", "udp", format!("{cluster_ip}:7001")),
             ("tcp-node-port", "tcp", format!("{}:30700", node.ip)),
+            ("tcp-pod-ipv6", "tcp", format!("[{echo_ip6}]:7000")),
+            ("tcp-cluster-ipv6", "tcp", format!("[{cluster_ip6}]:7000")),
+            ("udp-pod-ipv6", "udp", format!("[{echo_ip6}]:7001")),
+            ("udp-cluster-ipv6", "udp", format!("[{cluster_ip6}]:7001")),
         ];
         let containers: String = checks
             .iter()
@@ -353,13 +372,19 @@ spec:
             },
         );
         let client_ip = c.cp.jsonpath(&["pod", &name], "{.status.podIP}");
+        let client_ip6 = c.cp.jsonpath(&["pod", &name], "{.status.podIPs[1].ip}");
         for (check, _, to) in &checks {
             let out = c.cp.kubectl_ok(&["logs", &name, "-c", check]);
             let v: serde_json::Value = serde_json::from_str(out.trim())
                 .unwrap_or_else(|e| panic!("{check} from {name}: {e}: {out}"));
+            let source = if check.ends_with("ipv6") {
+                &client_ip6
+            } else {
+                &client_ip
+            };
             assert_eq!(
                 v["answers"],
-                serde_json::json!({ client_ip.clone(): 3 }),
+                serde_json::json!({ source.clone(): 3 }),
                 "{check} {to} from {name} on {} ({phase}): every answer, with the pod's own address as the source: {out}",
                 node.name
             );

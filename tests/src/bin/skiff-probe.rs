@@ -42,7 +42,8 @@ fn addr(s: &str) -> Result<SocketAddr> {
 const ACCEPTORS: usize = 8;
 
 /// The name `%peer` answers with the client's address as the server sees
-/// it (to check for NAT on the way).
+/// it (to check for NAT on the way); an IPv4 client of a server on `[::]`
+/// is named by its IPv4 address, not the mapped IPv6 form.
 const PEER: &str = "%peer";
 
 fn serve_conn(mut c: TcpStream, reply: &[u8]) {
@@ -51,7 +52,7 @@ fn serve_conn(mut c: TcpStream, reply: &[u8]) {
         peer = format!(
             "{}\n",
             c.peer_addr()
-                .map(|a| a.ip().to_string())
+                .map(|a| a.ip().to_canonical().to_string())
                 .unwrap_or_default()
         );
         peer.as_bytes()
@@ -102,7 +103,7 @@ fn serve_udp(listen: SocketAddr, name: &str) -> Result<()> {
     loop {
         let (_, from) = s.recv_from(&mut buf)?;
         let reply = if name == PEER {
-            from.ip().to_string()
+            from.ip().to_canonical().to_string()
         } else {
             name.to_string()
         };
