@@ -26,14 +26,35 @@ pub struct Cidr {
 impl std::str::FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse_within(s, 8..=30, 108..=124)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network(), self.len)
+    }
+}
+
+impl Cidr {
+    /// A pod network (`--cluster-cidr`): IPv4 prefix 8..=30, IPv6 8..=126.
+    pub fn pod_network(s: &str) -> Result<Self, String> {
+        Self::parse_within(s, 8..=30, 8..=126)
+    }
+
+    fn parse_within(
+        s: &str,
+        v4: std::ops::RangeInclusive<u8>,
+        v6: std::ops::RangeInclusive<u8>,
+    ) -> Result<Self, String> {
         let (ip, len) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?}: expected address/length"))?;
         let ip: IpAddr = ip.parse().map_err(|e| format!("{s:?}: {e}"))?;
         let len: u8 = len.parse().map_err(|e| format!("{s:?}: {e}"))?;
         let (bits, range) = match ip {
-            IpAddr::V4(_) => (32u32, 8..=30),
-            IpAddr::V6(_) => (128u32, 108..=124),
+            IpAddr::V4(_) => (32u32, v4),
+            IpAddr::V6(_) => (128u32, v6),
         };
         if !range.contains(&len) {
             return Err(format!(
@@ -53,15 +74,6 @@ impl std::str::FromStr for Cidr {
             v6: ip.is_ipv6(),
         })
     }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.network(), self.len)
-    }
-}
-
-impl Cidr {
     fn bits(&self) -> u32 {
         if self.v6 { 128 } else { 32 }
     }

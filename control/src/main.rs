@@ -134,12 +134,16 @@ struct RunArgs {
     /// Kubernetes subnet-manager mode, as kubeadm's `--pod-network-cidr`).
     #[arg(long)]
     allocate_node_cidrs: bool,
-    /// The pod network Node podCIDRs are carved from.
+    /// The pod network Node podCIDRs are carved from; an IPv4 and an IPv6
+    /// range, comma separated, for dual-stack Nodes.
     #[arg(long, default_value = "10.244.0.0/16")]
     cluster_cidr: String,
-    /// Prefix length of each Node's podCIDR.
+    /// Prefix length of each Node's IPv4 podCIDR.
     #[arg(long, default_value_t = 24)]
     node_cidr_mask_size: u8,
+    /// Prefix length of each Node's IPv6 podCIDR (dual stack).
+    #[arg(long, default_value_t = 64)]
+    node_cidr_mask_size_ipv6: u8,
 }
 
 fn port_range(s: &str) -> Result<(u16, u16)> {
@@ -238,6 +242,7 @@ async fn main() -> Result<()> {
             skiff_control::controllers::nodeipam::NodeCidrs::new(
                 &cli.cluster_cidr,
                 cli.node_cidr_mask_size,
+                cli.node_cidr_mask_size_ipv6,
             )
             .map_err(anyhow::Error::msg)?,
         )

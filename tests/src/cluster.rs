@@ -98,12 +98,16 @@ impl Cluster {
 
     /// `n` nodes running the kubelet role alone, each in
     /// [`crate::node::NodeMounts`], and a control plane that gives Nodes
-    /// their podCIDRs: pods get a network only once it is installed
+    /// their podCIDRs (one of each family): pods get a network only once it is installed
     /// (`deploy/skiff-node.yaml`, see [`Cluster::node_manifest`]).
     pub fn start_bare(n: usize) -> Self {
         Self::start_nodes(
             n,
-            &["--allocate-node-cidrs", "--cluster-cidr", "10.244.0.0/16"],
+            &[
+                "--allocate-node-cidrs",
+                "--cluster-cidr",
+                "10.244.0.0/16,fd00:10:244::/56",
+            ],
             true,
         )
     }

@@ -88,3 +88,12 @@ pub fn ip_of(r: &Reply) -> String {
     r.ip()
         .unwrap_or_else(|| panic!("no address in {}", r.stdout))
 }
+
+/// The IPv6 (`v6`) or IPv4 address in an ADD result's `ips`, which must
+/// hold one.
+pub fn result_ip(result: &serde_json::Value, v6: bool) -> String {
+    skiff_cni_lib::exec::all_ips(result)
+        .into_iter()
+        .find(|a| a.contains(':') == v6)
+        .unwrap_or_else(|| panic!("no IPv{} address in {result}", if v6 { 6 } else { 4 }))
+}

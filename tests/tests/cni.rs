@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use skiff_tests::cni::{Call, Conflist, Reply, ip_of};
+use skiff_tests::cni::{Call, Conflist, Reply, ip_of, result_ip};
 use skiff_tests::netns::veth;
 use skiff_tests::{Netns, Spawn, TempDir, bin, unique, wait_for};
 
@@ -125,19 +125,6 @@ impl Node {
     }
 }
 
-/// The address of `family` ("4" or "6") in a result's `ips`.
-fn result_ip(r: &Value, family: &str) -> String {
-    r["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["address"].as_str())
-        .find(|a| a.contains(':') == (family == "6"))
-        .and_then(|a| a.split('/').next())
-        .unwrap_or_else(|| panic!("no IPv{family} address in {r}"))
-        .to_string()
-}
-
 #[test]
 fn a_dual_stack_node_gives_pods_an_address_of_each_family_that_they_reach_each_other_on() {
     let node = Node::new("10.77.5.0/24");
@@ -156,7 +143,7 @@ fn a_dual_stack_node_gives_pods_an_address_of_each_family_that_they_reach_each_o
     }
     let res = adds[0].json();
     assert_eq!(res["ips"].as_array().map(Vec::len), Some(2), "{res}");
-    let (a6, b6) = (result_ip(&res, "6"), result_ip(&adds[1].json(), "6"));
+    let (a6, b6) = (result_ip(&res, true), result_ip(&adds[1].json(), true));
     assert!(a6.starts_with("fd00:77:0:5::") && a6 != b6, "{a6} {b6}");
     assert!(
         res["ips"]

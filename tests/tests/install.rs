@@ -60,8 +60,16 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
             },
         );
     }
-    c.cp.apply(&c.node_manifest(&image))
-        .unwrap_or_else(|e| panic!("{e}"));
+    // The manifest as shipped, with its network made dual stack to match
+    // the control plane's two cluster CIDRs.
+    let manifest = c.node_manifest(&image);
+    let v4_only = "\"Network\": \"10.244.0.0/16\",";
+    assert!(manifest.contains(v4_only), "net-conf.json changed");
+    let manifest = manifest.replace(
+        v4_only,
+        "\"Network\": \"10.244.0.0/16\", \"EnableIPv6\": true, \"IPv6Network\": \"fd00:10:244::/56\",",
+    );
+    c.cp.apply(&manifest).unwrap_or_else(|e| panic!("{e}"));
     wait_agents(&c, &image);
     // With the conflist and plugin in place the nodes are Ready.
     c.wait_all_ready();
@@ -97,8 +105,15 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
     let cidrs: Vec<String> = c
         .nodes
         .iter()
-        .map(|n| c.cp.jsonpath(&["node", &n.name], "{.spec.podCIDR}"))
+        .map(|n| c.cp.jsonpath(&["node", &n.name], "{.spec.podCIDRs}"))
         .collect();
+    for (n, cidr) in c.nodes.iter().zip(&cidrs) {
+        assert!(
+            cidr.contains("10.244.") && cidr.contains("fd00:10:244:"),
+            "{} has a podCIDR of each family: {cidr}",
+            n.name
+        );
+    }
     // Its ServiceAccount may do what the roles need and nothing more.
     let can = |args: &[&str]| {
         let mut all = vec![
@@ -136,6 +151,9 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
         .find(|(_, p)| p.node != client_node)
         .map(|(name, p)| (name.clone(), p.ip.clone()))
         .unwrap_or_else(|| panic!("a web pod on the other node: {pods:?}"));
+    // Its IPv6 address, from the other node's IPv6 podCIDR.
+    let remote6 = c.cp.jsonpath(&["pod", &remote.0], "{.status.podIPs[1].ip}");
+    assert!(remote6.starts_with("fd00:10:244:"), "{remote6:?}");
     let cluster_ip = c.cp.jsonpath(&["service", "web"], "{.spec.clusterIP}");
     c.start_script(
         "load",
@@ -143,7 +161,8 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
         &format!(
             "while [ ! -e /tmp/stop ]; do \
                s=$(timeout 5 wget -qO- http://{cluster_ip}/ 2>&1); echo \"svc $s\"; \
-               p=$(timeout 5 wget -qO- http://{ip}/ 2>&1); echo \"pod $p\"; sleep 0.05; \
+               p=$(timeout 5 wget -qO- http://{ip}/ 2>&1); echo \"pod $p\"; \
+               q=$(timeout 5 wget -qO- http://[{remote6}]/ 2>&1); echo \"pod6 $q\"; sleep 0.05; \
              done; echo done",
             ip = remote.1
         ),
@@ -155,11 +174,12 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
                 l.strip_prefix("svc hello from ")
                     .is_some_and(|n| pods.contains_key(n))
                     || l == &format!("pod hello from {}", remote.0)
+                    || l == &format!("pod6 hello from {}", remote.0)
             })
             .count();
         let all = log
             .lines()
-            .filter(|l| l.starts_with("svc ") || l.starts_with("pod "))
+            .filter(|l| l.starts_with("svc ") || l.starts_with("pod"))
             .count();
         (ok, all)
     };
@@ -199,7 +219,7 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
     let (ok, all) = counts(&log);
     let failed: Vec<&str> = log
         .lines()
-        .filter(|l| l.starts_with("svc ") || l.starts_with("pod "))
+        .filter(|l| l.starts_with("svc ") || l.starts_with("pod"))
         .filter(|l| !l.contains("hello from "))
         .take(10)
         .collect();
@@ -210,13 +230,21 @@ fn the_daemonset_gives_kubelet_only_nodes_pod_networking_and_services_and_rolls_
         all - ok
     );
     assert!(all > 60, "the load ran through the roll: {all} requests");
+    let over_ipv6 = log
+        .lines()
+        .filter(|l| l.starts_with("pod6 hello from "))
+        .count();
+    assert!(
+        over_ipv6 * 3 >= all - 3,
+        "a third of the requests went to the pod's IPv6 address: {over_ipv6} of {all}"
+    );
 
     // Nothing moved: same subnets, and a pod started after the roll gets
     // the network and Services.
     let after: Vec<String> = c
         .nodes
         .iter()
-        .map(|n| c.cp.jsonpath(&["node", &n.name], "{.spec.podCIDR}"))
+        .map(|n| c.cp.jsonpath(&["node", &n.name], "{.spec.podCIDRs}"))
         .collect();
     assert_eq!(cidrs, after);
     let log = c.run_script(

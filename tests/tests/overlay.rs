@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use skiff_tests::cni::result_ip;
 use skiff_tests::overlay::{Cluster, Node, Pod, UNDERLAY_GW};
 use skiff_tests::{Proc, Spawn, bin, wait_for};
 
@@ -206,19 +207,6 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     assert_kernel_node_alone(&through, "VTEP packets");
 }
 
-/// The IPv6 address in a pod's ADD result.
-fn pod_ipv6(pod: &Pod) -> String {
-    pod.result["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["address"].as_str())
-        .find(|a| a.contains(':'))
-        .and_then(|a| a.split('/').next())
-        .unwrap_or_else(|| panic!("no IPv6 address in {}", pod.result))
-        .to_string()
-}
-
 /// A dual-stack network: each node's IPv6 subnet is the one paired with its
 /// IPv4 lease, peers route it through the same VTEP, and pods on two nodes
 /// talk over IPv6 (TCP and UDP, both ways, no NAT) at once as well as IPv4.
@@ -262,7 +250,7 @@ fn dual_stack_pods_on_two_nodes_talk_over_ipv6_through_the_vtep() {
         );
     }
     let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
-    let v6: Vec<String> = pods.iter().map(pod_ipv6).collect();
+    let v6: Vec<String> = pods.iter().map(|p| result_ip(&p.result, true)).collect();
     for (p, prefix) in v6.iter().zip(&six) {
         assert!(p.starts_with(prefix.as_str()), "{p} not in {prefix}/64");
     }

@@ -198,10 +198,13 @@ fn changed(a: &Value, b: &Value) -> bool {
 }
 
 /// The node's pod subnet, once the overlay has written subnet.env.
-fn pod_cidr(cfg: &KubeletConfig) -> Option<String> {
-    skiff_cni_lib::subnet_env::SubnetEnv::read(&cfg.subnet_file)
-        .ok()
-        .map(|s| s.subnet_network().to_string())
+/// The node's podCIDRs from subnet.env: its IPv4 subnet, and its IPv6 one
+/// on a dual-stack network.
+fn pod_cidrs(cfg: &KubeletConfig) -> Option<Vec<String>> {
+    let s = skiff_cni_lib::subnet_env::SubnetEnv::read(&cfg.subnet_file).ok()?;
+    let mut out = vec![s.subnet_network().to_string()];
+    out.extend(s.ipv6_subnet().map(|(_, n)| n.to_string()));
+    Some(out)
 }
 
 /// Registers the node, then keeps its Lease and status fresh until
@@ -231,9 +234,9 @@ pub async fn run(
     } else {
         let mut node = json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": labels}, "spec": {}});
-        if let Some(cidr) = pod_cidr(cfg) {
-            node["spec"]["podCIDR"] = json!(cidr);
-            node["spec"]["podCIDRs"] = json!([cidr]);
+        if let Some(cidrs) = pod_cidrs(cfg) {
+            node["spec"]["podCIDR"] = json!(cidrs[0]);
+            node["spec"]["podCIDRs"] = json!(cidrs);
             pod_cidr_set = true;
         }
         let node: Node = serde_json::from_value(node).map_err(kube::Error::SerdeError)?;
@@ -246,14 +249,14 @@ pub async fn run(
     let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
     let mut last_status: Option<(Value, Instant)> = None;
     loop {
-        if !pod_cidr_set && let Some(cidr) = pod_cidr(cfg) {
-            let patch = json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}});
+        if !pod_cidr_set && let Some(cidrs) = pod_cidrs(cfg) {
+            let patch = json!({"spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs}});
             match nodes
                 .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
-                    info!(node = name, pod_cidr = %cidr, "pod CIDR set");
+                    info!(node = name, pod_cidrs = ?cidrs, "pod CIDRs set");
                     pod_cidr_set = true;
                 }
                 Err(e) => warn!(error = %e, "setting the node's pod CIDR failed"),

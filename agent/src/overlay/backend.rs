@@ -107,8 +107,8 @@ pub fn entries(backend: BackendType, route_dev: u32, own: Ipv4Network, lease: &L
     }
 }
 
-/// [`entries`] with the IPv6 subnet paired with the lease (vxlan, dual
-/// stack): through the same VTEP, to the same MAC.
+/// [`entries`] with the lease's IPv6 subnet on a dual-stack network
+/// (vxlan): through the same VTEP, to the same MAC.
 pub fn entries_dual(
     net: &NetworkConfig,
     route_dev: u32,
@@ -116,7 +116,7 @@ pub fn entries_dual(
     lease: &Lease,
 ) -> Entries {
     let mut e = entries(net.backend, route_dev, own, lease);
-    if let (Some(n), Some(peer6)) = (&e.neighbour, net.ipv6_subnet_of(lease.subnet)) {
+    if let (Some(n), Some(peer6)) = (&e.neighbour, lease.ipv6_on(net)) {
         let gw6 = peer6.network();
         e.route6 = Some(Route {
             dst: gw6,
@@ -305,6 +305,7 @@ mod tests {
                 backend_type: kind.into(),
                 backend_data: mac.map(|m| serde_json::json!({"VNI": 1, "VtepMAC": m})),
             },
+            ipv6_subnet: None,
         }
     }
 
@@ -350,6 +351,12 @@ mod tests {
             })
         );
         assert_eq!(d.route, Some(r), "the IPv4 entries stay as they were");
+        // A lease that names its IPv6 subnet (a Node's podCIDR) is routed
+        // there, not to the paired one.
+        let mut named = l.clone();
+        named.ipv6_subnet = Some("fd00:10:244:77::/64".parse().unwrap());
+        let r6 = entries_dual(&net, 7, own, &named).route6.unwrap();
+        assert_eq!(r6.dst.to_string(), "fd00:10:244:77::");
         assert_eq!(
             e.fdb.unwrap().dst,
             "192.168.0.5".parse::<std::net::Ipv4Addr>().unwrap()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
@@ -65,12 +65,27 @@ pub fn lease_of(node: &Node) -> Option<Lease> {
             backend_type,
             backend_data,
         },
+        ipv6_subnet: pod_cidr6(node),
     })
 }
 
 fn pod_cidr(node: &Node) -> Option<Ipv4Network> {
     let s: Ipv4Network = node.spec.as_ref()?.pod_cidr.as_deref()?.parse().ok()?;
     Ipv4Network::new(s.network(), s.prefix()).ok()
+}
+
+/// A dual-stack Node's IPv6 podCIDR (in `spec.podCIDRs`, beside the IPv4
+/// one).
+fn pod_cidr6(node: &Node) -> Option<Ipv6Network> {
+    node.spec
+        .as_ref()?
+        .pod_cidrs
+        .iter()
+        .flatten()
+        .find_map(|c| match c.parse::<IpNetwork>().ok()? {
+            IpNetwork::V6(n) => Ipv6Network::new(n.network(), n.prefix()).ok(),
+            IpNetwork::V4(_) => None,
+        })
 }
 
 impl KubeSubnets {
@@ -128,10 +143,10 @@ impl KubeSubnets {
         attrs: &LeaseAttrs,
     ) -> Result<Held, LeaseError> {
         let mut warned = false;
-        let subnet = loop {
+        let (subnet, subnet6) = loop {
             let node = self.nodes.get(&self.node_name).await?;
             if let Some(s) = pod_cidr(&node) {
-                break s;
+                break (s, pod_cidr6(&node));
             }
             if !warned {
                 warn!(node = %self.node_name, "waiting for the Node's podCIDR (the control plane's node IPAM: --allocate-node-cidrs)");
@@ -145,11 +160,21 @@ impl KubeSubnets {
                 network: net.network,
             });
         }
+        if let (Some(six), Some(s6)) = (net.ipv6, subnet6)
+            && (!six.network.contains(s6.network()) || s6.prefix() != six.subnet_len)
+        {
+            return Err(LeaseError::Outside6 {
+                subnet: s6,
+                network: six.network,
+                len: six.subnet_len,
+            });
+        }
         self.publish(attrs).await?;
-        info!(%subnet, node = %self.node_name, "subnet from the Node's podCIDR");
+        info!(%subnet, subnet6 = ?subnet6, node = %self.node_name, "subnet from the Node's podCIDR");
         Ok(Held {
             subnet,
             etcd_lease: 0,
+            ipv6_subnet: subnet6,
         })
     }
 
@@ -306,5 +331,16 @@ mod tests {
         ];
         let l = lease_of(&node(Some("10.244.4.0/24"), &hostgw)).unwrap();
         assert_eq!(l.attrs.backend_data, None);
+        assert_eq!(l.ipv6_subnet, None);
+        // A dual-stack Node: its IPv6 podCIDR is the lease's IPv6 subnet.
+        let mut dual = node(Some("10.244.5.0/24"), &notes);
+        if let Some(spec) = dual.spec.as_mut() {
+            spec.pod_cidrs = Some(vec!["10.244.5.0/24".into(), "fd00:10:244:9::/64".into()]);
+        }
+        let l = lease_of(&dual).unwrap();
+        assert_eq!(
+            l.ipv6_subnet.map(|n| n.to_string()).as_deref(),
+            Some("fd00:10:244:9::/64")
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use tracing::{info, warn};
 
 use super::network::{LeaseAttrs, NetworkConfig, NetworkError, parse_subnet_key, subnet_key};
@@ -44,6 +44,14 @@ pub enum LeaseError {
         subnet: Ipv4Network,
         network: Ipv4Network,
     },
+    #[error(
+        "the Node's IPv6 podCIDR {subnet} is not a /{len} of the network's IPv6Network {network}"
+    )]
+    Outside6 {
+        subnet: Ipv6Network,
+        network: Ipv6Network,
+        len: u8,
+    },
     #[error(transparent)]
     Config(#[from] NetworkError),
     #[error("every subnet of {network} is leased")]
@@ -58,11 +66,23 @@ pub enum LeaseError {
     WatchEnded(String),
 }
 
-/// A peer's lease as read from etcd.
+/// A peer's lease as read from etcd (or a Node).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub subnet: Ipv4Network,
     pub attrs: LeaseAttrs,
+    /// The peer's IPv6 subnet when its source names one (a Node's IPv6
+    /// podCIDR); else, on a dual-stack network, the one paired with
+    /// `subnet` ([`NetworkConfig::ipv6_subnet_of`]).
+    pub ipv6_subnet: Option<Ipv6Network>,
+}
+
+impl Lease {
+    /// The lease's IPv6 subnet on `net`: its own, else the paired one.
+    pub fn ipv6_on(&self, net: &NetworkConfig) -> Option<Ipv6Network> {
+        net.ipv6?;
+        self.ipv6_subnet.or_else(|| net.ipv6_subnet_of(self.subnet))
+    }
 }
 
 /// Our own lease: the subnet and the etcd lease keeping it.
@@ -70,6 +90,16 @@ pub struct Lease {
 pub struct Held {
     pub subnet: Ipv4Network,
     pub etcd_lease: i64,
+    /// As [`Lease::ipv6_subnet`].
+    pub ipv6_subnet: Option<Ipv6Network>,
+}
+
+impl Held {
+    /// As [`Lease::ipv6_on`].
+    pub fn ipv6_on(&self, net: &NetworkConfig) -> Option<Ipv6Network> {
+        net.ipv6?;
+        self.ipv6_subnet.or_else(|| net.ipv6_subnet_of(self.subnet))
+    }
 }
 
 /// A change seen by the watch.
@@ -198,6 +228,7 @@ impl Registry {
                 return Ok(Held {
                     subnet,
                     etcd_lease: grant,
+                    ipv6_subnet: None,
                 });
             }
             let _ = self.client.lease_client().revoke(grant).await;
@@ -308,5 +339,9 @@ fn decode(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
         key: key.to_string(),
         source,
     })?;
-    Ok(Lease { subnet, attrs })
+    Ok(Lease {
+        subnet,
+        attrs,
+        ipv6_subnet: None,
+    })
 }

@@ -171,8 +171,6 @@ pub enum OverlayError {
     NoClient(#[from] crate::role::NoClient),
     #[error("underlay: {0}")]
     Underlay(String),
-    #[error("network config: {0}")]
-    Unsupported(&'static str),
     #[error("{path}: {source}")]
     File {
         path: String,
@@ -297,8 +295,7 @@ impl Node {
             self.mtu,
             self.cfg.ip_masq,
         );
-        if let (Some(six), Some(own6)) = (self.net.ipv6, self.net.ipv6_subnet_of(self.held.subnet))
-        {
+        if let (Some(six), Some(own6)) = (self.net.ipv6, self.held.ipv6_on(&self.net)) {
             env = env.with_ipv6(six.network, own6);
         }
         env.write(&self.cfg.subnet_file)
@@ -417,11 +414,6 @@ pub async fn run(
         c = wait_for_config(&reg, &cfg) => c?,
         _ = &mut shutdown => return Ok(()),
     };
-    if net.ipv6.is_some() && matches!(&*reg, Source::Kube(_)) {
-        return Err(OverlayError::Unsupported(
-            "EnableIPv6 works with etcd leases only: in --kube-subnet-mgr mode the IPv6 subnet would have to be the Node's second podCIDR, which is not done yet",
-        ));
-    }
     let nl = Netlink::open()?;
     if let Source::Kube(k) = &*reg
         && cfg.iface.is_none()
@@ -473,7 +465,7 @@ pub async fn run(
     if net.backend == BackendType::Vxlan {
         nl.ensure_address(route_dev, held.subnet.network(), 32)
             .await?;
-        if let Some(own6) = net.ipv6_subnet_of(held.subnet) {
+        if let Some(own6) = held.ipv6_on(&net) {
             nl.ensure_address(route_dev, own6.network(), 128).await?;
         }
     }
