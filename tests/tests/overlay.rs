@@ -510,7 +510,22 @@ fn a_deleted_or_expired_lease_disappears_from_every_node() {
 
 #[test]
 fn ip_masq_hides_pods_behind_their_node_outside_the_cluster_network() {
-    let mut c = Cluster::new(2, VXLAN);
+    // Dual stack, with IPv6 on the underlay too, so that both families
+    // leave the cluster network.
+    let mut c = Cluster::new(2, DUAL);
+    c.underlay
+        .ip(&["-6", "addr", "add", "fd00:31::fe/64", "dev", "br0", "nodad"]);
+    for (i, n) in c.nodes.iter().enumerate() {
+        n.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:31::{}/64", i + 1),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+    }
     c.start_all(&["--ip-masq"]);
     converge(&c, &c.nodes.iter().map(Node::subnet).collect::<Vec<_>>());
     let env = std::fs::read_to_string(&c.nodes[0].subnet_file).unwrap_or_default();
@@ -518,29 +533,51 @@ fn ip_masq_hides_pods_behind_their_node_outside_the_cluster_network() {
     let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
     // A host outside the cluster network: the underlay itself.
     let mut outside = Spawn::new(bin("skiff-probe"))
-        .args(["serve-tcp", &format!("{UNDERLAY_GW}:7001"), "%peer"])
+        .args(["serve-tcp", "[::]:7001", "%peer"])
         .netns(&c.underlay)
         .start();
     assert_eq!(outside.ask(""), "ready");
-    let out = Spawn::new(bin("skiff-probe"))
-        .args(["tcp", &format!("{UNDERLAY_GW}:7001"), "3"])
-        .netns(&pods[0].ns)
-        .output();
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(
-        v["answers"][&c.nodes[0].ip], 3,
-        "leaving the cluster network: {out}"
-    );
-    // Inside the cluster network the pod keeps its address.
+    for (to, node_addr) in [
+        (format!("{UNDERLAY_GW}:7001"), c.nodes[0].ip.clone()),
+        ("[fd00:31::fe]:7001".to_string(), "fd00:31::1".to_string()),
+    ] {
+        let out = Spawn::new(bin("skiff-probe"))
+            .args(["tcp", &to, "3"])
+            .netns(&pods[0].ns)
+            .output();
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(
+            v["answers"][&node_addr], 3,
+            "leaving the cluster network to {to}, as the node: {out}"
+        );
+    }
+    // Inside the cluster network the pod keeps its address, in both
+    // families.
     let _s = serve(&pods[1]);
     assert_eq!(
         exchange(&pods[0], &pods[1].ip, 3),
         vec![pods[0].ip.clone(); 2]
     );
-    let rules = c.nodes[0]
-        .ns
-        .exec(&["nft", "list", "table", "ip", "skiff-overlay"]);
-    assert!(rules.contains("masquerade"), "{rules}");
+    let (from6, to6) = (
+        result_ip(&pods[0].result, true),
+        result_ip(&pods[1].result, true),
+    );
+    let mut server6 = Spawn::new(bin("skiff-probe"))
+        .args(["serve-tcp", &format!("[{to6}]:7002"), "%peer"])
+        .netns(&pods[1].ns)
+        .start();
+    assert_eq!(server6.ask(""), "ready");
+    let out = Spawn::new(bin("skiff-probe"))
+        .args(["tcp", &format!("[{to6}]:7002"), "3"])
+        .netns(&pods[0].ns)
+        .output();
+    assert!(out.contains(&format!("\"{from6}\":3")), "{out}");
+    for family in ["ip", "ip6"] {
+        let rules = c.nodes[0]
+            .ns
+            .exec(&["nft", "list", "table", family, "skiff-overlay"]);
+        assert!(rules.contains("masquerade"), "{family}: {rules}");
+    }
 }
 
 #[test]

@@ -3,12 +3,13 @@
 //!
 //! Traffic between pods keeps its source (no NAT inside the cluster
 //! network); pod traffic to anywhere else, multicast aside, leaves with the
-//! node's address.
+//! node's address. A dual-stack network gets the same for IPv6, in an `ip6`
+//! table of the same name.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 pub const TABLE: &str = "skiff-overlay";
 
@@ -20,8 +21,8 @@ pub enum MasqError {
     Refused(String),
 }
 
-pub fn ruleset(network: Ipv4Network) -> String {
-    format!(
+pub fn ruleset(network: Ipv4Network, network6: Option<Ipv6Network>) -> String {
+    let mut r = format!(
         "table ip {TABLE} {{}}\n\
          delete table ip {TABLE}\n\
          table ip {TABLE} {{\n\
@@ -31,7 +32,21 @@ pub fn ruleset(network: Ipv4Network) -> String {
          \t\tip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random\n\
          \t}}\n\
          }}\n"
-    )
+    );
+    if let Some(n6) = network6 {
+        r += &format!(
+            "table ip6 {TABLE} {{}}\n\
+             delete table ip6 {TABLE}\n\
+             table ip6 {TABLE} {{\n\
+             \tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip6 saddr {n6} ip6 daddr {n6} return\n\
+             \t\tip6 saddr {n6} ip6 daddr != ff00::/8 masquerade fully-random\n\
+             \t}}\n\
+             }}\n"
+        );
+    }
+    r
 }
 
 fn nft(script: &str) -> Result<(), MasqError> {
@@ -56,12 +71,26 @@ fn nft(script: &str) -> Result<(), MasqError> {
     Ok(())
 }
 
-pub fn install(network: Ipv4Network) -> Result<(), MasqError> {
-    nft(&ruleset(network))
+pub fn install(network: Ipv4Network, network6: Option<Ipv6Network>) -> Result<(), MasqError> {
+    nft(&ruleset(network, network6))?;
+    if network6.is_none() {
+        remove_ipv6();
+    }
+    Ok(())
 }
 
 pub fn remove() -> Result<(), MasqError> {
-    nft(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"))
+    nft(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"))?;
+    remove_ipv6();
+    Ok(())
+}
+
+/// The IPv6 table of an earlier dual-stack run, if there is one (a host
+/// without IPv6 nftables never had one: nothing to report).
+fn remove_ipv6() {
+    let _ = nft(&format!(
+        "table ip6 {TABLE} {{}}\ndelete table ip6 {TABLE}\n"
+    ));
 }
 
 #[cfg(test)]
@@ -70,9 +99,17 @@ mod tests {
 
     #[test]
     fn pod_to_pod_keeps_its_source() {
-        let r = ruleset("10.244.0.0/16".parse().unwrap());
+        let r = ruleset("10.244.0.0/16".parse().unwrap(), None);
         let ret = r.find("ip daddr 10.244.0.0/16 return").unwrap();
         let masq = r.find("masquerade").unwrap();
         assert!(ret < masq, "{r}");
+        assert!(!r.contains("table ip6 skiff-overlay {\n"), "{r}");
+        let r = ruleset(
+            "10.244.0.0/16".parse().unwrap(),
+            Some("fd00:10:244::/56".parse().unwrap()),
+        );
+        let ret6 = r.find("ip6 daddr fd00:10:244::/56 return").unwrap();
+        let masq6 = r.rfind("masquerade").unwrap();
+        assert!(ret6 < masq6, "{r}");
     }
 }

@@ -505,7 +505,7 @@ pub async fn run(
     };
     let since = node.relist().await?;
     if node.cfg.ip_masq {
-        masq::install(node.net.network)?;
+        masq::install(node.net.network, node.net.ipv6.map(|six| six.network))?;
     } else {
         let _ = masq::remove();
     }
