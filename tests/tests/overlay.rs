@@ -13,6 +13,7 @@ use skiff_tests::{Proc, Spawn, bin, wait_for};
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}"#;
 const DUAL: &str = r#"{"Network":"10.246.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:246::/56","Backend":{"Type":"vxlan"}}"#;
+const DUAL_HOST_GW: &str = r#"{"Network":"10.246.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:10:246::/56","Backend":{"Type":"host-gw"}}"#;
 
 /// TCP and UDP servers in the pod, on its pod IP, answering with the
 /// client's address as they see it.
@@ -212,7 +213,22 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
 /// talk over IPv6 (TCP and UDP, both ways, no NAT) at once as well as IPv4.
 #[test]
 fn dual_stack_pods_on_two_nodes_talk_over_ipv6_through_the_vtep() {
-    let mut c = Cluster::new(2, DUAL);
+    dual_stack_pods_talk(DUAL, |other| format!("via {other} dev flannel.1"));
+}
+
+/// host-gw, dual stack on an underlay with no IPv6 addresses but its
+/// links' own: the peer's IPv6 subnet is routed to the peer's link-local
+/// address on the underlay, which it publishes as its PublicIPv6.
+#[test]
+fn dual_stack_pods_on_two_nodes_talk_over_ipv6_by_host_gw_through_link_local_next_hops() {
+    dual_stack_pods_talk(DUAL_HOST_GW, |_| "via fe80::".to_string());
+}
+
+/// Two nodes of `network` (dual stack, `Network` 10.246.0.0/16 and
+/// `IPv6Network` fd00:10:246::/56); `route(peer subnet's address)` is what
+/// the route to the peer's IPv6 subnet must say after its destination.
+fn dual_stack_pods_talk(network: &str, route: fn(&str) -> String) {
+    let mut c = Cluster::new(2, network);
     c.start_all(&[]);
     let subnets = distinct_subnets(&c);
     converge(&c, &subnets);
@@ -236,18 +252,19 @@ fn dual_stack_pods_on_two_nodes_talk_over_ipv6_through_the_vtep() {
             "node{i}: {env}"
         );
         let other = six[1 - i].clone();
+        let want = format!("{other}/64 {}", route(&other));
         wait_for("the peer's IPv6 route", Duration::from_secs(10), || {
             let routes = n.ns.exec(&["ip", "-6", "route"]);
-            routes
-                .contains(&format!("{other}/64 via {other} dev flannel.1"))
-                .then_some(())
+            routes.contains(&want).then_some(())
         });
-        let neigh =
-            n.ns.exec(&["ip", "-6", "neigh", "show", "dev", "flannel.1"]);
-        assert!(
-            neigh.contains(&format!("{other} lladdr")),
-            "node{i}: {neigh}"
-        );
+        if network.contains("vxlan") {
+            let neigh =
+                n.ns.exec(&["ip", "-6", "neigh", "show", "dev", "flannel.1"]);
+            assert!(
+                neigh.contains(&format!("{other} lladdr")),
+                "node{i}: {neigh}"
+            );
+        }
     }
     let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
     let v6: Vec<String> = pods.iter().map(|p| result_ip(&p.result, true)).collect();

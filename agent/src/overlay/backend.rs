@@ -107,8 +107,10 @@ pub fn entries(backend: BackendType, route_dev: u32, own: Ipv4Network, lease: &L
     }
 }
 
-/// [`entries`] with the lease's IPv6 subnet on a dual-stack network
-/// (vxlan): through the same VTEP, to the same MAC.
+/// [`entries`] with the lease's IPv6 subnet on a dual-stack network.
+/// vxlan: through the same VTEP, to the same MAC. host-gw: a route to the
+/// peer's IPv6 underlay address (its `PublicIPv6`: a global address, or the
+/// underlay link's link-local one, which is enough between neighbours).
 pub fn entries_dual(
     net: &NetworkConfig,
     route_dev: u32,
@@ -116,20 +118,41 @@ pub fn entries_dual(
     lease: &Lease,
 ) -> Entries {
     let mut e = entries(net.backend, route_dev, own, lease);
-    if let (Some(n), Some(peer6)) = (&e.neighbour, lease.ipv6_on(net)) {
-        let gw6 = peer6.network();
-        e.route6 = Some(Route {
-            dst: gw6,
-            prefix: peer6.prefix(),
-            gateway: Some(gw6),
-            oif: Some(route_dev),
-            onlink: true,
-            protocol: SKIFF_ROUTE_PROTOCOL,
-        });
-        e.neighbour6 = Some(Neighbour {
-            ip: IpAddr::V6(gw6),
-            mac: n.mac,
-        });
+    let Some(peer6) = lease.ipv6_on(net) else {
+        return e;
+    };
+    let gw6 = peer6.network();
+    match (net.backend, &e.neighbour, &e.route) {
+        (BackendType::Vxlan, Some(n), _) => {
+            e.route6 = Some(Route {
+                dst: gw6,
+                prefix: peer6.prefix(),
+                gateway: Some(gw6),
+                oif: Some(route_dev),
+                onlink: true,
+                protocol: SKIFF_ROUTE_PROTOCOL,
+            });
+            e.neighbour6 = Some(Neighbour {
+                ip: IpAddr::V6(gw6),
+                mac: n.mac,
+            });
+        }
+        (BackendType::HostGw, _, Some(_)) => match lease.attrs.public_ipv6() {
+            Some(peer) => {
+                e.route6 = Some(Route {
+                    dst: gw6,
+                    prefix: peer6.prefix(),
+                    gateway: Some(peer),
+                    oif: Some(route_dev),
+                    onlink: false,
+                    protocol: SKIFF_ROUTE_PROTOCOL,
+                });
+            }
+            None => {
+                warn!(subnet = %lease.subnet, "host-gw lease without a PublicIPv6; its IPv6 subnet is not routed");
+            }
+        },
+        _ => {}
     }
     e
 }
@@ -395,6 +418,26 @@ mod tests {
             ),
             Entries::default()
         );
+    }
+
+    #[test]
+    fn a_dual_stack_host_gw_lease_routes_ipv6_via_the_peers_ipv6_underlay_address() {
+        let net = NetworkConfig::parse(
+            br#"{"Network":"10.245.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:245::/56","Backend":{"Type":"host-gw"}}"#,
+        )
+        .unwrap();
+        let own = "10.245.1.0/24".parse().unwrap();
+        let mut l = lease("10.245.3.0/24", "172.31.0.3", "host-gw", None);
+        assert_eq!(entries_dual(&net, 2, own, &l).route6, None, "no PublicIPv6");
+        l.attrs.public_ipv6 = Some("fe80::3".into());
+        let e = entries_dual(&net, 2, own, &l);
+        let r6 = e.route6.unwrap();
+        assert_eq!(r6.dst.to_string(), "fd00:10:245:3::");
+        assert_eq!(
+            (r6.gateway, r6.oif),
+            (Some("fe80::3".parse().unwrap()), Some(2))
+        );
+        assert!(e.neighbour6.is_none());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use super::network::{LeaseAttrs, NetworkConfig};
 pub const ANNOTATION_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 pub const ANNOTATION_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 pub const ANNOTATION_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+pub const ANNOTATION_PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
 pub const ANNOTATION_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 
 /// Where the network config is read from unless `--net-config-path` says.
@@ -61,7 +62,7 @@ pub fn lease_of(node: &Node) -> Option<Lease> {
         subnet,
         attrs: LeaseAttrs {
             public_ip,
-            public_ipv6: None,
+            public_ipv6: notes.get(ANNOTATION_PUBLIC_IPV6).cloned(),
             backend_type,
             backend_data,
         },
@@ -185,10 +186,12 @@ impl KubeSubnets {
             .backend_data
             .as_ref()
             .map_or_else(|| "null".to_string(), |d| d.to_string());
+        // A merge patch's null removes an IPv6 address published before.
         let patch = json!({"metadata": {"annotations": {
             ANNOTATION_BACKEND_TYPE: attrs.backend_type,
             ANNOTATION_BACKEND_DATA: data,
             ANNOTATION_PUBLIC_IP: attrs.public_ip.to_string(),
+            ANNOTATION_PUBLIC_IPV6: attrs.public_ipv6,
             ANNOTATION_KUBE_SUBNET_MANAGER: "true",
         }}});
         self.nodes

@@ -452,9 +452,35 @@ pub async fn run(
         }
         BackendType::HostGw => (under.mtu, under.index, None, None),
     };
+    // host-gw peers route our IPv6 subnet to our IPv6 address on the
+    // underlay: a global one if it has one, else its link-local one.
+    let public_ipv6 = if net.ipv6.is_some() && net.backend == BackendType::HostGw {
+        let v6: Vec<std::net::Ipv6Addr> = nl
+            .all_addresses(under.index)
+            .await?
+            .into_iter()
+            .filter_map(|(a, _)| match a {
+                std::net::IpAddr::V6(a) => Some(a),
+                std::net::IpAddr::V4(_) => None,
+            })
+            .collect();
+        let chosen = v6
+            .iter()
+            .find(|a| !a.is_unicast_link_local())
+            .or_else(|| v6.first())
+            .ok_or_else(|| {
+                OverlayError::Underlay(format!(
+                    "{} has no IPv6 address (not even a link-local one), which host-gw with EnableIPv6 routes to",
+                    under.name
+                ))
+            })?;
+        Some(chosen.to_string())
+    } else {
+        None
+    };
     let attrs = LeaseAttrs {
         public_ip,
-        public_ipv6: None,
+        public_ipv6,
         backend_type: net.backend.as_str().into(),
         backend_data,
     };

@@ -191,12 +191,6 @@ impl NetworkConfig {
                     ),
                 ));
             }
-            if kind != BackendType::Vxlan {
-                return Err(invalid(
-                    "EnableIPv6",
-                    "IPv6 pod networks need the vxlan backend (host-gw would need IPv6 underlay routes)".into(),
-                ));
-            }
             Some(Ipv6Config {
                 network: net6,
                 subnet_len: len6,
@@ -285,6 +279,11 @@ pub struct LeaseAttrs {
 }
 
 impl LeaseAttrs {
+    /// The peer's IPv6 underlay address, when it published one.
+    pub fn public_ipv6(&self) -> Option<Ipv6Addr> {
+        self.public_ipv6.as_deref()?.parse().ok()
+    }
+
     /// The peer's VTEP MAC, for a VXLAN lease.
     pub fn vtep_mac(&self) -> Option<[u8; 6]> {
         let data: VxlanData = serde_json::from_value(self.backend_data.clone()?).ok()?;
@@ -355,10 +354,6 @@ mod tests {
             err(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/60"}"#)
                 .contains("IPv6SubnetLen"),
             "a /60 has 16 /64s for 256 /24s"
-        );
-        assert!(
-            err(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#)
-                .contains("EnableIPv6")
         );
     }
 
