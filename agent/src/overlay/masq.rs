@@ -22,31 +22,32 @@ pub enum MasqError {
 }
 
 pub fn ruleset(network: Ipv4Network, network6: Option<Ipv6Network>) -> String {
-    let mut r = format!(
-        "table ip {TABLE} {{}}\n\
-         delete table ip {TABLE}\n\
-         table ip {TABLE} {{\n\
-         \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {network} ip daddr {network} return\n\
-         \t\tip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random\n\
-         \t}}\n\
-         }}\n"
-    );
+    let mut r = table("ip", &network.to_string(), "224.0.0.0/4");
     if let Some(n6) = network6 {
-        r += &format!(
-            "table ip6 {TABLE} {{}}\n\
-             delete table ip6 {TABLE}\n\
-             table ip6 {TABLE} {{\n\
-             \tchain postrouting {{\n\
-             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\tip6 saddr {n6} ip6 daddr {n6} return\n\
-             \t\tip6 saddr {n6} ip6 daddr != ff00::/8 masquerade fully-random\n\
-             \t}}\n\
-             }}\n"
-        );
+        r += &table("ip6", &n6.to_string(), "ff00::/8");
     }
     r
+}
+
+/// One family's table (`ip` or `ip6`), replacing what was there: pods of
+/// `network` keep their source towards each other and masquerade towards
+/// anything else but `multicast`.
+fn table(family: &str, network: &str, multicast: &str) -> String {
+    drop_table(family)
+        + &format!(
+            "table {family} {TABLE} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\t{family} saddr {network} {family} daddr {network} return\n\
+         \t\t{family} saddr {network} {family} daddr != {multicast} masquerade fully-random\n\
+         \t}}\n\
+         }}\n"
+        )
+}
+
+/// Removes the family's table, whether or not it is there.
+fn drop_table(family: &str) -> String {
+    format!("table {family} {TABLE} {{}}\ndelete table {family} {TABLE}\n")
 }
 
 fn nft(script: &str) -> Result<(), MasqError> {
@@ -80,7 +81,7 @@ pub fn install(network: Ipv4Network, network6: Option<Ipv6Network>) -> Result<()
 }
 
 pub fn remove() -> Result<(), MasqError> {
-    nft(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"))?;
+    nft(&drop_table("ip"))?;
     remove_ipv6();
     Ok(())
 }

@@ -19,7 +19,7 @@ pub mod masq;
 pub mod network;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -249,6 +249,31 @@ fn enable_forwarding(ipv6: bool) -> Result<(), OverlayError> {
     Ok(())
 }
 
+/// Where host-gw peers route our IPv6 subnet: our IPv6 address on the
+/// underlay, a routable one if it has one, else its link-local one (enough
+/// between L2 neighbours, which host-gw peers are).
+async fn underlay_ipv6(nl: &Netlink, under: &Link) -> Result<Ipv6Addr, OverlayError> {
+    let v6: Vec<Ipv6Addr> = nl
+        .all_addresses(under.index)
+        .await?
+        .into_iter()
+        .filter_map(|(a, _)| match a {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    v6.iter()
+        .find(|a| !a.is_unicast_link_local())
+        .or_else(|| v6.first())
+        .copied()
+        .ok_or_else(|| {
+            OverlayError::Underlay(format!(
+                "{} has no IPv6 address (not even a link-local one) for host-gw peers to route IPv6 to",
+                under.name
+            ))
+        })
+}
+
 /// Everything the running overlay holds.
 struct Node {
     reg: Arc<Source>,
@@ -452,29 +477,8 @@ pub async fn run(
         }
         BackendType::HostGw => (under.mtu, under.index, None, None),
     };
-    // host-gw peers route our IPv6 subnet to our IPv6 address on the
-    // underlay: a global one if it has one, else its link-local one.
     let public_ipv6 = if net.ipv6.is_some() && net.backend == BackendType::HostGw {
-        let v6: Vec<std::net::Ipv6Addr> = nl
-            .all_addresses(under.index)
-            .await?
-            .into_iter()
-            .filter_map(|(a, _)| match a {
-                std::net::IpAddr::V6(a) => Some(a),
-                std::net::IpAddr::V4(_) => None,
-            })
-            .collect();
-        let chosen = v6
-            .iter()
-            .find(|a| !a.is_unicast_link_local())
-            .or_else(|| v6.first())
-            .ok_or_else(|| {
-                OverlayError::Underlay(format!(
-                    "{} has no IPv6 address (not even a link-local one), which host-gw with EnableIPv6 routes to",
-                    under.name
-                ))
-            })?;
-        Some(chosen.to_string())
+        Some(underlay_ipv6(&nl, &under).await?.to_string())
     } else {
         None
     };
