@@ -34,54 +34,57 @@ const HOST_VETH_PREFIX: &str = "skv";
 /// per bridge, so one address does for every node).
 const BRIDGE_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
+/// The configuration's `field` (`s`): a CIDR of `family` whose prefix
+/// leaves addresses for pods (at most `max_prefix`).
+fn conf_subnet<N: std::str::FromStr>(
+    field: &str,
+    s: &str,
+    family: &str,
+    max_prefix: u8,
+    prefix: impl Fn(&N) -> u8,
+) -> Result<N>
+where
+    N::Err: std::fmt::Display,
+{
+    let n: N = s.parse().map_err(|e| {
+        CniError::new(
+            Code::InvalidConfig,
+            format!("{field} {s:?} is not an {family} CIDR"),
+        )
+        .with_details(e)
+    })?;
+    if prefix(&n) > max_prefix {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            format!("{field} {s}: a prefix longer than /{max_prefix} leaves no address for pods"),
+        ));
+    }
+    Ok(n)
+}
+
 /// The node's subnet, MTU and cluster network: from the configuration's
-/// `subnet` or the overlay's subnet file.
+/// `subnet` (and `ipv6Subnet`) or the overlay's subnet file.
 fn node_subnet(conf: &NetConf) -> Result<SubnetEnv> {
-    let mut env = match &conf.subnet {
-        Some(s) => {
-            let subnet: Ipv4Network = s.parse().map_err(|e| {
-                CniError::new(
-                    Code::InvalidConfig,
-                    format!("subnet {s:?} is not an IPv4 CIDR"),
-                )
-                .with_details(e)
-            })?;
-            if subnet.prefix() > 30 {
-                return Err(CniError::new(
-                    Code::InvalidConfig,
-                    format!("subnet {s}: a prefix longer than /30 leaves no address for pods"),
-                ));
-            }
-            let env = SubnetEnv::for_subnet(subnet, subnet, 1500, false);
-            match &conf.ipv6_subnet {
+    let mut env = match (&conf.subnet, &conf.ipv6_subnet) {
+        (Some(s), six) => {
+            let v4 = conf_subnet::<Ipv4Network>("subnet", s, "IPv4", 30, |n| n.prefix())?;
+            let env = SubnetEnv::for_subnet(v4, v4, 1500, false);
+            match six {
                 None => env,
                 Some(s6) => {
-                    let v6: Ipv6Network = s6.parse().map_err(|e| {
-                        CniError::new(
-                            Code::InvalidConfig,
-                            format!("ipv6Subnet {s6:?} is not an IPv6 CIDR"),
-                        )
-                        .with_details(e)
-                    })?;
-                    if v6.prefix() > 126 {
-                        return Err(CniError::new(
-                            Code::InvalidConfig,
-                            format!(
-                                "ipv6Subnet {s6}: a prefix longer than /126 leaves no address for pods"
-                            ),
-                        ));
-                    }
+                    let v6 =
+                        conf_subnet::<Ipv6Network>("ipv6Subnet", s6, "IPv6", 126, |n| n.prefix())?;
                     env.with_ipv6(v6, v6)
                 }
             }
         }
-        None if conf.ipv6_subnet.is_some() => {
+        (None, Some(_)) => {
             return Err(CniError::new(
                 Code::InvalidConfig,
                 "ipv6Subnet is given without subnet: give both, or neither and the subnet file",
             ));
         }
-        None => match SubnetEnv::read(conf.subnet_file.as_ref()) {
+        (None, None) => match SubnetEnv::read(conf.subnet_file.as_ref()) {
             Ok(e) => e,
             Err(crate::subnet_env::SubnetEnvError::Read { source, path })
                 if source.kind() == std::io::ErrorKind::NotFound =>
@@ -154,14 +157,10 @@ async fn add(env: &Env, conf: &NetConf, a: &Attachment) -> Result<Value> {
         ));
     }
     let store = Store::open(&conf.data_dir, &conf.name)?;
-    let ips = allocate(&store, a, &subnet);
-    let ips = match ips {
-        Ok(ips) => ips,
-        Err(e) => {
-            let _ = store.release(a);
-            return Err(e);
-        }
-    };
+    // A dual-stack allocation that fails half way gives back the half.
+    let ips = allocate(&store, a, &subnet).inspect_err(|_| {
+        let _ = store.release(a);
+    })?;
     match wire(env, conf, a, &subnet, ips, &host, &pod, &netns).await {
         Ok(r) => Ok(r),
         Err(e) => {
@@ -212,25 +211,19 @@ async fn wire(
     let prefix = subnet.subnet.prefix();
     let v6 = ips.v6.zip(subnet.ipv6_subnet());
     let bridge = host.ensure_bridge(&conf.bridge, subnet.mtu).await?;
-    if let Err(e) = host.ensure_address(bridge.index, gw, prefix).await
-        && !e.is_exists()
-    {
-        return Err(e.into());
-    }
+    let mut gateways = vec![(IpAddr::V4(gw), prefix)];
     if let Some((_, (gw6, net6))) = v6 {
         // The gateway, and a link-local address that is valid at once: the
         // node's neighbour solicitations towards pods (for traffic it
         // forwards, such as from other nodes) must come from a link-local
         // address, and the bridge's own one spends its first seconds in
         // duplicate address detection, dropping those pods' first packets.
-        for (addr, len) in [(gw6, net6.prefix()), (BRIDGE_LINK_LOCAL, 64)] {
-            if let Err(e) = host.ensure_address(bridge.index, addr, len).await
-                && !e.is_exists()
-            {
-                return Err(e.into());
-            }
-        }
+        gateways.extend([
+            (IpAddr::V6(gw6), net6.prefix()),
+            (BRIDGE_LINK_LOCAL.into(), 64),
+        ]);
     }
+    host.ensure_addresses(bridge.index, &gateways).await?;
     let veth = host_veth_name(a);
     // A leftover from an ADD killed half-way for this same attachment.
     host.delete_link_named(&veth).await?;
@@ -371,16 +364,12 @@ async fn check(env: &Env, conf: &NetConf, a: &Attachment) -> Result<()> {
         want.push((ip, prefix));
     }
     if let Some(prev) = &conf.prev_result {
-        for (ip, _) in &want {
-            let listed = prev["ips"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i["address"].as_str())
-                .any(|s| s.split('/').next() == Some(ip.to_string().as_str()));
-            if !listed {
-                return Err(failed(format!("prevResult does not list {ip}")));
-            }
+        let listed = skiff_cni_lib::exec::all_ips(prev);
+        if let Some((ip, _)) = want
+            .iter()
+            .find(|(ip, _)| !listed.contains(&ip.to_string()))
+        {
+            return Err(failed(format!("prevResult does not list {ip}")));
         }
     }
     let netns_path = env.netns.as_deref().unwrap_or_default();

@@ -104,18 +104,17 @@ fn parse<A: Family>(m: RouteMessage) -> Option<Route<A>> {
 }
 
 impl Netlink {
-    /// Adds `addr/prefix` to the link unless it is already there.
-    pub async fn ensure_address(
-        &self,
-        index: u32,
-        addr: impl Into<IpAddr>,
-        prefix: u8,
-    ) -> Result<()> {
-        let addr = addr.into();
-        if self.all_addresses(index).await?.contains(&(addr, prefix)) {
-            return Ok(());
+    /// Adds each of `want` the link does not hold yet, from one dump of its
+    /// addresses; one that appeared meanwhile (a concurrent caller) is fine.
+    pub async fn ensure_addresses(&self, index: u32, want: &[(IpAddr, u8)]) -> Result<()> {
+        let have = self.all_addresses(index).await?;
+        for &(addr, prefix) in want.iter().filter(|w| !have.contains(w)) {
+            match self.add_address(index, addr, prefix).await {
+                Err(e) if !e.is_exists() => return Err(e),
+                _ => {}
+            }
         }
-        self.add_address(index, addr, prefix).await
+        Ok(())
     }
 
     /// Adds `addr/prefix` to the link (fails if it is there). An IPv6

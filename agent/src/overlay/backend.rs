@@ -17,10 +17,11 @@
 //! lease explains, which is how a restart catches up on deletions it missed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 
 use ipnetwork::Ipv4Network;
-use skiff_netlink::{FdbEntry, Neighbour, Netlink, Route, SKIFF_ROUTE_PROTOCOL};
+use skiff_netlink::{Family, FdbEntry, Neighbour, Netlink, Route, SKIFF_ROUTE_PROTOCOL};
 use tracing::{debug, warn};
 
 use super::lease::Lease;
@@ -40,13 +41,12 @@ pub struct Entries {
 #[derive(Clone)]
 pub struct Dataplane {
     pub nl: Netlink,
-    pub backend: BackendType,
+    /// The network configuration: its backend, and on a dual-stack network
+    /// each lease's IPv6 subnet.
+    pub net: NetworkConfig,
     /// The VTEP (vxlan) or the underlay device (host-gw) routes go out of.
     pub route_dev: u32,
     pub own: Ipv4Network,
-    /// The network configuration when it is dual stack: it pairs each
-    /// lease with its IPv6 subnet.
-    pub dual_stack: Option<NetworkConfig>,
 }
 
 /// Counts of what a resync changed.
@@ -107,7 +107,7 @@ pub fn entries(backend: BackendType, route_dev: u32, own: Ipv4Network, lease: &L
     }
 }
 
-/// [`entries`] with the lease's IPv6 subnet on a dual-stack network.
+/// [`entries`], and the lease's IPv6 subnet on a dual-stack network.
 /// vxlan: through the same VTEP, to the same MAC. host-gw: a route to the
 /// peer's IPv6 underlay address (its `PublicIPv6`: a global address, or the
 /// underlay link's link-local one, which is enough between neighbours).
@@ -118,7 +118,7 @@ pub fn entries_dual(
     lease: &Lease,
 ) -> Entries {
     let mut e = entries(net.backend, route_dev, own, lease);
-    let Some(peer6) = lease.ipv6_on(net) else {
+    let Some(peer6) = net.ipv6_subnet_for(lease.subnet, lease.ipv6_subnet) else {
         return e;
     };
     let gw6 = peer6.network();
@@ -161,10 +161,7 @@ impl Dataplane {
     /// The entries for `lease` here: none for our own subnet or a lease of
     /// another backend.
     pub fn entries_for(&self, lease: &Lease) -> Entries {
-        match &self.dual_stack {
-            Some(net) => entries_dual(net, self.route_dev, self.own, lease),
-            None => entries(self.backend, self.route_dev, self.own, lease),
-        }
+        entries_dual(&self.net, self.route_dev, self.own, lease)
     }
 
     /// Installs the entries: FDB, then neighbour, then route, so that a
@@ -231,7 +228,7 @@ impl Dataplane {
         let mut changed = Changed::default();
         let have_routes = self.nl.routes(Some(SKIFF_ROUTE_PROTOCOL)).await?;
         let have_routes6 = self.nl.routes6(Some(SKIFF_ROUTE_PROTOCOL)).await?;
-        let (have_neigh, have_fdb) = if self.backend == BackendType::Vxlan {
+        let (have_neigh, have_fdb) = if self.net.backend == BackendType::Vxlan {
             (
                 self.nl.neighbours(self.route_dev).await?,
                 self.nl.fdb(self.route_dev).await?,
@@ -240,20 +237,8 @@ impl Dataplane {
             (Vec::new(), Vec::new())
         };
         // Removals first: a stale route must not outlive its lease.
-        for r in &have_routes {
-            if !want_routes.contains_key(&(r.dst, r.prefix)) {
-                debug!(dst = %r.dst, prefix = r.prefix, "removing stale route");
-                ignore_gone(self.nl.delete_route(r).await)?;
-                changed.removed += 1;
-            }
-        }
-        for r in &have_routes6 {
-            if !want_routes6.contains_key(&(r.dst, r.prefix)) {
-                debug!(dst = %r.dst, prefix = r.prefix, "removing stale route");
-                ignore_gone(self.nl.delete_route(r).await)?;
-                changed.removed += 1;
-            }
-        }
+        changed.removed += self.remove_stale(&have_routes, &want_routes).await?;
+        changed.removed += self.remove_stale(&have_routes6, &want_routes6).await?;
         for n in &have_neigh {
             if want_neigh.get(&n.ip) != Some(n) {
                 ignore_gone(self.nl.delete_neighbour(self.route_dev, n).await)?;
@@ -280,29 +265,49 @@ impl Dataplane {
                 changed.added += 1;
             }
         }
-        let have_routes: HashSet<Route> = have_routes.into_iter().collect();
-        for r in want_routes.values() {
-            if !have_routes.contains(r) {
-                if let Err(e) = self.nl.replace_route(r).await {
-                    // host-gw needs the peer on our L2 segment; say which
-                    // lease cannot be routed and go on with the others.
-                    warn!(dst = %r.dst, gateway = ?r.gateway, error = %e, "cannot install route");
-                    continue;
-                }
-                changed.added += 1;
-            }
-        }
-        let have_routes6: HashSet<Route<Ipv6Addr>> = have_routes6.into_iter().collect();
-        for r in want_routes6.values() {
-            if !have_routes6.contains(r) {
-                if let Err(e) = self.nl.replace_route(r).await {
-                    warn!(dst = %r.dst, error = %e, "cannot install route");
-                    continue;
-                }
-                changed.added += 1;
-            }
-        }
+        changed.added += self.add_missing(have_routes, &want_routes).await;
+        changed.added += self.add_missing(have_routes6, &want_routes6).await;
         Ok(changed)
+    }
+
+    /// Deletes the routes of `have` that `want` has no route to their
+    /// destination for; how many.
+    async fn remove_stale<A: Family + Ord + std::fmt::Debug>(
+        &self,
+        have: &[Route<A>],
+        want: &BTreeMap<(A, u8), Route<A>>,
+    ) -> Result<usize, skiff_netlink::Error> {
+        let mut n = 0;
+        for r in have {
+            if !want.contains_key(&(r.dst, r.prefix)) {
+                debug!(dst = %r.dst, prefix = r.prefix, "removing stale route");
+                ignore_gone(self.nl.delete_route(r).await)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Installs the routes of `want` that `have` lacks (a route that cannot
+    /// be installed is reported and the others go on); how many.
+    async fn add_missing<A: Family + Hash + Eq + std::fmt::Debug>(
+        &self,
+        have: Vec<Route<A>>,
+        want: &BTreeMap<(A, u8), Route<A>>,
+    ) -> usize {
+        let have: HashSet<Route<A>> = have.into_iter().collect();
+        let mut n = 0;
+        for r in want.values().filter(|r| !have.contains(r)) {
+            // host-gw needs the peer on our L2 segment; say which lease
+            // cannot be routed and go on with the others.
+            match self.nl.replace_route(r).await {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    warn!(dst = %r.dst, gateway = ?r.gateway, error = %e, "cannot install route")
+                }
+            }
+        }
+        n
     }
 }
 

@@ -326,10 +326,6 @@ impl FastPath {
             .unwrap_or_default()
             .into_iter()
             .filter_map(|(ip, veth)| {
-                // The fast path is IPv4 only; IPv6 pods use the kernel's path.
-                let std::net::IpAddr::V4(ip) = ip else {
-                    return None;
-                };
                 let index = nix::net::if_::if_nametoindex(veth.as_str()).ok()?;
                 Some((u32::from_ne_bytes(ip.octets()), index))
             })

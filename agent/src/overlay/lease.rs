@@ -73,16 +73,8 @@ pub struct Lease {
     pub attrs: LeaseAttrs,
     /// The peer's IPv6 subnet when its source names one (a Node's IPv6
     /// podCIDR); else, on a dual-stack network, the one paired with
-    /// `subnet` ([`NetworkConfig::ipv6_subnet_of`]).
+    /// `subnet` (see [`NetworkConfig::ipv6_subnet_for`]).
     pub ipv6_subnet: Option<Ipv6Network>,
-}
-
-impl Lease {
-    /// The lease's IPv6 subnet on `net`: its own, else the paired one.
-    pub fn ipv6_on(&self, net: &NetworkConfig) -> Option<Ipv6Network> {
-        net.ipv6?;
-        self.ipv6_subnet.or_else(|| net.ipv6_subnet_of(self.subnet))
-    }
 }
 
 /// Our own lease: the subnet and the etcd lease keeping it.
@@ -92,14 +84,6 @@ pub struct Held {
     pub etcd_lease: i64,
     /// As [`Lease::ipv6_subnet`].
     pub ipv6_subnet: Option<Ipv6Network>,
-}
-
-impl Held {
-    /// As [`Lease::ipv6_on`].
-    pub fn ipv6_on(&self, net: &NetworkConfig) -> Option<Ipv6Network> {
-        net.ipv6?;
-        self.ipv6_subnet.or_else(|| net.ipv6_subnet_of(self.subnet))
-    }
 }
 
 /// A change seen by the watch.

@@ -89,9 +89,7 @@ pub fn remove() -> Result<(), MasqError> {
 /// The IPv6 table of an earlier dual-stack run, if there is one (a host
 /// without IPv6 nftables never had one: nothing to report).
 fn remove_ipv6() {
-    let _ = nft(&format!(
-        "table ip6 {TABLE} {{}}\ndelete table ip6 {TABLE}\n"
-    ));
+    let _ = nft(&drop_table("ip6"));
 }
 
 #[cfg(test)]

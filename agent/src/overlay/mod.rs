@@ -320,7 +320,11 @@ impl Node {
             self.mtu,
             self.cfg.ip_masq,
         );
-        if let (Some(six), Some(own6)) = (self.net.ipv6, self.held.ipv6_on(&self.net)) {
+        if let (Some(six), Some(own6)) = (
+            self.net.ipv6,
+            self.net
+                .ipv6_subnet_for(self.held.subnet, self.held.ipv6_subnet),
+        ) {
             env = env.with_ipv6(six.network, own6);
         }
         env.write(&self.cfg.subnet_file)
@@ -493,11 +497,11 @@ pub async fn run(
         .map(|e| e.subnet_network());
     let held = reg.acquire(&net, &attrs, previous, cfg.lease_ttl).await?;
     if net.backend == BackendType::Vxlan {
-        nl.ensure_address(route_dev, held.subnet.network(), 32)
-            .await?;
-        if let Some(own6) = held.ipv6_on(&net) {
-            nl.ensure_address(route_dev, own6.network(), 128).await?;
+        let mut own = vec![(IpAddr::V4(held.subnet.network()), 32)];
+        if let Some(own6) = net.ipv6_subnet_for(held.subnet, held.ipv6_subnet) {
+            own.push((IpAddr::V6(own6.network()), 128));
         }
+        nl.ensure_addresses(route_dev, &own).await?;
     }
     enable_forwarding(net.ipv6.is_some())?;
     let fast = if cfg.fast_path {
@@ -520,10 +524,9 @@ pub async fn run(
         reg: Arc::clone(&reg),
         dp: Dataplane {
             nl: nl.clone(),
-            backend: net.backend,
+            net: net.clone(),
             route_dev,
             own: held.subnet,
-            dual_stack: net.ipv6.is_some().then(|| net.clone()),
         },
         cfg,
         net,

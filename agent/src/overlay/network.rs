@@ -210,6 +210,18 @@ impl NetworkConfig {
         })
     }
 
+    /// On a dual-stack network, the IPv6 subnet of a node holding `v4`:
+    /// the one its source `named` (a Node's IPv6 podCIDR), else the one
+    /// paired with `v4`.
+    pub fn ipv6_subnet_for(
+        &self,
+        v4: Ipv4Network,
+        named: Option<Ipv6Network>,
+    ) -> Option<Ipv6Network> {
+        self.ipv6?;
+        named.or_else(|| self.ipv6_subnet_of(v4))
+    }
+
     /// The IPv6 subnet paired with the IPv4 subnet `v4`, when dual stack.
     pub fn ipv6_subnet_of(&self, v4: Ipv4Network) -> Option<Ipv6Network> {
         let v6 = self.ipv6?;
