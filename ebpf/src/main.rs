@@ -38,6 +38,7 @@ use skiff_ebpf_common::{
 /// see another entry's bytes. Every update the agent makes relies on this.
 pub(crate) const BPF_F_NO_PREALLOC: u32 = 1;
 
+mod ip;
 mod nodeport;
 mod packet;
 mod runtime;

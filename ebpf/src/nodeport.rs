@@ -23,26 +23,28 @@
 //! needed, time exceeded) are translated too: the packet they quote and
 //! their own addresses, so that the client's socket gets them.
 //!
-//! IPv4 only for now; fragments after the first are not translated.
+//! IPv4 and IPv6, each through its own copy of the code (`crate::ip`).
+//! Fragments after the first, and IPv6 packets with extension headers, are
+//! not translated.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashOfMaps},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
     macros::{btf_map, classifier, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use skiff_ebpf_common::{
     BACKEND_LOCAL, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
-    ExternalValue, FAMILY_V4, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_INNER_FLAGS,
-    MAX_EXT_BACKENDS, MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP,
-    RevFlowValue, ServiceKey, csum, flow_hash,
+    ExternalValue, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS,
+    MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey,
+    csum, flow_hash,
 };
 
 use crate::BPF_F_NO_PREALLOC;
-use crate::packet::{at, fold_sum};
+use crate::ip::{IP, Ip, V4, V6, csum_of};
+use crate::packet::at;
 
 #[map(name = "EXTERNAL")]
 static EXTERNAL: HashMap<ServiceKey, ExternalValue> =
@@ -62,12 +64,15 @@ static MAGLEV: HashOfMaps<
     { MAX_MAGLEV_TABLES as usize },
 > = HashOfMaps::new();
 
-/// Room for a new flow's two entries, built here and inserted from here:
-/// too big for the stack beside the callers' frames.
+/// Room for a new flow's two entries, built here and inserted from here,
+/// and for the keys its lookups use: too big for the stack beside the
+/// callers' frames (an IPv6 flow's keys above all).
 #[repr(C)]
 struct NewEntries {
     flow: FlowValue,
     rev: RevFlowValue,
+    key: FlowKey,
+    frontend: ServiceKey,
 }
 
 #[map(name = "NEW_ENTRIES")]
@@ -79,28 +84,10 @@ static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(MAX_FLOWS, 0);
 #[map(name = "REV_FLOWS")]
 static REV_FLOWS: LruHashMap<FlowKey, RevFlowValue> = LruHashMap::pinned(MAX_FLOWS, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const IP: usize = ETH_HLEN;
-const IP_SADDR: usize = IP + 12;
-const IP_DADDR: usize = IP + 16;
-const AF_INET: u8 = 2;
-
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
-const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
-const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
-const PROTO_ICMP: u8 = 1;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
 const BPF_ADJ_ROOM_MAC: u32 = 1;
-/// An ICMP error's own headers (IP without options, ICMP).
-const ICMP_HEADERS: usize = 28;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETERPROB: u8 = 12;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -129,23 +116,25 @@ const SNAT_TRIES: u32 = 8;
 
 /// The header fields one translation reads and writes.
 #[derive(Clone, Copy)]
-struct Packet {
+struct Packet<F: Ip> {
     proto: u8,
     tcp_flags: u8,
-    saddr: u32,
-    daddr: u32,
+    saddr: F::Addr,
+    daddr: F::Addr,
     sport: u16,
     dport: u16,
     /// Offset of the L4 header.
     l4: usize,
 }
 
-impl Packet {
+impl<F: Ip> Packet<F> {
     fn csum_off(&self) -> usize {
         if self.proto == PROTO_TCP {
             self.l4 + 16
-        } else {
+        } else if self.proto == PROTO_UDP {
             self.l4 + 6
+        } else {
+            self.l4 + 2
         }
     }
 
@@ -160,81 +149,59 @@ impl Packet {
 }
 
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype: u16 = at(ctx, 12)?;
-    if ethertype != ETH_P_IP.to_be() {
-        return None;
-    }
-    let vihl = at::<u16>(ctx, IP)?.to_ne_bytes()[0];
-    if vihl >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let frag: u16 = at(ctx, IP + 6)?;
-    if u16::from_be(frag) & 0x1fff != 0 {
-        return None;
-    }
-    let proto = at::<u16>(ctx, IP + 8)?.to_ne_bytes()[1];
-    let l4 = IP + ihl;
-    let saddr = at(ctx, IP_SADDR)?;
-    let daddr = at(ctx, IP_DADDR)?;
-    if proto == PROTO_ICMP {
+fn parse<F: Ip>(ctx: &TcContext) -> Option<Packet<F>> {
+    let h = F::header(ctx)?;
+    if h.proto == F::ICMP {
         return Some(Packet {
-            proto,
+            proto: h.proto,
             tcp_flags: 0,
-            saddr,
-            daddr,
+            saddr: h.saddr,
+            daddr: h.daddr,
             sport: 0,
             dport: 0,
-            l4,
+            l4: h.l4,
         });
     }
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return None;
-    }
-    let tcp_flags = if proto == PROTO_TCP {
-        at::<u16>(ctx, l4 + 12)?.to_ne_bytes()[1]
+    let tcp_flags = if h.proto == PROTO_TCP {
+        at::<u16>(ctx, h.l4 + 12)?.to_ne_bytes()[1]
     } else {
         0
     };
     Some(Packet {
-        proto,
+        proto: h.proto,
         tcp_flags,
-        saddr,
-        daddr,
-        sport: at(ctx, l4)?,
-        dport: at(ctx, l4 + 2)?,
-        l4,
+        saddr: h.saddr,
+        daddr: h.daddr,
+        sport: at(ctx, h.l4)?,
+        dport: at(ctx, h.l4 + 2)?,
+        l4: h.l4,
     })
 }
 
 /// What a translated packet's addresses and ports become.
 #[derive(Clone, Copy)]
-struct Tuple {
-    saddr: u32,
-    daddr: u32,
+struct Tuple<F: Ip> {
+    saddr: F::Addr,
+    daddr: F::Addr,
     sport: u16,
     dport: u16,
 }
 
 /// Rewrites the packet's addresses and ports to `to` (and takes one hop off
-/// its TTL when `hop`): the fields and the IP checksum are written in
-/// place; the L4 checksum is updated by the kernel (it knows whether the
-/// packet's checksum is complete or partial), once for the addresses and
-/// once for the ports. An ICMP packet has no ports and its checksum covers
-/// no pseudo-header: only its addresses change. False when the packet
+/// its TTL or hop limit when `hop`): the fields and the IPv4 checksum are
+/// written in place; the L4 checksum is updated by the kernel (it knows
+/// whether the packet's checksum is complete or partial), once for the
+/// addresses and once for the ports. An ICMP packet has no ports; its
+/// checksum covers the addresses only for IPv6. False when the packet
 /// cannot be translated (or has no hop left).
 #[inline(always)]
-fn translate(ctx: &TcContext, p: &Packet, to: &Tuple, hop: bool) -> bool {
+fn translate<F: Ip>(ctx: &TcContext, p: &Packet<F>, to: &Tuple<F>, hop: bool) -> bool {
     let mut addrs = 0u32;
     if to.saddr != p.saddr {
-        addrs = csum::add(addrs, csum::diff(p.saddr, to.saddr));
+        addrs = csum::add(addrs, F::diff(p.saddr, to.saddr));
     }
     if to.daddr != p.daddr {
-        addrs = csum::add(addrs, csum::diff(p.daddr, to.daddr));
+        addrs = csum::add(addrs, F::diff(p.daddr, to.daddr));
     }
     let mut ports = 0u32;
     if to.sport != p.sport {
@@ -248,26 +215,21 @@ fn translate(ctx: &TcContext, p: &Packet, to: &Tuple, hop: bool) -> bool {
         return false;
     }
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + IP + 20 > end || start + p.l4 + 4 > end {
+    if start + IP + F::HLEN > end || start + p.l4 + 4 > end {
         return false;
     }
-    let ip = start + IP;
     let l4 = start + p.l4;
     // SAFETY: both headers are bounds checked against data_end above.
     unsafe {
-        let mut ip_diff = addrs;
-        if hop {
-            match crate::packet::take_hop(ip) {
-                Some(d) => ip_diff = csum::add(ip_diff, d),
-                None => return false,
-            }
+        if !F::write(start + IP, to.saddr, to.daddr, addrs, hop) {
+            return false;
         }
-        core::ptr::write_unaligned((ip + 12) as *mut u32, to.saddr);
-        core::ptr::write_unaligned((ip + 16) as *mut u32, to.daddr);
-        let csum = (ip + 10) as *mut u16;
-        core::ptr::write_unaligned(csum, csum::apply(core::ptr::read_unaligned(csum), ip_diff));
-        if p.proto == PROTO_ICMP {
-            return true;
+        if p.proto == F::ICMP {
+            return !F::ICMP_PSEUDO
+                || addrs == 0
+                || ctx
+                    .l4_csum_replace(p.csum_off(), 0, u64::from(addrs), BPF_F_PSEUDO_HDR)
+                    .is_ok();
         }
         core::ptr::write_unaligned(l4 as *mut u16, to.sport);
         core::ptr::write_unaligned((l4 + 2) as *mut u16, to.dport);
@@ -288,7 +250,7 @@ fn translate(ctx: &TcContext, p: &Packet, to: &Tuple, hop: bool) -> bool {
     addrs_ok && ports_ok
 }
 
-fn l4_flags(p: &Packet) -> u64 {
+fn l4_flags<F: Ip>(p: &Packet<F>) -> u64 {
     if p.proto == PROTO_UDP {
         BPF_F_MARK_MANGLED_0
     } else {
@@ -305,95 +267,73 @@ fn mark_translated(ctx: &TcContext) {
     ctx.set_mark(mark | TRANSLATED_MARK);
 }
 
-/// Sends the (rewritten, TTL already decremented) packet out of `ifindex`
+/// Sends the (rewritten, hop already taken) packet out of `ifindex`
 /// towards `nexthop`, the kernel's neighbour table filling in the
 /// link-layer addresses. The packet is marked so that the egress program
 /// lets it pass unread.
 #[inline(always)]
-fn redirect(ctx: &TcContext, ifindex: u32, nexthop: u32) -> i32 {
+fn redirect<F: Ip>(ctx: &TcContext, ifindex: u32, nexthop: F::Addr) -> i32 {
     mark_translated(ctx);
-    crate::packet::redirect_neigh(ifindex, nexthop)
+    F::redirect_neigh(ifindex, nexthop)
 }
 
-/// The route the kernel would take to `dst`: (interface, next hop, source
-/// address it would use).
-#[inline(never)]
-fn route(ctx: &TcContext, p: &Packet, dst: u32) -> Option<(u32, u32, u32)> {
-    // SAFETY: plain integers; all-zero is a valid request to fill in.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = p.proto;
-    // SAFETY: the context is an skb; ifindex is readable.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.__bindgen_anon_4.ipv4_dst = dst;
-    // SAFETY: fib lives for the call; the size is its own.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return None;
-    }
-    // SAFETY: the helper filled the IPv4 members.
-    unsafe {
-        Some((
-            fib.ifindex,
-            fib.__bindgen_anon_4.ipv4_dst,
-            fib.__bindgen_anon_3.ipv4_src,
-        ))
-    }
-}
-
-fn v4(a: u32) -> [u32; 4] {
-    [a, 0, 0, 0]
-}
-
-fn flow_key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
+fn flow_key<F: Ip>(saddr: F::Addr, daddr: F::Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
     FlowKey {
-        saddr: v4(saddr),
-        daddr: v4(daddr),
+        saddr: F::wide(saddr),
+        daddr: F::wide(daddr),
         sport,
         dport,
         proto,
-        family: FAMILY_V4,
+        family: F::FAMILY,
         pad: 0,
     }
 }
 
+/// The frame's family: each is translated by its own copy of the code.
+#[inline(always)]
+fn ethertype(ctx: &TcContext) -> u16 {
+    at(ctx, 12).unwrap_or(0)
+}
+
 #[classifier]
 pub fn skiff_ingress(ctx: TcContext) -> i32 {
-    let Some(p) = parse(&ctx) else {
+    match ethertype(&ctx) {
+        t if t == V4::ETH_P => ingress::<V4>(&ctx),
+        t if t == V6::ETH_P => ingress::<V6>(&ctx),
+        _ => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
+    let Some(p) = parse::<F>(ctx) else {
         return TC_ACT_OK;
     };
-    if p.proto == PROTO_ICMP {
-        return icmp_of_snat(&ctx, &p).unwrap_or(TC_ACT_OK);
+    if p.proto == F::ICMP {
+        return icmp_of_snat(ctx, &p).unwrap_or(TC_ACT_OK);
     }
     let key = ServiceKey {
-        addr: v4(p.daddr),
+        addr: F::wide(p.daddr),
         port: p.dport,
         proto: p.proto,
-        family: FAMILY_V4,
+        family: F::FAMILY,
     };
     // SAFETY: copied out at once (BPF_F_NO_PREALLOC).
     if let Some(svc) = unsafe { EXTERNAL.get(&key) } {
         let svc = *svc;
         // The flow's entries are made here, not inside `forward`, so that
         // the two frames are never on the stack together.
-        return match forward(&ctx, &p) {
-            NEW_FLOW if svc.size > 0 && new_flow(&ctx, &p, &svc) => match forward(&ctx, &p) {
+        return match forward(ctx, &p) {
+            NEW_FLOW if svc.size > 0 && new_flow(ctx, &p, &svc) => match forward(ctx, &p) {
                 NEW_FLOW => TC_ACT_SHOT,
                 verdict => verdict,
             },
-            NEW_FLOW if svc.size == 0 && svc.flags & EXT_REJECT != 0 => reject(&ctx, &p),
+            NEW_FLOW if svc.size == 0 && svc.flags & EXT_REJECT != 0 => reject(ctx, &p),
             NEW_FLOW => TC_ACT_SHOT,
             verdict => verdict,
         };
     }
-    reply_of_snat(&ctx, &p)
+    reply_of_snat(ctx, &p)
 }
 
 /// `forward`'s answer when the packet starts a flow.
@@ -405,13 +345,22 @@ pub fn skiff_egress(ctx: TcContext) -> i32 {
     if unsafe { (*ctx.skb.skb).mark } & TRANSLATED_MARK != 0 {
         return TC_ACT_OK;
     }
-    let Some(p) = parse(&ctx) else {
+    match ethertype(&ctx) {
+        t if t == V4::ETH_P => egress::<V4>(&ctx),
+        t if t == V6::ETH_P => egress::<V6>(&ctx),
+        _ => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn egress<F: Ip>(ctx: &TcContext) -> i32 {
+    let Some(p) = parse::<F>(ctx) else {
         return TC_ACT_OK;
     };
-    if p.proto == PROTO_ICMP {
-        return icmp_of_local(&ctx, &p).unwrap_or(TC_ACT_OK);
+    if p.proto == F::ICMP {
+        return icmp_of_local(ctx, &p).unwrap_or(TC_ACT_OK);
     }
-    let rkey = flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let rkey = flow_key::<F>(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let Some(r) = REV_FLOWS.get_ptr_mut(&rkey) else {
         return TC_ACT_OK;
     };
@@ -423,15 +372,14 @@ pub fn skiff_egress(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     touch_rev(rv, &p);
-    let (frontend, frontend_port, client_port) = (rv.frontend[0], rv.frontend_port, rv.client_port);
     // The client's port comes back too where the flow's was remapped.
     let to = Tuple {
-        saddr: frontend,
+        saddr: F::narrow(&rv.frontend),
         daddr: p.daddr,
-        sport: frontend_port,
-        dport: client_port,
+        sport: rv.frontend_port,
+        dport: rv.client_port,
     };
-    if translate(&ctx, &p, &to, false) {
+    if translate(ctx, &p, &to, false) {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT
@@ -444,7 +392,7 @@ fn now() -> u64 {
 }
 
 #[inline(always)]
-fn touch_rev(rv: &mut RevFlowValue, p: &Packet) {
+fn touch_rev<F: Ip>(rv: &mut RevFlowValue, p: &Packet<F>) {
     let t = now();
     if p.closing() {
         rv.flags |= FLOW_CLOSING;
@@ -458,50 +406,50 @@ fn touch_rev(rv: &mut RevFlowValue, p: &Packet) {
 /// the frontend. Anything else passes.
 // Out of line: its stack frame is not added to the others'.
 #[inline(never)]
-fn reply_of_snat(ctx: &TcContext, p: &Packet) -> i32 {
+fn reply_of_snat<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> i32 {
     snat_reply(ctx, p).unwrap_or(TC_ACT_OK)
 }
 
 #[inline(always)]
-fn snat_reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
-    let rkey = flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+fn snat_reply<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
+    let rkey = flow_key::<F>(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let r = REV_FLOWS.get_ptr_mut(&rkey)?;
-    // SAFETY: see skiff_egress.
+    // SAFETY: see egress.
     let rv = unsafe { &mut *r };
     if rv.ifindex == 0 {
         return None;
     }
     touch_rev(rv, p);
     let to = Tuple {
-        saddr: rv.frontend[0],
-        daddr: rv.client[0],
+        saddr: F::narrow(&rv.frontend),
+        daddr: F::narrow(&rv.client),
         sport: rv.frontend_port,
         dport: rv.client_port,
     };
-    let (ifindex, nexthop) = (rv.ifindex, rv.nexthop[0]);
+    let (ifindex, nexthop) = (rv.ifindex, F::narrow(&rv.nexthop));
     if !translate(ctx, p, &to, true) {
         return Some(TC_ACT_SHOT);
     }
-    Some(redirect(ctx, ifindex, nexthop))
+    Some(redirect::<F>(ctx, ifindex, nexthop))
 }
 
 /// A packet to an external frontend: its flow's backend, or a new flow.
 // Out of line: its stack frame is not added to the others'.
 #[inline(never)]
-fn forward(ctx: &TcContext, p: &Packet) -> i32 {
+fn forward<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> i32 {
     forward_known(ctx, p).unwrap_or(TC_ACT_SHOT)
 }
 
 #[inline(always)]
-fn forward_known(ctx: &TcContext, p: &Packet) -> Option<i32> {
-    let fkey = flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+fn forward_known<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
+    let fkey = flow_key::<F>(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let t = now();
     let f = match FLOWS.get_ptr_mut(&fkey) {
         // A new connection on a tuple whose last one closed starts over.
         Some(f) if !(p.opening() && unsafe { (*f).flags } & FLOW_CLOSING != 0) => f,
         _ => return Some(NEW_FLOW),
     };
-    // SAFETY: see skiff_egress.
+    // SAFETY: see egress.
     let fv = unsafe { &mut *f };
     if p.closing() {
         fv.flags |= FLOW_CLOSING;
@@ -511,8 +459,8 @@ fn forward_known(ctx: &TcContext, p: &Packet) -> Option<i32> {
         fv.last_ns = t;
     }
     // Fields read one at a time (no copy of the whole value on the stack).
-    let (backend, backend_port, ifindex) = (fv.backend[0], fv.backend_port, fv.ifindex);
-    let (snat, snat_port, nexthop) = (fv.snat[0], fv.snat_port, fv.nexthop[0]);
+    let (backend, backend_port, ifindex) = (F::narrow(&fv.backend), fv.backend_port, fv.ifindex);
+    let (snat, snat_port, nexthop) = (F::narrow(&fv.snat), fv.snat_port, F::narrow(&fv.nexthop));
     let mut to = Tuple {
         saddr: p.saddr,
         daddr: backend,
@@ -529,11 +477,11 @@ fn forward_known(ctx: &TcContext, p: &Packet) -> Option<i32> {
     if !translate(ctx, p, &to, true) {
         return None;
     }
-    Some(redirect(ctx, ifindex, nexthop))
+    Some(redirect::<F>(ctx, ifindex, nexthop))
 }
 
 #[inline(always)]
-fn mark_rev_closing(p: &Packet, fv: &FlowValue) {
+fn mark_rev_closing<F: Ip>(p: &Packet<F>, fv: &FlowValue) {
     let (daddr, dport) = if fv.ifindex == 0 {
         // Local: the client's address, and its port unless remapped.
         let port = if fv.snat_port != 0 {
@@ -543,11 +491,17 @@ fn mark_rev_closing(p: &Packet, fv: &FlowValue) {
         };
         (p.saddr, port)
     } else {
-        (fv.snat[0], fv.snat_port)
+        (F::narrow(&fv.snat), fv.snat_port)
     };
-    let rkey = flow_key(fv.backend[0], daddr, fv.backend_port, dport, p.proto);
+    let rkey = flow_key::<F>(
+        F::narrow(&fv.backend),
+        daddr,
+        fv.backend_port,
+        dport,
+        p.proto,
+    );
     if let Some(r) = REV_FLOWS.get_ptr_mut(&rkey) {
-        // SAFETY: see skiff_egress.
+        // SAFETY: see egress.
         unsafe {
             (*r).flags |= FLOW_CLOSING;
             (*r).last_ns = fv.last_ns;
@@ -556,16 +510,51 @@ fn mark_rev_closing(p: &Packet, fv: &FlowValue) {
 }
 
 /// Picks the flow's backend from the Maglev table and records both
-/// directions.
+/// directions. Its steps are called one after the other from here, not
+/// from each other, so that their frames are never on the stack together.
+#[inline(always)]
+fn new_flow<F: Ip>(ctx: &TcContext, p: &Packet<F>, svc: &ExternalValue) -> bool {
+    let Some(e) = NEW_ENTRIES.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot (programs run with migration disabled and
+    // TC programs do not nest on one CPU).
+    let e = unsafe { &mut *e };
+    let t = now();
+    if !plan_flow(ctx, p, svc, t, e) {
+        return false;
+    }
+    let port = snat_port(p, t, e);
+    if port == 0 {
+        return false;
+    }
+    record_flow(p, port as u16, e).is_some()
+}
+
+/// The flow's backend, and for a remote one the routes both ways and the
+/// SNAT address, written into `e`. A local backend is left with
+/// `e.flow.ifindex` 0.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, p: &Packet, svc: &ExternalValue) -> bool {
-    new_flow_entries(ctx, p, svc, now()).is_some()
+fn plan_flow<F: Ip>(
+    ctx: &TcContext,
+    p: &Packet<F>,
+    svc: &ExternalValue,
+    t: u64,
+    e: &mut NewEntries,
+) -> bool {
+    plan(ctx, p, svc, t, e).is_some()
 }
 
 #[inline(always)]
-fn new_flow_entries(ctx: &TcContext, p: &Packet, svc: &ExternalValue, t: u64) -> Option<()> {
+fn plan<F: Ip>(
+    ctx: &TcContext,
+    p: &Packet<F>,
+    svc: &ExternalValue,
+    t: u64,
+    e: &mut NewEntries,
+) -> Option<()> {
     let h = flow_hash(
-        p.saddr,
+        F::hash_word(p.saddr),
         p.sport,
         p.dport,
         p.proto,
@@ -577,11 +566,6 @@ fn new_flow_entries(ctx: &TcContext, p: &Packet, svc: &ExternalValue, t: u64) ->
     let id = unsafe { *MAGLEV.get_value(&svc.table, &slot)? };
     // SAFETY: copied out at once.
     let b = unsafe { *EXT_BACKENDS.get(&id)? };
-
-    let e = NEW_ENTRIES.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot (programs run with migration disabled and
-    // TC programs do not nest on one CPU).
-    let e = unsafe { &mut *e };
     e.flow = FlowValue {
         backend: b.addr,
         snat: [0; 4],
@@ -594,8 +578,8 @@ fn new_flow_entries(ctx: &TcContext, p: &Packet, svc: &ExternalValue, t: u64) ->
         pad: 0,
     };
     e.rev = RevFlowValue {
-        frontend: v4(p.daddr),
-        client: v4(p.saddr),
+        frontend: F::wide(p.daddr),
+        client: F::wide(p.saddr),
         nexthop: [0; 4],
         frontend_port: p.dport,
         client_port: p.sport,
@@ -604,50 +588,69 @@ fn new_flow_entries(ctx: &TcContext, p: &Packet, svc: &ExternalValue, t: u64) ->
         flags: 0,
         pad: 0,
     };
-    let local = b.flags & BACKEND_LOCAL != 0 || svc.flags & EXT_LOCAL != 0;
-    let rkey = if local {
-        // The backend sees the client's own tuple. If another flow of this
-        // client already holds it (the same client port to another
-        // frontend of this backend, still open or closing), only the port
-        // is changed, as conntrack does; the client's address stays.
-        let port = snat_port(p, &b, p.saddr, t);
-        if port == 0 {
-            return None;
-        }
-        let port = port as u16;
-        if port != p.sport {
-            e.flow.snat = v4(p.saddr);
-            e.flow.snat_port = port;
-        }
-        flow_key(b.addr[0], p.saddr, b.port, port, p.proto)
+    if b.flags & BACKEND_LOCAL != 0 || svc.flags & EXT_LOCAL != 0 {
+        // The backend sees the client's own tuple.
+        return Some(());
+    }
+    e.flow.ifindex = F::route(
+        ctx,
+        p.proto,
+        F::narrow(&b.addr),
+        &mut e.flow.nexthop,
+        Some(&mut e.flow.snat),
+    );
+    e.rev.ifindex = F::route(ctx, p.proto, p.saddr, &mut e.rev.nexthop, None);
+    (e.flow.ifindex != 0 && e.rev.ifindex != 0).then_some(())
+}
+
+/// The flow's source on the backend's side: the SNAT address of a remote
+/// backend's flow, the client's own for a local one.
+#[inline(always)]
+fn source<F: Ip>(p: &Packet<F>, e: &NewEntries) -> F::Addr {
+    if e.flow.ifindex == 0 {
+        p.saddr
     } else {
-        let (out_if, nexthop, src) = route(ctx, p, b.addr[0])?;
-        let (back_if, back_nh, _) = route(ctx, p, p.saddr)?;
-        let port = snat_port(p, &b, src, t);
-        if port == 0 {
-            return None;
-        }
-        let port = port as u16;
-        e.flow.snat = v4(src);
+        F::narrow(&e.flow.snat)
+    }
+}
+
+/// Inserts both directions of the planned flow, its backend-side source
+/// port being `port`.
+#[inline(always)]
+fn record_flow<F: Ip>(p: &Packet<F>, port: u16, e: &mut NewEntries) -> Option<()> {
+    let src = source(p, e);
+    if e.flow.ifindex != 0 || port != p.sport {
+        // A remote flow is always SNATed; a local one changes only the
+        // port, and only when the client's own is taken (see snat_port).
+        e.flow.snat = F::wide(src);
         e.flow.snat_port = port;
-        e.flow.ifindex = out_if;
-        e.flow.nexthop = v4(nexthop);
-        e.rev.ifindex = back_if;
-        e.rev.nexthop = v4(back_nh);
-        flow_key(b.addr[0], src, b.port, port, p.proto)
-    };
-    REV_FLOWS.insert(&rkey, &e.rev, 0).ok()?;
-    let fkey = flow_key(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    FLOWS.insert(&fkey, &e.flow, 0).ok()?;
+    }
+    e.key = flow_key::<F>(
+        F::narrow(&e.flow.backend),
+        src,
+        e.flow.backend_port,
+        port,
+        p.proto,
+    );
+    REV_FLOWS.insert(&e.key, &e.rev, 0).ok()?;
+    e.key = flow_key::<F>(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    FLOWS.insert(&e.key, &e.flow, 0).ok()?;
     Some(())
 }
 
-/// A port that makes (backend, `src`, port) a free tuple: the client's own
-/// if it is, else one from the SNAT range; 0 when none is. `src` is the
-/// SNAT address, or the client's own for flows that keep it.
+/// A port that makes (backend, source, port) a free tuple for the planned
+/// flow in `e`: the client's own if it is, else one from the SNAT range; 0
+/// when none is. The source is the SNAT address, or the client's own for
+/// flows that keep it: if another flow of this client already holds its
+/// tuple (the same client port to another frontend of this backend, still
+/// open or closing), only the port is changed, as conntrack does. The
+/// lookups' keys are built in `e`.
 #[inline(never)]
-fn snat_port(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> u32 {
-    let start = flow_hash(p.saddr, p.sport, b.port, p.proto, false) % SNAT_PORT_SPAN;
+fn snat_port<F: Ip>(p: &Packet<F>, t: u64, e: &mut NewEntries) -> u32 {
+    let src = source(p, e);
+    let backend_port = e.flow.backend_port;
+    let start =
+        flow_hash(F::hash_word(p.saddr), p.sport, backend_port, p.proto, false) % SNAT_PORT_SPAN;
     let mut i = 0;
     while i <= SNAT_TRIES {
         let port = if i == 0 {
@@ -658,26 +661,27 @@ fn snat_port(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> u32 {
         i += 1;
         // A port that is a frontend on the SNAT address would make the
         // replies look like new external flows.
-        let as_frontend = ServiceKey {
-            addr: v4(src),
+        e.frontend = ServiceKey {
+            addr: F::wide(src),
             port,
             proto: p.proto,
-            family: FAMILY_V4,
+            family: F::FAMILY,
         };
-        if unsafe { EXTERNAL.get(&as_frontend) }.is_some() {
+        if unsafe { EXTERNAL.get(&e.frontend) }.is_some() {
             continue;
         }
-        let rkey = flow_key(b.addr[0], src, b.port, port, p.proto);
-        match REV_FLOWS.get_ptr(&rkey) {
+        e.key = flow_key::<F>(F::narrow(&e.flow.backend), src, backend_port, port, p.proto);
+        match REV_FLOWS.get_ptr(&e.key) {
             None => return u32::from(port),
             Some(r) => {
-                // SAFETY: copied out at once.
-                let r = unsafe { *r };
+                // SAFETY: an LRU entry, read field by field (a copy of the
+                // whole value would not fit beside the callers' frames).
+                let r = unsafe { &*r };
                 // This very flow starting over (a new connection on its
                 // tuple) takes its own entry back.
-                let same_flow = r.client[0] == p.saddr
+                let same_flow = F::narrow(&r.client) == p.saddr
                     && r.client_port == p.sport
-                    && r.frontend[0] == p.daddr
+                    && F::narrow(&r.frontend) == p.daddr
                     && r.frontend_port == p.dport;
                 let idle = t.wrapping_sub(r.last_ns);
                 let free = if p.proto == PROTO_UDP || r.flags & FLOW_CLOSING != 0 {
@@ -695,14 +699,14 @@ fn snat_port(p: &Packet, b: &ExtBackend, src: u32, t: u64) -> u32 {
 }
 
 /// The packet an ICMP error quotes (its first bytes, as the sender got it).
-struct Quoted {
-    /// Offset of the quoted IP header.
+struct Quoted<F: Ip> {
+    /// Offset of the quoted network header.
     ip: usize,
     /// Offset of its L4 header.
     l4: usize,
     proto: u8,
-    saddr: u32,
-    daddr: u32,
+    saddr: F::Addr,
+    daddr: F::Addr,
     sport: u16,
     dport: u16,
 }
@@ -710,62 +714,32 @@ struct Quoted {
 /// The flow an ICMP error at `icmp` is about, if it is an error about TCP
 /// or UDP.
 #[inline(always)]
-fn quoted(ctx: &TcContext, icmp: usize) -> Option<Quoted> {
+fn quoted<F: Ip>(ctx: &TcContext, icmp: usize) -> Option<Quoted<F>> {
     let ty: u8 = ctx.load(icmp).ok()?;
-    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETERPROB {
+    if !F::icmp_error(ty) {
         return None;
     }
     let ip = icmp + 8;
-    let vihl: u8 = ctx.load(ip).ok()?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
-        return None;
-    }
-    let proto: u8 = ctx.load(ip + 9).ok()?;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return None;
-    }
-    let l4 = ip + ihl;
+    let h = F::quoted(ctx, ip)?;
     Some(Quoted {
         ip,
-        l4,
-        proto,
-        saddr: ctx.load(ip + 12).ok()?,
-        daddr: ctx.load(ip + 16).ok()?,
-        sport: ctx.load(l4).ok()?,
-        dport: ctx.load(l4 + 2).ok()?,
+        l4: h.l4,
+        proto: h.proto,
+        saddr: h.saddr,
+        daddr: h.daddr,
+        sport: ctx.load(h.l4).ok()?,
+        dport: ctx.load(h.l4 + 2).ok()?,
     })
 }
 
-/// Rewrites an address of the quoted packet: its IP checksum, and the
-/// ICMP checksum over both changes. (The quoted L4 checksum is left: the
-/// receiving stack does not check it.)
+/// Rewrites a port of the quoted packet, and the ICMP checksum over it.
+/// (The quoted L4 checksum is left: the receiving stack does not check
+/// it.)
 #[inline(always)]
-fn set_quoted_addr(
+fn set_quoted_port<F: Ip>(
     ctx: &TcContext,
     icmp: usize,
-    q: &Quoted,
-    src: bool,
-    old: u32,
-    new: u32,
-) -> Result<(), i64> {
-    if old == new {
-        return Ok(());
-    }
-    let csum = q.ip + 10;
-    let old_sum: u16 = ctx.load(csum)?;
-    ctx.l3_csum_replace(csum, u64::from(old), u64::from(new), 4)?;
-    let new_sum: u16 = ctx.load(csum)?;
-    ctx.store(q.ip + if src { 12 } else { 16 }, &new, 0)?;
-    ctx.l4_csum_replace(icmp + 2, u64::from(old), u64::from(new), 4)?;
-    ctx.l4_csum_replace(icmp + 2, u64::from(old_sum), u64::from(new_sum), 2)
-}
-
-#[inline(always)]
-fn set_quoted_port(
-    ctx: &TcContext,
-    icmp: usize,
-    q: &Quoted,
+    q: &Quoted<F>,
     src: bool,
     old: u16,
     new: u16,
@@ -780,8 +754,8 @@ fn set_quoted_port(
 /// The reverse entry of the flow a quoted packet (as the backend side saw
 /// it) belongs to.
 #[inline(always)]
-fn flow_of_quoted(q: &Quoted) -> Option<RevFlowValue> {
-    let rkey = flow_key(q.daddr, q.saddr, q.dport, q.sport, q.proto);
+fn flow_of_quoted<F: Ip>(q: &Quoted<F>) -> Option<RevFlowValue> {
+    let rkey = flow_key::<F>(q.daddr, q.saddr, q.dport, q.sport, q.proto);
     // SAFETY: copied out at once.
     REV_FLOWS.get_ptr(&rkey).map(|r| unsafe { *r })
 }
@@ -791,18 +765,19 @@ fn flow_of_quoted(q: &Quoted) -> Option<RevFlowValue> {
 /// the frontend if the backend sent it.
 // Out of line: its stack frame is not added to the others'.
 #[inline(never)]
-fn icmp_of_local(ctx: &TcContext, p: &Packet) -> Option<i32> {
-    let q = quoted(ctx, p.l4)?;
+fn icmp_of_local<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
+    let q = quoted::<F>(ctx, p.l4)?;
     let rv = flow_of_quoted(&q)?;
     if rv.ifindex != 0 {
         return None;
     }
-    set_quoted_addr(ctx, p.l4, &q, false, q.daddr, rv.frontend[0]).ok()?;
+    let frontend = F::narrow(&rv.frontend);
+    F::set_quoted_addr(ctx, p.l4, q.ip, false, q.daddr, frontend).ok()?;
     set_quoted_port(ctx, p.l4, &q, false, q.dport, rv.frontend_port).ok()?;
     set_quoted_port(ctx, p.l4, &q, true, q.sport, rv.client_port).ok()?;
     if p.saddr == q.daddr {
         let to = Tuple {
-            saddr: rv.frontend[0],
+            saddr: frontend,
             daddr: p.daddr,
             sport: 0,
             dport: 0,
@@ -819,26 +794,27 @@ fn icmp_of_local(ctx: &TcContext, p: &Packet) -> Option<i32> {
 /// from the frontend.
 // Out of line: its stack frame is not added to the others'.
 #[inline(never)]
-fn icmp_of_snat(ctx: &TcContext, p: &Packet) -> Option<i32> {
-    let q = quoted(ctx, p.l4)?;
+fn icmp_of_snat<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
+    let q = quoted::<F>(ctx, p.l4)?;
     let rv = flow_of_quoted(&q)?;
     if rv.ifindex == 0 {
         return None;
     }
-    set_quoted_addr(ctx, p.l4, &q, true, q.saddr, rv.client[0]).ok()?;
+    let (client, frontend) = (F::narrow(&rv.client), F::narrow(&rv.frontend));
+    F::set_quoted_addr(ctx, p.l4, q.ip, true, q.saddr, client).ok()?;
     set_quoted_port(ctx, p.l4, &q, true, q.sport, rv.client_port).ok()?;
-    set_quoted_addr(ctx, p.l4, &q, false, q.daddr, rv.frontend[0]).ok()?;
+    F::set_quoted_addr(ctx, p.l4, q.ip, false, q.daddr, frontend).ok()?;
     set_quoted_port(ctx, p.l4, &q, false, q.dport, rv.frontend_port).ok()?;
     let to = Tuple {
-        saddr: rv.frontend[0],
-        daddr: rv.client[0],
+        saddr: frontend,
+        daddr: client,
         sport: 0,
         dport: 0,
     };
     if !translate(ctx, p, &to, true) {
         return Some(TC_ACT_SHOT);
     }
-    Some(redirect(ctx, rv.ifindex, rv.nexthop[0]))
+    Some(redirect::<F>(ctx, rv.ifindex, F::narrow(&rv.nexthop)))
 }
 
 /// A packet to a frontend whose Service has no endpoints at all, answered
@@ -847,7 +823,7 @@ fn icmp_of_snat(ctx: &TcContext, p: &Packet) -> Option<i32> {
 /// rate limited, unlike the kernel's own ICMP errors.)
 // Out of line: its stack frame is not added to the others'.
 #[inline(never)]
-fn reject(ctx: &TcContext, p: &Packet) -> i32 {
+fn reject<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> i32 {
     if port_unreachable(ctx, p).is_some() {
         // SAFETY: the context is an skb; ifindex is readable.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -859,36 +835,39 @@ fn reject(ctx: &TcContext, p: &Packet) -> i32 {
     }
 }
 
-/// Turns the packet into its own ICMP port unreachable: cut to its IP
+/// Turns the packet into its own ICMP port unreachable: cut to its network
 /// header and the start of its L4 header, room made for the new headers in
 /// front, addresses and link-layer addresses swapped.
 #[inline(always)]
-fn port_unreachable(ctx: &TcContext, p: &Packet) -> Option<()> {
+fn port_unreachable<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<()> {
     // Headers with options are not quoted here (the packet is dropped).
-    if p.l4 != IP + 20 {
+    if p.l4 != IP + F::HLEN {
         return None;
     }
     // TCP quotes its 20-byte header: a packet the stack sent with its
     // checksum still to fill in (over a veth) cannot be cut inside it.
     if p.proto == PROTO_TCP {
-        build_unreachable::<{ 20 + 20 }>(ctx, p)
+        build_unreachable::<F, 20>(ctx, p)
     } else {
-        build_unreachable::<{ 20 + 8 }>(ctx, p)
+        build_unreachable::<F, 8>(ctx, p)
     }
 }
 
 #[inline(always)]
-fn build_unreachable<const QUOTE: usize>(ctx: &TcContext, p: &Packet) -> Option<()> {
+fn build_unreachable<F: Ip, const L4: usize>(ctx: &TcContext, p: &Packet<F>) -> Option<()> {
+    let quote = F::HLEN + L4;
     // SAFETY: plain helper call on this packet.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (IP + QUOTE) as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (IP + quote) as u32, 0) } != 0 {
         return None;
     }
-    ctx.adjust_room(ICMP_HEADERS as i32, BPF_ADJ_ROOM_MAC, 0)
+    ctx.adjust_room(F::ICMP_HEADERS as i32, BPF_ADJ_ROOM_MAC, 0)
         .ok()?;
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + IP + ICMP_HEADERS + QUOTE > end {
+    if start + IP + F::ICMP_HEADERS + quote > end {
         return None;
     }
+    // The ICMP message: its 8-byte header and the quote.
+    let len = 8 + quote;
     // SAFETY: the whole reply is bounds checked against data_end above.
     unsafe {
         let eth = start as *mut [u8; 6];
@@ -896,32 +875,11 @@ fn build_unreachable<const QUOTE: usize>(ctx: &TcContext, p: &Packet) -> Option<
         let src = core::ptr::read_unaligned(eth.add(1));
         core::ptr::write_unaligned(eth, src);
         core::ptr::write_unaligned(eth.add(1), dst);
-        let ip = (start + IP) as *mut u8;
-        let header: [u8; 12] = [
-            0x45,
-            0,
-            0,
-            (ICMP_HEADERS + QUOTE) as u8,
-            0,
-            0,
-            0,
-            0,
-            64,
-            PROTO_ICMP,
-            0,
-            0,
-        ];
-        core::ptr::write_unaligned(ip as *mut [u8; 12], header);
-        core::ptr::write_unaligned(ip.add(12) as *mut u32, p.daddr);
-        core::ptr::write_unaligned(ip.add(16) as *mut u32, p.saddr);
-        let icmp = ip.add(20);
-        core::ptr::write_unaligned(
-            icmp as *mut [u8; 8],
-            [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
-        );
-        let ip_sum = fold_sum(ip as *const u16, 10);
-        core::ptr::write_unaligned(ip.add(10) as *mut u16, ip_sum);
-        let icmp_sum = fold_sum(icmp as *const u16, (8 + QUOTE) / 2);
+        let pseudo = F::write_icmp_header(start + IP, p.daddr, p.saddr, len);
+        let icmp = (start + IP + F::HLEN) as *mut u8;
+        let [ty, code] = F::PORT_UNREACHABLE;
+        core::ptr::write_unaligned(icmp as *mut [u8; 8], [ty, code, 0, 0, 0, 0, 0, 0]);
+        let icmp_sum = csum::fold(csum_of(icmp, len as u32, pseudo));
         core::ptr::write_unaligned(icmp.add(2) as *mut u16, icmp_sum);
     }
     Some(())

@@ -1,6 +1,10 @@
 //! Packet access and redirects shared by the TC programs.
 
-use aya_ebpf::{bindings::bpf_redir_neigh, helpers::bpf_redirect_neigh, programs::TcContext};
+use aya_ebpf::{
+    bindings::{bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    helpers::bpf_redirect_neigh,
+    programs::TcContext,
+};
 
 /// A header field at `off`: read in place when it is in the linear part of
 /// the packet (the common case), else through the helper (headers a
@@ -18,15 +22,24 @@ pub fn at<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 }
 
 /// Sends the packet out of `ifindex` to the IPv4 next hop `nexthop`
-/// (network byte order), its MAC filled in (and resolved if need be) by
-/// the kernel: TC_ACT_REDIRECT, or TC_ACT_SHOT when it cannot.
+/// (network byte order): see `redirect_to`.
 #[inline(always)]
 pub fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
     const AF_INET: u32 = 2;
-    let mut nh = bpf_redir_neigh {
-        nh_family: AF_INET,
-        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: nexthop },
-    };
+    redirect_to(
+        ifindex,
+        bpf_redir_neigh {
+            nh_family: AF_INET,
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: nexthop },
+        },
+    )
+}
+
+/// Sends the packet out of `ifindex` to the next hop `nh`, its MAC filled
+/// in (and resolved if need be) by the kernel: TC_ACT_REDIRECT, or
+/// TC_ACT_SHOT when it cannot.
+#[inline(always)]
+pub fn redirect_to(ifindex: u32, mut nh: bpf_redir_neigh) -> i32 {
     // SAFETY: nh lives for the call; the size is its own.
     unsafe {
         bpf_redirect_neigh(

@@ -1,0 +1,520 @@
+//! The two IP families as the TC programs see them: header layout, address
+//! width, checksums, route lookups and next-hop redirects. Code written
+//! once over `Ip` is compiled for each family, so the verifier checks two
+//! straight paths instead of one that branches on the family everywhere.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{bpf_fib_lookup as FibParams, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    helpers::bpf_fib_lookup,
+    programs::TcContext,
+};
+use skiff_ebpf_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, csum};
+
+use crate::packet::{at, fold_sum};
+
+pub const ETH_HLEN: usize = 14;
+/// Offset of the network header.
+pub const IP: usize = ETH_HLEN;
+
+const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 2;
+const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+/// What a family's network header says about a packet the TC path may
+/// translate.
+pub struct Header<A> {
+    pub proto: u8,
+    pub saddr: A,
+    pub daddr: A,
+    /// Offset of the L4 header.
+    pub l4: usize,
+}
+
+pub trait Ip: Copy + 'static {
+    type Addr: Copy + PartialEq;
+    /// EtherType, as the frame holds it.
+    const ETH_P: u16;
+    /// `FAMILY_V4` / `FAMILY_V6`, as the maps key addresses.
+    const FAMILY: u8;
+    /// This family's ICMP protocol number.
+    const ICMP: u8;
+    /// The network header's fixed length (IPv4 without options).
+    const HLEN: usize;
+    /// An ICMP error's own headers (network header without options, ICMP).
+    const ICMP_HEADERS: usize;
+    /// The checksum of this family's ICMP covers a pseudo-header (ICMPv6).
+    const ICMP_PSEUDO: bool;
+
+    /// The address as the maps hold it (IPv4 in the first word).
+    fn wide(a: Self::Addr) -> [u32; 4];
+    fn narrow(a: &[u32; 4]) -> Self::Addr;
+    /// One word standing for the address in flow hashes.
+    fn hash_word(a: Self::Addr) -> u32;
+    /// What replacing `old` by `new` adds to a checksum over it.
+    fn diff(old: Self::Addr, new: Self::Addr) -> u32;
+
+    /// The header of a packet the TC path may translate: TCP, UDP or this
+    /// family's ICMP, not a later fragment, and (IPv6) with no extension
+    /// headers.
+    fn header(ctx: &TcContext) -> Option<Header<Self::Addr>>;
+
+    /// Writes the addresses into the header at `ip`, takes a hop off when
+    /// `hop`, and keeps the header's own checksum (IPv4) right; `addrs` is
+    /// the addresses' checksum difference. False, and the hop count not
+    /// changed, when no hop is left.
+    ///
+    /// # Safety
+    /// The whole fixed header at `ip` must be within checked bounds.
+    unsafe fn write(ip: usize, saddr: Self::Addr, daddr: Self::Addr, addrs: u32, hop: bool)
+    -> bool;
+
+    /// Whether an ICMP message of type `ty` is an error quoting a packet.
+    fn icmp_error(ty: u8) -> bool;
+
+    /// The quoted header of an ICMP error at `ip`: its protocol, addresses
+    /// and the offset of its L4 header (TCP or UDP only).
+    fn quoted(ctx: &TcContext, ip: usize) -> Option<Header<Self::Addr>>;
+
+    /// Stores a quoted address (`src` or destination) and updates the
+    /// checksums that cover it: the quoted header's own (IPv4) and the
+    /// ICMP message's.
+    fn set_quoted_addr(
+        ctx: &TcContext,
+        icmp: usize,
+        ip: usize,
+        src: bool,
+        old: Self::Addr,
+        new: Self::Addr,
+    ) -> Result<(), i64>;
+
+    /// The route the kernel would take to `dst`: its interface (0 when
+    /// there is none), with the
+    /// next hop and (if asked) the source address the kernel would use
+    /// written where given (in the maps' form; straight into a map value,
+    /// as the callers' stack has no room for them).
+    fn route(
+        ctx: &TcContext,
+        proto: u8,
+        dst: Self::Addr,
+        nexthop: &mut [u32; 4],
+        src: Option<&mut [u32; 4]>,
+    ) -> u32;
+
+    /// Sends the packet out of `ifindex` to `nexthop`, its link-layer
+    /// addresses filled in (and resolved if need be) by the kernel:
+    /// TC_ACT_REDIRECT, or TC_ACT_SHOT when it cannot.
+    fn redirect_neigh(ifindex: u32, nexthop: Self::Addr) -> i32;
+
+    /// Writes the network header of an ICMP port unreachable of `len`
+    /// bytes after it, from `saddr` to `daddr`, at `ip`, and returns the
+    /// pseudo-header's part of the ICMP checksum (0 for IPv4).
+    ///
+    /// # Safety
+    /// `Self::ICMP_HEADERS` bytes at `ip` must be within checked bounds.
+    unsafe fn write_icmp_header(ip: usize, saddr: Self::Addr, daddr: Self::Addr, len: usize)
+    -> u32;
+    /// ICMP type and code of "port unreachable".
+    const PORT_UNREACHABLE: [u8; 2];
+}
+
+#[derive(Clone, Copy)]
+pub struct V4;
+
+#[derive(Clone, Copy)]
+pub struct V6;
+
+/// The fib lookup with the request `fill` wrote: the answer, or None when
+/// the kernel has no route.
+#[inline(always)]
+fn fib(ctx: &TcContext, fib: &mut FibParams) -> Option<()> {
+    // SAFETY: the context is an skb; ifindex is readable.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: fib lives for the call; the size is its own.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            fib,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH).then_some(())
+}
+
+/// The ones' complement sum of `len` bytes at `at` (a multiple of 4, at
+/// most 512) added to `seed`, unfolded, computed by the kernel
+/// (`bpf_csum_diff`): a loop here would be unrolled with spills the stack
+/// has no room for. 0 when the kernel refuses.
+///
+/// # Safety
+/// `at` must point at `len` readable bytes of the packet or the stack.
+#[inline(always)]
+pub unsafe fn csum_of(at: *const u8, len: u32, seed: u32) -> u32 {
+    // SAFETY: the caller's bounds.
+    let s = unsafe {
+        aya_ebpf::helpers::bpf_csum_diff(core::ptr::null_mut(), 0, at as *mut u32, len, seed)
+    };
+    if s < 0 { 0 } else { s as u32 }
+}
+
+impl Ip for V4 {
+    type Addr = u32;
+    const ETH_P: u16 = 0x0800_u16.to_be();
+    const FAMILY: u8 = FAMILY_V4;
+    const ICMP: u8 = 1;
+    const HLEN: usize = 20;
+    const ICMP_HEADERS: usize = 28;
+    const ICMP_PSEUDO: bool = false;
+    const PORT_UNREACHABLE: [u8; 2] = [3, 3];
+
+    #[inline(always)]
+    fn wide(a: u32) -> [u32; 4] {
+        [a, 0, 0, 0]
+    }
+
+    #[inline(always)]
+    fn narrow(a: &[u32; 4]) -> u32 {
+        a[0]
+    }
+
+    #[inline(always)]
+    fn hash_word(a: u32) -> u32 {
+        a
+    }
+
+    #[inline(always)]
+    fn diff(old: u32, new: u32) -> u32 {
+        csum::diff(old, new)
+    }
+
+    #[inline(always)]
+    fn header(ctx: &TcContext) -> Option<Header<u32>> {
+        let vihl = at::<u16>(ctx, IP)?.to_ne_bytes()[0];
+        if vihl >> 4 != 4 {
+            return None;
+        }
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < 20 {
+            return None;
+        }
+        let frag: u16 = at(ctx, IP + 6)?;
+        if u16::from_be(frag) & 0x1fff != 0 {
+            return None;
+        }
+        let proto = at::<u16>(ctx, IP + 8)?.to_ne_bytes()[1];
+        if proto != Self::ICMP && proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        Some(Header {
+            proto,
+            saddr: at(ctx, IP + 12)?,
+            daddr: at(ctx, IP + 16)?,
+            l4: IP + ihl,
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn write(ip: usize, saddr: u32, daddr: u32, addrs: u32, hop: bool) -> bool {
+        let mut ip_diff = addrs;
+        // SAFETY: the caller checked the header's bounds.
+        unsafe {
+            if hop {
+                match crate::packet::take_hop(ip) {
+                    Some(d) => ip_diff = csum::add(ip_diff, d),
+                    None => return false,
+                }
+            }
+            core::ptr::write_unaligned((ip + 12) as *mut u32, saddr);
+            core::ptr::write_unaligned((ip + 16) as *mut u32, daddr);
+            let sum = (ip + 10) as *mut u16;
+            core::ptr::write_unaligned(sum, csum::apply(core::ptr::read_unaligned(sum), ip_diff));
+        }
+        true
+    }
+
+    #[inline(always)]
+    fn icmp_error(ty: u8) -> bool {
+        // Destination unreachable, time exceeded, parameter problem.
+        ty == 3 || ty == 11 || ty == 12
+    }
+
+    #[inline(always)]
+    fn quoted(ctx: &TcContext, ip: usize) -> Option<Header<u32>> {
+        let vihl: u8 = ctx.load(ip).ok()?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return None;
+        }
+        let proto: u8 = ctx.load(ip + 9).ok()?;
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        Some(Header {
+            proto,
+            saddr: ctx.load(ip + 12).ok()?,
+            daddr: ctx.load(ip + 16).ok()?,
+            l4: ip + ihl,
+        })
+    }
+
+    #[inline(always)]
+    fn set_quoted_addr(
+        ctx: &TcContext,
+        icmp: usize,
+        ip: usize,
+        src: bool,
+        old: u32,
+        new: u32,
+    ) -> Result<(), i64> {
+        if old == new {
+            return Ok(());
+        }
+        let sum = ip + 10;
+        let old_sum: u16 = ctx.load(sum)?;
+        ctx.l3_csum_replace(sum, u64::from(old), u64::from(new), 4)?;
+        let new_sum: u16 = ctx.load(sum)?;
+        ctx.store(ip + if src { 12 } else { 16 }, &new, 0)?;
+        ctx.l4_csum_replace(icmp + 2, u64::from(old), u64::from(new), 4)?;
+        ctx.l4_csum_replace(icmp + 2, u64::from(old_sum), u64::from(new_sum), 2)
+    }
+
+    #[inline(never)]
+    fn route(
+        ctx: &TcContext,
+        proto: u8,
+        dst: u32,
+        nexthop: &mut [u32; 4],
+        src: Option<&mut [u32; 4]>,
+    ) -> u32 {
+        // SAFETY: plain integers; all-zero is a valid request to fill in.
+        let mut f: FibParams = unsafe { core::mem::zeroed() };
+        f.family = 2; // AF_INET
+        f.l4_protocol = proto;
+        f.__bindgen_anon_4.ipv4_dst = dst;
+        if fib(ctx, &mut f).is_none() {
+            return 0;
+        }
+        // SAFETY: the helper filled the IPv4 members.
+        unsafe {
+            *nexthop = Self::wide(f.__bindgen_anon_4.ipv4_dst);
+            if let Some(src) = src {
+                *src = Self::wide(f.__bindgen_anon_3.ipv4_src);
+            }
+        }
+        f.ifindex
+    }
+
+    #[inline(always)]
+    fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
+        crate::packet::redirect_neigh(ifindex, nexthop)
+    }
+
+    #[inline(always)]
+    unsafe fn write_icmp_header(ip: usize, saddr: u32, daddr: u32, len: usize) -> u32 {
+        let ip = ip as *mut u8;
+        let header: [u8; 12] = [
+            0x45,
+            0,
+            0,
+            (20 + len) as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            Self::ICMP,
+            0,
+            0,
+        ];
+        // SAFETY: the caller checked the bounds.
+        unsafe {
+            core::ptr::write_unaligned(ip as *mut [u8; 12], header);
+            core::ptr::write_unaligned(ip.add(12) as *mut u32, saddr);
+            core::ptr::write_unaligned(ip.add(16) as *mut u32, daddr);
+            let ip_sum = fold_sum(ip as *const u16, 10);
+            core::ptr::write_unaligned(ip.add(10) as *mut u16, ip_sum);
+        }
+        0
+    }
+}
+
+/// The IPv6 fixed header. Packets with extension headers are not
+/// translated: TCP, UDP and ICMPv6 are read right after it.
+const IPV6_HLEN: usize = 40;
+
+impl Ip for V6 {
+    type Addr = [u32; 4];
+    const ETH_P: u16 = 0x86dd_u16.to_be();
+    const FAMILY: u8 = FAMILY_V6;
+    const ICMP: u8 = 58;
+    const HLEN: usize = IPV6_HLEN;
+    const ICMP_HEADERS: usize = IPV6_HLEN + 8;
+    const ICMP_PSEUDO: bool = true;
+    const PORT_UNREACHABLE: [u8; 2] = [1, 4];
+
+    #[inline(always)]
+    fn wide(a: [u32; 4]) -> [u32; 4] {
+        a
+    }
+
+    #[inline(always)]
+    fn narrow(a: &[u32; 4]) -> [u32; 4] {
+        *a
+    }
+
+    #[inline(always)]
+    fn hash_word(a: [u32; 4]) -> u32 {
+        a[0] ^ a[1] ^ a[2] ^ a[3]
+    }
+
+    #[inline(always)]
+    fn diff(old: [u32; 4], new: [u32; 4]) -> u32 {
+        let mut d = 0;
+        let mut i = 0;
+        while i < 4 {
+            if old[i] != new[i] {
+                d = csum::add(d, csum::diff(old[i], new[i]));
+            }
+            i += 1;
+        }
+        d
+    }
+
+    #[inline(always)]
+    fn header(ctx: &TcContext) -> Option<Header<[u32; 4]>> {
+        let ver = at::<u16>(ctx, IP)?.to_ne_bytes()[0];
+        if ver >> 4 != 6 {
+            return None;
+        }
+        // Next header and hop limit as one word.
+        let proto = at::<u16>(ctx, IP + 6)?.to_ne_bytes()[0];
+        if proto != Self::ICMP && proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        Some(Header {
+            proto,
+            saddr: at(ctx, IP + 8)?,
+            daddr: at(ctx, IP + 24)?,
+            l4: IP + IPV6_HLEN,
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn write(ip: usize, saddr: [u32; 4], daddr: [u32; 4], _addrs: u32, hop: bool) -> bool {
+        // SAFETY: the caller checked the header's bounds.
+        unsafe {
+            if hop {
+                let limit = (ip + 7) as *mut u8;
+                let left = core::ptr::read_unaligned(limit);
+                if left <= 1 {
+                    return false;
+                }
+                core::ptr::write_unaligned(limit, left - 1);
+            }
+            core::ptr::write_unaligned((ip + 8) as *mut [u32; 4], saddr);
+            core::ptr::write_unaligned((ip + 24) as *mut [u32; 4], daddr);
+        }
+        true
+    }
+
+    #[inline(always)]
+    fn icmp_error(ty: u8) -> bool {
+        // Destination unreachable, packet too big, time exceeded,
+        // parameter problem.
+        (1..=4).contains(&ty)
+    }
+
+    #[inline(always)]
+    fn quoted(ctx: &TcContext, ip: usize) -> Option<Header<[u32; 4]>> {
+        let ver: u8 = ctx.load(ip).ok()?;
+        if ver >> 4 != 6 {
+            return None;
+        }
+        let proto: u8 = ctx.load(ip + 6).ok()?;
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        Some(Header {
+            proto,
+            saddr: ctx.load(ip + 8).ok()?,
+            daddr: ctx.load(ip + 24).ok()?,
+            l4: ip + IPV6_HLEN,
+        })
+    }
+
+    #[inline(always)]
+    fn set_quoted_addr(
+        ctx: &TcContext,
+        icmp: usize,
+        ip: usize,
+        src: bool,
+        old: [u32; 4],
+        new: [u32; 4],
+    ) -> Result<(), i64> {
+        if old == new {
+            return Ok(());
+        }
+        ctx.store(ip + if src { 8 } else { 24 }, &new, 0)?;
+        ctx.l4_csum_replace(icmp + 2, 0, u64::from(Self::diff(old, new)), 0)
+    }
+
+    #[inline(never)]
+    fn route(
+        ctx: &TcContext,
+        proto: u8,
+        dst: [u32; 4],
+        nexthop: &mut [u32; 4],
+        src: Option<&mut [u32; 4]>,
+    ) -> u32 {
+        // SAFETY: plain integers; all-zero is a valid request to fill in.
+        let mut f: FibParams = unsafe { core::mem::zeroed() };
+        f.family = 10; // AF_INET6
+        f.l4_protocol = proto;
+        f.__bindgen_anon_4.ipv6_dst = dst;
+        if fib(ctx, &mut f).is_none() {
+            return 0;
+        }
+        // SAFETY: the helper filled the IPv6 members.
+        unsafe {
+            *nexthop = f.__bindgen_anon_4.ipv6_dst;
+            if let Some(src) = src {
+                *src = f.__bindgen_anon_3.ipv6_src;
+            }
+        }
+        f.ifindex
+    }
+
+    #[inline(always)]
+    fn redirect_neigh(ifindex: u32, nexthop: [u32; 4]) -> i32 {
+        crate::packet::redirect_to(
+            ifindex,
+            bpf_redir_neigh {
+                nh_family: 10, // AF_INET6
+                __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: nexthop },
+            },
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn write_icmp_header(ip: usize, saddr: [u32; 4], daddr: [u32; 4], len: usize) -> u32 {
+        let ip = ip as *mut u8;
+        let len16 = (len as u16).to_be_bytes();
+        let header: [u8; 8] = [0x60, 0, 0, 0, len16[0], len16[1], Self::ICMP, 64];
+        // SAFETY: the caller checked the bounds.
+        unsafe {
+            core::ptr::write_unaligned(ip as *mut [u8; 8], header);
+            core::ptr::write_unaligned(ip.add(8) as *mut [u32; 4], saddr);
+            core::ptr::write_unaligned(ip.add(24) as *mut [u32; 4], daddr);
+            // Pseudo-header: both addresses, the upper-layer length and
+            // the next header (as 16-bit words in network order).
+            csum_of(
+                ip.add(8),
+                32,
+                u32::from(u16::from_ne_bytes(len16))
+                    + u32::from(u16::from_ne_bytes([0, Self::ICMP])),
+            )
+        }
+    }
+}
