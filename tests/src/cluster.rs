@@ -67,6 +67,29 @@ pub const NETWORK: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "I
 /// unless they ask for both.
 pub const SERVICE_CIDRS: &str = "10.96.0.0/12,fd00:10:96::/108";
 
+/// The underlay's IPv6 gateway (its bridge).
+pub const UNDERLAY_GW6: &str = "fd00:31::fe";
+
+/// Node `i`'s IPv6 address on the underlay (beside its IPv4
+/// `overlay::node_ip`): NodePorts are served on both.
+pub fn node_ipv6(i: usize) -> String {
+    format!("fd00:31::{:x}", i + 1)
+}
+
+/// Gives the underlay namespace `ns` (node or client `i`) its IPv6
+/// address, usable at once.
+pub fn add_underlay_ipv6(ns: &Netns, i: usize) {
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/64", node_ipv6(i)),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+}
+
 pub struct Cluster {
     // Dropped first: the agents and containerds go before what they use.
     pub nodes: Vec<KubeletNode>,
@@ -132,6 +155,18 @@ impl Cluster {
 
     fn start_nodes(n: usize, control: &[&str], bare: bool) -> Self {
         let (underlay, nodes) = underlay(n);
+        underlay.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{UNDERLAY_GW6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
+        for (i, (ns, _)) in nodes.iter().enumerate() {
+            add_underlay_ipv6(ns, i);
+        }
         let etcd = Etcd::start_on(Some(&underlay), UNDERLAY_GW);
         etcd.ctl(&["put", "/coreos.com/network/config", NETWORK])
             .unwrap_or_else(|e| panic!("{e}"));
@@ -231,6 +266,7 @@ impl Cluster {
     pub fn add_node(&mut self) -> usize {
         let i = self.nodes.len();
         let (ns, ip) = attach(&self.underlay, i);
+        add_underlay_ipv6(&ns, i);
         self.start_node(ns, &ip);
         self.wait_node_ready(i);
         i

@@ -1,7 +1,7 @@
 //! Traffic from outside the cluster (the TC path): a client namespace on
-//! the underlay, not a node, reaches NodePorts on every node, whether the
-//! backend runs on that node or another, over TCP and UDP, ICMP errors
-//! included; under
+//! the underlay, not a node, reaches NodePorts on every node, over IPv4 and
+//! IPv6, whether the backend runs on that node or another, over TCP and
+//! UDP, ICMP errors included; under
 //! `externalTrafficPolicy: Local` the backend sees the client's address
 //! and a node without endpoints answers its health check with 503 (and
 //! drops), while a Service without any endpoint is refused; Maglev
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use skiff_tests::cluster::Cluster;
+use skiff_tests::cluster::{Cluster, add_underlay_ipv6, node_ipv6};
 use skiff_tests::overlay::attach;
 use skiff_tests::{Netns, Spawn, bin, wait_for};
 
@@ -29,16 +29,28 @@ spec:
   nodeName: {node}
   terminationGracePeriodSeconds: 1
   containers:
-  - {{name: tcp, image: {probe}, args: [serve-tcp, "0.0.0.0:7000", "{reply}", "64"]}}
-  - {{name: udp, image: {probe}, args: [serve-udp, "0.0.0.0:7001", "{reply}"]}}
+  - {{name: tcp, image: {probe}, args: [serve-tcp, "[::]:7000", "{reply}", "64"]}}
+  - {{name: udp, image: {probe}, args: [serve-udp, "[::]:7001", "{reply}"]}}
 ---
 "#
     )
 }
 
-/// A client namespace outside the cluster, on the underlay.
-fn outside(c: &Cluster) -> (Netns, String) {
-    attach(&c.underlay, 9)
+/// A client namespace outside the cluster, on the underlay: its IPv4 and
+/// IPv6 addresses.
+fn outside(c: &Cluster) -> (Netns, String, String) {
+    let (ns, ip) = attach(&c.underlay, 9);
+    add_underlay_ipv6(&ns, 9);
+    (ns, ip, node_ipv6(9))
+}
+
+/// `ip:port`, the IPv6 address in brackets.
+fn addr(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
 }
 
 fn probe(ns: &Netns, args: &[&str]) -> Value {
@@ -85,6 +97,7 @@ metadata:
   name: echo
 spec:
   type: NodePort
+  ipFamilyPolicy: RequireDualStack
   selector: {app: echo}
   ports:
   - {name: tcp, port: 7000, protocol: TCP, nodePort: 30700}
@@ -98,6 +111,7 @@ metadata:
   name: local
 spec:
   type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
   externalTrafficPolicy: Local
   selector: {app: echo}
   ports:
@@ -109,6 +123,7 @@ metadata:
   name: empty
 spec:
   type: NodePort
+  ipFamilyPolicy: RequireDualStack
   selector: {app: nobody}
   ports:
   - {name: tcp, port: 7000, protocol: TCP, nodePort: 30730}
@@ -117,23 +132,33 @@ spec:
     );
     c.cp.apply(&manifests).unwrap_or_else(|e| panic!("{e}"));
     c.ready_pods("app=echo", 1);
-    let (client, client_ip) = outside(&c);
+    let (client, client_ip, client_ip6) = outside(&c);
+    let (ip0_6, ip1_6) = (node_ipv6(0), node_ipv6(1));
+    // Each node's address of each family, with the client's address of
+    // that family and whether the backend is on that node.
+    let nodes = [
+        ("node 0", &ip0, &client_ip, true),
+        ("node 1", &ip1, &client_ip, false),
+        ("node 0 over IPv6", &ip0_6, &client_ip6, true),
+        ("node 1 over IPv6", &ip1_6, &client_ip6, false),
+    ];
 
     // The backend runs on node 0: through node 0 it is reached through
     // the stack and sees the client; through node 1 the flow is SNATed to
     // node 1 and crosses the overlay. Either way the answers come back
-    // from the address the client dialled.
-    for (via, ip) in [("node 0", &ip0), ("node 1", &ip1)] {
+    // from the address the client dialled. The Service is dual stack, so
+    // each node serves its NodePorts on both of its addresses.
+    for (via, ip, client_ip, local) in nodes {
         let tcp = wait_for(
             &format!("TCP NodePort via {via}"),
             Duration::from_secs(30),
             || {
-                let v = probe(&client, &["tcp", &format!("{ip}:30700"), "3"]);
+                let v = probe(&client, &["tcp", &addr(ip, 30700), "3"]);
                 (map(&v["answers"]).values().sum::<u64>() == 3).then_some(v)
             },
         );
         let peers = map(&tcp["answers"]);
-        if via == "node 0" {
+        if local {
             assert_eq!(
                 peers,
                 BTreeMap::from([(client_ip.clone(), 3)]),
@@ -141,16 +166,16 @@ spec:
             );
         } else {
             assert!(
-                !peers.contains_key(&client_ip),
+                !peers.contains_key(client_ip),
                 "a flow to another node is SNATed: {tcp}"
             );
         }
         assert_eq!(
             map(&tcp["peers"]),
-            BTreeMap::from([(format!("{ip}:30700"), 3)]),
+            BTreeMap::from([(addr(ip, 30700), 3)]),
             "via {via}: {tcp}"
         );
-        let udp = probe(&client, &["udp", &format!("{ip}:30701"), "3"]);
+        let udp = probe(&client, &["udp", &addr(ip, 30701), "3"]);
         assert_eq!(
             map(&udp["answers"]).values().sum::<u64>(),
             3,
@@ -158,13 +183,13 @@ spec:
         );
         assert_eq!(
             map(&udp["peers"]),
-            BTreeMap::from([(format!("{ip}:30701"), 3)]),
+            BTreeMap::from([(addr(ip, 30701), 3)]),
             "UDP replies come from the NodePort via {via}: {udp}"
         );
         // Nothing listens behind port 30702: the backend's ICMP port
         // unreachable, translated back, reaches the client's connected
         // socket as ECONNREFUSED.
-        let out = udp_follow(&client, &format!("{ip}:30702"));
+        let out = udp_follow(&client, &addr(ip, 30702));
         assert!(
             out.lines().any(|l| l.ends_with("errno 111")),
             "ICMP errors of a flow via {via} reach the client: {out}"
@@ -205,35 +230,44 @@ spec:
             .is_ok_and(|p| (30000..=32767).contains(&p)),
         "a LoadBalancer Service with externalTrafficPolicy Local gets a healthCheckNodePort: {hc:?}"
     );
-    let local = wait_for("eTP Local via node 0", Duration::from_secs(30), || {
-        let v = probe(&client, &["tcp", &format!("{ip0}:30710"), "3"]);
-        (map(&v["answers"]).values().sum::<u64>() == 3).then_some(v)
-    });
-    assert_eq!(
-        map(&local["answers"]),
-        BTreeMap::from([(client_ip.clone(), 3)]),
-        "{local}"
-    );
-    let none = probe(&client, &["tcp", &format!("{ip1}:30710"), "2"]);
-    assert!(
-        map(&none["answers"]).is_empty(),
-        "a node without local endpoints does not serve: {none}"
-    );
-    assert!(
-        !map(&none["errors"]).contains_key("ConnectionRefused"),
-        "... it drops, as kube-proxy does (the Service has endpoints elsewhere): {none}"
-    );
+    for (via, ip, client_ip, local) in nodes {
+        if local {
+            let served = wait_for(
+                &format!("eTP Local via {via}"),
+                Duration::from_secs(30),
+                || {
+                    let v = probe(&client, &["tcp", &addr(ip, 30710), "3"]);
+                    (map(&v["answers"]).values().sum::<u64>() == 3).then_some(v)
+                },
+            );
+            assert_eq!(
+                map(&served["answers"]),
+                BTreeMap::from([(client_ip.clone(), 3)]),
+                "via {via}: {served}"
+            );
+        } else {
+            let none = probe(&client, &["tcp", &addr(ip, 30710), "2"]);
+            assert!(
+                map(&none["answers"]).is_empty(),
+                "a node without local endpoints does not serve (via {via}): {none}"
+            );
+            assert!(
+                !map(&none["errors"]).contains_key("ConnectionRefused"),
+                "... it drops, as kube-proxy does (the Service has endpoints elsewhere): {none}"
+            );
+        }
+    }
 
     // A Service without any endpoint is refused, as kube-proxy's REJECT
     // refuses it: ICMP port unreachable from the NodePort, on every node.
-    for (via, ip) in [("node 0", &ip0), ("node 1", &ip1)] {
-        let tcp = probe(&client, &["tcp", &format!("{ip}:30730"), "2"]);
+    for (via, ip, _, _) in nodes {
+        let tcp = probe(&client, &["tcp", &addr(ip, 30730), "2"]);
         assert_eq!(
             map(&tcp["errors"]),
             BTreeMap::from([("ConnectionRefused".to_string(), 2)]),
             "TCP to a NodePort without endpoints via {via}: {tcp}"
         );
-        let out = udp_follow(&client, &format!("{ip}:30731"));
+        let out = udp_follow(&client, &addr(ip, 30731));
         assert!(
             out.lines().any(|l| l.ends_with("errno 111")),
             "UDP to a NodePort without endpoints via {via} is refused: {out}"
@@ -307,7 +341,7 @@ spec:
         (slice_addresses(&c) == 10).then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
-    let (client, _) = outside(&c);
+    let (client, _, _) = outside(&c);
     let mut flows = Spawn::new(bin("skiff-probe"))
         .args(["flows", "40000", &FLOWS.to_string()])
         .netns(&client)

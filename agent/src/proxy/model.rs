@@ -410,7 +410,8 @@ pub fn service_plan(
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     let mut external = Vec::new();
-    let mut local_endpoints = BTreeSet::new();
+    // By family: a dual-stack pod is one endpoint with an address of each.
+    let mut local_endpoints: BTreeMap<u8, BTreeSet<[u32; 4]>> = BTreeMap::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let p = check_port(&name, &format!("spec.ports[{i}].port"), port.port)?;
         let proto_name = port.protocol.clone().unwrap_or_else(|| "TCP".to_string());
@@ -456,7 +457,7 @@ pub fn service_plan(
                                 .into_iter()
                                 .map(|(b, local)| {
                                     if local {
-                                        local_endpoints.insert(b.addr);
+                                        local_endpoints.entry(b.family).or_default().insert(b.addr);
                                     }
                                     ExtBackend {
                                         addr: b.addr,
@@ -514,7 +515,11 @@ pub fn service_plan(
                 port: check_port(&name, "spec.healthCheckNodePort", hc)?,
                 namespace: namespace.to_string(),
                 name: svc_name.to_string(),
-                local_endpoints: local_endpoints.len(),
+                local_endpoints: local_endpoints
+                    .values()
+                    .map(BTreeSet::len)
+                    .max()
+                    .unwrap_or(0),
             })
         }
         _ => None,
@@ -729,6 +734,32 @@ mod tests {
         v["spec"]["externalTrafficPolicy"] = json!("Cluster");
         let plan = service_plan(&svc(v), &[], &node()).expect("ok");
         assert_eq!(plan.external[0].flags, EXT_REJECT);
+    }
+
+    #[test]
+    fn a_dual_stack_pod_is_one_local_endpoint_for_the_health_check() {
+        let v4 = web_slice(json!([{"addresses": ["10.0.0.1"], "nodeName": "n1"}]));
+        let v6 = slice(json!({
+            "metadata": {"name": "web-v6", "namespace": "default",
+                         "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["fd00::1"], "nodeName": "n1"}],
+        }));
+        let service = svc(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10",
+                     "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}
+        }));
+        let mut n = node();
+        n.nodeport_addresses
+            .push("2001:db8::1".parse().expect("ip"));
+        let plan = service_plan(&service, &[&v4, &v6], &n).expect("ok");
+        assert_eq!(plan.external.len(), 2, "a NodePort set per family");
+        let h = plan.health.expect("health check");
+        assert_eq!(h.local_endpoints, 1);
     }
 
     #[test]
