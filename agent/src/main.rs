@@ -200,7 +200,8 @@ struct RunArgs {
     poll_ms: u64,
     /// Interface on which NodePorts, externalIPs and LoadBalancer IPs are
     /// served to other hosts (repeatable; default: every interface with a
-    /// global IPv4 address that is not a bridge, rescanned as they come).
+    /// global IPv4 or IPv6 address that is not a bridge, rescanned as they
+    /// come).
     #[arg(long = "external-interface")]
     external_interfaces: Vec<String>,
     /// Slots in each Service's Maglev table for external traffic (a prime;

@@ -46,7 +46,7 @@ type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 #[derive(Clone, Debug)]
 pub struct ExternalConfig {
     /// Interfaces to serve on; empty means every interface with a global
-    /// IPv4 address that is not a bridge (rescanned, so that an overlay
+    /// IPv4 or IPv6 address that is not a bridge (rescanned, so that an overlay
     /// device made later is picked up).
     pub interfaces: Vec<String>,
     /// Slots per Maglev table (prime).
@@ -661,8 +661,8 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut S
         .map_err(|source| DataplaneError::Program { program, source })
 }
 
-/// Every interface with a global IPv4 address that is not loopback and
-/// not a bridge (pods sit behind the bridge; their traffic to frontends is
+/// Every interface with a global IPv4 or IPv6 address that is not
+/// loopback and not a bridge (pods sit behind the bridge; their traffic to frontends is
 /// translated at the socket).
 pub async fn auto_interfaces() -> Vec<String> {
     let bridges: BTreeSet<String> = match skiff_netlink::Netlink::open() {
@@ -684,14 +684,21 @@ pub async fn auto_interfaces() -> Vec<String> {
         return Vec::new();
     };
     for a in addrs {
-        let Some(v4) = a.address.as_ref().and_then(|sa| sa.as_sockaddr_in()) else {
+        let Some(sa) = a.address.as_ref() else {
             continue;
         };
-        let ip = v4.ip();
-        if ip.is_loopback() || ip.is_link_local() || bridges.contains(&a.interface_name) {
-            continue;
+        let global = if let Some(v4) = sa.as_sockaddr_in() {
+            let ip = v4.ip();
+            !ip.is_loopback() && !ip.is_link_local()
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            let ip = v6.ip();
+            !ip.is_loopback() && !ip.is_unicast_link_local()
+        } else {
+            false
+        };
+        if global && !bridges.contains(&a.interface_name) {
+            out.insert(a.interface_name);
         }
-        out.insert(a.interface_name);
     }
     out.into_iter().collect()
 }
