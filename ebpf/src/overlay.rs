@@ -1,6 +1,8 @@
 //! The overlay's fast path: VXLAN in TC, in Flannel's wire format (the
 //! kernel's VXLAN: UDP port, VNI, and the inner frame addressed from VTEP
 //! MAC to VTEP MAC), so a node with it and a node without talk as before.
+//! Pods' IPv4 and IPv6 packets both take it (the tunnel itself is IPv4;
+//! host-gw routes IPv6 to the peer's IPv6 next hop).
 //!
 //! `skiff_vxlan_encap` runs on the pods' bridge, for packets pods send to
 //! the bridge to be routed. One to a peer's subnet is wrapped here (outer
@@ -29,20 +31,21 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
+    bindings::{TC_ACT_SHOT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     programs::TcContext,
 };
 use skiff_ebpf_common::{
-    MAX_OVERLAY_PEERS, MAX_OVERLAY_PODS, OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, csum,
+    MAX_OVERLAY_PEERS, MAX_OVERLAY_PODS, OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, OverlayPeer6,
+    csum,
 };
 
 mod packet;
 mod runtime;
 
-use packet::{at, fold_sum, redirect_neigh, take_hop};
+use packet::{at, fold_sum, redirect_neigh, redirect_to, take_hop};
 
 #[map(name = "OVERLAY_PEERS")]
 static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
@@ -52,6 +55,13 @@ static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_
 #[map(name = "OVERLAY_PODS")]
 static PODS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_OVERLAY_PODS, 0);
 
+#[map(name = "OVERLAY_PEERS6")]
+static PEERS6: LpmTrie<[u32; 4], OverlayPeer6> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
+
+/// Pods of this node by IPv6 address.
+#[map(name = "OVERLAY_PODS6")]
+static PODS6: HashMap<[u32; 4], u32> = HashMap::with_max_entries(MAX_OVERLAY_PODS, 0);
+
 #[map(name = "OVERLAY_LOCAL")]
 static LOCAL: Array<OverlayLocal> = Array::with_max_entries(1, 0);
 
@@ -60,7 +70,10 @@ const TC_NEXT: i32 = -1;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IP_HLEN: usize = 20;
+const IP6_HLEN: usize = 40;
+const AF_INET6: u32 = 10;
 const UDP_HLEN: usize = 8;
 const VXLAN_HLEN: usize = 8;
 /// Outer IP, UDP, VXLAN and the inner Ethernet header: what wrapping adds
@@ -102,6 +115,7 @@ const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO
 /// refuse the flag, and the call is made again without).
 const DECAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L4_UDP;
 const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
+const BPF_F_ADJ_ROOM_DECAP_L3_IPV6: u64 = 1 << 8;
 
 #[classifier]
 pub fn skiff_vxlan_encap(ctx: TcContext) -> i32 {
@@ -120,15 +134,25 @@ fn local() -> Option<OverlayLocal> {
     (l.node_ip != 0).then_some(l)
 }
 
-/// Takes one hop off the IPv4 header at `ip` (checksum too). False when
-/// the packet has none left: the kernel's path answers it.
+/// Takes one hop off the IPv4 header at `ip` (checksum too), or the IPv6
+/// one when `V6`. False when the packet has none left: the kernel's path
+/// answers it.
 ///
 /// # Safety
-/// `ip + 12` must be within the packet's checked bounds.
+/// The fixed header at `ip` must be within the packet's checked bounds.
 #[inline(always)]
-unsafe fn hop(ip: usize) -> bool {
+unsafe fn hop<const V6: bool>(ip: usize) -> bool {
     // SAFETY: the caller checked the bounds (the checksum's too).
     unsafe {
+        if V6 {
+            let limit = (ip + 7) as *mut u8;
+            let left = core::ptr::read_unaligned(limit);
+            if left <= 1 {
+                return false;
+            }
+            core::ptr::write_unaligned(limit, left - 1);
+            return true;
+        }
         let Some(diff) = take_hop(ip) else {
             return false;
         };
@@ -138,35 +162,92 @@ unsafe fn hop(ip: usize) -> bool {
     true
 }
 
+/// The network header's fixed length.
+const fn hlen<const V6: bool>() -> usize {
+    if V6 { IP6_HLEN } else { IP_HLEN }
+}
+
+/// The hops an IP packet at `ip` has left (TTL or hop limit).
+#[inline(always)]
+fn hops_left<const V6: bool>(ctx: &TcContext, ip: usize) -> Option<u8> {
+    if V6 {
+        Some(at::<u16>(ctx, ip + 6)?.to_ne_bytes()[1])
+    } else {
+        Some(at::<u16>(ctx, ip + 8)?.to_ne_bytes()[0])
+    }
+}
+
 #[inline(always)]
 fn encap(ctx: &TcContext) -> Option<i32> {
     let ethertype: u16 = at(ctx, 12)?;
-    if ethertype != ETH_P_IP.to_be() {
-        return None;
-    }
-    let daddr: u32 = at(ctx, ETH_HLEN + 16)?;
-    let peer = *PEERS.get(Key::new(32, daddr))?;
-    let me = local()?;
-    if me.flags & OVERLAY_HOST_GW != 0 {
-        // host-gw: routed as it is, to the peer on the underlay (on its
-        // segment, as host-gw's routes require). A last hop is left to
-        // the kernel's path, which answers it.
-        let (start, end) = (ctx.data(), ctx.data_end());
-        // SAFETY: within ETH_HLEN + IP_HLEN, checked first.
-        if start + ETH_HLEN + IP_HLEN > end || !unsafe { hop(start + ETH_HLEN) } {
-            return None;
+    if ethertype == ETH_P_IP.to_be() {
+        let daddr: u32 = at(ctx, ETH_HLEN + 16)?;
+        let peer = *PEERS.get(Key::new(32, daddr))?;
+        let me = local()?;
+        if me.flags & OVERLAY_HOST_GW != 0 {
+            // host-gw: routed as it is, to the peer on the underlay (on
+            // its segment, as host-gw's routes require). A last hop is
+            // left to the kernel's path, which answers it.
+            if !take_routed_hop::<false>(ctx) {
+                return None;
+            }
+            return Some(redirect_neigh(me.underlay_ifindex, peer.node_ip));
         }
-        return Some(redirect_neigh(me.underlay_ifindex, peer.node_ip));
+        let tos = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes()[1];
+        wrap::<false>(ctx, &me, peer.node_ip, peer.vtep_mac, tos)
+    } else if ethertype == ETH_P_IPV6.to_be() {
+        let daddr: [u32; 4] = at(ctx, ETH_HLEN + 24)?;
+        let peer = *PEERS6.get(Key::new(128, daddr))?;
+        let me = local()?;
+        if me.flags & OVERLAY_HOST_GW != 0 {
+            if !take_routed_hop::<true>(ctx) {
+                return None;
+            }
+            return Some(redirect_to(
+                me.underlay_ifindex,
+                bpf_redir_neigh {
+                    nh_family: AF_INET6,
+                    __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                        ipv6_nh: peer.nexthop,
+                    },
+                },
+            ));
+        }
+        // The traffic class straddles the first two bytes.
+        let [b0, b1] = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes();
+        let tclass = (b0 << 4) | (b1 >> 4);
+        wrap::<true>(ctx, &me, peer.node_ip, peer.vtep_mac, tclass)
+    } else {
+        None
     }
+}
+
+/// host-gw: one hop off a packet routed as it is (false, and nothing
+/// changed, when it has none left or is too short).
+#[inline(always)]
+fn take_routed_hop<const V6: bool>(ctx: &TcContext) -> bool {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // SAFETY: within the fixed header, checked first.
+    start + ETH_HLEN + hlen::<V6>() <= end && unsafe { hop::<V6>(start + ETH_HLEN) }
+}
+
+/// Wraps the IPv4 (or, `V6`, IPv6) packet for the peer VTEP `node_ip` /
+/// `vtep_mac`; `tos` is its TOS or traffic class, whose ECN field the outer
+/// header carries (congestion marked inside stays capable outside), as the
+/// kernel's tunnels do.
+#[inline(always)]
+fn wrap<const V6: bool>(
+    ctx: &TcContext,
+    me: &OverlayLocal,
+    node_ip: u32,
+    vtep_mac: [u8; 6],
+    tos: u8,
+) -> Option<i32> {
     // Checked before anything is written: the kernel's path answers a
     // last hop.
-    let ttl_proto: u16 = at(ctx, ETH_HLEN + 8)?;
-    if ttl_proto.to_ne_bytes()[0] <= 1 {
+    if hops_left::<V6>(ctx, ETH_HLEN)? <= 1 {
         return None;
     }
-    let tos = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes()[1];
-    // The outer header carries the inner ECN field (congestion marked
-    // inside stays capable outside), as the kernel's tunnels do.
     let ecn = match tos & 3 {
         3 => 2,
         e => e,
@@ -179,14 +260,16 @@ fn encap(ctx: &TcContext) -> Option<i32> {
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .ok()?;
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + INNER + IP_HLEN > end {
+    if start + INNER + hlen::<V6>() > end {
         return Some(TC_ACT_SHOT);
     }
     let total = (ENCAP_LEN + inner_len) as u16;
     let udp_len = total - IP_HLEN as u16;
-    // SAFETY: every write below is within INNER + IP_HLEN, checked above.
+    let inner_type = if V6 { ETH_P_IPV6 } else { ETH_P_IP };
+    // SAFETY: every write below is within INNER + the inner fixed header,
+    // checked above.
     unsafe {
-        if !hop(start + INNER) {
+        if !hop::<V6>(start + INNER) {
             return Some(TC_ACT_SHOT);
         }
         let w16 = |off: usize, v: u16| core::ptr::write_unaligned((start + off) as *mut u16, v);
@@ -201,7 +284,7 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         w16(OUTER + 8, u16::from_ne_bytes([OUTER_TTL, PROTO_UDP]));
         w16(OUTER + 10, 0);
         w32(OUTER + 12, me.node_ip);
-        w32(OUTER + 16, peer.node_ip);
+        w32(OUTER + 16, node_ip);
         w16(
             OUTER + 10,
             fold_sum((start + OUTER) as *const u16, IP_HLEN / 2),
@@ -216,9 +299,9 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         w32(VXLAN, u32::from_ne_bytes([VXLAN_I, 0, 0, 0]));
         w32(VXLAN + 4, me.vni_word);
         // The inner frame: from our VTEP to the peer's.
-        mac(INNER_ETH, peer.vtep_mac);
+        mac(INNER_ETH, vtep_mac);
         mac(INNER_ETH + 6, me.vtep_mac);
-        w16(INNER_ETH + 12, ETH_P_IP.to_be());
+        w16(INNER_ETH + 12, inner_type.to_be());
     }
     // The kernel routes the outer destination and fills in the next hop's
     // MAC (resolving it if need be).
@@ -226,37 +309,66 @@ fn encap(ctx: &TcContext) -> Option<i32> {
     Some(unsafe { bpf_redirect_neigh(me.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }
 
+/// The host-side veth of our pod an IPv4 (or, `V6`, IPv6) header at `ip`
+/// is addressed to, if it has a hop left.
+#[inline(always)]
+fn pod_of<const V6: bool>(ctx: &TcContext, me: &OverlayLocal, ip: usize) -> Option<u32> {
+    // SAFETY (both lookups): copied out at once.
+    let host_veth = if V6 {
+        let daddr: [u32; 4] = at(ctx, ip + 24)?;
+        unsafe { *PODS6.get(&daddr)? }
+    } else {
+        let daddr: u32 = at(ctx, ip + 16)?;
+        if daddr & me.subnet_mask != me.subnet {
+            return None;
+        }
+        unsafe { *PODS.get(&daddr)? }
+    };
+    (hops_left::<V6>(ctx, ip)? > 1).then_some(host_veth)
+}
+
+/// Takes the hop off the (now outermost) network header and puts the
+/// packet into the pod's namespace, as if its veth had received it: no
+/// bridge, no transmit path. Dropped when that cannot be done, as it is
+/// only called once the packet was changed.
+#[inline(always)]
+fn into_pod<const V6: bool>(ctx: &TcContext, host_veth: u32) -> i32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + hlen::<V6>() > end {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: within the fixed header, checked above.
+    if !unsafe { hop::<V6>(start + ETH_HLEN) } {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: plain helper call on this packet.
+    unsafe { bpf_redirect_peer(host_veth, 0) as i32 }
+}
+
 /// host-gw: a packet routed to one of our pods goes straight into its
 /// namespace.
 #[inline(always)]
-fn deliver_routed(ctx: &TcContext, me: &OverlayLocal) -> Option<i32> {
-    let daddr: u32 = at(ctx, ETH_HLEN + 16)?;
-    if daddr & me.subnet_mask != me.subnet {
-        return None;
+fn deliver_routed(ctx: &TcContext, me: &OverlayLocal, ethertype: u16) -> Option<i32> {
+    if ethertype == ETH_P_IP.to_be() {
+        let host_veth = pod_of::<false>(ctx, me, ETH_HLEN)?;
+        Some(into_pod::<false>(ctx, host_veth))
+    } else if ethertype == ETH_P_IPV6.to_be() {
+        let host_veth = pod_of::<true>(ctx, me, ETH_HLEN)?;
+        Some(into_pod::<true>(ctx, host_veth))
+    } else {
+        None
     }
-    // SAFETY: copied out at once.
-    let host_veth = unsafe { *PODS.get(&daddr)? };
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + ETH_HLEN + IP_HLEN > end {
-        return None;
-    }
-    // SAFETY: within ETH_HLEN + IP_HLEN, checked above.
-    if !unsafe { hop(start + ETH_HLEN) } {
-        return None;
-    }
-    // SAFETY: plain helper call on this packet.
-    Some(unsafe { bpf_redirect_peer(host_veth, 0) } as i32)
 }
 
 #[inline(always)]
 fn decap(ctx: &TcContext) -> Option<i32> {
     let ethertype: u16 = at(ctx, 12)?;
-    if ethertype != ETH_P_IP.to_be() {
-        return None;
-    }
     let me = local()?;
     if me.flags & OVERLAY_HOST_GW != 0 {
-        return deliver_routed(ctx, &me);
+        return deliver_routed(ctx, &me, ethertype);
+    }
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
     }
     // IPv4 without options, not a fragment, UDP to our port and address.
     let vihl = at::<u16>(ctx, OUTER)?.to_ne_bytes()[0];
@@ -272,46 +384,42 @@ fn decap(ctx: &TcContext) -> Option<i32> {
     if flags.to_ne_bytes()[0] & VXLAN_I == 0 || at::<u32>(ctx, VXLAN + 4)? != me.vni_word {
         return None;
     }
-    // A frame for our VTEP, of IPv4, to a pod of ours.
-    if at::<[u8; 6]>(ctx, INNER_ETH)? != me.vtep_mac
-        || at::<u16>(ctx, INNER_ETH + 12)? != ETH_P_IP.to_be()
-    {
+    // A frame for our VTEP, to a pod of ours.
+    if at::<[u8; 6]>(ctx, INNER_ETH)? != me.vtep_mac {
         return None;
     }
-    let daddr: u32 = at(ctx, INNER + 16)?;
-    if daddr & me.subnet_mask != me.subnet {
-        return None;
+    let inner_type: u16 = at(ctx, INNER_ETH + 12)?;
+    if inner_type == ETH_P_IP.to_be() {
+        let host_veth = pod_of::<false>(ctx, &me, INNER)?;
+        unwrap::<false>(ctx)?;
+        Some(into_pod::<false>(ctx, host_veth))
+    } else if inner_type == ETH_P_IPV6.to_be() {
+        let host_veth = pod_of::<true>(ctx, &me, INNER)?;
+        unwrap::<true>(ctx)?;
+        Some(into_pod::<true>(ctx, host_veth))
+    } else {
+        None
     }
-    // SAFETY: copied out at once.
-    let host_veth = unsafe { *PODS.get(&daddr)? };
-    let ttl_proto: u16 = at(ctx, INNER + 8)?;
-    if ttl_proto.to_ne_bytes()[0] <= 1 {
-        return None;
-    }
-    // A GRO aggregate stays one packet: the tunnel's GSO state goes with
-    // the headers where the kernel can clear it, and the pod's stack
-    // takes it whole either way (it is delivered, not sent).
+}
+
+/// Takes the outer headers off. A GRO aggregate stays one packet: the
+/// tunnel's GSO state goes with the headers where the kernel can clear it,
+/// and the pod's stack takes it whole either way (it is delivered, not
+/// sent). An IPv6 packet inside has the packet's protocol changed with
+/// them: the pod's stack picks its input by it.
+#[inline(always)]
+fn unwrap<const V6: bool>(ctx: &TcContext) -> Option<()> {
+    let l3 = if V6 { BPF_F_ADJ_ROOM_DECAP_L3_IPV6 } else { 0 };
     if ctx
-        .adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
+        .adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS | l3)
         .is_err()
     {
         ctx.adjust_room(
             -(ENCAP_LEN as i32),
             BPF_ADJ_ROOM_MAC,
-            BPF_F_ADJ_ROOM_FIXED_GSO,
+            BPF_F_ADJ_ROOM_FIXED_GSO | l3,
         )
         .ok()?;
     }
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + ETH_HLEN + IP_HLEN > end {
-        return Some(TC_ACT_SHOT);
-    }
-    // SAFETY: within ETH_HLEN + IP_HLEN, checked above.
-    if !unsafe { hop(start + ETH_HLEN) } {
-        return Some(TC_ACT_SHOT);
-    }
-    // Straight into the pod's namespace, as if its veth had received it:
-    // no bridge, no transmit path.
-    // SAFETY: plain helper call on this packet.
-    Some(unsafe { bpf_redirect_peer(host_veth, 0) } as i32)
+    Some(())
 }

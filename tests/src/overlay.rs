@@ -80,6 +80,15 @@ pub fn attach(underlay: &Netns, i: usize) -> (Netns, String) {
     underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
     let addr = node_ip(i);
     ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+    // The link-local address is usable as soon as the link is up, as on a
+    // machine booted long before: a node publishes it as its IPv6 next hop
+    // (host-gw), and a tentative one answers no neighbour solicitation for
+    // its first second or two.
+    ns.exec(&[
+        "sh",
+        "-c",
+        "echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad",
+    ]);
     ns.ip(&["link", "set", "eth0", "up"]);
     (ns, addr)
 }

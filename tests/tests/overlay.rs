@@ -285,21 +285,48 @@ fn dual_stack_pods_talk(network: &str, route: fn(&str) -> String) {
             })
         })
         .collect();
-    // At once: the first exchanges of new pods on a new bridge included.
-    for (from, to) in [(0, 1), (1, 0)] {
-        for kind in ["tcp", "udp"] {
-            let out = Spawn::new(bin("skiff-probe"))
-                .args([kind, &format!("[{}]:7000", v6[to]), "5"])
-                .netns(&pods[from].ns)
-                .output();
-            let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-            assert_eq!(
-                v["answers"][&v6[from]], 5,
-                "{kind} node{from} → node{to} over IPv6, the source kept: {out}"
-            );
+    let exchange = || {
+        for (from, to) in [(0, 1), (1, 0)] {
+            for kind in ["tcp", "udp"] {
+                let out = Spawn::new(bin("skiff-probe"))
+                    .args([kind, &format!("[{}]:7000", v6[to]), "5"])
+                    .netns(&pods[from].ns)
+                    .output();
+                let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+                assert_eq!(
+                    v["answers"][&v6[from]], 5,
+                    "{kind} node{from} → node{to} over IPv6, the source kept: {out}"
+                );
+            }
         }
-    }
+    };
+    // At once: the first exchanges of new pods on a new bridge included.
+    exchange();
     assert_full_mesh(&c, &pods);
+    // Once the fast path holds the bridge, IPv6 takes it as IPv4 does:
+    // the kernel's VTEP (vxlan) or forwarding (host-gw) carries none of it.
+    for n in &c.nodes {
+        fast_path_on_bridge(n);
+    }
+    let (counter, what): (fn(&Node) -> u64, &str) = if network.contains("vxlan") {
+        (vtep_packets, "VTEP packets")
+    } else {
+        (forwarded6, "IPv6 datagrams the kernel forwarded")
+    };
+    let through = counted(&c, counter, exchange);
+    assert!(
+        through.iter().all(|n| *n <= 2),
+        "{what} during the IPv6 exchanges, per node: {through:?}"
+    );
+}
+
+/// IPv6 datagrams the node's kernel forwarded.
+fn forwarded6(n: &Node) -> u64 {
+    let snmp = n.ns.exec(&["cat", "/proc/net/snmp6"]);
+    snmp.lines()
+        .find_map(|l| l.strip_prefix("Ip6OutForwDatagrams"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Ip6OutForwDatagrams in {snmp}"))
 }
 
 /// Waits until node `n`'s agent (its latest start) has put the fast path

@@ -6,8 +6,9 @@
 //! Here: `OVERLAY_LOCAL` describes this node, `OVERLAY_PEERS` holds one
 //! entry per peer lease (the same leases, through the same
 //! [`backend::entries`](super::backend::entries), that make the kernel's
-//! entries), `OVERLAY_PODS` this node's pods as the CNI plugin recorded
-//! them, the decap program goes first on the underlay interface and the
+//! entries) and `OVERLAY_PEERS6` its IPv6 subnet on a dual-stack network,
+//! `OVERLAY_PODS` and `OVERLAY_PODS6` this node's pods as the CNI plugin
+//! recorded them, the decap program goes first on the underlay interface and the
 //! encap program on the pods' bridge once the CNI plugin has made it.
 //!
 //! The links are held by this process, not pinned: when the agent stops
@@ -15,7 +16,7 @@
 //! until the next agent attaches again. Nothing is left behind to go stale.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,7 +26,7 @@ use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use ipnetwork::Ipv4Network;
-use skiff_ebpf_common::{OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, maps as names};
+use skiff_ebpf_common::{OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, OverlayPeer6, maps as names};
 use tracing::{info, warn};
 
 use super::backend::Entries;
@@ -92,16 +93,22 @@ pub struct FastPath {
     ebpf: Ebpf,
     local_map: Array<MapData, OverlayLocal>,
     peers: LpmTrie<MapData, u32, OverlayPeer>,
+    peers6: LpmTrie<MapData, [u32; 4], OverlayPeer6>,
     pods: HashMap<MapData, u32, u32>,
+    pods6: HashMap<MapData, [u32; 4], u32>,
     local: OverlayLocal,
     bridge: String,
     /// The bridge's index and the encap link on it.
     bridge_link: Option<(u32, SchedClassifierLinkId)>,
     /// What `peers` holds, by (network address, prefix).
     held: Mirror<(Ipv4Addr, u8), OverlayPeer>,
+    /// What `peers6` holds, and which IPv4 subnet's lease each came with.
+    held6: Mirror<(Ipv6Addr, u8), OverlayPeer6>,
+    paired: BTreeMap<(Ipv4Addr, u8), (Ipv6Addr, u8)>,
     cni_records: PathBuf,
-    /// What `pods` holds: address to host veth (ifindex).
+    /// What `pods` and `pods6` hold: address to host veth (ifindex).
     pods_held: Mirror<u32, u32>,
+    pods6_held: Mirror<[u32; 4], u32>,
     /// The records' directory as last read (modified time) and when.
     pods_read: Option<(Option<SystemTime>, Instant)>,
 }
@@ -159,6 +166,27 @@ impl<K: Ord + Copy, V: PartialEq + Copy> Mirror<K, V> {
         }
         Ok(())
     }
+}
+
+/// Writes `OVERLAY_PEERS6` for a [`Mirror`].
+fn peers6_writer(
+    peers: &mut LpmTrie<MapData, [u32; 4], OverlayPeer6>,
+) -> impl FnMut((Ipv6Addr, u8), Option<OverlayPeer6>) -> Result<(), MapError> + '_ {
+    move |(addr, prefix), v| {
+        let k = Key::new(u32::from(prefix), words6(addr));
+        match v {
+            Some(peer) => peers.insert(&k, peer, 0),
+            None => peers.remove(&k),
+        }
+    }
+}
+
+/// An IPv6 address as the maps hold it (network byte order).
+fn words6(a: Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// Writes `OVERLAY_PEERS` for a [`Mirror`].
@@ -222,6 +250,27 @@ fn peer_of(e: &Entries) -> Option<((Ipv4Addr, u8), OverlayPeer)> {
     ))
 }
 
+/// The entry of a lease's IPv6 subnet (dual stack): the same VTEP as its
+/// IPv4 subnet (vxlan), or the route's IPv6 next hop (host-gw).
+fn peer6_of(e: &Entries) -> Option<((Ipv6Addr, u8), OverlayPeer6)> {
+    let route = e.route6.as_ref()?;
+    let peer = match &e.fdb {
+        Some(f) => OverlayPeer6 {
+            node_ip: u32::from_ne_bytes(f.dst.octets()),
+            vtep_mac: f.mac,
+            pad: 0,
+            nexthop: [0; 4],
+        },
+        None => OverlayPeer6 {
+            node_ip: 0,
+            vtep_mac: [0; 6],
+            pad: 0,
+            nexthop: words6(route.gateway?),
+        },
+    };
+    Some(((route.dst, route.prefix), peer))
+}
+
 fn key((addr, prefix): (Ipv4Addr, u8)) -> Key<u32> {
     Key::new(u32::from(prefix), u32::from_ne_bytes(addr.octets()))
 }
@@ -249,8 +298,12 @@ impl FastPath {
             Array::try_from(take(names::OVERLAY_LOCAL)?).map_err(map_err(names::OVERLAY_LOCAL))?;
         let peers = LpmTrie::try_from(take(names::OVERLAY_PEERS)?)
             .map_err(map_err(names::OVERLAY_PEERS))?;
+        let peers6 = LpmTrie::try_from(take(names::OVERLAY_PEERS6)?)
+            .map_err(map_err(names::OVERLAY_PEERS6))?;
         let pods =
             HashMap::try_from(take(names::OVERLAY_PODS)?).map_err(map_err(names::OVERLAY_PODS))?;
+        let pods6 = HashMap::try_from(take(names::OVERLAY_PODS6)?)
+            .map_err(map_err(names::OVERLAY_PODS6))?;
         let (subnet, subnet_mask) = subnet_words(l.subnet);
         let local = OverlayLocal {
             node_ip: u32::from_ne_bytes(l.public_ip.octets()),
@@ -266,13 +319,18 @@ impl FastPath {
             ebpf,
             local_map,
             peers,
+            peers6,
             pods,
+            pods6,
             local,
             bridge: l.bridge.clone(),
             bridge_link: None,
             held: Mirror::new(),
+            held6: Mirror::new(),
+            paired: BTreeMap::new(),
             cni_records: l.cni_records.clone(),
             pods_held: Mirror::new(),
+            pods6_held: Mirror::new(),
             pods_read: None,
         };
         fp.write_local()?;
@@ -308,7 +366,8 @@ impl FastPath {
     }
 
     /// This node's pods as `skiff-cni` recorded them, each with the index
-    /// of its host-side veth, into `OVERLAY_PODS`: read when the records
+    /// of its host-side veth, into `OVERLAY_PODS` (and `OVERLAY_PODS6`):
+    /// read when the records
     /// changed and every [`PODS_RECHECK`] (a pod whose veth is not there
     /// yet, or any more, is left to the kernel's path).
     pub fn sync_pods(&mut self) -> Result<(), FastPathError> {
@@ -322,21 +381,32 @@ impl FastPath {
             return Ok(());
         }
         self.pods_read = Some((modified, Instant::now()));
-        let want: BTreeMap<u32, u32> = skiff_cni_lib::attachments::host_veths(&self.cni_records)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(ip, veth)| {
-                let index = nix::net::if_::if_nametoindex(veth.as_str()).ok()?;
-                Some((u32::from_ne_bytes(ip.octets()), index))
-            })
-            .collect();
+        let (mut want, mut want6) = (BTreeMap::new(), BTreeMap::new());
+        for (ip, veth) in
+            skiff_cni_lib::attachments::host_veths(&self.cni_records).unwrap_or_default()
+        {
+            let Ok(index) = nix::net::if_::if_nametoindex(veth.as_str()) else {
+                continue;
+            };
+            match ip {
+                IpAddr::V4(v4) => want.insert(u32::from_ne_bytes(v4.octets()), index),
+                IpAddr::V6(v6) => want6.insert(words6(v6), index),
+            };
+        }
         let pods = &mut self.pods;
         self.pods_held
             .sync(want, |ip, index| match index {
                 Some(index) => pods.insert(ip, index, 0),
                 None => pods.remove(&ip),
             })
-            .map_err(map_err(names::OVERLAY_PODS))
+            .map_err(map_err(names::OVERLAY_PODS))?;
+        let pods6 = &mut self.pods6;
+        self.pods6_held
+            .sync(want6, |ip, index| match index {
+                Some(index) => pods6.insert(ip, index, 0),
+                None => pods6.remove(&ip),
+            })
+            .map_err(map_err(names::OVERLAY_PODS6))
     }
 
     /// Our subnet changed (the lease was lost and another taken).
@@ -353,7 +423,24 @@ impl FastPath {
         };
         self.held
             .set(k, peer, &mut peers_writer(&mut self.peers))
-            .map_err(map_err(names::OVERLAY_PEERS))
+            .map_err(map_err(names::OVERLAY_PEERS))?;
+        let six = peer6_of(e);
+        let was = match six {
+            Some((k6, _)) => self.paired.insert(k, k6),
+            None => self.paired.remove(&k),
+        };
+        let mut write = peers6_writer(&mut self.peers6);
+        if let Some(old) = was.filter(|old| six.is_none_or(|(k6, _)| k6 != *old)) {
+            self.held6
+                .set(old, None, &mut write)
+                .map_err(map_err(names::OVERLAY_PEERS6))?;
+        }
+        if let Some((k6, peer6)) = six {
+            self.held6
+                .set(k6, Some(peer6), &mut write)
+                .map_err(map_err(names::OVERLAY_PEERS6))?;
+        }
+        Ok(())
     }
 
     /// A peer's lease went.
@@ -361,15 +448,35 @@ impl FastPath {
         let k = (subnet.network(), subnet.prefix());
         self.held
             .set(k, None, &mut peers_writer(&mut self.peers))
-            .map_err(map_err(names::OVERLAY_PEERS))
+            .map_err(map_err(names::OVERLAY_PEERS))?;
+        if let Some(k6) = self.paired.remove(&k) {
+            self.held6
+                .set(k6, None, &mut peers6_writer(&mut self.peers6))
+                .map_err(map_err(names::OVERLAY_PEERS6))?;
+        }
+        Ok(())
     }
 
     /// Makes the peers exactly those of `all` (each lease's entries).
     pub fn sync(&mut self, all: impl Iterator<Item = Entries>) -> Result<(), FastPathError> {
-        let want = all.filter_map(|e| peer_of(&e)).collect();
+        let (mut want, mut want6) = (BTreeMap::new(), BTreeMap::new());
+        self.paired.clear();
+        for e in all {
+            let Some((k, peer)) = peer_of(&e) else {
+                continue;
+            };
+            want.insert(k, peer);
+            if let Some((k6, peer6)) = peer6_of(&e) {
+                want6.insert(k6, peer6);
+                self.paired.insert(k, k6);
+            }
+        }
         self.held
             .sync(want, peers_writer(&mut self.peers))
-            .map_err(map_err(names::OVERLAY_PEERS))
+            .map_err(map_err(names::OVERLAY_PEERS))?;
+        self.held6
+            .sync(want6, peers6_writer(&mut self.peers6))
+            .map_err(map_err(names::OVERLAY_PEERS6))
     }
 }
 

@@ -4,7 +4,7 @@
 //! address, holding the container ID, the interface name and the address;
 //! the host end of the veth is named from the first two.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::Path;
 
 /// The host end of an attachment's veth: derived from the attachment so
@@ -32,18 +32,17 @@ pub fn parse_record(text: &str) -> Option<(String, String, IpAddr)> {
     Some((container_id, ifname, ip))
 }
 
-/// Every recorded IPv4 address in `dir` (`<dataDir>/<network>`) with the
-/// name of its host-side veth (the overlay's fast path, IPv4 only, reads
-/// these; IPv6 records are not opened).
-pub fn host_veths(dir: &Path) -> std::io::Result<Vec<(Ipv4Addr, String)>> {
+/// Every recorded address in `dir` (`<dataDir>/<network>`), of either
+/// family, with the name of its host-side veth.
+pub fn host_veths(dir: &Path) -> std::io::Result<Vec<(IpAddr, String)>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name();
-        if name.to_string_lossy().parse::<Ipv4Addr>().is_err() {
+        if name.to_string_lossy().parse::<IpAddr>().is_err() {
             continue;
         }
         if let Ok(t) = std::fs::read_to_string(e.path())
-            && let Some((id, ifname, IpAddr::V4(ip))) = parse_record(&t)
+            && let Some((id, ifname, ip)) = parse_record(&t)
         {
             out.push((ip, host_veth_name(&id, &ifname)));
         }

@@ -310,6 +310,20 @@ pub struct OverlayPeer {
     pub pad: u16,
 }
 
+/// A peer's IPv6 subnet for the overlay's fast path, keyed in its own LPM
+/// trie (`OVERLAY_PEERS6`) by the subnet's 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverlayPeer6 {
+    /// vxlan: the peer's VTEP, as for IPv4 (the tunnel itself is IPv4).
+    pub node_ip: u32,
+    pub vtep_mac: [u8; 6],
+    pub pad: u16,
+    /// host-gw: the peer's IPv6 address on the underlay (global or
+    /// link-local), the route's next hop.
+    pub nexthop: [u32; 4],
+}
+
 /// This node as the overlay's fast path sees it (slot 0 of
 /// `OVERLAY_LOCAL`). Addresses, port and VNI word are in network byte
 /// order; a zero `node_ip` means "not set up": every packet takes the
@@ -367,6 +381,11 @@ pub mod maps {
     /// `u32 -> u32`: this node's pods (address) to their host-side veth
     /// (ifindex), for the overlay's fast path.
     pub const OVERLAY_PODS: &str = "OVERLAY_PODS";
+    /// `LPM(IPv6 subnet) -> OverlayPeer6`: peers' IPv6 subnets.
+    pub const OVERLAY_PEERS6: &str = "OVERLAY_PEERS6";
+    /// `[u32; 4] -> u32`: this node's pods' IPv6 addresses to their
+    /// host-side veth.
+    pub const OVERLAY_PODS6: &str = "OVERLAY_PODS6";
     /// `0 -> OverlayLocal`: this node, for the overlay's fast path.
     pub const OVERLAY_LOCAL: &str = "OVERLAY_LOCAL";
 }
@@ -392,6 +411,7 @@ mod user {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for RevFlowValue {}
     unsafe impl aya::Pod for OverlayPeer {}
+    unsafe impl aya::Pod for OverlayPeer6 {}
     unsafe impl aya::Pod for OverlayLocal {}
 }
 
