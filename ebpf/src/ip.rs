@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, csum};
 
-use crate::packet::{at, fold_sum};
+use crate::packet::{at, fold_sum, take_hop6};
 
 pub const ETH_HLEN: usize = 14;
 /// Offset of the network header.
@@ -38,6 +38,8 @@ pub trait Ip: Copy + 'static {
     const ETH_P: u16;
     /// `FAMILY_V4` / `FAMILY_V6`, as the maps key addresses.
     const FAMILY: u8;
+    /// `AF_INET` / `AF_INET6`, as the fib lookup takes it.
+    const AF: u8;
     /// This family's ICMP protocol number.
     const ICMP: u8;
     /// The network header's fixed length (IPv4 without options).
@@ -89,19 +91,6 @@ pub trait Ip: Copy + 'static {
         new: Self::Addr,
     ) -> Result<(), i64>;
 
-    /// The route the kernel would take to `dst`: its interface (0 when
-    /// there is none), with the
-    /// next hop and (if asked) the source address the kernel would use
-    /// written where given (in the maps' form; straight into a map value,
-    /// as the callers' stack has no room for them).
-    fn route(
-        ctx: &TcContext,
-        proto: u8,
-        dst: Self::Addr,
-        nexthop: &mut [u32; 4],
-        src: Option<&mut [u32; 4]>,
-    ) -> u32;
-
     /// Sends the packet out of `ifindex` to `nexthop`, its link-layer
     /// addresses filled in (and resolved if need be) by the kernel:
     /// TC_ACT_REDIRECT, or TC_ACT_SHOT when it cannot.
@@ -125,22 +114,47 @@ pub struct V4;
 #[derive(Clone, Copy)]
 pub struct V6;
 
-/// The fib lookup with the request `fill` wrote: the answer, or None when
-/// the kernel has no route.
-#[inline(always)]
-fn fib(ctx: &TcContext, fib: &mut FibParams) -> Option<()> {
+/// The route the kernel would take to `dst`: its interface (0 when there
+/// is none), with the next hop and (if asked) the source address the
+/// kernel would use written where given (in the maps' form; straight into
+/// a map value, as the callers' stack has no room for them).
+#[inline(never)]
+pub fn route<F: Ip>(
+    ctx: &TcContext,
+    proto: u8,
+    dst: F::Addr,
+    nexthop: &mut [u32; 4],
+    src: Option<&mut [u32; 4]>,
+) -> u32 {
+    // SAFETY: plain integers; all-zero is a valid request to fill in.
+    let mut f: FibParams = unsafe { core::mem::zeroed() };
+    f.family = F::AF;
+    f.l4_protocol = proto;
     // SAFETY: the context is an skb; ifindex is readable.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: fib lives for the call; the size is its own.
+    f.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // The IPv4 members are the first word of the IPv6 ones, and the
+    // request's other words stay zero: both read back in the maps' form.
+    f.__bindgen_anon_4.ipv6_dst = F::wide(dst);
+    // SAFETY: f lives for the call; the size is its own.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            fib,
+            &mut f,
             core::mem::size_of::<FibParams>() as i32,
             BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
     };
-    (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH).then_some(())
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return 0;
+    }
+    // SAFETY: the helper filled the members of the family.
+    unsafe {
+        *nexthop = f.__bindgen_anon_4.ipv6_dst;
+        if let Some(src) = src {
+            *src = f.__bindgen_anon_3.ipv6_src;
+        }
+    }
+    f.ifindex
 }
 
 /// The ones' complement sum of `len` bytes at `at` (a multiple of 4, at
@@ -163,6 +177,7 @@ impl Ip for V4 {
     type Addr = u32;
     const ETH_P: u16 = 0x0800_u16.to_be();
     const FAMILY: u8 = FAMILY_V4;
+    const AF: u8 = 2;
     const ICMP: u8 = 1;
     const HLEN: usize = 20;
     const ICMP_HEADERS: usize = 28;
@@ -280,32 +295,6 @@ impl Ip for V4 {
         ctx.l4_csum_replace(icmp + 2, u64::from(old_sum), u64::from(new_sum), 2)
     }
 
-    #[inline(never)]
-    fn route(
-        ctx: &TcContext,
-        proto: u8,
-        dst: u32,
-        nexthop: &mut [u32; 4],
-        src: Option<&mut [u32; 4]>,
-    ) -> u32 {
-        // SAFETY: plain integers; all-zero is a valid request to fill in.
-        let mut f: FibParams = unsafe { core::mem::zeroed() };
-        f.family = 2; // AF_INET
-        f.l4_protocol = proto;
-        f.__bindgen_anon_4.ipv4_dst = dst;
-        if fib(ctx, &mut f).is_none() {
-            return 0;
-        }
-        // SAFETY: the helper filled the IPv4 members.
-        unsafe {
-            *nexthop = Self::wide(f.__bindgen_anon_4.ipv4_dst);
-            if let Some(src) = src {
-                *src = Self::wide(f.__bindgen_anon_3.ipv4_src);
-            }
-        }
-        f.ifindex
-    }
-
     #[inline(always)]
     fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
         crate::packet::redirect_neigh(ifindex, nexthop)
@@ -348,6 +337,7 @@ impl Ip for V6 {
     type Addr = [u32; 4];
     const ETH_P: u16 = 0x86dd_u16.to_be();
     const FAMILY: u8 = FAMILY_V6;
+    const AF: u8 = 10;
     const ICMP: u8 = 58;
     const HLEN: usize = IPV6_HLEN;
     const ICMP_HEADERS: usize = IPV6_HLEN + 8;
@@ -405,13 +395,8 @@ impl Ip for V6 {
     unsafe fn write(ip: usize, saddr: [u32; 4], daddr: [u32; 4], _addrs: u32, hop: bool) -> bool {
         // SAFETY: the caller checked the header's bounds.
         unsafe {
-            if hop {
-                let limit = (ip + 7) as *mut u8;
-                let left = core::ptr::read_unaligned(limit);
-                if left <= 1 {
-                    return false;
-                }
-                core::ptr::write_unaligned(limit, left - 1);
+            if hop && !take_hop6(ip) {
+                return false;
             }
             core::ptr::write_unaligned((ip + 8) as *mut [u32; 4], saddr);
             core::ptr::write_unaligned((ip + 24) as *mut [u32; 4], daddr);
@@ -458,32 +443,6 @@ impl Ip for V6 {
         }
         ctx.store(ip + if src { 8 } else { 24 }, &new, 0)?;
         ctx.l4_csum_replace(icmp + 2, 0, u64::from(Self::diff(old, new)), 0)
-    }
-
-    #[inline(never)]
-    fn route(
-        ctx: &TcContext,
-        proto: u8,
-        dst: [u32; 4],
-        nexthop: &mut [u32; 4],
-        src: Option<&mut [u32; 4]>,
-    ) -> u32 {
-        // SAFETY: plain integers; all-zero is a valid request to fill in.
-        let mut f: FibParams = unsafe { core::mem::zeroed() };
-        f.family = 10; // AF_INET6
-        f.l4_protocol = proto;
-        f.__bindgen_anon_4.ipv6_dst = dst;
-        if fib(ctx, &mut f).is_none() {
-            return 0;
-        }
-        // SAFETY: the helper filled the IPv6 members.
-        unsafe {
-            *nexthop = f.__bindgen_anon_4.ipv6_dst;
-            if let Some(src) = src {
-                *src = f.__bindgen_anon_3.ipv6_src;
-            }
-        }
-        f.ifindex
     }
 
     #[inline(always)]

@@ -43,7 +43,7 @@ use skiff_ebpf_common::{
 };
 
 use crate::BPF_F_NO_PREALLOC;
-use crate::ip::{IP, Ip, V4, V6, csum_of};
+use crate::ip::{IP, Ip, V4, V6, csum_of, route};
 use crate::packet::at;
 
 #[map(name = "EXTERNAL")]
@@ -592,14 +592,14 @@ fn plan<F: Ip>(
         // The backend sees the client's own tuple.
         return Some(());
     }
-    e.flow.ifindex = F::route(
+    e.flow.ifindex = route::<F>(
         ctx,
         p.proto,
         F::narrow(&b.addr),
         &mut e.flow.nexthop,
         Some(&mut e.flow.snat),
     );
-    e.rev.ifindex = F::route(ctx, p.proto, p.saddr, &mut e.rev.nexthop, None);
+    e.rev.ifindex = route::<F>(ctx, p.proto, p.saddr, &mut e.rev.nexthop, None);
     (e.flow.ifindex != 0 && e.rev.ifindex != 0).then_some(())
 }
 

@@ -45,7 +45,7 @@ use skiff_ebpf_common::{
 mod packet;
 mod runtime;
 
-use packet::{at, fold_sum, redirect_neigh, redirect_to, take_hop};
+use packet::{at, fold_sum, redirect_neigh, redirect_to, take_hop, take_hop6};
 
 #[map(name = "OVERLAY_PEERS")]
 static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
@@ -145,13 +145,7 @@ unsafe fn hop<const V6: bool>(ip: usize) -> bool {
     // SAFETY: the caller checked the bounds (the checksum's too).
     unsafe {
         if V6 {
-            let limit = (ip + 7) as *mut u8;
-            let left = core::ptr::read_unaligned(limit);
-            if left <= 1 {
-                return false;
-            }
-            core::ptr::write_unaligned(limit, left - 1);
-            return true;
+            return take_hop6(ip);
         }
         let Some(diff) = take_hop(ip) else {
             return false;

@@ -79,6 +79,25 @@ pub unsafe fn take_hop(ip: usize) -> Option<u32> {
     }
 }
 
+/// Takes one hop off the limit of the IPv6 header at `ip`, in place;
+/// false, and nothing written, when the packet has none left.
+///
+/// # Safety
+/// `ip + 7` must be within the packet's checked bounds.
+#[inline(always)]
+pub unsafe fn take_hop6(ip: usize) -> bool {
+    let limit = (ip + 7) as *mut u8;
+    // SAFETY: the caller checked the bounds.
+    unsafe {
+        let left = core::ptr::read_unaligned(limit);
+        if left <= 1 {
+            return false;
+        }
+        core::ptr::write_unaligned(limit, left - 1);
+    }
+    true
+}
+
 /// The Internet checksum of `words` 16-bit words at `at` (whose own
 /// checksum field is zero).
 ///
