@@ -560,6 +560,9 @@ pub struct Summary {
     pub ratio_to_direct: f64,
     pub ratio_min: f64,
     pub ratio_max: f64,
+    /// Approximate 95 % confidence interval of that median (order
+    /// statistics of the pairs): what a target can be checked against.
+    pub ratio_ci: (f64, f64),
     pub p50_us: f64,
     pub p99_us: f64,
     pub program_ms: Option<f64>,
@@ -579,15 +582,17 @@ fn summarize(samples: &[Sample]) -> Vec<Summary> {
     let mut out = Vec::new();
     for ((state, n, mode), g) in &groups {
         let direct = groups.get(&(*state, *n, Mode::Direct));
-        let paired: Vec<f64> = g
+        let mut paired: Vec<f64> = g
             .iter()
             .filter_map(|s| {
                 let d = direct?.iter().find(|d| d.round == s.round)?;
                 (d.rate > 0.0).then(|| s.rate / d.rate)
             })
             .collect();
+        paired.sort_by(f64::total_cmp);
         let rate = rate_of(g);
         out.push(Summary {
+            ratio_ci: super::stats::median_ci(&paired),
             ratio_to_direct: median(paired.clone()).unwrap_or(f64::NAN),
             ratio_min: paired.iter().copied().fold(f64::INFINITY, f64::min),
             ratio_max: paired.iter().copied().fold(f64::NEG_INFINITY, f64::max),
@@ -614,7 +619,7 @@ fn fmt_opt(v: Option<f64>, unit: &str) -> String {
 pub fn print_table(summary: &[Summary]) {
     println!();
     println!(
-        "{:<7} {:>8} {:<9} {:>9} {:>15} {:>8} {:>13} {:>8} {:>8} {:>12} {:>12} {:>6}",
+        "{:<7} {:>8} {:<9} {:>9} {:>15} {:>8} {:>13} {:>13} {:>8} {:>8} {:>12} {:>12} {:>6}",
         "state",
         "services",
         "mode",
@@ -622,6 +627,7 @@ pub fn print_table(summary: &[Summary]) {
         "min..max",
         "ratio",
         "ratio min..max",
+        "ratio 95% CI",
         "p50 us",
         "p99 us",
         "program",
@@ -630,7 +636,7 @@ pub fn print_table(summary: &[Summary]) {
     );
     for s in summary {
         println!(
-            "{:<7} {:>8} {:<9} {:>9.0} {:>15} {:>8.3} {:>13} {:>8.0} {:>8.0} {:>12} {:>12} {:>6}",
+            "{:<7} {:>8} {:<9} {:>9.0} {:>15} {:>8.3} {:>13} {:>13} {:>8.0} {:>8.0} {:>12} {:>12} {:>6}",
             format!("{:?}", s.state).to_lowercase(),
             s.services,
             s.mode.name(),
@@ -638,6 +644,7 @@ pub fn print_table(summary: &[Summary]) {
             format!("{:.0}..{:.0}", s.rate_min, s.rate_max),
             s.ratio_to_direct,
             format!("{:.3}..{:.3}", s.ratio_min, s.ratio_max),
+            format!("{:.3}..{:.3}", s.ratio_ci.0, s.ratio_ci.1),
             s.p50_us,
             s.p99_us,
             fmt_opt(s.program_ms, "ms"),
@@ -646,7 +653,7 @@ pub fn print_table(summary: &[Summary]) {
         );
     }
     println!(
-        "ratio = median over rounds of the connection rate / direct's (the limit: the backend's own address) in the same round, size and state"
+        "ratio = median over rounds of the connection rate / direct's (the limit: the backend's own address) in the same round, size and state; 95% CI: where that median lies, from the rounds' spread (more rounds narrow it)"
     );
 }
 

@@ -11,6 +11,21 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// An approximate 95 % confidence interval of the median of an ascending
+/// slice, from its order statistics (the sign test's binomial, by its
+/// normal approximation): where the true median lies, whatever the
+/// distribution. Under about 6 values it is the whole range.
+pub fn median_ci(sorted: &[f64]) -> (f64, f64) {
+    let n = sorted.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let half = 0.98 * (n as f64).sqrt();
+    let lo = ((n as f64 / 2.0) - half).floor().max(0.0) as usize;
+    let hi = ((n as f64 / 2.0) + half).ceil() as usize;
+    (sorted[lo.min(n - 1)], sorted[hi.min(n - 1)])
+}
+
 /// `{p50, p99, min, max, n}` of the values.
 pub fn summary(mut v: Vec<f64>) -> Value {
     v.sort_by(f64::total_cmp);
@@ -57,4 +72,19 @@ pub fn bpf_cost<T>(
         })
         .collect();
     Ok((result, costs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_interval_narrows_with_more_values_and_stays_inside_them() {
+        let few: Vec<f64> = (1..=5).map(f64::from).collect();
+        assert_eq!(median_ci(&few), (1.0, 5.0));
+        let many: Vec<f64> = (1..=100).map(f64::from).collect();
+        // 50 ± 9.8: the 40th and 60th values (counting from 1).
+        assert_eq!(median_ci(&many), (41.0, 61.0));
+        assert!(median_ci(&[]).0.is_nan());
+    }
 }
