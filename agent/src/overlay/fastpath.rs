@@ -102,9 +102,8 @@ pub struct FastPath {
     bridge_link: Option<(u32, SchedClassifierLinkId)>,
     /// What `peers` holds, by (network address, prefix).
     held: Mirror<(Ipv4Addr, u8), OverlayPeer>,
-    /// What `peers6` holds, and which IPv4 subnet's lease each came with.
+    /// What `peers6` holds.
     held6: Mirror<(Ipv6Addr, u8), OverlayPeer6>,
-    paired: BTreeMap<(Ipv4Addr, u8), (Ipv6Addr, u8)>,
     cni_records: PathBuf,
     /// What `pods` and `pods6` hold: address to host veth (ifindex).
     pods_held: Mirror<u32, u32>,
@@ -327,7 +326,6 @@ impl FastPath {
             bridge_link: None,
             held: Mirror::new(),
             held6: Mirror::new(),
-            paired: BTreeMap::new(),
             cni_records: l.cni_records.clone(),
             pods_held: Mirror::new(),
             pods6_held: Mirror::new(),
@@ -415,61 +413,42 @@ impl FastPath {
         self.write_local()
     }
 
-    /// A peer's lease came or changed: `subnet` now stands for `e`.
-    pub fn put(&mut self, subnet: Ipv4Network, e: &Entries) -> Result<(), FastPathError> {
-        let (k, peer) = match peer_of(e) {
-            Some((k, peer)) => (k, Some(peer)),
-            None => ((subnet.network(), subnet.prefix()), None),
-        };
-        self.held
-            .set(k, peer, &mut peers_writer(&mut self.peers))
-            .map_err(map_err(names::OVERLAY_PEERS))?;
-        let six = peer6_of(e);
-        let was = match six {
-            Some((k6, _)) => self.paired.insert(k, k6),
-            None => self.paired.remove(&k),
-        };
-        let mut write = peers6_writer(&mut self.peers6);
-        if let Some(old) = was.filter(|old| six.is_none_or(|(k6, _)| k6 != *old)) {
-            self.held6
-                .set(old, None, &mut write)
-                .map_err(map_err(names::OVERLAY_PEERS6))?;
-        }
-        if let Some((k6, peer6)) = six {
-            self.held6
-                .set(k6, Some(peer6), &mut write)
-                .map_err(map_err(names::OVERLAY_PEERS6))?;
-        }
-        Ok(())
+    /// A peer's lease came (`old` None) or changed: its entries were
+    /// `old` and are `new`. What only `old` named is taken out.
+    pub fn put(&mut self, old: Option<&Entries>, new: &Entries) -> Result<(), FastPathError> {
+        let (k, peer) = split(peer_of(new));
+        let old_k = old.and_then(peer_of).map(|(k, _)| k);
+        replace(
+            &mut self.held,
+            old_k,
+            k,
+            peer,
+            peers_writer(&mut self.peers),
+        )
+        .map_err(map_err(names::OVERLAY_PEERS))?;
+        let (k6, peer6) = split(peer6_of(new));
+        let old_k6 = old.and_then(peer6_of).map(|(k, _)| k);
+        replace(
+            &mut self.held6,
+            old_k6,
+            k6,
+            peer6,
+            peers6_writer(&mut self.peers6),
+        )
+        .map_err(map_err(names::OVERLAY_PEERS6))
     }
 
-    /// A peer's lease went.
-    pub fn remove(&mut self, subnet: Ipv4Network) -> Result<(), FastPathError> {
-        let k = (subnet.network(), subnet.prefix());
-        self.held
-            .set(k, None, &mut peers_writer(&mut self.peers))
-            .map_err(map_err(names::OVERLAY_PEERS))?;
-        if let Some(k6) = self.paired.remove(&k) {
-            self.held6
-                .set(k6, None, &mut peers6_writer(&mut self.peers6))
-                .map_err(map_err(names::OVERLAY_PEERS6))?;
-        }
-        Ok(())
+    /// A peer's lease went; its entries were `old`.
+    pub fn remove(&mut self, old: &Entries) -> Result<(), FastPathError> {
+        self.put(Some(old), &Entries::default())
     }
 
     /// Makes the peers exactly those of `all` (each lease's entries).
     pub fn sync(&mut self, all: impl Iterator<Item = Entries>) -> Result<(), FastPathError> {
         let (mut want, mut want6) = (BTreeMap::new(), BTreeMap::new());
-        self.paired.clear();
         for e in all {
-            let Some((k, peer)) = peer_of(&e) else {
-                continue;
-            };
-            want.insert(k, peer);
-            if let Some((k6, peer6)) = peer6_of(&e) {
-                want6.insert(k6, peer6);
-                self.paired.insert(k, k6);
-            }
+            want.extend(peer_of(&e));
+            want6.extend(peer6_of(&e));
         }
         self.held
             .sync(want, peers_writer(&mut self.peers))
@@ -478,6 +457,32 @@ impl FastPath {
             .sync(want6, peers6_writer(&mut self.peers6))
             .map_err(map_err(names::OVERLAY_PEERS6))
     }
+}
+
+/// A peer entry as (key, value), either possibly absent.
+fn split<K, V>(e: Option<(K, V)>) -> (Option<K>, Option<V>) {
+    match e {
+        Some((k, v)) => (Some(k), Some(v)),
+        None => (None, None),
+    }
+}
+
+/// `held` goes from `old` to `new` at `k`: `old` is deleted when no entry
+/// takes its place at the same key.
+fn replace<K: Ord + Copy, V: PartialEq + Copy>(
+    held: &mut Mirror<K, V>,
+    old: Option<K>,
+    k: Option<K>,
+    v: Option<V>,
+    mut write: impl FnMut(K, Option<V>) -> Result<(), MapError>,
+) -> Result<(), MapError> {
+    if let Some(old) = old.filter(|old| k != Some(*old)) {
+        held.set(old, None, &mut write)?;
+    }
+    if let (Some(k), Some(v)) = (k, v) {
+        held.set(k, Some(v), &mut write)?;
+    }
+    Ok(())
 }
 
 /// Starts the fast path, or says why the kernel's path alone carries the
@@ -522,5 +527,36 @@ mod tests {
         assert!(m.0.is_empty());
         let failed = m.set(3, Some(30), &mut |_, _| Err(MapError::KeyNotFound));
         assert!(failed.is_err() && m.0.is_empty());
+    }
+
+    #[test]
+    fn a_changed_peer_takes_its_old_key_out_only_when_the_key_moved() {
+        let mut m: Mirror<u32, u32> = Mirror::new();
+        let mut writes = Vec::new();
+        let mut step = |m: &mut Mirror<u32, u32>, old, k, v| {
+            replace(m, old, k, v, |k, v| {
+                writes.push((k, v));
+                Ok(())
+            })
+            .unwrap();
+        };
+        step(&mut m, None, Some(1), Some(10));
+        // The same key with another value: overwritten, not deleted.
+        step(&mut m, Some(1), Some(1), Some(11));
+        // Another key: the old one goes.
+        step(&mut m, Some(1), Some(2), Some(20));
+        // No entry any more (the lease went).
+        step(&mut m, Some(2), None, None);
+        assert_eq!(
+            writes,
+            vec![
+                (1, Some(10)),
+                (1, Some(11)),
+                (1, None),
+                (2, Some(20)),
+                (2, None)
+            ]
+        );
+        assert!(m.0.is_empty());
     }
 }

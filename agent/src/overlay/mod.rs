@@ -367,15 +367,13 @@ impl Node {
                     error!(subnet = %l.subnet, other = %l.attrs.public_ip, "our subnet was written by another node");
                 }
                 let new = self.dp.entries_for(&l);
-                if let Some(old) = self.leases.get(&l.subnet) {
-                    let old = self.dp.entries_for(old);
-                    if old != new {
-                        self.dp.remove(&old).await?;
-                    }
+                let old = self.leases.get(&l.subnet).map(|o| self.dp.entries_for(o));
+                if let Some(old) = old.as_ref().filter(|old| **old != new) {
+                    self.dp.remove(old).await?;
                 }
                 self.dp.install(&new).await?;
                 if let Some(f) = self.fast.as_mut()
-                    && let Err(e) = f.put(l.subnet, &new)
+                    && let Err(e) = f.put(old.as_ref(), &new)
                 {
                     warn!(subnet = %l.subnet, error = %e, "overlay fast path: writing a peer failed");
                 }
@@ -383,9 +381,10 @@ impl Node {
             }
             Event::Delete(s) => {
                 if let Some(old) = self.leases.remove(&s) {
-                    self.dp.remove(&self.dp.entries_for(&old)).await?;
+                    let old = self.dp.entries_for(&old);
+                    self.dp.remove(&old).await?;
                     if let Some(f) = self.fast.as_mut()
-                        && let Err(e) = f.remove(s)
+                        && let Err(e) = f.remove(&old)
                     {
                         warn!(subnet = %s, error = %e, "overlay fast path: removing a peer failed");
                     }

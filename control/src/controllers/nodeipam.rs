@@ -51,33 +51,17 @@ impl NodeCidrs {
     pub fn new(cluster: &str, node_prefix: u8, node_prefix6: u8) -> Result<Self, String> {
         let mut parts = cluster.split(',').map(str::trim);
         let first = parts.next().unwrap_or_default();
-        let cidr = Cidr::pod_network(first).map_err(|e| format!("--cluster-cidr {e}"))?;
-        let IpAddr::V4(network) = cidr.network() else {
-            return Err(format!(
-                "--cluster-cidr {cluster:?}: the first range must be IPv4 (the overlay is IPv4 first)"
-            ));
+        let (network, prefix) = family_range(first, false, node_prefix)?;
+        let IpAddr::V4(network) = network else {
+            unreachable!("family_range checked the family");
         };
-        let prefix = cidr.len;
-        if node_prefix <= prefix || node_prefix > 30 {
-            return Err(format!(
-                "--node-cidr-mask-size {node_prefix}: must be longer than the cluster CIDR's /{prefix} and at most 30"
-            ));
-        }
         let ipv6 = match parts.next() {
             None => None,
             Some(second) => {
-                let cidr6 = Cidr::pod_network(second).map_err(|e| format!("--cluster-cidr {e}"))?;
-                let IpAddr::V6(network6) = cidr6.network() else {
-                    return Err(format!(
-                        "--cluster-cidr {cluster:?}: the second range must be IPv6"
-                    ));
+                let (network6, prefix6) = family_range(second, true, node_prefix6)?;
+                let IpAddr::V6(network6) = network6 else {
+                    unreachable!("family_range checked the family");
                 };
-                let prefix6 = cidr6.len;
-                if node_prefix6 <= prefix6 || node_prefix6 > 126 {
-                    return Err(format!(
-                        "--node-cidr-mask-size-ipv6 {node_prefix6}: must be longer than the IPv6 cluster CIDR's /{prefix6} and at most 126"
-                    ));
-                }
                 if node_prefix6 - prefix6 < node_prefix - prefix {
                     return Err(format!(
                         "--node-cidr-mask-size-ipv6 {node_prefix6}: {second} holds fewer /{node_prefix6} ranges than {first} holds /{node_prefix} ones"
@@ -153,6 +137,30 @@ impl NodeCidrs {
         }
         Some(out)
     }
+}
+
+/// One family's part of `--cluster-cidr`: its network and prefix, with
+/// the node ranges' size for it checked (longer than the prefix, at most
+/// 30 for IPv4 and 126 for IPv6).
+fn family_range(s: &str, v6: bool, node_prefix: u8) -> Result<(IpAddr, u8), String> {
+    let cidr = Cidr::pod_network(s).map_err(|e| format!("--cluster-cidr {e}"))?;
+    let (position, family, flag, max) = if v6 {
+        ("second", "IPv6", "--node-cidr-mask-size-ipv6", 126)
+    } else {
+        ("first", "IPv4", "--node-cidr-mask-size", 30)
+    };
+    if cidr.network().is_ipv6() != v6 {
+        return Err(format!(
+            "--cluster-cidr {s:?}: the {position} range must be {family}"
+        ));
+    }
+    if node_prefix <= cidr.len || node_prefix > max {
+        return Err(format!(
+            "{flag} {node_prefix}: must be longer than the {family} cluster CIDR's /{} and at most {max}",
+            cidr.len
+        ));
+    }
+    Ok((cidr.network(), cidr.len))
 }
 
 fn pod_cidr(node: &Node) -> Option<&str> {
