@@ -240,8 +240,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("skiff-etcd-test-{}", std::process::id()));
         let arg = data_dir_arg(&dir);
         // A stand-in for an orphaned etcd: a process holding the argument.
+        // It waits on a builtin (`read`), not a child: a forked `sleep`
+        // shows the shell's command line until it has exec'd, and was
+        // taken for a second holder now and then.
         let mut orphan = Command::new("sh")
-            .args(["-c", "sleep 60", "etcd", &arg])
+            .args(["-c", "read _", "etcd", &arg])
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("sh");
         let other = data_dir_arg(&dir.join("other"));
