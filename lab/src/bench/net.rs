@@ -20,7 +20,7 @@ use skiff_tests::overlay::{Cluster, Node, Pod};
 use skiff_tests::{Netns, Spawn, TempDir, bin, unique};
 
 use super::knobs::Knob;
-use super::stats::{pct, summary};
+use super::stats::{median_ci, pct, summary};
 
 pub struct Args {
     pub rounds: usize,
@@ -586,8 +586,8 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
         );
     }
     // Each round's own pair (the machine drifts between rounds): median,
-    // min and max of the per-round ratios.
-    let paired = |a: &str, b: &str| -> (f64, f64, f64) {
+    // min, max and the median's 95 % interval of the per-round ratios.
+    let paired = |a: &str, b: &str| -> (f64, f64, f64, (f64, f64)) {
         let xs = |k: &str| -> Vec<f64> {
             tp["samples"][k]
                 .as_array()
@@ -604,11 +604,12 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
             pct(&s, 0.5),
             s.first().copied().unwrap_or(0.0),
             s.last().copied().unwrap_or(0.0),
+            median_ci(&s),
         )
     };
-    println!("\nratios, per round (median, min – max)");
-    println!("| ratio | median | min – max |");
-    println!("| --- | ---: | ---: |");
+    println!("\nratios, per round (median, min – max, the median's 95 % interval)");
+    println!("| ratio | median | min – max | 95 % CI |");
+    println!("| --- | ---: | ---: | ---: |");
     for (name, a, b) in [
         (
             "vxlan ÷ host-gw, as shipped (target ≥ 0.9)",
@@ -632,8 +633,8 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
             "host-gw-kernel",
         ),
     ] {
-        let (m, lo, hi) = paired(a, b);
-        println!("| {name} | {m:.3} | {lo:.3} – {hi:.3} |");
+        let (m, lo, hi, (ci_lo, ci_hi)) = paired(a, b);
+        println!("| {name} | {m:.3} | {lo:.3} – {hi:.3} | {ci_lo:.3} – {ci_hi:.3} |");
     }
     let vx_ratio = paired("vxlan", "host-gw").0;
     if !args.knobs.is_empty() {
