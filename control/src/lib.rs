@@ -13,6 +13,7 @@ pub mod client;
 pub mod controllers;
 pub mod etcd;
 pub mod fit;
+pub mod leader;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;
@@ -23,5 +24,7 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod table;
+#[cfg(test)]
+mod testutil;
 pub mod tokens;
 pub mod validate;

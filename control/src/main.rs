@@ -144,6 +144,28 @@ struct RunArgs {
     /// Prefix length of each Node's IPv6 podCIDR (dual stack).
     #[arg(long, default_value_t = 64)]
     node_cidr_mask_size_ipv6: u8,
+    /// Run the scheduler and the controllers only while holding their
+    /// leases (kube-system/kube-scheduler, kube-system/kube-controller-manager),
+    /// so that several replicas on one etcd take turns.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// How long a lease lasts without renewal before others may take it.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    leader_elect_lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it stops acting.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    leader_elect_renew_deadline: Duration,
+    /// How often leaders renew and candidates try.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    leader_elect_retry_period: Duration,
+}
+
+/// A duration such as 15s, 1m30s or 500ms.
+fn duration(s: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("{s:?}: expected a duration such as 15s or 500ms ({e})"))?;
+    Duration::try_from(d).map_err(|_| format!("{s:?}: must not be negative"))
 }
 
 fn port_range(s: &str) -> Result<(u16, u16)> {
@@ -249,6 +271,17 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let leader_elect = if cli.leader_elect {
+        let timing = skiff_control::leader::Timing {
+            lease_duration: cli.leader_elect_lease_duration,
+            renew_deadline: cli.leader_elect_renew_deadline,
+            retry_period: cli.leader_elect_retry_period,
+        };
+        timing.check()?;
+        Some(timing)
+    } else {
+        None
+    };
     let components = cli
         .components
         .iter()
@@ -272,6 +305,7 @@ async fn main() -> Result<()> {
         node_grace: Duration::from_secs(cli.node_monitor_grace_seconds),
         eviction_timeout: Duration::from_secs(cli.pod_eviction_timeout_seconds),
         node_cidrs,
+        leader_elect,
     })
     .await
 }

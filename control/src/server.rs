@@ -53,6 +53,10 @@ pub struct ControlConfig {
     pub eviction_timeout: std::time::Duration,
     /// Node IPAM's pod network (`--allocate-node-cidrs`), if on.
     pub node_cidrs: Option<crate::controllers::nodeipam::NodeCidrs>,
+    /// Leader election for the scheduler and the controllers (each under a
+    /// lease of its own), so that replicas on one etcd take turns; None:
+    /// they act without one.
+    pub leader_elect: Option<crate::leader::Timing>,
 }
 
 pub fn admin_kubeconfig_path(data_dir: &std::path::Path) -> PathBuf {
@@ -146,10 +150,33 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             .context("--kubeconfig is needed when the apiserver runs elsewhere")?
     };
 
+    // Set on shutdown: elected components release their leases.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut elected = Vec::new();
     if cfg.components.iter().any(|c| *c != Component::Apiserver) {
         let client = crate::client::from_kubeconfig(&kubeconfig).await?;
+        let identity = crate::leader::identity(&cfg.data_dir)
+            .with_context(|| format!("the leader identity in {}", cfg.data_dir.display()))?;
+        let under_lease = |name: &str| {
+            cfg.leader_elect.map(|timing| crate::leader::Election {
+                namespace: crate::leader::NAMESPACE.into(),
+                name: name.into(),
+                identity: identity.clone(),
+                timing,
+            })
+        };
         if cfg.components.contains(&Component::Scheduler) {
-            tasks.push(tokio::spawn(crate::scheduler::run(client.clone())));
+            let c = client.clone();
+            let work = move || crate::scheduler::run(c.clone());
+            match under_lease(crate::leader::SCHEDULER) {
+                Some(e) => elected.push(tokio::spawn(crate::leader::run(
+                    client.clone(),
+                    e,
+                    stopped.clone(),
+                    work,
+                ))),
+                None => tasks.push(tokio::spawn(work())),
+            }
         }
         if cfg.components.contains(&Component::Controllers) {
             let settings = crate::controllers::Settings {
@@ -158,8 +185,16 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                 node_cidrs: cfg.node_cidrs,
                 signer: signer(&cfg.data_dir),
             };
-            for t in crate::controllers::spawn_all(client.clone(), settings) {
-                tasks.push(t);
+            let c = client.clone();
+            let work = move || crate::controllers::run_all(c.clone(), settings.clone());
+            match under_lease(crate::leader::CONTROLLERS) {
+                Some(e) => elected.push(tokio::spawn(crate::leader::run(
+                    client.clone(),
+                    e,
+                    stopped.clone(),
+                    work,
+                ))),
+                None => tasks.push(tokio::spawn(work())),
             }
         }
     }
@@ -172,6 +207,12 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         _ = term.recv() => {}
     }
     info!("stopping");
+    // The leaders give their leases up (briefly: the apiserver they write
+    // to may be this process, still serving until the tasks below end).
+    let _ = stop.send(true);
+    for t in elected {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), t).await;
+    }
     for t in tasks {
         t.abort();
     }

@@ -38,7 +38,11 @@ impl Etcd {
     /// Listening for clients on `ip` (an address the namespace holds, so
     /// that other test namespaces on its network reach it).
     pub fn start_on(netns: Option<&Netns>, ip: &str) -> Self {
-        let netns = netns.map(Netns::path);
+        Self::start_on_path(netns.map(Netns::path).as_deref(), ip)
+    }
+
+    fn start_on_path(netns: Option<&str>, ip: &str) -> Self {
+        let netns = netns.map(String::from);
         let dir = TempDir::new();
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://{ip}:{client}");
@@ -122,11 +126,14 @@ pub enum Credential<'a> {
 
 pub struct ControlPlane {
     pub proc: Proc,
-    pub etcd: Etcd,
+    /// Shared by the replicas of one control plane (see `replica`).
+    pub etcd: std::sync::Arc<Etcd>,
     pub dir: TempDir,
     pub kubeconfig: PathBuf,
     pub server: String,
     netns: Option<String>,
+    /// The address it listens on (loopback, or every address).
+    host: String,
     join_token: std::sync::OnceLock<String>,
 }
 
@@ -139,19 +146,52 @@ impl ControlPlane {
 
     /// As `start`, with etcd, the control plane and kubectl in `netns`.
     pub fn start_in(netns: Option<&Netns>, extra: &[&str]) -> Self {
-        Self::launch(Etcd::start_in(netns), netns, "127.0.0.1", extra)
+        let netns = netns.map(Netns::path);
+        let etcd = Etcd::start_on_path(netns.as_deref(), "127.0.0.1");
+        Self::launch(etcd.into(), netns, "127.0.0.1", TempDir::new(), extra)
     }
 
     /// In `netns`, on `etcd`, listening on every address of the namespace
     /// (so that other namespaces on its network reach it); kubectl here
     /// still goes through loopback.
     pub fn start_on(netns: &Netns, etcd: Etcd, extra: &[&str]) -> Self {
-        Self::launch(etcd, Some(netns), "0.0.0.0", extra)
+        Self::launch(
+            etcd.into(),
+            Some(netns.path()),
+            "0.0.0.0",
+            TempDir::new(),
+            extra,
+        )
     }
 
-    fn launch(etcd: Etcd, netns: Option<&Netns>, host: &str, extra: &[&str]) -> Self {
-        let netns = netns.map(Netns::path);
+    /// Another replica of this control plane: a `skiff-control` of its own
+    /// (every component, with `extra`) on the same etcd and in the same
+    /// place, with a copy of this one's PKI (CA, service-account key, admin
+    /// token), as kubeadm copies them to a control-plane node that joins.
+    pub fn replica(&self, extra: &[&str]) -> Self {
         let dir = TempDir::new();
+        let (from, to) = (self.dir.path.join("pki"), dir.path.join("pki"));
+        std::fs::create_dir_all(&to).unwrap_or_else(|e| panic!("{}: {e}", to.display()));
+        for name in ["ca.crt", "ca.key", "sa.key", "admin.token"] {
+            let (f, t) = (from.join(name), to.join(name));
+            std::fs::copy(&f, &t).unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
+        }
+        Self::launch(
+            self.etcd.clone(),
+            self.netns.clone(),
+            &self.host.clone(),
+            dir,
+            extra,
+        )
+    }
+
+    fn launch(
+        etcd: std::sync::Arc<Etcd>,
+        netns: Option<String>,
+        host: &str,
+        dir: TempDir,
+        extra: &[&str],
+    ) -> Self {
         let port = free_port();
         let proc = Spawn::new(bin("skiff-control"))
             .args([
@@ -175,6 +215,7 @@ impl ControlPlane {
             server: format!("https://127.0.0.1:{port}"),
             dir,
             netns,
+            host: host.to_string(),
             join_token: std::sync::OnceLock::new(),
         };
         wait_for(

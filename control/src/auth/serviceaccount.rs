@@ -274,21 +274,10 @@ fn b64_json<T: Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::TempDir;
 
-    struct Dir(std::path::PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tokens() -> (Tokens, Dir) {
-        let dir = Dir(std::env::temp_dir().join(format!(
-            "skiff-sa-{}",
-            crate::pki::random_hex(8).expect("random")
-        )));
-        std::fs::create_dir_all(&dir.0).expect("temp dir");
+    fn tokens() -> (Tokens, TempDir) {
+        let dir = TempDir::new("skiff-sa");
         let t = Tokens::load_or_create(&dir.0.join("sa.key")).expect("key");
         (t, dir)
     }

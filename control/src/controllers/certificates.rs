@@ -39,7 +39,7 @@ pub async fn run(client: Client, signer: Option<Arc<Signer>>) {
     let api = Api::<CertificateSigningRequest>::all(client.clone());
     let (csrs, _w) = reflect(api.clone(), notify.clone());
     ready(&csrs).await;
-    tokio::spawn(clean_tokens(client));
+    let _cleaner = super::Owned::spawn(clean_tokens(client));
     loop {
         next_pass("certificates", &notify, Duration::from_secs(60)).await;
         for c in csrs.state() {

@@ -41,28 +41,51 @@ pub struct Settings {
     pub node_cidrs: Option<nodeipam::NodeCidrs>,
 }
 
-/// Starts every controller.
-pub fn spawn_all(client: Client, settings: Settings) -> Vec<JoinHandle<()>> {
+/// Runs every controller until dropped. Dropping it (as a replica that
+/// lost its lease does) stops them all at once, their watches and helper
+/// tasks with them.
+pub async fn run_all(client: Client, settings: Settings) {
     let ca_pem = settings.signer.as_ref().map(|s| s.ca_cert_pem.clone());
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     if let Some(cidrs) = settings.node_cidrs {
-        tasks.push(tokio::spawn(nodeipam::run(client.clone(), cidrs)));
+        tasks.spawn(nodeipam::run(client.clone(), cidrs));
     }
-    tasks.extend([
-        tokio::spawn(certificates::run(client.clone(), settings.signer.clone())),
-        tokio::spawn(replicaset::run(client.clone())),
-        tokio::spawn(deployment::run(client.clone())),
-        tokio::spawn(daemonset::run(client.clone())),
-        tokio::spawn(endpointslice::run(client.clone())),
-        tokio::spawn(gc::run(client.clone())),
-        tokio::spawn(nodelifecycle::run(client.clone(), settings.clone())),
-        tokio::spawn(serviceaccount::run(client, ca_pem)),
-    ]);
-    tasks
+    tasks.spawn(certificates::run(client.clone(), settings.signer.clone()));
+    tasks.spawn(replicaset::run(client.clone()));
+    tasks.spawn(deployment::run(client.clone()));
+    tasks.spawn(daemonset::run(client.clone()));
+    tasks.spawn(endpointslice::run(client.clone()));
+    tasks.spawn(gc::run(client.clone()));
+    tasks.spawn(nodelifecycle::run(client.clone(), settings));
+    tasks.spawn(serviceaccount::run(client, ca_pem));
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            warn!(error = %e, "a controller ended");
+        }
+    }
+}
+
+/// A task that ends when its handle is dropped: a controller's watches
+/// and helpers end with the controller.
+pub(crate) struct Owned(JoinHandle<()>);
+
+impl Owned {
+    pub(crate) fn spawn<F>(task: F) -> Self
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        Self(tokio::spawn(task))
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A reflector store of `api`'s objects; `notify` fires on every change.
-pub(crate) fn reflect<K>(api: Api<K>, notify: Arc<Notify>) -> (Store<K>, JoinHandle<()>)
+pub(crate) fn reflect<K>(api: Api<K>, notify: Arc<Notify>) -> (Store<K>, Owned)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -71,11 +94,7 @@ where
 }
 
 /// As [`reflect`], for the objects called `name` only (in every namespace).
-pub(crate) fn reflect_named<K>(
-    api: Api<K>,
-    name: &str,
-    notify: Arc<Notify>,
-) -> (Store<K>, JoinHandle<()>)
+pub(crate) fn reflect_named<K>(api: Api<K>, name: &str, notify: Arc<Notify>) -> (Store<K>, Owned)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -84,17 +103,13 @@ where
     reflect_with(api, config, notify)
 }
 
-fn reflect_with<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    notify: Arc<Notify>,
-) -> (Store<K>, JoinHandle<()>)
+fn reflect_with<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> (Store<K>, Owned)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
     let (reader, writer) = reflector::store();
-    let task = tokio::spawn(async move {
+    let task = Owned::spawn(async move {
         let stream = watcher(api, config).default_backoff().reflect(writer);
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {

@@ -1,0 +1,159 @@
+//! High availability of the control plane: replicas of `skiff-control`
+//! on one real etcd, each serving the API, taking turns at scheduling and
+//! at running the controllers under `coordination.k8s.io` Leases.
+
+use std::time::{Duration, Instant};
+
+use skiff_tests::control::{ControlPlane, HollowNodes};
+use skiff_tests::{Spawn, wait_for};
+
+/// Upstream's defaults, which the replicas run with.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const RETRY_PERIOD: Duration = Duration::from_secs(2);
+
+const LEASES: [&str; 2] = ["kube-scheduler", "kube-controller-manager"];
+
+const WEB: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - {name: app, image: busybox:1.36}
+"#;
+
+/// The identity a replica stands for election under, from its log.
+fn identity(cp: &ControlPlane) -> String {
+    let log = cp.proc.log_text();
+    log.lines()
+        .filter(|l| l.contains("waiting for the lease"))
+        .find_map(|l| l.split("identity=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(String::from)
+        .unwrap_or_else(|| panic!("no identity in the log:\n{}", cp.log_tail()))
+}
+
+fn holder(cp: &ControlPlane, lease: &str) -> String {
+    cp.jsonpath(
+        &["lease", "-n", "kube-system", lease],
+        "{.spec.holderIdentity}",
+    )
+}
+
+fn transitions(cp: &ControlPlane, lease: &str) -> i64 {
+    cp.jsonpath(
+        &["lease", "-n", "kube-system", lease],
+        "{.spec.leaseTransitions}",
+    )
+    .parse()
+    .unwrap_or(0)
+}
+
+/// Waits until `cp`'s replica holds both leases; how long that took.
+fn wait_leading(cp: &ControlPlane, me: &str, within: Duration) -> Duration {
+    let since = Instant::now();
+    wait_for("the replica to hold both leases", within, || {
+        LEASES.iter().all(|l| holder(cp, l) == me).then_some(())
+    });
+    since.elapsed()
+}
+
+#[test]
+fn a_killed_leader_is_replaced_within_the_lease_duration_and_nothing_is_done_twice() {
+    let grace = ["--node-monitor-grace-seconds", "3600"];
+    let mut a = ControlPlane::start(&grace);
+    let a_id = identity(&a);
+    wait_leading(&a, &a_id, Duration::from_secs(20));
+    let mut b = a.replica(&grace);
+    let b_id = identity(&b);
+    assert_ne!(a_id, b_id);
+    b.add_node("n1", "", "8");
+    let _nodes = HollowNodes::start(&b, &["n1"]);
+
+    // Both replicas serve the API; only the leader acts.
+    b.apply(WEB).unwrap_or_else(|e| panic!("{e}"));
+    wait_for("3 available replicas", Duration::from_secs(30), || {
+        (a.jsonpath(&["deployment", "web"], "{.status.availableReplicas}") == "3").then_some(())
+    });
+    for l in LEASES {
+        assert_eq!(holder(&b, l), a_id, "{l}: the first replica leads");
+    }
+    assert!(
+        !b.proc.log_text().contains("lease acquired"),
+        "the second replica acted while the first led:\n{}",
+        b.log_tail()
+    );
+    let before: Vec<i64> = LEASES.iter().map(|l| transitions(&b, l)).collect();
+
+    // Every pod created from here on, as the API reports it.
+    let watch_log = b.dir.path.join("pods.watch");
+    let mut watch = Spawn::new("kubectl")
+        .env("KUBECONFIG", &b.kubeconfig.display().to_string())
+        .args(["get", "pods", "--watch-only", "-o", "name"])
+        .log_to(&watch_log)
+        .start();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The leader dies; meanwhile the Deployment is scaled and a pod waits
+    // to be scheduled.
+    a.proc.kill_now();
+    b.kubectl_ok(&["scale", "deployment", "web", "--replicas", "5"]);
+    b.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: waiting}\nspec:\n  containers:\n  - {name: c, image: busybox:1.36}\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // The lease runs out on the survivor's clock from the last renewal it
+    // saw (at most a retry period before the kill), and it looks every
+    // retry period (jittered by up to a fifth).
+    let took = wait_leading(&b, &b_id, Duration::from_secs(40));
+    eprintln!("the second replica took both leases {took:?} after the kill");
+    let bound = LEASE_DURATION + RETRY_PERIOD.mul_f64(2.4) + Duration::from_secs(2);
+    assert!(
+        took <= bound,
+        "took over after {took:?}, more than {bound:?}"
+    );
+    for (l, was) in LEASES.iter().zip(&before) {
+        assert_eq!(transitions(&b, l), was + 1, "{l}: one more transition");
+    }
+
+    wait_for(
+        "the waiting pod to be scheduled",
+        Duration::from_secs(20),
+        || (b.jsonpath(&["pod", "waiting"], "{.spec.nodeName}") == "n1").then_some(()),
+    );
+    wait_for("5 available replicas", Duration::from_secs(30), || {
+        (b.jsonpath(&["deployment", "web"], "{.status.availableReplicas}") == "5").then_some(())
+    });
+    // Time for a duplicate to show, were there one.
+    std::thread::sleep(Duration::from_secs(3));
+    let pods = b.kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "name"]);
+    assert_eq!(pods.lines().count(), 5, "{pods}");
+    watch.kill_now();
+    let events = std::fs::read_to_string(&watch_log).unwrap_or_default();
+    // Every pod the watch saw, once each: what was created since.
+    let created: std::collections::BTreeSet<&str> =
+        events.lines().filter(|l| l.starts_with("pod/")).collect();
+    assert_eq!(
+        created.len(),
+        3,
+        "two replicas and the waiting pod, each created once: {created:?}"
+    );
+
+    // A replica that stops gives its leases up: the next one takes them
+    // at once, not after the lease's duration.
+    let c = b.replica(&grace);
+    let c_id = identity(&c);
+    b.proc.terminate();
+    let took = wait_leading(&c, &c_id, Duration::from_secs(30));
+    eprintln!("after a clean stop, the third replica took both leases in {took:?}");
+    assert!(
+        took < LEASE_DURATION,
+        "a released lease is taken at once, took {took:?}"
+    );
+}
