@@ -63,6 +63,9 @@ pub fn admin_kubeconfig_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("admin.kubeconfig")
 }
 
+/// A component's work, started afresh each time it leads.
+type Work = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Runs until SIGINT/SIGTERM.
 pub async fn run(cfg: ControlConfig) -> Result<()> {
     let started = Instant::now();
@@ -157,26 +160,28 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         let client = crate::client::from_kubeconfig(&kubeconfig).await?;
         let identity = crate::leader::identity(&cfg.data_dir)
             .with_context(|| format!("the leader identity in {}", cfg.data_dir.display()))?;
-        let under_lease = |name: &str| {
-            cfg.leader_elect.map(|timing| crate::leader::Election {
-                namespace: crate::leader::NAMESPACE.into(),
-                name: name.into(),
-                identity: identity.clone(),
-                timing,
-            })
-        };
+        // Under its lease when elections are on (the task ends once it has
+        // released the lease), else on its own until the process ends.
+        let mut start =
+            |lease: &str, work: Box<dyn Fn() -> Work + Send + Sync>| match cfg.leader_elect {
+                Some(timing) => {
+                    let election = crate::leader::Election {
+                        namespace: crate::leader::NAMESPACE.into(),
+                        name: lease.into(),
+                        identity: identity.clone(),
+                        timing,
+                    };
+                    let task = crate::leader::run(client.clone(), election, stopped.clone(), work);
+                    elected.push(tokio::spawn(task));
+                }
+                None => tasks.push(tokio::spawn(work())),
+            };
         if cfg.components.contains(&Component::Scheduler) {
             let c = client.clone();
-            let work = move || crate::scheduler::run(c.clone());
-            match under_lease(crate::leader::SCHEDULER) {
-                Some(e) => elected.push(tokio::spawn(crate::leader::run(
-                    client.clone(),
-                    e,
-                    stopped.clone(),
-                    work,
-                ))),
-                None => tasks.push(tokio::spawn(work())),
-            }
+            start(
+                crate::leader::SCHEDULER,
+                Box::new(move || Box::pin(crate::scheduler::run(c.clone()))),
+            );
         }
         if cfg.components.contains(&Component::Controllers) {
             let settings = crate::controllers::Settings {
@@ -186,16 +191,12 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                 signer: signer(&cfg.data_dir),
             };
             let c = client.clone();
-            let work = move || crate::controllers::run_all(c.clone(), settings.clone());
-            match under_lease(crate::leader::CONTROLLERS) {
-                Some(e) => elected.push(tokio::spawn(crate::leader::run(
-                    client.clone(),
-                    e,
-                    stopped.clone(),
-                    work,
-                ))),
-                None => tasks.push(tokio::spawn(work())),
-            }
+            start(
+                crate::leader::CONTROLLERS,
+                Box::new(move || {
+                    Box::pin(crate::controllers::run_all(c.clone(), settings.clone()))
+                }),
+            );
         }
     }
     info!(ms = started.elapsed().as_millis() as u64, components = ?cfg.components, "control plane up");
