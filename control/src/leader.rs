@@ -117,7 +117,6 @@ pub fn identity(dir: &std::path::Path) -> std::io::Result<String> {
 /// The lease as this replica last saw it change, and when (its own clock).
 struct Observed {
     resource_version: Option<String>,
-    holder: Option<String>,
     duration: Duration,
     at: Instant,
 }
@@ -201,10 +200,9 @@ async fn keep(
     mut renewed: Instant,
 ) {
     let t = election.timing;
-    let mut wait = t.retry_period;
     loop {
         let deadline = renewed + t.renew_deadline;
-        tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;
+        tokio::time::sleep_until((Instant::now() + t.retry_period).min(deadline)).await;
         let sent = Instant::now();
         if sent >= deadline {
             warn!(lease = %election.name, "not renewed within the renew deadline");
@@ -212,11 +210,7 @@ async fn keep(
         }
         match tokio::time::timeout_at(deadline, try_acquire_or_renew(api, election, observed)).await
         {
-            Ok(Ok(Attempt::Held)) => {
-                renewed = sent;
-                wait = t.retry_period;
-                continue;
-            }
+            Ok(Ok(Attempt::Held)) => renewed = sent,
             Ok(Ok(Attempt::Busy { holder })) => {
                 warn!(lease = %election.name, holder, "lease taken by another replica");
                 return;
@@ -228,8 +222,6 @@ async fn keep(
                 return;
             }
         }
-        // Retry sooner after a failure, still within the deadline.
-        wait = t.retry_period / 2;
     }
 }
 
@@ -271,17 +263,16 @@ async fn try_acquire_or_renew(
     if observed.as_ref().map(|o| &o.resource_version) != Some(&current.metadata.resource_version) {
         *observed = Some(observation(&current));
     }
-    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-    if let (Some(holder), Some(seen)) = (&holder, observed.as_ref())
-        && holder != me
-        && !expired(seen, Instant::now())
+    let holder = spec.holder_identity.as_deref();
+    if let (Some(holder), Some(seen)) = (holder, observed.as_ref())
+        && !may_take(holder, me, seen, Instant::now())
     {
         return Ok(Attempt::Busy {
-            holder: holder.clone(),
+            holder: holder.to_string(),
         });
     }
     let transitions = spec.lease_transitions.unwrap_or(0);
-    let next = if holder.as_deref() == Some(me) {
+    let next = if holder == Some(me) {
         ours(
             transitions,
             spec.acquire_time.clone().unwrap_or(now.clone()),
@@ -332,7 +323,6 @@ fn observation(lease: &Lease) -> Observed {
     let spec = lease.spec.as_ref();
     Observed {
         resource_version: lease.metadata.resource_version.clone(),
-        holder: spec.and_then(|s| s.holder_identity.clone()),
         duration: Duration::from_secs(
             spec.and_then(|s| s.lease_duration_seconds)
                 .unwrap_or(0)
@@ -342,10 +332,11 @@ fn observation(lease: &Lease) -> Observed {
     }
 }
 
-/// Whether the holder `seen` could have lost the lease by `now`: nothing
-/// changed in it for its whole duration, on this replica's clock.
-fn expired(seen: &Observed, now: Instant) -> bool {
-    seen.holder.as_deref().is_none_or(str::is_empty) || seen.at + seen.duration <= now
+/// Whether this replica may write a lease `holder` holds, as it was `seen`:
+/// it is free (released), ours, or nothing changed in it for its whole
+/// duration, on this replica's clock.
+fn may_take(holder: &str, me: &str, seen: &Observed, now: Instant) -> bool {
+    holder.is_empty() || holder == me || seen.at + seen.duration <= now
 }
 
 /// `period` stretched by up to 20 %, from the clock's low bits.
@@ -359,10 +350,9 @@ mod tests {
     use super::*;
     use crate::testutil::TempDir;
 
-    fn seen(holder: Option<&str>, secs: u64, at: Instant) -> Observed {
+    fn seen(secs: u64, at: Instant) -> Observed {
         Observed {
             resource_version: Some("1".into()),
-            holder: holder.map(String::from),
             duration: Duration::from_secs(secs),
             at,
         }
@@ -371,11 +361,11 @@ mod tests {
     #[test]
     fn a_lease_expires_only_after_its_duration_without_change_or_when_free() {
         let t0 = Instant::now();
-        let held = seen(Some("a"), 15, t0);
-        assert!(!expired(&held, t0 + Duration::from_secs(14)));
-        assert!(expired(&held, t0 + Duration::from_secs(15)));
-        assert!(expired(&seen(None, 15, t0), t0));
-        assert!(expired(&seen(Some(""), 15, t0), t0));
+        let held = seen(15, t0);
+        assert!(!may_take("a", "b", &held, t0 + Duration::from_secs(14)));
+        assert!(may_take("a", "b", &held, t0 + Duration::from_secs(15)));
+        assert!(may_take("", "b", &held, t0), "released");
+        assert!(may_take("b", "b", &held, t0), "our own");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod controllers;
+pub mod duration;
 pub mod etcd;
 pub mod fit;
 pub mod leader;

@@ -160,12 +160,10 @@ struct RunArgs {
     leader_elect_retry_period: Duration,
 }
 
-/// A duration such as 15s, 1m30s or 500ms.
+/// A duration such as 15s or 1m30s.
 fn duration(s: &str) -> Result<Duration, String> {
-    let d: jiff::SignedDuration = s
-        .parse()
-        .map_err(|e| format!("{s:?}: expected a duration such as 15s or 500ms ({e})"))?;
-    Duration::try_from(d).map_err(|_| format!("{s:?}: must not be negative"))
+    skiff_control::duration::parse(s)
+        .ok_or_else(|| format!("{s:?}: expected a duration such as 15s, 2m or 1m30s"))
 }
 
 fn port_range(s: &str) -> Result<(u16, u16)> {

@@ -31,26 +31,7 @@ pub fn parse_ttl(s: &str) -> Result<Option<Duration>, TokenError> {
     if s.trim() == "0" {
         return Ok(None);
     }
-    let mut total = 0u64;
-    let mut num = String::new();
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        num.clear();
-        total += n * match c {
-            'h' => 3600,
-            'm' => 60,
-            's' => 1,
-            _ => return Err(bad()),
-        };
-    }
-    if !num.is_empty() || total == 0 {
-        return Err(bad());
-    }
-    Ok(Some(Duration::from_secs(total)))
+    crate::duration::parse(s).map(Some).ok_or_else(bad)
 }
 
 /// Creates a token: `id.secret`.

@@ -4,9 +4,7 @@
 //! straight paths instead of one that branches on the family everywhere.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{bpf_fib_lookup as FibParams, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
-    helpers::bpf_fib_lookup,
+    EbpfContext as _, bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup,
     programs::TcContext,
 };
 use skiff_ebpf_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, csum};
@@ -48,6 +46,11 @@ pub trait Ip: Copy + 'static {
     const ICMP_HEADERS: usize;
     /// The checksum of this family's ICMP covers a pseudo-header (ICMPv6).
     const ICMP_PSEUDO: bool;
+    /// Offsets in the network header of the protocol (next header) byte
+    /// and of the source and destination addresses.
+    const PROTO_AT: usize;
+    const SADDR: usize;
+    const DADDR: usize;
 
     /// The address as the maps hold it (IPv4 in the first word).
     fn wide(a: Self::Addr) -> [u32; 4];
@@ -57,10 +60,28 @@ pub trait Ip: Copy + 'static {
     /// What replacing `old` by `new` adds to a checksum over it.
     fn diff(old: Self::Addr, new: Self::Addr) -> u32;
 
+    /// The protocol of the packet (its next header for IPv6, so that one
+    /// with extension headers is not taken for TCP or UDP); None for a
+    /// fragment after the first.
+    fn proto_of(ctx: &TcContext) -> Option<u8>;
+
     /// The header of a packet the TC path may translate: TCP, UDP or this
     /// family's ICMP, not a later fragment, and (IPv6) with no extension
     /// headers.
-    fn header(ctx: &TcContext) -> Option<Header<Self::Addr>>;
+    #[inline(always)]
+    fn header(ctx: &TcContext) -> Option<Header<Self::Addr>> {
+        let hlen = Self::hlen_of(at::<u16>(ctx, IP)?.to_ne_bytes()[0])?;
+        let proto = Self::proto_of(ctx)?;
+        if proto != Self::ICMP && proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        Some(Header {
+            proto,
+            saddr: at(ctx, IP + Self::SADDR)?,
+            daddr: at(ctx, IP + Self::DADDR)?,
+            l4: IP + hlen,
+        })
+    }
 
     /// Writes the addresses into the header at `ip`, takes a hop off when
     /// `hop`, and keeps the header's own checksum (IPv4) right; `addrs` is
@@ -75,9 +96,26 @@ pub trait Ip: Copy + 'static {
     /// Whether an ICMP message of type `ty` is an error quoting a packet.
     fn icmp_error(ty: u8) -> bool;
 
+    /// The length of a network header whose first byte is `first`, if it
+    /// is this family's.
+    fn hlen_of(first: u8) -> Option<usize>;
+
     /// The quoted header of an ICMP error at `ip`: its protocol, addresses
     /// and the offset of its L4 header (TCP or UDP only).
-    fn quoted(ctx: &TcContext, ip: usize) -> Option<Header<Self::Addr>>;
+    #[inline(always)]
+    fn quoted(ctx: &TcContext, ip: usize) -> Option<Header<Self::Addr>> {
+        let hlen = Self::hlen_of(ctx.load(ip).ok()?)?;
+        let proto: u8 = ctx.load(ip + Self::PROTO_AT).ok()?;
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        Some(Header {
+            proto,
+            saddr: ctx.load(ip + Self::SADDR).ok()?,
+            daddr: ctx.load(ip + Self::DADDR).ok()?,
+            l4: ip + hlen,
+        })
+    }
 
     /// Stores a quoted address (`src` or destination) and updates the
     /// checksums that cover it: the quoted header's own (IPv4) and the
@@ -182,6 +220,9 @@ impl Ip for V4 {
     const HLEN: usize = 20;
     const ICMP_HEADERS: usize = 28;
     const ICMP_PSEUDO: bool = false;
+    const PROTO_AT: usize = 9;
+    const SADDR: usize = 12;
+    const DADDR: usize = 16;
     const PORT_UNREACHABLE: [u8; 2] = [3, 3];
 
     #[inline(always)]
@@ -205,29 +246,13 @@ impl Ip for V4 {
     }
 
     #[inline(always)]
-    fn header(ctx: &TcContext) -> Option<Header<u32>> {
-        let vihl = at::<u16>(ctx, IP)?.to_ne_bytes()[0];
-        if vihl >> 4 != 4 {
-            return None;
-        }
-        let ihl = usize::from(vihl & 0x0f) * 4;
-        if ihl < 20 {
-            return None;
-        }
+    fn proto_of(ctx: &TcContext) -> Option<u8> {
         let frag: u16 = at(ctx, IP + 6)?;
         if u16::from_be(frag) & 0x1fff != 0 {
             return None;
         }
-        let proto = at::<u16>(ctx, IP + 8)?.to_ne_bytes()[1];
-        if proto != Self::ICMP && proto != PROTO_TCP && proto != PROTO_UDP {
-            return None;
-        }
-        Some(Header {
-            proto,
-            saddr: at(ctx, IP + 12)?,
-            daddr: at(ctx, IP + 16)?,
-            l4: IP + ihl,
-        })
+        // TTL and protocol as one word.
+        Some(at::<u16>(ctx, IP + 8)?.to_ne_bytes()[1])
     }
 
     #[inline(always)]
@@ -241,8 +266,8 @@ impl Ip for V4 {
                     None => return false,
                 }
             }
-            core::ptr::write_unaligned((ip + 12) as *mut u32, saddr);
-            core::ptr::write_unaligned((ip + 16) as *mut u32, daddr);
+            core::ptr::write_unaligned((ip + Self::SADDR) as *mut u32, saddr);
+            core::ptr::write_unaligned((ip + Self::DADDR) as *mut u32, daddr);
             let sum = (ip + 10) as *mut u16;
             core::ptr::write_unaligned(sum, csum::apply(core::ptr::read_unaligned(sum), ip_diff));
         }
@@ -256,22 +281,9 @@ impl Ip for V4 {
     }
 
     #[inline(always)]
-    fn quoted(ctx: &TcContext, ip: usize) -> Option<Header<u32>> {
-        let vihl: u8 = ctx.load(ip).ok()?;
-        let ihl = usize::from(vihl & 0x0f) * 4;
-        if vihl >> 4 != 4 || ihl < 20 {
-            return None;
-        }
-        let proto: u8 = ctx.load(ip + 9).ok()?;
-        if proto != PROTO_TCP && proto != PROTO_UDP {
-            return None;
-        }
-        Some(Header {
-            proto,
-            saddr: ctx.load(ip + 12).ok()?,
-            daddr: ctx.load(ip + 16).ok()?,
-            l4: ip + ihl,
-        })
+    fn hlen_of(first: u8) -> Option<usize> {
+        let ihl = usize::from(first & 0x0f) * 4;
+        (first >> 4 == 4 && ihl >= 20).then_some(ihl)
     }
 
     #[inline(always)]
@@ -290,7 +302,7 @@ impl Ip for V4 {
         let old_sum: u16 = ctx.load(sum)?;
         ctx.l3_csum_replace(sum, u64::from(old), u64::from(new), 4)?;
         let new_sum: u16 = ctx.load(sum)?;
-        ctx.store(ip + if src { 12 } else { 16 }, &new, 0)?;
+        ctx.store(ip + if src { Self::SADDR } else { Self::DADDR }, &new, 0)?;
         ctx.l4_csum_replace(icmp + 2, u64::from(old), u64::from(new), 4)?;
         ctx.l4_csum_replace(icmp + 2, u64::from(old_sum), u64::from(new_sum), 2)
     }
@@ -342,6 +354,9 @@ impl Ip for V6 {
     const HLEN: usize = IPV6_HLEN;
     const ICMP_HEADERS: usize = IPV6_HLEN + 8;
     const ICMP_PSEUDO: bool = true;
+    const PROTO_AT: usize = 6;
+    const SADDR: usize = 8;
+    const DADDR: usize = 24;
     const PORT_UNREACHABLE: [u8; 2] = [1, 4];
 
     #[inline(always)]
@@ -373,22 +388,9 @@ impl Ip for V6 {
     }
 
     #[inline(always)]
-    fn header(ctx: &TcContext) -> Option<Header<[u32; 4]>> {
-        let ver = at::<u16>(ctx, IP)?.to_ne_bytes()[0];
-        if ver >> 4 != 6 {
-            return None;
-        }
+    fn proto_of(ctx: &TcContext) -> Option<u8> {
         // Next header and hop limit as one word.
-        let proto = at::<u16>(ctx, IP + 6)?.to_ne_bytes()[0];
-        if proto != Self::ICMP && proto != PROTO_TCP && proto != PROTO_UDP {
-            return None;
-        }
-        Some(Header {
-            proto,
-            saddr: at(ctx, IP + 8)?,
-            daddr: at(ctx, IP + 24)?,
-            l4: IP + IPV6_HLEN,
-        })
+        Some(at::<u16>(ctx, IP + 6)?.to_ne_bytes()[0])
     }
 
     #[inline(always)]
@@ -398,8 +400,8 @@ impl Ip for V6 {
             if hop && !take_hop6(ip) {
                 return false;
             }
-            core::ptr::write_unaligned((ip + 8) as *mut [u32; 4], saddr);
-            core::ptr::write_unaligned((ip + 24) as *mut [u32; 4], daddr);
+            core::ptr::write_unaligned((ip + Self::SADDR) as *mut [u32; 4], saddr);
+            core::ptr::write_unaligned((ip + Self::DADDR) as *mut [u32; 4], daddr);
         }
         true
     }
@@ -412,21 +414,8 @@ impl Ip for V6 {
     }
 
     #[inline(always)]
-    fn quoted(ctx: &TcContext, ip: usize) -> Option<Header<[u32; 4]>> {
-        let ver: u8 = ctx.load(ip).ok()?;
-        if ver >> 4 != 6 {
-            return None;
-        }
-        let proto: u8 = ctx.load(ip + 6).ok()?;
-        if proto != PROTO_TCP && proto != PROTO_UDP {
-            return None;
-        }
-        Some(Header {
-            proto,
-            saddr: ctx.load(ip + 8).ok()?,
-            daddr: ctx.load(ip + 24).ok()?,
-            l4: ip + IPV6_HLEN,
-        })
+    fn hlen_of(first: u8) -> Option<usize> {
+        (first >> 4 == 6).then_some(IPV6_HLEN)
     }
 
     #[inline(always)]
@@ -441,19 +430,13 @@ impl Ip for V6 {
         if old == new {
             return Ok(());
         }
-        ctx.store(ip + if src { 8 } else { 24 }, &new, 0)?;
+        ctx.store(ip + if src { Self::SADDR } else { Self::DADDR }, &new, 0)?;
         ctx.l4_csum_replace(icmp + 2, 0, u64::from(Self::diff(old, new)), 0)
     }
 
     #[inline(always)]
     fn redirect_neigh(ifindex: u32, nexthop: [u32; 4]) -> i32 {
-        crate::packet::redirect_to(
-            ifindex,
-            bpf_redir_neigh {
-                nh_family: 10, // AF_INET6
-                __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: nexthop },
-            },
-        )
+        crate::packet::redirect_neigh6(ifindex, nexthop)
     }
 
     #[inline(always)]

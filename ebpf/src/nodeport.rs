@@ -360,18 +360,10 @@ fn egress<F: Ip>(ctx: &TcContext) -> i32 {
     if p.proto == F::ICMP {
         return icmp_of_local(ctx, &p).unwrap_or(TC_ACT_OK);
     }
-    let rkey = flow_key::<F>(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    let Some(r) = REV_FLOWS.get_ptr_mut(&rkey) else {
+    // A SNATed flow's reply is handled on ingress.
+    let Some(rv) = reply_entry(&p, false) else {
         return TC_ACT_OK;
     };
-    // SAFETY: LRU entry, read and updated in place (a racing update only
-    // loses a timestamp).
-    let rv = unsafe { &mut *r };
-    if rv.ifindex != 0 {
-        // A SNATed flow's reply is handled on ingress.
-        return TC_ACT_OK;
-    }
-    touch_rev(rv, &p);
     // The client's port comes back too where the flow's was remapped.
     let to = Tuple {
         saddr: F::narrow(&rv.frontend),
@@ -391,8 +383,20 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The reverse entry of the flow `p` replies to, refreshed, if the flow
+/// is of the kind asked for: SNATed to a remote backend (`snat`, replies
+/// come back to this node) or to a local backend (rewritten as they
+/// leave).
 #[inline(always)]
-fn touch_rev<F: Ip>(rv: &mut RevFlowValue, p: &Packet<F>) {
+fn reply_entry<F: Ip>(p: &Packet<F>, snat: bool) -> Option<&'static mut RevFlowValue> {
+    let rkey = flow_key::<F>(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let r = REV_FLOWS.get_ptr_mut(&rkey)?;
+    // SAFETY: LRU entry, read and updated in place (a racing update only
+    // loses a timestamp).
+    let rv = unsafe { &mut *r };
+    if (rv.ifindex != 0) != snat {
+        return None;
+    }
     let t = now();
     if p.closing() {
         rv.flags |= FLOW_CLOSING;
@@ -400,6 +404,7 @@ fn touch_rev<F: Ip>(rv: &mut RevFlowValue, p: &Packet<F>) {
     } else if t.wrapping_sub(rv.last_ns) > REFRESH_NS {
         rv.last_ns = t;
     }
+    Some(rv)
 }
 
 /// A reply of a SNATed flow (backend -> node): back to the client, from
@@ -412,14 +417,7 @@ fn reply_of_snat<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> i32 {
 
 #[inline(always)]
 fn snat_reply<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
-    let rkey = flow_key::<F>(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    let r = REV_FLOWS.get_ptr_mut(&rkey)?;
-    // SAFETY: see egress.
-    let rv = unsafe { &mut *r };
-    if rv.ifindex == 0 {
-        return None;
-    }
-    touch_rev(rv, p);
+    let rv = reply_entry(p, true)?;
     let to = Tuple {
         saddr: F::narrow(&rv.frontend),
         daddr: F::narrow(&rv.client),
@@ -449,7 +447,7 @@ fn forward_known<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
         Some(f) if !(p.opening() && unsafe { (*f).flags } & FLOW_CLOSING != 0) => f,
         _ => return Some(NEW_FLOW),
     };
-    // SAFETY: see egress.
+    // SAFETY: see reply_entry.
     let fv = unsafe { &mut *f };
     if p.closing() {
         fv.flags |= FLOW_CLOSING;
@@ -501,7 +499,7 @@ fn mark_rev_closing<F: Ip>(p: &Packet<F>, fv: &FlowValue) {
         p.proto,
     );
     if let Some(r) = REV_FLOWS.get_ptr_mut(&rkey) {
-        // SAFETY: see egress.
+        // SAFETY: see reply_entry.
         unsafe {
             (*r).flags |= FLOW_CLOSING;
             (*r).last_ns = fv.last_ns;

@@ -31,7 +31,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    bindings::TC_ACT_SHOT,
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
@@ -45,7 +45,7 @@ use skiff_ebpf_common::{
 mod packet;
 mod runtime;
 
-use packet::{at, fold_sum, redirect_neigh, redirect_to, take_hop, take_hop6};
+use packet::{at, fold_sum, redirect_neigh, redirect_neigh6, take_hop, take_hop6};
 
 #[map(name = "OVERLAY_PEERS")]
 static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
@@ -73,7 +73,6 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IP_HLEN: usize = 20;
 const IP6_HLEN: usize = 40;
-const AF_INET6: u32 = 10;
 const UDP_HLEN: usize = 8;
 const VXLAN_HLEN: usize = 8;
 /// Outer IP, UDP, VXLAN and the inner Ethernet header: what wrapping adds
@@ -197,15 +196,7 @@ fn encap(ctx: &TcContext) -> Option<i32> {
             if !take_routed_hop::<true>(ctx) {
                 return None;
             }
-            return Some(redirect_to(
-                me.underlay_ifindex,
-                bpf_redir_neigh {
-                    nh_family: AF_INET6,
-                    __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
-                        ipv6_nh: peer.nexthop,
-                    },
-                },
-            ));
+            return Some(redirect_neigh6(me.underlay_ifindex, peer.nexthop));
         }
         // The traffic class straddles the first two bytes.
         let [b0, b1] = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes();

@@ -35,11 +35,25 @@ pub fn redirect_neigh(ifindex: u32, nexthop: u32) -> i32 {
     )
 }
 
+/// Sends the packet out of `ifindex` to the IPv6 next hop `nexthop`
+/// (network byte order): see `redirect_to`.
+#[inline(always)]
+pub fn redirect_neigh6(ifindex: u32, nexthop: [u32; 4]) -> i32 {
+    const AF_INET6: u32 = 10;
+    redirect_to(
+        ifindex,
+        bpf_redir_neigh {
+            nh_family: AF_INET6,
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: nexthop },
+        },
+    )
+}
+
 /// Sends the packet out of `ifindex` to the next hop `nh`, its MAC filled
 /// in (and resolved if need be) by the kernel: TC_ACT_REDIRECT, or
 /// TC_ACT_SHOT when it cannot.
 #[inline(always)]
-pub fn redirect_to(ifindex: u32, mut nh: bpf_redir_neigh) -> i32 {
+fn redirect_to(ifindex: u32, mut nh: bpf_redir_neigh) -> i32 {
     // SAFETY: nh lives for the call; the size is its own.
     unsafe {
         bpf_redirect_neigh(

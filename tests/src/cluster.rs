@@ -79,13 +79,18 @@ pub fn node_ipv6(i: usize) -> String {
 /// Gives the underlay namespace `ns` (node or client `i`) its IPv6
 /// address, usable at once.
 pub fn add_underlay_ipv6(ns: &Netns, i: usize) {
+    add_ipv6(ns, &node_ipv6(i), "eth0");
+}
+
+/// `addr`/64 on `dev` in `ns`, usable at once (no duplicate detection).
+fn add_ipv6(ns: &Netns, addr: &str, dev: &str) {
     ns.ip(&[
         "-6",
         "addr",
         "add",
-        &format!("{}/64", node_ipv6(i)),
+        &format!("{addr}/64"),
         "dev",
-        "eth0",
+        dev,
         "nodad",
     ]);
 }
@@ -155,15 +160,7 @@ impl Cluster {
 
     fn start_nodes(n: usize, control: &[&str], bare: bool) -> Self {
         let (underlay, nodes) = underlay(n);
-        underlay.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{UNDERLAY_GW6}/64"),
-            "dev",
-            "br0",
-            "nodad",
-        ]);
+        add_ipv6(&underlay, UNDERLAY_GW6, "br0");
         for (i, (ns, _)) in nodes.iter().enumerate() {
             add_underlay_ipv6(ns, i);
         }

@@ -61,6 +61,15 @@ fn probe(ns: &Netns, args: &[&str]) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
+/// Three TCP exchanges with `to`, from `ns`, once all three are answered
+/// (within 30 s: the Service may still be on its way to the node).
+fn answered(ns: &Netns, what: &str, to: &str) -> Value {
+    wait_for(what, Duration::from_secs(30), || {
+        let v = probe(ns, &["tcp", to, "3"]);
+        (map(&v["answers"]).values().sum::<u64>() == 3).then_some(v)
+    })
+}
+
 /// A connected UDP client asking `to` every 100 ms for a second: a line
 /// per request, errors ending with their errno.
 fn udp_follow(ns: &Netns, to: &str) -> String {
@@ -149,13 +158,10 @@ spec:
     // from the address the client dialled. The Service is dual stack, so
     // each node serves its NodePorts on both of its addresses.
     for (via, ip, client_ip, local) in nodes {
-        let tcp = wait_for(
+        let tcp = answered(
+            &client,
             &format!("TCP NodePort via {via}"),
-            Duration::from_secs(30),
-            || {
-                let v = probe(&client, &["tcp", &addr(ip, 30700), "3"]);
-                (map(&v["answers"]).values().sum::<u64>() == 3).then_some(v)
-            },
+            &addr(ip, 30700),
         );
         let peers = map(&tcp["answers"]);
         if local {
@@ -232,14 +238,7 @@ spec:
     );
     for (via, ip, client_ip, local) in nodes {
         if local {
-            let served = wait_for(
-                &format!("eTP Local via {via}"),
-                Duration::from_secs(30),
-                || {
-                    let v = probe(&client, &["tcp", &addr(ip, 30710), "3"]);
-                    (map(&v["answers"]).values().sum::<u64>() == 3).then_some(v)
-                },
-            );
+            let served = answered(&client, &format!("eTP Local via {via}"), &addr(ip, 30710));
             assert_eq!(
                 map(&served["answers"]),
                 BTreeMap::from([(client_ip.clone(), 3)]),

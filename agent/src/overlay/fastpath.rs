@@ -416,23 +416,19 @@ impl FastPath {
     /// A peer's lease came (`old` None) or changed: its entries were
     /// `old` and are `new`. What only `old` named is taken out.
     pub fn put(&mut self, old: Option<&Entries>, new: &Entries) -> Result<(), FastPathError> {
-        let (k, peer) = split(peer_of(new));
         let old_k = old.and_then(peer_of).map(|(k, _)| k);
         replace(
             &mut self.held,
             old_k,
-            k,
-            peer,
+            peer_of(new),
             peers_writer(&mut self.peers),
         )
         .map_err(map_err(names::OVERLAY_PEERS))?;
-        let (k6, peer6) = split(peer6_of(new));
         let old_k6 = old.and_then(peer6_of).map(|(k, _)| k);
         replace(
             &mut self.held6,
             old_k6,
-            k6,
-            peer6,
+            peer6_of(new),
             peers6_writer(&mut self.peers6),
         )
         .map_err(map_err(names::OVERLAY_PEERS6))
@@ -459,27 +455,18 @@ impl FastPath {
     }
 }
 
-/// A peer entry as (key, value), either possibly absent.
-fn split<K, V>(e: Option<(K, V)>) -> (Option<K>, Option<V>) {
-    match e {
-        Some((k, v)) => (Some(k), Some(v)),
-        None => (None, None),
-    }
-}
-
-/// `held` goes from `old` to `new` at `k`: `old` is deleted when no entry
-/// takes its place at the same key.
+/// `held` goes from an entry at `old` to `new`: `old` is deleted when no
+/// entry takes its place at the same key.
 fn replace<K: Ord + Copy, V: PartialEq + Copy>(
     held: &mut Mirror<K, V>,
     old: Option<K>,
-    k: Option<K>,
-    v: Option<V>,
+    new: Option<(K, V)>,
     mut write: impl FnMut(K, Option<V>) -> Result<(), MapError>,
 ) -> Result<(), MapError> {
-    if let Some(old) = old.filter(|old| k != Some(*old)) {
+    if let Some(old) = old.filter(|old| new.is_none_or(|(k, _)| k != *old)) {
         held.set(old, None, &mut write)?;
     }
-    if let (Some(k), Some(v)) = (k, v) {
+    if let Some((k, v)) = new {
         held.set(k, Some(v), &mut write)?;
     }
     Ok(())
@@ -533,20 +520,20 @@ mod tests {
     fn a_changed_peer_takes_its_old_key_out_only_when_the_key_moved() {
         let mut m: Mirror<u32, u32> = Mirror::new();
         let mut writes = Vec::new();
-        let mut step = |m: &mut Mirror<u32, u32>, old, k, v| {
-            replace(m, old, k, v, |k, v| {
+        let mut step = |m: &mut Mirror<u32, u32>, old, new| {
+            replace(m, old, new, |k, v| {
                 writes.push((k, v));
                 Ok(())
             })
             .unwrap();
         };
-        step(&mut m, None, Some(1), Some(10));
+        step(&mut m, None, Some((1, 10)));
         // The same key with another value: overwritten, not deleted.
-        step(&mut m, Some(1), Some(1), Some(11));
+        step(&mut m, Some(1), Some((1, 11)));
         // Another key: the old one goes.
-        step(&mut m, Some(1), Some(2), Some(20));
+        step(&mut m, Some(1), Some((2, 20)));
         // No entry any more (the lease went).
-        step(&mut m, Some(2), None, None);
+        step(&mut m, Some(2), None);
         assert_eq!(
             writes,
             vec![
