@@ -28,6 +28,8 @@ pub enum EtcdError {
     },
     #[error("picking a free loopback port: {0}")]
     Port(std::io::Error),
+    #[error("etcd exited before it was ready at {url} (log: {log})")]
+    Exited { url: String, log: PathBuf },
     #[error("etcd did not become ready at {url} within {secs} s (log: {log})")]
     NotReady {
         url: String,
@@ -151,9 +153,25 @@ fn spawn_tied(
 
 impl LocalEtcd {
     /// Starts etcd with its data under `dir/etcd` and waits until it answers.
+    /// Its ports are picked free just before it starts, so another process
+    /// may take one first: an etcd that exits before it is ready is started
+    /// again on other ports (three tries).
     pub async fn start(binary: &str, dir: &Path) -> Result<Self, EtcdError> {
         let data_dir = dir.join("etcd");
         replace_leftovers(&data_dir).await?;
+        let mut tries = 1;
+        loop {
+            match Self::start_once(binary, dir, &data_dir).await {
+                Err(EtcdError::Exited { url, log }) if tries < 3 => {
+                    warn!(%url, log = %log.display(), "etcd exited at start; trying other ports");
+                    tries += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn start_once(binary: &str, dir: &Path, data_dir: &Path) -> Result<Self, EtcdError> {
         let (client, peer) = (free_port()?, free_port()?);
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -165,7 +183,7 @@ impl LocalEtcd {
         let log_file = std::fs::File::create(&log).map_err(spawn_err)?;
         let mut cmd = Command::new(binary);
         cmd.arg("--name=skiff")
-            .arg(data_dir_arg(&data_dir))
+            .arg(data_dir_arg(data_dir))
             .arg(format!("--listen-client-urls={url}"))
             .arg(format!("--advertise-client-urls={url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
@@ -193,7 +211,10 @@ impl LocalEtcd {
                 return Ok(());
             }
             if self.exited.try_recv().is_ok() {
-                break;
+                return Err(EtcdError::Exited {
+                    url: self.url.clone(),
+                    log,
+                });
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -234,6 +255,18 @@ impl LocalEtcd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_etcd_that_exits_at_start_is_reported_at_once_after_its_tries() {
+        let dir = crate::testutil::TempDir::new("skiff-etcd-exits");
+        // Exited (each try seen to end), not NotReady (a try waited out).
+        let err = LocalEtcd::start("false", &dir.0).await.err();
+        assert!(
+            matches!(err, Some(EtcdError::Exited { .. })),
+            "{:?}",
+            err.map(|e| e.to_string())
+        );
+    }
 
     #[tokio::test]
     async fn a_leftover_on_the_same_data_dir_is_stopped() {

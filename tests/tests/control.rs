@@ -1350,13 +1350,20 @@ fn control_plane_replaces_an_etcd_left_on_its_data_dir() {
     });
     let _cp = one_command_control_plane(&dir.path, port, "control.log");
     let kubeconfig = dir.path.join("admin.kubeconfig");
-    wait_for("the apiserver", Duration::from_secs(40), || {
+    let answered = skiff_tests::wait_until(Duration::from_secs(40), || {
         Spawn::new("kubectl")
             .env("KUBECONFIG", &kubeconfig.display().to_string())
             .args(["--request-timeout=5s", "get", "namespaces"])
             .try_output()
-            .ok()
+            .is_ok()
     });
+    let log = |name: &str| std::fs::read_to_string(dir.path.join(name)).unwrap_or_default();
+    assert!(
+        answered,
+        "the apiserver did not answer within 40 s\n--- control.log ---\n{}\n--- etcd.log ---\n{}",
+        log("control.log"),
+        log("etcd.log")
+    );
     wait_for("the orphan to be stopped", Duration::from_secs(5), || {
         (!orphan.is_running()).then_some(())
     });
