@@ -85,6 +85,10 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
     };
 
     let mut tasks = Vec::new();
+    // Set on shutdown: elected components release their leases and the
+    // apiserver leaves the `kubernetes` Service's endpoints.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut leaving = Vec::new();
     let kubeconfig = if cfg.components.contains(&Component::Apiserver) {
         let store = Store::connect(&endpoints)
             .await
@@ -144,6 +148,11 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             &path,
             pki::kubeconfig(&server, &pki.ca_pem, &pki.admin_token).as_bytes(),
         )?;
+        leaving.push(tokio::spawn(api::peers::keep(
+            api.clone(),
+            advertise,
+            stopped.clone(),
+        )));
         tasks.push(tokio::spawn(api::serve(listener, tls, api)));
         info!(%server, kubeconfig = %path.display(), ms = started.elapsed().as_millis() as u64, "apiserver ready");
         path
@@ -153,9 +162,6 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             .context("--kubeconfig is needed when the apiserver runs elsewhere")?
     };
 
-    // Set on shutdown: elected components release their leases.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut elected = Vec::new();
     if cfg.components.iter().any(|c| *c != Component::Apiserver) {
         let client = crate::client::from_kubeconfig(&kubeconfig).await?;
         let identity = crate::leader::identity(&cfg.data_dir)
@@ -172,7 +178,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                         timing,
                     };
                     let task = crate::leader::run(client.clone(), election, stopped.clone(), work);
-                    elected.push(tokio::spawn(task));
+                    leaving.push(tokio::spawn(task));
                 }
                 None => tasks.push(tokio::spawn(work())),
             };
@@ -211,9 +217,11 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
     // The leaders give their leases up (briefly: the apiserver they write
     // to may be this process, still serving until the tasks below end).
     let _ = stop.send(true);
-    for t in elected {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), t).await;
-    }
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        futures::future::join_all(leaving),
+    )
+    .await;
     for t in tasks {
         t.abort();
     }
@@ -305,25 +313,7 @@ async fn bootstrap(
         "spec": {"clusterIP": api.first_service_ip(), "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": advertise.port()}]}
     });
     api.ensure(svc, Some("default"), kubernetes).await?;
-    let ep = resources::find("", "v1", "endpoints").context("endpoints")?;
-    let endpoints = json!({
-        "apiVersion": "v1", "kind": "Endpoints",
-        "metadata": {"name": "kubernetes", "namespace": "default"},
-        "subsets": [{"addresses": [{"ip": advertise.ip().to_string()}], "ports": [{"name": "https", "port": advertise.port(), "protocol": "TCP"}]}]
-    });
-    api.ensure(ep, Some("default"), endpoints).await?;
-    // The slice too, so that service proxies (which read EndpointSlices)
-    // route the `kubernetes` ClusterIP to the apiserver.
-    let es =
-        resources::find("discovery.k8s.io", "v1", "endpointslices").context("endpointslices")?;
-    let family = if advertise.is_ipv4() { "IPv4" } else { "IPv6" };
-    let slice = json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes", "endpointslice.kubernetes.io/managed-by": "skiff-control"}},
-        "addressType": family,
-        "endpoints": [{"addresses": [advertise.ip().to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}}],
-        "ports": [{"name": "https", "port": advertise.port(), "protocol": "TCP"}]
-    });
-    api.ensure(es, Some("default"), slice).await?;
+    // Its endpoints: this apiserver and every other one alive.
+    api.join_peers(advertise).await?;
     Ok(())
 }

@@ -382,6 +382,27 @@ impl Store {
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
+    /// Writes `key` on a fresh etcd lease of `ttl`: the key goes when the
+    /// lease expires unless it is written again before (a liveness record).
+    pub async fn put_leased(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let lease = self.client.lease_client().grant(secs, None).await?;
+        let opts = etcd_client::PutOptions::new().with_lease(lease.id());
+        self.kv().put(key, value, Some(opts)).await?;
+        Ok(())
+    }
+
+    /// Deletes `key` whatever its revision (a liveness record given up).
+    pub async fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.kv().delete(key, None).await?;
+        Ok(())
+    }
+
     pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
         self.kv().compact(revision, None).await?;
         Ok(())

@@ -2,6 +2,7 @@
 //! on one real etcd, each serving the API, taking turns at scheduling and
 //! at running the controllers under `coordination.k8s.io` Leases.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use skiff_tests::control::{ControlPlane, HollowNodes};
@@ -56,6 +57,42 @@ fn transitions(cp: &ControlPlane, lease: &str) -> i64 {
     .unwrap_or(0)
 }
 
+fn port_of(cp: &ControlPlane) -> String {
+    cp.server.rsplit(':').next().unwrap_or_default().to_string()
+}
+
+/// The apiserver ports the `kubernetes` Service's Endpoints list, and the
+/// ones its EndpointSlices list (all replicas here share 127.0.0.1).
+fn listed(cp: &ControlPlane) -> (BTreeSet<String>, BTreeSet<String>) {
+    let set = |s: String| s.split_whitespace().map(String::from).collect();
+    let endpoints = cp.jsonpath(&["endpoints", "kubernetes"], "{.subsets[*].ports[*].port}");
+    let slices = cp.jsonpath(
+        &[
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=kubernetes",
+        ],
+        "{.items[*].ports[*].port}",
+    );
+    (set(endpoints), set(slices))
+}
+
+/// Waits until the `kubernetes` Service lists exactly `ports`; how long
+/// that took.
+fn wait_listed(cp: &ControlPlane, ports: &[String], within: Duration) -> Duration {
+    let want: BTreeSet<String> = ports.iter().cloned().collect();
+    let since = Instant::now();
+    wait_for(
+        "the kubernetes service to list the live apiservers",
+        within,
+        || {
+            let (endpoints, slices) = listed(cp);
+            (endpoints == want && slices == want).then_some(())
+        },
+    );
+    since.elapsed()
+}
+
 /// Waits until `cp`'s replica holds both leases; how long that took.
 fn wait_leading(cp: &ControlPlane, me: &str, within: Duration) -> Duration {
     let since = Instant::now();
@@ -74,6 +111,8 @@ fn a_killed_leader_is_replaced_within_the_lease_duration_and_nothing_is_done_twi
     let mut b = a.replica(&grace);
     let b_id = identity(&b);
     assert_ne!(a_id, b_id);
+    // Each apiserver is in the `kubernetes` Service's endpoints.
+    wait_listed(&a, &[port_of(&a), port_of(&b)], Duration::from_secs(5));
     b.add_node("n1", "", "8");
     let _nodes = HollowNodes::start(&b, &["n1"]);
 
@@ -118,6 +157,10 @@ fn a_killed_leader_is_replaced_within_the_lease_duration_and_nothing_is_done_twi
         took <= bound,
         "took over after {took:?}, more than {bound:?}"
     );
+    // The killed apiserver leaves the endpoints once its record's lease
+    // (15 s) runs out, seen at the next pass (every 10 s).
+    let gone = wait_listed(&b, &[port_of(&b)], Duration::from_secs(30)) + took;
+    eprintln!("the killed apiserver left the kubernetes endpoints {gone:?} after the kill");
     for (l, was) in LEASES.iter().zip(&before) {
         assert_eq!(transitions(&b, l), was + 1, "{l}: one more transition");
     }
@@ -149,7 +192,11 @@ fn a_killed_leader_is_replaced_within_the_lease_duration_and_nothing_is_done_twi
     // at once, not after the lease's duration.
     let c = b.replica(&grace);
     let c_id = identity(&c);
+    wait_listed(&c, &[port_of(&b), port_of(&c)], Duration::from_secs(5));
     b.proc.terminate();
+    // And leaves the endpoints as it goes.
+    let left = wait_listed(&c, &[port_of(&c)], Duration::from_secs(5));
+    eprintln!("a stopped apiserver left the kubernetes endpoints in {left:?}");
     let took = wait_leading(&c, &c_id, Duration::from_secs(30));
     eprintln!("after a clean stop, the third replica took both leases in {took:?}");
     assert!(

@@ -10,6 +10,7 @@ mod access;
 mod discovery;
 mod logs;
 mod objects;
+pub mod peers;
 mod stream;
 mod watch;
 
