@@ -58,6 +58,14 @@ struct OverlayArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd: Vec<String>,
+    /// The CA of an etcd behind TLS (with --etcd-certfile and
+    /// --etcd-keyfile, the client certificate it accepts).
+    #[arg(long, requires_all = ["etcd_certfile", "etcd_keyfile"])]
+    etcd_cafile: Option<PathBuf>,
+    #[arg(long, requires_all = ["etcd_cafile", "etcd_keyfile"])]
+    etcd_certfile: Option<PathBuf>,
+    #[arg(long, requires_all = ["etcd_cafile", "etcd_certfile"])]
+    etcd_keyfile: Option<PathBuf>,
     /// etcd prefix of the network config and leases (Flannel's).
     #[arg(long = "etcd-prefix", default_value = overlay::network::DEFAULT_PREFIX)]
     prefix: String,
@@ -106,6 +114,14 @@ impl OverlayArgs {
     fn config(&self) -> OverlayConfig {
         OverlayConfig {
             etcd: self.etcd.clone(),
+            etcd_tls: match (&self.etcd_cafile, &self.etcd_certfile, &self.etcd_keyfile) {
+                (Some(ca), Some(cert), Some(key)) => Some(overlay::lease::EtcdTls {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
             prefix: self.prefix.clone(),
             iface: self.iface.clone(),
             public_ip: self.public_ip,

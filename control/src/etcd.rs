@@ -1,6 +1,9 @@
 //! A local etcd for a one-command control plane: Debian's `etcd` binary,
 //! listening on loopback ports picked at start, data kept in the control
-//! plane's data directory, stopped when the control plane stops.
+//! plane's data directory, stopped when the control plane stops. It
+//! serves over mutual TLS with a CA of its own (see [`crate::etcd_pki`]):
+//! no local process without the control plane's client certificate can
+//! read what it stores.
 //!
 //! The child dies with its parent: it gets SIGTERM from the kernel
 //! (`PR_SET_PDEATHSIG`) when the control plane exits, even by SIGKILL. A
@@ -18,6 +21,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 use tracing::warn;
+
+use crate::etcd_pki::{self, ClientFiles, MemberFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -38,6 +43,8 @@ pub enum EtcdError {
     },
     #[error("an earlier etcd (pid {pid}) still holds {data_dir} and would not stop")]
     Leftover { pid: i32, data_dir: PathBuf },
+    #[error("etcd's certificates: {0}")]
+    Pki(#[from] crate::pki::PkiError),
 }
 
 pub struct LocalEtcd {
@@ -46,6 +53,8 @@ pub struct LocalEtcd {
     /// the parent-death signal is tied to a thread that outlives the child.
     exited: oneshot::Receiver<std::io::Result<ExitStatus>>,
     pub url: String,
+    /// What a client needs to be let in.
+    pub client: ClientFiles,
 }
 
 fn free_port() -> Result<u16, EtcdError> {
@@ -159,9 +168,10 @@ impl LocalEtcd {
     pub async fn start(binary: &str, dir: &Path) -> Result<Self, EtcdError> {
         let data_dir = dir.join("etcd");
         replace_leftovers(&data_dir).await?;
+        let pki = etcd_pki::ensure(&dir.join("pki"), &[], &[])?;
         let mut tries = 1;
         loop {
-            match Self::start_once(binary, dir, &data_dir).await {
+            match Self::start_once(binary, dir, &data_dir, &pki).await {
                 Err(EtcdError::Exited { url, log }) if tries < 3 => {
                     warn!(%url, log = %log.display(), "etcd exited at start; trying other ports");
                     tries += 1;
@@ -171,10 +181,15 @@ impl LocalEtcd {
         }
     }
 
-    async fn start_once(binary: &str, dir: &Path, data_dir: &Path) -> Result<Self, EtcdError> {
+    async fn start_once(
+        binary: &str,
+        dir: &Path,
+        data_dir: &Path,
+        pki: &MemberFiles,
+    ) -> Result<Self, EtcdError> {
         let (client, peer) = (free_port()?, free_port()?);
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
+        let url = format!("https://127.0.0.1:{client}");
+        let peer_url = format!("https://127.0.0.1:{peer}");
         let log = dir.join("etcd.log");
         let spawn_err = |source| EtcdError::Spawn {
             binary: binary.into(),
@@ -189,12 +204,18 @@ impl LocalEtcd {
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=skiff={peer_url}"))
+            .args(pki.etcd_args())
             .arg("--log-level=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
         let (pid, exited) = spawn_tied(cmd).map_err(spawn_err)?;
-        let mut etcd = Self { pid, exited, url };
+        let mut etcd = Self {
+            pid,
+            exited,
+            url,
+            client: pki.apiserver.clone(),
+        };
         if let Err(e) = etcd.wait_ready(Duration::from_secs(20), log).await {
             etcd.terminate().await;
             return Err(e);
@@ -204,8 +225,10 @@ impl LocalEtcd {
 
     async fn wait_ready(&mut self, within: Duration, log: PathBuf) -> Result<(), EtcdError> {
         let start = Instant::now();
+        let opts = etcd_client::ConnectOptions::new().with_tls(self.client.tls()?);
         while start.elapsed() < within {
-            if let Ok(mut c) = etcd_client::Client::connect([self.url.as_str()], None).await
+            if let Ok(mut c) =
+                etcd_client::Client::connect([self.url.as_str()], Some(opts.clone())).await
                 && c.status().await.is_ok()
             {
                 return Ok(());

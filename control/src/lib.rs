@@ -13,6 +13,7 @@ pub mod client;
 pub mod controllers;
 pub mod duration;
 pub mod etcd;
+pub mod etcd_pki;
 pub mod fit;
 pub mod leader;
 pub mod patch;

@@ -31,10 +31,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Certificates: `certs etcd` makes an etcd CA (once) and signs the
+    /// members' server and peer certificates and the clients' ones, laid
+    /// out as kubeadm lays them out.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Bootstrap tokens, for nodes to join with (`skiff-agent join`).
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    Etcd {
+        /// The pki directory (`etcd/ca.crt` and the rest go below it).
+        #[arg(long, default_value = "/var/lib/skiff/control/pki")]
+        dir: PathBuf,
+        /// A name or address the members are reached at (beside loopback).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// A client certificate to make besides the control plane's:
+        /// `etcd/<NAME>-client.crt`.
+        #[arg(long = "client")]
+        clients: Vec<String>,
     },
 }
 
@@ -92,6 +115,15 @@ struct RunArgs {
     /// etcd endpoints (comma separated); none starts a local etcd.
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
+    /// The CA that signed the etcd members' certificates (etcd over TLS).
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// The client certificate shown to etcd.
+    #[arg(long)]
+    etcd_certfile: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long)]
+    etcd_keyfile: Option<PathBuf>,
     /// The etcd binary for the local etcd.
     #[arg(long, default_value = "etcd")]
     etcd_binary: String,
@@ -164,6 +196,46 @@ struct RunArgs {
 fn duration(s: &str) -> Result<Duration, String> {
     skiff_control::duration::parse(s)
         .ok_or_else(|| format!("{s:?}: expected a duration such as 15s, 2m or 1m30s"))
+}
+
+/// `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile`: all three for
+/// an etcd over TLS (whose endpoints are then https, or given without a
+/// scheme), or none.
+fn etcd_tls(cli: &RunArgs) -> Result<Option<skiff_control::etcd_pki::ClientFiles>> {
+    let files = match (&cli.etcd_cafile, &cli.etcd_certfile, &cli.etcd_keyfile) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(skiff_control::etcd_pki::ClientFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (ca, cert, _) => {
+            let missing = if ca.is_none() {
+                "--etcd-cafile"
+            } else if cert.is_none() {
+                "--etcd-certfile"
+            } else {
+                "--etcd-keyfile"
+            };
+            bail!(
+                "{missing} is needed too: etcd over TLS takes --etcd-cafile, --etcd-certfile and --etcd-keyfile together"
+            )
+        }
+    };
+    for url in &cli.etcd {
+        if url.starts_with("http://") && files.is_some() {
+            bail!("--etcd {url}: with --etcd-cafile the endpoints are https://");
+        }
+        if url.starts_with("https://") && files.is_none() {
+            bail!(
+                "--etcd {url}: an https endpoint needs --etcd-cafile, --etcd-certfile and --etcd-keyfile"
+            );
+        }
+    }
+    if files.is_some() && cli.etcd.is_empty() {
+        bail!("--etcd-cafile is for an etcd given with --etcd (the local etcd makes its own)");
+    }
+    Ok(files)
 }
 
 fn port_range(s: &str) -> Result<(u16, u16)> {
@@ -251,8 +323,16 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Some(Command::Token { command }) = cli.command {
-        return token(command).await;
+    match cli.command {
+        Some(Command::Token { command }) => return token(command).await,
+        Some(Command::Certs {
+            command: CertsCommand::Etcd { dir, sans, clients },
+        }) => {
+            let files = skiff_control::etcd_pki::ensure(&dir, &sans, &clients)?;
+            println!("{}", files.ca.display());
+            return Ok(());
+        }
+        None => {}
     }
     let cli = cli.run;
     let service_cidrs = skiff_control::alloc::parse_service_cidrs(&cli.service_cidr)
@@ -289,9 +369,11 @@ async fn main() -> Result<()> {
             ComponentArg::Controllers => Component::Controllers,
         })
         .collect();
+    let etcd_tls = etcd_tls(&cli)?;
     server::run(ControlConfig {
         data_dir: cli.data_dir,
         etcd: cli.etcd,
+        etcd_tls,
         etcd_binary: cli.etcd_binary,
         listen: cli.listen,
         advertise: cli.advertise_address,

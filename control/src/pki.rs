@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -37,7 +40,10 @@ pub struct Pki {
     pub kubelet_client_key_pem: String,
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
+pub(crate) fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
     move |source| PkiError::Io {
         what,
         path: path.to_path_buf(),
@@ -67,12 +73,12 @@ pub fn random_hex(bytes: usize) -> Result<String, PkiError> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn ca_params() -> Result<CertificateParams, PkiError> {
+fn ca_params(common_name: &str) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params
         .distinguished_name
-        .push(DnType::CommonName, "skiff-ca");
+        .push(DnType::CommonName, common_name);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -81,41 +87,82 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
     Ok(params)
 }
 
+/// A CA kept in a certificate and key file pair, made on first use.
+pub(crate) struct Ca {
+    pub pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate signed by a [`Ca`], with its fresh key.
+pub(crate) struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Ca {
+    /// Loads the CA in `crt` and `key`, or makes one named `common_name`
+    /// when either file is missing.
+    pub(crate) fn load_or_create(
+        crt: &Path,
+        key: &Path,
+        common_name: &str,
+    ) -> Result<Self, PkiError> {
+        let pair = if key.exists() && crt.exists() {
+            let pem = std::fs::read_to_string(key).map_err(io("read", key))?;
+            KeyPair::from_pem(&pem)?
+        } else {
+            let pair = KeyPair::generate()?;
+            let cert = ca_params(common_name)?.self_signed(&pair)?;
+            write_private(key, pair.serialize_pem().as_bytes())?;
+            write_private(crt, cert.pem().as_bytes())?;
+            pair
+        };
+        let pem = std::fs::read_to_string(crt).map_err(io("read", crt))?;
+        Ok(Self {
+            pem,
+            issuer: Issuer::new(ca_params(common_name)?, pair),
+        })
+    }
+
+    /// Signs a certificate for `common_name` (in `organization`, if any),
+    /// valid for the names and addresses in `sans`, for `usages`.
+    pub(crate) fn sign(
+        &self,
+        common_name: &str,
+        organization: Option<&str>,
+        sans: &[String],
+        usages: &[ExtendedKeyUsagePurpose],
+    ) -> Result<Leaf, PkiError> {
+        let mut params = CertificateParams::new(sans.to_vec())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        if let Some(o) = organization {
+            params.distinguished_name.push(DnType::OrganizationName, o);
+        }
+        params.extended_key_usages = usages.to_vec();
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 /// Loads (or on first start creates) the CA and admin token in `dir`, and
 /// signs a fresh serving certificate for `sans`.
 pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<Pki, PkiError> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let key = if ca_key.exists() && ca_crt.exists() {
-        let pem = std::fs::read_to_string(&ca_key).map_err(io("read", &ca_key))?;
-        KeyPair::from_pem(&pem)?
-    } else {
-        let key = KeyPair::generate()?;
-        let cert = ca_params()?.self_signed(&key)?;
-        write_private(&ca_key, key.serialize_pem().as_bytes())?;
-        write_private(&ca_crt, cert.pem().as_bytes())?;
-        key
-    };
-    let ca_pem = std::fs::read_to_string(&ca_crt).map_err(io("read", &ca_crt))?;
-    let issuer = Issuer::new(ca_params()?, key);
-
-    let mut params = CertificateParams::new(sans.to_vec())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "skiff-apiserver");
-    let serving_key = KeyPair::generate()?;
-    let cert = params.signed_by(&serving_key, &issuer)?;
-
-    let mut client = CertificateParams::new(Vec::<String>::new())?;
-    client
-        .distinguished_name
-        .push(DnType::CommonName, "skiff-apiserver-kubelet-client");
-    client
-        .distinguished_name
-        .push(DnType::OrganizationName, "system:masters");
-    client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let client_key = KeyPair::generate()?;
-    let client_cert = client.signed_by(&client_key, &issuer)?;
+    let ca = Ca::load_or_create(&dir.join("ca.crt"), &dir.join("ca.key"), "skiff-ca")?;
+    let serving = ca.sign("skiff-apiserver", None, sans, &[])?;
+    // The client certificate the apiserver shows kubelets.
+    let client = ca.sign(
+        "skiff-apiserver-kubelet-client",
+        Some("system:masters"),
+        &[],
+        &[ExtendedKeyUsagePurpose::ClientAuth],
+    )?;
 
     let token_path = dir.join("admin.token");
     let admin_token = match std::fs::read_to_string(&token_path) {
@@ -127,12 +174,12 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<Pki, PkiError> {
         }
     };
     Ok(Pki {
-        ca_pem,
-        cert_pem: cert.pem(),
-        key_pem: serving_key.serialize_pem(),
+        ca_pem: ca.pem,
+        cert_pem: serving.cert_pem,
+        key_pem: serving.key_pem,
         admin_token,
-        kubelet_client_cert_pem: client_cert.pem(),
-        kubelet_client_key_pem: client_key.serialize_pem(),
+        kubelet_client_cert_pem: client.cert_pem,
+        kubelet_client_key_pem: client.key_pem,
     })
 }
 

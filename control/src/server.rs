@@ -34,6 +34,9 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     /// etcd endpoints; empty means: start a local etcd.
     pub etcd: Vec<String>,
+    /// The CA and client certificate for the etcd endpoints given, when
+    /// they serve over TLS (the local etcd always does, with its own).
+    pub etcd_tls: Option<crate::etcd_pki::ClientFiles>,
     pub etcd_binary: String,
     pub listen: SocketAddr,
     /// The address the apiserver is advertised at (the `kubernetes`
@@ -72,16 +75,16 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let mut local_etcd = None;
-    let endpoints = if cfg.etcd.is_empty() {
+    let (endpoints, etcd_tls) = if cfg.etcd.is_empty() {
         let etcd = LocalEtcd::start(&cfg.etcd_binary, &cfg.data_dir)
             .await
             .context("starting the local etcd")?;
         info!(url = %etcd.url, pid = ?etcd.pid(), "local etcd started");
-        let url = etcd.url.clone();
+        let found = (vec![etcd.url.clone()], Some(etcd.client.clone()));
         local_etcd = Some(etcd);
-        vec![url]
+        found
     } else {
-        cfg.etcd.clone()
+        (cfg.etcd.clone(), cfg.etcd_tls.clone())
     };
 
     let mut tasks = Vec::new();
@@ -90,7 +93,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut leaving = Vec::new();
     let kubeconfig = if cfg.components.contains(&Component::Apiserver) {
-        let store = Store::connect(&endpoints)
+        let store = Store::connect(&endpoints, etcd_tls.as_ref())
             .await
             .context("connecting to etcd")?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)

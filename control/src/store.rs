@@ -52,6 +52,8 @@ pub enum StoreError {
     Compacted { requested: i64, compacted: i64 },
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error("etcd client certificate: {0}")]
+    Tls(#[from] crate::pki::PkiError),
 }
 
 /// A guard on another key, checked in the same transaction as a write.
@@ -160,8 +162,16 @@ fn is_compacted(e: &etcd_client::Error) -> bool {
 }
 
 impl Store {
-    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        let client = Client::connect(endpoints, None).await?;
+    /// Connects to `endpoints`, over mutual TLS when `tls` is given.
+    pub async fn connect(
+        endpoints: &[String],
+        tls: Option<&crate::etcd_pki::ClientFiles>,
+    ) -> Result<Self, StoreError> {
+        let opts = match tls {
+            Some(files) => Some(etcd_client::ConnectOptions::new().with_tls(files.tls()?)),
+            None => None,
+        };
+        let client = Client::connect(endpoints, opts).await?;
         Ok(Self {
             client,
             hubs: Arc::default(),

@@ -11,7 +11,7 @@ import sys
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-kubeconfig, etcd = sys.argv[1], sys.argv[2]
+kubeconfig = sys.argv[1]
 config.load_kube_config(config_file=kubeconfig)
 v1 = client.CoreV1Api()
 NS = "default"
@@ -65,10 +65,11 @@ expect_status(404, v1.read_namespaced_config_map, "missing", NS)
 old_rv = rv
 for i in range(3):
     v1.patch_namespaced_config_map("py-2", NS, {"data": {"k": str(i)}})
+# The endpoint and the admin certificate come in ETCDCTL_* variables.
 env = dict(os.environ, ETCDCTL_API="3")
-status = subprocess.run(["etcdctl", "--endpoints", etcd, "endpoint", "status", "-w", "json"], env=env, check=True, capture_output=True, text=True)
+status = subprocess.run(["etcdctl", "endpoint", "status", "-w", "json"], env=env, check=True, capture_output=True, text=True)
 revision = json.loads(status.stdout)[0]["Status"]["header"]["revision"]
-subprocess.run(["etcdctl", "--endpoints", etcd, "compact", str(revision)], env=env, check=True, capture_output=True)
+subprocess.run(["etcdctl", "compact", str(revision)], env=env, check=True, capture_output=True)
 try:
     for ev in watch.Watch().stream(v1.list_namespaced_config_map, NS, resource_version=old_rv, timeout_seconds=10):
         raise AssertionError(f"an event from a compacted revision: {ev['type']}")

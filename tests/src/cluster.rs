@@ -106,7 +106,8 @@ pub struct Cluster {
     pub probe: String,
     pub node_ns: Vec<Netns>,
     pub underlay: Netns,
-    etcd_url: String,
+    /// The overlay's `--etcd` and TLS flags.
+    etcd_args: Vec<String>,
     /// `skiff-agent join` flags for the nodes.
     node_join: Vec<String>,
     /// Nodes run the kubelet alone; the network is installed onto them.
@@ -167,7 +168,7 @@ impl Cluster {
         let etcd = Etcd::start_on(Some(&underlay), UNDERLAY_GW);
         etcd.ctl(&["put", "/coreos.com/network/config", NETWORK])
             .unwrap_or_else(|e| panic!("{e}"));
-        let etcd_url = etcd.url.clone();
+        let etcd_args = etcd.client_args(crate::control::EtcdClient::Overlay);
         let mut flags = vec!["--tls-san", UNDERLAY_GW, "--advertise-address", UNDERLAY_GW];
         if !control.contains(&"--service-cidr") {
             flags.extend(["--service-cidr", SERVICE_CIDRS]);
@@ -186,7 +187,7 @@ impl Cluster {
             probe,
             node_ns: Vec::new(),
             underlay,
-            etcd_url,
+            etcd_args,
             node_join,
             bare,
         };
@@ -210,7 +211,7 @@ impl Cluster {
                     NodeNetwork::Installed
                 } else {
                     NodeNetwork::Overlay {
-                        etcd: &self.etcd_url,
+                        etcd: &self.etcd_args,
                     }
                 },
             },

@@ -17,13 +17,29 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
 }
 
-/// A single-member etcd in a temp dir.
+/// A single-member etcd in a temp dir, behind mutual TLS with a CA of its
+/// own (made by `skiff-control certs etcd`, as kubeadm lays it out): only
+/// clients with a certificate from that CA get in.
 pub struct Etcd {
     pub url: String,
+    /// etcd's Prometheus metrics, on plain HTTP on loopback (in its
+    /// namespace), as kubeadm's `--listen-metrics-urls`.
+    pub metrics_url: String,
     pub proc: Proc,
     netns: Option<String>,
     args: Vec<String>,
     dir: TempDir,
+}
+
+/// Who connects to a test etcd: each has a client certificate of its own.
+#[derive(Clone, Copy, Debug)]
+pub enum EtcdClient {
+    /// `skiff-control` (`pki/apiserver-etcd-client.crt`).
+    Apiserver,
+    /// The agents' overlay, leasing subnets as Flannel does.
+    Overlay,
+    /// `etcdctl` and the tests' own reads.
+    Admin,
 }
 
 impl Etcd {
@@ -44,9 +60,20 @@ impl Etcd {
     fn start_on_path(netns: Option<&str>, ip: &str) -> Self {
         let netns = netns.map(String::from);
         let dir = TempDir::new();
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://{ip}:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
+        let pki = dir.path.join("pki");
+        let made = Spawn::new(bin("skiff-control"))
+            .args(["certs", "etcd", "--dir", &pki.display().to_string()])
+            .args(["--san", ip, "--client", "overlay", "--client", "admin"])
+            .try_output();
+        if let Err(e) = made {
+            panic!("making etcd's certificates: {e}");
+        }
+        let (client, peer, metrics) = (free_port(), free_port(), free_port());
+        let url = format!("https://{ip}:{client}");
+        let peer_url = format!("https://127.0.0.1:{peer}");
+        let metrics_url = format!("http://127.0.0.1:{metrics}");
+        let etcd = pki.join("etcd");
+        let file = |name: &str| etcd.join(name).display().to_string();
         let args = vec![
             "--name=test".to_string(),
             format!("--data-dir={}", dir.path.join("data").display()),
@@ -55,11 +82,21 @@ impl Etcd {
             format!("--listen-peer-urls={peer_url}"),
             format!("--initial-advertise-peer-urls={peer_url}"),
             format!("--initial-cluster=test={peer_url}"),
+            format!("--listen-metrics-urls={metrics_url}"),
+            format!("--cert-file={}", file("server.crt")),
+            format!("--key-file={}", file("server.key")),
+            format!("--trusted-ca-file={}", file("ca.crt")),
+            "--client-cert-auth=true".to_string(),
+            format!("--peer-cert-file={}", file("peer.crt")),
+            format!("--peer-key-file={}", file("peer.key")),
+            format!("--peer-trusted-ca-file={}", file("ca.crt")),
+            "--peer-client-cert-auth=true".to_string(),
             "--log-level=warn".to_string(),
         ];
         let proc = Self::spawn(&args, netns.as_deref(), &dir);
         let etcd = Self {
             url,
+            metrics_url,
             proc,
             netns,
             args,
@@ -67,6 +104,56 @@ impl Etcd {
         };
         etcd.wait_healthy();
         etcd
+    }
+
+    /// The CA, certificate and key `who` connects with.
+    pub fn client_files(&self, who: EtcdClient) -> [String; 3] {
+        let pki = self.dir.path.join("pki");
+        let (cert, key) = match who {
+            EtcdClient::Apiserver => (
+                pki.join("apiserver-etcd-client.crt"),
+                pki.join("apiserver-etcd-client.key"),
+            ),
+            EtcdClient::Overlay => (
+                pki.join("etcd/overlay-client.crt"),
+                pki.join("etcd/overlay-client.key"),
+            ),
+            EtcdClient::Admin => (
+                pki.join("etcd/admin-client.crt"),
+                pki.join("etcd/admin-client.key"),
+            ),
+        };
+        [pki.join("etcd/ca.crt"), cert, key].map(|p| p.display().to_string())
+    }
+
+    /// `--etcd` and the TLS flags `skiff-control` and `skiff-agent` take
+    /// (Flannel's names), for `who`.
+    pub fn client_args(&self, who: EtcdClient) -> Vec<String> {
+        let [ca, cert, key] = self.client_files(who);
+        [
+            "--etcd",
+            &self.url,
+            "--etcd-cafile",
+            &ca,
+            "--etcd-certfile",
+            &cert,
+            "--etcd-keyfile",
+            &key,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The environment that points `etcdctl` at this etcd as an admin.
+    pub fn ctl_env(&self) -> Vec<(&'static str, String)> {
+        let [ca, cert, key] = self.client_files(EtcdClient::Admin);
+        vec![
+            ("ETCDCTL_API", "3".to_string()),
+            ("ETCDCTL_ENDPOINTS", self.url.clone()),
+            ("ETCDCTL_CACERT", ca),
+            ("ETCDCTL_CERT", cert),
+            ("ETCDCTL_KEY", key),
+        ]
     }
 
     fn spawn(args: &[String], netns: Option<&str>, dir: &TempDir) -> Proc {
@@ -94,14 +181,13 @@ impl Etcd {
         self.wait_healthy();
     }
 
-    /// Runs `etcdctl` against this etcd.
+    /// Runs `etcdctl` against this etcd, as an admin.
     pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        Spawn::new("etcdctl")
-            .netns_path(self.netns.as_deref())
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.url])
-            .args(args)
-            .try_output()
+        let mut cmd = Spawn::new("etcdctl").netns_path(self.netns.as_deref());
+        for (k, v) in self.ctl_env() {
+            cmd = cmd.env(k, &v);
+        }
+        cmd.args(args).try_output()
     }
 
     /// The current store revision.
@@ -197,11 +283,10 @@ impl ControlPlane {
             .args([
                 "--data-dir",
                 &dir.path.display().to_string(),
-                "--etcd",
-                &etcd.url,
                 "--listen",
                 &format!("{host}:{port}"),
             ])
+            .args(etcd.client_args(EtcdClient::Apiserver))
             .args(extra)
             .netns_path(netns.as_deref())
             .env("RUST_LOG", "info,skiff_control=debug")

@@ -313,7 +313,7 @@ pub enum NodeNetwork<'a> {
     Fixed(&'a str),
     /// Every role: the overlay leases the node's subnet in this etcd (vxlan
     /// over `eth0`) and the proxy translates Services for the node's pods.
-    Overlay { etcd: &'a str },
+    Overlay { etcd: &'a [String] },
     /// The kubelet role alone, in [`NodeMounts`]: the network is
     /// installed onto the node as `deploy/skiff-node.yaml` does it (the
     /// CNI plugin and conflist under the standard paths, subnet.env in
@@ -432,10 +432,9 @@ impl KubeletNode {
             std::fs::create_dir_all(&cgroup)
                 .unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
             let p = crate::PinDir::new();
+            args.extend(etcd.iter().cloned());
             args.extend(
                 [
-                    "--etcd",
-                    etcd,
                     "--iface",
                     "eth0",
                     // As Flannel is deployed: pod traffic that leaves the

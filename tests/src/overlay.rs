@@ -37,7 +37,8 @@ pub struct Node {
     pub agent_args: Vec<String>,
     log: PathBuf,
     starts: u32,
-    etcd_url: String,
+    /// `--etcd` and the overlay's client certificate.
+    etcd_args: Vec<String>,
 }
 
 pub struct Pod {
@@ -112,7 +113,7 @@ impl Cluster {
                 agent: None,
                 agent_args: Vec::new(),
                 starts: 0,
-                etcd_url: etcd.url.clone(),
+                etcd_args: etcd.client_args(crate::control::EtcdClient::Overlay),
             })
             .collect();
         let c = Self {
@@ -160,15 +161,9 @@ impl Node {
         self.starts += 1;
         self.agent_args = extra.iter().map(|s| s.to_string()).collect();
         let p = Spawn::new(bin("skiff-agent"))
-            .args([
-                "run",
-                "--roles",
-                "overlay",
-                "--etcd",
-                &self.etcd_url,
-                "--iface",
-                "eth0",
-            ])
+            .args(["run", "--roles", "overlay"])
+            .args(&self.etcd_args)
+            .args(["--iface", "eth0"])
             .args(["--subnet-file"])
             .args([&self.subnet_file])
             .args(["--cni-records"])

@@ -748,7 +748,7 @@ fn watches_share_one_etcd_watch() {
     let token = cp.token();
     let etcd_watchers = || -> i64 {
         let out = Spawn::new("curl")
-            .args(["-s", &format!("{}/metrics", cp.etcd.url)])
+            .args(["-s", &format!("{}/metrics", cp.etcd.metrics_url)])
             .try_output()
             .unwrap_or_else(|e| panic!("{e}"));
         out.lines()
@@ -1201,9 +1201,13 @@ fn python_client_lists_watches_and_recovers_from_410() {
     let cp = ControlPlane::start(&[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/client_check.py");
     // Compaction happens from outside, as an operator's etcd maintenance would.
-    let etcd_url = cp.etcd.url.clone();
-    let out = Spawn::new("python3")
-        .args([script, &cp.kubeconfig.display().to_string(), &etcd_url])
+    let mut python = Spawn::new("python3");
+    // etcdctl takes the endpoint and the admin's certificate from these.
+    for (k, v) in cp.etcd.ctl_env() {
+        python = python.env(k, &v);
+    }
+    let out = python
+        .args([script, &cp.kubeconfig.display().to_string()])
         .try_output()
         .unwrap_or_else(|e| panic!("{e}\n--- control plane log ---\n{}", cp.log_tail()));
     assert!(out.contains("ok: all checks passed"), "{out}");
@@ -1260,12 +1264,76 @@ fn one_command_control_plane_manages_its_own_etcd() {
             .next()
             .and_then(|p| p.parse::<i32>().ok())
     });
+    local_etcd_lets_in_only_the_control_planes_certificate(&dir.path, &cp.log_text());
     cp.terminate();
     wait_for(
         "the local etcd to stop with the control plane",
         Duration::from_secs(10),
         || (!std::path::Path::new(&format!("/proc/{etcd_pid}")).exists()).then_some(()),
     );
+}
+
+/// The local etcd serves over mutual TLS: a client with the control
+/// plane's certificate reads the store; one without a certificate, one
+/// over plain HTTP, and one whose certificate another CA signed get
+/// nothing.
+fn local_etcd_lets_in_only_the_control_planes_certificate(data_dir: &std::path::Path, log: &str) {
+    let url = log
+        .lines()
+        .filter(|l| l.contains("local etcd started"))
+        .find_map(|l| l.split("url=").nth(1)?.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no local etcd url in the log:\n{log}"));
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let pki = data_dir.join("pki");
+    let file = |p: &str| pki.join(p).display().to_string();
+    let get = |endpoint: &str, tls: &[String]| {
+        Spawn::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                endpoint,
+                "--dial-timeout=2s",
+                "--command-timeout=3s",
+            ])
+            .args(tls)
+            .args(["get", "/registry/namespaces/", "--prefix", "--keys-only"])
+            .try_output()
+    };
+    let ca = format!("--cacert={}", file("etcd/ca.crt"));
+    let own = [
+        ca.clone(),
+        format!("--cert={}", file("apiserver-etcd-client.crt")),
+        format!("--key={}", file("apiserver-etcd-client.key")),
+    ];
+    let keys = get(url, &own).unwrap_or_else(|e| panic!("with the certificate: {e}"));
+    assert!(keys.contains("/registry/namespaces/kube-system"), "{keys}");
+
+    let refused = |what: &str, out: Result<String, String>| match out {
+        Ok(o) => panic!("etcd answered {what}: {o}"),
+        // Failed, and with no key in what it said.
+        Err(e) => assert!(!e.contains("kube-system"), "{what}: {e}"),
+    };
+    refused("without a certificate", get(url, std::slice::from_ref(&ca)));
+    refused(
+        "over plain HTTP",
+        get(&url.replace("https://", "http://"), &[]),
+    );
+    let other = skiff_tests::TempDir::new();
+    Spawn::new(skiff_tests::bin("skiff-control"))
+        .args(["certs", "etcd", "--dir", &other.path.display().to_string()])
+        .output();
+    let stranger = [
+        ca,
+        format!(
+            "--cert={}",
+            other.path.join("apiserver-etcd-client.crt").display()
+        ),
+        format!(
+            "--key={}",
+            other.path.join("apiserver-etcd-client.key").display()
+        ),
+    ];
+    refused("to a certificate of another CA", get(url, &stranger));
 }
 
 /// Pids of processes running etcd on `data_dir` (exact argument match).

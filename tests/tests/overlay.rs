@@ -440,15 +440,12 @@ fn a_restarted_node_keeps_its_subnet_and_drops_routes_it_missed() {
     c.nodes[0].stop_agent();
     c.nodes[2].stop_agent();
     let out = Spawn::new(bin("skiff-agent"))
-        .args([
-            "overlay",
-            "leave",
-            "--etcd",
-            &c.etcd.url,
-            "--iface",
-            "eth0",
-            "--subnet-file",
-        ])
+        .args(["overlay", "leave"])
+        .args(
+            c.etcd
+                .client_args(skiff_tests::control::EtcdClient::Overlay),
+        )
+        .args(["--iface", "eth0", "--subnet-file"])
         .args([&c.nodes[2].subnet_file])
         .netns(&c.nodes[2].ns)
         .output();

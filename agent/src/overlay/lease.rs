@@ -21,6 +21,12 @@ use super::network::{LeaseAttrs, NetworkConfig, NetworkError, parse_subnet_key, 
 pub enum LeaseError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error("etcd client certificate {path}: {source}")]
+    Tls {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "{key} is missing: write the network config first (e.g. etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}')"
     )]
@@ -100,9 +106,41 @@ pub struct Registry {
     prefix: String,
 }
 
+/// The CA and client certificate for an etcd behind mutual TLS (Flannel's
+/// `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<etcd_client::ConnectOptions, LeaseError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| LeaseError::Tls {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)?))
+            .identity(etcd_client::Identity::from_pem(
+                read(&self.cert)?,
+                read(&self.key)?,
+            ));
+        Ok(etcd_client::ConnectOptions::new().with_tls(tls))
+    }
+}
+
 impl Registry {
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, LeaseError> {
-        let client = Client::connect(endpoints, None).await?;
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self, LeaseError> {
+        let opts = tls.map(EtcdTls::options).transpose()?;
+        let client = Client::connect(endpoints, opts).await?;
         Ok(Self {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),

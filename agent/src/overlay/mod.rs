@@ -39,6 +39,8 @@ pub const DEFAULT_SUBNET_FILE: &str = "/run/skiff/subnet.env";
 #[derive(Clone, Debug)]
 pub struct OverlayConfig {
     pub etcd: Vec<String>,
+    /// For an etcd behind mutual TLS.
+    pub etcd_tls: Option<lease::EtcdTls>,
     pub prefix: String,
     /// The underlay interface (default: the first up, non-loopback
     /// interface with an IPv4 address).
@@ -92,7 +94,9 @@ impl Source {
                 let client = ctx.client("overlay")?;
                 Source::Kube(kube::KubeSubnets::new(client, &ctx.node_name, path))
             }
-            None => Source::Etcd(Registry::connect(&cfg.etcd, &cfg.prefix).await?),
+            None => Source::Etcd(
+                Registry::connect(&cfg.etcd, &cfg.prefix, cfg.etcd_tls.as_ref()).await?,
+            ),
         })
     }
 
@@ -650,7 +654,7 @@ pub async fn leave(cfg: &OverlayConfig) -> Result<Option<Ipv4Network>, OverlayEr
             .ok()
             .and_then(|t| NetworkConfig::parse(&t).ok())
     } else {
-        let reg = Registry::connect(&cfg.etcd, &cfg.prefix).await?;
+        let reg = Registry::connect(&cfg.etcd, &cfg.prefix, cfg.etcd_tls.as_ref()).await?;
         let subnet = match SubnetEnv::read(&cfg.subnet_file) {
             Ok(e) => Some(e.subnet_network()),
             Err(_) => {

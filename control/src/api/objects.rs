@@ -123,6 +123,7 @@ pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
             "too old resource version: {requested} ({compacted})"
         )),
         StoreError::Etcd(e) => ApiError::unavailable(format!("storage: {e}")),
+        StoreError::Tls(e) => ApiError::unavailable(format!("storage: {e}")),
     }
 }
 

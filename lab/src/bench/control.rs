@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 use skiff_tests::TempDir;
-use skiff_tests::control::{Etcd, free_port};
+use skiff_tests::control::{Etcd, EtcdClient, free_port};
 use tokio::sync::Mutex;
 
 use super::stats::pct;
@@ -75,7 +75,7 @@ pub(crate) async fn client(kubeconfig: &Path) -> Result<kube::Client> {
 /// Starts `skiff-control` and returns it with the time until an
 /// authenticated request is answered.
 async fn start(
-    etcd: Option<&str>,
+    etcd: Option<&Etcd>,
     components: &str,
     extra: &[&str],
 ) -> Result<(Control, Duration, kube::Client)> {
@@ -89,8 +89,8 @@ async fn start(
         "--components",
         components,
     ]);
-    if let Some(url) = etcd {
-        cmd.args(["--etcd", url]);
+    if let Some(etcd) = etcd {
+        cmd.args(etcd.client_args(EtcdClient::Apiserver));
     }
     cmd.args(extra)
         .env("RUST_LOG", "warn")
@@ -160,7 +160,7 @@ async fn create_pods(c: &kube::Client, ns: &str, from: usize, to: usize) -> Resu
 
 async fn scheduler(etcd: &Etcd, nodes: usize, pods: usize) -> Result<Value> {
     let (cp, _, c) = start(
-        Some(&etcd.url),
+        Some(etcd),
         "apiserver,controllers",
         &["--node-monitor-grace-seconds", "3600"],
     )
@@ -243,7 +243,7 @@ async fn scheduler(etcd: &Etcd, nodes: usize, pods: usize) -> Result<Value> {
 }
 
 async fn latency(etcd: &Etcd, count: usize, samples: usize) -> Result<Value> {
-    let (cp, _, c) = start(Some(&etcd.url), "apiserver", &[]).await?;
+    let (cp, _, c) = start(Some(etcd), "apiserver", &[]).await?;
     let ns = format!("bench-{count}");
     let ns_obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
     Api::<Namespace>::all(c.clone())
@@ -303,7 +303,7 @@ async fn latency(etcd: &Etcd, count: usize, samples: usize) -> Result<Value> {
     drop(cp);
 
     // The limit: etcd itself, same value sizes, same prefix size.
-    let mut e = etcd_client::Client::connect([etcd.url.as_str()], None).await?;
+    let mut e = super::etcd_client(etcd).await?;
     let value = serde_json::to_vec(&pod("x", &ns))?;
     let prefix = format!("/registry/pods/{ns}/");
     let (wtx, mut wrx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
@@ -364,7 +364,7 @@ async fn cold_start(etcd: &Etcd, rounds: usize) -> Result<Value> {
     let (mut with_etcd, mut local, mut rss, mut rss_etcd) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let (cp, t, _) = start(Some(&etcd.url), "apiserver,scheduler,controllers", &[]).await?;
+        let (cp, t, _) = start(Some(etcd), "apiserver,scheduler,controllers", &[]).await?;
         with_etcd.push(ms(t));
         tokio::time::sleep(Duration::from_secs(3)).await;
         rss.push(super::rss_kib(cp.child.id()) as f64 / 1024.0);

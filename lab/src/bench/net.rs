@@ -429,11 +429,10 @@ fn convergence(args: &Args) -> Result<Value> {
 fn simulate_nodes(args: &Args, c: &Cluster) -> Result<Value> {
     let own = c.nodes[0].subnet();
     let routes = Routes::of(&c.nodes[0])?;
-    let url = c.etcd.url.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let client = rt.block_on(etcd_client::Client::connect([url.as_str()], None))?;
+    let client = rt.block_on(super::etcd_client(&c.etcd))?;
     let mut out = Vec::new();
     for &n in &args.leases {
         let mut total = Vec::new();
