@@ -13,6 +13,7 @@
 //! Roles never import each other: the kubelet reaches the overlay only
 //! through `subnet.env`, read by the CNI plugin it runs.
 
+pub mod apiservers;
 pub mod install_cni;
 pub mod join;
 pub mod kubelet;

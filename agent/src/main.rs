@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
+use skiff_agent::apiservers;
 use skiff_agent::kubelet::KubeletConfig;
 use skiff_agent::overlay::{self, OverlayConfig};
 use skiff_agent::proxy::{self, NodeView, ProxyConfig, Source, dataplane::DEFAULT_PIN_DIR};
@@ -198,6 +199,15 @@ struct RunArgs {
     /// in-cluster).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Reach the apiservers through a balancer on loopback that follows
+    /// the `kubernetes` Service's Endpoints and moves to another apiserver
+    /// when the one in use stops answering (`false`: the kubeconfig's
+    /// server only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    apiserver_balancer: bool,
+    /// The balancer's loopback port (0: any free one).
+    #[arg(long, default_value_t = 0)]
+    apiserver_balancer_port: u16,
     /// cgroup v2 directory whose processes get service translation.
     #[arg(long, default_value = "/sys/fs/cgroup/unified")]
     cgroup: PathBuf,
@@ -322,7 +332,7 @@ async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
     if !needs {
         return Ok(None);
     }
-    let config = match &args.kubeconfig {
+    let mut config = match &args.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
@@ -334,9 +344,22 @@ async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
             .await
             .context("finding an apiserver (pass --kubeconfig)")?,
     };
-    Ok(Some(
-        kube::Client::try_from(config).context("building the apiserver client")?,
-    ))
+    if !args.apiserver_balancer {
+        return Ok(Some(
+            kube::Client::try_from(config).context("building the apiserver client")?,
+        ));
+    }
+    let seed = apiservers::server_addr(&config.cluster_url).await?;
+    let balancer = apiservers::Balancer::start(vec![seed], args.apiserver_balancer_port).await?;
+    config.cluster_url = format!("https://{}", balancer.local)
+        .parse()
+        .context("the balancer's address")?;
+    // Every replica's certificate names the `kubernetes` Service; the
+    // balancer's loopback address says nothing of which one answers.
+    config.tls_server_name = Some(apiservers::SERVER_NAME.to_string());
+    let client = kube::Client::try_from(config).context("building the apiserver client")?;
+    tokio::spawn(balancer.follow(client.clone()));
+    Ok(Some(client))
 }
 
 async fn run(args: RunArgs) -> Result<()> {

@@ -110,6 +110,8 @@ pub struct Cluster {
     etcd_args: Vec<String>,
     /// `skiff-agent join` flags for the nodes.
     node_join: Vec<String>,
+    /// The control plane's flags (for its replicas).
+    control_flags: Vec<String>,
     /// Nodes run the kubelet alone; the network is installed onto them.
     bare: bool,
 }
@@ -174,6 +176,7 @@ impl Cluster {
             flags.extend(["--service-cidr", SERVICE_CIDRS]);
         }
         flags.extend(control);
+        let control_flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
         let cp = ControlPlane::start_on(&underlay, etcd, &flags);
         let registry = Registry::start_on(&underlay, UNDERLAY_GW);
         let busybox = registry.push(&underlay, "busybox", "busybox:1.36");
@@ -189,6 +192,7 @@ impl Cluster {
             underlay,
             etcd_args,
             node_join,
+            control_flags,
             bare,
         };
         for (ns, ip) in nodes {
@@ -240,6 +244,13 @@ impl Cluster {
                 s.starts_with(want).then_some(())
             },
         );
+    }
+
+    /// Another control-plane replica beside `cp`: on the same etcd and
+    /// underlay address (another port), with the same flags.
+    pub fn control_replica(&self) -> ControlPlane {
+        let flags: Vec<&str> = self.control_flags.iter().map(String::as_str).collect();
+        self.cp.replica(&flags)
     }
 
     /// Waits until every node is Ready.

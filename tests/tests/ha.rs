@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use skiff_tests::cluster::Cluster;
 use skiff_tests::control::{ControlPlane, HollowNodes};
 use skiff_tests::{Spawn, wait_for};
 
@@ -203,4 +204,157 @@ fn a_killed_leader_is_replaced_within_the_lease_duration_and_nothing_is_done_twi
         took < LEASE_DURATION,
         "a released lease is taken at once, took {took:?}"
     );
+}
+
+/// A pod bound to `node` that sleeps, from the cluster's busybox.
+fn sleeper(name: &str, node: &str, image: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sleep\", \"3600\"]\n"
+    )
+}
+
+fn wait_running(cp: &ControlPlane, pod: &str) {
+    wait_for(
+        &format!("pod {pod} running"),
+        Duration::from_secs(90),
+        || {
+            let phase = cp.jsonpath(&["pod", pod], "{.status.phase}");
+            (phase == "Running").then_some(())
+        },
+    );
+}
+
+/// Requests `cp`'s apiserver logged from `user` for `path`, as their
+/// query strings.
+fn requests(cp: &ControlPlane, user: &str, path: &str) -> Vec<String> {
+    let (who, at) = (format!("user={user} "), format!("path={path} "));
+    cp.proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("request") && l.contains(&who) && l.contains(&at))
+        .map(|l| {
+            l.split("query=")
+                .nth(1)
+                .and_then(|q| q.split_whitespace().next())
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+/// A node agent reaches the apiservers through its balancer. When the one
+/// it uses is killed, it moves to the other within seconds: its roles keep
+/// running, its pod watch resumes from where it was (no new list), the
+/// node stays Ready, its running pod is untouched, and a pod bound to it
+/// afterwards starts.
+#[test]
+fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
+    let mut c = Cluster::start(1);
+    let b = c.control_replica();
+    let (a_port, b_port) = (c.cp.port().to_string(), b.port().to_string());
+    let name = c.nodes[0].name.clone();
+    let agent_pid = c.nodes[0].agent.as_ref().map(|p| p.pid());
+    wait_for(
+        "the agent to list both apiservers",
+        Duration::from_secs(30),
+        || {
+            let log = c.nodes[0].agent_log();
+            log.lines()
+                .any(|l| {
+                    l.contains("apiservers listed")
+                        && l.contains(&format!(":{a_port}"))
+                        && l.contains(&format!(":{b_port}"))
+                })
+                .then_some(())
+        },
+    );
+    let log = c.nodes[0].agent_log();
+    assert!(
+        log.lines().any(
+            |l| l.contains("apiserver balancer listening") && l.contains(&format!(":{a_port}"))
+        ),
+        "the agent starts on the apiserver it joined through:\n{log}"
+    );
+    b.apply(&sleeper("before", &name, &c.busybox))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_running(&b, "before");
+    let node_user = format!("system:node:{name}");
+    let lists_before = requests(&b, &node_user, "/api/v1/pods").len();
+
+    c.cp.proc.kill_now();
+    let killed = Instant::now();
+    wait_for(
+        "the agent to switch apiservers",
+        Duration::from_secs(20),
+        || {
+            c.nodes[0]
+                .agent_log()
+                .lines()
+                .any(|l| l.contains("switched") && l.contains(&format!(":{b_port}")))
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "the agent switched apiservers {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // A pod bound after the switch: the kubelet's watch goes on on b.
+    b.apply(&sleeper("after", &name, &c.busybox))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_running(&b, "after");
+    eprintln!(
+        "a pod bound after the kill ran {:?} after it",
+        killed.elapsed()
+    );
+
+    // The node's Lease is renewed through b, and the node stays Ready.
+    let renewed = b.jsonpath(
+        &["lease", "-n", "kube-node-lease", &name],
+        "{.spec.renewTime}",
+    );
+    wait_for("the node's lease renewed", Duration::from_secs(30), || {
+        let now = b.jsonpath(
+            &["lease", "-n", "kube-node-lease", &name],
+            "{.spec.renewTime}",
+        );
+        (now != renewed).then_some(())
+    });
+    let ready = b.jsonpath(
+        &["node", &name],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+    );
+    assert_eq!(ready, "True");
+
+    // Untouched: the pod from before, the agent process, its roles.
+    assert_eq!(
+        b.jsonpath(
+            &["pod", "before"],
+            "{.status.containerStatuses[0].restartCount}"
+        ),
+        "0"
+    );
+    assert_eq!(c.nodes[0].agent.as_ref().map(|p| p.pid()), agent_pid);
+    let log = c.nodes[0].agent_log();
+    for restart in [
+        "role failed",
+        "role returned",
+        "role panicked",
+        "restarting role",
+    ] {
+        assert!(!log.contains(restart), "{restart}:\n{log}");
+    }
+    // The pod watch resumed from its resourceVersion: every request the
+    // node made for pods on b since the kill is a watch, none a list.
+    let since: Vec<String> = requests(&b, &node_user, "/api/v1/pods")
+        .into_iter()
+        .skip(lists_before)
+        .collect();
+    assert!(!since.is_empty(), "the node's pod watch never reached b");
+    for q in &since {
+        assert!(
+            q.contains("watch=true") && q.contains("resourceVersion="),
+            "a request for pods that is not a resumed watch: {q} (all: {since:?})"
+        );
+    }
 }

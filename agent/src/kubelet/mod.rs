@@ -33,7 +33,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -169,7 +169,9 @@ pub async fn run(
     };
     let api: Api<Pod> = Api::all(client);
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
-    let mut events = Box::pin(watcher(api, wc));
+    // Backed off on errors: while no apiserver answers, the watch retries
+    // every few seconds rather than in a loop.
+    let mut events = Box::pin(watcher(api, wc).default_backoff());
     let mut workers: HashMap<String, Handle> = HashMap::new();
     let mut listing: Option<HashSet<String>> = None;
     // After a burst of pod events, once things have settled, the heap's

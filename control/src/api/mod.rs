@@ -305,6 +305,7 @@ impl Api {
     ) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let query = req.uri().query().map(String::from);
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         if matches!(segs.first(), Some(&("healthz" | "livez" | "readyz"))) {
             return full(StatusCode::OK, "text/plain", "ok");
@@ -326,7 +327,7 @@ impl Api {
                 error_response(&e)
             }
         };
-        debug!(user = %user.name, %method, %path, code = resp.status().as_u16(), "request");
+        debug!(user = %user.name, %method, %path, query = query.as_deref().unwrap_or_default(), code = resp.status().as_u16(), "request");
         resp
     }
 
