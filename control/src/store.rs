@@ -95,7 +95,10 @@ mod tests {
 
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    /// One client per etcd endpoint; requests go to the one in use.
+    clients: Arc<Vec<Client>>,
+    /// The endpoint in use, moved on when it does not answer.
+    at: Arc<std::sync::atomic::AtomicUsize>,
     /// One shared etcd watch per resource (see [`Hub`]).
     hubs: Arc<tokio::sync::Mutex<HashMap<String, Arc<Hub>>>>,
 }
@@ -157,6 +160,24 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// Whether `e` says the endpoint did not answer, so another may: for a
+/// write, only when no connection was made (the request never left).
+fn unanswered(e: &etcd_client::Error, write: bool) -> bool {
+    let text = e.to_string().to_lowercase();
+    let unreachable = match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) || text.contains("no leader")
+        }
+        _ => false,
+    };
+    let unsent = text.contains("connect") || text.contains("no leader");
+    unreachable && (!write || unsent)
+}
+
 fn is_compacted(e: &etcd_client::Error) -> bool {
     e.to_string().contains("compacted")
 }
@@ -171,30 +192,80 @@ impl Store {
             Some(files) => Some(etcd_client::ConnectOptions::new().with_tls(files.tls()?)),
             None => None,
         };
-        let client = Client::connect(endpoints, opts).await?;
+        // A client of its own per endpoint (rather than one balancing over
+        // them all, which fails requests it sends to a dead member), each
+        // asking for a leader so that a member cut off from the others
+        // refuses instead of serving stale reads.
+        let opts = opts.unwrap_or_default().with_require_leader(true);
+        let mut clients = Vec::new();
+        for e in endpoints {
+            clients.push(Client::connect([e.as_str()], Some(opts.clone())).await?);
+        }
+        if clients.is_empty() {
+            return Err(etcd_client::Error::InvalidArgs("no etcd endpoint".into()).into());
+        }
         Ok(Self {
-            client,
+            clients: Arc::new(clients),
+            at: Arc::default(),
             hubs: Arc::default(),
         })
     }
 
-    fn kv(&self) -> KvClient {
-        self.client.kv_client()
+    /// Runs `op` on the endpoint in use; when that endpoint does not
+    /// answer, moves on to the next and runs it there. A write is run again
+    /// only when it cannot have reached the failed endpoint (no connection
+    /// was made), so it is never applied twice.
+    async fn call<T, F, Fut>(&self, write: bool, op: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        use std::sync::atomic::Ordering;
+        let n = self.clients.len();
+        let mut tries = 0;
+        loop {
+            let i = self.at.load(Ordering::Relaxed) % n;
+            match op(self.clients[i].clone()).await {
+                Err(e) if n > 1 && tries + 1 < n && unanswered(&e, write) => {
+                    tries += 1;
+                    if self
+                        .at
+                        .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        tracing::warn!(endpoint = i, error = %e, "etcd endpoint not answering; moving on");
+                    }
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn kv_of(c: &Client) -> KvClient {
+        c.kv_client()
     }
 
     pub async fn revision(&self) -> Result<i64, StoreError> {
         let resp = self
-            .kv()
-            .get(
-                "/registry/",
-                Some(GetOptions::new().with_count_only().with_prefix()),
-            )
+            .call(false, |c| async move {
+                Self::kv_of(&c)
+                    .get(
+                        "/registry/",
+                        Some(GetOptions::new().with_count_only().with_prefix()),
+                    )
+                    .await
+            })
             .await?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Item>, StoreError> {
-        let resp = self.kv().get(key, None).await?;
+        let resp = self
+            .call(
+                false,
+                |c| async move { Self::kv_of(&c).get(key, None).await },
+            )
+            .await?;
         Ok(resp.kvs().first().map(|kv| Item {
             key: key.to_string(),
             value: kv.value().to_vec(),
@@ -239,7 +310,13 @@ impl Store {
         if let Some(rev) = revision {
             opts = opts.with_revision(rev);
         }
-        let resp = match self.kv().get(from.to_vec(), Some(opts)).await {
+        let got = self
+            .call(false, |c| {
+                let opts = opts.clone();
+                async move { Self::kv_of(&c).get(from.to_vec(), Some(opts)).await }
+            })
+            .await;
+        let resp = match got {
             Ok(r) => r,
             Err(e) if is_compacted(&e) => {
                 return Err(StoreError::Compacted {
@@ -278,11 +355,14 @@ impl Store {
     /// Keys only, for the allocators.
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let resp = self
-            .kv()
-            .get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
+            .call(false, |c| async move {
+                Self::kv_of(&c)
+                    .get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await
+            })
             .await?;
         Ok(resp
             .kvs()
@@ -303,7 +383,13 @@ impl Store {
         when.extend(guard_compares(guards));
         let mut ops = vec![TxnOp::put(key, value, None)];
         ops.extend(side_ops(sides));
-        let resp = self.kv().txn(Txn::new().when(when).and_then(ops)).await?;
+        let txn = Txn::new().when(when).and_then(ops);
+        let resp = self
+            .call(true, |c| {
+                let txn = txn.clone();
+                async move { Self::kv_of(&c).txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             let which = self.first_existing(key, guards).await?;
             return Err(StoreError::Exists { key: which });
@@ -344,7 +430,13 @@ impl Store {
         when.extend(guard_compares(guards));
         let mut ops = vec![TxnOp::put(key, value, None)];
         ops.extend(side_ops(sides));
-        let resp = self.kv().txn(Txn::new().when(when).and_then(ops)).await?;
+        let txn = Txn::new().when(when).and_then(ops);
+        let resp = self
+            .call(true, |c| {
+                let txn = txn.clone();
+                async move { Self::kv_of(&c).txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return match self.get(key).await? {
                 None => Err(StoreError::NotFound { key: key.into() }),
@@ -372,7 +464,13 @@ impl Store {
         let when = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
         let mut ops = vec![TxnOp::delete(key, None)];
         ops.extend(side_ops(sides));
-        let resp = self.kv().txn(Txn::new().when(when).and_then(ops)).await?;
+        let txn = Txn::new().when(when).and_then(ops);
+        let resp = self
+            .call(true, |c| {
+                let txn = txn.clone();
+                async move { Self::kv_of(&c).txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return match self.get(key).await? {
                 None => Err(StoreError::NotFound { key: key.into() }),
@@ -401,20 +499,33 @@ impl Store {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let lease = self.client.lease_client().grant(secs, None).await?;
-        let opts = etcd_client::PutOptions::new().with_lease(lease.id());
-        self.kv().put(key, value, Some(opts)).await?;
+        self.call(true, |c| {
+            let value = value.clone();
+            async move {
+                let lease = c.lease_client().grant(secs, None).await?;
+                let opts = etcd_client::PutOptions::new().with_lease(lease.id());
+                Self::kv_of(&c).put(key, value, Some(opts)).await
+            }
+        })
+        .await?;
         Ok(())
     }
 
     /// Deletes `key` whatever its revision (a liveness record given up).
     pub async fn remove(&self, key: &str) -> Result<(), StoreError> {
-        self.kv().delete(key, None).await?;
+        self.call(
+            true,
+            |c| async move { Self::kv_of(&c).delete(key, None).await },
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        self.kv().compact(revision, None).await?;
+        self.call(true, |c| async move {
+            Self::kv_of(&c).compact(revision, None).await
+        })
+        .await?;
         Ok(())
     }
 
@@ -445,7 +556,13 @@ impl Store {
             .with_revision(after + 1)
             .with_limit(1)
             .with_keys_only();
-        match self.kv().get(prefix, Some(opts)).await {
+        let got = self
+            .call(false, |c| {
+                let opts = opts.clone();
+                async move { Self::kv_of(&c).get(prefix, Some(opts)).await }
+            })
+            .await;
+        match got {
             Err(e) if is_compacted(&e) => Err(StoreError::Compacted {
                 requested: after,
                 compacted: 0,
@@ -492,7 +609,12 @@ impl Store {
             .with_prefix()
             .with_prev_key()
             .with_start_revision(after + 1);
-        let mut stream = self.client.watch_client().watch(prefix, Some(opts)).await?;
+        let mut stream = self
+            .call(false, |c| {
+                let opts = opts.clone();
+                async move { c.watch_client().watch(prefix, Some(opts)).await }
+            })
+            .await?;
         Ok(async_stream_like(move |tx| async move {
             progress.reset();
             loop {

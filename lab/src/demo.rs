@@ -7,6 +7,12 @@
 //! across the tunnel, and says which pod answered. Then the cluster stays
 //! up for the host's kubectl, through a loopback port that is forwarded
 //! into the underlay namespace (the host dials nothing else), until Ctrl-C.
+//!
+//! `--ha`: the control plane is three members, each a namespace on the
+//! underlay with an etcd member and a `skiff-control` replica. After the
+//! fetches the first member is killed (its apiserver and its etcd member):
+//! the leases move to another replica, the nodes' agents move to another
+//! apiserver, and the fetches go on.
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 
@@ -53,7 +59,7 @@ fn forward(netns: String, target: SocketAddr) -> Result<u16> {
     Ok(port)
 }
 
-pub fn run(once: bool) -> Result<()> {
+pub fn run(once: bool, ha: bool) -> Result<()> {
     // Ctrl-C is taken once everything is up (and then tears it down);
     // every thread started from here on inherits the block.
     let mut signals = nix::sys::signal::SigSet::empty();
@@ -64,12 +70,26 @@ pub fn run(once: bool) -> Result<()> {
     println!(
         "three nodes on an underlay bridge, each with containerd and skiff-agent (kubelet, proxy, overlay)..."
     );
-    let c = Cluster::start(3);
+    let mut c = if ha {
+        println!(
+            "...and a control plane of three members, each with an etcd member and a skiff-control replica"
+        );
+        Cluster::start_ha(3)
+    } else {
+        Cluster::start(3)
+    };
     println!(
         "underlay namespace {}: etcd {}, skiff-control {}, registry {}",
         c.underlay.name, c.cp.etcd.url, c.cp.server, c.registry.addr
     );
+    for r in &c.replicas {
+        println!("  and skiff-control {}", r.server);
+    }
     show(&c.cp, &["get", "nodes", "-o", "wide"])?;
+    if ha {
+        show(&c.cp, &["get", "endpoints", "kubernetes"])?;
+        show(&c.cp, &["-n", "kube-system", "get", "leases"])?;
+    }
 
     let app = c.cp.dir.path.join("web.yaml");
     std::fs::write(&app, web_app(&c.busybox, 3))?;
@@ -106,13 +126,55 @@ pub fn run(once: bool) -> Result<()> {
         println!("  {line} {}", node_of(line));
     }
 
+    if ha && !c.replicas.is_empty() {
+        println!(
+            "
+killing the first control-plane member: skiff-control {} and its etcd member",
+            c.cp.server
+        );
+        let killed = std::fs::read_to_string(c.cp.dir.path.join("leader-identity"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        c.cp.proc.kill_now();
+        c.cp.etcd.kill_member(0);
+        let started = std::time::Instant::now();
+        let survivor = c.replicas.remove(0);
+        let moved = skiff_tests::wait_until(std::time::Duration::from_secs(40), || {
+            let holder = survivor.jsonpath(
+                &["lease", "-n", "kube-system", "kube-controller-manager"],
+                "{.spec.holderIdentity}",
+            );
+            !holder.is_empty() && holder != killed
+        });
+        if moved {
+            println!(
+                "the controllers' lease moved to a surviving replica {:.1} s after the kill",
+                started.elapsed().as_secs_f64()
+            );
+        } else {
+            println!("the controllers' lease did not move within 40 s");
+        }
+        show(&survivor, &["-n", "kube-system", "get", "leases"])?;
+        show(&survivor, &["get", "nodes"])?;
+        let log =
+            Cluster::run_script_on(&survivor, &c.busybox, "client-after", &client_node, &script);
+        println!("the client pod's fetches, with the first member gone:");
+        for line in log.lines().filter(|l| !l.is_empty()) {
+            println!("  {line} {}", node_of(line));
+        }
+        c.replicas.insert(0, survivor);
+    }
+
     if !once {
-        let port = forward(
-            c.underlay.path(),
-            format!("127.0.0.1:{}", c.cp.port()).parse()?,
-        )?;
+        // With --ha the first member is gone: the host reaches a survivor.
+        let (cp, netns) = match (c.replicas.first(), c.control_ns.get(1)) {
+            (Some(r), Some((ns, _))) if ha => (r, ns.path()),
+            _ => (&c.cp, c.underlay.path()),
+        };
+        let port = forward(netns, format!("127.0.0.1:{}", cp.port()).parse()?)?;
         let kubeconfig = std::env::current_dir()?.join("target/skiff-up.kubeconfig");
-        c.cp.write_kubeconfig(&format!("https://127.0.0.1:{port}"), &kubeconfig);
+        cp.write_kubeconfig(&format!("https://127.0.0.1:{port}"), &kubeconfig);
         let kc = kubeconfig.display();
         println!(
             "\nSkiff is up. From this shell:\n  export KUBECONFIG={kc}\n  kubectl get nodes -o wide\n  kubectl get pods -A -o wide\n  kubectl logs client\n(the apiserver is reached through 127.0.0.1:{port}, forwarded into the cluster's namespace)"

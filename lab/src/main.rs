@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: skiff-lab demo [--once]
+const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
        skiff-lab images [--push REGISTRY] [--plain-http]
        skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
                              [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
@@ -311,7 +311,10 @@ fn images(argv: &[String]) -> Result<()> {
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     match argv.first().map(String::as_str) {
-        Some("demo") => demo::run(argv.iter().any(|a| a == "--once")),
+        Some("demo") => demo::run(
+            argv.iter().any(|a| a == "--once"),
+            argv.iter().any(|a| a == "--ha"),
+        ),
         Some("images") => images(&argv[1..]),
         Some("bench-proxy") => proxy::run(&bench_args(&argv[1..])?),
         Some("bench-control") => control::run(&control_args(&argv[1..])?),

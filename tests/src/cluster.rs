@@ -99,21 +99,41 @@ pub struct Cluster {
     // Dropped first: the agents and containerds go before what they use.
     pub nodes: Vec<KubeletNode>,
     pub cp: ControlPlane,
+    /// Further control-plane replicas ([`Cluster::start_ha`]), each in
+    /// its namespace of `control_ns`.
+    pub replicas: Vec<ControlPlane>,
     pub registry: Registry,
     /// `<registry>/busybox:1.36`.
     pub busybox: String,
     /// `<registry>/skiff-probe:1`.
     pub probe: String,
     pub node_ns: Vec<Netns>,
+    /// The control-plane members' namespaces ([`Cluster::start_ha`]),
+    /// with their underlay addresses; none when the control plane runs in
+    /// the underlay's own.
+    pub control_ns: Vec<(Netns, String)>,
     pub underlay: Netns,
     /// The overlay's `--etcd` and TLS flags.
     etcd_args: Vec<String>,
     /// `skiff-agent join` flags for the nodes.
     node_join: Vec<String>,
-    /// The control plane's flags (for its replicas).
+    /// The control plane's flags but its addresses (for its replicas).
     control_flags: Vec<String>,
     /// Nodes run the kubelet alone; the network is installed onto them.
     bare: bool,
+}
+
+/// Where the control-plane members' namespaces sit on the underlay:
+/// [`crate::overlay::node_ip`] of this index and the next ones.
+const CONTROL_INDEX: usize = 100;
+
+/// A control-plane member's flags: its address, then `base`.
+fn member_flags(ip: &str, base: &[String]) -> Vec<String> {
+    let mut flags: Vec<String> = ["--tls-san", ip, "--advertise-address", ip]
+        .map(String::from)
+        .to_vec();
+    flags.extend(base.iter().cloned());
+    flags
 }
 
 impl Cluster {
@@ -124,7 +144,15 @@ impl Cluster {
 
     /// As `start`, with `control` flags for `skiff-control`.
     pub fn start_with(n: usize, control: &[&str]) -> Self {
-        Self::start_nodes(n, control, false)
+        Self::start_nodes(n, control, false, 1)
+    }
+
+    /// `n` nodes and a control plane of three members, as kubeadm's
+    /// stacked HA: each member a namespace of its own on the underlay,
+    /// holding an etcd member and a `skiff-control` replica on the
+    /// three-member etcd. Nodes join through the first.
+    pub fn start_ha(n: usize) -> Self {
+        Self::start_nodes(n, &[], false, 3)
     }
 
     /// `n` nodes running the kubelet role alone, each in
@@ -140,6 +168,7 @@ impl Cluster {
                 "10.244.0.0/16,fd00:10:244::/56",
             ],
             true,
+            1,
         )
     }
 
@@ -161,30 +190,61 @@ impl Cluster {
             .replace(port_was, &format!("apiserver-port: \"{}\"", self.cp.port()))
     }
 
-    fn start_nodes(n: usize, control: &[&str], bare: bool) -> Self {
+    fn start_nodes(n: usize, control: &[&str], bare: bool, members: usize) -> Self {
         let (underlay, nodes) = underlay(n);
         add_ipv6(&underlay, UNDERLAY_GW6, "br0");
         for (i, (ns, _)) in nodes.iter().enumerate() {
             add_underlay_ipv6(ns, i);
         }
-        let etcd = Etcd::start_on(Some(&underlay), UNDERLAY_GW);
+        // One member: in the underlay's namespace, at its address.
+        let control_ns: Vec<(Netns, String)> = if members > 1 {
+            (0..members)
+                .map(|i| attach(&underlay, CONTROL_INDEX + i))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let etcd = if control_ns.is_empty() {
+            Etcd::start_on(Some(&underlay), UNDERLAY_GW)
+        } else {
+            let places: Vec<(&Netns, &str)> = control_ns
+                .iter()
+                .map(|(ns, ip)| (ns, ip.as_str()))
+                .collect();
+            Etcd::start_cluster(&places)
+        };
         etcd.ctl(&["put", "/coreos.com/network/config", NETWORK])
             .unwrap_or_else(|e| panic!("{e}"));
         let etcd_args = etcd.client_args(crate::control::EtcdClient::Overlay);
-        let mut flags = vec!["--tls-san", UNDERLAY_GW, "--advertise-address", UNDERLAY_GW];
+        let mut control_flags: Vec<String> = Vec::new();
         if !control.contains(&"--service-cidr") {
-            flags.extend(["--service-cidr", SERVICE_CIDRS]);
+            control_flags.extend(["--service-cidr", SERVICE_CIDRS].map(String::from));
         }
-        flags.extend(control);
-        let control_flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-        let cp = ControlPlane::start_on(&underlay, etcd, &flags);
+        control_flags.extend(control.iter().map(|s| s.to_string()));
+        let (first_ns, first_ip) = control_ns
+            .first()
+            .map_or((&underlay, UNDERLAY_GW), |(ns, ip)| (ns, ip.as_str()));
+        let flags = member_flags(first_ip, &control_flags);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let cp = ControlPlane::start_on(first_ns, etcd, &flags);
+        let replicas = control_ns
+            .iter()
+            .skip(1)
+            .map(|(ns, ip)| {
+                let flags = member_flags(ip, &control_flags);
+                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                cp.replica_in(ns, &flags)
+            })
+            .collect();
         let registry = Registry::start_on(&underlay, UNDERLAY_GW);
         let busybox = registry.push(&underlay, "busybox", "busybox:1.36");
         let probe = registry.push(&underlay, "skiff-probe", "skiff-probe:1");
-        let node_join = cp.join_args(&format!("https://{UNDERLAY_GW}:{}", cp.port()));
+        let node_join = cp.join_args(&format!("https://{first_ip}:{}", cp.port()));
         let mut c = Self {
             nodes: Vec::new(),
             cp,
+            replicas,
+            control_ns,
             registry,
             busybox,
             probe,
@@ -249,7 +309,8 @@ impl Cluster {
     /// Another control-plane replica beside `cp`: on the same etcd and
     /// underlay address (another port), with the same flags.
     pub fn control_replica(&self) -> ControlPlane {
-        let flags: Vec<&str> = self.control_flags.iter().map(String::as_str).collect();
+        let flags = member_flags(UNDERLAY_GW, &self.control_flags);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         self.cp.replica(&flags)
     }
 
@@ -326,10 +387,14 @@ impl Cluster {
     /// Starts `script` (busybox sh) in a pod `name` on `node`
     /// (restartPolicy Never, grace 1 s).
     pub fn start_script(&self, name: &str, node: &str, script: &str) {
-        self.cp
+        Self::start_script_on(&self.cp, &self.busybox, name, node, script);
+    }
+
+    /// As [`Cluster::start_script`], through `cp`, with `image`.
+    pub fn start_script_on(cp: &ControlPlane, image: &str, name: &str, node: &str, script: &str) {
+        cp
             .apply(&format!(
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", {script:?}]\n",
-                image = self.busybox
             ))
             .unwrap_or_else(|e| panic!("{e}"));
     }
@@ -337,14 +402,25 @@ impl Cluster {
     /// Runs `script` as [`Cluster::start_script`] does, until it ends; its
     /// log.
     pub fn run_script(&self, name: &str, node: &str, script: &str) -> String {
-        self.start_script(name, node, script);
+        Self::run_script_on(&self.cp, &self.busybox, name, node, script)
+    }
+
+    /// As [`Cluster::run_script`], through `cp`, with `image`.
+    pub fn run_script_on(
+        cp: &ControlPlane,
+        image: &str,
+        name: &str,
+        node: &str,
+        script: &str,
+    ) -> String {
+        Self::start_script_on(cp, image, name, node, script);
         wait_for(
             &format!("pod {name} to finish"),
             Duration::from_secs(120),
             || {
-                let phase = self.cp.jsonpath(&["pod", name], "{.status.phase}");
+                let phase = cp.jsonpath(&["pod", name], "{.status.phase}");
                 (phase == "Succeeded" || phase == "Failed")
-                    .then(|| self.cp.kubectl(&["logs", name]).unwrap_or_default())
+                    .then(|| cp.kubectl(&["logs", name]).unwrap_or_default())
             },
         )
     }

@@ -17,18 +17,26 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
 }
 
-/// A single-member etcd in a temp dir, behind mutual TLS with a CA of its
-/// own (made by `skiff-control certs etcd`, as kubeadm lays it out): only
-/// clients with a certificate from that CA get in.
+/// A test etcd in a temp dir, of one member or several, behind mutual TLS
+/// with a CA of its own (made by `skiff-control certs etcd`, as kubeadm
+/// lays it out): only clients with a certificate from that CA get in.
 pub struct Etcd {
+    /// The members' client URLs, comma separated (as `--etcd` takes them).
     pub url: String,
-    /// etcd's Prometheus metrics, on plain HTTP on loopback (in its
-    /// namespace), as kubeadm's `--listen-metrics-urls`.
+    /// The first member's Prometheus metrics, on plain HTTP on loopback (in
+    /// its namespace), as kubeadm's `--listen-metrics-urls`.
     pub metrics_url: String,
-    pub proc: Proc,
+    members: Vec<Member>,
+    dir: TempDir,
+}
+
+struct Member {
+    /// Replaced on a restart, while the etcd is shared.
+    proc: std::sync::Mutex<Proc>,
     netns: Option<String>,
     args: Vec<String>,
-    dir: TempDir,
+    url: String,
+    log: std::path::PathBuf,
 }
 
 /// Who connects to a test etcd: each has a client certificate of its own.
@@ -58,51 +66,87 @@ impl Etcd {
     }
 
     fn start_on_path(netns: Option<&str>, ip: &str) -> Self {
-        let netns = netns.map(String::from);
+        Self::start_members(&[(netns.map(String::from), ip.to_string())])
+    }
+
+    /// One member per (namespace, address), peers over that address: a
+    /// cluster that keeps serving while a majority of it runs.
+    pub fn start_cluster(places: &[(&Netns, &str)]) -> Self {
+        let places: Vec<(Option<String>, String)> = places
+            .iter()
+            .map(|(ns, ip)| (Some(ns.path()), ip.to_string()))
+            .collect();
+        Self::start_members(&places)
+    }
+
+    fn start_members(places: &[(Option<String>, String)]) -> Self {
         let dir = TempDir::new();
         let pki = dir.path.join("pki");
-        let made = Spawn::new(bin("skiff-control"))
+        let mut certs = Spawn::new(bin("skiff-control"))
             .args(["certs", "etcd", "--dir", &pki.display().to_string()])
-            .args(["--san", ip, "--client", "overlay", "--client", "admin"])
-            .try_output();
-        if let Err(e) = made {
+            .args(["--client", "overlay", "--client", "admin"]);
+        for (_, ip) in places {
+            certs = certs.args(["--san", ip]);
+        }
+        if let Err(e) = certs.try_output() {
             panic!("making etcd's certificates: {e}");
         }
-        let (client, peer, metrics) = (free_port(), free_port(), free_port());
-        let url = format!("https://{ip}:{client}");
-        let peer_url = format!("https://127.0.0.1:{peer}");
-        let metrics_url = format!("http://127.0.0.1:{metrics}");
-        let etcd = pki.join("etcd");
-        let file = |name: &str| etcd.join(name).display().to_string();
-        let args = vec![
-            "--name=test".to_string(),
-            format!("--data-dir={}", dir.path.join("data").display()),
-            format!("--listen-client-urls={url}"),
-            format!("--advertise-client-urls={url}"),
-            format!("--listen-peer-urls={peer_url}"),
-            format!("--initial-advertise-peer-urls={peer_url}"),
-            format!("--initial-cluster=test={peer_url}"),
-            format!("--listen-metrics-urls={metrics_url}"),
-            format!("--cert-file={}", file("server.crt")),
-            format!("--key-file={}", file("server.key")),
-            format!("--trusted-ca-file={}", file("ca.crt")),
-            "--client-cert-auth=true".to_string(),
-            format!("--peer-cert-file={}", file("peer.crt")),
-            format!("--peer-key-file={}", file("peer.key")),
-            format!("--peer-trusted-ca-file={}", file("ca.crt")),
-            "--peer-client-cert-auth=true".to_string(),
-            "--log-level=warn".to_string(),
-        ];
-        let proc = Self::spawn(&args, netns.as_deref(), &dir);
+        let ports: Vec<(u16, u16, u16)> = places
+            .iter()
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let peer_url = |i: usize| format!("https://{}:{}", places[i].1, ports[i].1);
+        let initial: Vec<String> = (0..places.len())
+            .map(|i| format!("m{i}={}", peer_url(i)))
+            .collect();
+        let file = |name: &str| pki.join("etcd").join(name).display().to_string();
+        let mut members = Vec::new();
+        for (i, (netns, ip)) in places.iter().enumerate() {
+            let (client, _, metrics) = ports[i];
+            let url = format!("https://{ip}:{client}");
+            let args = vec![
+                format!("--name=m{i}"),
+                format!("--data-dir={}", dir.path.join(format!("data{i}")).display()),
+                format!("--listen-client-urls={url}"),
+                format!("--advertise-client-urls={url}"),
+                format!("--listen-peer-urls={}", peer_url(i)),
+                format!("--initial-advertise-peer-urls={}", peer_url(i)),
+                format!("--initial-cluster={}", initial.join(",")),
+                "--initial-cluster-state=new".to_string(),
+                format!("--listen-metrics-urls=http://127.0.0.1:{metrics}"),
+                format!("--cert-file={}", file("server.crt")),
+                format!("--key-file={}", file("server.key")),
+                format!("--trusted-ca-file={}", file("ca.crt")),
+                "--client-cert-auth=true".to_string(),
+                format!("--peer-cert-file={}", file("peer.crt")),
+                format!("--peer-key-file={}", file("peer.key")),
+                format!("--peer-trusted-ca-file={}", file("ca.crt")),
+                "--peer-client-cert-auth=true".to_string(),
+                "--log-level=warn".to_string(),
+            ];
+            let log = dir.path.join(format!("etcd{i}.log"));
+            let proc = Self::spawn(&args, netns.as_deref(), &log);
+            members.push(Member {
+                proc: std::sync::Mutex::new(proc),
+                netns: netns.clone(),
+                args,
+                url,
+                log,
+            });
+        }
         let etcd = Self {
-            url,
-            metrics_url,
-            proc,
-            netns,
-            args,
+            url: members
+                .iter()
+                .map(|m| m.url.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            metrics_url: format!("http://127.0.0.1:{}", ports[0].2),
+            members,
             dir,
         };
-        etcd.wait_healthy();
+        for i in 0..etcd.members.len() {
+            etcd.wait_healthy(i);
+        }
         etcd
     }
 
@@ -156,36 +200,81 @@ impl Etcd {
         ]
     }
 
-    fn spawn(args: &[String], netns: Option<&str>, dir: &TempDir) -> Proc {
+    fn spawn(args: &[String], netns: Option<&str>, log: &std::path::Path) -> Proc {
         Spawn::new("etcd")
             .args(args)
             .netns_path(netns)
-            .log_to(&dir.path.join("etcd.log"))
+            .log_to(log)
             .start()
     }
 
-    fn wait_healthy(&self) {
-        wait_for("etcd to answer", Duration::from_secs(20), || {
-            self.ctl(&["endpoint", "health"]).ok()
-        });
+    /// Waits until member `i` answers.
+    fn wait_healthy(&self, i: usize) {
+        let url = &self.members[i].url;
+        wait_for(
+            &format!("etcd member {i} to answer"),
+            Duration::from_secs(30),
+            || self.ctl(&["--endpoints", url, "endpoint", "health"]).ok(),
+        );
+    }
+
+    /// The first member's pid.
+    pub fn pid(&self) -> i32 {
+        self.members[0].proc.lock().map(|p| p.pid()).unwrap_or(0)
+    }
+
+    /// The members' logs, for a failure's report.
+    pub fn logs(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| std::fs::read_to_string(&m.log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Kills etcd (SIGKILL, as a crash would).
-    pub fn kill(&mut self) {
-        self.proc.kill_now();
+    pub fn kill(&self) {
+        self.kill_member(0);
     }
 
     /// Starts etcd again on the same data and address, after `kill`.
-    pub fn restart(&mut self) {
-        self.proc = Self::spawn(&self.args, self.netns.as_deref(), &self.dir);
-        self.wait_healthy();
+    pub fn restart(&self) {
+        self.restart_member(0);
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill_member(&self, i: usize) {
+        if let Ok(mut p) = self.members[i].proc.lock() {
+            p.kill_now();
+        }
+    }
+
+    /// Starts member `i` again on its data and addresses, after
+    /// `kill_member`, and waits until it answers.
+    pub fn restart_member(&self, i: usize) {
+        let m = &self.members[i];
+        let proc = Self::spawn(&m.args, m.netns.as_deref(), &m.log);
+        if let Ok(mut p) = m.proc.lock() {
+            *p = proc;
+        }
+        self.wait_healthy(i);
+    }
+
+    /// The client URL of member `i`.
+    pub fn member_url(&self, i: usize) -> &str {
+        &self.members[i].url
     }
 
     /// Runs `etcdctl` against this etcd, as an admin.
     pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        let mut cmd = Spawn::new("etcdctl").netns_path(self.netns.as_deref());
+        let netns = self.members.first().and_then(|m| m.netns.as_deref());
+        let mut cmd = Spawn::new("etcdctl").netns_path(netns);
+        // A flag and its variable together are refused.
+        let own_endpoints = args.contains(&"--endpoints");
         for (k, v) in self.ctl_env() {
-            cmd = cmd.env(k, &v);
+            if !(own_endpoints && k == "ETCDCTL_ENDPOINTS") {
+                cmd = cmd.env(k, &v);
+            }
         }
         cmd.args(args).try_output()
     }
@@ -255,6 +344,16 @@ impl ControlPlane {
     /// place, with a copy of this one's PKI (CA, service-account key, admin
     /// token), as kubeadm copies them to a control-plane node that joins.
     pub fn replica(&self, extra: &[&str]) -> Self {
+        self.replica_at(self.netns.clone(), &self.host.clone(), extra)
+    }
+
+    /// A replica as [`ControlPlane::replica`], in another namespace on the
+    /// same network (listening on every address there).
+    pub fn replica_in(&self, netns: &Netns, extra: &[&str]) -> Self {
+        self.replica_at(Some(netns.path()), "0.0.0.0", extra)
+    }
+
+    fn replica_at(&self, netns: Option<String>, host: &str, extra: &[&str]) -> Self {
         let dir = TempDir::new();
         let (from, to) = (self.dir.path.join("pki"), dir.path.join("pki"));
         std::fs::create_dir_all(&to).unwrap_or_else(|e| panic!("{}: {e}", to.display()));
@@ -262,13 +361,7 @@ impl ControlPlane {
             let (f, t) = (from.join(name), to.join(name));
             std::fs::copy(&f, &t).unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
         }
-        Self::launch(
-            self.etcd.clone(),
-            self.netns.clone(),
-            &self.host.clone(),
-            dir,
-            extra,
-        )
+        Self::launch(self.etcd.clone(), netns, host, dir, extra)
     }
 
     fn launch(

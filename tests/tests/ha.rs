@@ -358,3 +358,287 @@ fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
         );
     }
 }
+
+fn node_ready(cp: &ControlPlane, node: &str) -> String {
+    cp.jsonpath(
+        &["node", node],
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+    )
+}
+
+/// A minute with no control plane at all (etcd down, so no apiserver
+/// serves) costs the nodes nothing: once it is back, though every node's
+/// Lease is a minute old, no node is marked NotReady and no pod is evicted
+/// (with a 5 s eviction timeout, an eviction would show at once).
+#[test]
+fn a_minute_long_control_plane_outage_marks_no_node_not_ready_and_evicts_nothing() {
+    // Without leader election the controllers run on through the outage
+    // (with it they stop within the renew deadline and start afresh):
+    // their caches hold Leases a minute old when the apiserver answers
+    // again, before any node has renewed.
+    let c = Cluster::start_with(
+        1,
+        &[
+            "--pod-eviction-timeout-seconds",
+            "5",
+            "--leader-elect=false",
+        ],
+    );
+    let name = c.nodes[0].name.clone();
+    c.cp.apply(&sleeper("steady", &name, &c.busybox))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_running(&c.cp, "steady");
+    let uid = c.cp.jsonpath(&["pod", "steady"], "{.metadata.uid}");
+
+    c.cp.etcd.kill();
+    std::thread::sleep(Duration::from_secs(60));
+    c.cp.etcd.restart();
+    let back = Instant::now();
+    wait_for(
+        "the apiserver to serve again",
+        Duration::from_secs(30),
+        || c.cp.kubectl(&["get", "node", &name]).ok(),
+    );
+    let renewed = c.cp.jsonpath(
+        &["lease", "-n", "kube-node-lease", &name],
+        "{.spec.renewTime}",
+    );
+    eprintln!(
+        "serving again {:?} after etcd came back; lease last renewed {renewed}",
+        back.elapsed()
+    );
+
+    // Longer than the grace period (40 s) from the return.
+    while back.elapsed() < Duration::from_secs(50) {
+        let ready = node_ready(&c.cp, &name);
+        if !(ready == "True" || ready.is_empty()) {
+            let pick = |log: String, words: &[&str]| -> String {
+                log.lines()
+                    .filter(|l| words.iter().any(|w| l.contains(w)))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            panic!(
+                "node {name} went {ready} {:?} after the outage\n--- control plane ---\n{}\n--- agent ---\n{}",
+                back.elapsed(),
+                pick(
+                    c.cp.proc.log_text(),
+                    &["node", "grace", "judged", "answers"]
+                ),
+                pick(
+                    c.nodes[0].agent_log(),
+                    &["lease", "status", "switched", "apiserver"]
+                ),
+            );
+        }
+        let now = c.cp.jsonpath(&["pod", "steady"], "{.metadata.uid}");
+        assert!(
+            now == uid || now.is_empty(),
+            "the pod was replaced: {uid} -> {now}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(node_ready(&c.cp, &name), "True");
+    assert_eq!(c.cp.jsonpath(&["pod", "steady"], "{.metadata.uid}"), uid);
+    assert_eq!(
+        c.cp.jsonpath(
+            &["pod", "steady"],
+            "{.status.containerStatuses[0].restartCount}"
+        ),
+        "0"
+    );
+    let log = c.cp.proc.log_text();
+    for wrong in ["NotReady", "evicted"] {
+        assert!(
+            !log.lines().any(|l| l.contains(wrong) && l.contains(&name)),
+            "{wrong}:\n{}",
+            c.cp.log_tail()
+        );
+    }
+}
+
+/// Three etcd members and three apiservers: writes through an apiserver
+/// go on while an etcd member is killed under them (each write either
+/// fails or is kept; none is lost), the member catches up when it comes
+/// back, and every replica serves what was written.
+#[test]
+fn writes_go_on_and_none_is_lost_when_an_etcd_member_dies_under_them() {
+    let c = Cluster::start_ha(0);
+    assert_eq!(c.replicas.len(), 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, kubeconfig) = (stop.clone(), c.cp.kubeconfig.clone());
+        let netns = c.control_ns[0].0.path();
+        std::thread::spawn(move || {
+            let (mut kept, mut failed) = (Vec::new(), Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("w{i}");
+                let out = Spawn::new("kubectl")
+                    .netns_path(Some(&netns))
+                    .env("KUBECONFIG", &kubeconfig.display().to_string())
+                    .args(["--request-timeout=5s", "create", "configmap", &name])
+                    .args(["--from-literal", &format!("i={i}")])
+                    .try_output();
+                match out {
+                    Ok(_) => kept.push((name, Instant::now())),
+                    Err(_) => failed.push((name, Instant::now())),
+                }
+                i += 1;
+            }
+            (kept, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    // The member the first apiserver's client is likeliest to be on.
+    c.cp.etcd.kill_member(0);
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(8));
+    let restarted = Instant::now();
+    c.cp.etcd.restart_member(0);
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (kept, failed) = writer
+        .join()
+        .unwrap_or_else(|_| panic!("the writer panicked"));
+    let after_kill: Vec<_> = failed
+        .iter()
+        .map(|(n, at)| (n, at.duration_since(killed)))
+        .collect();
+    eprintln!(
+        "{} writes kept, {} failed: {after_kill:?}",
+        kept.len(),
+        failed.len()
+    );
+    assert!(
+        kept.len() > 20,
+        "too few writes went through: {}",
+        kept.len()
+    );
+    // The apiserver's etcd client moves to a live member: at most a write
+    // or two in flight at the kill fail.
+    assert!(failed.len() <= 3, "{} writes failed", failed.len());
+    // Writes went through while the member was down.
+    let while_down = kept
+        .iter()
+        .filter(|(_, at)| *at > killed + Duration::from_secs(2) && *at < restarted)
+        .count();
+    eprintln!("{while_down} writes kept while the member was down");
+    assert!(
+        while_down > 0,
+        "no write went through while the member was down"
+    );
+
+    // Every kept write is there, on every replica; a failed one at most
+    // half-done is either there whole or not at all.
+    for cp in std::iter::once(&c.cp).chain(&c.replicas) {
+        let names = cp.kubectl_ok(&[
+            "get",
+            "configmaps",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ]);
+        let names: BTreeSet<&str> = names.split_whitespace().collect();
+        for (k, _) in &kept {
+            assert!(names.contains(k.as_str()), "{k} lost on {}", cp.server);
+        }
+    }
+    // The member that came back catches up: the same revision on all.
+    wait_for("the members to agree", Duration::from_secs(20), || {
+        let revisions: BTreeSet<String> = (0..3)
+            .map(|i| {
+                let url = c.cp.etcd.member_url(i);
+                let out =
+                    c.cp.etcd
+                        .ctl(&["--endpoints", url, "endpoint", "status", "-w", "json"])
+                        .unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                v[0]["Status"]["header"]["revision"].to_string()
+            })
+            .collect();
+        (revisions.len() == 1).then_some(())
+    });
+}
+
+/// Two apiservers on one etcd hand out ClusterIPs and NodePorts at the
+/// same time, from pools small enough that their picks collide: every
+/// Service gets its own of each, and of two Services asking for the same
+/// NodePort at once exactly one gets it.
+#[test]
+fn two_apiservers_allocating_at_once_never_hand_out_one_address_or_port_twice() {
+    let flags = [
+        "--service-cidr",
+        "10.96.0.0/26",
+        "--node-port-range",
+        "30000-30079",
+    ];
+    let a = ControlPlane::start(&flags);
+    let b = a.replica(&flags);
+    const PER: usize = 28;
+    let create = |cp: &ControlPlane, prefix: &str| {
+        let (kubeconfig, prefix) = (cp.kubeconfig.clone(), prefix.to_string());
+        std::thread::spawn(move || {
+            for i in 0..PER {
+                let name = format!("{prefix}{i}");
+                Spawn::new("kubectl")
+                    .env("KUBECONFIG", &kubeconfig.display().to_string())
+                    .args(["create", "service", "nodeport", &name, "--tcp=80:80"])
+                    .try_output()
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        })
+    };
+    let (ta, tb) = (create(&a, "a"), create(&b, "b"));
+    for t in [ta, tb] {
+        t.join().unwrap_or_else(|_| panic!("a creator panicked"));
+    }
+    let out = a.jsonpath(
+        &["services"],
+        r#"{range .items[*]}{.metadata.name} {.spec.clusterIP} {.spec.ports[0].nodePort}{"\n"}{end}"#,
+    );
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let ips: BTreeSet<&str> = rows.iter().filter_map(|r| r.get(1).copied()).collect();
+    let ports: BTreeSet<&str> = rows.iter().filter_map(|r| r.get(2).copied()).collect();
+    // The `kubernetes` Service has an address and no NodePort.
+    assert_eq!(rows.len(), 2 * PER + 1, "{out}");
+    assert_eq!(
+        ips.len(),
+        rows.len(),
+        "a ClusterIP handed out twice:\n{out}"
+    );
+    assert_eq!(ports.len(), 2 * PER, "a NodePort handed out twice:\n{out}");
+
+    // The same NodePort asked for through both at once, several times.
+    for round in 0..5 {
+        let port = 30070 + round;
+        let ask = |cp: &ControlPlane, name: String| {
+            let kubeconfig = cp.kubeconfig.clone();
+            std::thread::spawn(move || {
+                let svc = format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: NodePort\n  ports: [{{port: 80, nodePort: {port}}}]\n"
+                );
+                Spawn::new("kubectl")
+                    .env("KUBECONFIG", &kubeconfig.display().to_string())
+                    .args(["create", "-f", "-"])
+                    .run_with_input(svc.as_bytes())
+                    .status
+                    .success()
+            })
+        };
+        let (x, y) = (ask(&a, format!("x{round}")), ask(&b, format!("y{round}")));
+        let won = [x, y]
+            .into_iter()
+            .map(|t| t.join().unwrap_or(false))
+            .filter(|ok| *ok)
+            .count();
+        let free_before = !ports.contains(port.to_string().as_str());
+        if free_before {
+            assert_eq!(won, 1, "nodePort {port}: {won} Services got it");
+        } else {
+            assert_eq!(won, 0, "nodePort {port} was taken already");
+        }
+    }
+}

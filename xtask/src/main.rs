@@ -29,10 +29,15 @@ enum Cmd {
     /// Bring up a three-node Skiff cluster in namespaces it makes, run a
     /// Deployment and a Service on it and show a client pod reaching them by
     /// ClusterIP and pod IP across nodes; stays up for the host's kubectl
-    /// until Ctrl-C unless --once.
+    /// until Ctrl-C unless --once. With --ha the control plane is three
+    /// members (an etcd member and a skiff-control replica each, in
+    /// namespaces of their own), and the demo goes on to kill the first
+    /// and show the cluster carry on.
     Up {
         #[arg(long)]
         once: bool,
+        #[arg(long)]
+        ha: bool,
     },
     /// fmt, clippy, and every test, privileged ones included (run as root).
     Test,
@@ -308,13 +313,16 @@ fn main() -> Result<()> {
             setup()?;
             run(cargo().args(["build", "-p", "skiff-agent"]))
         }
-        Cmd::Up { once } => {
+        Cmd::Up { once, ha } => {
             setup()?;
+            let mut args = vec!["demo"];
             if once {
-                lab(&["demo", "--once"])
-            } else {
-                lab(&["demo"])
+                args.push("--once");
             }
+            if ha {
+                args.push("--ha");
+            }
+            lab(&args)
         }
         Cmd::Test => test(),
         Cmd::Images { push, plain_http } => {

@@ -7,14 +7,22 @@
 //! again loses the taints. A node that reports `Ready=False` (a kubelet
 //! without a pod network, say) gets `node.kubernetes.io/not-ready`
 //! NoSchedule until it is Ready, as upstream taints nodes by condition.
+//!
+//! Silence is measured on this controller's own clock from when it last
+//! saw a node's sign of life change (upstream's probe timestamp), not from
+//! the Lease's wall-clock time: a node first seen (this replica just
+//! started, or took the lead) gets a whole grace period, and so does every
+//! node after a pass that could not reach the apiserver. An outage of the
+//! control plane itself is not counted against the nodes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client};
 use serde_json::json;
@@ -69,6 +77,30 @@ fn last_seen(node: &Node, lease: Option<&Lease>) -> Option<Timestamp> {
         .map(|t| t.0);
     let created = node.metadata.creation_timestamp.as_ref().map(|t| t.0);
     [renew, heartbeat, created].into_iter().flatten().max()
+}
+
+/// A node's last sign of life as this controller saw it change.
+struct Heard {
+    value: Option<Timestamp>,
+    at: Instant,
+}
+
+/// Notes `value` for `node`; whether the node has been silent for longer
+/// than `grace` on this controller's clock.
+fn silent_for(
+    heard: &mut HashMap<String, Heard>,
+    node: &str,
+    value: Option<Timestamp>,
+    now: Instant,
+    grace: Duration,
+) -> bool {
+    let h = heard
+        .entry(node.to_string())
+        .or_insert(Heard { value, at: now });
+    if h.value != value {
+        *h = Heard { value, at: now };
+    }
+    now.duration_since(h.at) > grace
 }
 
 fn ready_status(node: &Node) -> Option<String> {
@@ -138,11 +170,32 @@ pub async fn run(client: Client, settings: Settings) {
     ready(&leases).await;
     ready(&pods).await;
     let nodes_api: Api<Node> = Api::all(client.clone());
+    let leases_api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let tick = Duration::from_secs(1)
         .min(settings.node_grace / 4)
         .max(Duration::from_millis(200));
+    let mut heard: HashMap<String, Heard> = HashMap::new();
+    let mut cut_off = false;
     loop {
         next_pass("node-lifecycle", &notify, tick).await;
+        // Whether this pass sees the cluster as it is: with no apiserver
+        // (or no etcd behind it) no node is judged, and once it answers
+        // again every node gets a whole grace period.
+        if let Err(e) = leases_api
+            .list_metadata(&ListParams::default().limit(1))
+            .await
+        {
+            if !cut_off {
+                warn!(error = %e, "the apiserver does not answer: no node is judged until it does");
+            }
+            cut_off = true;
+            continue;
+        }
+        if std::mem::take(&mut cut_off) {
+            info!("the apiserver answers again: every node gets a whole grace period");
+            heard.clear();
+        }
+        let clock = Instant::now();
         let now = Timestamp::now();
         let mut by_node: std::collections::HashMap<String, Vec<Arc<Pod>>> =
             std::collections::HashMap::new();
@@ -151,14 +204,19 @@ pub async fn run(client: Client, settings: Settings) {
                 by_node.entry(n).or_default().push(p);
             }
         }
+        let present: std::collections::HashSet<String> = nodes
+            .state()
+            .iter()
+            .map(|n| name_of(&n.metadata).to_string())
+            .collect();
+        heard.retain(|n, _| present.contains(n));
         for node in nodes.state() {
             let name = name_of(&node.metadata).to_string();
             let lease = leases.get(&ObjectRef::new(&name).within("kube-node-lease"));
             let Some(seen) = last_seen(&node, lease.as_deref()) else {
                 continue;
             };
-            let silent =
-                now.duration_since(seen).unsigned_abs() > settings.node_grace && now > seen;
+            let silent = silent_for(&mut heard, &name, Some(seen), clock, settings.node_grace);
             let tainted = unreachable_since(&node);
             let on_node: Vec<&Arc<Pod>> = by_node.get(&name).into_iter().flatten().collect();
             if silent && ready_status(&node).as_deref() != Some("Unknown") {
@@ -254,6 +312,35 @@ pub async fn run(client: Client, settings: Settings) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silence_counts_from_when_this_controller_saw_a_change() {
+        let grace = Duration::from_secs(40);
+        let start = Instant::now();
+        let mut heard = HashMap::new();
+        // A lease renewed long ago, first seen now: a whole grace period.
+        let old = Some(Timestamp::UNIX_EPOCH);
+        assert!(!silent_for(&mut heard, "n", old, start, grace));
+        assert!(!silent_for(&mut heard, "n", old, start + grace, grace));
+        assert!(silent_for(
+            &mut heard,
+            "n",
+            old,
+            start + grace + Duration::from_secs(1),
+            grace
+        ));
+        // Renewed: heard from again.
+        let renewed = Some(Timestamp::now());
+        let later = start + grace * 2;
+        assert!(!silent_for(&mut heard, "n", renewed, later, grace));
+        assert!(!silent_for(
+            &mut heard,
+            "n",
+            renewed,
+            later + grace / 2,
+            grace
+        ));
+    }
 
     fn node(ready: &str, taints: serde_json::Value) -> Node {
         serde_json::from_value(json!({

@@ -92,7 +92,7 @@ fn footprint(c: &Cluster) -> Value {
     json!({
         "nodes": nodes,
         "control_plane_mib": rss_mib(c.cp.proc.pid()),
-        "etcd_mib": rss_mib(c.cp.etcd.proc.pid()),
+        "etcd_mib": rss_mib(c.cp.etcd.pid()),
     })
 }
 

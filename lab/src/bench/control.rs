@@ -368,7 +368,7 @@ async fn cold_start(etcd: &Etcd, rounds: usize) -> Result<Value> {
         with_etcd.push(ms(t));
         tokio::time::sleep(Duration::from_secs(3)).await;
         rss.push(super::rss_kib(cp.child.id()) as f64 / 1024.0);
-        rss_etcd.push(super::rss_kib(etcd.proc.child.id()) as f64 / 1024.0);
+        rss_etcd.push(super::rss_kib(etcd.pid() as u32) as f64 / 1024.0);
         drop(cp);
         let (cp, t, _) = start(None, "apiserver,scheduler,controllers", &[]).await?;
         local.push(ms(t));
