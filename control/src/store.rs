@@ -171,9 +171,12 @@ fn unanswered(e: &etcd_client::Error, write: bool) -> bool {
                 s.code(),
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
             ) || text.contains("no leader")
+                || text.contains("timeout")
+                || text.contains("timed out")
         }
         _ => false,
     };
+    // A timed-out write may have been applied: only reads move on then.
     let unsent = text.contains("connect") || text.contains("no leader");
     unreachable && (!write || unsent)
 }
@@ -196,7 +199,17 @@ impl Store {
         // them all, which fails requests it sends to a dead member), each
         // asking for a leader so that a member cut off from the others
         // refuses instead of serving stale reads.
-        let opts = opts.unwrap_or_default().with_require_leader(true);
+        // Bounded waits, so that a member cut off (whose packets vanish)
+        // shows as an error to move on from rather than a hang: connects
+        // and unary requests time out, and HTTP/2 pings find a dead
+        // connection under a watch.
+        let opts = opts
+            .unwrap_or_default()
+            .with_require_leader(true)
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(8))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
         let mut clients = Vec::new();
         for e in endpoints {
             clients.push(Client::connect([e.as_str()], Some(opts.clone())).await?);

@@ -642,3 +642,95 @@ fn two_apiservers_allocating_at_once_never_hand_out_one_address_or_port_twice() 
         }
     }
 }
+
+/// The first line of `log` with every one of `words`: its timestamp.
+fn stamp_of(log: &str, words: &[&str]) -> Option<String> {
+    log.lines()
+        .find(|l| words.iter().all(|w| l.contains(w)))
+        .and_then(|l| l.split_whitespace().next())
+        .map(String::from)
+}
+
+/// The leader cut off from the rest (its namespace's link down: its
+/// apiserver unreachable, its etcd member without a quorum) stops acting
+/// when its renew deadline passes, before another replica takes its
+/// leases; the others go on, and nothing is done twice. Healed, it
+/// rejoins as a follower.
+#[test]
+fn a_partitioned_leader_stops_before_another_takes_over_and_nothing_is_done_twice() {
+    let c = Cluster::start_ha(1);
+    let leader = std::fs::read_to_string(c.cp.dir.path.join("leader-identity"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let b = &c.replicas[0];
+    wait_leading(b, &leader, Duration::from_secs(30));
+    let web = WEB.replace("replicas: 3", "replicas: 2").replace(
+        "{name: app, image: busybox:1.36}",
+        &format!(
+            "{{name: app, image: \"{}\", command: [sleep, \"3600\"]}}",
+            c.busybox
+        ),
+    );
+    b.apply(&web).unwrap_or_else(|e| panic!("{e}"));
+    wait_for("2 available replicas", Duration::from_secs(90), || {
+        (b.jsonpath(&["deployment", "web"], "{.status.availableReplicas}") == "2").then_some(())
+    });
+
+    c.control_ns[0].0.ip(&["link", "set", "eth0", "down"]);
+    let cut = Instant::now();
+    b.kubectl_ok(&["scale", "deployment", "web", "--replicas", "4"]);
+    wait_for("another replica to lead", Duration::from_secs(60), || {
+        let holders: Vec<String> = LEASES.iter().map(|l| holder(b, l)).collect();
+        holders
+            .iter()
+            .all(|h| !h.is_empty() && *h != leader)
+            .then_some(())
+    });
+    eprintln!("another replica led {:?} after the cut", cut.elapsed());
+    wait_for("4 available replicas", Duration::from_secs(60), || {
+        (b.jsonpath(&["deployment", "web"], "{.status.availableReplicas}") == "4").then_some(())
+    });
+
+    // The cut-off leader stopped before anyone else started, by the logs'
+    // clocks (one host's).
+    let cut_log = c.cp.proc.log_text();
+    for lease in LEASES {
+        let stopped = stamp_of(
+            &cut_log,
+            &[
+                "lease lost; stopped",
+                &format!("lease=\"kube-system/{lease}\""),
+            ],
+        )
+        .unwrap_or_else(|| panic!("{lease}: the cut-off leader never stopped:\n{cut_log}"));
+        let started = c
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                stamp_of(
+                    &r.proc.log_text(),
+                    &[
+                        "lease acquired; starting",
+                        &format!("lease=\"kube-system/{lease}\""),
+                    ],
+                )
+            })
+            .min()
+            .unwrap_or_else(|| panic!("{lease}: no other replica started"));
+        eprintln!("{lease}: the cut-off leader stopped at {stopped}, another started at {started}");
+        assert!(
+            stopped < started,
+            "{lease}: started at {started} before the old leader stopped at {stopped}"
+        );
+    }
+
+    // Healed: it follows; still four pods, each created once.
+    c.control_ns[0].0.ip(&["link", "set", "eth0", "up"]);
+    std::thread::sleep(Duration::from_secs(8));
+    let pods = b.kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "name"]);
+    assert_eq!(pods.lines().count(), 4, "{pods}");
+    for l in LEASES {
+        assert_ne!(holder(b, l), leader, "{l}: the healed replica took it back");
+    }
+}

@@ -79,6 +79,10 @@ fn last_seen(node: &Node, lease: Option<&Lease>) -> Option<Timestamp> {
     [renew, heartbeat, created].into_iter().flatten().max()
 }
 
+/// How long the check that opens a pass may take before it counts as
+/// having waited out an outage.
+const OUTAGE: Duration = Duration::from_secs(5);
+
 /// A node's last sign of life as this controller saw it change.
 struct Heard {
     value: Option<Timestamp>,
@@ -180,7 +184,10 @@ pub async fn run(client: Client, settings: Settings) {
         next_pass("node-lifecycle", &notify, tick).await;
         // Whether this pass sees the cluster as it is: with no apiserver
         // (or no etcd behind it) no node is judged, and once it answers
-        // again every node gets a whole grace period.
+        // again (the client retries unavailable answers, so an outage may
+        // also show as a pass that waited long) every node gets a whole
+        // grace period.
+        let asked = Instant::now();
         if let Err(e) = leases_api
             .list_metadata(&ListParams::default().limit(1))
             .await
@@ -191,11 +198,12 @@ pub async fn run(client: Client, settings: Settings) {
             cut_off = true;
             continue;
         }
-        if std::mem::take(&mut cut_off) {
+        let clock = Instant::now();
+        let waited = clock.duration_since(asked) > OUTAGE;
+        if std::mem::take(&mut cut_off) || waited {
             info!("the apiserver answers again: every node gets a whole grace period");
             heard.clear();
         }
-        let clock = Instant::now();
         let now = Timestamp::now();
         let mut by_node: std::collections::HashMap<String, Vec<Arc<Pod>>> =
             std::collections::HashMap::new();
@@ -216,7 +224,21 @@ pub async fn run(client: Client, settings: Settings) {
             let Some(seen) = last_seen(&node, lease.as_deref()) else {
                 continue;
             };
-            let silent = silent_for(&mut heard, &name, Some(seen), clock, settings.node_grace);
+            let mut silent = silent_for(&mut heard, &name, Some(seen), clock, settings.node_grace);
+            // The caches may lag (a watch backing off after an outage):
+            // a node is judged silent only on a fresh read of its Lease.
+            if silent && ready_status(&node).as_deref() != Some("Unknown") {
+                match leases_api.get_opt(&name).await {
+                    Ok(fresh) => {
+                        let seen = last_seen(&node, fresh.as_ref());
+                        silent = silent_for(&mut heard, &name, seen, clock, settings.node_grace);
+                    }
+                    Err(e) => {
+                        warn!(node = %name, error = %e, "reading the node's lease failed; judged next pass");
+                        continue;
+                    }
+                }
+            }
             let tainted = unreachable_since(&node);
             let on_node: Vec<&Arc<Pod>> = by_node.get(&name).into_iter().flatten().collect();
             if silent && ready_status(&node).as_deref() != Some("Unknown") {
