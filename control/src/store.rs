@@ -258,6 +258,15 @@ impl Store {
         c.kv_client()
     }
 
+    /// One guarded transaction (a write: never sent twice).
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        self.call(true, |c| {
+            let txn = txn.clone();
+            async move { Self::kv_of(&c).txn(txn).await }
+        })
+        .await
+    }
+
     pub async fn revision(&self) -> Result<i64, StoreError> {
         let resp = self
             .call(false, |c| async move {
@@ -396,13 +405,7 @@ impl Store {
         when.extend(guard_compares(guards));
         let mut ops = vec![TxnOp::put(key, value, None)];
         ops.extend(side_ops(sides));
-        let txn = Txn::new().when(when).and_then(ops);
-        let resp = self
-            .call(true, |c| {
-                let txn = txn.clone();
-                async move { Self::kv_of(&c).txn(txn).await }
-            })
-            .await?;
+        let resp = self.txn(Txn::new().when(when).and_then(ops)).await?;
         if !resp.succeeded() {
             let which = self.first_existing(key, guards).await?;
             return Err(StoreError::Exists { key: which });
@@ -443,13 +446,7 @@ impl Store {
         when.extend(guard_compares(guards));
         let mut ops = vec![TxnOp::put(key, value, None)];
         ops.extend(side_ops(sides));
-        let txn = Txn::new().when(when).and_then(ops);
-        let resp = self
-            .call(true, |c| {
-                let txn = txn.clone();
-                async move { Self::kv_of(&c).txn(txn).await }
-            })
-            .await?;
+        let resp = self.txn(Txn::new().when(when).and_then(ops)).await?;
         if !resp.succeeded() {
             return match self.get(key).await? {
                 None => Err(StoreError::NotFound { key: key.into() }),
@@ -477,13 +474,7 @@ impl Store {
         let when = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
         let mut ops = vec![TxnOp::delete(key, None)];
         ops.extend(side_ops(sides));
-        let txn = Txn::new().when(when).and_then(ops);
-        let resp = self
-            .call(true, |c| {
-                let txn = txn.clone();
-                async move { Self::kv_of(&c).txn(txn).await }
-            })
-            .await?;
+        let resp = self.txn(Txn::new().when(when).and_then(ops)).await?;
         if !resp.succeeded() {
             return match self.get(key).await? {
                 None => Err(StoreError::NotFound { key: key.into() }),
