@@ -18,7 +18,8 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
                              [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
                              [--out target/bench]
        skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
-                               [--samples 300] [--rounds 3] [--out target/bench]
+                               [--samples 300] [--rounds 3] [--ha-writes 2000] [--ha-rounds 3]
+                               [--out target/bench]
        skiff-lab bench-net [--rounds 3] [--seconds 5] [--cni-calls 100] [--leases 100,1000]
                            [--knobs veth-gro,underlay-gro,udp-gro-forwarding,no-tunnel-offload,
                                     no-bridge-netfilter,notrack|none]
@@ -105,10 +106,14 @@ fn control_args(argv: &[String]) -> Result<control::Args> {
         pods: vec![1_000, 10_000],
         samples: 300,
         rounds: 3,
+        ha_writes: 2_000,
+        ha_rounds: 3,
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
         match flag {
+            "--ha-writes" => a.ha_writes = value.parse().context("--ha-writes")?,
+            "--ha-rounds" => a.ha_rounds = value.parse().context("--ha-rounds")?,
             "--nodes" => a.nodes = list(value, "--nodes")?,
             "--sched-pods" => a.sched_pods = value.parse().context("--sched-pods")?,
             "--pods" => a.pods = list(value, "--pods")?,

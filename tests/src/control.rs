@@ -69,6 +69,13 @@ impl Etcd {
         Self::start_members(&[(netns.map(String::from), ip.to_string())])
     }
 
+    /// `n` members on the host's loopback, each on ports of its own.
+    pub fn start_local_cluster(n: usize) -> Self {
+        let places: Vec<(Option<String>, String)> =
+            (0..n).map(|_| (None, "127.0.0.1".to_string())).collect();
+        Self::start_members(&places)
+    }
+
     /// One member per (namespace, address), peers over that address: a
     /// cluster that keeps serving while a majority of it runs.
     pub fn start_cluster(places: &[(&Netns, &str)]) -> Self {
@@ -324,6 +331,11 @@ impl ControlPlane {
         let netns = netns.map(Netns::path);
         let etcd = Etcd::start_on_path(netns.as_deref(), "127.0.0.1");
         Self::launch(etcd.into(), netns, "127.0.0.1", TempDir::new(), extra)
+    }
+
+    /// On the host's loopback, on `etcd` (one of several members, say).
+    pub fn start_on_etcd(etcd: Etcd, extra: &[&str]) -> Self {
+        Self::launch(etcd.into(), None, "127.0.0.1", TempDir::new(), extra)
     }
 
     /// In `netns`, on `etcd`, listening on every address of the namespace

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use skiff_tests::cluster::Cluster;
-use skiff_tests::control::{ControlPlane, HollowNodes};
+use skiff_tests::control::{ControlPlane, EtcdClient, HollowNodes};
 use skiff_tests::{Spawn, wait_for};
 
 /// Upstream's defaults, which the replicas run with.
@@ -465,6 +465,38 @@ fn a_minute_long_control_plane_outage_marks_no_node_not_ready_and_evicts_nothing
 fn writes_go_on_and_none_is_lost_when_an_etcd_member_dies_under_them() {
     let c = Cluster::start_ha(0);
     assert_eq!(c.replicas.len(), 2);
+    // Every member refuses a client that trusts its CA but shows no
+    // certificate, and serves one that shows a certificate of that CA.
+    let [ca, _, _] = c.cp.etcd.client_files(EtcdClient::Admin);
+    for i in 0..3 {
+        let url = c.cp.etcd.member_url(i);
+        let bare = Spawn::new("etcdctl")
+            .netns_path(Some(&c.control_ns[0].0.path()))
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", url, "--cacert", &ca])
+            .args(["--dial-timeout=2s", "--command-timeout=3s"])
+            .args(["get", "/registry/namespaces/", "--prefix", "--keys-only"])
+            .try_output();
+        assert!(
+            bare.is_err(),
+            "member {i} answered a client without a certificate: {bare:?}"
+        );
+        let keys =
+            c.cp.etcd
+                .ctl(&[
+                    "--endpoints",
+                    url,
+                    "get",
+                    "/registry/namespaces/",
+                    "--prefix",
+                    "--keys-only",
+                ])
+                .unwrap_or_else(|e| panic!("member {i}: {e}"));
+        assert!(
+            keys.contains("/registry/namespaces/default"),
+            "member {i}: {keys}"
+        );
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (stop, kubeconfig) = (stop.clone(), c.cp.kubeconfig.clone());

@@ -7,7 +7,9 @@
 //! - create / list / watch latency at a number of pods, beside etcd's own
 //!   put / range / watch latency for the same keys and values (the limit);
 //! - cold start (against a running etcd, and with the local etcd it starts
-//!   itself) and idle RSS (etcd excluded, and included).
+//!   itself) and idle RSS (etcd excluded, and included);
+//! - high availability (see `ha.rs`): write throughput with one replica
+//!   against three, and the time a killed leader takes to be replaced.
 //!
 //! Everything listens on 127.0.0.1; nothing leaves the host's loopback.
 
@@ -34,6 +36,10 @@ pub struct Args {
     pub pods: Vec<usize>,
     pub samples: usize,
     pub rounds: usize,
+    /// ConfigMap creates per write-throughput round of the HA figures.
+    pub ha_writes: usize,
+    /// Rounds of the HA figures (0: none).
+    pub ha_rounds: usize,
     pub out: PathBuf,
 }
 
@@ -434,6 +440,15 @@ async fn run_async(args: &Args) -> Result<()> {
     let etcd = Etcd::start();
     eprintln!("cold start and idle RSS ...");
     let cold = cold_start(&etcd, args.rounds).await?;
+    let ha = if args.ha_rounds > 0 {
+        eprintln!(
+            "high availability: {} creates per round ...",
+            args.ha_writes
+        );
+        Some(super::ha::run(args.ha_writes, args.ha_rounds).await?)
+    } else {
+        None
+    };
 
     println!("\nscheduler throughput (pods bound per second, from the first binding to the last)");
     println!("| nodes | pods | pods/s | pods/s incl. scheduler start | last binding at |");
@@ -491,6 +506,25 @@ async fn run_async(args: &Args) -> Result<()> {
         cold["idle_rss_with_etcd_mib"].as_f64().unwrap_or(0.0)
     );
 
+    if let Some(h) = &ha {
+        let f = |k: &str| h[k].as_f64().unwrap_or(0.0);
+        println!(
+            "\nhigh availability ({} ConfigMap creates, {} in flight; medians of the rounds)",
+            h["writes"], h["inflight"]
+        );
+        println!(
+            "| 1 replica, 1 etcd member | 3 replicas, 3 members | ratio | leader replaced after |"
+        );
+        println!("| --- | --- | --- | --- |");
+        println!(
+            "| {:.0} creates/s | {:.0} creates/s | {:.2} | {:.1} s |",
+            f("one_replica_creates_per_s"),
+            f("three_replicas_creates_per_s"),
+            f("three_over_one"),
+            f("failover_median_s")
+        );
+    }
+
     let doc = json!({
         "benchmark": "control",
         "commit": super::git_commit(),
@@ -498,7 +532,7 @@ async fn run_async(args: &Args) -> Result<()> {
         "cores": cores,
         "seconds": started.elapsed().as_secs_f64(),
         "args": {"nodes": args.nodes, "sched_pods": args.sched_pods, "pods": args.pods, "samples": args.samples, "rounds": args.rounds},
-        "scheduler": sched, "latency": lat, "start": cold,
+        "scheduler": sched, "latency": lat, "start": cold, "ha": ha,
     });
     let path = super::write_results(&args.out, "control", &doc)?;
     let png = args.out.join("control.png");

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod control;
+mod ha;
 pub mod knobs;
 pub mod kubelet;
 pub mod net;
