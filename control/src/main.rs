@@ -116,13 +116,13 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
     /// The CA that signed the etcd members' certificates (etcd over TLS).
-    #[arg(long)]
+    #[arg(long, requires_all = ["etcd", "etcd_certfile", "etcd_keyfile"])]
     etcd_cafile: Option<PathBuf>,
     /// The client certificate shown to etcd.
-    #[arg(long)]
+    #[arg(long, requires_all = ["etcd_cafile", "etcd_keyfile"])]
     etcd_certfile: Option<PathBuf>,
     /// The client certificate's key.
-    #[arg(long)]
+    #[arg(long, requires_all = ["etcd_cafile", "etcd_certfile"])]
     etcd_keyfile: Option<PathBuf>,
     /// The etcd binary for the local etcd.
     #[arg(long, default_value = "etcd")]
@@ -198,29 +198,17 @@ fn duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?}: expected a duration such as 15s, 2m or 1m30s"))
 }
 
-/// `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile`: all three for
-/// an etcd over TLS (whose endpoints are then https, or given without a
-/// scheme), or none.
+/// `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile` (clap has
+/// them all three or none): the files of an etcd over TLS, whose endpoints
+/// are then https (or given without a scheme).
 fn etcd_tls(cli: &RunArgs) -> Result<Option<skiff_control::etcd_pki::ClientFiles>> {
     let files = match (&cli.etcd_cafile, &cli.etcd_certfile, &cli.etcd_keyfile) {
-        (None, None, None) => None,
         (Some(ca), Some(cert), Some(key)) => Some(skiff_control::etcd_pki::ClientFiles {
             ca: ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
         }),
-        (ca, cert, _) => {
-            let missing = if ca.is_none() {
-                "--etcd-cafile"
-            } else if cert.is_none() {
-                "--etcd-certfile"
-            } else {
-                "--etcd-keyfile"
-            };
-            bail!(
-                "{missing} is needed too: etcd over TLS takes --etcd-cafile, --etcd-certfile and --etcd-keyfile together"
-            )
-        }
+        _ => None,
     };
     for url in &cli.etcd {
         if url.starts_with("http://") && files.is_some() {
@@ -231,9 +219,6 @@ fn etcd_tls(cli: &RunArgs) -> Result<Option<skiff_control::etcd_pki::ClientFiles
                 "--etcd {url}: an https endpoint needs --etcd-cafile, --etcd-certfile and --etcd-keyfile"
             );
         }
-    }
-    if files.is_some() && cli.etcd.is_empty() {
-        bail!("--etcd-cafile is for an etcd given with --etcd (the local etcd makes its own)");
     }
     Ok(files)
 }

@@ -9,8 +9,7 @@
 //! is claimed in the same step as the Service that holds it.
 
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -254,15 +253,11 @@ impl Store {
         }
     }
 
-    fn kv_of(c: &Client) -> KvClient {
-        c.kv_client()
-    }
-
     /// One guarded transaction (a write: never sent twice).
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
         self.call(true, |c| {
             let txn = txn.clone();
-            async move { Self::kv_of(&c).txn(txn).await }
+            async move { c.kv_client().txn(txn).await }
         })
         .await
     }
@@ -270,7 +265,7 @@ impl Store {
     pub async fn revision(&self) -> Result<i64, StoreError> {
         let resp = self
             .call(false, |c| async move {
-                Self::kv_of(&c)
+                c.kv_client()
                     .get(
                         "/registry/",
                         Some(GetOptions::new().with_count_only().with_prefix()),
@@ -283,10 +278,7 @@ impl Store {
 
     pub async fn get(&self, key: &str) -> Result<Option<Item>, StoreError> {
         let resp = self
-            .call(
-                false,
-                |c| async move { Self::kv_of(&c).get(key, None).await },
-            )
+            .call(false, |c| async move { c.kv_client().get(key, None).await })
             .await?;
         Ok(resp.kvs().first().map(|kv| Item {
             key: key.to_string(),
@@ -335,7 +327,7 @@ impl Store {
         let got = self
             .call(false, |c| {
                 let opts = opts.clone();
-                async move { Self::kv_of(&c).get(from.to_vec(), Some(opts)).await }
+                async move { c.kv_client().get(from.to_vec(), Some(opts)).await }
             })
             .await;
         let resp = match got {
@@ -378,7 +370,7 @@ impl Store {
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let resp = self
             .call(false, |c| async move {
-                Self::kv_of(&c)
+                c.kv_client()
                     .get(
                         prefix,
                         Some(GetOptions::new().with_prefix().with_keys_only()),
@@ -508,7 +500,7 @@ impl Store {
             async move {
                 let lease = c.lease_client().grant(secs, None).await?;
                 let opts = etcd_client::PutOptions::new().with_lease(lease.id());
-                Self::kv_of(&c).put(key, value, Some(opts)).await
+                c.kv_client().put(key, value, Some(opts)).await
             }
         })
         .await?;
@@ -519,7 +511,7 @@ impl Store {
     pub async fn remove(&self, key: &str) -> Result<(), StoreError> {
         self.call(
             true,
-            |c| async move { Self::kv_of(&c).delete(key, None).await },
+            |c| async move { c.kv_client().delete(key, None).await },
         )
         .await?;
         Ok(())
@@ -527,7 +519,7 @@ impl Store {
 
     pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
         self.call(true, |c| async move {
-            Self::kv_of(&c).compact(revision, None).await
+            c.kv_client().compact(revision, None).await
         })
         .await?;
         Ok(())
@@ -563,7 +555,7 @@ impl Store {
         let got = self
             .call(false, |c| {
                 let opts = opts.clone();
-                async move { Self::kv_of(&c).get(prefix, Some(opts)).await }
+                async move { c.kv_client().get(prefix, Some(opts)).await }
             })
             .await;
         match got {

@@ -116,7 +116,8 @@ pub struct EtcdTls {
 }
 
 impl EtcdTls {
-    fn options(&self) -> Result<etcd_client::ConnectOptions, LeaseError> {
+    /// The connect options that present this certificate and trust the CA.
+    pub fn options(&self) -> Result<etcd_client::ConnectOptions, LeaseError> {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|source| LeaseError::Tls {
                 path: p.display().to_string(),

@@ -98,8 +98,7 @@ fn slices(addrs: &BTreeSet<SocketAddr>, fallback: SocketAddr) -> Vec<Value> {
 }
 
 fn resource(group: &str, plural: &str) -> Result<&'static Resource, ApiError> {
-    let version = "v1";
-    resources::find(group, version, plural)
+    resources::find(group, "v1", plural)
         .ok_or_else(|| ApiError::internal(format!("no resource {group}/{plural}")))
 }
 
@@ -171,9 +170,10 @@ impl Api {
                 self.put(es, Some(NAMESPACE), name, slice.clone()).await?;
             }
         }
+        // Only the slices named after the Service: ours are among them.
         let (items, _) = self
             .store
-            .list(&es.prefix(Some(NAMESPACE)), None)
+            .list(&format!("{}{NAME}", es.prefix(Some(NAMESPACE))), None)
             .await
             .map_err(|e| ApiError::internal(format!("listing endpointslices: {e}")))?;
         for item in items {

@@ -12,8 +12,8 @@
 //! saw a node's sign of life change (upstream's probe timestamp), not from
 //! the Lease's wall-clock time: a node first seen (this replica just
 //! started, or took the lead) gets a whole grace period, and so does every
-//! node after a pass that could not reach the apiserver. An outage of the
-//! control plane itself is not counted against the nodes.
+//! node after a read of a Lease that could not reach the apiserver. An
+//! outage of the control plane itself is not counted against the nodes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client};
 use serde_json::json;
@@ -79,8 +79,8 @@ fn last_seen(node: &Node, lease: Option<&Lease>) -> Option<Timestamp> {
     [renew, heartbeat, created].into_iter().flatten().max()
 }
 
-/// How long the check that opens a pass may take before it counts as
-/// having waited out an outage.
+/// How long a fresh read of a Lease may take before it counts as having
+/// waited out an outage (the client retries unavailable answers).
 const OUTAGE: Duration = Duration::from_secs(5);
 
 /// A node's last sign of life as this controller saw it change.
@@ -179,31 +179,10 @@ pub async fn run(client: Client, settings: Settings) {
         .min(settings.node_grace / 4)
         .max(Duration::from_millis(200));
     let mut heard: HashMap<String, Heard> = HashMap::new();
-    let mut cut_off = false;
+    let mut outage = false;
     loop {
         next_pass("node-lifecycle", &notify, tick).await;
-        // Whether this pass sees the cluster as it is: with no apiserver
-        // (or no etcd behind it) no node is judged, and once it answers
-        // again (the client retries unavailable answers, so an outage may
-        // also show as a pass that waited long) every node gets a whole
-        // grace period.
-        let asked = Instant::now();
-        if let Err(e) = leases_api
-            .list_metadata(&ListParams::default().limit(1))
-            .await
-        {
-            if !cut_off {
-                warn!(error = %e, "the apiserver does not answer: no node is judged until it does");
-            }
-            cut_off = true;
-            continue;
-        }
-        let clock = Instant::now();
-        let waited = clock.duration_since(asked) > OUTAGE;
-        if std::mem::take(&mut cut_off) || waited {
-            info!("the apiserver answers again: every node gets a whole grace period");
-            heard.clear();
-        }
+        let mut clock = Instant::now();
         let now = Timestamp::now();
         let mut by_node: std::collections::HashMap<String, Vec<Arc<Pod>>> =
             std::collections::HashMap::new();
@@ -227,14 +206,30 @@ pub async fn run(client: Client, settings: Settings) {
             let mut silent = silent_for(&mut heard, &name, Some(seen), clock, settings.node_grace);
             // The caches may lag (a watch backing off after an outage):
             // a node is judged silent only on a fresh read of its Lease.
+            // A read that fails, or that the client got only after
+            // retrying through unavailable answers, is an outage of the
+            // control plane: no node is judged during it, and after it
+            // every node gets a whole grace period.
             if silent && ready_status(&node).as_deref() != Some("Unknown") {
+                let asked = Instant::now();
                 match leases_api.get_opt(&name).await {
                     Ok(fresh) => {
+                        if std::mem::take(&mut outage) || asked.elapsed() > OUTAGE {
+                            info!(
+                                "the apiserver answers again: every node gets a whole grace period"
+                            );
+                            heard.clear();
+                            // The pass's clock is from before the wait.
+                            clock = Instant::now();
+                        }
                         let seen = last_seen(&node, fresh.as_ref());
                         silent = silent_for(&mut heard, &name, seen, clock, settings.node_grace);
                     }
                     Err(e) => {
-                        warn!(node = %name, error = %e, "reading the node's lease failed; judged next pass");
+                        if !outage {
+                            warn!(node = %name, error = %e, "the apiserver does not answer: no node is judged until it does");
+                        }
+                        outage = true;
                         continue;
                     }
                 }

@@ -84,29 +84,29 @@ fn holds_both(cp: &ControlPlane, id: &str) -> bool {
         .all(|l| cp.jsonpath(&["lease", "-n", "kube-system", l], "{.spec.holderIdentity}") == id)
 }
 
+/// Waits until `id` holds both leases, as `cp` reports them; how long.
+fn wait_holder(cp: &ControlPlane, id: &str, limit: Duration, what: &str) -> Result<f64> {
+    let t = Instant::now();
+    while !holds_both(cp, id) {
+        anyhow::ensure!(t.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// One failover: seconds from the leader's SIGKILL until the other
 /// replica holds both leases.
 fn failover() -> Result<f64> {
     let mut cps = control_plane(3, 2);
     let (a, b) = (identity(&cps[0]), identity(&cps[1]));
-    let t = Instant::now();
-    while !holds_both(&cps[1], &a) {
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "the first replica never led"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_holder(
+        &cps[1],
+        &a,
+        Duration::from_secs(30),
+        "the first replica never led",
+    )?;
     cps[0].proc.kill_now();
-    let killed = Instant::now();
-    while !holds_both(&cps[1], &b) {
-        anyhow::ensure!(
-            killed.elapsed() < Duration::from_secs(60),
-            "no takeover within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(killed.elapsed().as_secs_f64())
+    wait_holder(&cps[1], &b, Duration::from_secs(60), "no takeover")
 }
 
 pub(crate) async fn run(writes_n: usize, rounds: usize) -> Result<Value> {

@@ -22,14 +22,13 @@ use anyhow::{Context, Result};
 /// A client of a test etcd, with the admin's certificate.
 pub async fn etcd_client(etcd: &skiff_tests::control::Etcd) -> anyhow::Result<etcd_client::Client> {
     let [ca, cert, key] = etcd.client_files(skiff_tests::control::EtcdClient::Admin);
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(&ca)?))
-        .identity(etcd_client::Identity::from_pem(
-            std::fs::read(&cert)?,
-            std::fs::read(&key)?,
-        ));
-    let opts = etcd_client::ConnectOptions::new().with_tls(tls);
-    Ok(etcd_client::Client::connect([etcd.url.as_str()], Some(opts)).await?)
+    let tls = skiff_agent::overlay::lease::EtcdTls {
+        ca: ca.into(),
+        cert: cert.into(),
+        key: key.into(),
+    };
+    let endpoints: Vec<&str> = etcd.url.split(',').collect();
+    Ok(etcd_client::Client::connect(endpoints, Some(tls.options()?)).await?)
 }
 
 pub fn git_commit() -> String {
