@@ -316,6 +316,10 @@ pub struct ControlPlane {
     netns: Option<String>,
     /// The address it listens on (loopback, or every address).
     host: String,
+    /// Every flag it was started with (see `restart`).
+    args: Vec<String>,
+    /// Starts so far, to keep each start's log.
+    starts: usize,
     join_token: std::sync::OnceLock<String>,
 }
 
@@ -384,19 +388,17 @@ impl ControlPlane {
         extra: &[&str],
     ) -> Self {
         let port = free_port();
-        let proc = Spawn::new(bin("skiff-control"))
-            .args([
-                "--data-dir",
-                &dir.path.display().to_string(),
-                "--listen",
-                &format!("{host}:{port}"),
-            ])
-            .args(etcd.client_args(EtcdClient::Apiserver))
-            .args(extra)
-            .netns_path(netns.as_deref())
-            .env("RUST_LOG", "info,skiff_control=debug")
-            .log_to(&dir.path.join("control.log"))
-            .start();
+        let mut args: Vec<String> = [
+            "--data-dir",
+            &dir.path.display().to_string(),
+            "--listen",
+            &format!("{host}:{port}"),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(etcd.client_args(EtcdClient::Apiserver));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Self::spawn(&args, netns.as_deref(), &dir.path.join("control.log"));
         let kubeconfig = dir.path.join("admin.kubeconfig");
         let mut cp = Self {
             proc,
@@ -406,19 +408,48 @@ impl ControlPlane {
             dir,
             netns,
             host: host.to_string(),
+            args,
+            starts: 1,
             join_token: std::sync::OnceLock::new(),
         };
-        wait_for(
-            "the apiserver to answer kubectl",
-            Duration::from_secs(30),
-            || cp.kubectl(&["get", "namespaces"]).ok(),
-        );
+        cp.wait_answering();
         // The admin kubeconfig names the advertised address.
         let text = std::fs::read_to_string(&cp.kubeconfig).unwrap_or_default();
         if let Some(server) = text.lines().find_map(|l| l.trim().strip_prefix("server: ")) {
             cp.server = server.trim().to_string();
         }
         cp
+    }
+
+    fn spawn(args: &[String], netns: Option<&str>, log: &std::path::Path) -> Proc {
+        Spawn::new(bin("skiff-control"))
+            .args(args)
+            .netns_path(netns)
+            .env("RUST_LOG", "info,skiff_control=debug")
+            .log_to(log)
+            .start()
+    }
+
+    fn wait_answering(&self) {
+        wait_for(
+            "the apiserver to answer kubectl",
+            Duration::from_secs(30),
+            || self.kubectl(&["get", "namespaces"]).ok(),
+        );
+    }
+
+    /// Starts `skiff-control` again, as it was started (same data
+    /// directory, address and flags), killing it first if it runs, and
+    /// waits until it answers. The last run's log is kept beside the new
+    /// one as `control.log.<n>`.
+    pub fn restart(&mut self) {
+        self.proc.kill_now();
+        let log = self.dir.path.join("control.log");
+        let kept = self.dir.path.join(format!("control.log.{}", self.starts));
+        let _ = std::fs::rename(&log, kept);
+        self.proc = Self::spawn(&self.args, self.netns.as_deref(), &log);
+        self.starts += 1;
+        self.wait_answering();
     }
 
     /// Runs `skiff-control` with `args` (a subcommand) where the control

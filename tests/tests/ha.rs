@@ -242,10 +242,87 @@ fn requests(cp: &ControlPlane, user: &str, path: &str) -> Vec<String> {
         .collect()
 }
 
+/// A pod bound to `node` running `script` in `image`'s shell.
+fn shell_pod(name: &str, node: &str, image: &str, script: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", {script:?}]\n"
+    )
+}
+
+/// A busybox httpd pod on `node` answering "hello from <name>" on 80.
+fn web_pod(name: &str, node: &str, image: &str) -> String {
+    shell_pod(
+        name,
+        node,
+        image,
+        "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www",
+    )
+}
+
+/// A Service with no selector at ClusterIP `ip`, port `port`, and the
+/// EndpointSlice that sends it to `backends` on the same port: endpoints
+/// a user keeps, so that no controller (and no leader) is involved.
+fn service_to(name: &str, ip: &str, port: u16, backends: &[String]) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|b| format!("- addresses: [\"{b}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{port: {port}, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-own\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{port: {port}, protocol: TCP}}\nendpoints:\n{endpoints}"
+    )
+}
+
+fn pod_ip(cp: &ControlPlane, pod: &str) -> String {
+    cp.jsonpath(&["pod", pod], "{.status.podIP}")
+}
+
+/// The last `n` lines of a pod's log.
+fn log_tail(cp: &ControlPlane, pod: &str, n: usize) -> Vec<String> {
+    cp.kubectl(&["logs", pod, "--tail", &n.to_string()])
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Waits until the last `n` lines of `pod`'s log hold every one of
+/// `lines`.
+fn wait_lines(cp: &ControlPlane, pod: &str, lines: &[&str], within: Duration) {
+    let t = Instant::now();
+    loop {
+        let tail = log_tail(cp, pod, 12);
+        if lines.iter().all(|want| tail.iter().any(|l| l == want)) {
+            return;
+        }
+        assert!(
+            t.elapsed() < within,
+            "no {lines:?} within {within:?} in pod {pod}'s log, which ends:\n{}",
+            tail.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The held connection's answers so far, and whether it closed.
+fn held(cp: &ControlPlane) -> (usize, bool) {
+    let log = cp.kubectl(&["logs", "holder"]).unwrap_or_default();
+    (
+        log.lines().filter(|l| *l == "echo").count(),
+        log.contains("closed"),
+    )
+}
+
+const HELD_VIP: &str = "10.96.200.10";
+const WEB_VIP: &str = "10.96.200.20";
+const LATE_VIP: &str = "10.96.200.30";
+
 /// A node agent reaches the apiservers through its balancer. When the one
-/// it uses is killed, it moves to the other within seconds: its roles keep
-/// running, its pod watch resumes from where it was (no new list), the
-/// node stays Ready, its running pod is untouched, and a pod bound to it
+/// it uses is killed while Services and pods change, it moves to the other
+/// within seconds: its roles keep running; its watches resume from where
+/// they were (no new list) and deliver what changed meanwhile, so a Service
+/// created and another's endpoints changed after the kill are served to
+/// the node's pods; a connection held through the proxy never breaks; the
+/// node stays Ready, its running pods are untouched, and a pod bound to it
 /// afterwards starts.
 #[test]
 fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
@@ -275,14 +352,69 @@ fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
         ),
         "the agent starts on the apiserver it joined through:\n{log}"
     );
-    b.apply(&sleeper("before", &name, &c.busybox))
+
+    // Backends: an echo server for the held connection, two web servers.
+    let echo = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: echo\nspec:\n  nodeName: {name}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {}\n    args: [serve-tcp, \"0.0.0.0:7000\", echo]\n",
+        c.probe
+    );
+    for pod in [
+        echo,
+        web_pod("web-1", &name, &c.busybox),
+        web_pod("web-2", &name, &c.busybox),
+    ] {
+        b.apply(&pod).unwrap_or_else(|e| panic!("{e}"));
+    }
+    for pod in ["echo", "web-1", "web-2"] {
+        wait_running(&b, pod);
+    }
+    let (echo_ip, web1, web2) = (pod_ip(&b, "echo"), pod_ip(&b, "web-1"), pod_ip(&b, "web-2"));
+    b.apply(&service_to(
+        "held",
+        HELD_VIP,
+        7000,
+        std::slice::from_ref(&echo_ip),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    b.apply(&service_to("web", WEB_VIP, 80, std::slice::from_ref(&web1)))
         .unwrap_or_else(|e| panic!("{e}"));
-    wait_running(&b, "before");
+    // One connection through the proxy, a request on it every 0.2 s.
+    let holder = format!("(while :; do echo x; sleep 0.2; done) | nc {HELD_VIP} 7000; echo closed");
+    b.apply(&shell_pod("holder", &name, &c.busybox, &holder))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // New connections, to each Service in turn (busybox wget's own -T
+    // crashes; timeout bounds each fetch instead).
+    let prober = format!(
+        "while :; do for ip in {WEB_VIP} {LATE_VIP}; do echo \"$ip $(timeout 1 wget -qO- http://$ip/ 2>/dev/null)\"; done; sleep 0.1; done"
+    );
+    b.apply(&shell_pod("prober", &name, &c.busybox, &prober))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_running(&b, "holder");
+    wait_running(&b, "prober");
+    let web_was = format!("{WEB_VIP} hello from web-1");
+    wait_lines(&b, "prober", &[&web_was], Duration::from_secs(30));
+    wait_for("the held connection", Duration::from_secs(30), || {
+        (held(&b).0 >= 5).then_some(())
+    });
     let node_user = format!("system:node:{name}");
     let lists_before = requests(&b, &node_user, "/api/v1/pods").len();
 
     c.cp.proc.kill_now();
     let killed = Instant::now();
+    // Through b, while the agent may still be on a: a new Service, the
+    // other's endpoints moved, a pod bound.
+    b.apply(&service_to(
+        "late",
+        LATE_VIP,
+        80,
+        std::slice::from_ref(&web1),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    b.apply(&service_to("web", WEB_VIP, 80, std::slice::from_ref(&web2)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.apply(&sleeper("after", &name, &c.busybox))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let changed = killed.elapsed();
     wait_for(
         "the agent to switch apiservers",
         Duration::from_secs(20),
@@ -298,15 +430,34 @@ fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
         "the agent switched apiservers {:?} after the kill",
         killed.elapsed()
     );
-
-    // A pod bound after the switch: the kubelet's watch goes on on b.
-    b.apply(&sleeper("after", &name, &c.busybox))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (late_is, web_is) = (
+        format!("{LATE_VIP} hello from web-1"),
+        format!("{WEB_VIP} hello from web-2"),
+    );
+    wait_lines(&b, "prober", &[&late_is, &web_is], Duration::from_secs(10));
+    let served = killed.elapsed();
+    eprintln!(
+        "the changes made {changed:?} after the kill were served to the node's pods {served:?} after it"
+    );
+    assert!(
+        served < Duration::from_secs(10),
+        "changes served {served:?} after the kill"
+    );
     wait_running(&b, "after");
     eprintln!(
         "a pod bound after the kill ran {:?} after it",
         killed.elapsed()
     );
+
+    // The held connection still answers, on the same socket.
+    let (answers, closed) = held(&b);
+    wait_for(
+        "the held connection to keep answering",
+        Duration::from_secs(10),
+        || (held(&b).0 > answers + 5).then_some(()),
+    );
+    assert!(!closed && !held(&b).1, "the held connection closed");
+    assert_eq!(b.jsonpath(&["pod", "holder"], "{.status.phase}"), "Running");
 
     // The node's Lease is renewed through b, and the node stays Ready.
     let renewed = b.jsonpath(
@@ -320,20 +471,16 @@ fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
         );
         (now != renewed).then_some(())
     });
-    let ready = b.jsonpath(
-        &["node", &name],
-        "{.status.conditions[?(@.type==\"Ready\")].status}",
-    );
-    assert_eq!(ready, "True");
+    assert_eq!(node_ready(&b, &name), "True");
 
-    // Untouched: the pod from before, the agent process, its roles.
-    assert_eq!(
-        b.jsonpath(
-            &["pod", "before"],
-            "{.status.containerStatuses[0].restartCount}"
-        ),
-        "0"
-    );
+    // Untouched: the pods from before, the agent process, its roles.
+    for pod in ["echo", "web-1", "web-2", "holder", "prober"] {
+        assert_eq!(
+            b.jsonpath(&["pod", pod], "{.status.containerStatuses[0].restartCount}"),
+            "0",
+            "{pod} restarted"
+        );
+    }
     assert_eq!(c.nodes[0].agent.as_ref().map(|p| p.pid()), agent_pid);
     let log = c.nodes[0].agent_log();
     for restart in [
