@@ -303,12 +303,21 @@ fn wait_lines(cp: &ControlPlane, pod: &str, lines: &[&str], within: Duration) {
     }
 }
 
+/// A pod's shell script that holds one connection to the `held`
+/// Service, a request on it every 0.2 s, and logs each answer (and the
+/// close, if it comes) with the second it came in.
+fn holder_script() -> String {
+    format!(
+        "(while :; do echo x; sleep 0.2; done) | nc {HELD_VIP} 7000 | while read l; do echo \"$(date +%s) $l\"; done; echo \"$(date +%s) closed\""
+    )
+}
+
 /// The held connection's answers so far, and whether it closed.
 fn held(cp: &ControlPlane) -> (usize, bool) {
-    let log = cp.kubectl(&["logs", "holder"]).unwrap_or_default();
+    let lines = stamped(cp, "holder");
     (
-        log.lines().filter(|l| *l == "echo").count(),
-        log.contains("closed"),
+        lines.iter().filter(|(_, l)| l == "echo").count(),
+        lines.iter().any(|(_, l)| l == "closed"),
     )
 }
 
@@ -379,8 +388,7 @@ fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
     b.apply(&service_to("web", WEB_VIP, 80, std::slice::from_ref(&web1)))
         .unwrap_or_else(|e| panic!("{e}"));
     // One connection through the proxy, a request on it every 0.2 s.
-    let holder = format!("(while :; do echo x; sleep 0.2; done) | nc {HELD_VIP} 7000; echo closed");
-    b.apply(&shell_pod("holder", &name, &c.busybox, &holder))
+    b.apply(&shell_pod("holder", &name, &c.busybox, &holder_script()))
         .unwrap_or_else(|e| panic!("{e}"));
     // New connections, to each Service in turn (busybox wget's own -T
     // crashes; timeout bounds each fetch instead).
@@ -399,6 +407,7 @@ fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
     let node_user = format!("system:node:{name}");
     let lists_before = requests(&b, &node_user, "/api/v1/pods").len();
 
+    let killed_at = unix_now();
     c.cp.proc.kill_now();
     let killed = Instant::now();
     // Through b, while the agent may still be on a: a new Service, the
@@ -449,14 +458,19 @@ fn a_node_agent_moves_to_a_live_apiserver_without_restarting_its_roles() {
         killed.elapsed()
     );
 
-    // The held connection still answers, on the same socket.
-    let (answers, closed) = held(&b);
+    // The held connection still answers, on the same socket, and never
+    // went quiet.
+    let (answers, _) = held(&b);
     wait_for(
         "the held connection to keep answering",
         Duration::from_secs(10),
         || (held(&b).0 > answers + 5).then_some(()),
     );
-    assert!(!closed && !held(&b).1, "the held connection closed");
+    let (_, closed) = held(&b);
+    assert!(!closed, "the held connection closed");
+    let gap = longest_gap(&stamped(&b, "holder"), "echo", killed_at, unix_now() - 1);
+    eprintln!("the held connection's longest silence since the kill: {gap} s");
+    assert!(gap <= 2, "the held connection went quiet for {gap} s");
     assert_eq!(b.jsonpath(&["pod", "holder"], "{.status.phase}"), "Running");
 
     // The node's Lease is renewed through b, and the node stays Ready.
@@ -513,95 +527,232 @@ fn node_ready(cp: &ControlPlane, node: &str) -> String {
     )
 }
 
-/// A minute with no control plane at all (etcd down, so no apiserver
-/// serves) costs the nodes nothing: once it is back, though every node's
-/// Lease is a minute old, no node is marked NotReady and no pod is evicted
-/// (with a 5 s eviction timeout, an eviction would show at once).
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `pod`'s log lines, each `<unix seconds> <text>`, as (seconds, text).
+fn stamped(cp: &ControlPlane, pod: &str) -> Vec<(u64, String)> {
+    cp.kubectl(&["logs", pod])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (t, rest) = l.split_once(' ').unwrap_or((l, ""));
+            Some((t.parse().ok()?, rest.to_string()))
+        })
+        .collect()
+}
+
+/// The longest stretch of seconds within `[from, to]` with no line of
+/// `lines` whose text is `want`.
+fn longest_gap(lines: &[(u64, String)], want: &str, from: u64, to: u64) -> u64 {
+    let mut last = from;
+    let mut gap = 0;
+    for (t, _) in lines
+        .iter()
+        .filter(|(t, text)| text == want && (from..=to).contains(t))
+    {
+        gap = gap.max(t - last);
+        last = *t;
+    }
+    gap.max(to - last)
+}
+
+/// Over `[from, to]` (Unix seconds), the pods on node 0 reached both
+/// Services on node 1 all along: the held connection answered at least
+/// every few seconds, and every new connection was served.
+fn routed_throughout(cp: &ControlPlane, from: u64, to: u64, what: &str) {
+    let (holder, prober) = (stamped(cp, "holder"), stamped(cp, "prober"));
+    let held_gap = longest_gap(&holder, "echo", from, to);
+    let new_gap = longest_gap(&prober, "hello from web-1", from, to);
+    let failed: Vec<&(u64, String)> = prober
+        .iter()
+        .filter(|(t, text)| (from..=to).contains(t) && text != "hello from web-1")
+        .collect();
+    eprintln!(
+        "{what}: over {} s, the held connection's longest silence {held_gap} s; new connections' {new_gap} s, {} failed",
+        to - from,
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{what}: new connections failed: {failed:?}"
+    );
+    assert!(
+        held_gap <= 3 && new_gap <= 3,
+        "{what}: routing stopped for {held_gap} s (held) / {new_gap} s (new)"
+    );
+    assert!(
+        !holder.iter().any(|(_, l)| l == "closed"),
+        "{what}: the held connection closed"
+    );
+}
+
+/// The pods, by name, with their uids.
+fn uids(cp: &ControlPlane) -> BTreeSet<String> {
+    cp.jsonpath(
+        &["pods"],
+        r#"{range .items[*]}{.metadata.name}={.metadata.uid}{"\n"}{end}"#,
+    )
+    .lines()
+    .map(String::from)
+    .collect()
+}
+
+/// For `within` after a control plane came back, though every node's
+/// Lease is old: every node stays Ready and no pod is replaced or
+/// restarted (with a 5 s eviction timeout, an eviction would show at once).
+fn nothing_evicted(c: &Cluster, pods: &BTreeSet<String>, back: Instant, within: Duration) {
+    while back.elapsed() < within {
+        for node in &c.nodes {
+            let ready = node_ready(&c.cp, &node.name);
+            if !(ready == "True" || ready.is_empty()) {
+                let pick = |log: String, words: &[&str]| -> String {
+                    log.lines()
+                        .filter(|l| words.iter().any(|w| l.contains(w)))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                panic!(
+                    "node {} went {ready} {:?} after the outage\n--- control plane ---\n{}\n--- agent ---\n{}",
+                    node.name,
+                    back.elapsed(),
+                    pick(
+                        c.cp.proc.log_text(),
+                        &["node", "grace", "judged", "answers"]
+                    ),
+                    pick(
+                        node.agent_log(),
+                        &["lease", "status", "switched", "apiserver"]
+                    ),
+                );
+            }
+        }
+        let now = uids(&c.cp);
+        assert!(
+            now.is_empty() || &now == pods,
+            "pods replaced: {pods:?} -> {now:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for node in &c.nodes {
+        assert_eq!(node_ready(&c.cp, &node.name), "True");
+    }
+    assert_eq!(&uids(&c.cp), pods);
+    let restarts = c.cp.jsonpath(
+        &["pods"],
+        "{.items[*].status.containerStatuses[0].restartCount}",
+    );
+    assert!(
+        restarts.split_whitespace().all(|n| n == "0"),
+        "containers restarted: {restarts}"
+    );
+    let log = c.cp.proc.log_text();
+    for wrong in ["NotReady", "evicted"] {
+        assert!(
+            !log.lines()
+                .any(|l| l.contains(wrong) && c.nodes.iter().any(|n| l.contains(&n.name))),
+            "{wrong}:\n{}",
+            c.cp.log_tail()
+        );
+    }
+}
+
+/// A minute with no control plane at all costs the nodes nothing. First
+/// `skiff-control` and etcd are both stopped: the pods on one node reach
+/// Services whose pods run on the other throughout, over a held
+/// connection and over new ones (the proxy's maps and the overlay's routes
+/// stay as they were). Then etcd alone is stopped, so that the controllers
+/// run on through it with caches a minute old. After each, though every
+/// node's Lease is a minute old, no node is marked NotReady and no pod is
+/// evicted.
 #[test]
 fn a_minute_long_control_plane_outage_marks_no_node_not_ready_and_evicts_nothing() {
-    // Without leader election the controllers run on through the outage
-    // (with it they stop within the renew deadline and start afresh):
-    // their caches hold Leases a minute old when the apiserver answers
-    // again, before any node has renewed.
-    let c = Cluster::start_with(
-        1,
+    // Without leader election the controllers run on through an etcd
+    // outage (with it they stop within the renew deadline and start
+    // afresh): their caches hold Leases a minute old when the apiserver
+    // answers again, before any node has renewed.
+    let mut c = Cluster::start_with(
+        2,
         &[
             "--pod-eviction-timeout-seconds",
             "5",
             "--leader-elect=false",
         ],
     );
-    let name = c.nodes[0].name.clone();
-    c.cp.apply(&sleeper("steady", &name, &c.busybox))
+    let (near, far) = (c.nodes[0].name.clone(), c.nodes[1].name.clone());
+    let echo = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: echo\nspec:\n  nodeName: {far}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {}\n    args: [serve-tcp, \"0.0.0.0:7000\", echo]\n",
+        c.probe
+    );
+    for pod in [
+        echo,
+        web_pod("web-1", &far, &c.busybox),
+        sleeper("steady", &near, &c.busybox),
+    ] {
+        c.cp.apply(&pod).unwrap_or_else(|e| panic!("{e}"));
+    }
+    for pod in ["echo", "web-1", "steady"] {
+        wait_running(&c.cp, pod);
+    }
+    let (echo_ip, web1) = (pod_ip(&c.cp, "echo"), pod_ip(&c.cp, "web-1"));
+    c.cp.apply(&service_to("held", HELD_VIP, 7000, &[echo_ip]))
         .unwrap_or_else(|e| panic!("{e}"));
-    wait_running(&c.cp, "steady");
-    let uid = c.cp.jsonpath(&["pod", "steady"], "{.metadata.uid}");
+    c.cp.apply(&service_to("web", WEB_VIP, 80, &[web1]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Each fetch logged with the second it came in.
+    let prober = format!(
+        "while :; do echo \"$(date +%s) $(timeout 1 wget -qO- http://{WEB_VIP}/ 2>/dev/null)\"; sleep 0.3; done"
+    );
+    c.cp.apply(&shell_pod("holder", &near, &c.busybox, &holder_script()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.cp.apply(&shell_pod("prober", &near, &c.busybox, &prober))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_running(&c.cp, "holder");
+    wait_running(&c.cp, "prober");
+    wait_for("both Services to answer", Duration::from_secs(30), || {
+        let ok = |pod, want| stamped(&c.cp, pod).iter().any(|(_, l)| l == want);
+        (ok("holder", "echo") && ok("prober", "hello from web-1")).then_some(())
+    });
+    let pods = uids(&c.cp);
 
+    // The whole control plane stopped.
+    let stopped = unix_now();
+    c.cp.proc.kill_now();
     c.cp.etcd.kill();
     std::thread::sleep(Duration::from_secs(60));
+    let started = unix_now();
+    c.cp.etcd.restart();
+    c.cp.restart();
+    let back = Instant::now();
+    routed_throughout(&c.cp, stopped + 1, started - 1, "control plane stopped");
+    nothing_evicted(&c, &pods, back, Duration::from_secs(50));
+
+    // etcd alone stopped, under running controllers.
+    let stopped = unix_now();
+    c.cp.etcd.kill();
+    std::thread::sleep(Duration::from_secs(60));
+    let started = unix_now();
     c.cp.etcd.restart();
     let back = Instant::now();
     wait_for(
         "the apiserver to serve again",
         Duration::from_secs(30),
-        || c.cp.kubectl(&["get", "node", &name]).ok(),
+        || c.cp.kubectl(&["get", "node", &near]).ok(),
     );
     let renewed = c.cp.jsonpath(
-        &["lease", "-n", "kube-node-lease", &name],
+        &["lease", "-n", "kube-node-lease", &near],
         "{.spec.renewTime}",
     );
     eprintln!(
         "serving again {:?} after etcd came back; lease last renewed {renewed}",
         back.elapsed()
     );
-
-    // Longer than the grace period (40 s) from the return.
-    while back.elapsed() < Duration::from_secs(50) {
-        let ready = node_ready(&c.cp, &name);
-        if !(ready == "True" || ready.is_empty()) {
-            let pick = |log: String, words: &[&str]| -> String {
-                log.lines()
-                    .filter(|l| words.iter().any(|w| l.contains(w)))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            };
-            panic!(
-                "node {name} went {ready} {:?} after the outage\n--- control plane ---\n{}\n--- agent ---\n{}",
-                back.elapsed(),
-                pick(
-                    c.cp.proc.log_text(),
-                    &["node", "grace", "judged", "answers"]
-                ),
-                pick(
-                    c.nodes[0].agent_log(),
-                    &["lease", "status", "switched", "apiserver"]
-                ),
-            );
-        }
-        let now = c.cp.jsonpath(&["pod", "steady"], "{.metadata.uid}");
-        assert!(
-            now == uid || now.is_empty(),
-            "the pod was replaced: {uid} -> {now}"
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    assert_eq!(node_ready(&c.cp, &name), "True");
-    assert_eq!(c.cp.jsonpath(&["pod", "steady"], "{.metadata.uid}"), uid);
-    assert_eq!(
-        c.cp.jsonpath(
-            &["pod", "steady"],
-            "{.status.containerStatuses[0].restartCount}"
-        ),
-        "0"
-    );
-    let log = c.cp.proc.log_text();
-    for wrong in ["NotReady", "evicted"] {
-        assert!(
-            !log.lines().any(|l| l.contains(wrong) && l.contains(&name)),
-            "{wrong}:\n{}",
-            c.cp.log_tail()
-        );
-    }
+    routed_throughout(&c.cp, stopped + 1, started - 1, "etcd stopped");
+    nothing_evicted(&c, &pods, back, Duration::from_secs(50));
 }
 
 /// Three etcd members and three apiservers: writes through an apiserver
