@@ -8,8 +8,10 @@
 //!   put / range / watch latency for the same keys and values (the limit);
 //! - cold start (against a running etcd, and with the local etcd it starts
 //!   itself) and idle RSS (etcd excluded, and included);
-//! - high availability (see `ha.rs`): write throughput with one replica
-//!   against three, and the time a killed leader takes to be replaced.
+//! - high availability (see `ha.rs`): pod-create throughput with one
+//!   replica against three (each beside etcd's own put rate), the time a
+//!   killed leader takes to be replaced and to bind a pod, and the time a
+//!   node agent takes to follow changes through another apiserver.
 //!
 //! Everything listens on 127.0.0.1; nothing leaves the host's loopback.
 
@@ -36,7 +38,7 @@ pub struct Args {
     pub pods: Vec<usize>,
     pub samples: usize,
     pub rounds: usize,
-    /// ConfigMap creates per write-throughput round of the HA figures.
+    /// Pod creates per write-throughput round of the HA figures.
     pub ha_writes: usize,
     /// Rounds of the HA figures (0: none).
     pub ha_rounds: usize,
@@ -137,7 +139,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn pod(name: &str, ns: &str) -> Pod {
+pub(crate) fn pod(name: &str, ns: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": {"app": "bench"}},
@@ -442,7 +444,7 @@ async fn run_async(args: &Args) -> Result<()> {
     let cold = cold_start(&etcd, args.rounds).await?;
     let ha = if args.ha_rounds > 0 {
         eprintln!(
-            "high availability: {} creates per round ...",
+            "high availability: {} pod creates per round ...",
             args.ha_writes
         );
         Some(super::ha::run(args.ha_writes, args.ha_rounds).await?)
@@ -507,22 +509,7 @@ async fn run_async(args: &Args) -> Result<()> {
     );
 
     if let Some(h) = &ha {
-        let f = |k: &str| h[k].as_f64().unwrap_or(0.0);
-        println!(
-            "\nhigh availability ({} ConfigMap creates, {} in flight; medians of the rounds)",
-            h["writes"], h["inflight"]
-        );
-        println!(
-            "| 1 replica, 1 etcd member | 3 replicas, 3 members | ratio | leader replaced after |"
-        );
-        println!("| --- | --- | --- | --- |");
-        println!(
-            "| {:.0} creates/s | {:.0} creates/s | {:.2} | {:.1} s |",
-            f("one_replica_creates_per_s"),
-            f("three_replicas_creates_per_s"),
-            f("three_over_one"),
-            f("failover_median_s")
-        );
+        super::ha::print(h);
     }
 
     let doc = json!({
