@@ -14,6 +14,7 @@
 //! through `subnet.env`, read by the CNI plugin it runs.
 
 pub mod apiservers;
+pub mod catalog;
 pub mod install_cni;
 pub mod join;
 pub mod kubelet;

@@ -15,7 +15,6 @@ pub mod maglev;
 pub mod manifests;
 pub mod model;
 pub mod terminate;
-pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -170,7 +169,8 @@ pub async fn run(
         Source::Kube => {
             let client = client.ok_or(crate::role::NoClient { role: "proxy" })?;
             let node = cfg.node.clone();
-            let reconcile = |store: &watch::Store, dirty: watch::Dirty| {
+            let reconcile = |store: &crate::catalog::watch::Store,
+                             dirty: crate::catalog::watch::Dirty| {
                 let started = Instant::now();
                 let result = block_in_place(|| {
                     if dirty.all {
@@ -197,7 +197,7 @@ pub async fn run(
                 }
             };
             tokio::select! {
-                r = watch::run(client, reconcile) => r?,
+                r = crate::catalog::watch::run(client, reconcile) => r?,
                 _ = &mut rescan => {}
                 _ = shutdown.changed() => {}
             }

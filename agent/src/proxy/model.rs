@@ -18,8 +18,7 @@ use skiff_ebpf_common::{
 };
 use tracing::warn;
 
-/// Label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub use crate::catalog::{Catalog, SERVICE_NAME_LABEL, object_key, service_key, slice_owner};
 
 /// Kubernetes' default and maximum ClientIP affinity timeouts (seconds).
 const DEFAULT_AFFINITY_TIMEOUT: i32 = 10_800;
@@ -116,31 +115,6 @@ pub enum ServiceError {
         count: usize,
         max: u32,
     },
-}
-
-/// `namespace/name` of an object.
-pub fn object_key(namespace: Option<&str>, name: Option<&str>) -> String {
-    format!(
-        "{}/{}",
-        namespace.unwrap_or("default"),
-        name.unwrap_or_default()
-    )
-}
-
-pub fn service_key(svc: &Service) -> String {
-    object_key(
-        svc.metadata.namespace.as_deref(),
-        svc.metadata.name.as_deref(),
-    )
-}
-
-/// The Service (`namespace/name`) an EndpointSlice belongs to, if labelled.
-pub fn slice_owner(slice: &EndpointSlice) -> Option<String> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(object_key(
-        slice.metadata.namespace.as_deref(),
-        Some(name.as_str()),
-    ))
 }
 
 pub fn encode_ip(ip: IpAddr) -> (u8, [u32; 4]) {
@@ -531,28 +505,7 @@ pub fn service_plan(
     })
 }
 
-/// Services and EndpointSlices by name, as read from any source.
-#[derive(Clone, Debug, Default)]
-pub struct Catalog {
-    pub services: BTreeMap<String, Service>,
-    /// Slices by owning service, then by slice name.
-    pub slices: BTreeMap<String, BTreeMap<String, EndpointSlice>>,
-}
-
 impl Catalog {
-    pub fn insert_service(&mut self, svc: Service) {
-        self.services.insert(service_key(&svc), svc);
-    }
-
-    /// Slices without the service-name label belong to no service and are
-    /// ignored, as kube-proxy ignores them.
-    pub fn insert_slice(&mut self, slice: EndpointSlice) {
-        if let Some(owner) = slice_owner(&slice) {
-            let name = slice.metadata.name.clone().unwrap_or_default();
-            self.slices.entry(owner).or_default().insert(name, slice);
-        }
-    }
-
     pub fn plan_of(&self, service: &str, node: &NodeView) -> Result<ServicePlan, ServiceError> {
         let Some(svc) = self.services.get(service) else {
             return Ok(ServicePlan::default());

@@ -16,7 +16,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use super::model::{Catalog, service_key, slice_owner};
+use super::{Catalog, service_key, slice_owner};
 
 enum Change {
     Service(Box<watcher::Event<Service>>),
