@@ -6,6 +6,11 @@
 //! - `proxy`: Services and EndpointSlices into the eBPF socket load balancer.
 //! - `overlay`: the node's subnet lease in etcd and routes to every other
 //!   node's subnet (Flannel-compatible, vxlan or host-gw).
+//! - `dns`: the cluster domain answered on the node, per the Kubernetes
+//!   DNS specification, the rest forwarded upstream.
+//!
+//! Below the roles: [`catalog`], the Services and EndpointSlices the proxy
+//! and dns roles each read their own way.
 //!
 //! Before the roles run, `skiff-agent join` ([`join`]) turns a bootstrap
 //! token into the node's own credential.
@@ -15,6 +20,7 @@
 
 pub mod apiservers;
 pub mod catalog;
+pub mod dns;
 pub mod install_cni;
 pub mod join;
 pub mod kubelet;

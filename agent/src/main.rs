@@ -1,6 +1,6 @@
 //! `skiff-agent`: flag parsing and wiring; the work is in the library.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
 use skiff_agent::apiservers;
+use skiff_agent::dns::{self, DnsConfig};
 use skiff_agent::kubelet::KubeletConfig;
 use skiff_agent::overlay::{self, OverlayConfig};
 use skiff_agent::proxy::{self, NodeView, ProxyConfig, Source, dataplane::DEFAULT_PIN_DIR};
@@ -26,6 +27,7 @@ enum Role {
     Kubelet,
     Proxy,
     Overlay,
+    Dns,
 }
 
 #[derive(Subcommand)]
@@ -189,7 +191,11 @@ const NODE_KUBECONFIG: &str = "/var/lib/skiff/node/kubeconfig";
 #[derive(clap::Args)]
 struct RunArgs {
     /// Roles to run.
-    #[arg(long, value_delimiter = ',', default_value = "kubelet,proxy,overlay")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kubelet,proxy,overlay,dns"
+    )]
     roles: Vec<Role>,
     /// Read Services and EndpointSlices from manifests in this directory
     /// instead of an apiserver.
@@ -238,6 +244,34 @@ struct RunArgs {
     overlay: OverlayArgs,
     #[command(flatten)]
     kubelet: KubeletArgs,
+    #[command(flatten)]
+    dns: DnsArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct DnsArgs {
+    /// The cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// TTL of the cluster domain's records and negative answers, in
+    /// seconds.
+    #[arg(long, default_value_t = 30)]
+    dns_ttl: u32,
+    /// Address the DNS server listens on, the first one published as the
+    /// node's `kube-dns` endpoint (repeatable; default: the node's
+    /// address).
+    #[arg(long = "dns-listen")]
+    dns_listen: Vec<IpAddr>,
+    #[arg(long, default_value_t = 53)]
+    dns_port: u16,
+    /// Upstream resolver for names outside the cluster domain, `ip` or
+    /// `ip:port` (repeatable; default: the nameservers of --resolv-conf;
+    /// `none`: such names are refused).
+    #[arg(long = "dns-upstream")]
+    dns_upstreams: Vec<String>,
+    /// The node's resolver configuration.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
 }
 
 #[derive(clap::Args, Clone)]
@@ -327,6 +361,7 @@ fn node_name(given: Option<String>) -> String {
 /// role needs one.
 async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
     let needs = args.roles.contains(&Role::Kubelet)
+        || args.roles.contains(&Role::Dns)
         || (args.roles.contains(&Role::Proxy) && args.manifests.is_none())
         || (args.roles.contains(&Role::Overlay) && args.overlay.kube_subnet_mgr);
     if !needs {
@@ -364,7 +399,7 @@ async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
 
 async fn run(args: RunArgs) -> Result<()> {
     if args.roles.is_empty() {
-        bail!("no role to run: --roles takes kubelet, proxy, overlay");
+        bail!("no role to run: --roles takes kubelet, proxy, overlay, dns");
     }
     let ctx = NodeContext {
         node_name: node_name(args.node_name.clone()),
@@ -384,6 +419,10 @@ async fn run(args: RunArgs) -> Result<()> {
     if args.roles.contains(&Role::Proxy) {
         let proxy = Arc::new(proxy_config(&args, &ctx)?);
         roles.spawn(supervise(proxy, ctx.clone(), rx.clone(), backoff));
+    }
+    if args.roles.contains(&Role::Dns) {
+        let dns = Arc::new(dns_config(&args)?);
+        roles.spawn(supervise(dns, ctx.clone(), rx.clone(), backoff));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("handling SIGTERM")?;
@@ -421,15 +460,60 @@ async fn join(args: JoinArgs) -> Result<()> {
     run(run_args).await
 }
 
-fn kubelet_config(args: &RunArgs, ctx: &NodeContext) -> Result<KubeletConfig> {
-    let k = &args.kubelet;
-    let node_ip = match k.node_ip {
-        Some(ip) => ip,
+/// The node's address: `--node-ip`, else its first non-loopback IPv4
+/// address.
+fn node_ip(args: &RunArgs) -> Result<IpAddr> {
+    match args.kubelet.node_ip {
+        Some(ip) => Ok(ip),
         None => proxy::local_addresses()
             .into_iter()
             .find(IpAddr::is_ipv4)
-            .context("no IPv4 address for the node: pass --node-ip")?,
+            .context("no IPv4 address for the node: pass --node-ip"),
+    }
+}
+
+fn dns_config(args: &RunArgs) -> Result<DnsConfig> {
+    let d = &args.dns;
+    let listen = if d.dns_listen.is_empty() {
+        vec![node_ip(args)?]
+    } else {
+        d.dns_listen.clone()
     };
+    let upstreams = if d.dns_upstreams.iter().any(|u| u == "none") {
+        if d.dns_upstreams.len() > 1 {
+            bail!("--dns-upstream none cannot be given with other upstreams");
+        }
+        Vec::new()
+    } else if d.dns_upstreams.is_empty() {
+        dns::forward::resolv_conf_upstreams(&d.resolv_conf, &listen).with_context(|| {
+            format!(
+                "reading upstream resolvers from --resolv-conf {} (or pass --dns-upstream)",
+                d.resolv_conf.display()
+            )
+        })?
+    } else {
+        d.dns_upstreams
+            .iter()
+            .map(|u| {
+                u.parse::<SocketAddr>()
+                    .or_else(|_| u.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .with_context(|| format!("--dns-upstream {u:?}: expected ip or ip:port"))
+            })
+            .collect::<Result<_>>()?
+    };
+    Ok(DnsConfig {
+        domain: d.cluster_domain.clone(),
+        ttl: d.dns_ttl,
+        listen,
+        port: d.dns_port,
+        upstreams,
+        udp_workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+    })
+}
+
+fn kubelet_config(args: &RunArgs, ctx: &NodeContext) -> Result<KubeletConfig> {
+    let k = &args.kubelet;
+    let node_ip = node_ip(args)?;
     let mut node_labels = std::collections::BTreeMap::new();
     for l in &k.node_labels {
         let Some((key, value)) = l.split_once('=') else {

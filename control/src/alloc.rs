@@ -112,7 +112,8 @@ impl Cidr {
         self.nth(1)
     }
 
-    fn nth(&self, off: u128) -> IpAddr {
+    /// The address `off` after the network's (no bound check).
+    pub fn nth(&self, off: u128) -> IpAddr {
         let raw = self.base + off;
         if self.v6 {
             IpAddr::V6(Ipv6Addr::from(raw))

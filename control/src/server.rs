@@ -318,5 +318,32 @@ async fn bootstrap(
     api.ensure(svc, Some("default"), kubernetes).await?;
     // Its endpoints: this apiserver and every other one alive.
     api.join_peers(advertise).await?;
+    ensure_dns_service(api).await;
     Ok(())
+}
+
+/// The cluster DNS Service pods are given as their nameserver. It has no
+/// selector: each node's dns role writes its own endpoint, and
+/// `internalTrafficPolicy: Local` keeps every node's questions on it.
+async fn ensure_dns_service(api: &Arc<Api>) {
+    let Some(ip) = api.dns_service_ip() else {
+        tracing::warn!("the service range is too small for the kube-dns Service's address");
+        return;
+    };
+    let Some(svc) = resources::find("", "v1", "services") else {
+        return;
+    };
+    let kube_dns = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                     "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "skiff-dns"}},
+        "spec": {"clusterIP": ip, "internalTrafficPolicy": "Local", "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+        ]}
+    });
+    // Another Service holding the address must not stop the control plane.
+    if let Err(e) = api.ensure(svc, Some("kube-system"), kube_dns).await {
+        tracing::warn!(error = %e.message, %ip, "creating the kube-dns Service");
+    }
 }

@@ -384,7 +384,7 @@ impl KubeletNode {
             Containerd::start_with_mounts(ns, &dir.path.join("containerd"), mntns.clone());
         let roles = match setup.network {
             NodeNetwork::Fixed(_) | NodeNetwork::Installed => "kubelet",
-            NodeNetwork::Overlay { .. } => "kubelet,proxy,overlay",
+            NodeNetwork::Overlay { .. } => "kubelet,proxy,overlay,dns",
         };
         let mut args: Vec<String> = vec!["join".to_string()];
         args.extend(setup.join.iter().cloned());
@@ -450,6 +450,10 @@ impl KubeletNode {
                     &bridge_name(&name),
                     "--cni-records",
                     &dir.path.join("cni/skiff").display().to_string(),
+                    // Nothing leaves the test's namespaces: names outside
+                    // the cluster domain are refused, not forwarded.
+                    "--dns-upstream",
+                    "none",
                 ]
                 .map(String::from),
             );

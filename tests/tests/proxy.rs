@@ -848,18 +848,18 @@ fn proxy_follows_services_and_pods_through_the_apiserver() {
             &status,
         ]);
     }
-    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n  - {name: dns, port: 53, protocol: UDP, targetPort: dns}\n";
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n  - {name: dns, port: 53, protocol: UDP, targetPort: dns}\n";
     cp.apply(svc).unwrap_or_else(|e| panic!("{e}"));
     node.start_agent_kube(&cp.kubeconfig);
     node.wait_programmed(
-        "10.96.0.10:80/TCP",
+        "10.96.0.20:80/TCP",
         &["10.200.0.11:8080", "10.200.0.12:8080", "10.200.0.13:8080"],
     );
     node.wait_programmed(
-        "10.96.0.10:53/UDP",
+        "10.96.0.20:53/UDP",
         &["10.200.0.11:5353", "10.200.0.12:5353", "10.200.0.13:5353"],
     );
-    let r = node.tcp("10.96.0.10:80", 60);
+    let r = node.tcp("10.96.0.20:80", 60);
     assert_eq!(
         counts(&r, "errors"),
         BTreeMap::new(),
@@ -883,13 +883,13 @@ fn proxy_follows_services_and_pods_through_the_apiserver() {
         r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#,
     ]);
     cp.kubectl_ok(&["delete", "pod", "b3", "--wait=false"]);
-    node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
-    assert_only(&node.tcp("10.96.0.10:80", 20), "b1", 20);
+    node.wait_programmed("10.96.0.20:80/TCP", &["10.200.0.11:8080"]);
+    assert_only(&node.tcp("10.96.0.20:80", 20), "b1", 20);
 
     // The service goes: so does its frontend.
     cp.kubectl_ok(&["delete", "service", "web"]);
     wait_for("the frontend to be removed", TIMEOUT, || {
-        (!node.try_list().ok()?.contains_key("10.96.0.10:80/TCP")).then_some(())
+        (!node.try_list().ok()?.contains_key("10.96.0.20:80/TCP")).then_some(())
     });
 }
 
@@ -924,7 +924,7 @@ fn a_dual_stack_service_from_the_apiserver_is_served_on_both_families() {
             B[0], B[0]
         ),
     ]);
-    cp.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ipFamilyPolicy: RequireDualStack\n  clusterIPs: [\"10.96.0.10\", \"fd00:96::10\"]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n")
+    cp.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ipFamilyPolicy: RequireDualStack\n  clusterIPs: [\"10.96.0.20\", \"fd00:96::10\"]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n")
         .unwrap_or_else(|e| panic!("{e}"));
     // A slice per family, as the controller makes them.
     let families = wait_for("two EndpointSlices", TIMEOUT, || {
@@ -939,9 +939,9 @@ fn a_dual_stack_service_from_the_apiserver_is_served_on_both_families() {
         "{families}"
     );
     node.start_agent_kube(&cp.kubeconfig);
-    node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
+    node.wait_programmed("10.96.0.20:80/TCP", &["10.200.0.11:8080"]);
     node.wait_programmed("[fd00:96::10]:80/TCP", &["[fd00:200::11]:8080"]);
-    for (vip, n) in [("10.96.0.10:80", 5), ("[fd00:96::10]:80", 5)] {
+    for (vip, n) in [("10.96.0.20:80", 5), ("[fd00:96::10]:80", 5)] {
         let r = node.tcp(vip, n);
         assert_only(&r, "b1", u64::from(n));
         assert_eq!(counts(&r, "peers").keys().collect::<Vec<_>>(), [vip], "{r}");

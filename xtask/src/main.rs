@@ -106,6 +106,8 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "fonts-dejavu-core",
     "curl",
+    // dig: the DNS tests ask the nodes' servers as a user would.
+    "bind9-dnsutils",
     "python3-pip",
 ];
 

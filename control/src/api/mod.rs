@@ -219,6 +219,14 @@ impl Api {
             .unwrap_or_default()
     }
 
+    /// The cluster DNS Service's ClusterIP: the tenth address of the first
+    /// service range, as kubeadm picks it.
+    pub fn dns_service_ip(&self) -> Option<String> {
+        let cidr = self.cfg.service_cidrs.first()?;
+        let host_bits = if cidr.v6 { 128 } else { 32 } - u32::from(cidr.len);
+        (host_bits >= 5).then(|| cidr.nth(10).to_string())
+    }
+
     pub(crate) fn limits(&self) -> Limits {
         Limits {
             node_ports: self.cfg.node_ports,
@@ -453,7 +461,9 @@ impl Api {
             namespace: t.namespace.clone().unwrap_or_default(),
             name: t.name.clone().unwrap_or_default(),
         });
-        let posted = if method == Method::POST && !body.is_empty() {
+        // The object written (create or update), for authorizers that
+        // judge what is written, not only where.
+        let posted = if (method == Method::POST || method == Method::PUT) && !body.is_empty() {
             parse(&body).ok()
         } else {
             None

@@ -153,8 +153,8 @@ impl PodIndex {
     }
 }
 
-/// The decision for node `node`. `body` is the request's object for a
-/// create (its name, a TokenRequest's bound pod).
+/// The decision for node `node`. `body` is the object of a create or an
+/// update (its name, a TokenRequest's bound pod, a slice's endpoints).
 pub async fn authorize(
     store: &Store,
     pods: &PodIndex,
@@ -221,6 +221,7 @@ async fn decide(
         {
             Decision::Allow
         }
+        ("discovery.k8s.io", "endpointslices") => dns_slice(node, verb, sub, a, body),
         ("", plural @ ("configmaps" | "secrets" | "serviceaccounts"))
             if verb == "get" && sub.is_empty() =>
         {
@@ -278,10 +279,119 @@ async fn decide(
     })
 }
 
+/// The cluster DNS Service whose endpoints each node writes for itself.
+const DNS_NAMESPACE: &str = "kube-system";
+const DNS_SERVICE: &str = "kube-dns";
+
+/// A node may write one EndpointSlice: `kube-system/kube-dns-<node>`, of
+/// the `kube-dns` Service, whose every endpoint names that node. (With the
+/// Service's `internalTrafficPolicy: Local`, an endpoint naming another
+/// node would take over that node's DNS.) Patches are refused: the
+/// result could not be checked before it is written.
+fn dns_slice(
+    node: &str,
+    verb: &str,
+    sub: &str,
+    a: &ResourceAttributes,
+    body: Option<&Value>,
+) -> Decision {
+    let own = format!("{DNS_SERVICE}-{node}");
+    let name = match (verb, body) {
+        ("create", Some(b)) => b.pointer("/metadata/name").and_then(Value::as_str),
+        _ => Some(a.name.as_str()),
+    };
+    if !sub.is_empty()
+        || a.namespace != DNS_NAMESPACE
+        || name != Some(own.as_str())
+        || !matches!(verb, "create" | "update" | "delete")
+    {
+        return deny(format!(
+            "node {node:?} may only create, update or delete the EndpointSlice {DNS_NAMESPACE}/{own}"
+        ));
+    }
+    if verb == "delete" {
+        return Decision::Allow;
+    }
+    let Some(b) = body else {
+        return deny("no body");
+    };
+    let service = b
+        .pointer("/metadata/labels/kubernetes.io~1service-name")
+        .and_then(Value::as_str);
+    let endpoints = b.get("endpoints").and_then(Value::as_array);
+    let all_own = endpoints.is_none_or(|eps| {
+        eps.iter()
+            .all(|e| e.get("nodeName").and_then(Value::as_str) == Some(node))
+    });
+    if service != Some(DNS_SERVICE) || !all_own {
+        return deny(format!(
+            "node {node:?} may only publish its own endpoints of the {DNS_SERVICE} Service"
+        ));
+    }
+    Decision::Allow
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_node_writes_only_its_own_dns_endpoint() {
+        let attrs = |verb: &str, ns: &str, name: &str| ResourceAttributes {
+            verb: verb.into(),
+            group: "discovery.k8s.io".into(),
+            resource: "endpointslices".into(),
+            namespace: ns.into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        let slice = |name: &str, service: &str, node: &str| {
+            json!({"metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+                   "endpoints": [{"addresses": ["10.0.0.1"], "nodeName": node}]})
+        };
+        let allowed = |d: Decision| matches!(d, Decision::Allow);
+        let good = slice("kube-dns-n1", "kube-dns", "n1");
+        let create = attrs("create", "kube-system", "");
+        assert!(allowed(dns_slice("n1", "create", "", &create, Some(&good))));
+        let update = attrs("update", "kube-system", "kube-dns-n1");
+        assert!(allowed(dns_slice("n1", "update", "", &update, Some(&good))));
+        let delete = attrs("delete", "kube-system", "kube-dns-n1");
+        assert!(allowed(dns_slice("n1", "delete", "", &delete, None)));
+        for (who, verb, a, body) in [
+            (
+                "n2",
+                "create",
+                &create,
+                slice("kube-dns-n1", "kube-dns", "n1"),
+            ),
+            ("n1", "create", &create, slice("kube-dns-n1", "web", "n1")),
+            (
+                "n1",
+                "create",
+                &create,
+                slice("kube-dns-n1", "kube-dns", "n2"),
+            ),
+            ("n1", "patch", &update, good.clone()),
+            (
+                "n1",
+                "create",
+                &attrs("create", "default", ""),
+                good.clone(),
+            ),
+            (
+                "n1",
+                "delete",
+                &attrs("delete", "kube-system", "kube-dns-n2"),
+                good.clone(),
+            ),
+        ] {
+            assert!(
+                !allowed(dns_slice(who, verb, "", a, Some(&body))),
+                "{who} {verb} {body}"
+            );
+        }
+    }
 
     #[test]
     fn pods_reference_their_config() {

@@ -151,6 +151,14 @@ fn slice_of(
                     terminating: Some(terminating),
                 }),
                 node_name: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                // A pod names itself in its Service's DNS with a hostname
+                // and that Service as its subdomain.
+                hostname: p
+                    .spec
+                    .as_ref()
+                    .filter(|s| s.subdomain.as_deref() == Some(name))
+                    .and_then(|s| s.hostname.clone())
+                    .filter(|h| !h.is_empty()),
                 target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
                     kind: Some("Pod".into()),
                     namespace: Some(ns.into()),
@@ -347,6 +355,34 @@ mod tests {
             Some(8080),
             "named targetPort resolved"
         );
+    }
+
+    #[test]
+    fn a_pod_with_the_service_as_its_subdomain_gets_its_hostname() {
+        let svc: Service =
+            serde_json::from_value(json!({"metadata": {"name": "db", "namespace": "d"},
+            "spec": {"clusterIP": "None", "selector": {"app": "db"}}}))
+            .expect("service");
+        let pod = |name: &str, subdomain: &str| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(
+                    json!({"metadata": {"name": name, "namespace": "d", "labels": {"app": "db"}},
+                    "spec": {"hostname": name, "subdomain": subdomain, "containers": []},
+                    "status": {"phase": "Running", "podIP": format!("10.244.0.{}", name.len())}}),
+                )
+                .expect("pod"),
+            )
+        };
+        let s = desired(&svc, &[pod("db-0", "db"), pod("other", "elsewhere")])
+            .pop()
+            .expect("slice");
+        let hosts: Vec<Option<String>> = s
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|e| e.hostname.clone())
+            .collect();
+        assert_eq!(hosts, [Some("db-0".to_string()), None]);
     }
 
     #[test]

@@ -1,0 +1,190 @@
+//! The `dns` role: cluster DNS on every node, per the Kubernetes DNS
+//! specification, answered from memory and forwarded upstream for the rest.
+//!
+//! - `zone`: the cluster domain's records, replaced a Service at a time
+//!   (pure);
+//! - `server`: the UDP and TCP server around it;
+//! - `forward`: the node's upstream resolvers;
+//! - `publish`: this node's endpoint of the `kube-dns` Service.
+//!
+//! How pods reach it: their nameserver is the `kube-dns` Service's
+//! ClusterIP, which `skiff-control` creates with `internalTrafficPolicy:
+//! Local` and no selector. Each node's dns role writes the Service one
+//! EndpointSlice, `kube-system/kube-dns-<node>`, naming only itself, once
+//! it has read the zone; the node's proxy then sends the ClusterIP to this
+//! server and nowhere else, so questions never leave the node and a node
+//! whose DNS is down affects only itself. The slice is deleted when the
+//! role stops, and owned by the Node, so it goes with a deleted node.
+
+pub mod forward;
+pub mod publish;
+pub mod server;
+pub mod zone;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tracing::{info, warn};
+
+use crate::catalog::watch::{Dirty, Store};
+use forward::Forwarder;
+use server::{Limits, Resolver};
+use zone::{Zone, records_of};
+
+/// The cluster DNS Service, as `skiff-control` creates it.
+pub const SERVICE_NAMESPACE: &str = "kube-system";
+pub const SERVICE_NAME: &str = "kube-dns";
+
+/// How long one upstream is given to answer.
+const UPSTREAM_ATTEMPT: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    /// The cluster domain (`cluster.local`).
+    pub domain: String,
+    /// TTL of the zone's records and of its negative answers.
+    pub ttl: u32,
+    /// Addresses the server listens on; the first is published as the
+    /// node's endpoint of `kube-dns`.
+    pub listen: Vec<IpAddr>,
+    pub port: u16,
+    /// Where other names are asked (none: they are refused).
+    pub upstreams: Vec<SocketAddr>,
+    /// Tasks receiving on each UDP socket.
+    pub udp_workers: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error(transparent)]
+    Domain(#[from] zone::BadDomain),
+    #[error(transparent)]
+    NoClient(#[from] crate::role::NoClient),
+    #[error("dns: no address to listen on")]
+    NoListen,
+    #[error("dns: listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("dns: watching the apiserver: {0}")]
+    Watch(#[from] kube::runtime::watcher::Error),
+}
+
+impl crate::role::Role for DnsConfig {
+    type Error = DnsError;
+
+    fn name(&self) -> &'static str {
+        "dns"
+    }
+
+    async fn run(
+        &self,
+        ctx: crate::role::NodeContext,
+        mut shutdown: crate::role::Shutdown,
+    ) -> Result<(), DnsError> {
+        run(self, &ctx, crate::role::stopped(&mut shutdown)).await
+    }
+}
+
+/// Serves until `shutdown` completes, then withdraws the node's endpoint.
+pub async fn run(
+    cfg: &DnsConfig,
+    ctx: &crate::role::NodeContext,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DnsError> {
+    let client = ctx.client("dns")?;
+    let zone = Zone::new(&cfg.domain, cfg.ttl)?;
+    let apex = zone.apex().clone();
+    let resolver = Arc::new(Resolver::new(
+        zone,
+        Forwarder::new(cfg.upstreams.clone(), UPSTREAM_ATTEMPT),
+        Limits::default(),
+    ));
+    let endpoint = *cfg.listen.first().ok_or(DnsError::NoListen)?;
+    // Dropped (aborting every server task) when the role ends.
+    let mut servers = tokio::task::JoinSet::new();
+    for ip in &cfg.listen {
+        let addr = SocketAddr::new(*ip, cfg.port);
+        let bind = |source| DnsError::Bind { addr, source };
+        let udp = Arc::new(UdpSocket::bind(addr).await.map_err(bind)?);
+        let tcp = TcpListener::bind(addr).await.map_err(bind)?;
+        for _ in 0..cfg.udp_workers.max(1) {
+            servers.spawn(resolver.clone().serve_udp(udp.clone()));
+        }
+        servers.spawn(resolver.clone().serve_tcp(tcp));
+    }
+    info!(
+        listen = ?cfg.listen, port = cfg.port, domain = %apex,
+        upstreams = ?cfg.upstreams, "dns serving"
+    );
+    let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
+    let reconcile = {
+        let resolver = resolver.clone();
+        move |store: &Store, dirty: Dirty| {
+            update(&resolver, &apex, store, dirty);
+            if !resolver.synced() {
+                resolver.set_synced();
+                let _ = synced_tx.send(true);
+                info!("dns zone read from the apiserver");
+            }
+        }
+    };
+    let publisher = publish::Publisher::new(client.clone(), &ctx.node_name, endpoint, cfg.port);
+    let result = tokio::select! {
+        r = crate::catalog::watch::run(client, reconcile) => r.map_err(DnsError::from),
+        () = publisher.keep(synced_rx) => Ok(()),
+        () = shutdown => Ok(()),
+    };
+    publisher.withdraw().await;
+    drop(servers);
+    info!("dns stopped");
+    result
+}
+
+/// Brings the zone up to the catalog: every Service after a relist, else
+/// the ones that changed. Records are built before the lock is taken.
+fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store, dirty: Dirty) {
+    let catalog = &store.catalog;
+    let build = |key: &str| {
+        catalog
+            .services
+            .get(key)
+            .map(|svc| records_of(apex, svc, catalog.slices.get(key)))
+            .unwrap_or_default()
+    };
+    let keys: BTreeSet<String> = if dirty.all {
+        let zone = match resolver.zone.read() {
+            Ok(z) => z,
+            Err(p) => p.into_inner(),
+        };
+        catalog
+            .services
+            .keys()
+            .cloned()
+            .chain(zone.services().map(String::from))
+            .collect()
+    } else {
+        dirty.services
+    };
+    let built: Vec<(String, zone::ServiceRecords)> = keys
+        .into_iter()
+        .map(|k| {
+            let r = build(&k);
+            (k, r)
+        })
+        .collect();
+    let mut zone = match resolver.zone.write() {
+        Ok(z) => z,
+        Err(p) => {
+            warn!("dns zone lock was poisoned; going on with it");
+            p.into_inner()
+        }
+    };
+    for (key, records) in built {
+        zone.set_service(&key, records);
+    }
+}

@@ -1,0 +1,149 @@
+//! This node's endpoint of the `kube-dns` Service: one EndpointSlice,
+//! `kube-system/kube-dns-<node>`, with the node's DNS address and its own
+//! name as `nodeName`, so that with `internalTrafficPolicy: Local` each
+//! node's proxy sends the ClusterIP to its own server only.
+//!
+//! Written once the zone is read, checked again every [`REFRESH`] (it comes
+//! back if someone deletes it), deleted when the role stops. It is owned by
+//! the Node once the Node exists, so the garbage collector removes it with
+//! a deleted node.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::{SERVICE_NAME, SERVICE_NAMESPACE};
+
+/// How often the slice is checked.
+const REFRESH: Duration = Duration::from_secs(30);
+
+/// Who writes these slices (the EndpointSlice controller leaves them be).
+pub const MANAGER: &str = "skiff-agent";
+
+/// The name of `node`'s slice of the `kube-dns` Service.
+pub fn slice_name(node: &str) -> String {
+    format!("{SERVICE_NAME}-{node}")
+}
+
+pub struct Publisher {
+    slices: Api<EndpointSlice>,
+    nodes: Api<Node>,
+    node: String,
+    ip: IpAddr,
+    port: u16,
+}
+
+impl Publisher {
+    pub fn new(client: Client, node: &str, ip: IpAddr, port: u16) -> Self {
+        Self {
+            slices: Api::namespaced(client.clone(), SERVICE_NAMESPACE),
+            nodes: Api::all(client),
+            node: node.to_string(),
+            ip,
+            port,
+        }
+    }
+
+    /// The slice as it should be (owned by the Node if it has a UID).
+    fn desired(&self, node_uid: Option<&str>) -> Result<EndpointSlice, serde_json::Error> {
+        let owners = node_uid.map(
+            |uid| json!([{"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}]),
+        );
+        let family = if self.ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {
+                "name": slice_name(&self.node), "namespace": SERVICE_NAMESPACE,
+                "labels": {
+                    crate::catalog::SERVICE_NAME_LABEL: SERVICE_NAME,
+                    "endpointslice.kubernetes.io/managed-by": MANAGER,
+                },
+                "ownerReferences": owners,
+            },
+            "addressType": family,
+            "endpoints": [{
+                "addresses": [self.ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": self.node,
+            }],
+            "ports": [
+                {"name": "dns", "port": self.port, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": self.port, "protocol": "TCP"},
+            ],
+        }))
+    }
+
+    /// Writes the slice unless it already says the same.
+    async fn ensure(&self) -> Result<(), kube::Error> {
+        let uid = match self.nodes.get_opt(&self.node).await {
+            Ok(n) => n.and_then(|n| n.metadata.uid),
+            Err(e) => {
+                debug!(error = %e, "reading the node for the dns slice's owner");
+                None
+            }
+        };
+        let mut want = self
+            .desired(uid.as_deref())
+            .map_err(kube::Error::SerdeError)?;
+        let name = slice_name(&self.node);
+        match self.slices.get_opt(&name).await? {
+            None => {
+                self.slices.create(&PostParams::default(), &want).await?;
+                info!(slice = %name, ip = %self.ip, "published the node's dns endpoint");
+            }
+            Some(have) => {
+                let same = have.endpoints == want.endpoints
+                    && have.ports == want.ports
+                    && have.address_type == want.address_type
+                    && have.metadata.labels == want.metadata.labels
+                    && (uid.is_none()
+                        || have.metadata.owner_references == want.metadata.owner_references);
+                if !same {
+                    want.metadata.resource_version = have.metadata.resource_version;
+                    if uid.is_none() {
+                        want.metadata.owner_references = have.metadata.owner_references;
+                    }
+                    self.slices
+                        .replace(&name, &PostParams::default(), &want)
+                        .await?;
+                    info!(slice = %name, ip = %self.ip, "updated the node's dns endpoint");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the zone, then keeps the slice written. Never returns.
+    pub async fn keep(&self, mut synced: tokio::sync::watch::Receiver<bool>) {
+        if synced.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        loop {
+            if let Err(e) = self.ensure().await {
+                warn!(error = %e, "publishing the node's dns endpoint; will retry");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            tokio::time::sleep(REFRESH).await;
+        }
+    }
+
+    /// Deletes the slice (best effort, bounded in time).
+    pub async fn withdraw(&self) {
+        let name = slice_name(&self.node);
+        let dp = DeleteParams::default();
+        let delete = self.slices.delete(&name, &dp);
+        match tokio::time::timeout(Duration::from_secs(5), delete).await {
+            Ok(Ok(_)) => info!(slice = %name, "withdrew the node's dns endpoint"),
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
+            Ok(Err(e)) => warn!(slice = %name, error = %e, "withdrawing the dns endpoint"),
+            Err(_) => warn!(slice = %name, "withdrawing the dns endpoint timed out"),
+        }
+    }
+}

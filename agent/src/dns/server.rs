@@ -1,0 +1,532 @@
+//! The DNS server: questions on UDP and TCP, answered from the zone in
+//! memory on the socket's own task, or forwarded upstream on a task of
+//! their own, bounded in number.
+//!
+//! What a client gets beyond the zone's answer:
+//! - a packet that does not parse gets FORMERR when its header can be
+//!   read, and nothing when it cannot; responses are never answered;
+//! - opcodes other than QUERY get NOTIMP, more or fewer than one question
+//!   FORMERR, classes other than IN REFUSED, zone transfers NOTIMP;
+//! - an EDNS question gets an EDNS answer (payload [`UDP_PAYLOAD`]); an
+//!   EDNS version above 0 gets BADVERS;
+//! - a UDP answer larger than the client can take loses its additional
+//!   section first, then is sent truncated (TC) so the client asks over
+//!   TCP;
+//! - while the zone has not been read from the apiserver yet, questions
+//!   for it get SERVFAIL (the client tries again), never a wrong NXDOMAIN;
+//! - when as many forwards as allowed are in flight, the next one gets
+//!   SERVFAIL at once: a flood of outside names cannot grow memory or hold
+//!   up the cluster domain's answers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use super::forward::{ForwardError, Forwarder, UDP_PAYLOAD};
+use super::zone::{Answer, Outcome, Zone};
+
+/// How long a TCP client may stay silent between questions.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Limits that keep the server's memory bounded under any load.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Forwards in flight at once.
+    pub forwards: usize,
+    /// TCP connections open at once.
+    pub tcp_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            forwards: 1024,
+            tcp_connections: 256,
+        }
+    }
+}
+
+/// The zone and the way out, shared by every socket.
+pub struct Resolver {
+    pub zone: RwLock<Zone>,
+    synced: AtomicBool,
+    forwarder: Forwarder,
+    forwards: Arc<Semaphore>,
+    tcp: Arc<Semaphore>,
+}
+
+/// What one packet needs.
+enum Handled {
+    Reply(Vec<u8>),
+    /// Needs upstream: the question and what the zone answered so far.
+    Upstream(Box<Pending>),
+    Drop,
+}
+
+struct Pending {
+    request: Message,
+    /// Set when the zone answered with a CNAME that leaves it.
+    partial: Option<(Answer, hickory_proto::rr::Name)>,
+}
+
+impl Resolver {
+    pub fn new(zone: Zone, forwarder: Forwarder, limits: Limits) -> Self {
+        Self {
+            zone: RwLock::new(zone),
+            synced: AtomicBool::new(false),
+            forwarder,
+            forwards: Arc::new(Semaphore::new(limits.forwards)),
+            tcp: Arc::new(Semaphore::new(limits.tcp_connections)),
+        }
+    }
+
+    /// The zone has been read from the apiserver: answer from it.
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::Release);
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// One packet, answered from the zone if it can be. `limit` is the
+    /// transport's size bound (None: TCP's 65 535).
+    fn handle(&self, packet: &[u8], udp: bool) -> Handled {
+        if packet.len() < 12 {
+            return Handled::Drop;
+        }
+        let request = match Message::from_vec(packet) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(error = %e, "malformed question");
+                // Never answer what claims to be a response.
+                if packet[2] & 0x80 != 0 {
+                    return Handled::Drop;
+                }
+                let id = u16::from_be_bytes([packet[0], packet[1]]);
+                let op = OpCode::from_u8((packet[2] >> 3) & 0x0f);
+                let reply = Message::error_msg(id, op, ResponseCode::FormErr);
+                return encode(reply, 512).map_or(Handled::Drop, Handled::Reply);
+            }
+        };
+        if request.metadata.message_type == MessageType::Response {
+            return Handled::Drop;
+        }
+        let limit = limit_of(&request, udp);
+        let refuse = |rcode| {
+            let mut reply = self.reply_to(&request);
+            reply.metadata.response_code = rcode;
+            encode(reply, limit).map_or(Handled::Drop, Handled::Reply)
+        };
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            return refuse(ResponseCode::BADVERS);
+        }
+        if request.metadata.op_code != OpCode::Query {
+            return refuse(ResponseCode::NotImp);
+        }
+        let [query] = request.queries.as_slice() else {
+            return refuse(ResponseCode::FormErr);
+        };
+        if query.query_class() != DNSClass::IN {
+            return refuse(ResponseCode::Refused);
+        }
+        if matches!(
+            query.query_type(),
+            RecordType::AXFR | RecordType::IXFR | RecordType::OPT
+        ) {
+            return refuse(ResponseCode::NotImp);
+        }
+        let outcome = {
+            let zone = match self.zone.read() {
+                Ok(z) => z,
+                Err(p) => p.into_inner(),
+            };
+            if !self.synced() && zone.contains(query.name()) {
+                return refuse(ResponseCode::ServFail);
+            }
+            zone.lookup(query.name(), query.query_type())
+        };
+        match outcome {
+            Outcome::Answer(a) => {
+                let mut reply = self.reply_to(&request);
+                reply.metadata.authoritative = true;
+                fill(&mut reply, a);
+                encode(reply, limit).map_or(Handled::Drop, Handled::Reply)
+            }
+            Outcome::Forward => Handled::Upstream(Box::new(Pending {
+                request,
+                partial: None,
+            })),
+            Outcome::Chase { partial, target } => Handled::Upstream(Box::new(Pending {
+                request,
+                partial: Some((partial, target)),
+            })),
+        }
+    }
+
+    /// An empty response to `request`: its ID, opcode, question and RD,
+    /// RA when there is an upstream, EDNS when it asked with EDNS.
+    fn reply_to(&self, request: &Message) -> Message {
+        let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
+        reply.metadata.recursion_desired = request.metadata.recursion_desired;
+        reply.metadata.recursion_available = !self.forwarder.upstreams().is_empty();
+        reply.metadata.checking_disabled = request.metadata.checking_disabled;
+        reply.add_queries(request.queries.iter().cloned());
+        if request.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(UDP_PAYLOAD);
+            reply.set_edns(edns);
+        }
+        reply
+    }
+
+    /// Completes a question the zone could not answer alone.
+    async fn resolve(&self, p: Box<Pending>, udp: bool) -> Option<Vec<u8>> {
+        let limit = limit_of(&p.request, udp);
+        let mut reply = self.reply_to(&p.request);
+        let query = p.request.queries.first()?;
+        let (question, partial) = match p.partial {
+            Some((answer, target)) => (Query::query(target, query.query_type()), Some(answer)),
+            None => (query.clone(), None),
+        };
+        let upstream = self.forwarder.ask(&question).await;
+        match (partial, upstream) {
+            (Some(mut answer), Ok(up)) => {
+                reply.metadata.authoritative = true;
+                answer.rcode = up.metadata.response_code;
+                answer.answers.extend(up.answers);
+                fill(&mut reply, answer);
+            }
+            // Without an upstream the CNAME alone is the answer: the
+            // client's resolver may chase it.
+            (Some(answer), Err(ForwardError::NoUpstream)) => {
+                reply.metadata.authoritative = true;
+                fill(&mut reply, answer);
+            }
+            (None, Ok(up)) => {
+                reply.metadata.response_code = up.metadata.response_code;
+                reply.metadata.authentic_data = false;
+                reply.answers = up.answers;
+                reply.authorities = up.authorities;
+                reply.additionals = up.additionals;
+            }
+            (None, Err(ForwardError::NoUpstream)) => {
+                reply.metadata.response_code = ResponseCode::Refused;
+            }
+            (_, Err(e)) => {
+                debug!(name = %question.name(), error = %e, "forward failed");
+                reply.metadata.response_code = ResponseCode::ServFail;
+            }
+        }
+        encode(reply, limit)
+    }
+
+    /// Serves UDP on `sock` until the task is dropped.
+    pub async fn serve_udp(self: Arc<Self>, sock: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let (n, peer) = match sock.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // ICMP errors of earlier replies surface here.
+                    debug!(error = %e, "udp receive");
+                    continue;
+                }
+            };
+            match self.handle(&buf[..n], true) {
+                Handled::Reply(bytes) => send(&sock, &bytes, peer).await,
+                Handled::Drop => {}
+                Handled::Upstream(p) => {
+                    let Ok(permit) = self.forwards.clone().try_acquire_owned() else {
+                        let mut reply = self.reply_to(&p.request);
+                        reply.metadata.response_code = ResponseCode::ServFail;
+                        if let Some(bytes) = encode(reply, limit_of(&p.request, true)) {
+                            send(&sock, &bytes, peer).await;
+                        }
+                        continue;
+                    };
+                    let (me, sock) = (self.clone(), sock.clone());
+                    tokio::spawn(async move {
+                        if let Some(bytes) = me.resolve(p, true).await {
+                            send(&sock, &bytes, peer).await;
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+
+    /// Serves TCP on `listener` until the task is dropped.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "tcp accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.tcp.clone().try_acquire_owned() else {
+                debug!(%peer, "too many tcp clients; closing");
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.tcp_client(stream).await {
+                    debug!(%peer, error = %e, "tcp client");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn tcp_client(&self, mut s: TcpStream) -> std::io::Result<()> {
+        loop {
+            let Ok(len) = tokio::time::timeout(TCP_IDLE, s.read_u16()).await else {
+                return Ok(());
+            };
+            let len = match len {
+                Ok(l) => l,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let mut buf = vec![0u8; usize::from(len)];
+            tokio::time::timeout(TCP_IDLE, s.read_exact(&mut buf))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            let reply = match self.handle(&buf, false) {
+                Handled::Reply(b) => Some(b),
+                Handled::Drop => return Ok(()),
+                Handled::Upstream(p) => match self.forwards.clone().try_acquire_owned() {
+                    Ok(_permit) => self.resolve(p, false).await,
+                    Err(_) => {
+                        let mut reply = self.reply_to(&p.request);
+                        reply.metadata.response_code = ResponseCode::ServFail;
+                        encode(reply, u16::MAX.into())
+                    }
+                },
+            };
+            let Some(reply) = reply else { continue };
+            let Ok(n) = u16::try_from(reply.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(reply.len() + 2);
+            framed.extend_from_slice(&n.to_be_bytes());
+            framed.extend_from_slice(&reply);
+            s.write_all(&framed).await?;
+        }
+    }
+}
+
+async fn send(sock: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
+    if let Err(e) = sock.send_to(bytes, peer).await {
+        debug!(%peer, error = %e, "udp send");
+    }
+}
+
+/// The largest reply the client takes: its EDNS payload (at least 512,
+/// at most ours) over UDP, 65 535 over TCP.
+fn limit_of(request: &Message, udp: bool) -> usize {
+    if udp {
+        usize::from(request.max_payload().min(UDP_PAYLOAD))
+    } else {
+        usize::from(u16::MAX)
+    }
+}
+
+fn fill(reply: &mut Message, a: Answer) {
+    reply.metadata.response_code = a.rcode;
+    reply.answers = a.answers;
+    reply.authorities = a.authorities;
+    reply.additionals = a.additionals;
+}
+
+/// `reply` in at most `limit` bytes: whole, else without its additional
+/// section, else truncated (TC) to its question.
+fn encode(mut reply: Message, limit: usize) -> Option<Vec<u8>> {
+    let fits = |m: &Message| m.to_vec().ok().filter(|b| b.len() <= limit);
+    if let Some(b) = fits(&reply) {
+        return Some(b);
+    }
+    if !reply.additionals.is_empty() {
+        reply.additionals.clear();
+        if let Some(b) = fits(&reply) {
+            return Some(b);
+        }
+    }
+    let mut short = reply.truncate();
+    short.metadata.authoritative = reply.metadata.authoritative;
+    match short.to_vec() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            warn!(error = %e, "encoding a reply");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::zone::records_of;
+    use hickory_proto::rr::Name;
+    use serde_json::json;
+
+    fn resolver() -> Resolver {
+        let mut zone = Zone::new("cluster.local", 30).expect("zone");
+        let apex = zone.apex().clone();
+        let ips: Vec<String> = (1..=200).map(|i| format!("10.244.0.{i}")).collect();
+        let big: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": "big", "namespace": "default"}, "spec": {"clusterIP": "None"}}))
+        .expect("svc");
+        let slices = [(
+            "big-1".to_string(),
+            serde_json::from_value(json!({"metadata": {"name": "big-1"}, "addressType": "IPv4",
+                "endpoints": [{"addresses": ips}]}))
+            .expect("slice"),
+        )]
+        .into_iter()
+        .collect();
+        zone.set_service("default/big", records_of(&apex, &big, Some(&slices)));
+        let r = Resolver::new(
+            zone,
+            Forwarder::new(Vec::new(), Duration::from_secs(1)),
+            Limits::default(),
+        );
+        r.set_synced();
+        r
+    }
+
+    fn ask(name: &str, t: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
+        if let Some(p) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(p);
+            m.set_edns(e);
+        }
+        m.to_vec().expect("encode")
+    }
+
+    fn reply(r: &Resolver, packet: &[u8], udp: bool) -> Message {
+        match r.handle(packet, udp) {
+            Handled::Reply(b) => Message::from_vec(&b).expect("reply parses"),
+            Handled::Drop => panic!("dropped"),
+            Handled::Upstream(_) => panic!("forwarded"),
+        }
+    }
+
+    #[test]
+    fn large_answers_truncate_over_udp_and_come_whole_over_tcp() {
+        let r = resolver();
+        let q = ask("big.default.svc.cluster.local.", RecordType::A, None);
+        let m = reply(&r, &q, true);
+        assert!(m.metadata.truncation);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.queries.len(), 1);
+        let m = reply(&r, &q, false);
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 200);
+        assert!(m.metadata.authoritative);
+        // EDNS with room for them all over UDP: at most our 1232 bytes,
+        // still too small for 200 addresses.
+        let m = reply(
+            &r,
+            &ask("big.default.svc.cluster.local.", RecordType::A, Some(4096)),
+            true,
+        );
+        assert!(m.metadata.truncation);
+        assert_eq!(m.edns.as_ref().map(Edns::max_payload), Some(UDP_PAYLOAD));
+    }
+
+    #[test]
+    fn bad_questions_get_their_rcode_and_responses_get_nothing() {
+        let r = resolver();
+        let mut q = ask("web.default.svc.cluster.local.", RecordType::A, None);
+        q.truncate(20);
+        let m = reply(&r, &q, true);
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(m.metadata.id, u16::from_be_bytes([q[0], q[1]]));
+        assert!(matches!(r.handle(&q[..5], true), Handled::Drop));
+        let mut resp = ask("web.default.svc.cluster.local.", RecordType::A, None);
+        resp[2] |= 0x80;
+        assert!(matches!(r.handle(&resp, true), Handled::Drop));
+        let mut notify = Message::query();
+        notify.metadata.op_code = OpCode::Notify;
+        notify.add_query(Query::query(
+            Name::from_ascii("cluster.local.").expect("name"),
+            RecordType::SOA,
+        ));
+        let m = reply(&r, &notify.to_vec().expect("encode"), true);
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        let axfr = ask("cluster.local.", RecordType::AXFR, None);
+        assert_eq!(
+            reply(&r, &axfr, false).metadata.response_code,
+            ResponseCode::NotImp
+        );
+        let mut two = Message::query();
+        for n in ["a.cluster.local.", "b.cluster.local."] {
+            two.add_query(Query::query(
+                Name::from_ascii(n).expect("name"),
+                RecordType::A,
+            ));
+        }
+        let m = reply(&r, &two.to_vec().expect("encode"), true);
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        let mut v1 = Message::query();
+        v1.add_query(Query::query(
+            Name::from_ascii("a.cluster.local.").expect("name"),
+            RecordType::A,
+        ));
+        let mut e = Edns::new();
+        e.set_version(1);
+        v1.set_edns(e);
+        let m = reply(&r, &v1.to_vec().expect("encode"), true);
+        // BADVERS is 16 (which BADSIG shares, and decodes as).
+        let rcode = m.metadata.response_code;
+        assert_eq!((rcode.high(), rcode.low()), (1, 0), "{rcode:?}");
+    }
+
+    #[test]
+    fn nothing_is_denied_before_the_zone_is_read() {
+        let r = Resolver::new(
+            Zone::new("cluster.local", 30).expect("zone"),
+            Forwarder::new(Vec::new(), Duration::from_secs(1)),
+            Limits::default(),
+        );
+        let q = ask("web.default.svc.cluster.local.", RecordType::A, None);
+        assert_eq!(
+            reply(&r, &q, true).metadata.response_code,
+            ResponseCode::ServFail
+        );
+        r.set_synced();
+        assert_eq!(
+            reply(&r, &q, true).metadata.response_code,
+            ResponseCode::NXDomain
+        );
+    }
+
+    #[tokio::test]
+    async fn outside_names_are_refused_without_an_upstream() {
+        let r = resolver();
+        let q = ask("example.com.", RecordType::A, Some(1232));
+        let Handled::Upstream(p) = r.handle(&q, true) else {
+            panic!("not forwarded");
+        };
+        let b = r.resolve(p, true).await.expect("a reply");
+        let m = Message::from_vec(&b).expect("parses");
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        assert!(!m.metadata.recursion_available);
+    }
+}

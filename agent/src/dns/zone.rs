@@ -1,0 +1,812 @@
+//! The cluster domain as the Kubernetes DNS specification lays it out,
+//! built from Services and EndpointSlices, and the answer to one question.
+//!
+//! Pure logic, no sockets: [`records_of`] turns one Service (with its
+//! slices) into owner names and record data; [`Zone`] keeps them by name,
+//! replaced a Service at a time, and [`Zone::lookup`] answers a question
+//! the way an authoritative server does: the records of that type, NODATA
+//! (NOERROR, no answer) when the name exists with other records or only
+//! has names below it, NXDOMAIN when it does not exist, with the zone's SOA
+//! in the authority section of both negative answers.
+//!
+//! Pod names (`a-b-c-d.<ns>.pod.<zone>`) are answered for any address, as
+//! the specification's deprecated record and CoreDNS's `pods insecure` do,
+//! so they need no state. Reverse names are answered where a Service's
+//! ClusterIP or a headless Service's endpoint has the address; others are
+//! not this zone's and go upstream.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// The schema version of the Kubernetes DNS specification answered.
+pub const SCHEMA_VERSION: &str = "1.1.0";
+
+/// How deep a CNAME chain inside the zone is followed.
+const MAX_CHAIN: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cluster domain {domain:?}: {reason}")]
+pub struct BadDomain {
+    domain: String,
+    reason: String,
+}
+
+/// What one Service publishes: owner names (lower case, fully qualified)
+/// with their data.
+pub type ServiceRecords = Vec<(Name, RData)>;
+
+/// The records of one Service in `apex`, per the specification.
+pub fn records_of(
+    apex: &Name,
+    svc: &Service,
+    slices: Option<&BTreeMap<String, EndpointSlice>>,
+) -> ServiceRecords {
+    let (Some(name), Some(spec)) = (svc.metadata.name.as_deref(), svc.spec.as_ref()) else {
+        return Vec::new();
+    };
+    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let Ok(owner) = Name::from_ascii(format!("{name}.{ns}.svc"))
+        .and_then(|n| n.append_domain(apex))
+        .map(|n| n.to_lowercase())
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        if let Some(target) = spec
+            .external_name
+            .as_deref()
+            .and_then(|t| Name::from_ascii(t.trim_end_matches('.')).ok())
+            .filter(|t| !t.is_root() && t.parse_arpa_name().is_err())
+        {
+            let mut target = target;
+            target.set_fqdn(true);
+            out.push((owner, RData::CNAME(CNAME(target))));
+        }
+        return out;
+    }
+    let named_ports: Vec<(&str, &str, u16)> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let name = p.name.as_deref().filter(|n| !n.is_empty())?;
+            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => "tcp",
+                "UDP" => "udp",
+                "SCTP" => "sctp",
+                _ => return None,
+            };
+            Some((name, proto, u16::try_from(p.port).ok()?))
+        })
+        .collect();
+    let srv_owner = |port: &str, proto: &str| {
+        Name::from_ascii(format!("_{port}._{proto}"))
+            .and_then(|n| n.append_domain(&owner))
+            .map(|n| n.to_lowercase())
+            .ok()
+    };
+    let headless = spec.cluster_ip.as_deref() == Some("None");
+    if !headless {
+        let ips: BTreeSet<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        if ips.is_empty() {
+            return out;
+        }
+        for ip in &ips {
+            out.push((owner.clone(), address(*ip)));
+            out.push((Name::from(*ip), RData::PTR(PTR(owner.clone()))));
+        }
+        for (port, proto, number) in &named_ports {
+            if let Some(n) = srv_owner(port, proto) {
+                out.push((n, RData::SRV(SRV::new(0, 100, *number, owner.clone()))));
+            }
+        }
+        return out;
+    }
+    // Headless: the endpoints themselves.
+    let publish_all = spec.publish_not_ready_addresses == Some(true);
+    let mut endpoints: BTreeMap<(String, IpAddr), BTreeMap<String, u16>> = BTreeMap::new();
+    for slice in slices.into_iter().flat_map(|m| m.values()) {
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        let ports: BTreeMap<String, u16> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.port?).ok()?)))
+            .collect();
+        for ep in slice.endpoints.iter().flatten() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready && !publish_all {
+                continue;
+            }
+            for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                let host = ep
+                    .hostname
+                    .clone()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| dashed(ip));
+                endpoints
+                    .entry((host.to_ascii_lowercase(), ip))
+                    .or_default()
+                    .extend(ports.clone());
+            }
+        }
+    }
+    let weight = u16::try_from(100 / endpoints.len().max(1))
+        .unwrap_or(1)
+        .max(1);
+    for ((host, ip), ports) in &endpoints {
+        let Ok(host_name) = Name::from_ascii(host)
+            .and_then(|h| h.append_domain(&owner))
+            .map(|n| n.to_lowercase())
+        else {
+            continue;
+        };
+        out.push((owner.clone(), address(*ip)));
+        out.push((host_name.clone(), address(*ip)));
+        out.push((Name::from(*ip), RData::PTR(PTR(host_name.clone()))));
+        for (port, proto, number) in &named_ports {
+            let number = ports.get(*port).copied().unwrap_or(*number);
+            if let Some(n) = srv_owner(port, proto) {
+                out.push((
+                    n,
+                    RData::SRV(SRV::new(0, weight, number, host_name.clone())),
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn address(ip: IpAddr) -> RData {
+    match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+    }
+}
+
+/// An address as one DNS label: `10-244-1-5`, `fd00--5`.
+fn dashed(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string().replace('.', "-"),
+        IpAddr::V6(v6) => v6.to_string().replace(':', "-"),
+    }
+}
+
+/// The address a pod label names, if it names one.
+fn undashed(label: &str) -> Option<IpAddr> {
+    if let Ok(v4) = label.replace('-', ".").parse::<Ipv4Addr>() {
+        return Some(IpAddr::V4(v4));
+    }
+    label
+        .replace('-', ":")
+        .parse::<Ipv6Addr>()
+        .ok()
+        .map(IpAddr::V6)
+}
+
+/// One record kept by name, with the Service that published it.
+#[derive(Clone, Debug)]
+struct Owned {
+    service: Arc<str>,
+    data: RData,
+}
+
+/// What a question gets.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// The zone answers it.
+    Answer(Answer),
+    /// Not this zone's: ask upstream.
+    Forward,
+    /// A name in the zone is a CNAME to a name outside it: the answer so
+    /// far, to be completed by asking upstream for `target`.
+    Chase { partial: Answer, target: Name },
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Answer {
+    pub rcode: ResponseCode,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+}
+
+/// The cluster domain's records by name.
+pub struct Zone {
+    apex: Name,
+    ttl: u32,
+    serial: u32,
+    /// Owner names and their records (lower case keys; hickory compares
+    /// names without case, so any spelling finds them).
+    names: HashMap<Name, Vec<Owned>>,
+    /// Every name inside the zone that has owner names below it, with how
+    /// many: such a name exists (NODATA) even with no records of its own.
+    parents: HashMap<Name, usize>,
+    by_service: HashMap<Arc<str>, ServiceRecords>,
+    svc_label: Name,
+    pod_label: Name,
+}
+
+impl Zone {
+    pub fn new(domain: &str, ttl: u32) -> Result<Self, BadDomain> {
+        let bad = |reason: String| BadDomain {
+            domain: domain.to_string(),
+            reason,
+        };
+        let mut apex = Name::from_ascii(domain.trim_end_matches('.'))
+            .map_err(|e| bad(e.to_string()))?
+            .to_lowercase();
+        apex.set_fqdn(true);
+        if apex.is_root() {
+            return Err(bad("the root cannot be the cluster domain".into()));
+        }
+        let under = |label: &str| {
+            Name::from_ascii(label)
+                .and_then(|n| n.append_domain(&apex))
+                .map_err(|e| bad(e.to_string()))
+        };
+        let svc_label = under("svc")?;
+        let pod_label = under("pod")?;
+        let version = under("dns-version")?;
+        let mut zone = Self {
+            apex: apex.clone(),
+            ttl,
+            serial: 1,
+            names: HashMap::new(),
+            parents: HashMap::new(),
+            by_service: HashMap::new(),
+            svc_label: svc_label.clone(),
+            pod_label: pod_label.clone(),
+        };
+        let ns = under("ns.dns")?;
+        let fixed: ServiceRecords = vec![
+            (apex.clone(), RData::NS(NS(ns))),
+            (
+                version,
+                RData::TXT(TXT::new(vec![SCHEMA_VERSION.to_string()])),
+            ),
+        ];
+        zone.set_service("", fixed);
+        // `svc.<zone>` and `pod.<zone>` exist even when empty.
+        for n in [svc_label, pod_label] {
+            zone.parents.entry(n).or_insert(1);
+        }
+        Ok(zone)
+    }
+
+    pub fn apex(&self) -> &Name {
+        &self.apex
+    }
+
+    pub fn ttl(&self) -> u32 {
+        self.ttl
+    }
+
+    /// Services the zone holds records for (by `namespace/name`).
+    pub fn services(&self) -> impl Iterator<Item = &str> {
+        self.by_service
+            .keys()
+            .map(|k| &**k)
+            .filter(|k| !k.is_empty())
+    }
+
+    /// Replaces what Service `key` publishes (nothing removes it).
+    pub fn set_service(&mut self, key: &str, records: ServiceRecords) {
+        if self.by_service.get(key) == Some(&records) {
+            return;
+        }
+        let key: Arc<str> = Arc::from(key);
+        if let Some(old) = self.by_service.remove(&key) {
+            let names: BTreeSet<&Name> = old.iter().map(|(n, _)| n).collect();
+            for name in names {
+                self.unpublish(name, &key);
+            }
+        }
+        for (name, data) in &records {
+            let entry = self.names.entry(name.clone()).or_default();
+            let was_empty = entry.is_empty();
+            entry.push(Owned {
+                service: key.clone(),
+                data: data.clone(),
+            });
+            if was_empty {
+                self.count_parents(name, true);
+            }
+        }
+        if !records.is_empty() {
+            self.by_service.insert(key, records);
+        }
+        self.serial = self.serial.wrapping_add(1).max(1);
+    }
+
+    fn unpublish(&mut self, name: &Name, key: &Arc<str>) {
+        let Some(entry) = self.names.get_mut(name) else {
+            return;
+        };
+        entry.retain(|o| &o.service != key);
+        if entry.is_empty() {
+            self.names.remove(name);
+            self.count_parents(name, false);
+        }
+    }
+
+    /// Counts `name` in (or out of) each of its ancestors inside the zone.
+    fn count_parents(&mut self, name: &Name, add: bool) {
+        if !self.apex.zone_of(name) {
+            return;
+        }
+        let mut n = name.base_name();
+        while n.num_labels() > self.apex.num_labels() {
+            if add {
+                *self.parents.entry(n.clone()).or_default() += 1;
+            } else if let Some(c) = self.parents.get_mut(&n) {
+                *c -= 1;
+                if *c == 0 {
+                    self.parents.remove(&n);
+                }
+            }
+            n = n.base_name();
+        }
+    }
+
+    fn soa(&self) -> Record {
+        let under = |label: &str| {
+            Name::from_ascii(label)
+                .and_then(|n| n.append_domain(&self.apex))
+                .unwrap_or_else(|_| self.apex.clone())
+        };
+        Record::from_rdata(
+            self.apex.clone(),
+            self.ttl,
+            RData::SOA(SOA::new(
+                under("ns.dns"),
+                under("hostmaster"),
+                self.serial,
+                7200,
+                1800,
+                86_400,
+                self.ttl,
+            )),
+        )
+    }
+
+    /// Whether `name` is inside the cluster domain.
+    pub fn contains(&self, name: &Name) -> bool {
+        self.apex.zone_of(name)
+    }
+
+    /// The answer to `qname`/`qtype` (class IN).
+    pub fn lookup(&self, qname: &Name, qtype: RecordType) -> Outcome {
+        let mut qname = qname.clone();
+        qname.set_fqdn(true);
+        let inside = self.contains(&qname);
+        if !inside && !self.names.contains_key(&qname) {
+            return Outcome::Forward;
+        }
+        let mut answer = Answer::default();
+        let mut name = qname;
+        for _ in 0..MAX_CHAIN {
+            let records = self.records_at(&name, qtype);
+            match records {
+                Found::Records(rs) => {
+                    for data in rs {
+                        if let RData::SRV(srv) = &data {
+                            self.add_targets(&srv.target, &mut answer.additionals);
+                        }
+                        answer
+                            .answers
+                            .push(Record::from_rdata(name.clone(), self.ttl, data));
+                    }
+                    return Outcome::Answer(answer);
+                }
+                Found::Cname(target) => {
+                    answer.answers.push(Record::from_rdata(
+                        name.clone(),
+                        self.ttl,
+                        RData::CNAME(CNAME(target.clone())),
+                    ));
+                    if qtype == RecordType::CNAME {
+                        return Outcome::Answer(answer);
+                    }
+                    if !self.contains(&target) {
+                        return Outcome::Chase {
+                            partial: answer,
+                            target,
+                        };
+                    }
+                    name = target;
+                }
+                Found::NoData => {
+                    answer.authorities.push(self.soa());
+                    return Outcome::Answer(answer);
+                }
+                Found::NxDomain => {
+                    // After a CNAME the first name exists: the rcode
+                    // speaks of the last one, as RFC 6604 says.
+                    answer.rcode = ResponseCode::NXDomain;
+                    answer.authorities.push(self.soa());
+                    return Outcome::Answer(answer);
+                }
+            }
+        }
+        answer.rcode = ResponseCode::ServFail;
+        Outcome::Answer(answer)
+    }
+
+    fn records_at(&self, name: &Name, qtype: RecordType) -> Found {
+        if let Some(entry) = self.names.get(name) {
+            if let Some(c) = entry.iter().find_map(|o| match &o.data {
+                RData::CNAME(c) => Some(c.0.clone()),
+                _ => None,
+            }) {
+                return Found::Cname(c);
+            }
+            let mut rs: Vec<RData> = entry
+                .iter()
+                .filter(|o| qtype == RecordType::ANY || o.data.record_type() == qtype)
+                .map(|o| o.data.clone())
+                .collect();
+            if name == &self.apex && matches!(qtype, RecordType::SOA | RecordType::ANY) {
+                rs.push(self.soa().data);
+            }
+            return if rs.is_empty() {
+                Found::NoData
+            } else {
+                Found::Records(rs)
+            };
+        }
+        if !self.contains(name) {
+            return Found::NxDomain;
+        }
+        if let Some(ip) = self.pod_address(name) {
+            return match (ip, qtype) {
+                (IpAddr::V4(_), RecordType::A | RecordType::ANY)
+                | (IpAddr::V6(_), RecordType::AAAA | RecordType::ANY) => {
+                    Found::Records(vec![address(ip)])
+                }
+                _ => Found::NoData,
+            };
+        }
+        let pod_namespace =
+            name.num_labels() == self.pod_label.num_labels() + 1 && self.pod_label.zone_of(name);
+        if self.parents.contains_key(name) || pod_namespace {
+            Found::NoData
+        } else {
+            Found::NxDomain
+        }
+    }
+
+    /// The address of `a-b-c-d.<ns>.pod.<zone>`.
+    fn pod_address(&self, name: &Name) -> Option<IpAddr> {
+        if name.num_labels() != self.pod_label.num_labels() + 2 || !self.pod_label.zone_of(name) {
+            return None;
+        }
+        let first = name.iter().next()?;
+        undashed(std::str::from_utf8(first).ok()?)
+    }
+
+    /// The addresses of an SRV target inside the zone, for the additional
+    /// section.
+    fn add_targets(&self, target: &Name, out: &mut Vec<Record>) {
+        if out.iter().any(|r| &r.name == target) {
+            return;
+        }
+        for o in self.names.get(target).into_iter().flatten() {
+            if matches!(o.data, RData::A(_) | RData::AAAA(_)) {
+                out.push(Record::from_rdata(target.clone(), self.ttl, o.data.clone()));
+            }
+        }
+    }
+
+    /// Whether `name` is `svc.<zone>` or below it (service names).
+    pub fn is_service_name(&self, name: &Name) -> bool {
+        self.svc_label.zone_of(name)
+    }
+}
+
+enum Found {
+    Records(Vec<RData>),
+    Cname(Name),
+    NoData,
+    NxDomain,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).expect("name")
+    }
+
+    fn svc(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).expect("service")
+    }
+
+    fn slices(v: Vec<serde_json::Value>) -> BTreeMap<String, EndpointSlice> {
+        v.into_iter()
+            .enumerate()
+            .map(|(i, s)| (format!("s{i}"), serde_json::from_value(s).expect("slice")))
+            .collect()
+    }
+
+    fn zone() -> Zone {
+        let mut z = Zone::new("cluster.local", 30).expect("zone");
+        let web = svc(json!({"metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00::20"],
+                     "ports": [{"name": "http", "port": 80}, {"port": 81},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}]}}));
+        z.set_service("default/web", records_of(z.apex(), &web, None));
+        let db = svc(json!({"metadata": {"name": "db", "namespace": "data"},
+            "spec": {"clusterIP": "None", "ports": [{"name": "pg", "port": 5432}]}}));
+        let db_slices = slices(vec![json!({
+        "metadata": {"name": "db-1"}, "addressType": "IPv4",
+        "ports": [{"name": "pg", "port": 15432}],
+        "endpoints": [
+            {"addresses": ["10.244.1.5"], "hostname": "db-0", "conditions": {"ready": true}},
+            {"addresses": ["10.244.2.6"], "conditions": {}},
+            {"addresses": ["10.244.3.7"], "hostname": "db-2", "conditions": {"ready": false}},
+        ]})]);
+        z.set_service("data/db", records_of(z.apex(), &db, Some(&db_slices)));
+        let ext = svc(json!({"metadata": {"name": "ext", "namespace": "default"},
+            "spec": {"type": "ExternalName", "externalName": "www.example.com"}}));
+        z.set_service("default/ext", records_of(z.apex(), &ext, None));
+        let alias = svc(
+            json!({"metadata": {"name": "alias", "namespace": "default"},
+            "spec": {"type": "ExternalName", "externalName": "web.default.svc.cluster.local."}}),
+        );
+        z.set_service("default/alias", records_of(z.apex(), &alias, None));
+        z
+    }
+
+    fn answer(z: &Zone, q: &str, t: RecordType) -> Answer {
+        match z.lookup(&name(q), t) {
+            Outcome::Answer(a) => a,
+            other => panic!("{q} {t}: {other:?}"),
+        }
+    }
+
+    fn data(a: &Answer) -> Vec<String> {
+        let mut v: Vec<String> = a.answers.iter().map(|r| r.data.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn cluster_ip_services_have_addresses_srv_and_ptr() {
+        let z = zone();
+        let a = answer(&z, "web.default.svc.cluster.local.", RecordType::A);
+        assert_eq!(a.rcode, ResponseCode::NoError);
+        assert_eq!(data(&a), ["10.96.0.20"]);
+        assert_eq!(a.answers[0].ttl, 30);
+        let a = answer(&z, "web.default.svc.cluster.local.", RecordType::AAAA);
+        assert_eq!(data(&a), ["fd00::20"]);
+        let a = answer(
+            &z,
+            "_http._tcp.web.default.svc.cluster.local.",
+            RecordType::SRV,
+        );
+        assert_eq!(data(&a), ["0 100 80 web.default.svc.cluster.local."]);
+        assert_eq!(a.additionals.len(), 2, "the target's A and AAAA");
+        let a = answer(
+            &z,
+            "_dns._udp.web.default.svc.cluster.local.",
+            RecordType::SRV,
+        );
+        assert_eq!(data(&a), ["0 100 53 web.default.svc.cluster.local."]);
+        // The unnamed port has none; the protocol must match.
+        let a = answer(
+            &z,
+            "_dns._tcp.web.default.svc.cluster.local.",
+            RecordType::SRV,
+        );
+        assert_eq!(a.rcode, ResponseCode::NXDomain);
+        let a = answer(&z, "20.0.96.10.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(data(&a), ["web.default.svc.cluster.local."]);
+        let v6 = Name::from(IpAddr::from("fd00::20".parse::<Ipv6Addr>().expect("v6")));
+        match z.lookup(&v6, RecordType::PTR) {
+            Outcome::Answer(a) => assert_eq!(data(&a), ["web.default.svc.cluster.local."]),
+            o => panic!("{o:?}"),
+        }
+        // An address nobody here has is not ours to deny.
+        assert_eq!(
+            z.lookup(&name("21.0.96.10.in-addr.arpa."), RecordType::PTR),
+            Outcome::Forward
+        );
+    }
+
+    #[test]
+    fn headless_services_publish_ready_endpoints_by_hostname() {
+        let z = zone();
+        let a = answer(&z, "db.data.svc.cluster.local.", RecordType::A);
+        assert_eq!(
+            data(&a),
+            ["10.244.1.5", "10.244.2.6"],
+            "not the unready one"
+        );
+        let a = answer(&z, "db-0.db.data.svc.cluster.local.", RecordType::A);
+        assert_eq!(data(&a), ["10.244.1.5"]);
+        let a = answer(&z, "10-244-2-6.db.data.svc.cluster.local.", RecordType::A);
+        assert_eq!(data(&a), ["10.244.2.6"], "no hostname: the dashed address");
+        let a = answer(&z, "db-2.db.data.svc.cluster.local.", RecordType::A);
+        assert_eq!(a.rcode, ResponseCode::NXDomain);
+        let a = answer(&z, "_pg._tcp.db.data.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(
+            data(&a),
+            [
+                "0 50 15432 10-244-2-6.db.data.svc.cluster.local.",
+                "0 50 15432 db-0.db.data.svc.cluster.local."
+            ],
+            "the endpoints' port"
+        );
+        assert_eq!(a.additionals.len(), 2);
+        let a = answer(&z, "5.1.244.10.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(data(&a), ["db-0.db.data.svc.cluster.local."]);
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_and_no_ready_endpoint() {
+        let mut z = zone();
+        let spec = |publish: bool| {
+            svc(json!({"metadata": {"name": "db", "namespace": "data"},
+                "spec": {"clusterIP": "None", "publishNotReadyAddresses": publish}}))
+        };
+        let unready = slices(vec![json!({
+            "metadata": {"name": "db-1"}, "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.3.7"], "conditions": {"ready": false}}]})]);
+        let apex = z.apex().clone();
+        z.set_service("data/db", records_of(&apex, &spec(false), Some(&unready)));
+        let a = answer(&z, "db.data.svc.cluster.local.", RecordType::A);
+        assert_eq!(a.rcode, ResponseCode::NXDomain, "no ready endpoint");
+        z.set_service("data/db", records_of(&apex, &spec(true), Some(&unready)));
+        let a = answer(&z, "db.data.svc.cluster.local.", RecordType::A);
+        assert_eq!(data(&a), ["10.244.3.7"]);
+    }
+
+    #[test]
+    fn external_names_are_cnames_chased_inside_the_zone_or_upstream() {
+        let z = zone();
+        match z.lookup(&name("ext.default.svc.cluster.local."), RecordType::A) {
+            Outcome::Chase { partial, target } => {
+                assert_eq!(data(&partial), ["www.example.com."]);
+                assert_eq!(target, name("www.example.com."));
+            }
+            o => panic!("{o:?}"),
+        }
+        let a = answer(&z, "alias.default.svc.cluster.local.", RecordType::A);
+        assert_eq!(data(&a), ["10.96.0.20", "web.default.svc.cluster.local."]);
+        let a = answer(&z, "ext.default.svc.cluster.local.", RecordType::CNAME);
+        assert_eq!(data(&a), ["www.example.com."]);
+    }
+
+    #[test]
+    fn nxdomain_nodata_and_the_soa_in_negative_answers() {
+        let z = zone();
+        // The name exists with other types.
+        let a = answer(&z, "web.default.svc.cluster.local.", RecordType::TXT);
+        assert_eq!((a.rcode, a.answers.len()), (ResponseCode::NoError, 0));
+        assert_eq!(a.authorities[0].record_type(), RecordType::SOA);
+        // Names with only names below them exist too.
+        for ent in [
+            "default.svc.cluster.local.",
+            "svc.cluster.local.",
+            "_http._tcp.web.default.svc.cluster.local.",
+            "_tcp.web.default.svc.cluster.local.",
+            "pod.cluster.local.",
+        ] {
+            let a = answer(&z, ent, RecordType::A);
+            assert_eq!(a.rcode, ResponseCode::NoError, "{ent}");
+            assert!(a.answers.is_empty(), "{ent}");
+        }
+        for nx in [
+            "nope.default.svc.cluster.local.",
+            "web.nope.svc.cluster.local.",
+            "x.web.default.svc.cluster.local.",
+            "google.com.default.svc.cluster.local.",
+            "other.cluster.local.",
+        ] {
+            let a = answer(&z, nx, RecordType::A);
+            assert_eq!(a.rcode, ResponseCode::NXDomain, "{nx}");
+            let RData::SOA(soa) = &a.authorities[0].data else {
+                panic!("no SOA for {nx}");
+            };
+            assert_eq!(soa.minimum, 30);
+            assert_eq!(soa.mname, name("ns.dns.cluster.local."));
+        }
+        assert_eq!(
+            z.lookup(&name("example.com."), RecordType::A),
+            Outcome::Forward
+        );
+        let a = answer(&z, "cluster.local.", RecordType::SOA);
+        assert_eq!(a.answers[0].record_type(), RecordType::SOA);
+        let a = answer(&z, "dns-version.cluster.local.", RecordType::TXT);
+        assert_eq!(data(&a), ["1.1.0"]);
+    }
+
+    #[test]
+    fn names_match_without_case_and_echo_the_question() {
+        let z = zone();
+        let a = answer(&z, "WeB.DEFAULT.svc.Cluster.Local.", RecordType::A);
+        assert_eq!(data(&a), ["10.96.0.20"]);
+        assert_eq!(
+            a.answers[0].name.to_ascii(),
+            "WeB.DEFAULT.svc.Cluster.Local."
+        );
+        let mut z = Zone::new("Cluster.LOCAL", 5).expect("zone");
+        let apex = z.apex().clone();
+        let s = svc(json!({"metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.20"}}));
+        z.set_service("default/web", records_of(&apex, &s, None));
+        let a = answer(&z, "web.default.svc.cluster.local.", RecordType::A);
+        assert_eq!(data(&a), ["10.96.0.20"]);
+    }
+
+    #[test]
+    fn pod_names_answer_any_address() {
+        let z = zone();
+        let a = answer(&z, "10-244-1-9.anyns.pod.cluster.local.", RecordType::A);
+        assert_eq!(data(&a), ["10.244.1.9"]);
+        let a = answer(&z, "fd00--9.anyns.pod.cluster.local.", RecordType::AAAA);
+        assert_eq!(data(&a), ["fd00::9"]);
+        let a = answer(&z, "10-244-1-9.anyns.pod.cluster.local.", RecordType::AAAA);
+        assert_eq!((a.rcode, a.answers.len()), (ResponseCode::NoError, 0));
+        let a = answer(&z, "anyns.pod.cluster.local.", RecordType::A);
+        assert_eq!((a.rcode, a.answers.len()), (ResponseCode::NoError, 0));
+        let a = answer(&z, "10-244-1-999.anyns.pod.cluster.local.", RecordType::A);
+        assert_eq!(a.rcode, ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn replacing_and_removing_a_service_leaves_nothing_behind() {
+        let mut z = zone();
+        let apex = z.apex().clone();
+        let moved = svc(json!({"metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "https", "port": 443}]}}));
+        z.set_service("default/web", records_of(&apex, &moved, None));
+        let a = answer(&z, "web.default.svc.cluster.local.", RecordType::A);
+        assert_eq!(data(&a), ["10.96.0.30"]);
+        assert_eq!(
+            answer(
+                &z,
+                "_http._tcp.web.default.svc.cluster.local.",
+                RecordType::SRV
+            )
+            .rcode,
+            ResponseCode::NXDomain
+        );
+        assert_eq!(
+            z.lookup(&name("20.0.96.10.in-addr.arpa."), RecordType::PTR),
+            Outcome::Forward
+        );
+        for key in ["default/web", "default/ext", "default/alias"] {
+            z.set_service(key, Vec::new());
+        }
+        assert_eq!(
+            answer(&z, "default.svc.cluster.local.", RecordType::A).rcode,
+            ResponseCode::NXDomain,
+            "the namespace has no Service left"
+        );
+        assert_eq!(z.services().collect::<Vec<_>>(), ["data/db"]);
+        let fresh = zone();
+        z.set_service("data/db", Vec::new());
+        assert_eq!(z.parents.len(), 2, "svc and pod only: {:?}", z.parents);
+        assert!(fresh.names.len() > z.names.len());
+    }
+}
