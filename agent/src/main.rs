@@ -11,6 +11,7 @@ use std::sync::Arc;
 use skiff_agent::apiservers;
 use skiff_agent::dns::{self, DnsConfig};
 use skiff_agent::kubelet::KubeletConfig;
+use skiff_agent::kubelet::dns::ClusterDns;
 use skiff_agent::overlay::{self, OverlayConfig};
 use skiff_agent::proxy::{self, NodeView, ProxyConfig, Source, dataplane::DEFAULT_PIN_DIR};
 use skiff_agent::role::{Backoff, NodeContext, supervise};
@@ -272,6 +273,9 @@ struct DnsArgs {
     /// The node's resolver configuration.
     #[arg(long, default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// Upstream answers kept at most.
+    #[arg(long, default_value_t = 10_000)]
+    dns_cache_size: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -328,6 +332,11 @@ struct KubeletArgs {
     /// Seconds the node's status is written at the least this often.
     #[arg(long, default_value_t = 300)]
     node_status_report_seconds: u64,
+    /// The cluster DNS Service's address, pods' nameserver under
+    /// dnsPolicy ClusterFirst (repeatable; `none`: pods get the node's
+    /// resolver).
+    #[arg(long = "cluster-dns", default_value = "10.96.0.10")]
+    cluster_dns: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -508,6 +517,10 @@ fn dns_config(args: &RunArgs) -> Result<DnsConfig> {
         port: d.dns_port,
         upstreams,
         udp_workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+        cache: dns::cache::CacheConfig {
+            capacity: d.dns_cache_size,
+            ..Default::default()
+        },
     })
 }
 
@@ -547,6 +560,19 @@ fn kubelet_config(args: &RunArgs, ctx: &NodeContext) -> Result<KubeletConfig> {
         lease_duration: Duration::from_secs(40),
         status_report: Duration::from_secs(k.node_status_report_seconds.max(1)),
         subnet_file: args.overlay.subnet_file.clone(),
+        dns: ClusterDns {
+            servers: k
+                .cluster_dns
+                .iter()
+                .filter(|s| *s != "none")
+                .map(|s| {
+                    s.parse()
+                        .with_context(|| format!("--cluster-dns {s:?}: not an IP address"))
+                })
+                .collect::<Result<_>>()?,
+            domain: args.dns.cluster_domain.clone(),
+            resolv_conf: args.dns.resolv_conf.clone(),
+        },
     })
 }
 
@@ -618,6 +644,7 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     skiff_agent::memory::limit_arenas();
+    skiff_agent::memory::raise_file_limit();
     match cli.command {
         // Multi-threaded: a role's blocking kernel work (block_in_place)
         // must leave a worker for the others.

@@ -324,7 +324,9 @@ async fn bootstrap(
 
 /// The cluster DNS Service pods are given as their nameserver. It has no
 /// selector: each node's dns role writes its own endpoint, and
-/// `internalTrafficPolicy: Local` keeps every node's questions on it.
+/// `trafficDistribution: PreferSameNode` keeps every node's questions on
+/// it while it serves, and sends them to the other nodes' when it does
+/// not.
 async fn ensure_dns_service(api: &Arc<Api>) {
     let Some(ip) = api.dns_service_ip() else {
         tracing::warn!("the service range is too small for the kube-dns Service's address");
@@ -337,7 +339,7 @@ async fn ensure_dns_service(api: &Arc<Api>) {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "kube-dns", "namespace": "kube-system",
                      "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "skiff-dns"}},
-        "spec": {"clusterIP": ip, "internalTrafficPolicy": "Local", "ports": [
+        "spec": {"clusterIP": ip, "trafficDistribution": "PreferSameNode", "ports": [
             {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
             {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
         ]}

@@ -5,7 +5,7 @@
 mod bench;
 mod demo;
 
-use bench::{cluster, control, knobs, kubelet, net, nodeport, proxy};
+use bench::{cluster, control, dns, knobs, kubelet, net, nodeport, proxy};
 
 use std::path::PathBuf;
 
@@ -31,7 +31,8 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
        skiff-lab bench-nodeport [--sizes 1,1000,10000] [--rounds 2] [--conns 8000]
                                 [--requests 40000] [--threads 2]
                                 [--cases remote,local,local-policy] [--maglev-size 16381]
-                                [--out target/bench]";
+                                [--out target/bench]
+       skiff-lab bench-dns [--services 1000] [--seconds 10] [--rounds 3] [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -166,6 +167,29 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
     })?;
     if a.rounds == 0 || a.seconds == 0 || a.cni_calls == 0 {
         bail!("--rounds, --seconds and --cni-calls must be at least 1");
+    }
+    Ok(a)
+}
+
+fn dns_args(argv: &[String]) -> Result<dns::Args> {
+    let mut a = dns::Args {
+        services: 1_000,
+        seconds: 10,
+        rounds: 3,
+        out: PathBuf::from("target/bench"),
+    };
+    each_flag(argv, |flag, value| {
+        match flag {
+            "--services" => a.services = value.parse().context("--services")?,
+            "--seconds" => a.seconds = value.parse().context("--seconds")?,
+            "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--out" => a.out = PathBuf::from(value),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    if a.services == 0 || a.seconds == 0 || a.rounds == 0 {
+        bail!("--services, --seconds and --rounds must be at least 1");
     }
     Ok(a)
 }
@@ -327,6 +351,7 @@ fn main() -> Result<()> {
         Some("bench-kubelet") => kubelet::run(&kubelet_args(&argv[1..])?),
         Some("bench-cluster") => cluster::run(&cluster_args(&argv[1..])?),
         Some("bench-nodeport") => nodeport::run(&nodeport_args(&argv[1..])?),
+        Some("bench-dns") => dns::run(&dns_args(&argv[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

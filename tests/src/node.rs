@@ -492,6 +492,13 @@ impl KubeletNode {
         );
     }
 
+    /// The roles the agent runs from its next (re)start.
+    pub fn set_roles(&mut self, roles: &str) {
+        if let Some(i) = self.args.iter().position(|a| a == "--roles") {
+            self.args[i + 1] = roles.to_string();
+        }
+    }
+
     pub fn agent_log(&self) -> String {
         self.agent.as_ref().map(Proc::log_text).unwrap_or_default()
     }

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use skiff_tests::cluster::Cluster;
-use skiff_tests::wait_for;
+use skiff_tests::control::ControlPlane;
+use skiff_tests::netns::veth;
+use skiff_tests::{Netns, Proc, Spawn, TempDir, bin, wait_for};
 
 const KUBE_DNS: &str = "10.96.0.10";
 
@@ -24,11 +26,16 @@ fn manifests(c: &Cluster) -> String {
             c.busybox
         )
     };
+    // Its resolver set by hand: dnsPolicy None.
+    let custom = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: custom\n  labels: {{app: custom}}\nspec:\n  nodeName: {}\n  terminationGracePeriodSeconds: 1\n  dnsPolicy: \"None\"\n  dnsConfig:\n    nameservers: [{KUBE_DNS}]\n    searches: [db.default.svc.cluster.local]\n    options: [{{name: ndots, value: \"1\"}}]\n  containers:\n  - {{name: main, image: {}, command: [sleep, \"3600\"]}}\n---\n",
+        c.nodes[1].name, c.busybox
+    );
     let ips: Vec<String> = (1..=120)
         .map(|i| format!("\"10.99.{}.{}\"", i / 100, i % 100 + 1))
         .collect();
     format!(
-        r#"{db0}{db1}apiVersion: v1
+        r#"{db0}{db1}{custom}apiVersion: v1
 kind: Service
 metadata: {{name: web}}
 spec:
@@ -104,9 +111,9 @@ fn each_node_answers_the_cluster_domain_per_the_specification_and_its_pods_reach
     assert_eq!(
         c.cp.jsonpath(
             &["-n", "kube-system", "service", "kube-dns"],
-            "{.spec.clusterIP} {.spec.internalTrafficPolicy}"
+            "{.spec.clusterIP} {.spec.trafficDistribution}"
         ),
-        format!("{KUBE_DNS} Local")
+        format!("{KUBE_DNS} PreferSameNode")
     );
     let published = |c: &Cluster| {
         c.cp.jsonpath(
@@ -246,20 +253,313 @@ fn each_node_answers_the_cluster_domain_per_the_specification_and_its_pods_reach
         assert!(log.contains(&format!("Address:\t{KUBE_DNS}:53")), "{log}");
     }
 
-    // A node that stops withdraws its endpoint; it comes back with it.
+    // The kubelet wrote each pod's resolver: ClusterFirst searches the
+    // pod's namespace first, so short names reach Services.
+    let exec = |pod: &str, cmd: &[&str]| {
+        let mut args = vec!["exec", pod, "--"];
+        args.extend(cmd);
+        c.cp.kubectl_ok(&args)
+    };
+    assert_eq!(
+        exec("db-0", &["cat", "/etc/resolv.conf"])
+            .lines()
+            .filter(|l| !l.starts_with("search"))
+            .collect::<Vec<_>>(),
+        [&*format!("nameserver {KUBE_DNS}"), "options ndots:5"]
+    );
+    let resolv = exec("db-0", &["cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.starts_with("search default.svc.cluster.local svc.cluster.local cluster.local"),
+        "{resolv}"
+    );
+    let hosts = exec("db-0", &["cat", "/etc/hosts"]);
+    assert!(
+        hosts.contains(&format!("{db0}\tdb-0.db.default.svc.cluster.local\tdb-0\n")),
+        "{hosts}"
+    );
+    assert_eq!(exec("db-0", &["hostname"]).trim(), "db-0");
+    // busybox's nslookup tries every search domain, and exits 1 when any
+    // of them is NXDOMAIN.
+    let short_name = exec("db-0", &["sh", "-c", "nslookup web; true"]);
+    assert!(
+        short_name.contains(&format!("Address: {web_ip}")),
+        "{short_name}"
+    );
+    c.ready_pods("app=custom", 1);
+    assert_eq!(
+        exec("custom", &["cat", "/etc/resolv.conf"]),
+        format!("search db.default.svc.cluster.local\nnameserver {KUBE_DNS}\noptions ndots:1\n")
+    );
+    let custom = exec("custom", &["sh", "-c", "nslookup db-0; true"]);
+    assert!(custom.contains(&format!("Address: {db0}")), "{custom}");
+
+    // Failover: node 1's agent comes back without its dns role. It
+    // withdrew its endpoint on the way out, so its pods' questions go to
+    // node 0's server; with the role back they are its own again.
     let gone = format!("kube-dns-{0} {1} {0} Node", c.nodes[1].name, c.nodes[1].ip);
+    c.nodes[1].set_roles("kubelet,proxy,overlay");
     if let Some(a) = c.nodes[1].agent.as_mut() {
         a.terminate();
     }
+    c.nodes[1].start_agent();
     wait_for(
-        "the stopped node's endpoint to go",
+        "the stopped role's endpoint to go",
         Duration::from_secs(20),
         || (!published(&c).contains(&gone)).then_some(()),
     );
+    let refused = c.ns(1).exec(&[
+        "sh",
+        "-c",
+        &format!("dig @{} +time=1 +tries=1 {web} || true", c.nodes[1].ip),
+    ]);
+    assert!(
+        !refused.contains("status: NOERROR"),
+        "node 1 serves no DNS now: {refused}"
+    );
+    let answered = wait_for(
+        "node 1's pods to be answered by node 0",
+        Duration::from_secs(30),
+        || {
+            let out =
+                c.cp.kubectl(&["exec", "custom", "--", "sh", "-c", "nslookup db-0; true"])
+                    .unwrap_or_default();
+            out.contains(&format!("Address: {db0}")).then_some(out)
+        },
+    );
+    assert!(
+        answered.contains(&format!("Server:\t\t{KUBE_DNS}")),
+        "{answered}"
+    );
+    c.nodes[1].set_roles("kubelet,proxy,overlay,dns");
+    if let Some(a) = c.nodes[1].agent.as_mut() {
+        a.terminate();
+    }
     c.nodes[1].start_agent();
     wait_for(
-        "the restarted node's endpoint",
+        "the restarted role's endpoint",
         Duration::from_secs(60),
         || (published(&c) == want).then_some(()),
     );
+}
+
+/// The dns role alone in a namespace of its own, beside an apiserver, with
+/// dnsmasq as its upstream in another namespace.
+struct Lone {
+    node: Netns,
+    up: Netns,
+    cp: ControlPlane,
+    agent: Proc,
+    logs: TempDir,
+}
+
+const NODE_IP: &str = "10.77.0.1";
+const UPSTREAM_IP: &str = "10.77.0.2";
+
+impl Lone {
+    fn start() -> Self {
+        let node = Netns::new();
+        let up = Netns::new();
+        veth(&node, "eth0", "10.77.0.1/24", &up, "eth0", "10.77.0.2/24");
+        let cp = ControlPlane::start_in(Some(&node), &["--node-monitor-grace-seconds", "3600"]);
+        let logs = TempDir::new();
+        let agent = Spawn::new(bin("skiff-agent"))
+            .args([
+                "run",
+                "--roles",
+                "dns",
+                "--node-name",
+                "lone",
+                "--kubeconfig",
+            ])
+            .args([&cp.kubeconfig])
+            .args(["--dns-listen", NODE_IP, "--dns-upstream", UPSTREAM_IP])
+            .netns(&node)
+            .log_to(&logs.path.join("agent.log"))
+            .start();
+        Self {
+            node,
+            up,
+            cp,
+            agent,
+            logs,
+        }
+    }
+
+    fn dig(&self, args: &[&str]) -> String {
+        let server = format!("@{NODE_IP}");
+        let mut cmd = vec!["dig", &server, "+time=5", "+tries=1"];
+        cmd.extend(args);
+        self.node.exec(&cmd)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.agent.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// dnsmasq answering `example.test` itself (names not listed are
+/// NXDOMAIN), with records that live `ttl` seconds, logging every question
+/// it gets.
+fn dnsmasq(up: &Netns, log: &std::path::Path, ttl: u32) -> Proc {
+    let ttl = ttl.to_string();
+    Spawn::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address",
+            UPSTREAM_IP,
+            "--port",
+            "53",
+            "--user=root",
+            "--pid-file=",
+            "--log-queries",
+            "--log-facility=-",
+            "--local=/example.test/",
+            "--host-record=www.example.test,192.0.2.7",
+            "--host-record=burst.example.test,192.0.2.8",
+            "--host-record=late.example.test,192.0.2.9",
+            "--local-ttl",
+            &ttl,
+            "--neg-ttl",
+            &ttl,
+        ])
+        .netns(up)
+        .log_to(log)
+        .start()
+}
+
+/// How many times dnsmasq was asked `name` (type A).
+fn asked(log: &std::path::Path, name: &str) -> usize {
+    let needle = format!("query[A] {name} from");
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
+#[test]
+fn the_dns_role_forwards_through_a_cache_and_keeps_answering_the_cluster_through_bad_input() {
+    let mut lone = Lone::start();
+    let upstream_log = lone.logs.path.join("dnsmasq.log");
+    let mut dnsmasq = dnsmasq(&lone.up, &upstream_log, 2);
+    lone.cp
+        .kubectl_ok(&["create", "service", "clusterip", "web", "--tcp=80:80"]);
+    let web_ip = lone.cp.jsonpath(&["service", "web"], "{.spec.clusterIP}");
+    let web = "web.default.svc.cluster.local";
+    wait_for("the zone to hold web", Duration::from_secs(30), || {
+        (lone.dig(&["+short", web]).trim() == web_ip).then_some(())
+    });
+
+    // Forwarded, then served from the cache while it lives.
+    let www = "www.example.test";
+    assert_eq!(lone.dig(&["+short", www]).trim(), "192.0.2.7");
+    assert_eq!(lone.dig(&["+short", www]).trim(), "192.0.2.7");
+    assert_eq!(
+        asked(&upstream_log, www),
+        1,
+        "the second came from the cache"
+    );
+    let nx = lone.dig(&["nope.example.test"]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    let out = lone.dig(&[www]);
+    assert!(
+        out.contains("flags: qr rd ra"),
+        "recursion available, not authoritative: {out}"
+    );
+
+    // Fifty clients asking one name at once: upstream is asked once.
+    let burst = "burst.example.test";
+    let script = format!(
+        "for i in $(seq 50); do dig @{NODE_IP} +short +time=5 +tries=1 {burst} > /dev/null & done; wait"
+    );
+    lone.node.exec(&["sh", "-c", &script]);
+    assert_eq!(
+        asked(&upstream_log, burst),
+        1,
+        "fifty questions, one forward"
+    );
+
+    // Upstream gone: the expired answer is served stale, a name never
+    // seen gets SERVFAIL, the cluster domain is answered throughout.
+    std::thread::sleep(Duration::from_secs(3));
+    dnsmasq.kill_now();
+    let stale = lone.dig(&[www]);
+    assert!(stale.contains("192.0.2.7"), "served stale: {stale}");
+    let never = lone.dig(&["late.example.test"]);
+    assert!(never.contains("status: SERVFAIL"), "{never}");
+    assert_eq!(lone.dig(&["+short", web]).trim(), web_ip);
+
+    // An upstream that takes questions and never answers, a flood of
+    // outside names and of garbage from one client: the cluster domain
+    // is answered during it and after it, the server does not fall over,
+    // and its memory stays bounded.
+    let mut blackhole = Spawn::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                 s.bind(('{UPSTREAM_IP}', 53))\nprint('ready', flush=True)\nwhile True:\n    s.recv(4096)\n"
+            ),
+        ])
+        .netns(&lone.up)
+        .start();
+    assert_eq!(blackhole.ask(""), "ready");
+    let before = lone.rss_kib();
+    let flood = format!(
+        "import os, socket, struct\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setblocking(False)\n\
+         sent = 0\n\
+         for i in range(40000):\n    \
+             if i % 2:\n        \
+                 pkt = os.urandom(i % 700)\n    \
+             else:\n        \
+                 name = b''.join(bytes([len(l)]) + l for l in [b'q%d' % i, b'flood', b'test']) + b'\\0'\n        \
+                 pkt = struct.pack('>HHHHHH', i & 0xffff, 0x0100, 1, 0, 0, 0) + name + struct.pack('>HH', 1, 1)\n    \
+             try:\n        \
+                 s.sendto(pkt, ('{NODE_IP}', 53)); sent += 1\n    \
+             except BlockingIOError:\n        \
+                 pass\n\
+         print(sent)\n"
+    );
+    let mut flooder = Spawn::new("python3")
+        .args(["-c", &flood])
+        .netns(&lone.node)
+        .log_to(&lone.logs.path.join("flood.log"))
+        .start();
+    let during = lone.dig(&["+short", web]);
+    assert_eq!(during.trim(), web_ip, "answered during the flood");
+    let absurd = format!("{}.cluster.local", vec!["a".repeat(63); 3].join("."));
+    let a = lone.dig(&[&absurd]);
+    assert!(a.contains("status: NXDOMAIN"), "{a}");
+    wait_for("the flood to end", Duration::from_secs(60), || {
+        (!flooder.is_running()).then_some(())
+    });
+    let sent: usize = flooder.log_text().trim().parse().unwrap_or(0);
+    assert!(sent > 20_000, "the flood went out: {sent} packets");
+    assert_eq!(
+        lone.dig(&["+short", web]).trim(),
+        web_ip,
+        "answered after it"
+    );
+    let after = lone.rss_kib();
+    eprintln!(
+        "dns role resident: {before} KiB before the flood, {after} KiB after ({sent} packets)"
+    );
+    assert!(
+        after < before + 64 * 1024,
+        "memory bounded: {before} KiB before, {after} KiB after"
+    );
+    assert!(lone.agent.is_running(), "the agent is alive");
+    let log = lone.agent.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    blackhole.kill_now();
 }

@@ -400,7 +400,9 @@ fn a_connected_udp_client_is_moved_off_a_backend_that_leaves_and_nothing_else_is
     first(&outside);
 
     // `gone` leaves `web` (its server keeps running, as a terminating pod's
-    // may).
+    // may). What the client sees is judged from this moment: the socket
+    // may end before the poll below sees the new slice programmed.
+    let changed_at = epoch_ms();
     let left: Vec<_> = all.iter().copied().filter(|e| e.0 != gone_ip).collect();
     node.write(
         "web.yaml",
@@ -426,7 +428,7 @@ fn a_connected_udp_client_is_moved_off_a_backend_that_leaves_and_nothing_else_is
     }
 
     let lines = follow_lines(&client);
-    let after: Vec<&(u128, String)> = lines.iter().filter(|(t, _)| *t > programmed_at).collect();
+    let after: Vec<&(u128, String)> = lines.iter().filter(|(t, _)| *t > changed_at).collect();
     let moved = after
         .iter()
         .find(|(_, a)| a.starts_with('b') && *a != gone)

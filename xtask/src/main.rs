@@ -108,6 +108,11 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     // dig: the DNS tests ask the nodes' servers as a user would.
     "bind9-dnsutils",
+    // dnsmasq: the upstream resolver the dns role forwards to in its tests;
+    // dnsperf and unbound: `bench dns`, its load and its baseline.
+    "dnsmasq-base",
+    "dnsperf",
+    "unbound",
     "python3-pip",
 ];
 
@@ -344,8 +349,9 @@ fn main() -> Result<()> {
         } => protobuf_schema::generate(&root(), k8s_pb, k8s_openapi),
         Cmd::Bench { what, args } => {
             setup()?;
-            const BENCHES: [&str; 6] =
-                ["proxy", "control", "net", "kubelet", "cluster", "nodeport"];
+            const BENCHES: [&str; 7] = [
+                "proxy", "control", "net", "kubelet", "cluster", "nodeport", "dns",
+            ];
             if !BENCHES.contains(&what.as_str()) {
                 bail!(
                     "unknown benchmark {what:?}: try one of {}",

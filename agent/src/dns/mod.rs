@@ -5,17 +5,27 @@
 //!   (pure);
 //! - `server`: the UDP and TCP server around it;
 //! - `forward`: the node's upstream resolvers;
+//! - `cache`: their answers, kept for their TTL (pure);
 //! - `publish`: this node's endpoint of the `kube-dns` Service.
 //!
 //! How pods reach it: their nameserver is the `kube-dns` Service's
-//! ClusterIP, which `skiff-control` creates with `internalTrafficPolicy:
-//! Local` and no selector. Each node's dns role writes the Service one
-//! EndpointSlice, `kube-system/kube-dns-<node>`, naming only itself, once
-//! it has read the zone; the node's proxy then sends the ClusterIP to this
-//! server and nowhere else, so questions never leave the node and a node
-//! whose DNS is down affects only itself. The slice is deleted when the
-//! role stops, and owned by the Node, so it goes with a deleted node.
+//! ClusterIP, which `skiff-control` creates with no selector and
+//! `trafficDistribution: PreferSameNode`. Each node's dns role writes the
+//! Service one EndpointSlice, `kube-system/kube-dns-<node>`, naming only
+//! itself, once it has read the zone; the node's proxy then sends the
+//! ClusterIP to this server and nowhere else, so questions never leave the
+//! node.
+//!
+//! How it fails over: when the role stops, fails or cannot listen, it
+//! withdraws its slice, and the node's proxy, having no endpoint of its
+//! own left, sends its pods' questions to the other nodes' servers until
+//! the role (restarted with back-off) publishes itself again. The slice is
+//! owned by the Node, so it goes with a deleted node. What this does not
+//! cover: the whole agent killed at once leaves the pinned dataplane
+//! pointing at the node's own address until the agent is back (its
+//! service manager restarts it), as a crashed kube-proxy leaves its rules.
 
+pub mod cache;
 pub mod forward;
 pub mod publish;
 pub mod server;
@@ -55,6 +65,8 @@ pub struct DnsConfig {
     pub upstreams: Vec<SocketAddr>,
     /// Tasks receiving on each UDP socket.
     pub udp_workers: usize,
+    /// The cache of upstream answers.
+    pub cache: cache::CacheConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,15 +115,27 @@ pub async fn run(
         zone,
         Forwarder::new(cfg.upstreams.clone(), UPSTREAM_ATTEMPT),
         Limits::default(),
+        cfg.cache,
     ));
     let endpoint = *cfg.listen.first().ok_or(DnsError::NoListen)?;
+    let publisher = publish::Publisher::new(client.clone(), &ctx.node_name, endpoint, cfg.port);
     // Dropped (aborting every server task) when the role ends.
     let mut servers = tokio::task::JoinSet::new();
     for ip in &cfg.listen {
         let addr = SocketAddr::new(*ip, cfg.port);
-        let bind = |source| DnsError::Bind { addr, source };
-        let udp = Arc::new(UdpSocket::bind(addr).await.map_err(bind)?);
-        let tcp = TcpListener::bind(addr).await.map_err(bind)?;
+        let bound = async {
+            let udp = Arc::new(UdpSocket::bind(addr).await?);
+            Ok::<_, std::io::Error>((udp, TcpListener::bind(addr).await?))
+        };
+        let (udp, tcp) = match bound.await {
+            Ok(b) => b,
+            Err(source) => {
+                // An endpoint a crashed run left must not draw this
+                // node's questions to a server that is not there.
+                publisher.withdraw().await;
+                return Err(DnsError::Bind { addr, source });
+            }
+        };
         for _ in 0..cfg.udp_workers.max(1) {
             servers.spawn(resolver.clone().serve_udp(udp.clone()));
         }
@@ -133,7 +157,6 @@ pub async fn run(
             }
         }
     };
-    let publisher = publish::Publisher::new(client.clone(), &ctx.node_name, endpoint, cfg.port);
     let result = tokio::select! {
         r = crate::catalog::watch::run(client, reconcile) => r.map_err(DnsError::from),
         () = publisher.keep(synced_rx) => Ok(()),

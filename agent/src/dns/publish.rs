@@ -1,7 +1,8 @@
 //! This node's endpoint of the `kube-dns` Service: one EndpointSlice,
 //! `kube-system/kube-dns-<node>`, with the node's DNS address and its own
-//! name as `nodeName`, so that with `internalTrafficPolicy: Local` each
-//! node's proxy sends the ClusterIP to its own server only.
+//! name as `nodeName`, so that with `trafficDistribution: PreferSameNode`
+//! each node's proxy sends the ClusterIP to its own server while it has
+//! one.
 //!
 //! Written once the zone is read, checked again every [`REFRESH`] (it comes
 //! back if someone deletes it), deleted when the role stops. It is owned by

@@ -18,10 +18,14 @@
 //!   SERVFAIL at once: a flood of outside names cannot grow memory or hold
 //!   up the cluster domain's answers.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, RecordType};
@@ -30,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use super::cache::{self, Cache, CacheConfig, Entry, Lookup};
 use super::forward::{ForwardError, Forwarder, UDP_PAYLOAD};
 use super::zone::{Answer, Outcome, Zone};
 
@@ -59,6 +64,9 @@ pub struct Resolver {
     pub zone: RwLock<Zone>,
     synced: AtomicBool,
     forwarder: Forwarder,
+    cache: Mutex<Cache>,
+    /// Questions asked upstream now, which others join.
+    inflight: Mutex<HashMap<cache::Key, Flight>>,
     forwards: Arc<Semaphore>,
     tcp: Arc<Semaphore>,
 }
@@ -77,12 +85,20 @@ struct Pending {
     partial: Option<(Answer, hickory_proto::rr::Name)>,
 }
 
+type Flight = Shared<BoxFuture<'static, Result<Arc<Message>, Arc<ForwardError>>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Resolver {
-    pub fn new(zone: Zone, forwarder: Forwarder, limits: Limits) -> Self {
+    pub fn new(zone: Zone, forwarder: Forwarder, limits: Limits, cache: CacheConfig) -> Self {
         Self {
             zone: RwLock::new(zone),
             synced: AtomicBool::new(false),
             forwarder,
+            cache: Mutex::new(Cache::new(cache)),
+            inflight: Mutex::new(HashMap::new()),
             forwards: Arc::new(Semaphore::new(limits.forwards)),
             tcp: Arc::new(Semaphore::new(limits.tcp_connections)),
         }
@@ -189,7 +205,7 @@ impl Resolver {
     }
 
     /// Completes a question the zone could not answer alone.
-    async fn resolve(&self, p: Box<Pending>, udp: bool) -> Option<Vec<u8>> {
+    async fn resolve(self: &Arc<Self>, p: Box<Pending>, udp: bool) -> Option<Vec<u8>> {
         let limit = limit_of(&p.request, udp);
         let mut reply = self.reply_to(&p.request);
         let query = p.request.queries.first()?;
@@ -197,28 +213,26 @@ impl Resolver {
             Some((answer, target)) => (Query::query(target, query.query_type()), Some(answer)),
             None => (query.clone(), None),
         };
-        let upstream = self.forwarder.ask(&question).await;
+        let upstream = self.upstream(&question).await;
         match (partial, upstream) {
             (Some(mut answer), Ok(up)) => {
                 reply.metadata.authoritative = true;
-                answer.rcode = up.metadata.response_code;
+                answer.rcode = up.rcode;
                 answer.answers.extend(up.answers);
                 fill(&mut reply, answer);
             }
             // Without an upstream the CNAME alone is the answer: the
             // client's resolver may chase it.
-            (Some(answer), Err(ForwardError::NoUpstream)) => {
+            (Some(answer), Err(e)) if matches!(*e, ForwardError::NoUpstream) => {
                 reply.metadata.authoritative = true;
                 fill(&mut reply, answer);
             }
             (None, Ok(up)) => {
-                reply.metadata.response_code = up.metadata.response_code;
-                reply.metadata.authentic_data = false;
+                reply.metadata.response_code = up.rcode;
                 reply.answers = up.answers;
                 reply.authorities = up.authorities;
-                reply.additionals = up.additionals;
             }
-            (None, Err(ForwardError::NoUpstream)) => {
+            (None, Err(e)) if matches!(*e, ForwardError::NoUpstream) => {
                 reply.metadata.response_code = ResponseCode::Refused;
             }
             (_, Err(e)) => {
@@ -227,6 +241,63 @@ impl Resolver {
             }
         }
         encode(reply, limit)
+    }
+
+    /// Upstream's answer to `query` through the cache: a live entry, else
+    /// one question upstream however many clients ask at once, else
+    /// (upstream failing) an expired entry still within its stale window.
+    async fn upstream(self: &Arc<Self>, query: &Query) -> Result<Entry, Arc<ForwardError>> {
+        if self.forwarder.upstreams().is_empty() {
+            return Err(Arc::new(ForwardError::NoUpstream));
+        }
+        let k = cache::key(query.name(), query.query_type());
+        let stale = match lock(&self.cache).lookup(&k, Instant::now()) {
+            Lookup::Fresh { entry, refresh } => {
+                if refresh {
+                    // Prefetch: asked again before it expires.
+                    let (me, q) = (self.clone(), query.clone());
+                    tokio::spawn(async move {
+                        let _ = me.ask(q).await;
+                    });
+                }
+                return Ok(entry);
+            }
+            Lookup::Stale(e) => Some(e),
+            Lookup::Miss => None,
+        };
+        match self.ask(query.clone()).await {
+            Ok(reply) => Ok(Entry::from_reply(&reply)),
+            Err(e) => stale.ok_or(e),
+        }
+    }
+
+    /// Asks upstream, joining a question already in flight for the same
+    /// name and type; the answer is kept in the cache.
+    async fn ask(self: &Arc<Self>, query: Query) -> Result<Arc<Message>, Arc<ForwardError>> {
+        let k = cache::key(query.name(), query.query_type());
+        let flight = {
+            let mut inflight = lock(&self.inflight);
+            match inflight.get(&k) {
+                Some(f) => f.clone(),
+                None => {
+                    let me = self.clone();
+                    let key = k.clone();
+                    let f = async move {
+                        let r = me.forwarder.ask(&query).await;
+                        if let Ok(reply) = &r {
+                            lock(&me.cache).store(key.clone(), reply, Instant::now());
+                        }
+                        lock(&me.inflight).remove(&key);
+                        r.map(Arc::new).map_err(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(k, f.clone());
+                    f
+                }
+            }
+        };
+        flight.await
     }
 
     /// Serves UDP on `sock` until the task is dropped.
@@ -282,7 +353,7 @@ impl Resolver {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.tcp_client(stream).await {
+                if let Err(e) = me.clone().tcp_client(stream).await {
                     debug!(%peer, error = %e, "tcp client");
                 }
                 drop(permit);
@@ -290,7 +361,7 @@ impl Resolver {
         }
     }
 
-    async fn tcp_client(&self, mut s: TcpStream) -> std::io::Result<()> {
+    async fn tcp_client(self: Arc<Self>, mut s: TcpStream) -> std::io::Result<()> {
         loop {
             let Ok(len) = tokio::time::timeout(TCP_IDLE, s.read_u16()).await else {
                 return Ok(());
@@ -402,6 +473,7 @@ mod tests {
             zone,
             Forwarder::new(Vec::new(), Duration::from_secs(1)),
             Limits::default(),
+            CacheConfig::default(),
         );
         r.set_synced();
         r
@@ -504,6 +576,7 @@ mod tests {
             Zone::new("cluster.local", 30).expect("zone"),
             Forwarder::new(Vec::new(), Duration::from_secs(1)),
             Limits::default(),
+            CacheConfig::default(),
         );
         let q = ask("web.default.svc.cluster.local.", RecordType::A, None);
         assert_eq!(
@@ -519,7 +592,7 @@ mod tests {
 
     #[tokio::test]
     async fn outside_names_are_refused_without_an_upstream() {
-        let r = resolver();
+        let r = Arc::new(resolver());
         let q = ask("example.com.", RecordType::A, Some(1232));
         let Handled::Upstream(p) = r.handle(&q, true) else {
             panic!("not forwarded");

@@ -40,4 +40,6 @@ pub struct KubeletConfig {
     pub status_report: Duration,
     /// The overlay's subnet.env, read for the Node's podCIDR.
     pub subnet_file: PathBuf,
+    /// The cluster DNS pods are given (their resolv.conf).
+    pub dns: super::dns::ClusterDns,
 }

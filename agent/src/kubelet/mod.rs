@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod containerd;
+pub mod dns;
 pub mod image;
 pub mod logs;
 pub mod node;
@@ -143,6 +144,7 @@ pub async fn run(
         node_name: cfg.node_name.clone(),
         node_ip: cfg.node_ip.to_string(),
         tokens: Default::default(),
+        dns: cfg.dns.clone(),
     });
     // containerd answers a subscription only with its first event, so the
     // stream is read on a task of its own, resubscribing if it ends.

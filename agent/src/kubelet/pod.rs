@@ -35,6 +35,8 @@ pub struct Shared {
     pub node_ip: String,
     /// Tokens for the pods' projected ServiceAccount volumes.
     pub tokens: super::volumes::TokenCache,
+    /// What pods' resolv.conf is written from.
+    pub dns: super::dns::ClusterDns,
 }
 
 pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
@@ -625,7 +627,7 @@ impl Worker {
     async fn ensure_sandbox(&mut self) -> bool {
         let dir = self.dir();
         let host_network = self.host_network();
-        let hostname = self.name().to_string();
+        let hostname = super::dns::hostname(&self.pod);
         let ports: Vec<Value> = self
             .containers()
             .iter()
@@ -659,13 +661,19 @@ impl Worker {
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
-        match r {
+        let r = match r {
             Ok(result) => {
                 self.ips = match result {
                     Some(result) => skiff_cni_lib::exec::all_ips(&result),
                     None => vec![self.shared.node_ip.clone()],
                 };
                 self.ip = self.ips.first().cloned();
+                self.write_name_files().await
+            }
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {
                 self.sandbox_error = None;
                 info!(pod = %self.name(), ip = ?self.ip, "sandbox ready");
                 true
@@ -682,6 +690,43 @@ impl Worker {
                 false
             }
         }
+    }
+
+    /// The pod's hostname, /etc/hosts and resolv.conf, in its directory
+    /// (see [`super::dns`]). What the resolver's limits drop is told in an
+    /// event, as upstream's kubelet does.
+    async fn write_name_files(&self) -> Result<(), String> {
+        let dns = &self.shared.dns;
+        let (resolv, dropped) =
+            super::dns::resolv_conf(&self.pod, dns, || super::dns::node_resolv(&dns.resolv_conf))
+                .map_err(|e| e.to_string())?;
+        let hosts = if self.host_network() {
+            std::fs::read_to_string("/etc/hosts").unwrap_or_default()
+        } else {
+            super::dns::hosts(&self.pod, &self.ips, &dns.domain)
+        };
+        let [(hosts_path, _), (resolv_path, _), (hostname_path, _)] =
+            super::dns::files(&self.dir());
+        let hostname = format!("{}\n", super::dns::hostname(&self.pod));
+        for (path, text) in [
+            (hosts_path, hosts),
+            (resolv_path, resolv.render()),
+            (hostname_path, hostname),
+        ] {
+            std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        }
+        if !dropped.is_empty() {
+            self.event(
+                "Warning",
+                "DNSConfigForming",
+                &format!(
+                    "the resolver's limits were exceeded; left out: {}",
+                    dropped.join(", ")
+                ),
+            )
+            .await;
+        }
+        Ok(())
     }
 
     async fn image(&mut self, c: &Container) -> Result<ImageInfo, (String, String)> {
@@ -786,7 +831,14 @@ impl Worker {
             let src = self.sources();
             super::volumes::prepare(&src, &self.pod, &self.dir()).await?;
             let env = super::volumes::environment(&src, &self.pod, c, image_env).await?;
-            let mounts = super::volumes::mounts(&self.pod, c, &self.dir())?;
+            let mut mounts = super::volumes::mounts(&self.pod, c, &self.dir())?;
+            // The pod's name files, where the container does not mount
+            // something of its own there.
+            for (src, dst) in super::dns::files(&self.dir()) {
+                if src.exists() && !mounts.iter().any(|(_, d, _)| d == dst) {
+                    mounts.push((src.display().to_string(), dst.to_string(), false));
+                }
+            }
             Ok::<_, super::volumes::ConfigError>((env, mounts))
         }
         .await;
@@ -813,7 +865,7 @@ impl Worker {
             image_config: &img.config,
             env: &env,
             namespaces: &ns,
-            hostname: self.name(),
+            hostname: &super::dns::hostname(&self.pod),
             cgroups_path: &cgroups,
             mounts: &bind_mounts,
         });

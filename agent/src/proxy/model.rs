@@ -372,6 +372,7 @@ pub fn service_plan(
         0
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let prefer_same_node = spec.traffic_distribution.as_deref() == Some("PreferSameNode");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let mut ext_flags = 0;
     if external_local {
@@ -462,11 +463,13 @@ pub fn service_plan(
                     }
                 }
             }
-            let backends: Vec<Backend> =
-                backends_for(&name, port, family, local_only, slices, node)
-                    .into_iter()
-                    .map(|(b, _)| b)
-                    .collect();
+            let mut picked = backends_for(&name, port, family, local_only, slices, node);
+            // PreferSameNode: this node's endpoints while it has any,
+            // every node's when it has none.
+            if prefer_same_node && picked.iter().any(|(_, local)| *local) {
+                picked.retain(|(_, local)| *local);
+            }
+            let backends: Vec<Backend> = picked.into_iter().map(|(b, _)| b).collect();
             if backends.len() > MAX_SLOTS_PER_SERVICE as usize {
                 return Err(ServiceError::TooManyBackends {
                     service: name,
@@ -728,6 +731,25 @@ mod tests {
         )
         .expect("ok");
         assert_eq!(addrs(&f[0]), ["10.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn prefer_same_node_keeps_this_nodes_ready_endpoints_and_falls_back_to_all() {
+        let svc = web(json!({"trafficDistribution": "PreferSameNode"}));
+        let both = web_slice(json!([
+            {"addresses": ["10.0.0.1"], "nodeName": "n1"},
+            {"addresses": ["10.0.0.2"], "nodeName": "n2"},
+        ]));
+        let f = service_frontends(&svc, &[&both], &node()).expect("ok");
+        assert_eq!(addrs(&f[0]), ["10.0.0.1:8080"]);
+        // This node's endpoint not ready (or gone): every node's.
+        let unready = web_slice(json!([
+            {"addresses": ["10.0.0.1"], "nodeName": "n1", "conditions": {"ready": false}},
+            {"addresses": ["10.0.0.2"], "nodeName": "n2"},
+            {"addresses": ["10.0.0.3"], "nodeName": "n3"},
+        ]));
+        let f = service_frontends(&svc, &[&unready], &node()).expect("ok");
+        assert_eq!(addrs(&f[0]), ["10.0.0.2:8080", "10.0.0.3:8080"]);
     }
 
     #[test]

@@ -285,8 +285,8 @@ const DNS_SERVICE: &str = "kube-dns";
 
 /// A node may write one EndpointSlice: `kube-system/kube-dns-<node>`, of
 /// the `kube-dns` Service, whose every endpoint names that node. (With the
-/// Service's `internalTrafficPolicy: Local`, an endpoint naming another
-/// node would take over that node's DNS.) Patches are refused: the
+/// Service's `trafficDistribution: PreferSameNode`, an endpoint naming
+/// another node would take over that node's DNS.) Patches are refused: the
 /// result could not be checked before it is written.
 fn dns_slice(
     node: &str,

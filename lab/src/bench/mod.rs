@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod control;
+pub mod dns;
 mod ha;
 pub mod knobs;
 pub mod kubelet;

@@ -367,3 +367,55 @@ pub fn kubelet(doc: &serde_json::Value, path: &Path) -> Result<()> {
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
+
+/// `bench dns`: queries per second by mix, the dns role beside unbound.
+pub fn dns(doc: &serde_json::Value, path: &Path) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let rows: Vec<&serde_json::Value> = doc["summary"].as_array().into_iter().flatten().collect();
+    let qps = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+    let top = rows
+        .iter()
+        .flat_map(|r| [qps(r, "skiff_qps"), qps(r, "unbound_qps")])
+        .fold(1.0, f64::max)
+        * 1.25;
+    let mixes: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("{i}: {}", r["mix"].as_str().unwrap_or("?")))
+        .collect();
+    let mut chart = panel(
+        &root,
+        "DNS queries per second (dnsperf), same zone",
+        (
+            0f64..rows.len().max(1) as f64,
+            &format!("mix ({})", mixes.join(", ")),
+        ),
+        (0f64..top, "queries/s"),
+    )?;
+    let blue = RGBColor(0, 114, 178);
+    let orange = RGBColor(213, 94, 0);
+    for (key, name, color, from, to) in [
+        ("skiff_qps", "skiff dns role", blue, 0.1, 0.45),
+        ("unbound_qps", "unbound", orange, 0.55, 0.9),
+    ] {
+        chart
+            .draw_series(rows.iter().enumerate().map(|(i, r)| {
+                let x = i as f64;
+                Rectangle::new([(x + from, 0.0), (x + to, qps(r, key))], color.filled())
+            }))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
