@@ -136,6 +136,9 @@ pub async fn run(
                 return Err(DnsError::Bind { addr, source });
             }
         };
+        // Workers share one socket: each takes the next packet, so the
+        // load spreads evenly (SO_REUSEPORT hashes a few busy clients
+        // onto one socket, and measured slower).
         for _ in 0..cfg.udp_workers.max(1) {
             servers.spawn(resolver.clone().serve_udp(udp.clone()));
         }

@@ -232,6 +232,7 @@ pub struct Zone {
     apex: Name,
     ttl: u32,
     serial: u32,
+    soa: Record,
     /// Owner names and their records (lower case keys; hickory compares
     /// names without case, so any spelling finds them).
     names: HashMap<Name, Vec<Owned>>,
@@ -268,6 +269,7 @@ impl Zone {
             apex: apex.clone(),
             ttl,
             serial: 1,
+            soa: Self::build_soa(&apex, ttl, 1),
             names: HashMap::new(),
             parents: HashMap::new(),
             by_service: HashMap::new(),
@@ -333,6 +335,9 @@ impl Zone {
             self.by_service.insert(key, records);
         }
         self.serial = self.serial.wrapping_add(1).max(1);
+        if let RData::SOA(soa) = &mut self.soa.data {
+            soa.serial = self.serial;
+        }
     }
 
     fn unpublish(&mut self, name: &Name, key: &Arc<str>) {
@@ -366,22 +371,28 @@ impl Zone {
     }
 
     fn soa(&self) -> Record {
+        self.soa.clone()
+    }
+
+    /// The zone's SOA at its current serial (kept built: every negative
+    /// answer carries it).
+    fn build_soa(apex: &Name, ttl: u32, serial: u32) -> Record {
         let under = |label: &str| {
             Name::from_ascii(label)
-                .and_then(|n| n.append_domain(&self.apex))
-                .unwrap_or_else(|_| self.apex.clone())
+                .and_then(|n| n.append_domain(apex))
+                .unwrap_or_else(|_| apex.clone())
         };
         Record::from_rdata(
-            self.apex.clone(),
-            self.ttl,
+            apex.clone(),
+            ttl,
             RData::SOA(SOA::new(
                 under("ns.dns"),
                 under("hostmaster"),
-                self.serial,
+                serial,
                 7200,
                 1800,
                 86_400,
-                self.ttl,
+                ttl,
             )),
         )
     }
