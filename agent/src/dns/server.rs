@@ -14,12 +14,14 @@
 //!   TCP;
 //! - while the zone has not been read from the apiserver yet, questions
 //!   for it get SERVFAIL (the client tries again), never a wrong NXDOMAIN;
-//! - when as many forwards as allowed are in flight, the next one gets
-//!   SERVFAIL at once: a flood of outside names cannot grow memory or hold
-//!   up the cluster domain's answers.
+//! - when as many forwards as allowed are in flight (in all, or for the
+//!   asking client: a share of them, so one client cannot take them all),
+//!   the next one gets SERVFAIL at once: a flood of outside names cannot
+//!   grow memory, starve other clients or hold up the cluster domain's
+//!   answers.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -31,7 +33,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::{DNSClass, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::cache::{self, Cache, CacheConfig, Entry, Lookup};
@@ -46,6 +48,8 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 pub struct Limits {
     /// Forwards in flight at once.
     pub forwards: usize,
+    /// Forwards in flight at once for one client address.
+    pub forwards_per_client: usize,
     /// TCP connections open at once.
     pub tcp_connections: usize,
 }
@@ -54,6 +58,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             forwards: 1024,
+            forwards_per_client: 128,
             tcp_connections: 256,
         }
     }
@@ -68,6 +73,7 @@ pub struct Resolver {
     /// Questions asked upstream now, which others join.
     inflight: Mutex<HashMap<cache::Key, Flight>>,
     forwards: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
     tcp: Arc<Semaphore>,
 }
 
@@ -100,6 +106,7 @@ impl Resolver {
             cache: Mutex::new(Cache::new(cache)),
             inflight: Mutex::new(HashMap::new()),
             forwards: Arc::new(Semaphore::new(limits.forwards)),
+            per_client: PerClient::new(limits.forwards_per_client),
             tcp: Arc::new(Semaphore::new(limits.tcp_connections)),
         }
     }
@@ -300,6 +307,17 @@ impl Resolver {
         flight.await
     }
 
+    /// Room for one more forward from `client`: within the server's limit
+    /// and the client's share of it, so one client cannot take every slot.
+    fn forward_slot(&self, client: IpAddr) -> Option<ForwardSlot> {
+        let mine = self.per_client.take(client)?;
+        let permit = self.forwards.clone().try_acquire_owned().ok()?;
+        Some(ForwardSlot {
+            _permit: permit,
+            _client: mine,
+        })
+    }
+
     /// Serves UDP on `sock` until the task is dropped.
     pub async fn serve_udp(self: Arc<Self>, sock: Arc<UdpSocket>) {
         let mut buf = vec![0u8; 65_535];
@@ -316,7 +334,7 @@ impl Resolver {
                 Handled::Reply(bytes) => send(&sock, &bytes, peer).await,
                 Handled::Drop => {}
                 Handled::Upstream(p) => {
-                    let Ok(permit) = self.forwards.clone().try_acquire_owned() else {
+                    let Some(permit) = self.forward_slot(peer.ip()) else {
                         let mut reply = self.reply_to(&p.request);
                         reply.metadata.response_code = ResponseCode::ServFail;
                         if let Some(bytes) = encode(reply, limit_of(&p.request, true)) {
@@ -353,7 +371,7 @@ impl Resolver {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.clone().tcp_client(stream).await {
+                if let Err(e) = me.clone().tcp_client(stream, peer.ip()).await {
                     debug!(%peer, error = %e, "tcp client");
                 }
                 drop(permit);
@@ -361,7 +379,7 @@ impl Resolver {
         }
     }
 
-    async fn tcp_client(self: Arc<Self>, mut s: TcpStream) -> std::io::Result<()> {
+    async fn tcp_client(self: Arc<Self>, mut s: TcpStream, client: IpAddr) -> std::io::Result<()> {
         loop {
             let Ok(len) = tokio::time::timeout(TCP_IDLE, s.read_u16()).await else {
                 return Ok(());
@@ -378,9 +396,9 @@ impl Resolver {
             let reply = match self.handle(&buf, false) {
                 Handled::Reply(b) => Some(b),
                 Handled::Drop => return Ok(()),
-                Handled::Upstream(p) => match self.forwards.clone().try_acquire_owned() {
-                    Ok(_permit) => self.resolve(p, false).await,
-                    Err(_) => {
+                Handled::Upstream(p) => match self.forward_slot(client) {
+                    Some(_slot) => self.resolve(p, false).await,
+                    None => {
                         let mut reply = self.reply_to(&p.request);
                         reply.metadata.response_code = ResponseCode::ServFail;
                         encode(reply, u16::MAX.into())
@@ -395,6 +413,59 @@ impl Resolver {
             framed.extend_from_slice(&n.to_be_bytes());
             framed.extend_from_slice(&reply);
             s.write_all(&framed).await?;
+        }
+    }
+}
+
+/// One forward in flight, counted against the server and its client.
+struct ForwardSlot {
+    _permit: OwnedSemaphorePermit,
+    _client: ClientSlot,
+}
+
+/// Forwards in flight per client address.
+struct PerClient {
+    limit: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerClient {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot of `client`'s, if it has one left. The map holds only
+    /// clients with forwards in flight, so it is bounded by them.
+    fn take(self: &Arc<Self>, client: IpAddr) -> Option<ClientSlot> {
+        let mut counts = lock(&self.counts);
+        let n = counts.entry(client).or_default();
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            owner: self.clone(),
+            client,
+        })
+    }
+}
+
+struct ClientSlot {
+    owner: Arc<PerClient>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.owner.counts);
+        if let Some(n) = counts.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.client);
+            }
         }
     }
 }
@@ -587,6 +658,33 @@ mod tests {
         assert_eq!(
             reply(&r, &q, true).metadata.response_code,
             ResponseCode::NXDomain
+        );
+    }
+
+    #[test]
+    fn one_client_cannot_take_every_forward() {
+        let r = Resolver::new(
+            Zone::new("cluster.local", 30).expect("zone"),
+            Forwarder::new(Vec::new(), Duration::from_secs(1)),
+            Limits {
+                forwards: 5,
+                forwards_per_client: 3,
+                tcp_connections: 1,
+            },
+            CacheConfig::default(),
+        );
+        let (a, b): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let held: Vec<ForwardSlot> = (0..3).filter_map(|_| r.forward_slot(a)).collect();
+        assert_eq!(held.len(), 3);
+        assert!(r.forward_slot(a).is_none(), "a has its share");
+        let b_held: Vec<ForwardSlot> = (0..3).filter_map(|_| r.forward_slot(b)).collect();
+        assert_eq!(b_held.len(), 2, "the server's limit is 5 in all");
+        drop(held);
+        assert!(r.forward_slot(a).is_some(), "a's slots came back");
+        drop(b_held);
+        assert!(
+            lock(&r.per_client.counts).is_empty(),
+            "no client left in the map"
         );
     }
 

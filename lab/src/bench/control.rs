@@ -16,7 +16,7 @@
 //! Everything listens on 127.0.0.1; nothing leaves the host's loopback.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,12 +74,6 @@ fn control_bin() -> PathBuf {
     skiff_tests::bin("skiff-control")
 }
 
-pub(crate) async fn client(kubeconfig: &Path) -> Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    Ok(kube::Client::try_from(cfg)?)
-}
-
 /// Starts `skiff-control` and returns it with the time until an
 /// authenticated request is answered.
 async fn start(
@@ -118,7 +112,7 @@ async fn start(
             bail!("skiff-control did not answer within 30 s");
         }
         if kubeconfig.exists()
-            && let Ok(c) = client(&kubeconfig).await
+            && let Ok(c) = super::kube_client(&kubeconfig).await
             && Api::<Namespace>::all(c.clone())
                 .get("default")
                 .await
@@ -139,24 +133,18 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub(crate) fn pod(name: &str, ns: &str) -> Pod {
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": {"app": "bench"}},
-        "spec": {"containers": [{"name": "c", "image": "busybox:1.36", "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}
-    }))
-    .unwrap_or_default()
-}
-
 async fn create_pods(c: &kube::Client, ns: &str, from: usize, to: usize) -> Result<()> {
     let api: Api<Pod> = Api::namespaced(c.clone(), ns);
     futures::stream::iter(from..to)
         .map(|i| {
             let api = api.clone();
             async move {
-                api.create(&PostParams::default(), &pod(&format!("p-{i}"), ns))
-                    .await
-                    .map(|_| ())
+                api.create(
+                    &PostParams::default(),
+                    &super::bench_pod(&format!("p-{i}"), ns),
+                )
+                .await
+                .map(|_| ())
             }
         })
         .buffer_unordered(32)
@@ -287,7 +275,8 @@ async fn latency(etcd: &Etcd, count: usize, samples: usize) -> Result<Value> {
         let name = format!("s-{i}");
         let t = Instant::now();
         sent.lock().await.insert(name.clone(), t);
-        api.create(&PostParams::default(), &pod(&name, &ns)).await?;
+        api.create(&PostParams::default(), &super::bench_pod(&name, &ns))
+            .await?;
         create.push(ms(t.elapsed()));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -312,7 +301,7 @@ async fn latency(etcd: &Etcd, count: usize, samples: usize) -> Result<Value> {
 
     // The limit: etcd itself, same value sizes, same prefix size.
     let mut e = super::etcd_client(etcd).await?;
-    let value = serde_json::to_vec(&pod("x", &ns))?;
+    let value = serde_json::to_vec(&super::bench_pod("x", &ns))?;
     let prefix = format!("/registry/pods/{ns}/");
     let (wtx, mut wrx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let mut ws = e

@@ -64,7 +64,7 @@ async fn pod_creates(clients: &[kube::Client], n: usize) -> Result<f64> {
         async move {
             api.create(
                 &PostParams::default(),
-                &super::control::pod(&format!("p{i}"), "default"),
+                &super::bench_pod(&format!("p{i}"), "default"),
             )
             .await?;
             Ok(())
@@ -111,7 +111,7 @@ fn control_plane(members: usize, replicas: usize, extra: &[&str]) -> Vec<Control
 async fn clients(cps: &[ControlPlane]) -> Result<Vec<kube::Client>> {
     let mut out = Vec::new();
     for cp in cps {
-        out.push(super::control::client(&cp.kubeconfig).await?);
+        out.push(super::kube_client(&cp.kubeconfig).await?);
     }
     Ok(out)
 }
@@ -150,7 +150,7 @@ async fn failover() -> Result<(f64, f64)> {
     })
     .await?;
     let (a, b) = (identity(&cps[0]), identity(&cps[1]));
-    let c = super::control::client(&cps[1].kubeconfig).await?;
+    let c = super::kube_client(&cps[1].kubeconfig).await?;
     let (leases, pods): (Api<Lease>, Api<Pod>) = (
         Api::namespaced(c.clone(), "kube-system"),
         Api::namespaced(c, "default"),
@@ -167,7 +167,7 @@ async fn failover() -> Result<(f64, f64)> {
     let killed = Instant::now();
     pods.create(
         &PostParams::default(),
-        &super::control::pod("pending", "default"),
+        &super::bench_pod("pending", "default"),
     )
     .await?;
     let (mut led, mut bound) = (None, None);
@@ -255,7 +255,7 @@ fn agent_failover(rounds: usize) -> Result<Vec<(f64, f64)>> {
             } else {
                 &c.cp.kubeconfig
             };
-            let live = rt.block_on(super::control::client(live))?;
+            let live = rt.block_on(super::kube_client(live))?;
             let name = format!("late-{r}");
             // The slice first: the Service alone is then the change.
             rt.block_on(service(&live, &name, true))?;

@@ -105,7 +105,7 @@ impl PodWatch {
     }
 
     async fn run(&self, kubeconfig: &Path) -> Result<()> {
-        let client = super::control::client(kubeconfig).await?;
+        let client = super::kube_client(kubeconfig).await?;
         let pods: Api<Pod> = Api::namespaced(client, NS);
         let mut version = "0".to_string();
         while !self.stop.load(Ordering::Relaxed) {
@@ -993,7 +993,7 @@ pub fn run(args: &Args) -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let client = rt.block_on(super::control::client(&kubeconfig))?;
+            let client = rt.block_on(super::kube_client(&kubeconfig))?;
             let nss: Api<Namespace> = Api::all(client.clone());
             rt.block_on(nss.create(
                 &PostParams::default(),

@@ -32,6 +32,24 @@ pub async fn etcd_client(etcd: &skiff_tests::control::Etcd) -> anyhow::Result<et
     Ok(etcd_client::Client::connect(endpoints, Some(tls.options()?)).await?)
 }
 
+/// An apiserver client from a kubeconfig file.
+pub(crate) async fn kube_client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+/// The pod the control-plane benchmarks create: one container asking for
+/// a little CPU and memory.
+pub(crate) fn bench_pod(name: &str, ns: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": "bench"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox:1.36", "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}
+    }))
+    .unwrap_or_default()
+}
+
 pub fn git_commit() -> String {
     Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
