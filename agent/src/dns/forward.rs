@@ -98,7 +98,7 @@ impl Forwarder {
                 continue;
             }
             if reply.metadata.truncation {
-                return timeout_at(deadline, self.ask_tcp(upstream, &msg))
+                return timeout_at(deadline, self.ask_tcp(upstream, &bytes, id, query))
                     .await
                     .map_err(|_| ForwardError::Timeout(self.attempt))?;
             }
@@ -106,36 +106,43 @@ impl Forwarder {
         }
     }
 
-    async fn ask_tcp(&self, upstream: SocketAddr, msg: &Message) -> Result<Message, ForwardError> {
+    async fn ask_tcp(
+        &self,
+        upstream: SocketAddr,
+        question: &[u8],
+        id: u16,
+        query: &Query,
+    ) -> Result<Message, ForwardError> {
         let io = |source| ForwardError::Io { upstream, source };
-        let bytes = msg.to_vec()?;
         let mut s = TcpStream::connect(upstream).await.map_err(io)?;
-        let len = u16::try_from(bytes.len()).map_err(|_| {
+        let framed = tcp_frame(question).ok_or_else(|| {
             io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "question too long",
             ))
         })?;
-        let mut framed = len.to_be_bytes().to_vec();
-        framed.extend_from_slice(&bytes);
         s.write_all(&framed).await.map_err(io)?;
         let n = s.read_u16().await.map_err(io)?;
         let mut buf = vec![0u8; usize::from(n)];
         s.read_exact(&mut buf).await.map_err(io)?;
-        let reply = Message::from_vec(&buf).map_err(|e| {
-            io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                e.to_string(),
-            ))
-        })?;
-        match msg.queries.first() {
-            Some(q) if answers(&reply, msg.metadata.id, q) => Ok(reply),
+        match Message::from_vec(&buf) {
+            Ok(reply) if answers(&reply, id, query) => Ok(reply),
             _ => Err(io(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                "the reply is to another question",
+                "not a reply to the question",
             ))),
         }
     }
+}
+
+/// A DNS message as TCP carries it: its length (two bytes), then itself;
+/// None past 65 535 bytes.
+pub fn tcp_frame(message: &[u8]) -> Option<Vec<u8>> {
+    let len = u16::try_from(message.len()).ok()?;
+    let mut framed = Vec::with_capacity(message.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    Some(framed)
 }
 
 fn answers(reply: &Message, id: u16, query: &Query) -> bool {

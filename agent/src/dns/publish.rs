@@ -38,6 +38,7 @@ pub struct Publisher {
     node: String,
     ip: IpAddr,
     port: u16,
+    node_uid: tokio::sync::Mutex<Option<String>>,
 }
 
 impl Publisher {
@@ -48,6 +49,7 @@ impl Publisher {
             node: node.to_string(),
             ip,
             port,
+            node_uid: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -81,14 +83,20 @@ impl Publisher {
     }
 
     /// Writes the slice unless it already says the same.
-    async fn ensure(&self) -> Result<(), kube::Error> {
-        let uid = match self.nodes.get_opt(&self.node).await {
-            Ok(n) => n.and_then(|n| n.metadata.uid),
-            Err(e) => {
-                debug!(error = %e, "reading the node for the dns slice's owner");
-                None
+    /// The Node's UID, read until it is known (a Node keeps its UID).
+    async fn node_uid(&self) -> Option<String> {
+        let mut known = self.node_uid.lock().await;
+        if known.is_none() {
+            match self.nodes.get_opt(&self.node).await {
+                Ok(n) => *known = n.and_then(|n| n.metadata.uid),
+                Err(e) => debug!(error = %e, "reading the node for the dns slice's owner"),
             }
-        };
+        }
+        known.clone()
+    }
+
+    async fn ensure(&self) -> Result<(), kube::Error> {
+        let uid = self.node_uid().await;
         let mut want = self
             .desired(uid.as_deref())
             .map_err(kube::Error::SerdeError)?;

@@ -37,7 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::cache::{self, Cache, CacheConfig, Entry, Lookup};
-use super::forward::{ForwardError, Forwarder, UDP_PAYLOAD};
+use super::forward::{ForwardError, Forwarder, UDP_PAYLOAD, tcp_frame};
 use super::zone::{Answer, Outcome, Zone};
 
 /// How long a TCP client may stay silent between questions.
@@ -405,13 +405,9 @@ impl Resolver {
                     }
                 },
             };
-            let Some(reply) = reply else { continue };
-            let Ok(n) = u16::try_from(reply.len()) else {
+            let Some(framed) = reply.as_deref().and_then(tcp_frame) else {
                 continue;
             };
-            let mut framed = Vec::with_capacity(reply.len() + 2);
-            framed.extend_from_slice(&n.to_be_bytes());
-            framed.extend_from_slice(&reply);
             s.write_all(&framed).await?;
         }
     }

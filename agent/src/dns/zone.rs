@@ -240,7 +240,6 @@ pub struct Zone {
     /// many: such a name exists (NODATA) even with no records of its own.
     parents: HashMap<Name, usize>,
     by_service: HashMap<Arc<str>, ServiceRecords>,
-    svc_label: Name,
     pod_label: Name,
 }
 
@@ -273,7 +272,6 @@ impl Zone {
             names: HashMap::new(),
             parents: HashMap::new(),
             by_service: HashMap::new(),
-            svc_label: svc_label.clone(),
             pod_label: pod_label.clone(),
         };
         let ns = under("ns.dns")?;
@@ -294,10 +292,6 @@ impl Zone {
 
     pub fn apex(&self) -> &Name {
         &self.apex
-    }
-
-    pub fn ttl(&self) -> u32 {
-        self.ttl
     }
 
     /// Services the zone holds records for (by `namespace/name`).
@@ -523,11 +517,6 @@ impl Zone {
                 out.push(Record::from_rdata(target.clone(), self.ttl, o.data.clone()));
             }
         }
-    }
-
-    /// Whether `name` is `svc.<zone>` or below it (service names).
-    pub fn is_service_name(&self, name: &Name) -> bool {
-        self.svc_label.zone_of(name)
     }
 }
 
