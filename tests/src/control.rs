@@ -10,11 +10,36 @@ use std::time::Duration;
 
 use crate::{Netns, Proc, Spawn, TempDir, bin, wait_for};
 
+/// Ports the tests listen on come from below the kernel's ephemeral range
+/// (`ip_local_port_range`, 32768 and up by default). A port found free with
+/// `bind(0)` and released is in that range, and under the suite's load the
+/// kernel may hand it to some client's outgoing connection before our
+/// server binds it: etcd then exits on "address already in use".
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A loopback port no other test of this run is likely to take: each test
+/// process walks the range from a start of its own (its pid and the clock)
+/// and skips ports something already holds.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let seed = std::process::id().wrapping_mul(7919) ^ nanos;
+        let _ = NEXT.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORTS.start + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORTS:?}")
 }
 
 /// A test etcd in a temp dir, of one member or several, behind mutual TLS
@@ -215,13 +240,22 @@ impl Etcd {
             .start()
     }
 
-    /// Waits until member `i` answers.
+    /// Waits until member `i` answers; a member that exits instead fails
+    /// at once, with its log.
     fn wait_healthy(&self, i: usize) {
-        let url = &self.members[i].url;
+        let member = &self.members[i];
         wait_for(
             &format!("etcd member {i} to answer"),
             Duration::from_secs(30),
-            || self.ctl(&["--endpoints", url, "endpoint", "health"]).ok(),
+            || {
+                let running = member.proc.lock().map(|mut p| p.is_running());
+                if let Ok(false) = running {
+                    let log = std::fs::read_to_string(&member.log).unwrap_or_default();
+                    panic!("etcd member {i} exited while starting:\n{log}");
+                }
+                let url = &member.url;
+                self.ctl(&["--endpoints", url, "endpoint", "health"]).ok()
+            },
         );
     }
 
