@@ -266,21 +266,24 @@ pub async fn run(
         let due = last_status
             .as_ref()
             .is_none_or(|(v, at)| changed(v, &st) || at.elapsed() >= cfg.status_report);
+        // Each request is bounded by the renew interval, as upstream's
+        // lease controller bounds its own: a request stuck on a connection
+        // the apiserver no longer serves must not hold back the next
+        // renewal until the lease runs out.
+        let bound = cfg.lease_renew.max(Duration::from_secs(1));
         if due {
-            match nodes
-                .patch_status(
-                    name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&json!({"status": st})),
-                )
-                .await
-            {
-                Ok(_) => last_status = Some((st, Instant::now())),
-                Err(e) => warn!(error = %e, "node status update failed"),
+            let (params, patch) = (PatchParams::default(), Patch::Merge(json!({"status": st})));
+            let sent = nodes.patch_status(name, &params, &patch);
+            match tokio::time::timeout(bound, sent).await {
+                Ok(Ok(_)) => last_status = Some((st, Instant::now())),
+                Ok(Err(e)) => warn!(error = %e, "node status update failed"),
+                Err(_) => warn!(after = ?bound, "node status update timed out"),
             }
         }
-        if let Err(e) = renew(&leases, name, cfg.lease_duration).await {
-            warn!(error = %e, "node lease renewal failed");
+        match tokio::time::timeout(bound, renew(&leases, name, cfg.lease_duration)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "node lease renewal failed"),
+            Err(_) => warn!(after = ?bound, "node lease renewal timed out"),
         }
         tokio::select! {
             _ = tokio::time::sleep(cfg.lease_renew) => {}

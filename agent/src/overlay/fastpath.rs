@@ -86,8 +86,12 @@ pub struct Local {
 }
 
 /// Pods are read again this often even when their records did not change
-/// (a veth is made after its address is recorded).
+/// (a veth is made after its address is recorded). For [`PODS_PENDING`]
+/// after a read found a recorded veth missing, they are read at every call.
 const PODS_RECHECK: Duration = Duration::from_secs(2);
+/// How long a missing veth is looked for at every call: a pod being made
+/// has its veth within this; a record left of a pod gone never will.
+const PODS_PENDING: Duration = Duration::from_secs(10);
 
 pub struct FastPath {
     ebpf: Ebpf,
@@ -110,6 +114,8 @@ pub struct FastPath {
     pods6_held: Mirror<[u32; 4], u32>,
     /// The records' directory as last read (modified time) and when.
     pods_read: Option<(Option<SystemTime>, Instant)>,
+    /// Since when reads have found a record whose veth was not there.
+    pods_pending: Option<Instant>,
 }
 
 /// What this process wrote into one BPF map, so that a sync writes only
@@ -330,6 +336,7 @@ impl FastPath {
             pods_held: Mirror::new(),
             pods6_held: Mirror::new(),
             pods_read: None,
+            pods_pending: None,
         };
         fp.write_local()?;
         attach(&mut fp.ebpf, DECAP, &l.underlay, LinkOrder::first())?;
@@ -374,16 +381,20 @@ impl FastPath {
             .ok();
         if let Some((seen, at)) = self.pods_read
             && seen == modified
+            && self.pods_pending.is_none_or(|p| p.elapsed() > PODS_PENDING)
             && at.elapsed() < PODS_RECHECK
         {
             return Ok(());
         }
+        let changed = self.pods_read.is_none_or(|(seen, _)| seen != modified);
         self.pods_read = Some((modified, Instant::now()));
+        let mut missing = false;
         let (mut want, mut want6) = (BTreeMap::new(), BTreeMap::new());
         for (ip, veth) in
             skiff_cni_lib::attachments::host_veths(&self.cni_records).unwrap_or_default()
         {
             let Ok(index) = nix::net::if_::if_nametoindex(veth.as_str()) else {
+                missing = true;
                 continue;
             };
             match ip {
@@ -391,6 +402,13 @@ impl FastPath {
                 IpAddr::V6(v6) => want6.insert(words6(v6), index),
             };
         }
+        // A new record restarts the search (a leftover's does not hold
+        // back a pod being made now).
+        self.pods_pending = match (missing, self.pods_pending) {
+            (false, _) => None,
+            (true, Some(since)) if !changed => Some(since),
+            (true, _) => Some(Instant::now()),
+        };
         let pods = &mut self.pods;
         self.pods_held
             .sync(want, |ip, index| match index {
