@@ -6,6 +6,7 @@
 //! - `server`: the UDP and TCP server around it;
 //! - `forward`: the node's upstream resolvers;
 //! - `cache`: their answers, kept for their TTL (pure);
+//! - `ready`: the zone's replies kept encoded, the hot path (pure);
 //! - `publish`: this node's endpoint of the `kube-dns` Service.
 //!
 //! How pods reach it: their nameserver is the `kube-dns` Service's
@@ -28,6 +29,7 @@
 pub mod cache;
 pub mod forward;
 pub mod publish;
+pub mod ready;
 pub mod server;
 pub mod zone;
 
@@ -37,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UdpSocket};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::catalog::watch::{Dirty, Store};
 use forward::Forwarder;
@@ -183,10 +185,7 @@ fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store, di
             .unwrap_or_default()
     };
     let keys: BTreeSet<String> = if dirty.all {
-        let zone = match resolver.zone.read() {
-            Ok(z) => z,
-            Err(p) => p.into_inner(),
-        };
+        let zone = resolver.zone();
         catalog
             .services
             .keys()
@@ -203,14 +202,9 @@ fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store, di
             (k, r)
         })
         .collect();
-    let mut zone = match resolver.zone.write() {
-        Ok(z) => z,
-        Err(p) => {
-            warn!("dns zone lock was poisoned; going on with it");
-            p.into_inner()
+    resolver.edit_zone(|zone| {
+        for (key, records) in built {
+            zone.set_service(&key, records);
         }
-    };
-    for (key, records) in built {
-        zone.set_service(&key, records);
-    }
+    });
 }

@@ -14,6 +14,8 @@
 //!   TCP;
 //! - while the zone has not been read from the apiserver yet, questions
 //!   for it get SERVFAIL (the client tries again), never a wrong NXDOMAIN;
+//! - a question asked again is answered from the zone's reply to it kept
+//!   encoded ([`ready`](super::ready)), until the zone next changes;
 //! - when as many forwards as allowed are in flight (in all, or for the
 //!   asking client: a share of them, so one client cannot take them all),
 //!   the next one gets SERVFAIL at once: a flood of outside names cannot
@@ -22,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,7 @@ use tracing::{debug, warn};
 
 use super::cache::{self, Cache, CacheConfig, Entry, Lookup};
 use super::forward::{ForwardError, Forwarder, UDP_PAYLOAD, tcp_frame};
+use super::ready::{Question, Ready};
 use super::zone::{Answer, Outcome, Zone};
 
 /// How long a TCP client may stay silent between questions.
@@ -66,7 +69,11 @@ impl Default for Limits {
 
 /// The zone and the way out, shared by every socket.
 pub struct Resolver {
-    pub zone: RwLock<Zone>,
+    zone: RwLock<Zone>,
+    /// Bumped at every change of the zone, under its write lock.
+    generation: AtomicU64,
+    /// The zone's replies kept encoded, for its current generation.
+    ready: RwLock<Ready>,
     synced: AtomicBool,
     forwarder: Forwarder,
     cache: Mutex<Cache>,
@@ -97,10 +104,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Resolver {
     pub fn new(zone: Zone, forwarder: Forwarder, limits: Limits, cache: CacheConfig) -> Self {
         Self {
             zone: RwLock::new(zone),
+            generation: AtomicU64::new(0),
+            ready: RwLock::new(Ready::default()),
             synced: AtomicBool::new(false),
             forwarder,
             cache: Mutex::new(Cache::new(cache)),
@@ -109,6 +126,39 @@ impl Resolver {
             per_client: PerClient::new(limits.forwards_per_client),
             tcp: Arc::new(Semaphore::new(limits.tcp_connections)),
         }
+    }
+
+    /// The zone, to read.
+    pub fn zone(&self) -> std::sync::RwLockReadGuard<'_, Zone> {
+        self.zone
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Changes the zone with `edit`; the replies kept for it go.
+    pub fn edit_zone(&self, edit: impl FnOnce(&mut Zone)) {
+        let generation = {
+            let mut zone = self
+                .zone
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            edit(&mut zone);
+            self.generation.fetch_add(1, Ordering::AcqRel) + 1
+        };
+        write(&self.ready).clear(generation);
+    }
+
+    /// The kept reply to `packet`, made the asker's, into `out`.
+    fn answer_ready(&self, packet: &[u8], udp: bool, out: &mut Vec<u8>) -> bool {
+        let Some(q) = Question::parse(packet, UDP_PAYLOAD) else {
+            return false;
+        };
+        let limit = if udp {
+            q.udp_limit
+        } else {
+            usize::from(u16::MAX)
+        };
+        read(&self.ready).answer(packet, &q, limit, out)
     }
 
     /// The zone has been read from the apiserver: answer from it.
@@ -167,22 +217,28 @@ impl Resolver {
         ) {
             return refuse(ResponseCode::NotImp);
         }
-        let outcome = {
-            let zone = match self.zone.read() {
-                Ok(z) => z,
-                Err(p) => p.into_inner(),
-            };
+        let (outcome, generation) = {
+            let zone = read(&self.zone);
             if !self.synced() && zone.contains(query.name()) {
                 return refuse(ResponseCode::ServFail);
             }
-            zone.lookup(query.name(), query.query_type())
+            let generation = self.generation.load(Ordering::Acquire);
+            (zone.lookup(query.name(), query.query_type()), generation)
         };
         match outcome {
             Outcome::Answer(a) => {
                 let mut reply = self.reply_to(&request);
                 reply.metadata.authoritative = true;
                 fill(&mut reply, a);
-                encode(reply, limit).map_or(Handled::Drop, Handled::Reply)
+                let Some((bytes, whole)) = encode_whole(reply, limit) else {
+                    return Handled::Drop;
+                };
+                // Kept only whole: a reply cut for this asker's limit
+                // must not reach one who takes more.
+                if whole && let Some(q) = Question::parse(packet, UDP_PAYLOAD) {
+                    write(&self.ready).keep(&q, generation, &bytes);
+                }
+                Handled::Reply(bytes)
             }
             Outcome::Forward => Handled::Upstream(Box::new(Pending {
                 request,
@@ -321,6 +377,7 @@ impl Resolver {
     /// Serves UDP on `sock` until the task is dropped.
     pub async fn serve_udp(self: Arc<Self>, sock: Arc<UdpSocket>) {
         let mut buf = vec![0u8; 65_535];
+        let mut out = Vec::with_capacity(usize::from(UDP_PAYLOAD));
         loop {
             let (n, peer) = match sock.recv_from(&mut buf).await {
                 Ok(r) => r,
@@ -330,6 +387,10 @@ impl Resolver {
                     continue;
                 }
             };
+            if self.answer_ready(&buf[..n], true, &mut out) {
+                send(&sock, &out, peer).await;
+                continue;
+            }
             match self.handle(&buf[..n], true) {
                 Handled::Reply(bytes) => send(&sock, &bytes, peer).await,
                 Handled::Drop => {}
@@ -393,6 +454,13 @@ impl Resolver {
             tokio::time::timeout(TCP_IDLE, s.read_exact(&mut buf))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            let mut out = Vec::new();
+            if self.answer_ready(&buf, false, &mut out) {
+                if let Some(framed) = tcp_frame(&out) {
+                    s.write_all(&framed).await?;
+                }
+                continue;
+            }
             let reply = match self.handle(&buf, false) {
                 Handled::Reply(b) => Some(b),
                 Handled::Drop => return Ok(()),
@@ -491,21 +559,26 @@ fn fill(reply: &mut Message, a: Answer) {
 
 /// `reply` in at most `limit` bytes: whole, else without its additional
 /// section, else truncated (TC) to its question.
-fn encode(mut reply: Message, limit: usize) -> Option<Vec<u8>> {
+fn encode(reply: Message, limit: usize) -> Option<Vec<u8>> {
+    encode_whole(reply, limit).map(|(b, _)| b)
+}
+
+/// [`encode`], and whether the reply went whole.
+fn encode_whole(mut reply: Message, limit: usize) -> Option<(Vec<u8>, bool)> {
     let fits = |m: &Message| m.to_vec().ok().filter(|b| b.len() <= limit);
     if let Some(b) = fits(&reply) {
-        return Some(b);
+        return Some((b, true));
     }
     if !reply.additionals.is_empty() {
         reply.additionals.clear();
         if let Some(b) = fits(&reply) {
-            return Some(b);
+            return Some((b, false));
         }
     }
     let mut short = reply.truncate();
     short.metadata.authoritative = reply.metadata.authoritative;
     match short.to_vec() {
-        Ok(b) => Some(b),
+        Ok(b) => Some((b, false)),
         Err(e) => {
             warn!(error = %e, "encoding a reply");
             None
@@ -558,12 +631,91 @@ mod tests {
         m.to_vec().expect("encode")
     }
 
+    /// The way the sockets answer: a kept reply, else the full way.
     fn reply(r: &Resolver, packet: &[u8], udp: bool) -> Message {
+        let mut out = Vec::new();
+        if r.answer_ready(packet, udp, &mut out) {
+            return Message::from_vec(&out).expect("kept reply parses");
+        }
         match r.handle(packet, udp) {
             Handled::Reply(b) => Message::from_vec(&b).expect("reply parses"),
             Handled::Drop => panic!("dropped"),
             Handled::Upstream(_) => panic!("forwarded"),
         }
+    }
+
+    fn service(name: &str, ip: &str) -> k8s_openapi::api::core::v1::Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}))
+        .expect("svc")
+    }
+
+    fn addresses(m: &Message) -> Vec<String> {
+        m.answers.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    #[test]
+    fn a_kept_reply_is_the_askers_own_and_goes_when_the_zone_changes() {
+        let r = resolver();
+        let apex = r.zone().apex().clone();
+        r.edit_zone(|z| {
+            z.set_service(
+                "default/web",
+                records_of(&apex, &service("web", "10.96.0.20"), None),
+            )
+        });
+        let first = reply(
+            &r,
+            &ask("web.default.svc.cluster.local.", RecordType::A, None),
+            true,
+        );
+        assert_eq!(addresses(&first), ["10.96.0.20"]);
+        // Asked again, in another spelling, ID and flags: from the kept reply.
+        let mut again = Message::query();
+        again.metadata.id = 0x4242;
+        again.metadata.checking_disabled = true;
+        again.add_query(Query::query(
+            Name::from_ascii("WEB.Default.svc.cluster.local.").expect("name"),
+            RecordType::A,
+        ));
+        let again = again.to_vec().expect("encode");
+        let mut out = Vec::new();
+        assert!(r.answer_ready(&again, true, &mut out));
+        let m = Message::from_vec(&out).expect("parses");
+        assert_eq!(m.metadata.id, 0x4242);
+        assert!(!m.metadata.recursion_desired);
+        assert!(m.metadata.checking_disabled);
+        assert!(m.metadata.authoritative);
+        assert_eq!(
+            m.queries[0].name().to_ascii(),
+            "WEB.Default.svc.cluster.local."
+        );
+        assert_eq!(addresses(&m), ["10.96.0.20"]);
+        // The Service changes: the next answer is the new one.
+        r.edit_zone(|z| {
+            z.set_service(
+                "default/web",
+                records_of(&apex, &service("web", "10.96.0.21"), None),
+            )
+        });
+        assert!(!r.answer_ready(&again, true, &mut out));
+        let m = reply(&r, &again, true);
+        assert_eq!(addresses(&m), ["10.96.0.21"]);
+        // NXDOMAIN is kept too, and goes the same way.
+        let miss = ask("db.default.svc.cluster.local.", RecordType::A, Some(1232));
+        assert_eq!(
+            reply(&r, &miss, true).metadata.response_code,
+            ResponseCode::NXDomain
+        );
+        assert!(r.answer_ready(&miss, true, &mut out));
+        r.edit_zone(|z| {
+            z.set_service(
+                "default/db",
+                records_of(&apex, &service("db", "10.96.0.30"), None),
+            )
+        });
+        assert_eq!(addresses(&reply(&r, &miss, true)), ["10.96.0.30"]);
     }
 
     #[test]

@@ -1,0 +1,387 @@
+//! Zone answers kept encoded, ready to send (pure): a question asked
+//! again is answered by copying bytes, without parsing it into a message
+//! or encoding a reply. Most of a node's questions are the same few names
+//! asked over and over (and the same search-path misses), so this is the
+//! server's hot path; whatever it does not recognise goes the full way.
+//!
+//! A question qualifies when its header is a plain query (QUERY, one
+//! question, no answer or authority records), its name is uncompressed
+//! labels, its class IN, and it has either no additional record or one
+//! EDNS(0) OPT record with no options. The key is the name in lower case,
+//! the type and whether EDNS was asked; what differs between two askers
+//! of one key (ID, RD and CD flags, the question's spelling) is copied
+//! from the question into the stored reply.
+//!
+//! Entries are made only from the zone's own answers and are dropped all
+//! at once whenever the zone changes ([`Ready::clear`] with the zone's new
+//! generation; an answer worked out on an older generation is refused).
+
+use std::collections::HashMap;
+
+/// Bytes of stored replies (and their keys) at most; past that the store
+/// starts afresh, so a flood of distinct names cannot grow it.
+pub const MAX_BYTES: usize = 4 << 20;
+
+/// The longest key: a 255-byte name, the type and the EDNS flag.
+const KEY_MAX: usize = 255 + 3;
+
+/// A question read from the wire as far as a stored reply needs.
+pub struct Question {
+    key: [u8; KEY_MAX],
+    key_len: usize,
+    /// Bytes of the question section (name, type, class) from offset 12.
+    section: usize,
+    /// The largest reply the asker takes over UDP (512 without EDNS).
+    pub udp_limit: usize,
+}
+
+const HEADER: usize = 12;
+const TYPE_OPT: u16 = 41;
+const CLASS_IN: u16 = 1;
+
+fn u16_at(p: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*p.get(at)?, *p.get(at + 1)?]))
+}
+
+impl Question {
+    /// The question in `packet` when it qualifies (see the module's
+    /// description); None sends it the full way. `udp_payload` is ours.
+    pub fn parse(packet: &[u8], udp_payload: u16) -> Option<Self> {
+        let flags = *packet.get(2)?;
+        // A response, or an opcode other than QUERY.
+        if flags & 0x80 != 0 || (flags >> 3) & 0x0f != 0 {
+            return None;
+        }
+        let counts = [
+            u16_at(packet, 4)?,
+            u16_at(packet, 6)?,
+            u16_at(packet, 8)?,
+            u16_at(packet, 10)?,
+        ];
+        if counts[0] != 1 || counts[1] != 0 || counts[2] != 0 || counts[3] > 1 {
+            return None;
+        }
+        let mut key = [0u8; KEY_MAX];
+        let mut at = HEADER;
+        loop {
+            let len = usize::from(*packet.get(at)?);
+            // A compression pointer or a reserved label type.
+            if len > 63 {
+                return None;
+            }
+            let label = packet.get(at..at + 1 + len)?;
+            let name_len = at + 1 + len - HEADER;
+            if name_len > 255 {
+                return None;
+            }
+            for (k, b) in key[at - HEADER..].iter_mut().zip(label) {
+                *k = b.to_ascii_lowercase();
+            }
+            at += 1 + len;
+            if len == 0 {
+                break;
+            }
+        }
+        let name_len = at - HEADER;
+        let qtype = u16_at(packet, at)?;
+        if u16_at(packet, at + 2)? != CLASS_IN {
+            return None;
+        }
+        let section = name_len + 4;
+        at += 4;
+        let edns = match counts[3] {
+            0 if at == packet.len() => None,
+            // Root name, OPT, payload, extended rcode, version 0, flags,
+            // no options, and nothing after it.
+            1 if packet.len() == at + 11
+                && packet[at] == 0
+                && u16_at(packet, at + 1)? == TYPE_OPT
+                && packet[at + 6] == 0
+                && u16_at(packet, at + 9)? == 0 =>
+            {
+                u16_at(packet, at + 3)
+            }
+            _ => return None,
+        };
+        key[name_len..name_len + 2].copy_from_slice(&qtype.to_be_bytes());
+        key[name_len + 2] = u8::from(edns.is_some());
+        let udp_limit = edns.map_or(512, |p| p.clamp(512, udp_payload));
+        Some(Self {
+            key,
+            key_len: name_len + 3,
+            section,
+            udp_limit: usize::from(udp_limit),
+        })
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.key[..self.key_len]
+    }
+}
+
+/// Encoded replies by question, for one generation of the zone.
+#[derive(Default)]
+pub struct Ready {
+    generation: u64,
+    replies: HashMap<Box<[u8]>, Box<[u8]>>,
+    bytes: usize,
+}
+
+impl Ready {
+    /// The stored reply to `q` made the asker's own into `out` (its ID,
+    /// RD and CD flags and question spelling), if there is one that fits
+    /// in `limit` bytes.
+    pub fn answer(&self, packet: &[u8], q: &Question, limit: usize, out: &mut Vec<u8>) -> bool {
+        let Some(reply) = self.replies.get(q.key()) else {
+            return false;
+        };
+        if reply.len() > limit {
+            return false;
+        }
+        out.clear();
+        out.extend_from_slice(reply);
+        out[..2].copy_from_slice(&packet[..2]);
+        // RD is the low bit of byte 2, CD bit 4 of byte 3.
+        out[2] = (out[2] & !0x01) | (packet[2] & 0x01);
+        out[3] = (out[3] & !0x10) | (packet[3] & 0x10);
+        let section = HEADER..HEADER + q.section;
+        out[section.clone()].copy_from_slice(&packet[section]);
+        true
+    }
+
+    /// Keeps `reply`, the zone's answer to `q` worked out on the zone's
+    /// `generation`: refused when the zone has changed since, or when the
+    /// reply was truncated.
+    pub fn keep(&mut self, q: &Question, generation: u64, reply: &[u8]) {
+        if generation != self.generation || reply.get(2).is_none_or(|f| f & 0x02 != 0) {
+            return;
+        }
+        if reply.len() < HEADER + q.section {
+            return;
+        }
+        let size = reply.len() + q.key_len;
+        if self.bytes + size > MAX_BYTES {
+            self.replies.clear();
+            self.bytes = 0;
+        }
+        if self.replies.insert(q.key().into(), reply.into()).is_none() {
+            self.bytes += size;
+        }
+    }
+
+    /// The zone changed: every stored reply goes.
+    pub fn clear(&mut self, generation: u64) {
+        self.generation = generation;
+        self.replies.clear();
+        self.replies.shrink_to(0);
+        self.bytes = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.replies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Edns, Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn ask(name: &str, t: RecordType, id: u16, rd: bool, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = rd;
+        m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
+        if let Some(p) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(p);
+            m.set_edns(e);
+        }
+        m.to_vec().expect("encode")
+    }
+
+    #[test]
+    fn the_key_ignores_case_id_and_flags_but_not_type_or_edns() {
+        let a = Question::parse(
+            &ask(
+                "Web.Default.svc.cluster.local.",
+                RecordType::A,
+                1,
+                true,
+                None,
+            ),
+            1232,
+        )
+        .expect("qualifies");
+        let b = Question::parse(
+            &ask(
+                "web.default.svc.cluster.local.",
+                RecordType::A,
+                9,
+                false,
+                None,
+            ),
+            1232,
+        )
+        .expect("qualifies");
+        assert_eq!(a.key(), b.key());
+        assert_eq!(a.udp_limit, 512);
+        let aaaa = Question::parse(
+            &ask(
+                "web.default.svc.cluster.local.",
+                RecordType::AAAA,
+                1,
+                true,
+                None,
+            ),
+            1232,
+        )
+        .expect("qualifies");
+        assert_ne!(a.key(), aaaa.key());
+        let edns = Question::parse(
+            &ask(
+                "web.default.svc.cluster.local.",
+                RecordType::A,
+                1,
+                true,
+                Some(4096),
+            ),
+            1232,
+        )
+        .expect("qualifies");
+        assert_ne!(a.key(), edns.key());
+        assert_eq!(edns.udp_limit, 1232);
+    }
+
+    #[test]
+    fn only_plain_queries_qualify() {
+        let plain = ask(
+            "web.default.svc.cluster.local.",
+            RecordType::A,
+            1,
+            true,
+            None,
+        );
+        // A response.
+        let mut response = plain.clone();
+        response[2] |= 0x80;
+        // Another opcode (NOTIFY).
+        let mut notify = plain.clone();
+        notify[2] |= 4 << 3;
+        // Two questions.
+        let mut two = plain.clone();
+        two[5] = 2;
+        // Class CH.
+        let mut chaos = plain.clone();
+        let n = chaos.len();
+        chaos[n - 1] = 3;
+        // A compressed name.
+        let mut pointer = plain[..12].to_vec();
+        pointer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        // Trailing bytes, and cut short.
+        let mut trailing = plain.clone();
+        trailing.push(0);
+        let short = &plain[..plain.len() - 1];
+        // An EDNS option (a cookie, say) goes the full way too.
+        let mut option = ask(
+            "web.default.svc.cluster.local.",
+            RecordType::A,
+            1,
+            true,
+            Some(1232),
+        );
+        let n = option.len();
+        option[n - 1] = 4;
+        option.extend_from_slice(&[0, 10, 0, 0]);
+        for (what, p) in [
+            ("response", &response[..]),
+            ("notify", &notify),
+            ("two", &two),
+            ("chaos", &chaos),
+            ("pointer", &pointer),
+            ("trailing", &trailing),
+            ("short", short),
+            ("option", &option),
+        ] {
+            assert!(Question::parse(p, 1232).is_none(), "{what}");
+        }
+        assert!(Question::parse(&plain, 1232).is_some());
+    }
+
+    #[test]
+    fn a_stored_reply_is_the_askers_own_and_goes_with_the_generation() {
+        let first = ask(
+            "web.default.svc.cluster.local.",
+            RecordType::A,
+            7,
+            true,
+            None,
+        );
+        let q = Question::parse(&first, 1232).expect("qualifies");
+        let mut reply = Message::from_vec(&first).expect("parse");
+        reply.metadata.message_type = hickory_proto::op::MessageType::Response;
+        reply.metadata.authoritative = true;
+        let reply = reply.to_vec().expect("encode");
+        let mut ready = Ready::default();
+        ready.clear(3);
+        // Worked out on an older zone: refused.
+        ready.keep(&q, 2, &reply);
+        assert!(ready.is_empty());
+        ready.keep(&q, 3, &reply);
+        assert_eq!(ready.len(), 1);
+
+        let again = ask(
+            "WEB.default.svc.cluster.local.",
+            RecordType::A,
+            0xbeef,
+            false,
+            None,
+        );
+        let q2 = Question::parse(&again, 1232).expect("qualifies");
+        let mut out = Vec::new();
+        assert!(ready.answer(&again, &q2, 512, &mut out));
+        let got = Message::from_vec(&out).expect("parse");
+        assert_eq!(got.metadata.id, 0xbeef);
+        assert!(!got.metadata.recursion_desired);
+        assert!(got.metadata.authoritative);
+        assert_eq!(
+            got.queries[0].name().to_ascii(),
+            "WEB.default.svc.cluster.local."
+        );
+        // Too big for the asker: the full way.
+        assert!(!ready.answer(&again, &q2, reply.len() - 1, &mut out));
+        // The zone changed.
+        ready.clear(4);
+        assert!(!ready.answer(&again, &q2, 512, &mut out));
+    }
+
+    #[test]
+    fn truncated_replies_are_not_kept_and_the_store_is_bounded() {
+        let mut ready = Ready::default();
+        let p = ask("a.default.svc.cluster.local.", RecordType::A, 1, true, None);
+        let q = Question::parse(&p, 1232).expect("qualifies");
+        let mut tc = p.clone();
+        tc[2] |= 0x82;
+        ready.keep(&q, 0, &tc);
+        assert!(ready.is_empty());
+        let big = vec![0u8; 4096];
+        for i in 0..(MAX_BYTES / 4096 + 10) {
+            let p = ask(
+                &format!("n{i}.default.svc.cluster.local."),
+                RecordType::A,
+                1,
+                true,
+                None,
+            );
+            let q = Question::parse(&p, 1232).expect("qualifies");
+            ready.keep(&q, 0, &big);
+            assert!(ready.bytes <= MAX_BYTES);
+        }
+        assert!(!ready.is_empty());
+    }
+}
