@@ -168,6 +168,36 @@ pub async fn taken_ips(store: &Store) -> Result<std::collections::HashSet<String
         .collect())
 }
 
+/// Random addresses probed one by one before the whole range is read.
+const PROBES: usize = 8;
+
+/// The first addresses of a range, left to Services that ask for one by
+/// address (kube-dns's, say) while dynamic ones are found above them, as
+/// upstream's allocator does: 16 to 256, a sixteenth of the range.
+fn static_band(cidr: Cidr) -> u128 {
+    (cidr.size() / 16).clamp(16, 256)
+}
+
+/// A free address of `cidr` for a Service that names none: a few random
+/// addresses above the static band, each checked with one read, and only
+/// when those are all taken (a nearly full range) the whole set of
+/// allocations read and scanned. The create transaction checks the
+/// address again, so a race only costs a retry. Reading every allocation
+/// for every create made creating N Services cost N² reads.
+pub async fn pick_ip(store: &Store, cidr: Cidr) -> Result<Option<IpAddr>, StoreError> {
+    let usable = cidr.size() - 2;
+    let band = static_band(cidr);
+    if usable > band {
+        for _ in 0..PROBES {
+            let ip = cidr.nth(1 + band + u128::from(random_u32()) % (usable - band));
+            if store.get(&ip_key(&ip.to_string())).await?.is_none() {
+                return Ok(Some(ip));
+            }
+        }
+    }
+    Ok(free_ip(cidr, &taken_ips(store).await?))
+}
+
 /// A free address of `cidr` not in `taken`, scanning from a random start.
 pub fn free_ip(cidr: Cidr, taken: &std::collections::HashSet<String>) -> Option<IpAddr> {
     let usable = cidr.size() - 2;
@@ -217,6 +247,15 @@ mod tests {
         assert!(!c.contains_usable(v4(10, 96, 0, 0)));
         assert!(!c.contains_usable(v4(10, 112, 0, 1)));
         assert!("10.0.0.0".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn the_static_band_is_a_sixteenth_within_16_and_256() {
+        let band = |s: &str| static_band(s.parse().expect("cidr"));
+        assert_eq!(band("10.96.0.0/12"), 256);
+        assert_eq!(band("10.96.0.0/24"), 16);
+        assert_eq!(band("10.96.0.0/20"), 256);
+        assert_eq!(band("10.96.0.0/28"), 16);
     }
 
     #[test]

@@ -531,9 +531,6 @@ impl Api {
                 svc["spec"]["clusterIPs"] = json!(["None"]);
             } else {
                 let mut ips: Vec<String> = Vec::new();
-                // What is allocated, read once for every family this
-                // Service needs an address of.
-                let mut taken = None;
                 for (i, family) in families.iter().enumerate() {
                     let Some(cidr) = cidrs.iter().find(|c| c.family() == *family) else {
                         continue;
@@ -558,19 +555,12 @@ impl Api {
                             }
                             ip
                         }
-                        None => {
-                            let taken = match &mut taken {
-                                Some(t) => t,
-                                None => taken.insert(
-                                    alloc::taken_ips(&self.store)
-                                        .await
-                                        .map_err(|e| store_err(services, &name, e))?,
-                                ),
-                            };
-                            alloc::free_ip(*cidr, taken).ok_or_else(|| {
+                        None => alloc::pick_ip(&self.store, *cidr)
+                            .await
+                            .map_err(|e| store_err(services, &name, e))?
+                            .ok_or_else(|| {
                                 ApiError::internal(format!("no ClusterIP left in {cidr}"))
-                            })?
-                        }
+                            })?,
                     };
                     let key = alloc::ip_key(&ip.to_string());
                     if !held_before.contains(&key) {
