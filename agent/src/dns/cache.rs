@@ -54,38 +54,45 @@ pub fn key(name: &Name, qtype: RecordType) -> Key {
     (n, qtype)
 }
 
-/// What an upstream answer is, kept.
+/// An upstream answer: its rcode and records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
     pub rcode: ResponseCode,
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
-    stored: Instant,
-    ttl: u32,
-    prefetched: bool,
 }
 
 impl Entry {
-    /// An answer as served (not kept): its rcode and records as they are.
+    /// The answer in `reply`, its records as they are.
     pub fn from_reply(reply: &Message) -> Self {
         Self {
             rcode: reply.metadata.response_code,
             answers: reply.answers.clone(),
             authorities: reply.authorities.clone(),
-            stored: Instant::now(),
-            ttl: 0,
-            prefetched: true,
         }
     }
+}
+
+/// An answer kept, with when and for how long.
+#[derive(Clone, Debug)]
+struct Kept {
+    entry: Entry,
+    stored: Instant,
+    ttl: u32,
+    prefetched: bool,
 }
 
 /// What the cache has for a question.
 #[derive(Debug, PartialEq)]
 pub enum Lookup {
-    /// Live: serve it. `refresh` is set once, late in its life.
+    /// Live: serve it. `refresh` is set once, late in its life. `steady`
+    /// is how much longer it stays live with no refresh due (0 when one
+    /// is due or done), so what is served from it may be served as it is
+    /// (its TTLs counted down) for that long.
     Fresh {
         entry: Entry,
         refresh: bool,
+        steady: Duration,
     },
     /// Expired but within the stale window: serve only if upstream fails.
     Stale(Entry),
@@ -94,7 +101,7 @@ pub enum Lookup {
 
 pub struct Cache {
     cfg: CacheConfig,
-    entries: HashMap<Key, Entry>,
+    entries: HashMap<Key, Kept>,
     /// Keys in the order they were stored (with repeats of re-stored
     /// keys; an old position whose entry was re-stored since is skipped).
     order: VecDeque<(Key, Instant)>,
@@ -153,10 +160,8 @@ impl Cache {
         self.order.push_back((key.clone(), now));
         self.entries.insert(
             key,
-            Entry {
-                rcode: reply.metadata.response_code,
-                answers: reply.answers.clone(),
-                authorities: reply.authorities.clone(),
+            Kept {
+                entry: Entry::from_reply(reply),
                 stored: now,
                 ttl,
                 prefetched: false,
@@ -194,14 +199,21 @@ impl Cache {
         let age = now.saturating_duration_since(e.stored);
         let life = Duration::from_secs(e.ttl.into());
         if age < life {
-            let refresh = !e.prefetched && e.ttl >= 10 && age * 10 >= life * 9;
+            let prefetches = !e.prefetched && e.ttl >= 10;
+            let refresh = prefetches && age * 10 >= life * 9;
             if refresh {
                 e.prefetched = true;
             }
+            let steady = match (prefetches, e.prefetched) {
+                (true, _) => (life * 9 / 10).saturating_sub(age),
+                (false, false) => life - age,
+                (false, true) => Duration::ZERO,
+            };
             let elapsed = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
             return Lookup::Fresh {
                 entry: aged(e, |t| t.saturating_sub(elapsed)),
                 refresh,
+                steady,
             };
         }
         if age < life + stale {
@@ -214,8 +226,8 @@ impl Cache {
 
 /// `e` with every record's TTL mapped by `f` (the SOA of a negative
 /// answer too).
-fn aged(e: &Entry, f: impl Fn(u32) -> u32) -> Entry {
-    let mut out = e.clone();
+fn aged(e: &Kept, f: impl Fn(u32) -> u32) -> Entry {
+    let mut out = e.entry.clone();
     for r in out.answers.iter_mut().chain(out.authorities.iter_mut()) {
         r.ttl = f(r.ttl);
     }
@@ -274,7 +286,7 @@ mod tests {
 
     fn fresh(l: Lookup) -> (Entry, bool) {
         match l {
-            Lookup::Fresh { entry, refresh } => (entry, refresh),
+            Lookup::Fresh { entry, refresh, .. } => (entry, refresh),
             other => panic!("not fresh: {other:?}"),
         }
     }
@@ -294,9 +306,22 @@ mod tests {
             [30, 90]
         );
         assert!(!refresh);
+        // Served as it is until the refresh is due (at 36 of its 40 s).
+        let steady = |l: Lookup| match l {
+            Lookup::Fresh { steady, .. } => steady,
+            other => panic!("not fresh: {other:?}"),
+        };
+        assert_eq!(
+            steady(c.lookup(&k, t0 + Duration::from_secs(10))),
+            Duration::from_secs(26)
+        );
         // Late in its life: due for a refresh, once.
         assert!(fresh(c.lookup(&k, t0 + Duration::from_secs(37))).1);
         assert!(!fresh(c.lookup(&k, t0 + Duration::from_secs(38))).1);
+        assert_eq!(
+            steady(c.lookup(&k, t0 + Duration::from_secs(38))),
+            Duration::ZERO
+        );
         match c.lookup(&k, t0 + Duration::from_secs(41)) {
             Lookup::Stale(e) => assert!(e.answers.iter().all(|r| r.ttl <= STALE_TTL)),
             other => panic!("{other:?}"),

@@ -12,11 +12,16 @@
 //! of one key (ID, RD and CD flags, the question's spelling) is copied
 //! from the question into the stored reply.
 //!
-//! Entries are made only from the zone's own answers and are dropped all
-//! at once whenever the zone changes ([`Ready::clear`] with the zone's new
-//! generation; an answer worked out on an older generation is refused).
+//! Entries are made from the zone's answers and from upstream answers
+//! served out of the cache. The latter are kept only while the cache
+//! would serve them as they are (before a prefetch is due) and have their
+//! TTLs counted down as they are sent. All are dropped at once whenever
+//! the zone changes ([`Ready::clear`] with the zone's new generation; an
+//! answer worked out on an older generation is refused): a name the zone
+//! takes over (a ClusterIP's PTR, say) stops being upstream's at once.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// Bytes of stored replies (and their keys) at most; past that the store
 /// starts afresh, so a flood of distinct names cannot grow it.
@@ -26,6 +31,7 @@ pub const MAX_BYTES: usize = 4 << 20;
 const KEY_MAX: usize = 255 + 3;
 
 /// A question read from the wire as far as a stored reply needs.
+#[derive(Clone)]
 pub struct Question {
     key: [u8; KEY_MAX],
     key_len: usize,
@@ -123,8 +129,51 @@ impl Question {
 #[derive(Default)]
 pub struct Ready {
     generation: u64,
-    replies: HashMap<Box<[u8]>, Box<[u8]>>,
+    replies: HashMap<Box<[u8]>, Kept>,
     bytes: usize,
+}
+
+struct Kept {
+    reply: Box<[u8]>,
+    /// For an upstream answer: its TTLs to count down.
+    aging: Option<Aging>,
+}
+
+struct Aging {
+    stored: Instant,
+    /// Served from here until then.
+    until: Instant,
+    /// Each record's TTL: where in the reply, and its value when stored.
+    ttls: Box<[(usize, u32)]>,
+}
+
+/// Where the TTL of each answer and authority record of `reply` is, and
+/// its value; None when the reply does not read as one.
+fn ttl_fields(reply: &[u8]) -> Option<Vec<(usize, u32)>> {
+    fn skip_name(b: &[u8], mut at: usize) -> Option<usize> {
+        loop {
+            let len = *b.get(at)?;
+            match len {
+                0 => return Some(at + 1),
+                l if l & 0xc0 == 0xc0 => return Some(at + 2),
+                l if l > 63 => return None,
+                l => at += 1 + usize::from(l),
+            }
+        }
+    }
+    let (qd, an, ns) = (u16_at(reply, 4)?, u16_at(reply, 6)?, u16_at(reply, 8)?);
+    let mut at = HEADER;
+    for _ in 0..qd {
+        at = skip_name(reply, at)? + 4;
+    }
+    let mut out = Vec::new();
+    for _ in 0..u32::from(an) + u32::from(ns) {
+        at = skip_name(reply, at)?;
+        let ttl = u32::from_be_bytes(reply.get(at + 4..at + 8)?.try_into().ok()?);
+        out.push((at + 4, ttl));
+        at += 10 + usize::from(u16_at(reply, at + 8)?);
+    }
+    (at <= reply.len()).then_some(out)
 }
 
 impl Ready {
@@ -132,14 +181,29 @@ impl Ready {
     /// RD and CD flags and question spelling), if there is one that fits
     /// in `limit` bytes.
     pub fn answer(&self, packet: &[u8], q: &Question, limit: usize, out: &mut Vec<u8>) -> bool {
-        let Some(reply) = self.replies.get(q.key()) else {
+        let Some(kept) = self.replies.get(q.key()) else {
             return false;
         };
-        if reply.len() > limit {
+        if kept.reply.len() > limit {
             return false;
         }
+        let elapsed = match &kept.aging {
+            None => None,
+            Some(a) => {
+                let now = Instant::now();
+                if now >= a.until {
+                    return false;
+                }
+                Some(u32::try_from(now.duration_since(a.stored).as_secs()).unwrap_or(u32::MAX))
+            }
+        };
         out.clear();
-        out.extend_from_slice(reply);
+        out.extend_from_slice(&kept.reply);
+        if let (Some(a), Some(elapsed)) = (&kept.aging, elapsed) {
+            for (at, ttl) in a.ttls.iter() {
+                out[*at..*at + 4].copy_from_slice(&ttl.saturating_sub(elapsed).to_be_bytes());
+            }
+        }
         out[..2].copy_from_slice(&packet[..2]);
         // RD is the low bit of byte 2, CD bit 4 of byte 3.
         out[2] = (out[2] & !0x01) | (packet[2] & 0x01);
@@ -153,6 +217,29 @@ impl Ready {
     /// `generation`: refused when the zone has changed since, or when the
     /// reply was truncated.
     pub fn keep(&mut self, q: &Question, generation: u64, reply: &[u8]) {
+        self.put(q, generation, reply, None);
+    }
+
+    /// Keeps `reply`, an upstream answer to `q` the cache serves as it is
+    /// for `steady` more (counting its TTLs down), decided on the zone's
+    /// `generation`.
+    pub fn keep_for(&mut self, q: &Question, generation: u64, reply: &[u8], steady: Duration) {
+        if steady < Duration::from_secs(1) {
+            return;
+        }
+        let Some(ttls) = ttl_fields(reply) else {
+            return;
+        };
+        let stored = Instant::now();
+        let aging = Aging {
+            stored,
+            until: stored + steady,
+            ttls: ttls.into(),
+        };
+        self.put(q, generation, reply, Some(aging));
+    }
+
+    fn put(&mut self, q: &Question, generation: u64, reply: &[u8], aging: Option<Aging>) {
         if generation != self.generation || reply.get(2).is_none_or(|f| f & 0x02 != 0) {
             return;
         }
@@ -164,8 +251,13 @@ impl Ready {
             self.replies.clear();
             self.bytes = 0;
         }
-        if self.replies.insert(q.key().into(), reply.into()).is_none() {
-            self.bytes += size;
+        let kept = Kept {
+            reply: reply.into(),
+            aging,
+        };
+        match self.replies.insert(q.key().into(), kept) {
+            None => self.bytes += size,
+            Some(old) => self.bytes = self.bytes + reply.len() - old.reply.len(),
         }
     }
 
@@ -358,6 +450,52 @@ mod tests {
         // The zone changed.
         ready.clear(4);
         assert!(!ready.answer(&again, &q2, 512, &mut out));
+    }
+
+    #[test]
+    fn an_upstream_reply_counts_its_ttls_down_and_is_served_only_while_steady() {
+        use hickory_proto::rr::{RData, Record, rdata::A};
+        let p = ask("www.example.com.", RecordType::A, 5, true, Some(1232));
+        let q = Question::parse(&p, 1232).expect("qualifies");
+        let mut m = Message::from_vec(&p).expect("parse");
+        m.metadata.message_type = hickory_proto::op::MessageType::Response;
+        for (ttl, last) in [(100, 1), (300, 2)] {
+            m.add_answer(Record::from_rdata(
+                Name::from_ascii("www.example.com.").expect("name"),
+                ttl,
+                RData::A(A::new(192, 0, 2, last)),
+            ));
+        }
+        let reply = m.to_vec().expect("encode");
+        assert_eq!(
+            ttl_fields(&reply).map(|f| f.iter().map(|(_, t)| *t).collect::<Vec<_>>()),
+            Some(vec![100, 300])
+        );
+        let mut ready = Ready::default();
+        // Not steady for a second: not kept.
+        ready.keep_for(&q, 0, &reply, Duration::from_millis(500));
+        assert!(ready.is_empty());
+        ready.keep_for(&q, 0, &reply, Duration::from_secs(60));
+        // Kept 5 s ago, as if.
+        let now = Instant::now();
+        if let Some(k) = ready.replies.values_mut().next()
+            && let Some(a) = k.aging.as_mut()
+        {
+            a.stored = now - Duration::from_secs(5);
+        }
+        let mut out = Vec::new();
+        assert!(ready.answer(&p, &q, 1232, &mut out));
+        let got = Message::from_vec(&out).expect("parse");
+        assert_eq!(got.answers.iter().map(|r| r.ttl).collect::<Vec<_>>(), [95, 295]);
+        // The OPT record is left as it is.
+        assert_eq!(got.edns.map(|e| e.max_payload()), Some(1232));
+        // Past its steady time: the full way (the cache decides).
+        if let Some(k) = ready.replies.values_mut().next()
+            && let Some(a) = k.aging.as_mut()
+        {
+            a.until = now;
+        }
+        assert!(!ready.answer(&p, &q, 1232, &mut out));
     }
 
     #[test]

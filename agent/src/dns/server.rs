@@ -96,6 +96,10 @@ struct Pending {
     request: Message,
     /// Set when the zone answered with a CNAME that leaves it.
     partial: Option<(Answer, hickory_proto::rr::Name)>,
+    /// For keeping the reply ready: the question as read from the wire,
+    /// and the zone's generation that sent it upstream.
+    question: Option<Question>,
+    generation: u64,
 }
 
 type Flight = Shared<BoxFuture<'static, Result<Arc<Message>, Arc<ForwardError>>>>;
@@ -243,10 +247,14 @@ impl Resolver {
             Outcome::Forward => Handled::Upstream(Box::new(Pending {
                 request,
                 partial: None,
+                question: Question::parse(packet, UDP_PAYLOAD),
+                generation,
             })),
             Outcome::Chase { partial, target } => Handled::Upstream(Box::new(Pending {
                 request,
                 partial: Some((partial, target)),
+                question: None,
+                generation,
             })),
         }
     }
@@ -277,8 +285,9 @@ impl Resolver {
             None => (query.clone(), None),
         };
         let upstream = self.upstream(&question).await;
+        let mut steady = Duration::ZERO;
         match (partial, upstream) {
-            (Some(mut answer), Ok(up)) => {
+            (Some(mut answer), Ok((up, _))) => {
                 reply.metadata.authoritative = true;
                 answer.rcode = up.rcode;
                 answer.answers.extend(up.answers);
@@ -290,10 +299,11 @@ impl Resolver {
                 reply.metadata.authoritative = true;
                 fill(&mut reply, answer);
             }
-            (None, Ok(up)) => {
+            (None, Ok((up, fresh_for))) => {
                 reply.metadata.response_code = up.rcode;
                 reply.answers = up.answers;
                 reply.authorities = up.authorities;
+                steady = fresh_for;
             }
             (None, Err(e)) if matches!(*e, ForwardError::NoUpstream) => {
                 reply.metadata.response_code = ResponseCode::Refused;
@@ -303,19 +313,32 @@ impl Resolver {
                 reply.metadata.response_code = ResponseCode::ServFail;
             }
         }
-        encode(reply, limit)
+        let (bytes, whole) = encode_whole(reply, limit)?;
+        if whole && let Some(q) = &p.question {
+            write(&self.ready).keep_for(q, p.generation, &bytes, steady);
+        }
+        Some(bytes)
     }
 
     /// Upstream's answer to `query` through the cache: a live entry, else
     /// one question upstream however many clients ask at once, else
     /// (upstream failing) an expired entry still within its stale window.
-    async fn upstream(self: &Arc<Self>, query: &Query) -> Result<Entry, Arc<ForwardError>> {
+    /// With it, how long the cache serves it as it is (zero but for a
+    /// live entry with no refresh due).
+    async fn upstream(
+        self: &Arc<Self>,
+        query: &Query,
+    ) -> Result<(Entry, Duration), Arc<ForwardError>> {
         if self.forwarder.upstreams().is_empty() {
             return Err(Arc::new(ForwardError::NoUpstream));
         }
         let k = cache::key(query.name(), query.query_type());
         let stale = match lock(&self.cache).lookup(&k, Instant::now()) {
-            Lookup::Fresh { entry, refresh } => {
+            Lookup::Fresh {
+                entry,
+                refresh,
+                steady,
+            } => {
                 if refresh {
                     // Prefetch: asked again before it expires.
                     let (me, q) = (self.clone(), query.clone());
@@ -323,14 +346,14 @@ impl Resolver {
                         let _ = me.ask(q).await;
                     });
                 }
-                return Ok(entry);
+                return Ok((entry, steady));
             }
             Lookup::Stale(e) => Some(e),
             Lookup::Miss => None,
         };
         match self.ask(query.clone()).await {
-            Ok(reply) => Ok(Entry::from_reply(&reply)),
-            Err(e) => stale.ok_or(e),
+            Ok(reply) => Ok((Entry::from_reply(&reply), Duration::ZERO)),
+            Err(e) => stale.map(|s| (s, Duration::ZERO)).ok_or(e),
         }
     }
 
