@@ -32,7 +32,8 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
                                 [--requests 40000] [--threads 2]
                                 [--cases remote,local,local-policy] [--maglev-size 16381]
                                 [--out target/bench]
-       skiff-lab bench-dns [--services 1000] [--seconds 10] [--rounds 3] [--out target/bench]";
+       skiff-lab bench-dns [--services 10000] [--seconds 10] [--rounds 3] [--latency-qps 20000]
+                           [--propagation 50] [--rss-services 50000] [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -173,14 +174,20 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
 
 fn dns_args(argv: &[String]) -> Result<dns::Args> {
     let mut a = dns::Args {
-        services: 1_000,
+        services: 10_000,
         seconds: 10,
         rounds: 3,
+        latency_qps: 20_000,
+        propagation: 50,
+        rss_services: 50_000,
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
         match flag {
             "--services" => a.services = value.parse().context("--services")?,
+            "--latency-qps" => a.latency_qps = value.parse().context("--latency-qps")?,
+            "--propagation" => a.propagation = value.parse().context("--propagation")?,
+            "--rss-services" => a.rss_services = value.parse().context("--rss-services")?,
             "--seconds" => a.seconds = value.parse().context("--seconds")?,
             "--rounds" => a.rounds = value.parse().context("--rounds")?,
             "--out" => a.out = PathBuf::from(value),
@@ -188,8 +195,8 @@ fn dns_args(argv: &[String]) -> Result<dns::Args> {
         }
         Ok(true)
     })?;
-    if a.services == 0 || a.seconds == 0 || a.rounds == 0 {
-        bail!("--services, --seconds and --rounds must be at least 1");
+    if a.services == 0 || a.seconds == 0 || a.rounds == 0 || a.latency_qps == 0 {
+        bail!("--services, --seconds, --rounds and --latency-qps must be at least 1");
     }
     Ok(a)
 }

@@ -6,14 +6,25 @@
 //! Both serve the same records: the dns role reads `--services` Services
 //! from a real apiserver; unbound gets them as `local-data` in a static
 //! `cluster.local` zone (which, like the dns role, answers NXDOMAIN for
-//! names it does not hold). Two mixes of questions:
+//! names it does not hold). Both forward other names to the same upstream
+//! (dnsmasq, answering all of `example.com` with one address for an hour)
+//! and cache them. Three mixes of questions:
 //! - `hit`: the A record of every Service, in turn;
+//! - `external`: `www<i>.example.com`, every one asked once before the
+//!   runs, so answered from each server's cache;
 //! - `search-miss`: what a pod's resolver (ndots:5) asks first for an
 //!   outside name: `<name>.<ns>.svc.cluster.local`, NXDOMAIN.
 //!
 //! Each round runs every mix against each server (in alternating order),
 //! for `--seconds`, with the same dnsperf load; the ratio is Skiff's
-//! queries per second over unbound's.
+//! queries per second over unbound's. Latency percentiles come from one
+//! run per mix and server at a fixed rate (`--latency-qps`, below both
+//! servers' limits), with every answer's latency.
+//!
+//! Then, with a second node's dns role beside the first: propagation,
+//! from a Service's create until its name resolves on both nodes
+//! (`--propagation` Services, one at a time); and memory, the dns role's
+//! resident size at `--services` and at `--rss-services` Services.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -28,13 +39,24 @@ pub struct Args {
     pub services: usize,
     pub seconds: u64,
     pub rounds: usize,
+    /// The fixed rate of the latency runs.
+    pub latency_qps: u32,
+    /// Services created one at a time for propagation.
+    pub propagation: usize,
+    /// Services in all for the second memory figure (0: none).
+    pub rss_services: usize,
     pub out: PathBuf,
 }
 
 const SKIFF_IP: &str = "10.78.0.1";
-const UNBOUND_IP: &str = "10.78.0.3";
 const CLIENT_IP: &str = "10.78.0.2";
-const MIXES: [&str; 2] = ["hit", "search-miss"];
+const UNBOUND_IP: &str = "10.78.0.3";
+const UPSTREAM_IP: &str = "10.78.0.4";
+/// The second node's dns role.
+const SKIFF2_IP: &str = "10.78.0.5";
+const MIXES: [&str; 3] = ["hit", "external", "search-miss"];
+/// What the upstream answers for every `example.com` name.
+const EXTERNAL_ADDR: &str = "192.0.2.1";
 
 /// One dnsperf run.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -45,22 +67,15 @@ struct Run {
     completed: u64,
 }
 
+/// dnsperf's load: 8 clients on 2 threads, 500 questions outstanding.
+const LOAD: [&str; 8] = ["-c", "8", "-T", "2", "-q", "500", "-t", "2"];
+
 fn dnsperf(client: &Netns, server: &str, file: &std::path::Path, seconds: u64) -> Result<Run> {
     let out = Spawn::new("dnsperf")
         .args(["-s", server, "-d"])
         .args([file])
-        .args([
-            "-l",
-            &seconds.to_string(),
-            "-c",
-            "8",
-            "-T",
-            "2",
-            "-q",
-            "500",
-            "-t",
-            "2",
-        ])
+        .args(["-l", &seconds.to_string()])
+        .args(LOAD)
         .netns(client)
         .try_output()
         .map_err(anyhow::Error::msg)?;
@@ -81,6 +96,53 @@ fn dnsperf(client: &Netns, server: &str, file: &std::path::Path, seconds: u64) -
         lost: num("Queries lost:")? as u64,
         completed: num("Queries completed:")? as u64,
     })
+}
+
+/// Asks every question of `file` once (filling a cache).
+fn once(client: &Netns, server: &str, file: &std::path::Path) -> Result<()> {
+    Spawn::new("dnsperf")
+        .args(["-s", server, "-d"])
+        .args([file])
+        .args(["-n", "1"])
+        .args(LOAD)
+        .netns(client)
+        .try_output()
+        .map_err(anyhow::Error::msg)
+        .map(drop)
+}
+
+/// Each answer's latency in µs, ascending, from a run at `qps` for
+/// `seconds` (dnsperf's verbose mode prints one line per answer, its
+/// latency in seconds last).
+fn latencies(
+    client: &Netns,
+    server: &str,
+    file: &std::path::Path,
+    qps: u32,
+    seconds: u64,
+) -> Result<Vec<f64>> {
+    let out = Spawn::new("dnsperf")
+        .args(["-s", server, "-d"])
+        .args([file])
+        .args(["-l", &seconds.to_string(), "-Q", &qps.to_string(), "-v"])
+        .args(LOAD)
+        .netns(client)
+        .try_output()
+        .map_err(anyhow::Error::msg)?;
+    let mut v: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with("> NOERROR") || l.starts_with("> NXDOMAIN"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|s| s * 1e6)
+        .collect();
+    if v.is_empty() {
+        bail!(
+            "dnsperf -v printed no latencies:\n{}",
+            out.lines().take(20).collect::<Vec<_>>().join("\n")
+        );
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v)
 }
 
 fn dig_short(client: &Netns, server: &str, name: &str) -> String {
@@ -109,7 +171,8 @@ fn unbound_conf(dir: &std::path::Path, services: &[(String, String)]) -> String 
         "server:\n  interface: {UNBOUND_IP}\n  port: 53\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n\
          \x20 directory: \"{dir}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 0\n\
          \x20 num-threads: 2\n  so-reuseport: yes\n  access-control: 10.78.0.0/24 allow\n\
-         \x20 module-config: \"iterator\"\n  local-zone: \"cluster.local.\" static\n",
+         \x20 module-config: \"iterator\"\n  local-zone: \"cluster.local.\" static\n\
+         \x20 do-not-query-localhost: no\n",
         dir = dir.display()
     );
     for (name, ip) in services {
@@ -117,8 +180,169 @@ fn unbound_conf(dir: &std::path::Path, services: &[(String, String)]) -> String 
             "  local-data: \"{name}.default.svc.cluster.local. 30 IN A {ip}\"\n"
         ));
     }
+    conf.push_str(&format!(
+        "forward-zone:\n  name: \".\"\n  forward-addr: {UPSTREAM_IP}\n"
+    ));
     conf.push_str("remote-control:\n  control-enable: no\n");
     conf
+}
+
+/// A dns-only agent for node `name` listening on `ip`, forwarding to the
+/// bench's upstream.
+fn agent(
+    cp: &ControlPlane,
+    srv: &Netns,
+    name: &str,
+    ip: &str,
+    cache: usize,
+    log: &std::path::Path,
+) -> Proc {
+    Spawn::new(bin("skiff-agent"))
+        .args(["run", "--roles", "dns", "--node-name", name, "--kubeconfig"])
+        .args([&cp.kubeconfig])
+        .args(["--dns-listen", ip, "--dns-upstream", UPSTREAM_IP])
+        .args(["--dns-cache-size", &cache.to_string()])
+        .env("RUST_LOG", "warn")
+        .netns(srv)
+        .log_to(log)
+        .start()
+}
+
+/// The upstream both servers forward to: every `example.com` name is
+/// `EXTERNAL_ADDR` for an hour.
+fn upstream(srv: &Netns, log: &std::path::Path) -> Proc {
+    Spawn::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address",
+            UPSTREAM_IP,
+            "--port",
+            "53",
+            "--user=root",
+            "--pid-file=",
+            "--log-facility=-",
+            &format!("--address=/example.com/{EXTERNAL_ADDR}"),
+            "--local-ttl=3600",
+            "--cache-size=0",
+        ])
+        .netns(srv)
+        .log_to(log)
+        .start()
+}
+
+/// `n` Services named `prefix-<i>` from `from`, made through the API 32
+/// at a time (kubectl would take minutes for tens of thousands).
+async fn create_services(client: &kube::Client, prefix: &str, from: usize, n: usize) -> Result<()> {
+    use futures::StreamExt;
+    let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(client.clone(), "default");
+    let made: Vec<Result<()>> = futures::stream::iter(from..from + n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.create(&Default::default(), &service(&format!("{prefix}-{i}")))
+                    .await
+                    .map(drop)
+                    .with_context(|| format!("creating {prefix}-{i}"))
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    made.into_iter().collect()
+}
+
+fn service(name: &str) -> k8s_openapi::api::core::v1::Service {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap_or_default()
+}
+
+/// A question for `name`'s A record, with ID `id`.
+fn question(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Whether `server` answers `name` with an address (NOERROR and at least
+/// one answer), asked from `sock`.
+fn resolves(sock: &std::net::UdpSocket, server: std::net::SocketAddr, id: u16, name: &str) -> bool {
+    if sock.send_to(&question(id, name), server).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    loop {
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) if from == server && n >= 12 && buf[..2] == id.to_be_bytes() => {
+                return buf[3] & 0x0f == 0 && u16::from_be_bytes([buf[6], buf[7]]) > 0;
+            }
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Milliseconds from each of `samples` Service creates until the name
+/// resolves on every one of `servers` (run inside their namespace).
+async fn propagation(
+    client: &kube::Client,
+    servers: &[std::net::SocketAddr],
+    samples: usize,
+) -> Result<Vec<f64>> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(client.clone(), "default");
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut out = Vec::new();
+    let mut id: u16 = 0;
+    for i in 0..samples {
+        let name = format!("prop-{i}");
+        let fqdn = format!("{name}.default.svc.cluster.local");
+        let t0 = Instant::now();
+        api.create(&Default::default(), &service(&name)).await?;
+        for server in servers {
+            loop {
+                id = id.wrapping_add(1);
+                if resolves(&sock, *server, id, &fqdn) {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    bail!("{fqdn} did not resolve on {server} within 30 s");
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        out.push(t0.elapsed().as_secs_f64() * 1e3);
+        // Apart, so that each create is a change of its own.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(out)
+}
+
+/// Runs `f` on a single-threaded runtime in `netns`, so that its sockets
+/// (the kube client's, a DNS prober's) are made there.
+fn inside<T: Send, F>(netns: &Netns, f: impl FnOnce() -> F + Send) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    super::in_netns(&netns.path(), || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(f())
+    })
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -133,22 +357,20 @@ pub fn run(args: &Args) -> Result<()> {
         "eth0",
         &format!("{CLIENT_IP}/24"),
     );
-    srv.ip(&["addr", "add", &format!("{UNBOUND_IP}/24"), "dev", "eth0"]);
+    for ip in [UNBOUND_IP, UPSTREAM_IP, SKIFF2_IP] {
+        srv.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    }
     let dir = TempDir::new();
     let cp = ControlPlane::start_in(Some(&srv), &["--node-monitor-grace-seconds", "3600"]);
 
     println!("creating {} Services", args.services);
-    for chunk in (0..args.services).collect::<Vec<_>>().chunks(500) {
-        let yaml: String = chunk
-            .iter()
-            .map(|i| {
-                format!(
-                    "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n"
-                )
-            })
-            .collect();
-        cp.apply(&yaml).map_err(anyhow::Error::msg)?;
-    }
+    let kubeconfig = cp.kubeconfig.clone();
+    let made = Instant::now();
+    inside(&srv, || async {
+        let client = super::kube_client(&kubeconfig).await?;
+        create_services(&client, "svc", 0, args.services).await
+    })?;
+    println!("  made in {:.1} s", made.elapsed().as_secs_f64());
     let listed = cp.jsonpath(
         &["services"],
         r#"{range .items[*]}{.metadata.name} {.spec.clusterIP}{"\n"}{end}"#,
@@ -163,22 +385,17 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("{} of {} Services listed", services.len(), args.services);
     }
 
-    let agent_log = dir.path.join("agent.log");
-    let mut agent: Proc = Spawn::new(bin("skiff-agent"))
-        .args([
-            "run",
-            "--roles",
-            "dns",
-            "--node-name",
-            "bench",
-            "--kubeconfig",
-        ])
-        .args([&cp.kubeconfig])
-        .args(["--dns-listen", SKIFF_IP, "--dns-upstream", "none"])
-        .env("RUST_LOG", "warn")
-        .netns(&srv)
-        .log_to(&agent_log)
-        .start();
+    let _upstream = upstream(&srv, &dir.path.join("dnsmasq.log"));
+    // Room for every external name in the forward cache, as unbound has.
+    let cache = (2 * args.services).max(10_000);
+    let mut node1 = agent(
+        &cp,
+        &srv,
+        "bench",
+        SKIFF_IP,
+        cache,
+        &dir.path.join("agent.log"),
+    );
     let conf = dir.path.join("unbound.conf");
     std::fs::write(&conf, unbound_conf(&dir.path, &services))?;
     let mut unbound: Proc = Spawn::new("unbound")
@@ -191,6 +408,7 @@ pub fn run(args: &Args) -> Result<()> {
     let probe = format!("{last}.default.svc.cluster.local");
     wait_answer(&cli, SKIFF_IP, &probe, last_ip).context("the dns role")?;
     wait_answer(&cli, UNBOUND_IP, &probe, last_ip).context("unbound")?;
+    wait_answer(&cli, UPSTREAM_IP, "www.example.com", EXTERNAL_ADDR).context("the upstream")?;
 
     let files: Vec<(&str, PathBuf)> = MIXES
         .iter()
@@ -201,14 +419,21 @@ pub fn run(args: &Args) -> Result<()> {
                 .enumerate()
                 .map(|(i, (name, _))| match *mix {
                     "hit" => format!("{name}.default.svc.cluster.local A\n"),
+                    "external" => format!("www{i}.example.com A\n"),
                     _ => format!("www{i}.example.com.default.svc.cluster.local A\n"),
                 })
                 .collect();
             std::fs::write(&path, text).map(|()| (*mix, path))
         })
         .collect::<std::io::Result<_>>()?;
-
     let servers = [("skiff", SKIFF_IP), ("unbound", UNBOUND_IP)];
+    // The external names into both caches before anything is measured.
+    if let Some((_, external)) = files.iter().find(|(m, _)| *m == "external") {
+        for (_, ip) in servers {
+            once(&cli, ip, external)?;
+        }
+    }
+
     let mut runs: Vec<serde_json::Value> = Vec::new();
     for round in 0..args.rounds {
         for (mix, file) in &files {
@@ -229,12 +454,67 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
+    let mut latency = Vec::new();
+    for (mix, file) in &files {
+        for (server, ip) in servers {
+            let v = latencies(&cli, ip, file, args.latency_qps, 3)?;
+            let (p50, p99) = (super::stats::pct(&v, 0.5), super::stats::pct(&v, 0.99));
+            println!(
+                "latency at {} q/s {mix:<12} {server:<8} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs",
+                args.latency_qps
+            );
+            latency.push(json!({"mix": mix, "server": server, "p50_us": p50, "p99_us": p99, "answers": v.len()}));
+        }
+    }
     let rss = json!({
-        "skiff_kib": super::rss_kib(agent.pid() as u32),
+        "services": args.services,
+        "skiff_kib": super::rss_kib(node1.pid() as u32),
         "unbound_kib": super::rss_kib(unbound.pid() as u32),
     });
-    agent.terminate();
     unbound.terminate();
+
+    // A second node, for propagation to every node.
+    let mut node2 = agent(
+        &cp,
+        &srv,
+        "bench-2",
+        SKIFF2_IP,
+        cache,
+        &dir.path.join("agent2.log"),
+    );
+    wait_answer(&cli, SKIFF2_IP, &probe, last_ip).context("the second dns role")?;
+    let to: Vec<std::net::SocketAddr> = [SKIFF_IP, SKIFF2_IP]
+        .iter()
+        .map(|ip| format!("{ip}:53").parse())
+        .collect::<Result<_, _>>()?;
+    let (samples, total) = (args.propagation, args.rss_services);
+    let (prop, big_rss) = inside(&srv, || async {
+        let client = super::kube_client(&kubeconfig).await?;
+        let prop = propagation(&client, &to, samples).await?;
+        let more = total.saturating_sub(args.services);
+        if more == 0 {
+            return Ok((prop, None));
+        }
+        println!("creating {more} more Services");
+        create_services(&client, "more", 0, more).await?;
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let name = format!("more-{}.default.svc.cluster.local", more - 1);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !resolves(&sock, to[0], 1, &name) {
+            if Instant::now() > deadline {
+                bail!("{name} did not resolve within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Settled: the watch events behind it applied.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok((prop, Some(super::rss_kib(node1.pid() as u32))))
+    })?;
+    node1.terminate();
+    node2.terminate();
+    let propagation = super::stats::summary(prop);
+    println!("propagation to both nodes (ms): {propagation}");
 
     let median = |mix: &str, server: &str, f: &dyn Fn(&serde_json::Value) -> f64| {
         let mut v: Vec<f64> = runs
@@ -246,30 +526,59 @@ pub fn run(args: &Args) -> Result<()> {
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
     let qps = |r: &serde_json::Value| r["qps"].as_f64().unwrap_or(0.0);
-    let lat = |r: &serde_json::Value| r["avg_latency_us"].as_f64().unwrap_or(0.0);
+    let lat_of = |mix: &str, server: &str, k: &str| {
+        latency
+            .iter()
+            .find(|l| l["mix"] == mix && l["server"] == server)
+            .and_then(|l| l[k].as_f64())
+            .unwrap_or(0.0)
+    };
     let mut summary = Vec::new();
     println!(
-        "\nDNS, {} Services, {} s per run, median of {} rounds (dnsperf -c 8 -T 2 -q 500)",
-        args.services, args.seconds, args.rounds
+        "\nDNS, {} Services, {} s per run, median of {} rounds (dnsperf -c 8 -T 2 -q 500); latency at {} q/s",
+        args.services, args.seconds, args.rounds, args.latency_qps
     );
     println!(
-        "{:<12} {:>12} {:>12} {:>8} {:>12} {:>12}",
-        "mix", "skiff q/s", "unbound q/s", "ratio", "skiff µs", "unbound µs"
+        "{:<12} {:>10} {:>11} {:>6} {:>13} {:>13} {:>13} {:>13}",
+        "mix",
+        "skiff q/s",
+        "unbound q/s",
+        "ratio",
+        "skiff p50 µs",
+        "skiff p99 µs",
+        "unb. p50 µs",
+        "unb. p99 µs"
     );
     for mix in MIXES {
         let (s, u) = (median(mix, "skiff", &qps), median(mix, "unbound", &qps));
-        let (sl, ul) = (median(mix, "skiff", &lat), median(mix, "unbound", &lat));
         let ratio = if u > 0.0 { s / u } else { 0.0 };
-        println!("{mix:<12} {s:>12.0} {u:>12.0} {ratio:>8.2} {sl:>12.0} {ul:>12.0}");
-        summary.push(
-            json!({"mix": mix, "skiff_qps": s, "unbound_qps": u, "ratio": ratio,
-                            "skiff_latency_us": sl, "unbound_latency_us": ul}),
+        let (sp50, sp99) = (
+            lat_of(mix, "skiff", "p50_us"),
+            lat_of(mix, "skiff", "p99_us"),
+        );
+        let (up50, up99) = (
+            lat_of(mix, "unbound", "p50_us"),
+            lat_of(mix, "unbound", "p99_us"),
+        );
+        println!(
+            "{mix:<12} {s:>10.0} {u:>11.0} {ratio:>6.2} {sp50:>13.0} {sp99:>13.0} {up50:>13.0} {up99:>13.0}"
+        );
+        summary.push(json!({"mix": mix, "skiff_qps": s, "unbound_qps": u, "ratio": ratio,
+            "skiff_p50_us": sp50, "skiff_p99_us": sp99, "unbound_p50_us": up50, "unbound_p99_us": up99}));
+    }
+    println!("resident at {} Services: {rss}", args.services);
+    if let Some(kib) = big_rss {
+        println!(
+            "resident at {} Services: the dns role {kib} KiB",
+            args.rss_services
         );
     }
-    println!("resident: {rss}");
     let doc = json!({
         "services": args.services, "seconds": args.seconds, "rounds": args.rounds,
-        "summary": summary, "runs": runs, "rss": rss,
+        "latency_qps": args.latency_qps,
+        "summary": summary, "runs": runs, "latency": latency, "rss": rss,
+        "rss_large": {"services": args.rss_services, "skiff_kib": big_rss},
+        "propagation_ms": propagation,
     });
     let plotted = json!({ "summary": summary });
     super::publish(&args.out, "dns", started, doc, |path| {

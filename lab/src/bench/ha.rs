@@ -15,7 +15,6 @@
 //!   (its watch delivered a change again). Rounds take the two apiservers
 //!   in turn, the killed one started again after each.
 
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -191,21 +190,6 @@ async fn failover() -> Result<(f64, f64)> {
     Ok((led.unwrap_or_default(), bound.unwrap_or_default()))
 }
 
-/// Runs `f` on a thread of its own inside the network namespace at
-/// `netns` (where the cluster's apiservers are reachable).
-fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let file = std::fs::File::open(netns).with_context(|| format!("open {netns}"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("entering the underlay's namespace")?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the agent-failover thread panicked"))?
-    })
-}
-
 /// How many lines of `log` contain `what`.
 fn count(log: &str, what: &str) -> usize {
     log.lines().filter(|l| l.contains(what)).count()
@@ -241,7 +225,7 @@ fn agent_failover(rounds: usize) -> Result<Vec<(f64, f64)>> {
     let mut c = Cluster::start(1);
     let mut b = c.control_replica();
     let underlay = c.underlay.path();
-    in_netns(&underlay, || {
+    super::in_netns(&underlay, || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -39,6 +39,23 @@ pub(crate) async fn kube_client(kubeconfig: &std::path::Path) -> Result<kube::Cl
     Ok(kube::Client::try_from(cfg)?)
 }
 
+/// Runs `f` on a thread of its own inside the network namespace at
+/// `netns` (where a bench's apiservers and servers are reachable, never
+/// from the host's).
+pub(crate) fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    use std::os::fd::AsFd;
+    let file = std::fs::File::open(netns).with_context(|| format!("open {netns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering {netns}"))?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread in {netns} panicked"))?
+    })
+}
+
 /// The pod the control-plane benchmarks create: one container asking for
 /// a little CPU and memory.
 pub(crate) fn bench_pod(name: &str, ns: &str) -> k8s_openapi::api::core::v1::Pod {
