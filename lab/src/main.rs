@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod reap;
 
 use bench::{cluster, control, dns, knobs, kubelet, net, nodeport, proxy};
 
@@ -346,6 +347,11 @@ fn images(argv: &[String]) -> Result<()> {
 
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
+    // The demo tears itself down on Ctrl-C once it is up; a bench is
+    // reaped at any point.
+    if argv.first().is_some_and(|c| c.starts_with("bench-")) {
+        reap::on_signals()?;
+    }
     match argv.first().map(String::as_str) {
         Some("demo") => demo::run(
             argv.iter().any(|a| a == "--once"),

@@ -1,0 +1,146 @@
+//! A bench stopped by a signal (Ctrl-C, a timeout's SIGTERM, a closed
+//! terminal) takes what it started with it: every process below it
+//! (etcd, skiff-control, agents, unbound, dnsperf...) is killed and the
+//! network namespaces, pin directories and temp directories it named are
+//! removed. Without this, a stopped bench left them running, and the next
+//! run competed with them for the same cores.
+//!
+//! The signal handler only writes a byte to a pipe (all it may do); a
+//! thread waiting on the pipe does the work, then exits with 130.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::IntoRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+static PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; the buffer is static.
+        unsafe {
+            libc::write(fd, b"!".as_ptr().cast(), 1);
+        }
+    }
+}
+
+/// From here on, SIGINT, SIGTERM and SIGHUP reap what this process made.
+pub fn on_signals() -> Result<()> {
+    let (read, write) = nix::unistd::pipe().context("a pipe for signals")?;
+    PIPE.store(write.into_raw_fd(), Ordering::Relaxed);
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only calls write(2).
+        unsafe { sigaction(signal, &action) }.with_context(|| format!("handling {signal}"))?;
+    }
+    std::thread::spawn(move || {
+        let mut pipe = std::fs::File::from(read);
+        let mut byte = [0u8; 1];
+        if pipe.read_exact(&mut byte).is_ok() {
+            eprintln!("stopped: killing what this bench started and removing its namespaces");
+            reap();
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+/// Each process's parent, from /proc.
+fn parents() -> HashMap<i32, i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name (in parentheses) may hold spaces.
+            let after = &stat[stat.rfind(')')? + 1..];
+            let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// The processes below `root`.
+fn descendants(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (child, parent) in parents {
+            if *parent == p && !out.contains(child) {
+                out.push(*child);
+                frontier.push(*child);
+            }
+        }
+    }
+    out
+}
+
+fn reap() {
+    let me = std::process::id() as i32;
+    // Twice: a child may have started one more while the first pass ran.
+    for _ in 0..2 {
+        for pid in descendants(me, &parents()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Names as skiff_tests::unique makes them: sk<what><pid>x<n>.
+    let mine = |name: &str, what: &str| {
+        name.strip_prefix(&format!("sk{what}{}x", me % 100_000))
+            .is_some_and(|n| n.parse::<u64>().is_ok())
+    };
+    if let Ok(out) = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if mine(name, "ns") {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "delete", name])
+                    .status();
+            }
+        }
+    }
+    for (dir, what) in [(std::env::temp_dir(), "tmp"), ("/sys/fs/bpf".into(), "pin")] {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_str().is_some_and(|n| mine(n, what)) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants_are_children_and_theirs() {
+        let parents: HashMap<i32, i32> = [(2, 1), (3, 2), (4, 3), (5, 1), (6, 9)]
+            .into_iter()
+            .collect();
+        let mut d = descendants(1, &parents);
+        d.sort_unstable();
+        assert_eq!(d, [2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn this_process_is_its_parents_child() {
+        let me = std::process::id() as i32;
+        let parents = parents();
+        let parent = parents.get(&me).copied().expect("in /proc");
+        assert!(descendants(parent, &parents).contains(&me));
+    }
+}
