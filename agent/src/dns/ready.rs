@@ -486,7 +486,10 @@ mod tests {
         let mut out = Vec::new();
         assert!(ready.answer(&p, &q, 1232, &mut out));
         let got = Message::from_vec(&out).expect("parse");
-        assert_eq!(got.answers.iter().map(|r| r.ttl).collect::<Vec<_>>(), [95, 295]);
+        assert_eq!(
+            got.answers.iter().map(|r| r.ttl).collect::<Vec<_>>(),
+            [95, 295]
+        );
         // The OPT record is left as it is.
         assert_eq!(got.edns.map(|e| e.max_payload()), Some(1232));
         // Past its steady time: the full way (the cache decides).
