@@ -37,6 +37,18 @@ pub fn slice_owner(slice: &EndpointSlice) -> Option<String> {
     ))
 }
 
+/// Drops what no role reads and can be most of an object's size: its
+/// managed fields and kubectl's last-applied copy of it.
+pub(crate) fn slim(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
 /// Services and EndpointSlices by name, as read from any source.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
@@ -46,13 +58,15 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn insert_service(&mut self, svc: Service) {
+    pub fn insert_service(&mut self, mut svc: Service) {
+        slim(&mut svc.metadata);
         self.services.insert(service_key(&svc), svc);
     }
 
     /// Slices without the service-name label belong to no service and are
     /// ignored, as kube-proxy ignores them.
-    pub fn insert_slice(&mut self, slice: EndpointSlice) {
+    pub fn insert_slice(&mut self, mut slice: EndpointSlice) {
+        slim(&mut slice.metadata);
         if let Some(owner) = slice_owner(&slice) {
             let name = slice.metadata.name.clone().unwrap_or_default();
             self.slices.entry(owner).or_default().insert(name, slice);

@@ -58,8 +58,9 @@ impl Store {
                     dirty.services.insert(k);
                 }
                 watcher::Event::Init => self.relist_services = Some(BTreeMap::new()),
-                watcher::Event::InitApply(s) => {
+                watcher::Event::InitApply(mut s) => {
                     if let Some(m) = &mut self.relist_services {
+                        super::slim(&mut s.metadata);
                         m.insert(service_key(&s), s);
                     }
                 }

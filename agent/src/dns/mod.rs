@@ -154,7 +154,13 @@ pub async fn run(
     let reconcile = {
         let resolver = resolver.clone();
         move |store: &Store, dirty: Dirty| {
+            let relisted = dirty.all;
             update(&resolver, &apex, store, dirty);
+            if relisted {
+                // A relist's buffers (the list bodies, the replaced
+                // catalog and zone) are free now: give them back.
+                crate::memory::release_free();
+            }
             if !resolver.synced() {
                 resolver.set_synced();
                 let _ = synced_tx.send(true);
