@@ -303,7 +303,7 @@ impl Zone {
     }
 
     /// Replaces what Service `key` publishes (nothing removes it).
-    pub fn set_service(&mut self, key: &str, records: ServiceRecords) {
+    pub fn set_service(&mut self, key: &str, mut records: ServiceRecords) {
         if self.by_service.get(key) == Some(&records) {
             return;
         }
@@ -317,6 +317,11 @@ impl Zone {
         for (name, data) in &records {
             let entry = self.names.entry(name.clone()).or_default();
             let was_empty = entry.is_empty();
+            if was_empty {
+                // Most names hold one record: room for one, not the four
+                // a first push reserves (a record is 200 bytes).
+                entry.reserve_exact(1);
+            }
             entry.push(Owned {
                 service: key.clone(),
                 data: data.clone(),
@@ -326,6 +331,7 @@ impl Zone {
             }
         }
         if !records.is_empty() {
+            records.shrink_to_fit();
             self.by_service.insert(key, records);
         }
         self.serial = self.serial.wrapping_add(1).max(1);
