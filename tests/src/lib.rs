@@ -16,6 +16,7 @@ pub mod netns;
 pub mod node;
 pub mod overlay;
 pub mod process;
+pub mod resolver;
 
 pub use cgroup::Cgroup;
 pub use netns::Netns;

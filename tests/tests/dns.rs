@@ -407,20 +407,11 @@ impl Lone {
 /// it gets.
 fn dnsmasq(up: &Netns, log: &std::path::Path, ttl: u32) -> Proc {
     let ttl = ttl.to_string();
-    Spawn::new("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address",
-            UPSTREAM_IP,
-            "--port",
-            "53",
-            "--user=root",
-            "--pid-file=",
+    skiff_tests::resolver::dnsmasq(
+        up,
+        UPSTREAM_IP,
+        &[
             "--log-queries",
-            "--log-facility=-",
             "--local=/example.test/",
             "--host-record=www.example.test,192.0.2.7",
             "--host-record=burst.example.test,192.0.2.8",
@@ -429,10 +420,9 @@ fn dnsmasq(up: &Netns, log: &std::path::Path, ttl: u32) -> Proc {
             &ttl,
             "--neg-ttl",
             &ttl,
-        ])
-        .netns(up)
-        .log_to(log)
-        .start()
+        ],
+        log,
+    )
 }
 
 /// How many times dnsmasq was asked `name` (type A).

@@ -279,12 +279,13 @@ impl Ready {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use hickory_proto::op::{Edns, Message, Query};
     use hickory_proto::rr::{Name, RecordType};
 
-    fn ask(name: &str, t: RecordType, id: u16, rd: bool, edns: Option<u16>) -> Vec<u8> {
+    /// A question on the wire, as a client's resolver sends it.
+    pub(crate) fn ask(name: &str, t: RecordType, id: u16, rd: bool, edns: Option<u16>) -> Vec<u8> {
         let mut m = Message::query();
         m.metadata.id = id;
         m.metadata.recursion_desired = rd;

@@ -643,15 +643,7 @@ mod tests {
     }
 
     fn ask(name: &str, t: RecordType, edns: Option<u16>) -> Vec<u8> {
-        let mut m = Message::query();
-        m.metadata.recursion_desired = true;
-        m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
-        if let Some(p) = edns {
-            let mut e = Edns::new();
-            e.set_max_payload(p);
-            m.set_edns(e);
-        }
-        m.to_vec().expect("encode")
+        crate::dns::ready::tests::ask(name, t, 0, true, edns)
     }
 
     /// The way the sockets answer: a kept reply, else the full way.

@@ -211,26 +211,16 @@ fn agent(
 /// The upstream both servers forward to: every `example.com` name is
 /// `EXTERNAL_ADDR` for an hour.
 fn upstream(srv: &Netns, log: &std::path::Path) -> Proc {
-    Spawn::new("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address",
-            UPSTREAM_IP,
-            "--port",
-            "53",
-            "--user=root",
-            "--pid-file=",
-            "--log-facility=-",
+    skiff_tests::resolver::dnsmasq(
+        srv,
+        UPSTREAM_IP,
+        &[
             &format!("--address=/example.com/{EXTERNAL_ADDR}"),
             "--local-ttl=3600",
             "--cache-size=0",
-        ])
-        .netns(srv)
-        .log_to(log)
-        .start()
+        ],
+        log,
+    )
 }
 
 /// `n` Services named `prefix-<i>` from `from`, made through the API 32
