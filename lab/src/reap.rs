@@ -95,9 +95,9 @@ fn reap() {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    // Names as skiff_tests::unique makes them: sk<what><pid>x<n>.
+    // Names as skiff_tests::unique made them in this process.
     let mine = |name: &str, what: &str| {
-        name.strip_prefix(&format!("sk{what}{}x", me % 100_000))
+        name.strip_prefix(&skiff_tests::unique_prefix(what))
             .is_some_and(|n| n.parse::<u64>().is_ok())
     };
     if let Ok(out) = std::process::Command::new("ip")
@@ -116,6 +116,9 @@ fn reap() {
     for (dir, what) in [(std::env::temp_dir(), "tmp"), ("/sys/fs/bpf".into(), "pin")] {
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             if e.file_name().to_str().is_some_and(|n| mine(n, what)) {
+                // Never delete through a mount (a container's rootfs, a
+                // bound host path) left under a killed run's directory.
+                skiff_tests::node::unmount_under(&e.path());
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

@@ -21,17 +21,16 @@ const PORTS: std::ops::Range<u16> = 20000..32000;
 /// process walks the range from a start of its own (its pid and the clock)
 /// and skips ports something already holds.
 pub fn free_port() -> u16 {
+    use std::sync::LazyLock;
     use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     let span = u32::from(PORTS.end - PORTS.start);
-    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+    static NEXT: LazyLock<AtomicU32> = LazyLock::new(|| {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let seed = std::process::id().wrapping_mul(7919) ^ nanos;
-        let _ = NEXT.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
-    }
+        AtomicU32::new(std::process::id().wrapping_mul(7919) ^ nanos)
+    });
     for _ in 0..span {
         let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
         let port = PORTS.start + offset as u16;

@@ -31,7 +31,13 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// interface names are limited to 15 bytes.
 pub fn unique(what: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("sk{what}{}x{n}", std::process::id() % 100_000)
+    format!("{}{n}", unique_prefix(what))
+}
+
+/// What every name [`unique`] gives for `what` in this process starts
+/// with (a counter follows), so a process can find what it made.
+pub fn unique_prefix(what: &str) -> String {
+    format!("sk{what}{}x", std::process::id() % 100_000)
 }
 
 /// The directory holding the workspace's built binaries (`target/debug` or

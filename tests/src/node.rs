@@ -213,7 +213,10 @@ pub fn unmount_under(dir: &Path) {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
-        .filter(|m| m.starts_with(&prefix))
+        .filter(|m| {
+            m.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
         .collect();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mounts {

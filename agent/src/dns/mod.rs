@@ -6,7 +6,7 @@
 //! - `server`: the UDP and TCP server around it;
 //! - `forward`: the node's upstream resolvers;
 //! - `cache`: their answers, kept for their TTL (pure);
-//! - `ready`: the zone's replies kept encoded, the hot path (pure);
+//! - `ready`: replies kept encoded, the hot path (pure);
 //! - `publish`: this node's endpoint of the `kube-dns` Service.
 //!
 //! How pods reach it: their nameserver is the `kube-dns` Service's

@@ -1,4 +1,4 @@
-//! Zone answers kept encoded, ready to send (pure): a question asked
+//! Replies kept encoded, ready to send (pure): a question asked
 //! again is answered by copying bytes, without parsing it into a message
 //! or encoding a reply. Most of a node's questions are the same few names
 //! asked over and over (and the same search-path misses), so this is the
@@ -16,8 +16,8 @@
 //! served out of the cache. The latter are kept only while the cache
 //! would serve them as they are (before a prefetch is due) and have their
 //! TTLs counted down as they are sent. All are dropped at once whenever
-//! the zone changes ([`Ready::clear`] with the zone's new generation; an
-//! answer worked out on an older generation is refused): a name the zone
+//! the zone changes ([`Ready::clear`] with the zone's new SOA serial; an
+//! answer worked out on an older serial is refused): a name the zone
 //! takes over (a ClusterIP's PTR, say) stops being upstream's at once.
 
 use std::collections::HashMap;
@@ -125,10 +125,9 @@ impl Question {
     }
 }
 
-/// Encoded replies by question, for one generation of the zone.
-#[derive(Default)]
+/// Encoded replies by question, for one serial of the zone.
 pub struct Ready {
-    generation: u64,
+    serial: u32,
     replies: HashMap<Box<[u8]>, Kept>,
     bytes: usize,
 }
@@ -177,6 +176,15 @@ fn ttl_fields(reply: &[u8]) -> Option<Vec<(usize, u32)>> {
 }
 
 impl Ready {
+    /// An empty store for the zone at `serial`.
+    pub fn new(serial: u32) -> Self {
+        Self {
+            serial,
+            replies: HashMap::new(),
+            bytes: 0,
+        }
+    }
+
     /// The stored reply to `q` made the asker's own into `out` (its ID,
     /// RD and CD flags and question spelling), if there is one that fits
     /// in `limit` bytes.
@@ -187,19 +195,16 @@ impl Ready {
         if kept.reply.len() > limit {
             return false;
         }
-        let elapsed = match &kept.aging {
-            None => None,
-            Some(a) => {
-                let now = Instant::now();
-                if now >= a.until {
-                    return false;
-                }
-                Some(u32::try_from(now.duration_since(a.stored).as_secs()).unwrap_or(u32::MAX))
-            }
-        };
+        let now = kept.aging.as_ref().map(|_| Instant::now());
+        if let (Some(a), Some(now)) = (&kept.aging, now)
+            && now >= a.until
+        {
+            return false;
+        }
         out.clear();
         out.extend_from_slice(&kept.reply);
-        if let (Some(a), Some(elapsed)) = (&kept.aging, elapsed) {
+        if let (Some(a), Some(now)) = (&kept.aging, now) {
+            let elapsed = u32::try_from(now.duration_since(a.stored).as_secs()).unwrap_or(u32::MAX);
             for (at, ttl) in a.ttls.iter() {
                 out[*at..*at + 4].copy_from_slice(&ttl.saturating_sub(elapsed).to_be_bytes());
             }
@@ -213,17 +218,17 @@ impl Ready {
         true
     }
 
-    /// Keeps `reply`, the zone's answer to `q` worked out on the zone's
-    /// `generation`: refused when the zone has changed since, or when the
+    /// Keeps `reply`, the zone's answer to `q` worked out at the zone's
+    /// `serial`: refused when the zone has changed since, or when the
     /// reply was truncated.
-    pub fn keep(&mut self, q: &Question, generation: u64, reply: &[u8]) {
-        self.put(q, generation, reply, None);
+    pub fn keep(&mut self, q: &Question, serial: u32, reply: &[u8]) {
+        self.put(q, serial, reply, None);
     }
 
     /// Keeps `reply`, an upstream answer to `q` the cache serves as it is
-    /// for `steady` more (counting its TTLs down), decided on the zone's
-    /// `generation`.
-    pub fn keep_for(&mut self, q: &Question, generation: u64, reply: &[u8], steady: Duration) {
+    /// for `steady` more (counting its TTLs down), sent upstream at the
+    /// zone's `serial`.
+    pub fn keep_for(&mut self, q: &Question, serial: u32, reply: &[u8], steady: Duration) {
         if steady < Duration::from_secs(1) {
             return;
         }
@@ -236,11 +241,11 @@ impl Ready {
             until: stored + steady,
             ttls: ttls.into(),
         };
-        self.put(q, generation, reply, Some(aging));
+        self.put(q, serial, reply, Some(aging));
     }
 
-    fn put(&mut self, q: &Question, generation: u64, reply: &[u8], aging: Option<Aging>) {
-        if generation != self.generation || reply.get(2).is_none_or(|f| f & 0x02 != 0) {
+    fn put(&mut self, q: &Question, serial: u32, reply: &[u8], aging: Option<Aging>) {
+        if serial != self.serial || reply.get(2).is_none_or(|f| f & 0x02 != 0) {
             return;
         }
         if reply.len() < HEADER + q.section {
@@ -261,9 +266,9 @@ impl Ready {
         }
     }
 
-    /// The zone changed: every stored reply goes.
-    pub fn clear(&mut self, generation: u64) {
-        self.generation = generation;
+    /// The zone changed (to `serial`): every stored reply goes.
+    pub fn clear(&mut self, serial: u32) {
+        self.serial = serial;
         self.replies.clear();
         self.replies.shrink_to(0);
         self.bytes = 0;
@@ -407,7 +412,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_stored_reply_is_the_askers_own_and_goes_with_the_generation() {
+    fn a_stored_reply_is_the_askers_own_and_goes_with_the_serial() {
         let first = ask(
             "web.default.svc.cluster.local.",
             RecordType::A,
@@ -420,7 +425,7 @@ pub(crate) mod tests {
         reply.metadata.message_type = hickory_proto::op::MessageType::Response;
         reply.metadata.authoritative = true;
         let reply = reply.to_vec().expect("encode");
-        let mut ready = Ready::default();
+        let mut ready = Ready::new(0);
         ready.clear(3);
         // Worked out on an older zone: refused.
         ready.keep(&q, 2, &reply);
@@ -472,7 +477,7 @@ pub(crate) mod tests {
             ttl_fields(&reply).map(|f| f.iter().map(|(_, t)| *t).collect::<Vec<_>>()),
             Some(vec![100, 300])
         );
-        let mut ready = Ready::default();
+        let mut ready = Ready::new(0);
         // Not steady for a second: not kept.
         ready.keep_for(&q, 0, &reply, Duration::from_millis(500));
         assert!(ready.is_empty());
@@ -504,7 +509,7 @@ pub(crate) mod tests {
 
     #[test]
     fn truncated_replies_are_not_kept_and_the_store_is_bounded() {
-        let mut ready = Ready::default();
+        let mut ready = Ready::new(0);
         let p = ask("a.default.svc.cluster.local.", RecordType::A, 1, true, None);
         let q = Question::parse(&p, 1232).expect("qualifies");
         let mut tc = p.clone();

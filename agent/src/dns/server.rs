@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -70,9 +70,7 @@ impl Default for Limits {
 /// The zone and the way out, shared by every socket.
 pub struct Resolver {
     zone: RwLock<Zone>,
-    /// Bumped at every change of the zone, under its write lock.
-    generation: AtomicU64,
-    /// The zone's replies kept encoded, for its current generation.
+    /// Replies kept encoded, for the zone's current serial.
     ready: RwLock<Ready>,
     synced: AtomicBool,
     forwarder: Forwarder,
@@ -86,6 +84,8 @@ pub struct Resolver {
 
 /// What one packet needs.
 enum Handled {
+    /// A kept reply, written into the caller's buffer.
+    Ready,
     Reply(Vec<u8>),
     /// Needs upstream: the question and what the zone answered so far.
     Upstream(Box<Pending>),
@@ -97,9 +97,9 @@ struct Pending {
     /// Set when the zone answered with a CNAME that leaves it.
     partial: Option<(Answer, hickory_proto::rr::Name)>,
     /// For keeping the reply ready: the question as read from the wire,
-    /// and the zone's generation that sent it upstream.
+    /// and the zone's serial when it sent it upstream.
     question: Option<Question>,
-    generation: u64,
+    serial: u32,
 }
 
 type Flight = Shared<BoxFuture<'static, Result<Arc<Message>, Arc<ForwardError>>>>;
@@ -119,9 +119,8 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl Resolver {
     pub fn new(zone: Zone, forwarder: Forwarder, limits: Limits, cache: CacheConfig) -> Self {
         Self {
+            ready: RwLock::new(Ready::new(zone.serial())),
             zone: RwLock::new(zone),
-            generation: AtomicU64::new(0),
-            ready: RwLock::new(Ready::default()),
             synced: AtomicBool::new(false),
             forwarder,
             cache: Mutex::new(Cache::new(cache)),
@@ -134,35 +133,23 @@ impl Resolver {
 
     /// The zone, to read.
     pub fn zone(&self) -> std::sync::RwLockReadGuard<'_, Zone> {
-        self.zone
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        read(&self.zone)
     }
 
-    /// Changes the zone with `edit`; the replies kept for it go.
+    /// Changes the zone with `edit`. When that changed it (its serial
+    /// moved), the replies kept for it go; an edit that changed nothing
+    /// (a Service whose endpoints moved but whose records did not) keeps
+    /// them.
     pub fn edit_zone(&self, edit: impl FnOnce(&mut Zone)) {
-        let generation = {
-            let mut zone = self
-                .zone
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (before, after) = {
+            let mut zone = write(&self.zone);
+            let before = zone.serial();
             edit(&mut zone);
-            self.generation.fetch_add(1, Ordering::AcqRel) + 1
+            (before, zone.serial())
         };
-        write(&self.ready).clear(generation);
-    }
-
-    /// The kept reply to `packet`, made the asker's, into `out`.
-    fn answer_ready(&self, packet: &[u8], udp: bool, out: &mut Vec<u8>) -> bool {
-        let Some(q) = Question::parse(packet, UDP_PAYLOAD) else {
-            return false;
-        };
-        let limit = if udp {
-            q.udp_limit
-        } else {
-            usize::from(u16::MAX)
-        };
-        read(&self.ready).answer(packet, &q, limit, out)
+        if after != before {
+            write(&self.ready).clear(after);
+        }
     }
 
     /// The zone has been read from the apiserver: answer from it.
@@ -174,9 +161,27 @@ impl Resolver {
         self.synced.load(Ordering::Acquire)
     }
 
-    /// One packet, answered from the zone if it can be. `limit` is the
-    /// transport's size bound (None: TCP's 65 535).
-    fn handle(&self, packet: &[u8], udp: bool) -> Handled {
+    /// One packet: a kept reply (written into `out`) when there is one
+    /// for it, else answered from the zone if it can be. The question is
+    /// read from the wire once, for both.
+    fn handle(&self, packet: &[u8], udp: bool, out: &mut Vec<u8>) -> Handled {
+        let q = Question::parse(packet, UDP_PAYLOAD);
+        if let Some(q) = &q {
+            let limit = if udp {
+                q.udp_limit
+            } else {
+                usize::from(u16::MAX)
+            };
+            if read(&self.ready).answer(packet, q, limit, out) {
+                return Handled::Ready;
+            }
+        }
+        self.work_out(packet, q, udp)
+    }
+
+    /// The full way: the packet parsed, answered from the zone or sent
+    /// upstream; a whole zone reply to a question `q` read is kept.
+    fn work_out(&self, packet: &[u8], q: Option<Question>, udp: bool) -> Handled {
         if packet.len() < 12 {
             return Handled::Drop;
         }
@@ -221,13 +226,12 @@ impl Resolver {
         ) {
             return refuse(ResponseCode::NotImp);
         }
-        let (outcome, generation) = {
+        let (outcome, serial) = {
             let zone = read(&self.zone);
             if !self.synced() && zone.contains(query.name()) {
                 return refuse(ResponseCode::ServFail);
             }
-            let generation = self.generation.load(Ordering::Acquire);
-            (zone.lookup(query.name(), query.query_type()), generation)
+            (zone.lookup(query.name(), query.query_type()), zone.serial())
         };
         match outcome {
             Outcome::Answer(a) => {
@@ -239,22 +243,22 @@ impl Resolver {
                 };
                 // Kept only whole: a reply cut for this asker's limit
                 // must not reach one who takes more.
-                if whole && let Some(q) = Question::parse(packet, UDP_PAYLOAD) {
-                    write(&self.ready).keep(&q, generation, &bytes);
+                if whole && let Some(q) = &q {
+                    write(&self.ready).keep(q, serial, &bytes);
                 }
                 Handled::Reply(bytes)
             }
             Outcome::Forward => Handled::Upstream(Box::new(Pending {
                 request,
                 partial: None,
-                question: Question::parse(packet, UDP_PAYLOAD),
-                generation,
+                question: q,
+                serial,
             })),
             Outcome::Chase { partial, target } => Handled::Upstream(Box::new(Pending {
                 request,
                 partial: Some((partial, target)),
                 question: None,
-                generation,
+                serial,
             })),
         }
     }
@@ -315,7 +319,7 @@ impl Resolver {
         }
         let (bytes, whole) = encode_whole(reply, limit)?;
         if whole && let Some(q) = &p.question {
-            write(&self.ready).keep_for(q, p.generation, &bytes, steady);
+            write(&self.ready).keep_for(q, p.serial, &bytes, steady);
         }
         Some(bytes)
     }
@@ -410,11 +414,8 @@ impl Resolver {
                     continue;
                 }
             };
-            if self.answer_ready(&buf[..n], true, &mut out) {
-                send(&sock, &out, peer).await;
-                continue;
-            }
-            match self.handle(&buf[..n], true) {
+            match self.handle(&buf[..n], true, &mut out) {
+                Handled::Ready => send(&sock, &out, peer).await,
                 Handled::Reply(bytes) => send(&sock, &bytes, peer).await,
                 Handled::Drop => {}
                 Handled::Upstream(p) => {
@@ -464,6 +465,7 @@ impl Resolver {
     }
 
     async fn tcp_client(self: Arc<Self>, mut s: TcpStream, client: IpAddr) -> std::io::Result<()> {
+        let mut out = Vec::new();
         loop {
             let Ok(len) = tokio::time::timeout(TCP_IDLE, s.read_u16()).await else {
                 return Ok(());
@@ -477,15 +479,9 @@ impl Resolver {
             tokio::time::timeout(TCP_IDLE, s.read_exact(&mut buf))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-            let mut out = Vec::new();
-            if self.answer_ready(&buf, false, &mut out) {
-                if let Some(framed) = tcp_frame(&out) {
-                    s.write_all(&framed).await?;
-                }
-                continue;
-            }
-            let reply = match self.handle(&buf, false) {
-                Handled::Reply(b) => Some(b),
+            let framed = match self.handle(&buf, false, &mut out) {
+                Handled::Ready => tcp_frame(&out),
+                Handled::Reply(b) => tcp_frame(&b),
                 Handled::Drop => return Ok(()),
                 Handled::Upstream(p) => match self.forward_slot(client) {
                     Some(_slot) => self.resolve(p, false).await,
@@ -494,12 +490,13 @@ impl Resolver {
                         reply.metadata.response_code = ResponseCode::ServFail;
                         encode(reply, u16::MAX.into())
                     }
-                },
+                }
+                .as_deref()
+                .and_then(tcp_frame),
             };
-            let Some(framed) = reply.as_deref().and_then(tcp_frame) else {
-                continue;
-            };
-            s.write_all(&framed).await?;
+            if let Some(framed) = framed {
+                s.write_all(&framed).await?;
+            }
         }
     }
 }
@@ -649,10 +646,8 @@ mod tests {
     /// The way the sockets answer: a kept reply, else the full way.
     fn reply(r: &Resolver, packet: &[u8], udp: bool) -> Message {
         let mut out = Vec::new();
-        if r.answer_ready(packet, udp, &mut out) {
-            return Message::from_vec(&out).expect("kept reply parses");
-        }
-        match r.handle(packet, udp) {
+        match r.handle(packet, udp, &mut out) {
+            Handled::Ready => Message::from_vec(&out).expect("kept reply parses"),
             Handled::Reply(b) => Message::from_vec(&b).expect("reply parses"),
             Handled::Drop => panic!("dropped"),
             Handled::Upstream(_) => panic!("forwarded"),
@@ -696,7 +691,7 @@ mod tests {
         ));
         let again = again.to_vec().expect("encode");
         let mut out = Vec::new();
-        assert!(r.answer_ready(&again, true, &mut out));
+        assert!(matches!(r.handle(&again, true, &mut out), Handled::Ready));
         let m = Message::from_vec(&out).expect("parses");
         assert_eq!(m.metadata.id, 0x4242);
         assert!(!m.metadata.recursion_desired);
@@ -707,6 +702,15 @@ mod tests {
             "WEB.Default.svc.cluster.local."
         );
         assert_eq!(addresses(&m), ["10.96.0.20"]);
+        // An edit that leaves the records as they are (endpoints moved
+        // behind a ClusterIP) keeps the reply.
+        r.edit_zone(|z| {
+            z.set_service(
+                "default/web",
+                records_of(&apex, &service("web", "10.96.0.20"), None),
+            )
+        });
+        assert!(matches!(r.handle(&again, true, &mut out), Handled::Ready));
         // The Service changes: the next answer is the new one.
         r.edit_zone(|z| {
             z.set_service(
@@ -714,7 +718,7 @@ mod tests {
                 records_of(&apex, &service("web", "10.96.0.21"), None),
             )
         });
-        assert!(!r.answer_ready(&again, true, &mut out));
+        assert!(!matches!(r.handle(&again, true, &mut out), Handled::Ready));
         let m = reply(&r, &again, true);
         assert_eq!(addresses(&m), ["10.96.0.21"]);
         // NXDOMAIN is kept too, and goes the same way.
@@ -723,7 +727,7 @@ mod tests {
             reply(&r, &miss, true).metadata.response_code,
             ResponseCode::NXDomain
         );
-        assert!(r.answer_ready(&miss, true, &mut out));
+        assert!(matches!(r.handle(&miss, true, &mut out), Handled::Ready));
         r.edit_zone(|z| {
             z.set_service(
                 "default/db",
@@ -764,10 +768,16 @@ mod tests {
         let m = reply(&r, &q, true);
         assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
         assert_eq!(m.metadata.id, u16::from_be_bytes([q[0], q[1]]));
-        assert!(matches!(r.handle(&q[..5], true), Handled::Drop));
+        assert!(matches!(
+            r.handle(&q[..5], true, &mut Vec::new()),
+            Handled::Drop
+        ));
         let mut resp = ask("web.default.svc.cluster.local.", RecordType::A, None);
         resp[2] |= 0x80;
-        assert!(matches!(r.handle(&resp, true), Handled::Drop));
+        assert!(matches!(
+            r.handle(&resp, true, &mut Vec::new()),
+            Handled::Drop
+        ));
         let mut notify = Message::query();
         notify.metadata.op_code = OpCode::Notify;
         notify.add_query(Query::query(
@@ -855,7 +865,7 @@ mod tests {
     async fn outside_names_are_refused_without_an_upstream() {
         let r = Arc::new(resolver());
         let q = ask("example.com.", RecordType::A, Some(1232));
-        let Handled::Upstream(p) = r.handle(&q, true) else {
+        let Handled::Upstream(p) = r.handle(&q, true, &mut Vec::new()) else {
             panic!("not forwarded");
         };
         let b = r.resolve(p, true).await.expect("a reply");

@@ -294,6 +294,11 @@ impl Zone {
         &self.apex
     }
 
+    /// The SOA serial: moves at every change of the zone's records.
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
     /// Services the zone holds records for (by `namespace/name`).
     pub fn services(&self) -> impl Iterator<Item = &str> {
         self.by_service
