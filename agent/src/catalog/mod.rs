@@ -1,6 +1,7 @@
 //! The cluster's Services and EndpointSlices as the node's roles read
-//! them: a [`Catalog`] by name, kept by [`watch`] from the apiserver. The
-//! service proxy and the DNS server each read it their own way.
+//! them, kept by [`watch`] from the apiserver in what each role keeps of
+//! them (a [`Keep`]): the service proxy keeps the objects (a [`Catalog`]
+//! by name); the DNS server keeps only what its records need.
 
 pub mod watch;
 
@@ -49,6 +50,21 @@ pub(crate) fn slim(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::Ob
     }
 }
 
+/// What a role keeps of the Services and EndpointSlices it watches.
+pub trait Keep: Default {
+    fn insert_service(&mut self, svc: Service);
+    fn remove_service(&mut self, key: &str);
+    /// Slices without the service-name label belong to no service and are
+    /// ignored, as kube-proxy ignores them.
+    fn insert_slice(&mut self, slice: EndpointSlice);
+    /// Removes slice `name` of Service `owner`.
+    fn remove_slice(&mut self, owner: &str, name: &str);
+    /// Takes `from`'s Services in place of its own (after a relist).
+    fn replace_services(&mut self, from: Self);
+    /// Takes `from`'s slices in place of its own (after a relist).
+    fn replace_slices(&mut self, from: Self);
+}
+
 /// Services and EndpointSlices by name, as read from any source.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
@@ -71,5 +87,33 @@ impl Catalog {
             let name = slice.metadata.name.clone().unwrap_or_default();
             self.slices.entry(owner).or_default().insert(name, slice);
         }
+    }
+}
+
+impl Keep for Catalog {
+    fn insert_service(&mut self, svc: Service) {
+        Catalog::insert_service(self, svc);
+    }
+
+    fn remove_service(&mut self, key: &str) {
+        self.services.remove(key);
+    }
+
+    fn insert_slice(&mut self, slice: EndpointSlice) {
+        Catalog::insert_slice(self, slice);
+    }
+
+    fn remove_slice(&mut self, owner: &str, name: &str) {
+        if let Some(m) = self.slices.get_mut(owner) {
+            m.remove(name);
+        }
+    }
+
+    fn replace_services(&mut self, from: Self) {
+        self.services = from.services;
+    }
+
+    fn replace_slices(&mut self, from: Self) {
+        self.slices = from.slices;
     }
 }

@@ -7,7 +7,7 @@
 //! the catalog, so a lost or repeated event cannot leave a service wrong. A
 //! relist (watch restart) replaces the whole store and reconciles all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Service;
@@ -16,7 +16,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use super::{Catalog, service_key, slice_owner};
+use super::{Catalog, Keep, service_key, slice_owner};
 
 enum Change {
     Service(Box<watcher::Event<Service>>),
@@ -30,17 +30,17 @@ pub struct Dirty {
     pub services: BTreeSet<String>,
 }
 
-/// The catalog as the watchers keep it, with relist buffers.
+/// What the role keeps, as the watchers keep it, with relist buffers.
 #[derive(Default)]
-pub struct Store {
-    pub catalog: Catalog,
+pub struct Store<C = Catalog> {
+    pub catalog: C,
     services_ready: bool,
     slices_ready: bool,
-    relist_services: Option<BTreeMap<String, Service>>,
-    relist_slices: Option<Catalog>,
+    relist_services: Option<C>,
+    relist_slices: Option<C>,
 }
 
-impl Store {
+impl<C: Keep> Store<C> {
     pub fn ready(&self) -> bool {
         self.services_ready && self.slices_ready
     }
@@ -54,19 +54,18 @@ impl Store {
                 }
                 watcher::Event::Delete(s) => {
                     let k = service_key(&s);
-                    self.catalog.services.remove(&k);
+                    self.catalog.remove_service(&k);
                     dirty.services.insert(k);
                 }
-                watcher::Event::Init => self.relist_services = Some(BTreeMap::new()),
-                watcher::Event::InitApply(mut s) => {
-                    if let Some(m) = &mut self.relist_services {
-                        super::slim(&mut s.metadata);
-                        m.insert(service_key(&s), s);
+                watcher::Event::Init => self.relist_services = Some(C::default()),
+                watcher::Event::InitApply(s) => {
+                    if let Some(c) = &mut self.relist_services {
+                        c.insert_service(s);
                     }
                 }
                 watcher::Event::InitDone => {
-                    if let Some(m) = self.relist_services.take() {
-                        self.catalog.services = m;
+                    if let Some(c) = self.relist_services.take() {
+                        self.catalog.replace_services(c);
                     }
                     self.services_ready = true;
                     dirty.all = true;
@@ -81,14 +80,12 @@ impl Store {
                 }
                 watcher::Event::Delete(s) => {
                     if let Some(owner) = slice_owner(&s) {
-                        let name = s.metadata.name.clone().unwrap_or_default();
-                        if let Some(m) = self.catalog.slices.get_mut(&owner) {
-                            m.remove(&name);
-                        }
+                        let name = s.metadata.name.as_deref().unwrap_or_default();
+                        self.catalog.remove_slice(&owner, name);
                         dirty.services.insert(owner);
                     }
                 }
-                watcher::Event::Init => self.relist_slices = Some(Catalog::default()),
+                watcher::Event::Init => self.relist_slices = Some(C::default()),
                 watcher::Event::InitApply(s) => {
                     if let Some(c) = &mut self.relist_slices {
                         c.insert_slice(s);
@@ -96,7 +93,7 @@ impl Store {
                 }
                 watcher::Event::InitDone => {
                     if let Some(c) = self.relist_slices.take() {
-                        self.catalog.slices = c.slices;
+                        self.catalog.replace_slices(c);
                     }
                     self.slices_ready = true;
                     dirty.all = true;
@@ -108,9 +105,9 @@ impl Store {
 
 /// Watches the apiserver and calls `reconcile` with the store and what
 /// changed, after each batch of events once both lists are complete.
-pub async fn run(
+pub async fn run<C: Keep>(
     client: Client,
-    mut reconcile: impl FnMut(&Store, Dirty),
+    mut reconcile: impl FnMut(&Store<C>, Dirty),
 ) -> Result<(), watcher::Error> {
     let services = watcher(
         Api::<Service>::all(client.clone()),
@@ -127,7 +124,7 @@ pub async fn run(
     .map(|e| e.map(|ev| Change::Slice(Box::new(ev))))
     .boxed();
     let mut events = stream::select(services, slices).ready_chunks(1024);
-    let mut store = Store::default();
+    let mut store = Store::<C>::default();
     let mut pending = Dirty::default();
     info!("watching services and endpointslices");
     while let Some(batch) = events.next().await {
@@ -162,7 +159,7 @@ mod tests {
         .expect("slice")
     }
 
-    fn apply(store: &mut Store, changes: Vec<Change>) -> Dirty {
+    fn apply(store: &mut Store<Catalog>, changes: Vec<Change>) -> Dirty {
         let mut d = Dirty::default();
         for c in changes {
             store.apply(c, &mut d);
@@ -180,7 +177,7 @@ mod tests {
 
     #[test]
     fn ready_only_after_both_lists_and_relist_replaces_the_store() {
-        let mut store = Store::default();
+        let mut store = Store::<Catalog>::default();
         let d = apply(
             &mut store,
             vec![
@@ -218,7 +215,7 @@ mod tests {
 
     #[test]
     fn events_mark_their_service_dirty() {
-        let mut store = Store::default();
+        let mut store = Store::<Catalog>::default();
         let d = apply(
             &mut store,
             vec![

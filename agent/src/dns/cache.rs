@@ -13,6 +13,9 @@
 //! - At most [`CacheConfig::capacity`] entries: a full cache drops expired
 //!   entries first, then the oldest.
 //!
+//! - Entries are kept encoded (a decoded record is a few hundred bytes,
+//!   its wire form tens), and decoded when served.
+//!
 //! Pure: the caller passes the time, so every rule is tested without
 //! waiting.
 
@@ -71,12 +74,32 @@ impl Entry {
             authorities: reply.authorities.clone(),
         }
     }
+
+    /// The answer in `reply` in wire form (a message holding only it).
+    fn encode(reply: &Message) -> Option<Box<[u8]>> {
+        let mut m = Message::response(0, reply.metadata.op_code);
+        m.metadata.response_code = reply.metadata.response_code;
+        m.answers.clone_from(&reply.answers);
+        m.authorities.clone_from(&reply.authorities);
+        m.to_vec().ok().map(Vec::into_boxed_slice)
+    }
+
+    fn decode(wire: &[u8]) -> Option<Self> {
+        Message::from_vec(wire).ok().map(|m| Self::from_reply(&m))
+    }
+}
+
+/// Where an entry is kept: the question's type and name in one string.
+type Slot = Box<str>;
+
+fn slot((name, qtype): &Key) -> String {
+    format!("{} {}", u16::from(*qtype), name.to_ascii())
 }
 
 /// An answer kept, with when and for how long.
 #[derive(Clone, Debug)]
 struct Kept {
-    entry: Entry,
+    wire: Box<[u8]>,
     stored: Instant,
     ttl: u32,
     prefetched: bool,
@@ -101,10 +124,10 @@ pub enum Lookup {
 
 pub struct Cache {
     cfg: CacheConfig,
-    entries: HashMap<Key, Kept>,
-    /// Keys in the order they were stored (with repeats of re-stored
-    /// keys; an old position whose entry was re-stored since is skipped).
-    order: VecDeque<(Key, Instant)>,
+    entries: HashMap<Slot, Kept>,
+    /// Slots in the order they were stored (with repeats of re-stored
+    /// slots; an old position whose entry was re-stored since is skipped).
+    order: VecDeque<(Slot, Instant)>,
 }
 
 impl Cache {
@@ -154,6 +177,10 @@ impl Cache {
         let Some(ttl) = self.ttl_of(reply).filter(|t| *t > 0) else {
             return;
         };
+        let Some(wire) = Entry::encode(reply) else {
+            return;
+        };
+        let key: Slot = slot(&key).into();
         if !self.entries.contains_key(&key) && self.entries.len() >= self.cfg.capacity {
             self.make_room(now);
         }
@@ -161,7 +188,7 @@ impl Cache {
         self.entries.insert(
             key,
             Kept {
-                entry: Entry::from_reply(reply),
+                wire,
                 stored: now,
                 ttl,
                 prefetched: false,
@@ -193,7 +220,8 @@ impl Cache {
 
     pub fn lookup(&mut self, key: &Key, now: Instant) -> Lookup {
         let stale = self.cfg.stale;
-        let Some(e) = self.entries.get_mut(key) else {
+        let key = slot(key);
+        let Some(e) = self.entries.get_mut(key.as_str()) else {
             return Lookup::Miss;
         };
         let age = now.saturating_duration_since(e.stored);
@@ -210,28 +238,31 @@ impl Cache {
                 (false, true) => Duration::ZERO,
             };
             let elapsed = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
-            return Lookup::Fresh {
-                entry: aged(e, |t| t.saturating_sub(elapsed)),
-                refresh,
-                steady,
-            };
+            if let Some(entry) = aged(e, |t| t.saturating_sub(elapsed)) {
+                return Lookup::Fresh {
+                    entry,
+                    refresh,
+                    steady,
+                };
+            }
+        } else if age < life + stale
+            && let Some(entry) = aged(e, |t| t.min(STALE_TTL))
+        {
+            return Lookup::Stale(entry);
         }
-        if age < life + stale {
-            return Lookup::Stale(aged(e, |t| t.min(STALE_TTL)));
-        }
-        self.entries.remove(key);
+        self.entries.remove(key.as_str());
         Lookup::Miss
     }
 }
 
-/// `e` with every record's TTL mapped by `f` (the SOA of a negative
-/// answer too).
-fn aged(e: &Kept, f: impl Fn(u32) -> u32) -> Entry {
-    let mut out = e.entry.clone();
+/// The entry `e` keeps, every record's TTL mapped by `f` (the SOA of a
+/// negative answer too).
+fn aged(e: &Kept, f: impl Fn(u32) -> u32) -> Option<Entry> {
+    let mut out = Entry::decode(&e.wire)?;
     for r in out.answers.iter_mut().chain(out.authorities.iter_mut()) {
         r.ttl = f(r.ttl);
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! - `server`: the UDP and TCP server around it;
 //! - `forward`: the node's upstream resolvers;
 //! - `cache`: their answers, kept for their TTL (pure);
+//! - `view`: what the zone needs of Services and EndpointSlices (pure);
 //! - `ready`: replies kept encoded, the hot path (pure);
 //! - `publish`: this node's endpoint of the `kube-dns` Service.
 //!
@@ -31,6 +32,7 @@ pub mod forward;
 pub mod publish;
 pub mod ready;
 pub mod server;
+pub mod view;
 pub mod zone;
 
 use std::collections::BTreeSet;
@@ -44,6 +46,7 @@ use tracing::info;
 use crate::catalog::watch::{Dirty, Store};
 use forward::Forwarder;
 use server::{Limits, Resolver};
+use view::Views;
 use zone::{Zone, records_of};
 
 /// The cluster DNS Service, as `skiff-control` creates it.
@@ -153,7 +156,7 @@ pub async fn run(
     let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
     let reconcile = {
         let resolver = resolver.clone();
-        move |store: &Store, dirty: Dirty| {
+        move |store: &Store<Views>, dirty: Dirty| {
             let relisted = dirty.all;
             update(&resolver, &apex, store, dirty);
             if relisted {
@@ -181,7 +184,7 @@ pub async fn run(
 
 /// Brings the zone up to the catalog: every Service after a relist, else
 /// the ones that changed. Records are built before the lock is taken.
-fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store, dirty: Dirty) {
+fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store<Views>, dirty: Dirty) {
     let catalog = &store.catalog;
     let build = |key: &str| {
         catalog
@@ -195,7 +198,7 @@ fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store, di
         catalog
             .services
             .keys()
-            .cloned()
+            .map(|k| String::from(&**k))
             .chain(zone.services().map(String::from))
             .collect()
     } else {

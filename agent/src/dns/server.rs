@@ -609,6 +609,7 @@ fn encode_whole(mut reply: Message, limit: usize) -> Option<(Vec<u8>, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::view::{ServiceView, SliceView};
     use crate::dns::zone::records_of;
     use hickory_proto::rr::Name;
     use serde_json::json;
@@ -620,14 +621,14 @@ mod tests {
         let big: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
             "metadata": {"name": "big", "namespace": "default"}, "spec": {"clusterIP": "None"}}))
         .expect("svc");
-        let slices = [(
-            "big-1".to_string(),
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
             serde_json::from_value(json!({"metadata": {"name": "big-1"}, "addressType": "IPv4",
                 "endpoints": [{"addresses": ips}]}))
-            .expect("slice"),
-        )]
-        .into_iter()
-        .collect();
+            .expect("slice");
+        let slices = [("big-1".into(), SliceView::of(&slice))]
+            .into_iter()
+            .collect();
+        let big = ServiceView::of(&big).expect("view");
         zone.set_service("default/big", records_of(&apex, &big, Some(&slices)));
         let r = Resolver::new(
             zone,
@@ -654,11 +655,12 @@ mod tests {
         }
     }
 
-    fn service(name: &str, ip: &str) -> k8s_openapi::api::core::v1::Service {
-        serde_json::from_value(json!({
+    fn service(name: &str, ip: &str) -> ServiceView {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "default"},
             "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}))
-        .expect("svc")
+        .expect("svc");
+        ServiceView::of(&svc).expect("view")
     }
 
     fn addresses(m: &Message) -> Vec<String> {

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::view::{Kind, ServiceView, Slices};
 
 /// The schema version of the Kubernetes DNS specification answered.
 pub const SCHEMA_VERSION: &str = "1.1.0";
@@ -43,15 +43,8 @@ pub struct BadDomain {
 pub type ServiceRecords = Vec<(Name, RData)>;
 
 /// The records of one Service in `apex`, per the specification.
-pub fn records_of(
-    apex: &Name,
-    svc: &Service,
-    slices: Option<&BTreeMap<String, EndpointSlice>>,
-) -> ServiceRecords {
-    let (Some(name), Some(spec)) = (svc.metadata.name.as_deref(), svc.spec.as_ref()) else {
-        return Vec::new();
-    };
-    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+pub fn records_of(apex: &Name, svc: &ServiceView, slices: Option<&Slices>) -> ServiceRecords {
+    let (name, ns) = (&svc.name, &svc.namespace);
     let Ok(owner) = Name::from_ascii(format!("{name}.{ns}.svc"))
         .and_then(|n| n.append_domain(apex))
         .map(|n| n.to_lowercase())
@@ -59,91 +52,58 @@ pub fn records_of(
         return Vec::new();
     };
     let mut out = Vec::new();
-    if spec.type_.as_deref() == Some("ExternalName") {
-        if let Some(target) = spec
-            .external_name
-            .as_deref()
-            .and_then(|t| Name::from_ascii(t.trim_end_matches('.')).ok())
-            .filter(|t| !t.is_root() && t.parse_arpa_name().is_err())
-        {
-            let mut target = target;
-            target.set_fqdn(true);
-            out.push((owner, RData::CNAME(CNAME(target))));
-        }
-        return out;
-    }
-    let named_ports: Vec<(&str, &str, u16)> = spec
-        .ports
-        .iter()
-        .flatten()
-        .filter_map(|p| {
-            let name = p.name.as_deref().filter(|n| !n.is_empty())?;
-            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => "tcp",
-                "UDP" => "udp",
-                "SCTP" => "sctp",
-                _ => return None,
-            };
-            Some((name, proto, u16::try_from(p.port).ok()?))
-        })
-        .collect();
     let srv_owner = |port: &str, proto: &str| {
         Name::from_ascii(format!("_{port}._{proto}"))
             .and_then(|n| n.append_domain(&owner))
             .map(|n| n.to_lowercase())
             .ok()
     };
-    let headless = spec.cluster_ip.as_deref() == Some("None");
-    if !headless {
-        let ips: BTreeSet<IpAddr> = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter())
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
-        if ips.is_empty() {
+    let publish_all = match &svc.kind {
+        Kind::ExternalName(target) => {
+            if let Some(target) = Name::from_ascii(target.trim_end_matches('.'))
+                .ok()
+                .filter(|t| !t.is_root() && t.parse_arpa_name().is_err())
+            {
+                let mut target = target;
+                target.set_fqdn(true);
+                out.push((owner, RData::CNAME(CNAME(target))));
+            }
             return out;
         }
-        for ip in &ips {
-            out.push((owner.clone(), address(*ip)));
-            out.push((Name::from(*ip), RData::PTR(PTR(owner.clone()))));
-        }
-        for (port, proto, number) in &named_ports {
-            if let Some(n) = srv_owner(port, proto) {
-                out.push((n, RData::SRV(SRV::new(0, 100, *number, owner.clone()))));
+        Kind::ClusterIp(ips) => {
+            if ips.is_empty() {
+                return out;
             }
+            for ip in ips {
+                out.push((owner.clone(), address(*ip)));
+                out.push((Name::from(*ip), RData::PTR(PTR(owner.clone()))));
+            }
+            for p in &svc.ports {
+                if let Some(n) = srv_owner(&p.name, p.proto) {
+                    out.push((n, RData::SRV(SRV::new(0, 100, p.port, owner.clone()))));
+                }
+            }
+            return out;
         }
-        return out;
-    }
+        Kind::Headless { publish_not_ready } => *publish_not_ready,
+    };
     // Headless: the endpoints themselves.
-    let publish_all = spec.publish_not_ready_addresses == Some(true);
-    let mut endpoints: BTreeMap<(String, IpAddr), BTreeMap<String, u16>> = BTreeMap::new();
+    let mut endpoints: BTreeMap<(String, IpAddr), BTreeMap<&str, u16>> = BTreeMap::new();
     for slice in slices.into_iter().flat_map(|m| m.values()) {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
-        }
-        let ports: BTreeMap<String, u16> = slice
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.port?).ok()?)))
-            .collect();
-        for ep in slice.endpoints.iter().flatten() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready && !publish_all {
+        for ep in &slice.endpoints {
+            if !ep.ready && !publish_all {
                 continue;
             }
-            for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+            for ip in &ep.addresses {
                 let host = ep
                     .hostname
-                    .clone()
-                    .filter(|h| !h.is_empty())
-                    .unwrap_or_else(|| dashed(ip));
+                    .as_deref()
+                    .map(str::to_ascii_lowercase)
+                    .unwrap_or_else(|| dashed(*ip));
                 endpoints
-                    .entry((host.to_ascii_lowercase(), ip))
+                    .entry((host, *ip))
                     .or_default()
-                    .extend(ports.clone());
+                    .extend(slice.ports.iter().map(|(n, p)| (&**n, *p)));
             }
         }
     }
@@ -160,9 +120,9 @@ pub fn records_of(
         out.push((owner.clone(), address(*ip)));
         out.push((host_name.clone(), address(*ip)));
         out.push((Name::from(*ip), RData::PTR(PTR(host_name.clone()))));
-        for (port, proto, number) in &named_ports {
-            let number = ports.get(*port).copied().unwrap_or(*number);
-            if let Some(n) = srv_owner(port, proto) {
+        for p in &svc.ports {
+            let number = ports.get(&*p.name).copied().unwrap_or(p.port);
+            if let Some(n) = srv_owner(&p.name, p.proto) {
                 out.push((
                     n,
                     RData::SRV(SRV::new(0, weight, number, host_name.clone())),
@@ -200,11 +160,63 @@ fn undashed(label: &str) -> Option<IpAddr> {
         .map(IpAddr::V6)
 }
 
+/// A name as the zone keeps it: lower case, fully qualified, in ASCII
+/// (hickory's presentation form), shared by every record that names it.
+type Key = Arc<str>;
+
+/// The key of `name`.
+fn key_of(name: &Name) -> String {
+    let mut n = name.to_lowercase();
+    n.set_fqdn(true);
+    n.to_ascii()
+}
+
+/// Record data as the zone keeps it: names as shared keys, addresses
+/// inline (a hickory `RData` is 184 bytes and each `Name` in it 80).
+#[derive(Clone, Debug, PartialEq)]
+enum Data {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
+    Ptr(Key),
+    Srv { weight: u16, port: u16, target: Key },
+    Cname(Key),
+    Other(Box<RData>),
+}
+
+impl Data {
+    fn rdata(&self) -> Option<RData> {
+        let name = |k: &Key| Name::from_ascii(&**k).ok();
+        Some(match self {
+            Self::A(ip) => RData::A(A(*ip)),
+            Self::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+            Self::Ptr(k) => RData::PTR(PTR(name(k)?)),
+            Self::Srv {
+                weight,
+                port,
+                target,
+            } => RData::SRV(SRV::new(0, *weight, *port, name(target)?)),
+            Self::Cname(k) => RData::CNAME(CNAME(name(k)?)),
+            Self::Other(d) => (**d).clone(),
+        })
+    }
+
+    fn record_type(&self) -> RecordType {
+        match self {
+            Self::A(_) => RecordType::A,
+            Self::Aaaa(_) => RecordType::AAAA,
+            Self::Ptr(_) => RecordType::PTR,
+            Self::Srv { .. } => RecordType::SRV,
+            Self::Cname(_) => RecordType::CNAME,
+            Self::Other(d) => d.record_type(),
+        }
+    }
+}
+
 /// One record kept by name, with the Service that published it.
 #[derive(Clone, Debug)]
 struct Owned {
     service: Arc<str>,
-    data: RData,
+    data: Data,
 }
 
 /// What a question gets.
@@ -233,13 +245,13 @@ pub struct Zone {
     ttl: u32,
     serial: u32,
     soa: Record,
-    /// Owner names and their records (lower case keys; hickory compares
-    /// names without case, so any spelling finds them).
-    names: HashMap<Name, Vec<Owned>>,
+    /// Owner names and their records (by [`key_of`], so any spelling
+    /// finds them).
+    names: HashMap<Key, Box<[Owned]>>,
     /// Every name inside the zone that has owner names below it, with how
     /// many: such a name exists (NODATA) even with no records of its own.
-    parents: HashMap<Name, usize>,
-    by_service: HashMap<Arc<str>, ServiceRecords>,
+    parents: HashMap<Box<str>, usize>,
+    by_service: HashMap<Arc<str>, Box<[(Key, Data)]>>,
     pod_label: Name,
 }
 
@@ -285,7 +297,7 @@ impl Zone {
         zone.set_service("", fixed);
         // `svc.<zone>` and `pod.<zone>` exist even when empty.
         for n in [svc_label, pod_label] {
-            zone.parents.entry(n).or_insert(1);
+            zone.parents.entry(key_of(&n).into()).or_insert(1);
         }
         Ok(zone)
     }
@@ -307,36 +319,74 @@ impl Zone {
             .filter(|k| !k.is_empty())
     }
 
+    /// The shared key of `name`: the zone's own if it holds the name, else
+    /// one made for this batch.
+    fn intern(&self, batch: &mut HashMap<String, Key>, name: &Name) -> Key {
+        let k = key_of(name);
+        if let Some((have, _)) = self.names.get_key_value(k.as_str()) {
+            return have.clone();
+        }
+        batch
+            .entry(k)
+            .or_insert_with_key(|k| Arc::from(k.as_str()))
+            .clone()
+    }
+
+    /// `records` as the zone keeps them.
+    fn compact(&self, records: ServiceRecords) -> Box<[(Key, Data)]> {
+        let mut batch = HashMap::new();
+        records
+            .into_iter()
+            .map(|(name, data)| {
+                let mut key = |n: &Name| self.intern(&mut batch, n);
+                let data = match data {
+                    RData::A(a) => Data::A(a.0),
+                    RData::AAAA(a) => Data::Aaaa(a.0),
+                    RData::PTR(p) => Data::Ptr(key(&p.0)),
+                    RData::SRV(srv) => Data::Srv {
+                        weight: srv.weight,
+                        port: srv.port,
+                        target: key(&srv.target),
+                    },
+                    RData::CNAME(c) => Data::Cname(key(&c.0)),
+                    other => Data::Other(Box::new(other)),
+                };
+                (key(&name), data)
+            })
+            .collect()
+    }
+
     /// Replaces what Service `key` publishes (nothing removes it).
-    pub fn set_service(&mut self, key: &str, mut records: ServiceRecords) {
+    pub fn set_service(&mut self, key: &str, records: ServiceRecords) {
+        let records = self.compact(records);
         if self.by_service.get(key) == Some(&records) {
             return;
         }
         let key: Arc<str> = Arc::from(key);
         if let Some(old) = self.by_service.remove(&key) {
-            let names: BTreeSet<&Name> = old.iter().map(|(n, _)| n).collect();
+            let names: BTreeSet<&Key> = old.iter().map(|(n, _)| n).collect();
             for name in names {
                 self.unpublish(name, &key);
             }
         }
         for (name, data) in &records {
-            let entry = self.names.entry(name.clone()).or_default();
-            let was_empty = entry.is_empty();
-            if was_empty {
-                // Most names hold one record: room for one, not the four
-                // a first push reserves (a record is 200 bytes).
-                entry.reserve_exact(1);
-            }
-            entry.push(Owned {
+            let owned = Owned {
                 service: key.clone(),
                 data: data.clone(),
-            });
-            if was_empty {
-                self.count_parents(name, true);
+            };
+            match self.names.get_mut(name) {
+                Some(entry) => {
+                    let mut v = std::mem::take(entry).into_vec();
+                    v.push(owned);
+                    *entry = v.into_boxed_slice();
+                }
+                None => {
+                    self.names.insert(name.clone(), Box::new([owned]));
+                    self.count_parents(name, true);
+                }
             }
         }
         if !records.is_empty() {
-            records.shrink_to_fit();
             self.by_service.insert(key, records);
         }
         self.serial = self.serial.wrapping_add(1).max(1);
@@ -345,11 +395,18 @@ impl Zone {
         }
     }
 
-    fn unpublish(&mut self, name: &Name, key: &Arc<str>) {
+    fn unpublish(&mut self, name: &Key, key: &Arc<str>) {
         let Some(entry) = self.names.get_mut(name) else {
             return;
         };
-        entry.retain(|o| &o.service != key);
+        if entry.iter().any(|o| &o.service == key) {
+            let kept: Box<[Owned]> = entry
+                .iter()
+                .filter(|o| &o.service != key)
+                .cloned()
+                .collect();
+            *entry = kept;
+        }
         if entry.is_empty() {
             self.names.remove(name);
             self.count_parents(name, false);
@@ -357,18 +414,22 @@ impl Zone {
     }
 
     /// Counts `name` in (or out of) each of its ancestors inside the zone.
-    fn count_parents(&mut self, name: &Name, add: bool) {
-        if !self.apex.zone_of(name) {
+    fn count_parents(&mut self, name: &str, add: bool) {
+        let Ok(name) = Name::from_ascii(name) else {
+            return;
+        };
+        if !self.apex.zone_of(&name) {
             return;
         }
         let mut n = name.base_name();
         while n.num_labels() > self.apex.num_labels() {
+            let k = key_of(&n);
             if add {
-                *self.parents.entry(n.clone()).or_default() += 1;
-            } else if let Some(c) = self.parents.get_mut(&n) {
+                *self.parents.entry(k.into()).or_default() += 1;
+            } else if let Some(c) = self.parents.get_mut(k.as_str()) {
                 *c -= 1;
                 if *c == 0 {
-                    self.parents.remove(&n);
+                    self.parents.remove(k.as_str());
                 }
             }
             n = n.base_name();
@@ -412,7 +473,7 @@ impl Zone {
         let mut qname = qname.clone();
         qname.set_fqdn(true);
         let inside = self.contains(&qname);
-        if !inside && !self.names.contains_key(&qname) {
+        if !inside && !self.names.contains_key(key_of(&qname).as_str()) {
             return Outcome::Forward;
         }
         let mut answer = Answer::default();
@@ -466,9 +527,10 @@ impl Zone {
     }
 
     fn records_at(&self, name: &Name, qtype: RecordType) -> Found {
-        if let Some(entry) = self.names.get(name) {
+        let key = key_of(name);
+        if let Some(entry) = self.names.get(key.as_str()) {
             if let Some(c) = entry.iter().find_map(|o| match &o.data {
-                RData::CNAME(c) => Some(c.0.clone()),
+                Data::Cname(c) => Name::from_ascii(&**c).ok(),
                 _ => None,
             }) {
                 return Found::Cname(c);
@@ -476,7 +538,7 @@ impl Zone {
             let mut rs: Vec<RData> = entry
                 .iter()
                 .filter(|o| qtype == RecordType::ANY || o.data.record_type() == qtype)
-                .map(|o| o.data.clone())
+                .filter_map(|o| o.data.rdata())
                 .collect();
             if name == &self.apex && matches!(qtype, RecordType::SOA | RecordType::ANY) {
                 rs.push(self.soa().data);
@@ -501,7 +563,7 @@ impl Zone {
         }
         let pod_namespace =
             name.num_labels() == self.pod_label.num_labels() + 1 && self.pod_label.zone_of(name);
-        if self.parents.contains_key(name) || pod_namespace {
+        if self.parents.contains_key(key.as_str()) || pod_namespace {
             Found::NoData
         } else {
             Found::NxDomain
@@ -523,9 +585,16 @@ impl Zone {
         if out.iter().any(|r| &r.name == target) {
             return;
         }
-        for o in self.names.get(target).into_iter().flatten() {
-            if matches!(o.data, RData::A(_) | RData::AAAA(_)) {
-                out.push(Record::from_rdata(target.clone(), self.ttl, o.data.clone()));
+        for o in self
+            .names
+            .get(key_of(target).as_str())
+            .into_iter()
+            .flatten()
+        {
+            if let Data::A(_) | Data::Aaaa(_) = o.data
+                && let Some(data) = o.data.rdata()
+            {
+                out.push(Record::from_rdata(target.clone(), self.ttl, data));
             }
         }
     }
@@ -547,14 +616,22 @@ mod tests {
         Name::from_ascii(s).expect("name")
     }
 
-    fn svc(v: serde_json::Value) -> Service {
-        serde_json::from_value(v).expect("service")
+    fn svc(v: serde_json::Value) -> ServiceView {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(v).expect("service");
+        ServiceView::of(&svc).expect("view")
     }
 
-    fn slices(v: Vec<serde_json::Value>) -> BTreeMap<String, EndpointSlice> {
+    fn slices(v: Vec<serde_json::Value>) -> Slices {
         v.into_iter()
             .enumerate()
-            .map(|(i, s)| (format!("s{i}"), serde_json::from_value(s).expect("slice")))
+            .map(|(i, s)| {
+                let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+                    serde_json::from_value(s).expect("slice");
+                (
+                    format!("s{i}").into(),
+                    super::super::view::SliceView::of(&slice),
+                )
+            })
             .collect()
     }
 
