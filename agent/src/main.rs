@@ -258,9 +258,9 @@ struct DnsArgs {
     /// seconds.
     #[arg(long, default_value_t = 30)]
     dns_ttl: u32,
-    /// Address the DNS server listens on, the first one published as the
-    /// node's `kube-dns` endpoint (repeatable; default: the node's
-    /// address).
+    /// Address the DNS server listens on, the first one of each family
+    /// published as the node's `kube-dns` endpoint of that family
+    /// (repeatable; default: the node's address).
     #[arg(long = "dns-listen")]
     dns_listen: Vec<IpAddr>,
     #[arg(long, default_value_t = 53)]

@@ -322,30 +322,44 @@ async fn bootstrap(
     Ok(())
 }
 
-/// The cluster DNS Service pods are given as their nameserver. It has no
-/// selector: each node's dns role writes its own endpoint, and
+/// The cluster DNS Service pods are given as their nameserver, with an
+/// address of each family the service range has. It has no selector:
+/// each node's dns role writes its own endpoints, and
 /// `trafficDistribution: PreferSameNode` keeps every node's questions on
-/// it while it serves, and sends them to the other nodes' when it does
+/// them while it serves, and sends them to the other nodes' when it does
 /// not.
 async fn ensure_dns_service(api: &Arc<Api>) {
-    let Some(ip) = api.dns_service_ip() else {
+    let ips = api.dns_service_ips();
+    let Some((first, _)) = ips.first() else {
         tracing::warn!("the service range is too small for the kube-dns Service's address");
         return;
     };
     let Some(svc) = resources::find("", "v1", "services") else {
         return;
     };
+    let policy = if ips.len() > 1 {
+        "PreferDualStack"
+    } else {
+        "SingleStack"
+    };
     let kube_dns = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "kube-dns", "namespace": "kube-system",
                      "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "skiff-dns"}},
-        "spec": {"clusterIP": ip, "trafficDistribution": "PreferSameNode", "ports": [
-            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
-            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
-        ]}
+        "spec": {
+            "clusterIP": first.to_string(),
+            "clusterIPs": ips.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
+            "ipFamilyPolicy": policy,
+            "ipFamilies": ips.iter().map(|(_, f)| *f).collect::<Vec<_>>(),
+            "trafficDistribution": "PreferSameNode",
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+            ]
+        }
     });
     // Another Service holding the address must not stop the control plane.
     if let Err(e) = api.ensure(svc, Some("kube-system"), kube_dns).await {
-        tracing::warn!(error = %e.message, %ip, "creating the kube-dns Service");
+        tracing::warn!(error = %e.message, ip = %first, "creating the kube-dns Service");
     }
 }

@@ -265,6 +265,7 @@ impl Cluster {
     }
 
     fn start_node(&mut self, ns: Netns, ip: &str) {
+        let ip6 = node_ipv6(self.nodes.len());
         let node = KubeletNode::start_with(
             &ns,
             &NodeSetup {
@@ -276,6 +277,7 @@ impl Cluster {
                 } else {
                     NodeNetwork::Overlay {
                         etcd: &self.etcd_args,
+                        ip6: &ip6,
                     }
                 },
             },

@@ -315,8 +315,10 @@ pub enum NodeNetwork<'a> {
     /// subnet (`10.244.1.0/24`).
     Fixed(&'a str),
     /// Every role: the overlay leases the node's subnet in this etcd (vxlan
-    /// over `eth0`) and the proxy translates Services for the node's pods.
-    Overlay { etcd: &'a [String] },
+    /// over `eth0`) and the proxy translates Services for the node's pods;
+    /// the dns role listens on the node's address and on `ip6`, its IPv6
+    /// underlay address.
+    Overlay { etcd: &'a [String], ip6: &'a str },
     /// The kubelet role alone, in [`NodeMounts`]: the network is
     /// installed onto the node as `deploy/skiff-node.yaml` does it (the
     /// CNI plugin and conflist under the standard paths, subnet.env in
@@ -428,7 +430,7 @@ impl KubeletNode {
             .map(|s| s.to_string()),
         );
         let mut pins = None;
-        if let NodeNetwork::Overlay { etcd } = setup.network {
+        if let NodeNetwork::Overlay { etcd, ip6 } = setup.network {
             // The proxy translates the connections of this node's pods:
             // runc puts them below the cgroup parent in the v2 hierarchy too.
             let cgroup = Path::new(crate::cgroup::CGROUP2_ROOT).join(&cgroup_parent[1..]);
@@ -457,6 +459,10 @@ impl KubeletNode {
                     // the cluster domain are refused, not forwarded.
                     "--dns-upstream",
                     "none",
+                    "--dns-listen",
+                    setup.ip,
+                    "--dns-listen",
+                    ip6,
                 ]
                 .map(String::from),
             );

@@ -5,12 +5,14 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use skiff_tests::cluster::Cluster;
+use skiff_tests::cluster::{Cluster, node_ipv6};
 use skiff_tests::control::ControlPlane;
 use skiff_tests::netns::veth;
 use skiff_tests::{Netns, Proc, Spawn, TempDir, bin, wait_for};
 
 const KUBE_DNS: &str = "10.96.0.10";
+/// Its address in the cluster's IPv6 service range.
+const KUBE_DNS6: &str = "fd00:10:96::a";
 
 /// Services of every kind, and two pods behind the headless one (one
 /// naming itself with hostname and subdomain, one not).
@@ -111,9 +113,9 @@ fn each_node_answers_the_cluster_domain_per_the_specification_and_its_pods_reach
     assert_eq!(
         c.cp.jsonpath(
             &["-n", "kube-system", "service", "kube-dns"],
-            "{.spec.clusterIP} {.spec.trafficDistribution}"
+            "{.spec.clusterIP} {.spec.clusterIPs[1]} {.spec.trafficDistribution}"
         ),
-        format!("{KUBE_DNS} PreferSameNode")
+        format!("{KUBE_DNS} {KUBE_DNS6} PreferSameNode")
     );
     let published = |c: &Cluster| {
         c.cp.jsonpath(
@@ -130,10 +132,17 @@ fn each_node_answers_the_cluster_domain_per_the_specification_and_its_pods_reach
         .map(String::from)
         .collect::<BTreeSet<String>>()
     };
+    // A slice per family, each with the node's address of that family.
     let want: BTreeSet<String> = c
         .nodes
         .iter()
-        .map(|n| format!("kube-dns-{0} {1} {0} Node", n.name, n.ip))
+        .enumerate()
+        .flat_map(|(i, n)| {
+            [
+                format!("kube-dns-{0} {1} {0} Node", n.name, n.ip),
+                format!("kube-dns-{0}-v6 {1} {0} Node", n.name, node_ipv6(i)),
+            ]
+        })
         .collect();
     wait_for(
         "each node's kube-dns endpoint",
@@ -241,9 +250,15 @@ fn each_node_answers_the_cluster_domain_per_the_specification_and_its_pods_reach
             &node.name,
             &format!(
                 "nslookup {web} {KUBE_DNS}; nslookup db-0.db.default.svc.cluster.local {KUBE_DNS}; \
-                 nslookup nope.default.svc.cluster.local {KUBE_DNS}; echo done"
+                 nslookup nope.default.svc.cluster.local {KUBE_DNS}; \
+                 echo over-ipv6; nslookup db-0.db.default.svc.cluster.local {KUBE_DNS6}; echo done"
             ),
         );
+        // The IPv6 ClusterIP reaches the node's server too.
+        let (_, v6) = log
+            .split_once("over-ipv6")
+            .unwrap_or_else(|| panic!("{log}"));
+        assert!(v6.contains(&format!("Address: {db0}")), "{log}");
         assert!(log.contains(&format!("Address: {web_ip}")), "{log}");
         assert!(log.contains(&format!("Address: {db0}")), "{log}");
         assert!(

@@ -12,17 +12,18 @@
 //!
 //! How pods reach it: their nameserver is the `kube-dns` Service's
 //! ClusterIP, which `skiff-control` creates with no selector and
-//! `trafficDistribution: PreferSameNode`. Each node's dns role writes the
-//! Service one EndpointSlice, `kube-system/kube-dns-<node>`, naming only
-//! itself, once it has read the zone; the node's proxy then sends the
-//! ClusterIP to this server and nowhere else, so questions never leave the
-//! node.
+//! `trafficDistribution: PreferSameNode` (dual-stack when the service
+//! range is). Each node's dns role writes the Service an EndpointSlice per
+//! address family it listens on, `kube-system/kube-dns-<node>` (and
+//! `-v6`), naming only itself, once it has read the zone; the node's proxy
+//! then sends the ClusterIP to this server and nowhere else, so questions
+//! never leave the node.
 //!
 //! How it fails over: when the role stops, fails or cannot listen, it
-//! withdraws its slice, and the node's proxy, having no endpoint of its
+//! withdraws its slices, and the node's proxy, having no endpoint of its
 //! own left, sends its pods' questions to the other nodes' servers until
-//! the role (restarted with back-off) publishes itself again. The slice is
-//! owned by the Node, so it goes with a deleted node. What this does not
+//! the role (restarted with back-off) publishes itself again. The slices are
+//! owned by the Node, so they go with a deleted node. What this does not
 //! cover: the whole agent killed at once leaves the pinned dataplane
 //! pointing at the node's own address until the agent is back (its
 //! service manager restarts it), as a crashed kube-proxy leaves its rules.
@@ -62,8 +63,8 @@ pub struct DnsConfig {
     pub domain: String,
     /// TTL of the zone's records and of its negative answers.
     pub ttl: u32,
-    /// Addresses the server listens on; the first is published as the
-    /// node's endpoint of `kube-dns`.
+    /// Addresses the server listens on; the first of each family is
+    /// published as the node's endpoint of `kube-dns`.
     pub listen: Vec<IpAddr>,
     pub port: u16,
     /// Where other names are asked (none: they are refused).
@@ -122,8 +123,10 @@ pub async fn run(
         Limits::default(),
         cfg.cache,
     ));
-    let endpoint = *cfg.listen.first().ok_or(DnsError::NoListen)?;
-    let publisher = publish::Publisher::new(client.clone(), &ctx.node_name, endpoint, cfg.port);
+    if cfg.listen.is_empty() {
+        return Err(DnsError::NoListen);
+    }
+    let publisher = publish::Publisher::new(client.clone(), &ctx.node_name, &cfg.listen, cfg.port);
     // Dropped (aborting every server task) when the role ends.
     let mut servers = tokio::task::JoinSet::new();
     for ip in &cfg.listen {

@@ -1,13 +1,14 @@
-//! This node's endpoint of the `kube-dns` Service: one EndpointSlice,
-//! `kube-system/kube-dns-<node>`, with the node's DNS address and its own
-//! name as `nodeName`, so that with `trafficDistribution: PreferSameNode`
-//! each node's proxy sends the ClusterIP to its own server while it has
-//! one.
+//! This node's endpoints of the `kube-dns` Service: an EndpointSlice per
+//! address family it listens on, `kube-system/kube-dns-<node>` (IPv4) and
+//! `kube-system/kube-dns-<node>-v6` (IPv6), each with the node's first DNS
+//! address of that family and its own name as `nodeName`, so that with
+//! `trafficDistribution: PreferSameNode` each node's proxy sends the
+//! ClusterIP of either family to its own server while it has one.
 //!
-//! Written once the zone is read, checked again every [`REFRESH`] (it comes
-//! back if someone deletes it), deleted when the role stops. It is owned by
-//! the Node once the Node exists, so the garbage collector removes it with
-//! a deleted node.
+//! Written once the zone is read, checked again every [`REFRESH`] (they
+//! come back if someone deletes them), deleted when the role stops. They
+//! are owned by the Node once the Node exists, so the garbage collector
+//! removes them with a deleted node.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -27,42 +28,60 @@ const REFRESH: Duration = Duration::from_secs(30);
 /// Who writes these slices (the EndpointSlice controller leaves them be).
 pub const MANAGER: &str = "skiff-agent";
 
-/// The name of `node`'s slice of the `kube-dns` Service.
-pub fn slice_name(node: &str) -> String {
-    format!("{SERVICE_NAME}-{node}")
+/// The name of `node`'s slice of the `kube-dns` Service for the family of
+/// `ip`.
+pub fn slice_name(node: &str, ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(_) => format!("{SERVICE_NAME}-{node}"),
+        IpAddr::V6(_) => format!("{SERVICE_NAME}-{node}-v6"),
+    }
+}
+
+/// The first address of each family in `listen`: what the node publishes.
+pub fn endpoints(listen: &[IpAddr]) -> Vec<IpAddr> {
+    let v4 = listen.iter().find(|ip| ip.is_ipv4());
+    let v6 = listen.iter().find(|ip| ip.is_ipv6());
+    v4.into_iter().chain(v6).copied().collect()
 }
 
 pub struct Publisher {
     slices: Api<EndpointSlice>,
     nodes: Api<Node>,
     node: String,
-    ip: IpAddr,
+    /// One address per family.
+    ips: Vec<IpAddr>,
     port: u16,
     node_uid: tokio::sync::Mutex<Option<String>>,
 }
 
 impl Publisher {
-    pub fn new(client: Client, node: &str, ip: IpAddr, port: u16) -> Self {
+    /// Publishes the first address of each family in `listen`.
+    pub fn new(client: Client, node: &str, listen: &[IpAddr], port: u16) -> Self {
         Self {
             slices: Api::namespaced(client.clone(), SERVICE_NAMESPACE),
             nodes: Api::all(client),
             node: node.to_string(),
-            ip,
+            ips: endpoints(listen),
             port,
             node_uid: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// The slice as it should be (owned by the Node if it has a UID).
-    fn desired(&self, node_uid: Option<&str>) -> Result<EndpointSlice, serde_json::Error> {
+    /// The slice of `ip` as it should be (owned by the Node if it has a
+    /// UID).
+    fn desired(
+        &self,
+        ip: IpAddr,
+        node_uid: Option<&str>,
+    ) -> Result<EndpointSlice, serde_json::Error> {
         let owners = node_uid.map(
             |uid| json!([{"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}]),
         );
-        let family = if self.ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
         serde_json::from_value(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {
-                "name": slice_name(&self.node), "namespace": SERVICE_NAMESPACE,
+                "name": slice_name(&self.node, ip), "namespace": SERVICE_NAMESPACE,
                 "labels": {
                     crate::catalog::SERVICE_NAME_LABEL: SERVICE_NAME,
                     "endpointslice.kubernetes.io/managed-by": MANAGER,
@@ -71,7 +90,7 @@ impl Publisher {
             },
             "addressType": family,
             "endpoints": [{
-                "addresses": [self.ip.to_string()],
+                "addresses": [ip.to_string()],
                 "conditions": {"ready": true, "serving": true, "terminating": false},
                 "nodeName": self.node,
             }],
@@ -82,7 +101,6 @@ impl Publisher {
         }))
     }
 
-    /// Writes the slice unless it already says the same.
     /// The Node's UID, read until it is known (a Node keeps its UID).
     async fn node_uid(&self) -> Option<String> {
         let mut known = self.node_uid.lock().await;
@@ -95,16 +113,22 @@ impl Publisher {
         known.clone()
     }
 
+    /// Writes every slice unless it already says the same.
     async fn ensure(&self) -> Result<(), kube::Error> {
         let uid = self.node_uid().await;
-        let mut want = self
-            .desired(uid.as_deref())
-            .map_err(kube::Error::SerdeError)?;
-        let name = slice_name(&self.node);
+        for ip in &self.ips {
+            self.ensure_one(*ip, uid.as_deref()).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_one(&self, ip: IpAddr, uid: Option<&str>) -> Result<(), kube::Error> {
+        let mut want = self.desired(ip, uid).map_err(kube::Error::SerdeError)?;
+        let name = slice_name(&self.node, ip);
         match self.slices.get_opt(&name).await? {
             None => {
                 self.slices.create(&PostParams::default(), &want).await?;
-                info!(slice = %name, ip = %self.ip, "published the node's dns endpoint");
+                info!(slice = %name, %ip, "published the node's dns endpoint");
             }
             Some(have) => {
                 let same = have.endpoints == want.endpoints
@@ -121,7 +145,7 @@ impl Publisher {
                     self.slices
                         .replace(&name, &PostParams::default(), &want)
                         .await?;
-                    info!(slice = %name, ip = %self.ip, "updated the node's dns endpoint");
+                    info!(slice = %name, %ip, "updated the node's dns endpoint");
                 }
             }
         }
@@ -143,16 +167,39 @@ impl Publisher {
         }
     }
 
-    /// Deletes the slice (best effort, bounded in time).
+    /// Deletes the slices of both families (a run listening on other
+    /// addresses may have left one), best effort, bounded in time.
     pub async fn withdraw(&self) {
-        let name = slice_name(&self.node);
+        let both = [IpAddr::from([0u8; 4]), IpAddr::from([0u16; 8])];
         let dp = DeleteParams::default();
-        let delete = self.slices.delete(&name, &dp);
-        match tokio::time::timeout(Duration::from_secs(5), delete).await {
-            Ok(Ok(_)) => info!(slice = %name, "withdrew the node's dns endpoint"),
-            Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
-            Ok(Err(e)) => warn!(slice = %name, error = %e, "withdrawing the dns endpoint"),
-            Err(_) => warn!(slice = %name, "withdrawing the dns endpoint timed out"),
-        }
+        let dp = &dp;
+        let deletes = both.map(|ip| async move {
+            let name = slice_name(&self.node, ip);
+            let delete = self.slices.delete(&name, dp);
+            match tokio::time::timeout(Duration::from_secs(5), delete).await {
+                Ok(Ok(_)) => info!(slice = %name, "withdrew the node's dns endpoint"),
+                Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
+                Ok(Err(e)) => warn!(slice = %name, error = %e, "withdrawing the dns endpoint"),
+                Err(_) => warn!(slice = %name, "withdrawing the dns endpoint timed out"),
+            }
+        });
+        futures::future::join_all(deletes).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_endpoint_per_family_each_in_its_own_slice() {
+        let ips: Vec<IpAddr> = ["fd00::a", "10.0.0.1", "10.0.0.2", "fd00::b"]
+            .iter()
+            .map(|s| s.parse().expect("ip"))
+            .collect();
+        assert_eq!(endpoints(&ips), [ips[1], ips[0]]);
+        assert_eq!(endpoints(&ips[1..3]), [ips[1]]);
+        assert_eq!(slice_name("n1", ips[1]), "kube-dns-n1");
+        assert_eq!(slice_name("n1", ips[0]), "kube-dns-n1-v6");
     }
 }

@@ -196,3 +196,80 @@ impl Keep for Views {
         self.slices = from.slices;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).expect("service")
+    }
+
+    fn slice(v: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(v).expect("slice")
+    }
+
+    #[test]
+    fn a_view_keeps_what_records_need_and_follows_its_objects() {
+        let mut views = Views::default();
+        views.insert_service(svc(json!({
+            "metadata": {"name": "web", "namespace": "ns", "labels": {"a": "b"}},
+            "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00::20"],
+                     "ports": [{"name": "http", "port": 80}, {"port": 81},
+                               {"name": "q", "port": 5, "protocol": "UDP"}]}})));
+        let web = &views.services["ns/web"];
+        assert_eq!(
+            web.kind,
+            Kind::ClusterIp(
+                ["10.96.0.20", "fd00::20"]
+                    .iter()
+                    .map(|s| s.parse().expect("ip"))
+                    .collect()
+            )
+        );
+        let ports: Vec<(&str, &str, u16)> = web
+            .ports
+            .iter()
+            .map(|p| (&*p.name, p.proto, p.port))
+            .collect();
+        assert_eq!(ports, [("http", "tcp", 80), ("q", "udp", 5)], "named only");
+        views.insert_service(svc(json!({
+            "metadata": {"name": "ext", "namespace": "ns"},
+            "spec": {"type": "ExternalName", "externalName": "example.com"}})));
+        assert_eq!(
+            views.services["ns/ext"].kind,
+            Kind::ExternalName("example.com".into())
+        );
+
+        let labels = json!({"kubernetes.io/service-name": "db"});
+        views.insert_slice(slice(json!({
+            "metadata": {"name": "db-1", "namespace": "ns", "labels": labels},
+            "addressType": "IPv4", "ports": [{"name": "pg", "port": 15432}],
+            "endpoints": [{"addresses": ["10.244.1.5"], "hostname": "db-0",
+                           "conditions": {"ready": false}}]})));
+        views.insert_slice(slice(json!({
+            "metadata": {"name": "db-2", "namespace": "ns", "labels": labels},
+            "addressType": "FQDN", "endpoints": [{"addresses": ["x.example.com"]}]})));
+        let db = &views.slices["ns/db"];
+        assert_eq!(
+            db["db-1"].endpoints[0],
+            EndpointView {
+                hostname: Some("db-0".into()),
+                ready: false,
+                addresses: ["10.244.1.5".parse().expect("ip")].into(),
+            }
+        );
+        assert_eq!(
+            db["db-2"],
+            SliceView::default(),
+            "not an address DNS serves"
+        );
+        views.remove_slice("ns/db", "db-1");
+        views.remove_slice("ns/db", "db-2");
+        assert!(views.slices.is_empty(), "no empty map left behind");
+        views.remove_service("ns/web");
+        let left: Vec<&str> = views.services.keys().map(|k| &**k).collect();
+        assert_eq!(left, ["ns/ext"]);
+    }
+}

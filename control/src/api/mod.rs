@@ -19,7 +19,7 @@ pub(crate) use objects::now as now_string;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -219,12 +219,19 @@ impl Api {
             .unwrap_or_default()
     }
 
-    /// The cluster DNS Service's ClusterIP: the tenth address of the first
-    /// service range, as kubeadm picks it.
-    pub fn dns_service_ip(&self) -> Option<String> {
-        let cidr = self.cfg.service_cidrs.first()?;
-        let host_bits = if cidr.v6 { 128 } else { 32 } - u32::from(cidr.len);
-        (host_bits >= 5).then(|| cidr.nth(10).to_string())
+    /// The cluster DNS Service's ClusterIPs: the tenth address of each
+    /// service range (the first range's first), as kubeadm picks it; none
+    /// when the first range is too small.
+    pub fn dns_service_ips(&self) -> Vec<(IpAddr, &'static str)> {
+        let tenth = |cidr: &crate::alloc::Cidr| {
+            let host_bits = if cidr.v6 { 128 } else { 32 } - u32::from(cidr.len);
+            (host_bits >= 5).then(|| (cidr.nth(10), if cidr.v6 { "IPv6" } else { "IPv4" }))
+        };
+        let mut ips = self.cfg.service_cidrs.iter().map(tenth);
+        match ips.next().flatten() {
+            Some(first) => std::iter::once(first).chain(ips.flatten()).collect(),
+            None => Vec::new(),
+        }
     }
 
     pub(crate) fn limits(&self) -> Limits {

@@ -283,7 +283,8 @@ async fn decide(
 const DNS_NAMESPACE: &str = "kube-system";
 const DNS_SERVICE: &str = "kube-dns";
 
-/// A node may write one EndpointSlice: `kube-system/kube-dns-<node>`, of
+/// A node may write one EndpointSlice per address family,
+/// `kube-system/kube-dns-<node>` and `kube-system/kube-dns-<node>-v6`, of
 /// the `kube-dns` Service, whose every endpoint names that node. (With the
 /// Service's `trafficDistribution: PreferSameNode`, an endpoint naming
 /// another node would take over that node's DNS.) Patches are refused: the
@@ -296,17 +297,19 @@ fn dns_slice(
     body: Option<&Value>,
 ) -> Decision {
     let own = format!("{DNS_SERVICE}-{node}");
+    let own_v6 = format!("{own}-v6");
     let name = match (verb, body) {
         ("create", Some(b)) => b.pointer("/metadata/name").and_then(Value::as_str),
         _ => Some(a.name.as_str()),
     };
     if !sub.is_empty()
         || a.namespace != DNS_NAMESPACE
-        || name != Some(own.as_str())
+        || !(name == Some(own.as_str()) || name == Some(own_v6.as_str()))
         || !matches!(verb, "create" | "update" | "delete")
     {
         return deny(format!(
-            "node {node:?} may only create, update or delete the EndpointSlice {DNS_NAMESPACE}/{own}"
+            "node {node:?} may only create, update or delete the EndpointSlices \
+             {DNS_NAMESPACE}/{own} and {DNS_NAMESPACE}/{own_v6}"
         ));
     }
     if verb == "delete" {
@@ -358,7 +361,23 @@ mod tests {
         assert!(allowed(dns_slice("n1", "update", "", &update, Some(&good))));
         let delete = attrs("delete", "kube-system", "kube-dns-n1");
         assert!(allowed(dns_slice("n1", "delete", "", &delete, None)));
+        let v6 = slice("kube-dns-n1-v6", "kube-dns", "n1");
+        assert!(allowed(dns_slice("n1", "create", "", &create, Some(&v6))));
+        let delete_v6 = attrs("delete", "kube-system", "kube-dns-n1-v6");
+        assert!(allowed(dns_slice("n1", "delete", "", &delete_v6, None)));
         for (who, verb, a, body) in [
+            (
+                "n1",
+                "create",
+                &create,
+                slice("kube-dns-n1-v4", "kube-dns", "n1"),
+            ),
+            (
+                "n2",
+                "delete",
+                &attrs("delete", "kube-system", "kube-dns-n1-v6"),
+                good.clone(),
+            ),
             (
                 "n2",
                 "create",

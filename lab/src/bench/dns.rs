@@ -476,6 +476,7 @@ pub fn run(args: &Args) -> Result<()> {
         "services": args.services,
         "skiff_kib": super::rss_kib(node1.pid() as u32),
         "unbound_kib": super::rss_kib(unbound.pid() as u32),
+        "skiff": super::rss_parts(node1.pid() as u32),
     });
     unbound.terminate();
 
@@ -489,6 +490,9 @@ pub fn run(args: &Args) -> Result<()> {
         &dir.path.join("agent2.log"),
     );
     wait_answer(&cli, SKIFF2_IP, &probe, last_ip).context("the second dns role")?;
+    // The second node has read the zone and answered one question: its
+    // size without the caches a load fills.
+    let synced = super::rss_parts(node2.pid() as u32);
     let to: Vec<SocketAddr> = [SKIFF_IP, SKIFF2_IP]
         .iter()
         .map(|ip| format!("{ip}:53").parse())
@@ -514,7 +518,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
         // Settled: the watch events behind it applied.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        Ok((prop, Some(super::rss_kib(node1.pid() as u32))))
+        Ok((prop, Some(super::rss_parts(node1.pid() as u32))))
     })?;
     node1.terminate();
     node2.terminate();
@@ -571,10 +575,17 @@ pub fn run(args: &Args) -> Result<()> {
         summary.push(json!({"mix": mix, "skiff_qps": s, "unbound_qps": u, "ratio": ratio,
             "skiff_p50_us": sp50, "skiff_p99_us": sp99, "unbound_p50_us": up50, "unbound_p99_us": up99}));
     }
-    println!("resident at {} Services: {rss}", args.services);
-    if let Some(kib) = big_rss {
+    println!(
+        "resident at {} Services after the runs: {rss}",
+        args.services
+    );
+    println!(
+        "resident at {} Services, read and idle (the second node): {synced}",
+        args.services
+    );
+    if let Some(parts) = &big_rss {
         println!(
-            "resident at {} Services: the dns role {kib} KiB",
+            "resident at {} Services: the dns role {parts}",
             args.rss_services
         );
     }
@@ -582,7 +593,8 @@ pub fn run(args: &Args) -> Result<()> {
         "services": args.services, "seconds": args.seconds, "rounds": args.rounds,
         "latency_qps": args.latency_qps,
         "summary": summary, "runs": runs, "latency": latency, "rss": rss,
-        "rss_large": {"services": args.rss_services, "skiff_kib": big_rss},
+        "rss_synced": synced,
+        "rss_large": {"services": args.rss_services, "skiff": big_rss},
         "propagation_ms": propagation,
     });
     let plotted = json!({ "summary": summary });

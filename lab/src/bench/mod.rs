@@ -127,12 +127,28 @@ pub fn kernel() -> String {
 
 /// A process's resident set in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB figure of `/proc/<pid>/status` (0 when unreadable).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// A process's resident size in KiB, in all and in its two parts: its
+/// heap and stacks (anonymous), and the pages of its binary and libraries
+/// (file-backed).
+pub fn rss_parts(pid: u32) -> serde_json::Value {
+    serde_json::json!({
+        "kib": status_kib(pid, "VmRSS:"),
+        "anon_kib": status_kib(pid, "RssAnon:"),
+        "file_kib": status_kib(pid, "RssFile:"),
+    })
 }
