@@ -185,6 +185,12 @@ pub async fn run(
     result
 }
 
+/// Services rebuilt per change of the zone on a relist: few enough that
+/// their records, built before the lock is taken, stay small, and reuse
+/// the same memory chunk after chunk instead of piling up between the
+/// zone's own allocations.
+const CHUNK: usize = 256;
+
 /// Brings the zone up to the catalog: every Service after a relist, else
 /// the ones that changed. Records are built before the lock is taken.
 fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store<Views>, dirty: Dirty) {
@@ -196,27 +202,25 @@ fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store<Vie
             .map(|svc| records_of(apex, svc, catalog.slices.get(key)))
             .unwrap_or_default()
     };
-    let keys: BTreeSet<String> = if dirty.all {
+    let keys: Vec<String> = if dirty.all {
         let zone = resolver.zone();
-        catalog
+        let all: BTreeSet<String> = catalog
             .services
             .keys()
             .map(|k| String::from(&**k))
             .chain(zone.services().map(String::from))
-            .collect()
+            .collect();
+        all.into_iter().collect()
     } else {
-        dirty.services
+        dirty.services.into_iter().collect()
     };
-    let built: Vec<(String, zone::ServiceRecords)> = keys
-        .into_iter()
-        .map(|k| {
-            let r = build(&k);
-            (k, r)
-        })
-        .collect();
-    resolver.edit_zone(|zone| {
-        for (key, records) in built {
-            zone.set_service(&key, records);
-        }
-    });
+    for chunk in keys.chunks(CHUNK) {
+        let built: Vec<(&str, zone::ServiceRecords)> =
+            chunk.iter().map(|k| (k.as_str(), build(k))).collect();
+        resolver.edit_zone(|zone| {
+            for (key, records) in built {
+                zone.set_service(key, records);
+            }
+        });
+    }
 }

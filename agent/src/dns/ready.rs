@@ -23,9 +23,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Bytes of stored replies (and their keys) at most; past that the store
-/// starts afresh, so a flood of distinct names cannot grow it.
+/// Bytes the stored replies take (with their keys and bookkeeping) at
+/// most; past that the store starts afresh, so a flood of distinct names
+/// cannot grow it.
 pub const MAX_BYTES: usize = 4 << 20;
+
+/// What an entry takes beside its key's and reply's bytes: its slot in
+/// the map (at the map's usual load) and the allocator's headers.
+const ENTRY_OVERHEAD: usize = 96;
 
 /// The longest key: a 255-byte name, the type and the EDNS flag.
 const KEY_MAX: usize = 255 + 3;
@@ -134,8 +139,19 @@ pub struct Ready {
 
 struct Kept {
     reply: Box<[u8]>,
-    /// For an upstream answer: its TTLs to count down.
-    aging: Option<Aging>,
+    /// For an upstream answer: its TTLs to count down (boxed: most
+    /// entries are the zone's, with none).
+    aging: Option<Box<Aging>>,
+}
+
+impl Kept {
+    /// The bytes it takes, its key of `key_len` bytes too.
+    fn size(&self, key_len: usize) -> usize {
+        let aging = self.aging.as_ref().map_or(0, |a| {
+            std::mem::size_of::<Aging>() + std::mem::size_of_val(&*a.ttls)
+        });
+        key_len + self.reply.len() + aging + ENTRY_OVERHEAD
+    }
 }
 
 struct Aging {
@@ -241,28 +257,28 @@ impl Ready {
             until: stored + steady,
             ttls: ttls.into(),
         };
-        self.put(q, serial, reply, Some(aging));
+        self.put(q, serial, reply, Some(Box::new(aging)));
     }
 
-    fn put(&mut self, q: &Question, serial: u32, reply: &[u8], aging: Option<Aging>) {
+    fn put(&mut self, q: &Question, serial: u32, reply: &[u8], aging: Option<Box<Aging>>) {
         if serial != self.serial || reply.get(2).is_none_or(|f| f & 0x02 != 0) {
             return;
         }
         if reply.len() < HEADER + q.section {
             return;
         }
-        let size = reply.len() + q.key_len;
-        if self.bytes + size > MAX_BYTES {
-            self.replies.clear();
-            self.bytes = 0;
-        }
         let kept = Kept {
             reply: reply.into(),
             aging,
         };
-        match self.replies.insert(q.key().into(), kept) {
-            None => self.bytes += size,
-            Some(old) => self.bytes = self.bytes + reply.len() - old.reply.len(),
+        let size = kept.size(q.key_len);
+        if self.bytes + size > MAX_BYTES {
+            self.replies.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        if let Some(old) = self.replies.insert(q.key().into(), kept) {
+            self.bytes -= old.size(q.key_len);
         }
     }
 
