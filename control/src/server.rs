@@ -330,7 +330,7 @@ async fn bootstrap(
 /// not.
 async fn ensure_dns_service(api: &Arc<Api>) {
     let ips = api.dns_service_ips();
-    let Some((first, _)) = ips.first() else {
+    let Some(first) = ips.first() else {
         tracing::warn!("the service range is too small for the kube-dns Service's address");
         return;
     };
@@ -348,9 +348,9 @@ async fn ensure_dns_service(api: &Arc<Api>) {
                      "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "skiff-dns"}},
         "spec": {
             "clusterIP": first.to_string(),
-            "clusterIPs": ips.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
+            "clusterIPs": ips.iter().map(IpAddr::to_string).collect::<Vec<_>>(),
             "ipFamilyPolicy": policy,
-            "ipFamilies": ips.iter().map(|(_, f)| *f).collect::<Vec<_>>(),
+            "ipFamilies": ips.iter().map(|ip| crate::alloc::family_of(*ip)).collect::<Vec<_>>(),
             "trafficDistribution": "PreferSameNode",
             "ports": [
                 {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},

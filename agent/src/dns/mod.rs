@@ -36,7 +36,6 @@ pub mod server;
 pub mod view;
 pub mod zone;
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,13 +203,15 @@ fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store<Vie
     };
     let keys: Vec<String> = if dirty.all {
         let zone = resolver.zone();
-        let all: BTreeSet<String> = catalog
+        let mut all: Vec<String> = catalog
             .services
             .keys()
             .map(|k| String::from(&**k))
             .chain(zone.services().map(String::from))
             .collect();
-        all.into_iter().collect()
+        all.sort_unstable();
+        all.dedup();
+        all
     } else {
         dirty.services.into_iter().collect()
     };

@@ -28,12 +28,13 @@ const REFRESH: Duration = Duration::from_secs(30);
 /// Who writes these slices (the EndpointSlice controller leaves them be).
 pub const MANAGER: &str = "skiff-agent";
 
-/// The name of `node`'s slice of the `kube-dns` Service for the family of
-/// `ip`.
-pub fn slice_name(node: &str, ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(_) => format!("{SERVICE_NAME}-{node}"),
-        IpAddr::V6(_) => format!("{SERVICE_NAME}-{node}-v6"),
+/// The name of `node`'s slice of the `kube-dns` Service for IPv6
+/// addresses (`v6`) or IPv4 ones.
+pub fn slice_name(node: &str, v6: bool) -> String {
+    if v6 {
+        format!("{SERVICE_NAME}-{node}-v6")
+    } else {
+        format!("{SERVICE_NAME}-{node}")
     }
 }
 
@@ -81,7 +82,7 @@ impl Publisher {
         serde_json::from_value(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {
-                "name": slice_name(&self.node, ip), "namespace": SERVICE_NAMESPACE,
+                "name": slice_name(&self.node, ip.is_ipv6()), "namespace": SERVICE_NAMESPACE,
                 "labels": {
                     crate::catalog::SERVICE_NAME_LABEL: SERVICE_NAME,
                     "endpointslice.kubernetes.io/managed-by": MANAGER,
@@ -124,7 +125,7 @@ impl Publisher {
 
     async fn ensure_one(&self, ip: IpAddr, uid: Option<&str>) -> Result<(), kube::Error> {
         let mut want = self.desired(ip, uid).map_err(kube::Error::SerdeError)?;
-        let name = slice_name(&self.node, ip);
+        let name = slice_name(&self.node, ip.is_ipv6());
         match self.slices.get_opt(&name).await? {
             None => {
                 self.slices.create(&PostParams::default(), &want).await?;
@@ -170,11 +171,10 @@ impl Publisher {
     /// Deletes the slices of both families (a run listening on other
     /// addresses may have left one), best effort, bounded in time.
     pub async fn withdraw(&self) {
-        let both = [IpAddr::from([0u8; 4]), IpAddr::from([0u16; 8])];
         let dp = DeleteParams::default();
         let dp = &dp;
-        let deletes = both.map(|ip| async move {
-            let name = slice_name(&self.node, ip);
+        let deletes = [false, true].map(|v6| async move {
+            let name = slice_name(&self.node, v6);
             let delete = self.slices.delete(&name, dp);
             match tokio::time::timeout(Duration::from_secs(5), delete).await {
                 Ok(Ok(_)) => info!(slice = %name, "withdrew the node's dns endpoint"),
@@ -199,7 +199,7 @@ mod tests {
             .collect();
         assert_eq!(endpoints(&ips), [ips[1], ips[0]]);
         assert_eq!(endpoints(&ips[1..3]), [ips[1]]);
-        assert_eq!(slice_name("n1", ips[1]), "kube-dns-n1");
-        assert_eq!(slice_name("n1", ips[0]), "kube-dns-n1-v6");
+        assert_eq!(slice_name("n1", false), "kube-dns-n1");
+        assert_eq!(slice_name("n1", true), "kube-dns-n1-v6");
     }
 }

@@ -222,10 +222,10 @@ impl Api {
     /// The cluster DNS Service's ClusterIPs: the tenth address of each
     /// service range (the first range's first), as kubeadm picks it; none
     /// when the first range is too small.
-    pub fn dns_service_ips(&self) -> Vec<(IpAddr, &'static str)> {
+    pub fn dns_service_ips(&self) -> Vec<IpAddr> {
         let tenth = |cidr: &crate::alloc::Cidr| {
             let host_bits = if cidr.v6 { 128 } else { 32 } - u32::from(cidr.len);
-            (host_bits >= 5).then(|| (cidr.nth(10), if cidr.v6 { "IPv6" } else { "IPv4" }))
+            (host_bits >= 5).then(|| cidr.nth(10))
         };
         let mut ips = self.cfg.service_cidrs.iter().map(tenth);
         match ips.next().flatten() {

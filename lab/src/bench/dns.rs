@@ -474,9 +474,8 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let rss = json!({
         "services": args.services,
-        "skiff_kib": super::rss_kib(node1.pid() as u32),
-        "unbound_kib": super::rss_kib(unbound.pid() as u32),
         "skiff": super::rss_parts(node1.pid() as u32),
+        "unbound_kib": super::rss_kib(unbound.pid() as u32),
     });
     unbound.terminate();
 
