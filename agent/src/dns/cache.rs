@@ -89,8 +89,9 @@ impl Entry {
     }
 }
 
-/// Where an entry is kept: the question's type and name in one string.
-type Slot = Box<str>;
+/// Where an entry is kept: the question's type and name in one string,
+/// shared by the map and the queue of insertions.
+type Slot = std::sync::Arc<str>;
 
 fn slot((name, qtype): &Key) -> String {
     format!("{} {}", u16::from(*qtype), name.to_ascii())

@@ -25,12 +25,13 @@ use std::time::{Duration, Instant};
 
 /// Bytes the stored replies take (with their keys and bookkeeping) at
 /// most; past that the store starts afresh, so a flood of distinct names
-/// cannot grow it.
-pub const MAX_BYTES: usize = 4 << 20;
+/// cannot grow it. About 15 000 cluster-name answers fit.
+pub const MAX_BYTES: usize = 2 << 20;
 
-/// What an entry takes beside its key's and reply's bytes: its slot in
-/// the map (at the map's usual load) and the allocator's headers.
-const ENTRY_OVERHEAD: usize = 96;
+/// What an entry takes beside its own bytes: its slot in the map (24
+/// bytes, at the map's usual load, with its control byte) and the
+/// allocator's header and rounding.
+const ENTRY_OVERHEAD: usize = 56;
 
 /// The longest key: a 255-byte name, the type and the EDNS flag.
 const KEY_MAX: usize = 255 + 3;
@@ -133,25 +134,69 @@ impl Question {
 /// Encoded replies by question, for one serial of the zone.
 pub struct Ready {
     serial: u32,
-    replies: HashMap<Box<[u8]>, Kept>,
+    replies: HashMap<Stored, Option<Box<Aging>>>,
     bytes: usize,
 }
 
-struct Kept {
-    reply: Box<[u8]>,
-    /// For an upstream answer: its TTLs to count down (boxed: most
-    /// entries are the zone's, with none).
-    aging: Option<Box<Aging>>,
+/// A key and its reply in one allocation: the key's length (2 bytes), the
+/// key, then the reply without its question section. The question is the
+/// asker's own when it is served (the same length as the key's name, so
+/// the reply's compression pointers still point at it).
+struct Stored(Box<[u8]>);
+
+impl Stored {
+    fn new(key: &[u8], reply: &[u8], section: usize) -> Self {
+        let len = u16::try_from(key.len()).unwrap_or(u16::MAX);
+        let mut b = Vec::with_capacity(2 + key.len() + reply.len() - section);
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(key);
+        b.extend_from_slice(&reply[..HEADER]);
+        b.extend_from_slice(&reply[HEADER + section..]);
+        Self(b.into_boxed_slice())
+    }
+
+    fn key_len(&self) -> usize {
+        usize::from(u16::from_be_bytes([self.0[0], self.0[1]]))
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.0[2..2 + self.key_len()]
+    }
+
+    /// The reply's header and what follows its question.
+    fn rest(&self) -> &[u8] {
+        &self.0[2 + self.key_len()..]
+    }
 }
 
-impl Kept {
-    /// The bytes it takes, its key of `key_len` bytes too.
-    fn size(&self, key_len: usize) -> usize {
-        let aging = self.aging.as_ref().map_or(0, |a| {
-            std::mem::size_of::<Aging>() + std::mem::size_of_val(&*a.ttls)
-        });
-        key_len + self.reply.len() + aging + ENTRY_OVERHEAD
+// Looked up by the key alone: equality and hash are the key's, as
+// `Borrow` requires.
+impl std::borrow::Borrow<[u8]> for Stored {
+    fn borrow(&self) -> &[u8] {
+        self.key()
     }
+}
+
+impl std::hash::Hash for Stored {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for Stored {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Stored {}
+
+/// The bytes an entry takes.
+fn size_of(stored: &Stored, aging: Option<&Aging>) -> usize {
+    let aging = aging.map_or(0, |a| {
+        std::mem::size_of::<Aging>() + std::mem::size_of_val(&*a.ttls)
+    });
+    stored.0.len() + aging + ENTRY_OVERHEAD
 }
 
 struct Aging {
@@ -205,21 +250,24 @@ impl Ready {
     /// RD and CD flags and question spelling), if there is one that fits
     /// in `limit` bytes.
     pub fn answer(&self, packet: &[u8], q: &Question, limit: usize, out: &mut Vec<u8>) -> bool {
-        let Some(kept) = self.replies.get(q.key()) else {
+        let Some((stored, aging)) = self.replies.get_key_value(q.key()) else {
             return false;
         };
-        if kept.reply.len() > limit {
+        let rest = stored.rest();
+        if rest.len() + q.section > limit {
             return false;
         }
-        let now = kept.aging.as_ref().map(|_| Instant::now());
-        if let (Some(a), Some(now)) = (&kept.aging, now)
+        let now = aging.as_ref().map(|_| Instant::now());
+        if let (Some(a), Some(now)) = (aging, now)
             && now >= a.until
         {
             return false;
         }
         out.clear();
-        out.extend_from_slice(&kept.reply);
-        if let (Some(a), Some(now)) = (&kept.aging, now) {
+        out.extend_from_slice(&rest[..HEADER]);
+        out.extend_from_slice(&packet[HEADER..HEADER + q.section]);
+        out.extend_from_slice(&rest[HEADER..]);
+        if let (Some(a), Some(now)) = (aging, now) {
             let elapsed = u32::try_from(now.duration_since(a.stored).as_secs()).unwrap_or(u32::MAX);
             for (at, ttl) in a.ttls.iter() {
                 out[*at..*at + 4].copy_from_slice(&ttl.saturating_sub(elapsed).to_be_bytes());
@@ -229,8 +277,6 @@ impl Ready {
         // RD is the low bit of byte 2, CD bit 4 of byte 3.
         out[2] = (out[2] & !0x01) | (packet[2] & 0x01);
         out[3] = (out[3] & !0x10) | (packet[3] & 0x10);
-        let section = HEADER..HEADER + q.section;
-        out[section.clone()].copy_from_slice(&packet[section]);
         true
     }
 
@@ -267,19 +313,17 @@ impl Ready {
         if reply.len() < HEADER + q.section {
             return;
         }
-        let kept = Kept {
-            reply: reply.into(),
-            aging,
-        };
-        let size = kept.size(q.key_len);
+        let stored = Stored::new(q.key(), reply, q.section);
+        let size = size_of(&stored, aging.as_deref());
         if self.bytes + size > MAX_BYTES {
             self.replies.clear();
             self.bytes = 0;
         }
         self.bytes += size;
-        if let Some(old) = self.replies.insert(q.key().into(), kept) {
-            self.bytes -= old.size(q.key_len);
+        if let Some((old, old_aging)) = self.replies.remove_entry(q.key()) {
+            self.bytes -= size_of(&old, old_aging.as_deref());
         }
+        self.replies.insert(stored, aging);
     }
 
     /// The zone changed (to `serial`): every stored reply goes.
@@ -500,9 +544,7 @@ pub(crate) mod tests {
         ready.keep_for(&q, 0, &reply, Duration::from_secs(60));
         // Kept 5 s ago, as if.
         let now = Instant::now();
-        if let Some(k) = ready.replies.values_mut().next()
-            && let Some(a) = k.aging.as_mut()
-        {
+        if let Some(Some(a)) = ready.replies.values_mut().next() {
             a.stored = now - Duration::from_secs(5);
         }
         let mut out = Vec::new();
@@ -515,9 +557,7 @@ pub(crate) mod tests {
         // The OPT record is left as it is.
         assert_eq!(got.edns.map(|e| e.max_payload()), Some(1232));
         // Past its steady time: the full way (the cache decides).
-        if let Some(k) = ready.replies.values_mut().next()
-            && let Some(a) = k.aging.as_mut()
-        {
+        if let Some(Some(a)) = ready.replies.values_mut().next() {
             a.until = now;
         }
         assert!(!ready.answer(&p, &q, 1232, &mut out));
@@ -546,5 +586,28 @@ pub(crate) mod tests {
             assert!(ready.bytes <= MAX_BYTES);
         }
         assert!(!ready.is_empty());
+    }
+
+    #[test]
+    fn a_cluster_of_fifteen_thousand_names_fits() {
+        use hickory_proto::rr::{RData, Record, rdata::A};
+        let mut ready = Ready::new(0);
+        let mut most = 0;
+        for i in 0..20_000u32 {
+            let name = format!("svc-{i}.default.svc.cluster.local.");
+            let p = ask(&name, RecordType::A, 1, true, Some(1232));
+            let q = Question::parse(&p, 1232).expect("qualifies");
+            let mut m = Message::from_vec(&p).expect("parse");
+            m.metadata.message_type = hickory_proto::op::MessageType::Response;
+            m.add_answer(Record::from_rdata(
+                Name::from_ascii(&name).expect("name"),
+                30,
+                RData::A(A::from(std::net::Ipv4Addr::from(0x0a60_0000 + i))),
+            ));
+            ready.keep(&q, 0, &m.to_vec().expect("encode"));
+            most = most.max(ready.len());
+            assert!(ready.bytes <= MAX_BYTES);
+        }
+        assert!(most >= 15_000, "{most} answers fit");
     }
 }
