@@ -198,7 +198,7 @@ fn update(resolver: &Resolver, apex: &hickory_proto::rr::Name, store: &Store<Vie
         catalog
             .services
             .get(key)
-            .map(|svc| records_of(apex, svc, catalog.slices.get(key)))
+            .map(|svc| records_of(apex, key, svc, catalog.slices.get(key)))
             .unwrap_or_default()
     };
     let keys: Vec<String> = if dirty.all {

@@ -629,7 +629,10 @@ mod tests {
             .into_iter()
             .collect();
         let big = ServiceView::of(&big).expect("view");
-        zone.set_service("default/big", records_of(&apex, &big, Some(&slices)));
+        zone.set_service(
+            "default/big",
+            records_of(&apex, "default/big", &big, Some(&slices)),
+        );
         let r = Resolver::new(
             zone,
             Forwarder::new(Vec::new(), Duration::from_secs(1)),
@@ -674,7 +677,7 @@ mod tests {
         r.edit_zone(|z| {
             z.set_service(
                 "default/web",
-                records_of(&apex, &service("web", "10.96.0.20"), None),
+                records_of(&apex, "default/web", &service("web", "10.96.0.20"), None),
             )
         });
         let first = reply(
@@ -709,7 +712,7 @@ mod tests {
         r.edit_zone(|z| {
             z.set_service(
                 "default/web",
-                records_of(&apex, &service("web", "10.96.0.20"), None),
+                records_of(&apex, "default/web", &service("web", "10.96.0.20"), None),
             )
         });
         assert!(matches!(r.handle(&again, true, &mut out), Handled::Ready));
@@ -717,7 +720,7 @@ mod tests {
         r.edit_zone(|z| {
             z.set_service(
                 "default/web",
-                records_of(&apex, &service("web", "10.96.0.21"), None),
+                records_of(&apex, "default/web", &service("web", "10.96.0.21"), None),
             )
         });
         assert!(!matches!(r.handle(&again, true, &mut out), Handled::Ready));
@@ -733,7 +736,7 @@ mod tests {
         r.edit_zone(|z| {
             z.set_service(
                 "default/db",
-                records_of(&apex, &service("db", "10.96.0.30"), None),
+                records_of(&apex, "default/db", &service("db", "10.96.0.30"), None),
             )
         });
         assert_eq!(addresses(&reply(&r, &miss, true)), ["10.96.0.30"]);

@@ -32,10 +32,9 @@ pub struct NamedPort {
     pub port: u16,
 }
 
+/// A Service's view; its namespace and name are its key in [`Views`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceView {
-    pub namespace: Box<str>,
-    pub name: Box<str>,
     pub kind: Kind,
     pub ports: Box<[NamedPort]>,
 }
@@ -43,7 +42,7 @@ pub struct ServiceView {
 impl ServiceView {
     /// The view of `svc`, if it has a name and a spec.
     pub fn of(svc: &Service) -> Option<Self> {
-        let name = svc.metadata.name.as_deref()?;
+        svc.metadata.name.as_deref()?;
         let spec = svc.spec.as_ref()?;
         let kind = if spec.type_.as_deref() == Some("ExternalName") {
             Kind::ExternalName(spec.external_name.as_deref().unwrap_or_default().into())
@@ -82,17 +81,7 @@ impl ServiceView {
                 })
             })
             .collect();
-        Some(Self {
-            namespace: svc
-                .metadata
-                .namespace
-                .as_deref()
-                .unwrap_or("default")
-                .into(),
-            name: name.into(),
-            kind,
-            ports,
-        })
+        Some(Self { kind, ports })
     }
 }
 

@@ -43,8 +43,16 @@ pub struct BadDomain {
 pub type ServiceRecords = Vec<(Name, RData)>;
 
 /// The records of one Service in `apex`, per the specification.
-pub fn records_of(apex: &Name, svc: &ServiceView, slices: Option<&Slices>) -> ServiceRecords {
-    let (name, ns) = (&svc.name, &svc.namespace);
+/// `key` is the Service's `namespace/name`.
+pub fn records_of(
+    apex: &Name,
+    key: &str,
+    svc: &ServiceView,
+    slices: Option<&Slices>,
+) -> ServiceRecords {
+    let Some((ns, name)) = key.split_once('/') else {
+        return Vec::new();
+    };
     let Ok(owner) = Name::from_ascii(format!("{name}.{ns}.svc"))
         .and_then(|n| n.append_domain(apex))
         .map(|n| n.to_lowercase())
@@ -250,7 +258,12 @@ pub struct Zone {
     names: HashMap<Key, Box<[Owned]>>,
     /// Every name inside the zone that has owner names below it, with how
     /// many: such a name exists (NODATA) even with no records of its own.
-    parents: HashMap<Box<str>, usize>,
+    /// Kept by a keyed 64-bit hash of its [`key_of`] (see [`Zone::parent`]),
+    /// not its text: there are about two per Service, and the text would
+    /// take most of their room.
+    parents: HashMap<u64, u32>,
+    /// The key of the hashes in `parents`, random per process.
+    parent_hash: std::collections::hash_map::RandomState,
     by_service: HashMap<Arc<str>, Box<[(Key, Data)]>>,
     pod_label: Name,
 }
@@ -283,6 +296,7 @@ impl Zone {
             soa: Self::build_soa(&apex, ttl, 1),
             names: HashMap::new(),
             parents: HashMap::new(),
+            parent_hash: std::collections::hash_map::RandomState::new(),
             by_service: HashMap::new(),
             pod_label: pod_label.clone(),
         };
@@ -297,7 +311,8 @@ impl Zone {
         zone.set_service("", fixed);
         // `svc.<zone>` and `pod.<zone>` exist even when empty.
         for n in [svc_label, pod_label] {
-            zone.parents.entry(key_of(&n).into()).or_insert(1);
+            let h = zone.parent(&key_of(&n));
+            zone.parents.entry(h).or_insert(1);
         }
         Ok(zone)
     }
@@ -414,6 +429,15 @@ impl Zone {
     }
 
     /// Counts `name` in (or out of) each of its ancestors inside the zone.
+    /// A parent's entry in `parents`: SipHash with a random key, so two
+    /// names share one only by chance (about one in 2^64 per pair, with no
+    /// way for a client to aim at one), and a name that does not exist
+    /// would then answer NODATA instead of NXDOMAIN.
+    fn parent(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.parent_hash.hash_one(key)
+    }
+
     fn count_parents(&mut self, name: &str, add: bool) {
         let Ok(name) = Name::from_ascii(name) else {
             return;
@@ -423,13 +447,13 @@ impl Zone {
         }
         let mut n = name.base_name();
         while n.num_labels() > self.apex.num_labels() {
-            let k = key_of(&n);
+            let h = self.parent(&key_of(&n));
             if add {
-                *self.parents.entry(k.into()).or_default() += 1;
-            } else if let Some(c) = self.parents.get_mut(k.as_str()) {
+                *self.parents.entry(h).or_default() += 1;
+            } else if let Some(c) = self.parents.get_mut(&h) {
                 *c -= 1;
                 if *c == 0 {
-                    self.parents.remove(k.as_str());
+                    self.parents.remove(&h);
                 }
             }
             n = n.base_name();
@@ -563,7 +587,7 @@ impl Zone {
         }
         let pod_namespace =
             name.num_labels() == self.pod_label.num_labels() + 1 && self.pod_label.zone_of(name);
-        if self.parents.contains_key(key.as_str()) || pod_namespace {
+        if self.parents.contains_key(&self.parent(&key)) || pod_namespace {
             Found::NoData
         } else {
             Found::NxDomain
@@ -641,7 +665,10 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00::20"],
                      "ports": [{"name": "http", "port": 80}, {"port": 81},
                                {"name": "dns", "port": 53, "protocol": "UDP"}]}}));
-        z.set_service("default/web", records_of(z.apex(), &web, None));
+        z.set_service(
+            "default/web",
+            records_of(z.apex(), "default/web", &web, None),
+        );
         let db = svc(json!({"metadata": {"name": "db", "namespace": "data"},
             "spec": {"clusterIP": "None", "ports": [{"name": "pg", "port": 5432}]}}));
         let db_slices = slices(vec![json!({
@@ -652,15 +679,24 @@ mod tests {
             {"addresses": ["10.244.2.6"], "conditions": {}},
             {"addresses": ["10.244.3.7"], "hostname": "db-2", "conditions": {"ready": false}},
         ]})]);
-        z.set_service("data/db", records_of(z.apex(), &db, Some(&db_slices)));
+        z.set_service(
+            "data/db",
+            records_of(z.apex(), "data/db", &db, Some(&db_slices)),
+        );
         let ext = svc(json!({"metadata": {"name": "ext", "namespace": "default"},
             "spec": {"type": "ExternalName", "externalName": "www.example.com"}}));
-        z.set_service("default/ext", records_of(z.apex(), &ext, None));
+        z.set_service(
+            "default/ext",
+            records_of(z.apex(), "default/ext", &ext, None),
+        );
         let alias = svc(
             json!({"metadata": {"name": "alias", "namespace": "default"},
             "spec": {"type": "ExternalName", "externalName": "web.default.svc.cluster.local."}}),
         );
-        z.set_service("default/alias", records_of(z.apex(), &alias, None));
+        z.set_service(
+            "default/alias",
+            records_of(z.apex(), "default/alias", &alias, None),
+        );
         z
     }
 
@@ -760,10 +796,16 @@ mod tests {
             "metadata": {"name": "db-1"}, "addressType": "IPv4",
             "endpoints": [{"addresses": ["10.244.3.7"], "conditions": {"ready": false}}]})]);
         let apex = z.apex().clone();
-        z.set_service("data/db", records_of(&apex, &spec(false), Some(&unready)));
+        z.set_service(
+            "data/db",
+            records_of(&apex, "data/db", &spec(false), Some(&unready)),
+        );
         let a = answer(&z, "db.data.svc.cluster.local.", RecordType::A);
         assert_eq!(a.rcode, ResponseCode::NXDomain, "no ready endpoint");
-        z.set_service("data/db", records_of(&apex, &spec(true), Some(&unready)));
+        z.set_service(
+            "data/db",
+            records_of(&apex, "data/db", &spec(true), Some(&unready)),
+        );
         let a = answer(&z, "db.data.svc.cluster.local.", RecordType::A);
         assert_eq!(data(&a), ["10.244.3.7"]);
     }
@@ -841,7 +883,7 @@ mod tests {
         let apex = z.apex().clone();
         let s = svc(json!({"metadata": {"name": "web", "namespace": "default"},
             "spec": {"clusterIP": "10.96.0.20"}}));
-        z.set_service("default/web", records_of(&apex, &s, None));
+        z.set_service("default/web", records_of(&apex, "default/web", &s, None));
         let a = answer(&z, "web.default.svc.cluster.local.", RecordType::A);
         assert_eq!(data(&a), ["10.96.0.20"]);
     }
@@ -867,7 +909,10 @@ mod tests {
         let apex = z.apex().clone();
         let moved = svc(json!({"metadata": {"name": "web", "namespace": "default"},
             "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "https", "port": 443}]}}));
-        z.set_service("default/web", records_of(&apex, &moved, None));
+        z.set_service(
+            "default/web",
+            records_of(&apex, "default/web", &moved, None),
+        );
         let a = answer(&z, "web.default.svc.cluster.local.", RecordType::A);
         assert_eq!(data(&a), ["10.96.0.30"]);
         assert_eq!(
