@@ -15,7 +15,7 @@
 //! ClusterIP or a headless Service's endpoint has the address; others are
 //! not this zone's and go upstream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -220,11 +220,71 @@ impl Data {
     }
 }
 
-/// One record kept by name, with the Service that published it.
+/// The Services that publish records at one owner name: nearly always
+/// one, so it needs no allocation of its own. A Service is listed once per
+/// name of its own that hashes here.
 #[derive(Clone, Debug)]
-struct Owned {
-    service: Arc<str>,
-    data: Data,
+enum Owners {
+    One(Arc<str>),
+    Many(Box<[Arc<str>]>),
+}
+
+impl Owners {
+    fn as_slice(&self) -> &[Arc<str>] {
+        match self {
+            Self::One(s) => std::slice::from_ref(s),
+            Self::Many(v) => v,
+        }
+    }
+
+    fn with(&self, service: &Arc<str>) -> Self {
+        let mut v = self.as_slice().to_vec();
+        v.push(service.clone());
+        Self::Many(v.into_boxed_slice())
+    }
+
+    /// Without one listing of `service`; `None` when none is left.
+    fn without(&self, service: &Arc<str>) -> Option<Self> {
+        let mut v = self.as_slice().to_vec();
+        if let Some(i) = v.iter().position(|s| s == service) {
+            v.remove(i);
+        }
+        match v.len() {
+            0 => None,
+            1 => v.pop().map(Self::One),
+            _ => Some(Self::Many(v.into_boxed_slice())),
+        }
+    }
+}
+
+/// A hasher for keys that are already keyed hashes ([`Zone::hash`]): it
+/// takes them as they are.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type ByHash<V> = HashMap<u64, V, std::hash::BuildHasherDefault<Prehashed>>;
+
+/// The records of `recs` (sorted by name) at `key`.
+fn at<'a>(recs: &'a [(Key, Data)], key: &str) -> &'a [(Key, Data)] {
+    let start = recs.partition_point(|(k, _)| &**k < key);
+    let len = recs[start..].partition_point(|(k, _)| &**k == key);
+    &recs[start..start + len]
 }
 
 /// What a question gets.
@@ -253,17 +313,20 @@ pub struct Zone {
     ttl: u32,
     serial: u32,
     soa: Record,
-    /// Owner names and their records (by [`key_of`], so any spelling
-    /// finds them).
-    names: HashMap<Key, Box<[Owned]>>,
+    /// Owner names, by the [`Zone::hash`] of their [`key_of`] (so any
+    /// spelling finds them), with the Services that hold their records.
+    /// The text is kept once, in those records: a name found here is
+    /// looked up there, by its text, so two names that share a hash only
+    /// share this entry, never their records.
+    names: ByHash<Owners>,
     /// Every name inside the zone that has owner names below it, with how
     /// many: such a name exists (NODATA) even with no records of its own.
-    /// Kept by a keyed 64-bit hash of its [`key_of`] (see [`Zone::parent`]),
-    /// not its text: there are about two per Service, and the text would
+    /// By hash too: there are about two per Service, and the text would
     /// take most of their room.
-    parents: HashMap<u64, u32>,
-    /// The key of the hashes in `parents`, random per process.
-    parent_hash: std::collections::hash_map::RandomState,
+    parents: ByHash<u32>,
+    /// The key of the hashes in `names` and `parents`, random per process.
+    hash_key: std::collections::hash_map::RandomState,
+    /// Each Service's records, sorted by owner name.
     by_service: HashMap<Arc<str>, Box<[(Key, Data)]>>,
     pod_label: Name,
 }
@@ -294,9 +357,9 @@ impl Zone {
             ttl,
             serial: 1,
             soa: Self::build_soa(&apex, ttl, 1),
-            names: HashMap::new(),
-            parents: HashMap::new(),
-            parent_hash: std::collections::hash_map::RandomState::new(),
+            names: ByHash::default(),
+            parents: ByHash::default(),
+            hash_key: std::collections::hash_map::RandomState::new(),
             by_service: HashMap::new(),
             pod_label: pod_label.clone(),
         };
@@ -311,7 +374,7 @@ impl Zone {
         zone.set_service("", fixed);
         // `svc.<zone>` and `pod.<zone>` exist even when empty.
         for n in [svc_label, pod_label] {
-            let h = zone.parent(&key_of(&n));
+            let h = zone.hash(&key_of(&n));
             zone.parents.entry(h).or_insert(1);
         }
         Ok(zone)
@@ -334,26 +397,19 @@ impl Zone {
             .filter(|k| !k.is_empty())
     }
 
-    /// The shared key of `name`: the zone's own if it holds the name, else
-    /// one made for this batch.
-    fn intern(&self, batch: &mut HashMap<String, Key>, name: &Name) -> Key {
-        let k = key_of(name);
-        if let Some((have, _)) = self.names.get_key_value(k.as_str()) {
-            return have.clone();
-        }
-        batch
-            .entry(k)
-            .or_insert_with_key(|k| Arc::from(k.as_str()))
-            .clone()
-    }
-
-    /// `records` as the zone keeps them.
-    fn compact(&self, records: ServiceRecords) -> Box<[(Key, Data)]> {
-        let mut batch = HashMap::new();
-        records
+    /// `records` as the zone keeps them, sorted by owner name, each name's
+    /// text kept once.
+    fn compact(records: ServiceRecords) -> Box<[(Key, Data)]> {
+        let mut batch: HashMap<String, Key> = HashMap::new();
+        let mut key = |n: &Name| {
+            batch
+                .entry(key_of(n))
+                .or_insert_with_key(|k| Arc::from(k.as_str()))
+                .clone()
+        };
+        let mut out: Vec<(Key, Data)> = records
             .into_iter()
             .map(|(name, data)| {
-                let mut key = |n: &Name| self.intern(&mut batch, n);
                 let data = match data {
                     RData::A(a) => Data::A(a.0),
                     RData::AAAA(a) => Data::Aaaa(a.0),
@@ -368,41 +424,50 @@ impl Zone {
                 };
                 (key(&name), data)
             })
-            .collect()
+            .collect();
+        // Stable: a name's records keep the order they were given in.
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_boxed_slice()
     }
 
     /// Replaces what Service `key` publishes (nothing removes it).
     pub fn set_service(&mut self, key: &str, records: ServiceRecords) {
-        let records = self.compact(records);
-        if self.by_service.get(key) == Some(&records) {
-            return;
-        }
-        let key: Arc<str> = Arc::from(key);
-        if let Some(old) = self.by_service.remove(&key) {
-            let names: BTreeSet<&Key> = old.iter().map(|(n, _)| n).collect();
-            for name in names {
-                self.unpublish(name, &key);
+        let records = Self::compact(records);
+        let (service, old) = match self.by_service.remove_entry(key) {
+            Some((service, old)) if *old == *records => {
+                self.by_service.insert(service, old);
+                return;
             }
+            Some((service, old)) => (service, old),
+            None => (Arc::from(key), Box::default()),
+        };
+        let names = |recs: &[(Key, Data)]| -> Vec<Key> {
+            let mut v: Vec<Key> = recs.iter().map(|(n, _)| n.clone()).collect();
+            v.dedup();
+            v
+        };
+        let (old_names, new_names) = (names(&old), names(&records));
+        for name in old_names
+            .iter()
+            .filter(|n| new_names.binary_search(n).is_err())
+        {
+            self.unpublish(name, &service);
         }
-        for (name, data) in &records {
-            let owned = Owned {
-                service: key.clone(),
-                data: data.clone(),
-            };
-            match self.names.get_mut(name) {
-                Some(entry) => {
-                    let mut v = std::mem::take(entry).into_vec();
-                    v.push(owned);
-                    *entry = v.into_boxed_slice();
-                }
+        for name in new_names
+            .iter()
+            .filter(|n| old_names.binary_search(n).is_err())
+        {
+            let h = self.hash(name);
+            match self.names.get_mut(&h) {
+                Some(owners) => *owners = owners.with(&service),
                 None => {
-                    self.names.insert(name.clone(), Box::new([owned]));
+                    self.names.insert(h, Owners::One(service.clone()));
                     self.count_parents(name, true);
                 }
             }
         }
         if !records.is_empty() {
-            self.by_service.insert(key, records);
+            self.by_service.insert(service, records);
         }
         self.serial = self.serial.wrapping_add(1).max(1);
         if let RData::SOA(soa) = &mut self.soa.data {
@@ -410,32 +475,42 @@ impl Zone {
         }
     }
 
-    fn unpublish(&mut self, name: &Key, key: &Arc<str>) {
-        let Some(entry) = self.names.get_mut(name) else {
+    fn unpublish(&mut self, name: &str, service: &Arc<str>) {
+        let h = self.hash(name);
+        let Some(owners) = self.names.get_mut(&h) else {
             return;
         };
-        if entry.iter().any(|o| &o.service == key) {
-            let kept: Box<[Owned]> = entry
-                .iter()
-                .filter(|o| &o.service != key)
-                .cloned()
-                .collect();
-            *entry = kept;
-        }
-        if entry.is_empty() {
-            self.names.remove(name);
-            self.count_parents(name, false);
+        match owners.without(service) {
+            Some(kept) => *owners = kept,
+            None => {
+                self.names.remove(&h);
+                self.count_parents(name, false);
+            }
         }
     }
 
-    /// Counts `name` in (or out of) each of its ancestors inside the zone.
-    /// A parent's entry in `parents`: SipHash with a random key, so two
-    /// names share one only by chance (about one in 2^64 per pair, with no
-    /// way for a client to aim at one), and a name that does not exist
+    /// The records at `key` (a [`key_of`]), of every Service holding some.
+    fn records(&self, key: &str) -> impl Iterator<Item = &Data> {
+        let owners = self.names.get(&self.hash(key)).map(Owners::as_slice);
+        let owners = owners.unwrap_or_default();
+        owners
+            .iter()
+            .enumerate()
+            // A Service listed twice (two of its names share the hash)
+            // gives its records once.
+            .filter(move |(i, s)| !owners[..*i].contains(s))
+            .filter_map(|(_, s)| self.by_service.get(s))
+            .flat_map(move |recs| at(recs, key).iter().map(|(_, d)| d))
+    }
+
+    /// A name's entry in `names` and `parents`: SipHash with a random key,
+    /// so two names share one only by chance (about one in 2^64 per pair,
+    /// with no way for a client to aim at one). In `names` that costs
+    /// nothing but a second look; in `parents` a name that does not exist
     /// would then answer NODATA instead of NXDOMAIN.
-    fn parent(&self, key: &str) -> u64 {
+    fn hash(&self, key: &str) -> u64 {
         use std::hash::BuildHasher;
-        self.parent_hash.hash_one(key)
+        self.hash_key.hash_one(key)
     }
 
     fn count_parents(&mut self, name: &str, add: bool) {
@@ -447,7 +522,7 @@ impl Zone {
         }
         let mut n = name.base_name();
         while n.num_labels() > self.apex.num_labels() {
-            let h = self.parent(&key_of(&n));
+            let h = self.hash(&key_of(&n));
             if add {
                 *self.parents.entry(h).or_default() += 1;
             } else if let Some(c) = self.parents.get_mut(&h) {
@@ -497,7 +572,7 @@ impl Zone {
         let mut qname = qname.clone();
         qname.set_fqdn(true);
         let inside = self.contains(&qname);
-        if !inside && !self.names.contains_key(key_of(&qname).as_str()) {
+        if !inside && self.records(&key_of(&qname)).next().is_none() {
             return Outcome::Forward;
         }
         let mut answer = Answer::default();
@@ -552,8 +627,9 @@ impl Zone {
 
     fn records_at(&self, name: &Name, qtype: RecordType) -> Found {
         let key = key_of(name);
-        if let Some(entry) = self.names.get(key.as_str()) {
-            if let Some(c) = entry.iter().find_map(|o| match &o.data {
+        let entry: Vec<&Data> = self.records(&key).collect();
+        if !entry.is_empty() {
+            if let Some(c) = entry.iter().find_map(|d| match d {
                 Data::Cname(c) => Name::from_ascii(&**c).ok(),
                 _ => None,
             }) {
@@ -561,8 +637,8 @@ impl Zone {
             }
             let mut rs: Vec<RData> = entry
                 .iter()
-                .filter(|o| qtype == RecordType::ANY || o.data.record_type() == qtype)
-                .filter_map(|o| o.data.rdata())
+                .filter(|d| qtype == RecordType::ANY || d.record_type() == qtype)
+                .filter_map(|d| d.rdata())
                 .collect();
             if name == &self.apex && matches!(qtype, RecordType::SOA | RecordType::ANY) {
                 rs.push(self.soa().data);
@@ -587,7 +663,7 @@ impl Zone {
         }
         let pod_namespace =
             name.num_labels() == self.pod_label.num_labels() + 1 && self.pod_label.zone_of(name);
-        if self.parents.contains_key(&self.parent(&key)) || pod_namespace {
+        if self.parents.contains_key(&self.hash(&key)) || pod_namespace {
             Found::NoData
         } else {
             Found::NxDomain
@@ -609,14 +685,9 @@ impl Zone {
         if out.iter().any(|r| &r.name == target) {
             return;
         }
-        for o in self
-            .names
-            .get(key_of(target).as_str())
-            .into_iter()
-            .flatten()
-        {
-            if let Data::A(_) | Data::Aaaa(_) = o.data
-                && let Some(data) = o.data.rdata()
+        for d in self.records(&key_of(target)) {
+            if let Data::A(_) | Data::Aaaa(_) = d
+                && let Some(data) = d.rdata()
             {
                 out.push(Record::from_rdata(target.clone(), self.ttl, data));
             }
@@ -941,5 +1012,36 @@ mod tests {
         z.set_service("data/db", Vec::new());
         assert_eq!(z.parents.len(), 2, "svc and pod only: {:?}", z.parents);
         assert!(fresh.names.len() > z.names.len());
+    }
+
+    #[test]
+    fn a_name_two_services_publish_answers_both_until_each_goes() {
+        let mut z = zone();
+        let apex = z.apex().clone();
+        // The same ClusterIP, as when one Service's address is reused by
+        // the next before the first one's deletion is seen.
+        let twin = svc(json!({"metadata": {"name": "twin", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}}));
+        z.set_service(
+            "default/twin",
+            records_of(&apex, "default/twin", &twin, None),
+        );
+        let ptr = |z: &Zone| data(&answer(z, "20.0.96.10.in-addr.arpa.", RecordType::PTR));
+        assert_eq!(
+            ptr(&z),
+            [
+                "twin.default.svc.cluster.local.",
+                "web.default.svc.cluster.local."
+            ]
+        );
+        z.set_service("default/web", Vec::new());
+        assert_eq!(ptr(&z), ["twin.default.svc.cluster.local."]);
+        let a = answer(&z, "twin.default.svc.cluster.local.", RecordType::A);
+        assert_eq!(data(&a), ["10.96.0.20"]);
+        z.set_service("default/twin", Vec::new());
+        assert_eq!(
+            z.lookup(&name("20.0.96.10.in-addr.arpa."), RecordType::PTR),
+            Outcome::Forward
+        );
     }
 }
