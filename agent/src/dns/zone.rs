@@ -220,45 +220,24 @@ impl Data {
     }
 }
 
-/// The Services that publish records at one owner name: nearly always
-/// one, so it needs no allocation of its own. A Service is listed once per
-/// name of its own that hashes here.
-#[derive(Clone, Debug)]
-enum Owners {
-    One(Arc<str>),
-    Many(Box<[Arc<str>]>),
-}
+/// A Service's place in the zone's table of them.
+type Id = u32;
 
-impl Owners {
-    fn as_slice(&self) -> &[Arc<str>] {
-        match self {
-            Self::One(s) => std::slice::from_ref(s),
-            Self::Many(v) => v,
-        }
-    }
+/// In `names`: more than one Service holds records at names of this hash;
+/// `shared` lists them.
+const SHARED: Id = Id::MAX;
 
-    fn with(&self, service: &Arc<str>) -> Self {
-        let mut v = self.as_slice().to_vec();
-        v.push(service.clone());
-        Self::Many(v.into_boxed_slice())
-    }
-
-    /// Without one listing of `service`; `None` when none is left.
-    fn without(&self, service: &Arc<str>) -> Option<Self> {
-        let mut v = self.as_slice().to_vec();
-        if let Some(i) = v.iter().position(|s| s == service) {
-            v.remove(i);
-        }
-        match v.len() {
-            0 => None,
-            1 => v.pop().map(Self::One),
-            _ => Some(Self::Many(v.into_boxed_slice())),
-        }
-    }
+/// What one Service publishes, kept in the zone's table of them.
+struct Published {
+    /// `namespace/name`.
+    key: Arc<str>,
+    /// Sorted by owner name.
+    records: Box<[(Key, Data)]>,
 }
 
 /// A hasher for keys that are already keyed hashes ([`Zone::hash`]): it
-/// takes them as they are.
+/// takes a 64-bit one as it is, and spreads a 32-bit one over 64 bits (the
+/// table reads the top bits too).
 #[derive(Default)]
 struct Prehashed(u64);
 
@@ -273,12 +252,16 @@ impl std::hash::Hasher for Prehashed {
         }
     }
 
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
     fn write_u64(&mut self, n: u64) {
         self.0 = n;
     }
 }
 
-type ByHash<V> = HashMap<u64, V, std::hash::BuildHasherDefault<Prehashed>>;
+type ByHash<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Prehashed>>;
 
 /// The records of `recs` (sorted by name) at `key`.
 fn at<'a>(recs: &'a [(Key, Data)], key: &str) -> &'a [(Key, Data)] {
@@ -313,21 +296,26 @@ pub struct Zone {
     ttl: u32,
     serial: u32,
     soa: Record,
-    /// Owner names, by the [`Zone::hash`] of their [`key_of`] (so any
-    /// spelling finds them), with the Services that hold their records.
-    /// The text is kept once, in those records: a name found here is
-    /// looked up there, by its text, so two names that share a hash only
-    /// share this entry, never their records.
-    names: ByHash<Owners>,
+    /// Owner names, by the low 32 bits of the [`Zone::hash`] of their
+    /// [`key_of`] (so any spelling finds them), with the Service that holds
+    /// their records. The text is kept once, in those records: a name found
+    /// here is looked up there, by its text, so names that share a hash
+    /// (among tens of thousands, some do) share only this entry, never
+    /// their records.
+    names: ByHash<u32, Id>,
+    /// The Services of the names whose entry is [`SHARED`].
+    shared: ByHash<u32, Box<[Id]>>,
     /// Every name inside the zone that has owner names below it, with how
     /// many: such a name exists (NODATA) even with no records of its own.
-    /// By hash too: there are about two per Service, and the text would
-    /// take most of their room.
-    parents: ByHash<u32>,
+    /// By the whole 64-bit hash: a name that shared one with another would
+    /// answer NODATA instead of NXDOMAIN.
+    parents: ByHash<u64, u32>,
     /// The key of the hashes in `names` and `parents`, random per process.
     hash_key: std::collections::hash_map::RandomState,
-    /// Each Service's records, sorted by owner name.
-    by_service: HashMap<Arc<str>, Box<[(Key, Data)]>>,
+    /// The Services with records, by [`Id`]; `None` is a free place.
+    services: Vec<Option<Published>>,
+    free: Vec<Id>,
+    ids: HashMap<Arc<str>, Id>,
     pod_label: Name,
 }
 
@@ -358,9 +346,12 @@ impl Zone {
             serial: 1,
             soa: Self::build_soa(&apex, ttl, 1),
             names: ByHash::default(),
+            shared: ByHash::default(),
             parents: ByHash::default(),
             hash_key: std::collections::hash_map::RandomState::new(),
-            by_service: HashMap::new(),
+            services: Vec::new(),
+            free: Vec::new(),
+            ids: HashMap::new(),
             pod_label: pod_label.clone(),
         };
         let ns = under("ns.dns")?;
@@ -391,9 +382,10 @@ impl Zone {
 
     /// Services the zone holds records for (by `namespace/name`).
     pub fn services(&self) -> impl Iterator<Item = &str> {
-        self.by_service
-            .keys()
-            .map(|k| &**k)
+        self.services
+            .iter()
+            .flatten()
+            .map(|p| &*p.key)
             .filter(|k| !k.is_empty())
     }
 
@@ -433,14 +425,14 @@ impl Zone {
     /// Replaces what Service `key` publishes (nothing removes it).
     pub fn set_service(&mut self, key: &str, records: ServiceRecords) {
         let records = Self::compact(records);
-        let (service, old) = match self.by_service.remove_entry(key) {
-            Some((service, old)) if *old == *records => {
-                self.by_service.insert(service, old);
-                return;
-            }
-            Some((service, old)) => (service, old),
-            None => (Arc::from(key), Box::default()),
+        let id = self.ids.get(key).copied();
+        let old = match id.and_then(|id| self.published_mut(id)) {
+            Some(p) if *p.records == *records => return,
+            Some(p) => std::mem::take(&mut p.records),
+            None if records.is_empty() => return,
+            None => Box::default(),
         };
+        let id = id.unwrap_or_else(|| self.allocate(key));
         let names = |recs: &[(Key, Data)]| -> Vec<Key> {
             let mut v: Vec<Key> = recs.iter().map(|(n, _)| n.clone()).collect();
             v.dedup();
@@ -451,23 +443,18 @@ impl Zone {
             .iter()
             .filter(|n| new_names.binary_search(n).is_err())
         {
-            self.unpublish(name, &service);
+            self.unpublish(name, id);
         }
         for name in new_names
             .iter()
             .filter(|n| old_names.binary_search(n).is_err())
         {
-            let h = self.hash(name);
-            match self.names.get_mut(&h) {
-                Some(owners) => *owners = owners.with(&service),
-                None => {
-                    self.names.insert(h, Owners::One(service.clone()));
-                    self.count_parents(name, true);
-                }
-            }
+            self.publish(name, id);
         }
-        if !records.is_empty() {
-            self.by_service.insert(service, records);
+        if records.is_empty() {
+            self.release(id);
+        } else if let Some(p) = self.published_mut(id) {
+            p.records = records;
         }
         self.serial = self.serial.wrapping_add(1).max(1);
         if let RData::SOA(soa) = &mut self.soa.data {
@@ -475,39 +462,110 @@ impl Zone {
         }
     }
 
-    fn unpublish(&mut self, name: &str, service: &Arc<str>) {
-        let h = self.hash(name);
-        let Some(owners) = self.names.get_mut(&h) else {
-            return;
-        };
-        match owners.without(service) {
-            Some(kept) => *owners = kept,
+    fn published_mut(&mut self, id: Id) -> Option<&mut Published> {
+        self.services.get_mut(id as usize)?.as_mut()
+    }
+
+    /// A place for Service `key`, with no records yet.
+    fn allocate(&mut self, key: &str) -> Id {
+        let key: Arc<str> = Arc::from(key);
+        let p = Some(Published {
+            key: key.clone(),
+            records: Box::default(),
+        });
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.services[id as usize] = p;
+                id
+            }
             None => {
-                self.names.remove(&h);
-                self.count_parents(name, false);
+                self.services.push(p);
+                // A zone holds far fewer than 2^32 Services: each takes
+                // over a hundred bytes.
+                (self.services.len() - 1) as Id
+            }
+        };
+        self.ids.insert(key, id);
+        id
+    }
+
+    fn release(&mut self, id: Id) {
+        if let Some(p) = self.services.get_mut(id as usize).and_then(Option::take) {
+            self.ids.remove(&p.key);
+            self.free.push(id);
+        }
+    }
+
+    /// Lists Service `id` at `name`, and counts `name` in its parents (per
+    /// Service, so that each [`Zone::unpublish`] takes back one count).
+    fn publish(&mut self, name: &str, id: Id) {
+        let h = self.hash(name) as u32;
+        match self.names.get(&h).copied() {
+            None => {
+                self.names.insert(h, id);
+            }
+            Some(SHARED) => {
+                let v = self.shared.entry(h).or_default();
+                *v = v.iter().copied().chain([id]).collect();
+            }
+            Some(other) => {
+                self.names.insert(h, SHARED);
+                self.shared.insert(h, Box::new([other, id]));
             }
         }
+        self.count_parents(name, true);
+    }
+
+    fn unpublish(&mut self, name: &str, id: Id) {
+        let h = self.hash(name) as u32;
+        match self.names.get(&h).copied() {
+            Some(SHARED) => {
+                let mut v = self.shared.remove(&h).unwrap_or_default().into_vec();
+                if let Some(i) = v.iter().position(|s| *s == id) {
+                    v.remove(i);
+                }
+                match *v {
+                    [] => {
+                        self.names.remove(&h);
+                    }
+                    [one] => {
+                        self.names.insert(h, one);
+                    }
+                    _ => {
+                        self.shared.insert(h, v.into_boxed_slice());
+                    }
+                }
+            }
+            Some(one) if one == id => {
+                self.names.remove(&h);
+            }
+            _ => {}
+        }
+        self.count_parents(name, false);
     }
 
     /// The records at `key` (a [`key_of`]), of every Service holding some.
     fn records(&self, key: &str) -> impl Iterator<Item = &Data> {
-        let owners = self.names.get(&self.hash(key)).map(Owners::as_slice);
-        let owners = owners.unwrap_or_default();
-        owners
-            .iter()
+        let h = self.hash(key) as u32;
+        let ids: &[Id] = match self.names.get(&h) {
+            None => &[],
+            Some(&SHARED) => self.shared.get(&h).map_or(&[], |v| &**v),
+            Some(id) => std::slice::from_ref(id),
+        };
+        ids.iter()
             .enumerate()
             // A Service listed twice (two of its names share the hash)
             // gives its records once.
-            .filter(move |(i, s)| !owners[..*i].contains(s))
-            .filter_map(|(_, s)| self.by_service.get(s))
-            .flat_map(move |recs| at(recs, key).iter().map(|(_, d)| d))
+            .filter(move |(i, id)| !ids[..*i].contains(id))
+            .filter_map(|(_, id)| self.services.get(*id as usize)?.as_ref())
+            .flat_map(move |p| at(&p.records, key).iter().map(|(_, d)| d))
     }
 
-    /// A name's entry in `names` and `parents`: SipHash with a random key,
-    /// so two names share one only by chance (about one in 2^64 per pair,
-    /// with no way for a client to aim at one). In `names` that costs
-    /// nothing but a second look; in `parents` a name that does not exist
-    /// would then answer NODATA instead of NXDOMAIN.
+    /// A name's hash: SipHash with a random key, so two names share one
+    /// only by chance, with no way for a client to aim at one. `parents`
+    /// takes all 64 bits (two names share them about once in 2^64 per
+    /// pair); `names` takes 32, where a shared hash costs only a second
+    /// look.
     fn hash(&self, key: &str) -> u64 {
         use std::hash::BuildHasher;
         self.hash_key.hash_one(key)
@@ -1043,5 +1101,37 @@ mod tests {
             z.lookup(&name("20.0.96.10.in-addr.arpa."), RecordType::PTR),
             Outcome::Forward
         );
+    }
+
+    #[test]
+    fn names_that_share_a_hash_keep_their_own_records() {
+        let mut z = zone();
+        let apex = z.apex().clone();
+        let owner = |i: u32| format!("s{i}.default.svc.cluster.local.");
+        // Two Service names whose hashes share the bits `names` keeps.
+        let mut seen: HashMap<u32, u32> = HashMap::new();
+        let (i, j) = (0..1_000_000u32)
+            .find_map(|j| {
+                let h = z.hash(&owner(j)) as u32;
+                seen.insert(h, j).map(|i| (i, j))
+            })
+            .expect("a shared hash within a million names");
+        let ip = |n: u32| format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255);
+        for n in [i, j] {
+            let key = format!("default/s{n}");
+            let v = svc(
+                json!({"metadata": {"name": format!("s{n}"), "namespace": "default"},
+                "spec": {"clusterIP": ip(n), "ports": [{"port": 80}]}}),
+            );
+            z.set_service(&key, records_of(&apex, &key, &v, None));
+        }
+        let a = |z: &Zone, n: u32| data(&answer(z, &owner(n), RecordType::A));
+        assert_eq!((a(&z, i), a(&z, j)), (vec![ip(i)], vec![ip(j)]));
+        z.set_service(&format!("default/s{i}"), Vec::new());
+        assert_eq!(
+            answer(&z, &owner(i), RecordType::A).rcode,
+            ResponseCode::NXDomain
+        );
+        assert_eq!(a(&z, j), [ip(j)]);
     }
 }
