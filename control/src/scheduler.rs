@@ -24,8 +24,9 @@ use tracing::{debug, info, warn};
 
 use futures::StreamExt;
 
-use crate::controllers::{controller_of, is_active, name_of, next_pass, ns_of, ready, reflect};
 use crate::fit::{affinity_matches, selector_matches, tolerates, untolerated_taint};
+use crate::informer::{next_pass, ready, reflect};
+use crate::meta::{controller_of, is_active, name_of, ns_of};
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
 

@@ -432,7 +432,7 @@ impl Api {
         spec_out["audiences"] = json!(claims.aud);
         Ok(json!({
             "kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
-            "metadata": {"name": name, "namespace": ns, "creationTimestamp": super::now_string()},
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": crate::meta::now()},
             "spec": spec_out,
             "status": {"token": token, "expirationTimestamp": expires},
         }))

@@ -15,7 +15,6 @@ mod stream;
 mod watch;
 
 pub use logs::kubelet_tls;
-pub(crate) use objects::now as now_string;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -3,6 +3,7 @@
 //! subresources, immutable fields), binding, and deletion (grace periods,
 //! finalizers, propagation policy; the garbage collector does the cascade).
 
+use crate::meta::now;
 use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
@@ -18,10 +19,6 @@ use crate::validate;
 pub(crate) struct Write {
     pub dry_run: bool,
     pub strict: bool,
-}
-
-pub(crate) fn now() -> String {
-    Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 pub(crate) fn random_suffix(n: usize) -> String {

@@ -15,8 +15,9 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{name_of, next_pass, ready, reflect};
 use crate::auth::{bootstrap, csr};
+use crate::informer::{next_pass, ready, reflect};
+use crate::meta::name_of;
 
 /// The CA the signer signs with.
 #[derive(Clone, Debug)]
@@ -39,7 +40,7 @@ pub async fn run(client: Client, signer: Option<Arc<Signer>>) {
     let api = Api::<CertificateSigningRequest>::all(client.clone());
     let (csrs, _w) = reflect(api.clone(), notify.clone());
     ready(&csrs).await;
-    let _cleaner = super::Owned::spawn(clean_tokens(client));
+    let _cleaner = crate::informer::Owned::spawn(clean_tokens(client));
     loop {
         next_pass("certificates", &notify, Duration::from_secs(60)).await;
         for c in csrs.state() {
@@ -89,7 +90,7 @@ pub async fn run(client: Client, signer: Option<Arc<Signer>>) {
                     warn!(csr = %name, error = %e, "signing failed");
                     json!({"conditions": [{
                         "type": "Failed", "status": "True", "reason": "SigningError",
-                        "message": e, "lastUpdateTime": crate::api::now_string(),
+                        "message": e, "lastUpdateTime": crate::meta::now(),
                     }]})
                 }
             };
@@ -105,13 +106,13 @@ pub async fn run(client: Client, signer: Option<Arc<Signer>>) {
                 }
                 status["conditions"] = all;
             }
-            super::write_status(&api, &name, status).await;
+            crate::informer::write_status(&api, &name, status).await;
         }
     }
 }
 
 async fn approve(api: &Api<CertificateSigningRequest>, name: &str) {
-    let now = crate::api::now_string();
+    let now = crate::meta::now();
     let patch = json!({"status": {"conditions": [{
         "type": "Approved", "status": "True", "reason": "AutoApproved",
         "message": "Auto approving a node client certificate requested with a bootstrap token or by the node itself.",

@@ -19,10 +19,9 @@ use tracing::{info, warn};
 
 use super::deployment::template_hash;
 use super::replicaset::{pod_from_template, pods_by_owner};
-use super::{
-    Wake, availability, is_active, is_ready, name_of, next_pass, ns_of, owner_ref, ready, reflect,
-};
 use crate::fit::{affinity_matches, selector_matches, untolerated_taint};
+use crate::informer::{Wake, next_pass, ready, reflect};
+use crate::meta::{availability, is_active, is_ready, name_of, ns_of, owner_ref};
 
 const HASH_LABEL: &str = "controller-revision-hash";
 
@@ -266,7 +265,7 @@ async fn reconcile(
     .any(|k| cur.get(*k).cloned().unwrap_or(json!(0)) != status[*k]);
     if changed {
         let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
-        super::write_status(&api, name, status).await;
+        crate::informer::write_status(&api, name, status).await;
     }
     recheck
 }

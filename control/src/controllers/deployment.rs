@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{Wake, controller_of, name_of, next_pass, ns_of, owner_ref, ready, reflect};
+use crate::informer::{Wake, next_pass, ready, reflect};
+use crate::meta::{controller_of, name_of, ns_of, owner_ref};
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 pub const HASH_LABEL: &str = "pod-template-hash";
@@ -389,7 +390,7 @@ async fn update_status(
         && total == replicas
         && spec_replicas(new) == replicas;
     let rs_name = name_of(&new.metadata);
-    let now = crate::api::now_string();
+    let now = crate::meta::now();
     let keep_time = |ty: &str, status: &str| -> String {
         d.status
             .as_ref()

@@ -19,7 +19,8 @@ use kube::{Api, Client, Resource};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{is_ready, name_of, next_pass, ns_of, ready, reflect};
+use crate::informer::{next_pass, ready, reflect};
+use crate::meta::{is_ready, name_of, ns_of};
 
 pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
@@ -197,7 +198,7 @@ fn slice_of(
             name: Some(slice_name.to_string()),
             namespace: Some(ns.to_string()),
             labels: Some(labels),
-            owner_references: super::owner_ref(svc).map(|mut o| {
+            owner_references: crate::meta::owner_ref(svc).map(|mut o| {
                 o.block_owner_deletion = Some(true);
                 vec![o]
             }),

@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{next_pass_after, ready, reflect};
+use crate::informer::{next_pass_after, ready, reflect};
 
 const FOREGROUND: &str = "foregroundDeletion";
 const ORPHAN: &str = "orphan";

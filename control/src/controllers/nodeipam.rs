@@ -20,8 +20,9 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{name_of, next_pass, ready, reflect};
 use crate::alloc::Cidr;
+use crate::informer::{next_pass, ready, reflect};
+use crate::meta::name_of;
 
 /// The cluster's pod network and the size of each node's slice of it; on a
 /// dual-stack cluster also the IPv6 network and slice size. Node ranges are

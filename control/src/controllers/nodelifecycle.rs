@@ -29,7 +29,9 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{Settings, name_of, next_pass, ns_of, ready, reflect};
+use super::Settings;
+use crate::informer::{next_pass, ready, reflect};
+use crate::meta::{name_of, ns_of};
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";

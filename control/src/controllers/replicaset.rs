@@ -19,10 +19,8 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{
-    Wake, availability, controller_of, in_parallel, is_active, is_ready, name_of, next_pass, ns_of,
-    owner_ref, ready, reflect,
-};
+use crate::informer::{Wake, in_parallel, next_pass, ready, reflect};
+use crate::meta::{availability, controller_of, is_active, is_ready, name_of, ns_of, owner_ref};
 
 /// Pod creations and deletions made but not yet seen in the pod store,
 /// per owner, with a deadline after which they are no longer waited for.
@@ -243,7 +241,7 @@ async fn reconcile(
     });
     if !same {
         let api: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
-        super::write_status(&api, name, status).await;
+        crate::informer::write_status(&api, name, status).await;
     }
     recheck
 }

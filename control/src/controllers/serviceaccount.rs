@@ -15,7 +15,8 @@ use kube::{Api, Client};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{name_of, next_pass, ready, reflect, reflect_named};
+use crate::informer::{next_pass, ready, reflect, reflect_named};
+use crate::meta::name_of;
 
 pub const ROOT_CA: &str = "kube-root-ca.crt";
 
