@@ -11,6 +11,7 @@ mod discovery;
 mod logs;
 mod objects;
 pub mod peers;
+mod registry;
 mod stream;
 mod watch;
 
