@@ -7,8 +7,7 @@ use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
 use super::Api;
-use super::registry::service::held_keys;
-use crate::alloc::Cidr;
+use super::registry::Strategy;
 use crate::meta::now;
 use crate::resources::{self, Resource};
 use crate::status::{self, ApiError, Cause};
@@ -331,20 +330,15 @@ impl Api {
         if r.namespaced {
             self.namespace_usable(ns.unwrap_or_default()).await?;
         }
-        if matches!(
-            r.kind,
-            "Pod" | "Service" | "Deployment" | "ReplicaSet" | "DaemonSet"
-        ) {
+        let strategy = Strategy::of(r);
+        if strategy.clears_status() {
             obj["status"] = json!({});
         }
-        if r.is("", "pods") {
-            self.admit_service_account(ns.unwrap_or_default(), obj)
-                .await?;
-        }
+        strategy.admit(self, ns.unwrap_or_default(), obj).await?;
         let mut decoded = decode_checked(r, obj, strict)?;
         validate::default(r, &mut decoded);
-        // The ClusterIP and NodePorts the client named itself.
-        let requested = held_keys(&decoded, &self.cfg.service_cidrs);
+        // What the client named itself (a Service's ClusterIP, NodePorts).
+        let requested = strategy.held(&decoded, &self.cfg.service_cidrs);
         for attempt in 0..8 {
             let mut obj = decoded.clone();
             if let Some(prefix) = &generate {
@@ -355,11 +349,7 @@ impl Api {
             }
             validate::validate(r, &obj, self.limits())?;
             let name = str_at(&obj, "/metadata/name").to_string();
-            let (guards, sides) = if r.is("", "services") {
-                self.allocate(&mut obj, None).await?
-            } else {
-                (Vec::new(), Vec::new())
-            };
+            let (guards, sides) = strategy.allocate(self, &mut obj, None).await?;
             if dry_run {
                 return Ok(obj);
             }
@@ -515,56 +505,9 @@ impl Api {
             meta_mut(&mut new).insert("generation".into(), json!(g));
         }
         validate::validate(r, &new, self.limits())?;
-        if r.group == "apps"
-            && matches!(r.kind, "Deployment" | "ReplicaSet" | "DaemonSet")
-            && new.pointer("/spec/selector") != cur.pointer("/spec/selector")
-        {
-            let shown = new
-                .pointer("/spec/selector")
-                .map(Value::to_string)
-                .unwrap_or_default();
-            return Err(ApiError::invalid(
-                r.group,
-                r.kind,
-                &name,
-                vec![Cause::invalid("spec.selector", shown, "field is immutable")],
-            ));
-        }
-        if r.is("", "pods") {
-            let strip = |v: &Value| {
-                let mut s = v.get("spec").cloned().unwrap_or(json!({}));
-                for list in ["containers", "initContainers"] {
-                    if let Some(Value::Array(cs)) = s.get_mut(list) {
-                        for c in cs {
-                            if let Some(m) = c.as_object_mut() {
-                                m.remove("image");
-                            }
-                        }
-                    }
-                }
-                if let Some(m) = s.as_object_mut() {
-                    m.remove("activeDeadlineSeconds");
-                    m.remove("tolerations");
-                }
-                s
-            };
-            if strip(&new) != strip(cur) {
-                return Err(ApiError::invalid(
-                    "",
-                    "Pod",
-                    &name,
-                    vec![Cause::forbidden(
-                        "spec",
-                        "pod updates may not change fields other than `spec.containers[*].image`, `spec.initContainers[*].image`, `spec.activeDeadlineSeconds` or `spec.tolerations` (only additions to existing tolerations)",
-                    )],
-                ));
-            }
-        }
-        let (guards, sides) = if r.is("", "services") {
-            self.allocate(&mut new, Some(cur)).await?
-        } else {
-            (Vec::new(), Vec::new())
-        };
+        let strategy = Strategy::of(r);
+        strategy.check_update(r, &name, cur, &new)?;
+        let (guards, sides) = strategy.allocate(self, &mut new, Some(cur)).await?;
         Ok((new, guards, sides))
     }
 
@@ -591,15 +534,10 @@ impl Api {
             .and_then(Value::as_i64)
             .unwrap_or(0)
             > 0;
-        if deleting && !finalizers_left && !(r.is("", "pods") && graceful) {
+        let strategy = Strategy::of(r);
+        if deleting && !finalizers_left && !(strategy.waits_out_grace() && graceful) {
             let mut release: Vec<Side> = sides.to_vec();
-            if r.is("", "services") {
-                release.extend(
-                    held_keys(&new, &self.cfg.service_cidrs)
-                        .into_iter()
-                        .map(Side::Delete),
-                );
-            }
+            release.extend(strategy.released(&new, &self.cfg.service_cidrs));
             let del = self.store.delete(&key, rev, &release).await?;
             return Ok(with_rv(new, del));
         }
@@ -814,19 +752,9 @@ impl Api {
             {
                 finalizers.push(json!(f));
             }
-            let pod_grace = if r.is("", "pods") {
-                let bound = !str_at(&obj, "/spec/nodeName").is_empty();
-                let done = matches!(str_at(&obj, "/status/phase"), "Succeeded" | "Failed");
-                let g = grace.unwrap_or_else(|| {
-                    obj.pointer("/spec/terminationGracePeriodSeconds")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(30)
-                });
-                (bound && !done && g > 0).then_some(g)
-            } else {
-                None
-            };
-            let is_namespace = r.is("", "namespaces");
+            let strategy = Strategy::of(r);
+            let pod_grace = strategy.grace(&obj, grace);
+            let is_namespace = strategy.terminates();
             let keep = !finalizers.is_empty() || pod_grace.is_some() || is_namespace;
             if keep {
                 let shorter = pod_grace.is_some_and(|g| {
@@ -864,20 +792,14 @@ impl Api {
                 let key = Self::key(r, ns, name);
                 match self.store.update(&key, rev, encode(&obj), &[], &[]).await {
                     Ok(new_rev) => {
-                        if is_namespace {
-                            tokio::spawn(purge_namespace(
-                                self.store.clone(),
-                                name.to_string(),
-                                self.cfg.service_cidrs.clone(),
-                            ));
-                        }
+                        strategy.on_terminating(self, name);
                         return Ok(Deleted::Object(with_rv(obj, new_rev)));
                     }
                     Err(StoreError::Conflict { .. }) => continue,
                     Err(e) => return Err(store_err(r, name, e)),
                 }
             }
-            let returns_object = r.is("", "pods") || r.is("", "services");
+            let returns_object = strategy.returns_deleted_object();
             let gone = |obj: Value| {
                 if returns_object {
                     Deleted::Object(obj)
@@ -888,14 +810,7 @@ impl Api {
             if dry_run {
                 return Ok(gone(obj));
             }
-            let sides: Vec<Side> = if r.is("", "services") {
-                held_keys(&obj, &self.cfg.service_cidrs)
-                    .into_iter()
-                    .map(Side::Delete)
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let sides = strategy.released(&obj, &self.cfg.service_cidrs);
             match self
                 .store
                 .delete(&Self::key(r, ns, name), rev, &sides)
@@ -977,37 +892,6 @@ pub(crate) fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: &st
         }
         None => conds.push(cond),
     }
-}
-
-/// Removes everything in a terminating namespace, then the namespace.
-async fn purge_namespace(store: crate::store::Store, ns: String, cidrs: Vec<Cidr>) {
-    for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
-        let Ok((items, _)) = store.list(&r.prefix(Some(&ns)), None).await else {
-            continue;
-        };
-        for item in items {
-            let sides: Vec<Side> = match (
-                r.is("", "services"),
-                serde_json::from_slice::<Value>(&item.value),
-            ) {
-                (true, Ok(svc)) => held_keys(&svc, &cidrs)
-                    .into_iter()
-                    .map(Side::Delete)
-                    .collect(),
-                _ => Vec::new(),
-            };
-            if let Err(e) = store.delete(&item.key, item.mod_revision, &sides).await {
-                tracing::debug!(key = %item.key, error = %e, "namespace purge: delete failed");
-            }
-        }
-    }
-    let key = format!("/registry/namespaces/{ns}");
-    if let Ok(Some(item)) = store.get(&key).await
-        && let Err(e) = store.delete(&key, item.mod_revision, &[]).await
-    {
-        tracing::warn!(namespace = %ns, error = %e, "namespace purge: could not remove the namespace");
-    }
-    tracing::info!(namespace = %ns, "namespace deleted");
 }
 
 #[cfg(test)]

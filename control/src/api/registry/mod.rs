@@ -1,4 +1,139 @@
-//! Per-kind rules of the object life cycle, a file per kind, beside the
-//! generic verbs of `objects.rs`.
+//! Per-kind rules of the object life cycle, as upstream's registry
+//! strategies: the verbs of `objects.rs` stay generic and ask the kind's
+//! [`Strategy`] what differs (admission, allocation with its guards and
+//! side writes, fields an update may not change, how a delete goes). A
+//! file per kind that has rules of its own.
 
+mod namespace;
+mod pod;
 pub(super) mod service;
+mod workload;
+
+use serde_json::Value;
+
+use super::Api;
+use crate::alloc::Cidr;
+use crate::resources::Resource;
+use crate::status::ApiError;
+use crate::store::{Guard, Side};
+
+/// The kinds with rules of their own; every other kind is `Plain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Strategy {
+    Pod,
+    Service,
+    Namespace,
+    /// Deployments, ReplicaSets and DaemonSets.
+    Workload,
+    Plain,
+}
+
+impl Strategy {
+    pub(super) fn of(r: &Resource) -> Self {
+        match (r.group, r.plural) {
+            ("", "pods") => Self::Pod,
+            ("", "services") => Self::Service,
+            ("", "namespaces") => Self::Namespace,
+            ("apps", "deployments" | "replicasets" | "daemonsets") => Self::Workload,
+            _ => Self::Plain,
+        }
+    }
+
+    /// Whether a create drops the status the client sent: the kubelet and
+    /// the controllers own it.
+    pub(super) fn clears_status(self) -> bool {
+        matches!(self, Self::Pod | Self::Service | Self::Workload)
+    }
+
+    /// Admission on create, before the object is decoded and validated.
+    pub(super) async fn admit(self, api: &Api, ns: &str, obj: &mut Value) -> Result<(), ApiError> {
+        match self {
+            Self::Pod => pod::admit(api, ns, obj).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// The keys (addresses, ports) the object holds beside itself.
+    pub(super) fn held(self, obj: &Value, cidrs: &[Cidr]) -> Vec<String> {
+        match self {
+            Self::Service => service::held_keys(obj, cidrs),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The side writes that free what the object held, when it goes.
+    pub(super) fn released(self, obj: &Value, cidrs: &[Cidr]) -> Vec<Side> {
+        self.held(obj, cidrs)
+            .into_iter()
+            .map(Side::Delete)
+            .collect()
+    }
+
+    /// What a create (`old` none) or an update takes beside the object:
+    /// guards on keys that must stay free, and side writes; `obj` is
+    /// filled in with what was taken.
+    pub(super) async fn allocate(
+        self,
+        api: &Api,
+        obj: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<(Vec<Guard>, Vec<Side>), ApiError> {
+        match self {
+            Self::Service => api.allocate(obj, old).await,
+            _ => Ok((Vec::new(), Vec::new())),
+        }
+    }
+
+    /// Refuses an update that changes what the kind keeps fixed.
+    pub(super) fn check_update(
+        self,
+        r: &Resource,
+        name: &str,
+        cur: &Value,
+        new: &Value,
+    ) -> Result<(), ApiError> {
+        match self {
+            Self::Pod => pod::check_update(name, cur, new),
+            Self::Workload => workload::check_update(r, name, cur, new),
+            _ => Ok(()),
+        }
+    }
+
+    /// The grace period a delete gives the object (`asked` by the
+    /// request), if it is not to go at once.
+    pub(super) fn grace(self, obj: &Value, asked: Option<i64>) -> Option<i64> {
+        match self {
+            Self::Pod => pod::grace(obj, asked),
+            _ => None,
+        }
+    }
+
+    /// Whether an object marked for deletion with a grace period stays
+    /// until its owner (the kubelet) lets it go.
+    pub(super) fn waits_out_grace(self) -> bool {
+        self == Self::Pod
+    }
+
+    /// Whether a delete first marks the object terminating and empties it
+    /// (a namespace), instead of removing it.
+    pub(super) fn terminates(self) -> bool {
+        self == Self::Namespace
+    }
+
+    /// Starts what a terminating object's deletion does in the background.
+    pub(super) fn on_terminating(self, api: &Api, name: &str) {
+        if self == Self::Namespace {
+            tokio::spawn(namespace::purge(
+                api.store.clone(),
+                name.to_string(),
+                api.cfg.service_cidrs.clone(),
+            ));
+        }
+    }
+
+    /// Whether a delete answers with the object rather than a Status
+    /// (upstream's `ReturnDeletedObject`).
+    pub(super) fn returns_deleted_object(self) -> bool {
+        matches!(self, Self::Pod | Self::Service)
+    }
+}

@@ -144,7 +144,7 @@ fn cluster_ips(svc: &Value) -> Vec<String> {
 }
 
 /// The ClusterIPs and NodePorts a Service holds, as allocation keys.
-pub(in crate::api) fn held_keys(svc: &Value, cidrs: &[Cidr]) -> Vec<String> {
+pub(super) fn held_keys(svc: &Value, cidrs: &[Cidr]) -> Vec<String> {
     let mut keys = Vec::new();
     for ip in cluster_ips(svc) {
         if let Ok(ip) = ip.parse::<std::net::IpAddr>()
