@@ -9,16 +9,13 @@ use http::Method;
 use hyper::Response;
 use serde_json::{Value, json};
 
+use super::fields::str_at;
 use super::objects::Write;
 use super::{Api, Body, Target, json_response};
 use crate::auth::serviceaccount::{self, Bound, Ref, Tokens};
 use crate::auth::{Attributes, Decision, ResourceAttributes, User};
 use crate::resources::{self, Resource};
 use crate::status::{ApiError, Cause};
-
-fn str_at<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
 
 fn user_info(u: &User) -> Value {
     let mut info = json!({"username": u.name, "groups": u.groups});

@@ -8,6 +8,7 @@
 
 mod access;
 mod discovery;
+mod fields;
 mod logs;
 mod objects;
 pub mod peers;

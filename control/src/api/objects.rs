@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
 use super::Api;
+use super::fields::{core, store_err, str_at};
 use super::registry::Strategy;
 use crate::meta::now;
 use crate::resources::{self, Resource};
@@ -57,12 +58,6 @@ fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
     }
 }
 
-pub(super) fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
-    obj.pointer(pointer)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-}
-
 /// The stored bytes: the object without its resourceVersion.
 pub(crate) fn encode(obj: &Value) -> Vec<u8> {
     let mut o = obj.clone();
@@ -106,22 +101,6 @@ pub(crate) fn raw_with_rv(raw: &[u8], rev: i64) -> Option<Vec<u8>> {
 pub(crate) fn with_rv(mut v: Value, rev: i64) -> Value {
     meta_mut(&mut v).insert("resourceVersion".into(), json!(rev.to_string()));
     v
-}
-
-pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
-    match e {
-        StoreError::Exists { .. } => ApiError::already_exists(r.group, r.plural, name),
-        StoreError::NotFound { .. } => ApiError::not_found(r.group, r.plural, name),
-        StoreError::Conflict { .. } => ApiError::conflict(r.group, r.plural, name),
-        StoreError::Compacted {
-            requested,
-            compacted,
-        } => ApiError::gone(format!(
-            "too old resource version: {requested} ({compacted})"
-        )),
-        StoreError::Etcd(e) => ApiError::unavailable(format!("storage: {e}")),
-        StoreError::Tls(e) => ApiError::unavailable(format!("storage: {e}")),
-    }
 }
 
 /// Fields of the incoming object that its type does not know, as
@@ -859,11 +838,6 @@ impl Api {
 pub(crate) enum Deleted {
     Object(Value),
     Status(Box<status::Status>),
-}
-
-pub(super) fn core(plural: &str) -> Result<&'static Resource, ApiError> {
-    resources::find("", "v1", plural)
-        .ok_or_else(|| ApiError::internal(format!("{plural} are not served")))
 }
 
 /// Sets one condition in `status.conditions`, keeping the transition time

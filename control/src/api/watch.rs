@@ -21,7 +21,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use serde_json::{Value, json};
 
-use super::objects::{decode_item, raw_with_rv, store_err, with_rv};
+use super::fields::store_err;
+use super::objects::{decode_item, raw_with_rv, with_rv};
 use super::{Api, Body, json_response};
 use crate::resources::Resource;
 use crate::selector::{FieldSelector, LabelSelector};

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use super::super::Api;
-use super::super::objects::str_at;
+use super::super::fields::str_at;
 use crate::status::{ApiError, Cause};
 
 pub(super) async fn admit(api: &Api, ns: &str, obj: &mut Value) -> Result<(), ApiError> {

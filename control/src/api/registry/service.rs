@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use super::super::Api;
-use super::super::objects::{core, store_err, str_at};
+use super::super::fields::{core, store_err, str_at};
 use crate::alloc::{self, Cidr};
 use crate::status::{ApiError, Cause};
 use crate::store::{Guard, Side};
