@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::store::{Store, StoreError};
+use crate::storage::store::{Store, StoreError};
 
 pub const IP_PREFIX: &str = "/registry/ranges/serviceips/";
 pub const PORT_PREFIX: &str = "/registry/ranges/servicenodeports/";

@@ -7,28 +7,22 @@
 //! scheduler and controllers are ordinary kube-rs clients of it.
 
 pub mod alloc;
-pub mod api;
+pub mod apiserver;
 pub mod auth;
 pub mod client;
 pub mod controllers;
 pub mod duration;
-pub mod etcd;
-pub mod etcd_pki;
 pub mod fit;
 mod informer;
 pub mod leader;
 mod meta;
-pub mod patch;
 pub mod pki;
-pub mod protobuf;
 pub mod resources;
 pub mod scheduler;
 pub mod selector;
 pub mod server;
 pub mod status;
-pub mod store;
-pub mod table;
+pub mod storage;
 #[cfg(test)]
 mod testutil;
 pub mod tokens;
-pub mod validate;

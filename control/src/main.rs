@@ -201,9 +201,9 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile` (clap has
 /// them all three or none): the files of an etcd over TLS, whose endpoints
 /// are then https (or given without a scheme).
-fn etcd_tls(cli: &RunArgs) -> Result<Option<skiff_control::etcd_pki::ClientFiles>> {
+fn etcd_tls(cli: &RunArgs) -> Result<Option<skiff_control::storage::etcd_pki::ClientFiles>> {
     let files = match (&cli.etcd_cafile, &cli.etcd_certfile, &cli.etcd_keyfile) {
-        (Some(ca), Some(cert), Some(key)) => Some(skiff_control::etcd_pki::ClientFiles {
+        (Some(ca), Some(cert), Some(key)) => Some(skiff_control::storage::etcd_pki::ClientFiles {
             ca: ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
@@ -313,7 +313,7 @@ async fn main() -> Result<()> {
         Some(Command::Certs {
             command: CertsCommand::Etcd { dir, sans, clients },
         }) => {
-            let files = skiff_control::etcd_pki::ensure(&dir, &sans, &clients)?;
+            let files = skiff_control::storage::etcd_pki::ensure(&dir, &sans, &clients)?;
             println!("{}", files.ca.display());
             return Ok(());
         }

@@ -13,14 +13,14 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use crate::alloc::Cidr;
-use crate::api::{self, Access, Api, ApiConfig};
+use crate::apiserver::{self, Access, Api, ApiConfig};
 use crate::auth::authn::Authenticator;
 use crate::auth::serviceaccount::Tokens;
 use crate::auth::{self, Authorizer, User};
-use crate::etcd::LocalEtcd;
 use crate::pki;
 use crate::resources;
-use crate::store::Store;
+use crate::storage::etcd::LocalEtcd;
+use crate::storage::store::Store;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Component {
@@ -36,7 +36,7 @@ pub struct ControlConfig {
     pub etcd: Vec<String>,
     /// The CA and client certificate for the etcd endpoints given, when
     /// they serve over TLS (the local etcd always does, with its own).
-    pub etcd_tls: Option<crate::etcd_pki::ClientFiles>,
+    pub etcd_tls: Option<crate::storage::etcd_pki::ClientFiles>,
     pub etcd_binary: String,
     pub listen: SocketAddr,
     /// The address the apiserver is advertised at (the `kubernetes`
@@ -123,7 +123,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             Some(tokens.clone()),
         )
         .map_err(anyhow::Error::msg)?;
-        let tls = api::tls_config(&pki.cert_pem, &pki.key_pem, authn.tls_verifier())
+        let tls = apiserver::tls_config(&pki.cert_pem, &pki.key_pem, authn.tls_verifier())
             .map_err(anyhow::Error::msg)?;
         let api = Api::new(
             store,
@@ -132,8 +132,11 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                 node_ports: cfg.node_ports,
                 advertise,
                 kubelet_tls: Some(
-                    api::kubelet_tls(&pki.kubelet_client_cert_pem, &pki.kubelet_client_key_pem)
-                        .map_err(anyhow::Error::msg)?,
+                    apiserver::kubelet_tls(
+                        &pki.kubelet_client_cert_pem,
+                        &pki.kubelet_client_key_pem,
+                    )
+                    .map_err(anyhow::Error::msg)?,
                 ),
             },
             Access {
@@ -151,12 +154,12 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             &path,
             pki::kubeconfig(&server, &pki.ca_pem, &pki.admin_token).as_bytes(),
         )?;
-        leaving.push(tokio::spawn(api::peers::keep(
+        leaving.push(tokio::spawn(apiserver::peers::keep(
             api.clone(),
             advertise,
             stopped.clone(),
         )));
-        tasks.push(tokio::spawn(api::serve(listener, tls, api)));
+        tasks.push(tokio::spawn(apiserver::serve(listener, tls, api)));
         info!(%server, kubeconfig = %path.display(), ms = started.elapsed().as_millis() as u64, "apiserver ready");
         path
     } else {

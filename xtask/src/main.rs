@@ -62,7 +62,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Write control/src/protobuf/schema.txt (Kubernetes protobuf field
+    /// Write control/src/apiserver/protobuf/schema.txt (Kubernetes protobuf field
     /// numbers) from the k8s-pb and k8s-openapi sources in cargo's registry.
     GenProtobufSchema {
         /// k8s-pb's `src` directory (default: the newest in cargo's registry).

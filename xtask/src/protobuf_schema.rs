@@ -1,5 +1,5 @@
 //! `cargo xtask gen-protobuf-schema`: writes
-//! `control/src/protobuf/schema.txt`, the field numbers of the Kubernetes
+//! `control/src/apiserver/protobuf/schema.txt`, the field numbers of the Kubernetes
 //! protobuf messages the apiserver accepts as request bodies.
 //!
 //! Field numbers and wire types come from the prost types of the `k8s-pb`
@@ -165,7 +165,7 @@ pub fn generate(root: &Path, k8s_pb: Option<PathBuf>, k8s_openapi: Option<PathBu
             }
         }
     }
-    let dest = root.join("control/src/protobuf/schema.txt");
+    let dest = root.join("control/src/apiserver/protobuf/schema.txt");
     fs::create_dir_all(dest.parent().context("schema path")?)?;
     fs::write(&dest, out).with_context(|| dest.display().to_string())?;
     println!(

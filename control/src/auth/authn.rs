@@ -17,7 +17,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use super::{User, bootstrap};
 use crate::resources;
-use crate::store::Store;
+use crate::storage::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthnError {

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use crate::store::{Change, Store, StoreError};
+use crate::storage::store::{Change, Store, StoreError};
 
 /// What a mirror keeps current.
 pub trait View: Send + Sync + 'static {

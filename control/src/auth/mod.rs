@@ -23,7 +23,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::status::ApiError;
-use crate::store::Store;
+use crate::storage::store::Store;
 
 pub const MASTERS: &str = "system:masters";
 pub const AUTHENTICATED: &str = "system:authenticated";
@@ -161,7 +161,7 @@ pub struct Authorizer {
 
 impl Authorizer {
     /// Reads the RBAC policy and the pods' bindings, and follows them.
-    pub async fn start(store: Store) -> Result<Self, crate::store::StoreError> {
+    pub async fn start(store: Store) -> Result<Self, crate::storage::store::StoreError> {
         let rbac = rbac::Rbac::start(store.clone()).await?;
         let pods = Arc::new(node::PodIndex::default());
         mirror::start(store.clone(), "/registry/pods/", pods.clone()).await?;

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{Decision, ResourceAttributes};
 use crate::resources;
-use crate::store::Store;
+use crate::storage::store::Store;
 
 const READ: &[&str] = &["get", "list", "watch"];
 

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{Attributes, SA_PREFIX, User};
 use crate::selector::LabelSelector;
-use crate::store::Store;
+use crate::storage::store::Store;
 
 /// One rule of a Role or ClusterRole.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -351,7 +351,7 @@ pub struct Rbac {
 
 impl Rbac {
     /// Reads the four kinds, then follows them in the background.
-    pub async fn start(store: Store) -> Result<Arc<Self>, crate::store::StoreError> {
+    pub async fn start(store: Store) -> Result<Arc<Self>, crate::storage::store::StoreError> {
         let rbac = Arc::new(Self {
             policy: RwLock::new(Policy::default()),
         });

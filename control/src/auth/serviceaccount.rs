@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::{SA_PREFIX, User};
 use crate::pki::{PkiError, write_private};
 use crate::resources;
-use crate::store::Store;
+use crate::storage::store::Store;
 
 /// The issuer and default audience, upstream's default for a cluster whose
 /// domain is `cluster.local`.

@@ -9,7 +9,7 @@ use super::super::Api;
 use super::super::fields::{core, store_err, str_at};
 use crate::alloc::{self, Cidr};
 use crate::status::{ApiError, Cause};
-use crate::store::{Guard, Side};
+use crate::storage::store::{Guard, Side};
 
 const IP_FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
 const POLICIES: [&str; 3] = ["SingleStack", "PreferDualStack", "RequireDualStack"];
@@ -214,7 +214,7 @@ impl Api {
 
     /// Allocation for a Service being created or changed: the guards and
     /// sides of the write, with `svc` filled in.
-    pub(in crate::api) async fn allocate(
+    pub(in crate::apiserver) async fn allocate(
         &self,
         svc: &mut Value,
         old: Option<&Value>,
@@ -373,7 +373,7 @@ impl Api {
         Ok((guards, sides))
     }
 
-    pub(in crate::api) fn allocation_error(svc: &Value, key: &str) -> ApiError {
+    pub(in crate::apiserver) fn allocation_error(svc: &Value, key: &str) -> ApiError {
         let name = str_at(svc, "/metadata/name");
         let cause = if let Some(ip) = key.strip_prefix(alloc::IP_PREFIX) {
             Cause::invalid("spec.clusterIPs", ip, "provided IP is already allocated")

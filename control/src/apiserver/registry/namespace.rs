@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::Strategy;
 use crate::alloc::Cidr;
 use crate::resources;
-use crate::store::Store;
+use crate::storage::store::Store;
 
 /// Removes everything in a terminating namespace, then the namespace.
 pub(super) async fn purge(store: Store, ns: String, cidrs: Vec<Cidr>) {

@@ -11,9 +11,13 @@ mod discovery;
 mod fields;
 mod logs;
 mod objects;
+pub mod patch;
 pub mod peers;
+pub mod protobuf;
 mod registry;
 mod stream;
+pub mod table;
+pub mod validate;
 mod watch;
 
 pub use logs::kubelet_tls;
@@ -33,13 +37,13 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::alloc::Cidr;
+use crate::apiserver::validate::Limits;
 use crate::auth::authn::Authenticator;
 use crate::auth::serviceaccount::Tokens;
 use crate::auth::{self, Attributes, Authorizer, Decision, ResourceAttributes, User};
 use crate::resources::{self, Resource};
 use crate::status::ApiError;
-use crate::store::Store;
-use crate::validate::Limits;
+use crate::storage::store::Store;
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -500,11 +504,11 @@ impl Api {
                     let meta = serde_json::json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or_default()});
                     return Ok(json_response(
                         200,
-                        &crate::table::table(
+                        &crate::apiserver::table::table(
                             r,
                             &[obj],
                             meta,
-                            crate::table::Include::parse(
+                            crate::apiserver::table::Include::parse(
                                 q.get("includeObject").map(String::as_str),
                             ),
                         ),
@@ -581,7 +585,7 @@ fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
     if !content_type.starts_with("application/vnd.kubernetes.protobuf") {
         return parse_json(body);
     }
-    crate::protobuf::decode(body)
+    crate::apiserver::protobuf::decode(body)
         .map_err(|e| ApiError::bad_request(format!("the protobuf request body: {e}")))
 }
 

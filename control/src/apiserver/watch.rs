@@ -24,11 +24,11 @@ use serde_json::{Value, json};
 use super::fields::store_err;
 use super::objects::{decode_item, raw_with_rv, with_rv};
 use super::{Api, Body, json_response};
+use crate::apiserver::table::{self, Include};
 use crate::resources::Resource;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::ApiError;
-use crate::store::{Change, StoreError};
-use crate::table::{self, Include};
+use crate::storage::store::{Change, StoreError};
 
 /// Fields a field selector may name, besides metadata.name/namespace.
 fn selectable(r: &Resource) -> &'static [&'static str] {
@@ -140,7 +140,7 @@ fn decode_continue(token: &str) -> Result<(i64, String), ApiError> {
 /// A `<Kind>List` of stored objects, built from their bytes.
 fn raw_list(
     r: &Resource,
-    items: &[crate::store::Item],
+    items: &[crate::storage::store::Item],
     meta: &Value,
 ) -> Result<Response<Body>, ApiError> {
     let head = format!(
@@ -279,7 +279,7 @@ impl Api {
             }
             None => (prefix.clone().into_bytes(), exact_revision(q)?),
         };
-        let end = crate::store::prefix_end(prefix.as_bytes());
+        let end = crate::storage::store::prefix_end(prefix.as_bytes());
         let want = limit.unwrap_or(usize::MAX);
         // No selector and no table: the stored bytes go out unparsed.
         let raw = filter.is_empty() && !as_table;

@@ -188,7 +188,7 @@ impl Store {
     /// Connects to `endpoints`, over mutual TLS when `tls` is given.
     pub async fn connect(
         endpoints: &[String],
-        tls: Option<&crate::etcd_pki::ClientFiles>,
+        tls: Option<&crate::storage::etcd_pki::ClientFiles>,
     ) -> Result<Self, StoreError> {
         let opts = match tls {
             Some(files) => Some(etcd_client::ConnectOptions::new().with_tls(files.tls()?)),

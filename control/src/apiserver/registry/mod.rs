@@ -15,7 +15,7 @@ use super::Api;
 use crate::alloc::Cidr;
 use crate::resources::Resource;
 use crate::status::ApiError;
-use crate::store::{Guard, Side};
+use crate::storage::store::{Guard, Side};
 
 /// The kinds with rules of their own; every other kind is `Plain`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,11 +9,11 @@ use serde_json::{Map, Value, json};
 use super::Api;
 use super::fields::{core, store_err, str_at};
 use super::registry::Strategy;
+use crate::apiserver::validate;
 use crate::meta::now;
 use crate::resources::{self, Resource};
 use crate::status::{self, ApiError, Cause};
-use crate::store::{Guard, Item, Side, StoreError};
-use crate::validate;
+use crate::storage::store::{Guard, Item, Side, StoreError};
 
 /// How a write is to be made (`?dryRun=All`, `?fieldValidation=Strict`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -563,10 +563,10 @@ impl Api {
                 cur.clone()
             };
             match media {
-                "application/json-patch+json" => crate::patch::json_patch(&view, patch),
-                "application/merge-patch+json" => crate::patch::merge_patch(&view, patch),
+                "application/json-patch+json" => crate::apiserver::patch::json_patch(&view, patch),
+                "application/merge-patch+json" => crate::apiserver::patch::merge_patch(&view, patch),
                 "application/strategic-merge-patch+json" => {
-                    crate::patch::strategic_merge(&view, patch)
+                    crate::apiserver::patch::strategic_merge(&view, patch)
                 }
                 other => return Err(ApiError::unsupported_media(other, "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json")),
             }

@@ -1,7 +1,7 @@
 //! A local etcd for a one-command control plane: Debian's `etcd` binary,
 //! listening on loopback ports picked at start, data kept in the control
 //! plane's data directory, stopped when the control plane stops. It
-//! serves over mutual TLS with a CA of its own (see [`crate::etcd_pki`]):
+//! serves over mutual TLS with a CA of its own (see [`crate::storage::etcd_pki`]):
 //! no local process without the control plane's client certificate can
 //! read what it stores.
 //!
@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use crate::etcd_pki::{self, ClientFiles, MemberFiles};
+use crate::storage::etcd_pki::{self, ClientFiles, MemberFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::resources::{self, Resource};
 use crate::status::ApiError;
-use crate::store::StoreError;
+use crate::storage::store::StoreError;
 
 /// The string at `pointer`; empty when absent or not a string.
 pub(super) fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
