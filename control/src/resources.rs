@@ -1,6 +1,18 @@
 //! The resources the apiserver serves: names, scope, subresources, and the
 //! etcd key layout `/registry/<resource>/<namespace>/<name>`.
 
+/// The verbs every served resource answers, as discovery lists them.
+pub const VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
 /// One served resource.
 #[derive(Debug)]
 pub struct Resource {

@@ -72,17 +72,6 @@ pub fn group(g: &str) -> Result<Value, ApiError> {
     Ok(doc)
 }
 
-const VERBS: &[&str] = &[
-    "create",
-    "delete",
-    "deletecollection",
-    "get",
-    "list",
-    "patch",
-    "update",
-    "watch",
-];
-
 fn sub(r: &Resource, name: &str, kind: &str, verbs: &[&str]) -> Value {
     json!({"name": format!("{}/{name}", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": kind, "verbs": verbs})
 }
@@ -95,7 +84,7 @@ pub fn resource_list(group: &str, version: &str) -> Value {
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": if r.review() { &["create"][..] } else { VERBS },
+            "verbs": if r.review() { &["create"][..] } else { resources::VERBS },
         });
         if !r.short_names.is_empty() {
             entry["shortNames"] = json!(r.short_names);

@@ -220,16 +220,7 @@ fn admin_rules() -> Vec<Value> {
         rule(
             &["rbac.authorization.k8s.io"],
             &["rolebindings", "roles"],
-            &[
-                "create",
-                "delete",
-                "deletecollection",
-                "get",
-                "list",
-                "patch",
-                "update",
-                "watch",
-            ],
+            crate::resources::VERBS,
         ),
     ]
 }
