@@ -48,7 +48,7 @@ impl Strategy {
     /// Admission on create, before the object is decoded and validated.
     pub(super) async fn admit(self, api: &Api, ns: &str, obj: &mut Value) -> Result<(), ApiError> {
         match self {
-            Self::Pod => pod::admit(api, ns, obj).await,
+            Self::Pod => api.admit_service_account(ns, obj).await,
             _ => Ok(()),
         }
     }

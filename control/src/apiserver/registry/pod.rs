@@ -1,16 +1,12 @@
-//! Pods: their ServiceAccount is admitted on create, an update may change
-//! only images, the active deadline and tolerations, and a pod bound to a
-//! node gets a grace period on delete, which its kubelet ends.
+//! Pods (their ServiceAccount is admitted on create, in `access.rs`): an
+//! update may change only images, the active deadline and tolerations,
+//! and a pod bound to a node gets a grace period on delete, which its
+//! kubelet ends.
 
 use serde_json::{Value, json};
 
-use super::super::Api;
 use super::super::fields::str_at;
 use crate::status::{ApiError, Cause};
-
-pub(super) async fn admit(api: &Api, ns: &str, obj: &mut Value) -> Result<(), ApiError> {
-    api.admit_service_account(ns, obj).await
-}
 
 pub(super) fn check_update(name: &str, cur: &Value, new: &Value) -> Result<(), ApiError> {
     let strip = |v: &Value| {
