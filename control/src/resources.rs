@@ -90,6 +90,7 @@ pub static RESOURCES: &[Resource] = &[
     resource!("", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], status: true, scale: false, generation: false, categories: &[]),
     resource!("", "v1", "Pod", "pods", "pod", true, &["po"], status: true, scale: false, generation: true, categories: ALL),
     resource!("", "v1", "Service", "services", "service", true, &["svc"], status: true, scale: false, generation: false, categories: ALL),
+    resource!("", "v1", "ReplicationController", "replicationcontrollers", "replicationcontroller", true, &["rc"], status: true, scale: true, generation: true, categories: ALL),
     resource!("", "v1", "Endpoints", "endpoints", "endpoints", true, &["ep"], status: false, scale: false, generation: false, categories: &[]),
     resource!("", "v1", "Node", "nodes", "node", false, &["no"], status: true, scale: false, generation: false, categories: &[]),
     resource!("", "v1", "ConfigMap", "configmaps", "configmap", true, &["cm"], status: false, scale: false, generation: false, categories: &[]),

@@ -12,7 +12,7 @@ use ipnetwork::Ipv4Network;
 use serde_json::json;
 use skiff_cni_lib::subnet_env::SubnetEnv;
 
-use crate::control::free_port;
+use crate::control::{ControlPlane, free_port};
 use crate::{Netns, Proc, Spawn, TempDir, bin, bin_dir, wait_for};
 
 /// Debian's docker-registry on loopback inside `ns`.
@@ -566,4 +566,42 @@ fn remove_cgroup_tree(p: &Path) {
 /// The pods' bridge the harness configures for node `name`.
 fn bridge_name(name: &str) -> String {
     format!("cni{}", &name[name.len().saturating_sub(6)..])
+}
+
+/// One node with its own control plane and registry, in a namespace of
+/// its own: the kubelet's and the workloads' tests. Dropped in field
+/// order: the node (its pods) first, the namespace last.
+pub struct OneNode {
+    pub node: KubeletNode,
+    /// `<registry>/busybox:1.36`.
+    pub image: String,
+    pub cp: ControlPlane,
+    _registry: Registry,
+    pub ns: Netns,
+}
+
+impl OneNode {
+    /// The node at `ip` with pod subnet `subnet`, registered and Ready.
+    pub fn start(ip: &str, subnet: &str) -> Self {
+        let ns = Netns::new();
+        ns.add_local_link("eth0", &[&format!("{ip}/24")]);
+        let cp = ControlPlane::start_in(Some(&ns), &[]);
+        let registry = Registry::start_in(&ns);
+        let image = registry.push(&ns, "busybox", "busybox:1.36");
+        let node = KubeletNode::start(&ns, ip, subnet, &cp, &registry.addr);
+        wait_for("the node to be Ready", Duration::from_secs(30), || {
+            let s = cp.jsonpath(
+                &["node", &node.name],
+                "{.status.conditions[?(@.type==\"Ready\")].status}",
+            );
+            (s == "True").then_some(())
+        });
+        Self {
+            node,
+            image,
+            cp,
+            _registry: registry,
+            ns,
+        }
+    }
 }

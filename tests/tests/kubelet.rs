@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use skiff_tests::cluster::web_app;
 use skiff_tests::control::ControlPlane;
-use skiff_tests::node::{KubeletNode, Registry};
+use skiff_tests::node::{KubeletNode, OneNode, Registry};
 use skiff_tests::{Netns, Spawn, wait_for};
 
 /// `name podIP phase` of every pod with `app=web`.
@@ -205,38 +205,6 @@ fn a_deployment_runs_on_containerd_and_answers_on_its_pod_ips() {
     );
 }
 
-/// One node with its control plane and registry, for the tests below.
-struct Cluster {
-    node: KubeletNode,
-    image: String,
-    cp: ControlPlane,
-    _registry: Registry,
-    ns: Netns,
-}
-
-fn cluster(ip: &str, subnet: &str) -> Cluster {
-    let ns = Netns::new();
-    ns.add_local_link("eth0", &[&format!("{ip}/24")]);
-    let cp = ControlPlane::start_in(Some(&ns), &[]);
-    let registry = Registry::start_in(&ns);
-    let image = registry.push(&ns, "busybox", "busybox:1.36");
-    let node = KubeletNode::start(&ns, ip, subnet, &cp, &registry.addr);
-    wait_for("the node to be Ready", Duration::from_secs(30), || {
-        let s = cp.jsonpath(
-            &["node", &node.name],
-            "{.status.conditions[?(@.type==\"Ready\")].status}",
-        );
-        (s == "True").then_some(())
-    });
-    Cluster {
-        node,
-        image,
-        cp,
-        _registry: registry,
-        ns,
-    }
-}
-
 fn pod(name: &str, image: &str, restart: &str, script: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: {restart}\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {image}\n    command: [\"sh\", \"-c\", {script:?}]\n"
@@ -245,7 +213,7 @@ fn pod(name: &str, image: &str, restart: &str, script: &str) -> String {
 
 #[test]
 fn crash_loops_back_off_logs_follow_and_run_to_completion_pods_end() {
-    let c = cluster("172.31.8.2", "10.244.2.0/24");
+    let c = OneNode::start("172.31.8.2", "10.244.2.0/24");
     let cp = &c.cp;
     // A container that logs, then fails: restarted with growing delays.
     cp.apply(&pod(
@@ -396,7 +364,7 @@ spec:
 
 #[test]
 fn probes_restart_the_unhealthy_and_readiness_moves_the_endpoints() {
-    let c = cluster("172.31.9.2", "10.244.3.0/24");
+    let c = OneNode::start("172.31.9.2", "10.244.3.0/24");
     let cp = &c.cp;
     // Ready while /www/ready.html exists: there for 5 s, gone for 6 s,
     // then back for good.
@@ -518,7 +486,7 @@ spec:
 
 #[test]
 fn a_restarted_kubelet_adopts_running_pods_and_cleans_up_deleted_ones() {
-    let mut c = cluster("172.31.10.2", "10.244.4.0/24");
+    let mut c = OneNode::start("172.31.10.2", "10.244.4.0/24");
     let cp = &c.cp;
     for name in ["keep", "gone"] {
         cp.apply(&pod(
@@ -576,7 +544,7 @@ fn a_restarted_kubelet_adopts_running_pods_and_cleans_up_deleted_ones() {
 
 #[test]
 fn config_maps_and_secrets_reach_env_and_volumes_and_updates_show_up() {
-    let c = cluster("172.31.11.2", "10.244.5.0/24");
+    let c = OneNode::start("172.31.11.2", "10.244.5.0/24");
     let cp = &c.cp;
     cp.kubectl_ok(&[
         "create",
@@ -696,7 +664,7 @@ spec:
 
 #[test]
 fn termination_honours_prestop_and_grace_and_bad_input_gets_its_reason() {
-    let c = cluster("172.31.12.2", "10.244.6.0/24");
+    let c = OneNode::start("172.31.12.2", "10.244.6.0/24");
     let cp = &c.cp;
     let shared = c.node.dir.path.join("shared");
     std::fs::create_dir_all(&shared).unwrap_or_else(|e| panic!("{e}"));
@@ -850,7 +818,7 @@ spec:
 
 #[test]
 fn pods_survive_a_containerd_restart_and_exits_are_still_seen() {
-    let mut c = cluster("172.31.13.2", "10.244.7.0/24");
+    let mut c = OneNode::start("172.31.13.2", "10.244.7.0/24");
     c.cp.apply(&pod(
         "steady",
         &c.image,

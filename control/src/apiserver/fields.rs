@@ -37,3 +37,42 @@ pub(super) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
         StoreError::Tls(e) => ApiError::unavailable(format!("storage: {e}")),
     }
 }
+
+/// A label selector as text (`app=web,tier in (a,b)`), from an apps/v1
+/// `LabelSelector` or from a plain label map (a ReplicationController's,
+/// a Service's, a node selector); empty when there is none.
+pub(super) fn selector_text(sel: Option<&Value>) -> String {
+    let Some(sel) = sel.and_then(Value::as_object) else {
+        return String::new();
+    };
+    let structured = sel.contains_key("matchLabels") || sel.contains_key("matchExpressions");
+    let labels = if structured {
+        sel.get("matchLabels").and_then(Value::as_object)
+    } else {
+        Some(sel)
+    };
+    let mut parts: Vec<String> = labels
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| v.as_str().map(|v| format!("{k}={v}")))
+        .collect();
+    let exprs = sel.get("matchExpressions").and_then(Value::as_array);
+    for e in exprs.into_iter().flatten().filter(|_| structured) {
+        let key = str_at(e, "/key");
+        let values: Vec<&str> = e
+            .get("values")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        parts.push(match str_at(e, "/operator") {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "Exists" => key.to_string(),
+            "DoesNotExist" => format!("!{key}"),
+            _ => continue,
+        });
+    }
+    parts.join(",")
+}

@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
 use super::Api;
-use super::fields::{core, store_err, str_at};
+use super::fields::{core, selector_text, store_err, str_at};
 use super::registry::Strategy;
 use crate::apiserver::validate;
 use crate::meta::now;
@@ -167,16 +167,7 @@ fn check_kind(r: &Resource, obj: &mut Value) -> Result<(), ApiError> {
 }
 
 fn scale_of(obj: &Value) -> Value {
-    let selector = obj
-        .pointer("/spec/selector/matchLabels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
+    let selector = selector_text(obj.pointer("/spec/selector"));
     let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
     json!({
         "kind": "Scale",

@@ -5,6 +5,7 @@
 use jiff::Timestamp;
 use serde_json::{Value, json};
 
+use super::fields::selector_text;
 use crate::resources::Resource;
 
 /// Which object each row carries (`?includeObject=`).
@@ -82,7 +83,7 @@ fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
             ("Images", "string", 1),
             ("Selector", "string", 1),
         ],
-        ("apps", "replicasets") => vec![
+        ("apps", "replicasets") | ("", "replicationcontrollers") => vec![
             name,
             ("Desired", "integer", 0),
             ("Current", "integer", 0),
@@ -197,15 +198,7 @@ fn or_unknown(v: &str) -> String {
 }
 
 fn selector_string(sel: Option<&Value>) -> String {
-    let labels = sel
-        .and_then(|s| s.get("matchLabels").or(Some(s)))
-        .and_then(Value::as_object);
-    let parts: Vec<String> = labels
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| v.as_str().map(|v| format!("{k}={v}")))
-        .collect();
-    or_none(parts.join(","))
+    or_none(selector_text(sel))
 }
 
 fn containers_and_images(obj: &Value) -> (String, String) {
@@ -450,7 +443,7 @@ fn cells(r: &Resource, o: &Value) -> Vec<Value> {
                 json!(selector_string(o.pointer("/spec/selector"))),
             ]
         }
-        ("apps", "replicasets") => {
+        ("apps", "replicasets") | ("", "replicationcontrollers") => {
             let (c, i) = containers_and_images(o);
             vec![
                 json!(n(o, "/spec/replicas")),

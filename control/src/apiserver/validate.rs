@@ -40,6 +40,7 @@ pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
         ("", "Secret") => roundtrip::<core::Secret>(v),
         ("", "Event") => roundtrip::<core::Event>(v),
         ("", "ServiceAccount") => roundtrip::<core::ServiceAccount>(v),
+        ("", "ReplicationController") => roundtrip::<core::ReplicationController>(v),
         ("coordination.k8s.io", "Lease") => roundtrip::<coordination::Lease>(v),
         ("discovery.k8s.io", "EndpointSlice") => roundtrip::<discovery::EndpointSlice>(v),
         ("apps", "ReplicaSet") => roundtrip::<apps::ReplicaSet>(v),
@@ -98,12 +99,15 @@ pub fn default(r: &Resource, v: &mut Value) {
             set_default(obj_mut(v, "status"), "phase", json!("Active"));
         }
         ("", "Secret") => set_default(v, "type", json!("Opaque")),
+        ("", "ReplicationController") => default_replication_controller(v),
         ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet")) => {
             let spec = obj_mut(v, "spec");
             if kind != "DaemonSet" {
                 set_default(spec, "replicas", json!(1));
             }
-            set_default(spec, "revisionHistoryLimit", json!(10));
+            if kind != "ReplicaSet" {
+                set_default(spec, "revisionHistoryLimit", json!(10));
+            }
             if kind == "Deployment" {
                 set_default(spec, "progressDeadlineSeconds", json!(600));
                 let strategy = obj_mut(spec, "strategy");
@@ -127,6 +131,29 @@ pub fn default(r: &Resource, v: &mut Value) {
             default_pod_spec(obj_mut(template, "spec"));
         }
         _ => {}
+    }
+}
+
+/// Upstream's ReplicationController defaults: an empty selector and empty
+/// labels are the template's labels, one replica, and the pod defaults.
+fn default_replication_controller(v: &mut Value) {
+    let template_labels = v
+        .pointer("/spec/template/metadata/labels")
+        .filter(|l| l.as_object().is_some_and(|m| !m.is_empty()))
+        .cloned();
+    if let Some(labels) = template_labels {
+        let empty = |x: Option<&Value>| x.and_then(Value::as_object).is_none_or(Map::is_empty);
+        if empty(v.pointer("/spec/selector")) {
+            obj_mut(v, "spec")["selector"] = labels.clone();
+        }
+        if empty(v.pointer("/metadata/labels")) {
+            obj_mut(v, "metadata")["labels"] = labels;
+        }
+    }
+    let spec = obj_mut(v, "spec");
+    set_default(spec, "replicas", json!(1));
+    if spec.get("template").is_some_and(Value::is_object) {
+        default_pod_spec(obj_mut(obj_mut(spec, "template"), "spec"));
     }
 }
 
@@ -451,14 +478,24 @@ impl Check {
             ));
         }
         let selector = spec.get("selector");
-        let match_labels = selector
-            .and_then(|s| s.get("matchLabels"))
-            .and_then(Value::as_object);
+        // A ReplicationController's selector is a plain label map.
+        let rc = kind == "ReplicationController";
+        let match_labels = if rc {
+            selector.and_then(Value::as_object)
+        } else {
+            selector
+                .and_then(|s| s.get("matchLabels"))
+                .and_then(Value::as_object)
+        };
         let exprs = selector
+            .filter(|_| !rc)
             .and_then(|s| s.get("matchExpressions"))
             .and_then(Value::as_array);
         if match_labels.is_none_or(Map::is_empty) && exprs.is_none_or(Vec::is_empty) {
             self.push(Cause::required("spec.selector"));
+        }
+        if rc {
+            self.labels("spec.selector", match_labels);
         }
         let template_labels = spec
             .pointer("/template/metadata/labels")
@@ -477,19 +514,26 @@ impl Check {
                 self.push(Cause::invalid(
                     "spec.template.metadata.labels",
                     format!("map[{}]", shown.join(" ")),
-                    "`selector` does not match template `labels`",
+                    if rc {
+                        "selector does not match labels in `template`"
+                    } else {
+                        "`selector` does not match template `labels`"
+                    },
                 ));
             }
         }
         match spec.get("template").and_then(|t| t.get("spec")) {
             Some(pod) => self.pod_spec("spec.template.spec", pod),
+            None if rc && spec.get("template").is_none_or(Value::is_null) => {
+                self.push(Cause::required("spec.template"))
+            }
             None => self.push(Cause::required("spec.template.spec")),
         }
-        if kind == "Deployment"
-            && spec
-                .pointer("/template/spec/restartPolicy")
-                .and_then(Value::as_str)
-                .is_some_and(|p| p != "Always")
+        // Pods of every workload here restart in place.
+        if spec
+            .pointer("/template/spec/restartPolicy")
+            .and_then(Value::as_str)
+            .is_some_and(|p| p != "Always")
         {
             self.push(Cause::unsupported(
                 "spec.template.spec.restartPolicy",
@@ -654,7 +698,8 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
     match (r.group, r.kind) {
         ("", "Pod") => c.pod_spec("spec", &spec),
         ("", "Service") => c.service(&spec, limits.node_ports),
-        ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet")) => c.workload(kind, &spec),
+        ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet"))
+        | ("", kind @ "ReplicationController") => c.workload(kind, &spec),
         ("", "ConfigMap" | "Secret") => {
             for field in ["data", "binaryData", "stringData"] {
                 for k in v
@@ -743,6 +788,42 @@ mod tests {
                 "spec.template.metadata.labels",
                 "spec.template.spec.containers[0].image"
             ]
+        );
+    }
+
+    #[test]
+    fn replication_controllers_default_their_selector_and_check_it() {
+        let rc = find("", "v1", "replicationcontrollers").expect("rcs");
+        let mut v = json!({"metadata": {"name": "web"}, "spec": {
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}});
+        default(rc, &mut v);
+        assert_eq!(v["spec"]["selector"], json!({"app": "web"}));
+        assert_eq!(v["metadata"]["labels"], json!({"app": "web"}));
+        assert_eq!(v["spec"]["replicas"], 1);
+        assert_eq!(v["spec"]["template"]["spec"]["restartPolicy"], "Always");
+        assert_eq!(fields(validate(rc, &v, LIMITS)), Vec::<String>::new());
+
+        // A selector the template's labels do not carry, a restart policy
+        // replicated pods cannot have, and a negative count.
+        let mut bad = json!({"metadata": {"name": "web"}, "spec": {"replicas": -2,
+            "selector": {"app": "other"},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}});
+        default(rc, &mut bad);
+        assert_eq!(
+            fields(validate(rc, &bad, LIMITS)),
+            [
+                "spec.replicas",
+                "spec.template.metadata.labels",
+                "spec.template.spec.restartPolicy"
+            ]
+        );
+        // No template: nothing to default the selector from.
+        let mut empty = json!({"metadata": {"name": "web"}, "spec": {}});
+        default(rc, &mut empty);
+        assert_eq!(
+            fields(validate(rc, &empty, LIMITS)),
+            ["spec.selector", "spec.template"]
         );
     }
 

@@ -59,7 +59,7 @@ fn selectable(r: &Resource) -> &'static [&'static str] {
             "source",
             "type",
         ],
-        ("apps", "replicasets") => &["status.replicas"],
+        ("apps", "replicasets") | ("", "replicationcontrollers") => &["status.replicas"],
         _ => &[],
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -131,8 +131,13 @@ pub async fn run(client: Client) {
         Api::<ControllerRevision>::all(client.clone()),
         notify.clone(),
     );
+    let (rcs, _h) = reflect(
+        Api::<ReplicationController>::all(client.clone()),
+        notify.clone(),
+    );
     ready(&pods).await;
     ready(&rss).await;
+    ready(&rcs).await;
     ready(&deps).await;
     ready(&dss).await;
     ready(&svcs).await;
@@ -150,6 +155,7 @@ pub async fn run(client: Client) {
         let mut all = Vec::new();
         all.extend(entries(&pods));
         all.extend(entries(&rss));
+        all.extend(entries(&rcs));
         all.extend(entries(&deps));
         all.extend(entries(&dss));
         all.extend(entries(&svcs));

@@ -1,5 +1,7 @@
-//! ReplicaSet: keeps `spec.replicas` active pods made from the template,
-//! owned by the ReplicaSet, and reports counts in its status.
+//! ReplicaSet and ReplicationController: each keeps `spec.replicas`
+//! active pods made from its template, owned by it, and reports counts in
+//! its status. The two kinds differ only in how their selector is
+//! written, so one controller serves both from one pod store.
 //!
 //! Creations and deletions not yet seen by the pod store are remembered
 //! (upstream calls these expectations) so that a pass never acts twice on
@@ -10,11 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -120,57 +124,145 @@ pub(crate) fn pod_from_template(
     }
 }
 
+/// What the controller reads of the kinds it keeps.
+trait Replicated:
+    kube::Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn replicas(&self) -> Option<i32>;
+    fn template(&self) -> Option<&PodTemplateSpec>;
+    fn min_ready_seconds(&self) -> i32;
+    /// `status.replicas`, `readyReplicas` and `availableReplicas`, if it
+    /// has a status yet.
+    fn counts(&self) -> Option<(i32, i32, i32)>;
+    fn observed_generation(&self) -> Option<i64>;
+}
+
+impl Replicated for ReplicaSet {
+    fn replicas(&self) -> Option<i32> {
+        self.spec.replicas
+    }
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.template.as_ref()
+    }
+    fn min_ready_seconds(&self) -> i32 {
+        self.spec.min_ready_seconds.unwrap_or(0)
+    }
+    fn counts(&self) -> Option<(i32, i32, i32)> {
+        let s = self.status.as_ref()?;
+        Some((
+            s.replicas,
+            s.ready_replicas.unwrap_or(0),
+            s.available_replicas.unwrap_or(0),
+        ))
+    }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref()?.observed_generation
+    }
+}
+
+impl Replicated for ReplicationController {
+    fn replicas(&self) -> Option<i32> {
+        self.spec.as_ref()?.replicas
+    }
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref()?.template.as_ref()
+    }
+    fn min_ready_seconds(&self) -> i32 {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.min_ready_seconds)
+            .unwrap_or(0)
+    }
+    fn counts(&self) -> Option<(i32, i32, i32)> {
+        let s = self.status.as_ref()?;
+        Some((
+            s.replicas,
+            s.ready_replicas.unwrap_or(0),
+            s.available_replicas.unwrap_or(0),
+        ))
+    }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref()?.observed_generation
+    }
+}
+
 pub async fn run(client: Client) {
     let notify = Arc::new(Notify::new());
     let (rss, _a) = reflect(Api::<ReplicaSet>::all(client.clone()), notify.clone());
-    let (pods, _b) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
+    let (rcs, _b) = reflect(
+        Api::<ReplicationController>::all(client.clone()),
+        notify.clone(),
+    );
+    let (pods, _c) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
     ready(&rss).await;
+    ready(&rcs).await;
     ready(&pods).await;
     let mut expectations = Expectations::default();
     let mut wake = Wake::default();
     loop {
         next_pass("replicaset", &notify, Duration::from_secs(10)).await;
         let by_owner = pods_by_owner(&pods.state());
+        let mut left = Vec::new();
         for rs in rss.state() {
-            let owned = by_owner
-                .get(rs.metadata.uid.as_deref().unwrap_or_default())
-                .cloned()
-                .unwrap_or_default();
-            if let Some(left) = reconcile(&client, &rs, owned, &mut expectations).await {
-                wake.after(&notify, left);
-            }
+            left.push(pass(&client, &*rs, &by_owner, &mut expectations).await);
+        }
+        for rc in rcs.state() {
+            left.push(pass(&client, &*rc, &by_owner, &mut expectations).await);
+        }
+        for l in left.into_iter().flatten() {
+            wake.after(&notify, l);
         }
     }
 }
 
-/// One pass over a ReplicaSet; returns when to look again if a pod is
-/// Ready but not yet available (minReadySeconds).
-async fn reconcile(
+async fn pass<K: Replicated>(
     client: &Client,
-    rs: &ReplicaSet,
+    obj: &K,
+    by_owner: &HashMap<String, Vec<Arc<Pod>>>,
+    exp: &mut Expectations,
+) -> Option<Duration> {
+    let owned = by_owner
+        .get(obj.meta().uid.as_deref().unwrap_or_default())
+        .cloned()
+        .unwrap_or_default();
+    reconcile(client, obj, owned, exp).await
+}
+
+/// One pass over a ReplicaSet or ReplicationController; returns when to
+/// look again if a pod is Ready but not yet available (minReadySeconds).
+async fn reconcile<K: Replicated>(
+    client: &Client,
+    rs: &K,
     owned: Vec<Arc<Pod>>,
     exp: &mut Expectations,
 ) -> Option<Duration> {
-    let (name, ns) = (name_of(&rs.metadata), ns_of(&rs.metadata));
-    let uid = rs.metadata.uid.clone().unwrap_or_default();
+    let kind = K::kind(&()).into_owned();
+    let (name, ns) = (name_of(rs.meta()), ns_of(rs.meta()));
+    let uid = rs.meta().uid.clone().unwrap_or_default();
     let mut active: Vec<Arc<Pod>> = owned.iter().filter(|p| is_active(p)).cloned().collect();
-    let want = rs.spec.replicas.unwrap_or(1).max(0) as usize;
+    let want = rs.replicas().unwrap_or(1).max(0) as usize;
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    if rs.metadata.deletion_timestamp.is_none() && exp.satisfied(&uid, &owned) {
+    if rs.meta().deletion_timestamp.is_none() && exp.satisfied(&uid, &owned) {
         if active.len() < want {
-            let (Some(template), Some(owner)) = (rs.spec.template.as_ref(), owner_ref(rs)) else {
+            let (Some(template), Some(owner)) = (rs.template(), owner_ref(rs)) else {
                 return None;
             };
             let missing = want - active.len();
             let pod = pod_from_template(template, owner, ns, None);
             let created: Vec<Option<String>> = futures::stream::iter(0..missing)
                 .map(|_| {
-                    let (api, pod) = (pods_api.clone(), pod.clone());
+                    let (api, pod, kind) = (pods_api.clone(), pod.clone(), kind.clone());
                     async move {
                         match api.create(&PostParams::default(), &pod).await {
                             Ok(p) => p.metadata.name,
                             Err(e) => {
-                                warn!(replicaset = %name, error = %e, "creating a pod failed");
+                                warn!(%kind, %name, error = %e, "creating a pod failed");
                                 None
                             }
                         }
@@ -183,7 +275,7 @@ async fn reconcile(
             for n in created.into_iter().flatten() {
                 exp.created(&uid, n);
             }
-            info!(replicaset = %format!("{ns}/{name}"), created = made, "scaled up");
+            info!(%kind, name = %format!("{ns}/{name}"), created = made, "scaled up");
         } else if active.len() > want {
             deletion_order(&mut active);
             let extra: Vec<Arc<Pod>> = active.drain(..active.len() - want).collect();
@@ -209,12 +301,12 @@ async fn reconcile(
                 }),
             )
             .await;
-            info!(replicaset = %format!("{ns}/{name}"), deleted = n, "scaled down");
+            info!(%kind, name = %format!("{ns}/{name}"), deleted = n, "scaled down");
         }
     }
     let all_active: Vec<&Arc<Pod>> = owned.iter().filter(|p| is_active(p)).collect();
     let ready_n = all_active.iter().filter(|p| is_ready(p)).count();
-    let min_ready = rs.spec.min_ready_seconds.unwrap_or(0);
+    let min_ready = rs.min_ready_seconds();
     let now = jiff::Timestamp::now();
     let mut available = 0;
     let mut recheck: Option<Duration> = None;
@@ -230,17 +322,15 @@ async fn reconcile(
         "fullyLabeledReplicas": all_active.len(),
         "readyReplicas": ready_n,
         "availableReplicas": available,
-        "observedGeneration": rs.metadata.generation,
+        "observedGeneration": rs.meta().generation,
     });
-    let cur = rs.status.as_ref();
-    let same = cur.is_some_and(|s| {
-        s.replicas as usize == all_active.len()
-            && s.ready_replicas.unwrap_or(0) as usize == ready_n
-            && s.available_replicas.unwrap_or(0) as usize == available
-            && s.observed_generation == rs.metadata.generation
-    });
+    let same = rs.counts().is_some_and(|(replicas, ready, avail)| {
+        replicas as usize == all_active.len()
+            && ready as usize == ready_n
+            && avail as usize == available
+    }) && rs.observed_generation() == rs.meta().generation;
     if !same {
-        let api: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
+        let api: Api<K> = Api::namespaced(client.clone(), ns);
         crate::informer::write_status(&api, name, status).await;
     }
     recheck

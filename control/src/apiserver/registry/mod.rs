@@ -25,6 +25,8 @@ pub(super) enum Strategy {
     Namespace,
     /// Deployments, ReplicaSets and DaemonSets.
     Workload,
+    /// ReplicationControllers: a workload whose selector may change.
+    ReplicationController,
     Plain,
 }
 
@@ -35,6 +37,7 @@ impl Strategy {
             ("", "services") => Self::Service,
             ("", "namespaces") => Self::Namespace,
             ("apps", "deployments" | "replicasets" | "daemonsets") => Self::Workload,
+            ("", "replicationcontrollers") => Self::ReplicationController,
             _ => Self::Plain,
         }
     }
@@ -42,7 +45,10 @@ impl Strategy {
     /// Whether a create drops the status the client sent: the kubelet and
     /// the controllers own it.
     pub(super) fn clears_status(self) -> bool {
-        matches!(self, Self::Pod | Self::Service | Self::Workload)
+        matches!(
+            self,
+            Self::Pod | Self::Service | Self::Workload | Self::ReplicationController
+        )
     }
 
     /// Admission on create, before the object is decoded and validated.
