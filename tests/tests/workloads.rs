@@ -132,3 +132,180 @@ fn a_replication_controller_keeps_its_pods_scales_and_takes_them_when_deleted() 
         left.trim().is_empty().then_some(())
     });
 }
+
+fn job(name: &str, spec: &str, restart: &str, image: &str, script: &str) -> String {
+    format!(
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\nspec:\n{spec}  template:\n    spec:\n      restartPolicy: {restart}\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: {image}\n        command: [\"sh\", \"-c\", {script:?}]\n"
+    )
+}
+
+/// `kubectl wait` for a Job's condition, as a user scripts it.
+fn wait_job(c: &OneNode, name: &str, condition: &str, secs: u32) {
+    c.cp.kubectl(&[
+        "wait",
+        &format!("--for=condition={condition}"),
+        &format!("job/{name}"),
+        &format!("--timeout={secs}s"),
+    ])
+    .unwrap_or_else(|e| {
+        let pods =
+            c.cp.kubectl(&["get", "pods", "-o", "wide"])
+                .unwrap_or_default();
+        let job =
+            c.cp.kubectl(&["get", "job", name, "-o", "yaml"])
+                .unwrap_or_default();
+        panic!("job {name} never {condition}: {e}\n{job}\n{pods}")
+    });
+}
+
+#[test]
+fn jobs_run_to_completion_in_parallel_stop_at_their_backoff_limit_and_give_each_index() {
+    let c = OneNode::start("172.31.15.2", "10.244.9.0/24");
+    let img = c.image.as_str();
+
+    // Jobs only restart on failure or never.
+    let err =
+        c.cp.apply(&job("bad", "", "Always", img, "true"))
+            .expect_err("restartPolicy Always");
+    assert!(
+        err.contains("spec.template.spec.restartPolicy: Unsupported value: \"Always\""),
+        "{err}"
+    );
+
+    // All at once: five completions two at a time, a Job that keeps
+    // failing, an Indexed Job, one suspended, and one kubectl makes.
+    c.cp.apply(&job(
+        "five",
+        "  completions: 5\n  parallelism: 2\n",
+        "Never",
+        img,
+        "sleep 1; echo done",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    c.cp.apply(&job("fails", "  backoffLimit: 1\n", "Never", img, "exit 3"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.cp.apply(&job(
+        "indexed",
+        "  completions: 3\n  parallelism: 3\n  completionMode: Indexed\n",
+        "Never",
+        img,
+        "echo index=$JOB_COMPLETION_INDEX host=$(hostname)",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    c.cp.apply(&job(
+        "later",
+        "  suspend: true\n  ttlSecondsAfterFinished: 1\n",
+        "OnFailure",
+        img,
+        "true",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    c.cp.kubectl_ok(&["create", "job", "hello", "--image", img, "--", "echo", "hi"]);
+
+    // Parallelism caps the running pods while the five go through.
+    let mut most = 0;
+    wait_for("job five to finish", Duration::from_secs(90), || {
+        // Zero counts are left out, as upstream leaves them.
+        let s =
+            c.cp.jsonpath(&["job", "five"], "{.status.active}/{.status.succeeded}");
+        let (active, done) = s.split_once('/').unwrap_or_default();
+        most = most.max(active.parse().unwrap_or(0));
+        (done == "5").then_some(())
+    });
+    assert!(most <= 2, "at most 2 pods at once, saw {most}");
+    wait_job(&c, "five", "Complete", 30);
+    let five = c.cp.jsonpath(
+        &["pods", "-l", "batch.kubernetes.io/job-name=five"],
+        "{range .items[*]}{.status.phase} {.metadata.finalizers}{\"\\n\"}{end}",
+    );
+    assert_eq!(
+        five.lines().collect::<Vec<_>>(),
+        ["Succeeded "; 5],
+        "five pods succeeded, none still tracked"
+    );
+
+    wait_job(&c, "hello", "Complete", 60);
+    let table = c.cp.kubectl_ok(&["get", "jobs"]);
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert!(
+        table.starts_with("NAME") && table.contains("COMPLETIONS") && table.contains("DURATION"),
+        "{table}"
+    );
+    assert_eq!(row("five"), "five Complete 5/5", "{table}");
+    assert_eq!(row("hello"), "hello Complete 1/1", "{table}");
+    assert_eq!(row("later"), "later Suspended 0/1", "{table}");
+    let hello = c.cp.jsonpath(
+        &["pods", "-l", "job-name=hello"],
+        "{.items[0].metadata.name}",
+    );
+    assert_eq!(c.cp.kubectl_ok(&["logs", &hello]).trim(), "hi");
+
+    // Each index once, told to its pod.
+    wait_job(&c, "indexed", "Complete", 60);
+    assert_eq!(
+        c.cp.jsonpath(&["job", "indexed"], "{.status.completedIndexes}"),
+        "0-2"
+    );
+    let pods = c.cp.jsonpath(
+        &["pods", "-l", "job-name=indexed"],
+        "{range .items[*]}{.metadata.name} {.metadata.annotations.batch\\.kubernetes\\.io/job-completion-index}{\"\\n\"}{end}",
+    );
+    let mut seen = BTreeSet::new();
+    for line in pods.lines() {
+        let (pod, index) = line.split_once(' ').unwrap_or((line, ""));
+        let log = c.cp.kubectl_ok(&["logs", pod]);
+        assert_eq!(
+            log.trim(),
+            format!("index={index} host=indexed-{index}"),
+            "{pod}"
+        );
+        seen.insert(index.to_string());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["0", "1", "2"]);
+
+    // Two failures against a limit of one: failed, with upstream's reason,
+    // and no third pod.
+    wait_job(&c, "fails", "Failed", 90);
+    assert_eq!(
+        c.cp.jsonpath(
+            &["job", "fails"],
+            "{.status.failed} {.status.conditions[?(@.type==\"Failed\")].reason}"
+        ),
+        "2 BackoffLimitExceeded"
+    );
+    let tries =
+        c.cp.kubectl_ok(&["get", "pods", "-l", "job-name=fails", "-o", "name"]);
+    assert_eq!(tries.lines().count(), 2, "{tries}");
+
+    // Suspended, nothing ran; resumed, it runs, and its TTL removes it
+    // with its pod.
+    assert_eq!(
+        c.cp.kubectl_ok(&["get", "pods", "-l", "job-name=later", "-o", "name"])
+            .trim(),
+        ""
+    );
+    c.cp.kubectl_ok(&[
+        "patch",
+        "job",
+        "later",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":false}}"#,
+    ]);
+    wait_for(
+        "job later to run and be removed",
+        Duration::from_secs(60),
+        || {
+            let gone = c.cp.kubectl(&["get", "job", "later"]).is_err();
+            let left =
+                c.cp.kubectl_ok(&["get", "pods", "-l", "job-name=later", "-o", "name"]);
+            (gone && left.trim().is_empty()).then_some(())
+        },
+    );
+}

@@ -103,6 +103,16 @@ fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
             ("Node Selector", "string", 0),
             age,
         ],
+        ("batch", "jobs") => vec![
+            name,
+            ("Status", "string", 0),
+            ("Completions", "string", 0),
+            ("Duration", "string", 0),
+            age,
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
         ("discovery.k8s.io", "endpointslices") => vec![
             name,
             ("AddressType", "string", 0),
@@ -195,6 +205,59 @@ fn or_unknown(v: &str) -> String {
     } else {
         v.to_string()
     }
+}
+
+/// Whether the Job has condition `kind` with status True.
+fn job_condition(job: &Value, kind: &str) -> bool {
+    job.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|c| s(c, "/type") == kind && s(c, "/status") == "True")
+}
+
+/// The Job's STATUS column, in kubectl's order of precedence.
+fn job_status(job: &Value) -> &'static str {
+    if job_condition(job, "Complete") {
+        "Complete"
+    } else if job_condition(job, "Failed") {
+        "Failed"
+    } else if job.pointer("/metadata/deletionTimestamp").is_some() {
+        "Terminating"
+    } else if job_condition(job, "Suspended") {
+        "Suspended"
+    } else if job_condition(job, "FailureTarget") {
+        "FailureTarget"
+    } else if job_condition(job, "SuccessCriteriaMet") {
+        "SuccessCriteriaMet"
+    } else {
+        "Running"
+    }
+}
+
+fn job_completions(job: &Value) -> String {
+    let done = n(job, "/status/succeeded");
+    match job.pointer("/spec/completions").and_then(Value::as_i64) {
+        Some(want) => format!("{done}/{want}"),
+        None => match n(job, "/spec/parallelism") {
+            p if p > 1 => format!("{done}/1 of {p}"),
+            _ => format!("{done}/1"),
+        },
+    }
+}
+
+/// From the start to completion, or to now while it runs.
+fn job_duration(job: &Value) -> String {
+    let at = |p: &str| {
+        job.pointer(p)
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse::<Timestamp>().ok())
+    };
+    let Some(start) = at("/status/startTime") else {
+        return String::new();
+    };
+    let end = at("/status/completionTime").unwrap_or_else(Timestamp::now);
+    human_duration(end.as_second() - start.as_second())
 }
 
 fn selector_string(sel: Option<&Value>) -> String {
@@ -449,6 +512,18 @@ fn cells(r: &Resource, o: &Value) -> Vec<Value> {
                 json!(n(o, "/spec/replicas")),
                 json!(n(o, "/status/replicas")),
                 json!(n(o, "/status/readyReplicas")),
+                created.clone(),
+                json!(c),
+                json!(i),
+                json!(selector_string(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("batch", "jobs") => {
+            let (c, i) = containers_and_images(o);
+            vec![
+                json!(job_status(o)),
+                json!(job_completions(o)),
+                json!(job_duration(o)),
                 created.clone(),
                 json!(c),
                 json!(i),

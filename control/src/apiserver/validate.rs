@@ -10,8 +10,9 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::{
-    apps::v1 as apps, certificates::v1 as certificates, coordination::v1 as coordination,
-    core::v1 as core, discovery::v1 as discovery, rbac::v1 as rbac,
+    apps::v1 as apps, batch::v1 as batch, certificates::v1 as certificates,
+    coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
+    rbac::v1 as rbac,
 };
 use serde_json::{Map, Value, json};
 
@@ -47,6 +48,7 @@ pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
         ("apps", "Deployment") => roundtrip::<apps::Deployment>(v),
         ("apps", "DaemonSet") => roundtrip::<apps::DaemonSet>(v),
         ("apps", "ControllerRevision") => roundtrip::<apps::ControllerRevision>(v),
+        ("batch", "Job") => roundtrip::<batch::Job>(v),
         ("rbac.authorization.k8s.io", "ClusterRole") => roundtrip::<rbac::ClusterRole>(v),
         ("rbac.authorization.k8s.io", "ClusterRoleBinding") => {
             roundtrip::<rbac::ClusterRoleBinding>(v)
@@ -100,6 +102,7 @@ pub fn default(r: &Resource, v: &mut Value) {
         }
         ("", "Secret") => set_default(v, "type", json!("Opaque")),
         ("", "ReplicationController") => default_replication_controller(v),
+        ("batch", "Job") => default_job(obj_mut(v, "spec")),
         ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet")) => {
             let spec = obj_mut(v, "spec");
             if kind != "DaemonSet" {
@@ -152,6 +155,34 @@ fn default_replication_controller(v: &mut Value) {
     }
     let spec = obj_mut(v, "spec");
     set_default(spec, "replicas", json!(1));
+    if spec.get("template").is_some_and(Value::is_object) {
+        default_pod_spec(obj_mut(obj_mut(spec, "template"), "spec"));
+    }
+}
+
+/// Upstream's Job defaults: one pod at a time, one completion when
+/// neither count is given, six retries, non-indexed, not suspended.
+fn default_job(spec: &mut Value) {
+    if spec.get("completions").is_none() && spec.get("parallelism").is_none() {
+        set_default(spec, "completions", json!(1));
+    }
+    set_default(spec, "parallelism", json!(1));
+    let per_index = spec
+        .get("backoffLimitPerIndex")
+        .is_some_and(|v| !v.is_null());
+    set_default(
+        spec,
+        "backoffLimit",
+        json!(if per_index { i32::MAX } else { 6 }),
+    );
+    set_default(spec, "completionMode", json!("NonIndexed"));
+    set_default(spec, "suspend", json!(false));
+    let replace = if spec.get("podFailurePolicy").is_some_and(|v| !v.is_null()) {
+        "Failed"
+    } else {
+        "TerminatingOrFailed"
+    };
+    set_default(spec, "podReplacementPolicy", json!(replace));
     if spec.get("template").is_some_and(Value::is_object) {
         default_pod_spec(obj_mut(obj_mut(spec, "template"), "spec"));
     }
@@ -547,6 +578,87 @@ impl Check {
 }
 
 impl Check {
+    fn non_negative(&mut self, spec: &Value, field: &str) {
+        if let Some(n) = spec.get(field).and_then(Value::as_i64)
+            && n < 0
+        {
+            self.push(Cause::invalid(
+                format!("spec.{field}"),
+                n,
+                "must be greater than or equal to 0",
+            ));
+        }
+    }
+
+    fn job(&mut self, spec: &Value) {
+        for f in [
+            "parallelism",
+            "completions",
+            "backoffLimit",
+            "activeDeadlineSeconds",
+            "ttlSecondsAfterFinished",
+        ] {
+            self.non_negative(spec, f);
+        }
+        let mode = spec
+            .get("completionMode")
+            .and_then(Value::as_str)
+            .unwrap_or("NonIndexed");
+        match mode {
+            "NonIndexed" => {}
+            "Indexed" => match spec.get("completions").and_then(Value::as_i64) {
+                None => self.push(Cause {
+                    message: "Required value: when completion mode is Indexed".into(),
+                    ..Cause::required("spec.completions")
+                }),
+                Some(n) if n > 100_000 => self.push(Cause::invalid(
+                    "spec.completions",
+                    n,
+                    "must be less than or equal to 100000 when completion mode is Indexed",
+                )),
+                Some(_) => {}
+            },
+            other => self.push(Cause::unsupported(
+                "spec.completionMode",
+                other,
+                &["NonIndexed", "Indexed"],
+            )),
+        }
+        let selector = spec
+            .pointer("/selector/matchLabels")
+            .and_then(Value::as_object);
+        let template_labels = spec
+            .pointer("/template/metadata/labels")
+            .and_then(Value::as_object);
+        self.labels("spec.template.metadata.labels", template_labels);
+        if let Some(ml) = selector
+            && !ml
+                .iter()
+                .all(|(k, v)| template_labels.and_then(|t| t.get(k)) == Some(v))
+        {
+            self.push(Cause::invalid(
+                "spec.template.metadata.labels",
+                Value::Object(template_labels.cloned().unwrap_or_default()),
+                "`selector` does not match template `labels`",
+            ));
+        }
+        match spec.get("template").and_then(|t| t.get("spec")) {
+            Some(pod) => self.pod_spec("spec.template.spec", pod),
+            None => self.push(Cause::required("spec.template.spec")),
+        }
+        let policy = spec
+            .pointer("/template/spec/restartPolicy")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !matches!(policy, "OnFailure" | "Never") {
+            self.push(Cause::unsupported(
+                "spec.template.spec.restartPolicy",
+                policy,
+                &["OnFailure", "Never"],
+            ));
+        }
+    }
+
     fn rules(&mut self, kind: &str, v: &Value) {
         let rules = v.get("rules").and_then(Value::as_array);
         for (i, r) in rules.into_iter().flatten().enumerate() {
@@ -700,6 +812,12 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
         ("", "Service") => c.service(&spec, limits.node_ports),
         ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet"))
         | ("", kind @ "ReplicationController") => c.workload(kind, &spec),
+        ("batch", "Job") => {
+            c.job(&spec);
+            if let Some(cause) = super::registry::job::selector_cause(v) {
+                c.push(cause);
+            }
+        }
         ("", "ConfigMap" | "Secret") => {
             for field in ["data", "binaryData", "stringData"] {
                 for k in v

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -135,9 +136,11 @@ pub async fn run(client: Client) {
         Api::<ReplicationController>::all(client.clone()),
         notify.clone(),
     );
+    let (jobs, _i) = reflect(Api::<Job>::all(client.clone()), notify.clone());
     ready(&pods).await;
     ready(&rss).await;
     ready(&rcs).await;
+    ready(&jobs).await;
     ready(&deps).await;
     ready(&dss).await;
     ready(&svcs).await;
@@ -156,6 +159,7 @@ pub async fn run(client: Client) {
         all.extend(entries(&pods));
         all.extend(entries(&rss));
         all.extend(entries(&rcs));
+        all.extend(entries(&jobs));
         all.extend(entries(&deps));
         all.extend(entries(&dss));
         all.extend(entries(&svcs));

@@ -9,6 +9,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
 pub mod gc;
+pub mod job;
 pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
@@ -44,6 +45,7 @@ pub async fn run_all(client: Client, settings: Settings) {
     tasks.spawn(replicaset::run(client.clone()));
     tasks.spawn(deployment::run(client.clone()));
     tasks.spawn(daemonset::run(client.clone()));
+    tasks.spawn(job::run(client.clone()));
     tasks.spawn(endpointslice::run(client.clone()));
     tasks.spawn(gc::run(client.clone()));
     tasks.spawn(nodelifecycle::run(client.clone(), settings));

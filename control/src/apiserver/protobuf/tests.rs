@@ -242,7 +242,7 @@ fn unknown_fields_are_skipped_and_bad_bodies_are_errors() {
     body.truncate(body.len() - 5);
     assert!(matches!(decode(&body), Err(DecodeError::Malformed(_))));
     assert!(matches!(
-        decode(&envelope("batch/v1", "Job", &W::default())),
+        decode(&envelope("example.com/v1", "Widget", &W::default())),
         Err(DecodeError::UnknownKind { .. })
     ));
 }

@@ -4,6 +4,7 @@
 //! side writes, fields an update may not change, how a delete goes). A
 //! file per kind that has rules of its own.
 
+pub(crate) mod job;
 mod namespace;
 mod pod;
 pub(super) mod service;
@@ -27,6 +28,7 @@ pub(super) enum Strategy {
     Workload,
     /// ReplicationControllers: a workload whose selector may change.
     ReplicationController,
+    Job,
     Plain,
 }
 
@@ -38,6 +40,7 @@ impl Strategy {
             ("", "namespaces") => Self::Namespace,
             ("apps", "deployments" | "replicasets" | "daemonsets") => Self::Workload,
             ("", "replicationcontrollers") => Self::ReplicationController,
+            ("batch", "jobs") => Self::Job,
             _ => Self::Plain,
         }
     }
@@ -47,7 +50,7 @@ impl Strategy {
     pub(super) fn clears_status(self) -> bool {
         matches!(
             self,
-            Self::Pod | Self::Service | Self::Workload | Self::ReplicationController
+            Self::Pod | Self::Service | Self::Workload | Self::ReplicationController | Self::Job
         )
     }
 
@@ -55,6 +58,10 @@ impl Strategy {
     pub(super) async fn admit(self, api: &Api, ns: &str, obj: &mut Value) -> Result<(), ApiError> {
         match self {
             Self::Pod => api.admit_service_account(ns, obj).await,
+            Self::Job => {
+                job::admit(obj);
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -101,6 +108,7 @@ impl Strategy {
         match self {
             Self::Pod => pod::check_update(name, cur, new),
             Self::Workload => workload::check_update(r, name, cur, new),
+            Self::Job => job::check_update(name, cur, new),
             _ => Ok(()),
         }
     }
