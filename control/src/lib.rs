@@ -11,6 +11,7 @@ pub mod apiserver;
 pub mod auth;
 pub mod client;
 pub mod controllers;
+pub mod cron;
 pub mod duration;
 pub mod fit;
 mod informer;

@@ -104,6 +104,7 @@ pub static RESOURCES: &[Resource] = &[
     resource!("apps", "v1", "DaemonSet", "daemonsets", "daemonset", true, &["ds"], status: true, scale: false, generation: true, categories: ALL),
     resource!("apps", "v1", "ControllerRevision", "controllerrevisions", "controllerrevision", true, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("batch", "v1", "Job", "jobs", "job", true, &[], status: true, scale: false, generation: true, categories: ALL),
+    resource!("batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], status: true, scale: false, generation: true, categories: ALL),
     resource!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", "clusterrolebinding", false, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, &[], status: false, scale: false, generation: false, categories: &[]),

@@ -309,3 +309,105 @@ fn jobs_run_to_completion_in_parallel_stop_at_their_backoff_limit_and_give_each_
         },
     );
 }
+
+#[test]
+fn a_cron_job_runs_each_minute_and_keeps_its_history_limit() {
+    let c = OneNode::start("172.31.16.2", "10.244.10.0/24");
+    let cron = |name: &str, schedule: &str, extra: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: {name}\nspec:\n  schedule: {schedule:?}\n{extra}  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          terminationGracePeriodSeconds: 1\n          containers:\n          - name: main\n            image: {}\n            command: [\"sh\", \"-c\", \"echo tick $(date +%M)\"]\n",
+            c.image
+        )
+    };
+    // Bad schedules and zones are refused by field.
+    for (schedule, extra, want) in [
+        (
+            "61 * * * *",
+            "",
+            "spec.schedule: Invalid value: \"61 * * * *\"",
+        ),
+        (
+            "TZ=UTC * * * * *",
+            "",
+            "cannot use TZ or CRON_TZ in schedule, use timeZone field instead",
+        ),
+        (
+            "* * * * *",
+            "  timeZone: Mars/Olympus\n",
+            "spec.timeZone: Invalid value: \"Mars/Olympus\"",
+        ),
+    ] {
+        let err =
+            c.cp.apply(&cron("bad", schedule, extra))
+                .expect_err(schedule);
+        assert!(err.contains(want), "{schedule}: {err}");
+    }
+
+    c.cp.apply(&cron(
+        "tick",
+        "*/1 * * * *",
+        "  successfulJobsHistoryLimit: 1\n  timeZone: Europe/Berlin\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    // A suspended one never runs.
+    c.cp.apply(&cron("idle", "* * * * *", "  suspend: true\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Two runs (the first at the next minute), each a Job named by its
+    // minute that completes; one kept after the second.
+    let mut seen = BTreeSet::new();
+    wait_for("two runs of tick", Duration::from_secs(150), || {
+        let names = c.cp.jsonpath(
+            &["jobs"],
+            r#"{range .items[?(@.metadata.ownerReferences[0].name=="tick")]}{.metadata.name}{"\n"}{end}"#,
+        );
+        seen.extend(names.lines().map(String::from));
+        (seen.len() >= 2).then_some(())
+    });
+    for name in &seen {
+        let minutes: i64 = name
+            .strip_prefix("tick-")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("a job named by its minute: {name}"));
+        assert!(minutes > 29_000_000, "{name}");
+    }
+    // Once the newest run has finished, it is the one finished run kept.
+    let newest = seen.iter().next_back().cloned().unwrap_or_default();
+    wait_for("the history limit", Duration::from_secs(60), || {
+        let done = c.cp.jsonpath(
+            &["jobs"],
+            r#"{range .items[?(@.status.succeeded==1)]}{.metadata.name}{"\n"}{end}"#,
+        );
+        let done: Vec<&str> = done.lines().filter(|n| n.starts_with("tick-")).collect();
+        (done == [newest.as_str()]).then_some(())
+    });
+    let status = c.cp.jsonpath(
+        &["cronjob", "tick"],
+        "{.status.lastScheduleTime} {.status.lastSuccessfulTime}",
+    );
+    assert_eq!(status.split_whitespace().count(), 2, "{status}");
+    let table = c.cp.kubectl_ok(&["get", "cronjobs"]);
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .map(|l| l.split_whitespace().take(9).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(row("idle"), "idle * * * * * <none> True 0", "{table}");
+    assert!(
+        row("tick").starts_with("tick */1 * * * * Europe/Berlin False"),
+        "{table}"
+    );
+    assert_eq!(
+        c.cp.kubectl_ok(&["get", "jobs", "-o", "name"])
+            .lines()
+            .filter(|l| l.contains("idle"))
+            .count(),
+        0
+    );
+
+    // kubectl's manual run from the CronJob's template.
+    c.cp.kubectl_ok(&["create", "job", "by-hand", "--from=cronjob/tick"]);
+    wait_job(&c, "by-hand", "Complete", 60);
+}

@@ -105,6 +105,8 @@ const APT_PACKAGES: &[&str] = &[
     // ethtool: `bench net` turns offloads on and off per knob.
     "ethtool",
     "fonts-dejavu-core",
+    // CronJobs' time zones.
+    "tzdata",
     "curl",
     // dig: the DNS tests ask the nodes' servers as a user would.
     "bind9-dnsutils",

@@ -103,6 +103,18 @@ fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
             ("Node Selector", "string", 0),
             age,
         ],
+        ("batch", "cronjobs") => vec![
+            name,
+            ("Schedule", "string", 0),
+            ("Timezone", "string", 0),
+            ("Suspend", "boolean", 0),
+            ("Active", "integer", 0),
+            ("Last Schedule", "string", 0),
+            age,
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
         ("batch", "jobs") => vec![
             name,
             ("Status", "string", 0),
@@ -516,6 +528,37 @@ fn cells(r: &Resource, o: &Value) -> Vec<Value> {
                 json!(c),
                 json!(i),
                 json!(selector_string(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("batch", "cronjobs") => {
+            let template = o
+                .pointer("/spec/jobTemplate")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let (c, i) = containers_and_images(&template);
+            let last = match o.pointer("/status/lastScheduleTime") {
+                Some(_) => age(o, "/status/lastScheduleTime"),
+                None => "<none>".into(),
+            };
+            vec![
+                json!(s(o, "/spec/schedule")),
+                json!(or_none(s(o, "/spec/timeZone").to_string())),
+                // kubectl's printer writes this boolean as text.
+                json!(match o.pointer("/spec/suspend").and_then(Value::as_bool) {
+                    Some(true) => "True",
+                    Some(false) => "False",
+                    None => "<unset>",
+                }),
+                json!(
+                    o.pointer("/status/active")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len)
+                ),
+                json!(last),
+                created.clone(),
+                json!(c),
+                json!(i),
+                json!(selector_string(template.pointer("/spec/selector"))),
             ]
         }
         ("batch", "jobs") => {

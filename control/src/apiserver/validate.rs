@@ -49,6 +49,7 @@ pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
         ("apps", "DaemonSet") => roundtrip::<apps::DaemonSet>(v),
         ("apps", "ControllerRevision") => roundtrip::<apps::ControllerRevision>(v),
         ("batch", "Job") => roundtrip::<batch::Job>(v),
+        ("batch", "CronJob") => roundtrip::<batch::CronJob>(v),
         ("rbac.authorization.k8s.io", "ClusterRole") => roundtrip::<rbac::ClusterRole>(v),
         ("rbac.authorization.k8s.io", "ClusterRoleBinding") => {
             roundtrip::<rbac::ClusterRoleBinding>(v)
@@ -103,6 +104,16 @@ pub fn default(r: &Resource, v: &mut Value) {
         ("", "Secret") => set_default(v, "type", json!("Opaque")),
         ("", "ReplicationController") => default_replication_controller(v),
         ("batch", "Job") => default_job(obj_mut(v, "spec")),
+        ("batch", "CronJob") => {
+            let spec = obj_mut(v, "spec");
+            set_default(spec, "concurrencyPolicy", json!("Allow"));
+            set_default(spec, "suspend", json!(false));
+            set_default(spec, "successfulJobsHistoryLimit", json!(3));
+            set_default(spec, "failedJobsHistoryLimit", json!(1));
+            let job = obj_mut(obj_mut(spec, "jobTemplate"), "spec");
+            let template = obj_mut(job, "template");
+            default_pod_spec(obj_mut(template, "spec"));
+        }
         ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet")) => {
             let spec = obj_mut(v, "spec");
             if kind != "DaemonSet" {
@@ -578,19 +589,66 @@ impl Check {
 }
 
 impl Check {
-    fn non_negative(&mut self, spec: &Value, field: &str) {
+    fn non_negative(&mut self, at: &str, spec: &Value, field: &str) {
         if let Some(n) = spec.get(field).and_then(Value::as_i64)
             && n < 0
         {
             self.push(Cause::invalid(
-                format!("spec.{field}"),
+                format!("{at}.{field}"),
                 n,
                 "must be greater than or equal to 0",
             ));
         }
     }
 
-    fn job(&mut self, spec: &Value) {
+    fn cron_job(&mut self, spec: &Value) {
+        let schedule = spec
+            .get("schedule")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if schedule.is_empty() {
+            self.push(Cause::required("spec.schedule"));
+        } else if schedule.contains("TZ=") {
+            self.push(Cause::invalid(
+                "spec.schedule",
+                schedule,
+                "cannot use TZ or CRON_TZ in schedule, use timeZone field instead",
+            ));
+        } else if let Err(e) = crate::cron::Schedule::parse(schedule) {
+            self.push(Cause::invalid("spec.schedule", schedule, &e));
+        }
+        if let Some(tz) = spec.get("timeZone").and_then(Value::as_str)
+            && let Err(e) = crate::cron::zone(Some(tz))
+        {
+            self.push(Cause::invalid("spec.timeZone", tz, &e));
+        }
+        let policy = spec
+            .get("concurrencyPolicy")
+            .and_then(Value::as_str)
+            .unwrap_or("Allow");
+        if !matches!(policy, "Allow" | "Forbid" | "Replace") {
+            self.push(Cause::unsupported(
+                "spec.concurrencyPolicy",
+                policy,
+                &["Allow", "Forbid", "Replace"],
+            ));
+        }
+        for f in [
+            "startingDeadlineSeconds",
+            "successfulJobsHistoryLimit",
+            "failedJobsHistoryLimit",
+        ] {
+            self.non_negative("spec", spec, f);
+        }
+        match spec.pointer("/jobTemplate/spec") {
+            Some(job) => self.job("spec.jobTemplate.spec", job),
+            None => self.push(Cause::required("spec.jobTemplate.spec")),
+        }
+    }
+
+    /// A Job's spec, at `at` (`spec`, or a CronJob's
+    /// `spec.jobTemplate.spec`).
+    fn job(&mut self, at: &str, spec: &Value) {
         for f in [
             "parallelism",
             "completions",
@@ -598,7 +656,7 @@ impl Check {
             "activeDeadlineSeconds",
             "ttlSecondsAfterFinished",
         ] {
-            self.non_negative(spec, f);
+            self.non_negative(at, spec, f);
         }
         let mode = spec
             .get("completionMode")
@@ -609,17 +667,17 @@ impl Check {
             "Indexed" => match spec.get("completions").and_then(Value::as_i64) {
                 None => self.push(Cause {
                     message: "Required value: when completion mode is Indexed".into(),
-                    ..Cause::required("spec.completions")
+                    ..Cause::required(format!("{at}.completions"))
                 }),
                 Some(n) if n > 100_000 => self.push(Cause::invalid(
-                    "spec.completions",
+                    format!("{at}.completions"),
                     n,
                     "must be less than or equal to 100000 when completion mode is Indexed",
                 )),
                 Some(_) => {}
             },
             other => self.push(Cause::unsupported(
-                "spec.completionMode",
+                format!("{at}.completionMode"),
                 other,
                 &["NonIndexed", "Indexed"],
             )),
@@ -630,21 +688,21 @@ impl Check {
         let template_labels = spec
             .pointer("/template/metadata/labels")
             .and_then(Value::as_object);
-        self.labels("spec.template.metadata.labels", template_labels);
+        self.labels(&format!("{at}.template.metadata.labels"), template_labels);
         if let Some(ml) = selector
             && !ml
                 .iter()
                 .all(|(k, v)| template_labels.and_then(|t| t.get(k)) == Some(v))
         {
             self.push(Cause::invalid(
-                "spec.template.metadata.labels",
+                format!("{at}.template.metadata.labels"),
                 Value::Object(template_labels.cloned().unwrap_or_default()),
                 "`selector` does not match template `labels`",
             ));
         }
         match spec.get("template").and_then(|t| t.get("spec")) {
-            Some(pod) => self.pod_spec("spec.template.spec", pod),
-            None => self.push(Cause::required("spec.template.spec")),
+            Some(pod) => self.pod_spec(&format!("{at}.template.spec"), pod),
+            None => self.push(Cause::required(format!("{at}.template.spec"))),
         }
         let policy = spec
             .pointer("/template/spec/restartPolicy")
@@ -652,7 +710,7 @@ impl Check {
             .unwrap_or_default();
         if !matches!(policy, "OnFailure" | "Never") {
             self.push(Cause::unsupported(
-                "spec.template.spec.restartPolicy",
+                format!("{at}.template.spec.restartPolicy"),
                 policy,
                 &["OnFailure", "Never"],
             ));
@@ -813,10 +871,20 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
         ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet"))
         | ("", kind @ "ReplicationController") => c.workload(kind, &spec),
         ("batch", "Job") => {
-            c.job(&spec);
+            c.job("spec", &spec);
             if let Some(cause) = super::registry::job::selector_cause(v) {
                 c.push(cause);
             }
+        }
+        ("batch", "CronJob") => {
+            if name.len() > 52 {
+                c.push(Cause::invalid(
+                    "metadata.name",
+                    name,
+                    "must be no more than 52 characters",
+                ));
+            }
+            c.cron_job(&spec);
         }
         ("", "ConfigMap" | "Secret") => {
             for field in ["data", "binaryData", "stringData"] {

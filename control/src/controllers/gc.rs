@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -140,7 +140,9 @@ pub async fn run(client: Client) {
     ready(&pods).await;
     ready(&rss).await;
     ready(&rcs).await;
+    let (cjs, _j) = reflect(Api::<CronJob>::all(client.clone()), notify.clone());
     ready(&jobs).await;
+    ready(&cjs).await;
     ready(&deps).await;
     ready(&dss).await;
     ready(&svcs).await;
@@ -160,6 +162,7 @@ pub async fn run(client: Client) {
         all.extend(entries(&rss));
         all.extend(entries(&rcs));
         all.extend(entries(&jobs));
+        all.extend(entries(&cjs));
         all.extend(entries(&deps));
         all.extend(entries(&dss));
         all.extend(entries(&svcs));

@@ -5,6 +5,7 @@
 //! failed step is retried, never assumed done.
 
 pub mod certificates;
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
@@ -46,6 +47,7 @@ pub async fn run_all(client: Client, settings: Settings) {
     tasks.spawn(deployment::run(client.clone()));
     tasks.spawn(daemonset::run(client.clone()));
     tasks.spawn(job::run(client.clone()));
+    tasks.spawn(cronjob::run(client.clone()));
     tasks.spawn(endpointslice::run(client.clone()));
     tasks.spawn(gc::run(client.clone()));
     tasks.spawn(nodelifecycle::run(client.clone(), settings));

@@ -29,6 +29,7 @@ pub(super) enum Strategy {
     /// ReplicationControllers: a workload whose selector may change.
     ReplicationController,
     Job,
+    CronJob,
     Plain,
 }
 
@@ -41,6 +42,7 @@ impl Strategy {
             ("apps", "deployments" | "replicasets" | "daemonsets") => Self::Workload,
             ("", "replicationcontrollers") => Self::ReplicationController,
             ("batch", "jobs") => Self::Job,
+            ("batch", "cronjobs") => Self::CronJob,
             _ => Self::Plain,
         }
     }
@@ -50,7 +52,12 @@ impl Strategy {
     pub(super) fn clears_status(self) -> bool {
         matches!(
             self,
-            Self::Pod | Self::Service | Self::Workload | Self::ReplicationController | Self::Job
+            Self::Pod
+                | Self::Service
+                | Self::Workload
+                | Self::ReplicationController
+                | Self::Job
+                | Self::CronJob
         )
     }
 
