@@ -190,6 +190,11 @@ struct RunArgs {
     /// How often leaders renew and candidates try.
     #[arg(long, default_value = "2s", value_parser = duration)]
     leader_elect_retry_period: Duration,
+    /// How often the apiserver scrapes each kubelet's resource metrics
+    /// (`kubectl top`, the HorizontalPodAutoscaler), as metrics-server's
+    /// flag of that name.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    metric_resolution: Duration,
 }
 
 /// A duration such as 15s or 1m30s.
@@ -371,6 +376,7 @@ async fn main() -> Result<()> {
         eviction_timeout: Duration::from_secs(cli.pod_eviction_timeout_seconds),
         node_cidrs,
         leader_elect,
+        metric_resolution: cli.metric_resolution,
     })
     .await
 }

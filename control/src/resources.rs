@@ -64,6 +64,16 @@ impl Resource {
     pub fn review(&self) -> bool {
         matches!(self.group, "authorization.k8s.io" | "authentication.k8s.io")
     }
+
+    /// Resource metrics: read from the kubelets, never stored.
+    pub fn metrics(&self) -> bool {
+        self.group == "metrics.k8s.io"
+    }
+
+    /// Kept in etcd under [`Resource::prefix`].
+    pub fn stored(&self) -> bool {
+        !self.review() && !self.metrics()
+    }
 }
 
 const ALL: &[&str] = &["all"];
@@ -115,6 +125,8 @@ pub static RESOURCES: &[Resource] = &[
     resource!("authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", "subjectaccessreview", false, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("authorization.k8s.io", "v1", "LocalSubjectAccessReview", "localsubjectaccessreviews", "localsubjectaccessreview", true, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", "tokenreview", false, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("metrics.k8s.io", "v1beta1", "NodeMetrics", "nodes", "nodemetrics", false, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("metrics.k8s.io", "v1beta1", "PodMetrics", "pods", "podmetrics", true, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("authentication.k8s.io", "v1", "SelfSubjectReview", "selfsubjectreviews", "selfsubjectreview", false, &[], status: false, scale: false, generation: false, categories: &[]),
 ];
 
@@ -127,6 +139,14 @@ pub fn groups() -> Vec<&'static str> {
         }
     }
     out
+}
+
+/// The version a group is served at.
+pub fn group_version(group: &str) -> &'static str {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group)
+        .map_or("v1", |r| r.version)
 }
 
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {

@@ -60,6 +60,8 @@ pub struct ControlConfig {
     /// lease of its own), so that replicas on one etcd take turns; None:
     /// they act without one.
     pub leader_elect: Option<crate::leader::Timing>,
+    /// How often the kubelets are scraped for `metrics.k8s.io`.
+    pub metric_resolution: std::time::Duration,
 }
 
 pub fn admin_kubeconfig_path(data_dir: &std::path::Path) -> PathBuf {
@@ -159,6 +161,9 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             advertise,
             stopped.clone(),
         )));
+        tasks.push(tokio::spawn(
+            api.clone().scrape_metrics(cfg.metric_resolution),
+        ));
         tasks.push(tokio::spawn(apiserver::serve(listener, tls, api)));
         info!(%server, kubeconfig = %path.display(), ms = started.elapsed().as_millis() as u64, "apiserver ready");
         path

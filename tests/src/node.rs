@@ -583,9 +583,14 @@ pub struct OneNode {
 impl OneNode {
     /// The node at `ip` with pod subnet `subnet`, registered and Ready.
     pub fn start(ip: &str, subnet: &str) -> Self {
+        Self::start_with(ip, subnet, &[])
+    }
+
+    /// As [`OneNode::start`], with `control` flags for `skiff-control`.
+    pub fn start_with(ip: &str, subnet: &str, control: &[&str]) -> Self {
         let ns = Netns::new();
         ns.add_local_link("eth0", &[&format!("{ip}/24")]);
-        let cp = ControlPlane::start_in(Some(&ns), &[]);
+        let cp = ControlPlane::start_in(Some(&ns), control);
         let registry = Registry::start_in(&ns);
         let image = registry.push(&ns, "busybox", "busybox:1.36");
         let node = KubeletNode::start(&ns, ip, subnet, &cp, &registry.addr);

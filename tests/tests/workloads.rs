@@ -411,3 +411,75 @@ fn a_cron_job_runs_each_minute_and_keeps_its_history_limit() {
     c.cp.kubectl_ok(&["create", "job", "by-hand", "--from=cronjob/tick"]);
     wait_job(&c, "by-hand", "Complete", 60);
 }
+
+/// Quantities as `kubectl top` prints them: `250m` cores, `12Mi` bytes.
+fn millicores(s: &str) -> u64 {
+    s.strip_suffix('m')
+        .and_then(|m| m.parse().ok())
+        .or_else(|| s.parse::<u64>().ok().map(|c| c * 1000))
+        .unwrap_or_else(|| panic!("a CPU figure: {s:?}"))
+}
+
+#[test]
+fn kubectl_top_shows_what_pods_and_the_node_use() {
+    let c = OneNode::start_with(
+        "172.31.17.2",
+        "10.244.11.0/24",
+        &["--metric-resolution", "2s"],
+    );
+    let pod = |name: &str, script: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: top}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {}\n    command: [\"sh\", \"-c\", {script:?}]\n    resources: {{requests: {{cpu: 100m, memory: 16Mi}}}}\n",
+            c.image
+        )
+    };
+    c.cp.apply(&pod("busy", "while true; do :; done"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.cp.apply(&pod("idle", "sleep 3600"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    running(&c, "app=top", 2);
+
+    // The busy loop shows as CPU in use, the sleeper as next to none.
+    let rows = wait_for(
+        "kubectl top pod to show both",
+        Duration::from_secs(60),
+        || {
+            let out =
+                c.cp.kubectl(&["top", "pod", "-l", "app=top", "--no-headers"])
+                    .ok()?;
+            let rows: Vec<(String, u64, String)> = out
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() == 3).then(|| (f[0].to_string(), millicores(f[1]), f[2].to_string()))
+                })
+                .collect();
+            // At least a tenth of a core, even on a loaded machine.
+            (rows.len() == 2 && rows.iter().any(|r| r.0 == "busy" && r.1 >= 100)).then_some(rows)
+        },
+    );
+    let idle = rows
+        .iter()
+        .find(|r| r.0 == "idle")
+        .unwrap_or_else(|| panic!("{rows:?}"));
+    assert!(idle.1 < 50, "the sleeper uses next to no CPU: {rows:?}");
+    assert!(idle.2.ends_with("Mi") || idle.2.ends_with("Ki"), "{rows:?}");
+
+    // The node's row carries its share of allocatable.
+    let node = c.cp.kubectl_ok(&["top", "node", "--no-headers"]);
+    let f: Vec<&str> = node.split_whitespace().collect();
+    assert!(f.len() == 5 && f[0] == c.node.name, "{node}");
+    assert!(
+        millicores(f[1]) >= 100 && f[2].ends_with('%') && f[4].ends_with('%'),
+        "{node}"
+    );
+
+    // Read-only, and only for who may read it.
+    let err =
+        c.cp.kubectl(&["delete", "pods.metrics.k8s.io", "busy"])
+            .expect_err("metrics are read-only");
+    assert!(
+        err.contains("MethodNotAllowed") || err.contains("not allowed") || err.contains("405"),
+        "{err}"
+    );
+}

@@ -14,6 +14,7 @@ pub mod containerd;
 pub mod dns;
 pub mod image;
 pub mod logs;
+pub mod metrics;
 pub mod node;
 pub mod pod;
 pub mod portforward;

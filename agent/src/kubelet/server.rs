@@ -1,4 +1,5 @@
 //! The kubelet's HTTPS port (10250 by default): `/healthz`,
+//! `/metrics/resource` (see `metrics`),
 //! `/containerLogs/<ns>/<pod>/<container>`, which the apiserver proxies
 //! `kubectl logs` to, `/exec/...` and `/attach/...` (see `stream`) and
 //! `/portForward/<ns>/<pod>` (see `portforward`). Only clients whose certificate the cluster CA signed
@@ -146,6 +147,15 @@ async fn handle(
     let path = req.uri().path().to_string();
     if path == "/healthz" {
         return text(StatusCode::OK, "ok");
+    }
+    if path == "/metrics/resource" {
+        let sample = super::metrics::sample(&streaming.cd).await;
+        let mut r = text(StatusCode::OK, super::metrics::render(&sample));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return r;
     }
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs[..] {

@@ -53,7 +53,8 @@ pub fn api_versions(advertise: SocketAddr) -> Value {
 }
 
 fn group_doc(g: &str) -> Value {
-    let gv = json!({"groupVersion": format!("{g}/v1"), "version": "v1"});
+    let v = resources::group_version(g);
+    let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
     json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
 }
 
@@ -84,7 +85,13 @@ pub fn resource_list(group: &str, version: &str) -> Value {
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": if r.review() { &["create"][..] } else { resources::VERBS },
+            "verbs": if r.review() {
+                &["create"][..]
+            } else if r.metrics() {
+                &["get", "list"][..]
+            } else {
+                resources::VERBS
+            },
         });
         if !r.short_names.is_empty() {
             entry["shortNames"] = json!(r.short_names);
@@ -140,7 +147,7 @@ fn gv_path(group: &str) -> String {
     if group.is_empty() {
         "api/v1".into()
     } else {
-        format!("apis/{group}/v1")
+        format!("apis/{group}/{}", resources::group_version(group))
     }
 }
 
@@ -158,7 +165,7 @@ pub fn openapi_v3_root() -> Value {
 pub fn openapi_v3(rest: &[&str]) -> Result<Value, ApiError> {
     let group = match rest {
         ["api", "v1"] => "",
-        ["apis", g, "v1"] if resources::groups().contains(g) => g,
+        ["apis", g, v] if resources::groups().contains(g) && resources::group_version(g) == *v => g,
         _ => {
             return Err(ApiError::path_not_found(&format!(
                 "openapi/v3/{}",

@@ -227,8 +227,19 @@ impl Api {
             .read(nodes, None, node)
             .await
             .map_err(|e| ApiError::internal(format!("node {node} of pod {name}: {}", e.message)))?;
-        let (host, port) = kubelet_address(&node_obj).ok_or_else(|| {
-            ApiError::internal(format!("node {node} reports no address for its kubelet"))
+        let mut k = self.kubelet_of_node(&node_obj)?;
+        k.pod = pod;
+        Ok(k)
+    }
+
+    /// The kubelet of `node` (the object); `pod` is left null.
+    pub(super) fn kubelet_of_node(&self, node: &Value) -> Result<KubeletOf, ApiError> {
+        let name = node
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let (host, port) = kubelet_address(node).ok_or_else(|| {
+            ApiError::internal(format!("node {name} reports no address for its kubelet"))
         })?;
         let tls = self
             .cfg
@@ -236,7 +247,7 @@ impl Api {
             .clone()
             .ok_or_else(|| ApiError::internal("no kubelet client certificate configured"))?;
         Ok(KubeletOf {
-            pod,
+            pod: Value::Null,
             host,
             port,
             tls,

@@ -10,6 +10,7 @@ mod access;
 mod discovery;
 mod fields;
 mod logs;
+pub mod metrics;
 mod objects;
 pub mod patch;
 pub mod peers;
@@ -70,6 +71,8 @@ pub struct Api {
     store: Store,
     cfg: ApiConfig,
     access: Access,
+    /// The kubelets' last scrapes (`metrics.k8s.io`).
+    metrics: metrics::Samples,
 }
 
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -177,7 +180,12 @@ fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, Api
 
 impl Api {
     pub fn new(store: Store, cfg: ApiConfig, access: Access) -> Arc<Self> {
-        Arc::new(Self { store, cfg, access })
+        Arc::new(Self {
+            store,
+            cfg,
+            access,
+            metrics: metrics::Samples::default(),
+        })
     }
 
     /// Creates `obj` unless an object of that name exists (bootstrap).
@@ -486,6 +494,15 @@ impl Api {
             .await?
         {
             return Ok(resp);
+        }
+        if r.metrics() {
+            return match (&method, t.sub.as_deref(), watching) {
+                (&Method::GET, None, false) => {
+                    let v = self.metrics_get(r, ns, t.name.as_deref(), &q).await?;
+                    Ok(json_response(200, &v))
+                }
+                _ => Err(ApiError::method_not_allowed(method.as_str())),
+            };
         }
         match (&method, t.name.as_deref(), t.sub.as_deref()) {
             (&Method::GET, None, None) => {

@@ -125,6 +125,8 @@ fn view_rules() -> Vec<Value> {
         ),
         rule(&["discovery.k8s.io"], &["endpointslices"], READ),
         rule(&["events.k8s.io"], &["events"], READ),
+        // upstream's system:aggregated-metrics-reader, folded into view.
+        rule(&["metrics.k8s.io"], &["pods", "nodes"], READ),
         rule(
             &["networking.k8s.io"],
             &["ingresses", "ingresses/status", "networkpolicies"],

@@ -10,7 +10,10 @@ use crate::storage::store::Store;
 
 /// Removes everything in a terminating namespace, then the namespace.
 pub(super) async fn purge(store: Store, ns: String, cidrs: Vec<Cidr>) {
-    for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+    for r in resources::RESOURCES
+        .iter()
+        .filter(|r| r.namespaced && r.stored())
+    {
         let Ok((items, _)) = store.list(&r.prefix(Some(&ns)), None).await else {
             continue;
         };
