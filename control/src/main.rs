@@ -195,6 +195,9 @@ struct RunArgs {
     /// flag of that name.
     #[arg(long, default_value = "15s", value_parser = duration)]
     metric_resolution: Duration,
+    /// How often each HorizontalPodAutoscaler is evaluated.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    horizontal_pod_autoscaler_sync_period: Duration,
 }
 
 /// A duration such as 15s or 1m30s.
@@ -377,6 +380,7 @@ async fn main() -> Result<()> {
         node_cidrs,
         leader_elect,
         metric_resolution: cli.metric_resolution,
+        hpa_sync_period: cli.horizontal_pod_autoscaler_sync_period,
     })
     .await
 }

@@ -113,6 +113,7 @@ pub static RESOURCES: &[Resource] = &[
     resource!("apps", "v1", "Deployment", "deployments", "deployment", true, &["deploy"], status: true, scale: true, generation: true, categories: ALL),
     resource!("apps", "v1", "DaemonSet", "daemonsets", "daemonset", true, &["ds"], status: true, scale: false, generation: true, categories: ALL),
     resource!("apps", "v1", "ControllerRevision", "controllerrevisions", "controllerrevision", true, &[], status: false, scale: false, generation: false, categories: &[]),
+    resource!("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", "horizontalpodautoscaler", true, &["hpa"], status: true, scale: false, generation: true, categories: ALL),
     resource!("batch", "v1", "Job", "jobs", "job", true, &[], status: true, scale: false, generation: true, categories: ALL),
     resource!("batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], status: true, scale: false, generation: true, categories: ALL),
     resource!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, &[], status: false, scale: false, generation: false, categories: &[]),

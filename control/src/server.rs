@@ -62,6 +62,8 @@ pub struct ControlConfig {
     pub leader_elect: Option<crate::leader::Timing>,
     /// How often the kubelets are scraped for `metrics.k8s.io`.
     pub metric_resolution: std::time::Duration,
+    /// How often each HorizontalPodAutoscaler is evaluated.
+    pub hpa_sync_period: std::time::Duration,
 }
 
 pub fn admin_kubeconfig_path(data_dir: &std::path::Path) -> PathBuf {
@@ -206,6 +208,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                 eviction_timeout: cfg.eviction_timeout,
                 node_cidrs: cfg.node_cidrs,
                 signer: signer(&cfg.data_dir),
+                hpa_sync_period: cfg.hpa_sync_period,
             };
             let c = client.clone();
             start(

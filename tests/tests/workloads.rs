@@ -483,3 +483,103 @@ fn kubectl_top_shows_what_pods_and_the_node_use() {
         "{err}"
     );
 }
+
+#[test]
+fn an_autoscaler_scales_a_cpu_burning_deployment_up_and_back_down() {
+    let c = OneNode::start_with(
+        "172.31.18.2",
+        "10.244.12.0/24",
+        &[
+            "--metric-resolution",
+            "2s",
+            "--horizontal-pod-autoscaler-sync-period",
+            "2s",
+        ],
+    );
+    // Each pod burns a core until told to idle.
+    c.cp.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: burn}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: burn}}}}
+  template:
+    metadata: {{labels: {{app: burn}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: {}
+        command: ["sh", "-c", "if [ \"$MODE\" = idle ]; then exec sleep 3600; fi; while true; do :; done"]
+        resources: {{requests: {{cpu: 100m}}}}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {{name: burn}}
+spec:
+  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: burn}}
+  minReplicas: 1
+  maxReplicas: 3
+  metrics:
+  - type: Resource
+    resource: {{name: cpu, target: {{type: Utilization, averageUtilization: 50}}}}
+  behavior:
+    scaleDown: {{stabilizationWindowSeconds: 5}}
+"#,
+        c.image
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // Far above 50 % of 100m: up to the maximum of three.
+    wait_for(
+        "the HPA to scale burn to 3",
+        Duration::from_secs(120),
+        || (c.cp.jsonpath(&["deployment", "burn"], "{.spec.replicas}") == "3").then_some(()),
+    );
+    let table = c.cp.kubectl_ok(&["get", "hpa", "burn"]);
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.get(1), Some(&"Deployment/burn"), "{table}");
+    // TARGETS reads `cpu: 506%/50%`.
+    let (used, want) = row
+        .get(3)
+        .and_then(|t| t.split_once('/'))
+        .unwrap_or_else(|| panic!("TARGETS: {table}"));
+    let used: u64 = used
+        .strip_suffix('%')
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("a utilization in TARGETS: {table}"));
+    assert!(
+        row.get(2) == Some(&"cpu:") && used > 50 && want == "50%",
+        "{table}"
+    );
+    assert_eq!(row.get(4..6), Some(&["1", "3"][..]), "{table}");
+    let described = c.cp.kubectl_ok(&["describe", "hpa", "burn"]);
+    assert!(
+        described.contains("SuccessfulRescale") && described.contains("New size: 3"),
+        "{described}"
+    );
+    assert!(
+        described.contains("ScalingActive") && described.contains("ValidMetricFound"),
+        "{described}"
+    );
+
+    // The load stops (a rollout to idle pods); after the 5 s window it
+    // goes back to one.
+    c.cp.kubectl_ok(&["set", "env", "deployment/burn", "MODE=idle"]);
+    wait_for(
+        "the HPA to scale burn back to 1",
+        Duration::from_secs(150),
+        || (c.cp.jsonpath(&["deployment", "burn"], "{.spec.replicas}") == "1").then_some(()),
+    );
+    let reason = c.cp.jsonpath(
+        &["hpa", "burn"],
+        r#"{.status.conditions[?(@.type=="ScalingActive")].reason}"#,
+    );
+    assert_eq!(reason, "ValidMetricFound");
+}

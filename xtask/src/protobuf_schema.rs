@@ -48,6 +48,7 @@ const ROOTS: &[&str] = &[
     "api.apps.v1.ControllerRevision",
     "api.batch.v1.Job",
     "api.batch.v1.CronJob",
+    "api.autoscaling.v2.HorizontalPodAutoscaler",
     "api.policy.v1.Eviction",
     "api.autoscaling.v1.Scale",
     "api.rbac.v1.Role",

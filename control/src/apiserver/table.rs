@@ -103,6 +103,15 @@ fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
             ("Node Selector", "string", 0),
             age,
         ],
+        ("autoscaling", "horizontalpodautoscalers") => vec![
+            name,
+            ("Reference", "string", 0),
+            ("Targets", "string", 0),
+            ("MinPods", "string", 0),
+            ("MaxPods", "integer", 0),
+            ("Replicas", "integer", 0),
+            age,
+        ],
         ("batch", "cronjobs") => vec![
             name,
             ("Schedule", "string", 0),
@@ -217,6 +226,50 @@ fn or_unknown(v: &str) -> String {
     } else {
         v.to_string()
     }
+}
+
+/// An HPA's TARGETS column: each Resource metric's current and target,
+/// as kubectl prints them (`cpu: 250%/50%`).
+fn hpa_targets(hpa: &Value) -> String {
+    let current = hpa
+        .pointer("/status/currentMetrics")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let parts: Vec<String> = hpa
+        .pointer("/spec/metrics")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|m| s(m, "/type") == "Resource")
+        .map(|m| {
+            let name = s(m, "/resource/name");
+            let cur = current
+                .iter()
+                .find(|c| s(c, "/resource/name") == name)
+                .and_then(|c| c.pointer("/resource/current"));
+            let (now, want) = if s(m, "/resource/target/type") == "Utilization" {
+                (
+                    cur.and_then(|c| c.get("averageUtilization"))
+                        .and_then(Value::as_i64)
+                        .map(|u| format!("{u}%")),
+                    format!("{}%", n(m, "/resource/target/averageUtilization")),
+                )
+            } else {
+                (
+                    cur.and_then(|c| c.get("averageValue"))
+                        .and_then(Value::as_str)
+                        .map(String::from),
+                    s(m, "/resource/target/averageValue").to_string(),
+                )
+            };
+            format!(
+                "{name}: {}/{want}",
+                now.unwrap_or_else(|| "<unknown>".into())
+            )
+        })
+        .collect();
+    or_none(parts.join(", "))
 }
 
 /// Whether the Job has condition `kind` with status True.
@@ -530,6 +583,18 @@ fn cells(r: &Resource, o: &Value) -> Vec<Value> {
                 json!(selector_string(o.pointer("/spec/selector"))),
             ]
         }
+        ("autoscaling", "horizontalpodautoscalers") => vec![
+            json!(format!(
+                "{}/{}",
+                s(o, "/spec/scaleTargetRef/kind"),
+                s(o, "/spec/scaleTargetRef/name")
+            )),
+            json!(hpa_targets(o)),
+            json!(n(o, "/spec/minReplicas").to_string()),
+            json!(n(o, "/spec/maxReplicas")),
+            json!(n(o, "/status/currentReplicas")),
+            created.clone(),
+        ],
         ("batch", "cronjobs") => {
             let template = o
                 .pointer("/spec/jobTemplate")

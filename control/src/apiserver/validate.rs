@@ -10,9 +10,9 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::{
-    apps::v1 as apps, batch::v1 as batch, certificates::v1 as certificates,
-    coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
-    rbac::v1 as rbac,
+    apps::v1 as apps, autoscaling::v2 as autoscaling, batch::v1 as batch,
+    certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core,
+    discovery::v1 as discovery, rbac::v1 as rbac,
 };
 use serde_json::{Map, Value, json};
 
@@ -50,6 +50,9 @@ pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
         ("apps", "ControllerRevision") => roundtrip::<apps::ControllerRevision>(v),
         ("batch", "Job") => roundtrip::<batch::Job>(v),
         ("batch", "CronJob") => roundtrip::<batch::CronJob>(v),
+        ("autoscaling", "HorizontalPodAutoscaler") => {
+            roundtrip::<autoscaling::HorizontalPodAutoscaler>(v)
+        }
         ("rbac.authorization.k8s.io", "ClusterRole") => roundtrip::<rbac::ClusterRole>(v),
         ("rbac.authorization.k8s.io", "ClusterRoleBinding") => {
             roundtrip::<rbac::ClusterRoleBinding>(v)
@@ -104,6 +107,19 @@ pub fn default(r: &Resource, v: &mut Value) {
         ("", "Secret") => set_default(v, "type", json!("Opaque")),
         ("", "ReplicationController") => default_replication_controller(v),
         ("batch", "Job") => default_job(obj_mut(v, "spec")),
+        ("autoscaling", "HorizontalPodAutoscaler") => {
+            let spec = obj_mut(v, "spec");
+            set_default(spec, "minReplicas", json!(1));
+            // Upstream's v2 default: 80 % of the pods' CPU requests.
+            if spec
+                .get("metrics")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+            {
+                spec["metrics"] = json!([{"type": "Resource", "resource": {"name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": 80}}}]);
+            }
+        }
         ("batch", "CronJob") => {
             let spec = obj_mut(v, "spec");
             set_default(spec, "concurrencyPolicy", json!("Allow"));
@@ -601,6 +617,94 @@ impl Check {
         }
     }
 
+    fn autoscaler(&mut self, spec: &Value) {
+        let min = spec.get("minReplicas").and_then(Value::as_i64).unwrap_or(1);
+        let max = spec.get("maxReplicas").and_then(Value::as_i64).unwrap_or(0);
+        if min < 1 {
+            self.push(Cause::invalid(
+                "spec.minReplicas",
+                min,
+                "must be greater than or equal to 1",
+            ));
+        }
+        if max < 1 {
+            self.push(Cause::invalid(
+                "spec.maxReplicas",
+                max,
+                "must be greater than or equal to 1",
+            ));
+        } else if max < min {
+            self.push(Cause::invalid(
+                "spec.maxReplicas",
+                max,
+                "must be greater than or equal to `minReplicas`",
+            ));
+        }
+        for f in ["kind", "name"] {
+            if spec
+                .pointer(&format!("/scaleTargetRef/{f}"))
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                self.push(Cause::required(format!("spec.scaleTargetRef.{f}")));
+            }
+        }
+        let metrics = spec.get("metrics").and_then(Value::as_array);
+        for (i, m) in metrics.into_iter().flatten().enumerate() {
+            let at = format!("spec.metrics[{i}]");
+            let kind = m.get("type").and_then(Value::as_str).unwrap_or_default();
+            if kind != "Resource" {
+                self.push(Cause::unsupported(
+                    format!("{at}.type"),
+                    kind,
+                    &["Resource"],
+                ));
+                continue;
+            }
+            let name = m
+                .pointer("/resource/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !matches!(name, "cpu" | "memory") {
+                self.push(Cause::unsupported(
+                    format!("{at}.resource.name"),
+                    name,
+                    &["cpu", "memory"],
+                ));
+            }
+            let target = m.pointer("/resource/target");
+            let ty = target
+                .and_then(|t| t.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            match ty {
+                "Utilization" => {
+                    if target
+                        .and_then(|t| t.get("averageUtilization"))
+                        .and_then(Value::as_i64)
+                        .is_none_or(|u| u < 1)
+                    {
+                        self.push(Cause::required(format!(
+                            "{at}.resource.target.averageUtilization"
+                        )));
+                    }
+                }
+                "AverageValue" => {
+                    if target.and_then(|t| t.get("averageValue")).is_none() {
+                        self.push(Cause::required(format!(
+                            "{at}.resource.target.averageValue"
+                        )));
+                    }
+                }
+                other => self.push(Cause::unsupported(
+                    format!("{at}.resource.target.type"),
+                    other,
+                    &["Utilization", "AverageValue"],
+                )),
+            }
+        }
+    }
+
     fn cron_job(&mut self, spec: &Value) {
         let schedule = spec
             .get("schedule")
@@ -876,6 +980,7 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
                 c.push(cause);
             }
         }
+        ("autoscaling", "HorizontalPodAutoscaler") => c.autoscaler(&spec),
         ("batch", "CronJob") => {
             if name.len() > 52 {
                 c.push(Cause::invalid(

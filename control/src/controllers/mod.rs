@@ -4,6 +4,7 @@
 //! kind changes (bursts coalesced) and on a resync period, so a missed or
 //! failed step is retried, never assumed done.
 
+pub mod autoscaler;
 pub mod certificates;
 pub mod cronjob;
 pub mod daemonset;
@@ -31,6 +32,8 @@ pub struct Settings {
     pub signer: Option<Arc<certificates::Signer>>,
     /// Node IPAM: the pod network whose ranges Nodes get as podCIDR.
     pub node_cidrs: Option<nodeipam::NodeCidrs>,
+    /// How often each HorizontalPodAutoscaler is evaluated.
+    pub hpa_sync_period: Duration,
 }
 
 /// Runs every controller until dropped. Dropping it (as a replica that
@@ -48,6 +51,7 @@ pub async fn run_all(client: Client, settings: Settings) {
     tasks.spawn(daemonset::run(client.clone()));
     tasks.spawn(job::run(client.clone()));
     tasks.spawn(cronjob::run(client.clone()));
+    tasks.spawn(autoscaler::run(client.clone(), settings.hpa_sync_period));
     tasks.spawn(endpointslice::run(client.clone()));
     tasks.spawn(gc::run(client.clone()));
     tasks.spawn(nodelifecycle::run(client.clone(), settings));

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Binding, Event, Node, ObjectReference, Pod, Taint, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod, Taint, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -27,38 +27,9 @@ use futures::StreamExt;
 use crate::fit::{affinity_matches, selector_matches, tolerates, untolerated_taint};
 use crate::informer::{next_pass, ready, reflect};
 use crate::meta::{controller_of, is_active, name_of, ns_of};
+pub use crate::quantity::parse_quantity;
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
-
-/// A Kubernetes quantity in base units (`100m` → 0.1, `1Gi` → 2^30).
-pub fn parse_quantity(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
-        .unwrap_or(s.len());
-    let (num, suffix) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let mult = match suffix {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        _ => return None,
-    };
-    Some(n * mult)
-}
 
 /// A pod's requests: CPU in millicores, memory in bytes (limits stand in
 /// for missing requests; init containers count by their maximum).
@@ -445,40 +416,21 @@ async fn report_unschedulable(client: &Client, pod: &Pod, msg: &str) {
     {
         warn!(pod = %name, error = %e, "recording the Unschedulable condition failed");
     }
-    let event = Event {
-        metadata: ObjectMeta {
-            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
-            namespace: Some(ns.into()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            uid: pod.metadata.uid.clone(),
-            ..Default::default()
-        },
-        reason: Some("FailedScheduling".into()),
-        message: Some(msg.into()),
-        type_: Some("Warning".into()),
-        count: Some(1),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        reporting_component: Some(SCHEDULER_NAME.into()),
-        reporting_instance: Some(SCHEDULER_NAME.into()),
-        action: Some("Scheduling".into()),
-        source: Some(k8s_openapi::api::core::v1::EventSource {
-            component: Some(SCHEDULER_NAME.into()),
-            host: None,
-        }),
+    let about = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        uid: pod.metadata.uid.clone(),
         ..Default::default()
     };
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    if let Err(e) = events.create(&PostParams::default(), &event).await {
-        warn!(pod = %name, error = %e, "recording the FailedScheduling event failed");
-    }
+    let said = crate::events::Said {
+        warning: true,
+        reason: "FailedScheduling",
+        message: msg,
+        action: "Scheduling",
+    };
+    crate::events::record(client, SCHEDULER_NAME, about, said).await;
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ pub(super) enum Strategy {
     ReplicationController,
     Job,
     CronJob,
+    /// HorizontalPodAutoscalers: the controller owns their status.
+    Autoscaler,
     Plain,
 }
 
@@ -43,6 +45,7 @@ impl Strategy {
             ("", "replicationcontrollers") => Self::ReplicationController,
             ("batch", "jobs") => Self::Job,
             ("batch", "cronjobs") => Self::CronJob,
+            ("autoscaling", "horizontalpodautoscalers") => Self::Autoscaler,
             _ => Self::Plain,
         }
     }
@@ -58,6 +61,7 @@ impl Strategy {
                 | Self::ReplicationController
                 | Self::Job
                 | Self::CronJob
+                | Self::Autoscaler
         )
     }
 
