@@ -70,9 +70,19 @@ impl Resource {
         self.group == "metrics.k8s.io"
     }
 
-    /// Kept in etcd under [`Resource::prefix`].
+    /// The version this one is stored as, when it is only a second
+    /// served version of it (`apiserver/convert.rs` turns one into the
+    /// other).
+    pub fn stored_as(&self) -> Option<&'static Resource> {
+        if self.is("autoscaling", "horizontalpodautoscalers") && self.version == "v1" {
+            return find("autoscaling", "v2", "horizontalpodautoscalers");
+        }
+        None
+    }
+
+    /// Kept in etcd under [`Resource::prefix`], as itself.
     pub fn stored(&self) -> bool {
-        !self.review() && !self.metrics()
+        !self.review() && !self.metrics() && self.stored_as().is_none()
     }
 }
 
@@ -114,6 +124,8 @@ pub static RESOURCES: &[Resource] = &[
     resource!("apps", "v1", "DaemonSet", "daemonsets", "daemonset", true, &["ds"], status: true, scale: false, generation: true, categories: ALL),
     resource!("apps", "v1", "ControllerRevision", "controllerrevisions", "controllerrevision", true, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", "horizontalpodautoscaler", true, &["hpa"], status: true, scale: false, generation: true, categories: ALL),
+    // Stored as v2, served as v1 too (`apiserver/convert.rs`).
+    resource!("autoscaling", "v1", "HorizontalPodAutoscaler", "horizontalpodautoscalers", "horizontalpodautoscaler", true, &["hpa"], status: true, scale: false, generation: true, categories: ALL),
     resource!("batch", "v1", "Job", "jobs", "job", true, &[], status: true, scale: false, generation: true, categories: ALL),
     resource!("batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], status: true, scale: false, generation: true, categories: ALL),
     resource!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, &[], status: false, scale: false, generation: false, categories: &[]),
@@ -142,12 +154,20 @@ pub fn groups() -> Vec<&'static str> {
     out
 }
 
-/// The version a group is served at.
+/// The version a group is preferably served at.
 pub fn group_version(group: &str) -> &'static str {
-    RESOURCES
-        .iter()
-        .find(|r| r.group == group)
-        .map_or("v1", |r| r.version)
+    group_versions(group).first().copied().unwrap_or("v1")
+}
+
+/// Every version a group is served at, the preferred first.
+pub fn group_versions(group: &str) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for r in RESOURCES.iter().filter(|r| r.group == group) {
+        if !out.contains(&r.version) {
+            out.push(r.version);
+        }
+    }
+    out
 }
 
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {

@@ -513,23 +513,42 @@ spec:
         image: {}
         command: ["sh", "-c", "if [ \"$MODE\" = idle ]; then exec sleep 3600; fi; while true; do :; done"]
         resources: {{requests: {{cpu: 100m}}}}
----
-apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata: {{name: burn}}
-spec:
-  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: burn}}
-  minReplicas: 1
-  maxReplicas: 3
-  metrics:
-  - type: Resource
-    resource: {{name: cpu, target: {{type: Utilization, averageUtilization: 50}}}}
-  behavior:
-    scaleDown: {{stabilizationWindowSeconds: 5}}
 "#,
         c.image
     ))
     .unwrap_or_else(|e| panic!("{e}"));
+    // kubectl autoscale writes autoscaling/v1; the behavior is set through
+    // v2, and each version reads what the other wrote.
+    c.cp.kubectl_ok(&[
+        "autoscale",
+        "deployment",
+        "burn",
+        "--min=1",
+        "--max=3",
+        "--cpu-percent=50",
+    ]);
+    c.cp.kubectl_ok(&[
+        "patch",
+        "hpa",
+        "burn",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"behavior":{"scaleDown":{"stabilizationWindowSeconds":5}}}}"#,
+    ]);
+    assert_eq!(
+        c.cp.jsonpath(
+            &["horizontalpodautoscalers.v2.autoscaling", "burn"],
+            "{.spec.metrics[0].resource.target.averageUtilization} {.spec.behavior.scaleDown.stabilizationWindowSeconds}"
+        ),
+        "50 5"
+    );
+    assert_eq!(
+        c.cp.jsonpath(
+            &["horizontalpodautoscalers.v1.autoscaling", "burn"],
+            "{.spec.targetCPUUtilizationPercentage}"
+        ),
+        "50"
+    );
 
     // Far above 50 % of 100m: up to the maximum of three.
     wait_for(

@@ -49,6 +49,7 @@ const ROOTS: &[&str] = &[
     "api.batch.v1.Job",
     "api.batch.v1.CronJob",
     "api.autoscaling.v2.HorizontalPodAutoscaler",
+    "api.autoscaling.v1.HorizontalPodAutoscaler",
     "api.policy.v1.Eviction",
     "api.autoscaling.v1.Scale",
     "api.rbac.v1.Role",

@@ -53,9 +53,12 @@ pub fn api_versions(advertise: SocketAddr) -> Value {
 }
 
 fn group_doc(g: &str) -> Value {
-    let v = resources::group_version(g);
-    let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
-    json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+    let versions: Vec<Value> = resources::group_versions(g)
+        .into_iter()
+        .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+        .collect();
+    let preferred = versions.first().cloned().unwrap_or(Value::Null);
+    json!({"name": g, "versions": versions, "preferredVersion": preferred})
 }
 
 pub fn group_list() -> Value {

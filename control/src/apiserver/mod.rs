@@ -7,6 +7,7 @@
 //! else.
 
 mod access;
+mod convert;
 mod discovery;
 mod fields;
 mod logs;
@@ -469,8 +470,20 @@ impl Api {
             strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),
         };
         let body = read_body(req).await?;
-        let parse = |body: &[u8]| parse_body(&content_type, body);
-        let r = t.resource;
+        // A version served over another stored one: requests are turned
+        // into the stored version, answers back.
+        let stored = convert::storage_of(t.resource);
+        let served = stored.map(|_| objects::Served {
+            to_served: convert::hpa_to_v1,
+            to_stored: convert::hpa_to_v2,
+        });
+        let parse = |body: &[u8]| {
+            parse_body(&content_type, body).map(|v| match served {
+                Some(s) => (s.to_stored)(&v),
+                None => v,
+            })
+        };
+        let r = stored.unwrap_or(t.resource);
         let ns = t.namespace.as_deref();
         let watching = q.get("watch").is_some_and(|v| v == "true" || v == "1");
         let attrs = Attributes::Resource(ResourceAttributes {
@@ -504,7 +517,7 @@ impl Api {
                 _ => Err(ApiError::method_not_allowed(method.as_str())),
             };
         }
-        match (&method, t.name.as_deref(), t.sub.as_deref()) {
+        let resp = match (&method, t.name.as_deref(), t.sub.as_deref()) {
             (&Method::GET, None, None) => {
                 if watching {
                     self.watch(r, ns, &q, as_table).await
@@ -568,7 +581,7 @@ impl Api {
             (&Method::PATCH, Some(name), sub) => {
                 let patch = parse_json(&body)?;
                 let patched = self
-                    .patch(r, ns, name, sub, &content_type, &patch, w)
+                    .patch(r, ns, name, sub, &content_type, &patch, w, served)
                     .await?;
                 Ok(json_response(200, &patched))
             }
@@ -593,7 +606,11 @@ impl Api {
                 Ok(json_response(200, &out))
             }
             _ => Err(ApiError::method_not_allowed(method.as_str())),
-        }
+        }?;
+        Ok(match stored {
+            Some(_) if !as_table => convert::response_to_v1(resp).await,
+            _ => resp,
+        })
     }
 }
 

@@ -166,6 +166,14 @@ fn check_kind(r: &Resource, obj: &mut Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// How a resource served at another version than it is stored at turns
+/// objects from one into the other.
+#[derive(Clone, Copy)]
+pub(crate) struct Served {
+    pub to_served: fn(&Value) -> Value,
+    pub to_stored: fn(&Value) -> Value,
+}
+
 fn scale_of(obj: &Value) -> Value {
     let selector = selector_text(obj.pointer("/spec/selector"));
     let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
@@ -544,16 +552,20 @@ impl Api {
         content_type: &str,
         patch: &Value,
         w: Write,
+        served: Option<Served>,
     ) -> Result<Value, ApiError> {
         let media = content_type.split(';').next().unwrap_or_default().trim();
         self.replace_with(r, ns, name, sub, w, |cur, _| {
-            // A scale patch applies to the Scale view of the object.
+            // A scale patch applies to the Scale view of the object, and a
+            // patch sent to another served version to that version's.
             let view = if sub == Some("scale") && r.scale {
                 scale_of(cur)
+            } else if let Some(s) = served {
+                (s.to_served)(cur)
             } else {
                 cur.clone()
             };
-            match media {
+            let patched = match media {
                 "application/json-patch+json" => crate::apiserver::patch::json_patch(&view, patch),
                 "application/merge-patch+json" => crate::apiserver::patch::merge_patch(&view, patch),
                 "application/strategic-merge-patch+json" => {
@@ -561,7 +573,11 @@ impl Api {
                 }
                 other => return Err(ApiError::unsupported_media(other, "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json")),
             }
-            .map_err(|e| ApiError::bad_request(e.to_string()))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(match served {
+                Some(s) if sub.is_none() => (s.to_stored)(&patched),
+                _ => patched,
+            })
         })
         .await
     }
