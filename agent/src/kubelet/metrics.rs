@@ -67,17 +67,23 @@ pub fn cgroup_usage(root: &Path, rel: &str) -> Option<Usage> {
         machine_working_set().unwrap_or(0)
     } else {
         let mem = root.join("memory").join(rel);
-        let used: u64 = std::fs::read_to_string(mem.join("memory.usage_in_bytes"))
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let stat = std::fs::read_to_string(mem.join("memory.stat")).unwrap_or_default();
-        used.saturating_sub(stat_field(&stat, "total_inactive_file").unwrap_or(0))
+        working_set(&mem, "memory.usage_in_bytes", "total_inactive_file")
     };
     Some(Usage {
         cpu_seconds: ns as f64 / 1e9,
         working_set,
     })
+}
+
+/// Memory in use (the file `used` in `dir`) less the inactive file cache
+/// (`inactive` in its memory.stat).
+fn working_set(dir: &Path, used: &str, inactive: &str) -> u64 {
+    let used: u64 = std::fs::read_to_string(dir.join(used))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+    used.saturating_sub(stat_field(&stat, inactive).unwrap_or(0))
 }
 
 fn v2_usage(dir: &Path, root: bool) -> Option<Usage> {
@@ -87,12 +93,7 @@ fn v2_usage(dir: &Path, root: bool) -> Option<Usage> {
         // The root cgroup has no memory.current: the machine's instead.
         machine_working_set().unwrap_or(0)
     } else {
-        let current: u64 = std::fs::read_to_string(dir.join("memory.current"))
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
-        current.saturating_sub(stat_field(&stat, "inactive_file").unwrap_or(0))
+        working_set(dir, "memory.current", "inactive_file")
     };
     Some(Usage {
         cpu_seconds: usec as f64 / 1e6,

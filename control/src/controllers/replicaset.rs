@@ -124,6 +124,27 @@ pub(crate) fn pod_from_template(
     }
 }
 
+/// What a ReplicaSet's or ReplicationController's status counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Counts {
+    replicas: i32,
+    ready: i32,
+    available: i32,
+    observed_generation: Option<i64>,
+}
+
+/// The two kinds' statuses have the same fields under different types.
+macro_rules! counts_of {
+    ($status:expr) => {
+        $status.as_ref().map(|s| Counts {
+            replicas: s.replicas,
+            ready: s.ready_replicas.unwrap_or(0),
+            available: s.available_replicas.unwrap_or(0),
+            observed_generation: s.observed_generation,
+        })
+    };
+}
+
 /// What the controller reads of the kinds it keeps.
 trait Replicated:
     kube::Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -137,10 +158,8 @@ trait Replicated:
     fn replicas(&self) -> Option<i32>;
     fn template(&self) -> Option<&PodTemplateSpec>;
     fn min_ready_seconds(&self) -> i32;
-    /// `status.replicas`, `readyReplicas` and `availableReplicas`, if it
-    /// has a status yet.
-    fn counts(&self) -> Option<(i32, i32, i32)>;
-    fn observed_generation(&self) -> Option<i64>;
+    /// What its status says, if it has one yet.
+    fn counts(&self) -> Option<Counts>;
 }
 
 impl Replicated for ReplicaSet {
@@ -153,19 +172,12 @@ impl Replicated for ReplicaSet {
     fn min_ready_seconds(&self) -> i32 {
         self.spec.min_ready_seconds.unwrap_or(0)
     }
-    fn counts(&self) -> Option<(i32, i32, i32)> {
-        let s = self.status.as_ref()?;
-        Some((
-            s.replicas,
-            s.ready_replicas.unwrap_or(0),
-            s.available_replicas.unwrap_or(0),
-        ))
-    }
-    fn observed_generation(&self) -> Option<i64> {
-        self.status.as_ref()?.observed_generation
+    fn counts(&self) -> Option<Counts> {
+        counts_of!(self.status)
     }
 }
 
+/// The spec is optional in this kind's type.
 impl Replicated for ReplicationController {
     fn replicas(&self) -> Option<i32> {
         self.spec.as_ref()?.replicas
@@ -179,16 +191,8 @@ impl Replicated for ReplicationController {
             .and_then(|s| s.min_ready_seconds)
             .unwrap_or(0)
     }
-    fn counts(&self) -> Option<(i32, i32, i32)> {
-        let s = self.status.as_ref()?;
-        Some((
-            s.replicas,
-            s.ready_replicas.unwrap_or(0),
-            s.available_replicas.unwrap_or(0),
-        ))
-    }
-    fn observed_generation(&self) -> Option<i64> {
-        self.status.as_ref()?.observed_generation
+    fn counts(&self) -> Option<Counts> {
+        counts_of!(self.status)
     }
 }
 
@@ -324,11 +328,12 @@ async fn reconcile<K: Replicated>(
         "availableReplicas": available,
         "observedGeneration": rs.meta().generation,
     });
-    let same = rs.counts().is_some_and(|(replicas, ready, avail)| {
-        replicas as usize == all_active.len()
-            && ready as usize == ready_n
-            && avail as usize == available
-    }) && rs.observed_generation() == rs.meta().generation;
+    let same = rs.counts().is_some_and(|c| {
+        c.replicas as usize == all_active.len()
+            && c.ready as usize == ready_n
+            && c.available as usize == available
+            && c.observed_generation == rs.meta().generation
+    });
     if !same {
         let api: Api<K> = Api::namespaced(client.clone(), ns);
         crate::informer::write_status(&api, name, status).await;
