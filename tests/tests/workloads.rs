@@ -201,6 +201,23 @@ fn jobs_run_to_completion_in_parallel_stop_at_their_backoff_limit_and_give_each_
     ))
     .unwrap_or_else(|e| panic!("{e}"));
     c.cp.kubectl_ok(&["create", "job", "hello", "--image", img, "--", "echo", "hi"]);
+    // A pod failure policy: exit 42 fails the Job at once, exit 3 is not
+    // counted at all.
+    let rules = |action: &str, code: u32| {
+        format!(
+            "  backoffLimit: 6\n  podFailurePolicy:\n    rules:\n    - action: {action}\n      onExitCodes: {{operator: In, values: [{code}]}}\n"
+        )
+    };
+    c.cp.apply(&job(
+        "policy",
+        &rules("FailJob", 42),
+        "Never",
+        img,
+        "exit 42",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    c.cp.apply(&job("ignored", &rules("Ignore", 3), "Never", img, "exit 3"))
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Parallelism caps the running pods while the five go through.
     let mut most = 0;
@@ -282,6 +299,29 @@ fn jobs_run_to_completion_in_parallel_stop_at_their_backoff_limit_and_give_each_
     let tries =
         c.cp.kubectl_ok(&["get", "pods", "-l", "job-name=fails", "-o", "name"]);
     assert_eq!(tries.lines().count(), 2, "{tries}");
+
+    wait_job(&c, "policy", "Failed", 60);
+    let why = c.cp.jsonpath(
+        &["job", "policy"],
+        r#"{.status.failed} {.status.conditions[?(@.type=="Failed")].reason}: {.status.conditions[?(@.type=="Failed")].message}"#,
+    );
+    assert!(
+        why.starts_with("1 PodFailurePolicy: Container main for pod default/policy-")
+            && why.ends_with("failed with exit code 42 matching FailJob rule at index 0"),
+        "{why}"
+    );
+    // Ignored failures are replaced and never counted.
+    wait_for(
+        "ignored failures to be replaced",
+        Duration::from_secs(60),
+        || {
+            let tries =
+                c.cp.kubectl_ok(&["get", "pods", "-l", "job-name=ignored", "-o", "name"]);
+            (tries.lines().count() >= 3).then_some(())
+        },
+    );
+    assert_eq!(c.cp.jsonpath(&["job", "ignored"], "{.status.failed}"), "");
+    c.cp.kubectl_ok(&["delete", "job", "ignored", "--wait=false"]);
 
     // Suspended, nothing ran; resumed, it runs, and its TTL removes it
     // with its pod.

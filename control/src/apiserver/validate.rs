@@ -750,6 +750,64 @@ impl Check {
         }
     }
 
+    fn pod_failure_policy(&mut self, at: &str, pfp: &Value) {
+        let rules = pfp.get("rules").and_then(Value::as_array);
+        for (i, rule) in rules.into_iter().flatten().enumerate() {
+            let at = format!("{at}.rules[{i}]");
+            let action = rule
+                .get("action")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            // FailIndex needs backoffLimitPerIndex, which is not served.
+            if !matches!(action, "FailJob" | "Ignore" | "Count") {
+                self.push(Cause::unsupported(
+                    format!("{at}.action"),
+                    action,
+                    &["Count", "FailJob", "Ignore"],
+                ));
+            }
+            let codes = rule.get("onExitCodes").filter(|v| !v.is_null());
+            let conditions = rule.get("onPodConditions").filter(|v| !v.is_null());
+            match (codes, conditions) {
+                (Some(_), Some(_)) => self.push(Cause::invalid(
+                    at.clone(),
+                    "",
+                    "specifying both OnExitCodes and OnPodConditions is not supported",
+                )),
+                (None, None) => self.push(Cause::invalid(
+                    at.clone(),
+                    "",
+                    "specifying one of OnExitCodes and OnPodConditions is required",
+                )),
+                _ => {}
+            }
+            if let Some(c) = codes {
+                let op = c
+                    .get("operator")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if !matches!(op, "In" | "NotIn") {
+                    self.push(Cause::unsupported(
+                        format!("{at}.onExitCodes.operator"),
+                        op,
+                        &["In", "NotIn"],
+                    ));
+                }
+                let values = c.get("values").and_then(Value::as_array);
+                if values.is_none_or(Vec::is_empty) {
+                    self.push(Cause::required(format!("{at}.onExitCodes.values")));
+                }
+                if op == "In" && values.into_iter().flatten().any(|v| v == 0) {
+                    self.push(Cause::invalid(
+                        format!("{at}.onExitCodes.values"),
+                        0,
+                        "must not be 0 for the In operator",
+                    ));
+                }
+            }
+        }
+    }
+
     /// A Job's spec, at `at` (`spec`, or a CronJob's
     /// `spec.jobTemplate.spec`).
     fn job(&mut self, at: &str, spec: &Value) {
@@ -818,6 +876,16 @@ impl Check {
                 policy,
                 &["OnFailure", "Never"],
             ));
+        }
+        if let Some(pfp) = spec.get("podFailurePolicy").filter(|v| !v.is_null()) {
+            if policy == "OnFailure" {
+                self.push(Cause::invalid(
+                    format!("{at}.template.spec.restartPolicy"),
+                    policy,
+                    "only \"Never\" is supported when podFailurePolicy is specified",
+                ));
+            }
+            self.pod_failure_policy(&format!("{at}.podFailurePolicy"), pfp);
         }
     }
 
@@ -1115,6 +1183,32 @@ mod tests {
         assert_eq!(
             fields(validate(rc, &empty, LIMITS)),
             ["spec.selector", "spec.template"]
+        );
+    }
+
+    #[test]
+    fn job_rules_name_fields() {
+        let jobs = find("batch", "v1", "jobs").expect("jobs");
+        let mut bad = json!({"metadata": {"name": "j", "uid": "u"}, "spec": {
+            "completionMode": "Indexed", "parallelism": -1,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [0]}},
+                {"action": "Retry", "onPodConditions": [{"type": "DisruptionTarget"}],
+                 "onExitCodes": {"operator": "NotIn", "values": [1]}},
+            ]},
+            "template": {"spec": {"restartPolicy": "OnFailure", "containers": [{"name": "c", "image": "busybox"}]}}}});
+        super::super::registry::job::admit(&mut bad);
+        default(jobs, &mut bad);
+        assert_eq!(
+            fields(validate(jobs, &bad, LIMITS)),
+            [
+                "spec.parallelism",
+                "spec.completions",
+                "spec.template.spec.restartPolicy",
+                "spec.podFailurePolicy.rules[0].onExitCodes.values",
+                "spec.podFailurePolicy.rules[1].action",
+                "spec.podFailurePolicy.rules[1]",
+            ]
         );
     }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{Job, PodFailurePolicy};
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodTemplateSpec};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -98,10 +98,67 @@ fn phase(p: &Pod) -> &str {
         .unwrap_or_default()
 }
 
-/// Upstream's "failed" for counting: it failed, or it was deleted before
-/// it succeeded.
-fn failed(p: &Pod) -> bool {
-    phase(p) == "Failed" || (p.metadata.deletion_timestamp.is_some() && phase(p) != "Succeeded")
+/// Upstream's "failed" for counting: it failed, or, unless only failed
+/// pods count (a pod failure policy), it was deleted before it succeeded.
+fn failed(p: &Pod, only_failed: bool) -> bool {
+    phase(p) == "Failed"
+        || (!only_failed && p.metadata.deletion_timestamp.is_some() && phase(p) != "Succeeded")
+}
+
+/// The first rule of the pod failure policy a failed pod matches: its
+/// action and upstream's message for it.
+fn policy_match(policy: &PodFailurePolicy, p: &Pod) -> Option<(String, String)> {
+    let (ns, pod) = (ns_of(&p.metadata), name_of(&p.metadata));
+    let status = p.status.as_ref();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        if let Some(codes) = &rule.on_exit_codes {
+            let statuses = status
+                .and_then(|s| s.container_statuses.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|c| codes.container_name.as_ref().is_none_or(|n| *n == c.name));
+            for c in statuses {
+                let Some(code) = c
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.terminated.as_ref())
+                    .map(|t| t.exit_code)
+                else {
+                    continue;
+                };
+                let listed = codes.values.contains(&code);
+                let hit = match codes.operator.as_str() {
+                    "In" => listed,
+                    "NotIn" => !listed && code != 0,
+                    _ => false,
+                };
+                if hit {
+                    let msg = format!(
+                        "Container {} for pod {ns}/{pod} failed with exit code {code} matching {} rule at index {i}",
+                        c.name, rule.action
+                    );
+                    return Some((rule.action.clone(), msg));
+                }
+            }
+        }
+        for pattern in rule.on_pod_conditions.iter().flatten() {
+            let want = pattern.status.as_deref().unwrap_or("True");
+            let has = status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == pattern.type_ && c.status == want)
+                });
+            if has {
+                let msg = format!(
+                    "Pod {ns}/{pod} has condition {} matching {} rule at index {i}",
+                    pattern.type_, rule.action
+                );
+                return Some((rule.action.clone(), msg));
+            }
+        }
+    }
+    None
 }
 
 fn index_of(p: &Pod) -> Option<i64> {
@@ -362,6 +419,9 @@ async fn reconcile(
     let indexed = spec.completion_mode.as_deref() == Some("Indexed");
     let mut completed = parse_indexes(status.completed_indexes.as_deref().unwrap_or_default());
     let mut newly = false;
+    let policy = spec.pod_failure_policy.as_ref();
+    // Failures an Ignore rule matched: untracked, never counted.
+    let mut ignored: Vec<Arc<Pod>> = Vec::new();
     for p in owned.iter().filter(|p| tracked(p)) {
         let puid = p.metadata.uid.clone().unwrap_or_default();
         if unc_ok.contains(&puid) || unc_failed.contains(&puid) {
@@ -373,12 +433,31 @@ async fn reconcile(
                 completed.insert(i);
             }
             newly = true;
-        } else if failed(p) {
+        } else if failed(p, policy.is_some()) {
+            match policy.and_then(|pol| policy_match(pol, p)) {
+                Some((action, _)) if action == "Ignore" => {
+                    ignored.push(p.clone());
+                    continue;
+                }
+                // Recorded with the pod, so the Job fails even if this
+                // pass goes no further.
+                Some((action, message)) if action == "FailJob" => {
+                    set_condition(
+                        &mut conds,
+                        "FailureTarget",
+                        "True",
+                        "PodFailurePolicy",
+                        &message,
+                    );
+                }
+                _ => {}
+            }
             unc_failed.insert(puid);
             st.last_failure.insert(uid.clone(), Instant::now());
             newly = true;
         }
     }
+    untrack(client, &ignored).await;
     let completions = spec.completions.map(i64::from);
     if indexed && let Some(n) = completions {
         completed.retain(|i| (0..n).contains(i));
@@ -388,6 +467,7 @@ async fn reconcile(
         let record = json!({
             "uncountedTerminatedPods": {"succeeded": uids(&unc_ok), "failed": uids(&unc_failed)},
             "completedIndexes": if indexed { json!(indexes_text) } else { Value::Null },
+            "conditions": if conds.is_empty() { Value::Null } else { json!(conds) },
         });
         let patch = json!({"status": record});
         if let Err(e) = jobs
@@ -469,15 +549,21 @@ async fn reconcile(
         .active_deadline_seconds
         .zip(start)
         .map(|(s, t)| t + jiff::SignedDuration::from_secs(s));
-    let failure = if failures + restarts > backoff_limit {
+    let by_policy = conds
+        .iter()
+        .find(|c| c["type"] == "FailureTarget" && c["reason"] == "PodFailurePolicy")
+        .map(|c| c["message"].as_str().unwrap_or_default().to_string());
+    let failure: Option<(&str, String)> = if let Some(message) = by_policy {
+        Some(("PodFailurePolicy", message))
+    } else if failures + restarts > backoff_limit {
         Some((
             "BackoffLimitExceeded",
-            "Job has reached the specified backoff limit",
+            "Job has reached the specified backoff limit".into(),
         ))
     } else if !suspended && deadline.is_some_and(|d| d <= now_ts) {
         Some((
             "DeadlineExceeded",
-            "Job was active longer than specified deadline",
+            "Job was active longer than specified deadline".into(),
         ))
     } else {
         None
@@ -493,8 +579,8 @@ async fn reconcile(
         wake = Some(Duration::from_secs(1));
     } else if let Some((reason, message)) = failure {
         remove(client, job, std::mem::take(&mut active), &mut st.exp).await;
-        set_condition(&mut conds, "FailureTarget", "True", reason, message);
-        set_condition(&mut conds, "Failed", "True", reason, message);
+        set_condition(&mut conds, "FailureTarget", "True", reason, &message);
+        set_condition(&mut conds, "Failed", "True", reason, &message);
         info!(job = %format!("{ns}/{name}"), reason, "failed");
     } else if complete {
         remove(client, job, std::mem::take(&mut active), &mut st.exp).await;

@@ -25,7 +25,7 @@ fn generated_selector(uid: &str) -> Value {
 /// Admission on create: the generated selector, and the labels it
 /// selects (with the legacy unprefixed pair) on the pod template. A
 /// selector the client gave is left for validation to refuse.
-pub(super) fn admit(obj: &mut Value) {
+pub(crate) fn admit(obj: &mut Value) {
     if manual(obj) {
         return;
     }
