@@ -55,3 +55,27 @@ pub(crate) async fn record(
         warn!(object = %name, reason = said.reason, error = %e, "recording an event failed");
     }
 }
+
+/// A reference to `obj` for an event about it.
+pub(crate) fn about<K: kube::Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
+    let m = obj.meta();
+    ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        uid: m.uid.clone(),
+        resource_version: m.resource_version.clone(),
+        ..Default::default()
+    }
+}
+
+/// A Normal event.
+pub(crate) fn normal<'a>(reason: &'a str, message: &'a str) -> Said<'a> {
+    Said {
+        warning: false,
+        reason,
+        message,
+        action: "",
+    }
+}

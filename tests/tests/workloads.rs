@@ -123,6 +123,11 @@ fn a_replication_controller_keeps_its_pods_scales_and_takes_them_when_deleted() 
         out.contains("1 current / 1 desired").then_some(out)
     });
     assert!(described.contains("Selector:"), "{described}");
+    // What the controller did shows as events.
+    assert!(
+        described.contains("SuccessfulCreate") && described.contains("Created pod: web-"),
+        "{described}"
+    );
 
     // Deleting it takes its pods with it.
     c.cp.kubectl_ok(&["delete", "rc", "web"]);
@@ -296,6 +301,11 @@ fn jobs_run_to_completion_in_parallel_stop_at_their_backoff_limit_and_give_each_
         ),
         "2 BackoffLimitExceeded"
     );
+    let described = c.cp.kubectl_ok(&["describe", "job", "fails"]);
+    assert!(
+        described.contains("BackoffLimitExceeded") && described.contains("Created pod: fails-"),
+        "{described}"
+    );
     let tries =
         c.cp.kubectl_ok(&["get", "pods", "-l", "job-name=fails", "-o", "name"]);
     assert_eq!(tries.lines().count(), 2, "{tries}");
@@ -421,6 +431,11 @@ fn a_cron_job_runs_each_minute_and_keeps_its_history_limit() {
         let done: Vec<&str> = done.lines().filter(|n| n.starts_with("tick-")).collect();
         (done == [newest.as_str()]).then_some(())
     });
+    let described = c.cp.kubectl_ok(&["describe", "cronjob", "tick"]);
+    assert!(
+        described.contains("SuccessfulCreate") && described.contains("SuccessfulDelete"),
+        "{described}"
+    );
     let status = c.cp.jsonpath(
         &["cronjob", "tick"],
         "{.status.lastScheduleTime} {.status.lastSuccessfulTime}",

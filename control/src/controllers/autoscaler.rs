@@ -22,14 +22,14 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::autoscaling::v2::{
     HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler, MetricSpec,
 };
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::events::{Said, record};
+use crate::events::{Said, about, record};
 use crate::informer::{next_pass, ready, reflect};
 use crate::meta::{name_of, now, ns_of};
 use crate::quantity::parse_quantity;
@@ -704,7 +704,7 @@ async fn reconcile(
                     "observedGeneration": hpa.metadata.generation,
                 }))
                 .await;
-                let about = reference(hpa);
+                let about = about(hpa);
                 let said = Said {
                     warning: true,
                     reason,
@@ -780,7 +780,7 @@ async fn reconcile(
                     message: &msg,
                     action: "",
                 };
-                record(client, COMPONENT, reference(hpa), said).await;
+                record(client, COMPONENT, about(hpa), said).await;
             }
             Err(e) => {
                 warn!(hpa = %format!("{ns}/{name}"), error = %e, "rescale failed");
@@ -817,17 +817,6 @@ async fn reconcile(
         "observedGeneration": hpa.metadata.generation,
     }))
     .await;
-}
-
-fn reference(hpa: &HorizontalPodAutoscaler) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("autoscaling/v2".into()),
-        kind: Some("HorizontalPodAutoscaler".into()),
-        name: hpa.metadata.name.clone(),
-        namespace: hpa.metadata.namespace.clone(),
-        uid: hpa.metadata.uid.clone(),
-        ..Default::default()
-    }
 }
 
 #[cfg(test)]

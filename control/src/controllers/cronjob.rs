@@ -28,12 +28,14 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::cron::{Schedule, zone};
+use crate::events::{about, normal, record};
 use crate::informer::{Wake, next_pass, ready, reflect};
 use crate::meta::{controller_of, name_of, ns_of, owner_ref};
 
 /// Missed times counted before only the newest is looked for.
 const MISSED_LIMIT: usize = 100;
 const SCHEDULED_AT: &str = "batch.kubernetes.io/cronjob-scheduled-timestamp";
+const COMPONENT: &str = "cronjob-controller";
 
 pub async fn run(client: Client) {
     let notify = Arc::new(Notify::new());
@@ -93,7 +95,7 @@ async fn delete_job(api: &Api<Job>, name: &str, why: &str) {
 }
 
 /// Deletes the finished Jobs beyond the history limits, oldest first.
-async fn trim_history(api: &Api<Job>, cj: &CronJob, owned: &[Arc<Job>]) {
+async fn trim_history(client: &Client, api: &Api<Job>, cj: &CronJob, owned: &[Arc<Job>]) {
     let spec = &cj.spec;
     for (kind, limit) in [
         ("Complete", spec.successful_jobs_history_limit.unwrap_or(3)),
@@ -112,7 +114,16 @@ async fn trim_history(api: &Api<Job>, cj: &CronJob, owned: &[Arc<Job>]) {
         });
         let extra = done.len().saturating_sub(limit.max(0) as usize);
         for j in &done[..extra] {
-            delete_job(api, name_of(&j.metadata), "history limit").await;
+            let n = name_of(&j.metadata);
+            delete_job(api, n, "history limit").await;
+            let msg = format!("Deleted job {n}");
+            record(
+                client,
+                COMPONENT,
+                about(cj),
+                normal("SuccessfulDelete", &msg),
+            )
+            .await;
         }
     }
 }
@@ -152,7 +163,7 @@ async fn reconcile(client: &Client, cj: &CronJob, owned: Vec<Arc<Job>>) -> Optio
             last_success = Some(last_success.map_or(t, |l| l.max(t)));
         }
     }
-    trim_history(&jobs, cj, &owned).await;
+    trim_history(client, &jobs, cj, &owned).await;
 
     let mut last_schedule = status.last_schedule_time.as_ref().map(|t| t.0);
     let mut wake = None;
@@ -187,7 +198,7 @@ async fn reconcile(client: &Client, cj: &CronJob, owned: Vec<Arc<Job>>) -> Optio
                         delete_job(&jobs, &n, "replaced").await;
                     }
                 }
-                match start(&jobs, cj, t).await {
+                match start(client, &jobs, cj, t).await {
                     Some(job) => {
                         active.push(reference(&job));
                         last_schedule = Some(t);
@@ -222,7 +233,7 @@ async fn reconcile(client: &Client, cj: &CronJob, owned: Vec<Arc<Job>>) -> Optio
 
 /// Creates the Job for scheduled time `t`; an existing one of that name
 /// (an earlier pass made it) counts as made.
-async fn start(api: &Api<Job>, cj: &CronJob, t: Timestamp) -> Option<Job> {
+async fn start(client: &Client, api: &Api<Job>, cj: &CronJob, t: Timestamp) -> Option<Job> {
     let spec = &cj.spec;
     let name = format!("{}-{}", name_of(&cj.metadata), t.as_second() / 60);
     let meta = spec.job_template.metadata.clone().unwrap_or_default();
@@ -246,6 +257,14 @@ async fn start(api: &Api<Job>, cj: &CronJob, t: Timestamp) -> Option<Job> {
     match api.create(&PostParams::default(), &job).await {
         Ok(j) => {
             info!(job = %name, scheduled = %t, "started");
+            let msg = format!("Created job {name}");
+            record(
+                client,
+                COMPONENT,
+                about(cj),
+                normal("SuccessfulCreate", &msg),
+            )
+            .await;
             Some(j)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await.ok(),

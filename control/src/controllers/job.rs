@@ -27,10 +27,12 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::replicaset::{Expectations, deletion_order, pod_from_template, pods_by_owner};
+use crate::events::{Said, about, normal, record};
 use crate::informer::{Wake, in_parallel, next_pass, ready, reflect};
 use crate::meta::{controller_of, is_active, is_ready, name_of, now, ns_of, owner_ref};
 
 const TRACKING: &str = "batch.kubernetes.io/job-tracking";
+const COMPONENT: &str = "job-controller";
 const INDEX: &str = "batch.kubernetes.io/job-completion-index";
 const BACKOFF_BASE: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(360);
@@ -582,6 +584,13 @@ async fn reconcile(
         set_condition(&mut conds, "FailureTarget", "True", reason, &message);
         set_condition(&mut conds, "Failed", "True", reason, &message);
         info!(job = %format!("{ns}/{name}"), reason, "failed");
+        let said = Said {
+            warning: true,
+            reason,
+            message: &message,
+            action: "",
+        };
+        record(client, COMPONENT, about(job), said).await;
     } else if complete {
         remove(client, job, std::mem::take(&mut active), &mut st.exp).await;
         let reason = "CompletionsReached";
@@ -590,6 +599,13 @@ async fn reconcile(
         set_condition(&mut conds, "Complete", "True", reason, message);
         completion_time = Some(now_ts);
         info!(job = %format!("{ns}/{name}"), succeeded, "complete");
+        record(
+            client,
+            COMPONENT,
+            about(job),
+            normal("Completed", "Job completed"),
+        )
+        .await;
     } else if suspended {
         remove(client, job, std::mem::take(&mut active), &mut st.exp).await;
     } else if st.exp.satisfied(&uid, owned) {
@@ -719,6 +735,14 @@ async fn create(client: &Client, job: &Job, slots: &[Option<i64>], exp: &mut Exp
     .await;
     let n = made.iter().flatten().count();
     for m in made.into_iter().flatten() {
+        let msg = format!("Created pod: {m}");
+        record(
+            client,
+            COMPONENT,
+            about(job),
+            normal("SuccessfulCreate", &msg),
+        )
+        .await;
         exp.created(&uid, m);
     }
     info!(job = %format!("{ns}/{name}"), created = n, "pods created");

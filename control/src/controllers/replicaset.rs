@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::events::{about, normal, record};
 use crate::informer::{Wake, in_parallel, next_pass, ready, reflect};
 use crate::meta::{availability, controller_of, is_active, is_ready, name_of, ns_of, owner_ref};
 
@@ -143,6 +144,15 @@ macro_rules! counts_of {
             observed_generation: s.observed_generation,
         })
     };
+}
+
+/// Who records a kind's events, as upstream names its controllers.
+fn component<K: Replicated>() -> &'static str {
+    if K::kind(&()) == "ReplicationController" {
+        "replication-controller"
+    } else {
+        "replicaset-controller"
+    }
 }
 
 /// What the controller reads of the kinds it keeps.
@@ -277,6 +287,14 @@ async fn reconcile<K: Replicated>(
                 .await;
             let made = created.iter().flatten().count();
             for n in created.into_iter().flatten() {
+                let msg = format!("Created pod: {n}");
+                record(
+                    client,
+                    component::<K>(),
+                    about(rs),
+                    normal("SuccessfulCreate", &msg),
+                )
+                .await;
                 exp.created(&uid, n);
             }
             info!(%kind, name = %format!("{ns}/{name}"), created = made, "scaled up");
@@ -287,6 +305,16 @@ async fn reconcile<K: Replicated>(
                 exp.deleted(&uid, p.metadata.name.clone().unwrap_or_default());
             }
             let n = extra.len();
+            for p in &extra {
+                let msg = format!("Deleted pod: {}", name_of(&p.metadata));
+                record(
+                    client,
+                    component::<K>(),
+                    about(rs),
+                    normal("SuccessfulDelete", &msg),
+                )
+                .await;
+            }
             in_parallel(
                 16,
                 extra.into_iter().map(|p| {
