@@ -16,14 +16,10 @@ pub(crate) struct Said<'a> {
     pub action: &'a str,
 }
 
-/// Records an event about `about` from `component`; a failure is logged,
-/// never returned.
-pub(crate) async fn record(
-    client: &Client,
-    component: &str,
-    about: ObjectReference,
-    said: Said<'_>,
-) {
+/// Records an event about `about` from `component` in the background, as
+/// upstream's event broadcaster does, so that a controller's pass does not
+/// wait on it; a failure is logged, never returned.
+pub(crate) fn record(client: &Client, component: &str, about: ObjectReference, said: Said<'_>) {
     let now = jiff::Timestamp::now();
     let ns = about.namespace.clone().unwrap_or_else(|| "default".into());
     let name = about.name.clone().unwrap_or_default();
@@ -51,9 +47,12 @@ pub(crate) async fn record(
         ..Default::default()
     };
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    if let Err(e) = events.create(&PostParams::default(), &event).await {
-        warn!(object = %name, reason = said.reason, error = %e, "recording an event failed");
-    }
+    let reason = said.reason.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = events.create(&PostParams::default(), &event).await {
+            warn!(object = %name, %reason, error = %e, "recording an event failed");
+        }
+    });
 }
 
 /// A reference to `obj` for an event about it.

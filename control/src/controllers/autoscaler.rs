@@ -711,7 +711,7 @@ async fn reconcile(
                     message: &msg,
                     action: "",
                 };
-                record(client, COMPONENT, about, said).await;
+                record(client, COMPONENT, about, said);
                 return;
             }
             Some(a) => {
@@ -780,7 +780,7 @@ async fn reconcile(
                     message: &msg,
                     action: "",
                 };
-                record(client, COMPONENT, about(hpa), said).await;
+                record(client, COMPONENT, about(hpa), said);
             }
             Err(e) => {
                 warn!(hpa = %format!("{ns}/{name}"), error = %e, "rescale failed");

@@ -122,8 +122,7 @@ async fn trim_history(client: &Client, api: &Api<Job>, cj: &CronJob, owned: &[Ar
                 COMPONENT,
                 about(cj),
                 normal("SuccessfulDelete", &msg),
-            )
-            .await;
+            );
         }
     }
 }
@@ -263,8 +262,7 @@ async fn start(client: &Client, api: &Api<Job>, cj: &CronJob, t: Timestamp) -> O
                 COMPONENT,
                 about(cj),
                 normal("SuccessfulCreate", &msg),
-            )
-            .await;
+            );
             Some(j)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await.ok(),

@@ -590,7 +590,7 @@ async fn reconcile(
             message: &message,
             action: "",
         };
-        record(client, COMPONENT, about(job), said).await;
+        record(client, COMPONENT, about(job), said);
     } else if complete {
         remove(client, job, std::mem::take(&mut active), &mut st.exp).await;
         let reason = "CompletionsReached";
@@ -604,8 +604,7 @@ async fn reconcile(
             COMPONENT,
             about(job),
             normal("Completed", "Job completed"),
-        )
-        .await;
+        );
     } else if suspended {
         remove(client, job, std::mem::take(&mut active), &mut st.exp).await;
     } else if st.exp.satisfied(&uid, owned) {
@@ -741,8 +740,7 @@ async fn create(client: &Client, job: &Job, slots: &[Option<i64>], exp: &mut Exp
             COMPONENT,
             about(job),
             normal("SuccessfulCreate", &msg),
-        )
-        .await;
+        );
         exp.created(&uid, m);
     }
     info!(job = %format!("{ns}/{name}"), created = n, "pods created");

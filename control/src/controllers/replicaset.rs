@@ -293,8 +293,7 @@ async fn reconcile<K: Replicated>(
                     component::<K>(),
                     about(rs),
                     normal("SuccessfulCreate", &msg),
-                )
-                .await;
+                );
                 exp.created(&uid, n);
             }
             info!(%kind, name = %format!("{ns}/{name}"), created = made, "scaled up");
@@ -312,8 +311,7 @@ async fn reconcile<K: Replicated>(
                     component::<K>(),
                     about(rs),
                     normal("SuccessfulDelete", &msg),
-                )
-                .await;
+                );
             }
             in_parallel(
                 16,

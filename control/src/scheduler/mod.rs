@@ -430,7 +430,7 @@ async fn report_unschedulable(client: &Client, pod: &Pod, msg: &str) {
         message: msg,
         action: "Scheduling",
     };
-    crate::events::record(client, SCHEDULER_NAME, about, said).await;
+    crate::events::record(client, SCHEDULER_NAME, about, said);
 }
 
 #[cfg(test)]
