@@ -11,14 +11,14 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::deployment::template_hash;
-use super::replicaset::{pod_from_template, pods_by_owner};
+use super::replicaset::{delete_pod, pod_from_template, pods_by_owner};
 use crate::fit::{affinity_matches, selector_matches, untolerated_taint};
 use crate::informer::{Wake, next_pass, ready, reflect};
 use crate::meta::{availability, is_active, is_ready, name_of, ns_of, owner_ref};
@@ -121,16 +121,7 @@ async fn reconcile(
     let delete = |p: &Arc<Pod>| {
         let api = pods_api.clone();
         let pname = name_of(&p.metadata).to_string();
-        async move {
-            match api.delete(&pname, &DeleteParams::default()).await {
-                Ok(_) => true,
-                Err(kube::Error::Api(e)) if e.code == 404 => true,
-                Err(e) => {
-                    warn!(pod = %pname, error = %e, "deleting a daemon pod failed");
-                    false
-                }
-            }
-        }
+        async move { delete_pod(&api, &pname).await }
     };
     if ds.metadata.deletion_timestamp.is_none() && exp.satisfied(&uid, &owned) {
         let owner = owner_ref(ds);

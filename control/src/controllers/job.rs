@@ -26,7 +26,9 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::replicaset::{Expectations, deletion_order, pod_from_template, pods_by_owner};
+use super::replicaset::{
+    Expectations, delete_pods, deletion_order, pod_from_template, pods_by_owner,
+};
 use crate::events::{Said, about, normal, record};
 use crate::informer::{Wake, in_parallel, next_pass, ready, reflect};
 use crate::meta::{controller_of, is_active, is_ready, name_of, now, ns_of, owner_ref};
@@ -299,27 +301,8 @@ async fn remove(client: &Client, job: &Job, pods: Vec<Arc<Pod>>, exp: &mut Expec
         exp.deleted(&uid, name_of(&p.metadata).to_string());
     }
     let api: Api<Pod> = Api::namespaced(client.clone(), ns_of(&job.metadata));
-    let names: Vec<String> = pods
-        .iter()
-        .map(|p| name_of(&p.metadata).to_string())
-        .collect();
-    in_parallel(
-        16,
-        names.into_iter().map(|name| {
-            let api = api.clone();
-            async move {
-                match api.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => true,
-                    Err(kube::Error::Api(e)) if e.code == 404 => true,
-                    Err(e) => {
-                        warn!(pod = %name, error = %e, "deleting a job pod failed");
-                        false
-                    }
-                }
-            }
-        }),
-    )
-    .await;
+    let names = pods.iter().map(|p| name_of(&p.metadata).to_string());
+    delete_pods(&api, names.collect()).await;
 }
 
 fn condition(kind: &str, reason: &str, message: &str, status: &str, at: &str) -> Value {

@@ -99,6 +99,30 @@ pub(crate) fn deletion_order(pods: &mut [Arc<Pod>]) {
     });
 }
 
+/// Deletes a pod; one already gone counts as deleted, any other failure
+/// is logged and returns false.
+pub(crate) async fn delete_pod(api: &Api<Pod>, name: &str) -> bool {
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(e)) if e.code == 404 => true,
+        Err(e) => {
+            warn!(pod = %name, error = %e, "deleting a pod failed");
+            false
+        }
+    }
+}
+
+/// Deletes the pods named, 16 at a time.
+pub(crate) async fn delete_pods(api: &Api<Pod>, names: Vec<String>) {
+    in_parallel(
+        16,
+        names
+            .into_iter()
+            .map(|n| async move { delete_pod(api, &n).await }),
+    )
+    .await;
+}
+
 /// A pod made from `template`, owned through `owner`.
 pub(crate) fn pod_from_template(
     template: &k8s_openapi::api::core::v1::PodTemplateSpec,
@@ -313,24 +337,8 @@ async fn reconcile<K: Replicated>(
                     normal("SuccessfulDelete", &msg),
                 );
             }
-            in_parallel(
-                16,
-                extra.into_iter().map(|p| {
-                    let api = pods_api.clone();
-                    async move {
-                        let pname = p.metadata.name.clone().unwrap_or_default();
-                        match api.delete(&pname, &DeleteParams::default()).await {
-                            Ok(_) => true,
-                            Err(kube::Error::Api(e)) if e.code == 404 => true,
-                            Err(e) => {
-                                warn!(pod = %pname, error = %e, "deleting a pod failed");
-                                false
-                            }
-                        }
-                    }
-                }),
-            )
-            .await;
+            let names = extra.iter().map(|p| name_of(&p.metadata).to_string());
+            delete_pods(&pods_api, names.collect()).await;
             info!(%kind, name = %format!("{ns}/{name}"), deleted = n, "scaled down");
         }
     }
