@@ -1034,10 +1034,14 @@ fn scheduler_filters_and_retries_unschedulable_pods() {
             && reason.contains("untolerated taint {dedicated: db}"),
         "{reason}"
     );
-    let events = cp.kubectl_ok(&["get", "events"]);
-    assert!(
-        events.contains("FailedScheduling") && events.contains("pod/needs-cpu"),
-        "{events}"
+    // Events are recorded in the background: the condition may come first.
+    wait_for(
+        "the FailedScheduling event",
+        Duration::from_secs(15),
+        || {
+            let events = cp.kubectl_ok(&["get", "events"]);
+            (events.contains("FailedScheduling") && events.contains("pod/needs-cpu")).then_some(())
+        },
     );
     // The cluster changes: the pod is tried again and lands.
     cp.kubectl_ok(&["taint", "node", "big", "dedicated-"]);

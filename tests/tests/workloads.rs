@@ -643,6 +643,49 @@ spec:
         "{described}"
     );
 
+    // Pods without CPU requests have no utilization: the HPA says why,
+    // and the same warning repeated is one event counting up.
+    c.cp.kubectl_ok(&[
+        "create",
+        "deployment",
+        "bare",
+        "--image",
+        &c.image,
+        "--",
+        "sleep",
+        "3600",
+    ]);
+    c.cp.kubectl_ok(&[
+        "autoscale",
+        "deployment",
+        "bare",
+        "--max=2",
+        "--cpu-percent=50",
+    ]);
+    wait_for(
+        "the missing-request warning to repeat",
+        Duration::from_secs(60),
+        || {
+            let all = c.cp.jsonpath(
+                &[
+                    "events",
+                    "--field-selector",
+                    "involvedObject.name=bare,reason=FailedGetResourceMetric",
+                ],
+                r#"{range .items[*]}{.count} {.message}{"\n"}{end}"#,
+            );
+            all.lines()
+                .find(|l| l.contains("missing request for cpu in container busybox of Pod bare-"))
+                .and_then(|l| l.split_whitespace().next()?.parse::<u32>().ok())
+                .filter(|n| *n >= 2)
+        },
+    );
+    let active = c.cp.jsonpath(
+        &["hpa", "bare"],
+        r#"{.status.conditions[?(@.type=="ScalingActive")].status} {.status.conditions[?(@.type=="ScalingActive")].reason}"#,
+    );
+    assert_eq!(active, "False FailedGetResourceMetric");
+
     // The load stops (a rollout to idle pods); after the 5 s window it
     // goes back to one.
     c.cp.kubectl_ok(&["set", "env", "deployment/burn", "MODE=idle"]);
