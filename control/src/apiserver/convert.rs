@@ -15,6 +15,7 @@ use hyper::body::Frame;
 use serde_json::{Map, Value, json};
 
 use super::Body;
+use super::objects::Served;
 use crate::resources::Resource;
 
 const METRICS: &str = "autoscaling.alpha.kubernetes.io/metrics";
@@ -22,9 +23,16 @@ const BEHAVIOR: &str = "autoscaling.alpha.kubernetes.io/behavior";
 const CONDITIONS: &str = "autoscaling.alpha.kubernetes.io/conditions";
 const CURRENT: &str = "autoscaling.alpha.kubernetes.io/current-metrics";
 
-/// The stored resource a served version stands for, if it is a view.
-pub(super) fn storage_of(r: &Resource) -> Option<&'static Resource> {
-    r.stored_as()
+/// For a version served over another stored one: the stored resource and
+/// how objects turn from one into the other.
+pub(super) fn view_of(r: &Resource) -> Option<(&'static Resource, Served)> {
+    let stored = r.stored_as()?;
+    // HorizontalPodAutoscalers are the one such kind (`stored_as`).
+    let served = Served {
+        to_served: hpa_to_v1,
+        to_stored: hpa_to_v2,
+    };
+    Some((stored, served))
 }
 
 fn is_cpu_utilization(m: &Value) -> bool {

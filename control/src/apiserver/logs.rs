@@ -301,7 +301,7 @@ impl KubeletOf {
 }
 
 /// GETs `path` from the kubelet and streams the answer.
-async fn fetch(k: &KubeletOf, path: &str) -> Result<Response<Body>, ApiError> {
+pub(super) async fn fetch(k: &KubeletOf, path: &str) -> Result<Response<Body>, ApiError> {
     let authority = k.authority();
     let url = format!("https://{authority}{path}");
     let fail = |e: &dyn std::fmt::Display| ApiError::internal(format!("Get \"{url}\": {e}"));

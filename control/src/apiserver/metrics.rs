@@ -10,15 +10,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, header};
-use http_body_util::{BodyExt as _, Empty};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use tracing::debug;
 
 use super::Api;
 use super::fields::{core, str_at};
+use super::logs::fetch;
 use crate::resources::Resource;
 use crate::status::ApiError;
 
@@ -166,28 +164,17 @@ impl Api {
 
     async fn scrape_node(&self, node: &Value) -> Result<Scrape, ApiError> {
         let k = self.kubelet_of_node(node)?;
-        let stream = k.dial("/metrics/resource").await?;
-        let authority = k.authority();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let read = async {
+            let resp = fetch(&k, "/metrics/resource").await?;
+            http_body_util::Limited::new(resp.into_body(), 16 << 20)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .map_err(|e| api_err("metrics", e))
+        };
+        let body = tokio::time::timeout(Duration::from_secs(10), read)
             .await
-            .map_err(|e| api_err("metrics", e))?;
-        tokio::spawn(conn);
-        let req = Request::get("/metrics/resource")
-            .header(header::HOST, &authority)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| api_err("metrics", e))?;
-        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-            .await
-            .map_err(|_| api_err("metrics", "timed out"))?
-            .map_err(|e| api_err("metrics", e))?;
-        if !resp.status().is_success() {
-            return Err(api_err("metrics", resp.status()));
-        }
-        let body = http_body_util::Limited::new(resp.into_body(), 16 << 20)
-            .collect()
-            .await
-            .map_err(|e| api_err("metrics", e))?
-            .to_bytes();
+            .map_err(|_| api_err("metrics", "timed out"))??;
         Ok(parse(&String::from_utf8_lossy(&body)))
     }
 

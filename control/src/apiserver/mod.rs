@@ -472,18 +472,15 @@ impl Api {
         let body = read_body(req).await?;
         // A version served over another stored one: requests are turned
         // into the stored version, answers back.
-        let stored = convert::storage_of(t.resource);
-        let served = stored.map(|_| objects::Served {
-            to_served: convert::hpa_to_v1,
-            to_stored: convert::hpa_to_v2,
-        });
+        let view = convert::view_of(t.resource);
+        let served = view.map(|(_, s)| s);
         let parse = |body: &[u8]| {
             parse_body(&content_type, body).map(|v| match served {
                 Some(s) => (s.to_stored)(&v),
                 None => v,
             })
         };
-        let r = stored.unwrap_or(t.resource);
+        let r = view.map_or(t.resource, |(stored, _)| stored);
         let ns = t.namespace.as_deref();
         let watching = q.get("watch").is_some_and(|v| v == "true" || v == "1");
         let attrs = Attributes::Resource(ResourceAttributes {
@@ -607,7 +604,7 @@ impl Api {
             }
             _ => Err(ApiError::method_not_allowed(method.as_str())),
         }?;
-        Ok(match stored {
+        Ok(match view {
             Some(_) if !as_table => convert::response_to_v1(resp).await,
             _ => resp,
         })

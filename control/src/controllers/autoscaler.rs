@@ -517,12 +517,9 @@ fn quantity(resource: &str, v: f64) -> String {
 }
 
 /// Each pod's summed container usage of `resource`, by pod name.
-async fn pod_usage(
-    client: &Client,
-    ns: &str,
-    selector: &str,
-    resource: &str,
-) -> Option<HashMap<String, Usage>> {
+/// The pods' metrics matching `selector`, read once per pass for every
+/// metric of the autoscaler.
+async fn pod_metrics(client: &Client, ns: &str, selector: &str) -> Vec<DynamicObject> {
     let ar = ApiResource {
         group: "metrics.k8s.io".into(),
         version: "v1beta1".into(),
@@ -531,13 +528,20 @@ async fn pod_usage(
         plural: "pods".into(),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-    let list = api
-        .list(&ListParams::default().labels(selector))
-        .await
-        .ok()?;
+    match api.list(&ListParams::default().labels(selector)).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            warn!(namespace = ns, error = %e, "reading pod metrics failed");
+            Vec::new()
+        }
+    }
+}
+
+/// Each pod's summed container usage of `resource`, by pod name.
+fn pod_usage(metrics: &[DynamicObject], resource: &str) -> HashMap<String, Usage> {
     let mut out = HashMap::new();
-    for m in list.items {
-        let sum: f64 = m.data["containers"]
+    for m in metrics {
+        let value: f64 = m.data["containers"]
             .as_array()
             .into_iter()
             .flatten()
@@ -556,14 +560,10 @@ async fn pod_usage(
             .and_then(|w| w.strip_suffix('s'))
             .and_then(|w| w.parse::<f64>().ok())
             .map_or(Duration::ZERO, Duration::from_secs_f64);
-        let u = Usage {
-            value: sum,
-            at,
-            window,
-        };
-        out.insert(m.metadata.name.clone().unwrap_or_default(), u);
+        let name = m.metadata.name.clone().unwrap_or_default();
+        out.insert(name, Usage { value, at, window });
     }
-    Some(out)
+    out
 }
 
 async fn reconcile(
@@ -669,11 +669,10 @@ async fn reconcile(
         let metrics = spec.metrics.clone().unwrap_or_default();
         let mut best: Option<Ask> = None;
         let mut failure: Option<(&'static str, String)> = None;
+        let read = pod_metrics(client, ns, &selector_text).await;
         for m in &metrics {
             let resource = m.resource.as_ref().map_or("cpu", |r| r.name.as_str());
-            let usage = pod_usage(client, ns, &selector_text, resource)
-                .await
-                .unwrap_or_default();
+            let usage = pod_usage(&read, resource);
             match ask(m, current, &pods, &usage) {
                 Ok(a) => {
                     current_metrics.push(a.current.clone());

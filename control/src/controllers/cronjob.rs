@@ -70,18 +70,6 @@ fn finished(job: &Job) -> Option<&'static str> {
         .find(|k| conds.iter().any(|c| c.type_ == *k && c.status == "True"))
 }
 
-fn reference(job: &Job) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("batch/v1".into()),
-        kind: Some("Job".into()),
-        name: job.metadata.name.clone(),
-        namespace: job.metadata.namespace.clone(),
-        uid: job.metadata.uid.clone(),
-        resource_version: job.metadata.resource_version.clone(),
-        ..Default::default()
-    }
-}
-
 async fn delete_job(api: &Api<Job>, name: &str, why: &str) {
     let dp = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
@@ -140,7 +128,7 @@ async fn reconcile(client: &Client, cj: &CronJob, owned: Vec<Arc<Job>>) -> Optio
     let mut active: Vec<ObjectReference> = owned
         .iter()
         .filter(|j| finished(j).is_none())
-        .map(|j| reference(j))
+        .map(|j| about(j.as_ref()))
         .collect();
     let known: BTreeSet<&str> = owned.iter().map(|j| name_of(&j.metadata)).collect();
     for r in status.active.iter().flatten() {
@@ -199,7 +187,7 @@ async fn reconcile(client: &Client, cj: &CronJob, owned: Vec<Arc<Job>>) -> Optio
                 }
                 match start(client, &jobs, cj, t).await {
                     Some(job) => {
-                        active.push(reference(&job));
+                        active.push(about(&job));
                         last_schedule = Some(t);
                     }
                     None => wake = Some(Duration::from_secs(5)),
