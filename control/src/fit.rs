@@ -1,8 +1,10 @@
 //! Whether a pod may run on a node: the node's taints against the pod's
 //! tolerations, its nodeSelector, and its required node affinity. Shared
-//! by the scheduler and the DaemonSet controller.
+//! by the scheduler, the DaemonSet controller and volume binding.
 
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelector, NodeSelectorRequirement, Pod, Taint, Toleration,
+};
 
 /// Whether toleration `t` tolerates `taint`.
 pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
@@ -72,8 +74,7 @@ fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool
 /// `requiredDuringSchedulingIgnoredDuringExecution`: any term matches when
 /// all its expressions and fields do.
 pub fn affinity_matches(pod: &Pod, node: &Node) -> bool {
-    let Some(required) = pod
-        .spec
+    pod.spec
         .as_ref()
         .and_then(|s| s.affinity.as_ref())
         .and_then(|a| a.node_affinity.as_ref())
@@ -81,11 +82,15 @@ pub fn affinity_matches(pod: &Pod, node: &Node) -> bool {
             a.required_during_scheduling_ignored_during_execution
                 .as_ref()
         })
-    else {
-        return true;
-    };
+        .is_none_or(|required| node_selector_matches(required, node))
+}
+
+/// Whether `node` is among those a node selector (a pod's required
+/// affinity, a volume's node affinity) names: any term, all of its
+/// expressions and fields.
+pub fn node_selector_matches(selector: &NodeSelector, node: &Node) -> bool {
     let labels = node.metadata.labels.as_ref();
-    required.node_selector_terms.iter().any(|term| {
+    selector.node_selector_terms.iter().any(|term| {
         term.match_expressions
             .iter()
             .flatten()

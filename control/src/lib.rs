@@ -9,6 +9,7 @@
 pub mod alloc;
 pub mod apiserver;
 pub mod auth;
+pub mod claims;
 pub mod client;
 pub mod controllers;
 pub mod cron;

@@ -115,6 +115,43 @@ impl LabelSelector {
         )
     }
 
+    /// From a structured `LabelSelector` (`matchLabels` and
+    /// `matchExpressions`); an operator it does not know matches nothing.
+    pub fn from_structured(sel: &Value) -> Self {
+        let mut reqs: Vec<Req> = sel
+            .get("matchLabels")
+            .and_then(Value::as_object)
+            .map(|m| Self::from_map(m).0)
+            .unwrap_or_default();
+        for e in sel
+            .get("matchExpressions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let key = e
+                .get("key")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let values: Vec<String> = e
+                .get("values")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            reqs.push(match e.get("operator").and_then(Value::as_str) {
+                Some("In") => Req::In(key, values),
+                Some("NotIn") => Req::NotIn(key, values),
+                Some("Exists") => Req::Exists(key),
+                Some("DoesNotExist") => Req::Absent(key),
+                _ => Req::In(key, Vec::new()),
+            });
+        }
+        Self(reqs)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -292,8 +292,9 @@ async fn ensure_object(api: &Arc<Api>, obj: Value) -> Result<()> {
     Ok(())
 }
 
-/// The namespaces every cluster has, the default RBAC policy, the public
-/// `cluster-info` a joining node starts from, and the `kubernetes` Service.
+/// The namespaces every cluster has, the default RBAC policy, the default
+/// StorageClass, the public `cluster-info` a joining node starts from, and
+/// the `kubernetes` Service.
 async fn bootstrap(
     api: &Arc<Api>,
     advertise: SocketAddr,
@@ -311,6 +312,15 @@ async fn bootstrap(
     {
         ensure_object(api, obj).await?;
     }
+    // The default class: node-local volumes made where the pod lands.
+    let local_path = json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "local-path", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+        "provisioner": crate::claims::PROVISIONER,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    });
+    ensure_object(api, local_path).await?;
     let cluster_info = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "cluster-info", "namespace": "kube-public"},

@@ -24,6 +24,15 @@ impl Cause {
         }
     }
 
+    /// A required value, with upstream's detail of what is missing.
+    pub fn required_because(field: impl Into<String>, why: &str) -> Self {
+        Self {
+            field: field.into(),
+            reason: "FieldValueRequired",
+            message: format!("Required value: {why}"),
+        }
+    }
+
     pub fn invalid(field: impl Into<String>, value: impl std::fmt::Display, why: &str) -> Self {
         Self {
             field: field.into(),

@@ -576,7 +576,7 @@ pub struct OneNode {
     /// `<registry>/busybox:1.36`.
     pub image: String,
     pub cp: ControlPlane,
-    _registry: Registry,
+    registry: Registry,
     pub ns: Netns,
 }
 
@@ -605,8 +605,28 @@ impl OneNode {
             node,
             image,
             cp,
-            _registry: registry,
+            registry,
             ns,
         }
+    }
+
+    /// Another node of the same cluster at `ip` (on the same link) with
+    /// pod subnet `subnet`, registered and Ready.
+    pub fn second_node(&self, ip: &str, subnet: &str) -> KubeletNode {
+        self.ns
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        let node = KubeletNode::start(&self.ns, ip, subnet, &self.cp, &self.registry.addr);
+        wait_for(
+            "the second node to be Ready",
+            Duration::from_secs(30),
+            || {
+                let s = self.cp.jsonpath(
+                    &["node", &node.name],
+                    "{.status.conditions[?(@.type==\"Ready\")].status}",
+                );
+                (s == "True").then_some(())
+            },
+        );
+        node
     }
 }

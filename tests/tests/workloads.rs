@@ -700,3 +700,371 @@ spec:
     );
     assert_eq!(reason, "ValidMetricFound");
 }
+
+fn stateful_set(image: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  clusterIP: None
+  selector: {{app: sts-web}}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: web}}
+spec:
+  serviceName: web
+  replicas: 3
+  selector: {{matchLabels: {{app: sts-web}}}}
+  template:
+    metadata: {{labels: {{app: sts-web}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: {image}
+        command: ["sh", "-c", "hostname >> /data/log; exec sleep 3600"]
+        volumeMounts: [{{name: data, mountPath: /data}}]
+  volumeClaimTemplates:
+  - metadata: {{name: data}}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {{requests: {{storage: 16Mi}}}}
+"#
+    )
+}
+
+/// `uid node phase` of pod `name`, or an empty string.
+fn pod_line(c: &OneNode, name: &str) -> String {
+    c.cp.jsonpath(
+        &["pod", name],
+        "{.metadata.uid} {.spec.nodeName} {.status.phase}",
+    )
+}
+
+fn exec(c: &OneNode, pod: &str, script: &str) -> String {
+    c.cp.kubectl_ok(&["exec", pod, "--", "sh", "-c", script])
+}
+
+#[test]
+fn a_stateful_set_starts_in_order_keeps_names_and_data_and_scales_down_in_reverse() {
+    let c = OneNode::start("172.31.19.2", "10.244.13.0/24");
+    let other = c.second_node("172.31.19.3", "10.244.14.0/24");
+
+    // The default class is the node-local one, bound where the pod lands.
+    let classes = c.cp.kubectl_ok(&["get", "storageclass"]);
+    assert!(
+        classes.contains("local-path (default)")
+            && classes.contains("skiff.io/local-path")
+            && classes.contains("WaitForFirstConsumer"),
+        "{classes}"
+    );
+
+    // A claim without access modes is refused, naming the field.
+    let err = c
+        .cp
+        .apply("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: bad}\nspec:\n  resources: {requests: {storage: 1Mi}}\n")
+        .expect_err("no access modes");
+    assert!(
+        err.contains("spec.accessModes: Required value: at least 1 access mode is required"),
+        "{err}"
+    );
+
+    // A volume made by hand binds at once to a claim asking for no class,
+    // and keeps its data when the claim goes (Retain).
+    let dir = c.node.dir.path.join("static");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let manual = format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: manual}}\nspec:\n  capacity: {{storage: 1Gi}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: {}}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: manual}}\nspec:\n  storageClassName: \"\"\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 100Mi}}}}\n",
+        dir.display()
+    );
+    c.cp.apply(&manual).unwrap_or_else(|e| panic!("{e}"));
+    wait_for("the manual claim to bind", Duration::from_secs(30), || {
+        (c.cp.jsonpath(
+            &["pvc", "manual"],
+            "{.status.phase} {.spec.volumeName} {.status.capacity.storage}",
+        ) == "Bound manual 1Gi")
+            .then_some(())
+    });
+    c.cp.kubectl_ok(&[
+        "run", "writer", "--image", &c.image, "--restart=Never", "--overrides",
+        r#"{"spec":{"volumes":[{"name":"v","persistentVolumeClaim":{"claimName":"manual"}}],"containers":[{"name":"writer","image":"IMAGE","command":["sh","-c","echo hello > /v/out"],"volumeMounts":[{"name":"v","mountPath":"/v"}]}]}}"#.replace("IMAGE", &c.image).as_str(),
+    ]);
+    wait_for("the writer to finish", Duration::from_secs(60), || {
+        (c.cp.jsonpath(&["pod", "writer"], "{.status.phase}") == "Succeeded").then_some(())
+    });
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out")).unwrap_or_default(),
+        "hello\n"
+    );
+    c.cp.kubectl_ok(&["delete", "pod", "writer"]);
+    c.cp.kubectl_ok(&["delete", "pvc", "manual"]);
+    wait_for(
+        "the manual volume to be released",
+        Duration::from_secs(30),
+        || (c.cp.jsonpath(&["pv", "manual"], "{.status.phase}") == "Released").then_some(()),
+    );
+    assert!(dir.join("out").exists());
+    c.cp.kubectl_ok(&["delete", "pv", "manual"]);
+
+    c.cp.apply(&stateful_set(&c.image))
+        .unwrap_or_else(|e| panic!("{e}"));
+    running(&c, "app=sts-web", 3);
+
+    // OrderedReady: each pod was created only once the one below it was
+    // Ready.
+    let times = |pod: &str| -> (String, String) {
+        let t = c.cp.jsonpath(
+            &["pod", pod],
+            r#"{.metadata.creationTimestamp} {.status.conditions[?(@.type=="Ready")].lastTransitionTime}"#,
+        );
+        let (a, b) = t.split_once(' ').unwrap_or_default();
+        (a.to_string(), b.to_string())
+    };
+    for i in 1..3 {
+        let (created, _) = times(&format!("web-{i}"));
+        let (_, below_ready) = times(&format!("web-{}", i - 1));
+        assert!(
+            created >= below_ready,
+            "web-{i} created at {created}, before web-{} was Ready at {below_ready}",
+            i - 1
+        );
+    }
+    wait_for("the set's status", Duration::from_secs(30), || {
+        let out = c.cp.kubectl_ok(&["get", "sts", "web"]);
+        out.lines()
+            .nth(1)
+            .is_some_and(|r| r.starts_with("web") && r.contains("3/3"))
+            .then_some(())
+    });
+
+    // Each pod has its own claim, bound to a local volume on its node.
+    let claims = c.cp.kubectl_ok(&["get", "pvc"]);
+    for i in 0..3 {
+        let row = claims
+            .lines()
+            .find(|l| l.starts_with(&format!("data-web-{i} ")))
+            .unwrap_or_else(|| panic!("no claim data-web-{i}:\n{claims}"));
+        let f: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            [f[1], f[3], f[4], f[5]],
+            ["Bound", "16Mi", "RWO", "local-path"],
+            "{row}"
+        );
+    }
+    let volumes = c.cp.kubectl_ok(&["get", "pv"]);
+    assert!(
+        volumes.contains("default/data-web-0") && volumes.contains("Delete"),
+        "{volumes}"
+    );
+    let node_of = |pod: &str| {
+        pod_line(&c, pod)
+            .split(' ')
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    for i in 0..3 {
+        let pv =
+            c.cp.jsonpath(&["pvc", &format!("data-web-{i}")], "{.spec.volumeName}");
+        let pinned = c.cp.jsonpath(
+            &["pv", &pv],
+            "{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}",
+        );
+        assert_eq!(pinned, node_of(&format!("web-{i}")), "volume {pv}");
+    }
+
+    // Stable names: the hostname is the pod's name, and the headless
+    // Service's slice names each pod for DNS.
+    assert_eq!(exec(&c, "web-0", "hostname").trim(), "web-0");
+    assert_eq!(exec(&c, "web-2", "cat /data/log").trim(), "web-2");
+    let hostnames = wait_for("the pods' DNS names", Duration::from_secs(30), || {
+        let h = c.cp.jsonpath(
+            &["endpointslices", "-l", "kubernetes.io/service-name=web"],
+            "{.items[*].endpoints[*].hostname}",
+        );
+        let mut names: Vec<&str> = h.split_whitespace().collect();
+        names.sort();
+        (names == ["web-0", "web-1", "web-2"]).then_some(h.clone())
+    });
+    assert!(!hostnames.is_empty());
+
+    // A deleted pod comes back under its name, with its data.
+    exec(&c, "web-1", "echo kept > /data/marker");
+    let uid = pod_line(&c, "web-1");
+    c.cp.kubectl_ok(&["delete", "pod", "web-1", "--wait=false"]);
+    wait_for("web-1 to come back", Duration::from_secs(90), || {
+        let now = pod_line(&c, "web-1");
+        (now.ends_with("Running") && now.split(' ').next() != uid.split(' ').next()).then_some(())
+    });
+    running(&c, "app=sts-web", 3);
+    assert_eq!(exec(&c, "web-1", "cat /data/marker").trim(), "kept");
+    assert_eq!(exec(&c, "web-1", "cat /data/log"), "web-1\nweb-1\n");
+
+    // Drained, its node's pods cannot go anywhere else: their volumes
+    // live there. Uncordoned, they come back to their data.
+    let drained = node_of("web-1");
+    c.cp.kubectl(&["drain", &drained, "--ignore-daemonsets", "--timeout=90s"])
+        .unwrap_or_else(|e| panic!("drain: {e}"));
+    let why = wait_for(
+        "an evicted pod to wait for its volume's node",
+        Duration::from_secs(60),
+        || {
+            let all = c.cp.jsonpath(
+                &["pods", "-l", "app=sts-web"],
+                r#"{range .items[*]}{.status.phase} {.status.conditions[?(@.type=="PodScheduled")].message}{"\n"}{end}"#,
+            );
+            all.lines()
+                .find(|l| l.starts_with("Pending ") && l.contains("volume node affinity conflict"))
+                .map(String::from)
+        },
+    );
+    assert!(
+        why.contains("0/2 nodes are available")
+            && why.contains("1 node(s) had volume node affinity conflict")
+            && why.contains("1 node(s) were unschedulable"),
+        "{why}"
+    );
+    c.cp.kubectl_ok(&["uncordon", &drained]);
+    running(&c, "app=sts-web", 3);
+    assert_eq!(node_of("web-1"), drained);
+    assert_eq!(exec(&c, "web-1", "cat /data/marker").trim(), "kept");
+
+    // A partitioned update changes only the pods at or above the
+    // partition; lifting it rolls the rest, highest first.
+    c.cp.kubectl_ok(&[
+        "patch",
+        "sts",
+        "web",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":2}}}}"#,
+    ]);
+    c.cp.kubectl_ok(&["set", "env", "sts/web", "MODE=v2"]);
+    let out =
+        c.cp.kubectl_ok(&["rollout", "status", "sts/web", "--timeout=90s"]);
+    assert!(
+        out.contains("partitioned roll out complete: 1 new pods have been updated"),
+        "{out}"
+    );
+    let env = |pod: &str| {
+        c.cp.jsonpath(&["pod", pod], "{.spec.containers[0].env[0].value}")
+    };
+    assert_eq!(
+        [env("web-0"), env("web-1"), env("web-2")],
+        ["", "", "v2"].map(String::from)
+    );
+    c.cp.kubectl_ok(&[
+        "patch",
+        "sts",
+        "web",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":0}}}}"#,
+    ]);
+    let out =
+        c.cp.kubectl_ok(&["rollout", "status", "sts/web", "--timeout=120s"]);
+    // A set with a partition (0 by default) reports its roll out so.
+    assert!(
+        out.contains("partitioned roll out complete: 3 new pods have been updated"),
+        "{out}"
+    );
+    assert_eq!(
+        [env("web-0"), env("web-1"), env("web-2")],
+        ["v2", "v2", "v2"].map(String::from)
+    );
+    let (web0, _) = times("web-0");
+    let (web1, _) = times("web-1");
+    assert!(
+        web1 <= web0,
+        "web-1 ({web1}) was replaced after web-0 ({web0})"
+    );
+
+    // Forbidden changes are refused with upstream's message.
+    let err =
+        c.cp.kubectl(&[
+            "patch",
+            "sts",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"serviceName":"other"}}"#,
+        ])
+        .expect_err("serviceName is fixed");
+    assert!(
+        err.contains("updates to statefulset spec for fields other than"),
+        "{err}"
+    );
+
+    // Scaling down removes the highest ordinals first, one at a time; the
+    // claims stay.
+    let before = exec(&c, "web-2", "cat /data/log");
+    c.cp.kubectl_ok(&["scale", "sts", "web", "--replicas=1"]);
+    let mut seen: Vec<BTreeSet<String>> = Vec::new();
+    wait_for(
+        "the set to shrink to web-0",
+        Duration::from_secs(90),
+        || {
+            let now: BTreeSet<String> = pods(&c, "app=sts-web")
+                .into_iter()
+                .map(|[name, ..]| name)
+                .collect();
+            if seen.last() != Some(&now) {
+                seen.push(now.clone());
+            }
+            (now.len() == 1 && now.contains("web-0")).then_some(())
+        },
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.contains("web-2") && !s.contains("web-1")),
+        "web-1 went before web-2: {seen:?}"
+    );
+    for i in 1..3 {
+        let phase =
+            c.cp.jsonpath(&["pvc", &format!("data-web-{i}")], "{.status.phase}");
+        assert_eq!(phase, "Bound", "data-web-{i} is kept");
+    }
+    c.cp.kubectl_ok(&["scale", "sts", "web", "--replicas=3"]);
+    running(&c, "app=sts-web", 3);
+    // web-2 comes back to the log its earlier lives wrote.
+    assert_eq!(
+        exec(&c, "web-2", "cat /data/log"),
+        format!("{before}web-2\n")
+    );
+
+    // The set goes, its claims stay; deleting them deletes their volumes
+    // and the directories on their nodes.
+    let paths: Vec<String> = (0..3)
+        .map(|i| {
+            let pv =
+                c.cp.jsonpath(&["pvc", &format!("data-web-{i}")], "{.spec.volumeName}");
+            c.cp.jsonpath(&["pv", &pv], "{.spec.local.path}")
+        })
+        .collect();
+    for p in &paths {
+        assert!(std::path::Path::new(p).join("log").exists(), "{p}");
+    }
+    c.cp.kubectl_ok(&["delete", "sts", "web"]);
+    wait_for("the set's pods to go", Duration::from_secs(60), || {
+        pods(&c, "app=sts-web").is_empty().then_some(())
+    });
+    assert_eq!(
+        c.cp.jsonpath(&["pvc"], "{.items[*].metadata.name}"),
+        "data-web-0 data-web-1 data-web-2"
+    );
+    c.cp.kubectl_ok(&["delete", "pvc", "data-web-0", "data-web-1", "data-web-2"]);
+    wait_for(
+        "the volumes and their directories to go",
+        Duration::from_secs(60),
+        || {
+            (c.cp
+                .jsonpath(&["pv"], "{.items[*].metadata.name}")
+                .is_empty()
+                && paths.iter().all(|p| !std::path::Path::new(p).exists()))
+            .then_some(())
+        },
+    );
+    drop(other);
+}

@@ -13,6 +13,7 @@ pub mod config;
 pub mod containerd;
 pub mod dns;
 pub mod image;
+pub mod local_volumes;
 pub mod logs;
 pub mod metrics;
 pub mod node;
@@ -114,6 +115,11 @@ pub async fn run(
             }
         })
     };
+    let volume_task = tokio::spawn(local_volumes::cleanup(
+        client.clone(),
+        cfg.node_name.clone(),
+        local_volumes::root(&cfg.root_dir),
+    ));
     let server_task = cfg.client_ca.clone().map(|ca| {
         let addr = std::net::SocketAddr::new(cfg.node_ip, cfg.port);
         let streaming = Arc::new(stream::Streaming {
@@ -229,6 +235,7 @@ pub async fn run(
         h.task.abort();
     }
     node_task.abort();
+    volume_task.abort();
     exit_task.abort();
     if let Some(t) = server_task {
         t.abort();

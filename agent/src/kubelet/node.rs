@@ -225,15 +225,18 @@ pub async fn run(
         ("kubernetes.io/arch".to_string(), "amd64".to_string()),
     ]);
     labels.extend(cfg.node_labels.clone());
+    // Where the volume controller places this node's local volumes.
+    let annotations = json!({super::local_volumes::ROOT_ANNOTATION:
+        super::local_volumes::root(&cfg.root_dir).display().to_string()});
     if let Some(existing) = nodes.get_opt(name).await? {
         pod_cidr_set = existing.spec.is_some_and(|s| s.pod_cidr.is_some());
-        let patch = json!({"metadata": {"labels": labels}});
+        let patch = json!({"metadata": {"labels": labels, "annotations": annotations}});
         nodes
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     } else {
         let mut node = json!({"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": labels}, "spec": {}});
+            "metadata": {"name": name, "labels": labels, "annotations": annotations}, "spec": {}});
         if let Some(cidrs) = pod_cidrs(cfg) {
             node["spec"]["podCIDR"] = json!(cidrs[0]);
             node["spec"]["podCIDRs"] = json!(cidrs);

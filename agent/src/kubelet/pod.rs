@@ -831,7 +831,8 @@ impl Worker {
             let src = self.sources();
             super::volumes::prepare(&src, &self.pod, &self.dir()).await?;
             let env = super::volumes::environment(&src, &self.pod, c, image_env).await?;
-            let mut mounts = super::volumes::mounts(&self.pod, c, &self.dir())?;
+            let claims = super::local_volumes::claim_paths(&src, &self.pod).await?;
+            let mut mounts = super::volumes::mounts(&self.pod, c, &self.dir(), &claims)?;
             // The pod's name files, where the container does not mount
             // something of its own there.
             for (src, dst) in super::dns::files(&self.dir()) {

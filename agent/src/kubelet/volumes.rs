@@ -692,7 +692,7 @@ pub fn host_path(pod_dir: &Path, v: &Volume) -> Result<PathBuf, ConfigError> {
         return Ok(pod_dir.join("volumes").join(&v.name));
     }
     Err(ConfigError(format!(
-        "volume {:?}: unsupported volume type (emptyDir, hostPath, configMap, secret, downwardAPI and projected are)",
+        "volume {:?}: unsupported volume type (emptyDir, hostPath, configMap, secret, downwardAPI, projected and persistentVolumeClaim are)",
         v.name
     )))
 }
@@ -708,6 +708,8 @@ pub async fn prepare(src: &Sources<'_>, pod: &Pod, pod_dir: &Path) -> Result<boo
         .and_then(|s| s.volumes.as_ref())
         .into_iter()
         .flatten()
+        // A claim's volume is the node path `mounts` is given.
+        .filter(|v| v.persistent_volume_claim.is_none())
     {
         let path = host_path(pod_dir, v)?;
         if let Some(e) = &v.empty_dir {
@@ -755,11 +757,13 @@ pub fn release(pod_dir: &Path) {
     }
 }
 
-/// A container's bind mounts: (source, destination, read-only).
+/// A container's bind mounts: (source, destination, read-only). `claims`
+/// holds the node path of each claim volume (`local_volumes`).
 pub fn mounts(
     pod: &Pod,
     c: &Container,
     pod_dir: &Path,
+    claims: &BTreeMap<String, PathBuf>,
 ) -> Result<Vec<(String, String, bool)>, ConfigError> {
     let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
     let mut out = Vec::new();
@@ -774,7 +778,10 @@ pub fn mounts(
                     m.name, c.name
                 ))
             })?;
-        let mut src = host_path(pod_dir, v)?;
+        let mut src = match claims.get(&v.name) {
+            Some(p) => p.clone(),
+            None => host_path(pod_dir, v)?,
+        };
         if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
             if sub.split('/').any(|p| p == "..") || sub.starts_with('/') {
                 return Err(ConfigError(format!("invalid subPath {sub:?}")));
@@ -786,6 +793,9 @@ pub fn mounts(
             }
         }
         let ro = m.read_only.unwrap_or(false)
+            || v.persistent_volume_claim
+                .as_ref()
+                .is_some_and(|c| c.read_only == Some(true))
             || v.config_map.is_some()
             || v.secret.is_some()
             || v.downward_api.is_some()

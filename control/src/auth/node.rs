@@ -2,10 +2,12 @@
 //! credential (`system:node:<name>` in `system:nodes`) may do.
 //!
 //! A node reads what its kubelet, service proxy and overlay read: nodes,
-//! pods, services, endpoints and slices, and the ConfigMaps, Secrets and
-//! ServiceAccounts of pods bound to it. It writes only its own Node and
-//! Lease, the status of pods bound to it (and their final deletion),
-//! Events, its certificate requests, and tokens for pods bound to it.
+//! pods, services, endpoints and slices, PersistentVolumes, and the
+//! ConfigMaps, Secrets, ServiceAccounts and PersistentVolumeClaims of pods
+//! bound to it. It writes only its own Node and Lease, the status of pods
+//! bound to it (and their final deletion), Events, its certificate
+//! requests, tokens for pods bound to it, and the volumes whose node
+//! affinity names it alone (to finalize them).
 
 use serde_json::Value;
 
@@ -60,6 +62,11 @@ fn referenced(pod: &Value) -> Vec<(&'static str, String)> {
         v.and_then(Value::as_array).cloned().unwrap_or_default()
     };
     for v in list(spec.get("volumes")) {
+        add(
+            "persistentvolumeclaims",
+            v.get("persistentVolumeClaim"),
+            "claimName",
+        );
         add("configmaps", v.get("configMap"), "name");
         add("secrets", v.get("secret"), "secretName");
         for src in list(v.pointer("/projected/sources")) {
@@ -89,6 +96,30 @@ fn referenced(pod: &Value) -> Vec<(&'static str, String)> {
         }
     }
     out
+}
+
+/// Whether a volume's node affinity names `node` by hostname alone, as
+/// the node-local provisioner writes it.
+fn volume_on(pv: &Value, node: &str) -> bool {
+    let terms = pv
+        .pointer("/spec/nodeAffinity/required/nodeSelectorTerms")
+        .and_then(Value::as_array);
+    terms.is_some_and(|t| {
+        !t.is_empty()
+            && t.iter().all(|term| {
+                term.get("matchExpressions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|es| {
+                        es.iter().any(|e| {
+                            e.get("key").and_then(Value::as_str) == Some("kubernetes.io/hostname")
+                                && e.get("operator").and_then(Value::as_str) == Some("In")
+                                && e.get("values")
+                                    .and_then(Value::as_array)
+                                    .is_some_and(|v| v.len() == 1 && v[0] == node)
+                        })
+                    })
+            })
+    })
 }
 
 /// Whether `pod` uses the ConfigMap, Secret or ServiceAccount `name`.
@@ -222,9 +253,20 @@ async fn decide(
             Decision::Allow
         }
         ("discovery.k8s.io", "endpointslices") => dns_slice(node, verb, sub, a, body),
-        ("", plural @ ("configmaps" | "secrets" | "serviceaccounts"))
-            if verb == "get" && sub.is_empty() =>
-        {
+        ("", "persistentvolumes") if reading && sub.is_empty() => Decision::Allow,
+        ("", "persistentvolumes") if matches!(verb, "update" | "patch") && sub.is_empty() => {
+            match stored(store, "", "persistentvolumes", "", &a.name).await? {
+                Some(pv) if volume_on(&pv, node) => Decision::Allow,
+                Some(_) => deny(format!(
+                    "node {node:?} may only finalize volumes with affinity to it"
+                )),
+                None => Decision::Allow,
+            }
+        }
+        (
+            "",
+            plural @ ("configmaps" | "secrets" | "serviceaccounts" | "persistentvolumeclaims"),
+        ) if verb == "get" && sub.is_empty() => {
             if pods.used_on(node, &a.namespace, plural, &a.name) {
                 Decision::Allow
             } else {

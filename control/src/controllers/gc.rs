@@ -12,9 +12,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -141,8 +143,15 @@ pub async fn run(client: Client) {
     ready(&rss).await;
     ready(&rcs).await;
     let (cjs, _j) = reflect(Api::<CronJob>::all(client.clone()), notify.clone());
+    let (sts, _k) = reflect(Api::<StatefulSet>::all(client.clone()), notify.clone());
+    let (claims, _l) = reflect(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        notify.clone(),
+    );
     ready(&jobs).await;
     ready(&cjs).await;
+    ready(&sts).await;
+    ready(&claims).await;
     ready(&deps).await;
     ready(&dss).await;
     ready(&svcs).await;
@@ -168,6 +177,8 @@ pub async fn run(client: Client) {
         all.extend(entries(&svcs));
         all.extend(entries(&slices));
         all.extend(entries(&revs));
+        all.extend(entries(&sts));
+        all.extend(entries(&claims));
         collect(&client, &all).await;
     }
 }

@@ -16,6 +16,8 @@ pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod serviceaccount;
+pub mod statefulset;
+pub mod volume;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,11 +51,13 @@ pub async fn run_all(client: Client, settings: Settings) {
     tasks.spawn(replicaset::run(client.clone()));
     tasks.spawn(deployment::run(client.clone()));
     tasks.spawn(daemonset::run(client.clone()));
+    tasks.spawn(statefulset::run(client.clone()));
     tasks.spawn(job::run(client.clone()));
     tasks.spawn(cronjob::run(client.clone()));
     tasks.spawn(autoscaler::run(client.clone(), settings.hpa_sync_period));
     tasks.spawn(endpointslice::run(client.clone()));
     tasks.spawn(gc::run(client.clone()));
+    tasks.spawn(volume::run(client.clone()));
     tasks.spawn(nodelifecycle::run(client.clone(), settings));
     tasks.spawn(serviceaccount::run(client, ca_pem));
     while let Some(done) = tasks.join_next().await {

@@ -2,7 +2,10 @@
 //! `default-scheduler`) to the best feasible node through `pods/binding`.
 //!
 //! Filters: node unschedulable, taints vs tolerations, nodeSelector,
-//! required node affinity, resource requests vs allocatable, host ports.
+//! required node affinity, resource requests vs allocatable, host ports,
+//! and the node affinity of the pod's volumes (`volumes.rs`: a
+//! `WaitForFirstConsumer` claim gets the chosen node first, and the pod is
+//! bound once the claim is).
 //! Scores: least allocated (CPU and memory), and spreading pods of the same
 //! controller across nodes. A pod that fits nowhere gets
 //! `PodScheduled=False/Unschedulable` and a `FailedScheduling` event, and is
@@ -14,7 +17,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{
+    Binding, Node, NodeSelector, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
+    Taint, Toleration,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -24,10 +31,16 @@ use tracing::{debug, info, warn};
 
 use futures::StreamExt;
 
-use crate::fit::{affinity_matches, selector_matches, tolerates, untolerated_taint};
+use crate::fit::{
+    affinity_matches, node_selector_matches, selector_matches, tolerates, untolerated_taint,
+};
 use crate::informer::{next_pass, ready, reflect};
 use crate::meta::{controller_of, is_active, name_of, ns_of};
 pub use crate::quantity::parse_quantity;
+
+pub mod volumes;
+
+use volumes::Claims;
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
 
@@ -139,6 +152,13 @@ impl NodeInfo {
         if !selector_matches(pod, &self.node) || !affinity_matches(pod, &self.node) {
             return Err("node(s) didn't match Pod's node affinity/selector".into());
         }
+        if !needs
+            .volumes
+            .iter()
+            .all(|sel| node_selector_matches(sel, &self.node))
+        {
+            return Err("node(s) had volume node affinity conflict".into());
+        }
         if self.used_pods + 1 > self.pods {
             return Err("Too many pods".into());
         }
@@ -184,6 +204,8 @@ pub struct Needs {
     ports: Vec<(String, i32)>,
     tolerations: Vec<Toleration>,
     owner: Option<String>,
+    /// The node affinities of the pod's bound volumes.
+    volumes: Vec<NodeSelector>,
 }
 
 impl Needs {
@@ -199,6 +221,7 @@ impl Needs {
                 .and_then(|s| s.tolerations.clone())
                 .unwrap_or_default(),
             owner: controller_of(&pod.metadata).map(|o| o.uid.clone()),
+            volumes: Vec::new(),
         }
     }
 }
@@ -218,16 +241,20 @@ pub fn enough(nodes: usize) -> usize {
 /// from `start` on (the start rotates so that every node gets its turn),
 /// or the message of why none fits.
 pub fn place(pod: &Pod, nodes: &[NodeInfo], start: usize) -> Result<usize, String> {
-    let needs = Needs::of(pod);
+    place_with(pod, &Needs::of(pod), nodes, start)
+}
+
+/// [`place`] with what the pod needs already read.
+fn place_with(pod: &Pod, needs: &Needs, nodes: &[NodeInfo], start: usize) -> Result<usize, String> {
     let want = enough(nodes.len());
     let mut best: Option<(i64, usize)> = None;
     let mut feasible = 0;
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for k in 0..nodes.len() {
         let i = (start + k) % nodes.len();
-        match nodes[i].filter(pod, &needs) {
+        match nodes[i].filter(pod, needs) {
             Ok(()) => {
-                let s = nodes[i].score(&needs);
+                let s = nodes[i].score(needs);
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, i));
                 }
@@ -266,8 +293,17 @@ pub async fn run(client: Client) {
     let notify = Arc::new(Notify::new());
     let (nodes, _a) = reflect(Api::<Node>::all(client.clone()), notify.clone());
     let (pods, _b) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
+    let (claims, _c) = reflect(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        notify.clone(),
+    );
+    let (volumes, _d) = reflect(Api::<PersistentVolume>::all(client.clone()), notify.clone());
+    let (classes, _e) = reflect(Api::<StorageClass>::all(client.clone()), notify.clone());
     ready(&nodes).await;
     ready(&pods).await;
+    ready(&claims).await;
+    ready(&volumes).await;
+    ready(&classes).await;
     info!("scheduler started");
     let mut assumed: HashMap<String, usize> = HashMap::new();
     let mut reported: HashMap<String, String> = HashMap::new();
@@ -322,10 +358,47 @@ pub async fn run(client: Client) {
         });
         let mut binds = Vec::new();
         let mut failures = Vec::new();
+        let mut selections = Vec::new();
+        let snapshot = volumes::Snapshot {
+            claims: claims.state(),
+            volumes: volumes.state(),
+            classes: classes.state(),
+        };
         for pod in queue {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             start = start.wrapping_add(1);
-            match place(&pod, &infos, start % infos.len().max(1)) {
+            let mut needs = Needs::of(&pod);
+            let mut waiting = Vec::new();
+            let placed = match snapshot.of(&pod) {
+                Claims::Bound(affinities) => {
+                    needs.volumes = affinities;
+                    place_with(&pod, &needs, &infos, start % infos.len().max(1))
+                }
+                Claims::Unbound {
+                    waiting: w,
+                    affinities,
+                } => {
+                    needs.volumes = affinities;
+                    waiting = w;
+                    place_with(&pod, &needs, &infos, start % infos.len().max(1))
+                }
+                Claims::Binding(node) => {
+                    // Its room on the chosen node is held meanwhile.
+                    if let Some(i) = index.get(&node) {
+                        infos[*i].add(&pod);
+                    }
+                    continue;
+                }
+                Claims::Blocked(why) => {
+                    Err(format!("0/{} nodes are available: {why}.", infos.len()))
+                }
+            };
+            match placed {
+                Ok(i) if !waiting.is_empty() => {
+                    infos[i].add(&pod);
+                    let node = name_of(&infos[i].node.metadata).to_string();
+                    selections.push((ns_of(&pod.metadata).to_string(), waiting, node));
+                }
                 Ok(i) => {
                     infos[i].add(&pod);
                     assumed.insert(uid.clone(), i);
@@ -339,6 +412,9 @@ pub async fn run(client: Client) {
                     }
                 }
             }
+        }
+        for (ns, waiting, node) in selections {
+            select_node(&client, &ns, &waiting, &node).await;
         }
         let n = binds.len();
         let failed: Vec<String> = futures::stream::iter(binds)
@@ -363,6 +439,24 @@ pub async fn run(client: Client) {
         }
         for (pod, msg) in failures {
             report_unschedulable(&client, &pod, &msg).await;
+        }
+    }
+}
+
+/// Names `node` on the claims that wait for their pod's node; the volume
+/// controller binds (or provisions) them there.
+async fn select_node(client: &Client, ns: &str, claims: &[String], node: &str) {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    for name in claims {
+        let patch = json!({"metadata": {"annotations": {crate::claims::SELECTED_NODE: node}}});
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => info!(claim = %format!("{ns}/{name}"), node, "node selected for the claim"),
+            Err(e) => {
+                warn!(claim = %format!("{ns}/{name}"), error = %e, "selecting the claim's node failed")
+            }
         }
     }
 }
@@ -507,6 +601,35 @@ mod tests {
             serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["b"]}]}]}}}}}),
         );
         assert_eq!(place(&by_name, &nodes, 0), Ok(1));
+    }
+
+    #[test]
+    fn volumes_hold_pods_to_their_nodes() {
+        let a = node(
+            serde_json::json!({"metadata": {"name": "a", "labels": {"kubernetes.io/hostname": "a"}}}),
+        );
+        let b = node(
+            serde_json::json!({"metadata": {"name": "b", "labels": {"kubernetes.io/hostname": "b"}}}),
+        );
+        let p = pod(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}}),
+        );
+        let mut needs = Needs::of(&p);
+        needs.volumes = vec![
+            serde_json::from_value(
+                serde_json::json!({"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": ["b"]}]}]}),
+            )
+            .expect("selector"),
+        ];
+        assert_eq!(place_with(&p, &needs, &[a, b], 0), Ok(1));
+        let a = node(
+            serde_json::json!({"metadata": {"name": "a", "labels": {"kubernetes.io/hostname": "a"}}}),
+        );
+        assert_eq!(
+            place_with(&p, &needs, &[a], 0),
+            Err("0/1 nodes are available: 1 node(s) had volume node affinity conflict.".into())
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub(crate) mod job;
 mod namespace;
 mod pod;
 pub(super) mod service;
+pub(crate) mod storage;
 mod workload;
 
 use serde_json::Value;
@@ -32,6 +33,14 @@ pub(super) enum Strategy {
     CronJob,
     /// HorizontalPodAutoscalers: the controller owns their status.
     Autoscaler,
+    /// PersistentVolumeClaims: the default class and the protection
+    /// finalizer on create, a spec fixed but for its requests.
+    Claim,
+    /// PersistentVolumes: a fixed source and node affinity.
+    Volume,
+    /// StorageClasses: fixed once created, but for their metadata.
+    StorageClass,
+    StatefulSet,
     Plain,
 }
 
@@ -46,6 +55,10 @@ impl Strategy {
             ("batch", "jobs") => Self::Job,
             ("batch", "cronjobs") => Self::CronJob,
             ("autoscaling", "horizontalpodautoscalers") => Self::Autoscaler,
+            ("", "persistentvolumeclaims") => Self::Claim,
+            ("", "persistentvolumes") => Self::Volume,
+            ("storage.k8s.io", "storageclasses") => Self::StorageClass,
+            ("apps", "statefulsets") => Self::StatefulSet,
             _ => Self::Plain,
         }
     }
@@ -62,6 +75,9 @@ impl Strategy {
                 | Self::Job
                 | Self::CronJob
                 | Self::Autoscaler
+                | Self::Claim
+                | Self::Volume
+                | Self::StatefulSet
         )
     }
 
@@ -73,6 +89,7 @@ impl Strategy {
                 job::admit(obj);
                 Ok(())
             }
+            Self::Claim => api.admit_claim(obj).await,
             _ => Ok(()),
         }
     }
@@ -120,6 +137,10 @@ impl Strategy {
             Self::Pod => pod::check_update(name, cur, new),
             Self::Workload => workload::check_update(r, name, cur, new),
             Self::Job => job::check_update(name, cur, new),
+            Self::Claim => storage::check_claim_update(name, cur, new),
+            Self::Volume => storage::check_volume_update(name, cur, new),
+            Self::StorageClass => storage::check_class_update(name, cur, new),
+            Self::StatefulSet => storage::check_stateful_set_update(name, cur, new),
             _ => Ok(()),
         }
     }

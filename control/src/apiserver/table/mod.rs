@@ -8,6 +8,8 @@ use serde_json::{Value, json};
 use super::fields::selector_text;
 use crate::resources::Resource;
 
+mod storage;
+
 /// Which object each row carries (`?includeObject=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Include {
@@ -29,6 +31,10 @@ impl Include {
 fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
     let name = ("Name", "string", 0);
     let age = ("Age", "string", 0);
+    if let Some(mut rest) = storage::columns(r.group, r.plural, age) {
+        rest.insert(0, name);
+        return rest;
+    }
     match (r.group, r.plural) {
         ("", "pods") => vec![
             name,
@@ -426,8 +432,12 @@ fn node_status(node: &Value) -> String {
 }
 
 fn cells(r: &Resource, o: &Value) -> Vec<Value> {
-    let name = json!(s(o, "/metadata/name"));
+    let mut name = json!(s(o, "/metadata/name"));
     let created = json!(age(o, "/metadata/creationTimestamp"));
+    if let Some(mut row) = storage::cells(r.group, r.plural, o, &created, &mut name) {
+        row.insert(0, name);
+        return row;
+    }
     let mut row = match (r.group, r.plural) {
         ("", "pods") => pod_cells(o),
         ("", "services") => {

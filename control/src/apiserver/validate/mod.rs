@@ -19,6 +19,8 @@ use serde_json::{Map, Value, json};
 use crate::resources::Resource;
 use crate::status::{ApiError, Cause};
 
+mod storage;
+
 fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
     v: &Value,
 ) -> Result<Value, ApiError> {
@@ -42,6 +44,12 @@ pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
         ("", "Event") => roundtrip::<core::Event>(v),
         ("", "ServiceAccount") => roundtrip::<core::ServiceAccount>(v),
         ("", "ReplicationController") => roundtrip::<core::ReplicationController>(v),
+        ("", "PersistentVolume") => roundtrip::<core::PersistentVolume>(v),
+        ("", "PersistentVolumeClaim") => roundtrip::<core::PersistentVolumeClaim>(v),
+        ("storage.k8s.io", "StorageClass") => {
+            roundtrip::<k8s_openapi::api::storage::v1::StorageClass>(v)
+        }
+        ("apps", "StatefulSet") => roundtrip::<apps::StatefulSet>(v),
         ("coordination.k8s.io", "Lease") => roundtrip::<coordination::Lease>(v),
         ("discovery.k8s.io", "EndpointSlice") => roundtrip::<discovery::EndpointSlice>(v),
         ("apps", "ReplicaSet") => roundtrip::<apps::ReplicaSet>(v),
@@ -106,6 +114,13 @@ pub fn default(r: &Resource, v: &mut Value) {
         }
         ("", "Secret") => set_default(v, "type", json!("Opaque")),
         ("", "ReplicationController") => default_replication_controller(v),
+        ("", "PersistentVolumeClaim") => {
+            storage::default_claim_spec(obj_mut(v, "spec"));
+            set_default(obj_mut(v, "status"), "phase", json!("Pending"));
+        }
+        ("", "PersistentVolume") => storage::default_volume(v),
+        ("storage.k8s.io", "StorageClass") => storage::default_storage_class(v),
+        ("apps", "StatefulSet") => storage::default_stateful_set(obj_mut(v, "spec")),
         ("batch", "Job") => default_job(obj_mut(v, "spec")),
         ("autoscaling", "HorizontalPodAutoscaler") => {
             let spec = obj_mut(v, "spec");
@@ -1042,6 +1057,10 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
         ("", "Service") => c.service(&spec, limits.node_ports),
         ("apps", kind @ ("Deployment" | "ReplicaSet" | "DaemonSet"))
         | ("", kind @ "ReplicationController") => c.workload(kind, &spec),
+        ("", "PersistentVolumeClaim") => c.claim_spec("spec", &spec),
+        ("", "PersistentVolume") => c.persistent_volume(&spec),
+        ("storage.k8s.io", "StorageClass") => c.storage_class(v),
+        ("apps", "StatefulSet") => c.stateful_set(&spec),
         ("batch", "Job") => {
             c.job("spec", &spec);
             if let Some(cause) = super::registry::job::selector_cause(v) {
