@@ -30,3 +30,4 @@ pub mod storage;
 #[cfg(test)]
 mod testutil;
 pub mod tokens;
+pub mod usage;

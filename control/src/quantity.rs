@@ -30,3 +30,43 @@ pub fn parse_quantity(s: &str) -> Option<f64> {
     };
     Some(n * mult)
 }
+
+/// `v` written back as a quantity: whole numbers plainly (in Ki, Mi, Gi
+/// or Ti when `binary` and exact), fractions in milli-units (`250m`).
+pub fn format_quantity(v: f64, binary: bool) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    if (v - v.round()).abs() > 1e-9 {
+        return format!("{}m", (v * 1000.0).round() as i64);
+    }
+    let n = v.round() as i64;
+    if binary {
+        for (suffix, unit) in [
+            ("Ti", 1i64 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ] {
+            if n >= unit && n % unit == 0 {
+                return format!("{}{suffix}", n / unit);
+            }
+        }
+    }
+    n.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_are_written_back() {
+        assert_eq!(format_quantity(0.25, false), "250m");
+        assert_eq!(format_quantity(2.0, false), "2");
+        assert_eq!(format_quantity(64.0 * 1048576.0, true), "64Mi");
+        assert_eq!(format_quantity(1536.0, true), "1536");
+        assert_eq!(format_quantity(0.0, true), "0");
+        assert_eq!(parse_quantity(&format_quantity(0.1, false)), Some(0.1));
+    }
+}

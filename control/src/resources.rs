@@ -113,6 +113,8 @@ pub static RESOURCES: &[Resource] = &[
     resource!("", "v1", "ReplicationController", "replicationcontrollers", "replicationcontroller", true, &["rc"], status: true, scale: true, generation: true, categories: ALL),
     resource!("", "v1", "PersistentVolume", "persistentvolumes", "persistentvolume", false, &["pv"], status: true, scale: false, generation: false, categories: &[]),
     resource!("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", "persistentvolumeclaim", true, &["pvc"], status: true, scale: false, generation: false, categories: &[]),
+    resource!("", "v1", "ResourceQuota", "resourcequotas", "resourcequota", true, &["quota"], status: true, scale: false, generation: false, categories: &[]),
+    resource!("", "v1", "LimitRange", "limitranges", "limitrange", true, &["limits"], status: false, scale: false, generation: false, categories: &[]),
     resource!("", "v1", "Endpoints", "endpoints", "endpoints", true, &["ep"], status: false, scale: false, generation: false, categories: &[]),
     resource!("", "v1", "Node", "nodes", "node", false, &["no"], status: true, scale: false, generation: false, categories: &[]),
     resource!("", "v1", "ConfigMap", "configmaps", "configmap", true, &["cm"], status: false, scale: false, generation: false, categories: &[]),

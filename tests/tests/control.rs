@@ -1625,3 +1625,129 @@ fn a_local_load_balancer_gets_a_health_check_node_port_it_gives_back_when_it_no_
         .expect_err("out of range");
     assert!(err.contains("spec.healthCheckNodePort"), "{err}");
 }
+
+#[test]
+fn limit_ranges_default_and_bound_pods_and_quotas_refuse_what_is_over() {
+    let cp = ControlPlane::start(&[]);
+    cp.kubectl_ok(&["create", "namespace", "team"]);
+    cp.kubectl_ok(&[
+        "-n",
+        "team",
+        "create",
+        "quota",
+        "compute",
+        "--hard=pods=3,requests.cpu=1,requests.memory=1Gi,limits.cpu=2",
+    ]);
+    let run = |name: &str, overrides: Option<&str>| -> Result<String, String> {
+        let mut args = vec![
+            "-n",
+            "team",
+            "run",
+            name,
+            "--image=busybox:1.36",
+            "--restart=Never",
+        ];
+        if let Some(o) = overrides {
+            args.extend(["--overrides", o]);
+        }
+        args.extend(["--", "sleep", "3600"]);
+        cp.kubectl(&args)
+    };
+
+    // A quota on compute resources wants every container to say them.
+    let err = run("bare", None).expect_err("no requests");
+    assert!(
+        err.contains(r#"pods "bare" is forbidden: failed quota: compute: must specify limits.cpu for: bare; requests.cpu for: bare; requests.memory for: bare"#),
+        "{err}"
+    );
+
+    // A LimitRange fills them in (max is the default limit), and refuses
+    // a container over its max.
+    cp.apply(
+        "apiVersion: v1\nkind: LimitRange\nmetadata: {name: defaults, namespace: team}\nspec:\n  limits:\n  - type: Container\n    max: {cpu: \"1\"}\n    defaultRequest: {cpu: 300m, memory: 64Mi}\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    run("one", None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cp.jsonpath(
+            &["-n", "team", "pod", "one"],
+            "{.spec.containers[0].resources.requests.cpu} {.spec.containers[0].resources.requests.memory} {.spec.containers[0].resources.limits.cpu}"
+        ),
+        "300m 64Mi 1"
+    );
+    let note = cp.jsonpath(
+        &["-n", "team", "pod", "one"],
+        r#"{.metadata.annotations.kubernetes\.io/limit-ranger}"#,
+    );
+    assert_eq!(
+        note,
+        "LimitRanger plugin set: cpu limit for container one; cpu, memory request for container one"
+    );
+    let big = r#"{"spec":{"containers":[{"name":"big","image":"busybox:1.36","resources":{"limits":{"cpu":"3"}}}]}}"#;
+    let err = run("big", Some(big)).expect_err("over the max");
+    assert!(
+        err.contains(
+            r#"pods "big" is forbidden: maximum cpu usage per Container is 1, but limit is 3"#
+        ),
+        "{err}"
+    );
+
+    // The quota counts what is admitted and refuses what would pass it.
+    run("two", None).unwrap_or_else(|e| panic!("{e}"));
+    let err = run("three", None).expect_err("limits.cpu is used up");
+    assert!(
+        err.contains(r#"pods "three" is forbidden: exceeded quota: compute, requested: limits.cpu=1, used: limits.cpu=2, limited: limits.cpu=2"#),
+        "{err}"
+    );
+    let table = cp.kubectl_ok(&["-n", "team", "get", "quota"]);
+    assert!(
+        table.contains("pods: 2/3, requests.cpu: 600m/1, requests.memory: 128Mi/1Gi")
+            && table.contains("limits.cpu: 2/2"),
+        "{table}"
+    );
+    // Deleting a pod gives its share back.
+    cp.kubectl_ok(&[
+        "-n",
+        "team",
+        "delete",
+        "pod",
+        "one",
+        "--grace-period=0",
+        "--force",
+    ]);
+    wait_for("the quota to give back", Duration::from_secs(30), || {
+        (cp.jsonpath(&["-n", "team", "quota", "compute"], "{.status.used.pods}") == "1")
+            .then_some(())
+    });
+    run("three", None).unwrap_or_else(|e| panic!("{e}"));
+
+    // Racing creates cannot both take the last of a quota.
+    cp.kubectl_ok(&["create", "namespace", "race"]);
+    cp.kubectl_ok(&["-n", "race", "create", "quota", "count", "--hard=pods=3"]);
+    let made: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|i| {
+                let cp = &cp;
+                s.spawn(move || {
+                    cp.kubectl(&[
+                        "-n",
+                        "race",
+                        "run",
+                        &format!("p{i}"),
+                        "--image=busybox:1.36",
+                        "--restart=Never",
+                    ])
+                    .is_ok()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(false))
+            .filter(|made| *made)
+            .count()
+    });
+    assert_eq!(made, 3);
+    let names = cp.jsonpath(&["-n", "race", "pods"], "{.items[*].metadata.name}");
+    assert_eq!(names.split_whitespace().count(), 3, "{names}");
+}

@@ -42,6 +42,8 @@ const ROOTS: &[&str] = &[
     "api.core.v1.ReplicationController",
     "api.core.v1.PersistentVolume",
     "api.core.v1.PersistentVolumeClaim",
+    "api.core.v1.ResourceQuota",
+    "api.core.v1.LimitRange",
     "api.storage.v1.StorageClass",
     "api.apps.v1.StatefulSet",
     "api.coordination.v1.Lease",

@@ -7,6 +7,7 @@
 //! else.
 
 mod access;
+mod admission;
 mod convert;
 mod discovery;
 mod fields;

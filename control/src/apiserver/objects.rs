@@ -315,6 +315,9 @@ impl Api {
         strategy.admit(self, ns.unwrap_or_default(), obj).await?;
         let mut decoded = decode_checked(r, obj, strict)?;
         validate::default(r, &mut decoded);
+        strategy
+            .admit_decoded(self, ns.unwrap_or_default(), &mut decoded)
+            .await?;
         // What the client named itself (a Service's ClusterIP, NodePorts).
         let requested = strategy.held(&decoded, &self.cfg.service_cidrs);
         for attempt in 0..8 {
@@ -327,7 +330,11 @@ impl Api {
             }
             validate::validate(r, &obj, self.limits())?;
             let name = str_at(&obj, "/metadata/name").to_string();
-            let (guards, sides) = strategy.allocate(self, &mut obj, None).await?;
+            let (mut guards, mut sides) = strategy.allocate(self, &mut obj, None).await?;
+            let (quota_guards, quota_sides) =
+                self.charge_quota(r, ns.unwrap_or_default(), &obj).await?;
+            guards.extend(quota_guards);
+            sides.extend(quota_sides);
             if dry_run {
                 return Ok(obj);
             }

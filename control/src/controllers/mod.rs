@@ -14,6 +14,7 @@ pub mod gc;
 pub mod job;
 pub mod nodeipam;
 pub mod nodelifecycle;
+pub mod quota;
 pub mod replicaset;
 pub mod serviceaccount;
 pub mod statefulset;
@@ -58,6 +59,7 @@ pub async fn run_all(client: Client, settings: Settings) {
     tasks.spawn(endpointslice::run(client.clone()));
     tasks.spawn(gc::run(client.clone()));
     tasks.spawn(volume::run(client.clone()));
+    tasks.spawn(quota::run(client.clone()));
     tasks.spawn(nodelifecycle::run(client.clone(), settings));
     tasks.spawn(serviceaccount::run(client, ca_pem));
     while let Some(done) = tasks.join_next().await {

@@ -60,6 +60,9 @@ pub enum StoreError {
 pub enum Guard {
     /// The key must not exist (a claim on an allocated value).
     Absent(String),
+    /// The key must still be at this mod revision (a quota whose count
+    /// the write raises).
+    Unchanged(String, i64),
 }
 
 /// A change to another key made in the same transaction as a write.
@@ -417,9 +420,18 @@ impl Store {
     }
 
     async fn first_guard_taken(&self, guards: &[Guard]) -> Result<Option<String>, StoreError> {
-        for Guard::Absent(k) in guards {
-            if self.get(k).await?.is_some() {
-                return Ok(Some(k.clone()));
+        for g in guards {
+            match g {
+                Guard::Absent(k) => {
+                    if self.get(k).await?.is_some() {
+                        return Ok(Some(k.clone()));
+                    }
+                }
+                Guard::Unchanged(k, rev) => {
+                    if self.get(k).await?.map(|i| i.mod_revision) != Some(*rev) {
+                        return Ok(Some(k.clone()));
+                    }
+                }
             }
         }
         Ok(None)
@@ -765,7 +777,10 @@ where
 fn guard_compares(guards: &[Guard]) -> Vec<Compare> {
     guards
         .iter()
-        .map(|Guard::Absent(k)| Compare::create_revision(k.as_str(), CompareOp::Equal, 0))
+        .map(|g| match g {
+            Guard::Absent(k) => Compare::create_revision(k.as_str(), CompareOp::Equal, 0),
+            Guard::Unchanged(k, rev) => Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev),
+        })
         .collect()
 }
 

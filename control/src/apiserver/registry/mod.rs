@@ -41,6 +41,9 @@ pub(super) enum Strategy {
     /// StorageClasses: fixed once created, but for their metadata.
     StorageClass,
     StatefulSet,
+    /// ResourceQuotas: admission and the quota controller own their
+    /// status.
+    Quota,
     Plain,
 }
 
@@ -57,6 +60,7 @@ impl Strategy {
             ("autoscaling", "horizontalpodautoscalers") => Self::Autoscaler,
             ("", "persistentvolumeclaims") => Self::Claim,
             ("", "persistentvolumes") => Self::Volume,
+            ("", "resourcequotas") => Self::Quota,
             ("storage.k8s.io", "storageclasses") => Self::StorageClass,
             ("apps", "statefulsets") => Self::StatefulSet,
             _ => Self::Plain,
@@ -78,6 +82,7 @@ impl Strategy {
                 | Self::Claim
                 | Self::Volume
                 | Self::StatefulSet
+                | Self::Quota
         )
     }
 
@@ -90,6 +95,21 @@ impl Strategy {
                 Ok(())
             }
             Self::Claim => api.admit_claim(obj).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Admission on create after decoding and defaults: the namespace's
+    /// LimitRanges for pods and claims.
+    pub(super) async fn admit_decoded(
+        self,
+        api: &Api,
+        ns: &str,
+        obj: &mut Value,
+    ) -> Result<(), ApiError> {
+        match self {
+            Self::Pod => api.limit_pod(ns, obj).await,
+            Self::Claim => api.limit_claim(ns, obj).await,
             _ => Ok(()),
         }
     }

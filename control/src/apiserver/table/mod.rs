@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use super::fields::selector_text;
 use crate::resources::Resource;
 
+mod quota;
 mod storage;
 
 /// Which object each row carries (`?includeObject=`).
@@ -31,7 +32,9 @@ impl Include {
 fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
     let name = ("Name", "string", 0);
     let age = ("Age", "string", 0);
-    if let Some(mut rest) = storage::columns(r.group, r.plural, age) {
+    if let Some(mut rest) =
+        storage::columns(r.group, r.plural, age).or_else(|| quota::columns(r.group, r.plural, age))
+    {
         rest.insert(0, name);
         return rest;
     }
@@ -434,7 +437,9 @@ fn node_status(node: &Value) -> String {
 fn cells(r: &Resource, o: &Value) -> Vec<Value> {
     let mut name = json!(s(o, "/metadata/name"));
     let created = json!(age(o, "/metadata/creationTimestamp"));
-    if let Some(mut row) = storage::cells(r.group, r.plural, o, &created, &mut name) {
+    if let Some(mut row) = storage::cells(r.group, r.plural, o, &created, &mut name)
+        .or_else(|| quota::cells(r.group, r.plural, o, &created))
+    {
         row.insert(0, name);
         return row;
     }

@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 use crate::resources::Resource;
 use crate::status::{ApiError, Cause};
 
+mod quota;
 mod storage;
 
 fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
@@ -46,6 +47,8 @@ pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
         ("", "ReplicationController") => roundtrip::<core::ReplicationController>(v),
         ("", "PersistentVolume") => roundtrip::<core::PersistentVolume>(v),
         ("", "PersistentVolumeClaim") => roundtrip::<core::PersistentVolumeClaim>(v),
+        ("", "ResourceQuota") => roundtrip::<core::ResourceQuota>(v),
+        ("", "LimitRange") => roundtrip::<core::LimitRange>(v),
         ("storage.k8s.io", "StorageClass") => {
             roundtrip::<k8s_openapi::api::storage::v1::StorageClass>(v)
         }
@@ -104,6 +107,7 @@ pub fn default(r: &Resource, v: &mut Value) {
     match (r.group, r.kind) {
         ("", "Pod") => {
             default_pod_spec(obj_mut(v, "spec"));
+            default_requests_to_limits(obj_mut(v, "spec"));
             let status = obj_mut(v, "status");
             set_default(status, "phase", json!("Pending"));
         }
@@ -119,6 +123,7 @@ pub fn default(r: &Resource, v: &mut Value) {
             set_default(obj_mut(v, "status"), "phase", json!("Pending"));
         }
         ("", "PersistentVolume") => storage::default_volume(v),
+        ("", "LimitRange") => quota::default_limit_range(v),
         ("storage.k8s.io", "StorageClass") => storage::default_storage_class(v),
         ("apps", "StatefulSet") => storage::default_stateful_set(obj_mut(v, "spec")),
         ("batch", "Job") => default_job(obj_mut(v, "spec")),
@@ -227,6 +232,30 @@ fn default_job(spec: &mut Value) {
     set_default(spec, "podReplacementPolicy", json!(replace));
     if spec.get("template").is_some_and(Value::is_object) {
         default_pod_spec(obj_mut(obj_mut(spec, "template"), "spec"));
+    }
+}
+
+/// A pod's container with a limit and no request of a resource requests
+/// its limit (upstream's pod defaulting; templates keep what was given).
+fn default_requests_to_limits(spec: &mut Value) {
+    for list in ["containers", "initContainers"] {
+        let Some(Value::Array(cs)) = spec.get_mut(list) else {
+            continue;
+        };
+        for c in cs {
+            let limits = c
+                .pointer("/resources/limits")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            if limits.is_empty() {
+                continue;
+            }
+            let requests = obj_mut(obj_mut(c, "resources"), "requests");
+            for (k, v) in limits {
+                set_default(requests, &k, v);
+            }
+        }
     }
 }
 
@@ -1059,6 +1088,8 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
         | ("", kind @ "ReplicationController") => c.workload(kind, &spec),
         ("", "PersistentVolumeClaim") => c.claim_spec("spec", &spec),
         ("", "PersistentVolume") => c.persistent_volume(&spec),
+        ("", "ResourceQuota") => c.resource_quota(&spec),
+        ("", "LimitRange") => c.limit_range(&spec),
         ("storage.k8s.io", "StorageClass") => c.storage_class(v),
         ("apps", "StatefulSet") => c.stateful_set(&spec),
         ("batch", "Job") => {
