@@ -1751,3 +1751,84 @@ fn limit_ranges_default_and_bound_pods_and_quotas_refuse_what_is_over() {
     let names = cp.jsonpath(&["-n", "race", "pods"], "{.items[*].metadata.name}");
     assert_eq!(names.split_whitespace().count(), 3, "{names}");
 }
+
+#[test]
+fn kubectl_explain_diff_and_list_files_read_the_served_openapi() {
+    let cp = ControlPlane::start(&[]);
+
+    // explain reads the schemas (v3 by default, v2 when asked).
+    let out = cp.kubectl_ok(&["explain", "statefulsets.spec.volumeClaimTemplates"]);
+    assert!(
+        out.contains("KIND:       StatefulSet")
+            && out.contains("FIELD: volumeClaimTemplates <[]PersistentVolumeClaim>"),
+        "{out}"
+    );
+    let out = cp.kubectl_ok(&[
+        "explain",
+        "pods.spec.containers",
+        "--output=plaintext-openapiv2",
+    ]);
+    assert!(out.contains("RESOURCE: containers <[]Object>"), "{out}");
+
+    // A List file is validated item by item on the client, against /openapi/v2.
+    let list = |extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: one}}\n  data: {{a: \"1\"}}\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: two}}\n{extra}"
+        )
+    };
+    let file = |name: &str, text: &str| {
+        let p = std::env::temp_dir().join(format!("{}-{name}", skiff_tests::unique("list")));
+        std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
+        p.display().to_string()
+    };
+    let bad = file("bad.yaml", &list("  bogus: 3\n"));
+    let err = cp
+        .kubectl(&["create", "-f", &bad])
+        .expect_err("an unknown field");
+    assert!(
+        err.contains(r#"unknown field "bogus" in io.k8s.api.core.v1.ConfigMap"#),
+        "{err}"
+    );
+    assert!(
+        cp.kubectl(&["get", "configmap", "one"]).is_err(),
+        "nothing is created"
+    );
+    let good = file("good.yaml", &list("  data: {b: \"2\"}\n"));
+    let out = cp.kubectl_ok(&["create", "-f", &good]);
+    assert!(
+        out.contains("configmap/one created") && out.contains("configmap/two created"),
+        "{out}"
+    );
+
+    // diff shows what an apply would change, through a dry run, and
+    // exits 1 for a difference.
+    let web = |replicas: u32, value: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: a\n        image: busybox:1.36\n        env: [{{name: X, value: \"{value}\"}}]\n      - name: b\n        image: busybox:1.36\n"
+        )
+    };
+    cp.apply(&web(2, "1")).unwrap_or_else(|e| panic!("{e}"));
+    let changed = file("web.yaml", &web(3, "2"));
+    let out = cp.kubectl_run(&["diff", "-f", &changed], b"");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("-  replicas: 2")
+            && text.contains("+  replicas: 3")
+            && text.contains("+          value: \"2\""),
+        "{text}"
+    );
+    assert_eq!(
+        cp.jsonpath(&["deployment", "web"], "{.spec.replicas}"),
+        "2",
+        "diff changes nothing"
+    );
+    let same = file("same.yaml", &web(2, "1"));
+    let out = cp.kubectl_run(&["diff", "-f", &same], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

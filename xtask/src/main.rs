@@ -9,6 +9,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod openapi;
 mod protobuf_schema;
 use clap::{Parser, Subcommand};
 
@@ -61,6 +62,15 @@ enum Cmd {
         /// Extra arguments for the benchmark (after --).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Write control/src/apiserver/openapi/kubernetes-v<version>.json from
+    /// Kubernetes' api/openapi-spec/swagger.json of that version.
+    GenOpenapi {
+        /// The upstream swagger.json.
+        swagger: PathBuf,
+        /// The Kubernetes version it is from (`1.33.1`).
+        #[arg(long)]
+        version: String,
     },
     /// Write control/src/apiserver/protobuf/schema.txt (Kubernetes protobuf field
     /// numbers) from the k8s-pb and k8s-openapi sources in cargo's registry.
@@ -345,6 +355,7 @@ fn main() -> Result<()> {
             }
             lab(&args.iter().map(String::as_str).collect::<Vec<_>>())
         }
+        Cmd::GenOpenapi { swagger, version } => openapi::generate(&root(), &swagger, &version),
         Cmd::GenProtobufSchema {
             k8s_pb,
             k8s_openapi,

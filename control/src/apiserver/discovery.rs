@@ -146,29 +146,27 @@ pub fn resource_list(group: &str, version: &str) -> Value {
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})
 }
 
-fn gv_path(group: &str) -> String {
-    if group.is_empty() {
-        "api/v1".into()
-    } else {
-        format!("apis/{group}/{}", resources::group_version(group))
-    }
-}
-
 pub fn openapi_v3_root() -> Value {
     let mut paths = serde_json::Map::new();
-    let mut groups = vec![""];
-    groups.extend(resources::groups());
-    for g in groups {
-        let p = gv_path(g);
-        paths.insert(p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={}", env!("CARGO_PKG_VERSION"))}));
+    let mut gvs = vec![("", "v1")];
+    for g in resources::groups() {
+        gvs.extend(resources::group_versions(g).into_iter().map(|v| (g, v)));
+    }
+    for (g, v) in gvs {
+        let p = if g.is_empty() {
+            "api/v1".to_string()
+        } else {
+            format!("apis/{g}/{v}")
+        };
+        paths.insert(p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={}-{}", super::openapi::VERSION, env!("CARGO_PKG_VERSION"))}));
     }
     json!({ "paths": paths })
 }
 
 pub fn openapi_v3(rest: &[&str]) -> Result<Value, ApiError> {
-    let group = match rest {
-        ["api", "v1"] => "",
-        ["apis", g, v] if resources::groups().contains(g) && resources::group_version(g) == *v => g,
+    let (group, version) = match rest {
+        ["api", "v1"] => ("", "v1"),
+        ["apis", g, v] if resources::group_versions(g).contains(v) => (*g, *v),
         _ => {
             return Err(ApiError::path_not_found(&format!(
                 "openapi/v3/{}",
@@ -177,8 +175,15 @@ pub fn openapi_v3(rest: &[&str]) -> Result<Value, ApiError> {
         }
     };
     let mut paths = serde_json::Map::new();
-    for r in RESOURCES.iter().filter(|r| r.group == group) {
-        let base = format!("/{}", gv_path(group));
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let base = if group.is_empty() {
+            "/api/v1".to_string()
+        } else {
+            format!("/apis/{group}/{version}")
+        };
         let path = if r.namespaced {
             format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
         } else {
@@ -199,8 +204,8 @@ pub fn openapi_v3(rest: &[&str]) -> Result<Value, ApiError> {
     }
     Ok(json!({
         "openapi": "3.0.0",
-        "info": {"title": "Kubernetes", "version": "v1.32.0-skiff"},
+        "info": {"title": "Kubernetes", "version": format!("v{}", super::openapi::VERSION)},
         "paths": paths,
-        "components": {"schemas": {}}
+        "components": {"schemas": super::openapi::v3_schemas(group, version)}
     }))
 }

@@ -14,6 +14,7 @@ mod fields;
 mod logs;
 pub mod metrics;
 mod objects;
+pub mod openapi;
 pub mod patch;
 pub mod peers;
 pub mod protobuf;
@@ -404,6 +405,26 @@ impl Api {
                     return Err(ApiError::path_not_found(&segs.join("/")));
                 }
                 Ok(json_response(200, &discovery::resource_list(g, v)))
+            }
+            ["openapi", "v2"] if get => {
+                let accept = req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                Ok(if accept.contains("protobuf") {
+                    full(
+                        StatusCode::OK,
+                        openapi::V2_PROTOBUF,
+                        Bytes::from_static(openapi::v2_protobuf()),
+                    )
+                } else {
+                    full(
+                        StatusCode::OK,
+                        "application/json",
+                        Bytes::from_static(openapi::v2_json()),
+                    )
+                })
             }
             ["openapi", "v3"] if get => Ok(json_response(200, &discovery::openapi_v3_root())),
             ["openapi", "v3", rest @ ..] if get => {
