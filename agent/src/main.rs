@@ -388,6 +388,11 @@ async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
             .await
             .context("finding an apiserver (pass --kubeconfig)")?,
     };
+    // The fields the node's roles write are managed as `skiff-agent`'s.
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("skiff-agent/", env!("CARGO_PKG_VERSION"))),
+    ));
     if !args.apiserver_balancer {
         return Ok(Some(
             kube::Client::try_from(config).context("building the apiserver client")?,

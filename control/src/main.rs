@@ -253,7 +253,7 @@ async fn token(command: TokenCommand) -> Result<()> {
         } => {
             let ttl = tokens::parse_ttl(&ttl)?;
             let path = admin.kubeconfig();
-            let client = skiff_control::client::from_kubeconfig(&path).await?;
+            let client = skiff_control::client::from_kubeconfig(&path, "skiff-control").await?;
             let token = tokens::create(client, ttl, &description).await?;
             if print_join_command {
                 let kc = kube::config::Kubeconfig::read_from(&path)?;
@@ -280,7 +280,9 @@ async fn token(command: TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::List { admin } => {
-            let client = skiff_control::client::from_kubeconfig(&admin.kubeconfig()).await?;
+            let client =
+                skiff_control::client::from_kubeconfig(&admin.kubeconfig(), "skiff-control")
+                    .await?;
             println!("{:<8} {:<22} DESCRIPTION", "TOKEN ID", "EXPIRES");
             for t in tokens::list(client).await? {
                 let expires = t
@@ -295,7 +297,9 @@ async fn token(command: TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::Delete { admin, token } => {
-            let client = skiff_control::client::from_kubeconfig(&admin.kubeconfig()).await?;
+            let client =
+                skiff_control::client::from_kubeconfig(&admin.kubeconfig(), "skiff-control")
+                    .await?;
             tokens::delete(client, &token).await?;
             println!(
                 "bootstrap token {:?} deleted",

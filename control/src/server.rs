@@ -176,7 +176,9 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
     };
 
     if cfg.components.iter().any(|c| *c != Component::Apiserver) {
-        let client = crate::client::from_kubeconfig(&kubeconfig).await?;
+        let client = crate::client::from_kubeconfig(&kubeconfig, "kube-controller-manager").await?;
+        let scheduler_client =
+            crate::client::from_kubeconfig(&kubeconfig, "kube-scheduler").await?;
         let identity = crate::leader::identity(&cfg.data_dir)
             .with_context(|| format!("the leader identity in {}", cfg.data_dir.display()))?;
         // Under its lease when elections are on (the task ends once it has
@@ -196,7 +198,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                 None => tasks.push(tokio::spawn(work())),
             };
         if cfg.components.contains(&Component::Scheduler) {
-            let c = client.clone();
+            let c = scheduler_client.clone();
             start(
                 crate::leader::SCHEDULER,
                 Box::new(move || Box::pin(crate::scheduler::run(c.clone()))),

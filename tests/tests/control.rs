@@ -1832,3 +1832,121 @@ fn kubectl_explain_diff_and_list_files_read_the_served_openapi() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn server_side_apply_owns_fields_and_reports_conflicts() {
+    let cp = ControlPlane::start(&[]);
+    let web = |replicas: u32, image: &str| {
+        let p = std::env::temp_dir().join(format!("{}-web.yaml", skiff_tests::unique("ssa")));
+        let text = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, labels: {{team: a}}}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: main\n        image: {image}\n"
+        );
+        std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
+        p.display().to_string()
+    };
+    let first = web(2, "busybox:1.36");
+    let out = cp.kubectl_ok(&["apply", "--server-side", "-f", &first]);
+    assert!(
+        out.contains("deployment.apps/web serverside-applied"),
+        "{out}"
+    );
+    let managers = || {
+        cp.jsonpath(
+            &["deployment", "web", "--show-managed-fields"],
+            r#"{range .metadata.managedFields[*]}{.manager}/{.operation}{"\n"}{end}"#,
+        )
+    };
+    assert!(
+        managers().lines().any(|l| l == "kubectl/Apply"),
+        "{}",
+        managers()
+    );
+    let owned = cp.jsonpath(
+        &["deployment", "web", "--show-managed-fields"],
+        r#"{.metadata.managedFields[?(@.manager=="kubectl")].fieldsV1}"#,
+    );
+    assert!(
+        owned.contains(r#""f:replicas":{}"#) && owned.contains(r#""k:{\"name\":\"main\"}""#),
+        "{owned}"
+    );
+
+    // Another manager asking for another replica count conflicts, with
+    // the field and its manager named; nothing changes.
+    // ops applies only the replica count.
+    let other = std::env::temp_dir().join(format!("{}-ops.yaml", skiff_tests::unique("ssa")));
+    std::fs::write(
+        &other,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 5\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let other = other.display().to_string();
+    let err = cp
+        .kubectl(&[
+            "apply",
+            "--server-side",
+            "--field-manager=ops",
+            "-f",
+            &other,
+        ])
+        .expect_err("a conflict");
+    assert!(
+        err.contains(
+            r#"Apply failed with 1 conflict: conflict with "kubectl" using apps/v1: .spec.replicas"#
+        ),
+        "{err}"
+    );
+    assert_eq!(cp.jsonpath(&["deployment", "web"], "{.spec.replicas}"), "2");
+
+    // Forced, ops takes the field over; kubectl no longer owns it, and
+    // its next apply without replicas leaves ops' value alone.
+    cp.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager=ops",
+        "--force-conflicts",
+        "-f",
+        &other,
+    ]);
+    assert_eq!(cp.jsonpath(&["deployment", "web"], "{.spec.replicas}"), "5");
+    let p = std::env::temp_dir().join(format!("{}-noreplicas.yaml", skiff_tests::unique("ssa")));
+    std::fs::write(
+        &p,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - name: main\n        image: busybox:1.37\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    cp.kubectl_ok(&["apply", "--server-side", "-f", &p.display().to_string()]);
+    assert_eq!(
+        cp.jsonpath(
+            &["deployment", "web"],
+            "{.spec.replicas} {.spec.template.spec.containers[0].image} {.metadata.labels.team}"
+        ),
+        // The label kubectl stopped applying went; ops' replicas stayed.
+        "5 busybox:1.37 "
+    );
+
+    // A write that is not an apply takes the fields it changes.
+    cp.kubectl_ok(&["scale", "deployment", "web", "--replicas=3"]);
+    let err = cp
+        .kubectl(&[
+            "apply",
+            "--server-side",
+            "--field-manager=ops",
+            "-f",
+            &other,
+        ])
+        .expect_err("scale took replicas");
+    assert!(
+        err.contains(r#"conflict with "kubectl" using apps/v1: .spec.replicas"#),
+        "{err}"
+    );
+
+    // An apply creates what does not exist yet.
+    let cm = std::env::temp_dir().join(format!("{}-cm.yaml", skiff_tests::unique("ssa")));
+    std::fs::write(
+        &cm,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: applied}\ndata: {a: \"1\"}\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    cp.kubectl_ok(&["apply", "--server-side", "-f", &cm.display().to_string()]);
+    assert_eq!(cp.jsonpath(&["configmap", "applied"], "{.data.a}"), "1");
+}

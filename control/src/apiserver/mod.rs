@@ -12,6 +12,7 @@ mod convert;
 mod discovery;
 mod fields;
 mod logs;
+mod managed;
 pub mod metrics;
 mod objects;
 pub mod openapi;
@@ -487,9 +488,21 @@ impl Api {
             };
             return self.pod_stream(req, &ns, name, kubelet_sub).await;
         }
+        // The manager of what this write sets: named, or the client's
+        // first User-Agent word (`kubectl/v1.33.1 (linux/amd64) ...`).
+        let agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ua| ua.split('/').next())
+            .unwrap_or_default()
+            .to_string();
         let w = objects::Write {
             dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
             strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),
+            manager: q.get("fieldManager").cloned().unwrap_or(agent),
+            force: q.get("force").is_some_and(|v| v == "true"),
+            apply: false,
         };
         let body = read_body(req).await?;
         // A version served over another stored one: requests are turned
@@ -522,7 +535,7 @@ impl Api {
         };
         self.authorize(user, &attrs, posted.as_ref()).await?;
         if let Some(resp) = self
-            .access_request(&t, &method, posted.as_ref(), user, w)
+            .access_request(&t, &method, posted.as_ref(), user, w.clone())
             .await?
         {
             return Ok(resp);
@@ -596,6 +609,13 @@ impl Api {
                 let obj = parse(&body)?;
                 let updated = self.update(r, ns, name, sub, obj, w).await?;
                 Ok(json_response(200, &updated))
+            }
+            (&Method::PATCH, Some(name), None)
+                if content_type.starts_with("application/apply-patch") =>
+            {
+                let applied = parse_json(&body)?;
+                let (out, created) = self.apply(r, ns, name, applied, w).await?;
+                Ok(json_response(if created { 201 } else { 200 }, &out))
             }
             (&Method::PATCH, Some(name), sub) => {
                 let patch = parse_json(&body)?;

@@ -8,6 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::Api;
 use super::fields::{core, selector_text, store_err, str_at};
+use super::managed;
 use super::registry::Strategy;
 use crate::apiserver::validate;
 use crate::meta::now;
@@ -15,11 +16,39 @@ use crate::resources::{self, Resource};
 use crate::status::{self, ApiError, Cause};
 use crate::storage::store::{Guard, Item, Side, StoreError};
 
-/// How a write is to be made (`?dryRun=All`, `?fieldValidation=Strict`).
-#[derive(Clone, Copy, Debug, Default)]
+/// How a write is to be made (`?dryRun=All`, `?fieldValidation=Strict`)
+/// and by whom (`?fieldManager=`, else the User-Agent's first word).
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Write {
     pub dry_run: bool,
     pub strict: bool,
+    pub manager: String,
+    /// `?force=true`: an apply takes over the fields it conflicts on.
+    pub force: bool,
+    /// The write is a server-side apply: the object carries its
+    /// managedFields already.
+    pub apply: bool,
+}
+
+impl Write {
+    fn writer<'a>(
+        &'a self,
+        r: &Resource,
+        sub: Option<&'a str>,
+        now: &'a str,
+    ) -> managed::Writer<'a> {
+        managed::Writer {
+            manager: if self.manager.is_empty() {
+                "unknown"
+            } else {
+                &self.manager
+            },
+            api_version: r.api_version(),
+            kind: r.kind,
+            subresource: sub.filter(|s| *s == "status").unwrap_or_default(),
+            now,
+        }
+    }
 }
 
 pub(crate) fn random_suffix(n: usize) -> String {
@@ -149,6 +178,45 @@ fn decode_checked(r: &Resource, obj: &Value, strict: bool) -> Result<Value, ApiE
     Ok(decoded)
 }
 
+/// The 409 of an apply that conflicts, worded as upstream's.
+fn conflict_error(r: &Resource, name: &str, conflicts: Vec<managed::Conflict>) -> ApiError {
+    let n = conflicts.len();
+    let detail = match conflicts.as_slice() {
+        [one] => format!(
+            "conflict with \"{}\" using {}: {}",
+            one.manager, one.api_version, one.field
+        ),
+        many => {
+            let mut by: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+            for c in many {
+                by.entry(format!("\"{}\" using {}", c.manager, c.api_version))
+                    .or_default()
+                    .push(&c.field);
+            }
+            by.iter()
+                .map(|(m, fields)| {
+                    let list: Vec<String> = fields.iter().map(|f| format!("- {f}")).collect();
+                    format!("conflicts with {m}:\n{}", list.join("\n"))
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    let mut e = ApiError::conflict(r.group, r.plural, name).saying(format!(
+        "Apply failed with {n} conflict{}: {detail}",
+        if n == 1 { "" } else { "s" }
+    ));
+    e.details.causes = conflicts
+        .into_iter()
+        .map(|c| Cause {
+            field: c.field,
+            reason: "FieldManagerConflict",
+            message: format!("conflict with \"{}\" using {}", c.manager, c.api_version),
+        })
+        .collect();
+    e
+}
+
 fn check_kind(r: &Resource, obj: &mut Value) -> Result<(), ApiError> {
     let kind = str_at(obj, "/kind");
     let api_version = str_at(obj, "/apiVersion");
@@ -261,6 +329,7 @@ impl Api {
     ) -> Result<Value, ApiError> {
         let obj = &mut obj;
         let (dry_run, strict) = (w.dry_run, w.strict);
+        let w = &w;
         if !obj.is_object() {
             return Err(ApiError::bad_request("the object is not a JSON object"));
         }
@@ -285,10 +354,12 @@ impl Api {
             "resourceVersion",
             "deletionTimestamp",
             "deletionGracePeriodSeconds",
-            "managedFields",
             "selfLink",
         ] {
             meta.remove(f);
+        }
+        if !w.apply {
+            meta.remove("managedFields");
         }
         meta.insert("uid".into(), json!(uid()));
         meta.insert("creationTimestamp".into(), json!(now()));
@@ -313,11 +384,24 @@ impl Api {
             obj["status"] = json!({});
         }
         strategy.admit(self, ns.unwrap_or_default(), obj).await?;
+        let carried = w
+            .apply
+            .then(|| obj.pointer("/metadata/managedFields").cloned())
+            .flatten();
         let mut decoded = decode_checked(r, obj, strict)?;
         validate::default(r, &mut decoded);
         strategy
             .admit_decoded(self, ns.unwrap_or_default(), &mut decoded)
             .await?;
+        match carried {
+            Some(m) => {
+                meta_mut(&mut decoded).insert("managedFields".into(), m);
+            }
+            None => {
+                let stamp = now();
+                managed::record_update(&w.writer(r, None, &stamp), None, &mut decoded);
+            }
+        }
         // What the client named itself (a Service's ClusterIP, NodePorts).
         let requested = strategy.held(&decoded, &self.cfg.service_cidrs);
         for attempt in 0..8 {
@@ -366,8 +450,13 @@ impl Api {
         cur: &Value,
         incoming: Value,
         sub: Option<&str>,
-        strict: bool,
+        w: &Write,
     ) -> Result<(Value, Vec<Guard>, Vec<Side>), ApiError> {
+        let strict = w.strict;
+        let carried = w
+            .apply
+            .then(|| incoming.pointer("/metadata/managedFields").cloned())
+            .flatten();
         let name = str_at(cur, "/metadata/name").to_string();
         let mut new = match sub {
             None => {
@@ -489,6 +578,15 @@ impl Api {
                 + 1;
             meta_mut(&mut new).insert("generation".into(), json!(g));
         }
+        match carried {
+            Some(m) => {
+                meta_mut(&mut new).insert("managedFields".into(), m);
+            }
+            None => {
+                let stamp = now();
+                managed::record_update(&w.writer(r, sub, &stamp), Some(cur), &mut new);
+            }
+        }
         validate::validate(r, &new, self.limits())?;
         let strategy = Strategy::of(r);
         strategy.check_update(r, &name, cur, &new)?;
@@ -578,7 +676,7 @@ impl Api {
                 "application/strategic-merge-patch+json" => {
                     crate::apiserver::patch::strategic_merge(&view, patch)
                 }
-                other => return Err(ApiError::unsupported_media(other, "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json")),
+                other => return Err(ApiError::unsupported_media(other, "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml")),
             }
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
             Ok(match served {
@@ -587,6 +685,62 @@ impl Api {
             })
         })
         .await
+    }
+
+    /// Server-side apply of `applied` to object `name` by `w.manager`:
+    /// the object, and whether the apply created it.
+    pub(crate) async fn apply(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        mut applied: Value,
+        mut w: Write,
+    ) -> Result<(Value, bool), ApiError> {
+        if w.manager.is_empty() {
+            return Err(ApiError::bad_request(
+                "PATCH requests of type apply must have a fieldManager",
+            ));
+        }
+        if !applied.is_object() {
+            return Err(ApiError::bad_request(
+                "the applied configuration is not an object",
+            ));
+        }
+        check_kind(r, &mut applied)?;
+        let given = str_at(&applied, "/metadata/name");
+        if !given.is_empty() && given != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({given}) does not match the name on the URL ({name})"
+            )));
+        }
+        meta_mut(&mut applied).insert("name".into(), json!(name));
+        w.apply = true;
+        let stamp = now();
+        let conflicts = |c: Vec<managed::Conflict>| conflict_error(r, name, c);
+        for _ in 0..8 {
+            match self.read(r, ns, name).await {
+                Err(e) if e.code == 404 => {
+                    let obj = managed::apply(&w.writer(r, None, &stamp), None, &applied, w.force)
+                        .map_err(conflicts)?;
+                    match self.create(r, ns, obj, w.clone()).await {
+                        Ok(v) => return Ok((v, true)),
+                        // Created meanwhile: apply over it.
+                        Err(e) if e.code == 409 && e.reason == "AlreadyExists" => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(_) => break,
+            }
+        }
+        let writer = w.writer(r, None, &stamp);
+        let out = self
+            .replace_with(r, ns, name, None, w.clone(), |cur, _| {
+                managed::apply(&writer, Some(cur), &applied, w.force).map_err(conflicts)
+            })
+            .await?;
+        Ok((out, false))
     }
 
     /// Read, compute the incoming object from the current one, prepare and
@@ -611,7 +765,7 @@ impl Api {
             if pinned.is_some_and(|p| p != rev.to_string()) {
                 return Err(ApiError::conflict(r.group, r.plural, name));
             }
-            let (new, guards, sides) = self.prepare_update(r, &cur, next, sub, w.strict).await?;
+            let (new, guards, sides) = self.prepare_update(r, &cur, next, sub, &w).await?;
             if w.dry_run {
                 return Ok(new);
             }

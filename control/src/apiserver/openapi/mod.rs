@@ -32,12 +32,20 @@ fn spec() -> &'static Value {
     DOC.get_or_init(|| serde_json::from_str(SPEC).unwrap_or_else(|_| json!({"definitions": {}})))
 }
 
-fn definitions() -> &'static Map<String, Value> {
+/// Every vendored definition, by name.
+pub(crate) fn definitions() -> &'static Map<String, Value> {
     static EMPTY: OnceLock<Map<String, Value>> = OnceLock::new();
     spec()
         .get("definitions")
         .and_then(Value::as_object)
         .unwrap_or_else(|| EMPTY.get_or_init(Map::new))
+}
+
+/// The schema of `group/version/kind`.
+pub(crate) fn definition(group: &str, version: &str, kind: &str) -> Option<&'static Value> {
+    definitions()
+        .values()
+        .find(|d| is_kind(d, group, version, kind))
 }
 
 /// The v2 document as JSON.
