@@ -133,6 +133,8 @@ pub static RESOURCES: &[Resource] = &[
     resource!("autoscaling", "v1", "HorizontalPodAutoscaler", "horizontalpodautoscalers", "horizontalpodautoscaler", true, &["hpa"], status: true, scale: false, generation: true, categories: ALL),
     resource!("batch", "v1", "Job", "jobs", "job", true, &[], status: true, scale: false, generation: true, categories: ALL),
     resource!("batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], status: true, scale: false, generation: true, categories: ALL),
+    resource!("networking.k8s.io", "v1", "Ingress", "ingresses", "ingress", true, &["ing"], status: true, scale: false, generation: true, categories: &[]),
+    resource!("networking.k8s.io", "v1", "IngressClass", "ingressclasses", "ingressclass", false, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", false, &["sc"], status: false, scale: false, generation: false, categories: &[]),
     resource!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, &[], status: false, scale: false, generation: false, categories: &[]),
     resource!("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", "clusterrolebinding", false, &[], status: false, scale: false, generation: false, categories: &[]),

@@ -111,12 +111,20 @@ fn control_args(argv: &[String]) -> Result<control::Args> {
         rounds: 3,
         ha_writes: 2_000,
         ha_rounds: 3,
+        job_pods: 1_000,
+        job_parallelism: 20,
+        hpa_rounds: 3,
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
         match flag {
             "--ha-writes" => a.ha_writes = value.parse().context("--ha-writes")?,
             "--ha-rounds" => a.ha_rounds = value.parse().context("--ha-rounds")?,
+            "--job-pods" => a.job_pods = value.parse().context("--job-pods")?,
+            "--job-parallelism" => {
+                a.job_parallelism = value.parse().context("--job-parallelism")?
+            }
+            "--hpa-rounds" => a.hpa_rounds = value.parse().context("--hpa-rounds")?,
             "--nodes" => a.nodes = list(value, "--nodes")?,
             "--sched-pods" => a.sched_pods = value.parse().context("--sched-pods")?,
             "--pods" => a.pods = list(value, "--pods")?,

@@ -1950,3 +1950,39 @@ fn server_side_apply_owns_fields_and_reports_conflicts() {
     cp.kubectl_ok(&["apply", "--server-side", "-f", &cm.display().to_string()]);
     assert_eq!(cp.jsonpath(&["configmap", "applied"], "{.data.a}"), "1");
 }
+
+#[test]
+fn ingresses_are_stored_with_their_default_class_and_checked() {
+    let cp = ControlPlane::start(&[]);
+    cp.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata:\n  name: skiff\n  annotations: {ingressclass.kubernetes.io/is-default-class: \"true\"}\nspec: {controller: skiff.io/ingress}\n---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: web}\nspec:\n  tls: [{hosts: [a.example.com], secretName: tls}]\n  rules:\n  - host: \"*.example.com\"\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // No class named: the default one.
+    assert_eq!(
+        cp.jsonpath(&["ingress", "web"], "{.spec.ingressClassName}"),
+        "skiff"
+    );
+    let table = cp.kubectl_ok(&["get", "ingress", "web"]);
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..5],
+        ["web", "skiff", "*.example.com", "80,", "443"],
+        "{table}"
+    );
+    let err = cp
+        .apply("apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: bad}\nspec:\n  rules:\n  - host: 10.0.0.1\n    http:\n      paths:\n      - {path: x, pathType: Exact, backend: {service: {name: web}}}\n")
+        .expect_err("invalid");
+    for want in [
+        "spec.rules[0].host: Invalid value: \"10.0.0.1\": must be a DNS name, not an IP address",
+        "spec.rules[0].http.paths[0].path: Invalid value: \"x\": must be an absolute path",
+        "spec.rules[0].http.paths[0].backend.service.port: Required value",
+    ] {
+        assert!(err.contains(want), "{want}\n{err}");
+    }
+}

@@ -45,6 +45,8 @@ const ROOTS: &[&str] = &[
     "api.core.v1.ResourceQuota",
     "api.core.v1.LimitRange",
     "api.storage.v1.StorageClass",
+    "api.networking.v1.Ingress",
+    "api.networking.v1.IngressClass",
     "api.apps.v1.StatefulSet",
     "api.coordination.v1.Lease",
     "api.discovery.v1.EndpointSlice",

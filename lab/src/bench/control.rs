@@ -8,6 +8,8 @@
 //!   put / range / watch latency for the same keys and values (the limit);
 //! - cold start (against a running etcd, and with the local etcd it starts
 //!   itself) and idle RSS (etcd excluded, and included);
+//! - workloads (see `workloads.rs`, on one real node): Job throughput
+//!   beside the same work as plain pods, and the HPA's reaction time;
 //! - high availability (see `ha.rs`): pod-create throughput with one
 //!   replica against three (each beside etcd's own put rate), the time a
 //!   killed leader takes to be replaced and to bind a pod, and the time a
@@ -42,6 +44,11 @@ pub struct Args {
     pub ha_writes: usize,
     /// Rounds of the HA figures (0: none).
     pub ha_rounds: usize,
+    /// Short pods through one Job, and as plain pods (0: neither).
+    pub job_pods: usize,
+    pub job_parallelism: usize,
+    /// Rounds of the HPA reaction time (0: none).
+    pub hpa_rounds: usize,
     pub out: PathBuf,
 }
 
@@ -441,6 +448,13 @@ async fn run_async(args: &Args) -> Result<()> {
         None
     };
 
+    let workloads = if args.job_pods > 0 || args.hpa_rounds > 0 {
+        let (n, p, r) = (args.job_pods, args.job_parallelism, args.hpa_rounds);
+        Some(tokio::task::spawn_blocking(move || super::workloads::run(n, p, r)).await??)
+    } else {
+        None
+    };
+
     println!("\nscheduler throughput (pods bound per second, from the first binding to the last)");
     println!("| nodes | pods | pods/s | pods/s incl. scheduler start | last binding at |");
     println!("| --- | --- | --- | --- | --- |");
@@ -500,6 +514,9 @@ async fn run_async(args: &Args) -> Result<()> {
     if let Some(h) = &ha {
         super::ha::print(h);
     }
+    if let Some(w) = &workloads {
+        super::workloads::print(w);
+    }
 
     let doc = json!({
         "benchmark": "control",
@@ -508,7 +525,7 @@ async fn run_async(args: &Args) -> Result<()> {
         "cores": cores,
         "seconds": started.elapsed().as_secs_f64(),
         "args": {"nodes": args.nodes, "sched_pods": args.sched_pods, "pods": args.pods, "samples": args.samples, "rounds": args.rounds},
-        "scheduler": sched, "latency": lat, "start": cold, "ha": ha,
+        "scheduler": sched, "latency": lat, "start": cold, "ha": ha, "workloads": workloads,
     });
     let path = super::write_results(&args.out, "control", &doc)?;
     let png = args.out.join("control.png");

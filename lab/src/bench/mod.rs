@@ -14,6 +14,7 @@ pub mod plot;
 pub mod proxy;
 mod rules;
 pub mod stats;
+mod workloads;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -4,6 +4,7 @@
 //! side writes, fields an update may not change, how a delete goes). A
 //! file per kind that has rules of its own.
 
+mod ingress;
 pub(crate) mod job;
 mod namespace;
 mod pod;
@@ -44,6 +45,9 @@ pub(super) enum Strategy {
     /// ResourceQuotas: admission and the quota controller own their
     /// status.
     Quota,
+    /// Ingresses: the default class on create; the ingress role owns
+    /// their status.
+    Ingress,
     Plain,
 }
 
@@ -61,6 +65,7 @@ impl Strategy {
             ("", "persistentvolumeclaims") => Self::Claim,
             ("", "persistentvolumes") => Self::Volume,
             ("", "resourcequotas") => Self::Quota,
+            ("networking.k8s.io", "ingresses") => Self::Ingress,
             ("storage.k8s.io", "storageclasses") => Self::StorageClass,
             ("apps", "statefulsets") => Self::StatefulSet,
             _ => Self::Plain,
@@ -83,6 +88,7 @@ impl Strategy {
                 | Self::Volume
                 | Self::StatefulSet
                 | Self::Quota
+                | Self::Ingress
         )
     }
 
@@ -95,6 +101,7 @@ impl Strategy {
                 Ok(())
             }
             Self::Claim => api.admit_claim(obj).await,
+            Self::Ingress => api.admit_ingress(obj).await,
             _ => Ok(()),
         }
     }

@@ -19,11 +19,16 @@ fn immutable(field: &str, new: Option<&Value>) -> Cause {
 }
 
 impl Api {
-    /// The default StorageClass's name: the newest class annotated as
-    /// default, as upstream's DefaultStorageClass admission picks.
-    async fn default_storage_class(&self) -> Result<Option<String>, ApiError> {
-        let r = resources::find("storage.k8s.io", "v1", "storageclasses")
-            .ok_or_else(|| ApiError::internal("no storageclasses resource"))?;
+    /// The name of the newest object of `group/plural` (a class) carrying
+    /// `annotation: "true"`, as upstream's default-class admission picks.
+    pub(super) async fn default_class(
+        &self,
+        group: &str,
+        plural: &str,
+        annotation: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let r = resources::find(group, "v1", plural)
+            .ok_or_else(|| ApiError::internal(format!("no {plural} resource")))?;
         let (items, _) = self
             .store
             .list(&r.prefix(None), None)
@@ -31,19 +36,19 @@ impl Api {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let mut best: Option<(String, String)> = None;
         for item in items {
-            let Ok(sc) = serde_json::from_slice::<Value>(&item.value) else {
+            let Ok(class) = serde_json::from_slice::<Value>(&item.value) else {
                 continue;
             };
-            let default = sc
+            let default = class
                 .pointer("/metadata/annotations")
-                .and_then(|a| a.get(DEFAULT_CLASS))
+                .and_then(|a| a.get(annotation))
                 .and_then(Value::as_str)
                 == Some("true");
             if !default {
                 continue;
             }
-            let created = str_at(&sc, "/metadata/creationTimestamp").to_string();
-            let name = str_at(&sc, "/metadata/name").to_string();
+            let created = str_at(&class, "/metadata/creationTimestamp").to_string();
+            let name = str_at(&class, "/metadata/name").to_string();
             if best.as_ref().is_none_or(|(c, _)| created > *c) {
                 best = Some((created, name));
             }
@@ -57,7 +62,9 @@ impl Api {
         if obj
             .pointer("/spec/storageClassName")
             .is_none_or(Value::is_null)
-            && let Some(class) = self.default_storage_class().await?
+            && let Some(class) = self
+                .default_class("storage.k8s.io", "storageclasses", DEFAULT_CLASS)
+                .await?
             && let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut)
         {
             spec.insert("storageClassName".into(), json!(class));

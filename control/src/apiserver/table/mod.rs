@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use super::fields::selector_text;
 use crate::resources::Resource;
 
+mod networking;
 mod quota;
 mod storage;
 
@@ -32,8 +33,9 @@ impl Include {
 fn columns(r: &Resource) -> Vec<(&'static str, &'static str, u8)> {
     let name = ("Name", "string", 0);
     let age = ("Age", "string", 0);
-    if let Some(mut rest) =
-        storage::columns(r.group, r.plural, age).or_else(|| quota::columns(r.group, r.plural, age))
+    if let Some(mut rest) = storage::columns(r.group, r.plural, age)
+        .or_else(|| quota::columns(r.group, r.plural, age))
+        .or_else(|| networking::columns(r.group, r.plural, age))
     {
         rest.insert(0, name);
         return rest;
@@ -439,6 +441,7 @@ fn cells(r: &Resource, o: &Value) -> Vec<Value> {
     let created = json!(age(o, "/metadata/creationTimestamp"));
     if let Some(mut row) = storage::cells(r.group, r.plural, o, &created, &mut name)
         .or_else(|| quota::cells(r.group, r.plural, o, &created))
+        .or_else(|| networking::cells(r.group, r.plural, o, &created))
     {
         row.insert(0, name);
         return row;

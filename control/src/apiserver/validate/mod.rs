@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 use crate::resources::Resource;
 use crate::status::{ApiError, Cause};
 
+mod networking;
 mod quota;
 mod storage;
 
@@ -53,6 +54,12 @@ pub fn decode(r: &Resource, v: &Value) -> Result<Value, ApiError> {
             roundtrip::<k8s_openapi::api::storage::v1::StorageClass>(v)
         }
         ("apps", "StatefulSet") => roundtrip::<apps::StatefulSet>(v),
+        ("networking.k8s.io", "Ingress") => {
+            roundtrip::<k8s_openapi::api::networking::v1::Ingress>(v)
+        }
+        ("networking.k8s.io", "IngressClass") => {
+            roundtrip::<k8s_openapi::api::networking::v1::IngressClass>(v)
+        }
         ("coordination.k8s.io", "Lease") => roundtrip::<coordination::Lease>(v),
         ("discovery.k8s.io", "EndpointSlice") => roundtrip::<discovery::EndpointSlice>(v),
         ("apps", "ReplicaSet") => roundtrip::<apps::ReplicaSet>(v),
@@ -359,6 +366,17 @@ impl Check {
         self.causes.push(c);
     }
 
+    /// A field that must be one of `allowed` (and given, if `required`).
+    fn one_of(&mut self, field: &str, v: Option<&Value>, allowed: &[&str], required: bool) {
+        match v.and_then(Value::as_str) {
+            None | Some("") if required => self.push(Cause::required(field)),
+            Some(s) if !s.is_empty() && !allowed.contains(&s) => {
+                self.push(Cause::unsupported(field, s, allowed))
+            }
+            _ => {}
+        }
+    }
+
     fn labels(&mut self, field: &str, labels: Option<&Map<String, Value>>) {
         for (k, v) in labels.into_iter().flatten() {
             if !is_label_key(k) {
@@ -433,23 +451,16 @@ impl Check {
                 }
             }
         }
-        if let Some(p) = spec.get("restartPolicy").and_then(Value::as_str)
-            && !matches!(p, "Always" | "OnFailure" | "Never")
-        {
-            self.push(Cause::unsupported(
-                format!("{at}.restartPolicy"),
-                p,
-                &["Always", "OnFailure", "Never"],
-            ));
-        }
+        self.one_of(
+            &format!("{at}.restartPolicy"),
+            spec.get("restartPolicy"),
+            &["Always", "OnFailure", "Never"],
+            false,
+        );
     }
 
     fn protocol(&mut self, field: &str, v: Option<&Value>) {
-        if let Some(p) = v.and_then(Value::as_str)
-            && !matches!(p, "TCP" | "UDP" | "SCTP")
-        {
-            self.push(Cause::unsupported(field, p, &["SCTP", "TCP", "UDP"]));
-        }
+        self.one_of(field, v, &["SCTP", "TCP", "UDP"], false);
     }
 
     fn service(&mut self, spec: &Value, node_ports: (u16, u16)) {
@@ -457,16 +468,12 @@ impl Check {
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or("ClusterIP");
-        if !matches!(
-            ty,
-            "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
-        ) {
-            self.push(Cause::unsupported(
-                "spec.type",
-                ty,
-                &["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"],
-            ));
-        }
+        self.one_of(
+            "spec.type",
+            spec.get("type"),
+            &["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"],
+            false,
+        );
         let headless = spec.get("clusterIP").and_then(Value::as_str) == Some("None");
         let ports = spec.get("ports").and_then(Value::as_array);
         if ty != "ExternalName" && !headless && ports.is_none_or(Vec::is_empty) {
@@ -632,19 +639,12 @@ impl Check {
             None => self.push(Cause::required("spec.template.spec")),
         }
         // Pods of every workload here restart in place.
-        if spec
-            .pointer("/template/spec/restartPolicy")
-            .and_then(Value::as_str)
-            .is_some_and(|p| p != "Always")
-        {
-            self.push(Cause::unsupported(
-                "spec.template.spec.restartPolicy",
-                spec.pointer("/template/spec/restartPolicy")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-                &["Always"],
-            ));
-        }
+        self.one_of(
+            "spec.template.spec.restartPolicy",
+            spec.pointer("/template/spec/restartPolicy"),
+            &["Always"],
+            false,
+        );
     }
 }
 
@@ -770,17 +770,12 @@ impl Check {
         {
             self.push(Cause::invalid("spec.timeZone", tz, &e));
         }
-        let policy = spec
-            .get("concurrencyPolicy")
-            .and_then(Value::as_str)
-            .unwrap_or("Allow");
-        if !matches!(policy, "Allow" | "Forbid" | "Replace") {
-            self.push(Cause::unsupported(
-                "spec.concurrencyPolicy",
-                policy,
-                &["Allow", "Forbid", "Replace"],
-            ));
-        }
+        self.one_of(
+            "spec.concurrencyPolicy",
+            spec.get("concurrencyPolicy"),
+            &["Allow", "Forbid", "Replace"],
+            false,
+        );
         for f in [
             "startingDeadlineSeconds",
             "successfulJobsHistoryLimit",
@@ -1092,6 +1087,8 @@ pub fn validate(r: &Resource, v: &Value, limits: Limits) -> Result<(), ApiError>
         ("", "LimitRange") => c.limit_range(&spec),
         ("storage.k8s.io", "StorageClass") => c.storage_class(v),
         ("apps", "StatefulSet") => c.stateful_set(&spec),
+        ("networking.k8s.io", "Ingress") => c.ingress(&spec),
+        ("networking.k8s.io", "IngressClass") => c.ingress_class(&spec),
         ("batch", "Job") => {
             c.job("spec", &spec);
             if let Some(cause) = super::registry::job::selector_cause(v) {

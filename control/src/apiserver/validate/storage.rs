@@ -90,16 +90,6 @@ fn strs(v: Option<&Value>) -> Vec<&str> {
 }
 
 impl Check {
-    fn one_of(&mut self, field: &str, v: Option<&Value>, allowed: &[&str], required: bool) {
-        match v.and_then(Value::as_str) {
-            None | Some("") if required => self.push(Cause::required(field)),
-            Some(s) if !s.is_empty() && !allowed.contains(&s) => {
-                self.push(Cause::unsupported(field, s, allowed))
-            }
-            _ => {}
-        }
-    }
-
     fn access_modes(&mut self, at: &str, spec: &Value) {
         let modes = strs(spec.get("accessModes"));
         if modes.is_empty() {
