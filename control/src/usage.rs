@@ -13,6 +13,17 @@ use crate::quantity::{format_quantity, parse_quantity};
 
 pub type Usage = BTreeMap<String, f64>;
 
+/// The kinds counted by their plain plural (`pods: 10`).
+const COUNTED: &[&str] = &[
+    "pods",
+    "services",
+    "configmaps",
+    "secrets",
+    "persistentvolumeclaims",
+    "replicationcontrollers",
+    "resourcequotas",
+];
+
 /// The compute resources whose plain name means the request.
 const PLAIN: &[&str] = &["cpu", "memory", "ephemeral-storage"];
 
@@ -96,19 +107,8 @@ pub fn usage(group: &str, plural: &str, obj: &Value) -> Usage {
         return out;
     }
     out.insert(count_key(group, plural), 1.0);
-    if group.is_empty() {
-        match plural {
-            "pods"
-            | "services"
-            | "configmaps"
-            | "secrets"
-            | "persistentvolumeclaims"
-            | "replicationcontrollers"
-            | "resourcequotas" => {
-                out.insert(plural.to_string(), 1.0);
-            }
-            _ => {}
-        }
+    if group.is_empty() && COUNTED.contains(&plural) {
+        out.insert(plural.to_string(), 1.0);
     }
     match (group, plural) {
         ("", "pods") => {
@@ -156,13 +156,7 @@ pub fn counted_kind(key: &str) -> Option<(String, String)> {
         });
     }
     let plural = match key {
-        "pods"
-        | "services"
-        | "configmaps"
-        | "secrets"
-        | "persistentvolumeclaims"
-        | "replicationcontrollers"
-        | "resourcequotas" => key,
+        k if COUNTED.contains(&k) => key,
         "services.nodeports" | "services.loadbalancers" => "services",
         "requests.storage" => "persistentvolumeclaims",
         k if PLAIN.contains(&k) || k.starts_with("requests.") || k.starts_with("limits.") => "pods",

@@ -559,11 +559,17 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("{e}\n--- control plane log ---\n{}", self.log_tail()))
     }
 
+    /// `text` written to a new file in the control plane's directory
+    /// (removed with it): its path, for `kubectl ... -f`.
+    pub fn manifest(&self, text: &str) -> String {
+        let file = self.dir.path.join(format!("{}.yaml", crate::unique("m")));
+        std::fs::write(&file, text).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        file.display().to_string()
+    }
+
     /// `kubectl apply -f -` with `yaml` on stdin.
     pub fn apply(&self, yaml: &str) -> Result<String, String> {
-        let file = self.dir.path.join(format!("{}.yaml", crate::unique("m")));
-        std::fs::write(&file, yaml).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
-        self.kubectl(&["apply", "-f", &file.display().to_string()])
+        self.kubectl(&["apply", "-f", &self.manifest(yaml)])
     }
 
     pub fn token(&self) -> String {

@@ -1776,11 +1776,7 @@ fn kubectl_explain_diff_and_list_files_read_the_served_openapi() {
             "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: one}}\n  data: {{a: \"1\"}}\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: two}}\n{extra}"
         )
     };
-    let file = |name: &str, text: &str| {
-        let p = std::env::temp_dir().join(format!("{}-{name}", skiff_tests::unique("list")));
-        std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
-        p.display().to_string()
-    };
+    let file = |_name: &str, text: &str| cp.manifest(text);
     let bad = file("bad.yaml", &list("  bogus: 3\n"));
     let err = cp
         .kubectl(&["create", "-f", &bad])
@@ -1837,12 +1833,9 @@ fn kubectl_explain_diff_and_list_files_read_the_served_openapi() {
 fn server_side_apply_owns_fields_and_reports_conflicts() {
     let cp = ControlPlane::start(&[]);
     let web = |replicas: u32, image: &str| {
-        let p = std::env::temp_dir().join(format!("{}-web.yaml", skiff_tests::unique("ssa")));
-        let text = format!(
+        cp.manifest(&format!(
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, labels: {{team: a}}}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: main\n        image: {image}\n"
-        );
-        std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
-        p.display().to_string()
+        ))
     };
     let first = web(2, "busybox:1.36");
     let out = cp.kubectl_ok(&["apply", "--server-side", "-f", &first]);
@@ -1870,16 +1863,12 @@ fn server_side_apply_owns_fields_and_reports_conflicts() {
         "{owned}"
     );
 
-    // Another manager asking for another replica count conflicts, with
-    // the field and its manager named; nothing changes.
-    // ops applies only the replica count.
-    let other = std::env::temp_dir().join(format!("{}-ops.yaml", skiff_tests::unique("ssa")));
-    std::fs::write(
-        &other,
+    // Another manager (ops, applying only the replica count) asking for
+    // another count conflicts, with the field and its manager named;
+    // nothing changes.
+    let other = cp.manifest(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 5\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let other = other.display().to_string();
+    );
     let err = cp
         .kubectl(&[
             "apply",
@@ -1908,13 +1897,10 @@ fn server_side_apply_owns_fields_and_reports_conflicts() {
         &other,
     ]);
     assert_eq!(cp.jsonpath(&["deployment", "web"], "{.spec.replicas}"), "5");
-    let p = std::env::temp_dir().join(format!("{}-noreplicas.yaml", skiff_tests::unique("ssa")));
-    std::fs::write(
-        &p,
+    let p = cp.manifest(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - name: main\n        image: busybox:1.37\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    cp.kubectl_ok(&["apply", "--server-side", "-f", &p.display().to_string()]);
+    );
+    cp.kubectl_ok(&["apply", "--server-side", "-f", &p]);
     assert_eq!(
         cp.jsonpath(
             &["deployment", "web"],
@@ -1941,13 +1927,9 @@ fn server_side_apply_owns_fields_and_reports_conflicts() {
     );
 
     // An apply creates what does not exist yet.
-    let cm = std::env::temp_dir().join(format!("{}-cm.yaml", skiff_tests::unique("ssa")));
-    std::fs::write(
-        &cm,
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: applied}\ndata: {a: \"1\"}\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    cp.kubectl_ok(&["apply", "--server-side", "-f", &cm.display().to_string()]);
+    let cm = cp
+        .manifest("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: applied}\ndata: {a: \"1\"}\n");
+    cp.kubectl_ok(&["apply", "--server-side", "-f", &cm]);
     assert_eq!(cp.jsonpath(&["configmap", "applied"], "{.data.a}"), "1");
 }
 
