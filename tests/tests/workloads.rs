@@ -1068,3 +1068,63 @@ fn a_stateful_set_starts_in_order_keeps_names_and_data_and_scales_down_in_revers
     );
     drop(other);
 }
+
+#[test]
+fn a_parallel_stateful_set_starts_at_once_and_on_delete_waits_for_deletions() {
+    let c = OneNode::start("172.31.20.2", "10.244.15.0/24");
+    // Pods become Ready 5 s after they start: ordered creation would wait
+    // for that between pods; Parallel does not.
+    let set = |env: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: par}}\nspec:\n  replicas: 3\n  podManagementPolicy: Parallel\n  updateStrategy: {{type: OnDelete}}\n  selector: {{matchLabels: {{app: par}}}}\n  template:\n    metadata: {{labels: {{app: par}}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: {}\n        command: [\"sleep\", \"3600\"]\n        env: [{{name: MODE, value: {env}}}]\n        readinessProbe: {{exec: {{command: [\"true\"]}}, initialDelaySeconds: 5, periodSeconds: 1}}\n",
+            c.image
+        )
+    };
+    c.cp.apply(&set("one")).unwrap_or_else(|e| panic!("{e}"));
+    wait_for(
+        "three pods before any is Ready",
+        Duration::from_secs(30),
+        || {
+            let ps = pods(&c, "app=par");
+            let names: BTreeSet<&str> = ps.iter().map(|p| p[0].as_str()).collect();
+            if ps.iter().any(|p| p[2] == "True") {
+                panic!("a pod was Ready before all three existed: {ps:?}");
+            }
+            (names == BTreeSet::from(["par-0", "par-1", "par-2"])).then_some(())
+        },
+    );
+    running(&c, "app=par", 3);
+
+    // OnDelete: a new template replaces nothing by itself; a deleted pod
+    // comes back from it.
+    c.cp.apply(&set("two")).unwrap_or_else(|e| panic!("{e}"));
+    let env = |pod: &str| {
+        c.cp.jsonpath(&["pod", pod], "{.spec.containers[0].env[0].value}")
+    };
+    wait_for("the new revision", Duration::from_secs(30), || {
+        let s = c.cp.jsonpath(
+            &["sts", "par"],
+            "{.status.updateRevision} {.status.currentRevision}",
+        );
+        let (u, cur) = s.split_once(' ').unwrap_or_default();
+        (!u.is_empty() && u != cur).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        [env("par-0"), env("par-1"), env("par-2")],
+        ["one", "one", "one"].map(String::from)
+    );
+    c.cp.kubectl_ok(&["delete", "pod", "par-1", "--wait=false"]);
+    wait_for("par-1 at the new revision", Duration::from_secs(60), || {
+        (env("par-1") == "two").then_some(())
+    });
+    running(&c, "app=par", 3);
+    assert_eq!(
+        [env("par-0"), env("par-2")],
+        ["one", "one"].map(String::from)
+    );
+    assert_eq!(
+        c.cp.jsonpath(&["sts", "par"], "{.status.updatedReplicas}"),
+        "1"
+    );
+}
