@@ -149,6 +149,9 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                 tokens,
             },
         );
+        api.follow_policies()
+            .await
+            .context("reading the LimitRanges and ResourceQuotas")?;
         let server = format!("https://{advertise}");
         bootstrap(&api, advertise, &server, &pki.ca_pem)
             .await

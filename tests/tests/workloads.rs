@@ -879,6 +879,11 @@ fn a_stateful_set_starts_in_order_keeps_names_and_data_and_scales_down_in_revers
     // Stable names: the hostname is the pod's name, and the headless
     // Service's slice names each pod for DNS.
     assert_eq!(exec(&c, "web-0", "hostname").trim(), "web-0");
+    let hosts = exec(&c, "web-0", "cat /etc/hosts");
+    assert!(
+        hosts.contains("\tweb-0.web.default.svc.cluster.local\tweb-0\n"),
+        "{hosts}"
+    );
     assert_eq!(exec(&c, "web-2", "cat /data/log").trim(), "web-2");
     let hostnames = wait_for("the pods' DNS names", Duration::from_secs(30), || {
         let h = c.cp.jsonpath(
@@ -1127,4 +1132,29 @@ fn a_parallel_stateful_set_starts_at_once_and_on_delete_waits_for_deletions() {
         c.cp.jsonpath(&["sts", "par"], "{.status.updatedReplicas}"),
         "1"
     );
+}
+
+#[test]
+fn finished_pods_give_their_addresses_back_so_a_small_node_runs_a_long_job() {
+    // A /29: five addresses for pods. The Job's eight finished pods are
+    // kept, as Jobs keep them; each gives its address back when it ends.
+    let c = OneNode::start("172.31.21.2", "10.244.16.0/29");
+    c.cp.apply(&job(
+        "many",
+        "  completions: 8\n  parallelism: 2\n",
+        "Never",
+        &c.image,
+        "true",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_job(&c, "many", "complete", 120);
+    let ips = c.cp.jsonpath(
+        &["pods", "-l", "job-name=many"],
+        r#"{range .items[*]}{.status.phase}={.status.podIP}{"\n"}{end}"#,
+    );
+    let done: Vec<&str> = ips
+        .lines()
+        .filter(|l| l.starts_with("Succeeded=10.244.16."))
+        .collect();
+    assert_eq!(done.len(), 8, "{ips}");
 }

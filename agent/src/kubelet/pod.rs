@@ -195,7 +195,15 @@ pub struct Worker {
     last_status: Option<Value>,
     started: String,
     volumes_synced: Option<Instant>,
+    /// The pod finished and its network was given back (its addresses
+    /// stay in its status, as upstream's do).
+    network_released: bool,
 }
+
+/// Where a finished pod's addresses are kept once its network is given
+/// back, so a restarted kubelet neither reports it Pending nor wires it
+/// again.
+const RELEASED: &str = "released-ips.json";
 
 impl Worker {
     pub fn new(shared: Arc<Shared>, pod: Pod) -> Self {
@@ -211,6 +219,7 @@ impl Worker {
             last_status: None,
             started: now(),
             volumes_synced: None,
+            network_released: false,
         }
     }
 
@@ -257,6 +266,9 @@ impl Worker {
             }
             self.sync().await;
             self.report().await;
+            if !self.network_released && self.finished() {
+                self.release_network().await;
+            }
             let wake = self
                 .ctrs
                 .values()
@@ -291,6 +303,61 @@ impl Worker {
         }
     }
 
+    /// Whether the pod has finished: Succeeded, or Failed, as last
+    /// reported (nothing in it runs again).
+    fn finished(&self) -> bool {
+        self.last_status
+            .as_ref()
+            .and_then(|s| s["phase"].as_str())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed")
+    }
+
+    /// Gives a finished pod's network back (CNI DEL, the namespaces), as
+    /// upstream's kubelet stops a finished pod's sandbox: a node running
+    /// Jobs would otherwise run out of addresses while their pods are
+    /// kept. The containers and their logs stay until the pod goes.
+    async fn release_network(&mut self) {
+        let (cni, dir, uid, ns, name) = (
+            self.shared.cni.clone(),
+            self.dir(),
+            self.uid.clone(),
+            self.namespace().to_string(),
+            self.name().to_string(),
+        );
+        let host_network = self.host_network();
+        let ips = self.ips.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let pod = PodRef {
+                namespace: &ns,
+                name: &name,
+                uid: &uid,
+            };
+            if !host_network {
+                std::fs::write(
+                    dir.join(RELEASED),
+                    serde_json::to_vec(&ips).unwrap_or_default(),
+                )
+                .map_err(|e| e.to_string())?;
+                cni.del(&dir, &pod).map_err(|e| e.to_string())?;
+            }
+            sandbox::remove_namespaces(&dir);
+            Ok::<_, String>(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {
+                self.network_released = true;
+                info!(pod = %self.name(), "finished; network released");
+            }
+            Ok(Err(e)) => {
+                warn!(pod = %self.name(), error = %e, "releasing a finished pod's network failed; retried")
+            }
+            Err(e) => {
+                warn!(pod = %self.name(), error = %e, "releasing a finished pod's network failed; retried")
+            }
+        }
+    }
+
     /// Picks up the containers a previous kubelet run left.
     async fn adopt(&mut self) {
         if self.host_network() {
@@ -302,6 +369,13 @@ impl Worker {
         } else if let Some(r) = Cni::saved_result(&self.dir()) {
             self.ips = skiff_cni_lib::exec::all_ips(&r);
             self.ip = self.ips.first().cloned();
+        } else if let Some(ips) = std::fs::read(self.dir().join(RELEASED))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+        {
+            self.ips = ips;
+            self.ip = self.ips.first().cloned();
+            self.network_released = true;
         }
         let filter = format!("labels.\"{LABEL_POD_UID}\"=={}", self.uid);
         let Ok(list) = self.shared.cd.containers(&filter).await else {

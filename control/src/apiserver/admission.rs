@@ -13,6 +13,10 @@
 //!   guarded by the quota's revision, so concurrent creates cannot both
 //!   take the last of a quota: the loser is retried against the new count.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::{Map, Value, json};
 
 use super::Api;
@@ -24,6 +28,56 @@ use crate::storage::store::{Guard, Item, Side};
 use crate::usage::{self, Usage};
 
 const LIMIT_RANGER: &str = "kubernetes.io/limit-ranger";
+
+/// Which namespaces hold objects of one kind (LimitRanges, quotas), kept
+/// in memory from etcd, so that a create in a namespace with none reads
+/// nothing more. Until it follows etcd every namespace may have some.
+#[derive(Default)]
+pub(crate) struct Holders {
+    followed: AtomicBool,
+    names: RwLock<HashMap<String, HashSet<String>>>,
+}
+
+impl Holders {
+    pub(crate) fn followed(&self) {
+        self.followed.store(true, Ordering::Release);
+    }
+
+    fn may_have(&self, ns: &str) -> bool {
+        !self.followed.load(Ordering::Acquire)
+            || self
+                .names
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(ns)
+                .is_some_and(|n| !n.is_empty())
+    }
+}
+
+impl crate::auth::mirror::View for Holders {
+    fn reset(&self) {
+        self.names
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn apply(&self, obj: &Value, present: bool) {
+        let (ns, name) = (
+            str_at(obj, "/metadata/namespace"),
+            str_at(obj, "/metadata/name"),
+        );
+        let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
+        if present {
+            names
+                .entry(ns.to_string())
+                .or_default()
+                .insert(name.to_string());
+        } else if let Some(n) = names.get_mut(ns) {
+            n.remove(name);
+        }
+    }
+}
 
 fn q(v: &Value) -> Option<f64> {
     v.as_str().and_then(parse_quantity)
@@ -116,7 +170,27 @@ fn resources_of(c: &Value, what: &str) -> Map<String, Value> {
         .unwrap_or_default()
 }
 
+/// The namespaces with LimitRanges and with quotas.
+#[derive(Default)]
+pub(crate) struct Policies {
+    limit_ranges: std::sync::Arc<Holders>,
+    quotas: std::sync::Arc<Holders>,
+}
+
 impl Api {
+    /// Follows which namespaces have LimitRanges and quotas, so creates
+    /// elsewhere skip both plugins' reads.
+    pub async fn follow_policies(&self) -> Result<(), crate::storage::store::StoreError> {
+        for (prefix, holders) in [
+            ("/registry/limitranges/", &self.policies.limit_ranges),
+            ("/registry/resourcequotas/", &self.policies.quotas),
+        ] {
+            crate::auth::mirror::start(self.store.clone(), prefix, holders.clone()).await?;
+            holders.followed();
+        }
+        Ok(())
+    }
+
     /// The stored objects of `plural` (core) in `ns`.
     async fn in_namespace(
         &self,
@@ -135,9 +209,12 @@ impl Api {
         Ok(items)
     }
 
-    /// The `spec.limits` items of the namespace's LimitRanges of `kind`.
-    async fn limit_items(&self, ns: &str, kind: &str) -> Result<Vec<Value>, ApiError> {
+    /// The `spec.limits` items of the namespace's LimitRanges.
+    async fn limit_items(&self, ns: &str) -> Result<Vec<Value>, ApiError> {
         let mut out = Vec::new();
+        if !self.policies.limit_ranges.may_have(ns) {
+            return Ok(out);
+        }
         for item in self.in_namespace("", "limitranges", ns).await? {
             let Ok(lr) = serde_json::from_slice::<Value>(&item.value) else {
                 continue;
@@ -147,7 +224,6 @@ impl Api {
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
-                    .filter(|l| l.get("type").and_then(Value::as_str) == Some(kind))
                     .cloned(),
             );
         }
@@ -156,8 +232,15 @@ impl Api {
 
     /// LimitRanger for a new pod: defaults, then the ranges.
     pub(super) async fn limit_pod(&self, ns: &str, pod: &mut Value) -> Result<(), ApiError> {
-        let containers = self.limit_items(ns, "Container").await?;
-        let pods = self.limit_items(ns, "Pod").await?;
+        let items = self.limit_items(ns).await?;
+        let of_type = |t: &str| -> Vec<Value> {
+            items
+                .iter()
+                .filter(|l| l.get("type").and_then(Value::as_str) == Some(t))
+                .cloned()
+                .collect()
+        };
+        let (containers, pods) = (of_type("Container"), of_type("Pod"));
         if containers.is_empty() && pods.is_empty() {
             return Ok(());
         }
@@ -269,7 +352,12 @@ impl Api {
     /// LimitRanger for a new claim: its storage request against the
     /// ranges.
     pub(super) async fn limit_claim(&self, ns: &str, claim: &Value) -> Result<(), ApiError> {
-        let items = self.limit_items(ns, "PersistentVolumeClaim").await?;
+        let items: Vec<Value> = self
+            .limit_items(ns)
+            .await?
+            .into_iter()
+            .filter(|l| l.get("type").and_then(Value::as_str) == Some("PersistentVolumeClaim"))
+            .collect();
         let requests = resources_of(claim.get("spec").unwrap_or(&Value::Null), "requests");
         let mut errors = Vec::new();
         for item in &items {
@@ -311,6 +399,9 @@ impl Api {
         }
         let delta = usage::usage(r.group, r.plural, obj);
         if delta.is_empty() {
+            return Ok(none);
+        }
+        if !self.policies.quotas.may_have(ns) {
             return Ok(none);
         }
         let quotas = self.in_namespace("", "resourcequotas", ns).await?;

@@ -77,6 +77,8 @@ pub struct Api {
     access: Access,
     /// The kubelets' last scrapes (`metrics.k8s.io`).
     metrics: metrics::Samples,
+    /// Which namespaces have LimitRanges and quotas.
+    policies: admission::Policies,
 }
 
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -189,6 +191,7 @@ impl Api {
             cfg,
             access,
             metrics: metrics::Samples::default(),
+            policies: admission::Policies::default(),
         })
     }
 
