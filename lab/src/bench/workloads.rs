@@ -6,7 +6,8 @@
 //!   parallelism P, in pods per second from the Job's creation to its
 //!   last completion, beside the same work as plain pods: a driver here
 //!   keeps P pods in flight, creating the next one as soon as one
-//!   succeeds, watching them as the Job controller does (the baseline).
+//!   succeeds, watching them as the Job controller does, and keeping the
+//!   finished ones as a Job keeps its pods (the baseline).
 //! - HPA reaction time: a one-pod Deployment (CPU request 100m) under an
 //!   HPA (50 % of requests, 1..3) starts burning CPU; the time until the
 //!   Deployment has a second Ready pod, at the control plane's default
@@ -62,6 +63,21 @@ fn short_pod(name: &str, image: &str, labels: Value) -> Result<Pod> {
     }))?)
 }
 
+/// Waits until no pod matching `selector` is left, so that one figure's
+/// clean-up does not run under the next one.
+async fn gone(client: &kube::Client, selector: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        let left = pods.list(&ListParams::default().labels(selector)).await?;
+        if left.items.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("pods {selector} are still there")
+}
+
 /// Seconds for `n` pods through one Job of parallelism `p`.
 async fn job(client: kube::Client, image: String, n: usize, p: usize) -> Result<f64> {
     let jobs: Api<Job> = Api::namespaced(client.clone(), "default");
@@ -89,6 +105,7 @@ async fn job(client: kube::Client, image: String, n: usize, p: usize) -> Result<
                     let took = started.elapsed().as_secs_f64();
                     jobs.delete("throughput", &DeleteParams::background())
                         .await?;
+                    gone(&client, "batch.kubernetes.io/job-name=throughput").await?;
                     return Ok(took);
                 }
             }
@@ -100,7 +117,7 @@ async fn job(client: kube::Client, image: String, n: usize, p: usize) -> Result<
 /// Seconds for `n` plain pods, `p` in flight, each replaced as soon as it
 /// succeeds.
 async fn plain(client: kube::Client, image: String, n: usize, p: usize) -> Result<f64> {
-    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let labels = json!({"bench": "plain"});
     let started = Instant::now();
     let (mut created, mut done) = (0usize, 0usize);
@@ -131,7 +148,6 @@ async fn plain(client: kube::Client, image: String, n: usize, p: usize) -> Resul
             continue;
         }
         done += 1;
-        pods.delete(&name, &DeleteParams::background()).await?;
         if created < n {
             pods.create(
                 &PostParams::default(),
@@ -150,6 +166,7 @@ async fn plain(client: kube::Client, image: String, n: usize, p: usize) -> Resul
         &ListParams::default().labels("bench=plain"),
     )
     .await?;
+    gone(&client, "bench=plain").await?;
     Ok(took)
 }
 
