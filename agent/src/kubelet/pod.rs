@@ -312,18 +312,24 @@ impl Worker {
             .is_some_and(|p| p == "Succeeded" || p == "Failed")
     }
 
-    /// Gives a finished pod's network back (CNI DEL, the namespaces), as
-    /// upstream's kubelet stops a finished pod's sandbox: a node running
-    /// Jobs would otherwise run out of addresses while their pods are
-    /// kept. The containers and their logs stay until the pod goes.
-    async fn release_network(&mut self) {
-        let (cni, dir, uid, ns, name) = (
+    /// What tearing the sandbox down needs, owned for a blocking task: the
+    /// CNI setup, the pod's directory, its uid, namespace and name.
+    fn teardown_parts(&self) -> (Cni, PathBuf, String, String, String) {
+        (
             self.shared.cni.clone(),
             self.dir(),
             self.uid.clone(),
             self.namespace().to_string(),
             self.name().to_string(),
-        );
+        )
+    }
+
+    /// Gives a finished pod's network back (CNI DEL, the namespaces), as
+    /// upstream's kubelet stops a finished pod's sandbox: a node running
+    /// Jobs would otherwise run out of addresses while their pods are
+    /// kept. The containers and their logs stay until the pod goes.
+    async fn release_network(&mut self) {
+        let (cni, dir, uid, ns, name) = self.teardown_parts();
         let host_network = self.host_network();
         let ips = self.ips.clone();
         let done = tokio::task::spawn_blocking(move || {
@@ -1100,13 +1106,7 @@ impl Worker {
             }
         }
         self.remove_containers().await;
-        let (cni, dir, uid, ns, name) = (
-            self.shared.cni.clone(),
-            self.dir(),
-            self.uid.clone(),
-            self.namespace().to_string(),
-            self.name().to_string(),
-        );
+        let (cni, dir, uid, ns, name) = self.teardown_parts();
         self.shared.tokens.forget_pod(&uid);
         let host_network = self.host_network();
         let torn = tokio::task::spawn_blocking(move || {
