@@ -1869,15 +1869,16 @@ fn server_side_apply_owns_fields_and_reports_conflicts() {
     let other = cp.manifest(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 5\n",
     );
-    let err = cp
-        .kubectl(&[
+    let ops_apply = || {
+        cp.kubectl(&[
             "apply",
             "--server-side",
             "--field-manager=ops",
             "-f",
             &other,
         ])
-        .expect_err("a conflict");
+    };
+    let err = ops_apply().expect_err("a conflict");
     assert!(
         err.contains(
             r#"Apply failed with 1 conflict: conflict with "kubectl" using apps/v1: .spec.replicas"#
@@ -1912,15 +1913,7 @@ fn server_side_apply_owns_fields_and_reports_conflicts() {
 
     // A write that is not an apply takes the fields it changes.
     cp.kubectl_ok(&["scale", "deployment", "web", "--replicas=3"]);
-    let err = cp
-        .kubectl(&[
-            "apply",
-            "--server-side",
-            "--field-manager=ops",
-            "-f",
-            &other,
-        ])
-        .expect_err("scale took replicas");
+    let err = ops_apply().expect_err("scale took replicas");
     assert!(
         err.contains(r#"conflict with "kubectl" using apps/v1: .spec.replicas"#),
         "{err}"

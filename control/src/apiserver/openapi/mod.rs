@@ -42,10 +42,29 @@ pub(crate) fn definitions() -> &'static Map<String, Value> {
 }
 
 /// The schema of `group/version/kind`.
+/// Read on every write (for managedFields), so looked up in an index
+/// built once rather than by scanning every definition.
 pub(crate) fn definition(group: &str, version: &str, kind: &str) -> Option<&'static Value> {
-    definitions()
-        .values()
-        .find(|d| is_kind(d, group, version, kind))
+    type Gvk = (String, String, String);
+    static BY_GVK: OnceLock<std::collections::HashMap<Gvk, &'static Value>> = OnceLock::new();
+    let index = BY_GVK.get_or_init(|| {
+        let mut m = std::collections::HashMap::new();
+        for d in definitions().values() {
+            for g in d
+                .get("x-kubernetes-group-version-kind")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let s = |k: &str| g[k].as_str().unwrap_or_default().to_string();
+                m.entry((s("group"), s("version"), s("kind"))).or_insert(d);
+            }
+        }
+        m
+    });
+    index
+        .get(&(group.to_string(), version.to_string(), kind.to_string()))
+        .copied()
 }
 
 /// The v2 document as JSON.
