@@ -349,6 +349,14 @@ enum ProxyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print how full each pinned map is (entries against its size).
+    Maps {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        bpffs: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach the programs and remove the pinned maps.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -638,6 +646,26 @@ fn list(bpffs: PathBuf, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn maps(bpffs: PathBuf, json: bool) -> Result<()> {
+    let fill = proxy::dataplane::map_fill(&bpffs).context("reading the pinned maps")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&fill)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<14} {:>10} {:>10} {:>6}",
+        "MAP", "TYPE", "ENTRIES", "MAX", "FILL"
+    );
+    for m in fill {
+        let pct = 100.0 * m.entries as f64 / f64::from(m.max_entries.max(1));
+        println!(
+            "{:<16} {:<14} {:>10} {:>10} {:>5.1}%",
+            m.name, m.kind, m.entries, m.max_entries, pct
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -665,6 +693,7 @@ fn main() -> Result<()> {
             .block_on(join(*args)),
         Command::Proxy { command } => match command {
             ProxyCommand::List { bpffs, json } => list(bpffs, json),
+            ProxyCommand::Maps { bpffs, json } => maps(bpffs, json),
             ProxyCommand::Uninstall { bpffs } => {
                 proxy::dataplane::uninstall(&bpffs).context("uninstalling")
             }

@@ -132,6 +132,21 @@ impl Node {
         self.try_list().unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Entries in the pinned map `name`, from `skiff-agent proxy maps`.
+    fn map_entries(&self, name: &str) -> u64 {
+        let out = Spawn::new(bin("skiff-agent"))
+            .args(["proxy", "maps", "--json", "--bpffs"])
+            .args([&self.pins.path])
+            .output();
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == name)
+            .and_then(|m| m["entries"].as_u64())
+            .unwrap_or_else(|| panic!("no map {name} in {out}"))
+    }
+
     /// As `list`, or the error while the agent has not installed yet.
     fn try_list(&self) -> Result<BTreeMap<String, Vec<String>>, String> {
         let out = Spawn::new(bin("skiff-agent"))
@@ -295,6 +310,15 @@ fn tcp_cluster_ip_spreads_over_three_backends() {
         ["10.96.0.10:80"],
         "{r}"
     );
+    // `proxy maps` counts what the tables hold: a SERVICES entry per
+    // frontend `proxy list` shows, and a BACKENDS entry and a slot per
+    // backend of each.
+    let listed = node.list();
+    let backends: usize = listed.values().map(Vec::len).sum();
+    assert!(listed.contains_key("10.96.0.10:80/TCP"), "{listed:?}");
+    assert_eq!(node.map_entries("SERVICES"), listed.len() as u64);
+    assert_eq!(node.map_entries("BACKENDS"), backends as u64);
+    assert_eq!(node.map_entries("SLOTS"), backends as u64);
 }
 
 #[test]

@@ -661,6 +661,90 @@ impl Dataplane {
     }
 }
 
+/// How full one pinned map is, as `proxy maps` prints it.
+#[derive(Debug, serde::Serialize, PartialEq, Eq)]
+pub struct MapFill {
+    pub name: String,
+    /// The kernel's map type, as aya names it.
+    pub kind: String,
+    /// Entries held; an array always holds `max_entries`.
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+/// The fill of every map pinned under `pin_dir`, by name: how close the
+/// tables are to their sizes (an LRU past it evicts, a hash refuses).
+pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
+    use aya::maps::MapType;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let dir = pin_dir.join("maps");
+    let mut out = Vec::new();
+    for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+        let path = entry.map_err(io_err(&dir))?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err("pinned map"))?;
+        let kind = info.map_type().map_err(map_err("pinned map"))?;
+        let entries = match kind {
+            MapType::Array | MapType::PerCpuArray | MapType::ArrayOfMaps => {
+                u64::from(info.max_entries())
+            }
+            _ => {
+                let fd = info.fd().map_err(map_err("pinned map"))?;
+                count_keys(fd.as_fd().as_raw_fd(), info.key_size() as usize)
+                    .map_err(io_err(&path))?
+            }
+        };
+        out.push(MapFill {
+            name,
+            kind: format!("{kind:?}"),
+            entries,
+            max_entries: info.max_entries(),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Keys in the map behind `fd`, walked with `BPF_MAP_GET_NEXT_KEY`.
+fn count_keys(fd: i32, key_size: usize) -> std::io::Result<u64> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut n = 0u64;
+    let mut first = true;
+    loop {
+        // union bpf_attr for this command: map_fd, pad, key, next_key.
+        let mut attr = [0u8; 24];
+        attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+        let key_ptr = if first { 0 } else { key.as_ptr() as u64 };
+        attr[8..16].copy_from_slice(&key_ptr.to_ne_bytes());
+        attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+        // SAFETY: attr is a live buffer of its length; the kernel writes
+        // key_size bytes to `next`, which is that long.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                attr.as_mut_ptr(),
+                attr.len(),
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(n),
+                _ => Err(e),
+            };
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+}
+
 /// Time spent in each attached program and its run count, while the
 /// kernel counts (`kernel.bpf_stats_enabled` = 1): what each connect,
 /// sendmsg or recvmsg costs in the programs.

@@ -34,6 +34,8 @@ const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 1]);
 const TARGETS: usize = 64;
 /// Repetitions of "add one service" per measurement.
 const ADD_ONE_REPS: usize = 20;
+/// How long after a load its deferred work is still counted as its CPU.
+const CPU_TAIL_MS: u64 = 300;
 
 #[derive(Clone, Debug)]
 pub struct Args {
@@ -110,6 +112,9 @@ pub struct Sample {
     pub p99_us: f64,
     pub connections: u64,
     pub errors: u64,
+    /// The machine's busy CPU time per connection over the load and a
+    /// short tail after it (deferred frees), in microseconds.
+    pub cpu_us_per_conn: Option<f64>,
     /// Loading all services from cold (not for direct).
     pub program_ms: Option<f64>,
     /// Median time to add one more service at this size.
@@ -508,7 +513,15 @@ fn measure(
     // the background, RCU callbacks, kernel workers) finishes before the
     // load, so that it is not counted against the mode that programmed.
     settle();
+    let busy_before = super::stats::busy_seconds();
     let load = topo.load(&targets(mode, n, state), conns, args.threads)?;
+    // RCU callbacks and other work the connections deferred run shortly
+    // after them; the same tail is counted for every mode.
+    std::thread::sleep(std::time::Duration::from_millis(CPU_TAIL_MS));
+    let cpu_us_per_conn = super::stats::busy_seconds()
+        .zip(busy_before)
+        .filter(|_| load.connections > 0)
+        .map(|(after, before)| (after - before) * 1e6 / load.connections as f64);
     let Programmed {
         program_ms,
         add_one_us,
@@ -527,11 +540,12 @@ fn measure(
         p99_us: load.p99_us,
         connections: load.connections,
         errors: load.errors,
+        cpu_us_per_conn,
         program_ms,
         add_one_us,
     };
     eprintln!(
-        "  {:>6} services  {:<8} {:<6} round {}: {:>8.0} conn/s  p50 {:>6.0} us  p99 {:>6.0} us  errors {}{}",
+        "  {:>6} services  {:<8} {:<6} round {}: {:>8.0} conn/s  p50 {:>6.0} us  p99 {:>6.0} us  cpu {:>5.1} us/conn  errors {}{}",
         n,
         mode.name(),
         format!("{state:?}").to_lowercase(),
@@ -539,6 +553,7 @@ fn measure(
         s.rate,
         s.p50_us,
         s.p99_us,
+        s.cpu_us_per_conn.unwrap_or(f64::NAN),
         s.errors,
         s.program_ms
             .map(|p| format!("  programmed in {p:.1} ms"))
@@ -563,6 +578,13 @@ pub struct Summary {
     /// Approximate 95 % confidence interval of that median (order
     /// statistics of the pairs): what a target can be checked against.
     pub ratio_ci: (f64, f64),
+    /// Median busy CPU per connection, microseconds.
+    pub cpu_us_per_conn: Option<f64>,
+    /// Median over rounds of direct's CPU per connection ÷ this mode's in
+    /// the same round: the rate ratio a CPU-bound load would reach on a
+    /// machine of its own (1.0 = costs nothing over direct).
+    pub cpu_ratio: Option<f64>,
+    pub cpu_ratio_ci: (f64, f64),
     pub p50_us: f64,
     pub p99_us: f64,
     pub program_ms: Option<f64>,
@@ -590,8 +612,20 @@ fn summarize(samples: &[Sample]) -> Vec<Summary> {
             })
             .collect();
         paired.sort_by(f64::total_cmp);
+        let mut cpu_paired: Vec<f64> = g
+            .iter()
+            .filter_map(|s| {
+                let d = direct?.iter().find(|d| d.round == s.round)?;
+                let (mine, theirs) = (s.cpu_us_per_conn?, d.cpu_us_per_conn?);
+                (mine > 0.0).then(|| theirs / mine)
+            })
+            .collect();
+        cpu_paired.sort_by(f64::total_cmp);
         let rate = rate_of(g);
         out.push(Summary {
+            cpu_us_per_conn: median(g.iter().filter_map(|s| s.cpu_us_per_conn).collect()),
+            cpu_ratio_ci: super::stats::median_ci(&cpu_paired),
+            cpu_ratio: median(cpu_paired),
             ratio_ci: super::stats::median_ci(&paired),
             ratio_to_direct: median(paired.clone()).unwrap_or(f64::NAN),
             ratio_min: paired.iter().copied().fold(f64::INFINITY, f64::min),
@@ -619,7 +653,7 @@ fn fmt_opt(v: Option<f64>, unit: &str) -> String {
 pub fn print_table(summary: &[Summary]) {
     println!();
     println!(
-        "{:<7} {:>8} {:<9} {:>9} {:>15} {:>8} {:>13} {:>13} {:>8} {:>8} {:>12} {:>12} {:>6}",
+        "{:<7} {:>8} {:<9} {:>9} {:>15} {:>8} {:>13} {:>13} {:>8} {:>8} {:>9} {:>9} {:>13} {:>12} {:>12} {:>6}",
         "state",
         "services",
         "mode",
@@ -630,13 +664,16 @@ pub fn print_table(summary: &[Summary]) {
         "ratio 95% CI",
         "p50 us",
         "p99 us",
+        "cpu us",
+        "cpu ratio",
+        "cpu 95% CI",
         "program",
         "add one",
         "errors"
     );
     for s in summary {
         println!(
-            "{:<7} {:>8} {:<9} {:>9.0} {:>15} {:>8.3} {:>13} {:>13} {:>8.0} {:>8.0} {:>12} {:>12} {:>6}",
+            "{:<7} {:>8} {:<9} {:>9.0} {:>15} {:>8.3} {:>13} {:>13} {:>8.0} {:>8.0} {:>9} {:>9} {:>13} {:>12} {:>12} {:>6}",
             format!("{:?}", s.state).to_lowercase(),
             s.services,
             s.mode.name(),
@@ -647,13 +684,18 @@ pub fn print_table(summary: &[Summary]) {
             format!("{:.3}..{:.3}", s.ratio_ci.0, s.ratio_ci.1),
             s.p50_us,
             s.p99_us,
+            s.cpu_us_per_conn
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.1}")),
+            s.cpu_ratio
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.3}")),
+            format!("{:.3}..{:.3}", s.cpu_ratio_ci.0, s.cpu_ratio_ci.1),
             fmt_opt(s.program_ms, "ms"),
             fmt_opt(s.add_one_us, "us"),
             s.errors
         );
     }
     println!(
-        "ratio = median over rounds of the connection rate / direct's (the limit: the backend's own address) in the same round, size and state; 95% CI: where that median lies, from the rounds' spread (more rounds narrow it)"
+        "ratio = median over rounds of the connection rate / direct's (the limit: the backend's own address) in the same round, size and state; 95% CI: where that median lies, from the rounds' spread (more rounds narrow it); cpu = the machine's busy CPU per connection (client, server, softirq and deferred work; steal excluded), cpu ratio = median over rounds of direct's cpu / this mode's"
     );
 }
 
