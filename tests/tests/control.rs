@@ -1961,3 +1961,110 @@ fn ingresses_are_stored_with_their_default_class_and_checked() {
         assert!(err.contains(want), "{want}\n{err}");
     }
 }
+
+/// The value of the sample of `name` whose labels include every one of
+/// `labels` (`key="value"`), in a Prometheus text exposition.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// `/metrics` needs a token RBAC lets read it; what it serves moves with
+/// the requests: created ConfigMaps raise the request counter and the
+/// etcd histogram, and a `kubectl get -w` shows as a long-running request
+/// for as long as it runs.
+#[test]
+fn apiserver_metrics_count_requests_and_need_a_token() {
+    let cp = ControlPlane::start(&[]);
+    let url = format!("{}/metrics", cp.server);
+    let anonymous = cp
+        .curl(None, &["-w", "\n%{http_code}", &url])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        (anonymous.ends_with("\n401") || anonymous.ends_with("\n403"))
+            && !anonymous.contains("apiserver_request_total"),
+        "{anonymous}"
+    );
+    // A ServiceAccount may scrape once bound to system:monitoring, as a
+    // Prometheus in the cluster would be.
+    cp.kubectl_ok(&["create", "serviceaccount", "prom"]);
+    let token = cp.kubectl_ok(&["create", "token", "prom"]);
+    let code = |token: &str| {
+        cp.curl(
+            Some(token),
+            &["-o", "/dev/null", "-w", "%{http_code}", &url],
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    assert_eq!(code(&token), "403");
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "prom",
+        "--clusterrole=system:monitoring",
+        "--serviceaccount=default:prom",
+    ]);
+    wait_for("the binding applied", Duration::from_secs(10), || {
+        (code(&token) == "200").then_some(())
+    });
+
+    let scrape = || cp.kubectl_ok(&["get", "--raw", "/metrics"]);
+    let created = [
+        r#"verb="POST""#,
+        r#"resource="configmaps""#,
+        r#"scope="namespace""#,
+        r#"code="201""#,
+    ];
+    let etcd_creates = [r#"operation="create""#, r#"type="configmaps""#];
+    let before = scrape();
+    for name in [
+        "# TYPE apiserver_request_duration_seconds histogram",
+        "# TYPE apiserver_request counter",
+        r#"apiserver_current_inflight_requests{request_kind="readOnly"}"#,
+        r#"apiserver_current_inflight_requests{request_kind="mutating"}"#,
+        "# TYPE etcd_request_duration_seconds histogram",
+    ] {
+        assert!(before.contains(name), "{name} missing:\n{before}");
+    }
+    let count = |text: &str| sample(text, "apiserver_request_total", &created).unwrap_or(0.0);
+    let etcd = |text: &str| {
+        sample(text, "etcd_request_duration_seconds_count", &etcd_creates).unwrap_or(0.0)
+    };
+    cp.kubectl_ok(&["create", "configmap", "m1", "--from-literal=a=1"]);
+    cp.kubectl_ok(&["create", "configmap", "m2", "--from-literal=a=2"]);
+    let after = scrape();
+    assert_eq!(count(&after) - count(&before), 2.0, "{after}");
+    assert!(etcd(&after) - etcd(&before) >= 2.0, "{after}");
+    assert!(
+        sample(
+            &after,
+            "apiserver_request_duration_seconds_count",
+            &[r#"verb="POST""#, r#"resource="configmaps""#]
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{after}"
+    );
+
+    // The controllers watch ConfigMaps across namespaces; kubectl watches
+    // one namespace.
+    let watching = [
+        r#"verb="WATCH""#,
+        r#"resource="configmaps""#,
+        r#"scope="namespace""#,
+    ];
+    let long_running =
+        |text: &str| sample(text, "apiserver_longrunning_requests", &watching).unwrap_or(0.0);
+    let mut watch = Spawn::new("kubectl")
+        .env("KUBECONFIG", &cp.kubeconfig.display().to_string())
+        .args(["get", "configmaps", "-w"])
+        .start();
+    wait_for("the watch counted", Duration::from_secs(15), || {
+        (long_running(&scrape()) == 1.0).then_some(())
+    });
+    watch.terminate();
+    wait_for("the watch uncounted", Duration::from_secs(15), || {
+        (long_running(&scrape()) == 0.0).then_some(())
+    });
+}

@@ -22,6 +22,7 @@ pub mod protobuf;
 mod registry;
 mod stream;
 pub mod table;
+mod telemetry;
 pub mod validate;
 mod watch;
 
@@ -79,6 +80,8 @@ pub struct Api {
     metrics: metrics::Samples,
     /// Which namespaces have LimitRanges and quotas.
     policies: admission::Policies,
+    /// Request and etcd metrics (`/metrics`).
+    telemetry: Arc<telemetry::Telemetry>,
 }
 
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -186,12 +189,18 @@ fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, Api
 
 impl Api {
     pub fn new(store: Store, cfg: ApiConfig, access: Access) -> Arc<Self> {
+        let telemetry = Arc::new(telemetry::Telemetry::default());
+        let observed = telemetry.clone();
+        let store = store.observed(Arc::new(move |op, kind, took| {
+            observed.observe_etcd(op, kind, took.as_secs_f64());
+        }));
         Arc::new(Self {
             store,
             cfg,
             access,
             metrics: metrics::Samples::default(),
             policies: admission::Policies::default(),
+            telemetry,
         })
     }
 
@@ -345,13 +354,23 @@ impl Api {
         if matches!(segs.first(), Some(&("healthz" | "livez" | "readyz"))) {
             return full(StatusCode::OK, "text/plain", "ok");
         }
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let flight = self.telemetry.start(telemetry::labels(
+            &method,
+            &segs,
+            query.as_deref(),
+            content_type,
+        ));
         let user = match self.authenticate(&req, cert).await {
             Ok(u) => u,
-            Err(e) => return error_response(&e),
+            Err(e) => return flight.finish(error_response(&e)),
         };
         let user = match self.impersonate(&req, user).await {
             Ok(u) => u,
-            Err(e) => return error_response(&e),
+            Err(e) => return flight.finish(error_response(&e)),
         };
         let resp = match self.route(req, &segs, &user).await {
             Ok(r) => r,
@@ -363,7 +382,7 @@ impl Api {
             }
         };
         debug!(user = %user.name, %method, %path, query = query.as_deref().unwrap_or_default(), code = resp.status().as_u16(), "request");
-        resp
+        flight.finish(resp)
     }
 
     /// 403 unless `user` may do `attrs`.
@@ -397,6 +416,11 @@ impl Api {
         match segs {
             [] if get => Ok(json_response(200, &discovery::root_paths())),
             ["version"] if get => Ok(json_response(200, &discovery::version())),
+            ["metrics"] if get => Ok(full(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.telemetry.render(),
+            )),
             ["api"] if get => Ok(json_response(
                 200,
                 &discovery::api_versions(self.cfg.advertise),

@@ -241,6 +241,18 @@ const DISCOVERY: &[&str] = &[
     "/version/",
 ];
 const PUBLIC_INFO: &[&str] = &["/healthz", "/livez", "/readyz", "/version", "/version/"];
+/// What a monitoring system scrapes and probes (upstream's
+/// `system:monitoring`, bound to the group of that name).
+const MONITORING: &[&str] = &[
+    "/healthz",
+    "/healthz/*",
+    "/livez",
+    "/livez/*",
+    "/readyz",
+    "/readyz/*",
+    "/metrics",
+    "/metrics/slis",
+];
 
 /// The ClusterRoles, then the bindings, to create when absent.
 pub fn cluster_objects() -> Vec<Value> {
@@ -279,6 +291,11 @@ pub fn cluster_objects() -> Vec<Value> {
             vec![urls(PUBLIC_INFO, &["get"])],
         ),
         cluster_role(
+            "system:monitoring",
+            defaults(),
+            vec![urls(MONITORING, &["get"])],
+        ),
+        cluster_role(
             "system:basic-user",
             defaults(),
             vec![
@@ -313,6 +330,11 @@ pub fn cluster_objects() -> Vec<Value> {
             "system:basic-user",
             "system:basic-user",
             json!([group(AUTHENTICATED)]),
+        ),
+        cluster_binding(
+            "system:monitoring",
+            "system:monitoring",
+            json!([group("system:monitoring")]),
         ),
         cluster_binding(
             "system:public-info-viewer",

@@ -103,6 +103,19 @@ pub struct Store {
     at: Arc<std::sync::atomic::AtomicUsize>,
     /// One shared etcd watch per resource (see [`Hub`]).
     hubs: Arc<tokio::sync::Mutex<HashMap<String, Arc<Hub>>>>,
+    /// Told how long each read and write took (the apiserver's metrics).
+    observer: Option<Observer>,
+}
+
+/// Called with an operation (`get`, `list`, `create`, `update`,
+/// `delete`), the resource its key is under and how long etcd took.
+pub type Observer = Arc<dyn Fn(&'static str, &str, Duration) + Send + Sync>;
+
+/// The resource of a `/registry/<resource>/...` key.
+fn kind_of(key: &[u8]) -> &str {
+    let rest = key.strip_prefix(b"/registry/").unwrap_or_default();
+    let end = rest.iter().position(|b| *b == b'/').unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).unwrap_or_default()
 }
 
 /// Changes a hub keeps for watches that start a little in the past (a
@@ -223,7 +236,20 @@ impl Store {
             clients: Arc::new(clients),
             at: Arc::default(),
             hubs: Arc::default(),
+            observer: None,
         })
+    }
+
+    /// This store, telling `observer` how long each etcd request took.
+    pub fn observed(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn observe(&self, operation: &'static str, key: &[u8], started: std::time::Instant) {
+        if let Some(f) = &self.observer {
+            f(operation, kind_of(key), started.elapsed());
+        }
     }
 
     /// Runs `op` on the endpoint in use; when that endpoint does not
@@ -280,9 +306,12 @@ impl Store {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Item>, StoreError> {
+        let started = std::time::Instant::now();
         let resp = self
             .call(false, |c| async move { c.kv_client().get(key, None).await })
-            .await?;
+            .await;
+        self.observe("get", key.as_bytes(), started);
+        let resp = resp?;
         Ok(resp.kvs().first().map(|kv| Item {
             key: key.to_string(),
             value: kv.value().to_vec(),
@@ -327,12 +356,14 @@ impl Store {
         if let Some(rev) = revision {
             opts = opts.with_revision(rev);
         }
+        let started = std::time::Instant::now();
         let got = self
             .call(false, |c| {
                 let opts = opts.clone();
                 async move { c.kv_client().get(from.to_vec(), Some(opts)).await }
             })
             .await;
+        self.observe("list", from, started);
         let resp = match got {
             Ok(r) => r,
             Err(e) if is_compacted(&e) => {
@@ -400,7 +431,10 @@ impl Store {
         when.extend(guard_compares(guards));
         let mut ops = vec![TxnOp::put(key, value, None)];
         ops.extend(side_ops(sides));
-        let resp = self.txn(Txn::new().when(when).and_then(ops)).await?;
+        let started = std::time::Instant::now();
+        let resp = self.txn(Txn::new().when(when).and_then(ops)).await;
+        self.observe("create", key.as_bytes(), started);
+        let resp = resp?;
         if !resp.succeeded() {
             let which = self.first_existing(key, guards).await?;
             return Err(StoreError::Exists { key: which });
@@ -450,7 +484,10 @@ impl Store {
         when.extend(guard_compares(guards));
         let mut ops = vec![TxnOp::put(key, value, None)];
         ops.extend(side_ops(sides));
-        let resp = self.txn(Txn::new().when(when).and_then(ops)).await?;
+        let started = std::time::Instant::now();
+        let resp = self.txn(Txn::new().when(when).and_then(ops)).await;
+        self.observe("update", key.as_bytes(), started);
+        let resp = resp?;
         if !resp.succeeded() {
             return match self.get(key).await? {
                 None => Err(StoreError::NotFound { key: key.into() }),
@@ -478,7 +515,10 @@ impl Store {
         let when = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
         let mut ops = vec![TxnOp::delete(key, None)];
         ops.extend(side_ops(sides));
-        let resp = self.txn(Txn::new().when(when).and_then(ops)).await?;
+        let started = std::time::Instant::now();
+        let resp = self.txn(Txn::new().when(when).and_then(ops)).await;
+        self.observe("delete", key.as_bytes(), started);
+        let resp = resp?;
         if !resp.succeeded() {
             return match self.get(key).await? {
                 None => Err(StoreError::NotFound { key: key.into() }),
