@@ -88,11 +88,18 @@ pub(crate) async fn next_pass_after(
     resync: Duration,
     coalesce: Duration,
 ) {
-    tokio::select! {
-        _ = notify.notified() => {}
-        _ = tokio::time::sleep(resync) => {}
+    // A change that came while the last pass ran is already waiting.
+    let pending = futures::FutureExt::now_or_never(notify.notified()).is_some();
+    crate::telemetry::Passes::ended(name, pending);
+    if !pending {
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep(resync) => {}
+        }
     }
+    let woken = std::time::Instant::now();
     tokio::time::sleep(coalesce).await;
+    crate::telemetry::Passes::started(name, woken);
     debug!(controller = name, "pass");
 }
 

@@ -27,6 +27,7 @@ pub mod selector;
 pub mod server;
 pub mod status;
 pub mod storage;
+pub mod telemetry;
 #[cfg(test)]
 mod testutil;
 pub mod tokens;

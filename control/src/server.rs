@@ -96,6 +96,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
     // apiserver leaves the `kubernetes` Service's endpoints.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut leaving = Vec::new();
+    let mut registry = crate::telemetry::shared();
     let kubeconfig = if cfg.components.contains(&Component::Apiserver) {
         let store = Store::connect(&endpoints, etcd_tls.as_ref())
             .await
@@ -149,6 +150,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
                 tokens,
             },
         );
+        registry = api.registry();
         api.follow_policies()
             .await
             .context("reading the LimitRanges and ResourceQuotas")?;
@@ -178,6 +180,8 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             .context("--kubeconfig is needed when the apiserver runs elsewhere")?
     };
 
+    // Without the apiserver in this process these are kept but not served.
+    crate::telemetry::Passes::install(&registry);
     if cfg.components.iter().any(|c| *c != Component::Apiserver) {
         let client = crate::client::from_kubeconfig(&kubeconfig, "kube-controller-manager").await?;
         let scheduler_client =
@@ -202,9 +206,10 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             };
         if cfg.components.contains(&Component::Scheduler) {
             let c = scheduler_client.clone();
+            let metrics = crate::telemetry::Scheduler::new(&registry);
             start(
                 crate::leader::SCHEDULER,
-                Box::new(move || Box::pin(crate::scheduler::run(c.clone()))),
+                Box::new(move || Box::pin(crate::scheduler::run(c.clone(), metrics.clone()))),
             );
         }
         if cfg.components.contains(&Component::Controllers) {

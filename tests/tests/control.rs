@@ -2049,6 +2049,40 @@ fn apiserver_metrics_count_requests_and_need_a_token() {
 
     // The controllers watch ConfigMaps across namespaces; kubectl watches
     // one namespace.
+    // The scheduler and the controllers run in this process and show in
+    // the same scrape: a Deployment wakes its controller, and its pods,
+    // with no node to go to, are counted as unschedulable attempts.
+    let adds =
+        |text: &str| sample(text, "workqueue_adds_total", &[r#"name="deployment""#]).unwrap_or(0.0);
+    let unschedulable = [r#"result="unschedulable""#];
+    let tries = |text: &str| {
+        sample(text, "scheduler_schedule_attempts_total", &unschedulable).unwrap_or(0.0)
+    };
+    let quiet = scrape();
+    cp.kubectl_ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox:1.36",
+        "--replicas=2",
+    ]);
+    let busy = wait_for("the pods tried", Duration::from_secs(20), || {
+        let t = scrape();
+        (sample(&t, "scheduler_pending_pods", &[r#"queue="unschedulable""#]) == Some(2.0))
+            .then_some(t)
+    });
+    assert!(adds(&busy) > adds(&quiet), "{busy}");
+    assert!(tries(&busy) >= tries(&quiet) + 2.0, "{busy}");
+    assert!(
+        sample(
+            &busy,
+            "workqueue_work_duration_seconds_count",
+            &[r#"name="deployment""#]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{busy}"
+    );
+
     let watching = [
         r#"verb="WATCH""#,
         r#"resource="configmaps""#,

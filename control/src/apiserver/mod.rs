@@ -189,7 +189,7 @@ fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, Api
 
 impl Api {
     pub fn new(store: Store, cfg: ApiConfig, access: Access) -> Arc<Self> {
-        let telemetry = Arc::new(telemetry::Telemetry::default());
+        let telemetry = Arc::new(telemetry::Telemetry::new(crate::telemetry::shared()));
         let observed = telemetry.clone();
         let store = store.observed(Arc::new(move |op, kind, took| {
             observed.observe_etcd(op, kind, took.as_secs_f64());
@@ -202,6 +202,12 @@ impl Api {
             policies: admission::Policies::default(),
             telemetry,
         })
+    }
+
+    /// The metrics registry `/metrics` serves: other components of this
+    /// process register theirs in it.
+    pub fn registry(&self) -> crate::telemetry::Shared {
+        self.telemetry.registry()
     }
 
     /// Creates `obj` unless an object of that name exists (bootstrap).

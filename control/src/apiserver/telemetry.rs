@@ -70,9 +70,9 @@ const ETCD_BUCKETS: [f64; 18] = [
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// The apiserver's metrics and the registry that serves them.
+/// The apiserver's metrics, in the registry of the process.
 pub struct Telemetry {
-    registry: Registry,
+    registry: crate::telemetry::Shared,
     requests: Family<CodeLabels, Counter>,
     durations: Histograms<RequestLabels>,
     inflight: Family<KindLabels, Gauge>,
@@ -80,9 +80,9 @@ pub struct Telemetry {
     etcd: Histograms<EtcdLabels>,
 }
 
-impl Default for Telemetry {
-    fn default() -> Self {
-        let mut registry = Registry::default();
+impl Telemetry {
+    /// Registers the apiserver's metrics in `shared`.
+    pub fn new(shared: crate::telemetry::Shared) -> Self {
         let requests = Family::<CodeLabels, Counter>::default();
         let durations: Histograms<RequestLabels> =
             Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS));
@@ -90,6 +90,10 @@ impl Default for Telemetry {
         let longrunning = Family::<RequestLabels, Gauge>::default();
         let etcd: Histograms<EtcdLabels> =
             Family::new_with_constructor(|| Histogram::new(ETCD_BUCKETS));
+        let mut guard = shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let registry: &mut Registry = &mut guard;
         registry.register(
             "apiserver_request",
             "Requests answered, by verb, dry run, group, version, resource, subresource, scope, component and HTTP code",
@@ -119,8 +123,9 @@ impl Default for Telemetry {
         for kind in ["readOnly", "mutating"] {
             let _ = inflight.get_or_create(&KindLabels { request_kind: kind });
         }
+        drop(guard);
         Self {
-            registry,
+            registry: shared,
             requests,
             durations,
             inflight,
@@ -139,12 +144,14 @@ pub struct InFlight<'a> {
 }
 
 impl Telemetry {
-    /// The text exposition of every metric (OpenMetrics).
+    /// The text exposition of every metric of the process (OpenMetrics).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        crate::telemetry::render(&self.registry)
+    }
+
+    /// The registry the apiserver's metrics are in.
+    pub fn registry(&self) -> crate::telemetry::Shared {
+        self.registry.clone()
     }
 
     /// Marks a request as started.
@@ -368,7 +375,7 @@ mod tests {
 
     #[test]
     fn a_finished_request_is_counted_and_timed_and_leaves_flight() {
-        let t = Telemetry::default();
+        let t = Telemetry::new(crate::telemetry::shared());
         let l = of(Method::POST, "/api/v1/namespaces/a/configmaps", None, None);
         let f = t.start(l);
         assert!(
@@ -395,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_watch_is_long_running_until_its_body_is_dropped() {
-        let t = Telemetry::default();
+        let t = Telemetry::new(crate::telemetry::shared());
         let l = of(Method::GET, "/api/v1/pods", Some("watch=1"), None);
         let resp = t
             .start(l)

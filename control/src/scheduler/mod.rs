@@ -289,7 +289,7 @@ fn pending(pod: &Pod) -> bool {
         && is_active(pod)
 }
 
-pub async fn run(client: Client) {
+pub async fn run(client: Client, metrics: Arc<crate::telemetry::Scheduler>) {
     let notify = Arc::new(Notify::new());
     let (nodes, _a) = reflect(Api::<Node>::all(client.clone()), notify.clone());
     let (pods, _b) = reflect(Api::<Pod>::all(client.clone()), notify.clone());
@@ -307,6 +307,8 @@ pub async fn run(client: Client) {
     info!("scheduler started");
     let mut assumed: HashMap<String, usize> = HashMap::new();
     let mut reported: HashMap<String, String> = HashMap::new();
+    // When each pending pod was first seen, and how often it was tried.
+    let mut seen: HashMap<String, (std::time::Instant, u32)> = HashMap::new();
     let mut start = 0usize;
     loop {
         next_pass("scheduler", &notify, Duration::from_secs(5)).await;
@@ -347,6 +349,7 @@ pub async fn run(client: Client) {
         }
         assumed.retain(|uid, _| live.contains(uid));
         reported.retain(|uid, _| live.contains(uid));
+        seen.retain(|uid, _| live.contains(uid));
         queue.sort_by_key(|p| {
             (
                 std::cmp::Reverse(p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)),
@@ -364,9 +367,14 @@ pub async fn run(client: Client) {
             volumes: volumes.state(),
             classes: classes.state(),
         };
+        let mut unschedulable = 0;
+        let tried = queue.len();
         for pod in queue {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             start = start.wrapping_add(1);
+            seen.entry(uid.clone())
+                .or_insert_with(|| (std::time::Instant::now(), 0))
+                .1 += 1;
             let mut needs = Needs::of(&pod);
             let mut waiting = Vec::new();
             let placed = match snapshot.of(&pod) {
@@ -406,6 +414,8 @@ pub async fn run(client: Client) {
                     binds.push((pod, name_of(&infos[i].node.metadata).to_string(), uid));
                 }
                 Err(msg) => {
+                    metrics.attempt("unschedulable");
+                    unschedulable += 1;
                     if reported.get(&uid) != Some(&msg) {
                         reported.insert(uid, msg.clone());
                         failures.push((pod, msg));
@@ -413,19 +423,29 @@ pub async fn run(client: Client) {
                 }
             }
         }
+        // Pods placed this pass are no longer pending once bound.
+        metrics.pending(tried - unschedulable - binds.len(), unschedulable);
         for (ns, waiting, node) in selections {
             select_node(&client, &ns, &waiting, &node).await;
         }
         let n = binds.len();
-        let failed: Vec<String> = futures::stream::iter(binds)
+        let results: Vec<(bool, String)> = futures::stream::iter(binds)
             .map(|(pod, node, uid)| {
                 let client = client.clone();
-                async move { (!bind(&client, &pod, &node).await).then_some(uid) }
+                async move { (bind(&client, &pod, &node).await, uid) }
             })
             .buffer_unordered(64)
-            .filter_map(std::future::ready)
             .collect()
             .await;
+        let mut failed = Vec::new();
+        for (ok, uid) in results {
+            if !ok {
+                metrics.attempt("error");
+                failed.push(uid);
+            } else if let Some((first, attempts)) = seen.remove(&uid) {
+                metrics.scheduled(attempts, first.elapsed().as_secs_f64());
+            }
+        }
         if !failed.is_empty() {
             // Forget what failed to bind and let the next pass see the
             // store's truth.
