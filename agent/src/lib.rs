@@ -28,3 +28,4 @@ pub mod memory;
 pub mod overlay;
 pub mod proxy;
 pub mod role;
+pub mod telemetry;

@@ -218,6 +218,10 @@ struct RunArgs {
     /// cgroup v2 directory whose processes get service translation.
     #[arg(long, default_value = "/sys/fs/cgroup/unified")]
     cgroup: PathBuf,
+    /// Where `/metrics` (every role's) and the health paths are served,
+    /// plain HTTP; loopback by default, off the pod network.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: std::net::SocketAddr,
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     bpffs: PathBuf,
@@ -423,9 +427,12 @@ async fn run(args: RunArgs) -> Result<()> {
     if args.roles.is_empty() {
         bail!("no role to run: --roles takes kubelet, proxy, overlay, dns");
     }
+    let telemetry = Arc::new(skiff_agent::telemetry::Telemetry::default());
+    tokio::spawn(telemetry.clone().serve(args.metrics_bind_address));
     let ctx = NodeContext {
         node_name: node_name(args.node_name.clone()),
         client: client(&args).await?,
+        telemetry,
     };
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut roles = tokio::task::JoinSet::new();

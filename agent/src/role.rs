@@ -34,6 +34,8 @@ pub struct NodeContext {
     pub node_name: String,
     /// The apiserver client, if the node was given one.
     pub client: Option<kube::Client>,
+    /// The process's metrics, which every role records into.
+    pub telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +195,7 @@ mod tests {
         let ctx = NodeContext {
             node_name: "n".into(),
             client: None,
+            telemetry: Arc::default(),
         };
         let backoff = Backoff {
             first: Duration::from_millis(5),

@@ -132,6 +132,16 @@ impl Node {
         self.try_list().unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The agent's `/metrics`, scraped on its default loopback address in
+    /// the node's namespace.
+    fn metrics(&self) -> String {
+        Spawn::new("curl")
+            .args(["-sf", "http://127.0.0.1:10249/metrics"])
+            .netns(&self.ns)
+            .try_output()
+            .unwrap_or_else(|e| panic!("scraping the agent: {e}"))
+    }
+
     /// Entries in the pinned map `name`, from `skiff-agent proxy maps`.
     fn map_entries(&self, name: &str) -> u64 {
         let out = Spawn::new(bin("skiff-agent"))
@@ -319,6 +329,92 @@ fn tcp_cluster_ip_spreads_over_three_backends() {
     assert_eq!(node.map_entries("SERVICES"), listed.len() as u64);
     assert_eq!(node.map_entries("BACKENDS"), backends as u64);
     assert_eq!(node.map_entries("SLOTS"), backends as u64);
+}
+
+/// The value of the first sample of `name` whose line holds `labels`.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The agent's `/metrics` follow what is programmed: kube-proxy's sync
+/// duration and timestamp, the frontends and backends, and each map's
+/// fill, and they move when a Service is added.
+#[test]
+fn proxy_metrics_follow_what_is_programmed() {
+    let node = web_node("");
+    let listed = node.list();
+    let m = wait_for("a sync counted", TIMEOUT, || {
+        let m = node.metrics();
+        (sample(&m, "skiff_proxy_services", "") == Some(listed.len() as f64)).then_some(m)
+    });
+    let backends: usize = listed.values().map(Vec::len).sum();
+    assert_eq!(
+        sample(&m, "skiff_proxy_endpoints", ""),
+        Some(backends as f64),
+        "{m}"
+    );
+    let syncs = sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count", "").unwrap_or(0.0);
+    assert!(syncs >= 1.0, "{m}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let last = sample(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "").unwrap_or(0.0);
+    assert!(
+        (now - last).abs() < 60.0,
+        "last sync {last}, now {now}\n{m}"
+    );
+    // Map fills are read a second after the first programming, then
+    // every 30 s.
+    let m = wait_for("the maps read", TIMEOUT, || {
+        let m = node.metrics();
+        sample(&m, "skiff_bpf_map_entries", r#"map="SERVICES""#).map(|_| m)
+    });
+    assert_eq!(
+        sample(&m, "skiff_bpf_map_entries", r#"map="SERVICES""#),
+        Some(node.map_entries("SERVICES") as f64),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "skiff_bpf_map_max_entries", r#"map="SERVICES""#).is_some_and(|n| n > 0.0),
+        "{m}"
+    );
+
+    node.write(
+        "other.yaml",
+        &format!(
+            "{}---\n{}",
+            service("other", &format!("  clusterIP: 10.96.0.20\n{WEB_PORTS}")),
+            slice("other", "IPv4", &[ready(B[0])])
+        ),
+    );
+    node.wait_programmed("10.96.0.20:80/TCP", &["10.200.0.11:8080"]);
+    let after = wait_for("the new Service counted", TIMEOUT, || {
+        let m = node.metrics();
+        (sample(&m, "skiff_proxy_services", "") == Some(listed.len() as f64 + 2.0)).then_some(m)
+    });
+    assert_eq!(
+        sample(&after, "skiff_proxy_endpoints", ""),
+        Some(backends as f64 + 2.0),
+        "{after}"
+    );
+    assert!(
+        sample(
+            &after,
+            "kubeproxy_sync_proxy_rules_duration_seconds_count",
+            ""
+        )
+        .is_some_and(|n| n > syncs),
+        "{after}"
+    );
+    // Nothing is served beyond loopback: the node's address refuses.
+    let outside = Spawn::new("curl")
+        .args(["-s", "-m", "2", &format!("http://{NODE_IP}:10249/metrics")])
+        .netns(&node.ns)
+        .try_output();
+    assert!(outside.is_err(), "{outside:?}");
 }
 
 #[test]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch as signal;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use dataplane::{Dataplane, DataplaneError, Tables};
 pub use external::{External, ExternalConfig};
@@ -90,7 +90,7 @@ impl crate::role::Role for ProxyConfig {
             Source::Kube => Some(ctx.client("proxy")?),
             Source::Manifests(_) => None,
         };
-        run(self.clone(), client, shutdown).await
+        run(self.clone(), client, ctx.telemetry.clone(), shutdown).await
     }
 }
 
@@ -101,10 +101,25 @@ impl crate::role::Role for ProxyConfig {
 pub async fn run(
     cfg: ProxyConfig,
     client: Option<kube::Client>,
+    telemetry: Arc<crate::telemetry::Telemetry>,
     mut shutdown: signal::Receiver<bool>,
 ) -> Result<(), ProxyError> {
     use tokio::task::block_in_place;
     let dp = block_in_place(|| Dataplane::install(&cfg.pin_dir, &cfg.cgroup))?;
+    // Map fills and program run times change with traffic, not only with
+    // programming: read soon after the first programming, then every so
+    // often while the proxy runs.
+    let refresh = {
+        let (telemetry, pin_dir) = (telemetry.clone(), cfg.pin_dir.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            loop {
+                let (t, p) = (telemetry.clone(), pin_dir.clone());
+                let _ = tokio::task::spawn_blocking(move || record_maps(&t.proxy, &p)).await;
+                tokio::time::sleep(MAP_REFRESH).await;
+            }
+        }))
+    };
     let auto = external::auto_interfaces().await;
     let ext = block_in_place(|| External::install(&cfg.pin_dir, cfg.external.clone(), &auto))?;
     let mut paths = Paths {
@@ -149,6 +164,7 @@ pub async fn run(
                     let services = desired.len();
                     let (changed, taken) = block_in_place(|| paths.sync_all(desired))?;
                     report(&taken);
+                    record_sync(&telemetry.proxy, &paths, started);
                     info!(
                         services,
                         frontends = paths.dp.programmed().len(),
@@ -184,6 +200,7 @@ pub async fn run(
                 match result {
                     Ok((changed, errors)) => {
                         report(&errors);
+                        record_sync(&telemetry.proxy, &paths, started);
                         if changed > 0 {
                             info!(
                                 changed,
@@ -203,8 +220,65 @@ pub async fn run(
             }
         }
     }
+    drop(refresh);
     info!("proxy stopped; programs stay attached");
     Ok(())
+}
+
+/// How often map fills and program run times are read again. Counting a
+/// map walks its keys one syscall each: a full 262 144-entry LRU takes
+/// about a third of a second of CPU.
+const MAP_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Aborts its task when dropped (the proxy's helper tasks end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A programming pass ended (it started at `started`).
+fn record_sync(m: &crate::telemetry::Proxy, paths: &Paths, started: Instant) {
+    m.sync_duration.observe(started.elapsed().as_secs_f64());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    m.last_sync.set(now);
+    let programmed = paths.dp.programmed();
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    m.services.set(count(programmed.len()));
+    m.endpoints
+        .set(count(programmed.values().map(|p| p.backends.len()).sum()));
+}
+
+/// Reads each pinned map's fill and each program's run totals.
+fn record_maps(m: &crate::telemetry::Proxy, pin_dir: &std::path::Path) {
+    use crate::telemetry::{MapLabel, ProgramLabel};
+    match dataplane::map_fill(pin_dir) {
+        Ok(fill) => {
+            for f in fill {
+                let label = MapLabel { map: f.name };
+                m.map_entries
+                    .get_or_create(&label)
+                    .set(i64::try_from(f.entries).unwrap_or(i64::MAX));
+                m.map_max_entries
+                    .get_or_create(&label)
+                    .set(i64::from(f.max_entries));
+            }
+        }
+        Err(e) => debug!(error = %e, "reading the map fills"),
+    }
+    for (program, took, runs) in dataplane::program_stats(pin_dir) {
+        let label = ProgramLabel { program };
+        m.program_runs
+            .get_or_create(&label)
+            .set(i64::try_from(runs).unwrap_or(i64::MAX));
+        m.program_seconds
+            .get_or_create(&label)
+            .set(took.as_secs_f64());
+    }
 }
 
 /// Both paths, and the health check servers with what each Service's

@@ -1,0 +1,176 @@
+//! The node agent's Prometheus metrics, one registry for every role of the
+//! process, served as plain HTTP on `--metrics-bind-address` (loopback by
+//! default, off the pod network) at `/metrics`, with `/healthz`, `/livez`
+//! and `/readyz`. The metric families are made once per process, so a role
+//! restarted after a failure keeps counting where it was.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabel {
+    pub program: &'static str,
+}
+
+/// The service proxy's metrics (kube-proxy's names where it has them).
+pub struct Proxy {
+    pub sync_duration: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub services: Gauge,
+    pub endpoints: Gauge,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_max_entries: Family<MapLabel, Gauge>,
+    pub program_runs: Family<ProgramLabel, Gauge>,
+    pub program_seconds: Family<ProgramLabel, Gauge<f64, AtomicU64>>,
+}
+
+/// Every role's metrics and the registry that serves them.
+pub struct Telemetry {
+    registry: Mutex<Registry>,
+    pub proxy: Proxy,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        let mut r = Registry::default();
+        let proxy = Proxy {
+            // 1 ms to about 16 s, as kube-proxy's.
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            last_sync: Gauge::default(),
+            services: Gauge::default(),
+            endpoints: Gauge::default(),
+            map_entries: Family::default(),
+            map_max_entries: Family::default(),
+            program_runs: Family::default(),
+            program_seconds: Family::default(),
+        };
+        r.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "How long programming the services into the BPF maps took, in seconds",
+            proxy.sync_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the services were last programmed, in seconds since the epoch",
+            proxy.last_sync.clone(),
+        );
+        r.register(
+            "skiff_proxy_services",
+            "Service frontends programmed (ClusterIP, NodePort and external addresses, per port and protocol)",
+            proxy.services.clone(),
+        );
+        r.register(
+            "skiff_proxy_endpoints",
+            "Backends programmed, summed over the frontends",
+            proxy.endpoints.clone(),
+        );
+        r.register(
+            "skiff_bpf_map_entries",
+            "Entries in each pinned BPF map",
+            proxy.map_entries.clone(),
+        );
+        r.register(
+            "skiff_bpf_map_max_entries",
+            "Size of each pinned BPF map",
+            proxy.map_max_entries.clone(),
+        );
+        r.register(
+            "skiff_bpf_program_runs",
+            "Runs of each attached program, counted while kernel.bpf_stats_enabled is on",
+            proxy.program_runs.clone(),
+        );
+        r.register(
+            "skiff_bpf_program_run_seconds",
+            "Time spent in each attached program, counted while kernel.bpf_stats_enabled is on",
+            proxy.program_seconds.clone(),
+        );
+        Self {
+            registry: Mutex::new(r),
+            proxy,
+        }
+    }
+}
+
+impl Telemetry {
+    /// The text exposition (OpenMetrics) of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let r = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+
+    /// Serves `/metrics` and the health paths on `addr` until the process
+    /// ends. A port that cannot be bound is reported and left: metrics are
+    /// never a reason for the node's roles not to run.
+    pub async fn serve(self: Arc<Self>, addr: SocketAddr) {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(%addr, error = %e, "metrics port not bound; no metrics served");
+                return;
+            }
+        };
+        info!(%addr, "serving metrics");
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let me = me.clone();
+                    async move { Ok::<_, Infallible>(me.answer(req.uri().path())) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    }
+
+    fn answer(&self, path: &str) -> Response<Full<Bytes>> {
+        let (code, content_type, body) = match path {
+            "/metrics" => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.render(),
+            ),
+            "/healthz" | "/livez" | "/readyz" => (StatusCode::OK, "text/plain", "ok".into()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "404 page not found\n".into(),
+            ),
+        };
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = code;
+        if let Ok(v) = http::HeaderValue::from_str(content_type) {
+            r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+        }
+        r
+    }
+}
