@@ -43,10 +43,33 @@ pub struct Proxy {
     pub program_seconds: Family<ProgramLabel, Gauge<f64, AtomicU64>>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub container_state: &'static str,
+}
+
+/// The kubelet's metrics, under upstream's names.
+pub struct Kubelet {
+    /// Pod creation until all its containers run, less image pulls.
+    pub pod_start: Histogram,
+    pub running_pods: Gauge,
+    pub running_containers: Family<StateLabel, Gauge>,
+    /// A container's exit, from containerd's timestamp to the kubelet
+    /// seeing it (the event-driven PLEG's latency).
+    pub event_latency: Histogram,
+}
+
+/// Upstream's buckets for the pod start SLI.
+const POD_START_BUCKETS: [f64; 25] = [
+    0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0,
+    300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0,
+];
+
 /// Every role's metrics and the registry that serves them.
 pub struct Telemetry {
     registry: Mutex<Registry>,
     pub proxy: Proxy,
+    pub kubelet: Kubelet,
 }
 
 impl Default for Telemetry {
@@ -103,9 +126,36 @@ impl Default for Telemetry {
             "Time spent in each attached program, counted while kernel.bpf_stats_enabled is on",
             proxy.program_seconds.clone(),
         );
+        let kubelet = Kubelet {
+            pod_start: Histogram::new(POD_START_BUCKETS),
+            running_pods: Gauge::default(),
+            running_containers: Family::default(),
+            event_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        };
+        r.register(
+            "kubelet_pod_start_sli_duration_seconds",
+            "Time from a pod's creation until all its containers run, image pulls left out, in seconds",
+            kubelet.pod_start.clone(),
+        );
+        r.register(
+            "kubelet_running_pods",
+            "Pods of this node in phase Running",
+            kubelet.running_pods.clone(),
+        );
+        r.register(
+            "kubelet_running_containers",
+            "Containers of this node's pods, by state",
+            kubelet.running_containers.clone(),
+        );
+        r.register(
+            "kubelet_evented_pleg_connection_latency_seconds",
+            "Time from a container's exit, as containerd stamps it, until the kubelet receives the event, in seconds",
+            kubelet.event_latency.clone(),
+        );
         Self {
             registry: Mutex::new(r),
             proxy,
+            kubelet,
         }
     }
 }

@@ -511,6 +511,25 @@ impl KubeletNode {
     pub fn agent_log(&self) -> String {
         self.agent.as_ref().map(Proc::log_text).unwrap_or_default()
     }
+
+    /// The agent's `/metrics`, from its default loopback address in the
+    /// node's network namespace.
+    pub fn metrics(&self) -> String {
+        Spawn::new("curl")
+            .args(["-sf", "http://127.0.0.1:10249/metrics"])
+            .netns_path(Some(&self.netns))
+            .try_output()
+            .unwrap_or_else(|e| panic!("scraping the agent: {e}"))
+    }
+}
+
+/// The value of the first sample of `name` whose line holds every one of
+/// `labels`, in a Prometheus text exposition.
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 impl Drop for KubeletNode {

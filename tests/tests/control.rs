@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use skiff_tests::control::{ControlPlane, HollowNodes};
 use skiff_tests::kubelet::HollowKubelet;
+use skiff_tests::node::sample;
 use skiff_tests::{Spawn, wait_for};
 
 const APP: &str = r#"
@@ -1960,15 +1961,6 @@ fn ingresses_are_stored_with_their_default_class_and_checked() {
     ] {
         assert!(err.contains(want), "{want}\n{err}");
     }
-}
-
-/// The value of the sample of `name` whose labels include every one of
-/// `labels` (`key="value"`), in a Prometheus text exposition.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// `/metrics` needs a token RBAC lets read it; what it serves moves with

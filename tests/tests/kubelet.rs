@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use skiff_tests::cluster::web_app;
 use skiff_tests::control::ControlPlane;
-use skiff_tests::node::{KubeletNode, OneNode, Registry};
+use skiff_tests::node::{KubeletNode, OneNode, Registry, sample};
 use skiff_tests::{Netns, Spawn, wait_for};
 
 /// `name podIP phase` of every pod with `app=web`.
@@ -291,6 +291,32 @@ spec:
     wait_for("init-fails to fail", Duration::from_secs(60), || {
         (phase("init-fails") == "Failed").then_some(())
     });
+
+    // The agent's metrics saw it: pods started (the SLI), containers
+    // exiting (containerd's events), and the ticker running now.
+    wait_for("ticker to run", Duration::from_secs(60), || {
+        (phase("ticker") == "Running").then_some(())
+    });
+    let m = wait_for("the kubelet's metrics", Duration::from_secs(10), || {
+        let m = c.node.metrics();
+        (sample(&m, "kubelet_running_pods", &[]).unwrap_or(0.0) >= 1.0).then_some(m)
+    });
+    for (name, labels) in [
+        ("kubelet_pod_start_sli_duration_seconds_count", &[][..]),
+        (
+            "kubelet_running_containers",
+            &[r#"container_state="running""#][..],
+        ),
+        (
+            "kubelet_evented_pleg_connection_latency_seconds_count",
+            &[][..],
+        ),
+    ] {
+        assert!(
+            sample(&m, name, labels).is_some_and(|v| v >= 1.0),
+            "{name} {labels:?}:\n{m}"
+        );
+    }
     let main_state = cp.jsonpath(&["pod", "init-fails"], "{.status.containerStatuses[0].state.waiting.reason} {.status.initContainerStatuses[0].state.terminated.exitCode}");
     assert_eq!(
         main_state, "ContainerCreating 2",

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
+use skiff_tests::node::sample;
 use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin, wait_for};
 
 const NODE_IP: &str = "10.200.0.1";
@@ -331,14 +332,6 @@ fn tcp_cluster_ip_spreads_over_three_backends() {
     assert_eq!(node.map_entries("SLOTS"), backends as u64);
 }
 
-/// The value of the first sample of `name` whose line holds `labels`.
-fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| l.contains(labels))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 /// The agent's `/metrics` follow what is programmed: kube-proxy's sync
 /// duration and timestamp, the frontends and backends, and each map's
 /// fill, and they move when a Service is added.
@@ -348,20 +341,20 @@ fn proxy_metrics_follow_what_is_programmed() {
     let listed = node.list();
     let m = wait_for("a sync counted", TIMEOUT, || {
         let m = node.metrics();
-        (sample(&m, "skiff_proxy_services", "") == Some(listed.len() as f64)).then_some(m)
+        (sample(&m, "skiff_proxy_services", &[]) == Some(listed.len() as f64)).then_some(m)
     });
     let backends: usize = listed.values().map(Vec::len).sum();
     assert_eq!(
-        sample(&m, "skiff_proxy_endpoints", ""),
+        sample(&m, "skiff_proxy_endpoints", &[]),
         Some(backends as f64),
         "{m}"
     );
-    let syncs = sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count", "").unwrap_or(0.0);
+    let syncs = sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count", &[]).unwrap_or(0.0);
     assert!(syncs >= 1.0, "{m}");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    let last = sample(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "").unwrap_or(0.0);
+    let last = sample(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", &[]).unwrap_or(0.0);
     assert!(
         (now - last).abs() < 60.0,
         "last sync {last}, now {now}\n{m}"
@@ -370,15 +363,15 @@ fn proxy_metrics_follow_what_is_programmed() {
     // every 30 s.
     let m = wait_for("the maps read", TIMEOUT, || {
         let m = node.metrics();
-        sample(&m, "skiff_bpf_map_entries", r#"map="SERVICES""#).map(|_| m)
+        sample(&m, "skiff_bpf_map_entries", &[r#"map="SERVICES""#]).map(|_| m)
     });
     assert_eq!(
-        sample(&m, "skiff_bpf_map_entries", r#"map="SERVICES""#),
+        sample(&m, "skiff_bpf_map_entries", &[r#"map="SERVICES""#]),
         Some(node.map_entries("SERVICES") as f64),
         "{m}"
     );
     assert!(
-        sample(&m, "skiff_bpf_map_max_entries", r#"map="SERVICES""#).is_some_and(|n| n > 0.0),
+        sample(&m, "skiff_bpf_map_max_entries", &[r#"map="SERVICES""#]).is_some_and(|n| n > 0.0),
         "{m}"
     );
 
@@ -393,10 +386,10 @@ fn proxy_metrics_follow_what_is_programmed() {
     node.wait_programmed("10.96.0.20:80/TCP", &["10.200.0.11:8080"]);
     let after = wait_for("the new Service counted", TIMEOUT, || {
         let m = node.metrics();
-        (sample(&m, "skiff_proxy_services", "") == Some(listed.len() as f64 + 2.0)).then_some(m)
+        (sample(&m, "skiff_proxy_services", &[]) == Some(listed.len() as f64 + 2.0)).then_some(m)
     });
     assert_eq!(
-        sample(&after, "skiff_proxy_endpoints", ""),
+        sample(&after, "skiff_proxy_endpoints", &[]),
         Some(backends as f64 + 2.0),
         "{after}"
     );
@@ -404,7 +397,7 @@ fn proxy_metrics_follow_what_is_programmed() {
         sample(
             &after,
             "kubeproxy_sync_proxy_rules_duration_seconds_count",
-            ""
+            &[]
         )
         .is_some_and(|n| n > syncs),
         "{after}"

@@ -78,13 +78,14 @@ impl Role for KubeletConfig {
 
     async fn run(&self, ctx: NodeContext, shutdown: Shutdown) -> Result<(), KubeletError> {
         let client = ctx.client("kubelet")?;
-        run(self.clone(), client, shutdown).await
+        run(self.clone(), client, ctx.telemetry.clone(), shutdown).await
     }
 }
 
 pub async fn run(
     cfg: KubeletConfig,
     client: kube::Client,
+    telemetry: Arc<crate::telemetry::Telemetry>,
     mut shutdown: Shutdown,
 ) -> Result<(), KubeletError> {
     let pods_dir = cfg.root_dir.join("pods");
@@ -152,6 +153,8 @@ pub async fn run(
         node_ip: cfg.node_ip.to_string(),
         tokens: Default::default(),
         dns: cfg.dns.clone(),
+        telemetry: telemetry.clone(),
+        running: Default::default(),
     });
     // containerd answers a subscription only with its first event, so the
     // stream is read on a task of its own, resubscribing if it ends.
@@ -196,6 +199,13 @@ pub async fn run(
                 }
             },
             Some(e) = exits.recv() => {
+                if let Some(at) = &e.exited_at {
+                    let stamped = std::time::UNIX_EPOCH
+                        + Duration::new(at.seconds.max(0) as u64, at.nanos.max(0) as u32);
+                    if let Ok(late) = std::time::SystemTime::now().duration_since(stamped) {
+                        telemetry.kubelet.event_latency.observe(late.as_secs_f64());
+                    }
+                }
                 if let Some(h) = workers.get(pod::uid_of(&e.container_id)) {
                     let _ = h.exits.send(e).await;
                 }

@@ -37,6 +37,38 @@ pub struct Shared {
     pub tokens: super::volumes::TokenCache,
     /// What pods' resolv.conf is written from.
     pub dns: super::dns::ClusterDns,
+    /// The agent's metrics.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Each pod's last reported (phase is Running, running containers,
+    /// other containers), for the running pods and containers gauges.
+    pub running: std::sync::Mutex<std::collections::HashMap<String, (bool, usize, usize)>>,
+}
+
+impl Shared {
+    /// Records pod `uid`'s counts (`None`: it is gone) and sets the gauges.
+    fn set_running(&self, uid: &str, counts: Option<(bool, usize, usize)>) {
+        let Ok(mut all) = self.running.lock() else {
+            return;
+        };
+        match counts {
+            Some(c) => all.insert(uid.to_string(), c),
+            None => all.remove(uid),
+        };
+        let (mut pods, mut running, mut other) = (0usize, 0usize, 0usize);
+        for (p, r, o) in all.values() {
+            pods += usize::from(*p);
+            running += r;
+            other += o;
+        }
+        let k = &self.telemetry.kubelet;
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        k.running_pods.set(n(pods));
+        for (container_state, v) in [("running", running), ("exited", other)] {
+            k.running_containers
+                .get_or_create(&crate::telemetry::StateLabel { container_state })
+                .set(n(v));
+        }
+    }
 }
 
 pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
@@ -198,6 +230,10 @@ pub struct Worker {
     /// The pod finished and its network was given back (its addresses
     /// stay in its status, as upstream's do).
     network_released: bool,
+    /// Time spent pulling this pod's images (left out of its start SLI).
+    pulling: Duration,
+    /// The pod start SLI was observed.
+    start_observed: bool,
 }
 
 /// Where a finished pod's addresses are kept once its network is given
@@ -208,6 +244,12 @@ const RELEASED: &str = "released-ips.json";
 impl Worker {
     pub fn new(shared: Arc<Shared>, pod: Pod) -> Self {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
+        // A pod that already ran (a restarted kubelet adopting it) did not
+        // start now.
+        let ran = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Running" | "Succeeded" | "Failed")
+        );
         Self {
             shared,
             uid,
@@ -220,6 +262,8 @@ impl Worker {
             started: now(),
             volumes_synced: None,
             network_released: false,
+            pulling: Duration::ZERO,
+            start_observed: ran,
         }
     }
 
@@ -842,12 +886,14 @@ impl Worker {
             _ => {
                 self.event("Normal", "Pulling", &format!("Pulling image {image:?}"))
                     .await;
-                match self
+                let pull_started = Instant::now();
+                let pulled = self
                     .shared
                     .puller
                     .pull(&self.shared.cd, &image, policy == "Always")
-                    .await
-                {
+                    .await;
+                self.pulling += pull_started.elapsed();
+                match pulled {
                     Ok(i) => {
                         self.event(
                             "Normal",
@@ -1140,6 +1186,7 @@ impl Worker {
             }),
             ..Default::default()
         };
+        self.shared.set_running(&self.uid, None);
         match api.delete(self.name(), &dp).await {
             Ok(_) => info!(pod = %self.name(), "pod removed"),
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
@@ -1297,9 +1344,45 @@ impl Worker {
             )
             .await
         {
-            Ok(_) => self.last_status = Some(st),
+            Ok(_) => {
+                self.record(&st);
+                self.last_status = Some(st);
+            }
             Err(e) => warn!(pod = %self.name(), error = %e, "status update failed"),
         }
+    }
+
+    /// The metrics of a reported status: the running gauges, and the pod
+    /// start SLI the first time every container runs (as upstream, from
+    /// the pod's creation as the API stamped it, image pulls left out).
+    fn record(&mut self, st: &Value) {
+        let statuses = st["containerStatuses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let running = statuses
+            .iter()
+            .filter(|c| c["state"].get("running").is_some())
+            .count();
+        let phase_running = st["phase"] == "Running";
+        self.shared.set_running(
+            &self.uid,
+            Some((phase_running, running, statuses.len() - running)),
+        );
+        if self.start_observed || !phase_running || running == 0 || running < statuses.len() {
+            return;
+        }
+        self.start_observed = true;
+        let Some(created) = self.pod.metadata.creation_timestamp.as_ref() else {
+            return;
+        };
+        let since = k8s_openapi::jiff::Timestamp::now().duration_since(created.0);
+        let seconds = since.as_secs_f64() - self.pulling.as_secs_f64();
+        self.shared
+            .telemetry
+            .kubelet
+            .pod_start
+            .observe(seconds.max(0.0));
     }
 
     async fn event(&self, ty: &str, reason: &str, message: &str) {
