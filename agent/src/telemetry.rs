@@ -15,6 +15,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -65,11 +66,32 @@ const POD_START_BUCKETS: [f64; 25] = [
     300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0,
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabels {
+    pub proto: &'static str,
+    pub r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RcodeLabel {
+    pub rcode: &'static str,
+}
+
+/// Cluster DNS metrics, under CoreDNS's names.
+pub struct Dns {
+    pub requests: Family<QueryLabels, Counter>,
+    pub responses: Family<RcodeLabel, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub forward_duration: Histogram,
+}
+
 /// Every role's metrics and the registry that serves them.
 pub struct Telemetry {
     registry: Mutex<Registry>,
     pub proxy: Proxy,
     pub kubelet: Kubelet,
+    pub dns: Dns,
 }
 
 impl Default for Telemetry {
@@ -152,10 +174,44 @@ impl Default for Telemetry {
             "Time from a container's exit, as containerd stamps it, until the kubelet receives the event, in seconds",
             kubelet.event_latency.clone(),
         );
+        let dns = Dns {
+            requests: Family::default(),
+            responses: Family::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            // 0.25 ms to about 8 s.
+            forward_duration: Histogram::new(exponential_buckets(0.00025, 2.0, 16)),
+        };
+        r.register(
+            "coredns_dns_requests",
+            "Questions answered, by transport and query type",
+            dns.requests.clone(),
+        );
+        r.register(
+            "coredns_dns_responses",
+            "Answers sent, by response code",
+            dns.responses.clone(),
+        );
+        r.register(
+            "coredns_cache_hits",
+            "Questions for outside names answered from the cache",
+            dns.cache_hits.clone(),
+        );
+        r.register(
+            "coredns_cache_misses",
+            "Questions for outside names the cache did not hold live",
+            dns.cache_misses.clone(),
+        );
+        r.register(
+            "coredns_forward_request_duration_seconds",
+            "Time an upstream resolver took to answer, in seconds",
+            dns.forward_duration.clone(),
+        );
         Self {
             registry: Mutex::new(r),
             proxy,
             kubelet,
+            dns,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use skiff_tests::cluster::{Cluster, node_ipv6};
 use skiff_tests::control::ControlPlane;
 use skiff_tests::netns::veth;
+use skiff_tests::node::sample;
 use skiff_tests::{Netns, Proc, Spawn, TempDir, bin, wait_for};
 
 const KUBE_DNS: &str = "10.96.0.10";
@@ -479,6 +480,43 @@ fn the_dns_role_forwards_through_a_cache_and_keeps_answering_the_cluster_through
         out.contains("flags: qr rd ra"),
         "recursion available, not authoritative: {out}"
     );
+
+    // The role's metrics counted those: by type and response code, the
+    // cache's hit and misses, and the time upstream took.
+    let m = Spawn::new("curl")
+        .args(["-sf", "http://127.0.0.1:10249/metrics"])
+        .netns(&lone.node)
+        .try_output()
+        .unwrap_or_else(|e| panic!("scraping the agent: {e}"));
+    for (name, labels, least) in [
+        (
+            "coredns_dns_requests_total",
+            &[r#"proto="udp""#, r#"type="A""#][..],
+            5.0,
+        ),
+        (
+            "coredns_dns_responses_total",
+            &[r#"rcode="NXDOMAIN""#][..],
+            1.0,
+        ),
+        (
+            "coredns_dns_responses_total",
+            &[r#"rcode="NOERROR""#][..],
+            4.0,
+        ),
+        ("coredns_cache_hits_total", &[][..], 1.0),
+        ("coredns_cache_misses_total", &[][..], 2.0),
+        (
+            "coredns_forward_request_duration_seconds_count",
+            &[][..],
+            2.0,
+        ),
+    ] {
+        assert!(
+            sample(&m, name, labels).is_some_and(|v| v >= least),
+            "{name} {labels:?} at least {least}:\n{m}"
+        );
+    }
 
     // Fifty clients asking one name at once: upstream is asked once.
     let burst = "burst.example.test";

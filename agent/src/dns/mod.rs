@@ -116,12 +116,15 @@ pub async fn run(
     let client = ctx.client("dns")?;
     let zone = Zone::new(&cfg.domain, cfg.ttl)?;
     let apex = zone.apex().clone();
-    let resolver = Arc::new(Resolver::new(
-        zone,
-        Forwarder::new(cfg.upstreams.clone(), UPSTREAM_ATTEMPT),
-        Limits::default(),
-        cfg.cache,
-    ));
+    let resolver = Arc::new(
+        Resolver::new(
+            zone,
+            Forwarder::new(cfg.upstreams.clone(), UPSTREAM_ATTEMPT),
+            Limits::default(),
+            cfg.cache,
+        )
+        .counted(server::Counters::new(&ctx.telemetry.dns)),
+    );
     if cfg.listen.is_empty() {
         return Err(DnsError::NoListen);
     }

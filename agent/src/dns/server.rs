@@ -67,6 +67,89 @@ impl Default for Limits {
     }
 }
 
+/// Query types counted by name; the rest are `other`.
+const TYPES: [(u16, &str); 9] = [
+    (1, "A"),
+    (28, "AAAA"),
+    (5, "CNAME"),
+    (12, "PTR"),
+    (33, "SRV"),
+    (16, "TXT"),
+    (15, "MX"),
+    (2, "NS"),
+    (6, "SOA"),
+];
+const RCODES: [&str; 6] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
+];
+
+/// The metrics' counters, looked up once: counting an answer is two
+/// atomic adds.
+pub struct Counters {
+    /// By transport (UDP, TCP), then type (`TYPES`, then other).
+    requests: [[prometheus_client::metrics::counter::Counter; TYPES.len() + 1]; 2],
+    /// By `RCODES`, then other.
+    responses: [prometheus_client::metrics::counter::Counter; RCODES.len() + 1],
+    hits: prometheus_client::metrics::counter::Counter,
+    misses: prometheus_client::metrics::counter::Counter,
+    forward: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Counters {
+    pub fn new(m: &crate::telemetry::Dns) -> Self {
+        use crate::telemetry::{QueryLabels, RcodeLabel};
+        let proto = |proto: &'static str| {
+            std::array::from_fn(|i| {
+                let r#type = TYPES.get(i).map_or("other", |t| t.1);
+                m.requests
+                    .get_or_create(&QueryLabels { proto, r#type })
+                    .clone()
+            })
+        };
+        Self {
+            requests: [proto("udp"), proto("tcp")],
+            responses: std::array::from_fn(|i| {
+                let rcode = RCODES.get(i).copied().unwrap_or("other");
+                m.responses.get_or_create(&RcodeLabel { rcode }).clone()
+            }),
+            hits: m.cache_hits.clone(),
+            misses: m.cache_misses.clone(),
+            forward: m.forward_duration.clone(),
+        }
+    }
+
+    /// Counts `reply` (wire format), sent over UDP or TCP: its question's
+    /// type and its response code, read from the bytes.
+    fn answered(&self, reply: &[u8], udp: bool) {
+        let rcode = reply.get(3).map_or(usize::MAX, |b| usize::from(b & 0x0f));
+        self.responses[rcode.min(RCODES.len())].inc();
+        let ty = question_type(reply)
+            .and_then(|t| TYPES.iter().position(|(code, _)| *code == t))
+            .unwrap_or(TYPES.len());
+        self.requests[usize::from(!udp)][ty].inc();
+    }
+}
+
+/// The type of a message's first question, if it has one.
+fn question_type(msg: &[u8]) -> Option<u16> {
+    if u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]) == 0 {
+        return None;
+    }
+    let mut at = 12;
+    loop {
+        let len = usize::from(*msg.get(at)?);
+        if len == 0 {
+            break;
+        }
+        // A question's name is never compressed.
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        at += len + 1;
+    }
+    Some(u16::from_be_bytes([*msg.get(at + 1)?, *msg.get(at + 2)?]))
+}
+
 /// The zone and the way out, shared by every socket.
 pub struct Resolver {
     zone: RwLock<Zone>,
@@ -80,6 +163,7 @@ pub struct Resolver {
     forwards: Arc<Semaphore>,
     per_client: Arc<PerClient>,
     tcp: Arc<Semaphore>,
+    counters: Option<Counters>,
 }
 
 /// What one packet needs.
@@ -128,7 +212,22 @@ impl Resolver {
             forwards: Arc::new(Semaphore::new(limits.forwards)),
             per_client: PerClient::new(limits.forwards_per_client),
             tcp: Arc::new(Semaphore::new(limits.tcp_connections)),
+            counters: None,
         }
+    }
+
+    /// This resolver, counting what it answers into `counters`.
+    pub fn counted(mut self, counters: Counters) -> Self {
+        self.counters = Some(counters);
+        self
+    }
+
+    /// Sends `bytes` to `peer` over UDP, counted.
+    async fn send_udp(&self, sock: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
+        if let Some(c) = &self.counters {
+            c.answered(bytes, true);
+        }
+        send(sock, bytes, peer).await;
     }
 
     /// The zone, to read.
@@ -343,6 +442,9 @@ impl Resolver {
                 refresh,
                 steady,
             } => {
+                if let Some(c) = &self.counters {
+                    c.hits.inc();
+                }
                 if refresh {
                     // Prefetch: asked again before it expires.
                     let (me, q) = (self.clone(), query.clone());
@@ -355,6 +457,9 @@ impl Resolver {
             Lookup::Stale(e) => Some(e),
             Lookup::Miss => None,
         };
+        if let Some(c) = &self.counters {
+            c.misses.inc();
+        }
         match self.ask(query.clone()).await {
             Ok(reply) => Ok((Entry::from_reply(&reply), Duration::ZERO)),
             Err(e) => stale.map(|s| (s, Duration::ZERO)).ok_or(e),
@@ -373,7 +478,11 @@ impl Resolver {
                     let me = self.clone();
                     let key = k.clone();
                     let f = async move {
+                        let started = Instant::now();
                         let r = me.forwarder.ask(&query).await;
+                        if let Some(c) = &me.counters {
+                            c.forward.observe(started.elapsed().as_secs_f64());
+                        }
                         if let Ok(reply) = &r {
                             lock(&me.cache).store(key.clone(), reply, Instant::now());
                         }
@@ -415,22 +524,22 @@ impl Resolver {
                 }
             };
             match self.handle(&buf[..n], true, &mut out) {
-                Handled::Ready => send(&sock, &out, peer).await,
-                Handled::Reply(bytes) => send(&sock, &bytes, peer).await,
+                Handled::Ready => self.send_udp(&sock, &out, peer).await,
+                Handled::Reply(bytes) => self.send_udp(&sock, &bytes, peer).await,
                 Handled::Drop => {}
                 Handled::Upstream(p) => {
                     let Some(permit) = self.forward_slot(peer.ip()) else {
                         let mut reply = self.reply_to(&p.request);
                         reply.metadata.response_code = ResponseCode::ServFail;
                         if let Some(bytes) = encode(reply, limit_of(&p.request, true)) {
-                            send(&sock, &bytes, peer).await;
+                            self.send_udp(&sock, &bytes, peer).await;
                         }
                         continue;
                     };
                     let (me, sock) = (self.clone(), sock.clone());
                     tokio::spawn(async move {
                         if let Some(bytes) = me.resolve(p, true).await {
-                            send(&sock, &bytes, peer).await;
+                            me.send_udp(&sock, &bytes, peer).await;
                         }
                         drop(permit);
                     });
@@ -495,6 +604,9 @@ impl Resolver {
                 .and_then(tcp_frame),
             };
             if let Some(framed) = framed {
+                if let Some(c) = &self.counters {
+                    c.answered(&framed[2..], false);
+                }
                 s.write_all(&framed).await?;
             }
         }
@@ -877,5 +989,32 @@ mod tests {
         let m = Message::from_vec(&b).expect("parses");
         assert_eq!(m.metadata.response_code, ResponseCode::Refused);
         assert!(!m.metadata.recursion_available);
+    }
+
+    #[test]
+    fn answers_are_counted_by_their_question_type_and_code() {
+        let t = crate::telemetry::Telemetry::default();
+        let c = Counters::new(&t.dns);
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            hickory_proto::rr::Name::from_ascii("web.default.svc.cluster.local.")
+                .unwrap_or_default(),
+            RecordType::SRV,
+        ));
+        q.metadata.response_code = ResponseCode::NXDomain;
+        let bytes = q.to_vec().unwrap_or_default();
+        assert_eq!(question_type(&bytes), Some(33));
+        c.answered(&bytes, false);
+        c.answered(&[0u8; 12], true);
+        let text = t.render();
+        for want in [
+            r#"coredns_dns_requests_total{proto="tcp",type="SRV"} 1"#,
+            r#"coredns_dns_requests_total{proto="udp",type="other"} 1"#,
+            r#"coredns_dns_responses_total{rcode="NXDOMAIN"} 1"#,
+            r#"coredns_dns_responses_total{rcode="NOERROR"} 1"#,
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        assert_eq!(question_type(&[0u8; 5]), None);
     }
 }
