@@ -86,12 +86,30 @@ pub struct Dns {
     pub forward_duration: Histogram,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// The overlay's metrics.
+pub struct Overlay {
+    /// Lease renewals, by result: `renewed`, `lost` (taken again) or
+    /// `error` (the store did not answer).
+    pub renewals: Family<ResultLabel, Counter>,
+    /// Other nodes' subnets routed.
+    pub routes: Gauge,
+    /// A full reconcile of the routes with the leases (a list or a
+    /// resync).
+    pub reconcile: Histogram,
+}
+
 /// Every role's metrics and the registry that serves them.
 pub struct Telemetry {
     registry: Mutex<Registry>,
     pub proxy: Proxy,
     pub kubelet: Kubelet,
     pub dns: Dns,
+    pub overlay: Overlay,
 }
 
 impl Default for Telemetry {
@@ -207,11 +225,32 @@ impl Default for Telemetry {
             "Time an upstream resolver took to answer, in seconds",
             dns.forward_duration.clone(),
         );
+        let overlay = Overlay {
+            renewals: Family::default(),
+            routes: Gauge::default(),
+            reconcile: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        };
+        r.register(
+            "skiff_overlay_lease_renewals",
+            "Renewals of this node's subnet lease, by result (renewed, lost, error)",
+            overlay.renewals.clone(),
+        );
+        r.register(
+            "skiff_overlay_routes",
+            "Other nodes' subnets this node routes to",
+            overlay.routes.clone(),
+        );
+        r.register(
+            "skiff_overlay_reconcile_duration_seconds",
+            "How long a full reconcile of the routes with the leases took, in seconds",
+            overlay.reconcile.clone(),
+        );
         Self {
             registry: Mutex::new(r),
             proxy,
             kubelet,
             dns,
+            overlay,
         }
     }
 }

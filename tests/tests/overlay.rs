@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use skiff_tests::cni::result_ip;
+use skiff_tests::node::sample;
 use skiff_tests::overlay::{Cluster, Node, Pod, UNDERLAY_GW};
 use skiff_tests::{Proc, Spawn, bin, wait_for};
 
@@ -193,6 +194,21 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
                 );
             }
         }
+        // The agent's metrics count the two peers routed and the list
+        // that reconciled them.
+        let m = wait_for("the routes counted", Duration::from_secs(15), || {
+            let m = Spawn::new("curl")
+                .args(["-sf", "http://127.0.0.1:10249/metrics"])
+                .netns(&n.ns)
+                .try_output()
+                .ok()?;
+            (sample(&m, "skiff_overlay_routes", &[]) == Some(2.0)).then_some(m)
+        });
+        assert!(
+            sample(&m, "skiff_overlay_reconcile_duration_seconds_count", &[])
+                .is_some_and(|v| v >= 1.0),
+            "node{i}:\n{m}"
+        );
     }
     let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
     let mtu = pods[0].ns.exec(&["ip", "link", "show", "eth0"]);

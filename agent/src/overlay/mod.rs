@@ -289,14 +289,34 @@ struct Node {
     leases: BTreeMap<Ipv4Network, Lease>,
     mtu: u32,
     fast: Option<fastpath::FastPath>,
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Node {
+    /// The routes gauge, from the leases held.
+    fn count_routes(&self) {
+        let others = self
+            .leases
+            .keys()
+            .filter(|s| **s != self.held.subnet)
+            .count();
+        self.telemetry
+            .overlay
+            .routes
+            .set(i64::try_from(others).unwrap_or(i64::MAX));
+    }
+
     async fn relist(&mut self) -> Result<Since, OverlayError> {
+        let started = std::time::Instant::now();
         let (all, since) = self.reg.list().await?;
         self.leases = all;
         let changed = self.dp.resync(self.leases.values()).await?;
         self.sync_fast_path();
+        self.telemetry
+            .overlay
+            .reconcile
+            .observe(started.elapsed().as_secs_f64());
+        self.count_routes();
         info!(
             leases = self.leases.len(),
             added = changed.added,
@@ -538,6 +558,7 @@ pub async fn run(
         leases: BTreeMap::new(),
         mtu,
         fast,
+        telemetry: ctx.telemetry.clone(),
     };
     let since = node.relist().await?;
     if node.cfg.ip_masq {
@@ -568,7 +589,10 @@ pub async fn run(
                 let mut relist = batch.is_none();
                 for ev in batch.into_iter().flatten() {
                     match node.apply(ev).await {
-                        Ok(r) => relist |= r,
+                        Ok(r) => {
+                            relist |= r;
+                            node.count_routes();
+                        }
                         Err(e) => {
                             warn!(error = %e, "applying a lease change failed; listing again");
                             relist = true;
@@ -594,13 +618,18 @@ pub async fn run(
                 }
             }
             _ = renew.tick() => {
-                let lost = match node.reg.renew(&node.held, &node.attrs).await {
-                    Ok(kept) => !kept,
+                let (lost, result) = match node.reg.renew(&node.held, &node.attrs).await {
+                    Ok(kept) => (!kept, if kept { "renewed" } else { "lost" }),
                     Err(e) => {
                         warn!(error = %e, "renewing the lease failed; retrying");
-                        false
+                        (false, "error")
                     }
                 };
+                node.telemetry
+                    .overlay
+                    .renewals
+                    .get_or_create(&crate::telemetry::ResultLabel { result })
+                    .inc();
                 if lost {
                     warn!(subnet = %node.held.subnet, "lease lost; taking it again");
                     if let Err(e) = node.reacquire().await {
@@ -619,8 +648,14 @@ pub async fn run(
                 }
             }
             _ = resync.tick() => {
+                let started = std::time::Instant::now();
                 node.sync_fast_path();
-                match node.dp.resync(node.leases.values()).await {
+                let done = node.dp.resync(node.leases.values()).await;
+                node.telemetry
+                    .overlay
+                    .reconcile
+                    .observe(started.elapsed().as_secs_f64());
+                match done {
                     Ok(changed) if changed != backend::Changed::default() => {
                         info!(added = changed.added, removed = changed.removed, "resync repaired routes");
                     }
