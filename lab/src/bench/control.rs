@@ -304,6 +304,7 @@ async fn latency(etcd: &Etcd, count: usize, samples: usize) -> Result<Value> {
             bail!("list returned {items} of {count} pods");
         }
     }
+    let (quiet, scraped) = metrics_cost(&api, &c, &ns).await?;
     drop(cp);
 
     // The limit: etcd itself, same value sizes, same prefix size.
@@ -361,7 +362,56 @@ async fn latency(etcd: &Etcd, count: usize, samples: usize) -> Result<Value> {
         "pods": count,
         "create": stats(create), "watch": stats(watch), "list": stats(list),
         "etcd_put": stats(put), "etcd_watch": stats(etcd_watch_lat), "etcd_range": stats(range),
+        "create_unscraped": stats(quiet), "create_scraped": stats(scraped),
     }))
+}
+
+/// The cost of metrics: pod creates, one every 10 ms, with `/metrics`
+/// scraped every second and without, in alternating 2 s blocks (so the
+/// machine's drift falls on both).
+async fn metrics_cost(api: &Api<Pod>, c: &kube::Client, ns: &str) -> Result<(Vec<f64>, Vec<f64>)> {
+    const BLOCKS: usize = 6;
+    const BLOCK: Duration = Duration::from_secs(2);
+    let scraping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let (c, on) = (c.clone(), scraping.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if on.load(std::sync::atomic::Ordering::Relaxed)
+                    && let Ok(req) = http::Request::get("/metrics").body(Vec::new())
+                {
+                    let _ = c.request_text(req).await;
+                }
+            }
+        })
+    };
+    let (mut quiet, mut scraped) = (Vec::new(), Vec::new());
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for block in 0..BLOCKS {
+        let on = block % 2 == 1;
+        scraping.store(on, std::sync::atomic::Ordering::Relaxed);
+        let until = Instant::now() + BLOCK;
+        for i in 0.. {
+            if Instant::now() >= until {
+                break;
+            }
+            pace.tick().await;
+            let name = format!("m-{block}-{i}");
+            let t = Instant::now();
+            api.create(&PostParams::default(), &super::bench_pod(&name, ns))
+                .await?;
+            let took = ms(t.elapsed());
+            if on {
+                scraped.push(took);
+            } else {
+                quiet.push(took);
+            }
+        }
+    }
+    scraper.abort();
+    Ok((quiet, scraped))
 }
 
 async fn cold_start(etcd: &Etcd, rounds: usize) -> Result<Value> {
@@ -493,6 +543,14 @@ async fn run_async(args: &Args) -> Result<()> {
                 "list all pods (etcd: range)",
                 &l["list"],
                 Some(&l["etcd_range"])
+            )
+        );
+        println!(
+            "{}",
+            row(
+                "create, /metrics scraped every second (limit: not scraped)",
+                &l["create_scraped"],
+                Some(&l["create_unscraped"])
             )
         );
     }
