@@ -1358,8 +1358,7 @@ impl Worker {
     fn record(&mut self, st: &Value) {
         let statuses = st["containerStatuses"]
             .as_array()
-            .cloned()
-            .unwrap_or_default();
+            .map_or(&[][..], Vec::as_slice);
         let running = statuses
             .iter()
             .filter(|c| c["state"].get("running").is_some())

@@ -717,11 +717,11 @@ fn count_keys(fd: i32, key_size: usize) -> std::io::Result<u64> {
     let mut first = true;
     loop {
         // union bpf_attr for this command: map_fd, pad, key, next_key.
+        use super::terminate::{put32, put64};
         let mut attr = [0u8; 24];
-        attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
-        let key_ptr = if first { 0 } else { key.as_ptr() as u64 };
-        attr[8..16].copy_from_slice(&key_ptr.to_ne_bytes());
-        attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+        put32(&mut attr, 0, fd as u32);
+        put64(&mut attr, 8, if first { 0 } else { key.as_ptr() as u64 });
+        put64(&mut attr, 16, next.as_mut_ptr() as u64);
         // SAFETY: attr is a live buffer of its length; the kernel writes
         // key_size bytes to `next`, which is that long.
         let r = unsafe {

@@ -82,11 +82,11 @@ fn bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
-fn put32(buf: &mut [u8], off: usize, v: u32) {
+pub(super) fn put32(buf: &mut [u8], off: usize, v: u32) {
     buf[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
-fn put64(buf: &mut [u8], off: usize, v: u64) {
+pub(super) fn put64(buf: &mut [u8], off: usize, v: u64) {
     buf[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 

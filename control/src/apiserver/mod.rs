@@ -163,8 +163,7 @@ pub(crate) struct Target {
 }
 
 fn parse_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
-    let path = rest.join("/");
-    let not_found = || ApiError::path_not_found(&path);
+    let not_found = || ApiError::path_not_found(&rest.join("/"));
     let (namespace, rest) = match rest {
         ["namespaces", ns, tail @ ..] if !tail.is_empty() => (Some(ns.to_string()), tail),
         _ => (None, rest),

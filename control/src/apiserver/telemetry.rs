@@ -24,17 +24,16 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::Body;
-use crate::resources;
 
 /// What upstream labels a request by (`code` is added for the counter).
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub verb: &'static str,
     pub dry_run: &'static str,
-    pub group: String,
-    pub version: String,
-    pub resource: String,
-    pub subresource: String,
+    pub group: &'static str,
+    pub version: &'static str,
+    pub resource: &'static str,
+    pub subresource: &'static str,
     pub scope: &'static str,
     pub component: &'static str,
 }
@@ -249,6 +248,24 @@ impl HttpBody for Tracked {
     }
 }
 
+/// The subresources the apiserver serves, as labels; any other path
+/// segment there is `other`, so that requests cannot grow the label sets.
+fn subresource_label(sub: &str) -> &'static str {
+    const SERVED: [&str; 10] = [
+        "status",
+        "scale",
+        "log",
+        "binding",
+        "eviction",
+        "exec",
+        "attach",
+        "portforward",
+        "token",
+        "approval",
+    ];
+    SERVED.into_iter().find(|s| *s == sub).unwrap_or("other")
+}
+
 /// Upstream's labels for a request: its verb as upstream cleans it
 /// (`LIST`, `WATCH`, `APPLY`, `DELETECOLLECTION`, `CONNECT` beside the
 /// HTTP methods), and for resource paths the group, version, resource,
@@ -285,35 +302,26 @@ pub fn labels(
         component: "apiserver",
         ..RequestLabels::default()
     };
-    let (group, version, rest) = match segs {
-        ["api", v, rest @ ..] => ("", *v, rest),
-        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+    let target = match segs {
+        ["api", v, rest @ ..] => super::parse_target("", v, rest),
+        ["apis", g, v, rest @ ..] => super::parse_target(g, v, rest),
         _ => return l,
     };
-    let (namespace, rest) = match rest {
-        ["namespaces", ns, tail @ ..] if !tail.is_empty() => (Some(*ns), tail),
-        _ => (None, rest),
-    };
-    let (plural, name, sub) = match rest {
-        [plural] => (*plural, None, None),
-        [plural, name] => (*plural, Some(*name), None),
-        [plural, name, sub] => (*plural, Some(*name), Some(*sub)),
-        _ => return l,
-    };
-    if resources::find(group, version, plural).is_none() {
+    let Ok(t) = target else {
         return l;
-    }
-    l.group = group.to_string();
-    l.version = version.to_string();
-    l.resource = plural.to_string();
-    l.subresource = sub.unwrap_or_default().to_string();
-    l.scope = if name.is_some() {
+    };
+    l.group = t.resource.group;
+    l.version = t.resource.version;
+    l.resource = t.resource.plural;
+    l.subresource = t.sub.as_deref().map_or("", subresource_label);
+    l.scope = if t.name.is_some() {
         "resource"
-    } else if namespace.is_some() {
+    } else if t.namespace.is_some() {
         "namespace"
     } else {
         "cluster"
     };
+    let (name, sub) = (t.name.as_deref(), t.sub.as_deref());
     let watch = matches!(param("watch"), Some("true" | "1"));
     l.verb = match (l.verb, name, sub) {
         (_, Some(_), Some("exec" | "attach" | "portforward")) => "CONNECT",
@@ -340,7 +348,7 @@ mod tests {
     fn requests_are_labelled_as_upstream_labels_them() {
         let l = of(Method::GET, "/api/v1/namespaces/default/pods", None, None);
         assert_eq!(
-            (l.verb, l.resource.as_str(), l.scope, l.group.as_str()),
+            (l.verb, l.resource, l.scope, l.group),
             ("LIST", "pods", "namespace", "")
         );
         let l = of(Method::GET, "/api/v1/pods", Some("watch=true&rv=1"), None);
@@ -352,7 +360,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            (l.verb, l.group.as_str(), l.subresource.as_str(), l.scope),
+            (l.verb, l.group, l.subresource, l.scope),
             ("GET", "apps", "scale", "resource")
         );
         let l = of(
@@ -368,7 +376,14 @@ mod tests {
         assert_eq!(l.verb, "DELETECOLLECTION");
         // Unknown resources and other paths keep only the verb.
         let l = of(Method::GET, "/api/v1/namespaces/a/nonsense", None, None);
-        assert_eq!((l.verb, l.resource.as_str()), ("GET", ""));
+        assert_eq!((l.verb, l.resource), ("GET", ""));
+        let l = of(
+            Method::GET,
+            "/api/v1/namespaces/a/pods/p/anything",
+            None,
+            None,
+        );
+        assert_eq!((l.resource, l.subresource), ("pods", "other"));
         let l = of(Method::GET, "/version", None, None);
         assert_eq!((l.verb, l.scope), ("GET", ""));
     }

@@ -815,10 +815,7 @@ fn kill(pid: i32) -> Result<()> {
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_seconds(pid: i32) -> f64 {
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
+    let ticks = super::stats::clock_ticks();
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {

@@ -420,13 +420,7 @@ fn program(mode: Mode, n: usize, topo: &Topology, scratch: &Path) -> Result<Prog
 /// Idle fraction of all CPUs over `window`, from /proc/stat.
 fn idle_fraction(window: std::time::Duration) -> Option<f64> {
     let read = || -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu = stat.lines().next()?;
-        let v: Vec<u64> = cpu
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
+        let v = super::stats::cpu_ticks()?;
         let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
         Some((idle, v.iter().sum()))
     };

@@ -32,26 +32,36 @@ pub fn summary(mut v: Vec<f64>) -> Value {
     json!({"p50": pct(&v, 0.5), "p99": pct(&v, 0.99), "min": v.first(), "max": v.last(), "n": v.len()})
 }
 
-/// Seconds the machine's CPUs spent busy (user, nice, system, irq and
-/// softirq: not idle, iowait or steal), from /proc/stat: what a load cost
-/// in CPU, whoever ran it (client, server, softirq, kernel workers), and
-/// less moved than a rate by a neighbour taking the host's cores.
-pub fn busy_seconds() -> Option<f64> {
+/// The machine's CPU time counters (the `cpu` line of /proc/stat, in
+/// clock ticks): user, nice, system, idle, iowait, irq, softirq, steal...
+pub fn cpu_ticks() -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let v: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
+    Some(
+        stat.lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect(),
+    )
+}
+
+/// Seconds the machine's CPUs spent busy (user, nice, system, irq and
+/// softirq: not idle, iowait or steal): what a load cost in CPU, whoever
+/// ran it (client, server, softirq, kernel workers), and less moved than a
+/// rate by a neighbour taking the host's cores.
+pub fn busy_seconds() -> Option<f64> {
+    let v = cpu_ticks()?;
     let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+    Some(busy as f64 / clock_ticks())
+}
+
+/// Clock ticks per second, the unit of /proc's CPU times.
+pub fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
-        .unwrap_or(100) as f64;
-    Some(busy as f64 / ticks)
+        .unwrap_or(100) as f64
 }
 
 /// A program's cost over one load: how often it ran and its mean run time.
