@@ -6,6 +6,7 @@
 //! Names are unique per process and call (`skiff-<what>-<pid>-<n>`), so tests
 //! run in parallel. Nothing here routes out of the namespaces it creates.
 
+pub mod browser;
 pub mod cgroup;
 pub mod cluster;
 pub mod cni;

@@ -18,6 +18,7 @@ pub struct Spawn {
     mntns: Option<File>,
     cgroup_procs: Option<File>,
     log: Option<PathBuf>,
+    die_with_parent: bool,
 }
 
 /// A running process; SIGKILLed and reaped on drop.
@@ -34,6 +35,7 @@ impl Spawn {
             mntns: None,
             cgroup_procs: None,
             log: None,
+            die_with_parent: false,
         }
     }
 
@@ -88,6 +90,15 @@ impl Spawn {
         self
     }
 
+    /// Has the kernel kill the process when the thread that started it
+    /// ends, even if this process is killed before it can clean up. Only
+    /// for processes owned by one test's thread (a shared one started by
+    /// the first test to need it would die with that test).
+    pub fn die_with_parent(mut self) -> Self {
+        self.die_with_parent = true;
+        self
+    }
+
     /// Sends stdout and stderr to `path` (read it with `Proc::log_text`).
     pub fn log_to(mut self, path: &Path) -> Self {
         self.log = Some(path.to_path_buf());
@@ -98,11 +109,15 @@ impl Spawn {
         let netns = self.netns.as_ref().map(|f| f.as_raw_fd());
         let mntns = self.mntns.as_ref().map(|f| f.as_raw_fd());
         let procs = self.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+        let die = self.die_with_parent;
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe system calls (setns, write) on fds opened
+        // makes async-signal-safe system calls (prctl, setns, write) on fds opened
         // before the fork.
         unsafe {
             self.cmd.pre_exec(move || {
+                if die && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if let Some(fd) = procs {
                     // cgroup v2: writing "0" moves the writing process.
                     if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {

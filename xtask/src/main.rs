@@ -126,6 +126,9 @@ const APT_PACKAGES: &[&str] = &[
     "dnsperf",
     "unbound",
     "python3-pip",
+    // The dashboard's tests and benchmark: a real browser over WebDriver.
+    "chromium",
+    "chromium-driver",
 ];
 
 /// The Python client the control-plane tests drive the apiserver with.

@@ -23,6 +23,7 @@ mod registry;
 mod stream;
 pub mod table;
 mod telemetry;
+mod ui;
 pub mod validate;
 mod watch;
 
@@ -358,6 +359,9 @@ impl Api {
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         if matches!(segs.first(), Some(&("healthz" | "livez" | "readyz"))) {
             return full(StatusCode::OK, "text/plain", "ok");
+        }
+        if segs.first() == Some(&"ui") {
+            return ui::serve(&method, &segs[1..], path.ends_with('/'), req.headers());
         }
         let content_type = req
             .headers()
