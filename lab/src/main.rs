@@ -20,6 +20,7 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
                              [--out target/bench]
        skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
                                [--samples 300] [--rounds 3] [--ha-writes 2000] [--ha-rounds 3]
+                               [--job-pods 1000] [--hpa-rounds 3] [--dashboard-pods 1000]
                                [--out target/bench]
        skiff-lab bench-net [--rounds 3] [--seconds 5] [--cni-calls 100] [--leases 100,1000]
                            [--knobs veth-gro,underlay-gro,udp-gro-forwarding,no-tunnel-offload,
@@ -114,6 +115,7 @@ fn control_args(argv: &[String]) -> Result<control::Args> {
         job_pods: 1_000,
         job_parallelism: 20,
         hpa_rounds: 3,
+        dashboard_pods: 1_000,
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
@@ -125,6 +127,7 @@ fn control_args(argv: &[String]) -> Result<control::Args> {
                 a.job_parallelism = value.parse().context("--job-parallelism")?
             }
             "--hpa-rounds" => a.hpa_rounds = value.parse().context("--hpa-rounds")?,
+            "--dashboard-pods" => a.dashboard_pods = value.parse().context("--dashboard-pods")?,
             "--nodes" => a.nodes = list(value, "--nodes")?,
             "--sched-pods" => a.sched_pods = value.parse().context("--sched-pods")?,
             "--pods" => a.pods = list(value, "--pods")?,

@@ -2,12 +2,17 @@
 //! headless Chromium, driven over WebDriver (chromedriver, with the
 //! `fantoccini` client).
 //!
-//! chromedriver listens on the host's loopback; Chromium itself runs in
-//! the test's network namespace (started through `nsenter`, talking to
-//! chromedriver over a pipe rather than a debugging port), so the pages it
-//! loads and anything it would fetch on its own stay inside that
-//! namespace.
+//! chromedriver listens on the host's loopback. Chromium itself runs in a
+//! network namespace of its own holding only a loopback (started through
+//! `nsenter`, talking to chromedriver over a pipe rather than a debugging
+//! port), so anything it would fetch on its own goes nowhere. One port on
+//! that loopback is relayed by this process to the server under test in
+//! the test's namespace. Chromium drops every connection when the
+//! addresses of its namespace change ("A network change was detected"),
+//! which a node's namespace does at each pod start; its own stays still.
 
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -17,14 +22,69 @@ use serde_json::{Value, json};
 use crate::control::free_port;
 use crate::{Netns, Proc, Spawn, TempDir};
 
-/// One browser session; the browser and its driver end on drop.
+/// One browser session; the browser, its driver and the relay end on
+/// drop (in that order; the namespace last).
 pub struct Browser {
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
-    _driver: Proc,
+    driver: Proc,
+    relay: TcpListener,
+    /// `https://127.0.0.1:<port>`: the server under test, as the browser
+    /// reaches it.
+    pub base: String,
     _profile: TempDir,
+    _ns: Netns,
     /// Where screenshots go (`target/ui/<test>/`).
     shots: PathBuf,
+}
+
+/// Runs `f` on a thread inside the network namespace at `path`: the
+/// sockets it makes stay in that namespace.
+fn in_netns<T: Send>(
+    path: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(path)?;
+            // SAFETY: setns on a descriptor this thread owns; it moves only
+            // this thread, which ends with the scope.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+    })
+}
+
+/// Relays each connection accepted on `listener` to `target` in the
+/// namespace at `ns_path`, until the listener is shut down.
+fn relay(listener: TcpListener, ns_path: String, target: SocketAddr) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(down) = conn else { return };
+            let Ok(up) = in_netns(&ns_path, || TcpStream::connect(target)) else {
+                continue;
+            };
+            let _ = down.set_nodelay(true);
+            let _ = up.set_nodelay(true);
+            let (Ok(mut down2), Ok(mut up2)) = (down.try_clone(), up.try_clone()) else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let mut down = down;
+                let mut up = up;
+                let _ = std::io::copy(&mut down, &mut up);
+                let _ = up.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up2, &mut down2);
+                let _ = down2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
 }
 
 /// The workspace's `target/ui/<name>/`, emptied.
@@ -40,9 +100,22 @@ fn screenshot_dir(name: &str) -> PathBuf {
 }
 
 impl Browser {
-    /// Starts Chromium in `ns`, its screenshots saved under
+    /// Starts Chromium with `target` (an HTTPS server in `server_ns`) at
+    /// [`Browser::base`]; its screenshots are saved under
     /// `target/ui/<name>/`.
-    pub fn start_in(ns: &Netns, name: &str) -> Self {
+    pub fn start(server_ns: &Netns, target: SocketAddr, name: &str) -> Self {
+        let ns = Netns::new();
+        let listener = in_netns(&ns.path(), || TcpListener::bind("127.0.0.1:0"))
+            .unwrap_or_else(|e| panic!("relay listener: {e}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("relay address: {e}"))
+            .port();
+        let base = format!("https://127.0.0.1:{port}");
+        let relay_handle = listener
+            .try_clone()
+            .unwrap_or_else(|e| panic!("relay listener: {e}"));
+        relay(listener, server_ns.path(), target);
         let profile = TempDir::new();
         let wrapper = profile.path.join("chromium-in-netns");
         std::fs::write(
@@ -80,6 +153,11 @@ impl Browser {
                     "--disable-background-networking", "--disable-component-update",
                     "--disable-sync", "--disable-default-apps", "--no-pings",
                     "--disable-extensions", "--disable-domain-reliability",
+                    // A headless page counts as hidden: keep its timers and
+                    // stream callbacks at full speed, as for a page in view.
+                    "--disable-background-timer-throttling",
+                    "--disable-renderer-backgrounding",
+                    "--disable-backgrounding-occluded-windows",
                     format!("--user-data-dir={}", profile.path.join("profile").display()),
                 ],
             },
@@ -112,8 +190,11 @@ impl Browser {
         Self {
             rt,
             client: Some(client),
-            _driver: driver,
+            driver,
+            relay: relay_handle,
+            base,
             _profile: profile,
+            _ns: ns,
             shots: screenshot_dir(name),
         }
     }
@@ -257,5 +338,9 @@ impl Drop for Browser {
         if let Some(c) = self.client.take() {
             let _ = self.rt.block_on(c.close());
         }
+        self.driver.kill_now();
+        // Wakes the relay's accept with an error, which ends its thread.
+        // SAFETY: shutdown on a socket this struct owns.
+        unsafe { libc::shutdown(self.relay.as_raw_fd(), libc::SHUT_RDWR) };
     }
 }

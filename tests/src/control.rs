@@ -634,6 +634,14 @@ impl ControlPlane {
         self.server.rsplit(':').next().unwrap_or_default()
     }
 
+    /// The apiserver's address (in its namespace, if it has one).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server
+            .trim_start_matches("https://")
+            .parse()
+            .unwrap_or_else(|e| panic!("the apiserver's address {}: {e}", self.server))
+    }
+
     /// A copy of the admin kubeconfig that reaches the apiserver at `ip`.
     pub fn kubeconfig_for(&self, ip: &str) -> PathBuf {
         let path = self.dir.path.join(format!("{ip}.kubeconfig"));

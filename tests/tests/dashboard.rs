@@ -64,8 +64,8 @@ fn the_dashboard_shows_the_cluster_live_and_acts_as_the_logged_in_user() {
             .trim()
             .to_string();
 
-    let b = Browser::start_in(&c.ns, "dashboard");
-    b.goto(&format!("{}/ui/", c.cp.server));
+    let b = Browser::start(&c.ns, c.cp.addr(), "dashboard");
+    b.goto(&format!("{}/ui/", b.base));
 
     // 1. Log in: a wrong token is refused on the page, the right one lets
     // the user in and names them.
@@ -192,6 +192,18 @@ fn the_dashboard_shows_the_cluster_live_and_acts_as_the_logged_in_user() {
         (b.text("#logs").lines().count() >= seen + 3).then_some(())
     });
     b.screenshot("logs");
+    // Its usage from the metrics API, drawn.
+    b.click("nav.tabs a[data-tab=usage]");
+    let mem = b.wait("the pod's memory use", Duration::from_secs(30), |b| {
+        let t = b.text("#pod-charts .mem-now");
+        (t.ends_with("Ki") || t.ends_with("Mi")).then_some(t)
+    });
+    assert_eq!(
+        b.count("#pod-charts svg.chart.mem polyline"),
+        1,
+        "a memory chart beside {mem}"
+    );
+    b.screenshot("usage");
     b.click("nav.tabs a[data-tab=yaml]");
     let yaml = b.wait_text("#yaml", "kind: Pod", Duration::from_secs(10));
     assert!(

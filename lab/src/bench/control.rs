@@ -13,9 +13,14 @@
 //! - high availability (see `ha.rs`): pod-create throughput with one
 //!   replica against three (each beside etcd's own put rate), the time a
 //!   killed leader takes to be replaced and to bind a pod, and the time a
-//!   node agent takes to follow changes through another apiserver.
+//!   node agent takes to follow changes through another apiserver;
+//! - the dashboard (see `dashboard.rs`, in headless Chromium): its first
+//!   load and its live updates with 1 000 pods, beside the bare API
+//!   requests made from the same page.
 //!
-//! Everything listens on 127.0.0.1; nothing leaves the host's loopback.
+//! Everything listens on 127.0.0.1 (the dashboard's control plane and
+//! browser on the loopback of a namespace of their own); nothing leaves
+//! the host's loopback.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -49,6 +54,8 @@ pub struct Args {
     pub job_parallelism: usize,
     /// Rounds of the HPA reaction time (0: none).
     pub hpa_rounds: usize,
+    /// Pods the dashboard shows while it is measured (0: not measured).
+    pub dashboard_pods: usize,
     pub out: PathBuf,
 }
 
@@ -505,6 +512,19 @@ async fn run_async(args: &Args) -> Result<()> {
         None
     };
 
+    let dashboard = if args.dashboard_pods > 0 {
+        let n = args.dashboard_pods;
+        // On a thread of its own: the browser's driver runs its own runtime.
+        let d = tokio::task::spawn_blocking(move || {
+            std::thread::spawn(move || super::dashboard::run(n, 5, 30)).join()
+        })
+        .await?
+        .map_err(|_| anyhow::anyhow!("the dashboard benchmark panicked"))??;
+        Some(d)
+    } else {
+        None
+    };
+
     println!("\nscheduler throughput (pods bound per second, from the first binding to the last)");
     println!("| nodes | pods | pods/s | pods/s incl. scheduler start | last binding at |");
     println!("| --- | --- | --- | --- | --- |");
@@ -575,6 +595,9 @@ async fn run_async(args: &Args) -> Result<()> {
     if let Some(w) = &workloads {
         super::workloads::print(w);
     }
+    if let Some(d) = &dashboard {
+        super::dashboard::print(d);
+    }
 
     let doc = json!({
         "benchmark": "control",
@@ -583,7 +606,7 @@ async fn run_async(args: &Args) -> Result<()> {
         "cores": cores,
         "seconds": started.elapsed().as_secs_f64(),
         "args": {"nodes": args.nodes, "sched_pods": args.sched_pods, "pods": args.pods, "samples": args.samples, "rounds": args.rounds},
-        "scheduler": sched, "latency": lat, "start": cold, "ha": ha, "workloads": workloads,
+        "scheduler": sched, "latency": lat, "start": cold, "ha": ha, "workloads": workloads, "dashboard": dashboard,
     });
     let path = super::write_results(&args.out, "control", &doc)?;
     let png = args.out.join("control.png");

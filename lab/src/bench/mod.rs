@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod control;
+mod dashboard;
 pub mod dns;
 mod ha;
 pub mod knobs;
