@@ -3,11 +3,22 @@
 //! default, off the pod network) at `/metrics`, with `/healthz`, `/livez`
 //! and `/readyz`. The metric families are made once per process, so a role
 //! restarted after a failure keeps counting where it was.
+//!
+//! Health, with upstream's meanings: each role registers a check. A
+//! `Sync` check (the proxy, kube-proxy's rule; the overlay) is unhealthy
+//! while a change it was given has waited longer than its timeout without
+//! being programmed; a `Loop` check (the kubelet's sync loop, as the
+//! kubelet's `syncloop`) is unhealthy when its loop has not turned within
+//! its timeout. `/livez` and `/healthz` need every check healthy;
+//! `/readyz` also needs each role's first sync done (the proxy's first
+//! rules, the kubelet's first pod list, the DNS zone read). `?verbose`
+//! lists the checks.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -103,9 +114,92 @@ pub struct Overlay {
     pub reconcile: Histogram,
 }
 
+/// What a role's health check watches.
+#[derive(Clone, Copy, Debug)]
+pub enum Watch {
+    /// Changes handed to the role are programmed within this time.
+    Sync(Duration),
+    /// The role's loop turns at least this often.
+    Loop(Duration),
+}
+
+/// One role's health check (see the module's doc).
+#[derive(Debug)]
+pub struct Check {
+    name: &'static str,
+    watch: Watch,
+    base: Instant,
+    synced: AtomicBool,
+    /// Milliseconds from `base` plus one; 0 when nothing is pending.
+    pending_since: AtomicU64,
+    last_beat: AtomicU64,
+}
+
+impl Check {
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    /// A change was handed to the role (kube-proxy's `QueuedUpdate`).
+    pub fn queued(&self) {
+        let now = self.now();
+        let _ = self
+            .pending_since
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Everything handed so far is programmed (kube-proxy's `Updated`).
+    pub fn synced(&self) {
+        self.pending_since.store(0, Ordering::Relaxed);
+        self.synced.store(true, Ordering::Relaxed);
+        self.beat();
+    }
+
+    /// The role's loop turned.
+    pub fn beat(&self) {
+        self.last_beat.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Healthy, or why not.
+    fn live(&self) -> Result<(), String> {
+        let now = self.now();
+        match self.watch {
+            Watch::Sync(limit) => {
+                let since = self.pending_since.load(Ordering::Relaxed);
+                let waited = Duration::from_millis(now.saturating_sub(since));
+                if since != 0 && waited > limit {
+                    return Err(format!(
+                        "a change has waited {}s to be programmed",
+                        waited.as_secs()
+                    ));
+                }
+            }
+            Watch::Loop(limit) => {
+                // Not beaten yet: counted from registration.
+                let last = self.last_beat.load(Ordering::Relaxed).max(1);
+                let idle = Duration::from_millis(now.saturating_sub(last));
+                if idle > limit {
+                    return Err(format!("the loop last turned {}s ago", idle.as_secs()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.live()?;
+        if self.synced.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("not synced yet".into())
+        }
+    }
+}
+
 /// Every role's metrics and the registry that serves them.
 pub struct Telemetry {
     registry: Mutex<Registry>,
+    checks: Mutex<Vec<Arc<Check>>>,
     pub proxy: Proxy,
     pub kubelet: Kubelet,
     pub dns: Dns,
@@ -247,6 +341,7 @@ impl Default for Telemetry {
         );
         Self {
             registry: Mutex::new(r),
+            checks: Mutex::default(),
             proxy,
             kubelet,
             dns,
@@ -266,6 +361,74 @@ impl Telemetry {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
+    }
+
+    /// The health check named `name` (made on first use: a role restarted
+    /// after a failure gets its old one back, reset to not synced).
+    pub fn check(&self, name: &'static str, watch: Watch) -> Arc<Check> {
+        let mut checks = self
+            .checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = Arc::new(Check {
+            name,
+            watch,
+            base: Instant::now(),
+            synced: AtomicBool::new(false),
+            pending_since: AtomicU64::new(0),
+            last_beat: AtomicU64::new(0),
+        });
+        match checks.iter_mut().find(|c| c.name == name) {
+            Some(c) => *c = fresh.clone(),
+            None => checks.push(fresh.clone()),
+        }
+        fresh
+    }
+
+    /// `/livez`, `/healthz` or `/readyz` (`probe`): the code and text.
+    fn health(&self, probe: &str, verbose: bool) -> (StatusCode, String) {
+        let checks = self
+            .checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let results: Vec<(&str, Result<(), String>)> = checks
+            .iter()
+            .map(|c| {
+                (
+                    c.name,
+                    if probe == "readyz" {
+                        c.ready()
+                    } else {
+                        c.live()
+                    },
+                )
+            })
+            .collect();
+        let failed = results.iter().any(|(_, r)| r.is_err());
+        for (name, r) in &results {
+            if let Err(e) = r {
+                warn!(probe, check = name, error = %e, "health check failed");
+            }
+        }
+        if !failed && !verbose {
+            return (StatusCode::OK, "ok".into());
+        }
+        let mut text: String = results
+            .iter()
+            .map(|(name, r)| match r {
+                Ok(()) => format!("[+]{name} ok\n"),
+                Err(e) => format!("[-]{name} failed: {e}\n"),
+            })
+            .collect();
+        let verdict = if failed { "failed" } else { "passed" };
+        text.push_str(&format!("{probe} check {verdict}\n"));
+        let code = if failed {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        (code, text)
     }
 
     /// Serves `/metrics` and the health paths on `addr` until the process
@@ -288,7 +451,7 @@ impl Telemetry {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let me = me.clone();
-                    async move { Ok::<_, Infallible>(me.answer(req.uri().path())) }
+                    async move { Ok::<_, Infallible>(me.answer(req.uri().path(), req.uri().query())) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), svc)
@@ -297,14 +460,21 @@ impl Telemetry {
         }
     }
 
-    fn answer(&self, path: &str) -> Response<Full<Bytes>> {
+    fn answer(&self, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+        let verbose = query.is_some_and(|q| {
+            q.split('&')
+                .any(|p| p == "verbose" || p.starts_with("verbose="))
+        });
         let (code, content_type, body) = match path {
             "/metrics" => (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 self.render(),
             ),
-            "/healthz" | "/livez" | "/readyz" => (StatusCode::OK, "text/plain", "ok".into()),
+            "/healthz" | "/livez" | "/readyz" => {
+                let (code, text) = self.health(&path[1..], verbose);
+                (code, "text/plain; charset=utf-8", text)
+            }
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",

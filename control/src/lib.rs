@@ -23,6 +23,7 @@ pub mod pki;
 pub mod quantity;
 pub mod resources;
 pub mod scheduler;
+mod secure;
 pub mod selector;
 pub mod server;
 pub mod status;

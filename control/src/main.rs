@@ -198,6 +198,14 @@ struct RunArgs {
     /// How often each HorizontalPodAutoscaler is evaluated.
     #[arg(long, default_value = "15s", value_parser = duration)]
     horizontal_pod_autoscaler_sync_period: Duration,
+    /// When the apiserver is not in this process: the HTTPS port serving
+    /// the scheduler's and controllers' /metrics (a token, reviewed by the
+    /// apiserver) and health, as kube-controller-manager's (0: none).
+    #[arg(long, default_value_t = 10257)]
+    secure_port: u16,
+    /// The address the secure port listens on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    secure_bind_address: std::net::IpAddr,
 }
 
 /// A duration such as 15s or 1m30s.
@@ -385,6 +393,8 @@ async fn main() -> Result<()> {
         leader_elect,
         metric_resolution: cli.metric_resolution,
         hpa_sync_period: cli.horizontal_pod_autoscaler_sync_period,
+        secure: (cli.secure_port != 0)
+            .then(|| std::net::SocketAddr::new(cli.secure_bind_address, cli.secure_port)),
     })
     .await
 }

@@ -64,6 +64,9 @@ pub struct ControlConfig {
     pub metric_resolution: std::time::Duration,
     /// How often each HorizontalPodAutoscaler is evaluated.
     pub hpa_sync_period: std::time::Duration,
+    /// Where the scheduler and controllers serve their metrics and health
+    /// when the apiserver is not in this process (see `secure`).
+    pub secure: Option<SocketAddr>,
 }
 
 pub fn admin_kubeconfig_path(data_dir: &std::path::Path) -> PathBuf {
@@ -97,6 +100,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut leaving = Vec::new();
     let mut registry = crate::telemetry::shared();
+    let mut serving = None;
     let kubeconfig = if cfg.components.contains(&Component::Apiserver) {
         let store = Store::connect(&endpoints, etcd_tls.as_ref())
             .await
@@ -171,6 +175,7 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         tasks.push(tokio::spawn(
             api.clone().scrape_metrics(cfg.metric_resolution),
         ));
+        serving = Some(api.clone());
         tasks.push(tokio::spawn(apiserver::serve(listener, tls, api)));
         info!(%server, kubeconfig = %path.display(), ms = started.elapsed().as_millis() as u64, "apiserver ready");
         path
@@ -180,10 +185,18 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             .context("--kubeconfig is needed when the apiserver runs elsewhere")?
     };
 
-    // Without the apiserver in this process these are kept but not served.
     crate::telemetry::Passes::install(&registry);
     if cfg.components.iter().any(|c| *c != Component::Apiserver) {
         let client = crate::client::from_kubeconfig(&kubeconfig, "kube-controller-manager").await?;
+        // Without the apiserver in this process, its port cannot serve
+        // these components' metrics: their own secure port does.
+        if let (false, Some(addr)) = (cfg.components.contains(&Component::Apiserver), cfg.secure) {
+            tasks.push(tokio::spawn(crate::secure::serve(
+                addr,
+                registry.clone(),
+                client.clone(),
+            )));
+        }
         let scheduler_client =
             crate::client::from_kubeconfig(&kubeconfig, "kube-scheduler").await?;
         let identity = crate::leader::identity(&cfg.data_dir)
@@ -238,6 +251,9 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
         _ = term.recv() => {}
     }
     info!("stopping");
+    if let Some(api) = &serving {
+        api.shutting_down();
+    }
     // The leaders give their leases up (briefly: the apiserver they write
     // to may be this process, still serving until the tasks below end).
     let _ = stop.send(true);

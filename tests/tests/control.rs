@@ -2093,4 +2093,106 @@ fn apiserver_metrics_count_requests_and_need_a_token() {
     wait_for("the watch uncounted", Duration::from_secs(15), || {
         (long_running(&scrape()) == 0.0).then_some(())
     });
+
+    // Health as upstream answers it, with no token: each check by name,
+    // the list with ?verbose, and etcd's loss seen by /livez and /readyz.
+    let health = |path: &str| {
+        cp.curl(
+            None,
+            &["-w", "\n%{http_code}", &format!("{}{path}", cp.server)],
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    assert_eq!(
+        health("/readyz?verbose"),
+        "[+]ping ok\n[+]etcd ok\n[+]shutdown ok\nreadyz check passed\n\n200"
+    );
+    assert_eq!(health("/livez/etcd"), "ok\n200");
+    assert!(health("/livez/shutdown").ends_with("\n404"));
+    assert_eq!(health("/healthz"), "ok\n200");
+    cp.etcd.kill();
+    let down = wait_for("etcd's loss seen", Duration::from_secs(15), || {
+        let r = health("/livez");
+        r.ends_with("\n500").then_some(r)
+    });
+    assert!(down.contains("[-]etcd failed: reason withheld\n"), "{down}");
+    assert_eq!(health("/livez?exclude=etcd"), "ok\n200");
+    cp.etcd.restart();
+    wait_for("etcd back", Duration::from_secs(30), || {
+        (health("/readyz") == "ok\n200").then_some(())
+    });
+}
+
+/// A scheduler and controllers running apart from the apiserver serve
+/// their metrics on their own HTTPS port, as kube-controller-manager's
+/// 10257: health for anyone, `/metrics` for a token the apiserver says
+/// may get it (TokenReview, then SubjectAccessReview).
+#[test]
+fn components_apart_serve_metrics_to_whom_the_apiserver_allows() {
+    let cp = ControlPlane::start(&["--components", "apiserver"]);
+    let dir = skiff_tests::TempDir::new();
+    let port = skiff_tests::control::free_port().to_string();
+    let _components = Spawn::new(skiff_tests::bin("skiff-control"))
+        .args([
+            "--components",
+            "scheduler,controllers",
+            "--secure-port",
+            &port,
+        ])
+        .args(["--data-dir".as_ref(), dir.path.as_os_str()])
+        .args(["--kubeconfig".as_ref(), cp.kubeconfig.as_os_str()])
+        .log_to(&dir.path.join("components.log"))
+        .start();
+    let get = |token: Option<&str>, path: &str| {
+        cp.curl(
+            token,
+            &[
+                "-k",
+                "-w",
+                "\n%{http_code}",
+                &format!("https://127.0.0.1:{port}{path}"),
+            ],
+        )
+        .unwrap_or_default()
+    };
+    wait_for("the secure port", Duration::from_secs(20), || {
+        (get(None, "/healthz") == "ok\n200").then_some(())
+    });
+    assert!(get(None, "/metrics").ends_with("\n401"));
+    assert!(get(Some("not-a-token"), "/metrics").ends_with("\n401"));
+    cp.kubectl_ok(&["create", "serviceaccount", "prom"]);
+    let token = cp.kubectl_ok(&["create", "token", "prom"]);
+    let refused = get(Some(&token), "/metrics");
+    assert!(
+        refused.ends_with("\n403") && refused.contains("system:serviceaccount:default:prom"),
+        "{refused}"
+    );
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "prom",
+        "--clusterrole=system:monitoring",
+        "--serviceaccount=default:prom",
+    ]);
+    // A refusal is kept 10 s, as upstream keeps it.
+    let text = wait_for("the binding honoured", Duration::from_secs(30), || {
+        let t = get(Some(&token), "/metrics");
+        t.ends_with("\n200").then_some(t)
+    });
+    // The components' own families, moving: a Deployment with no node
+    // to go to wakes its controller and is tried by the scheduler.
+    assert!(text.contains("# TYPE workqueue_adds counter"), "{text}");
+    cp.kubectl_ok(&["create", "deployment", "web", "--image=busybox:1.36"]);
+    wait_for("the pod tried", Duration::from_secs(30), || {
+        let t = get(Some(&token), "/metrics");
+        (sample(
+            &t,
+            "scheduler_schedule_attempts_total",
+            &[r#"result="unschedulable""#],
+        )
+        .unwrap_or(0.0)
+            >= 1.0)
+            .then_some(())
+    });
+    assert!(!get(Some(&token), "/metrics").contains("apiserver_request_total"));
 }

@@ -301,6 +301,12 @@ spec:
         let m = c.node.metrics();
         (sample(&m, "kubelet_running_pods", &[]).unwrap_or(0.0) >= 1.0).then_some(m)
     });
+    // The kubelet's sync loop turns and its pods were listed: ready.
+    let ready = c.node.health("/readyz?verbose");
+    assert!(
+        ready.contains("[+]syncloop ok\n") && ready.ends_with("readyz check passed\n\n200"),
+        "{ready}"
+    );
     for (name, labels) in [
         ("kubelet_pod_start_sli_duration_seconds_count", &[][..]),
         (

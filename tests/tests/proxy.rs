@@ -136,11 +136,22 @@ impl Node {
     /// The agent's `/metrics`, scraped on its default loopback address in
     /// the node's namespace.
     fn metrics(&self) -> String {
+        self.agent("/metrics")
+    }
+
+    /// What the agent's metrics port answers at `path`: the body, then
+    /// the status code on a line of its own.
+    fn agent(&self, path: &str) -> String {
         Spawn::new("curl")
-            .args(["-sf", "http://127.0.0.1:10249/metrics"])
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:10249{path}"),
+            ])
             .netns(&self.ns)
             .try_output()
-            .unwrap_or_else(|e| panic!("scraping the agent: {e}"))
+            .unwrap_or_else(|e| panic!("asking the agent for {path}: {e}"))
     }
 
     /// Entries in the pinned map `name`, from `skiff-agent proxy maps`.
@@ -351,6 +362,14 @@ fn proxy_metrics_follow_what_is_programmed() {
     );
     let syncs = sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count", &[]).unwrap_or(0.0);
     assert!(syncs >= 1.0, "{m}");
+    // Ready, as kube-proxy means it: the rules were programmed and no
+    // change waits.
+    let readyz = node.agent("/readyz?verbose");
+    assert!(
+        readyz.contains("[+]proxy ok\n") && readyz.ends_with("readyz check passed\n\n200"),
+        "{readyz}"
+    );
+    assert_eq!(node.agent("/livez"), "ok\n200");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());

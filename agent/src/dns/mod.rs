@@ -159,11 +159,18 @@ pub async fn run(
         upstreams = ?cfg.upstreams, "dns serving"
     );
     let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
+    // Ready once the zone was read, as CoreDNS's kubernetes plugin.
+    let health = ctx.telemetry.check(
+        "dns",
+        crate::telemetry::Watch::Sync(std::time::Duration::from_secs(60)),
+    );
     let reconcile = {
         let resolver = resolver.clone();
         move |store: &Store<Views>, dirty: Dirty| {
+            health.queued();
             let relisted = dirty.all;
             update(&resolver, &apex, store, dirty);
+            health.synced();
             if relisted {
                 // A relist's buffers (the list bodies, the replaced
                 // catalog and zone) are free now: give them back.

@@ -190,7 +190,14 @@ pub async fn run(
     // free pages go back to the kernel (an idle node keeps a small RSS).
     let mut settle = tokio::time::interval(Duration::from_secs(30));
     let mut changed = true;
+    // The kubelet's `syncloop` check: this loop turns at least every 30 s
+    // (the settle tick); ready once the node's pods were first listed.
+    let health = telemetry.check(
+        "syncloop",
+        crate::telemetry::Watch::Loop(Duration::from_secs(120)),
+    );
     let result = loop {
+        health.beat();
         tokio::select! {
             _ = stopped(&mut shutdown) => break Ok(()),
             _ = settle.tick() => {
@@ -221,6 +228,7 @@ pub async fn run(
                     apply(&shared, &mut workers, p);
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
+                    health.synced();
                     if let Some(valid) = listing.take() {
                         for (uid, h) in workers.iter() {
                             if !valid.contains(uid) {

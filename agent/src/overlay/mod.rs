@@ -290,6 +290,8 @@ struct Node {
     mtu: u32,
     fast: Option<fastpath::FastPath>,
     telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Routes follow the leases within a minute.
+    health: Arc<crate::telemetry::Check>,
 }
 
 impl Node {
@@ -307,10 +309,12 @@ impl Node {
     }
 
     async fn relist(&mut self) -> Result<Since, OverlayError> {
+        self.health.queued();
         let started = std::time::Instant::now();
         let (all, since) = self.reg.list().await?;
         self.leases = all;
         let changed = self.dp.resync(self.leases.values()).await?;
+        self.health.synced();
         self.sync_fast_path();
         self.telemetry
             .overlay
@@ -559,6 +563,10 @@ pub async fn run(
         mtu,
         fast,
         telemetry: ctx.telemetry.clone(),
+        health: ctx.telemetry.check(
+            "overlay",
+            crate::telemetry::Watch::Sync(std::time::Duration::from_secs(60)),
+        ),
     };
     let since = node.relist().await?;
     if node.cfg.ip_masq {
@@ -648,6 +656,7 @@ pub async fn run(
                 }
             }
             _ = resync.tick() => {
+                node.health.queued();
                 let started = std::time::Instant::now();
                 node.sync_fast_path();
                 let done = node.dp.resync(node.leases.values()).await;
@@ -655,6 +664,9 @@ pub async fn run(
                     .overlay
                     .reconcile
                     .observe(started.elapsed().as_secs_f64());
+                if done.is_ok() {
+                    node.health.synced();
+                }
                 match done {
                     Ok(changed) if changed != backend::Changed::default() => {
                         info!(added = changed.added, removed = changed.removed, "resync repaired routes");

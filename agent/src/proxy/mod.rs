@@ -148,12 +148,19 @@ pub async fn run(
         }
     };
     tokio::pin!(rescan);
+    // kube-proxy's rule: unhealthy while a change waits longer than twice
+    // its sync period (30 s) to be programmed.
+    let health = telemetry.check(
+        "proxy",
+        crate::telemetry::Watch::Sync(Duration::from_secs(60)),
+    );
     match &cfg.source {
         Source::Manifests(dir) => {
             let mut last = None;
             loop {
                 let sig = manifests::signature(dir)?;
                 if last.as_ref() != Some(&sig) {
+                    health.queued();
                     let started = Instant::now();
                     let (catalog, errors) = manifests::load(dir)?;
                     for e in &errors {
@@ -165,6 +172,7 @@ pub async fn run(
                     let (changed, taken) = block_in_place(|| paths.sync_all(desired))?;
                     report(&taken);
                     record_sync(&telemetry.proxy, &paths, started);
+                    health.synced();
                     info!(
                         services,
                         frontends = paths.dp.programmed().len(),
@@ -187,6 +195,7 @@ pub async fn run(
             let node = cfg.node.clone();
             let reconcile = |store: &crate::catalog::watch::Store,
                              dirty: crate::catalog::watch::Dirty| {
+                health.queued();
                 let started = Instant::now();
                 let result = block_in_place(|| {
                     if dirty.all {
@@ -201,6 +210,7 @@ pub async fn run(
                     Ok((changed, errors)) => {
                         report(&errors);
                         record_sync(&telemetry.proxy, &paths, started);
+                        health.synced();
                         if changed > 0 {
                             info!(
                                 changed,

@@ -11,6 +11,7 @@ mod admission;
 mod convert;
 mod discovery;
 mod fields;
+mod health;
 mod logs;
 mod managed;
 pub mod metrics;
@@ -83,6 +84,8 @@ pub struct Api {
     policies: admission::Policies,
     /// Request and etcd metrics (`/metrics`).
     telemetry: Arc<telemetry::Telemetry>,
+    /// Set on SIGTERM: `/readyz` fails from then on.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -201,6 +204,7 @@ impl Api {
             metrics: metrics::Samples::default(),
             policies: admission::Policies::default(),
             telemetry,
+            stopping: Default::default(),
         })
     }
 
@@ -357,8 +361,8 @@ impl Api {
         let path = req.uri().path().to_string();
         let query = req.uri().query().map(String::from);
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        if matches!(segs.first(), Some(&("healthz" | "livez" | "readyz"))) {
-            return full(StatusCode::OK, "text/plain", "ok");
+        if let Some(probe @ ("healthz" | "livez" | "readyz")) = segs.first().copied() {
+            return self.health(probe, &segs[1..], query.as_deref()).await;
         }
         if segs.first() == Some(&"ui") {
             return ui::serve(&method, &segs[1..], path.ends_with('/'), req.headers());

@@ -291,6 +291,18 @@ impl Store {
         .await
     }
 
+    /// One read of one key, as upstream's etcd health check does: etcd
+    /// answers (with a quorum).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.call(false, |c| async move {
+            c.kv_client()
+                .get("health", Some(GetOptions::new().with_keys_only()))
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
     pub async fn revision(&self) -> Result<i64, StoreError> {
         let resp = self
             .call(false, |c| async move {
