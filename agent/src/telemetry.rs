@@ -71,6 +71,134 @@ pub struct Kubelet {
     pub event_latency: Histogram,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeResultLabels {
+    pub probe_type: &'static str,
+    pub result: &'static str,
+    pub container: String,
+    pub pod: String,
+    pub namespace: String,
+    pub pod_uid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe_type: &'static str,
+    pub container: String,
+    pub pod: String,
+    pub namespace: String,
+}
+
+type Buckets = fn() -> Histogram;
+
+/// The kubelet's `/metrics/probes` (on its port, beside
+/// `/metrics/resource`): `prober_probe_total` and
+/// `prober_probe_duration_seconds`, per container and probe, under
+/// upstream's names and labels. A pod's series go with the pod.
+pub struct Probes {
+    registry: Mutex<Registry>,
+    total: Family<ProbeResultLabels, Counter>,
+    duration: Family<ProbeLabels, Histogram, Buckets>,
+    /// The series of each pod (by uid), to remove when it goes.
+    series: Mutex<std::collections::HashMap<String, std::collections::HashSet<ProbeResultLabels>>>,
+}
+
+/// One probe's run, as `Probes::observe` records it.
+pub struct ProbeRun<'a> {
+    pub uid: &'a str,
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub container: &'a str,
+    /// `Liveness`, `Readiness` or `Startup`.
+    pub probe_type: &'static str,
+    /// `successful`, `failed` or `unknown`.
+    pub result: &'static str,
+    pub seconds: f64,
+}
+
+impl Default for Probes {
+    fn default() -> Self {
+        let mut r = Registry::default();
+        let total = Family::<ProbeResultLabels, Counter>::default();
+        let duration = Family::<ProbeLabels, Histogram, Buckets>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
+        r.register(
+            "prober_probe",
+            "Cumulative number of a liveness, readiness or startup probe for a container by result",
+            total.clone(),
+        );
+        r.register(
+            "prober_probe_duration_seconds",
+            "Duration in seconds for a probe response",
+            duration.clone(),
+        );
+        Self {
+            registry: Mutex::new(r),
+            total,
+            duration,
+            series: Mutex::default(),
+        }
+    }
+}
+
+impl Probes {
+    pub fn observe(&self, run: &ProbeRun<'_>) {
+        let labels = ProbeResultLabels {
+            probe_type: run.probe_type,
+            result: run.result,
+            container: run.container.to_string(),
+            pod: run.pod.to_string(),
+            namespace: run.namespace.to_string(),
+            pod_uid: run.uid.to_string(),
+        };
+        self.total.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&ProbeLabels {
+                probe_type: run.probe_type,
+                container: labels.container.clone(),
+                pod: labels.pod.clone(),
+                namespace: labels.namespace.clone(),
+            })
+            .observe(run.seconds);
+        self.series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(run.uid.to_string())
+            .or_default()
+            .insert(labels);
+    }
+
+    /// Removes the series of the pod `uid`.
+    pub fn forget(&self, uid: &str) {
+        let gone = self
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(uid);
+        for l in gone.into_iter().flatten() {
+            self.total.remove(&l);
+            self.duration.remove(&ProbeLabels {
+                probe_type: l.probe_type,
+                container: l.container,
+                pod: l.pod,
+                namespace: l.namespace,
+            });
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let r = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+}
+
 /// Upstream's buckets for the pod start SLI.
 const POD_START_BUCKETS: [f64; 25] = [
     0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0,
@@ -204,6 +332,7 @@ pub struct Telemetry {
     pub kubelet: Kubelet,
     pub dns: Dns,
     pub overlay: Overlay,
+    pub probes: Probes,
 }
 
 impl Default for Telemetry {
@@ -342,6 +471,7 @@ impl Default for Telemetry {
         Self {
             registry: Mutex::new(r),
             checks: Mutex::default(),
+            probes: Probes::default(),
             proxy,
             kubelet,
             dns,

@@ -658,6 +658,40 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 
+    /// A client certificate for `common_name`, signed by this control
+    /// plane's CA (as the apiserver's kubelet client certificate is): the
+    /// certificate and key files.
+    pub fn client_cert(&self, common_name: &str) -> (PathBuf, PathBuf) {
+        let key_pem = std::fs::read_to_string(self.dir.path.join("pki/ca.key"))
+            .unwrap_or_else(|e| panic!("the CA key: {e}"));
+        let ca_key =
+            rcgen::KeyPair::from_pem(&key_pem).unwrap_or_else(|e| panic!("the CA key: {e}"));
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // The CA's own name, so that the chain verifies.
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "skiff-ca");
+        let issuer = rcgen::Issuer::new(ca, &ca_key);
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("a key: {e}"));
+        let cert = params
+            .signed_by(&key, &issuer)
+            .unwrap_or_else(|e| panic!("signing {common_name}: {e}"));
+        let name = crate::unique("client");
+        let (crt, keyf) = (
+            self.dir.path.join(format!("{name}.crt")),
+            self.dir.path.join(format!("{name}.key")),
+        );
+        std::fs::write(&crt, cert.pem()).unwrap_or_else(|e| panic!("write {}: {e}", crt.display()));
+        std::fs::write(&keyf, key.serialize_pem())
+            .unwrap_or_else(|e| panic!("write {}: {e}", keyf.display()));
+        (crt, keyf)
+    }
+
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path.join("pki/ca.crt")
     }

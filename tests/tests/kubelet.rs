@@ -513,7 +513,66 @@ spec:
         "jsonpath={.items[*].message}",
     ]);
     assert!(events.contains("Liveness probe failed"), "{events}");
-    let _ = &c.node;
+
+    // The kubelet's /metrics/probes, as a scraper with a certificate of
+    // the cluster's CA reads it: each probe's results by upstream's names
+    // and labels; a deleted pod's series go with it.
+    let (crt, key) = cp.client_cert("prometheus");
+    let port = cp.jsonpath(
+        &["node", &c.node.name],
+        "{.status.daemonEndpoints.kubeletEndpoint.Port}",
+    );
+    let url = format!("https://172.31.9.2:{port}/metrics/probes");
+    let probes = || {
+        Spawn::new("curl")
+            .args(["-sk", "--cert"])
+            .arg_path(&crt)
+            .args(["--key"])
+            .arg_path(&key)
+            .args([&url])
+            .netns(&c.ns)
+            .try_output()
+            .unwrap_or_else(|e| panic!("scraping the kubelet's probes: {e}"))
+    };
+    let text = probes();
+    let count = |labels: &[&str]| sample(&text, "prober_probe_total", labels).unwrap_or(0.0);
+    let flapper = [
+        r#"probe_type="Readiness""#,
+        r#"container="web""#,
+        r#"pod="flapper""#,
+        r#"namespace="default""#,
+    ];
+    assert!(
+        count(&[&flapper[..], &[r#"result="successful""#]].concat()) >= 3.0,
+        "{text}"
+    );
+    assert!(
+        count(&[&flapper[..], &[r#"result="failed""#]].concat()) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        count(&[
+            r#"probe_type="Liveness""#,
+            r#"pod="dying""#,
+            r#"result="failed""#
+        ]) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "prober_probe_duration_seconds_count", &flapper).unwrap_or(0.0) >= 3.0,
+        "{text}"
+    );
+    cp.kubectl_ok(&["delete", "pod", "flapper", "--wait=true"]);
+    wait_for("flapper's series gone", Duration::from_secs(20), || {
+        (!probes().contains("pod=\"flapper\"")).then_some(())
+    });
+    // Without a certificate of the cluster's CA, nothing.
+    let anonymous = Spawn::new("curl")
+        .args(["-sk", &url])
+        .netns(&c.ns)
+        .try_output()
+        .unwrap_or_default();
+    assert!(!anonymous.contains("prober_probe_total"), "{anonymous}");
 }
 
 #[test]

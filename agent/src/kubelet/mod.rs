@@ -128,6 +128,7 @@ pub async fn run(
             fifo_dir: cfg.root_dir.join("exec"),
             log_dir: cfg.log_dir.clone(),
             pods_dir: pods_dir.clone(),
+            telemetry: telemetry.clone(),
         });
         tokio::spawn(server::run(
             addr,

@@ -607,6 +607,7 @@ impl Worker {
                 let Some(p) = probe::of(&c, kind).cloned() else {
                     continue;
                 };
+                let began = Instant::now();
                 let outcome = match (probe::check_network(&c, &p, &ip).await, &p.exec) {
                     (Some(o), _) => o,
                     (None, Some(e)) => {
@@ -620,6 +621,21 @@ impl Worker {
                     Kind::Liveness => "Liveness",
                     Kind::Readiness => "Readiness",
                 };
+                self.shared
+                    .telemetry
+                    .probes
+                    .observe(&crate::telemetry::ProbeRun {
+                        uid: &self.uid,
+                        namespace: self.namespace(),
+                        pod: self.name(),
+                        container: &c.name,
+                        probe_type: name,
+                        result: match &outcome {
+                            Outcome::Success => "successful",
+                            Outcome::Failure(_) => "failed",
+                        },
+                        seconds: began.elapsed().as_secs_f64(),
+                    });
                 if let Outcome::Failure(why) = &outcome {
                     self.event(
                         "Warning",
@@ -1187,6 +1203,7 @@ impl Worker {
             ..Default::default()
         };
         self.shared.set_running(&self.uid, None);
+        self.shared.telemetry.probes.forget(&self.uid);
         match api.delete(self.name(), &dp).await {
             Ok(_) => info!(pod = %self.name(), "pod removed"),
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}

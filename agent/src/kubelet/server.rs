@@ -1,5 +1,5 @@
 //! The kubelet's HTTPS port (10250 by default): `/healthz`,
-//! `/metrics/resource` (see `metrics`),
+//! `/metrics/resource` (see `metrics`), `/metrics/probes`,
 //! `/containerLogs/<ns>/<pod>/<container>`, which the apiserver proxies
 //! `kubectl logs` to, `/exec/...` and `/attach/...` (see `stream`) and
 //! `/portForward/<ns>/<pod>` (see `portforward`). Only clients whose certificate the cluster CA signed
@@ -154,6 +154,16 @@ async fn handle(
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return r;
+    }
+    if path == "/metrics/probes" {
+        let mut r = text(StatusCode::OK, streaming.telemetry.probes.render());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
         );
         return r;
     }

@@ -48,6 +48,8 @@ pub struct Streaming {
     pub log_dir: PathBuf,
     /// The pods' directories (their network namespaces, for port-forward).
     pub pods_dir: PathBuf,
+    /// The metrics (`/metrics/probes`).
+    pub telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
 pub(super) type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
