@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use skiff_tests::cluster::{Cluster, web_app};
+use skiff_tests::node::sample;
 use skiff_tests::wait_for;
 
 #[test]
@@ -95,6 +96,72 @@ fn pods_spread_over_three_nodes_answer_by_cluster_ip_and_pod_ip_across_the_overl
         "15 connections to the ClusterIP reach more than one pod: {through_service:?}"
     );
     assert_eq!(log.lines().filter(|l| l.starts_with("pod ")).count(), 3);
+
+    // Every component's metrics, scraped as Prometheus would, under
+    // upstream's names, with what this test did counted in them.
+    let admin = std::fs::read_to_string(c.cp.dir.path.join("pki/admin.token"))
+        .unwrap_or_else(|e| panic!("the admin token: {e}"));
+    let api =
+        c.cp.curl(Some(&admin), &["-f", &format!("{}/metrics", c.cp.server)])
+            .unwrap_or_else(|e| panic!("scraping the apiserver: {e}"));
+    let at_least = |text: &str, name: &str, labels: &[&str], n: f64| {
+        let v = sample(text, name, labels).unwrap_or(0.0);
+        assert!(v >= n, "{name}{labels:?} = {v}, not {n} or more\n{text}");
+    };
+    let pod_creates = [r#"verb="POST""#, r#"resource="pods""#, r#"code="201""#];
+    // The ReplicaSet controller's three creates (the client pod came by
+    // kubectl apply).
+    at_least(&api, "apiserver_request_total", &pod_creates, 3.0);
+    at_least(
+        &api,
+        "etcd_request_duration_seconds_count",
+        &[r#"operation="create""#, r#"type="pods""#],
+        4.0,
+    );
+    // The web pods went through the scheduler (the client was placed by
+    // name).
+    at_least(
+        &api,
+        "scheduler_schedule_attempts_total",
+        &[r#"result="scheduled""#],
+        3.0,
+    );
+    at_least(&api, "workqueue_adds_total", &[r#"name="replicaset""#], 1.0);
+    // Open watches (the controllers', the agents'), over all resources.
+    let watches: f64 = api
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_longrunning_requests{") && l.contains(r#"verb="WATCH""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(watches >= 3.0, "open watches: {watches}\n{api}");
+    let mut started = 0.0;
+    for n in &c.nodes {
+        let m = n.metrics();
+        // The proxy programmed the web Service and its three endpoints
+        // (and the others), and the overlay routes to the two other nodes.
+        at_least(
+            &m,
+            "kubeproxy_sync_proxy_rules_duration_seconds_count",
+            &[],
+            1.0,
+        );
+        at_least(&m, "skiff_proxy_endpoints", &[], 3.0);
+        assert_eq!(sample(&m, "skiff_overlay_routes", &[]), Some(2.0), "{m}");
+        assert!(m.contains("# TYPE coredns_dns_requests counter"), "{m}");
+        started += sample(&m, "kubelet_pod_start_sli_duration_seconds_count", &[]).unwrap_or(0.0);
+        let ready = n.health("/readyz?verbose");
+        for check in ["syncloop", "proxy", "overlay", "dns"] {
+            assert!(
+                ready.contains(&format!("[+]{check} ok\n")),
+                "{}: {ready}",
+                n.name
+            );
+        }
+    }
+    // Three web pods and the client started, each observed once.
+    assert!(started >= 4.0, "pod starts observed: {started}");
 }
 
 #[test]
