@@ -188,15 +188,19 @@ impl Probes {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let r = self
-            .registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-        out
+        encode(&self.registry)
     }
+}
+
+/// The text exposition (OpenMetrics) of `registry`.
+fn encode(registry: &Mutex<Registry>) -> String {
+    let mut out = String::new();
+    let r = registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+    out
 }
 
 /// Upstream's buckets for the pod start SLI.
@@ -483,14 +487,7 @@ impl Default for Telemetry {
 impl Telemetry {
     /// The text exposition (OpenMetrics) of every metric.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let r = self
-            .registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-        out
+        encode(&self.registry)
     }
 
     /// The health check named `name` (made on first use: a role restarted

@@ -211,12 +211,8 @@ pub async fn serve(addr: SocketAddr, registry: Shared, client: kube::Client) {
         };
         let (acceptor, port) = (acceptor.clone(), port.clone());
         tokio::spawn(async move {
-            let stream = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
+            let Some(stream) = crate::apiserver::handshake(&acceptor, tcp, peer).await else {
+                return;
             };
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let port = port.clone();

@@ -1009,6 +1009,7 @@ function showLogin(message) {
   if (current) { current(); current = null; }
   sessionStorage.removeItem(TOKEN_KEY);
   $('#top').hidden = true;
+  $('#user').textContent = '';
   clearError();
   const token = h('textarea', { id: 'token', rows: '4', required: true, spellcheck: 'false', autocomplete: 'off', placeholder: 'A bearer token, such as a ServiceAccount token from kubectl create token' });
   const form = h('form', { id: 'login', class: 'login' },

@@ -314,6 +314,17 @@ impl Browser {
         })
     }
 
+    /// Logs in to the dashboard shown with `token`, as a user would;
+    /// the name the page then shows for the user.
+    pub fn log_in(&self, token: &str) -> String {
+        self.type_into("#token", token.trim());
+        self.click("#login-button");
+        self.wait("the user's name", Duration::from_secs(10), |b| {
+            let t = b.text("#user");
+            (!t.is_empty()).then_some(t)
+        })
+    }
+
     /// Saves a PNG of the page as `<n>-<name>.png` under the test's
     /// screenshot directory and returns its path.
     pub fn screenshot(&self, name: &str) -> PathBuf {

@@ -525,17 +525,24 @@ impl KubeletNode {
     /// The agent's answer at a health path (`/readyz?verbose`, say): the
     /// body, then the status code on a line of its own.
     pub fn health(&self, path: &str) -> String {
-        Spawn::new("curl")
-            .args([
-                "-s",
-                "-w",
-                "\n%{http_code}",
-                &format!("http://127.0.0.1:10249{path}"),
-            ])
-            .netns_path(Some(&self.netns))
-            .try_output()
-            .unwrap_or_else(|e| panic!("asking the agent for {path}: {e}"))
+        agent_get(&self.netns, path)
     }
+}
+
+/// What an agent's metrics port (its default loopback address in the
+/// namespace at `netns`) answers at `path`: the body, then the status
+/// code on a line of its own.
+pub fn agent_get(netns: &str, path: &str) -> String {
+    Spawn::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:10249{path}"),
+        ])
+        .netns_path(Some(netns))
+        .try_output()
+        .unwrap_or_else(|e| panic!("asking the agent for {path}: {e}"))
 }
 
 /// The value of the first sample of `name` whose line holds every one of

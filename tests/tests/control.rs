@@ -1981,8 +1981,7 @@ fn apiserver_metrics_count_requests_and_need_a_token() {
     );
     // A ServiceAccount may scrape once bound to system:monitoring, as a
     // Prometheus in the cluster would be.
-    cp.kubectl_ok(&["create", "serviceaccount", "prom"]);
-    let token = cp.kubectl_ok(&["create", "token", "prom"]);
+    let token = prom_token(&cp);
     let code = |token: &str| {
         cp.curl(
             Some(token),
@@ -1991,13 +1990,7 @@ fn apiserver_metrics_count_requests_and_need_a_token() {
         .unwrap_or_else(|e| panic!("{e}"))
     };
     assert_eq!(code(&token), "403");
-    cp.kubectl_ok(&[
-        "create",
-        "clusterrolebinding",
-        "prom",
-        "--clusterrole=system:monitoring",
-        "--serviceaccount=default:prom",
-    ]);
+    bind_monitoring(&cp);
     wait_for("the binding applied", Duration::from_secs(10), || {
         (code(&token) == "200").then_some(())
     });
@@ -2123,6 +2116,24 @@ fn apiserver_metrics_count_requests_and_need_a_token() {
     });
 }
 
+/// A ServiceAccount `default/prom`, bound to nothing yet, and a token of it.
+fn prom_token(cp: &ControlPlane) -> String {
+    cp.kubectl_ok(&["create", "serviceaccount", "prom"]);
+    cp.kubectl_ok(&["create", "token", "prom"])
+}
+
+/// Binds `default/prom` to `system:monitoring`, as a Prometheus in the
+/// cluster would be bound.
+fn bind_monitoring(cp: &ControlPlane) {
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "prom",
+        "--clusterrole=system:monitoring",
+        "--serviceaccount=default:prom",
+    ]);
+}
+
 /// A scheduler and controllers running apart from the apiserver serve
 /// their metrics on their own HTTPS port, as kube-controller-manager's
 /// 10257: health for anyone, `/metrics` for a token the apiserver says
@@ -2160,20 +2171,13 @@ fn components_apart_serve_metrics_to_whom_the_apiserver_allows() {
     });
     assert!(get(None, "/metrics").ends_with("\n401"));
     assert!(get(Some("not-a-token"), "/metrics").ends_with("\n401"));
-    cp.kubectl_ok(&["create", "serviceaccount", "prom"]);
-    let token = cp.kubectl_ok(&["create", "token", "prom"]);
+    let token = prom_token(&cp);
     let refused = get(Some(&token), "/metrics");
     assert!(
         refused.ends_with("\n403") && refused.contains("system:serviceaccount:default:prom"),
         "{refused}"
     );
-    cp.kubectl_ok(&[
-        "create",
-        "clusterrolebinding",
-        "prom",
-        "--clusterrole=system:monitoring",
-        "--serviceaccount=default:prom",
-    ]);
+    bind_monitoring(&cp);
     // A refusal is kept 10 s, as upstream keeps it.
     let text = wait_for("the binding honoured", Duration::from_secs(30), || {
         let t = get(Some(&token), "/metrics");

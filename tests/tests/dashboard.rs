@@ -73,12 +73,9 @@ fn the_dashboard_shows_the_cluster_live_and_acts_as_the_logged_in_user() {
     b.click("#login-button");
     b.wait_text("#login-error", "not accepted", Duration::from_secs(10));
     b.screenshot("login-refused");
-    b.type_into("#token", &operator);
-    b.click("#login-button");
-    b.wait_text(
-        "#user",
-        "system:serviceaccount:default:operator",
-        Duration::from_secs(10),
+    assert_eq!(
+        b.log_in(&operator),
+        "system:serviceaccount:default:operator"
     );
     assert_eq!(b.js(MARK, vec![]), json!(true));
 
@@ -255,13 +252,7 @@ fn the_dashboard_shows_the_cluster_live_and_acts_as_the_logged_in_user() {
     // 5. The viewer sees the workloads but may not scale or delete; the
     // page says why, in the apiserver's words, and nothing changes.
     b.click("#logout");
-    b.type_into("#token", &viewer);
-    b.click("#login-button");
-    b.wait_text(
-        "#user",
-        "system:serviceaccount:default:viewer",
-        Duration::from_secs(10),
-    );
+    assert_eq!(b.log_in(&viewer), "system:serviceaccount:default:viewer");
     b.click("#nav a[data-view=nodes]");
     b.wait_text("#nodes", "forbidden", Duration::from_secs(10));
     // Its own namespace, as it may not list across all of them.

@@ -142,16 +142,7 @@ impl Node {
     /// What the agent's metrics port answers at `path`: the body, then
     /// the status code on a line of its own.
     fn agent(&self, path: &str) -> String {
-        Spawn::new("curl")
-            .args([
-                "-s",
-                "-w",
-                "\n%{http_code}",
-                &format!("http://127.0.0.1:10249{path}"),
-            ])
-            .netns(&self.ns)
-            .try_output()
-            .unwrap_or_else(|e| panic!("asking the agent for {path}: {e}"))
+        skiff_tests::node::agent_get(&self.ns.path(), path)
     }
 
     /// Entries in the pinned map `name`, from `skiff-agent proxy maps`.

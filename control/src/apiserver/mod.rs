@@ -721,6 +721,22 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 }
 
 /// Serves `api` over TLS on `listener` until the task is dropped.
+/// The TLS handshake of an accepted connection; a failed one is logged
+/// (at debug: scanners and probes fail it all the time) and gives None.
+pub(crate) async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    match acceptor.accept(tcp).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+    }
+}
+
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, api: Arc<Api>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     info!(addr = ?listener.local_addr().ok(), "apiserver listening");
@@ -737,12 +753,8 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, api: A
         let acceptor = acceptor.clone();
         let api = api.clone();
         tokio::spawn(async move {
-            let stream = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
+            let Some(stream) = handshake(&acceptor, tcp, peer).await else {
+                return;
             };
             let cert: Option<Arc<Result<User, String>>> =
                 stream.get_ref().1.peer_certificates().map(|chain| {

@@ -154,9 +154,7 @@ pub fn run(pods: usize, loads: usize, updates: usize) -> Result<Value> {
 
     let b = Browser::start(&ns, cp.addr(), "bench-dashboard");
     b.goto(&format!("{}/ui/", b.base));
-    b.type_into("#token", token.trim());
-    b.click("#login-button");
-    b.find("#user");
+    b.log_in(&token);
     let want = pods;
     let rows = |b: &Browser| b.count("#pods tbody tr");
 
