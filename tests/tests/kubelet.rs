@@ -566,6 +566,21 @@ spec:
     wait_for("flapper's series gone", Duration::from_secs(20), || {
         (!probes().contains("pod=\"flapper\"")).then_some(())
     });
+    // The kubelet's own families on its port too, where scrape configs
+    // for kubelets look.
+    let all = Spawn::new("curl")
+        .args(["-sk", "--cert"])
+        .arg_path(&crt)
+        .args(["--key"])
+        .arg_path(&key)
+        .args([&url.replace("/metrics/probes", "/metrics")])
+        .netns(&c.ns)
+        .try_output()
+        .unwrap_or_else(|e| panic!("scraping the kubelet: {e}"));
+    assert!(
+        sample(&all, "kubelet_running_pods", &[]).unwrap_or(0.0) >= 1.0,
+        "{all}"
+    );
     // Without a certificate of the cluster's CA, nothing.
     let anonymous = Spawn::new("curl")
         .args(["-sk", &url])

@@ -1,4 +1,5 @@
 //! The kubelet's HTTPS port (10250 by default): `/healthz`,
+//! `/metrics` (the agent's metrics, as on its metrics port),
 //! `/metrics/resource` (see `metrics`), `/metrics/probes`,
 //! `/containerLogs/<ns>/<pod>/<container>`, which the apiserver proxies
 //! `kubectl logs` to, `/exec/...` and `/attach/...` (see `stream`) and
@@ -157,8 +158,15 @@ async fn handle(
         );
         return r;
     }
-    if path == "/metrics/probes" {
-        let mut r = text(StatusCode::OK, streaming.telemetry.probes.render());
+    if path == "/metrics" || path == "/metrics/probes" {
+        // `/metrics` as on the agent's metrics port (the kubelet's own
+        // families among them), for scrapers that look for it here.
+        let body = if path == "/metrics" {
+            streaming.telemetry.render()
+        } else {
+            streaming.telemetry.probes.render()
+        };
+        let mut r = text(StatusCode::OK, body);
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static(
