@@ -21,6 +21,7 @@
 pub mod apiservers;
 pub mod catalog;
 pub mod dns;
+pub mod ingress;
 pub mod install_cni;
 pub mod join;
 pub mod kubelet;

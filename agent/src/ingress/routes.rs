@@ -1,0 +1,506 @@
+//! The ingress role's routing table: which Service port a request goes
+//! to, by the rules of the Ingresses of this node's class, as the
+//! networking.k8s.io/v1 specification has them.
+//!
+//! - **Class**: an Ingress is served when its `spec.ingressClassName` (or
+//!   the older `kubernetes.io/ingress.class` annotation) names this
+//!   class, or names none while this class is the default one.
+//! - **Hosts**: a rule's host matches the request's exactly
+//!   (case-insensitive, port left out), or as a wildcard `*.example.com`,
+//!   which matches one label in its place (`a.example.com`, not
+//!   `example.com` nor `a.b.example.com`). A rule without a host matches
+//!   any. The most specific host that matches is chosen (exact, then the
+//!   wildcard, then none), and the request is routed by that host's paths
+//!   alone, as nginx chooses its server block first.
+//! - **Paths**: `Exact` matches the path as written. `Prefix` matches by
+//!   `/`-separated elements (`/foo` matches `/foo`, `/foo/` and `/foo/bar`,
+//!   not `/foobar`). `ImplementationSpecific` is taken as `Prefix`. The
+//!   longest matching path wins; at equal length `Exact` wins over
+//!   `Prefix`, then the older Ingress.
+//! - **Default**: a request that no path takes goes to the
+//!   `spec.defaultBackend` of the oldest Ingress that has one, if any.
+//!
+//! Pure logic: the role turns a backend into ready endpoints elsewhere.
+
+use std::fmt;
+
+use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
+
+/// The annotation that marks an IngressClass as the cluster's default.
+pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";
+/// The annotation older Ingresses name their class with.
+pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
+
+/// A Service port, by number or by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortRef {
+    Number(i32),
+    Name(String),
+}
+
+/// Where a request goes: a Service port in the Ingress's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub namespace: String,
+    pub service: String,
+    pub port: PortRef,
+    /// The Ingress it comes from (`namespace/name`), for errors and events.
+    pub ingress: String,
+}
+
+/// Something an Ingress asks that is left out, with why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub ingress: String,
+    pub why: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.ingress, self.why)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Host {
+    /// Lower case.
+    Exact(String),
+    /// The part after `*`, with its dot (`.example.com`), lower case.
+    Wildcard(String),
+    Any,
+}
+
+impl Host {
+    fn parse(h: Option<&str>) -> Self {
+        match h.map(str::to_ascii_lowercase) {
+            None => Host::Any,
+            Some(h) if h.is_empty() => Host::Any,
+            Some(h) => match h.strip_prefix('*') {
+                Some(rest) => Host::Wildcard(rest.to_string()),
+                None => Host::Exact(h),
+            },
+        }
+    }
+
+    /// How specific a match of this host is (higher wins), if it matches.
+    fn matches(&self, host: &str) -> Option<u8> {
+        match self {
+            Host::Exact(h) => (h == host).then_some(2),
+            Host::Wildcard(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .filter(|label| !label.is_empty() && !label.contains('.'))
+                .map(|_| 1),
+            Host::Any => Some(0),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Exact,
+    Prefix,
+}
+
+#[derive(Clone, Debug)]
+struct Route {
+    host: Host,
+    /// As written for Exact; without a trailing slash for Prefix (`/`
+    /// stays `/`).
+    path: String,
+    kind: Kind,
+    backend: Backend,
+    /// The Ingress's age rank (0 the oldest): ties go to the older.
+    age: usize,
+}
+
+impl Route {
+    fn matches_path(&self, path: &str) -> bool {
+        match self.kind {
+            Kind::Exact => path == self.path,
+            Kind::Prefix => {
+                self.path == "/"
+                    || path
+                        .strip_prefix(self.path.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+        }
+    }
+}
+
+/// The routes of every Ingress of one class.
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    routes: Vec<Route>,
+    default: Option<Backend>,
+}
+
+fn key(i: &Ingress) -> String {
+    format!(
+        "{}/{}",
+        i.metadata.namespace.as_deref().unwrap_or("default"),
+        i.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Whether the Ingress `i` belongs to `class` (`is_default`: that class is
+/// the cluster's default).
+pub fn of_class(i: &Ingress, class: &str, is_default: bool) -> bool {
+    let named = i
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress_class_name.as_deref())
+        .or_else(|| {
+            i.metadata
+                .annotations
+                .as_ref()?
+                .get(CLASS_ANNOTATION)
+                .map(String::as_str)
+        });
+    match named {
+        Some(c) => c == class,
+        None => is_default,
+    }
+}
+
+fn backend(ingress: &str, namespace: &str, b: &IngressBackend) -> Result<Backend, String> {
+    let Some(svc) = &b.service else {
+        return Err("only Service backends are served (a resource backend is not)".into());
+    };
+    let port = match &svc.port {
+        Some(p) => match (p.number, p.name.as_deref()) {
+            (Some(n), _) => PortRef::Number(n),
+            (None, Some(n)) if !n.is_empty() => PortRef::Name(n.to_string()),
+            _ => {
+                return Err(format!(
+                    "service {}: a port number or name is needed",
+                    svc.name
+                ));
+            }
+        },
+        None => {
+            return Err(format!(
+                "service {}: a port number or name is needed",
+                svc.name
+            ));
+        }
+    };
+    Ok(Backend {
+        namespace: namespace.to_string(),
+        service: svc.name.clone(),
+        port,
+        ingress: ingress.to_string(),
+    })
+}
+
+impl Table {
+    /// The table of the Ingresses `all` that belong to `class`, oldest
+    /// first; what cannot be served is returned beside it.
+    pub fn build<'a>(
+        all: impl IntoIterator<Item = &'a Ingress>,
+        class: &str,
+        is_default: bool,
+    ) -> (Self, Vec<Skipped>) {
+        let mut ours: Vec<&Ingress> = all
+            .into_iter()
+            .filter(|i| of_class(i, class, is_default))
+            .collect();
+        // Oldest first; the name breaks ties so that every node agrees.
+        ours.sort_by(|a, b| {
+            (&a.metadata.creation_timestamp.as_ref().map(|t| t.0), key(a))
+                .cmp(&(&b.metadata.creation_timestamp.as_ref().map(|t| t.0), key(b)))
+        });
+        let mut table = Table::default();
+        let mut skipped = Vec::new();
+        for (age, i) in ours.iter().enumerate() {
+            let name = key(i);
+            let ns = i.metadata.namespace.as_deref().unwrap_or("default");
+            let Some(spec) = &i.spec else { continue };
+            if let Some(b) = &spec.default_backend {
+                match backend(&name, ns, b) {
+                    Ok(b) if table.default.is_none() => table.default = Some(b),
+                    Ok(_) => {}
+                    Err(why) => skipped.push(Skipped {
+                        ingress: name.clone(),
+                        why,
+                    }),
+                }
+            }
+            for rule in spec.rules.iter().flatten() {
+                let host = Host::parse(rule.host.as_deref());
+                for p in rule.http.iter().flat_map(|h| h.paths.iter()) {
+                    let b = match backend(&name, ns, &p.backend) {
+                        Ok(b) => b,
+                        Err(why) => {
+                            skipped.push(Skipped {
+                                ingress: name.clone(),
+                                why,
+                            });
+                            continue;
+                        }
+                    };
+                    let written = p.path.as_deref().unwrap_or("/");
+                    if !written.starts_with('/') {
+                        skipped.push(Skipped {
+                            ingress: name.clone(),
+                            why: format!("path {written:?} does not start with /"),
+                        });
+                        continue;
+                    }
+                    let kind = if p.path_type == "Exact" {
+                        Kind::Exact
+                    } else {
+                        Kind::Prefix
+                    };
+                    let path = match kind {
+                        Kind::Prefix if written.len() > 1 => {
+                            written.trim_end_matches('/').to_string()
+                        }
+                        _ => written.to_string(),
+                    };
+                    table.routes.push(Route {
+                        host: host.clone(),
+                        path,
+                        kind,
+                        backend: b,
+                        age,
+                    });
+                }
+            }
+        }
+        (table, skipped)
+    }
+
+    /// The backend for a request to `host` (a Host header: any port is
+    /// left out) and `path` (the URI's path, query left out).
+    pub fn route(&self, host: &str, path: &str) -> Option<&Backend> {
+        let host = host_name(host);
+        let best_host = self
+            .routes
+            .iter()
+            .filter_map(|r| r.host.matches(&host))
+            .max()?;
+        self.routes
+            .iter()
+            .filter(|r| r.host.matches(&host) == Some(best_host) && r.matches_path(path))
+            .max_by(|a, b| {
+                (
+                    a.path.len(),
+                    a.kind == Kind::Exact,
+                    std::cmp::Reverse(a.age),
+                )
+                    .cmp(&(
+                        b.path.len(),
+                        b.kind == Kind::Exact,
+                        std::cmp::Reverse(b.age),
+                    ))
+            })
+            .map(|r| &r.backend)
+            .or(self.default.as_ref())
+    }
+
+    /// The default backend alone (a request whose host no rule names and
+    /// no hostless rule takes).
+    pub fn default_backend(&self) -> Option<&Backend> {
+        self.default.as_ref()
+    }
+
+    /// How many path rules the table holds.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.default.is_none()
+    }
+}
+
+/// A Host header's name: lower case, without its port (an IPv6 literal
+/// keeps its brackets).
+pub fn host_name(host: &str) -> String {
+    let h = host.trim();
+    let name = if h.starts_with('[') {
+        h.split_once(']').map_or(h, |(a, _)| &h[..=a.len()])
+    } else {
+        h.rsplit_once(':').map_or(h, |(a, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                a
+            } else {
+                h
+            }
+        })
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ingress(name: &str, age: u32, spec: serde_json::Value) -> Ingress {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop",
+                "creationTimestamp": format!("2026-12-0{age}T00:00:00Z")},
+            "spec": spec,
+        }))
+        .expect("an Ingress")
+    }
+
+    fn to(service: &str, port: serde_json::Value) -> serde_json::Value {
+        json!({"service": {"name": service, "port": port}})
+    }
+
+    fn path(p: &str, kind: &str, service: &str) -> serde_json::Value {
+        json!({"path": p, "pathType": kind, "backend": to(service, json!({"number": 80}))})
+    }
+
+    fn svc(t: &Table, host: &str, p: &str) -> Option<String> {
+        t.route(host, p).map(|b| b.service.clone())
+    }
+
+    #[test]
+    fn paths_match_by_element_and_the_longest_wins() {
+        let i = ingress(
+            "a",
+            1,
+            json!({"ingressClassName": "skiff", "rules": [{"host": "shop.example", "http": {"paths": [
+                path("/", "Prefix", "home"),
+                path("/api", "Prefix", "api"),
+                path("/api/v2/", "Prefix", "v2"),
+                path("/api/exact", "Exact", "exact"),
+                path("/api/exact", "Prefix", "prefix-exact"),
+            ]}}]}),
+        );
+        let (t, skipped) = Table::build([&i], "skiff", false);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(svc(&t, "shop.example", "/"), Some("home".into()));
+        assert_eq!(svc(&t, "shop.example", "/api"), Some("api".into()));
+        assert_eq!(svc(&t, "shop.example", "/api/"), Some("api".into()));
+        assert_eq!(svc(&t, "shop.example", "/api/users"), Some("api".into()));
+        assert_eq!(
+            svc(&t, "shop.example", "/apix"),
+            Some("home".into()),
+            "not by characters"
+        );
+        assert_eq!(
+            svc(&t, "shop.example", "/api/v2"),
+            Some("v2".into()),
+            "a trailing slash is no element"
+        );
+        assert_eq!(svc(&t, "shop.example", "/api/v2/x"), Some("v2".into()));
+        assert_eq!(
+            svc(&t, "shop.example", "/api/exact"),
+            Some("exact".into()),
+            "Exact wins a tie"
+        );
+        assert_eq!(
+            svc(&t, "shop.example", "/api/exact/more"),
+            Some("prefix-exact".into())
+        );
+    }
+
+    #[test]
+    fn the_most_specific_host_decides_then_the_default_backend() {
+        let i = ingress(
+            "a",
+            1,
+            json!({"ingressClassName": "skiff",
+            "defaultBackend": to("fallback", json!({"name": "http"})),
+            "rules": [
+                {"host": "a.example", "http": {"paths": [path("/only", "Prefix", "exact-host")]}},
+                {"host": "*.example", "http": {"paths": [path("/", "Prefix", "wild")]}},
+                {"http": {"paths": [path("/", "Prefix", "any")]}},
+            ]}),
+        );
+        let (t, _) = Table::build([&i], "skiff", false);
+        assert_eq!(
+            svc(&t, "A.Example:8080", "/only/x"),
+            Some("exact-host".into())
+        );
+        // The exact host is chosen, and no path of it takes /other.
+        assert_eq!(svc(&t, "a.example", "/other"), Some("fallback".into()));
+        assert_eq!(svc(&t, "b.example", "/x"), Some("wild".into()));
+        assert_eq!(
+            svc(&t, "b.c.example", "/x"),
+            Some("any".into()),
+            "a wildcard is one label"
+        );
+        assert_eq!(svc(&t, "example", "/x"), Some("any".into()));
+        assert_eq!(svc(&t, "other.test", "/"), Some("any".into()));
+        assert_eq!(
+            t.route("a.example", "/other").map(|b| b.port.clone()),
+            Some(PortRef::Name("http".into()))
+        );
+    }
+
+    #[test]
+    fn only_this_class_counts_and_the_older_ingress_wins_a_tie() {
+        let newer = ingress(
+            "newer",
+            2,
+            json!({"ingressClassName": "skiff", "rules": [{"host": "x", "http": {"paths": [path("/", "Prefix", "new")]}}]}),
+        );
+        let older = ingress(
+            "older",
+            1,
+            json!({"ingressClassName": "skiff", "rules": [{"host": "x", "http": {"paths": [path("/", "Prefix", "old")]}}]}),
+        );
+        let other = ingress(
+            "other",
+            1,
+            json!({"ingressClassName": "nginx", "rules": [{"host": "y", "http": {"paths": [path("/", "Prefix", "theirs")]}}]}),
+        );
+        let classless = ingress(
+            "classless",
+            1,
+            json!({"rules": [{"host": "z", "http": {"paths": [path("/", "Prefix", "mine-if-default")]}}]}),
+        );
+        let (t, _) = Table::build([&newer, &older, &other, &classless], "skiff", false);
+        assert_eq!(svc(&t, "x", "/"), Some("old".into()));
+        assert_eq!(svc(&t, "y", "/"), None);
+        assert_eq!(svc(&t, "z", "/"), None);
+        let (t, _) = Table::build([&newer, &older, &other, &classless], "skiff", true);
+        assert_eq!(svc(&t, "z", "/"), Some("mine-if-default".into()));
+        let mut annotated = classless.clone();
+        annotated.metadata.annotations =
+            Some([(CLASS_ANNOTATION.to_string(), "skiff".to_string())].into());
+        let (t, _) = Table::build([&annotated], "skiff", false);
+        assert_eq!(svc(&t, "z", "/"), Some("mine-if-default".into()));
+    }
+
+    #[test]
+    fn what_cannot_be_served_is_named() {
+        let i = ingress(
+            "bad",
+            1,
+            json!({"ingressClassName": "skiff", "rules": [{"host": "x", "http": {"paths": [
+                {"path": "/r", "pathType": "Prefix", "backend": {"resource": {"kind": "Bucket", "name": "b"}}},
+                {"path": "/p", "pathType": "Prefix", "backend": {"service": {"name": "s"}}},
+                path("/ok", "Prefix", "fine"),
+            ]}}]}),
+        );
+        let (t, skipped) = Table::build([&i], "skiff", false);
+        assert_eq!(t.len(), 1);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(
+            skipped[0]
+                .to_string()
+                .starts_with("shop/bad: only Service backends"),
+            "{}",
+            skipped[0]
+        );
+        assert!(
+            skipped[1].why.contains("port number or name"),
+            "{}",
+            skipped[1]
+        );
+    }
+
+    #[test]
+    fn host_headers_lose_their_port() {
+        assert_eq!(host_name("Shop.Example:443"), "shop.example");
+        assert_eq!(host_name("shop.example."), "shop.example");
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+        assert_eq!(host_name("10.0.0.1"), "10.0.0.1");
+    }
+}
