@@ -29,6 +29,8 @@ enum Role {
     Proxy,
     Overlay,
     Dns,
+    /// Off by default: serves the Ingresses of `--ingress-class`.
+    Ingress,
 }
 
 #[derive(Subcommand)]
@@ -251,6 +253,18 @@ struct RunArgs {
     kubelet: KubeletArgs,
     #[command(flatten)]
     dns: DnsArgs,
+    #[command(flatten)]
+    ingress: IngressArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct IngressArgs {
+    /// The IngressClass the ingress role serves.
+    #[arg(long, default_value = "skiff")]
+    ingress_class: String,
+    /// Where the ingress role serves HTTP.
+    #[arg(long, default_value = "0.0.0.0:80")]
+    ingress_http_address: std::net::SocketAddr,
 }
 
 #[derive(clap::Args, Clone)]
@@ -383,6 +397,7 @@ fn node_name(given: Option<String>) -> String {
 async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
     let needs = args.roles.contains(&Role::Kubelet)
         || args.roles.contains(&Role::Dns)
+        || args.roles.contains(&Role::Ingress)
         || (args.roles.contains(&Role::Proxy) && args.manifests.is_none())
         || (args.roles.contains(&Role::Overlay) && args.overlay.kube_subnet_mgr);
     if !needs {
@@ -425,7 +440,7 @@ async fn client(args: &RunArgs) -> Result<Option<kube::Client>> {
 
 async fn run(args: RunArgs) -> Result<()> {
     if args.roles.is_empty() {
-        bail!("no role to run: --roles takes kubelet, proxy, overlay, dns");
+        bail!("no role to run: --roles takes kubelet, proxy, overlay, dns, ingress");
     }
     let telemetry = Arc::new(skiff_agent::telemetry::Telemetry::default());
     tokio::spawn(telemetry.clone().serve(args.metrics_bind_address));
@@ -452,6 +467,13 @@ async fn run(args: RunArgs) -> Result<()> {
     if args.roles.contains(&Role::Dns) {
         let dns = Arc::new(dns_config(&args)?);
         roles.spawn(supervise(dns, ctx.clone(), rx.clone(), backoff));
+    }
+    if args.roles.contains(&Role::Ingress) {
+        let ingress = Arc::new(skiff_agent::ingress::IngressConfig {
+            class: args.ingress.ingress_class.clone(),
+            http: args.ingress.ingress_http_address,
+        });
+        roles.spawn(supervise(ingress, ctx.clone(), rx.clone(), backoff));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("handling SIGTERM")?;

@@ -1,7 +1,277 @@
-//! The `ingress` role (issue 19), being built in steps. So far: the
-//! routing table ([`routes`]) that turns the Ingresses of this node's
-//! class into a choice of Service port per request. Not yet: the role
-//! itself (watching Ingresses, Services, EndpointSlices and Secrets, and
-//! serving HTTP and HTTPS with hyper and rustls).
+//! The `ingress` role (off by default): the node serves HTTP for every
+//! Ingress of its class (`--ingress-class`, default `skiff`), on
+//! `--ingress-http-address` (default `0.0.0.0:80`).
+//!
+//! It watches Ingresses, IngressClasses, Services and EndpointSlices;
+//! each batch of changes rebuilds the routing table ([`routes`]) and the
+//! ready endpoints of every backend, swapped in whole, so a request sees
+//! one consistent state. Requests go straight to a ready endpoint, never
+//! through the ClusterIP (see [`serve`]).
+//!
+//! Built in steps (issue 19). Not yet: HTTPS and SNI from Secrets, the
+//! Ingresses' status addresses, WebSocket upgrades, per-route timeouts.
 
 pub mod routes;
+mod serve;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use routes::{Backend, PortRef, Table};
+
+/// The ingress role's configuration.
+#[derive(Clone, Debug)]
+pub struct IngressConfig {
+    /// The IngressClass this node serves.
+    pub class: String,
+    /// Where plain HTTP is served.
+    pub http: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error(transparent)]
+    NoClient(#[from] crate::role::NoClient),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A backend's identity: namespace, Service, port.
+type BackendKey = (String, String, PortRef);
+
+fn backend_key(b: &Backend) -> BackendKey {
+    (b.namespace.clone(), b.service.clone(), b.port.clone())
+}
+
+/// What requests are routed by: swapped whole on each change.
+#[derive(Default)]
+pub struct State {
+    pub table: Table,
+    /// The ready endpoints of each backend of the table.
+    pub endpoints: HashMap<BackendKey, Vec<SocketAddr>>,
+}
+
+impl State {
+    pub fn endpoints_of(&self, b: &Backend) -> &[SocketAddr] {
+        self.endpoints
+            .get(&backend_key(b))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The ready endpoints of Service port `port` of `svc`, from `slices`
+/// (the Service's own EndpointSlices).
+fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> Vec<SocketAddr> {
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+    let Some(sp) = ports.and_then(|ps| {
+        ps.iter().find(|p| match port {
+            PortRef::Number(n) => p.port == *n,
+            PortRef::Name(n) => p.name.as_deref() == Some(n.as_str()),
+        })
+    }) else {
+        return Vec::new();
+    };
+    let name = sp.name.clone().unwrap_or_default();
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(number) = slice.ports.iter().flatten().find_map(|p| {
+            (p.name.clone().unwrap_or_default() == name)
+                .then_some(p.port)
+                .flatten()
+        }) else {
+            continue;
+        };
+        let Ok(number) = u16::try_from(number) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            for a in &ep.addresses {
+                if let Ok(ip) = a.parse::<IpAddr>() {
+                    out.push(SocketAddr::new(ip, number));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The state for the objects the watches hold.
+pub fn build(
+    ingresses: &[Arc<Ingress>],
+    classes: &[Arc<IngressClass>],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    class: &str,
+) -> (State, Vec<routes::Skipped>) {
+    let is_default = classes.iter().any(|c| {
+        c.metadata.name.as_deref() == Some(class)
+            && c.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(routes::DEFAULT_CLASS_ANNOTATION))
+                .is_some_and(|v| v == "true")
+    });
+    let (table, skipped) = Table::build(ingresses.iter().map(AsRef::as_ref), class, is_default);
+    let key = |ns: Option<&String>, name: &str| format!("{}/{name}", ns.map_or("", String::as_str));
+    let svcs: HashMap<String, &Service> = services
+        .iter()
+        .map(|s| {
+            (
+                key(
+                    s.metadata.namespace.as_ref(),
+                    s.metadata.name.as_deref().unwrap_or_default(),
+                ),
+                s.as_ref(),
+            )
+        })
+        .collect();
+    let mut by_service: HashMap<String, Vec<&EndpointSlice>> = HashMap::new();
+    for s in slices {
+        if let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        {
+            by_service
+                .entry(key(s.metadata.namespace.as_ref(), svc))
+                .or_default()
+                .push(s.as_ref());
+        }
+    }
+    let mut endpoints = HashMap::new();
+    for b in table.backends() {
+        let k = format!("{}/{}", b.namespace, b.service);
+        let eps = svcs
+            .get(&k)
+            .map(|svc| {
+                ready_endpoints(
+                    svc,
+                    &b.port,
+                    by_service.get(&k).map_or(&[][..], Vec::as_slice),
+                )
+            })
+            .unwrap_or_default();
+        endpoints.insert(backend_key(b), eps);
+    }
+    (State { table, endpoints }, skipped)
+}
+
+impl crate::role::Role for IngressConfig {
+    type Error = IngressError;
+
+    fn name(&self) -> &'static str {
+        "ingress"
+    }
+
+    async fn run(
+        &self,
+        ctx: crate::role::NodeContext,
+        mut shutdown: crate::role::Shutdown,
+    ) -> Result<(), IngressError> {
+        let client = ctx.client("ingress")?;
+        let listener = tokio::net::TcpListener::bind(self.http)
+            .await
+            .map_err(|source| IngressError::Bind {
+                addr: self.http,
+                source,
+            })?;
+        let state = Arc::new(RwLock::new(Arc::new(State::default())));
+        let health = ctx.telemetry.check(
+            "ingress",
+            crate::telemetry::Watch::Sync(std::time::Duration::from_secs(60)),
+        );
+        info!(addr = %self.http, class = %self.class, "ingress serving HTTP");
+        tokio::select! {
+            () = serve::run(listener, state.clone()) => Ok(()),
+            () = follow(client, self.class.clone(), state, health) => Ok(()),
+            () = crate::role::stopped(&mut shutdown) => Ok(()),
+        }
+    }
+}
+
+/// Keeps `state` in step with the apiserver.
+async fn follow(
+    client: Client,
+    class: String,
+    state: Arc<RwLock<Arc<State>>>,
+    health: Arc<crate::telemetry::Check>,
+) {
+    let (ingresses, w1) = reflector::store::<Ingress>();
+    let (classes, w2) = reflector::store::<IngressClass>();
+    let (services, w3) = reflector::store::<Service>();
+    let (slices, w4) = reflector::store::<EndpointSlice>();
+    let cfg = watcher::Config::default;
+    let s1 = reflector(w1, watcher(Api::<Ingress>::all(client.clone()), cfg()))
+        .default_backoff()
+        .map(|_| ())
+        .boxed();
+    let s2 = reflector(w2, watcher(Api::<IngressClass>::all(client.clone()), cfg()))
+        .default_backoff()
+        .map(|_| ())
+        .boxed();
+    let s3 = reflector(w3, watcher(Api::<Service>::all(client.clone()), cfg()))
+        .default_backoff()
+        .map(|_| ())
+        .boxed();
+    let s4 = reflector(w4, watcher(Api::<EndpointSlice>::all(client), cfg()))
+        .default_backoff()
+        .map(|_| ())
+        .boxed();
+    let mut events = stream::select_all([s1, s2, s3, s4]).ready_chunks(1024);
+    let mut last_skipped = Vec::new();
+    while events.next().await.is_some() {
+        // Routes are built once each kind has been listed.
+        if !(listed(&ingresses) && listed(&classes) && listed(&services) && listed(&slices)) {
+            continue;
+        }
+        health.queued();
+        let (next, skipped) = build(
+            &ingresses.state(),
+            &classes.state(),
+            &services.state(),
+            &slices.state(),
+            &class,
+        );
+        if skipped != last_skipped {
+            for s in &skipped {
+                warn!(ingress = %s.ingress, why = %s.why, "ingress rule not served");
+            }
+            last_skipped = skipped;
+        }
+        let rules = next.table.len();
+        match state.write() {
+            Ok(mut s) => *s = Arc::new(next),
+            Err(p) => *p.into_inner() = Arc::new(next),
+        }
+        health.synced();
+        tracing::debug!(rules, "ingress routes rebuilt");
+    }
+}
+
+/// Whether `store` has had its first list.
+fn listed<K>(store: &reflector::Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}

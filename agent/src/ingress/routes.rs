@@ -32,7 +32,7 @@ pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-defaul
 pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 
 /// A Service port, by number or by name.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PortRef {
     Number(i32),
     Name(String),
@@ -302,6 +302,14 @@ impl Table {
     /// no hostless rule takes).
     pub fn default_backend(&self) -> Option<&Backend> {
         self.default.as_ref()
+    }
+
+    /// Every backend a request may be sent to.
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
+        self.routes
+            .iter()
+            .map(|r| &r.backend)
+            .chain(self.default.iter())
     }
 
     /// How many path rules the table holds.

@@ -253,6 +253,10 @@ async fn decide(
             Decision::Allow
         }
         ("discovery.k8s.io", "endpointslices") => dns_slice(node, verb, sub, a, body),
+        // The ingress role routes by the Ingresses of its class.
+        ("networking.k8s.io", "ingresses" | "ingressclasses") if reading && sub.is_empty() => {
+            Decision::Allow
+        }
         ("", "persistentvolumes") if reading && sub.is_empty() => Decision::Allow,
         ("", "persistentvolumes") if matches!(verb, "update" | "patch") && sub.is_empty() => {
             match stored(store, "", "persistentvolumes", "", &a.name).await? {
