@@ -469,9 +469,17 @@ async fn run(args: RunArgs) -> Result<()> {
         roles.spawn(supervise(dns, ctx.clone(), rx.clone(), backoff));
     }
     if args.roles.contains(&Role::Ingress) {
+        let http = args.ingress.ingress_http_address;
         let ingress = Arc::new(skiff_agent::ingress::IngressConfig {
             class: args.ingress.ingress_class.clone(),
-            http: args.ingress.ingress_http_address,
+            http,
+            // Where the Ingresses say they are served: the address bound,
+            // or the node's when every address is.
+            address: if http.ip().is_unspecified() {
+                node_ip(&args)?
+            } else {
+                http.ip()
+            },
         });
         roles.spawn(supervise(ingress, ctx.clone(), rx.clone(), backoff));
     }

@@ -184,4 +184,26 @@ fn ingresses_route_by_host_and_path_to_ready_endpoints() {
     );
     let ready = c.node.health("/readyz?verbose");
     assert!(ready.contains("[+]ingress ok\n"), "{ready}");
+
+    // Each Ingress served shows the node's address, as kubectl prints it;
+    // it leaves when the role stops.
+    for ing in ["by-host", "by-path", "late"] {
+        wait_for(&format!("{ing}'s address"), Duration::from_secs(10), || {
+            let ips =
+                c.cp.jsonpath(&["ingress", ing], "{.status.loadBalancer.ingress[*].ip}");
+            (ips == NODE).then_some(())
+        });
+    }
+    let table = c.cp.kubectl_ok(&["get", "ingress", "by-host"]);
+    assert!(table.contains("ADDRESS") && table.contains(NODE), "{table}");
+    if let Some(mut a) = c.node.agent.take() {
+        a.terminate();
+    }
+    wait_for("the address withdrawn", Duration::from_secs(10), || {
+        let ips = c.cp.jsonpath(
+            &["ingress", "by-host"],
+            "{.status.loadBalancer.ingress[*].ip}",
+        );
+        ips.is_empty().then_some(())
+    });
 }

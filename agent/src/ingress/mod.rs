@@ -8,8 +8,12 @@
 //! one consistent state. Requests go straight to a ready endpoint, never
 //! through the ClusterIP (see [`serve`]).
 //!
-//! Built in steps (issue 19). Not yet: HTTPS and SNI from Secrets, the
-//! Ingresses' status addresses, WebSocket upgrades, per-route timeouts.
+//! Each Ingress served lists this node's address in
+//! `status.loadBalancer.ingress` (the others' stay: each node adds and
+//! removes its own), and the address leaves when the role stops.
+//!
+//! Built in steps (issue 19). Not yet: HTTPS and SNI from Secrets,
+//! WebSocket upgrades, per-route timeouts.
 
 pub mod routes;
 mod serve;
@@ -35,6 +39,9 @@ pub struct IngressConfig {
     pub class: String,
     /// Where plain HTTP is served.
     pub http: SocketAddr,
+    /// The address this node adds to the status of each Ingress it serves
+    /// (`status.loadBalancer.ingress`).
+    pub address: IpAddr,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +120,18 @@ fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> 
     out
 }
 
+/// Whether the IngressClass `class` is marked the cluster's default.
+fn is_default_class(classes: &[Arc<IngressClass>], class: &str) -> bool {
+    classes.iter().any(|c| {
+        c.metadata.name.as_deref() == Some(class)
+            && c.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(routes::DEFAULT_CLASS_ANNOTATION))
+                .is_some_and(|v| v == "true")
+    })
+}
+
 /// The state for the objects the watches hold.
 pub fn build(
     ingresses: &[Arc<Ingress>],
@@ -121,14 +140,7 @@ pub fn build(
     slices: &[Arc<EndpointSlice>],
     class: &str,
 ) -> (State, Vec<routes::Skipped>) {
-    let is_default = classes.iter().any(|c| {
-        c.metadata.name.as_deref() == Some(class)
-            && c.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(routes::DEFAULT_CLASS_ANNOTATION))
-                .is_some_and(|v| v == "true")
-    });
+    let is_default = is_default_class(classes, class);
     let (table, skipped) = Table::build(ingresses.iter().map(AsRef::as_ref), class, is_default);
     let key = |ns: Option<&String>, name: &str| format!("{}/{name}", ns.map_or("", String::as_str));
     let svcs: HashMap<String, &Service> = services
@@ -200,39 +212,100 @@ impl crate::role::Role for IngressConfig {
             crate::telemetry::Watch::Sync(std::time::Duration::from_secs(60)),
         );
         info!(addr = %self.http, class = %self.class, "ingress serving HTTP");
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
         tokio::select! {
-            () = serve::run(listener, state.clone()) => Ok(()),
-            () = follow(client, self.class.clone(), state, health) => Ok(()),
-            () = crate::role::stopped(&mut shutdown) => Ok(()),
+            () = serve::run(listener, state.clone()) => {}
+            () = follow(client.clone(), self, state, health, published.clone()) => {}
+            () = crate::role::stopped(&mut shutdown) => {}
         }
+        // This node serves them no more: its address leaves their status.
+        let served = std::mem::take(
+            &mut *published
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (ns, name) in served {
+            let api: Api<Ingress> = Api::namespaced(client.clone(), &ns);
+            if let Ok(i) = api.get_status(&name).await {
+                publish(&api, &i, self.address, false).await;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Keeps `state` in step with the apiserver.
+/// The addresses in `i`'s `status.loadBalancer.ingress`.
+fn status_ips(i: &Ingress) -> Vec<String> {
+    i.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|v| v.iter().filter_map(|e| e.ip.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Adds (`serve`) or removes this node's `address` in `i`'s status, if it
+/// is not so already. A conflict (another node wrote first) is left for
+/// the next rebuild, which that write brings about.
+async fn publish(api: &Api<Ingress>, i: &Ingress, address: IpAddr, serve: bool) {
+    let ip = address.to_string();
+    let mut ips = status_ips(i);
+    if ips.contains(&ip) == serve {
+        return;
+    }
+    if serve {
+        ips.push(ip);
+        ips.sort();
+    } else {
+        ips.retain(|a| *a != ip);
+    }
+    let entries: Vec<serde_json::Value> =
+        ips.iter().map(|a| serde_json::json!({"ip": a})).collect();
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": i.metadata.resource_version},
+        "status": {"loadBalancer": {"ingress": entries}},
+    });
+    let name = i.metadata.name.as_deref().unwrap_or_default();
+    if let Err(e) = api
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        tracing::debug!(ingress = name, error = %e, "status not written; the next change retries");
+    }
+}
+
+/// Keeps `state` in step with the apiserver, and the served Ingresses'
+/// status with this node's address (`published`: those it is in).
 async fn follow(
     client: Client,
-    class: String,
+    cfg: &IngressConfig,
     state: Arc<RwLock<Arc<State>>>,
     health: Arc<crate::telemetry::Check>,
+    published: Arc<std::sync::Mutex<Vec<(String, String)>>>,
 ) {
+    let class = cfg.class.clone();
     let (ingresses, w1) = reflector::store::<Ingress>();
     let (classes, w2) = reflector::store::<IngressClass>();
     let (services, w3) = reflector::store::<Service>();
     let (slices, w4) = reflector::store::<EndpointSlice>();
-    let cfg = watcher::Config::default;
-    let s1 = reflector(w1, watcher(Api::<Ingress>::all(client.clone()), cfg()))
+    let wc = watcher::Config::default;
+    let s1 = reflector(w1, watcher(Api::<Ingress>::all(client.clone()), wc()))
         .default_backoff()
         .map(|_| ())
         .boxed();
-    let s2 = reflector(w2, watcher(Api::<IngressClass>::all(client.clone()), cfg()))
+    let s2 = reflector(w2, watcher(Api::<IngressClass>::all(client.clone()), wc()))
         .default_backoff()
         .map(|_| ())
         .boxed();
-    let s3 = reflector(w3, watcher(Api::<Service>::all(client.clone()), cfg()))
+    let s3 = reflector(w3, watcher(Api::<Service>::all(client.clone()), wc()))
         .default_backoff()
         .map(|_| ())
         .boxed();
-    let s4 = reflector(w4, watcher(Api::<EndpointSlice>::all(client), cfg()))
+    let s4 = reflector(w4, watcher(Api::<EndpointSlice>::all(client.clone()), wc()))
         .default_backoff()
         .map(|_| ())
         .boxed();
@@ -264,6 +337,19 @@ async fn follow(
         }
         health.synced();
         tracing::debug!(rules, "ingress routes rebuilt");
+        let is_default = is_default_class(&classes.state(), &class);
+        let mut served = Vec::new();
+        for i in ingresses.state() {
+            let ns = i.metadata.namespace.clone().unwrap_or_default();
+            let ours = routes::of_class(&i, &class, is_default);
+            if ours {
+                served.push((ns.clone(), i.metadata.name.clone().unwrap_or_default()));
+            }
+            publish(&Api::namespaced(client.clone(), &ns), &i, cfg.address, ours).await;
+        }
+        *published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = served;
     }
 }
 

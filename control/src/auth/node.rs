@@ -253,8 +253,14 @@ async fn decide(
             Decision::Allow
         }
         ("discovery.k8s.io", "endpointslices") => dns_slice(node, verb, sub, a, body),
-        // The ingress role routes by the Ingresses of its class.
+        // The ingress role routes by the Ingresses of its class, and
+        // lists the node's address in the status of those it serves.
         ("networking.k8s.io", "ingresses" | "ingressclasses") if reading && sub.is_empty() => {
+            Decision::Allow
+        }
+        ("networking.k8s.io", "ingresses")
+            if sub == "status" && matches!(verb, "get" | "patch" | "update") =>
+        {
             Decision::Allow
         }
         ("", "persistentvolumes") if reading && sub.is_empty() => Decision::Allow,
