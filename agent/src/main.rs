@@ -480,6 +480,7 @@ async fn run(args: RunArgs) -> Result<()> {
             } else {
                 http.ip()
             },
+            node_name: ctx.node_name.clone(),
         });
         roles.spawn(supervise(ingress, ctx.clone(), rx.clone(), backoff));
     }

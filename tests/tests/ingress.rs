@@ -72,6 +72,7 @@ spec:
       - {path: /apple, pathType: Prefix, backend: {service: {name: apple, port: {name: http}}}}
       - {path: /banana/, pathType: Exact, backend: {service: {name: banana, port: {number: 8080}}}}
       - {path: /empty, pathType: Prefix, backend: {service: {name: nobody, port: {number: 80}}}}
+      - {path: /ghost, pathType: Prefix, backend: {service: {name: ghost, port: {number: 80}}}}
 ---
 apiVersion: v1
 kind: Service
@@ -149,6 +150,27 @@ fn ingresses_route_by_host_and_path_to_ready_endpoints() {
             && empty.ends_with("\n503"),
         "{empty}"
     );
+
+    // A Service that does not exist: 503, and a Warning Event on the
+    // Ingress that names it.
+    let ghost = get(&c, "shop.example", "/ghost");
+    assert!(
+        ghost.contains("service default/ghost (Ingress default/by-path) does not exist")
+            && ghost.ends_with("\n503"),
+        "{ghost}"
+    );
+    wait_for("the Warning Event", Duration::from_secs(10), || {
+        let ev = c.cp.kubectl_ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=by-path",
+            "-o",
+            "jsonpath={.items[*].reason} {.items[*].message}",
+        ]);
+        (ev.contains("ServiceNotFound") && ev.contains("service default/ghost not found"))
+            .then_some(())
+    });
 
     // The forwarding headers, as the pod sees them: the client's address
     // (the node's own here), the scheme and the host asked for.

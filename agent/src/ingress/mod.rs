@@ -42,6 +42,8 @@ pub struct IngressConfig {
     /// The address this node adds to the status of each Ingress it serves
     /// (`status.loadBalancer.ingress`).
     pub address: IpAddr,
+    /// The node's name, as the source of its Events.
+    pub node_name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,15 +68,15 @@ fn backend_key(b: &Backend) -> BackendKey {
 #[derive(Default)]
 pub struct State {
     pub table: Table,
-    /// The ready endpoints of each backend of the table.
+    /// The ready endpoints of each backend of the table whose Service
+    /// exists.
     pub endpoints: HashMap<BackendKey, Vec<SocketAddr>>,
 }
 
 impl State {
-    pub fn endpoints_of(&self, b: &Backend) -> &[SocketAddr] {
-        self.endpoints
-            .get(&backend_key(b))
-            .map_or(&[], Vec::as_slice)
+    /// The ready endpoints of `b`; None when its Service does not exist.
+    pub fn endpoints_of(&self, b: &Backend) -> Option<&[SocketAddr]> {
+        self.endpoints.get(&backend_key(b)).map(Vec::as_slice)
     }
 }
 
@@ -170,19 +172,29 @@ pub fn build(
         }
     }
     let mut endpoints = HashMap::new();
+    let mut skipped = skipped;
     for b in table.backends() {
         let k = format!("{}/{}", b.namespace, b.service);
-        let eps = svcs
-            .get(&k)
-            .map(|svc| {
-                ready_endpoints(
+        match svcs.get(&k) {
+            Some(svc) => {
+                let eps = ready_endpoints(
                     svc,
                     &b.port,
                     by_service.get(&k).map_or(&[][..], Vec::as_slice),
-                )
-            })
-            .unwrap_or_default();
-        endpoints.insert(backend_key(b), eps);
+                );
+                endpoints.insert(backend_key(b), eps);
+            }
+            None => {
+                let missing = routes::Skipped {
+                    ingress: b.ingress.clone(),
+                    reason: "ServiceNotFound",
+                    why: format!("service {k} not found"),
+                };
+                if !skipped.contains(&missing) {
+                    skipped.push(missing);
+                }
+            }
+        }
     }
     (State { table, endpoints }, skipped)
 }
@@ -231,6 +243,32 @@ impl crate::role::Role for IngressConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A Warning Event on the Ingress `i` for what of it is not served.
+async fn warn_event(client: &Client, node: &str, i: &Ingress, s: &routes::Skipped) {
+    use k8s_openapi::api::core::v1::Event;
+    let ns = i.metadata.namespace.clone().unwrap_or_default();
+    let name = i.metadata.name.clone().unwrap_or_default();
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let ev = serde_json::json!({"apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": format!("{name}."), "namespace": ns},
+        "involvedObject": {"kind": "Ingress", "apiVersion": "networking.k8s.io/v1",
+            "name": name, "namespace": ns, "uid": i.metadata.uid},
+        "type": "Warning", "reason": s.reason, "message": s.why,
+        "source": {"component": "skiff-ingress", "host": node},
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1});
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+    match serde_json::from_value::<Event>(ev) {
+        Ok(ev) => {
+            if let Err(e) = api.create(&Default::default(), &ev).await {
+                warn!(error = %e, "event not recorded");
+            }
+        }
+        Err(e) => warn!(error = %e, "event not made"),
     }
 }
 
@@ -325,8 +363,19 @@ async fn follow(
             &class,
         );
         if skipped != last_skipped {
-            for s in &skipped {
+            let all = ingresses.state();
+            for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {
                 warn!(ingress = %s.ingress, why = %s.why, "ingress rule not served");
+                let found = all.iter().find(|i| {
+                    format!(
+                        "{}/{}",
+                        i.metadata.namespace.as_deref().unwrap_or_default(),
+                        i.metadata.name.as_deref().unwrap_or_default()
+                    ) == s.ingress
+                });
+                if let Some(i) = found {
+                    warn_event(&client, &cfg.node_name, i, s).await;
+                }
             }
             last_skipped = skipped;
         }

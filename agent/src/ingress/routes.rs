@@ -52,6 +52,8 @@ pub struct Backend {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Skipped {
     pub ingress: String,
+    /// The Warning Event's reason.
+    pub reason: &'static str,
     pub why: String,
 }
 
@@ -221,6 +223,7 @@ impl Table {
                     Ok(_) => {}
                     Err(why) => skipped.push(Skipped {
                         ingress: name.clone(),
+                        reason: "InvalidBackend",
                         why,
                     }),
                 }
@@ -233,6 +236,7 @@ impl Table {
                         Err(why) => {
                             skipped.push(Skipped {
                                 ingress: name.clone(),
+                                reason: "InvalidBackend",
                                 why,
                             });
                             continue;
@@ -242,6 +246,7 @@ impl Table {
                     if !written.starts_with('/') {
                         skipped.push(Skipped {
                             ingress: name.clone(),
+                            reason: "InvalidPath",
                             why: format!("path {written:?} does not start with /"),
                         });
                         continue;

@@ -103,7 +103,15 @@ impl Server {
                 format!("no Ingress rule takes {host}{path}"),
             );
         };
-        let endpoints = state.endpoints_of(backend);
+        let Some(endpoints) = state.endpoints_of(backend) else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "service {}/{} (Ingress {}) does not exist",
+                    backend.namespace, backend.service, backend.ingress
+                ),
+            );
+        };
         if endpoints.is_empty() {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
