@@ -30,6 +30,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
+use crate::catalog;
 use routes::{Backend, PortRef, Table};
 
 /// The ingress role's configuration.
@@ -92,11 +93,12 @@ fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> 
     }) else {
         return Vec::new();
     };
-    let name = sp.name.clone().unwrap_or_default();
+    let name = sp.name.as_deref().unwrap_or_default();
     let mut out = Vec::new();
     for slice in slices {
         let Some(number) = slice.ports.iter().flatten().find_map(|p| {
-            (p.name.clone().unwrap_or_default() == name)
+            (p.name.as_deref().unwrap_or_default() == name
+                && p.protocol.as_deref().unwrap_or("TCP") == "TCP")
                 .then_some(p.port)
                 .flatten()
         }) else {
@@ -106,7 +108,11 @@ fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> 
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            // As kube-proxy reads it: `ready` unset is ready; a
+            // terminating endpoint takes no new requests.
+            let cond = ep.conditions.as_ref();
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true)
+                && !cond.and_then(|c| c.terminating).unwrap_or(false);
             if !ready {
                 continue;
             }
@@ -134,41 +140,24 @@ fn is_default_class(classes: &[Arc<IngressClass>], class: &str) -> bool {
     })
 }
 
-/// The state for the objects the watches hold.
+/// The state for the objects the watches hold (`is_default`: this class
+/// is the cluster's default).
 pub fn build(
     ingresses: &[Arc<Ingress>],
-    classes: &[Arc<IngressClass>],
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     class: &str,
+    is_default: bool,
 ) -> (State, Vec<routes::Skipped>) {
-    let is_default = is_default_class(classes, class);
     let (table, skipped) = Table::build(ingresses.iter().map(AsRef::as_ref), class, is_default);
-    let key = |ns: Option<&String>, name: &str| format!("{}/{name}", ns.map_or("", String::as_str));
     let svcs: HashMap<String, &Service> = services
         .iter()
-        .map(|s| {
-            (
-                key(
-                    s.metadata.namespace.as_ref(),
-                    s.metadata.name.as_deref().unwrap_or_default(),
-                ),
-                s.as_ref(),
-            )
-        })
+        .map(|s| (catalog::service_key(s), s.as_ref()))
         .collect();
     let mut by_service: HashMap<String, Vec<&EndpointSlice>> = HashMap::new();
     for s in slices {
-        if let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
-        {
-            by_service
-                .entry(key(s.metadata.namespace.as_ref(), svc))
-                .or_default()
-                .push(s.as_ref());
+        if let Some(owner) = catalog::slice_owner(s) {
+            by_service.entry(owner).or_default().push(s.as_ref());
         }
     }
     let mut endpoints = HashMap::new();
@@ -272,33 +261,35 @@ async fn warn_event(client: &Client, node: &str, i: &Ingress, s: &routes::Skippe
     }
 }
 
-/// The addresses in `i`'s `status.loadBalancer.ingress`.
-fn status_ips(i: &Ingress) -> Vec<String> {
-    i.status
+/// Adds (`serve`) or removes this node's `address` in `i`'s
+/// `status.loadBalancer.ingress`, if it is not so already; the other
+/// entries (other nodes', hostnames) stay as they are. A conflict
+/// (another node wrote first) is left for the next rebuild, which that
+/// write brings about.
+async fn publish(api: &Api<Ingress>, i: &Ingress, address: IpAddr, serve: bool) {
+    let ip = address.to_string();
+    let mut entries: Vec<serde_json::Value> = i
+        .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
-        .map(|v| v.iter().filter_map(|e| e.ip.clone()).collect())
-        .unwrap_or_default()
-}
-
-/// Adds (`serve`) or removes this node's `address` in `i`'s status, if it
-/// is not so already. A conflict (another node wrote first) is left for
-/// the next rebuild, which that write brings about.
-async fn publish(api: &Api<Ingress>, i: &Ingress, address: IpAddr, serve: bool) {
-    let ip = address.to_string();
-    let mut ips = status_ips(i);
-    if ips.contains(&ip) == serve {
+        .map(|v| {
+            v.iter()
+                .filter_map(|e| serde_json::to_value(e).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let ours = |e: &serde_json::Value| {
+        e.get("ip").and_then(serde_json::Value::as_str) == Some(ip.as_str())
+    };
+    if entries.iter().any(ours) == serve {
         return;
     }
     if serve {
-        ips.push(ip);
-        ips.sort();
+        entries.push(serde_json::json!({"ip": ip}));
     } else {
-        ips.retain(|a| *a != ip);
+        entries.retain(|e| !ours(e));
     }
-    let entries: Vec<serde_json::Value> =
-        ips.iter().map(|a| serde_json::json!({"ip": a})).collect();
     let patch = serde_json::json!({
         "metadata": {"resourceVersion": i.metadata.resource_version},
         "status": {"loadBalancer": {"ingress": entries}},
@@ -330,23 +321,10 @@ async fn follow(
     let (classes, w2) = reflector::store::<IngressClass>();
     let (services, w3) = reflector::store::<Service>();
     let (slices, w4) = reflector::store::<EndpointSlice>();
-    let wc = watcher::Config::default;
-    let s1 = reflector(w1, watcher(Api::<Ingress>::all(client.clone()), wc()))
-        .default_backoff()
-        .map(|_| ())
-        .boxed();
-    let s2 = reflector(w2, watcher(Api::<IngressClass>::all(client.clone()), wc()))
-        .default_backoff()
-        .map(|_| ())
-        .boxed();
-    let s3 = reflector(w3, watcher(Api::<Service>::all(client.clone()), wc()))
-        .default_backoff()
-        .map(|_| ())
-        .boxed();
-    let s4 = reflector(w4, watcher(Api::<EndpointSlice>::all(client.clone()), wc()))
-        .default_backoff()
-        .map(|_| ())
-        .boxed();
+    let s1 = reflected(&client, w1);
+    let s2 = reflected(&client, w2);
+    let s3 = reflected(&client, w3);
+    let s4 = reflected(&client, w4);
     let mut events = stream::select_all([s1, s2, s3, s4]).ready_chunks(1024);
     let mut last_skipped = Vec::new();
     while events.next().await.is_some() {
@@ -355,15 +333,10 @@ async fn follow(
             continue;
         }
         health.queued();
-        let (next, skipped) = build(
-            &ingresses.state(),
-            &classes.state(),
-            &services.state(),
-            &slices.state(),
-            &class,
-        );
+        let is_default = is_default_class(&classes.state(), &class);
+        let all = ingresses.state();
+        let (next, skipped) = build(&all, &services.state(), &slices.state(), &class, is_default);
         if skipped != last_skipped {
-            let all = ingresses.state();
             for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {
                 warn!(ingress = %s.ingress, why = %s.why, "ingress rule not served");
                 let found = all.iter().find(|i| {
@@ -386,9 +359,8 @@ async fn follow(
         }
         health.synced();
         tracing::debug!(rules, "ingress routes rebuilt");
-        let is_default = is_default_class(&classes.state(), &class);
         let mut served = Vec::new();
-        for i in ingresses.state() {
+        for i in all {
             let ns = i.metadata.namespace.clone().unwrap_or_default();
             let ours = routes::of_class(&i, &class, is_default);
             if ours {
@@ -400,6 +372,30 @@ async fn follow(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = served;
     }
+}
+
+/// Every kind `K` in the cluster, kept in `writer`'s store: a stream that
+/// yields once per event.
+fn reflected<K>(
+    client: &Client,
+    writer: reflector::store::Writer<K>,
+) -> futures::stream::BoxStream<'static, ()>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .map(|_| ())
+    .boxed()
 }
 
 /// Whether `store` has had its first list.
