@@ -262,20 +262,23 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> Result<()> {
-    let mut c = cargo();
-    c.args(["build", "--bins"]);
-    if release {
-        c.arg("--release");
-    }
-    run(&mut c)
+fn build_release() -> Result<()> {
+    run(cargo().args(["build", "--bins", "--release"]))
 }
 
 fn test() -> Result<()> {
     setup()?;
+    // A test run builds once: the incremental cache (several GB) buys nothing.
+    let cargo = || {
+        let mut c = cargo();
+        if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+            c.env("CARGO_INCREMENTAL", "0");
+        }
+        c
+    };
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    build(false)?;
+    run(cargo().args(["build", "--bins"]))?;
     // Privileged tests share the machine's bpffs and cgroup tree; each makes
     // its own names, so they may run in parallel.
     run_tests(cargo().args(["test", "--no-fail-fast"]))
@@ -321,7 +324,7 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
 }
 
 fn lab(args: &[&str]) -> Result<()> {
-    build(true)?;
+    build_release()?;
     run(Command::new(root().join("target/release/skiff-lab"))
         .current_dir(root())
         .args(args))
