@@ -265,6 +265,9 @@ struct IngressArgs {
     /// Where the ingress role serves HTTP.
     #[arg(long, default_value = "0.0.0.0:80")]
     ingress_http_address: std::net::SocketAddr,
+    /// Where the ingress role serves HTTPS.
+    #[arg(long, default_value = "0.0.0.0:443")]
+    ingress_https_address: std::net::SocketAddr,
 }
 
 #[derive(clap::Args, Clone)]
@@ -473,6 +476,7 @@ async fn run(args: RunArgs) -> Result<()> {
         let ingress = Arc::new(skiff_agent::ingress::IngressConfig {
             class: args.ingress.ingress_class.clone(),
             http,
+            https: args.ingress.ingress_https_address,
             // Where the Ingresses say they are served: the address bound,
             // or the node's when every address is.
             address: if http.ip().is_unspecified() {

@@ -137,6 +137,15 @@ pub async fn supervise<R: Role>(
     }
 }
 
+/// Aborts its task when dropped: a role's helper tasks end with it.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

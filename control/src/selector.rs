@@ -206,6 +206,11 @@ impl FieldSelector {
         self.0.is_empty()
     }
 
+    /// How many terms the selector has.
+    pub fn terms(&self) -> usize {
+        self.0.len()
+    }
+
     /// The exact name asked for, if the selector pins one (`metadata.name=x`),
     /// so a list can read one key instead of a prefix.
     pub fn name(&self) -> Option<&str> {

@@ -346,6 +346,44 @@ fn a_node_credential_writes_only_what_is_its_own() {
         .err()
         .unwrap_or_default();
     assert!(err.contains("cannot list resource \"secrets\""), "{err}");
+    // A Secret an Ingress names for TLS: read, and watched by name (the
+    // ingress role), but no other.
+    for s in ["site-tls", "other"] {
+        cp.kubectl_ok(&["create", "secret", "generic", s, "--from-literal=k=v"]);
+    }
+    cp.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: site}\nspec:\n  tls: [{hosts: [site.example], secretName: site-tls}]\n  defaultBackend: {service: {name: web, port: {number: 80}}}\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    cp.kubectl_with(&n1, &["get", "secret", "site-tls"])
+        .unwrap_or_else(|e| panic!("named by an Ingress: {e}"));
+    let pinned = cp
+        .kubectl_with(
+            &n1,
+            &[
+                "get",
+                "secrets",
+                "--field-selector",
+                "metadata.name=site-tls",
+                "-o",
+                "name",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("listed by its name: {e}"));
+    assert_eq!(pinned.trim(), "secret/site-tls");
+    let err = cp
+        .kubectl_with(&n1, &["get", "secret", "other"])
+        .err()
+        .unwrap_or_default();
+    assert!(err.contains("no relationship found"), "{err}");
+    let err = cp
+        .kubectl_with(
+            &n1,
+            &["get", "secrets", "--field-selector", "metadata.name=other"],
+        )
+        .err()
+        .unwrap_or_default();
+    assert!(err.contains("cannot list resource \"secrets\""), "{err}");
 
     // Its own Lease; Events.
     let lease = |name: &str| {

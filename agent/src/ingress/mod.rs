@@ -1,29 +1,30 @@
-//! The `ingress` role (off by default): the node serves HTTP for every
-//! Ingress of its class (`--ingress-class`, default `skiff`), on
-//! `--ingress-http-address` (default `0.0.0.0:80`).
+//! The `ingress` role (off by default): the node serves HTTP and HTTPS
+//! for every Ingress of its class (`--ingress-class`, default `skiff`), on
+//! `--ingress-http-address` (default `0.0.0.0:80`) and
+//! `--ingress-https-address` (default `0.0.0.0:443`).
 //!
-//! It watches Ingresses, IngressClasses, Services and EndpointSlices;
-//! each batch of changes rebuilds the routing table ([`routes`]) and the
-//! ready endpoints of every backend, swapped in whole, so a request sees
-//! one consistent state. Requests go straight to a ready endpoint, never
-//! through the ClusterIP (see [`serve`]).
+//! It watches Ingresses, IngressClasses, Services and EndpointSlices, and
+//! each Secret an Ingress of its class names for TLS (one watch by name
+//! each, which the Node authorizer allows for such Secrets alone). Each
+//! batch of changes rebuilds the routing table ([`routes`]), the ready
+//! endpoints of every backend and the certificates ([`tls`]), swapped in
+//! whole, so a request sees one consistent state. Requests go straight to
+//! a ready endpoint, never through the ClusterIP (see [`serve`]).
 //!
 //! Each Ingress served lists this node's address in
 //! `status.loadBalancer.ingress` (the others' stay: each node adds and
 //! removes its own), and the address leaves when the role stops.
-//!
-//! Built in steps (issue 19). Not yet: HTTPS and SNI from Secrets,
-//! WebSocket upgrades, per-route timeouts.
 
 pub mod routes;
 mod serve;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -40,6 +41,8 @@ pub struct IngressConfig {
     pub class: String,
     /// Where plain HTTP is served.
     pub http: SocketAddr,
+    /// Where HTTPS is served.
+    pub https: SocketAddr,
     /// The address this node adds to the status of each Ingress it serves
     /// (`status.loadBalancer.ingress`).
     pub address: IpAddr,
@@ -56,6 +59,8 @@ pub enum IngressError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("the node's own certificate: {0}")]
+    Tls(String),
 }
 
 /// A backend's identity: namespace, Service, port.
@@ -71,19 +76,33 @@ pub struct State {
     pub table: Table,
     /// The ready endpoints of each backend of the table whose Service
     /// exists.
-    pub endpoints: HashMap<BackendKey, Vec<SocketAddr>>,
+    pub endpoints: HashMap<BackendKey, Endpoints>,
+    /// The certificates served by SNI.
+    pub certs: tls::Certs,
 }
+
+/// A backend's ready endpoints, and how they are spoken to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub addrs: Vec<SocketAddr>,
+    /// HTTP/2 with prior knowledge (the Service port's `appProtocol` is
+    /// `kubernetes.io/h2c`), not HTTP/1.1.
+    pub h2c: bool,
+}
+
+/// The `appProtocol` of a Service port spoken to as HTTP/2 in clear text.
+pub const H2C: &str = "kubernetes.io/h2c";
 
 impl State {
     /// The ready endpoints of `b`; None when its Service does not exist.
-    pub fn endpoints_of(&self, b: &Backend) -> Option<&[SocketAddr]> {
-        self.endpoints.get(&backend_key(b)).map(Vec::as_slice)
+    pub fn endpoints_of(&self, b: &Backend) -> Option<&Endpoints> {
+        self.endpoints.get(&backend_key(b))
     }
 }
 
 /// The ready endpoints of Service port `port` of `svc`, from `slices`
 /// (the Service's own EndpointSlices).
-fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> Vec<SocketAddr> {
+fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> Endpoints {
     let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
     let Some(sp) = ports.and_then(|ps| {
         ps.iter().find(|p| match port {
@@ -91,8 +110,9 @@ fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> 
             PortRef::Name(n) => p.name.as_deref() == Some(n.as_str()),
         })
     }) else {
-        return Vec::new();
+        return Endpoints::default();
     };
+    let h2c = sp.app_protocol.as_deref() == Some(H2C);
     let name = sp.name.as_deref().unwrap_or_default();
     let mut out = Vec::new();
     for slice in slices {
@@ -125,7 +145,7 @@ fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> 
     }
     out.sort();
     out.dedup();
-    out
+    Endpoints { addrs: out, h2c }
 }
 
 /// Whether the IngressClass `class` is marked the cluster's default.
@@ -140,15 +160,32 @@ fn is_default_class(classes: &[Arc<IngressClass>], class: &str) -> bool {
     })
 }
 
+/// What the role's watches hold.
+pub struct Objects<'a> {
+    pub ingresses: &'a [Arc<Ingress>],
+    pub services: &'a [Arc<Service>],
+    pub slices: &'a [Arc<EndpointSlice>],
+    pub secrets: &'a HashMap<tls::SecretKey, tls::Loaded>,
+}
+
+/// Certificates parsed, by Secret and resourceVersion.
+pub type Parsed =
+    HashMap<tls::SecretKey, (String, Result<Arc<rustls::sign::CertifiedKey>, String>)>;
+
 /// The state for the objects the watches hold (`is_default`: this class
-/// is the cluster's default).
+/// is the cluster's default), reusing the certificates in `parsed`.
 pub fn build(
-    ingresses: &[Arc<Ingress>],
-    services: &[Arc<Service>],
-    slices: &[Arc<EndpointSlice>],
+    o: &Objects<'_>,
     class: &str,
     is_default: bool,
+    parsed: &mut Parsed,
 ) -> (State, Vec<routes::Skipped>) {
+    let Objects {
+        ingresses,
+        services,
+        slices,
+        secrets,
+    } = *o;
     let (table, skipped) = Table::build(ingresses.iter().map(AsRef::as_ref), class, is_default);
     let svcs: HashMap<String, &Service> = services
         .iter()
@@ -185,7 +222,16 @@ pub fn build(
             }
         }
     }
-    (State { table, endpoints }, skipped)
+    let (certs, bad_tls) = tls::certs(table.tls(), secrets, parsed);
+    skipped.extend(bad_tls);
+    (
+        State {
+            table,
+            endpoints,
+            certs,
+        },
+        skipped,
+    )
 }
 
 impl crate::role::Role for IngressConfig {
@@ -201,21 +247,28 @@ impl crate::role::Role for IngressConfig {
         mut shutdown: crate::role::Shutdown,
     ) -> Result<(), IngressError> {
         let client = ctx.client("ingress")?;
-        let listener = tokio::net::TcpListener::bind(self.http)
-            .await
-            .map_err(|source| IngressError::Bind {
-                addr: self.http,
-                source,
-            })?;
+        let bind = |addr: SocketAddr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| IngressError::Bind { addr, source })
+        };
+        let (http, https) = (bind(self.http).await?, bind(self.https).await?);
         let state = Arc::new(RwLock::new(Arc::new(State::default())));
+        let fallback = tls::self_signed(vec![self.address.to_string(), self.node_name.clone()])
+            .map_err(IngressError::Tls)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            tls::server_config(state.clone(), fallback).map_err(IngressError::Tls)?,
+        );
+        let server = serve::Server::new(state.clone(), self.https.port());
         let health = ctx.telemetry.check(
             "ingress",
             crate::telemetry::Watch::Sync(std::time::Duration::from_secs(60)),
         );
-        info!(addr = %self.http, class = %self.class, "ingress serving HTTP");
+        info!(http = %self.http, https = %self.https, class = %self.class, "ingress serving");
         let published = Arc::new(std::sync::Mutex::new(Vec::new()));
         tokio::select! {
-            () = serve::run(listener, state.clone()) => {}
+            () = serve::run(server.clone(), http, None) => {}
+            () = serve::run(server, https, Some(acceptor)) => {}
             () = follow(client.clone(), self, state, health, published.clone()) => {}
             () = crate::role::stopped(&mut shutdown) => {}
         }
@@ -263,47 +316,61 @@ async fn warn_event(client: &Client, node: &str, i: &Ingress, s: &routes::Skippe
 
 /// Adds (`serve`) or removes this node's `address` in `i`'s
 /// `status.loadBalancer.ingress`, if it is not so already; the other
-/// entries (other nodes', hostnames) stay as they are. A conflict
-/// (another node wrote first) is left for the next rebuild, which that
-/// write brings about.
+/// entries (other nodes', hostnames) stay as they are. Each write is
+/// conditional on the resourceVersion read: when another node wrote first,
+/// the status is read again and the write retried.
 async fn publish(api: &Api<Ingress>, i: &Ingress, address: IpAddr, serve: bool) {
     let ip = address.to_string();
-    let mut entries: Vec<serde_json::Value> = i
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|v| {
-            v.iter()
-                .filter_map(|e| serde_json::to_value(e).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let name = i.metadata.name.as_deref().unwrap_or_default();
     let ours = |e: &serde_json::Value| {
         e.get("ip").and_then(serde_json::Value::as_str) == Some(ip.as_str())
     };
-    if entries.iter().any(ours) == serve {
-        return;
-    }
-    if serve {
-        entries.push(serde_json::json!({"ip": ip}));
-    } else {
-        entries.retain(|e| !ours(e));
-    }
-    let patch = serde_json::json!({
-        "metadata": {"resourceVersion": i.metadata.resource_version},
-        "status": {"loadBalancer": {"ingress": entries}},
-    });
-    let name = i.metadata.name.as_deref().unwrap_or_default();
-    if let Err(e) = api
-        .patch_status(
-            name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await
-    {
-        tracing::debug!(ingress = name, error = %e, "status not written; the next change retries");
+    let mut current = std::borrow::Cow::Borrowed(i);
+    for _ in 0..5 {
+        let mut entries: Vec<serde_json::Value> = current
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|e| serde_json::to_value(e).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if entries.iter().any(ours) == serve {
+            return;
+        }
+        if serve {
+            entries.push(serde_json::json!({"ip": ip}));
+        } else {
+            entries.retain(|e| !ours(e));
+        }
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "status": {"loadBalancer": {"ingress": entries}},
+        });
+        let written = api
+            .patch_status(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await;
+        match written {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => match api.get_status(name).await {
+                Ok(fresh) => current = std::borrow::Cow::Owned(fresh),
+                Err(e) => {
+                    tracing::debug!(ingress = name, error = %e, "status not read again");
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::debug!(ingress = name, error = %e, "status not written; the next change retries");
+                return;
+            }
+        }
     }
 }
 
@@ -325,7 +392,13 @@ async fn follow(
     let s2 = reflected(&client, w2);
     let s3 = reflected(&client, w3);
     let s4 = reflected(&client, w4);
-    let mut events = stream::select_all([s1, s2, s3, s4]).ready_chunks(1024);
+    // The Secrets named for TLS, each watched by name; a change of one
+    // comes in as an event of its own.
+    let secrets: SecretStore = Arc::default();
+    let mut watching: HashMap<tls::SecretKey, crate::role::AbortOnDrop> = HashMap::new();
+    let (changed, s5) = futures::channel::mpsc::unbounded::<()>();
+    let mut parsed = Parsed::new();
+    let mut events = stream::select_all([s1, s2, s3, s4, s5.boxed()]).ready_chunks(1024);
     let mut last_skipped = Vec::new();
     while events.next().await.is_some() {
         // Routes are built once each kind has been listed.
@@ -335,7 +408,35 @@ async fn follow(
         health.queued();
         let is_default = is_default_class(&classes.state(), &class);
         let all = ingresses.state();
-        let (next, skipped) = build(&all, &services.state(), &slices.state(), &class, is_default);
+        let known = lock(&secrets).clone();
+        let (next, skipped) = build(
+            &Objects {
+                ingresses: &all,
+                services: &services.state(),
+                slices: &slices.state(),
+                secrets: &known,
+            },
+            &class,
+            is_default,
+            &mut parsed,
+        );
+        // Watch the Secrets the table names now, and those alone.
+        let wanted: std::collections::HashSet<tls::SecretKey> = next
+            .table
+            .tls()
+            .iter()
+            .map(|t| (t.namespace.clone(), t.secret.clone()))
+            .collect();
+        watching.retain(|k, _| wanted.contains(k));
+        lock(&secrets).retain(|k, _| wanted.contains(k));
+        for k in wanted {
+            if let std::collections::hash_map::Entry::Vacant(e) = watching.entry(k) {
+                let k = e.key().clone();
+                lock(&secrets).insert(k.clone(), tls::Loaded::Pending);
+                let task = watch_secret(client.clone(), k, secrets.clone(), changed.clone());
+                e.insert(crate::role::AbortOnDrop(task));
+            }
+        }
         if skipped != last_skipped {
             for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {
                 warn!(ingress = %s.ingress, why = %s.why, "ingress rule not served");
@@ -372,6 +473,53 @@ async fn follow(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = served;
     }
+}
+
+/// The Secrets named for TLS, as their watches have them.
+type SecretStore = Arc<std::sync::Mutex<HashMap<tls::SecretKey, tls::Loaded>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Follows the Secret `key` by name into `secrets`, telling `changed` of
+/// each change, until aborted.
+fn watch_secret(
+    client: Client,
+    key: tls::SecretKey,
+    secrets: SecretStore,
+    changed: futures::channel::mpsc::UnboundedSender<()>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let api: Api<Secret> = Api::namespaced(client, &key.0);
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", key.1));
+        let mut w = watcher(api, cfg).default_backoff().boxed();
+        // What a (re)list has brought so far.
+        let mut listing: Option<Arc<Secret>> = None;
+        while let Some(ev) = w.next().await {
+            let now = match ev {
+                Ok(watcher::Event::Init) => {
+                    listing = None;
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(s)) => {
+                    listing = Some(Arc::new(s));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => listing
+                    .take()
+                    .map_or(tls::Loaded::Missing, tls::Loaded::Present),
+                Ok(watcher::Event::Apply(s)) => tls::Loaded::Present(Arc::new(s)),
+                Ok(watcher::Event::Delete(_)) => tls::Loaded::Missing,
+                Err(e) => {
+                    warn!(secret = %format!("{}/{}", key.0, key.1), error = %e, "watching a TLS secret");
+                    continue;
+                }
+            };
+            lock(&secrets).insert(key.clone(), now);
+            let _ = changed.unbounded_send(());
+        }
+    })
 }
 
 /// Every kind `K` in the cluster, kept in `writer`'s store: a stream that

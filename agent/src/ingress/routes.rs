@@ -19,10 +19,24 @@
 //!   `Prefix`, then the older Ingress.
 //! - **Default**: a request that no path takes goes to the
 //!   `spec.defaultBackend` of the oldest Ingress that has one, if any.
+//! - **TLS**: each `spec.tls` entry names a Secret for its hosts (exact or
+//!   wildcard; an entry without hosts covers any name no other entry
+//!   takes). The oldest Ingress wins a host that two name.
+//! - **Options**, per Ingress, for each of its routes:
+//!   `ingress.skiff.io/ssl-redirect` (`"true"` by default: plain HTTP to a
+//!   host with TLS is redirected to HTTPS) and
+//!   `ingress.skiff.io/proxy-read-timeout` (seconds the endpoint may take
+//!   to begin its response; 60 by default, as nginx's).
+//!
+//! Lookups are by hash of the host, then along that host's paths in
+//! precedence order, so a table of thousands of rules costs a request no
+//! more than one of ten.
 //!
 //! Pure logic: the role turns a backend into ready endpoints elsewhere.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::time::Duration;
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 
@@ -30,6 +44,13 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";
 /// The annotation older Ingresses name their class with.
 pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
+/// `"false"`: plain HTTP to this Ingress's TLS hosts is served, not
+/// redirected.
+pub const SSL_REDIRECT_ANNOTATION: &str = "ingress.skiff.io/ssl-redirect";
+/// Seconds an endpoint may take to begin its response.
+pub const READ_TIMEOUT_ANNOTATION: &str = "ingress.skiff.io/proxy-read-timeout";
+/// As nginx's `proxy_read_timeout`.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A Service port, by number or by name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -46,6 +67,62 @@ pub struct Backend {
     pub port: PortRef,
     /// The Ingress it comes from (`namespace/name`), for errors and events.
     pub ingress: String,
+    /// How long the endpoint may take to begin its response.
+    pub timeout: Duration,
+    /// Whether plain HTTP to a host with TLS is redirected to HTTPS.
+    pub ssl_redirect: bool,
+}
+
+/// A `spec.tls` entry: the Secret whose certificate is served for its
+/// hosts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub ingress: String,
+    pub namespace: String,
+    pub secret: String,
+    /// Exact names, and wildcards as `*.example.com`; empty: any name.
+    pub hosts: Vec<String>,
+}
+
+/// The options an Ingress's annotations set for its routes.
+#[derive(Clone, Copy, Debug)]
+struct Options {
+    timeout: Duration,
+    ssl_redirect: bool,
+}
+
+fn options(i: &Ingress, name: &str, skipped: &mut Vec<Skipped>) -> Options {
+    let a = i.metadata.annotations.as_ref();
+    let get = |k: &str| a.and_then(|a| a.get(k)).map(|v| v.trim().to_string());
+    let mut o = Options {
+        timeout: DEFAULT_READ_TIMEOUT,
+        ssl_redirect: true,
+    };
+    let mut bad = |key: &str, v: &str, want: &str| {
+        skipped.push(Skipped {
+            ingress: name.to_string(),
+            reason: "InvalidAnnotation",
+            why: format!("{key}: {v:?} is not {want}"),
+        })
+    };
+    if let Some(v) = get(SSL_REDIRECT_ANNOTATION) {
+        match v.as_str() {
+            "true" => {}
+            "false" => o.ssl_redirect = false,
+            _ => bad(SSL_REDIRECT_ANNOTATION, &v, "\"true\" or \"false\""),
+        }
+    }
+    if let Some(v) = get(READ_TIMEOUT_ANNOTATION) {
+        match v.parse::<u64>() {
+            Ok(n) if (1..=86_400).contains(&n) => o.timeout = Duration::from_secs(n),
+            _ => bad(
+                READ_TIMEOUT_ANNOTATION,
+                &v,
+                "a number of seconds from 1 to 86400",
+            ),
+        }
+    }
+    o
 }
 
 /// Something an Ingress asks that is left out, with why.
@@ -63,7 +140,7 @@ impl fmt::Display for Skipped {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Host {
     /// Lower case.
     Exact(String),
@@ -84,16 +161,15 @@ impl Host {
         }
     }
 
-    /// How specific a match of this host is (higher wins), if it matches.
-    fn matches(&self, host: &str) -> Option<u8> {
-        match self {
-            Host::Exact(h) => (h == host).then_some(2),
-            Host::Wildcard(suffix) => host
-                .strip_suffix(suffix.as_str())
-                .filter(|label| !label.is_empty() && !label.contains('.'))
-                .map(|_| 1),
-            Host::Any => Some(0),
-        }
+    /// The keys a request's host (a [`host_name`]) is looked up by, most
+    /// specific first: itself, the wildcard of its first label, any.
+    fn keys(host: &str) -> [Host; 3] {
+        let wild = match host.split_once('.') {
+            Some((label, rest)) if !label.is_empty() => Host::Wildcard(format!(".{rest}")),
+            // No wildcard matches it: a key no rule has.
+            _ => Host::Wildcard(String::new()),
+        };
+        [Host::Exact(host.to_string()), wild, Host::Any]
     }
 }
 
@@ -105,7 +181,6 @@ enum Kind {
 
 #[derive(Clone, Debug)]
 struct Route {
-    host: Host,
     /// As written for Exact; without a trailing slash for Prefix (`/`
     /// stays `/`).
     path: String,
@@ -132,8 +207,14 @@ impl Route {
 /// The routes of every Ingress of one class.
 #[derive(Clone, Debug, Default)]
 pub struct Table {
-    routes: Vec<Route>,
+    /// Each host's routes, in precedence order: the longest path first,
+    /// Exact before Prefix, then the older Ingress.
+    hosts: HashMap<Host, Vec<Route>>,
     default: Option<Backend>,
+    /// Oldest Ingress first.
+    tls: Vec<Tls>,
+    /// The hosts some TLS entry names.
+    tls_hosts: HashSet<Host>,
 }
 
 fn key(i: &Ingress) -> String {
@@ -164,7 +245,12 @@ pub fn of_class(i: &Ingress, class: &str, is_default: bool) -> bool {
     }
 }
 
-fn backend(ingress: &str, namespace: &str, b: &IngressBackend) -> Result<Backend, String> {
+fn backend(
+    ingress: &str,
+    namespace: &str,
+    b: &IngressBackend,
+    o: Options,
+) -> Result<Backend, String> {
     let Some(svc) = &b.service else {
         return Err("only Service backends are served (a resource backend is not)".into());
     };
@@ -191,6 +277,8 @@ fn backend(ingress: &str, namespace: &str, b: &IngressBackend) -> Result<Backend
         service: svc.name.clone(),
         port,
         ingress: ingress.to_string(),
+        timeout: o.timeout,
+        ssl_redirect: o.ssl_redirect,
     })
 }
 
@@ -217,8 +305,34 @@ impl Table {
             let name = key(i);
             let ns = i.metadata.namespace.as_deref().unwrap_or("default");
             let Some(spec) = &i.spec else { continue };
+            let o = options(i, &name, &mut skipped);
+            for t in spec.tls.iter().flatten() {
+                let Some(secret) = t.secret_name.as_deref().filter(|s| !s.is_empty()) else {
+                    skipped.push(Skipped {
+                        ingress: name.clone(),
+                        reason: "InvalidTLS",
+                        why: "a tls entry names no secretName".into(),
+                    });
+                    continue;
+                };
+                let hosts: Vec<String> = t
+                    .hosts
+                    .iter()
+                    .flatten()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect();
+                for h in &hosts {
+                    table.tls_hosts.insert(Host::parse(Some(h)));
+                }
+                table.tls.push(Tls {
+                    ingress: name.clone(),
+                    namespace: ns.to_string(),
+                    secret: secret.to_string(),
+                    hosts,
+                });
+            }
             if let Some(b) = &spec.default_backend {
-                match backend(&name, ns, b) {
+                match backend(&name, ns, b, o) {
                     Ok(b) if table.default.is_none() => table.default = Some(b),
                     Ok(_) => {}
                     Err(why) => skipped.push(Skipped {
@@ -231,7 +345,7 @@ impl Table {
             for rule in spec.rules.iter().flatten() {
                 let host = Host::parse(rule.host.as_deref());
                 for p in rule.http.iter().flat_map(|h| h.paths.iter()) {
-                    let b = match backend(&name, ns, &p.backend) {
+                    let b = match backend(&name, ns, &p.backend, o) {
                         Ok(b) => b,
                         Err(why) => {
                             skipped.push(Skipped {
@@ -262,8 +376,7 @@ impl Table {
                         }
                         _ => written.to_string(),
                     };
-                    table.routes.push(Route {
-                        host: host.clone(),
+                    table.hosts.entry(host.clone()).or_default().push(Route {
                         path,
                         kind,
                         backend: b,
@@ -272,6 +385,15 @@ impl Table {
                 }
             }
         }
+        for routes in table.hosts.values_mut() {
+            routes.sort_by_key(|r| {
+                (
+                    std::cmp::Reverse(r.path.len()),
+                    r.kind != Kind::Exact,
+                    r.age,
+                )
+            });
+        }
         (table, skipped)
     }
 
@@ -279,28 +401,26 @@ impl Table {
     /// left out) and `path` (the URI's path, query left out).
     pub fn route(&self, host: &str, path: &str) -> Option<&Backend> {
         let host = host_name(host);
-        let best_host = self
-            .routes
+        let routes = Host::keys(&host).iter().find_map(|k| self.hosts.get(k))?;
+        routes
             .iter()
-            .filter_map(|r| r.host.matches(&host))
-            .max()?;
-        self.routes
-            .iter()
-            .filter(|r| r.host.matches(&host) == Some(best_host) && r.matches_path(path))
-            .max_by(|a, b| {
-                (
-                    a.path.len(),
-                    a.kind == Kind::Exact,
-                    std::cmp::Reverse(a.age),
-                )
-                    .cmp(&(
-                        b.path.len(),
-                        b.kind == Kind::Exact,
-                        std::cmp::Reverse(b.age),
-                    ))
-            })
+            .find(|r| r.matches_path(path))
             .map(|r| &r.backend)
             .or(self.default.as_ref())
+    }
+
+    /// Whether some TLS entry names `host` (a Host header), exactly or by
+    /// its wildcard.
+    pub fn has_tls(&self, host: &str) -> bool {
+        let host = host_name(host);
+        Host::keys(&host)[..2]
+            .iter()
+            .any(|k| self.tls_hosts.contains(k))
+    }
+
+    /// The TLS entries, oldest Ingress first.
+    pub fn tls(&self) -> &[Tls] {
+        &self.tls
     }
 
     /// The default backend alone (a request whose host no rule names and
@@ -311,19 +431,20 @@ impl Table {
 
     /// Every backend a request may be sent to.
     pub fn backends(&self) -> impl Iterator<Item = &Backend> {
-        self.routes
-            .iter()
+        self.hosts
+            .values()
+            .flatten()
             .map(|r| &r.backend)
             .chain(self.default.iter())
     }
 
     /// How many path rules the table holds.
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.hosts.values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty() && self.default.is_none()
+        self.hosts.is_empty() && self.default.is_none()
     }
 }
 
@@ -506,6 +627,63 @@ mod tests {
             skipped[1].why.contains("port number or name"),
             "{}",
             skipped[1]
+        );
+    }
+
+    #[test]
+    fn tls_hosts_and_annotated_options() {
+        let mut i = ingress(
+            "a",
+            1,
+            json!({"ingressClassName": "skiff",
+                "tls": [{"hosts": ["Secure.example", "*.wild.example"], "secretName": "cert"}, {"hosts": ["x"]}],
+                "rules": [{"host": "secure.example", "http": {"paths": [path("/", "Prefix", "s")]}}]}),
+        );
+        let (t, skipped) = Table::build([&i], "skiff", false);
+        assert!(t.has_tls("secure.example:443") && t.has_tls("a.wild.example"));
+        assert!(!t.has_tls("wild.example") && !t.has_tls("plain.example"));
+        assert_eq!(t.tls().len(), 1);
+        assert_eq!(t.tls()[0].hosts, ["secure.example", "*.wild.example"]);
+        assert_eq!(
+            skipped.len(),
+            1,
+            "a tls entry without a secret: {skipped:?}"
+        );
+        let b = t.route("secure.example", "/").expect("routed");
+        assert!(b.ssl_redirect);
+        assert_eq!(b.timeout, DEFAULT_READ_TIMEOUT);
+
+        i.metadata.annotations = Some(
+            [
+                (SSL_REDIRECT_ANNOTATION.to_string(), "false".to_string()),
+                (READ_TIMEOUT_ANNOTATION.to_string(), "5".to_string()),
+            ]
+            .into(),
+        );
+        let (t, _) = Table::build([&i], "skiff", false);
+        let b = t.route("secure.example", "/").expect("routed");
+        assert!(!b.ssl_redirect);
+        assert_eq!(b.timeout, Duration::from_secs(5));
+
+        i.metadata.annotations = Some(
+            [
+                (SSL_REDIRECT_ANNOTATION.to_string(), "no".to_string()),
+                (READ_TIMEOUT_ANNOTATION.to_string(), "5m".to_string()),
+            ]
+            .into(),
+        );
+        let (t, skipped) = Table::build([&i], "skiff", false);
+        let b = t.route("secure.example", "/").expect("still routed");
+        assert!(b.ssl_redirect && b.timeout == DEFAULT_READ_TIMEOUT);
+        let bad: Vec<_> = skipped
+            .iter()
+            .filter(|s| s.reason == "InvalidAnnotation")
+            .collect();
+        assert_eq!(bad.len(), 2, "{skipped:?}");
+        assert!(
+            bad[1].why.contains("\"5m\" is not a number of seconds"),
+            "{}",
+            bad[1]
         );
     }
 

@@ -111,7 +111,7 @@ pub async fn run(
     // often while the proxy runs.
     let refresh = {
         let (telemetry, pin_dir) = (telemetry.clone(), cfg.pin_dir.clone());
-        AbortOnDrop(tokio::spawn(async move {
+        crate::role::AbortOnDrop(tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             loop {
                 let (t, p) = (telemetry.clone(), pin_dir.clone());
@@ -239,15 +239,6 @@ pub async fn run(
 /// map walks its keys one syscall each: a full 262 144-entry LRU takes
 /// about a third of a second of CPU.
 const MAP_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Aborts its task when dropped (the proxy's helper tasks end with it).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// A programming pass ended (it started at `started`).
 fn record_sync(m: &crate::telemetry::Proxy, paths: &Paths, started: Instant) {

@@ -558,13 +558,24 @@ impl Api {
         let r = view.map_or(t.resource, |(stored, _)| stored);
         let ns = t.namespace.as_deref();
         let watching = q.get("watch").is_some_and(|v| v == "true" || v == "1");
+        // A list or watch pinned to one name (`fieldSelector=metadata.name=x`)
+        // is authorized as for that object, as upstream does: a node may
+        // watch the one Secret it is allowed to read.
+        let pinned = if t.name.is_none() && method == Method::GET {
+            q.get("fieldSelector")
+                .and_then(|f| crate::selector::FieldSelector::parse(f, &[]).ok())
+                .filter(|f| f.terms() == 1)
+                .and_then(|f| f.name().map(str::to_string))
+        } else {
+            None
+        };
         let attrs = Attributes::Resource(ResourceAttributes {
             verb: auth::verb(&method, t.name.is_some(), watching).to_string(),
             group: r.group.to_string(),
             resource: r.plural.to_string(),
             subresource: t.sub.clone().unwrap_or_default(),
             namespace: t.namespace.clone().unwrap_or_default(),
-            name: t.name.clone().unwrap_or_default(),
+            name: t.name.clone().or(pinned).unwrap_or_default(),
         });
         // The object written (create or update), for authorizers that
         // judge what is written, not only where.

@@ -7,7 +7,9 @@
 //! bound to it. It writes only its own Node and Lease, the status of pods
 //! bound to it (and their final deletion), Events, its certificate
 //! requests, tokens for pods bound to it, and the volumes whose node
-//! affinity names it alone (to finalize them).
+//! affinity names it alone (to finalize them). For the ingress role it
+//! reads Ingresses and IngressClasses, the Secrets Ingresses name for TLS,
+//! and writes Ingresses' status.
 
 use serde_json::Value;
 
@@ -36,6 +38,32 @@ async fn stored(
         .await
         .map_err(|e| e.to_string())?;
     Ok(item.and_then(|i| serde_json::from_slice(&i.value).ok()))
+}
+
+/// Whether an Ingress of namespace `ns` names Secret `name` in its
+/// `spec.tls`.
+async fn ingress_tls(store: &Store, ns: &str, name: &str) -> Result<bool, String> {
+    let r = resources::find("networking.k8s.io", "v1", "ingresses")
+        .ok_or_else(|| "no ingresses".to_string())?;
+    let (items, _) = store
+        .list(&r.prefix(Some(ns)), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(items.iter().any(|i| {
+        serde_json::from_slice::<Value>(&i.value)
+            .ok()
+            .is_some_and(|ing| names_tls_secret(&ing, name))
+    }))
+}
+
+fn names_tls_secret(ingress: &Value, name: &str) -> bool {
+    ingress
+        .pointer("/spec/tls")
+        .and_then(Value::as_array)
+        .is_some_and(|tls| {
+            tls.iter()
+                .any(|t| t.get("secretName").and_then(Value::as_str) == Some(name))
+        })
 }
 
 fn bound_to(pod: &Value, node: &str) -> bool {
@@ -262,6 +290,21 @@ async fn decide(
             if sub == "status" && matches!(verb, "get" | "patch" | "update") =>
         {
             Decision::Allow
+        }
+        // A Secret an Ingress names for TLS: the ingress role serves its
+        // certificate, and watches it by name to reload it.
+        ("", "secrets")
+            if reading && sub.is_empty() && !a.name.is_empty() && !a.namespace.is_empty() =>
+        {
+            if verb == "get" && pods.used_on(node, &a.namespace, "secrets", &a.name)
+                || ingress_tls(store, &a.namespace, &a.name).await?
+            {
+                Decision::Allow
+            } else {
+                deny(format!(
+                    "no relationship found between node {node:?} and this object"
+                ))
+            }
         }
         ("", "persistentvolumes") if reading && sub.is_empty() => Decision::Allow,
         ("", "persistentvolumes") if matches!(verb, "update" | "patch") && sub.is_empty() => {

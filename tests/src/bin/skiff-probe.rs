@@ -14,6 +14,9 @@
 //! skiff-probe in-cluster                 (kube-rs from inside a pod: who am I, my namespace's pods)
 //! skiff-probe flows FIRST_PORT COUNT     (COUNT connections from fixed source ports; per stdin
 //!                                         line `open ADDR` or `ask`, the answer of each)
+//! skiff-probe ws-echo ADDR NAME          (WebSocket: each message back as `NAME: message`)
+//! skiff-probe ws ADDR URL COUNT          (WebSocket client of ws://HOST/PATH through ADDR: the echoes)
+//! skiff-probe serve-h2c ADDR NAME        (HTTP/2 with prior knowledge: `NAME HTTP/2.0`)
 //! ```
 
 use std::collections::BTreeMap;
@@ -497,6 +500,87 @@ fn flows(first_port: u16, count: u16) -> Result<()> {
     Ok(())
 }
 
+/// A WebSocket echo server: each text message comes back as
+/// `NAME: message`, on a thread per connection.
+fn ws_echo(at: SocketAddr, name: &str) -> Result<()> {
+    use tokio_tungstenite::tungstenite::{Message, accept};
+    let l = TcpListener::bind(at).with_context(|| format!("binding {at}"))?;
+    for s in l.incoming() {
+        let Ok(s) = s else { continue };
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let Ok(mut ws) = accept(s) else { return };
+            while let Ok(m) = ws.read() {
+                let reply = match m {
+                    Message::Text(t) => Message::text(format!("{name}: {t}")),
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if ws.send(reply).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// A WebSocket client of `url` (`ws://HOST/PATH`) connected to `to` (a
+/// proxy): COUNT messages on one connection, then the echoes.
+fn ws(to: SocketAddr, url: &str, count: usize) -> Result<()> {
+    use tokio_tungstenite::tungstenite::{Message, client};
+    let s = TcpStream::connect_timeout(&to, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let (mut ws, resp) = client(url, s).context("the WebSocket handshake")?;
+    let mut echoes = Vec::new();
+    for i in 0..count {
+        ws.send(Message::text(format!("m{i}")))?;
+        match ws.read()? {
+            Message::Text(t) => echoes.push(t.to_string()),
+            other => bail!("a {other:?} for a text message"),
+        }
+    }
+    let _ = ws.close(None);
+    println!(
+        "{}",
+        serde_json::json!({"status": resp.status().as_u16(), "echoes": echoes})
+    );
+    Ok(())
+}
+
+/// An HTTP/2 server with prior knowledge (no HTTP/1.1): each request is
+/// answered `NAME HTTP/2.0`.
+fn serve_h2c(at: SocketAddr, name: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("binding {at}"))?;
+        loop {
+            let (s, _) = l.accept().await?;
+            let name = name.to_string();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let body = format!("{name} {:?}\n", req.version());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        }
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    })
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = arg(&args, 0, "command")?;
@@ -546,6 +630,13 @@ fn main() -> Result<()> {
             )
         }
         "in-cluster" => in_cluster(),
+        "ws-echo" => ws_echo(addr(arg(&args, 1, "ADDR")?)?, arg(&args, 2, "NAME")?),
+        "ws" => ws(
+            addr(arg(&args, 1, "ADDR")?)?,
+            arg(&args, 2, "URL")?,
+            arg(&args, 3, "COUNT")?.parse()?,
+        ),
+        "serve-h2c" => serve_h2c(addr(arg(&args, 1, "ADDR")?)?, arg(&args, 2, "NAME")?),
         "flows" => flows(
             arg(&args, 1, "FIRST_PORT")?.parse()?,
             arg(&args, 2, "COUNT")?.parse()?,
