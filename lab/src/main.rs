@@ -6,7 +6,7 @@ mod bench;
 mod demo;
 mod reap;
 
-use bench::{cluster, control, dns, knobs, kubelet, net, nodeport, proxy};
+use bench::{cluster, control, dns, ingress, knobs, kubelet, net, nodeport, proxy};
 
 use std::path::PathBuf;
 
@@ -35,7 +35,10 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
                                 [--cases remote,local,local-policy] [--maglev-size 16381]
                                 [--out target/bench]
        skiff-lab bench-dns [--services 10000] [--seconds 10] [--rounds 3] [--latency-qps 20000]
-                           [--propagation 50] [--rss-services 50000] [--out target/bench]";
+                           [--propagation 50] [--rss-services 50000] [--out target/bench]
+       skiff-lab bench-ingress [--rules 10,1000] [--seconds 10] [--rounds 3] [--conns 64]
+                               [--cases http-keepalive,https-keepalive,https-new-conn]
+                               [--changes 20] [--out target/bench]";
 
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -213,6 +216,46 @@ fn dns_args(argv: &[String]) -> Result<dns::Args> {
     Ok(a)
 }
 
+fn ingress_args(argv: &[String]) -> Result<ingress::Args> {
+    let mut a = ingress::Args {
+        rules: vec![10, 1_000],
+        cases: ingress::CASES.map(String::from).to_vec(),
+        seconds: 10,
+        rounds: 3,
+        conns: 64,
+        changes: 20,
+        out: PathBuf::from("target/bench"),
+    };
+    each_flag(argv, |flag, value| {
+        match flag {
+            "--rules" => a.rules = list(value, "--rules")?,
+            "--cases" => {
+                a.cases = list(value, "--cases")?;
+                if let Some(c) = a
+                    .cases
+                    .iter()
+                    .find(|c| !ingress::CASES.contains(&c.as_str()))
+                {
+                    bail!("--cases: {c:?} is not one of {}", ingress::CASES.join(", "));
+                }
+            }
+            "--seconds" => a.seconds = value.parse().context("--seconds")?,
+            "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--conns" => a.conns = value.parse().context("--conns")?,
+            "--changes" => a.changes = value.parse().context("--changes")?,
+            "--out" => a.out = PathBuf::from(value),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    a.rules.sort_unstable();
+    a.rules.dedup();
+    if a.rules.first().is_none_or(|r| *r == 0) || a.seconds == 0 || a.rounds == 0 || a.conns == 0 {
+        bail!("--rules, --seconds, --rounds and --conns must be at least 1");
+    }
+    Ok(a)
+}
+
 fn nodeport_args(argv: &[String]) -> Result<nodeport::Args> {
     let mut a = nodeport::Args {
         sizes: vec![1, 1_000, 10_000],
@@ -376,6 +419,7 @@ fn main() -> Result<()> {
         Some("bench-cluster") => cluster::run(&cluster_args(&argv[1..])?),
         Some("bench-nodeport") => nodeport::run(&nodeport_args(&argv[1..])?),
         Some("bench-dns") => dns::run(&dns_args(&argv[1..])?),
+        Some("bench-ingress") => ingress::run(&ingress_args(&argv[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

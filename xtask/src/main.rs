@@ -100,6 +100,9 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "iperf3",
     "wrk",
+    // `bench ingress`: nginx as the reverse proxy the ingress role is
+    // measured against (its package's service is not started here).
+    "nginx-light",
     "etcd-server",
     "etcd-client",
     "containerd",
@@ -368,8 +371,8 @@ fn main() -> Result<()> {
         } => protobuf_schema::generate(&root(), k8s_pb, k8s_openapi),
         Cmd::Bench { what, args } => {
             setup()?;
-            const BENCHES: [&str; 7] = [
-                "proxy", "control", "net", "kubelet", "cluster", "nodeport", "dns",
+            const BENCHES: [&str; 8] = [
+                "proxy", "control", "net", "kubelet", "cluster", "nodeport", "dns", "ingress",
             ];
             if !BENCHES.contains(&what.as_str()) {
                 bail!(

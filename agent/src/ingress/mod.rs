@@ -61,6 +61,8 @@ pub enum IngressError {
     },
     #[error("the node's own certificate: {0}")]
     Tls(String),
+    #[error("starting the ingress workers: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A backend's identity: namespace, Service, port.
@@ -84,7 +86,8 @@ pub struct State {
 /// A backend's ready endpoints, and how they are spoken to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Endpoints {
-    pub addrs: Vec<SocketAddr>,
+    /// Each address, with its URI authority made once.
+    pub addrs: Vec<(SocketAddr, http::uri::Authority)>,
     /// HTTP/2 with prior knowledge (the Service port's `appProtocol` is
     /// `kubernetes.io/h2c`), not HTTP/1.1.
     pub h2c: bool,
@@ -145,7 +148,15 @@ fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> 
     }
     out.sort();
     out.dedup();
-    Endpoints { addrs: out, h2c }
+    let addrs = out
+        .into_iter()
+        .filter_map(|a| {
+            http::uri::Authority::try_from(a.to_string())
+                .ok()
+                .map(|auth| (a, auth))
+        })
+        .collect();
+    Endpoints { addrs, h2c }
 }
 
 /// Whether the IngressClass `class` is marked the cluster's default.
@@ -247,31 +258,35 @@ impl crate::role::Role for IngressConfig {
         mut shutdown: crate::role::Shutdown,
     ) -> Result<(), IngressError> {
         let client = ctx.client("ingress")?;
-        let bind = |addr: SocketAddr| async move {
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| IngressError::Bind { addr, source })
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let bind = |addr: SocketAddr| {
+            serve::bind_each(addr, threads).map_err(|source| IngressError::Bind { addr, source })
         };
-        let (http, https) = (bind(self.http).await?, bind(self.https).await?);
+        let listeners = bind(self.http)?
+            .into_iter()
+            .zip(bind(self.https)?)
+            .collect();
         let state = Arc::new(RwLock::new(Arc::new(State::default())));
         let fallback = tls::self_signed(vec![self.address.to_string(), self.node_name.clone()])
             .map_err(IngressError::Tls)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(
             tls::server_config(state.clone(), fallback).map_err(IngressError::Tls)?,
         );
-        let server = serve::Server::new(state.clone(), self.https.port());
+        let mut workers =
+            serve::Workers::start(state.clone(), self.https.port(), listeners, acceptor)
+                .map_err(IngressError::Workers)?;
         let health = ctx.telemetry.check(
             "ingress",
             crate::telemetry::Watch::Sync(std::time::Duration::from_secs(60)),
         );
-        info!(http = %self.http, https = %self.https, class = %self.class, "ingress serving");
+        info!(http = %self.http, https = %self.https, class = %self.class, threads, "ingress serving");
         let published = Arc::new(std::sync::Mutex::new(Vec::new()));
         tokio::select! {
-            () = serve::run(server.clone(), http, None) => {}
-            () = serve::run(server, https, Some(acceptor)) => {}
+            why = workers.ended() => warn!(why, "an ingress worker ended"),
             () = follow(client.clone(), self, state, health, published.clone()) => {}
             () = crate::role::stopped(&mut shutdown) => {}
         }
+        workers.stop().await;
         // This node serves them no more: its address leaves their status.
         let served = std::mem::take(
             &mut *published

@@ -34,7 +34,7 @@
 //!
 //! Pure logic: the role turns a backend into ready endpoints elsewhere.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -160,16 +160,72 @@ impl Host {
             },
         }
     }
+}
 
-    /// The keys a request's host (a [`host_name`]) is looked up by, most
-    /// specific first: itself, the wildcard of its first label, any.
-    fn keys(host: &str) -> [Host; 3] {
-        let wild = match host.split_once('.') {
-            Some((label, rest)) if !label.is_empty() => Host::Wildcard(format!(".{rest}")),
-            // No wildcard matches it: a key no rule has.
-            _ => Host::Wildcard(String::new()),
-        };
-        [Host::Exact(host.to_string()), wild, Host::Any]
+/// Values by host (exact, wildcard, or any), found for a request's host
+/// without allocating: the exact name, then the wildcard of its first
+/// label (`*.example.com` holds one label in its place), then any.
+#[derive(Clone, Debug)]
+pub struct ByHost<T> {
+    exact: HashMap<String, T>,
+    /// By the part after `*` (`.example.com`).
+    wildcard: HashMap<String, T>,
+    any: Option<T>,
+}
+
+impl<T> Default for ByHost<T> {
+    fn default() -> Self {
+        Self {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            any: None,
+        }
+    }
+}
+
+impl<T> ByHost<T> {
+    /// The value of a host as an Ingress writes it (`*.x` a wildcard; none
+    /// or empty: any), made with `new` if it has none yet.
+    pub fn entry(&mut self, host: Option<&str>, new: impl FnOnce() -> T) -> &mut T {
+        match Host::parse(host) {
+            Host::Exact(h) => self.exact.entry(h).or_insert_with(new),
+            Host::Wildcard(w) => self.wildcard.entry(w).or_insert_with(new),
+            Host::Any => self.any.get_or_insert_with(new),
+        }
+    }
+
+    /// The value for a request's host (a [`host_name`]), by the exact
+    /// name or its wildcard only (`any`: or the value for any host).
+    pub fn find(&self, host: &str, any: bool) -> Option<&T> {
+        self.exact
+            .get(host)
+            .or_else(|| match host.find('.') {
+                Some(i) if i > 0 => self.wildcard.get(&host[i..]),
+                _ => None,
+            })
+            .or(if any { self.any.as_ref() } else { None })
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .chain(self.any.iter())
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.exact
+            .values_mut()
+            .chain(self.wildcard.values_mut())
+            .chain(self.any.iter_mut())
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len() + usize::from(self.any.is_some())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -209,12 +265,12 @@ impl Route {
 pub struct Table {
     /// Each host's routes, in precedence order: the longest path first,
     /// Exact before Prefix, then the older Ingress.
-    hosts: HashMap<Host, Vec<Route>>,
+    hosts: ByHost<Vec<Route>>,
     default: Option<Backend>,
     /// Oldest Ingress first.
     tls: Vec<Tls>,
     /// The hosts some TLS entry names.
-    tls_hosts: HashSet<Host>,
+    tls_hosts: ByHost<()>,
 }
 
 fn key(i: &Ingress) -> String {
@@ -322,7 +378,7 @@ impl Table {
                     .map(|h| h.to_ascii_lowercase())
                     .collect();
                 for h in &hosts {
-                    table.tls_hosts.insert(Host::parse(Some(h)));
+                    table.tls_hosts.entry(Some(h), || ());
                 }
                 table.tls.push(Tls {
                     ingress: name.clone(),
@@ -343,7 +399,6 @@ impl Table {
                 }
             }
             for rule in spec.rules.iter().flatten() {
-                let host = Host::parse(rule.host.as_deref());
                 for p in rule.http.iter().flat_map(|h| h.paths.iter()) {
                     let b = match backend(&name, ns, &p.backend, o) {
                         Ok(b) => b,
@@ -376,12 +431,15 @@ impl Table {
                         }
                         _ => written.to_string(),
                     };
-                    table.hosts.entry(host.clone()).or_default().push(Route {
-                        path,
-                        kind,
-                        backend: b,
-                        age,
-                    });
+                    table
+                        .hosts
+                        .entry(rule.host.as_deref(), Vec::new)
+                        .push(Route {
+                            path,
+                            kind,
+                            backend: b,
+                            age,
+                        });
                 }
             }
         }
@@ -401,8 +459,8 @@ impl Table {
     /// left out) and `path` (the URI's path, query left out).
     pub fn route(&self, host: &str, path: &str) -> Option<&Backend> {
         let host = host_name(host);
-        let routes = Host::keys(&host).iter().find_map(|k| self.hosts.get(k))?;
-        routes
+        self.hosts
+            .find(&host, true)?
             .iter()
             .find(|r| r.matches_path(path))
             .map(|r| &r.backend)
@@ -412,10 +470,7 @@ impl Table {
     /// Whether some TLS entry names `host` (a Host header), exactly or by
     /// its wildcard.
     pub fn has_tls(&self, host: &str) -> bool {
-        let host = host_name(host);
-        Host::keys(&host)[..2]
-            .iter()
-            .any(|k| self.tls_hosts.contains(k))
+        self.tls_hosts.find(&host_name(host), false).is_some()
     }
 
     /// The TLS entries, oldest Ingress first.
@@ -449,8 +504,8 @@ impl Table {
 }
 
 /// A Host header's name: lower case, without its port (an IPv6 literal
-/// keeps its brackets).
-pub fn host_name(host: &str) -> String {
+/// keeps its brackets); borrowed when it is so already.
+pub fn host_name(host: &str) -> std::borrow::Cow<'_, str> {
     let h = host.trim();
     let name = if h.starts_with('[') {
         h.split_once(']').map_or(h, |(a, _)| &h[..=a.len()])
@@ -463,7 +518,12 @@ pub fn host_name(host: &str) -> String {
             }
         })
     };
-    name.trim_end_matches('.').to_ascii_lowercase()
+    let name = name.trim_end_matches('.');
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
 }
 
 #[cfg(test)]

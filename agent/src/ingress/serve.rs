@@ -53,6 +53,18 @@ pub struct Server {
     https_port: u16,
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// A connection's client, as its requests' headers name it.
+struct Peer {
+    ip: HeaderValue,
+    ip_text: String,
+    /// Over TLS.
+    secure: bool,
+}
+
 /// Headers that belong to one connection and are not passed on (RFC 9110
 /// 7.6.1).
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -81,6 +93,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 fn text(code: StatusCode, msg: String) -> Response<Body> {
+    debug!(status = code.as_u16(), "{msg}");
     let mut r = Response::new(
         Full::new(Bytes::from(msg + "\n"))
             .map_err(|never: Infallible| match never {})
@@ -147,38 +160,37 @@ impl Server {
         })
     }
 
-    async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        peer: SocketAddr,
-        secure: bool,
-    ) -> Response<Body> {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+    async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        // The Host header, or HTTP/2's :authority.
+        let host_value = match req.headers().get(header::HOST) {
+            Some(h) => h.clone(),
+            None => req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or_else(|| HeaderValue::from_static("")),
+        };
+        let host = host_value.to_str().unwrap_or_default();
+        let secure = peer.secure;
         let state = match self.state.read() {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        let path = req.uri().path().to_string();
-        let Some(backend) = state.table.route(&host, &path) else {
+        let path = req.uri().path();
+        let Some(backend) = state.table.route(host, path) else {
             return text(
                 StatusCode::NOT_FOUND,
                 format!("no Ingress rule takes {host}{path}"),
             );
         };
-        if !secure && backend.ssl_redirect && state.table.has_tls(&host) {
+        if !secure && backend.ssl_redirect && state.table.has_tls(host) {
             let port = match self.https_port {
                 443 => String::new(),
                 p => format!(":{p}"),
             };
             let to = format!(
                 "https://{}{port}{}",
-                super::routes::host_name(&host),
+                super::routes::host_name(host),
                 req.uri().path_and_query().map_or("/", |p| p.as_str())
             );
             let mut r = text(StatusCode::PERMANENT_REDIRECT, format!("see {to}"));
@@ -215,57 +227,60 @@ impl Server {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol);
         }
-        let scheme = if secure { "https" } else { "http" };
         let forwarded_for = match parts
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
         {
-            Some(prior) => format!("{prior}, {}", peer.ip()),
-            None => peer.ip().to_string(),
+            Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", peer.ip_text))
+                .unwrap_or_else(|_| peer.ip.clone()),
+            None => peer.ip.clone(),
         };
-        for (name, value) in [
-            ("x-forwarded-for", forwarded_for.as_str()),
-            ("x-forwarded-proto", scheme),
-            ("x-forwarded-host", host.as_str()),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                parts.headers.insert(HeaderName::from_static(name), v);
-            }
-        }
-        if parts.headers.get(header::HOST).is_none()
-            && let Ok(v) = HeaderValue::from_str(&host)
-        {
-            parts.headers.insert(header::HOST, v);
+        let h = &mut parts.headers;
+        h.insert(X_FORWARDED_FOR, forwarded_for);
+        h.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if secure { "https" } else { "http" }),
+        );
+        h.insert(X_FORWARDED_HOST, host_value.clone());
+        if !h.contains_key(header::HOST) {
+            h.insert(header::HOST, host_value);
         }
         let path_and_query = parts
             .uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         // A body-less idempotent request may go to another endpoint when
         // one cannot be reached.
-        let retry = idempotent(&parts.method)
-            && parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .is_none_or(|v| v.as_bytes() == b"0")
-            && !parts.headers.contains_key(header::TRANSFER_ENCODING);
-        let addrs = &endpoints.addrs;
+        let retry = idempotent(&parts.method) && hyper::body::Body::is_end_stream(&body);
+        let eps = &endpoints.addrs;
         let h2c = endpoints.h2c && client_upgrade.is_none();
-        let tries = if retry { addrs.len().min(3) } else { 1 };
+        let tries = if retry { eps.len().min(3) } else { 1 };
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut body = Some(body.boxed());
+        let mut parts = Some(parts);
         let mut last_error = String::new();
         for i in 0..tries {
-            let ep = addrs[(start + i) % addrs.len()];
-            let Ok(uri) = format!("http://{ep}{path_and_query}").parse::<Uri>() else {
+            let (ep, authority) = &eps[(start + i) % eps.len()];
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(authority.clone());
+            uri.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(uri) else {
                 return text(
                     StatusCode::BAD_REQUEST,
-                    format!("bad path {path_and_query:?}"),
+                    format!("bad path {path_and_query}"),
                 );
             };
-            let mut out = Request::from_parts(parts.clone(), ());
+            // The last try takes the request's own parts; earlier ones a copy.
+            let p = if i + 1 == tries {
+                parts.take()
+            } else {
+                parts.clone()
+            };
+            let Some(p) = p else { break };
+            let mut out = Request::from_parts(p, ());
             *out.uri_mut() = uri;
             let b = body
                 .take()
@@ -330,7 +345,7 @@ impl Server {
 
 /// Serves `listener` until the task is dropped: HTTPS when `tls` is
 /// given, plain HTTP otherwise.
-pub async fn run(
+async fn run(
     server: Arc<Server>,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -360,6 +375,102 @@ pub async fn run(
     }
 }
 
+/// Binds `addr` once per worker, with `SO_REUSEPORT`: the kernel spreads
+/// the connections over the workers' listeners.
+pub fn bind_each(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    (0..workers)
+        .map(|_| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(4096)?;
+            Ok(s.into())
+        })
+        .collect()
+}
+
+/// The data path's workers: threads of their own, each with a
+/// single-threaded runtime, its own listeners and its own pools to the
+/// endpoints, as nginx's worker processes are. A request's client and
+/// endpoint connections are served on one thread, with no wake-ups across
+/// threads.
+pub struct Workers {
+    stop: tokio::sync::watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    ended: tokio::sync::mpsc::Receiver<String>,
+}
+
+impl Workers {
+    /// A worker per pair of listeners (`http[i]`, `https[i]`).
+    pub fn start(
+        state: Arc<RwLock<Arc<State>>>,
+        https_port: u16,
+        listeners: Vec<(std::net::TcpListener, std::net::TcpListener)>,
+        tls: tokio_rustls::TlsAcceptor,
+    ) -> std::io::Result<Self> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (end, ended) = tokio::sync::mpsc::channel(listeners.len().max(1));
+        let mut threads = Vec::new();
+        for (i, (http, https)) in listeners.into_iter().enumerate() {
+            let (state, tls, end) = (state.clone(), tls.clone(), end.clone());
+            let mut stopped = stopped.clone();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ingress-{i}"))
+                    .spawn(move || {
+                        let why = rt.block_on(async move {
+                            let server = Server::new(state, https_port);
+                            let (http, https) = match (
+                                tokio::net::TcpListener::from_std(http),
+                                tokio::net::TcpListener::from_std(https),
+                            ) {
+                                (Ok(a), Ok(b)) => (a, b),
+                                (Err(e), _) | (_, Err(e)) => return format!("listening: {e}"),
+                            };
+                            tokio::select! {
+                                () = run(server.clone(), http, None) => "HTTP ended".to_string(),
+                                () = run(server, https, Some(tls)) => "HTTPS ended".to_string(),
+                                _ = stopped.wait_for(|s| *s) => String::new(),
+                            }
+                        });
+                        let _ = end.try_send(why);
+                    })?,
+            );
+        }
+        Ok(Self {
+            stop,
+            threads,
+            ended,
+        })
+    }
+
+    /// Until a worker ends of itself: why.
+    pub async fn ended(&mut self) -> String {
+        self.ended
+            .recv()
+            .await
+            .unwrap_or_else(|| "no worker".to_string())
+    }
+
+    /// Stops every worker (their connections close) and waits for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
 /// How long a client has to send its request headers, or to finish its
 /// TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -372,9 +483,15 @@ async fn serve<I>(server: Arc<Server>, io: I, peer: SocketAddr, secure: bool)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let ip_text = peer.ip().to_string();
+    let who = Arc::new(Peer {
+        ip: HeaderValue::from_str(&ip_text).unwrap_or_else(|_| HeaderValue::from_static("")),
+        ip_text,
+        secure,
+    });
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let server = server.clone();
-        async move { Ok::<_, Infallible>(server.handle(req, peer, secure).await) }
+        let (server, who) = (server.clone(), who.clone());
+        async move { Ok::<_, Infallible>(server.handle(req, &who).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Slow clients (slowloris) may not hold a connection open on half-sent

@@ -23,7 +23,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::State;
-use super::routes::{Skipped, Tls, host_name};
+use super::routes::{ByHost, Skipped, Tls, host_name};
 
 /// The type a TLS Secret must have.
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
@@ -42,32 +42,20 @@ pub type SecretKey = (String, String);
 
 /// The certificates by the names they are served for.
 #[derive(Default)]
-pub struct Certs {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    /// By the part after `*` (`.example.com`).
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    any: Option<Arc<CertifiedKey>>,
-}
+pub struct Certs(ByHost<Arc<CertifiedKey>>);
 
 impl Certs {
     /// The certificate for server name `name`, if an entry covers it.
     pub fn find(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
-        let name = host_name(name);
-        self.exact
-            .get(&name)
-            .or_else(|| match name.split_once('.') {
-                Some((label, rest)) if !label.is_empty() => self.wildcard.get(&format!(".{rest}")),
-                _ => None,
-            })
-            .or(self.any.as_ref())
+        self.0.find(&host_name(name), true)
     }
 
     pub fn len(&self) -> usize {
-        self.exact.len() + self.wildcard.len() + usize::from(self.any.is_some())
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.0.is_empty()
     }
 }
 
@@ -160,14 +148,10 @@ pub fn certs(
             }
         };
         if t.hosts.is_empty() {
-            out.any.get_or_insert(ck.clone());
+            out.0.entry(None, || ck.clone());
         }
         for h in &t.hosts {
-            match h.strip_prefix('*') {
-                Some(rest) => out.wildcard.entry(rest.to_string()),
-                None => out.exact.entry(h.clone()),
-            }
-            .or_insert_with(|| ck.clone());
+            out.0.entry(Some(h), || ck.clone());
         }
     }
     parsed.retain(|k, _| used.contains(k));

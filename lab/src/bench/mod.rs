@@ -7,6 +7,7 @@ pub mod control;
 mod dashboard;
 pub mod dns;
 mod ha;
+pub mod ingress;
 pub mod knobs;
 pub mod kubelet;
 pub mod net;

@@ -370,43 +370,61 @@ pub fn kubelet(doc: &serde_json::Value, path: &Path) -> Result<()> {
 
 /// `bench dns`: queries per second by mix, the dns role beside unbound.
 pub fn dns(doc: &serde_json::Value, path: &Path) -> Result<()> {
-    register_font()?;
-    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let rows: Vec<&serde_json::Value> = doc["summary"].as_array().into_iter().flatten().collect();
-    let qps = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0);
-    let top = rows
-        .iter()
-        .flat_map(|r| [qps(r, "skiff_qps"), qps(r, "unbound_qps")])
-        .fold(1.0, f64::max)
-        * 1.25;
+    let qps = |k: &str| -> Vec<f64> { rows.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect() };
     let mixes: Vec<String> = rows
         .iter()
         .enumerate()
         .map(|(i, r)| format!("{i}: {}", r["mix"].as_str().unwrap_or("?")))
         .collect();
+    paired_bars(
+        path,
+        "DNS queries per second (dnsperf), same zone",
+        &format!("mix ({})", mixes.join(", ")),
+        "queries/s",
+        [
+            ("skiff dns role", qps("skiff_qps")),
+            ("unbound", qps("unbound_qps")),
+        ],
+    )
+}
+
+/// One chart of two bars per group (Skiff's, then the baseline's), the
+/// groups numbered from 0 as `x_desc` explains.
+pub fn paired_bars(
+    path: &Path,
+    caption: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: [(&str, Vec<f64>); 2],
+) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let groups = series[0].1.len().max(series[1].1.len());
+    let top = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(1.0, f64::max)
+        * 1.25;
     let mut chart = panel(
         &root,
-        "DNS queries per second (dnsperf), same zone",
-        (
-            0f64..rows.len().max(1) as f64,
-            &format!("mix ({})", mixes.join(", ")),
-        ),
-        (0f64..top, "queries/s"),
+        caption,
+        (0f64..groups.max(1) as f64, x_desc),
+        (0f64..top, y_desc),
     )?;
     let blue = RGBColor(0, 114, 178);
     let orange = RGBColor(213, 94, 0);
-    for (key, name, color, from, to) in [
-        ("skiff_qps", "skiff dns role", blue, 0.1, 0.45),
-        ("unbound_qps", "unbound", orange, 0.55, 0.9),
-    ] {
+    for ((name, values), (color, from, to)) in
+        series.iter().zip([(blue, 0.1, 0.45), (orange, 0.55, 0.9)])
+    {
         chart
-            .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            .draw_series(values.iter().enumerate().map(|(i, v)| {
                 let x = i as f64;
-                Rectangle::new([(x + from, 0.0), (x + to, qps(r, key))], color.filled())
+                Rectangle::new([(x + from, 0.0), (x + to, *v)], color.filled())
             }))
             .map_err(|e| anyhow!("{e}"))?
-            .label(name)
+            .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
     }
     chart
