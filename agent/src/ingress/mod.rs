@@ -73,7 +73,7 @@ fn backend_key(b: &Backend) -> BackendKey {
 }
 
 /// What requests are routed by: swapped whole on each change.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct State {
     pub table: Table,
     /// The ready endpoints of each backend of the table whose Service
@@ -81,6 +81,57 @@ pub struct State {
     pub endpoints: HashMap<BackendKey, Endpoints>,
     /// The certificates served by SNI.
     pub certs: tls::Certs,
+}
+
+/// The current [`State`], swapped whole on each change. The data path's
+/// threads each keep a copy of their own ([`Current::local`]), taken again
+/// only when the generation has moved: a request touches no cache line
+/// that another thread writes.
+#[derive(Default)]
+pub struct Current {
+    state: RwLock<Arc<State>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+thread_local! {
+    /// This thread's copy: whose (the `Current`'s address), at which
+    /// generation.
+    static LOCAL: std::cell::RefCell<Option<(usize, u64, Arc<State>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Current {
+    /// The state as it is now (shared).
+    pub fn get(&self) -> Arc<State> {
+        match self.state.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set(&self, next: State) {
+        let next = Arc::new(next);
+        match self.state.write() {
+            Ok(mut s) => *s = next,
+            Err(p) => *p.into_inner() = next,
+        }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The state as it is now, from this thread's own copy.
+    pub fn local(&self) -> Arc<State> {
+        let me = self as *const Self as usize;
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        LOCAL.with_borrow_mut(|slot| match slot {
+            Some((who, g, s)) if *who == me && *g == generation => s.clone(),
+            _ => {
+                let own = Arc::new(State::clone(&self.get()));
+                *slot = Some((me, generation, own.clone()));
+                own
+            }
+        })
+    }
 }
 
 /// A backend's ready endpoints, and how they are spoken to.
@@ -266,7 +317,7 @@ impl crate::role::Role for IngressConfig {
             .into_iter()
             .zip(bind(self.https)?)
             .collect();
-        let state = Arc::new(RwLock::new(Arc::new(State::default())));
+        let state = Arc::new(Current::default());
         let fallback = tls::self_signed(vec![self.address.to_string(), self.node_name.clone()])
             .map_err(IngressError::Tls)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(
@@ -394,7 +445,7 @@ async fn publish(api: &Api<Ingress>, i: &Ingress, address: IpAddr, serve: bool) 
 async fn follow(
     client: Client,
     cfg: &IngressConfig,
-    state: Arc<RwLock<Arc<State>>>,
+    state: Arc<Current>,
     health: Arc<crate::telemetry::Check>,
     published: Arc<std::sync::Mutex<Vec<(String, String)>>>,
 ) {
@@ -403,7 +454,7 @@ async fn follow(
     let (classes, w2) = reflector::store::<IngressClass>();
     let (services, w3) = reflector::store::<Service>();
     let (slices, w4) = reflector::store::<EndpointSlice>();
-    let s1 = reflected(&client, w1);
+    let s1 = reflected_when(&client, w1, ingress_changes());
     let s2 = reflected(&client, w2);
     let s3 = reflected(&client, w3);
     let s4 = reflected(&client, w4);
@@ -414,7 +465,21 @@ async fn follow(
     let (changed, s5) = futures::channel::mpsc::unbounded::<()>();
     let mut parsed = Parsed::new();
     let mut events = stream::select_all([s1, s2, s3, s4, s5.boxed()]).ready_chunks(1024);
-    let mut last_skipped = Vec::new();
+    let mut last_skipped: Vec<routes::Skipped> = Vec::new();
+    // The latest state for the status; every warning, in order.
+    let (report, reports) = tokio::sync::watch::channel(None);
+    let (warn_tx, warnings) = tokio::sync::mpsc::unbounded_channel();
+    let _reporter = crate::role::AbortOnDrop(tokio::spawn(reporter(
+        Reporter {
+            client: client.clone(),
+            class: class.clone(),
+            address: cfg.address,
+            node_name: cfg.node_name.clone(),
+            published,
+        },
+        reports,
+        warnings,
+    )));
     while events.next().await.is_some() {
         // Routes are built once each kind has been listed.
         if !(listed(&ingresses) && listed(&classes) && listed(&services) && listed(&slices)) {
@@ -452,41 +517,82 @@ async fn follow(
                 e.insert(crate::role::AbortOnDrop(task));
             }
         }
-        if skipped != last_skipped {
-            for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {
-                warn!(ingress = %s.ingress, why = %s.why, "ingress rule not served");
-                let found = all.iter().find(|i| {
-                    format!(
-                        "{}/{}",
-                        i.metadata.namespace.as_deref().unwrap_or_default(),
-                        i.metadata.name.as_deref().unwrap_or_default()
-                    ) == s.ingress
-                });
-                if let Some(i) = found {
-                    warn_event(&client, &cfg.node_name, i, s).await;
-                }
+        for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {
+            warn!(ingress = %s.ingress, why = %s.why, "ingress rule not served");
+            let found = all.iter().find(|i| {
+                format!(
+                    "{}/{}",
+                    i.metadata.namespace.as_deref().unwrap_or_default(),
+                    i.metadata.name.as_deref().unwrap_or_default()
+                ) == s.ingress
+            });
+            if let Some(i) = found {
+                let _ = warn_tx.send((i.clone(), s.clone()));
             }
-            last_skipped = skipped;
         }
+        last_skipped = skipped;
         let rules = next.table.len();
-        match state.write() {
-            Ok(mut s) => *s = Arc::new(next),
-            Err(p) => *p.into_inner() = Arc::new(next),
-        }
+        state.set(next);
         health.synced();
         tracing::debug!(rules, "ingress routes rebuilt");
-        let mut served = Vec::new();
-        for i in all {
-            let ns = i.metadata.namespace.clone().unwrap_or_default();
-            let ours = routes::of_class(&i, &class, is_default);
-            if ours {
-                served.push((ns.clone(), i.metadata.name.clone().unwrap_or_default()));
+        // Status and Events are written by a task of their own: the next
+        // rebuild never waits on the apiserver.
+        report.send_replace(Some(Arc::new(Report {
+            ingresses: all,
+            is_default,
+        })));
+    }
+}
+
+/// The state whose Ingresses' status the reporting task writes.
+struct Report {
+    ingresses: Vec<Arc<Ingress>>,
+    is_default: bool,
+}
+
+/// What the reporting task writes as.
+struct Reporter {
+    client: Client,
+    class: String,
+    address: IpAddr,
+    node_name: String,
+    /// The Ingresses whose status lists this node.
+    published: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+/// Writes the Warning Events, and each [`Report`] (the latest when several
+/// came while it wrote one): this node's address in the status of the
+/// Ingresses it serves and out of the others'.
+async fn reporter(
+    r: Reporter,
+    mut reports: tokio::sync::watch::Receiver<Option<Arc<Report>>>,
+    mut warnings: tokio::sync::mpsc::UnboundedReceiver<(Arc<Ingress>, routes::Skipped)>,
+) {
+    loop {
+        tokio::select! {
+            w = warnings.recv() => match w {
+                Some((i, s)) => warn_event(&r.client, &r.node_name, &i, &s).await,
+                None => return,
+            },
+            changed = reports.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let Some(report) = reports.borrow_and_update().clone() else {
+                    continue;
+                };
+                let mut served = Vec::new();
+                for i in &report.ingresses {
+                    let ns = i.metadata.namespace.clone().unwrap_or_default();
+                    let ours = routes::of_class(i, &r.class, report.is_default);
+                    if ours {
+                        served.push((ns.clone(), i.metadata.name.clone().unwrap_or_default()));
+                    }
+                    publish(&Api::namespaced(r.client.clone(), &ns), i, r.address, ours).await;
+                }
+                *lock(&r.published) = served;
             }
-            publish(&Api::namespaced(client.clone(), &ns), &i, cfg.address, ours).await;
         }
-        *published
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = served;
     }
 }
 
@@ -552,13 +658,72 @@ where
         + Sync
         + 'static,
 {
+    reflected_when(client, writer, |_| true)
+}
+
+/// As [`reflected`], yielding only for the events `matters` keeps (the
+/// store takes every one).
+fn reflected_when<K>(
+    client: &Client,
+    writer: reflector::store::Writer<K>,
+    mut matters: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,
+) -> futures::stream::BoxStream<'static, ()>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     reflector(
         writer,
         watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
     )
     .default_backoff()
-    .map(|_| ())
+    .filter_map(move |ev| {
+        let keep = ev.as_ref().map_or(true, &mut matters);
+        futures::future::ready(keep.then_some(()))
+    })
     .boxed()
+}
+
+/// Whether an Ingress event changes what is routed: its spec (by
+/// generation) or annotations, its coming or going. The status this role
+/// writes itself changes neither, so a thousand status writes do not
+/// rebuild the table a thousand times.
+fn ingress_changes() -> impl FnMut(&watcher::Event<Ingress>) -> bool + Send + 'static {
+    type Seen = (
+        Option<i64>,
+        Option<std::collections::BTreeMap<String, String>>,
+    );
+    let mut seen: HashMap<(String, String), Seen> = HashMap::new();
+    move |ev| {
+        let key = |i: &Ingress| {
+            (
+                i.metadata.namespace.clone().unwrap_or_default(),
+                i.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        let now = |i: &Ingress| (i.metadata.generation, i.metadata.annotations.clone());
+        match ev {
+            watcher::Event::Apply(i) => seen.insert(key(i), now(i)) != Some(now(i)),
+            watcher::Event::InitApply(i) => {
+                seen.insert(key(i), now(i));
+                false
+            }
+            watcher::Event::Delete(i) => {
+                seen.remove(&key(i));
+                true
+            }
+            watcher::Event::Init => {
+                seen.clear();
+                true
+            }
+            watcher::Event::InitDone => true,
+        }
+    }
 }
 
 /// Whether `store` has had its first list.

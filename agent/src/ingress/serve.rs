@@ -22,8 +22,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use http::{
@@ -36,13 +36,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
-use super::State;
+use super::Current;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// What both listeners share: the state and the pools to the endpoints.
 pub struct Server {
-    state: Arc<RwLock<Arc<State>>>,
+    state: Arc<Current>,
     /// HTTP/1.1 to endpoints.
     client: Client<HttpConnector, Body>,
     /// HTTP/2 with prior knowledge, to `kubernetes.io/h2c` ports.
@@ -141,7 +141,7 @@ fn join_upgraded(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnU
 }
 
 impl Server {
-    pub fn new(state: Arc<RwLock<Arc<State>>>, https_port: u16) -> Arc<Self> {
+    pub fn new(state: Arc<Current>, https_port: u16) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
@@ -172,10 +172,7 @@ impl Server {
         };
         let host = host_value.to_str().unwrap_or_default();
         let secure = peer.secure;
-        let state = match self.state.read() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let state = self.state.local();
         let path = req.uri().path();
         let Some(backend) = state.table.route(host, path) else {
             return text(
@@ -406,7 +403,7 @@ pub struct Workers {
 impl Workers {
     /// A worker per pair of listeners (`http[i]`, `https[i]`).
     pub fn start(
-        state: Arc<RwLock<Arc<State>>>,
+        state: Arc<Current>,
         https_port: u16,
         listeners: Vec<(std::net::TcpListener, std::net::TcpListener)>,
         tls: tokio_rustls::TlsAcceptor,

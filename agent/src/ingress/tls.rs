@@ -14,7 +14,7 @@
 //!   node's certificate) and named in a Warning Event on the Ingress.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use rustls::pki_types::pem::PemObject as _;
@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::State;
+use super::Current;
 use super::routes::{ByHost, Skipped, Tls, host_name};
 
 /// The type a TLS Secret must have.
@@ -41,7 +41,7 @@ pub enum Loaded {
 pub type SecretKey = (String, String);
 
 /// The certificates by the names they are served for.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Certs(ByHost<Arc<CertifiedKey>>);
 
 impl Certs {
@@ -160,7 +160,7 @@ pub fn certs(
 
 /// Chooses each handshake's certificate from the role's current state.
 pub struct Resolver {
-    pub state: Arc<RwLock<Arc<State>>>,
+    pub state: Arc<Current>,
     /// The node's own, for names no entry covers.
     pub fallback: Arc<CertifiedKey>,
 }
@@ -173,10 +173,7 @@ impl std::fmt::Debug for Resolver {
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let state = match self.state.read() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let state = self.state.local();
         Some(
             hello
                 .server_name()
@@ -206,7 +203,7 @@ pub fn self_signed(names: Vec<String>) -> Result<Arc<CertifiedKey>, String> {
 /// The server configuration: certificates by SNI from `state`, HTTP/2 and
 /// HTTP/1.1 offered by ALPN.
 pub fn server_config(
-    state: Arc<RwLock<Arc<State>>>,
+    state: Arc<Current>,
     fallback: Arc<CertifiedKey>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())

@@ -463,6 +463,23 @@ pub fn run(args: &Args) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("the poller panicked"))?
             .context("skiff serving every rule")?;
         println!("  made and served in {:.1} s", made.elapsed().as_secs_f64());
+        // The statuses written before any load, so that the apiserver is
+        // quiet during the runs.
+        let settle = Instant::now();
+        while settle.elapsed() < Duration::from_secs(120) {
+            let shown = cp.jsonpath(
+                &["ingress"],
+                r#"{range .items[*]}{.status.loadBalancer.ingress[0].ip}{"\n"}{end}"#,
+            );
+            if shown.lines().filter(|l| *l == PROXY_IP).count() >= rules {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!(
+            "  statuses written in {:.1} s more",
+            settle.elapsed().as_secs_f64()
+        );
         let conf = dir.path.join(format!("nginx-{rules}.conf"));
         std::fs::write(&conf, proxy_conf(&dir.path, rules, 0, &crt, &key))?;
         let mut proxy = nginx(&srv, &conf, &dir.path.join(format!("nginx-{rules}.log")));
