@@ -9,11 +9,15 @@
 //! batch of changes rebuilds the routing table ([`routes`]), the ready
 //! endpoints of every backend and the certificates ([`tls`]), swapped in
 //! whole, so a request sees one consistent state. Requests go straight to
-//! a ready endpoint, never through the ClusterIP (see [`serve`]).
+//! a ready endpoint, never through the ClusterIP (see [`serve`]), on worker
+//! threads of their own (one per core, each with its own listeners and
+//! pools, as nginx's workers), which keep their own copy of the state.
 //!
 //! Each Ingress served lists this node's address in
 //! `status.loadBalancer.ingress` (the others' stay: each node adds and
-//! removes its own), and the address leaves when the role stops.
+//! removes its own), and the address leaves when the role stops. Status
+//! and Warning Events are written by a task of their own, so a rebuild
+//! never waits on the apiserver.
 
 pub mod routes;
 mod serve;
