@@ -45,14 +45,17 @@ spec:
     )
 }
 
-const INGRESSES: &str = r#"apiVersion: networking.k8s.io/v1
+/// The cluster's default IngressClass, served by the ingress role.
+const CLASS: &str = r#"apiVersion: networking.k8s.io/v1
 kind: IngressClass
 metadata:
   name: skiff
   annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
 spec: {controller: skiff.io/ingress}
 ---
-apiVersion: networking.k8s.io/v1
+"#;
+
+const INGRESSES: &str = r#"apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata: {name: by-host}
 spec:
@@ -120,7 +123,8 @@ fn ingresses_route_by_host_and_path_to_ready_endpoints() {
         c.cp.apply(&app(name, &c.image, port))
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    c.cp.apply(INGRESSES).unwrap_or_else(|e| panic!("{e}"));
+    c.cp.apply(&format!("{CLASS}{INGRESSES}"))
+        .unwrap_or_else(|e| panic!("{e}"));
     for p in ["apple", "banana"] {
         wait_for(&format!("{p} ready"), Duration::from_secs(60), || {
             let s = c.cp.jsonpath(
@@ -355,13 +359,6 @@ spec:
 }
 
 const CLUSTER_INGRESSES: &str = r#"apiVersion: networking.k8s.io/v1
-kind: IngressClass
-metadata:
-  name: skiff
-  annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
-spec: {controller: skiff.io/ingress}
----
-apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata: {name: by-host}
 spec:
@@ -497,7 +494,7 @@ fn a_cluster_serves_ingresses_over_http_and_https_to_clients_outside_it() {
     ] {
         c.cp.apply(&app).unwrap_or_else(|e| panic!("{e}"));
     }
-    c.cp.apply(CLUSTER_INGRESSES)
+    c.cp.apply(&format!("{CLASS}{CLUSTER_INGRESSES}"))
         .unwrap_or_else(|e| panic!("{e}"));
     let apples = c.ready_pods("app=apple", 2);
     c.ready_pods("app=banana", 1);

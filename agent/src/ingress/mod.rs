@@ -458,10 +458,10 @@ async fn follow(
     let (classes, w2) = reflector::store::<IngressClass>();
     let (services, w3) = reflector::store::<Service>();
     let (slices, w4) = reflector::store::<EndpointSlice>();
-    let s1 = reflected_when(&client, w1, ingress_changes());
-    let s2 = reflected(&client, w2);
-    let s3 = reflected(&client, w3);
-    let s4 = reflected(&client, w4);
+    let s1 = reflected(&client, w1, ingress_changes());
+    let s2 = reflected(&client, w2, |_| true);
+    let s3 = reflected(&client, w3, |_| true);
+    let s4 = reflected(&client, w4, |_| true);
     // The Secrets named for TLS, each watched by name; a change of one
     // comes in as an event of its own.
     let secrets: SecretStore = Arc::default();
@@ -648,26 +648,8 @@ fn watch_secret(
 }
 
 /// Every kind `K` in the cluster, kept in `writer`'s store: a stream that
-/// yields once per event.
+/// yields once per event that `matters` keeps (the store takes every one).
 fn reflected<K>(
-    client: &Client,
-    writer: reflector::store::Writer<K>,
-) -> futures::stream::BoxStream<'static, ()>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    reflected_when(client, writer, |_| true)
-}
-
-/// As [`reflected`], yielding only for the events `matters` keeps (the
-/// store takes every one).
-fn reflected_when<K>(
     client: &Client,
     writer: reflector::store::Writer<K>,
     mut matters: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,

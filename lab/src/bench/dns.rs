@@ -337,20 +337,6 @@ async fn propagation(
     Ok(out)
 }
 
-/// Runs `f` on a single-threaded runtime in `netns`, so that its sockets
-/// (the kube client's, a DNS prober's) are made there.
-fn inside<T: Send, F>(netns: &Netns, f: impl FnOnce() -> F + Send) -> Result<T>
-where
-    F: std::future::Future<Output = Result<T>>,
-{
-    super::in_netns(&netns.path(), || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(f())
-    })
-}
-
 pub fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     let srv = Netns::new();
@@ -372,7 +358,7 @@ pub fn run(args: &Args) -> Result<()> {
     println!("creating {} Services", args.services);
     let kubeconfig = cp.kubeconfig.clone();
     let made = Instant::now();
-    inside(&srv, || async {
+    super::inside(&srv, || async {
         let client = super::kube_client(&kubeconfig).await?;
         create_services(&client, "svc", args.services).await
     })?;
@@ -497,7 +483,7 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|ip| format!("{ip}:53").parse())
         .collect::<Result<_, _>>()?;
     let (samples, total) = (args.propagation, args.rss_services);
-    let (prop, big_rss) = inside(&srv, || async {
+    let (prop, big_rss) = super::inside(&srv, || async {
         let client = super::kube_client(&kubeconfig).await?;
         let prop = propagation(&client, &to, samples).await?;
         let more = total.saturating_sub(args.services);

@@ -402,14 +402,9 @@ pub fn run(args: &Args) -> Result<()> {
         "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: skiff}\nspec: {controller: skiff.io/ingress}\n",
     )
     .map_err(anyhow::Error::msg)?;
-    super::in_netns(&srv.path(), || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(async {
-                let client = super::kube_client(&kubeconfig).await?;
-                create(&client, vec![secret]).await
-            })
+    super::inside(&srv, || async {
+        let client = super::kube_client(&kubeconfig).await?;
+        create(&client, vec![secret]).await
     })?;
     let mut agent: Proc = Spawn::new(bin("skiff-agent"))
         .args([
@@ -446,14 +441,9 @@ pub fn run(args: &Args) -> Result<()> {
         println!("{rules} rules: creating them");
         let made = Instant::now();
         let kubeconfig = cp.kubeconfig.clone();
-        super::in_netns(&srv.path(), || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    let client = super::kube_client(&kubeconfig).await?;
-                    create(&client, rule_objects(have, rules - have.min(rules))).await
-                })
+        super::inside(&srv, || async {
+            let client = super::kube_client(&kubeconfig).await?;
+            create(&client, rule_objects(have, rules - have.min(rules))).await
         })?;
         have = have.max(rules);
         // Every host served before any load: a 404 would count as an error.
@@ -565,17 +555,12 @@ pub fn run(args: &Args) -> Result<()> {
                 let (pre, ing) = objects.split_at(2);
                 let (pre, ing) = (pre.to_vec(), ing.to_vec());
                 let poll = served_at(&cli, skiff_at(80), vec![host.clone()]);
-                let t0 = super::in_netns(&srv.path(), || {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?
-                        .block_on(async {
-                            let client = super::kube_client(&kubeconfig).await?;
-                            create(&client, pre).await?;
-                            let t0 = Instant::now();
-                            create(&client, ing).await?;
-                            anyhow::Ok(t0)
-                        })
+                let t0 = super::inside(&srv, || async {
+                    let client = super::kube_client(&kubeconfig).await?;
+                    create(&client, pre).await?;
+                    let t0 = Instant::now();
+                    create(&client, ing).await?;
+                    anyhow::Ok(t0)
                 })?;
                 let t1 = poll
                     .join()

@@ -59,6 +59,23 @@ pub(crate) fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> Result<T> + Sen
     })
 }
 
+/// Runs `f` on a single-threaded runtime in `netns`, so that its sockets
+/// (a kube client's, a prober's) are made there.
+pub(crate) fn inside<T: Send, F>(
+    netns: &skiff_tests::Netns,
+    f: impl FnOnce() -> F + Send,
+) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    in_netns(&netns.path(), || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(f())
+    })
+}
+
 /// The pod the control-plane benchmarks create: one container asking for
 /// a little CPU and memory.
 pub(crate) fn bench_pod(name: &str, ns: &str) -> k8s_openapi::api::core::v1::Pod {
