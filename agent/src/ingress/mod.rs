@@ -91,17 +91,28 @@ pub struct State {
 /// threads each keep a copy of their own ([`Current::local`]), taken again
 /// only when the generation has moved: a request touches no cache line
 /// that another thread writes.
-#[derive(Default)]
 pub struct Current {
+    /// Unique in the process: which `Current` a thread's copy is of.
+    id: u64,
     state: RwLock<Arc<State>>,
     generation: std::sync::atomic::AtomicU64,
 }
 
 thread_local! {
-    /// This thread's copy: whose (the `Current`'s address), at which
-    /// generation.
-    static LOCAL: std::cell::RefCell<Option<(usize, u64, Arc<State>)>> =
+    /// This thread's copy: whose (a `Current`'s id), at which generation.
+    static LOCAL: std::cell::RefCell<Option<(u64, u64, Arc<State>)>> =
         const { std::cell::RefCell::new(None) };
+}
+
+impl Default for Current {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Self {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            state: RwLock::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
 }
 
 impl Current {
@@ -125,7 +136,7 @@ impl Current {
 
     /// The state as it is now, from this thread's own copy.
     pub fn local(&self) -> Arc<State> {
-        let me = self as *const Self as usize;
+        let me = self.id;
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
         LOCAL.with_borrow_mut(|slot| match slot {
             Some((who, g, s)) if *who == me && *g == generation => s.clone(),
