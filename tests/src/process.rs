@@ -90,6 +90,15 @@ impl Spawn {
         self
     }
 
+    /// Starts the process as the leader of a process group of its own, so
+    /// that [`Proc::kill_group`] takes it with every process it forks (a
+    /// server's workers, which outlive a killed master).
+    pub fn own_group(mut self) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        self.cmd.process_group(0);
+        self
+    }
+
     /// Has the kernel kill the process when the thread that started it
     /// ends, even if this process is killed before it can clean up. Only
     /// for processes owned by one test's thread (a shared one started by
@@ -279,6 +288,16 @@ impl Proc {
     }
 
     /// Stops the process with SIGTERM and waits for it.
+    /// SIGKILLs the process group the process leads ([`Spawn::own_group`])
+    /// and reaps the process.
+    pub fn kill_group(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+
     pub fn terminate(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid()),

@@ -195,15 +195,34 @@ fn proxy_conf(dir: &Path, rules: usize, extra: usize, crt: &Path, key: &Path) ->
     )
 }
 
-fn nginx(ns: &Netns, conf: &Path, log: &Path) -> Proc {
-    Spawn::new("nginx")
-        .args(["-c"])
-        .args([conf])
-        .args(["-e", "stderr"])
-        .netns(ns)
-        .die_with_parent()
-        .log_to(log)
-        .start()
+/// nginx, master and workers in a process group of their own, killed
+/// whole when dropped (a killed master leaves its workers running).
+struct Nginx(Proc);
+
+impl Nginx {
+    fn pid(&self) -> i32 {
+        self.0.pid()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.0.kill_group();
+    }
+}
+
+fn nginx(ns: &Netns, conf: &Path, log: &Path) -> Nginx {
+    Nginx(
+        Spawn::new("nginx")
+            .args(["-c"])
+            .args([conf])
+            .args(["-e", "stderr"])
+            .netns(ns)
+            .own_group()
+            .die_with_parent()
+            .log_to(log)
+            .start(),
+    )
 }
 
 /// Whether a plain GET for `host` to `to` is answered 200 (from the
@@ -472,7 +491,7 @@ pub fn run(args: &Args) -> Result<()> {
         );
         let conf = dir.path.join(format!("nginx-{rules}.conf"));
         std::fs::write(&conf, proxy_conf(&dir.path, rules, 0, &crt, &key))?;
-        let mut proxy = nginx(&srv, &conf, &dir.path.join(format!("nginx-{rules}.log")));
+        let proxy = nginx(&srv, &conf, &dir.path.join(format!("nginx-{rules}.log")));
         served_at(&cli, skiff_at(NGINX_HTTP), hosts)
             .join()
             .map_err(|_| anyhow::anyhow!("the poller panicked"))?
@@ -592,7 +611,7 @@ pub fn run(args: &Args) -> Result<()> {
             });
             have += args.changes;
         }
-        proxy.terminate();
+        drop(proxy);
     }
     agent.terminate();
     drop(cp);
