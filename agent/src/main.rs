@@ -1,10 +1,5 @@
 //! `skiff-agent`: flag parsing and wiring; the work is in the library.
 
-/// mimalloc: the ingress data path allocates per request (headers,
-/// buffers), where glibc's malloc cost a measured share of its time.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
