@@ -10,7 +10,8 @@
 //!   DNS specification, the rest forwarded upstream.
 //!
 //! Below the roles: [`catalog`], the Services and EndpointSlices the proxy
-//! and dns roles each read their own way.
+//! and dns roles each read their own way; [`pki`], the TLS material the
+//! roles make for themselves.
 //!
 //! Before the roles run, `skiff-agent join` ([`join`]) turns a bootstrap
 //! token into the node's own credential.
@@ -27,6 +28,7 @@ pub mod join;
 pub mod kubelet;
 pub mod memory;
 pub mod overlay;
+pub mod pki;
 pub mod proxy;
 pub mod role;
 pub mod telemetry;

@@ -287,7 +287,6 @@ impl Proc {
         (code, out)
     }
 
-    /// Stops the process with SIGTERM and waits for it.
     /// SIGKILLs the process group the process leads ([`Spawn::own_group`])
     /// and reaps the process.
     pub fn kill_group(&mut self) {
@@ -298,6 +297,7 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Stops the process with SIGTERM and waits for it.
     pub fn terminate(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid()),

@@ -355,8 +355,13 @@ fn a_node_credential_writes_only_what_is_its_own() {
         "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: site}\nspec:\n  tls: [{hosts: [site.example], secretName: site-tls}]\n  defaultBackend: {service: {name: web, port: {number: 80}}}\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    cp.kubectl_with(&n1, &["get", "secret", "site-tls"])
-        .unwrap_or_else(|e| panic!("named by an Ingress: {e}"));
+    // The authorizer reads Ingresses from its in-memory mirror of etcd,
+    // current a moment after the write.
+    wait_for(
+        "the Secret named by an Ingress readable",
+        Duration::from_secs(5),
+        || cp.kubectl_with(&n1, &["get", "secret", "site-tls"]).ok(),
+    );
     let pinned = cp
         .kubectl_with(
             &n1,

@@ -38,6 +38,29 @@ pub fn slice_owner(slice: &EndpointSlice) -> Option<String> {
     ))
 }
 
+/// An endpoint's state as kube-proxy reads its conditions: `ready` unset
+/// means ready, `serving` unset means `ready`, `terminating` unset means
+/// not terminating. New connections go to the ready endpoints, or, when a
+/// port has none, to those still serving while they terminate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub serving_terminating: bool,
+}
+
+impl Readiness {
+    pub fn of(ep: &k8s_openapi::api::discovery::v1::Endpoint) -> Self {
+        let cond = ep.conditions.as_ref();
+        let r = cond.and_then(|c| c.ready).unwrap_or(true);
+        let s = cond.and_then(|c| c.serving).unwrap_or(r);
+        let t = cond.and_then(|c| c.terminating).unwrap_or(false);
+        Self {
+            ready: r && !t,
+            serving_terminating: s && t,
+        }
+    }
+}
+
 /// Drops what no role reads and can be most of an object's size: its
 /// managed fields and kubectl's last-applied copy of it.
 pub(crate) fn slim(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {

@@ -87,32 +87,10 @@ pub struct State {
     pub certs: tls::Certs,
 }
 
-/// The current [`State`], swapped whole on each change. The data path's
-/// threads each keep a copy of their own ([`Current::local`]), taken again
-/// only when the generation has moved: a request touches no cache line
-/// that another thread writes.
+/// The current [`State`], swapped whole on each change.
+#[derive(Default)]
 pub struct Current {
-    /// Unique in the process: which `Current` a thread's copy is of.
-    id: u64,
     state: RwLock<Arc<State>>,
-    generation: std::sync::atomic::AtomicU64,
-}
-
-thread_local! {
-    /// This thread's copy: whose (a `Current`'s id), at which generation.
-    static LOCAL: std::cell::RefCell<Option<(u64, u64, Arc<State>)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-impl Default for Current {
-    fn default() -> Self {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        Self {
-            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            state: RwLock::default(),
-            generation: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
 }
 
 impl Current {
@@ -130,22 +108,6 @@ impl Current {
             Ok(mut s) => *s = next,
             Err(p) => *p.into_inner() = next,
         }
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
-    }
-
-    /// The state as it is now, from this thread's own copy.
-    pub fn local(&self) -> Arc<State> {
-        let me = self.id;
-        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
-        LOCAL.with_borrow_mut(|slot| match slot {
-            Some((who, g, s)) if *who == me && *g == generation => s.clone(),
-            _ => {
-                let own = Arc::new(State::clone(&self.get()));
-                *slot = Some((me, generation, own.clone()));
-                own
-            }
-        })
     }
 }
 
@@ -169,8 +131,10 @@ impl State {
     }
 }
 
-/// The ready endpoints of Service port `port` of `svc`, from `slices`
-/// (the Service's own EndpointSlices).
+/// The endpoints of Service port `port` of `svc`, from `slices` (the
+/// Service's own EndpointSlices), as kube-proxy chooses them
+/// ([`catalog::Readiness`]): the ready ones, or, when none is, those still
+/// serving while they terminate.
 fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> Endpoints {
     let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
     let Some(sp) = ports.and_then(|ps| {
@@ -183,7 +147,7 @@ fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> 
     };
     let h2c = sp.app_protocol.as_deref() == Some(H2C);
     let name = sp.name.as_deref().unwrap_or_default();
-    let mut out = Vec::new();
+    let (mut ready, mut fallback) = (Vec::new(), Vec::new());
     for slice in slices {
         let Some(number) = slice.ports.iter().flatten().find_map(|p| {
             (p.name.as_deref().unwrap_or_default() == name
@@ -197,21 +161,23 @@ fn ready_endpoints(svc: &Service, port: &PortRef, slices: &[&EndpointSlice]) -> 
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
-            // As kube-proxy reads it: `ready` unset is ready; a
-            // terminating endpoint takes no new requests.
-            let cond = ep.conditions.as_ref();
-            let ready = cond.and_then(|c| c.ready).unwrap_or(true)
-                && !cond.and_then(|c| c.terminating).unwrap_or(false);
-            if !ready {
+            let state = catalog::Readiness::of(ep);
+            let into = if state.ready {
+                &mut ready
+            } else if state.serving_terminating {
+                &mut fallback
+            } else {
                 continue;
-            }
-            for a in &ep.addresses {
-                if let Ok(ip) = a.parse::<IpAddr>() {
-                    out.push(SocketAddr::new(ip, number));
-                }
-            }
+            };
+            into.extend(
+                ep.addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .map(|ip| SocketAddr::new(ip, number)),
+            );
         }
     }
+    let mut out = if ready.is_empty() { fallback } else { ready };
     out.sort();
     out.dedup();
     let addrs = out
@@ -245,17 +211,13 @@ pub struct Objects<'a> {
     pub secrets: &'a HashMap<tls::SecretKey, tls::Loaded>,
 }
 
-/// Certificates parsed, by Secret and resourceVersion.
-pub type Parsed =
-    HashMap<tls::SecretKey, (String, Result<Arc<rustls::sign::CertifiedKey>, String>)>;
-
 /// The state for the objects the watches hold (`is_default`: this class
 /// is the cluster's default), reusing the certificates in `parsed`.
 pub fn build(
     o: &Objects<'_>,
     class: &str,
     is_default: bool,
-    parsed: &mut Parsed,
+    parsed: &mut tls::Parsed,
 ) -> (State, Vec<routes::Skipped>) {
     let Objects {
         ingresses,
@@ -478,7 +440,7 @@ async fn follow(
     let secrets: SecretStore = Arc::default();
     let mut watching: HashMap<tls::SecretKey, crate::role::AbortOnDrop> = HashMap::new();
     let (changed, s5) = futures::channel::mpsc::unbounded::<()>();
-    let mut parsed = Parsed::new();
+    let mut parsed = tls::Parsed::new();
     let mut events = stream::select_all([s1, s2, s3, s4, s5.boxed()]).ready_chunks(1024);
     let mut last_skipped: Vec<routes::Skipped> = Vec::new();
     // The latest state for the status; every warning, in order.
@@ -534,13 +496,7 @@ async fn follow(
         }
         for s in skipped.iter().filter(|s| !last_skipped.contains(s)) {
             warn!(ingress = %s.ingress, why = %s.why, "ingress rule not served");
-            let found = all.iter().find(|i| {
-                format!(
-                    "{}/{}",
-                    i.metadata.namespace.as_deref().unwrap_or_default(),
-                    i.metadata.name.as_deref().unwrap_or_default()
-                ) == s.ingress
-            });
+            let found = all.iter().find(|i| routes::key(i) == s.ingress);
             if let Some(i) = found {
                 let _ = warn_tx.send((i.clone(), s.clone()));
             }
@@ -730,4 +686,57 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slice(endpoints: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+        .expect("a slice")
+    }
+
+    #[test]
+    fn endpoints_are_the_ready_ones_or_else_those_still_serving() {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80, "appProtocol": H2C}]},
+        }))
+        .expect("a Service");
+        let port = PortRef::Number(80);
+        let addrs =
+            |e: &Endpoints| -> Vec<String> { e.addrs.iter().map(|(a, _)| a.to_string()).collect() };
+        let mixed = slice(json!([
+            {"addresses": ["10.0.0.1"]},
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.0.0.3"], "conditions": {"ready": false}},
+        ]));
+        let e = ready_endpoints(&svc, &port, &[&mixed]);
+        assert_eq!(addrs(&e), ["10.0.0.1:8080"]);
+        assert!(e.h2c);
+        assert_eq!(e.addrs[0].1.as_str(), "10.0.0.1:8080");
+        // None ready: a terminating endpoint that still serves takes the
+        // requests, as kube-proxy sends them.
+        let draining = slice(json!([
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+        ]));
+        assert_eq!(
+            addrs(&ready_endpoints(&svc, &port, &[&draining])),
+            ["10.0.0.2:8080"]
+        );
+        assert!(
+            ready_endpoints(&svc, &PortRef::Name("grpc".into()), &[&mixed])
+                .addrs
+                .is_empty()
+        );
+    }
 }

@@ -140,7 +140,7 @@ impl fmt::Display for Skipped {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Host {
     /// Lower case.
     Exact(String),
@@ -273,12 +273,9 @@ pub struct Table {
     tls_hosts: ByHost<()>,
 }
 
-fn key(i: &Ingress) -> String {
-    format!(
-        "{}/{}",
-        i.metadata.namespace.as_deref().unwrap_or("default"),
-        i.metadata.name.as_deref().unwrap_or_default()
-    )
+/// `namespace/name` of an Ingress, as [`Skipped::ingress`] names it.
+pub fn key(i: &Ingress) -> String {
+    crate::catalog::object_key(i.metadata.namespace.as_deref(), i.metadata.name.as_deref())
 }
 
 /// Whether the Ingress `i` belongs to `class` (`is_default`: that class is

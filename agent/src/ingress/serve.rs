@@ -60,7 +60,6 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// A connection's client, as its requests' headers name it.
 struct Peer {
     ip: HeaderValue,
-    ip_text: String,
     /// Over TLS.
     secure: bool,
 }
@@ -77,14 +76,20 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers the Connection header names are the connection's too.
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
+/// The tokens of the Connection header(s): `keep-alive`, `upgrade`, or
+/// names of further headers that belong to the connection.
+fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
+    h.get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers the Connection header names are the connection's too.
+    let named: Vec<HeaderName> = connection_tokens(h)
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in HOP_BY_HOP.iter().chain(named.iter()) {
         h.remove(n);
@@ -113,13 +118,7 @@ fn idempotent(m: &Method) -> bool {
 
 /// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
 fn upgrade_to(req: &Request<Incoming>) -> Option<HeaderValue> {
-    let asks = req
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let asks = connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
     (req.version() == http::Version::HTTP_11 && asks)
         .then(|| req.headers().get(header::UPGRADE).cloned())
         .flatten()
@@ -172,7 +171,7 @@ impl Server {
         };
         let host = host_value.to_str().unwrap_or_default();
         let secure = peer.secure;
-        let state = self.state.local();
+        let state = self.state.get();
         let path = req.uri().path();
         let Some(backend) = state.table.route(host, path) else {
             return text(
@@ -229,8 +228,11 @@ impl Server {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
         {
-            Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", peer.ip_text))
-                .unwrap_or_else(|_| peer.ip.clone()),
+            Some(prior) => HeaderValue::from_str(&format!(
+                "{prior}, {}",
+                peer.ip.to_str().unwrap_or_default()
+            ))
+            .unwrap_or_else(|_| peer.ip.clone()),
             None => peer.ip.clone(),
         };
         let h = &mut parts.headers;
@@ -480,10 +482,9 @@ async fn serve<I>(server: Arc<Server>, io: I, peer: SocketAddr, secure: bool)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let ip_text = peer.ip().to_string();
     let who = Arc::new(Peer {
-        ip: HeaderValue::from_str(&ip_text).unwrap_or_else(|_| HeaderValue::from_static("")),
-        ip_text,
+        ip: HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("")),
         secure,
     });
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -497,7 +498,8 @@ where
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
-        // Larger headers are answered 431, as nginx's 32 KB buffers are.
+        // Larger headers are answered 431 (nginx's limit is 4 buffers of
+        // 8 KB, answered 400).
         .max_buf_size(MAX_HEADERS);
     builder.http2().max_header_list_size(MAX_HEADERS as u32);
     if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {

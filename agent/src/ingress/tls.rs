@@ -24,6 +24,7 @@ use rustls::sign::CertifiedKey;
 
 use super::Current;
 use super::routes::{ByHost, Skipped, Tls, host_name};
+use crate::pki::provider;
 
 /// The type a TLS Secret must have.
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
@@ -49,19 +50,11 @@ impl Certs {
     pub fn find(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
         self.0.find(&host_name(name), true)
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+/// Each Secret's certificate as last parsed, with the resourceVersion it
+/// was parsed at.
+pub type Parsed = HashMap<SecretKey, (String, Result<Arc<CertifiedKey>, String>)>;
 
 /// The certificate and key of a `kubernetes.io/tls` Secret.
 pub fn certified_key(secret: &Secret) -> Result<Arc<CertifiedKey>, String> {
@@ -103,7 +96,7 @@ pub fn certified_key(secret: &Secret) -> Result<Arc<CertifiedKey>, String> {
 pub fn certs(
     tls: &[Tls],
     secrets: &HashMap<SecretKey, Loaded>,
-    parsed: &mut HashMap<SecretKey, (String, Result<Arc<CertifiedKey>, String>)>,
+    parsed: &mut Parsed,
 ) -> (Certs, Vec<Skipped>) {
     let mut out = Certs::default();
     let mut skipped = Vec::new();
@@ -173,7 +166,7 @@ impl std::fmt::Debug for Resolver {
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let state = self.state.local();
+        let state = self.state.get();
         Some(
             hello
                 .server_name()
@@ -183,19 +176,12 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// A self-signed certificate for `names`: what a name no Ingress covers
+/// The node's own certificate for `names`: what a name no Ingress covers
 /// is served.
 pub fn self_signed(names: Vec<String>) -> Result<Arc<CertifiedKey>, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let mut params = rcgen::CertificateParams::new(names).map_err(|e| e.to_string())?;
-    params.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        "Skiff Ingress Default Certificate",
-    );
-    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    let key =
-        PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).map_err(|e| e.to_string())?;
-    CertifiedKey::from_der(vec![cert.der().clone()], key, &provider())
+    let (cert, key) = crate::pki::self_signed(names, Some("Skiff Ingress Default Certificate"))
+        .map_err(|e| e.to_string())?;
+    CertifiedKey::from_der(vec![cert], key, &provider())
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }

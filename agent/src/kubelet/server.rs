@@ -20,8 +20,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{debug, info, warn};
 
 use super::logs::{self, ReadOptions};
@@ -44,7 +44,7 @@ pub enum ServerError {
 }
 
 fn tls(ca: &Path, names: Vec<String>) -> Result<Arc<rustls::ServerConfig>, ServerError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::pki::provider();
     let ca_err = |why: String| ServerError::Ca {
         path: ca.to_path_buf(),
         why,
@@ -61,17 +61,13 @@ fn tls(ca: &Path, names: Vec<String>) -> Result<Arc<rustls::ServerConfig>, Serve
     )
     .build()
     .map_err(|e| ServerError::Tls(e.to_string()))?;
-    let key = rcgen::KeyPair::generate().map_err(|e| ServerError::Tls(e.to_string()))?;
-    let cert = rcgen::CertificateParams::new(names)
-        .and_then(|p| p.self_signed(&key))
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let (cert, key) =
+        crate::pki::self_signed(names, None).map_err(|e| ServerError::Tls(e.to_string()))?;
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .and_then(|b| {
             b.with_client_cert_verifier(verifier)
-                .with_single_cert(vec![cert.der().clone()], key)
+                .with_single_cert(vec![cert], key)
         })
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     Ok(Arc::new(cfg))

@@ -206,14 +206,6 @@ fn protocol_of(p: Option<&str>) -> Option<u8> {
     }
 }
 
-/// Endpoint readiness as kube-proxy reads it: `ready` unset means ready,
-/// `serving` unset means `ready`, `terminating` unset means not terminating.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Readiness {
-    ready: bool,
-    serving_terminating: bool,
-}
-
 /// The backends of one service port, in one address family, each with
 /// whether it runs on this node.
 fn backends_for(
@@ -263,14 +255,7 @@ fn backends_for(
             if fam != family {
                 continue;
             }
-            let cond = ep.conditions.as_ref();
-            let r = cond.and_then(|c| c.ready).unwrap_or(true);
-            let s = cond.and_then(|c| c.serving).unwrap_or(r);
-            let t = cond.and_then(|c| c.terminating).unwrap_or(false);
-            let state = Readiness {
-                ready: r && !t,
-                serving_terminating: s && t,
-            };
+            let state = crate::catalog::Readiness::of(ep);
             let b = Backend {
                 addr,
                 port: encode_port(target_port),

@@ -156,16 +156,18 @@ pub enum Decision {
 pub struct Authorizer {
     store: Store,
     rbac: Arc<rbac::Rbac>,
-    pods: Arc<node::PodIndex>,
+    graph: node::Graph,
 }
 
 impl Authorizer {
-    /// Reads the RBAC policy and the pods' bindings, and follows them.
+    /// Reads the RBAC policy, the pods' bindings and the Ingresses' TLS
+    /// Secrets, and follows them.
     pub async fn start(store: Store) -> Result<Self, crate::storage::store::StoreError> {
         let rbac = rbac::Rbac::start(store.clone()).await?;
-        let pods = Arc::new(node::PodIndex::default());
-        mirror::start(store.clone(), "/registry/pods/", pods.clone()).await?;
-        Ok(Self { store, rbac, pods })
+        let graph = node::Graph::default();
+        mirror::start(store.clone(), "/registry/pods/", graph.pods.clone()).await?;
+        mirror::start(store.clone(), "/registry/ingresses/", graph.tls.clone()).await?;
+        Ok(Self { store, rbac, graph })
     }
 
     /// `body` is the object of a create, which the Node authorizer reads.
@@ -180,7 +182,7 @@ impl Authorizer {
         }
         let mut reason = String::new();
         if let (Some(node), Attributes::Resource(a)) = (user.node_name(), attrs) {
-            match node::authorize(&self.store, &self.pods, node, a, body).await {
+            match node::authorize(&self.store, &self.graph, node, a, body).await {
                 Decision::Allow => return Decision::Allow,
                 Decision::Deny(r) => reason = r,
             }

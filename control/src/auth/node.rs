@@ -40,30 +40,16 @@ async fn stored(
     Ok(item.and_then(|i| serde_json::from_slice(&i.value).ok()))
 }
 
-/// Whether an Ingress of namespace `ns` names Secret `name` in its
-/// `spec.tls`.
-async fn ingress_tls(store: &Store, ns: &str, name: &str) -> Result<bool, String> {
-    let r = resources::find("networking.k8s.io", "v1", "ingresses")
-        .ok_or_else(|| "no ingresses".to_string())?;
-    let (items, _) = store
-        .list(&r.prefix(Some(ns)), None)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(items.iter().any(|i| {
-        serde_json::from_slice::<Value>(&i.value)
-            .ok()
-            .is_some_and(|ing| names_tls_secret(&ing, name))
-    }))
-}
-
-fn names_tls_secret(ingress: &Value, name: &str) -> bool {
+/// The Secrets an Ingress names in its `spec.tls`.
+fn tls_secrets(ingress: &Value) -> Vec<String> {
     ingress
         .pointer("/spec/tls")
         .and_then(Value::as_array)
-        .is_some_and(|tls| {
-            tls.iter()
-                .any(|t| t.get("secretName").and_then(Value::as_str) == Some(name))
-        })
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("secretName").and_then(Value::as_str))
+        .map(str::to_string)
+        .collect()
 }
 
 fn bound_to(pod: &Value, node: &str) -> bool {
@@ -197,6 +183,59 @@ impl super::mirror::View for PodIndex {
     }
 }
 
+/// The Secrets each Ingress names for TLS, by Ingress, kept in memory
+/// from etcd ([`super::mirror`]) as the pods are: read when a node reads or
+/// watches a Secret for its ingress role.
+#[derive(Default)]
+pub struct TlsIndex(std::sync::RwLock<std::collections::HashMap<(String, String), Vec<String>>>);
+
+impl super::mirror::View for TlsIndex {
+    fn reset(&self) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn apply(&self, ingress: &Value, present: bool) {
+        let s = |p: &str| {
+            ingress
+                .pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let key = (s("/metadata/namespace"), s("/metadata/name"));
+        let names = if present {
+            tls_secrets(ingress)
+        } else {
+            Vec::new()
+        };
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if names.is_empty() {
+            map.remove(&key);
+        } else {
+            map.insert(key, names);
+        }
+    }
+}
+
+impl TlsIndex {
+    /// Whether some Ingress of `ns` names Secret `name` for TLS.
+    fn named(&self, ns: &str, name: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|((ing_ns, _), names)| ing_ns == ns && names.iter().any(|n| n == name))
+    }
+}
+
+/// What the Node authorizer reads besides the request: which pods are
+/// bound where and what they use, and what Ingresses name for TLS.
+#[derive(Default)]
+pub struct Graph {
+    pub pods: std::sync::Arc<PodIndex>,
+    pub tls: std::sync::Arc<TlsIndex>,
+}
+
 impl PodIndex {
     /// Whether some pod bound to `node` in `ns` uses `plural/name`.
     fn used_on(&self, node: &str, ns: &str, plural: &str, name: &str) -> bool {
@@ -216,12 +255,12 @@ impl PodIndex {
 /// update (its name, a TokenRequest's bound pod, a slice's endpoints).
 pub async fn authorize(
     store: &Store,
-    pods: &PodIndex,
+    graph: &Graph,
     node: &str,
     a: &ResourceAttributes,
     body: Option<&Value>,
 ) -> Decision {
-    match decide(store, pods, node, a, body).await {
+    match decide(store, graph, node, a, body).await {
         Ok(d) => d,
         Err(e) => deny(format!("the node authorizer could not decide: {e}")),
     }
@@ -229,7 +268,7 @@ pub async fn authorize(
 
 async fn decide(
     store: &Store,
-    pods: &PodIndex,
+    graph: &Graph,
     node: &str,
     a: &ResourceAttributes,
     body: Option<&Value>,
@@ -296,8 +335,8 @@ async fn decide(
         ("", "secrets")
             if reading && sub.is_empty() && !a.name.is_empty() && !a.namespace.is_empty() =>
         {
-            if verb == "get" && pods.used_on(node, &a.namespace, "secrets", &a.name)
-                || ingress_tls(store, &a.namespace, &a.name).await?
+            if verb == "get" && graph.pods.used_on(node, &a.namespace, "secrets", &a.name)
+                || graph.tls.named(&a.namespace, &a.name)
             {
                 Decision::Allow
             } else {
@@ -320,7 +359,7 @@ async fn decide(
             "",
             plural @ ("configmaps" | "secrets" | "serviceaccounts" | "persistentvolumeclaims"),
         ) if verb == "get" && sub.is_empty() => {
-            if pods.used_on(node, &a.namespace, plural, &a.name) {
+            if graph.pods.used_on(node, &a.namespace, plural, &a.name) {
                 Decision::Allow
             } else {
                 deny(format!(
@@ -505,6 +544,25 @@ mod tests {
                 "{who} {verb} {body}"
             );
         }
+    }
+
+    #[test]
+    fn ingresses_name_their_tls_secrets() {
+        use super::super::mirror::View as _;
+        let idx = TlsIndex::default();
+        let ing = |name: &str, secret: &str| {
+            json!({"metadata": {"namespace": "shop", "name": name},
+                "spec": {"tls": [{"hosts": ["a"], "secretName": secret}, {"hosts": ["b"]}]}})
+        };
+        idx.apply(&ing("web", "web-tls"), true);
+        assert!(idx.named("shop", "web-tls"));
+        assert!(!idx.named("other", "web-tls"), "another namespace's");
+        assert!(!idx.named("shop", "other"));
+        // The Ingress names another Secret now, then goes.
+        idx.apply(&ing("web", "new-tls"), true);
+        assert!(!idx.named("shop", "web-tls") && idx.named("shop", "new-tls"));
+        idx.apply(&ing("web", "new-tls"), false);
+        assert!(!idx.named("shop", "new-tls"));
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Args {
 }
 
 const PROXY_IP: &str = "10.79.0.1";
+/// [`PROXY_IP`], for sockets.
+const PROXY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 79, 0, 1);
 const CLIENT_IP: &str = "10.79.0.2";
 const PROXY_BACK_IP: &str = "10.79.1.1";
 const BACKEND_IP: &str = "10.79.1.2";
@@ -241,13 +243,22 @@ fn answers_200(to: std::net::SocketAddr, host: &str) -> bool {
     s.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
 }
 
-/// Polls each of `hosts` in turn at `to` from `client` every millisecond
-/// (up to 30 s in all): the moment the last is first answered 200.
+/// The moment [`served_at`]'s poller saw the last of its hosts served.
+fn wait(poller: std::thread::JoinHandle<Result<Instant>>) -> Result<Instant> {
+    poller
+        .join()
+        .map_err(|_| anyhow::anyhow!("the poller panicked"))?
+}
+
+/// Polls each of `hosts` in turn at port `port` of the proxy from
+/// `client` every millisecond (up to 30 s in all): the moment the last is
+/// first answered 200.
 fn served_at(
     client: &Netns,
-    to: std::net::SocketAddr,
+    port: u16,
     hosts: Vec<String>,
 ) -> std::thread::JoinHandle<Result<Instant>> {
+    let to = std::net::SocketAddr::from((PROXY, port));
     let path = client.path();
     std::thread::spawn(move || {
         use std::os::fd::AsFd;
@@ -305,28 +316,23 @@ fn ingress(i: usize) -> Value {
                  "backend": {"service": {"name": format!("s{i}"), "port": {"number": 80}}}}]}}]}})
 }
 
-/// Creates `objects` through the API, 32 at a time.
+/// Creates `objects` (Services, EndpointSlices, Ingresses and Secrets)
+/// through the API, 32 at a time.
 async fn create(client: &kube::Client, objects: Vec<Value>) -> Result<()> {
     use futures::StreamExt;
+    use k8s_openapi::api::core::v1::{Secret, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use k8s_openapi::api::networking::v1::Ingress;
     use kube::api::{ApiResource, DynamicObject, PostParams};
     let mut made = futures::stream::iter(objects.into_iter().map(|v| {
         let client = client.clone();
         async move {
-            let (group, version) = match v["apiVersion"].as_str().unwrap_or("v1").split_once('/') {
-                Some((g, ver)) => (g.to_string(), ver.to_string()),
-                None => (String::new(), "v1".to_string()),
-            };
-            let kind = v["kind"].as_str().unwrap_or_default().to_string();
-            let plural = match kind.as_str() {
-                "Ingress" => "ingresses".to_string(),
-                k => format!("{}s", k.to_ascii_lowercase()),
-            };
-            let ar = ApiResource {
-                group: group.clone(),
-                version: version.clone(),
-                api_version: v["apiVersion"].as_str().unwrap_or("v1").to_string(),
-                kind,
-                plural,
+            let ar = match v["kind"].as_str().unwrap_or_default() {
+                "Service" => ApiResource::erase::<Service>(&()),
+                "EndpointSlice" => ApiResource::erase::<EndpointSlice>(&()),
+                "Ingress" => ApiResource::erase::<Ingress>(&()),
+                "Secret" => ApiResource::erase::<Secret>(&()),
+                other => bail!("the bench makes no {other}"),
             };
             let api: kube::Api<DynamicObject> = kube::Api::namespaced_with(client, "default", &ar);
             let obj: DynamicObject = serde_json::from_value(v)?;
@@ -448,11 +454,10 @@ pub fn run(args: &Args) -> Result<()> {
         .log_to(&dir.path.join("agent.log"))
         .start();
 
-    let skiff_at = |port: u16| -> std::net::SocketAddr {
-        format!("{PROXY_IP}:{port}")
-            .parse()
-            .unwrap_or_else(|_| ([10, 79, 0, 1], port).into())
-    };
+    let cases: Vec<&str> = CASES
+        .into_iter()
+        .filter(|c| args.cases.iter().any(|a| a == c))
+        .collect();
     let mut results = Vec::new();
     let mut changes = Value::Null;
     let mut have = 0;
@@ -462,15 +467,12 @@ pub fn run(args: &Args) -> Result<()> {
         let kubeconfig = cp.kubeconfig.clone();
         super::inside(&srv, || async {
             let client = super::kube_client(&kubeconfig).await?;
-            create(&client, rule_objects(have, rules - have.min(rules))).await
+            create(&client, rule_objects(have, rules.saturating_sub(have))).await
         })?;
         have = have.max(rules);
         // Every host served before any load: a 404 would count as an error.
         let hosts: Vec<String> = (0..rules).map(|i| format!("h{i}.{DOMAIN}")).collect();
-        served_at(&cli, skiff_at(80), hosts.clone())
-            .join()
-            .map_err(|_| anyhow::anyhow!("the poller panicked"))?
-            .context("skiff serving every rule")?;
+        wait(served_at(&cli, 80, hosts.clone())).context("skiff serving every rule")?;
         println!("  made and served in {:.1} s", made.elapsed().as_secs_f64());
         // The statuses written before any load, so that the apiserver is
         // quiet during the runs.
@@ -492,10 +494,7 @@ pub fn run(args: &Args) -> Result<()> {
         let conf = dir.path.join(format!("nginx-{rules}.conf"));
         std::fs::write(&conf, proxy_conf(&dir.path, rules, 0, &crt, &key))?;
         let proxy = nginx(&srv, &conf, &dir.path.join(format!("nginx-{rules}.log")));
-        served_at(&cli, skiff_at(NGINX_HTTP), hosts)
-            .join()
-            .map_err(|_| anyhow::anyhow!("the poller panicked"))?
-            .context("nginx serving every rule")?;
+        wait(served_at(&cli, NGINX_HTTP, hosts)).context("nginx serving every rule")?;
 
         let scripts: BTreeMap<bool, PathBuf> = [false, true]
             .into_iter()
@@ -506,10 +505,7 @@ pub fn run(args: &Args) -> Result<()> {
             .collect::<std::io::Result<_>>()?;
         let mut runs: BTreeMap<(&str, &str), Vec<Run>> = BTreeMap::new();
         for round in 0..args.rounds {
-            for case in CASES
-                .into_iter()
-                .filter(|c| args.cases.iter().any(|a| a == c))
-            {
+            for &case in &cases {
                 // Alternate which proxy goes first.
                 let order: Vec<&str> = if round % 2 == 0 {
                     PROXIES.to_vec()
@@ -535,10 +531,7 @@ pub fn run(args: &Args) -> Result<()> {
                 }
             }
         }
-        for case in CASES
-            .into_iter()
-            .filter(|c| args.cases.iter().any(|a| a == c))
-        {
+        for &case in &cases {
             let get = |who: &str| runs.get(&(case, who)).cloned().unwrap_or_default();
             let (s, n) = (get("skiff"), get("nginx"));
             let rps = |v: &[Run]| v.iter().map(|r| r.rps).collect::<Vec<_>>();
@@ -573,7 +566,7 @@ pub fn run(args: &Args) -> Result<()> {
                 // The Service and its slice first: the Ingress is the change.
                 let (pre, ing) = objects.split_at(2);
                 let (pre, ing) = (pre.to_vec(), ing.to_vec());
-                let poll = served_at(&cli, skiff_at(80), vec![host.clone()]);
+                let poll = served_at(&cli, 80, vec![host.clone()]);
                 let t0 = super::inside(&srv, || async {
                     let client = super::kube_client(&kubeconfig).await?;
                     create(&client, pre).await?;
@@ -581,21 +574,17 @@ pub fn run(args: &Args) -> Result<()> {
                     create(&client, ing).await?;
                     anyhow::Ok(t0)
                 })?;
-                let t1 = poll
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the poller panicked"))??;
+                let t1 = wait(poll)?;
                 skiff_ms.push(t1.duration_since(t0).as_secs_f64() * 1e3);
 
                 std::fs::write(&conf, proxy_conf(&dir.path, rules, k + 1, &crt, &key))?;
-                let poll = served_at(&cli, skiff_at(NGINX_HTTP), vec![host]);
+                let poll = served_at(&cli, NGINX_HTTP, vec![host]);
                 let t0 = Instant::now();
                 nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(proxy.pid()),
                     nix::sys::signal::Signal::SIGHUP,
                 )?;
-                let t1 = poll
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the poller panicked"))??;
+                let t1 = wait(poll)?;
                 nginx_ms.push(t1.duration_since(t0).as_secs_f64() * 1e3);
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -695,5 +684,34 @@ pub fn print(d: &Value) {
             g(&c["nginx_reload"], "p50"),
             g(&c["nginx_reload"], "max"),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_gives_rate_percentiles_and_errors() {
+        let out = "Running 5s test @ http://10.79.0.1:80/
+  2 threads and 64 connections
+  Latency Distribution
+     50%  1.20ms
+     75%    1.50ms
+     90%    2.01ms
+     99%  850.00us
+  244567 requests in 5.00s, 30.02MB read
+  Socket errors: connect 0, read 3, write 1, timeout 2
+  Non-2xx or 3xx responses: 7
+Requests/sec:  48901.23
+Transfer/sec:      6.00MB
+";
+        let r = parse_wrk(out).expect("parsed");
+        assert_eq!(r.rps, 48901.23);
+        assert_eq!(r.p50_ms, 1.2);
+        assert!((r.p99_ms - 0.85).abs() < 1e-9, "{}", r.p99_ms);
+        assert_eq!(r.errors, 13);
+        assert_eq!(millis("1.05s"), Some(1050.0));
+        assert!(parse_wrk("no run").is_err());
     }
 }
