@@ -718,7 +718,14 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    skiff_agent::memory::limit_arenas();
+    // The ingress role serves from a worker thread per core.
+    let workers = match &cli.command {
+        Command::Run(args) if args.roles.contains(&Role::Ingress) => {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+        _ => 0,
+    };
+    skiff_agent::memory::limit_arenas(skiff_agent::memory::arenas_for(workers));
     skiff_agent::memory::raise_file_limit();
     match cli.command {
         // Multi-threaded: a role's blocking kernel work (block_in_place)

@@ -19,6 +19,7 @@
 //! and Warning Events are written by a task of their own, so a rebuild
 //! never waits on the apiserver.
 
+mod pool;
 pub mod routes;
 mod serve;
 pub mod tls;
@@ -70,19 +71,14 @@ pub enum IngressError {
 }
 
 /// A backend's identity: namespace, Service, port.
-type BackendKey = (String, String, PortRef);
-
-fn backend_key(b: &Backend) -> BackendKey {
-    (b.namespace.clone(), b.service.clone(), b.port.clone())
-}
-
 /// What requests are routed by: swapped whole on each change.
 #[derive(Clone, Default)]
 pub struct State {
     pub table: Table,
     /// The ready endpoints of each backend of the table whose Service
-    /// exists.
-    pub endpoints: HashMap<BackendKey, Endpoints>,
+    /// exists: by namespace, Service and port (looked up by reference, with
+    /// no key made per request).
+    pub endpoints: HashMap<String, HashMap<String, Vec<(PortRef, Endpoints)>>>,
     /// The certificates served by SNI.
     pub certs: tls::Certs,
 }
@@ -127,7 +123,8 @@ pub const H2C: &str = "kubernetes.io/h2c";
 impl State {
     /// The ready endpoints of `b`; None when its Service does not exist.
     pub fn endpoints_of(&self, b: &Backend) -> Option<&Endpoints> {
-        self.endpoints.get(&backend_key(b))
+        let ports = self.endpoints.get(&b.namespace)?.get(&b.service)?;
+        ports.iter().find(|(p, _)| *p == b.port).map(|(_, e)| e)
     }
 }
 
@@ -236,7 +233,7 @@ pub fn build(
             by_service.entry(owner).or_default().push(s.as_ref());
         }
     }
-    let mut endpoints = HashMap::new();
+    let mut endpoints: HashMap<String, HashMap<String, Vec<(PortRef, Endpoints)>>> = HashMap::new();
     let mut skipped = skipped;
     for b in table.backends() {
         let k = format!("{}/{}", b.namespace, b.service);
@@ -247,7 +244,14 @@ pub fn build(
                     &b.port,
                     by_service.get(&k).map_or(&[][..], Vec::as_slice),
                 );
-                endpoints.insert(backend_key(b), eps);
+                let ports = endpoints
+                    .entry(b.namespace.clone())
+                    .or_default()
+                    .entry(b.service.clone())
+                    .or_default();
+                if !ports.iter().any(|(p, _)| *p == b.port) {
+                    ports.push((b.port.clone(), eps));
+                }
             }
             None => {
                 let missing = routes::Skipped {

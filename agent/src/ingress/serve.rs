@@ -12,8 +12,10 @@
 //! - `X-Forwarded-For` (appended to), `X-Forwarded-Proto` and
 //!   `X-Forwarded-Host` are set; the `Host` header goes through as sent.
 //! - A request without a body whose method is idempotent (GET, HEAD,
-//!   OPTIONS) is sent to another endpoint when the connection to one
-//!   fails; others are not, since they may have been acted on.
+//!   OPTIONS) is sent to another endpoint when one fails before it
+//!   answers; others are not, since they may have been acted on (a request
+//!   a kept-alive connection could not take is sent again on a new one: it
+//!   was not sent, see [`super::pool`]).
 //! - An HTTP/1.1 upgrade (WebSocket) is passed on with its `Upgrade`
 //!   header; once the endpoint answers 101, the two connections are
 //!   joined byte for byte.
@@ -22,31 +24,75 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header,
 };
-use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use http_body_util::{Either, Empty};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
 use super::Current;
+use super::pool::{Outgoing, Pool, Pooled};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// What a client is answered with: a text of ours, or an endpoint's body
+/// streamed.
+pub enum Answer {
+    Text(Option<Bytes>),
+    /// Over HTTP/1.1, from the pool.
+    Pooled(Pooled),
+    /// Over HTTP/2.
+    H2(Incoming),
+}
 
-/// What both listeners share: the state and the pools to the endpoints.
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Answer::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
+            Answer::Pooled(b) => Pin::new(b).poll_frame(cx),
+            Answer::H2(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Answer::Text(t) => t.is_none(),
+            Answer::Pooled(b) => b.is_end_stream(),
+            Answer::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Answer::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
+            Answer::Pooled(b) => b.size_hint(),
+            Answer::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// What one worker's listeners share: the state and the connections to the
+/// endpoints.
 pub struct Server {
     state: Arc<Current>,
     /// HTTP/1.1 to endpoints.
-    client: Client<HttpConnector, Body>,
+    pool: Arc<Pool>,
     /// HTTP/2 with prior knowledge, to `kubernetes.io/h2c` ports.
-    h2c: Client<HttpConnector, Body>,
+    h2c: Client<HttpConnector, Outgoing>,
     /// Turns the endpoints of every backend.
     next: AtomicUsize,
     /// Where HTTPS is served, for redirects.
@@ -87,8 +133,12 @@ fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers the Connection header names are the connection's too.
+    // Headers the Connection header names are the connection's too. Most
+    // messages name none but these, which need no name made (and no
+    // allocation).
+    const USUAL: [&str; 3] = ["keep-alive", "close", "upgrade"];
     let named: Vec<HeaderName> = connection_tokens(h)
+        .filter(|t| !USUAL.iter().any(|u| t.eq_ignore_ascii_case(u)))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in HOP_BY_HOP.iter().chain(named.iter()) {
@@ -97,13 +147,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
-fn text(code: StatusCode, msg: String) -> Response<Body> {
+fn text(code: StatusCode, msg: String) -> Response<Answer> {
     debug!(status = code.as_u16(), "{msg}");
-    let mut r = Response::new(
-        Full::new(Bytes::from(msg + "\n"))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
+    let mut r = Response::new(Answer::Text(Some(Bytes::from(msg + "\n"))));
     *r.status_mut() = code;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -144,14 +190,11 @@ impl Server {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-        let idle = std::time::Duration::from_secs(90);
         Arc::new(Server {
             state,
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(idle)
-                .build(connector.clone()),
+            pool: Arc::default(),
             h2c: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(idle)
+                .pool_idle_timeout(super::pool::IDLE)
                 .http2_only(true)
                 .build(connector),
             next: AtomicUsize::new(0),
@@ -159,7 +202,7 @@ impl Server {
         })
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Answer> {
         // The Host header, or HTTP/2's :authority.
         let host_value = match req.headers().get(header::HOST) {
             Some(h) => h.clone(),
@@ -257,20 +300,27 @@ impl Server {
         let h2c = endpoints.h2c && client_upgrade.is_none();
         let tries = if retry { eps.len().min(3) } else { 1 };
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut body = Some(body.boxed());
+        let mut body = Some(Either::Left(body));
         let mut parts = Some(parts);
         let mut last_error = String::new();
         for i in 0..tries {
             let (ep, authority) = &eps[(start + i) % eps.len()];
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = Some(authority.clone());
-            uri.path_and_query = Some(path_and_query.clone());
-            let Ok(uri) = Uri::from_parts(uri) else {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("bad path {path_and_query}"),
-                );
+            // HTTP/1.1 is sent in origin form (the path), HTTP/2 needs the
+            // scheme and authority as well.
+            let uri = if h2c {
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(http::uri::Scheme::HTTP);
+                uri.authority = Some(authority.clone());
+                uri.path_and_query = Some(path_and_query.clone());
+                let Ok(uri) = Uri::from_parts(uri) else {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("bad path {path_and_query}"),
+                    );
+                };
+                uri
+            } else {
+                Uri::from(path_and_query.clone())
             };
             // The last try takes the request's own parts; earlier ones a copy.
             let p = if i + 1 == tries {
@@ -281,15 +331,17 @@ impl Server {
             let Some(p) = p else { break };
             let mut out = Request::from_parts(p, ());
             *out.uri_mut() = uri;
-            let b = body
-                .take()
-                .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
-            let sent = if h2c {
-                *out.version_mut() = http::Version::HTTP_2;
-                self.h2c.request(out.map(|()| b))
-            } else {
-                *out.version_mut() = http::Version::HTTP_11;
-                self.client.request(out.map(|()| b))
+            let b = body.take().unwrap_or_else(|| Either::Right(Empty::new()));
+            let sent = async {
+                if h2c {
+                    *out.version_mut() = http::Version::HTTP_2;
+                    let r = self.h2c.request(out.map(|()| b)).await;
+                    r.map(|r| r.map(Answer::H2)).map_err(|e| e.to_string())
+                } else {
+                    *out.version_mut() = http::Version::HTTP_11;
+                    let r = self.pool.send(*ep, out.map(|()| b)).await;
+                    r.map(|r| r.map(Answer::Pooled)).map_err(|e| e.to_string())
+                }
             };
             let answer = match tokio::time::timeout(backend.timeout, sent).await {
                 Ok(a) => a,
@@ -314,21 +366,16 @@ impl Server {
                         let backend_side = hyper::upgrade::on(&mut resp);
                         join_upgraded(client_side, backend_side);
                         let (rp, _) = resp.into_parts();
-                        return Response::from_parts(
-                            rp,
-                            Empty::new().map_err(|never| match never {}).boxed(),
-                        );
+                        return Response::from_parts(rp, Answer::Text(None));
                     }
-                    let (mut rp, rb) = resp.into_parts();
-                    strip_hop_by_hop(&mut rp.headers);
-                    return Response::from_parts(rp, rb.boxed());
+                    strip_hop_by_hop(resp.headers_mut());
+                    return resp;
                 }
+                // An idempotent request goes to the next endpoint, if it
+                // has tries left.
                 Err(e) => {
                     debug!(endpoint = %ep, error = %e, "backend request failed");
                     last_error = format!("{ep}: {e}");
-                    if !e.is_connect() {
-                        break;
-                    }
                 }
             }
         }
@@ -371,6 +418,15 @@ async fn run(
                 }
             }
         });
+    }
+}
+
+/// Closes the worker's idle connections to endpoints as they expire.
+async fn sweep(server: Arc<Server>) {
+    let mut every = tokio::time::interval(super::pool::IDLE / 4);
+    loop {
+        every.tick().await;
+        server.pool.sweep();
     }
 }
 
@@ -433,6 +489,7 @@ impl Workers {
                                 (Err(e), _) | (_, Err(e)) => return format!("listening: {e}"),
                             };
                             tokio::select! {
+                                () = sweep(server.clone()) => String::new(),
                                 () = run(server.clone(), http, None) => "HTTP ended".to_string(),
                                 () = run(server, https, Some(tls)) => "HTTPS ended".to_string(),
                                 _ = stopped.wait_for(|s| *s) => String::new(),
@@ -504,5 +561,34 @@ where
     builder.http2().max_header_list_size(MAX_HEADERS as u32);
     if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
         debug!(%peer, error = %e, "ingress connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_not_passed_on() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Trace"),
+            ("connection", "Upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("x-trace", "1"),
+            ("x-kept", "2"),
+            ("host", "a.example"),
+        ] {
+            h.append(
+                HeaderName::from_static(k),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "x-kept"]);
     }
 }
