@@ -15,8 +15,10 @@
 //! - **Load**: wrk, 2 threads and `--conns` connections, its Host header
 //!   turning over every host of the size: HTTP keep-alive, HTTPS
 //!   keep-alive (SNI `h0.bench.example`), and HTTPS with a new connection
-//!   (and handshake) per request. Requests per second and p50/p99
-//!   latency; each round runs every case against each proxy in turn.
+//!   (and handshake) per request. Requests per second, p50/p99 latency,
+//!   and each proxy's own CPU time per request (from `/proc`, all its
+//!   processes and threads: steadier than the rate on shared cores); each
+//!   round runs every case against each proxy in turn.
 //! - **Change**: from an Ingress created through the API until its host is
 //!   answered 200 (polled every millisecond from the client namespace),
 //!   beside nginx from a config rewritten with one more server and a
@@ -64,6 +66,10 @@ const PROXIES: [&str; 2] = ["skiff", "nginx"];
 #[derive(Clone, Debug, serde::Serialize)]
 struct Run {
     rps: f64,
+    /// The proxy's own CPU time (user and system, all its processes and
+    /// threads) per request: steadier than the rate when the machine's
+    /// cores are shared with the client and the backend.
+    cpu_us: f64,
     p50_ms: f64,
     p99_ms: f64,
     /// Non-2xx answers and socket errors.
@@ -91,6 +97,7 @@ fn millis(s: &str) -> Option<f64> {
 fn parse_wrk(out: &str) -> Result<Run> {
     let mut run = Run {
         rps: 0.0,
+        cpu_us: 0.0,
         p50_ms: 0.0,
         p99_ms: 0.0,
         errors: 0,
@@ -205,6 +212,23 @@ impl Nginx {
     fn pid(&self) -> i32 {
         self.0.pid()
     }
+
+    /// The master and its workers.
+    fn pids(&self) -> Vec<i32> {
+        let me = self.pid();
+        let children =
+            std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default();
+        std::iter::once(me)
+            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+            .collect()
+    }
+}
+
+/// CPU seconds of `pids`, together.
+fn cpu_seconds(pids: &[i32]) -> f64 {
+    pids.iter()
+        .map(|&p| super::stats::process_cpu_seconds(p))
+        .sum()
 }
 
 impl Drop for Nginx {
@@ -522,10 +546,18 @@ pub fn run(args: &Args) -> Result<()> {
                         _ => format!("https://h0.{DOMAIN}:{https}/"),
                     };
                     let script = &scripts[&(case == "https-new-conn")];
-                    let r = wrk(&cli, &url, script, args.conns, args.seconds)?;
+                    let pids = match who {
+                        "skiff" => vec![agent.pid()],
+                        _ => proxy.pids(),
+                    };
+                    let cpu0 = cpu_seconds(&pids);
+                    let t0 = Instant::now();
+                    let mut r = wrk(&cli, &url, script, args.conns, args.seconds)?;
+                    let requests = r.rps * t0.elapsed().as_secs_f64();
+                    r.cpu_us = (cpu_seconds(&pids) - cpu0) * 1e6 / requests.max(1.0);
                     println!(
-                        "  round {round} {case} {who}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-                        r.rps, r.p50_ms, r.p99_ms, r.errors
+                        "  round {round} {case} {who}: {:.0} req/s, {:.1} µs CPU per request, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                        r.rps, r.cpu_us, r.p50_ms, r.p99_ms, r.errors
                     );
                     runs.entry((case, who)).or_default().push(r);
                 }
@@ -535,6 +567,7 @@ pub fn run(args: &Args) -> Result<()> {
             let get = |who: &str| runs.get(&(case, who)).cloned().unwrap_or_default();
             let (s, n) = (get("skiff"), get("nginx"));
             let rps = |v: &[Run]| v.iter().map(|r| r.rps).collect::<Vec<_>>();
+            let cpu = |v: &[Run]| v.iter().map(|r| r.cpu_us).collect::<Vec<_>>();
             let p50 = |v: &[Run]| v.iter().map(|r| r.p50_ms).collect::<Vec<_>>();
             let p99 = |v: &[Run]| v.iter().map(|r| r.p99_ms).collect::<Vec<_>>();
             let mut ratios: Vec<f64> = s.iter().zip(&n).map(|(a, b)| a.rps / b.rps).collect();
@@ -545,6 +578,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "skiff_rps": median(rps(&s)), "nginx_rps": median(rps(&n)),
                 "rps_ratio": median(rps(&s)) / median(rps(&n)).max(1e-9),
                 "rps_ratio_ci95": [lo, hi],
+                "skiff_cpu_us": median(cpu(&s)), "nginx_cpu_us": median(cpu(&n)),
                 "skiff_p50_ms": median(p50(&s)), "nginx_p50_ms": median(p50(&n)),
                 "skiff_p99_ms": median(p99(&s)), "nginx_p99_ms": median(p99(&n)),
                 "p99_ratio": median(p99(&s)) / median(p99(&n)).max(1e-9),
@@ -649,14 +683,14 @@ pub fn print(d: &Value) {
         d["conns"], d["seconds_per_run"], d["rounds"]
     );
     println!(
-        "| rules | case | skiff req/s | nginx req/s | ratio (95% CI) | skiff p50 / p99 ms | nginx p50 / p99 ms | p99 ratio | errors s/n |"
+        "| rules | case | skiff req/s | nginx req/s | ratio (95% CI) | CPU µs/req skiff / nginx | skiff p50 / p99 ms | nginx p50 / p99 ms | p99 ratio | errors s/n |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in d["summary"].as_array().into_iter().flatten() {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         let ci = &r["rps_ratio_ci95"];
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.3} ({:.3}–{:.3}) | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} | {}/{} |",
+            "| {} | {} | {:.0} | {:.0} | {:.3} ({:.3}–{:.3}) | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} | {}/{} |",
             r["rules"],
             r["case"].as_str().unwrap_or("?"),
             f("skiff_rps"),
@@ -664,6 +698,8 @@ pub fn print(d: &Value) {
             f("rps_ratio"),
             ci[0].as_f64().unwrap_or(0.0),
             ci[1].as_f64().unwrap_or(0.0),
+            f("skiff_cpu_us"),
+            f("nginx_cpu_us"),
             f("skiff_p50_ms"),
             f("skiff_p99_ms"),
             f("nginx_p50_ms"),

@@ -813,27 +813,12 @@ fn kill(pid: i32) -> Result<()> {
     .with_context(|| format!("kill {pid}"))
 }
 
-/// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: i32) -> f64 {
-    let ticks = super::stats::clock_ticks();
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command (which may hold spaces) in parens.
-            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
-            let u: f64 = rest.get(11)?.parse().ok()?;
-            let k: f64 = rest.get(12)?.parse().ok()?;
-            Some((u + k) / ticks)
-        })
-        .unwrap_or(0.0)
-}
-
 /// The agent's RSS (MiB) and CPU (% of one core) over `seconds` of idling.
 fn idle_usage(pid: i32, seconds: u64) -> Value {
-    let c0 = cpu_seconds(pid);
+    let c0 = super::stats::process_cpu_seconds(pid);
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(seconds));
-    let cpu = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    let cpu = (super::stats::process_cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status

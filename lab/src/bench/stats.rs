@@ -56,6 +56,24 @@ pub fn busy_seconds() -> Option<f64> {
     Some(busy as f64 / clock_ticks())
 }
 
+/// utime + stime of process `pid` (all its threads), in seconds; 0 when
+/// it cannot be read.
+pub fn process_cpu_seconds(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| stat_ticks(&s))
+        .map_or(0.0, |t| t as f64 / clock_ticks())
+}
+
+/// utime + stime from a `/proc/<pid>/stat` line, in clock ticks.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // Fields after the command (which may hold spaces and parentheses).
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let user: u64 = rest.get(11)?.parse().ok()?;
+    let system: u64 = rest.get(12)?.parse().ok()?;
+    Some(user + system)
+}
+
 /// Clock ticks per second, the unit of /proc's CPU times.
 pub fn clock_ticks() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
@@ -118,5 +136,13 @@ mod tests {
         // 50 ± 9.8: the 40th and 60th values (counting from 1).
         assert_eq!(median_ci(&many), (41.0, 61.0));
         assert!(median_ci(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn cpu_time_is_read_past_a_command_that_holds_spaces_and_parentheses() {
+        let line = "4242 (nginx: worker (x)) S 4240 4240 4240 0 -1 4194624 \
+                    900 0 0 0 176 766 0 0 20 0 1 0 123 45678 901 18446744073709551615";
+        assert_eq!(stat_ticks(line), Some(176 + 766));
+        assert_eq!(stat_ticks("4242 (short) S 1"), None);
     }
 }
