@@ -718,10 +718,10 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    // The ingress role serves from a worker thread per core.
+    // The ingress role's worker threads allocate on every request.
     let workers = match &cli.command {
         Command::Run(args) if args.roles.contains(&Role::Ingress) => {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            skiff_agent::ingress::workers()
         }
         _ => 0,
     };

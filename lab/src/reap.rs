@@ -54,7 +54,7 @@ pub fn on_signals() -> Result<()> {
 }
 
 /// Each process's parent, from /proc.
-fn parents() -> HashMap<i32, i32> {
+pub(crate) fn parents() -> HashMap<i32, i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return HashMap::new();
     };
@@ -72,7 +72,7 @@ fn parents() -> HashMap<i32, i32> {
 }
 
 /// The processes below `root`.
-fn descendants(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
+pub(crate) fn descendants(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
     let mut out = Vec::new();
     let mut frontier = vec![root];
     while let Some(p) = frontier.pop() {

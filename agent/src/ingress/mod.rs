@@ -10,8 +10,8 @@
 //! endpoints of every backend and the certificates ([`tls`]), swapped in
 //! whole, so a request sees one consistent state. Requests go straight to
 //! a ready endpoint, never through the ClusterIP (see [`serve`]), on worker
-//! threads of their own (one per core, each with its own listeners and
-//! pools, as nginx's workers), which keep their own copy of the state.
+//! threads of their own ([`workers`]: one per core, each with its own
+//! listeners and connections to endpoints, as nginx's workers).
 //!
 //! Each Ingress served lists this node's address in
 //! `status.loadBalancer.ingress` (the others' stay: each node adds and
@@ -70,15 +70,17 @@ pub enum IngressError {
     Workers(std::io::Error),
 }
 
-/// A backend's identity: namespace, Service, port.
+/// The ready endpoints of backends: by namespace, Service and port, so that
+/// a request looks them up by reference, with no key made.
+pub type ByBackend = HashMap<String, HashMap<String, Vec<(PortRef, Endpoints)>>>;
+
 /// What requests are routed by: swapped whole on each change.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct State {
     pub table: Table,
     /// The ready endpoints of each backend of the table whose Service
-    /// exists: by namespace, Service and port (looked up by reference, with
-    /// no key made per request).
-    pub endpoints: HashMap<String, HashMap<String, Vec<(PortRef, Endpoints)>>>,
+    /// exists.
+    pub endpoints: ByBackend,
     /// The certificates served by SNI.
     pub certs: tls::Certs,
 }
@@ -233,24 +235,21 @@ pub fn build(
             by_service.entry(owner).or_default().push(s.as_ref());
         }
     }
-    let mut endpoints: HashMap<String, HashMap<String, Vec<(PortRef, Endpoints)>>> = HashMap::new();
+    let mut endpoints = ByBackend::new();
     let mut skipped = skipped;
     for b in table.backends() {
         let k = format!("{}/{}", b.namespace, b.service);
         match svcs.get(&k) {
             Some(svc) => {
-                let eps = ready_endpoints(
-                    svc,
-                    &b.port,
-                    by_service.get(&k).map_or(&[][..], Vec::as_slice),
-                );
                 let ports = endpoints
                     .entry(b.namespace.clone())
                     .or_default()
                     .entry(b.service.clone())
                     .or_default();
+                // Several rules may share a backend: its endpoints once.
                 if !ports.iter().any(|(p, _)| *p == b.port) {
-                    ports.push((b.port.clone(), eps));
+                    let slices = by_service.get(&k).map_or(&[][..], Vec::as_slice);
+                    ports.push((b.port.clone(), ready_endpoints(svc, &b.port, slices)));
                 }
             }
             None => {
@@ -277,6 +276,11 @@ pub fn build(
     )
 }
 
+/// How many worker threads serve requests: one per core.
+pub fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 impl crate::role::Role for IngressConfig {
     type Error = IngressError;
 
@@ -290,7 +294,7 @@ impl crate::role::Role for IngressConfig {
         mut shutdown: crate::role::Shutdown,
     ) -> Result<(), IngressError> {
         let client = ctx.client("ingress")?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = workers();
         let bind = |addr: SocketAddr| {
             serve::bind_each(addr, threads).map_err(|source| IngressError::Bind { addr, source })
         };
@@ -655,14 +659,9 @@ fn ingress_changes() -> impl FnMut(&watcher::Event<Ingress>) -> bool + Send + 's
         Option<i64>,
         Option<std::collections::BTreeMap<String, String>>,
     );
-    let mut seen: HashMap<(String, String), Seen> = HashMap::new();
+    let mut seen: HashMap<String, Seen> = HashMap::new();
     move |ev| {
-        let key = |i: &Ingress| {
-            (
-                i.metadata.namespace.clone().unwrap_or_default(),
-                i.metadata.name.clone().unwrap_or_default(),
-            )
-        };
+        let key = routes::key;
         let now = |i: &Ingress| (i.metadata.generation, i.metadata.annotations.clone());
         match ev {
             watcher::Event::Apply(i) => seen.insert(key(i), now(i)) != Some(now(i)),

@@ -36,7 +36,7 @@ pub type Outgoing = Either<Incoming, Empty<Bytes>>;
 /// `keepalive_timeout`).
 pub const IDLE: Duration = Duration::from_secs(60);
 /// How long an endpoint has to accept a connection.
-const CONNECT: Duration = Duration::from_secs(5);
+pub const CONNECT: Duration = Duration::from_secs(5);
 /// Idle connections kept per endpoint; more are closed.
 const MAX_IDLE: usize = 256;
 
@@ -284,7 +284,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_the_endpoint_closed_is_not_reused() {
+    async fn requests_take_new_connections_when_the_endpoint_closes_each() {
         // One request per connection, closed after it: every idle
         // connection the pool keeps is dead by the next request.
         let (addr, accepted) = endpoint(1).await;

@@ -189,7 +189,7 @@ impl Server {
     pub fn new(state: Arc<Current>, https_port: u16) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        connector.set_connect_timeout(Some(super::pool::CONNECT));
         Arc::new(Server {
             state,
             pool: Arc::default(),

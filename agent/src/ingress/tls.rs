@@ -42,7 +42,7 @@ pub enum Loaded {
 pub type SecretKey = (String, String);
 
 /// The certificates by the names they are served for.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct Certs(ByHost<Arc<CertifiedKey>>);
 
 impl Certs {

@@ -19,6 +19,18 @@ pub trait View: Send + Sync + 'static {
     fn apply(&self, obj: &Value, present: bool);
 }
 
+/// `(namespace, name)` of a stored object, as views key them (empty when
+/// absent).
+pub fn ns_name(obj: &Value) -> (String, String) {
+    let s = |p: &str| {
+        obj.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    (s("/metadata/namespace"), s("/metadata/name"))
+}
+
 /// Reads `prefix` into `view`, then keeps it current in the background.
 pub async fn start(
     store: Store,

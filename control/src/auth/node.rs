@@ -160,15 +160,13 @@ impl super::mirror::View for PodIndex {
     }
 
     fn apply(&self, pod: &Value, present: bool) {
-        let s = |p: &str| {
-            pod.pointer(p)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let key = (s("/metadata/namespace"), s("/metadata/name"));
+        let key = super::mirror::ns_name(pod);
         let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
-        let node = s("/spec/nodeName");
+        let node = pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         if present && !node.is_empty() {
             map.insert(
                 key,
@@ -195,14 +193,7 @@ impl super::mirror::View for TlsIndex {
     }
 
     fn apply(&self, ingress: &Value, present: bool) {
-        let s = |p: &str| {
-            ingress
-                .pointer(p)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let key = (s("/metadata/namespace"), s("/metadata/name"));
+        let key = super::mirror::ns_name(ingress);
         let names = if present {
             tls_secrets(ingress)
         } else {

@@ -153,16 +153,6 @@ impl Kind {
     }
 }
 
-fn ns_name(v: &Value) -> (String, String) {
-    let s = |p: &str| {
-        v.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    (s("/metadata/namespace"), s("/metadata/name"))
-}
-
 /// The whole policy at one moment.
 #[derive(Debug, Default)]
 pub struct Policy {
@@ -174,7 +164,7 @@ pub struct Policy {
 
 impl Policy {
     fn apply(&mut self, kind: Kind, obj: &Value, present: bool) {
-        let (ns, name) = ns_name(obj);
+        let (ns, name) = super::mirror::ns_name(obj);
         match kind {
             Kind::ClusterRole | Kind::Role => {
                 let role = Role {

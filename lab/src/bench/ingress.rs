@@ -48,8 +48,7 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-const PROXY_IP: &str = "10.79.0.1";
-/// [`PROXY_IP`], for sockets.
+/// Where both proxies listen.
 const PROXY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 79, 0, 1);
 const CLIENT_IP: &str = "10.79.0.2";
 const PROXY_BACK_IP: &str = "10.79.1.1";
@@ -66,6 +65,8 @@ const PROXIES: [&str; 2] = ["skiff", "nginx"];
 #[derive(Clone, Debug, serde::Serialize)]
 struct Run {
     rps: f64,
+    /// Answered in the run, all of them.
+    requests: u64,
     /// The proxy's own CPU time (user and system, all its processes and
     /// threads) per request: steadier than the rate when the machine's
     /// cores are shared with the client and the backend.
@@ -97,6 +98,7 @@ fn millis(s: &str) -> Option<f64> {
 fn parse_wrk(out: &str) -> Result<Run> {
     let mut run = Run {
         rps: 0.0,
+        requests: 0,
         cpu_us: 0.0,
         p50_ms: 0.0,
         p99_ms: 0.0,
@@ -106,6 +108,8 @@ fn parse_wrk(out: &str) -> Result<Run> {
     for line in out.lines().map(str::trim) {
         if let Some(v) = line.strip_prefix("Requests/sec:") {
             run.rps = v.trim().parse().context("Requests/sec")?;
+        } else if let Some((n, _)) = line.split_once(" requests in ") {
+            run.requests = n.trim().parse().context("requests in")?;
         } else if let Some(v) = line.strip_prefix("50%") {
             run.p50_ms = millis(v).context("the 50% line")?;
         } else if let Some(v) = line.strip_prefix("99%") {
@@ -180,7 +184,7 @@ fn proxy_conf(dir: &Path, rules: usize, extra: usize, crt: &Path, key: &Path) ->
     let mut servers = String::new();
     for i in 0..rules + extra {
         servers.push_str(&format!(
-            "  server {{ listen {PROXY_IP}:{NGINX_HTTP}; listen {PROXY_IP}:{NGINX_HTTPS} ssl http2; server_name h{i}.{DOMAIN}; location / {{ proxy_pass http://backend; }} }}\n"
+            "  server {{ listen {PROXY}:{NGINX_HTTP}; listen {PROXY}:{NGINX_HTTPS} ssl http2; server_name h{i}.{DOMAIN}; location / {{ proxy_pass http://backend; }} }}\n"
         ));
     }
     format!(
@@ -195,7 +199,7 @@ fn proxy_conf(dir: &Path, rules: usize, extra: usize, crt: &Path, key: &Path) ->
          proxy_set_header X-Forwarded-Proto $scheme;\n  proxy_set_header X-Forwarded-Host $host;\n\
          proxy_buffering off;\n\
          upstream backend {{ server {BACKEND_IP}:{BACKEND_PORT}; keepalive 320; keepalive_requests 100000; }}\n\
-         server {{ listen {PROXY_IP}:{NGINX_HTTP} default_server; listen {PROXY_IP}:{NGINX_HTTPS} ssl http2 default_server; return 404; }}\n\
+         server {{ listen {PROXY}:{NGINX_HTTP} default_server; listen {PROXY}:{NGINX_HTTPS} ssl http2 default_server; return 404; }}\n\
          {servers}}}\n",
         d = dir.display(),
         temps = temp_paths(dir, "nginx"),
@@ -216,11 +220,9 @@ impl Nginx {
     /// The master and its workers.
     fn pids(&self) -> Vec<i32> {
         let me = self.pid();
-        let children =
-            std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default();
-        std::iter::once(me)
-            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
-            .collect()
+        let mut all = crate::reap::descendants(me, &crate::reap::parents());
+        all.push(me);
+        all
     }
 }
 
@@ -419,7 +421,7 @@ pub fn run(args: &Args) -> Result<()> {
     veth(
         &srv,
         "eth0",
-        &format!("{PROXY_IP}/24"),
+        &format!("{PROXY}/24"),
         &cli,
         "eth0",
         &format!("{CLIENT_IP}/24"),
@@ -433,13 +435,13 @@ pub fn run(args: &Args) -> Result<()> {
         &format!("{BACKEND_IP}/24"),
     );
     srv.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    cli.exec(&["ip", "route", "add", "default", "via", PROXY_IP]);
+    cli.exec(&["ip", "route", "add", "default", "via", &PROXY.to_string()]);
     back.exec(&["ip", "route", "add", "default", "via", PROXY_BACK_IP]);
     for ns in [&srv, &cli, &back] {
         ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
         ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
     }
-    let _hosts = HostsFile::new(&cli, &format!("{PROXY_IP} h0.{DOMAIN}\n"))?;
+    let _hosts = HostsFile::new(&cli, &format!("{PROXY} h0.{DOMAIN}\n"))?;
     let dir = TempDir::new();
     let backend_file = dir.path.join("backend.conf");
     std::fs::write(&backend_file, backend_conf(&dir.path))?;
@@ -465,8 +467,8 @@ pub fn run(args: &Args) -> Result<()> {
             "--kubeconfig",
         ])
         .args([&cp.kubeconfig])
-        .args(["--ingress-http-address", &format!("{PROXY_IP}:80")])
-        .args(["--ingress-https-address", &format!("{PROXY_IP}:443")])
+        .args(["--ingress-http-address", &format!("{PROXY}:80")])
+        .args(["--ingress-https-address", &format!("{PROXY}:443")])
         .env(
             "RUST_LOG",
             std::env::var("SKIFF_BENCH_LOG")
@@ -506,7 +508,7 @@ pub fn run(args: &Args) -> Result<()> {
                 &["ingress"],
                 r#"{range .items[*]}{.status.loadBalancer.ingress[0].ip}{"\n"}{end}"#,
             );
-            if shown.lines().filter(|l| *l == PROXY_IP).count() >= rules {
+            if shown.lines().filter(|l| l.parse() == Ok(PROXY)).count() >= rules {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -542,7 +544,7 @@ pub fn run(args: &Args) -> Result<()> {
                         _ => (NGINX_HTTP, NGINX_HTTPS),
                     };
                     let url = match case {
-                        "http-keepalive" => format!("http://{PROXY_IP}:{http}/"),
+                        "http-keepalive" => format!("http://{PROXY}:{http}/"),
                         _ => format!("https://h0.{DOMAIN}:{https}/"),
                     };
                     let script = &scripts[&(case == "https-new-conn")];
@@ -551,10 +553,8 @@ pub fn run(args: &Args) -> Result<()> {
                         _ => proxy.pids(),
                     };
                     let cpu0 = cpu_seconds(&pids);
-                    let t0 = Instant::now();
                     let mut r = wrk(&cli, &url, script, args.conns, args.seconds)?;
-                    let requests = r.rps * t0.elapsed().as_secs_f64();
-                    r.cpu_us = (cpu_seconds(&pids) - cpu0) * 1e6 / requests.max(1.0);
+                    r.cpu_us = (cpu_seconds(&pids) - cpu0) * 1e6 / r.requests.max(1) as f64;
                     println!(
                         "  round {round} {case} {who}: {:.0} req/s, {:.1} µs CPU per request, p50 {:.2} ms, p99 {:.2} ms, {} errors",
                         r.rps, r.cpu_us, r.p50_ms, r.p99_ms, r.errors
@@ -744,6 +744,7 @@ Transfer/sec:      6.00MB
 ";
         let r = parse_wrk(out).expect("parsed");
         assert_eq!(r.rps, 48901.23);
+        assert_eq!(r.requests, 244567);
         assert_eq!(r.p50_ms, 1.2);
         assert!((r.p99_ms - 0.85).abs() < 1e-9, "{}", r.p99_ms);
         assert_eq!(r.errors, 13);
