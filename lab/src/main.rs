@@ -17,7 +17,7 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
        skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
                              [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
                              [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
-                             [--out target/bench]
+                             [--pairs 0] [--chunk 2000] [--out target/bench]
        skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
                                [--samples 300] [--rounds 3] [--ha-writes 2000] [--ha-rounds 3]
                                [--job-pods 1000] [--hpa-rounds 3] [--dashboard-pods 1000]
@@ -76,6 +76,8 @@ fn bench_args(argv: &[String]) -> Result<proxy::Args> {
         out: PathBuf::from("target/bench"),
         modes: proxy::Mode::ALL.to_vec(),
         nft_max: 10_000,
+        pairs: 0,
+        chunk: 2_000,
     };
     each_flag(argv, |flag, value| {
         match flag {
@@ -87,6 +89,8 @@ fn bench_args(argv: &[String]) -> Result<proxy::Args> {
             "--threads" => a.threads = value.parse().context("--threads")?,
             "--out" => a.out = PathBuf::from(value),
             "--nft-max" => a.nft_max = value.parse().context("--nft-max")?,
+            "--pairs" => a.pairs = value.parse().context("--pairs")?,
+            "--chunk" => a.chunk = value.parse().context("--chunk")?,
             "--modes" => {
                 a.modes = value
                     .split(',')
@@ -102,6 +106,12 @@ fn bench_args(argv: &[String]) -> Result<proxy::Args> {
     })?;
     if a.sizes.contains(&0) {
         bail!("--sizes: every size must be at least 1");
+    }
+    if a.chunk < a.threads.max(1) {
+        bail!(
+            "--chunk: at least one connection per client thread ({})",
+            a.threads
+        );
     }
     Ok(a)
 }

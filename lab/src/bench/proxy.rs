@@ -52,6 +52,10 @@ pub struct Args {
     /// (about 100 s for 10 000 services), so 50 000 would take most of an
     /// hour per round.
     pub nft_max: usize,
+    /// Paired measurement of skiff against direct: this many pairs per size
+    /// and state (0: none), each two loads of `chunk` connections.
+    pub pairs: usize,
+    pub chunk: u64,
 }
 
 impl Args {
@@ -122,13 +126,16 @@ pub struct Sample {
 }
 
 /// What `skiff-probe load` and `keepalive` print.
-#[derive(serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, Serialize)]
 pub(super) struct Load {
     pub connections: u64,
     pub errors: u64,
     pub rate: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// The client's own CPU time per connection (user and system).
+    #[serde(default)]
+    pub cpu_us: f64,
 }
 
 fn vip(i: usize) -> Ipv4Addr {
@@ -719,6 +726,17 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
+    let mut pairs = Vec::new();
+    if args.pairs > 0 {
+        for &n in &args.sizes {
+            pairs.extend(paired(n, State::Fresh, args)?);
+        }
+        if args.steady_conns > 0 {
+            for &n in &args.steady_sizes {
+                pairs.extend(paired(n, State::Steady, args)?);
+            }
+        }
+    }
     let mut costs = Vec::new();
     if args.modes.contains(&Mode::Skiff) {
         for &n in &args.sizes {
@@ -726,7 +744,13 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     let summary = summarize(&samples);
-    print_table(&summary);
+    if !summary.is_empty() {
+        print_table(&summary);
+    }
+    let paired_summary = summarize_pairs(&pairs);
+    if !paired_summary.is_empty() {
+        print_pairs(&paired_summary);
+    }
     if !costs.is_empty() {
         println!("\nprogram cost (kernel.bpf_stats_enabled, a load of its own)");
         println!(
@@ -752,14 +776,197 @@ pub fn run(args: &Args) -> Result<()> {
             "sizes": args.sizes, "rounds": args.rounds, "conns": args.conns,
             "steady_conns": args.steady_conns, "steady_sizes": args.steady_sizes,
             "threads": args.threads, "nft_max": args.nft_max,
+            "pairs": args.pairs, "chunk": args.chunk,
         },
         "summary": summary,
+        "paired": paired_summary,
+        "pairs": pairs,
         "samples": samples,
         "program_cost": costs,
     });
     super::publish(&args.out, "proxy", started, doc, |png| {
         plot_results(&summary, png)
     })
+}
+
+// ---- paired: skiff and direct alternating in one topology ----
+
+/// Connections one topology takes in the fresh state of a paired run, both
+/// modes together: every connection leaves its port in TIME_WAIT, and
+/// connects slowed from about 16 000 to 900 per second once 28 000 had
+/// been made (the ephemeral range, 32768-60999, shared by the two backend
+/// destinations).
+const FRESH_BUDGET: u64 = 24_000;
+/// Pause before each load of a pair: the previous load's deferred work
+/// (RCU frees of closed sockets) is done before the next starts.
+const PAIR_PAUSE_MS: u64 = 100;
+
+/// One pair: a skiff load and a direct load, a few hundred milliseconds
+/// apart, in the same namespaces and port-range state.
+#[derive(Debug, Serialize)]
+pub(super) struct Pair {
+    pub services: usize,
+    pub state: State,
+    pub skiff_first: bool,
+    pub skiff: Load,
+    pub direct: Load,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PairedSummary {
+    pub services: usize,
+    pub state: State,
+    pub pairs: usize,
+    pub errors: u64,
+    /// Median over pairs of skiff's rate ÷ direct's.
+    pub ratio: f64,
+    pub ratio_ci: (f64, f64),
+    /// Median over pairs of direct's client CPU per connection ÷ skiff's.
+    pub cpu_ratio: f64,
+    pub cpu_ratio_ci: (f64, f64),
+    pub skiff_cpu_us: f64,
+    pub direct_cpu_us: f64,
+}
+
+/// `pairs` pairs at `n` services: skiff's client in the programmed cgroup
+/// dials the services, direct's in a cgroup without programs dials the
+/// backends, alternating (which goes first alternates too) in one client
+/// namespace, so that both share the machine's moment, the port-range
+/// state and the neighbour cache. The fresh state takes a new topology
+/// before the port range could wrap; the steady state wraps it first.
+fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
+    let per_topology = match state {
+        State::Fresh => (FRESH_BUDGET / (2 * args.chunk.max(1))).max(1) as usize,
+        State::Steady => args.pairs,
+    };
+    let mut out = Vec::with_capacity(args.pairs);
+    while out.len() < args.pairs {
+        settle();
+        let scratch = TempDir::new();
+        let topo = Topology::new();
+        let programmed = program(Mode::Skiff, n, &topo, &scratch.path)?;
+        let plain = Cgroup::new();
+        let direct = targets(Mode::Direct, n, state);
+        let services = targets(Mode::Skiff, n, state);
+        let direct_load = |count: u64| {
+            probe_load(
+                "load",
+                &topo.client,
+                Some(&plain),
+                &direct,
+                count,
+                args.threads,
+            )
+        };
+        if state == State::Steady {
+            direct_load(args.steady_conns)?;
+        }
+        settle();
+        let take = per_topology.min(args.pairs - out.len());
+        for _ in 0..take {
+            let skiff_first = out.len() % 2 == 0;
+            let pause = || std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
+            let skiff_load = || {
+                pause();
+                topo.load(&services, args.chunk, args.threads)
+            };
+            let (skiff, direct) = if skiff_first {
+                let s = skiff_load()?;
+                pause();
+                (s, direct_load(args.chunk)?)
+            } else {
+                pause();
+                let d = direct_load(args.chunk)?;
+                (skiff_load()?, d)
+            };
+            eprintln!(
+                "  {n:>6} services  {:<6} pair {:>3}: skiff {:>7.0} conn/s {:>5.1} us cpu  direct {:>7.0} conn/s {:>5.1} us cpu  ratio {:.3}",
+                format!("{state:?}").to_lowercase(),
+                out.len(),
+                skiff.rate,
+                skiff.cpu_us,
+                direct.rate,
+                direct.cpu_us,
+                skiff.rate / direct.rate
+            );
+            out.push(Pair {
+                services: n,
+                state,
+                skiff_first,
+                skiff,
+                direct,
+            });
+        }
+        // The programs detach (pins removed) before the cgroups and
+        // namespaces go.
+        drop(programmed);
+        drop(plain);
+        drop(topo);
+    }
+    Ok(out)
+}
+
+fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
+    let mut groups: BTreeMap<(State, usize), Vec<&Pair>> = BTreeMap::new();
+    for p in pairs {
+        groups.entry((p.state, p.services)).or_default().push(p);
+    }
+    groups
+        .into_iter()
+        .map(|((state, services), ps)| {
+            let sorted = |f: &dyn Fn(&Pair) -> f64| {
+                let mut v: Vec<f64> = ps.iter().map(|p| f(p)).filter(|x| x.is_finite()).collect();
+                v.sort_by(f64::total_cmp);
+                v
+            };
+            let ratios = sorted(&|p| p.skiff.rate / p.direct.rate);
+            let cpu = sorted(&|p| p.direct.cpu_us / p.skiff.cpu_us);
+            PairedSummary {
+                services,
+                state,
+                pairs: ps.len(),
+                errors: ps.iter().map(|p| p.skiff.errors + p.direct.errors).sum(),
+                ratio: super::stats::pct(&ratios, 0.5),
+                ratio_ci: super::stats::median_ci(&ratios),
+                cpu_ratio: super::stats::pct(&cpu, 0.5),
+                cpu_ratio_ci: super::stats::median_ci(&cpu),
+                skiff_cpu_us: super::stats::pct(&sorted(&|p| p.skiff.cpu_us), 0.5),
+                direct_cpu_us: super::stats::pct(&sorted(&|p| p.direct.cpu_us), 0.5),
+            }
+        })
+        .collect()
+}
+
+fn print_pairs(summary: &[PairedSummary]) {
+    println!(
+        "\npaired: skiff and direct alternating in one topology\n{:<7} {:>8} {:>6} {:>7} {:>17} {:>13} {:>9} {:>17} {:>7}",
+        "state",
+        "services",
+        "pairs",
+        "ratio",
+        "95% CI",
+        "client cpu us",
+        "cpu ratio",
+        "95% CI",
+        "errors"
+    );
+    for s in summary {
+        println!(
+            "{:<7} {:>8} {:>6} {:>7.3} {:>17} {:>13} {:>9.3} {:>17} {:>7}",
+            format!("{:?}", s.state).to_lowercase(),
+            s.services,
+            s.pairs,
+            s.ratio,
+            format!("{:.3} - {:.3}", s.ratio_ci.0, s.ratio_ci.1),
+            format!("{:.1} / {:.1}", s.skiff_cpu_us, s.direct_cpu_us),
+            s.cpu_ratio,
+            format!("{:.3} - {:.3}", s.cpu_ratio_ci.0, s.cpu_ratio_ci.1),
+            s.errors
+        );
+    }
+    println!(
+        "ratio = median over pairs of skiff's conn/s / direct's, each pair two loads a few hundred ms apart in the same namespaces; client cpu = the client process's own CPU per connection (skiff / direct), cpu ratio = median over pairs of direct's / skiff's"
+    );
 }
 
 // ---- the plot ----

@@ -275,6 +275,19 @@ struct Load {
     rate: f64,
     p50_us: f64,
     p99_us: f64,
+    /// This process's CPU time (user and system, all threads) per
+    /// connection or request: the client's side of the cost, including the
+    /// kernel work its system calls do (a cgroup program's run among it).
+    cpu_us: f64,
+}
+
+/// CPU seconds this process has used so far (user and system).
+fn own_cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        secs(u.user_time()) + secs(u.system_time())
+    })
 }
 
 /// Waits for the load's threads, each with its latencies (µs) and error
@@ -282,6 +295,7 @@ struct Load {
 fn print_load(
     handles: Vec<std::thread::JoinHandle<(Vec<f64>, u64)>>,
     started: Instant,
+    cpu_before: f64,
 ) -> Result<()> {
     let mut all = Vec::new();
     let mut errors = 0;
@@ -308,6 +322,7 @@ fn print_load(
         rate: all.len() as f64 / seconds,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        cpu_us: (own_cpu_seconds() - cpu_before) * 1e6 / (all.len() as f64).max(1.0),
     };
     println!("{}", serde_json::to_string(&l)?);
     Ok(())
@@ -320,6 +335,7 @@ fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
         bail!("load needs at least one target and one thread");
     }
     let per = conns / threads;
+    let cpu_before = own_cpu_seconds();
     let started = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -339,7 +355,7 @@ fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
             })
         })
         .collect();
-    print_load(handles, started)
+    print_load(handles, started, cpu_before)
 }
 
 /// Requests on kept-alive connections: each thread opens one connection
@@ -350,6 +366,7 @@ fn keepalive(targets: &[SocketAddr], requests: u64, threads: u64) -> Result<()> 
         bail!("keepalive needs at least one target and one thread");
     }
     let per = requests / threads;
+    let cpu_before = own_cpu_seconds();
     let started = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -378,7 +395,7 @@ fn keepalive(targets: &[SocketAddr], requests: u64, threads: u64) -> Result<()> 
             })
         })
         .collect();
-    print_load(handles, started)
+    print_load(handles, started, cpu_before)
 }
 
 /// What a pod's kube-rs client sees with in-cluster config (the
