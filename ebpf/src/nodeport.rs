@@ -37,9 +37,9 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{
     BACKEND_LOCAL, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
-    ExternalValue, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS,
-    MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey,
-    csum, flow_hash,
+    ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FLOW_CLOSING, FlowKey, FlowValue,
+    MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS, MAX_EXTERNAL,
+    MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey, csum, flow_hash,
 };
 
 use crate::BPF_F_NO_PREALLOC;
@@ -53,6 +53,17 @@ static EXTERNAL: HashMap<ServiceKey, ExternalValue> =
 #[map(name = "EXT_BACKENDS")]
 static EXT_BACKENDS: HashMap<u32, ExtBackend> =
     HashMap::pinned(MAX_EXT_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// ClientIP affinity: each client's backend per frontend and when its last
+/// new flow started, as kube-proxy's `recent` match keeps it. Honoured
+/// while younger than the Service's timeout and while the backend is still
+/// the set's (`EXT_MEMBERS`), so adding backends moves no client.
+#[map(name = "EXT_CLIENTS")]
+static EXT_CLIENTS: LruHashMap<ExtClientKey, ExtClientValue> =
+    LruHashMap::pinned(MAX_EXT_CLIENTS, 0);
+
+#[map(name = "EXT_MEMBERS")]
+static EXT_MEMBERS: HashMap<ExtMember, u8> = HashMap::pinned(MAX_EXT_MEMBERS, BPF_F_NO_PREALLOC);
 
 /// Maglev tables: backend ids, `size` of them (the agent creates each
 /// inner array at the configured size; the template's size is only the
@@ -73,6 +84,7 @@ struct NewEntries {
     rev: RevFlowValue,
     key: FlowKey,
     frontend: ServiceKey,
+    client: ExtClientKey,
 }
 
 #[map(name = "NEW_ENTRIES")]
@@ -507,6 +519,36 @@ fn mark_rev_closing<F: Ip>(p: &Packet<F>, fv: &FlowValue) {
     }
 }
 
+/// The backend this client was sent to through this frontend, if that was
+/// within the affinity timeout and the backend is still one of the set's.
+/// Leaves the client's key in `e.client` for the caller's update.
+#[inline(always)]
+fn kept_backend<F: Ip>(
+    p: &Packet<F>,
+    svc: &ExternalValue,
+    t: u64,
+    e: &mut NewEntries,
+) -> Option<u32> {
+    e.client = ExtClientKey {
+        frontend: ServiceKey {
+            addr: F::wide(p.daddr),
+            port: p.dport,
+            proto: p.proto,
+            family: F::FAMILY,
+        },
+        client: F::wide(p.saddr),
+    };
+    // SAFETY: copied out at once.
+    let kept = unsafe { *EXT_CLIENTS.get_ptr(&e.client)? };
+    let timeout = u64::from(svc.affinity_timeout) * NS_PER_SEC;
+    let member = ExtMember {
+        table: svc.table,
+        backend: kept.backend,
+    };
+    (t.wrapping_sub(kept.last_ns) <= timeout && EXT_MEMBERS.get_ptr(&member).is_some())
+        .then_some(kept.backend)
+}
+
 /// Picks the flow's backend from the Maglev table and records both
 /// directions. Its steps are called one after the other from here, not
 /// from each other, so that their frames are never on the stack together.
@@ -551,17 +593,25 @@ fn plan<F: Ip>(
     t: u64,
     e: &mut NewEntries,
 ) -> Option<()> {
-    let h = flow_hash(
-        F::hash_word(p.saddr),
-        p.sport,
-        p.dport,
-        p.proto,
-        svc.flags & EXT_AFFINITY != 0,
-    );
-    let slot = h.checked_rem(svc.size)?;
-    // SAFETY: inner arrays are never written while a program reads them
-    // (the agent swaps in a new table).
-    let id = unsafe { *MAGLEV.get_value(&svc.table, &slot)? };
+    let sticky = svc.flags & EXT_AFFINITY != 0;
+    let id = match sticky.then(|| kept_backend(p, svc, t, e)).flatten() {
+        Some(id) => id,
+        None => {
+            let h = flow_hash(F::hash_word(p.saddr), p.sport, p.dport, p.proto, sticky);
+            let slot = h.checked_rem(svc.size)?;
+            // SAFETY: inner arrays are never written while a program reads
+            // them (the agent swaps in a new table).
+            unsafe { *MAGLEV.get_value(&svc.table, &slot)? }
+        }
+    };
+    if sticky {
+        let v = ExtClientValue {
+            backend: id,
+            pad: 0,
+            last_ns: t,
+        };
+        let _ = EXT_CLIENTS.insert(&e.client, &v, 0);
+    }
     // SAFETY: copied out at once.
     let b = unsafe { *EXT_BACKENDS.get(&id)? };
     e.flow = FlowValue {

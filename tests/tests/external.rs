@@ -423,3 +423,142 @@ spec:
         "{moved_others} new flows of staying backends moved"
     );
 }
+
+/// The one backend that answered all of `v`'s exchanges, if one did.
+fn only_answer(v: &Value) -> Option<String> {
+    let answers = map(&v["answers"]);
+    (answers.len() == 1 && v["errors"].as_object().is_none_or(|e| e.is_empty()))
+        .then(|| answers.into_keys().next())
+        .flatten()
+}
+
+#[test]
+fn client_ip_affinity_on_node_ports_outlasts_new_backends_until_its_timeout() {
+    const CLIENTS: usize = 16;
+    const TIMEOUT_S: u64 = 20;
+    let c = Cluster::start(2);
+    let (n0, n1) = (c.nodes[0].name.clone(), c.nodes[1].name.clone());
+    let ip1 = c.nodes[1].ip.clone();
+    // Eight backends of the Services, and six more pods that join them
+    // later (by label: faster than starting them then).
+    let mut manifests = String::new();
+    for i in 0..14 {
+        let node = if i % 2 == 0 { &n0 } else { &n1 };
+        let app = if i < 8 { "app: a" } else { "app: later" };
+        manifests.push_str(&server(
+            &format!("a{i}"),
+            node,
+            app,
+            &format!("a{i}"),
+            &c.probe,
+        ));
+    }
+    // Two alike Services, both ClientIP.
+    for (name, port) in [("sticky", 30741), ("fresh", 30742)] {
+        manifests.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  type: NodePort\n  selector: {{app: a}}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {TIMEOUT_S}}}}}\n  ports:\n  - {{port: 7000, protocol: TCP, nodePort: {port}}}\n---\n"
+        ));
+    }
+    c.cp.apply(&manifests).unwrap_or_else(|e| panic!("{e}"));
+    c.ready_pods("app=a", 8);
+    c.ready_pods("app=later", 6);
+    let (client, _, _) = outside(&c);
+    // Sixteen clients: addresses of their own on the client's namespace.
+    let clients: Vec<String> = (0..CLIENTS)
+        .map(|i| format!("172.31.0.{}", 100 + i))
+        .collect();
+    for a in &clients {
+        client.ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"]);
+    }
+    let sticky = addr(&ip1, 30741);
+    let fresh = addr(&ip1, 30742);
+    answered(&client, "sticky served on node 1", &sticky);
+    // Every client keeps one backend.
+    let pinned: Vec<String> = clients
+        .iter()
+        .map(|from| {
+            let v = probe(&client, &["tcp", &sticky, "3", from]);
+            only_answer(&v).unwrap_or_else(|| panic!("{from}: one backend for all three: {v}"))
+        })
+        .collect();
+    let joined = std::time::Instant::now();
+    let later: Vec<String> = (8..14).map(|i| format!("a{i}")).collect();
+    let mut args = vec!["label", "pods", "--overwrite"];
+    args.extend(later.iter().map(String::as_str));
+    args.push("app=a");
+    c.cp.kubectl_ok(&args);
+    // Node 1 has both Services at fourteen backends (its socket path's
+    // frontends for the node address, written in the same pass as the TC
+    // path's sets, just before them).
+    let pins = c.nodes[1]
+        .pins
+        .as_ref()
+        .expect("node 1 runs the proxy")
+        .path
+        .clone();
+    wait_for(
+        "fourteen backends on node 1",
+        Duration::from_secs(15),
+        || {
+            let out = Spawn::new(bin("skiff-agent"))
+                .args(["proxy", "list", "--json", "--bpffs"])
+                .args([&pins])
+                .try_output()
+                .ok()?;
+            let v: Value = serde_json::from_str(&out).ok()?;
+            let backends = |port: u16| {
+                let frontend = format!("{ip1}:{port}/TCP");
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|f| f["frontend"].as_str() == Some(frontend.as_str()))
+                    .and_then(|f| f["backends"].as_array().map(Vec::len))
+            };
+            (backends(30741) == Some(14) && backends(30742) == Some(14)).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        joined.elapsed() < Duration::from_secs(TIMEOUT_S - 5),
+        "the new backends took {:?}, too close to the timeout for what follows",
+        joined.elapsed()
+    );
+    // Within the timeout, no client moves; `fresh`, never used by these
+    // clients, shows where Maglev alone sends each of them now.
+    let mut moved_by_maglev = Vec::new();
+    for (from, kept) in clients.iter().zip(&pinned) {
+        let v = probe(&client, &["tcp", &sticky, "3", from]);
+        assert_eq!(
+            only_answer(&v).as_ref(),
+            Some(kept),
+            "{from} keeps its backend: {v}"
+        );
+        let v = probe(&client, &["tcp", &fresh, "1", from]);
+        let by_maglev = only_answer(&v).unwrap_or_else(|| panic!("{from} through fresh: {v}"));
+        if &by_maglev != kept {
+            moved_by_maglev.push((from.clone(), by_maglev));
+        }
+    }
+    let refreshed = std::time::Instant::now();
+    eprintln!(
+        "{} of {CLIENTS} clients kept a backend Maglev alone would have moved",
+        moved_by_maglev.len()
+    );
+    // With 6 of 14 backends new, each client's Maglev slot changes with
+    // odds of about 6/14, so all 16 staying put has odds under 1e-3.
+    assert!(
+        !moved_by_maglev.is_empty(),
+        "no client's Maglev choice changed, so affinity was not put to the test"
+    );
+    // Once the timeout has passed since their last connection, those
+    // clients go where the table sends them.
+    std::thread::sleep(Duration::from_secs(TIMEOUT_S + 1).saturating_sub(refreshed.elapsed()));
+    for (from, by_maglev) in &moved_by_maglev {
+        let v = probe(&client, &["tcp", &sticky, "3", from]);
+        assert_eq!(
+            only_answer(&v).as_ref(),
+            Some(by_maglev),
+            "{from} after its affinity lapsed: {v}"
+        );
+    }
+}

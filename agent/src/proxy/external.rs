@@ -25,7 +25,9 @@ use aya::maps::{HashMap, HashOfMaps, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
-use skiff_ebpf_common::{ExtBackend, ExternalValue, MAGLEV_INNER_FLAGS, ServiceKey, maps as names};
+use skiff_ebpf_common::{
+    ExtBackend, ExtMember, ExternalValue, MAGLEV_INNER_FLAGS, ServiceKey, maps as names,
+};
 use tracing::{debug, info, warn};
 
 use super::dataplane::{DataplaneError, io_err, map_err};
@@ -60,6 +62,7 @@ struct Programmed {
     frontends: Vec<ServiceKey>,
     backends: Vec<ExtBackend>,
     flags: u32,
+    affinity_timeout: u32,
 }
 
 /// A set between its two halves (see `External::stage`).
@@ -115,6 +118,7 @@ fn batch(
 struct Adopted {
     frontends: Vec<ServiceKey>,
     tables: Vec<u32>,
+    members: Vec<ExtMember>,
 }
 
 pub struct External {
@@ -123,6 +127,8 @@ pub struct External {
     links_dir: PathBuf,
     frontends: HashMap<MapData, ServiceKey, ExternalValue>,
     backends: HashMap<MapData, u32, ExtBackend>,
+    /// Which backends each set has, for ClientIP affinity's check.
+    members: HashMap<MapData, ExtMember, u8>,
     maglev: HashOfMaps<MapData, u32, MapData>,
     /// The same map, for batch updates (aya has none).
     maglev_raw: MapData,
@@ -175,6 +181,8 @@ impl External {
             HashMap::try_from(take(names::EXT_BACKENDS)?).map_err(map_err(names::EXT_BACKENDS))?;
         let maglev: HashOfMaps<MapData, u32, MapData> =
             HashOfMaps::try_from(take(names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
+        let members: HashMap<MapData, ExtMember, u8> =
+            HashMap::try_from(take(names::EXT_MEMBERS)?).map_err(map_err(names::EXT_MEMBERS))?;
         let maglev_raw =
             MapData::from_pin(maps_dir.join(names::MAGLEV)).map_err(map_err(names::MAGLEV))?;
 
@@ -188,6 +196,11 @@ impl External {
         for entry in frontends.iter() {
             let (key, _) = entry.map_err(map_err(names::EXTERNAL))?;
             adopted.frontends.push(key);
+        }
+        for key in members.keys() {
+            adopted
+                .members
+                .push(key.map_err(map_err(names::EXT_MEMBERS))?);
         }
         let mut backend_ids = StdHashMap::new();
         let mut next_backend = 1;
@@ -208,6 +221,7 @@ impl External {
             links_dir,
             frontends,
             backends,
+            members,
             maglev,
             maglev_raw,
             new_tables: Vec::new(),
@@ -419,6 +433,7 @@ impl External {
             && o.frontends == set.frontends
             && o.backends == set.backends
             && o.flags == set.flags
+            && o.affinity_timeout == set.affinity_timeout
         {
             return Ok(None);
         }
@@ -430,6 +445,20 @@ impl External {
             Some(o) => o.table,
             None => self.alloc_table()?,
         };
+        // Members before the table that names them: an affinity entry for a
+        // new backend is honoured from its first flow on.
+        for backend in &ids {
+            self.members
+                .insert(
+                    ExtMember {
+                        table,
+                        backend: *backend,
+                    },
+                    1,
+                    0,
+                )
+                .map_err(map_err(names::EXT_MEMBERS))?;
+        }
         if old.as_ref().is_none_or(|o| o.backends != set.backends) {
             if set.backends.is_empty() {
                 self.dropped_tables.push(table);
@@ -457,7 +486,7 @@ impl External {
                 self.cfg.maglev_size
             },
             flags: set.flags,
-            pad: 0,
+            affinity_timeout: set.affinity_timeout,
         };
         let mut mine = Vec::new();
         for key in &set.frontends {
@@ -480,6 +509,9 @@ impl External {
                     self.owner.remove(key);
                 }
             }
+            for b in o.backends.iter().filter(|b| !set.backends.contains(b)) {
+                self.leave(table, b);
+            }
             for b in &o.backends {
                 self.release(b);
             }
@@ -492,6 +524,7 @@ impl External {
                 frontends: mine,
                 backends: set.backends,
                 flags: set.flags,
+                affinity_timeout: set.affinity_timeout,
             },
         );
         Ok(())
@@ -510,9 +543,21 @@ impl External {
         }
         self.dropped_tables.push(p.table);
         for b in &p.backends {
+            self.leave(p.table, b);
             self.release(b);
         }
         debug!(set = name, "external set removed");
+    }
+
+    /// `b` is no longer a backend of the set with `table`: clients kept on
+    /// it by affinity are sent by the Maglev table again.
+    fn leave(&mut self, table: u32, b: &ExtBackend) {
+        if let Some((backend, _)) = self.backend_ids.get(b) {
+            let _ = self.members.remove(&ExtMember {
+                table,
+                backend: *backend,
+            });
+        }
     }
 
     /// Puts the queued tables into `MAGLEV`, in one batch: each write to a
@@ -612,6 +657,13 @@ impl External {
                     let _ = self.frontends.remove(&key);
                     changed += 1;
                 }
+            }
+            for m in adopted
+                .members
+                .iter()
+                .filter(|m| !in_use.contains(&m.table))
+            {
+                let _ = self.members.remove(m);
             }
             self.dropped_tables
                 .extend(adopted.tables.into_iter().filter(|t| !in_use.contains(t)));

@@ -45,6 +45,8 @@ pub struct ExternalSet {
     pub backends: Vec<ExtBackend>,
     /// `EXT_*` bits.
     pub flags: u32,
+    /// ClientIP affinity timeout in seconds; 0 without affinity.
+    pub affinity_timeout: u32,
 }
 
 /// What `healthCheckNodePort` answers for a Service with
@@ -444,6 +446,7 @@ pub fn service_plan(
                             } else {
                                 ext_flags
                             },
+                            affinity_timeout,
                         });
                     }
                 }

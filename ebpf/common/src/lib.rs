@@ -45,6 +45,10 @@ pub const MAX_SLOTS_PER_SERVICE: u32 = 65_535;
 pub const MAX_EXTERNAL: u32 = 262_144;
 pub const MAX_MAGLEV_TABLES: u32 = 65_536;
 pub const MAX_EXT_BACKENDS: u32 = 524_288;
+/// Clients remembered under ClientIP affinity on the TC path (LRU).
+pub const MAX_EXT_CLIENTS: u32 = 65_536;
+/// (set, backend) pairs: every set's backends together.
+pub const MAX_EXT_MEMBERS: u32 = 524_288;
 /// Tracked flows of the TC path (each has a forward and a reverse entry).
 pub const MAX_FLOWS: u32 = 262_144;
 /// Maglev table size unless configured: a prime, so that every backend's
@@ -218,13 +222,44 @@ pub struct PeerValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExternalValue {
-    /// Key of its Maglev table in `MAGLEV`.
+    /// Key of its Maglev table in `MAGLEV` (and of its members in
+    /// `EXT_MEMBERS`), the same for the set while it exists.
     pub table: u32,
     /// Size of that table; 0 means no backend (packets are dropped).
     pub size: u32,
     /// `EXT_*` bits.
     pub flags: u32,
+    /// ClientIP affinity timeout in seconds (with `EXT_AFFINITY`).
+    pub affinity_timeout: u32,
+}
+
+/// Key of `EXT_CLIENTS`: a client of a frontend under ClientIP affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExtClientKey {
+    pub frontend: ServiceKey,
+    pub client: [u32; 4],
+}
+
+/// The backend a client under ClientIP affinity was last sent to, and when
+/// its last new flow started.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtClientValue {
+    /// An `EXT_BACKENDS` id.
+    pub backend: u32,
     pub pad: u32,
+    pub last_ns: u64,
+}
+
+/// Key of `EXT_MEMBERS`: a backend of a set, by its table and backend ids,
+/// so that an affinity entry is honoured only while its backend is still
+/// one of the set's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExtMember {
+    pub table: u32,
+    pub backend: u32,
 }
 
 /// A backend as the TC path reaches it.
@@ -372,6 +407,10 @@ pub mod maps {
     pub const MAGLEV: &str = "MAGLEV";
     /// `u32 -> ExtBackend`: the backends Maglev tables name.
     pub const EXT_BACKENDS: &str = "EXT_BACKENDS";
+    /// `ExtClientKey -> ExtClientValue`: ClientIP affinity of the TC path.
+    pub const EXT_CLIENTS: &str = "EXT_CLIENTS";
+    /// `ExtMember -> u8`: which backends each set has.
+    pub const EXT_MEMBERS: &str = "EXT_MEMBERS";
     /// `FlowKey -> FlowValue`: tracked flows, forward.
     pub const FLOWS: &str = "FLOWS";
     /// `FlowKey -> RevFlowValue`: tracked flows, reverse.
@@ -406,6 +445,9 @@ mod user {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for PeerValue {}
     unsafe impl aya::Pod for ExternalValue {}
+    unsafe impl aya::Pod for ExtClientKey {}
+    unsafe impl aya::Pod for ExtClientValue {}
+    unsafe impl aya::Pod for ExtMember {}
     unsafe impl aya::Pod for ExtBackend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}

@@ -262,6 +262,7 @@ fn external_sets(case: Case, n: usize) -> BTreeMap<String, Vec<ExternalSet>> {
                 } else {
                     0
                 },
+                affinity_timeout: 0,
             };
             (service, vec![set])
         })

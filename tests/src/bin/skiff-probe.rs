@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! skiff-probe serve-tcp ADDR NAME [ACCEPTORS]   skiff-probe serve-udp ADDR NAME
-//! skiff-probe tcp ADDR COUNT             skiff-probe udp ADDR COUNT
+//! skiff-probe tcp ADDR COUNT [FROM]      skiff-probe udp ADDR COUNT
 //! skiff-probe session ADDR               (one connection; a request per stdin line)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
 //! skiff-probe keepalive ADDR[,ADDR...] REQUESTS THREADS  (one kept-alive connection per thread)
@@ -130,7 +130,31 @@ impl Tally {
 
 /// Connect, one request and its answer, close.
 fn request(to: SocketAddr) -> std::io::Result<(String, TcpStream)> {
-    let mut c = TcpStream::connect_timeout(&to, TIMEOUT)?;
+    request_from(to, None)
+}
+
+/// A TCP connection to `to`, from the address `from` if given (one of the
+/// namespace's own: a client of its own to the other side).
+fn connect(to: SocketAddr, from: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect_timeout(&to, TIMEOUT);
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&to.into(), TIMEOUT)?;
+    Ok(s.into())
+}
+
+/// As `request`, from the address `from` if given.
+fn request_from(
+    to: SocketAddr,
+    from: Option<std::net::IpAddr>,
+) -> std::io::Result<(String, TcpStream)> {
+    let mut c = connect(to, from)?;
     c.set_read_timeout(Some(TIMEOUT))?;
     c.write_all(b"q\n")?;
     let mut line = String::new();
@@ -139,15 +163,18 @@ fn request(to: SocketAddr) -> std::io::Result<(String, TcpStream)> {
 }
 
 /// As `request`, also returning the peer name the application sees.
-fn tcp_once(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
-    let (answer, c) = request(to)?;
+fn tcp_once(
+    to: SocketAddr,
+    from: Option<std::net::IpAddr>,
+) -> std::io::Result<(String, SocketAddr)> {
+    let (answer, c) = request_from(to, from)?;
     Ok((answer, c.peer_addr()?))
 }
 
-fn tcp(to: SocketAddr, count: u32) -> Result<()> {
+fn tcp(to: SocketAddr, count: u32, from: Option<std::net::IpAddr>) -> Result<()> {
     let mut t = Tally::default();
     for _ in 0..count {
-        match tcp_once(to) {
+        match tcp_once(to, from) {
             Ok((name, peer)) => {
                 *t.answers.entry(name).or_default() += 1;
                 *t.peers.entry(peer.to_string()).or_default() += 1;
@@ -614,6 +641,9 @@ fn main() -> Result<()> {
         "tcp" => tcp(
             addr(arg(&args, 1, "ADDR")?)?,
             arg(&args, 2, "COUNT")?.parse()?,
+            args.get(3)
+                .map(|f| f.parse().context("FROM (an address of this namespace)"))
+                .transpose()?,
         ),
         "udp" => udp(
             addr(arg(&args, 1, "ADDR")?)?,
