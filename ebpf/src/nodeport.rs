@@ -84,6 +84,7 @@ struct NewEntries {
     rev: RevFlowValue,
     key: FlowKey,
     frontend: ServiceKey,
+    /// The frontend and client of a new flow under ClientIP affinity.
     client: ExtClientKey,
 }
 
@@ -336,7 +337,7 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
         // The flow's entries are made here, not inside `forward`, so that
         // the two frames are never on the stack together.
         return match forward(ctx, &p) {
-            NEW_FLOW if svc.size > 0 && new_flow(ctx, &p, &svc) => match forward(ctx, &p) {
+            NEW_FLOW if svc.size > 0 && new_flow(ctx, &p, &key, &svc) => match forward(ctx, &p) {
                 NEW_FLOW => TC_ACT_SHOT,
                 verdict => verdict,
             },
@@ -519,47 +520,50 @@ fn mark_rev_closing<F: Ip>(p: &Packet<F>, fv: &FlowValue) {
     }
 }
 
-/// The backend this client was sent to through this frontend, if that was
-/// within the affinity timeout and the backend is still one of the set's.
-/// Leaves the client's key in `e.client` for the caller's update.
+/// The backend the client in `e.client` was sent to through its frontend,
+/// if that was within the affinity timeout and the backend is still one of
+/// the set's; its entry is refreshed in place (a new flow starts now).
 #[inline(always)]
-fn kept_backend<F: Ip>(
-    p: &Packet<F>,
-    svc: &ExternalValue,
-    t: u64,
-    e: &mut NewEntries,
-) -> Option<u32> {
-    e.client = ExtClientKey {
-        frontend: ServiceKey {
-            addr: F::wide(p.daddr),
-            port: p.dport,
-            proto: p.proto,
-            family: F::FAMILY,
-        },
-        client: F::wide(p.saddr),
-    };
-    // SAFETY: copied out at once.
-    let kept = unsafe { *EXT_CLIENTS.get_ptr(&e.client)? };
-    let timeout = u64::from(svc.affinity_timeout) * NS_PER_SEC;
+fn kept_backend(svc: &ExternalValue, t: u64, e: &NewEntries) -> Option<u32> {
+    let kept = EXT_CLIENTS.get_ptr_mut(&e.client)?;
+    // SAFETY: LRU entries are read and written in place at once; a racing
+    // eviction at worst loses this refresh.
+    let (backend, last_ns) = unsafe { ((*kept).backend, (*kept).last_ns) };
     let member = ExtMember {
         table: svc.table,
-        backend: kept.backend,
+        backend,
     };
-    (t.wrapping_sub(kept.last_ns) <= timeout && EXT_MEMBERS.get_ptr(&member).is_some())
-        .then_some(kept.backend)
+    let fresh = t.wrapping_sub(last_ns) <= u64::from(svc.affinity_timeout) * NS_PER_SEC;
+    if !fresh || EXT_MEMBERS.get_ptr(&member).is_none() {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { (*kept).last_ns = t };
+    Some(backend)
 }
 
 /// Picks the flow's backend from the Maglev table and records both
 /// directions. Its steps are called one after the other from here, not
 /// from each other, so that their frames are never on the stack together.
 #[inline(always)]
-fn new_flow<F: Ip>(ctx: &TcContext, p: &Packet<F>, svc: &ExternalValue) -> bool {
+fn new_flow<F: Ip>(
+    ctx: &TcContext,
+    p: &Packet<F>,
+    frontend: &ServiceKey,
+    svc: &ExternalValue,
+) -> bool {
     let Some(e) = NEW_ENTRIES.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: this CPU's slot (programs run with migration disabled and
     // TC programs do not nest on one CPU).
     let e = unsafe { &mut *e };
+    if svc.flags & EXT_AFFINITY != 0 {
+        e.client = ExtClientKey {
+            frontend: *frontend,
+            client: F::wide(p.saddr),
+        };
+    }
     let t = now();
     if !plan_flow(ctx, p, svc, t, e) {
         return false;
@@ -594,24 +598,25 @@ fn plan<F: Ip>(
     e: &mut NewEntries,
 ) -> Option<()> {
     let sticky = svc.flags & EXT_AFFINITY != 0;
-    let id = match sticky.then(|| kept_backend(p, svc, t, e)).flatten() {
+    let id = match sticky.then(|| kept_backend(svc, t, e)).flatten() {
         Some(id) => id,
         None => {
             let h = flow_hash(F::hash_word(p.saddr), p.sport, p.dport, p.proto, sticky);
             let slot = h.checked_rem(svc.size)?;
             // SAFETY: inner arrays are never written while a program reads
             // them (the agent swaps in a new table).
-            unsafe { *MAGLEV.get_value(&svc.table, &slot)? }
+            let id = unsafe { *MAGLEV.get_value(&svc.table, &slot)? };
+            if sticky {
+                let v = ExtClientValue {
+                    backend: id,
+                    pad: 0,
+                    last_ns: t,
+                };
+                let _ = EXT_CLIENTS.insert(&e.client, &v, 0);
+            }
+            id
         }
     };
-    if sticky {
-        let v = ExtClientValue {
-            backend: id,
-            pad: 0,
-            last_ns: t,
-        };
-        let _ = EXT_CLIENTS.insert(&e.client, &v, 0);
-    }
     // SAFETY: copied out at once.
     let b = unsafe { *EXT_BACKENDS.get(&id)? };
     e.flow = FlowValue {

@@ -730,8 +730,8 @@ fn count_entries(fd: i32, key_size: usize, value_size: usize) -> std::io::Result
 /// `BPF_MAP_LOOKUP_BATCH`: a full 262 144-entry table in 64 calls instead
 /// of one call per key. None for a map kind without batch lookup.
 fn count_batched(fd: i32, key_size: usize, value_size: usize) -> std::io::Result<Option<u64>> {
-    use crate::proxy::terminate::{put32, put64};
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    use super::terminate::{put32, put64, sys_bpf};
+    const BPF_MAP_LOOKUP_BATCH: u32 = 24;
     const BATCH: usize = 4096;
     /// The kernel's ENOTSUPP, which batch calls answer for map kinds that
     /// have none.
@@ -759,22 +759,14 @@ fn count_batched(fd: i32, key_size: usize, value_size: usize) -> std::io::Result
         put64(&mut attr, 24, values.as_mut_ptr() as u64);
         put32(&mut attr, 32, BATCH as u32);
         put32(&mut attr, 36, fd as u32);
-        // SAFETY: attr is a live buffer of its length; the kernel writes at
-        // most `count` (BATCH) keys and values into buffers that long, and
-        // one token of at most the key's size (or a u32) into out_batch.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                attr.as_mut_ptr(),
-                attr.len(),
-            )
-        };
+        // SAFETY: the kernel writes at most `count` (BATCH) keys and values
+        // into buffers that long, and one token of at most the key's size
+        // (or a u32) into out_batch.
+        let r = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         // The kernel writes back how many it copied, also with ENOENT
         // (the last, partial batch).
         let count = u64::from(u32::from_ne_bytes([attr[32], attr[33], attr[34], attr[35]]));
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = r {
             return match e.raw_os_error() {
                 Some(libc::ENOENT) => Ok(Some(n + count)),
                 Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if first => Ok(None),
@@ -789,34 +781,24 @@ fn count_batched(fd: i32, key_size: usize, value_size: usize) -> std::io::Result
 
 /// Keys in the map behind `fd`, walked with `BPF_MAP_GET_NEXT_KEY`.
 fn count_keys(fd: i32, key_size: usize) -> std::io::Result<u64> {
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    use super::terminate::{put32, put64, sys_bpf};
+    const BPF_MAP_GET_NEXT_KEY: u32 = 4;
     let mut key = vec![0u8; key_size.max(1)];
     let mut next = vec![0u8; key_size.max(1)];
     let mut n = 0u64;
     let mut first = true;
     loop {
         // union bpf_attr for this command: map_fd, pad, key, next_key.
-        use super::terminate::{put32, put64};
         let mut attr = [0u8; 24];
         put32(&mut attr, 0, fd as u32);
         put64(&mut attr, 8, if first { 0 } else { key.as_ptr() as u64 });
         put64(&mut attr, 16, next.as_mut_ptr() as u64);
-        // SAFETY: attr is a live buffer of its length; the kernel writes
-        // key_size bytes to `next`, which is that long.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                attr.as_mut_ptr(),
-                attr.len(),
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOENT) => Ok(n),
-                _ => Err(e),
-            };
+        // SAFETY: the kernel reads key_size bytes of `key` and writes as
+        // many to `next`, both that long.
+        match unsafe { sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
         }
         n += 1;
         first = false;
@@ -875,30 +857,21 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{count_batched, count_keys};
-    use crate::proxy::terminate::{put32, put64};
+    use crate::proxy::terminate::{put32, put64, sys_bpf};
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-
-    fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<libc::c_long> {
-        // SAFETY: attr is a live buffer of its length; the commands used
-        // here only read it (and the key and value buffers it points at).
-        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    }
 
     /// A map of `kind` with u64 keys and 40-byte values holding `n` entries.
     fn filled(kind: u32, max: u32, n: u64) -> OwnedFd {
-        const BPF_MAP_CREATE: libc::c_long = 0;
-        const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+        const BPF_MAP_CREATE: u32 = 0;
+        const BPF_MAP_UPDATE_ELEM: u32 = 2;
         let mut attr = [0u8; 72];
         put32(&mut attr, 0, kind);
         put32(&mut attr, 4, 8);
         put32(&mut attr, 8, 40);
         put32(&mut attr, 12, max);
-        let fd = bpf(BPF_MAP_CREATE, &mut attr).expect("creating a map (needs root)");
+        // SAFETY: map creation reads only the attribute block.
+        let fd =
+            unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }.expect("creating a map (needs root)");
         // SAFETY: a new fd the kernel just returned, owned here alone.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         let value = [7u8; 40];
@@ -908,7 +881,9 @@ mod tests {
             put32(&mut attr, 0, fd.as_raw_fd() as u32);
             put64(&mut attr, 8, key.as_ptr() as u64);
             put64(&mut attr, 16, value.as_ptr() as u64);
-            bpf(BPF_MAP_UPDATE_ELEM, &mut attr).expect("map update");
+            // SAFETY: the kernel reads the key and value, both of the map's
+            // sizes.
+            unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.expect("map update");
         }
         fd
     }

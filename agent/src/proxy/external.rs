@@ -98,10 +98,7 @@ fn batch(
     // SAFETY: `attr` is a live buffer of the length given; the kernel
     // reads `count` keys (and values) from the slices it points to, which
     // outlive the call, and writes back only `count`.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { super::terminate::sys_bpf(cmd, &mut attr)? };
     let done = u32::from_ne_bytes([attr[32], attr[33], attr[34], attr[35]]);
     if done as usize != keys.len() {
         return Err(std::io::Error::other(format!(
@@ -445,18 +442,22 @@ impl External {
             Some(o) => o.table,
             None => self.alloc_table()?,
         };
-        // Members before the table that names them: an affinity entry for a
-        // new backend is honoured from its first flow on.
-        for backend in &ids {
+        // New members before the table that names them: an affinity entry
+        // for a new backend is honoured from its first flow on. (Backends
+        // are sorted.)
+        for (b, backend) in set.backends.iter().zip(&ids) {
+            if old
+                .as_ref()
+                .is_some_and(|o| o.backends.binary_search(b).is_ok())
+            {
+                continue;
+            }
+            let member = ExtMember {
+                table,
+                backend: *backend,
+            };
             self.members
-                .insert(
-                    ExtMember {
-                        table,
-                        backend: *backend,
-                    },
-                    1,
-                    0,
-                )
+                .insert(member, 1, 0)
                 .map_err(map_err(names::EXT_MEMBERS))?;
         }
         if old.as_ref().is_none_or(|o| o.backends != set.backends) {
@@ -509,7 +510,11 @@ impl External {
                     self.owner.remove(key);
                 }
             }
-            for b in o.backends.iter().filter(|b| !set.backends.contains(b)) {
+            for b in o
+                .backends
+                .iter()
+                .filter(|b| set.backends.binary_search(b).is_err())
+            {
                 self.leave(table, b);
             }
             for b in &o.backends {

@@ -70,14 +70,30 @@ const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
 const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
 const HELPER_SK_STORAGE_GET: i32 = 107;
 
-/// `bpf(2)` with `attr` as the command's attribute block.
-fn bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a live buffer of the length given; the commands
-    // used here read it and write at most its first bytes.
+/// `bpf(2)`: command `cmd` with `attr` as its attribute block, written
+/// back in place (counts, tokens); its return value, or the errno.
+///
+/// # Safety
+/// Every pointer written into `attr` must be valid for what `cmd` does
+/// with it: read for its whole length, or written for as many bytes as the
+/// kernel may write there.
+pub(super) unsafe fn sys_bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a live buffer of the length given; the pointers in
+    // it are the caller's to vouch for.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(r)
+}
+
+/// `bpf(2)` for a command that answers with a new file descriptor.
+fn bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
+    // SAFETY: the commands used here (object get, program load, link and
+    // iterator create) only read the buffers `attr` points to, which
+    // outlive the call, and write at most the verifier log of the length
+    // given with it.
+    let r = unsafe { sys_bpf(cmd, attr)? };
     // SAFETY: these commands return a new file descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
@@ -164,18 +180,9 @@ pub fn link_program_id(link: &Path) -> Result<u32> {
     put32(&mut attr, 0, fd.as_raw_fd() as u32);
     put32(&mut attr, 4, info.len() as u32);
     put64(&mut attr, 8, info.as_mut_ptr() as u64);
-    // SAFETY: as in `bpf`; the kernel writes at most info_len bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            attr.len(),
-        )
-    };
-    if r < 0 {
-        return Err(sys("link info")(std::io::Error::last_os_error()));
-    }
+    // SAFETY: `info` outlives the call; the kernel writes at most info_len
+    // bytes to it.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.map_err(sys("link info"))?;
     Ok(u32::from_ne_bytes([info[8], info[9], info[10], info[11]]))
 }
 

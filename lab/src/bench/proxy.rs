@@ -865,19 +865,20 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
         let take = per_topology.min(args.pairs - out.len());
         for _ in 0..take {
             let skiff_first = out.len() % 2 == 0;
-            let pause = || std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
-            let skiff_load = || {
-                pause();
-                topo.load(&services, args.chunk, args.threads)
+            let run = |skiff: bool| {
+                std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
+                if skiff {
+                    topo.load(&services, args.chunk, args.threads)
+                } else {
+                    direct_load(args.chunk)
+                }
             };
             let (skiff, direct) = if skiff_first {
-                let s = skiff_load()?;
-                pause();
-                (s, direct_load(args.chunk)?)
+                let s = run(true)?;
+                (s, run(false)?)
             } else {
-                pause();
-                let d = direct_load(args.chunk)?;
-                (skiff_load()?, d)
+                let d = run(false)?;
+                (run(true)?, d)
             };
             eprintln!(
                 "  {n:>6} services  {:<6} pair {:>3}: skiff {:>7.0} conn/s {:>5.1} us cpu  direct {:>7.0} conn/s {:>5.1} us cpu  ratio {:.3}",
