@@ -15,7 +15,9 @@
 //! is one of this node's pods (`OVERLAY_PODS`: address to host-side veth,
 //! from the CNI plugin's records) is unwrapped here and put straight into
 //! the pod's namespace (`bpf_redirect_peer`), instead of going through the
-//! tunnel's socket, the VTEP, the node's IP stack and the bridge. Being
+//! tunnel's socket, the VTEP, the node's IP stack and the bridge. A
+//! congestion mark (CE) on the outer header is carried to the inner one
+//! (RFC 6040), as the kernel's VXLAN does. Being
 //! delivered rather than sent, a GRO aggregate stays whole: sent out of the
 //! bridge it would be cut into segments again, as the kernel marks
 //! unwrapped aggregates for checking and the veth does not take those.
@@ -40,6 +42,7 @@ use aya_ebpf::{
 use skiff_ebpf_common::{
     MAX_OVERLAY_PEERS, MAX_OVERLAY_PODS, OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, OverlayPeer6,
     csum,
+    ecn::{self, Decap},
 };
 
 mod packet;
@@ -312,12 +315,12 @@ fn pod_of<const V6: bool>(ctx: &TcContext, me: &OverlayLocal, ip: usize) -> Opti
     (hops_left::<V6>(ctx, ip)? > 1).then_some(host_veth)
 }
 
-/// Takes the hop off the (now outermost) network header and puts the
-/// packet into the pod's namespace, as if its veth had received it: no
-/// bridge, no transmit path. Dropped when that cannot be done, as it is
-/// only called once the packet was changed.
+/// Takes the hop off the (now outermost) network header, marks it CE
+/// when `ce`, and puts the packet into the pod's namespace, as if its veth
+/// had received it: no bridge, no transmit path. Dropped when that cannot
+/// be done, as it is only called once the packet was changed.
 #[inline(always)]
-fn into_pod<const V6: bool>(ctx: &TcContext, host_veth: u32) -> i32 {
+fn into_pod<const V6: bool>(ctx: &TcContext, host_veth: u32, ce: bool) -> i32 {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + ETH_HLEN + hlen::<V6>() > end {
         return TC_ACT_SHOT;
@@ -325,6 +328,10 @@ fn into_pod<const V6: bool>(ctx: &TcContext, host_veth: u32) -> i32 {
     // SAFETY: within the fixed header, checked above.
     if !unsafe { hop::<V6>(start + ETH_HLEN) } {
         return TC_ACT_SHOT;
+    }
+    if ce {
+        // SAFETY: as above.
+        unsafe { set_ce::<V6>(start + ETH_HLEN) };
     }
     // SAFETY: plain helper call on this packet.
     unsafe { bpf_redirect_peer(host_veth, 0) as i32 }
@@ -336,10 +343,10 @@ fn into_pod<const V6: bool>(ctx: &TcContext, host_veth: u32) -> i32 {
 fn deliver_routed(ctx: &TcContext, me: &OverlayLocal, ethertype: u16) -> Option<i32> {
     if ethertype == ETH_P_IP.to_be() {
         let host_veth = pod_of::<false>(ctx, me, ETH_HLEN)?;
-        Some(into_pod::<false>(ctx, host_veth))
+        Some(into_pod::<false>(ctx, host_veth, false))
     } else if ethertype == ETH_P_IPV6.to_be() {
         let host_veth = pod_of::<true>(ctx, me, ETH_HLEN)?;
-        Some(into_pod::<true>(ctx, host_veth))
+        Some(into_pod::<true>(ctx, host_veth, false))
     } else {
         None
     }
@@ -356,7 +363,7 @@ fn decap(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     // IPv4 without options, not a fragment, UDP to our port and address.
-    let vihl = at::<u16>(ctx, OUTER)?.to_ne_bytes()[0];
+    let [vihl, outer_tos] = at::<u16>(ctx, OUTER)?.to_ne_bytes();
     let frag: u16 = at(ctx, OUTER + 6)?;
     let proto = at::<u16>(ctx, OUTER + 8)?.to_ne_bytes()[1];
     if vihl != 0x45 || u16::from_be(frag) & 0x3fff != 0 || proto != PROTO_UDP {
@@ -376,14 +383,59 @@ fn decap(ctx: &TcContext) -> Option<i32> {
     let inner_type: u16 = at(ctx, INNER_ETH + 12)?;
     if inner_type == ETH_P_IP.to_be() {
         let host_veth = pod_of::<false>(ctx, &me, INNER)?;
+        let ce = mark_ce::<false>(ctx, outer_tos)?;
         unwrap::<false>(ctx)?;
-        Some(into_pod::<false>(ctx, host_veth))
+        Some(into_pod::<false>(ctx, host_veth, ce))
     } else if inner_type == ETH_P_IPV6.to_be() {
         let host_veth = pod_of::<true>(ctx, &me, INNER)?;
+        let ce = mark_ce::<true>(ctx, outer_tos)?;
         unwrap::<true>(ctx)?;
-        Some(into_pod::<true>(ctx, host_veth))
+        Some(into_pod::<true>(ctx, host_veth, ce))
     } else {
         None
+    }
+}
+
+/// Whether the inner packet must be marked CE, for an outer header whose
+/// TOS is `outer_tos` (RFC 6040); None when it cannot be (outer CE on a
+/// packet that is not ECN-capable inside), which the kernel's path drops
+/// and counts, as it does without this program.
+#[inline(always)]
+fn mark_ce<const V6: bool>(ctx: &TcContext, outer_tos: u8) -> Option<bool> {
+    let b1 = at::<u16>(ctx, INNER)?.to_ne_bytes()[1];
+    let inner = if V6 { b1 >> 4 } else { b1 };
+    match ecn::decap(outer_tos, inner) {
+        Decap::Keep => Some(false),
+        Decap::MarkCe => Some(true),
+        Decap::Drop => None,
+    }
+}
+
+/// Marks the network header at `ip` CE (IPv4: its checksum too).
+///
+/// # Safety
+/// The fixed header at `ip` must be within the packet's checked bounds.
+#[inline(always)]
+unsafe fn set_ce<const V6: bool>(ip: usize) {
+    // Version and TOS (IPv4), or the traffic class's low half and the
+    // flow label's top (IPv6), as one 16-bit word.
+    let word = ip as *mut u16;
+    // SAFETY: the caller checked the bounds.
+    unsafe {
+        let old = core::ptr::read_unaligned(word);
+        let [b0, b1] = old.to_ne_bytes();
+        let b1 = if V6 {
+            b1 | (ecn::CE << 4)
+        } else {
+            b1 | ecn::CE
+        };
+        let new = u16::from_ne_bytes([b0, b1]);
+        core::ptr::write_unaligned(word, new);
+        if !V6 {
+            let sum = (ip + 10) as *mut u16;
+            let diff = csum::diff(u32::from(old), u32::from(new));
+            core::ptr::write_unaligned(sum, csum::apply(core::ptr::read_unaligned(sum), diff));
+        }
     }
 }
 

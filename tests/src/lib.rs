@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod cni;
 pub mod control;
+pub mod ecn;
 pub mod images;
 pub mod kubelet;
 pub mod netns;

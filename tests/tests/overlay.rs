@@ -359,6 +359,107 @@ fn fast_path_on_bridge(n: &Node) {
     );
 }
 
+/// Datagrams the pod's IP stack received marked CE: IPv4, IPv6.
+fn ce_received(pod: &Pod) -> (u64, u64) {
+    let netstat = pod.ns.exec(&["cat", "/proc/net/netstat"]);
+    let mut ipext = netstat.lines().filter(|l| l.starts_with("IpExt:"));
+    let (names, values) = (ipext.next(), ipext.next());
+    let v4 = names
+        .zip(values)
+        .and_then(|(n, v)| {
+            n.split_whitespace()
+                .zip(v.split_whitespace())
+                .find(|(n, _)| *n == "InCEPkts")
+                .and_then(|(_, v)| v.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no IpExt InCEPkts in {netstat}"));
+    let snmp6 = pod.ns.exec(&["cat", "/proc/net/snmp6"]);
+    let v6 = snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Ip6InCEPkts"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Ip6InCEPkts in {snmp6}"));
+    (v4, v6)
+}
+
+/// A router on the underlay marks the tunnel's ECN-capable packets CE
+/// (congestion experienced), as an AQM queue does instead of dropping: the
+/// fast path unwraps them into the pod with the mark carried to the inner
+/// header (RFC 6040), for IPv4 and IPv6 inside, as the kernel's VTEP does,
+/// and the VTEP carries none of it. Without the mark the pod's flows would
+/// only learn of the congestion from losses.
+#[test]
+fn a_congestion_mark_on_the_underlay_reaches_the_pod_through_the_fast_path() {
+    let mut c = Cluster::new(2, DUAL);
+    c.start_all(&[]);
+    let subnets = distinct_subnets(&c);
+    converge(&c, &subnets);
+    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    let (from, to) = (&pods[0], &pods[1]);
+    let targets = [
+        format!("{}:7000", to.ip),
+        format!("[{}]:7000", result_ip(&to.result, true)),
+    ];
+    let _servers: Vec<Proc> = targets
+        .iter()
+        .map(|t| {
+            let mut p = Spawn::new(bin("skiff-probe"))
+                .args(["serve-udp", t, "%peer"])
+                .netns(&to.ns)
+                .start();
+            assert_eq!(p.ask(""), "ready", "serve-udp on {t}");
+            p
+        })
+        .collect();
+    // `count` datagrams of TOS / traffic class `tos` to each target; how
+    // many of each were answered.
+    let send = |tos: u8, count: u32| -> Vec<u64> {
+        targets
+            .iter()
+            .map(|t| {
+                let out = Spawn::new(bin("skiff-probe"))
+                    .args(["udp", t, &count.to_string(), &tos.to_string()])
+                    .netns(&from.ns)
+                    .output();
+                let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+                v["answers"][&from.ip]
+                    .as_u64()
+                    .or_else(|| v["answers"][result_ip(&from.result, true)].as_u64())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    // Both families get through (the IPv6 route may come a moment after
+    // the IPv4 one), and the fast path holds both bridges.
+    wait_for(
+        "both families to reach the pod",
+        Duration::from_secs(10),
+        || (send(0, 1) == [1, 1]).then_some(()),
+    );
+    for n in &c.nodes {
+        fast_path_on_bridge(n);
+    }
+    let mut marker = Spawn::new(bin("skiff-probe"))
+        .args(["mark-ce", "u1"])
+        .netns(&c.underlay)
+        .start();
+    assert_eq!(marker.ask(""), "ready", "the marker on u1");
+    let before = ce_received(to);
+    // ECT(0): ECN-capable, as a TCP with ECN sends its data.
+    let mut answered = Vec::new();
+    let through = counted(&c, vtep_packets, || answered = send(2, 20));
+    let after = ce_received(to);
+    assert_eq!(answered, [20, 20], "ECN-capable datagrams, IPv4 and IPv6");
+    assert!(
+        after.0 - before.0 >= 20 && after.1 - before.1 >= 20,
+        "CE-marked datagrams the pod received (IPv4, IPv6): {before:?} before, {after:?} after"
+    );
+    assert!(
+        through.iter().all(|n| *n <= 2),
+        "VTEP packets during the exchanges, per node: {through:?}"
+    );
+}
+
 /// The fast path lives with the agent: killed, the kernel's VTEP carries
 /// the pods' traffic on; restarted, the agent takes it back.
 #[test]

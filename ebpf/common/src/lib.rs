@@ -489,12 +489,46 @@ pub mod csum {
     }
 }
 
+/// ECN across the tunnel's end (RFC 6040, as the kernel's tunnels apply
+/// it): a congestion mark an underlay router put on the outer header must
+/// reach the inner packet, or the flow sees loss later instead of the mark.
+pub mod ecn {
+    /// The ECN field's values (the low two bits of TOS / traffic class).
+    pub const NOT_ECT: u8 = 0;
+    pub const CE: u8 = 3;
+
+    /// What unwrapping does to the inner packet.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Decap {
+        /// The inner field stays as it is.
+        Keep,
+        /// The inner packet is marked CE.
+        MarkCe,
+        /// Outer CE on a packet that is not ECN-capable inside: the mark
+        /// cannot be passed on, and the packet is dropped (the kernel's
+        /// path does it and counts it).
+        Drop,
+    }
+
+    /// The rule for an outer ECN field `outer` and an inner one `inner`
+    /// (each two bits).
+    #[inline(always)]
+    pub fn decap(outer: u8, inner: u8) -> Decap {
+        match (outer & 3, inner & 3) {
+            (CE, NOT_ECT) => Decap::Drop,
+            (CE, CE) => Decap::Keep,
+            (CE, _) => Decap::MarkCe,
+            _ => Decap::Keep,
+        }
+    }
+}
+
 #[cfg(test)]
 extern crate std;
 
 #[cfg(test)]
 mod tests {
-    use super::csum;
+    use super::{csum, ecn};
 
     /// The IPv4 header checksum of `h` computed from scratch (its checksum
     /// field taken as zero), over raw 16-bit words.
@@ -566,6 +600,31 @@ mod tests {
     fn replacing_a_word_by_itself_changes_nothing() {
         for v in [0u32, 1, 0xffff, 0xffff_ffff, 0x0a00_0001] {
             assert_eq!(csum::apply(0x1234, csum::diff(v, v)), 0x1234);
+        }
+    }
+
+    /// RFC 6040's decapsulation table, as far as the kernel's tunnels
+    /// apply it: only a CE mark outside changes what is inside.
+    #[test]
+    fn a_congestion_mark_outside_reaches_an_ecn_capable_packet_inside() {
+        use ecn::Decap::{Drop, Keep, MarkCe};
+        // Rows: inner Not-ECT, ECT(1), ECT(0), CE; columns: outer the same.
+        let want = [
+            [Keep, Keep, Keep, Drop],
+            [Keep, Keep, Keep, MarkCe],
+            [Keep, Keep, Keep, MarkCe],
+            [Keep, Keep, Keep, Keep],
+        ];
+        for (inner, row) in want.iter().enumerate() {
+            for (outer, w) in row.iter().enumerate() {
+                assert_eq!(
+                    ecn::decap(outer as u8, inner as u8),
+                    *w,
+                    "outer {outer}, inner {inner}"
+                );
+                // The other TOS bits (DSCP) do not matter.
+                assert_eq!(ecn::decap(0xb8 | outer as u8, 0x28 | inner as u8), *w);
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! skiff-probe serve-tcp ADDR NAME [ACCEPTORS]   skiff-probe serve-udp ADDR NAME
-//! skiff-probe tcp ADDR COUNT [FROM]      skiff-probe udp ADDR COUNT
+//! skiff-probe tcp ADDR COUNT [FROM]      skiff-probe udp ADDR COUNT [TOS]
 //! skiff-probe session ADDR               (one connection; a request per stdin line)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
 //! skiff-probe keepalive ADDR[,ADDR...] REQUESTS THREADS  (one kept-alive connection per thread)
@@ -17,6 +17,8 @@
 //! skiff-probe ws-echo ADDR NAME          (WebSocket: each message back as `NAME: message`)
 //! skiff-probe ws ADDR URL COUNT          (WebSocket client of ws://HOST/PATH through ADDR: the echoes)
 //! skiff-probe serve-h2c ADDR NAME        (HTTP/2 with prior knowledge: `NAME HTTP/2.0`)
+//! skiff-probe mark-ce IFACE              (VXLAN packets leaving IFACE marked CE, as a congested
+//!                                         router would, until stdin closes)
 //! ```
 
 use std::collections::BTreeMap;
@@ -186,7 +188,9 @@ fn tcp(to: SocketAddr, count: u32, from: Option<std::net::IpAddr>) -> Result<()>
     Ok(())
 }
 
-fn udp(to: SocketAddr, count: u32) -> Result<()> {
+/// `tos`: the TOS (IPv4) or traffic class (IPv6) of the datagrams sent,
+/// for example 2 to send them ECN-capable (ECT(0)).
+fn udp(to: SocketAddr, count: u32, tos: Option<u32>) -> Result<()> {
     let mut t = Tally::default();
     let bind: SocketAddr = if to.is_ipv4() {
         "0.0.0.0:0".parse()?
@@ -197,6 +201,14 @@ fn udp(to: SocketAddr, count: u32) -> Result<()> {
         // A new socket each time: a socket keeps its backend.
         let r = (|| -> std::io::Result<(String, SocketAddr)> {
             let s = UdpSocket::bind(bind)?;
+            if let Some(tos) = tos {
+                let s = socket2::SockRef::from(&s);
+                if to.is_ipv4() {
+                    s.set_tos_v4(tos)?;
+                } else {
+                    s.set_tclass_v6(tos)?;
+                }
+            }
             s.set_read_timeout(Some(TIMEOUT))?;
             s.send_to(b"q", to)?;
             let mut buf = [0u8; 2048];
@@ -648,6 +660,9 @@ fn main() -> Result<()> {
         "udp" => udp(
             addr(arg(&args, 1, "ADDR")?)?,
             arg(&args, 2, "COUNT")?.parse()?,
+            args.get(3)
+                .map(|t| t.parse().context("TOS (0-255)"))
+                .transpose()?,
         ),
         "session" => session(addr(arg(&args, 1, "ADDR")?)?),
         "udp-follow" => udp_follow(
@@ -688,6 +703,14 @@ fn main() -> Result<()> {
             arg(&args, 1, "FIRST_PORT")?.parse()?,
             arg(&args, 2, "COUNT")?.parse()?,
         ),
+        "mark-ce" => {
+            let _link = skiff_tests::ecn::mark_ce_on_egress(arg(&args, 1, "IFACE")?)?;
+            println!("ready");
+            std::io::stdout().flush()?;
+            // Attached while the caller holds our stdin.
+            std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+            Ok(())
+        }
         other => bail!("unknown command {other:?}"),
     }
 }
