@@ -142,8 +142,16 @@ pub trait Ip: Copy + 'static {
     /// `Self::ICMP_HEADERS` bytes at `ip` must be within checked bounds.
     unsafe fn write_icmp_header(ip: usize, saddr: Self::Addr, daddr: Self::Addr, len: usize)
     -> u32;
-    /// ICMP type and code of "port unreachable".
-    const PORT_UNREACHABLE: [u8; 2];
+    /// The ICMP header of "port unreachable".
+    const PORT_UNREACHABLE: [u8; 8];
+
+    /// The ICMP header of "fragmentation needed" (IPv4) or "packet too
+    /// big" (IPv6) for a next hop of `mtu` bytes.
+    fn too_big(mtu: u32) -> [u8; 8];
+
+    /// Whether routers may not fragment the packet (IPv4: DF set; IPv6
+    /// packets are never fragmented on the way).
+    fn dont_fragment(ctx: &TcContext) -> bool;
 }
 
 #[derive(Clone, Copy)]
@@ -168,6 +176,11 @@ pub fn route<F: Ip>(
     let mut f: FibParams = unsafe { core::mem::zeroed() };
     f.family = F::AF;
     f.l4_protocol = proto;
+    // A length that fits any MTU: the route alone is asked for. Without
+    // one the helper checks this packet against the route's device and
+    // answers "fragmentation needed" for one too big for it, where the
+    // caller wants the route to answer the client with its MTU.
+    f.__bindgen_anon_1.tot_len = F::HLEN as u16;
     // SAFETY: the context is an skb; ifindex is readable.
     f.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // The IPv4 members are the first word of the IPv6 ones, and the
@@ -223,7 +236,18 @@ impl Ip for V4 {
     const PROTO_AT: usize = 9;
     const SADDR: usize = 12;
     const DADDR: usize = 16;
-    const PORT_UNREACHABLE: [u8; 2] = [3, 3];
+    const PORT_UNREACHABLE: [u8; 8] = [3, 3, 0, 0, 0, 0, 0, 0];
+
+    #[inline(always)]
+    fn too_big(mtu: u32) -> [u8; 8] {
+        let [hi, lo] = (mtu as u16).to_be_bytes();
+        [3, 4, 0, 0, 0, 0, hi, lo]
+    }
+
+    #[inline(always)]
+    fn dont_fragment(ctx: &TcContext) -> bool {
+        at::<u16>(ctx, IP + 6).is_some_and(|f| u16::from_be(f) & 0x4000 != 0)
+    }
 
     #[inline(always)]
     fn wide(a: u32) -> [u32; 4] {
@@ -357,7 +381,18 @@ impl Ip for V6 {
     const PROTO_AT: usize = 6;
     const SADDR: usize = 8;
     const DADDR: usize = 24;
-    const PORT_UNREACHABLE: [u8; 2] = [1, 4];
+    const PORT_UNREACHABLE: [u8; 8] = [1, 4, 0, 0, 0, 0, 0, 0];
+
+    #[inline(always)]
+    fn too_big(mtu: u32) -> [u8; 8] {
+        let [a, b, c, d] = mtu.to_be_bytes();
+        [2, 0, 0, 0, a, b, c, d]
+    }
+
+    #[inline(always)]
+    fn dont_fragment(_ctx: &TcContext) -> bool {
+        true
+    }
 
     #[inline(always)]
     fn wide(a: [u32; 4]) -> [u32; 4] {

@@ -21,16 +21,20 @@
 //!
 //! ICMP errors about a tracked flow (port unreachable, fragmentation
 //! needed, time exceeded) are translated too: the packet they quote and
-//! their own addresses, so that the client's socket gets them.
+//! their own addresses, so that the client's socket gets them. A packet
+//! too big for the way to a remote backend (the overlay's tunnel is
+//! narrower than the underlay) is answered here as a router would answer
+//! it, with the MTU, since a redirect skips the forwarding path's check.
 //!
 //! IPv4 and IPv6, each through its own copy of the code (`crate::ip`).
 //! Fragments after the first, and IPv6 packets with extension headers, are
 //! not translated.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashOfMaps},
-    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_check_mtu, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
     macros::{btf_map, classifier, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -101,6 +105,9 @@ const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 
 const BPF_ADJ_ROOM_MAC: u32 = 1;
+
+/// `bpf_check_mtu`: the packet is larger than the device's MTU.
+const BPF_MTU_CHK_RET_FRAG_NEEDED: i64 = 1;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -484,11 +491,45 @@ fn forward_known<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
     if ifindex == 0 {
         return translate(ctx, p, &to, false).then_some(TC_ACT_OK);
     }
+    if let Some(mtu) = too_big_for::<F>(ctx, ifindex) {
+        return Some(answer_too_big(ctx, p, mtu));
+    }
     to.saddr = snat;
     if !translate(ctx, p, &to, true) {
         return None;
     }
     Some(redirect::<F>(ctx, ifindex, nexthop))
+}
+
+/// The MTU of `ifindex` when the packet does not fit it: the overlay's
+/// tunnel is narrower than the underlay the client sent on. Redirected,
+/// such a packet would be lost without a word, as a redirect skips the
+/// forwarding path's MTU check. The packet's network-layer length is
+/// what is compared, whatever the link-layer header of `ifindex` (none on
+/// an L3 tunnel); a GRO aggregate passes (TCP, whose segments the
+/// backend's MSS keeps small enough).
+#[inline(always)]
+fn too_big_for<F: Ip>(ctx: &TcContext, ifindex: u32) -> Option<u32> {
+    let mut len = ctx.len().saturating_sub(IP as u32);
+    // SAFETY: plain helper call on this packet; `len` lives for it.
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut len, 0, 0) };
+    (rc == BPF_MTU_CHK_RET_FRAG_NEEDED).then_some(len)
+}
+
+/// A packet too big for the way to its backend, answered as a router
+/// answers it: "fragmentation needed" (IPv4, DF set) or "packet too big"
+/// (IPv6) with the next hop's MTU, from the frontend, quoting the packet
+/// as the client sent it, so that its path MTU drops and it sends smaller
+/// packets. An IPv4 packet that routers may fragment is dropped: the TC
+/// path does not fragment.
+// Out of line: its stack frame is not added to the others'.
+#[inline(never)]
+fn answer_too_big<F: Ip>(ctx: &TcContext, p: &Packet<F>, mtu: u32) -> i32 {
+    if F::dont_fragment(ctx) {
+        answer(ctx, p, F::too_big(mtu))
+    } else {
+        TC_ACT_SHOT
+    }
 }
 
 #[inline(always)]
@@ -877,7 +918,14 @@ fn icmp_of_snat<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
 // Out of line: its stack frame is not added to the others'.
 #[inline(never)]
 fn reject<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> i32 {
-    if port_unreachable(ctx, p).is_some() {
+    answer(ctx, p, F::PORT_UNREACHABLE)
+}
+
+/// Turns the packet into an ICMP error about it (`icmp`: the 8-byte ICMP
+/// header) and sends it back out of the interface it came in on.
+#[inline(always)]
+fn answer<F: Ip>(ctx: &TcContext, p: &Packet<F>, icmp: [u8; 8]) -> i32 {
+    if icmp_error(ctx, p, icmp).is_some() {
         // SAFETY: the context is an skb; ifindex is readable.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         mark_translated(ctx);
@@ -888,11 +936,11 @@ fn reject<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> i32 {
     }
 }
 
-/// Turns the packet into its own ICMP port unreachable: cut to its network
-/// header and the start of its L4 header, room made for the new headers in
-/// front, addresses and link-layer addresses swapped.
+/// Turns the packet into its own ICMP error: cut to its network header and
+/// the start of its L4 header, room made for the new headers in front,
+/// addresses and link-layer addresses swapped.
 #[inline(always)]
-fn port_unreachable<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<()> {
+fn icmp_error<F: Ip>(ctx: &TcContext, p: &Packet<F>, icmp: [u8; 8]) -> Option<()> {
     // Headers with options are not quoted here (the packet is dropped).
     if p.l4 != IP + F::HLEN {
         return None;
@@ -900,14 +948,18 @@ fn port_unreachable<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<()> {
     // TCP quotes its 20-byte header: a packet the stack sent with its
     // checksum still to fill in (over a veth) cannot be cut inside it.
     if p.proto == PROTO_TCP {
-        build_unreachable::<F, 20>(ctx, p)
+        build_icmp_error::<F, 20>(ctx, p, icmp)
     } else {
-        build_unreachable::<F, 8>(ctx, p)
+        build_icmp_error::<F, 8>(ctx, p, icmp)
     }
 }
 
 #[inline(always)]
-fn build_unreachable<F: Ip, const L4: usize>(ctx: &TcContext, p: &Packet<F>) -> Option<()> {
+fn build_icmp_error<F: Ip, const L4: usize>(
+    ctx: &TcContext,
+    p: &Packet<F>,
+    header: [u8; 8],
+) -> Option<()> {
     let quote = F::HLEN + L4;
     // SAFETY: plain helper call on this packet.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (IP + quote) as u32, 0) } != 0 {
@@ -930,8 +982,7 @@ fn build_unreachable<F: Ip, const L4: usize>(ctx: &TcContext, p: &Packet<F>) -> 
         core::ptr::write_unaligned(eth.add(1), dst);
         let pseudo = F::write_icmp_header(start + IP, p.daddr, p.saddr, len);
         let icmp = (start + IP + F::HLEN) as *mut u8;
-        let [ty, code] = F::PORT_UNREACHABLE;
-        core::ptr::write_unaligned(icmp as *mut [u8; 8], [ty, code, 0, 0, 0, 0, 0, 0]);
+        core::ptr::write_unaligned(icmp as *mut [u8; 8], header);
         let icmp_sum = csum::fold(csum_of(icmp, len as u32, pseudo));
         core::ptr::write_unaligned(icmp.add(2) as *mut u16, icmp_sum);
     }

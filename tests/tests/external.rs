@@ -1,7 +1,8 @@
 //! Traffic from outside the cluster (the TC path): a client namespace on
 //! the underlay, not a node, reaches NodePorts on every node, over IPv4 and
 //! IPv6, whether the backend runs on that node or another, over TCP and
-//! UDP, ICMP errors included; under
+//! UDP, ICMP errors included (and a datagram too big for the overlay's
+//! tunnel answered with its MTU); under
 //! `externalTrafficPolicy: Local` the backend sees the client's address
 //! and a node without endpoints answers its health check with 503 (and
 //! drops), while a Service without any endpoint is refused; Maglev
@@ -191,6 +192,23 @@ spec:
             map(&udp["peers"]),
             BTreeMap::from([(addr(ip, 30701), 3)]),
             "UDP replies come from the NodePort via {via}: {udp}"
+        );
+        // A datagram too big for the tunnel (1500 bytes from a 1500-byte
+        // underlay; the overlay's MTU is 1450) is answered as a router
+        // answers it, whether the kernel forwards it to a local backend
+        // or the TC path redirects it towards a remote one (a redirect
+        // skips the kernel's check): the client's next receive fails with
+        // EMSGSIZE, its path MTU drops to the tunnel's, and a datagram of
+        // that size is served.
+        let big = probe(&client, &["udp-size", &addr(ip, 30701), "1500", "1"]);
+        assert!(
+            big["answered"] == false && big["errnos"][0] == libc::EMSGSIZE && big["mtu"] == 1450,
+            "a datagram too big for the tunnel via {via}: {big}"
+        );
+        let fits = probe(&client, &["udp-size", &addr(ip, 30701), "1450", "1"]);
+        assert_eq!(
+            fits["answered"], true,
+            "a datagram that fits, via {via}: {fits}"
         );
         // Nothing listens behind port 30702: the backend's ICMP port
         // unreachable, translated back, reaches the client's connected

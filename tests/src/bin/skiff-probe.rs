@@ -9,6 +9,7 @@
 //! skiff-probe serve-tcp ADDR NAME [ACCEPTORS]   skiff-probe serve-udp ADDR NAME
 //! skiff-probe tcp ADDR COUNT [FROM]      skiff-probe udp ADDR COUNT [TOS]
 //! skiff-probe session ADDR               (one connection; a request per stdin line)
+//! skiff-probe udp-size ADDR SIZE DF      (SIZE-byte datagrams, DF 1 or 0: answered, errnos, path MTU)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
 //! skiff-probe keepalive ADDR[,ADDR...] REQUESTS THREADS  (one kept-alive connection per thread)
 //! skiff-probe in-cluster                 (kube-rs from inside a pod: who am I, my namespace's pods)
@@ -276,6 +277,89 @@ fn udp_follow(to: SocketAddr, seconds: u64) -> Result<()> {
         out.flush()?;
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// What `udp-size` saw.
+#[derive(Serialize)]
+struct SizeTry {
+    answered: bool,
+    /// The errno of each failed try, in order.
+    errnos: Vec<i32>,
+    /// The path MTU the socket knows of at the end.
+    mtu: i32,
+}
+
+/// A connected UDP client sending datagrams of `size` bytes (IP header
+/// included) to `to`, up to 5 tries 200 ms apart until one is answered.
+/// `df`: path MTU discovery on (DF set; an ICMP "fragmentation needed" or
+/// "packet too big" for the flow fails the next receive with EMSGSIZE and
+/// lowers the socket's path MTU), or off (IPv4: DF clear, so routers may
+/// fragment).
+fn udp_size(to: SocketAddr, size: usize, df: bool) -> Result<()> {
+    let (bind, ip_header): (SocketAddr, usize) = if to.is_ipv4() {
+        ("0.0.0.0:0".parse()?, 20)
+    } else {
+        ("[::]:0".parse()?, 40)
+    };
+    let payload = vec![b'q'; size.checked_sub(ip_header + 8).context("SIZE too small")?];
+    let s = UdpSocket::bind(bind)?;
+    let (level, opt, mtu_opt, on, off) = if to.is_ipv4() {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_MTU,
+            libc::IP_PMTUDISC_DO,
+            libc::IP_PMTUDISC_DONT,
+        )
+    } else {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_MTU,
+            libc::IPV6_PMTUDISC_DO,
+            libc::IPV6_PMTUDISC_DONT,
+        )
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+    let mode: libc::c_int = if df { on } else { off };
+    // SAFETY: an int option of this socket, its own size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&raw const mode).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("path MTU discovery mode");
+    }
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    s.connect(to)?;
+    let mut t = SizeTry {
+        answered: false,
+        errnos: Vec::new(),
+        mtu: 0,
+    };
+    for _ in 0..5 {
+        let r = s.send(&payload).and_then(|_| {
+            let mut buf = [0u8; 2048];
+            s.recv(&mut buf)
+        });
+        match r {
+            Ok(_) => {
+                t.answered = true;
+                break;
+            }
+            Err(e) => t.errnos.push(e.raw_os_error().unwrap_or(0)),
+        }
+    }
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int option of this socket, written into `t.mtu`.
+    unsafe { libc::getsockopt(fd, level, mtu_opt, (&raw mut t.mtu).cast(), &mut len) };
+    println!("{}", serde_json::to_string(&t)?);
     Ok(())
 }
 
@@ -665,6 +749,11 @@ fn main() -> Result<()> {
                 .transpose()?,
         ),
         "session" => session(addr(arg(&args, 1, "ADDR")?)?),
+        "udp-size" => udp_size(
+            addr(arg(&args, 1, "ADDR")?)?,
+            arg(&args, 2, "SIZE")?.parse()?,
+            arg(&args, 3, "DF (0 or 1)")? == "1",
+        ),
         "udp-follow" => udp_follow(
             addr(arg(&args, 1, "ADDR")?)?,
             arg(&args, 2, "SECONDS")?.parse()?,
