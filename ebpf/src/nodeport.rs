@@ -36,11 +36,11 @@ use aya_ebpf::{
     btf_maps::{Array, HashOfMaps},
     helpers::{bpf_check_mtu, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
     macros::{btf_map, classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array as PlainArray, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use skiff_ebpf_common::{
-    BACKEND_LOCAL, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
+    BACKEND_LOCAL, Bucket, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
     ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FLOW_CLOSING, FlowKey, FlowValue,
     MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS, MAX_EXTERNAL,
     MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey, csum, flow_hash,
@@ -49,6 +49,23 @@ use skiff_ebpf_common::{
 use crate::BPF_F_NO_PREALLOC;
 use crate::ip::{IP, Ip, V4, V6, csum_of, route};
 use crate::packet::at;
+
+/// Port unreachables sent per client, and overall (below): the kernel's
+/// limits on the ICMP errors it sends, which kube-proxy's REJECT is under.
+#[map(name = "REJECT_PEERS")]
+static REJECT_PEERS: LruHashMap<[u32; 5], Bucket> = LruHashMap::with_max_entries(16_384, 0);
+
+#[map(name = "REJECT_ALL")]
+static REJECT_ALL: PlainArray<Bucket> = PlainArray::with_max_entries(1, 0);
+
+/// `icmp_ratelimit`: one a second to each client, after a burst of six
+/// (the kernel's XRLIM_BURST_FACTOR).
+const PEER_INTERVAL_NS: u64 = NS_PER_SEC;
+const PEER_BURST_NS: u64 = 6 * NS_PER_SEC;
+/// `icmp_msgs_per_sec` and `icmp_msgs_burst`: 1 000 a second overall,
+/// after a burst of 50.
+const ALL_INTERVAL_NS: u64 = NS_PER_SEC / 1000;
+const ALL_BURST_NS: u64 = 50 * ALL_INTERVAL_NS;
 
 #[map(name = "EXTERNAL")]
 static EXTERNAL: HashMap<ServiceKey, ExternalValue> =
@@ -913,12 +930,45 @@ fn icmp_of_snat<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
 
 /// A packet to a frontend whose Service has no endpoints at all, answered
 /// as kube-proxy's REJECT answers it: ICMP port unreachable from the
-/// frontend, sent back out of the interface the packet came in on. (Not
-/// rate limited, unlike the kernel's own ICMP errors.)
+/// frontend, sent back out of the interface the packet came in on, under
+/// the same limits as the kernel's.
 // Out of line: its stack frame is not added to the others'.
 #[inline(never)]
 fn reject<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> i32 {
-    answer(ctx, p, F::PORT_UNREACHABLE)
+    if may_refuse::<F>(p.saddr) {
+        answer(ctx, p, F::PORT_UNREACHABLE)
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+/// Whether a port unreachable may go to `client` now, within the kernel's
+/// limits (a packet over them is dropped unanswered, as the kernel drops
+/// it). Buckets are updated without locks: CPUs racing on one may let a
+/// message more or fewer through.
+#[inline(always)]
+fn may_refuse<F: Ip>(client: F::Addr) -> bool {
+    let t = now();
+    let w = F::wide(client);
+    let key = [w[0], w[1], w[2], w[3], u32::from(F::FAMILY)];
+    match REJECT_PEERS.get_ptr_mut(&key) {
+        // SAFETY: this client's bucket, written in place.
+        Some(b) => {
+            if !unsafe { (*b).take(t, PEER_INTERVAL_NS, PEER_BURST_NS) } {
+                return false;
+            }
+        }
+        None => {
+            let b = Bucket::started(t, PEER_INTERVAL_NS, PEER_BURST_NS);
+            let _ = REJECT_PEERS.insert(&key, &b, 0);
+        }
+    }
+    match REJECT_ALL.get_ptr_mut(0) {
+        // SAFETY: the one overall bucket, written in place. Zeroed at
+        // first, it holds a full burst by the first message.
+        Some(b) => unsafe { (*b).take(t, ALL_INTERVAL_NS, ALL_BURST_NS) },
+        None => true,
+    }
 }
 
 /// Turns the packet into an ICMP error about it (`icmp`: the 8-byte ICMP

@@ -74,8 +74,17 @@ fn answered(ns: &Netns, what: &str, to: &str) -> Value {
 /// A connected UDP client asking `to` every 100 ms for a second: a line
 /// per request, errors ending with their errno.
 fn udp_follow(ns: &Netns, to: &str) -> String {
+    udp_follow_for(ns, to, 1)
+}
+
+fn udp_follow_for(ns: &Netns, to: &str, seconds: u32) -> String {
     let p = bin("skiff-probe");
-    ns.exec(&[p.to_str().unwrap_or_default(), "udp-follow", to, "1"])
+    ns.exec(&[
+        p.to_str().unwrap_or_default(),
+        "udp-follow",
+        to,
+        &seconds.to_string(),
+    ])
 }
 
 fn map(v: &Value) -> BTreeMap<String, u64> {
@@ -290,6 +299,17 @@ spec:
             "UDP to a NodePort without endpoints via {via} is refused: {out}"
         );
     }
+    // ... within the kernel's limits on the ICMP errors it sends, which
+    // kube-proxy's REJECT is under: to one client, a burst of six and
+    // then one a second; the rest is dropped unanswered. Asked every
+    // 100 ms for 3 s, without a limit every request would be refused.
+    let out = udp_follow_for(&client, &addr(&ip1, 30731), 3);
+    let ending = |errno: &str| out.lines().filter(|l| l.ends_with(errno)).count();
+    let (refused, unanswered) = (ending("errno 111"), ending("errno 11"));
+    assert!(
+        (1..=9).contains(&refused) && unanswered >= 1,
+        "port unreachables to one client, limited: {refused} refused, {unanswered} unanswered\n{out}"
+    );
     let (code, body) = http_get(&client, &format!("http://{ip0}:{hc}/healthz"));
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));

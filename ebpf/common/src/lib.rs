@@ -489,6 +489,44 @@ pub mod csum {
     }
 }
 
+/// A token bucket kept in nanoseconds of credit, as the kernel limits the
+/// ICMP errors it sends (`icmp_ratelimit` per peer, `icmp_msgs_per_sec`
+/// and `icmp_msgs_burst` overall): a message costs `interval` of credit,
+/// and credit builds up with time to at most `burst`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+impl Bucket {
+    /// A bucket first used at `now`, for one message already sent: what is
+    /// left of a full burst.
+    #[inline(always)]
+    pub fn started(now: u64, interval: u64, burst: u64) -> Self {
+        Self {
+            credit_ns: burst.saturating_sub(interval),
+            last_ns: now,
+        }
+    }
+
+    /// Whether a message may go at `now`; its cost is taken if so.
+    #[inline(always)]
+    pub fn take(&mut self, now: u64, interval: u64, burst: u64) -> bool {
+        let elapsed = now.saturating_sub(self.last_ns);
+        let credit = self.credit_ns.saturating_add(elapsed).min(burst);
+        self.last_ns = self.last_ns.max(now);
+        if credit >= interval {
+            self.credit_ns = credit - interval;
+            true
+        } else {
+            self.credit_ns = credit;
+            false
+        }
+    }
+}
+
 /// ECN across the tunnel's end (RFC 6040, as the kernel's tunnels apply
 /// it): a congestion mark an underlay router put on the outer header must
 /// reach the inner packet, or the flow sees loss later instead of the mark.
@@ -528,7 +566,7 @@ extern crate std;
 
 #[cfg(test)]
 mod tests {
-    use super::{csum, ecn};
+    use super::{Bucket, csum, ecn};
 
     /// The IPv4 header checksum of `h` computed from scratch (its checksum
     /// field taken as zero), over raw 16-bit words.
@@ -626,5 +664,31 @@ mod tests {
                 assert_eq!(ecn::decap(0xb8 | outer as u8, 0x28 | inner as u8), *w);
             }
         }
+    }
+
+    /// One per second after a burst of six, as the kernel answers one
+    /// peer: six at once, then one more for each second that passes, and
+    /// credit never builds up past the burst.
+    #[test]
+    fn a_bucket_lets_a_burst_through_then_one_per_interval() {
+        const S: u64 = 1_000_000_000;
+        let (interval, burst) = (S, 6 * S);
+        let t0 = 5 * S;
+        let mut b = Bucket::started(t0, interval, burst);
+        let first: usize = (0..20).filter(|_| b.take(t0, interval, burst)).count();
+        assert_eq!(first, 5, "five more at once after the first");
+        assert!(
+            !b.take(t0 + S / 2, interval, burst),
+            "half an interval later"
+        );
+        assert!(b.take(t0 + S, interval, burst), "a whole interval later");
+        assert!(!b.take(t0 + S, interval, burst));
+        // An hour later: a full burst again, not an hour's worth.
+        let later = t0 + 3600 * S;
+        let n: usize = (0..20).filter(|_| b.take(later, interval, burst)).count();
+        assert_eq!(n, 6);
+        // A clock that appears to go back (another CPU's older reading)
+        // gives no credit and takes none away.
+        assert!(!b.take(later - S, interval, burst));
     }
 }
