@@ -91,6 +91,17 @@ fn converge(c: &Cluster, subnets: &[String]) {
     }
 }
 
+/// Two nodes of `network` whose agents run with `extra`, routing to each
+/// other, and a pod on each.
+fn two_nodes_with_pods(network: &str, extra: &[&str]) -> (Cluster, Vec<Pod>) {
+    let mut c = Cluster::new(2, network);
+    c.start_all(extra);
+    let subnets = distinct_subnets(&c);
+    converge(&c, &subnets);
+    let pods = c.nodes.iter().map(Node::add_pod).collect();
+    (c, pods)
+}
+
 fn distinct_subnets(c: &Cluster) -> Vec<String> {
     let subnets: Vec<String> = c.nodes.iter().map(Node::subnet).collect();
     let mut d = subnets.clone();
@@ -390,11 +401,7 @@ fn ce_received(pod: &Pod) -> (u64, u64) {
 /// only learn of the congestion from losses.
 #[test]
 fn a_congestion_mark_on_the_underlay_reaches_the_pod_through_the_fast_path() {
-    let mut c = Cluster::new(2, DUAL);
-    c.start_all(&[]);
-    let subnets = distinct_subnets(&c);
-    converge(&c, &subnets);
-    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    let (c, pods) = two_nodes_with_pods(DUAL, &[]);
     let (from, to) = (&pods[0], &pods[1]);
     let targets = [
         format!("{}:7000", to.ip),
@@ -464,11 +471,7 @@ fn a_congestion_mark_on_the_underlay_reaches_the_pod_through_the_fast_path() {
 /// the pods' traffic on; restarted, the agent takes it back.
 #[test]
 fn the_kernel_vtep_carries_on_while_the_agent_is_down_and_the_fast_path_comes_back() {
-    let mut c = Cluster::new(2, VXLAN);
-    c.start_all(&[]);
-    let subnets = distinct_subnets(&c);
-    converge(&c, &subnets);
-    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    let (mut c, pods) = two_nodes_with_pods(VXLAN, &[]);
     let _servers: Vec<Proc> = pods.iter().flat_map(serve).collect();
     for n in &c.nodes {
         fast_path_on_bridge(n);
@@ -740,11 +743,7 @@ fn ip_masq_hides_pods_behind_their_node_outside_the_cluster_network() {
 
 #[test]
 fn nodes_ride_out_an_etcd_outage_and_catch_up_after_it() {
-    let mut c = Cluster::new(2, VXLAN);
-    c.start_all(&["--lease-ttl", "30"]);
-    let subnets = distinct_subnets(&c);
-    converge(&c, &subnets);
-    let pods: Vec<Pod> = c.nodes.iter().map(Node::add_pod).collect();
+    let (mut c, pods) = two_nodes_with_pods(VXLAN, &["--lease-ttl", "30"]);
     let _s = serve(&pods[1]);
 
     c.etcd.kill();
