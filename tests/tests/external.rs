@@ -6,7 +6,9 @@
 //! `externalTrafficPolicy: Local` the backend sees the client's address
 //! and a node without endpoints answers its health check with 503 (and
 //! drops), while a Service without any endpoint is refused; Maglev
-//! keeps flows where they are when a backend leaves and an agent restarts.
+//! keeps flows where they are when a backend leaves and an agent restarts,
+//! and ClientIP affinity keeps clients on their backends through new
+//! backends and an agent restart until its timeout.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -471,10 +473,10 @@ fn only_answer(v: &Value) -> Option<String> {
 }
 
 #[test]
-fn client_ip_affinity_on_node_ports_outlasts_new_backends_until_its_timeout() {
+fn client_ip_affinity_on_node_ports_outlasts_new_backends_and_an_agent_restart_until_its_timeout() {
     const CLIENTS: usize = 16;
     const TIMEOUT_S: u64 = 30;
-    let c = Cluster::start(2);
+    let mut c = Cluster::start(2);
     let (n0, n1) = (c.nodes[0].name.clone(), c.nodes[1].name.clone());
     let ip1 = c.nodes[1].ip.clone();
     // Eight backends of the Services, and six more pods that join them
@@ -574,10 +576,9 @@ fn client_ip_affinity_on_node_ports_outlasts_new_backends_until_its_timeout() {
         let v = probe(&client, &["tcp", &fresh, "1", from]);
         let by_maglev = only_answer(&v).unwrap_or_else(|| panic!("{from} through fresh: {v}"));
         if &by_maglev != kept {
-            moved_by_maglev.push((from.clone(), by_maglev));
+            moved_by_maglev.push((from.clone(), kept.clone(), by_maglev));
         }
     }
-    let refreshed = std::time::Instant::now();
     eprintln!(
         "{} of {CLIENTS} clients kept a backend Maglev alone would have moved",
         moved_by_maglev.len()
@@ -588,10 +589,40 @@ fn client_ip_affinity_on_node_ports_outlasts_new_backends_until_its_timeout() {
         !moved_by_maglev.is_empty(),
         "no client's Maglev choice changed, so affinity was not put to the test"
     );
+    // Node 1's agent restarts: the clients' entries are in a pinned map,
+    // keyed by frontend, and name backend ids the new agent adopts, so
+    // once it has synced, those clients still keep their backends. The
+    // old agent is gone first, so that the new one gets its ports.
+    let readyz = |c: &Cluster| {
+        Spawn::new("curl")
+            .args(["-sf", "http://127.0.0.1:10249/readyz"])
+            .netns(c.ns(1))
+            .try_output()
+            .ok()
+    };
+    drop(c.nodes[1].agent.take());
+    wait_for("node 1's agent gone", Duration::from_secs(10), || {
+        readyz(&c).is_none().then_some(())
+    });
+    c.nodes[1].start_agent();
+    wait_for(
+        "node 1's restarted agent ready",
+        Duration::from_secs(30),
+        || readyz(&c),
+    );
+    for (from, kept, _) in &moved_by_maglev {
+        let v = probe(&client, &["tcp", &sticky, "3", from]);
+        assert_eq!(
+            only_answer(&v).as_ref(),
+            Some(kept),
+            "{from} keeps its backend across node 1's agent restart: {v}"
+        );
+    }
+    let refreshed = std::time::Instant::now();
     // Once the timeout has passed since their last connection, those
     // clients go where the table sends them.
     std::thread::sleep(Duration::from_secs(TIMEOUT_S + 1).saturating_sub(refreshed.elapsed()));
-    for (from, by_maglev) in &moved_by_maglev {
+    for (from, _, by_maglev) in &moved_by_maglev {
         let v = probe(&client, &["tcp", &sticky, "3", from]);
         assert_eq!(
             only_answer(&v).as_ref(),
