@@ -951,21 +951,21 @@ fn may_refuse<F: Ip>(client: F::Addr) -> bool {
     let t = now();
     let w = F::wide(client);
     let key = [w[0], w[1], w[2], w[3], u32::from(F::FAMILY)];
-    match REJECT_PEERS.get_ptr_mut(&key) {
+    let to_client = match REJECT_PEERS.get_ptr_mut(&key) {
         // SAFETY: this client's bucket, written in place.
-        Some(b) => {
-            if !unsafe { (*b).take(t, PEER_INTERVAL_NS, PEER_BURST_NS) } {
-                return false;
-            }
-        }
+        Some(b) => unsafe { (*b).take(t, PEER_INTERVAL_NS, PEER_BURST_NS) },
         None => {
-            let b = Bucket::started(t, PEER_INTERVAL_NS, PEER_BURST_NS);
+            let mut b = Bucket::default();
+            let sent = b.take(t, PEER_INTERVAL_NS, PEER_BURST_NS);
             let _ = REJECT_PEERS.insert(&key, &b, 0);
+            sent
         }
+    };
+    if !to_client {
+        return false;
     }
     match REJECT_ALL.get_ptr_mut(0) {
-        // SAFETY: the one overall bucket, written in place. Zeroed at
-        // first, it holds a full burst by the first message.
+        // SAFETY: the one overall bucket, written in place.
         Some(b) => unsafe { (*b).take(t, ALL_INTERVAL_NS, ALL_BURST_NS) },
         None => true,
     }

@@ -383,12 +383,12 @@ fn decap(ctx: &TcContext) -> Option<i32> {
     let inner_type: u16 = at(ctx, INNER_ETH + 12)?;
     if inner_type == ETH_P_IP.to_be() {
         let host_veth = pod_of::<false>(ctx, &me, INNER)?;
-        let ce = mark_ce::<false>(ctx, outer_tos)?;
+        let ce = inner_ce::<false>(ctx, outer_tos)?;
         unwrap::<false>(ctx)?;
         Some(into_pod::<false>(ctx, host_veth, ce))
     } else if inner_type == ETH_P_IPV6.to_be() {
         let host_veth = pod_of::<true>(ctx, &me, INNER)?;
-        let ce = mark_ce::<true>(ctx, outer_tos)?;
+        let ce = inner_ce::<true>(ctx, outer_tos)?;
         unwrap::<true>(ctx)?;
         Some(into_pod::<true>(ctx, host_veth, ce))
     } else {
@@ -401,7 +401,7 @@ fn decap(ctx: &TcContext) -> Option<i32> {
 /// packet that is not ECN-capable inside), which the kernel's path drops
 /// and counts, as it does without this program.
 #[inline(always)]
-fn mark_ce<const V6: bool>(ctx: &TcContext, outer_tos: u8) -> Option<bool> {
+fn inner_ce<const V6: bool>(ctx: &TcContext, outer_tos: u8) -> Option<bool> {
     let b1 = at::<u16>(ctx, INNER)?.to_ne_bytes()[1];
     let inner = if V6 { b1 >> 4 } else { b1 };
     match ecn::decap(outer_tos, inner) {

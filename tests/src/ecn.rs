@@ -3,26 +3,20 @@
 //! packet (IPv4, UDP port 8472) CE in its outer header, as an AQM queue
 //! (RED, CoDel) does instead of dropping. This kernel has no such qdisc
 //! nor `pedit`, so the program is assembled here (27 instructions) and
-//! attached with the raw `bpf(2)` calls; it stays attached while the
+//! attached with the raw `bpf(2)` calls (the agent's, as its socket
+//! iterator is loaded); it stays attached while the
 //! returned link is open.
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
+use skiff_agent::proxy::terminate::{insn, put32, put64, sys_bpf};
 
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_LINK_CREATE: u32 = 28;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_TCX_EGRESS: u32 = 47;
 const HELPER_L3_CSUM_REPLACE: i32 = 10;
-
-/// One `struct bpf_insn`.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    u64::from(code)
-        | (u64::from(dst | (src << 4)) << 8)
-        | (u64::from(off as u16) << 16)
-        | (u64::from(imm as u32) << 32)
-}
 
 /// The marker. Header words are compared as this (little-endian) machine
 /// loads them: EtherType 0x0800 reads 0x0008, port 8472 (0x2118) reads
@@ -83,27 +77,15 @@ fn program() -> Vec<u64> {
     ]
 }
 
-fn put32(buf: &mut [u8], off: usize, v: u32) {
-    buf[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn put64(buf: &mut [u8], off: usize, v: u64) {
-    buf[off..off + 8].copy_from_slice(&v.to_ne_bytes());
-}
-
 /// `bpf(2)` for a command that answers with a new file descriptor.
 ///
 /// # Safety
 /// The pointers in `attr` must be valid for what `cmd` does with them.
 unsafe fn bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a live buffer of the length given; the caller
-    // vouches for the pointers in it.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: the caller vouches for the pointers in `attr`.
+    let fd = unsafe { sys_bpf(cmd, attr)? };
     // SAFETY: both commands used here return a new descriptor we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Attaches the marker to `ifname`'s egress in this thread's network

@@ -501,6 +501,23 @@ impl KubeletNode {
         );
     }
 
+    /// Restarts the agent as a node does: the running one is stopped
+    /// first (so that the new one gets its ports), and the new one is
+    /// waited on until `/readyz` answers 200 (each role's first sync
+    /// done). `start_agent` alone starts the new one while the old one
+    /// still runs.
+    pub fn restart_agent(&mut self) {
+        drop(self.agent.take());
+        self.start_agent();
+        crate::wait_for("the restarted agent ready", Duration::from_secs(30), || {
+            Spawn::new("curl")
+                .args(["-sf", "http://127.0.0.1:10249/readyz"])
+                .netns_path(Some(&self.netns))
+                .try_output()
+                .ok()
+        });
+    }
+
     /// The roles the agent runs from its next (re)start.
     pub fn set_roles(&mut self, roles: &str) {
         if let Some(i) = self.args.iter().position(|a| a == "--roles") {

@@ -591,43 +591,25 @@ fn client_ip_affinity_on_node_ports_outlasts_new_backends_and_an_agent_restart_u
     );
     // Node 1's agent restarts: the clients' entries are in a pinned map,
     // keyed by frontend, and name backend ids the new agent adopts, so
-    // once it has synced, those clients still keep their backends. The
-    // old agent is gone first, so that the new one gets its ports.
-    let readyz = |c: &Cluster| {
-        Spawn::new("curl")
-            .args(["-sf", "http://127.0.0.1:10249/readyz"])
-            .netns(c.ns(1))
-            .try_output()
-            .ok()
+    // once it has synced, those clients still keep their backends.
+    c.nodes[1].restart_agent();
+    // Each of those clients (from, kept, by Maglev) gets the backend
+    // `pick` names, for all three of its connections.
+    let each_gets = |pick: fn(&(String, String, String)) -> &String, when: &str| {
+        for m in &moved_by_maglev {
+            let v = probe(&client, &["tcp", &sticky, "3", &m.0]);
+            assert_eq!(
+                only_answer(&v).as_ref(),
+                Some(pick(m)),
+                "{} {when}: {v}",
+                m.0
+            );
+        }
     };
-    drop(c.nodes[1].agent.take());
-    wait_for("node 1's agent gone", Duration::from_secs(10), || {
-        readyz(&c).is_none().then_some(())
-    });
-    c.nodes[1].start_agent();
-    wait_for(
-        "node 1's restarted agent ready",
-        Duration::from_secs(30),
-        || readyz(&c),
-    );
-    for (from, kept, _) in &moved_by_maglev {
-        let v = probe(&client, &["tcp", &sticky, "3", from]);
-        assert_eq!(
-            only_answer(&v).as_ref(),
-            Some(kept),
-            "{from} keeps its backend across node 1's agent restart: {v}"
-        );
-    }
+    each_gets(|m| &m.1, "keeps its backend across node 1's agent restart");
     let refreshed = std::time::Instant::now();
     // Once the timeout has passed since their last connection, those
     // clients go where the table sends them.
     std::thread::sleep(Duration::from_secs(TIMEOUT_S + 1).saturating_sub(refreshed.elapsed()));
-    for (from, _, by_maglev) in &moved_by_maglev {
-        let v = probe(&client, &["tcp", &sticky, "3", from]);
-        assert_eq!(
-            only_answer(&v).as_ref(),
-            Some(by_maglev),
-            "{from} after its affinity lapsed: {v}"
-        );
-    }
+    each_gets(|m| &m.2, "after its affinity lapsed");
 }

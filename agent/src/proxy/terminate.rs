@@ -77,7 +77,7 @@ const HELPER_SK_STORAGE_GET: i32 = 107;
 /// Every pointer written into `attr` must be valid for what `cmd` does
 /// with it: read for its whole length, or written for as many bytes as the
 /// kernel may write there.
-pub(super) unsafe fn sys_bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<i64> {
+pub unsafe fn sys_bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<i64> {
     // SAFETY: `attr` is a live buffer of the length given; the pointers in
     // it are the caller's to vouch for.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
@@ -98,16 +98,16 @@ fn bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
-pub(super) fn put32(buf: &mut [u8], off: usize, v: u32) {
+pub fn put32(buf: &mut [u8], off: usize, v: u32) {
     buf[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
-pub(super) fn put64(buf: &mut [u8], off: usize, v: u64) {
+pub fn put64(buf: &mut [u8], off: usize, v: u64) {
     buf[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
 /// One `struct bpf_insn`.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     u64::from(code)
         | (u64::from(dst | (src << 4)) << 8)
         | (u64::from(off as u16) << 16)

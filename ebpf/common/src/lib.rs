@@ -492,7 +492,9 @@ pub mod csum {
 /// A token bucket kept in nanoseconds of credit, as the kernel limits the
 /// ICMP errors it sends (`icmp_ratelimit` per peer, `icmp_msgs_per_sec`
 /// and `icmp_msgs_burst` overall): a message costs `interval` of credit,
-/// and credit builds up with time to at most `burst`.
+/// and credit builds up with time to at most `burst`. A new (zeroed)
+/// bucket holds a full burst at its first use, the clock (time since
+/// boot) being past `burst` by then.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
@@ -501,16 +503,6 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    /// A bucket first used at `now`, for one message already sent: what is
-    /// left of a full burst.
-    #[inline(always)]
-    pub fn started(now: u64, interval: u64, burst: u64) -> Self {
-        Self {
-            credit_ns: burst.saturating_sub(interval),
-            last_ns: now,
-        }
-    }
-
     /// Whether a message may go at `now`; its cost is taken if so.
     #[inline(always)]
     pub fn take(&mut self, now: u64, interval: u64, burst: u64) -> bool {
@@ -673,10 +665,11 @@ mod tests {
     fn a_bucket_lets_a_burst_through_then_one_per_interval() {
         const S: u64 = 1_000_000_000;
         let (interval, burst) = (S, 6 * S);
-        let t0 = 5 * S;
-        let mut b = Bucket::started(t0, interval, burst);
+        // Boot time read an hour after boot.
+        let t0 = 3600 * S;
+        let mut b = Bucket::default();
         let first: usize = (0..20).filter(|_| b.take(t0, interval, burst)).count();
-        assert_eq!(first, 5, "five more at once after the first");
+        assert_eq!(first, 6, "six at once from a new bucket");
         assert!(
             !b.take(t0 + S / 2, interval, burst),
             "half an interval later"
