@@ -26,9 +26,57 @@ pub struct Header<A> {
     pub proto: u8,
     pub saddr: A,
     pub daddr: A,
-    /// Offset of the L4 header.
+    /// Offset of the L4 header (in a later fragment, where it would be).
     pub l4: usize,
+    pub frag: Frag,
 }
+
+/// Where a packet stands among the fragments of its datagram, and the
+/// datagram's identification (IPv4's 16 bits, IPv6's 32; 0 when not
+/// fragmented), which with the addresses and protocol names it while it
+/// is in flight. (A struct, not an enum with the id inside: a variant
+/// without it would leave a register undefined that the verifier then
+/// refuses to see spilled.)
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Frag {
+    pub id: u32,
+    pub part: Part,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it holds the L4 header.
+    First,
+    /// A fragment after the first: no L4 header.
+    Later,
+}
+
+impl Frag {
+    pub const WHOLE: Frag = Frag {
+        id: 0,
+        part: Part::Whole,
+    };
+}
+
+/// The fragment a fragment offset (in 8-byte units) and "more fragments"
+/// flag describe, of the datagram `id`.
+#[inline(always)]
+fn frag(offset: u16, more: bool, id: u32) -> Frag {
+    let part = if offset != 0 {
+        Part::Later
+    } else if more {
+        Part::First
+    } else {
+        return Frag::WHOLE;
+    };
+    Frag { id, part }
+}
+
+/// IPv6's fragment header (next header 44) and its length.
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_FRAG_HLEN: usize = 8;
 
 pub trait Ip: Copy + 'static {
     type Addr: Copy + PartialEq;
@@ -60,26 +108,29 @@ pub trait Ip: Copy + 'static {
     /// What replacing `old` by `new` adds to a checksum over it.
     fn diff(old: Self::Addr, new: Self::Addr) -> u32;
 
-    /// The protocol of the packet (its next header for IPv6, so that one
-    /// with extension headers is not taken for TCP or UDP); None for a
-    /// fragment after the first.
-    fn proto_of(ctx: &TcContext) -> Option<u8>;
+    /// The protocol of the packet, the length of the headers between the
+    /// network header and the L4 header (IPv6: a fragment header, the one
+    /// extension header read; with any other the next header is not taken
+    /// for TCP or UDP) and where it stands among fragments.
+    fn proto_of(ctx: &TcContext) -> Option<(u8, usize, Frag)>;
 
     /// The header of a packet the TC path may translate: TCP, UDP or this
-    /// family's ICMP, not a later fragment, and (IPv6) with no extension
-    /// headers.
+    /// family's ICMP (not fragmented), and (IPv6) with no extension header
+    /// but a fragment header.
     #[inline(always)]
     fn header(ctx: &TcContext) -> Option<Header<Self::Addr>> {
         let hlen = Self::hlen_of(at::<u16>(ctx, IP)?.to_ne_bytes()[0])?;
-        let proto = Self::proto_of(ctx)?;
-        if proto != Self::ICMP && proto != PROTO_TCP && proto != PROTO_UDP {
+        let (proto, ext, frag) = Self::proto_of(ctx)?;
+        let l4_proto = proto == PROTO_TCP || proto == PROTO_UDP;
+        if !(l4_proto || proto == Self::ICMP && frag.part == Part::Whole) {
             return None;
         }
         Some(Header {
             proto,
             saddr: at(ctx, IP + Self::SADDR)?,
             daddr: at(ctx, IP + Self::DADDR)?,
-            l4: IP + hlen,
+            l4: IP + hlen + ext,
+            frag,
         })
     }
 
@@ -114,6 +165,7 @@ pub trait Ip: Copy + 'static {
             saddr: ctx.load(ip + Self::SADDR).ok()?,
             daddr: ctx.load(ip + Self::DADDR).ok()?,
             l4: ip + hlen,
+            frag: Frag::WHOLE,
         })
     }
 
@@ -270,13 +322,13 @@ impl Ip for V4 {
     }
 
     #[inline(always)]
-    fn proto_of(ctx: &TcContext) -> Option<u8> {
-        let frag: u16 = at(ctx, IP + 6)?;
-        if u16::from_be(frag) & 0x1fff != 0 {
-            return None;
-        }
+    fn proto_of(ctx: &TcContext) -> Option<(u8, usize, Frag)> {
+        // Identification, then flags and fragment offset.
+        let [id, flags]: [u16; 2] = at(ctx, IP + 4)?;
+        let flags = u16::from_be(flags);
+        let frag = frag(flags & 0x1fff, flags & 0x2000 != 0, u32::from(id));
         // TTL and protocol as one word.
-        Some(at::<u16>(ctx, IP + 8)?.to_ne_bytes()[1])
+        Some((at::<u16>(ctx, IP + 8)?.to_ne_bytes()[1], 0, frag))
     }
 
     #[inline(always)]
@@ -423,9 +475,18 @@ impl Ip for V6 {
     }
 
     #[inline(always)]
-    fn proto_of(ctx: &TcContext) -> Option<u8> {
+    fn proto_of(ctx: &TcContext) -> Option<(u8, usize, Frag)> {
         // Next header and hop limit as one word.
-        Some(at::<u16>(ctx, IP + 6)?.to_ne_bytes()[0])
+        let next = at::<u16>(ctx, IP + 6)?.to_ne_bytes()[0];
+        if next != IPV6_FRAGMENT {
+            return Some((next, 0, Frag::WHOLE));
+        }
+        // Next header and reserved, offset and flags, identification.
+        let at_frag = IP + IPV6_HLEN;
+        let next = at::<u16>(ctx, at_frag)?.to_ne_bytes()[0];
+        let flags = u16::from_be(at(ctx, at_frag + 2)?);
+        let id: u32 = at(ctx, at_frag + 4)?;
+        Some((next, IPV6_FRAG_HLEN, frag(flags >> 3, flags & 1 != 0, id)))
     }
 
     #[inline(always)]

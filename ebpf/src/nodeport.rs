@@ -26,8 +26,14 @@
 //! narrower than the underlay) is answered here as a router would answer
 //! it, with the MTU, since a redirect skips the forwarding path's check.
 //!
+//! Fragmented datagrams are translated fragment by fragment, as
+//! conntrack's defragmentation would not be here: the first fragment's
+//! ports are kept in `FRAGS` under the datagram's identification, and the
+//! later fragments (which have no L4 header) find their flow by them. A
+//! later fragment that arrives before its first is not translated.
+//!
 //! IPv4 and IPv6, each through its own copy of the code (`crate::ip`).
-//! Fragments after the first, and IPv6 packets with extension headers, are
+//! IPv6 packets with extension headers other than a fragment header are
 //! not translated.
 
 use aya_ebpf::{
@@ -41,13 +47,14 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{
     BACKEND_LOCAL, Bucket, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
-    ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FLOW_CLOSING, FlowKey, FlowValue,
-    MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS, MAX_EXTERNAL,
-    MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey, csum, flow_hash,
+    ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FAMILY_V6, FLOW_CLOSING, FlowKey,
+    FlowValue, MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS,
+    MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey,
+    csum, flow_hash,
 };
 
 use crate::BPF_F_NO_PREALLOC;
-use crate::ip::{IP, Ip, V4, V6, csum_of, route};
+use crate::ip::{Frag, Header, IP, Ip, Part, V4, V6, csum_of, route};
 use crate::packet::at;
 
 /// Port unreachables sent per client, and overall (below): the kernel's
@@ -57,6 +64,23 @@ static REJECT_PEERS: LruHashMap<[u32; 5], Bucket> = LruHashMap::with_max_entries
 
 #[map(name = "REJECT_ALL")]
 static REJECT_ALL: PlainArray<Bucket> = PlainArray::with_max_entries(1, 0);
+
+/// A fragmented datagram, by what its fragments share.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FragKey {
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    id: u32,
+    proto: u8,
+    family: u8,
+    pad: u16,
+}
+
+/// The ports of fragmented datagrams (source, destination), from their
+/// first fragments, for the later ones.
+#[map(name = "FRAGS")]
+static FRAGS: LruHashMap<FragKey, [u16; 2]> = LruHashMap::with_max_entries(8_192, 0);
 
 /// `icmp_ratelimit`: one a second to each client, after a burst of six
 /// (the kernel's XRLIM_BURST_FACTOR).
@@ -162,9 +186,15 @@ struct Packet<F: Ip> {
     dport: u16,
     /// Offset of the L4 header.
     l4: usize,
+    frag: Frag,
 }
 
 impl<F: Ip> Packet<F> {
+    /// The packet holds its L4 header (it is not a later fragment).
+    fn has_l4(&self) -> bool {
+        self.frag.part != Part::Later
+    }
+
     fn csum_off(&self) -> usize {
         if self.proto == PROTO_TCP {
             self.l4 + 16
@@ -197,22 +227,62 @@ fn parse<F: Ip>(ctx: &TcContext) -> Option<Packet<F>> {
             sport: 0,
             dport: 0,
             l4: h.l4,
+            frag: Frag::WHOLE,
         });
     }
-    let tcp_flags = if h.proto == PROTO_TCP {
-        at::<u16>(ctx, h.l4 + 12)?.to_ne_bytes()[1]
-    } else {
-        0
+    let (sport, dport, tcp_flags) = match h.frag.part {
+        Part::Later => {
+            let [sport, dport] = frag_ports::<F>(&h, h.frag.id)?;
+            (sport, dport, 0)
+        }
+        _ => {
+            let tcp_flags = if h.proto == PROTO_TCP {
+                at::<u16>(ctx, h.l4 + 12)?.to_ne_bytes()[1]
+            } else {
+                0
+            };
+            (at(ctx, h.l4)?, at(ctx, h.l4 + 2)?, tcp_flags)
+        }
     };
+    if h.frag.part == Part::First {
+        keep_frag_ports::<F>(&h, h.frag.id, [sport, dport]);
+    }
     Some(Packet {
         proto: h.proto,
         tcp_flags,
         saddr: h.saddr,
         daddr: h.daddr,
-        sport: at(ctx, h.l4)?,
-        dport: at(ctx, h.l4 + 2)?,
+        sport,
+        dport,
         l4: h.l4,
+        frag: h.frag,
     })
+}
+
+fn frag_key<F: Ip>(h: &Header<F::Addr>, id: u32) -> FragKey {
+    FragKey {
+        saddr: F::wide(h.saddr),
+        daddr: F::wide(h.daddr),
+        id,
+        proto: h.proto,
+        family: F::FAMILY,
+        pad: 0,
+    }
+}
+
+/// The ports of the datagram a later fragment belongs to, as its first
+/// fragment carried them; None when that has not been seen.
+// Out of line: the key's frame is not added to the callers'.
+#[inline(never)]
+fn frag_ports<F: Ip>(h: &Header<F::Addr>, id: u32) -> Option<[u16; 2]> {
+    // SAFETY: copied out at once.
+    FRAGS.get_ptr(&frag_key::<F>(h, id)).map(|v| unsafe { *v })
+}
+
+/// Keeps a first fragment's ports for the datagram's later fragments.
+#[inline(never)]
+fn keep_frag_ports<F: Ip>(h: &Header<F::Addr>, id: u32, ports: [u16; 2]) {
+    let _ = FRAGS.insert(&frag_key::<F>(h, id), &ports, 0);
 }
 
 /// What a translated packet's addresses and ports become.
@@ -247,20 +317,30 @@ fn translate<F: Ip>(ctx: &TcContext, p: &Packet<F>, to: &Tuple<F>, hop: bool) ->
     if to.dport != p.dport {
         ports = csum::add(ports, csum::diff(u32::from(p.dport), u32::from(to.dport)));
     }
-    let need = p.l4 + 4;
+    // A later fragment has no L4 header: its addresses alone change (the
+    // first fragment's L4 checksum covers the whole datagram).
+    let has_l4 = p.has_l4();
+    let need = if has_l4 { p.l4 + 4 } else { IP + F::HLEN };
     if ctx.data() + need > ctx.data_end() && ctx.pull_data(need as u32).is_err() {
         return false;
     }
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + IP + F::HLEN > end || start + p.l4 + 4 > end {
+    if start + IP + F::HLEN > end {
+        return false;
+    }
+    // SAFETY: the network header is bounds checked against data_end above.
+    if !unsafe { F::write(start + IP, to.saddr, to.daddr, addrs, hop) } {
+        return false;
+    }
+    if !has_l4 {
+        return true;
+    }
+    if start + p.l4 + 4 > end {
         return false;
     }
     let l4 = start + p.l4;
-    // SAFETY: both headers are bounds checked against data_end above.
+    // SAFETY: the L4 header's first bytes are bounds checked above.
     unsafe {
-        if !F::write(start + IP, to.saddr, to.daddr, addrs, hop) {
-            return false;
-        }
         if p.proto == F::ICMP {
             return !F::ICMP_PSEUDO
                 || addrs == 0
@@ -360,7 +440,7 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
         let svc = *svc;
         // The flow's entries are made here, not inside `forward`, so that
         // the two frames are never on the stack together.
-        return match forward(ctx, &p) {
+        let verdict = match forward(ctx, &p) {
             NEW_FLOW if svc.size > 0 && new_flow(ctx, &p, &key, &svc) => match forward(ctx, &p) {
                 NEW_FLOW => TC_ACT_SHOT,
                 verdict => verdict,
@@ -369,12 +449,21 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
             NEW_FLOW => TC_ACT_SHOT,
             verdict => verdict,
         };
+        // Answered from here, not inside `forward`, for the same reason.
+        if verdict & TOO_BIG != 0 && verdict != NEW_FLOW {
+            return answer_too_big(ctx, &p, (verdict & 0xffff) as u32);
+        }
+        return verdict;
     }
     reply_of_snat(ctx, &p)
 }
 
 /// `forward`'s answer when the packet starts a flow.
 const NEW_FLOW: i32 = i32::MIN;
+/// `forward`'s answer, with the MTU in its low 16 bits, when the packet
+/// is too big for the way to its backend and routers may not fragment it
+/// (no TC verdict has this bit).
+const TOO_BIG: i32 = 0x4000_0000;
 
 #[classifier]
 pub fn skiff_egress(ctx: TcContext) -> i32 {
@@ -508,8 +597,13 @@ fn forward_known<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
     if ifindex == 0 {
         return translate(ctx, p, &to, false).then_some(TC_ACT_OK);
     }
-    if let Some(mtu) = too_big_for::<F>(ctx, ifindex) {
-        return Some(answer_too_big(ctx, p, mtu));
+    // One that routers may fragment (IPv4 without DF, fragments among
+    // them) goes on: the overlay's VXLAN device carries it in fragments of
+    // the outer packet, which the backend's node puts together again.
+    if let Some(mtu) = too_big_for::<F>(ctx, ifindex)
+        && F::dont_fragment(ctx)
+    {
+        return Some(TOO_BIG | mtu.min(0xffff) as i32);
     }
     to.saddr = snat;
     if !translate(ctx, p, &to, true) {
@@ -533,20 +627,16 @@ fn too_big_for<F: Ip>(ctx: &TcContext, ifindex: u32) -> Option<u32> {
     (rc == BPF_MTU_CHK_RET_FRAG_NEEDED).then_some(len)
 }
 
-/// A packet too big for the way to its backend, answered as a router
-/// answers it: "fragmentation needed" (IPv4, DF set) or "packet too big"
-/// (IPv6) with the next hop's MTU, from the frontend, quoting the packet
-/// as the client sent it, so that its path MTU drops and it sends smaller
-/// packets. An IPv4 packet that routers may fragment is dropped: the TC
-/// path does not fragment.
+/// A packet too big for the way to its backend that routers may not
+/// fragment, answered as a router answers it: "fragmentation needed"
+/// (IPv4, DF set) or "packet too big" (IPv6) with the next hop's MTU, from
+/// the frontend, quoting the packet as the client sent it, so that its
+/// path MTU drops and it sends smaller packets. (An IPv6 fragment after
+/// the first is dropped unanswered: the first one's answer tells.)
 // Out of line: its stack frame is not added to the others'.
 #[inline(never)]
 fn answer_too_big<F: Ip>(ctx: &TcContext, p: &Packet<F>, mtu: u32) -> i32 {
-    if F::dont_fragment(ctx) {
-        answer(ctx, p, F::too_big(mtu))
-    } else {
-        TC_ACT_SHOT
-    }
+    answer(ctx, p, F::too_big(mtu))
 }
 
 #[inline(always)]
@@ -991,16 +1081,22 @@ fn answer<F: Ip>(ctx: &TcContext, p: &Packet<F>, icmp: [u8; 8]) -> i32 {
 /// addresses and link-layer addresses swapped.
 #[inline(always)]
 fn icmp_error<F: Ip>(ctx: &TcContext, p: &Packet<F>, icmp: [u8; 8]) -> Option<()> {
-    // Headers with options are not quoted here (the packet is dropped).
-    if p.l4 != IP + F::HLEN {
+    // The quote reaches into the L4 header, so that the client's stack
+    // finds the socket: a later fragment, which has none, is not answered.
+    if !p.has_l4() {
         return None;
     }
     // TCP quotes its 20-byte header: a packet the stack sent with its
     // checksum still to fill in (over a veth) cannot be cut inside it.
-    if p.proto == PROTO_TCP {
-        build_icmp_error::<F, 20>(ctx, p, icmp)
-    } else {
-        build_icmp_error::<F, 8>(ctx, p, icmp)
+    // An IPv6 first fragment quotes its fragment header too; IPv4 headers
+    // with options are not quoted here (the packet is dropped).
+    let tcp = p.proto == PROTO_TCP;
+    match p.l4 - (IP + F::HLEN) {
+        0 if tcp => build_icmp_error::<F, 20>(ctx, p, icmp),
+        0 => build_icmp_error::<F, 8>(ctx, p, icmp),
+        8 if tcp && F::FAMILY == FAMILY_V6 => build_icmp_error::<F, 28>(ctx, p, icmp),
+        8 if F::FAMILY == FAMILY_V6 => build_icmp_error::<F, 16>(ctx, p, icmp),
+        _ => None,
     }
 }
 

@@ -33,8 +33,9 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::TC_ACT_SHOT,
-    helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_check_mtu, bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     programs::TcContext,
@@ -180,6 +181,9 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         let daddr: u32 = at(ctx, ETH_HLEN + 16)?;
         let peer = *PEERS.get(Key::new(32, daddr))?;
         let me = local()?;
+        if !fits(ctx, &me) {
+            return None;
+        }
         if me.flags & OVERLAY_HOST_GW != 0 {
             // host-gw: routed as it is, to the peer on the underlay (on
             // its segment, as host-gw's routes require). A last hop is
@@ -195,6 +199,9 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         let daddr: [u32; 4] = at(ctx, ETH_HLEN + 24)?;
         let peer = *PEERS6.get(Key::new(128, daddr))?;
         let me = local()?;
+        if !fits(ctx, &me) {
+            return None;
+        }
         if me.flags & OVERLAY_HOST_GW != 0 {
             if !take_routed_hop::<true>(ctx) {
                 return None;
@@ -208,6 +215,24 @@ fn encap(ctx: &TcContext) -> Option<i32> {
     } else {
         None
     }
+}
+
+/// Whether the packet fits the underlay once wrapped (vxlan) or as it is
+/// (host-gw). One that does not is a datagram the bridge's netfilter put
+/// together from its fragments (conntrack gathers them before the bridge
+/// passes them up): the kernel's path cuts it up again on the way out,
+/// which a redirect would not. A GRO aggregate passes (its segments are
+/// what is sent).
+#[inline(always)]
+fn fits(ctx: &TcContext, me: &OverlayLocal) -> bool {
+    let grow = if me.flags & OVERLAY_HOST_GW != 0 {
+        0
+    } else {
+        ENCAP_LEN as i32
+    };
+    let mut len = 0u32;
+    // SAFETY: plain helper call on this packet; `len` lives for it.
+    unsafe { bpf_check_mtu(ctx.as_ptr(), me.underlay_ifindex, &mut len, grow, 0) == 0 }
 }
 
 /// host-gw: one hop off a packet routed as it is (false, and nothing
@@ -298,9 +323,16 @@ fn wrap<const V6: bool>(
 }
 
 /// The host-side veth of our pod an IPv4 (or, `V6`, IPv6) header at `ip`
-/// is addressed to, if it has a hop left.
+/// is addressed to, if it has a hop left and is not a fragment. Fragments
+/// are left to the kernel's path, all of them: it may be holding some to
+/// put the datagram together (conntrack does), as it must for those too
+/// big for the tunnel, which came in fragments of the outer packet, and a
+/// datagram whose fragments took both ways would never be whole there.
 #[inline(always)]
 fn pod_of<const V6: bool>(ctx: &TcContext, me: &OverlayLocal, ip: usize) -> Option<u32> {
+    if fragment::<V6>(ctx, ip)? {
+        return None;
+    }
     // SAFETY (both lookups): copied out at once.
     let host_veth = if V6 {
         let daddr: [u32; 4] = at(ctx, ip + 24)?;
@@ -313,6 +345,20 @@ fn pod_of<const V6: bool>(ctx: &TcContext, me: &OverlayLocal, ip: usize) -> Opti
         unsafe { *PODS.get(&daddr)? }
     };
     (hops_left::<V6>(ctx, ip)? > 1).then_some(host_veth)
+}
+
+/// IPv6's fragment header (next header 44).
+const IPV6_FRAGMENT: u8 = 44;
+
+/// Whether the IPv4 (or, `V6`, IPv6) packet at `ip` is a fragment (IPv6:
+/// its first extension header is a fragment header).
+#[inline(always)]
+fn fragment<const V6: bool>(ctx: &TcContext, ip: usize) -> Option<bool> {
+    if V6 {
+        Some(at::<u16>(ctx, ip + 6)?.to_ne_bytes()[0] == IPV6_FRAGMENT)
+    } else {
+        Some(u16::from_be(at(ctx, ip + 6)?) & 0x3fff != 0)
+    }
 }
 
 /// Takes the hop off the (now outermost) network header, marks it CE

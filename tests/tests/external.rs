@@ -2,7 +2,7 @@
 //! the underlay, not a node, reaches NodePorts on every node, over IPv4 and
 //! IPv6, whether the backend runs on that node or another, over TCP and
 //! UDP, ICMP errors included (and a datagram too big for the overlay's
-//! tunnel answered with its MTU); under
+//! tunnel answered with its MTU, and datagrams in fragments both ways); under
 //! `externalTrafficPolicy: Local` the backend sees the client's address
 //! and a node without endpoints answers its health check with 503 (and
 //! drops), while a Service without any endpoint is refused; Maglev
@@ -203,6 +203,21 @@ spec:
             map(&udp["peers"]),
             BTreeMap::from([(addr(ip, 30701), 3)]),
             "UDP replies come from the NodePort via {via}: {udp}"
+        );
+        // A datagram bigger than the path, both ways (4 000 bytes, the
+        // answer as big): it crosses in fragments, which the TC path
+        // translates one by one, the later ones (without ports) by the
+        // first one's. Via node 1, IPv4's 1500-byte fragments are too big
+        // for the tunnel and, routers being allowed to fragment them, go on
+        // in fragments of the outer packet; IPv6's are answered with the
+        // tunnel's MTU and the client sends smaller ones. The answer's
+        // fragments go the same ways back. Sent before the check below, so
+        // that the client has not yet learnt the tunnel's MTU.
+        let ip_header = if ip.contains(':') { 40 } else { 20 };
+        let fragmented = probe(&client, &["udp-size", &addr(ip, 30701), "4000", "0", "1"]);
+        assert!(
+            fragmented["answered"] == true && fragmented["answer_len"] == 4000 - ip_header - 8,
+            "a fragmented datagram, and its fragmented answer, via {via}: {fragmented}"
         );
         // A datagram too big for the tunnel (1500 bytes from a 1500-byte
         // underlay; the overlay's MTU is 1450) is answered as a router

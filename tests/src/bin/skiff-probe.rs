@@ -9,7 +9,8 @@
 //! skiff-probe serve-tcp ADDR NAME [ACCEPTORS]   skiff-probe serve-udp ADDR NAME
 //! skiff-probe tcp ADDR COUNT [FROM]      skiff-probe udp ADDR COUNT [TOS]
 //! skiff-probe session ADDR               (one connection; a request per stdin line)
-//! skiff-probe udp-size ADDR SIZE DF      (SIZE-byte datagrams, DF 1 or 0: answered, errnos, path MTU)
+//! skiff-probe udp-size ADDR SIZE DF [BIG] (SIZE-byte datagrams, DF 1 or 0: answered, errnos, path
+//!                                         MTU; BIG 1: the answers as big, and their size)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
 //! skiff-probe keepalive ADDR[,ADDR...] REQUESTS THREADS  (one kept-alive connection per thread)
 //! skiff-probe in-cluster                 (kube-rs from inside a pod: who am I, my namespace's pods)
@@ -101,19 +102,27 @@ fn serve_tcp(listen: SocketAddr, name: &str, acceptors: usize) -> Result<()> {
     Ok(())
 }
 
+/// A datagram starting with this byte asks for an answer as long as
+/// itself (the name, padded with it).
+const AS_BIG: u8 = b'=';
+
 fn serve_udp(listen: SocketAddr, name: &str) -> Result<()> {
     let s = UdpSocket::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("ready");
     std::io::stdout().flush()?;
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
     loop {
-        let (_, from) = s.recv_from(&mut buf)?;
-        let reply = if name == PEER {
+        let (len, from) = s.recv_from(&mut buf)?;
+        let mut reply = if name == PEER {
             from.ip().to_canonical().to_string()
         } else {
             name.to_string()
-        };
-        let _ = s.send_to(reply.as_bytes(), from);
+        }
+        .into_bytes();
+        if buf.first() == Some(&AS_BIG) && len > reply.len() {
+            reply.resize(len, AS_BIG);
+        }
+        let _ = s.send_to(&reply, from);
     }
 }
 
@@ -288,6 +297,8 @@ struct SizeTry {
     errnos: Vec<i32>,
     /// The path MTU the socket knows of at the end.
     mtu: i32,
+    /// The answer's length.
+    answer_len: usize,
 }
 
 /// A connected UDP client sending datagrams of `size` bytes (IP header
@@ -295,14 +306,18 @@ struct SizeTry {
 /// `df`: path MTU discovery on (DF set; an ICMP "fragmentation needed" or
 /// "packet too big" for the flow fails the next receive with EMSGSIZE and
 /// lowers the socket's path MTU), or off (IPv4: DF clear, so routers may
-/// fragment).
-fn udp_size(to: SocketAddr, size: usize, df: bool) -> Result<()> {
+/// fragment). `big`: each answer as big as the datagram (the server
+/// pads it), so that it too may need fragments.
+fn udp_size(to: SocketAddr, size: usize, df: bool, big: bool) -> Result<()> {
     let (bind, ip_header): (SocketAddr, usize) = if to.is_ipv4() {
         ("0.0.0.0:0".parse()?, 20)
     } else {
         ("[::]:0".parse()?, 40)
     };
-    let payload = vec![b'q'; size.checked_sub(ip_header + 8).context("SIZE too small")?];
+    let mut payload = vec![b'q'; size.checked_sub(ip_header + 8).context("SIZE too small")?];
+    if big && let Some(first) = payload.first_mut() {
+        *first = AS_BIG;
+    }
     let s = UdpSocket::bind(bind)?;
     let (level, opt, mtu_opt, on, off) = if to.is_ipv4() {
         (
@@ -342,15 +357,14 @@ fn udp_size(to: SocketAddr, size: usize, df: bool) -> Result<()> {
         answered: false,
         errnos: Vec::new(),
         mtu: 0,
+        answer_len: 0,
     };
+    let mut buf = vec![0u8; 65_536];
     for _ in 0..5 {
-        let r = s.send(&payload).and_then(|_| {
-            let mut buf = [0u8; 2048];
-            s.recv(&mut buf)
-        });
-        match r {
-            Ok(_) => {
+        match s.send(&payload).and_then(|_| s.recv(&mut buf)) {
+            Ok(len) => {
                 t.answered = true;
+                t.answer_len = len;
                 break;
             }
             Err(e) => t.errnos.push(e.raw_os_error().unwrap_or(0)),
@@ -753,6 +767,7 @@ fn main() -> Result<()> {
             addr(arg(&args, 1, "ADDR")?)?,
             arg(&args, 2, "SIZE")?.parse()?,
             arg(&args, 3, "DF (0 or 1)")? == "1",
+            args.get(4).is_some_and(|b| b == "1"),
         ),
         "udp-follow" => udp_follow(
             addr(arg(&args, 1, "ADDR")?)?,
