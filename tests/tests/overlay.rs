@@ -330,6 +330,27 @@ fn dual_stack_pods_talk(network: &str, route: fn(&str) -> String) {
     // At once: the first exchanges of new pods on a new bridge included.
     exchange();
     assert_full_mesh(&c, &pods);
+    // A datagram bigger than the pods' MTU, both ways and in both
+    // families: its fragments cross (the bridge's conntrack may put them
+    // together on the sending node, and the kernel's path cuts them up
+    // again).
+    let _v4_servers: Vec<Proc> = pods.iter().flat_map(serve).collect();
+    for (from, to) in [(0, 1), (1, 0)] {
+        for (target, ip_header) in [
+            (format!("{}:7000", pods[to].ip), 20),
+            (format!("[{}]:7000", v6[to]), 40),
+        ] {
+            let out = Spawn::new(bin("skiff-probe"))
+                .args(["udp-size", &target, "4000", "0", "1"])
+                .netns(&pods[from].ns)
+                .output();
+            let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            assert!(
+                v["answered"] == true && v["answer_len"] == 4000 - ip_header - 8,
+                "a 4000-byte datagram node{from} → node{to} ({target}) and its answer: {out}"
+            );
+        }
+    }
     // Once the fast path holds the bridge, IPv6 takes it as IPv4 does:
     // the kernel's VTEP (vxlan) or forwarding (host-gw) carries none of it.
     for n in &c.nodes {
