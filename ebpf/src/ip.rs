@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, csum};
 
-use crate::packet::{at, fold_sum, take_hop6};
+use crate::packet::{IP_MF, IP_OFFSET, IPV6_FRAGMENT, at, fold_sum, take_hop6};
 
 pub const ETH_HLEN: usize = 14;
 /// Offset of the network header.
@@ -74,8 +74,7 @@ fn frag(offset: u16, more: bool, id: u32) -> Frag {
     Frag { id, part }
 }
 
-/// IPv6's fragment header (next header 44) and its length.
-const IPV6_FRAGMENT: u8 = 44;
+/// IPv6's fragment header's length.
 const IPV6_FRAG_HLEN: usize = 8;
 
 pub trait Ip: Copy + 'static {
@@ -326,7 +325,7 @@ impl Ip for V4 {
         // Identification, then flags and fragment offset.
         let [id, flags]: [u16; 2] = at(ctx, IP + 4)?;
         let flags = u16::from_be(flags);
-        let frag = frag(flags & 0x1fff, flags & 0x2000 != 0, u32::from(id));
+        let frag = frag(flags & IP_OFFSET, flags & IP_MF != 0, u32::from(id));
         // TTL and protocol as one word.
         Some((at::<u16>(ctx, IP + 8)?.to_ne_bytes()[1], 0, frag))
     }

@@ -450,7 +450,7 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
             verdict => verdict,
         };
         // Answered from here, not inside `forward`, for the same reason.
-        if verdict & TOO_BIG != 0 && verdict != NEW_FLOW {
+        if verdict >= TOO_BIG {
             return answer_too_big(ctx, &p, (verdict & 0xffff) as u32);
         }
         return verdict;
@@ -462,7 +462,7 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
 const NEW_FLOW: i32 = i32::MIN;
 /// `forward`'s answer, with the MTU in its low 16 bits, when the packet
 /// is too big for the way to its backend and routers may not fragment it
-/// (no TC verdict has this bit).
+/// (above every TC verdict).
 const TOO_BIG: i32 = 0x4000_0000;
 
 #[classifier]

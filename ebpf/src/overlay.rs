@@ -49,7 +49,10 @@ use skiff_ebpf_common::{
 mod packet;
 mod runtime;
 
-use packet::{at, fold_sum, redirect_neigh, redirect_neigh6, take_hop, take_hop6};
+use packet::{
+    IP_MF, IP_OFFSET, IPV6_FRAGMENT, at, fold_sum, redirect_neigh, redirect_neigh6, take_hop,
+    take_hop6,
+};
 
 #[map(name = "OVERLAY_PEERS")]
 static PEERS: LpmTrie<u32, OverlayPeer> = LpmTrie::with_max_entries(MAX_OVERLAY_PEERS, 1);
@@ -347,9 +350,6 @@ fn pod_of<const V6: bool>(ctx: &TcContext, me: &OverlayLocal, ip: usize) -> Opti
     (hops_left::<V6>(ctx, ip)? > 1).then_some(host_veth)
 }
 
-/// IPv6's fragment header (next header 44).
-const IPV6_FRAGMENT: u8 = 44;
-
 /// Whether the IPv4 (or, `V6`, IPv6) packet at `ip` is a fragment (IPv6:
 /// its first extension header is a fragment header).
 #[inline(always)]
@@ -357,7 +357,7 @@ fn fragment<const V6: bool>(ctx: &TcContext, ip: usize) -> Option<bool> {
     if V6 {
         Some(at::<u16>(ctx, ip + 6)?.to_ne_bytes()[0] == IPV6_FRAGMENT)
     } else {
-        Some(u16::from_be(at(ctx, ip + 6)?) & 0x3fff != 0)
+        Some(u16::from_be(at(ctx, ip + 6)?) & (IP_MF | IP_OFFSET) != 0)
     }
 }
 
@@ -410,9 +410,8 @@ fn decap(ctx: &TcContext) -> Option<i32> {
     }
     // IPv4 without options, not a fragment, UDP to our port and address.
     let [vihl, outer_tos] = at::<u16>(ctx, OUTER)?.to_ne_bytes();
-    let frag: u16 = at(ctx, OUTER + 6)?;
     let proto = at::<u16>(ctx, OUTER + 8)?.to_ne_bytes()[1];
-    if vihl != 0x45 || u16::from_be(frag) & 0x3fff != 0 || proto != PROTO_UDP {
+    if vihl != 0x45 || fragment::<false>(ctx, OUTER)? || proto != PROTO_UDP {
         return None;
     }
     if at::<u32>(ctx, OUTER + 16)? != me.node_ip || at::<u16>(ctx, UDP + 2)? != me.port {

@@ -21,6 +21,13 @@ pub fn at<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     ctx.load(off).ok()
 }
 
+/// IPv4's flags-and-offset word (host order): "more fragments", and the
+/// fragment offset; a packet with either is a fragment.
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET: u16 = 0x1fff;
+/// IPv6's fragment header (next header 44).
+pub const IPV6_FRAGMENT: u8 = 44;
+
 /// Sends the packet out of `ifindex` to the IPv4 next hop `nexthop`
 /// (network byte order): see `redirect_to`.
 #[inline(always)]

@@ -331,9 +331,10 @@ fn dual_stack_pods_talk(network: &str, route: fn(&str) -> String) {
     exchange();
     assert_full_mesh(&c, &pods);
     // A datagram bigger than the pods' MTU, both ways and in both
-    // families: its fragments cross (the bridge's conntrack may put them
-    // together on the sending node, and the kernel's path cuts them up
-    // again).
+    // families: its fragments cross nodes whose fast path holds the
+    // bridge and the underlay. (These nodes do not gather fragments at the
+    // bridge; the external tests' nodes do, and check what wrapping does
+    // with such a datagram.)
     let _v4_servers: Vec<Proc> = pods.iter().flat_map(serve).collect();
     for (from, to) in [(0, 1), (1, 0)] {
         for (target, ip_header) in [
