@@ -20,7 +20,7 @@ use skiff_tests::overlay::{Cluster, Node, Pod};
 use skiff_tests::{Netns, Spawn, TempDir, bin, unique};
 
 use super::knobs::Knob;
-use super::stats::{median_ci, pct, summary};
+use super::stats::{busy_seconds, median_ci, pct, summary};
 
 pub struct Args {
     pub rounds: usize,
@@ -40,8 +40,19 @@ pub const PARTS: [&str; 3] = ["throughput", "cni", "convergence"];
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","Backend":{"Type":"host-gw"}}"#;
 
-/// One iperf3 run from `client` to `server_ip` in `server`; Gbit/s.
-fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Result<f64> {
+/// One iperf3 run's result: its rate, and what the machine spent on it.
+#[derive(Clone, Copy)]
+struct Run {
+    gbits: f64,
+    /// Busy CPU time of the whole machine (every core, every process and
+    /// softirq) per Gbit carried, in ms: the cost of a path even when
+    /// the rate is not CPU-bound (a single stream here leaves a core
+    /// partly idle).
+    cpu_ms_per_gbit: f64,
+}
+
+/// One iperf3 run from `client` to `server_ip` in `server`.
+fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Result<Run> {
     let log = TempDir::new();
     // Its output goes to a file: iperf3 does not flush a pipe, so there is
     // no banner to wait for; the client retries until the server listens.
@@ -52,6 +63,7 @@ fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Resul
         .start();
     let mut last = Err(anyhow::anyhow!("iperf3 did not run"));
     for _ in 0..20 {
+        let busy_before = busy_seconds();
         let out = Spawn::new("iperf3")
             .args([
                 "-c",
@@ -68,7 +80,16 @@ fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Resul
             Ok(text) => {
                 let v: Value = serde_json::from_str(&text).context("iperf3 -J output")?;
                 match v["end"]["sum_received"]["bits_per_second"].as_f64() {
-                    Some(bps) => return Ok(bps / 1e9),
+                    Some(bps) => {
+                        let busy = busy_seconds()
+                            .zip(busy_before)
+                            .map_or(0.0, |(after, before)| after - before);
+                        let gbits = bps / 1e9;
+                        return Ok(Run {
+                            gbits,
+                            cpu_ms_per_gbit: busy * 1000.0 / (gbits * f64::from(seconds)).max(1e-9),
+                        });
+                    }
                     // Connected before the server was ready, or to a
                     // server still finishing: try again.
                     None => {
@@ -120,7 +141,7 @@ impl Mode {
 
 /// The pods' throughput in cluster `c` (fresh pods), with `knob` on for
 /// the measurement.
-fn pod_to_pod(c: &Cluster, knob: Option<Knob>, seconds: u32) -> Result<f64> {
+fn pod_to_pod(c: &Cluster, knob: Option<Knob>, seconds: u32) -> Result<Run> {
     if let Some(k) = knob {
         for n in &c.nodes {
             k.node(n, true)?;
@@ -177,9 +198,10 @@ fn throughput(args: &Args) -> Result<Value> {
     ];
     modes.extend(args.knobs.iter().map(|k| Mode::Knob(*k)));
     let mut results: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
         for mode in &modes {
-            let g = match *mode {
+            let run = match *mode {
                 Mode::Node => iperf(
                     &hg.nodes[1].ns,
                     &hg.nodes[0].ns,
@@ -193,8 +215,14 @@ fn throughput(args: &Args) -> Result<Value> {
                 Mode::Knob(k) => pod_to_pod(&vx, Some(k), args.seconds)?,
             };
             let name = mode.name();
-            eprintln!("  round {} {name:>28}: {g:.2} Gbit/s", round + 1);
-            results.entry(name).or_default().push(g);
+            eprintln!(
+                "  round {} {name:>28}: {:.2} Gbit/s, {:.1} CPU ms per Gbit",
+                round + 1,
+                run.gbits,
+                run.cpu_ms_per_gbit
+            );
+            results.entry(name.clone()).or_default().push(run.gbits);
+            cpu.entry(name).or_default().push(run.cpu_ms_per_gbit);
         }
     }
     let mut doc = serde_json::Map::new();
@@ -202,6 +230,7 @@ fn throughput(args: &Args) -> Result<Value> {
         doc.insert(mode.replace('-', "_"), summary(samples.clone()));
     }
     doc.insert("samples".into(), json!(results));
+    doc.insert("cpu_ms_per_gbit".into(), json!(cpu));
     Ok(Value::Object(doc))
 }
 
@@ -586,9 +615,9 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
     }
     // Each round's own pair (the machine drifts between rounds): median,
     // min, max and the median's 95 % interval of the per-round ratios.
-    let paired = |a: &str, b: &str| -> (f64, f64, f64, (f64, f64)) {
+    let paired = |series: &str, a: &str, b: &str| -> (f64, f64, f64, (f64, f64)) {
         let xs = |k: &str| -> Vec<f64> {
-            tp["samples"][k]
+            tp[series][k]
                 .as_array()
                 .map(|v| v.iter().filter_map(Value::as_f64).collect())
                 .unwrap_or_default()
@@ -606,10 +635,7 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
             median_ci(&s),
         )
     };
-    println!("\nratios, per round (median, min – max, the median's 95 % interval)");
-    println!("| ratio | median | min – max | 95 % CI |");
-    println!("| --- | ---: | ---: | ---: |");
-    for (name, a, b) in [
+    let pairs = [
         (
             "vxlan ÷ host-gw, as shipped (target ≥ 0.9)",
             "vxlan",
@@ -631,11 +657,41 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
             "host-gw",
             "host-gw-kernel",
         ),
-    ] {
-        let (m, lo, hi, (ci_lo, ci_hi)) = paired(a, b);
+    ];
+    println!("\nratios, per round (median, min – max, the median's 95 % interval)");
+    println!("| ratio | median | min – max | 95 % CI |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, a, b) in pairs {
+        let (m, lo, hi, (ci_lo, ci_hi)) = paired("samples", a, b);
         println!("| {name} | {m:.3} | {lo:.3} – {hi:.3} | {ci_lo:.3} – {ci_hi:.3} |");
     }
-    let vx_ratio = paired("vxlan", "host-gw").0;
+    // The same pairs by cost: the machine's busy CPU per Gbit carried,
+    // the second's over the first's (so that, as above, above 1 means the
+    // first does better).
+    println!("\nCPU per Gbit carried (the whole machine's busy time during each run)");
+    println!("| path | CPU ms per Gbit | min | max |");
+    println!("| --- | ---: | ---: | ---: |");
+    for key in ["node", "host-gw", "host-gw-kernel", "vxlan", "vxlan-kernel"] {
+        let mut v: Vec<f64> = tp["cpu_ms_per_gbit"][key]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        v.sort_by(f64::total_cmp);
+        println!(
+            "| {key} | {:.1} | {:.1} | {:.1} |",
+            pct(&v, 0.5),
+            v.first().copied().unwrap_or(0.0),
+            v.last().copied().unwrap_or(0.0)
+        );
+    }
+    println!("\ncost ratios, per round (the second's CPU per Gbit ÷ the first's)");
+    println!("| ratio | median | min – max | 95 % CI |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, a, b) in pairs {
+        let (m, lo, hi, (ci_lo, ci_hi)) = paired("cpu_ms_per_gbit", b, a);
+        println!("| {name} | {m:.3} | {lo:.3} – {hi:.3} | {ci_lo:.3} – {ci_hi:.3} |");
+    }
+    let vx_ratio = paired("samples", "vxlan", "host-gw").0;
     if !args.knobs.is_empty() {
         println!("\nvxlan knobs, each alone on top of what ships (median Gbit/s)");
         println!("| knob | Gbit/s | min | max | ÷ vxlan | ÷ host-gw |");
