@@ -343,8 +343,7 @@ impl Ip for V4 {
             }
             core::ptr::write_unaligned((ip + Self::SADDR) as *mut u32, saddr);
             core::ptr::write_unaligned((ip + Self::DADDR) as *mut u32, daddr);
-            let sum = (ip + 10) as *mut u16;
-            core::ptr::write_unaligned(sum, csum::apply(core::ptr::read_unaligned(sum), ip_diff));
+            crate::packet::apply_ip_csum(ip, ip_diff);
         }
         true
     }

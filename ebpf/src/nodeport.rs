@@ -27,10 +27,11 @@
 //! it, with the MTU, since a redirect skips the forwarding path's check.
 //!
 //! Fragmented datagrams are translated fragment by fragment, as
-//! conntrack's defragmentation would not be here: the first fragment's
-//! ports are kept in `FRAGS` under the datagram's identification, and the
-//! later fragments (which have no L4 header) find their flow by them. A
-//! later fragment that arrives before its first is not translated.
+//! conntrack's defragmentation would not be here: a first fragment that
+//! belongs to one of our flows leaves its ports in `FRAGS` under the
+//! datagram's identification, and the later fragments (which have no L4
+//! header) find their flow by them. A later fragment that arrives before
+//! its first is not translated.
 //!
 //! IPv4 and IPv6, each through its own copy of the code (`crate::ip`).
 //! IPv6 packets with extension headers other than a fragment header are
@@ -232,7 +233,7 @@ fn parse<F: Ip>(ctx: &TcContext) -> Option<Packet<F>> {
     }
     let (sport, dport, tcp_flags) = match h.frag.part {
         Part::Later => {
-            let [sport, dport] = frag_ports::<F>(&h, h.frag.id)?;
+            let [sport, dport] = frag_ports::<F>(&h)?;
             (sport, dport, 0)
         }
         _ => {
@@ -244,9 +245,6 @@ fn parse<F: Ip>(ctx: &TcContext) -> Option<Packet<F>> {
             (at(ctx, h.l4)?, at(ctx, h.l4 + 2)?, tcp_flags)
         }
     };
-    if h.frag.part == Part::First {
-        keep_frag_ports::<F>(&h, h.frag.id, [sport, dport]);
-    }
     Some(Packet {
         proto: h.proto,
         tcp_flags,
@@ -259,12 +257,12 @@ fn parse<F: Ip>(ctx: &TcContext) -> Option<Packet<F>> {
     })
 }
 
-fn frag_key<F: Ip>(h: &Header<F::Addr>, id: u32) -> FragKey {
+fn frag_key<F: Ip>(saddr: F::Addr, daddr: F::Addr, proto: u8, id: u32) -> FragKey {
     FragKey {
-        saddr: F::wide(h.saddr),
-        daddr: F::wide(h.daddr),
+        saddr: F::wide(saddr),
+        daddr: F::wide(daddr),
         id,
-        proto: h.proto,
+        proto,
         family: F::FAMILY,
         pad: 0,
     }
@@ -274,15 +272,21 @@ fn frag_key<F: Ip>(h: &Header<F::Addr>, id: u32) -> FragKey {
 /// fragment carried them; None when that has not been seen.
 // Out of line: the key's frame is not added to the callers'.
 #[inline(never)]
-fn frag_ports<F: Ip>(h: &Header<F::Addr>, id: u32) -> Option<[u16; 2]> {
+fn frag_ports<F: Ip>(h: &Header<F::Addr>) -> Option<[u16; 2]> {
+    let key = frag_key::<F>(h.saddr, h.daddr, h.proto, h.frag.id);
     // SAFETY: copied out at once.
-    FRAGS.get_ptr(&frag_key::<F>(h, id)).map(|v| unsafe { *v })
+    FRAGS.get_ptr(&key).map(|v| unsafe { *v })
 }
 
-/// Keeps a first fragment's ports for the datagram's later fragments.
+/// Keeps a first fragment's ports for the datagram's later fragments,
+/// once the fragment was found to belong to a flow of ours: other traffic
+/// (to the node itself, or routed through it) leaves no entry behind.
 #[inline(never)]
-fn keep_frag_ports<F: Ip>(h: &Header<F::Addr>, id: u32, ports: [u16; 2]) {
-    let _ = FRAGS.insert(&frag_key::<F>(h, id), &ports, 0);
+fn keep_frag_ports<F: Ip>(p: &Packet<F>) {
+    if p.frag.part == Part::First {
+        let key = frag_key::<F>(p.saddr, p.daddr, p.proto, p.frag.id);
+        let _ = FRAGS.insert(&key, &[p.sport, p.dport], 0);
+    }
 }
 
 /// What a translated packet's addresses and ports become.
@@ -453,6 +457,9 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
         if verdict >= TOO_BIG {
             return answer_too_big(ctx, &p, (verdict & 0xffff) as u32);
         }
+        if verdict != TC_ACT_SHOT {
+            keep_frag_ports(&p);
+        }
         return verdict;
     }
     reply_of_snat(ctx, &p)
@@ -498,6 +505,7 @@ fn egress<F: Ip>(ctx: &TcContext) -> i32 {
         dport: rv.client_port,
     };
     if translate(ctx, &p, &to, false) {
+        keep_frag_ports(&p);
         TC_ACT_OK
     } else {
         TC_ACT_SHOT
@@ -554,6 +562,7 @@ fn snat_reply<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
     if !translate(ctx, p, &to, true) {
         return Some(TC_ACT_SHOT);
     }
+    keep_frag_ports(p);
     Some(redirect::<F>(ctx, ifindex, nexthop))
 }
 

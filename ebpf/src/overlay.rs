@@ -42,7 +42,7 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{
     MAX_OVERLAY_PEERS, MAX_OVERLAY_PODS, OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, OverlayPeer6,
-    csum,
+    PEER_ONLINK, csum,
     ecn::{self, Decap},
 };
 
@@ -50,8 +50,8 @@ mod packet;
 mod runtime;
 
 use packet::{
-    IP_MF, IP_OFFSET, IPV6_FRAGMENT, at, fold_sum, redirect_neigh, redirect_neigh6, take_hop,
-    take_hop6,
+    IP_MF, IP_OFFSET, IPV6_FRAGMENT, apply_ip_csum, at, fold_sum, redirect_neigh, redirect_neigh6,
+    take_hop, take_hop6,
 };
 
 #[map(name = "OVERLAY_PEERS")]
@@ -156,8 +156,7 @@ unsafe fn hop<const V6: bool>(ip: usize) -> bool {
         let Some(diff) = take_hop(ip) else {
             return false;
         };
-        let sum = (ip + 10) as *mut u16;
-        core::ptr::write_unaligned(sum, csum::apply(core::ptr::read_unaligned(sum), diff));
+        apply_ip_csum(ip, diff);
     }
     true
 }
@@ -197,7 +196,7 @@ fn encap(ctx: &TcContext) -> Option<i32> {
             return Some(redirect_neigh(me.underlay_ifindex, peer.node_ip));
         }
         let tos = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes()[1];
-        wrap::<false>(ctx, &me, peer.node_ip, peer.vtep_mac, tos)
+        wrap::<false>(ctx, &me, peer.node_ip, peer.vtep_mac, peer.flags, tos)
     } else if ethertype == ETH_P_IPV6.to_be() {
         let daddr: [u32; 4] = at(ctx, ETH_HLEN + 24)?;
         let peer = *PEERS6.get(Key::new(128, daddr))?;
@@ -214,7 +213,7 @@ fn encap(ctx: &TcContext) -> Option<i32> {
         // The traffic class straddles the first two bytes.
         let [b0, b1] = at::<u16>(ctx, ETH_HLEN)?.to_ne_bytes();
         let tclass = (b0 << 4) | (b1 >> 4);
-        wrap::<true>(ctx, &me, peer.node_ip, peer.vtep_mac, tclass)
+        wrap::<true>(ctx, &me, peer.node_ip, peer.vtep_mac, peer.flags, tclass)
     } else {
         None
     }
@@ -248,15 +247,16 @@ fn take_routed_hop<const V6: bool>(ctx: &TcContext) -> bool {
 }
 
 /// Wraps the IPv4 (or, `V6`, IPv6) packet for the peer VTEP `node_ip` /
-/// `vtep_mac`; `tos` is its TOS or traffic class, whose ECN field the outer
-/// header carries (congestion marked inside stays capable outside), as the
-/// kernel's tunnels do.
+/// `vtep_mac` (`flags`: the peer's `PEER_ONLINK`); `tos` is its TOS or
+/// traffic class, whose ECN field the outer header carries (congestion
+/// marked inside stays capable outside), as the kernel's tunnels do.
 #[inline(always)]
 fn wrap<const V6: bool>(
     ctx: &TcContext,
     me: &OverlayLocal,
     node_ip: u32,
     vtep_mac: [u8; 6],
+    flags: u16,
     tos: u8,
 ) -> Option<i32> {
     // Checked before anything is written: the kernel's path answers a
@@ -319,8 +319,12 @@ fn wrap<const V6: bool>(
         mac(INNER_ETH + 6, me.vtep_mac);
         w16(INNER_ETH + 12, inner_type.to_be());
     }
-    // The kernel routes the outer destination and fills in the next hop's
-    // MAC (resolving it if need be).
+    // A peer on the underlay's own subnet is the next hop itself; else the
+    // kernel routes the outer destination. Either way it fills in the next
+    // hop's MAC (resolving it if need be).
+    if flags & PEER_ONLINK != 0 {
+        return Some(redirect_neigh(me.underlay_ifindex, node_ip));
+    }
     // SAFETY: plain helper call on this packet; no parameters.
     Some(unsafe { bpf_redirect_neigh(me.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }
@@ -477,9 +481,7 @@ unsafe fn set_ce<const V6: bool>(ip: usize) {
         let new = u16::from_ne_bytes([b0, b1]);
         core::ptr::write_unaligned(word, new);
         if !V6 {
-            let sum = (ip + 10) as *mut u16;
-            let diff = csum::diff(u32::from(old), u32::from(new));
-            core::ptr::write_unaligned(sum, csum::apply(core::ptr::read_unaligned(sum), diff));
+            apply_ip_csum(ip, csum::diff(u32::from(old), u32::from(new)));
         }
     }
 }

@@ -100,6 +100,23 @@ pub unsafe fn take_hop(ip: usize) -> Option<u32> {
     }
 }
 
+/// Takes `diff` (see `csum::diff`) into the checksum of the IPv4 header
+/// at `ip`, in place.
+///
+/// # Safety
+/// `ip + 12` must be within the packet's checked bounds.
+#[inline(always)]
+pub unsafe fn apply_ip_csum(ip: usize, diff: u32) {
+    let sum = (ip + 10) as *mut u16;
+    // SAFETY: the caller checked the bounds.
+    unsafe {
+        core::ptr::write_unaligned(
+            sum,
+            skiff_ebpf_common::csum::apply(core::ptr::read_unaligned(sum), diff),
+        )
+    };
+}
+
 /// Takes one hop off the limit of the IPv6 header at `ip`, in place;
 /// false, and nothing written, when the packet has none left.
 ///

@@ -26,7 +26,9 @@ use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use ipnetwork::Ipv4Network;
-use skiff_ebpf_common::{OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, OverlayPeer6, maps as names};
+use skiff_ebpf_common::{
+    OVERLAY_HOST_GW, OverlayLocal, OverlayPeer, OverlayPeer6, PEER_ONLINK, maps as names,
+};
 use tracing::{info, warn};
 
 use super::backend::Entries;
@@ -76,6 +78,9 @@ pub struct Local {
     pub subnet: Ipv4Network,
     pub underlay: String,
     pub underlay_index: u32,
+    /// The subnets of the underlay interface's own IPv4 addresses: a vxlan
+    /// peer in one of them is sent to directly (`PEER_ONLINK`).
+    pub underlay_nets: Vec<Ipv4Network>,
     pub vni: u32,
     pub port: u16,
     pub vtep_mac: [u8; 6],
@@ -109,6 +114,7 @@ pub struct FastPath {
     /// What `peers6` holds.
     held6: Mirror<(Ipv6Addr, u8), OverlayPeer6>,
     cni_records: PathBuf,
+    underlay_nets: Vec<Ipv4Network>,
     /// What `pods` and `pods6` hold: address to host veth (ifindex).
     pods_held: Mirror<u32, u32>,
     pods6_held: Mirror<[u32; 4], u32>,
@@ -236,44 +242,55 @@ fn attach(
 }
 
 /// The peer entry a lease's kernel entries stand for (none for our own
-/// lease, one of another backend, or one without a VTEP MAC).
-fn peer_of(e: &Entries) -> Option<((Ipv4Addr, u8), OverlayPeer)> {
+/// lease, one of another backend, or one without a VTEP MAC); `onlink`:
+/// the underlay's own subnets.
+fn peer_of(e: &Entries, onlink: &[Ipv4Network]) -> Option<((Ipv4Addr, u8), OverlayPeer)> {
     let route = e.route.as_ref()?;
     // vxlan: the peer's address and VTEP MAC are in the FDB entry; host-gw:
     // the route's gateway is the peer.
-    let (node_ip, vtep_mac) = match &e.fdb {
-        Some(f) => (f.dst, f.mac),
-        None => (route.gateway?, [0; 6]),
+    let (node_ip, vtep_mac, flags) = match &e.fdb {
+        Some(f) => (f.dst, f.mac, vtep_flags(f.dst, onlink)),
+        None => (route.gateway?, [0; 6], 0),
     };
     Some((
         (route.dst, route.prefix),
         OverlayPeer {
             node_ip: u32::from_ne_bytes(node_ip.octets()),
             vtep_mac,
-            pad: 0,
+            flags,
         },
     ))
 }
 
 /// The entry of a lease's IPv6 subnet (dual stack): the same VTEP as its
 /// IPv4 subnet (vxlan), or the route's IPv6 next hop (host-gw).
-fn peer6_of(e: &Entries) -> Option<((Ipv6Addr, u8), OverlayPeer6)> {
+fn peer6_of(e: &Entries, onlink: &[Ipv4Network]) -> Option<((Ipv6Addr, u8), OverlayPeer6)> {
     let route = e.route6.as_ref()?;
     let peer = match &e.fdb {
         Some(f) => OverlayPeer6 {
             node_ip: u32::from_ne_bytes(f.dst.octets()),
             vtep_mac: f.mac,
-            pad: 0,
+            flags: vtep_flags(f.dst, onlink),
             nexthop: [0; 4],
         },
         None => OverlayPeer6 {
             node_ip: 0,
             vtep_mac: [0; 6],
-            pad: 0,
+            flags: 0,
             nexthop: words6(route.gateway?),
         },
     };
     Some(((route.dst, route.prefix), peer))
+}
+
+/// A vxlan peer's flags: `PEER_ONLINK` when its VTEP `dst` is in one of
+/// the underlay's subnets `onlink`.
+fn vtep_flags(dst: Ipv4Addr, onlink: &[Ipv4Network]) -> u16 {
+    if onlink.iter().any(|n| n.contains(dst)) {
+        PEER_ONLINK
+    } else {
+        0
+    }
 }
 
 fn key((addr, prefix): (Ipv4Addr, u8)) -> Key<u32> {
@@ -333,6 +350,7 @@ impl FastPath {
             held: Mirror::new(),
             held6: Mirror::new(),
             cni_records: l.cni_records.clone(),
+            underlay_nets: l.underlay_nets.clone(),
             pods_held: Mirror::new(),
             pods6_held: Mirror::new(),
             pods_read: None,
@@ -434,19 +452,20 @@ impl FastPath {
     /// A peer's lease came (`old` None) or changed: its entries were
     /// `old` and are `new`. What only `old` named is taken out.
     pub fn put(&mut self, old: Option<&Entries>, new: &Entries) -> Result<(), FastPathError> {
-        let old_k = old.and_then(peer_of).map(|(k, _)| k);
+        let on = &self.underlay_nets;
+        let old_k = old.and_then(|o| peer_of(o, on)).map(|(k, _)| k);
         replace(
             &mut self.held,
             old_k,
-            peer_of(new),
+            peer_of(new, on),
             peers_writer(&mut self.peers),
         )
         .map_err(map_err(names::OVERLAY_PEERS))?;
-        let old_k6 = old.and_then(peer6_of).map(|(k, _)| k);
+        let old_k6 = old.and_then(|o| peer6_of(o, on)).map(|(k, _)| k);
         replace(
             &mut self.held6,
             old_k6,
-            peer6_of(new),
+            peer6_of(new, on),
             peers6_writer(&mut self.peers6),
         )
         .map_err(map_err(names::OVERLAY_PEERS6))
@@ -461,8 +480,8 @@ impl FastPath {
     pub fn sync(&mut self, all: impl Iterator<Item = Entries>) -> Result<(), FastPathError> {
         let (mut want, mut want6) = (BTreeMap::new(), BTreeMap::new());
         for e in all {
-            want.extend(peer_of(&e));
-            want6.extend(peer6_of(&e));
+            want.extend(peer_of(&e, &self.underlay_nets));
+            want6.extend(peer6_of(&e, &self.underlay_nets));
         }
         self.held
             .sync(want, peers_writer(&mut self.peers))
@@ -563,5 +582,45 @@ mod tests {
             ]
         );
         assert!(m.0.is_empty());
+    }
+
+    #[test]
+    fn a_vxlan_peer_on_the_underlays_subnet_is_sent_to_directly_and_one_behind_a_router_is_routed()
+    {
+        let vxlan = |dst: [u8; 4]| Entries {
+            route: Some(skiff_netlink::Route {
+                dst: Ipv4Addr::new(10, 244, 1, 0),
+                prefix: 24,
+                gateway: Some(Ipv4Addr::new(10, 244, 1, 0)),
+                oif: Some(7),
+                onlink: true,
+                protocol: 0,
+            }),
+            fdb: Some(skiff_netlink::FdbEntry {
+                mac: [2, 0, 0, 0, 0, 1],
+                dst: Ipv4Addr::from(dst),
+            }),
+            ..Entries::default()
+        };
+        let underlay: [Ipv4Network; 1] = ["192.168.5.10/24".parse().unwrap()];
+        let flags = |e: &Entries| peer_of(e, &underlay).map(|(_, p)| p.flags);
+        assert_eq!(flags(&vxlan([192, 168, 5, 20])), Some(PEER_ONLINK));
+        assert_eq!(flags(&vxlan([192, 168, 6, 20])), Some(0));
+        // Without knowing the underlay's subnets, every peer is routed.
+        assert_eq!(
+            peer_of(&vxlan([192, 168, 5, 20]), &[]).map(|(_, p)| p.flags),
+            Some(0)
+        );
+        // host-gw peers are next hops already: no flag.
+        let host_gw = Entries {
+            fdb: None,
+            route: Some(skiff_netlink::Route {
+                gateway: Some(Ipv4Addr::new(192, 168, 5, 20)),
+                onlink: false,
+                ..vxlan([0; 4]).route.unwrap()
+            }),
+            ..Entries::default()
+        };
+        assert_eq!(flags(&host_gw), Some(0));
     }
 }

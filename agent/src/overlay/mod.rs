@@ -532,12 +532,19 @@ pub async fn run(
     }
     enable_forwarding(net.ipv6.is_some())?;
     let fast = if cfg.fast_path {
+        let underlay_nets = nl
+            .addresses(under.index)
+            .await?
+            .into_iter()
+            .filter_map(|(ip, prefix)| Ipv4Network::new(ip, prefix).ok())
+            .collect();
         fastpath::try_start(&fastpath::Local {
             host_gw: net.backend == BackendType::HostGw,
             public_ip,
             subnet: held.subnet,
             underlay: under.name.clone(),
             underlay_index: under.index,
+            underlay_nets,
             vni: net.vni,
             port: net.port,
             vtep_mac: vtep_mac.unwrap_or_default(),

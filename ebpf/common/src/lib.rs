@@ -342,8 +342,15 @@ pub struct OverlayPeer {
     pub node_ip: u32,
     /// The peer's VTEP MAC: the destination of the frame inside.
     pub vtep_mac: [u8; 6],
-    pub pad: u16,
+    /// `PEER_ONLINK`, or 0.
+    pub flags: u16,
 }
+
+/// `OverlayPeer::flags` (vxlan): the peer's address is in a subnet of the
+/// underlay interface's own, so the wrapped packet goes straight to it as
+/// its next hop, with no route lookup per packet. Without it, the kernel
+/// routes each wrapped packet (a peer behind a router).
+pub const PEER_ONLINK: u16 = 1;
 
 /// A peer's IPv6 subnet for the overlay's fast path, keyed in its own LPM
 /// trie (`OVERLAY_PEERS6`) by the subnet's 16 bytes.
@@ -353,7 +360,8 @@ pub struct OverlayPeer6 {
     /// vxlan: the peer's VTEP, as for IPv4 (the tunnel itself is IPv4).
     pub node_ip: u32,
     pub vtep_mac: [u8; 6],
-    pub pad: u16,
+    /// As `OverlayPeer::flags`.
+    pub flags: u16,
     /// host-gw: the peer's IPv6 address on the underlay (global or
     /// link-local), the route's next hop.
     pub nexthop: [u32; 4],
