@@ -484,8 +484,10 @@ impl KubeletNode {
         node
     }
 
-    /// Starts (or restarts) the agent.
+    /// Starts the agent; one still running is stopped first, as a node
+    /// restarts it (the new one needs its ports).
     pub fn start_agent(&mut self) {
+        drop(self.agent.take());
         let n = std::fs::read_dir(&self.dir.path)
             .map(|d| d.count())
             .unwrap_or(0);
@@ -501,20 +503,12 @@ impl KubeletNode {
         );
     }
 
-    /// Restarts the agent as a node does: the running one is stopped
-    /// first (so that the new one gets its ports), and the new one is
-    /// waited on until `/readyz` answers 200 (each role's first sync
-    /// done). `start_agent` alone starts the new one while the old one
-    /// still runs.
+    /// Restarts the agent ([`KubeletNode::start_agent`]) and waits until
+    /// `/readyz` answers 200 (each role's first sync done).
     pub fn restart_agent(&mut self) {
-        drop(self.agent.take());
         self.start_agent();
         crate::wait_for("the restarted agent ready", Duration::from_secs(30), || {
-            Spawn::new("curl")
-                .args(["-sf", "http://127.0.0.1:10249/readyz"])
-                .netns_path(Some(&self.netns))
-                .try_output()
-                .ok()
+            try_agent_get(&self.netns, "/readyz").filter(|r| r.ends_with("\n200"))
         });
     }
 
@@ -550,6 +544,16 @@ impl KubeletNode {
 /// namespace at `netns`) answers at `path`: the body, then the status
 /// code on a line of its own.
 pub fn agent_get(netns: &str, path: &str) -> String {
+    ask_agent(netns, path).unwrap_or_else(|e| panic!("asking the agent for {path}: {e}"))
+}
+
+/// [`agent_get`], or None while the agent does not answer (not yet
+/// listening, say).
+pub fn try_agent_get(netns: &str, path: &str) -> Option<String> {
+    ask_agent(netns, path).ok()
+}
+
+fn ask_agent(netns: &str, path: &str) -> Result<String, String> {
     Spawn::new("curl")
         .args([
             "-s",
@@ -559,7 +563,6 @@ pub fn agent_get(netns: &str, path: &str) -> String {
         ])
         .netns_path(Some(netns))
         .try_output()
-        .unwrap_or_else(|e| panic!("asking the agent for {path}: {e}"))
 }
 
 /// The value of the first sample of `name` whose line holds every one of

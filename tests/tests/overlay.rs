@@ -337,9 +337,9 @@ fn dual_stack_pods_talk(network: &str, route: fn(&str) -> String) {
     // with such a datagram.)
     let _v4_servers: Vec<Proc> = pods.iter().flat_map(serve).collect();
     for (from, to) in [(0, 1), (1, 0)] {
-        for (target, ip_header) in [
-            (format!("{}:7000", pods[to].ip), 20),
-            (format!("[{}]:7000", v6[to]), 40),
+        for target in [
+            format!("{}:7000", pods[to].ip),
+            format!("[{}]:7000", v6[to]),
         ] {
             let out = Spawn::new(bin("skiff-probe"))
                 .args(["udp-size", &target, "4000", "0", "1"])
@@ -347,7 +347,7 @@ fn dual_stack_pods_talk(network: &str, route: fn(&str) -> String) {
                 .output();
             let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
             assert!(
-                v["answered"] == true && v["answer_len"] == 4000 - ip_header - 8,
+                v["answered"] == true && v["answer_len"] == v["sent_len"],
                 "a 4000-byte datagram node{from} → node{to} ({target}) and its answer: {out}"
             );
         }

@@ -297,6 +297,9 @@ struct SizeTry {
     errnos: Vec<i32>,
     /// The path MTU the socket knows of at the end.
     mtu: i32,
+    /// The payload each try sent (SIZE less the IP and UDP headers): what
+    /// an answer as big carries back.
+    sent_len: usize,
     /// The answer's length.
     answer_len: usize,
 }
@@ -357,6 +360,7 @@ fn udp_size(to: SocketAddr, size: usize, df: bool, big: bool) -> Result<()> {
         answered: false,
         errnos: Vec::new(),
         mtu: 0,
+        sent_len: payload.len(),
         answer_len: 0,
     };
     let mut buf = vec![0u8; 65_536];
