@@ -616,15 +616,9 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
     // Each round's own pair (the machine drifts between rounds): median,
     // min, max and the median's 95 % interval of the per-round ratios.
     let paired = |series: &str, a: &str, b: &str| -> (f64, f64, f64, (f64, f64)) {
-        let xs = |k: &str| -> Vec<f64> {
-            tp[series][k]
-                .as_array()
-                .map(|v| v.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default()
-        };
-        let ratios: Vec<f64> = xs(a)
+        let ratios: Vec<f64> = samples(tp, series, a)
             .iter()
-            .zip(xs(b))
+            .zip(samples(tp, series, b))
             .map(|(x, y)| x / y.max(1e-9))
             .collect();
         let s = sorted(&ratios);
@@ -658,25 +652,29 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
             "host-gw-kernel",
         ),
     ];
-    println!("\nratios, per round (median, min – max, the median's 95 % interval)");
-    println!("| ratio | median | min – max | 95 % CI |");
-    println!("| --- | ---: | ---: | ---: |");
-    for (name, a, b) in pairs {
-        let (m, lo, hi, (ci_lo, ci_hi)) = paired("samples", a, b);
-        println!("| {name} | {m:.3} | {lo:.3} – {hi:.3} | {ci_lo:.3} – {ci_hi:.3} |");
-    }
-    // The same pairs by cost: the machine's busy CPU per Gbit carried,
-    // the second's over the first's (so that, as above, above 1 means the
+    // By rate, then by cost: the machine's busy CPU per Gbit carried, the
+    // second's over the first's (so that, as by rate, above 1 means the
     // first does better).
+    let ratio_table = |title: &str, series: &str, by_cost: bool| {
+        println!("\n{title}");
+        println!("| ratio | median | min – max | 95 % CI |");
+        println!("| --- | ---: | ---: | ---: |");
+        for (name, a, b) in pairs {
+            let (a, b) = if by_cost { (b, a) } else { (a, b) };
+            let (m, lo, hi, (ci_lo, ci_hi)) = paired(series, a, b);
+            println!("| {name} | {m:.3} | {lo:.3} – {hi:.3} | {ci_lo:.3} – {ci_hi:.3} |");
+        }
+    };
+    ratio_table(
+        "ratios, per round (median, min – max, the median's 95 % interval)",
+        "samples",
+        false,
+    );
     println!("\nCPU per Gbit carried (the whole machine's busy time during each run)");
     println!("| path | CPU ms per Gbit | min | max |");
     println!("| --- | ---: | ---: | ---: |");
     for key in ["node", "host-gw", "host-gw-kernel", "vxlan", "vxlan-kernel"] {
-        let mut v: Vec<f64> = tp["cpu_ms_per_gbit"][key]
-            .as_array()
-            .map(|v| v.iter().filter_map(Value::as_f64).collect())
-            .unwrap_or_default();
-        v.sort_by(f64::total_cmp);
+        let v = sorted(&samples(tp, "cpu_ms_per_gbit", key));
         println!(
             "| {key} | {:.1} | {:.1} | {:.1} |",
             pct(&v, 0.5),
@@ -684,13 +682,11 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
             v.last().copied().unwrap_or(0.0)
         );
     }
-    println!("\ncost ratios, per round (the second's CPU per Gbit ÷ the first's)");
-    println!("| ratio | median | min – max | 95 % CI |");
-    println!("| --- | ---: | ---: | ---: |");
-    for (name, a, b) in pairs {
-        let (m, lo, hi, (ci_lo, ci_hi)) = paired("cpu_ms_per_gbit", b, a);
-        println!("| {name} | {m:.3} | {lo:.3} – {hi:.3} | {ci_lo:.3} – {ci_hi:.3} |");
-    }
+    ratio_table(
+        "cost ratios, per round (the second's CPU per Gbit ÷ the first's)",
+        "cpu_ms_per_gbit",
+        true,
+    );
     let vx_ratio = paired("samples", "vxlan", "host-gw").0;
     if !args.knobs.is_empty() {
         println!("\nvxlan knobs, each alone on top of what ships (median Gbit/s)");
@@ -710,6 +706,15 @@ fn print_throughput(args: &Args, tp: &Value) -> f64 {
         }
     }
     vx_ratio
+}
+
+/// The per-round figures of `mode` in one of the throughput part's series
+/// (`samples`: Gbit/s; `cpu_ms_per_gbit`).
+fn samples(tp: &Value, series: &str, mode: &str) -> Vec<f64> {
+    tp[series][mode]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default()
 }
 
 /// The CNI latency table; returns skiff-cni ÷ reference for ADD and DEL p99.
