@@ -169,6 +169,15 @@ fn vtep_packets(n: &Node) -> u64 {
 #[test]
 fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     let mut c = Cluster::new(3, VXLAN);
+    // Node 1 holds its underlay address as a /32, with a route to the rest
+    // of the segment: its peers are in no subnet of its own, so its fast
+    // path leaves each wrapped packet to the kernel's route lookup, where
+    // node 0's sends to its peers directly.
+    let ip1 = skiff_tests::overlay::node_ip(1);
+    let ns1 = &c.nodes[1].ns;
+    ns1.ip(&["addr", "del", &format!("{ip1}/24"), "dev", "eth0"]);
+    ns1.ip(&["addr", "add", &format!("{ip1}/32"), "dev", "eth0"]);
+    ns1.ip(&["route", "add", "172.31.0.0/24", "dev", "eth0"]);
     start_mixed(&mut c);
     let subnets = distinct_subnets(&c);
     assert_eq!(c.lease_keys().len(), 3, "{:?}", c.lease_keys());
