@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, csum};
 
-use crate::packet::{IP_MF, IP_OFFSET, IPV6_FRAGMENT, at, fold_sum, take_hop6};
+use crate::packet::{IP_MF, IP_OFFSET, IPV6_FRAGMENT, apply_ip_csum, at, fold_sum, take_hop6};
 
 pub const ETH_HLEN: usize = 14;
 /// Offset of the network header.
@@ -343,7 +343,7 @@ impl Ip for V4 {
             }
             core::ptr::write_unaligned((ip + Self::SADDR) as *mut u32, saddr);
             core::ptr::write_unaligned((ip + Self::DADDR) as *mut u32, daddr);
-            crate::packet::apply_ip_csum(ip, ip_diff);
+            apply_ip_csum(ip, ip_diff);
         }
         true
     }

@@ -281,12 +281,20 @@ fn frag_ports<F: Ip>(h: &Header<F::Addr>) -> Option<[u16; 2]> {
 /// Keeps a first fragment's ports for the datagram's later fragments,
 /// once the fragment was found to belong to a flow of ours: other traffic
 /// (to the node itself, or routed through it) leaves no entry behind.
-#[inline(never)]
+/// Called for every translated packet: the test is inline, the map write
+/// (for first fragments only) out of line.
+#[inline(always)]
 fn keep_frag_ports<F: Ip>(p: &Packet<F>) {
     if p.frag.part == Part::First {
-        let key = frag_key::<F>(p.saddr, p.daddr, p.proto, p.frag.id);
-        let _ = FRAGS.insert(&key, &[p.sport, p.dport], 0);
+        store_frag_ports(p);
     }
+}
+
+// Out of line: the key's frame is not added to the callers'.
+#[inline(never)]
+fn store_frag_ports<F: Ip>(p: &Packet<F>) {
+    let key = frag_key::<F>(p.saddr, p.daddr, p.proto, p.frag.id);
+    let _ = FRAGS.insert(&key, &[p.sport, p.dport], 0);
 }
 
 /// What a translated packet's addresses and ports become.
@@ -449,7 +457,8 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
                 NEW_FLOW => TC_ACT_SHOT,
                 verdict => verdict,
             },
-            NEW_FLOW if svc.size == 0 && svc.flags & EXT_REJECT != 0 => reject(ctx, &p),
+            // Refused: no flow, so its later fragments are not followed.
+            NEW_FLOW if svc.size == 0 && svc.flags & EXT_REJECT != 0 => return reject(ctx, &p),
             NEW_FLOW => TC_ACT_SHOT,
             verdict => verdict,
         };
@@ -457,6 +466,7 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
         if verdict >= TOO_BIG {
             return answer_too_big(ctx, &p, (verdict & 0xffff) as u32);
         }
+        // Anything else `forward` passes on was translated along a flow.
         if verdict != TC_ACT_SHOT {
             keep_frag_ports(&p);
         }

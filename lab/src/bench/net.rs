@@ -79,20 +79,24 @@ fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Resul
         match out {
             Ok(text) => {
                 let v: Value = serde_json::from_str(&text).context("iperf3 -J output")?;
-                match v["end"]["sum_received"]["bits_per_second"].as_f64() {
-                    Some(bps) => {
+                let received = &v["end"]["sum_received"];
+                match (
+                    received["bits_per_second"].as_f64(),
+                    received["bytes"].as_f64(),
+                ) {
+                    (Some(bps), Some(bytes)) => {
                         let busy = busy_seconds()
                             .zip(busy_before)
                             .map_or(0.0, |(after, before)| after - before);
-                        let gbits = bps / 1e9;
+                        let carried_gbit = bytes * 8.0 / 1e9;
                         return Ok(Run {
-                            gbits,
-                            cpu_ms_per_gbit: busy * 1000.0 / (gbits * f64::from(seconds)).max(1e-9),
+                            gbits: bps / 1e9,
+                            cpu_ms_per_gbit: busy * 1000.0 / carried_gbit.max(1e-9),
                         });
                     }
                     // Connected before the server was ready, or to a
                     // server still finishing: try again.
-                    None => {
+                    _ => {
                         last = Err(anyhow::anyhow!("iperf3: {}", v["error"]));
                         std::thread::sleep(Duration::from_millis(200));
                     }
