@@ -221,9 +221,11 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
         proto,
         family: key_family,
     };
-    // SAFETY: the value is copied out at once; see BPF_F_NO_PREALLOC.
+    // SAFETY: read in place: a replaced or deleted entry stays readable
+    // until the program ends (see BPF_F_NO_PREALLOC), and the agent never
+    // writes into one.
     let svc = match unsafe { SERVICES.get(&key) } {
-        Some(v) => *v,
+        Some(v) => v,
         None => return Ok(SYS_PROCEED),
     };
     if svc.count == 0 {
@@ -236,7 +238,7 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
     } else {
         0
     };
-    let backend = choose(ctx, &svc, hook, cookie)?;
+    let backend = choose(ctx, svc, hook, cookie)?;
     write_addr(sa, family, &in_form(&backend.addr, mapped), backend.port);
 
     if hook == Hook::Connect {
@@ -332,17 +334,28 @@ fn choose(
         }
     }
 
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
-    let skey = SlotKey {
-        service: svc.id,
-        generation: svc.generation as u16,
-        slot: slot as u16,
+    // `count` is read from the entry again here (in place, not a copy):
+    // the compiler cannot carry the caller's check that it is not zero.
+    let Some(slot) = unsafe { bpf_get_prandom_u32() }.checked_rem(svc.count) else {
+        return Err(ECONNREFUSED);
     };
-    // A miss means the agent is between two updates of this service; refuse
-    // rather than let the connection go to the frontend address.
-    let picked = match unsafe { SLOTS.get(&skey) } {
+    // The first slots ride in the SERVICES entry; the rest cost a lookup.
+    let picked = match svc.inline.get(slot as usize) {
         Some(v) => *v,
-        None => return Err(ECONNREFUSED),
+        None => {
+            let skey = SlotKey {
+                service: svc.id,
+                generation: svc.generation as u16,
+                slot: slot as u16,
+            };
+            // A miss means the agent is between two updates of this
+            // service; refuse rather than let the connection go to the
+            // frontend address.
+            match unsafe { SLOTS.get(&skey) } {
+                Some(v) => *v,
+                None => return Err(ECONNREFUSED),
+            }
+        }
     };
     let backend = picked.backend;
     if let Some(akey) = &sticky {

@@ -334,6 +334,62 @@ fn tcp_cluster_ip_spreads_over_three_backends() {
     assert_eq!(node.map_entries("SLOTS"), backends as u64);
 }
 
+/// A set larger than what its `SERVICES` entry carries (4 slots): the
+/// connect program reads the other slots from `SLOTS`, so all six backends
+/// answer; shrunk to two, only those two do.
+#[test]
+fn a_service_with_more_backends_than_its_entry_carries_uses_all_of_them() {
+    let mut node = Node::new();
+    let six: Vec<String> = (11..17).map(|i| format!("10.200.0.{i}")).collect();
+    for (i, b) in six.iter().enumerate() {
+        if i >= B.len() {
+            node.ns
+                .ip(&["addr", "add", &format!("{b}/32"), "dev", "skd0"]);
+        }
+        node.backend(b, &format!("b{}", i + 1));
+    }
+    let svc = service("web", &format!("  clusterIP: 10.96.0.10\n{WEB_PORTS}"));
+    let all: Vec<_> = six.iter().map(|b| ready(b)).collect();
+    node.write(
+        "web.yaml",
+        &format!("{svc}---\n{}", slice("web", "IPv4", &all)),
+    );
+    node.start_agent();
+    let want: Vec<String> = six.iter().map(|b| format!("{b}:8080")).collect();
+    node.wait_programmed(
+        "10.96.0.10:80/TCP",
+        &want.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    // 120 connections over six backends: each is missed with probability
+    // (5/6)^120, about 3e-10.
+    let r = node.tcp("10.96.0.10:80", 120);
+    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(
+        counts(&r, "answers").keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3", "b4", "b5", "b6"],
+        "{r}"
+    );
+    assert_eq!(
+        counts(&r, "peers").keys().collect::<Vec<_>>(),
+        ["10.96.0.10:80"],
+        "{r}"
+    );
+
+    let two = [ready(&six[4]), ready(&six[5])];
+    node.write(
+        "web.yaml",
+        &format!("{svc}---\n{}", slice("web", "IPv4", &two)),
+    );
+    node.wait_programmed("10.96.0.10:80/TCP", &[&want[4], &want[5]]);
+    let r = node.tcp("10.96.0.10:80", 60);
+    assert_eq!(counts(&r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(
+        counts(&r, "answers").keys().collect::<Vec<_>>(),
+        ["b5", "b6"],
+        "{r}"
+    );
+}
+
 /// The agent's `/metrics` follow what is programmed: kube-proxy's sync
 /// duration and timestamp, the frontends and backends, and each map's
 /// fill, and they move when a Service is added.

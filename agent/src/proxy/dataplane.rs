@@ -23,7 +23,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use skiff_ebpf_common::{
-    Backend, PROTO_UDP, PeerValue, ServiceKey, ServiceValue, SlotKey, SlotValue, maps as names,
+    Backend, INLINE_SLOTS, PROTO_UDP, PeerValue, ServiceKey, ServiceValue, SlotKey, SlotValue,
+    maps as names,
 };
 use tracing::{debug, info, warn};
 
@@ -488,12 +489,20 @@ impl Dataplane {
             });
         }
         gen_len[g] = list.len() as u16;
-        // 3. the flip
+        // 3. the flip, carrying the first slots of the new generation
+        let mut inline = [SlotValue::default(); INLINE_SLOTS];
+        for (slot, (bid, backend)) in inline.iter_mut().zip(&list) {
+            *slot = SlotValue {
+                backend: *backend,
+                id: *bid,
+            };
+        }
         let value = ServiceValue {
             id,
             count: list.len() as u32,
             generation,
             affinity_timeout: f.affinity_timeout,
+            inline,
         };
         self.tables
             .services
