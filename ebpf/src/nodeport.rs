@@ -79,9 +79,11 @@ struct FragKey {
 }
 
 /// The ports of fragmented datagrams (source, destination), from their
-/// first fragments, for the later ones.
+/// first fragments, for the later ones. Pinned like the flows: a datagram
+/// whose first fragment came before an agent restart still finds its
+/// ports after it.
 #[map(name = "FRAGS")]
-static FRAGS: LruHashMap<FragKey, [u16; 2]> = LruHashMap::with_max_entries(8_192, 0);
+static FRAGS: LruHashMap<FragKey, [u16; 2]> = LruHashMap::pinned(8_192, 0);
 
 /// `icmp_ratelimit`: one a second to each client, after a burst of six
 /// (the kernel's XRLIM_BURST_FACTOR).

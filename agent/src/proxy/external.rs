@@ -4,12 +4,13 @@
 //! table each in `MAGLEV`.
 //!
 //! Pinned layout, beside the socket path's: `maps/EXTERNAL`,
-//! `maps/EXT_BACKENDS`, `maps/MAGLEV`, `maps/FLOWS`, `maps/REV_FLOWS`, and
-//! `links/tc-ingress-<ifindex>` / `links/tc-egress-<ifindex>`. Tracked flows
-//! and the links outlive the agent; the next one swaps its own programs
-//! into the same links (atomically) and rewrites every table from the
-//! cluster's state before dropping what nobody uses, so established and
-//! new external flows keep flowing across a restart.
+//! `maps/EXT_BACKENDS`, `maps/MAGLEV`, `maps/FLOWS`, `maps/REV_FLOWS`,
+//! `maps/FRAGS`, and `links/tc-ingress-<ifindex>` /
+//! `links/tc-egress-<ifindex>`. Tracked flows, the ports of fragmented
+//! datagrams in flight and the links outlive the agent; the next one swaps
+//! its own programs into the same links (atomically) and rewrites every
+//! table from the cluster's state before dropping what nobody uses, so
+//! established and new external flows keep flowing across a restart.
 //!
 //! Update order for a set (a reader never sees a half-written set): new
 //! backend ids, then a new Maglev table swapped in whole, then the
