@@ -416,6 +416,15 @@ fn main() -> Result<()> {
     if argv.first().is_some_and(|c| c.starts_with("bench-")) {
         reap::on_signals()?;
     }
+    // A bench whose children a signal killed fails or panics here: then
+    // the reaping thread finishes its work and ends the process, not this
+    // return.
+    let result = std::panic::catch_unwind(|| run(&argv));
+    reap::wait_if_reaping();
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+fn run(argv: &[String]) -> Result<()> {
     match argv.first().map(String::as_str) {
         Some("demo") => demo::run(
             argv.iter().any(|a| a == "--once"),

@@ -1,9 +1,9 @@
 //! A bench stopped by a signal (Ctrl-C, a timeout's SIGTERM, a closed
 //! terminal) takes what it started with it: every process below it
 //! (etcd, skiff-control, agents, unbound, dnsperf...) is killed and the
-//! network namespaces, pin directories and temp directories it named are
-//! removed. Without this, a stopped bench left them running, and the next
-//! run competed with them for the same cores.
+//! network namespaces, pin directories, temp directories and cgroups it
+//! named are removed. Without this, a stopped bench left them running, and
+//! the next run competed with them for the same cores.
 //!
 //! The signal handler only writes a byte to a pipe (all it may do); a
 //! thread waiting on the pipe does the work, then exits with 130.
@@ -11,12 +11,13 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::IntoRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{Context, Result};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 static PIPE: AtomicI32 = AtomicI32::new(-1);
+static REAPING: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     let fd = PIPE.load(Ordering::Relaxed);
@@ -86,7 +87,19 @@ pub(crate) fn descendants(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
     out
 }
 
+/// Parks the calling thread for good once a signal started the reaping
+/// (whose thread exits the process); returns at once otherwise.
+pub fn wait_if_reaping() {
+    while REAPING.load(Ordering::SeqCst) {
+        std::thread::park();
+    }
+}
+
 fn reap() {
+    REAPING.store(true, Ordering::SeqCst);
+    // The bench's own threads keep running meanwhile: from here on they
+    // stop at their next new name instead of making one more namespace.
+    skiff_tests::halt_names();
     let me = std::process::id() as i32;
     // Twice: a child may have started one more while the first pass ran.
     for _ in 0..2 {
@@ -95,6 +108,17 @@ fn reap() {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // Twice as well: a name taken just before the halt may have become a
+    // namespace or a directory only after the first pass listed them.
+    for _ in 0..2 {
+        remove_named();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Removes the namespaces, temp directories, pin directories and cgroups
+/// this process named.
+fn remove_named() {
     // Names as skiff_tests::unique made them in this process.
     let mine = |name: &str, what: &str| {
         name.strip_prefix(&skiff_tests::unique_prefix(what))
@@ -107,8 +131,10 @@ fn reap() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
             if mine(name, "ns") {
+                // Quiet: a thread unwinding may remove it first.
                 let _ = std::process::Command::new("ip")
                     .args(["netns", "delete", name])
+                    .stderr(std::process::Stdio::null())
                     .status();
             }
         }
@@ -121,6 +147,14 @@ fn reap() {
                 skiff_tests::node::unmount_under(&e.path());
                 let _ = std::fs::remove_dir_all(e.path());
             }
+        }
+    }
+    // A cgroup goes with rmdir once its processes are dead (its files
+    // cannot be deleted one by one); its attached programs go with it.
+    let cgroups = std::path::Path::new(skiff_tests::cgroup::CGROUP2_ROOT);
+    for e in std::fs::read_dir(cgroups).into_iter().flatten().flatten() {
+        if e.file_name().to_str().is_some_and(|n| mine(n, "cg")) {
+            let _ = std::fs::remove_dir(e.path());
         }
     }
 }

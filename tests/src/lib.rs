@@ -3,7 +3,7 @@
 //! them, and pinned-BPF directories, each removed by a `Drop` guard so that a
 //! failing test leaves nothing behind.
 //!
-//! Names are unique per process and call (`skiff-<what>-<pid>-<n>`), so tests
+//! Names are unique per process and call (`sk<what><pid>x<n>`), so tests
 //! run in parallel. Nothing here routes out of the namespaces it creates.
 
 pub mod browser;
@@ -25,15 +25,28 @@ pub use netns::Netns;
 pub use process::{Proc, Spawn};
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+static HALTED: AtomicBool = AtomicBool::new(false);
 
 /// A name no other test in any process uses at the same time. Kept short:
-/// interface names are limited to 15 bytes.
+/// interface names are limited to 15 bytes. After [`halt_names`] the
+/// calling thread waits here for good.
 pub fn unique(what: &str) -> String {
+    while HALTED.load(Ordering::SeqCst) {
+        std::thread::park();
+    }
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{}{n}", unique_prefix(what))
+}
+
+/// From now on no thread of this process gets a new name: one that asks
+/// for one stops there. A process tearing down on a signal calls this
+/// first, so that its other threads cannot create a namespace or a
+/// directory after it listed what to remove.
+pub fn halt_names() {
+    HALTED.store(true, Ordering::SeqCst);
 }
 
 /// What every name [`unique`] gives for `what` in this process starts
