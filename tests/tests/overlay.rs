@@ -113,12 +113,12 @@ fn distinct_subnets(c: &Cluster) -> Vec<String> {
 
 /// Starts nodes 0 and 1 with the fast path (the default) and node 2
 /// without, as a Flannel node would run; waits until all are ready.
-fn start_mixed(c: &mut Cluster) {
+fn start_mixed(c: &mut Cluster, fast_extra: &[&str]) {
     for (i, n) in c.nodes.iter_mut().enumerate() {
         let extra: &[&str] = if i == 2 {
             &["--fast-path", "false"]
         } else {
-            &[]
+            fast_extra
         };
         n.start_agent(extra);
     }
@@ -178,7 +178,8 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     ns1.ip(&["addr", "del", &format!("{ip1}/24"), "dev", "eth0"]);
     ns1.ip(&["addr", "add", &format!("{ip1}/32"), "dev", "eth0"]);
     ns1.ip(&["route", "add", "172.31.0.0/24", "dev", "eth0"]);
-    start_mixed(&mut c);
+    // A resync each second: node 1 is given its subnet below.
+    start_mixed(&mut c, &["--resync-seconds", "1"]);
     let subnets = distinct_subnets(&c);
     assert_eq!(c.lease_keys().len(), 3, "{:?}", c.lease_keys());
     converge(&c, &subnets);
@@ -242,6 +243,33 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     }
     let through = counted(&c, vtep_packets, || assert_full_mesh(&c, &pods));
     assert_kernel_node_alone(&through, "VTEP packets");
+
+    // Node 1 gets the segment's subnet on its underlay: its agent notices
+    // at a resync and sends to its peers directly from then on, and the
+    // mesh still holds with the fast path nodes' VTEPs still.
+    c.nodes[1]
+        .ns
+        .ip(&["addr", "add", &format!("{ip1}/24"), "dev", "eth0"]);
+    wait_for(
+        "node 1's agent to follow its underlay's new subnet",
+        Duration::from_secs(15),
+        || {
+            c.nodes[1]
+                .agent_log()
+                .contains("underlay addresses changed")
+                .then_some(())
+        },
+    );
+    // Node 0's addresses did not change, at a resync each second either.
+    assert!(
+        !c.nodes[0]
+            .agent_log()
+            .contains("underlay addresses changed"),
+        "{}",
+        c.nodes[0].agent_log()
+    );
+    let through = counted(&c, vtep_packets, || assert_full_mesh(&c, &pods));
+    assert_kernel_node_alone(&through, "VTEP packets after node 1's subnet came");
 }
 
 /// A dual-stack network: each node's IPv6 subnet is the one paired with its
@@ -540,7 +568,7 @@ fn the_kernel_vtep_carries_on_while_the_agent_is_down_and_the_fast_path_comes_ba
 #[test]
 fn pods_on_three_nodes_exchange_tcp_and_udp_over_host_gw() {
     let mut c = Cluster::new(3, HOST_GW);
-    start_mixed(&mut c);
+    start_mixed(&mut c, &[]);
     let subnets = distinct_subnets(&c);
     converge(&c, &subnets);
     for (i, n) in c.nodes.iter().enumerate() {

@@ -283,6 +283,14 @@ fn peer6_of(e: &Entries, onlink: &[Ipv4Network]) -> Option<((Ipv6Addr, u8), Over
     Some(((route.dst, route.prefix), peer))
 }
 
+/// Subnets in one order without repeats, so two reads compare equal when
+/// the addresses are the same.
+fn in_order(mut nets: Vec<Ipv4Network>) -> Vec<Ipv4Network> {
+    nets.sort_by_key(|n| (n.ip(), n.prefix()));
+    nets.dedup();
+    nets
+}
+
 /// A vxlan peer's flags: `PEER_ONLINK` when its VTEP `dst` is in one of
 /// the underlay's subnets `onlink`.
 fn vtep_flags(dst: Ipv4Addr, onlink: &[Ipv4Network]) -> u16 {
@@ -350,7 +358,7 @@ impl FastPath {
             held: Mirror::new(),
             held6: Mirror::new(),
             cni_records: l.cni_records.clone(),
-            underlay_nets: l.underlay_nets.clone(),
+            underlay_nets: in_order(l.underlay_nets.clone()),
             pods_held: Mirror::new(),
             pods6_held: Mirror::new(),
             pods_read: None,
@@ -441,6 +449,23 @@ impl FastPath {
                 None => pods6.remove(&ip),
             })
             .map_err(map_err(names::OVERLAY_PODS6))
+    }
+
+    /// The underlay interface's index (its addresses decide which vxlan
+    /// peers are on-link).
+    pub fn underlay_index(&self) -> u32 {
+        self.local.underlay_ifindex
+    }
+
+    /// The underlay's IPv4 subnets as read now. Returns whether they
+    /// changed; the next [`FastPath::sync`] flags the peers by them.
+    pub fn set_underlay_nets(&mut self, nets: Vec<Ipv4Network>) -> bool {
+        let nets = in_order(nets);
+        if nets == self.underlay_nets {
+            return false;
+        }
+        self.underlay_nets = nets;
+        true
     }
 
     /// Our subnet changed (the lease was lost and another taken).
@@ -582,6 +607,24 @@ mod tests {
             ]
         );
         assert!(m.0.is_empty());
+    }
+
+    #[test]
+    fn the_underlays_subnets_compare_equal_in_any_order_and_a_new_address_differs() {
+        let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        let first = in_order(vec![net("192.168.5.10/24"), net("10.0.0.2/32")]);
+        let again = in_order(vec![
+            net("10.0.0.2/32"),
+            net("192.168.5.10/24"),
+            net("10.0.0.2/32"),
+        ]);
+        assert_eq!(first, again);
+        let added = in_order(vec![
+            net("10.0.0.2/32"),
+            net("192.168.5.10/24"),
+            net("10.0.0.3/24"),
+        ]);
+        assert_ne!(first, added);
     }
 
     #[test]

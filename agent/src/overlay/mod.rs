@@ -330,6 +330,32 @@ impl Node {
         Ok(since)
     }
 
+    /// Reads the underlay's IPv4 subnets again: an address added or
+    /// removed since the start changes which vxlan peers the fast path
+    /// sends to directly. Applied by the `sync_fast_path` that follows.
+    async fn follow_underlay_nets(&mut self) {
+        let Some(index) = self.fast.as_ref().map(|f| f.underlay_index()) else {
+            return;
+        };
+        match self.dp.nl.addresses(index).await {
+            Ok(addrs) => {
+                let nets: Vec<Ipv4Network> = addrs
+                    .into_iter()
+                    .filter_map(|(ip, prefix)| Ipv4Network::new(ip, prefix).ok())
+                    .collect();
+                let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
+                if let Some(f) = self.fast.as_mut()
+                    && f.set_underlay_nets(nets)
+                {
+                    info!(nets = ?shown, "underlay addresses changed; vxlan peers on them are sent to directly");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the underlay's addresses failed; keeping the last ones")
+            }
+        }
+    }
+
     /// The fast path's peers as the leases say (a failure is repaired at
     /// the next resync; the kernel's path is right meanwhile).
     fn sync_fast_path(&mut self) {
@@ -665,6 +691,7 @@ pub async fn run(
             _ = resync.tick() => {
                 node.health.queued();
                 let started = std::time::Instant::now();
+                node.follow_underlay_nets().await;
                 node.sync_fast_path();
                 let done = node.dp.resync(node.leases.values()).await;
                 node.telemetry
