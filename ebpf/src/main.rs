@@ -14,6 +14,8 @@
 #![no_std]
 #![no_main]
 
+use core::num::NonZeroU32;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
@@ -228,9 +230,10 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
         Some(v) => v,
         None => return Ok(SYS_PROCEED),
     };
-    if svc.count == 0 {
+    // Read once and checked once: `choose` divides by it.
+    let Some(count) = NonZeroU32::new(svc.count) else {
         return Err(ECONNREFUSED);
-    }
+    };
     // Only unconnected UDP needs the socket's cookie (its sticky backend and
     // reverse entries); connected sockets keep their record in PEERS.
     let cookie = if hook == Hook::Sendmsg {
@@ -238,7 +241,7 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
     } else {
         0
     };
-    let backend = choose(ctx, svc, hook, cookie)?;
+    let backend = choose(ctx, svc, count, hook, cookie)?;
     write_addr(sa, family, &in_form(&backend.addr, mapped), backend.port);
 
     if hook == Hook::Connect {
@@ -286,6 +289,7 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
 fn choose(
     ctx: &SockAddrContext,
     svc: &ServiceValue,
+    count: NonZeroU32,
     hook: Hook,
     socket_cookie: u64,
 ) -> Result<Backend, i32> {
@@ -334,11 +338,7 @@ fn choose(
         }
     }
 
-    // `count` is read from the entry again here (in place, not a copy):
-    // the compiler cannot carry the caller's check that it is not zero.
-    let Some(slot) = unsafe { bpf_get_prandom_u32() }.checked_rem(svc.count) else {
-        return Err(ECONNREFUSED);
-    };
+    let slot = unsafe { bpf_get_prandom_u32() } % count;
     // The first slots ride in the SERVICES entry; the rest cost a lookup.
     let picked = match svc.inline.get(slot as usize) {
         Some(v) => *v,

@@ -11,13 +11,12 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::IntoRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, Result};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 static PIPE: AtomicI32 = AtomicI32::new(-1);
-static REAPING: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     let fd = PIPE.load(Ordering::Relaxed);
@@ -90,13 +89,13 @@ pub(crate) fn descendants(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
 /// Parks the calling thread for good once a signal started the reaping
 /// (whose thread exits the process); returns at once otherwise.
 pub fn wait_if_reaping() {
-    while REAPING.load(Ordering::SeqCst) {
+    // The reaping starts by halting new names.
+    while skiff_tests::names_halted() {
         std::thread::park();
     }
 }
 
 fn reap() {
-    REAPING.store(true, Ordering::SeqCst);
     // The bench's own threads keep running meanwhile: from here on they
     // stop at their next new name instead of making one more namespace.
     skiff_tests::halt_names();

@@ -34,7 +34,7 @@ static HALTED: AtomicBool = AtomicBool::new(false);
 /// interface names are limited to 15 bytes. After [`halt_names`] the
 /// calling thread waits here for good.
 pub fn unique(what: &str) -> String {
-    while HALTED.load(Ordering::SeqCst) {
+    while names_halted() {
         std::thread::park();
     }
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -47,6 +47,11 @@ pub fn unique(what: &str) -> String {
 /// directory after it listed what to remove.
 pub fn halt_names() {
     HALTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`halt_names`] was called.
+pub fn names_halted() -> bool {
+    HALTED.load(Ordering::SeqCst)
 }
 
 /// What every name [`unique`] gives for `what` in this process starts

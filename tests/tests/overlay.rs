@@ -111,8 +111,9 @@ fn distinct_subnets(c: &Cluster) -> Vec<String> {
     subnets
 }
 
-/// Starts nodes 0 and 1 with the fast path (the default) and node 2
-/// without, as a Flannel node would run; waits until all are ready.
+/// Starts nodes 0 and 1 with the fast path (the default, plus
+/// `fast_extra`) and node 2 without, as a Flannel node would run; waits
+/// until all are ready.
 fn start_mixed(c: &mut Cluster, fast_extra: &[&str]) {
     for (i, n) in c.nodes.iter_mut().enumerate() {
         let extra: &[&str] = if i == 2 {

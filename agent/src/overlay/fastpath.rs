@@ -457,15 +457,15 @@ impl FastPath {
         self.local.underlay_ifindex
     }
 
-    /// The underlay's IPv4 subnets as read now. Returns whether they
-    /// changed; the next [`FastPath::sync`] flags the peers by them.
-    pub fn set_underlay_nets(&mut self, nets: Vec<Ipv4Network>) -> bool {
+    /// The underlay's IPv4 subnets as read now; the next
+    /// [`FastPath::sync`] flags the peers by them.
+    pub fn set_underlay_nets(&mut self, nets: Vec<Ipv4Network>) {
         let nets = in_order(nets);
-        if nets == self.underlay_nets {
-            return false;
+        if nets != self.underlay_nets {
+            let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
+            info!(nets = ?shown, "underlay addresses changed; vxlan peers on them are sent to directly");
+            self.underlay_nets = nets;
         }
-        self.underlay_nets = nets;
-        true
     }
 
     /// Our subnet changed (the lease was lost and another taken).

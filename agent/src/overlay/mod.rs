@@ -337,17 +337,10 @@ impl Node {
         let Some(index) = self.fast.as_ref().map(|f| f.underlay_index()) else {
             return;
         };
-        match self.dp.nl.addresses(index).await {
-            Ok(addrs) => {
-                let nets: Vec<Ipv4Network> = addrs
-                    .into_iter()
-                    .filter_map(|(ip, prefix)| Ipv4Network::new(ip, prefix).ok())
-                    .collect();
-                let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
-                if let Some(f) = self.fast.as_mut()
-                    && f.set_underlay_nets(nets)
-                {
-                    info!(nets = ?shown, "underlay addresses changed; vxlan peers on them are sent to directly");
+        match subnets_of(&self.dp.nl, index).await {
+            Ok(nets) => {
+                if let Some(f) = self.fast.as_mut() {
+                    f.set_underlay_nets(nets);
                 }
             }
             Err(e) => {
@@ -558,12 +551,7 @@ pub async fn run(
     }
     enable_forwarding(net.ipv6.is_some())?;
     let fast = if cfg.fast_path {
-        let underlay_nets = nl
-            .addresses(under.index)
-            .await?
-            .into_iter()
-            .filter_map(|(ip, prefix)| Ipv4Network::new(ip, prefix).ok())
-            .collect();
+        let underlay_nets = subnets_of(&nl, under.index).await?;
         fastpath::try_start(&fastpath::Local {
             host_gw: net.backend == BackendType::HostGw,
             public_ip,
@@ -711,6 +699,16 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The IPv4 subnets of interface `index`'s addresses.
+async fn subnets_of(nl: &Netlink, index: u32) -> Result<Vec<Ipv4Network>, OverlayError> {
+    Ok(nl
+        .addresses(index)
+        .await?
+        .into_iter()
+        .filter_map(|(ip, prefix)| Ipv4Network::new(ip, prefix).ok())
+        .collect())
 }
 
 /// The interface holding `ip`, if any.
