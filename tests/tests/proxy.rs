@@ -854,6 +854,7 @@ fn connections_survive_agent_stop_and_restart_without_flush() {
     });
     let log = node.agent_log();
     assert!(log.contains("adopted maps"), "{log}");
+    assert!(!log.contains("another layout"), "no map replaced: {log}");
     assert!(log.contains("frontends=2"), "adopted both frontends: {log}");
     assert!(
         log.contains("changed=0"),
@@ -877,6 +878,109 @@ fn connections_survive_agent_stop_and_restart_without_flush() {
     );
     node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
     assert_only(&node.tcp("10.96.0.10:80", 10), "b1", 10);
+}
+
+/// (type, key size, value size, entries, flags) of the map pinned at `path`.
+fn pinned_layout(path: &std::path::Path) -> [u32; 5] {
+    use skiff_agent::proxy::terminate::{put32, put64, sys_bpf};
+    const BPF_OBJ_GET: u32 = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut attr = [0u8; 16];
+    put64(&mut attr, 0, name.as_ptr() as u64);
+    // SAFETY: `name` outlives the call; the command only reads it.
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: the kernel answered with a new descriptor, now ours.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags
+    let mut info = [0u8; 24];
+    let mut attr = [0u8; 16];
+    put32(&mut attr, 0, std::os::fd::AsRawFd::as_raw_fd(&fd) as u32);
+    put32(&mut attr, 4, info.len() as u32);
+    put64(&mut attr, 8, info.as_mut_ptr() as u64);
+    // SAFETY: `info` outlives the call; the kernel writes at most its length.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.expect("map info");
+    let at = |i: usize| u32::from_ne_bytes([info[i], info[i + 1], info[i + 2], info[i + 3]]);
+    [at(0), at(8), at(12), at(16), at(20)]
+}
+
+/// Creates a map named `name` with `layout` and pins it at `path`.
+fn pin_map(path: &std::path::Path, name: &str, layout: [u32; 5]) {
+    use skiff_agent::proxy::terminate::{put32, put64, sys_bpf};
+    const BPF_MAP_CREATE: u32 = 0;
+    const BPF_OBJ_PIN: u32 = 6;
+    let mut attr = [0u8; 48];
+    for (i, v) in layout.iter().enumerate() {
+        put32(&mut attr, 4 * i, *v);
+    }
+    attr[28..28 + name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: the attributes hold no pointers.
+    let fd = unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }.expect("create the map");
+    // SAFETY: the kernel answered with a new descriptor, now ours.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let path_c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut attr = [0u8; 16];
+    put64(&mut attr, 0, path_c.as_ptr() as u64);
+    put32(&mut attr, 8, std::os::fd::AsRawFd::as_raw_fd(&fd) as u32);
+    // SAFETY: `path_c` outlives the call; the command only reads it.
+    unsafe { sys_bpf(BPF_OBJ_PIN, &mut attr) }.expect("pin the map");
+}
+
+/// An upgrade in place: an agent of another version left `SERVICES` with
+/// its value layout (the 16 bytes it had before the inline slots) and
+/// links running its programs. The new agent must replace that map and put
+/// its own programs into the links: a service added after the upgrade is
+/// served (only the new programs read the new map), and an established
+/// connection is kept throughout.
+#[test]
+fn an_upgrade_over_a_map_of_another_layout_replaces_the_map_and_the_programs() {
+    let mut node = web_node("");
+    let before = node.list();
+    let mut session = Spawn::new(bin("skiff-probe"))
+        .args(["session", "10.96.0.10:80"])
+        .netns(&node.ns)
+        .cgroup(&node.cg)
+        .start();
+    let first = session.ask("one");
+    assert!(first.starts_with('b'), "session answer: {first}");
+    if let Some(mut agent) = node.agent.take() {
+        let _ = agent.child.kill();
+        let _ = agent.child.wait();
+    }
+    let services = node.pins.path.join("maps/SERVICES");
+    let [kind, key, value, entries, flags] = pinned_layout(&services);
+    assert_ne!(value, 16, "this agent's layout is not the old one");
+    std::fs::remove_file(&services).expect("unpin SERVICES");
+    pin_map(&services, "SERVICES", [kind, key, 16, entries, flags]);
+
+    node.start_agent();
+    wait_for("the upgraded agent to program", TIMEOUT, || {
+        node.agent_log().contains("programmed").then_some(())
+    });
+    let log = node.agent_log();
+    assert!(log.contains("another layout"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("replaced the program in the pinned link")
+                && l.contains("skiff_connect4")),
+        "{log}"
+    );
+    assert_eq!(pinned_layout(&services)[2], value, "SERVICES was replaced");
+    assert_eq!(node.list(), before);
+    assert_eq!(session.ask("two"), first, "established connection");
+    assert_spread(&node.tcp("10.96.0.10:80", 30), "10.96.0.10:80");
+
+    node.write(
+        "api.yaml",
+        &format!(
+            "{}---\n{}",
+            service("api", &format!("  clusterIP: 10.96.0.20\n{WEB_PORTS}")),
+            slice("api", "IPv4", &[ready(B[1])])
+        ),
+    );
+    node.wait_programmed("10.96.0.20:80/TCP", &["10.200.0.12:8080"]);
+    assert_only(&node.tcp("10.96.0.20:80", 5), "b2", 5);
 }
 
 #[test]

@@ -6,7 +6,10 @@
 //! and `links/<program>` for each cgroup link. A link pinned there stays
 //! attached when the agent exits, so established and new connections keep
 //! working; the next agent reopens the maps, rebuilds what is programmed
-//! from them, and writes only the differences.
+//! from them, writes only the differences, and then puts its own programs
+//! into the links (so an upgrade takes effect without a gap). A pinned map
+//! whose layout differs from this agent's (left by another version) is
+//! replaced by an empty one and filled from the cluster's state.
 //!
 //! Update order for one frontend (a reader never sees a half-written
 //! service): new backends, then the slots of the generation that is not
@@ -16,10 +19,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::fs;
+use std::os::fd::AsFd as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use skiff_ebpf_common::{
@@ -33,14 +38,66 @@ use super::model::{Frontend, ServiceError, frontend_string};
 /// The compiled kernel programs (built by build.rs).
 pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff"));
 
-/// The loader both paths load the object with: every map pinned under
-/// `maps_dir` by its name (the BTF-defined Maglev map by an explicit path),
-/// so that the two share them and a later agent finds them.
-pub(super) fn loader(maps_dir: &Path) -> EbpfLoader<'static> {
+/// The BTF-defined maps, pinned by an explicit path (the others by their
+/// definition).
+const BTF_PINNED: [&str; 2] = [names::MAGLEV, names::PEERS];
+
+/// Loads the object the way both paths do: every map pinned under
+/// `maps_dir` by its name, so that the two share them and a later agent
+/// finds them. A pin whose layout differs from the object's (an agent of
+/// another version left it) is replaced first, see [`retire_incompatible`].
+pub(super) fn load_object(maps_dir: &Path) -> Result<Ebpf> {
+    for map in retire_incompatible(maps_dir)? {
+        warn!(
+            map,
+            "the pinned map has another layout (left by another version): replaced with an empty one"
+        );
+    }
     let mut l = EbpfLoader::new();
-    l.default_map_pin_directory(maps_dir)
-        .map_pin_path(names::MAGLEV, maps_dir.join(names::MAGLEV));
-    l
+    l.default_map_pin_directory(maps_dir);
+    for name in BTF_PINNED {
+        l.map_pin_path(name, maps_dir.join(name));
+    }
+    Ok(l.load(OBJECT)?)
+}
+
+/// Unpins each map under `maps_dir` whose type, key size, value size,
+/// entry limit or flags differ from the object's map of that name, and
+/// returns their names. The loader would otherwise reuse such a map, and
+/// the programs would fail to load against it (or read it with the wrong
+/// layout). The unpinned map lives on only while programs of the earlier
+/// agent still use it, that is until the links carry the new programs.
+pub(super) fn retire_incompatible(maps_dir: &Path) -> Result<Vec<String>> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| DataplaneError::Object(e.to_string()))?;
+    let mut retired = Vec::new();
+    for (name, want) in &obj.maps {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err("pinned map"))?;
+        let kind = info.map_type().map_err(map_err("pinned map"))?;
+        let have = (
+            kind as u32,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        let wanted = (
+            want.map_type(),
+            want.key_size(),
+            want.value_size(),
+            want.max_entries(),
+            want.map_flags(),
+        );
+        if have != wanted {
+            debug!(map = %name, ?have, ?wanted, "pinned map layout (type, key, value, entries, flags)");
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            retired.push(name.clone());
+        }
+    }
+    Ok(retired)
 }
 
 /// Program names in the object, in attach order.
@@ -70,6 +127,15 @@ pub enum DataplaneError {
     Bpffs { path: PathBuf, source: nix::Error },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] EbpfError),
+    #[error("parsing the eBPF object: {0}")]
+    Object(String),
+    #[error(
+        "putting {program} into its pinned link: {source} (the link was unpinned: the next start attaches anew)"
+    )]
+    Swap {
+        program: &'static str,
+        source: std::io::Error,
+    },
     #[error("program {program}: {source}")]
     Program {
         program: &'static str,
@@ -258,6 +324,17 @@ pub struct Dataplane {
     terminator: Option<super::terminate::Terminator>,
     /// (frontend, backend) pairs that left since the last sync finished.
     left: Vec<PeerValue>,
+    /// Links an earlier agent left, to get this agent's programs after the
+    /// first full sync.
+    swaps: Vec<Swap>,
+}
+
+/// A pinned link and the program to put into it.
+struct Swap {
+    program: &'static str,
+    link: std::os::fd::OwnedFd,
+    link_path: PathBuf,
+    prog: aya::programs::ProgramFd,
 }
 
 /// The `PEERS` record a connected socket to `backend` through `key` has.
@@ -309,15 +386,14 @@ impl Dataplane {
         for d in [&maps_dir, &links_dir] {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        let mut ebpf: Ebpf = loader(&maps_dir).load(OBJECT)?;
+        let mut ebpf: Ebpf = load_object(&maps_dir)?;
 
         let cgroup_file = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        // A cgroup's id is its directory's inode number on cgroup2.
+        let cgroup_id = cgroup_file.metadata().map_err(io_err(cgroup))?.ino();
+        let mut swaps = Vec::new();
         for program in PROGRAMS {
             let link_path = links_dir.join(program);
-            if link_path.exists() && PinnedLink::from_pin(&link_path).is_ok() {
-                debug!(program, "adopting pinned link");
-                continue;
-            }
             let perr = |source| DataplaneError::Program { program, source };
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(program)
@@ -328,6 +404,32 @@ impl Dataplane {
                 .try_into()
                 .map_err(perr)?;
             prog.load().map_err(perr)?;
+            // A link an earlier agent pinned gets this agent's program once
+            // the tables are written (`swap_programs`): the kernel swaps it
+            // under running connects, so an upgrade takes effect and no
+            // connect goes untranslated, and the earlier programs serve
+            // from their maps meanwhile (which matters where a map of
+            // another layout was replaced by an empty one). A link on
+            // another cgroup (or on none: its cgroup was removed) is
+            // dropped instead, with its pin.
+            if let Ok(link) = super::terminate::open_pinned(&link_path) {
+                let on = super::terminate::link_cgroup_id(link.as_fd());
+                if on.as_ref().is_ok_and(|id| *id == cgroup_id) {
+                    let prog = prog
+                        .fd()
+                        .map_err(perr)?
+                        .try_clone()
+                        .map_err(io_err(&link_path))?;
+                    swaps.push(Swap {
+                        program,
+                        link,
+                        link_path,
+                        prog,
+                    });
+                    continue;
+                }
+                info!(program, on = ?on, "the pinned link is not on this cgroup: attaching anew");
+            }
             // Through bpf_link_create, where "Single" means no flags: cgroup
             // links always coexist with other programs on the cgroup.
             let id = prog
@@ -353,6 +455,7 @@ impl Dataplane {
                 .ok_or(DataplaneError::MissingMap { map: name })
         })?;
         let mut dp = Self::adopt(tables)?;
+        dp.swaps = swaps;
         dp.terminator = match super::terminate::Terminator::load(pin_dir, cgroup) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -400,6 +503,7 @@ impl Dataplane {
             next_backend_id,
             terminator: None,
             left: Vec::new(),
+            swaps: Vec::new(),
         })
     }
 
@@ -666,7 +770,28 @@ impl Dataplane {
             errors.extend(e);
         }
         self.terminate_left();
+        self.swap_programs()?;
         Ok((changed, errors))
+    }
+
+    /// Puts this agent's programs into the links an earlier agent left
+    /// (once: after the first full sync). A link that refuses is unpinned,
+    /// so that the next start attaches anew, and the error returned.
+    fn swap_programs(&mut self) -> Result<()> {
+        for Swap {
+            program,
+            link,
+            link_path,
+            prog,
+        } in std::mem::take(&mut self.swaps)
+        {
+            if let Err(source) = super::terminate::update_link(link.as_fd(), prog.as_fd()) {
+                let _ = fs::remove_file(&link_path);
+                return Err(DataplaneError::Swap { program, source });
+            }
+            info!(program, "replaced the program in the pinned link");
+        }
+        Ok(())
     }
 }
 
@@ -697,6 +822,9 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
         let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err("pinned map"))?;
         let kind = info.map_type().map_err(map_err("pinned map"))?;
         let entries = match kind {
+            // Socket storage has no size and cannot be walked: it holds one
+            // record per live translated socket, freed with the socket.
+            MapType::SkStorage => continue,
             MapType::Array | MapType::PerCpuArray | MapType::ArrayOfMaps => {
                 u64::from(info.max_entries())
             }

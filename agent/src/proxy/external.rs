@@ -7,10 +7,11 @@
 //! `maps/EXT_BACKENDS`, `maps/MAGLEV`, `maps/FLOWS`, `maps/REV_FLOWS`,
 //! `maps/FRAGS`, and `links/tc-ingress-<ifindex>` /
 //! `links/tc-egress-<ifindex>`. Tracked flows, the ports of fragmented
-//! datagrams in flight and the links outlive the agent; the next one swaps
-//! its own programs into the same links (atomically) and rewrites every
-//! table from the cluster's state before dropping what nobody uses, so
-//! established and new external flows keep flowing across a restart.
+//! datagrams in flight and the links outlive the agent; the next one
+//! rewrites every table from the cluster's state, drops what nobody uses,
+//! and then swaps its own programs into the same links (atomically), so
+//! established and new external flows keep flowing across a restart or an
+//! upgrade.
 //!
 //! Update order for a set (a reader never sees a half-written set): new
 //! backend ids, then a new Maglev table swapped in whole, then the
@@ -146,6 +147,9 @@ pub struct External {
     adopted: Option<Adopted>,
     /// Interfaces (by index) whose links this agent has set up.
     attached: BTreeMap<u32, String>,
+    /// Links an earlier agent left (program, interface, link), to get this
+    /// agent's programs after the first full sync.
+    swaps: Vec<(&'static str, String, SchedClassifierLink)>,
 }
 
 impl External {
@@ -163,7 +167,7 @@ impl External {
         for d in [&maps_dir, &links_dir] {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        let mut ebpf = super::dataplane::loader(&maps_dir).load(super::dataplane::OBJECT)?;
+        let mut ebpf = super::dataplane::load_object(&maps_dir)?;
         for (program, _, _) in PROGRAMS {
             classifier(&mut ebpf, program)?
                 .load()
@@ -232,6 +236,7 @@ impl External {
             next_backend,
             adopted: Some(adopted),
             attached: BTreeMap::new(),
+            swaps: Vec::new(),
         };
         ext.attach_interfaces(auto)?;
         Ok(ext)
@@ -311,12 +316,18 @@ impl External {
             interface: interface.to_string(),
             source,
         };
-        let prog = classifier(&mut self.ebpf, program)?;
         let existing = PinnedLink::from_pin(pin)
             .ok()
             .map(FdLink::from)
             .and_then(|fd| SchedClassifierLink::try_from(fd).ok());
+        let prog = classifier(&mut self.ebpf, program)?;
         let id = match existing {
+            // Before the first full sync, the earlier programs keep serving
+            // from their tables until these are written (see `sync_all`).
+            Some(link) if self.adopted.is_some() => {
+                self.swaps.push((program, interface.to_string(), link));
+                return Ok(());
+            }
             Some(link) => {
                 debug!(
                     program,
@@ -338,6 +349,24 @@ impl External {
         let fd: FdLink = link.try_into().map_err(|e| link_err(format!("{e}")))?;
         if !pin.exists() {
             fd.pin(pin).map_err(|e| link_err(format!("pinning: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Puts this agent's programs into the links an earlier agent left
+    /// (after the first full sync). The kernel swaps each atomically.
+    fn swap_programs(&mut self) -> Result<()> {
+        for (program, interface, link) in std::mem::take(&mut self.swaps) {
+            let attach_err = |source| DataplaneError::Attach {
+                program,
+                interface: interface.clone(),
+                source,
+            };
+            let prog = classifier(&mut self.ebpf, program)?;
+            let id = prog.attach_to_link(link).map_err(attach_err)?;
+            // The link stays pinned; this handle is only ours to drop.
+            drop(prog.take_link(id).map_err(attach_err)?);
+            info!(program, interface = %interface, "replaced the program in the pinned link");
         }
         Ok(())
     }
@@ -686,6 +715,7 @@ impl External {
                 }
             }
         }
+        self.swap_programs()?;
         Ok(changed)
     }
 }

@@ -20,7 +20,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError, MapInfo};
+use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::{Btf, BtfError};
 use skiff_ebpf_common::{MAX_DOOMED, PeerValue, maps as names};
 use tracing::{debug, info};
@@ -41,8 +41,6 @@ pub enum TerminateError {
         #[source]
         source: MapError,
     },
-    #[error("the PEERS map of the program behind {link} was not found")]
-    NoPeers { link: String },
     #[error("the verifier refused the socket iterator: {source}\n{log}")]
     Refused {
         #[source]
@@ -62,6 +60,7 @@ const BPF_PROG_LOAD: u32 = 5;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_LINK_CREATE: u32 = 28;
+const BPF_LINK_UPDATE: u32 = 29;
 const BPF_ITER_CREATE: u32 = 33;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
 const BPF_TRACE_ITER: u32 = 28;
@@ -167,50 +166,56 @@ pub struct Terminator {
     cgroup: PathBuf,
 }
 
-/// The id of the program running behind the pinned link `link`.
-pub fn link_program_id(link: &Path) -> Result<u32> {
-    let path = std::ffi::CString::new(link.as_os_str().as_encoded_bytes())
-        .map_err(|e| sys(link.display().to_string())(std::io::Error::other(e)))?;
-    let mut attr = [0u8; 16];
-    put64(&mut attr, 0, path.as_ptr() as u64);
-    let fd = bpf(BPF_OBJ_GET, &mut attr).map_err(sys(format!("open {}", link.display())))?;
-    // struct bpf_link_info: type, id, prog_id, ...
-    let mut info = [0u8; 16];
+/// `struct bpf_link_info` of the link behind `fd`, as far as a cgroup
+/// link's goes: type, id, prog_id, then (at 16) the cgroup's id.
+fn link_info(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<[u8; 32]> {
+    let mut info = [0u8; 32];
     let mut attr = [0u8; 16];
     put32(&mut attr, 0, fd.as_raw_fd() as u32);
     put32(&mut attr, 4, info.len() as u32);
     put64(&mut attr, 8, info.as_mut_ptr() as u64);
     // SAFETY: `info` outlives the call; the kernel writes at most info_len
     // bytes to it.
-    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.map_err(sys("link info"))?;
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    Ok(info)
+}
+
+/// Opens the BPF object (map, program or link) pinned at `path`.
+pub fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let mut attr = [0u8; 16];
+    put64(&mut attr, 0, c.as_ptr() as u64);
+    bpf(BPF_OBJ_GET, &mut attr)
+}
+
+/// The id of the program running behind the pinned link `link`.
+pub fn link_program_id(link: &Path) -> Result<u32> {
+    let fd = open_pinned(link).map_err(sys(format!("open {}", link.display())))?;
+    let info = link_info(fd.as_fd()).map_err(sys("link info"))?;
     Ok(u32::from_ne_bytes([info[8], info[9], info[10], info[11]]))
 }
 
-/// The map called `name` that the program behind the pinned link `link`
-/// uses: the live PEERS (a restarted agent adopts links whose programs
-/// hold the map their first agent created).
-fn map_of_link(link: &Path, name: &str) -> Result<aya::maps::MapFd> {
-    let prog_id = link_program_id(link)?;
-    let not_found = || TerminateError::NoPeers {
-        link: link.display().to_string(),
-    };
-    let prog = aya::programs::loaded_programs()
-        .flatten()
-        .find(|p| p.id() == prog_id)
-        .ok_or_else(not_found)?;
-    let ids = prog.map_ids().ok().flatten().unwrap_or_default();
-    for id in ids {
-        let Ok(m) = MapInfo::from_id(id) else {
-            continue;
-        };
-        if m.name_as_str() == Some(name) {
-            return m.fd().map_err(|source| TerminateError::Map {
-                map: "PEERS",
-                source,
-            });
-        }
-    }
-    Err(not_found())
+/// The id of the cgroup the cgroup link `link` is attached to: 0 once the
+/// kernel detached it (its cgroup was removed).
+pub fn link_cgroup_id(link: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    let info = link_info(link)?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&info[16..24]);
+    Ok(u64::from_ne_bytes(id))
+}
+
+/// Puts the program `prog` into the link `link` in place of the one it
+/// runs (`BPF_LINK_UPDATE`): the kernel swaps it in one step.
+pub fn update_link(
+    link: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let mut attr = [0u8; 16];
+    put32(&mut attr, 0, link.as_raw_fd() as u32);
+    put32(&mut attr, 4, prog.as_raw_fd() as u32);
+    // SAFETY: a link update only reads the two descriptors in `attr`.
+    unsafe { sys_bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 impl Terminator {
@@ -220,7 +225,11 @@ impl Terminator {
         let btf = Btf::from_sys_fs()?;
         let iter_udp = btf.id_by_type_name_kind("bpf_iter_udp", aya_obj::btf::BtfKind::Func)?;
         let destroy = btf.id_by_type_name_kind("bpf_sock_destroy", aya_obj::btf::BtfKind::Func)?;
-        let peers = map_of_link(&pin_dir.join("links/skiff_connect4"), "PEERS")?;
+        let peers_path = pin_dir.join("maps").join(names::PEERS);
+        let peers = MapData::from_pin(&peers_path).map_err(|source| TerminateError::Map {
+            map: names::PEERS,
+            source,
+        })?;
         let doomed_path = pin_dir.join("maps").join(names::DOOMED);
         let map_err = |source| TerminateError::Map {
             map: names::DOOMED,
@@ -228,7 +237,7 @@ impl Terminator {
         };
         let doomed_data = MapData::from_pin(&doomed_path).map_err(map_err)?;
         let insns = program(
-            peers.as_fd().as_raw_fd(),
+            peers.fd().as_fd().as_raw_fd(),
             doomed_data.fd().as_fd().as_raw_fd(),
             destroy,
         );

@@ -421,6 +421,9 @@ pub mod maps {
     /// `PeerValue -> u8`: connected sockets whose (frontend, backend) pair
     /// is in it are destroyed by the socket iterator (the backend left).
     pub const DOOMED: &str = "DOOMED";
+    /// Socket storage of `PeerValue`: each translated connected socket's
+    /// frontend and backend (getpeername, recvmsg, socket termination).
+    pub const PEERS: &str = "PEERS";
     /// `ServiceKey -> ExternalValue`: frontends of the TC path.
     pub const EXTERNAL: &str = "EXTERNAL";
     /// `u32 -> inner array of backend ids`: Maglev tables.
