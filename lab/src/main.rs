@@ -17,7 +17,7 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
        skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
                              [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
                              [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
-                             [--pairs 0] [--chunk 2000] [--out target/bench]
+                             [--pairs 0] [--chunk 2000] [--hooked false] [--out target/bench]
        skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
                                [--samples 300] [--rounds 3] [--ha-writes 2000] [--ha-rounds 3]
                                [--job-pods 1000] [--hpa-rounds 3] [--dashboard-pods 1000]
@@ -78,6 +78,7 @@ fn bench_args(argv: &[String]) -> Result<proxy::Args> {
         nft_max: 10_000,
         pairs: 0,
         chunk: 2_000,
+        hooked: false,
     };
     each_flag(argv, |flag, value| {
         match flag {
@@ -91,6 +92,7 @@ fn bench_args(argv: &[String]) -> Result<proxy::Args> {
             "--nft-max" => a.nft_max = value.parse().context("--nft-max")?,
             "--pairs" => a.pairs = value.parse().context("--pairs")?,
             "--chunk" => a.chunk = value.parse().context("--chunk")?,
+            "--hooked" => a.hooked = value.parse().context("--hooked: true or false")?,
             "--modes" => {
                 a.modes = value
                     .split(',')

@@ -56,6 +56,9 @@ pub struct Args {
     /// and state (0: none), each two loads of `chunk` connections.
     pub pairs: usize,
     pub chunk: u64,
+    /// A third arm in each pair: direct's load through an empty connect
+    /// program (the floor any socket-level translation starts from).
+    pub hooked: bool,
 }
 
 impl Args {
@@ -818,6 +821,8 @@ pub(super) struct Pair {
     pub skiff_first: bool,
     pub skiff: Load,
     pub direct: Load,
+    /// Direct's load through an empty connect program (`--hooked`).
+    pub hooked: Option<Load>,
 }
 
 #[derive(Debug, Serialize)]
@@ -834,6 +839,10 @@ pub struct PairedSummary {
     pub cpu_ratio_ci: (f64, f64),
     pub skiff_cpu_us: f64,
     pub direct_cpu_us: f64,
+    /// With `--hooked`: median over pairs of the empty-hook arm's rate ÷
+    /// direct's, and of skiff's ÷ the empty-hook arm's.
+    pub hooked_ratio: Option<(f64, (f64, f64))>,
+    pub skiff_hooked_ratio: Option<(f64, (f64, f64))>,
 }
 
 /// `pairs` pairs at `n` services: skiff's client in the programmed cgroup
@@ -854,6 +863,13 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
         let topo = Topology::new();
         let programmed = program(Mode::Skiff, n, &topo, &scratch.path)?;
         let plain = Cgroup::new();
+        let hook = if args.hooked {
+            let cg = Cgroup::new();
+            let link = empty_connect_hook(&cg)?;
+            Some((cg, link))
+        } else {
+            None
+        };
         let direct = targets(Mode::Direct, n, state);
         let services = targets(Mode::Skiff, n, state);
         let direct_load = |count: u64| {
@@ -863,6 +879,16 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                 Some(&plain),
                 &direct,
                 count,
+                args.threads,
+            )
+        };
+        let hooked_load = |cg: &Cgroup| {
+            probe_load(
+                "load",
+                &topo.client,
+                Some(cg),
+                &direct,
+                args.chunk,
                 args.threads,
             )
         };
@@ -888,6 +914,14 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                 let d = run(false)?;
                 (run(true)?, d)
             };
+            // The empty-hook arm goes last, between two pairs' loads.
+            let hooked = match &hook {
+                Some((cg, _)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
+                    Some(hooked_load(cg)?)
+                }
+                None => None,
+            };
             eprintln!(
                 "  {n:>6} services  {:<6} pair {:>3}: skiff {:>7.0} conn/s {:>5.1} us cpu  direct {:>7.0} conn/s {:>5.1} us cpu  ratio {:.3}",
                 format!("{state:?}").to_lowercase(),
@@ -898,14 +932,25 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                 direct.cpu_us,
                 skiff.rate / direct.rate
             );
+            if let Some(h) = &hooked {
+                eprintln!(
+                    "  {:>36} empty hook {:>7.0} conn/s {:>5.1} us cpu  ratio to direct {:.3}",
+                    "",
+                    h.rate,
+                    h.cpu_us,
+                    h.rate / direct.rate
+                );
+            }
             out.push(Pair {
                 services: n,
                 state,
                 skiff_first,
                 skiff,
                 direct,
+                hooked,
             });
         }
+        drop(hook);
         // The programs detach (pins removed) before the cgroups and
         // namespaces go.
         drop(programmed);
@@ -913,6 +958,42 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
         drop(topo);
     }
     Ok(out)
+}
+
+/// Attaches a connect4 program that only says "proceed" to `cg`: what
+/// every connect through a cgroup hook pays before any translation. It is
+/// detached when the returned link is closed.
+fn empty_connect_hook(cg: &Cgroup) -> Result<std::os::fd::OwnedFd> {
+    use skiff_agent::proxy::terminate::{put32, put64, sys_bpf};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_PROG_LOAD: u32 = 5;
+    const BPF_LINK_CREATE: u32 = 28;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    // r0 = 1; exit
+    let insns: [u64; 2] = [0xb7 | (1 << 32), 0x95];
+    let license = c"GPL";
+    let mut attr = [0u8; 72];
+    put32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR);
+    put32(&mut attr, 4, insns.len() as u32);
+    put64(&mut attr, 8, insns.as_ptr() as u64);
+    put64(&mut attr, 16, license.as_ptr() as u64);
+    put32(&mut attr, 68, BPF_CGROUP_INET4_CONNECT);
+    // SAFETY: the instructions and the license outlive the call, which
+    // only reads them.
+    let prog = unsafe { sys_bpf(BPF_PROG_LOAD, &mut attr) }.context("loading the empty hook")?;
+    // SAFETY: a program load answers with a new descriptor, now ours.
+    let prog = unsafe { OwnedFd::from_raw_fd(prog as i32) };
+    let dir = std::fs::File::open(&cg.path).context("opening the hook's cgroup")?;
+    let mut attr = [0u8; 16];
+    put32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put32(&mut attr, 4, dir.as_raw_fd() as u32);
+    put32(&mut attr, 8, BPF_CGROUP_INET4_CONNECT);
+    // SAFETY: link create only reads the descriptors in `attr`.
+    let link =
+        unsafe { sys_bpf(BPF_LINK_CREATE, &mut attr) }.context("attaching the empty hook")?;
+    // SAFETY: link create answers with a new descriptor, now ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(link as i32) })
 }
 
 fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
@@ -930,6 +1011,10 @@ fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
             };
             let ratios = sorted(&|p| p.skiff.rate / p.direct.rate);
             let cpu = sorted(&|p| p.direct.cpu_us / p.skiff.cpu_us);
+            let with_ci = |v: Vec<f64>| {
+                (!v.is_empty()).then(|| (super::stats::pct(&v, 0.5), super::stats::median_ci(&v)))
+            };
+            let hook_rate = |p: &Pair| p.hooked.as_ref().map_or(f64::NAN, |h| h.rate);
             PairedSummary {
                 services,
                 state,
@@ -941,6 +1026,8 @@ fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
                 cpu_ratio_ci: super::stats::median_ci(&cpu),
                 skiff_cpu_us: super::stats::pct(&sorted(&|p| p.skiff.cpu_us), 0.5),
                 direct_cpu_us: super::stats::pct(&sorted(&|p| p.direct.cpu_us), 0.5),
+                hooked_ratio: with_ci(sorted(&|p| hook_rate(p) / p.direct.rate)),
+                skiff_hooked_ratio: with_ci(sorted(&|p| p.skiff.rate / hook_rate(p))),
             }
         })
         .collect()
@@ -972,6 +1059,21 @@ fn print_pairs(summary: &[PairedSummary]) {
             format!("{:.3} - {:.3}", s.cpu_ratio_ci.0, s.cpu_ratio_ci.1),
             s.errors
         );
+    }
+    for s in summary {
+        if let (Some((h, hci)), Some((sh, shci))) = (s.hooked_ratio, s.skiff_hooked_ratio) {
+            println!(
+                "{:<7} {:>8} empty hook / direct {:.3} ({:.3} - {:.3}), skiff / empty hook {:.3} ({:.3} - {:.3})",
+                format!("{:?}", s.state).to_lowercase(),
+                s.services,
+                h,
+                hci.0,
+                hci.1,
+                sh,
+                shci.0,
+                shci.1
+            );
+        }
     }
     println!(
         "ratio = median over pairs of skiff's conn/s / direct's, each pair two loads a few hundred ms apart in the same namespaces; client cpu = the client process's own CPU per connection (skiff / direct), cpu ratio = median over pairs of direct's / skiff's"
