@@ -898,29 +898,24 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
         settle();
         let take = per_topology.min(args.pairs - out.len());
         for _ in 0..take {
-            let skiff_first = out.len() % 2 == 0;
-            let run = |skiff: bool| {
+            // Which arm goes first alternates; with the empty-hook arm, the
+            // three take each place in turn (a load's place in the
+            // sequence moves its rate by a few percent).
+            let arms = if hook.is_some() { 3 } else { 2 };
+            let first = out.len() % arms;
+            let skiff_first = first == 0;
+            let mut loads: [Option<Load>; 3] = [None, None, None];
+            for k in 0..arms {
+                let arm = (first + k) % arms;
                 std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
-                if skiff {
-                    topo.load(&services, args.chunk, args.threads)
-                } else {
-                    direct_load(args.chunk)
-                }
-            };
-            let (skiff, direct) = if skiff_first {
-                let s = run(true)?;
-                (s, run(false)?)
-            } else {
-                let d = run(false)?;
-                (run(true)?, d)
-            };
-            // The empty-hook arm goes last, between two pairs' loads.
-            let hooked = match &hook {
-                Some((cg, _)) => {
-                    std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
-                    Some(hooked_load(cg)?)
-                }
-                None => None,
+                loads[arm] = Some(match (arm, &hook) {
+                    (0, _) => topo.load(&services, args.chunk, args.threads)?,
+                    (2, Some((cg, _))) => hooked_load(cg)?,
+                    _ => direct_load(args.chunk)?,
+                });
+            }
+            let [Some(skiff), Some(direct), hooked] = loads else {
+                bail!("a pair's skiff or direct load is missing");
             };
             eprintln!(
                 "  {n:>6} services  {:<6} pair {:>3}: skiff {:>7.0} conn/s {:>5.1} us cpu  direct {:>7.0} conn/s {:>5.1} us cpu  ratio {:.3}",
