@@ -124,6 +124,14 @@ impl Node {
         self.agent = Some(p);
     }
 
+    /// Kills the agent without warning: links and maps stay pinned.
+    fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.child.kill();
+            let _ = agent.child.wait();
+        }
+    }
+
     fn agent_log(&self) -> String {
         self.agent.as_ref().map(Proc::log_text).unwrap_or_default()
     }
@@ -817,11 +825,9 @@ fn ipv6_cluster_ip_is_translated() {
     );
 }
 
-#[test]
-fn connections_survive_agent_stop_and_restart_without_flush() {
-    let mut node = web_node("");
-    let before = node.list();
-
+/// A client's kept-open connection through the web frontend, and the
+/// backend that answered its first line.
+fn web_session(node: &Node) -> (Proc, String) {
     let mut session = Spawn::new(bin("skiff-probe"))
         .args(["session", "10.96.0.10:80"])
         .netns(&node.ns)
@@ -829,12 +835,17 @@ fn connections_survive_agent_stop_and_restart_without_flush() {
         .start();
     let first = session.ask("one");
     assert!(first.starts_with('b'), "session answer: {first}");
+    (session, first)
+}
 
+#[test]
+fn connections_survive_agent_stop_and_restart_without_flush() {
+    let mut node = web_node("");
+    let before = node.list();
+
+    let (mut session, first) = web_session(&node);
     // Killed without warning: links and maps stay pinned.
-    if let Some(mut agent) = node.agent.take() {
-        let _ = agent.child.kill();
-        let _ = agent.child.wait();
-    }
+    node.kill_agent();
     assert_eq!(
         session.ask("two"),
         first,
@@ -937,17 +948,8 @@ fn pin_map(path: &std::path::Path, name: &str, layout: [u32; 5]) {
 fn an_upgrade_over_a_map_of_another_layout_replaces_the_map_and_the_programs() {
     let mut node = web_node("");
     let before = node.list();
-    let mut session = Spawn::new(bin("skiff-probe"))
-        .args(["session", "10.96.0.10:80"])
-        .netns(&node.ns)
-        .cgroup(&node.cg)
-        .start();
-    let first = session.ask("one");
-    assert!(first.starts_with('b'), "session answer: {first}");
-    if let Some(mut agent) = node.agent.take() {
-        let _ = agent.child.kill();
-        let _ = agent.child.wait();
-    }
+    let (mut session, first) = web_session(&node);
+    node.kill_agent();
     let services = node.pins.path.join("maps/SERVICES");
     let [kind, key, value, entries, flags] = pinned_layout(&services);
     assert_ne!(value, 16, "this agent's layout is not the old one");
