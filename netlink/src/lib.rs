@@ -21,7 +21,7 @@ use std::num::NonZeroI32;
 pub use link::{Link, VxlanSpec};
 pub use neigh::{FdbEntry, Neighbour};
 pub use netns::NetnsGuard;
-pub use route::{Family, Route};
+pub use route::{Family, Route, RouteTo};
 
 /// Routes Skiff installs carry this protocol number (`proto 83` in
 /// `ip route`), so a resync can tell its own routes from everyone else's.

@@ -7,6 +7,7 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use rtnetlink::RouteMessageBuilder;
 
@@ -103,7 +104,48 @@ fn parse<A: Family>(m: RouteMessage) -> Option<Route<A>> {
     Some(r)
 }
 
+/// Where the kernel sends a packet to one address now (`ip route get`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteTo {
+    pub oif: Option<u32>,
+    pub gateway: Option<Ipv4Addr>,
+}
+
 impl Netlink {
+    /// The route the kernel picks for `dst` now, after policy rules, as
+    /// `ip route get` asks it (one lookup, not a dump). None when that is
+    /// not a unicast route (local, unreachable, blackhole, prohibit).
+    pub async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = 32;
+        m.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        let mut replies = self.handle.route().get(m).execute();
+        let Some(r) = replies
+            .try_next()
+            .await
+            .map_err(request(format!("route to {dst}")))?
+        else {
+            return Ok(None);
+        };
+        if r.header.kind != RouteType::Unicast {
+            return Ok(None);
+        }
+        let mut to = RouteTo {
+            oif: None,
+            gateway: None,
+        };
+        for a in r.attributes {
+            match a {
+                RouteAttribute::Oif(o) => to.oif = Some(o),
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => to.gateway = Some(g),
+                _ => {}
+            }
+        }
+        Ok(Some(to))
+    }
+
     /// Adds each of `want` the link does not hold yet, from one dump of its
     /// addresses; one that appeared meanwhile (a concurrent caller) is fine.
     pub async fn ensure_addresses(&self, index: u32, want: &[(IpAddr, u8)]) -> Result<()> {

@@ -171,9 +171,8 @@ fn vtep_packets(n: &Node) -> u64 {
 fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     let mut c = Cluster::new(3, VXLAN);
     // Node 1 holds its underlay address as a /32, with a route to the rest
-    // of the segment: its peers are in no subnet of its own, so its fast
-    // path leaves each wrapped packet to the kernel's route lookup, where
-    // node 0's sends to its peers directly.
+    // of the segment: its peers are in no subnet of its own, but the
+    // kernel reaches them directly out of eth0, and so does its fast path.
     let ip1 = skiff_tests::overlay::node_ip(1);
     let ns1 = &c.nodes[1].ns;
     ns1.ip(&["addr", "del", &format!("{ip1}/24"), "dev", "eth0"]);
@@ -245,32 +244,49 @@ fn pods_on_three_nodes_exchange_tcp_and_udp_over_vxlan() {
     let through = counted(&c, vtep_packets, || assert_full_mesh(&c, &pods));
     assert_kernel_node_alone(&through, "VTEP packets");
 
-    // Node 1 gets the segment's subnet on its underlay: its agent notices
-    // at a resync and sends to its peers directly from then on, and the
+    // Node 0 is given a more specific route to node 2's underlay address,
+    // through node 1: its agent notices at a resync, and from then on its
+    // fast path sends node 2's wrapped packets to node 1 (which forwards
+    // them) instead of straight to node 2, as the kernel's VTEP would. The
     // mesh still holds with the fast path nodes' VTEPs still.
-    c.nodes[1]
-        .ns
-        .ip(&["addr", "add", &format!("{ip1}/24"), "dev", "eth0"]);
+    let ip2 = skiff_tests::overlay::node_ip(2);
+    c.nodes[0].ns.ip(&[
+        "route",
+        "add",
+        &format!("{ip2}/32"),
+        "via",
+        &ip1,
+        "dev",
+        "eth0",
+    ]);
     wait_for(
-        "node 1's agent to follow its underlay's new subnet",
+        "node 0's agent to follow its new route to node 2",
         Duration::from_secs(15),
         || {
-            c.nodes[1]
+            c.nodes[0]
                 .agent_log()
-                .contains("underlay addresses changed")
+                .lines()
+                .any(|l| l.contains("vxlan peer routes changed") && l.contains("gateway=1"))
                 .then_some(())
         },
     );
-    // Node 0's addresses did not change, at a resync each second either.
+    // Node 1's ways, looked up at each resync (each second), did not
+    // change (a first lookup may have found its peers there already).
+    let log1 = c.nodes[1].agent_log();
     assert!(
-        !c.nodes[0]
-            .agent_log()
-            .contains("underlay addresses changed"),
-        "{}",
-        c.nodes[0].agent_log()
+        log1.matches("vxlan peer routes changed").count() <= 1,
+        "{log1}"
     );
+    let forwarded_before = forwarded(&c.nodes[1]);
     let through = counted(&c, vtep_packets, || assert_full_mesh(&c, &pods));
-    assert_kernel_node_alone(&through, "VTEP packets after node 1's subnet came");
+    assert_kernel_node_alone(&through, "VTEP packets after node 0's new route");
+    // Node 0 → node 2 is 5 TCP connections (at least 3 packets each) and
+    // 5 UDP datagrams, each way of the mesh's pod pairs.
+    let detoured = forwarded(&c.nodes[1]) - forwarded_before;
+    assert!(
+        detoured >= 20,
+        "node 1 forwarded {detoured} datagrams of node 0's to node 2"
+    );
 }
 
 /// A dual-stack network: each node's IPv6 subnet is the one paired with its

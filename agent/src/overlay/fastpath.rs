@@ -78,9 +78,6 @@ pub struct Local {
     pub subnet: Ipv4Network,
     pub underlay: String,
     pub underlay_index: u32,
-    /// The subnets of the underlay interface's own IPv4 addresses: a vxlan
-    /// peer in one of them is sent to directly (`PEER_ONLINK`).
-    pub underlay_nets: Vec<Ipv4Network>,
     pub vni: u32,
     pub port: u16,
     pub vtep_mac: [u8; 6],
@@ -114,7 +111,9 @@ pub struct FastPath {
     /// What `peers6` holds.
     held6: Mirror<(Ipv6Addr, u8), OverlayPeer6>,
     cni_records: PathBuf,
-    underlay_nets: Vec<Ipv4Network>,
+    /// How the kernel reaches each vxlan peer's VTEP; a peer not here is
+    /// left to the kernel's VTEP.
+    vteps: BTreeMap<Ipv4Addr, VtepWay>,
     /// What `pods` and `pods6` hold: address to host veth (ifindex).
     pods_held: Mirror<u32, u32>,
     pods6_held: Mirror<[u32; 4], u32>,
@@ -242,14 +241,18 @@ fn attach(
 }
 
 /// The peer entry a lease's kernel entries stand for (none for our own
-/// lease, one of another backend, or one without a VTEP MAC); `onlink`:
-/// the underlay's own subnets.
-fn peer_of(e: &Entries, onlink: &[Ipv4Network]) -> Option<((Ipv4Addr, u8), OverlayPeer)> {
+/// lease, one of another backend, one without a VTEP MAC, or a vxlan peer
+/// whose VTEP the kernel does not reach out of the underlay); `vteps`: how
+/// it reaches each.
+fn peer_of(
+    e: &Entries,
+    vteps: &BTreeMap<Ipv4Addr, VtepWay>,
+) -> Option<((Ipv4Addr, u8), OverlayPeer)> {
     let route = e.route.as_ref()?;
     // vxlan: the peer's address and VTEP MAC are in the FDB entry; host-gw:
     // the route's gateway is the peer.
     let (node_ip, vtep_mac, flags) = match &e.fdb {
-        Some(f) => (f.dst, f.mac, vtep_flags(f.dst, onlink)),
+        Some(f) => (f.dst, f.mac, vtep_flags(f.dst, vteps)?),
         None => (route.gateway?, [0; 6], 0),
     };
     Some((
@@ -264,13 +267,16 @@ fn peer_of(e: &Entries, onlink: &[Ipv4Network]) -> Option<((Ipv4Addr, u8), Overl
 
 /// The entry of a lease's IPv6 subnet (dual stack): the same VTEP as its
 /// IPv4 subnet (vxlan), or the route's IPv6 next hop (host-gw).
-fn peer6_of(e: &Entries, onlink: &[Ipv4Network]) -> Option<((Ipv6Addr, u8), OverlayPeer6)> {
+fn peer6_of(
+    e: &Entries,
+    vteps: &BTreeMap<Ipv4Addr, VtepWay>,
+) -> Option<((Ipv6Addr, u8), OverlayPeer6)> {
     let route = e.route6.as_ref()?;
     let peer = match &e.fdb {
         Some(f) => OverlayPeer6 {
             node_ip: u32::from_ne_bytes(f.dst.octets()),
             vtep_mac: f.mac,
-            flags: vtep_flags(f.dst, onlink),
+            flags: vtep_flags(f.dst, vteps)?,
             nexthop: [0; 4],
         },
         None => OverlayPeer6 {
@@ -283,22 +289,38 @@ fn peer6_of(e: &Entries, onlink: &[Ipv4Network]) -> Option<((Ipv6Addr, u8), Over
     Some(((route.dst, route.prefix), peer))
 }
 
-/// Subnets in one order without repeats, so two reads compare equal when
-/// the addresses are the same.
-fn in_order(mut nets: Vec<Ipv4Network>) -> Vec<Ipv4Network> {
-    nets.sort_by_key(|n| (n.ip(), n.prefix()));
-    nets.dedup();
-    nets
+/// How the kernel reaches a vxlan peer's VTEP, as the fast path follows
+/// it (a VTEP reached otherwise is left to the kernel's VTEP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VtepWay {
+    /// Out of the underlay with no gateway: the VTEP is the next hop.
+    Direct,
+    /// Out of the underlay through a gateway, which the FIB picks.
+    Gateway,
 }
 
-/// A vxlan peer's flags: `PEER_ONLINK` when its VTEP `dst` is in one of
-/// the underlay's subnets `onlink`.
-fn vtep_flags(dst: Ipv4Addr, onlink: &[Ipv4Network]) -> u16 {
-    if onlink.iter().any(|n| n.contains(dst)) {
-        PEER_ONLINK
-    } else {
-        0
+/// The way the route `to` (what `ip route get` answered for a VTEP, None
+/// for no unicast route) gives, for an underlay of index `underlay`: None
+/// where the kernel would send it elsewhere, which the fast path must not
+/// second-guess.
+pub fn way_of(to: Option<skiff_netlink::RouteTo>, underlay: u32) -> Option<VtepWay> {
+    let to = to?;
+    if to.oif != Some(underlay) {
+        return None;
     }
+    Some(match to.gateway {
+        None => VtepWay::Direct,
+        Some(_) => VtepWay::Gateway,
+    })
+}
+
+/// A vxlan peer's flags: `PEER_ONLINK` when the kernel reaches its VTEP
+/// `dst` directly; None when the fast path must not send to it.
+fn vtep_flags(dst: Ipv4Addr, vteps: &BTreeMap<Ipv4Addr, VtepWay>) -> Option<u16> {
+    Some(match vteps.get(&dst)? {
+        VtepWay::Direct => PEER_ONLINK,
+        VtepWay::Gateway => 0,
+    })
 }
 
 fn key((addr, prefix): (Ipv4Addr, u8)) -> Key<u32> {
@@ -358,7 +380,7 @@ impl FastPath {
             held: Mirror::new(),
             held6: Mirror::new(),
             cni_records: l.cni_records.clone(),
-            underlay_nets: in_order(l.underlay_nets.clone()),
+            vteps: BTreeMap::new(),
             pods_held: Mirror::new(),
             pods6_held: Mirror::new(),
             pods_read: None,
@@ -451,21 +473,33 @@ impl FastPath {
             .map_err(map_err(names::OVERLAY_PODS6))
     }
 
-    /// The underlay interface's index (its addresses decide which vxlan
-    /// peers are on-link).
+    /// The underlay interface's index: a vxlan peer's VTEP the kernel
+    /// reaches out of it is sent to by the fast path.
     pub fn underlay_index(&self) -> u32 {
         self.local.underlay_ifindex
     }
 
-    /// The underlay's IPv4 subnets as read now; the next
-    /// [`FastPath::sync`] flags the peers by them.
-    pub fn set_underlay_nets(&mut self, nets: Vec<Ipv4Network>) {
-        let nets = in_order(nets);
-        if nets != self.underlay_nets {
-            let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
-            info!(nets = ?shown, "underlay addresses changed; vxlan peers on them are sent to directly");
-            self.underlay_nets = nets;
+    /// How the kernel reaches every vxlan peer's VTEP, as looked up now;
+    /// the next [`FastPath::sync`] writes the peers by it.
+    pub fn set_vtep_ways(&mut self, ways: BTreeMap<Ipv4Addr, VtepWay>) {
+        if ways != self.vteps {
+            let count = |w: VtepWay| ways.values().filter(|v| **v == w).count();
+            info!(
+                direct = count(VtepWay::Direct),
+                gateway = count(VtepWay::Gateway),
+                "vxlan peer routes changed; the rest go by the kernel's VTEP"
+            );
+            self.vteps = ways;
         }
+    }
+
+    /// How the kernel reaches one peer's VTEP (None: not out of the
+    /// underlay, so the kernel's VTEP sends to it), before its lease is put.
+    pub fn set_vtep_way(&mut self, vtep: Ipv4Addr, way: Option<VtepWay>) {
+        match way {
+            Some(w) => self.vteps.insert(vtep, w),
+            None => self.vteps.remove(&vtep),
+        };
     }
 
     /// Our subnet changed (the lease was lost and another taken).
@@ -477,8 +511,11 @@ impl FastPath {
     /// A peer's lease came (`old` None) or changed: its entries were
     /// `old` and are `new`. What only `old` named is taken out.
     pub fn put(&mut self, old: Option<&Entries>, new: &Entries) -> Result<(), FastPathError> {
-        let on = &self.underlay_nets;
-        let old_k = old.and_then(|o| peer_of(o, on)).map(|(k, _)| k);
+        let on = &self.vteps;
+        // The old entry's keys whatever its VTEP's way is now.
+        let old_k = old
+            .and_then(|o| o.route.as_ref())
+            .map(|r| (r.dst, r.prefix));
         replace(
             &mut self.held,
             old_k,
@@ -486,7 +523,9 @@ impl FastPath {
             peers_writer(&mut self.peers),
         )
         .map_err(map_err(names::OVERLAY_PEERS))?;
-        let old_k6 = old.and_then(|o| peer6_of(o, on)).map(|(k, _)| k);
+        let old_k6 = old
+            .and_then(|o| o.route6.as_ref())
+            .map(|r| (r.dst, r.prefix));
         replace(
             &mut self.held6,
             old_k6,
@@ -505,8 +544,8 @@ impl FastPath {
     pub fn sync(&mut self, all: impl Iterator<Item = Entries>) -> Result<(), FastPathError> {
         let (mut want, mut want6) = (BTreeMap::new(), BTreeMap::new());
         for e in all {
-            want.extend(peer_of(&e, &self.underlay_nets));
-            want6.extend(peer6_of(&e, &self.underlay_nets));
+            want.extend(peer_of(&e, &self.vteps));
+            want6.extend(peer6_of(&e, &self.vteps));
         }
         self.held
             .sync(want, peers_writer(&mut self.peers))
@@ -610,26 +649,32 @@ mod tests {
     }
 
     #[test]
-    fn the_underlays_subnets_compare_equal_in_any_order_and_a_new_address_differs() {
-        let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
-        let first = in_order(vec![net("192.168.5.10/24"), net("10.0.0.2/32")]);
-        let again = in_order(vec![
-            net("10.0.0.2/32"),
-            net("192.168.5.10/24"),
-            net("10.0.0.2/32"),
-        ]);
-        assert_eq!(first, again);
-        let added = in_order(vec![
-            net("10.0.0.2/32"),
-            net("192.168.5.10/24"),
-            net("10.0.0.3/24"),
-        ]);
-        assert_ne!(first, added);
+    fn a_vtep_is_sent_to_directly_through_a_gateway_or_left_to_the_kernel_as_its_route_says() {
+        use skiff_netlink::RouteTo;
+        let underlay = 3;
+        let gw = Some(Ipv4Addr::new(192, 168, 5, 1));
+        let direct = RouteTo {
+            oif: Some(underlay),
+            gateway: None,
+        };
+        assert_eq!(way_of(Some(direct), underlay), Some(VtepWay::Direct));
+        let routed = RouteTo {
+            gateway: gw,
+            ..direct
+        };
+        assert_eq!(way_of(Some(routed), underlay), Some(VtepWay::Gateway));
+        // A more specific route or a rule that sends it out of another
+        // device, or no unicast route: the kernel's VTEP decides.
+        let elsewhere = RouteTo {
+            oif: Some(underlay + 1),
+            gateway: gw,
+        };
+        assert_eq!(way_of(Some(elsewhere), underlay), None);
+        assert_eq!(way_of(None, underlay), None);
     }
 
     #[test]
-    fn a_vxlan_peer_on_the_underlays_subnet_is_sent_to_directly_and_one_behind_a_router_is_routed()
-    {
+    fn a_vxlan_peer_is_flagged_by_its_vteps_way_and_left_out_without_one() {
         let vxlan = |dst: [u8; 4]| Entries {
             route: Some(skiff_netlink::Route {
                 dst: Ipv4Addr::new(10, 244, 1, 0),
@@ -645,16 +690,16 @@ mod tests {
             }),
             ..Entries::default()
         };
-        let underlay: [Ipv4Network; 1] = ["192.168.5.10/24".parse().unwrap()];
-        let flags = |e: &Entries| peer_of(e, &underlay).map(|(_, p)| p.flags);
+        let vteps = BTreeMap::from([
+            (Ipv4Addr::new(192, 168, 5, 20), VtepWay::Direct),
+            (Ipv4Addr::new(192, 168, 6, 20), VtepWay::Gateway),
+        ]);
+        let flags = |e: &Entries| peer_of(e, &vteps).map(|(_, p)| p.flags);
         assert_eq!(flags(&vxlan([192, 168, 5, 20])), Some(PEER_ONLINK));
         assert_eq!(flags(&vxlan([192, 168, 6, 20])), Some(0));
-        // Without knowing the underlay's subnets, every peer is routed.
-        assert_eq!(
-            peer_of(&vxlan([192, 168, 5, 20]), &[]).map(|(_, p)| p.flags),
-            Some(0)
-        );
-        // host-gw peers are next hops already: no flag.
+        // A VTEP whose way is not known (or not the underlay): no entry.
+        assert_eq!(flags(&vxlan([192, 168, 7, 20])), None);
+        // host-gw peers are next hops already: no flag, no lookup.
         let host_gw = Entries {
             fdb: None,
             route: Some(skiff_netlink::Route {

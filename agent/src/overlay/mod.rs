@@ -18,7 +18,7 @@ pub mod lease;
 pub mod masq;
 pub mod network;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -315,6 +315,7 @@ impl Node {
         self.leases = all;
         let changed = self.dp.resync(self.leases.values()).await?;
         self.health.synced();
+        self.follow_vtep_routes().await;
         self.sync_fast_path();
         self.telemetry
             .overlay
@@ -330,22 +331,28 @@ impl Node {
         Ok(since)
     }
 
-    /// Reads the underlay's IPv4 subnets again: an address added or
-    /// removed since the start changes which vxlan peers the fast path
-    /// sends to directly. Applied by the `sync_fast_path` that follows.
-    async fn follow_underlay_nets(&mut self) {
-        let Some(index) = self.fast.as_ref().map(|f| f.underlay_index()) else {
+    /// Asks the kernel again how it reaches each vxlan peer's VTEP (`ip
+    /// route get`): an address, route or rule added or removed since
+    /// changes which peers the fast path sends to directly, through a
+    /// gateway, or leaves to the kernel's VTEP. Applied by the
+    /// `sync_fast_path` that follows.
+    async fn follow_vtep_routes(&mut self) {
+        let Some(underlay) = self.fast.as_ref().map(|f| f.underlay_index()) else {
             return;
         };
-        match subnets_of(&self.dp.nl, index).await {
-            Ok(nets) => {
-                if let Some(f) = self.fast.as_mut() {
-                    f.set_underlay_nets(nets);
-                }
+        let vteps: BTreeSet<Ipv4Addr> = self
+            .leases
+            .values()
+            .filter_map(|l| self.dp.entries_for(l).fdb.map(|f| f.dst))
+            .collect();
+        let mut ways = BTreeMap::new();
+        for vtep in vteps {
+            if let Some(w) = vtep_way(&self.dp.nl, underlay, vtep).await {
+                ways.insert(vtep, w);
             }
-            Err(e) => {
-                warn!(error = %e, "reading the underlay's addresses failed; keeping the last ones")
-            }
+        }
+        if let Some(f) = self.fast.as_mut() {
+            f.set_vtep_ways(ways);
         }
     }
 
@@ -419,6 +426,12 @@ impl Node {
                     self.dp.remove(old).await?;
                 }
                 self.dp.install(&new).await?;
+                if let (Some(f), Some(fdb)) = (self.fast.as_ref(), new.fdb.as_ref()) {
+                    let way = vtep_way(&self.dp.nl, f.underlay_index(), fdb.dst).await;
+                    if let Some(f) = self.fast.as_mut() {
+                        f.set_vtep_way(fdb.dst, way);
+                    }
+                }
                 if let Some(f) = self.fast.as_mut()
                     && let Err(e) = f.put(old.as_ref(), &new)
                 {
@@ -551,14 +564,12 @@ pub async fn run(
     }
     enable_forwarding(net.ipv6.is_some())?;
     let fast = if cfg.fast_path {
-        let underlay_nets = subnets_of(&nl, under.index).await?;
         fastpath::try_start(&fastpath::Local {
             host_gw: net.backend == BackendType::HostGw,
             public_ip,
             subnet: held.subnet,
             underlay: under.name.clone(),
             underlay_index: under.index,
-            underlay_nets,
             vni: net.vni,
             port: net.port,
             vtep_mac: vtep_mac.unwrap_or_default(),
@@ -679,7 +690,7 @@ pub async fn run(
             _ = resync.tick() => {
                 node.health.queued();
                 let started = std::time::Instant::now();
-                node.follow_underlay_nets().await;
+                node.follow_vtep_routes().await;
                 node.sync_fast_path();
                 let done = node.dp.resync(node.leases.values()).await;
                 node.telemetry
@@ -701,14 +712,17 @@ pub async fn run(
     }
 }
 
-/// The IPv4 subnets of interface `index`'s addresses.
-async fn subnets_of(nl: &Netlink, index: u32) -> Result<Vec<Ipv4Network>, OverlayError> {
-    Ok(nl
-        .addresses(index)
-        .await?
-        .into_iter()
-        .filter_map(|(ip, prefix)| Ipv4Network::new(ip, prefix).ok())
-        .collect())
+/// How the kernel reaches the VTEP `vtep` now, for an underlay of index
+/// `underlay` (None: not out of the underlay, or the lookup failed; the
+/// kernel's VTEP then sends to it).
+async fn vtep_way(nl: &Netlink, underlay: u32, vtep: Ipv4Addr) -> Option<fastpath::VtepWay> {
+    match nl.route_to(vtep).await {
+        Ok(to) => fastpath::way_of(to, underlay),
+        Err(e) => {
+            warn!(%vtep, error = %e, "looking up the route to a VTEP failed; the kernel's VTEP sends to it");
+            None
+        }
+    }
 }
 
 /// The interface holding `ip`, if any.
