@@ -7,13 +7,11 @@
 //! iterator is loaded); it stays attached while the
 //! returned link is open.
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
-use skiff_agent::proxy::terminate::{insn, put32, put64, sys_bpf};
+use skiff_agent::proxy::sys::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd, insn, put32, put64};
 
-const BPF_PROG_LOAD: u32 = 5;
-const BPF_LINK_CREATE: u32 = 28;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_TCX_EGRESS: u32 = 47;
 const HELPER_L3_CSUM_REPLACE: i32 = 10;
@@ -77,17 +75,6 @@ fn program() -> Vec<u64> {
     ]
 }
 
-/// `bpf(2)` for a command that answers with a new file descriptor.
-///
-/// # Safety
-/// The pointers in `attr` must be valid for what `cmd` does with them.
-unsafe fn bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
-    // SAFETY: the caller vouches for the pointers in `attr`.
-    let fd = unsafe { sys_bpf(cmd, attr)? };
-    // SAFETY: both commands used here return a new descriptor we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Attaches the marker to `ifname`'s egress in this thread's network
 /// namespace; it is detached when the returned link is closed.
 pub fn mark_ce_on_egress(ifname: &str) -> Result<OwnedFd> {
@@ -106,7 +93,7 @@ pub fn mark_ce_on_egress(ifname: &str) -> Result<OwnedFd> {
     put64(&mut attr, 32, log.as_mut_ptr() as u64);
     // SAFETY: the instructions, the license and the log outlive the call;
     // the kernel writes at most the log's length into it.
-    let prog = match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
+    let prog = match unsafe { bpf_fd(BPF_PROG_LOAD, &mut attr) } {
         Ok(fd) => fd,
         Err(e) => {
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
@@ -121,6 +108,6 @@ pub fn mark_ce_on_egress(ifname: &str) -> Result<OwnedFd> {
     put32(&mut attr, 4, ifindex);
     put32(&mut attr, 8, BPF_TCX_EGRESS);
     // SAFETY: no pointers in a tcx link request.
-    unsafe { bpf(BPF_LINK_CREATE, &mut attr) }
+    unsafe { bpf_fd(BPF_LINK_CREATE, &mut attr) }
         .with_context(|| format!("attaching the marker to {ifname}'s egress"))
 }

@@ -278,6 +278,16 @@ fn slice(svc: &str, family: &str, endpoints: &[(&str, &str, &str)]) -> String {
     )
 }
 
+/// Service `name` at ClusterIP `vip` with the web ports, and its IPv4
+/// EndpointSlice of `endpoints`, as one manifest.
+fn plain_service(name: &str, vip: &str, endpoints: &[(&str, &str, &str)]) -> String {
+    format!(
+        "{}---\n{}",
+        service(name, &format!("  clusterIP: {vip}\n{WEB_PORTS}")),
+        slice(name, "IPv4", endpoints)
+    )
+}
+
 const WEB_PORTS: &str =
     "  ports:\n  - {name: http, port: 80, protocol: TCP}\n  - {name: dns, port: 53, protocol: UDP}";
 
@@ -451,11 +461,7 @@ fn proxy_metrics_follow_what_is_programmed() {
 
     node.write(
         "other.yaml",
-        &format!(
-            "{}---\n{}",
-            service("other", &format!("  clusterIP: 10.96.0.20\n{WEB_PORTS}")),
-            slice("other", "IPv4", &[ready(B[0])])
-        ),
+        &plain_service("other", "10.96.0.20", &[ready(B[0])]),
     );
     node.wait_programmed("10.96.0.20:80/TCP", &["10.200.0.11:8080"]);
     let after = wait_for("the new Service counted", TIMEOUT, || {
@@ -654,14 +660,10 @@ fn endpoint_removal_and_readiness_changes_apply_to_new_connections() {
     // b3 removed, b2 not ready: only b1 takes new connections.
     node.write(
         "web.yaml",
-        &format!(
-            "{}---\n{}",
-            service("web", &format!("  clusterIP: 10.96.0.10\n{WEB_PORTS}")),
-            slice(
-                "web",
-                "IPv4",
-                &[ready(B[0]), (B[1], "ready: false", "node-a")]
-            )
+        &plain_service(
+            "web",
+            "10.96.0.10",
+            &[ready(B[0]), (B[1], "ready: false", "node-a")],
         ),
     );
     node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
@@ -670,25 +672,21 @@ fn endpoint_removal_and_readiness_changes_apply_to_new_connections() {
     // No ready endpoint left: the serving, terminating one takes them.
     node.write(
         "web.yaml",
-        &format!(
-            "{}---\n{}",
-            service("web", &format!("  clusterIP: 10.96.0.10\n{WEB_PORTS}")),
-            slice(
-                "web",
-                "IPv4",
-                &[
-                    (
-                        B[1],
-                        "ready: false, serving: true, terminating: true",
-                        "node-a"
-                    ),
-                    (
-                        B[2],
-                        "ready: false, serving: false, terminating: true",
-                        "node-a"
-                    ),
-                ]
-            )
+        &plain_service(
+            "web",
+            "10.96.0.10",
+            &[
+                (
+                    B[1],
+                    "ready: false, serving: true, terminating: true",
+                    "node-a",
+                ),
+                (
+                    B[2],
+                    "ready: false, serving: false, terminating: true",
+                    "node-a",
+                ),
+            ],
         ),
     );
     node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.12:8080"]);
@@ -881,11 +879,7 @@ fn connections_survive_agent_stop_and_restart_without_flush() {
     // The new agent applies changes as usual.
     node.write(
         "web.yaml",
-        &format!(
-            "{}---\n{}",
-            service("web", &format!("  clusterIP: 10.96.0.10\n{WEB_PORTS}")),
-            slice("web", "IPv4", &[ready(B[0])])
-        ),
+        &plain_service("web", "10.96.0.10", &[ready(B[0])]),
     );
     node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
     assert_only(&node.tcp("10.96.0.10:80", 10), "b1", 10);
@@ -893,43 +887,24 @@ fn connections_survive_agent_stop_and_restart_without_flush() {
 
 /// (type, key size, value size, entries, flags) of the map pinned at `path`.
 fn pinned_layout(path: &std::path::Path) -> [u32; 5] {
-    use skiff_agent::proxy::terminate::{put32, put64, sys_bpf};
-    const BPF_OBJ_GET: u32 = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
-    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    let mut attr = [0u8; 16];
-    put64(&mut attr, 0, name.as_ptr() as u64);
-    // SAFETY: `name` outlives the call; the command only reads it.
-    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    // SAFETY: the kernel answered with a new descriptor, now ours.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    use skiff_agent::proxy::sys::{object_info, open_pinned};
+    let fd = open_pinned(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags
-    let mut info = [0u8; 24];
-    let mut attr = [0u8; 16];
-    put32(&mut attr, 0, std::os::fd::AsRawFd::as_raw_fd(&fd) as u32);
-    put32(&mut attr, 4, info.len() as u32);
-    put64(&mut attr, 8, info.as_mut_ptr() as u64);
-    // SAFETY: `info` outlives the call; the kernel writes at most its length.
-    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.expect("map info");
+    let info = object_info::<24>(std::os::fd::AsFd::as_fd(&fd)).expect("map info");
     let at = |i: usize| u32::from_ne_bytes([info[i], info[i + 1], info[i + 2], info[i + 3]]);
     [at(0), at(8), at(12), at(16), at(20)]
 }
 
 /// Creates a map named `name` with `layout` and pins it at `path`.
 fn pin_map(path: &std::path::Path, name: &str, layout: [u32; 5]) {
-    use skiff_agent::proxy::terminate::{put32, put64, sys_bpf};
-    const BPF_MAP_CREATE: u32 = 0;
-    const BPF_OBJ_PIN: u32 = 6;
+    use skiff_agent::proxy::sys::{BPF_MAP_CREATE, BPF_OBJ_PIN, bpf_fd, put32, put64, sys_bpf};
     let mut attr = [0u8; 48];
     for (i, v) in layout.iter().enumerate() {
         put32(&mut attr, 4 * i, *v);
     }
     attr[28..28 + name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: the attributes hold no pointers.
-    let fd = unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }.expect("create the map");
-    // SAFETY: the kernel answered with a new descriptor, now ours.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let fd = unsafe { bpf_fd(BPF_MAP_CREATE, &mut attr) }.expect("create the map");
     let path_c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
     let mut attr = [0u8; 16];
     put64(&mut attr, 0, path_c.as_ptr() as u64);
@@ -975,11 +950,7 @@ fn an_upgrade_over_a_map_of_another_layout_replaces_the_map_and_the_programs() {
 
     node.write(
         "api.yaml",
-        &format!(
-            "{}---\n{}",
-            service("api", &format!("  clusterIP: 10.96.0.20\n{WEB_PORTS}")),
-            slice("api", "IPv4", &[ready(B[1])])
-        ),
+        &plain_service("api", "10.96.0.20", &[ready(B[1])]),
     );
     node.wait_programmed("10.96.0.20:80/TCP", &["10.200.0.12:8080"]);
     assert_only(&node.tcp("10.96.0.20:80", 5), "b2", 5);
@@ -991,11 +962,7 @@ fn malformed_manifests_and_services_are_reported_and_skipped() {
     three_backends(&mut node);
     node.write(
         "good.yaml",
-        &format!(
-            "{}---\n{}",
-            service("good", &format!("  clusterIP: 10.96.0.50\n{WEB_PORTS}")),
-            slice("good", "IPv4", &[ready(B[0])])
-        ),
+        &plain_service("good", "10.96.0.50", &[ready(B[0])]),
     );
     node.write(
         "badport.yaml",

@@ -67,7 +67,7 @@ pub(super) fn load_object(maps_dir: &Path) -> Result<Ebpf> {
 /// the programs would fail to load against it (or read it with the wrong
 /// layout). The unpinned map lives on only while programs of the earlier
 /// agent still use it, that is until the links carry the new programs.
-pub(super) fn retire_incompatible(maps_dir: &Path) -> Result<Vec<String>> {
+fn retire_incompatible(maps_dir: &Path) -> Result<Vec<String>> {
     let obj = aya_obj::Object::parse(OBJECT).map_err(|e| DataplaneError::Object(e.to_string()))?;
     let mut retired = Vec::new();
     for (name, want) in &obj.maps {
@@ -412,8 +412,8 @@ impl Dataplane {
             // another layout was replaced by an empty one). A link on
             // another cgroup (or on none: its cgroup was removed) is
             // dropped instead, with its pin.
-            if let Ok(link) = super::terminate::open_pinned(&link_path) {
-                let on = super::terminate::link_cgroup_id(link.as_fd());
+            if let Ok(link) = super::sys::open_pinned(&link_path) {
+                let on = super::sys::link_cgroup_id(link.as_fd());
                 if on.as_ref().is_ok_and(|id| *id == cgroup_id) {
                     let prog = prog
                         .fd()
@@ -785,7 +785,7 @@ impl Dataplane {
             prog,
         } in std::mem::take(&mut self.swaps)
         {
-            if let Err(source) = super::terminate::update_link(link.as_fd(), prog.as_fd()) {
+            if let Err(source) = super::sys::update_link(link.as_fd(), prog.as_fd()) {
                 let _ = fs::remove_file(&link_path);
                 return Err(DataplaneError::Swap { program, source });
             }
@@ -867,7 +867,7 @@ fn count_entries(fd: i32, key_size: usize, value_size: usize) -> std::io::Result
 /// `BPF_MAP_LOOKUP_BATCH`: a full 262 144-entry table in 64 calls instead
 /// of one call per key. None for a map kind without batch lookup.
 fn count_batched(fd: i32, key_size: usize, value_size: usize) -> std::io::Result<Option<u64>> {
-    use super::terminate::{put32, put64, sys_bpf};
+    use super::sys::{put32, put64, sys_bpf};
     const BPF_MAP_LOOKUP_BATCH: u32 = 24;
     const BATCH: usize = 4096;
     /// The kernel's ENOTSUPP, which batch calls answer for map kinds that
@@ -918,7 +918,7 @@ fn count_batched(fd: i32, key_size: usize, value_size: usize) -> std::io::Result
 
 /// Keys in the map behind `fd`, walked with `BPF_MAP_GET_NEXT_KEY`.
 fn count_keys(fd: i32, key_size: usize) -> std::io::Result<u64> {
-    use super::terminate::{put32, put64, sys_bpf};
+    use super::sys::{put32, put64, sys_bpf};
     const BPF_MAP_GET_NEXT_KEY: u32 = 4;
     let mut key = vec![0u8; key_size.max(1)];
     let mut next = vec![0u8; key_size.max(1)];
@@ -951,7 +951,7 @@ pub fn program_stats(pin_dir: &Path) -> Vec<(&'static str, std::time::Duration, 
         .iter()
         .filter_map(|program| {
             let link = pin_dir.join("links").join(program);
-            Some((super::terminate::link_program_id(&link).ok()?, *program))
+            Some((super::sys::link_program_id(&link).ok()?, *program))
         })
         .collect();
     stats_of(&ids)
@@ -994,7 +994,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{count_batched, count_keys};
-    use crate::proxy::terminate::{put32, put64, sys_bpf};
+    use crate::proxy::sys::{put32, put64, sys_bpf};
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
     /// A map of `kind` with u64 keys and 40-byte values holding `n` entries.

@@ -100,7 +100,7 @@ fn batch(
     // SAFETY: `attr` is a live buffer of the length given; the kernel
     // reads `count` keys (and values) from the slices it points to, which
     // outlive the call, and writes back only `count`.
-    unsafe { super::terminate::sys_bpf(cmd, &mut attr)? };
+    unsafe { super::sys::sys_bpf(cmd, &mut attr)? };
     let done = u32::from_ne_bytes([attr[32], attr[33], attr[34], attr[35]]);
     if done as usize != keys.len() {
         return Err(std::io::Error::other(format!(
@@ -729,7 +729,7 @@ impl External {
         for index in self.attached.keys() {
             for (program, _, prefix) in PROGRAMS {
                 let link = self.links_dir.join(format!("{prefix}{index}"));
-                if let Ok(id) = super::terminate::link_program_id(&link) {
+                if let Ok(id) = super::sys::link_program_id(&link) {
                     ids.insert(id, program);
                 }
             }

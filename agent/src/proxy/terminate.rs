@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read as _;
-use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +24,8 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::{Btf, BtfError};
 use skiff_ebpf_common::{MAX_DOOMED, PeerValue, maps as names};
 use tracing::{debug, info};
+
+use super::sys::{BPF_ITER_CREATE, BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd, insn, put32, put64};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TerminateError {
@@ -56,62 +58,12 @@ fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TerminateError
     move |source| TerminateError::Sys { what, source }
 }
 
-const BPF_PROG_LOAD: u32 = 5;
-const BPF_OBJ_GET: u32 = 7;
-const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
-const BPF_LINK_CREATE: u32 = 28;
-const BPF_LINK_UPDATE: u32 = 29;
-const BPF_ITER_CREATE: u32 = 33;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
 const BPF_TRACE_ITER: u32 = 28;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
 const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
 const HELPER_SK_STORAGE_GET: i32 = 107;
-
-/// `bpf(2)`: command `cmd` with `attr` as its attribute block, written
-/// back in place (counts, tokens); its return value, or the errno.
-///
-/// # Safety
-/// Every pointer written into `attr` must be valid for what `cmd` does
-/// with it: read for its whole length, or written for as many bytes as the
-/// kernel may write there.
-pub unsafe fn sys_bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<i64> {
-    // SAFETY: `attr` is a live buffer of the length given; the pointers in
-    // it are the caller's to vouch for.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r)
-}
-
-/// `bpf(2)` for a command that answers with a new file descriptor.
-fn bpf(cmd: u32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
-    // SAFETY: the commands used here (object get, program load, link and
-    // iterator create) only read the buffers `attr` points to, which
-    // outlive the call, and write at most the verifier log of the length
-    // given with it.
-    let r = unsafe { sys_bpf(cmd, attr)? };
-    // SAFETY: these commands return a new file descriptor we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
-}
-
-pub fn put32(buf: &mut [u8], off: usize, v: u32) {
-    buf[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-pub fn put64(buf: &mut [u8], off: usize, v: u64) {
-    buf[off..off + 8].copy_from_slice(&v.to_ne_bytes());
-}
-
-/// One `struct bpf_insn`.
-pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    u64::from(code)
-        | (u64::from(dst | (src << 4)) << 8)
-        | (u64::from(off as u16) << 16)
-        | (u64::from(imm as u32) << 32)
-}
 
 /// The iterator: for each UDP socket, its PEERS record looked up in DOOMED;
 /// a hit is destroyed.
@@ -166,58 +118,6 @@ pub struct Terminator {
     cgroup: PathBuf,
 }
 
-/// `struct bpf_link_info` of the link behind `fd`, as far as a cgroup
-/// link's goes: type, id, prog_id, then (at 16) the cgroup's id.
-fn link_info(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<[u8; 32]> {
-    let mut info = [0u8; 32];
-    let mut attr = [0u8; 16];
-    put32(&mut attr, 0, fd.as_raw_fd() as u32);
-    put32(&mut attr, 4, info.len() as u32);
-    put64(&mut attr, 8, info.as_mut_ptr() as u64);
-    // SAFETY: `info` outlives the call; the kernel writes at most info_len
-    // bytes to it.
-    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
-    Ok(info)
-}
-
-/// Opens the BPF object (map, program or link) pinned at `path`.
-pub fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(std::io::Error::other)?;
-    let mut attr = [0u8; 16];
-    put64(&mut attr, 0, c.as_ptr() as u64);
-    bpf(BPF_OBJ_GET, &mut attr)
-}
-
-/// The id of the program running behind the pinned link `link`.
-pub fn link_program_id(link: &Path) -> Result<u32> {
-    let fd = open_pinned(link).map_err(sys(format!("open {}", link.display())))?;
-    let info = link_info(fd.as_fd()).map_err(sys("link info"))?;
-    Ok(u32::from_ne_bytes([info[8], info[9], info[10], info[11]]))
-}
-
-/// The id of the cgroup the cgroup link `link` is attached to: 0 once the
-/// kernel detached it (its cgroup was removed).
-pub fn link_cgroup_id(link: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
-    let info = link_info(link)?;
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&info[16..24]);
-    Ok(u64::from_ne_bytes(id))
-}
-
-/// Puts the program `prog` into the link `link` in place of the one it
-/// runs (`BPF_LINK_UPDATE`): the kernel swaps it in one step.
-pub fn update_link(
-    link: std::os::fd::BorrowedFd<'_>,
-    prog: std::os::fd::BorrowedFd<'_>,
-) -> std::io::Result<()> {
-    let mut attr = [0u8; 16];
-    put32(&mut attr, 0, link.as_raw_fd() as u32);
-    put32(&mut attr, 4, prog.as_raw_fd() as u32);
-    // SAFETY: a link update only reads the two descriptors in `attr`.
-    unsafe { sys_bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
-}
-
 impl Terminator {
     /// Loads the iterator against the maps pinned under `pin_dir` and the
     /// programs attached through its links; `cgroup` holds the clients.
@@ -257,7 +157,9 @@ impl Terminator {
             attr[48..48 + name.len()].copy_from_slice(name);
             put32(&mut attr, 68, BPF_TRACE_ITER);
             put32(&mut attr, 108, iter_udp);
-            bpf(BPF_PROG_LOAD, &mut attr)
+            // SAFETY: the instructions, the license and the log outlive
+            // the call; the kernel writes at most the log's length to it.
+            unsafe { bpf_fd(BPF_PROG_LOAD, &mut attr) }
         };
         let prog = match load(&mut [], 0) {
             Ok(p) => p,
@@ -276,7 +178,9 @@ impl Terminator {
         let mut attr = [0u8; 32];
         put32(&mut attr, 0, prog.as_raw_fd() as u32);
         put32(&mut attr, 8, BPF_TRACE_ITER);
-        let link = bpf(BPF_LINK_CREATE, &mut attr).map_err(sys("attach the socket iterator"))?;
+        // SAFETY: link create only reads the descriptor in `attr`.
+        let link = unsafe { bpf_fd(BPF_LINK_CREATE, &mut attr) }
+            .map_err(sys("attach the socket iterator"))?;
         let doomed = HashMap::try_from(Map::HashMap(doomed_data)).map_err(map_err)?;
         info!("socket termination ready (bpf_sock_destroy)");
         Ok(Self {
@@ -335,8 +239,9 @@ impl Terminator {
                     }
                     let mut attr = [0u8; 8];
                     put32(&mut attr, 0, link as u32);
-                    let iter =
-                        bpf(BPF_ITER_CREATE, &mut attr).map_err(sys("start the iterator"))?;
+                    // SAFETY: iterator create only reads the link's descriptor.
+                    let iter = unsafe { bpf_fd(BPF_ITER_CREATE, &mut attr) }
+                        .map_err(sys("start the iterator"))?;
                     let mut file = fs::File::from(iter);
                     let mut sink = [0u8; 256];
                     // The program prints nothing: reading to the end runs it

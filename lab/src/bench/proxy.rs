@@ -872,28 +872,12 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
         };
         let direct = targets(Mode::Direct, n, state);
         let services = targets(Mode::Skiff, n, state);
-        let direct_load = |count: u64| {
-            probe_load(
-                "load",
-                &topo.client,
-                Some(&plain),
-                &direct,
-                count,
-                args.threads,
-            )
-        };
-        let hooked_load = |cg: &Cgroup| {
-            probe_load(
-                "load",
-                &topo.client,
-                Some(cg),
-                &direct,
-                args.chunk,
-                args.threads,
-            )
+        // The direct and empty-hook arms dial the backends from their cgroup.
+        let direct_load = |cg: &Cgroup, count: u64| {
+            probe_load("load", &topo.client, Some(cg), &direct, count, args.threads)
         };
         if state == State::Steady {
-            direct_load(args.steady_conns)?;
+            direct_load(&plain, args.steady_conns)?;
         }
         settle();
         let take = per_topology.min(args.pairs - out.len());
@@ -910,8 +894,8 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                 std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
                 loads[arm] = Some(match (arm, &hook) {
                     (0, _) => topo.load(&services, args.chunk, args.threads)?,
-                    (2, Some((cg, _))) => hooked_load(cg)?,
-                    _ => direct_load(args.chunk)?,
+                    (2, Some((cg, _))) => direct_load(cg, args.chunk)?,
+                    _ => direct_load(&plain, args.chunk)?,
                 });
             }
             let [Some(skiff), Some(direct), hooked] = loads else {
@@ -959,14 +943,14 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
 /// every connect through a cgroup hook pays before any translation. It is
 /// detached when the returned link is closed.
 fn empty_connect_hook(cg: &Cgroup) -> Result<std::os::fd::OwnedFd> {
-    use skiff_agent::proxy::terminate::{put32, put64, sys_bpf};
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    const BPF_PROG_LOAD: u32 = 5;
-    const BPF_LINK_CREATE: u32 = 28;
+    use skiff_agent::proxy::sys::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd, insn, put32, put64};
+    use std::os::fd::AsRawFd as _;
     const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
     const BPF_CGROUP_INET4_CONNECT: u32 = 10;
-    // r0 = 1; exit
-    let insns: [u64; 2] = [0xb7 | (1 << 32), 0x95];
+    const MOV_K: u8 = 0xb7;
+    const EXIT: u8 = 0x95;
+    // r0 = 1 (proceed); exit
+    let insns = [insn(MOV_K, 0, 0, 0, 1), insn(EXIT, 0, 0, 0, 0)];
     let license = c"GPL";
     let mut attr = [0u8; 72];
     put32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR);
@@ -976,19 +960,14 @@ fn empty_connect_hook(cg: &Cgroup) -> Result<std::os::fd::OwnedFd> {
     put32(&mut attr, 68, BPF_CGROUP_INET4_CONNECT);
     // SAFETY: the instructions and the license outlive the call, which
     // only reads them.
-    let prog = unsafe { sys_bpf(BPF_PROG_LOAD, &mut attr) }.context("loading the empty hook")?;
-    // SAFETY: a program load answers with a new descriptor, now ours.
-    let prog = unsafe { OwnedFd::from_raw_fd(prog as i32) };
+    let prog = unsafe { bpf_fd(BPF_PROG_LOAD, &mut attr) }.context("loading the empty hook")?;
     let dir = std::fs::File::open(&cg.path).context("opening the hook's cgroup")?;
     let mut attr = [0u8; 16];
     put32(&mut attr, 0, prog.as_raw_fd() as u32);
     put32(&mut attr, 4, dir.as_raw_fd() as u32);
     put32(&mut attr, 8, BPF_CGROUP_INET4_CONNECT);
     // SAFETY: link create only reads the descriptors in `attr`.
-    let link =
-        unsafe { sys_bpf(BPF_LINK_CREATE, &mut attr) }.context("attaching the empty hook")?;
-    // SAFETY: link create answers with a new descriptor, now ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(link as i32) })
+    unsafe { bpf_fd(BPF_LINK_CREATE, &mut attr) }.context("attaching the empty hook")
 }
 
 fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
