@@ -30,8 +30,9 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{
     AffinityKey, AffinityValue, Backend, FAMILY_V4, FAMILY_V6, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_DOOMED, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, PeerValue, RevNatKey,
-    RevNatValue, SCOPE_CLIENT, SCOPE_SOCKET, ServiceKey, ServiceValue, SlotKey, SlotValue,
+    MAX_DOOMED, MAX_ORIGINS, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, PeerValue,
+    RevNatKey, RevNatValue, SCOPE_CLIENT, SCOPE_SOCKET, SLOT_ORIGIN, ServiceKey, ServiceValue,
+    SlotKey, SlotValue,
 };
 
 /// Without preallocation a replaced or deleted element is freed after an RCU
@@ -76,11 +77,18 @@ static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNA
 static DOOMED: HashMap<PeerValue, u8> = HashMap::pinned(MAX_DOOMED, BPF_F_NO_PREALLOC);
 
 /// Per-socket record of a translated connect, for getpeername and for
-/// recvmsg on connected UDP sockets. Socket storage costs one allocation
-/// that the kernel frees with the socket; an LRU entry per connection was
-/// measurably slower on the connect path.
+/// recvmsg on connected UDP sockets. Socket storage costs two allocations
+/// (charged to the map's memory cgroup) that the kernel frees with the
+/// socket: most of what a translated connect costs. A TCP connect through
+/// its backend's origin frontend (`ORIGINS`) needs none.
 #[btf_map(name = "PEERS")]
 static PEERS: SkStorage<PeerValue> = SkStorage::new();
+
+/// TCP backend -> the frontend a recordless socket connected to it is
+/// shown as. Written by the agent once per backend, before any slot names
+/// it, and left unchanged while sockets may rely on it.
+#[map(name = "ORIGINS")]
+static ORIGINS: HashMap<ServiceKey, RevNatValue> = HashMap::pinned(MAX_ORIGINS, BPF_F_NO_PREALLOC);
 
 /// Which hook is running: connected sockets (connect) and unconnected UDP
 /// datagrams (sendmsg) pick backends differently.
@@ -228,7 +236,21 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
     // writes into one.
     let svc = match unsafe { SERVICES.get(&key) } {
         Some(v) => v,
-        None => return Ok(SYS_PROCEED),
+        None => {
+            // Straight to a backend's own address: a record that says so,
+            // or getpeername would show the backend's origin frontend.
+            if hook == Hook::Connect && proto == PROTO_TCP && ORIGINS.get_ptr(&key).is_some() {
+                let own = PeerValue {
+                    frontend: addr,
+                    backend: addr,
+                    frontend_port: key.port,
+                    backend_port: key.port,
+                    pad: 0,
+                };
+                remember(ctx, own, true);
+            }
+            return Ok(SYS_PROCEED);
+        }
     };
     // Read once and checked once: `choose` divides by it.
     let Some(count) = NonZeroU32::new(svc.count) else {
@@ -241,27 +263,21 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
     } else {
         0
     };
-    let backend = choose(ctx, svc, count, hook, cookie)?;
+    let (backend, origin) = choose(ctx, svc, count, hook, cookie)?;
     write_addr(sa, family, &in_form(&backend.addr, mapped), backend.port);
 
     if hook == Hook::Connect {
-        // Remember the frontend for getpeername and connected recvmsg.
-        // Created zeroed if missing, then written: a socket connected
-        // again (UDP may) overwrites its record.
-        // SAFETY: the context's socket is valid for the program's run.
-        let slot = unsafe { PEERS.get_or_insert_ptr_mut(ctx, None) };
-        if !slot.is_null() {
-            // SAFETY: non-null storage of this socket.
-            unsafe {
-                *slot = PeerValue {
-                    frontend: addr,
-                    backend: backend.addr,
-                    frontend_port: port as u16,
-                    backend_port: backend.port,
-                    pad: 0,
-                }
-            };
-        }
+        // Remember the frontend for getpeername and connected recvmsg,
+        // unless this is TCP through the backend's origin frontend, which
+        // getpeername finds in ORIGINS.
+        let peer = PeerValue {
+            frontend: addr,
+            backend: backend.addr,
+            frontend_port: port as u16,
+            backend_port: backend.port,
+            pad: 0,
+        };
+        remember(ctx, peer, !(origin && proto == PROTO_TCP));
     } else {
         // Unconnected UDP: one reverse entry per (socket, backend), written
         // only when missing since sendmsg runs per datagram.
@@ -284,7 +300,28 @@ fn try_forward(ctx: &SockAddrContext, family: u8, hook: Hook) -> Result<i32, i32
     Ok(SYS_PROCEED)
 }
 
-/// Picks the backend for this connection or datagram.
+/// Writes a connected socket's record: created when `create`, else only
+/// overwritten where one exists (a socket connected again, as UDP may and
+/// TCP may after a failed connect, must not keep its earlier record).
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, peer: PeerValue, create: bool) {
+    // SAFETY: the context's socket is valid for the program's run.
+    let slot = unsafe {
+        if create {
+            PEERS.get_or_insert_ptr_mut(ctx, None)
+        } else {
+            PEERS.get_ptr_mut(ctx)
+        }
+    };
+    if !slot.is_null() {
+        // SAFETY: non-null storage of this socket.
+        unsafe { *slot = peer };
+    }
+}
+
+/// Picks the backend for this connection or datagram, and says whether
+/// this frontend is its origin (known from its slot only; a backend kept by
+/// affinity counts as not).
 #[inline(always)]
 fn choose(
     ctx: &SockAddrContext,
@@ -292,7 +329,7 @@ fn choose(
     count: NonZeroU32,
     hook: Hook,
     socket_cookie: u64,
-) -> Result<Backend, i32> {
+) -> Result<(Backend, bool), i32> {
     // A ClientIP-affine service keeps a client on its backend while the
     // client keeps using it within the timeout; an unconnected UDP socket
     // keeps its datagrams on one backend, as conntrack does for kube-proxy.
@@ -334,7 +371,7 @@ fn choose(
                 };
                 let _ = AFFINITY.insert(akey, &v, 0);
             }
-            return Ok(b);
+            return Ok((b, false));
         }
     }
 
@@ -366,7 +403,7 @@ fn choose(
         };
         let _ = AFFINITY.insert(akey, &v, 0);
     }
-    Ok(backend)
+    Ok((backend, picked.flags & SLOT_ORIGIN != 0))
 }
 
 /// recvmsg / getpeername: show the frontend instead of the backend.
@@ -385,6 +422,23 @@ fn reverse(ctx: &SockAddrContext, family: u8) {
             write_addr(sa, family, &in_form(&p.frontend, mapped), p.frontend_port);
             return;
         }
+    }
+    // SAFETY: valid context pointer from the kernel.
+    if unsafe { (*sa).protocol } == u32::from(PROTO_TCP) {
+        // A TCP socket without a record connected through its backend's
+        // origin frontend, or to an address no service uses.
+        let okey = ServiceKey {
+            addr,
+            port,
+            proto: PROTO_TCP,
+            family: key_family,
+        };
+        // SAFETY: copied out at once; entries are replaced whole.
+        if let Some(o) = unsafe { ORIGINS.get(&okey) } {
+            let o = *o;
+            write_addr(sa, family, &in_form(&o.addr, mapped), o.port);
+        }
+        return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = RevNatKey {

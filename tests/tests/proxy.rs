@@ -885,6 +885,70 @@ fn connections_survive_agent_stop_and_restart_without_flush() {
     assert_only(&node.tcp("10.96.0.10:80", 10), "b1", 10);
 }
 
+/// getpeername shows what the application dialled, whether or not its
+/// connect kept a per-socket record: through the backends' origin frontend
+/// (no record), through a second service over the same pods (a record),
+/// and straight to a pod (a record saying so). A connection through the
+/// origin keeps showing it after its backend leaves every service.
+#[test]
+fn the_peer_name_is_what_was_dialled_with_or_without_a_socket_record() {
+    let node = web_node("");
+    let all = [ready(B[0]), ready(B[1]), ready(B[2])];
+    node.write("alias.yaml", &plain_service("alias", "10.96.0.20", &all));
+    let backends = ["10.200.0.11:8080", "10.200.0.12:8080", "10.200.0.13:8080"];
+    node.wait_programmed("10.96.0.20:80/TCP", &backends);
+    // web came first, so it is each TCP backend's origin; UDP has none.
+    assert_eq!(node.map_entries("ORIGINS"), 3);
+
+    assert_spread(&node.tcp("10.96.0.10:80", 30), "10.96.0.10:80");
+    assert_spread(&node.tcp("10.96.0.20:80", 30), "10.96.0.20:80");
+    let direct = node.tcp("10.200.0.12:8080", 5);
+    assert_only(&direct, "b2", 5);
+    assert_eq!(
+        counts(&direct, "peers").keys().collect::<Vec<_>>(),
+        ["10.200.0.12:8080"],
+        "a pod dialled by its own address: {direct}"
+    );
+
+    let (mut session, first) = web_session(&node);
+    assert_eq!(session.ask("?peer"), "10.96.0.10:80");
+    // The session's backend leaves both services.
+    let gone = first[1..].parse::<usize>().expect("answer names bN") - 1;
+    let rest: Vec<_> = (0..3).filter(|i| *i != gone).map(|i| ready(B[i])).collect();
+    node.write("web.yaml", &plain_service("web", "10.96.0.10", &rest));
+    node.write("alias.yaml", &plain_service("alias", "10.96.0.20", &rest));
+    let left: Vec<&str> = (0..3).filter(|i| *i != gone).map(|i| backends[i]).collect();
+    node.wait_programmed("10.96.0.10:80/TCP", &left);
+    node.wait_programmed("10.96.0.20:80/TCP", &left);
+    assert_eq!(
+        session.ask("two"),
+        first,
+        "the drained connection still works"
+    );
+    assert_eq!(
+        session.ask("?peer"),
+        "10.96.0.10:80",
+        "its peer name outlives the backend's membership"
+    );
+    assert_eq!(node.map_entries("ORIGINS"), 3, "the origin is kept");
+    let own = format!("{}:8080", B[gone]);
+    let r = node.tcp(&own, 3);
+    assert_eq!(
+        counts(&r, "peers").keys().collect::<Vec<_>>(),
+        [own.as_str()],
+        "{r}"
+    );
+    assert_spread_over(&node.tcp("10.96.0.10:80", 20), "10.96.0.10:80", 2);
+}
+
+/// Every request answered, by `n` backends, and the peer the application
+/// saw was `peer` each time.
+fn assert_spread_over(r: &Value, peer: &str, n: usize) {
+    assert_eq!(counts(r, "errors"), BTreeMap::new(), "{r}");
+    assert_eq!(counts(r, "answers").len(), n, "{r}");
+    assert_eq!(counts(r, "peers").keys().collect::<Vec<_>>(), [peer], "{r}");
+}
+
 /// (type, key size, value size, entries, flags) of the map pinned at `path`.
 fn pinned_layout(path: &std::path::Path) -> [u32; 5] {
     use skiff_agent::proxy::sys::{object_info, open_pinned};

@@ -15,25 +15,29 @@
 //! service): new backends, then the slots of the generation that is not
 //! live, then the `SERVICES` entry that flips the generation, then removal
 //! of backends that left. The kernel's hash-map update of one element is
-//! atomic; see `BPF_F_NO_PREALLOC` in the programs.
+//! atomic; see `BPF_F_NO_PREALLOC` in the programs. A TCP backend's origin
+//! (see [`super::origins`]) is written with the new backends, before any
+//! slot names it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::fs;
 use std::os::fd::AsFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use skiff_ebpf_common::{
-    Backend, INLINE_SLOTS, PROTO_UDP, PeerValue, ServiceKey, ServiceValue, SlotKey, SlotValue,
-    maps as names,
+    Backend, INLINE_SLOTS, PROTO_TCP, PROTO_UDP, PeerValue, RevNatValue, SLOT_ORIGIN, ServiceKey,
+    ServiceValue, SlotKey, SlotValue, maps as names,
 };
 use tracing::{debug, info, warn};
 
 use super::model::{Frontend, ServiceError, frontend_string};
+use super::origins::{self, Origins};
 
 /// The compiled kernel programs (built by build.rs).
 pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff"));
@@ -210,11 +214,12 @@ pub struct Contents {
     pub stale_backends: Vec<u32>,
 }
 
-/// The three service tables.
+/// The service tables.
 pub struct Tables {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, SlotValue>,
     backends: HashMap<MapData, u32, Backend>,
+    origins: HashMap<MapData, ServiceKey, RevNatValue>,
 }
 
 impl Tables {
@@ -225,6 +230,7 @@ impl Tables {
             slots: HashMap::try_from(take(names::SLOTS)?).map_err(map_err(names::SLOTS))?,
             backends: HashMap::try_from(take(names::BACKENDS)?)
                 .map_err(map_err(names::BACKENDS))?,
+            origins: HashMap::try_from(take(names::ORIGINS)?).map_err(map_err(names::ORIGINS))?,
         })
     }
 
@@ -327,6 +333,8 @@ pub struct Dataplane {
     /// Links an earlier agent left, to get this agent's programs after the
     /// first full sync.
     swaps: Vec<Swap>,
+    /// TCP backends' origin frontends, as `ORIGINS` holds them.
+    origins: Origins,
 }
 
 /// A pinned link and the program to put into it.
@@ -478,6 +486,11 @@ impl Dataplane {
         for id in &stale_backends {
             let _ = tables.backends.remove(id);
         }
+        let mut existing = Vec::new();
+        for entry in tables.origins.iter() {
+            existing.push(entry.map_err(map_err(names::ORIGINS))?);
+        }
+        let origins = Origins::new(existing, origins::KEEP, Instant::now());
         let next_service_id = programmed
             .values()
             .map(|p| p.value.id)
@@ -494,7 +507,7 @@ impl Dataplane {
             stale_backends = stale_backends.len(),
             "adopted maps"
         );
-        Ok(Self {
+        let mut dp = Self {
             tables,
             programmed,
             owned: StdHashMap::new(),
@@ -504,7 +517,77 @@ impl Dataplane {
             terminator: None,
             left: Vec::new(),
             swaps: Vec::new(),
-        })
+            origins,
+        };
+        // What is programmed already uses its backends; one without an
+        // origin (an earlier agent had none) gets one now.
+        let adopted: Vec<(ServiceKey, Vec<Backend>)> = dp
+            .programmed
+            .iter()
+            .map(|(k, p)| (*k, p.backends.iter().map(|(_, b)| *b).collect()))
+            .collect();
+        for (key, backends) in &adopted {
+            dp.claim_origins(key, backends);
+        }
+        Ok(dp)
+    }
+
+    /// `frontend` now uses `backends` (TCP only): each gets an origin if it
+    /// has none, written before any slot names it. A write the map refuses
+    /// (full) leaves the backend without one, so its connects keep writing
+    /// records, and the next claim tries again.
+    fn claim_origins<'a>(
+        &mut self,
+        frontend: &ServiceKey,
+        backends: impl IntoIterator<Item = &'a Backend>,
+    ) {
+        if frontend.proto != PROTO_TCP {
+            return;
+        }
+        for b in backends {
+            let key = origins::key_of(b, frontend.family);
+            if let Some((key, value)) = self.origins.claim(key, frontend) {
+                match self.tables.origins.insert(key, value, 0) {
+                    Ok(()) => self.origins.set(key, value),
+                    Err(e) => debug!(error = %e, "no origin for a backend"),
+                }
+            }
+        }
+    }
+
+    /// A slot's flags: whether `frontend` is `backend`'s origin.
+    fn slot_flags(&self, frontend: &ServiceKey, backend: &Backend) -> u32 {
+        let origin = self.origins.get(&origins::key_of(backend, frontend.family));
+        if frontend.proto == PROTO_TCP
+            && origin.is_some_and(|o| o.addr == frontend.addr && o.port == frontend.port)
+        {
+            SLOT_ORIGIN
+        } else {
+            0
+        }
+    }
+
+    /// `frontend` no longer uses `backends`.
+    fn release_origins<'a>(
+        &mut self,
+        frontend: &ServiceKey,
+        backends: impl IntoIterator<Item = &'a Backend>,
+    ) {
+        if frontend.proto != PROTO_TCP {
+            return;
+        }
+        let now = Instant::now();
+        for b in backends {
+            self.origins
+                .release(origins::key_of(b, frontend.family), now);
+        }
+    }
+
+    /// Deletes origins no frontend has used for [`origins::KEEP`].
+    fn expire_origins(&mut self) {
+        for key in self.origins.expired(Instant::now()) {
+            let _ = self.tables.origins.remove(&key);
+        }
     }
 
     /// Ends the connected UDP sockets sent to backends that left.
@@ -552,7 +635,14 @@ impl Dataplane {
         };
         let kept: StdHashMap<Backend, u32> = old_backends.iter().map(|(id, b)| (*b, *id)).collect();
 
-        // 1. backends that are new to this frontend
+        // 1. backends that are new to this frontend, with their origins
+        let new: Vec<Backend> = f
+            .backends
+            .iter()
+            .filter(|b| !kept.contains_key(b))
+            .copied()
+            .collect();
+        self.claim_origins(&f.key, &new);
         let mut list = Vec::with_capacity(f.backends.len());
         for b in &f.backends {
             let bid = match kept.get(b) {
@@ -578,6 +668,7 @@ impl Dataplane {
             let v = SlotValue {
                 backend: *backend,
                 id: *bid,
+                flags: self.slot_flags(&f.key, backend),
             };
             self.tables
                 .slots
@@ -599,6 +690,7 @@ impl Dataplane {
             *slot = SlotValue {
                 backend: *backend,
                 id: *bid,
+                flags: self.slot_flags(&f.key, backend),
             };
         }
         let value = ServiceValue {
@@ -614,14 +706,17 @@ impl Dataplane {
             .map_err(map_err(names::SERVICES))?;
         // 4. backends that left
         let now: BTreeSet<u32> = list.iter().map(|(bid, _)| *bid).collect();
+        let mut gone = Vec::new();
         for (bid, b) in &old_backends {
             if !now.contains(bid) {
                 let _ = self.tables.backends.remove(bid);
                 if f.key.proto == PROTO_UDP {
                     self.left.push(peer_of(&f.key, b));
                 }
+                gone.push(*b);
             }
         }
+        self.release_origins(&f.key, &gone);
         debug!(frontend = %frontend_string(&f.key), backends = list.len(), "programmed");
         self.programmed.insert(
             f.key,
@@ -659,6 +754,7 @@ impl Dataplane {
                 self.left.push(peer_of(key, b));
             }
         }
+        self.release_origins(key, p.backends.iter().map(|(_, b)| b));
         if let Some(owner) = self.owner.remove(key)
             && let Some(set) = self.owned.get_mut(&owner)
         {
@@ -678,6 +774,7 @@ impl Dataplane {
     ) -> Result<(usize, Vec<ServiceError>)> {
         let r = self.sync_one(service, frontends);
         self.terminate_left();
+        self.expire_origins();
         r
     }
 
@@ -770,6 +867,7 @@ impl Dataplane {
             errors.extend(e);
         }
         self.terminate_left();
+        self.expire_origins();
         self.swap_programs()?;
         Ok((changed, errors))
     }

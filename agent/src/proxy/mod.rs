@@ -14,6 +14,7 @@ pub mod health;
 pub mod maglev;
 pub mod manifests;
 pub mod model;
+pub mod origins;
 pub mod sys;
 pub mod terminate;
 

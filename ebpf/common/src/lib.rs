@@ -5,12 +5,14 @@
 //! Layout of the service tables (one lookup chain per connect/sendmsg):
 //! `SERVICES[ServiceKey] -> ServiceValue { id, count, generation, inline }`,
 //! then, for a slot beyond the first `INLINE_SLOTS` that `inline` carries,
-//! `SLOTS[SlotKey { id, generation, slot }] -> SlotValue { backend, id }`.
+//! `SLOTS[SlotKey { id, generation, slot }] -> SlotValue { backend, id, flags }`.
 //! `BACKENDS[id] -> Backend` holds the live backends, for validating
 //! affinity entries (which remember a backend id). The agent writes a
 //! service's new slots under the generation that is not live, then flips the
 //! generation in one `SERVICES` update, so a program sees either the old or
-//! the new backend set, never a mix.
+//! the new backend set, never a mix. `ORIGINS[backend] -> frontend` names
+//! the one frontend per TCP backend whose connects need no per-socket
+//! record (its slots carry `SLOT_ORIGIN`).
 #![no_std]
 
 /// Address family markers in keys (not the kernel's AF_* values, which differ
@@ -37,6 +39,11 @@ pub const MAX_REVNAT: u32 = 262_144;
 /// Connections marked for termination at once (socket termination runs
 /// per change, with the backends that just left).
 pub const MAX_DOOMED: u32 = 16_384;
+/// TCP backends with an origin frontend (`maps::ORIGINS`). Entries outlive
+/// their backend for a while, so the table is sized for the addresses a
+/// cluster's pods cycle through; when it is full a new backend simply gets
+/// no origin and its connects keep a `PEERS` record.
+pub const MAX_ORIGINS: u32 = 262_144;
 
 /// Largest number of backends one service can have (slot numbers are u16).
 pub const MAX_SLOTS_PER_SERVICE: u32 = 65_535;
@@ -163,7 +170,14 @@ pub struct SlotKey {
 pub struct SlotValue {
     pub backend: Backend,
     pub id: u32,
+    /// `SLOT_ORIGIN`, or 0.
+    pub flags: u32,
 }
+
+/// `SlotValue::flags`: this frontend is the backend's origin (`ORIGINS`),
+/// so a TCP connect through it writes no `PEERS` record. Stable for the
+/// slot's life: an origin does not change while any frontend uses it.
+pub const SLOT_ORIGIN: u32 = 1;
 
 /// A backend (endpoint address and target port), network byte order.
 #[repr(C)]
@@ -215,8 +229,11 @@ pub struct RevNatValue {
     pub pad: [u8; 6],
 }
 
-/// What a connected socket (TCP, or UDP after connect) was sent to, kept in
-/// the socket's own storage: freed with the socket, no table to fill.
+/// What a connected socket (UDP after connect, or TCP not through its
+/// backend's origin: see `maps::ORIGINS`) was sent to, kept in the socket's
+/// own storage: freed with the socket, no table to fill. A TCP socket
+/// connected straight to a backend's address has one naming that address
+/// as both, so getpeername leaves it alone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerValue {
@@ -421,9 +438,18 @@ pub mod maps {
     /// `PeerValue -> u8`: connected sockets whose (frontend, backend) pair
     /// is in it are destroyed by the socket iterator (the backend left).
     pub const DOOMED: &str = "DOOMED";
-    /// Socket storage of `PeerValue`: each translated connected socket's
-    /// frontend and backend (getpeername, recvmsg, socket termination).
+    /// Socket storage of `PeerValue`: a connected socket's frontend and
+    /// backend (getpeername, recvmsg, socket termination), where `ORIGINS`
+    /// does not already tell them.
     pub const PEERS: &str = "PEERS";
+    /// `ServiceKey (a TCP backend) -> RevNatValue (a frontend)`: the
+    /// frontend a TCP socket connected to that backend without a `PEERS`
+    /// record is shown as. A connect through that frontend writes no
+    /// record (the socket-storage allocation is most of a connect's cost);
+    /// a connect through any other frontend, or straight to the backend's
+    /// address, does. The agent sets a backend's origin once, when it first
+    /// appears, and never changes it while it may be in use.
+    pub const ORIGINS: &str = "ORIGINS";
     /// `ServiceKey -> ExternalValue`: frontends of the TC path.
     pub const EXTERNAL: &str = "EXTERNAL";
     /// `u32 -> inner array of backend ids`: Maglev tables.

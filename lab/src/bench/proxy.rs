@@ -26,8 +26,15 @@ use plotters::prelude::*;
 use super::plot::{self, Series, draw_named, panel, register_font};
 
 const CLIENT_IP: &str = "10.201.0.1";
-const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 201, 0, 2), Ipv4Addr::new(10, 201, 0, 3)];
-const BACKEND_PORT: u16 = 8080;
+/// The server namespace's end of the veth: the client's next hop.
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+/// Every service has two backends of its own, as pods of a real cluster's
+/// services are: addresses from this range (local to the server namespace,
+/// which answers all of them), the first on one port and the second on the
+/// other, each port served by its own process.
+const BACKEND_NET: u32 = u32::from_be_bytes([10, 128, 0, 0]);
+const BACKEND_NET_PREFIX: u8 = 15;
+const BACKEND_PORTS: [u16; 2] = [8080, 8081];
 const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 1]);
 /// How many distinct services the client cycles through in one run, spread
 /// evenly over the table (so iptables' linear scan costs its average).
@@ -145,12 +152,21 @@ fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(VIP_BASE + i as u32)
 }
 
+/// The backends of the service numbered `i`.
+fn endpoints(i: usize) -> Vec<(Ipv4Addr, u16)> {
+    BACKEND_PORTS
+        .iter()
+        .enumerate()
+        .map(|(e, port)| (Ipv4Addr::from(BACKEND_NET + (2 * i + e) as u32), *port))
+        .collect()
+}
+
 fn bench_services(n: usize) -> Vec<BenchService> {
     (0..n)
         .map(|i| BenchService {
             vip: vip(i),
             port: 80,
-            endpoints: BACKENDS.iter().map(|b| (*b, BACKEND_PORT)).collect(),
+            endpoints: endpoints(i),
         })
         .collect()
 }
@@ -183,31 +199,39 @@ fn frontend(s: &BenchService) -> Frontend {
     }
 }
 
-/// What the client dials. Fresh state: 64 services spread over the table.
-/// Steady state: the one service in the middle of the table, so that every
-/// mode's connections share one destination's port range (the VIP for
+/// What the client dials: the services' addresses, or for direct their
+/// backends. Fresh state: 64 services spread over the table. Steady state:
+/// the one service in the middle of the table, so that every mode's
+/// connections share one destination's port range (the VIP for
 /// iptables/nftables, whose DNAT happens after the port is chosen; the
 /// backends for Skiff and direct), as one client talking to one service.
 fn targets(mode: Mode, n: usize, state: State) -> Vec<SocketAddr> {
+    let services = if state == State::Steady {
+        vec![n / 2]
+    } else {
+        let k = TARGETS.min(n);
+        let mut idx: Vec<usize> = (0..k)
+            .map(|j| (j * n / k + (n / k) / 2).min(n - 1))
+            .collect();
+        idx.dedup();
+        idx
+    };
     if mode == Mode::Direct {
-        return BACKENDS
-            .iter()
-            .map(|b| SocketAddr::from((*b, BACKEND_PORT)))
+        return services
+            .into_iter()
+            .flat_map(endpoints)
+            .map(SocketAddr::from)
             .collect();
     }
-    if state == State::Steady {
-        return vec![SocketAddr::from((vip(n / 2), 80))];
-    }
-    let k = TARGETS.min(n);
-    let mut idx: Vec<usize> = (0..k).map(|j| j * n / k + (n / k) / 2).collect();
-    idx.dedup();
-    idx.into_iter()
-        .map(|i| SocketAddr::from((vip(i.min(n - 1)), 80)))
+    services
+        .into_iter()
+        .map(|i| SocketAddr::from((vip(i), 80)))
         .collect()
 }
 
-/// A client namespace and a server namespace joined by a veth, two backend
-/// servers, and the client's cgroup. Dropped after each measurement.
+/// A client namespace and a server namespace joined by a veth, the backend
+/// servers (one per port, answering every backend address), and the
+/// client's cgroup. Dropped after each measurement.
 struct Topology {
     /// Held for their `Drop`: the backend servers and their namespace.
     _servers: Vec<Proc>,
@@ -226,9 +250,10 @@ impl Topology {
             &format!("{CLIENT_IP}/24"),
             &server,
             "sks0",
-            &format!("{}/24", BACKENDS[0]),
+            &format!("{SERVER_IP}/24"),
         );
-        server.ip(&["addr", "add", &format!("{}/24", BACKENDS[1]), "dev", "sks0"]);
+        let backend_net = format!("{}/{BACKEND_NET_PREFIX}", Ipv4Addr::from(BACKEND_NET));
+        server.ip(&["route", "add", "local", &backend_net, "dev", "lo"]);
         // A client that opens short connections to one service for long
         // wraps the port range while its old ports sit in TIME_WAIT (60 s):
         // without reuse, connects fall to about 1 000 per second (the range
@@ -237,24 +262,20 @@ impl Topology {
         // as a busy client host is set up to; before the range wraps it
         // changes nothing.
         client.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
-        // Service addresses route to the server side inside the client
-        // namespace only: the iptables and nftables modes need a route for
-        // the original destination before DNAT.
-        client.ip(&[
-            "route",
-            "add",
-            "10.96.0.0/12",
-            "via",
-            &BACKENDS[0].to_string(),
-        ]);
-        let servers = BACKENDS
+        // Service and backend addresses route to the server side inside
+        // the client namespace only: the iptables and nftables modes need a
+        // route for the original destination before DNAT.
+        for net in ["10.96.0.0/12", &backend_net] {
+            client.ip(&["route", "add", net, "via", &SERVER_IP.to_string()]);
+        }
+        let servers = BACKEND_PORTS
             .iter()
             .enumerate()
-            .map(|(i, b)| {
+            .map(|(i, port)| {
                 let mut p = Spawn::new(bin("skiff-probe"))
                     .args([
                         "serve-tcp",
-                        &format!("{b}:{BACKEND_PORT}"),
+                        &format!("0.0.0.0:{port}"),
                         &format!("backend-{i}"),
                     ])
                     .netns(&server)
@@ -371,7 +392,7 @@ fn program(mode: Mode, n: usize, topo: &Topology, scratch: &Path) -> Result<Prog
         .map(|j| BenchService {
             vip: vip(n + 1000 + j),
             port: 80,
-            endpoints: BACKENDS.iter().map(|b| (*b, BACKEND_PORT)).collect(),
+            endpoints: endpoints(n + 1000 + j),
         })
         .collect();
     match mode {

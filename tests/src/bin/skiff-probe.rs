@@ -8,7 +8,8 @@
 //! ```text
 //! skiff-probe serve-tcp ADDR NAME [ACCEPTORS]   skiff-probe serve-udp ADDR NAME
 //! skiff-probe tcp ADDR COUNT [FROM]      skiff-probe udp ADDR COUNT [TOS]
-//! skiff-probe session ADDR               (one connection; a request per stdin line)
+//! skiff-probe session ADDR               (one connection; a request per stdin line, or
+//!                                         `?peer`: the peer name the application sees)
 //! skiff-probe udp-size ADDR SIZE DF [BIG] (SIZE-byte datagrams, DF 1 or 0: answered, errnos, path
 //!                                         MTU; BIG 1: the answers as big, and their size)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
@@ -392,6 +393,14 @@ fn session(to: SocketAddr) -> Result<()> {
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
         let line = line?;
+        if line == "?peer" {
+            match writer.peer_addr() {
+                Ok(peer) => writeln!(out, "{peer}")?,
+                Err(e) => writeln!(out, "error: {:?}", e.kind())?,
+            }
+            out.flush()?;
+            continue;
+        }
         let answer = writer
             .write_all(format!("{line}\n").as_bytes())
             .and_then(|()| {
