@@ -989,6 +989,10 @@ fn an_upgrade_over_a_map_of_another_layout_replaces_the_map_and_the_programs() {
     let before = node.list();
     let (mut session, first) = web_session(&node);
     node.kill_agent();
+    // An agent from before backends had origins left no ORIGINS pin; the
+    // CLI still lists what it programmed.
+    std::fs::remove_file(node.pins.path.join("maps/ORIGINS")).expect("unpin ORIGINS");
+    assert_eq!(node.list(), before, "listed without ORIGINS");
     let services = node.pins.path.join("maps/SERVICES");
     let [kind, key, value, entries, flags] = pinned_layout(&services);
     assert_ne!(value, 16, "this agent's layout is not the old one");
@@ -1009,6 +1013,7 @@ fn an_upgrade_over_a_map_of_another_layout_replaces_the_map_and_the_programs() {
     );
     assert_eq!(pinned_layout(&services)[2], value, "SERVICES was replaced");
     assert_eq!(node.list(), before);
+    assert_eq!(node.map_entries("ORIGINS"), 3, "origins written anew");
     assert_eq!(session.ask("two"), first, "established connection");
     assert_spread(&node.tcp("10.96.0.10:80", 30), "10.96.0.10:80");
 

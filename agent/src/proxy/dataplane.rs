@@ -219,7 +219,10 @@ pub struct Tables {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, SlotValue>,
     backends: HashMap<MapData, u32, Backend>,
-    origins: HashMap<MapData, ServiceKey, RevNatValue>,
+    /// None where the pins predate it (`proxy list` over an older
+    /// agent's maps): then no backend gets an origin, and every connect
+    /// keeps its record.
+    origins: Option<HashMap<MapData, ServiceKey, RevNatValue>>,
 }
 
 impl Tables {
@@ -230,7 +233,10 @@ impl Tables {
             slots: HashMap::try_from(take(names::SLOTS)?).map_err(map_err(names::SLOTS))?,
             backends: HashMap::try_from(take(names::BACKENDS)?)
                 .map_err(map_err(names::BACKENDS))?,
-            origins: HashMap::try_from(take(names::ORIGINS)?).map_err(map_err(names::ORIGINS))?,
+            origins: match take(names::ORIGINS) {
+                Ok(map) => Some(HashMap::try_from(map).map_err(map_err(names::ORIGINS))?),
+                Err(_) => None,
+            },
         })
     }
 
@@ -487,7 +493,7 @@ impl Dataplane {
             let _ = tables.backends.remove(id);
         }
         let mut existing = Vec::new();
-        for entry in tables.origins.iter() {
+        for entry in tables.origins.iter().flat_map(HashMap::iter) {
             existing.push(entry.map_err(map_err(names::ORIGINS))?);
         }
         let origins = Origins::new(existing, origins::KEEP, Instant::now());
@@ -546,8 +552,10 @@ impl Dataplane {
         }
         for b in backends {
             let key = origins::key_of(b, frontend.family);
-            if let Some((key, value)) = self.origins.claim(key, frontend) {
-                match self.tables.origins.insert(key, value, 0) {
+            if let Some((key, value)) = self.origins.claim(key, frontend)
+                && let Some(map) = &mut self.tables.origins
+            {
+                match map.insert(key, value, 0) {
                     Ok(()) => self.origins.set(key, value),
                     Err(e) => debug!(error = %e, "no origin for a backend"),
                 }
@@ -586,7 +594,9 @@ impl Dataplane {
     /// Deletes origins no frontend has used for [`origins::KEEP`].
     fn expire_origins(&mut self) {
         for key in self.origins.expired(Instant::now()) {
-            let _ = self.tables.origins.remove(&key);
+            if let Some(map) = &mut self.tables.origins {
+                let _ = map.remove(&key);
+            }
         }
     }
 
