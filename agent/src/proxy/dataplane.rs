@@ -563,18 +563,6 @@ impl Dataplane {
         }
     }
 
-    /// A slot's flags: whether `frontend` is `backend`'s origin.
-    fn slot_flags(&self, frontend: &ServiceKey, backend: &Backend) -> u32 {
-        let origin = self.origins.get(&origins::key_of(backend, frontend.family));
-        if frontend.proto == PROTO_TCP
-            && origin.is_some_and(|o| o.addr == frontend.addr && o.port == frontend.port)
-        {
-            SLOT_ORIGIN
-        } else {
-            0
-        }
-    }
-
     /// `frontend` no longer uses `backends`.
     fn release_origins<'a>(
         &mut self,
@@ -669,20 +657,27 @@ impl Dataplane {
             list.push((bid, *b));
         }
         // 2. the slots of the generation that is not live
-        for (slot, (bid, backend)) in list.iter().enumerate() {
+        let values: Vec<SlotValue> = list
+            .iter()
+            .map(|(bid, backend)| SlotValue {
+                backend: *backend,
+                id: *bid,
+                flags: if self.origins.is_origin(&f.key, backend) {
+                    SLOT_ORIGIN
+                } else {
+                    0
+                },
+            })
+            .collect();
+        for (slot, v) in values.iter().enumerate() {
             let k = SlotKey {
                 service: id,
                 generation: generation as u16,
                 slot: slot as u16,
             };
-            let v = SlotValue {
-                backend: *backend,
-                id: *bid,
-                flags: self.slot_flags(&f.key, backend),
-            };
             self.tables
                 .slots
-                .insert(k, v, 0)
+                .insert(k, *v, 0)
                 .map_err(map_err(names::SLOTS))?;
         }
         let g = generation as usize;
@@ -696,12 +691,8 @@ impl Dataplane {
         gen_len[g] = list.len() as u16;
         // 3. the flip, carrying the first slots of the new generation
         let mut inline = [SlotValue::default(); INLINE_SLOTS];
-        for (slot, (bid, backend)) in inline.iter_mut().zip(&list) {
-            *slot = SlotValue {
-                backend: *backend,
-                id: *bid,
-                flags: self.slot_flags(&f.key, backend),
-            };
+        for (slot, v) in inline.iter_mut().zip(&values) {
+            *slot = *v;
         }
         let value = ServiceValue {
             id,

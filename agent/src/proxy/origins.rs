@@ -124,6 +124,15 @@ impl Origins {
     pub fn get(&self, key: &ServiceKey) -> Option<&RevNatValue> {
         self.of.get(key)
     }
+
+    /// Whether the TCP frontend `frontend` is `backend`'s origin, so its
+    /// connects to it need no socket record.
+    pub fn is_origin(&self, frontend: &ServiceKey, backend: &Backend) -> bool {
+        frontend.proto == PROTO_TCP
+            && self
+                .get(&key_of(backend, frontend.family))
+                .is_some_and(|o| o.addr == frontend.addr && o.port == frontend.port)
+    }
 }
 
 #[cfg(test)]
@@ -168,6 +177,8 @@ mod tests {
             "a second frontend writes nothing"
         );
         assert_eq!(o.get(&k).map(|v| v.addr), Some(frontend(1).addr));
+        assert!(o.is_origin(&frontend(1), &backend(1)));
+        assert!(!o.is_origin(&frontend(2), &backend(1)));
     }
 
     #[test]
