@@ -293,18 +293,6 @@ fn plain_service(name: &str, vip: &str, endpoints: &[(&str, &str, &str)]) -> Str
     )
 }
 
-/// The IPv6-only service `v6` at fd00:96::10, served by fd00:200::11.
-fn v6_service() -> String {
-    format!(
-        "{}---\n{}",
-        service(
-            "v6",
-            &format!("  clusterIP: fd00:96::10\n  ipFamilies: [IPv6]\n{WEB_PORTS}")
-        ),
-        slice("v6", "IPv6", &[ready("fd00:200::11")])
-    )
-}
-
 const WEB_PORTS: &str =
     "  ports:\n  - {name: http, port: 80, protocol: TCP}\n  - {name: dns, port: 53, protocol: UDP}";
 
@@ -812,7 +800,17 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
 fn ipv6_cluster_ip_is_translated() {
     let mut node = Node::new();
     node.backend("fd00:200::11", "v6");
-    node.write("v6.yaml", &v6_service());
+    node.write(
+        "v6.yaml",
+        &format!(
+            "{}---\n{}",
+            service(
+                "v6",
+                &format!("  clusterIP: fd00:96::10\n  ipFamilies: [IPv6]\n{WEB_PORTS}")
+            ),
+            slice("v6", "IPv6", &[ready("fd00:200::11")])
+        ),
+    );
     node.start_agent();
     node.wait_programmed("[fd00:96::10]:80/TCP", &["[fd00:200::11]:8080"]);
     let r = node.tcp("[fd00:96::10]:80", 5);
@@ -938,71 +936,6 @@ fn the_peer_name_is_what_was_dialled_with_or_without_a_socket_record() {
     let own = format!("{}:8080", B[gone]);
     assert_peers(&node.tcp(&own, 3), &own);
     assert_spread_over(&node.tcp("10.96.0.10:80", 20), "10.96.0.10:80", 2);
-}
-
-/// A connection made straight to a pod before the pod backed any Service
-/// keeps showing the pod as its peer once the pod is a backend with an
-/// origin frontend (whose own connects carry no socket record): the agent
-/// gives such sockets a record before it lets the origin skip one. IPv4,
-/// IPv4-mapped IPv6 and IPv6.
-#[test]
-fn a_connection_made_straight_to_a_pod_before_it_backed_a_service_still_shows_the_pod() {
-    let mut node = Node::new();
-    three_backends(&mut node);
-    node.backend("fd00:200::11", "v6");
-    node.write(
-        "web.yaml",
-        &plain_service("web", "10.96.0.10", &[ready(B[0])]),
-    );
-    node.start_agent();
-    node.wait_programmed("10.96.0.10:80/TCP", &["10.200.0.11:8080"]);
-    let dialled = [
-        ("10.200.0.12:8080", "b2"),
-        ("[::ffff:10.200.0.13]:8080", "b3"),
-        ("[fd00:200::11]:8080", "v6"),
-    ];
-    let mut sessions: Vec<Proc> = dialled
-        .iter()
-        .map(|(addr, name)| {
-            let mut s = Spawn::new(bin("skiff-probe"))
-                .args(["session", addr])
-                .netns(&node.ns)
-                .cgroup(&node.cg)
-                .start();
-            assert_eq!(s.ask("one"), *name, "{addr}");
-            assert_eq!(s.ask("?peer"), *addr);
-            s
-        })
-        .collect();
-
-    node.write(
-        "api.yaml",
-        &plain_service("api", "10.96.0.20", &[ready(B[1]), ready(B[2])]),
-    );
-    node.write("v6.yaml", &v6_service());
-    node.wait_programmed(
-        "10.96.0.20:80/TCP",
-        &["10.200.0.12:8080", "10.200.0.13:8080"],
-    );
-    node.wait_programmed("[fd00:96::10]:80/TCP", &["[fd00:200::11]:8080"]);
-    assert_eq!(
-        node.map_entries("ORIGINS"),
-        4,
-        "each TCP backend has an origin"
-    );
-    for (s, (addr, name)) in sessions.iter_mut().zip(dialled) {
-        assert_eq!(s.ask("two"), name, "{addr}");
-        assert_eq!(
-            s.ask("?peer"),
-            addr,
-            "a pod dialled before it backed a Service"
-        );
-    }
-    // Connects through the new origins show their frontend.
-    assert_spread_over(&node.tcp("10.96.0.20:80", 20), "10.96.0.20:80", 2);
-    assert_peers(&node.tcp("[fd00:96::10]:80", 5), "[fd00:96::10]:80");
-    // And a pod dialled now, as before.
-    assert_peers(&node.tcp("10.200.0.12:8080", 3), "10.200.0.12:8080");
 }
 
 /// Every request answered, by `n` backends, and the peer the application

@@ -334,9 +334,6 @@ pub struct Dataplane {
     /// Ends connected UDP sockets whose backend left (None where the
     /// kernel cannot: before 6.5).
     terminator: Option<super::terminate::Terminator>,
-    /// Marks sockets connected straight to a backend before it gets an
-    /// origin (None where it could not be loaded: then no backend gets one).
-    marker: Option<super::marker::Marker>,
     /// (frontend, backend) pairs that left since the last sync finished.
     left: Vec<PeerValue>,
     /// Links an earlier agent left, to get this agent's programs after the
@@ -480,13 +477,6 @@ impl Dataplane {
                 None
             }
         };
-        dp.marker = match super::marker::Marker::load(pin_dir, cgroup) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                warn!(error = %e, "no origins: every TCP connect through a Service keeps a socket record");
-                None
-            }
-        };
         Ok(dp)
     }
 
@@ -531,13 +521,12 @@ impl Dataplane {
             next_service_id,
             next_backend_id,
             terminator: None,
-            marker: None,
             left: Vec::new(),
             swaps: Vec::new(),
             origins,
         };
-        // What is programmed already uses its backends. One without an
-        // origin (an earlier agent had none) gets one at the next sync.
+        // What is programmed already uses its backends; one without an
+        // origin (an earlier agent had none) gets one now.
         let adopted: Vec<(ServiceKey, Vec<Backend>)> = dp
             .programmed
             .iter()
@@ -549,56 +538,10 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// Writes an origin for each TCP backend of `frontends` (service,
-    /// frontend) that has none: the first such frontend becomes it. Then
-    /// sockets already connected straight to those backends get a record
-    /// naming their peer, before any slot lets a connect through the new
-    /// origin go without one. Without a marker, or when marking fails, no
-    /// new origin stays, so connects keep writing records. A write the map
-    /// refuses (full) leaves the backend without one until the next sync.
-    fn prepare_origins<'a>(
-        &mut self,
-        frontends: impl IntoIterator<Item = (&'a str, &'a Frontend)>,
-    ) {
-        let Some(marker) = &mut self.marker else {
-            return;
-        };
-        let Some(map) = &mut self.tables.origins else {
-            return;
-        };
-        let now = Instant::now();
-        let mut fresh = Vec::new();
-        for (service, f) in frontends {
-            // A frontend another service owns is refused by the sync.
-            if f.key.proto != PROTO_TCP || self.owner.get(&f.key).is_some_and(|o| o != service) {
-                continue;
-            }
-            for b in &f.backends {
-                let key = origins::key_of(b, f.key.family);
-                if let Some((key, value)) = self.origins.offer(key, &f.key) {
-                    match map.insert(key, value, 0) {
-                        Ok(()) => {
-                            self.origins.set(key, value, now);
-                            fresh.push(key);
-                        }
-                        Err(e) => debug!(error = %e, "no origin for a backend"),
-                    }
-                }
-            }
-        }
-        if fresh.is_empty() {
-            return;
-        }
-        if let Err(e) = marker.mark(&fresh) {
-            warn!(error = %e, backends = fresh.len(), "marking sockets to new origins failed; they get none");
-            for key in &fresh {
-                let _ = map.remove(key);
-                self.origins.forget(key);
-            }
-        }
-    }
-
-    /// `frontend` now uses `backends` (TCP only).
+    /// `frontend` now uses `backends` (TCP only): each gets an origin if it
+    /// has none, written before any slot names it. A write the map refuses
+    /// (full) leaves the backend without one, so its connects keep writing
+    /// records, and the next claim tries again.
     fn claim_origins<'a>(
         &mut self,
         frontend: &ServiceKey,
@@ -608,7 +551,15 @@ impl Dataplane {
             return;
         }
         for b in backends {
-            self.origins.claim(origins::key_of(b, frontend.family));
+            let key = origins::key_of(b, frontend.family);
+            if let Some((key, value)) = self.origins.claim(key, frontend)
+                && let Some(map) = &mut self.tables.origins
+            {
+                match map.insert(key, value, 0) {
+                    Ok(()) => self.origins.set(key, value),
+                    Err(e) => debug!(error = %e, "no origin for a backend"),
+                }
+            }
         }
     }
 
@@ -822,7 +773,6 @@ impl Dataplane {
         service: &str,
         frontends: &[Frontend],
     ) -> Result<(usize, Vec<ServiceError>)> {
-        self.prepare_origins(frontends.iter().map(|f| (service, f)));
         let r = self.sync_one(service, frontends);
         self.terminate_left();
         self.expire_origins();
@@ -911,11 +861,6 @@ impl Dataplane {
                 changed += 1;
             }
         }
-        self.prepare_origins(
-            desired
-                .iter()
-                .flat_map(|(service, fs)| fs.iter().map(move |f| (service.as_str(), f))),
-        );
         let mut errors = Vec::new();
         for (service, frontends) in desired {
             let (n, e) = self.sync_one(service, frontends)?;

@@ -8,14 +8,11 @@
 //! and `watch` are the two sources. `run` wires a source to them; `list`
 //! prints what the pinned maps hold.
 
-pub mod btf;
 pub mod dataplane;
 pub mod external;
 pub mod health;
-pub mod iter;
 pub mod maglev;
 pub mod manifests;
-pub mod marker;
 pub mod model;
 pub mod origins;
 pub mod sys;

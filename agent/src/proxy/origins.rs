@@ -9,11 +9,8 @@
 //! through any other frontend, and connects straight to the backend's own
 //! address, still write one.
 //!
-//! A socket connected straight to the address before it had an origin has
-//! no record either; the agent gives such sockets one (`marker`) before any
-//! slot lets a connect through the new origin go without. And it is exact
-//! only while an origin never changes under a socket that relies on it, so
-//! an origin is set once and outlives its last frontend by
+//! That is exact only while an origin never changes under a socket that
+//! relies on it, so an origin is set once and outlives its last frontend by
 //! `keep`: a backend that leaves and comes back (readiness flapping, a
 //! rolling update that reuses the address) keeps it, and sockets that were
 //! connected through it before still show it.
@@ -64,15 +61,16 @@ impl Origins {
         }
     }
 
-    /// The entry to write when the backend `key` has no origin yet:
-    /// `frontend` would become it. The caller reports a write that
-    /// succeeded with [`Origins::set`]; one that failed is offered again
-    /// next time.
-    pub fn offer(
-        &self,
+    /// A TCP frontend `frontend` now uses the backend `key`. Returns the
+    /// entry to write first when the backend has no origin yet; the caller
+    /// reports a write that succeeded with [`Origins::set`].
+    pub fn claim(
+        &mut self,
         key: ServiceKey,
         frontend: &ServiceKey,
     ) -> Option<(ServiceKey, RevNatValue)> {
+        *self.users.entry(key).or_default() += 1;
+        self.unused_since.remove(&key);
         if self.of.contains_key(&key) {
             return None;
         }
@@ -86,24 +84,9 @@ impl Origins {
         ))
     }
 
-    /// The map now holds `value` for `key`. Unused until claimed.
-    pub fn set(&mut self, key: ServiceKey, value: RevNatValue, now: Instant) {
+    /// The map now holds `value` for `key`.
+    pub fn set(&mut self, key: ServiceKey, value: RevNatValue) {
         self.of.insert(key, value);
-        if !self.users.contains_key(&key) {
-            self.unused_since.insert(key, now);
-        }
-    }
-
-    /// Forgets an origin the caller took out of the map again.
-    pub fn forget(&mut self, key: &ServiceKey) {
-        self.of.remove(key);
-        self.unused_since.remove(key);
-    }
-
-    /// A TCP frontend now uses the backend `key`.
-    pub fn claim(&mut self, key: ServiceKey) {
-        *self.users.entry(key).or_default() += 1;
-        self.unused_since.remove(&key);
     }
 
     /// A TCP frontend no longer uses the backend `key`.
@@ -175,66 +158,49 @@ mod tests {
         }
     }
 
-    /// Backend 1 with frontend 1 as its origin, not claimed yet.
-    fn one_origin(t0: Instant, keep: Duration) -> (Origins, ServiceKey) {
-        let mut o = Origins::new([], keep, t0);
-        let k = key_of(&backend(1), FAMILY_V4);
-        let (key, v) = o.offer(k, &frontend(1)).expect("new");
-        o.set(key, v, t0);
-        (o, k)
-    }
-
     #[test]
     fn the_first_frontend_becomes_the_origin_and_later_ones_do_not_move_it() {
         let now = Instant::now();
         let mut o = Origins::new([], KEEP, now);
         let k = key_of(&backend(1), FAMILY_V4);
         let (key, v) = o
-            .offer(k, &frontend(1))
+            .claim(k, &frontend(1))
             .expect("a new backend gets an origin");
         assert_eq!(
             (key, v.addr, v.port),
             (k, frontend(1).addr, frontend(1).port)
         );
-        o.set(key, v, now);
-        o.claim(k);
+        o.set(key, v);
         assert_eq!(
-            o.offer(k, &frontend(2)),
+            o.claim(k, &frontend(2)),
             None,
             "a second frontend writes nothing"
         );
-        o.claim(k);
         assert_eq!(o.get(&k).map(|v| v.addr), Some(frontend(1).addr));
         assert!(o.is_origin(&frontend(1), &backend(1)));
         assert!(!o.is_origin(&frontend(2), &backend(1)));
     }
 
     #[test]
-    fn a_failed_write_is_offered_again_and_a_forgotten_origin_is_gone() {
+    fn a_failed_write_is_tried_again_by_the_next_claim() {
         let now = Instant::now();
         let mut o = Origins::new([], KEEP, now);
         let k = key_of(&backend(1), FAMILY_V4);
-        assert!(o.offer(k, &frontend(1)).is_some());
+        assert!(o.claim(k, &frontend(1)).is_some());
         // Not set: the map refused it (full).
-        assert!(o.offer(k, &frontend(2)).is_some());
+        assert!(o.claim(k, &frontend(2)).is_some());
         assert_eq!(o.get(&k), None);
-        let (key, v) = o.offer(k, &frontend(1)).expect("offered");
-        o.set(key, v, now);
-        // Taken out again (its sockets could not be marked).
-        o.forget(&k);
-        assert_eq!(o.get(&k), None);
-        assert!(
-            o.expired(now + KEEP * 2).is_empty(),
-            "nothing left to expire"
-        );
     }
 
     #[test]
     fn an_origin_outlives_its_last_frontend_by_keep_and_a_return_keeps_it() {
-        let (t0, keep) = (Instant::now(), Duration::from_secs(60));
-        let (mut o, k) = one_origin(t0, keep);
-        o.claim(k);
-        o.claim(k);
+        let t0 = Instant::now();
+        let keep = Duration::from_secs(60);
+        let mut o = Origins::new([], keep, t0);
+        let k = key_of(&backend(1), FAMILY_V4);
+        let (key, v) = o.claim(k, &frontend(1)).expect("new");
+        o.set(key, v);
+        o.claim(k, &frontend(2));
         o.release(k, t0);
         assert!(
             o.expired(t0 + keep * 2).is_empty(),
@@ -246,22 +212,13 @@ mod tests {
             "kept for `keep`"
         );
         // Back before it expired: the same origin, and the clock stops.
-        assert_eq!(o.offer(k, &frontend(3)), None);
-        o.claim(k);
+        assert_eq!(o.claim(k, &frontend(3)), None);
         assert!(o.expired(t0 + keep * 10).is_empty());
         o.release(k, t0 + keep * 10);
         assert_eq!(o.expired(t0 + keep * 11), vec![k]);
         assert_eq!(o.get(&k), None);
-        let (_, v) = o.offer(k, &frontend(3)).expect("expired: a new origin");
+        let (_, v) = o.claim(k, &frontend(3)).expect("expired: a new origin");
         assert_eq!(v.addr, frontend(3).addr);
-    }
-
-    #[test]
-    fn an_origin_set_but_never_claimed_expires() {
-        let (t0, keep) = (Instant::now(), Duration::from_secs(60));
-        let (mut o, k) = one_origin(t0, keep);
-        assert!(o.expired(t0 + keep / 2).is_empty());
-        assert_eq!(o.expired(t0 + keep), vec![k]);
     }
 
     #[test]
@@ -277,8 +234,7 @@ mod tests {
         };
         let mut o = Origins::new([(k1, old(frontend(1))), (k2, old(frontend(2)))], keep, t0);
         // Still served through another frontend: the earlier origin stays.
-        assert_eq!(o.offer(k1, &frontend(9)), None);
-        o.claim(k1);
+        assert_eq!(o.claim(k1, &frontend(9)), None);
         assert_eq!(o.get(&k1).map(|v| v.addr), Some(frontend(1).addr));
         assert_eq!(o.expired(t0 + keep), vec![k2]);
     }

@@ -52,35 +52,6 @@ pub fn put64(buf: &mut [u8], off: usize, v: u64) {
     buf[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
-/// The instruction codes the hand-assembled programs use.
-pub mod op {
-    pub const LDX_DW: u8 = 0x79;
-    pub const LDX_W: u8 = 0x61;
-    pub const LDX_H: u8 = 0x69;
-    pub const STX_DW: u8 = 0x7b;
-    pub const STX_W: u8 = 0x63;
-    pub const STX_H: u8 = 0x6b;
-    pub const ST_DW: u8 = 0x7a;
-    pub const ST_W: u8 = 0x62;
-    pub const ST_B: u8 = 0x72;
-    pub const JA: u8 = 0x05;
-    pub const JEQ_K: u8 = 0x15;
-    pub const JNE_K: u8 = 0x55;
-    /// `JNE_K` on the low 32 bits (`BPF_JMP32`): compares with the
-    /// immediate as a u32, not sign-extended to 64 bits.
-    pub const JNE32_K: u8 = 0x56;
-    pub const LD_IMM64: u8 = 0x18;
-    pub const MOV_X: u8 = 0xbf;
-    pub const MOV_K: u8 = 0xb7;
-    pub const ADD_K: u8 = 0x07;
-    pub const CALL: u8 = 0x85;
-    pub const EXIT: u8 = 0x95;
-    /// Helper ids (`CALL`'s immediate).
-    pub const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
-    pub const HELPER_SK_STORAGE_GET: i32 = 107;
-    pub const HELPER_SKC_TO_TCP_SOCK: i32 = 137;
-}
-
 /// One `struct bpf_insn`.
 pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     u64::from(code)
