@@ -641,6 +641,50 @@ impl Dataplane {
             .copied()
             .collect();
         self.claim_origins(&f.key, &new);
+        let (list, value) = match self.write_generation(f, id, generation, &mut gen_len, &kept) {
+            Ok(written) => written,
+            Err(e) => {
+                // Not served: the claims go back, so these origins can expire.
+                self.release_origins(&f.key, &new);
+                return Err(e);
+            }
+        };
+        // 4. backends that left
+        let now: BTreeSet<u32> = list.iter().map(|(bid, _)| *bid).collect();
+        let mut gone = Vec::new();
+        for (bid, b) in &old_backends {
+            if !now.contains(bid) {
+                let _ = self.tables.backends.remove(bid);
+                if f.key.proto == PROTO_UDP {
+                    self.left.push(peer_of(&f.key, b));
+                }
+                gone.push(*b);
+            }
+        }
+        self.release_origins(&f.key, &gone);
+        debug!(frontend = %frontend_string(&f.key), backends = list.len(), "programmed");
+        self.programmed.insert(
+            f.key,
+            Programmed {
+                value,
+                backends: list,
+                gen_len,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Steps 1 – 3 of [`Dataplane::upsert`]: the frontend's backends
+    /// (new ones get ids and `BACKENDS` entries), the slots of `generation`
+    /// (the one not live), and the flip that makes it live.
+    fn write_generation(
+        &mut self,
+        f: &Frontend,
+        id: u32,
+        generation: u32,
+        gen_len: &mut [u16; 2],
+        kept: &StdHashMap<Backend, u32>,
+    ) -> Result<(Vec<(u32, Backend)>, ServiceValue)> {
         let mut list = Vec::with_capacity(f.backends.len());
         for b in &f.backends {
             let bid = match kept.get(b) {
@@ -705,29 +749,7 @@ impl Dataplane {
             .services
             .insert(f.key, value, 0)
             .map_err(map_err(names::SERVICES))?;
-        // 4. backends that left
-        let now: BTreeSet<u32> = list.iter().map(|(bid, _)| *bid).collect();
-        let mut gone = Vec::new();
-        for (bid, b) in &old_backends {
-            if !now.contains(bid) {
-                let _ = self.tables.backends.remove(bid);
-                if f.key.proto == PROTO_UDP {
-                    self.left.push(peer_of(&f.key, b));
-                }
-                gone.push(*b);
-            }
-        }
-        self.release_origins(&f.key, &gone);
-        debug!(frontend = %frontend_string(&f.key), backends = list.len(), "programmed");
-        self.programmed.insert(
-            f.key,
-            Programmed {
-                value,
-                backends: list,
-                gen_len,
-            },
-        );
-        Ok(true)
+        Ok((list, value))
     }
 
     /// Removes a frontend: the entry clients look up first, then what it
