@@ -31,7 +31,7 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use skiff_ebpf_common::{
-    Backend, INLINE_SLOTS, PROTO_TCP, PROTO_UDP, PeerValue, RevNatValue, SLOT_ORIGIN, ServiceKey,
+    Backend, INLINE_SLOTS, PROTO_UDP, PeerValue, RevNatValue, SLOT_ORIGIN, ServiceKey,
     ServiceValue, SlotKey, SlotValue, maps as names,
 };
 use tracing::{debug, info, warn};
@@ -547,11 +547,7 @@ impl Dataplane {
         frontend: &ServiceKey,
         backends: impl IntoIterator<Item = &'a Backend>,
     ) {
-        if frontend.proto != PROTO_TCP {
-            return;
-        }
-        for b in backends {
-            let key = origins::key_of(b, frontend.family);
+        for key in origins::keys_of(frontend, backends) {
             if let Some((key, value)) = self.origins.claim(key, frontend)
                 && let Some(map) = &mut self.tables.origins
             {
@@ -569,13 +565,9 @@ impl Dataplane {
         frontend: &ServiceKey,
         backends: impl IntoIterator<Item = &'a Backend>,
     ) {
-        if frontend.proto != PROTO_TCP {
-            return;
-        }
         let now = Instant::now();
-        for b in backends {
-            self.origins
-                .release(origins::key_of(b, frontend.family), now);
+        for key in origins::keys_of(frontend, backends) {
+            self.origins.release(key, now);
         }
     }
 

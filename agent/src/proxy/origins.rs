@@ -15,7 +15,7 @@
 //! rolling update that reuses the address) keeps it, and sockets that were
 //! connected through it before still show it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use skiff_ebpf_common::{Backend, PROTO_TCP, RevNatValue, ServiceKey};
@@ -34,12 +34,32 @@ pub fn key_of(backend: &Backend, family: u8) -> ServiceKey {
     }
 }
 
+/// The `ORIGINS` keys of `backends` as `frontend` reaches them: none
+/// unless it is TCP.
+pub fn keys_of<'a, I>(
+    frontend: &ServiceKey,
+    backends: I,
+) -> impl Iterator<Item = ServiceKey> + use<'a, I>
+where
+    I: IntoIterator<Item = &'a Backend>,
+{
+    let (tcp, family) = (frontend.proto == PROTO_TCP, frontend.family);
+    backends
+        .into_iter()
+        .filter(move |_| tcp)
+        .map(move |b| key_of(b, family))
+}
+
 /// What `ORIGINS` holds, and which TCP frontends use each backend.
 #[derive(Debug)]
 pub struct Origins {
     of: HashMap<ServiceKey, RevNatValue>,
     users: HashMap<ServiceKey, u32>,
     unused_since: HashMap<ServiceKey, Instant>,
+    /// `unused_since`'s entries in the order they were made (times never go
+    /// back), so expiry looks only at the oldest; an entry a claim has
+    /// since removed or a later release replaced is skipped there.
+    queue: VecDeque<(Instant, ServiceKey)>,
     keep: Duration,
 }
 
@@ -53,10 +73,12 @@ impl Origins {
     ) -> Self {
         let of: HashMap<_, _> = existing.into_iter().collect();
         let unused_since = of.keys().map(|k| (*k, now)).collect();
+        let queue = of.keys().map(|k| (now, *k)).collect();
         Self {
             of,
             users: HashMap::new(),
             unused_since,
+            queue,
             keep,
         }
     }
@@ -99,23 +121,26 @@ impl Origins {
             self.users.remove(&key);
             if self.of.contains_key(&key) {
                 self.unused_since.insert(key, now);
+                self.queue.push_back((now, key));
             }
         }
     }
 
     /// Origins unused for longer than `keep`, forgotten here; the caller
-    /// deletes them from the map.
+    /// deletes them from the map. Runs after every sync, so it looks only
+    /// at the entries old enough to be due.
     pub fn expired(&mut self, now: Instant) -> Vec<ServiceKey> {
-        let keep = self.keep;
-        let gone: Vec<ServiceKey> = self
-            .unused_since
-            .iter()
-            .filter(|(_, since)| now.saturating_duration_since(**since) >= keep)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &gone {
-            self.unused_since.remove(k);
-            self.of.remove(k);
+        let mut gone = Vec::new();
+        while let Some(&(since, key)) = self.queue.front() {
+            if now.saturating_duration_since(since) < self.keep {
+                break;
+            }
+            self.queue.pop_front();
+            if self.unused_since.get(&key) == Some(&since) {
+                self.unused_since.remove(&key);
+                self.of.remove(&key);
+                gone.push(key);
+            }
         }
         gone
     }
@@ -179,6 +204,18 @@ mod tests {
         assert_eq!(o.get(&k).map(|v| v.addr), Some(frontend(1).addr));
         assert!(o.is_origin(&frontend(1), &backend(1)));
         assert!(!o.is_origin(&frontend(2), &backend(1)));
+    }
+
+    #[test]
+    fn only_tcp_frontends_key_their_backends() {
+        let b = [backend(1), backend(2)];
+        let keys: Vec<_> = keys_of(&frontend(1), &b).collect();
+        assert_eq!(keys, [key_of(&b[0], FAMILY_V4), key_of(&b[1], FAMILY_V4)]);
+        let udp = ServiceKey {
+            proto: skiff_ebpf_common::PROTO_UDP,
+            ..frontend(1)
+        };
+        assert_eq!(keys_of(&udp, &b).count(), 0);
     }
 
     #[test]
