@@ -17,7 +17,9 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
        skiff-lab bench-proxy [--sizes 1,1000,10000,50000] [--rounds 3] [--conns 8000]
                              [--steady-conns 40000] [--steady-sizes 1,10000] [--threads 2]
                              [--modes direct,skiff,iptables,nftables] [--nft-max 10000]
-                             [--pairs 0] [--chunk 2000] [--hooked false] [--out target/bench]
+                             [--pairs 0] [--chunk 2000] [--hooked false]
+                             [--together false] [--window-ms 300] [--control false]
+                             [--out target/bench]
        skiff-lab bench-control [--nodes 1000,5000] [--sched-pods 3000] [--pods 1000,10000]
                                [--samples 300] [--rounds 3] [--ha-writes 2000] [--ha-rounds 3]
                                [--job-pods 1000] [--hpa-rounds 3] [--dashboard-pods 1000]
@@ -25,7 +27,8 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
        skiff-lab bench-net [--rounds 3] [--seconds 5] [--cni-calls 100] [--leases 100,1000]
                            [--knobs veth-gro,underlay-gro,udp-gro-forwarding,no-tunnel-offload,
                                     no-bridge-netfilter,notrack|none]
-                           [--parts throughput,cni,convergence] [--out target/bench]
+                           [--parts throughput,turns,cni,convergence] [--turns 8]
+                           [--turn-seconds 1] [--out target/bench]
        skiff-lab bench-kubelet [--singles 50] [--batch 30] [--batches 2] [--exits 30]
                                [--idle-pods 100] [--idle-seconds 30] [--rounds 2]
                                [--runtimes runc,crun] [--out target/bench]
@@ -79,6 +82,9 @@ fn bench_args(argv: &[String]) -> Result<proxy::Args> {
         pairs: 0,
         chunk: 2_000,
         hooked: false,
+        together: false,
+        window_ms: 300,
+        control: false,
     };
     each_flag(argv, |flag, value| {
         match flag {
@@ -93,6 +99,9 @@ fn bench_args(argv: &[String]) -> Result<proxy::Args> {
             "--pairs" => a.pairs = value.parse().context("--pairs")?,
             "--chunk" => a.chunk = value.parse().context("--chunk")?,
             "--hooked" => a.hooked = value.parse().context("--hooked: true or false")?,
+            "--together" => a.together = value.parse().context("--together: true or false")?,
+            "--window-ms" => a.window_ms = value.parse().context("--window-ms")?,
+            "--control" => a.control = value.parse().context("--control: true or false")?,
             "--modes" => {
                 a.modes = value
                     .split(',')
@@ -108,6 +117,17 @@ fn bench_args(argv: &[String]) -> Result<proxy::Args> {
     })?;
     if a.sizes.contains(&0) {
         bail!("--sizes: every size must be at least 1");
+    }
+    if a.together && a.hooked {
+        bail!(
+            "--hooked: only with --together false (the empty-hook arm takes its turn in a sequence)"
+        );
+    }
+    if a.control && !a.together {
+        bail!("--control: only with --together true");
+    }
+    if a.together && a.window_ms == 0 {
+        bail!("--window-ms: at least 1");
     }
     if a.chunk < a.threads.max(1) {
         bail!(
@@ -167,6 +187,8 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
         leases: vec![100, 1_000],
         knobs: knobs::Knob::ALL.to_vec(),
         parts: net::PARTS.map(String::from).to_vec(),
+        turns: 8,
+        turn_seconds: 1,
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
@@ -174,6 +196,8 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
             "--rounds" => a.rounds = value.parse().context("--rounds")?,
             "--seconds" => a.seconds = value.parse().context("--seconds")?,
             "--cni-calls" => a.cni_calls = value.parse().context("--cni-calls")?,
+            "--turns" => a.turns = value.parse().context("--turns")?,
+            "--turn-seconds" => a.turn_seconds = value.parse().context("--turn-seconds")?,
             "--leases" => a.leases = list(value, "--leases")?,
             "--knobs" => {
                 a.knobs = value
@@ -193,8 +217,8 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
         }
         Ok(true)
     })?;
-    if a.rounds == 0 || a.seconds == 0 || a.cni_calls == 0 {
-        bail!("--rounds, --seconds and --cni-calls must be at least 1");
+    if a.rounds == 0 || a.seconds == 0 || a.cni_calls == 0 || a.turns == 0 || a.turn_seconds == 0 {
+        bail!("--rounds, --seconds, --cni-calls, --turns and --turn-seconds must be at least 1");
     }
     Ok(a)
 }

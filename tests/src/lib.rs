@@ -142,6 +142,19 @@ impl Drop for TempDir {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds. Every process on the machine reads the
+/// same clock (network namespaces do not change it), so one process can
+/// tell others an instant to start at.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(
     what: &str,

@@ -4,6 +4,9 @@
 //! - Throughput (iperf3, TCP): pod to pod across two nodes over vxlan and
 //!   over host-gw, and node to node on the underlay (the limit). Modes are
 //!   interleaved per round; every measurement gets fresh pods.
+//! - Turns: vxlan and host-gw (as shipped) in short runs taking turns on
+//!   the same pods, seconds apart, for a ratio the machine's drift moves
+//!   less.
 //! - CNI latency: ADD and DEL of `skiff-cni` and of the reference plugins
 //!   (`bridge` with `host-local`) doing the same job (bridge, veth, address,
 //!   default route), each in a fresh node namespace, rounds interleaved.
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use skiff_tests::overlay::{Cluster, Node, Pod};
-use skiff_tests::{Netns, Spawn, TempDir, bin, unique};
+use skiff_tests::{Netns, Proc, Spawn, TempDir, bin, unique};
 
 use super::knobs::Knob;
 use super::stats::{busy_seconds, median_ci, pct, summary};
@@ -31,11 +34,14 @@ pub struct Args {
     pub knobs: Vec<Knob>,
     /// Which of [`PARTS`] to run.
     pub parts: Vec<String>,
+    /// The turns part: turns per round, and each run's length.
+    pub turns: usize,
+    pub turn_seconds: u32,
     pub out: PathBuf,
 }
 
 /// The parts of the benchmark, each run on its own with `--parts`.
-pub const PARTS: [&str; 3] = ["throughput", "cni", "convergence"];
+pub const PARTS: [&str; 4] = ["throughput", "turns", "cni", "convergence"];
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.245.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -54,13 +60,28 @@ struct Run {
 /// One iperf3 run from `client` to `server_ip` in `server`.
 fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Result<Run> {
     let log = TempDir::new();
+    let _server = iperf_server(server, server_ip, &log, true);
+    iperf_client(client, server_ip, seconds)
+}
+
+/// An iperf3 server on `server_ip` in `server`, for one client (`once`) or
+/// for any number in turn; it stops when the returned process is dropped.
+fn iperf_server(server: &Netns, server_ip: &str, log: &TempDir, once: bool) -> Proc {
+    let mut args = vec!["-s", "-B", server_ip, "-p", "5201"];
+    if once {
+        args.push("-1");
+    }
     // Its output goes to a file: iperf3 does not flush a pipe, so there is
     // no banner to wait for; the client retries until the server listens.
-    let _server = Spawn::new("iperf3")
-        .args(["-s", "-1", "-B", server_ip, "-p", "5201"])
+    Spawn::new("iperf3")
+        .args(args)
         .netns(server)
         .log_to(&log.path.join("iperf3.log"))
-        .start();
+        .start()
+}
+
+/// One iperf3 client run from `client` to the server on `server_ip`.
+fn iperf_client(client: &Netns, server_ip: &str, seconds: u32) -> Result<Run> {
     let mut last = Err(anyhow::anyhow!("iperf3 did not run"));
     for _ in 0..20 {
         let busy_before = busy_seconds();
@@ -180,19 +201,7 @@ fn throughput(args: &Args) -> Result<Value> {
     hg.start_all(&[]);
     let mut hk = Cluster::new(2, HOST_GW);
     hk.start_all(&["--fast-path", "false"]);
-    for c in [&vx, &vk, &hg, &hk] {
-        Routes::of(&c.nodes[0])?.wait_until(
-            "a route to the other node",
-            Duration::from_millis(20),
-            |n| n >= 1,
-        )?;
-    }
-    // The fast path attaches to the bridge the first pod makes: make it
-    // now, so that no round runs before it is there.
-    for n in vx.nodes.iter().chain(&hg.nodes) {
-        let p = n.add_pod();
-        let _ = n.cni("DEL", &p.ns, &p.id);
-    }
+    ready(&[&vx, &vk, &hg, &hk])?;
     let mut modes = vec![
         Mode::Node,
         Mode::HostGw,
@@ -236,6 +245,128 @@ fn throughput(args: &Args) -> Result<Value> {
     doc.insert("samples".into(), json!(results));
     doc.insert("cpu_ms_per_gbit".into(), json!(cpu));
     Ok(Value::Object(doc))
+}
+
+/// Waits until each cluster's first node routes to the other, and makes
+/// and removes a pod on every node: the fast path attaches to the bridge
+/// the first pod makes, so that no measurement runs before it is there.
+fn ready(clusters: &[&Cluster]) -> Result<()> {
+    for c in clusters {
+        Routes::of(&c.nodes[0])?.wait_until(
+            "a route to the other node",
+            Duration::from_millis(20),
+            |n| n >= 1,
+        )?;
+        for n in &c.nodes {
+            let p = n.add_pod();
+            let _ = n.cni("DEL", &p.ns, &p.id);
+        }
+    }
+    Ok(())
+}
+
+/// vxlan and host-gw, both as shipped, in turns: per round one pod pair
+/// in each cluster and an iperf3 server in each, then `turns` times one
+/// `turn_seconds` run of each (vxlan first in even turns, host-gw first in
+/// odd ones). The two are measured seconds apart on the same pods, where
+/// the throughput part's runs of the two are about 15 s apart with other
+/// modes and fresh pods between them, and the machine's speed moves in
+/// that time. A round's ratio is its vxlan runs' mean rate over its
+/// host-gw runs' mean.
+fn turns(args: &Args) -> Result<Value> {
+    eprintln!(
+        "turns: vxlan and host-gw (both as shipped), {} turns of {} s per round",
+        args.turns, args.turn_seconds
+    );
+    let mut vx = Cluster::new(2, VXLAN);
+    vx.start_all(&[]);
+    let mut hg = Cluster::new(2, HOST_GW);
+    hg.start_all(&[]);
+    ready(&[&vx, &hg])?;
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut ratios = Vec::new();
+    for round in 0..args.rounds {
+        let pods: Vec<(&Cluster, Pod, Pod)> = [&vx, &hg]
+            .into_iter()
+            .map(|c| (c, c.nodes[0].add_pod(), c.nodes[1].add_pod()))
+            .collect();
+        let log = TempDir::new();
+        let servers: Vec<Proc> = pods
+            .iter()
+            .map(|(_, _, b)| iperf_server(&b.ns, &b.ip, &log, false))
+            .collect();
+        let mut round_rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut result = Ok(());
+        'turns: for turn in 0..args.turns {
+            let order = if turn % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let (_, a, b) = &pods[i];
+                match iperf_client(&a.ns, &b.ip, args.turn_seconds) {
+                    Ok(run) => round_rates[i].push(run.gbits),
+                    Err(e) => {
+                        result = Err(e);
+                        break 'turns;
+                    }
+                }
+            }
+        }
+        drop(servers);
+        for (c, a, b) in &pods {
+            for (n, p) in [(&c.nodes[0], a), (&c.nodes[1], b)] {
+                let _ = n.cni("DEL", &p.ns, &p.id);
+            }
+        }
+        result?;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let ratio = mean(&round_rates[0]) / mean(&round_rates[1]).max(1e-9);
+        eprintln!(
+            "  round {}: vxlan {:.2}, host-gw {:.2} Gbit/s (means of {} turns), ratio {ratio:.3}",
+            round + 1,
+            mean(&round_rates[0]),
+            mean(&round_rates[1]),
+            args.turns
+        );
+        ratios.push(ratio);
+        for (all, these) in rates.iter_mut().zip(round_rates) {
+            all.extend(these);
+        }
+    }
+    Ok(json!({
+        "turn_seconds": args.turn_seconds,
+        "turns": args.turns,
+        "vxlan": rates[0],
+        "host_gw": rates[1],
+        "round_ratios": ratios,
+    }))
+}
+
+/// The turns part's table; returns the median of the rounds' ratios.
+fn print_turns(tp: &Value) -> f64 {
+    let list = |k: &str| -> Vec<f64> {
+        tp[k]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let ratios = sorted(&list("round_ratios"));
+    let (lo, hi) = median_ci(&ratios);
+    let m = pct(&ratios, 0.5);
+    println!(
+        "\nvxlan ÷ host-gw in turns ({} rounds of {} turns of {} s, both as shipped, same pods per round)",
+        ratios.len(),
+        tp["turns"],
+        tp["turn_seconds"]
+    );
+    println!("| ratio | median | min – max | 95 % CI | vxlan Gbit/s | host-gw Gbit/s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| vxlan ÷ host-gw (target ≥ 0.9) | {m:.3} | {:.3} – {:.3} | {lo:.3} – {hi:.3} | {:.2} | {:.2} |",
+        ratios.first().copied().unwrap_or(0.0),
+        ratios.last().copied().unwrap_or(0.0),
+        pct(&sorted(&list("vxlan")), 0.5),
+        pct(&sorted(&list("host_gw")), 0.5),
+    );
+    m
 }
 
 /// Counts a node's overlay routes over one netlink socket opened in its
@@ -540,6 +671,13 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         json!({})
     };
+    let turned = if part("turns") {
+        let t = turns(args)?;
+        ratios.insert("vxlan_over_host_gw_in_turns".into(), json!(print_turns(&t)));
+        t
+    } else {
+        json!({})
+    };
     let cni = if part("cni") {
         eprintln!("CNI latency");
         let cni = cni_latency(args)?;
@@ -572,8 +710,11 @@ pub fn run(args: &Args) -> Result<()> {
             "leases": args.leases,
             "knobs": args.knobs.iter().map(|k| k.name()).collect::<Vec<_>>(),
             "parts": args.parts,
+            "turns": args.turns,
+            "turn_seconds": args.turn_seconds,
         },
         "throughput": tp,
+        "turns": turned,
         "cni": cni,
         "convergence": conv,
         "ratios": ratios,

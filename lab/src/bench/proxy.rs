@@ -66,6 +66,13 @@ pub struct Args {
     /// A third arm in each pair: direct's load through an empty connect
     /// program (the floor any socket-level translation starts from).
     pub hooked: bool,
+    /// Each pair's two loads at the same time instead of one after the
+    /// other: both run `window_ms` from one instant, each from its own
+    /// cgroup, and count the connections they complete in that window.
+    pub together: bool,
+    pub window_ms: u64,
+    /// With `together`: both arms direct (a control of the method).
+    pub control: bool,
 }
 
 impl Args {
@@ -199,6 +206,21 @@ fn frontend(s: &BenchService) -> Frontend {
     }
 }
 
+/// Length of direct's list of destinations. Its backends are picked at
+/// random, not in turn: with no proxy at all, dialling a service's two
+/// backends strictly in turn ran 1.2 - 1.8 % more connections per second
+/// than picking at random (side by side, `--together`), which a direct
+/// baseline in turn would count against every proxy.
+const DIRECT_PICKS: usize = 1024;
+
+/// SplitMix64's output function: well-spread bits from a counter.
+fn mix(i: u64) -> u64 {
+    let mut z = i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// What the client dials: the services' addresses, or for direct their
 /// backends. Fresh state: 64 services spread over the table. Steady state:
 /// the one service in the middle of the table, so that every mode's
@@ -217,10 +239,15 @@ fn targets(mode: Mode, n: usize, state: State) -> Vec<SocketAddr> {
         idx
     };
     if mode == Mode::Direct {
-        return services
-            .into_iter()
-            .flat_map(endpoints)
-            .map(SocketAddr::from)
+        // The services in the same turn as the other modes dial them, each
+        // time one of its backends at random, as Skiff, iptables and
+        // nftables pick one per connection. The same sequence every run.
+        return (0..DIRECT_PICKS.max(services.len()))
+            .map(|j| {
+                let backends = endpoints(services[j % services.len()]);
+                let pick = (mix(j as u64) >> 32) % backends.len() as u64;
+                SocketAddr::from(backends[pick as usize])
+            })
             .collect();
     }
     services
@@ -781,7 +808,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let paired_summary = summarize_pairs(&pairs);
     if !paired_summary.is_empty() {
-        print_pairs(&paired_summary);
+        print_pairs(&paired_summary, args);
     }
     if !costs.is_empty() {
         println!("\nprogram cost (kernel.bpf_stats_enabled, a load of its own)");
@@ -809,6 +836,7 @@ pub fn run(args: &Args) -> Result<()> {
             "steady_conns": args.steady_conns, "steady_sizes": args.steady_sizes,
             "threads": args.threads, "nft_max": args.nft_max,
             "pairs": args.pairs, "chunk": args.chunk,
+            "together": args.together, "window_ms": args.window_ms, "control": args.control,
         },
         "summary": summary,
         "paired": paired_summary,
@@ -834,12 +862,14 @@ const FRESH_BUDGET: u64 = 24_000;
 const PAIR_PAUSE_MS: u64 = 100;
 
 /// One pair: a skiff load and a direct load, a few hundred milliseconds
-/// apart, in the same namespaces and port-range state.
+/// apart or at the same time, in the same namespaces and port-range state.
 #[derive(Debug, Serialize)]
 pub(super) struct Pair {
     pub services: usize,
     pub state: State,
     pub skiff_first: bool,
+    /// The two loads ran at the same time (`--together`).
+    pub together: bool,
     pub skiff: Load,
     pub direct: Load,
     /// Direct's load through an empty connect program (`--hooked`).
@@ -868,15 +898,12 @@ pub struct PairedSummary {
 
 /// `pairs` pairs at `n` services: skiff's client in the programmed cgroup
 /// dials the services, direct's in a cgroup without programs dials the
-/// backends, alternating (which goes first alternates too) in one client
-/// namespace, so that both share the machine's moment, the port-range
-/// state and the neighbour cache. The fresh state takes a new topology
-/// before the port range could wrap; the steady state wraps it first.
+/// backends, in one client namespace, so that both share the port-range
+/// state and the neighbour cache. One after the other (which goes first
+/// alternates too), or with `--together` at the same time. The fresh state
+/// takes a new topology before the port range could wrap; the steady state
+/// wraps it first.
 fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
-    let per_topology = match state {
-        State::Fresh => (FRESH_BUDGET / (2 * args.chunk.max(1))).max(1) as usize,
-        State::Steady => args.pairs,
-    };
     let mut out = Vec::with_capacity(args.pairs);
     while out.len() < args.pairs {
         settle();
@@ -884,6 +911,7 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
         let topo = Topology::new();
         let programmed = program(Mode::Skiff, n, &topo, &scratch.path)?;
         let plain = Cgroup::new();
+        let control = args.control.then(Cgroup::new);
         let hook = if args.hooked {
             let cg = Cgroup::new();
             let link = empty_connect_hook(&cg)?;
@@ -901,56 +929,100 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
             direct_load(&plain, args.steady_conns)?;
         }
         settle();
-        let take = per_topology.min(args.pairs - out.len());
-        for _ in 0..take {
-            // Which arm goes first alternates; with the empty-hook arm, the
-            // three take each place in turn (a load's place in the
-            // sequence moves its rate by a few percent).
-            let arms = if hook.is_some() { 3 } else { 2 };
-            let first = out.len() % arms;
-            let skiff_first = first == 0;
-            let mut loads: [Option<Load>; 3] = [None, None, None];
-            for k in 0..arms {
-                let arm = (first + k) % arms;
-                std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
-                loads[arm] = Some(match (arm, &hook) {
-                    (0, _) => topo.load(&services, args.chunk, args.threads)?,
-                    (2, Some((cg, _))) => direct_load(cg, args.chunk)?,
-                    _ => direct_load(&plain, args.chunk)?,
-                });
+        // Connections this topology has taken, and the last pair's.
+        let (mut used, mut last) = (0u64, 0u64);
+        loop {
+            if out.len() >= args.pairs
+                || (state == State::Fresh && used > 0 && used + last > FRESH_BUDGET)
+            {
+                break;
             }
-            let [Some(skiff), Some(direct), hooked] = loads else {
-                bail!("a pair's skiff or direct load is missing");
+            let pair = if args.together {
+                std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
+                let start = skiff_tests::monotonic_ns() + WINDOW_LEAD_MS * 1_000_000;
+                let window = |cg: &Cgroup, to: &[SocketAddr]| {
+                    probe_window(&topo.client, cg, to, start, args.window_ms, args.threads)
+                };
+                // With `--control`, the first arm is direct's load too, from a
+                // plain cgroup of its own: what the method reads when the two
+                // arms do the same.
+                let (first_cg, first_to) = match &control {
+                    Some(cg) => (cg, &direct),
+                    None => (&topo.cg, &services),
+                };
+                let (skiff, direct) = std::thread::scope(|scope| {
+                    let skiff = scope.spawn(|| window(first_cg, first_to));
+                    let direct = window(&plain, &direct);
+                    let skiff = skiff
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the skiff load's thread panicked"));
+                    (skiff, direct)
+                });
+                Pair {
+                    services: n,
+                    state,
+                    skiff_first: false,
+                    together: true,
+                    skiff: skiff??,
+                    direct: direct?,
+                    hooked: None,
+                }
+            } else {
+                // Which arm goes first alternates; with the empty-hook arm,
+                // the three take each place in turn (a load's place in the
+                // sequence moves its rate by a few percent).
+                let arms = if hook.is_some() { 3 } else { 2 };
+                let first = out.len() % arms;
+                let mut loads: [Option<Load>; 3] = [None, None, None];
+                for k in 0..arms {
+                    let arm = (first + k) % arms;
+                    std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
+                    loads[arm] = Some(match (arm, &hook) {
+                        (0, _) => topo.load(&services, args.chunk, args.threads)?,
+                        (2, Some((cg, _))) => direct_load(cg, args.chunk)?,
+                        _ => direct_load(&plain, args.chunk)?,
+                    });
+                }
+                let [Some(skiff), Some(direct), hooked] = loads else {
+                    bail!("a pair's skiff or direct load is missing");
+                };
+                Pair {
+                    services: n,
+                    state,
+                    skiff_first: first == 0,
+                    together: false,
+                    skiff,
+                    direct,
+                    hooked,
+                }
             };
             eprintln!(
                 "  {n:>6} services  {:<6} pair {:>3}: skiff {:>7.0} conn/s {:>5.1} us cpu  direct {:>7.0} conn/s {:>5.1} us cpu  ratio {:.3}",
                 format!("{state:?}").to_lowercase(),
                 out.len(),
-                skiff.rate,
-                skiff.cpu_us,
-                direct.rate,
-                direct.cpu_us,
-                skiff.rate / direct.rate
+                pair.skiff.rate,
+                pair.skiff.cpu_us,
+                pair.direct.rate,
+                pair.direct.cpu_us,
+                pair.skiff.rate / pair.direct.rate
             );
-            if let Some(h) = &hooked {
+            if let Some(h) = &pair.hooked {
                 eprintln!(
                     "  {:>36} empty hook {:>7.0} conn/s {:>5.1} us cpu  ratio to direct {:.3}",
                     "",
                     h.rate,
                     h.cpu_us,
-                    h.rate / direct.rate
+                    h.rate / pair.direct.rate
                 );
             }
-            out.push(Pair {
-                services: n,
-                state,
-                skiff_first,
-                skiff,
-                direct,
-                hooked,
-            });
+            last = pair.skiff.connections
+                + pair.direct.connections
+                + pair.hooked.as_ref().map_or(0, |h| h.connections);
+            used += last;
+            out.push(pair);
         }
         drop(hook);
+        drop(control);
         // The programs detach (pins removed) before the cgroups and
         // namespaces go.
         drop(programmed);
@@ -958,6 +1030,36 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
         drop(topo);
     }
     Ok(out)
+}
+
+/// How far ahead of now two side-by-side loads are told to start: time
+/// for both processes to start and join their namespace and cgroup.
+const WINDOW_LEAD_MS: u64 = 150;
+
+/// Runs `skiff-probe load-window` in `ns` and `cg` against `targets`: the
+/// connections completed in the `window_ms` from `start_ns`.
+fn probe_window(
+    ns: &Netns,
+    cg: &Cgroup,
+    targets: &[SocketAddr],
+    start_ns: u64,
+    window_ms: u64,
+    threads: u64,
+) -> Result<Load> {
+    let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+    let out = Spawn::new(bin("skiff-probe"))
+        .args([
+            "load-window".to_string(),
+            list.join(","),
+            start_ns.to_string(),
+            window_ms.to_string(),
+            threads.to_string(),
+        ])
+        .netns(ns)
+        .cgroup(cg)
+        .try_output()
+        .map_err(anyhow::Error::msg)?;
+    serde_json::from_str(&out).with_context(|| format!("load-window output {out:?}"))
 }
 
 /// Attaches a connect4 program that only says "proceed" to `cg`: what
@@ -1028,9 +1130,29 @@ fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
         .collect()
 }
 
-fn print_pairs(summary: &[PairedSummary]) {
+fn print_pairs(summary: &[PairedSummary], args: &Args) {
+    let (title, how) = match (args.together, args.control) {
+        (false, _) => (
+            "skiff and direct alternating in one topology",
+            "each pair two loads a few hundred ms apart in the same namespaces".to_string(),
+        ),
+        (true, false) => (
+            "skiff and direct side by side in one topology",
+            format!(
+                "each pair two loads running the same {} ms, their threads on the same CPUs",
+                args.window_ms
+            ),
+        ),
+        (true, true) => (
+            "control: direct and direct side by side (--control; \"skiff\" is a second direct load)",
+            format!(
+                "each pair two loads running the same {} ms, their threads on the same CPUs",
+                args.window_ms
+            ),
+        ),
+    };
     println!(
-        "\npaired: skiff and direct alternating in one topology\n{:<7} {:>8} {:>6} {:>7} {:>17} {:>13} {:>9} {:>17} {:>7}",
+        "\npaired: {title}\n{:<7} {:>8} {:>6} {:>7} {:>17} {:>13} {:>9} {:>17} {:>7}",
         "state",
         "services",
         "pairs",
@@ -1071,7 +1193,7 @@ fn print_pairs(summary: &[PairedSummary]) {
         }
     }
     println!(
-        "ratio = median over pairs of skiff's conn/s / direct's, each pair two loads a few hundred ms apart in the same namespaces; client cpu = the client process's own CPU per connection (skiff / direct), cpu ratio = median over pairs of direct's / skiff's"
+        "ratio = median over pairs of skiff's conn/s / direct's, {how}; client cpu = the client process's own CPU per connection (skiff / direct), cpu ratio = median over pairs of direct's / skiff's"
     );
 }
 
@@ -1167,4 +1289,51 @@ fn plot_results(summary: &[Summary], path: &Path) -> Result<()> {
     draw_modes(&mut chart, &series, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_dials_the_services_in_the_same_turn_and_their_backends_at_random() {
+        for (n, state) in [
+            (1, State::Fresh),
+            (50_000, State::Fresh),
+            (1_000, State::Steady),
+        ] {
+            let services = targets(Mode::Skiff, n, state);
+            let direct = targets(Mode::Direct, n, state);
+            assert!(direct.len() >= services.len());
+            // Entry j of direct's list is a backend of the service the
+            // other modes dial at the same place in their (shorter) cycle.
+            let index = |vip: &SocketAddr| match vip.ip() {
+                std::net::IpAddr::V4(a) => (u32::from(a) - VIP_BASE) as usize,
+                std::net::IpAddr::V6(_) => unreachable!("the bench's services are IPv4"),
+            };
+            for (j, to) in direct.iter().enumerate() {
+                let svc = index(&services[j % services.len()]);
+                assert!(
+                    endpoints(svc)
+                        .into_iter()
+                        .map(SocketAddr::from)
+                        .any(|b| b == *to),
+                    "{to} is not a backend of service {svc}"
+                );
+            }
+            // Not in turn: each backend is dialled about as often, and a
+            // service's next pick repeats the last one about half the time.
+            let first = SocketAddr::from(endpoints(index(&services[0]))[0]);
+            let picks: Vec<bool> = direct
+                .iter()
+                .step_by(services.len())
+                .map(|to| *to == first)
+                .collect();
+            let ones = picks.iter().filter(|p| **p).count() as f64 / picks.len() as f64;
+            let repeats =
+                picks.windows(2).filter(|w| w[0] == w[1]).count() as f64 / (picks.len() - 1) as f64;
+            assert!((0.3..0.7).contains(&ones), "first backend share {ones}");
+            assert!((0.3..0.7).contains(&repeats), "repeat share {repeats}");
+        }
+    }
 }

@@ -13,6 +13,8 @@
 //! skiff-probe udp-size ADDR SIZE DF [BIG] (SIZE-byte datagrams, DF 1 or 0: answered, errnos, path
 //!                                         MTU; BIG 1: the answers as big, and their size)
 //! skiff-probe load ADDR[,ADDR...] CONNS THREADS
+//! skiff-probe load-window ADDR[,ADDR...] START_NS MS THREADS  (connections completed in the
+//!                                         MS ms from START_NS, CLOCK_MONOTONIC: side by side)
 //! skiff-probe keepalive ADDR[,ADDR...] REQUESTS THREADS  (one kept-alive connection per thread)
 //! skiff-probe in-cluster                 (kube-rs from inside a pod: who am I, my namespace's pods)
 //! skiff-probe flows FIRST_PORT COUNT     (COUNT connections from fixed source ports; per stdin
@@ -447,6 +449,16 @@ fn print_load(
     started: Instant,
     cpu_before: f64,
 ) -> Result<()> {
+    print_load_over(handles, || started.elapsed().as_secs_f64(), cpu_before)
+}
+
+/// As `print_load`, the rate over the seconds `seconds` gives once every
+/// thread is done.
+fn print_load_over(
+    handles: Vec<std::thread::JoinHandle<(Vec<f64>, u64)>>,
+    seconds: impl FnOnce() -> f64,
+    cpu_before: f64,
+) -> Result<()> {
     let mut all = Vec::new();
     let mut errors = 0;
     for h in handles {
@@ -456,7 +468,7 @@ fn print_load(
         all.extend(lat);
         errors += e;
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = seconds();
     all.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         if all.is_empty() {
@@ -506,6 +518,82 @@ fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
         })
         .collect();
     print_load(handles, started, cpu_before)
+}
+
+/// Pins the calling thread to CPU `t` modulo the CPUs this process may
+/// use: two side-by-side loads put their threads on the same CPUs, so
+/// neither gets the quieter one. Best effort.
+fn pin_to_cpu(t: usize) {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let Ok(allowed) = sched_getaffinity(Pid::from_raw(0)) else {
+        return;
+    };
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|c| allowed.is_set(*c).unwrap_or(false))
+        .collect();
+    let mut set = CpuSet::new();
+    if cpus.is_empty() || set.set(cpus[t % cpus.len()]).is_err() {
+        return;
+    }
+    let _ = sched_setaffinity(Pid::from_raw(0), &set);
+}
+
+/// How late after its window opened a windowed load may start.
+const WINDOW_LATE_NS: u64 = 20_000_000;
+
+/// Windowed load, for two loads measured side by side (each from its own
+/// cgroup): every thread waits for the instant `start_ns` (CLOCK_MONOTONIC),
+/// then makes connections, cycling over the targets, until `window_ms`
+/// later. Only connections completed inside the window count, and the
+/// rate is over the window, so two loads given the same instant share the
+/// machine's every moment.
+fn load_window(targets: &[SocketAddr], start_ns: u64, window_ms: u64, threads: u64) -> Result<()> {
+    if targets.is_empty() || threads == 0 || window_ms == 0 {
+        bail!("load-window needs at least one target, one thread and a window");
+    }
+    let now = skiff_tests::monotonic_ns();
+    if now > start_ns + WINDOW_LATE_NS {
+        bail!(
+            "started {} ms after its window opened",
+            (now - start_ns) / 1_000_000
+        );
+    }
+    let end_ns = start_ns + window_ms * 1_000_000;
+    let sleep_until = |t: u64| {
+        let now = skiff_tests::monotonic_ns();
+        if t > now {
+            std::thread::sleep(Duration::from_nanos(t - now));
+        }
+    };
+    let handles: Vec<_> = (0..threads as usize)
+        .map(|t| {
+            let targets = targets.to_vec();
+            std::thread::spawn(move || {
+                pin_to_cpu(t);
+                sleep_until(start_ns);
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                let mut i = t;
+                loop {
+                    let s = Instant::now();
+                    let result = request(targets[i % targets.len()]);
+                    if skiff_tests::monotonic_ns() >= end_ns {
+                        break;
+                    }
+                    match result {
+                        Ok(_) => lat.push(s.elapsed().as_secs_f64() * 1e6),
+                        Err(_) => errors += 1,
+                    }
+                    i += threads as usize;
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    sleep_until(start_ns);
+    let cpu_before = own_cpu_seconds();
+    print_load_over(handles, || window_ms as f64 / 1e3, cpu_before)
 }
 
 /// Requests on kept-alive connections: each thread opens one connection
@@ -795,6 +883,18 @@ fn main() -> Result<()> {
                 &targets,
                 arg(&args, 2, "CONNS")?.parse()?,
                 arg(&args, 3, "THREADS")?.parse()?,
+            )
+        }
+        "load-window" => {
+            let targets = arg(&args, 1, "ADDR[,ADDR...]")?
+                .split(',')
+                .map(addr)
+                .collect::<Result<Vec<_>>>()?;
+            load_window(
+                &targets,
+                arg(&args, 2, "START_NS")?.parse()?,
+                arg(&args, 3, "MS")?.parse()?,
+                arg(&args, 4, "THREADS")?.parse()?,
             )
         }
         "keepalive" => {
