@@ -28,7 +28,7 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
                            [--knobs veth-gro,underlay-gro,udp-gro-forwarding,no-tunnel-offload,
                                     no-bridge-netfilter,notrack|none]
                            [--parts throughput,turns,cni,convergence] [--turns 8]
-                           [--turn-seconds 1] [--out target/bench]
+                           [--turn-seconds 1] [--pin false] [--out target/bench]
        skiff-lab bench-kubelet [--singles 50] [--batch 30] [--batches 2] [--exits 30]
                                [--idle-pods 100] [--idle-seconds 30] [--rounds 2]
                                [--runtimes runc,crun] [--out target/bench]
@@ -189,6 +189,7 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
         parts: net::PARTS.map(String::from).to_vec(),
         turns: 8,
         turn_seconds: 1,
+        pin: false,
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
@@ -198,6 +199,7 @@ fn net_args(argv: &[String]) -> Result<net::Args> {
             "--cni-calls" => a.cni_calls = value.parse().context("--cni-calls")?,
             "--turns" => a.turns = value.parse().context("--turns")?,
             "--turn-seconds" => a.turn_seconds = value.parse().context("--turn-seconds")?,
+            "--pin" => a.pin = value.parse().context("--pin: true or false")?,
             "--leases" => a.leases = list(value, "--leases")?,
             "--knobs" => {
                 a.knobs = value

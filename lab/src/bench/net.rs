@@ -37,6 +37,10 @@ pub struct Args {
     /// The turns part: turns per round, and each run's length.
     pub turns: usize,
     pub turn_seconds: u32,
+    /// The turns part: iperf3's client and server each on a CPU of its
+    /// own, as the two ends would be on two machines (the two swap CPUs
+    /// every round).
+    pub pin: bool,
     pub out: PathBuf,
 }
 
@@ -61,7 +65,7 @@ struct Run {
 fn iperf(server: &Netns, client: &Netns, server_ip: &str, seconds: u32) -> Result<Run> {
     let log = TempDir::new();
     let _server = iperf_server(server, server_ip, &log, true);
-    iperf_client(client, server_ip, seconds)
+    iperf_client(client, server_ip, seconds, None)
 }
 
 /// An iperf3 server on `server_ip` in `server`, for one client (`once`) or
@@ -80,23 +84,32 @@ fn iperf_server(server: &Netns, server_ip: &str, log: &TempDir, once: bool) -> P
         .start()
 }
 
-/// One iperf3 client run from `client` to the server on `server_ip`.
-fn iperf_client(client: &Netns, server_ip: &str, seconds: u32) -> Result<Run> {
+/// One iperf3 client run from `client` to the server on `server_ip`;
+/// with `pin`, the client on the first CPU and the server on the second.
+fn iperf_client(
+    client: &Netns,
+    server_ip: &str,
+    seconds: u32,
+    pin: Option<(usize, usize)>,
+) -> Result<Run> {
     let mut last = Err(anyhow::anyhow!("iperf3 did not run"));
+    let mut args: Vec<String> = [
+        "-c",
+        server_ip,
+        "-p",
+        "5201",
+        "-t",
+        &seconds.to_string(),
+        "-J",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some((c, s)) = pin {
+        args.extend(["-A".to_string(), format!("{c},{s}")]);
+    }
     for _ in 0..20 {
         let busy_before = busy_seconds();
-        let out = Spawn::new("iperf3")
-            .args([
-                "-c",
-                server_ip,
-                "-p",
-                "5201",
-                "-t",
-                &seconds.to_string(),
-                "-J",
-            ])
-            .netns(client)
-            .try_output();
+        let out = Spawn::new("iperf3").args(&args).netns(client).try_output();
         match out {
             Ok(text) => {
                 let v: Value = serde_json::from_str(&text).context("iperf3 -J output")?;
@@ -275,8 +288,14 @@ fn ready(clusters: &[&Cluster]) -> Result<()> {
 /// host-gw runs' mean.
 fn turns(args: &Args) -> Result<Value> {
     eprintln!(
-        "turns: vxlan and host-gw (both as shipped), {} turns of {} s per round",
-        args.turns, args.turn_seconds
+        "turns: vxlan and host-gw (both as shipped), {} turns of {} s per round{}",
+        args.turns,
+        args.turn_seconds,
+        if args.pin {
+            ", iperf3 client and server pinned to two CPUs (swapped each round)"
+        } else {
+            ""
+        }
     );
     let mut vx = Cluster::new(2, VXLAN);
     vx.start_all(&[]);
@@ -285,7 +304,17 @@ fn turns(args: &Args) -> Result<Value> {
     ready(&[&vx, &hg])?;
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut ratios = Vec::new();
+    let cpus = if args.pin {
+        allowed_cpus()?
+    } else {
+        Vec::new()
+    };
     for round in 0..args.rounds {
+        // Pinned: client and server on two CPUs, swapping each round.
+        let pin = args.pin.then(|| {
+            let (c, s) = (cpus[round % 2], cpus[(round + 1) % 2]);
+            (c, s)
+        });
         let pods: Vec<(&Cluster, Pod, Pod)> = [&vx, &hg]
             .into_iter()
             .map(|c| (c, c.nodes[0].add_pod(), c.nodes[1].add_pod()))
@@ -301,7 +330,7 @@ fn turns(args: &Args) -> Result<Value> {
             let order = if turn % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
                 let (_, a, b) = &pods[i];
-                match iperf_client(&a.ns, &b.ip, args.turn_seconds) {
+                match iperf_client(&a.ns, &b.ip, args.turn_seconds, pin) {
                     Ok(run) => round_rates[i].push(run.gbits),
                     Err(e) => {
                         result = Err(e);
@@ -332,12 +361,30 @@ fn turns(args: &Args) -> Result<Value> {
         }
     }
     Ok(json!({
+        "pinned": args.pin,
         "turn_seconds": args.turn_seconds,
         "turns": args.turns,
         "vxlan": rates[0],
         "host_gw": rates[1],
         "round_ratios": ratios,
     }))
+}
+
+/// The first two CPUs this process may run on (the turns part's `--pin`).
+fn allowed_cpus() -> Result<Vec<usize>> {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    let set = sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("sched_getaffinity")?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|c| set.is_set(*c).unwrap_or(false))
+        .take(2)
+        .collect();
+    if cpus.len() < 2 {
+        bail!(
+            "--pin true: needs two CPUs, this process may use {}",
+            cpus.len()
+        );
+    }
+    Ok(cpus)
 }
 
 /// The turns part's table; returns the median of the rounds' ratios.
@@ -352,10 +399,15 @@ fn print_turns(tp: &Value) -> f64 {
     let (lo, hi) = median_ci(&ratios);
     let m = pct(&ratios, 0.5);
     println!(
-        "\nvxlan ÷ host-gw in turns ({} rounds of {} turns of {} s, both as shipped, same pods per round)",
+        "\nvxlan ÷ host-gw in turns ({} rounds of {} turns of {} s, both as shipped, same pods per round{})",
         ratios.len(),
         tp["turns"],
-        tp["turn_seconds"]
+        tp["turn_seconds"],
+        if tp["pinned"].as_bool() == Some(true) {
+            ", iperf3 pinned"
+        } else {
+            ""
+        }
     );
     println!("| ratio | median | min – max | 95 % CI | vxlan Gbit/s | host-gw Gbit/s |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
@@ -712,6 +764,7 @@ pub fn run(args: &Args) -> Result<()> {
             "parts": args.parts,
             "turns": args.turns,
             "turn_seconds": args.turn_seconds,
+            "pin": args.pin,
         },
         "throughput": tp,
         "turns": turned,
