@@ -46,6 +46,11 @@ fn addr(s: &str) -> Result<SocketAddr> {
     s.parse().with_context(|| format!("{s:?} is not ADDR:PORT"))
 }
 
+/// `ADDR:PORT[,ADDR:PORT...]`.
+fn addrs(s: &str) -> Result<Vec<SocketAddr>> {
+    s.split(',').map(addr).collect()
+}
+
 /// Acceptor threads per TCP server. Each serves its connection inline, so
 /// no thread is spawned per connection (spawning would cost more than the
 /// dataplane being measured) and bursts to one backend do not queue.
@@ -875,10 +880,7 @@ fn main() -> Result<()> {
             arg(&args, 2, "SECONDS")?.parse()?,
         ),
         "load" => {
-            let targets = arg(&args, 1, "ADDR[,ADDR...]")?
-                .split(',')
-                .map(addr)
-                .collect::<Result<Vec<_>>>()?;
+            let targets = addrs(arg(&args, 1, "ADDR[,ADDR...]")?)?;
             load(
                 &targets,
                 arg(&args, 2, "CONNS")?.parse()?,
@@ -886,10 +888,7 @@ fn main() -> Result<()> {
             )
         }
         "load-window" => {
-            let targets = arg(&args, 1, "ADDR[,ADDR...]")?
-                .split(',')
-                .map(addr)
-                .collect::<Result<Vec<_>>>()?;
+            let targets = addrs(arg(&args, 1, "ADDR[,ADDR...]")?)?;
             load_window(
                 &targets,
                 arg(&args, 2, "START_NS")?.parse()?,
@@ -898,10 +897,7 @@ fn main() -> Result<()> {
             )
         }
         "keepalive" => {
-            let targets = arg(&args, 1, "ADDR[,ADDR...]")?
-                .split(',')
-                .map(addr)
-                .collect::<Result<Vec<_>>>()?;
+            let targets = addrs(arg(&args, 1, "ADDR[,ADDR...]")?)?;
             keepalive(
                 &targets,
                 arg(&args, 2, "REQUESTS")?.parse()?,
