@@ -208,10 +208,17 @@ fn node_port(i: usize) -> u16 {
 
 fn targets(mode: Mode, case: Case, n: usize) -> Vec<SocketAddr> {
     if mode == Mode::Direct {
-        return case
-            .backends()
-            .iter()
-            .map(|b| SocketAddr::from((*b, BACKEND_PORT)))
+        // One of the backends at random per connection, as Skiff and
+        // iptables spread flows (strict turns alone read faster, see
+        // `proxy::DIRECT_PICKS`).
+        let backends = case.backends();
+        return (0..super::proxy::DIRECT_PICKS)
+            .map(|j| {
+                SocketAddr::from((
+                    backends[super::stats::pick(j, backends.len())],
+                    BACKEND_PORT,
+                ))
+            })
             .collect();
     }
     let k = TARGETS.min(n);

@@ -211,15 +211,7 @@ fn frontend(s: &BenchService) -> Frontend {
 /// backends strictly in turn ran 1.2 - 1.8 % more connections per second
 /// than picking at random (side by side, `--together`), which a direct
 /// baseline in turn would count against every proxy.
-const DIRECT_PICKS: usize = 1024;
-
-/// SplitMix64's output function: well-spread bits from a counter.
-fn mix(i: u64) -> u64 {
-    let mut z = i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub(super) const DIRECT_PICKS: usize = 1024;
 
 /// What the client dials: the services' addresses, or for direct their
 /// backends. Fresh state: 64 services spread over the table. Steady state:
@@ -245,8 +237,7 @@ fn targets(mode: Mode, n: usize, state: State) -> Vec<SocketAddr> {
         return (0..DIRECT_PICKS.max(services.len()))
             .map(|j| {
                 let backends = endpoints(services[j % services.len()]);
-                let pick = (mix(j as u64) >> 32) % backends.len() as u64;
-                SocketAddr::from(backends[pick as usize])
+                SocketAddr::from(backends[super::stats::pick(j, backends.len())])
             })
             .collect();
     }

@@ -2,6 +2,19 @@
 
 use serde_json::{Value, json};
 
+/// The `i`th of a fixed sequence of picks among `n` (n > 0), spread as
+/// random ones (SplitMix64's output function of `i`): the same sequence
+/// every run.
+pub fn pick(i: usize, n: usize) -> usize {
+    let mut z = (i as u64)
+        .wrapping_add(1)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    ((z >> 32) % n.max(1) as u64) as usize
+}
+
 /// The `p` quantile (0..=1) of an ascending slice; 0 when empty.
 pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
