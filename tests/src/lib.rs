@@ -142,6 +142,18 @@ impl Drop for TempDir {
     }
 }
 
+/// The CPUs the calling thread may run on, in order (empty if that cannot
+/// be read).
+pub fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    let Ok(set) = sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|c| set.is_set(*c).unwrap_or(false))
+        .collect()
+}
+
 /// CLOCK_MONOTONIC in nanoseconds. Every process on the machine reads the
 /// same clock (network namespaces do not change it), so one process can
 /// tell others an instant to start at.

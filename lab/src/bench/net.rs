@@ -80,7 +80,7 @@ fn iperf_server(server: &Netns, server_ip: &str, log: &TempDir, once: bool) -> P
     Spawn::new("iperf3")
         .args(args)
         .netns(server)
-        .log_to(&log.path.join("iperf3.log"))
+        .log_to(&log.path.join(format!("iperf3-{server_ip}.log")))
         .start()
 }
 
@@ -304,17 +304,10 @@ fn turns(args: &Args) -> Result<Value> {
     ready(&[&vx, &hg])?;
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut ratios = Vec::new();
-    let cpus = if args.pin {
-        allowed_cpus()?
-    } else {
-        Vec::new()
-    };
+    let cpus = if args.pin { Some(two_cpus()?) } else { None };
     for round in 0..args.rounds {
         // Pinned: client and server on two CPUs, swapping each round.
-        let pin = args.pin.then(|| {
-            let (c, s) = (cpus[round % 2], cpus[(round + 1) % 2]);
-            (c, s)
-        });
+        let pin = cpus.map(|c| (c[round % 2], c[(round + 1) % 2]));
         let pods: Vec<(&Cluster, Pod, Pod)> = [&vx, &hg]
             .into_iter()
             .map(|c| (c, c.nodes[0].add_pod(), c.nodes[1].add_pod()))
@@ -371,20 +364,14 @@ fn turns(args: &Args) -> Result<Value> {
 }
 
 /// The first two CPUs this process may run on (the turns part's `--pin`).
-fn allowed_cpus() -> Result<Vec<usize>> {
-    use nix::sched::{CpuSet, sched_getaffinity};
-    let set = sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("sched_getaffinity")?;
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|c| set.is_set(*c).unwrap_or(false))
-        .take(2)
-        .collect();
-    if cpus.len() < 2 {
-        bail!(
+fn two_cpus() -> Result<[usize; 2]> {
+    match skiff_tests::allowed_cpus()[..] {
+        [a, b, ..] => Ok([a, b]),
+        ref few => bail!(
             "--pin true: needs two CPUs, this process may use {}",
-            cpus.len()
-        );
+            few.len()
+        ),
     }
-    Ok(cpus)
 }
 
 /// The turns part's table; returns the median of the rounds' ratios.

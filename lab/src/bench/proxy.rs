@@ -333,14 +333,22 @@ pub(super) fn probe_load(
     count: u64,
     threads: u64,
 ) -> Result<Load> {
+    run_probe(ns, cg, kind, targets, &[count, threads])
+}
+
+/// `skiff-probe <kind> ADDR[,ADDR...] <rest...>` in `ns` (and `cg`): the
+/// load it prints.
+fn run_probe(
+    ns: &Netns,
+    cg: Option<&Cgroup>,
+    kind: &str,
+    targets: &[SocketAddr],
+    rest: &[u64],
+) -> Result<Load> {
     let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
     let mut spawn = Spawn::new(bin("skiff-probe"))
-        .args([
-            kind.to_string(),
-            list.join(","),
-            count.to_string(),
-            threads.to_string(),
-        ])
+        .args([kind.to_string(), list.join(",")])
+        .args(rest.iter().map(u64::to_string))
         .netns(ns);
     if let Some(cg) = cg {
         spawn = spawn.cgroup(cg);
@@ -859,8 +867,6 @@ pub(super) struct Pair {
     pub services: usize,
     pub state: State,
     pub skiff_first: bool,
-    /// The two loads ran at the same time (`--together`).
-    pub together: bool,
     pub skiff: Load,
     pub direct: Load,
     /// Direct's load through an empty connect program (`--hooked`).
@@ -953,7 +959,6 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                     services: n,
                     state,
                     skiff_first: false,
-                    together: true,
                     skiff: skiff??,
                     direct: direct?,
                     hooked: None,
@@ -981,7 +986,6 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                     services: n,
                     state,
                     skiff_first: first == 0,
-                    together: false,
                     skiff,
                     direct,
                     hooked,
@@ -1037,20 +1041,13 @@ fn probe_window(
     window_ms: u64,
     threads: u64,
 ) -> Result<Load> {
-    let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
-    let out = Spawn::new(bin("skiff-probe"))
-        .args([
-            "load-window".to_string(),
-            list.join(","),
-            start_ns.to_string(),
-            window_ms.to_string(),
-            threads.to_string(),
-        ])
-        .netns(ns)
-        .cgroup(cg)
-        .try_output()
-        .map_err(anyhow::Error::msg)?;
-    serde_json::from_str(&out).with_context(|| format!("load-window output {out:?}"))
+    run_probe(
+        ns,
+        Some(cg),
+        "load-window",
+        targets,
+        &[start_ns, window_ms, threads],
+    )
 }
 
 /// Attaches a connect4 program that only says "proceed" to `cg`: what
@@ -1122,25 +1119,20 @@ fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
 }
 
 fn print_pairs(summary: &[PairedSummary], args: &Args) {
-    let (title, how) = match (args.together, args.control) {
-        (false, _) => (
-            "skiff and direct alternating in one topology",
-            "each pair two loads a few hundred ms apart in the same namespaces".to_string(),
-        ),
-        (true, false) => (
-            "skiff and direct side by side in one topology",
-            format!(
-                "each pair two loads running the same {} ms, their threads on the same CPUs",
-                args.window_ms
-            ),
-        ),
-        (true, true) => (
-            "control: direct and direct side by side (--control; \"skiff\" is a second direct load)",
-            format!(
-                "each pair two loads running the same {} ms, their threads on the same CPUs",
-                args.window_ms
-            ),
-        ),
+    let title = match (args.together, args.control) {
+        (false, _) => "skiff and direct alternating in one topology",
+        (true, false) => "skiff and direct side by side in one topology",
+        (true, true) => {
+            "control: direct and direct side by side (--control; \"skiff\" is a second direct load)"
+        }
+    };
+    let how = if args.together {
+        format!(
+            "each pair two loads running the same {} ms, their threads on the same CPUs",
+            args.window_ms
+        )
+    } else {
+        "each pair two loads a few hundred ms apart in the same namespaces".to_string()
     };
     println!(
         "\npaired: {title}\n{:<7} {:>8} {:>6} {:>7} {:>17} {:>13} {:>9} {:>17} {:>7}",

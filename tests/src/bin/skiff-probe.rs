@@ -529,14 +529,9 @@ fn load(targets: &[SocketAddr], conns: u64, threads: u64) -> Result<()> {
 /// use: two side-by-side loads put their threads on the same CPUs, so
 /// neither gets the quieter one. Best effort.
 fn pin_to_cpu(t: usize) {
-    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::sched::{CpuSet, sched_setaffinity};
     use nix::unistd::Pid;
-    let Ok(allowed) = sched_getaffinity(Pid::from_raw(0)) else {
-        return;
-    };
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|c| allowed.is_set(*c).unwrap_or(false))
-        .collect();
+    let cpus = skiff_tests::allowed_cpus();
     let mut set = CpuSet::new();
     if cpus.is_empty() || set.set(cpus[t % cpus.len()]).is_err() {
         return;
