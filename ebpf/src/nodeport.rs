@@ -48,10 +48,10 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{
     BACKEND_LOCAL, Bucket, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
-    ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FAMILY_V6, FLOW_CLOSING, FlowKey,
-    FlowValue, MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS,
-    MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey,
-    csum, flow_hash,
+    ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FAMILY_V6, FLOW_CLOSING,
+    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RESET, FlowKey, FlowValue, MAGLEV_INNER_FLAGS,
+    MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS, MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES,
+    PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey, csum, flow_hash, mix,
 };
 
 use crate::BPF_F_NO_PREALLOC;
@@ -169,6 +169,15 @@ const REFRESH_NS: u64 = NS_PER_SEC;
 /// A SNAT tuple is free again this long after its flow went quiet: closed
 /// TCP flows (longer than TIME_WAIT) and UDP.
 const REUSE_CLOSED_NS: u64 = 60 * NS_PER_SEC;
+/// ... and, when none of a new flow's candidate tuples is free, one whose
+/// TCP flow closed both ways (or was reset) this long ago: its last ACK
+/// is through. Had the backend closed first, its TIME_WAIT socket takes a
+/// new SYN on the tuple (a later sequence number or timestamp), or it is
+/// reset by the client's answer to its ACK and the SYN's retry gets
+/// through: a delayed connection rather than none. Without it, a node
+/// could open no more than about 33 000 connections (the client ports
+/// and the SNAT range) to one backend per minute.
+const REUSE_SHUT_NS: u64 = NS_PER_SEC;
 /// ... and an established TCP flow that went silent.
 const REUSE_IDLE_TCP_NS: u64 = 6 * 3600 * NS_PER_SEC;
 /// Ports a SNAT source is taken from when the client's own is not free:
@@ -210,6 +219,19 @@ impl<F: Ip> Packet<F> {
 
     fn closing(&self) -> bool {
         self.proto == PROTO_TCP && self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
+    /// The `RevFlowValue` flags this closing packet adds, sent by the
+    /// client or by the backend.
+    fn closing_flags(&self, from_client: bool) -> u32 {
+        FLOW_CLOSING
+            | if self.tcp_flags & TCP_RST != 0 {
+                FLOW_RESET
+            } else if from_client {
+                FLOW_FIN_CLIENT
+            } else {
+                FLOW_FIN_BACKEND
+            }
     }
 
     /// A TCP SYN without ACK: the start of a connection.
@@ -545,7 +567,7 @@ fn reply_entry<F: Ip>(p: &Packet<F>, snat: bool) -> Option<&'static mut RevFlowV
     }
     let t = now();
     if p.closing() {
-        rv.flags |= FLOW_CLOSING;
+        rv.flags |= p.closing_flags(false);
         rv.last_ns = t;
     } else if t.wrapping_sub(rv.last_ns) > REFRESH_NS {
         rv.last_ns = t;
@@ -683,7 +705,7 @@ fn mark_rev_closing<F: Ip>(p: &Packet<F>, fv: &FlowValue) {
     if let Some(r) = REV_FLOWS.get_ptr_mut(&rkey) {
         // SAFETY: see reply_entry.
         unsafe {
-            (*r).flags |= FLOW_CLOSING;
+            (*r).flags |= p.closing_flags(true);
             (*r).last_ns = fv.last_ns;
         }
     }
@@ -865,14 +887,25 @@ fn record_flow<F: Ip>(p: &Packet<F>, port: u16, e: &mut NewEntries) -> Option<()
 /// when none is. The source is the SNAT address, or the client's own for
 /// flows that keep it: if another flow of this client already holds its
 /// tuple (the same client port to another frontend of this backend, still
-/// open or closing), only the port is changed, as conntrack does. The
-/// lookups' keys are built in `e`.
+/// open or closing), only the port is changed, as conntrack does. A tuple
+/// is free when no flow holds it or its flow has long gone quiet; failing
+/// that, the first one whose TCP flow closed (`REUSE_SHUT_NS`) is taken.
+/// The SNAT range's candidates depend on the frontend's port and the
+/// backend too, so that one client port reused towards many NodePorts
+/// spreads over it.
+/// The lookups' keys are built in `e`.
 #[inline(never)]
 fn snat_port<F: Ip>(p: &Packet<F>, t: u64, e: &mut NewEntries) -> u32 {
     let src = source(p, e);
     let backend_port = e.flow.backend_port;
-    let start =
-        flow_hash(F::hash_word(p.saddr), p.sport, backend_port, p.proto, false) % SNAT_PORT_SPAN;
+    let start = flow_hash(
+        F::hash_word(p.saddr) ^ mix(F::hash_word(F::narrow(&e.flow.backend))),
+        p.sport,
+        p.dport,
+        p.proto,
+        false,
+    ) % SNAT_PORT_SPAN;
+    let mut shut = 0;
     let mut i = 0;
     while i <= SNAT_TRIES {
         let port = if i == 0 {
@@ -914,10 +947,16 @@ fn snat_port<F: Ip>(p: &Packet<F>, t: u64, e: &mut NewEntries) -> u32 {
                 if same_flow || free {
                     return u32::from(port);
                 }
+                let closed = r.flags & FLOW_RESET != 0
+                    || r.flags & (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND)
+                        == FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
+                if shut == 0 && p.proto == PROTO_TCP && closed && idle > REUSE_SHUT_NS {
+                    shut = u32::from(port);
+                }
             }
         }
     }
-    0
+    shut
 }
 
 /// The packet an ICMP error quotes (its first bytes, as the sender got it).

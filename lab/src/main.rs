@@ -36,7 +36,8 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
        skiff-lab bench-nodeport [--sizes 1,1000,10000] [--rounds 2] [--conns 8000]
                                 [--requests 40000] [--threads 2]
                                 [--cases remote,local,local-policy] [--maglev-size 16381]
-                                [--out target/bench]
+                                [--together false] [--pairs 30] [--window-ms 300]
+                                [--control false] [--out target/bench]
        skiff-lab bench-dns [--services 10000] [--seconds 10] [--rounds 3] [--latency-qps 20000]
                            [--propagation 50] [--rss-services 50000] [--out target/bench]
        skiff-lab bench-ingress [--rules 10,1000] [--seconds 10] [--rounds 3] [--conns 64]
@@ -303,6 +304,10 @@ fn nodeport_args(argv: &[String]) -> Result<nodeport::Args> {
         threads: 2,
         cases: nodeport::Case::ALL.to_vec(),
         maglev_size: skiff_ebpf_common::DEFAULT_MAGLEV_SIZE,
+        pairs: 30,
+        together: false,
+        window_ms: 300,
+        control: false,
         out: PathBuf::from("target/bench"),
     };
     each_flag(argv, |flag, value| {
@@ -319,13 +324,26 @@ fn nodeport_args(argv: &[String]) -> Result<nodeport::Args> {
                     .collect::<Result<_>>()?
             }
             "--maglev-size" => a.maglev_size = value.parse().context("--maglev-size")?,
+            "--pairs" => a.pairs = value.parse().context("--pairs")?,
+            "--together" => a.together = value.parse().context("--together: true or false")?,
+            "--window-ms" => a.window_ms = value.parse().context("--window-ms")?,
+            "--control" => a.control = value.parse().context("--control: true or false")?,
             "--out" => a.out = PathBuf::from(value),
             _ => return Ok(false),
         }
         Ok(true)
     })?;
-    if a.rounds == 0 || a.conns == 0 || a.requests == 0 || a.threads == 0 {
-        bail!("--rounds, --conns, --requests and --threads must be at least 1");
+    if a.conns == 0 || a.requests == 0 || a.threads == 0 {
+        bail!("--conns, --requests and --threads must be at least 1");
+    }
+    if a.rounds == 0 && !a.together {
+        bail!("--rounds: at least 1 (0 only with --together true)");
+    }
+    if a.together && (a.pairs == 0 || a.window_ms == 0) {
+        bail!("--pairs and --window-ms: at least 1 with --together true");
+    }
+    if a.control && !a.together {
+        bail!("--control: only with --together true");
     }
     if a.sizes.is_empty() || a.sizes.contains(&0) || a.sizes.iter().any(|n| *n > 40_000) {
         bail!("--sizes: between 1 and 40000 services (NodePorts 20000 and up)");

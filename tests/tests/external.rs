@@ -8,7 +8,9 @@
 //! drops), while a Service without any endpoint is refused; Maglev
 //! keeps flows where they are when a backend leaves and an agent restarts,
 //! and ClientIP affinity keeps clients on their backends through new
-//! backends and an agent restart until its timeout.
+//! backends and an agent restart until its timeout. externalIPs are
+//! served too, and one client port keeps getting through to one backend
+//! across many frontends, its flows' SNAT tuples taken again once closed.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -110,9 +112,11 @@ fn node_ports_serve_clients_outside_the_cluster_and_local_policy_keeps_their_add
     let c = Cluster::start(2);
     let n0 = c.nodes[0].name.clone();
     let (ip0, ip1) = (c.nodes[0].ip.clone(), c.nodes[1].ip.clone());
+    // Addresses outside every node's, served as a Service's externalIPs.
+    let external_ips: Vec<String> = (10..20).map(|i| format!("192.0.2.{i}")).collect();
     let mut manifests = server("echo", &n0, "app: echo", "%peer", &c.probe);
     manifests.push_str(
-        r#"apiVersion: v1
+        &r#"apiVersion: v1
 kind: Service
 metadata:
   name: echo
@@ -149,7 +153,18 @@ spec:
   ports:
   - {name: tcp, port: 7000, protocol: TCP, nodePort: 30730}
   - {name: udp, port: 7001, protocol: UDP, nodePort: 30731}
-"#,
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: external
+spec:
+  selector: {app: echo}
+  externalIPs: [EXTERNAL_IPS]
+  ports:
+  - {name: tcp, port: 7100, protocol: TCP, targetPort: 7000}
+"#
+        .replace("EXTERNAL_IPS", &external_ips.join(", ")),
     );
     c.cp.apply(&manifests).unwrap_or_else(|e| panic!("{e}"));
     c.ready_pods("app=echo", 1);
@@ -270,6 +285,33 @@ spec:
         ),
         "both flows from port 45000 are served, with the client's address"
     );
+
+    // externalIPs, routed by the client to node 1, are served there (SNATed
+    // to the backend on node 0). One client port to each of them in turn,
+    // each connection reset before the next, a second apart: every flow
+    // needs a tuple towards the one backend from node 1's address, none
+    // of which is free outright for a minute after its flow closed; once
+    // the few candidates of that client port are all taken, the next flow
+    // takes one whose flow closed both ways over a second ago.
+    client.ip(&["route", "add", "192.0.2.0/24", "via", &ip1]);
+    let first_ip = addr(&external_ips[0], 7100);
+    let served = answered(&client, "an externalIP via node 1", &first_ip);
+    assert!(
+        !map(&served["answers"]).contains_key(&client_ip),
+        "an externalIP's flow to another node is SNATed: {served}"
+    );
+    let mut one_port = Spawn::new(bin("skiff-probe"))
+        .args(["flows", "45100", "1"])
+        .netns(&client)
+        .start();
+    for ip in &external_ips {
+        let answer = names(&one_port.ask(&format!("open {}", addr(ip, 7100))));
+        assert!(
+            answer.len() == 1 && !answer[0].starts_with("error:") && answer[0] != client_ip,
+            "client port 45100 to {ip}:7100 after the others' flows were reset: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1_100));
+    }
 
     // externalTrafficPolicy: Local: node 0 serves with the client's
     // address kept; node 1 has no endpoint, does not serve, and says so

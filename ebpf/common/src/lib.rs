@@ -86,6 +86,12 @@ pub const BACKEND_LOCAL: u8 = 1;
 
 /// `FlowValue::flags` / `RevFlowValue::flags`: a FIN or RST was seen.
 pub const FLOW_CLOSING: u32 = 1;
+/// `RevFlowValue::flags`: a FIN from the client's side was seen, one from
+/// the backend's, an RST either way. A flow closed both ways (or reset)
+/// gives up its tuple sooner than one only half closed.
+pub const FLOW_FIN_CLIENT: u32 = 2;
+pub const FLOW_FIN_BACKEND: u32 = 4;
+pub const FLOW_RESET: u32 = 8;
 
 /// Seed of the Maglev flow hash and table permutations, the same on every
 /// node so that any node picks the same backend for a flow.

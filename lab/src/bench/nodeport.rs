@@ -11,6 +11,11 @@
 //! kept). Each measurement reports new connections per second with their
 //! p99 (connect + request + close) and requests per second on kept-alive
 //! connections.
+//!
+//! With `--together`, skiff's and direct's connection rates are also taken
+//! side by side: two such topologies, alike but for Skiff's TC path on the
+//! first's node A, each loaded from its own client in the same window,
+//! their threads on the same CPUs, as `bench proxy --together` does.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -27,8 +32,12 @@ use skiff_tests::netns::veth;
 use skiff_tests::{Netns, PinDir, Proc, Spawn, TempDir, bin};
 
 use super::plot::{Series, draw_named, panel, register_font};
-use super::proxy::{Load, Mode, color, median, probe_load, run_in, settle};
+use super::proxy::{
+    FRESH_BUDGET, Load, Mode, PAIR_PAUSE_MS, WINDOW_LEAD_MS, color, median, probe_load,
+    probe_window, run_in, settle,
+};
 use super::rules::{self, BenchService, NodePorts};
+use super::stats::{median_ci, pct};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 100);
 const NODE_A: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
@@ -89,6 +98,12 @@ pub struct Args {
     pub threads: u64,
     pub cases: Vec<Case>,
     pub maglev_size: u32,
+    /// Side-by-side pairs per case and size (with `together`).
+    pub pairs: usize,
+    pub together: bool,
+    pub window_ms: u64,
+    /// With `together`: both arms direct (a control of the method).
+    pub control: bool,
     pub out: PathBuf,
 }
 
@@ -436,6 +451,153 @@ fn program_cost(case: Case, n: usize, args: &Args) -> Result<Vec<ProgramCost>> {
         .collect())
 }
 
+// ---- side by side: skiff and direct in the same window ----
+
+/// One side-by-side pair: connections completed in the same window by a
+/// client dialling NodePorts through Skiff and by one dialling the
+/// backends, each in a topology of its own.
+#[derive(Debug, Serialize)]
+struct Pair {
+    case: Case,
+    services: usize,
+    skiff: Load,
+    direct: Load,
+}
+
+/// `args.pairs` pairs of `case` at `n` services. Two whole topologies are
+/// made, alike but for Skiff's TC path on the first's node A (nothing
+/// with `--control`, where the first client dials the backends too), so
+/// that neither arm's packets pass the other's programs or rules, and
+/// neither shares a client port range. Both are replaced before either
+/// client's ports could run short.
+fn paired(case: Case, n: usize, args: &Args) -> Result<Vec<Pair>> {
+    let first_mode = if args.control {
+        Mode::Direct
+    } else {
+        Mode::Skiff
+    };
+    let mut out = Vec::with_capacity(args.pairs);
+    while out.len() < args.pairs {
+        settle();
+        let scratch = TempDir::new();
+        let first = Topology::new()?;
+        let second = Topology::new()?;
+        let programmed = program(first_mode, case, n, &first, &scratch.path, args)?;
+        let first_to = targets(first_mode, case, n);
+        let direct_to = targets(Mode::Direct, case, n);
+        settle();
+        // Connections the busier client has made, and its last pair's.
+        let (mut used, mut last) = (0u64, 0u64);
+        while out.len() < args.pairs && !(used > 0 && used + last > FRESH_BUDGET) {
+            std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
+            let start = skiff_tests::monotonic_ns() + WINDOW_LEAD_MS * 1_000_000;
+            let window = |topo: &Topology, to: &[SocketAddr]| {
+                probe_window(&topo.client, None, to, start, args.window_ms, args.threads)
+            };
+            let (skiff, direct) = std::thread::scope(|scope| {
+                let skiff = scope.spawn(|| window(&first, &first_to));
+                let direct = window(&second, &direct_to);
+                let skiff = skiff
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the skiff load's thread panicked"));
+                (skiff, direct)
+            });
+            let pair = Pair {
+                case,
+                services: n,
+                skiff: skiff??,
+                direct: direct?,
+            };
+            eprintln!(
+                "  {:<12} {n:>6} services  pair {:>3}: skiff {:>7.0} conn/s  direct {:>7.0} conn/s  ratio {:.3}",
+                case.name(),
+                out.len(),
+                pair.skiff.rate,
+                pair.direct.rate,
+                pair.skiff.rate / pair.direct.rate
+            );
+            last = pair.skiff.connections.max(pair.direct.connections);
+            used += last;
+            out.push(pair);
+        }
+        // The programs detach (pins removed) before the namespaces go.
+        drop(programmed);
+        drop(first);
+        drop(second);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Serialize)]
+pub struct PairedSummary {
+    pub case: Case,
+    pub services: usize,
+    pub pairs: usize,
+    pub errors: u64,
+    /// Median over pairs of skiff's connection rate ÷ direct's.
+    pub ratio: f64,
+    pub ratio_ci: (f64, f64),
+    pub skiff_rate: f64,
+    pub direct_rate: f64,
+}
+
+fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
+    let mut groups: BTreeMap<(Case, usize), Vec<&Pair>> = BTreeMap::new();
+    for p in pairs {
+        groups.entry((p.case, p.services)).or_default().push(p);
+    }
+    groups
+        .into_iter()
+        .map(|((case, services), ps)| {
+            let sorted = |f: fn(&Pair) -> f64| {
+                let mut v: Vec<f64> = ps.iter().map(|p| f(p)).filter(|x| x.is_finite()).collect();
+                v.sort_by(f64::total_cmp);
+                v
+            };
+            let ratios = sorted(|p| p.skiff.rate / p.direct.rate);
+            PairedSummary {
+                case,
+                services,
+                pairs: ps.len(),
+                errors: ps.iter().map(|p| p.skiff.errors + p.direct.errors).sum(),
+                ratio: pct(&ratios, 0.5),
+                ratio_ci: median_ci(&ratios),
+                skiff_rate: pct(&sorted(|p| p.skiff.rate), 0.5),
+                direct_rate: pct(&sorted(|p| p.direct.rate), 0.5),
+            }
+        })
+        .collect()
+}
+
+fn print_pairs(summary: &[PairedSummary], args: &Args) {
+    let title = if args.control {
+        "control: direct and direct side by side (--control; \"skiff\" is a second direct client)"
+    } else {
+        "skiff and direct side by side"
+    };
+    println!(
+        "\npaired: {title}\n{:<12} {:>8} {:>6} {:>7} {:>17} {:>10} {:>10} {:>7}",
+        "case", "services", "pairs", "ratio", "95% CI", "skiff", "direct", "errors"
+    );
+    for s in summary {
+        println!(
+            "{:<12} {:>8} {:>6} {:>7.3} {:>17} {:>10.0} {:>10.0} {:>7}",
+            s.case.name(),
+            s.services,
+            s.pairs,
+            s.ratio,
+            format!("{:.3} - {:.3}", s.ratio_ci.0, s.ratio_ci.1),
+            s.skiff_rate,
+            s.direct_rate,
+            s.errors
+        );
+    }
+    println!(
+        "ratio = median over pairs of skiff's conn/s / direct's, each pair two clients (one per topology) running the same {} ms, their threads on the same CPUs; skiff, direct: median conn/s",
+        args.window_ms
+    );
+}
+
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub case: Case,
@@ -541,14 +703,24 @@ fn print_table(summary: &[Summary]) {
 pub fn run(args: &Args) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
-        "bench nodeport: sizes {:?}, cases {:?}, {} rounds, {} connections and {} requests per run, {} client threads, Maglev table {}, {cores} cores",
+        "bench nodeport: sizes {:?}, cases {:?}, {} rounds, {} connections and {} requests per run, {} client threads, Maglev table {}, {cores} cores{}",
         args.sizes,
         args.cases.iter().map(|c| c.name()).collect::<Vec<_>>(),
         args.rounds,
         args.conns,
         args.requests,
         args.threads,
-        args.maglev_size
+        args.maglev_size,
+        if args.together {
+            format!(
+                "; {} side-by-side pairs of {} ms{}",
+                args.pairs,
+                args.window_ms,
+                if args.control { " (control)" } else { "" }
+            )
+        } else {
+            String::new()
+        }
     );
     let started = Instant::now();
     let mut samples = Vec::new();
@@ -563,40 +735,61 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
+    let mut pairs = Vec::new();
+    if args.together {
+        for &case in &args.cases {
+            for &n in &args.sizes {
+                pairs.extend(paired(case, n, args)?);
+            }
+        }
+    }
+    // The programs' own cost comes with the sequential rounds.
     let mut costs = Vec::new();
-    for &case in &args.cases {
-        for &n in &args.sizes {
-            costs.extend(program_cost(case, n, args)?);
+    if args.rounds > 0 {
+        for &case in &args.cases {
+            for &n in &args.sizes {
+                costs.extend(program_cost(case, n, args)?);
+            }
         }
     }
     let summary = summarize(&samples);
-    print_table(&summary);
-    println!(
-        "\nTC program cost (kernel.bpf_stats_enabled, a load of its own: connections, then kept-alive requests)"
-    );
-    println!(
-        "{:<12} {:>8} {:<14} {:>10} {:>10}",
-        "case", "services", "program", "ns/run", "runs"
-    );
-    for c in &costs {
+    let paired_summary = summarize_pairs(&pairs);
+    if !summary.is_empty() {
+        print_table(&summary);
         println!(
-            "{:<12} {:>8} {:<14} {:>10.0} {:>10}",
-            c.case.name(),
-            c.services,
-            c.program,
-            c.ns_per_run,
-            c.runs
+            "\nTC program cost (kernel.bpf_stats_enabled, a load of its own: connections, then kept-alive requests)"
         );
+        println!(
+            "{:<12} {:>8} {:<14} {:>10} {:>10}",
+            "case", "services", "program", "ns/run", "runs"
+        );
+        for c in &costs {
+            println!(
+                "{:<12} {:>8} {:<14} {:>10.0} {:>10}",
+                c.case.name(),
+                c.services,
+                c.program,
+                c.ns_per_run,
+                c.runs
+            );
+        }
+    }
+    if !paired_summary.is_empty() {
+        print_pairs(&paired_summary, args);
     }
     let doc = serde_json::json!({
         "args": {
             "sizes": args.sizes, "rounds": args.rounds, "conns": args.conns,
             "requests": args.requests, "threads": args.threads,
             "cases": args.cases, "maglev_size": args.maglev_size,
+            "together": args.together, "pairs": args.pairs,
+            "window_ms": args.window_ms, "control": args.control,
         },
         "summary": summary,
         "samples": samples,
         "program_cost": costs,
+        "paired_summary": paired_summary,
+        "pairs": pairs,
     });
     super::publish(&args.out, "nodeport", started, doc, |png| {
         plot_results(&summary, png)

@@ -855,10 +855,10 @@ pub fn run(args: &Args) -> Result<()> {
 /// connects slowed from about 16 000 to 900 per second once 28 000 had
 /// been made (the ephemeral range, 32768-60999, shared by the two backend
 /// destinations).
-const FRESH_BUDGET: u64 = 24_000;
+pub(super) const FRESH_BUDGET: u64 = 24_000;
 /// Pause before each load of a pair: the previous load's deferred work
 /// (RCU frees of closed sockets) is done before the next starts.
-const PAIR_PAUSE_MS: u64 = 100;
+pub(super) const PAIR_PAUSE_MS: u64 = 100;
 
 /// One pair: a skiff load and a direct load, a few hundred milliseconds
 /// apart or at the same time, in the same namespaces and port-range state.
@@ -938,7 +938,14 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                 std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
                 let start = skiff_tests::monotonic_ns() + WINDOW_LEAD_MS * 1_000_000;
                 let window = |cg: &Cgroup, to: &[SocketAddr]| {
-                    probe_window(&topo.client, cg, to, start, args.window_ms, args.threads)
+                    probe_window(
+                        &topo.client,
+                        Some(cg),
+                        to,
+                        start,
+                        args.window_ms,
+                        args.threads,
+                    )
                 };
                 // With `--control`, the first arm is direct's load too, from a
                 // plain cgroup of its own: what the method reads when the two
@@ -1029,13 +1036,13 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
 
 /// How far ahead of now two side-by-side loads are told to start: time
 /// for both processes to start and join their namespace and cgroup.
-const WINDOW_LEAD_MS: u64 = 150;
+pub(super) const WINDOW_LEAD_MS: u64 = 150;
 
-/// Runs `skiff-probe load-window` in `ns` and `cg` against `targets`: the
-/// connections completed in the `window_ms` from `start_ns`.
-fn probe_window(
+/// Runs `skiff-probe load-window` in `ns` (and `cg`) against `targets`:
+/// the connections completed in the `window_ms` from `start_ns`.
+pub(super) fn probe_window(
     ns: &Netns,
-    cg: &Cgroup,
+    cg: Option<&Cgroup>,
     targets: &[SocketAddr],
     start_ns: u64,
     window_ms: u64,
@@ -1043,7 +1050,7 @@ fn probe_window(
 ) -> Result<Load> {
     run_probe(
         ns,
-        Some(cg),
+        cg,
         "load-window",
         targets,
         &[start_ns, window_ms, threads],
