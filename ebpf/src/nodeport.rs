@@ -174,9 +174,10 @@ const REUSE_CLOSED_NS: u64 = 60 * NS_PER_SEC;
 /// is through. Had the backend closed first, its TIME_WAIT socket takes a
 /// new SYN on the tuple (a later sequence number or timestamp), or it is
 /// reset by the client's answer to its ACK and the SYN's retry gets
-/// through: a delayed connection rather than none. Without it, a node
-/// could open no more than about 33 000 connections (the client ports
-/// and the SNAT range) to one backend per minute.
+/// through: a delayed connection rather than none. Without it, a node's
+/// flows to one backend could not start more often than its address has
+/// ports (65 536) per minute, and far less often when clients' ports
+/// repeat, as one client's do.
 const REUSE_SHUT_NS: u64 = NS_PER_SEC;
 /// ... and an established TCP flow that went silent.
 const REUSE_IDLE_TCP_NS: u64 = 6 * 3600 * NS_PER_SEC;

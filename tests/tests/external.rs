@@ -292,7 +292,8 @@ spec:
     // needs a tuple towards the one backend from node 1's address, none
     // of which is free outright for a minute after its flow closed; once
     // the few candidates of that client port are all taken, the next flow
-    // takes one whose flow closed both ways over a second ago.
+    // takes one whose flow was reset (or closed both ways) over a second
+    // ago.
     client.ip(&["route", "add", "192.0.2.0/24", "via", &ip1]);
     let first_ip = addr(&external_ips[0], 7100);
     let served = answered(&client, "an externalIP via node 1", &first_ip);

@@ -37,7 +37,7 @@ use super::proxy::{
     probe_window, run_in, settle,
 };
 use super::rules::{self, BenchService, NodePorts};
-use super::stats::{median_ci, pct};
+use super::stats::{median_ci, pct, sorted_finite};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 100);
 const NODE_A: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
@@ -564,11 +564,7 @@ fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
     groups
         .into_iter()
         .map(|((case, services), ps)| {
-            let sorted = |f: fn(&Pair) -> f64| {
-                let mut v: Vec<f64> = ps.iter().map(|p| f(p)).filter(|x| x.is_finite()).collect();
-                v.sort_by(f64::total_cmp);
-                v
-            };
+            let sorted = |f: fn(&Pair) -> f64| sorted_finite(ps.iter().map(|p| f(p)));
             let ratios = sorted(|p| p.skiff.rate / p.direct.rate);
             PairedSummary {
                 case,

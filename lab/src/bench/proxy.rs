@@ -1096,11 +1096,8 @@ fn summarize_pairs(pairs: &[Pair]) -> Vec<PairedSummary> {
     groups
         .into_iter()
         .map(|((state, services), ps)| {
-            let sorted = |f: &dyn Fn(&Pair) -> f64| {
-                let mut v: Vec<f64> = ps.iter().map(|p| f(p)).filter(|x| x.is_finite()).collect();
-                v.sort_by(f64::total_cmp);
-                v
-            };
+            let sorted =
+                |f: &dyn Fn(&Pair) -> f64| super::stats::sorted_finite(ps.iter().map(|p| f(p)));
             let ratios = sorted(&|p| p.skiff.rate / p.direct.rate);
             let cpu = sorted(&|p| p.direct.cpu_us / p.skiff.cpu_us);
             let with_ci = |v: Vec<f64>| {

@@ -15,6 +15,14 @@ pub fn pick(i: usize, n: usize) -> usize {
     ((z >> 32) % n.max(1) as u64) as usize
 }
 
+/// The finite ones of `values`, ascending (what `pct` and `median_ci`
+/// take).
+pub fn sorted_finite(values: impl IntoIterator<Item = f64>) -> Vec<f64> {
+    let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 /// The `p` quantile (0..=1) of an ascending slice; 0 when empty.
 pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
