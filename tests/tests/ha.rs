@@ -1055,10 +1055,19 @@ fn a_partitioned_leader_stops_before_another_takes_over_and_nothing_is_done_twic
         );
     }
 
-    // Healed: it follows; still four pods, each created once.
+    // Healed: it follows; still four pods, each created once. (The etcd
+    // member behind the cut rejoins, and etcd may be without a leader
+    // for some seconds; the API answers 503 until it has one.)
     c.control_ns[0].0.ip(&["link", "set", "eth0", "up"]);
     std::thread::sleep(Duration::from_secs(8));
-    let pods = b.kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "name"]);
+    let pods = wait_for(
+        "the API to answer after the heal",
+        Duration::from_secs(30),
+        || {
+            b.kubectl(&["get", "pods", "-l", "app=web", "-o", "name"])
+                .ok()
+        },
+    );
     assert_eq!(pods.lines().count(), 4, "{pods}");
     for l in LEASES {
         assert_ne!(holder(b, l), leader, "{l}: the healed replica took it back");
