@@ -33,8 +33,7 @@ use skiff_tests::{Netns, PinDir, Proc, Spawn, TempDir, bin};
 
 use super::plot::{Series, draw_named, panel, register_font};
 use super::proxy::{
-    FRESH_BUDGET, Load, Mode, PAIR_PAUSE_MS, WINDOW_LEAD_MS, color, median, probe_load,
-    probe_window, run_in, settle,
+    FRESH_BUDGET, Load, Mode, color, median, probe_load, run_in, settle, side_by_side,
 };
 use super::rules::{self, BenchService, NodePorts};
 use super::stats::{median_ci, pct, sorted_finite};
@@ -490,24 +489,17 @@ fn paired(case: Case, n: usize, args: &Args) -> Result<Vec<Pair>> {
         // Connections the busier client has made, and its last pair's.
         let (mut used, mut last) = (0u64, 0u64);
         while out.len() < args.pairs && !(used > 0 && used + last > budget) {
-            std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
-            let start = skiff_tests::monotonic_ns() + WINDOW_LEAD_MS * 1_000_000;
-            let window = |topo: &Topology, to: &[SocketAddr]| {
-                probe_window(&topo.client, None, to, start, args.window_ms, args.threads)
-            };
-            let (skiff, direct) = std::thread::scope(|scope| {
-                let skiff = scope.spawn(|| window(&first, &first_to));
-                let direct = window(&second, &direct_to);
-                let skiff = skiff
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the skiff load's thread panicked"));
-                (skiff, direct)
-            });
+            let (skiff, direct) = side_by_side(
+                (&first.client, None, &first_to),
+                (&second.client, None, &direct_to),
+                args.window_ms,
+                args.threads,
+            )?;
             let pair = Pair {
                 case,
                 services: n,
-                skiff: skiff??,
-                direct: direct?,
+                skiff,
+                direct,
             };
             eprintln!(
                 "  {:<12} {n:>6} services  pair {:>3}: skiff {:>7.0} conn/s  direct {:>7.0} conn/s  ratio {:.3}",

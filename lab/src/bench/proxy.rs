@@ -858,7 +858,7 @@ pub fn run(args: &Args) -> Result<()> {
 pub(super) const FRESH_BUDGET: u64 = 24_000;
 /// Pause before each load of a pair: the previous load's deferred work
 /// (RCU frees of closed sockets) is done before the next starts.
-pub(super) const PAIR_PAUSE_MS: u64 = 100;
+const PAIR_PAUSE_MS: u64 = 100;
 
 /// One pair: a skiff load and a direct load, a few hundred milliseconds
 /// apart or at the same time, in the same namespaces and port-range state.
@@ -935,18 +935,6 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                 break;
             }
             let pair = if args.together {
-                std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
-                let start = skiff_tests::monotonic_ns() + WINDOW_LEAD_MS * 1_000_000;
-                let window = |cg: &Cgroup, to: &[SocketAddr]| {
-                    probe_window(
-                        &topo.client,
-                        Some(cg),
-                        to,
-                        start,
-                        args.window_ms,
-                        args.threads,
-                    )
-                };
                 // With `--control`, the first arm is direct's load too, from a
                 // plain cgroup of its own: what the method reads when the two
                 // arms do the same.
@@ -954,20 +942,18 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
                     Some(cg) => (cg, &direct),
                     None => (&topo.cg, &services),
                 };
-                let (skiff, direct) = std::thread::scope(|scope| {
-                    let skiff = scope.spawn(|| window(first_cg, first_to));
-                    let direct = window(&plain, &direct);
-                    let skiff = skiff
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("the skiff load's thread panicked"));
-                    (skiff, direct)
-                });
+                let (skiff, direct) = side_by_side(
+                    (&topo.client, Some(first_cg), first_to),
+                    (&topo.client, Some(&plain), &direct),
+                    args.window_ms,
+                    args.threads,
+                )?;
                 Pair {
                     services: n,
                     state,
                     skiff_first: false,
-                    skiff: skiff??,
-                    direct: direct?,
+                    skiff,
+                    direct,
                     hooked: None,
                 }
             } else {
@@ -1036,25 +1022,33 @@ fn paired(n: usize, state: State, args: &Args) -> Result<Vec<Pair>> {
 
 /// How far ahead of now two side-by-side loads are told to start: time
 /// for both processes to start and join their namespace and cgroup.
-pub(super) const WINDOW_LEAD_MS: u64 = 150;
+const WINDOW_LEAD_MS: u64 = 150;
 
-/// Runs `skiff-probe load-window` in `ns` (and `cg`) against `targets`:
-/// the connections completed in the `window_ms` from `start_ns`.
-pub(super) fn probe_window(
-    ns: &Netns,
-    cg: Option<&Cgroup>,
-    targets: &[SocketAddr],
-    start_ns: u64,
+/// Where one side-by-side load runs (namespace, cgroup) and what it dials.
+pub(super) type Arm<'a> = (&'a Netns, Option<&'a Cgroup>, &'a [SocketAddr]);
+
+/// Two `skiff-probe load-window` loads at the same time, after a pause for
+/// the previous pair's deferred work: both count the connections they
+/// complete in the same `window_ms` from one CLOCK_MONOTONIC instant,
+/// thread k of each on CPU k.
+pub(super) fn side_by_side(
+    first: Arm<'_>,
+    second: Arm<'_>,
     window_ms: u64,
     threads: u64,
-) -> Result<Load> {
-    run_probe(
-        ns,
-        cg,
-        "load-window",
-        targets,
-        &[start_ns, window_ms, threads],
-    )
+) -> Result<(Load, Load)> {
+    std::thread::sleep(std::time::Duration::from_millis(PAIR_PAUSE_MS));
+    let start = skiff_tests::monotonic_ns() + WINDOW_LEAD_MS * 1_000_000;
+    let window =
+        |(ns, cg, to): Arm<'_>| run_probe(ns, cg, "load-window", to, &[start, window_ms, threads]);
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| window(first));
+        let b = window(second);
+        let a = a
+            .join()
+            .map_err(|_| anyhow::anyhow!("the first load's thread panicked"))?;
+        Ok((a?, b?))
+    })
 }
 
 /// Attaches a connect4 program that only says "proceed" to `cg`: what
