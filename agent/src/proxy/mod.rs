@@ -109,11 +109,15 @@ pub async fn run(
     use tokio::task::block_in_place;
     let dp = block_in_place(|| Dataplane::install(&cfg.pin_dir, &cfg.cgroup))?;
     // Map fills and program run times change with traffic, not only with
-    // programming: read soon after the first programming, then every so
-    // often while the proxy runs.
+    // programming: read a second after the first programming pass ends
+    // (or after MAP_REFRESH if none has), then every so often while the
+    // proxy runs.
+    let programmed = Arc::new(tokio::sync::Notify::new());
     let refresh = {
         let (telemetry, pin_dir) = (telemetry.clone(), cfg.pin_dir.clone());
+        let programmed = programmed.clone();
         crate::role::AbortOnDrop(tokio::spawn(async move {
+            let _ = tokio::time::timeout(MAP_REFRESH, programmed.notified()).await;
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             loop {
                 let (t, p) = (telemetry.clone(), pin_dir.clone());
@@ -173,7 +177,7 @@ pub async fn run(
                     let services = desired.len();
                     let (changed, taken) = block_in_place(|| paths.sync_all(desired))?;
                     report(&taken);
-                    record_sync(&telemetry.proxy, &paths, started);
+                    record_sync(&telemetry.proxy, &paths, started, &programmed);
                     health.synced();
                     info!(
                         services,
@@ -211,7 +215,7 @@ pub async fn run(
                 match result {
                     Ok((changed, errors)) => {
                         report(&errors);
-                        record_sync(&telemetry.proxy, &paths, started);
+                        record_sync(&telemetry.proxy, &paths, started, &programmed);
                         health.synced();
                         if changed > 0 {
                             info!(
@@ -242,8 +246,15 @@ pub async fn run(
 /// about a third of a second of CPU.
 const MAP_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A programming pass ended (it started at `started`).
-fn record_sync(m: &crate::telemetry::Proxy, paths: &Paths, started: Instant) {
+/// A programming pass ended (it started at `started`); `programmed` wakes
+/// the first read of the map fills.
+fn record_sync(
+    m: &crate::telemetry::Proxy,
+    paths: &Paths,
+    started: Instant,
+    programmed: &tokio::sync::Notify,
+) {
+    programmed.notify_one();
     m.sync_duration.observe(started.elapsed().as_secs_f64());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
