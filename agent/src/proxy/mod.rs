@@ -15,6 +15,7 @@ pub mod maglev;
 pub mod manifests;
 pub mod model;
 pub mod origins;
+mod skip;
 pub mod sys;
 pub mod terminate;
 
