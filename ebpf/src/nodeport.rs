@@ -47,12 +47,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use skiff_ebpf_common::{
-    BACKEND_LOCAL, Bucket, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT,
-    EXT_SKIP_WORDS, ExtBackend, ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FAMILY_V6,
-    FLOW_CLOSING, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RESET, FlowKey, FlowValue,
-    MAGLEV_INNER_FLAGS, MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS, MAX_EXTERNAL,
-    MAX_FLOWS, MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey, csum, flow_hash,
-    mix, skip_bit,
+    BACKEND_LOCAL, Bucket, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
+    ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FAMILY_V6, FLOW_CLOSING,
+    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RESET, FlowKey, FlowValue, MAGLEV_INNER_FLAGS,
+    MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS, MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES,
+    PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey, csum, flow_hash, mix,
 };
 
 use crate::BPF_F_NO_PREALLOC;
@@ -98,17 +97,6 @@ const ALL_BURST_NS: u64 = 50 * ALL_INTERVAL_NS;
 #[map(name = "EXTERNAL")]
 static EXTERNAL: HashMap<ServiceKey, ExternalValue> =
     HashMap::pinned(MAX_EXTERNAL, BPF_F_NO_PREALLOC);
-
-/// See `skiff_ebpf_common::maps::EXT_SKIP`.
-#[map(name = "EXT_SKIP")]
-static EXT_SKIP: PlainArray<u64> = PlainArray::pinned(EXT_SKIP_WORDS, 0);
-
-/// No `EXTERNAL` frontend listens on `port` (network byte order).
-#[inline(always)]
-fn no_frontend_on(port: u16) -> bool {
-    let (word, bit) = skip_bit(port);
-    EXT_SKIP.get(word).is_some_and(|w| *w & bit != 0)
-}
 
 #[map(name = "EXT_BACKENDS")]
 static EXT_BACKENDS: HashMap<u32, ExtBackend> =
@@ -477,9 +465,6 @@ fn ingress<F: Ip>(ctx: &TcContext) -> i32 {
     };
     if p.proto == F::ICMP {
         return icmp_of_snat(ctx, &p).unwrap_or(TC_ACT_OK);
-    }
-    if no_frontend_on(p.dport) {
-        return reply_of_snat(ctx, &p);
     }
     let key = ServiceKey {
         addr: F::wide(p.daddr),

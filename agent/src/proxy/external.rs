@@ -4,7 +4,7 @@
 //! table each in `MAGLEV`.
 //!
 //! Pinned layout, beside the socket path's: `maps/EXTERNAL`,
-//! `maps/EXT_SKIP`, `maps/EXT_BACKENDS`, `maps/MAGLEV`, `maps/FLOWS`, `maps/REV_FLOWS`,
+//! `maps/EXT_BACKENDS`, `maps/MAGLEV`, `maps/FLOWS`, `maps/REV_FLOWS`,
 //! `maps/FRAGS`, and `links/tc-ingress-<ifindex>` /
 //! `links/tc-egress-<ifindex>`. Tracked flows, the ports of fragmented
 //! datagrams in flight and the links outlive the agent; the next one
@@ -15,9 +15,7 @@
 //!
 //! Update order for a set (a reader never sees a half-written set): new
 //! backend ids, then a new Maglev table swapped in whole, then the
-//! frontends, then removal of the backend ids that left. A frontend's
-//! port is cleared in `EXT_SKIP` before the frontend is written, and set
-//! again after the last frontend on it is removed.
+//! frontends, then removal of the backend ids that left.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::fs;
@@ -25,20 +23,18 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, HashOfMaps, MapData};
+use aya::maps::{HashMap, HashOfMaps, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use skiff_ebpf_common::{
-    EXT_SKIP_WORDS, ExtBackend, ExtMember, ExternalValue, MAGLEV_INNER_FLAGS, ServiceKey,
-    maps as names,
+    ExtBackend, ExtMember, ExternalValue, MAGLEV_INNER_FLAGS, ServiceKey, maps as names,
 };
 use tracing::{debug, info, warn};
 
 use super::dataplane::{DataplaneError, io_err, map_err};
 use super::maglev;
 use super::model::{ExternalSet, frontend_string};
-use super::skip::PortSkip;
 
 /// The TC programs in the object: (name, hook, pin prefix).
 const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -129,9 +125,6 @@ pub struct External {
     cfg: ExternalConfig,
     links_dir: PathBuf,
     frontends: HashMap<MapData, ServiceKey, ExternalValue>,
-    /// `EXT_SKIP`, and what its bits follow.
-    skip_map: Array<MapData, u64>,
-    skip: PortSkip,
     backends: HashMap<MapData, u32, ExtBackend>,
     /// Which backends each set has, for ClientIP affinity's check.
     members: HashMap<MapData, ExtMember, u8>,
@@ -194,13 +187,6 @@ impl External {
             HashMap::try_from(take(names::EXT_MEMBERS)?).map_err(map_err(names::EXT_MEMBERS))?;
         let maglev_raw =
             MapData::from_pin(maps_dir.join(names::MAGLEV)).map_err(map_err(names::MAGLEV))?;
-        let skip_map: Array<MapData, u64> =
-            Array::try_from(take(names::EXT_SKIP)?).map_err(map_err(names::EXT_SKIP))?;
-        let words = (0..EXT_SKIP_WORDS)
-            .map(|i| skip_map.get(&i, 0))
-            .collect::<Result<Vec<u64>, _>>()
-            .map_err(map_err(names::EXT_SKIP))?;
-        let mut skip = PortSkip::new(words);
 
         let mut adopted = Adopted::default();
         let mut next_table = 1;
@@ -211,7 +197,6 @@ impl External {
         }
         for entry in frontends.iter() {
             let (key, _) = entry.map_err(map_err(names::EXTERNAL))?;
-            skip.take(&key);
             adopted.frontends.push(key);
         }
         for key in members.keys() {
@@ -237,8 +222,6 @@ impl External {
             cfg,
             links_dir,
             frontends,
-            skip_map,
-            skip,
             backends,
             members,
             maglev,
@@ -547,9 +530,7 @@ impl External {
             self.frontends
                 .insert(key, value, 0)
                 .map_err(map_err(names::EXTERNAL))?;
-            if self.owner.insert(*key, set.name.clone()).is_none() {
-                self.skip.take(key);
-            }
+            self.owner.insert(*key, set.name.clone());
             mine.push(*key);
         }
         if let Some(o) = &old {
@@ -557,7 +538,6 @@ impl External {
                 if self.owner.get(key) == Some(&set.name) {
                     let _ = self.frontends.remove(key);
                     self.owner.remove(key);
-                    self.skip.free(key);
                 }
             }
             for b in o
@@ -594,7 +574,6 @@ impl External {
             if self.owner.get(key).map(String::as_str) == Some(name) {
                 let _ = self.frontends.remove(key);
                 self.owner.remove(key);
-                self.skip.free(key);
             }
         }
         self.dropped_tables.push(p.table);
@@ -653,19 +632,6 @@ impl External {
         }
     }
 
-    /// Writes changed `EXT_SKIP` words.
-    fn write_skip(&mut self, words: &[(u32, u64)]) -> Result<()> {
-        for (i, (index, word)) in words.iter().enumerate() {
-            if let Err(e) = self.skip_map.set(*index, word, 0) {
-                for (index, _) in &words[i..] {
-                    self.skip.unwritten(*index);
-                }
-                return Err(map_err(names::EXT_SKIP)(e));
-            }
-        }
-        Ok(())
-    }
-
     fn maglev_fd(&self) -> std::os::fd::RawFd {
         self.maglev_raw.fd().as_fd().as_raw_fd()
     }
@@ -693,16 +659,10 @@ impl External {
         }
         self.flush_new_tables()?;
         changed += staged.len();
-        let opened = self
-            .skip
-            .open(staged.iter().flat_map(|st| &st.set.frontends));
-        self.write_skip(&opened)?;
         for st in staged {
             self.commit(st)?;
         }
         self.flush_dropped_tables();
-        let settled = self.skip.settle();
-        self.write_skip(&settled)?;
         Ok(changed)
     }
 
@@ -728,15 +688,11 @@ impl External {
         if let Some(adopted) = self.adopted.take() {
             let in_use: BTreeSet<u32> = self.sets.values().map(|p| p.table).collect();
             for key in adopted.frontends {
-                // Counted when adopted; counted again if a set took it.
-                self.skip.free(&key);
                 if !self.owner.contains_key(&key) {
                     let _ = self.frontends.remove(&key);
                     changed += 1;
                 }
             }
-            let settled = self.skip.settle();
-            self.write_skip(&settled)?;
             for m in adopted
                 .members
                 .iter()

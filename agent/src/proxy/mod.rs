@@ -15,7 +15,6 @@ pub mod maglev;
 pub mod manifests;
 pub mod model;
 pub mod origins;
-mod skip;
 pub mod sys;
 pub mod terminate;
 

@@ -59,16 +59,6 @@ pub const MAX_EXT_CLIENTS: u32 = 65_536;
 pub const MAX_EXT_MEMBERS: u32 = 524_288;
 /// Tracked flows of the TC path (each has a forward and a reverse entry).
 pub const MAX_FLOWS: u32 = 262_144;
-/// Words of `EXT_SKIP`: one bit per port.
-pub const EXT_SKIP_WORDS: u32 = 65_536 / 64;
-
-/// The `EXT_SKIP` word and bit of a port as it sits in a header or a
-/// `ServiceKey` (network byte order).
-#[inline(always)]
-pub const fn skip_bit(port: u16) -> (u32, u64) {
-    let port = u16::from_be(port);
-    ((port >> 6) as u32, 1 << (port & 63))
-}
 /// Maglev table size unless configured: a prime, so that every backend's
 /// permutation visits every slot.
 pub const DEFAULT_MAGLEV_SIZE: u32 = 16_381;
@@ -470,13 +460,6 @@ pub mod maps {
     pub const EXTERNAL: &str = "EXTERNAL";
     /// `u32 -> inner array of backend ids`: Maglev tables.
     pub const MAGLEV: &str = "MAGLEV";
-    /// `u32 -> u64`, an array: destination ports no `EXTERNAL` frontend
-    /// uses, one bit each (see `skip_bit`). A packet to one of them skips
-    /// the `EXTERNAL` lookup: replies and the node's own traffic, whose
-    /// ports are all over the range, would miss on a cold bucket of a
-    /// large hash each time. A clear bit costs only that lookup, so a map
-    /// nobody has written yet is correct.
-    pub const EXT_SKIP: &str = "EXT_SKIP";
     /// `u32 -> ExtBackend`: the backends Maglev tables name.
     pub const EXT_BACKENDS: &str = "EXT_BACKENDS";
     /// `ExtClientKey -> ExtClientValue`: ClientIP affinity of the TC path.
