@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
+use skiff_agent::proxy::{Dataplane, Frontend};
+use skiff_ebpf_common::{Backend, FAMILY_V4, MAX_SERVICES, PROTO_TCP, ServiceKey, maps as names};
 use skiff_tests::node::sample;
 use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin, wait_for};
 
@@ -1266,4 +1268,64 @@ fn a_dual_stack_service_from_the_apiserver_is_served_on_both_families() {
         assert_only(&r, "b1", u64::from(n));
         assert_eq!(counts(&r, "peers").keys().collect::<Vec<_>>(), [vip], "{r}");
     }
+}
+
+fn frontend_key(i: u32) -> ServiceKey {
+    ServiceKey {
+        addr: [(0x0a60_0000 | i).to_be(), 0, 0, 0],
+        port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+    }
+}
+
+/// Entries of the pinned map `map` under `pins`.
+fn entries(pins: &PinDir, map: &str) -> u64 {
+    skiff_agent::proxy::dataplane::map_fill(&pins.path)
+        .unwrap_or_else(|e| panic!("map fill: {e}"))
+        .into_iter()
+        .find(|m| m.name == map)
+        .map_or_else(|| panic!("no map {map}"), |m| m.entries)
+}
+
+/// A new frontend whose write fails (here `SERVICES` is full) leaves no
+/// backend entries or slots behind, however often it is retried, and
+/// once there is room it is written whole, with no more than its own.
+#[test]
+fn a_frontend_that_cannot_be_written_leaves_nothing_behind() {
+    let (pins, cg) = (PinDir::new(), Cgroup::new());
+    let mut dp = Dataplane::install(&pins.path, &cg.path).unwrap_or_else(|e| panic!("{e}"));
+    // Frontends without backends fill SERVICES and nothing else.
+    for i in 1..=MAX_SERVICES {
+        let filler = Frontend {
+            key: frontend_key(i),
+            affinity_timeout: 0,
+            backends: Vec::new(),
+        };
+        dp.upsert(&filler)
+            .unwrap_or_else(|e| panic!("filling SERVICES: {e}"));
+    }
+    let backend = |i: u32| Backend {
+        addr: [(0x0ac8_0000 | i).to_be(), 0, 0, 0],
+        port: 8080u16.to_be(),
+        family: FAMILY_V4,
+        pad: 0,
+    };
+    let f = Frontend {
+        key: frontend_key(0),
+        affinity_timeout: 0,
+        backends: vec![backend(1), backend(2), backend(3)],
+    };
+    for _ in 0..2 {
+        assert!(dp.upsert(&f).is_err(), "SERVICES is full");
+        assert_eq!(entries(&pins, names::BACKENDS), 0);
+        assert_eq!(entries(&pins, names::SLOTS), 0);
+    }
+    assert!(
+        dp.remove(&frontend_key(1))
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    assert!(dp.upsert(&f).unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(entries(&pins, names::BACKENDS), 3);
+    assert_eq!(entries(&pins, names::SLOTS), 3);
 }

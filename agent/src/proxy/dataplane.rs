@@ -724,13 +724,7 @@ impl Dataplane {
                 .map_err(map_err(names::SLOTS))?;
             gen_len[g] = gen_len[g].max(slot as u16 + 1);
         }
-        for slot in list.len() as u16..gen_len[g] {
-            let _ = self.tables.slots.remove(&SlotKey {
-                service: id,
-                generation: generation as u16,
-                slot,
-            });
-        }
+        self.remove_slots(id, generation as u16, list.len() as u16..gen_len[g]);
         gen_len[g] = list.len() as u16;
         // 3. the flip, carrying the first slots of the new generation
         let mut inline = [SlotValue::default(); INLINE_SLOTS];
@@ -751,6 +745,17 @@ impl Dataplane {
         Ok((list, value))
     }
 
+    /// Removes the `slots` of frontend `id`'s `generation`.
+    fn remove_slots(&mut self, id: u32, generation: u16, slots: std::ops::Range<u16>) {
+        for slot in slots {
+            let _ = self.tables.slots.remove(&SlotKey {
+                service: id,
+                generation,
+                slot,
+            });
+        }
+    }
+
     /// What a failed [`Dataplane::write_generation`] left (the flip not
     /// made, so no reader uses `generation`): its slots and the backend
     /// entries it added go, and the frontend keeps no slot count for
@@ -764,13 +769,7 @@ impl Dataplane {
         fresh: &[u32],
     ) {
         let g = generation as usize;
-        for slot in 0..gen_len[g] {
-            let _ = self.tables.slots.remove(&SlotKey {
-                service: id,
-                generation: generation as u16,
-                slot,
-            });
-        }
+        self.remove_slots(id, generation as u16, 0..gen_len[g]);
         for bid in fresh {
             let _ = self.tables.backends.remove(bid);
         }
@@ -790,13 +789,7 @@ impl Dataplane {
             Err(e) => return Err(map_err(names::SERVICES)(e)),
         }
         for generation in 0..2u16 {
-            for slot in 0..p.gen_len[generation as usize] {
-                let _ = self.tables.slots.remove(&SlotKey {
-                    service: p.value.id,
-                    generation,
-                    slot,
-                });
-            }
+            self.remove_slots(p.value.id, generation, 0..p.gen_len[generation as usize]);
         }
         for (bid, b) in &p.backends {
             let _ = self.tables.backends.remove(bid);
@@ -1141,16 +1134,9 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Dataplane, count_batched, count_keys, map_fill};
-    use crate::proxy::model::Frontend;
+    use super::{count_batched, count_keys};
     use crate::proxy::sys::{put32, put64, sys_bpf};
-    use aya::maps::{HashMap, Map, MapData};
-    use skiff_ebpf_common::{
-        Backend, FAMILY_V4, INLINE_SLOTS, MAX_SERVICES, PROTO_TCP, ServiceKey, ServiceValue,
-        SlotValue, maps as names,
-    };
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    use std::path::PathBuf;
 
     /// A map of `kind` with u64 keys and 40-byte values holding `n` entries.
     fn filled(kind: u32, max: u32, n: u64) -> OwnedFd {
@@ -1191,95 +1177,5 @@ mod tests {
             assert_eq!(batched, Some(n), "kind {kind}");
             assert_eq!(count_keys(fd, 8).expect("key walk"), n, "kind {kind}");
         }
-    }
-
-    /// A pin directory on bpffs and a cgroup of this test's own, both
-    /// removed when it ends, passed or not.
-    struct Scratch {
-        pins: PathBuf,
-        cgroup: PathBuf,
-    }
-
-    impl Scratch {
-        fn new(name: &str) -> Self {
-            let tag = format!("skiff-unit-{name}-{}", std::process::id());
-            let s = Self {
-                pins: PathBuf::from("/sys/fs/bpf").join(&tag),
-                // cgroup v2, as the test machines mount it (hybrid layout).
-                cgroup: PathBuf::from("/sys/fs/cgroup/unified").join(&tag),
-            };
-            std::fs::create_dir_all(&s.cgroup).expect("making a cgroup (needs root)");
-            s
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = super::uninstall(&self.pins);
-            let _ = std::fs::remove_dir(&self.cgroup);
-        }
-    }
-
-    fn entries(pins: &std::path::Path, map: &str) -> u64 {
-        map_fill(pins)
-            .expect("map fill")
-            .into_iter()
-            .find(|m| m.name == map)
-            .map_or_else(|| panic!("no map {map}"), |m| m.entries)
-    }
-
-    fn frontend_key(i: u32) -> ServiceKey {
-        ServiceKey {
-            addr: [(0x0a60_0000 | i).to_be(), 0, 0, 0],
-            port: 80u16.to_be(),
-            proto: PROTO_TCP,
-            family: FAMILY_V4,
-        }
-    }
-
-    /// A new frontend whose write fails (here `SERVICES` is full) leaves
-    /// no backend entries or slots behind, and once there is room it is
-    /// written whole, with no more than its own.
-    #[test]
-    fn a_frontend_that_cannot_be_written_leaves_nothing_behind() {
-        let scratch = Scratch::new("upsert");
-        let mut dp = Dataplane::install(&scratch.pins, &scratch.cgroup).expect("install");
-        let path = scratch.pins.join("maps").join(names::SERVICES);
-        let mut services: HashMap<MapData, ServiceKey, ServiceValue> =
-            HashMap::try_from(Map::HashMap(MapData::from_pin(&path).expect("pinned")))
-                .expect("SERVICES");
-        let filler = ServiceValue {
-            id: 0,
-            count: 0,
-            generation: 0,
-            affinity_timeout: 0,
-            inline: [SlotValue::default(); INLINE_SLOTS],
-        };
-        for i in 1..=MAX_SERVICES {
-            services
-                .insert(frontend_key(i), filler, 0)
-                .expect("filling SERVICES");
-        }
-        let backend = |i: u32| Backend {
-            addr: [(0x0ac8_0000 | i).to_be(), 0, 0, 0],
-            port: 8080u16.to_be(),
-            family: FAMILY_V4,
-            pad: 0,
-        };
-        let f = Frontend {
-            key: frontend_key(0),
-            affinity_timeout: 0,
-            backends: vec![backend(1), backend(2), backend(3)],
-        };
-        for _ in 0..2 {
-            assert!(dp.upsert(&f).is_err(), "SERVICES is full");
-            assert_eq!(entries(&scratch.pins, names::BACKENDS), 0);
-            assert_eq!(entries(&scratch.pins, names::SLOTS), 0);
-        }
-        services.remove(&frontend_key(1)).expect("making room");
-        assert!(dp.upsert(&f).expect("upsert"));
-        assert_eq!(entries(&scratch.pins, names::BACKENDS), 3);
-        assert_eq!(entries(&scratch.pins, names::SLOTS), 3);
-        drop(dp);
     }
 }
