@@ -12,8 +12,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use skiff_agent::proxy::{Dataplane, Frontend};
-use skiff_ebpf_common::{Backend, FAMILY_V4, MAX_SERVICES, PROTO_TCP, ServiceKey, maps as names};
+use skiff_agent::proxy::model::ExternalSet;
+use skiff_agent::proxy::{Dataplane, External, ExternalConfig, Frontend};
+use skiff_ebpf_common::{
+    Backend, ExtBackend, ExternalValue, FAMILY_V4, MAX_EXT_BACKENDS, MAX_EXTERNAL, MAX_SERVICES,
+    PROTO_TCP, ServiceKey, maps as names,
+};
 use skiff_tests::node::sample;
 use skiff_tests::{Cgroup, Netns, PinDir, Proc, Spawn, TempDir, bin, wait_for};
 
@@ -1328,4 +1332,140 @@ fn a_frontend_that_cannot_be_written_leaves_nothing_behind() {
     assert!(dp.upsert(&f).unwrap_or_else(|e| panic!("{e}")));
     assert_eq!(entries(&pins, names::BACKENDS), 3);
     assert_eq!(entries(&pins, names::SLOTS), 3);
+}
+
+/// The TC path's counterpart: an external set that cannot be written (its
+/// backend ids do not fit, or one of its frontends does not) leaves no
+/// backend id, member or table of the attempt behind, and its ids are
+/// counted once, so that removing the Service empties the maps again.
+#[test]
+fn an_external_set_that_cannot_be_written_leaves_nothing_behind() {
+    let pins = PinDir::new();
+    let cfg = ExternalConfig {
+        interfaces: Vec::new(),
+        maglev_size: 7,
+    };
+    // No interface: the maps alone.
+    let mut ext = External::install(&pins.path, cfg, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let pinned = |name: &str| {
+        aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(pins.path.join("maps").join(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
+        )
+    };
+    let ext_backend = |i: u32| ExtBackend {
+        addr: [(0x0ac8_0000 | i).to_be(), 0, 0, 0],
+        port: 8080u16.to_be(),
+        family: FAMILY_V4,
+        flags: 0,
+    };
+    // Fillers, under ids the agent does not hand out this run.
+    let mut backends: aya::maps::HashMap<_, u32, ExtBackend> =
+        aya::maps::HashMap::try_from(pinned(names::EXT_BACKENDS)).unwrap_or_else(|e| panic!("{e}"));
+    let filler_backends = MAX_EXT_BACKENDS - 2;
+    for i in 0..filler_backends {
+        backends
+            .insert(0x8000_0000 | i, ext_backend(0x10000 | i), 0)
+            .unwrap_or_else(|e| panic!("filling EXT_BACKENDS: {e}"));
+    }
+    let set = |frontends: &[u32], members: &[u32]| ExternalSet {
+        name: "default/web:80/TCP/4".to_string(),
+        frontends: frontends.iter().map(|i| frontend_key(*i)).collect(),
+        backends: members.iter().map(|i| ext_backend(*i)).collect(),
+        flags: 0,
+        affinity_timeout: 0,
+    };
+    let first = set(&[1, 2], &[1, 2, 3]);
+    let service = "default/web";
+    let quiet = || {
+        (
+            entries(&pins, names::EXT_BACKENDS),
+            entries(&pins, names::EXT_MEMBERS),
+            entries(&pins, names::MAGLEV),
+            entries(&pins, names::EXTERNAL),
+        )
+    };
+    // Room for two of its three ids: refused, and each retry too.
+    for _ in 0..2 {
+        let r = ext.sync_service(service, std::slice::from_ref(&first));
+        assert!(r.is_err(), "EXT_BACKENDS has room for 2 of 3");
+        assert_eq!(quiet(), (u64::from(filler_backends), 0, 0, 0));
+    }
+    for i in 0..8 {
+        backends
+            .remove(&(0x8000_0000 | i))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let filler_backends = filler_backends - 8;
+    assert_eq!(
+        ext.sync_service(service, std::slice::from_ref(&first))
+            .unwrap_or_else(|e| panic!("{e}")),
+        1
+    );
+    assert_eq!(quiet(), (u64::from(filler_backends) + 3, 3, 1, 2));
+
+    // EXTERNAL full: the changed set's new frontend cannot go in.
+    let mut frontends: aya::maps::HashMap<_, ServiceKey, ExternalValue> =
+        aya::maps::HashMap::try_from(pinned(names::EXTERNAL)).unwrap_or_else(|e| panic!("{e}"));
+    let filler_frontends = MAX_EXTERNAL - 2;
+    let none = ExternalValue {
+        table: 0,
+        size: 0,
+        flags: 0,
+        affinity_timeout: 0,
+    };
+    for i in 0..filler_frontends {
+        frontends
+            .insert(frontend_key(0x10000 + i), none, 0)
+            .unwrap_or_else(|e| panic!("filling EXTERNAL: {e}"));
+    }
+    let second = set(&[1, 2, 3], &[2, 3, 4]);
+    for _ in 0..2 {
+        let r = ext.sync_service(service, std::slice::from_ref(&second));
+        assert!(r.is_err(), "EXTERNAL has no room for the third frontend");
+        // The new backend set is live (two frontends serve it); backend 1
+        // left.
+        assert_eq!(
+            quiet(),
+            (
+                u64::from(filler_backends) + 3,
+                3,
+                1,
+                u64::from(MAX_EXTERNAL)
+            )
+        );
+    }
+    frontends
+        .remove(&frontend_key(0x10000))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let filler_frontends = filler_frontends - 1;
+    assert_eq!(
+        ext.sync_service(service, std::slice::from_ref(&second))
+            .unwrap_or_else(|e| panic!("{e}")),
+        1
+    );
+    assert_eq!(
+        quiet(),
+        (
+            u64::from(filler_backends) + 3,
+            3,
+            1,
+            u64::from(filler_frontends) + 3
+        )
+    );
+    // The Service goes: every id, member, table and frontend of it goes.
+    assert_eq!(
+        ext.sync_service(service, &[])
+            .unwrap_or_else(|e| panic!("{e}")),
+        1
+    );
+    assert_eq!(
+        quiet(),
+        (
+            u64::from(filler_backends),
+            0,
+            0,
+            u64::from(filler_frontends)
+        )
+    );
 }

@@ -15,7 +15,9 @@
 //!
 //! Update order for a set (a reader never sees a half-written set): new
 //! backend ids, then a new Maglev table swapped in whole, then the
-//! frontends, then removal of the backend ids that left.
+//! frontends, then removal of the backend ids that left. A set that cannot
+//! be written (a map full) is taken back to what it was, so that retrying
+//! it at every sync takes nothing more; the other sets are written.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::fs;
@@ -67,11 +69,19 @@ struct Programmed {
     affinity_timeout: u32,
 }
 
-/// A set between its two halves (see `External::stage`).
+/// A set between its two halves (see `External::stage`), with what its
+/// first half wrote, so that `External::unstage` can take it back.
 struct Staged {
     set: ExternalSet,
     table: u32,
     old: Option<Programmed>,
+    /// Ids acquired so far, one per backend of `set`, in order.
+    ids: Vec<u32>,
+    /// `EXT_MEMBERS` entries written for backends `old` lacked.
+    joined: Vec<ExtMember>,
+    /// Its table went into `new_tables` (new content) or `dropped_tables`.
+    queued: bool,
+    dropping: bool,
 }
 
 const BPF_MAP_UPDATE_BATCH: u32 = 26;
@@ -453,7 +463,9 @@ impl External {
     }
 
     /// First half of writing `set`: its backend ids, and its table built
-    /// and queued for `MAGLEV`. None when the maps already hold it.
+    /// and queued for `MAGLEV`. None when the maps already hold it. On an
+    /// error nothing of it is left: the ids it acquired are released and
+    /// the members it wrote removed.
     fn stage(&mut self, set: &ExternalSet) -> Result<Option<Staged>> {
         let old = self.sets.get(&set.name).cloned();
         if let Some(o) = &old
@@ -464,51 +476,99 @@ impl External {
         {
             return Ok(None);
         }
-        let mut ids = Vec::with_capacity(set.backends.len());
-        for b in &set.backends {
-            ids.push(self.acquire(b)?);
-        }
         let table = match &old {
             Some(o) => o.table,
             None => self.alloc_table()?,
         };
+        let mut st = Staged {
+            set: set.clone(),
+            table,
+            old,
+            ids: Vec::with_capacity(set.backends.len()),
+            joined: Vec::new(),
+            queued: false,
+            dropping: false,
+        };
+        match self.fill(&mut st) {
+            Ok(()) => Ok(Some(st)),
+            Err(e) => {
+                self.unstage(st);
+                Err(e)
+            }
+        }
+    }
+
+    /// `stage`'s writes, each recorded in `st` as it is made.
+    fn fill(&mut self, st: &mut Staged) -> Result<()> {
+        for b in &st.set.backends {
+            let id = self.acquire(b)?;
+            st.ids.push(id);
+        }
         // New members before the table that names them: an affinity entry
         // for a new backend is honoured from its first flow on. (Backends
         // are sorted.)
-        for (b, backend) in set.backends.iter().zip(&ids) {
-            if old
+        for (b, backend) in st.set.backends.iter().zip(&st.ids) {
+            if st
+                .old
                 .as_ref()
                 .is_some_and(|o| o.backends.binary_search(b).is_ok())
             {
                 continue;
             }
             let member = ExtMember {
-                table,
+                table: st.table,
                 backend: *backend,
             };
             self.members
                 .insert(member, 1, 0)
                 .map_err(map_err(names::EXT_MEMBERS))?;
+            st.joined.push(member);
         }
-        if old.as_ref().is_none_or(|o| o.backends != set.backends) {
-            if set.backends.is_empty() {
-                self.dropped_tables.push(table);
+        if st
+            .old
+            .as_ref()
+            .is_none_or(|o| o.backends != st.set.backends)
+        {
+            if st.set.backends.is_empty() {
+                self.dropped_tables.push(st.table);
+                st.dropping = true;
             } else {
-                let data = self.build_table(&ids, &set.backends)?;
-                self.new_tables.push((table, data));
+                let data = self.build_table(&st.ids, &st.set.backends)?;
+                self.new_tables.push((st.table, data));
+                st.queued = true;
             }
         }
-        Ok(Some(Staged {
-            set: set.clone(),
-            table,
-            old,
-        }))
+        Ok(())
+    }
+
+    /// Takes back a staged set whose table did not go into `MAGLEV`: the
+    /// set stays as it was programmed (or absent), and no id, member or
+    /// queued table of the attempt remains.
+    fn unstage(&mut self, st: Staged) {
+        for m in &st.joined {
+            let _ = self.members.remove(m);
+        }
+        if st.queued {
+            self.new_tables.retain(|(t, _)| *t != st.table);
+        }
+        if st.dropping {
+            self.dropped_tables.retain(|t| *t != st.table);
+        }
+        for b in &st.set.backends[..st.ids.len()] {
+            self.release(b);
+        }
+        debug!(set = %st.set.name, "external set not written; left as it was");
     }
 
     /// Second half, once its table is in `MAGLEV`: the frontends, then the
-    /// backend ids that left.
+    /// backend ids that left. A frontend that cannot be written is left
+    /// out of the set as programmed (so the next sync writes it again) and
+    /// its error returned once the rest is done: the set's ids are then
+    /// counted exactly once.
     fn commit(&mut self, st: Staged) -> Result<()> {
-        let Staged { set, table, old } = st;
+        let Staged {
+            set, table, old, ..
+        } = st;
         let value = ExternalValue {
             table,
             size: if set.backends.is_empty() {
@@ -520,6 +580,7 @@ impl External {
             affinity_timeout: set.affinity_timeout,
         };
         let mut mine = Vec::new();
+        let mut failed = None;
         for key in &set.frontends {
             if let Some(other) = self.owner.get(key)
                 && other != &set.name
@@ -527,9 +588,10 @@ impl External {
                 warn!(frontend = %frontend_string(key), set = %set.name, owner = %other, "external frontend already served for another service");
                 continue;
             }
-            self.frontends
-                .insert(key, value, 0)
-                .map_err(map_err(names::EXTERNAL))?;
+            if let Err(e) = self.frontends.insert(key, value, 0) {
+                failed.get_or_insert(map_err(names::EXTERNAL)(e));
+                continue;
+            }
             self.owner.insert(*key, set.name.clone());
             mine.push(*key);
         }
@@ -562,7 +624,7 @@ impl External {
                 affinity_timeout: set.affinity_timeout,
             },
         );
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Takes a set's frontends out; its table goes with the next flush.
@@ -597,11 +659,12 @@ impl External {
 
     /// Puts the queued tables into `MAGLEV`, in one batch: each write to a
     /// map of maps waits for an RCU grace period (milliseconds), once per
-    /// call.
-    fn flush_new_tables(&mut self) -> Result<()> {
+    /// call. On an error, the keys of the tables that did not go in, and
+    /// the error.
+    fn flush_new_tables(&mut self) -> Option<(BTreeSet<u32>, DataplaneError)> {
         let tables = std::mem::take(&mut self.new_tables);
         if tables.is_empty() {
-            return Ok(());
+            return None;
         }
         let keys: Vec<u32> = tables.iter().map(|(k, _)| *k).collect();
         let fds: Vec<u32> = tables
@@ -610,13 +673,16 @@ impl External {
             .collect();
         if let Err(e) = batch(BPF_MAP_UPDATE_BATCH, self.maglev_fd(), &keys, Some(&fds)) {
             debug!(error = %e, "no batch update; one table at a time");
-            for (key, data) in &tables {
-                self.maglev
-                    .insert(key, data, 0)
-                    .map_err(map_err(names::MAGLEV))?;
+            for (i, (key, data)) in tables.iter().enumerate() {
+                if let Err(e) = self.maglev.insert(key, data, 0) {
+                    return Some((
+                        keys[i..].iter().copied().collect(),
+                        map_err(names::MAGLEV)(e),
+                    ));
+                }
             }
         }
-        Ok(())
+        None
     }
 
     /// Removes the tables nobody points to any more, in one batch.
@@ -637,10 +703,14 @@ impl External {
     }
 
     /// Writes `sets` of the named services (replacing what they had) in
-    /// three passes: tables, then frontends, then what left.
+    /// three passes: tables, then frontends, then what left. A set that
+    /// cannot be written stays as it was (or absent) and the others are
+    /// written; the first error is returned after.
     fn write(&mut self, services: &[(&str, &[ExternalSet])]) -> Result<usize> {
         let mut changed = 0;
         let mut staged = Vec::new();
+        let mut failed = None;
+        let mut touched = Vec::with_capacity(services.len());
         for (service, sets) in services {
             let wanted: BTreeSet<String> = sets.iter().map(|s| s.name.clone()).collect();
             let previous = self.sets_of.remove(*service).unwrap_or_default();
@@ -649,21 +719,46 @@ impl External {
                 changed += 1;
             }
             for set in *sets {
-                if let Some(st) = self.stage(set)? {
-                    staged.push(st);
+                match self.stage(set) {
+                    Ok(Some(st)) => staged.push(st),
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(set = %set.name, error = %e, "external set not written");
+                        failed.get_or_insert(e);
+                    }
                 }
             }
-            if !wanted.is_empty() {
-                self.sets_of.insert(service.to_string(), wanted);
-            }
+            touched.push((*service, wanted));
         }
-        self.flush_new_tables()?;
+        if let Some((missing, e)) = self.flush_new_tables() {
+            let (kept, lost): (Vec<_>, Vec<_>) = staged
+                .into_iter()
+                .partition(|st| !(st.queued && missing.contains(&st.table)));
+            for st in lost {
+                warn!(set = %st.set.name, error = %e, "external set not written");
+                self.unstage(st);
+            }
+            staged = kept;
+            failed.get_or_insert(e);
+        }
         changed += staged.len();
         for st in staged {
-            self.commit(st)?;
+            if let Err(e) = self.commit(st) {
+                failed.get_or_insert(e);
+            }
         }
         self.flush_dropped_tables();
-        Ok(changed)
+        // Each service's sets are the ones the maps hold.
+        for (service, wanted) in touched {
+            let have: BTreeSet<String> = wanted
+                .into_iter()
+                .filter(|n| self.sets.contains_key(n))
+                .collect();
+            if !have.is_empty() {
+                self.sets_of.insert(service.to_string(), have);
+            }
+        }
+        failed.map_or(Ok(changed), Err)
     }
 
     /// Programs one service's sets and removes those it no longer has.

@@ -175,19 +175,24 @@ pub async fn run(
                     let (desired, bad) = catalog.desired(&cfg.node);
                     report(&bad);
                     let services = desired.len();
-                    let (changed, taken) = block_in_place(|| paths.sync_all(desired))?;
-                    report(&taken);
-                    record_sync(&telemetry.proxy, &paths, started, &programmed);
-                    health.synced();
-                    info!(
-                        services,
-                        frontends = paths.dp.programmed().len(),
-                        changed,
-                        skipped = bad.len() + taken.len(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "programmed"
-                    );
-                    last = Some(sig);
+                    match block_in_place(|| paths.sync_all(desired)) {
+                        Ok((changed, taken)) => {
+                            report(&taken);
+                            record_sync(&telemetry.proxy, &paths, started, &programmed);
+                            health.synced();
+                            info!(
+                                services,
+                                frontends = paths.dp.programmed().len(),
+                                changed,
+                                skipped = bad.len() + taken.len(),
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "programmed"
+                            );
+                            last = Some(sig);
+                        }
+                        // Tried again at the next poll.
+                        Err(e) => error!(error = %e, "programming failed"),
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(cfg.poll) => {}
@@ -320,14 +325,20 @@ impl Paths {
             socket.insert(name, plan.socket);
         }
         let (mut changed, errors) = self.dp.sync_all(&socket)?;
+        // A set the TC path could not write is left as it was; the health
+        // checks are still brought up to date before the error is told.
+        let mut failed = None;
         if let Ok(mut ext) = self.ext.lock() {
-            changed += ext.sync_all(&external)?;
+            match ext.sync_all(&external) {
+                Ok(n) => changed += n,
+                Err(e) => failed = Some(e),
+            }
         }
         if health_of != self.health_of || !self.health.serves_all() {
             self.health_of = health_of;
             self.serve_health();
         }
-        Ok((changed, errors))
+        failed.map_or(Ok((changed, errors)), |e| Err(e.into()))
     }
 
     /// Reprograms the named services from the catalog. A service that
@@ -342,6 +353,7 @@ impl Paths {
         let mut changed = 0;
         let mut errors = Vec::new();
         let mut health_changed = false;
+        let mut failed = None;
         for name in services {
             let plan = catalog.plan_of(name, node).unwrap_or_else(|e| {
                 errors.push(e);
@@ -351,7 +363,12 @@ impl Paths {
             changed += n;
             errors.extend(e);
             if let Ok(mut ext) = self.ext.lock() {
-                changed += ext.sync_service(name, &plan.external)?;
+                match ext.sync_service(name, &plan.external) {
+                    Ok(n) => changed += n,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
             }
             let old = match plan.health {
                 Some(h) => self.health_of.insert(name.clone(), h),
@@ -362,7 +379,7 @@ impl Paths {
         if health_changed || !self.health.serves_all() {
             self.serve_health();
         }
-        Ok((changed, errors))
+        failed.map_or(Ok((changed, errors)), |e| Err(e.into()))
     }
 
     fn serve_health(&mut self) {
