@@ -118,44 +118,8 @@ fn reap() {
 /// Removes the namespaces, temp directories, pin directories and cgroups
 /// this process named.
 fn remove_named() {
-    // Names as skiff_tests::unique made them in this process.
-    let mine = |name: &str, what: &str| {
-        name.strip_prefix(&skiff_tests::unique_prefix(what))
-            .is_some_and(|n| n.parse::<u64>().is_ok())
-    };
-    if let Ok(out) = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-    {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or_default();
-            if mine(name, "ns") {
-                // Quiet: a thread unwinding may remove it first.
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "delete", name])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
-        }
-    }
-    for (dir, what) in [(std::env::temp_dir(), "tmp"), ("/sys/fs/bpf".into(), "pin")] {
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if e.file_name().to_str().is_some_and(|n| mine(n, what)) {
-                // Never delete through a mount (a container's rootfs, a
-                // bound host path) left under a killed run's directory.
-                skiff_tests::node::unmount_under(&e.path());
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    // A cgroup goes with rmdir once its processes are dead (its files
-    // cannot be deleted one by one); its attached programs go with it.
-    let cgroups = std::path::Path::new(skiff_tests::cgroup::CGROUP2_ROOT);
-    for e in std::fs::read_dir(cgroups).into_iter().flatten().flatten() {
-        if e.file_name().to_str().is_some_and(|n| mine(n, "cg")) {
-            let _ = std::fs::remove_dir(e.path());
-        }
-    }
+    let me = std::process::id() % 100_000;
+    skiff_tests::sweep::remove_owned_by(|pid| pid == me);
 }
 
 #[cfg(test)]

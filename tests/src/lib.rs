@@ -19,6 +19,7 @@ pub mod node;
 pub mod overlay;
 pub mod process;
 pub mod resolver;
+pub mod sweep;
 
 pub use cgroup::Cgroup;
 pub use netns::Netns;
@@ -31,9 +32,15 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 static HALTED: AtomicBool = AtomicBool::new(false);
 
 /// A name no other test in any process uses at the same time. Kept short:
-/// interface names are limited to 15 bytes. After [`halt_names`] the
+/// interface names are limited to 15 bytes. The first call removes what
+/// processes that are gone left under such names ([`sweep::sweep_dead`]). After [`halt_names`] the
 /// calling thread waits here for good.
 pub fn unique(what: &str) -> String {
+    // Before this process takes its first name: what ended runs left.
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        sweep::sweep_dead(true);
+    });
     while names_halted() {
         std::thread::park();
     }

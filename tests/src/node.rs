@@ -607,21 +607,10 @@ impl Drop for KubeletNode {
         if let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") {
             for c in ctrls.flatten() {
                 let p = c.path().join("skiff-test").join(&self.name);
-                remove_cgroup_tree(&p);
+                crate::sweep::remove_cgroup_tree(&p);
             }
         }
     }
-}
-
-fn remove_cgroup_tree(p: &Path) {
-    if let Ok(children) = std::fs::read_dir(p) {
-        for c in children.flatten() {
-            if c.path().is_dir() {
-                remove_cgroup_tree(&c.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(p);
 }
 
 /// The pods' bridge the harness configures for node `name`.
