@@ -242,7 +242,9 @@ mount -t tmpfs none "$TMP/sktmp${p}x0/rootfs"
 cd "$TMP/sktmp${p}x0" && sleep 600 </dev/null >/dev/null 2>&1 &
 a=$!
 sh -c 'echo $$ > "$1/cgroup.procs"; exec sleep 600' - "$CG/skcg${p}x0" </dev/null >/dev/null 2>&1 &
-echo "$a $!"
+b=$!
+until grep -q . "$CG/skcg${p}x0/cgroup.procs"; do sleep 0.01; done
+echo "$a $b"
 exec sleep 600 >/dev/null"#;
             let mut shell = std::process::Command::new("sh")
                 .args(["-c", script])
@@ -309,7 +311,13 @@ exec sleep 600 >/dev/null"#;
         assert_eq!(left(&dead), [true; 6], "the first run set up");
         kill(dead.shell.id());
         let _ = dead.shell.wait();
-        assert!(sweep_dead(false) >= 5, "the dead run's five things");
+        // Its namespace, directories and cgroup (and anything else ended
+        // runs left).
+        let removed = sweep_dead(false);
+        assert!(
+            removed >= 4,
+            "the dead run's four things: {removed} removed"
+        );
         // The strays were reparented: their exit is reaped by init.
         let gone = crate::wait_until(std::time::Duration::from_secs(5), || {
             left(&dead) == [false; 6]
