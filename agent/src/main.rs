@@ -243,6 +243,12 @@ struct RunArgs {
     /// come).
     #[arg(long = "external-interface")]
     external_interfaces: Vec<String>,
+    /// Interface the node's pods are reached through (repeatable; default:
+    /// every bridge, rescanned). A NodePort's, externalIP's or LoadBalancer
+    /// IP's local backend behind one is sent its packets directly, and its
+    /// replies leave directly, without the node's forwarding path.
+    #[arg(long = "pod-interface")]
+    pod_interfaces: Vec<String>,
     /// Slots in each Service's Maglev table for external traffic (a prime;
     /// the same on every node).
     #[arg(long, default_value_t = skiff_ebpf_common::DEFAULT_MAGLEV_SIZE)]
@@ -657,6 +663,7 @@ fn proxy_config(args: &RunArgs, ctx: &NodeContext) -> Result<ProxyConfig> {
         poll: Duration::from_millis(args.poll_ms),
         external: proxy::ExternalConfig {
             interfaces: args.external_interfaces.clone(),
+            pod_interfaces: args.pod_interfaces.clone(),
             maglev_size: args.maglev_table_size,
         },
     })

@@ -11,7 +11,12 @@
 //! the interface towards it. Replies of SNATed flows come back to the
 //! node, match `REV_FLOWS` here and are redirected to the client with the
 //! frontend as source. Replies of local backends pass through the stack
-//! and are rewritten by `skiff_egress` as they leave.
+//! and are rewritten by `skiff_egress` as they leave, unless the backend
+//! is routed through a pod-facing interface carrying `skiff_from_pods`
+//! (`EXT_POD_DEVS`): then its flow is redirected straight to that
+//! interface, and the replies, caught there, straight to the client, so
+//! that neither way goes through the node's forwarding path (as a remote
+//! backend's flow does not).
 //!
 //! Under `externalTrafficPolicy: Local` the table holds local backends only
 //! and no flow is SNATed: the backend sees the client's address. When one
@@ -50,8 +55,8 @@ use skiff_ebpf_common::{
     BACKEND_LOCAL, Bucket, DEFAULT_MAGLEV_SIZE, EXT_AFFINITY, EXT_LOCAL, EXT_REJECT, ExtBackend,
     ExtClientKey, ExtClientValue, ExtMember, ExternalValue, FAMILY_V6, FLOW_CLOSING,
     FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RESET, FlowKey, FlowValue, MAGLEV_INNER_FLAGS,
-    MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS, MAX_EXTERNAL, MAX_FLOWS, MAX_MAGLEV_TABLES,
-    PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey, csum, flow_hash, mix,
+    MAX_EXT_BACKENDS, MAX_EXT_CLIENTS, MAX_EXT_MEMBERS, MAX_EXT_POD_DEVS, MAX_EXTERNAL, MAX_FLOWS,
+    MAX_MAGLEV_TABLES, PROTO_TCP, PROTO_UDP, RevFlowValue, ServiceKey, csum, flow_hash, mix,
 };
 
 use crate::BPF_F_NO_PREALLOC;
@@ -112,6 +117,15 @@ static EXT_CLIENTS: LruHashMap<ExtClientKey, ExtClientValue> =
 
 #[map(name = "EXT_MEMBERS")]
 static EXT_MEMBERS: HashMap<ExtMember, u8> = HashMap::pinned(MAX_EXT_MEMBERS, BPF_F_NO_PREALLOC);
+
+/// Pod-facing interfaces with `skiff_from_pods` on their ingress. A local
+/// backend routed through one of them gets its flow's packets sent there
+/// directly, and its replies are sent back from there: both ways skip the
+/// node's forwarding path (and its netfilter hooks, which then see neither
+/// way, as for SNATed flows). Through any other interface the node
+/// forwards both ways.
+#[map(name = "EXT_POD_DEVS")]
+static EXT_POD_DEVS: HashMap<u32, u8> = HashMap::pinned(MAX_EXT_POD_DEVS, 0);
 
 /// Maglev tables: backend ids, `size` of them (the agent creates each
 /// inner array at the configured size; the template's size is only the
@@ -547,6 +561,58 @@ fn egress<F: Ip>(ctx: &TcContext) -> i32 {
     }
 }
 
+/// `tcx` verdict: on to the interface's next program, or the stack.
+const TC_NEXT: i32 = -1;
+
+/// On the ingress of pod-facing interfaces (`EXT_POD_DEVS`): a local
+/// backend's reply to a flow sent directly, rewritten to come from the
+/// frontend and sent straight to the client. Everything else goes on
+/// untouched (to the interface's next program, the overlay's say).
+#[classifier]
+pub fn skiff_from_pods(ctx: TcContext) -> i32 {
+    match ethertype(&ctx) {
+        t if t == V4::ETH_P => from_pods::<V4>(&ctx),
+        t if t == V6::ETH_P => from_pods::<V6>(&ctx),
+        _ => TC_NEXT,
+    }
+}
+
+#[inline(always)]
+fn from_pods<F: Ip>(ctx: &TcContext) -> i32 {
+    let Some(p) = parse::<F>(ctx) else {
+        return TC_NEXT;
+    };
+    if p.proto == F::ICMP {
+        return TC_NEXT;
+    }
+    let Some(rv) = reply_entry(&p, false) else {
+        return TC_NEXT;
+    };
+    if rv.local_ifindex == 0 {
+        return TC_NEXT;
+    }
+    let to = Tuple {
+        saddr: F::narrow(&rv.frontend),
+        daddr: p.daddr,
+        sport: rv.frontend_port,
+        dport: rv.client_port,
+    };
+    let (ifindex, nexthop) = (rv.local_ifindex, F::narrow(&rv.nexthop));
+    // Every reply of the flow goes this way, fragments too (each
+    // translated on its own), so that the stack, whose netfilter never saw
+    // the flow, sees none of it: it would take a reply for a new
+    // connection (and masquerade it). One too big for the way out is left
+    // to the stack.
+    if too_big_for::<F>(ctx, ifindex).is_some() {
+        return TC_NEXT;
+    }
+    if !translate(ctx, &p, &to, true) {
+        return TC_ACT_SHOT;
+    }
+    keep_frag_ports(&p);
+    redirect::<F>(ctx, ifindex, nexthop)
+}
+
 fn now() -> u64 {
     // SAFETY: no arguments.
     unsafe { bpf_ktime_get_ns() }
@@ -638,22 +704,36 @@ fn forward_known<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
     if snat_port != 0 {
         to.sport = snat_port;
     }
-    if ifindex == 0 {
+    let (out, nexthop) = if ifindex != 0 {
+        (ifindex, nexthop)
+    } else if fv.local_ifindex != 0
+        && p.frag.part == Part::Whole
+        && too_big_for::<F>(ctx, fv.local_ifindex).is_none()
+    {
+        // A local backend's flow sent directly (its source stays). Not a
+        // fragment: the stack may be holding some of its datagram to put
+        // it together (conntrack does), and one that took the other way
+        // would never come. Not one too big for the pod's interface
+        // either: the stack fragments it, or answers it.
+        (fv.local_ifindex, F::narrow(&fv.nexthop))
+    } else {
         return translate(ctx, p, &to, false).then_some(TC_ACT_OK);
-    }
+    };
     // One that routers may fragment (IPv4 without DF, fragments among
     // them) goes on: the overlay's VXLAN device carries it in fragments of
     // the outer packet, which the backend's node puts together again.
-    if let Some(mtu) = too_big_for::<F>(ctx, ifindex)
+    if let Some(mtu) = too_big_for::<F>(ctx, out)
         && F::dont_fragment(ctx)
     {
         return Some(TOO_BIG | mtu.min(0xffff) as i32);
     }
-    to.saddr = snat;
+    if ifindex != 0 {
+        to.saddr = snat;
+    }
     if !translate(ctx, p, &to, true) {
         return None;
     }
-    Some(redirect::<F>(ctx, ifindex, nexthop))
+    Some(redirect::<F>(ctx, out, nexthop))
 }
 
 /// The MTU of `ifindex` when the packet does not fit it: the overlay's
@@ -757,8 +837,12 @@ fn new_flow<F: Ip>(
         };
     }
     let t = now();
-    if !plan_flow(ctx, p, svc, t, e) {
-        return false;
+    match plan_flow(ctx, p, svc, t, e) {
+        None => return false,
+        // Called from here, after `plan_flow`, so that their frames are
+        // never on the stack together.
+        Some(true) => plan_local(ctx, p, e),
+        Some(false) => {}
     }
     let port = snat_port(p, t, e);
     if port == 0 {
@@ -769,7 +853,8 @@ fn new_flow<F: Ip>(
 
 /// The flow's backend, and for a remote one the routes both ways and the
 /// SNAT address, written into `e`. A local backend is left with
-/// `e.flow.ifindex` 0.
+/// `e.flow.ifindex` 0. Whether the backend is one of this node's (see
+/// `plan_local`).
 #[inline(never)]
 fn plan_flow<F: Ip>(
     ctx: &TcContext,
@@ -777,8 +862,8 @@ fn plan_flow<F: Ip>(
     svc: &ExternalValue,
     t: u64,
     e: &mut NewEntries,
-) -> bool {
-    plan(ctx, p, svc, t, e).is_some()
+) -> Option<bool> {
+    plan(ctx, p, svc, t, e)
 }
 
 #[inline(always)]
@@ -788,7 +873,7 @@ fn plan<F: Ip>(
     svc: &ExternalValue,
     t: u64,
     e: &mut NewEntries,
-) -> Option<()> {
+) -> Option<bool> {
     let sticky = svc.flags & EXT_AFFINITY != 0;
     let id = match sticky.then(|| kept_backend(svc, t, e)).flatten() {
         Some(id) => id,
@@ -820,7 +905,7 @@ fn plan<F: Ip>(
         ifindex: 0,
         last_ns: t,
         flags: 0,
-        pad: 0,
+        local_ifindex: 0,
     };
     e.rev = RevFlowValue {
         frontend: F::wide(p.daddr),
@@ -831,11 +916,11 @@ fn plan<F: Ip>(
         ifindex: 0,
         last_ns: t,
         flags: 0,
-        pad: 0,
+        local_ifindex: 0,
     };
     if b.flags & BACKEND_LOCAL != 0 || svc.flags & EXT_LOCAL != 0 {
         // The backend sees the client's own tuple.
-        return Some(());
+        return Some(b.flags & BACKEND_LOCAL != 0);
     }
     e.flow.ifindex = route::<F>(
         ctx,
@@ -845,7 +930,31 @@ fn plan<F: Ip>(
         Some(&mut e.flow.snat),
     );
     e.rev.ifindex = route::<F>(ctx, p.proto, p.saddr, &mut e.rev.nexthop, None);
-    (e.flow.ifindex != 0 && e.rev.ifindex != 0).then_some(())
+    (e.flow.ifindex != 0 && e.rev.ifindex != 0).then_some(false)
+}
+
+/// A local backend's flow is sent directly both ways when the backend is
+/// routed through a pod-facing interface (`EXT_POD_DEVS`) and the client
+/// has a route: the two interfaces and next hops, written into `e`. Else
+/// nothing is written and the node forwards it.
+#[inline(never)]
+fn plan_local<F: Ip>(ctx: &TcContext, p: &Packet<F>, e: &mut NewEntries) {
+    let to_pod = route::<F>(
+        ctx,
+        p.proto,
+        F::narrow(&e.flow.backend),
+        &mut e.flow.nexthop,
+        None,
+    );
+    // SAFETY: only whether the key is there is read.
+    if to_pod == 0 || unsafe { EXT_POD_DEVS.get(&to_pod) }.is_none() {
+        return;
+    }
+    let to_client = route::<F>(ctx, p.proto, p.saddr, &mut e.rev.nexthop, None);
+    if to_client != 0 {
+        e.flow.local_ifindex = to_pod;
+        e.rev.local_ifindex = to_client;
+    }
 }
 
 /// The flow's source on the backend's side: the SNAT address of a remote

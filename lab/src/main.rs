@@ -36,6 +36,7 @@ const USAGE: &str = "usage: skiff-lab demo [--once] [--ha]
        skiff-lab bench-nodeport [--sizes 1,1000,10000] [--rounds 2] [--conns 8000]
                                 [--requests 40000] [--threads 2]
                                 [--cases remote,local,local-policy] [--maglev-size 16381]
+                                [--pods-direct true]
                                 [--together false] [--pairs 30] [--window-ms 300]
                                 [--control false] [--out target/bench]
        skiff-lab bench-dns [--services 10000] [--seconds 10] [--rounds 3] [--latency-qps 20000]
@@ -304,6 +305,7 @@ fn nodeport_args(argv: &[String]) -> Result<nodeport::Args> {
         threads: 2,
         cases: nodeport::Case::ALL.to_vec(),
         maglev_size: skiff_ebpf_common::DEFAULT_MAGLEV_SIZE,
+        pods_direct: true,
         pairs: 30,
         together: false,
         window_ms: 300,
@@ -324,6 +326,9 @@ fn nodeport_args(argv: &[String]) -> Result<nodeport::Args> {
                     .collect::<Result<_>>()?
             }
             "--maglev-size" => a.maglev_size = value.parse().context("--maglev-size")?,
+            "--pods-direct" => {
+                a.pods_direct = value.parse().context("--pods-direct: true or false")?
+            }
             "--pairs" => a.pairs = value.parse().context("--pairs")?,
             "--together" => a.together = value.parse().context("--together: true or false")?,
             "--window-ms" => a.window_ms = value.parse().context("--window-ms")?,

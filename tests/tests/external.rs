@@ -185,6 +185,8 @@ spec:
     // from the address the client dialled. The Service is dual stack, so
     // each node serves its NodePorts on both of its addresses.
     for (via, ip, client_ip, local) in nodes {
+        let count = || forwarded(&c.node_ns[0], ip.contains(':'));
+        let before = count();
         let tcp = answered(
             &client,
             &format!("TCP NodePort via {via}"),
@@ -196,6 +198,14 @@ spec:
                 peers,
                 BTreeMap::from([(client_ip.clone(), 3)]),
                 "a local backend sees the client's address: {tcp}"
+            );
+            // Its pod sits behind the node's bridge: both ways of its
+            // three connections (a dozen packets or more) skip the node's
+            // forwarding path.
+            let during = count() - before;
+            assert!(
+                during < 6,
+                "{during} packets forwarded by node 0 during 3 connections to its own backend via {via}"
             );
         } else {
             assert!(
@@ -378,6 +388,35 @@ spec:
     assert_eq!(v["service"]["name"], "local", "{body}");
     let (code, body) = http_get(&client, &format!("http://{ip1}:{hc}/healthz"));
     assert_eq!(code, 503, "{body}");
+}
+
+/// Packets the namespace `ns` has forwarded, IPv4's or (`v6`) IPv6's.
+fn forwarded(ns: &Netns, v6: bool) -> u64 {
+    let (file, field) = if v6 {
+        ("/proc/net/snmp6", "Ip6OutForwDatagrams")
+    } else {
+        ("/proc/net/snmp", "ForwDatagrams")
+    };
+    let text = ns.exec(&["cat", file]);
+    if v6 {
+        return text
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in {file}"));
+    }
+    // "Ip: names..." then "Ip: values...".
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("Ip: "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let at = rows
+        .first()
+        .and_then(|names| names.iter().position(|n| *n == field))
+        .unwrap_or_else(|| panic!("no {field} in {file}"));
+    rows.get(1)
+        .and_then(|values| values.get(at)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} value in {file}"))
 }
 
 /// The backend names `names` holds, as answered by a `flows` command.

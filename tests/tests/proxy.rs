@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use skiff_agent::proxy::model::ExternalSet;
-use skiff_agent::proxy::{Dataplane, External, ExternalConfig, Frontend};
+use skiff_agent::proxy::{Dataplane, External, ExternalConfig, Frontend, Interfaces};
 use skiff_ebpf_common::{
     Backend, ExtBackend, ExternalValue, FAMILY_V4, MAX_EXT_BACKENDS, MAX_EXTERNAL, MAX_SERVICES,
     PROTO_TCP, ServiceKey, maps as names,
@@ -1343,10 +1343,12 @@ fn an_external_set_that_cannot_be_written_leaves_nothing_behind() {
     let pins = PinDir::new();
     let cfg = ExternalConfig {
         interfaces: Vec::new(),
+        pod_interfaces: Vec::new(),
         maglev_size: 7,
     };
     // No interface: the maps alone.
-    let mut ext = External::install(&pins.path, cfg, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let mut ext = External::install(&pins.path, cfg, &Interfaces::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     let pinned = |name: &str| {
         aya::maps::Map::HashMap(
             aya::maps::MapData::from_pin(pins.path.join("maps").join(name))

@@ -38,11 +38,15 @@ use super::dataplane::{DataplaneError, io_err, map_err};
 use super::maglev;
 use super::model::{ExternalSet, frontend_string};
 
-/// The TC programs in the object: (name, hook, pin prefix).
+/// The TC programs of the node's interfaces: (name, hook, pin prefix).
 const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("skiff_ingress", TcAttachType::Ingress, "tc-ingress-"),
     ("skiff_egress", TcAttachType::Egress, "tc-egress-"),
 ];
+
+/// The TC program of pod-facing interfaces, likewise.
+const POD_PROGRAM: (&str, TcAttachType, &str) =
+    ("skiff_from_pods", TcAttachType::Ingress, "tc-pods-");
 
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
@@ -55,8 +59,23 @@ pub struct ExternalConfig {
     /// IPv4 or IPv6 address that is not a bridge (rescanned, so that an overlay
     /// device made later is picked up).
     pub interfaces: Vec<String>,
+    /// Pod-facing interfaces: a local backend routed through one of them
+    /// is reached directly from the node's interfaces, and its replies
+    /// leave directly, without the node's forwarding path. Empty means
+    /// every bridge (rescanned).
+    pub pod_interfaces: Vec<String>,
     /// Slots per Maglev table (prime).
     pub maglev_size: u32,
+}
+
+/// The interfaces found on the node for the TC path, used where the
+/// config names none (see [`auto_interfaces`]).
+#[derive(Clone, Debug, Default)]
+pub struct Interfaces {
+    /// Interfaces with a global address that are not bridges.
+    pub node: Vec<String>,
+    /// Bridges.
+    pub pods: Vec<String>,
 }
 
 /// One set as the maps hold it.
@@ -157,6 +176,9 @@ pub struct External {
     adopted: Option<Adopted>,
     /// Interfaces (by index) whose links this agent has set up.
     attached: BTreeMap<u32, String>,
+    /// Pod-facing interfaces (by index) likewise, also in `EXT_POD_DEVS`.
+    pod_attached: BTreeMap<u32, String>,
+    pod_devs: HashMap<MapData, u32, u8>,
     /// Links an earlier agent left (program, interface, link), to get this
     /// agent's programs after the first full sync.
     swaps: Vec<(&'static str, String, SchedClassifierLink)>,
@@ -168,7 +190,7 @@ impl External {
     /// them.
     /// `auto` is what [`auto_interfaces`] found, used unless the config
     /// names interfaces.
-    pub fn install(pin_dir: &Path, cfg: ExternalConfig, auto: &[String]) -> Result<Self> {
+    pub fn install(pin_dir: &Path, cfg: ExternalConfig, auto: &Interfaces) -> Result<Self> {
         if !(2..=1_048_573).contains(&cfg.maglev_size) || !maglev::is_prime(cfg.maglev_size) {
             return Err(DataplaneError::TableSize(cfg.maglev_size));
         }
@@ -178,7 +200,7 @@ impl External {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
         let mut ebpf = super::dataplane::load_object(&maps_dir)?;
-        for (program, _, _) in PROGRAMS {
+        for (program, _, _) in PROGRAMS.into_iter().chain([POD_PROGRAM]) {
             classifier(&mut ebpf, program)?
                 .load()
                 .map_err(|source| DataplaneError::Program { program, source })?;
@@ -195,6 +217,8 @@ impl External {
             HashOfMaps::try_from(take(names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
         let members: HashMap<MapData, ExtMember, u8> =
             HashMap::try_from(take(names::EXT_MEMBERS)?).map_err(map_err(names::EXT_MEMBERS))?;
+        let pod_devs: HashMap<MapData, u32, u8> =
+            HashMap::try_from(take(names::EXT_POD_DEVS)?).map_err(map_err(names::EXT_POD_DEVS))?;
         let maglev_raw =
             MapData::from_pin(maps_dir.join(names::MAGLEV)).map_err(map_err(names::MAGLEV))?;
 
@@ -246,32 +270,35 @@ impl External {
             next_backend,
             adopted: Some(adopted),
             attached: BTreeMap::new(),
+            pod_attached: BTreeMap::new(),
+            pod_devs,
             swaps: Vec::new(),
         };
         ext.attach_interfaces(auto)?;
         Ok(ext)
     }
 
-    /// Interfaces to serve on, by index.
-    fn wanted(&self, auto: &[String]) -> BTreeMap<u32, String> {
-        let names: Vec<String> = if self.cfg.interfaces.is_empty() {
-            auto.to_vec()
+    /// Interfaces by index: those `configured`, or else those found.
+    fn by_index(configured: &[String], found: &[String]) -> BTreeMap<u32, String> {
+        let names = if configured.is_empty() {
+            found
         } else {
-            self.cfg.interfaces.clone()
+            configured
         };
         names
-            .into_iter()
+            .iter()
             .filter_map(|n| {
                 let index = nix::net::if_::if_nametoindex(n.as_str()).ok()?;
-                Some((index, n))
+                Some((index, n.clone()))
             })
             .collect()
     }
 
     /// Attaches the programs to interfaces that lack them and drops the
     /// links of interfaces that are gone. Returns how many were attached.
-    pub fn attach_interfaces(&mut self, auto: &[String]) -> Result<usize> {
-        let wanted = self.wanted(auto);
+    pub fn attach_interfaces(&mut self, auto: &Interfaces) -> Result<usize> {
+        let wanted = Self::by_index(&self.cfg.interfaces, &auto.node);
+        let pods = Self::by_index(&self.cfg.pod_interfaces, &auto.pods);
         let mut attached = 0;
         for (index, name) in &wanted {
             if self.attached.get(index) == Some(name) {
@@ -285,23 +312,60 @@ impl External {
             self.attached.insert(*index, name.clone());
             attached += 1;
         }
+        for (index, name) in &pods {
+            if self.pod_attached.get(index) == Some(name) {
+                continue;
+            }
+            let (program, hook, prefix) = POD_PROGRAM;
+            let pin = self.links_dir.join(format!("{prefix}{index}"));
+            self.attach(program, hook, name, &pin)?;
+            // Only once the replies are caught there do flows go there
+            // directly.
+            self.pod_devs
+                .insert(index, 1, 0)
+                .map_err(map_err(names::EXT_POD_DEVS))?;
+            info!(interface = %name, ifindex = index, "reaching local backends directly");
+            self.pod_attached.insert(*index, name.clone());
+            attached += 1;
+        }
         // Links of interfaces that are no longer wanted (or were deleted:
         // the kernel detached those already) go.
         let entries = fs::read_dir(&self.links_dir).map_err(io_err(&self.links_dir))?;
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(index) = PROGRAMS
+            let Some((prefix, index)) = PROGRAMS
                 .iter()
-                .find_map(|(_, _, prefix)| file.strip_prefix(prefix))
-                .and_then(|i| i.parse::<u32>().ok())
+                .chain([&POD_PROGRAM])
+                .find_map(|(_, _, prefix)| Some((*prefix, file.strip_prefix(prefix)?)))
+                .and_then(|(prefix, i)| Some((prefix, i.parse::<u32>().ok()?)))
             else {
                 continue;
             };
-            if !wanted.contains_key(&index) {
+            if prefix == POD_PROGRAM.2 {
+                if !pods.contains_key(&index) {
+                    // No new flow goes there directly before its replies
+                    // stop being caught there.
+                    let _ = self.pod_devs.remove(&index);
+                    debug!(link = %file, "dropping the link of a gone pod interface");
+                    let _ = fs::remove_file(entry.path());
+                    self.pod_attached.remove(&index);
+                }
+            } else if !wanted.contains_key(&index) {
                 debug!(link = %file, "dropping the link of a gone interface");
                 let _ = fs::remove_file(entry.path());
                 self.attached.remove(&index);
             }
+        }
+        // Entries whose interface has no link (a deleted interface, or
+        // left by an earlier agent) go too.
+        let stale: Vec<u32> = self
+            .pod_devs
+            .keys()
+            .flatten()
+            .filter(|i| !self.pod_attached.contains_key(i))
+            .collect();
+        for index in stale {
+            let _ = self.pod_devs.remove(&index);
         }
         Ok(attached)
     }
@@ -816,17 +880,20 @@ impl External {
 }
 
 impl External {
-    /// Time spent in the two TC programs and their run counts, while the
+    /// Time spent in the TC programs and their run counts, while the
     /// kernel counts (`kernel.bpf_stats_enabled` = 1): what a packet costs
     /// in them.
     pub fn program_stats(&self) -> Vec<(&'static str, std::time::Duration, u64)> {
         let mut ids: StdHashMap<u32, &'static str> = StdHashMap::new();
-        for index in self.attached.keys() {
-            for (program, _, prefix) in PROGRAMS {
-                let link = self.links_dir.join(format!("{prefix}{index}"));
-                if let Ok(id) = super::sys::link_program_id(&link) {
-                    ids.insert(id, program);
-                }
+        let links = self
+            .attached
+            .keys()
+            .flat_map(|i| PROGRAMS.iter().map(move |p| (*i, p)))
+            .chain(self.pod_attached.keys().map(|i| (*i, &POD_PROGRAM)));
+        for (index, (program, _, prefix)) in links {
+            let link = self.links_dir.join(format!("{prefix}{index}"));
+            if let Ok(id) = super::sys::link_program_id(&link) {
+                ids.insert(id, *program);
             }
         }
         super::dataplane::stats_of(&ids)
@@ -845,9 +912,9 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut S
 }
 
 /// Every interface with a global IPv4 or IPv6 address that is not
-/// loopback and not a bridge (pods sit behind the bridge; their traffic to frontends is
-/// translated at the socket).
-pub async fn auto_interfaces() -> Vec<String> {
+/// loopback and not a bridge (pods sit behind the bridge; their traffic to
+/// frontends is translated at the socket), and every bridge: the pods'.
+pub async fn auto_interfaces() -> Interfaces {
     let bridges: BTreeSet<String> = match skiff_netlink::Netlink::open() {
         Ok(nl) => nl
             .links()
@@ -859,12 +926,12 @@ pub async fn auto_interfaces() -> Vec<String> {
             .collect(),
         Err(e) => {
             warn!(error = %e, "cannot list links for the TC path");
-            return Vec::new();
+            return Interfaces::default();
         }
     };
     let mut out = BTreeSet::new();
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
+        return Interfaces::default();
     };
     for a in addrs {
         let Some(sa) = a.address.as_ref() else {
@@ -883,5 +950,8 @@ pub async fn auto_interfaces() -> Vec<String> {
             out.insert(a.interface_name);
         }
     }
-    out.into_iter().collect()
+    Interfaces {
+        node: out.into_iter().collect(),
+        pods: bridges.into_iter().collect(),
+    }
 }

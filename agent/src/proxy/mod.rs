@@ -29,7 +29,7 @@ use tokio::sync::watch as signal;
 use tracing::{debug, error, info, warn};
 
 pub use dataplane::{Dataplane, DataplaneError, Tables};
-pub use external::{External, ExternalConfig};
+pub use external::{External, ExternalConfig, Interfaces};
 pub use model::{Catalog, Frontend, NodeView, ServiceError, ServicePlan};
 
 /// Where the proxy reads Services and EndpointSlices from.
@@ -135,7 +135,8 @@ pub async fn run(
         health_of: BTreeMap::new(),
     };
     let ext = paths.ext.clone();
-    let fixed_interfaces = !cfg.external.interfaces.is_empty();
+    let fixed_interfaces =
+        !cfg.external.interfaces.is_empty() && !cfg.external.pod_interfaces.is_empty();
     let rescan = async move {
         if fixed_interfaces {
             // Named interfaces are attached once, at install.

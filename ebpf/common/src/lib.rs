@@ -59,6 +59,8 @@ pub const MAX_EXT_CLIENTS: u32 = 65_536;
 pub const MAX_EXT_MEMBERS: u32 = 524_288;
 /// Tracked flows of the TC path (each has a forward and a reverse entry).
 pub const MAX_FLOWS: u32 = 262_144;
+/// Pod-facing interfaces `skiff_from_pods` is attached to.
+pub const MAX_EXT_POD_DEVS: u32 = 256;
 /// Maglev table size unless configured: a prime, so that every backend's
 /// permutation visits every slot.
 pub const DEFAULT_MAGLEV_SIZE: u32 = 16_381;
@@ -340,7 +342,10 @@ pub struct FlowValue {
     pub ifindex: u32,
     pub last_ns: u64,
     pub flags: u32,
-    pub pad: u32,
+    /// For a local backend behind a pod-facing interface (`EXT_POD_DEVS`):
+    /// that interface, the packet sent there directly (towards `nexthop`)
+    /// instead of through the node's forwarding path; 0 otherwise.
+    pub local_ifindex: u32,
 }
 
 /// Reverse state of a flow, keyed by the reply's (backend -> client or
@@ -360,7 +365,10 @@ pub struct RevFlowValue {
     pub ifindex: u32,
     pub last_ns: u64,
     pub flags: u32,
-    pub pad: u32,
+    /// For a local backend's flow sent directly (see
+    /// `FlowValue::local_ifindex`): the interface towards the client, where
+    /// `skiff_from_pods` sends the reply (towards `nexthop`); 0 otherwise.
+    pub local_ifindex: u32,
 }
 
 /// Peer subnets the overlay's fast path knows (one per node).
@@ -466,6 +474,9 @@ pub mod maps {
     pub const EXT_CLIENTS: &str = "EXT_CLIENTS";
     /// `ExtMember -> u8`: which backends each set has.
     pub const EXT_MEMBERS: &str = "EXT_MEMBERS";
+    /// `ifindex -> u8`: the pod-facing interfaces `skiff_from_pods` is
+    /// attached to, where local backends' flows are sent directly.
+    pub const EXT_POD_DEVS: &str = "EXT_POD_DEVS";
     /// `FlowKey -> FlowValue`: tracked flows, forward.
     pub const FLOWS: &str = "FLOWS";
     /// `FlowKey -> RevFlowValue`: tracked flows, reverse.

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use serde::Serialize;
 use skiff_agent::proxy::model::{ExternalSet, encode_ip, encode_port};
-use skiff_agent::proxy::{External, ExternalConfig};
+use skiff_agent::proxy::{External, ExternalConfig, Interfaces};
 use skiff_ebpf_common::{BACKEND_LOCAL, EXT_LOCAL, ExtBackend, PROTO_TCP, ServiceKey};
 use skiff_tests::netns::veth;
 use skiff_tests::{Netns, PinDir, Proc, Spawn, TempDir, bin};
@@ -97,6 +97,9 @@ pub struct Args {
     pub threads: u64,
     pub cases: Vec<Case>,
     pub maglev_size: u32,
+    /// Local backends reached directly through node A's pod interface
+    /// (`skiff_from_pods` on it), rather than through its forwarding path.
+    pub pods_direct: bool,
     /// Side-by-side pairs per case and size (with `together`).
     pub pairs: usize,
     pub together: bool,
@@ -311,9 +314,14 @@ fn program(
                 .context("entering node A's namespace")?;
             let cfg = ExternalConfig {
                 interfaces: vec!["ext0".into(), "ab0".into()],
+                pod_interfaces: if args.pods_direct {
+                    vec!["pod0".into()]
+                } else {
+                    Vec::new()
+                },
                 maglev_size: args.maglev_size,
             };
-            let mut ext = External::install(&pins.path, cfg, &[])?;
+            let mut ext = External::install(&pins.path, cfg, &Interfaces::default())?;
             let desired = external_sets(case, n);
             let started = Instant::now();
             ext.sync_all(&desired)?;
@@ -706,7 +714,7 @@ fn print_table(summary: &[Summary]) {
 pub fn run(args: &Args) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
-        "bench nodeport: sizes {:?}, cases {:?}, {} rounds, {} connections and {} requests per run, {} client threads, Maglev table {}, {cores} cores{}",
+        "bench nodeport: sizes {:?}, cases {:?}, {} rounds, {} connections and {} requests per run, {} client threads, Maglev table {}, local backends reached {}, {cores} cores{}",
         args.sizes,
         args.cases.iter().map(|c| c.name()).collect::<Vec<_>>(),
         args.rounds,
@@ -714,6 +722,11 @@ pub fn run(args: &Args) -> Result<()> {
         args.requests,
         args.threads,
         args.maglev_size,
+        if args.pods_direct {
+            "directly"
+        } else {
+            "through the forwarding path"
+        },
         if args.together {
             format!(
                 "; {} side-by-side pairs of {} ms{}",
@@ -785,6 +798,7 @@ pub fn run(args: &Args) -> Result<()> {
             "sizes": args.sizes, "rounds": args.rounds, "conns": args.conns,
             "requests": args.requests, "threads": args.threads,
             "cases": args.cases, "maglev_size": args.maglev_size,
+            "pods_direct": args.pods_direct,
             "together": args.together, "pairs": args.pairs,
             "window_ms": args.window_ms, "control": args.control,
         },
