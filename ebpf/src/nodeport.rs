@@ -936,7 +936,7 @@ fn plan<F: Ip>(
 /// A local backend's flow is sent directly both ways when the backend is
 /// routed through a pod-facing interface (`EXT_POD_DEVS`) and the client
 /// has a route: the two interfaces and next hops, written into `e`. Else
-/// nothing is written and the node forwards it.
+/// its `local_ifindex`es stay 0 and the node forwards it.
 #[inline(never)]
 fn plan_local<F: Ip>(ctx: &TcContext, p: &Packet<F>, e: &mut NewEntries) {
     let to_pod = route::<F>(

@@ -110,16 +110,9 @@ fn reap() {
     // Twice as well: a name taken just before the halt may have become a
     // namespace or a directory only after the first pass listed them.
     for _ in 0..2 {
-        remove_named();
+        skiff_tests::sweep::remove_own();
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-}
-
-/// Removes the namespaces, temp directories, pin directories and cgroups
-/// this process named.
-fn remove_named() {
-    let me = std::process::id() % 100_000;
-    skiff_tests::sweep::remove_owned_by(|pid| pid == me);
 }
 
 #[cfg(test)]

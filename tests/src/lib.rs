@@ -33,8 +33,8 @@ static HALTED: AtomicBool = AtomicBool::new(false);
 
 /// A name no other test in any process uses at the same time. Kept short:
 /// interface names are limited to 15 bytes. The first call removes what
-/// processes that are gone left under such names ([`sweep::sweep_dead`]). After [`halt_names`] the
-/// calling thread waits here for good.
+/// processes that are gone left under such names ([`sweep::sweep_dead`]).
+/// After [`halt_names`] the calling thread waits here for good.
 pub fn unique(what: &str) -> String {
     // Before this process takes its first name: what ended runs left.
     static SWEPT: std::sync::Once = std::sync::Once::new();
@@ -64,7 +64,7 @@ pub fn names_halted() -> bool {
 /// What every name [`unique`] gives for `what` in this process starts
 /// with (a counter follows), so a process can find what it made.
 pub fn unique_prefix(what: &str) -> String {
-    format!("sk{what}{}x", std::process::id() % 100_000)
+    sweep::prefix(what, std::process::id())
 }
 
 /// The directory holding the workspace's built binaries (`target/debug` or
@@ -197,13 +197,7 @@ pub fn wait_for<T>(
 /// line holds `arg` exactly.
 pub fn pids_with_arg(arg: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
-    let live = |pid: &i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-    };
+    let live = |pid: &i32| alive(*pid);
     std::fs::read_dir("/proc")
         .map(|entries| {
             entries
@@ -218,6 +212,15 @@ pub fn pids_with_arg(arg: &str) -> Vec<i32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
 }
 
 /// Polls `f` until it holds or `timeout` passes; whether it held.

@@ -24,7 +24,20 @@ const CGROUP: &str = "cg";
 /// hierarchy.
 const NODE: &str = "node";
 
-/// The pid part of `name` when [`crate::unique`]`(what)` made it.
+/// What the names [`crate::unique`]`(what)` gives in the process `pid`
+/// start with (a counter follows).
+pub fn prefix(what: &str, pid: u32) -> String {
+    format!("sk{what}{}x", name_pid(pid))
+}
+
+/// A process id as names hold it (interface names are limited to 15
+/// bytes).
+pub fn name_pid(pid: u32) -> u32 {
+    pid % 100_000
+}
+
+/// The pid part of `name` when [`crate::unique`]`(what)` made it: the
+/// inverse of [`prefix`].
 pub fn owner(name: &str, what: &str) -> Option<u32> {
     let rest = name.strip_prefix("sk")?.strip_prefix(what)?;
     let (pid, n) = rest.split_once('x')?;
@@ -44,7 +57,7 @@ fn live_owners() -> BTreeSet<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| *pid != me)
-        .map(|pid| pid % 100_000)
+        .map(name_pid)
         .collect()
 }
 
@@ -56,13 +69,19 @@ fn live_owners() -> BTreeSet<u32> {
 pub fn sweep_dead(own: bool) -> usize {
     let mut live = live_owners();
     if !own {
-        live.insert(std::process::id() % 100_000);
+        live.insert(name_pid(std::process::id()));
     }
     let removed = remove_owned_by(|pid| !live.contains(&pid));
     if removed > 0 {
         eprintln!("removed {removed} namespaces, directories and cgroups that ended runs left");
     }
     removed
+}
+
+/// Removes what this process named (a process stopping on a signal).
+pub fn remove_own() -> usize {
+    let me = name_pid(std::process::id());
+    remove_owned_by(|pid| pid == me)
 }
 
 /// Removes every namespace, temp directory, pin directory and cgroup whose
@@ -136,8 +155,8 @@ pub fn remove_owned_by(dead: impl Fn(u32) -> bool) -> usize {
     removed + cgroups.len() + node_cgroups.len() - left.len()
 }
 
-/// Kills every process with an argument, working directory or open
-/// executable under one of `dirs`.
+/// Kills every process with an argument or working directory under one of
+/// `dirs`.
 fn kill_using(dirs: &[PathBuf]) {
     if dirs.is_empty() {
         return;
@@ -271,7 +290,7 @@ exec sleep 600 >/dev/null"#;
                 for pid in &self.0 {
                     kill(*pid);
                 }
-                let pids: Vec<u32> = self.0.iter().map(|p| p % 100_000).collect();
+                let pids: Vec<u32> = self.0.iter().copied().map(name_pid).collect();
                 remove_owned_by(|p| pids.contains(&p));
             }
         }
@@ -291,12 +310,7 @@ exec sleep 600 >/dev/null"#;
                 .unwrap_or_default();
             let dir = tmp.join(format!("sktmp{p}x0"));
             let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-            let alive = |pid: &u32| {
-                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                    !s.rsplit_once(')')
-                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-                })
-            };
+            let alive = |pid: &u32| i32::try_from(*pid).is_ok_and(crate::alive);
             [
                 netns
                     .lines()
