@@ -45,6 +45,8 @@ pub enum Error {
     },
     #[error("no link named {0}")]
     NoLink(String),
+    #[error("joining the kernel's link notifications: {0}")]
+    Subscribe(#[source] std::io::Error),
 }
 
 impl Error {
@@ -102,4 +104,20 @@ impl Netlink {
         let _guard = NetnsGuard::enter(path)?;
         Self::open()
     }
+}
+
+/// The kernel's link notifications (a link made, changed or deleted) in
+/// the calling thread's network namespace: one item per notification,
+/// nothing in it but that it came. The stream ends if the socket's reader
+/// does. Must be called inside a tokio runtime, as [`Netlink::open`].
+pub fn link_events() -> Result<impl futures::Stream<Item = ()> + Send + Unpin> {
+    use futures::StreamExt;
+    use rtnetlink::sys::{AsyncSocket, SocketAddr};
+    let (mut conn, _, messages) = rtnetlink::new_connection().map_err(Error::Socket)?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
+        .map_err(Error::Subscribe)?;
+    tokio::spawn(conn);
+    Ok(messages.map(|_| ()))
 }

@@ -256,7 +256,7 @@ impl Cluster {
             bare,
         };
         for (ns, ip) in nodes {
-            c.start_node(ns, &ip);
+            c.start_node(ns, &ip, true);
         }
         for i in 0..n {
             c.wait_node_ready(i);
@@ -264,7 +264,7 @@ impl Cluster {
         c
     }
 
-    fn start_node(&mut self, ns: Netns, ip: &str) {
+    fn start_node(&mut self, ns: Netns, ip: &str, ip_masq: bool) {
         let ip6 = node_ipv6(self.nodes.len());
         let node = KubeletNode::start_with(
             &ns,
@@ -278,6 +278,7 @@ impl Cluster {
                     NodeNetwork::Overlay {
                         etcd: &self.etcd_args,
                         ip6: &ip6,
+                        ip_masq,
                     }
                 },
             },
@@ -336,10 +337,21 @@ impl Cluster {
     /// A further node joins the underlay and the cluster; its index once
     /// it is Ready.
     pub fn add_node(&mut self) -> usize {
+        self.add_node_with(true)
+    }
+
+    /// As [`Cluster::add_node`], its overlay without `--ip-masq`: its pods'
+    /// traffic to other nodes' addresses keeps their own, as in clusters
+    /// whose underlay routes the pod network.
+    pub fn add_node_without_masq(&mut self) -> usize {
+        self.add_node_with(false)
+    }
+
+    fn add_node_with(&mut self, ip_masq: bool) -> usize {
         let i = self.nodes.len();
         let (ns, ip) = attach(&self.underlay, i);
         add_underlay_ipv6(&ns, i);
-        self.start_node(ns, &ip);
+        self.start_node(ns, &ip, ip_masq);
         self.wait_node_ready(i);
         i
     }

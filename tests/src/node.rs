@@ -317,8 +317,12 @@ pub enum NodeNetwork<'a> {
     /// Every role: the overlay leases the node's subnet in this etcd (vxlan
     /// over `eth0`) and the proxy translates Services for the node's pods;
     /// the dns role listens on the node's address and on `ip6`, its IPv6
-    /// underlay address.
-    Overlay { etcd: &'a [String], ip6: &'a str },
+    /// underlay address. `ip_masq`: the overlay's `--ip-masq`.
+    Overlay {
+        etcd: &'a [String],
+        ip6: &'a str,
+        ip_masq: bool,
+    },
     /// The kubelet role alone, in [`NodeMounts`]: the network is
     /// installed onto the node as `deploy/skiff-node.yaml` does it (the
     /// CNI plugin and conflist under the standard paths, subnet.env in
@@ -430,7 +434,7 @@ impl KubeletNode {
             .map(|s| s.to_string()),
         );
         let mut pins = None;
-        if let NodeNetwork::Overlay { etcd, ip6 } = setup.network {
+        if let NodeNetwork::Overlay { etcd, ip6, ip_masq } = setup.network {
             // The proxy translates the connections of this node's pods:
             // runc puts them below the cgroup parent in the v2 hierarchy too.
             let cgroup = Path::new(crate::cgroup::CGROUP2_ROOT).join(&cgroup_parent[1..]);
@@ -438,13 +442,15 @@ impl KubeletNode {
                 .unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
             let p = crate::PinDir::new();
             args.extend(etcd.iter().cloned());
+            if ip_masq {
+                // As Flannel is deployed: pod traffic that leaves the pod
+                // network (to the apiserver's host) is masqueraded.
+                args.push("--ip-masq".to_string());
+            }
             args.extend(
                 [
                     "--iface",
                     "eth0",
-                    // As Flannel is deployed: pod traffic that leaves the
-                    // pod network (to the apiserver's host) is masqueraded.
-                    "--ip-masq",
                     "--cgroup",
                     &cgroup.display().to_string(),
                     "--bpffs",

@@ -109,7 +109,9 @@ fn http_get(ns: &Netns, url: &str) -> (u16, String) {
 
 #[test]
 fn node_ports_serve_clients_outside_the_cluster_and_local_policy_keeps_their_address() {
-    let c = Cluster::start(2);
+    // Node 1's pods keep their addresses towards other nodes (below).
+    let mut c = Cluster::start(1);
+    c.add_node_without_masq();
     let n0 = c.nodes[0].name.clone();
     let (ip0, ip1) = (c.nodes[0].ip.clone(), c.nodes[1].ip.clone());
     // Addresses outside every node's, served as a Service's externalIPs.
@@ -269,6 +271,48 @@ spec:
         assert!(
             out.lines().any(|l| l.ends_with("errno 111")),
             "ICMP errors of a flow via {via} reach the client: {out}"
+        );
+    }
+
+    // A pod on node 1 dialling node 0's NodePort: the flow reaches node 0
+    // from the underlay with the pod's own address (node 1 does not
+    // masquerade), and the backend, local to node 0, replies to another
+    // node's pod subnet, which the overlay's fast path tunnels from the
+    // bridge. The reply must be rewritten to come from the NodePort before
+    // it is tunnelled, or the client's socket never sees an answer.
+    let client_node = c.nodes[1].name.clone();
+    let checks = [("v4", addr(&ip0, 30700)), ("v6", addr(&ip0_6, 30700))];
+    let containers: String = checks
+        .iter()
+        .map(|(n, to)| {
+            format!(
+                "  - {{name: {n}, image: {}, args: [tcp, \"{to}\", \"3\"]}}\n",
+                c.probe
+            )
+        })
+        .collect();
+    c.cp.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod-client\nspec:\n  nodeName: {client_node}\n  restartPolicy: Never\n  containers:\n{containers}"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_for("pod-client to finish", Duration::from_secs(90), || {
+        let p = c.cp.jsonpath(&["pod", "pod-client"], "{.status.phase}");
+        (p == "Succeeded" || p == "Failed").then_some(())
+    });
+    let pod_ips =
+        c.cp.jsonpath(&["pod", "pod-client"], "{.status.podIPs[*].ip}");
+    let pod_ips: Vec<&str> = pod_ips.split_whitespace().collect();
+    for ((check, to), pod_ip) in checks.iter().zip(&pod_ips) {
+        let out = c.cp.kubectl_ok(&["logs", "pod-client", "-c", check]);
+        let v: Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{check}: {e}: {out}"));
+        assert_eq!(
+            (map(&v["answers"]), map(&v["peers"])),
+            (
+                BTreeMap::from([(pod_ip.to_string(), 3)]),
+                BTreeMap::from([(to.clone(), 3)])
+            ),
+            "a pod on node 1 to node 0's NodePort {to}: answered from it, its own address seen: {out}"
         );
     }
 

@@ -411,12 +411,17 @@ impl External {
             }
             None => {
                 let _ = fs::remove_file(pin);
-                prog.attach_with_options(
-                    interface,
-                    hook,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(attach_err)?
+                // A local backend's replies are caught before anything
+                // else on a pod interface sends them on: the overlay's
+                // encap program would tunnel one to a pod client on
+                // another node untranslated.
+                let order = if program == POD_PROGRAM.0 {
+                    LinkOrder::first()
+                } else {
+                    LinkOrder::default()
+                };
+                prog.attach_with_options(interface, hook, TcAttachOptions::TcxOrder(order))
+                    .map_err(attach_err)?
             }
         };
         let link = prog.take_link(id).map_err(attach_err)?;

@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::{FutureExt as _, StreamExt as _};
 use serde::Serialize;
 use tokio::sync::watch as signal;
 use tracing::{debug, error, info, warn};
@@ -142,8 +143,31 @@ pub async fn run(
             // Named interfaces are attached once, at install.
             return std::future::pending().await;
         }
+        // A new bridge is attached as soon as the kernel tells of it, so
+        // that the first flows to its first pods already go there directly;
+        // addresses (which make node interfaces) are polled.
+        let mut events = match skiff_netlink::link_events() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "rescanning interfaces every {RESCAN:?} only");
+                None
+            }
+        };
         loop {
-            tokio::time::sleep(RESCAN).await;
+            let event = async {
+                match events.as_mut() {
+                    Some(s) => s.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(RESCAN) => {}
+                e = event => match e {
+                    // A burst (a pod's veth, its bridge port) makes one scan.
+                    Some(()) => while let Some(Some(())) = events.as_mut().and_then(|s| s.next().now_or_never()) {},
+                    None => events = None,
+                },
+            }
             let auto = external::auto_interfaces().await;
             let r = block_in_place(|| match ext.lock() {
                 Ok(mut e) => e.attach_interfaces(&auto),
