@@ -591,25 +591,39 @@ fn from_pods<F: Ip>(ctx: &TcContext) -> i32 {
     if rv.local_ifindex == 0 {
         return TC_NEXT;
     }
-    let to = Tuple {
-        saddr: F::narrow(&rv.frontend),
-        daddr: p.daddr,
-        sport: rv.frontend_port,
-        dport: rv.client_port,
-    };
-    let (ifindex, nexthop) = (rv.local_ifindex, F::narrow(&rv.nexthop));
     // Every reply of the flow goes this way, fragments too (each
     // translated on its own), so that the stack, whose netfilter never saw
     // the flow, sees none of it: it would take a reply for a new
     // connection (and masquerade it). One too big for the way out is left
     // to the stack.
-    if too_big_for::<F>(ctx, ifindex).is_some() {
+    if too_big_for::<F>(ctx, rv.local_ifindex).is_some() {
         return TC_NEXT;
     }
-    if !translate(ctx, &p, &to, true) {
+    reply_straight(ctx, &p, rv, p.daddr, rv.local_ifindex)
+}
+
+/// A reply `p` of the flow whose reverse entry is `rv`, rewritten to come
+/// from the frontend and go to the client (at `client`), redirected to
+/// `ifindex`, towards `rv`'s next hop.
+#[inline(always)]
+fn reply_straight<F: Ip>(
+    ctx: &TcContext,
+    p: &Packet<F>,
+    rv: &RevFlowValue,
+    client: F::Addr,
+    ifindex: u32,
+) -> i32 {
+    let to = Tuple {
+        saddr: F::narrow(&rv.frontend),
+        daddr: client,
+        sport: rv.frontend_port,
+        dport: rv.client_port,
+    };
+    let nexthop = F::narrow(&rv.nexthop);
+    if !translate(ctx, p, &to, true) {
         return TC_ACT_SHOT;
     }
-    keep_frag_ports(&p);
+    keep_frag_ports(p);
     redirect::<F>(ctx, ifindex, nexthop)
 }
 
@@ -653,18 +667,13 @@ fn reply_of_snat<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> i32 {
 #[inline(always)]
 fn snat_reply<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
     let rv = reply_entry(p, true)?;
-    let to = Tuple {
-        saddr: F::narrow(&rv.frontend),
-        daddr: F::narrow(&rv.client),
-        sport: rv.frontend_port,
-        dport: rv.client_port,
-    };
-    let (ifindex, nexthop) = (rv.ifindex, F::narrow(&rv.nexthop));
-    if !translate(ctx, p, &to, true) {
-        return Some(TC_ACT_SHOT);
-    }
-    keep_frag_ports(p);
-    Some(redirect::<F>(ctx, ifindex, nexthop))
+    Some(reply_straight(
+        ctx,
+        p,
+        rv,
+        F::narrow(&rv.client),
+        rv.ifindex,
+    ))
 }
 
 /// A packet to an external frontend: its flow's backend, or a new flow.
@@ -704,8 +713,18 @@ fn forward_known<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
     if snat_port != 0 {
         to.sport = snat_port;
     }
-    let (out, nexthop) = if ifindex != 0 {
-        (ifindex, nexthop)
+    let out = if ifindex != 0 {
+        // One that routers may fragment (IPv4 without DF, fragments among
+        // them) goes on: the overlay's VXLAN device carries it in
+        // fragments of the outer packet, which the backend's node puts
+        // together again.
+        if let Some(mtu) = too_big_for::<F>(ctx, ifindex)
+            && F::dont_fragment(ctx)
+        {
+            return Some(TOO_BIG | mtu.min(0xffff) as i32);
+        }
+        to.saddr = snat;
+        ifindex
     } else if fv.local_ifindex != 0
         && p.frag.part == Part::Whole
         && too_big_for::<F>(ctx, fv.local_ifindex).is_none()
@@ -715,21 +734,10 @@ fn forward_known<F: Ip>(ctx: &TcContext, p: &Packet<F>) -> Option<i32> {
         // it together (conntrack does), and one that took the other way
         // would never come. Not one too big for the pod's interface
         // either: the stack fragments it, or answers it.
-        (fv.local_ifindex, F::narrow(&fv.nexthop))
+        fv.local_ifindex
     } else {
         return translate(ctx, p, &to, false).then_some(TC_ACT_OK);
     };
-    // One that routers may fragment (IPv4 without DF, fragments among
-    // them) goes on: the overlay's VXLAN device carries it in fragments of
-    // the outer packet, which the backend's node puts together again.
-    if let Some(mtu) = too_big_for::<F>(ctx, out)
-        && F::dont_fragment(ctx)
-    {
-        return Some(TOO_BIG | mtu.min(0xffff) as i32);
-    }
-    if ifindex != 0 {
-        to.saddr = snat;
-    }
     if !translate(ctx, p, &to, true) {
         return None;
     }
