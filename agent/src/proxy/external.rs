@@ -306,7 +306,7 @@ impl External {
             }
             for (program, hook, prefix) in PROGRAMS {
                 let pin = self.links_dir.join(format!("{prefix}{index}"));
-                self.attach(program, hook, name, &pin)?;
+                self.attach(program, hook, name, &pin, LinkOrder::default())?;
             }
             info!(interface = %name, ifindex = index, "serving external traffic");
             self.attached.insert(*index, name.clone());
@@ -318,7 +318,11 @@ impl External {
             }
             let (program, hook, prefix) = POD_PROGRAM;
             let pin = self.links_dir.join(format!("{prefix}{index}"));
-            self.attach(program, hook, name, &pin)?;
+            // A local backend's replies are caught before anything else on
+            // the interface sends them on: the overlay's encap program
+            // would tunnel one to a pod client on another node
+            // untranslated.
+            self.attach(program, hook, name, &pin, LinkOrder::first())?;
             // Only once the replies are caught there do flows go there
             // directly.
             self.pod_devs
@@ -372,13 +376,14 @@ impl External {
 
     /// Puts `program` on `interface`: into the link pinned at `pin` if an
     /// earlier agent left one (replacing its program atomically), else
-    /// through a new tcx link, pinned there.
+    /// through a new tcx link at `order` in the interface's chain, pinned there.
     fn attach(
         &mut self,
         program: &'static str,
         hook: TcAttachType,
         interface: &str,
         pin: &Path,
+        order: LinkOrder,
     ) -> Result<()> {
         let link_err = |what: String| DataplaneError::TcLink {
             program,
@@ -411,15 +416,6 @@ impl External {
             }
             None => {
                 let _ = fs::remove_file(pin);
-                // A local backend's replies are caught before anything
-                // else on a pod interface sends them on: the overlay's
-                // encap program would tunnel one to a pod client on
-                // another node untranslated.
-                let order = if program == POD_PROGRAM.0 {
-                    LinkOrder::first()
-                } else {
-                    LinkOrder::default()
-                };
                 prog.attach_with_options(interface, hook, TcAttachOptions::TcxOrder(order))
                     .map_err(attach_err)?
             }

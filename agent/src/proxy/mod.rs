@@ -146,27 +146,21 @@ pub async fn run(
         // A new bridge is attached as soon as the kernel tells of it, so
         // that the first flows to its first pods already go there directly;
         // addresses (which make node interfaces) are polled.
+        // A stream that ends (or never started) leaves the poll alone.
         let mut events = match skiff_netlink::link_events() {
-            Ok(s) => Some(s),
+            Ok(s) => s.chain(futures::stream::pending()).boxed(),
             Err(e) => {
                 warn!(error = %e, "rescanning interfaces every {RESCAN:?} only");
-                None
+                futures::stream::pending().boxed()
             }
         };
         loop {
-            let event = async {
-                match events.as_mut() {
-                    Some(s) => s.next().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 () = tokio::time::sleep(RESCAN) => {}
-                e = event => match e {
+                Some(()) = events.next() => {
                     // A burst (a pod's veth, its bridge port) makes one scan.
-                    Some(()) => while let Some(Some(())) = events.as_mut().and_then(|s| s.next().now_or_never()) {},
-                    None => events = None,
-                },
+                    while let Some(Some(())) = events.next().now_or_never() {}
+                }
             }
             let auto = external::auto_interfaces().await;
             let r = block_in_place(|| match ext.lock() {
